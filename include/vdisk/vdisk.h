@@ -1,0 +1,434 @@
+/*
+ * vdisk: a block layer for virtual-machine disk images.
+ *
+ * This is the public C API. A program opens an image as a graph of block
+ * nodes (a format driver such as raw or qcow2 over a protocol driver such
+ * as file) and gets back the top node, on which it issues byte-addressed
+ * requests.
+ *
+ * Threads: every function here may be called from any thread. Requests
+ * (vd_pread ... vd_block_status) to the same node may run concurrently
+ * from many threads; they overlap unless the driver must serialise them
+ * (for instance two writes allocating the same qcow2 cluster). Opening,
+ * closing, truncating and snapshot operations on a node must not race
+ * with requests that the same caller issues to that node: finish your own
+ * requests first. After fork() only the child's exec() or _exit() is
+ * supported while nodes are open in the parent.
+ *
+ * Errors: functions return 0 (or a non-negative count) on success and a
+ * negative errno on failure. Each function that can fail takes a
+ * `vd_error *err` as its last argument; when it is not NULL it receives a
+ * one-line human message naming the file and the fault. The first error
+ * set wins. Pass NULL when you only want the errno.
+ *
+ * Memory: every pointer returned through an out-parameter is owned by the
+ * caller and released with the matching *_free/close function, unless the
+ * documentation says "borrowed".
+ */
+#ifndef VDISK_VDISK_H
+#define VDISK_VDISK_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) && defined(VDISK_BUILDING)
+#define VD_API __attribute__((visibility("default")))
+#else
+#define VD_API
+#endif
+
+/* ------------------------------------------------------------------ */
+/* Version                                                            */
+/* ------------------------------------------------------------------ */
+
+#define VDISK_VERSION_MAJOR 0
+#define VDISK_VERSION_MINOR 1
+#define VDISK_VERSION_MICRO 0
+
+/** Returns the library version as "MAJOR.MINOR.MICRO" (static string). */
+VD_API const char *vd_version(void);
+
+/* ------------------------------------------------------------------ */
+/* Errors                                                             */
+/* ------------------------------------------------------------------ */
+
+/**
+ * An error: a negative errno and a one-line message without trailing
+ * punctuation, e.g. "disk.qcow2: L2 table offset 0x1234 is not
+ * cluster-aligned". code == 0 means "no error". Initialise with
+ * VD_ERROR_INIT or vd_error_clear() before first use.
+ */
+typedef struct vd_error {
+    int code;
+    char message[1024];
+} vd_error;
+
+#define VD_ERROR_INIT { 0, { 0 } }
+
+/** Resets @err to "no error". @err may be NULL. */
+VD_API void vd_error_clear(vd_error *err);
+
+/* ------------------------------------------------------------------ */
+/* Options                                                            */
+/* ------------------------------------------------------------------ */
+
+/**
+ * A set of key=value options, as on qemu-img's command line. Keys may be
+ * dotted to reach a child node ("file.locking=off",
+ * "backing.file.filename=base.qcow2"). Values are strings; the driver that
+ * consumes a key parses it (sizes accept k/M/G/T/P/E suffixes, booleans
+ * accept on/off/true/false/yes/no). Keys that no driver consumes make the
+ * open or create fail with "... does not support the option 'KEY'".
+ */
+typedef struct vd_opts vd_opts;
+
+/** Allocates an empty option set. Returns NULL only when out of memory. */
+VD_API vd_opts *vd_opts_new(void);
+
+/** Frees @*opts and sets it to NULL. Accepts NULL and a NULL pointer. */
+VD_API void vd_opts_free(vd_opts **opts);
+
+/**
+ * Sets @key to @value, replacing an earlier value. Both are copied.
+ * Returns 0 or -ENOMEM / -EINVAL (empty key).
+ */
+VD_API int vd_opts_set(vd_opts *opts, const char *key, const char *value);
+
+/**
+ * Parses "key=value,key2=value2" into @opts (",," is a literal comma in a
+ * value). If @implied_key is not NULL, a first element without '=' is
+ * taken as the value of @implied_key (qemu's "-o help" style).
+ * Returns 0, or -EINVAL with a message for a malformed string.
+ */
+VD_API int vd_opts_parse(vd_opts *opts, const char *str, const char *implied_key,
+                         vd_error *err);
+
+/** Returns the value of @key (borrowed) or NULL when it is not set. */
+VD_API const char *vd_opts_get(const vd_opts *opts, const char *key);
+
+/** Number of keys in @opts. */
+VD_API size_t vd_opts_count(const vd_opts *opts);
+
+/** The @i-th key and value (borrowed), in insertion order; i < count. */
+VD_API void vd_opts_nth(const vd_opts *opts, size_t i, const char **key,
+                        const char **value);
+
+/** Returns a deep copy of @opts, or NULL when out of memory. */
+VD_API vd_opts *vd_opts_clone(const vd_opts *opts);
+
+/**
+ * Parses a size such as "512", "64k", "1.5G", "2T" (suffixes k/K, M, G,
+ * T, P, E; binary multiples; "b"/"B" for bytes) into bytes. Rejects
+ * negative numbers, junk and values of 2^63 or more. Returns 0 or -EINVAL
+ * (malformed) / -ERANGE (too large).
+ */
+VD_API int vd_parse_size(const char *str, uint64_t *out);
+
+/* ------------------------------------------------------------------ */
+/* Nodes                                                              */
+/* ------------------------------------------------------------------ */
+
+typedef struct vd_node vd_node;
+
+/* Flags for vd_open(). */
+#define VD_O_RDWR        (1u << 0) /* open read-write (default read-only) */
+#define VD_O_NO_BACKING  (1u << 1) /* do not open the backing chain */
+#define VD_O_CHECK       (1u << 2) /* open for check/repair: tolerate corruption */
+#define VD_O_FORCE_SHARE (1u << 3) /* no image locking (qemu-img -U) */
+#define VD_O_NO_IO       (1u << 4) /* metadata only (info on a busy image) */
+#define VD_O_QUIET       (1u << 5) /* no warnings on stderr (probing etc.) */
+
+/**
+ * Opens @filename as an image and returns its top node in @*out.
+ *
+ * @format names the driver ("raw", "qcow2", "file", "null-co", ...);
+ * NULL probes the format from the file's first bytes, falling back to raw
+ * with a warning (writes to the first 512 bytes are then refused, as
+ * qemu-img does, unless they keep the image raw-looking).
+ * @filename may be NULL when @opts gives "driver" and the child
+ * filenames (blockdev-add style, e.g. driver=qcow2,file.filename=x).
+ *
+ * @opts (may be NULL) gives driver options and these generic ones:
+ *   read-only=on|off      overrides VD_O_RDWR
+ *   cache=none|writeback|unsafe|directsync|writethrough
+ *   aio=threads|native|io_uring
+ *   node-name=NAME        unique node name (default: generated "#blockN")
+ *   driver=NAME           the format driver (like @format)
+ *   backing=null|FILENAME the backing file to use instead of the image's
+ *   discard=ignore|unmap, detect-zeroes=off|on|unmap
+ * @opts is not modified.
+ *
+ * Errors: -ENOENT (file missing), -EACCES, -EINVAL (unknown driver or
+ * option, bad value, backing file given to a driver that cannot hold one),
+ * -ENOTSUP (feature not supported), -EIO/-EUCLEAN (corrupt image),
+ * -EROFS (read-write open of a read-only file or corrupt image), -EBUSY
+ * (image locked by another process), -ENOMEM.
+ */
+VD_API int vd_open(vd_node **out, const char *filename, const char *format,
+                   const vd_opts *opts, unsigned flags, vd_error *err);
+
+/**
+ * Flushes and closes the node (and the children it alone holds), then
+ * sets @*node to NULL. Accepts NULL. Returns 0 or the first flush error;
+ * the node is closed either way.
+ */
+VD_API int vd_close(vd_node **node, vd_error *err);
+
+/** The node's unique name (borrowed, valid until close). */
+VD_API const char *vd_node_name(const vd_node *node);
+
+/** The node's driver name, e.g. "qcow2" (borrowed, static). */
+VD_API const char *vd_node_format(const vd_node *node);
+
+/** The filename the node was opened from (borrowed). */
+VD_API const char *vd_node_filename(const vd_node *node);
+
+/** True when the node was opened read-only. */
+VD_API bool vd_node_is_read_only(const vd_node *node);
+
+/**
+ * The node's child in role @role ("file", "backing", "data-file"), or
+ * NULL (borrowed). The backing child of a node is its overlay's base.
+ */
+VD_API vd_node *vd_node_child(const vd_node *node, const char *role);
+
+/* ------------------------------------------------------------------ */
+/* I/O                                                                */
+/* ------------------------------------------------------------------ */
+
+/* Request flags. */
+#define VD_REQ_FUA         (1u << 0) /* write through to stable storage */
+#define VD_REQ_MAY_UNMAP   (1u << 1) /* write_zeroes may deallocate */
+#define VD_REQ_NO_FALLBACK (1u << 2) /* write_zeroes: fail with -ENOTSUP
+                                        rather than write a zero buffer */
+
+/**
+ * Reads @len bytes at @offset into @buf. The range must lie inside the
+ * node's length (-EINVAL with a message otherwise). Returns 0 or a
+ * negative errno. Thread-safe.
+ */
+VD_API int vd_pread(vd_node *node, void *buf, uint64_t len, uint64_t offset,
+                    unsigned flags, vd_error *err);
+
+/** vd_pread() into the @iovcnt buffers of @iov (total length = request). */
+VD_API int vd_preadv(vd_node *node, const struct iovec *iov, int iovcnt,
+                     uint64_t offset, unsigned flags, vd_error *err);
+
+/**
+ * Writes @len bytes from @buf at @offset. The range must lie inside the
+ * node's length; the node must be writable (-EROFS). @flags may hold
+ * VD_REQ_FUA. Returns 0 or a negative errno. Thread-safe.
+ */
+VD_API int vd_pwrite(vd_node *node, const void *buf, uint64_t len,
+                     uint64_t offset, unsigned flags, vd_error *err);
+
+/** vd_pwrite() from the @iovcnt buffers of @iov. */
+VD_API int vd_pwritev(vd_node *node, const struct iovec *iov, int iovcnt,
+                      uint64_t offset, unsigned flags, vd_error *err);
+
+/**
+ * Makes [@offset, @offset+@len) read as zeros. With VD_REQ_MAY_UNMAP the
+ * driver may deallocate the range; with VD_REQ_NO_FALLBACK it fails with
+ * -ENOTSUP instead of writing a buffer of zeros.
+ */
+VD_API int vd_write_zeroes(vd_node *node, uint64_t len, uint64_t offset,
+                           unsigned flags, vd_error *err);
+
+/**
+ * Tells the node that the range's contents are no longer needed. Reads
+ * afterwards return unspecified data (zeros for most drivers). Advisory:
+ * a driver that cannot discard returns 0.
+ */
+VD_API int vd_discard(vd_node *node, uint64_t len, uint64_t offset,
+                      vd_error *err);
+
+/** Writes every cache of the node and its children to stable storage. */
+VD_API int vd_flush(vd_node *node, vd_error *err);
+
+/* Block status flags (the bits of vd_extent.flags). */
+#define VD_BLOCK_DATA         (1u << 0) /* reads come from stored data */
+#define VD_BLOCK_ZERO         (1u << 1) /* reads return zeros */
+#define VD_BLOCK_OFFSET_VALID (1u << 2) /* offset/file locate the data */
+#define VD_BLOCK_ALLOCATED    (1u << 4) /* the node itself (not a backing
+                                           image) determines the content */
+#define VD_BLOCK_EOF          (1u << 5) /* the extent reaches the end */
+#define VD_BLOCK_COMPRESSED   (1u << 6) /* stored compressed */
+
+/** One extent, as returned by vd_block_status(). */
+typedef struct vd_extent {
+    uint64_t start;     /* guest offset of the extent */
+    uint64_t length;    /* bytes with the same status, > 0 */
+    unsigned flags;     /* VD_BLOCK_* */
+    int depth;          /* in the backing chain: 0 = @node itself; for
+                           unallocated extents the chain length */
+    uint64_t offset;    /* host offset in @file when OFFSET_VALID */
+    vd_node *file;      /* protocol node holding the data (borrowed) */
+} vd_extent;
+
+/**
+ * Describes how [@offset, @offset+@len) is stored, looking down the
+ * backing chain: fills @ext for the longest prefix with one status
+ * (ext->length <= @len). ALLOCATED is set when some layer of the chain
+ * holds the extent (depth tells which). Returns 0 or a negative errno.
+ */
+VD_API int vd_block_status(vd_node *node, uint64_t offset, uint64_t len,
+                           vd_extent *ext, vd_error *err);
+
+/** The node's virtual size in bytes, or a negative errno. */
+VD_API int64_t vd_getlength(vd_node *node);
+
+/** Preallocation modes for create and truncate. */
+typedef enum vd_prealloc {
+    VD_PREALLOC_OFF = 0,
+    VD_PREALLOC_METADATA,
+    VD_PREALLOC_FALLOC,
+    VD_PREALLOC_FULL,
+} vd_prealloc;
+
+/**
+ * Resizes the node to @size bytes. Shrinking needs @allow_shrink (else
+ * -EINVAL with qemu-img's hint about --shrink); growing fills with zeros
+ * and preallocates as @prealloc says. The node must be writable.
+ */
+VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,
+                       vd_prealloc prealloc, vd_error *err);
+
+/* ------------------------------------------------------------------ */
+/* Creating images                                                    */
+/* ------------------------------------------------------------------ */
+
+/**
+ * Creates an image file @filename of @format with the creation options in
+ * @opts (qemu-img's -o: "size" is required unless a backing file gives
+ * it; "preallocation", "backing_file", "cluster_size", ...). Unknown
+ * options fail with -EINVAL, and so does a backing file for a format that
+ * cannot hold one ("Backing file not supported for file format 'raw'").
+ */
+VD_API int vd_create(const char *filename, const char *format,
+                     const vd_opts *opts, vd_error *err);
+
+/** One creation option of a format, for "-o help". */
+typedef struct vd_create_option {
+    const char *name;
+    const char *type;    /* "size", "bool", "number", "string" */
+    const char *help;
+    const char *def;     /* default shown by -o help, or NULL */
+} vd_create_option;
+
+/**
+ * Returns the creation options of @format (its own followed by its
+ * protocol's), terminated by an entry with name == NULL, or NULL for an
+ * unknown format. Static data.
+ */
+VD_API const vd_create_option *vd_create_options(const char *format);
+
+/** Calls @fn for each registered driver name, in a stable order. */
+VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
+                            void *opaque);
+
+/* ------------------------------------------------------------------ */
+/* Information                                                        */
+/* ------------------------------------------------------------------ */
+
+/** One internal snapshot, as qemu-img info shows it. */
+typedef struct vd_snapshot_info {
+    char *id;
+    char *name;
+    uint64_t vm_state_size;
+    uint32_t date_sec;
+    uint32_t date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t icount;      /* UINT64_MAX when not recorded */
+    uint64_t disk_size;
+} vd_snapshot_info;
+
+/** What `vdisk info` reports about one node (qemu-img's ImageInfo). */
+typedef struct vd_image_info {
+    char *filename;
+    char *format;
+    uint64_t virtual_size;
+    int64_t actual_size;           /* bytes used on the host, -1 unknown */
+    uint64_t cluster_size;         /* 0 when the format has none */
+    bool encrypted;
+    bool has_dirty_flag;           /* dirty_flag is meaningful */
+    bool dirty_flag;
+    char *backing_filename;        /* as stored in the image, or NULL */
+    char *full_backing_filename;   /* resolved, or NULL */
+    char *backing_filename_format; /* or NULL */
+    /* JSON object {"type": FORMAT, "data": {...}} with the format-specific
+       fields in qemu-img's order and names, or NULL. */
+    char *format_specific_json;
+    vd_snapshot_info *snapshots;
+    size_t nb_snapshots;
+} vd_image_info;
+
+/** Fills @*out with a newly allocated description of @node. */
+VD_API int vd_get_info(vd_node *node, vd_image_info **out, vd_error *err);
+
+/** Frees @*info and sets it to NULL. Accepts NULL. */
+VD_API void vd_image_info_free(vd_image_info **info);
+
+/** Per-node I/O statistics (QMP BlockDeviceStats names). */
+typedef struct vd_stats {
+    uint64_t rd_bytes, wr_bytes, zone_bytes_unused;
+    uint64_t rd_operations, wr_operations, flush_operations;
+    uint64_t unmap_operations, unmap_bytes;
+    uint64_t zero_operations, zero_bytes;
+    uint64_t failed_rd_operations, failed_wr_operations;
+    uint64_t failed_flush_operations, failed_unmap_operations;
+    uint64_t rd_total_time_ns, wr_total_time_ns;
+    uint64_t flush_total_time_ns, unmap_total_time_ns;
+} vd_stats;
+
+/** Copies the node's statistics into @out. */
+VD_API void vd_get_stats(vd_node *node, vd_stats *out);
+
+/* ------------------------------------------------------------------ */
+/* Consistency check                                                  */
+/* ------------------------------------------------------------------ */
+
+#define VD_CHECK_FIX_LEAKS  1u  /* repair leaked clusters */
+#define VD_CHECK_FIX_ERRORS 2u  /* repair refcount errors too */
+
+/** Result of a check (qemu-img check's ImageCheck). */
+typedef struct vd_check_result {
+    int64_t corruptions, leaks, check_errors;
+    int64_t corruptions_fixed, leaks_fixed;
+    int64_t image_end_offset;      /* -1 when unknown */
+    int64_t allocated_clusters, total_clusters;
+    int64_t fragmented_clusters, compressed_clusters;
+} vd_check_result;
+
+/**
+ * Checks the image behind @node (opened with VD_O_CHECK, and VD_O_RDWR
+ * when @fix is not 0) and fills @res. Returns 0 when the check ran (look
+ * at @res for what it found), -ENOTSUP when the format has no check, or
+ * another negative errno when the check could not run.
+ */
+VD_API int vd_check(vd_node *node, vd_check_result *res, unsigned fix,
+                    vd_error *err);
+
+/* ------------------------------------------------------------------ */
+/* Warnings                                                           */
+/* ------------------------------------------------------------------ */
+
+/**
+ * Sets the function that receives warnings (e.g. "image format was not
+ * specified ... probing guessed raw"). The default prints
+ * "WARNING: MESSAGE" to stderr. NULL restores the default. Not thread-safe
+ * against concurrent warnings: set it once at start-up.
+ */
+VD_API void vd_set_warning_handler(void (*fn)(const char *msg, void *opaque),
+                                   void *opaque);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VDISK_VDISK_H */

@@ -1,0 +1,313 @@
+/*
+ * The internal block layer: the driver vtable, the node structure and the
+ * functions drivers call on their children.
+ *
+ * Layering. A node is a driver instance. Format drivers (raw, qcow2) and
+ * filters sit on a child node in role "file"; protocol drivers (file,
+ * null-co) open a filename directly. Every request goes through one
+ * function per operation (vd_node_preadv() and friends in io.c): it
+ * checks the range, handles the node's alignment with read-modify-write,
+ * splits at max_transfer, counts statistics and supplies a fallback where
+ * the driver has no callback. Drivers never call each other's callbacks
+ * directly; they call vd_child_*() which re-enter that choke point.
+ *
+ * Threads: see docs/concurrency.md. Callbacks may run concurrently from
+ * many threads on the same node; a driver protects its own state. open,
+ * close, truncate and snapshot callbacks run with the node drained (no
+ * request in flight).
+ */
+#ifndef VDISK_CORE_BLOCK_INT_H
+#define VDISK_CORE_BLOCK_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "vdisk/vdisk.h"
+#include "core/error.h"
+#include "core/iov.h"
+#include "core/opts.h"
+
+/* Internal block status bit: the extent is stored unchanged at
+ * (*map, *file): ask the file node for the real status. */
+#define VD_BLOCK_RAW (1u << 3)
+
+/* Largest request the core passes in one piece to a driver that sets no
+ * max_transfer (keeps bounce buffers bounded). */
+#define VD_MAX_REQUEST (1u << 30)
+
+typedef struct vd_driver vd_driver;
+typedef struct vd_child vd_child;
+
+/* What a child holds for its parent (QEMU's BdrvChildRole). */
+enum {
+    VD_ROLE_DATA     = 1u << 0, /* guest data */
+    VD_ROLE_METADATA = 1u << 1, /* format metadata */
+    VD_ROLE_FILTERED = 1u << 2, /* the parent is a filter over it */
+    VD_ROLE_COW      = 1u << 3, /* backing: reads through, copy-on-write */
+    VD_ROLE_PRIMARY  = 1u << 4, /* the parent's primary child */
+};
+
+struct vd_child {
+    vd_node *node;     /* the child (one reference held) */
+    vd_node *parent;
+    char *name;        /* "file", "backing", "data-file" */
+    unsigned role;     /* VD_ROLE_* */
+    vd_child *next;    /* in parent->children */
+};
+
+/* I/O limits a driver sets in open() or refresh_limits(). 0 = no limit. */
+typedef struct vd_limits {
+    uint32_t request_alignment;   /* every request is a multiple; >= 1 */
+    uint64_t max_transfer;        /* largest request, multiple of align */
+    uint32_t pdiscard_alignment;  /* preferred discard granularity */
+    uint32_t pwrite_zeroes_alignment;
+    uint32_t min_mem_alignment;   /* buffer alignment (O_DIRECT) */
+} vd_limits;
+
+/* Node open flags, internal superset of VD_O_*. */
+#define VD_NODE_RDWR        VD_O_RDWR
+#define VD_NODE_NO_BACKING  VD_O_NO_BACKING
+#define VD_NODE_CHECK       VD_O_CHECK
+#define VD_NODE_FORCE_SHARE VD_O_FORCE_SHARE
+#define VD_NODE_NO_IO       VD_O_NO_IO
+#define VD_NODE_QUIET       VD_O_QUIET
+#define VD_NODE_NOCACHE     (1u << 16) /* O_DIRECT */
+#define VD_NODE_NO_FLUSH    (1u << 17) /* cache=unsafe: flush is a no-op */
+#define VD_NODE_PROTOCOL    (1u << 18) /* open as a protocol (no probing) */
+
+struct vd_node {
+    const vd_driver *drv;
+    void *opaque;              /* driver state, drv->instance_size, zeroed */
+    char *node_name;
+    char *filename;            /* file name as given (protocol) or child's */
+    unsigned flags;            /* VD_NODE_* */
+    bool read_only;
+    bool writethrough;         /* cache=directsync/writethrough */
+    bool probed_raw;           /* raw chosen by probing: guard sector 0 */
+    int detect_zeroes;         /* 0 off, 1 on, 2 unmap */
+    bool discard_unmap;        /* discard=unmap (else ignored at the top) */
+
+    vd_child *children;        /* all children, in attach order */
+    vd_child *file;            /* role "file", or NULL */
+    vd_child *backing;         /* role "backing", or NULL */
+
+    /* Backing file recorded in the image header (set by the format
+     * driver's open; the core opens the chain from it). */
+    char *backing_file;        /* as stored */
+    char *backing_format;      /* or NULL */
+    char *full_backing_filename;
+
+    vd_limits bl;
+    atomic_int refcnt;
+
+    /* Draining: requests increment in_flight; vd_node_drain_begin()
+     * raises quiesce and waits until in_flight is 0; new requests wait
+     * while quiesce > 0. */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int in_flight;
+    int quiesce;
+
+    /* Serialisation of read-modify-write for nodes with alignment > 1. */
+    struct vd_tracked_req *tracked;
+
+    pthread_mutex_t stats_lock;
+    vd_stats stats;
+
+    vd_node *next_global;      /* in the global node list */
+};
+
+/*
+ * The driver vtable. Every callback is optional unless marked REQUIRED.
+ *
+ * I/O callbacks receive byte offsets and lengths. Contract: @off and
+ * @bytes are multiples of bl.request_alignment, @bytes is never larger
+ * than bl.max_transfer (or VD_MAX_REQUEST), and @qiov->size == @bytes.
+ * Reads and writes are NOT range-checked against the node's length below
+ * the top node: format drivers write past the end of their file child to
+ * grow it, and a protocol driver must return zeros for a read past EOF.
+ * They return 0 or a negative errno, and may put a message into @err
+ * (which may be NULL).
+ */
+struct vd_driver {
+    const char *name;           /* REQUIRED: "file", "raw", "qcow2" */
+    size_t instance_size;       /* bytes of node->opaque */
+    bool is_format;             /* opens over a "file" child */
+    bool is_filter;             /* passes everything to its primary child */
+    bool supports_backing;      /* may hold a backing file */
+    const vd_create_option *create_opts; /* NULL-terminated, or NULL */
+
+    /* Score 0..100 that @buf (the first @len bytes of the file, len may
+     * be short) is this format. Raw answers 1; nothing else should. */
+    int (*probe)(const uint8_t *buf, size_t len, const char *filename);
+
+    /* REQUIRED. Opens the node. Format drivers find node->file already
+     * attached. Consume each option used from @opts with vd_opts_take*;
+     * the core rejects what is left. Set node->bl and, for formats with a
+     * backing file, node->backing_file/backing_format. */
+    int (*open)(vd_node *node, vd_opts *opts, unsigned flags, vd_error *err);
+
+    /* Frees driver state. Children are released by the core afterwards. */
+    void (*close)(vd_node *node);
+
+    /* Creates an image. @opts holds the creation options (validated
+     * against create_opts; "size" parsed by the driver). Format drivers
+     * create their protocol file with vd_create_protocol(). */
+    int (*create)(const char *filename, vd_opts *opts, vd_error *err);
+
+    int (*preadv)(vd_node *node, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                  unsigned flags, vd_error *err);
+    int (*pwritev)(vd_node *node, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                   unsigned flags, vd_error *err);
+    /* Fallback when absent: a zero buffer written with pwritev (unless
+     * VD_REQ_NO_FALLBACK). Return -ENOTSUP to ask for the fallback. */
+    int (*pwrite_zeroes)(vd_node *node, uint64_t off, uint64_t bytes,
+                         unsigned flags, vd_error *err);
+    /* Advisory. Absent: nothing happens. */
+    int (*pdiscard)(vd_node *node, uint64_t off, uint64_t bytes,
+                    vd_error *err);
+    /* Writes the driver's own caches down to its children. The core then
+     * flushes the children. Protocol drivers sync to disk here. */
+    int (*flush)(vd_node *node, vd_error *err);
+
+    /* Status of [off, off+bytes): returns VD_BLOCK_* flags (>= 0) and
+     * sets *pnum (1 <= *pnum <= bytes) to the length with that status.
+     * With VD_BLOCK_OFFSET_VALID or VD_BLOCK_RAW, *map and *file say where
+     * the data lives. @want_zero asks for precise ZERO information (slower
+     * is fine); without it the driver may just report allocation.
+     * Absent: protocols report DATA|ALLOCATED; filters and formats with a
+     * file child report RAW at the same offset in that child. */
+    int (*block_status)(vd_node *node, bool want_zero, uint64_t off,
+                        uint64_t bytes, uint64_t *pnum, uint64_t *map,
+                        vd_node **file, vd_error *err);
+
+    /* REQUIRED for protocols and formats: virtual size in bytes. */
+    int64_t (*getlength)(vd_node *node);
+    /* Host bytes used. Absent: the sum over the children. */
+    int64_t (*get_allocated_size)(vd_node *node);
+    /* Resizes. @exact: the size must match exactly (formats); a protocol
+     * node asked non-exactly may leave a larger file. */
+    int (*truncate)(vd_node *node, uint64_t size, bool exact,
+                    vd_prealloc prealloc, vd_error *err);
+    /* Fills format-specific fields of @info (cluster_size, dirty flag,
+     * format_specific_json, snapshots). Generic fields are done. */
+    int (*get_info)(vd_node *node, vd_image_info *info, vd_error *err);
+    /* Sets limits after open or when children change. */
+    void (*refresh_limits)(vd_node *node);
+
+    /* Consistency check (and repair when @fix has VD_CHECK_FIX_*). */
+    int (*check)(vd_node *node, vd_check_result *res, unsigned fix,
+                 vd_error *err);
+    /* Changes creation options of an open image (qemu-img amend). */
+    int (*amend)(vd_node *node, vd_opts *opts, bool force, vd_error *err);
+
+    /* Internal snapshots (issue: snapshots). */
+    int (*snapshot_create)(vd_node *node, const vd_snapshot_info *sn,
+                           vd_error *err);
+    int (*snapshot_goto)(vd_node *node, const char *id, vd_error *err);
+    int (*snapshot_delete)(vd_node *node, const char *id, const char *name,
+                           vd_error *err);
+    int (*snapshot_list)(vd_node *node, vd_snapshot_info **list,
+                         size_t *count, vd_error *err);
+    int (*snapshot_load_tmp)(vd_node *node, const char *id,
+                             const char *name, vd_error *err);
+    /* VM state save area (for snapshots with VM state). */
+    int (*save_vmstate)(vd_node *node, vd_iov *qiov, uint64_t pos,
+                        vd_error *err);
+    int (*load_vmstate)(vd_node *node, vd_iov *qiov, uint64_t pos,
+                        vd_error *err);
+};
+
+
+/* ---- driver registry (drivers.c) ---- */
+
+/* Looks a driver up by name; NULL when unknown. */
+const vd_driver *vd_find_driver(const char *name);
+
+/* ---- node lifecycle (node.c) ---- */
+
+/*
+ * Opens a node of driver @drv (or probed when NULL and the node is not a
+ * protocol). The generic open used by vd_open() and by drivers that open
+ * extra children. Consumes @opts (the caller keeps ownership of the
+ * object; consumed keys are removed).
+ */
+int vd_node_open(vd_node **out, const char *filename, const vd_driver *drv,
+                 vd_opts *opts, unsigned flags, vd_error *err);
+
+/* Takes / drops a reference; the last unref closes the node. */
+void vd_node_ref(vd_node *node);
+void vd_node_unref(vd_node *node);
+
+/* Attaches @child_node under @parent in role @name. Takes over the
+ * caller's reference to @child_node. Returns the child or NULL (ENOMEM). */
+vd_child *vd_node_attach_child(vd_node *parent, vd_node *child_node,
+                               const char *name, unsigned role);
+/* Detaches and unrefs a child. */
+void vd_node_detach_child(vd_node *parent, vd_child *child);
+
+/* Creates a protocol file (the "file" driver's create) for format
+ * drivers: @opts may hold size and preallocation. */
+int vd_create_protocol(const char *filename, vd_opts *opts, vd_error *err);
+
+/* Opens @filename with the protocol driver as a standalone node, for
+ * format create() functions that write their headers. */
+int vd_open_protocol(vd_node **out, const char *filename, unsigned flags,
+                     vd_error *err);
+
+/* Drain: block new requests and wait for in-flight ones (nestable). */
+void vd_node_drain_begin(vd_node *node);
+void vd_node_drain_end(vd_node *node);
+
+/* Emits a warning through the warning handler (unless VD_NODE_QUIET). */
+void vd_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ---- the request path (io.c) ---- */
+
+int vd_node_preadv(vd_node *node, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                   unsigned flags, vd_error *err);
+int vd_node_pwritev(vd_node *node, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                    unsigned flags, vd_error *err);
+int vd_node_pwrite_zeroes(vd_node *node, uint64_t off, uint64_t bytes,
+                          unsigned flags, vd_error *err);
+int vd_node_pdiscard(vd_node *node, uint64_t off, uint64_t bytes,
+                     vd_error *err);
+int vd_node_flush(vd_node *node, vd_error *err);
+int64_t vd_node_getlength(vd_node *node);
+int vd_node_truncate(vd_node *node, uint64_t size, bool exact,
+                     vd_prealloc prealloc, vd_error *err);
+
+/* Block status of one node, following VD_BLOCK_RAW into the file child
+ * (so the result never has RAW set). */
+int vd_node_block_status(vd_node *node, bool want_zero, uint64_t off,
+                         uint64_t bytes, uint64_t *pnum, uint64_t *map,
+                         vd_node **file, vd_error *err);
+/* Block status looking down the backing chain from @top until @base
+ * (exclusive, NULL = whole chain). *depth is the layer that holds the
+ * extent (or the chain length when none does). */
+int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
+                               uint64_t off, uint64_t bytes, uint64_t *pnum,
+                               uint64_t *map, vd_node **file, int *depth,
+                               vd_error *err);
+
+/* Convenience wrappers for drivers: flat buffers on a child. */
+int vd_child_pread(vd_child *c, uint64_t off, void *buf, uint64_t bytes,
+                   vd_error *err);
+int vd_child_pwrite(vd_child *c, uint64_t off, const void *buf,
+                    uint64_t bytes, unsigned flags, vd_error *err);
+int vd_child_preadv(vd_child *c, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                    unsigned flags, vd_error *err);
+int vd_child_pwritev(vd_child *c, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                     unsigned flags, vd_error *err);
+
+/* Block-status implementations drivers may point their vtable at. */
+int vd_block_status_from_file(vd_node *node, bool want_zero, uint64_t off,
+                              uint64_t bytes, uint64_t *pnum, uint64_t *map,
+                              vd_node **file, vd_error *err);
+
+/* Bounce buffer aligned for the node (O_DIRECT safe); free with free(). */
+void *vd_node_blockalign(vd_node *node, size_t size);
+
+#endif /* VDISK_CORE_BLOCK_INT_H */

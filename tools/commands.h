@@ -1,0 +1,19 @@
+/*
+ * The vdisk command-line tool: one function per subcommand. main() in
+ * vdisk.c dispatches on argv[1]; each command parses its own options
+ * (argv[0] is the subcommand name) and returns the process exit status.
+ */
+#ifndef VDISK_TOOLS_COMMANDS_H
+#define VDISK_TOOLS_COMMANDS_H
+
+int cmd_create(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
+int cmd_compare(int argc, char **argv);
+int cmd_map(int argc, char **argv);
+int cmd_resize(int argc, char **argv);
+int cmd_dd(int argc, char **argv);
+int cmd_check(int argc, char **argv);
+int cmd_io(int argc, char **argv);   /* tools/io.c: the qemu-io commands */
+
+#endif
