@@ -207,6 +207,9 @@ VD_API vd_node *vd_node_child(const vd_node *node, const char *role);
 #define VD_REQ_MAY_UNMAP   (1u << 1) /* write_zeroes may deallocate */
 #define VD_REQ_NO_FALLBACK (1u << 2) /* write_zeroes: fail with -ENOTSUP
                                         rather than write a zero buffer */
+#define VD_REQ_COMPRESSED  (1u << 3) /* write: store compressed (whole
+                                        clusters, formats that can; else
+                                        -ENOTSUP) */
 
 /**
  * Reads @len bytes at @offset into @buf. The range must lie inside the

@@ -100,6 +100,9 @@ struct vd_node {
     char *full_backing_filename;
 
     vd_limits bl;
+    /* Cached length: set after open from drv->getlength, raised by writes
+     * past the end, reset by truncate. Read with vd_node_getlength(). */
+    _Atomic int64_t total_size;
     atomic_int refcnt;
 
     /* Draining: requests increment in_flight; vd_node_drain_begin()
@@ -125,10 +128,12 @@ struct vd_node {
  * I/O callbacks receive byte offsets and lengths. Contract: @off and
  * @bytes are multiples of bl.request_alignment, @bytes is never larger
  * than bl.max_transfer (or VD_MAX_REQUEST), and @qiov->size == @bytes.
- * Reads and writes are NOT range-checked against the node's length below
- * the top node: format drivers write past the end of their file child to
- * grow it, and a protocol driver must return zeros for a read past EOF.
- * They return 0 or a negative errno, and may put a message into @err
+ * Below the top node, reads are clipped by the core: the part of a read
+ * past the node's length reads as zeros and the driver sees only the part
+ * inside (rounded up to the alignment). Writes are not range-checked
+ * below the top node: format drivers write past the end of their file
+ * child to grow it (the core then updates the cached length).
+ * Callbacks return 0 or a negative errno, and may put a message into @err
  * (which may be NULL).
  */
 struct vd_driver {
