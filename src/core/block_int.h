@@ -230,6 +230,10 @@ struct vd_driver {
 
 /* Looks a driver up by name; NULL when unknown. */
 const vd_driver *vd_find_driver(const char *name);
+/* The @i-th registered driver, or NULL past the end (for probing). */
+const vd_driver *vd_driver_at(int i);
+/* The open node named @name, or NULL (borrowed). */
+vd_node *vd_find_node(const char *name);
 
 /* ---- node lifecycle (node.c) ---- */
 

@@ -1,1 +1,104 @@
-/* placeholder */
+/*
+ * Image information (qemu-img info's ImageInfo), consistency checks and
+ * statistics. Generic fields are filled here from the node; the format
+ * driver's get_info adds what only it knows.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/block_int.h"
+
+/* Host bytes used by a node: the driver's answer, else the sum over the
+ * children that hold its data or metadata (not the backing chain). */
+static int64_t allocated_size(vd_node *n)
+{
+    if (n->drv->get_allocated_size)
+        return n->drv->get_allocated_size(n);
+    int64_t sum = 0;
+    bool any = false;
+    for (vd_child *c = n->children; c; c = c->next) {
+        if (c->role & VD_ROLE_COW)
+            continue;
+        int64_t s = allocated_size(c->node);
+        if (s < 0)
+            return s;
+        sum += s;
+        any = true;
+    }
+    return any ? sum : -ENOTSUP;
+}
+
+static char *dup_or_null(const char *s)
+{
+    return s ? strdup(s) : NULL;
+}
+
+VD_API int vd_get_info(vd_node *node, vd_image_info **out, vd_error *err)
+{
+    *out = NULL;
+    vd_image_info *info = calloc(1, sizeof(*info));
+    if (!info)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    info->filename = dup_or_null(node->filename);
+    info->format = strdup(node->drv->name);
+    int64_t len = vd_node_getlength(node);
+    info->virtual_size = len > 0 ? (uint64_t)len : 0;
+    info->actual_size = allocated_size(node);
+    if (info->actual_size < 0)
+        info->actual_size = -1;
+    info->has_dirty_flag = true;
+    info->backing_filename = dup_or_null(node->backing_file);
+    info->full_backing_filename = dup_or_null(node->full_backing_filename);
+    info->backing_filename_format = dup_or_null(node->backing_format);
+    int r = 0;
+    if (node->drv->get_info)
+        r = node->drv->get_info(node, info, err);
+    if (r == 0 && node->drv->snapshot_list && !info->snapshots) {
+        r = node->drv->snapshot_list(node, &info->snapshots,
+                                     &info->nb_snapshots, err);
+    }
+    if (r < 0) {
+        vd_image_info_free(&info);
+        return r;
+    }
+    *out = info;
+    return 0;
+}
+
+VD_API void vd_image_info_free(vd_image_info **pinfo)
+{
+    if (!pinfo || !*pinfo)
+        return;
+    vd_image_info *info = *pinfo;
+    free(info->filename);
+    free(info->format);
+    free(info->backing_filename);
+    free(info->full_backing_filename);
+    free(info->backing_filename_format);
+    free(info->format_specific_json);
+    for (size_t i = 0; i < info->nb_snapshots; i++) {
+        free(info->snapshots[i].id);
+        free(info->snapshots[i].name);
+    }
+    free(info->snapshots);
+    free(info);
+    *pinfo = NULL;
+}
+
+VD_API int vd_check(vd_node *node, vd_check_result *res, unsigned fix,
+                    vd_error *err)
+{
+    memset(res, 0, sizeof(*res));
+    res->image_end_offset = -1;
+    if (!node->drv->check)
+        return vd_error_set(err, -ENOTSUP,
+                            "This image format does not support checks");
+    if (fix && node->read_only)
+        return vd_error_set(err, -EROFS, "%s: cannot repair a read-only "
+                            "image", node->filename);
+    vd_node_drain_begin(node);
+    int r = node->drv->check(node, res, fix, err);
+    vd_node_drain_end(node);
+    return r;
+}

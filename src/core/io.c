@@ -1,1 +1,933 @@
-/* placeholder */
+/*
+ * The request path: one function per operation, through which every
+ * request to every node passes (vd_node_preadv, vd_node_pwritev, ...).
+ *
+ * Each function checks the range and the node's mode, counts the request
+ * in flight (so drains can wait for it) and in the statistics, and then:
+ *  - clips reads at the node's end (the rest reads as zeros);
+ *  - turns unaligned requests, or buffers a driver with O_DIRECT cannot
+ *    take, into aligned ones through a bounce buffer, serialising the
+ *    read-modify-write against overlapping writes;
+ *  - splits requests at the driver's max_transfer;
+ *  - supplies the fallback where the driver has no callback (filters
+ *    pass to their child, write_zeroes writes zeros, discard does
+ *    nothing, FUA becomes a flush after the write).
+ * The public vd_*() entry points at the bottom add what only the top of
+ * a graph needs: a range check against the image size, waiting while the
+ * node is drained, detect-zeroes and write-through.
+ *
+ * Nothing here allocates on the stack in proportion to the request, and
+ * the functions recurse only through the graph (a backing chain read
+ * recurses once per layer), so frames are kept small.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/block_int.h"
+
+/* Bounce buffers are processed in pieces of this size (rounded to the
+ * alignment), so an unaligned 1 GiB request needs no 1 GiB buffer. */
+#define BOUNCE_CHUNK (1u << 20)
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void stat_add(uint64_t *field, uint64_t v)
+{
+    __atomic_fetch_add(field, v, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t align_down(uint64_t x, uint64_t a)
+{
+    return x - x % a;
+}
+
+static inline uint64_t align_up(uint64_t x, uint64_t a)
+{
+    return align_down(x + a - 1, a);
+}
+
+/* ---- in-flight accounting and drain ---- */
+
+static void inflight_inc(vd_node *n)
+{
+    __atomic_add_fetch(&n->in_flight, 1, __ATOMIC_SEQ_CST);
+}
+
+static void inflight_dec(vd_node *n)
+{
+    if (__atomic_sub_fetch(&n->in_flight, 1, __ATOMIC_SEQ_CST) == 0 &&
+        __atomic_load_n(&n->quiesce, __ATOMIC_SEQ_CST) > 0) {
+        pthread_mutex_lock(&n->lock);
+        pthread_cond_broadcast(&n->cond);
+        pthread_mutex_unlock(&n->lock);
+    }
+}
+
+/* Waits while the node is drained; for requests from outside the graph. */
+static void wait_unquiesced(vd_node *n)
+{
+    if (__atomic_load_n(&n->quiesce, __ATOMIC_SEQ_CST) == 0)
+        return;
+    pthread_mutex_lock(&n->lock);
+    while (n->quiesce > 0)
+        pthread_cond_wait(&n->cond, &n->lock);
+    pthread_mutex_unlock(&n->lock);
+}
+
+/* ---- serialisation of read-modify-write ---- */
+
+typedef struct vd_tracked_req {
+    uint64_t start, end;
+    bool serialising;
+    struct vd_tracked_req *next;
+} vd_tracked_req;
+
+static bool tracked_conflict(vd_node *n, const vd_tracked_req *me)
+{
+    for (vd_tracked_req *t = n->tracked; t; t = t->next) {
+        if (t == me || t->end <= me->start || me->end <= t->start)
+            continue;
+        if (t->serialising || me->serialising)
+            return true;
+    }
+    return false;
+}
+
+/* Registers a write over [start, end) (aligned), waiting first for any
+ * overlapping write when either side is a read-modify-write. */
+static void track_begin(vd_node *n, vd_tracked_req *req, uint64_t start,
+                        uint64_t end, bool serialising)
+{
+    req->start = start;
+    req->end = end;
+    req->serialising = serialising;
+    pthread_mutex_lock(&n->lock);
+    while (tracked_conflict(n, req))
+        pthread_cond_wait(&n->cond, &n->lock);
+    req->next = n->tracked;
+    n->tracked = req;
+    pthread_mutex_unlock(&n->lock);
+}
+
+static void track_end(vd_node *n, vd_tracked_req *req)
+{
+    pthread_mutex_lock(&n->lock);
+    for (vd_tracked_req **p = &n->tracked; *p; p = &(*p)->next) {
+        if (*p == req) {
+            *p = req->next;
+            break;
+        }
+    }
+    pthread_cond_broadcast(&n->cond);
+    pthread_mutex_unlock(&n->lock);
+}
+
+/* ---- helpers ---- */
+
+void *vd_node_blockalign(vd_node *node, size_t size)
+{
+    size_t a = node && node->bl.min_mem_alignment > sizeof(void *)
+               ? node->bl.min_mem_alignment : 4096;
+    void *p = NULL;
+    if (posix_memalign(&p, a, size ? size : 1) != 0)
+        return NULL;
+    return p;
+}
+
+static bool iov_mem_aligned(const vd_iov *v, size_t a)
+{
+    if (a <= 1)
+        return true;
+    for (int i = 0; i < v->niov; i++) {
+        if ((uintptr_t)v->iov[i].iov_base % a || v->iov[i].iov_len % a)
+            return false;
+    }
+    return true;
+}
+
+static int check_range(vd_node *n, uint64_t off, uint64_t bytes,
+                       vd_error *err)
+{
+    if (off > INT64_MAX || bytes > INT64_MAX || off + bytes > INT64_MAX)
+        return vd_error_set(err, -EINVAL, "%s: request at offset %" PRIu64
+                            " of %" PRIu64 " bytes overflows",
+                            n->filename ? n->filename : n->node_name, off,
+                            bytes);
+    return 0;
+}
+
+static uint64_t max_transfer(vd_node *n)
+{
+    uint64_t m = n->bl.max_transfer ? n->bl.max_transfer : VD_MAX_REQUEST;
+    if (m > VD_MAX_REQUEST)
+        m = VD_MAX_REQUEST;
+    uint32_t a = n->bl.request_alignment;
+    m = align_down(m, a);
+    return m ? m : a;
+}
+
+static vd_node *filtered_child(vd_node *n)
+{
+    return n->drv->is_filter && n->file ? n->file->node : NULL;
+}
+
+/* ---- read ---- */
+
+/* Calls the driver for an aligned request, split at max_transfer. */
+static int driver_preadv(vd_node *n, uint64_t off, uint64_t bytes,
+                         vd_iov *qiov, size_t qoff, unsigned flags,
+                         vd_error *err)
+{
+    if (!n->drv->preadv) {
+        vd_node *child = n->file ? n->file->node : NULL;
+        if (!child)
+            return vd_error_set(err, -ENOTSUP, "%s: driver '%s' cannot read",
+                                n->filename, n->drv->name);
+        vd_iov part;
+        int r = vd_iov_init_slice(&part, qiov, qoff, bytes);
+        if (r == 0)
+            r = vd_node_preadv(child, off, bytes, &part, flags, err);
+        vd_iov_destroy(&part);
+        return r;
+    }
+    uint64_t mt = max_transfer(n);
+    while (bytes > 0) {
+        uint64_t len = bytes < mt ? bytes : mt;
+        vd_iov part;
+        int r;
+        if (qoff == 0 && len == qiov->size) {
+            r = n->drv->preadv(n, off, len, qiov, flags, err);
+        } else {
+            r = vd_iov_init_slice(&part, qiov, qoff, len);
+            if (r == 0)
+                r = n->drv->preadv(n, off, len, &part, flags, err);
+            vd_iov_destroy(&part);
+        }
+        if (r < 0)
+            return r;
+        off += len;
+        qoff += len;
+        bytes -= len;
+    }
+    return 0;
+}
+
+/* An aligned read, clipped at the node's end. */
+static int aligned_read(vd_node *n, uint64_t off, uint64_t bytes,
+                        vd_iov *qiov, size_t qoff, unsigned flags,
+                        vd_error *err)
+{
+    int64_t len = atomic_load(&n->total_size);
+    uint64_t readable = 0;
+    if (len > 0 && off < (uint64_t)len) {
+        readable = align_up((uint64_t)len - off, n->bl.request_alignment);
+        if (readable > bytes)
+            readable = bytes;
+    }
+    if (readable > 0) {
+        int r = driver_preadv(n, off, readable, qiov, qoff, flags, err);
+        if (r < 0)
+            return r;
+    }
+    if (readable < bytes)
+        vd_iov_memset(qiov, qoff + readable, 0, bytes - readable);
+    return 0;
+}
+
+static int bounce_chunk_size(vd_node *n)
+{
+    uint32_t a = n->bl.request_alignment;
+    uint64_t c = align_up(BOUNCE_CHUNK, a);
+    return (int)c;
+}
+
+static int do_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                     unsigned flags, vd_error *err)
+{
+    uint32_t a = n->bl.request_alignment;
+    bool aligned = off % a == 0 && bytes % a == 0;
+    if (aligned && iov_mem_aligned(qiov, n->bl.min_mem_alignment))
+        return aligned_read(n, off, bytes, qiov, 0, flags, err);
+
+    /* Bounce: read aligned pieces into one buffer and copy out. */
+    uint64_t chunk = (uint64_t)bounce_chunk_size(n);
+    uint64_t start = align_down(off, a), end = align_up(off + bytes, a);
+    uint64_t blen = end - start < chunk ? end - start : chunk;
+    uint8_t *buf = vd_node_blockalign(n, blen);
+    if (!buf)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    int r = 0;
+    for (uint64_t pos = start; pos < end && r == 0;) {
+        uint64_t len = end - pos < chunk ? end - pos : chunk;
+        vd_iov b;
+        vd_iov_init_buf(&b, buf, len);
+        r = aligned_read(n, pos, len, &b, 0, flags, err);
+        if (r == 0) {
+            uint64_t from = pos > off ? pos : off;
+            uint64_t to = pos + len < off + bytes ? pos + len : off + bytes;
+            vd_iov_from_buf(qiov, from - off, buf + (from - pos), to - from);
+        }
+        pos += len;
+    }
+    free(buf);
+    return r;
+}
+
+int vd_node_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                   unsigned flags, vd_error *err)
+{
+    int r = check_range(n, off, bytes, err);
+    if (r < 0 || bytes == 0)
+        return r;
+    inflight_inc(n);
+    uint64_t t0 = now_ns();
+    r = do_preadv(n, off, bytes, qiov, flags, err);
+    if (r < 0) {
+        stat_add(&n->stats.failed_rd_operations, 1);
+    } else {
+        stat_add(&n->stats.rd_operations, 1);
+        stat_add(&n->stats.rd_bytes, bytes);
+    }
+    stat_add(&n->stats.rd_total_time_ns, now_ns() - t0);
+    inflight_dec(n);
+    return r;
+}
+
+/* ---- write ---- */
+
+static int driver_pwritev(vd_node *n, uint64_t off, uint64_t bytes,
+                          vd_iov *qiov, size_t qoff, unsigned flags,
+                          vd_error *err)
+{
+    if (!n->drv->pwritev) {
+        vd_node *child = n->file ? n->file->node : NULL;
+        if (!child)
+            return vd_error_set(err, -ENOTSUP,
+                                "%s: driver '%s' cannot write", n->filename,
+                                n->drv->name);
+        vd_iov part;
+        int r = vd_iov_init_slice(&part, qiov, qoff, bytes);
+        if (r == 0)
+            r = vd_node_pwritev(child, off, bytes, &part, flags, err);
+        vd_iov_destroy(&part);
+        return r;
+    }
+    uint64_t mt = max_transfer(n);
+    while (bytes > 0) {
+        uint64_t len = bytes < mt ? bytes : mt;
+        int r;
+        if (qoff == 0 && len == qiov->size) {
+            r = n->drv->pwritev(n, off, len, qiov, flags, err);
+        } else {
+            vd_iov part;
+            r = vd_iov_init_slice(&part, qiov, qoff, len);
+            if (r == 0)
+                r = n->drv->pwritev(n, off, len, &part, flags, err);
+            vd_iov_destroy(&part);
+        }
+        if (r < 0)
+            return r;
+        off += len;
+        qoff += len;
+        bytes -= len;
+    }
+    return 0;
+}
+
+static void raise_length(vd_node *n, uint64_t end)
+{
+    int64_t cur = atomic_load(&n->total_size);
+    while ((int64_t)end > cur &&
+           !atomic_compare_exchange_weak(&n->total_size, &cur, (int64_t)end))
+        ;
+}
+
+static int do_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                      unsigned flags, vd_error *err)
+{
+    uint32_t a = n->bl.request_alignment;
+    bool aligned = off % a == 0 && bytes % a == 0;
+    if (aligned && iov_mem_aligned(qiov, n->bl.min_mem_alignment))
+        return driver_pwritev(n, off, bytes, qiov, 0, flags, err);
+
+    uint64_t chunk = (uint64_t)bounce_chunk_size(n);
+    uint64_t start = align_down(off, a), end = align_up(off + bytes, a);
+    uint64_t blen = end - start < chunk ? end - start : chunk;
+    uint8_t *buf = vd_node_blockalign(n, blen);
+    if (!buf)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    int r = 0;
+    for (uint64_t pos = start; pos < end && r == 0;) {
+        uint64_t len = end - pos < chunk ? end - pos : chunk;
+        uint64_t from = pos > off ? pos : off;
+        uint64_t to = pos + len < off + bytes ? pos + len : off + bytes;
+        vd_iov b;
+        vd_iov_init_buf(&b, buf, len);
+        if (from != pos || to != pos + len)
+            r = aligned_read(n, pos, len, &b, 0, 0, err);
+        if (r == 0) {
+            vd_iov_to_buf(qiov, from - off, buf + (from - pos), to - from);
+            r = driver_pwritev(n, pos, len, &b, 0, flags, err);
+        }
+        pos += len;
+    }
+    free(buf);
+    return r;
+}
+
+static int check_writable(vd_node *n, vd_error *err)
+{
+    if (n->read_only)
+        return vd_error_set(err, -EROFS, "%s: Block node is read-only",
+                            n->filename ? n->filename : n->node_name);
+    return 0;
+}
+
+int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                    unsigned flags, vd_error *err)
+{
+    int r = check_range(n, off, bytes, err);
+    if (r == 0)
+        r = check_writable(n, err);
+    if (r < 0 || bytes == 0)
+        return r;
+    inflight_inc(n);
+    uint64_t t0 = now_ns();
+    uint32_t a = n->bl.request_alignment;
+    vd_tracked_req req;
+    bool tracked = a > 1;
+    if (tracked)
+        track_begin(n, &req, align_down(off, a), align_up(off + bytes, a),
+                    off % a || bytes % a);
+    /* FUA is done generically: write, then flush this node. */
+    r = do_pwritev(n, off, bytes, qiov, flags & ~VD_REQ_FUA, err);
+    if (r == 0 && (flags & VD_REQ_FUA))
+        r = vd_node_flush(n, err);
+    if (tracked)
+        track_end(n, &req);
+    if (r < 0) {
+        stat_add(&n->stats.failed_wr_operations, 1);
+    } else {
+        raise_length(n, off + bytes);
+        stat_add(&n->stats.wr_operations, 1);
+        stat_add(&n->stats.wr_bytes, bytes);
+    }
+    stat_add(&n->stats.wr_total_time_ns, now_ns() - t0);
+    inflight_dec(n);
+    return r;
+}
+
+/* ---- write zeroes ---- */
+
+static pthread_once_t zero_once = PTHREAD_ONCE_INIT;
+static uint8_t *zero_buf;
+
+static void zero_buf_init(void)
+{
+    if (posix_memalign((void **)&zero_buf, 4096, BOUNCE_CHUNK) == 0)
+        memset(zero_buf, 0, BOUNCE_CHUNK);
+}
+
+/* Writes zeros from a shared zero buffer. */
+static int write_zero_buffer(vd_node *n, uint64_t off, uint64_t bytes,
+                             unsigned flags, vd_error *err)
+{
+    pthread_once(&zero_once, zero_buf_init);
+    if (!zero_buf)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    while (bytes > 0) {
+        uint64_t len = bytes < BOUNCE_CHUNK ? bytes : BOUNCE_CHUNK;
+        vd_iov v;
+        vd_iov_init_buf(&v, zero_buf, len);
+        int r = vd_node_pwritev(n, off, len, &v, flags & VD_REQ_FUA, err);
+        if (r < 0)
+            return r;
+        off += len;
+        bytes -= len;
+    }
+    return 0;
+}
+
+static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
+                            unsigned flags, vd_error *err)
+{
+    vd_node *child = filtered_child(n);
+    if (!n->drv->pwrite_zeroes && child)
+        return vd_node_pwrite_zeroes(child, off, bytes, flags, err);
+
+    uint32_t a = n->bl.request_alignment;
+    if (n->bl.pwrite_zeroes_alignment > a)
+        a = n->bl.pwrite_zeroes_alignment;
+    uint64_t head_end = align_up(off, a), tail_start = align_down(off + bytes, a);
+    if (!n->drv->pwrite_zeroes || head_end >= tail_start) {
+        if (flags & VD_REQ_NO_FALLBACK)
+            return -ENOTSUP;
+        return write_zero_buffer(n, off, bytes, flags, err);
+    }
+    int r = 0;
+    if (head_end > off && !(flags & VD_REQ_NO_FALLBACK))
+        r = write_zero_buffer(n, off, head_end - off, flags, err);
+    else if (head_end > off)
+        return -ENOTSUP;
+    uint64_t pos = head_end;
+    while (r == 0 && pos < tail_start) {
+        uint64_t len = tail_start - pos;
+        if (len > VD_MAX_REQUEST)
+            len = align_down(VD_MAX_REQUEST, a);
+        r = n->drv->pwrite_zeroes(n, pos, len, flags & ~VD_REQ_FUA, err);
+        if (r == -ENOTSUP && !(flags & VD_REQ_NO_FALLBACK))
+            r = write_zero_buffer(n, pos, len, flags & ~VD_REQ_FUA, err);
+        pos += len;
+    }
+    if (r == 0 && tail_start < off + bytes) {
+        if (flags & VD_REQ_NO_FALLBACK)
+            return -ENOTSUP;
+        r = write_zero_buffer(n, tail_start, off + bytes - tail_start, flags,
+                              err);
+    }
+    if (r == 0 && (flags & VD_REQ_FUA))
+        r = vd_node_flush(n, err);
+    return r;
+}
+
+int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
+                          unsigned flags, vd_error *err)
+{
+    int r = check_range(n, off, bytes, err);
+    if (r == 0)
+        r = check_writable(n, err);
+    if (r < 0 || bytes == 0)
+        return r;
+    inflight_inc(n);
+    uint64_t t0 = now_ns();
+    r = do_pwrite_zeroes(n, off, bytes, flags, err);
+    if (r < 0) {
+        stat_add(&n->stats.failed_wr_operations, 1);
+    } else {
+        raise_length(n, off + bytes);
+        stat_add(&n->stats.zero_operations, 1);
+        stat_add(&n->stats.zero_bytes, bytes);
+    }
+    stat_add(&n->stats.wr_total_time_ns, now_ns() - t0);
+    inflight_dec(n);
+    return r;
+}
+
+/* ---- discard ---- */
+
+int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
+                     vd_error *err)
+{
+    int r = check_range(n, off, bytes, err);
+    if (r == 0)
+        r = check_writable(n, err);
+    if (r < 0 || bytes == 0)
+        return r;
+    inflight_inc(n);
+    uint64_t t0 = now_ns();
+    /* Discard is advisory: shrink to whole aligned blocks. */
+    uint32_t a = n->bl.request_alignment;
+    if (n->bl.pdiscard_alignment > a)
+        a = n->bl.pdiscard_alignment;
+    uint64_t start = align_up(off, a), end = align_down(off + bytes, a);
+    if (off + bytes >= (uint64_t)atomic_load(&n->total_size))
+        end = align_up(off + bytes, n->bl.request_alignment);
+    vd_node *child = filtered_child(n);
+    if (start < end) {
+        if (n->drv->pdiscard)
+            r = n->drv->pdiscard(n, start, end - start, err);
+        else if (child)
+            r = vd_node_pdiscard(child, start, end - start, err);
+        if (r == -ENOTSUP || r == -EOPNOTSUPP)
+            r = 0;
+    }
+    if (r < 0) {
+        stat_add(&n->stats.failed_unmap_operations, 1);
+    } else {
+        stat_add(&n->stats.unmap_operations, 1);
+        stat_add(&n->stats.unmap_bytes, bytes);
+    }
+    stat_add(&n->stats.unmap_total_time_ns, now_ns() - t0);
+    inflight_dec(n);
+    return r;
+}
+
+/* ---- flush ---- */
+
+int vd_node_flush(vd_node *n, vd_error *err)
+{
+    if (n->read_only)
+        return 0;
+    inflight_inc(n);
+    uint64_t t0 = now_ns();
+    int r = 0;
+    bool is_protocol = !n->file && !n->children;
+    if (n->drv->flush && !(is_protocol && (n->flags & VD_NODE_NO_FLUSH)))
+        r = n->drv->flush(n, err);
+    for (vd_child *c = n->children; c && r == 0; c = c->next)
+        r = vd_node_flush(c->node, err);
+    if (r < 0)
+        stat_add(&n->stats.failed_flush_operations, 1);
+    else
+        stat_add(&n->stats.flush_operations, 1);
+    stat_add(&n->stats.flush_total_time_ns, now_ns() - t0);
+    inflight_dec(n);
+    return r;
+}
+
+/* ---- length and truncate ---- */
+
+int64_t vd_node_getlength(vd_node *n)
+{
+    if (!n->drv->getlength) {
+        vd_node *child = n->file ? n->file->node : NULL;
+        return child ? vd_node_getlength(child) : -ENOTSUP;
+    }
+    return atomic_load(&n->total_size);
+}
+
+int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
+                     vd_prealloc prealloc, vd_error *err)
+{
+    int r = check_writable(n, err);
+    if (r < 0)
+        return r;
+    if (size > INT64_MAX)
+        return vd_error_set(err, -EINVAL, "%s: size %" PRIu64 " is too "
+                            "large", n->filename, size);
+    vd_node *child = filtered_child(n);
+    if (!n->drv->truncate) {
+        if (child)
+            return vd_node_truncate(child, size, exact, prealloc, err);
+        return vd_error_set(err, -ENOTSUP, "%s: Image format '%s' does not "
+                            "support resizing", n->filename, n->drv->name);
+    }
+    r = n->drv->truncate(n, size, exact, prealloc, err);
+    if (r == 0 && n->drv->getlength) {
+        int64_t len = n->drv->getlength(n);
+        if (len >= 0)
+            atomic_store(&n->total_size, len);
+    }
+    return r;
+}
+
+/* ---- block status ---- */
+
+int vd_block_status_from_file(vd_node *node, bool want_zero, uint64_t off,
+                              uint64_t bytes, uint64_t *pnum, uint64_t *map,
+                              vd_node **file, vd_error *err)
+{
+    (void)want_zero;
+    (void)err;
+    *pnum = bytes;
+    *map = off;
+    *file = node->file ? node->file->node : NULL;
+    return VD_BLOCK_RAW | VD_BLOCK_OFFSET_VALID;
+}
+
+int vd_node_block_status(vd_node *n, bool want_zero, uint64_t off,
+                         uint64_t bytes, uint64_t *pnum, uint64_t *map,
+                         vd_node **file, vd_error *err)
+{
+    int64_t len = vd_node_getlength(n);
+    if (len < 0)
+        return (int)len;
+    if (off >= (uint64_t)len) {
+        *pnum = bytes;
+        *map = 0;
+        *file = NULL;
+        return VD_BLOCK_ZERO | VD_BLOCK_EOF;
+    }
+    bool eof = false;
+    if (bytes >= (uint64_t)len - off) {
+        bytes = (uint64_t)len - off;
+        eof = true;
+    }
+    uint64_t lmap = 0;
+    vd_node *lfile = NULL;
+    int r;
+    inflight_inc(n);
+    if (n->drv->block_status) {
+        r = n->drv->block_status(n, want_zero, off, bytes, pnum, &lmap,
+                                 &lfile, err);
+    } else if (n->file) {
+        r = vd_block_status_from_file(n, want_zero, off, bytes, pnum, &lmap,
+                                      &lfile, err);
+    } else {
+        *pnum = bytes;
+        lmap = off;
+        lfile = n;
+        r = VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
+    }
+    inflight_dec(n);
+    if (r < 0)
+        return r;
+    if (*pnum == 0 || *pnum > bytes)
+        return vd_error_set(err, -EIO, "%s: driver '%s' returned an invalid "
+                            "block status length", n->filename, n->drv->name);
+    if (r & VD_BLOCK_RAW) {
+        if (!lfile)
+            return vd_error_set(err, -EIO, "%s: raw block status without a "
+                                "file", n->filename);
+        uint64_t sub = 0;
+        r = vd_node_block_status(lfile, want_zero, lmap, *pnum, &sub, &lmap,
+                                 &lfile, err);
+        if (r < 0)
+            return r;
+        *pnum = sub;
+        r &= ~VD_BLOCK_EOF;
+    } else if (want_zero && (r & VD_BLOCK_DATA) && !(r & VD_BLOCK_ZERO) &&
+               (r & VD_BLOCK_OFFSET_VALID) && lfile && lfile != n) {
+        /* Data stored in a region of the file that is a hole reads as
+         * zeros: let the file refine the answer. */
+        uint64_t fnum = 0, fmap = 0;
+        vd_node *ff = NULL;
+        int r2 = vd_node_block_status(lfile, true, lmap, *pnum, &fnum, &fmap,
+                                      &ff, NULL);
+        if (r2 >= 0) {
+            if (r2 & VD_BLOCK_EOF) {
+                r |= VD_BLOCK_ZERO;
+            } else {
+                *pnum = fnum;
+                r |= r2 & VD_BLOCK_ZERO;
+            }
+        }
+    }
+    if (r & (VD_BLOCK_DATA | VD_BLOCK_ZERO)) {
+        r |= VD_BLOCK_ALLOCATED;
+    } else if (n->drv->supports_backing) {
+        /* Unallocated reads as zeros when nothing lies beneath. */
+        vd_node *b = n->backing ? n->backing->node : NULL;
+        if (!b || (want_zero && (int64_t)off >= vd_node_getlength(b)))
+            r |= VD_BLOCK_ZERO;
+    }
+    if (eof && off + *pnum == (uint64_t)len)
+        r |= VD_BLOCK_EOF;
+    *map = lmap;
+    *file = lfile;
+    return r;
+}
+
+int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
+                               uint64_t off, uint64_t bytes, uint64_t *pnum,
+                               uint64_t *map, vd_node **file, int *depth,
+                               vd_error *err)
+{
+    int d = 0;
+    int r = 0;
+    uint64_t first_pnum = 0;
+    for (vd_node *p = top; p && p != base;
+         p = p->backing ? p->backing->node : NULL, d++) {
+        uint64_t n = 0;
+        r = vd_node_block_status(p, want_zero, off, bytes, &n, map, file,
+                                 err);
+        if (r < 0)
+            return r;
+        if (p == top)
+            first_pnum = n;
+        if (p != top && (r & VD_BLOCK_EOF) && !(r & VD_BLOCK_ALLOCATED) &&
+            off >= (uint64_t)vd_node_getlength(p)) {
+            /* Past the end of a shorter backing layer: zeros, as if
+             * allocated there. */
+            *pnum = bytes;
+            *depth = d;
+            *file = p;
+            return VD_BLOCK_ZERO | VD_BLOCK_ALLOCATED;
+        }
+        if (r & VD_BLOCK_ALLOCATED) {
+            *pnum = n;
+            *depth = d;
+            return r;
+        }
+        /* Unallocated here: the next layer decides this prefix. */
+        bytes = n;
+    }
+    *pnum = bytes ? bytes : first_pnum;
+    *depth = d;
+    return r & ~VD_BLOCK_ALLOCATED;
+}
+
+/* ---- helpers for drivers ---- */
+
+int vd_child_preadv(vd_child *c, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                    unsigned flags, vd_error *err)
+{
+    return vd_node_preadv(c->node, off, bytes, qiov, flags, err);
+}
+
+int vd_child_pwritev(vd_child *c, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                     unsigned flags, vd_error *err)
+{
+    return vd_node_pwritev(c->node, off, bytes, qiov, flags, err);
+}
+
+int vd_child_pread(vd_child *c, uint64_t off, void *buf, uint64_t bytes,
+                   vd_error *err)
+{
+    vd_iov v;
+    vd_iov_init_buf(&v, buf, bytes);
+    return vd_node_preadv(c->node, off, bytes, &v, 0, err);
+}
+
+int vd_child_pwrite(vd_child *c, uint64_t off, const void *buf,
+                    uint64_t bytes, unsigned flags, vd_error *err)
+{
+    vd_iov v;
+    vd_iov_init_buf(&v, (void *)buf, bytes);
+    return vd_node_pwritev(c->node, off, bytes, &v, flags, err);
+}
+
+/* ---- the public entry points ---- */
+
+static int check_request(vd_node *n, uint64_t off, uint64_t len,
+                         vd_error *err)
+{
+    int64_t size = vd_node_getlength(n);
+    if (size < 0)
+        return vd_error_set(err, (int)size, "%s: could not get the image "
+                            "size", n->filename);
+    if (off > (uint64_t)size || len > (uint64_t)size - off)
+        return vd_error_set(err, -EIO, "%s: request of %" PRIu64 " bytes at "
+                            "offset %" PRIu64 " is beyond the end of the "
+                            "image (%" PRId64 " bytes)", n->filename, len,
+                            off, size);
+    return 0;
+}
+
+VD_API int vd_preadv(vd_node *node, const struct iovec *iov, int iovcnt,
+                     uint64_t offset, unsigned flags, vd_error *err)
+{
+    vd_iov v;
+    vd_iov_init_external(&v, iov, iovcnt);
+    wait_unquiesced(node);
+    int r = check_request(node, offset, v.size, err);
+    if (r < 0)
+        return r;
+    return vd_node_preadv(node, offset, v.size, &v, flags, err);
+}
+
+VD_API int vd_pread(vd_node *node, void *buf, uint64_t len, uint64_t offset,
+                    unsigned flags, vd_error *err)
+{
+    struct iovec iov = { buf, len };
+    return vd_preadv(node, &iov, 1, offset, flags, err);
+}
+
+VD_API int vd_pwritev(vd_node *node, const struct iovec *iov, int iovcnt,
+                      uint64_t offset, unsigned flags, vd_error *err)
+{
+    vd_iov v;
+    vd_iov_init_external(&v, iov, iovcnt);
+    wait_unquiesced(node);
+    int r = check_request(node, offset, v.size, err);
+    if (r < 0)
+        return r;
+    if (node->writethrough)
+        flags |= VD_REQ_FUA;
+    if (node->detect_zeroes && !(flags & VD_REQ_COMPRESSED) &&
+        vd_iov_is_zero(&v, 0, v.size)) {
+        unsigned zf = flags & VD_REQ_FUA;
+        if (node->detect_zeroes == 2)
+            zf |= VD_REQ_MAY_UNMAP;
+        return vd_node_pwrite_zeroes(node, offset, v.size, zf, err);
+    }
+    return vd_node_pwritev(node, offset, v.size, &v, flags, err);
+}
+
+VD_API int vd_pwrite(vd_node *node, const void *buf, uint64_t len,
+                     uint64_t offset, unsigned flags, vd_error *err)
+{
+    struct iovec iov = { (void *)buf, len };
+    return vd_pwritev(node, &iov, 1, offset, flags, err);
+}
+
+VD_API int vd_write_zeroes(vd_node *node, uint64_t len, uint64_t offset,
+                           unsigned flags, vd_error *err)
+{
+    wait_unquiesced(node);
+    int r = check_request(node, offset, len, err);
+    if (r < 0)
+        return r;
+    if (node->writethrough)
+        flags |= VD_REQ_FUA;
+    return vd_node_pwrite_zeroes(node, offset, len, flags, err);
+}
+
+VD_API int vd_discard(vd_node *node, uint64_t len, uint64_t offset,
+                      vd_error *err)
+{
+    wait_unquiesced(node);
+    int r = check_request(node, offset, len, err);
+    if (r < 0)
+        return r;
+    return vd_node_pdiscard(node, offset, len, err);
+}
+
+VD_API int vd_flush(vd_node *node, vd_error *err)
+{
+    wait_unquiesced(node);
+    return vd_node_flush(node, err);
+}
+
+VD_API int64_t vd_getlength(vd_node *node)
+{
+    return vd_node_getlength(node);
+}
+
+VD_API int vd_block_status(vd_node *node, uint64_t offset, uint64_t len,
+                           vd_extent *ext, vd_error *err)
+{
+    wait_unquiesced(node);
+    int r = check_request(node, offset, len, err);
+    if (r < 0)
+        return r;
+    if (len == 0)
+        return vd_error_set(err, -EINVAL, "%s: block status of an empty "
+                            "range", node->filename);
+    uint64_t pnum = 0, map = 0;
+    vd_node *file = NULL;
+    int depth = 0;
+    r = vd_node_block_status_above(node, NULL, true, offset, len, &pnum,
+                                   &map, &file, &depth, err);
+    if (r < 0)
+        return r;
+    ext->start = offset;
+    ext->length = pnum;
+    ext->flags = (unsigned)r;
+    ext->depth = depth;
+    ext->offset = (r & VD_BLOCK_OFFSET_VALID) ? map : 0;
+    ext->file = file;
+    return 0;
+}
+
+VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,
+                       vd_prealloc prealloc, vd_error *err)
+{
+    int r = check_writable(node, err);
+    if (r < 0)
+        return r;
+    int64_t cur = vd_node_getlength(node);
+    if (cur >= 0 && size < (uint64_t)cur && !allow_shrink)
+        return vd_error_set(err, -EINVAL, "Use the --shrink option to "
+                            "perform a shrink operation.");
+    vd_node_drain_begin(node);
+    r = vd_node_truncate(node, size, true, prealloc, err);
+    vd_node_drain_end(node);
+    return r;
+}
+
+VD_API void vd_get_stats(vd_node *node, vd_stats *out)
+{
+    vd_stats *s = &node->stats;
+    uint64_t *src = (uint64_t *)s, *dst = (uint64_t *)out;
+    for (size_t i = 0; i < sizeof(*s) / sizeof(uint64_t); i++)
+        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}

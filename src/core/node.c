@@ -1,1 +1,918 @@
-/* placeholder */
+/*
+ * Nodes and the graph: opening (with format probing and the backing
+ * chain), naming, children, reference counting, draining and closing.
+ *
+ * Open order for a format node: the generic options are taken first,
+ * then the protocol child is opened from "file.*" options (or the
+ * filename), the format is probed if none was named, the format driver
+ * opens over the child, leftover options are rejected by name, and last
+ * the backing chain is opened iteratively (so a chain of depth 1000 needs
+ * no deep recursion) with loop detection by device and inode.
+ *
+ * The graph lock (graph_lock) protects the global node list and node
+ * names only; requests never take it.
+ */
+#include <errno.h>
+#include <libgen.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/block_int.h"
+
+static pthread_mutex_t graph_lock = PTHREAD_MUTEX_INITIALIZER;
+static vd_node *all_nodes;
+static unsigned long node_counter;
+
+/* ---- warnings ---- */
+
+static void (*warn_fn)(const char *msg, void *opaque);
+static void *warn_opaque;
+
+VD_API void vd_set_warning_handler(void (*fn)(const char *, void *),
+                                   void *opaque)
+{
+    warn_fn = fn;
+    warn_opaque = opaque;
+}
+
+void vd_warn(const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (warn_fn)
+        warn_fn(msg, warn_opaque);
+    else
+        fprintf(stderr, "WARNING: %s\n", msg);
+}
+
+VD_API const char *vd_version(void)
+{
+    return "0.1.0";
+}
+
+/* ---- naming ---- */
+
+static vd_node *find_node_locked(const char *name)
+{
+    for (vd_node *n = all_nodes; n; n = n->next_global)
+        if (n->node_name && strcmp(n->node_name, name) == 0)
+            return n;
+    return NULL;
+}
+
+/* Node names follow QEMU's rule: a letter first, then letters, digits,
+ * '-', '.', '_', at most 31 characters. */
+static bool node_name_valid(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > 31)
+        return false;
+    if (!((s[0] >= 'a' && s[0] <= 'z') || (s[0] >= 'A' && s[0] <= 'Z')))
+        return false;
+    for (size_t i = 1; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_'))
+            return false;
+    }
+    return true;
+}
+
+static int register_node(vd_node *node, const char *name, vd_error *err)
+{
+    pthread_mutex_lock(&graph_lock);
+    if (name) {
+        if (!node_name_valid(name)) {
+            pthread_mutex_unlock(&graph_lock);
+            return vd_error_set(err, -EINVAL, "Invalid node-name: '%s'",
+                                name);
+        }
+        if (find_node_locked(name)) {
+            pthread_mutex_unlock(&graph_lock);
+            return vd_error_set(err, -EEXIST,
+                                "Duplicate nodes with node-name='%s'", name);
+        }
+        node->node_name = strdup(name);
+    } else {
+        char buf[32];
+        snprintf(buf, sizeof(buf), "#block%lu", node_counter++);
+        node->node_name = strdup(buf);
+    }
+    if (!node->node_name) {
+        pthread_mutex_unlock(&graph_lock);
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    }
+    node->next_global = all_nodes;
+    all_nodes = node;
+    pthread_mutex_unlock(&graph_lock);
+    return 0;
+}
+
+static void unregister_node(vd_node *node)
+{
+    pthread_mutex_lock(&graph_lock);
+    for (vd_node **p = &all_nodes; *p; p = &(*p)->next_global) {
+        if (*p == node) {
+            *p = node->next_global;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&graph_lock);
+}
+
+vd_node *vd_find_node(const char *name)
+{
+    pthread_mutex_lock(&graph_lock);
+    vd_node *n = find_node_locked(name);
+    pthread_mutex_unlock(&graph_lock);
+    return n;
+}
+
+/* ---- allocation and children ---- */
+
+static vd_node *node_new(const vd_driver *drv)
+{
+    vd_node *n = calloc(1, sizeof(*n));
+    if (!n)
+        return NULL;
+    if (drv->instance_size) {
+        n->opaque = calloc(1, drv->instance_size);
+        if (!n->opaque) {
+            free(n);
+            return NULL;
+        }
+    }
+    n->drv = drv;
+    n->bl.request_alignment = 1;
+    atomic_init(&n->refcnt, 1);
+    atomic_init(&n->total_size, 0);
+    pthread_mutex_init(&n->lock, NULL);
+    pthread_cond_init(&n->cond, NULL);
+    return n;
+}
+
+static void node_free(vd_node *n)
+{
+    while (n->children)
+        vd_node_detach_child(n, n->children);
+    if (n->node_name)
+        unregister_node(n);
+    pthread_mutex_destroy(&n->lock);
+    pthread_cond_destroy(&n->cond);
+    free(n->node_name);
+    free(n->filename);
+    free(n->backing_file);
+    free(n->backing_format);
+    free(n->full_backing_filename);
+    free(n->opaque);
+    free(n);
+}
+
+vd_child *vd_node_attach_child(vd_node *parent, vd_node *child_node,
+                               const char *name, unsigned role)
+{
+    vd_child *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    c->name = strdup(name);
+    if (!c->name) {
+        free(c);
+        return NULL;
+    }
+    c->node = child_node;
+    c->parent = parent;
+    c->role = role;
+    vd_child **p = &parent->children;
+    while (*p)
+        p = &(*p)->next;
+    *p = c;
+    if (strcmp(name, "file") == 0)
+        parent->file = c;
+    else if (strcmp(name, "backing") == 0)
+        parent->backing = c;
+    return c;
+}
+
+void vd_node_detach_child(vd_node *parent, vd_child *child)
+{
+    for (vd_child **p = &parent->children; *p; p = &(*p)->next) {
+        if (*p == child) {
+            *p = child->next;
+            break;
+        }
+    }
+    if (parent->file == child)
+        parent->file = NULL;
+    if (parent->backing == child)
+        parent->backing = NULL;
+    vd_node_unref(child->node);
+    free(child->name);
+    free(child);
+}
+
+void vd_node_ref(vd_node *node)
+{
+    atomic_fetch_add(&node->refcnt, 1);
+}
+
+void vd_node_unref(vd_node *node)
+{
+    if (!node)
+        return;
+    if (atomic_fetch_sub(&node->refcnt, 1) != 1)
+        return;
+    if (node->drv->close)
+        node->drv->close(node);
+    node_free(node);
+}
+
+/* ---- draining ---- */
+
+void vd_node_drain_begin(vd_node *node)
+{
+    pthread_mutex_lock(&node->lock);
+    node->quiesce++;
+    while (node->in_flight > 0)
+        pthread_cond_wait(&node->cond, &node->lock);
+    pthread_mutex_unlock(&node->lock);
+    for (vd_child *c = node->children; c; c = c->next)
+        vd_node_drain_begin(c->node);
+}
+
+void vd_node_drain_end(vd_node *node)
+{
+    for (vd_child *c = node->children; c; c = c->next)
+        vd_node_drain_end(c->node);
+    pthread_mutex_lock(&node->lock);
+    node->quiesce--;
+    pthread_cond_broadcast(&node->cond);
+    pthread_mutex_unlock(&node->lock);
+}
+
+/* ---- opening ---- */
+
+/* Cache modes as qemu's -t: direct (O_DIRECT), no-flush, writethrough. */
+static int parse_cache_mode(const char *mode, unsigned *flags,
+                            bool *writethrough, vd_error *err)
+{
+    *flags &= ~(VD_NODE_NOCACHE | VD_NODE_NO_FLUSH);
+    *writethrough = false;
+    if (strcmp(mode, "none") == 0 || strcmp(mode, "off") == 0) {
+        *flags |= VD_NODE_NOCACHE;
+    } else if (strcmp(mode, "writeback") == 0) {
+    } else if (strcmp(mode, "unsafe") == 0) {
+        *flags |= VD_NODE_NO_FLUSH;
+    } else if (strcmp(mode, "directsync") == 0) {
+        *flags |= VD_NODE_NOCACHE;
+        *writethrough = true;
+    } else if (strcmp(mode, "writethrough") == 0) {
+        *writethrough = true;
+    } else {
+        return vd_error_set(err, -EINVAL, "Invalid cache mode '%s'", mode);
+    }
+    return 0;
+}
+
+/* Maps a filename to its protocol driver by prefix ("null-co://"). */
+static const vd_driver *protocol_for_filename(const char *filename)
+{
+    if (filename && strncmp(filename, "null-co://", 10) == 0)
+        return vd_find_driver("null-co");
+    if (filename && strncmp(filename, "nbd:", 4) == 0 &&
+        vd_find_driver("nbd"))
+        return vd_find_driver("nbd");
+    return vd_find_driver("file");
+}
+
+/* Picks the format with the highest probe score for the child's first
+ * bytes; raw (score 1) is the fallback. */
+static const vd_driver *probe_format(vd_node *file, const char *filename,
+                                     vd_error *err)
+{
+    enum { PROBE_BYTES = 2048 };
+    uint8_t *buf = vd_node_blockalign(file, PROBE_BYTES);
+    if (!buf) {
+        vd_error_set(err, -ENOMEM, "Out of memory");
+        return NULL;
+    }
+    int64_t len = vd_node_getlength(file);
+    size_t n = len < 0 ? 0 : (len < PROBE_BYTES ? (size_t)len : PROBE_BYTES);
+    memset(buf, 0, PROBE_BYTES);
+    vd_iov qiov;
+    vd_iov_init_buf(&qiov, buf, PROBE_BYTES);
+    int r = vd_node_preadv(file, 0, PROBE_BYTES, &qiov, 0, err);
+    if (r < 0) {
+        free(buf);
+        vd_error_prepend(err, "Could not read image for determining its "
+                         "format: ");
+        return NULL;
+    }
+    const vd_driver *best = NULL;
+    int best_score = 0;
+    for (int i = 0;; i++) {
+        const vd_driver *d = vd_driver_at(i);
+        if (!d)
+            break;
+        if (!d->is_format || !d->probe)
+            continue;
+        int s = d->probe(buf, n, filename);
+        if (s > best_score) {
+            best = d;
+            best_score = s;
+        }
+    }
+    free(buf);
+    if (!best)
+        vd_error_set(err, -EINVAL, "Could not determine image format");
+    return best;
+}
+
+/* Resolves a backing file name relative to the overlay's directory, as
+ * QEMU does (absolute names and protocol names are kept). */
+static char *resolve_backing(const char *overlay, const char *backing)
+{
+    if (backing[0] == '/' || strstr(backing, "://") ||
+        !overlay || !strchr(overlay, '/'))
+        return strdup(backing);
+    const char *slash = strrchr(overlay, '/');
+    size_t dlen = (size_t)(slash - overlay) + 1;
+    char *out = malloc(dlen + strlen(backing) + 1);
+    if (!out)
+        return NULL;
+    memcpy(out, overlay, dlen);
+    strcpy(out + dlen, backing);
+    return out;
+}
+
+static bool opts_has_prefix(const vd_opts *opts, const char *prefix)
+{
+    size_t plen = strlen(prefix);
+    for (size_t i = 0; i < vd_opts_count(opts); i++) {
+        const char *k, *v;
+        vd_opts_nth(opts, i, &k, &v);
+        if (strncmp(k, prefix, plen) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* Rejects the first option no driver consumed. */
+static int reject_leftover(vd_node *node, vd_opts *opts, vd_error *err)
+{
+    const char *key = vd_opts_first_key(opts);
+    if (!key)
+        return 0;
+    if (node->drv->is_format || node->drv->is_filter)
+        return vd_error_set(err, -EINVAL,
+                            "Block format '%s' does not support the option "
+                            "'%s'", node->drv->name, key);
+    return vd_error_set(err, -EINVAL,
+                        "Block protocol '%s' doesn't support the option '%s'",
+                        node->drv->name, key);
+}
+
+/* Opens one node without its backing chain. */
+static int node_open_one(vd_node **out, const char *filename,
+                         const vd_driver *drv, vd_opts *opts, unsigned flags,
+                         vd_error *err)
+{
+    int r;
+    char *node_name = vd_opts_take(opts, "node-name");
+    char *driver = vd_opts_take(opts, "driver");
+    char *tmp;
+    bool writethrough = false;
+    int detect_zeroes = 0;
+    bool discard_unmap = false;
+
+    if (driver) {
+        const vd_driver *d = vd_find_driver(driver);
+        if (!d) {
+            r = vd_error_set(err, -EINVAL, "Unknown driver '%s'", driver);
+            goto fail_early;
+        }
+        if (drv && drv != d) {
+            r = vd_error_set(err, -EINVAL, "Cannot specify both format '%s' "
+                             "and driver '%s'", drv->name, driver);
+            goto fail_early;
+        }
+        drv = d;
+    }
+    if ((tmp = vd_opts_take(opts, "read-only"))) {
+        bool ro;
+        if (vd_parse_bool(tmp, &ro) < 0) {
+            free(tmp);
+            r = vd_error_set(err, -EINVAL,
+                             "Parameter 'read-only' expects 'on' or 'off'");
+            goto fail_early;
+        }
+        free(tmp);
+        flags = ro ? flags & ~VD_NODE_RDWR : flags | VD_NODE_RDWR;
+    }
+    if ((tmp = vd_opts_take(opts, "cache"))) {
+        r = parse_cache_mode(tmp, &flags, &writethrough, err);
+        free(tmp);
+        if (r < 0)
+            goto fail_early;
+    }
+    {
+        bool b;
+        if ((r = vd_opts_take_bool(opts, "cache.direct",
+                                   flags & VD_NODE_NOCACHE, &b, err)) < 0)
+            goto fail_early;
+        flags = b ? flags | VD_NODE_NOCACHE : flags & ~VD_NODE_NOCACHE;
+        if ((r = vd_opts_take_bool(opts, "cache.no-flush",
+                                   flags & VD_NODE_NO_FLUSH, &b, err)) < 0)
+            goto fail_early;
+        flags = b ? flags | VD_NODE_NO_FLUSH : flags & ~VD_NODE_NO_FLUSH;
+        static const char *const dz[] = { "off", "on", "unmap", NULL };
+        if ((r = vd_opts_take_enum(opts, "detect-zeroes", dz, 0,
+                                   &detect_zeroes, err)) < 0)
+            goto fail_early;
+        static const char *const dm[] = { "ignore", "unmap", "off", "on",
+                                          NULL };
+        int d = 0;
+        if ((r = vd_opts_take_enum(opts, "discard", dm, 0, &d, err)) < 0)
+            goto fail_early;
+        discard_unmap = d == 1 || d == 3;
+        if (detect_zeroes == 2 && !discard_unmap) {
+            r = vd_error_set(err, -EINVAL, "setting detect-zeroes to unmap "
+                             "is not allowed without setting discard "
+                             "operation to unmap");
+            goto fail_early;
+        }
+    }
+
+    if (!drv && (flags & VD_NODE_PROTOCOL))
+        drv = protocol_for_filename(filename);
+
+    vd_node *file = NULL;
+    if (!drv || drv->is_format || drv->is_filter) {
+        /* The protocol child: "file.*" options or the filename. */
+        vd_opts *fopts = vd_opts_extract_prefix(opts, "file.");
+        if (!fopts) {
+            r = vd_error_set(err, -ENOMEM, "Out of memory");
+            goto fail_early;
+        }
+        /* Protocol options given at the top level belong to the child. */
+        static const char *const moved[] = { "aio", "locking", NULL };
+        for (int i = 0; moved[i]; i++) {
+            char *v = vd_opts_take(opts, moved[i]);
+            if (v && !vd_opts_get(fopts, moved[i]))
+                vd_opts_set(fopts, moved[i], v);
+            free(v);
+        }
+        char *ffilename = vd_opts_take(fopts, "filename");
+        const char *fname = ffilename ? ffilename : filename;
+        if (!fname) {
+            vd_opts_free(&fopts);
+            r = vd_error_set(err, -EINVAL, "A block device must be "
+                             "specified for \"file\"");
+            goto fail_early;
+        }
+        unsigned fflags = (flags & ~VD_NODE_PROTOCOL) | VD_NODE_PROTOCOL;
+        fflags &= ~VD_NODE_NO_BACKING;
+        r = node_open_one(&file, fname, NULL, fopts, fflags, err);
+        if (r == 0) {
+            r = reject_leftover(file, fopts, err);
+            if (r < 0)
+                vd_node_unref(file);
+        }
+        free(ffilename);
+        vd_opts_free(&fopts);
+        if (r < 0)
+            goto fail_early;
+        if (!drv) {
+            drv = probe_format(file, filename ? filename : file->filename,
+                               err);
+            if (!drv) {
+                vd_node_unref(file);
+                r = err && err->code ? err->code : -EINVAL;
+                goto fail_early;
+            }
+            if (strcmp(drv->name, "raw") == 0) {
+                flags |= 1u << 30; /* remember: probed raw */
+                if (!(flags & VD_NODE_QUIET))
+                    vd_warn("Image format was not specified for '%s' and "
+                            "probing guessed raw.\n         Automatically "
+                            "detecting the format is dangerous for raw "
+                            "images, write operations on block 0 will be "
+                            "restricted.\n         Specify the 'raw' format "
+                            "explicitly to remove the restrictions.",
+                            filename ? filename : file->filename);
+            }
+        }
+    }
+
+    vd_node *node = node_new(drv);
+    if (!node) {
+        vd_node_unref(file);
+        r = vd_error_set(err, -ENOMEM, "Out of memory");
+        goto fail_early;
+    }
+    node->probed_raw = (flags & (1u << 30)) != 0;
+    flags &= ~(1u << 30);
+    node->flags = flags;
+    node->read_only = !(flags & VD_NODE_RDWR);
+    node->writethrough = writethrough;
+    node->detect_zeroes = detect_zeroes;
+    node->discard_unmap = discard_unmap;
+    const char *fname = filename ? filename : file ? file->filename : NULL;
+    if (fname && !(node->filename = strdup(fname))) {
+        vd_node_unref(file);
+        node_free(node);
+        r = vd_error_set(err, -ENOMEM, "Out of memory");
+        goto fail_early;
+    }
+    if (file) {
+        unsigned role = drv->is_filter
+            ? VD_ROLE_FILTERED | VD_ROLE_PRIMARY
+            : VD_ROLE_DATA | VD_ROLE_METADATA | VD_ROLE_PRIMARY;
+        if (!vd_node_attach_child(node, file, "file", role)) {
+            vd_node_unref(file);
+            node_free(node);
+            r = vd_error_set(err, -ENOMEM, "Out of memory");
+            goto fail_early;
+        }
+        /* A format node inherits its file's memory alignment. */
+        node->bl.min_mem_alignment = file->bl.min_mem_alignment;
+    }
+    r = register_node(node, node_name, err);
+    if (r < 0) {
+        node_free(node);
+        goto fail_early;
+    }
+    r = drv->open(node, opts, flags, err);
+    if (r < 0) {
+        /* The driver's state may be partial: close is not called. */
+        node_free(node);
+        goto fail_early;
+    }
+    if (drv->refresh_limits)
+        drv->refresh_limits(node);
+    if (node->bl.request_alignment == 0)
+        node->bl.request_alignment = 1;
+    if (drv->getlength) {
+        int64_t len = drv->getlength(node);
+        if (len < 0) {
+            vd_node_unref(node);
+            r = vd_error_set_errno(err, (int)len, "%s: Could not get the "
+                                   "image size", fname ? fname : "");
+            goto fail_early;
+        }
+        atomic_store(&node->total_size, len);
+    }
+    *out = node;
+    free(node_name);
+    free(driver);
+    return 0;
+
+fail_early:
+    free(node_name);
+    free(driver);
+    return r;
+}
+
+/* Identity of the protocol file under a node, for loop detection. */
+static bool node_file_id(vd_node *n, dev_t *dev, ino_t *ino)
+{
+    while (n->file)
+        n = n->file->node;
+    struct stat st;
+    if (!n->filename || stat(n->filename, &st) < 0)
+        return false;
+    *dev = st.st_dev;
+    *ino = st.st_ino;
+    return true;
+}
+
+/*
+ * Opens the backing chain under @top, one layer at a time. @top_backing
+ * is the "backing" option (NULL: use the image's, "" or "null": none)
+ * and @bopts the "backing.*" options for the first layer.
+ */
+static int open_backing_chain(vd_node *top, const char *top_backing,
+                              vd_opts *bopts, vd_error *err)
+{
+    enum { MAX_CHAIN = 100000 };
+    size_t ids_cap = 16, nids = 0;
+    struct { dev_t dev; ino_t ino; } *ids = malloc(ids_cap * sizeof(*ids));
+    if (!ids)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    if (node_file_id(top, &ids[0].dev, &ids[0].ino))
+        nids = 1;
+
+    vd_node *cur = top;
+    const char *override = top_backing;
+    char *override_owned = NULL;
+    vd_opts *layer_opts = bopts;
+    int r = 0;
+    for (int depth = 0; depth < MAX_CHAIN; depth++) {
+        if (!cur->drv->supports_backing)
+            break;
+        const char *bname;
+        if (override) {
+            if (!*override || strcmp(override, "null") == 0)
+                break;
+            bname = override;
+        } else {
+            bname = cur->backing_file;
+        }
+        if ((!bname || !*bname) && !vd_opts_get(layer_opts, "file.filename"))
+            break;
+        char *full = bname ? (override ? strdup(bname)
+                              : resolve_backing(cur->filename, bname))
+                           : NULL;
+        if (bname && !full) {
+            r = vd_error_set(err, -ENOMEM, "Out of memory");
+            break;
+        }
+        if (full && !override) {
+            free(cur->full_backing_filename);
+            cur->full_backing_filename = strdup(full);
+        }
+        vd_opts *o = layer_opts ? layer_opts : vd_opts_new();
+        if (!o) {
+            free(full);
+            r = vd_error_set(err, -ENOMEM, "Out of memory");
+            break;
+        }
+        const vd_driver *bdrv = NULL;
+        if (!override && cur->backing_format && !vd_opts_get(o, "driver")) {
+            bdrv = vd_find_driver(cur->backing_format);
+            if (!bdrv) {
+                r = vd_error_set(err, -EINVAL, "Could not open backing file: "
+                                 "Unknown driver '%s'", cur->backing_format);
+                free(full);
+                if (o != bopts)
+                    vd_opts_free(&o);
+                break;
+            }
+        }
+        /* Backing layers are read-only and share the top's cache mode. */
+        unsigned bflags = (cur->flags & (VD_NODE_NOCACHE | VD_NODE_NO_FLUSH |
+                                         VD_NODE_FORCE_SHARE |
+                                         VD_NODE_CHECK)) |
+                          VD_NODE_NO_BACKING | VD_NODE_QUIET;
+        vd_opts *next_bopts = vd_opts_extract_prefix(o, "backing.");
+        char *next_override = vd_opts_take(o, "backing");
+        vd_node *b = NULL;
+        vd_error lerr = VD_ERROR_INIT;
+        r = node_open_one(&b, full, bdrv, o, bflags, &lerr);
+        if (r == 0) {
+            r = reject_leftover(b, o, &lerr);
+            if (r < 0)
+                vd_node_unref(b);
+        }
+        if (o != bopts)
+            vd_opts_free(&o);
+        if (r < 0) {
+            vd_error_set(err, r, "Could not open backing file: %s",
+                         lerr.message);
+            free(full);
+            free(next_override);
+            vd_opts_free(&next_bopts);
+            break;
+        }
+        dev_t dev;
+        ino_t ino;
+        if (node_file_id(b, &dev, &ino)) {
+            for (size_t i = 0; i < nids; i++) {
+                if (ids[i].dev == dev && ids[i].ino == ino) {
+                    r = vd_error_set(err, -ELOOP, "Backing chain of '%s' "
+                                     "loops back to '%s'", top->filename,
+                                     full ? full : b->filename);
+                    break;
+                }
+            }
+            if (r == 0 && nids == ids_cap) {
+                ids_cap *= 2;
+                void *n = realloc(ids, ids_cap * sizeof(*ids));
+                if (!n)
+                    r = vd_error_set(err, -ENOMEM, "Out of memory");
+                else
+                    ids = n;
+            }
+            if (r == 0) {
+                ids[nids].dev = dev;
+                ids[nids].ino = ino;
+                nids++;
+            }
+        }
+        free(full);
+        if (r == 0 && !vd_node_attach_child(cur, b, "backing",
+                                            VD_ROLE_COW | VD_ROLE_DATA)) {
+            r = vd_error_set(err, -ENOMEM, "Out of memory");
+        }
+        if (r < 0) {
+            vd_node_unref(b);
+            free(next_override);
+            vd_opts_free(&next_bopts);
+            break;
+        }
+        cur = b;
+        override = NULL;
+        /* Options for the next layer come from "backing.backing.*". */
+        if (layer_opts && layer_opts != bopts)
+            vd_opts_free(&layer_opts);
+        layer_opts = next_bopts;
+        /* An explicit "backing.backing=..." names the next layer. */
+        free(override_owned);
+        override_owned = next_override;
+        override = next_override;
+    }
+    free(override_owned);
+    if (layer_opts && layer_opts != bopts)
+        vd_opts_free(&layer_opts);
+    free(ids);
+    return r;
+}
+
+int vd_node_open(vd_node **out, const char *filename, const vd_driver *drv,
+                 vd_opts *opts, unsigned flags, vd_error *err)
+{
+    vd_opts *own = NULL;
+    if (!opts)
+        opts = own = vd_opts_new();
+    if (!opts)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+
+    /* Backing options are the core's business, but only for drivers
+     * that can hold a backing file; for others they stay and are
+     * rejected by name below. */
+    const vd_driver *named = drv;
+    if (!named && vd_opts_get(opts, "driver"))
+        named = vd_find_driver(vd_opts_get(opts, "driver"));
+    bool may_back = !named || named->supports_backing;
+    char *backing = may_back ? vd_opts_take(opts, "backing") : NULL;
+    vd_opts *bopts = may_back && opts_has_prefix(opts, "backing.")
+                     ? vd_opts_extract_prefix(opts, "backing.") : NULL;
+
+    vd_node *node = NULL;
+    int r = node_open_one(&node, filename, drv, opts, flags, err);
+    if (r == 0 && !node->drv->supports_backing && (backing || bopts)) {
+        r = vd_error_set(err, -EINVAL, "Block format '%s' does not support "
+                         "the option 'backing'", node->drv->name);
+        vd_node_unref(node);
+    } else if (r == 0) {
+        r = reject_leftover(node, opts, err);
+        if (r < 0)
+            vd_node_unref(node);
+    }
+    if (r == 0 && !(flags & VD_NODE_NO_BACKING)) {
+        r = open_backing_chain(node, backing, bopts, err);
+        if (r < 0)
+            vd_node_unref(node);
+    }
+    free(backing);
+    vd_opts_free(&bopts);
+    vd_opts_free(&own);
+    if (r == 0)
+        *out = node;
+    return r;
+}
+
+/* ---- public open/close ---- */
+
+VD_API int vd_open(vd_node **out, const char *filename, const char *format,
+                   const vd_opts *opts, unsigned flags, vd_error *err)
+{
+    *out = NULL;
+    const vd_driver *drv = NULL;
+    if (format) {
+        drv = vd_find_driver(format);
+        if (!drv)
+            return vd_error_set(err, -EINVAL, "Could not open '%s': Unknown "
+                                "driver '%s'", filename ? filename : "",
+                                format);
+    }
+    vd_opts *o = opts ? vd_opts_clone(opts) : vd_opts_new();
+    if (!o)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    unsigned f = flags & (VD_O_RDWR | VD_O_NO_BACKING | VD_O_CHECK |
+                          VD_O_FORCE_SHARE | VD_O_NO_IO | VD_O_QUIET);
+    vd_error lerr = VD_ERROR_INIT;
+    int r = vd_node_open(out, filename, drv, o, f, &lerr);
+    vd_opts_free(&o);
+    if (r < 0) {
+        if (filename)
+            vd_error_set(err, r, "Could not open '%s': %s", filename,
+                         lerr.message);
+        else
+            vd_error_set(err, r, "%s", lerr.message);
+    }
+    return r;
+}
+
+VD_API int vd_close(vd_node **node, vd_error *err)
+{
+    if (!node || !*node)
+        return 0;
+    vd_node *n = *node;
+    *node = NULL;
+    int r = 0;
+    if (!n->read_only)
+        r = vd_node_flush(n, err);
+    vd_node_unref(n);
+    return r;
+}
+
+VD_API const char *vd_node_name(const vd_node *node)
+{
+    return node->node_name;
+}
+
+VD_API const char *vd_node_format(const vd_node *node)
+{
+    return node->drv->name;
+}
+
+VD_API const char *vd_node_filename(const vd_node *node)
+{
+    return node->filename;
+}
+
+VD_API bool vd_node_is_read_only(const vd_node *node)
+{
+    return node->read_only;
+}
+
+VD_API vd_node *vd_node_child(const vd_node *node, const char *role)
+{
+    for (vd_child *c = node->children; c; c = c->next)
+        if (strcmp(c->name, role) == 0)
+            return c->node;
+    return NULL;
+}
+
+/* ---- create ---- */
+
+static bool option_known(const vd_create_option *list, const char *key)
+{
+    for (; list && list->name; list++)
+        if (strcmp(list->name, key) == 0)
+            return true;
+    return false;
+}
+
+int vd_create_protocol(const char *filename, vd_opts *opts, vd_error *err)
+{
+    const vd_driver *proto = protocol_for_filename(filename);
+    if (!proto || !proto->create)
+        return vd_error_set(err, -ENOTSUP, "%s: Protocol driver '%s' does "
+                            "not support image creation", filename,
+                            proto ? proto->name : "?");
+    return proto->create(filename, opts, err);
+}
+
+int vd_open_protocol(vd_node **out, const char *filename, unsigned flags,
+                     vd_error *err)
+{
+    vd_opts *o = vd_opts_new();
+    if (!o)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    int r = vd_node_open(out, filename, NULL, o,
+                         (flags | VD_NODE_PROTOCOL | VD_NODE_NO_BACKING) &
+                         ~VD_NODE_QUIET, err);
+    vd_opts_free(&o);
+    return r;
+}
+
+VD_API int vd_create(const char *filename, const char *format,
+                     const vd_opts *opts, vd_error *err)
+{
+    const vd_driver *drv = vd_find_driver(format ? format : "raw");
+    if (!drv)
+        return vd_error_set(err, -EINVAL, "%s: Unknown file format '%s'",
+                            filename, format);
+    if (!drv->create)
+        return vd_error_set(err, -ENOTSUP, "%s: Format driver '%s' does not "
+                            "support image creation", filename, drv->name);
+    const vd_driver *proto = drv->is_format
+        ? protocol_for_filename(filename) : NULL;
+    for (size_t i = 0; i < vd_opts_count(opts); i++) {
+        const char *k, *v;
+        vd_opts_nth(opts, i, &k, &v);
+        if (!drv->supports_backing &&
+            (strcmp(k, "backing_file") == 0 || strcmp(k, "backing_fmt") == 0))
+            return vd_error_set(err, -EINVAL, "%s: Backing file not "
+                                "supported for file format '%s'", filename,
+                                drv->name);
+        if (!option_known(drv->create_opts, k) &&
+            !(proto && option_known(proto->create_opts, k)))
+            return vd_error_set(err, -EINVAL, "%s: Invalid parameter '%s'",
+                                filename, k);
+    }
+    vd_opts *o = opts ? vd_opts_clone(opts) : vd_opts_new();
+    if (!o)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    int r = drv->create(filename, o, err);
+    vd_opts_free(&o);
+    return r;
+}
