@@ -1,0 +1,420 @@
+/*
+ * Unit tests for the core request path (src/core/io.c) and graph
+ * (src/core/node.c), driven through a test-only in-memory protocol driver
+ * that asserts the contract the core promises drivers: aligned offsets
+ * and lengths, requests no larger than max_transfer, buffers aligned in
+ * memory when asked.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/block_int.h"
+
+static int failures;
+#define CHECK(cond, ...)                                                    \
+    do {                                                                    \
+        if (!(cond)) {                                                      \
+            fprintf(stderr, "%s:%d: CHECK failed: %s: ", __FILE__,          \
+                    __LINE__, #cond);                                       \
+            fprintf(stderr, __VA_ARGS__);                                   \
+            fprintf(stderr, "\n");                                          \
+            failures++;                                                     \
+        }                                                                   \
+    } while (0)
+
+/* ---- the test driver: memory with configurable limits ---- */
+
+typedef struct mem_state {
+    uint8_t *data;
+    uint64_t size;
+    uint32_t align, mem_align;
+    uint64_t max_transfer;
+    bool has_zeroes;
+    int contract_violations;
+    int flushes, zero_calls, write_calls;
+    useconds_t delay;
+    pthread_mutex_t lock;
+} mem_state;
+
+static mem_state *cfg_next;
+
+static int mem_open(vd_node *n, vd_opts *opts, unsigned flags, vd_error *err)
+{
+    (void)opts;
+    (void)flags;
+    (void)err;
+    mem_state *s = n->opaque;
+    *s = *cfg_next;
+    s->data = calloc(1, s->size);
+    pthread_mutex_init(&s->lock, NULL);
+    n->bl.request_alignment = s->align;
+    n->bl.max_transfer = s->max_transfer;
+    n->bl.min_mem_alignment = s->mem_align;
+    cfg_next->data = NULL;
+    return s->data ? 0 : -ENOMEM;
+}
+
+static void mem_close(vd_node *n)
+{
+    mem_state *s = n->opaque;
+    /* Report violations through the config so tests can see them. */
+    cfg_next->contract_violations += s->contract_violations;
+    cfg_next->flushes = s->flushes;
+    cfg_next->zero_calls = s->zero_calls;
+    cfg_next->write_calls = s->write_calls;
+    free(s->data);
+    pthread_mutex_destroy(&s->lock);
+}
+
+static void check_contract(mem_state *s, uint64_t off, uint64_t bytes,
+                           vd_iov *qiov)
+{
+    bool bad = off % s->align || bytes % s->align ||
+               (s->max_transfer && bytes > s->max_transfer) ||
+               (qiov && qiov->size != bytes);
+    if (qiov && s->mem_align > 1)
+        for (int i = 0; i < qiov->niov; i++)
+            if ((uintptr_t)qiov->iov[i].iov_base % s->mem_align)
+                bad = true;
+    if (bad)
+        __atomic_add_fetch(&s->contract_violations, 1, __ATOMIC_SEQ_CST);
+}
+
+static int mem_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *q,
+                      unsigned flags, vd_error *err)
+{
+    (void)flags;
+    (void)err;
+    mem_state *s = n->opaque;
+    check_contract(s, off, bytes, q);
+    if (off + bytes > s->size)
+        __atomic_add_fetch(&s->contract_violations, 1, __ATOMIC_SEQ_CST);
+    if (s->delay)
+        usleep(s->delay);
+    vd_iov_from_buf(q, 0, s->data + off, bytes);
+    return 0;
+}
+
+static int mem_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *q,
+                       unsigned flags, vd_error *err)
+{
+    (void)flags;
+    mem_state *s = n->opaque;
+    check_contract(s, off, bytes, q);
+    if (off + bytes > s->size)
+        return vd_error_set(err, -ENOSPC, "mem: write past the end");
+    if (s->delay)
+        usleep(s->delay);
+    vd_iov_to_buf(q, 0, s->data + off, bytes);
+    __atomic_add_fetch(&s->write_calls, 1, __ATOMIC_SEQ_CST);
+    return 0;
+}
+
+static int mem_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
+                      unsigned flags, vd_error *err)
+{
+    (void)flags;
+    (void)err;
+    mem_state *s = n->opaque;
+    if (!s->has_zeroes)
+        return -ENOTSUP;
+    check_contract(s, off, bytes, NULL);
+    memset(s->data + off, 0, bytes);
+    __atomic_add_fetch(&s->zero_calls, 1, __ATOMIC_SEQ_CST);
+    return 0;
+}
+
+static int mem_flush(vd_node *n, vd_error *err)
+{
+    (void)err;
+    mem_state *s = n->opaque;
+    __atomic_add_fetch(&s->flushes, 1, __ATOMIC_SEQ_CST);
+    return 0;
+}
+
+static int64_t mem_getlength(vd_node *n)
+{
+    return (int64_t)((mem_state *)n->opaque)->size;
+}
+
+static const vd_driver mem_driver = {
+    .name = "test-mem",
+    .instance_size = sizeof(mem_state),
+    .open = mem_open,
+    .close = mem_close,
+    .preadv = mem_preadv,
+    .pwritev = mem_pwritev,
+    .pwrite_zeroes = mem_zeroes,
+    .flush = mem_flush,
+    .getlength = mem_getlength,
+};
+
+static vd_node *open_mem(mem_state *cfg, unsigned flags)
+{
+    cfg_next = cfg;
+    vd_node *n = NULL;
+    vd_error err = VD_ERROR_INIT;
+    int r = vd_node_open(&n, "mem", &mem_driver, NULL,
+                         flags | VD_NODE_PROTOCOL, &err);
+    if (r < 0) {
+        fprintf(stderr, "open_mem: %s\n", err.message);
+        exit(1);
+    }
+    return n;
+}
+
+static void fill_pattern(uint8_t *buf, size_t len, unsigned seed)
+{
+    for (size_t i = 0; i < len; i++)
+        buf[i] = (uint8_t)(seed * 131 + i * 7 + (i >> 9));
+}
+
+/* ---- tests ---- */
+
+static void test_unaligned_rmw(void)
+{
+    mem_state cfg = { .size = 1 << 20, .align = 512, .mem_align = 512,
+                      .max_transfer = 8192, .has_zeroes = true };
+    vd_node *n = open_mem(&cfg, VD_NODE_RDWR);
+    uint8_t *model = calloc(1, cfg.size);
+    uint8_t *buf = malloc(100000), *rd = malloc(100000);
+    vd_error err = VD_ERROR_INIT;
+    srand(1);
+    for (int i = 0; i < 300; i++) {
+        uint64_t off = (uint64_t)rand() % (cfg.size - 70000);
+        uint64_t len = 1 + (uint64_t)rand() % 70000;
+        fill_pattern(buf, len, (unsigned)i);
+        /* Deliberately misaligned buffers: the core must bounce. */
+        uint8_t *src = buf + (i % 3);
+        memmove(src, buf, len);
+        int r = vd_pwrite(n, src, len, off, 0, &err);
+        CHECK(r == 0, "write %d: %s", i, err.message);
+        memcpy(model + off, src, len);
+        uint64_t roff = (uint64_t)rand() % (cfg.size - 70000);
+        uint64_t rlen = 1 + (uint64_t)rand() % 70000;
+        r = vd_pread(n, rd + 1, rlen, roff, 0, &err);
+        CHECK(r == 0, "read %d: %s", i, err.message);
+        CHECK(memcmp(rd + 1, model + roff, rlen) == 0,
+              "read %d at %llu+%llu differs from the model", i,
+              (unsigned long long)roff, (unsigned long long)rlen);
+    }
+    vd_close(&n, NULL);
+    CHECK(cfg.contract_violations == 0, "%d requests broke the driver "
+          "contract (alignment/max_transfer/memory)", cfg.contract_violations);
+    free(model);
+    free(buf);
+    free(rd);
+}
+
+static void test_range_and_readonly(void)
+{
+    mem_state cfg = { .size = 65536, .align = 1 };
+    vd_node *n = open_mem(&cfg, 0);
+    uint8_t buf[4096];
+    vd_error err = VD_ERROR_INIT;
+    int r = vd_pread(n, buf, 4096, 65536 - 100, 0, &err);
+    CHECK(r == -EIO, "read past the end returned %d", r);
+    CHECK(strstr(err.message, "beyond the end") != NULL, "message: %s",
+          err.message);
+    vd_error_clear(&err);
+    r = vd_pwrite(n, buf, 512, 0, 0, &err);
+    CHECK(r == -EROFS, "write to a read-only node returned %d", r);
+    CHECK(strstr(err.message, "read-only") != NULL, "message: %s",
+          err.message);
+    vd_error_clear(&err);
+    r = vd_pread(n, buf, 1, UINT64_MAX - 1, 0, &err);
+    CHECK(r < 0, "huge offset accepted");
+    /* Below the top node, reads past the end are zero-filled. */
+    memset(buf, 0xff, sizeof(buf));
+    vd_iov v;
+    vd_iov_init_buf(&v, buf, 4096);
+    r = vd_node_preadv(n, 65536 - 1024, 4096, &v, 0, &err);
+    CHECK(r == 0, "internal read across the end: %s", err.message);
+    CHECK(vd_buffer_is_zero(buf, 4096), "tail past the end is not zero");
+    vd_close(&n, NULL);
+    CHECK(cfg.contract_violations == 0, "driver saw a read past its end");
+}
+
+static void test_zeroes_fallback_and_fua(void)
+{
+    mem_state cfg = { .size = 1 << 20, .align = 512, .has_zeroes = false };
+    vd_node *n = open_mem(&cfg, VD_NODE_RDWR);
+    vd_error err = VD_ERROR_INIT;
+    uint8_t *buf = malloc(1 << 20);
+    memset(buf, 0xaa, 1 << 20);
+    CHECK(vd_pwrite(n, buf, 1 << 20, 0, 0, &err) == 0, "%s", err.message);
+    int r = vd_write_zeroes(n, 3000, 1000, VD_REQ_NO_FALLBACK, &err);
+    CHECK(r == -ENOTSUP, "NO_FALLBACK without driver support gave %d", r);
+    r = vd_write_zeroes(n, 3000, 1000, 0, &err);
+    CHECK(r == 0, "fallback: %s", err.message);
+    CHECK(vd_pread(n, buf, 8192, 0, 0, &err) == 0, "%s", err.message);
+    bool ok = true;
+    for (int i = 0; i < 8192; i++)
+        if (buf[i] != ((i >= 1000 && i < 4000) ? 0 : 0xaa))
+            ok = false;
+    CHECK(ok, "zeroes fallback wrote the wrong bytes");
+    CHECK(vd_pwrite(n, buf, 512, 0, VD_REQ_FUA, &err) == 0, "%s",
+          err.message);
+    vd_stats st;
+    vd_get_stats(n, &st);
+    CHECK(st.wr_operations >= 2 && st.zero_operations == 1 &&
+          st.rd_operations == 1 && st.rd_bytes == 8192,
+          "stats: wr %llu zero %llu rd %llu rd_bytes %llu",
+          (unsigned long long)st.wr_operations,
+          (unsigned long long)st.zero_operations,
+          (unsigned long long)st.rd_operations,
+          (unsigned long long)st.rd_bytes);
+    vd_close(&n, NULL);
+    CHECK(cfg.flushes >= 1, "FUA write did not flush");
+    free(buf);
+
+    /* With driver support, the aligned middle goes to the driver and the
+     * unaligned edges are written as zero buffers. */
+    mem_state cfg2 = { .size = 1 << 20, .align = 512, .has_zeroes = true };
+    n = open_mem(&cfg2, VD_NODE_RDWR);
+    CHECK(vd_write_zeroes(n, 10000, 100, 0, &err) == 0, "%s", err.message);
+    vd_close(&n, NULL);
+    CHECK(cfg2.zero_calls == 1, "driver pwrite_zeroes calls: %d",
+          cfg2.zero_calls);
+    CHECK(cfg2.contract_violations == 0, "zeroes broke the contract");
+}
+
+struct thr_arg {
+    vd_node *n;
+    int id;
+    int errors;
+};
+
+/* Each thread owns bytes [id*100 + k*1000, +100) for k = 0.., which share
+ * 512-byte blocks with other threads: any lost update shows. */
+static void *rmw_thread(void *p)
+{
+    struct thr_arg *a = p;
+    uint8_t buf[100];
+    for (int k = 0; k < 200; k++) {
+        memset(buf, (uint8_t)(a->id + 1 + k), sizeof(buf));
+        if (vd_pwrite(a->n, buf, 100, (uint64_t)k * 1000 + a->id * 100, 0,
+                      NULL) < 0)
+            a->errors++;
+    }
+    return NULL;
+}
+
+static void test_concurrent_rmw(void)
+{
+    mem_state cfg = { .size = 1 << 20, .align = 512, .delay = 50 };
+    vd_node *n = open_mem(&cfg, VD_NODE_RDWR);
+    pthread_t t[10];
+    struct thr_arg a[10];
+    for (int i = 0; i < 10; i++) {
+        a[i] = (struct thr_arg){ n, i, 0 };
+        pthread_create(&t[i], NULL, rmw_thread, &a[i]);
+    }
+    for (int i = 0; i < 10; i++) {
+        pthread_join(t[i], NULL);
+        CHECK(a[i].errors == 0, "thread %d had write errors", i);
+    }
+    uint8_t *buf = malloc(200000);
+    vd_error err = VD_ERROR_INIT;
+    CHECK(vd_pread(n, buf, 200000, 0, 0, &err) == 0, "%s", err.message);
+    int bad = 0;
+    for (int k = 0; k < 200; k++)
+        for (int id = 0; id < 10; id++)
+            for (int j = 0; j < 100; j++)
+                if (buf[k * 1000 + id * 100 + j] != (uint8_t)(id + 1 + k))
+                    bad++;
+    CHECK(bad == 0, "%d bytes lost by concurrent read-modify-write", bad);
+    free(buf);
+    vd_close(&n, NULL);
+}
+
+static void *slow_reader(void *p)
+{
+    vd_node *n = p;
+    uint8_t buf[512];
+    for (int i = 0; i < 20; i++)
+        vd_pread(n, buf, 512, 0, 0, NULL);
+    return NULL;
+}
+
+static void test_drain(void)
+{
+    mem_state cfg = { .size = 65536, .align = 1, .delay = 2000 };
+    vd_node *n = open_mem(&cfg, VD_NODE_RDWR);
+    pthread_t t;
+    pthread_create(&t, NULL, slow_reader, n);
+    usleep(5000);
+    vd_node_drain_begin(n);
+    CHECK(n->in_flight == 0, "drain returned with %d requests in flight",
+          n->in_flight);
+    vd_node_drain_end(n);
+    pthread_join(t, NULL);
+    vd_close(&n, NULL);
+}
+
+static void test_node_names(void)
+{
+    mem_state cfg = { .size = 4096, .align = 1 };
+    vd_opts *o = vd_opts_new();
+    vd_opts_set(o, "node-name", "disk0");
+    cfg_next = &cfg;
+    vd_node *a = NULL, *b = NULL;
+    vd_error err = VD_ERROR_INIT;
+    int r = vd_node_open(&a, "mem", &mem_driver, o, VD_NODE_PROTOCOL, &err);
+    CHECK(r == 0 && strcmp(vd_node_name(a), "disk0") == 0, "named open: %s",
+          err.message);
+    vd_opts_set(o, "node-name", "disk0");
+    r = vd_node_open(&b, "mem", &mem_driver, o, VD_NODE_PROTOCOL, &err);
+    CHECK(r == -EEXIST, "duplicate node name accepted (%d)", r);
+    CHECK(strstr(err.message, "Duplicate") != NULL, "message: %s",
+          err.message);
+    vd_error_clear(&err);
+    vd_opts_set(o, "node-name", "0bad name");
+    r = vd_node_open(&b, "mem", &mem_driver, o, VD_NODE_PROTOCOL, &err);
+    CHECK(r == -EINVAL, "invalid node name accepted (%d)", r);
+    vd_error_clear(&err);
+    vd_opts_set(o, "no-such-option", "1");
+    r = vd_node_open(&b, "mem", &mem_driver, o, VD_NODE_PROTOCOL, &err);
+    CHECK(r == -EINVAL && strstr(err.message, "no-such-option"),
+          "unknown option: %d %s", r, err.message);
+    vd_opts_free(&o);
+    CHECK(vd_find_node("disk0") == a, "lookup by name");
+    vd_close(&a, NULL);
+    CHECK(vd_find_node("disk0") == NULL, "closed node still registered");
+}
+
+static void test_block_status_default(void)
+{
+    mem_state cfg = { .size = 1 << 20, .align = 1 };
+    vd_node *n = open_mem(&cfg, 0);
+    vd_extent e;
+    vd_error err = VD_ERROR_INIT;
+    CHECK(vd_block_status(n, 4096, 1 << 19, &e, &err) == 0, "%s",
+          err.message);
+    CHECK(e.length == 1 << 19 && (e.flags & VD_BLOCK_DATA) &&
+          (e.flags & VD_BLOCK_ALLOCATED) && e.offset == 4096 && e.file == n &&
+          e.depth == 0, "default status: len %llu flags %#x",
+          (unsigned long long)e.length, e.flags);
+    vd_close(&n, NULL);
+}
+
+int main(void)
+{
+    test_unaligned_rmw();
+    test_range_and_readonly();
+    test_zeroes_fallback_and_fua();
+    test_concurrent_rmw();
+    test_drain();
+    test_node_names();
+    test_block_status_default();
+    if (failures) {
+        fprintf(stderr, "test-core: %d failure(s)\n", failures);
+        return 1;
+    }
+    printf("test-core: all passed\n");
+    return 0;
+}
