@@ -418,6 +418,140 @@ VD_API int vd_check(vd_node *node, vd_check_result *res, unsigned fix,
                     vd_error *err);
 
 /* ------------------------------------------------------------------ */
+/* Internal snapshots                                                 */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Snapshot operations follow QEMU's block/snapshot semantics. A node whose
+ * driver cannot snapshot falls back to its primary child when that child
+ * is its only child holding data, metadata or filtered data (so raw over
+ * a qcow2 file, or a filter, passes snapshots down; qcow2 with an
+ * external data file does not).
+ */
+
+/**
+ * Lists the snapshots of @node into a new array @*list of @*count entries
+ * (free with vd_snapshot_list_free). -ENOTSUP when the format has none.
+ */
+VD_API int vd_snapshot_list(vd_node *node, vd_snapshot_info **list,
+                            size_t *count, vd_error *err);
+
+/** Frees a list from vd_snapshot_list() and sets @*list to NULL. */
+VD_API void vd_snapshot_list_free(vd_snapshot_info **list, size_t count);
+
+/**
+ * Finds a snapshot: with @id and @name, the first having both; with only
+ * @id, the first with that id; with only @name, the first with that name.
+ * Passing neither is a programming error (returns -EINVAL). Returns 1 and
+ * fills @out (if not NULL; free its strings with vd_snapshot_info_clear)
+ * when found, 0 when not found (no error set), or a negative errno when
+ * the list could not be read.
+ */
+VD_API int vd_snapshot_find(vd_node *node, const char *id, const char *name,
+                            vd_snapshot_info *out, vd_error *err);
+
+/** Frees the strings of one snapshot description and zeroes it. */
+VD_API void vd_snapshot_info_clear(vd_snapshot_info *sn);
+
+/** True when a snapshot can be created on @node (writable, supported
+ * by its driver or by its fallback child). */
+VD_API bool vd_snapshot_can(vd_node *node);
+
+/**
+ * Creates a snapshot described by @sn: @sn->name is required, @sn->id may
+ * be NULL or "" (the driver picks the next free id, as QEMU does), date
+ * and clocks are stored as given (vd_snapshot_create_simple fills the
+ * current time). The node must be writable.
+ */
+VD_API int vd_snapshot_create(vd_node *node, const vd_snapshot_info *sn,
+                              vd_error *err);
+
+/** Creates snapshot @name stamped with the current time, no VM state. */
+VD_API int vd_snapshot_create_simple(vd_node *node, const char *name,
+                                     vd_error *err);
+
+/**
+ * Reverts @node to snapshot @id_or_name (qemu-img snapshot -a). Refused
+ * with -EBUSY while the node has active dirty bitmaps.
+ */
+VD_API int vd_snapshot_goto(vd_node *node, const char *id_or_name,
+                            vd_error *err);
+
+/**
+ * Deletes the snapshot matching @id and/or @name (at least one given,
+ * else -EINVAL). -ENOENT when none matches; -ENOTSUP when the format
+ * cannot delete snapshots. In-flight requests are drained first.
+ */
+VD_API int vd_snapshot_delete(vd_node *node, const char *id,
+                              const char *name, vd_error *err);
+
+/**
+ * Makes the read-only @node show the snapshot's content instead of the
+ * current state (qemu-img convert -l / qemu-io -l). The node must have
+ * been opened read-only ("Device is not readonly").
+ */
+VD_API int vd_snapshot_load_tmp(vd_node *node, const char *id,
+                                const char *name, vd_error *err);
+
+/** vd_snapshot_load_tmp() by id first, then by name. */
+VD_API int vd_snapshot_load_tmp_by_id_or_name(vd_node *node,
+                                              const char *id_or_name,
+                                              vd_error *err);
+
+/*
+ * Group operations over several nodes at once (one VM's disks). @devices
+ * is a NULL-terminated list of node names, or NULL for every open node
+ * that is a root of the graph, skipping read-only and empty ones.
+ * An explicit empty list fails ("At least one device is required for
+ * snapshot"). Errors name the snapshot and the node.
+ */
+
+/** 0 when every selected node can snapshot, else -ENOTSUP with the
+ * first node that cannot. */
+VD_API int vd_snapshot_all_can(const char *const *devices, vd_error *err);
+
+/**
+ * Creates snapshot @sn on every selected node; the VM-state size
+ * @vm_state_size is recorded on @vmstate_node only (0 on the others).
+ */
+VD_API int vd_snapshot_all_create(const char *const *devices,
+                                  const vd_snapshot_info *sn,
+                                  vd_node *vmstate_node,
+                                  uint64_t vm_state_size, vd_error *err);
+
+/** Reverts every selected node to snapshot @name. */
+VD_API int vd_snapshot_all_goto(const char *const *devices, const char *name,
+                                vd_error *err);
+
+/** Deletes snapshot @name from every selected node that has it. */
+VD_API int vd_snapshot_all_delete(const char *const *devices,
+                                  const char *name, vd_error *err);
+
+/** 1 when every selected node has snapshot @name, 0 when one lacks it,
+ * negative errno on error. */
+VD_API int vd_snapshot_all_has(const char *const *devices, const char *name,
+                               vd_error *err);
+
+/**
+ * Chooses the node that will hold the VM state: the node named
+ * @vmstate_name (which must exist among the selected nodes and support
+ * snapshots), or else the first selected node that can snapshot.
+ * Returns 0 and sets @*out (borrowed), or a negative errno.
+ */
+VD_API int vd_snapshot_all_find_vmstate(const char *const *devices,
+                                        const char *vmstate_name,
+                                        vd_node **out, vd_error *err);
+
+/**
+ * Saves / loads @len bytes of VM state at @pos in @node's VM-state area
+ * (formats that have one, e.g. qcow2). -ENOTSUP otherwise.
+ */
+VD_API int vd_save_vmstate(vd_node *node, const void *buf, uint64_t len,
+                           uint64_t pos, vd_error *err);
+VD_API int vd_load_vmstate(vd_node *node, void *buf, uint64_t len,
+                           uint64_t pos, vd_error *err);
+
+/* ------------------------------------------------------------------ */
 /* Warnings                                                           */
 /* ------------------------------------------------------------------ */
 

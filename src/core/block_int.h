@@ -90,6 +90,11 @@ struct vd_node {
     bool discard_unmap;        /* discard=unmap (else ignored at the top) */
 
     vd_child *children;        /* all children, in attach order */
+    int n_parents;             /* how many vd_child point at this node */
+    vd_opts *open_opts;        /* the driver's options, for reopening */
+    /* Active dirty bitmaps (block jobs, backup); snapshot goto refuses
+     * to run while there are any. */
+    atomic_int dirty_bitmaps;
     vd_child *file;            /* role "file", or NULL */
     vd_child *backing;         /* role "backing", or NULL */
 
@@ -142,6 +147,7 @@ struct vd_driver {
     bool is_format;             /* opens over a "file" child */
     bool is_filter;             /* passes everything to its primary child */
     bool supports_backing;      /* may hold a backing file */
+    bool supports_compressed;   /* pwritev accepts VD_REQ_COMPRESSED */
     const vd_create_option *create_opts; /* NULL-terminated, or NULL */
 
     /* Score 0..100 that @buf (the first @len bytes of the file, len may
@@ -270,6 +276,10 @@ int vd_open_protocol(vd_node **out, const char *filename, unsigned flags,
 void vd_node_drain_begin(vd_node *node);
 void vd_node_drain_end(vd_node *node);
 
+/* Calls @fn for every open node (under the graph lock: @fn must not
+ * open or close nodes). */
+void vd_foreach_node(void (*fn)(vd_node *node, void *opaque), void *opaque);
+
 /* Emits a warning through the warning handler (unless VD_NODE_QUIET). */
 void vd_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -285,6 +295,10 @@ int vd_node_pdiscard(vd_node *node, uint64_t off, uint64_t bytes,
                      vd_error *err);
 int vd_node_flush(vd_node *node, vd_error *err);
 int64_t vd_node_getlength(vd_node *node);
+/* Asks the driver for the length again and caches it, rounded up to 512
+ * bytes as QEMU does (a 1000-byte raw file is a 1024-byte disk). Returns
+ * the new length or a negative errno. */
+int64_t vd_node_refresh_length(vd_node *node);
 int vd_node_truncate(vd_node *node, uint64_t size, bool exact,
                      vd_prealloc prealloc, vd_error *err);
 

@@ -397,6 +397,11 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     int r = check_range(n, off, bytes, err);
     if (r == 0)
         r = check_writable(n, err);
+    if (r == 0 && (flags & VD_REQ_COMPRESSED) && !n->drv->supports_compressed)
+        r = vd_error_set(err, -ENOTSUP, "%s: Image format '%s' does not "
+                         "support compressed writes",
+                         n->filename ? n->filename : n->node_name,
+                         n->drv->name);
     if (r < 0 || bytes == 0)
         return r;
     inflight_inc(n);
@@ -594,6 +599,19 @@ int64_t vd_node_getlength(vd_node *n)
     return atomic_load(&n->total_size);
 }
 
+int64_t vd_node_refresh_length(vd_node *n)
+{
+    if (!n->drv->getlength)
+        return vd_node_getlength(n);
+    int64_t len = n->drv->getlength(n);
+    if (len < 0)
+        return len;
+    if (len % 512)
+        len += 512 - len % 512;
+    atomic_store(&n->total_size, len);
+    return len;
+}
+
 int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
                      vd_prealloc prealloc, vd_error *err)
 {
@@ -611,11 +629,8 @@ int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
                             "support resizing", n->filename, n->drv->name);
     }
     r = n->drv->truncate(n, size, exact, prealloc, err);
-    if (r == 0 && n->drv->getlength) {
-        int64_t len = n->drv->getlength(n);
-        if (len >= 0)
-            atomic_store(&n->total_size, len);
-    }
+    if (r == 0)
+        vd_node_refresh_length(n);
     return r;
 }
 

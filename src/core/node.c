@@ -109,8 +109,13 @@ static int register_node(vd_node *node, const char *name, vd_error *err)
         pthread_mutex_unlock(&graph_lock);
         return vd_error_set(err, -ENOMEM, "Out of memory");
     }
-    node->next_global = all_nodes;
-    all_nodes = node;
+    /* Appended, so iteration follows creation order (group snapshot
+     * operations pick "the first node that can"). */
+    node->next_global = NULL;
+    vd_node **tail = &all_nodes;
+    while (*tail)
+        tail = &(*tail)->next_global;
+    *tail = node;
     pthread_mutex_unlock(&graph_lock);
     return 0;
 }
@@ -124,6 +129,14 @@ static void unregister_node(vd_node *node)
             break;
         }
     }
+    pthread_mutex_unlock(&graph_lock);
+}
+
+void vd_foreach_node(void (*fn)(vd_node *node, void *opaque), void *opaque)
+{
+    pthread_mutex_lock(&graph_lock);
+    for (vd_node *n = all_nodes; n; n = n->next_global)
+        fn(n, opaque);
     pthread_mutex_unlock(&graph_lock);
 }
 
@@ -171,6 +184,7 @@ static void node_free(vd_node *n)
     free(n->backing_file);
     free(n->backing_format);
     free(n->full_backing_filename);
+    vd_opts_free(&n->open_opts);
     free(n->opaque);
     free(n);
 }
@@ -188,6 +202,7 @@ vd_child *vd_node_attach_child(vd_node *parent, vd_node *child_node,
     }
     c->node = child_node;
     c->parent = parent;
+    child_node->n_parents++;
     c->role = role;
     vd_child **p = &parent->children;
     while (*p)
@@ -212,6 +227,7 @@ void vd_node_detach_child(vd_node *parent, vd_child *child)
         parent->file = NULL;
     if (parent->backing == child)
         parent->backing = NULL;
+    child->node->n_parents--;
     vd_node_unref(child->node);
     free(child->name);
     free(child);
@@ -453,7 +469,32 @@ static int node_open_one(vd_node **out, const char *filename,
         drv = protocol_for_filename(filename);
 
     vd_node *file = NULL;
-    if (!drv || drv->is_format || drv->is_filter) {
+    char *file_ref = vd_opts_take(opts, "file");
+    if (file_ref && (!drv || drv->is_format || drv->is_filter)) {
+        /* "file=NODE": an existing node becomes the protocol child. */
+        file = vd_find_node(file_ref);
+        if (!file) {
+            r = vd_error_set(err, -ENOENT, "Cannot find device='' nor "
+                             "node-name='%s'", file_ref);
+            free(file_ref);
+            goto fail_early;
+        }
+        vd_node_ref(file);
+        if ((flags & VD_NODE_RDWR) && file->read_only) {
+            vd_node_unref(file);
+            r = vd_error_set(err, -EROFS, "Node '%s' is read-only",
+                             file_ref);
+            free(file_ref);
+            goto fail_early;
+        }
+    } else if (file_ref) {
+        r = vd_error_set(err, -EINVAL, "Block protocol '%s' doesn't support "
+                         "the option 'file'", drv->name);
+        free(file_ref);
+        goto fail_early;
+    }
+    free(file_ref);
+    if (!file && (!drv || drv->is_format || drv->is_filter)) {
         /* The protocol child: "file.*" options or the filename. */
         vd_opts *fopts = vd_opts_extract_prefix(opts, "file.");
         if (!fopts) {
@@ -488,7 +529,9 @@ static int node_open_one(vd_node **out, const char *filename,
         vd_opts_free(&fopts);
         if (r < 0)
             goto fail_early;
-        if (!drv) {
+    }
+    if (!drv) {
+        {
             drv = probe_format(file, filename ? filename : file->filename,
                                err);
             if (!drv) {
@@ -548,6 +591,14 @@ static int node_open_one(vd_node **out, const char *filename,
         node_free(node);
         goto fail_early;
     }
+    /* Kept so that a snapshot revert through a fallback child can
+     * reopen this driver with the same options. */
+    node->open_opts = vd_opts_clone(opts);
+    if (!node->open_opts) {
+        node_free(node);
+        r = vd_error_set(err, -ENOMEM, "Out of memory");
+        goto fail_early;
+    }
     r = drv->open(node, opts, flags, err);
     if (r < 0) {
         /* The driver's state may be partial: close is not called. */
@@ -559,14 +610,13 @@ static int node_open_one(vd_node **out, const char *filename,
     if (node->bl.request_alignment == 0)
         node->bl.request_alignment = 1;
     if (drv->getlength) {
-        int64_t len = drv->getlength(node);
+        int64_t len = vd_node_refresh_length(node);
         if (len < 0) {
             vd_node_unref(node);
             r = vd_error_set_errno(err, (int)len, "%s: Could not get the "
                                    "image size", fname ? fname : "");
             goto fail_early;
         }
-        atomic_store(&node->total_size, len);
     }
     *out = node;
     free(node_name);
@@ -641,6 +691,20 @@ static int open_backing_chain(vd_node *top, const char *top_backing,
         if (!o) {
             free(full);
             r = vd_error_set(err, -ENOMEM, "Out of memory");
+            break;
+        }
+        vd_node *existing = override ? vd_find_node(override) : NULL;
+        if (existing) {
+            /* "backing=NODE": an open node becomes the backing layer. */
+            if (o != bopts)
+                vd_opts_free(&o);
+            free(full);
+            vd_node_ref(existing);
+            if (!vd_node_attach_child(cur, existing, "backing",
+                                      VD_ROLE_COW | VD_ROLE_DATA)) {
+                vd_node_unref(existing);
+                r = vd_error_set(err, -ENOMEM, "Out of memory");
+            }
             break;
         }
         const vd_driver *bdrv = NULL;
@@ -788,25 +852,15 @@ VD_API int vd_open(vd_node **out, const char *filename, const char *format,
     if (format) {
         drv = vd_find_driver(format);
         if (!drv)
-            return vd_error_set(err, -EINVAL, "Could not open '%s': Unknown "
-                                "driver '%s'", filename ? filename : "",
-                                format);
+            return vd_error_set(err, -EINVAL, "Unknown driver '%s'", format);
     }
     vd_opts *o = opts ? vd_opts_clone(opts) : vd_opts_new();
     if (!o)
         return vd_error_set(err, -ENOMEM, "Out of memory");
     unsigned f = flags & (VD_O_RDWR | VD_O_NO_BACKING | VD_O_CHECK |
                           VD_O_FORCE_SHARE | VD_O_NO_IO | VD_O_QUIET);
-    vd_error lerr = VD_ERROR_INIT;
-    int r = vd_node_open(out, filename, drv, o, f, &lerr);
+    int r = vd_node_open(out, filename, drv, o, f, err);
     vd_opts_free(&o);
-    if (r < 0) {
-        if (filename)
-            vd_error_set(err, r, "Could not open '%s': %s", filename,
-                         lerr.message);
-        else
-            vd_error_set(err, r, "%s", lerr.message);
-    }
     return r;
 }
 
