@@ -302,8 +302,8 @@ int vd_opts_take_enum(vd_opts *o, const char *key, const char *const *choices,
             strncat(list, ", ", sizeof(list) - strlen(list) - 1);
         strncat(list, choices[i], sizeof(list) - strlen(list) - 1);
     }
-    vd_error_set(err, -EINVAL, "Invalid value '%s' for parameter '%s' "
-                 "(expected one of: %s)", v, key, list);
+    vd_error_set(err, -EINVAL, "Parameter '%s' does not accept value '%s' "
+                 "(expected one of: %s)", key, v, list);
     free(v);
     return -EINVAL;
 }
@@ -378,12 +378,11 @@ VD_API int vd_parse_size(const char *str, uint64_t *out)
         case 'E': mul = 1ULL << 60; break;
         default: return -EINVAL;
         }
-        if (has_frac && mul == 1)
-            return -EINVAL;
         p++;
-    } else if (has_frac) {
-        return -EINVAL;
     }
+    /* A fraction needs a multiplier, unless it is zero ("1." or "1.0b"). */
+    if (has_frac && mul == 1 && frac != 0)
+        return -EINVAL;
     if (*p)
         return -EINVAL;
     if (ival > (uint64_t)INT64_MAX / mul)
