@@ -213,7 +213,7 @@ VD_API vd_node *vd_node_child(const vd_node *node, const char *role);
 
 /**
  * Reads @len bytes at @offset into @buf. The range must lie inside the
- * node's length (-EINVAL with a message otherwise). Returns 0 or a
+ * node's length (-EIO with a message otherwise, as QEMU answers). Returns 0 or a
  * negative errno. Thread-safe.
  */
 VD_API int vd_pread(vd_node *node, void *buf, uint64_t len, uint64_t offset,
@@ -268,8 +268,8 @@ typedef struct vd_extent {
     uint64_t start;     /* guest offset of the extent */
     uint64_t length;    /* bytes with the same status, > 0 */
     unsigned flags;     /* VD_BLOCK_* */
-    int depth;          /* in the backing chain: 0 = @node itself; for
-                           unallocated extents the chain length */
+    int depth;          /* the backing-chain layer that decided the
+                           status: 0 = @node itself (as qemu-img map) */
     uint64_t offset;    /* host offset in @file when OFFSET_VALID */
     vd_node *file;      /* protocol node holding the data (borrowed) */
 } vd_extent;

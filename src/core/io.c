@@ -737,17 +737,12 @@ int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
                                vd_error *err)
 {
     int d = 0;
-    int r = 0;
-    uint64_t first_pnum = 0;
-    for (vd_node *p = top; p && p != base;
-         p = p->backing ? p->backing->node : NULL, d++) {
+    for (vd_node *p = top;; d++) {
         uint64_t n = 0;
-        r = vd_node_block_status(p, want_zero, off, bytes, &n, map, file,
-                                 err);
+        int r = vd_node_block_status(p, want_zero, off, bytes, &n, map, file,
+                                     err);
         if (r < 0)
             return r;
-        if (p == top)
-            first_pnum = n;
         if (p != top && (r & VD_BLOCK_EOF) && !(r & VD_BLOCK_ALLOCATED) &&
             off >= (uint64_t)vd_node_getlength(p)) {
             /* Past the end of a shorter backing layer: zeros, as if
@@ -757,17 +752,21 @@ int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
             *file = p;
             return VD_BLOCK_ZERO | VD_BLOCK_ALLOCATED;
         }
-        if (r & VD_BLOCK_ALLOCATED) {
+        vd_node *next = p->backing ? p->backing->node : NULL;
+        if ((r & VD_BLOCK_ALLOCATED) || !next || next == base) {
+            /* Decided here, or nothing below: the last layer's answer
+             * stands (qemu-img map's depth is this layer's index). When
+             * it says neither data nor zero, nothing is known. */
             *pnum = n;
             *depth = d;
+            if (!(r & (VD_BLOCK_DATA | VD_BLOCK_ZERO)))
+                r = 0;
             return r;
         }
         /* Unallocated here: the next layer decides this prefix. */
         bytes = n;
+        p = next;
     }
-    *pnum = bytes ? bytes : first_pnum;
-    *depth = d;
-    return r & ~VD_BLOCK_ALLOCATED;
 }
 
 /* ---- helpers for drivers ---- */

@@ -1,1 +1,477 @@
-/* placeholder */
+/*
+ * The "raw" format driver: the guest sees the bytes of its file child
+ * unchanged, optionally through a window [offset, offset+size) of it.
+ *
+ * Organisation: the window (options, validation, translating requests),
+ * the probed-image guard for sector 0, then the callbacks, which each
+ * shift the request by the window's offset and hand it to the child.
+ *
+ * The guard: when the format was guessed by probing, a guest could write
+ * another format's header into sector 0 and, on the next probing open,
+ * get the host to interpret the image as that format (and follow, say, a
+ * backing file name of the guest's choosing). As QEMU does, a probed raw
+ * node works in whole sectors and refuses a write that would make sector
+ * 0 look like anything but raw.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/block_int.h"
+
+/* Bytes the format probes look at (QEMU's BLOCK_PROBE_BUF_SIZE). */
+#define RAW_PROBE_SIZE 512
+
+extern const vd_driver vd_driver_raw;
+
+typedef struct raw_state {
+    uint64_t offset;    /* where the window starts in the child */
+    uint64_t size;      /* window length when has_size */
+    bool has_size;
+} raw_state;
+
+/* ---------------------------------------------------------------- */
+/* Probing guard                                                    */
+/* ---------------------------------------------------------------- */
+
+static uint32_t be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+           (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint32_t le32(const uint8_t *p)
+{
+    return (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 |
+           (uint32_t)p[1] << 8 | p[0];
+}
+
+static bool starts_with(const uint8_t *buf, size_t len, const char *magic,
+                        size_t mlen)
+{
+    return len >= mlen && memcmp(buf, magic, mlen) == 0;
+}
+
+/*
+ * A VMDK descriptor file is text: comment lines and blank lines, then a
+ * "version=1|2|3" line. That is what QEMU's vmdk probe accepts.
+ */
+static bool looks_like_vmdk_descriptor(const uint8_t *buf, size_t len)
+{
+    const char *p = (const char *)buf, *end = p + len;
+
+    while (p < end) {
+        if (*p == '#') {
+            while (p < end && *p != '\n') {
+                p++;
+            }
+            p++;
+            continue;
+        }
+        if (*p == ' ') {
+            while (p < end && *p == ' ') {
+                p++;
+            }
+            if (p < end && *p == '\r') {
+                p++;
+            }
+            if (p == end || *p != '\n') {
+                return false;
+            }
+            p++;
+            continue;
+        }
+        if (end - p >= 10 && strncmp(p, "version=", 8) == 0 &&
+            p[8] >= '1' && p[8] <= '3') {
+            return p[9] == '\n' || (end - p >= 11 && p[9] == '\r' &&
+                                    p[10] == '\n');
+        }
+        return false;
+    }
+    return false;
+}
+
+/*
+ * True when QEMU (whose probes see the same first sector) would take
+ * @buf for an image format other than raw. vdisk implements few of these
+ * formats, but a file written through vdisk must not become one of them
+ * for a QEMU that opens it later.
+ */
+static bool looks_like_other_format(const uint8_t *buf, size_t len)
+{
+    static const char cloop_magic[] =
+        "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t "
+        "iso9660 /dev/cloop $1\n";
+
+    if (len >= 8 && be32(buf) == 0x514649fb && be32(buf + 4) >= 1) {
+        return true;                            /* qcow, qcow2: "QFI\xfb" */
+    }
+    if (starts_with(buf, len, "KDMV", 4) || starts_with(buf, len, "COWD", 4) ||
+        looks_like_vmdk_descriptor(buf, len)) {
+        return true;                            /* vmdk */
+    }
+    if (starts_with(buf, len, "vhdxfile", 8) ||   /* vhdx */
+        starts_with(buf, len, "conectix", 8) ||   /* vpc */
+        starts_with(buf, len, "QED\0", 4) ||      /* qed */
+        starts_with(buf, len, "LUKS\xba\xbe", 6) ||
+        starts_with(buf, len, "WithoutFreeSpace", 16) ||  /* parallels */
+        starts_with(buf, len, "WithouFreSpacExt", 16) ||
+        starts_with(buf, len, "Bochs Virtual HD Image", 22)) {
+        return true;
+    }
+    if (len >= 0x44 && le32(buf + 0x40) == 0xbeda107f) {
+        return true;                            /* vdi signature */
+    }
+    /* cloop compares as much of its magic as the buffer holds */
+    if (len > 0 && memcmp(buf, cloop_magic,
+                          len < sizeof(cloop_magic) - 1
+                          ? len : sizeof(cloop_magic) - 1) == 0) {
+        return true;
+    }
+    return false;
+}
+
+struct probe_ctx {
+    const uint8_t *buf;
+    size_t len;
+    const char *filename;
+    bool other;
+};
+
+static void probe_one(const char *name, void *opaque)
+{
+    struct probe_ctx *ctx = opaque;
+    const vd_driver *drv = vd_find_driver(name);
+
+    if (drv && drv != &vd_driver_raw && drv->probe &&
+        drv->probe(ctx->buf, ctx->len, ctx->filename) > 0) {
+        ctx->other = true;
+    }
+}
+
+/* Asks every registered driver's probe, then QEMU's magics. */
+static bool sector0_is_foreign(const uint8_t *buf, const char *filename)
+{
+    struct probe_ctx ctx = { buf, RAW_PROBE_SIZE, filename, false };
+
+    vd_list_drivers(probe_one, &ctx);
+    return ctx.other || looks_like_other_format(buf, RAW_PROBE_SIZE);
+}
+
+/*
+ * Checks the sector 0 that a write at @off would leave behind. @buf
+ * receives that sector. Returns 0, -EPERM, or a read error.
+ */
+static int check_sector0(vd_node *node, uint64_t off, uint64_t bytes,
+                         vd_iov *qiov, uint8_t *buf, vd_error *err)
+{
+    raw_state *s = node->opaque;
+    uint64_t end = off + bytes < RAW_PROBE_SIZE ? off + bytes
+                                                : RAW_PROBE_SIZE;
+    int ret;
+
+    if (off > 0 || end < RAW_PROBE_SIZE) {
+        /* Only a misaligned caller gets here: probed nodes ask the core
+         * for whole sectors. Merge with what is there. */
+        ret = vd_child_pread(node->file, s->offset, buf, RAW_PROBE_SIZE,
+                             err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    vd_iov_to_buf(qiov, 0, buf + off, (size_t)(end - off));
+
+    if (sector0_is_foreign(buf, node->filename)) {
+        return vd_error_set(err, -EPERM,
+                            "%s: write to sector 0 of an image probed as raw "
+                            "would change its format; specify the format "
+                            "'raw' explicitly to allow it", node->filename);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* Window                                                           */
+/* ---------------------------------------------------------------- */
+
+/*
+ * Moves a request into the child. Requests past an explicit size are
+ * refused so that nothing leaks out of the window (-ENOSPC for writes,
+ * as QEMU, since a write there means the parent ran out of room).
+ */
+static int raw_adjust(vd_node *node, uint64_t *off, uint64_t bytes,
+                      bool is_write, vd_error *err)
+{
+    raw_state *s = node->opaque;
+
+    if (*off > INT64_MAX - s->offset) {
+        return vd_error_set(err, -EINVAL,
+                            "%s: offset %" PRIu64 " is out of range",
+                            node->filename, *off);
+    }
+    if (s->has_size && (*off > s->size || bytes > s->size - *off)) {
+        return vd_error_set(err, is_write ? -ENOSPC : -EINVAL,
+                            "%s: request at %" PRIu64 " for %" PRIu64
+                            " bytes is outside the %" PRIu64 "-byte window",
+                            node->filename, *off, bytes, s->size);
+    }
+    *off += s->offset;
+    return 0;
+}
+
+static void raw_refresh_limits(vd_node *node)
+{
+    vd_node *child = node->file ? node->file->node : NULL;
+
+    /* The child does its own alignment; a probed image works in whole
+     * sectors so that sector 0 is always written complete. */
+    node->bl.request_alignment = node->probed_raw ? RAW_PROBE_SIZE : 1;
+    if (child) {
+        node->bl.min_mem_alignment = child->bl.min_mem_alignment;
+        node->bl.pdiscard_alignment = child->bl.pdiscard_alignment;
+        node->bl.pwrite_zeroes_alignment = child->bl.pwrite_zeroes_alignment;
+    }
+}
+
+static int raw_open(vd_node *node, vd_opts *opts, unsigned flags,
+                    vd_error *err)
+{
+    raw_state *s = node->opaque;
+    int64_t real_size;
+    int ret;
+
+    (void)flags;
+    if (!node->file) {
+        return vd_error_set(err, -EINVAL,
+                            "The 'raw' driver needs a file child");
+    }
+
+    s->has_size = vd_opts_get(opts, "size") != NULL;
+    ret = vd_opts_take_size(opts, "offset", 0, &s->offset, err);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = vd_opts_take_size(opts, "size", 0, &s->size, err);
+    if (ret < 0) {
+        return ret;
+    }
+
+    real_size = vd_node_getlength(node->file->node);
+    if (real_size < 0) {
+        return vd_error_set_errno(err, (int)real_size,
+                                  "Could not get the size of '%s'",
+                                  node->filename);
+    }
+    /* QEMU's messages, its double space included. */
+    if (s->offset > (uint64_t)real_size) {
+        return vd_error_set(err, -EINVAL,
+                            "Offset (%" PRIu64 ") cannot be greater than size "
+                            "of the containing file (%" PRId64 ")",
+                            s->offset, real_size);
+    }
+    if (s->has_size && (uint64_t)real_size - s->offset < s->size) {
+        return vd_error_set(err, -EINVAL,
+                            "The sum of offset (%" PRIu64 ") and size (%"
+                            PRIu64 ") has to be smaller or equal to the  "
+                            "actual size of the containing file (%" PRId64
+                            ")", s->offset, s->size, real_size);
+    }
+    /* Keeps getlength a whole number of sectors when a size is given. */
+    if (s->has_size && s->size % 512) {
+        return vd_error_set(err, -EINVAL,
+                            "Specified size is not multiple of 512");
+    }
+
+    raw_refresh_limits(node);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* Callbacks                                                        */
+/* ---------------------------------------------------------------- */
+
+static int raw_probe(const uint8_t *buf, size_t len, const char *filename)
+{
+    (void)buf;
+    (void)len;
+    (void)filename;
+    return 1;   /* anything is raw, if nothing better claims it */
+}
+
+static int raw_preadv(vd_node *node, uint64_t off, uint64_t bytes,
+                      vd_iov *qiov, unsigned flags, vd_error *err)
+{
+    int ret = raw_adjust(node, &off, bytes, false, err);
+
+    if (ret < 0) {
+        return ret;
+    }
+    return vd_child_preadv(node->file, off, bytes, qiov, flags, err);
+}
+
+static int raw_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
+                       vd_iov *qiov, unsigned flags, vd_error *err)
+{
+    uint64_t child_off = off;
+    uint8_t *sector0 = NULL;
+    vd_iov checked;
+    bool use_checked = false;
+    int ret;
+
+    ret = raw_adjust(node, &child_off, bytes, true, err);
+    if (ret < 0) {
+        return ret;
+    }
+
+    if (node->probed_raw && off < RAW_PROBE_SIZE && bytes > 0) {
+        sector0 = vd_node_blockalign(node, RAW_PROBE_SIZE);
+        if (!sector0) {
+            return vd_error_set(err, -ENOMEM, "%s: out of memory",
+                                node->filename);
+        }
+        ret = check_sector0(node, off, bytes, qiov, sector0, err);
+        if (ret < 0) {
+            goto out;
+        }
+        /* Write the sector that was checked, not the caller's buffer,
+         * which a guest could change between the check and the write. */
+        if (off == 0 && bytes >= RAW_PROBE_SIZE) {
+            vd_iov_init(&checked);
+            ret = vd_iov_add(&checked, sector0, RAW_PROBE_SIZE);
+            if (ret == 0 && bytes > RAW_PROBE_SIZE) {
+                vd_iov rest;
+
+                ret = vd_iov_init_slice(&rest, qiov, RAW_PROBE_SIZE,
+                                        (size_t)bytes - RAW_PROBE_SIZE);
+                if (ret == 0) {
+                    for (int j = 0; ret == 0 && j < rest.niov; j++) {
+                        ret = vd_iov_add(&checked, rest.iov[j].iov_base,
+                                         rest.iov[j].iov_len);
+                    }
+                    vd_iov_destroy(&rest);
+                }
+            }
+            if (ret < 0) {
+                vd_iov_destroy(&checked);
+                ret = vd_error_set(err, -ENOMEM, "%s: out of memory",
+                                   node->filename);
+                goto out;
+            }
+            use_checked = true;
+        }
+    }
+
+    ret = vd_child_pwritev(node->file, child_off, bytes,
+                           use_checked ? &checked : qiov, flags, err);
+    if (use_checked) {
+        vd_iov_destroy(&checked);
+    }
+out:
+    free(sector0);
+    return ret;
+}
+
+static int raw_pwrite_zeroes(vd_node *node, uint64_t off, uint64_t bytes,
+                             unsigned flags, vd_error *err)
+{
+    int ret = raw_adjust(node, &off, bytes, true, err);
+
+    if (ret < 0) {
+        return ret;
+    }
+    return vd_node_pwrite_zeroes(node->file->node, off, bytes, flags, err);
+}
+
+static int raw_pdiscard(vd_node *node, uint64_t off, uint64_t bytes,
+                        vd_error *err)
+{
+    int ret = raw_adjust(node, &off, bytes, true, err);
+
+    if (ret < 0) {
+        return ret;
+    }
+    return vd_node_pdiscard(node->file->node, off, bytes, err);
+}
+
+static int raw_block_status(vd_node *node, bool want_zero, uint64_t off,
+                            uint64_t bytes, uint64_t *pnum, uint64_t *map,
+                            vd_node **file, vd_error *err)
+{
+    raw_state *s = node->opaque;
+
+    (void)want_zero;
+    (void)err;
+    *pnum = bytes;
+    *map = off + s->offset;
+    *file = node->file->node;
+    return VD_BLOCK_RAW | VD_BLOCK_OFFSET_VALID;
+}
+
+static int64_t raw_getlength(vd_node *node)
+{
+    raw_state *s = node->opaque;
+    int64_t len = vd_node_getlength(node->file->node);
+
+    if (len < 0) {
+        return len;
+    }
+    /* The child may have shrunk under us: never reach past its end. */
+    if ((uint64_t)len < s->offset) {
+        return 0;
+    }
+    len -= (int64_t)s->offset;
+    if (s->has_size && s->size < (uint64_t)len) {
+        return (int64_t)s->size;
+    }
+    return len;
+}
+
+static int raw_truncate(vd_node *node, uint64_t size, bool exact,
+                        vd_prealloc prealloc, vd_error *err)
+{
+    raw_state *s = node->opaque;
+
+    if (s->has_size) {
+        return vd_error_set(err, -ENOTSUP,
+                            "%s: Cannot resize fixed-size raw disks",
+                            node->filename);
+    }
+    if (size > INT64_MAX - s->offset) {
+        return vd_error_set(err, -EINVAL,
+                            "%s: Disk size too large for the chosen offset",
+                            node->filename);
+    }
+    return vd_node_truncate(node->file->node, size + s->offset, exact,
+                            prealloc, err);
+}
+
+static int raw_create(const char *filename, vd_opts *opts, vd_error *err)
+{
+    return vd_create_protocol(filename, opts, err);
+}
+
+/* Raw's own list, as "qemu-img create -f raw -o help" prints it; the
+ * protocol's options (preallocation, ...) come from the file driver. */
+static const vd_create_option raw_create_opts[] = {
+    { "size", "size", "Virtual disk size", NULL },
+    { NULL, NULL, NULL, NULL },
+};
+
+const vd_driver vd_driver_raw = {
+    .name = "raw",
+    .instance_size = sizeof(raw_state),
+    .is_format = true,
+    .create_opts = raw_create_opts,
+    .probe = raw_probe,
+    .open = raw_open,
+    .create = raw_create,
+    .preadv = raw_preadv,
+    .pwritev = raw_pwritev,
+    .pwrite_zeroes = raw_pwrite_zeroes,
+    .pdiscard = raw_pdiscard,
+    .block_status = raw_block_status,
+    .getlength = raw_getlength,
+    .truncate = raw_truncate,
+    .refresh_limits = raw_refresh_limits,
+};
