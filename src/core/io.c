@@ -708,7 +708,9 @@ int vd_node_block_status(vd_node *n, bool want_zero, uint64_t off,
         int r2 = vd_node_block_status(lfile, true, lmap, *pnum, &fnum, &fmap,
                                       &ff, NULL);
         if (r2 >= 0) {
-            if (r2 & VD_BLOCK_EOF) {
+            if ((r2 & VD_BLOCK_EOF) && (r2 & VD_BLOCK_ZERO)) {
+                /* A hole (or nothing) up to the file's end, and zeros
+                 * past it: the whole extent reads as zeros. */
                 r |= VD_BLOCK_ZERO;
             } else {
                 *pnum = fnum;

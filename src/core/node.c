@@ -543,7 +543,8 @@ static int node_open_one(vd_node **out, const char *filename,
             }
             if (strcmp(drv->name, "raw") == 0) {
                 flags |= 1u << 30; /* remember: probed raw */
-                if (!(flags & VD_NODE_QUIET))
+                /* As qemu: the warning matters only when writing. */
+                if (!(flags & VD_NODE_QUIET) && (flags & VD_NODE_RDWR))
                     vd_warn("Image format was not specified for '%s' and "
                             "probing guessed raw.\n         Automatically "
                             "detecting the format is dangerous for raw "
@@ -689,7 +690,10 @@ static int open_backing_chain(vd_node *top, const char *top_backing,
             free(cur->full_backing_filename);
             cur->full_backing_filename = strdup(full);
         }
+        /* This layer's options: the loop owns them unless they are the
+         * caller's @bopts. */
         vd_opts *o = layer_opts ? layer_opts : vd_opts_new();
+        layer_opts = NULL;
         if (!o) {
             free(full);
             r = vd_error_set(err, -ENOMEM, "Out of memory");
@@ -785,8 +789,6 @@ static int open_backing_chain(vd_node *top, const char *top_backing,
         cur = b;
         override = NULL;
         /* Options for the next layer come from "backing.backing.*". */
-        if (layer_opts && layer_opts != bopts)
-            vd_opts_free(&layer_opts);
         layer_opts = next_bopts;
         /* An explicit "backing.backing=..." names the next layer. */
         free(override_owned);
@@ -831,6 +833,10 @@ int vd_node_open(vd_node **out, const char *filename, const vd_driver *drv,
         if (r < 0)
             vd_node_unref(node);
     }
+    if (r == 0 && node->backing_file && !node->full_backing_filename &&
+        !backing)
+        node->full_backing_filename = resolve_backing(node->filename,
+                                                      node->backing_file);
     if (r == 0 && !(flags & VD_NODE_NO_BACKING)) {
         r = open_backing_chain(node, backing, bopts, err);
         if (r < 0)

@@ -1,0 +1,719 @@
+/*
+ * vdisk convert: qemu-img convert. The sources are treated as one
+ * concatenated disk; the target is created with their total size (in
+ * whole 512-byte sectors, as qemu) unless -n.
+ *
+ * The copy is cut into chunks the way qemu-img's convert_iteration_sectors
+ * does: block status decides whether a chunk is data or zeros, data
+ * chunks are at most 2 MiB, and with -c chunks are whole target clusters.
+ * -m N threads take chunks in order from a shared cursor (under one
+ * mutex, which also covers block status), read them in parallel and, unless
+ * -W, write them strictly in chunk order so that an allocating target
+ * such as qcow2 lays its clusters out as qemu-img would. Zero runs of at
+ * least -S bytes inside data chunks are not written (qemu's
+ * is_allocated_sectors_min) when the target reads as zeros already.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "commands.h"
+#include "util.h"
+
+#define SECTOR 512
+#define BUF_SIZE (2 * 1024 * 1024)
+#define MAX_THREADS 16
+#define MAX_SPARSE (16 * 1024 * 1024)
+
+enum { BLK_ZERO, BLK_DATA };
+
+typedef struct convert_state {
+    vd_node **src;
+    const char **src_names;
+    uint64_t *src_size;         /* bytes */
+    uint64_t *src_start;        /* offset in the concatenation */
+    int nsrc;
+    vd_node *target;
+    uint64_t total;             /* bytes, a multiple of SECTOR */
+    uint64_t min_sparse;        /* bytes, 0 = fully allocate */
+    uint64_t cluster;           /* target cluster size for -c */
+    bool compressed, has_zero_init, in_order;
+
+    pthread_mutex_t lock;
+    pthread_cond_t turn;
+    uint64_t cursor;            /* next offset to hand out */
+    uint64_t next_seq, write_seq;
+    uint64_t done;              /* bytes of data chunks written */
+    uint64_t allocated;         /* bytes of data chunks in all */
+    int ret;                    /* first error, 0 while fine */
+    cli_progress progress;
+} convert_state;
+
+typedef struct chunk {
+    int src;
+    uint64_t offset, len;       /* in the concatenated disk */
+    int status;
+    uint64_t seq;
+} chunk;
+
+/* Decides the next chunk. Called with the lock held. Returns 0, 1 at the
+ * end, or a negative errno (reported). */
+static int next_chunk(convert_state *s, chunk *c)
+{
+    vd_extent ext;
+    vd_error err = VD_ERROR_INIT;
+    uint64_t off = s->cursor, src_off, src_left, n;
+    int i = 0, r;
+
+    if (off >= s->total || s->ret) {
+        return 1;
+    }
+    while (i < s->nsrc - 1 && off >= s->src_start[i + 1]) {
+        i++;
+    }
+    src_off = off - s->src_start[i];
+    /* The source's last sector may be partial: it is read as zeros. */
+    src_left = (i + 1 < s->nsrc ? s->src_start[i + 1] : s->total) - off;
+
+    if (src_off >= s->src_size[i]) {
+        n = src_left;
+        c->status = BLK_ZERO;
+    } else {
+        uint64_t want = s->src_size[i] - src_off;
+
+        memset(&ext, 0, sizeof(ext));
+        r = vd_block_status(s->src[i], src_off, want, &ext, &err);
+        if (r < 0 || ext.length == 0) {
+            cli_error("error while reading block status at offset %" PRIu64
+                      ": %s", off, err.message[0] ? err.message
+                                                  : strerror(r < 0 ? -r : EIO));
+            return r < 0 ? r : -EIO;
+        }
+        n = ext.length;
+        if (src_off + n >= s->src_size[i]) {
+            n = src_left;   /* include the padding up to the sector */
+        } else if (n >= SECTOR) {
+            n -= n % SECTOR;
+        } else {
+            n = SECTOR;     /* a partial sector is copied as data */
+            ext.flags = VD_BLOCK_DATA;
+        }
+        if (ext.flags & VD_BLOCK_ZERO) {
+            c->status = BLK_ZERO;
+        } else {
+            c->status = BLK_DATA;
+        }
+    }
+    if (c->status == BLK_DATA && n > BUF_SIZE) {
+        n = BUF_SIZE;
+    }
+    if (s->compressed) {
+        if (n < s->cluster) {
+            n = s->cluster < s->total - off ? s->cluster : s->total - off;
+            c->status = BLK_DATA;
+        } else {
+            n -= n % s->cluster;
+        }
+    }
+    /* With -S 0 the target must be fully allocated: zeros are written. */
+    c->src = i;
+    c->offset = off;
+    c->len = n;
+    c->seq = s->next_seq++;
+    s->cursor = off + n;
+    return 0;
+}
+
+/* Reads [@c->offset, +@c->len) of the concatenation, which may span the
+ * zero padding of a source's last sector or later sources. */
+static int read_chunk(convert_state *s, const chunk *c, uint8_t *buf)
+{
+    uint64_t pos = 0;
+
+    while (pos < c->len) {
+        uint64_t off = c->offset + pos;
+        int i = 0;
+        uint64_t src_off, in_src, n;
+
+        while (i < s->nsrc - 1 && off >= s->src_start[i + 1]) {
+            i++;
+        }
+        src_off = off - s->src_start[i];
+        in_src = (i + 1 < s->nsrc ? s->src_start[i + 1] : s->total) - off;
+        n = c->len - pos < in_src ? c->len - pos : in_src;
+        if (src_off >= s->src_size[i]) {
+            memset(buf + pos, 0, n);
+        } else {
+            uint64_t rd = s->src_size[i] - src_off < n ? s->src_size[i] - src_off
+                                                       : n;
+            int r = vd_pread(s->src[i], buf + pos, rd, src_off, 0, NULL);
+
+            if (r < 0) {
+                return r;
+            }
+            memset(buf + pos + rd, 0, n - rd);
+        }
+        pos += n;
+    }
+    return 0;
+}
+
+static bool sector_is_zero(const uint8_t *buf)
+{
+    static const uint8_t zero[SECTOR];
+
+    return memcmp(buf, zero, SECTOR) == 0;
+}
+
+static bool buffer_is_zero(const uint8_t *buf, uint64_t len)
+{
+    for (uint64_t i = 0; i < len; i++) {
+        if (buf[i]) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* qemu's is_allocated_sectors(): length (in sectors, *pnum) of the first
+ * run of data or zero sectors, adjusted so that runs end on @align. */
+static bool run_is_data(const uint8_t *buf, int64_t n, int64_t *pnum,
+                        int64_t sector, int64_t align)
+{
+    bool is_zero;
+    int64_t i, tail;
+
+    if (n <= 0) {
+        *pnum = 0;
+        return false;
+    }
+    is_zero = sector_is_zero(buf);
+    for (i = 1; i < n; i++) {
+        if (is_zero != sector_is_zero(buf + i * SECTOR)) {
+            break;
+        }
+    }
+    if (i == n) {
+        *pnum = i;
+        return !is_zero;
+    }
+    tail = (sector + i) & (align - 1);
+    if (tail) {
+        if (is_zero && i <= tail) {
+            /* The data that follows rewrites this tail anyway. */
+            is_zero = false;
+        }
+        if (!is_zero) {
+            i += align - tail;
+            i = i < n ? i : n;
+        } else {
+            i -= tail;
+        }
+    }
+    *pnum = i;
+    return !is_zero;
+}
+
+/* qemu's is_allocated_sectors_min(): zero runs shorter than @min sectors
+ * count as data. */
+static bool run_is_data_min(const uint8_t *buf, int64_t n, int64_t *pnum,
+                            int64_t min, int64_t sector, int64_t align)
+{
+    int64_t used, checked;
+
+    if (n < min) {
+        min = n;
+    }
+    if (!run_is_data(buf, n, pnum, sector, align)) {
+        return false;
+    }
+    used = *pnum;
+    buf += SECTOR * *pnum;
+    n -= *pnum;
+    sector += *pnum;
+    checked = used;
+    while (n > 0) {
+        bool data = run_is_data(buf, n, pnum, sector, align);
+
+        buf += SECTOR * *pnum;
+        n -= *pnum;
+        sector += *pnum;
+        checked += *pnum;
+        if (data) {
+            used = checked;
+        } else if (*pnum >= min) {
+            break;
+        }
+    }
+    *pnum = used;
+    return true;
+}
+
+static int write_zero_range(convert_state *s, uint64_t off, uint64_t len)
+{
+    if (s->has_zero_init) {
+        return 0;
+    }
+    return vd_write_zeroes(s->target, len, off,
+                           s->min_sparse ? VD_REQ_MAY_UNMAP : 0, NULL);
+}
+
+static int write_compressed(convert_state *s, const chunk *c,
+                            const uint8_t *buf)
+{
+    for (uint64_t pos = 0; pos < c->len; pos += s->cluster) {
+        uint64_t n = c->len - pos < s->cluster ? c->len - pos : s->cluster;
+        int r = vd_pwrite(s->target, buf + pos, n, c->offset + pos,
+                          VD_REQ_COMPRESSED, NULL);
+
+        if (r < 0) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+static int write_chunk(convert_state *s, const chunk *c, const uint8_t *buf)
+{
+    int64_t sector = (int64_t)(c->offset / SECTOR);
+    int64_t left = (int64_t)(c->len / SECTOR);
+    int64_t min = (int64_t)(s->min_sparse / SECTOR);
+    int64_t align = min > 1 ? min : 1;
+    int r;
+
+    while (align & (align - 1)) {
+        align &= align - 1;     /* pow2floor, as qemu's s->alignment */
+    }
+    if (c->status == BLK_ZERO) {
+        return write_zero_range(s, c->offset, c->len);
+    }
+    if (s->compressed) {
+        if (!s->min_sparse || !buffer_is_zero(buf, c->len)) {
+            return write_compressed(s, c, buf);
+        }
+        return write_zero_range(s, c->offset, c->len);
+    }
+    while (left > 0) {
+        int64_t n = left;
+        uint64_t off = (uint64_t)sector * SECTOR, len;
+
+        if (!s->min_sparse ||
+            run_is_data_min(buf, left, &n, min, sector, align)) {
+            len = (uint64_t)n * SECTOR;
+            r = vd_pwrite(s->target, buf, len, off, 0, NULL);
+        } else {
+            len = (uint64_t)n * SECTOR;
+            r = write_zero_range(s, off, len);
+        }
+        if (r < 0) {
+            return r;
+        }
+        sector += n;
+        left -= n;
+        buf += (uint64_t)n * SECTOR;
+    }
+    return 0;
+}
+
+/* Like qemu-img, progress counts only the chunks that carry data (and
+ * zero chunks with -S 0, which are written too). */
+static bool counts_for_progress(const convert_state *s, const chunk *c)
+{
+    return c->status == BLK_DATA || !s->min_sparse;
+}
+
+/* A dry run of the chunking to learn the total for the progress meter. */
+static int count_allocated(convert_state *s)
+{
+    chunk c;
+    int r;
+
+    while ((r = next_chunk(s, &c)) == 0) {
+        if (counts_for_progress(s, &c)) {
+            s->allocated += c.len;
+        }
+    }
+    s->cursor = 0;
+    s->next_seq = 0;
+    return r < 0 ? r : 0;
+}
+
+static void fail(convert_state *s, int ret)
+{
+    if (!s->ret) {
+        s->ret = ret;
+    }
+    pthread_cond_broadcast(&s->turn);
+}
+
+static void *worker(void *opaque)
+{
+    convert_state *s = opaque;
+    uint8_t *buf = malloc(BUF_SIZE > s->cluster ? BUF_SIZE : s->cluster);
+
+    pthread_mutex_lock(&s->lock);
+    if (!buf) {
+        fail(s, -ENOMEM);
+    }
+    for (;;) {
+        chunk c;
+        int r = next_chunk(s, &c);
+
+        if (r) {
+            if (r < 0) {
+                fail(s, r);
+            }
+            break;
+        }
+        pthread_mutex_unlock(&s->lock);
+
+        r = 0;
+        if (c.status == BLK_DATA) {
+            r = read_chunk(s, &c, buf);
+            if (r < 0) {
+                cli_error("error while reading at byte %" PRIu64 ": %s",
+                          c.offset, strerror(-r));
+            }
+        }
+
+        pthread_mutex_lock(&s->lock);
+        if (r < 0) {
+            fail(s, r);
+            break;
+        }
+        while (s->in_order && s->write_seq != c.seq && !s->ret) {
+            pthread_cond_wait(&s->turn, &s->lock);
+        }
+        if (s->ret) {
+            break;
+        }
+        pthread_mutex_unlock(&s->lock);
+
+        r = write_chunk(s, &c, buf);
+        if (r < 0) {
+            cli_error("error while writing at byte %" PRIu64 ": %s",
+                      c.offset, strerror(-r));
+        }
+
+        pthread_mutex_lock(&s->lock);
+        if (r < 0) {
+            fail(s, r);
+            break;
+        }
+        s->write_seq++;
+        if (counts_for_progress(s, &c) && s->allocated) {
+            s->done += c.len;
+            cli_progress_print(&s->progress,
+                               (double)s->done * 100.0 / (double)s->allocated);
+        }
+        pthread_cond_broadcast(&s->turn);
+    }
+    pthread_mutex_unlock(&s->lock);
+    free(buf);
+    return NULL;
+}
+
+static int run_copy(convert_state *s, int nthreads)
+{
+    pthread_t tids[MAX_THREADS];
+    int started = 0;
+
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->turn, NULL);
+    for (int i = 0; i < nthreads; i++) {
+        if (pthread_create(&tids[i], NULL, worker, s) != 0) {
+            break;
+        }
+        started++;
+    }
+    if (started == 0) {
+        worker(s);
+    }
+    for (int i = 0; i < started; i++) {
+        pthread_join(tids[i], NULL);
+    }
+    pthread_cond_destroy(&s->turn);
+    pthread_mutex_destroy(&s->lock);
+    return s->ret;
+}
+
+/* Whether @fmt can store compressed clusters; the library has no query
+ * for this, and qemu refuses before creating anything. */
+static bool format_compresses(const char *fmt)
+{
+    return strcmp(fmt, "qcow2") == 0 || strcmp(fmt, "qcow") == 0 ||
+           strcmp(fmt, "vmdk") == 0;
+}
+
+int cmd_convert(int argc, char **argv)
+{
+    const char *fmt = NULL, *out_fmt = "raw", *cache = "unsafe";
+    const char *src_cache = NULL, *out_name = NULL;
+    char *options = NULL;
+    bool progress = false, quiet = false, skip_create = false;
+    bool target_is_zero = false, out_of_order = false;
+    unsigned src_flags = 0;
+    uint64_t min_sparse = 8 * SECTOR, nthreads = 8;
+    convert_state s;
+    vd_opts *copts = NULL, *topts = NULL, *sopts = NULL;
+    vd_error err = VD_ERROR_INIT;
+    int ch, ret = 1;
+
+    memset(&s, 0, sizeof(s));
+    while ((ch = cli_getopt("convert", argc, argv)) != -1) {
+        switch (ch) {
+        case 'h':
+            cli_print_help();
+            return 0;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'O':
+            out_fmt = optarg;
+            break;
+        case 'o': {
+            char *joined;
+
+            if (options) {
+                if (asprintf(&joined, "%s,%s", options, optarg) < 0) {
+                    goto out;
+                }
+                free(options);
+                options = joined;
+            } else {
+                options = strdup(optarg);
+            }
+            break;
+        }
+        case 'S': {
+            if (cli_cvtnum("buffer size for sparse output", optarg,
+                           &min_sparse) < 0) {
+                goto out;
+            }
+            if (min_sparse % SECTOR || min_sparse > MAX_SPARSE) {
+                cli_error("Invalid buffer size for sparse output specified. "
+                          "Valid sizes are multiples of %d up to %d. Select 0 "
+                          "to disable sparse detection (fully allocates "
+                          "output).", SECTOR, MAX_SPARSE);
+                goto out;
+            }
+            break;
+        }
+        case 'p':
+            progress = true;
+            break;
+        case 't':
+            cache = optarg;
+            break;
+        case 'T':
+            src_cache = optarg;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'n':
+            skip_create = true;
+            break;
+        case 'm': {
+            char *end;
+
+            nthreads = strtoull(optarg, &end, 10);
+            if (*end || !*optarg || nthreads < 1 || nthreads > MAX_THREADS) {
+                cli_error("Invalid number of coroutines. Allowed number of "
+                          "coroutines is between 1 and %d", MAX_THREADS);
+                goto out;
+            }
+            break;
+        }
+        case 'W':
+            out_of_order = true;
+            break;
+        case 'U':
+            src_flags |= VD_O_FORCE_SHARE;
+            break;
+        case 'c':
+            s.compressed = true;
+            break;
+        case OPT_TARGET_IS_ZERO:
+            target_is_zero = true;
+            break;
+        default:
+            goto out;
+        }
+    }
+    if (quiet) {
+        progress = false;
+    }
+
+    if (options && cli_has_help_option(options)) {
+        ret = cli_print_create_help(NULL, out_fmt);
+        goto out;
+    }
+    if (skip_create && options) {
+        cli_error("-o has no effect when skipping image creation");
+        goto out;
+    }
+    if (target_is_zero && !skip_create) {
+        cli_error("--target-is-zero requires use of -n flag");
+        goto out;
+    }
+    s.nsrc = argc - optind - 1;
+    if (s.nsrc < 1) {
+        cli_error("Must specify image file name");
+        goto out;
+    }
+    out_name = argv[argc - 1];
+    if (!vd_create_options(out_fmt)) {
+        cli_error("Unknown file format '%s'", out_fmt);
+        goto out;
+    }
+
+    s.src = calloc((size_t)s.nsrc, sizeof(*s.src));
+    s.src_names = calloc((size_t)s.nsrc, sizeof(*s.src_names));
+    s.src_size = calloc((size_t)s.nsrc, sizeof(*s.src_size));
+    s.src_start = calloc((size_t)s.nsrc, sizeof(*s.src_start));
+    if (!s.src || !s.src_names || !s.src_size || !s.src_start) {
+        goto out;
+    }
+    if (src_cache) {
+        sopts = vd_opts_new();
+        if (!sopts || vd_opts_set(sopts, "cache", src_cache) < 0) {
+            goto out;
+        }
+    }
+    for (int i = 0; i < s.nsrc; i++) {
+        int64_t len;
+
+        s.src_names[i] = argv[optind + i];
+        s.src[i] = cli_open(s.src_names[i], fmt, src_flags, sopts);
+        if (!s.src[i]) {
+            goto out;
+        }
+        len = vd_getlength(s.src[i]);
+        if (len < 0) {
+            cli_error("Could not get size of %s: %s", s.src_names[i],
+                      strerror((int)-len));
+            goto out;
+        }
+        s.src_size[i] = (uint64_t)len;
+        s.src_start[i] = s.total;
+        s.total += ((uint64_t)len + SECTOR - 1) / SECTOR * SECTOR;
+    }
+
+    if (s.compressed && !format_compresses(out_fmt)) {
+        cli_error("Compression not supported for this file format");
+        goto out;
+    }
+
+    if (!skip_create) {
+        const vd_create_option *list = vd_create_options(out_fmt);
+        char size[32];
+
+        copts = vd_opts_new();
+        if (!copts) {
+            goto out;
+        }
+        if (options && vd_opts_parse(copts, options, NULL, &err) < 0) {
+            cli_error("%s", err.message);
+            goto out;
+        }
+        for (size_t i = 0; i < vd_opts_count(copts); i++) {
+            const char *key, *val;
+            bool known = false;
+
+            vd_opts_nth(copts, i, &key, &val);
+            for (const vd_create_option *o = list; o->name; o++) {
+                known |= strcmp(o->name, key) == 0;
+            }
+            if (!known) {
+                cli_error("Invalid parameter '%s'", key);
+                goto out;
+            }
+        }
+        snprintf(size, sizeof(size), "%" PRIu64, s.total);
+        vd_opts_set(copts, "size", size);
+        if (vd_create(out_name, out_fmt, copts, &err) < 0) {
+            cli_error("%s: error while converting %s: %s", out_name, out_fmt,
+                      cli_strip_filename(err.message, out_name));
+            goto out;
+        }
+    }
+
+    topts = vd_opts_new();
+    if (!topts || vd_opts_set(topts, "cache", cache) < 0) {
+        goto out;
+    }
+    s.target = cli_open(out_name, skip_create ? NULL : out_fmt,
+                        VD_O_RDWR | (skip_create ? 0 : VD_O_NO_BACKING), topts);
+    if (!s.target && skip_create) {
+        goto out;
+    }
+    if (!s.target) {
+        goto out;
+    }
+    if (skip_create) {
+        int64_t tlen = vd_getlength(s.target);
+
+        if (tlen < 0) {
+            cli_error("Could not get size of %s: %s", out_name,
+                      strerror((int)-tlen));
+            goto out;
+        }
+        if ((uint64_t)tlen < s.total) {
+            cli_error("output file is smaller than input file");
+            goto out;
+        }
+    }
+    if (s.compressed) {
+        vd_image_info *info = NULL;
+
+        if (vd_get_info(s.target, &info, NULL) < 0 || !info->cluster_size) {
+            vd_image_info_free(&info);
+            cli_error("Compression not supported for this file format");
+            goto out;
+        }
+        s.cluster = info->cluster_size;
+        vd_image_info_free(&info);
+    }
+
+    s.min_sparse = min_sparse;
+    s.has_zero_init = min_sparse && (!skip_create || target_is_zero);
+    s.in_order = !out_of_order;
+    cli_progress_init(&s.progress, progress);
+    if (progress && count_allocated(&s) < 0) {
+        goto out;
+    }
+    if (run_copy(&s, (int)nthreads) < 0) {
+        goto out;
+    }
+    cli_progress_print(&s.progress, 100);
+    cli_progress_end(&s.progress);
+    if (vd_flush(s.target, &err) < 0) {
+        cli_report_vd_error(&err, -EIO, out_name);
+        goto out;
+    }
+    ret = 0;
+out:
+    if (s.target) {
+        vd_error_clear(&err);
+        if (vd_close(&s.target, &err) < 0 && ret == 0) {
+            cli_report_vd_error(&err, -EIO, out_name);
+            ret = 1;
+        }
+    }
+    for (int i = 0; s.src && i < s.nsrc; i++) {
+        vd_close(&s.src[i], NULL);
+    }
+    free(s.src);
+    free(s.src_names);
+    free(s.src_size);
+    free(s.src_start);
+    vd_opts_free(&copts);
+    vd_opts_free(&topts);
+    vd_opts_free(&sopts);
+    free(options);
+    return ret;
+}

@@ -1,0 +1,139 @@
+/*
+ * vdisk resize: qemu-img resize. The size is taken off the end of argv
+ * before option parsing so that "-10M" is not mistaken for an option, as
+ * qemu-img does; "+N" and "-N" are relative to the current size.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "commands.h"
+#include "util.h"
+
+static int parse_prealloc(const char *s, vd_prealloc *out)
+{
+    static const char *const names[] = { "off", "metadata", "falloc",
+                                         "full" };
+
+    for (int i = 0; i < 4; i++) {
+        if (strcmp(s, names[i]) == 0) {
+            *out = (vd_prealloc)i;
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+int cmd_resize(int argc, char **argv)
+{
+    const char *fmt = NULL, *size, *filename;
+    bool quiet = false, shrink = false;
+    vd_prealloc prealloc = VD_PREALLOC_OFF;
+    vd_error err = VD_ERROR_INIT;
+    int relative = 0, ch, ret = 1, r;
+    uint64_t n;
+    int64_t current, total;
+    vd_node *node;
+
+    if (argc < 3) {
+        cli_error_hint("Not enough arguments");
+        return 1;
+    }
+    size = argv[--argc];
+
+    while ((ch = cli_getopt("resize", argc, argv)) != -1) {
+        switch (ch) {
+        case 'h':
+            cli_print_help();
+            return 0;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case OPT_SHRINK:
+            shrink = true;
+            break;
+        case OPT_PREALLOCATION:
+            if (parse_prealloc(optarg, &prealloc) < 0) {
+                cli_error("Invalid preallocation mode '%s'", optarg);
+                return 1;
+            }
+            break;
+        default:
+            return 1;
+        }
+    }
+    if (optind != argc - 1) {
+        cli_error_hint("Expecting image file name and size");
+        return 1;
+    }
+    filename = argv[optind];
+
+    if (size[0] == '+') {
+        relative = 1;
+        size++;
+    } else if (size[0] == '-') {
+        relative = -1;
+        size++;
+    }
+    r = vd_parse_size(size, &n);
+    if (r == -ERANGE) {
+        /* qemu accepts up to 2^64 here and then finds the size negative. */
+        cli_error("New image size must be positive");
+        return 1;
+    } else if (r < 0) {
+        cli_error("Parameter 'size' expects a non-negative number below 2^64");
+        fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, "
+                "mega-, giga-, tera-, peta-\nand exabytes, respectively.\n");
+        return 1;
+    }
+
+    node = cli_open(filename, fmt, VD_O_RDWR, NULL);
+    if (!node) {
+        return 1;
+    }
+    current = vd_getlength(node);
+    if (current < 0) {
+        cli_error("Failed to inquire current image length: %s",
+                  strerror((int)-current));
+        goto out;
+    }
+    if (relative) {
+        total = current + (int64_t)n * relative;
+    } else {
+        total = (int64_t)n;
+    }
+    if (total <= 0) {
+        cli_error("New image size must be positive");
+        goto out;
+    }
+    if (total <= current && prealloc != VD_PREALLOC_OFF) {
+        cli_error("Preallocation can only be used for growing images");
+        goto out;
+    }
+    if (total < current && !shrink) {
+        cli_error("Use the --shrink option to perform a shrink operation.");
+        cli_warn("Shrinking an image will delete all data beyond the "
+                 "shrunken image's end. Before performing such an "
+                 "operation, make sure there is no important data there.");
+        goto out;
+    }
+    r = vd_truncate(node, (uint64_t)total, shrink, prealloc, &err);
+    if (r < 0) {
+        cli_report_vd_error(&err, r, filename);
+        goto out;
+    }
+    ret = 0;
+out:
+    if (vd_close(&node, &err) < 0 && ret == 0) {
+        cli_report_vd_error(&err, -EIO, filename);
+        ret = 1;
+    }
+    if (ret == 0) {
+        cli_qprintf(quiet, "Image resized.\n");
+    }
+    return ret;
+}

@@ -1,0 +1,407 @@
+/*
+ * Shared helpers of the vdisk tool (see util.h): the command table first,
+ * then --help, option parsing, message printing, image opening, size
+ * parsing and formatting, and the progress meter.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "commands.h"
+#include "util.h"
+
+/* ---- the command table ---- */
+
+static const struct option check_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "format", required_argument, NULL, 'f' },
+    { "repair", required_argument, NULL, 'r' },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    { "force-share", no_argument, NULL, 'U' },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option create_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option info_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "format", required_argument, NULL, 'f' },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    { "backing-chain", no_argument, NULL, OPT_BACKING_CHAIN },
+    { "force-share", no_argument, NULL, 'U' },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option convert_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "force-share", no_argument, NULL, 'U' },
+    { "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option compare_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "force-share", no_argument, NULL, 'U' },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option map_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "format", required_argument, NULL, 'f' },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    { "start-offset", required_argument, NULL, OPT_START_OFFSET },
+    { "max-length", required_argument, NULL, OPT_MAX_LENGTH },
+    { "force-share", no_argument, NULL, 'U' },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option resize_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "preallocation", required_argument, NULL, OPT_PREALLOCATION },
+    { "shrink", no_argument, NULL, OPT_SHRINK },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option dd_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "force-share", no_argument, NULL, 'U' },
+    { NULL, 0, NULL, 0 },
+};
+
+const cli_command cli_commands[] = {
+    { "check", cmd_check,
+      "[-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename",
+      ":hf:r:T:qU", check_long },
+    { "compare", cmd_compare,
+      "[-f fmt] [-F fmt] [-q] [-s] [-U] filename1 filename2",
+      ":hf:F:T:pqsU", compare_long },
+    { "convert", cmd_convert,
+      "[--target-is-zero] [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] "
+      "[-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] "
+      "[-m num_coroutines] [-W] filename [filename2 [...]] output_filename",
+      ":hf:O:o:S:pt:T:qnm:WUc", convert_long },
+    { "create", cmd_create,
+      "[-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] "
+      "filename [size]",
+      ":F:b:f:ho:qu", create_long },
+    { "dd", cmd_dd,
+      "[-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] "
+      "[skip=blocks] if=input of=output",
+      ":hf:O:U", dd_long },
+    { "info", cmd_info,
+      "[-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
+      ":f:hU", info_long },
+    { "io", cmd_io,
+      "[-f fmt] [-r] [-c command]... filename (qemu-io's commands)",
+      NULL, NULL },
+    { "map", cmd_map,
+      "[-f fmt] [--start-offset=offset] [--max-length=len] "
+      "[--output=ofmt] [-U] filename",
+      ":f:hU", map_long },
+    { "resize", cmd_resize,
+      "[-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename "
+      "[+ | -]size",
+      ":f:hq", resize_long },
+    { NULL, NULL, NULL, NULL, NULL },
+};
+
+const cli_command *cli_find_command(const char *name)
+{
+    for (const cli_command *c = cli_commands; c->name; c++) {
+        if (strcmp(c->name, name) == 0) {
+            return c;
+        }
+    }
+    return NULL;
+}
+
+static void print_driver(const char *name, void *opaque)
+{
+    (void)opaque;
+    printf(" %s", name);
+}
+
+void cli_print_help(void)
+{
+    printf("vdisk version %s\n"
+           "usage: vdisk command [command options]\n"
+           "Disk image utility, compatible with qemu-img 7.2\n"
+           "\n"
+           "    '-h', '--help'       display this help and exit\n"
+           "    '-V', '--version'    output version information and exit\n"
+           "\n"
+           "Command syntax:\n", vd_version());
+    for (const cli_command *c = cli_commands; c->name; c++) {
+        printf("  %s %s\n", c->name, c->synopsis);
+    }
+    printf("\n"
+"Command parameters:\n"
+"  'filename' is a disk image filename\n"
+"  'fmt' is the disk image format. It is guessed automatically in most cases\n"
+"  'cache' is the cache mode used to write the output disk image, the valid\n"
+"    options are: 'none', 'writeback' (default, except for convert), 'writethrough',\n"
+"    'directsync' and 'unsafe' (default for convert)\n"
+"  'src_cache' is the cache mode used to read input disk images, the valid\n"
+"    options are the same as for the 'cache' option\n"
+"  'size' is the disk image size in bytes. Optional suffixes\n"
+"    'k' or 'K' (kilobyte, 1024), 'M' (megabyte, 1024k), 'G' (gigabyte, 1024M),\n"
+"    'T' (terabyte, 1024G), 'P' (petabyte, 1024T) and 'E' (exabyte, 1024P)  are\n"
+"    supported. 'b' is ignored.\n"
+"  'output_filename' is the destination disk image filename\n"
+"  'output_fmt' is the destination format\n"
+"  'options' is a comma separated list of format specific options in a\n"
+"    name=value format. Use -o help for an overview of the options supported by\n"
+"    the used format\n"
+"  '-c' indicates that target image must be compressed (qcow format only)\n"
+"  '-u' allows unsafe backing chains. For image creation, allow creating\n"
+"       without attempting to open the backing file.\n"
+"  '-h' with or without a command shows this help and lists the supported formats\n"
+"  '-p' show progress of command (only certain commands)\n"
+"  '-q' use Quiet mode - do not print any output (except errors)\n"
+"  '-S' indicates the consecutive number of bytes (defaults to 4k) that must\n"
+"       contain only zeros for vdisk to create a sparse image during\n"
+"       conversion. If the number of bytes is 0, the source will not be scanned for\n"
+"       unallocated or zero sectors, and the destination image will always be\n"
+"       fully allocated\n"
+"  '--output' takes the format in which the output must be done (human or json)\n"
+"  '-n' skips the target volume creation (useful if the volume is created\n"
+"       prior to running vdisk)\n"
+"\n"
+"Parameters to check subcommand:\n"
+"  '-r' tries to repair any inconsistencies that are found during the check.\n"
+"       '-r leaks' repairs only cluster leaks, whereas '-r all' fixes all\n"
+"       kinds of errors, with a higher risk of choosing the wrong fix or\n"
+"       hiding corruption that has already occurred.\n"
+"\n"
+"Parameters to convert subcommand:\n"
+"  '-m' specifies how many threads work in parallel during the convert\n"
+"       process (defaults to 8)\n"
+"  '-W' allow to write to the target out of order rather than sequential\n"
+"\n"
+"Parameters to compare subcommand:\n"
+"  '-f' first image format\n"
+"  '-F' second image format\n"
+"  '-s' run in Strict mode - fail on different image size or sector allocation\n"
+"\n"
+"Parameters to dd subcommand:\n"
+"  'bs=BYTES' read and write up to BYTES bytes at a time (default: 512)\n"
+"  'count=N' copy only N input blocks\n"
+"  'if=FILE' read from FILE\n"
+"  'of=FILE' write to FILE\n"
+"  'skip=N' skip N bs-sized blocks at the start of input\n"
+"\n"
+"Supported formats:");
+    vd_list_drivers(print_driver, NULL);
+    printf("\n");
+}
+
+int cli_getopt(const char *name, int argc, char **argv)
+{
+    const cli_command *c = cli_find_command(name);
+    int ch;
+
+    ch = getopt_long(argc, argv, c->short_opts, c->long_opts, NULL);
+    if (ch == ':') {
+        cli_error_hint("missing argument for option '%s'", argv[optind - 1]);
+        return '?';
+    }
+    if (ch == '?') {
+        cli_error_hint("unrecognized option '%s'", argv[optind - 1]);
+        return '?';
+    }
+    return ch;
+}
+
+/* ---- messages ---- */
+
+static void vreport(const char *prefix, const char *fmt, va_list ap)
+{
+    fflush(stdout);
+    fprintf(stderr, "vdisk: %s", prefix);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+}
+
+void cli_error(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vreport("", fmt, ap);
+    va_end(ap);
+}
+
+void cli_error_hint(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vreport("", fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "Try 'vdisk --help' for more information\n");
+}
+
+void cli_warn(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vreport("warning: ", fmt, ap);
+    va_end(ap);
+}
+
+void cli_qprintf(bool quiet, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (quiet) {
+        return;
+    }
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+}
+
+void cli_report_vd_error(const vd_error *err, int ret, const char *fallback)
+{
+    if (err->code && err->message[0]) {
+        cli_error("%s", err->message);
+    } else {
+        cli_error("%s: %s", fallback, strerror(ret < 0 ? -ret : EIO));
+    }
+}
+
+const char *cli_strip_filename(const char *msg, const char *filename)
+{
+    size_t n = strlen(filename);
+
+    if (strncmp(msg, filename, n) == 0 && msg[n] == ':' && msg[n + 1] == ' ') {
+        return msg + n + 2;
+    }
+    return msg;
+}
+
+/* ---- images ---- */
+
+vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
+                  const vd_opts *opts)
+{
+    vd_error err = VD_ERROR_INIT;
+    vd_node *node = NULL;
+    int ret;
+
+    /* qemu-img warns about a probed raw image only when it may write. */
+    if (!(flags & VD_O_RDWR)) {
+        flags |= VD_O_QUIET;
+    }
+    ret = vd_open(&node, filename, fmt, opts, flags, &err);
+    if (ret < 0) {
+        if (err.message[0]) {
+            /* qemu's own prefix already names the file. */
+            cli_error("Could not open '%s': %s", filename,
+                      cli_strip_filename(err.message, filename));
+        } else {
+            cli_error("Could not open '%s': %s", filename, strerror(-ret));
+        }
+        return NULL;
+    }
+    return node;
+}
+
+/* ---- sizes ---- */
+
+int cli_cvtnum(const char *what, const char *str, uint64_t *out)
+{
+    int ret = vd_parse_size(str, out);
+
+    if (ret == -ERANGE) {
+        cli_error("Invalid %s specified. Must be between 0 and "
+                  "9223372036854775807.", what);
+    } else if (ret < 0) {
+        cli_error("Invalid %s specified. You may use k, M, G, T, P "
+                  "or E suffixes for", what);
+        cli_error("kilobytes, megabytes, gigabytes, terabytes, petabytes "
+                  "and exabytes.");
+    }
+    return ret;
+}
+
+void cli_size_to_str(char *buf, size_t len, uint64_t val)
+{
+    static const char *const suffixes[] = { "", "Ki", "Mi", "Gi", "Ti",
+                                            "Pi", "Ei" };
+    int exp;
+
+    /* Scaling by 1024/1000 switches to the next unit once the integer part
+     * would reach 1000, which is how qemu keeps three significant digits. */
+    frexp(val / (1000.0 / 1024.0), &exp);
+    exp = (exp - 1) / 10;
+    if (exp < 0) {
+        exp = 0;
+    }
+    if (exp > 6) {
+        exp = 6;
+    }
+    snprintf(buf, len, "%0.3g %sB", (double)val / (double)(1ULL << (exp * 10)),
+             suffixes[exp]);
+}
+
+int cli_parse_output(const char *arg, bool *json)
+{
+    if (strcmp(arg, "json") == 0) {
+        *json = true;
+    } else if (strcmp(arg, "human") == 0) {
+        *json = false;
+    } else {
+        cli_error("--output must be used with human or json as argument.");
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* ---- progress ---- */
+
+static void progress_show(cli_progress *p, double v)
+{
+    printf("    (%3.2f/100%%)\r", v);
+    fflush(stdout);
+    p->last = v;
+}
+
+void cli_progress_init(cli_progress *p, bool enabled)
+{
+    p->enabled = enabled;
+    p->last = 0;
+    if (enabled) {
+        progress_show(p, 0);
+    }
+}
+
+void cli_progress_print(cli_progress *p, double percent)
+{
+    if (!p->enabled) {
+        return;
+    }
+    if (percent > 100) {
+        percent = 100;
+    }
+    /* Like qemu: redraw after each full percent, and always at 100. */
+    if (percent > p->last + 1.0 || percent < p->last - 1.0 ||
+        percent == 100) {
+        progress_show(p, percent);
+    }
+}
+
+void cli_progress_end(cli_progress *p)
+{
+    if (p->enabled) {
+        printf("\n");
+        fflush(stdout);
+    }
+}

@@ -1,0 +1,112 @@
+/*
+ * Helpers shared by the vdisk subcommands: qemu-img style error
+ * reporting, the command table that drives option parsing and --help,
+ * image opening, size parsing with qemu-img's messages, qemu's human
+ * size format and the progress meter.
+ *
+ * Every subcommand is described once in cli_commands[] (util.c): its
+ * synopsis, short options and long options. cli_getopt() parses with that
+ * description, so the help text and the parser cannot drift apart.
+ */
+#ifndef VDISK_TOOLS_UTIL_H
+#define VDISK_TOOLS_UTIL_H
+
+#include <getopt.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "vdisk/vdisk.h"
+
+/* Values returned by getopt_long for long-only options. */
+enum {
+    OPT_OUTPUT = 256,
+    OPT_BACKING_CHAIN,
+    OPT_SHRINK,
+    OPT_PREALLOCATION,
+    OPT_START_OFFSET,
+    OPT_MAX_LENGTH,
+    OPT_TARGET_IS_ZERO,
+    OPT_OBJECT,
+    OPT_IMAGE_OPTS,
+    OPT_FORCE_SHARE_LONG,
+};
+
+typedef struct cli_command {
+    const char *name;
+    int (*handler)(int argc, char **argv);
+    const char *synopsis;               /* arguments after the name */
+    const char *short_opts;             /* getopt string, ':' prefixed */
+    const struct option *long_opts;     /* NULL-terminated, or NULL */
+} cli_command;
+
+/* The table of subcommands, terminated by a NULL name. */
+extern const cli_command cli_commands[];
+
+/* Finds a subcommand by name, or NULL. */
+const cli_command *cli_find_command(const char *name);
+
+/* Prints the usage text (vdisk --help). */
+void cli_print_help(void);
+
+/*
+ * getopt_long() over the options of command @name. Returns the option
+ * character, -1 at the end, or '?' after printing qemu-img's message for
+ * an unknown option or a missing argument (the caller exits with 1).
+ */
+int cli_getopt(const char *name, int argc, char **argv);
+
+/* "vdisk: MESSAGE\n" on stderr. */
+void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* cli_error() followed by the "Try 'vdisk --help'" hint. */
+void cli_error_hint(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* "vdisk: warning: MESSAGE\n" on stderr. */
+void cli_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Prints to stdout unless @quiet. */
+void cli_qprintf(bool quiet, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/*
+ * Opens an image for a subcommand and reports a failure as qemu-img does
+ * ("Could not open 'FILE': ..."). Returns NULL on failure.
+ */
+vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
+                  const vd_opts *opts);
+
+/* Returns @msg without a leading "FILENAME: " (for messages that qemu
+ * prints with its own prefix). */
+const char *cli_strip_filename(const char *msg, const char *filename);
+
+/*
+ * Parses a size argument as qemu-img's cvtnum() does; on error prints
+ * qemu-img's message naming @what (e.g. "image size") and returns a
+ * negative errno.
+ */
+int cli_cvtnum(const char *what, const char *str, uint64_t *out);
+
+/* qemu's size_to_str(): "1 MiB", "1.39 MiB", "516 KiB", "0 B". */
+void cli_size_to_str(char *buf, size_t len, uint64_t val);
+
+/* Parses "human" / "json" for --output; prints qemu-img's error. */
+int cli_parse_output(const char *arg, bool *json);
+
+/* Progress meter ("    (12.34/100%)\r"), shown only when enabled. */
+typedef struct cli_progress {
+    bool enabled;
+    double last;
+} cli_progress;
+
+void cli_progress_init(cli_progress *p, bool enabled);
+void cli_progress_print(cli_progress *p, double percent);
+void cli_progress_end(cli_progress *p);
+
+/* "-o help" support shared by create and convert (cmd_create.c):
+ * whether an -o string asks for help, and the listing itself (@filename
+ * NULL lists only the format's own options). Returns the exit status. */
+bool cli_has_help_option(const char *str);
+int cli_print_create_help(const char *filename, const char *fmt);
+
+/* Copies the creation/open failure message to stderr with the prefix. */
+void cli_report_vd_error(const vd_error *err, int ret, const char *fallback);
+
+#endif
