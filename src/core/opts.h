@@ -28,7 +28,8 @@ int vd_opts_take_enum(vd_opts *opts, const char *key,
                       const char *const *choices, int def, int *out,
                       vd_error *err);
 
-/* Moves every "PREFIX.rest" key into a new set as "rest". Returns the new
+/* Moves every key that starts with @prefix (given with its dot, "file.")
+ * into a new set without the prefix. Returns the new
  * set (possibly empty) or NULL on ENOMEM. */
 vd_opts *vd_opts_extract_prefix(vd_opts *opts, const char *prefix);
 
