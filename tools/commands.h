@@ -15,5 +15,7 @@ int cmd_resize(int argc, char **argv);
 int cmd_dd(int argc, char **argv);
 int cmd_check(int argc, char **argv);
 int cmd_io(int argc, char **argv);   /* tools/io.c: the qemu-io commands */
+int cmd_bench(int argc, char **argv); /* tools/cmd_bench.c: qemu-img bench */
+int cmd_serve(int argc, char **argv); /* tools/cmd_serve.c: the NBD server */
 
 #endif

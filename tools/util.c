@@ -75,6 +75,11 @@ static const struct option dd_long[] = {
 };
 
 const cli_command cli_commands[] = {
+    { "bench", cmd_bench,
+      "[-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] "
+      "[-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] "
+      "[-s buffer_size] [-S step_size] [-t cache] [-w] [-U] [--random] "
+      "filename", NULL, NULL },
     { "check", cmd_check,
       "[-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename",
       ":hf:r:T:qU", check_long },
@@ -108,6 +113,11 @@ const cli_command cli_commands[] = {
       "[-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename "
       "[+ | -]size",
       ":f:hq", resize_long },
+    { "serve", cmd_serve,
+      "[-f fmt] [-r] [-x name] [-D description] [-k socket | -b addr "
+      "-p port] [-e shared] [-t] [--fork] [--pid-file=file] [--cache=mode] "
+      "[--aio=mode] [--discard=mode] [--detect-zeroes=mode] filename... "
+      "(qemu-nbd's options)", NULL, NULL },
     { NULL, NULL, NULL, NULL, NULL },
 };
 

@@ -1,0 +1,321 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks: QEMU's tools and vdisk on the same work, in one
+# run, with a table of medians at the end. See bench/README.md for what
+# each case measures and why it is measured this way.
+#
+#   bench/run.sh [quick|full]      (default quick)
+#
+# Environment:
+#   VDISK       the vdisk binary (default: build*/tools/vdisk in the
+#               source tree, then `vdisk` on PATH)
+#   QEMU_IMG    qemu-img (default: qemu-img on PATH)
+#   BENCH_DIR   where the scratch directory goes (default /var/tmp)
+#   BENCH_CACHE cache mode for the bench cases (default writeback, as
+#               qemu-img bench; "none" measures the device more than the
+#               software)
+#   BENCH_KEEP=1  keep the scratch directory
+#
+# Organisation: helpers (timing, medians, table), image preparation, one
+# function per kind of case, then the case list. Each case runs QEMU and
+# vdisk alternately N times (N=3 quick, 5 full) so drift in the machine
+# hits both equally. A case whose vdisk run fails prints FAILED and the
+# script goes on.
+set -u -o pipefail
+
+mode=${1:-quick}
+case $mode in
+quick) reps=3; rand_count=100000; seq_passes=2 ;;
+full)  reps=5; rand_count=400000; seq_passes=4 ;;
+*) echo "usage: $0 [quick|full]" >&2; exit 2 ;;
+esac
+
+here=$(cd "$(dirname "$0")" && pwd)
+srcdir=$(dirname "$here")
+QEMU_IMG=${QEMU_IMG:-qemu-img}
+cache=${BENCH_CACHE:-writeback}
+
+if [ -z "${VDISK:-}" ]; then
+    for c in "$srcdir"/build/tools/vdisk "$srcdir"/build*/tools/vdisk; do
+        if [ -x "$c" ]; then VDISK=$c; break; fi
+    done
+fi
+if [ -z "${VDISK:-}" ]; then
+    VDISK=$(command -v vdisk || true)
+fi
+if [ -z "${VDISK:-}" ] || [ ! -x "$VDISK" ]; then
+    echo "$0: set VDISK to the vdisk binary (no build*/tools/vdisk found)" >&2
+    exit 2
+fi
+for c in "$QEMU_IMG" /usr/bin/time; do
+    if ! command -v "$c" >/dev/null; then
+        echo "$0: $c is required (apt-get install qemu-utils time)" >&2
+        exit 2
+    fi
+done
+
+work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/vdisk-bench.XXXXXX") || exit 2
+cleanup()
+{
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then
+        echo "kept $work"
+    else
+        # Slow on file systems mounted with -o discard: every freed block
+        # is discarded synchronously.
+        echo "removing $work"
+        rm -rf "$work"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log=$work/log
+: >"$log"
+results=()   # one line per case: name|unit|qemu|vdisk|ratio|qrss|vrss
+
+# ---- helpers ----
+
+# median V1 V2 ...: the middle value (mean of the two middle ones for an
+# even count). Empty when no values.
+median()
+{
+    [ $# -gt 0 ] || return 0
+    printf '%s\n' "$@" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2];
+                                   else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+maxof()
+{
+    printf '%s\n' "$@" | sort -g | tail -n 1
+}
+
+now_ns()
+{
+    date +%s%N
+}
+
+# timed OUTFILE CMD ARGS...: runs CMD under /usr/bin/time; stdout+stderr go
+# to OUTFILE, the peak RSS (KiB) to OUTFILE.rss and the wall time in
+# seconds to OUTFILE.wall. Returns CMD's status.
+timed()
+{
+    local out=$1 t0 t1 st=0
+    shift
+    t0=$(now_ns)
+    /usr/bin/time -f '%M' -o "$out.rss" "$@" >"$out" 2>&1 || st=$?
+    t1=$(now_ns)
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f\n", (b - a) / 1e9 }' \
+        >"$out.wall"
+    {
+        echo "\$ $*"
+        cat "$out"
+    } >>"$log"
+    # /usr/bin/time appends "Command exited with non-zero status N".
+    tail -n 1 "$out.rss" | tr -dc '0-9' >"$out.rss1"
+    return $st
+}
+
+# bench_seconds FILE: the number in "Run completed in X seconds.", or
+# nothing when the line is missing.
+bench_seconds()
+{
+    sed -nE 's/^Run completed in ([0-9]+\.[0-9]+) seconds\.$/\1/p' "$1"
+}
+
+add_row()
+{
+    results+=("$1|$2|$3|$4|$5|$6|$7")
+    printf '  %-34s %s\n' "$1" "done"
+}
+
+fail_row()
+{
+    results+=("$1|$2|${3:-FAILED}|FAILED|-|${4:--}|-")
+    printf '  %-34s FAILED (%s)\n' "$1" "$5"
+}
+
+# ---- images ----
+
+size=$((1024 * 1024 * 1024))
+echo "vdisk benchmarks ($mode, $reps runs per tool and case) in $work"
+echo "qemu: $($QEMU_IMG --version | head -n 1)"
+echo "vdisk: $VDISK"
+echo "preparing images..."
+
+# Fully allocated 1 GiB images, one copy per tool so that a tool's writes
+# never change what the other tool reads or allocates.
+$QEMU_IMG create -q -f raw -o preallocation=full "$work/base.raw" "$size" ||
+    exit 1
+$QEMU_IMG create -q -f qcow2 -o preallocation=full "$work/base.qcow2" "$size" ||
+    exit 1
+for tool in qemu vdisk; do
+    cp "$work/base.raw" "$work/$tool.raw"
+    cp "$work/base.qcow2" "$work/$tool.qcow2"
+done
+rm -f "$work/base.raw" "$work/base.qcow2"
+
+# 2 GiB, half data half holes: 4 MiB of incompressible data at every other
+# 4 MiB, so convert meets 256 data extents and 256 holes.
+chunk=$((4 * 1024 * 1024))
+head -c "$chunk" /dev/urandom >"$work/chunk"
+truncate -s $((2 * size)) "$work/conv-src.raw"
+for ((i = 0; i < 2 * size / chunk; i += 2)); do
+    dd if="$work/chunk" of="$work/conv-src.raw" bs="$chunk" seek="$i" \
+        conv=notrunc status=none
+done
+rm -f "$work/chunk"
+$QEMU_IMG convert -f raw -O qcow2 "$work/conv-src.raw" "$work/conv-src.qcow2" ||
+    exit 1
+sync
+
+# ---- cases ----
+
+# bench_case NAME UNIT FMT COUNT BYTES_PER_REQ ARGS...: qemu-img bench vs
+# vdisk bench with the same ARGS on each tool's own image. UNIT is IOPS
+# or MiB/s; the value comes from the tool's own "Run completed" time, so
+# open and close are not counted.
+bench_case()
+{
+    local name=$1 unit=$2 fmt=$3 count=$4 reqbytes=$5 r t s
+    shift 5
+    local -a qv=() vv=() qr=() vr=()
+    local why=""
+
+    for ((r = 0; r < reps; r++)); do
+        for t in qemu vdisk; do
+            local prog=$QEMU_IMG
+            [ $t = vdisk ] && prog=$VDISK
+            if ! timed "$work/out" "$prog" bench -f "$fmt" -t "$cache" \
+                -c "$count" "$@" "$work/$t.$fmt"; then
+                why="$t: $(tail -n 1 "$work/out")"
+                break 2
+            fi
+            s=$(bench_seconds "$work/out")
+            if [ -z "$s" ]; then
+                why="$t: no timing line"
+                break 2
+            fi
+            # The tools print milliseconds; a run under 1 ms counts as 1 ms.
+            s=$(awk -v s="$s" 'BEGIN { print (s < 0.001) ? 0.001 : s }')
+            if [ "$unit" = IOPS ]; then
+                v=$(awk -v c="$count" -v s="$s" 'BEGIN { printf "%.0f", c / s }')
+            else
+                v=$(awk -v c="$count" -v b="$reqbytes" -v s="$s" \
+                    'BEGIN { printf "%.1f", c * b / s / 1048576 }')
+            fi
+            if [ $t = qemu ]; then
+                qv+=("$v"); qr+=("$(cat "$work/out.rss1")")
+            else
+                vv+=("$v"); vr+=("$(cat "$work/out.rss1")")
+            fi
+        done
+    done
+    if [ -n "$why" ]; then
+        local qm="" qrm=""
+        if [ ${#qv[@]} -gt 0 ]; then
+            qm=$(median "${qv[@]}"); qrm=$(maxof "${qr[@]}")
+        fi
+        fail_row "$name" "$unit" "${qm:-FAILED}" "${qrm:--}" "$why"
+        return
+    fi
+    local qm vm
+    qm=$(median "${qv[@]}")
+    vm=$(median "${vv[@]}")
+    add_row "$name" "$unit" "$qm" "$vm" \
+        "$(awk -v q="$qm" -v v="$vm" 'BEGIN { printf "%.2f", v / q }')" \
+        "$(maxof "${qr[@]}")" "$(maxof "${vr[@]}")"
+}
+
+# convert_case NAME SRC SRCFMT DSTFMT: qemu-img convert vs vdisk convert,
+# wall time of the whole command. The first vdisk output is checked with
+# qemu-img compare, so a fast but wrong convert cannot score.
+convert_case()
+{
+    local name=$1 src=$2 sfmt=$3 dfmt=$4 r t
+    local -a qv=() vv=() qr=() vr=()
+    local why="" dst=$work/conv-dst.$dfmt
+
+    for ((r = 0; r < reps; r++)); do
+        for t in qemu vdisk; do
+            local prog=$QEMU_IMG
+            [ $t = vdisk ] && prog=$VDISK
+            rm -f "$dst"
+            if ! timed "$work/out" "$prog" convert -f "$sfmt" -O "$dfmt" \
+                "$src" "$dst"; then
+                why="$t: $(tail -n 1 "$work/out")"
+                break 2
+            fi
+            if [ $t = vdisk ] && [ "$r" = 0 ] &&
+                ! $QEMU_IMG compare -q -f "$sfmt" -F "$dfmt" "$src" "$dst" \
+                    >>"$log" 2>&1; then
+                why="vdisk: output differs from the source"
+                break 2
+            fi
+            if [ $t = qemu ]; then
+                qv+=("$(cat "$work/out.wall")"); qr+=("$(cat "$work/out.rss1")")
+            else
+                vv+=("$(cat "$work/out.wall")"); vr+=("$(cat "$work/out.rss1")")
+            fi
+        done
+    done
+    rm -f "$dst"
+    if [ -n "$why" ]; then
+        local qm="" qrm=""
+        if [ ${#qv[@]} -gt 0 ]; then
+            qm=$(median "${qv[@]}"); qrm=$(maxof "${qr[@]}")
+        fi
+        fail_row "$name" s "${qm:-FAILED}" "${qrm:--}" "$why"
+        return
+    fi
+    local qm vm
+    qm=$(median "${qv[@]}")
+    vm=$(median "${vv[@]}")
+    # For times the faster tool has the smaller number: ratio = qemu/vdisk.
+    add_row "$name" s "$qm" "$vm" \
+        "$(awk -v q="$qm" -v v="$vm" 'BEGIN { printf "%.2f", q / v }')" \
+        "$(maxof "${qr[@]}")" "$(maxof "${vr[@]}")"
+}
+
+# 4 KiB "random" requests: both tools walk the same scattered sequence.
+# qemu-img 7.2 bench wraps with "offset = (offset + step) % image_size",
+# so with STEP = 104729 * 4 KiB request k goes to block k * 104729 mod
+# 262144 of the 1 GiB image: 104729 is odd, hence coprime with 2^18, so
+# the walk is a permutation of all 4 KiB blocks (every block once per
+# 262144 requests, each about 400 MiB from the last, never past the end).
+# See README.md for why this rather than fio over NBD.
+rstep=$((104729 * 4096))
+seq_count=$((seq_passes * size / 65536))
+
+echo "running cases..."
+for fmt in raw qcow2; do
+    for qd in 1 32; do
+        bench_case "$fmt 4k rand read  QD$qd" IOPS "$fmt" "$rand_count" 4096 \
+            -d "$qd" -s 4k -S "$rstep"
+        bench_case "$fmt 4k rand write QD$qd" IOPS "$fmt" "$rand_count" 4096 \
+            -d "$qd" -s 4k -S "$rstep" -w
+    done
+    bench_case "$fmt 64k seq read  QD32" MiB/s "$fmt" "$seq_count" 65536 \
+        -d 32 -s 64k
+    bench_case "$fmt 64k seq write QD32" MiB/s "$fmt" "$seq_count" 65536 \
+        -d 32 -s 64k -w
+done
+convert_case "convert 2G half-sparse raw->qcow2" "$work/conv-src.raw" raw qcow2
+convert_case "convert 2G half-sparse qcow2->raw" "$work/conv-src.qcow2" qcow2 raw
+
+# ---- table ----
+
+echo
+echo "Medians of $reps runs (cache=$cache for bench cases). ratio = vdisk/qemu"
+echo "performance: > 1 means vdisk is faster. RSS = peak resident KiB."
+printf '%-34s %-6s %12s %12s %7s %10s %10s\n' \
+    case unit qemu vdisk ratio "qemu RSS" "vdisk RSS"
+printf '%.0s-' {1..97}
+echo
+for row in "${results[@]}"; do
+    IFS='|' read -r n u q v ra qr vr <<<"$row"
+    printf '%-34s %-6s %12s %12s %7s %10s %10s\n' "$n" "$u" "$q" "$v" "$ra" \
+        "$qr" "$vr"
+done
+if [ "${BENCH_KEEP:-0}" = 1 ]; then
+    echo "command log: $log"
+fi

@@ -1,0 +1,606 @@
+/*
+ * The NBD server's frame: the export registry, listening sockets, the
+ * accept loop, connection lifetime, the shared worker pool and shutdown.
+ * Protocol work lives in handshake.c and transmission.c; the threading
+ * model is described in nbd-server.h.
+ *
+ * Lifetime of a connection: the accept loop (nbd_server_run, main thread)
+ * accepts, links an nbd_conn into srv->conns and starts its reader
+ * thread, which runs nbd_conn_serve() and then marks the connection
+ * finished and pokes the wake pipe. The accept loop joins finished
+ * readers, closes their sockets and frees them. Shutdown (a signal
+ * handler calling nbd_server_request_shutdown) stops accepting, shuts
+ * the read side of every socket so each reader sees end of stream and
+ * drains its own requests, joins every reader, then stops the workers.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "../core/error.h"
+#include "nbd-proto.h"
+#include "nbd-server.h"
+
+#define MAX_LISTEN 8
+/* Seconds a client gets to finish the handshake (qemu-nbd's default). */
+#define HANDSHAKE_TIMEOUT 10
+
+struct nbd_server {
+    nbd_export **exports;
+    size_t nb_exports;
+
+    unsigned max_clients;   /* 0: unlimited */
+    bool persistent;
+
+    int listen_fds[MAX_LISTEN];
+    int nb_listen;
+    char *unix_path;        /* unlinked at free */
+
+    int wake[2];            /* self-pipe: shutdown and finished readers */
+    atomic_bool shutdown;
+
+    /* Worker pool. */
+    unsigned nworkers;
+    pthread_t *workers;
+    pthread_mutex_t qlock;
+    pthread_cond_t qcond;
+    nbd_job *qhead, *qtail;
+    bool qstop;
+
+    bool ever_connected;    /* accept loop only */
+};
+
+/* ---- low-level I/O ---- */
+
+int nbd_read_full(int fd, void *buf, size_t len)
+{
+    char *p = buf;
+
+    while (len) {
+        ssize_t n = read(fd, p, len);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            /* The handshake timeout shows up as EAGAIN. */
+            return errno == EAGAIN ? -ETIMEDOUT : -errno;
+        }
+        if (n == 0) {
+            return -EPIPE;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+int nbd_write_full(int fd, struct iovec *iov, int n)
+{
+    while (n > 0) {
+        ssize_t w = writev(fd, iov, n > IOV_MAX ? IOV_MAX : n);
+        if (w < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return -errno;
+        }
+        while (n > 0 && (size_t)w >= iov->iov_len) {
+            w -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (char *)iov->iov_base + w;
+            iov->iov_len -= (size_t)w;
+        }
+    }
+    return 0;
+}
+
+/* ---- exports ---- */
+
+nbd_server *nbd_server_new(unsigned nworkers, unsigned max_clients,
+                           bool persistent)
+{
+    nbd_server *srv = calloc(1, sizeof(*srv));
+
+    if (!srv) {
+        return NULL;
+    }
+    srv->nworkers = nworkers;
+    srv->max_clients = max_clients;
+    srv->persistent = persistent;
+    srv->wake[0] = srv->wake[1] = -1;
+    if (pipe2(srv->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
+        free(srv);
+        return NULL;
+    }
+    pthread_mutex_init(&srv->qlock, NULL);
+    pthread_cond_init(&srv->qcond, NULL);
+    return srv;
+}
+
+void nbd_server_free(nbd_server **psrv)
+{
+    nbd_server *srv = *psrv;
+
+    if (!srv) {
+        return;
+    }
+    for (int i = 0; i < srv->nb_listen; i++) {
+        close(srv->listen_fds[i]);
+    }
+    if (srv->unix_path) {
+        unlink(srv->unix_path);
+        free(srv->unix_path);
+    }
+    for (size_t i = 0; i < srv->nb_exports; i++) {
+        free(srv->exports[i]->name);
+        free(srv->exports[i]->description);
+        free(srv->exports[i]);
+    }
+    free(srv->exports);
+    close(srv->wake[0]);
+    close(srv->wake[1]);
+    pthread_mutex_destroy(&srv->qlock);
+    pthread_cond_destroy(&srv->qcond);
+    free(srv->workers);
+    free(srv);
+    *psrv = NULL;
+}
+
+int nbd_server_add_export(nbd_server *srv, const char *name,
+                          const char *description, vd_node *node,
+                          vd_error *err)
+{
+    nbd_export *exp, **nv;
+    int64_t size;
+
+    if (strlen(name) > NBD_MAX_STRING) {
+        return vd_error_set(err, -EINVAL, "export name '%.40s...' is longer "
+                            "than %d bytes", name, NBD_MAX_STRING);
+    }
+    if (description && strlen(description) > NBD_MAX_STRING) {
+        return vd_error_set(err, -EINVAL, "description of export '%s' is "
+                            "longer than %d bytes", name, NBD_MAX_STRING);
+    }
+    if (nbd_server_find_export(srv, name, strlen(name))) {
+        return vd_error_set(err, -EEXIST, "export name '%s' is used twice",
+                            name);
+    }
+    size = vd_getlength(node);
+    if (size < 0) {
+        return vd_error_set_errno(err, (int)size, "%s: cannot get length",
+                                  vd_node_filename(node));
+    }
+    exp = calloc(1, sizeof(*exp));
+    nv = realloc(srv->exports, (srv->nb_exports + 1) * sizeof(*nv));
+    if (!exp || !nv) {
+        free(exp);
+        if (nv) {
+            srv->exports = nv;
+        }
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    srv->exports = nv;
+    exp->name = strdup(name);
+    exp->description = description ? strdup(description) : NULL;
+    if (!exp->name || (description && !exp->description)) {
+        free(exp->name);
+        free(exp->description);
+        free(exp);
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    exp->node = node;
+    exp->size = (uint64_t)size;
+    exp->read_only = vd_node_is_read_only(node);
+    srv->exports[srv->nb_exports++] = exp;
+    return 0;
+}
+
+nbd_export *nbd_server_find_export(nbd_server *srv, const char *name,
+                                   size_t len)
+{
+    for (size_t i = 0; i < srv->nb_exports; i++) {
+        nbd_export *e = srv->exports[i];
+        if (strlen(e->name) == len && memcmp(e->name, name, len) == 0) {
+            return e;
+        }
+    }
+    return NULL;
+}
+
+size_t nbd_server_nb_exports(const nbd_server *srv)
+{
+    return srv->nb_exports;
+}
+
+nbd_export *nbd_server_export(nbd_server *srv, size_t i)
+{
+    return i < srv->nb_exports ? srv->exports[i] : NULL;
+}
+
+bool nbd_server_multi_conn(const nbd_server *srv)
+{
+    return srv->max_clients != 1;
+}
+
+bool nbd_server_shutting_down(const nbd_server *srv)
+{
+    return atomic_load(&srv->shutdown);
+}
+
+/* ---- listening ---- */
+
+int nbd_server_listen_unix(nbd_server *srv, const char *path, vd_error *err)
+{
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    struct stat st;
+    int fd;
+
+    if (srv->nb_listen >= MAX_LISTEN) {
+        return vd_error_set(err, -EINVAL, "too many listening sockets");
+    }
+    if (strlen(path) >= sizeof(sun.sun_path)) {
+        return vd_error_set(err, -ENAMETOOLONG, "%s: socket path too long",
+                            path);
+    }
+    strcpy(sun.sun_path, path);
+    /* A socket left by a previous server would make bind fail; anything
+     * else at that path is not ours to remove. */
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        unlink(path);
+    }
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        return vd_error_set_errno(err, -errno, "%s: cannot create socket",
+                                  path);
+    }
+    if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0 ||
+        listen(fd, 64) < 0) {
+        int e = -errno;
+        close(fd);
+        return vd_error_set_errno(err, e, "%s: cannot listen", path);
+    }
+    free(srv->unix_path);
+    srv->unix_path = strdup(path);
+    srv->listen_fds[srv->nb_listen++] = fd;
+    return 0;
+}
+
+int nbd_server_listen_tcp(nbd_server *srv, const char *addr,
+                          const char *port, vd_error *err)
+{
+    struct addrinfo hints = {
+        .ai_family = AF_UNSPEC,
+        .ai_socktype = SOCK_STREAM,
+        .ai_flags = AI_PASSIVE,
+    };
+    struct addrinfo *res, *ai;
+    int r, last = 0, bound = 0;
+
+    r = getaddrinfo(addr, port, &hints, &res);
+    if (r != 0) {
+        return vd_error_set(err, -EINVAL, "%s:%s: cannot resolve address: %s",
+                            addr ? addr : "*", port, gai_strerror(r));
+    }
+    for (ai = res; ai && srv->nb_listen < MAX_LISTEN; ai = ai->ai_next) {
+        int one = 1;
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
+                        ai->ai_protocol);
+        if (fd < 0) {
+            last = -errno;
+            continue;
+        }
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (ai->ai_family == AF_INET6) {
+            /* Each family gets its own socket from getaddrinfo. */
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+        }
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 ||
+            listen(fd, 64) < 0) {
+            last = -errno;
+            close(fd);
+            continue;
+        }
+        srv->listen_fds[srv->nb_listen++] = fd;
+        bound++;
+    }
+    freeaddrinfo(res);
+    if (!bound) {
+        return vd_error_set_errno(err, last ? last : -EADDRNOTAVAIL,
+                                  "%s:%s: cannot listen", addr ? addr : "*",
+                                  port);
+    }
+    return 0;
+}
+
+/* ---- workers ---- */
+
+void nbd_server_submit(nbd_server *srv, nbd_job *job)
+{
+    if (srv->nworkers == 0) {
+        nbd_job_run(job);
+        return;
+    }
+    pthread_mutex_lock(&srv->qlock);
+    job->next = NULL;
+    if (srv->qtail) {
+        srv->qtail->next = job;
+    } else {
+        srv->qhead = job;
+    }
+    srv->qtail = job;
+    pthread_cond_signal(&srv->qcond);
+    pthread_mutex_unlock(&srv->qlock);
+}
+
+static void *worker_main(void *opaque)
+{
+    nbd_server *srv = opaque;
+
+    for (;;) {
+        nbd_job *job;
+
+        pthread_mutex_lock(&srv->qlock);
+        while (!srv->qhead && !srv->qstop) {
+            pthread_cond_wait(&srv->qcond, &srv->qlock);
+        }
+        job = srv->qhead;
+        if (!job) {
+            /* Stopped with an empty queue: readers are all joined, so no
+             * job can arrive any more. */
+            pthread_mutex_unlock(&srv->qlock);
+            return NULL;
+        }
+        srv->qhead = job->next;
+        if (!srv->qhead) {
+            srv->qtail = NULL;
+        }
+        pthread_mutex_unlock(&srv->qlock);
+        nbd_job_run(job);
+    }
+}
+
+/* ---- connections ---- */
+
+static void wake(nbd_server *srv)
+{
+    char b = 0;
+    /* A full pipe already guarantees a wake-up. */
+    if (write(srv->wake[1], &b, 1) < 0) {
+        return;
+    }
+}
+
+int nbd_conn_serve(nbd_server *srv, int in_fd, int out_fd, vd_error *err)
+{
+    nbd_conn *c = calloc(1, sizeof(*c));
+    struct timeval tv = { .tv_sec = HANDSHAKE_TIMEOUT };
+    struct timeval zero = { 0 };
+    int ret = 0;
+
+    if (!c) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    c->srv = srv;
+    c->in_fd = in_fd;
+    c->out_fd = out_fd;
+    pthread_mutex_init(&c->send_lock, NULL);
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->cond, NULL);
+
+    /* Bound the handshake so a silent client cannot hold a slot; on a
+     * non-socket (the fuzzer's pipe) this harmlessly fails. */
+    setsockopt(in_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    switch (nbd_handshake(c)) {
+    case NBD_HS_TRANSMISSION:
+        setsockopt(in_fd, SOL_SOCKET, SO_RCVTIMEO, &zero, sizeof(zero));
+        ret = nbd_transmission(c);
+        break;
+    case NBD_HS_CLOSED:
+        break;
+    case NBD_HS_DEAD:
+        ret = c->err.code ? c->err.code : -EIO;
+        break;
+    }
+    if (err && vd_error_is_set(&c->err)) {
+        vd_error_set(err, c->err.code, "%s", c->err.message);
+    }
+    pthread_mutex_destroy(&c->send_lock);
+    pthread_mutex_destroy(&c->lock);
+    pthread_cond_destroy(&c->cond);
+    free(c);
+    return ret;
+}
+
+/* One accepted client, as the accept loop tracks it. */
+typedef struct client {
+    nbd_server *srv;
+    int fd;
+    pthread_t thread;
+    atomic_bool finished;
+    struct client *next;
+} client;
+
+static void *reader_main(void *opaque)
+{
+    client *cl = opaque;
+    vd_error err = VD_ERROR_INIT;
+    int r;
+
+    r = nbd_conn_serve(cl->srv, cl->fd, cl->fd, &err);
+    /* Clients that simply hang up are not worth a message. */
+    if (r < 0 && r != -EPIPE && r != -ECONNRESET && err.message[0]) {
+        fprintf(stderr, "vdisk serve: %s\n", err.message);
+    }
+    atomic_store(&cl->finished, true);
+    wake(cl->srv);
+    return NULL;
+}
+
+static int start_workers(nbd_server *srv, vd_error *err)
+{
+    if (srv->nworkers == 0) {
+        return 0;
+    }
+    srv->workers = calloc(srv->nworkers, sizeof(pthread_t));
+    if (!srv->workers) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    for (unsigned i = 0; i < srv->nworkers; i++) {
+        int r = pthread_create(&srv->workers[i], NULL, worker_main, srv);
+        if (r) {
+            srv->nworkers = i;
+            return vd_error_set_errno(err, -r, "cannot start worker thread");
+        }
+    }
+    return 0;
+}
+
+static void stop_workers(nbd_server *srv)
+{
+    pthread_mutex_lock(&srv->qlock);
+    srv->qstop = true;
+    pthread_cond_broadcast(&srv->qcond);
+    pthread_mutex_unlock(&srv->qlock);
+    for (unsigned i = 0; i < srv->nworkers; i++) {
+        pthread_join(srv->workers[i], NULL);
+    }
+}
+
+void nbd_server_request_shutdown(nbd_server *srv)
+{
+    atomic_store(&srv->shutdown, true);
+    wake(srv);
+}
+
+/* Joins and frees finished clients; returns how many remain. */
+static unsigned reap(client **list)
+{
+    unsigned n = 0;
+
+    for (client **pp = list; *pp;) {
+        client *cl = *pp;
+        if (atomic_load(&cl->finished)) {
+            pthread_join(cl->thread, NULL);
+            close(cl->fd);
+            *pp = cl->next;
+            free(cl);
+        } else {
+            n++;
+            pp = &cl->next;
+        }
+    }
+    return n;
+}
+
+/* Accepts a client on @lfd and starts its reader; false if none. */
+static bool accept_one(nbd_server *srv, int lfd, client **list)
+{
+    int one = 1;
+    client *cl;
+    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+
+    if (fd < 0) {
+        return false;   /* the client gave up, or a transient error */
+    }
+    /* Replies are written whole; Nagle would only delay them. Fails
+     * harmlessly on UNIX sockets. */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    cl = calloc(1, sizeof(*cl));
+    if (!cl) {
+        close(fd);
+        return false;
+    }
+    cl->srv = srv;
+    cl->fd = fd;
+    if (pthread_create(&cl->thread, NULL, reader_main, cl) != 0) {
+        close(fd);
+        free(cl);
+        return false;
+    }
+    cl->next = *list;
+    *list = cl;
+    srv->ever_connected = true;
+    return true;
+}
+
+int nbd_server_run(nbd_server *srv, vd_error *err)
+{
+    client *clients = NULL;
+    unsigned nb = 0;
+    int r;
+
+    r = start_workers(srv, err);
+    if (r < 0) {
+        stop_workers(srv);
+        return r;
+    }
+    while (!atomic_load(&srv->shutdown)) {
+        struct pollfd pfd[MAX_LISTEN + 1];
+        int n = 0;
+        bool room = srv->max_clients == 0 || nb < srv->max_clients;
+
+        pfd[n++] = (struct pollfd){ .fd = srv->wake[0], .events = POLLIN };
+        /* At the client limit new connections wait in the backlog, as
+         * with qemu-nbd --shared. */
+        for (int i = 0; room && i < srv->nb_listen; i++) {
+            pfd[n++] = (struct pollfd){ .fd = srv->listen_fds[i],
+                                        .events = POLLIN };
+        }
+        if (poll(pfd, (nfds_t)n, -1) < 0 && errno != EINTR) {
+            r = vd_error_set_errno(err, -errno, "poll failed");
+            break;
+        }
+        if (pfd[0].revents & POLLIN) {
+            char buf[64];
+            while (read(srv->wake[0], buf, sizeof(buf)) > 0) {
+            }
+        }
+        nb = reap(&clients);
+        if (!srv->persistent && srv->ever_connected && nb == 0) {
+            break;
+        }
+        for (int i = 1; i < n; i++) {
+            if ((pfd[i].revents & POLLIN) && !atomic_load(&srv->shutdown)) {
+                nb += accept_one(srv, pfd[i].fd, &clients);
+            }
+        }
+    }
+
+    /* Stop accepting, then let every reader finish what it has. */
+    atomic_store(&srv->shutdown, true);
+    for (int i = 0; i < srv->nb_listen; i++) {
+        close(srv->listen_fds[i]);
+    }
+    srv->nb_listen = 0;
+    for (client *cl = clients; cl; cl = cl->next) {
+        shutdown(cl->fd, SHUT_RD);
+    }
+    for (client *cl = clients; cl; cl = cl->next) {
+        pthread_join(cl->thread, NULL);
+        atomic_store(&cl->finished, true);
+    }
+    while (clients) {
+        client *cl = clients;
+        clients = cl->next;
+        close(cl->fd);
+        free(cl);
+    }
+    stop_workers(srv);
+    return r;
+}

@@ -1,0 +1,404 @@
+/*
+ * vdisk serve: export images over NBD, with qemu-nbd's options (see
+ * ../shared/specs/qemu-nbd.rst and docs/nbd.md). This file only parses
+ * the command line, opens the images and drives the server in src/nbd/.
+ *
+ * Order matters for --fork: the listening sockets are created first, the
+ * process then forks, and the child opens the images (nodes must not be
+ * open across fork(), see vdisk.h) and tells the parent through a pipe
+ * that it is serving; only then does the parent exit, so a script that
+ * runs `vdisk serve --fork ...` can connect as soon as it returns.
+ *
+ * Several images may be exported at once: `-x NAME` and `-D DESC` may be
+ * repeated and pair with the images in order.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "commands.h"
+#include "nbd/nbd-server.h"
+#include "vdisk/vdisk.h"
+
+#define SERVE_DEFAULT_PORT "10809"
+#define SERVE_WORKERS      16
+#define SERVE_MAX_EXPORTS  64
+
+enum {
+    OPT_CACHE = 300,
+    OPT_AIO,
+    OPT_DISCARD,
+    OPT_DETECT_ZEROES,
+    OPT_PIDFILE,
+    OPT_FORK,
+    OPT_WORKERS,
+};
+
+static const struct option serve_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "socket", required_argument, NULL, 'k' },
+    { "bind", required_argument, NULL, 'b' },
+    { "port", required_argument, NULL, 'p' },
+    { "shared", required_argument, NULL, 'e' },
+    { "persistent", no_argument, NULL, 't' },
+    { "read-only", no_argument, NULL, 'r' },
+    { "export-name", required_argument, NULL, 'x' },
+    { "description", required_argument, NULL, 'D' },
+    { "format", required_argument, NULL, 'f' },
+    { "load-snapshot", required_argument, NULL, 'l' },
+    { "nocache", no_argument, NULL, 'n' },
+    { "cache", required_argument, NULL, OPT_CACHE },
+    { "aio", required_argument, NULL, OPT_AIO },
+    { "discard", required_argument, NULL, OPT_DISCARD },
+    { "detect-zeroes", required_argument, NULL, OPT_DETECT_ZEROES },
+    { "pid-file", required_argument, NULL, OPT_PIDFILE },
+    { "pidfile", required_argument, NULL, OPT_PIDFILE },
+    { "fork", no_argument, NULL, OPT_FORK },
+    { "workers", required_argument, NULL, OPT_WORKERS },
+    { NULL, 0, NULL, 0 },
+};
+
+static void serve_usage(void)
+{
+    printf(
+"Usage: vdisk serve [OPTIONS] FILE [FILE...]\n"
+"Export disk images over NBD (compatible with qemu-nbd's options).\n"
+"\n"
+"  -k, --socket=PATH        listen on a UNIX socket\n"
+"  -b, --bind=ADDR          TCP address to listen on (default 0.0.0.0)\n"
+"  -p, --port=PORT          TCP port (default 10809)\n"
+"  -e, --shared=NUM         at most NUM clients at once (default 1, 0 = any)\n"
+"  -t, --persistent         keep serving after the last client leaves\n"
+"  -r, --read-only          export read-only\n"
+"  -x, --export-name=NAME   export name (default \"\"); once per FILE\n"
+"  -D, --description=DESC   export description; once per FILE\n"
+"  -f, --format=FMT         image format (default: probe)\n"
+"  -l, --load-snapshot=SN   export an internal snapshot (not supported yet)\n"
+"  -n, --nocache            same as --cache=none\n"
+"      --cache=MODE         none, writeback, writethrough, directsync, unsafe\n"
+"      --aio=MODE           threads, native, io_uring\n"
+"      --discard=MODE       ignore or unmap\n"
+"      --detect-zeroes=MODE off, on or unmap\n"
+"      --pid-file=PATH      write the server's process id to PATH\n"
+"      --fork               run in the background once the server listens\n"
+"      --workers=N          I/O threads shared by all clients (default %d)\n"
+"  -h, --help               this help\n", SERVE_WORKERS);
+}
+
+static nbd_server *the_server;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    if (the_server) {
+        nbd_server_request_shutdown(the_server);
+    }
+}
+
+static int parse_uint(const char *s, unsigned max, unsigned *out)
+{
+    char *end;
+    unsigned long v;
+
+    errno = 0;
+    v = strtoul(s, &end, 10);
+    if (errno || end == s || *end || v > max || s[0] == '-') {
+        return -EINVAL;
+    }
+    *out = (unsigned)v;
+    return 0;
+}
+
+static int write_pidfile(const char *path)
+{
+    FILE *f = fopen(path, "w");
+
+    if (!f) {
+        fprintf(stderr, "vdisk serve: cannot write pid file '%s': %s\n",
+                path, strerror(errno));
+        return -1;
+    }
+    fprintf(f, "%ld\n", (long)getpid());
+    if (fclose(f) != 0) {
+        fprintf(stderr, "vdisk serve: cannot write pid file '%s': %s\n",
+                path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* Parent side of --fork: exits with the child's verdict. */
+static void wait_for_child(int rfd)
+{
+    char c = 0;
+    ssize_t n;
+
+    do {
+        n = read(rfd, &c, 1);
+    } while (n < 0 && errno == EINTR);
+    _exit(n == 1 && c == 'R' ? 0 : 1);
+}
+
+int cmd_serve(int argc, char **argv)
+{
+    const char *sockpath = NULL, *bind_addr = NULL, *port = NULL;
+    const char *fmt = NULL, *pidfile = NULL;
+    const char *names[SERVE_MAX_EXPORTS], *descs[SERVE_MAX_EXPORTS];
+    unsigned nnames = 0, ndescs = 0, shared = 1, workers = SERVE_WORKERS;
+    bool persistent = false, read_only = false, do_fork = false;
+    vd_node *nodes[SERVE_MAX_EXPORTS] = { 0 };
+    int nimages = 0, ret = 1, ready_fd = -1, c;
+    vd_opts *opts = NULL;
+    vd_error err = VD_ERROR_INIT;
+    nbd_server *srv = NULL;
+    struct sigaction sa;
+
+    opts = vd_opts_new();
+    if (!opts) {
+        fprintf(stderr, "vdisk serve: out of memory\n");
+        return 1;
+    }
+    optind = 1;
+    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:n", serve_long,
+                            NULL)) != -1) {
+        switch (c) {
+        case 'h':
+            serve_usage();
+            ret = 0;
+            goto out;
+        case 'k':
+            sockpath = optarg;
+            break;
+        case 'b':
+            bind_addr = optarg;
+            break;
+        case 'p':
+            port = optarg;
+            break;
+        case 'e':
+            if (parse_uint(optarg, 65535, &shared) < 0) {
+                fprintf(stderr, "vdisk serve: Invalid shared device number "
+                        "'%s'\n", optarg);
+                goto out;
+            }
+            break;
+        case 't':
+            persistent = true;
+            break;
+        case 'r':
+            read_only = true;
+            break;
+        case 'x':
+            if (nnames == SERVE_MAX_EXPORTS) {
+                fprintf(stderr, "vdisk serve: too many export names\n");
+                goto out;
+            }
+            names[nnames++] = optarg;
+            break;
+        case 'D':
+            if (ndescs == SERVE_MAX_EXPORTS) {
+                fprintf(stderr, "vdisk serve: too many descriptions\n");
+                goto out;
+            }
+            descs[ndescs++] = optarg;
+            break;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'l':
+            fprintf(stderr, "vdisk serve: loading internal snapshot '%s': "
+                    "not supported yet\n", optarg);
+            goto out;
+        case 'n':
+            vd_opts_set(opts, "cache", "none");
+            break;
+        case OPT_CACHE:
+            vd_opts_set(opts, "cache", optarg);
+            break;
+        case OPT_AIO:
+            vd_opts_set(opts, "aio", optarg);
+            break;
+        case OPT_DISCARD:
+            /* qemu-nbd also takes on/off for unmap/ignore. */
+            vd_opts_set(opts, "discard",
+                        strcmp(optarg, "on") == 0 ? "unmap"
+                        : strcmp(optarg, "off") == 0 ? "ignore" : optarg);
+            break;
+        case OPT_DETECT_ZEROES:
+            vd_opts_set(opts, "detect-zeroes", optarg);
+            break;
+        case OPT_PIDFILE:
+            pidfile = optarg;
+            break;
+        case OPT_FORK:
+            do_fork = true;
+            break;
+        case OPT_WORKERS:
+            if (parse_uint(optarg, 1024, &workers) < 0 || workers == 0) {
+                fprintf(stderr, "vdisk serve: invalid worker count '%s'\n",
+                        optarg);
+                goto out;
+            }
+            break;
+        case ':':
+            fprintf(stderr, "vdisk serve: option '%s' requires an argument\n",
+                    argv[optind - 1]);
+            fprintf(stderr, "Try 'vdisk serve --help' for more "
+                    "information.\n");
+            goto out;
+        default:
+            fprintf(stderr, "vdisk serve: unrecognized option '%s'\n",
+                    argv[optind - 1]);
+            fprintf(stderr, "Try 'vdisk serve --help' for more "
+                    "information.\n");
+            goto out;
+        }
+    }
+
+    nimages = argc - optind;
+    if (nimages < 1) {
+        fprintf(stderr, "vdisk serve: Not enough arguments\n"
+                "Try 'vdisk serve --help' for more information.\n");
+        goto out;
+    }
+    if (nimages > SERVE_MAX_EXPORTS) {
+        fprintf(stderr, "vdisk serve: at most %d images\n",
+                SERVE_MAX_EXPORTS);
+        goto out;
+    }
+    if (nimages > 1 && nnames != (unsigned)nimages) {
+        fprintf(stderr, "vdisk serve: give one -x NAME per image when "
+                "exporting %d images\n", nimages);
+        goto out;
+    }
+    if (nnames > (unsigned)nimages || ndescs > (unsigned)nimages) {
+        fprintf(stderr, "vdisk serve: more -x/-D options than images\n");
+        goto out;
+    }
+    srv = nbd_server_new(workers, shared, persistent);
+    if (!srv) {
+        fprintf(stderr, "vdisk serve: out of memory\n");
+        goto out;
+    }
+    if (sockpath &&
+        nbd_server_listen_unix(srv, sockpath, &err) < 0) {
+        fprintf(stderr, "vdisk serve: %s\n", err.message);
+        goto out;
+    }
+    if ((!sockpath || bind_addr || port) &&
+        nbd_server_listen_tcp(srv, bind_addr ? bind_addr : "0.0.0.0",
+                              port ? port : SERVE_DEFAULT_PORT, &err) < 0) {
+        fprintf(stderr, "vdisk serve: %s\n", err.message);
+        goto out;
+    }
+
+    if (do_fork) {
+        int pfd[2];
+        pid_t pid;
+
+        fflush(NULL);
+        if (pipe2(pfd, O_CLOEXEC) < 0) {
+            fprintf(stderr, "vdisk serve: pipe: %s\n", strerror(errno));
+            goto out;
+        }
+        pid = fork();
+        if (pid < 0) {
+            fprintf(stderr, "vdisk serve: fork: %s\n", strerror(errno));
+            goto out;
+        }
+        if (pid > 0) {
+            close(pfd[1]);
+            wait_for_child(pfd[0]);
+        }
+        close(pfd[0]);
+        ready_fd = pfd[1];
+        setsid();
+    }
+
+    for (int i = 0; i < nimages; i++) {
+        const char *file = argv[optind + i];
+        unsigned flags = read_only ? 0 : VD_O_RDWR;
+        int r;
+
+        vd_error_clear(&err);
+        r = vd_open(&nodes[i], file, fmt, opts, flags, &err);
+        if (r < 0) {
+            if (err.message[0]) {
+                fprintf(stderr, "vdisk serve: %s\n", err.message);
+            } else {
+                fprintf(stderr, "vdisk serve: Could not open '%s': %s\n",
+                        file, strerror(-r));
+            }
+            goto out;
+        }
+        vd_error_clear(&err);
+        if (nbd_server_add_export(srv, nnames > (unsigned)i ? names[i] : "",
+                                  ndescs > (unsigned)i ? descs[i] : NULL,
+                                  nodes[i], &err) < 0) {
+            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            goto out;
+        }
+    }
+
+    if (pidfile && write_pidfile(pidfile) < 0) {
+        goto out;
+    }
+
+    the_server = srv;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+
+    if (ready_fd >= 0) {
+        int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+        char ok = 'R';
+
+        if (devnull >= 0) {
+            dup2(devnull, STDIN_FILENO);
+            dup2(devnull, STDOUT_FILENO);
+            close(devnull);
+        }
+        if (write(ready_fd, &ok, 1) != 1) {
+            goto out;
+        }
+        close(ready_fd);
+        ready_fd = -1;
+    }
+
+    vd_error_clear(&err);
+    if (nbd_server_run(srv, &err) < 0) {
+        fprintf(stderr, "vdisk serve: %s\n", err.message);
+    } else {
+        ret = 0;
+    }
+
+out:
+    the_server = NULL;
+    nbd_server_free(&srv);
+    for (int i = 0; i < nimages && i < SERVE_MAX_EXPORTS; i++) {
+        vd_error_clear(&err);
+        if (nodes[i] && vd_close(&nodes[i], &err) < 0) {
+            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            ret = 1;
+        }
+    }
+    if (pidfile && ret == 0) {
+        unlink(pidfile);
+    }
+    if (ready_fd >= 0) {
+        close(ready_fd);
+    }
+    vd_opts_free(&opts);
+    return ret;
+}
