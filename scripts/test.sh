@@ -29,7 +29,8 @@ tail_lines=${VDISK_LOG_TAIL:-40}
 
 packages=(build-essential meson ninja-build pkg-config zlib1g-dev
           libzstd-dev libjson-c-dev liburing-dev libnbd-dev libgnutls28-dev
-          qemu-utils libnbd-bin nbdkit fio python3 clang)
+          qemu-utils qemu-system-common libnbd-bin nbdkit fio python3 clang
+          gnutls-bin libclang-rt-14-dev)
 
 install_missing()
 {
