@@ -134,7 +134,7 @@ int cmd_compare(int argc, char **argv)
     file1 = argv[optind];
     file2 = argv[optind + 1];
 
-    cli_progress_init(&prog, progress);
+    cli_progress_init(&prog, progress, 2.0f);
     ret = 2;
     n1 = cli_open(file1, fmt1, flags, NULL);
     if (!n1) {

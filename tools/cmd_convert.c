@@ -682,7 +682,7 @@ int cmd_convert(int argc, char **argv)
     s.min_sparse = min_sparse;
     s.has_zero_init = min_sparse && (!skip_create || target_is_zero);
     s.in_order = !out_of_order;
-    cli_progress_init(&s.progress, progress);
+    cli_progress_init(&s.progress, progress, 1.0f);
     if (progress && count_allocated(&s) < 0) {
         goto out;
     }

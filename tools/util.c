@@ -377,17 +377,18 @@ int cli_parse_output(const char *arg, bool *json)
 
 /* ---- progress ---- */
 
-static void progress_show(cli_progress *p, double v)
+static void progress_show(cli_progress *p, float v)
 {
     printf("    (%3.2f/100%%)\r", v);
     fflush(stdout);
     p->last = v;
 }
 
-void cli_progress_init(cli_progress *p, bool enabled)
+void cli_progress_init(cli_progress *p, bool enabled, float min_skip)
 {
     p->enabled = enabled;
     p->last = 0;
+    p->min_skip = min_skip;
     if (enabled) {
         progress_show(p, 0);
     }
@@ -401,10 +402,12 @@ void cli_progress_print(cli_progress *p, double percent)
     if (percent > 100) {
         percent = 100;
     }
-    /* Like qemu: redraw after each full percent, and always at 100. */
-    if (percent > p->last + 1.0 || percent < p->last - 1.0 ||
-        percent == 100) {
-        progress_show(p, percent);
+    /* Like qemu: redraw once the value moved by min_skip, and at 100.
+     * Single precision, as qemu computes it. */
+    float cur = (float)percent;
+    if (cur > p->last + p->min_skip || cur < p->last - p->min_skip ||
+        cur == 100) {
+        progress_show(p, cur);
     }
 }
 

@@ -93,10 +93,12 @@ int cli_parse_output(const char *arg, bool *json);
 /* Progress meter ("    (12.34/100%)\r"), shown only when enabled. */
 typedef struct cli_progress {
     bool enabled;
-    double last;
+    float last;
+    float min_skip;   /* redraw after this many percent (qemu: per command) */
 } cli_progress;
 
-void cli_progress_init(cli_progress *p, bool enabled);
+/* @min_skip as qemu-img's commands use: 2.0 for compare, 1.0 for convert. */
+void cli_progress_init(cli_progress *p, bool enabled, float min_skip);
 void cli_progress_print(cli_progress *p, double percent);
 void cli_progress_end(cli_progress *p);
 
