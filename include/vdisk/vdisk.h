@@ -393,6 +393,70 @@ typedef struct vd_stats {
 VD_API void vd_get_stats(vd_node *node, vd_stats *out);
 
 /* ------------------------------------------------------------------ */
+/* Backing chains                                                     */
+/* ------------------------------------------------------------------ */
+
+/** Progress callback: @percent from 0 to 100. */
+typedef void (*vd_progress_fn)(double percent, void *opaque);
+
+/**
+ * Switches @node (and the children holding its data, not its backing
+ * chain) between read-only and read-write. Requests must not be in flight
+ * from the caller. Returns 0 or a negative errno (-EROFS when the file
+ * cannot be opened for writing).
+ */
+VD_API int vd_reopen(vd_node *node, bool read_write, vd_error *err);
+
+/**
+ * Records @backing (NULL or "" for none) and @backing_fmt (may be NULL)
+ * as @node's backing file without touching data (qemu-img rebase -u).
+ * The open backing chain is not changed. -ENOTSUP for formats without
+ * backing files.
+ */
+VD_API int vd_change_backing_file(vd_node *node, const char *backing,
+                                  const char *backing_fmt, vd_error *err);
+
+/**
+ * Deallocates everything in @node so that it reads through to its backing
+ * file. -ENOTSUP when the format cannot.
+ */
+VD_API int vd_make_empty(vd_node *node, vd_error *err);
+
+/* Flags for vd_commit(). */
+#define VD_COMMIT_KEEP_TOP (1u << 0) /* -d: do not empty the top image */
+
+/**
+ * Writes the data of @top and of every layer above @base into @base
+ * (qemu-img commit). @base NULL means @top's immediate backing file; it
+ * must be in @top's chain. @base is reopened read-write for the duration
+ * and grown if it is smaller than @top. Afterwards @top is emptied unless
+ * VD_COMMIT_KEEP_TOP is given or @base is not the immediate backing file
+ * (the layers in between no longer read correctly then, as in QEMU).
+ * @rate_limit in bytes per second (0: none). The visible content of @top
+ * does not change.
+ */
+VD_API int vd_commit(vd_node *top, vd_node *base, unsigned flags,
+                     uint64_t rate_limit, vd_progress_fn progress,
+                     void *opaque, vd_error *err);
+
+/* Flags for vd_rebase(). */
+#define VD_REBASE_UNSAFE (1u << 0) /* -u: only rewrite the header */
+
+/**
+ * Changes @top's backing file to @backing (relative names are relative to
+ * @top's directory; "" or NULL: no backing file) of format @backing_fmt
+ * (NULL: probe). In safe mode every range that @top does not hold itself
+ * and that reads differently through the new backing file than through
+ * the old chain is first copied into @top, so the visible content does
+ * not change. @backing_opts (may be NULL) are options for opening the new
+ * backing file (e.g. cache). @top must be writable.
+ */
+VD_API int vd_rebase(vd_node *top, const char *backing,
+                     const char *backing_fmt, const vd_opts *backing_opts,
+                     unsigned flags, vd_progress_fn progress, void *opaque,
+                     vd_error *err);
+
+/* ------------------------------------------------------------------ */
 /* Consistency check                                                  */
 /* ------------------------------------------------------------------ */
 

@@ -86,6 +86,7 @@ struct vd_node {
     bool read_only;
     bool writethrough;         /* cache=directsync/writethrough */
     bool probed_raw;           /* raw chosen by probing: guard sector 0 */
+    bool broken;               /* a reopen failed: every request fails */
     int detect_zeroes;         /* 0 off, 1 on, 2 unmap */
     bool discard_unmap;        /* discard=unmap (else ignored at the top) */
 
@@ -214,7 +215,15 @@ struct vd_driver {
     /* Changes creation options of an open image (qemu-img amend). */
     int (*amend)(vd_node *node, vd_opts *opts, bool force, vd_error *err);
 
-    /* Internal snapshots (issue: snapshots). */
+    /* Rewrites the backing file name and format recorded in the image
+     * (qemu-img rebase). @backing NULL or "" removes the backing file. */
+    int (*change_backing_file)(vd_node *node, const char *backing,
+                               const char *backing_fmt, vd_error *err);
+    /* Deallocates every cluster so that the image reads through to its
+     * backing file (qemu-img commit without -d). */
+    int (*make_empty)(vd_node *node, vd_error *err);
+
+    /* Internal snapshots. */
     int (*snapshot_create)(vd_node *node, const vd_snapshot_info *sn,
                            vd_error *err);
     int (*snapshot_goto)(vd_node *node, const char *id, vd_error *err);
@@ -271,6 +280,19 @@ int vd_create_protocol(const char *filename, vd_opts *opts, vd_error *err);
  * format create() functions that write their headers. */
 int vd_open_protocol(vd_node **out, const char *filename, unsigned flags,
                      vd_error *err);
+
+/* Closes and reopens the driver of @node with its saved options and
+ * @flags (e.g. to switch between read-only and read-write, or to make a
+ * parent see a reverted child). Non-backing children are reopened the
+ * same way first. On failure the old mode is restored when possible. */
+int vd_node_reopen(vd_node *node, unsigned flags, vd_error *err);
+
+/* Closes the driver state of @node (not its children), so that it can be
+ * opened again with vd_node_open_driver(). */
+void vd_node_close_driver(vd_node *node);
+/* Opens the driver of @node again with its saved options and @flags. On
+ * failure the node is marked broken. */
+int vd_node_open_driver(vd_node *node, unsigned flags, vd_error *err);
 
 /* Drain: block new requests and wait for in-flight ones (nestable). */
 void vd_node_drain_begin(vd_node *node);

@@ -156,6 +156,10 @@ static bool iov_mem_aligned(const vd_iov *v, size_t a)
 static int check_range(vd_node *n, uint64_t off, uint64_t bytes,
                        vd_error *err)
 {
+    if (n->broken)
+        return vd_error_set(err, -EIO, "%s: node is unusable after a failed "
+                            "reopen", n->filename ? n->filename
+                                                  : n->node_name);
     if (off > INT64_MAX || bytes > INT64_MAX || off + bytes > INT64_MAX)
         return vd_error_set(err, -EINVAL, "%s: request at offset %" PRIu64
                             " of %" PRIu64 " bytes overflows",

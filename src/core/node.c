@@ -251,6 +251,106 @@ void vd_node_unref(vd_node *node)
     node_free(node);
 }
 
+/* ---- reopening ---- */
+
+void vd_node_close_driver(vd_node *n)
+{
+    if (n->drv->close)
+        n->drv->close(n);
+    if (n->drv->instance_size)
+        memset(n->opaque, 0, n->drv->instance_size);
+    /* The driver sets these again when it opens. */
+    free(n->backing_file);
+    n->backing_file = NULL;
+    free(n->backing_format);
+    n->backing_format = NULL;
+    /* Until vd_node_open_driver() succeeds, requests must fail. */
+    n->broken = true;
+}
+
+int vd_node_open_driver(vd_node *n, unsigned flags, vd_error *err)
+{
+    vd_opts *o = vd_opts_clone(n->open_opts);
+    if (!o) {
+        n->broken = true;
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    }
+    n->flags = flags;
+    n->read_only = !(flags & VD_NODE_RDWR);
+    int r = n->drv->open(n, o, flags, err);
+    vd_opts_free(&o);
+    if (r < 0) {
+        n->broken = true;
+        return r;
+    }
+    n->broken = false;
+    if (n->drv->refresh_limits)
+        n->drv->refresh_limits(n);
+    if (n->bl.request_alignment == 0)
+        n->bl.request_alignment = 1;
+    vd_node_refresh_length(n);
+    return 0;
+}
+
+/* Reopens the children that hold @n's data (not its backing chain). */
+static int reopen_children(vd_node *n, bool rw, vd_error *err)
+{
+    for (vd_child *c = n->children; c; c = c->next) {
+        if (c->role & VD_ROLE_COW)
+            continue;
+        unsigned f = rw ? c->node->flags | VD_NODE_RDWR
+                        : c->node->flags & ~VD_NODE_RDWR;
+        int r = vd_node_reopen(c->node, f, err);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+int vd_node_reopen(vd_node *n, unsigned flags, vd_error *err)
+{
+    if (flags == n->flags && !n->broken)
+        return 0;
+    unsigned old = n->flags;
+    bool to_rw = (flags & VD_NODE_RDWR) && !(old & VD_NODE_RDWR);
+    vd_node_drain_begin(n);
+    /* Going read-write, the children must be writable before the driver
+     * opens; going read-only, the driver writes its caches on close while
+     * the children still accept writes. */
+    int r = 0;
+    if (to_rw)
+        r = reopen_children(n, true, err);
+    if (r == 0) {
+        vd_node_close_driver(n);
+        if (!to_rw && !(flags & VD_NODE_RDWR))
+            r = reopen_children(n, false, err);
+        if (r == 0)
+            r = vd_node_open_driver(n, flags, err);
+    }
+    if (r < 0 && !n->broken) {
+        /* Nothing was closed yet: the old mode still stands. */
+    } else if (r < 0) {
+        /* Try to get back to where we were; the first error is kept. */
+        reopen_children(n, (old & VD_NODE_RDWR) != 0, NULL);
+        vd_node_open_driver(n, old, NULL);
+    }
+    vd_node_drain_end(n);
+    return r;
+}
+
+VD_API int vd_reopen(vd_node *node, bool read_write, vd_error *err)
+{
+    unsigned f = read_write ? node->flags | VD_NODE_RDWR
+                            : node->flags & ~VD_NODE_RDWR;
+    int r = vd_node_reopen(node, f, err);
+    if (r < 0 && !err)
+        return r;
+    if (r == -EACCES || r == -EROFS || r == -EPERM)
+        vd_error_prepend(err, "Could not reopen '%s' read-write: ",
+                         node->filename ? node->filename : node->node_name);
+    return r;
+}
+
 /* ---- draining ---- */
 
 void vd_node_drain_begin(vd_node *node)

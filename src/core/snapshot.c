@@ -196,24 +196,17 @@ static int snapshot_goto_node(vd_node *node, const char *id, vd_error *err)
      * sees the reverted child. The child is kept alive by its edge. */
     vd_node *child = fb->node;
     vd_node_ref(child);
-    if (node->drv->close)
-        node->drv->close(node);
-    if (node->drv->instance_size)
-        memset(node->opaque, 0, node->drv->instance_size);
+    vd_node_close_driver(node);
     int r = snapshot_goto_node(child, id, err);
-    vd_opts *o = vd_opts_clone(node->open_opts);
-    int open_r = o ? node->drv->open(node, o, node->flags, err) : -ENOMEM;
-    vd_opts_free(&o);
+    vd_error lerr = VD_ERROR_INIT;
+    int open_r = vd_node_open_driver(node, node->flags, &lerr);
     vd_node_unref(child);
     if (open_r < 0) {
+        /* The node is marked broken: later requests fail cleanly. */
         vd_error_set(err, open_r, "Could not reopen '%s' after reverting "
-                     "its child", node_label(node));
-        /* A node whose driver failed to open has no usable state: make
-         * every later request fail instead of touching freed memory. */
-        node->read_only = true;
+                     "its child: %s", node_label(node), lerr.message);
         return open_r;
     }
-    vd_node_refresh_length(node);
     return r;
 }
 

@@ -1,0 +1,382 @@
+/*
+ * Backing-chain operations: changing the recorded backing file, emptying
+ * an overlay, commit (overlay data down into a base) and rebase (moving an
+ * overlay onto another backing file without changing what it shows).
+ *
+ * Both copy operations work in chunks of COPY_CHUNK bytes, driven by
+ * block status, so that only allocated data is read and written; zeros
+ * are written as write_zeroes. They run in the caller's thread.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/block_int.h"
+
+#define COPY_CHUNK (2u << 20)
+
+static const char *label(const vd_node *n)
+{
+    return n->filename ? n->filename : n->node_name;
+}
+
+VD_API int vd_change_backing_file(vd_node *node, const char *backing,
+                                  const char *backing_fmt, vd_error *err)
+{
+    if (!node->drv->supports_backing || !node->drv->change_backing_file)
+        return vd_error_set(err, -ENOTSUP, "%s: Image format '%s' does not "
+                            "support changing the backing file", label(node),
+                            node->drv->name);
+    if (node->read_only)
+        return vd_error_set(err, -EROFS, "%s: Block node is read-only",
+                            label(node));
+    if (backing && !*backing)
+        backing = NULL;
+    if (!backing)
+        backing_fmt = NULL;
+    vd_node_drain_begin(node);
+    int r = node->drv->change_backing_file(node, backing, backing_fmt, err);
+    vd_node_drain_end(node);
+    if (r < 0)
+        return r;
+    /* The node's record follows the image. */
+    free(node->backing_file);
+    free(node->backing_format);
+    free(node->full_backing_filename);
+    node->backing_file = backing ? strdup(backing) : NULL;
+    node->backing_format = backing_fmt ? strdup(backing_fmt) : NULL;
+    node->full_backing_filename = NULL;
+    if (backing) {
+        /* Same rule as when opening: relative to the overlay. */
+        if (backing[0] != '/' && !strstr(backing, "://") && node->filename &&
+            strchr(node->filename, '/')) {
+            const char *slash = strrchr(node->filename, '/');
+            size_t d = (size_t)(slash - node->filename) + 1;
+            char *f = malloc(d + strlen(backing) + 1);
+            if (f) {
+                memcpy(f, node->filename, d);
+                strcpy(f + d, backing);
+            }
+            node->full_backing_filename = f;
+        } else {
+            node->full_backing_filename = strdup(backing);
+        }
+    }
+    return 0;
+}
+
+VD_API int vd_make_empty(vd_node *node, vd_error *err)
+{
+    if (!node->drv->make_empty)
+        return vd_error_set(err, -ENOTSUP, "%s: Image format '%s' does not "
+                            "support emptying", label(node), node->drv->name);
+    if (node->read_only)
+        return vd_error_set(err, -EROFS, "%s: Block node is read-only",
+                            label(node));
+    vd_node_drain_begin(node);
+    int r = node->drv->make_empty(node, err);
+    vd_node_drain_end(node);
+    return r;
+}
+
+/* Sleeps as needed so that @done bytes after @start_ns respect @rate. */
+static void rate_wait(uint64_t rate, uint64_t done, struct timespec *start)
+{
+    if (!rate)
+        return;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double elapsed = (double)(now.tv_sec - start->tv_sec) +
+                     (double)(now.tv_nsec - start->tv_nsec) / 1e9;
+    double due = (double)done / (double)rate;
+    if (due > elapsed)
+        usleep((useconds_t)((due - elapsed) * 1e6));
+}
+
+/* The depth of @base below @top, or -1 when it is not in the chain. */
+static int chain_depth(vd_node *top, vd_node *base)
+{
+    int d = 0;
+    for (vd_node *p = top; p; p = p->backing ? p->backing->node : NULL, d++)
+        if (p == base)
+            return d;
+    return -1;
+}
+
+static int commit_copy(vd_node *top, vd_node *base, uint64_t len,
+                       uint64_t rate, vd_progress_fn progress, void *opaque,
+                       vd_error *err)
+{
+    uint8_t *buf = vd_node_blockalign(base, COPY_CHUNK);
+    if (!buf)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    uint64_t copied = 0;
+    int r = 0;
+    for (uint64_t off = 0; off < len && r == 0;) {
+        uint64_t want = len - off < COPY_CHUNK ? len - off : COPY_CHUNK;
+        uint64_t pnum = 0, map;
+        vd_node *file;
+        int depth;
+        r = vd_node_block_status_above(top, base, true, off, want, &pnum,
+                                       &map, &file, &depth, err);
+        if (r < 0)
+            break;
+        int st = r;
+        r = 0;
+        if (st & VD_BLOCK_ALLOCATED) {
+            /* Allocated above the base: its content goes down. */
+            if (st & VD_BLOCK_ZERO) {
+                r = vd_node_pwrite_zeroes(base, off, pnum, VD_REQ_MAY_UNMAP,
+                                          err);
+            } else {
+                vd_iov v;
+                vd_iov_init_buf(&v, buf, pnum);
+                r = vd_node_preadv(top, off, pnum, &v, 0, err);
+                if (r == 0)
+                    r = vd_node_pwritev(base, off, pnum, &v, 0, err);
+            }
+            copied += pnum;
+            rate_wait(rate, copied, &start);
+        }
+        off += pnum;
+        if (progress)
+            progress((double)off * 100.0 / (double)len, opaque);
+    }
+    free(buf);
+    return r;
+}
+
+VD_API int vd_commit(vd_node *top, vd_node *base, unsigned flags,
+                     uint64_t rate_limit, vd_progress_fn progress,
+                     void *opaque, vd_error *err)
+{
+    vd_node *immediate = top->backing ? top->backing->node : NULL;
+    if (!immediate)
+        return vd_error_set(err, -EINVAL, "Image does not have a backing "
+                            "file");
+    if (!base)
+        base = immediate;
+    if (base == top || chain_depth(top, base) < 0)
+        return vd_error_set(err, -EINVAL, "'%s' is not in the backing chain "
+                            "of '%s'", label(base), label(top));
+    if (top->read_only && !(flags & VD_COMMIT_KEEP_TOP) && base == immediate)
+        return vd_error_set(err, -EROFS, "%s: Block node is read-only",
+                            label(top));
+    int64_t top_len = vd_node_getlength(top);
+    int64_t base_len = vd_node_getlength(base);
+    if (top_len < 0 || base_len < 0)
+        return vd_error_set(err, -EIO, "Could not get the image sizes");
+
+    bool was_ro = base->read_only;
+    int r = 0;
+    if (was_ro) {
+        r = vd_node_reopen(base, base->flags | VD_NODE_RDWR, err);
+        if (r < 0) {
+            vd_error_prepend(err, "Could not reopen '%s' read-write: ",
+                             label(base));
+            return r;
+        }
+    }
+    vd_node_drain_begin(top);
+    if (base_len < top_len)
+        r = vd_node_truncate(base, (uint64_t)top_len, false, VD_PREALLOC_OFF,
+                             err);
+    if (r == 0)
+        r = commit_copy(top, base, (uint64_t)top_len, rate_limit, progress,
+                        opaque, err);
+    if (r == 0)
+        r = vd_node_flush(base, err);
+    vd_node_drain_end(top);
+    /* Emptying the top only makes sense when it reads through to the base
+     * directly; with layers in between it stays as it is (qemu's -b). */
+    if (r == 0 && !(flags & VD_COMMIT_KEEP_TOP) && base == immediate) {
+        r = vd_make_empty(top, err);
+        if (r == 0)
+            r = vd_node_flush(top, err);
+    }
+    if (was_ro) {
+        vd_error lerr = VD_ERROR_INIT;
+        int r2 = vd_node_reopen(base, base->flags & ~VD_NODE_RDWR, &lerr);
+        if (r == 0 && r2 < 0) {
+            r = vd_error_set(err, r2, "%s", lerr.message);
+        }
+    }
+    return r;
+}
+
+/* Resolves @name relative to @top's directory, as backing names are. */
+static char *backing_path(const vd_node *top, const char *name)
+{
+    if (name[0] == '/' || strstr(name, "://") || !top->filename ||
+        !strchr(top->filename, '/'))
+        return strdup(name);
+    const char *slash = strrchr(top->filename, '/');
+    size_t d = (size_t)(slash - top->filename) + 1;
+    char *f = malloc(d + strlen(name) + 1);
+    if (f) {
+        memcpy(f, top->filename, d);
+        strcpy(f + d, name);
+    }
+    return f;
+}
+
+static bool same_file(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    return a && b && stat(a, &sa) == 0 && stat(b, &sb) == 0 &&
+           sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* Reads [off, off+len) of @n, or zeros when there is no node. */
+static int read_or_zero(vd_node *n, uint64_t off, uint64_t len, uint8_t *buf,
+                        vd_error *err)
+{
+    if (!n) {
+        memset(buf, 0, len);
+        return 0;
+    }
+    vd_iov v;
+    vd_iov_init_buf(&v, buf, len);
+    return vd_node_preadv(n, off, len, &v, 0, err);
+}
+
+/* Copies into @top every 512-byte sector of [off, off+len) where the old
+ * and the new backing read differently. */
+static int rebase_range(vd_node *top, vd_node *old_b, vd_node *new_b,
+                        uint64_t off, uint64_t len, uint8_t *a, uint8_t *b,
+                        vd_error *err)
+{
+    int r = read_or_zero(old_b, off, len, a, err);
+    if (r == 0)
+        r = read_or_zero(new_b, off, len, b, err);
+    if (r < 0)
+        return r;
+    enum { SECTOR = 512 };
+    uint64_t pos = 0;
+    while (pos < len) {
+        uint64_t n = len - pos < SECTOR ? len - pos : SECTOR;
+        if (memcmp(a + pos, b + pos, n) == 0) {
+            pos += n;
+            continue;
+        }
+        /* A run of differing sectors is written in one request. */
+        uint64_t end = pos + n;
+        while (end < len) {
+            uint64_t m = len - end < SECTOR ? len - end : SECTOR;
+            if (memcmp(a + end, b + end, m) == 0)
+                break;
+            end += m;
+        }
+        vd_iov v;
+        vd_iov_init_buf(&v, a + pos, end - pos);
+        r = vd_node_pwritev(top, off + pos, end - pos, &v, 0, err);
+        if (r < 0)
+            return r;
+        pos = end;
+    }
+    return 0;
+}
+
+VD_API int vd_rebase(vd_node *top, const char *backing,
+                     const char *backing_fmt, const vd_opts *backing_opts,
+                     unsigned flags, vd_progress_fn progress, void *opaque,
+                     vd_error *err)
+{
+    if (!top->drv->supports_backing || !top->drv->change_backing_file)
+        return vd_error_set(err, -ENOTSUP, "%s: Image format '%s' does not "
+                            "support changing the backing file", label(top),
+                            top->drv->name);
+    if (top->read_only)
+        return vd_error_set(err, -EROFS, "%s: Block node is read-only",
+                            label(top));
+    if (backing && !*backing)
+        backing = NULL;
+    if (flags & VD_REBASE_UNSAFE)
+        return vd_change_backing_file(top, backing, backing_fmt, err);
+
+    vd_node *old_b = top->backing ? top->backing->node : NULL;
+    if (!old_b && top->backing_file)
+        return vd_error_set(err, -ENOENT, "Could not open old backing file "
+                            "'%s'", top->backing_file);
+    vd_node *new_b = NULL;
+    int r = 0;
+    if (backing) {
+        char *path = backing_path(top, backing);
+        if (!path)
+            return vd_error_set(err, -ENOMEM, "Out of memory");
+        if (same_file(path, top->filename)) {
+            free(path);
+            return vd_error_set(err, -EINVAL, "Backing file '%s' would be "
+                                "the image itself", backing);
+        }
+        const vd_driver *drv = NULL;
+        if (backing_fmt && !(drv = vd_find_driver(backing_fmt))) {
+            free(path);
+            return vd_error_set(err, -EINVAL, "Unknown driver '%s'",
+                                backing_fmt);
+        }
+        vd_opts *o = backing_opts ? vd_opts_clone(backing_opts)
+                                  : vd_opts_new();
+        vd_error lerr = VD_ERROR_INIT;
+        r = o ? vd_node_open(&new_b, path, drv, o, VD_NODE_QUIET, &lerr)
+              : -ENOMEM;
+        vd_opts_free(&o);
+        if (r < 0) {
+            vd_error_set(err, r, "Could not open new backing file '%s': %s",
+                         path, lerr.message);
+            free(path);
+            return r;
+        }
+        free(path);
+    }
+
+    int64_t len = vd_node_getlength(top);
+    uint8_t *a = vd_node_blockalign(top, COPY_CHUNK);
+    uint8_t *b = vd_node_blockalign(top, COPY_CHUNK);
+    if (!a || !b)
+        r = vd_error_set(err, -ENOMEM, "Out of memory");
+    vd_node_drain_begin(top);
+    for (uint64_t off = 0; r == 0 && len > 0 && off < (uint64_t)len;) {
+        uint64_t want = (uint64_t)len - off < COPY_CHUNK
+                        ? (uint64_t)len - off : COPY_CHUNK;
+        uint64_t pnum = 0, map;
+        vd_node *file;
+        r = vd_node_block_status(top, false, off, want, &pnum, &map, &file,
+                                 err);
+        if (r < 0)
+            break;
+        int st = r;
+        r = 0;
+        /* What the top holds itself stays visible whatever lies below. */
+        if (!(st & VD_BLOCK_ALLOCATED))
+            r = rebase_range(top, old_b, new_b, off, pnum, a, b, err);
+        off += pnum;
+        if (progress)
+            progress((double)off * 100.0 / (double)len, opaque);
+    }
+    if (r == 0)
+        r = vd_node_flush(top, err);
+    vd_node_drain_end(top);
+    free(a);
+    free(b);
+    if (r == 0)
+        r = vd_change_backing_file(top, backing, backing_fmt, err);
+    if (r == 0) {
+        /* The open chain follows the header. */
+        if (top->backing)
+            vd_node_detach_child(top, top->backing);
+        if (new_b && !vd_node_attach_child(top, new_b, "backing",
+                                           VD_ROLE_COW | VD_ROLE_DATA)) {
+            vd_node_unref(new_b);
+            return vd_error_set(err, -ENOMEM, "Out of memory");
+        }
+        return 0;
+    }
+    vd_node_unref(new_b);
+    return r;
+}
