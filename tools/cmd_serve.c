@@ -24,6 +24,7 @@
 
 #include "commands.h"
 #include "nbd/nbd-server.h"
+#include "nbd/tls.h"
 #include "vdisk/vdisk.h"
 
 #define SERVE_DEFAULT_PORT "10809"
@@ -38,6 +39,8 @@ enum {
     OPT_PIDFILE,
     OPT_FORK,
     OPT_WORKERS,
+    OPT_OBJECT,
+    OPT_TLS_CREDS,
 };
 
 static const struct option serve_long[] = {
@@ -61,6 +64,8 @@ static const struct option serve_long[] = {
     { "pidfile", required_argument, NULL, OPT_PIDFILE },
     { "fork", no_argument, NULL, OPT_FORK },
     { "workers", required_argument, NULL, OPT_WORKERS },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "tls-creds", required_argument, NULL, OPT_TLS_CREDS },
     { NULL, 0, NULL, 0 },
 };
 
@@ -88,6 +93,9 @@ static void serve_usage(void)
 "      --pid-file=PATH      write the server's process id to PATH\n"
 "      --fork               run in the background once the server listens\n"
 "      --workers=N          I/O threads shared by all clients (default %d)\n"
+"      --object=SPEC        tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off]\n"
+"                           or tls-creds-psk,id=ID,endpoint=server,dir=DIR\n"
+"      --tls-creds=ID       require TLS with the credentials object ID\n"
 "  -h, --help               this help\n", SERVE_WORKERS);
 }
 
@@ -148,7 +156,7 @@ static void wait_for_child(int rfd)
 int cmd_serve(int argc, char **argv)
 {
     const char *sockpath = NULL, *bind_addr = NULL, *port = NULL;
-    const char *fmt = NULL, *pidfile = NULL;
+    const char *fmt = NULL, *pidfile = NULL, *tls_creds = NULL;
     const char *names[SERVE_MAX_EXPORTS], *descs[SERVE_MAX_EXPORTS];
     unsigned nnames = 0, ndescs = 0, shared = 1, workers = SERVE_WORKERS;
     bool persistent = false, read_only = false, do_fork = false;
@@ -246,6 +254,16 @@ int cmd_serve(int argc, char **argv)
                 goto out;
             }
             break;
+        case OPT_OBJECT:
+            vd_error_clear(&err);
+            if (nbd_tls_add_object(optarg, &err) < 0) {
+                fprintf(stderr, "vdisk serve: %s\n", err.message);
+                goto out;
+            }
+            break;
+        case OPT_TLS_CREDS:
+            tls_creds = optarg;
+            break;
         case ':':
             fprintf(stderr, "vdisk serve: option '%s' requires an argument\n",
                     argv[optind - 1]);
@@ -261,6 +279,13 @@ int cmd_serve(int argc, char **argv)
         }
     }
 
+    if (tls_creds) {
+        vd_error_clear(&err);
+        if (nbd_tls_set_creds(tls_creds, &err) < 0) {
+            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            goto out;
+        }
+    }
     nimages = argc - optind;
     if (nimages < 1) {
         fprintf(stderr, "vdisk serve: Not enough arguments\n"
@@ -400,5 +425,6 @@ out:
         close(ready_fd);
     }
     vd_opts_free(&opts);
+    nbd_tls_cleanup();
     return ret;
 }

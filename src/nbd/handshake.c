@@ -14,6 +14,14 @@
  * is used to size or index anything: the option payload is read into a
  * fixed buffer of NBD_MAX_OPTION_LEN bytes, and longer options are
  * skipped (up to HS_MAX_DISCARD) without being stored.
+ *
+ * TLS (FORCEDTLS mode of nbd-proto.md, when --tls-creds is given): until
+ * NBD_OPT_STARTTLS succeeds, every option but STARTTLS and ABORT gets
+ * NBD_REP_ERR_TLS_REQD and EXPORT_NAME ends the connection. STARTTLS
+ * replies ACK, runs the TLS handshake (tls.c) and returns to
+ * RECV_OPT_HDR with nothing negotiated, so haggling starts again over
+ * TLS. All reads and writes go through nbd_conn_read()/nbd_conn_write(),
+ * which switch to TLS records from then on.
  */
 #include <arpa/inet.h>
 #include <endian.h>
@@ -27,6 +35,7 @@
 #include "../core/error.h"
 #include "nbd-proto.h"
 #include "nbd-server.h"
+#include "tls.h"
 
 /* Longest option we read and throw away (answering NBD_REP_ERR_TOO_BIG)
  * rather than treating as a denial of service and disconnecting. */
@@ -99,7 +108,7 @@ static hs_state hs_fail(hs *h, int code, const char *fmt, ...)
 /* Reads @len bytes or records why not. */
 static int hs_read(hs *h, void *buf, size_t len, const char *what)
 {
-    int r = nbd_read_full(h->conn->in_fd, buf, len);
+    int r = nbd_conn_read(h->conn, buf, len);
 
     if (r < 0) {
         vd_error_set(&h->conn->err, r, "nbd: %s while reading %s",
@@ -111,7 +120,7 @@ static int hs_read(hs *h, void *buf, size_t len, const char *what)
 
 static int hs_write(hs *h, struct iovec *iov, int n)
 {
-    int r = nbd_write_full(h->conn->out_fd, iov, n);
+    int r = nbd_conn_write(h->conn, iov, n);
 
     if (r < 0) {
         vd_error_set(&h->conn->err, r, "nbd: cannot send to client: %s",
@@ -265,9 +274,39 @@ static hs_state opt_list(hs *h)
     return hs_ack(h) < 0 ? HS_DEAD : HS_RECV_OPT_HDR;
 }
 
+/* True while the client must still upgrade before anything else. */
+static bool hs_tls_pending(const nbd_conn *c)
+{
+    return nbd_tls_required() && !nbd_conn_tls_active(c);
+}
+
 static hs_state opt_starttls(hs *h)
 {
-    return hs_error(h, NBD_REP_ERR_POLICY, "TLS not configured");
+    nbd_conn *c = h->conn;
+
+    if (!nbd_tls_required()) {
+        return hs_error(h, NBD_REP_ERR_POLICY, "TLS not configured");
+    }
+    if (nbd_conn_tls_active(c)) {
+        return hs_error(h, NBD_REP_ERR_INVALID, "TLS already started");
+    }
+    if (h->length != 0) {
+        return hs_error(h, NBD_REP_ERR_INVALID,
+                        "NBD_OPT_STARTTLS must not carry data");
+    }
+    if (hs_ack(h) < 0) {
+        return HS_DEAD;
+    }
+    if (nbd_conn_starttls(c, &c->err) < 0) {
+        return HS_DEAD;
+    }
+    /* The spec: nothing negotiated before the upgrade survives it. In
+     * FORCEDTLS mode nothing could have been, but say so here rather
+     * than rely on it. */
+    c->exp = NULL;
+    c->ctx_export = NULL;
+    c->caps = (nbd_caps){ 0 };
+    return HS_RECV_OPT_HDR;
 }
 
 /* Sends one NBD_REP_INFO of @type with @n payload buffers after it. */
@@ -595,6 +634,10 @@ static hs_state st_skip_opt_data(hs *h)
     if (!h->conn->fixed_newstyle) {
         return hs_fail(h, -EINVAL, "option %u too long", h->option);
     }
+    if (hs_tls_pending(h->conn)) {
+        return hs_error(h, NBD_REP_ERR_TLS_REQD,
+                        "option %u not permitted before TLS", h->option);
+    }
     hs_state next = hs_error(h, NBD_REP_ERR_TOO_BIG,
                              "option of %u bytes is too long", h->length);
     return next == HS_DEAD ? HS_DEAD : HS_RECV_OPT_HDR;
@@ -608,6 +651,16 @@ static hs_state st_handle_opt(hs *h)
         /* Plain newstyle has no way to refuse an option politely. */
         return hs_fail(h, -EINVAL, "option %u without fixed newstyle",
                        h->option);
+    }
+    if (hs_tls_pending(c) && h->option != NBD_OPT_STARTTLS &&
+        h->option != NBD_OPT_ABORT) {
+        if (h->option == NBD_OPT_EXPORT_NAME) {
+            /* EXPORT_NAME cannot be refused: the spec says to hang up. */
+            return hs_fail(h, -EPERM, "client chose an export without "
+                           "starting TLS, which this server requires");
+        }
+        return hs_error(h, NBD_REP_ERR_TLS_REQD,
+                        "option %u not permitted before TLS", h->option);
     }
     if (nbd_server_shutting_down(c->srv) && h->option != NBD_OPT_ABORT) {
         if (h->option == NBD_OPT_EXPORT_NAME) {

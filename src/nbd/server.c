@@ -33,6 +33,7 @@
 #include "../core/error.h"
 #include "nbd-proto.h"
 #include "nbd-server.h"
+#include "tls.h"
 
 #define MAX_LISTEN 8
 /* Seconds a client gets to finish the handshake (qemu-nbd's default). */
@@ -388,7 +389,8 @@ static void wake(nbd_server *srv)
 
 int nbd_conn_serve(nbd_server *srv, int in_fd, int out_fd, vd_error *err)
 {
-    nbd_conn *c = calloc(1, sizeof(*c));
+    /* Allocated by tls.c, which keeps the TLS session beside it. */
+    nbd_conn *c = nbd_conn_alloc();
     struct timeval tv = { .tv_sec = HANDSHAKE_TIMEOUT };
     struct timeval zero = { 0 };
     int ret = 0;
@@ -423,7 +425,7 @@ int nbd_conn_serve(nbd_server *srv, int in_fd, int out_fd, vd_error *err)
     pthread_mutex_destroy(&c->send_lock);
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->cond);
-    free(c);
+    nbd_conn_release(c);
     return ret;
 }
 

@@ -12,7 +12,9 @@
  * and sends a simple reply, or structured chunks when they were
  * negotiated: reads as OFFSET_DATA/OFFSET_HOLE runs from block status,
  * errors as one ERROR chunk with a message. Replies for one connection
- * go out under its send mutex, one chunk at a time.
+ * go out under its send mutex, one chunk at a time. The stream is read
+ * and written through nbd_conn_read()/nbd_conn_write() (tls.h), plain or
+ * TLS as the handshake left it.
  */
 #include <endian.h>
 #include <errno.h>
@@ -26,6 +28,7 @@
 #include "../core/error.h"
 #include "nbd-proto.h"
 #include "nbd-server.h"
+#include "tls.h"
 
 /* Per-connection back-pressure: the reader stops reading new requests
  * while this many are in flight or this many payload bytes are held. */
@@ -163,7 +166,7 @@ static int conn_send(nbd_conn *c, struct iovec *iov, int n)
         return -EPIPE;
     }
     pthread_mutex_lock(&c->send_lock);
-    r = nbd_write_full(c->out_fd, iov, n);
+    r = nbd_conn_write(c, iov, n);
     pthread_mutex_unlock(&c->send_lock);
     if (r < 0 && !atomic_exchange(&c->send_failed, true)) {
         shutdown(c->in_fd, SHUT_RDWR);
@@ -649,7 +652,7 @@ int nbd_transmission(nbd_conn *c)
         nbd_job *job;
         int err, r;
 
-        r = nbd_read_full(c->in_fd, &h, sizeof(h));
+        r = nbd_conn_read(c, &h, sizeof(h));
         if (r < 0) {
             if (r != -EPIPE || !atomic_load(&c->send_failed)) {
                 /* A client that vanishes between requests is normal for
@@ -700,7 +703,7 @@ int nbd_transmission(nbd_conn *c)
         wait_budget(c, job->budget);
         if (payload) {
             job->data = malloc(payload);
-            r = job->data ? nbd_read_full(c->in_fd, job->data, payload)
+            r = job->data ? nbd_conn_read(c, job->data, payload)
                           : -ENOMEM;
             if (r < 0) {
                 vd_error_set(&c->err, r, "nbd: %s while reading write data",

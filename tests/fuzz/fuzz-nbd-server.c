@@ -27,6 +27,7 @@
 #include "../../src/nbd/handshake.c"
 #include "../../src/nbd/server.c"
 #include "../../src/nbd/transmission.c"
+#include "../../src/nbd/tls.c"
 
 struct vd_driver;
 extern const struct vd_driver vd_driver_null_co;

@@ -1,0 +1,109 @@
+/*
+ * TLS for the NBD server (nbd-proto.md, "TLS support"), with gnutls:
+ * the credential objects of qemu's command line, the per-connection
+ * session, and the byte stream every other part of src/nbd/ reads and
+ * writes through.
+ *
+ * Three groups of functions:
+ *
+ *   set-up          nbd_tls_add_object() / nbd_tls_set_creds() parse
+ *                   qemu-nbd's `--object tls-creds-*` and `--tls-creds`
+ *                   and load the credentials; they run before the server
+ *                   starts, and what they build is read-only afterwards.
+ *                   One set of credentials serves the whole process, as
+ *                   with qemu-nbd.
+ *   connection      nbd_conn_alloc()/nbd_conn_release() own an nbd_conn
+ *                   together with its TLS session (nbd_conn has no field
+ *                   for one), nbd_conn_starttls() upgrades a connection
+ *                   after the server ACKed NBD_OPT_STARTTLS.
+ *   stream          nbd_conn_read()/nbd_conn_write(): plain fds until TLS
+ *                   starts, gnutls records afterwards. One reader (the
+ *                   connection's reader thread) and one writer at a time
+ *                   (callers hold conn->send_lock once workers exist) may
+ *                   run concurrently, which gnutls allows.
+ *
+ * Built without gnutls, the set-up functions fail with "TLS support is
+ * not compiled in" and connections are always plain.
+ */
+#ifndef VDISK_NBD_TLS_H
+#define VDISK_NBD_TLS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/uio.h>
+
+#include "nbd-server.h"
+#include "vdisk/vdisk.h"
+
+/* ---- set-up (single-threaded, before the server runs) ---- */
+
+/*
+ * Parses one `--object` argument of qemu's form:
+ *
+ *   tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]
+ *                 [,priority=STRING]
+ *   tls-creds-psk,id=ID,dir=DIR[,endpoint=server][,priority=STRING]
+ *
+ * and loads the credentials from DIR at once (ca-cert.pem,
+ * server-cert.pem, server-key.pem, optional ca-crl.pem and dh-params.pem
+ * for X.509; keys.psk for PSK), so a bad directory fails at start-up as
+ * with qemu. endpoint defaults to client, as in qemu, and verify-peer to
+ * on. Returns 0, -EEXIST (id used twice), -EINVAL (syntax, unknown
+ * object type or key), -ENOENT/-EACCES (credential files), -ENOTSUP (no
+ * gnutls), with a message.
+ */
+int nbd_tls_add_object(const char *spec, vd_error *err);
+
+/* The same from already-split options (QMP object-add): "qom-type",
+ * "id" and the keys above. Takes what it understands from @opts. */
+int nbd_tls_add_object_opts(vd_opts *opts, vd_error *err);
+
+/*
+ * qemu-nbd's --tls-creds=ID: every connection must then upgrade with
+ * NBD_OPT_STARTTLS before anything else is negotiated. The object must
+ * exist and have endpoint=server. Returns 0, -ENOENT or -EINVAL.
+ */
+int nbd_tls_set_creds(const char *id, vd_error *err);
+
+/* True once nbd_tls_set_creds() succeeded: the server is in FORCEDTLS
+ * mode. */
+bool nbd_tls_required(void);
+
+/* Frees every object and forgets the chosen credentials. Only when no
+ * server is running. */
+void nbd_tls_cleanup(void);
+
+/* ---- connection ---- */
+
+/* A zeroed connection with room for a TLS session, or NULL (ENOMEM). */
+nbd_conn *nbd_conn_alloc(void);
+
+/* Ends the TLS session of @c (a close_notify when the stream is still
+ * healthy) and frees @c. The fds are not closed. Accepts NULL. */
+void nbd_conn_release(nbd_conn *c);
+
+/* True after nbd_conn_starttls() succeeded on @c. */
+bool nbd_conn_tls_active(const nbd_conn *c);
+
+/*
+ * Runs the TLS handshake on @c's fds with the configured credentials,
+ * checking the client certificate when verify-peer is on; from then on
+ * nbd_conn_read()/nbd_conn_write() use the session. Returns 0, or a
+ * negative errno with a message (-EPROTO for a failed handshake, a
+ * rejected certificate or an unknown PSK identity; -ETIMEDOUT).
+ */
+int nbd_conn_starttls(nbd_conn *c, vd_error *err);
+
+/* ---- stream ---- */
+
+/* Reads exactly @len bytes. Returns 0, -EPIPE when the peer went away
+ * (end of stream, with or without close_notify), -ETIMEDOUT when the
+ * socket's receive timeout expired, or another negative errno (-EPROTO
+ * for a TLS error). */
+int nbd_conn_read(nbd_conn *c, void *buf, size_t len);
+
+/* Writes the @n buffers completely (they may be modified). Returns 0 or
+ * a negative errno. */
+int nbd_conn_write(nbd_conn *c, struct iovec *iov, int n);
+
+#endif
