@@ -1,9 +1,7 @@
 /*
  * The driver registry: a fixed table of the drivers built into the
- * library, in probing and listing order.
- *
- * Drivers are declared weak so that the library links while a driver is
- * being developed in a separate file; a missing one is simply absent.
+ * library, in probing and listing order. The references are strong so
+ * that linking the static library pulls every driver in.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -11,10 +9,10 @@
 
 #include "core/block_int.h"
 
-extern const vd_driver vd_driver_file __attribute__((weak));
-extern const vd_driver vd_driver_null_co __attribute__((weak));
-extern const vd_driver vd_driver_raw __attribute__((weak));
-extern const vd_driver vd_driver_qcow2 __attribute__((weak));
+extern const vd_driver vd_driver_file;
+extern const vd_driver vd_driver_null_co;
+extern const vd_driver vd_driver_raw;
+extern const vd_driver vd_driver_qcow2;
 
 static const vd_driver *const driver_table[] = {
     &vd_driver_file,
@@ -26,16 +24,7 @@ static const vd_driver *const driver_table[] = {
 
 const vd_driver *vd_driver_at(int i)
 {
-    /* Skip absent (weak, unresolved) entries while keeping indices dense
-     * for callers that iterate until NULL. */
-    int seen = 0;
-    for (size_t k = 0; k < N_DRIVERS; k++) {
-        if (!driver_table[k])
-            continue;
-        if (seen++ == i)
-            return driver_table[k];
-    }
-    return NULL;
+    return i >= 0 && (size_t)i < N_DRIVERS ? driver_table[i] : NULL;
 }
 
 const vd_driver *vd_find_driver(const char *name)
@@ -43,7 +32,7 @@ const vd_driver *vd_find_driver(const char *name)
     if (!name)
         return NULL;
     for (size_t k = 0; k < N_DRIVERS; k++)
-        if (driver_table[k] && strcmp(driver_table[k]->name, name) == 0)
+        if (strcmp(driver_table[k]->name, name) == 0)
             return driver_table[k];
     return NULL;
 }
@@ -52,8 +41,7 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
                             void *opaque)
 {
     for (size_t k = 0; k < N_DRIVERS; k++)
-        if (driver_table[k])
-            fn(driver_table[k]->name, opaque);
+        fn(driver_table[k]->name, opaque);
 }
 
 /* Merged option lists (format's own, then its protocol's), built once. */

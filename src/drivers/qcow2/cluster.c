@@ -1,0 +1,1309 @@
+/*
+ * qcow2 cluster mapping: L1/L2 lookup, L2 and L1 allocation, and the
+ * guest-visible operations built on them (read, write with allocation
+ * and copy-on-write, compressed write, write_zeroes, discard, block
+ * status, preallocation).
+ *
+ * Design note: write ordering (crash safety)
+ * -------------------------------------------
+ * An allocating write proceeds in this order, so that after a crash at
+ * any point the image is consistent or merely leaks clusters:
+ *
+ *   1. Under the lock: pick host clusters and raise their refcounts to 1
+ *      in the refcount cache; register the guest cluster range as
+ *      in-flight (other writers to it wait on alloc_cond).
+ *   2. Without the lock: write the guest data together with the
+ *      copy-on-write head and tail to the new clusters.
+ *   3. Under the lock: point the L2 entries at the new clusters in the L2
+ *      cache, which is made to depend on the refcount cache: before any
+ *      L2 table is written, the refcount cache is written and the file
+ *      flushed (cache.c), which also makes the data of step 2 stable.
+ *      Clusters the entries used to reference are freed afterwards; the
+ *      refcount cache then depends on the L2 cache, so a refcount that
+ *      lets a cluster be reused never reaches the disk before the L2
+ *      table that stopped using it.
+ *   4. New L2 tables are written (after the refcounts, with a flush)
+ *      before the L1 entry pointing at them; a new L1 table is written
+ *      and flushed before the header points at it.
+ *
+ * Reads and in-place writes (cluster allocated with refcount 1, the
+ * COPIED flag) only look the mapping up under the lock and do their data
+ * I/O without it. Guest offsets are always checked against the
+ * in-flight list before metadata is changed.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "drivers/qcow2/qcow2.h"
+
+qcow2_subcluster_type qcow2_get_subcluster_type(const qcow2_state *s,
+                                                uint64_t l2_entry,
+                                                uint64_t l2_bitmap,
+                                                int sc_index)
+{
+    bool has_host;
+
+    if (l2_entry & QCOW2_OFLAG_COMPRESSED) {
+        return QCOW2_SC_COMPRESSED;
+    }
+    has_host = (l2_entry & QCOW2_L2E_OFFSET_MASK) ||
+               ((l2_entry & QCOW2_OFLAG_COPIED) && s->data_file != s->file);
+    if (!s->extended_l2) {
+        if (l2_entry & QCOW2_OFLAG_ZERO) {
+            return has_host ? QCOW2_SC_ZERO_ALLOC : QCOW2_SC_ZERO_PLAIN;
+        }
+        return has_host ? QCOW2_SC_NORMAL : QCOW2_SC_UNALLOCATED_PLAIN;
+    }
+    if ((l2_bitmap >> 32) & l2_bitmap & QCOW2_L2B_ALLOC_MASK) {
+        return QCOW2_SC_INVALID;
+    }
+    if (has_host) {
+        if (l2_bitmap & QCOW2_L2B_ZERO(sc_index)) {
+            return QCOW2_SC_ZERO_ALLOC;
+        }
+        return (l2_bitmap & QCOW2_L2B_ALLOC(sc_index)) ?
+               QCOW2_SC_NORMAL : QCOW2_SC_UNALLOCATED_ALLOC;
+    }
+    if (l2_bitmap & QCOW2_L2B_ALLOC(sc_index)) {
+        return QCOW2_SC_INVALID;
+    }
+    return (l2_bitmap & QCOW2_L2B_ZERO(sc_index)) ?
+           QCOW2_SC_ZERO_PLAIN : QCOW2_SC_UNALLOCATED_PLAIN;
+}
+
+static bool type_has_host(qcow2_subcluster_type t)
+{
+    return t == QCOW2_SC_NORMAL || t == QCOW2_SC_ZERO_ALLOC ||
+           t == QCOW2_SC_UNALLOCATED_ALLOC;
+}
+
+static bool has_data_file(const qcow2_state *s)
+{
+    return s->data_file != s->file;
+}
+
+/* ---- L1 ---- */
+
+int qcow2_write_l1_entry(qcow2_state *s, uint64_t l1_index, vd_error *err)
+{
+    uint64_t buf[64];
+    uint64_t start = l1_index & ~63ull;
+    uint64_t n = s->l1_size - start;
+    int ret;
+
+    if (n > 64) {
+        n = 64;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        buf[i] = htobe64(s->l1_table[start + i]);
+    }
+    ret = vd_child_pwrite(s->file, s->l1_table_offset + start * 8, buf, n * 8,
+                          0, err);
+    if (ret < 0) {
+        vd_error_prepend(err, "%s: writing the L1 table: ", s->filename);
+    }
+    return ret;
+}
+
+int qcow2_grow_l1_table(qcow2_state *s, uint64_t min_size, bool exact,
+                        vd_error *err)
+{
+    uint64_t new_size, *new_l1 = NULL;
+    int64_t new_off;
+    uint64_t old_off = s->l1_table_offset, old_size = s->l1_size;
+    int ret;
+
+    if (min_size <= s->l1_size) {
+        return 0;
+    }
+    if (exact) {
+        new_size = min_size;
+    } else {
+        new_size = s->l1_size ? s->l1_size : 1;
+        while (min_size > new_size) {
+            new_size = (new_size * 3 + 1) / 2;
+        }
+    }
+    if (new_size * 8 > QCOW2_MAX_L1_BYTES) {
+        return vd_error_set(err, -EFBIG, "%s: L1 table of %llu entries "
+                            "would exceed 32 MB", s->filename,
+                            (unsigned long long)new_size);
+    }
+    new_l1 = calloc(new_size, 8);
+    if (!new_l1) {
+        return vd_error_set(err, -ENOMEM, "%s: cannot allocate the L1 table",
+                            s->filename);
+    }
+    new_off = qcow2_alloc_clusters(s, new_size * 8, err);
+    if (new_off < 0) {
+        free(new_l1);
+        return (int)new_off;
+    }
+    ret = qcow2_cache_flush(s, s->refcount_cache, err);
+    if (ret < 0) {
+        goto fail;
+    }
+    for (uint64_t i = 0; i < s->l1_size; i++) {
+        new_l1[i] = htobe64(s->l1_table[i]);
+    }
+    ret = vd_child_pwrite(s->file, (uint64_t)new_off, new_l1, new_size * 8, 0,
+                          err);
+    if (ret < 0) {
+        goto fail;
+    }
+    ret = vd_node_flush(s->file->node, err);
+    if (ret < 0) {
+        goto fail;
+    }
+    {
+        struct __attribute__((packed)) {
+            uint32_t size;
+            uint64_t offset;
+        } hdr = { htobe32((uint32_t)new_size), htobe64((uint64_t)new_off) };
+        ret = vd_child_pwrite(s->file, offsetof(qcow2_header, l1_size), &hdr,
+                              sizeof(hdr), 0, err);
+        if (ret < 0) {
+            goto fail;
+        }
+        ret = vd_node_flush(s->file->node, err);
+        if (ret < 0) {
+            goto fail;
+        }
+    }
+    for (uint64_t i = 0; i < new_size; i++) {
+        new_l1[i] = be64toh(new_l1[i]);
+    }
+    free(s->l1_table);
+    s->l1_table = new_l1;
+    s->l1_size = (uint32_t)new_size;
+    s->l1_table_offset = (uint64_t)new_off;
+    if (old_size) {
+        return qcow2_free_clusters(s, old_off, old_size * 8,
+                                   QCOW2_DISCARD_OTHER, err);
+    }
+    return 0;
+
+fail:
+    free(new_l1);
+    qcow2_free_clusters(s, (uint64_t)new_off, new_size * 8,
+                        QCOW2_DISCARD_OTHER, NULL);
+    return ret;
+}
+
+/* ---- L2 ---- */
+
+int qcow2_get_l2_table(qcow2_state *s, uint64_t offset, bool alloc,
+                       void **table, uint64_t *l2_index, vd_error *err)
+{
+    uint64_t l1_index = qcow2_offset_to_l1_index(s, offset);
+    uint64_t l1e, l2_off;
+    int64_t new_off;
+    void *old = NULL, *t;
+    int ret;
+
+    *table = NULL;
+    *l2_index = qcow2_offset_to_l2_index(s, offset);
+    if (l1_index >= s->l1_size) {
+        if (!alloc) {
+            return 0;
+        }
+        ret = qcow2_grow_l1_table(s, l1_index + 1, false, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    l1e = s->l1_table[l1_index];
+    l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
+    if (l2_off & (s->cluster_size - 1)) {
+        return qcow2_signal_corruption(s, err, "L2 table offset 0x%llx "
+                                       "unaligned (L1 index: 0x%llx)",
+                                       (unsigned long long)l2_off,
+                                       (unsigned long long)l1_index);
+    }
+    if (l2_off && ((l1e & QCOW2_OFLAG_COPIED) || !alloc)) {
+        return qcow2_cache_get(s, s->l2_cache, l2_off, table, err);
+    }
+    if (!alloc) {
+        return 0;
+    }
+
+    /* New table (or a private copy of a shared one). */
+    new_off = qcow2_alloc_clusters(s, s->cluster_size, err);
+    if (new_off < 0) {
+        return (int)new_off;
+    }
+    ret = qcow2_cache_flush(s, s->refcount_cache, err);
+    if (ret < 0) {
+        goto fail;
+    }
+    ret = qcow2_cache_get_empty(s, s->l2_cache, (uint64_t)new_off, &t, err);
+    if (ret < 0) {
+        goto fail;
+    }
+    if (l2_off) {
+        ret = qcow2_cache_get(s, s->l2_cache, l2_off, &old, err);
+        if (ret < 0) {
+            qcow2_cache_put(s->l2_cache, &t);
+            goto fail;
+        }
+        memcpy(t, old, s->cluster_size);
+        qcow2_cache_put(s->l2_cache, &old);
+    } else {
+        memset(t, 0, s->cluster_size);
+    }
+    qcow2_cache_mark_dirty(s->l2_cache, t);
+    ret = qcow2_cache_flush(s, s->l2_cache, err);
+    if (ret < 0) {
+        qcow2_cache_put(s->l2_cache, &t);
+        goto fail;
+    }
+    s->l1_table[l1_index] = (uint64_t)new_off | QCOW2_OFLAG_COPIED;
+    ret = qcow2_write_l1_entry(s, l1_index, err);
+    if (ret < 0) {
+        s->l1_table[l1_index] = l1e;
+        qcow2_cache_put(s->l2_cache, &t);
+        goto fail;
+    }
+    if (l2_off) {
+        qcow2_free_clusters(s, l2_off, s->cluster_size, QCOW2_DISCARD_OTHER,
+                            NULL);
+    }
+    *table = t;
+    return 0;
+
+fail:
+    qcow2_free_clusters(s, (uint64_t)new_off, s->cluster_size,
+                        QCOW2_DISCARD_OTHER, NULL);
+    return ret;
+}
+
+int qcow2_get_host_offset(qcow2_state *s, uint64_t offset, uint64_t *bytes,
+                          uint64_t *host, qcow2_subcluster_type *type,
+                          vd_error *err)
+{
+    uint64_t cover = s->cluster_size << s->l2_bits;
+    uint64_t want = *bytes, end, cur, in_cluster, host_cluster;
+    uint64_t l2_index, e, bm;
+    qcow2_subcluster_type t;
+    void *table;
+    int ret;
+
+    if (want > cover - (offset & (cover - 1))) {
+        want = cover - (offset & (cover - 1));
+    }
+    ret = qcow2_get_l2_table(s, offset, false, &table, &l2_index, err);
+    if (ret < 0) {
+        return ret;
+    }
+    if (!table) {
+        *type = QCOW2_SC_UNALLOCATED_PLAIN;
+        *host = 0;
+        *bytes = want;
+        return 0;
+    }
+    e = qcow2_get_l2_entry(s, table, l2_index);
+    bm = qcow2_get_l2_bitmap(s, table, l2_index);
+    t = qcow2_get_subcluster_type(s, e, bm, qcow2_offset_to_sc_index(s, offset));
+    in_cluster = qcow2_offset_into_cluster(s, offset);
+    host_cluster = e & QCOW2_L2E_OFFSET_MASK;
+    if (t == QCOW2_SC_INVALID) {
+        qcow2_cache_put(s->l2_cache, &table);
+        return qcow2_signal_corruption(s, err, "Invalid cluster entry found "
+                                       "(L2 offset: 0x%llx, L2 index: 0x%llx)",
+                                       (unsigned long long)
+                                       (s->l1_table[qcow2_offset_to_l1_index(s, offset)] &
+                                        QCOW2_L1E_OFFSET_MASK),
+                                       (unsigned long long)l2_index);
+    }
+    if (t == QCOW2_SC_COMPRESSED) {
+        qcow2_cache_put(s->l2_cache, &table);
+        if (has_data_file(s)) {
+            return qcow2_signal_corruption(s, err, "Compressed cluster entry "
+                                           "found in image with external "
+                                           "data file (L2 index: 0x%llx)",
+                                           (unsigned long long)l2_index);
+        }
+        *type = t;
+        *host = e;
+        *bytes = want < s->cluster_size - in_cluster ?
+                 want : s->cluster_size - in_cluster;
+        return 0;
+    }
+    if (type_has_host(t) && (host_cluster & (s->cluster_size - 1))) {
+        qcow2_cache_put(s->l2_cache, &table);
+        return qcow2_signal_corruption(s, err, "Cluster allocation offset "
+                                       "0x%llx unaligned (L2 index: 0x%llx)",
+                                       (unsigned long long)host_cluster,
+                                       (unsigned long long)l2_index);
+    }
+
+    /* Extend over following subclusters with the same type and, for host
+     * types, a contiguous host mapping. */
+    end = offset + want;
+    cur = (offset | (s->subcluster_size - 1)) + 1;
+    while (cur < end) {
+        uint64_t idx = qcow2_offset_to_l2_index(s, cur);
+        uint64_t e2 = qcow2_get_l2_entry(s, table, idx);
+        uint64_t bm2 = qcow2_get_l2_bitmap(s, table, idx);
+        qcow2_subcluster_type t2 =
+            qcow2_get_subcluster_type(s, e2, bm2, qcow2_offset_to_sc_index(s, cur));
+        if (t2 != t) {
+            break;
+        }
+        if (type_has_host(t) &&
+            (e2 & QCOW2_L2E_OFFSET_MASK) + qcow2_offset_into_cluster(s, cur) !=
+            host_cluster + in_cluster + (cur - offset)) {
+            break;
+        }
+        cur += s->subcluster_size;
+    }
+    qcow2_cache_put(s->l2_cache, &table);
+    *type = t;
+    *host = type_has_host(t) ? host_cluster + in_cluster : 0;
+    *bytes = (cur < end ? cur : end) - offset;
+    return 0;
+}
+
+/* ---- reads ---- */
+
+int qcow2_co_preadv(qcow2_state *s, uint64_t off, uint64_t bytes,
+                    vd_iov *qiov, size_t qiov_off, vd_error *err)
+{
+    uint8_t *cbuf = NULL;
+    int ret = 0;
+
+    while (bytes > 0) {
+        uint64_t cur = bytes, host;
+        qcow2_subcluster_type t;
+        vd_iov slice;
+
+        pthread_mutex_lock(&s->lock);
+        ret = qcow2_get_host_offset(s, off, &cur, &host, &t, err);
+        pthread_mutex_unlock(&s->lock);
+        if (ret < 0) {
+            break;
+        }
+        switch (t) {
+        case QCOW2_SC_UNALLOCATED_PLAIN:
+        case QCOW2_SC_UNALLOCATED_ALLOC:
+            if (s->node->backing) {
+                ret = vd_iov_init_slice(&slice, qiov, qiov_off, cur);
+                if (ret == 0) {
+                    ret = vd_child_preadv(s->node->backing, off, cur, &slice,
+                                          0, err);
+                    vd_iov_destroy(&slice);
+                }
+            } else {
+                vd_iov_memset(qiov, qiov_off, 0, cur);
+            }
+            break;
+        case QCOW2_SC_ZERO_PLAIN:
+        case QCOW2_SC_ZERO_ALLOC:
+            vd_iov_memset(qiov, qiov_off, 0, cur);
+            break;
+        case QCOW2_SC_COMPRESSED:
+            if (!cbuf) {
+                cbuf = malloc(s->cluster_size);
+                if (!cbuf) {
+                    ret = vd_error_set(err, -ENOMEM, "%s: out of memory",
+                                       s->filename);
+                    break;
+                }
+            }
+            ret = qcow2_decompress_cluster(s, host, cbuf, err);
+            if (ret == 0) {
+                vd_iov_from_buf(qiov, qiov_off,
+                                cbuf + qcow2_offset_into_cluster(s, off), cur);
+            }
+            break;
+        case QCOW2_SC_NORMAL:
+            ret = vd_iov_init_slice(&slice, qiov, qiov_off, cur);
+            if (ret == 0) {
+                ret = vd_child_preadv(s->data_file, host, cur, &slice, 0, err);
+                vd_iov_destroy(&slice);
+            }
+            break;
+        default:
+            ret = -EIO;
+            break;
+        }
+        if (ret < 0) {
+            break;
+        }
+        off += cur;
+        qiov_off += cur;
+        bytes -= cur;
+    }
+    free(cbuf);
+    return ret;
+}
+
+/* Reads guest [off, off+len) into @buf as the image currently maps it;
+ * bytes past the virtual size read as zeros. */
+static int read_guest(qcow2_state *s, uint64_t off, uint8_t *buf,
+                      uint64_t len, vd_error *err)
+{
+    vd_iov v;
+    uint64_t in = len;
+
+    if (len == 0) {
+        return 0;
+    }
+    if (off >= s->size) {
+        memset(buf, 0, len);
+        return 0;
+    }
+    if (off + len > s->size) {
+        in = s->size - off;
+        memset(buf + in, 0, len - in);
+    }
+    vd_iov_init_buf(&v, buf, in);
+    return qcow2_co_preadv(s, off, in, &v, 0, err);
+}
+
+/* ---- in-flight allocations ---- */
+
+static bool inflight_overlaps(qcow2_state *s, uint64_t first, uint64_t n)
+{
+    for (qcow2_inflight *f = s->inflight; f; f = f->next) {
+        if (first < f->first_cluster + f->nb_clusters &&
+            f->first_cluster < first + n) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void wait_inflight(qcow2_state *s, uint64_t first, uint64_t n)
+{
+    while (inflight_overlaps(s, first, n)) {
+        pthread_cond_wait(&s->alloc_cond, &s->lock);
+    }
+}
+
+static void inflight_remove(qcow2_state *s, qcow2_inflight *f)
+{
+    for (qcow2_inflight **p = &s->inflight; *p; p = &(*p)->next) {
+        if (*p == f) {
+            *p = f->next;
+            break;
+        }
+    }
+    pthread_cond_broadcast(&s->alloc_cond);
+}
+
+static int mark_dirty_if_lazy(qcow2_state *s, vd_error *err)
+{
+    if (s->lazy_refcounts && !s->dirty_marked) {
+        return qcow2_mark_dirty(s, err);
+    }
+    return 0;
+}
+
+/* ---- writes ---- */
+
+/* Whether guest [off, off+len) (inside one cluster) can be written in
+ * place: the cluster is ours alone and every touched subcluster holds
+ * data. */
+static bool can_write_in_place(qcow2_state *s, uint64_t e, uint64_t bm,
+                               uint64_t off, uint64_t len)
+{
+    if (e & QCOW2_OFLAG_COMPRESSED) {
+        return false;
+    }
+    if (!(e & QCOW2_OFLAG_COPIED)) {
+        return false;
+    }
+    for (uint64_t o = off; o < off + len;
+         o = (o | (s->subcluster_size - 1)) + 1) {
+        if (qcow2_get_subcluster_type(s, e, bm, qcow2_offset_to_sc_index(s, o))
+            != QCOW2_SC_NORMAL) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Extended L2: a cluster that is ours alone but has subclusters without
+ * data is filled in place, subcluster by subcluster. */
+static bool can_fill_in_place(qcow2_state *s, uint64_t e, uint64_t bm)
+{
+    qcow2_subcluster_type t;
+    if (!s->extended_l2 || (e & QCOW2_OFLAG_COMPRESSED) ||
+        !(e & QCOW2_OFLAG_COPIED)) {
+        return false;
+    }
+    t = qcow2_get_subcluster_type(s, e, bm, 0);
+    return t != QCOW2_SC_INVALID && type_has_host(t);
+}
+
+/* Bitmap of the subclusters touched by cluster-relative [start, end). */
+static uint64_t sc_range_bits(qcow2_state *s, uint64_t start, uint64_t end)
+{
+    uint64_t first = start >> s->subcluster_bits;
+    uint64_t last = (end - 1) >> s->subcluster_bits;
+    uint64_t bits = 0;
+    for (uint64_t i = first; i <= last && i < 32; i++) {
+        bits |= 1ull << i;
+    }
+    return bits;
+}
+
+/*
+ * One step of a write: at most the clusters of one L2 table. Writes in
+ * place or allocates (see the design note at the top). *done receives the
+ * number of bytes handled.
+ */
+static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
+                      vd_iov *qiov, size_t qoff, unsigned flags,
+                      uint64_t *done, vd_error *err)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t cover = cs << s->l2_bits;
+    uint64_t chunk = bytes, first_cluster, n, covered, l2_index;
+    uint64_t in0 = qcow2_offset_into_cluster(s, off);
+    uint64_t e0, bm0, host_base, cow_start, cow_end;
+    uint64_t *olds = NULL;
+    bool fill = false, allocated = false;
+    qcow2_inflight inflight;
+    uint8_t *head = NULL, *tail = NULL;
+    void *table = NULL;
+    vd_iov wv;
+    int ret;
+
+    if (chunk > cover - (off & (cover - 1))) {
+        chunk = cover - (off & (cover - 1));
+    }
+    first_cluster = off >> s->cluster_bits;
+
+    pthread_mutex_lock(&s->lock);
+    wait_inflight(s, first_cluster,
+                  ((off + chunk - 1) >> s->cluster_bits) - first_cluster + 1);
+    ret = qcow2_get_l2_table(s, off, true, &table, &l2_index, err);
+    if (ret < 0) {
+        goto out_unlock;
+    }
+    e0 = qcow2_get_l2_entry(s, table, l2_index);
+    bm0 = qcow2_get_l2_bitmap(s, table, l2_index);
+    covered = chunk < cs - in0 ? chunk : cs - in0;
+
+    if (can_write_in_place(s, e0, bm0, off, covered)) {
+        uint64_t host = (e0 & QCOW2_L2E_OFFSET_MASK) + in0;
+        for (n = 1; covered < chunk; n++) {
+            uint64_t e = qcow2_get_l2_entry(s, table, l2_index + n);
+            uint64_t bm = qcow2_get_l2_bitmap(s, table, l2_index + n);
+            uint64_t len = chunk - covered < cs ? chunk - covered : cs;
+            if (!can_write_in_place(s, e, bm, off + covered, len) ||
+                (e & QCOW2_L2E_OFFSET_MASK) !=
+                (e0 & QCOW2_L2E_OFFSET_MASK) + n * cs) {
+                break;
+            }
+            covered += len;
+        }
+        qcow2_cache_put(s->l2_cache, &table);
+        pthread_mutex_unlock(&s->lock);
+        ret = vd_iov_init_slice(&wv, qiov, qoff, covered);
+        if (ret == 0) {
+            ret = vd_child_pwritev(s->data_file, host, covered, &wv,
+                                   flags & VD_REQ_FUA, err);
+            vd_iov_destroy(&wv);
+        }
+        *done = covered;
+        return ret;
+    }
+
+    ret = mark_dirty_if_lazy(s, err);
+    if (ret < 0) {
+        goto out_unlock;
+    }
+    if (can_fill_in_place(s, e0, bm0)) {
+        fill = true;
+        n = 1;
+        host_base = e0 & QCOW2_L2E_OFFSET_MASK;
+    } else {
+        for (n = 1; covered < chunk; n++) {
+            uint64_t e = qcow2_get_l2_entry(s, table, l2_index + n);
+            uint64_t bm = qcow2_get_l2_bitmap(s, table, l2_index + n);
+            uint64_t len = chunk - covered < cs ? chunk - covered : cs;
+            if (can_write_in_place(s, e, bm, off + covered, len) ||
+                can_fill_in_place(s, e, bm)) {
+                break;
+            }
+            covered += len;
+        }
+        if (has_data_file(s)) {
+            host_base = first_cluster << s->cluster_bits;
+        } else {
+            int64_t h = qcow2_alloc_clusters(s, n * cs, err);
+            if (h < 0) {
+                ret = (int)h;
+                goto out_unlock;
+            }
+            host_base = (uint64_t)h;
+            allocated = true;
+        }
+    }
+    olds = malloc(n * 2 * sizeof(uint64_t));
+    if (!olds) {
+        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+        goto out_unlock;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        olds[2 * i] = qcow2_get_l2_entry(s, table, l2_index + i);
+        olds[2 * i + 1] = qcow2_get_l2_bitmap(s, table, l2_index + i);
+    }
+    qcow2_cache_put(s->l2_cache, &table);
+    inflight = (qcow2_inflight){ first_cluster, n, s->inflight };
+    s->inflight = &inflight;
+    pthread_mutex_unlock(&s->lock);
+
+    /* Copy-on-write bounds, guest offsets. Without subclusters, or when
+     * the old cluster had data elsewhere, the whole first and last
+     * clusters are written; with subclusters only the touched ones. */
+    {
+        uint64_t c0 = first_cluster << s->cluster_bits;
+        uint64_t clast = c0 + (n - 1) * cs;
+        uint64_t end = off + covered;
+        uint64_t el = olds[2 * (n - 1)];
+        bool whole0 = !s->extended_l2 ||
+                      (!fill && ((olds[0] & QCOW2_OFLAG_COMPRESSED) ||
+                                 (olds[0] & QCOW2_L2E_OFFSET_MASK)));
+        bool whole_last = !s->extended_l2 ||
+                          (!fill && ((el & QCOW2_OFLAG_COMPRESSED) ||
+                                     (el & QCOW2_L2E_OFFSET_MASK)));
+        cow_start = whole0 ? c0 : off & ~(s->subcluster_size - 1);
+        cow_end = whole_last ? clast + cs
+                             : ((end - 1) | (s->subcluster_size - 1)) + 1;
+        if (fill) {
+            /* Subclusters that already hold data are not rewritten: an
+             * in-place writer may be updating them right now. */
+            if (cow_start < off &&
+                qcow2_get_subcluster_type(s, olds[0], olds[1],
+                                          qcow2_offset_to_sc_index(s, off)) ==
+                QCOW2_SC_NORMAL) {
+                cow_start = off;
+            }
+            if (cow_end > end &&
+                qcow2_get_subcluster_type(s, olds[0], olds[1],
+                                          qcow2_offset_to_sc_index(s, end - 1)) ==
+                QCOW2_SC_NORMAL) {
+                cow_end = end;
+            }
+        }
+    }
+
+    vd_iov_init(&wv);
+    if (cow_start < off) {
+        head = vd_node_blockalign(s->node, off - cow_start);
+        ret = head ? read_guest(s, cow_start, head, off - cow_start, err)
+                   : -ENOMEM;
+        if (ret == 0) {
+            ret = vd_iov_add(&wv, head, off - cow_start);
+        }
+    }
+    if (ret == 0) {
+        vd_iov slice;
+        ret = vd_iov_init_slice(&slice, qiov, qoff, covered);
+        for (int i = 0; ret == 0 && i < slice.niov; i++) {
+            ret = vd_iov_add(&wv, slice.iov[i].iov_base, slice.iov[i].iov_len);
+        }
+        vd_iov_destroy(&slice);
+    }
+    if (ret == 0 && cow_end > off + covered) {
+        uint64_t tl = cow_end - (off + covered);
+        tail = vd_node_blockalign(s->node, tl);
+        ret = tail ? read_guest(s, off + covered, tail, tl, err) : -ENOMEM;
+        if (ret == 0) {
+            ret = vd_iov_add(&wv, tail, tl);
+        }
+    }
+    if (ret == 0) {
+        uint64_t host = host_base + (cow_start - (first_cluster << s->cluster_bits));
+        ret = vd_child_pwritev(s->data_file, host, wv.size, &wv,
+                               flags & VD_REQ_FUA, err);
+    }
+    vd_iov_destroy(&wv);
+    free(head);
+    free(tail);
+
+    pthread_mutex_lock(&s->lock);
+    if (ret < 0) {
+        if (allocated) {
+            qcow2_free_clusters(s, host_base, n * cs, QCOW2_DISCARD_NEVER,
+                                NULL);
+        }
+        inflight_remove(s, &inflight);
+        goto out_unlock;
+    }
+    ret = qcow2_get_l2_table(s, off, true, &table, &l2_index, err);
+    if (ret < 0) {
+        inflight_remove(s, &inflight);
+        goto out_unlock;
+    }
+    if (!s->lazy_refcounts) {
+        ret = qcow2_cache_set_dependency(s, s->l2_cache, s->refcount_cache,
+                                         err);
+        if (ret < 0) {
+            inflight_remove(s, &inflight);
+            goto out_unlock;
+        }
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t c_guest = (first_cluster + i) << s->cluster_bits;
+        uint64_t old = olds[2 * i], old_bm = olds[2 * i + 1];
+        uint64_t entry = (host_base + i * cs) | QCOW2_OFLAG_COPIED;
+        uint64_t bm = 0;
+        if (s->extended_l2) {
+            uint64_t ws = cow_start > c_guest ? cow_start - c_guest : 0;
+            uint64_t we = cow_end < c_guest + cs ? cow_end - c_guest : cs;
+            uint64_t bits = sc_range_bits(s, ws, we);
+            if (fill) {
+                entry = old;
+                bm = (old_bm | bits) & ~(bits << 32);
+            } else if ((old & QCOW2_OFLAG_COMPRESSED) ||
+                       (old & QCOW2_L2E_OFFSET_MASK)) {
+                bm = QCOW2_L2B_ALLOC_MASK;
+            } else {
+                bm = (old_bm & QCOW2_L2B_ZERO_MASK & ~(bits << 32)) | bits;
+            }
+        }
+        qcow2_set_l2_entry(s, table, l2_index + i, entry);
+        qcow2_set_l2_bitmap(s, table, l2_index + i, bm);
+    }
+    qcow2_cache_mark_dirty(s->l2_cache, table);
+    qcow2_cache_put(s->l2_cache, &table);
+    if (!fill && !has_data_file(s)) {
+        for (uint64_t i = 0; i < n; i++) {
+            int r = qcow2_free_any_cluster(s, olds[2 * i], QCOW2_DISCARD_OTHER,
+                                           NULL);
+            (void)r; /* a failed free leaks a cluster, nothing worse */
+        }
+    }
+    inflight_remove(s, &inflight);
+    if (flags & VD_REQ_FUA) {
+        ret = qcow2_flush_caches(s, err);
+    }
+    *done = covered;
+
+out_unlock:
+    if (table) {
+        qcow2_cache_put(s->l2_cache, &table);
+    }
+    pthread_mutex_unlock(&s->lock);
+    free(olds);
+    return ret;
+}
+
+int qcow2_co_pwritev(qcow2_state *s, uint64_t off, uint64_t bytes,
+                     vd_iov *qiov, unsigned flags, vd_error *err)
+{
+    size_t qoff = 0;
+
+    if (flags & VD_REQ_COMPRESSED) {
+        while (bytes > 0) {
+            uint64_t len = s->cluster_size - qcow2_offset_into_cluster(s, off);
+            vd_iov slice;
+            int ret;
+            if (len > bytes) {
+                len = bytes;
+            }
+            ret = vd_iov_init_slice(&slice, qiov, qoff, len);
+            if (ret < 0) {
+                return ret;
+            }
+            ret = qcow2_co_pwritev_compressed(s, off, len, &slice, err);
+            vd_iov_destroy(&slice);
+            if (ret < 0) {
+                return ret;
+            }
+            off += len;
+            qoff += len;
+            bytes -= len;
+        }
+        return 0;
+    }
+    while (bytes > 0) {
+        uint64_t done = 0;
+        int ret = write_step(s, off, bytes, qiov, qoff, flags, &done, err);
+        if (ret < 0) {
+            return ret;
+        }
+        off += done;
+        qoff += done;
+        bytes -= done;
+    }
+    return 0;
+}
+
+int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
+                                uint64_t bytes, vd_iov *qiov, vd_error *err)
+{
+    uint64_t cs = s->cluster_size;
+    uint8_t *in = NULL, *out = NULL;
+    size_t out_len = 0;
+    uint64_t l2_index, old, entry;
+    int64_t coff = -1;
+    qcow2_inflight inflight;
+    void *table = NULL;
+    int ret;
+
+    if (has_data_file(s)) {
+        return vd_error_set(err, -ENOTSUP, "%s: compression is not supported "
+                            "with an external data file", s->filename);
+    }
+    if (qcow2_offset_into_cluster(s, off) ||
+        (bytes != cs && off + bytes != s->size)) {
+        return vd_error_set(err, -EINVAL, "%s: compressed writes must cover "
+                            "whole clusters", s->filename);
+    }
+    in = calloc(1, cs);
+    out = malloc(cs);
+    if (!in || !out) {
+        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+        goto out;
+    }
+    vd_iov_to_buf(qiov, 0, in, bytes);
+    ret = qcow2_compress_cluster(s, in, out, cs, &out_len);
+    if (ret == -ENOSPC) {
+        /* Incompressible: store it as a normal cluster, as QEMU does. */
+        vd_iov v;
+        vd_iov_init_buf(&v, in, bytes);
+        ret = qcow2_co_pwritev(s, off, bytes, &v, 0, err);
+        goto out;
+    }
+    if (ret < 0) {
+        vd_error_set(err, ret, "%s: compression failed", s->filename);
+        goto out;
+    }
+
+    pthread_mutex_lock(&s->lock);
+    wait_inflight(s, off >> s->cluster_bits, 1);
+    ret = mark_dirty_if_lazy(s, err);
+    if (ret == 0) {
+        ret = qcow2_get_l2_table(s, off, true, &table, &l2_index, err);
+    }
+    if (ret < 0) {
+        pthread_mutex_unlock(&s->lock);
+        goto out;
+    }
+    old = qcow2_get_l2_entry(s, table, l2_index);
+    qcow2_cache_put(s->l2_cache, &table);
+    coff = qcow2_alloc_bytes(s, out_len, err);
+    if (coff < 0) {
+        ret = (int)coff;
+        pthread_mutex_unlock(&s->lock);
+        goto out;
+    }
+    inflight = (qcow2_inflight){ off >> s->cluster_bits, 1, s->inflight };
+    s->inflight = &inflight;
+    pthread_mutex_unlock(&s->lock);
+
+    ret = vd_child_pwrite(s->file, (uint64_t)coff, out, out_len, 0, err);
+
+    pthread_mutex_lock(&s->lock);
+    if (ret == 0) {
+        ret = qcow2_get_l2_table(s, off, true, &table, &l2_index, err);
+    }
+    if (ret == 0 && !s->lazy_refcounts) {
+        ret = qcow2_cache_set_dependency(s, s->l2_cache, s->refcount_cache,
+                                         err);
+    }
+    if (ret < 0) {
+        qcow2_free_clusters(s, (uint64_t)coff, out_len, QCOW2_DISCARD_NEVER,
+                            NULL);
+    } else {
+        uint64_t nb_csectors = (((uint64_t)coff + out_len - 1) >> 9) -
+                               ((uint64_t)coff >> 9);
+        entry = (uint64_t)coff | QCOW2_OFLAG_COMPRESSED |
+                (nb_csectors << s->csize_shift);
+        qcow2_set_l2_entry(s, table, l2_index, entry);
+        qcow2_set_l2_bitmap(s, table, l2_index, 0);
+        qcow2_cache_mark_dirty(s->l2_cache, table);
+        qcow2_cache_put(s->l2_cache, &table);
+        qcow2_free_any_cluster(s, old, QCOW2_DISCARD_OTHER, NULL);
+    }
+    if (table) {
+        qcow2_cache_put(s->l2_cache, &table);
+    }
+    inflight_remove(s, &inflight);
+    pthread_mutex_unlock(&s->lock);
+out:
+    free(in);
+    free(out);
+    return ret;
+}
+
+/* ---- zeroes and discard ---- */
+
+/* True when guest [off, off+len) already reads as zeros without looking
+ * at data: zero clusters, or unallocated without a backing file. */
+static int reads_as_zero(qcow2_state *s, uint64_t off, uint64_t len,
+                         bool *zero, vd_error *err)
+{
+    *zero = true;
+    while (len > 0) {
+        uint64_t cur = len, host;
+        qcow2_subcluster_type t;
+        int ret = qcow2_get_host_offset(s, off, &cur, &host, &t, err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (!(t == QCOW2_SC_ZERO_PLAIN || t == QCOW2_SC_ZERO_ALLOC ||
+              ((t == QCOW2_SC_UNALLOCATED_PLAIN ||
+                t == QCOW2_SC_UNALLOCATED_ALLOC) && !s->node->backing))) {
+            *zero = false;
+            return 0;
+        }
+        off += cur;
+        len -= cur;
+    }
+    return 0;
+}
+
+/* Zeroes a piece smaller than the zero granularity by writing zeros,
+ * unless it already reads as zeros. */
+static int zero_partial(qcow2_state *s, uint64_t off, uint64_t len,
+                        unsigned flags, vd_error *err)
+{
+    bool zero;
+    uint8_t *buf;
+    vd_iov v;
+    int ret;
+
+    if (len == 0) {
+        return 0;
+    }
+    pthread_mutex_lock(&s->lock);
+    ret = reads_as_zero(s, off, len, &zero, err);
+    pthread_mutex_unlock(&s->lock);
+    if (ret < 0 || zero) {
+        return ret;
+    }
+    if (flags & VD_REQ_NO_FALLBACK) {
+        return -ENOTSUP;
+    }
+    buf = calloc(1, len);
+    if (!buf) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    vd_iov_init_buf(&v, buf, len);
+    ret = qcow2_co_pwritev(s, off, len, &v, flags & VD_REQ_FUA, err);
+    free(buf);
+    return ret;
+}
+
+/*
+ * Changes the L2 entries of guest [off, off+bytes) (aligned to the zero
+ * granularity, or reaching the end of the image) to read as zeros
+ * (@discard false) or to be discarded. Lock held.
+ */
+static int zero_or_discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
+                                 bool discard, bool full_discard,
+                                 bool unmap_flag, vd_error *err)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t end = off + bytes;
+    qcow2_discard_type dtype = full_discard ? QCOW2_DISCARD_ALWAYS
+                                            : QCOW2_DISCARD_REQUEST;
+    int ret = 0;
+
+    while (off < end) {
+        uint64_t cover = cs << s->l2_bits;
+        uint64_t stop = (off & ~(cover - 1)) + cover;
+        uint64_t l2_index;
+        void *table;
+        bool alloc;
+
+        if (stop > end) {
+            stop = end;
+        }
+        wait_inflight(s, off >> s->cluster_bits,
+                      ((stop - 1) >> s->cluster_bits) - (off >> s->cluster_bits) + 1);
+        /* An absent L2 table only needs creating when the result must
+         * differ from "unallocated". */
+        alloc = discard ? (!full_discard && s->node->backing) : true;
+        ret = qcow2_get_l2_table(s, off, alloc, &table, &l2_index, err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (!table) {
+            off = stop;
+            continue;
+        }
+        while (off < stop) {
+            uint64_t c_guest = qcow2_start_of_cluster(s, off);
+            uint64_t c_end = c_guest + cs;
+            uint64_t pend = c_end < stop ? c_end : stop;
+            uint64_t idx = qcow2_offset_to_l2_index(s, off);
+            uint64_t old = qcow2_get_l2_entry(s, table, idx);
+            uint64_t old_bm = qcow2_get_l2_bitmap(s, table, idx);
+            uint64_t ne = old, nbm = old_bm;
+            qcow2_subcluster_type t = qcow2_get_subcluster_type(s, old, old_bm, 0);
+            bool whole = off == c_guest && (pend == c_end || pend >= s->size);
+            bool free_old = false;
+            bool allocated = t == QCOW2_SC_NORMAL || t == QCOW2_SC_COMPRESSED ||
+                             t == QCOW2_SC_ZERO_ALLOC ||
+                             (s->extended_l2 && type_has_host(t));
+
+            if (t == QCOW2_SC_INVALID) {
+                qcow2_cache_put(s->l2_cache, &table);
+                return qcow2_signal_corruption(s, err, "Invalid cluster entry "
+                                               "found (L2 index: 0x%llx)",
+                                               (unsigned long long)idx);
+            }
+            if (whole && discard) {
+                if (full_discard) {
+                    ne = nbm = 0;
+                } else if (s->node->backing || allocated) {
+                    if (s->extended_l2) {
+                        ne = 0;
+                        nbm = QCOW2_L2B_ZERO_MASK;
+                    } else {
+                        ne = s->version >= 3 ? QCOW2_OFLAG_ZERO : 0;
+                    }
+                }
+                free_old = true;
+            } else if (whole) {
+                bool unmap = t == QCOW2_SC_COMPRESSED ||
+                             (unmap_flag && allocated);
+                ne = unmap ? 0 : old;
+                if (s->extended_l2) {
+                    nbm = QCOW2_L2B_ZERO_MASK;
+                } else {
+                    ne |= QCOW2_OFLAG_ZERO;
+                }
+                free_old = unmap;
+            } else if (!discard && s->extended_l2 &&
+                       t != QCOW2_SC_COMPRESSED) {
+                uint64_t bits = sc_range_bits(s, off - c_guest, pend - c_guest);
+                nbm = (old_bm & ~bits) | (bits << 32);
+            }
+            if (ne != old || nbm != old_bm) {
+                qcow2_set_l2_entry(s, table, idx, ne);
+                qcow2_set_l2_bitmap(s, table, idx, nbm);
+                qcow2_cache_mark_dirty(s->l2_cache, table);
+                if (free_old && !has_data_file(s)) {
+                    qcow2_free_any_cluster(s, old, dtype, NULL);
+                }
+            }
+            off = pend;
+        }
+        qcow2_cache_put(s->l2_cache, &table);
+    }
+    return ret;
+}
+
+int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
+                           unsigned flags, vd_error *err)
+{
+    uint64_t g = s->subcluster_size;
+    uint64_t end = off + bytes;
+    uint64_t a, b;
+    int ret;
+
+    if (s->version < 3 || (has_data_file(s) && s->data_file_raw)) {
+        return -ENOTSUP;
+    }
+    a = (off + g - 1) & ~(g - 1);
+    b = end >= s->size ? end : end & ~(g - 1);
+    if (a >= b) {
+        return zero_partial(s, off, bytes, flags, err);
+    }
+    ret = zero_partial(s, off, a - off, flags, err);
+    if (ret < 0) {
+        return ret;
+    }
+    pthread_mutex_lock(&s->lock);
+    ret = mark_dirty_if_lazy(s, err);
+    if (ret == 0) {
+        ret = zero_or_discard_range(s, a, b - a, false, false,
+                                    (flags & VD_REQ_MAY_UNMAP) != 0, err);
+    }
+    if (ret == 0 && (flags & VD_REQ_FUA)) {
+        ret = qcow2_flush_caches(s, err);
+    }
+    if (ret == 0) {
+        qcow2_process_discards(s);
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        return ret;
+    }
+    return zero_partial(s, b, end - b, flags, err);
+}
+
+static int discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
+                         bool full, vd_error *err)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t end = off + bytes;
+    uint64_t a = (off + cs - 1) & ~(cs - 1);
+    uint64_t b = end >= s->size ? end : end & ~(cs - 1);
+    int ret;
+
+    if (a >= b) {
+        return 0;   /* partial clusters are ignored, as QEMU does */
+    }
+    pthread_mutex_lock(&s->lock);
+    ret = mark_dirty_if_lazy(s, err);
+    if (ret == 0) {
+        ret = zero_or_discard_range(s, a, b - a, true, full, false, err);
+    }
+    if (ret == 0) {
+        qcow2_process_discards(s);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+int qcow2_co_pdiscard(qcow2_state *s, uint64_t off, uint64_t bytes,
+                      vd_error *err)
+{
+    return discard_range(s, off, bytes, false, err);
+}
+
+/* Used by truncate when shrinking: drops the clusters entirely. */
+int qcow2_discard_full(qcow2_state *s, uint64_t off, uint64_t bytes,
+                       vd_error *err);
+int qcow2_discard_full(qcow2_state *s, uint64_t off, uint64_t bytes,
+                       vd_error *err)
+{
+    return discard_range(s, off, bytes, true, err);
+}
+
+/* ---- block status ---- */
+
+int qcow2_co_block_status(qcow2_state *s, bool want_zero, uint64_t off,
+                          uint64_t bytes, uint64_t *pnum, uint64_t *map,
+                          vd_node **file, vd_error *err)
+{
+    uint64_t cur = bytes, host;
+    qcow2_subcluster_type t;
+    int status = 0;
+    int ret;
+
+    (void)want_zero;
+    pthread_mutex_lock(&s->lock);
+    ret = qcow2_get_host_offset(s, off, &cur, &host, &t, err);
+    pthread_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        return ret;
+    }
+    *pnum = cur;
+    if (t == QCOW2_SC_NORMAL || t == QCOW2_SC_ZERO_ALLOC ||
+        t == QCOW2_SC_UNALLOCATED_ALLOC) {
+        *map = host;
+        *file = s->data_file->node;
+        status |= VD_BLOCK_OFFSET_VALID;
+    }
+    if (t == QCOW2_SC_ZERO_PLAIN || t == QCOW2_SC_ZERO_ALLOC) {
+        status |= VD_BLOCK_ZERO | VD_BLOCK_ALLOCATED;
+    } else if (t == QCOW2_SC_NORMAL || t == QCOW2_SC_COMPRESSED) {
+        status |= VD_BLOCK_DATA | VD_BLOCK_ALLOCATED;
+    }
+    if (t == QCOW2_SC_COMPRESSED) {
+        status |= VD_BLOCK_COMPRESSED;
+    }
+    return status;
+}
+
+/* ---- preallocation ---- */
+
+int qcow2_preallocate(qcow2_state *s, uint64_t off, uint64_t bytes,
+                      vd_prealloc mode, vd_error *err)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t end = off + bytes;
+    uint64_t host_end = 0;
+    int ret = 0;
+
+    off = qcow2_start_of_cluster(s, off);
+    pthread_mutex_lock(&s->lock);
+    while (off < end) {
+        uint64_t cover = cs << s->l2_bits;
+        uint64_t stop = (off & ~(cover - 1)) + cover;
+        uint64_t l2_index, n = 0, e;
+        int64_t h;
+        void *table;
+
+        if (stop > end) {
+            stop = end;
+        }
+        ret = qcow2_get_l2_table(s, off, true, &table, &l2_index, err);
+        if (ret < 0) {
+            break;
+        }
+        e = qcow2_get_l2_entry(s, table, l2_index);
+        if (qcow2_get_subcluster_type(s, e, 0, 0) != QCOW2_SC_UNALLOCATED_PLAIN) {
+            qcow2_cache_put(s->l2_cache, &table);
+            off += cs;
+            continue;
+        }
+        while (off + n * cs < stop &&
+               qcow2_get_subcluster_type(s, qcow2_get_l2_entry(s, table, l2_index + n),
+                                         0, 0) == QCOW2_SC_UNALLOCATED_PLAIN) {
+            n++;
+        }
+        qcow2_cache_put(s->l2_cache, &table);
+        if (has_data_file(s)) {
+            h = (int64_t)off;
+        } else {
+            h = qcow2_alloc_clusters(s, n * cs, err);
+            if (h < 0) {
+                ret = (int)h;
+                break;
+            }
+        }
+        {
+            /* Reused clusters below the end of the file hold old data;
+             * preallocated clusters must read as zeros. */
+            int64_t flen = vd_node_getlength(s->data_file->node);
+            uint64_t zend = (uint64_t)h + n * cs;
+            if (flen > h) {
+                if ((uint64_t)flen < zend) {
+                    zend = (uint64_t)flen;
+                }
+                ret = vd_node_pwrite_zeroes(s->data_file->node, (uint64_t)h,
+                                            zend - (uint64_t)h, 0, err);
+                if (ret < 0) {
+                    break;
+                }
+            }
+        }
+        ret = qcow2_get_l2_table(s, off, true, &table, &l2_index, err);
+        if (ret < 0) {
+            break;
+        }
+        ret = qcow2_cache_set_dependency(s, s->l2_cache, s->refcount_cache, err);
+        if (ret < 0) {
+            qcow2_cache_put(s->l2_cache, &table);
+            break;
+        }
+        for (uint64_t i = 0; i < n; i++) {
+            qcow2_set_l2_entry(s, table, l2_index + i,
+                               ((uint64_t)h + i * cs) | QCOW2_OFLAG_COPIED);
+            qcow2_set_l2_bitmap(s, table, l2_index + i, QCOW2_L2B_ALLOC_MASK);
+        }
+        qcow2_cache_mark_dirty(s->l2_cache, table);
+        qcow2_cache_put(s->l2_cache, &table);
+        if ((uint64_t)h + n * cs > host_end) {
+            host_end = (uint64_t)h + n * cs;
+        }
+        off += n * cs;
+    }
+    if (ret == 0) {
+        ret = qcow2_flush_caches(s, err);
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (ret == 0 && host_end) {
+        vd_child *dc = s->data_file;
+        int64_t len = vd_node_getlength(dc->node);
+        if (len >= 0 && (uint64_t)len < host_end) {
+            ret = vd_node_truncate(dc->node, host_end, false,
+                                   mode == VD_PREALLOC_METADATA ?
+                                   VD_PREALLOC_OFF : mode, err);
+        }
+    }
+    return ret;
+}

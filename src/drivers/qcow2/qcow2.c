@@ -1,0 +1,1862 @@
+/*
+ * qcow2 driver: the vtable and everything around the image header.
+ *
+ * Organisation: header field validation and extension parsing (open),
+ * header rewriting and the dirty/corrupt bits, cache sizing from the
+ * options, open/close, the request callbacks (thin wrappers over
+ * cluster.c), truncate, info, and finally create and the creation option
+ * table. Validation follows /work/shared/specs/qcow2.txt ("Header",
+ * "Header extensions") and QEMU 7.2's limits; every failure names the
+ * file and the offending value and writes nothing.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "drivers/qcow2/qcow2.h"
+
+#define DEFAULT_L2_CACHE_MAX (32ull << 20)
+#define MIN_L2_CACHE_TABLES 2
+#define MIN_REFCOUNT_CACHE_TABLES 4
+/* Linear-scan cache: keep the slot count sane for tiny clusters. */
+#define MAX_CACHE_TABLES 8192
+
+/* ------------------------------------------------------------------ */
+/* Corruption, dirty and corrupt bits                                 */
+/* ------------------------------------------------------------------ */
+
+int qcow2_signal_corruption(qcow2_state *s, vd_error *err, const char *fmt,
+                            ...)
+{
+    char msg[512];
+    va_list ap;
+    bool mark = !s->node->read_only && !(s->node->flags & VD_NODE_CHECK) &&
+                !s->corrupt;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (mark) {
+        qcow2_mark_corrupt(s, NULL);
+        vd_error_set(err, -EIO, "%s: %s; image marked corrupt", s->filename,
+                     msg);
+    } else {
+        vd_error_set(err, -EIO, "%s: %s", s->filename, msg);
+    }
+    return -EIO;
+}
+
+static int write_incompat(qcow2_state *s, uint64_t bits, vd_error *err)
+{
+    uint64_t be = htobe64(bits);
+    int ret = vd_child_pwrite(s->file, offsetof(qcow2_header,
+                                                incompatible_features),
+                              &be, 8, 0, err);
+    if (ret == 0) {
+        ret = vd_node_flush(s->file->node, err);
+    }
+    if (ret == 0) {
+        s->incompatible_features = bits;
+    }
+    return ret;
+}
+
+int qcow2_mark_dirty(qcow2_state *s, vd_error *err)
+{
+    int ret;
+    if (s->version < 3 || (s->incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
+        s->dirty_marked = true;
+        return 0;
+    }
+    ret = vd_node_flush(s->file->node, err);
+    if (ret == 0) {
+        ret = write_incompat(s, s->incompatible_features | QCOW2_INCOMPAT_DIRTY,
+                             err);
+    }
+    if (ret == 0) {
+        s->dirty_marked = true;
+    }
+    return ret;
+}
+
+int qcow2_mark_clean(qcow2_state *s, vd_error *err)
+{
+    int ret;
+    if (!(s->incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
+        return 0;
+    }
+    ret = qcow2_flush_caches(s, err);
+    if (ret == 0) {
+        ret = write_incompat(s, s->incompatible_features & ~QCOW2_INCOMPAT_DIRTY,
+                             err);
+    }
+    if (ret == 0) {
+        s->dirty_marked = false;
+    }
+    return ret;
+}
+
+int qcow2_mark_corrupt(qcow2_state *s, vd_error *err)
+{
+    s->corrupt = true;
+    if (s->version < 3) {
+        return 0;
+    }
+    return write_incompat(s, s->incompatible_features | QCOW2_INCOMPAT_CORRUPT,
+                          err);
+}
+
+int qcow2_write_caches(qcow2_state *s, vd_error *err)
+{
+    int ret = qcow2_cache_write(s, s->l2_cache, err);
+    if (ret == 0) {
+        ret = qcow2_cache_write(s, s->refcount_cache, err);
+    }
+    return ret;
+}
+
+int qcow2_flush_caches(qcow2_state *s, vd_error *err)
+{
+    int ret = qcow2_write_caches(s, err);
+    if (ret == 0) {
+        ret = vd_node_flush(s->file->node, err);
+    }
+    return ret;
+}
+
+/* ------------------------------------------------------------------ */
+/* Header rewriting                                                   */
+/* ------------------------------------------------------------------ */
+
+static const struct {
+    uint8_t type, bit;
+    const char *name;
+} feature_names[] = {
+    { QCOW2_FEAT_TYPE_INCOMPAT, 0, "dirty bit" },
+    { QCOW2_FEAT_TYPE_INCOMPAT, 1, "corrupt bit" },
+    { QCOW2_FEAT_TYPE_INCOMPAT, 2, "external data file" },
+    { QCOW2_FEAT_TYPE_INCOMPAT, 3, "compression type" },
+    { QCOW2_FEAT_TYPE_INCOMPAT, 4, "extended L2 entries" },
+    { QCOW2_FEAT_TYPE_COMPAT, 0, "lazy refcounts" },
+    { QCOW2_FEAT_TYPE_AUTOCLEAR, 0, "bitmaps" },
+    { QCOW2_FEAT_TYPE_AUTOCLEAR, 1, "raw external data" },
+};
+
+/* Appends one extension at *pos of @buf (size @cap); -ENOSPC when full. */
+static int put_ext(uint8_t *buf, size_t cap, size_t *pos, uint32_t type,
+                   const void *data, uint32_t len)
+{
+    size_t padded = ((size_t)len + 7) & ~(size_t)7;
+    qcow2_ext_header h = { htobe32(type), htobe32(len) };
+
+    if (*pos + sizeof(h) + padded > cap) {
+        return -ENOSPC;
+    }
+    memcpy(buf + *pos, &h, sizeof(h));
+    *pos += sizeof(h);
+    if (len) {
+        memcpy(buf + *pos, data, len);
+    }
+    *pos += padded;
+    return 0;
+}
+
+/* Serialises the header cluster from the state into @buf (cluster_size
+ * bytes, zeroed by the caller). */
+static int build_header(qcow2_state *s, uint8_t *buf, vd_error *err)
+{
+    size_t cap = s->cluster_size, pos;
+    qcow2_header h;
+    int ret = 0;
+
+    memset(&h, 0, sizeof(h));
+    h.magic = htobe32(QCOW2_MAGIC);
+    h.version = htobe32((uint32_t)s->version);
+    h.cluster_bits = htobe32((uint32_t)s->cluster_bits);
+    h.size = htobe64(s->size);
+    h.crypt_method = htobe32(s->crypt_method);
+    h.l1_size = htobe32(s->l1_size);
+    h.l1_table_offset = htobe64(s->l1_table_offset);
+    h.refcount_table_offset = htobe64(s->refcount_table_offset);
+    h.refcount_table_clusters =
+        htobe32((uint32_t)(((uint64_t)s->refcount_table_size * 8) >>
+                           s->cluster_bits));
+    h.nb_snapshots = htobe32(s->nb_snapshots);
+    h.snapshots_offset = htobe64(s->snapshots_offset);
+    if (s->version >= 3) {
+        h.incompatible_features = htobe64(s->incompatible_features);
+        h.compatible_features = htobe64(s->compatible_features);
+        h.autoclear_features = htobe64(s->autoclear_features);
+        h.refcount_order = htobe32((uint32_t)s->refcount_order);
+        h.header_length = htobe32(s->header_length);
+        h.compression_type = (uint8_t)s->compression_type;
+        memcpy(buf, &h, sizeof(h));
+        if (s->header_extra_len) {
+            memcpy(buf + sizeof(h), s->header_extra, s->header_extra_len);
+        }
+        pos = s->header_length;
+    } else {
+        memcpy(buf, &h, QCOW2_V2_HEADER_LEN);
+        pos = QCOW2_V2_HEADER_LEN;
+    }
+
+    if (s->backing_format) {
+        ret = put_ext(buf, cap, &pos, QCOW2_EXT_BACKING_FMT, s->backing_format,
+                      (uint32_t)strlen(s->backing_format));
+    }
+    if (ret == 0 && s->data_file_name) {
+        ret = put_ext(buf, cap, &pos, QCOW2_EXT_DATA_FILE, s->data_file_name,
+                      (uint32_t)strlen(s->data_file_name));
+    }
+    /* QEMU 7.2 leaves the table out of small header clusters. */
+    if (ret == 0 && s->version >= 3 && s->cluster_size > 4096) {
+        qcow2_feature_name t[sizeof(feature_names) / sizeof(feature_names[0])];
+        memset(t, 0, sizeof(t));
+        for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
+            t[i].type = feature_names[i].type;
+            t[i].bit = feature_names[i].bit;
+            strncpy(t[i].name, feature_names[i].name, sizeof(t[i].name));
+        }
+        ret = put_ext(buf, cap, &pos, QCOW2_EXT_FEATURE_NAME, t, sizeof(t));
+    }
+    if (ret == 0 && s->has_bitmaps_ext) {
+        qcow2_bitmaps_ext b = {
+            htobe32(s->bitmaps_ext.nb_bitmaps), 0,
+            htobe64(s->bitmaps_ext.bitmap_directory_size),
+            htobe64(s->bitmaps_ext.bitmap_directory_offset),
+        };
+        ret = put_ext(buf, cap, &pos, QCOW2_EXT_BITMAPS, &b, sizeof(b));
+    }
+    for (qcow2_unknown_ext *u = s->unknown_exts; ret == 0 && u; u = u->next) {
+        ret = put_ext(buf, cap, &pos, u->type, u->data, u->len);
+    }
+    if (ret == 0) {
+        ret = put_ext(buf, cap, &pos, QCOW2_EXT_END, NULL, 0);
+    }
+    if (ret == 0 && s->backing_file) {
+        size_t len = strlen(s->backing_file);
+        if (pos + len > cap) {
+            ret = -ENOSPC;
+        } else {
+            uint64_t off = htobe64(pos);
+            uint32_t sz = htobe32((uint32_t)len);
+            memcpy(buf + pos, s->backing_file, len);
+            memcpy(buf + offsetof(qcow2_header, backing_file_offset), &off, 8);
+            memcpy(buf + offsetof(qcow2_header, backing_file_size), &sz, 4);
+        }
+    }
+    if (ret < 0) {
+        return vd_error_set(err, ret, "%s: header extensions do not fit in "
+                            "the first cluster", s->filename);
+    }
+    return 0;
+}
+
+int qcow2_update_header(qcow2_state *s, vd_error *err)
+{
+    uint8_t *buf = vd_node_blockalign(s->node, s->cluster_size);
+    int ret;
+
+    if (!buf) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    memset(buf, 0, s->cluster_size);
+    ret = build_header(s, buf, err);
+    if (ret == 0) {
+        ret = vd_child_pwrite(s->file, 0, buf, s->cluster_size, 0, err);
+    }
+    if (ret == 0) {
+        ret = vd_node_flush(s->file->node, err);
+    }
+    free(buf);
+    return ret;
+}
+
+/* ------------------------------------------------------------------ */
+/* Open                                                               */
+/* ------------------------------------------------------------------ */
+
+static int qcow2_probe(const uint8_t *buf, size_t len, const char *filename)
+{
+    (void)filename;
+    if (len >= 8 && be32toh(*(const uint32_t *)buf) == QCOW2_MAGIC) {
+        uint32_t v = be32toh(*(const uint32_t *)(buf + 4));
+        if (v == 2 || v == 3) {
+            return 100;
+        }
+    }
+    return 0;
+}
+
+static char *dup_string(const void *p, size_t len)
+{
+    char *s = malloc(len + 1);
+    if (s) {
+        memcpy(s, p, len);
+        s[len] = 0;
+    }
+    return s;
+}
+
+/* Feature names for unknown incompatible bits, from the image's own
+ * feature name table ("Unsupported qcow2 feature(s): ..." as QEMU). */
+static void report_unsupported(qcow2_state *s, uint64_t mask, vd_error *err)
+{
+    char list[512] = "";
+    size_t used = 0;
+
+    for (int bit = 0; bit < 64; bit++) {
+        const char *name = NULL;
+        char tmp[64];
+        if (!(mask & (1ull << bit))) {
+            continue;
+        }
+        for (uint32_t i = 0; i < s->nb_features; i++) {
+            if (s->feature_table[i].type == QCOW2_FEAT_TYPE_INCOMPAT &&
+                s->feature_table[i].bit == bit) {
+                snprintf(tmp, sizeof(tmp), "%.46s", s->feature_table[i].name);
+                name = tmp;
+                break;
+            }
+        }
+        if (!name) {
+            snprintf(tmp, sizeof(tmp), "Unknown incompatible feature: %llx",
+                     1ull << bit);
+            name = tmp;
+        }
+        used += (size_t)snprintf(list + used, sizeof(list) - used, "%s%s",
+                                 used ? ", " : "", name);
+        if (used >= sizeof(list)) {
+            break;
+        }
+    }
+    vd_error_set(err, -ENOTSUP, "Unsupported qcow2 feature(s): %s", list);
+}
+
+/* Parses the header extensions in [start, end) of the header cluster. */
+static int read_extensions(qcow2_state *s, const uint8_t *buf, uint64_t start,
+                           uint64_t end, vd_error *err)
+{
+    uint64_t pos = start;
+
+    while (pos + sizeof(qcow2_ext_header) <= end) {
+        qcow2_ext_header h;
+        const uint8_t *data;
+        memcpy(&h, buf + pos, sizeof(h));
+        h.type = be32toh(h.type);
+        h.len = be32toh(h.len);
+        pos += sizeof(h);
+        if (h.type == QCOW2_EXT_END) {
+            return 0;
+        }
+        if (h.len > end - pos) {
+            return vd_error_set(err, -EINVAL, "%s: header extension 0x%x at "
+                                "0x%llx: length 0x%x exceeds the header area",
+                                s->filename, h.type,
+                                (unsigned long long)(pos - sizeof(h)), h.len);
+        }
+        data = buf + pos;
+        switch (h.type) {
+        case QCOW2_EXT_BACKING_FMT:
+            if (h.len >= 16) {
+                return vd_error_set(err, -EINVAL, "%s: backing format "
+                                    "extension length 0x%x too large",
+                                    s->filename, h.len);
+            }
+            free(s->backing_format);
+            s->backing_format = dup_string(data, h.len);
+            break;
+        case QCOW2_EXT_FEATURE_NAME:
+            free(s->feature_table);
+            s->nb_features = h.len / sizeof(qcow2_feature_name);
+            s->feature_table = malloc(s->nb_features ?
+                                      s->nb_features * sizeof(qcow2_feature_name)
+                                      : 1);
+            if (s->feature_table) {
+                memcpy(s->feature_table, data,
+                       s->nb_features * sizeof(qcow2_feature_name));
+            }
+            break;
+        case QCOW2_EXT_BITMAPS:
+            if (h.len != sizeof(qcow2_bitmaps_ext)) {
+                return vd_error_set(err, -EINVAL, "%s: bitmaps extension "
+                                    "has invalid length 0x%x", s->filename,
+                                    h.len);
+            }
+            memcpy(&s->bitmaps_ext, data, sizeof(s->bitmaps_ext));
+            s->bitmaps_ext.nb_bitmaps = be32toh(s->bitmaps_ext.nb_bitmaps);
+            s->bitmaps_ext.bitmap_directory_size =
+                be64toh(s->bitmaps_ext.bitmap_directory_size);
+            s->bitmaps_ext.bitmap_directory_offset =
+                be64toh(s->bitmaps_ext.bitmap_directory_offset);
+            s->has_bitmaps_ext = true;
+            break;
+        case QCOW2_EXT_CRYPTO:
+            return vd_error_set(err, -ENOTSUP, "%s: Encryption is not "
+                                "supported", s->filename);
+        case QCOW2_EXT_DATA_FILE:
+            free(s->data_file_name);
+            s->data_file_name = dup_string(data, h.len);
+            break;
+        default: {
+            qcow2_unknown_ext *u = calloc(1, sizeof(*u)), **tail;
+            if (!u || !(u->data = malloc(h.len ? h.len : 1))) {
+                free(u);
+                return vd_error_set(err, -ENOMEM, "%s: out of memory",
+                                    s->filename);
+            }
+            u->type = h.type;
+            u->len = h.len;
+            memcpy(u->data, data, h.len);
+            for (tail = &s->unknown_exts; *tail; tail = &(*tail)->next) {
+            }
+            *tail = u;
+            break;
+        }
+        }
+        pos += ((uint64_t)h.len + 7) & ~7ull;
+    }
+    return 0;
+}
+
+/* A table of @bytes at @offset must be cluster-aligned and lie inside the
+ * file. */
+static int check_table(qcow2_state *s, const char *what, uint64_t offset,
+                       uint64_t bytes, uint64_t file_len, vd_error *err)
+{
+    if (offset & (s->cluster_size - 1)) {
+        return vd_error_set(err, -EINVAL, "%s: %s offset 0x%llx is not "
+                            "cluster-aligned", s->filename, what,
+                            (unsigned long long)offset);
+    }
+    /* Opened for check, a table past the end reads as zeros and check
+     * reports what that breaks (qemu-img check opens such images too). */
+    bool past_end = bytes > file_len || offset > file_len - bytes;
+    if (offset > QCOW2_MAX_HOST_OFFSET || bytes > QCOW2_MAX_HOST_OFFSET ||
+        (past_end && !(s->node->flags & VD_NODE_CHECK))) {
+        return vd_error_set(err, -EINVAL, "%s: %s at 0x%llx (0x%llx bytes) "
+                            "lies outside the file (length 0x%llx)",
+                            s->filename, what, (unsigned long long)offset,
+                            (unsigned long long)bytes,
+                            (unsigned long long)file_len);
+    }
+    return 0;
+}
+
+static char *resolve_relative(const char *base, const char *name)
+{
+    char *copy, *dir, *out;
+    if (name[0] == '/' || !strchr(base, '/')) {
+        return strdup(name);
+    }
+    copy = strdup(base);
+    if (!copy) {
+        return NULL;
+    }
+    dir = dirname(copy);
+    if (asprintf(&out, "%s/%s", dir, name) < 0) {
+        out = NULL;
+    }
+    free(copy);
+    return out;
+}
+
+/* Cache sizes from the options, as QEMU 7.2's read_cache_sizes(). */
+static int cache_sizes(qcow2_state *s, vd_opts *opts, uint64_t *l2_bytes,
+                       uint64_t *rc_bytes, vd_error *err)
+{
+    char *v_comb = vd_opts_take(opts, "cache-size");
+    char *v_l2 = vd_opts_take(opts, "l2-cache-size");
+    char *v_rc = vd_opts_take(opts, "refcount-cache-size");
+    uint64_t comb = 0, l2 = 0, rc = 0, entry = 0, interval;
+    uint64_t max_l2 = ((qcow2_size_to_clusters(s, s->size) <<
+                        s->l2_entry_shift) + s->cluster_size - 1) &
+                      ~(s->cluster_size - 1);
+    uint64_t min_rc = MIN_REFCOUNT_CACHE_TABLES * s->cluster_size;
+    int ret = 0;
+
+    if ((v_comb && vd_parse_size(v_comb, &comb) < 0) ||
+        (v_l2 && vd_parse_size(v_l2, &l2) < 0) ||
+        (v_rc && vd_parse_size(v_rc, &rc) < 0)) {
+        ret = vd_error_set(err, -EINVAL, "%s: invalid cache size",
+                           s->filename);
+        goto out;
+    }
+    ret = vd_opts_take_size(opts, "l2-cache-entry-size", s->cluster_size,
+                            &entry, err);
+    if (ret == 0) {
+        ret = vd_opts_take_uint(opts, "cache-clean-interval", 600, &interval,
+                                err);
+    }
+    if (ret < 0) {
+        goto out;
+    }
+    if (entry < 512 || entry > s->cluster_size || (entry & (entry - 1))) {
+        ret = vd_error_set(err, -EINVAL, "%s: L2 cache entry size must be a "
+                           "power of two between 512 and the cluster size "
+                           "(%llu)", s->filename,
+                           (unsigned long long)s->cluster_size);
+        goto out;
+    }
+    if (v_comb) {
+        if (v_l2 && v_rc) {
+            ret = vd_error_set(err, -EINVAL, "%s: cache-size, l2-cache-size "
+                               "and refcount-cache-size may not be set at "
+                               "the same time", s->filename);
+            goto out;
+        } else if (v_l2 && l2 > comb) {
+            ret = vd_error_set(err, -EINVAL, "%s: l2-cache-size may not "
+                               "exceed cache-size", s->filename);
+            goto out;
+        } else if (v_rc && rc > comb) {
+            ret = vd_error_set(err, -EINVAL, "%s: refcount-cache-size may "
+                               "not exceed cache-size", s->filename);
+            goto out;
+        }
+        if (v_l2) {
+            rc = comb - l2;
+        } else if (v_rc) {
+            l2 = comb - rc;
+        } else if (comb >= max_l2 + min_rc) {
+            l2 = max_l2;
+            rc = comb - l2;
+        } else {
+            rc = comb < min_rc ? comb : min_rc;
+            l2 = comb - rc;
+        }
+    } else {
+        if (!v_l2) {
+            l2 = max_l2 < DEFAULT_L2_CACHE_MAX ? max_l2 : DEFAULT_L2_CACHE_MAX;
+        }
+        if (!v_rc) {
+            rc = min_rc;
+        }
+    }
+    *l2_bytes = l2;
+    *rc_bytes = rc;
+out:
+    free(v_comb);
+    free(v_l2);
+    free(v_rc);
+    return ret;
+}
+
+static int tables_for(qcow2_state *s, uint64_t bytes, int min)
+{
+    uint64_t n = bytes / s->cluster_size;
+    if (n < (uint64_t)min) {
+        n = (uint64_t)min;
+    }
+    if (n > MAX_CACHE_TABLES) {
+        n = MAX_CACHE_TABLES;
+    }
+    return (int)n;
+}
+
+static void free_state(qcow2_state *s)
+{
+    qcow2_cache_destroy(s->l2_cache);
+    qcow2_cache_destroy(s->refcount_cache);
+    s->l2_cache = s->refcount_cache = NULL;
+    qcow2_refcount_close(s);
+    free(s->l1_table);
+    s->l1_table = NULL;
+    free(s->header_extra);
+    free(s->backing_file);
+    free(s->backing_format);
+    free(s->data_file_name);
+    free(s->feature_table);
+    s->header_extra = NULL;
+    s->backing_file = s->backing_format = s->data_file_name = NULL;
+    s->feature_table = NULL;
+    while (s->unknown_exts) {
+        qcow2_unknown_ext *u = s->unknown_exts;
+        s->unknown_exts = u->next;
+        free(u->data);
+        free(u);
+    }
+    while (s->discards) {
+        qcow2_discard_range *d = s->discards;
+        s->discards = d->next;
+        free(d);
+    }
+}
+
+static int open_data_file(qcow2_state *s, vd_node *node, vd_opts *opts,
+                          unsigned flags, vd_error *err)
+{
+    char *opt = vd_opts_take(opts, "data-file");
+    vd_opts *sub = vd_opts_extract_prefix(opts, "data-file");
+    char *path = NULL;
+    vd_node *dn = NULL;
+    int ret;
+
+    if (!(s->incompatible_features & QCOW2_INCOMPAT_DATA_FILE)) {
+        if (opt || (sub && vd_opts_count(sub))) {
+            ret = vd_error_set(err, -EINVAL, "%s: 'data-file' can only be "
+                               "set for images with an external data file",
+                               s->filename);
+        } else {
+            s->data_file = s->file;
+            ret = 0;
+        }
+        goto out;
+    }
+    if (!opt && !s->data_file_name) {
+        ret = vd_error_set(err, -EINVAL, "%s: Missing data file name in the "
+                           "image header and no 'data-file' option",
+                           s->filename);
+        goto out;
+    }
+    path = opt ? strdup(opt) : resolve_relative(s->filename, s->data_file_name);
+    if (!path) {
+        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+        goto out;
+    }
+    ret = vd_node_open(&dn, path, NULL, sub,
+                       (flags & ~(VD_NODE_NO_BACKING | VD_NODE_CHECK)) |
+                       VD_NODE_PROTOCOL | VD_NODE_NO_BACKING, err);
+    if (ret < 0) {
+        vd_error_prepend(err, "%s: opening the data file: ", s->filename);
+        goto out;
+    }
+    s->data_file = vd_node_attach_child(node, dn, "data-file",
+                                        VD_ROLE_DATA);
+    if (!s->data_file) {
+        vd_node_unref(dn);
+        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+out:
+    if (sub && vd_opts_count(sub) && ret == 0) {
+        /* Leftover child options are reported by the core as unknown. */
+        for (size_t i = 0; i < vd_opts_count(sub); i++) {
+            const char *k, *v;
+            char key[256];
+            vd_opts_nth(sub, i, &k, &v);
+            snprintf(key, sizeof(key), "data-file.%s", k);
+            vd_opts_set(opts, key, v);
+        }
+    }
+    vd_opts_free(&sub);
+    free(opt);
+    free(path);
+    return ret;
+}
+
+static int qcow2_open(vd_node *node, vd_opts *opts, unsigned flags,
+                      vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    uint8_t *hbuf = NULL;
+    qcow2_header h;
+    int64_t flen;
+    uint64_t l2_bytes = 0, rc_bytes = 0, ext_end;
+    bool rw = !node->read_only;
+    bool lazy;
+    int ret;
+
+    memset(s, 0, sizeof(*s));
+    s->node = node;
+    s->file = node->file;
+    s->data_file = node->file;
+    s->filename = node->filename ? node->filename : "qcow2";
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->alloc_cond, NULL);
+
+    flen = vd_node_getlength(s->file->node);
+    if (flen < 0) {
+        return vd_error_set(err, (int)flen, "%s: cannot get the file length",
+                            s->filename);
+    }
+    memset(&h, 0, sizeof(h));
+    if ((uint64_t)flen < QCOW2_V2_HEADER_LEN) {
+        return vd_error_set(err, -EINVAL, "Image is not in qcow2 format");
+    }
+    ret = vd_child_pread(s->file, 0, &h,
+                         (uint64_t)flen < sizeof(h) ? (uint64_t)flen
+                                                    : sizeof(h), err);
+    if (ret < 0) {
+        return ret;
+    }
+    if (be32toh(h.magic) != QCOW2_MAGIC) {
+        return vd_error_set(err, -EINVAL, "Image is not in qcow2 format");
+    }
+    s->version = (int)be32toh(h.version);
+    if (s->version < 2 || s->version > 3) {
+        return vd_error_set(err, -ENOTSUP, "Unsupported qcow2 version %d",
+                            s->version);
+    }
+    s->cluster_bits = (int)be32toh(h.cluster_bits);
+    if (s->cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
+        s->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
+        return vd_error_set(err, -EINVAL, "Unsupported cluster size: 2^%d",
+                            s->cluster_bits);
+    }
+    s->cluster_size = 1ull << s->cluster_bits;
+
+    if (s->version == 2) {
+        s->header_length = QCOW2_V2_HEADER_LEN;
+        s->refcount_order = 4;
+        memset((uint8_t *)&h + QCOW2_V2_HEADER_LEN, 0,
+               sizeof(h) - QCOW2_V2_HEADER_LEN);
+    } else {
+        s->header_length = be32toh(h.header_length);
+        s->incompatible_features = be64toh(h.incompatible_features);
+        s->compatible_features = be64toh(h.compatible_features);
+        s->autoclear_features = be64toh(h.autoclear_features);
+        s->refcount_order = (int)be32toh(h.refcount_order);
+        if (s->header_length < QCOW2_V3_MIN_HEADER_LEN) {
+            return vd_error_set(err, -EINVAL, "%s: qcow2 header too short "
+                                "(header_length 0x%x)", s->filename,
+                                s->header_length);
+        }
+        if (s->header_length > s->cluster_size) {
+            return vd_error_set(err, -EINVAL, "%s: qcow2 header exceeds "
+                                "cluster size (header_length 0x%x)",
+                                s->filename, s->header_length);
+        }
+        if (s->header_length % 8) {
+            return vd_error_set(err, -EINVAL, "%s: header_length 0x%x is not "
+                                "a multiple of 8", s->filename,
+                                s->header_length);
+        }
+        if (s->header_length <= offsetof(qcow2_header, compression_type)) {
+            h.compression_type = 0;
+        }
+    }
+    hbuf = vd_node_blockalign(node, s->cluster_size);
+    if (!hbuf) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    memset(hbuf, 0, s->cluster_size);
+    ret = vd_child_pread(s->file, 0, hbuf,
+                         (uint64_t)flen < s->cluster_size ? (uint64_t)flen
+                                                          : s->cluster_size,
+                         err);
+    if (ret < 0) {
+        goto fail;
+    }
+    if (s->header_length > sizeof(qcow2_header)) {
+        s->header_extra_len = s->header_length - (uint32_t)sizeof(qcow2_header);
+        s->header_extra = malloc(s->header_extra_len);
+        if (!s->header_extra) {
+            ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+            goto fail;
+        }
+        memcpy(s->header_extra, hbuf + sizeof(qcow2_header),
+               s->header_extra_len);
+    }
+
+    /* Extensions first: the feature name table names unknown bits. */
+    s->backing_file = NULL;
+    {
+        uint64_t bfo = be64toh(h.backing_file_offset);
+        uint32_t bfs = be32toh(h.backing_file_size);
+        if (bfo) {
+            if (bfo > s->cluster_size || bfs > QCOW2_MAX_BACKING_NAME ||
+                bfs > s->cluster_size - bfo) {
+                ret = vd_error_set(err, -EINVAL, "%s: backing file name at "
+                                   "0x%llx (0x%x bytes) is invalid or too "
+                                   "long", s->filename,
+                                   (unsigned long long)bfo, bfs);
+                goto fail;
+            }
+            ext_end = bfo;
+        } else {
+            ext_end = s->cluster_size;
+        }
+        ret = read_extensions(s, hbuf, s->header_length, ext_end, err);
+        if (ret < 0) {
+            goto fail;
+        }
+        if (bfo) {
+            s->backing_file = dup_string(hbuf + bfo, bfs);
+        }
+    }
+
+    if (s->incompatible_features & ~QCOW2_INCOMPAT_MASK) {
+        report_unsupported(s, s->incompatible_features & ~QCOW2_INCOMPAT_MASK,
+                           err);
+        ret = -ENOTSUP;
+        goto fail;
+    }
+    if ((s->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && rw &&
+        !(flags & VD_NODE_CHECK)) {
+        ret = vd_error_set(err, -EROFS, "qcow2: Image is corrupt; cannot be "
+                           "opened read/write");
+        goto fail;
+    }
+    if (s->refcount_order < 0 || s->refcount_order > 6) {
+        ret = vd_error_set(err, -EINVAL, "%s: Reference count entry width too "
+                           "large; may not exceed 64 bits (refcount_order %d)",
+                           s->filename, s->refcount_order);
+        goto fail;
+    }
+    s->crypt_method = be32toh(h.crypt_method);
+    if (s->crypt_method > QCOW2_CRYPT_LUKS) {
+        ret = vd_error_set(err, -EINVAL, "%s: Unsupported encryption method: "
+                           "%u", s->filename, s->crypt_method);
+        goto fail;
+    }
+    if (s->crypt_method) {
+        ret = vd_error_set(err, -ENOTSUP, "%s: Encryption is not supported",
+                           s->filename);
+        goto fail;
+    }
+    s->compression_type = h.compression_type;
+    if (s->compression_type > QCOW2_COMPRESSION_ZSTD) {
+        ret = vd_error_set(err, -ENOTSUP, "%s: unknown compression type %d",
+                           s->filename, s->compression_type);
+        goto fail;
+    }
+    if ((s->compression_type != QCOW2_COMPRESSION_ZLIB) !=
+        !!(s->incompatible_features & QCOW2_INCOMPAT_COMPRESSION)) {
+        ret = vd_error_set(err, -EINVAL, "%s: Compression type incompatible "
+                           "feature bit must %sbe set", s->filename,
+                           s->compression_type ? "" : "not ");
+        goto fail;
+    }
+    s->extended_l2 = (s->incompatible_features & QCOW2_INCOMPAT_EXTL2) != 0;
+    if (s->extended_l2 && s->cluster_bits < QCOW2_EXTL2_MIN_CLUSTER_BITS) {
+        ret = vd_error_set(err, -EINVAL, "%s: Extended L2 entries are only "
+                           "supported with cluster sizes of at least 16384 "
+                           "bytes", s->filename);
+        goto fail;
+    }
+    s->data_file_raw = (s->autoclear_features &
+                        QCOW2_AUTOCLEAR_DATA_FILE_RAW) != 0;
+    if (s->data_file_raw &&
+        !(s->incompatible_features & QCOW2_INCOMPAT_DATA_FILE)) {
+        ret = vd_error_set(err, -EINVAL, "%s: data-file-raw requires a data "
+                           "file", s->filename);
+        goto fail;
+    }
+
+    /* Geometry */
+    s->l2_entry_shift = s->extended_l2 ? 4 : 3;
+    s->l2_bits = s->cluster_bits - s->l2_entry_shift;
+    s->l2_size = 1ull << s->l2_bits;
+    s->subclusters_per_cluster = s->extended_l2 ? QCOW2_EXTL2_SUBCLUSTERS : 1;
+    s->subcluster_bits = s->cluster_bits - (s->extended_l2 ? 5 : 0);
+    s->subcluster_size = 1ull << s->subcluster_bits;
+    s->csize_shift = 62 - (s->cluster_bits - 8);
+    s->csize_mask = (1ull << (s->cluster_bits - 8)) - 1;
+    s->cluster_offset_mask = (1ull << s->csize_shift) - 1;
+    s->refcount_bits = 1 << s->refcount_order;
+    s->refcount_max = s->refcount_bits == 64 ? UINT64_MAX
+                                             : (1ull << s->refcount_bits) - 1;
+    s->refcount_block_bits = s->cluster_bits + 3 - s->refcount_order;
+    s->refcount_block_size = 1ull << s->refcount_block_bits;
+    s->size = be64toh(h.size);
+
+    /* Refcount table */
+    s->refcount_table_offset = be64toh(h.refcount_table_offset);
+    {
+        uint64_t clusters = be32toh(h.refcount_table_clusters);
+        if (clusters == 0 ||
+            clusters > QCOW2_MAX_REFTABLE_BYTES / s->cluster_size) {
+            ret = vd_error_set(err, -EINVAL, "%s: Reference count table size "
+                               "0x%llx clusters is invalid (limit 8 MB)",
+                               s->filename, (unsigned long long)clusters);
+            goto fail;
+        }
+        ret = check_table(s, "Reference count table",
+                          s->refcount_table_offset,
+                          clusters << s->cluster_bits, (uint64_t)flen, err);
+        if (ret < 0) {
+            goto fail;
+        }
+        s->refcount_table_size = (uint32_t)((clusters << s->cluster_bits) / 8);
+    }
+
+    /* Snapshot table: only its bounds matter here. */
+    s->nb_snapshots = be32toh(h.nb_snapshots);
+    s->snapshots_offset = be64toh(h.snapshots_offset);
+    if (s->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
+        ret = vd_error_set(err, -EINVAL, "%s: Too many snapshots (%u)",
+                           s->filename, s->nb_snapshots);
+        goto fail;
+    }
+    if (s->nb_snapshots) {
+        ret = check_table(s, "Snapshot table", s->snapshots_offset,
+                          (uint64_t)s->nb_snapshots * sizeof(qcow2_snapshot_header),
+                          (uint64_t)flen, err);
+        if (ret < 0) {
+            goto fail;
+        }
+    }
+
+    /* L1 table */
+    s->l1_size = be32toh(h.l1_size);
+    s->l1_table_offset = be64toh(h.l1_table_offset);
+    if ((uint64_t)s->l1_size * 8 > QCOW2_MAX_L1_BYTES) {
+        ret = vd_error_set(err, -EFBIG, "%s: Active L1 table too large "
+                           "(0x%x entries)", s->filename, s->l1_size);
+        goto fail;
+    }
+    {
+        uint64_t per_l1 = s->cluster_size << s->l2_bits;
+        uint64_t needed = s->size / per_l1 + (s->size % per_l1 != 0);
+        if (s->size > (1ull << 62) || needed > s->l1_size) {
+            ret = vd_error_set(err, -EINVAL, "%s: L1 table is too small "
+                               "(0x%x entries for size 0x%llx)", s->filename,
+                               s->l1_size, (unsigned long long)s->size);
+            goto fail;
+        }
+    }
+    if (s->l1_size) {
+        ret = check_table(s, "L1 table", s->l1_table_offset,
+                          (uint64_t)s->l1_size * 8, (uint64_t)flen, err);
+        if (ret < 0) {
+            goto fail;
+        }
+    }
+    s->l1_table = calloc(s->l1_size ? s->l1_size : 1, 8);
+    if (!s->l1_table) {
+        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+        goto fail;
+    }
+    if (s->l1_size) {
+        ret = vd_child_pread(s->file, s->l1_table_offset, s->l1_table,
+                             (uint64_t)s->l1_size * 8, err);
+        if (ret < 0) {
+            goto fail;
+        }
+        for (uint32_t i = 0; i < s->l1_size; i++) {
+            s->l1_table[i] = be64toh(s->l1_table[i]);
+        }
+    }
+    ret = qcow2_refcount_init(s, err);
+    if (ret < 0) {
+        goto fail;
+    }
+
+    /* Options */
+    ret = cache_sizes(s, opts, &l2_bytes, &rc_bytes, err);
+    if (ret < 0) {
+        goto fail;
+    }
+    ret = vd_opts_take_bool(opts, "lazy-refcounts",
+                            (s->compatible_features &
+                             QCOW2_COMPAT_LAZY_REFCOUNTS) != 0, &lazy, err);
+    if (ret < 0) {
+        goto fail;
+    }
+    if (lazy && s->version < 3) {
+        ret = vd_error_set(err, -EINVAL, "%s: Lazy refcounts require a qcow2 "
+                           "image with at least qemu 1.1 compatibility level",
+                           s->filename);
+        goto fail;
+    }
+    s->lazy_refcounts = lazy;
+    {
+        bool b;
+        s->discard_passthrough[QCOW2_DISCARD_NEVER] = false;
+        s->discard_passthrough[QCOW2_DISCARD_ALWAYS] = true;
+        ret = vd_opts_take_bool(opts, "pass-discard-request",
+                                node->discard_unmap, &b, err);
+        s->discard_passthrough[QCOW2_DISCARD_REQUEST] = b;
+        if (ret == 0) {
+            ret = vd_opts_take_bool(opts, "pass-discard-snapshot", true, &b,
+                                    err);
+            s->discard_passthrough[QCOW2_DISCARD_SNAPSHOT] = b;
+        }
+        if (ret == 0) {
+            ret = vd_opts_take_bool(opts, "pass-discard-other", false, &b, err);
+            s->discard_passthrough[QCOW2_DISCARD_OTHER] = b;
+        }
+        if (ret < 0) {
+            goto fail;
+        }
+        /* Overlap checks are QEMU debugging aids; accepted, not done. */
+        vd_opts_del(opts, "overlap-check");
+        {
+            vd_opts *oc = vd_opts_extract_prefix(opts, "overlap-check");
+            vd_opts_free(&oc);
+        }
+    }
+    ret = open_data_file(s, node, opts, flags, err);
+    if (ret < 0) {
+        goto fail;
+    }
+
+    s->l2_cache = qcow2_cache_create(s, "L2", tables_for(s, l2_bytes,
+                                                         MIN_L2_CACHE_TABLES),
+                                     s->cluster_size);
+    s->refcount_cache = qcow2_cache_create(s, "refcount",
+                                           tables_for(s, rc_bytes,
+                                                      MIN_REFCOUNT_CACHE_TABLES),
+                                           s->cluster_size);
+    if (!s->l2_cache || !s->refcount_cache) {
+        ret = vd_error_set(err, -ENOMEM, "%s: cannot allocate the metadata "
+                           "caches", s->filename);
+        goto fail;
+    }
+
+    if (s->backing_file) {
+        free(node->backing_file);
+        node->backing_file = strdup(s->backing_file);
+        free(node->backing_format);
+        node->backing_format = s->backing_format ? strdup(s->backing_format)
+                                                 : NULL;
+    }
+
+    node->bl.request_alignment = 1;
+    node->bl.pdiscard_alignment = (uint32_t)s->cluster_size;
+    node->bl.pwrite_zeroes_alignment = (uint32_t)s->subcluster_size;
+
+    if ((s->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !rw) {
+        vd_warn("%s: qcow2: Image is corrupt; opened read-only",
+                s->filename);
+    }
+
+    if (rw && !(flags & VD_NODE_CHECK) && !(flags & VD_NODE_NO_IO)) {
+        /* Unknown autoclear bits and the bitmaps bit (bitmaps are not
+         * maintained here, so they go stale once we write). */
+        uint64_t keep = s->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+        if (s->autoclear_features != keep) {
+            s->autoclear_features = keep;
+            ret = qcow2_update_header(s, err);
+            if (ret < 0) {
+                goto fail;
+            }
+        }
+        if (s->incompatible_features & QCOW2_INCOMPAT_DIRTY) {
+            vd_check_result res;
+            ret = qcow2_check(node, &res,
+                              VD_CHECK_FIX_ERRORS | VD_CHECK_FIX_LEAKS, err);
+            if (ret == 0 && (res.corruptions || res.check_errors)) {
+                ret = vd_error_set(err, -EIO, "%s: could not repair dirty "
+                                   "image", s->filename);
+            }
+            if (ret == 0) {
+                pthread_mutex_lock(&s->lock);
+                ret = qcow2_mark_clean(s, err);
+                pthread_mutex_unlock(&s->lock);
+            }
+            if (ret < 0) {
+                goto fail;
+            }
+        }
+    }
+    free(hbuf);
+    return 0;
+
+fail:
+    free(hbuf);
+    free_state(s);
+    return ret;
+}
+
+static void qcow2_close(vd_node *node)
+{
+    qcow2_state *s = node->opaque;
+
+    if (!s->l2_cache) {
+        return;
+    }
+    if (!node->read_only) {
+        pthread_mutex_lock(&s->lock);
+        if (qcow2_flush_caches(s, NULL) == 0 && s->dirty_marked &&
+            !s->corrupt) {
+            qcow2_mark_clean(s, NULL);
+        }
+        qcow2_process_discards(s);
+        pthread_mutex_unlock(&s->lock);
+    }
+    free_state(s);
+    pthread_mutex_destroy(&s->lock);
+    pthread_cond_destroy(&s->alloc_cond);
+}
+
+/* ------------------------------------------------------------------ */
+/* Request callbacks                                                  */
+/* ------------------------------------------------------------------ */
+
+static int qcow2_preadv_cb(vd_node *node, uint64_t off, uint64_t bytes,
+                           vd_iov *qiov, unsigned flags, vd_error *err)
+{
+    (void)flags;
+    return qcow2_co_preadv(node->opaque, off, bytes, qiov, 0, err);
+}
+
+static int qcow2_pwritev_cb(vd_node *node, uint64_t off, uint64_t bytes,
+                            vd_iov *qiov, unsigned flags, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    if (s->corrupt) {
+        return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
+                            s->filename);
+    }
+    return qcow2_co_pwritev(s, off, bytes, qiov, flags, err);
+}
+
+static int qcow2_pwrite_zeroes_cb(vd_node *node, uint64_t off, uint64_t bytes,
+                                  unsigned flags, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    if (s->corrupt) {
+        return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
+                            s->filename);
+    }
+    return qcow2_co_pwrite_zeroes(s, off, bytes, flags, err);
+}
+
+static int qcow2_pdiscard_cb(vd_node *node, uint64_t off, uint64_t bytes,
+                             vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    if (s->corrupt) {
+        return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
+                            s->filename);
+    }
+    return qcow2_co_pdiscard(s, off, bytes, err);
+}
+
+static int qcow2_flush_cb(vd_node *node, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    int ret;
+
+    if (node->read_only) {
+        return 0;
+    }
+    pthread_mutex_lock(&s->lock);
+    /* L2 before refcounts where they depend on each other; cache.c
+     * follows the recorded dependencies. The core flushes the file. */
+    ret = qcow2_write_caches(s, err);
+    pthread_mutex_unlock(&s->lock);
+    if (ret == 0 && s->data_file != s->file) {
+        ret = vd_node_flush(s->data_file->node, err);
+    }
+    return ret;
+}
+
+static int qcow2_block_status_cb(vd_node *node, bool want_zero, uint64_t off,
+                                 uint64_t bytes, uint64_t *pnum,
+                                 uint64_t *map, vd_node **file, vd_error *err)
+{
+    return qcow2_co_block_status(node->opaque, want_zero, off, bytes, pnum,
+                                 map, file, err);
+}
+
+static int64_t qcow2_getlength(vd_node *node)
+{
+    qcow2_state *s = node->opaque;
+    return (int64_t)s->size;
+}
+
+int qcow2_discard_full(qcow2_state *s, uint64_t off, uint64_t bytes,
+                       vd_error *err);
+
+static int write_size(qcow2_state *s, uint64_t size, vd_error *err)
+{
+    uint64_t be = htobe64(size);
+    int ret = vd_child_pwrite(s->file, offsetof(qcow2_header, size), &be, 8,
+                              0, err);
+    if (ret == 0) {
+        ret = vd_node_flush(s->file->node, err);
+    }
+    if (ret == 0) {
+        s->size = size;
+    }
+    return ret;
+}
+
+/* Makes guest [off, off+len) read as zeros, with zero clusters where the
+ * version allows and zero buffers elsewhere. */
+static int zero_range(qcow2_state *s, uint64_t off, uint64_t len,
+                      vd_error *err)
+{
+    int ret = qcow2_co_pwrite_zeroes(s, off, len, VD_REQ_MAY_UNMAP, err);
+    if (ret == -ENOTSUP) {
+        uint64_t chunk = 1u << 20;
+        uint8_t *buf = calloc(1, chunk);
+        if (!buf) {
+            return vd_error_set(err, -ENOMEM, "%s: out of memory",
+                                s->filename);
+        }
+        ret = 0;
+        while (ret == 0 && len > 0) {
+            uint64_t n = len < chunk ? len : chunk;
+            vd_iov v;
+            vd_iov_init_buf(&v, buf, n);
+            ret = qcow2_co_pwritev(s, off, n, &v, 0, err);
+            off += n;
+            len -= n;
+        }
+        free(buf);
+    }
+    return ret;
+}
+
+static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
+                       vd_error *err)
+{
+    uint64_t old = s->size;
+    uint64_t per_l1 = s->cluster_size << s->l2_bits;
+    uint64_t l1_needed = size / per_l1 + (size % per_l1 != 0);
+    int ret;
+
+    if (size & 511) {
+        return vd_error_set(err, -EINVAL, "The new size must be a multiple "
+                            "of 512");
+    }
+    if (s->nb_snapshots) {
+        return vd_error_set(err, -ENOTSUP, "Can't resize an image which has "
+                            "snapshots");
+    }
+    if (size == old) {
+        return 0;
+    }
+    if (size < old) {
+        uint64_t from = (size + s->cluster_size - 1) & ~(s->cluster_size - 1);
+        if (prealloc != VD_PREALLOC_OFF) {
+            return vd_error_set(err, -ENOTSUP, "%s: Preallocation can't be "
+                                "used for shrinking an image", s->filename);
+        }
+        if (from < old) {
+            ret = qcow2_discard_full(s, from, old - from, err);
+            if (ret < 0) {
+                return ret;
+            }
+        }
+        pthread_mutex_lock(&s->lock);
+        /* L2 tables wholly past the end are dropped from L1. */
+        for (uint64_t i = l1_needed; i < s->l1_size; i++) {
+            uint64_t l2 = s->l1_table[i] & QCOW2_L1E_OFFSET_MASK;
+            if (!l2) {
+                continue;
+            }
+            s->l1_table[i] = 0;
+            ret = qcow2_write_l1_entry(s, i, err);
+            if (ret < 0) {
+                pthread_mutex_unlock(&s->lock);
+                return ret;
+            }
+            qcow2_free_clusters(s, l2, s->cluster_size, QCOW2_DISCARD_ALWAYS,
+                                NULL);
+        }
+        ret = qcow2_flush_caches(s, err);
+        if (ret == 0) {
+            ret = write_size(s, size, err);
+        }
+        qcow2_process_discards(s);
+        pthread_mutex_unlock(&s->lock);
+        return ret;
+    }
+
+    pthread_mutex_lock(&s->lock);
+    ret = qcow2_grow_l1_table(s, l1_needed, true, err);
+    if (ret == 0) {
+        ret = qcow2_flush_caches(s, err);
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        return ret;
+    }
+    if (prealloc != VD_PREALLOC_OFF) {
+        ret = qcow2_preallocate(s, old, size - old, prealloc, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    pthread_mutex_lock(&s->lock);
+    ret = write_size(s, size, err);
+    pthread_mutex_unlock(&s->lock);
+    if (ret == 0 && prealloc == VD_PREALLOC_OFF) {
+        /* The new range must read as zeros: neither stale bytes of a
+         * partial last cluster nor a longer backing file may show
+         * through (QEMU zeroes it the same way). */
+        uint64_t zend = s->node->backing ? size
+                        : (old + s->cluster_size - 1) & ~(s->cluster_size - 1);
+        if (zend > size) {
+            zend = size;
+        }
+        if (zend > old) {
+            ret = zero_range(s, old, zend - old, err);
+        }
+    }
+    return ret;
+}
+
+static int qcow2_truncate_cb(vd_node *node, uint64_t size, bool exact,
+                             vd_prealloc prealloc, vd_error *err)
+{
+    (void)exact;
+    return do_truncate(node->opaque, size, prealloc, err);
+}
+
+static int qcow2_check_cb(vd_node *node, vd_check_result *res, unsigned fix,
+                          vd_error *err)
+{
+    return qcow2_check(node, res, fix, err);
+}
+
+/* ------------------------------------------------------------------ */
+/* Info                                                               */
+/* ------------------------------------------------------------------ */
+
+static char *json_escape(const char *in)
+{
+    size_t n = strlen(in);
+    char *out = malloc(n * 6 + 1), *p = out;
+    if (!out) {
+        return NULL;
+    }
+    for (const unsigned char *c = (const unsigned char *)in; *c; c++) {
+        if (*c == '"' || *c == '\\') {
+            *p++ = '\\';
+            *p++ = (char)*c;
+        } else if (*c < 0x20) {
+            p += sprintf(p, "\\u%04x", *c);
+        } else {
+            *p++ = (char)*c;
+        }
+    }
+    *p = 0;
+    return out;
+}
+
+static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    const char *ctype = s->compression_type == QCOW2_COMPRESSION_ZSTD ?
+                        "zstd" : "zlib";
+    char *json = NULL;
+    int n;
+
+    info->cluster_size = s->cluster_size;
+    info->has_dirty_flag = true;
+    info->dirty_flag = (s->incompatible_features & QCOW2_INCOMPAT_DIRTY) != 0;
+    info->encrypted = s->crypt_method != 0;
+    if (s->version == 2) {
+        n = asprintf(&json, "{\"type\": \"qcow2\", \"data\": {\"compat\": "
+                     "\"0.10\", \"compression-type\": \"%s\", "
+                     "\"refcount-bits\": %d}}", ctype, s->refcount_bits);
+    } else {
+        char *df = NULL;
+        if (s->data_file_name || s->data_file != s->file) {
+            char *esc = json_escape(s->data_file_name ? s->data_file_name
+                                    : vd_node_filename(s->data_file->node));
+            if (!esc || asprintf(&df, "\"data-file\": \"%s\", "
+                                 "\"data-file-raw\": %s, ", esc,
+                                 s->data_file_raw ? "true" : "false") < 0) {
+                df = NULL;
+            }
+            free(esc);
+        }
+        n = asprintf(&json, "{\"type\": \"qcow2\", \"data\": {\"compat\": "
+                     "\"1.1\", \"compression-type\": \"%s\", "
+                     "\"lazy-refcounts\": %s, \"refcount-bits\": %d, "
+                     "%s\"corrupt\": %s, \"extended-l2\": %s}}", ctype,
+                     (s->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS) ?
+                     "true" : "false", s->refcount_bits, df ? df : "",
+                     (s->incompatible_features & QCOW2_INCOMPAT_CORRUPT) ?
+                     "true" : "false", s->extended_l2 ? "true" : "false");
+        free(df);
+    }
+    if (n < 0) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    free(info->format_specific_json);
+    info->format_specific_json = json;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Create                                                             */
+/* ------------------------------------------------------------------ */
+
+static const vd_create_option qcow2_create_opts[] = {
+    { "size", "size", "Virtual disk size", NULL },
+    { "compat", "string", "Compatibility level (v2 [0.10] or v3 [1.1])",
+      "1.1" },
+    { "backing_file", "string", "File name of a base image", NULL },
+    { "backing_fmt", "string", "Image format of the base image", NULL },
+    { "data_file", "string", "File name of an external data file", NULL },
+    { "data_file_raw", "bool",
+      "The external data file must stay valid as a raw image", "off" },
+    { "encryption", "bool",
+      "Encrypt the image with format 'aes'. (Deprecated in favor of "
+      "encrypt.format=aes)", "off" },
+    { "encrypt.format", "string",
+      "Encrypt the image, format choices: 'aes', 'luks'", NULL },
+    { "encrypt.key-secret", "string",
+      "ID of secret providing qcow AES key or LUKS passphrase", NULL },
+    { "encrypt.cipher-alg", "string", "Name of encryption cipher algorithm",
+      NULL },
+    { "encrypt.cipher-mode", "string", "Name of encryption cipher mode",
+      NULL },
+    { "encrypt.ivgen-alg", "string", "Name of IV generator algorithm", NULL },
+    { "encrypt.ivgen-hash-alg", "string",
+      "Name of IV generator hash algorithm", NULL },
+    { "encrypt.hash-alg", "string", "Name of encryption hash algorithm",
+      NULL },
+    { "encrypt.iter-time", "number",
+      "Time to spend in PBKDF in milliseconds", NULL },
+    { "cluster_size", "size", "qcow2 cluster size", "65536" },
+    { "preallocation", "string",
+      "Preallocation mode (allowed values: off, metadata, falloc, full)",
+      "off" },
+    { "lazy_refcounts", "bool", "Postpone refcount updates", "off" },
+    { "refcount_bits", "number", "Width of a reference count entry in bits",
+      "16" },
+    { "compression_type", "string",
+      "Compression method used for image cluster compression", "zlib" },
+    { "extended_l2", "bool", "Extended L2 tables", "off" },
+    { NULL, NULL, NULL, NULL },
+};
+
+typedef struct create_params {
+    uint64_t size;
+    bool has_size;
+    int version;
+    uint64_t cluster_size;
+    vd_prealloc prealloc;
+    bool lazy_refcounts;
+    int refcount_order;
+    int compression_type;
+    bool extended_l2;
+    bool data_file_raw;
+    char *backing_file;
+    char *backing_fmt;
+    char *data_file;
+} create_params;
+
+static void free_params(create_params *p)
+{
+    free(p->backing_file);
+    free(p->backing_fmt);
+    free(p->data_file);
+}
+
+static int parse_create(const char *filename, vd_opts *opts, create_params *p,
+                        vd_error *err)
+{
+    static const char *const prealloc_names[] = {
+        "off", "metadata", "falloc", "full", NULL,
+    };
+    static const char *const ctypes[] = { "zlib", "zstd", NULL };
+    char *v;
+    uint64_t u;
+    bool b;
+    int idx, ret;
+
+    memset(p, 0, sizeof(*p));
+    v = vd_opts_take(opts, "size");
+    if (v) {
+        if (vd_parse_size(v, &p->size) < 0) {
+            free(v);
+            return vd_error_set(err, -EINVAL, "%s: Parameter 'size' expects "
+                                "a non-negative number below 2^64",
+                                filename);
+        }
+        p->has_size = true;
+        free(v);
+        /* QEMU rounds the virtual size up to whole sectors. */
+        p->size = (p->size + 511) & ~511ull;
+    }
+    p->version = 3;
+    v = vd_opts_take(opts, "compat");
+    if (v) {
+        if (!strcmp(v, "0.10") || !strcmp(v, "v2")) {
+            p->version = 2;
+        } else if (!strcmp(v, "1.1") || !strcmp(v, "v3")) {
+            p->version = 3;
+        } else {
+            vd_error_set(err, -EINVAL, "%s: Invalid parameter '%s'", filename,
+                         v);
+            free(v);
+            return -EINVAL;
+        }
+        free(v);
+    }
+    p->backing_file = vd_opts_take(opts, "backing_file");
+    p->backing_fmt = vd_opts_take(opts, "backing_fmt");
+    p->data_file = vd_opts_take(opts, "data_file");
+    ret = vd_opts_take_bool(opts, "data_file_raw", false, &p->data_file_raw,
+                            err);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = vd_opts_take_bool(opts, "encryption", false, &b, err);
+    if (ret < 0) {
+        return ret;
+    }
+    v = vd_opts_take(opts, "encrypt.format");
+    if (b || v) {
+        free(v);
+        return vd_error_set(err, -ENOTSUP, "%s: Encryption is not supported",
+                            filename);
+    }
+    for (const char *const *k = (const char *const[]){
+             "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
+             "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg",
+             "encrypt.iter-time", NULL }; *k; k++) {
+        v = vd_opts_take(opts, *k);
+        if (v) {
+            free(v);
+            return vd_error_set(err, -ENOTSUP, "%s: Encryption is not "
+                                "supported", filename);
+        }
+    }
+    ret = vd_opts_take_size(opts, "cluster_size", 65536, &p->cluster_size,
+                            err);
+    if (ret < 0) {
+        return ret;
+    }
+    if (p->cluster_size < 512 || p->cluster_size > (2u << 20) ||
+        (p->cluster_size & (p->cluster_size - 1))) {
+        return vd_error_set(err, -EINVAL, "%s: Cluster size must be a power "
+                            "of two between 512 and 2048k", filename);
+    }
+    ret = vd_opts_take_enum(opts, "preallocation", prealloc_names, 0, &idx,
+                            err);
+    if (ret < 0) {
+        return ret;
+    }
+    p->prealloc = (vd_prealloc)idx;
+    ret = vd_opts_take_bool(opts, "lazy_refcounts", false, &p->lazy_refcounts,
+                            err);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = vd_opts_take_uint(opts, "refcount_bits", 16, &u, err);
+    if (ret < 0) {
+        return ret;
+    }
+    if (u == 0 || u > 64 || (u & (u - 1))) {
+        return vd_error_set(err, -EINVAL, "%s: Refcount width must be a "
+                            "power of two and may not exceed 64 bits",
+                            filename);
+    }
+    p->refcount_order = __builtin_ctzll(u);
+    ret = vd_opts_take_enum(opts, "compression_type", ctypes, 0,
+                            &p->compression_type, err);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = vd_opts_take_bool(opts, "extended_l2", false, &p->extended_l2, err);
+    if (ret < 0) {
+        return ret;
+    }
+
+    if (p->version < 3) {
+        if (p->lazy_refcounts) {
+            return vd_error_set(err, -EINVAL, "%s: Lazy refcounts only "
+                                "supported with compatibility level 1.1 and "
+                                "above (use compat=1.1 or greater)",
+                                filename);
+        }
+        if (p->refcount_order != 4) {
+            return vd_error_set(err, -EINVAL, "%s: Different refcount widths "
+                                "than 16 bits require compatibility level "
+                                "1.1 or above (use compat=1.1 or greater)",
+                                filename);
+        }
+        if (p->compression_type != QCOW2_COMPRESSION_ZLIB) {
+            return vd_error_set(err, -EINVAL, "%s: Non-zlib compression type "
+                                "is only supported with compatibility level "
+                                "1.1 and above (use compat=1.1 or greater)",
+                                filename);
+        }
+        if (p->extended_l2) {
+            return vd_error_set(err, -EINVAL, "%s: Extended L2 entries are "
+                                "only supported with compatibility level 1.1 "
+                                "and above (use compat=1.1 or greater)",
+                                filename);
+        }
+        if (p->data_file) {
+            return vd_error_set(err, -EINVAL, "%s: External data files are "
+                                "only supported with compatibility level 1.1 "
+                                "and above (use compat=1.1 or greater)",
+                                filename);
+        }
+    }
+    if (p->extended_l2 && p->cluster_size < 16384) {
+        return vd_error_set(err, -EINVAL, "%s: Extended L2 entries are only "
+                            "supported with cluster sizes of at least 16384 "
+                            "bytes", filename);
+    }
+    if (p->data_file_raw && !p->data_file) {
+        return vd_error_set(err, -EINVAL, "%s: data-file-raw requires "
+                            "data-file", filename);
+    }
+    if (p->data_file_raw && p->backing_file) {
+        return vd_error_set(err, -EINVAL, "%s: Backing file and "
+                            "data-file-raw cannot be used at the same time",
+                            filename);
+    }
+    if (p->backing_fmt && !p->backing_file) {
+        return vd_error_set(err, -EINVAL, "%s: Backing format cannot be used "
+                            "without backing file", filename);
+    }
+    if (p->backing_file && p->prealloc != VD_PREALLOC_OFF) {
+        return vd_error_set(err, -EINVAL, "%s: Backing file and preallocation "
+                            "can only be used at the same time if "
+                            "extended_l2 is on", filename);
+    }
+    return 0;
+}
+
+/* Size of the backing file when the caller gave none. */
+static int backing_size(const char *filename, create_params *p, vd_error *err)
+{
+    char *path = resolve_relative(filename, p->backing_file);
+    vd_node *bn = NULL;
+    vd_opts *o = vd_opts_new();
+    int64_t len;
+    int ret;
+
+    if (!path || !o) {
+        free(path);
+        vd_opts_free(&o);
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", filename);
+    }
+    ret = vd_node_open(&bn, path,
+                       p->backing_fmt ? vd_find_driver(p->backing_fmt) : NULL,
+                       o, VD_NODE_NO_BACKING | VD_NODE_QUIET |
+                       VD_NODE_FORCE_SHARE, err);
+    vd_opts_free(&o);
+    free(path);
+    if (ret < 0) {
+        vd_error_prepend(err, "%s: Could not open backing image: ", filename);
+        return ret;
+    }
+    len = vd_node_getlength(bn);
+    vd_node_unref(bn);
+    if (len < 0) {
+        return vd_error_set(err, (int)len, "%s: cannot get the backing file "
+                            "size", filename);
+    }
+    p->size = (uint64_t)len;
+    p->has_size = true;
+    return 0;
+}
+
+static int qcow2_create(const char *filename, vd_opts *opts, vd_error *err)
+{
+    create_params p;
+    vd_opts *popts = NULL;
+    vd_node *file = NULL, *img = NULL;
+    uint8_t *buf = NULL;
+    int cluster_bits;
+    uint64_t cs;
+    int ret;
+
+    ret = parse_create(filename, opts, &p, err);
+    if (ret < 0) {
+        goto out;
+    }
+    if (!p.has_size && p.backing_file) {
+        ret = backing_size(filename, &p, err);
+        if (ret < 0) {
+            goto out;
+        }
+    }
+    if (!p.has_size) {
+        ret = vd_error_set(err, -EINVAL, "%s: Image creation needs a size "
+                           "parameter", filename);
+        goto out;
+    }
+    cs = p.cluster_size;
+    cluster_bits = __builtin_ctzll(cs);
+    {
+        /* L1 must fit QEMU's 32 MB limit. */
+        uint64_t l2_entries = cs >> (p.extended_l2 ? 4 : 3);
+        uint64_t per_l1 = cs * l2_entries;
+        uint64_t l1 = p.size / per_l1 + (p.size % per_l1 != 0);
+        if (l1 * 8 > QCOW2_MAX_L1_BYTES) {
+            ret = vd_error_set(err, -EFBIG, "%s: Could not resize image: "
+                               "Image size is too large for this cluster "
+                               "size", filename);
+            goto out;
+        }
+    }
+
+    /* The protocol file: the rest of @opts (nocow, extent_size_hint) is
+     * for it; the size is set by preallocation below. */
+    popts = vd_opts_clone(opts);
+    if (!popts) {
+        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", filename);
+        goto out;
+    }
+    vd_opts_set(popts, "size", "0");
+    ret = vd_create_protocol(filename, popts, err);
+    if (ret < 0) {
+        goto out;
+    }
+    for (const char *k = vd_opts_first_key(opts); k;
+         k = vd_opts_first_key(opts)) {
+        vd_opts_del(opts, k);
+    }
+    if (p.data_file) {
+        vd_opts *d = vd_opts_new();
+        char *dpath = resolve_relative(filename, p.data_file);
+        if (!d || !dpath) {
+            vd_opts_free(&d);
+            free(dpath);
+            ret = vd_error_set(err, -ENOMEM, "%s: out of memory", filename);
+            goto out;
+        }
+        {
+            /* QEMU sizes the data file like the guest disk. */
+            char sz[32];
+            snprintf(sz, sizeof(sz), "%llu", (unsigned long long)p.size);
+            vd_opts_set(d, "size", sz);
+        }
+        ret = vd_create_protocol(dpath, d, err);
+        vd_opts_free(&d);
+        free(dpath);
+        if (ret < 0) {
+            goto out;
+        }
+    }
+    ret = vd_open_protocol(&file, filename, VD_NODE_RDWR, err);
+    if (ret < 0) {
+        goto out;
+    }
+
+    /* Header, refcount table (cluster 1) and first refcount block
+     * (cluster 2) covering the first three clusters, as QEMU lays it out;
+     * L1 and the rest come from the driver itself below. */
+    buf = vd_node_blockalign(file, 3 * cs);
+    if (!buf) {
+        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", filename);
+        goto out;
+    }
+    memset(buf, 0, 3 * cs);
+    {
+        qcow2_header h;
+        qcow2_state tmp;
+        memset(&h, 0, sizeof(h));
+        h.magic = htobe32(QCOW2_MAGIC);
+        h.version = htobe32((uint32_t)p.version);
+        h.cluster_bits = htobe32((uint32_t)cluster_bits);
+        h.refcount_table_offset = htobe64(cs);
+        h.refcount_table_clusters = htobe32(1);
+        if (p.version >= 3) {
+            uint64_t incompat = 0;
+            if (p.data_file) {
+                incompat |= QCOW2_INCOMPAT_DATA_FILE;
+            }
+            if (p.compression_type != QCOW2_COMPRESSION_ZLIB) {
+                incompat |= QCOW2_INCOMPAT_COMPRESSION;
+            }
+            if (p.extended_l2) {
+                incompat |= QCOW2_INCOMPAT_EXTL2;
+            }
+            h.incompatible_features = htobe64(incompat);
+            h.compatible_features =
+                htobe64(p.lazy_refcounts ? QCOW2_COMPAT_LAZY_REFCOUNTS : 0);
+            h.autoclear_features =
+                htobe64(p.data_file_raw ? QCOW2_AUTOCLEAR_DATA_FILE_RAW : 0);
+            h.refcount_order = htobe32((uint32_t)p.refcount_order);
+            h.header_length = htobe32(sizeof(qcow2_header));
+            h.compression_type = (uint8_t)p.compression_type;
+            memcpy(buf, &h, sizeof(h));
+        } else {
+            memcpy(buf, &h, QCOW2_V2_HEADER_LEN);
+        }
+        *(uint64_t *)(buf + cs) = htobe64(2 * cs);
+        memset(&tmp, 0, sizeof(tmp));
+        tmp.refcount_order = p.refcount_order;
+        for (int i = 0; i < 3; i++) {
+            qcow2_refblock_set(&tmp, buf + 2 * cs, (uint64_t)i, 1);
+        }
+    }
+    {
+        vd_iov v;
+        vd_iov_init_buf(&v, buf, 3 * cs);
+        ret = vd_node_pwritev(file, 0, 3 * cs, &v, 0, err);
+    }
+    if (ret == 0) {
+        ret = vd_node_flush(file, err);
+    }
+    vd_node_unref(file);
+    file = NULL;
+    if (ret < 0) {
+        goto out;
+    }
+
+    /* Open what we wrote and let the driver do the rest: extensions,
+     * backing file, L1 table, preallocation. */
+    {
+        vd_opts *o = vd_opts_new();
+        if (!o) {
+            ret = vd_error_set(err, -ENOMEM, "%s: out of memory", filename);
+            goto out;
+        }
+        if (p.data_file) {
+            char *dpath = resolve_relative(filename, p.data_file);
+            vd_opts_set(o, "data-file", dpath ? dpath : p.data_file);
+            free(dpath);
+        }
+        ret = vd_node_open(&img, filename, &vd_driver_qcow2, o,
+                           VD_NODE_RDWR | VD_NODE_NO_BACKING | VD_NODE_QUIET,
+                           err);
+        vd_opts_free(&o);
+        if (ret < 0) {
+            goto out;
+        }
+    }
+    {
+        qcow2_state *s = img->opaque;
+        pthread_mutex_lock(&s->lock);
+        if (p.backing_file) {
+            s->backing_file = strdup(p.backing_file);
+            s->backing_format = p.backing_fmt ? strdup(p.backing_fmt) : NULL;
+        }
+        if (p.data_file) {
+            s->data_file_name = strdup(p.data_file);
+        }
+        ret = qcow2_update_header(s, err);
+        pthread_mutex_unlock(&s->lock);
+        if (ret == 0) {
+            ret = do_truncate(s, p.size, p.prealloc, err);
+        }
+    }
+    if (ret == 0) {
+        ret = vd_node_flush(img, err);
+    }
+
+out:
+    if (img) {
+        vd_node_unref(img);
+    }
+    if (file) {
+        vd_node_unref(file);
+    }
+    vd_opts_free(&popts);
+    free(buf);
+    free_params(&p);
+    return ret;
+}
+
+const vd_driver vd_driver_qcow2 = {
+    .name = "qcow2",
+    .instance_size = sizeof(qcow2_state),
+    .is_format = true,
+    .supports_backing = true,
+    .supports_compressed = true,
+    .create_opts = qcow2_create_opts,
+    .probe = qcow2_probe,
+    .open = qcow2_open,
+    .close = qcow2_close,
+    .create = qcow2_create,
+    .preadv = qcow2_preadv_cb,
+    .pwritev = qcow2_pwritev_cb,
+    .pwrite_zeroes = qcow2_pwrite_zeroes_cb,
+    .pdiscard = qcow2_pdiscard_cb,
+    .flush = qcow2_flush_cb,
+    .block_status = qcow2_block_status_cb,
+    .getlength = qcow2_getlength,
+    .truncate = qcow2_truncate_cb,
+    .get_info = qcow2_get_info,
+    .check = qcow2_check_cb,
+};

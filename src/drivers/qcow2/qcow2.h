@@ -1,0 +1,651 @@
+/*
+ * qcow2 driver: internal header shared by the files of the driver.
+ *
+ * The driver is split by layer:
+ *   qcow2.c     open/close/create/probe/info, header and extensions, the
+ *               vtable and the request entry points (read/write/zero/...)
+ *   cache.c     the metadata cache (L2 tables and refcount blocks), LRU
+ *               with dirty tracking and flush dependencies between caches
+ *   refcount.c  refcount lookup/update, cluster allocation and freeing,
+ *               refcount table growth
+ *   cluster.c   L1/L2 mapping: lookup, L2 allocation, allocating writes,
+ *               zero clusters and discard
+ *   check.c     consistency check and repair        (second engineer)
+ *   compress.c  compressed cluster (de)compression  (second engineer)
+ *
+ * This header holds the on-disk structures (big endian on disk; we convert
+ * only at load and store), the constants and flag bits of
+ * /work/shared/specs/qcow2.txt, the driver state and the prototypes of
+ * the internal functions. Names here are stable: other files build on them.
+ *
+ * Locking: qcow2_state.lock protects every mutable field of the state
+ * (header fields, L1 table, caches, allocation decisions, the in-flight
+ * allocation list). Functions documented "lock held" must be called with
+ * it held; they may do metadata I/O under it. Guest data I/O to allocated
+ * clusters is done without the lock.
+ */
+#ifndef VDISK_DRIVERS_QCOW2_QCOW2_H
+#define VDISK_DRIVERS_QCOW2_QCOW2_H
+
+#include <endian.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "core/block_int.h"
+
+/* ------------------------------------------------------------------ */
+/* Header (qcow2.txt "Header")                                        */
+/* ------------------------------------------------------------------ */
+
+#define QCOW2_MAGIC 0x514649fbu /* "QFI\xfb" */
+
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21          /* QEMU implementation limit */
+#define QCOW2_DEFAULT_CLUSTER_BITS 16
+#define QCOW2_MAX_BACKING_NAME 1023        /* backing_file_size limit */
+#define QCOW2_MAX_L1_BYTES (32u << 20)     /* QEMU: 32 MB L1 table */
+#define QCOW2_MAX_REFTABLE_BYTES (8u << 20) /* QEMU: 8 MB refcount table */
+#define QCOW2_MAX_SNAPSHOTS 65536
+#define QCOW2_V2_HEADER_LEN 72
+#define QCOW2_V3_MIN_HEADER_LEN 104
+/* Host offsets in L1/L2/refcount entries are bits 9..55 (64 PB). */
+#define QCOW2_MAX_HOST_OFFSET ((1ull << 56) - 1)
+
+/* The fixed part of the header. v2 images end at snapshots_offset (72
+ * bytes); v3 images have at least up to header_length (104 bytes);
+ * compression_type is present when header_length > 104. */
+typedef struct __attribute__((packed)) qcow2_header {
+    uint32_t magic;
+    uint32_t version;
+    uint64_t backing_file_offset;
+    uint32_t backing_file_size;
+    uint32_t cluster_bits;
+    uint64_t size;
+    uint32_t crypt_method;
+    uint32_t l1_size;
+    uint64_t l1_table_offset;
+    uint64_t refcount_table_offset;
+    uint32_t refcount_table_clusters;
+    uint32_t nb_snapshots;
+    uint64_t snapshots_offset;
+    /* version 3 */
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    uint32_t refcount_order;
+    uint32_t header_length;
+    /* additional field (header_length > 104) */
+    uint8_t compression_type;
+    uint8_t padding[7];
+} qcow2_header;
+_Static_assert(sizeof(qcow2_header) == 112, "qcow2 header size");
+
+/* crypt_method */
+#define QCOW2_CRYPT_NONE 0
+#define QCOW2_CRYPT_AES  1
+#define QCOW2_CRYPT_LUKS 2
+
+/* Incompatible feature bits. */
+#define QCOW2_INCOMPAT_DIRTY       (1ull << 0) /* refcounts may be stale */
+#define QCOW2_INCOMPAT_CORRUPT     (1ull << 1) /* metadata may be corrupt */
+#define QCOW2_INCOMPAT_DATA_FILE   (1ull << 2) /* guest data in external file */
+#define QCOW2_INCOMPAT_COMPRESSION (1ull << 3) /* compression_type != zlib */
+#define QCOW2_INCOMPAT_EXTL2       (1ull << 4) /* extended L2 (subclusters) */
+#define QCOW2_INCOMPAT_MASK        0x1full     /* all bits we understand */
+
+/* Compatible feature bits. */
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0) /* may postpone refcounts */
+#define QCOW2_COMPAT_MASK           0x1ull
+
+/* Autoclear feature bits. */
+#define QCOW2_AUTOCLEAR_BITMAPS       (1ull << 0) /* bitmaps ext consistent */
+#define QCOW2_AUTOCLEAR_DATA_FILE_RAW (1ull << 1) /* data file is raw image */
+#define QCOW2_AUTOCLEAR_MASK          0x3ull
+
+/* compression_type */
+#define QCOW2_COMPRESSION_ZLIB 0
+#define QCOW2_COMPRESSION_ZSTD 1
+
+/* ------------------------------------------------------------------ */
+/* Header extensions (qcow2.txt "Header extensions")                  */
+/* ------------------------------------------------------------------ */
+
+#define QCOW2_EXT_END          0x00000000u
+#define QCOW2_EXT_BACKING_FMT  0xe2792acau
+#define QCOW2_EXT_FEATURE_NAME 0x6803f857u
+#define QCOW2_EXT_BITMAPS      0x23852875u
+#define QCOW2_EXT_CRYPTO       0x0537be77u
+#define QCOW2_EXT_DATA_FILE    0x44415441u
+
+typedef struct __attribute__((packed)) qcow2_ext_header {
+    uint32_t type;
+    uint32_t len;   /* data bytes, padded to 8 on disk */
+} qcow2_ext_header;
+_Static_assert(sizeof(qcow2_ext_header) == 8, "ext header size");
+
+/* Feature name table entry. */
+#define QCOW2_FEAT_TYPE_INCOMPAT 0
+#define QCOW2_FEAT_TYPE_COMPAT   1
+#define QCOW2_FEAT_TYPE_AUTOCLEAR 2
+typedef struct __attribute__((packed)) qcow2_feature_name {
+    uint8_t type;
+    uint8_t bit;
+    char name[46];  /* zero padded, not necessarily terminated */
+} qcow2_feature_name;
+_Static_assert(sizeof(qcow2_feature_name) == 48, "feature name size");
+
+/* Bitmaps extension ("Bitmaps extension"): kept, not interpreted. */
+typedef struct __attribute__((packed)) qcow2_bitmaps_ext {
+    uint32_t nb_bitmaps;
+    uint32_t reserved;
+    uint64_t bitmap_directory_size;
+    uint64_t bitmap_directory_offset;
+} qcow2_bitmaps_ext;
+_Static_assert(sizeof(qcow2_bitmaps_ext) == 24, "bitmaps ext size");
+
+/* Full disk encryption header pointer (refused). */
+typedef struct __attribute__((packed)) qcow2_crypto_ext {
+    uint64_t offset;
+    uint64_t length;
+} qcow2_crypto_ext;
+_Static_assert(sizeof(qcow2_crypto_ext) == 16, "crypto ext size");
+
+/* An extension we do not interpret, kept verbatim for header rewrites. */
+typedef struct qcow2_unknown_ext {
+    uint32_t type;
+    uint32_t len;
+    uint8_t *data;
+    struct qcow2_unknown_ext *next;
+} qcow2_unknown_ext;
+
+/* ------------------------------------------------------------------ */
+/* Snapshot table entry (qcow2.txt "Snapshots")                       */
+/* ------------------------------------------------------------------ */
+
+typedef struct __attribute__((packed)) qcow2_snapshot_header {
+    uint64_t l1_table_offset;
+    uint32_t l1_size;
+    uint16_t id_str_size;
+    uint16_t name_size;
+    uint32_t date_sec;
+    uint32_t date_nsec;
+    uint64_t vm_clock_nsec;
+    uint32_t vm_state_size;
+    uint32_t extra_data_size;
+} qcow2_snapshot_header;
+_Static_assert(sizeof(qcow2_snapshot_header) == 40, "snapshot header size");
+
+typedef struct __attribute__((packed)) qcow2_snapshot_extra {
+    uint64_t vm_state_size_large;
+    uint64_t disk_size;
+    uint64_t icount;
+} qcow2_snapshot_extra;
+_Static_assert(sizeof(qcow2_snapshot_extra) == 24, "snapshot extra size");
+
+/* ------------------------------------------------------------------ */
+/* L1/L2/refcount entries ("Cluster mapping", "Host cluster mgmt")    */
+/* ------------------------------------------------------------------ */
+
+/* L1 entry: bits 9..55 offset of the L2 table; bit 63 COPIED. */
+#define QCOW2_L1E_OFFSET_MASK 0x00fffffffffffe00ull
+#define QCOW2_L1E_RESERVED    0x7f000000000001ffull
+
+/* L2 entry flags. */
+#define QCOW2_OFLAG_COPIED     (1ull << 63) /* refcount is exactly one */
+#define QCOW2_OFLAG_COMPRESSED (1ull << 62) /* compressed descriptor */
+#define QCOW2_OFLAG_ZERO       (1ull << 0)  /* reads as zeros (v3, no extl2) */
+/* Standard cluster descriptor: bits 9..55 host offset. */
+#define QCOW2_L2E_OFFSET_MASK  0x00fffffffffffe00ull
+#define QCOW2_L2E_STD_RESERVED 0x3f000000000001feull
+
+/* Refcount table entry: bits 9..63 offset of the block (bits 0..8 0). */
+#define QCOW2_REFT_OFFSET_MASK 0xfffffffffffffe00ull
+#define QCOW2_REFT_RESERVED    0x1ffull
+
+/* Extended L2: 32 subclusters per cluster; bitmap low half = allocated,
+ * high half = reads as zeros ("Extended L2 Entries"). */
+#define QCOW2_EXTL2_SUBCLUSTERS 32
+#define QCOW2_EXTL2_MIN_CLUSTER_BITS 14
+#define QCOW2_L2B_ALLOC(sc)  (1ull << (sc))
+#define QCOW2_L2B_ZERO(sc)   (1ull << (32 + (sc)))
+#define QCOW2_L2B_ALLOC_MASK 0x00000000ffffffffull
+#define QCOW2_L2B_ZERO_MASK  0xffffffff00000000ull
+
+/* What an L2 entry (and, with extended L2, a subcluster) means. */
+typedef enum qcow2_subcluster_type {
+    QCOW2_SC_COMPRESSED,       /* compressed cluster (whole cluster) */
+    QCOW2_SC_NORMAL,           /* data at a host offset */
+    QCOW2_SC_ZERO_PLAIN,       /* reads zeros, no host cluster */
+    QCOW2_SC_ZERO_ALLOC,       /* reads zeros, host cluster preallocated */
+    QCOW2_SC_UNALLOCATED_PLAIN,/* backing/zeros, no host cluster */
+    QCOW2_SC_UNALLOCATED_ALLOC,/* backing/zeros, host cluster allocated
+                                  (extended L2 only) */
+    QCOW2_SC_INVALID,          /* contradictory bits: corruption */
+} qcow2_subcluster_type;
+
+/* Why clusters are freed: selects whether the freed range is passed down
+ * to the file as a discard (options pass-discard-*). */
+typedef enum qcow2_discard_type {
+    QCOW2_DISCARD_NEVER = 0,
+    QCOW2_DISCARD_ALWAYS,
+    QCOW2_DISCARD_REQUEST,   /* guest discard / write_zeroes unmap */
+    QCOW2_DISCARD_SNAPSHOT,  /* snapshot deletion */
+    QCOW2_DISCARD_OTHER,     /* everything else (COW freeing, ...) */
+    QCOW2_DISCARD_MAX
+} qcow2_discard_type;
+
+/* ------------------------------------------------------------------ */
+/* Metadata cache (cache.c)                                           */
+/* ------------------------------------------------------------------ */
+
+typedef struct qcow2_cache_entry {
+    uint64_t offset;    /* host offset of the table, 0 = slot empty */
+    uint64_t lru;       /* last use tick (higher = more recent) */
+    int ref;            /* users holding the table (never evicted) */
+    bool dirty;
+} qcow2_cache_entry;
+
+typedef struct qcow2_cache {
+    const char *name;           /* "L2" or "refcount" (messages) */
+    qcow2_cache_entry *entries;
+    uint8_t *tables;            /* size * table_size bytes, aligned */
+    int size;                   /* number of slots */
+    size_t table_size;          /* bytes per slot (cluster size) */
+    uint64_t lru_counter;
+    /* Before writing any dirty table, flush this cache (and the file):
+     * e.g. L2 depends on refcount when new clusters were allocated. */
+    struct qcow2_cache *depends;
+    /* Before writing any dirty table, flush the file (data written
+     * before this metadata must be stable first). */
+    bool depends_on_flush;
+} qcow2_cache;
+
+/* ------------------------------------------------------------------ */
+/* Driver state                                                       */
+/* ------------------------------------------------------------------ */
+
+/* A guest cluster range being allocated (data written, L2 not yet
+ * updated). Writers that overlap it wait on qcow2_state.alloc_cond. */
+typedef struct qcow2_inflight {
+    uint64_t first_cluster;    /* guest cluster index */
+    uint64_t nb_clusters;
+    struct qcow2_inflight *next;
+} qcow2_inflight;
+
+/* A freed host range waiting to be discarded in the file. */
+typedef struct qcow2_discard_range {
+    uint64_t offset;
+    uint64_t bytes;
+    struct qcow2_discard_range *next;
+} qcow2_discard_range;
+
+typedef struct qcow2_state {
+    vd_node *node;
+    vd_child *file;             /* node->file: metadata (and data) */
+    vd_child *data_file;        /* == file, or the external data file */
+    const char *filename;       /* node filename, for messages */
+
+    pthread_mutex_t lock;
+    pthread_cond_t alloc_cond;  /* in-flight allocation finished */
+    qcow2_inflight *inflight;
+
+    /* Geometry */
+    int version;                /* 2 or 3 */
+    int cluster_bits;
+    uint64_t cluster_size;
+    int l2_bits;                /* log2(l2_size) */
+    uint64_t l2_size;           /* entries per L2 table */
+    int l2_entry_shift;         /* 3, or 4 with extended L2 */
+    bool extended_l2;
+    int subcluster_bits;
+    uint64_t subcluster_size;
+    uint64_t subclusters_per_cluster; /* 1 or 32 */
+    uint64_t size;              /* virtual size */
+
+    /* Compressed descriptor geometry ("Compressed Clusters Descriptor") */
+    int csize_shift;            /* 62 - (cluster_bits - 8) */
+    uint64_t csize_mask;        /* (1 << (cluster_bits - 8)) - 1 */
+    uint64_t cluster_offset_mask; /* (1 << csize_shift) - 1 */
+    int compression_type;       /* QCOW2_COMPRESSION_* */
+
+    /* L1 table (host endian copy of the active table) */
+    uint64_t *l1_table;
+    uint32_t l1_size;
+    uint64_t l1_table_offset;
+
+    /* Refcounts */
+    int refcount_order;
+    int refcount_bits;
+    uint64_t refcount_max;      /* (1 << refcount_bits) - 1 */
+    int refcount_block_bits;    /* log2 entries per refcount block */
+    uint64_t refcount_block_size; /* entries per block */
+    uint64_t *refcount_table;   /* host endian */
+    uint64_t refcount_table_offset;
+    uint32_t refcount_table_size; /* entries */
+    uint64_t free_cluster_index;  /* search start for free clusters */
+    uint64_t free_byte_offset;    /* compressed: next free byte, or 0 */
+    uint64_t alloc_end;         /* cluster index past every cluster given
+                                   a refcount in this session */
+
+    qcow2_cache *l2_cache;
+    qcow2_cache *refcount_cache;
+
+    /* Features */
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    bool lazy_refcounts;        /* option lazy-refcounts / header bit */
+    bool dirty_marked;          /* we set the dirty bit in this session */
+    bool corrupt;               /* image marked corrupt in this session */
+    bool discard_passthrough[QCOW2_DISCARD_MAX];
+    qcow2_discard_range *discards;
+    bool data_file_raw;
+
+    /* Header bits kept for rewriting */
+    uint32_t header_length;     /* 72 for v2 */
+    uint8_t *header_extra;      /* bytes 112..header_length (v3), kept */
+    uint32_t header_extra_len;
+    uint32_t crypt_method;
+    char *backing_file;         /* as stored, or NULL */
+    char *backing_format;       /* extension, or NULL */
+    char *data_file_name;       /* extension, or NULL */
+    qcow2_feature_name *feature_table; /* as read, or NULL */
+    uint32_t nb_features;
+    bool has_bitmaps_ext;
+    qcow2_bitmaps_ext bitmaps_ext;  /* host endian */
+    qcow2_unknown_ext *unknown_exts;
+
+    /* Internal snapshots: header fields (the snapshot code owns more). */
+    uint32_t nb_snapshots;
+    uint64_t snapshots_offset;
+    uint64_t snapshots_size;    /* bytes of the snapshot table */
+} qcow2_state;
+
+/* ------------------------------------------------------------------ */
+/* Small helpers                                                      */
+/* ------------------------------------------------------------------ */
+
+static inline uint64_t qcow2_offset_into_cluster(const qcow2_state *s,
+                                                 uint64_t off)
+{
+    return off & (s->cluster_size - 1);
+}
+
+static inline uint64_t qcow2_start_of_cluster(const qcow2_state *s,
+                                              uint64_t off)
+{
+    return off & ~(s->cluster_size - 1);
+}
+
+static inline uint64_t qcow2_size_to_clusters(const qcow2_state *s,
+                                              uint64_t size)
+{
+    return (size + s->cluster_size - 1) >> s->cluster_bits;
+}
+
+static inline uint64_t qcow2_offset_to_l1_index(const qcow2_state *s,
+                                                uint64_t off)
+{
+    return off >> (s->l2_bits + s->cluster_bits);
+}
+
+static inline uint64_t qcow2_offset_to_l2_index(const qcow2_state *s,
+                                                uint64_t off)
+{
+    return (off >> s->cluster_bits) & (s->l2_size - 1);
+}
+
+static inline int qcow2_offset_to_sc_index(const qcow2_state *s,
+                                           uint64_t off)
+{
+    return (int)((off >> s->subcluster_bits) &
+                 (s->subclusters_per_cluster - 1));
+}
+
+/* L2 table accessors: @table is a cached L2 table (big endian). */
+static inline uint64_t qcow2_get_l2_entry(const qcow2_state *s,
+                                          const void *table, uint64_t idx)
+{
+    const uint64_t *t = table;
+    return be64toh(t[idx << (s->l2_entry_shift - 3)]);
+}
+
+static inline uint64_t qcow2_get_l2_bitmap(const qcow2_state *s,
+                                           const void *table, uint64_t idx)
+{
+    const uint64_t *t = table;
+    return s->extended_l2 ? be64toh(t[idx * 2 + 1]) : 0;
+}
+
+static inline void qcow2_set_l2_entry(const qcow2_state *s, void *table,
+                                      uint64_t idx, uint64_t entry)
+{
+    uint64_t *t = table;
+    t[idx << (s->l2_entry_shift - 3)] = htobe64(entry);
+}
+
+static inline void qcow2_set_l2_bitmap(const qcow2_state *s, void *table,
+                                       uint64_t idx, uint64_t bitmap)
+{
+    uint64_t *t = table;
+    if (s->extended_l2) {
+        t[idx * 2 + 1] = htobe64(bitmap);
+    }
+}
+
+/* Compressed descriptor: host byte offset and the number of bytes the
+ * data may occupy (whole 512-byte sectors from the containing sector). */
+static inline void qcow2_parse_compressed(const qcow2_state *s,
+                                          uint64_t l2_entry,
+                                          uint64_t *host_off,
+                                          uint64_t *nb_bytes)
+{
+    uint64_t off = l2_entry & s->cluster_offset_mask;
+    uint64_t nb_sectors = ((l2_entry >> s->csize_shift) & s->csize_mask) + 1;
+    *host_off = off;
+    *nb_bytes = nb_sectors * 512 - (off & 511);
+}
+
+/* Classifies subcluster @sc_index of an L2 entry/bitmap pair (for images
+ * without extended L2 the bitmap is ignored and sc_index must be 0). */
+qcow2_subcluster_type qcow2_get_subcluster_type(const qcow2_state *s,
+                                                uint64_t l2_entry,
+                                                uint64_t l2_bitmap,
+                                                int sc_index);
+
+/* Reads/writes one refcount from/to a refcount block (big endian, width
+ * refcount_bits). */
+uint64_t qcow2_refblock_get(const qcow2_state *s, const void *block,
+                            uint64_t index);
+void qcow2_refblock_set(const qcow2_state *s, void *block, uint64_t index,
+                        uint64_t value);
+
+/* ------------------------------------------------------------------ */
+/* qcow2.c                                                            */
+/* ------------------------------------------------------------------ */
+
+extern const vd_driver vd_driver_qcow2;
+
+/* Rewrites the header cluster from the state (header fields, extensions,
+ * feature table, backing file name). Lock held or node drained. */
+int qcow2_update_header(qcow2_state *s, vd_error *err);
+
+/* Sets/clears incompatible bits in the on-disk header with one write of
+ * the 8-byte field (v3 only; no-op on v2), flushing the file before and
+ * after as QEMU does. */
+int qcow2_mark_dirty(qcow2_state *s, vd_error *err);
+int qcow2_mark_clean(qcow2_state *s, vd_error *err);
+int qcow2_mark_corrupt(qcow2_state *s, vd_error *err);
+
+/* Records corruption: marks the image corrupt (unless opened for check
+ * or read-only), sets @err to "FILE: MESSAGE; image marked corrupt" and
+ * returns -EIO. */
+int qcow2_signal_corruption(qcow2_state *s, vd_error *err, const char *fmt,
+                            ...) __attribute__((format(printf, 3, 4),
+                                                nonnull(3)));
+
+/* Writes all dirty metadata (L2 cache, then refcount cache in dependency
+ * order) without flushing the file. Lock held. */
+int qcow2_write_caches(qcow2_state *s, vd_error *err);
+/* qcow2_write_caches() + flush of the file child. Lock held. */
+int qcow2_flush_caches(qcow2_state *s, vd_error *err);
+
+/* ------------------------------------------------------------------ */
+/* cache.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* Creates a cache of @num_tables tables of @table_size bytes. */
+qcow2_cache *qcow2_cache_create(qcow2_state *s, const char *name,
+                                int num_tables, size_t table_size);
+/* Frees the cache (dirty tables are lost: flush first). NULL ok. */
+void qcow2_cache_destroy(qcow2_cache *c);
+
+/* Returns in *table the table at host @offset, reading it from the file
+ * when not cached. The caller holds a reference until qcow2_cache_put().
+ * Lock held. Errors: -EIO (read), -ENOMEM (every slot in use). */
+int qcow2_cache_get(qcow2_state *s, qcow2_cache *c, uint64_t offset,
+                    void **table, vd_error *err);
+/* Like qcow2_cache_get() but does not read: for newly allocated tables
+ * (contents undefined: the caller fills it). */
+int qcow2_cache_get_empty(qcow2_state *s, qcow2_cache *c, uint64_t offset,
+                          void **table, vd_error *err);
+/* Drops the reference taken by get and sets *table to NULL. */
+void qcow2_cache_put(qcow2_cache *c, void **table);
+/* Marks the table (pointer returned by get) dirty. */
+void qcow2_cache_mark_dirty(qcow2_cache *c, void *table);
+
+/* Writes every dirty table (honouring dependencies), no file flush. */
+int qcow2_cache_write(qcow2_state *s, qcow2_cache *c, vd_error *err);
+/* qcow2_cache_write() and a flush of the file child. */
+int qcow2_cache_flush(qcow2_state *s, qcow2_cache *c, vd_error *err);
+/* Makes @c depend on @dep: @dep is flushed before any table of @c is
+ * written. Resolves cycles by flushing first. */
+int qcow2_cache_set_dependency(qcow2_state *s, qcow2_cache *c,
+                               qcow2_cache *dep, vd_error *err);
+/* The file must be flushed before any table of @c is written. */
+void qcow2_cache_depends_on_flush(qcow2_cache *c);
+/* Forgets the table at @offset if cached (its cluster was freed), dirty
+ * or not. */
+void qcow2_cache_discard(qcow2_cache *c, uint64_t offset);
+/* Drops every (clean) table; returns -EBUSY if one is dirty or in use. */
+int qcow2_cache_empty(qcow2_cache *c);
+
+/* ------------------------------------------------------------------ */
+/* refcount.c                                                         */
+/* ------------------------------------------------------------------ */
+
+/* Loads the refcount table at open (validated). */
+int qcow2_refcount_init(qcow2_state *s, vd_error *err);
+void qcow2_refcount_close(qcow2_state *s);
+
+/* Refcount of host cluster @cluster_index (0 when beyond the table or
+ * the block is absent). Lock held. */
+int qcow2_get_refcount(qcow2_state *s, uint64_t cluster_index,
+                       uint64_t *refcount, vd_error *err);
+
+/* Adds (or with @decrease subtracts) @addend to the refcount of every
+ * cluster touching [offset, offset+length). Allocates refcount blocks
+ * and grows the refcount table as needed. Clusters reaching 0 are
+ * queued for discard per @type. Fails with -EINVAL on overflow or
+ * underflow (no partial update is left in the cache). Lock held. */
+int qcow2_update_refcount(qcow2_state *s, uint64_t offset, uint64_t length,
+                          uint64_t addend, bool decrease,
+                          qcow2_discard_type type, vd_error *err);
+
+/* Allocates @size bytes (rounded up to clusters) of contiguous host
+ * clusters with refcount 1 and returns the offset (>= 0) or -errno.
+ * Reuses free clusters before growing the file. Lock held. */
+int64_t qcow2_alloc_clusters(qcow2_state *s, uint64_t size, vd_error *err);
+/* Sets refcount 1 on [offset, offset+nb_clusters) which must be free;
+ * returns the number of clusters actually allocated (stops at the first
+ * used one) or -errno. Used for preallocation at a fixed place. */
+int64_t qcow2_alloc_clusters_at(qcow2_state *s, uint64_t offset,
+                                uint64_t nb_clusters, vd_error *err);
+/* Allocates @size bytes (<= cluster size) for compressed data, packed
+ * after the previous compressed allocation as QEMU does (may straddle
+ * into the next cluster, which is then also referenced). Returns the
+ * byte offset or -errno. Lock held. */
+int64_t qcow2_alloc_bytes(qcow2_state *s, uint64_t size, vd_error *err);
+
+/* Decrements the refcount of the clusters of [offset, offset+size). */
+int qcow2_free_clusters(qcow2_state *s, uint64_t offset, uint64_t size,
+                        qcow2_discard_type type, vd_error *err);
+/* Frees whatever host clusters an L2 entry references (standard or
+ * compressed; nothing for unallocated/zero-plain). External data file
+ * clusters are not refcounted: with a data file, passes the discard
+ * down instead when @type says so. */
+int qcow2_free_any_cluster(qcow2_state *s, uint64_t l2_entry,
+                           qcow2_discard_type type, vd_error *err);
+
+/* Issues the queued discards to the file (after the refcount updates
+ * that freed them are on disk) and empties the queue. Lock held. */
+void qcow2_process_discards(qcow2_state *s);
+
+/* ------------------------------------------------------------------ */
+/* cluster.c                                                          */
+/* ------------------------------------------------------------------ */
+
+/* Maps guest @offset: *type, *host (host offset of @offset for NORMAL /
+ * *_ALLOC, the raw L2 entry for COMPRESSED) and *bytes, on entry the
+ * wanted length, on exit the length (>= 1 subcluster piece) with the
+ * same type and contiguous host mapping. Lock held. */
+int qcow2_get_host_offset(qcow2_state *s, uint64_t offset, uint64_t *bytes,
+                          uint64_t *host, qcow2_subcluster_type *type,
+                          vd_error *err);
+
+/* Gets the L2 table holding guest @offset in *table (cache reference,
+ * put with qcow2_cache_put(s->l2_cache, ...)) and its index in *l2_index.
+ * With @alloc, allocates the L2 table (or copies it when its refcount is
+ * not 1) and updates L1; without, *table is NULL when there is none.
+ * Lock held. */
+int qcow2_get_l2_table(qcow2_state *s, uint64_t offset, bool alloc,
+                       void **table, uint64_t *l2_index, vd_error *err);
+
+/* Writes the 512-byte sector of the L1 table holding entry @l1_index
+ * (QEMU's granularity) to disk. Lock held. */
+int qcow2_write_l1_entry(qcow2_state *s, uint64_t l1_index, vd_error *err);
+/* Grows the L1 table to hold at least @min_size entries (moves it). */
+int qcow2_grow_l1_table(qcow2_state *s, uint64_t min_size, bool exact,
+                        vd_error *err);
+
+/* The guest-visible operations (entry points from the vtable). */
+int qcow2_co_preadv(qcow2_state *s, uint64_t off, uint64_t bytes,
+                    vd_iov *qiov, size_t qiov_off, vd_error *err);
+int qcow2_co_pwritev(qcow2_state *s, uint64_t off, uint64_t bytes,
+                     vd_iov *qiov, unsigned flags, vd_error *err);
+int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
+                           unsigned flags, vd_error *err);
+int qcow2_co_pdiscard(qcow2_state *s, uint64_t off, uint64_t bytes,
+                      vd_error *err);
+/* Writes one compressed cluster at cluster-aligned guest @off (@bytes is
+ * the cluster size, or less for the last cluster of the image). */
+int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
+                                uint64_t bytes, vd_iov *qiov,
+                                vd_error *err);
+int qcow2_co_block_status(qcow2_state *s, bool want_zero, uint64_t off,
+                          uint64_t bytes, uint64_t *pnum, uint64_t *map,
+                          vd_node **file, vd_error *err);
+/* Preallocates metadata (and for falloc/full the data) of guest range
+ * [off, off+bytes). Node drained. */
+int qcow2_preallocate(qcow2_state *s, uint64_t off, uint64_t bytes,
+                      vd_prealloc mode, vd_error *err);
+
+/* ------------------------------------------------------------------ */
+/* check.c and compress.c (second engineer)                           */
+/* ------------------------------------------------------------------ */
+
+int qcow2_check(vd_node *node, vd_check_result *res, unsigned fix,
+                vd_error *err);
+
+/* Reads the compressed descriptor's bytes from the file child and
+ * inflates one cluster into @out (cluster_size bytes). */
+int qcow2_decompress_cluster(qcow2_state *s, uint64_t l2_entry,
+                             uint8_t *out, vd_error *err);
+
+/* Compresses one cluster (@in, cluster_size bytes) into @out; -ENOSPC
+ * when the result would not be smaller than @out_cap. */
+int qcow2_compress_cluster(qcow2_state *s, const uint8_t *in, uint8_t *out,
+                           size_t out_cap, size_t *out_len);
+
+#endif

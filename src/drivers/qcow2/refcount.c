@@ -1,0 +1,773 @@
+/*
+ * qcow2 refcounts and host cluster allocation (qcow2.txt "Host cluster
+ * management").
+ *
+ * The refcount table lives in memory (host endian) and is rewritten
+ * entry by entry; refcount blocks go through the refcount cache. The
+ * file is organised as: accessors for refcount entries of any width,
+ * lookup, refcount block allocation and table growth, the update of a
+ * range, and the allocators built on it (clusters, clusters at a fixed
+ * place, bytes for compressed data) and freeing.
+ *
+ * Allocation is two-phase: find a free range (refcount 0), then make sure
+ * a refcount block exists for every cluster of it. Creating a block takes
+ * a free cluster itself, possibly inside the range just found, so the
+ * search is retried until no block had to be created; only then are the
+ * refcounts raised. New refcount blocks describe themselves when they
+ * fall into their own range, as QEMU's do. Everything runs with
+ * qcow2_state.lock held.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "drivers/qcow2/qcow2.h"
+
+uint64_t qcow2_refblock_get(const qcow2_state *s, const void *block,
+                            uint64_t index)
+{
+    const uint8_t *b = block;
+    switch (s->refcount_order) {
+    case 0:
+        return (b[index / 8] >> (index % 8)) & 0x1;
+    case 1:
+        return (b[index / 4] >> (2 * (index % 4))) & 0x3;
+    case 2:
+        return (b[index / 2] >> (4 * (index % 2))) & 0xf;
+    case 3:
+        return b[index];
+    case 4:
+        return be16toh(((const uint16_t *)block)[index]);
+    case 5:
+        return be32toh(((const uint32_t *)block)[index]);
+    default:
+        return be64toh(((const uint64_t *)block)[index]);
+    }
+}
+
+void qcow2_refblock_set(const qcow2_state *s, void *block, uint64_t index,
+                        uint64_t value)
+{
+    uint8_t *b = block;
+    unsigned shift;
+    uint8_t mask;
+
+    switch (s->refcount_order) {
+    case 0:
+    case 1:
+    case 2: {
+        unsigned bits = 1u << s->refcount_order;
+        unsigned per_byte = 8 / bits;
+        shift = bits * (unsigned)(index % per_byte);
+        mask = (uint8_t)(((1u << bits) - 1) << shift);
+        b[index / per_byte] = (uint8_t)((b[index / per_byte] & ~mask) |
+                                        ((value << shift) & mask));
+        break;
+    }
+    case 3:
+        b[index] = (uint8_t)value;
+        break;
+    case 4:
+        ((uint16_t *)block)[index] = htobe16((uint16_t)value);
+        break;
+    case 5:
+        ((uint32_t *)block)[index] = htobe32((uint32_t)value);
+        break;
+    default:
+        ((uint64_t *)block)[index] = htobe64(value);
+        break;
+    }
+}
+
+int qcow2_refcount_init(qcow2_state *s, vd_error *err)
+{
+    uint64_t bytes = (uint64_t)s->refcount_table_size * 8;
+    int ret;
+
+    s->refcount_table = calloc(s->refcount_table_size ? s->refcount_table_size
+                                                      : 1, 8);
+    if (!s->refcount_table) {
+        return vd_error_set(err, -ENOMEM, "%s: cannot allocate the refcount "
+                            "table", s->filename);
+    }
+    if (bytes) {
+        ret = vd_child_pread(s->file, s->refcount_table_offset,
+                             s->refcount_table, bytes, err);
+        if (ret < 0) {
+            vd_error_prepend(err, "%s: reading the refcount table: ",
+                             s->filename);
+            return ret;
+        }
+    }
+    for (uint32_t i = 0; i < s->refcount_table_size; i++) {
+        s->refcount_table[i] = be64toh(s->refcount_table[i]);
+    }
+    return 0;
+}
+
+void qcow2_refcount_close(qcow2_state *s)
+{
+    free(s->refcount_table);
+    s->refcount_table = NULL;
+}
+
+/* Offset of the refcount block for table index @rt_index, 0 when none;
+ * < 0 on a corrupt entry. */
+static int64_t refblock_offset(qcow2_state *s, uint64_t rt_index,
+                               vd_error *err)
+{
+    uint64_t off;
+
+    if (rt_index >= s->refcount_table_size) {
+        return 0;
+    }
+    off = s->refcount_table[rt_index] & QCOW2_REFT_OFFSET_MASK;
+    if (off & (s->cluster_size - 1)) {
+        return qcow2_signal_corruption(s, err, "Refblock offset 0x%llx "
+                                       "unaligned (reftable index: 0x%llx)",
+                                       (unsigned long long)off,
+                                       (unsigned long long)rt_index);
+    }
+    return (int64_t)off;
+}
+
+int qcow2_get_refcount(qcow2_state *s, uint64_t cluster_index,
+                       uint64_t *refcount, vd_error *err)
+{
+    uint64_t rt_index = cluster_index >> s->refcount_block_bits;
+    int64_t off = refblock_offset(s, rt_index, err);
+    void *block;
+    int ret;
+
+    if (off <= 0) {
+        *refcount = 0;
+        return (int)off;
+    }
+    ret = qcow2_cache_get(s, s->refcount_cache, (uint64_t)off, &block, err);
+    if (ret < 0) {
+        return ret;
+    }
+    *refcount = qcow2_refblock_get(s, block, cluster_index &
+                                   (s->refcount_block_size - 1));
+    qcow2_cache_put(s->refcount_cache, &block);
+    return 0;
+}
+
+/* First run of @n clusters with refcount 0 from free_cluster_index on.
+ * Does not change refcounts. */
+static int64_t find_free(qcow2_state *s, uint64_t n, vd_error *err)
+{
+    uint64_t start = s->free_cluster_index;
+    uint64_t i = start;
+
+    while (i - start < n) {
+        uint64_t rc;
+        int ret = qcow2_get_refcount(s, i, &rc, err);
+        if (ret < 0) {
+            return ret;
+        }
+        i++;
+        if (rc != 0) {
+            start = i;
+        }
+        if (start > (QCOW2_MAX_HOST_OFFSET >> s->cluster_bits)) {
+            return vd_error_set(err, -EFBIG, "%s: image file is full",
+                                s->filename);
+        }
+    }
+    s->free_cluster_index = start;
+    return (int64_t)(start << s->cluster_bits);
+}
+
+static int write_reftable_entry(qcow2_state *s, uint64_t rt_index,
+                                vd_error *err)
+{
+    uint64_t be = htobe64(s->refcount_table[rt_index]);
+    return vd_child_pwrite(s->file, s->refcount_table_offset + rt_index * 8,
+                           &be, 8, 0, err);
+}
+
+static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
+                      bool decrease, qcow2_discard_type type, vd_error *err);
+
+static bool block_missing(const qcow2_state *s, uint64_t rt_index)
+{
+    return rt_index >= s->refcount_table_size ||
+           !(s->refcount_table[rt_index] & QCOW2_REFT_OFFSET_MASK);
+}
+
+/*
+ * Creates every missing refcount block for clusters [first, end), growing
+ * the refcount table when needed. The new blocks (and the new table) go
+ * into one area past @end, past the end of the file and past every
+ * cluster allocated in this session; the blocks cover the area itself.
+ * Blocks are written and flushed before the table points at them; a new
+ * table is written and flushed before the header points at it, then the
+ * old table's clusters are freed. Returns 1 (something was allocated) or
+ * -errno.
+ */
+static int populate_area(qcow2_state *s, uint64_t first, uint64_t end,
+                         vd_error *err)
+{
+    int64_t flen = vd_node_getlength(s->file->node);
+    uint64_t area, area_end, nb_blocks = 0, table_clusters = 0, entries;
+    uint64_t first_rt = first >> s->refcount_block_bits, last_rt;
+    uint64_t *rts = NULL, *new_table = NULL;
+    uint8_t *block = NULL;
+    bool grow = false;
+    int ret;
+
+    if (flen < 0) {
+        return vd_error_set(err, (int)flen, "%s: cannot get the file length",
+                            s->filename);
+    }
+    area = qcow2_size_to_clusters(s, (uint64_t)flen);
+    if (area < s->alloc_end) {
+        area = s->alloc_end;
+    }
+    if (area < end) {
+        area = end;
+    }
+
+    /* Fixed point over the area's size. */
+    entries = s->refcount_table_size;
+    for (;;) {
+        uint64_t nb = 0, tc = 0, want;
+        area_end = area + nb_blocks + table_clusters;
+        last_rt = (area_end - 1) >> s->refcount_block_bits;
+        for (uint64_t r = first_rt; r <= last_rt; r++) {
+            nb += block_missing(s, r);
+        }
+        grow = last_rt >= s->refcount_table_size;
+        if (grow) {
+            want = last_rt + 1;
+            if (want < s->refcount_table_size + s->refcount_table_size / 2) {
+                want = s->refcount_table_size + s->refcount_table_size / 2;
+            }
+            tc = qcow2_size_to_clusters(s, want * 8);
+        }
+        if (nb == nb_blocks && tc == table_clusters) {
+            break;
+        }
+        nb_blocks = nb;
+        table_clusters = tc;
+    }
+    if (grow) {
+        entries = table_clusters << (s->cluster_bits - 3);
+        if (table_clusters * s->cluster_size > QCOW2_MAX_REFTABLE_BYTES) {
+            return vd_error_set(err, -EFBIG, "%s: refcount table would "
+                                "exceed 8 MB", s->filename);
+        }
+    }
+    if (nb_blocks == 0 && !grow) {
+        return 0;
+    }
+
+    rts = calloc(nb_blocks ? nb_blocks : 1, sizeof(*rts));
+    new_table = calloc(entries, 8);
+    block = vd_node_blockalign(s->node, s->cluster_size);
+    if (!rts || !new_table || !block) {
+        ret = vd_error_set(err, -ENOMEM, "%s: cannot grow the refcounts",
+                           s->filename);
+        goto out;
+    }
+    for (uint64_t i = 0; i < s->refcount_table_size; i++) {
+        new_table[i] = s->refcount_table[i];
+    }
+    {
+        uint64_t i = 0;
+        for (uint64_t r = first_rt; r <= last_rt; r++) {
+            if (block_missing(s, r)) {
+                rts[i++] = r;
+            }
+        }
+    }
+    for (uint64_t b = 0; b < nb_blocks; b++) {
+        uint64_t base = rts[b] << s->refcount_block_bits;
+        uint64_t lo = area > base ? area : base;
+        uint64_t hi = area_end < base + s->refcount_block_size ?
+                      area_end : base + s->refcount_block_size;
+        memset(block, 0, s->cluster_size);
+        for (uint64_t c = lo; c < hi; c++) {
+            qcow2_refblock_set(s, block, c - base, 1);
+        }
+        ret = vd_child_pwrite(s->file, (area + b) << s->cluster_bits, block,
+                              s->cluster_size, 0, err);
+        if (ret < 0) {
+            goto out;
+        }
+        new_table[rts[b]] = (area + b) << s->cluster_bits;
+    }
+    if (area_end > s->alloc_end) {
+        s->alloc_end = area_end;
+    }
+
+    if (grow) {
+        uint64_t old_offset = s->refcount_table_offset;
+        uint64_t old_size = (uint64_t)s->refcount_table_size * 8;
+        uint64_t toff = (area + nb_blocks) << s->cluster_bits;
+        struct __attribute__((packed)) {
+            uint64_t offset;
+            uint32_t clusters;
+        } hdr = { htobe64(toff), htobe32((uint32_t)table_clusters) };
+
+        for (uint64_t i = 0; i < entries; i++) {
+            new_table[i] = htobe64(new_table[i]);
+        }
+        ret = vd_child_pwrite(s->file, toff, new_table,
+                              table_clusters * s->cluster_size, 0, err);
+        if (ret == 0) {
+            /* Stable structures before the header points at them. */
+            ret = qcow2_cache_flush(s, s->refcount_cache, err);
+        }
+        if (ret == 0) {
+            ret = vd_child_pwrite(s->file,
+                                  offsetof(qcow2_header, refcount_table_offset),
+                                  &hdr, sizeof(hdr), 0, err);
+        }
+        if (ret == 0) {
+            ret = vd_node_flush(s->file->node, err);
+        }
+        if (ret < 0) {
+            goto out;
+        }
+        for (uint64_t i = 0; i < entries; i++) {
+            new_table[i] = be64toh(new_table[i]);
+        }
+        free(s->refcount_table);
+        s->refcount_table = new_table;
+        new_table = NULL;
+        s->refcount_table_offset = toff;
+        s->refcount_table_size = (uint32_t)entries;
+        ret = qcow2_free_clusters(s, old_offset, old_size,
+                                  QCOW2_DISCARD_OTHER, err);
+        if (ret < 0) {
+            goto out;
+        }
+    } else {
+        ret = qcow2_cache_flush(s, s->refcount_cache, err);
+        for (uint64_t b = 0; ret == 0 && b < nb_blocks; b++) {
+            s->refcount_table[rts[b]] = new_table[rts[b]];
+            ret = write_reftable_entry(s, rts[b], err);
+        }
+        if (ret < 0) {
+            goto out;
+        }
+    }
+    ret = 1;
+out:
+    free(rts);
+    free(new_table);
+    free(block);
+    return ret;
+}
+
+/*
+ * Makes sure the refcount block covering @cluster_index exists. Returns 0
+ * when it already did, 1 when a block was created (the caller's view of
+ * free space is stale), or -errno.
+ */
+static int ensure_refblock(qcow2_state *s, uint64_t cluster_index,
+                           vd_error *err)
+{
+    uint64_t rt_index = cluster_index >> s->refcount_block_bits;
+    int64_t off, new_block;
+    void *block;
+    int ret;
+
+    if (rt_index >= s->refcount_table_size) {
+        return populate_area(s, cluster_index, cluster_index + 1, err);
+    }
+    off = refblock_offset(s, rt_index, err);
+    if (off < 0) {
+        return (int)off;
+    }
+    if (off > 0) {
+        return 0;
+    }
+
+    new_block = find_free(s, 1, err);
+    if (new_block < 0) {
+        return (int)new_block;
+    }
+    if (((uint64_t)new_block >> s->cluster_bits) >> s->refcount_block_bits ==
+        rt_index) {
+        /* Self-describing: the block holds its own refcount. */
+        ret = qcow2_cache_get_empty(s, s->refcount_cache, (uint64_t)new_block,
+                                    &block, err);
+        if (ret < 0) {
+            return ret;
+        }
+        memset(block, 0, s->cluster_size);
+        qcow2_refblock_set(s, block,
+                           ((uint64_t)new_block >> s->cluster_bits) &
+                           (s->refcount_block_size - 1), 1);
+        if (((uint64_t)new_block >> s->cluster_bits) >= s->alloc_end) {
+            s->alloc_end = ((uint64_t)new_block >> s->cluster_bits) + 1;
+        }
+        qcow2_cache_mark_dirty(s->refcount_cache, block);
+        qcow2_cache_put(s->refcount_cache, &block);
+    } else {
+        /* Described by another block, which may need creating first. */
+        ret = ensure_refblock(s, (uint64_t)new_block >> s->cluster_bits, err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (ret > 0) {
+            return 1;   /* that may have taken new_block: start over */
+        }
+        ret = change_one(s, (uint64_t)new_block >> s->cluster_bits, 1, false,
+                         QCOW2_DISCARD_NEVER, err);
+        if (ret < 0) {
+            return ret;
+        }
+        ret = qcow2_cache_get_empty(s, s->refcount_cache, (uint64_t)new_block,
+                                    &block, err);
+        if (ret < 0) {
+            return ret;
+        }
+        memset(block, 0, s->cluster_size);
+        qcow2_cache_mark_dirty(s->refcount_cache, block);
+        qcow2_cache_put(s->refcount_cache, &block);
+    }
+    /* The block must be on disk before the table entry points at it. */
+    ret = qcow2_cache_flush(s, s->refcount_cache, err);
+    if (ret < 0) {
+        return ret;
+    }
+    s->refcount_table[rt_index] = (uint64_t)new_block;
+    ret = write_reftable_entry(s, rt_index, err);
+    if (ret < 0) {
+        s->refcount_table[rt_index] = 0;
+        return ret;
+    }
+    return 1;
+}
+
+static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
+                      bool decrease, qcow2_discard_type type, vd_error *err)
+{
+    uint64_t rt_index = cluster_index >> s->refcount_block_bits;
+    int64_t off = refblock_offset(s, rt_index, err);
+    uint64_t idx = cluster_index & (s->refcount_block_size - 1);
+    uint64_t rc;
+    void *block;
+    int ret;
+
+    if (off < 0) {
+        return (int)off;
+    }
+    if (off == 0) {
+        return vd_error_set(err, -EIO, "%s: no refcount block for cluster "
+                            "0x%llx", s->filename,
+                            (unsigned long long)cluster_index);
+    }
+    ret = qcow2_cache_get(s, s->refcount_cache, (uint64_t)off, &block, err);
+    if (ret < 0) {
+        return ret;
+    }
+    rc = qcow2_refblock_get(s, block, idx);
+    if (decrease ? rc < addend : s->refcount_max - rc < addend) {
+        qcow2_cache_put(s->refcount_cache, &block);
+        return vd_error_set(err, -EINVAL, "%s: refcount of cluster 0x%llx "
+                            "would %s", s->filename,
+                            (unsigned long long)cluster_index,
+                            decrease ? "drop below 0" : "overflow");
+    }
+    rc = decrease ? rc - addend : rc + addend;
+    if (rc && cluster_index >= s->alloc_end) {
+        s->alloc_end = cluster_index + 1;
+    }
+    qcow2_refblock_set(s, block, idx, rc);
+    qcow2_cache_mark_dirty(s->refcount_cache, block);
+    qcow2_cache_put(s->refcount_cache, &block);
+
+    if (rc == 0) {
+        uint64_t host = cluster_index << s->cluster_bits;
+        if (cluster_index < s->free_cluster_index) {
+            s->free_cluster_index = cluster_index;
+        }
+        /* A freed table must not be written back over reused space. */
+        qcow2_cache_discard(s->l2_cache, host);
+        qcow2_cache_discard(s->refcount_cache, host);
+        if (s->discard_passthrough[type]) {
+            qcow2_discard_range *last = s->discards;
+            while (last && last->next) {
+                last = last->next;
+            }
+            if (last && last->offset + last->bytes == host) {
+                last->bytes += s->cluster_size;
+            } else {
+                qcow2_discard_range *d = malloc(sizeof(*d));
+                if (d) {
+                    *d = (qcow2_discard_range){ host, s->cluster_size, NULL };
+                    if (last) {
+                        last->next = d;
+                    } else {
+                        s->discards = d;
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+int qcow2_update_refcount(qcow2_state *s, uint64_t offset, uint64_t length,
+                          uint64_t addend, bool decrease,
+                          qcow2_discard_type type, vd_error *err)
+{
+    uint64_t first, last;
+    int ret;
+
+    if (length == 0 || addend == 0) {
+        return 0;
+    }
+    first = offset >> s->cluster_bits;
+    last = (offset + length - 1) >> s->cluster_bits;
+
+    if (decrease) {
+        /* The L2 entries that dropped these clusters must reach the disk
+         * before refcounts that let the clusters be reused. */
+        ret = qcow2_cache_set_dependency(s, s->refcount_cache, s->l2_cache,
+                                         err);
+        if (ret < 0) {
+            return ret;
+        }
+    } else {
+        for (uint64_t c = first; c <= last; c++) {
+            ret = ensure_refblock(s, c, err);
+            if (ret < 0) {
+                return ret;
+            }
+        }
+    }
+    /* Validate first so that a failure leaves nothing half done. */
+    for (uint64_t c = first; c <= last; c++) {
+        uint64_t rc;
+        ret = qcow2_get_refcount(s, c, &rc, err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (decrease ? rc < addend : s->refcount_max - rc < addend) {
+            return vd_error_set(err, -EINVAL, "%s: refcount of cluster "
+                                "0x%llx would %s", s->filename,
+                                (unsigned long long)c,
+                                decrease ? "drop below 0" : "overflow");
+        }
+    }
+    for (uint64_t c = first; c <= last; c++) {
+        ret = change_one(s, c, addend, decrease, type, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    return 0;
+}
+
+int64_t qcow2_alloc_clusters(qcow2_state *s, uint64_t size, vd_error *err)
+{
+    uint64_t n = qcow2_size_to_clusters(s, size);
+    int64_t off;
+    int ret;
+
+    if (n == 0) {
+        n = 1;
+    }
+    for (;;) {
+        bool retry = false;
+        off = find_free(s, n, err);
+        if (off < 0) {
+            return off;
+        }
+        {
+            uint64_t first = (uint64_t)off >> s->cluster_bits;
+            uint64_t missing = 0;
+            for (uint64_t r = first >> s->refcount_block_bits;
+                 r <= (first + n - 1) >> s->refcount_block_bits; r++) {
+                missing += block_missing(s, r);
+            }
+            if (missing > 1 ||
+                ((first + n - 1) >> s->refcount_block_bits) >=
+                s->refcount_table_size) {
+                /* Place all the blocks past the range at once rather
+                 * than one by one inside it. */
+                ret = populate_area(s, first, first + n, err);
+                if (ret < 0) {
+                    return ret;
+                }
+                continue;
+            }
+        }
+        for (uint64_t c = 0; c < n; c++) {
+            ret = ensure_refblock(s, ((uint64_t)off >> s->cluster_bits) + c,
+                                  err);
+            if (ret < 0) {
+                return ret;
+            }
+            if (ret > 0) {
+                retry = true;
+                break;
+            }
+        }
+        if (!retry) {
+            break;
+        }
+    }
+    if ((uint64_t)off + n * s->cluster_size > QCOW2_MAX_HOST_OFFSET) {
+        return vd_error_set(err, -EFBIG, "%s: host offset limit reached",
+                            s->filename);
+    }
+    ret = qcow2_update_refcount(s, (uint64_t)off, n << s->cluster_bits, 1,
+                                false, QCOW2_DISCARD_NEVER, err);
+    if (ret < 0) {
+        return ret;
+    }
+    return off;
+}
+
+int64_t qcow2_alloc_clusters_at(qcow2_state *s, uint64_t offset,
+                                uint64_t nb_clusters, vd_error *err)
+{
+    uint64_t first = offset >> s->cluster_bits;
+    uint64_t i;
+    int ret;
+
+    for (;;) {
+        bool retry = false;
+        for (i = 0; i < nb_clusters; i++) {
+            uint64_t rc;
+            ret = qcow2_get_refcount(s, first + i, &rc, err);
+            if (ret < 0) {
+                return ret;
+            }
+            if (rc != 0) {
+                break;
+            }
+        }
+        nb_clusters = i;
+        for (i = 0; i < nb_clusters; i++) {
+            ret = ensure_refblock(s, first + i, err);
+            if (ret < 0) {
+                return ret;
+            }
+            if (ret > 0) {
+                retry = true;
+                break;
+            }
+        }
+        if (!retry) {
+            break;
+        }
+    }
+    if (nb_clusters == 0) {
+        return 0;
+    }
+    ret = qcow2_update_refcount(s, offset, nb_clusters << s->cluster_bits, 1,
+                                false, QCOW2_DISCARD_NEVER, err);
+    return ret < 0 ? ret : (int64_t)nb_clusters;
+}
+
+int64_t qcow2_alloc_bytes(qcow2_state *s, uint64_t size, vd_error *err)
+{
+    uint64_t offset = s->free_byte_offset;
+    uint64_t free_in_cluster;
+    int ret;
+
+    if (size == 0 || size > s->cluster_size) {
+        return vd_error_set(err, -EINVAL, "%s: bad compressed allocation "
+                            "size %llu", s->filename,
+                            (unsigned long long)size);
+    }
+    if (offset) {
+        uint64_t rc;
+        ret = qcow2_get_refcount(s, offset >> s->cluster_bits, &rc, err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (rc == s->refcount_max) {
+            offset = 0;
+        }
+    }
+    free_in_cluster = s->cluster_size - qcow2_offset_into_cluster(s, offset);
+    if (!offset || free_in_cluster < size) {
+        /* Continue into the next cluster when it happens to be free and
+         * adjacent, else start a fresh one, as QEMU does. */
+        int64_t next;
+        for (;;) {
+            bool retry = false;
+            next = find_free(s, 1, err);
+            if (next < 0) {
+                return next;
+            }
+            ret = ensure_refblock(s, (uint64_t)next >> s->cluster_bits, err);
+            if (ret < 0) {
+                return ret;
+            }
+            retry = ret > 0;
+            if (!retry) {
+                break;
+            }
+        }
+        if (!offset ||
+            ((offset + s->cluster_size - 1) & ~(s->cluster_size - 1)) !=
+            (uint64_t)next) {
+            offset = (uint64_t)next;
+        }
+    }
+    if (offset > s->cluster_offset_mask) {
+        return vd_error_set(err, -EFBIG, "%s: compressed data beyond the "
+                            "descriptor's reach", s->filename);
+    }
+    ret = qcow2_update_refcount(s, offset, size, 1, false,
+                                QCOW2_DISCARD_NEVER, err);
+    if (ret < 0) {
+        return ret;
+    }
+    s->free_byte_offset = offset + size;
+    if (qcow2_offset_into_cluster(s, s->free_byte_offset) == 0) {
+        s->free_byte_offset = 0;
+    }
+    return (int64_t)offset;
+}
+
+int qcow2_free_clusters(qcow2_state *s, uint64_t offset, uint64_t size,
+                        qcow2_discard_type type, vd_error *err)
+{
+    return qcow2_update_refcount(s, offset, size, 1, true, type, err);
+}
+
+int qcow2_free_any_cluster(qcow2_state *s, uint64_t l2_entry,
+                           qcow2_discard_type type, vd_error *err)
+{
+    uint64_t host, bytes;
+
+    if (l2_entry & QCOW2_OFLAG_COMPRESSED) {
+        qcow2_parse_compressed(s, l2_entry, &host, &bytes);
+        /* The descriptor's sector count may overstate the data by up to
+         * a sector; QEMU frees by the same sector-rounded span. */
+        return qcow2_free_clusters(s, host, bytes, type, err);
+    }
+    host = l2_entry & QCOW2_L2E_OFFSET_MASK;
+    if (s->data_file != s->file) {
+        if (s->discard_passthrough[type] && (l2_entry & QCOW2_OFLAG_COPIED)) {
+            vd_node_pdiscard(s->data_file->node, host, s->cluster_size, NULL);
+        }
+        return 0;
+    }
+    if (host == 0) {
+        return 0;
+    }
+    return qcow2_free_clusters(s, host, s->cluster_size, type, err);
+}
+
+void qcow2_process_discards(qcow2_state *s)
+{
+    while (s->discards) {
+        qcow2_discard_range *d = s->discards;
+        s->discards = d->next;
+        /* Advisory: a failed discard only costs space. */
+        vd_node_pdiscard(s->file->node, d->offset, d->bytes, NULL);
+        free(d);
+    }
+}
