@@ -291,10 +291,20 @@ static int write_chunk(convert_state *s, const chunk *c, const uint8_t *buf)
         return write_zero_range(s, c->offset, c->len);
     }
     if (s->compressed) {
-        if (!s->min_sparse || !buffer_is_zero(buf, c->len)) {
-            return write_compressed(s, c, buf);
+        /* qemu-img copies one cluster at a time when compressing, so an
+         * all-zero cluster inside a data chunk is skipped, not stored. */
+        for (uint64_t pos = 0; pos < c->len; pos += s->cluster) {
+            chunk one = *c;
+            one.offset = c->offset + pos;
+            one.len = c->len - pos < s->cluster ? c->len - pos : s->cluster;
+            if (!s->min_sparse || !buffer_is_zero(buf + pos, one.len))
+                r = write_compressed(s, &one, buf + pos);
+            else
+                r = write_zero_range(s, one.offset, one.len);
+            if (r < 0)
+                return r;
         }
-        return write_zero_range(s, c->offset, c->len);
+        return 0;
     }
     while (left > 0) {
         int64_t n = left;
@@ -646,7 +656,9 @@ int cmd_convert(int argc, char **argv)
     if (!topts || vd_opts_set(topts, "cache", cache) < 0) {
         goto out;
     }
-    s.target = cli_open(out_name, skip_create ? NULL : out_fmt,
+    /* As qemu-img: the target is opened as -O says (raw by default), even
+     * with -n, so an existing target is never probed. */
+    s.target = cli_open(out_name, out_fmt,
                         VD_O_RDWR | (skip_create ? 0 : VD_O_NO_BACKING), topts);
     if (!s.target && skip_create) {
         goto out;

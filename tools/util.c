@@ -232,7 +232,6 @@ int cli_getopt(const char *name, int argc, char **argv)
 
 static void vreport(const char *prefix, const char *fmt, va_list ap)
 {
-    fflush(stdout);
     fprintf(stderr, "vdisk: %s", prefix);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
