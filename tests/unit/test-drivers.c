@@ -22,20 +22,11 @@
 
 #include "core/block_int.h"
 
-static int failures;
+#include "check.h"
+
 static char dir[256];
 static bool have_qemu_img;
 
-#define CHECK(cond, ...)                                                    \
-    do {                                                                    \
-        if (!(cond)) {                                                      \
-            fprintf(stderr, "%s:%d: CHECK failed: %s: ", __FILE__,          \
-                    __LINE__, #cond);                                       \
-            fprintf(stderr, __VA_ARGS__);                                   \
-            fprintf(stderr, "\n");                                          \
-            failures++;                                                     \
-        }                                                                   \
-    } while (0)
 
 /* ---- helpers ---- */
 

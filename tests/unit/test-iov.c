@@ -16,18 +16,9 @@
 
 #include "core/iov.h"
 
-static int failures;
+#include "check.h"
 
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            failures++;                                               \
-            fprintf(stderr, "%s:%d: check failed: %s: ", __FILE__,    \
-                    __LINE__, #cond);                                 \
-            fprintf(stderr, __VA_ARGS__);                             \
-            fputc('\n', stderr);                                      \
-        }                                                             \
-    } while (0)
+
 
 /* Stop reporting one kind of failure after a few; the first ones say it. */
 #define MAX_REPORTS 20

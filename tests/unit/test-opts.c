@@ -27,18 +27,9 @@
 #include "vdisk/vdisk.h"
 #include "core/opts.h"
 
-static int failures;
+#include "check.h"
 
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            failures++;                                               \
-            fprintf(stderr, "%s:%d: check failed: %s: ", __FILE__,    \
-                    __LINE__, #cond);                                 \
-            fprintf(stderr, __VA_ARGS__);                             \
-            fputc('\n', stderr);                                      \
-        }                                                             \
-    } while (0)
+
 
 static const char *nn(const char *s)
 {
