@@ -186,33 +186,43 @@ static vd_node *filtered_child(vd_node *n)
 /* ---- read ---- */
 
 /* Calls the driver for an aligned request, split at max_transfer. */
-static int driver_preadv(vd_node *n, uint64_t off, uint64_t bytes,
-                         vd_iov *qiov, size_t qoff, unsigned flags,
-                         vd_error *err)
+/* The driver's read or write callback, with the request shape all
+ * callbacks share. */
+typedef int (*rw_fn)(vd_node *, uint64_t, uint64_t, vd_iov *, unsigned,
+                     vd_error *);
+
+/* Calls the driver for an aligned read or write, split at max_transfer.
+ * A driver without the callback (a filter) passes it to its file child. */
+static int driver_rw(vd_node *n, bool write, uint64_t off, uint64_t bytes,
+                     vd_iov *qiov, size_t qoff, unsigned flags,
+                     vd_error *err)
 {
-    if (!n->drv->preadv) {
+    rw_fn fn = write ? n->drv->pwritev : n->drv->preadv;
+    if (!fn) {
         vd_node *child = n->file ? n->file->node : NULL;
         if (!child)
-            return vd_error_set(err, -ENOTSUP, "%s: driver '%s' cannot read",
-                                n->filename, n->drv->name);
+            return vd_error_set(err, -ENOTSUP, "%s: driver '%s' cannot %s",
+                                n->filename, n->drv->name,
+                                write ? "write" : "read");
         vd_iov part;
         int r = vd_iov_init_slice(&part, qiov, qoff, bytes);
         if (r == 0)
-            r = vd_node_preadv(child, off, bytes, &part, flags, err);
+            r = write ? vd_node_pwritev(child, off, bytes, &part, flags, err)
+                      : vd_node_preadv(child, off, bytes, &part, flags, err);
         vd_iov_destroy(&part);
         return r;
     }
     uint64_t mt = max_transfer(n);
     while (bytes > 0) {
         uint64_t len = bytes < mt ? bytes : mt;
-        vd_iov part;
         int r;
         if (qoff == 0 && len == qiov->size) {
-            r = n->drv->preadv(n, off, len, qiov, flags, err);
+            r = fn(n, off, len, qiov, flags, err);
         } else {
+            vd_iov part;
             r = vd_iov_init_slice(&part, qiov, qoff, len);
             if (r == 0)
-                r = n->drv->preadv(n, off, len, &part, flags, err);
+                r = fn(n, off, len, &part, flags, err);
             vd_iov_destroy(&part);
         }
         if (r < 0)
@@ -223,6 +233,7 @@ static int driver_preadv(vd_node *n, uint64_t off, uint64_t bytes,
     }
     return 0;
 }
+
 
 /* An aligned read, clipped at the node's end. */
 static int aligned_read(vd_node *n, uint64_t off, uint64_t bytes,
@@ -237,7 +248,7 @@ static int aligned_read(vd_node *n, uint64_t off, uint64_t bytes,
             readable = bytes;
     }
     if (readable > 0) {
-        int r = driver_preadv(n, off, readable, qiov, qoff, flags, err);
+        int r = driver_rw(n, false, off, readable, qiov, qoff, flags, err);
         if (r < 0)
             return r;
     }
@@ -307,44 +318,6 @@ int vd_node_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
 
 /* ---- write ---- */
 
-static int driver_pwritev(vd_node *n, uint64_t off, uint64_t bytes,
-                          vd_iov *qiov, size_t qoff, unsigned flags,
-                          vd_error *err)
-{
-    if (!n->drv->pwritev) {
-        vd_node *child = n->file ? n->file->node : NULL;
-        if (!child)
-            return vd_error_set(err, -ENOTSUP,
-                                "%s: driver '%s' cannot write", n->filename,
-                                n->drv->name);
-        vd_iov part;
-        int r = vd_iov_init_slice(&part, qiov, qoff, bytes);
-        if (r == 0)
-            r = vd_node_pwritev(child, off, bytes, &part, flags, err);
-        vd_iov_destroy(&part);
-        return r;
-    }
-    uint64_t mt = max_transfer(n);
-    while (bytes > 0) {
-        uint64_t len = bytes < mt ? bytes : mt;
-        int r;
-        if (qoff == 0 && len == qiov->size) {
-            r = n->drv->pwritev(n, off, len, qiov, flags, err);
-        } else {
-            vd_iov part;
-            r = vd_iov_init_slice(&part, qiov, qoff, len);
-            if (r == 0)
-                r = n->drv->pwritev(n, off, len, &part, flags, err);
-            vd_iov_destroy(&part);
-        }
-        if (r < 0)
-            return r;
-        off += len;
-        qoff += len;
-        bytes -= len;
-    }
-    return 0;
-}
 
 static void raise_length(vd_node *n, uint64_t end)
 {
@@ -360,7 +333,7 @@ static int do_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     uint32_t a = n->bl.request_alignment;
     bool aligned = off % a == 0 && bytes % a == 0;
     if (aligned && iov_mem_aligned(qiov, n->bl.min_mem_alignment))
-        return driver_pwritev(n, off, bytes, qiov, 0, flags, err);
+        return driver_rw(n, true, off, bytes, qiov, 0, flags, err);
 
     uint64_t chunk = (uint64_t)bounce_chunk_size(n);
     uint64_t start = align_down(off, a), end = align_up(off + bytes, a);
@@ -379,7 +352,7 @@ static int do_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
             r = aligned_read(n, pos, len, &b, 0, 0, err);
         if (r == 0) {
             vd_iov_to_buf(qiov, from - off, buf + (from - pos), to - from);
-            r = driver_pwritev(n, pos, len, &b, 0, flags, err);
+            r = driver_rw(n, true, pos, len, &b, 0, flags, err);
         }
         pos += len;
     }
