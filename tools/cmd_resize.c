@@ -79,10 +79,11 @@ int cmd_resize(int argc, char **argv)
         relative = -1;
         size++;
     }
-    r = vd_parse_size(size, &n);
+    /* qemu parses the whole 64-bit range here and finds sizes of 2^63
+     * and more negative only after opening the image. */
+    r = vd_parse_size_u64(size, &n);
     if (r == -ERANGE) {
-        /* qemu accepts up to 2^64 here and then finds the size negative. */
-        cli_error("New image size must be positive");
+        cli_error("Value '%s' is out of range for parameter 'size'", size);
         return 1;
     } else if (r < 0) {
         cli_error("Parameter 'size' expects a non-negative number below 2^64");
@@ -102,7 +103,10 @@ int cmd_resize(int argc, char **argv)
         goto out;
     }
     if (relative) {
-        total = current + (int64_t)n * relative;
+        /* Unsigned wrap-around, as qemu's int64 arithmetic gives in
+         * practice, without signed overflow. */
+        total = (int64_t)((uint64_t)current +
+                          (relative > 0 ? n : (uint64_t)0 - n));
     } else {
         total = (int64_t)n;
     }

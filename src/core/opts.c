@@ -336,7 +336,19 @@ vd_opts *vd_opts_extract_prefix(vd_opts *o, const char *prefix)
  * integer, an optional decimal fraction (which needs a suffix other than
  * B), one optional suffix B/K/M/G/T/P/E in either case, and nothing else.
  */
+static int parse_size(const char *str, uint64_t max, uint64_t *out);
+
 VD_API int vd_parse_size(const char *str, uint64_t *out)
+{
+    return parse_size(str, INT64_MAX, out);
+}
+
+VD_API int vd_parse_size_u64(const char *str, uint64_t *out)
+{
+    return parse_size(str, UINT64_MAX, out);
+}
+
+static int parse_size(const char *str, uint64_t max, uint64_t *out)
 {
     const char *p = str;
     if (!p)
@@ -385,11 +397,11 @@ VD_API int vd_parse_size(const char *str, uint64_t *out)
         return -EINVAL;
     if (*p)
         return -EINVAL;
-    if (ival > (uint64_t)INT64_MAX / mul)
+    if (ival > max / mul)
         return -ERANGE;
     uint64_t val = ival * mul;
     uint64_t fpart = (uint64_t)(frac * (double)mul);
-    if (val > (uint64_t)INT64_MAX - fpart)
+    if (val > max - fpart)
         return -ERANGE;
     *out = val + fpart;
     return 0;
