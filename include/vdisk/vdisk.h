@@ -74,6 +74,9 @@ typedef struct vd_error {
 /** Resets @err to "no error". @err may be NULL. */
 VD_API void vd_error_clear(vd_error *err);
 
+/** Progress callback: @percent from 0 to 100. */
+typedef void (*vd_progress_fn)(double percent, void *opaque);
+
 /* ------------------------------------------------------------------ */
 /* Options                                                            */
 /* ------------------------------------------------------------------ */
@@ -129,6 +132,10 @@ VD_API vd_opts *vd_opts_clone(const vd_opts *opts);
  * (malformed) / -ERANGE (too large).
  */
 VD_API int vd_parse_size(const char *str, uint64_t *out);
+
+/** vd_parse_size() with the whole 64-bit range allowed (values up to
+ * 2^64-1), as qemu parses size options before range-checking them. */
+VD_API int vd_parse_size_u64(const char *str, uint64_t *out);
 
 /* ------------------------------------------------------------------ */
 /* Nodes                                                              */
@@ -335,6 +342,43 @@ VD_API const vd_create_option *vd_create_options(const char *format);
 VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
                             void *opaque);
 
+/** What an image of some format would need on the host (qemu-img
+ * measure's BlockMeasureInfo). */
+typedef struct vd_measure_result {
+    uint64_t required;        /* bytes for the data and metadata to write */
+    uint64_t fully_allocated; /* bytes when every cluster is allocated */
+    bool has_bitmaps;         /* @bitmaps is meaningful (both the source
+                                 and the target format keep bitmaps) */
+    uint64_t bitmaps;         /* bytes for the source's persistent bitmaps */
+} vd_measure_result;
+
+/**
+ * Computes the host size an image of @format would take when created with
+ * the creation options @opts (as for vd_create(); "size" gives the
+ * virtual size when @src is NULL) and filled with the contents of @src
+ * (may be NULL; borrowed, not modified). @opts is not modified.
+ * Errors: -EINVAL (unknown format or option, bad value), -ENOTSUP (the
+ * format cannot measure: "Block driver 'FMT' does not support size
+ * measurement"), -EIO (reading @src failed). Thread-safe as long as no
+ * request is writing @src.
+ */
+VD_API int vd_measure(const char *format, const vd_opts *opts, vd_node *src,
+                      vd_measure_result *out, vd_error *err);
+
+/**
+ * Changes creation options of the open image @node (qemu-img amend):
+ * @opts holds creation option names of the node's format (qcow2:
+ * compat, lazy_refcounts, refcount_bits, data_file, data_file_raw,
+ * backing_file, backing_fmt). Options whose change the format cannot make
+ * fail with -ENOTSUP and a message naming the option; @force allows
+ * changes QEMU only does with --force. @progress (may be NULL) is called
+ * with the percentage done. The node must be writable and have no request
+ * in flight. Returns 0 or a negative errno (-EINVAL for bad values,
+ * -ENOTSUP, -EIO).
+ */
+VD_API int vd_amend(vd_node *node, const vd_opts *opts, bool force,
+                    vd_progress_fn progress, void *opaque, vd_error *err);
+
 /* ------------------------------------------------------------------ */
 /* Information                                                        */
 /* ------------------------------------------------------------------ */
@@ -396,8 +440,6 @@ VD_API void vd_get_stats(vd_node *node, vd_stats *out);
 /* Backing chains                                                     */
 /* ------------------------------------------------------------------ */
 
-/** Progress callback: @percent from 0 to 100. */
-typedef void (*vd_progress_fn)(double percent, void *opaque);
 
 /**
  * Switches @node (and the children holding its data, not its backing
