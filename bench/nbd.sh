@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# NBD servers side by side: qemu-nbd and `vdisk serve` export the same
+# fully allocated qcow2 image over a UNIX socket, and fio's nbd engine
+# drives each in turn with the same jobs. Prints, per case, the median
+# IOPS and MiB/s of each server over N runs, the ratio vdisk/qemu-nbd
+# (above 1: vdisk is faster) and each server's peak resident memory.
+#
+#   bench/nbd.sh [quick|full]     quick: 3 runs x 5 s, full: 5 runs x 15 s
+#
+# VDISK names the binary (default: build/tools/vdisk), BENCH_DIR the
+# scratch directory (default /var/tmp). Needs qemu-utils and fio with the
+# nbd engine (Debian's fio has it).
+set -euo pipefail
+
+mode=${1:-quick}
+case "$mode" in
+quick) runs=3 secs=5 ;;
+full) runs=5 secs=15 ;;
+*) echo "usage: $0 [quick|full]" >&2; exit 2 ;;
+esac
+root=$(cd "$(dirname "$0")/.." && pwd)
+VDISK=${VDISK:-$root/build/tools/vdisk}
+[ -x "$VDISK" ] || { echo "no vdisk binary at $VDISK (build first)" >&2; exit 1; }
+for c in qemu-img qemu-nbd fio; do
+    command -v $c >/dev/null || { echo "missing $c" >&2; exit 1; }
+done
+fio --enghelp=nbd >/dev/null 2>&1 || { echo "fio has no nbd engine" >&2; exit 1; }
+
+dir=$(mktemp -d "${BENCH_DIR:-/var/tmp}/vdisk-nbd-bench.XXXXXX")
+server_pid=
+cleanup()
+{
+    [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+img=$dir/img.qcow2
+qemu-img create -q -f qcow2 -o preallocation=metadata "$img" 1G
+# Fully allocated, so reads hit data clusters, not holes.
+qemu-io -f qcow2 -c 'write -P 0x5a 0 1G' "$img" >/dev/null
+sock=$dir/sock
+
+start_server()
+{
+    rm -f "$sock"
+    if [ "$1" = qemu ]; then
+        qemu-nbd -f qcow2 -t -e 8 --cache=writeback -k "$sock" "$img" &
+    else
+        "$VDISK" serve -f qcow2 -t -e 8 --cache=writeback -k "$sock" "$img" &
+    fi
+    server_pid=$!
+    for _ in $(seq 100); do
+        [ -S "$sock" ] && return 0
+        sleep 0.05
+    done
+    echo "server $1 did not start" >&2
+    exit 1
+}
+
+stop_server()
+{
+    # Peak memory before it exits.
+    rss=$(awk '/^VmHWM/ {print $2}' "/proc/$server_pid/status" 2>/dev/null || echo 0)
+    kill "$server_pid"
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=
+}
+
+# fio job: $1 rw, $2 bs, $3 iodepth; prints "IOPS MiBps".
+run_fio()
+{
+    fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+        --rw="$1" --bs="$2" --iodepth="$3" --size=1G --time_based \
+        --runtime="$secs" --ramp_time=1 --numjobs=1 --group_reporting \
+        --output-format=json 2>/dev/null |
+        python3 -c '
+import json, sys
+text = sys.stdin.read()
+j = json.loads(text[text.index("{"):])["jobs"][0]  # fio prints a line first
+iops = j["read"]["iops"] + j["write"]["iops"]
+bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1048576
+print("%.0f %.1f" % (iops, bw))'
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+printf '%-22s %12s %12s %10s %10s %8s %10s %10s\n' case qemu-IOPS vdisk-IOPS \
+    qemu-MiB/s vdisk-MiB/s ratio qemu-RSS vdisk-RSS
+for spec in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" \
+            "randwrite 4k 32" "read 1m 8" "write 1m 8"; do
+    set -- $spec
+    : > "$dir/qemu.iops"; : > "$dir/vdisk.iops"
+    : > "$dir/qemu.bw"; : > "$dir/vdisk.bw"
+    qrss=0 vrss=0
+    for _ in $(seq "$runs"); do
+        for tool in qemu vdisk; do
+            start_server $tool
+            read -r iops bw < <(run_fio "$1" "$2" "$3")
+            stop_server
+            echo "$iops" >> "$dir/$tool.iops"
+            echo "$bw" >> "$dir/$tool.bw"
+            if [ $tool = qemu ]; then
+                [ "$rss" -gt "$qrss" ] && qrss=$rss
+            else
+                [ "$rss" -gt "$vrss" ] && vrss=$rss
+            fi
+        done
+    done
+    qi=$(median < "$dir/qemu.iops"); vi=$(median < "$dir/vdisk.iops")
+    qb=$(median < "$dir/qemu.bw"); vb=$(median < "$dir/vdisk.bw")
+    ratio=$(awk -v a="$vi" -v b="$qi" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+    printf '%-22s %12s %12s %10s %10s %8s %9sK %9sK\n' "$1 $2 qd$3" "$qi" "$vi" \
+        "$qb" "$vb" "$ratio" "$qrss" "$vrss"
+done
