@@ -11,6 +11,12 @@
  *
  * Several images may be exported at once: `-x NAME` and `-D DESC` may be
  * repeated and pair with the images in order.
+ *
+ * The second form is qemu-storage-daemon's: --blockdev, --nbd-server,
+ * --export, --chardev with --monitor, and --qmp build a QMP daemon
+ * (src/qmp/, docs/qmp.md) that serves until `quit` or a signal. Each
+ * option is turned into the QMP command it stands for (blockdev-add,
+ * nbd-server-start, block-export-add) and checked by the same schema.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -25,6 +31,7 @@
 #include "commands.h"
 #include "nbd/nbd-server.h"
 #include "nbd/tls.h"
+#include "qmp/qmp.h"
 #include "vdisk/vdisk.h"
 
 #define SERVE_DEFAULT_PORT "10809"
@@ -41,6 +48,20 @@ enum {
     OPT_WORKERS,
     OPT_OBJECT,
     OPT_TLS_CREDS,
+    OPT_BLOCKDEV,
+    OPT_NBD_SERVER,
+    OPT_EXPORT,
+    OPT_CHARDEV,
+    OPT_MONITOR,
+    OPT_QMP,
+};
+
+/* The daemon-form options, kept in command-line order per kind. */
+#define SERVE_MAX_DAEMON_OPTS 64
+enum { D_BLOCKDEV, D_NBD, D_EXPORT, D_CHARDEV, D_MONITOR, D_QMP, D_KINDS };
+static const char *const daemon_opt_names[D_KINDS] = {
+    "--blockdev", "--nbd-server", "--export", "--chardev", "--monitor",
+    "--qmp",
 };
 
 static const struct option serve_long[] = {
@@ -66,6 +87,12 @@ static const struct option serve_long[] = {
     { "workers", required_argument, NULL, OPT_WORKERS },
     { "object", required_argument, NULL, OPT_OBJECT },
     { "tls-creds", required_argument, NULL, OPT_TLS_CREDS },
+    { "blockdev", required_argument, NULL, OPT_BLOCKDEV },
+    { "nbd-server", required_argument, NULL, OPT_NBD_SERVER },
+    { "export", required_argument, NULL, OPT_EXPORT },
+    { "chardev", required_argument, NULL, OPT_CHARDEV },
+    { "monitor", required_argument, NULL, OPT_MONITOR },
+    { "qmp", required_argument, NULL, OPT_QMP },
     { NULL, 0, NULL, 0 },
 };
 
@@ -73,7 +100,10 @@ static void serve_usage(void)
 {
     printf(
 "Usage: vdisk serve [OPTIONS] FILE [FILE...]\n"
-"Export disk images over NBD (compatible with qemu-nbd's options).\n"
+"       vdisk serve --blockdev ... [--nbd-server ...] [--export ...]\n"
+"                   [--chardev ... --monitor ... | --qmp unix:PATH]\n"
+"Export disk images over NBD (compatible with qemu-nbd's options), or run\n"
+"as a storage daemon controlled over QMP (qemu-storage-daemon's options).\n"
 "\n"
 "  -k, --socket=PATH        listen on a UNIX socket\n"
 "  -b, --bind=ADDR          TCP address to listen on (default 0.0.0.0)\n"
@@ -93,6 +123,16 @@ static void serve_usage(void)
 "      --pid-file=PATH      write the server's process id to PATH\n"
 "      --fork               run in the background once the server listens\n"
 "      --workers=N          I/O threads shared by all clients (default %d)\n"
+"\n"
+"Daemon form (see docs/qmp.md):\n"
+"      --blockdev OPTS      add a node: driver=...,node-name=...,file... or\n"
+"                           a JSON object (QMP blockdev-add)\n"
+"      --nbd-server OPTS    addr.type=unix,addr.path=P or addr.type=inet,\n"
+"                           addr.host=H,addr.port=N[,max-connections=N]\n"
+"      --export OPTS        type=nbd,id=ID,node-name=N[,name=..][,writable=on]\n"
+"      --chardev socket,id=ID,path=P,server=on,wait=off\n"
+"      --monitor chardev=ID a QMP monitor on that socket\n"
+"      --qmp unix:PATH      shorthand for the two above\n"
 "      --object=SPEC        tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off]\n"
 "                           or tls-creds-psk,id=ID,endpoint=server,dir=DIR\n"
 "      --tls-creds=ID       require TLS with the credentials object ID\n"
@@ -153,6 +193,231 @@ static void wait_for_child(int rfd)
     _exit(n == 1 && c == 'R' ? 0 : 1);
 }
 
+/* ---- the daemon form ---- */
+
+static qmp_daemon *the_daemon;
+
+static void on_daemon_signal(int sig)
+{
+    (void)sig;
+    if (the_daemon) {
+        qmp_daemon_request_quit(the_daemon);
+    }
+}
+
+/* Runs QMP command @cmd with the option value @str (a JSON object or
+ * key=value list). Returns 0 or -1 after printing the error. */
+static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
+                        const char *str, json_object *(*fix)(json_object *))
+{
+    vd_error err = VD_ERROR_INIT;
+    qmp_error e = { 0 };
+    json_object *args = qmp_parse_cli_object(str, NULL, &err);
+    json_object *ret;
+
+    if (!args) {
+        fprintf(stderr, "vdisk serve: %s: %s\n", opt, err.message);
+        return -1;
+    }
+    if (fix) {
+        args = fix(args);
+    }
+    ret = qmp_daemon_execute(d, cmd, args, str[0] != '{', &e);
+    json_object_put(args);
+    if (!ret) {
+        fprintf(stderr, "vdisk serve: %s: %s\n", opt, e.desc);
+        return -1;
+    }
+    json_object_put(ret);
+    return 0;
+}
+
+/* --nbd-server takes a flat SocketAddress; nbd-server-start takes the
+ * legacy {type, data} form. Moves addr's members other than type into
+ * addr.data. */
+static json_object *nbd_addr_to_legacy(json_object *args)
+{
+    json_object *addr, *data;
+
+    if (!json_object_object_get_ex(args, "addr", &addr) ||
+        !json_object_is_type(addr, json_type_object) ||
+        json_object_object_get_ex(addr, "data", NULL)) {
+        return args;
+    }
+    data = json_object_new_object();
+    json_object_object_foreach(addr, key, val) {
+        if (strcmp(key, "type") != 0) {
+            json_object_object_add(data, key, json_object_get(val));
+        }
+    }
+    for (;;) {
+        const char *drop = NULL;
+        json_object_object_foreach(addr, k2, v2) {
+            (void)v2;
+            if (strcmp(k2, "type") != 0) {
+                drop = k2;
+                break;
+            }
+        }
+        if (!drop) {
+            break;
+        }
+        json_object_object_del(addr, drop);
+    }
+    json_object_object_add(addr, "data", data);
+    return args;
+}
+
+/* The UNIX socket path of a --chardev socket,id=ID,path=P,server=on. */
+static const char *chardev_path(json_object *const *chardevs, int n,
+                                const char *id)
+{
+    for (int i = 0; i < n; i++) {
+        json_object *v;
+        if (json_object_object_get_ex(chardevs[i], "id", &v) &&
+            strcmp(json_object_get_string(v), id) == 0 &&
+            json_object_object_get_ex(chardevs[i], "path", &v)) {
+            return json_object_get_string(v);
+        }
+    }
+    return NULL;
+}
+
+static int daemon_monitors(qmp_daemon *d, const char *const *opts,
+                           const int *n)
+{
+    json_object *chardevs[SERVE_MAX_DAEMON_OPTS] = { 0 };
+    vd_error err = VD_ERROR_INIT;
+    int ret = -1, nc = 0;
+
+    for (int i = 0; i < n[D_CHARDEV]; i++) {
+        const char *str = opts[D_CHARDEV * SERVE_MAX_DAEMON_OPTS + i];
+        json_object *o = qmp_parse_cli_object(str, "backend", &err);
+        json_object *v;
+        if (!o) {
+            fprintf(stderr, "vdisk serve: --chardev: %s\n", err.message);
+            goto out;
+        }
+        chardevs[nc++] = o;
+        if (!json_object_object_get_ex(o, "backend", &v) ||
+            strcmp(json_object_get_string(v), "socket") != 0 ||
+            !json_object_object_get_ex(o, "path", &v) ||
+            !json_object_object_get_ex(o, "id", &v)) {
+            fprintf(stderr, "vdisk serve: --chardev: only 'socket,id=ID,"
+                    "path=PATH,server=on,wait=off' is supported\n");
+            goto out;
+        }
+    }
+    for (int i = 0; i < n[D_MONITOR]; i++) {
+        const char *str = opts[D_MONITOR * SERVE_MAX_DAEMON_OPTS + i];
+        json_object *o = qmp_parse_cli_object(str, "chardev", &err);
+        json_object *v;
+        const char *path;
+        if (!o) {
+            fprintf(stderr, "vdisk serve: --monitor: %s\n", err.message);
+            goto out;
+        }
+        path = json_object_object_get_ex(o, "chardev", &v)
+               ? chardev_path(chardevs, nc, json_object_get_string(v)) : NULL;
+        if (!path) {
+            fprintf(stderr, "vdisk serve: --monitor: chardev '%s' not "
+                    "found\n", v ? json_object_get_string(v) : "");
+            json_object_put(o);
+            goto out;
+        }
+        vd_error_clear(&err);
+        if (qmp_daemon_add_monitor(d, path, &err) < 0) {
+            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            json_object_put(o);
+            goto out;
+        }
+        json_object_put(o);
+    }
+    for (int i = 0; i < n[D_QMP]; i++) {
+        const char *str = opts[D_QMP * SERVE_MAX_DAEMON_OPTS + i];
+        char path[4096];
+        size_t len;
+        if (strncmp(str, "unix:", 5) != 0) {
+            fprintf(stderr, "vdisk serve: --qmp: only unix:PATH is "
+                    "supported\n");
+            goto out;
+        }
+        len = strcspn(str + 5, ",");
+        if (len == 0 || len >= sizeof(path)) {
+            fprintf(stderr, "vdisk serve: --qmp: bad socket path\n");
+            goto out;
+        }
+        memcpy(path, str + 5, len);
+        path[len] = '\0';
+        vd_error_clear(&err);
+        if (qmp_daemon_add_monitor(d, path, &err) < 0) {
+            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            goto out;
+        }
+    }
+    ret = 0;
+out:
+    for (int i = 0; i < nc; i++) {
+        json_object_put(chardevs[i]);
+    }
+    return ret;
+}
+
+static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
+                        const int *n, const char *pidfile)
+{
+    qmp_daemon *d = qmp_daemon_new();
+    struct sigaction sa;
+    int ret = 1;
+
+    if (!d) {
+        fprintf(stderr, "vdisk serve: out of memory\n");
+        return 1;
+    }
+    for (int i = 0; i < n[D_BLOCKDEV]; i++) {
+        if (daemon_apply(d, "--blockdev", "blockdev-add",
+                         opts[D_BLOCKDEV][i], NULL) < 0) {
+            goto out;
+        }
+    }
+    for (int i = 0; i < n[D_NBD]; i++) {
+        if (daemon_apply(d, "--nbd-server", "nbd-server-start",
+                         opts[D_NBD][i], nbd_addr_to_legacy) < 0) {
+            goto out;
+        }
+    }
+    for (int i = 0; i < n[D_EXPORT]; i++) {
+        if (daemon_apply(d, "--export", "block-export-add",
+                         opts[D_EXPORT][i], NULL) < 0) {
+            goto out;
+        }
+    }
+    if (daemon_monitors(d, &opts[0][0], n) < 0) {
+        goto out;
+    }
+    if (pidfile && write_pidfile(pidfile) < 0) {
+        goto out;
+    }
+    the_daemon = d;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_daemon_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+
+    ret = qmp_daemon_run(d) < 0 ? 1 : 0;
+    if (pidfile) {
+        unlink(pidfile);
+    }
+out:
+    the_daemon = NULL;
+    qmp_daemon_free(&d);
+    return ret;
+}
+
 int cmd_serve(int argc, char **argv)
 {
     const char *sockpath = NULL, *bind_addr = NULL, *port = NULL;
@@ -166,6 +431,9 @@ int cmd_serve(int argc, char **argv)
     vd_error err = VD_ERROR_INIT;
     nbd_server *srv = NULL;
     struct sigaction sa;
+    const char *daemon_opts[D_KINDS][SERVE_MAX_DAEMON_OPTS];
+    int ndaemon[D_KINDS] = { 0 };
+    bool daemon_mode = false;
 
     opts = vd_opts_new();
     if (!opts) {
@@ -247,6 +515,22 @@ int cmd_serve(int argc, char **argv)
         case OPT_FORK:
             do_fork = true;
             break;
+        case OPT_BLOCKDEV:
+        case OPT_NBD_SERVER:
+        case OPT_EXPORT:
+        case OPT_CHARDEV:
+        case OPT_MONITOR:
+        case OPT_QMP: {
+            int k = c - OPT_BLOCKDEV;
+            if (ndaemon[k] == SERVE_MAX_DAEMON_OPTS) {
+                fprintf(stderr, "vdisk serve: too many %s options\n",
+                        daemon_opt_names[k]);
+                goto out;
+            }
+            daemon_opts[k][ndaemon[k]++] = optarg;
+            daemon_mode = true;
+            break;
+        }
         case OPT_WORKERS:
             if (parse_uint(optarg, 1024, &workers) < 0 || workers == 0) {
                 fprintf(stderr, "vdisk serve: invalid worker count '%s'\n",
@@ -286,6 +570,16 @@ int cmd_serve(int argc, char **argv)
             goto out;
         }
     }
+    if (daemon_mode) {
+        if (argc - optind > 0 || do_fork) {
+            fprintf(stderr, "vdisk serve: image arguments and --fork do not "
+                    "combine with the daemon options\n");
+            goto out;
+        }
+        ret = serve_daemon(daemon_opts, ndaemon, pidfile);
+        goto out;
+    }
+
     nimages = argc - optind;
     if (nimages < 1) {
         fprintf(stderr, "vdisk serve: Not enough arguments\n"

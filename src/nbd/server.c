@@ -35,13 +35,46 @@
 #include "nbd-server.h"
 #include "tls.h"
 
+/* Run-time export management for the QMP monitor; declared here until
+ * nbd-server.h carries them (see src/qmp/qmp-nbd.h, which repeats them). */
+int nbd_server_add_export_ro(nbd_server *srv, const char *name,
+                             const char *description, vd_node *node,
+                             bool read_only, vd_error *err);
+int nbd_server_remove_export(nbd_server *srv, const char *name, bool hard,
+                             vd_error *err);
+void nbd_server_update_export_size(nbd_server *srv, vd_node *node);
+unsigned nbd_server_export_clients(nbd_server *srv, const char *name);
+
 #define MAX_LISTEN 8
 /* Seconds a client gets to finish the handshake (qemu-nbd's default). */
 #define HANDSHAKE_TIMEOUT 10
 
+/* An export as the server keeps it: the public part first, so the
+ * pointers handed out are the slots themselves. Exports added or removed
+ * at run time (QMP) are guarded by elock; a removed slot is parked in the
+ * graveyard until the server is freed because a handshake may still hold
+ * its name. */
+typedef struct export_slot {
+    nbd_export pub;
+    unsigned users;          /* connections in transmission on it */
+    bool removed;
+    struct export_slot *next_dead;
+} export_slot;
+
+/* A connection as removal sees it: which export it transmits on. */
+typedef struct live_conn {
+    nbd_conn *c;
+    export_slot *slot;
+    struct live_conn *next;
+} live_conn;
+
 struct nbd_server {
     nbd_export **exports;
     size_t nb_exports;
+    pthread_mutex_t elock;   /* exports, users, live conns */
+    pthread_cond_t econd;    /* a slot's users dropped */
+    export_slot *graveyard;
+    live_conn *live;
 
     unsigned max_clients;   /* 0: unlimited */
     bool persistent;
@@ -113,6 +146,18 @@ int nbd_write_full(int fd, struct iovec *iov, int n)
 
 /* ---- exports ---- */
 
+static nbd_export *nbd_server_find_export_locked(nbd_server *srv,
+                                                 const char *name, size_t len)
+{
+    for (size_t i = 0; i < srv->nb_exports; i++) {
+        nbd_export *e = srv->exports[i];
+        if (strlen(e->name) == len && memcmp(e->name, name, len) == 0) {
+            return e;
+        }
+    }
+    return NULL;
+}
+
 nbd_server *nbd_server_new(unsigned nworkers, unsigned max_clients,
                            bool persistent)
 {
@@ -131,6 +176,8 @@ nbd_server *nbd_server_new(unsigned nworkers, unsigned max_clients,
     }
     pthread_mutex_init(&srv->qlock, NULL);
     pthread_cond_init(&srv->qcond, NULL);
+    pthread_mutex_init(&srv->elock, NULL);
+    pthread_cond_init(&srv->econd, NULL);
     return srv;
 }
 
@@ -154,6 +201,15 @@ void nbd_server_free(nbd_server **psrv)
         free(srv->exports[i]);
     }
     free(srv->exports);
+    while (srv->graveyard) {
+        export_slot *d = srv->graveyard;
+        srv->graveyard = d->next_dead;
+        free(d->pub.name);
+        free(d->pub.description);
+        free(d);
+    }
+    pthread_mutex_destroy(&srv->elock);
+    pthread_cond_destroy(&srv->econd);
     close(srv->wake[0]);
     close(srv->wake[1]);
     pthread_mutex_destroy(&srv->qlock);
@@ -167,6 +223,15 @@ int nbd_server_add_export(nbd_server *srv, const char *name,
                           const char *description, vd_node *node,
                           vd_error *err)
 {
+    return nbd_server_add_export_ro(srv, name, description, node,
+                                    vd_node_is_read_only(node), err);
+}
+
+int nbd_server_add_export_ro(nbd_server *srv, const char *name,
+                             const char *description, vd_node *node,
+                             bool read_only, vd_error *err)
+{
+    export_slot *slot;
     nbd_export *exp, **nv;
     int64_t size;
 
@@ -178,60 +243,155 @@ int nbd_server_add_export(nbd_server *srv, const char *name,
         return vd_error_set(err, -EINVAL, "description of export '%s' is "
                             "longer than %d bytes", name, NBD_MAX_STRING);
     }
-    if (nbd_server_find_export(srv, name, strlen(name))) {
-        return vd_error_set(err, -EEXIST, "export name '%s' is used twice",
-                            name);
-    }
     size = vd_getlength(node);
     if (size < 0) {
         return vd_error_set_errno(err, (int)size, "%s: cannot get length",
                                   vd_node_filename(node));
     }
-    exp = calloc(1, sizeof(*exp));
-    nv = realloc(srv->exports, (srv->nb_exports + 1) * sizeof(*nv));
-    if (!exp || !nv) {
-        free(exp);
-        if (nv) {
-            srv->exports = nv;
-        }
+    slot = calloc(1, sizeof(*slot));
+    if (!slot) {
         return vd_error_set(err, -ENOMEM, "out of memory");
     }
-    srv->exports = nv;
+    exp = &slot->pub;
     exp->name = strdup(name);
     exp->description = description ? strdup(description) : NULL;
     if (!exp->name || (description && !exp->description)) {
         free(exp->name);
         free(exp->description);
-        free(exp);
+        free(slot);
         return vd_error_set(err, -ENOMEM, "out of memory");
     }
     exp->node = node;
     exp->size = (uint64_t)size;
-    exp->read_only = vd_node_is_read_only(node);
+    exp->read_only = read_only || vd_node_is_read_only(node);
+
+    pthread_mutex_lock(&srv->elock);
+    if (nbd_server_find_export_locked(srv, name, strlen(name))) {
+        pthread_mutex_unlock(&srv->elock);
+        free(exp->name);
+        free(exp->description);
+        free(slot);
+        return vd_error_set(err, -EEXIST, "export name '%s' is used twice",
+                            name);
+    }
+    nv = realloc(srv->exports, (srv->nb_exports + 1) * sizeof(*nv));
+    if (!nv) {
+        pthread_mutex_unlock(&srv->elock);
+        free(exp->name);
+        free(exp->description);
+        free(slot);
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    srv->exports = nv;
     srv->exports[srv->nb_exports++] = exp;
+    pthread_mutex_unlock(&srv->elock);
     return 0;
+}
+
+int nbd_server_remove_export(nbd_server *srv, const char *name, bool hard,
+                             vd_error *err)
+{
+    export_slot *slot = NULL;
+    size_t i;
+
+    pthread_mutex_lock(&srv->elock);
+    for (i = 0; i < srv->nb_exports; i++) {
+        if (strcmp(srv->exports[i]->name, name) == 0) {
+            slot = (export_slot *)srv->exports[i];
+            break;
+        }
+    }
+    if (!slot) {
+        pthread_mutex_unlock(&srv->elock);
+        return vd_error_set(err, -ENOENT, "export '%s' not found", name);
+    }
+    if (slot->users && !hard) {
+        pthread_mutex_unlock(&srv->elock);
+        return vd_error_set(err, -EBUSY, "export '%s' still in use", name);
+    }
+    /* Unlisted first, so no new client can pick it while we wait. */
+    memmove(&srv->exports[i], &srv->exports[i + 1],
+            (srv->nb_exports - i - 1) * sizeof(*srv->exports));
+    srv->nb_exports--;
+    slot->removed = true;
+    /* Shutting the socket makes the reader see end of stream; it then
+     * drains its in-flight requests before leaving transmission. */
+    for (live_conn *l = srv->live; l; l = l->next) {
+        if (l->slot == slot) {
+            shutdown(l->c->in_fd, SHUT_RDWR);
+        }
+    }
+    while (slot->users) {
+        pthread_cond_wait(&srv->econd, &srv->elock);
+    }
+    slot->next_dead = srv->graveyard;
+    srv->graveyard = slot;
+    pthread_mutex_unlock(&srv->elock);
+    return 0;
+}
+
+void nbd_server_update_export_size(nbd_server *srv, vd_node *node)
+{
+    int64_t size = vd_getlength(node);
+
+    if (size < 0) {
+        return;
+    }
+    pthread_mutex_lock(&srv->elock);
+    for (size_t i = 0; i < srv->nb_exports; i++) {
+        if (srv->exports[i]->node == node) {
+            srv->exports[i]->size = (uint64_t)size;
+        }
+    }
+    pthread_mutex_unlock(&srv->elock);
+}
+
+unsigned nbd_server_export_clients(nbd_server *srv, const char *name)
+{
+    unsigned n = 0;
+
+    pthread_mutex_lock(&srv->elock);
+    for (size_t i = 0; i < srv->nb_exports; i++) {
+        if (strcmp(srv->exports[i]->name, name) == 0) {
+            n = ((export_slot *)srv->exports[i])->users;
+        }
+    }
+    pthread_mutex_unlock(&srv->elock);
+    return n;
 }
 
 nbd_export *nbd_server_find_export(nbd_server *srv, const char *name,
                                    size_t len)
 {
-    for (size_t i = 0; i < srv->nb_exports; i++) {
-        nbd_export *e = srv->exports[i];
-        if (strlen(e->name) == len && memcmp(e->name, name, len) == 0) {
-            return e;
-        }
-    }
-    return NULL;
+    nbd_export *e;
+
+    pthread_mutex_lock(&srv->elock);
+    e = nbd_server_find_export_locked(srv, name, len);
+    pthread_mutex_unlock(&srv->elock);
+    return e;
 }
 
 size_t nbd_server_nb_exports(const nbd_server *srv)
 {
-    return srv->nb_exports;
+    size_t n;
+
+    pthread_mutex_lock((pthread_mutex_t *)&srv->elock);
+    n = srv->nb_exports;
+    pthread_mutex_unlock((pthread_mutex_t *)&srv->elock);
+    return n;
 }
 
 nbd_export *nbd_server_export(nbd_server *srv, size_t i)
 {
-    return i < srv->nb_exports ? srv->exports[i] : NULL;
+    /* A listing racing with a removal may ask past the end; it gets an
+     * empty name rather than NULL (the handshake does not expect NULL). */
+    static nbd_export vanished = { .name = (char *)"" };
+    nbd_export *e;
+
+    pthread_mutex_lock(&srv->elock);
+    e = i < srv->nb_exports ? srv->exports[i] : &vanished;
+    pthread_mutex_unlock(&srv->elock);
+    return e;
 }
 
 bool nbd_server_multi_conn(const nbd_server *srv)
@@ -409,10 +569,34 @@ int nbd_conn_serve(nbd_server *srv, int in_fd, int out_fd, vd_error *err)
      * non-socket (the fuzzer's pipe) this harmlessly fails. */
     setsockopt(in_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     switch (nbd_handshake(c)) {
-    case NBD_HS_TRANSMISSION:
+    case NBD_HS_TRANSMISSION: {
+        /* Count the connection on its export so that a run-time removal
+         * can wait for it; an export removed during the handshake ends
+         * the connection here. */
+        live_conn lc = { .c = c, .slot = (export_slot *)c->exp };
+        pthread_mutex_lock(&srv->elock);
+        if (lc.slot->removed) {
+            pthread_mutex_unlock(&srv->elock);
+            break;
+        }
+        lc.slot->users++;
+        lc.next = srv->live;
+        srv->live = &lc;
+        pthread_mutex_unlock(&srv->elock);
         setsockopt(in_fd, SOL_SOCKET, SO_RCVTIMEO, &zero, sizeof(zero));
         ret = nbd_transmission(c);
+        pthread_mutex_lock(&srv->elock);
+        for (live_conn **pp = &srv->live; *pp; pp = &(*pp)->next) {
+            if (*pp == &lc) {
+                *pp = lc.next;
+                break;
+            }
+        }
+        lc.slot->users--;
+        pthread_cond_broadcast(&srv->econd);
+        pthread_mutex_unlock(&srv->elock);
         break;
+    }
     case NBD_HS_CLOSED:
         break;
     case NBD_HS_DEAD:

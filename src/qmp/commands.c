@@ -1,0 +1,1072 @@
+/*
+ * The QMP command handlers and the daemon state they act on.
+ *
+ * Each handler receives arguments already checked against its schema in
+ * schema.c and runs under the daemon's big lock (qmp-int.h), so the
+ * tables of monitor-owned nodes and of exports need no other locking.
+ * Return values and error texts follow what QEMU 7.2's
+ * qemu-storage-daemon answers; tests/cli/qmp-compat.sh compares the two.
+ *
+ * Order of the file: helpers, the protocol commands, nodes
+ * (blockdev-add/del, queries, resize), the NBD server and exports,
+ * snapshots, then daemon teardown.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/block_int.h"
+#include "qmp/qmp-int.h"
+
+/* ---- helpers ---- */
+
+static const char *arg_str(json_object *args, const char *name)
+{
+    json_object *v;
+
+    if (args && json_object_object_get_ex(args, name, &v) &&
+        json_object_is_type(v, json_type_string)) {
+        return json_object_get_string(v);
+    }
+    return NULL;
+}
+
+static bool arg_bool(json_object *args, const char *name, bool def)
+{
+    json_object *v;
+
+    if (args && json_object_object_get_ex(args, name, &v) &&
+        json_object_is_type(v, json_type_boolean)) {
+        return json_object_get_boolean(v);
+    }
+    return def;
+}
+
+static json_object *fail_vd(qmp_error *e, const vd_error *err, int r,
+                            const char *fallback)
+{
+    if (err->message[0]) {
+        return qmp_fail(e, NULL, "%s", err->message);
+    }
+    return qmp_fail(e, NULL, "%s: %s", fallback, strerror(-r));
+}
+
+static ssize_t owned_index(qmp_daemon *d, vd_node *node)
+{
+    for (size_t i = 0; i < d->nb_nodes; i++) {
+        if (d->nodes[i] == node) {
+            return (ssize_t)i;
+        }
+    }
+    return -1;
+}
+
+static qmp_export *find_export_id(qmp_daemon *d, const char *id)
+{
+    for (size_t i = 0; i < d->nb_exports; i++) {
+        if (strcmp(d->exports[i].id, id) == 0) {
+            return &d->exports[i];
+        }
+    }
+    return NULL;
+}
+
+static bool node_exported(qmp_daemon *d, vd_node *node)
+{
+    for (size_t i = 0; i < d->nb_exports; i++) {
+        if (d->exports[i].node == node) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static json_object *jint(int64_t v)
+{
+    return json_object_new_int64(v);
+}
+
+/* ---- protocol commands ---- */
+
+QMP_HANDLER(qmp_cmd_capabilities)
+{
+    (void)d;
+    (void)args;
+    (void)e;
+    /* The monitor handles negotiation state; reaching here is success. */
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_query_version)
+{
+    json_object *r = json_object_new_object();
+    json_object *q = json_object_new_object();
+
+    (void)d;
+    (void)args;
+    (void)e;
+    /* vdisk answers with the QEMU release whose behaviour it follows. */
+    json_object_object_add(q, "micro", jint(0));
+    json_object_object_add(q, "minor", jint(2));
+    json_object_object_add(q, "major", jint(7));
+    json_object_object_add(r, "qemu", q);
+    {
+        char pkg[64];
+        snprintf(pkg, sizeof(pkg), "vdisk %s", vd_version());
+        json_object_object_add(r, "package", json_object_new_string(pkg));
+    }
+    return r;
+}
+
+QMP_HANDLER(qmp_cmd_query_commands)
+{
+    json_object *r = json_object_new_array();
+
+    (void)d;
+    (void)args;
+    (void)e;
+    for (const qmp_cmd *c = qmp_commands; c->name; c++) {
+        json_object *o = json_object_new_object();
+        json_object_object_add(o, "name", json_object_new_string(c->name));
+        json_object_array_add(r, o);
+    }
+    return r;
+}
+
+QMP_HANDLER(qmp_cmd_quit)
+{
+    (void)args;
+    (void)e;
+    qmp_daemon_quit(d, "host-qmp-quit");
+    return json_object_new_object();
+}
+
+/* ---- nodes ---- */
+
+/* Flattens BlockdevOptions into the dotted keys vd_open() takes. */
+static int flatten(vd_opts *o, const char *prefix, json_object *obj)
+{
+    json_object_object_foreach(obj, key, val) {
+        char name[512];
+        const char *s;
+        char num[32];
+        int r = 0;
+
+        snprintf(name, sizeof(name), "%s%s", prefix, key);
+        switch (json_object_get_type(val)) {
+        case json_type_object: {
+            char sub[520];
+            snprintf(sub, sizeof(sub), "%s.", name);
+            r = flatten(o, sub, val);
+            continue;
+        }
+        case json_type_boolean:
+            s = json_object_get_boolean(val) ? "on" : "off";
+            break;
+        case json_type_null:
+            s = "null";
+            break;
+        case json_type_int:
+            snprintf(num, sizeof(num), "%" PRId64, json_object_get_int64(val));
+            s = num;
+            break;
+        default:
+            s = json_object_get_string(val);
+            break;
+        }
+        r = vd_opts_set(o, name, s);
+        if (r < 0) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+QMP_HANDLER(qmp_cmd_blockdev_add)
+{
+    const char *name = arg_str(args, "node-name");
+    vd_error err = VD_ERROR_INIT;
+    vd_opts *o;
+    vd_node *node = NULL, **nv;
+    unsigned flags = arg_bool(args, "read-only", false) ? 0 : VD_O_RDWR;
+    int r;
+
+    if (!name) {
+        return qmp_fail(e, NULL, "'node-name' must be specified for the root "
+                        "node");
+    }
+    o = vd_opts_new();
+    if (!o || flatten(o, "", args) < 0) {
+        vd_opts_free(&o);
+        return qmp_fail(e, NULL, "out of memory");
+    }
+    /* read-only is a flag here: let the children inherit it. */
+    vd_opts_del(o, "read-only");
+    r = vd_open(&node, NULL, NULL, o, flags | VD_O_QUIET, &err);
+    vd_opts_free(&o);
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not open node");
+    }
+    nv = realloc(d->nodes, (d->nb_nodes + 1) * sizeof(*nv));
+    if (!nv) {
+        vd_close(&node, NULL);
+        return qmp_fail(e, NULL, "out of memory");
+    }
+    d->nodes = nv;
+    d->nodes[d->nb_nodes++] = node;
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_blockdev_del)
+{
+    const char *name = arg_str(args, "node-name");
+    vd_node *node = vd_find_node(name);
+    vd_error err = VD_ERROR_INIT;
+    ssize_t i;
+
+    if (!node) {
+        return qmp_fail(e, NULL, "Failed to find node with node-name='%s'",
+                        name);
+    }
+    if (node_exported(d, node)) {
+        return qmp_fail(e, NULL, "Node %s is in use", name);
+    }
+    i = owned_index(d, node);
+    if (i < 0) {
+        return qmp_fail(e, NULL, "Node %s is not owned by the monitor", name);
+    }
+    if (node->n_parents > 0) {
+        return qmp_fail(e, NULL, "Block device %s is in use", name);
+    }
+    memmove(&d->nodes[i], &d->nodes[i + 1],
+            (d->nb_nodes - (size_t)i - 1) * sizeof(*d->nodes));
+    d->nb_nodes--;
+    if (vd_close(&node, &err) < 0) {
+        /* Closed anyway; the flush error is worth reporting. */
+        return fail_vd(e, &err, -EIO, "flush failed");
+    }
+    return json_object_new_object();
+}
+
+/* Collects every open node, newest first, as QEMU lists them. */
+typedef struct node_vec {
+    vd_node *v[1024];
+    size_t n;
+} node_vec;
+
+static void collect_node(vd_node *node, void *opaque)
+{
+    node_vec *nv = opaque;
+
+    if (nv->n < sizeof(nv->v) / sizeof(nv->v[0])) {
+        nv->v[nv->n++] = node;
+    }
+}
+
+static void all_nodes(node_vec *nv)
+{
+    nv->n = 0;
+    vd_foreach_node(collect_node, nv);
+    for (size_t i = 0; i < nv->n / 2; i++) {
+        vd_node *t = nv->v[i];
+        nv->v[i] = nv->v[nv->n - 1 - i];
+        nv->v[nv->n - 1 - i] = t;
+    }
+}
+
+/* QEMU shows a dirty flag where its driver answers get_info: qcow2 and
+ * file, and raw in front of either. */
+static bool shows_dirty_flag(vd_node *node)
+{
+    const char *f = vd_node_format(node);
+    vd_node *file = vd_node_child(node, "file");
+
+    if (strcmp(f, "qcow2") == 0 || strcmp(f, "file") == 0) {
+        return true;
+    }
+    return strcmp(f, "raw") == 0 && file && shows_dirty_flag(file);
+}
+
+/* The filename QEMU shows: null-co has a pseudo one. */
+static const char *shown_filename(vd_node *node)
+{
+    const char *f = vd_node_filename(node);
+    vd_node *n = node;
+
+    while ((!f || !f[0]) && n) {
+        if (strcmp(vd_node_format(n), "null-co") == 0) {
+            return "null-co://";
+        }
+        n = vd_node_child(n, "file");
+        f = n ? vd_node_filename(n) : f;
+    }
+    return f ? f : "";
+}
+
+static json_object *image_info(vd_node *node, int depth)
+{
+    vd_image_info *info = NULL;
+    json_object *o;
+    vd_node *backing;
+
+    if (vd_get_info(node, &info, NULL) < 0 || !info) {
+        return NULL;
+    }
+    o = json_object_new_object();
+    json_object_object_add(o, "virtual-size",
+                           jint((int64_t)info->virtual_size));
+    json_object_object_add(o, "filename", json_object_new_string(
+                               info->filename && info->filename[0]
+                               ? info->filename : shown_filename(node)));
+    if (info->cluster_size) {
+        json_object_object_add(o, "cluster-size",
+                               jint((int64_t)info->cluster_size));
+    }
+    json_object_object_add(o, "format", json_object_new_string(
+                               info->format ? info->format
+                                            : vd_node_format(node)));
+    if (info->actual_size >= 0) {
+        json_object_object_add(o, "actual-size", jint(info->actual_size));
+    }
+    if (info->encrypted) {
+        json_object_object_add(o, "encrypted", json_object_new_boolean(1));
+    }
+    if (info->format_specific_json) {
+        json_object *fs = json_tokener_parse(info->format_specific_json);
+        if (fs) {
+            json_object_object_add(o, "format-specific", fs);
+        }
+    }
+    if (shows_dirty_flag(node)) {
+        json_object_object_add(o, "dirty-flag",
+                               json_object_new_boolean(info->dirty_flag));
+    }
+    if (info->backing_filename) {
+        json_object_object_add(o, "backing-filename",
+                               json_object_new_string(info->backing_filename));
+    }
+    if (info->full_backing_filename) {
+        json_object_object_add(o, "full-backing-filename",
+            json_object_new_string(info->full_backing_filename));
+    }
+    if (info->backing_filename_format) {
+        json_object_object_add(o, "backing-filename-format",
+            json_object_new_string(info->backing_filename_format));
+    }
+    if (info->nb_snapshots) {
+        json_object *l = json_object_new_array();
+        for (size_t i = 0; i < info->nb_snapshots; i++) {
+            const vd_snapshot_info *sn = &info->snapshots[i];
+            json_object *s = json_object_new_object();
+            json_object_object_add(s, "id", json_object_new_string(sn->id));
+            json_object_object_add(s, "name",
+                                   json_object_new_string(sn->name));
+            json_object_object_add(s, "vm-state-size",
+                                   jint((int64_t)sn->vm_state_size));
+            json_object_object_add(s, "date-sec", jint(sn->date_sec));
+            json_object_object_add(s, "date-nsec", jint(sn->date_nsec));
+            json_object_object_add(s, "vm-clock-sec",
+                jint((int64_t)(sn->vm_clock_nsec / 1000000000u)));
+            json_object_object_add(s, "vm-clock-nsec",
+                jint((int64_t)(sn->vm_clock_nsec % 1000000000u)));
+            json_object_array_add(l, s);
+        }
+        json_object_object_add(o, "snapshots", l);
+    }
+    vd_image_info_free(&info);
+    backing = vd_node_child(node, "backing");
+    if (backing && depth < 64) {
+        json_object *b = image_info(backing, depth + 1);
+        if (b) {
+            json_object_object_add(o, "backing-image", b);
+        }
+    }
+    return o;
+}
+
+static json_object *block_device_info(vd_node *node)
+{
+    static const char *const dz[] = { "off", "on", "unmap" };
+    json_object *o = json_object_new_object();
+    json_object *cache = json_object_new_object();
+    json_object *img;
+    vd_node *b = vd_node_child(node, "backing");
+    int depth = 0;
+
+    for (vd_node *n = b; n && depth < 100000; n = vd_node_child(n, "backing")) {
+        depth++;
+    }
+    json_object_object_add(o, "iops_rd", jint(0));
+    json_object_object_add(o, "detect_zeroes", json_object_new_string(
+                               dz[node->detect_zeroes % 3]));
+    img = image_info(node, 0);
+    if (img) {
+        json_object_object_add(o, "image", img);
+    }
+    json_object_object_add(o, "iops_wr", jint(0));
+    json_object_object_add(o, "ro", json_object_new_boolean(node->read_only));
+    json_object_object_add(o, "node-name",
+                           json_object_new_string(vd_node_name(node)));
+    json_object_object_add(o, "backing_file_depth", jint(depth));
+    json_object_object_add(o, "drv",
+                           json_object_new_string(vd_node_format(node)));
+    json_object_object_add(o, "iops", jint(0));
+    json_object_object_add(o, "bps_wr", jint(0));
+    json_object_object_add(o, "write_threshold", jint(0));
+    if (b) {
+        json_object_object_add(o, "backing_file", json_object_new_string(
+            node->backing_file ? node->backing_file : vd_node_filename(b)));
+    }
+    json_object_object_add(o, "encrypted", json_object_new_boolean(0));
+    json_object_object_add(o, "bps", jint(0));
+    json_object_object_add(o, "bps_rd", jint(0));
+    json_object_object_add(cache, "no-flush", json_object_new_boolean(
+                               (node->flags & VD_NODE_NO_FLUSH) != 0));
+    json_object_object_add(cache, "direct", json_object_new_boolean(
+                               (node->flags & VD_NODE_NOCACHE) != 0));
+    json_object_object_add(cache, "writeback",
+                           json_object_new_boolean(!node->writethrough));
+    json_object_object_add(o, "cache", cache);
+    json_object_object_add(o, "file",
+                           json_object_new_string(shown_filename(node)));
+    return o;
+}
+
+QMP_HANDLER(qmp_cmd_query_named_block_nodes)
+{
+    json_object *r = json_object_new_array();
+    node_vec *nv = malloc(sizeof(*nv));
+
+    (void)d;
+    (void)args;
+    if (!nv) {
+        json_object_put(r);
+        return qmp_fail(e, NULL, "out of memory");
+    }
+    all_nodes(nv);
+    for (size_t i = 0; i < nv->n; i++) {
+        json_object_array_add(r, block_device_info(nv->v[i]));
+    }
+    free(nv);
+    return r;
+}
+
+static json_object *stats_json(vd_node *node)
+{
+    vd_stats s;
+    json_object *o = json_object_new_object();
+    int64_t len = vd_getlength(node);
+
+    vd_get_stats(node, &s);
+    json_object_object_add(o, "unmap_operations",
+                           jint((int64_t)s.unmap_operations));
+    json_object_object_add(o, "unmap_merged", jint(0));
+    json_object_object_add(o, "flush_total_time_ns",
+                           jint((int64_t)s.flush_total_time_ns));
+    /* Not tracked per request; the end of the written area is the best
+     * bound we have once anything was written. */
+    json_object_object_add(o, "wr_highest_offset",
+                           jint(s.wr_operations && len > 0 ? len : 0));
+    json_object_object_add(o, "wr_total_time_ns",
+                           jint((int64_t)s.wr_total_time_ns));
+    json_object_object_add(o, "failed_wr_operations",
+                           jint((int64_t)s.failed_wr_operations));
+    json_object_object_add(o, "failed_rd_operations",
+                           jint((int64_t)s.failed_rd_operations));
+    json_object_object_add(o, "wr_merged", jint(0));
+    json_object_object_add(o, "wr_bytes", jint((int64_t)s.wr_bytes));
+    json_object_object_add(o, "timed_stats", json_object_new_array());
+    json_object_object_add(o, "failed_unmap_operations",
+                           jint((int64_t)s.failed_unmap_operations));
+    json_object_object_add(o, "failed_flush_operations",
+                           jint((int64_t)s.failed_flush_operations));
+    json_object_object_add(o, "account_invalid", json_object_new_boolean(0));
+    json_object_object_add(o, "rd_total_time_ns",
+                           jint((int64_t)s.rd_total_time_ns));
+    json_object_object_add(o, "invalid_unmap_operations", jint(0));
+    json_object_object_add(o, "flush_operations",
+                           jint((int64_t)s.flush_operations));
+    json_object_object_add(o, "wr_operations",
+                           jint((int64_t)s.wr_operations));
+    json_object_object_add(o, "unmap_bytes", jint((int64_t)s.unmap_bytes));
+    json_object_object_add(o, "rd_merged", jint(0));
+    json_object_object_add(o, "rd_bytes", jint((int64_t)s.rd_bytes));
+    json_object_object_add(o, "unmap_total_time_ns",
+                           jint((int64_t)s.unmap_total_time_ns));
+    json_object_object_add(o, "invalid_flush_operations", jint(0));
+    json_object_object_add(o, "account_failed", json_object_new_boolean(0));
+    json_object_object_add(o, "rd_operations",
+                           jint((int64_t)s.rd_operations));
+    json_object_object_add(o, "invalid_wr_operations", jint(0));
+    json_object_object_add(o, "invalid_rd_operations", jint(0));
+    return o;
+}
+
+static json_object *block_stats(vd_node *node, int depth)
+{
+    json_object *o = json_object_new_object();
+    vd_node *file = vd_node_child(node, "file");
+
+    /* Node-level statistics follow the file child only ("parent", as
+     * QEMU names it); QEMU adds "backing" only for block backends. */
+    if (file && depth < 64) {
+        json_object_object_add(o, "parent", block_stats(file, depth + 1));
+    }
+    json_object_object_add(o, "stats", stats_json(node));
+    json_object_object_add(o, "node-name",
+                           json_object_new_string(vd_node_name(node)));
+    if (strcmp(vd_node_format(node), "file") == 0) {
+        vd_stats s;
+        json_object *ds = json_object_new_object();
+        vd_get_stats(node, &s);
+        json_object_object_add(ds, "discard-bytes-ok",
+                               jint((int64_t)s.unmap_bytes));
+        json_object_object_add(ds, "discard-nb-ok",
+                               jint((int64_t)(s.unmap_operations -
+                                              s.failed_unmap_operations)));
+        json_object_object_add(ds, "driver", json_object_new_string("file"));
+        json_object_object_add(ds, "discard-nb-failed",
+                               jint((int64_t)s.failed_unmap_operations));
+        json_object_object_add(o, "driver-specific", ds);
+    }
+    return o;
+}
+
+QMP_HANDLER(qmp_cmd_query_blockstats)
+{
+    json_object *r = json_object_new_array();
+    node_vec *nv;
+
+    (void)d;
+    /* Without query-nodes QEMU lists its named block backends, which a
+     * storage daemon has none of. */
+    if (!arg_bool(args, "query-nodes", false)) {
+        return r;
+    }
+    nv = malloc(sizeof(*nv));
+    if (!nv) {
+        json_object_put(r);
+        return qmp_fail(e, NULL, "out of memory");
+    }
+    all_nodes(nv);
+    for (size_t i = 0; i < nv->n; i++) {
+        json_object_array_add(r, block_stats(nv->v[i], 0));
+    }
+    free(nv);
+    return r;
+}
+
+QMP_HANDLER(qmp_cmd_block_resize)
+{
+    const char *dev = arg_str(args, "device");
+    const char *nn = arg_str(args, "node-name");
+    json_object *sz;
+    int64_t size;
+    vd_node *node = nn ? vd_find_node(nn) : NULL;
+    vd_error err = VD_ERROR_INIT;
+    int r;
+
+    json_object_object_get_ex(args, "size", &sz);
+    size = json_object_get_int64(sz);
+    if (!node) {
+        return qmp_fail(e, NULL, "Cannot find device='%s' nor node-name='%s'",
+                        dev ? dev : "", nn ? nn : "");
+    }
+    if (size < 0) {
+        return qmp_fail(e, NULL, "Parameter 'size' expects a >0 size");
+    }
+    if (vd_node_is_read_only(node)) {
+        return qmp_fail(e, NULL, "Node '%s' is read only", nn);
+    }
+    r = vd_truncate(node, (uint64_t)size, true, VD_PREALLOC_OFF, &err);
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not resize");
+    }
+    if (d->nbd) {
+        nbd_server_update_export_size(d->nbd, node);
+    }
+    return json_object_new_object();
+}
+
+/* ---- NBD server and exports ---- */
+
+static void *nbd_thread_main(void *opaque)
+{
+    qmp_daemon *d = opaque;
+    vd_error err = VD_ERROR_INIT;
+
+    if (nbd_server_run(d->nbd, &err) < 0) {
+        fprintf(stderr, "vdisk serve: %s\n", err.message);
+    }
+    return NULL;
+}
+
+QMP_HANDLER(qmp_cmd_nbd_server_start)
+{
+    json_object *addr, *data;
+    const char *type;
+    vd_error err = VD_ERROR_INIT;
+    nbd_server *srv;
+    int r;
+    int64_t maxc = 0;
+    json_object *mc;
+
+    if (d->nbd) {
+        return qmp_fail(e, NULL, "NBD server already running");
+    }
+    if (arg_str(args, "tls-creds") || arg_str(args, "tls-authz")) {
+        return qmp_fail(e, NULL, "TLS is not supported by this server yet");
+    }
+    if (json_object_object_get_ex(args, "max-connections", &mc)) {
+        maxc = json_object_get_int64(mc);
+        if (maxc < 0 || maxc > 65535) {
+            return qmp_fail(e, NULL, "Parameter 'max-connections' expects "
+                            "a value between 0 and 65535");
+        }
+    }
+    json_object_object_get_ex(args, "addr", &addr);
+    json_object_object_get_ex(addr, "data", &data);
+    type = arg_str(addr, "type");
+    srv = nbd_server_new(16, (unsigned)maxc, true);
+    if (!srv) {
+        return qmp_fail(e, NULL, "out of memory");
+    }
+    if (strcmp(type, "unix") == 0) {
+        r = nbd_server_listen_unix(srv, arg_str(data, "path"), &err);
+    } else if (strcmp(type, "inet") == 0) {
+        r = nbd_server_listen_tcp(srv, arg_str(data, "host"),
+                                  arg_str(data, "port"), &err);
+    } else {
+        nbd_server_free(&srv);
+        return qmp_fail(e, NULL, "Socket address type '%s' is not supported",
+                        type);
+    }
+    if (r < 0) {
+        nbd_server_free(&srv);
+        return fail_vd(e, &err, r, "Failed to listen");
+    }
+    d->nbd = srv;
+    r = pthread_create(&d->nbd_thread, NULL, nbd_thread_main, d);
+    if (r != 0) {
+        d->nbd = NULL;
+        nbd_server_free(&srv);
+        return qmp_fail(e, NULL, "cannot start the NBD server thread: %s",
+                        strerror(r));
+    }
+    return json_object_new_object();
+}
+
+static void export_remove_at(qmp_daemon *d, size_t i)
+{
+    json_object *data = json_object_new_object();
+
+    json_object_object_add(data, "id",
+                           json_object_new_string(d->exports[i].id));
+    free(d->exports[i].id);
+    free(d->exports[i].name);
+    memmove(&d->exports[i], &d->exports[i + 1],
+            (d->nb_exports - i - 1) * sizeof(*d->exports));
+    d->nb_exports--;
+    qmp_emit_event(d, "BLOCK_EXPORT_DELETED", data);
+}
+
+void qmp_daemon_stop_nbd(qmp_daemon *d)
+{
+    if (!d->nbd) {
+        return;
+    }
+    while (d->nb_exports) {
+        nbd_server_remove_export(d->nbd, d->exports[0].name, true, NULL);
+        export_remove_at(d, 0);
+    }
+    nbd_server_request_shutdown(d->nbd);
+    pthread_join(d->nbd_thread, NULL);
+    nbd_server_free(&d->nbd);
+}
+
+QMP_HANDLER(qmp_cmd_nbd_server_stop)
+{
+    (void)args;
+    if (!d->nbd) {
+        return qmp_fail(e, NULL, "NBD server not running");
+    }
+    qmp_daemon_stop_nbd(d);
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_block_export_add)
+{
+    const char *type = arg_str(args, "type");
+    const char *id = arg_str(args, "id");
+    const char *nn = arg_str(args, "node-name");
+    const char *name = arg_str(args, "name");
+    const char *desc = arg_str(args, "description");
+    bool writable = arg_bool(args, "writable", false);
+    json_object *bm;
+    vd_error err = VD_ERROR_INIT;
+    vd_node *node;
+    qmp_export *nv;
+    int r;
+
+    if (strcmp(type, "nbd") != 0) {
+        return qmp_fail(e, NULL, "Export type '%s' is not supported", type);
+    }
+    if (find_export_id(d, id)) {
+        return qmp_fail(e, NULL, "Block export id '%s' is already in use",
+                        id);
+    }
+    if (!d->nbd) {
+        return qmp_fail(e, NULL, "NBD server not running");
+    }
+    node = vd_find_node(nn);
+    if (!node) {
+        return qmp_fail(e, NULL, "Cannot find device='' nor node-name='%s'",
+                        nn);
+    }
+    if (writable && vd_node_is_read_only(node)) {
+        return qmp_fail(e, NULL, "Cannot export read-only node as writable");
+    }
+    if (json_object_object_get_ex(args, "bitmaps", &bm) &&
+        json_object_array_length(bm) > 0) {
+        return qmp_fail(e, NULL, "Bitmap '%s' is not found",
+                        json_object_get_string(
+                            json_object_array_get_idx(bm, 0)));
+    }
+    if (!name) {
+        name = nn;
+    }
+    if (strlen(name) > 4096) {
+        return qmp_fail(e, NULL, "export name '%.40s...' too long", name);
+    }
+    if (nbd_server_find_export(d->nbd, name, strlen(name))) {
+        return qmp_fail(e, NULL, "NBD server already has export named '%s'",
+                        name);
+    }
+    nv = realloc(d->exports, (d->nb_exports + 1) * sizeof(*nv));
+    if (!nv) {
+        return qmp_fail(e, NULL, "out of memory");
+    }
+    d->exports = nv;
+    nv = &d->exports[d->nb_exports];
+    nv->id = strdup(id);
+    nv->name = strdup(name);
+    nv->node = node;
+    if (!nv->id || !nv->name) {
+        free(nv->id);
+        free(nv->name);
+        return qmp_fail(e, NULL, "out of memory");
+    }
+    r = nbd_server_add_export_ro(d->nbd, name, desc, node, !writable, &err);
+    if (r < 0) {
+        free(nv->id);
+        free(nv->name);
+        return fail_vd(e, &err, r, "Could not add export");
+    }
+    d->nb_exports++;
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_block_export_del)
+{
+    const char *id = arg_str(args, "id");
+    const char *mode = arg_str(args, "mode");
+    bool hard = mode && strcmp(mode, "hard") == 0;
+    qmp_export *x = find_export_id(d, id);
+    vd_error err = VD_ERROR_INIT;
+    int r;
+
+    if (!x) {
+        return qmp_fail(e, NULL, "Export '%s' is not found", id);
+    }
+    r = nbd_server_remove_export(d->nbd, x->name, hard, &err);
+    if (r == -EBUSY) {
+        return qmp_fail(e, NULL, "export '%s' still in use", id);
+    }
+    if (r < 0 && r != -ENOENT) {
+        return fail_vd(e, &err, r, "Could not remove export");
+    }
+    export_remove_at(d, (size_t)(x - d->exports));
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_query_block_exports)
+{
+    json_object *r = json_object_new_array();
+
+    (void)args;
+    (void)e;
+    /* Newest first, as QEMU's list. */
+    for (size_t i = d->nb_exports; i-- > 0;) {
+        json_object *o = json_object_new_object();
+        json_object_object_add(o, "node-name", json_object_new_string(
+                                   vd_node_name(d->exports[i].node)));
+        json_object_object_add(o, "shutting-down",
+                               json_object_new_boolean(0));
+        json_object_object_add(o, "type", json_object_new_string("nbd"));
+        json_object_object_add(o, "id",
+                               json_object_new_string(d->exports[i].id));
+        json_object_array_add(r, o);
+    }
+    return r;
+}
+
+/* ---- snapshots ---- */
+
+/* The node for a snapshot command's 'device' (a node name here). */
+static vd_node *snapshot_node(const char *dev, qmp_error *e)
+{
+    vd_node *node = vd_find_node(dev);
+
+    if (!node) {
+        qmp_fail(e, NULL, "Cannot find device='%s' nor node-name='%s'", dev,
+                 dev);
+        return NULL;
+    }
+    if (node->n_parents > 0) {
+        qmp_fail(e, NULL, "Need a root block node");
+        return NULL;
+    }
+    return node;
+}
+
+QMP_HANDLER(qmp_cmd_snapshot_internal)
+{
+    const char *dev = arg_str(args, "device");
+    const char *name = arg_str(args, "name");
+    vd_error err = VD_ERROR_INIT;
+    vd_node *node;
+    int r;
+
+    (void)d;
+    node = snapshot_node(dev, e);
+    if (!node) {
+        return NULL;
+    }
+    if (vd_node_is_read_only(node)) {
+        return qmp_fail(e, NULL, "Device '%s' is read only", dev);
+    }
+    if (!vd_snapshot_can(node)) {
+        return qmp_fail(e, NULL, "Block format '%s' used by device '%s' does "
+                        "not support internal snapshots",
+                        vd_node_format(node), dev);
+    }
+    if (!name[0]) {
+        return qmp_fail(e, NULL, "Name is empty");
+    }
+    r = vd_snapshot_find(node, NULL, name, NULL, &err);
+    if (r > 0) {
+        return qmp_fail(e, NULL, "Snapshot with name '%s' already exists on "
+                        "device '%s'", name, dev);
+    }
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not list snapshots");
+    }
+    r = vd_snapshot_create_simple(node, name, &err);
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not create snapshot");
+    }
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_snapshot_delete_internal)
+{
+    const char *dev = arg_str(args, "device");
+    const char *id = arg_str(args, "id");
+    const char *name = arg_str(args, "name");
+    vd_error err = VD_ERROR_INIT;
+    vd_snapshot_info sn = { 0 };
+    vd_node *node;
+    json_object *o;
+    int r;
+
+    (void)d;
+    node = snapshot_node(dev, e);
+    if (!node) {
+        return NULL;
+    }
+    if (!id && !name) {
+        return qmp_fail(e, NULL, "Name or id must be provided");
+    }
+    if (vd_node_is_read_only(node)) {
+        return qmp_fail(e, NULL, "Device '%s' is read only", dev);
+    }
+    r = vd_snapshot_find(node, id, name, &sn, &err);
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not list snapshots");
+    }
+    if (r == 0) {
+        return qmp_fail(e, NULL, "Snapshot with id '%s' and name '%s' does "
+                        "not exist on device '%s'", id ? id : "null",
+                        name ? name : "null", dev);
+    }
+    r = vd_snapshot_delete(node, sn.id, sn.name, &err);
+    if (r < 0) {
+        vd_snapshot_info_clear(&sn);
+        return fail_vd(e, &err, r, "Could not delete snapshot");
+    }
+    o = json_object_new_object();
+    json_object_object_add(o, "vm-clock-nsec",
+                           jint((int64_t)(sn.vm_clock_nsec % 1000000000u)));
+    json_object_object_add(o, "name", json_object_new_string(sn.name));
+    json_object_object_add(o, "date-sec", jint(sn.date_sec));
+    json_object_object_add(o, "date-nsec", jint(sn.date_nsec));
+    json_object_object_add(o, "vm-clock-sec",
+                           jint((int64_t)(sn.vm_clock_nsec / 1000000000u)));
+    json_object_object_add(o, "id", json_object_new_string(sn.id));
+    json_object_object_add(o, "vm-state-size",
+                           jint((int64_t)sn.vm_state_size));
+    vd_snapshot_info_clear(&sn);
+    return o;
+}
+
+/* The 'devices' list as the NULL-terminated array vd_snapshot_all_*
+ * take, or NULL for "every root node" (*out_none). */
+static const char **device_list(json_object *args, qmp_error *e, bool *ok)
+{
+    json_object *l;
+    const char **v;
+    size_t n;
+
+    *ok = true;
+    if (!json_object_object_get_ex(args, "devices", &l)) {
+        return NULL;
+    }
+    n = json_object_array_length(l);
+    if (n > 4096) {
+        *ok = false;
+        qmp_fail(e, NULL, "too many devices");
+        return NULL;
+    }
+    v = calloc(n + 1, sizeof(*v));
+    if (!v) {
+        *ok = false;
+        qmp_fail(e, NULL, "out of memory");
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        v[i] = json_object_get_string(json_object_array_get_idx(l, i));
+    }
+    return v;
+}
+
+QMP_HANDLER(qmp_cmd_vdisk_snapshot_save)
+{
+    const char *name = arg_str(args, "name");
+    const char *vmstate = arg_str(args, "vmstate");
+    vd_error err = VD_ERROR_INIT;
+    vd_snapshot_info sn = { 0 };
+    vd_node *vm = NULL;
+    struct timespec ts;
+    bool ok;
+    const char **devs = device_list(args, e, &ok);
+    int r;
+
+    (void)d;
+    if (!ok) {
+        return NULL;
+    }
+    r = vd_snapshot_all_can(devs, &err);
+    if (r >= 0) {
+        r = vd_snapshot_all_has(devs, name, &err);
+        if (r > 0) {
+            free(devs);
+            return qmp_fail(e, NULL, "Snapshot '%s' already exists in one or "
+                            "more devices", name);
+        }
+    }
+    if (r >= 0) {
+        r = vd_snapshot_all_find_vmstate(devs, vmstate, &vm, &err);
+    }
+    if (r >= 0) {
+        clock_gettime(CLOCK_REALTIME, &ts);
+        sn.name = (char *)name;
+        sn.id = NULL;
+        sn.date_sec = (uint32_t)ts.tv_sec;
+        sn.date_nsec = (uint32_t)ts.tv_nsec;
+        sn.icount = UINT64_MAX;
+        r = vd_snapshot_all_create(devs, &sn, vm, 0, &err);
+    }
+    free(devs);
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not save snapshot");
+    }
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_vdisk_snapshot_load)
+{
+    const char *name = arg_str(args, "name");
+    vd_error err = VD_ERROR_INIT;
+    bool ok;
+    const char **devs = device_list(args, e, &ok);
+    int r;
+
+    (void)d;
+    if (!ok) {
+        return NULL;
+    }
+    r = vd_snapshot_all_can(devs, &err);
+    if (r >= 0) {
+        r = vd_snapshot_all_has(devs, name, &err);
+        if (r == 0) {
+            free(devs);
+            return qmp_fail(e, NULL, "Snapshot '%s' does not exist in one or "
+                            "more devices", name);
+        }
+    }
+    if (r >= 0) {
+        r = vd_snapshot_all_goto(devs, name, &err);
+    }
+    free(devs);
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not load snapshot");
+    }
+    if (d->nbd) {
+        for (size_t i = 0; i < d->nb_exports; i++) {
+            nbd_server_update_export_size(d->nbd, d->exports[i].node);
+        }
+    }
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_vdisk_snapshot_delete)
+{
+    const char *name = arg_str(args, "name");
+    vd_error err = VD_ERROR_INIT;
+    bool ok;
+    const char **devs = device_list(args, e, &ok);
+    int r;
+
+    (void)d;
+    if (!ok) {
+        return NULL;
+    }
+    r = vd_snapshot_all_delete(devs, name, &err);
+    free(devs);
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not delete snapshot");
+    }
+    return json_object_new_object();
+}
+
+/* ---- teardown ---- */
+
+int qmp_daemon_close_nodes(qmp_daemon *d)
+{
+    int ret = 0;
+
+    /* Newest first: a node added later may use an older one as a child. */
+    while (d->nb_nodes) {
+        vd_error err = VD_ERROR_INIT;
+        vd_node *n = d->nodes[--d->nb_nodes];
+        if (vd_close(&n, &err) < 0) {
+            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            ret = -EIO;
+        }
+    }
+    return ret;
+}

@@ -1,0 +1,613 @@
+/*
+ * The QMP command table and the argument checker derived from it.
+ *
+ * Every command is described once, below, by its name, the schema of its
+ * arguments (QEMU's names and types, from ../shared/specs/block-core.json
+ * and block-export.json) and its handler. Dispatch, argument validation,
+ * query-commands and docs/qmp.md all follow this table.
+ *
+ * Validation walks the schema in order, as QEMU's input visitor does: the
+ * first missing or mistyped member is reported, then any member the
+ * schema does not know. Messages are QEMU's. Command-line ("keyval")
+ * input carries only strings, so in that mode booleans and integers are
+ * parsed from strings and replaced by typed values in place.
+ *
+ * The end of the file turns a command-line option value (JSON or
+ * key=value,a.b=value) into a JSON object for the same checker.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/error.h"
+#include "core/opts.h"
+#include "qmp/qmp-int.h"
+
+/* ---- argument schemas ---- */
+
+static const char *const discard_enum[] = { "ignore", "unmap", NULL };
+static const char *const dz_enum[] = { "off", "on", "unmap", NULL };
+static const char *const locking_enum[] = { "auto", "on", "off", NULL };
+static const char *const aio_enum[] = { "threads", "native", "io_uring",
+                                        NULL };
+/* The drivers vdisk has; QEMU's enum is longer, but an unknown value is
+ * refused the same way. */
+static const char *const driver_enum[] = { "file", "null-co", "qcow2", "raw",
+                                           NULL };
+static const char *const export_type_enum[] = { "nbd", "vhost-user-blk",
+                                                "fuse", "vduse-blk", NULL };
+static const char *const export_mode_enum[] = { "safe", "hard", NULL };
+static const char *const cap_enum[] = { "oob", NULL };
+
+static const qarg cache_args[] = {
+    { "direct", QT_BOOL, true, NULL },
+    { "no-flush", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+/* BlockdevOptions' base, in QEMU's order. */
+static const qarg blockdev_base[] = {
+    { "driver", QT_ENUM, false, driver_enum },
+    { "node-name", QT_STR, true, NULL },
+    { "discard", QT_ENUM, true, discard_enum },
+    { "cache", QT_OBJ, true, cache_args },
+    { "read-only", QT_BOOL, true, NULL },
+    { "auto-read-only", QT_BOOL, true, NULL },
+    { "force-share", QT_BOOL, true, NULL },
+    { "detect-zeroes", QT_ENUM, true, dz_enum },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg blockdev_file[] = {
+    { "filename", QT_STR, false, NULL },
+    { "pr-manager", QT_STR, true, NULL },
+    { "locking", QT_ENUM, true, locking_enum },
+    { "aio", QT_ENUM, true, aio_enum },
+    { "aio-max-batch", QT_INT, true, NULL },
+    { "drop-cache", QT_BOOL, true, NULL },
+    { "x-check-cache-dropped", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg blockdev_null[] = {
+    { "size", QT_INT, true, NULL },
+    { "latency-ns", QT_INT, true, NULL },
+    { "read-zeroes", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg blockdev_raw[] = {
+    { "file", QT_BLOCKREF, false, NULL },
+    { "offset", QT_INT, true, NULL },
+    { "size", QT_INT, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg blockdev_qcow2[] = {
+    { "file", QT_BLOCKREF, false, NULL },
+    { "backing", QT_BLOCKREF_NULL, true, NULL },
+    { "lazy-refcounts", QT_BOOL, true, NULL },
+    { "pass-discard-request", QT_BOOL, true, NULL },
+    { "pass-discard-snapshot", QT_BOOL, true, NULL },
+    { "pass-discard-other", QT_BOOL, true, NULL },
+    { "cache-size", QT_INT, true, NULL },
+    { "l2-cache-size", QT_INT, true, NULL },
+    { "l2-cache-entry-size", QT_INT, true, NULL },
+    { "refcount-cache-size", QT_INT, true, NULL },
+    { "cache-clean-interval", QT_INT, true, NULL },
+    { "data-file", QT_BLOCKREF, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const struct {
+    const char *driver;
+    const qarg *args;
+} blockdev_variants[] = {
+    { "file", blockdev_file },
+    { "null-co", blockdev_null },
+    { "raw", blockdev_raw },
+    { "qcow2", blockdev_qcow2 },
+};
+
+static const qarg args_capabilities[] = {
+    { "enable", QT_STRLIST, true, cap_enum },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_blockdev_del[] = {
+    { "node-name", QT_STR, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_query_nodes[] = {
+    { "flat", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_blockstats[] = {
+    { "query-nodes", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_block_resize[] = {
+    { "device", QT_STR, true, NULL },
+    { "node-name", QT_STR, true, NULL },
+    { "size", QT_INT, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_nbd_start[] = {
+    { "addr", QT_SOCKADDR_LEGACY, false, NULL },
+    { "tls-creds", QT_STR, true, NULL },
+    { "tls-authz", QT_STR, true, NULL },
+    { "max-connections", QT_INT, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_export_add[] = {
+    { "type", QT_ENUM, false, export_type_enum },
+    { "id", QT_STR, false, NULL },
+    { "fixed-iothread", QT_BOOL, true, NULL },
+    { "iothread", QT_STR, true, NULL },
+    { "node-name", QT_STR, false, NULL },
+    { "writable", QT_BOOL, true, NULL },
+    { "writethrough", QT_BOOL, true, NULL },
+    { "name", QT_STR, true, NULL },
+    { "description", QT_STR, true, NULL },
+    { "bitmaps", QT_STRLIST, true, NULL },
+    { "allocation-depth", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_export_del[] = {
+    { "id", QT_STR, false, NULL },
+    { "mode", QT_ENUM, true, export_mode_enum },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_snapshot_internal[] = {
+    { "device", QT_STR, false, NULL },
+    { "name", QT_STR, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_snapshot_delete_internal[] = {
+    { "device", QT_STR, false, NULL },
+    { "id", QT_STR, true, NULL },
+    { "name", QT_STR, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_vdisk_snapshot[] = {
+    { "name", QT_STR, false, NULL },
+    { "devices", QT_STRLIST, true, NULL },
+    { "vmstate", QT_STR, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_none[] = {
+    { NULL, 0, false, NULL },
+};
+
+/* blockdev-add's arguments are one BlockdevOptions, checked as such. */
+static const qarg args_blockdev_add[] = {
+    { "", QT_BLOCKDEV, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+/* The table. query-commands lists it in this order. */
+const qmp_cmd qmp_commands[] = {
+    { "qmp_capabilities", args_capabilities, qmp_cmd_capabilities, true },
+    { "query-version", args_none, qmp_cmd_query_version, false },
+    { "query-commands", args_none, qmp_cmd_query_commands, false },
+    { "quit", args_none, qmp_cmd_quit, false },
+    { "blockdev-add", args_blockdev_add, qmp_cmd_blockdev_add, false },
+    { "blockdev-del", args_blockdev_del, qmp_cmd_blockdev_del, false },
+    { "query-named-block-nodes", args_query_nodes,
+      qmp_cmd_query_named_block_nodes, false },
+    { "query-blockstats", args_blockstats, qmp_cmd_query_blockstats, false },
+    { "block_resize", args_block_resize, qmp_cmd_block_resize, false },
+    { "nbd-server-start", args_nbd_start, qmp_cmd_nbd_server_start, false },
+    { "nbd-server-stop", args_none, qmp_cmd_nbd_server_stop, false },
+    { "block-export-add", args_export_add, qmp_cmd_block_export_add, false },
+    { "block-export-del", args_export_del, qmp_cmd_block_export_del, false },
+    { "query-block-exports", args_none, qmp_cmd_query_block_exports, false },
+    { "blockdev-snapshot-internal-sync", args_snapshot_internal,
+      qmp_cmd_snapshot_internal, false },
+    { "blockdev-snapshot-delete-internal-sync", args_snapshot_delete_internal,
+      qmp_cmd_snapshot_delete_internal, false },
+    { "x-vdisk-snapshot-save", args_vdisk_snapshot,
+      qmp_cmd_vdisk_snapshot_save, false },
+    { "x-vdisk-snapshot-load", args_vdisk_snapshot,
+      qmp_cmd_vdisk_snapshot_load, false },
+    { "x-vdisk-snapshot-delete", args_vdisk_snapshot,
+      qmp_cmd_vdisk_snapshot_delete, false },
+    { NULL, NULL, NULL, false },
+};
+
+const qmp_cmd *qmp_find_command(const char *name)
+{
+    for (const qmp_cmd *c = qmp_commands; c->name; c++) {
+        if (strcmp(c->name, name) == 0) {
+            return c;
+        }
+    }
+    return NULL;
+}
+
+json_object *qmp_fail(qmp_error *e, const char *cls, const char *fmt, ...)
+{
+    va_list ap;
+
+    e->cls = cls ? cls : "GenericError";
+    va_start(ap, fmt);
+    vsnprintf(e->desc, sizeof(e->desc), fmt, ap);
+    va_end(ap);
+    return NULL;
+}
+
+/* ---- validation ---- */
+
+static int bad_type(qmp_error *e, const char *prefix, const char *name,
+                    const char *expected)
+{
+    qmp_fail(e, NULL, "Invalid parameter type for '%s%s', expected: %s",
+             prefix, name, expected);
+    return -1;
+}
+
+/* Converts a keyval string in @parent's member @name to type @t. */
+static int keyval_convert(json_object *parent, const char *name,
+                          json_object *val, qtype t, const char *prefix,
+                          qmp_error *e)
+{
+    const char *s = json_object_get_string(val);
+
+    if (t == QT_BOOL) {
+        bool b;
+        if (vd_parse_bool(s, &b) < 0) {
+            qmp_fail(e, NULL, "Parameter '%s%s' expects 'on' or 'off'",
+                     prefix, name);
+            return -1;
+        }
+        json_object_object_add(parent, name, json_object_new_boolean(b));
+    } else {
+        char *end;
+        long long v;
+        uint64_t sz;
+
+        errno = 0;
+        v = strtoll(s, &end, 0);
+        if (errno || end == s || *end) {
+            /* Sizes may carry a suffix on the command line. */
+            if (vd_parse_size(s, &sz) < 0 || sz > INT64_MAX) {
+                qmp_fail(e, NULL, "Parameter '%s%s' expects a number",
+                         prefix, name);
+                return -1;
+            }
+            v = (long long)sz;
+        }
+        json_object_object_add(parent, name, json_object_new_int64(v));
+    }
+    return 0;
+}
+
+static int check_blockdev(json_object *obj, const char *prefix, bool keyval,
+                          qmp_error *e);
+
+static bool in_list(const char *const *list, const char *s)
+{
+    for (; *list; list++) {
+        if (strcmp(*list, s) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Checks one member @val of @parent against @a. */
+static int check_member(json_object *parent, const qarg *a, json_object *val,
+                        const char *prefix, bool keyval, qmp_error *e)
+{
+    json_type jt = json_object_get_type(val);
+    char sub[256];
+
+    snprintf(sub, sizeof(sub), "%s%s.", prefix, a->name);
+    switch (a->type) {
+    case QT_STR:
+        return jt == json_type_string ? 0
+               : bad_type(e, prefix, a->name, "string");
+    case QT_BOOL:
+        if (keyval && jt == json_type_string) {
+            return keyval_convert(parent, a->name, val, a->type, prefix, e);
+        }
+        return jt == json_type_boolean ? 0
+               : bad_type(e, prefix, a->name, "boolean");
+    case QT_INT:
+        if (keyval && jt == json_type_string) {
+            return keyval_convert(parent, a->name, val, a->type, prefix, e);
+        }
+        return jt == json_type_int ? 0
+               : bad_type(e, prefix, a->name, "integer");
+    case QT_ENUM:
+        if (jt != json_type_string) {
+            return bad_type(e, prefix, a->name, "string");
+        }
+        if (!in_list(a->sub, json_object_get_string(val))) {
+            qmp_fail(e, NULL, "Parameter '%s%s' does not accept value '%s'",
+                     prefix, a->name, json_object_get_string(val));
+            return -1;
+        }
+        return 0;
+    case QT_OBJ:
+        if (jt != json_type_object) {
+            return bad_type(e, prefix, a->name, "object");
+        }
+        return qmp_check_args(val, a->sub, sub, keyval, e);
+    case QT_STRLIST:
+        if (jt != json_type_array) {
+            return bad_type(e, prefix, a->name, "array");
+        }
+        for (size_t i = 0; i < json_object_array_length(val); i++) {
+            json_object *it = json_object_array_get_idx(val, i);
+            if (!json_object_is_type(it, json_type_string)) {
+                char nm[256];
+                snprintf(nm, sizeof(nm), "%s[%zu]", a->name, i);
+                return bad_type(e, prefix, nm, "string");
+            }
+            if (a->sub && !in_list(a->sub, json_object_get_string(it))) {
+                qmp_fail(e, NULL, "Parameter '%s%s[%zu]' does not accept "
+                         "value '%s'", prefix, a->name, i,
+                         json_object_get_string(it));
+                return -1;
+            }
+        }
+        return 0;
+    case QT_ANY:
+        return 0;
+    case QT_BLOCKDEV:
+        if (jt != json_type_object) {
+            return bad_type(e, prefix, a->name, "object");
+        }
+        return check_blockdev(val, sub, keyval, e);
+    case QT_BLOCKREF_NULL:
+        if (jt == json_type_null) {
+            return 0;
+        }
+        /* fall through */
+    case QT_BLOCKREF:
+        if (jt == json_type_string) {
+            return 0;
+        }
+        if (jt == json_type_object) {
+            return check_blockdev(val, sub, keyval, e);
+        }
+        return bad_type(e, prefix, a->name,
+                        a->type == QT_BLOCKREF ? "BlockdevRef"
+                                               : "BlockdevRefOrNull");
+    case QT_SOCKADDR_LEGACY: {
+        static const char *const types[] = { "inet", "unix", "vsock", "fd",
+                                             NULL };
+        static const qarg inet[] = {
+            { "host", QT_STR, false, NULL },
+            { "port", QT_STR, false, NULL },
+            { "numeric", QT_BOOL, true, NULL },
+            { "to", QT_INT, true, NULL },
+            { "ipv4", QT_BOOL, true, NULL },
+            { "ipv6", QT_BOOL, true, NULL },
+            { "keep-alive", QT_BOOL, true, NULL },
+            { NULL, 0, false, NULL },
+        };
+        static const qarg unix_[] = {
+            { "path", QT_STR, false, NULL },
+            { "abstract", QT_BOOL, true, NULL },
+            { "tight", QT_BOOL, true, NULL },
+            { NULL, 0, false, NULL },
+        };
+        static const qarg other[] = {
+            { "str", QT_STR, false, NULL },
+            { NULL, 0, false, NULL },
+        };
+        json_object *t, *data;
+        const char *ts;
+        const qarg *dargs;
+        qarg outer[3] = {
+            { "type", QT_ENUM, false, types },
+            { "data", QT_OBJ, false, NULL },
+            { NULL, 0, false, NULL },
+        };
+
+        if (jt != json_type_object) {
+            return bad_type(e, prefix, a->name, "object");
+        }
+        if (!json_object_object_get_ex(val, "type", &t)) {
+            qmp_fail(e, NULL, "Parameter '%stype' is missing", sub);
+            return -1;
+        }
+        if (check_member(val, &outer[0], t, sub, keyval, e) < 0) {
+            return -1;
+        }
+        ts = json_object_get_string(t);
+        dargs = strcmp(ts, "inet") == 0 ? inet
+                : strcmp(ts, "unix") == 0 ? unix_ : other;
+        outer[1].sub = dargs;
+        if (!json_object_object_get_ex(val, "data", &data)) {
+            qmp_fail(e, NULL, "Parameter '%sdata' is missing", sub);
+            return -1;
+        }
+        return qmp_check_args(val, outer, sub, keyval, e);
+    }
+    }
+    return 0;
+}
+
+int qmp_check_args(json_object *obj, const qarg *args, const char *prefix,
+                   bool keyval, qmp_error *e)
+{
+    if (args[0].name && args[0].type == QT_BLOCKDEV && !args[0].name[0]) {
+        return check_blockdev(obj, prefix, keyval, e);
+    }
+    for (const qarg *a = args; a->name; a++) {
+        json_object *val;
+        if (!json_object_object_get_ex(obj, a->name, &val)) {
+            if (!a->optional) {
+                qmp_fail(e, NULL, "Parameter '%s%s' is missing", prefix,
+                         a->name);
+                return -1;
+            }
+            continue;
+        }
+        if (check_member(obj, a, val, prefix, keyval, e) < 0) {
+            return -1;
+        }
+    }
+    json_object_object_foreach(obj, key, val) {
+        bool known = false;
+        (void)val;
+        for (const qarg *a = args; a->name && !known; a++) {
+            known = strcmp(a->name, key) == 0;
+        }
+        if (!known) {
+            qmp_fail(e, NULL, "Parameter '%s%s' is unexpected", prefix, key);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* BlockdevOptions: the base, then the members of the chosen driver. */
+static int check_blockdev(json_object *obj, const char *prefix, bool keyval,
+                          qmp_error *e)
+{
+    qarg all[40];
+    size_t n = 0;
+    json_object *drv;
+
+    for (const qarg *a = blockdev_base; a->name; a++) {
+        all[n++] = *a;
+    }
+    all[n] = (qarg){ NULL, 0, false, NULL };
+    if (!json_object_object_get_ex(obj, "driver", &drv)) {
+        qmp_fail(e, NULL, "Parameter '%sdriver' is missing", prefix);
+        return -1;
+    }
+    if (check_member(obj, &blockdev_base[0], drv, prefix, keyval, e) < 0) {
+        return -1;
+    }
+    for (size_t i = 0; i < sizeof(blockdev_variants) /
+                           sizeof(blockdev_variants[0]); i++) {
+        if (strcmp(blockdev_variants[i].driver,
+                   json_object_get_string(drv)) == 0) {
+            for (const qarg *a = blockdev_variants[i].args; a->name; a++) {
+                all[n++] = *a;
+            }
+        }
+    }
+    all[n] = (qarg){ NULL, 0, false, NULL };
+    return qmp_check_args(obj, all, prefix, keyval, e);
+}
+
+/* ---- command-line objects ---- */
+
+/* Sets @path (dotted) to the string @value inside @root. */
+static int keyval_set(json_object *root, const char *path, const char *value,
+                      vd_error *err)
+{
+    char buf[512];
+    char *p = buf, *dot;
+    json_object *cur = root;
+
+    if (strlen(path) >= sizeof(buf)) {
+        return vd_error_set(err, -EINVAL, "option name '%.40s...' is too "
+                            "long", path);
+    }
+    strcpy(buf, path);
+    while ((dot = strchr(p, '.'))) {
+        json_object *next;
+        *dot = '\0';
+        if (!*p) {
+            return vd_error_set(err, -EINVAL, "Invalid parameter '%s'",
+                                path);
+        }
+        if (!json_object_object_get_ex(cur, p, &next)) {
+            next = json_object_new_object();
+            json_object_object_add(cur, p, next);
+        } else if (!json_object_is_type(next, json_type_object)) {
+            return vd_error_set(err, -EINVAL, "Parameters '%s.*' conflict "
+                                "with parameter '%s'", p, p);
+        }
+        cur = next;
+        p = dot + 1;
+    }
+    if (!*p) {
+        return vd_error_set(err, -EINVAL, "Invalid parameter '%s'", path);
+    }
+    {
+        json_object *old;
+        if (json_object_object_get_ex(cur, p, &old) &&
+            json_object_is_type(old, json_type_object)) {
+            return vd_error_set(err, -EINVAL, "Parameters '%s.*' conflict "
+                                "with parameter '%s'", p, p);
+        }
+    }
+    json_object_object_add(cur, p, json_object_new_string(value));
+    return 0;
+}
+
+json_object *qmp_parse_cli_object(const char *str, const char *implied,
+                                  vd_error *err)
+{
+    json_object *root;
+    vd_opts *opts;
+
+    if (str[0] == '{') {
+        json_tokener *tok = json_tokener_new();
+        int len = (int)strlen(str);
+
+        if (!tok) {
+            vd_error_set(err, -ENOMEM, "out of memory");
+            return NULL;
+        }
+        root = json_tokener_parse_ex(tok, str, len);
+        if (!root || json_tokener_get_error(tok) != json_tokener_success ||
+            json_tokener_get_parse_end(tok) != (size_t)len ||
+            !json_object_is_type(root, json_type_object)) {
+            vd_error_set(err, -EINVAL, "Invalid JSON object: %s",
+                         root ? "not a single object"
+                         : json_tokener_error_desc(
+                               json_tokener_get_error(tok)));
+            json_object_put(root);
+            root = NULL;
+        }
+        json_tokener_free(tok);
+        return root;
+    }
+    opts = vd_opts_new();
+    root = json_object_new_object();
+    if (!opts || !root) {
+        vd_opts_free(&opts);
+        json_object_put(root);
+        vd_error_set(err, -ENOMEM, "out of memory");
+        return NULL;
+    }
+    if (vd_opts_parse(opts, str, implied, err) < 0) {
+        goto fail;
+    }
+    for (size_t i = 0; i < vd_opts_count(opts); i++) {
+        const char *k, *v;
+        vd_opts_nth(opts, i, &k, &v);
+        if (keyval_set(root, k, v, err) < 0) {
+            goto fail;
+        }
+    }
+    vd_opts_free(&opts);
+    return root;
+
+fail:
+    vd_opts_free(&opts);
+    json_object_put(root);
+    return NULL;
+}
