@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "commands.h"
 #include "util.h"
@@ -28,7 +29,8 @@
 #define MAX_THREADS 16
 #define MAX_SPARSE (16 * 1024 * 1024)
 
-enum { BLK_ZERO, BLK_DATA };
+/* BLK_BACKING: left unallocated in a target with a backing file (-B). */
+enum { BLK_ZERO, BLK_DATA, BLK_BACKING };
 
 typedef struct convert_state {
     vd_node **src;
@@ -41,9 +43,18 @@ typedef struct convert_state {
     uint64_t min_sparse;        /* bytes, 0 = fully allocate */
     uint64_t cluster;           /* target cluster size for -c */
     bool compressed, has_zero_init, in_order;
+    /* -B: extents decided at this depth of the source chain or deeper
+     * come from the target's backing file (0: no backing); zeros past
+     * @backing_len read as zeros in the target anyway. */
+    int backing_depth;
+    uint64_t backing_len;
 
     pthread_mutex_t lock;
-    pthread_cond_t turn;
+    /* A worker waiting to write chunk seq sleeps on turn[seq %
+     * MAX_THREADS]: at most one outstanding chunk per worker makes the
+     * slot unique, and waking only the next writer (not every worker on
+     * each write) saves most of the context switches. */
+    pthread_cond_t turn[MAX_THREADS];
     uint64_t cursor;            /* next offset to hand out */
     uint64_t next_seq, write_seq;
     uint64_t done;              /* bytes of data chunks written */
@@ -101,10 +112,15 @@ static int next_chunk(convert_state *s, chunk *c)
             n = SECTOR;     /* a partial sector is copied as data */
             ext.flags = VD_BLOCK_DATA;
         }
-        if (ext.flags & VD_BLOCK_ZERO) {
-            c->status = BLK_ZERO;
-        } else {
+        if (s->backing_depth && ext.depth >= s->backing_depth) {
+            c->status = BLK_BACKING;
+        } else if (ext.flags & VD_BLOCK_ZERO) {
+            c->status = s->backing_depth && off >= s->backing_len
+                        ? BLK_BACKING : BLK_ZERO;
+        } else if (ext.flags & VD_BLOCK_DATA) {
             c->status = BLK_DATA;
+        } else {
+            c->status = s->backing_depth ? BLK_BACKING : BLK_DATA;
         }
     }
     if (c->status == BLK_DATA && n > BUF_SIZE) {
@@ -287,6 +303,9 @@ static int write_chunk(convert_state *s, const chunk *c, const uint8_t *buf)
     while (align & (align - 1)) {
         align &= align - 1;     /* pow2floor, as qemu's s->alignment */
     }
+    if (c->status == BLK_BACKING) {
+        return 0;
+    }
     if (c->status == BLK_ZERO) {
         return write_zero_range(s, c->offset, c->len);
     }
@@ -332,7 +351,8 @@ static int write_chunk(convert_state *s, const chunk *c, const uint8_t *buf)
  * zero chunks with -S 0, which are written too). */
 static bool counts_for_progress(const convert_state *s, const chunk *c)
 {
-    return c->status == BLK_DATA || !s->min_sparse;
+    return c->status == BLK_DATA ||
+           (c->status == BLK_ZERO && !s->min_sparse);
 }
 
 /* A dry run of the chunking to learn the total for the progress meter. */
@@ -356,7 +376,9 @@ static void fail(convert_state *s, int ret)
     if (!s->ret) {
         s->ret = ret;
     }
-    pthread_cond_broadcast(&s->turn);
+    for (int i = 0; i < MAX_THREADS; i++) {
+        pthread_cond_broadcast(&s->turn[i]);
+    }
 }
 
 static void *worker(void *opaque)
@@ -395,7 +417,7 @@ static void *worker(void *opaque)
             break;
         }
         while (s->in_order && s->write_seq != c.seq && !s->ret) {
-            pthread_cond_wait(&s->turn, &s->lock);
+            pthread_cond_wait(&s->turn[c.seq % MAX_THREADS], &s->lock);
         }
         if (s->ret) {
             break;
@@ -419,7 +441,7 @@ static void *worker(void *opaque)
             cli_progress_print(&s->progress,
                                (double)s->done * 100.0 / (double)s->allocated);
         }
-        pthread_cond_broadcast(&s->turn);
+        pthread_cond_signal(&s->turn[s->write_seq % MAX_THREADS]);
     }
     pthread_mutex_unlock(&s->lock);
     free(buf);
@@ -432,7 +454,9 @@ static int run_copy(convert_state *s, int nthreads)
     int started = 0;
 
     pthread_mutex_init(&s->lock, NULL);
-    pthread_cond_init(&s->turn, NULL);
+    for (int i = 0; i < MAX_THREADS; i++) {
+        pthread_cond_init(&s->turn[i], NULL);
+    }
     for (int i = 0; i < nthreads; i++) {
         if (pthread_create(&tids[i], NULL, worker, s) != 0) {
             break;
@@ -445,7 +469,9 @@ static int run_copy(convert_state *s, int nthreads)
     for (int i = 0; i < started; i++) {
         pthread_join(tids[i], NULL);
     }
-    pthread_cond_destroy(&s->turn);
+    for (int i = 0; i < MAX_THREADS; i++) {
+        pthread_cond_destroy(&s->turn[i]);
+    }
     pthread_mutex_destroy(&s->lock);
     return s->ret;
 }
@@ -458,14 +484,43 @@ static bool format_compresses(const char *fmt)
            strcmp(fmt, "vmdk") == 0;
 }
 
+/* -l snapshot.id=ID,snapshot.name=NAME: only those keys, as qemu-img's
+ * internal_snapshot_opts; an unknown key is reported by name. */
+static bool snapshot_opts_valid(const vd_opts *o)
+{
+    for (size_t i = 0; i < vd_opts_count(o); i++) {
+        const char *key, *val;
+        vd_opts_nth(o, i, &key, &val);
+        if (strcmp(key, "snapshot.id") != 0 &&
+            strcmp(key, "snapshot.name") != 0) {
+            cli_error("Invalid parameter '%s'", key);
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Whether two nodes read the same file (same device and inode). */
+static bool same_image(vd_node *a, vd_node *b)
+{
+    struct stat sa, sb;
+    const char *fa = vd_node_filename(a), *fb = vd_node_filename(b);
+
+    return fa && fb && stat(fa, &sa) == 0 && stat(fb, &sb) == 0 &&
+           sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
 int cmd_convert(int argc, char **argv)
 {
     const char *fmt = NULL, *out_fmt = "raw", *cache = "unsafe";
     const char *src_cache = NULL, *out_name = NULL;
+    const char *out_base = NULL, *out_base_fmt = NULL;
     char *options = NULL;
     bool progress = false, quiet = false, skip_create = false;
     bool target_is_zero = false, out_of_order = false;
     unsigned src_flags = 0;
+    const char *sn_name = NULL;   /* -s NAME or -l NAME: id, then name */
+    vd_opts *sn_opts = NULL;      /* -l snapshot.id=...,snapshot.name=... */
     uint64_t min_sparse = 8 * SECTOR, nthreads = 8;
     convert_state s;
     vd_opts *copts = NULL, *topts = NULL, *sopts = NULL;
@@ -547,6 +602,28 @@ int cmd_convert(int argc, char **argv)
         case 'c':
             s.compressed = true;
             break;
+        case 'B':
+            out_base = optarg;
+            break;
+        case 'F':
+            out_base_fmt = optarg;
+            break;
+        case 's':
+            sn_name = optarg;
+            break;
+        case 'l':
+            if (strncmp(optarg, "snapshot.", 9) == 0) {
+                vd_opts_free(&sn_opts);
+                sn_opts = vd_opts_new();
+                if (!sn_opts || vd_opts_parse(sn_opts, optarg, NULL, &err) < 0
+                    || !snapshot_opts_valid(sn_opts)) {
+                    cli_error("Failed in parsing snapshot param '%s'", optarg);
+                    goto out;
+                }
+            } else {
+                sn_name = optarg;
+            }
+            break;
         case OPT_TARGET_IS_ZERO:
             target_is_zero = true;
             break;
@@ -576,8 +653,21 @@ int cmd_convert(int argc, char **argv)
         goto out;
     }
     out_name = argv[argc - 1];
+    if (s.nsrc > 1 && (sn_name || sn_opts)) {
+        cli_error("No support for concatenating multiple snapshot");
+        goto out;
+    }
     if (!vd_create_options(out_fmt)) {
         cli_error("Unknown file format '%s'", out_fmt);
+        goto out;
+    }
+    if (out_base && s.nsrc > 1) {
+        cli_error("Specifying backing image makes no sense when "
+                  "concatenating multiple input images");
+        goto out;
+    }
+    if (out_base && !out_base_fmt && !skip_create) {
+        cli_error("Use of backing file requires explicit backing format");
         goto out;
     }
 
@@ -601,6 +691,22 @@ int cmd_convert(int argc, char **argv)
         s.src[i] = cli_open(s.src_names[i], fmt, src_flags, sopts);
         if (!s.src[i]) {
             goto out;
+        }
+        /* Loaded before the size is taken: the target gets the size the
+         * disk had when the snapshot was made (qemu-img keeps the current
+         * size, which only differs after a resize). */
+        if (i == 0 && (sn_opts || sn_name)) {
+            int r = sn_opts ?
+                vd_snapshot_load_tmp(s.src[0],
+                                     vd_opts_get(sn_opts, "snapshot.id"),
+                                     vd_opts_get(sn_opts, "snapshot.name"),
+                                     &err) :
+                vd_snapshot_load_tmp_by_id_or_name(s.src[0], sn_name, &err);
+            if (r < 0) {
+                cli_error("Failed to load snapshot: %s",
+                          err.message[0] ? err.message : strerror(-r));
+                goto out;
+            }
         }
         len = vd_getlength(s.src[i]);
         if (len < 0) {
@@ -645,6 +751,17 @@ int cmd_convert(int argc, char **argv)
         }
         snprintf(size, sizeof(size), "%" PRIu64, s.total);
         vd_opts_set(copts, "size", size);
+        if (out_base) {
+            vd_opts_set(copts, "backing_file", out_base);
+            vd_opts_set(copts, "backing_fmt", out_base_fmt);
+        } else if (vd_opts_get(copts, "backing_file")) {
+            out_base = vd_opts_get(copts, "backing_file");
+            if (!vd_opts_get(copts, "backing_fmt")) {
+                cli_error("Use of backing file requires explicit backing "
+                          "format");
+                goto out;
+            }
+        }
         if (vd_create(out_name, out_fmt, copts, &err) < 0) {
             cli_error("%s: error while converting %s: %s", out_name, out_fmt,
                       cli_strip_filename(err.message, out_name));
@@ -659,7 +776,8 @@ int cmd_convert(int argc, char **argv)
     /* As qemu-img: the target is opened as -O says (raw by default), even
      * with -n, so an existing target is never probed. */
     s.target = cli_open(out_name, out_fmt,
-                        VD_O_RDWR | (skip_create ? 0 : VD_O_NO_BACKING), topts);
+                        VD_O_RDWR |
+                        (skip_create || out_base ? 0 : VD_O_NO_BACKING), topts);
     if (!s.target && skip_create) {
         goto out;
     }
@@ -691,8 +809,29 @@ int cmd_convert(int argc, char **argv)
         vd_image_info_free(&info);
     }
 
+    if (out_base) {
+        /* The data below the layer that -B names in the source's chain
+         * is the backing file's (qemu-img assumes the source's backing
+         * file, i.e. depth 1, and so loses deeper layers' data when -B
+         * names one of them; here they are copied). */
+        vd_node *tb = vd_node_child(s.target, "backing");
+        int64_t blen = tb ? vd_getlength(tb) : 0;
+        s.backing_depth = 1;
+        s.backing_len = blen > 0 ? (uint64_t)blen : 0;
+        if (tb) {
+            int d = 1;
+            for (vd_node *p = vd_node_child(s.src[0], "backing"); p;
+                 p = vd_node_child(p, "backing"), d++) {
+                if (same_image(p, tb)) {
+                    s.backing_depth = d;
+                    break;
+                }
+            }
+        }
+    }
     s.min_sparse = min_sparse;
-    s.has_zero_init = min_sparse && (!skip_create || target_is_zero);
+    s.has_zero_init = min_sparse && (!skip_create || target_is_zero) &&
+                      !out_base;
     s.in_order = !out_of_order;
     cli_progress_init(&s.progress, progress, 1.0f);
     if (progress && count_allocated(&s) < 0) {
@@ -726,6 +865,7 @@ out:
     vd_opts_free(&copts);
     vd_opts_free(&topts);
     vd_opts_free(&sopts);
+    vd_opts_free(&sn_opts);
     free(options);
     return ret;
 }

@@ -17,5 +17,15 @@ int cmd_check(int argc, char **argv);
 int cmd_io(int argc, char **argv);   /* tools/io.c: the qemu-io commands */
 int cmd_bench(int argc, char **argv); /* tools/cmd_bench.c: qemu-img bench */
 int cmd_serve(int argc, char **argv); /* tools/cmd_serve.c: the NBD server */
+/* tools/cmd_snapshot.c: qemu-img snapshot and group snapshots */
+enum { OPT_SNAPSHOT_GROUP = 0x240, OPT_SNAPSHOT_VMSTATE,
+       OPT_SNAPSHOT_VMSTATE_DATA };
+int cmd_snapshot(int argc, char **argv);
+/* Long-only options of measure and amend (beyond util.h's range). */
+enum { OPT_SIZE = 0x200, OPT_FORCE };
+int cmd_measure(int argc, char **argv);
+int cmd_amend(int argc, char **argv);
+int cmd_commit(int argc, char **argv);
+int cmd_rebase(int argc, char **argv);
 
 #endif

@@ -2578,6 +2578,44 @@ static int command_loop_stdin(void)
     return last_error;
 }
 
+/* -l: "snapshot.id=ID,snapshot.name=NAME" (either key may be left out)
+ * or a bare id-or-name, as qemu-img convert -l takes it. */
+static int load_snapshot(const char *param)
+{
+    vd_error err = VD_ERROR_INIT;
+    int ret;
+
+    if (strncmp(param, "snapshot.", 9) == 0) {
+        vd_opts *o = vd_opts_new();
+        ret = o ? vd_opts_parse(o, param, NULL, &err) : -ENOMEM;
+        for (size_t i = 0; ret == 0 && i < vd_opts_count(o); i++) {
+            const char *k, *v;
+            vd_opts_nth(o, i, &k, &v);
+            if (strcmp(k, "snapshot.id") && strcmp(k, "snapshot.name")) {
+                ret = -EINVAL;
+            }
+        }
+        if (ret < 0) {
+            fprintf(stderr, "vdisk: Failed in parsing snapshot param '%s'\n",
+                    param);
+        } else {
+            ret = vd_snapshot_load_tmp(io.node, vd_opts_get(o, "snapshot.id"),
+                                       vd_opts_get(o, "snapshot.name"), &err);
+        }
+        vd_opts_free(&o);
+        if (ret < 0 && !err.code) {
+            return ret;
+        }
+    } else {
+        ret = vd_snapshot_load_tmp_by_id_or_name(io.node, param, &err);
+    }
+    if (ret < 0) {
+        fprintf(stderr, "vdisk: Failed to load snapshot: %s\n",
+                err.message[0] ? err.message : strerror(-ret));
+    }
+    return ret;
+}
+
 static void usage(void)
 {
     printf(
@@ -2589,6 +2627,8 @@ static void usage(void)
 "                       from the given string\n"
 "  -f, --format FMT     specifies the block driver to use\n"
 "  -r, --read-only      export read-only\n"
+"  -l, --load-snapshot=SNAPSHOT  show internal snapshot SNAPSHOT (an id or\n"
+"                       name, or snapshot.id=ID,snapshot.name=NAME), read-only\n"
 "  -n, --nocache        disable host cache, short for -t none\n"
 "  -o, --options OPTS   driver options (key=value,...)\n"
 "  -i, --aio=MODE       use AIO mode (threads, native or io_uring)\n"
@@ -2609,6 +2649,7 @@ int cmd_io(int argc, char **argv)
         { "cmd", required_argument, NULL, 'c' },
         { "format", required_argument, NULL, 'f' },
         { "read-only", no_argument, NULL, 'r' },
+        { "load-snapshot", required_argument, NULL, 'l' },
         { "snapshot", no_argument, NULL, 's' },
         { "nocache", no_argument, NULL, 'n' },
         { "copy-on-read", no_argument, NULL, 'C' },
@@ -2626,6 +2667,7 @@ int cmd_io(int argc, char **argv)
     char **cmds = NULL;
     int ncmds = 0, c, i, last_error = 0, ret;
     vd_error err = VD_ERROR_INIT;
+    const char *sn_param = NULL;
 
     memset(&a, 0, sizeof(a));
     memset(&io, 0, sizeof(io));
@@ -2635,7 +2677,7 @@ int cmd_io(int argc, char **argv)
     }
     opterr = 0;
     optind = 0;
-    while ((c = getopt_long(argc, argv, ":hVc:d:f:rsnCmki:t:o:U", lopts,
+    while ((c = getopt_long(argc, argv, ":hVc:d:f:rl:snCmki:t:o:U", lopts,
                             NULL)) != -1) {
         switch (c) {
         case 'h':
@@ -2653,6 +2695,11 @@ int cmd_io(int argc, char **argv)
             a.format = optarg;
             break;
         case 'r':
+            a.readonly = true;
+            break;
+        case 'l':
+            /* A snapshot is only ever shown read-only. */
+            sn_param = optarg;
             a.readonly = true;
             break;
         case 'n':
@@ -2723,6 +2770,11 @@ int cmd_io(int argc, char **argv)
     }
     if (optind == argc - 1) {
         if (open_image(argv[optind], &a) < 0) {
+            ret = 1;
+            goto done;
+        }
+        if (sn_param && load_snapshot(sn_param) < 0) {
+            close_image();
             ret = 1;
             goto done;
         }

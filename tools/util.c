@@ -61,6 +61,44 @@ static const struct option map_long[] = {
     { NULL, 0, NULL, 0 },
 };
 
+static const struct option commit_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option rebase_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "force-share", no_argument, NULL, 'U' },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option measure_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    { "size", required_argument, NULL, OPT_SIZE },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "force-share", no_argument, NULL, 'U' },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option amend_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "force", no_argument, NULL, OPT_FORCE },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option snapshot_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "force-share", no_argument, NULL, 'U' },
+    { "group", no_argument, NULL, OPT_SNAPSHOT_GROUP },
+    { "vmstate", required_argument, NULL, OPT_SNAPSHOT_VMSTATE },
+    { "vmstate-data", required_argument, NULL, OPT_SNAPSHOT_VMSTATE_DATA },
+    { NULL, 0, NULL, 0 },
+};
+
 static const struct option resize_long[] = {
     { "help", no_argument, NULL, 'h' },
     { "preallocation", required_argument, NULL, OPT_PREALLOCATION },
@@ -75,6 +113,10 @@ static const struct option dd_long[] = {
 };
 
 const cli_command cli_commands[] = {
+    { "amend", cmd_amend,
+      "[--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] "
+      "[--force] -o options filename",
+      ":ho:f:t:pq", amend_long },
     { "bench", cmd_bench,
       "[-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] "
       "[-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] "
@@ -83,14 +125,19 @@ const cli_command cli_commands[] = {
     { "check", cmd_check,
       "[-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename",
       ":hf:r:T:qU", check_long },
+    { "commit", cmd_commit,
+      "[-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] "
+      "filename",
+      ":hf:t:b:dpqr:", commit_long },
     { "compare", cmd_compare,
       "[-f fmt] [-F fmt] [-q] [-s] [-U] filename1 filename2",
       ":hf:F:T:pqsU", compare_long },
     { "convert", cmd_convert,
       "[--target-is-zero] [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] "
-      "[-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] "
-      "[-m num_coroutines] [-W] filename [filename2 [...]] output_filename",
-      ":hf:O:o:S:pt:T:qnm:WUc", convert_long },
+      "[-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] "
+      "[-o options] [-S sparse_size] [-l snapshot_param] [-m num_coroutines] [-W] filename "
+      "[filename2 [...]] output_filename",
+      ":hf:O:o:S:pt:T:qnm:WUcl:s:B:F:", convert_long },
     { "create", cmd_create,
       "[-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] "
       "filename [size]",
@@ -109,6 +156,15 @@ const cli_command cli_commands[] = {
       "[-f fmt] [--start-offset=offset] [--max-length=len] "
       "[--output=ofmt] [-U] filename",
       ":f:hU", map_long },
+    { "measure", cmd_measure,
+      "[--output=ofmt] [-O output_fmt] [-o options] [--size N | "
+      "[--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] "
+      "filename]",
+      ":hf:O:o:l:U", measure_long },
+    { "rebase", cmd_rebase,
+      "[-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] "
+      "-b backing_file [-F backing_fmt] filename",
+      ":hf:F:b:upt:T:qU", rebase_long },
     { "resize", cmd_resize,
       "[-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename "
       "[+ | -]size",
@@ -118,6 +174,12 @@ const cli_command cli_commands[] = {
       "-p port] [-e shared] [-t] [--fork] [--pid-file=file] [--cache=mode] "
       "[--aio=mode] [--discard=mode] [--detect-zeroes=mode] filename... "
       "(qemu-nbd's options)", NULL, NULL },
+    { "snapshot", cmd_snapshot,
+      "[-U] [-q] [-f fmt] [-l | -a snapshot | -c snapshot | -d snapshot] "
+      "filename\n"
+      "  snapshot --group [-f fmt] [-c snapshot | -a snapshot | -d snapshot] "
+      "[--vmstate filename] [--vmstate-data file] filename...",
+      ":hf:qUla:c:d:", snapshot_long },
     { NULL, NULL, NULL, NULL, NULL },
 };
 
@@ -198,6 +260,16 @@ void cli_print_help(void)
 "  '-f' first image format\n"
 "  '-F' second image format\n"
 "  '-s' run in Strict mode - fail on different image size or sector allocation\n"
+"\n"
+"Parameters to snapshot subcommand:\n"
+"  'snapshot' is the name of the snapshot to create, apply or delete\n"
+"  '-a' applies a snapshot (revert disk to saved state)\n"
+"  '-c' creates a snapshot\n"
+"  '-d' deletes a snapshot\n"
+"  '-l' lists all snapshots in the given image\n"
+"  '--group' runs -c, -a or -d on all the given images at once (one VM's\n"
+"       disks); '--vmstate' names the image holding the VM state and\n"
+"       '--vmstate-data' a file stored as VM state (-c) or restored (-a)\n"
 "\n"
 "Parameters to dd subcommand:\n"
 "  'bs=BYTES' read and write up to BYTES bytes at a time (default: 512)\n"

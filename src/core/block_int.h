@@ -32,6 +32,10 @@
 /* Internal block status bit: the extent is stored unchanged at
  * (*map, *file): ask the file node for the real status. */
 #define VD_BLOCK_RAW (1u << 3)
+/* Internal block status bit: the data at (*map, *file) may be a hole in
+ * the file; ask it whether the extent reads as zeros (QEMU's RECURSE,
+ * set by qcow2 for images preallocated with metadata). */
+#define VD_BLOCK_RECURSE (1u << 7)
 
 /* Largest request the core passes in one piece to a driver that sets no
  * max_transfer (keeps bounce buffers bounded). */
@@ -214,6 +218,11 @@ struct vd_driver {
                  vd_error *err);
     /* Changes creation options of an open image (qemu-img amend). */
     int (*amend)(vd_node *node, vd_opts *opts, bool force, vd_error *err);
+    /* Host size an image created with @create_opts (size in "size"
+     * unless @src is given) and filled from @src (may be NULL) would
+     * need, as qemu-img measure. Consume the options used. */
+    int (*measure)(vd_opts *create_opts, vd_node *src,
+                   vd_measure_result *out, vd_error *err);
 
     /* Rewrites the backing file name and format recorded in the image
      * (qemu-img rebase). @backing NULL or "" removes the backing file. */

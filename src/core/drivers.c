@@ -13,12 +13,14 @@ extern const vd_driver vd_driver_file;
 extern const vd_driver vd_driver_null_co;
 extern const vd_driver vd_driver_raw;
 extern const vd_driver vd_driver_qcow2;
+extern const vd_driver vd_driver_blkdebug;
 
 static const vd_driver *const driver_table[] = {
     &vd_driver_file,
     &vd_driver_null_co,
     &vd_driver_raw,
     &vd_driver_qcow2,
+    &vd_driver_blkdebug,   /* test filter: error and crash injection */
 };
 #define N_DRIVERS (sizeof(driver_table) / sizeof(driver_table[0]))
 

@@ -296,6 +296,135 @@ static int do_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     return r;
 }
 
+/* Private node flag, set by node.c from the "copy-on-read" option: reads
+ * that come from a backing layer are written into the node. (Local until
+ * block_int.h gets a field for it.) */
+#define VD_NODE_COPY_ON_READ (1u << 24)
+
+static int do_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
+                      unsigned flags, vd_error *err);
+static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
+                            unsigned flags, vd_error *err);
+
+/* Copy-on-read: the range just read from a lower layer goes into @top.
+ * The caller holds a serialising tracked request over the range, so no
+ * guest write can land in between and be overwritten with older data;
+ * hence the direct do_*() calls, which do not track again. */
+static int cor_write(vd_node *top, uint64_t off, uint64_t bytes,
+                     vd_iov *data, bool zero, vd_error *err)
+{
+    int r = zero ? do_pwrite_zeroes(top, off, bytes, 0, err)
+                 : do_pwritev(top, off, bytes, data, 0, err);
+    if (r == 0) {
+        stat_add(&top->stats.wr_operations, 1);
+        stat_add(&top->stats.wr_bytes, bytes);
+    }
+    return r;
+}
+
+/*
+ * Reads from a node that has a backing chain without recursing once per
+ * layer: block status walks down the chain in a loop to the layer that
+ * holds each extent, and only that layer's driver reads it (the driver
+ * then never needs its backing child). A chain of any depth costs one
+ * stack frame here, and a read of an extent deep in the chain costs one
+ * status lookup per layer, as the recursion did. A write to the top that
+ * races with this read may land before or after it, like any two
+ * overlapping requests.
+ *
+ * With copy-on-read, the request is widened to the node's cluster
+ * granularity (pdiscard_alignment, as QEMU rounds to clusters) so that
+ * whole clusters are populated, and serialised against writes.
+ */
+static int chain_preadv(vd_node *top, uint64_t off, uint64_t bytes,
+                        vd_iov *qiov, unsigned flags, vd_error *err)
+{
+    bool cor = (top->flags & VD_NODE_COPY_ON_READ) && !top->read_only;
+    uint8_t *cbuf = NULL;
+    vd_tracked_req req;
+    vd_iov wide;
+    uint64_t start = off, end = off + bytes;
+    int r = 0;
+
+    if (cor) {
+        int64_t len = atomic_load(&top->total_size);
+        uint64_t g = top->bl.pdiscard_alignment > top->bl.request_alignment
+                     ? top->bl.pdiscard_alignment : top->bl.request_alignment;
+        if (g > BOUNCE_CHUNK)
+            g = BOUNCE_CHUNK;
+        start = align_down(off, g);
+        end = align_up(off + bytes, g);
+        if (len >= 0 && end > (uint64_t)len)
+            end = (uint64_t)len > off + bytes ? (uint64_t)len : off + bytes;
+        track_begin(top, &req, align_down(start, top->bl.request_alignment),
+                    align_up(end, top->bl.request_alignment), true);
+    }
+    /* Past the node's end reads as zeros, whatever lies below. */
+    int64_t top_len = atomic_load(&top->total_size);
+    uint64_t stop = top_len < 0 ? 0 : (uint64_t)top_len;
+    if (end > stop) {
+        uint64_t z = off > stop ? off : stop;
+        if (off + bytes > z)
+            vd_iov_memset(qiov, z - off, 0, off + bytes - z);
+        end = stop > start ? stop : start;
+    }
+    for (uint64_t pos = start; pos < end && r == 0;) {
+        uint64_t want = end - pos;
+        uint64_t pnum = 0, map = 0;
+        vd_node *file = NULL;
+        int depth = 0;
+        if (cor && want > BOUNCE_CHUNK)
+            want = BOUNCE_CHUNK;
+        int st = vd_node_block_status_above(top, NULL, false, pos, want,
+                                            &pnum, &map, &file, &depth, err);
+        if (st < 0) {
+            r = st;
+            break;
+        }
+        vd_node *layer = top;
+        for (int i = 0; i < depth && layer->backing; i++)
+            layer = layer->backing->node;
+        /* The part of [pos, pos+pnum) that the caller asked for. */
+        uint64_t from = pos > off ? pos : off;
+        uint64_t to = pos + pnum < off + bytes ? pos + pnum : off + bytes;
+        bool zero = (st & VD_BLOCK_ZERO) &&
+                    (depth > 0 || !(st & VD_BLOCK_ALLOCATED));
+        vd_iov part;
+        if (cor && depth > 0) {
+            /* Whole piece into a bounce buffer, then written to the top. */
+            if (!cbuf && !(cbuf = vd_node_blockalign(top, BOUNCE_CHUNK))) {
+                r = vd_error_set(err, -ENOMEM, "Out of memory");
+                break;
+            }
+            vd_iov_init_buf(&wide, cbuf, pnum);
+            if (zero)
+                memset(cbuf, 0, pnum);
+            else
+                r = do_preadv(layer, pos, pnum, &wide, flags, err);
+            if (r == 0)
+                r = cor_write(top, pos, pnum, &wide, zero, err);
+            if (r == 0 && to > from)
+                vd_iov_from_buf(qiov, from - off, cbuf + (from - pos),
+                                to - from);
+        } else if (to > from) {
+            if (zero) {
+                vd_iov_memset(qiov, from - off, 0, to - from);
+            } else {
+                r = vd_iov_init_slice(&part, qiov, from - off, to - from);
+                if (r == 0) {
+                    r = do_preadv(layer, from, to - from, &part, flags, err);
+                    vd_iov_destroy(&part);
+                }
+            }
+        }
+        pos += pnum;
+    }
+    if (cor)
+        track_end(top, &req);
+    free(cbuf);
+    return r;
+}
+
 int vd_node_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
                    unsigned flags, vd_error *err)
 {
@@ -304,7 +433,10 @@ int vd_node_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
         return r;
     inflight_inc(n);
     uint64_t t0 = now_ns();
-    r = do_preadv(n, off, bytes, qiov, flags, err);
+    if (n->backing && n->drv->supports_backing)
+        r = chain_preadv(n, off, bytes, qiov, flags, err);
+    else
+        r = do_preadv(n, off, bytes, qiov, flags, err);
     if (r < 0) {
         stat_add(&n->stats.failed_rd_operations, 1);
     } else {
@@ -385,7 +517,7 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     uint64_t t0 = now_ns();
     uint32_t a = n->bl.request_alignment;
     vd_tracked_req req;
-    bool tracked = a > 1;
+    bool tracked = a > 1 || (n->flags & VD_NODE_COPY_ON_READ);
     if (tracked)
         track_begin(n, &req, align_down(off, a), align_up(off + bytes, a),
                     off % a || bytes % a);
@@ -490,7 +622,15 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
         return r;
     inflight_inc(n);
     uint64_t t0 = now_ns();
+    /* Copy-on-read must not overwrite zeros written meanwhile. */
+    vd_tracked_req req;
+    bool tracked = n->flags & VD_NODE_COPY_ON_READ;
+    if (tracked)
+        track_begin(n, &req, align_down(off, n->bl.request_alignment),
+                    align_up(off + bytes, n->bl.request_alignment), false);
     r = do_pwrite_zeroes(n, off, bytes, flags, err);
+    if (tracked)
+        track_end(n, &req);
     if (r < 0) {
         stat_add(&n->stats.failed_wr_operations, 1);
     } else {
@@ -676,7 +816,8 @@ int vd_node_block_status(vd_node *n, bool want_zero, uint64_t off,
             return r;
         *pnum = sub;
         r &= ~VD_BLOCK_EOF;
-    } else if (want_zero && (r & VD_BLOCK_DATA) && !(r & VD_BLOCK_ZERO) &&
+    } else if (want_zero && (r & VD_BLOCK_RECURSE) &&
+               (r & VD_BLOCK_DATA) && !(r & VD_BLOCK_ZERO) &&
                (r & VD_BLOCK_OFFSET_VALID) && lfile && lfile != n) {
         /* Data stored in a region of the file that is a hole reads as
          * zeros: let the file refine the answer. */
@@ -695,6 +836,7 @@ int vd_node_block_status(vd_node *n, bool want_zero, uint64_t off,
             }
         }
     }
+    r &= ~VD_BLOCK_RECURSE;
     if (r & (VD_BLOCK_DATA | VD_BLOCK_ZERO)) {
         r |= VD_BLOCK_ALLOCATED;
     } else if (n->drv->supports_backing) {
@@ -710,10 +852,19 @@ int vd_node_block_status(vd_node *n, bool want_zero, uint64_t off,
     return r;
 }
 
-int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
-                               uint64_t off, uint64_t bytes, uint64_t *pnum,
-                               uint64_t *map, vd_node **file, int *depth,
-                               vd_error *err)
+/*
+ * The walk behind vd_node_block_status_above(). With @stop_at_zero the
+ * walk also ends at a layer that reads as zeros without holding the
+ * range (unallocated and past the end of its backing file): that is
+ * qemu-img map's walk, which reports such a range at that layer as not
+ * present. Without it the range is found "allocated" as zeros in the
+ * short layer below, as QEMU's bdrv_is_allocated_above() sees it, which
+ * commit needs to cover a base that is longer than that layer.
+ */
+static int status_above(vd_node *top, vd_node *base, bool want_zero,
+                        bool stop_at_zero, uint64_t off, uint64_t bytes,
+                        uint64_t *pnum, uint64_t *map, vd_node **file,
+                        int *depth, vd_error *err)
 {
     int d = 0;
     for (vd_node *p = top;; d++) {
@@ -731,8 +882,12 @@ int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
             *file = p;
             return VD_BLOCK_ZERO | VD_BLOCK_ALLOCATED;
         }
+        /* Past the end of the top itself nothing below shows through. */
+        bool top_eof = p == top && (r & VD_BLOCK_EOF) &&
+                       off >= (uint64_t)vd_node_getlength(p);
         vd_node *next = p->backing ? p->backing->node : NULL;
-        if ((r & VD_BLOCK_ALLOCATED) || !next || next == base) {
+        if ((r & VD_BLOCK_ALLOCATED) || !next || next == base || top_eof ||
+            (stop_at_zero && (r & VD_BLOCK_ZERO))) {
             /* Decided here, or nothing below: the last layer's answer
              * stands (qemu-img map's depth is this layer's index). When
              * it says neither data nor zero, nothing is known. */
@@ -746,6 +901,15 @@ int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
         bytes = n;
         p = next;
     }
+}
+
+int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
+                               uint64_t off, uint64_t bytes, uint64_t *pnum,
+                               uint64_t *map, vd_node **file, int *depth,
+                               vd_error *err)
+{
+    return status_above(top, base, want_zero, false, off, bytes, pnum, map,
+                        file, depth, err);
 }
 
 /* ---- helpers for drivers ---- */
@@ -888,8 +1052,8 @@ VD_API int vd_block_status(vd_node *node, uint64_t offset, uint64_t len,
     uint64_t pnum = 0, map = 0;
     vd_node *file = NULL;
     int depth = 0;
-    r = vd_node_block_status_above(node, NULL, true, offset, len, &pnum,
-                                   &map, &file, &depth, err);
+    r = status_above(node, NULL, true, true, offset, len, &pnum, &map, &file,
+                     &depth, err);
     if (r < 0)
         return r;
     ext->start = offset;

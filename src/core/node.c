@@ -25,6 +25,10 @@
 
 #include "core/block_int.h"
 
+/* Private node flag shared with io.c: copy-on-read (see chain_preadv()
+ * there). Local until block_int.h gets a field for it. */
+#define VD_NODE_COPY_ON_READ (1u << 24)
+
 static pthread_mutex_t graph_lock = PTHREAD_MUTEX_INITIALIZER;
 static vd_node *all_nodes;
 static unsigned long node_counter;
@@ -540,6 +544,21 @@ static int node_open_one(vd_node **out, const char *filename,
             goto fail_early;
     }
     {
+        /* copy-on-read=on: io.c populates the node from its backing
+         * chain on reads (the flag is private to node.c and io.c). */
+        bool cor;
+        if ((r = vd_opts_take_bool(opts, "copy-on-read", false, &cor,
+                                   err)) < 0)
+            goto fail_early;
+        if (cor && !(flags & VD_NODE_RDWR)) {
+            r = vd_error_set(err, -EINVAL, "Can't use copy-on-read on "
+                             "read-only device");
+            goto fail_early;
+        }
+        flags = cor ? flags | VD_NODE_COPY_ON_READ
+                    : flags & ~VD_NODE_COPY_ON_READ;
+    }
+    {
         bool b;
         if ((r = vd_opts_take_bool(opts, "cache.direct",
                                    flags & VD_NODE_NOCACHE, &b, err)) < 0)
@@ -620,7 +639,7 @@ static int node_open_one(vd_node **out, const char *filename,
             goto fail_early;
         }
         unsigned fflags = (flags & ~VD_NODE_PROTOCOL) | VD_NODE_PROTOCOL;
-        fflags &= ~VD_NODE_NO_BACKING;
+        fflags &= ~(VD_NODE_NO_BACKING | VD_NODE_COPY_ON_READ);
         r = node_open_one(&file, fname, NULL, fopts, fflags, err);
         if (r == 0) {
             r = reject_leftover(file, fopts, err);

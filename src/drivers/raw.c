@@ -458,7 +458,38 @@ static const vd_create_option raw_create_opts[] = {
     { NULL, NULL, NULL, NULL },
 };
 
+/* raw needs exactly the virtual size, allocated or not. */
+static int raw_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
+                       vd_error *err)
+{
+    uint64_t size = 0;
+    char *v = vd_opts_take(opts, "size");
+
+    memset(out, 0, sizeof(*out));
+    if (src) {
+        int64_t len = vd_getlength(src);
+        free(v);
+        if (len < 0) {
+            return vd_error_set_errno(err, (int)len, "Unable to get image "
+                                      "size");
+        }
+        size = (uint64_t)len;
+    } else {
+        if (v && vd_parse_size(v, &size) < 0) {
+            free(v);
+            return vd_error_set(err, -EINVAL, "Parameter 'size' expects a "
+                                "non-negative number below 2^64");
+        }
+        free(v);
+        size = (size + 511) / 512 * 512;
+    }
+    out->required = size;
+    out->fully_allocated = size;
+    return 0;
+}
+
 const vd_driver vd_driver_raw = {
+    .measure = raw_measure,
     .name = "raw",
     .instance_size = sizeof(raw_state),
     .is_format = true,

@@ -88,6 +88,13 @@ static int write_slot(qcow2_state *s, qcow2_cache *c, int i, vd_error *err)
         }
         c->depends_on_flush = false;
     }
+    ret = qcow2_pre_write_overlap_check(s, c == s->l2_cache ?
+                                        QCOW2_OL_ACTIVE_L2 :
+                                        QCOW2_OL_REFCOUNT_BLOCK,
+                                        e->offset, c->table_size, false, err);
+    if (ret < 0) {
+        return ret;
+    }
     ret = vd_child_pwrite(s->file, e->offset, slot_table(c, i), c->table_size,
                           0, err);
     if (ret < 0) {
@@ -154,6 +161,7 @@ static int lookup(qcow2_state *s, qcow2_cache *c, uint64_t offset,
     int victim = -1;
     int ret;
 
+    qcow2_cache_clean_maybe(s);
     if (offset == 0 || (offset & (c->table_size - 1))) {
         return qcow2_signal_corruption(s, err,
                                        "%s table offset 0x%llx is not "

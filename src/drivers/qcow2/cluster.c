@@ -98,6 +98,12 @@ int qcow2_write_l1_entry(qcow2_state *s, uint64_t l1_index, vd_error *err)
     for (uint64_t i = 0; i < n; i++) {
         buf[i] = htobe64(s->l1_table[start + i]);
     }
+    ret = qcow2_pre_write_overlap_check(s, QCOW2_OL_ACTIVE_L1,
+                                        s->l1_table_offset + start * 8, n * 8,
+                                        false, err);
+    if (ret < 0) {
+        return ret;
+    }
     ret = vd_child_pwrite(s->file, s->l1_table_offset + start * 8, buf, n * 8,
                           0, err);
     if (ret < 0) {
@@ -147,8 +153,12 @@ int qcow2_grow_l1_table(qcow2_state *s, uint64_t min_size, bool exact,
     for (uint64_t i = 0; i < s->l1_size; i++) {
         new_l1[i] = htobe64(s->l1_table[i]);
     }
-    ret = vd_child_pwrite(s->file, (uint64_t)new_off, new_l1, new_size * 8, 0,
-                          err);
+    ret = qcow2_pre_write_overlap_check(s, 0, (uint64_t)new_off, new_size * 8,
+                                        false, err);
+    if (ret == 0) {
+        ret = vd_child_pwrite(s->file, (uint64_t)new_off, new_l1,
+                              new_size * 8, 0, err);
+    }
     if (ret < 0) {
         goto fail;
     }
@@ -602,7 +612,11 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
             covered += len;
         }
         qcow2_cache_put(s->l2_cache, &table);
+        ret = qcow2_pre_write_overlap_check(s, 0, host, covered, true, err);
         pthread_mutex_unlock(&s->lock);
+        if (ret < 0) {
+            return ret;
+        }
         ret = vd_iov_init_slice(&wv, qiov, qoff, covered);
         if (ret == 0) {
             ret = vd_child_pwritev(s->data_file, host, covered, &wv,
@@ -643,6 +657,11 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
             host_base = (uint64_t)h;
             allocated = true;
         }
+    }
+    /* A corrupt L2 entry or refcount may point the data at metadata. */
+    ret = qcow2_pre_write_overlap_check(s, 0, host_base, n * cs, true, err);
+    if (ret < 0) {
+        goto out_unlock;
     }
     olds = malloc(n * 2 * sizeof(uint64_t));
     if (!olds) {
@@ -897,9 +916,13 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
     }
     inflight = (qcow2_inflight){ off >> s->cluster_bits, 1, s->inflight };
     s->inflight = &inflight;
+    ret = qcow2_pre_write_overlap_check(s, 0, (uint64_t)coff, out_len, false,
+                                        err);
     pthread_mutex_unlock(&s->lock);
 
-    ret = vd_child_pwrite(s->file, (uint64_t)coff, out, out_len, 0, err);
+    if (ret == 0) {
+        ret = vd_child_pwrite(s->file, (uint64_t)coff, out, out_len, 0, err);
+    }
 
     pthread_mutex_lock(&s->lock);
     if (ret == 0) {
@@ -1021,8 +1044,15 @@ static int zero_or_discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
         wait_inflight(s, off >> s->cluster_bits,
                       ((stop - 1) >> s->cluster_bits) - (off >> s->cluster_bits) + 1);
         /* An absent L2 table only needs creating when the result must
-         * differ from "unallocated". */
-        alloc = discard ? (!full_discard && s->node->backing) : true;
+         * differ from "unallocated"; a table shared with a snapshot (no
+         * COPIED flag in its L1 entry) must be copied before it changes,
+         * or the discard would reach into the snapshot. */
+        uint64_t l1_index = qcow2_offset_to_l1_index(s, off);
+        uint64_t l1e = l1_index < s->l1_size ? s->l1_table[l1_index] : 0;
+        bool shared_l2 = (l1e & QCOW2_L1E_OFFSET_MASK) &&
+                         !(l1e & QCOW2_OFLAG_COPIED);
+        alloc = discard ? (shared_l2 || (!full_discard && s->node->backing))
+                        : true;
         ret = qcow2_get_l2_table(s, off, alloc, &table, &l2_index, err);
         if (ret < 0) {
             return ret;
@@ -1183,7 +1213,14 @@ int qcow2_co_block_status(qcow2_state *s, bool want_zero, uint64_t off,
     int status = 0;
     int ret;
 
-    (void)want_zero;
+    /* Racing first calls may both detect: the answer is the same. */
+    int prealloc = __atomic_load_n(&s->metadata_preallocation,
+                                   __ATOMIC_RELAXED);
+    if (want_zero && prealloc < 0) {
+        prealloc = qcow2_detect_metadata_preallocation(s);
+        __atomic_store_n(&s->metadata_preallocation, prealloc,
+                         __ATOMIC_RELAXED);
+    }
     pthread_mutex_lock(&s->lock);
     ret = qcow2_get_host_offset(s, off, &cur, &host, &t, err);
     pthread_mutex_unlock(&s->lock);
@@ -1204,6 +1241,9 @@ int qcow2_co_block_status(qcow2_state *s, bool want_zero, uint64_t off,
     }
     if (t == QCOW2_SC_COMPRESSED) {
         status |= VD_BLOCK_COMPRESSED;
+    }
+    if (prealloc > 0 && t == QCOW2_SC_NORMAL) {
+        status |= VD_BLOCK_RECURSE;
     }
     return status;
 }

@@ -502,6 +502,15 @@ static int cache_sizes(qcow2_state *s, vd_opts *opts, uint64_t *l2_bytes,
                            (unsigned long long)s->cluster_size);
         goto out;
     }
+    if (entry != s->cluster_size) {
+        /* The cache holds whole L2 tables; partial-table slots would need
+         * a different cache layout. Refuse rather than ignore. */
+        ret = vd_error_set(err, -ENOTSUP, "%s: l2-cache-entry-size other "
+                           "than the cluster size (%llu) is not supported",
+                           s->filename, (unsigned long long)s->cluster_size);
+        goto out;
+    }
+    s->cache_clean_interval = interval;
     if (v_comb) {
         if (v_l2 && v_rc) {
             ret = vd_error_set(err, -EINVAL, "%s: cache-size, l2-cache-size "
@@ -565,6 +574,7 @@ static void free_state(qcow2_state *s)
     qcow2_refcount_close(s);
     free(s->l1_table);
     s->l1_table = NULL;
+    qcow2_free_snapshots(s);
     free(s->header_extra);
     free(s->backing_file);
     free(s->backing_format);
@@ -661,6 +671,7 @@ static int qcow2_open(vd_node *node, vd_opts *opts, unsigned flags,
 
     memset(s, 0, sizeof(*s));
     s->node = node;
+    s->metadata_preallocation = -1;
     s->file = node->file;
     s->data_file = node->file;
     s->filename = node->filename ? node->filename : "qcow2";
@@ -873,7 +884,7 @@ static int qcow2_open(vd_node *node, vd_opts *opts, unsigned flags,
         s->refcount_table_size = (uint32_t)((clusters << s->cluster_bits) / 8);
     }
 
-    /* Snapshot table: only its bounds matter here. */
+    /* Snapshot table: bounds here, entries in snapshot.c. */
     s->nb_snapshots = be32toh(h.nb_snapshots);
     s->snapshots_offset = be64toh(h.snapshots_offset);
     if (s->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
@@ -885,6 +896,15 @@ static int qcow2_open(vd_node *node, vd_opts *opts, unsigned flags,
         ret = check_table(s, "Snapshot table", s->snapshots_offset,
                           (uint64_t)s->nb_snapshots * sizeof(qcow2_snapshot_header),
                           (uint64_t)flen, err);
+        if (ret == 0) {
+            ret = qcow2_read_snapshots(s, (uint64_t)flen,
+                                       (flags & VD_NODE_CHECK) ? NULL : err);
+        }
+        if (ret < 0 && (flags & VD_NODE_CHECK)) {
+            /* check reads the table itself and reports what is wrong. */
+            s->snapshots_unusable = true;
+            ret = 0;
+        }
         if (ret < 0) {
             goto fail;
         }
@@ -972,11 +992,9 @@ static int qcow2_open(vd_node *node, vd_opts *opts, unsigned flags,
         if (ret < 0) {
             goto fail;
         }
-        /* Overlap checks are QEMU debugging aids; accepted, not done. */
-        vd_opts_del(opts, "overlap-check");
-        {
-            vd_opts *oc = vd_opts_extract_prefix(opts, "overlap-check");
-            vd_opts_free(&oc);
+        ret = qcow2_parse_overlap_opts(s, opts, err);
+        if (ret < 0) {
+            goto fail;
         }
     }
     ret = open_data_file(s, node, opts, flags, err);
@@ -1206,9 +1224,10 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
         return vd_error_set(err, -EINVAL, "The new size must be a multiple "
                             "of 512");
     }
-    if (s->nb_snapshots) {
-        return vd_error_set(err, -ENOTSUP, "Can't resize an image which has "
-                            "snapshots");
+    /* v3 snapshots record their own disk size (QEMU 7.2 resizes them). */
+    if (s->nb_snapshots && s->version < 3) {
+        return vd_error_set(err, -ENOTSUP, "Can't resize a v2 image which "
+                            "has snapshots");
     }
     if (size == old) {
         return 0;
@@ -1246,6 +1265,30 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
             ret = write_size(s, size, err);
         }
         qcow2_process_discards(s);
+        if (ret == 0) {
+            /* Give a free tail of the file back, as QEMU does; failing
+             * to is harmless (the clusters stay free). */
+            int64_t flen = vd_node_getlength(s->file->node);
+            uint64_t last = flen > 0 ? qcow2_size_to_clusters(s, flen) : 0;
+            while (last > 0) {
+                uint64_t rc = 1;
+                if (qcow2_get_refcount(s, last - 1, &rc, NULL) < 0 || rc) {
+                    break;
+                }
+                last--;
+            }
+            if (flen > 0 && (last << s->cluster_bits) < (uint64_t)flen) {
+                if (vd_node_truncate(s->file->node, last << s->cluster_bits,
+                                     false, VD_PREALLOC_OFF, NULL) == 0) {
+                    if (s->alloc_end > last) {
+                        s->alloc_end = last;
+                    }
+                    if (s->free_cluster_index > last) {
+                        s->free_cluster_index = last;
+                    }
+                }
+            }
+        }
         pthread_mutex_unlock(&s->lock);
         return ret;
     }
@@ -1272,7 +1315,9 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
         /* The new range must read as zeros: neither stale bytes of a
          * partial last cluster nor a longer backing file may show
          * through (QEMU zeroes it the same way). */
-        uint64_t zend = s->node->backing ? size
+        vd_node *b = s->node->backing ? s->node->backing->node : NULL;
+        bool shows = b && vd_node_getlength(b) > (int64_t)old;
+        uint64_t zend = shows ? size
                         : (old + s->cluster_size - 1) & ~(s->cluster_size - 1);
         if (zend > size) {
             zend = size;
@@ -1596,6 +1641,14 @@ static int parse_create(const char *filename, vd_opts *opts, create_params *p,
         return vd_error_set(err, -EINVAL, "%s: Backing format cannot be used "
                             "without backing file", filename);
     }
+    /* Refused before anything is written: qemu-img creates the file and
+     * only then fails to store the name (qcow2.txt: at most 1023 bytes). */
+    if (p->backing_file && strlen(p->backing_file) > QCOW2_MAX_BACKING_NAME) {
+        return vd_error_set(err, -EINVAL, "%s: Could not assign backing file "
+                            "'%s' with format '%s': Invalid argument",
+                            filename, p->backing_file,
+                            p->backing_fmt ? p->backing_fmt : "");
+    }
     if (p->backing_file && p->prealloc != VD_PREALLOC_OFF) {
         return vd_error_set(err, -EINVAL, "%s: Backing file and preallocation "
                             "can only be used at the same time if "
@@ -1838,6 +1891,75 @@ out:
     return ret;
 }
 
+/* ------------------------------------------------------------------ */
+/* Backing chain                                                      */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Records a new backing file name and format. The whole header cluster is
+ * rewritten in one write, as qcow2_update_header always does, so a crash
+ * leaves either the old or the new header; the name must fit the spec's
+ * 1023 bytes and, with the extensions, the first cluster. Node drained.
+ */
+static int qcow2_change_backing_file(vd_node *node, const char *backing,
+                                     const char *backing_fmt, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    char *old_file = s->backing_file, *old_fmt = s->backing_format;
+    int ret;
+
+    if (backing && strlen(backing) > QCOW2_MAX_BACKING_NAME) {
+        return vd_error_set(err, -EINVAL, "%s: backing file name '%s' is "
+                            "longer than %d bytes", s->filename, backing,
+                            QCOW2_MAX_BACKING_NAME);
+    }
+    if (backing_fmt && !backing) {
+        return vd_error_set(err, -EINVAL, "%s: backing format without a "
+                            "backing file", s->filename);
+    }
+    if (backing && s->data_file_raw) {
+        return vd_error_set(err, -EINVAL, "%s: Cannot use a backing file "
+                            "with data-file-raw", s->filename);
+    }
+    s->backing_file = backing ? strdup(backing) : NULL;
+    s->backing_format = backing_fmt ? strdup(backing_fmt) : NULL;
+    if ((backing && !s->backing_file) || (backing_fmt && !s->backing_format)) {
+        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    } else {
+        ret = qcow2_update_header(s, err);
+    }
+    if (ret < 0) {
+        free(s->backing_file);
+        free(s->backing_format);
+        s->backing_file = old_file;
+        s->backing_format = old_fmt;
+        return ret;
+    }
+    free(old_file);
+    free(old_fmt);
+    return 0;
+}
+
+/* Deallocates every cluster (qcow2_make_empty's discard path): the image
+ * then reads through to its backing file. Node drained. */
+static int qcow2_make_empty(vd_node *node, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    int ret;
+
+    if (s->corrupt) {
+        return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
+                            s->filename);
+    }
+    ret = qcow2_discard_full(s, 0, s->size, err);
+    if (ret == 0) {
+        pthread_mutex_lock(&s->lock);
+        ret = qcow2_flush_caches(s, err);
+        pthread_mutex_unlock(&s->lock);
+    }
+    return ret;
+}
+
 const vd_driver vd_driver_qcow2 = {
     .name = "qcow2",
     .instance_size = sizeof(qcow2_state),
@@ -1859,4 +1981,15 @@ const vd_driver vd_driver_qcow2 = {
     .truncate = qcow2_truncate_cb,
     .get_info = qcow2_get_info,
     .check = qcow2_check_cb,
+    .snapshot_create = qcow2_snapshot_create,
+    .snapshot_goto = qcow2_snapshot_goto,
+    .snapshot_delete = qcow2_snapshot_delete,
+    .snapshot_list = qcow2_snapshot_list,
+    .snapshot_load_tmp = qcow2_snapshot_load_tmp,
+    .save_vmstate = qcow2_save_vmstate,
+    .load_vmstate = qcow2_load_vmstate,
+    .measure = qcow2_measure,
+    .amend = qcow2_amend,
+    .change_backing_file = qcow2_change_backing_file,
+    .make_empty = qcow2_make_empty,
 };

@@ -338,6 +338,12 @@ typedef struct qcow2_state {
     bool lazy_refcounts;        /* option lazy-refcounts / header bit */
     bool dirty_marked;          /* we set the dirty bit in this session */
     bool corrupt;               /* image marked corrupt in this session */
+    int overlap_check;          /* QCOW2_OL_* checked before metadata
+                                   writes (option overlap-check) */
+    uint64_t cache_clean_interval; /* seconds; 0 = never (overlap.c) */
+    uint64_t cache_clean_last;  /* monotonic seconds of the last clean */
+    uint64_t cache_clean_lru[2]; /* L2 / refcount cache lru_counter at
+                                    the last clean */
     bool discard_passthrough[QCOW2_DISCARD_MAX];
     qcow2_discard_range *discards;
     bool data_file_raw;
@@ -360,6 +366,10 @@ typedef struct qcow2_state {
     uint32_t nb_snapshots;
     uint64_t snapshots_offset;
     uint64_t snapshots_size;    /* bytes of the snapshot table */
+    struct qcow2_snapshot *snapshots; /* nb_snapshots entries (snapshot.c) */
+    bool snapshots_unusable;    /* opened for check with a bad table */
+    /* Detected on the first block status (QEMU's heuristic). */
+    int metadata_preallocation;   /* -1 unknown, 0 no, 1 yes */
 } qcow2_state;
 
 /* ------------------------------------------------------------------ */
@@ -623,6 +633,8 @@ int qcow2_co_pdiscard(qcow2_state *s, uint64_t off, uint64_t bytes,
 int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
                                 uint64_t bytes, vd_iov *qiov,
                                 vd_error *err);
+/* Whether the image looks preallocated with metadata (takes the lock). */
+bool qcow2_detect_metadata_preallocation(qcow2_state *s);
 int qcow2_co_block_status(qcow2_state *s, bool want_zero, uint64_t off,
                           uint64_t bytes, uint64_t *pnum, uint64_t *map,
                           vd_node **file, vd_error *err);
@@ -630,6 +642,94 @@ int qcow2_co_block_status(qcow2_state *s, bool want_zero, uint64_t off,
  * [off, off+bytes). Node drained. */
 int qcow2_preallocate(qcow2_state *s, uint64_t off, uint64_t bytes,
                       vd_prealloc mode, vd_error *err);
+
+/* ------------------------------------------------------------------ */
+/* snapshot.c                                                         */
+/* ------------------------------------------------------------------ */
+
+/* One entry of the snapshot table, host endian (qcow2.txt "Snapshots"). */
+typedef struct qcow2_snapshot {
+    uint64_t l1_table_offset;
+    uint32_t l1_size;
+    char *id_str;
+    char *name;
+    uint64_t disk_size;
+    uint64_t vm_state_size;
+    uint32_t date_sec;
+    uint32_t date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t icount;            /* UINT64_MAX when not recorded */
+    uint32_t extra_data_size;   /* as stored (>= 24 once rewritten) */
+    uint8_t *unknown_extra;     /* extra data past the known 24 bytes */
+} qcow2_snapshot;
+
+/* Parses and validates the snapshot table named by nb_snapshots and
+ * snapshots_offset (file of @file_len bytes). At open. */
+int qcow2_read_snapshots(qcow2_state *s, uint64_t file_len, vd_error *err);
+void qcow2_free_snapshots(qcow2_state *s);
+
+/* The vtable callbacks (node drained). */
+int qcow2_snapshot_create(vd_node *node, const vd_snapshot_info *sn,
+                          vd_error *err);
+int qcow2_snapshot_goto(vd_node *node, const char *id, vd_error *err);
+int qcow2_snapshot_delete(vd_node *node, const char *id, const char *name,
+                          vd_error *err);
+int qcow2_snapshot_list(vd_node *node, vd_snapshot_info **list,
+                        size_t *count, vd_error *err);
+int qcow2_snapshot_load_tmp(vd_node *node, const char *id, const char *name,
+                            vd_error *err);
+int qcow2_save_vmstate(vd_node *node, vd_iov *qiov, uint64_t pos,
+                       vd_error *err);
+int qcow2_load_vmstate(vd_node *node, vd_iov *qiov, uint64_t pos,
+                       vd_error *err);
+
+/* ------------------------------------------------------------------ */
+/* measure.c, amend.c, overlap.c                                      */
+/* ------------------------------------------------------------------ */
+
+/* Bytes of refcount table and blocks that count @clusters clusters and
+ * themselves; *nb_blocks (may be NULL) gets the number of blocks. */
+uint64_t qcow2_refcount_metadata_size(uint64_t clusters, uint64_t cluster_size,
+                                      int refcount_order, uint64_t *nb_blocks);
+/* The vtable's measure callback (qemu-img measure). */
+int qcow2_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
+                  vd_error *err);
+/* The vtable's amend callback (qemu-img amend). Node drained. */
+int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err);
+
+/* Metadata structures for the overlap checks (QEMU's QCOW2_OL_*). */
+#define QCOW2_OL_MAIN_HEADER      (1 << 0)
+#define QCOW2_OL_ACTIVE_L1        (1 << 1)
+#define QCOW2_OL_ACTIVE_L2        (1 << 2)
+#define QCOW2_OL_REFCOUNT_TABLE   (1 << 3)
+#define QCOW2_OL_REFCOUNT_BLOCK   (1 << 4)
+#define QCOW2_OL_SNAPSHOT_TABLE   (1 << 5)
+#define QCOW2_OL_INACTIVE_L1      (1 << 6)
+#define QCOW2_OL_INACTIVE_L2      (1 << 7)
+#define QCOW2_OL_BITMAP_DIRECTORY (1 << 8)
+#define QCOW2_OL_CONSTANT (QCOW2_OL_MAIN_HEADER | QCOW2_OL_ACTIVE_L1 | \
+                           QCOW2_OL_REFCOUNT_TABLE | QCOW2_OL_SNAPSHOT_TABLE | \
+                           QCOW2_OL_BITMAP_DIRECTORY)
+#define QCOW2_OL_CACHED   (QCOW2_OL_CONSTANT | QCOW2_OL_ACTIVE_L2 | \
+                           QCOW2_OL_REFCOUNT_BLOCK | QCOW2_OL_INACTIVE_L1)
+#define QCOW2_OL_ALL      (QCOW2_OL_CACHED | QCOW2_OL_INACTIVE_L2)
+
+/* Parses overlap-check, overlap-check.template and overlap-check.<name>
+ * into s->overlap_check (default cached). At open. */
+int qcow2_parse_overlap_opts(qcow2_state *s, vd_opts *opts, vd_error *err);
+/* Returns the QCOW2_OL_* bit of the first metadata structure (outside
+ * @ign) that [offset, offset+size) overlaps, or 0. Lock held. */
+int qcow2_check_metadata_overlap(qcow2_state *s, int ign, uint64_t offset,
+                                 uint64_t size);
+/* Before a write to the metadata file: on overlap marks the image
+ * corrupt and fails with -EIO ("Preventing invalid write on metadata
+ * (overlaps with ...)"). @data: the write is guest data (never checked
+ * when the data lives in an external file). Lock held. */
+int qcow2_pre_write_overlap_check(qcow2_state *s, int ign, uint64_t offset,
+                                  uint64_t size, bool data, vd_error *err);
+/* Frees the clean, unused tables of both caches when the
+ * cache-clean-interval has passed since the last time. Lock held. */
+void qcow2_cache_clean_maybe(qcow2_state *s);
 
 /* ------------------------------------------------------------------ */
 /* check.c and compress.c (second engineer)                           */

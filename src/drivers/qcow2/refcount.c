@@ -183,6 +183,12 @@ static int write_reftable_entry(qcow2_state *s, uint64_t rt_index,
                                 vd_error *err)
 {
     uint64_t be = htobe64(s->refcount_table[rt_index]);
+    int ret = qcow2_pre_write_overlap_check(s, QCOW2_OL_REFCOUNT_TABLE,
+                                            s->refcount_table_offset +
+                                            rt_index * 8, 8, false, err);
+    if (ret < 0) {
+        return ret;
+    }
     return vd_child_pwrite(s->file, s->refcount_table_offset + rt_index * 8,
                            &be, 8, 0, err);
 }
@@ -770,4 +776,33 @@ void qcow2_process_discards(qcow2_state *s)
         vd_node_pdiscard(s->file->node, d->offset, d->bytes, NULL);
         free(d);
     }
+}
+
+/*
+ * Whether the image looks preallocated with metadata: more clusters have
+ * a refcount than the file has allocated (QEMU's threshold: 10/9 of the
+ * allocated clusters, at least two more). Block status then asks the file
+ * whether "allocated" data clusters are really holes, as QEMU does only
+ * for such images. Takes s->lock.
+ */
+bool qcow2_detect_metadata_preallocation(qcow2_state *s)
+{
+    vd_node *f = s->file->node;
+    int64_t flen = vd_node_getlength(f);
+    int64_t falloc = f->drv->get_allocated_size
+                     ? f->drv->get_allocated_size(f) : -1;
+    if (flen < 0 || falloc < 0)
+        return false;
+    uint64_t real = (uint64_t)falloc / s->cluster_size;
+    uint64_t threshold = real * 10 / 9 > real + 2 ? real * 10 / 9 : real + 2;
+    uint64_t end = qcow2_size_to_clusters(s, (uint64_t)flen), count = 0;
+    pthread_mutex_lock(&s->lock);
+    for (uint64_t i = 0; i < end && count < threshold; i++) {
+        uint64_t rc = 0;
+        if (qcow2_get_refcount(s, i, &rc, NULL) < 0)
+            break;
+        count += rc != 0;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return count >= threshold;
 }

@@ -1,0 +1,120 @@
+/*
+ * Whole-image operations that a format driver carries out for the CLI and
+ * the library's users: measuring what a conversion would need (qemu-img
+ * measure) and changing creation options in place (qemu-img amend). The
+ * options are checked here, once for every driver; the driver's callback
+ * does the format-specific work.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/block_int.h"
+
+/* Checks a value against the option's type, with QemuOpts' messages. */
+static int check_type(const vd_create_option *o, const char *value,
+                      vd_error *err)
+{
+    if (!strcmp(o->type, "size")) {
+        uint64_t u;
+        if (vd_parse_size(value, &u) < 0) {
+            return vd_error_set(err, -EINVAL, "Parameter '%s' expects a "
+                                "non-negative number below 2^64", o->name);
+        }
+    } else if (!strcmp(o->type, "bool")) {
+        if (strcmp(value, "on") && strcmp(value, "off")) {
+            return vd_error_set(err, -EINVAL, "Parameter '%s' expects 'on' "
+                                "or 'off'", o->name);
+        }
+    } else if (!strcmp(o->type, "number")) {
+        char *end;
+        errno = 0;
+        (void)strtoull(value, &end, 0);
+        if (!*value || *end || errno || value[0] == '-') {
+            return vd_error_set(err, -EINVAL, "Parameter '%s' expects a "
+                                "number", o->name);
+        }
+    }
+    return 0;
+}
+
+VD_API int vd_measure(const char *format, const vd_opts *opts, vd_node *src,
+                      vd_measure_result *out, vd_error *err)
+{
+    const vd_driver *drv = format ? vd_find_driver(format) : NULL;
+    const vd_create_option *list;
+    vd_opts *o;
+    int ret;
+
+    memset(out, 0, sizeof(*out));
+    if (!drv || !drv->is_format) {
+        return vd_error_set(err, -EINVAL, "Unknown file format '%s'",
+                            format ? format : "");
+    }
+    list = vd_create_options(format);
+    if (!drv->create || !list) {
+        return vd_error_set(err, -ENOTSUP, "Format driver '%s' does not "
+                            "support image creation", format);
+    }
+    /* Options are checked like qemu-img's QemuOpts before the driver
+     * sees them: known names, well-formed values. */
+    for (size_t i = 0; opts && i < vd_opts_count(opts); i++) {
+        const char *k, *v;
+        const vd_create_option *c = list;
+        vd_opts_nth(opts, i, &k, &v);
+        while (c->name && strcmp(c->name, k) != 0) {
+            c++;
+        }
+        if (!c->name) {
+            return vd_error_set(err, -EINVAL, "Invalid parameter '%s'", k);
+        }
+        ret = check_type(c, v, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (!drv->measure) {
+        return vd_error_set(err, -ENOTSUP, "Block driver '%s' does not "
+                            "support size measurement", format);
+    }
+    o = opts ? vd_opts_clone(opts) : vd_opts_new();
+    if (!o) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    ret = drv->measure(o, src, out, err);
+    vd_opts_free(&o);
+    return ret;
+}
+
+VD_API int vd_amend(vd_node *node, const vd_opts *opts, bool force,
+                    vd_progress_fn progress, void *opaque, vd_error *err)
+{
+    vd_opts *o;
+    int ret;
+
+    if (!node->drv->amend) {
+        return vd_error_set(err, -ENOTSUP, "Format driver '%s' does not "
+                            "support option amendment", node->drv->name);
+    }
+    if (node->read_only) {
+        return vd_error_set(err, -EROFS, "%s: image is read-only",
+                            node->filename);
+    }
+    o = opts ? vd_opts_clone(opts) : vd_opts_new();
+    if (!o) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    if (progress) {
+        progress(0.0, opaque);
+    }
+    vd_node_drain_begin(node);
+    ret = node->drv->amend(node, o, force, err);
+    vd_node_drain_end(node);
+    /* The virtual size may have changed. */
+    vd_node_refresh_length(node);
+    if (progress && ret == 0) {
+        progress(100.0, opaque);
+    }
+    vd_opts_free(&o);
+    return ret;
+}

@@ -1,0 +1,386 @@
+/*
+ * The "blkdebug" filter: error and crash injection for tests, after
+ * QEMU's blkdebug and SQLite's crash simulator. It sits between a format
+ * driver and its file (driver=qcow2,file.driver=blkdebug,
+ * file.filename=IMG,file.OPTION=...) and passes every request through,
+ * except as its options say:
+ *
+ *   fail-write=N      the N-th write (counting writes, zero-writes and
+ *                     discards from 1) fails with errno (once)
+ *   fail-flush=N      the N-th flush fails with errno (once)
+ *   errno=E           the errno of injected failures: EIO (default),
+ *                     ENOSPC or EPERM
+ *   crash-write=N     power loss right after the N-th write reached the
+ *                     disk: later writes never reach it
+ *   crash-action=A    what the writer sees after the crash: "drop"
+ *                     (default: writes and flushes succeed but are
+ *                     thrown away, a disk that lies) or "fail" (every
+ *                     request fails with EIO, so that the writer can tell
+ *                     which of its flushes completed before the crash)
+ *   crash-unflushed=U what happens at the crash to the writes since the
+ *                     last completed flush: "keep" (default: they all
+ *                     reached the disk, in order), "drop" (the disk's
+ *                     volatile cache loses them all) or "random" (each
+ *                     is lost or kept, chosen by crash-seed)
+ *   crash-seed=S      seed for crash-unflushed=random
+ *   stats=on          print "blkdebug: W writes, F flushes" to stderr
+ *                     when the node closes (to size a crash-point loop)
+ *
+ * Organisation: options and open, then the write path. Dropping
+ * unflushed writes needs their old contents: each write first reads what
+ * it overwrites into an undo log, which a completed flush empties and
+ * the crash replays backwards (skipping entries when "random" says so).
+ * The log is bounded (BLKDEBUG_UNDO_MAX bytes); writes beyond it are
+ * treated as kept. Counting, the undo log and the crash are serialised by
+ * one mutex, so the N-th write is well defined even with many threads;
+ * this filter is for tests, not for speed.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/block_int.h"
+
+#define BLKDEBUG_UNDO_MAX (256u << 20)
+
+enum { CRASH_DROP, CRASH_FAIL };
+enum { UNFLUSHED_KEEP, UNFLUSHED_DROP, UNFLUSHED_RANDOM };
+
+typedef struct undo_entry {
+    uint64_t off;
+    uint64_t len;
+    uint8_t *old;     /* the bytes before the write (len of them) */
+    uint64_t old_len; /* bytes of @old inside the file then; the rest
+                         lay past its end */
+    struct undo_entry *prev;
+} undo_entry;
+
+typedef struct blkdebug_state {
+    pthread_mutex_t lock;
+    uint64_t writes, flushes;
+    uint64_t fail_write, fail_flush, crash_write, seed;
+    int fail_errno;
+    int crash_action, crash_unflushed;
+    bool stats;
+    bool crashed;
+    bool track_undo;          /* crash-unflushed is not "keep" */
+    undo_entry *undo;         /* newest first */
+    uint64_t undo_bytes;
+    bool undo_overflow;
+} blkdebug_state;
+
+static const char *const action_names[] = { "drop", "fail", NULL };
+static const char *const unflushed_names[] = { "keep", "drop", "random",
+                                               NULL };
+static const char *const errno_names[] = { "EIO", "ENOSPC", "EPERM", NULL };
+static const int errno_values[] = { EIO, ENOSPC, EPERM };
+
+static void undo_clear(blkdebug_state *s)
+{
+    while (s->undo) {
+        undo_entry *e = s->undo;
+        s->undo = e->prev;
+        free(e->old);
+        free(e);
+    }
+    s->undo_bytes = 0;
+    s->undo_overflow = false;
+}
+
+static int blkdebug_open(vd_node *node, vd_opts *opts, unsigned flags,
+                         vd_error *err)
+{
+    blkdebug_state *s = node->opaque;
+    int idx, ret;
+
+    (void)flags;
+    if (!node->file) {
+        return vd_error_set(err, -EINVAL, "blkdebug: no image given");
+    }
+    pthread_mutex_init(&s->lock, NULL);
+    if ((ret = vd_opts_take_uint(opts, "fail-write", 0, &s->fail_write,
+                                 err)) < 0 ||
+        (ret = vd_opts_take_uint(opts, "fail-flush", 0, &s->fail_flush,
+                                 err)) < 0 ||
+        (ret = vd_opts_take_uint(opts, "crash-write", 0, &s->crash_write,
+                                 err)) < 0 ||
+        (ret = vd_opts_take_uint(opts, "crash-seed", 1, &s->seed, err)) < 0 ||
+        (ret = vd_opts_take_bool(opts, "stats", false, &s->stats, err)) < 0) {
+        return ret;
+    }
+    if ((ret = vd_opts_take_enum(opts, "errno", errno_names, 0, &idx,
+                                 err)) < 0) {
+        return ret;
+    }
+    s->fail_errno = errno_values[idx];
+    if ((ret = vd_opts_take_enum(opts, "crash-action", action_names,
+                                 CRASH_DROP, &s->crash_action, err)) < 0 ||
+        (ret = vd_opts_take_enum(opts, "crash-unflushed", unflushed_names,
+                                 UNFLUSHED_KEEP, &s->crash_unflushed,
+                                 err)) < 0) {
+        return ret;
+    }
+    s->track_undo = s->crash_write && s->crash_unflushed != UNFLUSHED_KEEP;
+    node->bl.request_alignment = node->file->node->bl.request_alignment;
+    node->bl.min_mem_alignment = node->file->node->bl.min_mem_alignment;
+    return 0;
+}
+
+static void blkdebug_close(vd_node *node)
+{
+    blkdebug_state *s = node->opaque;
+
+    if (s->stats) {
+        fprintf(stderr, "blkdebug: %llu writes, %llu flushes\n",
+                (unsigned long long)s->writes,
+                (unsigned long long)s->flushes);
+    }
+    undo_clear(s);
+    pthread_mutex_destroy(&s->lock);
+}
+
+static void blkdebug_refresh_limits(vd_node *node)
+{
+    if (node->file) {
+        node->bl.request_alignment = node->file->node->bl.request_alignment;
+        node->bl.min_mem_alignment = node->file->node->bl.min_mem_alignment;
+    }
+}
+
+/* ---- the crash ---- */
+
+static uint64_t next_random(uint64_t *x)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return *x;
+}
+
+/* Puts back the old contents of unflushed writes, newest first, as the
+ * crash-unflushed option says. Lock held. */
+static void crash_now(vd_node *node, blkdebug_state *s)
+{
+    uint64_t rnd = s->seed ? s->seed : 1;
+
+    s->crashed = true;
+    for (undo_entry *e = s->undo; e; e = e->prev) {
+        if (s->crash_unflushed == UNFLUSHED_RANDOM &&
+            (next_random(&rnd) & 1)) {
+            continue;
+        }
+        if (e->old_len) {
+            vd_child_pwrite(node->file, e->off, e->old, e->old_len, 0, NULL);
+        }
+        /* What lay past the end of the file then reads as zeros again
+         * (the file keeps its new length: a grown inode is harmless). */
+        if (e->old_len < e->len) {
+            vd_node_pwrite_zeroes(node->file->node, e->off + e->old_len,
+                                  e->len - e->old_len, 0, NULL);
+        }
+    }
+    undo_clear(s);
+}
+
+/* Records what [off, off+len) holds before a write. Lock held. */
+static void undo_record(vd_node *node, blkdebug_state *s, uint64_t off,
+                        uint64_t len)
+{
+    int64_t flen = vd_node_getlength(node->file->node);
+    undo_entry *e;
+
+    if (s->undo_overflow || s->undo_bytes + len > BLKDEBUG_UNDO_MAX) {
+        s->undo_overflow = true;
+        return;
+    }
+    e = calloc(1, sizeof(*e));
+    if (!e || !(e->old = malloc(len ? len : 1))) {
+        free(e);
+        s->undo_overflow = true;
+        return;
+    }
+    e->off = off;
+    e->len = len;
+    if (flen > 0 && off < (uint64_t)flen) {
+        e->old_len = (uint64_t)flen - off < len ? (uint64_t)flen - off : len;
+        if (vd_child_pread(node->file, off, e->old, e->old_len, NULL) < 0) {
+            free(e->old);
+            free(e);
+            s->undo_overflow = true;
+            return;
+        }
+    }
+    e->prev = s->undo;
+    s->undo = e;
+    s->undo_bytes += len;
+}
+
+/*
+ * Common part of every modifying request: counts it, injects a failure
+ * or the crash. Returns 1 when the request should go to the file, 0 when
+ * it is silently dropped, or a negative errno. Lock held.
+ */
+static int write_gate(vd_node *node, blkdebug_state *s, uint64_t off,
+                      uint64_t len, vd_error *err)
+{
+    uint64_t n;
+
+    if (s->crashed) {
+        return s->crash_action == CRASH_FAIL
+            ? vd_error_set(err, -EIO, "%s: blkdebug: write after the "
+                           "simulated crash", node->filename)
+            : 0;
+    }
+    n = ++s->writes;
+    if (s->fail_write && n == s->fail_write) {
+        return vd_error_set(err, -s->fail_errno, "%s: blkdebug: injected "
+                            "failure of write %llu", node->filename,
+                            (unsigned long long)n);
+    }
+    if (s->track_undo) {
+        undo_record(node, s, off, len);
+    }
+    return 1;
+}
+
+/* After the N-th write reached the file: the power goes. Lock held. */
+static void after_write(vd_node *node, blkdebug_state *s)
+{
+    if (s->crash_write && !s->crashed && s->writes >= s->crash_write) {
+        crash_now(node, s);
+    }
+}
+
+static int blkdebug_preadv(vd_node *node, uint64_t off, uint64_t bytes,
+                           vd_iov *qiov, unsigned flags, vd_error *err)
+{
+    blkdebug_state *s = node->opaque;
+
+    if (s->crashed && s->crash_action == CRASH_FAIL) {
+        return vd_error_set(err, -EIO, "%s: blkdebug: read after the "
+                            "simulated crash", node->filename);
+    }
+    return vd_node_preadv(node->file->node, off, bytes, qiov, flags, err);
+}
+
+static int blkdebug_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
+                            vd_iov *qiov, unsigned flags, vd_error *err)
+{
+    blkdebug_state *s = node->opaque;
+    int ret;
+
+    pthread_mutex_lock(&s->lock);
+    ret = write_gate(node, s, off, bytes, err);
+    if (ret > 0) {
+        ret = vd_node_pwritev(node->file->node, off, bytes, qiov, flags,
+                              err);
+        after_write(node, s);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+static int blkdebug_pwrite_zeroes(vd_node *node, uint64_t off,
+                                  uint64_t bytes, unsigned flags,
+                                  vd_error *err)
+{
+    blkdebug_state *s = node->opaque;
+    int ret;
+
+    pthread_mutex_lock(&s->lock);
+    ret = write_gate(node, s, off, bytes, err);
+    if (ret > 0) {
+        ret = vd_node_pwrite_zeroes(node->file->node, off, bytes, flags,
+                                    err);
+        after_write(node, s);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+static int blkdebug_pdiscard(vd_node *node, uint64_t off, uint64_t bytes,
+                             vd_error *err)
+{
+    blkdebug_state *s = node->opaque;
+    int ret;
+
+    pthread_mutex_lock(&s->lock);
+    ret = write_gate(node, s, off, bytes, err);
+    if (ret > 0) {
+        ret = vd_node_pdiscard(node->file->node, off, bytes, err);
+        after_write(node, s);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+/* The core flushes the file after this callback; the undo log can go
+ * only once that flush is done, which a later request cannot tell apart
+ * from this point, so the filter flushes the file itself first. */
+static int blkdebug_flush(vd_node *node, vd_error *err)
+{
+    blkdebug_state *s = node->opaque;
+    int ret = 0;
+
+    pthread_mutex_lock(&s->lock);
+    if (s->crashed) {
+        ret = s->crash_action == CRASH_FAIL
+            ? vd_error_set(err, -EIO, "%s: blkdebug: flush after the "
+                           "simulated crash", node->filename)
+            : 0;
+        goto out;
+    }
+    s->flushes++;
+    if (s->fail_flush && s->flushes == s->fail_flush) {
+        ret = vd_error_set(err, -s->fail_errno, "%s: blkdebug: injected "
+                           "failure of flush %llu", node->filename,
+                           (unsigned long long)s->flushes);
+        goto out;
+    }
+    ret = vd_node_flush(node->file->node, err);
+    if (ret == 0) {
+        undo_clear(s);
+    }
+out:
+    pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+static int64_t blkdebug_getlength(vd_node *node)
+{
+    return vd_node_getlength(node->file->node);
+}
+
+static int blkdebug_truncate(vd_node *node, uint64_t size, bool exact,
+                             vd_prealloc prealloc, vd_error *err)
+{
+    blkdebug_state *s = node->opaque;
+    int ret;
+
+    pthread_mutex_lock(&s->lock);
+    ret = write_gate(node, s, size, 0, err);
+    if (ret > 0) {
+        ret = vd_node_truncate(node->file->node, size, exact, prealloc, err);
+        after_write(node, s);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+const vd_driver vd_driver_blkdebug = {
+    .name = "blkdebug",
+    .instance_size = sizeof(blkdebug_state),
+    .is_filter = true,
+    .open = blkdebug_open,
+    .close = blkdebug_close,
+    .preadv = blkdebug_preadv,
+    .pwritev = blkdebug_pwritev,
+    .pwrite_zeroes = blkdebug_pwrite_zeroes,
+    .pdiscard = blkdebug_pdiscard,
+    .flush = blkdebug_flush,
+    .getlength = blkdebug_getlength,
+    .truncate = blkdebug_truncate,
+    .refresh_limits = blkdebug_refresh_limits,
+};

@@ -1,0 +1,181 @@
+/*
+ * vdisk commit: qemu-img commit. Opens the image read-write with its
+ * chain, finds the base (the immediate backing file, or the layer named by
+ * -b, which implies -d as in qemu-img), and lets vd_commit() copy every
+ * allocated range above the base into it and empty the top. The base is
+ * looked up the way QEMU's bdrv_find_backing_image() does: by the name
+ * stored in the overlay, else by the file it resolves to (relative names
+ * are relative to the overlay's directory).
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "commands.h"
+#include "util.h"
+
+static bool same_file(const char *a, const char *b)
+{
+    struct stat sa, sb;
+
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
+           sa.st_ino == sb.st_ino;
+}
+
+/* @name resolved against the directory of @overlay (malloc'd). */
+static char *relative_to(const char *overlay, const char *name)
+{
+    const char *slash = strrchr(overlay, '/');
+    size_t d = slash ? (size_t)(slash - overlay) + 1 : 0;
+    char *p;
+
+    if (name[0] == '/' || !d) {
+        return strdup(name);
+    }
+    p = malloc(d + strlen(name) + 1);
+    if (p) {
+        memcpy(p, overlay, d);
+        strcpy(p + d, name);
+    }
+    return p;
+}
+
+/* The layer below @top that @name designates, or NULL. */
+static vd_node *find_backing_image(vd_node *top, const char *name)
+{
+    for (vd_node *p = top; p; p = vd_node_child(p, "backing")) {
+        vd_node *next = vd_node_child(p, "backing");
+        vd_image_info *info = NULL;
+        bool match = false;
+
+        if (!next) {
+            break;
+        }
+        if (vd_get_info(p, &info, NULL) == 0 && info->backing_filename &&
+            strcmp(info->backing_filename, name) == 0) {
+            match = true;
+        }
+        vd_image_info_free(&info);
+        if (!match && vd_node_filename(next)) {
+            char *full = relative_to(vd_node_filename(p), name);
+            match = full && (strcmp(full, vd_node_filename(next)) == 0 ||
+                             same_file(full, vd_node_filename(next)));
+            free(full);
+        }
+        if (match) {
+            return next;
+        }
+    }
+    return NULL;
+}
+
+static void show_progress(double percent, void *opaque)
+{
+    cli_progress_print(opaque, percent);
+}
+
+int cmd_commit(int argc, char **argv)
+{
+    const char *fmt = NULL, *cache = "writeback", *base = NULL, *filename;
+    bool quiet = false, progress = false, keep = false;
+    uint64_t rate = 0;
+    vd_error err = VD_ERROR_INIT;
+    vd_opts *opts = NULL;
+    vd_node *top = NULL, *base_node;
+    cli_progress prog;
+    int ch, ret = 1, r;
+
+    while ((ch = cli_getopt("commit", argc, argv)) != -1) {
+        switch (ch) {
+        case 'h':
+            cli_print_help();
+            return 0;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 't':
+            cache = optarg;
+            break;
+        case 'b':
+            /* Layers between the top and the base stop reading correctly,
+             * so the top is kept as it is (qemu-img: -b implies -d). */
+            base = optarg;
+            keep = true;
+            break;
+        case 'd':
+            keep = true;
+            break;
+        case 'r':
+            if (cli_cvtnum("rate limit", optarg, &rate) < 0) {
+                return 1;
+            }
+            break;
+        case 'p':
+            progress = true;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        default:
+            return 1;
+        }
+    }
+    if (quiet) {
+        progress = false;
+    }
+    if (optind != argc - 1) {
+        cli_error_hint("Expecting one image file name");
+        return 1;
+    }
+    filename = argv[optind];
+
+    opts = vd_opts_new();
+    if (!opts || vd_opts_set(opts, "cache", cache) < 0) {
+        cli_error("Out of memory");
+        vd_opts_free(&opts);
+        return 1;
+    }
+    top = cli_open(filename, fmt, VD_O_RDWR, opts);
+    vd_opts_free(&opts);
+    if (!top) {
+        return 1;
+    }
+
+    cli_progress_init(&prog, progress, 1.0f);
+    if (base) {
+        base_node = find_backing_image(top, base);
+        if (!base_node) {
+            cli_progress_end(&prog);
+            cli_error("Did not find '%s' in the backing chain of '%s'", base,
+                      filename);
+            goto out;
+        }
+    } else {
+        base_node = vd_node_child(top, "backing");
+        if (!base_node) {
+            cli_progress_end(&prog);
+            cli_error("Image does not have a backing file");
+            goto out;
+        }
+    }
+    r = vd_commit(top, base_node, keep ? VD_COMMIT_KEEP_TOP : 0, rate,
+                  show_progress, &prog, &err);
+    cli_progress_print(&prog, 100);
+    cli_progress_end(&prog);
+    if (r < 0) {
+        cli_report_vd_error(&err, r, filename);
+        goto out;
+    }
+    ret = 0;
+out:
+    if (vd_close(&top, &err) < 0 && ret == 0) {
+        cli_report_vd_error(&err, -EIO, filename);
+        ret = 1;
+    }
+    if (ret == 0) {
+        cli_qprintf(quiet, "Image committed.\n");
+    }
+    return ret;
+}

@@ -1,0 +1,247 @@
+/*
+ * vdisk measure: qemu-img measure. Parses the command line as qemu-img
+ * 7.2 does (same checks in the same order, same messages), opens the
+ * source image when there is one (optionally at an internal snapshot),
+ * asks vd_measure() for the target format's sizes and prints them in
+ * human form or as qemu's BlockMeasureInfo JSON.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "commands.h"
+#include "json_out.h"
+#include "util.h"
+
+/* Appends an -o argument to the accumulated ones, as qemu-img joins
+ * repeated -o options with commas. */
+static char *accumulate(char *acc, const char *arg)
+{
+    char *out;
+
+    if (!acc) {
+        return strdup(arg);
+    }
+    if (asprintf(&out, "%s,%s", acc, arg) < 0) {
+        out = NULL;
+    }
+    free(acc);
+    return out;
+}
+
+/* Loads snapshot @param ("snapshot.id=X,snapshot.name=Y" or a plain id or
+ * name) into the read-only @node. Returns 0 or prints and returns -1. */
+static int load_snapshot(vd_node *node, const char *param)
+{
+    vd_error err = VD_ERROR_INIT;
+    int ret;
+
+    if (strncmp(param, "snapshot.", 9) == 0) {
+        vd_opts *o = vd_opts_new();
+        const char *bad = NULL;
+        if (!o || vd_opts_parse(o, param, NULL, &err) < 0) {
+            vd_opts_free(&o);
+            cli_error("Failed in parsing snapshot param '%s'", param);
+            return -1;
+        }
+        for (size_t i = 0; i < vd_opts_count(o) && !bad; i++) {
+            const char *k, *v;
+            vd_opts_nth(o, i, &k, &v);
+            if (strcmp(k, "snapshot.id") && strcmp(k, "snapshot.name")) {
+                bad = k;
+            }
+        }
+        if (bad) {
+            cli_error("Invalid parameter '%s'", bad);
+            cli_error("Failed in parsing snapshot param '%s'", param);
+            vd_opts_free(&o);
+            return -1;
+        }
+        ret = vd_snapshot_load_tmp(node, vd_opts_get(o, "snapshot.id"),
+                                   vd_opts_get(o, "snapshot.name"), &err);
+        vd_opts_free(&o);
+    } else {
+        ret = vd_snapshot_load_tmp_by_id_or_name(node, param, &err);
+    }
+    if (ret < 0) {
+        cli_error("Failed to load snapshot: %s",
+                  err.message[0] ? cli_strip_filename(err.message,
+                                                      vd_node_filename(node))
+                                 : strerror(-ret));
+        return -1;
+    }
+    return 0;
+}
+
+int cmd_measure(int argc, char **argv)
+{
+    const char *fmt = NULL, *out_fmt = "raw", *filename = NULL;
+    const char *snapshot = NULL;
+    char *options = NULL;
+    bool json = false, force_share = false, image_opts = false;
+    uint64_t img_size = UINT64_MAX;
+    vd_opts *opts = NULL;
+    vd_node *src = NULL;
+    vd_error err = VD_ERROR_INIT;
+    vd_measure_result res;
+    int ch, ret = 1;
+
+    while ((ch = cli_getopt("measure", argc, argv)) != -1) {
+        switch (ch) {
+        case 'h':
+            cli_print_help();
+            free(options);
+            return 0;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'O':
+            out_fmt = optarg;
+            break;
+        case 'o':
+            options = accumulate(options, optarg);
+            if (!options) {
+                cli_error("out of memory");
+                return 1;
+            }
+            break;
+        case 'l':
+            snapshot = optarg;
+            break;
+        case 'U':
+            force_share = true;
+            break;
+        case OPT_OBJECT:
+            cli_error("--object is not supported");
+            goto out;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
+            break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                goto out;
+            }
+            break;
+        case OPT_SIZE:
+            if (cli_cvtnum("image size", optarg, &img_size) < 0) {
+                goto out;
+            }
+            break;
+        default:
+            goto out;
+        }
+    }
+
+    if (argc - optind > 1) {
+        cli_error("At most one filename argument is allowed.");
+        goto out;
+    } else if (argc - optind == 1) {
+        filename = argv[optind];
+    }
+    if (!filename && (image_opts || fmt || snapshot)) {
+        cli_error("--image-opts, -f, and -l require a filename argument.");
+        goto out;
+    }
+    if (filename && img_size != UINT64_MAX) {
+        cli_error("--size N cannot be used together with a filename.");
+        goto out;
+    }
+    if (!filename && img_size == UINT64_MAX) {
+        cli_error("Either --size N or one filename must be specified.");
+        goto out;
+    }
+
+    if (filename) {
+        vd_opts *oo = NULL;
+        const char *name = filename;
+        if (image_opts) {
+            oo = vd_opts_new();
+            if (!oo || vd_opts_parse(oo, filename, "file.filename", &err) < 0) {
+                cli_report_vd_error(&err, -EINVAL, filename);
+                vd_opts_free(&oo);
+                goto out;
+            }
+            name = NULL;
+        }
+        src = cli_open(name ? name : filename, fmt,
+                       force_share ? VD_O_FORCE_SHARE : 0, oo);
+        vd_opts_free(&oo);
+        if (!src) {
+            goto out;
+        }
+        if (snapshot && load_snapshot(src, snapshot) < 0) {
+            goto out;
+        }
+    }
+
+    opts = vd_opts_new();
+    if (!opts) {
+        cli_error("out of memory");
+        goto out;
+    }
+    if (!vd_create_options(out_fmt)) {
+        cli_error("Unknown file format '%s'", out_fmt);
+        goto out;
+    }
+    if (options && vd_opts_parse(opts, options, NULL, &err) < 0) {
+        cli_report_vd_error(&err, -EINVAL, out_fmt);
+        cli_error("Invalid options for file format '%s'", out_fmt);
+        goto out;
+    }
+    if (img_size != UINT64_MAX) {
+        char buf[32];
+        snprintf(buf, sizeof(buf), "%" PRIu64, img_size);
+        vd_opts_set(opts, "size", buf);
+    }
+    ret = vd_measure(out_fmt, opts, src, &res, &err);
+    if (ret < 0) {
+        /* Option syntax errors are reported as qemu-img's QemuOpts
+         * parser does, with the second line naming the format. */
+        bool syntax = strncmp(err.message, "Invalid parameter '", 19) == 0 ||
+                      (strncmp(err.message, "Parameter '", 11) == 0 &&
+                       strstr(err.message, "' expects "));
+        cli_report_vd_error(&err, ret, out_fmt);
+        if (syntax && strstr(err.message, "non-negative number")) {
+            fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, "
+                    "mega-, giga-, tera-, peta-\nand exabytes, "
+                    "respectively.\n");
+        }
+        if (syntax) {
+            cli_error("Invalid options for file format '%s'", out_fmt);
+        }
+        ret = 1;
+        goto out;
+    }
+
+    if (json) {
+        json_object *o = json_object_new_object();
+        json_object_object_add(o, "required",
+                               json_object_new_int64((int64_t)res.required));
+        json_object_object_add(o, "fully-allocated",
+                               json_object_new_int64(
+                                   (int64_t)res.fully_allocated));
+        if (res.has_bitmaps) {
+            json_object_object_add(o, "bitmaps",
+                                   json_object_new_int64(
+                                       (int64_t)res.bitmaps));
+        }
+        json_qemu_print(stdout, o);
+        json_object_put(o);
+    } else {
+        printf("required size: %" PRIu64 "\n", res.required);
+        printf("fully allocated size: %" PRIu64 "\n", res.fully_allocated);
+        if (res.has_bitmaps) {
+            printf("bitmaps size: %" PRIu64 "\n", res.bitmaps);
+        }
+    }
+    ret = 0;
+out:
+    vd_opts_free(&opts);
+    if (src) {
+        vd_close(&src, NULL);
+    }
+    free(options);
+    return ret;
+}

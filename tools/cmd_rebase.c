@@ -1,0 +1,178 @@
+/*
+ * vdisk rebase: qemu-img rebase. Safe mode opens the image with its chain
+ * and lets vd_rebase() copy into the overlay every sector that would read
+ * differently through the new backing file; -u (unsafe) opens the image
+ * without its chain and only rewrites the header. Everything that can be
+ * refused (missing -b, unknown -F, a backing name without a format, a name
+ * that does not fit) is refused before the image is touched, unlike
+ * qemu-img, which finds some of these only after copying.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "commands.h"
+#include "util.h"
+
+/* qcow2.txt: backing_file_size is at most 1023. */
+#define MAX_BACKING_NAME 1023
+
+static void show_progress(double percent, void *opaque)
+{
+    cli_progress_print(opaque, percent);
+}
+
+struct known_driver {
+    const char *name;
+    bool found;
+};
+
+static void match_driver(const char *name, void *opaque)
+{
+    struct known_driver *k = opaque;
+
+    if (strcmp(name, k->name) == 0) {
+        k->found = true;
+    }
+}
+
+static bool known_cache_mode(const char *mode)
+{
+    static const char *const modes[] = { "none", "writeback", "unsafe",
+                                         "directsync", "writethrough" };
+
+    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
+        if (strcmp(mode, modes[i]) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+int cmd_rebase(int argc, char **argv)
+{
+    const char *fmt = NULL, *cache = "writeback", *src_cache = "writeback";
+    const char *backing = NULL, *backing_fmt = NULL, *filename;
+    bool quiet = false, progress = false, unsafe = false, share = false;
+    vd_error err = VD_ERROR_INIT;
+    vd_opts *opts = NULL, *bopts = NULL;
+    vd_node *top = NULL;
+    cli_progress prog;
+    unsigned flags;
+    int ch, ret = 1, r;
+
+    while ((ch = cli_getopt("rebase", argc, argv)) != -1) {
+        switch (ch) {
+        case 'h':
+            cli_print_help();
+            return 0;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'F':
+            backing_fmt = optarg;
+            break;
+        case 'b':
+            backing = optarg;
+            break;
+        case 'u':
+            unsafe = true;
+            break;
+        case 'p':
+            progress = true;
+            break;
+        case 't':
+            cache = optarg;
+            break;
+        case 'T':
+            src_cache = optarg;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'U':
+        case OPT_FORCE_SHARE_LONG:
+            share = true;
+            break;
+        default:
+            return 1;
+        }
+    }
+    if (quiet) {
+        progress = false;
+    }
+    if (optind != argc - 1) {
+        cli_error_hint("Expecting one image file name");
+        return 1;
+    }
+    if (!unsafe && !backing) {
+        cli_error_hint("Must specify backing file (-b) or use unsafe mode "
+                       "(-u)");
+        return 1;
+    }
+    filename = argv[optind];
+    if (!known_cache_mode(cache)) {
+        cli_error("Invalid cache option: %s", cache);
+        return 1;
+    }
+    if (!known_cache_mode(src_cache)) {
+        cli_error("Invalid source cache option: %s", src_cache);
+        return 1;
+    }
+    if (backing && !*backing) {
+        backing = NULL;
+    }
+    if (backing && !backing_fmt) {
+        /* qemu-img 7.2 copies first and then fails with this message. */
+        cli_error("Could not change the backing file to '%s': backing format "
+                  "must be specified", backing);
+        return 1;
+    }
+    if (backing && strlen(backing) > MAX_BACKING_NAME) {
+        cli_error("Could not change the backing file to '%s': Invalid "
+                  "argument", backing);
+        return 1;
+    }
+
+    opts = vd_opts_new();
+    bopts = vd_opts_new();
+    if (!opts || !bopts || vd_opts_set(opts, "cache", cache) < 0 ||
+        vd_opts_set(bopts, "cache", src_cache) < 0) {
+        cli_error("Out of memory");
+        goto out;
+    }
+    flags = VD_O_RDWR | (unsafe ? VD_O_NO_BACKING : 0) |
+            (share ? VD_O_FORCE_SHARE : 0);
+    top = cli_open(filename, fmt, flags, opts);
+    if (!top) {
+        goto out;
+    }
+    if (backing_fmt) {
+        struct known_driver k = { backing_fmt, false };
+        vd_list_drivers(match_driver, &k);
+        if (!k.found) {
+            cli_error("Invalid format name: '%s'", backing_fmt);
+            goto out;
+        }
+    }
+
+    cli_progress_init(&prog, progress, 2.0f);
+    r = vd_rebase(top, backing, backing_fmt, bopts,
+                  unsafe ? VD_REBASE_UNSAFE : 0, show_progress, &prog, &err);
+    cli_progress_print(&prog, 100);
+    cli_progress_end(&prog);
+    if (r < 0) {
+        cli_report_vd_error(&err, r, filename);
+        goto out;
+    }
+    ret = 0;
+out:
+    if (top && vd_close(&top, &err) < 0 && ret == 0) {
+        cli_report_vd_error(&err, -EIO, filename);
+        ret = 1;
+    }
+    vd_opts_free(&opts);
+    vd_opts_free(&bopts);
+    return ret;
+}

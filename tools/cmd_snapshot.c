@@ -1,0 +1,390 @@
+/*
+ * vdisk snapshot: qemu-img snapshot (-l list, -a apply, -c create, -d
+ * delete) with qemu-img 7.2's messages and exit codes, plus a group mode
+ * that runs one operation on several images at once through the
+ * library's vd_snapshot_all_* calls (the disks of one VM):
+ *
+ *   vdisk snapshot --group -c NAME [--vmstate IMG] [--vmstate-data FILE]
+ *                  IMG1 IMG2 ...
+ *
+ * --vmstate names the image that holds the VM state (default: the first
+ * that can); --vmstate-data stores FILE's bytes as the VM state on -c and
+ * writes the snapshot's VM state back to FILE on -a.
+ *
+ * The single-image path first, then the group path, then the entry point
+ * that parses the options shared by both.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+
+#include "commands.h"
+#include "util.h"
+
+enum { ACT_NONE, ACT_LIST, ACT_APPLY, ACT_CREATE, ACT_DELETE };
+
+/* qemu's QEMUSnapshotInfo keeps 255 bytes of a new snapshot's name. */
+#define QEMU_NAME_MAX 255
+/* Largest VM state the tool moves through memory in one piece. */
+#define VMSTATE_MAX (1ull << 30)
+
+/* qemu's bdrv_snapshot_dump() for one row. */
+static void dump_row(const vd_snapshot_info *sn)
+{
+    char size[64], date[64] = "", clock[64], icount[32] = "";
+    time_t t = sn->date_sec;
+    struct tm tm;
+    uint64_t secs = sn->vm_clock_nsec / 1000000000;
+
+    if (localtime_r(&t, &tm)) {
+        strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+    }
+    snprintf(clock, sizeof(clock), "%02d:%02d:%02d.%03d", (int)(secs / 3600),
+             (int)((secs / 60) % 60), (int)(secs % 60),
+             (int)((sn->vm_clock_nsec / 1000000) % 1000));
+    cli_size_to_str(size, sizeof(size), sn->vm_state_size);
+    if (sn->icount != UINT64_MAX) {
+        snprintf(icount, sizeof(icount), "%" PRId64, (int64_t)sn->icount);
+    }
+    printf("%-9s %-16s %8s%20s%13s%11s\n", sn->id, sn->name, size, date,
+           clock, icount);
+}
+
+/* qemu-img's dump_snapshots(): nothing at all when there are none or the
+ * format has no snapshots. */
+static void list_snapshots(vd_node *node)
+{
+    vd_snapshot_info *list = NULL;
+    size_t n = 0;
+
+    if (vd_snapshot_list(node, &list, &n, NULL) < 0 || n == 0) {
+        vd_snapshot_list_free(&list, n);
+        return;
+    }
+    printf("Snapshot list:\n");
+    printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE",
+           "VM CLOCK", "ICOUNT");
+    for (size_t i = 0; i < n; i++) {
+        dump_row(&list[i]);
+    }
+    vd_snapshot_list_free(&list, n);
+}
+
+/* A new snapshot stamped as qemu-img does: microsecond date, no clocks. */
+static void fill_new(vd_snapshot_info *sn, char *name)
+{
+    struct timeval tv;
+
+    memset(sn, 0, sizeof(*sn));
+    if (strlen(name) > QEMU_NAME_MAX) {
+        name[QEMU_NAME_MAX] = 0;
+    }
+    sn->name = name;
+    gettimeofday(&tv, NULL);
+    sn->date_sec = (uint32_t)tv.tv_sec;
+    sn->date_nsec = (uint32_t)tv.tv_usec * 1000;
+}
+
+/* qemu-img's bdrv_snapshot_find(): by name only. */
+static int find_by_name(vd_node *node, const char *name, vd_snapshot_info *out)
+{
+    return vd_snapshot_find(node, NULL, name, out, NULL);
+}
+
+static int single(int action, char *name, const char *filename,
+                  const char *fmt, bool force_share)
+{
+    unsigned flags = action == ACT_LIST ? 0 : VD_O_RDWR;
+    vd_error err = VD_ERROR_INIT;
+    vd_snapshot_info sn;
+    vd_node *node;
+    int ret = 0, r;
+
+    if (force_share) {
+        if (action != ACT_LIST) {
+            cli_error("Could not open '%s': force-share=on can only be used "
+                      "with read-only images", filename);
+            return 1;
+        }
+        flags |= VD_O_FORCE_SHARE;
+    }
+    node = cli_open(filename, fmt, flags, NULL);
+    if (!node) {
+        return 1;
+    }
+    switch (action) {
+    case ACT_LIST:
+        list_snapshots(node);
+        break;
+    case ACT_CREATE:
+        fill_new(&sn, name);
+        r = vd_snapshot_create(node, &sn, &err);
+        if (r < 0) {
+            cli_error("Could not create snapshot '%s': %d (%s)", name, r,
+                      strerror(-r));
+            if (err.message[0]) {
+                cli_error("%s", err.message);
+            }
+            ret = 1;
+        }
+        break;
+    case ACT_APPLY:
+        r = vd_snapshot_goto(node, name, &err);
+        if (r < 0) {
+            cli_error("Could not apply snapshot '%s': %s", name,
+                      err.message[0] ? err.message : strerror(-r));
+            ret = 1;
+        }
+        break;
+    case ACT_DELETE:
+        r = find_by_name(node, name, &sn);
+        if (r <= 0) {
+            cli_error("Could not delete snapshot '%s': snapshot not found",
+                      name);
+            ret = 1;
+            break;
+        }
+        r = vd_snapshot_delete(node, sn.id, sn.name, &err);
+        vd_snapshot_info_clear(&sn);
+        if (r < 0) {
+            cli_error("Could not delete snapshot '%s': %s", name,
+                      err.message[0] ? err.message : strerror(-r));
+            ret = 1;
+        }
+        break;
+    }
+    vd_error_clear(&err);
+    if (vd_close(&node, &err) < 0 && ret == 0) {
+        cli_report_vd_error(&err, -EIO, filename);
+        ret = 1;
+    }
+    return ret;
+}
+
+/* ---- group mode ---- */
+
+static int read_file(const char *path, uint8_t **buf, uint64_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    long n;
+
+    if (!f) {
+        cli_error("Could not open '%s': %s", path, strerror(errno));
+        return -1;
+    }
+    if (fseek(f, 0, SEEK_END) < 0 || (n = ftell(f)) < 0 ||
+        (uint64_t)n > VMSTATE_MAX || fseek(f, 0, SEEK_SET) < 0) {
+        cli_error("'%s': cannot read it as VM state (at most 1 GiB)", path);
+        fclose(f);
+        return -1;
+    }
+    *buf = malloc(n ? (size_t)n : 1);
+    if (!*buf || fread(*buf, 1, (size_t)n, f) != (size_t)n) {
+        cli_error("'%s': read error", path);
+        free(*buf);
+        *buf = NULL;
+        fclose(f);
+        return -1;
+    }
+    fclose(f);
+    *len = (uint64_t)n;
+    return 0;
+}
+
+static int write_file(const char *path, const uint8_t *buf, uint64_t len)
+{
+    FILE *f = fopen(path, "wb");
+
+    if (!f || fwrite(buf, 1, len, f) != len || fclose(f) != 0) {
+        cli_error("Could not write '%s': %s", path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+static int group(int action, char *name, char **files, int nfiles,
+                 const char *fmt, const char *vmstate_file,
+                 const char *vmstate_data)
+{
+    vd_node **nodes = calloc((size_t)nfiles, sizeof(*nodes));
+    const char **devs = calloc((size_t)nfiles + 1, sizeof(*devs));
+    const char *vm_name = NULL;
+    vd_error err = VD_ERROR_INIT;
+    vd_node *vm_node = NULL;
+    uint8_t *data = NULL;
+    uint64_t data_len = 0;
+    int ret = 1, r;
+
+    if (!nodes || !devs) {
+        cli_error("Out of memory");
+        goto out;
+    }
+    for (int i = 0; i < nfiles; i++) {
+        nodes[i] = cli_open(files[i], fmt, VD_O_RDWR, NULL);
+        if (!nodes[i]) {
+            goto out;
+        }
+        devs[i] = vd_node_name(nodes[i]);
+        if (vmstate_file && strcmp(vmstate_file, files[i]) == 0) {
+            vm_name = devs[i];
+        }
+    }
+    if (vmstate_file && !vm_name) {
+        cli_error("vmstate image '%s' is not one of the images", vmstate_file);
+        goto out;
+    }
+
+    switch (action) {
+    case ACT_CREATE: {
+        vd_snapshot_info sn;
+        r = vd_snapshot_all_can(devs, &err);
+        if (r == 0) {
+            r = vd_snapshot_all_find_vmstate(devs, vm_name, &vm_node, &err);
+        }
+        if (r == 0 && vmstate_data) {
+            r = read_file(vmstate_data, &data, &data_len) < 0 ? -EIO : 0;
+            if (r == 0) {
+                r = vd_save_vmstate(vm_node, data, data_len, 0, &err);
+            }
+        }
+        if (r == 0) {
+            fill_new(&sn, name);
+            r = vd_snapshot_all_create(devs, &sn, vm_node, data_len, &err);
+        }
+        break;
+    }
+    case ACT_APPLY:
+        r = vd_snapshot_all_has(devs, name, &err);
+        if (r == 0) {
+            r = err.code = -ENOENT;
+            snprintf(err.message, sizeof(err.message), "Snapshot '%s' does "
+                     "not exist on every image", name);
+        }
+        if (r > 0) {
+            r = vd_snapshot_all_goto(devs, name, &err);
+        }
+        if (r == 0 && vmstate_data) {
+            vd_snapshot_info sn = { 0 };
+            r = vd_snapshot_all_find_vmstate(devs, vm_name, &vm_node, &err);
+            if (r == 0 && vd_snapshot_find(vm_node, NULL, name, &sn, &err) > 0
+                && sn.vm_state_size <= VMSTATE_MAX) {
+                data_len = sn.vm_state_size;
+                data = malloc(data_len ? data_len : 1);
+                r = data ? vd_load_vmstate(vm_node, data, data_len, 0, &err)
+                         : -ENOMEM;
+                if (r == 0 && write_file(vmstate_data, data, data_len) < 0) {
+                    r = -EIO;
+                }
+            }
+            vd_snapshot_info_clear(&sn);
+        }
+        break;
+    case ACT_DELETE:
+        r = vd_snapshot_all_delete(devs, name, &err);
+        break;
+    default:
+        cli_error_hint("--group needs one of -c, -a or -d");
+        goto out;
+    }
+    if (r < 0) {
+        if (err.message[0]) {
+            cli_error("%s", err.message);
+        } else if (r != -EIO) {
+            cli_error("%s", strerror(-r));
+        }
+        goto out;
+    }
+    ret = 0;
+out:
+    for (int i = 0; nodes && i < nfiles; i++) {
+        vd_error_clear(&err);
+        if (nodes[i] && vd_close(&nodes[i], &err) < 0 && ret == 0) {
+            cli_report_vd_error(&err, -EIO, files[i]);
+            ret = 1;
+        }
+    }
+    free(nodes);
+    free(devs);
+    free(data);
+    return ret;
+}
+
+int cmd_snapshot(int argc, char **argv)
+{
+    const char *fmt = NULL, *vmstate_file = NULL, *vmstate_data = NULL;
+    bool force_share = false, is_group = false;
+    char *name = NULL;
+    int action = ACT_NONE, ch;
+
+    while ((ch = cli_getopt("snapshot", argc, argv)) != -1) {
+        int act = ACT_NONE;
+        switch (ch) {
+        case 'h':
+            cli_print_help();
+            return 0;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'q':
+            break;
+        case 'U':
+            force_share = true;
+            break;
+        case 'l':
+            act = ACT_LIST;
+            break;
+        case 'a':
+            act = ACT_APPLY;
+            break;
+        case 'c':
+            act = ACT_CREATE;
+            break;
+        case 'd':
+            act = ACT_DELETE;
+            break;
+        case OPT_SNAPSHOT_GROUP:
+            is_group = true;
+            break;
+        case OPT_SNAPSHOT_VMSTATE:
+            vmstate_file = optarg;
+            break;
+        case OPT_SNAPSHOT_VMSTATE_DATA:
+            vmstate_data = optarg;
+            break;
+        default:
+            return 1;
+        }
+        if (act != ACT_NONE) {
+            if (action != ACT_NONE) {
+                cli_error_hint("Cannot mix '-l', '-a', '-c', '-d'");
+                return 1;
+            }
+            action = act;
+            name = act == ACT_LIST ? NULL : optarg;
+        }
+    }
+    if (is_group) {
+        if (optind >= argc) {
+            cli_error_hint("At least one device is required for snapshot");
+            return 1;
+        }
+        return group(action, name, argv + optind, argc - optind, fmt,
+                     vmstate_file, vmstate_data);
+    }
+    if (vmstate_file || vmstate_data) {
+        cli_error_hint("--vmstate and --vmstate-data need --group");
+        return 1;
+    }
+    if (optind != argc - 1) {
+        cli_error_hint("Expecting one image file name");
+        return 1;
+    }
+    if (action == ACT_NONE) {
+        return 0;
+    }
+    return single(action, name, argv[optind], fmt, force_share);
+}
