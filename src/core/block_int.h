@@ -130,6 +130,7 @@ struct vd_node {
     vd_stats stats;
 
     vd_node *next_global;      /* in the global node list */
+    vd_node *free_next;        /* in the closing thread's list (node.c) */
 };
 
 /*

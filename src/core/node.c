@@ -244,15 +244,32 @@ void vd_node_ref(vd_node *node)
     atomic_fetch_add(&node->refcnt, 1);
 }
 
+/* Nodes whose last reference went while this thread was already closing
+ * nodes: closing a chain of 1000 layers must not recurse 1000 deep. */
+static __thread vd_node *closing_list;
+static __thread bool closing;
+
 void vd_node_unref(vd_node *node)
 {
     if (!node)
         return;
     if (atomic_fetch_sub(&node->refcnt, 1) != 1)
         return;
-    if (node->drv->close)
-        node->drv->close(node);
-    node_free(node);
+    node->free_next = closing_list;
+    closing_list = node;
+    if (closing)
+        return; /* the loop below, further up this thread's stack, will */
+    closing = true;
+    while (closing_list) {
+        vd_node *n = closing_list;
+        closing_list = n->free_next;
+        /* A parent closes before its children: detaching them in
+         * node_free() queues those that lose their last reference. */
+        if (n->drv->close)
+            n->drv->close(n);
+        node_free(n);
+    }
+    closing = false;
 }
 
 /* ---- reopening ---- */
