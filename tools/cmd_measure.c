@@ -31,50 +31,6 @@ static char *accumulate(char *acc, const char *arg)
     return out;
 }
 
-/* Loads snapshot @param ("snapshot.id=X,snapshot.name=Y" or a plain id or
- * name) into the read-only @node. Returns 0 or prints and returns -1. */
-static int load_snapshot(vd_node *node, const char *param)
-{
-    vd_error err = VD_ERROR_INIT;
-    int ret;
-
-    if (strncmp(param, "snapshot.", 9) == 0) {
-        vd_opts *o = vd_opts_new();
-        const char *bad = NULL;
-        if (!o || vd_opts_parse(o, param, NULL, &err) < 0) {
-            vd_opts_free(&o);
-            cli_error("Failed in parsing snapshot param '%s'", param);
-            return -1;
-        }
-        for (size_t i = 0; i < vd_opts_count(o) && !bad; i++) {
-            const char *k, *v;
-            vd_opts_nth(o, i, &k, &v);
-            if (strcmp(k, "snapshot.id") && strcmp(k, "snapshot.name")) {
-                bad = k;
-            }
-        }
-        if (bad) {
-            cli_error("Invalid parameter '%s'", bad);
-            cli_error("Failed in parsing snapshot param '%s'", param);
-            vd_opts_free(&o);
-            return -1;
-        }
-        ret = vd_snapshot_load_tmp(node, vd_opts_get(o, "snapshot.id"),
-                                   vd_opts_get(o, "snapshot.name"), &err);
-        vd_opts_free(&o);
-    } else {
-        ret = vd_snapshot_load_tmp_by_id_or_name(node, param, &err);
-    }
-    if (ret < 0) {
-        cli_error("Failed to load snapshot: %s",
-                  err.message[0] ? cli_strip_filename(err.message,
-                                                      vd_node_filename(node))
-                                 : strerror(-ret));
-        return -1;
-    }
-    return 0;
-}
-
 int cmd_measure(int argc, char **argv)
 {
     const char *fmt = NULL, *out_fmt = "raw", *filename = NULL;
@@ -171,7 +127,7 @@ int cmd_measure(int argc, char **argv)
         if (!src) {
             goto out;
         }
-        if (snapshot && load_snapshot(src, snapshot) < 0) {
+        if (snapshot && cli_load_snapshot(src, snapshot) < 0) {
             goto out;
         }
     }

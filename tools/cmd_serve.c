@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "commands.h"
+#include "util.h"
 #include "nbd/nbd-server.h"
 #include "nbd/tls.h"
 #include "qmp/qmp.h"
@@ -39,21 +40,21 @@
 #define SERVE_MAX_EXPORTS  64
 
 enum {
-    OPT_CACHE = 300,
-    OPT_AIO,
-    OPT_DISCARD,
-    OPT_DETECT_ZEROES,
-    OPT_PIDFILE,
-    OPT_FORK,
-    OPT_WORKERS,
-    OPT_OBJECT,
-    OPT_TLS_CREDS,
-    OPT_BLOCKDEV,
-    OPT_NBD_SERVER,
-    OPT_EXPORT,
-    OPT_CHARDEV,
-    OPT_MONITOR,
-    OPT_QMP,
+    SERVE_OPT_CACHE = 300,
+    SERVE_OPT_AIO,
+    SERVE_OPT_DISCARD,
+    SERVE_OPT_DETECT_ZEROES,
+    SERVE_OPT_PIDFILE,
+    SERVE_OPT_FORK,
+    SERVE_OPT_WORKERS,
+    SERVE_OPT_OBJECT,
+    SERVE_OPT_TLS_CREDS,
+    SERVE_OPT_BLOCKDEV,
+    SERVE_OPT_NBD_SERVER,
+    SERVE_OPT_EXPORT,
+    SERVE_OPT_CHARDEV,
+    SERVE_OPT_MONITOR,
+    SERVE_OPT_QMP,
 };
 
 /* The daemon-form options, kept in command-line order per kind. */
@@ -77,22 +78,22 @@ static const struct option serve_long[] = {
     { "format", required_argument, NULL, 'f' },
     { "load-snapshot", required_argument, NULL, 'l' },
     { "nocache", no_argument, NULL, 'n' },
-    { "cache", required_argument, NULL, OPT_CACHE },
-    { "aio", required_argument, NULL, OPT_AIO },
-    { "discard", required_argument, NULL, OPT_DISCARD },
-    { "detect-zeroes", required_argument, NULL, OPT_DETECT_ZEROES },
-    { "pid-file", required_argument, NULL, OPT_PIDFILE },
-    { "pidfile", required_argument, NULL, OPT_PIDFILE },
-    { "fork", no_argument, NULL, OPT_FORK },
-    { "workers", required_argument, NULL, OPT_WORKERS },
-    { "object", required_argument, NULL, OPT_OBJECT },
-    { "tls-creds", required_argument, NULL, OPT_TLS_CREDS },
-    { "blockdev", required_argument, NULL, OPT_BLOCKDEV },
-    { "nbd-server", required_argument, NULL, OPT_NBD_SERVER },
-    { "export", required_argument, NULL, OPT_EXPORT },
-    { "chardev", required_argument, NULL, OPT_CHARDEV },
-    { "monitor", required_argument, NULL, OPT_MONITOR },
-    { "qmp", required_argument, NULL, OPT_QMP },
+    { "cache", required_argument, NULL, SERVE_OPT_CACHE },
+    { "aio", required_argument, NULL, SERVE_OPT_AIO },
+    { "discard", required_argument, NULL, SERVE_OPT_DISCARD },
+    { "detect-zeroes", required_argument, NULL, SERVE_OPT_DETECT_ZEROES },
+    { "pid-file", required_argument, NULL, SERVE_OPT_PIDFILE },
+    { "pidfile", required_argument, NULL, SERVE_OPT_PIDFILE },
+    { "fork", no_argument, NULL, SERVE_OPT_FORK },
+    { "workers", required_argument, NULL, SERVE_OPT_WORKERS },
+    { "object", required_argument, NULL, SERVE_OPT_OBJECT },
+    { "tls-creds", required_argument, NULL, SERVE_OPT_TLS_CREDS },
+    { "blockdev", required_argument, NULL, SERVE_OPT_BLOCKDEV },
+    { "nbd-server", required_argument, NULL, SERVE_OPT_NBD_SERVER },
+    { "export", required_argument, NULL, SERVE_OPT_EXPORT },
+    { "chardev", required_argument, NULL, SERVE_OPT_CHARDEV },
+    { "monitor", required_argument, NULL, SERVE_OPT_MONITOR },
+    { "qmp", required_argument, NULL, SERVE_OPT_QMP },
     { NULL, 0, NULL, 0 },
 };
 
@@ -114,7 +115,8 @@ static void serve_usage(void)
 "  -x, --export-name=NAME   export name (default \"\"); once per FILE\n"
 "  -D, --description=DESC   export description; once per FILE\n"
 "  -f, --format=FMT         image format (default: probe)\n"
-"  -l, --load-snapshot=SN   export an internal snapshot (not supported yet)\n"
+"  -l, --load-snapshot=SN   export internal snapshot SN read-only (an id\n"
+"                           or name, or snapshot.id=ID,snapshot.name=NAME)\n"
 "  -n, --nocache            same as --cache=none\n"
 "      --cache=MODE         none, writeback, writethrough, directsync, unsafe\n"
 "      --aio=MODE           threads, native, io_uring\n"
@@ -425,6 +427,7 @@ int cmd_serve(int argc, char **argv)
     const char *names[SERVE_MAX_EXPORTS], *descs[SERVE_MAX_EXPORTS];
     unsigned nnames = 0, ndescs = 0, shared = 1, workers = SERVE_WORKERS;
     bool persistent = false, read_only = false, do_fork = false;
+    const char *snapshot = NULL;
     vd_node *nodes[SERVE_MAX_EXPORTS] = { 0 };
     int nimages = 0, ret = 1, ready_fd = -1, c;
     vd_opts *opts = NULL;
@@ -488,40 +491,41 @@ int cmd_serve(int argc, char **argv)
             fmt = optarg;
             break;
         case 'l':
-            fprintf(stderr, "vdisk serve: loading internal snapshot '%s': "
-                    "not supported yet\n", optarg);
-            goto out;
+            /* As qemu-nbd: the snapshot is exported read-only. */
+            snapshot = optarg;
+            read_only = true;
+            break;
         case 'n':
             vd_opts_set(opts, "cache", "none");
             break;
-        case OPT_CACHE:
+        case SERVE_OPT_CACHE:
             vd_opts_set(opts, "cache", optarg);
             break;
-        case OPT_AIO:
+        case SERVE_OPT_AIO:
             vd_opts_set(opts, "aio", optarg);
             break;
-        case OPT_DISCARD:
+        case SERVE_OPT_DISCARD:
             /* qemu-nbd also takes on/off for unmap/ignore. */
             vd_opts_set(opts, "discard",
                         strcmp(optarg, "on") == 0 ? "unmap"
                         : strcmp(optarg, "off") == 0 ? "ignore" : optarg);
             break;
-        case OPT_DETECT_ZEROES:
+        case SERVE_OPT_DETECT_ZEROES:
             vd_opts_set(opts, "detect-zeroes", optarg);
             break;
-        case OPT_PIDFILE:
+        case SERVE_OPT_PIDFILE:
             pidfile = optarg;
             break;
-        case OPT_FORK:
+        case SERVE_OPT_FORK:
             do_fork = true;
             break;
-        case OPT_BLOCKDEV:
-        case OPT_NBD_SERVER:
-        case OPT_EXPORT:
-        case OPT_CHARDEV:
-        case OPT_MONITOR:
-        case OPT_QMP: {
-            int k = c - OPT_BLOCKDEV;
+        case SERVE_OPT_BLOCKDEV:
+        case SERVE_OPT_NBD_SERVER:
+        case SERVE_OPT_EXPORT:
+        case SERVE_OPT_CHARDEV:
+        case SERVE_OPT_MONITOR:
+        case SERVE_OPT_QMP: {
+            int k = c - SERVE_OPT_BLOCKDEV;
             if (ndaemon[k] == SERVE_MAX_DAEMON_OPTS) {
                 fprintf(stderr, "vdisk serve: too many %s options\n",
                         daemon_opt_names[k]);
@@ -531,21 +535,21 @@ int cmd_serve(int argc, char **argv)
             daemon_mode = true;
             break;
         }
-        case OPT_WORKERS:
+        case SERVE_OPT_WORKERS:
             if (parse_uint(optarg, 1024, &workers) < 0 || workers == 0) {
                 fprintf(stderr, "vdisk serve: invalid worker count '%s'\n",
                         optarg);
                 goto out;
             }
             break;
-        case OPT_OBJECT:
+        case SERVE_OPT_OBJECT:
             vd_error_clear(&err);
             if (nbd_tls_add_object(optarg, &err) < 0) {
                 fprintf(stderr, "vdisk serve: %s\n", err.message);
                 goto out;
             }
             break;
-        case OPT_TLS_CREDS:
+        case SERVE_OPT_TLS_CREDS:
             tls_creds = optarg;
             break;
         case ':':
@@ -654,6 +658,9 @@ int cmd_serve(int argc, char **argv)
                 fprintf(stderr, "vdisk serve: Could not open '%s': %s\n",
                         file, strerror(-r));
             }
+            goto out;
+        }
+        if (snapshot && cli_load_snapshot(nodes[i], snapshot) < 0) {
             goto out;
         }
         vd_error_clear(&err);

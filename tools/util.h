@@ -111,4 +111,9 @@ int cli_print_create_help(const char *filename, const char *fmt);
 /* Copies the creation/open failure message to stderr with the prefix. */
 void cli_report_vd_error(const vd_error *err, int ret, const char *fallback);
 
+/* Loads snapshot @param ("snapshot.id=X,snapshot.name=Y" or a plain id
+ * or name, as qemu-img -l and qemu-nbd -l) into the read-only @node.
+ * Returns 0, or prints the error and returns -1. */
+int cli_load_snapshot(vd_node *node, const char *param);
+
 #endif
