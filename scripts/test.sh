@@ -144,6 +144,23 @@ if [ $asan_ok = 1 ]; then
     results+=("build-asan:build-asan/meson-logs/testlog.json")
 fi
 
+# ---- fuzzing (bounded) --------------------------------------------------
+
+# FUZZ_SECONDS > 0 runs every libFuzzer target that long (CI: briefly);
+# the run counts as one test.
+fuzz_result=
+if [ "${FUZZ_SECONDS:-0}" -gt 0 ]; then
+    echo "== fuzzing each target for ${FUZZ_SECONDS}s"
+    fuzz_status=0
+    bash tests/fuzz/run.sh "$FUZZ_SECONDS" > build-fuzz.log 2>&1 || fuzz_status=$?
+    case $fuzz_status in
+    0) fuzz_result=PASS ;;
+    77) fuzz_result=SKIP ;;
+    *) fuzz_result=FAIL; tail -n "$tail_lines" build-fuzz.log ;;
+    esac
+fi
+export FUZZ_RESULT=$fuzz_result
+
 # ---- report -------------------------------------------------------------
 
 summary=$(python3 - "$tail_lines" "${#build_failures[@]}" "${results[@]}" <<'EOF'
@@ -184,6 +201,16 @@ for spec in sys.argv[3:]:
             failed += 1
             failures.append((full, r))
         results.append("%-10s %-50s %6.1fs" % (tag, full, dur))
+
+fuzz = os.environ.get("FUZZ_RESULT", "")
+if fuzz:
+    results.append("%-10s %-50s" % (fuzz, "fuzz/all-targets"))
+    if fuzz == "PASS":
+        passed += 1
+    elif fuzz == "SKIP":
+        skipped += 1
+    else:
+        failed += 1
 
 print("== results")
 for line in results:
