@@ -70,8 +70,20 @@ run io -f raw -c 'read -P 0xab 0 64k' demo.img
 run info demo.img
 run map -f raw --output=json demo.img
 
-# ---- qcow2 demo: to be added here when the qcow2 driver lands ----------
-# (create -f qcow2, write, read back, info, map; no fallback to raw)
+echo
+echo "== qcow2: an overlay, a snapshot, a commit"
+run create -q -f qcow2 base.qcow2 64M
+run io -c 'write -P 0x11 0 1M' base.qcow2
+run create -q -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
+run io -c 'write -P 0x22 512k 64k' overlay.qcow2
+run snapshot -c before-zero overlay.qcow2
+run io -c 'write -z 0 64k' overlay.qcow2
+run snapshot -l overlay.qcow2
+run map --output=json overlay.qcow2
+run info --backing-chain overlay.qcow2
+run check overlay.qcow2
+run commit overlay.qcow2
+run io -c 'read -P 0x22 512k 64k' -c 'read -P 0 0 64k' base.qcow2
 
 echo
 echo "== demo finished: vdisk works"
