@@ -80,6 +80,8 @@ typedef struct vd_limits {
 #define VD_NODE_NOCACHE     (1u << 16) /* O_DIRECT */
 #define VD_NODE_NO_FLUSH    (1u << 17) /* cache=unsafe: flush is a no-op */
 #define VD_NODE_PROTOCOL    (1u << 18) /* open as a protocol (no probing) */
+#define VD_NODE_COPY_ON_READ (1u << 24) /* copy-on-read=on: reads of the
+                                           backing chain populate the node */
 
 struct vd_node {
     const vd_driver *drv;

@@ -296,11 +296,6 @@ static int do_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     return r;
 }
 
-/* Private node flag, set by node.c from the "copy-on-read" option: reads
- * that come from a backing layer are written into the node. (Local until
- * block_int.h gets a field for it.) */
-#define VD_NODE_COPY_ON_READ (1u << 24)
-
 static int do_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
                       unsigned flags, vd_error *err);
 static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,

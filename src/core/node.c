@@ -25,10 +25,6 @@
 
 #include "core/block_int.h"
 
-/* Private node flag shared with io.c: copy-on-read (see chain_preadv()
- * there). Local until block_int.h gets a field for it. */
-#define VD_NODE_COPY_ON_READ (1u << 24)
-
 static pthread_mutex_t graph_lock = PTHREAD_MUTEX_INITIALIZER;
 static vd_node *all_nodes;
 static unsigned long node_counter;
