@@ -3,10 +3,14 @@
 # fully allocated qcow2 image over a UNIX socket, and fio's nbd engine
 # drives each in turn with the same jobs. Prints, per case, the median
 # IOPS and MiB/s of each server over N runs, the ratio vdisk/qemu-nbd
-# (above 1: vdisk is faster) and each server's peak resident memory.
+# (above 1: vdisk is faster), the lowest and highest ratio of one run
+# pair (the servers alternate, so a pair shares the machine's load) and
+# each server's peak resident memory over the runs.
 #
-#   bench/nbd.sh [quick|full]     quick: 3 runs x 5 s, full: 5 runs x 15 s
+#   bench/nbd.sh [quick|full] [CASE...]
 #
+# quick: 3 runs x 5 s, full: 5 runs x 15 s. A CASE is "RW BS QD" as in
+# the first column ("randwrite 4k 32"); by default all six run.
 # VDISK names the binary (default: build/tools/vdisk), BENCH_DIR the
 # scratch directory (default /var/tmp). Needs qemu-utils and fio with the
 # nbd engine (Debian's fio has it).
@@ -16,8 +20,15 @@ mode=${1:-quick}
 case "$mode" in
 quick) runs=3 secs=5 ;;
 full) runs=5 secs=15 ;;
-*) echo "usage: $0 [quick|full]" >&2; exit 2 ;;
+*) echo "usage: $0 [quick|full] [CASE...]" >&2; exit 2 ;;
 esac
+shift || true
+if [ $# -gt 0 ]; then
+    cases=("$@")
+else
+    cases=("randread 4k 1" "randread 4k 32" "randwrite 4k 1"
+           "randwrite 4k 32" "read 1m 8" "write 1m 8")
+fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 VDISK=${VDISK:-$root/build/tools/vdisk}
 [ -x "$VDISK" ] || { echo "no vdisk binary at $VDISK (build first)" >&2; exit 1; }
@@ -85,13 +96,12 @@ print("%.0f %.1f" % (iops, bw))'
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-printf '%-22s %12s %12s %10s %10s %8s %10s %10s\n' case qemu-IOPS vdisk-IOPS \
-    qemu-MiB/s vdisk-MiB/s ratio qemu-RSS vdisk-RSS
-for spec in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" \
-            "randwrite 4k 32" "read 1m 8" "write 1m 8"; do
+printf '%-22s %12s %12s %10s %10s %8s %11s %10s %10s\n' case qemu-IOPS \
+    vdisk-IOPS qemu-MiB/s vdisk-MiB/s ratio spread qemu-RSS vdisk-RSS
+for spec in "${cases[@]}"; do
     set -- $spec
     : > "$dir/qemu.iops"; : > "$dir/vdisk.iops"
-    : > "$dir/qemu.bw"; : > "$dir/vdisk.bw"
+    : > "$dir/qemu.bw"; : > "$dir/vdisk.bw"; : > "$dir/pair.ratio"
     qrss=0 vrss=0
     for _ in $(seq "$runs"); do
         for tool in qemu vdisk; do
@@ -102,14 +112,20 @@ for spec in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" \
             echo "$bw" >> "$dir/$tool.bw"
             if [ $tool = qemu ]; then
                 [ "$rss" -gt "$qrss" ] && qrss=$rss
+                qpair=$iops
             else
                 [ "$rss" -gt "$vrss" ] && vrss=$rss
+                awk -v a="$iops" -v b="$qpair" \
+                    'BEGIN { printf "%.2f\n", (b > 0 ? a / b : 0) }' \
+                    >> "$dir/pair.ratio"
             fi
         done
     done
+    spread=$(sort -n "$dir/pair.ratio" | awk 'NR == 1 {lo = $1} {hi = $1}
+        END {print lo "-" hi}')
     qi=$(median < "$dir/qemu.iops"); vi=$(median < "$dir/vdisk.iops")
     qb=$(median < "$dir/qemu.bw"); vb=$(median < "$dir/vdisk.bw")
     ratio=$(awk -v a="$vi" -v b="$qi" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-    printf '%-22s %12s %12s %10s %10s %8s %9sK %9sK\n' "$1 $2 qd$3" "$qi" "$vi" \
-        "$qb" "$vb" "$ratio" "$qrss" "$vrss"
+    printf '%-22s %12s %12s %10s %10s %8s %11s %9sK %9sK\n' "$1 $2 qd$3" \
+        "$qi" "$vi" "$qb" "$vb" "$ratio" "$spread" "$qrss" "$vrss"
 done

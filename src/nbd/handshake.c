@@ -208,7 +208,7 @@ static void hs_choose_export(hs *h, nbd_export *exp)
     if (c->ctx_export != exp) {
         c->caps.ctx_base = c->caps.ctx_depth = false;
     }
-    c->caps.size = exp->size;
+    c->caps.size = nbd_export_size(c->srv, exp);
     c->caps.read_only = exp->read_only;
     c->tflags = nbd_export_tflags(c->srv, exp, c->caps.structured);
 }
@@ -233,7 +233,7 @@ static hs_state opt_export_name(hs *h)
                        (int)h->length, (const char *)h->data);
     }
     hs_choose_export(h, exp);
-    size = htobe64(exp->size);
+    size = htobe64(c->caps.size);
     flags = htobe16(c->tflags);
     memset(reply, 0, sizeof(reply));
     memcpy(reply, &size, 8);
@@ -253,13 +253,15 @@ static hs_state opt_abort(hs *h)
 static hs_state opt_list(hs *h)
 {
     nbd_server *srv = h->conn->srv;
+    nbd_export *exp;
 
     if (h->length != 0) {
         return hs_error(h, NBD_REP_ERR_INVALID,
                         "NBD_OPT_LIST must not carry data");
     }
-    for (size_t i = 0; i < nbd_server_nb_exports(srv); i++) {
-        nbd_export *exp = nbd_server_export(srv, i);
+    /* An export removed meanwhile shortens the list (NULL ends it); its
+     * strings stay valid, so a half-sent entry is still sound. */
+    for (size_t i = 0; (exp = nbd_server_export(srv, i)) != NULL; i++) {
         uint32_t namelen = htobe32((uint32_t)strlen(exp->name));
         struct iovec iov[3] = {
             { &namelen, 4 },
@@ -392,7 +394,7 @@ static hs_state opt_info_go(hs *h)
     tflags = nbd_export_tflags(c->srv, exp, c->caps.structured);
     {
         unsigned char buf[10];
-        uint64_t size = htobe64(exp->size);
+        uint64_t size = htobe64(nbd_export_size(c->srv, exp));
         uint16_t fl = htobe16(tflags);
         struct iovec iov = { buf, sizeof(buf) };
         memcpy(buf, &size, 8);

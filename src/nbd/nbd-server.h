@@ -1,24 +1,28 @@
 /*
  * vdisk's NBD server: the internal interface between the command-line
- * front end (tools/cmd_serve.c) and the three parts of src/nbd/:
+ * front end (tools/cmd_serve.c), the QMP monitor (src/qmp/) and the
+ * parts of src/nbd/:
  *
- *   server.c        export registry, listening sockets, the accept loop,
- *                   connection lifetime, the shared worker pool, shutdown
+ *   server.c        export registry (also changed at run time by QMP),
+ *                   listening sockets, the accept loop, connection
+ *                   lifetime, shutdown
  *   handshake.c     fixed newstyle negotiation as a state machine
- *   transmission.c  request parsing and checking, I/O on the export,
- *                   simple and structured replies
+ *   transmission.c  request parsing and checking, the connection's
+ *                   threads, I/O on the export, simple and structured
+ *                   replies
+ *   tls.c           credentials, TLS sessions, the connection's stream
  *
- * Threads (the whole story): one reader thread per connection runs the
- * handshake and then parses requests; each request becomes a job on one
- * queue served by a fixed pool of worker threads shared by all
- * connections. A worker performs the I/O through the public vdisk API and
- * sends the reply under the connection's send mutex, so replies leave out
- * of order, matched by cookie. The connection mutex guards only the
- * in-flight accounting the reader waits on (back-pressure and the final
- * drain before the socket closes); the queue mutex guards the job queue.
- * The list of clients belongs to the accept loop's thread alone, which
- * learns of finished readers through a self-pipe. Nothing else is
- * shared.
+ * Threads (the whole story): each connection has its own threads, at
+ * most the server's per-connection limit, created lazily. The first runs
+ * the handshake; in transmission they take turns holding the read mutex,
+ * under which one of them reads the next request whole (header and
+ * payload) into its own buffer, and then, with the mutex released,
+ * performs the request and sends the reply under the send mutex, so
+ * replies leave out of order, matched by cookie. No request is handed
+ * from one thread to another. The first thread joins the others before
+ * the connection ends. The list of clients belongs to the accept loop's
+ * thread alone, which learns of finished connections through a
+ * self-pipe; the export list is guarded by the server's export lock.
  */
 #ifndef VDISK_NBD_SERVER_H
 #define VDISK_NBD_SERVER_H
@@ -34,14 +38,14 @@
 typedef struct nbd_server nbd_server;
 typedef struct nbd_export nbd_export;
 typedef struct nbd_conn nbd_conn;
-typedef struct nbd_job nbd_job;
+typedef struct nbd_worker nbd_worker;
 
 /* One named export: a node opened by the caller, borrowed by the server. */
 struct nbd_export {
     char *name;          /* may be "" (the default export) */
     char *description;   /* NULL when none */
     vd_node *node;
-    uint64_t size;
+    uint64_t size;       /* under the export lock: see nbd_export_size() */
     bool read_only;
 };
 
@@ -83,33 +87,43 @@ struct nbd_conn {
     pthread_mutex_t send_lock;
     atomic_bool send_failed;
 
-    /* In-flight accounting (lock/cond): jobs queued or running and the
-     * bytes of payload they hold or will read. */
+    /* Requests: the thread holding read_lock reads the next one. Bytes
+     * received but not yet parsed wait in ibuf[ipos, ilen). */
+    pthread_mutex_t read_lock;
+    bool stopping;           /* no more requests will be read */
+    int end;                 /* why: 0 (DISC) or a negative errno */
+    unsigned char *ibuf;
+    size_t ipos, ilen;
+    unsigned max_threads;    /* the first thread included */
+    unsigned nthreads;
+    nbd_worker *workers;     /* threads beyond the first, joined at the end */
+    atomic_uint busy;        /* threads holding a request not yet answered */
+
+    /* Requests carrying more than 64 KiB of data draw on a byte budget
+     * while in flight (transmission.c), which bounds their buffers. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    unsigned inflight;
-    uint64_t inflight_bytes;
-
+    uint64_t big_bytes;
 };
 
-/* One request on the worker queue. */
-struct nbd_job {
+/* One of a connection's threads; its buffer carries a request's payload
+ * (WRITE) or data (READ) and is kept between requests up to a bound. */
+struct nbd_worker {
     nbd_conn *conn;
-    nbd_request req;
-    int error;           /* NBD_E* found while checking, 0 if none */
-    char *errmsg;        /* its message, or NULL */
-    void *data;          /* WRITE payload */
-    uint64_t budget;     /* bytes counted in conn->inflight_bytes */
-    nbd_job *next;
+    pthread_t thread;
+    unsigned char *buf;
+    size_t bufsize;
+    nbd_worker *next;
 };
 
 /* ---- server.c ---- */
 
 /*
- * Creates a server. @nworkers threads (0: run every request in the reader
- * thread, for the fuzzer) serve at most @max_clients connections at once
- * (0: unlimited). Without @persistent, nbd_server_run() returns when the
- * last client of at least one has gone. Returns NULL on ENOMEM.
+ * Creates a server. Each connection uses at most @nworkers threads (0 is
+ * taken as 1: the fuzzer runs everything in its own thread); at most
+ * @max_clients connections are served at once (0: unlimited). Without
+ * @persistent, nbd_server_run() returns when the last client of at least
+ * one has gone. Returns NULL on ENOMEM.
  */
 nbd_server *nbd_server_new(unsigned nworkers, unsigned max_clients,
                            bool persistent);
@@ -124,10 +138,38 @@ int nbd_server_add_export(nbd_server *srv, const char *name,
                           const char *description, vd_node *node,
                           vd_error *err);
 
+/* nbd_server_add_export() with the export forced read-only when
+ * @read_only (a writable node may be exported read-only). */
+int nbd_server_add_export_ro(nbd_server *srv, const char *name,
+                             const char *description, vd_node *node,
+                             bool read_only, vd_error *err);
+
+/* Unlists export @name and waits until no connection transmits on it.
+ * Without @hard, fails with -EBUSY while clients use it; with @hard their
+ * sockets are shut down first (they finish the requests they read).
+ * -ENOENT when there is no such export. Safe while the server runs. */
+int nbd_server_remove_export(nbd_server *srv, const char *name, bool hard,
+                             vd_error *err);
+
+/* Re-reads the length of @node into the exports of it (after a resize);
+ * clients connected before keep the size they negotiated. */
+void nbd_server_update_export_size(nbd_server *srv, vd_node *node);
+
+/* Connections currently in transmission on export @name. */
+unsigned nbd_server_export_clients(nbd_server *srv, const char *name);
+
+/* The size of @exp, read under the export lock (a resize may change it
+ * at any time). */
+uint64_t nbd_export_size(nbd_server *srv, const nbd_export *exp);
+
 /* Finds the export called @name (@len bytes, not NUL-terminated). */
 nbd_export *nbd_server_find_export(nbd_server *srv, const char *name,
                                    size_t len);
 size_t nbd_server_nb_exports(const nbd_server *srv);
+
+/* The @i-th export, or NULL past the end (exports may be removed while a
+ * client lists them). A removed export's name and description stay
+ * valid until the server is freed. */
 nbd_export *nbd_server_export(nbd_server *srv, size_t i);
 
 /* True once the server has multi-connection semantics to offer: it may
@@ -143,9 +185,9 @@ int nbd_server_listen_unix(nbd_server *srv, const char *path, vd_error *err);
 int nbd_server_listen_tcp(nbd_server *srv, const char *addr,
                           const char *port, vd_error *err);
 
-/* Starts the worker threads (after any fork()) and serves connections
- * until shutdown is requested or, without persistence, the last client
- * leaves; then finishes in-flight requests and joins every thread.
+/* Serves connections until shutdown is requested or, without
+ * persistence, the last client leaves; then lets every connection finish
+ * the requests it has read and joins every thread. Call after any fork().
  * Returns 0 or a negative errno. */
 int nbd_server_run(nbd_server *srv, vd_error *err);
 
@@ -153,13 +195,10 @@ int nbd_server_run(nbd_server *srv, vd_error *err);
 void nbd_server_request_shutdown(nbd_server *srv);
 
 /* Serves one connection on (@in_fd, @out_fd) in the calling thread until
- * it ends; the fds are not closed. Used by the reader threads and by the
- * fuzz target. Returns 0 for a clean end, else the negative errno of the
- * error that ended it. */
+ * it ends; the fds are not closed. Used by the accept loop's client
+ * threads and by the fuzz target. Returns 0 for a clean end, else the
+ * negative errno of the error that ended it. */
 int nbd_conn_serve(nbd_server *srv, int in_fd, int out_fd, vd_error *err);
-
-/* Queues @job for the workers (or runs it now when there are none). */
-void nbd_server_submit(nbd_server *srv, nbd_job *job);
 
 /* Reads exactly @len bytes. Returns 0, -EPIPE at end of file (the peer
  * went away) or another negative errno. */
@@ -196,12 +235,10 @@ uint16_t nbd_export_tflags(nbd_server *srv, const nbd_export *exp,
 int nbd_request_check(const nbd_request *req, const nbd_caps *caps,
                       uint32_t *payload, bool *fatal, const char **msg);
 
-/* Runs the transmission phase of @conn until DISC, end of stream or a
- * fatal error, then waits for its jobs. Returns 0 or a negative errno. */
+/* Runs the transmission phase of @conn in the calling thread and the
+ * ones it starts, until DISC, end of stream or a fatal error, then joins
+ * them (their replies are sent). Returns 0 or a negative errno. */
 int nbd_transmission(nbd_conn *conn);
-
-/* Performs @job, sends its reply and frees it (called by workers). */
-void nbd_job_run(nbd_job *job);
 
 /* Maps a negative errno to the NBD error sent on the wire. */
 uint32_t nbd_errno_to_wire(int err);

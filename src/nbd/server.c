@@ -1,17 +1,17 @@
 /*
  * The NBD server's frame: the export registry, listening sockets, the
- * accept loop, connection lifetime, the shared worker pool and shutdown.
- * Protocol work lives in handshake.c and transmission.c; the threading
- * model is described in nbd-server.h.
+ * accept loop, connection lifetime and shutdown. Protocol work lives in
+ * handshake.c and transmission.c (which also runs a connection's extra
+ * threads); the threading model is described in nbd-server.h.
  *
  * Lifetime of a connection: the accept loop (nbd_server_run, main thread)
- * accepts, links an nbd_conn into srv->conns and starts its reader
- * thread, which runs nbd_conn_serve() and then marks the connection
+ * accepts, links a client into its list and starts the connection's
+ * first thread, which runs nbd_conn_serve() and then marks the client
  * finished and pokes the wake pipe. The accept loop joins finished
- * readers, closes their sockets and frees them. Shutdown (a signal
+ * clients, closes their sockets and frees them. Shutdown (a signal
  * handler calling nbd_server_request_shutdown) stops accepting, shuts
- * the read side of every socket so each reader sees end of stream and
- * drains its own requests, joins every reader, then stops the workers.
+ * the read side of every socket so each connection sees end of stream
+ * and finishes the requests it has read, then joins every client.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -34,16 +34,6 @@
 #include "nbd-proto.h"
 #include "nbd-server.h"
 #include "tls.h"
-
-/* Run-time export management for the QMP monitor; declared here until
- * nbd-server.h carries them (see src/qmp/qmp-nbd.h, which repeats them). */
-int nbd_server_add_export_ro(nbd_server *srv, const char *name,
-                             const char *description, vd_node *node,
-                             bool read_only, vd_error *err);
-int nbd_server_remove_export(nbd_server *srv, const char *name, bool hard,
-                             vd_error *err);
-void nbd_server_update_export_size(nbd_server *srv, vd_node *node);
-unsigned nbd_server_export_clients(nbd_server *srv, const char *name);
 
 #define MAX_LISTEN 8
 /* Seconds a client gets to finish the handshake (qemu-nbd's default). */
@@ -83,16 +73,10 @@ struct nbd_server {
     int nb_listen;
     char *unix_path;        /* unlinked at free */
 
-    int wake[2];            /* self-pipe: shutdown and finished readers */
+    int wake[2];            /* self-pipe: shutdown and finished clients */
     atomic_bool shutdown;
 
-    /* Worker pool. */
-    unsigned nworkers;
-    pthread_t *workers;
-    pthread_mutex_t qlock;
-    pthread_cond_t qcond;
-    nbd_job *qhead, *qtail;
-    bool qstop;
+    unsigned conn_threads;  /* per connection, at least 1 */
 
     bool ever_connected;    /* accept loop only */
 };
@@ -166,7 +150,7 @@ nbd_server *nbd_server_new(unsigned nworkers, unsigned max_clients,
     if (!srv) {
         return NULL;
     }
-    srv->nworkers = nworkers;
+    srv->conn_threads = nworkers ? nworkers : 1;
     srv->max_clients = max_clients;
     srv->persistent = persistent;
     srv->wake[0] = srv->wake[1] = -1;
@@ -174,8 +158,6 @@ nbd_server *nbd_server_new(unsigned nworkers, unsigned max_clients,
         free(srv);
         return NULL;
     }
-    pthread_mutex_init(&srv->qlock, NULL);
-    pthread_cond_init(&srv->qcond, NULL);
     pthread_mutex_init(&srv->elock, NULL);
     pthread_cond_init(&srv->econd, NULL);
     return srv;
@@ -212,9 +194,6 @@ void nbd_server_free(nbd_server **psrv)
     pthread_cond_destroy(&srv->econd);
     close(srv->wake[0]);
     close(srv->wake[1]);
-    pthread_mutex_destroy(&srv->qlock);
-    pthread_cond_destroy(&srv->qcond);
-    free(srv->workers);
     free(srv);
     *psrv = NULL;
 }
@@ -314,8 +293,9 @@ int nbd_server_remove_export(nbd_server *srv, const char *name, bool hard,
             (srv->nb_exports - i - 1) * sizeof(*srv->exports));
     srv->nb_exports--;
     slot->removed = true;
-    /* Shutting the socket makes the reader see end of stream; it then
-     * drains its in-flight requests before leaving transmission. */
+    /* Shutting the socket makes the reading thread see end of stream;
+     * the connection answers the requests it has read, then leaves
+     * transmission. */
     for (live_conn *l = srv->live; l; l = l->next) {
         if (l->slot == slot) {
             shutdown(l->c->in_fd, SHUT_RDWR);
@@ -383,15 +363,22 @@ size_t nbd_server_nb_exports(const nbd_server *srv)
 
 nbd_export *nbd_server_export(nbd_server *srv, size_t i)
 {
-    /* A listing racing with a removal may ask past the end; it gets an
-     * empty name rather than NULL (the handshake does not expect NULL). */
-    static nbd_export vanished = { .name = (char *)"" };
     nbd_export *e;
 
     pthread_mutex_lock(&srv->elock);
-    e = i < srv->nb_exports ? srv->exports[i] : &vanished;
+    e = i < srv->nb_exports ? srv->exports[i] : NULL;
     pthread_mutex_unlock(&srv->elock);
     return e;
+}
+
+uint64_t nbd_export_size(nbd_server *srv, const nbd_export *exp)
+{
+    uint64_t size;
+
+    pthread_mutex_lock(&srv->elock);
+    size = exp->size;
+    pthread_mutex_unlock(&srv->elock);
+    return size;
 }
 
 bool nbd_server_multi_conn(const nbd_server *srv)
@@ -489,53 +476,6 @@ int nbd_server_listen_tcp(nbd_server *srv, const char *addr,
     return 0;
 }
 
-/* ---- workers ---- */
-
-void nbd_server_submit(nbd_server *srv, nbd_job *job)
-{
-    if (srv->nworkers == 0) {
-        nbd_job_run(job);
-        return;
-    }
-    pthread_mutex_lock(&srv->qlock);
-    job->next = NULL;
-    if (srv->qtail) {
-        srv->qtail->next = job;
-    } else {
-        srv->qhead = job;
-    }
-    srv->qtail = job;
-    pthread_cond_signal(&srv->qcond);
-    pthread_mutex_unlock(&srv->qlock);
-}
-
-static void *worker_main(void *opaque)
-{
-    nbd_server *srv = opaque;
-
-    for (;;) {
-        nbd_job *job;
-
-        pthread_mutex_lock(&srv->qlock);
-        while (!srv->qhead && !srv->qstop) {
-            pthread_cond_wait(&srv->qcond, &srv->qlock);
-        }
-        job = srv->qhead;
-        if (!job) {
-            /* Stopped with an empty queue: readers are all joined, so no
-             * job can arrive any more. */
-            pthread_mutex_unlock(&srv->qlock);
-            return NULL;
-        }
-        srv->qhead = job->next;
-        if (!srv->qhead) {
-            srv->qtail = NULL;
-        }
-        pthread_mutex_unlock(&srv->qlock);
-        nbd_job_run(job);
-    }
-}
-
 /* ---- connections ---- */
 
 static void wake(nbd_server *srv)
@@ -561,7 +501,10 @@ int nbd_conn_serve(nbd_server *srv, int in_fd, int out_fd, vd_error *err)
     c->srv = srv;
     c->in_fd = in_fd;
     c->out_fd = out_fd;
+    c->max_threads = srv->conn_threads;
+    c->nthreads = 1;
     pthread_mutex_init(&c->send_lock, NULL);
+    pthread_mutex_init(&c->read_lock, NULL);
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
 
@@ -607,6 +550,7 @@ int nbd_conn_serve(nbd_server *srv, int in_fd, int out_fd, vd_error *err)
         vd_error_set(err, c->err.code, "%s", c->err.message);
     }
     pthread_mutex_destroy(&c->send_lock);
+    pthread_mutex_destroy(&c->read_lock);
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->cond);
     nbd_conn_release(c);
@@ -622,7 +566,7 @@ typedef struct client {
     struct client *next;
 } client;
 
-static void *reader_main(void *opaque)
+static void *client_main(void *opaque)
 {
     client *cl = opaque;
     vd_error err = VD_ERROR_INIT;
@@ -636,36 +580,6 @@ static void *reader_main(void *opaque)
     atomic_store(&cl->finished, true);
     wake(cl->srv);
     return NULL;
-}
-
-static int start_workers(nbd_server *srv, vd_error *err)
-{
-    if (srv->nworkers == 0) {
-        return 0;
-    }
-    srv->workers = calloc(srv->nworkers, sizeof(pthread_t));
-    if (!srv->workers) {
-        return vd_error_set(err, -ENOMEM, "out of memory");
-    }
-    for (unsigned i = 0; i < srv->nworkers; i++) {
-        int r = pthread_create(&srv->workers[i], NULL, worker_main, srv);
-        if (r) {
-            srv->nworkers = i;
-            return vd_error_set_errno(err, -r, "cannot start worker thread");
-        }
-    }
-    return 0;
-}
-
-static void stop_workers(nbd_server *srv)
-{
-    pthread_mutex_lock(&srv->qlock);
-    srv->qstop = true;
-    pthread_cond_broadcast(&srv->qcond);
-    pthread_mutex_unlock(&srv->qlock);
-    for (unsigned i = 0; i < srv->nworkers; i++) {
-        pthread_join(srv->workers[i], NULL);
-    }
 }
 
 void nbd_server_request_shutdown(nbd_server *srv)
@@ -694,7 +608,7 @@ static unsigned reap(client **list)
     return n;
 }
 
-/* Accepts a client on @lfd and starts its reader; false if none. */
+/* Accepts a client on @lfd and starts its first thread; false if none. */
 static bool accept_one(nbd_server *srv, int lfd, client **list)
 {
     int one = 1;
@@ -714,7 +628,7 @@ static bool accept_one(nbd_server *srv, int lfd, client **list)
     }
     cl->srv = srv;
     cl->fd = fd;
-    if (pthread_create(&cl->thread, NULL, reader_main, cl) != 0) {
+    if (pthread_create(&cl->thread, NULL, client_main, cl) != 0) {
         close(fd);
         free(cl);
         return false;
@@ -729,13 +643,8 @@ int nbd_server_run(nbd_server *srv, vd_error *err)
 {
     client *clients = NULL;
     unsigned nb = 0;
-    int r;
+    int r = 0;
 
-    r = start_workers(srv, err);
-    if (r < 0) {
-        stop_workers(srv);
-        return r;
-    }
     while (!atomic_load(&srv->shutdown)) {
         struct pollfd pfd[MAX_LISTEN + 1];
         int n = 0;
@@ -768,7 +677,7 @@ int nbd_server_run(nbd_server *srv, vd_error *err)
         }
     }
 
-    /* Stop accepting, then let every reader finish what it has. */
+    /* Stop accepting, then let every connection finish what it has read. */
     atomic_store(&srv->shutdown, true);
     for (int i = 0; i < srv->nb_listen; i++) {
         close(srv->listen_fds[i]);
@@ -787,6 +696,5 @@ int nbd_server_run(nbd_server *srv, vd_error *err)
         close(cl->fd);
         free(cl);
     }
-    stop_workers(srv);
     return r;
 }

@@ -48,8 +48,8 @@ typedef struct tls_session tls_session;
 /*
  * nbd_conn has no field for a session, so connections are allocated in
  * this box (nbd_conn first, so a pointer to one is a pointer to the
- * other). @tls is written by the reader thread before any worker sees
- * the connection and only read afterwards.
+ * other). @tls is written by the connection's first thread before it
+ * starts any other and only read afterwards.
  */
 typedef struct tls_conn_box {
     nbd_conn conn;
@@ -62,6 +62,8 @@ static tls_session *tls_of(const nbd_conn *c)
 }
 
 static int tls_session_read(tls_session *t, void *buf, size_t len);
+static ssize_t tls_session_read_some(tls_session *t, void *buf, size_t len);
+static size_t tls_session_pending(tls_session *t);
 static int tls_session_write(tls_session *t, struct iovec *iov, int n);
 static void tls_session_end(tls_session *t, nbd_conn *c);
 
@@ -97,6 +99,30 @@ int nbd_conn_read(nbd_conn *c, void *buf, size_t len)
 
     return t ? tls_session_read(t, buf, len)
              : nbd_read_full(c->in_fd, buf, len);
+}
+
+ssize_t nbd_conn_read_some(nbd_conn *c, void *buf, size_t len)
+{
+    tls_session *t = tls_of(c);
+    ssize_t n;
+
+    if (t) {
+        return tls_session_read_some(t, buf, len);
+    }
+    do {
+        n = read(c->in_fd, buf, len);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        return errno == EAGAIN ? -ETIMEDOUT : -errno;
+    }
+    return n == 0 ? -EPIPE : n;
+}
+
+size_t nbd_conn_pending(nbd_conn *c)
+{
+    tls_session *t = tls_of(c);
+
+    return t ? tls_session_pending(t) : 0;
 }
 
 int nbd_conn_write(nbd_conn *c, struct iovec *iov, int n)
@@ -494,7 +520,7 @@ struct tls_session {
     int in_fd, out_fd;
     /* Set by whichever side meets a fatal error; no close_notify then. */
     atomic_bool broken;
-    /* The peer's end of stream, seen by tls_pull (reader thread only). */
+    /* The peer's end of stream, seen by tls_pull (read mutex held). */
     bool eof;
     /* Gathers small writes; used under the connection's send lock. */
     size_t staged;
@@ -647,17 +673,14 @@ int nbd_conn_starttls(nbd_conn *c, vd_error *err)
     return 0;
 }
 
-static int tls_session_read(tls_session *t, void *buf, size_t len)
+/* One record's worth at most (gnutls returns what one record holds). */
+static ssize_t tls_session_read_some(tls_session *t, void *buf, size_t len)
 {
-    char *p = buf;
-
-    while (len) {
-        ssize_t n = gnutls_record_recv(t->s, p, len);
+    for (;;) {
+        ssize_t n = gnutls_record_recv(t->s, buf, len);
 
         if (n > 0) {
-            p += n;
-            len -= (size_t)n;
-            continue;
+            return n;
         }
         if (n == 0) {
             /* close_notify: an orderly end of stream. */
@@ -670,7 +693,7 @@ static int tls_session_read(tls_session *t, void *buf, size_t len)
             return -EPIPE;
         }
         if (n == GNUTLS_E_REHANDSHAKE) {
-            /* Renegotiation would race with the workers' sends. */
+            /* Renegotiation would race with the other threads' sends. */
             atomic_store(&t->broken, true);
             return -EPROTO;
         }
@@ -681,6 +704,26 @@ static int tls_session_read(tls_session *t, void *buf, size_t len)
             atomic_store(&t->broken, true);
         }
         return tls_errno((int)n);
+    }
+}
+
+static size_t tls_session_pending(tls_session *t)
+{
+    return gnutls_record_check_pending(t->s);
+}
+
+static int tls_session_read(tls_session *t, void *buf, size_t len)
+{
+    char *p = buf;
+
+    while (len) {
+        ssize_t n = tls_session_read_some(t, p, len);
+
+        if (n < 0) {
+            return (int)n;
+        }
+        p += n;
+        len -= (size_t)n;
     }
     return 0;
 }
@@ -808,6 +851,20 @@ int nbd_conn_starttls(nbd_conn *c, vd_error *err)
 }
 
 static int tls_session_read(tls_session *t, void *buf, size_t len)
+{
+    (void)t;
+    (void)buf;
+    (void)len;
+    return -ENOTSUP;
+}
+
+static size_t tls_session_pending(tls_session *t)
+{
+    (void)t;
+    return 0;
+}
+
+static ssize_t tls_session_read_some(tls_session *t, void *buf, size_t len)
 {
     (void)t;
     (void)buf;

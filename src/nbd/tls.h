@@ -16,11 +16,11 @@
  *                   together with its TLS session (nbd_conn has no field
  *                   for one), nbd_conn_starttls() upgrades a connection
  *                   after the server ACKed NBD_OPT_STARTTLS.
- *   stream          nbd_conn_read()/nbd_conn_write(): plain fds until TLS
- *                   starts, gnutls records afterwards. One reader (the
- *                   connection's reader thread) and one writer at a time
- *                   (callers hold conn->send_lock once workers exist) may
- *                   run concurrently, which gnutls allows.
+ *   stream          nbd_conn_read()/nbd_conn_read_some()/nbd_conn_write():
+ *                   plain fds until TLS starts, gnutls records afterwards.
+ *                   One reader (the thread holding conn->read_lock) and
+ *                   one writer (the thread holding conn->send_lock) at a
+ *                   time may run concurrently, which gnutls allows.
  *
  * Built without gnutls, the set-up functions fail with "TLS support is
  * not compiled in" and connections are always plain.
@@ -30,6 +30,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 
 #include "nbd-server.h"
@@ -101,6 +102,14 @@ int nbd_conn_starttls(nbd_conn *c, vd_error *err);
  * socket's receive timeout expired, or another negative errno (-EPROTO
  * for a TLS error). */
 int nbd_conn_read(nbd_conn *c, void *buf, size_t len);
+
+/* Reads what is available, between 1 and @len bytes, waiting only when
+ * nothing is. Returns the count or an error as nbd_conn_read(). */
+ssize_t nbd_conn_read_some(nbd_conn *c, void *buf, size_t len);
+
+/* Bytes already received and decrypted but not yet read (TLS buffers
+ * whole records); 0 on a plain connection. */
+size_t nbd_conn_pending(nbd_conn *c);
 
 /* Writes the @n buffers completely (they may be modified). Returns 0 or
  * a negative errno. */

@@ -1,24 +1,29 @@
 /*
- * The transmission phase (nbd-proto.md, "Transmission"): the reader loop
- * that parses requests, the checker that decides what a request may do,
- * and the job runner that performs it on the export and replies.
+ * The transmission phase (nbd-proto.md, "Transmission"): the checker
+ * that decides what a request may do, the replies, the commands, and the
+ * connection's threads that read requests and perform them.
  *
- * Order of a request's life: nbd_transmission() reads the 28-byte header,
+ * Order of a request's life: a thread of the connection takes the read
+ * mutex, reads the 28-byte header (through a 64 KiB receive buffer, so
+ * one system call usually brings several small requests),
  * nbd_request_check() validates it against the negotiated capabilities
  * and says how many payload bytes follow (a WRITE's data is read even
- * when the request will fail, so the stream stays in step), the reader
- * waits for in-flight budget, reads the payload and queues a job.
- * nbd_job_run() (on a worker) performs the I/O with the public vdisk API
- * and sends a simple reply, or structured chunks when they were
- * negotiated: reads as OFFSET_DATA/OFFSET_HOLE runs from block status,
- * errors as one ERROR chunk with a message. Replies for one connection
- * go out under its send mutex, one chunk at a time. The stream is read
- * and written through nbd_conn_read()/nbd_conn_write() (tls.h), plain or
- * TLS as the handshake left it.
+ * when the request will fail, so the stream stays in step), and the
+ * payload goes into the thread's own buffer. If no other thread is free
+ * to read the next request and there is reason to expect one, it starts
+ * one (up to the connection's limit). It then releases the read mutex,
+ * performs the I/O with the public vdisk API and sends a simple reply,
+ * or structured chunks when they were negotiated: reads as
+ * OFFSET_DATA/OFFSET_HOLE runs from block status, errors as one ERROR
+ * chunk with a message. Each reply or chunk leaves in one write under
+ * the connection's send mutex. The stream is read and written through
+ * nbd_conn_read_some()/nbd_conn_write() (tls.h), plain or TLS as the
+ * handshake left it.
  */
 #include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,13 +35,29 @@
 #include "nbd-server.h"
 #include "tls.h"
 
-/* Per-connection back-pressure: the reader stops reading new requests
- * while this many are in flight or this many payload bytes are held. */
-#define CONN_MAX_INFLIGHT       128u
-#define CONN_MAX_INFLIGHT_BYTES (64u * 1024 * 1024)
+/* Bytes received ahead of parsing, per connection. */
+#define IBUF_SIZE               (64u * 1024)
+
+/* A thread keeps its request buffer between requests up to this size;
+ * a larger request gets a buffer of its own, freed afterwards. */
+#define BUF_KEEP                (1u * 1024 * 1024)
+
+/* Requests with more data than BUDGET_MIN take their size from a
+ * per-connection budget while in flight; reading waits when it is spent.
+ * This bounds the memory of one-off buffers and, because threads are
+ * only started when all are busy, the number of threads (each keeping
+ * its buffer) that large requests bring. Past a few requests in flight
+ * large transfers gain nothing on two cores. */
+#define BUDGET_MIN              (64u * 1024)
+#define CONN_MAX_BIG_BYTES      (4u * 1024 * 1024)
+
+/* A READ or WRITE up to this size, with nothing more received yet, does
+ * not start another thread: at queue depth 1 the thread would only add a
+ * wake-up to every request, and the current one is back soon. */
+#define QUICK_REQUEST           (16u * 1024)
 
 /* CACHE reads the range in pieces of this size and drops the data. */
-#define CACHE_CHUNK             (1u * 1024 * 1024)
+#define CACHE_CHUNK             BUF_KEEP
 
 /* ---- checking ---- */
 
@@ -157,7 +178,7 @@ uint32_t nbd_errno_to_wire(int err)
 /* ---- sending ---- */
 
 /* Sends @n buffers as one message; after the first failure every later
- * send is skipped and the reader is woken to tear the connection down. */
+ * send is skipped and the reading thread is woken to end the connection. */
 static int conn_send(nbd_conn *c, struct iovec *iov, int n)
 {
     int r;
@@ -334,23 +355,15 @@ static void do_sparse_read(nbd_conn *c, const nbd_request *req,
     }
 }
 
-static void do_read(nbd_conn *c, const nbd_request *req)
+/* @buf holds req->length bytes. */
+static void do_read(nbd_conn *c, const nbd_request *req, unsigned char *buf)
 {
     vd_error err = VD_ERROR_INIT;
-    unsigned char *buf = NULL;
     int r;
 
-    if (req->length) {
-        buf = malloc(req->length);
-        if (!buf) {
-            send_error(c, req->cookie, NBD_ENOMEM, "out of memory");
-            return;
-        }
-    }
     if (c->caps.structured && req->length &&
         !(req->flags & NBD_CMD_FLAG_DF)) {
         do_sparse_read(c, req, buf);
-        free(buf);
         return;
     }
     r = req->length ? vd_pread(c->exp->node, buf, req->length, req->offset,
@@ -365,18 +378,17 @@ static void do_read(nbd_conn *c, const nbd_request *req)
     } else {
         send_data_chunk(c, req->cookie, true, req->offset, buf, req->length);
     }
-    free(buf);
 }
 
-static void do_write(nbd_conn *c, const nbd_job *job)
+static void do_write(nbd_conn *c, const nbd_request *req,
+                     const unsigned char *data)
 {
     vd_error err = VD_ERROR_INIT;
-    const nbd_request *req = &job->req;
     unsigned flags = (req->flags & NBD_CMD_FLAG_FUA) ? VD_REQ_FUA : 0;
     int r = 0;
 
     if (req->length) {
-        r = vd_pwrite(c->exp->node, job->data, req->length, req->offset,
+        r = vd_pwrite(c->exp->node, data, req->length, req->offset,
                       flags, &err);
     }
     send_result(c, req->cookie, r, &err);
@@ -431,25 +443,20 @@ static void do_flush(nbd_conn *c, const nbd_request *req)
 }
 
 /* Reads the range and drops it: the node's caches (and the host page
- * cache) then hold it, which is all CACHE promises. */
-static void do_cache(nbd_conn *c, const nbd_request *req)
+ * cache) then hold it, which is all CACHE promises. @buf holds @bufsz
+ * bytes, at least min(length, CACHE_CHUNK). */
+static void do_cache(nbd_conn *c, const nbd_request *req,
+                     unsigned char *buf, size_t bufsz)
 {
     vd_error err = VD_ERROR_INIT;
     uint64_t pos = req->offset, end = req->offset + req->length;
-    size_t bufsz = req->length < CACHE_CHUNK ? req->length : CACHE_CHUNK;
-    unsigned char *buf = bufsz ? malloc(bufsz) : NULL;
     int r = 0;
 
-    if (bufsz && !buf) {
-        send_error(c, req->cookie, NBD_ENOMEM, "out of memory");
-        return;
-    }
     while (pos < end && r == 0) {
         uint64_t n = end - pos < bufsz ? end - pos : bufsz;
         r = vd_pread(c->exp->node, buf, n, pos, 0, &err);
         pos += n;
     }
-    free(buf);
     send_result(c, req->cookie, r, &err);
 }
 
@@ -564,164 +571,363 @@ out:
     free(depth.d);
 }
 
-void nbd_job_run(nbd_job *job)
+/* ---- the connection's threads ---- */
+
+/* A request as the thread that read it holds it. */
+typedef struct nbd_work {
+    nbd_request req;
+    int error;            /* NBD_E* found while checking, 0 if none */
+    const char *errmsg;   /* its message, or NULL */
+    unsigned char *data;  /* WRITE payload or READ data, or NULL */
+    bool own;             /* data is a one-off buffer, freed afterwards */
+    uint64_t budget;      /* bytes taken from the connection's budget */
+} nbd_work;
+
+static void budget_take(nbd_conn *c, uint64_t bytes)
 {
-    nbd_conn *c = job->conn;
-    const nbd_request *req = &job->req;
-
-    if (atomic_load(&c->send_failed)) {
-        /* The client is gone: no one to reply to. */
-    } else if (job->error) {
-        send_error(c, req->cookie, (uint32_t)job->error, job->errmsg);
-    } else {
-        switch (req->type) {
-        case NBD_CMD_READ:
-            do_read(c, req);
-            break;
-        case NBD_CMD_WRITE:
-            do_write(c, job);
-            break;
-        case NBD_CMD_WRITE_ZEROES:
-            do_write_zeroes(c, req);
-            break;
-        case NBD_CMD_TRIM:
-            do_trim(c, req);
-            break;
-        case NBD_CMD_FLUSH:
-            do_flush(c, req);
-            break;
-        case NBD_CMD_CACHE:
-            do_cache(c, req);
-            break;
-        case NBD_CMD_BLOCK_STATUS:
-            do_block_status(c, req);
-            break;
-        }
-    }
-
     pthread_mutex_lock(&c->lock);
-    c->inflight--;
-    c->inflight_bytes -= job->budget;
+    /* Alone, a request may always go ahead, so none waits forever. */
+    while (c->big_bytes > 0 && c->big_bytes + bytes > CONN_MAX_BIG_BYTES) {
+        pthread_cond_wait(&c->cond, &c->lock);
+    }
+    c->big_bytes += bytes;
+    pthread_mutex_unlock(&c->lock);
+}
+
+static void budget_give(nbd_conn *c, uint64_t bytes)
+{
+    pthread_mutex_lock(&c->lock);
+    c->big_bytes -= bytes;
     pthread_cond_broadcast(&c->cond);
     pthread_mutex_unlock(&c->lock);
-    free(job->data);
-    free(job);
 }
 
-/* ---- the reader ---- */
-
-/* Waits until @bytes more may be in flight. A single request may always
- * run when nothing else is in flight, so no request waits forever. */
-static void wait_budget(nbd_conn *c, uint64_t bytes)
+/* A buffer of @len (non-zero) bytes for @wk: the thread's own, grown as
+ * needed up to BUF_KEEP, or a one-off one. NULL on ENOMEM. */
+static unsigned char *work_buffer(nbd_worker *w, nbd_work *wk, size_t len)
 {
-    pthread_mutex_lock(&c->lock);
-    while (c->inflight > 0 &&
-           (c->inflight >= CONN_MAX_INFLIGHT ||
-            c->inflight_bytes + bytes > CONN_MAX_INFLIGHT_BYTES)) {
-        pthread_cond_wait(&c->cond, &c->lock);
+    unsigned char *p;
+
+    if (len <= BUF_KEEP) {
+        if (w->bufsize < len) {
+            /* Doubling keeps a client's mix of sizes from costing a
+             * reallocation per request. */
+            size_t n = w->bufsize ? w->bufsize : 4096;
+            while (n < len) {
+                n *= 2;
+            }
+            if (n > BUF_KEEP) {
+                n = BUF_KEEP;
+            }
+            free(w->buf);
+            w->bufsize = 0;
+            w->buf = malloc(n);
+            if (!w->buf) {
+                return NULL;
+            }
+            w->bufsize = n;
+        }
+        return w->buf;
     }
-    c->inflight++;
-    c->inflight_bytes += bytes;
-    pthread_mutex_unlock(&c->lock);
+    p = malloc(len);
+    wk->own = p != NULL;
+    return p;
 }
 
-static void wait_idle(nbd_conn *c)
+static void work_release(nbd_worker *w, nbd_work *wk)
 {
-    pthread_mutex_lock(&c->lock);
-    while (c->inflight > 0) {
-        pthread_cond_wait(&c->cond, &c->lock);
+    if (wk->own) {
+        free(wk->data);
+        wk->own = false;
     }
-    pthread_mutex_unlock(&c->lock);
+    if (wk->budget) {
+        budget_give(w->conn, wk->budget);
+        wk->budget = 0;
+    }
+    wk->data = NULL;
+}
+
+/* Copies the next @len bytes of the stream to @dst: what the receive
+ * buffer holds first, then by refilling it, or straight into @dst when
+ * at least a buffer's worth remains. Under read_lock. */
+static int conn_recv(nbd_conn *c, void *dst, size_t len)
+{
+    unsigned char *p = dst;
+
+    while (len) {
+        size_t have = c->ilen - c->ipos;
+        ssize_t n;
+
+        if (have) {
+            size_t k = have < len ? have : len;
+            memcpy(p, c->ibuf + c->ipos, k);
+            c->ipos += k;
+            p += k;
+            len -= k;
+            continue;
+        }
+        c->ipos = c->ilen = 0;
+        if (len >= IBUF_SIZE) {
+            return nbd_conn_read(c, p, len);
+        }
+        n = nbd_conn_read_some(c, c->ibuf, IBUF_SIZE);
+        if (n < 0) {
+            return (int)n;
+        }
+        c->ilen = (size_t)n;
+    }
+    return 0;
+}
+
+/* Throws away @len bytes of the stream (a payload we have no room for). */
+static int conn_skip(nbd_conn *c, size_t len)
+{
+    unsigned char scratch[4096];
+
+    while (len) {
+        size_t k = len < sizeof(scratch) ? len : sizeof(scratch);
+        int r = conn_recv(c, scratch, k);
+        if (r < 0) {
+            return r;
+        }
+        len -= k;
+    }
+    return 0;
+}
+
+static int read_failed(nbd_conn *c, int r, const char *what)
+{
+    /* A client that vanishes between requests is normal for a hard
+     * disconnect, and after a failed send it is our doing: record the
+     * fault quietly either way. */
+    if (r != -EPIPE || !atomic_load(&c->send_failed)) {
+        vd_error_set(&c->err, r, "nbd: %s while reading %s",
+                     r == -EPIPE ? "client closed the connection"
+                                 : strerror(-r),
+                     what);
+    }
+    return r;
+}
+
+/* Reads and checks the next request into @wk. Returns 1 when there is
+ * one to perform, 0 at DISC, or a negative errno when the connection
+ * must end (recorded in c->err). Under read_lock. */
+static int read_request(nbd_worker *w, nbd_work *wk)
+{
+    nbd_conn *c = w->conn;
+    struct nbd_request_hdr h;
+    nbd_request *req = &wk->req;
+    uint32_t payload, need;
+    bool fatal;
+    int r;
+
+    r = conn_recv(c, &h, sizeof(h));
+    if (r < 0) {
+        return read_failed(c, r, "a request");
+    }
+    if (be32toh(h.magic) != NBD_REQUEST_MAGIC) {
+        return vd_error_set(&c->err, -EINVAL, "nbd: bad request magic 0x%08x",
+                            be32toh(h.magic));
+    }
+    req->flags = be16toh(h.flags);
+    req->type = be16toh(h.type);
+    req->cookie = h.cookie;   /* kept in wire order, echoed as is */
+    req->offset = be64toh(h.offset);
+    req->length = be32toh(h.length);
+    if (req->type == NBD_CMD_DISC) {
+        return 0;
+    }
+
+    wk->error = nbd_request_check(req, &c->caps, &payload, &fatal,
+                                  &wk->errmsg);
+    wk->data = NULL;
+    wk->own = false;
+    wk->budget = 0;
+    if (fatal) {
+        send_error(c, req->cookie, (uint32_t)wk->error, wk->errmsg);
+        return vd_error_set(&c->err, -EINVAL,
+                            "nbd: %s (%" PRIu32 " bytes); disconnecting",
+                            wk->errmsg, req->length);
+    }
+    need = payload ? payload
+         : (!wk->error && req->type == NBD_CMD_READ) ? req->length : 0;
+    if (need > BUDGET_MIN) {
+        /* Waiting here holds up reading, which is the point. */
+        budget_take(c, need);
+        wk->budget = need;
+    }
+    if (need) {
+        wk->data = work_buffer(w, wk, need);
+        if (!wk->data) {
+            wk->error = NBD_ENOMEM;
+            wk->errmsg = "out of memory";
+        }
+    }
+    if (payload) {
+        r = wk->data ? conn_recv(c, wk->data, payload)
+                     : conn_skip(c, payload);
+        if (r < 0) {
+            work_release(w, wk);
+            return read_failed(c, r, "write data");
+        }
+    }
+    return 1;
+}
+
+static void *worker_main(void *opaque);
+
+/* Starts one more thread when none is free to read the request after
+ * this one and one is probably coming. Under read_lock. */
+static void maybe_spawn(nbd_conn *c, const nbd_request *req)
+{
+    bool quick = (req->type == NBD_CMD_READ || req->type == NBD_CMD_WRITE) &&
+                 req->length <= QUICK_REQUEST;
+    nbd_worker *w;
+
+    if (c->nthreads >= c->max_threads ||
+        c->nthreads > atomic_load(&c->busy)) {
+        return;
+    }
+    if (quick && c->ipos == c->ilen && nbd_conn_pending(c) == 0) {
+        return;
+    }
+    w = calloc(1, sizeof(*w));
+    if (!w) {
+        return;
+    }
+    w->conn = c;
+    if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
+        /* Make do with the threads we have. */
+        free(w);
+        c->max_threads = c->nthreads;
+        return;
+    }
+    w->next = c->workers;
+    c->workers = w;
+    c->nthreads++;
+}
+
+/* Takes the next request; false once the connection is ending. */
+static bool next_request(nbd_worker *w, nbd_work *wk)
+{
+    nbd_conn *c = w->conn;
+    int r;
+
+    pthread_mutex_lock(&c->read_lock);
+    if (c->stopping) {
+        pthread_mutex_unlock(&c->read_lock);
+        return false;
+    }
+    r = read_request(w, wk);
+    if (r <= 0) {
+        c->stopping = true;
+        c->end = r;
+        pthread_mutex_unlock(&c->read_lock);
+        return false;
+    }
+    atomic_fetch_add(&c->busy, 1);
+    maybe_spawn(c, &wk->req);
+    pthread_mutex_unlock(&c->read_lock);
+    return true;
+}
+
+static void run_request(nbd_worker *w, nbd_work *wk)
+{
+    nbd_conn *c = w->conn;
+    const nbd_request *req = &wk->req;
+
+    if (atomic_load(&c->send_failed)) {
+        return;   /* the client is gone: no one to reply to */
+    }
+    if (wk->error) {
+        send_error(c, req->cookie, (uint32_t)wk->error, wk->errmsg);
+        return;
+    }
+    switch (req->type) {
+    case NBD_CMD_READ:
+        do_read(c, req, wk->data);
+        break;
+    case NBD_CMD_WRITE:
+        do_write(c, req, wk->data);
+        break;
+    case NBD_CMD_WRITE_ZEROES:
+        do_write_zeroes(c, req);
+        break;
+    case NBD_CMD_TRIM:
+        do_trim(c, req);
+        break;
+    case NBD_CMD_FLUSH:
+        do_flush(c, req);
+        break;
+    case NBD_CMD_CACHE:
+        if (req->length) {
+            size_t n = req->length < CACHE_CHUNK ? req->length : CACHE_CHUNK;
+            unsigned char *buf = work_buffer(w, wk, n);
+            if (!buf) {
+                send_error(c, req->cookie, NBD_ENOMEM, "out of memory");
+                break;
+            }
+            do_cache(c, req, buf, n);
+        } else {
+            send_result(c, req->cookie, 0, NULL);
+        }
+        break;
+    case NBD_CMD_BLOCK_STATUS:
+        do_block_status(c, req);
+        break;
+    }
+}
+
+/* The loop every thread of a connection runs. */
+static void serve_requests(nbd_worker *w)
+{
+    nbd_work wk;
+
+    while (next_request(w, &wk)) {
+        run_request(w, &wk);
+        work_release(w, &wk);
+        atomic_fetch_sub(&w->conn->busy, 1);
+    }
+    free(w->buf);
+    w->buf = NULL;
+    w->bufsize = 0;
+}
+
+static void *worker_main(void *opaque)
+{
+    serve_requests(opaque);
+    return NULL;
 }
 
 /*
- * Shutdown: the server shuts the socket's read side, so this loop sees
- * end of stream, stops taking requests and waits for the ones already
- * queued; their replies still go out.
+ * Shutdown and export removal shut the socket, so the thread that is
+ * reading sees end of stream and marks the connection as stopping; the
+ * others finish what they hold (their replies still go out) and leave
+ * when they next come for a request.
  */
 int nbd_transmission(nbd_conn *c)
 {
-    int ret = 0;
+    nbd_worker first = { .conn = c };
+    nbd_worker *ws;
 
-    for (;;) {
-        struct nbd_request_hdr h;
-        nbd_request req;
-        uint32_t payload;
-        bool fatal;
-        const char *msg;
-        nbd_job *job;
-        int err, r;
-
-        r = nbd_conn_read(c, &h, sizeof(h));
-        if (r < 0) {
-            if (r != -EPIPE || !atomic_load(&c->send_failed)) {
-                /* A client that vanishes between requests is normal for
-                 * a hard disconnect: record it, close quietly. */
-                vd_error_set(&c->err, r, "nbd: %s while reading a request",
-                             r == -EPIPE ? "client closed the connection"
-                                         : strerror(-r));
-            }
-            ret = r;
-            break;
-        }
-        if (be32toh(h.magic) != NBD_REQUEST_MAGIC) {
-            ret = vd_error_set(&c->err, -EINVAL,
-                               "nbd: bad request magic 0x%08x",
-                               be32toh(h.magic));
-            break;
-        }
-        req.flags = be16toh(h.flags);
-        req.type = be16toh(h.type);
-        req.cookie = h.cookie;   /* kept in wire order, echoed as is */
-        req.offset = be64toh(h.offset);
-        req.length = be32toh(h.length);
-        if (req.type == NBD_CMD_DISC) {
-            break;
-        }
-
-        err = nbd_request_check(&req, &c->caps, &payload, &fatal, &msg);
-        if (fatal) {
-            wait_idle(c);
-            send_error(c, req.cookie, (uint32_t)err, msg);
-            ret = vd_error_set(&c->err, -EINVAL,
-                               "nbd: %s (%" PRIu32 " bytes); disconnecting",
-                               msg, req.length);
-            break;
-        }
-
-        job = calloc(1, sizeof(*job));
-        if (!job) {
-            ret = vd_error_set(&c->err, -ENOMEM, "nbd: out of memory");
-            break;
-        }
-        job->conn = c;
-        job->req = req;
-        job->error = err;
-        job->errmsg = (char *)msg;
-        job->budget = (!err && (req.type == NBD_CMD_READ)) ? req.length
-                                                           : payload;
-        wait_budget(c, job->budget);
-        if (payload) {
-            job->data = malloc(payload);
-            r = job->data ? nbd_conn_read(c, job->data, payload)
-                          : -ENOMEM;
-            if (r < 0) {
-                vd_error_set(&c->err, r, "nbd: %s while reading write data",
-                             r == -EPIPE ? "client closed the connection"
-                                         : strerror(-r));
-                ret = r;
-                /* Account the job as finished without running it. */
-                pthread_mutex_lock(&c->lock);
-                c->inflight--;
-                c->inflight_bytes -= job->budget;
-                pthread_mutex_unlock(&c->lock);
-                free(job->data);
-                free(job);
-                break;
-            }
-        }
-        nbd_server_submit(c->srv, job);
+    c->ibuf = malloc(IBUF_SIZE);
+    if (!c->ibuf) {
+        return vd_error_set(&c->err, -ENOMEM, "nbd: out of memory");
     }
-    wait_idle(c);
-    return ret;
+    serve_requests(&first);
+
+    /* Stopping is set, so no thread is started any more. */
+    pthread_mutex_lock(&c->read_lock);
+    ws = c->workers;
+    c->workers = NULL;
+    pthread_mutex_unlock(&c->read_lock);
+    while (ws) {
+        nbd_worker *next = ws->next;
+        pthread_join(ws->thread, NULL);
+        free(ws);
+        ws = next;
+    }
+    free(c->ibuf);
+    c->ibuf = NULL;
+    return c->end;
 }

@@ -18,7 +18,7 @@
 #include <stddef.h>
 
 #include "qmp/qmp.h"
-#include "qmp/qmp-nbd.h"
+#include "nbd/nbd-server.h"
 
 /* ---- schema (schema.c) ---- */
 
