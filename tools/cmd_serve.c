@@ -124,7 +124,7 @@ static void serve_usage(void)
 "      --detect-zeroes=MODE off, on or unmap\n"
 "      --pid-file=PATH      write the server's process id to PATH\n"
 "      --fork               run in the background once the server listens\n"
-"      --workers=N          I/O threads shared by all clients (default %d)\n"
+"      --workers=N          at most N I/O threads per connection (default %d)\n"
 "\n"
 "Daemon form (see docs/qmp.md):\n"
 "      --blockdev OPTS      add a node: driver=...,node-name=...,file... or\n"
