@@ -314,7 +314,10 @@ static int file_open(vd_node *node, vd_opts *opts, unsigned flags,
     }
     (void)aio;
 
-    oflags = (rdwr ? O_RDWR : O_RDONLY) | O_CLOEXEC;
+    /* O_NONBLOCK so that a FIFO given as an image fails the type check
+     * below instead of blocking the open until a writer appears; it is
+     * cleared again once the file is known to be regular. */
+    oflags = (rdwr ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK;
     if (flags & VD_NODE_NOCACHE) {
         oflags |= O_DIRECT;
         s->direct = true;
@@ -346,6 +349,11 @@ static int file_open(vd_node *node, vd_opts *opts, unsigned flags,
         ret = vd_error_set(err, -EINVAL,
                            "'file' driver requires '%s' to be a regular file",
                            filename);
+        goto fail;
+    }
+    if (fcntl(s->fd, F_SETFL, fcntl(s->fd, F_GETFL) & ~O_NONBLOCK) < 0) {
+        ret = vd_error_set_errno(err, -errno, "Could not open '%s'",
+                                 filename);
         goto fail;
     }
 

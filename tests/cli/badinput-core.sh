@@ -86,3 +86,15 @@ diff -u q.out v.out || fail "write to a read-only image differs from qemu-io"
 [ "$qrc" = "$vrc" ] || fail "read-only write: exit qemu-io=$qrc vdisk=$vrc"
 cmp v.img disk.img || fail "a write to a read-only image changed it"
 unchanged "the whole test"
+
+# A FIFO is not an image: refused at once, not waited on (as an image and
+# as a backing file).
+mkfifo fifo
+rc=0
+timeout 10 "$VDISK" info -f raw fifo > out.txt 2>&1 || rc=$?
+[ "$rc" = 1 ] || fail "a FIFO image gave exit status $rc (124 means it hung)"
+grep -q "regular file" out.txt || fail "no clear error for a FIFO: $(cat out.txt)"
+$QEMU_IMG create -q -f qcow2 -u -b fifo -F raw over.qcow2 1M
+rc=0
+timeout 10 "$VDISK" io -c 'read 0 512' over.qcow2 > out.txt 2>&1 || rc=$?
+[ "$rc" = 1 ] || fail "a FIFO backing file gave exit status $rc"
