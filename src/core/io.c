@@ -71,15 +71,29 @@ static void inflight_dec(vd_node *n)
     }
 }
 
-/* Waits while the node is drained; for requests from outside the graph. */
-static void wait_unquiesced(vd_node *n)
+/* Starts a request from outside the graph: counts it in flight, waiting
+ * first while the node is drained. Counting before looking at quiesce
+ * (both seq_cst) closes the window in which a drain could start between
+ * the check and the count, see nothing in flight and change the node
+ * under the request; a request that finds the node quiesced steps back
+ * out so the drain can finish. */
+static void request_begin(vd_node *n)
 {
-    if (__atomic_load_n(&n->quiesce, __ATOMIC_SEQ_CST) == 0)
-        return;
-    pthread_mutex_lock(&n->lock);
-    while (n->quiesce > 0)
-        pthread_cond_wait(&n->cond, &n->lock);
-    pthread_mutex_unlock(&n->lock);
+    for (;;) {
+        inflight_inc(n);
+        if (__atomic_load_n(&n->quiesce, __ATOMIC_SEQ_CST) == 0)
+            return;
+        inflight_dec(n);
+        pthread_mutex_lock(&n->lock);
+        while (__atomic_load_n(&n->quiesce, __ATOMIC_SEQ_CST) > 0)
+            pthread_cond_wait(&n->cond, &n->lock);
+        pthread_mutex_unlock(&n->lock);
+    }
+}
+
+static void request_end(vd_node *n)
+{
+    inflight_dec(n);
 }
 
 /* ---- serialisation of read-modify-write ---- */
@@ -954,12 +968,11 @@ static int check_request(vd_node *n, uint64_t off, uint64_t len,
     return 0;
 }
 
-VD_API int vd_preadv(vd_node *node, const struct iovec *iov, int iovcnt,
-                     uint64_t offset, unsigned flags, vd_error *err)
+static int top_preadv(vd_node *node, const struct iovec *iov, int iovcnt,
+                      uint64_t offset, unsigned flags, vd_error *err)
 {
     vd_iov v;
     vd_iov_init_external(&v, iov, iovcnt);
-    wait_unquiesced(node);
     int r = check_request(node, offset, v.size, err);
     if (r < 0)
         return r;
@@ -973,12 +986,11 @@ VD_API int vd_pread(vd_node *node, void *buf, uint64_t len, uint64_t offset,
     return vd_preadv(node, &iov, 1, offset, flags, err);
 }
 
-VD_API int vd_pwritev(vd_node *node, const struct iovec *iov, int iovcnt,
-                      uint64_t offset, unsigned flags, vd_error *err)
+static int top_pwritev(vd_node *node, const struct iovec *iov, int iovcnt,
+                       uint64_t offset, unsigned flags, vd_error *err)
 {
     vd_iov v;
     vd_iov_init_external(&v, iov, iovcnt);
-    wait_unquiesced(node);
     int r = check_request(node, offset, v.size, err);
     if (r < 0)
         return r;
@@ -1001,10 +1013,9 @@ VD_API int vd_pwrite(vd_node *node, const void *buf, uint64_t len,
     return vd_pwritev(node, &iov, 1, offset, flags, err);
 }
 
-VD_API int vd_write_zeroes(vd_node *node, uint64_t len, uint64_t offset,
-                           unsigned flags, vd_error *err)
+static int top_write_zeroes(vd_node *node, uint64_t len, uint64_t offset,
+                            unsigned flags, vd_error *err)
 {
-    wait_unquiesced(node);
     int r = check_request(node, offset, len, err);
     if (r < 0)
         return r;
@@ -1013,19 +1024,17 @@ VD_API int vd_write_zeroes(vd_node *node, uint64_t len, uint64_t offset,
     return vd_node_pwrite_zeroes(node, offset, len, flags, err);
 }
 
-VD_API int vd_discard(vd_node *node, uint64_t len, uint64_t offset,
-                      vd_error *err)
+static int top_discard(vd_node *node, uint64_t len, uint64_t offset,
+                       vd_error *err)
 {
-    wait_unquiesced(node);
     int r = check_request(node, offset, len, err);
     if (r < 0)
         return r;
     return vd_node_pdiscard(node, offset, len, err);
 }
 
-VD_API int vd_flush(vd_node *node, vd_error *err)
+static int top_flush(vd_node *node, vd_error *err)
 {
-    wait_unquiesced(node);
     return vd_node_flush(node, err);
 }
 
@@ -1034,10 +1043,9 @@ VD_API int64_t vd_getlength(vd_node *node)
     return vd_node_getlength(node);
 }
 
-VD_API int vd_block_status(vd_node *node, uint64_t offset, uint64_t len,
-                           vd_extent *ext, vd_error *err)
+static int top_block_status(vd_node *node, uint64_t offset, uint64_t len,
+                            vd_extent *ext, vd_error *err)
 {
-    wait_unquiesced(node);
     int r = check_request(node, offset, len, err);
     if (r < 0)
         return r;
@@ -1058,6 +1066,63 @@ VD_API int vd_block_status(vd_node *node, uint64_t offset, uint64_t len,
     ext->offset = (r & VD_BLOCK_OFFSET_VALID) ? map : 0;
     ext->file = file;
     return 0;
+}
+
+/* The public entry points proper: the whole call, from the range check
+ * against the image size to the last child request, counts in flight on
+ * the node, so a drain (reopen, truncate, snapshot) never overlaps it. */
+
+VD_API int vd_preadv(vd_node *node, const struct iovec *iov, int iovcnt,
+                     uint64_t offset, unsigned flags, vd_error *err)
+{
+    request_begin(node);
+    int r = top_preadv(node, iov, iovcnt, offset, flags, err);
+    request_end(node);
+    return r;
+}
+
+VD_API int vd_pwritev(vd_node *node, const struct iovec *iov, int iovcnt,
+                      uint64_t offset, unsigned flags, vd_error *err)
+{
+    request_begin(node);
+    int r = top_pwritev(node, iov, iovcnt, offset, flags, err);
+    request_end(node);
+    return r;
+}
+
+VD_API int vd_write_zeroes(vd_node *node, uint64_t len, uint64_t offset,
+                           unsigned flags, vd_error *err)
+{
+    request_begin(node);
+    int r = top_write_zeroes(node, len, offset, flags, err);
+    request_end(node);
+    return r;
+}
+
+VD_API int vd_discard(vd_node *node, uint64_t len, uint64_t offset,
+                      vd_error *err)
+{
+    request_begin(node);
+    int r = top_discard(node, len, offset, err);
+    request_end(node);
+    return r;
+}
+
+VD_API int vd_flush(vd_node *node, vd_error *err)
+{
+    request_begin(node);
+    int r = top_flush(node, err);
+    request_end(node);
+    return r;
+}
+
+VD_API int vd_block_status(vd_node *node, uint64_t offset, uint64_t len,
+                           vd_extent *ext, vd_error *err)
+{
+    request_begin(node);
+    int r = top_block_status(node, offset, len, ext, err);
+    request_end(node);
+    return r;
 }
 
 VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,

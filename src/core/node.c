@@ -372,9 +372,12 @@ VD_API int vd_reopen(vd_node *node, bool read_write, vd_error *err)
 
 void vd_node_drain_begin(vd_node *node)
 {
+    /* in_flight changes without the lock (io.c), so both counters are
+     * seq_cst atomics: either a starting request sees quiesce raised, or
+     * this loop sees its in_flight count (see request_begin() in io.c). */
     pthread_mutex_lock(&node->lock);
-    node->quiesce++;
-    while (node->in_flight > 0)
+    __atomic_add_fetch(&node->quiesce, 1, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&node->in_flight, __ATOMIC_SEQ_CST) > 0)
         pthread_cond_wait(&node->cond, &node->lock);
     pthread_mutex_unlock(&node->lock);
     for (vd_child *c = node->children; c; c = c->next)
@@ -386,7 +389,7 @@ void vd_node_drain_end(vd_node *node)
     for (vd_child *c = node->children; c; c = c->next)
         vd_node_drain_end(c->node);
     pthread_mutex_lock(&node->lock);
-    node->quiesce--;
+    __atomic_sub_fetch(&node->quiesce, 1, __ATOMIC_SEQ_CST);
     pthread_cond_broadcast(&node->cond);
     pthread_mutex_unlock(&node->lock);
 }
