@@ -358,6 +358,7 @@ static int change_refcount_order(qcow2_state *s, int new_order, vd_error *err)
     new_table = NULL;
     s->refcount_table_offset = (end + blocks) * cs;
     s->refcount_table_size = (uint32_t)(table * cs / 8);
+    qcow2_overlap_changed(s);
     s->refcount_order = new_order;
     s->refcount_bits = 1 << new_order;
     s->refcount_max = new_max;

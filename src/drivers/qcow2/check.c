@@ -1285,6 +1285,7 @@ static int rebuild_refcount_structure(ck_state *c, vd_check_result *res,
     s->refcount_table = rt;
     s->refcount_table_offset = (uint64_t)rt_off;
     s->refcount_table_size = rt_entries;
+    qcow2_overlap_changed(s);
     s->free_cluster_index = 0;
     return 0;
 

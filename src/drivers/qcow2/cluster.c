@@ -188,6 +188,7 @@ int qcow2_grow_l1_table(qcow2_state *s, uint64_t min_size, bool exact,
     s->l1_table = new_l1;
     s->l1_size = (uint32_t)new_size;
     s->l1_table_offset = (uint64_t)new_off;
+    qcow2_overlap_changed(s);
     if (old_size) {
         return qcow2_free_clusters(s, old_off, old_size * 8,
                                    QCOW2_DISCARD_OTHER, err);
@@ -269,9 +270,11 @@ int qcow2_get_l2_table(qcow2_state *s, uint64_t offset, bool alloc,
         goto fail;
     }
     s->l1_table[l1_index] = (uint64_t)new_off | QCOW2_OFLAG_COPIED;
+    qcow2_overlap_changed(s);
     ret = qcow2_write_l1_entry(s, l1_index, err);
     if (ret < 0) {
         s->l1_table[l1_index] = l1e;
+        qcow2_overlap_changed(s);
         qcow2_cache_put(s->l2_cache, &t);
         goto fail;
     }

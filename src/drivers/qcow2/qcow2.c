@@ -575,6 +575,7 @@ static void free_state(qcow2_state *s)
     free(s->l1_table);
     s->l1_table = NULL;
     qcow2_free_snapshots(s);
+    qcow2_overlap_free(s);
     free(s->header_extra);
     free(s->backing_file);
     free(s->backing_format);
@@ -1252,6 +1253,7 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
                 continue;
             }
             s->l1_table[i] = 0;
+            qcow2_overlap_changed(s);
             ret = qcow2_write_l1_entry(s, i, err);
             if (ret < 0) {
                 pthread_mutex_unlock(&s->lock);

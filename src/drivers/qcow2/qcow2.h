@@ -340,6 +340,13 @@ typedef struct qcow2_state {
     bool corrupt;               /* image marked corrupt in this session */
     int overlap_check;          /* QCOW2_OL_* checked before metadata
                                    writes (option overlap-check) */
+    /* Raised wherever metadata is allocated, freed or moved (L1, L2,
+     * refcount table and blocks; overlap_snap_gen: snapshot table and
+     * snapshot L1 tables); overlap.c rebuilds its sorted range sets when
+     * they move. Lock held. */
+    uint64_t overlap_gen;
+    uint64_t overlap_snap_gen;
+    struct qcow2_overlap_cache *overlap_cache; /* overlap.c, lazily */
     uint64_t cache_clean_interval; /* seconds; 0 = never (overlap.c) */
     uint64_t cache_clean_last;  /* monotonic seconds of the last clean */
     uint64_t cache_clean_lru[2]; /* L2 / refcount cache lru_counter at
@@ -721,6 +728,21 @@ int qcow2_parse_overlap_opts(qcow2_state *s, vd_opts *opts, vd_error *err);
  * @ign) that [offset, offset+size) overlaps, or 0. Lock held. */
 int qcow2_check_metadata_overlap(qcow2_state *s, int ign, uint64_t offset,
                                  uint64_t size);
+/* Call after changing where active metadata lives: an L1 entry, the L1
+ * table, a refcount table entry or the refcount table. Lock held. */
+static inline void qcow2_overlap_changed(qcow2_state *s)
+{
+    s->overlap_gen++;
+}
+/* Call after changing the snapshot list or a snapshot's L1 table (on
+ * disk too); also counts as qcow2_overlap_changed(). Lock held. */
+static inline void qcow2_overlap_snapshots_changed(qcow2_state *s)
+{
+    s->overlap_gen++;
+    s->overlap_snap_gen++;
+}
+/* Frees the overlap range sets (at close). */
+void qcow2_overlap_free(qcow2_state *s);
 /* Before a write to the metadata file: on overlap marks the image
  * corrupt and fails with -EIO ("Preventing invalid write on metadata
  * (overlaps with ...)"). @data: the write is guest data (never checked

@@ -241,6 +241,12 @@ static int populate_area(qcow2_state *s, uint64_t first, uint64_t end,
         uint64_t nb = 0, tc = 0, want;
         area_end = area + nb_blocks + table_clusters;
         last_rt = (area_end - 1) >> s->refcount_block_bits;
+        /* A corrupt offset far past the end would otherwise make the scan
+         * below (and the allocations after it) as large as the offset. */
+        if (last_rt >= QCOW2_MAX_REFTABLE_BYTES / 8) {
+            return vd_error_set(err, -EFBIG, "%s: refcount table would "
+                                "exceed 8 MB", s->filename);
+        }
         for (uint64_t r = first_rt; r <= last_rt; r++) {
             nb += block_missing(s, r);
         }
@@ -345,6 +351,7 @@ static int populate_area(qcow2_state *s, uint64_t first, uint64_t end,
         new_table = NULL;
         s->refcount_table_offset = toff;
         s->refcount_table_size = (uint32_t)entries;
+        qcow2_overlap_changed(s);
         ret = qcow2_free_clusters(s, old_offset, old_size,
                                   QCOW2_DISCARD_OTHER, err);
         if (ret < 0) {
@@ -354,6 +361,7 @@ static int populate_area(qcow2_state *s, uint64_t first, uint64_t end,
         ret = qcow2_cache_flush(s, s->refcount_cache, err);
         for (uint64_t b = 0; ret == 0 && b < nb_blocks; b++) {
             s->refcount_table[rts[b]] = new_table[rts[b]];
+            qcow2_overlap_changed(s);
             ret = write_reftable_entry(s, rts[b], err);
         }
         if (ret < 0) {
@@ -395,6 +403,13 @@ static int ensure_refblock(qcow2_state *s, uint64_t cluster_index,
     new_block = find_free(s, 1, err);
     if (new_block < 0) {
         return (int)new_block;
+    }
+    if (new_block == 0) {
+        /* Only a corrupt image shows the header's cluster as free; the
+         * table entry would stay 0 and the caller would retry forever. */
+        return qcow2_signal_corruption(s, err, "Preventing invalid "
+                                       "allocation of refcount block at "
+                                       "offset 0");
     }
     if (((uint64_t)new_block >> s->cluster_bits) >> s->refcount_block_bits ==
         rt_index) {
@@ -442,12 +457,56 @@ static int ensure_refblock(qcow2_state *s, uint64_t cluster_index,
         return ret;
     }
     s->refcount_table[rt_index] = (uint64_t)new_block;
+    qcow2_overlap_changed(s);
     ret = write_reftable_entry(s, rt_index, err);
     if (ret < 0) {
         s->refcount_table[rt_index] = 0;
+        qcow2_overlap_changed(s);
         return ret;
     }
     return 1;
+}
+
+/*
+ * Removes host cluster @host from the queue of pending discards. A cluster
+ * freed and queued may be allocated again before the queue is processed
+ * (the queue is only emptied after some operations); discarding it then
+ * would punch a hole into live metadata or data.
+ */
+static void unqueue_discard(qcow2_state *s, uint64_t host)
+{
+    uint64_t end = host + s->cluster_size;
+
+    for (qcow2_discard_range **p = &s->discards; *p; p = &(*p)->next) {
+        qcow2_discard_range *d = *p;
+        uint64_t d_end = d->offset + d->bytes;
+
+        if (end <= d->offset || host >= d_end) {
+            continue;
+        }
+        if (host > d->offset && end < d_end) {
+            qcow2_discard_range *tail = malloc(sizeof(*tail));
+            if (!tail) {
+                /* Out of memory: skip the tail rather than risk it. */
+                d->bytes = host - d->offset;
+                return;
+            }
+            *tail = (qcow2_discard_range){ end, d_end - end, d->next };
+            d->bytes = host - d->offset;
+            d->next = tail;
+            return;
+        }
+        if (host > d->offset) {
+            d->bytes = host - d->offset;
+        } else if (end < d_end) {
+            d->bytes = d_end - end;
+            d->offset = end;
+        } else {
+            *p = d->next;
+            free(d);
+        }
+        return;
+    }
 }
 
 static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
@@ -479,6 +538,9 @@ static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
                             "would %s", s->filename,
                             (unsigned long long)cluster_index,
                             decrease ? "drop below 0" : "overflow");
+    }
+    if (!decrease && rc == 0 && s->discards) {
+        unqueue_discard(s, cluster_index << s->cluster_bits);
     }
     rc = decrease ? rc - addend : rc + addend;
     if (rc && cluster_index >= s->alloc_end) {

@@ -375,6 +375,9 @@ static int write_snapshots(qcow2_state *s, vd_error *err)
     if (s->snapshots_size) {
         qcow2_free_clusters(s, s->snapshots_offset, s->snapshots_size,
                             QCOW2_DISCARD_SNAPSHOT, NULL);
+        /* The header no longer names the old table: nothing on disk can
+         * reach it, so its discard need not wait for the refcounts. */
+        qcow2_process_discards(s);
     }
     s->snapshots_offset = (uint64_t)off;
     s->snapshots_size = size;
@@ -708,9 +711,11 @@ int qcow2_snapshot_create(vd_node *node, const vd_snapshot_info *info,
     }
     s->snapshots = list;
     s->snapshots[s->nb_snapshots++] = sn;
+    qcow2_overlap_snapshots_changed(s);
     ret = write_snapshots(s, err);
     if (ret < 0) {
         s->nb_snapshots--;
+        qcow2_overlap_snapshots_changed(s);
         free_one(&s->snapshots[s->nb_snapshots]);
         goto out;
     }
@@ -837,6 +842,7 @@ int qcow2_snapshot_goto(vd_node *node, const char *id, vd_error *err)
      * memory now, so nothing is written back for it)... */
     ret = walk_refcounts(s, s->l1_table, s->l1_size, 0, -1, false, err);
     memcpy(s->l1_table, sn_l1, (size_t)s->l1_size * 8);
+    qcow2_overlap_changed(s);
     if (ret < 0) {
         goto out;
     }
@@ -890,18 +896,21 @@ int qcow2_snapshot_delete(vd_node *node, const char *id, const char *name,
     memmove(&s->snapshots[idx], &s->snapshots[idx + 1],
             (s->nb_snapshots - (uint32_t)idx - 1) * sizeof(sn));
     s->nb_snapshots--;
+    qcow2_overlap_snapshots_changed(s);
     ret = write_snapshots(s, err);
     if (ret < 0) {
         memmove(&s->snapshots[idx + 1], &s->snapshots[idx],
                 (s->nb_snapshots - (uint32_t)idx) * sizeof(sn));
         s->snapshots[idx] = sn;
         s->nb_snapshots++;
+        qcow2_overlap_snapshots_changed(s);
         vd_error_prepend(err, "Failed to remove snapshot from snapshot list: ");
         goto out;
     }
     if (s->nb_snapshots == 0) {
         free(s->snapshots);
         s->snapshots = NULL;
+        qcow2_overlap_snapshots_changed(s);
     }
     /* From here on a failure only leaks clusters. */
     ret = walk_refcounts(s, l1, sn.l1_size, 0, -1, false, err);
@@ -996,6 +1005,7 @@ int qcow2_snapshot_load_tmp(vd_node *node, const char *id, const char *name,
         s->l1_size = sn->l1_size;
         s->l1_table_offset = sn->l1_table_offset;
         s->size = sn->disk_size;
+        qcow2_overlap_changed(s);
     }
     pthread_mutex_unlock(&s->lock);
     return ret;
