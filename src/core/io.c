@@ -732,6 +732,10 @@ int64_t vd_node_refresh_length(vd_node *n)
     int64_t len = n->drv->getlength(n);
     if (len < 0)
         return len;
+    /* Rounding up to a sector must not overflow (null-co size=2^63-1):
+     * QEMU answers such a length with EFBIG as well. */
+    if (len > INT64_MAX - 511)
+        return -EFBIG;
     if (len % 512)
         len += 512 - len % 512;
     atomic_store(&n->total_size, len);

@@ -4,10 +4,15 @@
 #
 #   bash tests/fuzz/run.sh [SECONDS]      (default 60 per target)
 #
+# Environment: FUZZ_TARGETS (space-separated names, default all),
+# FUZZ_TIMEOUT (per-input seconds before libFuzzer calls it a hang,
+# default 20), FUZZ_BUILD_DIR.
+#
 # The library is built by meson into build-fuzz/ (or $FUZZ_BUILD_DIR) with
 # -fsanitize=fuzzer-no-link; each tests/fuzz/fuzz-*.c is then linked
 # against it with -fsanitize=fuzzer. Seed images are made at run time with
-# qemu-img (nothing binary is committed); new corpus entries accumulate in
+# qemu-img, and text seeds (QMP lines, option strings) with printf:
+# nothing binary is committed. New corpus entries accumulate in
 # build-fuzz/corpus/TARGET and crashes land in build-fuzz/artifacts/.
 # Exit status: 0 when no target failed, 1 when one crashed, 77 (skip) when
 # clang or qemu-img is missing.
@@ -44,9 +49,12 @@ fi
 targets=()
 for src in "$here"/fuzz-*.c; do
     name=$(basename "$src" .c)
+    if [ -n "${FUZZ_TARGETS:-}" ] && [[ " $FUZZ_TARGETS " != *" $name "* ]]; then
+        continue
+    fi
     # shellcheck disable=SC2086
     clang -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer $san \
-        -I"$root/include" -o "$build/$name" "$src" \
+        -I"$root/include" -I"$root/src" -o "$build/$name" "$src" \
         -Wl,--whole-archive "$build/libvdisk.a" -Wl,--no-whole-archive \
         $libs -lpthread -lm
     targets+=("$name")
@@ -55,9 +63,9 @@ done
 # Seeds: small images covering the features the parser must handle.
 seeds="$build/seeds"
 rm -rf "$seeds"
-mkdir -p "$seeds" "$build/artifacts"
+mkdir -p "$seeds/img" "$build/artifacts"
 (
-    cd "$seeds"
+    cd "$seeds/img"
     q() { qemu-img "$@" >/dev/null 2>&1 || true; }
     qio() { qemu-io "$@" >/dev/null 2>&1 || true; }
     head -c 65536 /dev/urandom > data.raw
@@ -84,14 +92,39 @@ mkdir -p "$seeds" "$build/artifacts"
     q bitmap --add bitmap.qcow2 b0
     rm -f data.raw
 )
+# Text seeds; the first byte is the target's mode byte (see each target).
+mkdir -p "$seeds/qmp" "$seeds/json"
+(
+    cd "$seeds/qmp"
+    printf '\002{"execute": "query-version"}\n{"execute": "query-commands", "id": 1}\n' > version
+    printf '\002{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n0", "size": 1048576}}\n{"execute": "query-named-block-nodes"}\n{"execute": "block_resize", "arguments": {"node-name": "n0", "size": 2097152}}\n{"execute": "query-blockstats", "arguments": {"query-nodes": true}}\n{"execute": "blockdev-del", "arguments": {"node-name": "n0"}}\n' > nodes
+    printf '\002{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "q", "file": {"driver": "null-co", "read-zeroes": true}}}\n{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r", "offset": 512, "size": 4096, "file": {"driver": "null-co", "read-zeroes": true}}}\n{"execute": "blockdev-snapshot-internal-sync", "arguments": {"device": "r", "name": "s"}}\n{"execute": "x-vdisk-snapshot-save", "arguments": {"name": "s", "devices": ["r"], "vmstate": "r"}}\n{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e", "node-name": "r"}}\n{"execute": "quit"}\n' > snapshot
+    printf '\000{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}\n{"execute": "query-version"}\n{"exec-oob": "x", "id": [1,2]}\n[1]\n{"execute": "x", "control": {}} trailing\n' > envelope
+    printf '\001blockdev-add\ndriver=null-co,node-name=a,size=1M,read-zeroes=on\ndriver=raw,node-name=b,file=a,offset=512\n{"driver": "raw", "node-name": "c", "file": {"driver": "null-co"}}\n' > keyval
+)
+(
+    cd "$seeds/json"
+    printf '\000{"driver": "qcow2", "file": {"driver": "null-co", "size": "1M", "read-zeroes": true}}' > qcow2
+    printf '\000{"driver": "raw", "offset": 512, "size": 1024, "file": {"driver": "null-co", "read-zeroes": "on"}}' > raw
+    printf '\001null-co,size=1G,read-zeroes=on,node-name=a' > implied
+    printf '\000driver=raw,file.driver=null-co,file.size=64k,detect-zeroes=unmap,discard=unmap,cache=writeback' > dotted
+    printf '\0001.5G' > size
+    printf '\000{"driver": "blkdebug", "image": {"driver": "null-co"}, "inject-error.0.event": "read_aio"}' > blkdebug
+    printf '\002{"driver": "file", "filename": "missing.img", "aio": "threads", "locking": "off"}' > file
+)
 
 status=0
 for t in "${targets[@]}"; do
     corpus="$build/corpus/$t"
     mkdir -p "$corpus"
+    case $t in
+    fuzz-qmp) tseeds=$seeds/qmp ;;
+    fuzz-json-filename) tseeds=$seeds/json ;;
+    *) tseeds=$seeds/img ;;
+    esac
     echo "== $t: ${secs}s"
-    if ! "$build/$t" "$corpus" "$seeds" -max_total_time="$secs" \
-            -max_len=262144 -timeout=20 -rss_limit_mb=2048 \
+    if ! "$build/$t" "$corpus" "$tseeds" -max_total_time="$secs" \
+            -max_len=262144 -timeout="${FUZZ_TIMEOUT:-20}" -rss_limit_mb=2048 \
             -close_fd_mask=3 -print_final_stats=1 \
             -artifact_prefix="$build/artifacts/$t-"; then
         echo "run.sh: $t failed; see $build/artifacts/" >&2

@@ -122,6 +122,13 @@ static int64_t refblock_offset(qcow2_state *s, uint64_t rt_index,
         return 0;
     }
     off = s->refcount_table[rt_index] & QCOW2_REFT_OFFSET_MASK;
+    if (off > QCOW2_MAX_HOST_OFFSET) {
+        /* Would come back negative, i.e. as an error code. */
+        return vd_error_set(err, -EIO, "%s: refblock offset 0x%llx is "
+                            "invalid (reftable index: 0x%llx)", s->filename,
+                            (unsigned long long)off,
+                            (unsigned long long)rt_index);
+    }
     if (off & (s->cluster_size - 1)) {
         return qcow2_signal_corruption(s, err, "Refblock offset 0x%llx "
                                        "unaligned (reftable index: 0x%llx)",
