@@ -40,7 +40,7 @@
 
 /* A thread keeps its request buffer between requests up to this size;
  * a larger request gets a buffer of its own, freed afterwards. */
-#define BUF_KEEP                (1u * 1024 * 1024)
+#define BUF_KEEP                (256u * 1024)
 
 /* Requests with more data than BUDGET_MIN take their size from a
  * per-connection budget while in flight; reading waits when it is spent.
