@@ -106,6 +106,58 @@ static int chain_depth(vd_node *top, vd_node *base)
     return -1;
 }
 
+/*
+ * The granularity at which commit copies, as QEMU's active commit (a
+ * mirror into the base) does: the base's cluster size, between 4 KiB and
+ * 64 KiB. A granule touched by data above the base is copied whole, as
+ * the top reads it, so the base ends up allocated exactly where qemu-img
+ * commit leaves it allocated (which shows once lower layers change).
+ */
+static uint64_t commit_granularity(vd_node *base)
+{
+    vd_image_info *info = NULL;
+    uint64_t g = 65536;
+    if (vd_get_info(base, &info, NULL) == 0 && info->cluster_size) {
+        g = info->cluster_size < 4096 ? 4096 : info->cluster_size;
+        if (g > 65536)
+            g = 65536;
+    }
+    vd_image_info_free(&info);
+    return g;
+}
+
+/* Copies [off, off+bytes) as the top reads it into the base: ranges that
+ * read as zeros become write_zeroes, the rest is read and written. */
+static int commit_range(vd_node *top, vd_node *base, uint64_t off,
+                        uint64_t bytes, uint8_t *buf, vd_error *err)
+{
+    while (bytes > 0) {
+        uint64_t want = bytes < COPY_CHUNK ? bytes : COPY_CHUNK;
+        uint64_t pnum = 0, map;
+        vd_node *file;
+        int depth;
+        int st = vd_node_block_status_above(top, NULL, true, off, want,
+                                            &pnum, &map, &file, &depth, err);
+        if (st < 0)
+            return st;
+        int r;
+        if (st & VD_BLOCK_ZERO) {
+            r = vd_node_pwrite_zeroes(base, off, pnum, VD_REQ_MAY_UNMAP, err);
+        } else {
+            vd_iov v;
+            vd_iov_init_buf(&v, buf, pnum);
+            r = vd_node_preadv(top, off, pnum, &v, 0, err);
+            if (r == 0)
+                r = vd_node_pwritev(base, off, pnum, &v, 0, err);
+        }
+        if (r < 0)
+            return r;
+        off += pnum;
+        bytes -= pnum;
+    }
+    return 0;
+}
+
 static int commit_copy(vd_node *top, vd_node *base, uint64_t len,
                        uint64_t rate, vd_progress_fn progress, void *opaque,
                        vd_error *err)
@@ -113,35 +165,36 @@ static int commit_copy(vd_node *top, vd_node *base, uint64_t len,
     uint8_t *buf = vd_node_blockalign(base, COPY_CHUNK);
     if (!buf)
         return vd_error_set(err, -ENOMEM, "Out of memory");
+    uint64_t g = commit_granularity(base);
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
-    uint64_t copied = 0;
+    uint64_t copied = 0, done = 0;
     int r = 0;
     for (uint64_t off = 0; off < len && r == 0;) {
         uint64_t want = len - off < COPY_CHUNK ? len - off : COPY_CHUNK;
         uint64_t pnum = 0, map;
         vd_node *file;
         int depth;
-        r = vd_node_block_status_above(top, base, true, off, want, &pnum,
+        r = vd_node_block_status_above(top, base, false, off, want, &pnum,
                                        &map, &file, &depth, err);
         if (r < 0)
             break;
         int st = r;
         r = 0;
         if (st & VD_BLOCK_ALLOCATED) {
-            /* Allocated above the base: its content goes down. */
-            if (st & VD_BLOCK_ZERO) {
-                r = vd_node_pwrite_zeroes(base, off, pnum, VD_REQ_MAY_UNMAP,
-                                          err);
-            } else {
-                vd_iov v;
-                vd_iov_init_buf(&v, buf, pnum);
-                r = vd_node_preadv(top, off, pnum, &v, 0, err);
-                if (r == 0)
-                    r = vd_node_pwritev(base, off, pnum, &v, 0, err);
+            /* Allocated above the base: whole granules go down. */
+            uint64_t from = off - off % g;
+            uint64_t to = off + pnum + (g - (off + pnum) % g) % g;
+            if (to > len)
+                to = len;
+            if (from < done)
+                from = done;
+            if (from < to) {
+                r = commit_range(top, base, from, to - from, buf, err);
+                copied += to - from;
+                done = to;
+                rate_wait(rate, copied, &start);
             }
-            copied += pnum;
-            rate_wait(rate, copied, &start);
         }
         off += pnum;
         if (progress)
