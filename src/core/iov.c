@@ -89,7 +89,15 @@ void vd_iov_destroy(vd_iov *v)
     vd_iov_init(v);
 }
 
-size_t vd_iov_to_buf(const vd_iov *v, size_t off, void *buf, size_t len)
+/*
+ * Calls @fn on each piece of [off, off+len) of @v, in order, with the
+ * piece's address, its length and how many bytes came before it. Stops
+ * early when @fn returns false. Returns the bytes visited.
+ */
+static size_t iov_walk(const vd_iov *v, size_t off, size_t len,
+                       bool (*fn)(uint8_t *piece, size_t n, size_t done,
+                                  void *opaque),
+                       void *opaque)
 {
     size_t done = 0;
     for (int i = 0; i < v->niov && done < len; i++) {
@@ -99,46 +107,54 @@ size_t vd_iov_to_buf(const vd_iov *v, size_t off, void *buf, size_t len)
             continue;
         }
         size_t take = l - off < len - done ? l - off : len - done;
-        memcpy((uint8_t *)buf + done, (uint8_t *)v->iov[i].iov_base + off,
-               take);
+        if (!fn((uint8_t *)v->iov[i].iov_base + off, take, done, opaque))
+            break;
         done += take;
         off = 0;
     }
     return done;
+}
+
+static bool copy_out(uint8_t *piece, size_t n, size_t done, void *buf)
+{
+    memcpy((uint8_t *)buf + done, piece, n);
+    return true;
+}
+
+static bool copy_in(uint8_t *piece, size_t n, size_t done, void *buf)
+{
+    memcpy(piece, (const uint8_t *)buf + done, n);
+    return true;
+}
+
+static bool fill(uint8_t *piece, size_t n, size_t done, void *c)
+{
+    (void)done;
+    memset(piece, *(int *)c, n);
+    return true;
+}
+
+static bool piece_is_zero(uint8_t *piece, size_t n, size_t done, void *all)
+{
+    (void)done;
+    if (!vd_buffer_is_zero(piece, n))
+        *(bool *)all = false;
+    return *(bool *)all;
+}
+
+size_t vd_iov_to_buf(const vd_iov *v, size_t off, void *buf, size_t len)
+{
+    return iov_walk(v, off, len, copy_out, buf);
 }
 
 size_t vd_iov_from_buf(vd_iov *v, size_t off, const void *buf, size_t len)
 {
-    size_t done = 0;
-    for (int i = 0; i < v->niov && done < len; i++) {
-        size_t l = v->iov[i].iov_len;
-        if (off >= l) {
-            off -= l;
-            continue;
-        }
-        size_t take = l - off < len - done ? l - off : len - done;
-        memcpy((uint8_t *)v->iov[i].iov_base + off,
-               (const uint8_t *)buf + done, take);
-        done += take;
-        off = 0;
-    }
-    return done;
+    return iov_walk(v, off, len, copy_in, (void *)buf);
 }
 
 void vd_iov_memset(vd_iov *v, size_t off, int c, size_t len)
 {
-    size_t done = 0;
-    for (int i = 0; i < v->niov && done < len; i++) {
-        size_t l = v->iov[i].iov_len;
-        if (off >= l) {
-            off -= l;
-            continue;
-        }
-        size_t take = l - off < len - done ? l - off : len - done;
-        memset((uint8_t *)v->iov[i].iov_base + off, c, take);
-        done += take;
-        off = 0;
-    }
+    iov_walk(v, off, len, fill, &c);
 }
 
 bool vd_buffer_is_zero(const void *buf, size_t len)
@@ -157,18 +173,7 @@ bool vd_buffer_is_zero(const void *buf, size_t len)
 
 bool vd_iov_is_zero(const vd_iov *v, size_t off, size_t len)
 {
-    size_t done = 0;
-    for (int i = 0; i < v->niov && done < len; i++) {
-        size_t l = v->iov[i].iov_len;
-        if (off >= l) {
-            off -= l;
-            continue;
-        }
-        size_t take = l - off < len - done ? l - off : len - done;
-        if (!vd_buffer_is_zero((uint8_t *)v->iov[i].iov_base + off, take))
-            return false;
-        done += take;
-        off = 0;
-    }
-    return true;
+    bool all = true;
+    iov_walk(v, off, len, piece_is_zero, &all);
+    return all;
 }
