@@ -44,6 +44,21 @@ static inline void stat_add(uint64_t *field, uint64_t v)
     __atomic_fetch_add(field, v, __ATOMIC_RELAXED);
 }
 
+/* Counts one finished request in the node's statistics: its outcome
+ * (@r < 0: failed), its bytes and the time since @t0. */
+static void account(uint64_t *ops, uint64_t *bytes_field, uint64_t *failed,
+                    uint64_t *time_ns, int r, uint64_t bytes, uint64_t t0)
+{
+    if (r < 0) {
+        stat_add(failed, 1);
+    } else {
+        stat_add(ops, 1);
+        if (bytes_field)
+            stat_add(bytes_field, bytes);
+    }
+    stat_add(time_ns, now_ns() - t0);
+}
+
 static inline uint64_t align_down(uint64_t x, uint64_t a)
 {
     return x - x % a;
@@ -446,13 +461,9 @@ int vd_node_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
         r = chain_preadv(n, off, bytes, qiov, flags, err);
     else
         r = do_preadv(n, off, bytes, qiov, flags, err);
-    if (r < 0) {
-        stat_add(&n->stats.failed_rd_operations, 1);
-    } else {
-        stat_add(&n->stats.rd_operations, 1);
-        stat_add(&n->stats.rd_bytes, bytes);
-    }
-    stat_add(&n->stats.rd_total_time_ns, now_ns() - t0);
+    account(&n->stats.rd_operations, &n->stats.rd_bytes,
+            &n->stats.failed_rd_operations, &n->stats.rd_total_time_ns, r,
+            bytes, t0);
     inflight_dec(n);
     return r;
 }
@@ -536,14 +547,11 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
         r = vd_node_flush(n, err);
     if (tracked)
         track_end(n, &req);
-    if (r < 0) {
-        stat_add(&n->stats.failed_wr_operations, 1);
-    } else {
+    if (r == 0)
         raise_length(n, off + bytes);
-        stat_add(&n->stats.wr_operations, 1);
-        stat_add(&n->stats.wr_bytes, bytes);
-    }
-    stat_add(&n->stats.wr_total_time_ns, now_ns() - t0);
+    account(&n->stats.wr_operations, &n->stats.wr_bytes,
+            &n->stats.failed_wr_operations, &n->stats.wr_total_time_ns, r,
+            bytes, t0);
     inflight_dec(n);
     return r;
 }
@@ -640,14 +648,11 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     r = do_pwrite_zeroes(n, off, bytes, flags, err);
     if (tracked)
         track_end(n, &req);
-    if (r < 0) {
-        stat_add(&n->stats.failed_wr_operations, 1);
-    } else {
+    if (r == 0)
         raise_length(n, off + bytes);
-        stat_add(&n->stats.zero_operations, 1);
-        stat_add(&n->stats.zero_bytes, bytes);
-    }
-    stat_add(&n->stats.wr_total_time_ns, now_ns() - t0);
+    account(&n->stats.zero_operations, &n->stats.zero_bytes,
+            &n->stats.failed_wr_operations, &n->stats.wr_total_time_ns, r,
+            bytes, t0);
     inflight_dec(n);
     return r;
 }
@@ -680,13 +685,9 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
         if (r == -ENOTSUP || r == -EOPNOTSUPP)
             r = 0;
     }
-    if (r < 0) {
-        stat_add(&n->stats.failed_unmap_operations, 1);
-    } else {
-        stat_add(&n->stats.unmap_operations, 1);
-        stat_add(&n->stats.unmap_bytes, bytes);
-    }
-    stat_add(&n->stats.unmap_total_time_ns, now_ns() - t0);
+    account(&n->stats.unmap_operations, &n->stats.unmap_bytes,
+            &n->stats.failed_unmap_operations, &n->stats.unmap_total_time_ns,
+            r, bytes, t0);
     inflight_dec(n);
     return r;
 }
@@ -705,11 +706,9 @@ int vd_node_flush(vd_node *n, vd_error *err)
         r = n->drv->flush(n, err);
     for (vd_child *c = n->children; c && r == 0; c = c->next)
         r = vd_node_flush(c->node, err);
-    if (r < 0)
-        stat_add(&n->stats.failed_flush_operations, 1);
-    else
-        stat_add(&n->stats.flush_operations, 1);
-    stat_add(&n->stats.flush_total_time_ns, now_ns() - t0);
+    account(&n->stats.flush_operations, NULL,
+            &n->stats.failed_flush_operations, &n->stats.flush_total_time_ns,
+            r, 0, t0);
     inflight_dec(n);
     return r;
 }
