@@ -52,6 +52,22 @@ qemu-img create -q -f qcow2 -o preallocation=metadata "$img" 1G
 qemu-io -f qcow2 -c 'write -P 0x5a 0 1G' "$img" >/dev/null
 sock=$dir/sock
 
+# Every run starts from the same page-cache state: the whole image cached
+# and clean. Without this a run pays for the previous run's dirty pages
+# being written back (or for pages not yet read), and single runs of the
+# same server on the same work differ by 4x.
+settle()
+{
+    sync "$img"
+    # Writeback of other files on the disk competes for the same device.
+    for _ in $(seq 50); do
+        dirty=$(awk '/^Dirty:/ {print $2}' /proc/meminfo)
+        [ "$dirty" -lt 8192 ] && break
+        sleep 0.1
+    done
+}
+cat "$img" > /dev/null
+
 start_server()
 {
     rm -f "$sock"
@@ -105,10 +121,14 @@ for spec in "${cases[@]}"; do
     qrss=0 vrss=0
     for _ in $(seq "$runs"); do
         for tool in qemu vdisk; do
+            settle
             start_server $tool
             read -r iops bw < <(run_fio "$1" "$2" "$3")
             stop_server
             echo "$iops" >> "$dir/$tool.iops"
+            # Every run, on stderr: the medians hide how runs scatter.
+            printf '  %s %s %s qd%s: %s IOPS\n' "$tool" "$1" "$2" "$3" \
+                "$iops" >&2
             echo "$bw" >> "$dir/$tool.bw"
             if [ $tool = qemu ]; then
                 [ "$rss" -gt "$qrss" ] && qrss=$rss

@@ -348,6 +348,8 @@ static int parse_len(const char *arg, int64_t *out)
 {
     int64_t v = cvtnum(arg);
 
+    *out = 0;
+
     if (v < 0) {
         print_cvtnum_err(v, arg);
         return (int)v;
@@ -364,6 +366,8 @@ static int parse_len(const char *arg, int64_t *out)
 static int parse_offset(const char *arg, int64_t *out)
 {
     int64_t v = cvtnum(arg);
+
+    *out = 0;
 
     if (v < 0) {
         print_cvtnum_err(v, arg);
@@ -1257,7 +1261,7 @@ static int truncate_f(int argc, char **argv)
     vd_prealloc prealloc = VD_PREALLOC_OFF;
     bool held;
     vd_error err = VD_ERROR_INIT;
-    int64_t offset;
+    int64_t offset = 0;
     int c, ret;
 
     while ((c = getopt(argc, argv, "m:")) != -1) {
@@ -1530,7 +1534,7 @@ static int is_allocated(int64_t offset, int64_t bytes, int64_t *pnum)
 
 static int alloc_f(int argc, char **argv)
 {
-    int64_t offset = 0, start, remaining, count = 0, num, sum_alloc = 0;
+    int64_t offset = 0, start, remaining, count = 0, num = 0, sum_alloc = 0;
     char s1[64];
     int ret;
 
@@ -1579,7 +1583,7 @@ static int map_f(int argc, char **argv)
         return (int)bytes;
     }
     while (bytes) {
-        int64_t num, n;
+        int64_t num = 0, n = 0;
         int ret = is_allocated(offset, bytes, &num), r2 = ret;
 
         if (ret < 0) {
