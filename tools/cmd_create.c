@@ -496,7 +496,15 @@ int cmd_create(int argc, char **argv)
     if (ret < 0) {
         const char *msg = err.message[0] ? err.message : strerror(-ret);
 
-        cli_error("%s: %s", filename, cli_strip_filename(msg, filename));
+        if (ret == -EFBIG) {
+            /* qemu-img's bdrv_img_create() words every EFBIG this way. */
+            cli_error("%s: The image size is too large for file format "
+                      "'%s'%s", filename, fmt,
+                      find_opt(list, "cluster_size")
+                      ? " (try using a larger cluster size)" : "");
+        } else {
+            cli_error("%s: %s", filename, cli_strip_filename(msg, filename));
+        }
         ret = 1;
         goto out;
     }

@@ -17,6 +17,9 @@
  * (src/qmp/, docs/qmp.md) that serves until `quit` or a signal. Each
  * option is turned into the QMP command it stands for (blockdev-add,
  * nbd-server-start, block-export-add) and checked by the same schema.
+ * --object works in both forms: it adds to tls.c's registry of
+ * credentials, which --tls-creds (qemu-nbd form) or the tls-creds of
+ * --nbd-server and QMP nbd-server-start (daemon form) then name.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -132,13 +135,16 @@ static void serve_usage(void)
 "                           a JSON object (QMP blockdev-add)\n"
 "      --nbd-server OPTS    addr.type=unix,addr.path=P or addr.type=inet,\n"
 "                           addr.host=H,addr.port=N[,max-connections=N]\n"
+"                           [,tls-creds=ID]\n"
 "      --export OPTS        type=nbd,id=ID,node-name=N[,name=..][,writable=on]\n"
 "      --chardev socket,id=ID,path=P,server=on,wait=off\n"
 "      --monitor chardev=ID a QMP monitor on that socket\n"
 "      --qmp unix:PATH      shorthand for the two above\n"
 "      --object=SPEC        tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off]\n"
 "                           or tls-creds-psk,id=ID,endpoint=server,dir=DIR\n"
+"                           (both forms; the daemon also has object-add)\n"
 "      --tls-creds=ID       require TLS with the credentials object ID\n"
+"                           (the daemon form: --nbd-server ...,tls-creds=ID)\n"
 "  -h, --help               this help\n", SERVE_WORKERS);
 }
 
@@ -441,6 +447,7 @@ int cmd_serve(int argc, char **argv)
     vd_opts *opts = NULL;
     vd_error err = VD_ERROR_INIT;
     nbd_server *srv = NULL;
+    nbd_tls_creds *creds = NULL;
     struct sigaction sa;
     const char *daemon_opts[D_KINDS][SERVE_MAX_DAEMON_OPTS];
     int ndaemon[D_KINDS] = { 0 };
@@ -575,10 +582,22 @@ int cmd_serve(int argc, char **argv)
         }
     }
 
+    if (daemon_mode && tls_creds) {
+        fprintf(stderr, "vdisk serve: --tls-creds is qemu-nbd's option; give "
+                "the daemon --nbd-server ...,tls-creds=ID\n");
+        goto out;
+    }
     if (tls_creds) {
+        /* Checked before any image is opened, as qemu-nbd does. */
         vd_error_clear(&err);
-        if (nbd_tls_set_creds(tls_creds, &err) < 0) {
+        creds = nbd_tls_creds_get(tls_creds, &err);
+        if (!creds) {
             fprintf(stderr, "vdisk serve: %s\n", err.message);
+            goto out;
+        }
+        if (!nbd_tls_creds_is_server(creds)) {
+            fprintf(stderr, "vdisk serve: Expecting TLS credentials with a "
+                    "server endpoint\n");
             goto out;
         }
     }
@@ -617,6 +636,8 @@ int cmd_serve(int argc, char **argv)
         fprintf(stderr, "vdisk serve: out of memory\n");
         goto out;
     }
+    nbd_server_set_tls(srv, creds);
+    creds = NULL;
     if (sockpath &&
         nbd_server_listen_unix(srv, sockpath, &err) < 0) {
         fprintf(stderr, "vdisk serve: %s\n", err.message);
@@ -734,6 +755,7 @@ out:
         close(ready_fd);
     }
     vd_opts_free(&opts);
+    nbd_tls_creds_unref(creds);
     nbd_tls_cleanup();
     return ret;
 }

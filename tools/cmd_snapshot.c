@@ -95,6 +95,29 @@ static int find_by_name(vd_node *node, const char *name, vd_snapshot_info *out)
     return vd_snapshot_find(node, NULL, name, out, NULL);
 }
 
+/* qemu-img's only line for a failed create is the errno one; qcow2 has
+ * said before it, when it marked the image corrupt, what it found. The
+ * library returns that finding as "FILE: WHAT; image marked corrupt". */
+static void report_corruption(const char *msg, const char *filename)
+{
+    static const char suffix[] = "; image marked corrupt";
+    size_t len = strlen(msg), slen = sizeof(suffix) - 1;
+    size_t flen = filename ? strlen(filename) : 0;
+    const char *what = msg;
+
+    if (len < slen || strcmp(msg + len - slen, suffix) != 0) {
+        return;
+    }
+    len -= slen;
+    if (flen && len >= flen + 2 && strncmp(msg, filename, flen) == 0 &&
+        strncmp(msg + flen, ": ", 2) == 0) {
+        what += flen + 2;
+        len -= flen + 2;
+    }
+    fprintf(stderr, "qcow2: Marking image as corrupt: %.*s; further "
+            "corruption events will be suppressed\n", (int)len, what);
+}
+
 static int single(int action, char *name, const char *filename,
                   const char *fmt, bool force_share)
 {
@@ -124,11 +147,9 @@ static int single(int action, char *name, const char *filename,
         fill_new(&sn, name);
         r = vd_snapshot_create(node, &sn, &err);
         if (r < 0) {
+            report_corruption(err.message, vd_node_filename(node));
             cli_error("Could not create snapshot '%s': %d (%s)", name, r,
                       strerror(-r));
-            if (err.message[0]) {
-                cli_error("%s", err.message);
-            }
             ret = 1;
         }
         break;

@@ -1941,6 +1941,7 @@ typedef struct open_args {
     const char *aio;
     const char *discard;
     bool readonly, force_share, image_opts;
+    bool copy_on_read;    /* -C: reads fill the top image from its backing */
     vd_opts *opts;        /* -o options, may be NULL */
 } open_args;
 
@@ -1983,6 +1984,10 @@ static int open_image(const char *name, const open_args *a)
         goto out;
     }
     if (a->discard && (ret = vd_opts_set(opts, "discard", a->discard)) < 0) {
+        goto out;
+    }
+    if (a->copy_on_read &&
+        (ret = vd_opts_set(opts, "copy-on-read", "on")) < 0) {
         goto out;
     }
     if (a->image_opts) {
@@ -2065,10 +2070,12 @@ static int open_f(int argc, char **argv)
     memset(&a, 0, sizeof(a));
     while ((c = getopt(argc, argv, "snCro:kt:d:i:U")) != -1) {
         switch (c) {
-        case 's':
         case 'C':
+            a.copy_on_read = true;
+            break;
+        case 's':
         case 'k':
-            break; /* snapshot/copy-on-read/native aio: not modelled */
+            break; /* snapshot/native aio: not modelled */
         case 'n':
             a.cache = "none";
             break;
@@ -2709,8 +2716,10 @@ int cmd_io(int argc, char **argv)
         case 'n':
             a.cache = "none";
             break;
-        case 's':
         case 'C':
+            a.copy_on_read = true;
+            break;
+        case 's':
             fprintf(stderr, "vdisk: option -%c is not supported\n", c);
             ret = 1;
             goto done;

@@ -304,7 +304,10 @@ typedef enum vd_prealloc {
 /**
  * Resizes the node to @size bytes. Shrinking needs @allow_shrink (else
  * -EINVAL with qemu-img's hint about --shrink); growing fills with zeros
- * and preallocates as @prealloc says. The node must be writable.
+ * and preallocates as @prealloc says. The node must be writable. Sizes
+ * of 2^63 or more fail with -EINVAL ("Image size cannot be negative"),
+ * sizes above qemu's maximum length 2^63 - 2^30 with -EIO ("offset(N)
+ * exceeds maximum(M)"), as qemu's bdrv_co_truncate() does.
  */
 VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,
                        vd_prealloc prealloc, vd_error *err);

@@ -40,6 +40,10 @@
 /* Largest request the core passes in one piece to a driver that sets no
  * max_transfer (keeps bounce buffers bounded). */
 #define VD_MAX_REQUEST (1u << 30)
+/* Largest image length, qemu's BDRV_MAX_LENGTH: INT64_MAX rounded down
+ * to the largest alignment (1 GiB), so that aligning an offset up never
+ * overflows. Larger sizes are refused on resize and create. */
+#define VD_MAX_LENGTH ((uint64_t)INT64_MAX & ~(((uint64_t)1 << 30) - 1))
 
 typedef struct vd_driver vd_driver;
 typedef struct vd_child vd_child;

@@ -747,9 +747,13 @@ int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
     int r = check_writable(n, err);
     if (r < 0)
         return r;
+    /* qemu's bdrv_co_truncate() takes an int64 and then checks it as a
+     * request offset; same messages, no file name. */
     if (size > INT64_MAX)
-        return vd_error_set(err, -EINVAL, "%s: size %" PRIu64 " is too "
-                            "large", n->filename, size);
+        return vd_error_set(err, -EINVAL, "Image size cannot be negative");
+    if (size > VD_MAX_LENGTH)
+        return vd_error_set(err, -EIO, "offset(%" PRIu64 ") exceeds "
+                            "maximum(%" PRIu64 ")", size, VD_MAX_LENGTH);
     vd_node *child = filtered_child(n);
     if (!n->drv->truncate) {
         if (child)

@@ -611,8 +611,9 @@ static int node_open_one(vd_node **out, const char *filename,
         /* "file=NODE": an existing node becomes the protocol child. */
         file = vd_find_node(file_ref);
         if (!file) {
-            r = vd_error_set(err, -ENOENT, "Cannot find device='' nor "
-                             "node-name='%s'", file_ref);
+            /* As qemu, the reference is looked up as both. */
+            r = vd_error_set(err, -ENOENT, "Cannot find device='%s' nor "
+                             "node-name='%s'", file_ref, file_ref);
             free(file_ref);
             goto fail_early;
         }
@@ -648,10 +649,14 @@ static int node_open_one(vd_node **out, const char *filename,
         }
         char *ffilename = vd_opts_take(fopts, "filename");
         const char *fname = ffilename ? ffilename : filename;
-        if (!fname) {
+        /* A child given only by its options (file.driver=null-co) needs
+         * no name; the protocol driver rejects a missing one itself. */
+        if (!fname && !vd_opts_get(fopts, "driver")) {
             vd_opts_free(&fopts);
-            r = vd_error_set(err, -EINVAL, "A block device must be "
-                             "specified for \"file\"");
+            r = drv ? vd_error_set(err, -EINVAL, "A block device must be "
+                                   "specified for \"file\"")
+                    : vd_error_set(err, -EINVAL, "Must specify either "
+                                   "driver or file");
             goto fail_early;
         }
         unsigned fflags = (flags & ~VD_NODE_PROTOCOL) | VD_NODE_PROTOCOL;

@@ -1077,10 +1077,12 @@ static int file_create(const char *filename, vd_opts *opts, vd_error *err)
         return vd_error_set(err, -EINVAL, "%s: Extent size hint is too large",
                             filename);
     }
-    /* qemu-img creates whole sectors: size=1000 makes a 1024-byte file. */
+    /* qemu-img creates whole sectors: size=1000 makes a 1024-byte file.
+     * qemu rounds in an int64, so from 2^63-511 on ftruncate() gets a
+     * negative length and fails with EINVAL. */
     if (size > INT64_MAX - 511) {
-        return vd_error_set(err, -EFBIG, "%s: size %" PRIu64 " is too large",
-                            filename, size);
+        return vd_error_set(err, -EINVAL, "%s: Could not resize file: %s",
+                            filename, strerror(EINVAL));
     }
     size = (size + 511) & ~(uint64_t)511;
 

@@ -61,6 +61,11 @@ static int null_open(vd_node *node, vd_opts *opts, unsigned flags,
         return vd_error_set(err, -EINVAL, "The only allowed filename for "
                             "this driver is 'null-co://'");
     }
+    /* Opened from options alone (json:{"driver":"null-co"}): name it as
+     * qemu does, since info and map print the name. */
+    if (!node->filename && !(node->filename = strdup("null-co://"))) {
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    }
 
     ret = vd_opts_take_size(opts, "size", NULL_DEFAULT_SIZE, &s->size, err);
     if (ret < 0) {

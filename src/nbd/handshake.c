@@ -15,7 +15,8 @@
  * fixed buffer of NBD_MAX_OPTION_LEN bytes, and longer options are
  * skipped (up to HS_MAX_DISCARD) without being stored.
  *
- * TLS (FORCEDTLS mode of nbd-proto.md, when --tls-creds is given): until
+ * TLS (FORCEDTLS mode of nbd-proto.md, when the server has credentials:
+ * --tls-creds, or tls-creds of nbd-server-start): until
  * NBD_OPT_STARTTLS succeeds, every option but STARTTLS and ABORT gets
  * NBD_REP_ERR_TLS_REQD and EXPORT_NAME ends the connection. STARTTLS
  * replies ACK, runs the TLS handshake (tls.c) and returns to
@@ -279,14 +280,14 @@ static hs_state opt_list(hs *h)
 /* True while the client must still upgrade before anything else. */
 static bool hs_tls_pending(const nbd_conn *c)
 {
-    return nbd_tls_required() && !nbd_conn_tls_active(c);
+    return nbd_server_tls(c->srv) && !nbd_conn_tls_active(c);
 }
 
 static hs_state opt_starttls(hs *h)
 {
     nbd_conn *c = h->conn;
 
-    if (!nbd_tls_required()) {
+    if (!nbd_server_tls(c->srv)) {
         return hs_error(h, NBD_REP_ERR_POLICY, "TLS not configured");
     }
     if (nbd_conn_tls_active(c)) {

@@ -39,6 +39,7 @@ typedef struct nbd_server nbd_server;
 typedef struct nbd_export nbd_export;
 typedef struct nbd_conn nbd_conn;
 typedef struct nbd_worker nbd_worker;
+typedef struct nbd_tls_creds nbd_tls_creds;   /* tls.h */
 
 /* One named export: a node opened by the caller, borrowed by the server. */
 struct nbd_export {
@@ -131,6 +132,17 @@ nbd_server *nbd_server_new(unsigned nworkers, unsigned max_clients,
 /* Frees the server; it must not be running. Export nodes are borrowed:
  * close them afterwards. */
 void nbd_server_free(nbd_server **srv);
+
+/*
+ * Puts the server in FORCEDTLS mode with @creds (server-endpoint
+ * credentials from nbd_tls_creds_get()), taking over that reference; it
+ * is dropped when the server is freed. Call before nbd_server_run():
+ * the credentials are read without a lock while connections run.
+ */
+void nbd_server_set_tls(nbd_server *srv, nbd_tls_creds *creds);
+
+/* The server's credentials, or NULL when it serves plain NBD. */
+nbd_tls_creds *nbd_server_tls(const nbd_server *srv);
 
 /* Adds an export of @node named @name (unique, at most 4096 bytes).
  * Returns 0 or -EINVAL/-EEXIST/-ENOMEM with a message. */

@@ -79,6 +79,8 @@ struct nbd_server {
     unsigned conn_threads;  /* per connection, at least 1 */
 
     bool ever_connected;    /* accept loop only */
+
+    nbd_tls_creds *tls;     /* set before running, then read-only */
 };
 
 /* ---- low-level I/O ---- */
@@ -163,6 +165,17 @@ nbd_server *nbd_server_new(unsigned nworkers, unsigned max_clients,
     return srv;
 }
 
+void nbd_server_set_tls(nbd_server *srv, nbd_tls_creds *creds)
+{
+    nbd_tls_creds_unref(srv->tls);
+    srv->tls = creds;
+}
+
+nbd_tls_creds *nbd_server_tls(const nbd_server *srv)
+{
+    return srv->tls;
+}
+
 void nbd_server_free(nbd_server **psrv)
 {
     nbd_server *srv = *psrv;
@@ -190,6 +203,7 @@ void nbd_server_free(nbd_server **psrv)
         free(d->pub.description);
         free(d);
     }
+    nbd_tls_creds_unref(srv->tls);
     pthread_mutex_destroy(&srv->elock);
     pthread_cond_destroy(&srv->econd);
     close(srv->wake[0]);

@@ -15,6 +15,7 @@
  */
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -164,9 +165,11 @@ typedef enum tls_kind {
     TLS_PSK,
 } tls_kind;
 
-/* One --object tls-creds-*; immutable once added. */
-typedef struct tls_object {
+/* One tls-creds-* object (nbd_tls_creds in tls.h); immutable once
+ * added, except for @refs and the registry's @next. */
+typedef struct nbd_tls_creds {
     char *id;
+    atomic_uint refs;   /* the registry's and each server's */
     tls_kind kind;
     bool server;        /* endpoint=server: only those are loaded */
     bool verify_peer;   /* X.509: demand and check a client certificate */
@@ -174,11 +177,12 @@ typedef struct tls_object {
     gnutls_psk_server_credentials_t psk;
     gnutls_dh_params_t dh;
     gnutls_priority_t prio;
-    struct tls_object *next;
+    struct nbd_tls_creds *next;     /* under tls_registry_lock */
 } tls_object;
 
+/* The registry: objects by id, newest first. */
+static pthread_mutex_t tls_registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static tls_object *tls_objects;
-static tls_object *tls_chosen;
 
 /* qemu's default priority plus, for PSK, the key exchanges that use a
  * pre-shared key (qemu's TLS_PRIORITY_ADDITIONAL_PSK). */
@@ -206,6 +210,7 @@ static void tls_object_free(tls_object *o)
     free(o);
 }
 
+/* Call with tls_registry_lock held. */
 static tls_object *tls_find(const char *id)
 {
     for (tls_object *o = tls_objects; o; o = o->next) {
@@ -385,12 +390,30 @@ static int tls_load_priority(tls_object *o, const char *prio, vd_error *err)
     return 0;
 }
 
+/* qemu's id_wellformed(): a letter, then letters, digits, '-', '.',
+ * '_'. */
+static bool tls_id_ok(const char *id)
+{
+    if (!((id[0] >= 'a' && id[0] <= 'z') || (id[0] >= 'A' && id[0] <= 'Z'))) {
+        return false;
+    }
+    for (const char *p = id + 1; *p; p++) {
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+              (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' ||
+              *p == '_')) {
+            return false;
+        }
+    }
+    return true;
+}
+
 int nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
 {
     static const char *const endpoints[] = { "client", "server", NULL };
-    char *type = NULL, *id = NULL, *dir = NULL, *prio = NULL;
+    char *type = NULL, *id = NULL, *dir = NULL, *prio = NULL, *str = NULL;
     tls_object *o = NULL;
     int endpoint = 0, r;
+    bool verify_peer;
     const char *left;
 
     type = vd_opts_take(opts, "qom-type");
@@ -401,17 +424,16 @@ int nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
     }
     if (strcmp(type, "tls-creds-x509") != 0 &&
         strcmp(type, "tls-creds-psk") != 0) {
-        r = tls_fail(err, -EINVAL, "object type '%s' is not supported",
-                         type);
+        r = tls_fail(err, -EINVAL, "object type '%s' is not supported "
+                     "(only tls-creds-x509 and tls-creds-psk)", type);
         goto out;
     }
     if (!id) {
         r = tls_fail(err, -EINVAL, "Parameter 'id' is missing");
         goto out;
     }
-    if (tls_find(id)) {
-        r = tls_fail(err, -EEXIST, "attempt to add duplicate property "
-                         "'%s' to object (type 'container')", id);
+    if (!tls_id_ok(id)) {
+        r = tls_fail(err, -EINVAL, "Parameter 'id' expects an identifier");
         goto out;
     }
     o = calloc(1, sizeof(*o));
@@ -419,29 +441,45 @@ int nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
         r = tls_fail(err, -ENOMEM, "out of memory");
         goto out;
     }
+    atomic_init(&o->refs, 1);
     o->kind = strcmp(type, "tls-creds-x509") == 0 ? TLS_X509 : TLS_PSK;
     if ((r = vd_opts_take_enum(opts, "endpoint", endpoints, 0, &endpoint,
                                err)) < 0) {
         goto out;
     }
     o->server = endpoint == 1;
+    /* Every tls-creds class has verify-peer; only X.509 uses it. */
+    if ((r = vd_opts_take_bool(opts, "verify-peer", true, &verify_peer,
+                               err)) < 0) {
+        goto out;
+    }
+    o->verify_peer = o->kind == TLS_X509 && verify_peer;
+    if ((str = vd_opts_take(opts, "loaded"))) {
+        /* A deprecated read-only property in qemu. */
+        r = tls_fail(err, -EINVAL, "Property '%s.loaded' is not writable",
+                     type);
+        goto out;
+    }
     if (o->kind == TLS_X509) {
-        if ((r = vd_opts_take_bool(opts, "verify-peer", true,
-                                   &o->verify_peer, err)) < 0) {
-            goto out;
-        }
         /* qemu's extra certificate checks are what gnutls does when it
          * loads and verifies; accept the switch. */
-        {
-            bool sanity;
-            if ((r = vd_opts_take_bool(opts, "sanity-check", true, &sanity,
-                                       err)) < 0) {
-                goto out;
-            }
+        bool sanity;
+        if ((r = vd_opts_take_bool(opts, "sanity-check", true, &sanity,
+                                   err)) < 0) {
+            goto out;
         }
-    } else if (!o->server) {
+        if ((str = vd_opts_take(opts, "passwordid"))) {
+            /* Encrypted keys need a secret object, which vdisk lacks. */
+            r = tls_fail(err, -EINVAL, "No secret with id '%s'", str);
+            goto out;
+        }
+    } else if ((str = vd_opts_take(opts, "username"))) {
         /* The client side's identity; a server never uses it. */
-        vd_opts_del(opts, "username");
+        if (o->server) {
+            r = tls_fail(err, -EINVAL, "username should not be set when "
+                         "endpoint=server");
+            goto out;
+        }
     }
     dir = vd_opts_take(opts, "dir");
     prio = vd_opts_take(opts, "priority");
@@ -451,14 +489,22 @@ int nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
                          left);
         goto out;
     }
-    if (!dir || !dir[0]) {
-        r = tls_fail(err, -EINVAL, "%s: missing 'dir' property value",
-                         id);
+    if (!dir) {
+        r = tls_fail(err, -EINVAL, "Missing 'dir' property value");
+        goto out;
+    }
+    pthread_mutex_lock(&tls_registry_lock);
+    r = tls_find(id) ? -EEXIST : 0;
+    pthread_mutex_unlock(&tls_registry_lock);
+    if (r < 0) {
+        /* Checked again when linking; this spares loading the files. */
+        r = tls_fail(err, -EEXIST, "attempt to add duplicate property "
+                     "'%s' to object (type 'container')", id);
         goto out;
     }
     /* Only server credentials are ever used here; client ones are
-     * accepted so a shared command line parses, and refused later by
-     * nbd_tls_set_creds() with qemu's message. */
+     * accepted so a shared command line parses, and refused when a
+     * server is given them. */
     if (o->server) {
         r = o->kind == TLS_X509 ? tls_load_x509(o, dir, err)
                                 : tls_load_psk(o, dir, err);
@@ -469,48 +515,92 @@ int nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
             goto out;
         }
     }
-    o->next = tls_objects;
-    tls_objects = o;
-    o = NULL;
-    r = 0;
+    pthread_mutex_lock(&tls_registry_lock);
+    if (tls_find(id)) {
+        r = -EEXIST;
+    } else {
+        o->next = tls_objects;
+        tls_objects = o;
+        o = NULL;
+        r = 0;
+    }
+    pthread_mutex_unlock(&tls_registry_lock);
+    if (r < 0) {
+        r = tls_fail(err, -EEXIST, "attempt to add duplicate property "
+                     "'%s' to object (type 'container')", id);
+    }
 out:
     tls_object_free(o);
     free(type);
     free(id);
     free(dir);
     free(prio);
+    free(str);
     return r;
 }
 
-int nbd_tls_set_creds(const char *id, vd_error *err)
+int nbd_tls_del_object(const char *id, vd_error *err)
 {
-    tls_object *o = tls_find(id);
+    tls_object **pp, *o = NULL;
 
+    pthread_mutex_lock(&tls_registry_lock);
+    for (pp = &tls_objects; *pp; pp = &(*pp)->next) {
+        if (strcmp((*pp)->id, id) == 0) {
+            o = *pp;
+            *pp = o->next;
+            o->next = NULL;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&tls_registry_lock);
     if (!o) {
-        return tls_fail(err, -ENOENT,
-                            "No TLS credentials with id '%s'", id);
+        return tls_fail(err, -ENOENT, "object '%s' not found", id);
     }
-    if (!o->server) {
-        return tls_fail(err, -EINVAL, "Expecting TLS credentials with a "
-                            "server endpoint");
-    }
-    tls_chosen = o;
+    nbd_tls_creds_unref(o);
     return 0;
 }
 
-bool nbd_tls_required(void)
+nbd_tls_creds *nbd_tls_creds_get(const char *id, vd_error *err)
 {
-    return tls_chosen != NULL;
+    tls_object *o;
+
+    pthread_mutex_lock(&tls_registry_lock);
+    o = tls_find(id);
+    if (o) {
+        atomic_fetch_add(&o->refs, 1);
+    }
+    pthread_mutex_unlock(&tls_registry_lock);
+    if (!o) {
+        tls_fail(err, -ENOENT, "No TLS credentials with id '%s'", id);
+    }
+    return o;
+}
+
+bool nbd_tls_creds_is_server(const nbd_tls_creds *creds)
+{
+    return creds->server;
+}
+
+void nbd_tls_creds_unref(nbd_tls_creds *creds)
+{
+    if (creds && atomic_fetch_sub(&creds->refs, 1) == 1) {
+        tls_object_free(creds);
+    }
 }
 
 void nbd_tls_cleanup(void)
 {
-    while (tls_objects) {
-        tls_object *o = tls_objects;
-        tls_objects = o->next;
-        tls_object_free(o);
+    tls_object *list;
+
+    pthread_mutex_lock(&tls_registry_lock);
+    list = tls_objects;
+    tls_objects = NULL;
+    pthread_mutex_unlock(&tls_registry_lock);
+    while (list) {
+        tls_object *o = list;
+        list = o->next;
+        nbd_tls_creds_unref(o);
     }
-    tls_chosen = NULL;
 }
 
 /* ---- the session ---- */
@@ -593,7 +683,7 @@ static void tls_free_session(tls_session *t)
 int nbd_conn_starttls(nbd_conn *c, vd_error *err)
 {
     tls_conn_box *box = (tls_conn_box *)(void *)c;
-    tls_object *o = tls_chosen;
+    tls_object *o = c->srv ? nbd_server_tls(c->srv) : NULL;
     tls_session *t;
     int r;
 
@@ -829,15 +919,27 @@ int nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
     return vd_error_set(err, -ENOTSUP, "TLS support is not compiled in");
 }
 
-int nbd_tls_set_creds(const char *id, vd_error *err)
+int nbd_tls_del_object(const char *id, vd_error *err)
 {
-    (void)id;
-    return vd_error_set(err, -ENOTSUP, "TLS support is not compiled in");
+    return vd_error_set(err, -ENOENT, "object '%s' not found", id);
 }
 
-bool nbd_tls_required(void)
+nbd_tls_creds *nbd_tls_creds_get(const char *id, vd_error *err)
 {
+    (void)id;
+    vd_error_set(err, -ENOTSUP, "TLS support is not compiled in");
+    return NULL;
+}
+
+bool nbd_tls_creds_is_server(const nbd_tls_creds *creds)
+{
+    (void)creds;
     return false;
+}
+
+void nbd_tls_creds_unref(nbd_tls_creds *creds)
+{
+    (void)creds;
 }
 
 void nbd_tls_cleanup(void)

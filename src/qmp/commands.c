@@ -9,7 +9,7 @@
  *
  * Order of the file: helpers, the protocol commands, nodes
  * (blockdev-add/del, queries, resize), the NBD server and exports,
- * snapshots, then daemon teardown.
+ * snapshots, objects (TLS credentials), then daemon teardown.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "core/block_int.h"
+#include "nbd/tls.h"
 #include "qmp/qmp-int.h"
 
 /* ---- helpers ---- */
@@ -560,6 +561,138 @@ QMP_HANDLER(qmp_cmd_query_blockstats)
     return r;
 }
 
+/*
+ * Who may resize a node. QEMU decides with its permission system: the
+ * command's temporary block backend takes BLK_PERM_RESIZE on the node,
+ * which fails when another user of that node, or of a node the
+ * permission passes down to, does not share it. vdisk has no permission
+ * system, so the helpers below answer the same question for the graphs
+ * a daemon can build, with QEMU's words:
+ *
+ * - an NBD export never shares RESIZE (QEMU's nbd_export_create drops it
+ *   from the export's shared permissions, writable or not);
+ * - a format node never shares it on its storage children (qcow2's
+ *   `file` and `data-file`, raw's `file` when raw shows a window of it);
+ * - a filter (blkdebug, raw without offset or size) shares it on its
+ *   child exactly when all of its own users share it;
+ * - a backing child is shared: QEMU shares RESIZE there whenever the
+ *   parent's users share WRITE, which every user here does (backing
+ *   nodes are refused earlier anyway, by QEMU's op blocker).
+ *
+ * A resize needs RESIZE on every child reached through a non-backing
+ * edge too, as QEMU's filter and storage permissions pass it on.
+ */
+
+/* True when @p is raw over a window [offset, offset + size) of its file
+ * rather than the whole file (QEMU then treats it as a format, not a
+ * filter). */
+static bool raw_has_window(const vd_node *p)
+{
+    const char *off = p->open_opts ? vd_opts_get(p->open_opts, "offset")
+                                   : NULL;
+    char *end;
+
+    if (p->open_opts && vd_opts_get(p->open_opts, "size")) {
+        return true;
+    }
+    if (!off) {
+        return false;
+    }
+    return strtoull(off, &end, 0) != 0 || *end != '\0';
+}
+
+/* True when the parent of @c hands its users' shared permissions on to
+ * the child unchanged. */
+static bool child_passes_through(const vd_child *c)
+{
+    if (c->role & VD_ROLE_FILTERED) {
+        return true;
+    }
+    return c == c->parent->file &&
+           strcmp(vd_node_format(c->parent), "raw") == 0 &&
+           !raw_has_window(c->parent);
+}
+
+/* Formats one user of @node for a permission message: the edge @c from
+ * a parent node, or a block backend (an export, or the command's own)
+ * when @c is NULL. */
+static void describe_user(char *buf, size_t len, const vd_node *node,
+                          const vd_child *c)
+{
+    if (c) {
+        snprintf(buf, len, "node '%s' (uses node '%s' as '%s' child)",
+                 vd_node_name(c->parent), vd_node_name(node), c->name);
+    } else {
+        snprintf(buf, len,
+                 "an unnamed block device (uses node '%s' as 'root' child)",
+                 vd_node_name(node));
+    }
+}
+
+/* Finds a user of @node, other than the edge @except, that does not
+ * share RESIZE; describes it in @buf when @buf is not NULL. */
+static bool resize_unshared(qmp_daemon *d, const node_vec *nv, vd_node *node,
+                            const vd_child *except, char *buf, size_t len)
+{
+    if (node_exported(d, node)) {
+        if (buf) {
+            describe_user(buf, len, node, NULL);
+        }
+        return true;
+    }
+    for (size_t i = 0; i < nv->n; i++) {
+        for (vd_child *c = nv->v[i]->children; c; c = c->next) {
+            if (c->node != node || c == except || (c->role & VD_ROLE_COW)) {
+                continue;
+            }
+            if (!child_passes_through(c) ||
+                resize_unshared(d, nv, c->parent, NULL, NULL, 0)) {
+                if (buf) {
+                    describe_user(buf, len, node, c);
+                }
+                return true;
+            }
+        }
+    }
+    return false;
+}
+
+/* Fails with QEMU's permission conflict when resizing @node, asked for
+ * through the edge @req (NULL: by block_resize itself), is not shared by
+ * every other user of it or of the children it passes RESIZE to. */
+static bool resize_conflict(qmp_daemon *d, const node_vec *nv, vd_node *node,
+                            const vd_child *req, qmp_error *e)
+{
+    char by[160], against[160];
+
+    if (resize_unshared(d, nv, node, req, against, sizeof(against))) {
+        describe_user(by, sizeof(by), node, req);
+        qmp_fail(e, NULL, "Permission conflict on node '%s': permissions "
+                 "'resize' are both required by %s and unshared by %s.",
+                 vd_node_name(node), by, against);
+        return true;
+    }
+    for (vd_child *c = node->children; c; c = c->next) {
+        if (!(c->role & VD_ROLE_COW) && resize_conflict(d, nv, c->node, c, e)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* True when @node is some node's backing child (QEMU blocks resizing
+ * those with an op blocker). */
+static bool is_backing_child(const node_vec *nv, const vd_node *node)
+{
+    for (size_t i = 0; i < nv->n; i++) {
+        const vd_child *b = nv->v[i]->backing;
+        if (b && b->node == node) {
+            return true;
+        }
+    }
+    return false;
+}
+
 QMP_HANDLER(qmp_cmd_block_resize)
 {
     const char *dev = arg_str(args, "device");
@@ -568,6 +701,8 @@ QMP_HANDLER(qmp_cmd_block_resize)
     int64_t size;
     vd_node *node = nn ? vd_find_node(nn) : NULL;
     vd_error err = VD_ERROR_INIT;
+    node_vec *nv;
+    bool refused;
     int r;
 
     json_object_object_get_ex(args, "size", &sz);
@@ -579,13 +714,31 @@ QMP_HANDLER(qmp_cmd_block_resize)
     if (size < 0) {
         return qmp_fail(e, NULL, "Parameter 'size' expects a >0 size");
     }
+    nv = malloc(sizeof(*nv));
+    if (!nv) {
+        return qmp_fail(e, NULL, "out of memory");
+    }
+    all_nodes(nv);
+    if (is_backing_child(nv, node)) {
+        /* QEMU prints the absent device argument with glibc's "(null)". */
+        qmp_fail(e, NULL, "Device '%s' is in use", dev ? dev : "(null)");
+        refused = true;
+    } else {
+        refused = resize_conflict(d, nv, node, NULL, e);
+    }
+    free(nv);
+    if (refused) {
+        return NULL;
+    }
     if (vd_node_is_read_only(node)) {
-        return qmp_fail(e, NULL, "Node '%s' is read only", nn);
+        return qmp_fail(e, NULL, "Image is read-only");
     }
     r = vd_truncate(node, (uint64_t)size, true, VD_PREALLOC_OFF, &err);
     if (r < 0) {
         return fail_vd(e, &err, r, "Could not resize");
     }
+    /* The checks above keep exported nodes at their size; this keeps an
+     * export's advertised length true should a graph escape them. */
     if (d->nbd) {
         nbd_server_update_export_size(d->nbd, node);
     }
@@ -609,8 +762,10 @@ QMP_HANDLER(qmp_cmd_nbd_server_start)
 {
     json_object *addr, *data;
     const char *type;
+    const char *tls_id = arg_str(args, "tls-creds");
     vd_error err = VD_ERROR_INIT;
     nbd_server *srv;
+    nbd_tls_creds *creds = NULL;
     int r;
     int64_t maxc = 0;
     json_object *mc;
@@ -618,8 +773,12 @@ QMP_HANDLER(qmp_cmd_nbd_server_start)
     if (d->nbd) {
         return qmp_fail(e, NULL, "NBD server already running");
     }
-    if (arg_str(args, "tls-creds") || arg_str(args, "tls-authz")) {
-        return qmp_fail(e, NULL, "TLS is not supported by this server yet");
+    if (arg_str(args, "tls-authz")) {
+        /* QEMU would check client identities against an authz object;
+         * vdisk has none, and ignoring the option would let in clients
+         * the caller meant to keep out. */
+        return qmp_fail(e, NULL, "'tls-authz' is not supported: vdisk has "
+                        "no authorization objects");
     }
     if (json_object_object_get_ex(args, "max-connections", &mc)) {
         maxc = json_object_get_int64(mc);
@@ -628,13 +787,28 @@ QMP_HANDLER(qmp_cmd_nbd_server_start)
                             "a value between 0 and 65535");
         }
     }
+    if (tls_id) {
+        creds = nbd_tls_creds_get(tls_id, &err);
+        if (!creds) {
+            return fail_vd(e, &err, -ENOENT, "Cannot use TLS credentials");
+        }
+        if (!nbd_tls_creds_is_server(creds)) {
+            nbd_tls_creds_unref(creds);
+            return qmp_fail(e, NULL, "Expected TLS credentials for a server "
+                            "endpoint");
+        }
+    }
     json_object_object_get_ex(args, "addr", &addr);
     json_object_object_get_ex(addr, "data", &data);
     type = arg_str(addr, "type");
     srv = nbd_server_new(16, (unsigned)maxc, true);
     if (!srv) {
+        nbd_tls_creds_unref(creds);
         return qmp_fail(e, NULL, "out of memory");
     }
+    /* The server owns the reference from here: object-del may drop the
+     * object while the server still runs with it, as in QEMU. */
+    nbd_server_set_tls(srv, creds);
     if (strcmp(type, "unix") == 0) {
         r = nbd_server_listen_unix(srv, arg_str(data, "path"), &err);
     } else if (strcmp(type, "inet") == 0) {
@@ -1049,6 +1223,53 @@ QMP_HANDLER(qmp_cmd_vdisk_snapshot_delete)
     free(devs);
     if (r < 0) {
         return fail_vd(e, &err, r, "Could not delete snapshot");
+    }
+    return json_object_new_object();
+}
+
+/* ---- objects ---- */
+
+QMP_HANDLER(qmp_cmd_object_add)
+{
+    vd_error err = VD_ERROR_INIT;
+    vd_opts *o = vd_opts_new();
+    int r = 0;
+
+    (void)d;
+    if (!o) {
+        return qmp_fail(e, NULL, "out of memory");
+    }
+    /* The schema has checked the types; tls.c takes qemu's --object
+     * form, where every value is a string. */
+    json_object_object_foreach(args, key, val) {
+        const char *v = json_object_is_type(val, json_type_boolean)
+                        ? (json_object_get_boolean(val) ? "on" : "off")
+                        : json_object_get_string(val);
+        if (r == 0) {
+            r = vd_opts_set(o, key, v);
+        }
+    }
+    if (r < 0) {
+        vd_opts_free(&o);
+        return qmp_fail(e, NULL, "out of memory");
+    }
+    r = nbd_tls_add_object_opts(o, &err);
+    vd_opts_free(&o);
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not add object");
+    }
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_object_del)
+{
+    vd_error err = VD_ERROR_INIT;
+    int r;
+
+    (void)d;
+    r = nbd_tls_del_object(arg_str(args, "id"), &err);
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not delete object");
     }
     return json_object_new_object();
 }

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "core/error.h"
+#include "nbd/tls.h"
 #include "qmp/qmp-int.h"
 
 #define QMP_MAX_LINE (1u << 20)
@@ -612,6 +613,9 @@ void qmp_daemon_free(qmp_daemon **pd)
     }
     free(d->nodes);
     free(d->exports);
+    /* The objects (--object, object-add) are the daemon's, as QEMU's
+     * /objects; its NBD server, which held a reference, is gone. */
+    nbd_tls_cleanup();
     close(d->wake[0]);
     close(d->wake[1]);
     pthread_mutex_destroy(&d->lock);

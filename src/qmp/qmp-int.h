@@ -34,6 +34,7 @@ typedef enum qtype {
     QT_BLOCKREF,     /* BlockdevRef: BlockdevOptions or a node name */
     QT_BLOCKREF_NULL,/* BlockdevRefOrNull */
     QT_SOCKADDR_LEGACY, /* SocketAddressLegacy {type, data} */
+    QT_OBJECT,       /* ObjectOptions: a union on "qom-type" */
 } qtype;
 
 typedef struct qarg {
@@ -87,6 +88,8 @@ QMP_HANDLER(qmp_cmd_snapshot_delete_internal);
 QMP_HANDLER(qmp_cmd_vdisk_snapshot_save);
 QMP_HANDLER(qmp_cmd_vdisk_snapshot_load);
 QMP_HANDLER(qmp_cmd_vdisk_snapshot_delete);
+QMP_HANDLER(qmp_cmd_object_add);
+QMP_HANDLER(qmp_cmd_object_del);
 
 /* ---- the daemon ---- */
 

@@ -49,7 +49,8 @@ int qmp_daemon_run(qmp_daemon *d);
 void qmp_daemon_request_quit(qmp_daemon *d);
 
 /* Frees a daemon that qmp_daemon_run() has shut down or never ran (in
- * which case it also closes what it holds). */
+ * which case it also closes what it holds), and every TLS credentials
+ * object of the process (nbd_tls_cleanup()). */
 void qmp_daemon_free(qmp_daemon **d);
 
 /*

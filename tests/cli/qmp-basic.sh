@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # vdisk serve as a QMP daemon: a python3 client negotiates, adds a
 # file+qcow2 node, exports it over NBD, and while qemu-io reads and writes
-# through the export it snapshots, resizes (qemu-img info over NBD sees
-# the new size), reads statistics that grow with I/O, removes the export
-# and the nodes and quits. The image must pass qemu-img check afterwards.
+# through the export it snapshots, reads statistics that grow with I/O,
+# is refused a resize of the exported node (as qemu-storage-daemon),
+# removes the export, resizes, exports again (qemu-img info over NBD sees
+# the new size), removes the export and the nodes and quits. The image
+# must pass qemu-img check afterwards.
 source "$(dirname "$0")/../functions.sh"
 requires qemu-img qemu-io python3 timeout
 tmpdir
@@ -117,13 +119,21 @@ if have_snapshots:
             {"device": "q", "name": "s1"})["return"]
     assert r["name"] == "s1", r
 
-# Resize: new clients see the new size.
-cmd("block_resize", {"node-name": "q", "size": 128 * 1024 * 1024})
-info = subprocess.run([qemu_img, "info", "--output=json", "-f", "raw", uri],
-                      capture_output=True, text=True, timeout=60)
-assert json.loads(info.stdout)["virtual-size"] == 128 * 1024 * 1024, \
-    info.stdout + info.stderr
-io("write -P 0x33 100M 64k", "read -P 0x33 100M 64k")
+def export_size():
+    info = subprocess.run([qemu_img, "info", "--output=json", "-f", "raw",
+                           uri], capture_output=True, text=True, timeout=60)
+    if info.returncode:
+        sys.exit("qemu-img info: " + info.stderr)
+    return json.loads(info.stdout)["virtual-size"]
+
+# An exported node keeps its size (qmp-compat.sh checks QEMU's words).
+r = cmd("block_resize", {"node-name": "q", "size": 128 * 1024 * 1024},
+        ok=False)
+assert r["error"]["class"] == "GenericError", r
+r = cmd("block_resize", {"node-name": "f", "size": 128 * 1024 * 1024},
+        ok=False)
+assert r["error"]["class"] == "GenericError", r
+assert export_size() == 64 * 1024 * 1024
 
 # Busy nodes cannot go; then export, qcow2 node and file node go in turn.
 r = cmd("blockdev-del", {"node-name": "q"}, ok=False)
@@ -133,6 +143,15 @@ assert "error" in r, r
 cmd("block-export-del", {"id": "e"})
 assert any(e["event"] == "BLOCK_EXPORT_DELETED" and e["data"]["id"] == "e"
            for e in events), events
+
+# Without the export the resize goes through, and a new export of the
+# node shows clients the new size.
+cmd("block_resize", {"node-name": "q", "size": 128 * 1024 * 1024})
+cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "q",
+                         "name": "disk", "writable": True})
+assert export_size() == 128 * 1024 * 1024
+io("write -P 0x33 100M 64k", "read -P 0x33 100M 64k")
+cmd("block-export-del", {"id": "e"})
 cmd("blockdev-del", {"node-name": "q"})
 cmd("blockdev-del", {"node-name": "f"})
 assert cmd("query-named-block-nodes")["return"] == []

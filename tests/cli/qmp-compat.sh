@@ -2,8 +2,9 @@
 # vdisk's QMP daemon against QEMU's own qemu-storage-daemon: the same
 # command sequence (good and bad input) goes to both, and the *shape* of
 # every answer must match: the key sets and JSON types of each `return`,
-# recursively, and the `class` of each `error`. Values that legitimately
-# differ (paths, versions, times, counters) are not compared.
+# recursively, and the `class` of each `error` (and its text, for the
+# block_resize refusals). Values that legitimately differ (paths,
+# versions, times, counters) are not compared.
 source "$(dirname "$0")/../functions.sh"
 requires qemu-img qemu-storage-daemon python3 timeout
 tmpdir
@@ -14,6 +15,8 @@ for d in qemu vdisk; do
     $QEMU_IMG create -q -f qcow2 $d/base.qcow2 64M
     $QEMU_IMG create -q -f qcow2 -b base.qcow2 -F qcow2 $d/top.qcow2
     $QEMU_IMG create -q -f raw $d/r.raw 1M
+    $QEMU_IMG create -q -f qcow2 $d/base2.qcow2 1M
+    $QEMU_IMG create -q -f qcow2 -b base2.qcow2 -F qcow2 $d/top2.qcow2
 done
 
 timeout 100 qemu-storage-daemon --chardev "socket,id=m,path=$PWD/qemu/qmp.sock,server=on,wait=off" \
@@ -69,18 +72,33 @@ SEQ = [
     ('{"execute": "blockdev-snapshot-delete-internal-sync", "arguments": {"device": "t"}}', "no id or name"),
     ('{"execute": "block_resize", "arguments": {"node-name": "nope", "size": 1024}}', "unknown node"),
     ('{"execute": "block_resize", "arguments": {"node-name": "n", "size": "big"}}', "wrong type"),
+    ('{"execute": "block_resize", "arguments": {"node-name": "q", "size": 134217728}}', "resize: writable export"),
+    ('{"execute": "block_resize", "arguments": {"node-name": "r", "size": 2097152}}', "resize: read-only export"),
+    ('{"execute": "block_resize", "arguments": {"node-name": "f", "size": 134217728}}', "resize: file of an exported qcow2"),
+    ('{"execute": "block_resize", "arguments": {"node-name": "t", "size": 134217728}}', "resize: read-only node"),
     ('{"execute": "block-export-del", "arguments": {"id": "nope"}}', "unknown export"),
     ('{"execute": "block-export-del", "arguments": {"id": "e", "mode": "bad"}}', "bad mode"),
     ('{"execute": "block-export-del", "arguments": {"id": "e4"}}', ""),
+    ('{"execute": "block_resize", "arguments": {"node-name": "r", "size": 2097152}}', "resize: export deleted"),
+    ('{"execute": "block_resize", "arguments": {"node-name": "q", "size": 134217728}}', "resize: other export remains"),
     ('{"execute": "nbd-server-stop"}', ""),
     ('{"execute": "nbd-server-stop"}', "not running"),
     ('{"execute": "query-block-exports"}', ""),
+    ('{"execute": "block_resize", "arguments": {"node-name": "q", "size": 134217728}}', "resize: exports gone"),
+    ('{"execute": "block_resize", "arguments": {"node-name": "f", "size": 268435456}}', "resize: file of an unexported qcow2"),
     ('{"execute": "blockdev-del", "arguments": {"node-name": "r"}}', ""),
     ('{"execute": "blockdev-del", "arguments": {"node-name": "q"}}', ""),
     ('{"execute": "blockdev-del", "arguments": {"node-name": "f"}}', ""),
+    ('{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "tp", "file": {"driver": "file", "filename": "@D@/top2.qcow2"}, "backing": {"driver": "qcow2", "node-name": "bb", "file": {"driver": "file", "filename": "@D@/base2.qcow2"}}}}', ""),
+    ('{"execute": "block_resize", "arguments": {"node-name": "bb", "size": 1048576}}', "resize: backing node"),
+    ('{"execute": "block_resize", "arguments": {"node-name": "tp", "size": 1048576}}', ""),
     ('{"execute": "query-commands"}', ""),
     ('{"execute": "quit"}', ""),
 ]
+
+# Refusals whose text must be QEMU's word for word, not only its class
+# (node names are the same on both sides).
+EXACT_DESC = {req for req, what in SEQ if what.startswith("resize:")}
 
 def session(d):
     s = socket.socket(socket.AF_UNIX)
@@ -177,6 +195,9 @@ for (rq, aq), (rv, av) in zip(q, v):
         if cq != cv:
             problems.append("%s: error class %s vs %s (%s / %s)" %
                             (label, cq, cv, aq.get("error", aq), av.get("error", av)))
+        elif rq in EXACT_DESC and aq["error"]["desc"] != av["error"]["desc"]:
+            problems.append("%s: error text %r vs %r" %
+                            (label, aq["error"]["desc"], av["error"]["desc"]))
         continue
     for p in diff(shape(strip(aq)), shape(strip(av)), ""):
         problems.append("%s: %s" % (label, p))

@@ -227,8 +227,8 @@ int qcow2_get_l2_table(qcow2_state *s, uint64_t offset, bool alloc,
     l1e = s->l1_table[l1_index];
     l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
     if (l2_off & (s->cluster_size - 1)) {
-        return qcow2_signal_corruption(s, err, "L2 table offset 0x%llx "
-                                       "unaligned (L1 index: 0x%llx)",
+        return qcow2_signal_corruption(s, err, "L2 table offset %#llx "
+                                       "unaligned (L1 index: %#llx)",
                                        (unsigned long long)l2_off,
                                        (unsigned long long)l1_index);
     }

@@ -1719,6 +1719,19 @@ static int qcow2_create(const char *filename, vd_opts *opts, vd_error *err)
                            "parameter", filename);
         goto out;
     }
+    /* qemu sizes a new image with a truncate (the size is already
+     * rounded to sectors): the same limits in the same order. */
+    if (p.size > INT64_MAX) {
+        ret = vd_error_set(err, -EINVAL, "%s: Could not resize image: Image "
+                           "size cannot be negative", filename);
+        goto out;
+    }
+    if (p.size > VD_MAX_LENGTH) {
+        ret = vd_error_set(err, -EIO, "%s: Could not resize image: offset(%"
+                           PRIu64 ") exceeds maximum(%" PRIu64 ")", filename,
+                           p.size, VD_MAX_LENGTH);
+        goto out;
+    }
     cs = p.cluster_size;
     cluster_bits = __builtin_ctzll(cs);
     {

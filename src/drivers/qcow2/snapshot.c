@@ -424,8 +424,8 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
             continue;
         }
         if (l2_off & (s->cluster_size - 1)) {
-            return qcow2_signal_corruption(s, err, "L2 table offset 0x%" PRIx64
-                                           " unaligned (L1 index: 0x%" PRIx32
+            return qcow2_signal_corruption(s, err, "L2 table offset %#" PRIx64
+                                           " unaligned (L1 index: %#" PRIx32
                                            ")", l2_off, i);
         }
         ret = qcow2_cache_get(s, s->l2_cache, l2_off, &table, err);
