@@ -150,6 +150,11 @@ static int single(int action, char *name, const char *filename,
             report_corruption(err.message, vd_node_filename(node));
             cli_error("Could not create snapshot '%s': %d (%s)", name, r,
                       strerror(-r));
+            /* qemu-img's lines first, so scripts matching them still do;
+             * then ours, which names the file and what is wrong with it. */
+            if (err.message[0]) {
+                cli_error("%s", err.message);
+            }
             ret = 1;
         }
         break;

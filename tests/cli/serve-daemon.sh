@@ -64,6 +64,55 @@ grep -q '1 MiB' info.out || fail "TCP export not served: $(cat info.out)"
 kill -TERM "$d2"
 wait "$d2" || fail "TCP daemon exited with status $?"
 
+# A qcow2 node with an external data file given as a node name and as
+# an object (the header's name points elsewhere, so only the option can
+# find it); qemu-io on the image with qemu's own data-file option is the
+# reference for what the export must read, and writes through the
+# export land in the data file.
+$QEMU_IMG create -q -f qcow2 -o data_file=orig.raw d.qcow2 8M
+$QEMU_IO -c 'write -P 0x3c 0 1M' -c 'write -P 0x4d 3M 64k' d.qcow2 > /dev/null
+mv orig.raw moved.raw
+dref="json:{\"driver\":\"qcow2\",\"file\":{\"driver\":\"file\",\"filename\":\"$PWD/d.qcow2\"},\"data-file\":{\"driver\":\"file\",\"filename\":\"$PWD/moved.raw\"}}"
+$QEMU_IMG convert -O raw "$dref" expect.raw
+for form in ref object; do
+    if [ $form = ref ]; then
+        nodes=(--blockdev "driver=file,node-name=df,filename=$PWD/moved.raw"
+               --blockdev "driver=file,node-name=f,filename=$PWD/d.qcow2"
+               --blockdev driver=qcow2,node-name=d,file=f,data-file=df)
+    else
+        nodes=(--blockdev "{\"driver\": \"qcow2\", \"node-name\": \"d\", \"file\": {\"driver\": \"file\", \"filename\": \"$PWD/d.qcow2\"}, \"data-file\": {\"driver\": \"file\", \"filename\": \"$PWD/moved.raw\"}}")
+    fi
+    rm -f d.sock
+    timeout 100 "$VDISK" serve "${nodes[@]}" \
+        --nbd-server "addr.type=unix,addr.path=$PWD/d.sock" \
+        --export type=nbd,id=ed,node-name=d,writable=on > d.log 2>&1 &
+    d3=$!
+    cleanup_fn sh -c "kill $d3 2>/dev/null; true"
+    for ((i = 0; i < 100; i++)); do
+        [ -S d.sock ] && break
+        sleep 0.05
+    done
+    DU="nbd+unix:///d?socket=$PWD/d.sock"
+    timeout 60 $QEMU_IMG compare -f raw -F raw expect.raw "$DU" > cmp.out 2>&1 ||
+        fail "data-file as $form: export differs: $(cat cmp.out d.log)"
+    timeout 60 $QEMU_IO -f raw -c 'write -P 0x5e 2M 64k' "$DU" > /dev/null
+    kill -TERM "$d3"
+    wait "$d3" || fail "data-file daemon ($form) exited with status $?"
+    $QEMU_IO -f raw -c 'read -P 0x5e 2M 64k' moved.raw |
+        grep -q 'verification failed' && fail "data-file as $form: write lost"
+    $QEMU_IMG check -q "$dref" || fail "data-file as $form: image damaged"
+    $QEMU_IO -f raw -c 'write -P 0 2M 64k' moved.raw > /dev/null
+done
+expect_fail_dref()
+{
+    timeout 20 "$VDISK" serve --blockdev "driver=file,node-name=f2,filename=$PWD/d.qcow2" \
+        --blockdev driver=qcow2,node-name=d,file=f2,data-file=nosuch > bad.out 2>&1 &&
+        fail "unknown data-file node accepted"
+    grep -q "Cannot find device='nosuch' nor node-name='nosuch'" bad.out ||
+        fail "$(cat bad.out)"
+}
+expect_fail_dref
+
 # Bad options fail at start-up with a message naming the option.
 expect_fail()
 {

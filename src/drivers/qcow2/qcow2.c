@@ -600,8 +600,10 @@ static void free_state(qcow2_state *s)
 static int open_data_file(qcow2_state *s, vd_node *node, vd_opts *opts,
                           unsigned flags, vd_error *err)
 {
+    /* As qemu's BlockdevRef: a string names an existing node, an object
+     * ("data-file.driver=...") describes a new one. */
     char *opt = vd_opts_take(opts, "data-file");
-    vd_opts *sub = vd_opts_extract_prefix(opts, "data-file");
+    vd_opts *sub = vd_opts_extract_prefix(opts, "data-file.");
     char *path = NULL;
     vd_node *dn = NULL;
     int ret;
@@ -623,17 +625,37 @@ static int open_data_file(qcow2_state *s, vd_node *node, vd_opts *opts,
                            s->filename);
         goto out;
     }
-    path = opt ? strdup(opt) : resolve_relative(s->filename, s->data_file_name);
-    if (!path) {
-        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
-        goto out;
-    }
-    ret = vd_node_open(&dn, path, NULL, sub,
-                       (flags & ~(VD_NODE_NO_BACKING | VD_NODE_CHECK)) |
-                       VD_NODE_PROTOCOL | VD_NODE_NO_BACKING, err);
-    if (ret < 0) {
-        vd_error_prepend(err, "%s: opening the data file: ", s->filename);
-        goto out;
+    if (opt) {
+        dn = vd_find_node(opt);
+        if (!dn) {
+            ret = vd_error_set(err, -ENOENT, "Cannot find device='%s' nor "
+                               "node-name='%s'", opt, opt);
+            goto out;
+        }
+        if ((flags & VD_NODE_RDWR) && dn->read_only) {
+            ret = vd_error_set(err, -EROFS, "Node '%s' is read-only", opt);
+            dn = NULL;
+            goto out;
+        }
+        vd_node_ref(dn);
+        ret = 0;
+    } else {
+        /* Options of a new node may name the file; else the header does. */
+        path = vd_opts_get(sub, "filename")
+               ? NULL : resolve_relative(s->filename, s->data_file_name);
+        if (!path && !vd_opts_get(sub, "filename")) {
+            ret = vd_error_set(err, -ENOMEM, "%s: out of memory",
+                               s->filename);
+            goto out;
+        }
+        ret = vd_node_open(&dn, path, NULL, sub,
+                           (flags & ~(VD_NODE_NO_BACKING | VD_NODE_CHECK)) |
+                           VD_NODE_PROTOCOL | VD_NODE_NO_BACKING, err);
+        if (ret < 0) {
+            vd_error_prepend(err, "%s: opening the data file: ",
+                             s->filename);
+            goto out;
+        }
     }
     s->data_file = vd_node_attach_child(node, dn, "data-file",
                                         VD_ROLE_DATA);
