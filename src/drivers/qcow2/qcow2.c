@@ -619,7 +619,7 @@ static int open_data_file(qcow2_state *s, vd_node *node, vd_opts *opts,
         }
         goto out;
     }
-    if (!opt && !s->data_file_name) {
+    if (!opt && !s->data_file_name && !vd_opts_get(sub, "filename")) {
         ret = vd_error_set(err, -EINVAL, "%s: Missing data file name in the "
                            "image header and no 'data-file' option",
                            s->filename);
@@ -1884,7 +1884,9 @@ static int qcow2_create(const char *filename, vd_opts *opts, vd_error *err)
         }
         if (p.data_file) {
             char *dpath = resolve_relative(filename, p.data_file);
-            vd_opts_set(o, "data-file", dpath ? dpath : p.data_file);
+            /* A new node, not a reference to an existing one. */
+            vd_opts_set(o, "data-file.driver", "file");
+            vd_opts_set(o, "data-file.filename", dpath ? dpath : p.data_file);
             free(dpath);
         }
         ret = vd_node_open(&img, filename, &vd_driver_qcow2, o,
