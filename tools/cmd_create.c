@@ -504,6 +504,7 @@ int cmd_create(int argc, char **argv)
                       ? " (try using a larger cluster size)" : "");
         } else {
             cli_error("%s: %s", filename, cli_strip_filename(msg, filename));
+            cli_print_hint(&err);
         }
         ret = 1;
         goto out;

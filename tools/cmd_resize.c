@@ -92,7 +92,7 @@ int cmd_resize(int argc, char **argv)
         return 1;
     }
 
-    node = cli_open(filename, fmt, VD_O_RDWR, NULL);
+    node = cli_open(filename, fmt, VD_O_RDWR | VD_O_RESIZE, NULL);
     if (!node) {
         return 1;
     }

@@ -681,12 +681,12 @@ int cmd_serve(int argc, char **argv)
         vd_error_clear(&err);
         r = vd_open(&nodes[i], file, fmt, opts, flags, &err);
         if (r < 0) {
-            if (err.message[0]) {
-                fprintf(stderr, "vdisk serve: %s\n", err.message);
-            } else {
-                fprintf(stderr, "vdisk serve: Could not open '%s': %s\n",
-                        file, strerror(-r));
-            }
+            /* qemu-nbd's words, naming the file. */
+            fprintf(stderr, "vdisk serve: Failed to blk_new_open '%s': %s\n",
+                    file, err.message[0]
+                          ? cli_strip_filename(err.message, file)
+                          : strerror(-r));
+            cli_print_hint(&err);
             goto out;
         }
         if (snapshot && cli_load_snapshot(nodes[i], snapshot) < 0) {
@@ -697,6 +697,7 @@ int cmd_serve(int argc, char **argv)
                                   ndescs > (unsigned)i ? descs[i] : NULL,
                                   nodes[i], &err) < 0) {
             fprintf(stderr, "vdisk serve: %s\n", err.message);
+            cli_print_hint(&err);
             goto out;
         }
     }

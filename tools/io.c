@@ -40,6 +40,7 @@
 
 #include "vdisk/vdisk.h"
 #include "commands.h"
+#include "util.h"
 
 /* qemu's BDRV_REQUEST_MAX_BYTES: the largest single request qemu-io
  * accepts, which also bounds every buffer a command line can ask for. */
@@ -1298,6 +1299,7 @@ static int truncate_f(int argc, char **argv)
         fflush(stdout);
         fprintf(stderr, "vdisk: %s\n",
                 err.message[0] ? err.message : strerror(-ret));
+        cli_print_hint(&err);
     }
     return ret;
 }
@@ -2040,6 +2042,7 @@ fail:
     fflush(stdout);
     fprintf(stderr, "vdisk: can't open device %s: %s\n", name,
             err.message[0] ? err.message : strerror(-ret));
+    cli_print_hint(&err);
 out:
     vd_opts_free(&opts);
     return ret;

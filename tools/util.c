@@ -349,6 +349,13 @@ void cli_qprintf(bool quiet, const char *fmt, ...)
     va_end(ap);
 }
 
+void cli_print_hint(const vd_error *err)
+{
+    if (err->code && err->hint[0]) {
+        fprintf(stderr, "%s\n", err->hint);
+    }
+}
+
 void cli_report_vd_error(const vd_error *err, int ret, const char *fallback)
 {
     if (err->code && err->message[0]) {
@@ -356,6 +363,7 @@ void cli_report_vd_error(const vd_error *err, int ret, const char *fallback)
     } else {
         cli_error("%s: %s", fallback, strerror(ret < 0 ? -ret : EIO));
     }
+    cli_print_hint(err);
 }
 
 const char *cli_strip_filename(const char *msg, const char *filename)
@@ -387,6 +395,7 @@ vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
             /* qemu's own prefix already names the file. */
             cli_error("Could not open '%s': %s", filename,
                       cli_strip_filename(err.message, filename));
+            cli_print_hint(&err);
         } else {
             cli_error("Could not open '%s': %s", filename, strerror(-ret));
         }

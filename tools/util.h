@@ -109,6 +109,10 @@ bool cli_has_help_option(const char *str);
 int cli_print_create_help(const char *filename, const char *fmt);
 
 /* Copies the creation/open failure message to stderr with the prefix. */
+/* Prints the hint of @err (QEMU's error hints: a line of its own after
+ * the message, e.g. "Is another process using the image [a.qcow2]?"),
+ * if it has one. */
+void cli_print_hint(const vd_error *err);
 void cli_report_vd_error(const vd_error *err, int ret, const char *fallback);
 
 /* Loads snapshot @param ("snapshot.id=X,snapshot.name=Y" or a plain id

@@ -43,6 +43,12 @@ extern "C" {
 #define VD_API
 #endif
 
+#if defined(__GNUC__)
+#define VD_PRINTF_FORMAT(fmt, args) __attribute__((format(printf, fmt, args)))
+#else
+#define VD_PRINTF_FORMAT(fmt, args)
+#endif
+
 /* ------------------------------------------------------------------ */
 /* Version                                                            */
 /* ------------------------------------------------------------------ */
@@ -67,9 +73,14 @@ VD_API const char *vd_version(void);
 typedef struct vd_error {
     int code;
     char message[1024];
+    /* Optional further line(s) for a human, printed after the message by
+     * command-line tools and left out of QMP answers, as QEMU's error
+     * hints (e.g. "Is another process using the image [a.qcow2]?").
+     * Empty when there is none; ends without a newline. */
+    char hint[256];
 } vd_error;
 
-#define VD_ERROR_INIT { 0, { 0 } }
+#define VD_ERROR_INIT { 0, { 0 }, { 0 } }
 
 /** Resets @err to "no error". @err may be NULL. */
 VD_API void vd_error_clear(vd_error *err);
@@ -150,6 +161,12 @@ typedef struct vd_node vd_node;
 #define VD_O_FORCE_SHARE (1u << 3) /* no image locking (qemu-img -U) */
 #define VD_O_NO_IO       (1u << 4) /* metadata only (info on a busy image) */
 #define VD_O_QUIET       (1u << 5) /* no warnings on stderr (probing etc.) */
+#define VD_O_RESIZE      (1u << 6) /* the opener also takes VD_PERM_RESIZE
+                                      (qemu-img resize) */
+#define VD_O_NO_USER     (1u << 7) /* attach no opener: the node holds only
+                                      what its children need, as a node
+                                      made by QMP blockdev-add; add users
+                                      with vd_user_new() */
 
 /**
  * Opens @filename as an image and returns its top node in @*out.
@@ -160,6 +177,17 @@ typedef struct vd_node vd_node;
  * qemu-img does, unless they keep the image raw-looking).
  * @filename may be NULL when @opts gives "driver" and the child
  * filenames (blockdev-add style, e.g. driver=qcow2,file.filename=x).
+ *
+ * Unless VD_O_NO_USER is given, the returned node has an *opener*, a
+ * user (see vd_user_new) that holds VD_PERM_CONSISTENT_READ (not with
+ * VD_O_NO_IO), VD_PERM_WRITE with VD_O_RDWR and VD_PERM_RESIZE with
+ * VD_O_RESIZE, and shares everything, as a QEMU tool's block backend;
+ * the formats below it add what they need (a writable qcow2 lets nobody
+ * else write its file). The permissions are checked against the other
+ * users of the nodes in this process and, through the image locks,
+ * against other processes (vdisk or QEMU) before any write; a conflict
+ * fails the open. VD_O_FORCE_SHARE (read-only opens only) lets others
+ * hold anything.
  *
  * @opts (may be NULL) gives driver options and these generic ones:
  *   read-only=on|off      overrides VD_O_RDWR
@@ -175,7 +203,8 @@ typedef struct vd_node vd_node;
  * option, bad value, backing file given to a driver that cannot hold one),
  * -ENOTSUP (feature not supported), -EIO/-EUCLEAN (corrupt image),
  * -EROFS (read-write open of a read-only file or corrupt image), -EBUSY
- * (image locked by another process), -ENOMEM.
+ * (image locked by another process), -EPERM (permission conflict with
+ * another user in this process), -ENOMEM.
  */
 VD_API int vd_open(vd_node **out, const char *filename, const char *format,
                    const vd_opts *opts, unsigned flags, vd_error *err);
@@ -204,6 +233,137 @@ VD_API bool vd_node_is_read_only(const vd_node *node);
  * NULL (borrowed). The backing child of a node is its overlay's base.
  */
 VD_API vd_node *vd_node_child(const vd_node *node, const char *role);
+
+/* ------------------------------------------------------------------ */
+/* Permissions and users                                              */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Permissions, QEMU's model (docs/permissions.md). Every edge into a
+ * node (a parent node's child, or a user) holds some permissions on the
+ * node and shares some with the node's other edges. No edge may hold a
+ * permission that another edge of the same node does not share. A
+ * node's driver turns what its own edges hold into what it needs from
+ * its children, so a conflict anywhere below is found when the edge is
+ * made. The file driver mirrors a file node's permissions in lock bytes
+ * (QEMU's: 100 + bit held, 200 + bit not shared), so other processes,
+ * vdisk or QEMU, see and respect them.
+ */
+#define VD_PERM_CONSISTENT_READ (1u << 0) /* reads see consistent data */
+#define VD_PERM_WRITE           (1u << 1) /* may change the content */
+#define VD_PERM_WRITE_UNCHANGED (1u << 2) /* may write what is there */
+#define VD_PERM_RESIZE          (1u << 3) /* may change the length */
+#define VD_PERM_ALL             0xfu
+
+/** A user of a node: holds permissions on it without being a node. */
+typedef struct vd_user vd_user;
+
+/**
+ * Makes a new user of @node holding @perm and sharing @shared
+ * (VD_PERM_*), as QEMU's blk_new_with_bs(). @desc names the user in
+ * conflict messages ("block device 'drive0'", "export 'e1'"); NULL gives
+ * QEMU's "an unnamed block device". Takes a reference to @node (the
+ * node stays open while the user exists).
+ * Errors: -EPERM with QEMU's text ("Permission conflict on node 'f':
+ * permissions 'write' are both required by ... and unshared by ...",
+ * "Block node is read-only") when another edge of @node or of a node
+ * below does not allow it; -EBUSY ("Failed to get \"write\" lock", with
+ * the hint "Is another process using the image [FILE]?") when another
+ * process holds a conflicting lock; -ENOMEM. Nothing changes on failure.
+ * Graph-changing calls (open, close, users, reopen) must not race.
+ */
+VD_API int vd_user_new(vd_user **out, vd_node *node, const char *desc,
+                       unsigned perm, unsigned shared, vd_error *err);
+
+/**
+ * Changes what @user holds and shares, checking as vd_user_new() does;
+ * on failure the old permissions stay. Loosening never fails.
+ */
+VD_API int vd_user_set_perm(vd_user *user, unsigned perm, unsigned shared,
+                            vd_error *err);
+
+/** What @user holds and shares (either pointer may be NULL). */
+VD_API void vd_user_get_perm(const vd_user *user, unsigned *perm,
+                             unsigned *shared);
+
+/** The node @user uses (borrowed). */
+VD_API vd_node *vd_user_node(const vd_user *user);
+
+/** Releases @*user's permissions and its node reference, sets @*user to
+ * NULL. Accepts NULL. */
+VD_API void vd_user_free(vd_user **user);
+
+/**
+ * Changes the permissions of the opener of @node (the user vd_open()
+ * attached), as QEMU's blk_set_perm(). -EINVAL when @node has no opener;
+ * errors otherwise as vd_user_set_perm().
+ */
+VD_API int vd_set_perm(vd_node *node, unsigned perm, unsigned shared,
+                       vd_error *err);
+
+/** True when some user (vd_user, or the opener) uses @node, as QEMU's
+ * bdrv_has_blk(): such a node is in use by an export, a command or the
+ * program that opened it. */
+VD_API bool vd_node_has_users(const vd_node *node);
+
+/**
+ * The cumulative permissions on @node: what its edges hold together
+ * (*perm) and what all of them share (*shared). Either may be NULL.
+ */
+VD_API void vd_node_get_perm(const vd_node *node, unsigned *perm,
+                             unsigned *shared);
+
+/*
+ * Operation blockers (QEMU's op_blockers), for what permissions do not
+ * express: a node used as a backing file cannot be resized or
+ * snapshotted on its own, a node an export serves cannot be reverted to
+ * a snapshot under its clients. A blocker is an object with a reason;
+ * whoever installs it removes it. An operation is blocked while any
+ * blocker is installed for it.
+ */
+typedef enum vd_op {
+    VD_OP_BACKUP_SOURCE,
+    VD_OP_BACKUP_TARGET,
+    VD_OP_CHANGE,
+    VD_OP_COMMIT_SOURCE,
+    VD_OP_COMMIT_TARGET,
+    VD_OP_DRIVE_DEL,
+    VD_OP_EXTERNAL_SNAPSHOT,
+    VD_OP_INTERNAL_SNAPSHOT,
+    VD_OP_INTERNAL_SNAPSHOT_DELETE,
+    VD_OP_MIRROR_SOURCE,
+    VD_OP_MIRROR_TARGET,
+    VD_OP_RESIZE,
+    VD_OP_STREAM,
+    VD_OP_REPLACE,
+    VD_OP_SNAPSHOT_GOTO,     /* reverting to or loading a snapshot */
+    VD_OP__MAX
+} vd_op;
+
+typedef struct vd_blocker vd_blocker;
+
+/** A new blocker whose reason (printf-style, copied) completes "Node
+ * 'NAME' is busy: REASON". NULL when out of memory. */
+VD_API vd_blocker *vd_blocker_new(const char *fmt, ...)
+    VD_PRINTF_FORMAT(1, 2);
+
+/** Frees @*blocker (it must be installed nowhere), sets it to NULL. */
+VD_API void vd_blocker_free(vd_blocker **blocker);
+
+/** Installs / removes @blocker for @op on @node. Installing twice is
+ * allowed (removed once). Returns 0 or -ENOMEM. */
+VD_API int vd_op_block(vd_node *node, vd_op op, vd_blocker *blocker);
+VD_API void vd_op_unblock(vd_node *node, vd_op op, vd_blocker *blocker);
+
+/** Installs / removes @blocker for every operation of @node. */
+VD_API int vd_op_block_all(vd_node *node, vd_blocker *blocker);
+VD_API void vd_op_unblock_all(vd_node *node, vd_blocker *blocker);
+
+/**
+ * True when @op is blocked on @node; @err (may be NULL) then gets
+ * -EBUSY and "Node 'NAME' is busy: REASON" of the first blocker.
+ */
+VD_API bool vd_op_is_blocked(vd_node *node, vd_op op, vd_error *err);
 
 /* ------------------------------------------------------------------ */
 /* I/O                                                                */

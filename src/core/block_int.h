@@ -57,12 +57,33 @@ enum {
     VD_ROLE_PRIMARY  = 1u << 4, /* the parent's primary child */
 };
 
+/*
+ * An edge of the graph: a parent node's child in some role, or a *user*
+ * of a node (parent == NULL: the caller of vd_open(), an NBD export, a
+ * QMP command; public type vd_user). Every edge carries the permissions
+ * it takes on its node and those it lets the node's other edges take
+ * (VD_PERM_*, QEMU's BlockPermission); perm.c keeps them consistent
+ * (docs/permissions.md).
+ */
 struct vd_child {
     vd_node *node;     /* the child (one reference held) */
-    vd_node *parent;
-    char *name;        /* "file", "backing", "data-file" */
+    vd_node *parent;   /* NULL for a user */
+    char *name;        /* "file", "backing", "data-file"; "root" for users */
+    char *user_desc;   /* users: how messages name them ("an unnamed
+                          block device"); NULL for node edges */
     unsigned role;     /* VD_ROLE_* */
+    unsigned perm;     /* VD_PERM_* this edge holds on @node */
+    unsigned shared;   /* VD_PERM_* it lets the other edges hold */
     vd_child *next;    /* in parent->children */
+    vd_child *next_parent; /* in node->parents, newest first */
+    /* Scratch of a permission transaction (perm.c). */
+    unsigned tran_perm, tran_shared;
+    bool tran_saved;
+};
+
+/* A user of a node: an edge without a parent node. */
+struct vd_user {
+    vd_child edge;
 };
 
 /* I/O limits a driver sets in open() or refresh_limits(). 0 = no limit. */
@@ -101,7 +122,18 @@ struct vd_node {
     bool discard_unmap;        /* discard=unmap (else ignored at the top) */
 
     vd_child *children;        /* all children, in attach order */
-    int n_parents;             /* how many vd_child point at this node */
+    vd_child *parents;         /* every edge pointing here (parent nodes'
+                                  children and users), newest first */
+    int n_parents;             /* how many of them come from parent nodes */
+    /* Committed cumulative permissions of the edges in @parents: the OR
+     * of what they hold, the AND of what they share (perm.c). */
+    unsigned perm, shared;
+    vd_user *opener;           /* the user vd_open() attached, or NULL */
+    struct vd_op_blockers *op_blockers; /* or NULL (perm.c) */
+    vd_blocker *backing_blocker; /* what this node installs on its
+                                    backing node (perm.c) */
+    unsigned tran_visit;       /* perm.c: visited mark of a walk */
+    unsigned tran_perm, tran_shared; /* perm.c: a transaction's values */
     vd_opts *open_opts;        /* the driver's options, for reopening */
     /* Active dirty bitmaps (block jobs, backup); snapshot goto refuses
      * to run while there are any. */
@@ -220,6 +252,31 @@ struct vd_driver {
     /* Sets limits after open or when children change. */
     void (*refresh_limits)(vd_node *node);
 
+    /*
+     * Permissions (docs/permissions.md). child_perm decides what @node
+     * takes on its child @c (*nperm) and lets others take (*nshared),
+     * given the cumulative permissions of @node's own parents and users
+     * (@perm held, @shared shared). It may look at @c->role, at
+     * node->read_only (already the value being switched to during a
+     * reopen) and at its own state (it is called before open, with the
+     * state zeroed, and again after). Absent: vd_default_child_perm().
+     */
+    void (*child_perm)(vd_node *node, const vd_child *c, unsigned perm,
+                       unsigned shared, unsigned *nperm, unsigned *nshared);
+    /*
+     * For drivers that enforce permissions outside the process (the file
+     * driver's lock bytes). check_perm: the node's cumulative permissions
+     * are about to become @perm/@shared; hold what both the old and the
+     * new ones need and fail (-EBUSY with the message) on a conflict.
+     * Exactly one of set_perm (now hold only the new ones) or abort_perm
+     * (back to the old ones) follows a successful check_perm; neither
+     * may fail. All three run with the graph's permission lock held.
+     */
+    int (*check_perm)(vd_node *node, unsigned perm, unsigned shared,
+                      vd_error *err);
+    void (*set_perm)(vd_node *node, unsigned perm, unsigned shared);
+    void (*abort_perm)(vd_node *node);
+
     /* Consistency check (and repair when @fix has VD_CHECK_FIX_*). */
     int (*check)(vd_node *node, vd_check_result *res, unsigned fix,
                  vd_error *err);
@@ -281,11 +338,15 @@ int vd_node_open(vd_node **out, const char *filename, const vd_driver *drv,
 void vd_node_ref(vd_node *node);
 void vd_node_unref(vd_node *node);
 
-/* Attaches @child_node under @parent in role @name. Takes over the
- * caller's reference to @child_node. Returns the child or NULL (ENOMEM). */
+/* Attaches @child_node under @parent in role @name and takes the
+ * permissions @parent's driver asks for it, checking the subgraph below
+ * (perm.c). Takes over the caller's reference to @child_node on
+ * success. Returns the child, or NULL with @err set (ENOMEM, or a
+ * permission conflict); the caller keeps its reference then. */
 vd_child *vd_node_attach_child(vd_node *parent, vd_node *child_node,
-                               const char *name, unsigned role);
-/* Detaches and unrefs a child. */
+                               const char *name, unsigned role,
+                               vd_error *err);
+/* Detaches and unrefs a child; the permissions it held are released. */
 void vd_node_detach_child(vd_node *parent, vd_child *child);
 
 /* Creates a protocol file (the "file" driver's create) for format
@@ -317,6 +378,46 @@ void vd_node_drain_end(vd_node *node);
 /* Calls @fn for every open node (under the graph lock: @fn must not
  * open or close nodes). */
 void vd_foreach_node(void (*fn)(vd_node *node, void *opaque), void *opaque);
+
+/* ---- permissions and operation blockers (perm.c) ---- */
+
+/* QEMU's default permissions of a child by its role: filtered children
+ * get the parent's permissions passed through; backing (COW) children
+ * are only read; storage (DATA/METADATA) children of a writable node are
+ * written and resized, and their metadata is never shared for writing
+ * (docs/permissions.md has the table). */
+void vd_default_child_perm(vd_node *node, const vd_child *c, unsigned perm,
+                           unsigned shared, unsigned *nperm,
+                           unsigned *nshared);
+
+/* Recomputes the permissions of @node's edges to its children and of
+ * every node below, checks them (conflicts between the edges of one
+ * node, writers on read-only nodes, other processes through
+ * check_perm) and commits them; on failure nothing changes and @err
+ * names the conflict. Call after anything that changes what a node's
+ * driver asks of its children (open, reopen, its options). */
+int vd_node_refresh_perms(vd_node *node, vd_error *err);
+
+/* The permissions @node and the children a reopen switches along (not
+ * its backing chain) would have once switched to @read_only: checked
+ * only, or with @commit also taken (the read-only flags themselves are
+ * left alone: the reopen sets them). */
+int vd_node_reopen_perms(vd_node *node, bool read_only, bool commit,
+                         vd_error *err);
+
+/* Edges into @node: links @c into node->parents (newest first) /
+ * unlinks it, without touching permissions. */
+void vd_node_link_parent(vd_node *node, vd_child *c);
+void vd_node_unlink_parent(vd_node *node, vd_child *c);
+
+/* The opener of a node vd_open() returns: a user that holds no node
+ * reference of its own (the caller's handle is the reference). */
+int vd_node_attach_opener(vd_node *node, unsigned perm, unsigned shared,
+                          vd_error *err);
+void vd_node_drop_opener(vd_node *node);
+
+/* Drops every blocker of @node's operation table (node.c at free). */
+void vd_node_free_op_blockers(vd_node *node);
 
 /* Emits a warning through the warning handler (unless VD_NODE_QUIET). */
 void vd_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -235,6 +235,19 @@ VD_API int vd_commit(vd_node *top, vd_node *base, unsigned flags,
             return r;
         }
     }
+    /* The commit writes (and may grow) the base: it holds that as a
+     * user, as QEMU's commit job does, so whoever relies on the base
+     * not changing in this process or another one refuses. */
+    vd_user *writer = NULL;
+    r = vd_user_new(&writer, base, "commit job 'commit'",
+                    VD_PERM_CONSISTENT_READ | VD_PERM_WRITE | VD_PERM_RESIZE,
+                    VD_PERM_CONSISTENT_READ | VD_PERM_WRITE |
+                    VD_PERM_WRITE_UNCHANGED, err);
+    if (r < 0) {
+        if (was_ro)
+            vd_node_reopen(base, base->flags & ~VD_NODE_RDWR, NULL);
+        return r;
+    }
     vd_node_drain_begin(top);
     if (base_len < top_len)
         r = vd_node_truncate(base, (uint64_t)top_len, false, VD_PREALLOC_OFF,
@@ -245,6 +258,7 @@ VD_API int vd_commit(vd_node *top, vd_node *base, unsigned flags,
     if (r == 0)
         r = vd_node_flush(base, err);
     vd_node_drain_end(top);
+    vd_user_free(&writer);
     /* Emptying the top only makes sense when it reads through to the base
      * directly; with layers in between it stays as it is (qemu's -b). */
     if (r == 0 && !(flags & VD_COMMIT_KEEP_TOP) && base == immediate) {
@@ -424,9 +438,10 @@ VD_API int vd_rebase(vd_node *top, const char *backing,
         if (top->backing)
             vd_node_detach_child(top, top->backing);
         if (new_b && !vd_node_attach_child(top, new_b, "backing",
-                                           VD_ROLE_COW | VD_ROLE_DATA)) {
+                                           VD_ROLE_COW | VD_ROLE_DATA,
+                                           err)) {
             vd_node_unref(new_b);
-            return vd_error_set(err, -ENOMEM, "Out of memory");
+            return err && err->code ? err->code : -ENOMEM;
         }
         return 0;
     }

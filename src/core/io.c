@@ -960,6 +960,20 @@ int vd_child_pwrite(vd_child *c, uint64_t off, const void *buf,
 
 /* ---- the public entry points ---- */
 
+/* A write through the public API needs a user that holds the write
+ * permission (the opener of a writable vd_open(), an export): a node
+ * opened with VD_O_NO_USER, or one whose users gave up writing, refuses
+ * instead of writing under the graph's rules. Read-only nodes answer
+ * -EROFS below as before. */
+static int check_write_perm(vd_node *n, vd_error *err)
+{
+    if (n->read_only || (n->perm & VD_PERM_WRITE))
+        return 0;
+    return vd_error_set(err, -EPERM, "%s: no user of node '%s' holds the "
+                        "write permission", n->filename ? n->filename : "",
+                        n->node_name);
+}
+
 static int check_request(vd_node *n, uint64_t off, uint64_t len,
                          vd_error *err)
 {
@@ -999,6 +1013,8 @@ static int top_pwritev(vd_node *node, const struct iovec *iov, int iovcnt,
     vd_iov v;
     vd_iov_init_external(&v, iov, iovcnt);
     int r = check_request(node, offset, v.size, err);
+    if (r == 0)
+        r = check_write_perm(node, err);
     if (r < 0)
         return r;
     if (node->writethrough)
@@ -1024,6 +1040,8 @@ static int top_write_zeroes(vd_node *node, uint64_t len, uint64_t offset,
                             unsigned flags, vd_error *err)
 {
     int r = check_request(node, offset, len, err);
+    if (r == 0)
+        r = check_write_perm(node, err);
     if (r < 0)
         return r;
     if (node->writethrough)
@@ -1035,6 +1053,8 @@ static int top_discard(vd_node *node, uint64_t len, uint64_t offset,
                        vd_error *err)
 {
     int r = check_request(node, offset, len, err);
+    if (r == 0)
+        r = check_write_perm(node, err);
     if (r < 0)
         return r;
     return vd_node_pdiscard(node, offset, len, err);
@@ -1142,9 +1162,21 @@ VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,
     if (cur >= 0 && size < (uint64_t)cur && !allow_shrink)
         return vd_error_set(err, -EINVAL, "Use the --shrink option to "
                             "perform a shrink operation.");
+    if (vd_op_is_blocked(node, VD_OP_RESIZE, err))
+        return -EBUSY;
+    /* Resizing needs the resize permission: unless a user of the node
+     * holds it already, take it for the duration, so a format above or
+     * an export that relies on the size (or another process) refuses. */
+    vd_user *tmp = NULL;
+    if (!(node->perm & VD_PERM_RESIZE)) {
+        r = vd_user_new(&tmp, node, NULL, VD_PERM_RESIZE, VD_PERM_ALL, err);
+        if (r < 0)
+            return r;
+    }
     vd_node_drain_begin(node);
     r = vd_node_truncate(node, size, true, prealloc, err);
     vd_node_drain_end(node);
+    vd_user_free(&tmp);
     return r;
 }
 

@@ -166,6 +166,7 @@ static vd_node *node_new(const vd_driver *drv)
     }
     n->drv = drv;
     n->bl.request_alignment = 1;
+    n->shared = VD_PERM_ALL; /* no edges yet: nothing held, all shared */
     atomic_init(&n->refcnt, 1);
     atomic_init(&n->total_size, 0);
     pthread_mutex_init(&n->lock, NULL);
@@ -175,8 +176,10 @@ static vd_node *node_new(const vd_driver *drv)
 
 static void node_free(vd_node *n)
 {
+    vd_node_drop_opener(n);
     while (n->children)
         vd_node_detach_child(n, n->children);
+    vd_node_free_op_blockers(n);
     if (n->node_name)
         unregister_node(n);
     pthread_mutex_destroy(&n->lock);
@@ -189,50 +192,6 @@ static void node_free(vd_node *n)
     vd_opts_free(&n->open_opts);
     free(n->opaque);
     free(n);
-}
-
-vd_child *vd_node_attach_child(vd_node *parent, vd_node *child_node,
-                               const char *name, unsigned role)
-{
-    vd_child *c = calloc(1, sizeof(*c));
-    if (!c)
-        return NULL;
-    c->name = strdup(name);
-    if (!c->name) {
-        free(c);
-        return NULL;
-    }
-    c->node = child_node;
-    c->parent = parent;
-    child_node->n_parents++;
-    c->role = role;
-    vd_child **p = &parent->children;
-    while (*p)
-        p = &(*p)->next;
-    *p = c;
-    if (strcmp(name, "file") == 0)
-        parent->file = c;
-    else if (strcmp(name, "backing") == 0)
-        parent->backing = c;
-    return c;
-}
-
-void vd_node_detach_child(vd_node *parent, vd_child *child)
-{
-    for (vd_child **p = &parent->children; *p; p = &(*p)->next) {
-        if (*p == child) {
-            *p = child->next;
-            break;
-        }
-    }
-    if (parent->file == child)
-        parent->file = NULL;
-    if (parent->backing == child)
-        parent->backing = NULL;
-    child->node->n_parents--;
-    vd_node_unref(child->node);
-    free(child->name);
-    free(child);
 }
 
 void vd_node_ref(vd_node *node)
@@ -309,7 +268,10 @@ int vd_node_open_driver(vd_node *n, unsigned flags, vd_error *err)
     return 0;
 }
 
-/* Reopens the children that hold @n's data (not its backing chain). */
+static int node_reopen(vd_node *n, unsigned flags, bool top, vd_error *err);
+
+/* Reopens the children that hold @n's data (not its backing chain); the
+ * permissions were settled for the whole subtree by @n's reopen. */
 static int reopen_children(vd_node *n, bool rw, vd_error *err)
 {
     for (vd_child *c = n->children; c; c = c->next) {
@@ -317,7 +279,7 @@ static int reopen_children(vd_node *n, bool rw, vd_error *err)
             continue;
         unsigned f = rw ? c->node->flags | VD_NODE_RDWR
                         : c->node->flags & ~VD_NODE_RDWR;
-        int r = vd_node_reopen(c->node, f, err);
+        int r = node_reopen(c->node, f, false, err);
         if (r < 0)
             return r;
     }
@@ -326,15 +288,33 @@ static int reopen_children(vd_node *n, bool rw, vd_error *err)
 
 int vd_node_reopen(vd_node *n, unsigned flags, vd_error *err)
 {
+    return node_reopen(n, flags, true, err);
+}
+
+/* @top: the node the caller reopens (its permissions are checked and
+ * refreshed for it and everything below); else a child reopened along. */
+static int node_reopen(vd_node *n, unsigned flags, bool top, vd_error *err)
+{
     if (flags == n->flags && !n->broken)
         return 0;
     unsigned old = n->flags;
     bool to_rw = (flags & VD_NODE_RDWR) && !(old & VD_NODE_RDWR);
+    bool to_ro = !(flags & VD_NODE_RDWR) && (old & VD_NODE_RDWR);
+    int r = 0;
+    /* Permissions first, before anything is closed: going read-write
+     * needs write on the files below (checked against every other user
+     * and process, and taken now, so nothing is written unlocked);
+     * going read-only must not leave a writer above without its write
+     * (checked only: the write stays until the caches are written). */
+    if (top && (to_rw || to_ro)) {
+        r = vd_node_reopen_perms(n, to_ro, to_rw, err);
+        if (r < 0)
+            return r;
+    }
     vd_node_drain_begin(n);
     /* Going read-write, the children must be writable before the driver
      * opens; going read-only, the driver writes its caches on close while
      * the children still accept writes. */
-    int r = 0;
     if (to_rw)
         r = reopen_children(n, true, err);
     if (r == 0) {
@@ -351,6 +331,10 @@ int vd_node_reopen(vd_node *n, unsigned flags, vd_error *err)
         reopen_children(n, (old & VD_NODE_RDWR) != 0, NULL);
         vd_node_open_driver(n, old, NULL);
     }
+    /* The permissions follow the mode the node ended up in (the check
+     * above made sure this cannot conflict). */
+    if (top)
+        vd_node_refresh_perms(n, NULL);
     vd_node_drain_end(n);
     return r;
 }
@@ -359,7 +343,19 @@ VD_API int vd_reopen(vd_node *node, bool read_write, vd_error *err)
 {
     unsigned f = read_write ? node->flags | VD_NODE_RDWR
                             : node->flags & ~VD_NODE_RDWR;
+    /* The opener follows the node's mode: it gives up writing before a
+     * switch to read-only and writes again after a switch to read-write
+     * (other users keep what they hold, and may refuse the switch). */
+    unsigned perm = 0, shared = VD_PERM_ALL;
+    if (node->opener)
+        vd_user_get_perm(node->opener, &perm, &shared);
+    if (!read_write && node->opener && (perm & VD_PERM_WRITE))
+        vd_user_set_perm(node->opener, perm & ~VD_PERM_WRITE, shared, NULL);
     int r = vd_node_reopen(node, f, err);
+    if (r == 0 && read_write && node->opener)
+        r = vd_user_set_perm(node->opener, perm | VD_PERM_WRITE, shared, err);
+    else if (r < 0 && node->opener)
+        vd_user_set_perm(node->opener, perm, shared, NULL);
     if (r < 0 && !err)
         return r;
     if (r == -EACCES || r == -EROFS || r == -EPERM)
@@ -602,6 +598,12 @@ static int node_open_one(vd_node **out, const char *filename,
         }
     }
 
+    if ((flags & VD_NODE_FORCE_SHARE) && (flags & VD_NODE_RDWR)) {
+        r = vd_error_set(err, -EINVAL, "force-share=on can only be used "
+                         "with read-only images");
+        goto fail_early;
+    }
+
     if (!drv && (flags & VD_NODE_PROTOCOL))
         drv = protocol_for_filename(filename);
 
@@ -716,23 +718,29 @@ static int node_open_one(vd_node **out, const char *filename,
         r = vd_error_set(err, -ENOMEM, "Out of memory");
         goto fail_early;
     }
+    /* Named before its file is attached: permission conflicts name the
+     * new node. */
+    r = register_node(node, node_name, err);
+    if (r < 0) {
+        vd_node_unref(file);
+        node_free(node);
+        goto fail_early;
+    }
     if (file) {
         unsigned role = drv->is_filter
             ? VD_ROLE_FILTERED | VD_ROLE_PRIMARY
             : VD_ROLE_DATA | VD_ROLE_METADATA | VD_ROLE_PRIMARY;
-        if (!vd_node_attach_child(node, file, "file", role)) {
+        /* The driver's permissions on its file (a writable format:
+         * write, and nobody else may) are taken here, before the
+         * driver's open reads or writes anything. */
+        if (!vd_node_attach_child(node, file, "file", role, err)) {
             vd_node_unref(file);
             node_free(node);
-            r = vd_error_set(err, -ENOMEM, "Out of memory");
+            r = err && err->code ? err->code : -ENOMEM;
             goto fail_early;
         }
         /* A format node inherits its file's memory alignment. */
         node->bl.min_mem_alignment = file->bl.min_mem_alignment;
-    }
-    r = register_node(node, node_name, err);
-    if (r < 0) {
-        node_free(node);
-        goto fail_early;
     }
     /* Kept so that a snapshot revert through a fallback child can
      * reopen this driver with the same options. */
@@ -747,6 +755,15 @@ static int node_open_one(vd_node **out, const char *filename,
         /* The driver's state may be partial: close is not called. */
         node_free(node);
         goto fail_early;
+    }
+    /* What the driver needs from its children may depend on what its
+     * open found (raw's window, qcow2's data file). */
+    if (node->children) {
+        r = vd_node_refresh_perms(node, err);
+        if (r < 0) {
+            vd_node_unref(node);
+            goto fail_early;
+        }
     }
     if (drv->refresh_limits)
         drv->refresh_limits(node);
@@ -847,9 +864,9 @@ static int open_backing_chain(vd_node *top, const char *top_backing,
             free(full);
             vd_node_ref(existing);
             if (!vd_node_attach_child(cur, existing, "backing",
-                                      VD_ROLE_COW | VD_ROLE_DATA)) {
+                                      VD_ROLE_COW | VD_ROLE_DATA, err)) {
                 vd_node_unref(existing);
-                r = vd_error_set(err, -ENOMEM, "Out of memory");
+                r = err && err->code ? err->code : -ENOMEM;
             }
             break;
         }
@@ -859,6 +876,25 @@ static int open_backing_chain(vd_node *top, const char *top_backing,
             if (!bdrv) {
                 r = vd_error_set(err, -EINVAL, "Could not open backing file: "
                                  "Unknown driver '%s'", cur->backing_format);
+                free(full);
+                if (o != bopts)
+                    vd_opts_free(&o);
+                break;
+            }
+        }
+        /* A loop is found before the file is opened again: a second
+         * open of a layer above would conflict with that layer's own
+         * locks and hide the real fault. */
+        struct stat bst;
+        if (full && !strstr(full, "://") && !vd_opts_get(o, "file.filename")
+            && stat(full, &bst) == 0) {
+            for (size_t i = 0; i < nids && r == 0; i++) {
+                if (ids[i].dev == bst.st_dev && ids[i].ino == bst.st_ino)
+                    r = vd_error_set(err, -ELOOP, "Backing chain of '%s' "
+                                     "loops back to '%s'", top->filename,
+                                     full);
+            }
+            if (r < 0) {
                 free(full);
                 if (o != bopts)
                     vd_opts_free(&o);
@@ -917,8 +953,9 @@ static int open_backing_chain(vd_node *top, const char *top_backing,
         }
         free(full);
         if (r == 0 && !vd_node_attach_child(cur, b, "backing",
-                                            VD_ROLE_COW | VD_ROLE_DATA)) {
-            r = vd_error_set(err, -ENOMEM, "Out of memory");
+                                            VD_ROLE_COW | VD_ROLE_DATA,
+                                            err)) {
+            r = err && err->code ? err->code : -ENOMEM;
         }
         if (r < 0) {
             vd_node_unref(b);
@@ -1097,6 +1134,21 @@ VD_API int vd_open(vd_node **out, const char *filename, const char *format,
                           VD_O_FORCE_SHARE | VD_O_NO_IO | VD_O_QUIET);
     int r = vd_node_open(out, filename, drv, o, f, err);
     vd_opts_free(&o);
+    if (r < 0 || (flags & VD_O_NO_USER))
+        return r;
+    /* The opener: what a QEMU tool's block backend takes. A "read-only"
+     * option may have made the node read-only despite VD_O_RDWR. */
+    vd_node *n = *out;
+    unsigned perm = (flags & VD_O_NO_IO) ? 0 : VD_PERM_CONSISTENT_READ;
+    if (!n->read_only)
+        perm |= VD_PERM_WRITE;
+    if (flags & VD_O_RESIZE)
+        perm |= VD_PERM_RESIZE;
+    r = vd_node_attach_opener(n, perm, VD_PERM_ALL, err);
+    if (r < 0) {
+        *out = NULL;
+        vd_node_unref(n);
+    }
     return r;
 }
 
@@ -1109,6 +1161,8 @@ VD_API int vd_close(vd_node **node, vd_error *err)
     int r = 0;
     if (!n->read_only)
         r = vd_node_flush(n, err);
+    /* The caller's handle goes, and with it what it held. */
+    vd_node_drop_opener(n);
     vd_node_unref(n);
     return r;
 }

@@ -148,6 +148,8 @@ VD_API int vd_snapshot_create(vd_node *node, const vd_snapshot_info *sn,
                             node_label(node));
     if (!sn->name)
         return vd_error_set(err, -EINVAL, "A snapshot needs a name");
+    if (vd_op_is_blocked(node, VD_OP_INTERNAL_SNAPSHOT, err))
+        return -EBUSY;
     vd_node_drain_begin(node);
     int r = snapshot_create_node(node, sn, err);
     vd_node_drain_end(node);
@@ -218,6 +220,8 @@ VD_API int vd_snapshot_goto(vd_node *node, const char *id_or_name,
     if (node->read_only)
         return vd_error_set(err, -EROFS, "Device '%s' is read-only",
                             node_label(node));
+    if (vd_op_is_blocked(node, VD_OP_SNAPSHOT_GOTO, err))
+        return -EBUSY;
     vd_node_drain_begin(node);
     int r = snapshot_goto_node(node, id_or_name, err);
     vd_node_drain_end(node);
@@ -247,6 +251,8 @@ VD_API int vd_snapshot_delete(vd_node *node, const char *id,
     if (!id && !name)
         return vd_error_set(err, -EINVAL, "snapshot_id and name are both "
                             "NULL");
+    if (vd_op_is_blocked(node, VD_OP_INTERNAL_SNAPSHOT_DELETE, err))
+        return -EBUSY;
     vd_node_drain_begin(node);
     int r = snapshot_delete_node(node, id, name, err);
     vd_node_drain_end(node);
@@ -263,6 +269,8 @@ VD_API int vd_snapshot_load_tmp(vd_node *node, const char *id,
                             "NULL");
     if (!node->read_only)
         return vd_error_set(err, -EINVAL, "Device is not readonly");
+    if (vd_op_is_blocked(node, VD_OP_SNAPSHOT_GOTO, err))
+        return -EBUSY;
     if (node->drv->snapshot_load_tmp) {
         vd_node_drain_begin(node);
         int r = node->drv->snapshot_load_tmp(node, id, name, err);

@@ -18,6 +18,7 @@
  * allocated data to read.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <pthread.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -40,17 +41,14 @@
 #define FILE_ZERO_CHUNK (64 * 1024)
 
 /*
- * QEMU's block permissions in the order of their lock bytes. A process
- * holding permission i keeps a shared lock on byte 100+i; one that does
- * not let others hold permission i keeps a shared lock on byte 200+i.
+ * The lock bytes QEMU's file-posix driver uses, so that QEMU's tools and
+ * vdisk see each other: a process whose node holds permission bit i
+ * (VD_PERM_*, in QEMU's order) keeps a shared OFD lock on byte 100+i;
+ * one that does not share bit i keeps a shared lock on byte 200+i. A
+ * conflict is another open file description holding the opposite byte,
+ * which a test for a write lock finds (our own locks never conflict
+ * with us).
  */
-enum {
-    PERM_CONSISTENT_READ = 1u << 0,
-    PERM_WRITE           = 1u << 1,
-    PERM_WRITE_UNCHANGED = 1u << 2,
-    PERM_RESIZE          = 1u << 3,
-    PERM_ALL             = 0xf,
-};
 #define PERM_COUNT 4
 #define LOCK_PERM_BASE   100
 #define LOCK_SHARED_BASE 200
@@ -90,6 +88,14 @@ typedef struct file_state {
      */
     bool serialize_writes;
     pthread_mutex_t write_lock;     /* valid while fd >= 0 */
+    /* Locking: whether lock bytes are used at all (locking=off, or
+     * auto on a filesystem without OFD locks: no), and the permissions
+     * whose bytes are held now (set_perm/abort_perm bring them back to
+     * the committed ones after check_perm took the union). */
+    bool use_lock;
+    bool lock_auto;
+    unsigned locked_perm;
+    unsigned locked_unshared;
 } file_state;
 
 /* ---------------------------------------------------------------- */
@@ -115,96 +121,165 @@ static int lock_byte(int fd, int cmd, short type, off_t byte, short *held)
 }
 
 /*
- * Takes the lock bytes for holding @perm while sharing @shared, then
- * checks that no other open file description conflicts. Returns 0,
- * -EBUSY on a conflict, or another negative errno when the filesystem
- * has no OFD locks (the caller decides whether that matters).
+ * Holds the bytes of @perm and of @unshared; with @unlock also releases
+ * the others (a commit), else only adds (a check keeps the old and the
+ * new ones until the graph decides). Returns 0, or -errno with the
+ * failing byte in *@failed.
  */
-static int file_lock(int fd, unsigned perm, unsigned shared,
-                     const char *filename, vd_error *err)
+static int apply_lock_bytes(int fd, unsigned perm, unsigned unshared,
+                            bool unlock, int *failed)
 {
-    int ret;
-    short held;
-
     for (int i = 0; i < PERM_COUNT; i++) {
-        unsigned bit = 1u << i;
+        static const int base[2] = { LOCK_PERM_BASE, LOCK_SHARED_BASE };
+        const unsigned want[2] = { perm, unshared };
 
-        if (perm & bit) {
-            ret = lock_byte(fd, F_OFD_SETLK, F_RDLCK, LOCK_PERM_BASE + i,
-                            NULL);
-            if (ret < 0) {
-                goto lock_failed;
+        for (int k = 0; k < 2; k++) {
+            int byte = base[k] + i;
+            int ret = 0;
+
+            if (want[k] & (1u << i)) {
+                ret = lock_byte(fd, F_OFD_SETLK, F_RDLCK, byte, NULL);
+            } else if (unlock) {
+                ret = lock_byte(fd, F_OFD_SETLK, F_UNLCK, byte, NULL);
             }
-        }
-        if (!(shared & bit)) {
-            ret = lock_byte(fd, F_OFD_SETLK, F_RDLCK, LOCK_SHARED_BASE + i,
-                            NULL);
             if (ret < 0) {
-                goto lock_failed;
-            }
-        }
-    }
-
-    /* A test for a write lock fails exactly when somebody else holds the
-     * byte (our own locks never conflict with us). */
-    for (int i = 0; i < PERM_COUNT; i++) {
-        unsigned bit = 1u << i;
-
-        if (perm & bit) {
-            ret = lock_byte(fd, F_OFD_GETLK, F_WRLCK, LOCK_SHARED_BASE + i,
-                            &held);
-            if (ret < 0) {
+                *failed = byte;
                 return ret;
-            }
-            if (held != F_UNLCK) {
-                return vd_error_set(err, -EBUSY,
-                                    "Failed to get \"%s\" lock",
-                                    perm_names[i]);
-            }
-        }
-        if (!(shared & bit)) {
-            ret = lock_byte(fd, F_OFD_GETLK, F_WRLCK, LOCK_PERM_BASE + i,
-                            &held);
-            if (ret < 0) {
-                return ret;
-            }
-            if (held != F_UNLCK) {
-                return vd_error_set(err, -EBUSY,
-                                    "Failed to get shared \"%s\" lock",
-                                    perm_names[i]);
             }
         }
     }
     return 0;
+}
 
-lock_failed:
+/*
+ * Tests, in QEMU's order (every held permission first, then every
+ * unshared one), whether another open file description holds a byte
+ * that conflicts with holding @perm while sharing @shared.
+ */
+static int check_lock_bytes(int fd, unsigned perm, unsigned shared,
+                            vd_error *err)
+{
+    short held;
+    int ret;
+
+    for (int i = 0; i < PERM_COUNT; i++) {
+        if (!(perm & (1u << i))) {
+            continue;
+        }
+        ret = lock_byte(fd, F_OFD_GETLK, F_WRLCK, LOCK_SHARED_BASE + i,
+                        &held);
+        if (ret < 0) {
+            return ret;
+        }
+        if (held != F_UNLCK) {
+            return vd_error_set(err, -EBUSY, "Failed to get \"%s\" lock",
+                                perm_names[i]);
+        }
+    }
+    for (int i = 0; i < PERM_COUNT; i++) {
+        if (shared & (1u << i)) {
+            continue;
+        }
+        ret = lock_byte(fd, F_OFD_GETLK, F_WRLCK, LOCK_PERM_BASE + i, &held);
+        if (ret < 0) {
+            return ret;
+        }
+        if (held != F_UNLCK) {
+            return vd_error_set(err, -EBUSY,
+                                "Failed to get shared \"%s\" lock",
+                                perm_names[i]);
+        }
+    }
+    return 0;
+}
+
+static void lock_hint(vd_error *err, const char *filename)
+{
+    if (err && !err->hint[0]) {
+        snprintf(err->hint, sizeof(err->hint),
+                 "Is another process using the image [%s]?", filename);
+    }
+}
+
+/*
+ * Takes the bytes for @perm/@shared in addition to what @s holds (or
+ * exactly them with @exact) and tests for conflicts. A filesystem
+ * without OFD locks turns locking off under locking=auto and is an
+ * error under locking=on. On failure the bytes are back to what @s
+ * held before.
+ */
+static int lock_perms(vd_node *node, file_state *s, unsigned perm,
+                      unsigned shared, vd_error *err)
+{
+    const char *filename = node->filename;
+    int failed = 0, ret;
+
+    ret = apply_lock_bytes(s->fd, s->locked_perm | perm,
+                           s->locked_unshared | (~shared & VD_PERM_ALL),
+                           false, &failed);
     if (ret == -EAGAIN || ret == -EACCES) {
-        /* Someone holds a write lock on a byte QEMU only ever locks
-         * shared: treat it as a conflict all the same. */
-        return vd_error_set(err, -EBUSY, "Failed to lock '%s'", filename);
+        /* A write lock on a byte QEMU only locks shared. */
+        ret = vd_error_set(err, -EBUSY, "Failed to lock byte %d", failed);
+    } else if (ret < 0) {
+        if (s->lock_auto) {
+            s->use_lock = false;
+            return 0;
+        }
+        return vd_error_set_errno(err, ret, "Failed to lock byte %d",
+                                  failed);
+    } else {
+        ret = check_lock_bytes(s->fd, perm, shared, err);
+        if (ret < 0 && ret != -EBUSY) {
+            ret = vd_error_set_errno(err, ret, "Failed to lock '%s'",
+                                     filename);
+        }
+        if (ret < 0) {
+            lock_hint(err, filename);
+        }
+    }
+    if (ret < 0) {
+        apply_lock_bytes(s->fd, s->locked_perm, s->locked_unshared, true,
+                         &failed);
     }
     return ret;
 }
 
-/* Applies the locking option: "off" does nothing, "auto" tolerates a
- * filesystem without OFD locks, "on" does not. */
-static int file_apply_locking(int fd, int mode, unsigned perm,
-                              unsigned shared, const char *filename,
-                              vd_error *err)
+static int file_check_perm(vd_node *node, unsigned perm, unsigned shared,
+                           vd_error *err)
 {
-    int ret;
+    file_state *s = node->opaque;
 
-    if (mode == LOCKING_OFF) {
+    if (!s->use_lock || s->fd < 0) {
         return 0;
     }
-    ret = file_lock(fd, perm, shared, filename, err);
-    if (ret == -EBUSY || ret == 0) {
-        return ret;
+    return lock_perms(node, s, perm, shared, err);
+}
+
+/* Commit and abort cannot fail: dropping a shared lock always works. */
+static void file_set_perm(vd_node *node, unsigned perm, unsigned shared)
+{
+    file_state *s = node->opaque;
+    int failed;
+
+    if (!s->use_lock || s->fd < 0) {
+        return;
     }
-    if (mode == LOCKING_AUTO) {
-        return 0;
+    s->locked_perm = perm;
+    s->locked_unshared = ~shared & VD_PERM_ALL;
+    apply_lock_bytes(s->fd, s->locked_perm, s->locked_unshared, true,
+                     &failed);
+}
+
+static void file_abort_perm(vd_node *node)
+{
+    file_state *s = node->opaque;
+    int failed;
+
+    if (!s->use_lock || s->fd < 0) {
+        return;
     }
-    return vd_error_set_errno(err, ret, "Failed to lock '%s'", filename);
+    apply_lock_bytes(s->fd, s->locked_perm, s->locked_unshared, true,
+                     &failed);
 }
 
 /* ---------------------------------------------------------------- */
@@ -376,16 +451,19 @@ static int file_open(vd_node *node, vd_opts *opts, unsigned flags,
         goto fail;
     }
 
-    if (!(flags & VD_NODE_FORCE_SHARE)) {
-        /* What qemu-nbd holds: read (and write) access, and nobody may
-         * resize the image under us. */
-        unsigned perm = PERM_CONSISTENT_READ | (rdwr ? PERM_WRITE : 0);
-
-        ret = file_apply_locking(s->fd, locking, perm,
-                                 PERM_ALL & ~PERM_RESIZE, filename, err);
+    /* The lock bytes follow the node's permissions (check_perm and
+     * friends). A node opened again (reopen) takes back what its edges
+     * hold right away; a new node holds nothing until the graph gives
+     * it edges. */
+    s->use_lock = locking != LOCKING_OFF;
+    s->lock_auto = locking == LOCKING_AUTO;
+    if (s->use_lock && (node->perm || node->shared != VD_PERM_ALL)) {
+        ret = lock_perms(node, s, node->perm, node->shared, err);
         if (ret < 0) {
             goto fail;
         }
+        s->locked_perm = node->perm;
+        s->locked_unshared = ~node->shared & VD_PERM_ALL;
     }
 
     ret = file_probe_alignment(node, s, err);
@@ -1094,12 +1172,29 @@ static int file_create(const char *filename, vd_opts *opts, vd_error *err)
                                   filename);
     }
 
-    /* Do not clobber an image that another process has open: it would
-     * hold a lock that conflicts with resizing. */
-    ret = file_apply_locking(fd, LOCKING_AUTO, PERM_WRITE | PERM_RESIZE,
-                             PERM_ALL & ~PERM_RESIZE, filename, err);
-    if (ret < 0) {
-        goto out;
+    /* Do not clobber an image that another process has open: take
+     * write and resize and let nobody else resize, as QEMU's create. */
+    {
+        const unsigned perm = VD_PERM_WRITE | VD_PERM_RESIZE;
+        const unsigned shared = VD_PERM_ALL & ~VD_PERM_RESIZE;
+        int failed;
+
+        ret = apply_lock_bytes(fd, perm, ~shared & VD_PERM_ALL, false,
+                               &failed);
+        if (ret == -EAGAIN || ret == -EACCES) {
+            ret = vd_error_set(err, -EBUSY, "Failed to lock byte %d",
+                               failed);
+            goto out;
+        }
+        if (ret == 0) {
+            ret = check_lock_bytes(fd, perm, shared, err);
+            if (ret == -EBUSY) {
+                lock_hint(err, filename);
+                goto out;
+            }
+        }
+        /* A filesystem without OFD locks: nothing to protect with. */
+        ret = 0;
     }
 
     if (ftruncate(fd, 0) < 0) {
@@ -1139,4 +1234,7 @@ const vd_driver vd_driver_file = {
     .getlength = file_getlength,
     .get_allocated_size = file_get_allocated_size,
     .truncate = file_truncate,
+    .check_perm = file_check_perm,
+    .set_perm = file_set_perm,
+    .abort_perm = file_abort_perm,
 };

@@ -488,7 +488,29 @@ static int raw_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
     return 0;
 }
 
+/*
+ * Without a window raw is a filter: its users' permissions go to the
+ * file unchanged (two writers on a raw image are allowed, as in QEMU).
+ * With a window it is a format over guest data: nobody may resize the
+ * file under the window, but it writes and resizes only when its own
+ * users do.
+ */
+static void raw_child_perm(vd_node *node, const vd_child *c, unsigned perm,
+                           unsigned shared, unsigned *nperm,
+                           unsigned *nshared)
+{
+    raw_state *s = node->opaque;
+    vd_child data = *c;
+
+    data.role = (s->offset || s->has_size) ? VD_ROLE_DATA | VD_ROLE_PRIMARY
+                                           : VD_ROLE_FILTERED | VD_ROLE_PRIMARY;
+    vd_default_child_perm(node, &data, perm, shared, nperm, nshared);
+    *nperm &= ~(VD_PERM_WRITE | VD_PERM_RESIZE);
+    *nperm |= perm & (VD_PERM_WRITE | VD_PERM_RESIZE);
+}
+
 const vd_driver vd_driver_raw = {
+    .child_perm = raw_child_perm,
     .measure = raw_measure,
     .name = "raw",
     .instance_size = sizeof(raw_state),

@@ -46,6 +46,10 @@ struct nbd_export {
     char *name;          /* may be "" (the default export) */
     char *description;   /* NULL when none */
     vd_node *node;
+    vd_user *user;       /* the export's permissions on @node, as QEMU's
+                            export block backend: read (and write), and
+                            nobody may resize the node while served */
+    vd_blocker *blocker; /* no snapshot revert under the clients */
     uint64_t size;       /* under the export lock: see nbd_export_size() */
     bool read_only;
 };
@@ -145,7 +149,10 @@ void nbd_server_set_tls(nbd_server *srv, nbd_tls_creds *creds);
 nbd_tls_creds *nbd_server_tls(const nbd_server *srv);
 
 /* Adds an export of @node named @name (unique, at most 4096 bytes).
- * Returns 0 or -EINVAL/-EEXIST/-ENOMEM with a message. */
+ * The export becomes a user of @node (vd_user_new) holding read, and
+ * write unless read-only, and not sharing resize, as qemu-nbd's export.
+ * Returns 0 or -EINVAL/-EEXIST/-ENOMEM, or the permission error
+ * (-EPERM, -EBUSY) with a message. */
 int nbd_server_add_export(nbd_server *srv, const char *name,
                           const char *description, vd_node *node,
                           vd_error *err);

@@ -45,11 +45,15 @@
  * graveyard until the server is freed because a handshake may still hold
  * its name. */
 typedef struct export_slot {
-    nbd_export pub;
+    nbd_export pub;  /* pub.user and pub.blocker: released at removal */
     unsigned users;          /* connections in transmission on it */
     bool removed;
     struct export_slot *next_dead;
 } export_slot;
+
+/* Releases what an export holds on its node and frees its slot (pub is
+ * the slot's first member). */
+static void export_free(nbd_export *exp);
 
 /* A connection as removal sees it: which export it transmits on. */
 typedef struct live_conn {
@@ -191,9 +195,7 @@ void nbd_server_free(nbd_server **psrv)
         free(srv->unix_path);
     }
     for (size_t i = 0; i < srv->nb_exports; i++) {
-        free(srv->exports[i]->name);
-        free(srv->exports[i]->description);
-        free(srv->exports[i]);
+        export_free(srv->exports[i]);
     }
     free(srv->exports);
     while (srv->graveyard) {
@@ -210,6 +212,46 @@ void nbd_server_free(nbd_server **psrv)
     close(srv->wake[1]);
     free(srv);
     *psrv = NULL;
+}
+
+static void export_free(nbd_export *exp)
+{
+    if (exp->blocker) {
+        vd_op_unblock(exp->node, VD_OP_SNAPSHOT_GOTO, exp->blocker);
+        vd_blocker_free(&exp->blocker);
+    }
+    vd_user_free(&exp->user);
+    free(exp->name);
+    free(exp->description);
+    free(exp);
+}
+
+/*
+ * Takes the export's permissions on @node as QEMU does: first read (and
+ * write) sharing everything, then resize unshared, so the conflicts are
+ * found and worded in the same order as qemu-storage-daemon's.
+ */
+static int export_take_perms(nbd_export *exp, vd_error *err)
+{
+    unsigned perm = VD_PERM_CONSISTENT_READ |
+                    (exp->read_only ? 0 : VD_PERM_WRITE);
+    int r = vd_user_new(&exp->user, exp->node, NULL, perm, VD_PERM_ALL,
+                        err);
+
+    if (r == 0) {
+        r = vd_user_set_perm(exp->user, perm,
+                             VD_PERM_ALL & ~VD_PERM_RESIZE, err);
+    }
+    if (r == 0) {
+        exp->blocker = vd_blocker_new("node is exported as '%s'",
+                                      exp->name);
+        if (!exp->blocker ||
+            vd_op_block(exp->node, VD_OP_SNAPSHOT_GOTO, exp->blocker) < 0) {
+            vd_blocker_free(&exp->blocker);
+            r = vd_error_set(err, -ENOMEM, "out of memory");
+        }
+    }
+    return r;
 }
 
 int nbd_server_add_export(nbd_server *srv, const char *name,
@@ -258,21 +300,25 @@ int nbd_server_add_export_ro(nbd_server *srv, const char *name,
     exp->size = (uint64_t)size;
     exp->read_only = read_only || vd_node_is_read_only(node);
 
+    /* A duplicate name is reported before a permission conflict, as
+     * qemu-storage-daemon does; exports change only on the caller's
+     * thread, so the name cannot be taken in between. */
     pthread_mutex_lock(&srv->elock);
-    if (nbd_server_find_export_locked(srv, name, strlen(name))) {
-        pthread_mutex_unlock(&srv->elock);
-        free(exp->name);
-        free(exp->description);
-        free(slot);
-        return vd_error_set(err, -EEXIST, "export name '%s' is used twice",
-                            name);
+    bool dup = nbd_server_find_export_locked(srv, name, strlen(name));
+    pthread_mutex_unlock(&srv->elock);
+    int r = dup ? vd_error_set(err, -EEXIST, "export name '%s' is used "
+                               "twice", name)
+                : export_take_perms(exp, err);
+    if (r < 0) {
+        export_free(exp);
+        return r;
     }
+
+    pthread_mutex_lock(&srv->elock);
     nv = realloc(srv->exports, (srv->nb_exports + 1) * sizeof(*nv));
     if (!nv) {
         pthread_mutex_unlock(&srv->elock);
-        free(exp->name);
-        free(exp->description);
-        free(slot);
+        export_free(exp);
         return vd_error_set(err, -ENOMEM, "out of memory");
     }
     srv->exports = nv;
@@ -321,6 +367,13 @@ int nbd_server_remove_export(nbd_server *srv, const char *name, bool hard,
     slot->next_dead = srv->graveyard;
     srv->graveyard = slot;
     pthread_mutex_unlock(&srv->elock);
+    /* No connection uses the node any more: its permissions go now (the
+     * name stays for clients that still list exports). */
+    if (slot->pub.blocker) {
+        vd_op_unblock(slot->pub.node, VD_OP_SNAPSHOT_GOTO, slot->pub.blocker);
+        vd_blocker_free(&slot->pub.blocker);
+    }
+    vd_user_free(&slot->pub.user);
     return 0;
 }
 

@@ -56,6 +56,21 @@ static json_object *fail_vd(qmp_error *e, const vd_error *err, int r,
     return qmp_fail(e, NULL, "%s: %s", fallback, strerror(-r));
 }
 
+/* fail_vd() for an error about @node: QMP answers, as QEMU's, do not
+ * start with the file name the library puts first. */
+static json_object *fail_vd_node(qmp_error *e, const vd_error *err, int r,
+                                 vd_node *node, const char *fallback)
+{
+    const char *f = vd_node_filename(node);
+    size_t n = f ? strlen(f) : 0;
+
+    if (n && strncmp(err->message, f, n) == 0 &&
+        strncmp(err->message + n, ": ", 2) == 0) {
+        return qmp_fail(e, NULL, "%s", err->message + n + 2);
+    }
+    return fail_vd(e, err, r, fallback);
+}
+
 static ssize_t owned_index(qmp_daemon *d, vd_node *node)
 {
     for (size_t i = 0; i < d->nb_nodes; i++) {
@@ -74,16 +89,6 @@ static qmp_export *find_export_id(qmp_daemon *d, const char *id)
         }
     }
     return NULL;
-}
-
-static bool node_exported(qmp_daemon *d, vd_node *node)
-{
-    for (size_t i = 0; i < d->nb_exports; i++) {
-        if (d->exports[i].node == node) {
-            return true;
-        }
-    }
-    return false;
 }
 
 static json_object *jint(int64_t v)
@@ -207,7 +212,10 @@ QMP_HANDLER(qmp_cmd_blockdev_add)
     }
     /* read-only is a flag here: let the children inherit it. */
     vd_opts_del(o, "read-only");
-    r = vd_open(&node, NULL, NULL, o, flags | VD_O_QUIET, &err);
+    /* A node of the daemon has no user of its own: only exports and
+     * commands that use it take permissions, as in qemu-storage-daemon. */
+    r = vd_open(&node, NULL, NULL, o, flags | VD_O_QUIET | VD_O_NO_USER,
+                &err);
     vd_opts_free(&o);
     if (r < 0) {
         return fail_vd(e, &err, r, "Could not open node");
@@ -233,8 +241,11 @@ QMP_HANDLER(qmp_cmd_blockdev_del)
         return qmp_fail(e, NULL, "Failed to find node with node-name='%s'",
                         name);
     }
-    if (node_exported(d, node)) {
+    if (vd_node_has_users(node)) {
         return qmp_fail(e, NULL, "Node %s is in use", name);
+    }
+    if (vd_op_is_blocked(node, VD_OP_DRIVE_DEL, &err)) {
+        return fail_vd(e, &err, -EBUSY, "in use");
     }
     i = owned_index(d, node);
     if (i < 0) {
@@ -562,137 +573,12 @@ QMP_HANDLER(qmp_cmd_query_blockstats)
 }
 
 /*
- * Who may resize a node. QEMU decides with its permission system: the
- * command's temporary block backend takes BLK_PERM_RESIZE on the node,
- * which fails when another user of that node, or of a node the
- * permission passes down to, does not share it. vdisk has no permission
- * system, so the helpers below answer the same question for the graphs
- * a daemon can build, with QEMU's words:
- *
- * - an NBD export never shares RESIZE (QEMU's nbd_export_create drops it
- *   from the export's shared permissions, writable or not);
- * - a format node never shares it on its storage children (qcow2's
- *   `file` and `data-file`, raw's `file` when raw shows a window of it);
- * - a filter (blkdebug, raw without offset or size) shares it on its
- *   child exactly when all of its own users share it;
- * - a backing child is shared: QEMU shares RESIZE there whenever the
- *   parent's users share WRITE, which every user here does (backing
- *   nodes are refused earlier anyway, by QEMU's op blocker).
- *
- * A resize needs RESIZE on every child reached through a non-backing
- * edge too, as QEMU's filter and storage permissions pass it on.
+ * block_resize as qemu-storage-daemon: an operation blocker (a backing
+ * node belongs to its overlay) answers "Device ... is in use"; then the
+ * command becomes a user of the node holding resize, which the core
+ * refuses with QEMU's permission conflict when an export or a format
+ * above does not share it.
  */
-
-/* True when @p is raw over a window [offset, offset + size) of its file
- * rather than the whole file (QEMU then treats it as a format, not a
- * filter). */
-static bool raw_has_window(const vd_node *p)
-{
-    const char *off = p->open_opts ? vd_opts_get(p->open_opts, "offset")
-                                   : NULL;
-    char *end;
-
-    if (p->open_opts && vd_opts_get(p->open_opts, "size")) {
-        return true;
-    }
-    if (!off) {
-        return false;
-    }
-    return strtoull(off, &end, 0) != 0 || *end != '\0';
-}
-
-/* True when the parent of @c hands its users' shared permissions on to
- * the child unchanged. */
-static bool child_passes_through(const vd_child *c)
-{
-    if (c->role & VD_ROLE_FILTERED) {
-        return true;
-    }
-    return c == c->parent->file &&
-           strcmp(vd_node_format(c->parent), "raw") == 0 &&
-           !raw_has_window(c->parent);
-}
-
-/* Formats one user of @node for a permission message: the edge @c from
- * a parent node, or a block backend (an export, or the command's own)
- * when @c is NULL. */
-static void describe_user(char *buf, size_t len, const vd_node *node,
-                          const vd_child *c)
-{
-    if (c) {
-        snprintf(buf, len, "node '%s' (uses node '%s' as '%s' child)",
-                 vd_node_name(c->parent), vd_node_name(node), c->name);
-    } else {
-        snprintf(buf, len,
-                 "an unnamed block device (uses node '%s' as 'root' child)",
-                 vd_node_name(node));
-    }
-}
-
-/* Finds a user of @node, other than the edge @except, that does not
- * share RESIZE; describes it in @buf when @buf is not NULL. */
-static bool resize_unshared(qmp_daemon *d, const node_vec *nv, vd_node *node,
-                            const vd_child *except, char *buf, size_t len)
-{
-    if (node_exported(d, node)) {
-        if (buf) {
-            describe_user(buf, len, node, NULL);
-        }
-        return true;
-    }
-    for (size_t i = 0; i < nv->n; i++) {
-        for (vd_child *c = nv->v[i]->children; c; c = c->next) {
-            if (c->node != node || c == except || (c->role & VD_ROLE_COW)) {
-                continue;
-            }
-            if (!child_passes_through(c) ||
-                resize_unshared(d, nv, c->parent, NULL, NULL, 0)) {
-                if (buf) {
-                    describe_user(buf, len, node, c);
-                }
-                return true;
-            }
-        }
-    }
-    return false;
-}
-
-/* Fails with QEMU's permission conflict when resizing @node, asked for
- * through the edge @req (NULL: by block_resize itself), is not shared by
- * every other user of it or of the children it passes RESIZE to. */
-static bool resize_conflict(qmp_daemon *d, const node_vec *nv, vd_node *node,
-                            const vd_child *req, qmp_error *e)
-{
-    char by[160], against[160];
-
-    if (resize_unshared(d, nv, node, req, against, sizeof(against))) {
-        describe_user(by, sizeof(by), node, req);
-        qmp_fail(e, NULL, "Permission conflict on node '%s': permissions "
-                 "'resize' are both required by %s and unshared by %s.",
-                 vd_node_name(node), by, against);
-        return true;
-    }
-    for (vd_child *c = node->children; c; c = c->next) {
-        if (!(c->role & VD_ROLE_COW) && resize_conflict(d, nv, c->node, c, e)) {
-            return true;
-        }
-    }
-    return false;
-}
-
-/* True when @node is some node's backing child (QEMU blocks resizing
- * those with an op blocker). */
-static bool is_backing_child(const node_vec *nv, const vd_node *node)
-{
-    for (size_t i = 0; i < nv->n; i++) {
-        const vd_child *b = nv->v[i]->backing;
-        if (b && b->node == node) {
-            return true;
-        }
-    }
-    return false;
-}
-
 QMP_HANDLER(qmp_cmd_block_resize)
 {
     const char *dev = arg_str(args, "device");
@@ -701,8 +587,7 @@ QMP_HANDLER(qmp_cmd_block_resize)
     int64_t size;
     vd_node *node = nn ? vd_find_node(nn) : NULL;
     vd_error err = VD_ERROR_INIT;
-    node_vec *nv;
-    bool refused;
+    vd_user *user = NULL;
     int r;
 
     json_object_object_get_ex(args, "size", &sz);
@@ -714,31 +599,26 @@ QMP_HANDLER(qmp_cmd_block_resize)
     if (size < 0) {
         return qmp_fail(e, NULL, "Parameter 'size' expects a >0 size");
     }
-    nv = malloc(sizeof(*nv));
-    if (!nv) {
-        return qmp_fail(e, NULL, "out of memory");
-    }
-    all_nodes(nv);
-    if (is_backing_child(nv, node)) {
+    if (vd_op_is_blocked(node, VD_OP_RESIZE, NULL)) {
         /* QEMU prints the absent device argument with glibc's "(null)". */
-        qmp_fail(e, NULL, "Device '%s' is in use", dev ? dev : "(null)");
-        refused = true;
-    } else {
-        refused = resize_conflict(d, nv, node, NULL, e);
+        return qmp_fail(e, NULL, "Device '%s' is in use",
+                        dev ? dev : "(null)");
     }
-    free(nv);
-    if (refused) {
-        return NULL;
-    }
-    if (vd_node_is_read_only(node)) {
-        return qmp_fail(e, NULL, "Image is read-only");
-    }
-    r = vd_truncate(node, (uint64_t)size, true, VD_PREALLOC_OFF, &err);
+    r = vd_user_new(&user, node, NULL, VD_PERM_RESIZE, VD_PERM_ALL, &err);
     if (r < 0) {
         return fail_vd(e, &err, r, "Could not resize");
     }
-    /* The checks above keep exported nodes at their size; this keeps an
-     * export's advertised length true should a graph escape them. */
+    if (vd_node_is_read_only(node)) {
+        vd_user_free(&user);
+        return qmp_fail(e, NULL, "Image is read-only");
+    }
+    r = vd_truncate(node, (uint64_t)size, true, VD_PREALLOC_OFF, &err);
+    vd_user_free(&user);
+    if (r < 0) {
+        return fail_vd_node(e, &err, r, node, "Could not resize");
+    }
+    /* Exports do not share resize, so none of them serves this node;
+     * this keeps an export's advertised length true all the same. */
     if (d->nbd) {
         nbd_server_update_export_size(d->nbd, node);
     }

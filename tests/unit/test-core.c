@@ -151,6 +151,11 @@ static vd_node *open_mem(mem_state *cfg, unsigned flags)
     vd_error err = VD_ERROR_INIT;
     int r = vd_node_open(&n, "mem", &mem_driver, NULL,
                          flags | VD_NODE_PROTOCOL, &err);
+    /* A user, as vd_open() attaches: public writes need one with write. */
+    if (r == 0)
+        r = vd_node_attach_opener(n, VD_PERM_CONSISTENT_READ |
+                                  (n->read_only ? 0 : VD_PERM_WRITE),
+                                  VD_PERM_ALL, &err);
     if (r < 0) {
         fprintf(stderr, "open_mem: %s\n", err.message);
         exit(1);

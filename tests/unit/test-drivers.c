@@ -772,8 +772,15 @@ static void test_locking(void)
     if (!n) {
         return;
     }
-    /* like a running QEMU, we do not let others resize the image */
-    CHECK(run("qemu-img resize -q -f raw '%s' 2M 2>/dev/null", f) != 0,
+    /* A tool's opener shares everything on raw, as qemu-io does ... */
+    CHECK(run("qemu-img resize -q -f raw '%s' 2M", f) == 0,
+          "qemu-img resize of a raw image a tool writes");
+    /* ... and like a running QEMU (an export) unsharing resize, we keep
+     * others from resizing it */
+    CHECK(vd_set_perm(n, VD_PERM_CONSISTENT_READ | VD_PERM_WRITE,
+                      VD_PERM_ALL & ~VD_PERM_RESIZE, &err) == 0,
+          "unshare resize: %s", err.message);
+    CHECK(run("qemu-img resize -q -f raw '%s' 1M 2>/dev/null", f) != 0,
           "qemu-img resize must fail while we hold the image");
     CHECK(run("qemu-img info -f raw '%s' >/dev/null 2>&1", f) == 0,
           "qemu-img info may still read it");
@@ -794,6 +801,9 @@ static void test_locking(void)
     n = open_img(f, "raw", NULL, 0, &err);
     CHECK(n, "read-only open: %s", err.message);
     if (n) {
+        CHECK(vd_set_perm(n, VD_PERM_CONSISTENT_READ,
+                          VD_PERM_ALL & ~VD_PERM_RESIZE, &err) == 0,
+              "unshare resize read-only: %s", err.message);
         vd_error cerr = VD_ERROR_INIT;
         int r = create_img(f, "raw", "size=1M", &cerr);
 

@@ -172,7 +172,10 @@ static vd_node *open_snapmem(const char *name, bool rw)
     vd_node *n = NULL;
     vd_error err = VD_ERROR_INIT;
     if (vd_node_open(&n, "mem", &snapmem_drv, o,
-                     VD_NODE_PROTOCOL | (rw ? VD_NODE_RDWR : 0), &err) < 0) {
+                     VD_NODE_PROTOCOL | (rw ? VD_NODE_RDWR : 0), &err) < 0 ||
+        vd_node_attach_opener(n, VD_PERM_CONSISTENT_READ |
+                              (rw ? VD_PERM_WRITE : 0), VD_PERM_ALL,
+                              &err) < 0) {
         fprintf(stderr, "open %s: %s\n", name, err.message);
         exit(1);
     }
@@ -187,7 +190,9 @@ static vd_node *open_filter_over(const char *name, const char *child)
     vd_opts_set(o, "file", child);
     vd_node *n = NULL;
     vd_error err = VD_ERROR_INIT;
-    if (vd_node_open(&n, NULL, &passthru_drv, o, VD_NODE_RDWR, &err) < 0) {
+    if (vd_node_open(&n, NULL, &passthru_drv, o, VD_NODE_RDWR, &err) < 0 ||
+        vd_node_attach_opener(n, VD_PERM_CONSISTENT_READ | VD_PERM_WRITE,
+                              VD_PERM_ALL, &err) < 0) {
         fprintf(stderr, "open %s: %s\n", name, err.message);
         exit(1);
     }
@@ -302,7 +307,7 @@ static void test_fallback(void)
 
     /* A second data child makes the fallback unsafe. */
     vd_node *extra = open_snapmem("fbextra", true);
-    vd_node_attach_child(top, extra, "data-file", VD_ROLE_DATA);
+    vd_node_attach_child(top, extra, "data-file", VD_ROLE_DATA, NULL);
     CHECK(!vd_snapshot_can(top), "fallback with a data-file child");
     vd_error_clear(&err);
     CHECK(vd_snapshot_goto(top, "s", &err) == -ENOTSUP &&

@@ -658,10 +658,14 @@ static int open_data_file(qcow2_state *s, vd_node *node, vd_opts *opts,
         }
     }
     s->data_file = vd_node_attach_child(node, dn, "data-file",
-                                        VD_ROLE_DATA);
+                                        VD_ROLE_DATA, err);
     if (!s->data_file) {
         vd_node_unref(dn);
-        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+        ret = err && err->code ? err->code : -ENOMEM;
+    } else if (node->file) {
+        /* The guest data lives in the data file; the file holds only
+         * metadata (what it lets others do follows from that). */
+        node->file->role &= ~VD_ROLE_DATA;
     }
 out:
     if (sub && vd_opts_count(sub) && ret == 0) {
