@@ -765,6 +765,7 @@ int cmd_convert(int argc, char **argv)
         if (vd_create(out_name, out_fmt, copts, &err) < 0) {
             cli_error("%s: error while converting %s: %s", out_name, out_fmt,
                       cli_strip_filename(err.message, out_name));
+            cli_print_hint(&err);
             goto out;
         }
     }

@@ -354,7 +354,9 @@ void vd_node_detach_child(vd_node *parent, vd_child *child);
 int vd_create_protocol(const char *filename, vd_opts *opts, vd_error *err);
 
 /* Opens @filename with the protocol driver as a standalone node, for
- * format create() functions that write their headers. */
+ * format create() functions that write their headers. With
+ * VD_NODE_RDWR the node holds write and resize and lets nobody else
+ * resize (its lock bytes say so) until it is unreferenced. */
 int vd_open_protocol(vd_node **out, const char *filename, unsigned flags,
                      vd_error *err);
 

@@ -1225,6 +1225,17 @@ int vd_open_protocol(vd_node **out, const char *filename, unsigned flags,
                          (flags | VD_NODE_PROTOCOL | VD_NODE_NO_BACKING) &
                          ~VD_NODE_QUIET, err);
     vd_opts_free(&o);
+    /* A create writing its new image holds it as QEMU's does (write and
+     * resize, nobody else resizes) until it lets go of the node. */
+    if (r == 0 && (flags & VD_NODE_RDWR)) {
+        r = vd_node_attach_opener(*out, VD_PERM_CONSISTENT_READ |
+                                  VD_PERM_WRITE | VD_PERM_RESIZE,
+                                  VD_PERM_ALL & ~VD_PERM_RESIZE, err);
+        if (r < 0) {
+            vd_node_unref(*out);
+            *out = NULL;
+        }
+    }
     return r;
 }
 

@@ -145,6 +145,9 @@ second()
     amend)    $img_tool amend -f "$fmt" -o lazy_refcounts=on "$img" ;;
     commit)   $img_tool commit -f "$fmt" "$img" ;;
     check-r)  $img_tool check -r all -f "$fmt" "$img" ;;
+    rebase)   $img_tool rebase -u -b base.qcow2 -F qcow2 -f "$fmt" "$img" ;;
+    convert)  $img_tool convert -f raw -O "$fmt" src.raw "$img" ;;
+    create)   $img_tool create -f "$fmt" "$img" 4M ;;
     serve)    serve_briefly $nbd_tool -f "$fmt" "$img" ;;
     serve-r)  serve_briefly $nbd_tool -r -f "$fmt" "$img" ;;
     esac > second.out 2> second.err || st=$?
@@ -166,13 +169,15 @@ lock_text()
 
 # ---- the matrix -------------------------------------------------------
 
-qcow2_seconds="io-w io-r io-U info info-U map resize snapshot amend commit check-r serve serve-r"
-raw_seconds="io-w io-r io-U info info-U map serve serve-r"
+# Seconds that replace the image (convert, create) come last.
+qcow2_seconds="io-w io-r io-U info info-U map resize snapshot amend commit check-r rebase serve serve-r convert create"
+raw_seconds="io-w io-r io-U info info-U map serve serve-r convert create"
 
 fresh_image()
 {
     local fmt=$1
     rm -f img base.qcow2
+    [ -f src.raw ] || $QEMU_IMG create -q -f raw src.raw 4M
     if [ "$fmt" = qcow2 ]; then
         $QEMU_IMG create -q -f qcow2 base.qcow2 4M
         $QEMU_IMG create -q -f qcow2 -b base.qcow2 -F qcow2 img
@@ -214,11 +219,12 @@ for fmt in qcow2 raw; do
                         [ "$(lock_text)" = "${want_text[$s]}" ] ||
                             fail "$fmt: $impl $s while $holder $kind holds:" \
                                  "message '$(lock_text)', QEMU '${want_text[$s]}'"
-                    elif [ "$s" = io-w ]; then
-                        wrote_second=yes
-                    elif [ "$s" = resize ] || [ "$s" = commit ]; then
-                        destroyed=yes
+                        continue
                     fi
+                    case $s in
+                    io-w) wrote_second=yes ;;
+                    resize|commit|convert|create) destroyed=yes ;;
+                    esac
                 done
                 stop_holder "$kind"
                 # Nothing the holder wrote, nor an accepted second write,
