@@ -251,3 +251,18 @@ for fmt in qcow2 raw; do
     done
 done
 echo "$pairs pairs agree with QEMU"
+
+# -U (force-share) is for readers only: a writer asking for it is refused
+# with QEMU's words, by every command that has the option.
+fresh_image qcow2
+for cmd in "io -U -c 'write 0 512'" "snapshot -U -c s" "check -U -r all"; do
+    eval "$VDISK $cmd img" > /dev/null 2> v.err && fail "vdisk $cmd accepted -U"
+    case $cmd in
+    io*) eval "$QEMU_IO ${cmd#io } img" > /dev/null 2> q.err || true ;;
+    *) eval "$QEMU_IMG $cmd img" > /dev/null 2> q.err || true ;;
+    esac
+    grep -q "force-share=on can only be used with read-only images" q.err ||
+        fail "qemu refused $cmd differently: $(cat q.err)"
+    grep -q "force-share=on can only be used with read-only images" v.err ||
+        fail "vdisk $cmd: $(cat v.err)"
+done
