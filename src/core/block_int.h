@@ -19,15 +19,17 @@
 #ifndef VDISK_CORE_BLOCK_INT_H
 #define VDISK_CORE_BLOCK_INT_H
 
+#include "internal.h"
+
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
 #include "vdisk/vdisk.h"
-#include "core/error.h"
-#include "core/iov.h"
-#include "core/opts.h"
+#include "error.h"
+#include "iov.h"
+#include "opts.h"
 
 /* Internal block status bit: the extent is stored unchanged at
  * (*map, *file): ask the file node for the real status. */
@@ -47,15 +49,6 @@
 
 typedef struct vd_driver vd_driver;
 typedef struct vd_child vd_child;
-
-/* What a child holds for its parent (QEMU's BdrvChildRole). */
-enum {
-    VD_ROLE_DATA     = 1u << 0, /* guest data */
-    VD_ROLE_METADATA = 1u << 1, /* format metadata */
-    VD_ROLE_FILTERED = 1u << 2, /* the parent is a filter over it */
-    VD_ROLE_COW      = 1u << 3, /* backing: reads through, copy-on-write */
-    VD_ROLE_PRIMARY  = 1u << 4, /* the parent's primary child */
-};
 
 struct vd_child {
     vd_node *node;     /* the child (one reference held) */
@@ -263,8 +256,7 @@ struct vd_driver {
 const vd_driver *vd_find_driver(const char *name);
 /* The @i-th registered driver, or NULL past the end (for probing). */
 const vd_driver *vd_driver_at(int i);
-/* The open node named @name, or NULL (borrowed). */
-vd_node *vd_find_node(const char *name);
+/* vd_find_node() and vd_foreach_node() are public (vdisk.h). */
 
 /* ---- node lifecycle (node.c) ---- */
 
@@ -313,10 +305,6 @@ int vd_node_open_driver(vd_node *node, unsigned flags, vd_error *err);
 /* Drain: block new requests and wait for in-flight ones (nestable). */
 void vd_node_drain_begin(vd_node *node);
 void vd_node_drain_end(vd_node *node);
-
-/* Calls @fn for every open node (under the graph lock: @fn must not
- * open or close nodes). */
-void vd_foreach_node(void (*fn)(vd_node *node, void *opaque), void *opaque);
 
 /* Emits a warning through the warning handler (unless VD_NODE_QUIET). */
 void vd_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
