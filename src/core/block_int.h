@@ -135,14 +135,18 @@ struct vd_node {
 /*
  * The driver vtable. Every callback is optional unless marked REQUIRED.
  *
- * I/O callbacks receive byte offsets and lengths. Contract: @off and
- * @bytes are multiples of bl.request_alignment, @bytes is never larger
- * than bl.max_transfer (or VD_MAX_REQUEST), and @qiov->size == @bytes.
- * Below the top node, reads are clipped by the core: the part of a read
- * past the node's length reads as zeros and the driver sees only the part
- * inside (rounded up to the alignment). Writes are not range-checked
- * below the top node: format drivers write past the end of their file
- * child to grow it (the core then updates the cached length).
+ * I/O callbacks receive byte offsets and lengths. Contract (checked by
+ * asserts in io.c in debug builds): for preadv, pwritev, pwrite_zeroes
+ * and pdiscard, @off and @bytes are multiples of bl.request_alignment,
+ * @bytes is not 0 and never larger than bl.max_transfer (or
+ * VD_MAX_REQUEST), @qiov->size == @bytes, and the writing ones are
+ * called on writable nodes only.
+ * Reads are clipped by the core: the part of a read past the node's
+ * length reads as zeros and the driver sees only the part inside
+ * (rounded up to the alignment). Writes are not range-checked below the
+ * top node: format drivers write past the end of their file child to
+ * grow it (the core then updates the cached length). block_status is
+ * asked about a non-empty range inside the node's length.
  * Callbacks return 0 or a negative errno, and may put a message into @err
  * (which may be NULL).
  */
