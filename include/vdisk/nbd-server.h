@@ -15,7 +15,7 @@
  *     vd_nbd_server *srv = vd_nbd_server_new(4, 0, true);
  *     vd_nbd_server_add_export(srv, "disk", NULL, node, &err);
  *     vd_nbd_server_listen_unix(srv, "/run/disk.sock", &err);
- *     vd_nbd_server_run(srv, &err);   // until vd_nbd_server_request_shutdown()
+ *     vd_nbd_server_run(srv, &err);  // returns after request_shutdown()
  *     vd_nbd_server_free(&srv);
  *     vd_close(&node, NULL);
  *

@@ -91,10 +91,10 @@ VD_API void vd_error_clear(vd_error *err);
  */
 
 /**
- * Records @code (a negative errno; 0 is taken as -EIO) and a printf-style
- * message in @err, unless @err is NULL or already holds an error (the
- * first error wins). The message is truncated to fit vd_error.message.
- * Returns @code, so that callers can write
+ * Records @code (a negative errno; 0 is recorded as -EIO) and a
+ * printf-style message in @err, unless @err is NULL or already holds an
+ * error (the first error wins). The message is truncated to fit
+ * vd_error.message. Returns @code as given, so that callers can write
  * `return vd_error_set(err, -EINVAL, "bad size '%s'", s);`.
  */
 VD_API int vd_error_set(vd_error *err, int code, const char *fmt, ...)
