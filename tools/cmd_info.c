@@ -2,8 +2,9 @@
  * vdisk info: qemu-img info. Each image of the chain is opened on its own
  * without its backing file (as qemu-img does, so a missing base does not
  * hide the overlay's information), described with vd_get_info() and
- * turned into qemu's ImageInfo, either as JSON (built in QAPI field order
- * and printed by json_out.c) or as qemu's human text.
+ * turned into qemu's ImageInfo, either as JSON (the library's
+ * vd_image_info_to_json(), printed in qemu's order by json_out.c) or as
+ * qemu's human text.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -18,80 +19,15 @@
 
 #define MAX_CHAIN 1024
 
-static json_object *snapshot_to_json(const vd_snapshot_info *sn)
-{
-    json_object *o = json_object_new_object();
-
-    json_object_object_add(o, "id", json_object_new_string(sn->id));
-    json_object_object_add(o, "name", json_object_new_string(sn->name));
-    json_object_object_add(o, "vm-state-size",
-                           json_object_new_int64((int64_t)sn->vm_state_size));
-    json_object_object_add(o, "date-sec", json_object_new_int64(sn->date_sec));
-    json_object_object_add(o, "date-nsec",
-                           json_object_new_int64(sn->date_nsec));
-    json_object_object_add(o, "vm-clock-sec",
-        json_object_new_int64((int64_t)(sn->vm_clock_nsec / 1000000000)));
-    json_object_object_add(o, "vm-clock-nsec",
-        json_object_new_int64((int64_t)(sn->vm_clock_nsec % 1000000000)));
-    if (sn->icount != UINT64_MAX) {
-        json_object_object_add(o, "icount",
-                               json_object_new_int64((int64_t)sn->icount));
-    }
-    return o;
-}
-
-/* qemu's ImageInfo as a json-c object, members in QAPI order. */
+/* qemu's ImageInfo as a json-c object, from the library's formatter
+ * (members in QAPI order, which json_qemu_print() relies on); NULL when
+ * out of memory. */
 static json_object *info_to_json(const vd_image_info *info)
 {
-    json_object *o = json_object_new_object();
+    char *text = vd_image_info_to_json(info);
+    json_object *o = text ? json_tokener_parse(text) : NULL;
 
-    json_object_object_add(o, "filename",
-                           json_object_new_string(info->filename));
-    json_object_object_add(o, "format", json_object_new_string(info->format));
-    if (info->has_dirty_flag) {
-        json_object_object_add(o, "dirty-flag",
-                               json_object_new_boolean(info->dirty_flag));
-    }
-    if (info->actual_size >= 0) {
-        json_object_object_add(o, "actual-size",
-                               json_object_new_int64(info->actual_size));
-    }
-    json_object_object_add(o, "virtual-size",
-                           json_object_new_int64((int64_t)info->virtual_size));
-    if (info->cluster_size) {
-        json_object_object_add(o, "cluster-size",
-                json_object_new_int64((int64_t)info->cluster_size));
-    }
-    if (info->encrypted) {
-        json_object_object_add(o, "encrypted", json_object_new_boolean(1));
-    }
-    if (info->backing_filename) {
-        json_object_object_add(o, "backing-filename",
-                json_object_new_string(info->backing_filename));
-        if (info->full_backing_filename) {
-            json_object_object_add(o, "full-backing-filename",
-                    json_object_new_string(info->full_backing_filename));
-        }
-        if (info->backing_filename_format) {
-            json_object_object_add(o, "backing-filename-format",
-                    json_object_new_string(info->backing_filename_format));
-        }
-    }
-    if (info->nb_snapshots) {
-        json_object *list = json_object_new_array();
-
-        for (size_t i = 0; i < info->nb_snapshots; i++) {
-            json_object_array_add(list, snapshot_to_json(&info->snapshots[i]));
-        }
-        json_object_object_add(o, "snapshots", list);
-    }
-    if (info->format_specific_json) {
-        json_object *fs = json_tokener_parse(info->format_specific_json);
-
-        if (fs) {
-            json_object_object_add(o, "format-specific", fs);
-        }
-    }
+    free(text);
     return o;
 }
 
@@ -308,11 +244,20 @@ int cmd_info(int argc, char **argv)
 
         if (chain) {
             top = json_object_new_array();
-            for (size_t i = 0; i < n; i++) {
-                json_object_array_add(top, info_to_json(infos[i]));
+            for (size_t i = 0; top && i < n; i++) {
+                json_object *o = info_to_json(infos[i]);
+                if (!o || json_object_array_add(top, o) < 0) {
+                    json_object_put(o);
+                    json_object_put(top);
+                    top = NULL;
+                }
             }
         } else {
             top = info_to_json(infos[0]);
+        }
+        if (!top) {
+            cli_error("Out of memory");
+            goto out;
         }
         json_qemu_print(stdout, top);
         json_object_put(top);

@@ -34,9 +34,8 @@
 
 #include "commands.h"
 #include "util.h"
-#include "nbd/nbd-server.h"
-#include "nbd/tls.h"
-#include "qmp/qmp.h"
+#include "qmp.h"
+#include "vdisk/nbd-server.h"
 #include "vdisk/vdisk.h"
 
 #define SERVE_DEFAULT_PORT "10809"
@@ -148,13 +147,13 @@ static void serve_usage(void)
 "  -h, --help               this help\n", SERVE_WORKERS);
 }
 
-static nbd_server *the_server;
+static vd_nbd_server *the_server;
 
 static void on_signal(int sig)
 {
     (void)sig;
     if (the_server) {
-        nbd_server_request_shutdown(the_server);
+        vd_nbd_server_request_shutdown(the_server);
     }
 }
 
@@ -446,8 +445,8 @@ int cmd_serve(int argc, char **argv)
     int nimages = 0, ret = 1, ready_fd = -1, c;
     vd_opts *opts = NULL;
     vd_error err = VD_ERROR_INIT;
-    nbd_server *srv = NULL;
-    nbd_tls_creds *creds = NULL;
+    vd_nbd_server *srv = NULL;
+    vd_nbd_tls_creds *creds = NULL;
     struct sigaction sa;
     const char *daemon_opts[D_KINDS][SERVE_MAX_DAEMON_OPTS];
     int ndaemon[D_KINDS] = { 0 };
@@ -559,7 +558,7 @@ int cmd_serve(int argc, char **argv)
             break;
         case SERVE_OPT_OBJECT:
             vd_error_clear(&err);
-            if (nbd_tls_add_object(optarg, &err) < 0) {
+            if (vd_nbd_tls_add_object(optarg, &err) < 0) {
                 fprintf(stderr, "vdisk serve: %s\n", err.message);
                 goto out;
             }
@@ -590,12 +589,12 @@ int cmd_serve(int argc, char **argv)
     if (tls_creds) {
         /* Checked before any image is opened, as qemu-nbd does. */
         vd_error_clear(&err);
-        creds = nbd_tls_creds_get(tls_creds, &err);
+        creds = vd_nbd_tls_creds_get(tls_creds, &err);
         if (!creds) {
             fprintf(stderr, "vdisk serve: %s\n", err.message);
             goto out;
         }
-        if (!nbd_tls_creds_is_server(creds)) {
+        if (!vd_nbd_tls_creds_is_server(creds)) {
             fprintf(stderr, "vdisk serve: Expecting TLS credentials with a "
                     "server endpoint\n");
             goto out;
@@ -631,21 +630,21 @@ int cmd_serve(int argc, char **argv)
         fprintf(stderr, "vdisk serve: more -x/-D options than images\n");
         goto out;
     }
-    srv = nbd_server_new(workers, shared, persistent);
+    srv = vd_nbd_server_new(workers, shared, persistent);
     if (!srv) {
         fprintf(stderr, "vdisk serve: out of memory\n");
         goto out;
     }
-    nbd_server_set_tls(srv, creds);
+    vd_nbd_server_set_tls(srv, creds);
     creds = NULL;
     if (sockpath &&
-        nbd_server_listen_unix(srv, sockpath, &err) < 0) {
+        vd_nbd_server_listen_unix(srv, sockpath, &err) < 0) {
         fprintf(stderr, "vdisk serve: %s\n", err.message);
         goto out;
     }
     if ((!sockpath || bind_addr || port) &&
-        nbd_server_listen_tcp(srv, bind_addr ? bind_addr : "0.0.0.0",
-                              port ? port : SERVE_DEFAULT_PORT, &err) < 0) {
+        vd_nbd_server_listen_tcp(srv, bind_addr ? bind_addr : "0.0.0.0",
+                                 port ? port : SERVE_DEFAULT_PORT, &err) < 0) {
         fprintf(stderr, "vdisk serve: %s\n", err.message);
         goto out;
     }
@@ -693,9 +692,9 @@ int cmd_serve(int argc, char **argv)
             goto out;
         }
         vd_error_clear(&err);
-        if (nbd_server_add_export(srv, nnames > (unsigned)i ? names[i] : "",
-                                  ndescs > (unsigned)i ? descs[i] : NULL,
-                                  nodes[i], &err) < 0) {
+        if (vd_nbd_server_add_export(srv, nnames > (unsigned)i ? names[i] : "",
+                                     ndescs > (unsigned)i ? descs[i] : NULL,
+                                     nodes[i], &err) < 0) {
             fprintf(stderr, "vdisk serve: %s\n", err.message);
             cli_print_hint(&err);
             goto out;
@@ -733,7 +732,7 @@ int cmd_serve(int argc, char **argv)
     }
 
     vd_error_clear(&err);
-    if (nbd_server_run(srv, &err) < 0) {
+    if (vd_nbd_server_run(srv, &err) < 0) {
         fprintf(stderr, "vdisk serve: %s\n", err.message);
     } else {
         ret = 0;
@@ -741,7 +740,7 @@ int cmd_serve(int argc, char **argv)
 
 out:
     the_server = NULL;
-    nbd_server_free(&srv);
+    vd_nbd_server_free(&srv);
     for (int i = 0; i < nimages && i < SERVE_MAX_EXPORTS; i++) {
         vd_error_clear(&err);
         if (nodes[i] && vd_close(&nodes[i], &err) < 0) {
@@ -756,7 +755,7 @@ out:
         close(ready_fd);
     }
     vd_opts_free(&opts);
-    nbd_tls_creds_unref(creds);
-    nbd_tls_cleanup();
+    vd_nbd_tls_creds_unref(creds);
+    vd_nbd_tls_cleanup();
     return ret;
 }

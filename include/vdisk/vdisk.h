@@ -37,16 +37,18 @@
 extern "C" {
 #endif
 
+/* VD_API marks what libvdisk exports (its build hides everything else);
+ * VD_PRINTF lets GNU compilers check the format strings of the error
+ * helpers. Neither changes anything for a program using the library. */
 #if defined(__GNUC__) && defined(VDISK_BUILDING)
 #define VD_API __attribute__((visibility("default")))
 #else
 #define VD_API
 #endif
-
 #if defined(__GNUC__)
-#define VD_PRINTF_FORMAT(fmt, args) __attribute__((format(printf, fmt, args)))
+#define VD_PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
 #else
-#define VD_PRINTF_FORMAT(fmt, args)
+#define VD_PRINTF(fmt, args)
 #endif
 
 /* ------------------------------------------------------------------ */
@@ -85,6 +87,43 @@ typedef struct vd_error {
 /** Resets @err to "no error". @err may be NULL. */
 VD_API void vd_error_clear(vd_error *err);
 
+/*
+ * The helpers below are what the library itself uses to fill a vd_error;
+ * they are public so that code built on vdisk (an NBD or QMP front end,
+ * a driver of requests) reports errors the same way. None of them
+ * allocates; each touches only @err, so they are thread-safe as long as
+ * one vd_error is not shared between threads.
+ */
+
+/**
+ * Records @code (a negative errno; 0 is recorded as -EIO) and a
+ * printf-style message in @err, unless @err is NULL or already holds an
+ * error (the first error wins). The message is truncated to fit
+ * vd_error.message. Returns @code as given, so that callers can write
+ * `return vd_error_set(err, -EINVAL, "bad size '%s'", s);`.
+ */
+VD_API int vd_error_set(vd_error *err, int code, const char *fmt, ...)
+    VD_PRINTF(3, 4);
+
+/** vd_error_set() with ": " and strerror(-@code) appended to the message. */
+VD_API int vd_error_set_errno(vd_error *err, int code, const char *fmt, ...)
+    VD_PRINTF(3, 4);
+
+/**
+ * Prepends the printf-style prefix to the message already in @err, to add
+ * context on the way up ("disk.qcow2: " + "L2 table offset ..."). Does
+ * nothing when @err is NULL or holds no error. The result is truncated at
+ * the end to fit.
+ */
+VD_API void vd_error_prepend(vd_error *err, const char *fmt, ...)
+    VD_PRINTF(2, 3);
+
+/** True when @err is not NULL and holds an error. */
+static inline bool vd_error_is_set(const vd_error *err)
+{
+    return err && err->code != 0;
+}
+
 /** Progress callback: @percent from 0 to 100. */
 typedef void (*vd_progress_fn)(double percent, void *opaque);
 
@@ -99,6 +138,9 @@ typedef void (*vd_progress_fn)(double percent, void *opaque);
  * consumes a key parses it (sizes accept k/M/G/T/P/E suffixes, booleans
  * accept on/off/true/false/yes/no). Keys that no driver consumes make the
  * open or create fail with "... does not support the option 'KEY'".
+ *
+ * A vd_opts has no lock: use one set from one thread at a time (different
+ * sets are independent).
  */
 typedef struct vd_opts vd_opts;
 
@@ -147,6 +189,71 @@ VD_API int vd_parse_size(const char *str, uint64_t *out);
 /** vd_parse_size() with the whole 64-bit range allowed (values up to
  * 2^64-1), as qemu parses size options before range-checking them. */
 VD_API int vd_parse_size_u64(const char *str, uint64_t *out);
+
+/**
+ * Parses a boolean as qemu does: "on", "true", "yes", "1" or "off",
+ * "false", "no", "0" (case-sensitive). Returns 0 and sets @*out, or
+ * -EINVAL (@*out unchanged).
+ */
+VD_API int vd_parse_bool(const char *str, bool *out);
+
+/*
+ * Taking options. A consumer of an option set (a driver's open, an NBD or
+ * QMP front end parsing an --object) *takes* each key it understands, so
+ * that whatever is left afterwards is unknown and can be reported by name
+ * (vd_opts_first_key()). The typed takers leave @*out = @def and return 0
+ * when @key is absent; a malformed value is removed too and gives -EINVAL
+ * with qemu's message ("Parameter 'KEY' expects 'on' or 'off'").
+ */
+
+/**
+ * Removes @key from @opts and returns its value, which the caller owns
+ * and releases with free(); NULL when @key is not set (or @opts is NULL).
+ */
+VD_API char *vd_opts_take(vd_opts *opts, const char *key);
+
+/** Takes @key as a boolean (vd_parse_bool()'s spellings). */
+VD_API int vd_opts_take_bool(vd_opts *opts, const char *key, bool def,
+                             bool *out, vd_error *err);
+
+/** Takes @key as a size (vd_parse_size()'s grammar, below 2^63). */
+VD_API int vd_opts_take_size(vd_opts *opts, const char *key, uint64_t def,
+                             uint64_t *out, vd_error *err);
+
+/** Takes @key as a non-negative integer (decimal, 0x hex or 0 octal). */
+VD_API int vd_opts_take_uint(vd_opts *opts, const char *key, uint64_t def,
+                             uint64_t *out, vd_error *err);
+
+/**
+ * Takes @key, whose value must be one of the NULL-terminated @choices;
+ * @*out is the index of the match (@def when absent). The error lists
+ * the choices.
+ */
+VD_API int vd_opts_take_enum(vd_opts *opts, const char *key,
+                             const char *const *choices, int def, int *out,
+                             vd_error *err);
+
+/** Removes @key if it is set. Accepts a NULL @opts. */
+VD_API void vd_opts_del(vd_opts *opts, const char *key);
+
+/** The first key left in insertion order (borrowed, valid until @opts
+ * changes), or NULL when @opts is empty or NULL. */
+VD_API const char *vd_opts_first_key(const vd_opts *opts);
+
+/**
+ * Adds the members of the JSON object text @json to @opts as dotted keys,
+ * as qemu's json: pseudo-protocol and QMP's blockdev-add flatten their
+ * arguments: {"driver": "qcow2", "file": {"filename": "a.qcow2"}} gives
+ * driver=qcow2 and file.filename=a.qcow2; booleans become "on"/"off",
+ * null becomes "null", numbers their decimal text. vd_open() does this
+ * for "json:{...}" filenames. Keys already in @opts are replaced.
+ * Returns 0, or -EINVAL for text that is not one JSON object ("Could not
+ * parse the JSON options: ...", "Invalid JSON object given"), for arrays
+ * ("json: arrays are not supported (option 'KEY')") and for dotted names
+ * longer than 511 bytes; -ENOMEM. On failure @opts may hold the members
+ * added before the fault. Nesting is limited to 32 levels.
+ */
+VD_API int vd_opts_from_json(vd_opts *opts, const char *json, vd_error *err);
 
 /* ------------------------------------------------------------------ */
 /* Nodes                                                              */
@@ -345,7 +452,7 @@ typedef struct vd_blocker vd_blocker;
 /** A new blocker whose reason (printf-style, copied) completes "Node
  * 'NAME' is busy: REASON". NULL when out of memory. */
 VD_API vd_blocker *vd_blocker_new(const char *fmt, ...)
-    VD_PRINTF_FORMAT(1, 2);
+    VD_PRINTF(1, 2);
 
 /** Frees @*blocker (it must be installed nowhere), sets it to NULL. */
 VD_API void vd_blocker_free(vd_blocker **blocker);
@@ -364,6 +471,90 @@ VD_API void vd_op_unblock_all(vd_node *node, vd_blocker *blocker);
  * -EBUSY and "Node 'NAME' is busy: REASON" of the first blocker.
  */
 VD_API bool vd_op_is_blocked(vd_node *node, vd_op op, vd_error *err);
+
+/* ------------------------------------------------------------------ */
+/* The node graph                                                     */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Every open node, whether a top node returned by vd_open() or a child
+ * opened with it, is registered under its unique name. The functions
+ * below look at that graph; the nodes and strings they return are
+ * borrowed. A borrowed node stays valid until its last user closes it:
+ * the caller must know that nothing closes it meanwhile (in vdisk serve,
+ * every graph change runs under the daemon's one lock). The getters read
+ * state that only opening, reopening, vd_rebase()/vd_change_backing_file()
+ * and closing change; do not race them with those on the same node.
+ */
+
+/** What a child holds for its parent (bits of a child's role; QEMU's
+ * BdrvChildRole). */
+#define VD_ROLE_DATA     (1u << 0) /* guest data */
+#define VD_ROLE_METADATA (1u << 1) /* format metadata */
+#define VD_ROLE_FILTERED (1u << 2) /* the parent is a filter over it */
+#define VD_ROLE_COW      (1u << 3) /* backing: reads through, copy-on-write */
+#define VD_ROLE_PRIMARY  (1u << 4) /* the parent's primary child */
+
+/** The open node named @name (borrowed), or NULL when there is none. */
+VD_API vd_node *vd_find_node(const char *name);
+
+/**
+ * Calls @fn(node, @opaque) for every open node, in the order they were
+ * opened (children before the node opened over them). Runs under the
+ * library's graph lock: @fn must not open, close or reopen nodes, and
+ * should only collect what it needs (other threads opening or closing
+ * nodes wait meanwhile).
+ */
+VD_API void vd_foreach_node(void (*fn)(vd_node *node, void *opaque),
+                            void *opaque);
+
+/**
+ * The @i-th child of @node in attach order (borrowed), or NULL when @i is
+ * past the last one. When not NULL, @*name receives the child's role
+ * name ("file", "backing", "data-file", ...; borrowed) and @*role its
+ * VD_ROLE_* bits.
+ */
+VD_API vd_node *vd_node_nth_child(const vd_node *node, size_t i,
+                                  const char **name, unsigned *role);
+
+/** How many parent nodes use @node as a child (0 for a root node). */
+VD_API int vd_node_parent_count(const vd_node *node);
+
+/* Cache mode bits (qemu's cache.writeback, cache.direct, cache.no-flush;
+ * cache=none is WRITEBACK|DIRECT, cache=unsafe WRITEBACK|NO_FLUSH). */
+#define VD_CACHE_WRITEBACK (1u << 0) /* completes writes before they are
+                                        stable (no implicit flush) */
+#define VD_CACHE_DIRECT    (1u << 1) /* O_DIRECT: bypasses the host cache */
+#define VD_CACHE_NO_FLUSH  (1u << 2) /* flushes are ignored */
+
+/** The node's cache mode as VD_CACHE_* bits. */
+VD_API unsigned vd_node_cache_flags(const vd_node *node);
+
+/** The node's detect-zeroes mode (qemu's BlockdevDetectZeroesOptions). */
+typedef enum vd_detect_zeroes {
+    VD_DETECT_ZEROES_OFF = 0,
+    VD_DETECT_ZEROES_ON,
+    VD_DETECT_ZEROES_UNMAP,
+} vd_detect_zeroes;
+
+/** The node's detect-zeroes mode. */
+VD_API vd_detect_zeroes vd_node_detect_zeroes(const vd_node *node);
+
+/** True when discard requests reach the storage (discard=unmap), false
+ * when they are ignored (discard=ignore, the default). */
+VD_API bool vd_node_discard_unmap(const vd_node *node);
+
+/**
+ * The backing file name recorded in @node's image header, exactly as
+ * stored (maybe relative to the image), or NULL when there is none or
+ * the format has no backing files. Borrowed: valid until the node is
+ * closed or its backing file is changed.
+ */
+VD_API const char *vd_node_backing_file(const vd_node *node);
+
+/** The backing format recorded in @node's image header, or NULL when none
+ * is recorded (borrowed, as vd_node_backing_file()). */
+VD_API const char *vd_node_backing_format(const vd_node *node);
 
 /* ------------------------------------------------------------------ */
 /* I/O                                                                */
@@ -560,13 +751,15 @@ typedef struct vd_snapshot_info {
 
 /** What `vdisk info` reports about one node (qemu-img's ImageInfo). */
 typedef struct vd_image_info {
-    char *filename;
+    char *filename;                /* as qemu shows it ("null-co://") */
     char *format;
     uint64_t virtual_size;
     int64_t actual_size;           /* bytes used on the host, -1 unknown */
     uint64_t cluster_size;         /* 0 when the format has none */
     bool encrypted;
-    bool has_dirty_flag;           /* dirty_flag is meaningful */
+    bool has_dirty_flag;           /* dirty_flag is meaningful (where
+                                      qemu shows one: qcow2, file, and
+                                      raw or a filter over those) */
     bool dirty_flag;
     char *backing_filename;        /* as stored in the image, or NULL */
     char *full_backing_filename;   /* resolved, or NULL */
@@ -583,6 +776,21 @@ VD_API int vd_get_info(vd_node *node, vd_image_info **out, vd_error *err);
 
 /** Frees @*info and sets it to NULL. Accepts NULL. */
 VD_API void vd_image_info_free(vd_image_info **info);
+
+/**
+ * Formats @info as qemu's ImageInfo JSON object: the members of QAPI's
+ * schema under their QAPI names ("filename", "format", "dirty-flag",
+ * "actual-size", "virtual-size", "cluster-size", "encrypted",
+ * "backing-filename", "full-backing-filename", "backing-filename-format",
+ * "snapshots", "format-specific"), added in that order, each optional
+ * member only when @info has it. This is the one formatter behind
+ * `vdisk info --output=json` and the "image" of QMP's
+ * query-named-block-nodes; qemu's own output follows no fixed member
+ * order, so compare the parsed values. Returns a new NUL-terminated
+ * compact JSON string, which the caller releases with free(), or NULL
+ * when out of memory. Thread-safe; @info is not modified.
+ */
+VD_API char *vd_image_info_to_json(const vd_image_info *info);
 
 /** Per-node I/O statistics (QMP BlockDeviceStats names). */
 typedef struct vd_stats {

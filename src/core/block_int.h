@@ -19,15 +19,17 @@
 #ifndef VDISK_CORE_BLOCK_INT_H
 #define VDISK_CORE_BLOCK_INT_H
 
+#include "internal.h"
+
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
 #include "vdisk/vdisk.h"
-#include "core/error.h"
-#include "core/iov.h"
-#include "core/opts.h"
+#include "error.h"
+#include "iov.h"
+#include "opts.h"
 
 /* Internal block status bit: the extent is stored unchanged at
  * (*map, *file): ask the file node for the real status. */
@@ -47,15 +49,6 @@
 
 typedef struct vd_driver vd_driver;
 typedef struct vd_child vd_child;
-
-/* What a child holds for its parent (QEMU's BdrvChildRole). */
-enum {
-    VD_ROLE_DATA     = 1u << 0, /* guest data */
-    VD_ROLE_METADATA = 1u << 1, /* format metadata */
-    VD_ROLE_FILTERED = 1u << 2, /* the parent is a filter over it */
-    VD_ROLE_COW      = 1u << 3, /* backing: reads through, copy-on-write */
-    VD_ROLE_PRIMARY  = 1u << 4, /* the parent's primary child */
-};
 
 /*
  * An edge of the graph: a parent node's child in some role, or a *user*
@@ -174,14 +167,18 @@ struct vd_node {
 /*
  * The driver vtable. Every callback is optional unless marked REQUIRED.
  *
- * I/O callbacks receive byte offsets and lengths. Contract: @off and
- * @bytes are multiples of bl.request_alignment, @bytes is never larger
- * than bl.max_transfer (or VD_MAX_REQUEST), and @qiov->size == @bytes.
- * Below the top node, reads are clipped by the core: the part of a read
- * past the node's length reads as zeros and the driver sees only the part
- * inside (rounded up to the alignment). Writes are not range-checked
- * below the top node: format drivers write past the end of their file
- * child to grow it (the core then updates the cached length).
+ * I/O callbacks receive byte offsets and lengths. Contract (checked by
+ * asserts in io.c in debug builds): for preadv, pwritev, pwrite_zeroes
+ * and pdiscard, @off and @bytes are multiples of bl.request_alignment,
+ * @bytes is not 0 and never larger than bl.max_transfer (or
+ * VD_MAX_REQUEST), @qiov->size == @bytes, and the writing ones are
+ * called on writable nodes only.
+ * Reads are clipped by the core: the part of a read past the node's
+ * length reads as zeros and the driver sees only the part inside
+ * (rounded up to the alignment). Writes are not range-checked below the
+ * top node: format drivers write past the end of their file child to
+ * grow it (the core then updates the cached length). block_status is
+ * asked about a non-empty range inside the node's length.
  * Callbacks return 0 or a negative errno, and may put a message into @err
  * (which may be NULL).
  */
@@ -320,8 +317,7 @@ struct vd_driver {
 const vd_driver *vd_find_driver(const char *name);
 /* The @i-th registered driver, or NULL past the end (for probing). */
 const vd_driver *vd_driver_at(int i);
-/* The open node named @name, or NULL (borrowed). */
-vd_node *vd_find_node(const char *name);
+/* vd_find_node() and vd_foreach_node() are public (vdisk.h). */
 
 /* ---- node lifecycle (node.c) ---- */
 
@@ -376,10 +372,6 @@ int vd_node_open_driver(vd_node *node, unsigned flags, vd_error *err);
 /* Drain: block new requests and wait for in-flight ones (nestable). */
 void vd_node_drain_begin(vd_node *node);
 void vd_node_drain_end(vd_node *node);
-
-/* Calls @fn for every open node (under the graph lock: @fn must not
- * open or close nodes). */
-void vd_foreach_node(void (*fn)(vd_node *node, void *opaque), void *opaque);
 
 /* ---- permissions and operation blockers (perm.c) ---- */
 

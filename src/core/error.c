@@ -32,7 +32,7 @@ static int error_vset(vd_error *err, int code, bool with_errno,
     return code;
 }
 
-int vd_error_set(vd_error *err, int code, const char *fmt, ...)
+VD_API int vd_error_set(vd_error *err, int code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -41,7 +41,7 @@ int vd_error_set(vd_error *err, int code, const char *fmt, ...)
     return r;
 }
 
-int vd_error_set_errno(vd_error *err, int code, const char *fmt, ...)
+VD_API int vd_error_set_errno(vd_error *err, int code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -50,7 +50,7 @@ int vd_error_set_errno(vd_error *err, int code, const char *fmt, ...)
     return r;
 }
 
-void vd_error_prepend(vd_error *err, const char *fmt, ...)
+VD_API void vd_error_prepend(vd_error *err, const char *fmt, ...)
 {
     if (!err || err->code == 0)
         return;

@@ -34,20 +34,50 @@ static char *dup_or_null(const char *s)
     return s ? strdup(s) : NULL;
 }
 
+/* The filename qemu shows for @node: its own, else the first one found
+ * down its file children; null-co, which opens no file, has the pseudo
+ * filename "null-co://". */
+static const char *shown_filename(const vd_node *node)
+{
+    for (const vd_node *n = node; n; n = n->file ? n->file->node : NULL) {
+        if (n->filename && n->filename[0])
+            return n->filename;
+        if (strcmp(n->drv->name, "null-co") == 0)
+            return "null-co://";
+    }
+    return "";
+}
+
+/* Whether qemu's bdrv_get_info() answers for @node, which is when qemu
+ * shows a dirty flag: drivers with a get_info of their own (qcow2 here;
+ * file-posix in qemu, which vdisk's file driver does not need), raw,
+ * which asks its file, and filters, which ask the node they filter.
+ * null-co has none. */
+static bool answers_get_info(const vd_node *node)
+{
+    for (const vd_node *n = node; n; n = n->file ? n->file->node : NULL) {
+        if (n->drv->get_info || strcmp(n->drv->name, "file") == 0)
+            return true;
+        if (strcmp(n->drv->name, "raw") != 0 && !n->drv->is_filter)
+            return false;
+    }
+    return false;
+}
+
 VD_API int vd_get_info(vd_node *node, vd_image_info **out, vd_error *err)
 {
     *out = NULL;
     vd_image_info *info = calloc(1, sizeof(*info));
     if (!info)
         return vd_error_set(err, -ENOMEM, "Out of memory");
-    info->filename = dup_or_null(node->filename);
+    info->filename = strdup(shown_filename(node));
     info->format = strdup(node->drv->name);
     int64_t len = vd_node_getlength(node);
     info->virtual_size = len > 0 ? (uint64_t)len : 0;
     info->actual_size = allocated_size(node);
     if (info->actual_size < 0)
         info->actual_size = -1;
-    info->has_dirty_flag = true;
+    info->has_dirty_flag = answers_get_info(node);
     info->backing_filename = dup_or_null(node->backing_file);
     info->full_backing_filename = dup_or_null(node->full_backing_filename);
     info->backing_filename_format = dup_or_null(node->backing_format);

@@ -19,7 +19,12 @@
  * Nothing here allocates on the stack in proportion to the request, and
  * the functions recurse only through the graph (a backing chain read
  * recurses once per layer), so frames are kept small.
+ *
+ * Every call into a driver's request callbacks happens in this file, so
+ * this is where the promises of block_int.h's vtable comment are checked
+ * (contract_*() below).
  */
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
@@ -31,6 +36,21 @@
 /* Bounce buffers are processed in pieces of this size (rounded to the
  * alignment), so an unaligned 1 GiB request needs no 1 GiB buffer. */
 #define BOUNCE_CHUNK (1u << 20)
+
+/*
+ * Contract checks: what the driver vtable's comment (block_int.h) says a
+ * driver may assume about the requests it receives. In debug builds they
+ * are asserts, so a change to the request path that breaks a promise
+ * stops the tests at the call instead of letting a driver misbehave on
+ * an image; release builds (meson's b_ndebug=if-release defines NDEBUG)
+ * drop them without evaluating anything (sizeof keeps the operands
+ * "used", so no variable goes unused).
+ */
+#ifdef NDEBUG
+#define VD_CONTRACT(cond) ((void)sizeof(!(cond)))
+#else
+#define VD_CONTRACT(cond) assert(cond)
+#endif
 
 static uint64_t now_ns(void)
 {
@@ -207,6 +227,33 @@ static uint64_t max_transfer(vd_node *n)
     return m ? m : a;
 }
 
+/* Before a driver's preadv/pwritev: the request is aligned, not empty,
+ * no larger than the driver's max_transfer, described by a vector of
+ * exactly its size, and a write goes to a writable node. */
+static void contract_rw(vd_node *n, bool write, uint64_t off, uint64_t bytes,
+                        const vd_iov *qiov)
+{
+    uint32_t a = n->bl.request_alignment;
+
+    VD_CONTRACT(a >= 1);
+    VD_CONTRACT(off % a == 0 && bytes % a == 0);
+    VD_CONTRACT(bytes > 0 && bytes <= max_transfer(n));
+    VD_CONTRACT(qiov->size == bytes);
+    VD_CONTRACT(!write || !n->read_only);
+}
+
+/* Before a driver's pwrite_zeroes/pdiscard: aligned, not empty, no larger
+ * than max_transfer, on a writable node. */
+static void contract_range(vd_node *n, uint64_t off, uint64_t bytes)
+{
+    uint32_t a = n->bl.request_alignment;
+
+    VD_CONTRACT(a >= 1);
+    VD_CONTRACT(off % a == 0 && bytes % a == 0);
+    VD_CONTRACT(bytes > 0 && bytes <= max_transfer(n));
+    VD_CONTRACT(!n->read_only);
+}
+
 static vd_node *filtered_child(vd_node *n)
 {
     return n->drv->is_filter && n->file ? n->file->node : NULL;
@@ -246,12 +293,15 @@ static int driver_rw(vd_node *n, bool write, uint64_t off, uint64_t bytes,
         uint64_t len = bytes < mt ? bytes : mt;
         int r;
         if (qoff == 0 && len == qiov->size) {
+            contract_rw(n, write, off, len, qiov);
             r = fn(n, off, len, qiov, flags, err);
         } else {
             vd_iov part;
             r = vd_iov_init_slice(&part, qiov, qoff, len);
-            if (r == 0)
+            if (r == 0) {
+                contract_rw(n, write, off, len, &part);
                 r = fn(n, off, len, &part, flags, err);
+            }
             vd_iov_destroy(&part);
         }
         if (r < 0)
@@ -276,6 +326,11 @@ static int aligned_read(vd_node *n, uint64_t off, uint64_t bytes,
         if (readable > bytes)
             readable = bytes;
     }
+    /* The driver sees only what lies inside the node (rounded up to the
+     * alignment): the rest reads as zeros without asking it. */
+    VD_CONTRACT(readable == 0 ||
+                off + readable <= align_up((uint64_t)len,
+                                           n->bl.request_alignment));
     if (readable > 0) {
         int r = driver_rw(n, false, off, readable, qiov, qoff, flags, err);
         if (r < 0)
@@ -608,11 +663,17 @@ static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
         r = write_zero_buffer(n, off, head_end - off, flags, err);
     else if (head_end > off)
         return -ENOTSUP;
+    /* Pieces of at most max_transfer, as for every callback (the vtable's
+     * contract), in whole zeroing granules. */
+    uint64_t piece = align_down(max_transfer(n), a);
+    if (piece == 0)
+        piece = a;
     uint64_t pos = head_end;
     while (r == 0 && pos < tail_start) {
         uint64_t len = tail_start - pos;
-        if (len > VD_MAX_REQUEST)
-            len = align_down(VD_MAX_REQUEST, a);
+        if (len > piece)
+            len = piece;
+        contract_range(n, pos, len);
         r = n->drv->pwrite_zeroes(n, pos, len, flags & ~VD_REQ_FUA, err);
         if (r == -ENOTSUP && !(flags & VD_REQ_NO_FALLBACK))
             r = write_zero_buffer(n, pos, len, flags & ~VD_REQ_FUA, err);
@@ -677,14 +738,23 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
     if (off + bytes >= (uint64_t)atomic_load(&n->total_size))
         end = align_up(off + bytes, n->bl.request_alignment);
     vd_node *child = filtered_child(n);
-    if (start < end) {
-        if (n->drv->pdiscard)
-            r = n->drv->pdiscard(n, start, end - start, err);
-        else if (child)
-            r = vd_node_pdiscard(child, start, end - start, err);
-        if (r == -ENOTSUP || r == -EOPNOTSUPP)
-            r = 0;
+    if (start < end && !n->drv->pdiscard && child) {
+        r = vd_node_pdiscard(child, start, end - start, err);
+    } else if (start < end && n->drv->pdiscard) {
+        /* Pieces of at most max_transfer (the vtable's contract), in
+         * whole discard granules; an advisory failure ends the loop. */
+        uint64_t piece = align_down(max_transfer(n), a);
+        if (piece == 0)
+            piece = a;
+        for (uint64_t pos = start; pos < end && r == 0;) {
+            uint64_t len = end - pos < piece ? end - pos : piece;
+            contract_range(n, pos, len);
+            r = n->drv->pdiscard(n, pos, len, err);
+            pos += len;
+        }
     }
+    if (r == -ENOTSUP || r == -EOPNOTSUPP)
+        r = 0;
     account(&n->stats.unmap_operations, &n->stats.unmap_bytes,
             &n->stats.failed_unmap_operations, &n->stats.unmap_total_time_ns,
             r, bytes, t0);
@@ -803,6 +873,8 @@ int vd_node_block_status(vd_node *n, bool want_zero, uint64_t off,
     vd_node *lfile = NULL;
     int r;
     inflight_inc(n);
+    /* The driver is asked only about a non-empty range inside the node. */
+    VD_CONTRACT(bytes > 0 && off + bytes <= (uint64_t)len);
     if (n->drv->block_status) {
         r = n->drv->block_status(n, want_zero, off, bytes, pnum, &lmap,
                                  &lfile, err);

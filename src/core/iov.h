@@ -6,6 +6,8 @@
 #ifndef VDISK_CORE_IOV_H
 #define VDISK_CORE_IOV_H
 
+#include "internal.h"
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <sys/uio.h>

@@ -21,8 +21,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <json-c/json.h>
-
 #include "core/block_int.h"
 
 static pthread_mutex_t graph_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -134,7 +132,8 @@ static void unregister_node(vd_node *node)
     pthread_mutex_unlock(&graph_lock);
 }
 
-void vd_foreach_node(void (*fn)(vd_node *node, void *opaque), void *opaque)
+VD_API void vd_foreach_node(void (*fn)(vd_node *node, void *opaque),
+                            void *opaque)
 {
     pthread_mutex_lock(&graph_lock);
     for (vd_node *n = all_nodes; n; n = n->next_global)
@@ -142,7 +141,7 @@ void vd_foreach_node(void (*fn)(vd_node *node, void *opaque), void *opaque)
     pthread_mutex_unlock(&graph_lock);
 }
 
-vd_node *vd_find_node(const char *name)
+VD_API vd_node *vd_find_node(const char *name)
 {
     pthread_mutex_lock(&graph_lock);
     vd_node *n = find_node_locked(name);
@@ -1029,74 +1028,6 @@ int vd_node_open(vd_node **out, const char *filename, const vd_driver *drv,
 
 /* ---- public open/close ---- */
 
-/* Flattens a JSON object into dotted keys ("file": {"filename": "x"}
- * becomes file.filename=x), as QEMU's json: pseudo-protocol does. */
-static int flatten_json(vd_opts *o, const char *prefix, json_object *obj,
-                        vd_error *err)
-{
-    json_object_object_foreach(obj, key, val) {
-        char name[512];
-        int n = snprintf(name, sizeof(name), "%s%s", prefix, key);
-        if (n < 0 || (size_t)n >= sizeof(name))
-            return vd_error_set(err, -EINVAL, "json: option name too long");
-        int r = 0;
-        switch (json_object_get_type(val)) {
-        case json_type_object: {
-            char sub[sizeof(name) + 1];
-            snprintf(sub, sizeof(sub), "%s.", name);
-            r = flatten_json(o, sub, val, err);
-            break;
-        }
-        case json_type_boolean:
-            r = vd_opts_set(o, name, json_object_get_boolean(val) ? "on"
-                                                                  : "off");
-            break;
-        case json_type_null:
-            r = vd_opts_set(o, name, "null");
-            break;
-        case json_type_array:
-            return vd_error_set(err, -EINVAL, "json: arrays are not "
-                                "supported (option '%s')", name);
-        default:
-            r = vd_opts_set(o, name, json_object_get_string(val));
-            break;
-        }
-        if (r < 0)
-            return err && err->code ? r
-                   : vd_error_set(err, r, "json: cannot set '%s'", name);
-    }
-    return 0;
-}
-
-/* Parses "json:{...}" into @o. Returns 0 or a negative errno. */
-static int parse_json_filename(const char *filename, vd_opts *o,
-                               vd_error *err)
-{
-    json_tokener *tok = json_tokener_new_ex(32);
-    if (!tok)
-        return vd_error_set(err, -ENOMEM, "Out of memory");
-    const char *text = filename + 5;
-    json_object *obj = json_tokener_parse_ex(tok, text, (int)strlen(text));
-    enum json_tokener_error jerr = json_tokener_get_error(tok);
-    int r = 0;
-    if (!obj || jerr != json_tokener_success ||
-        tok->char_offset != (int)strlen(text)) {
-        const char *why = jerr == json_tokener_continue
-                          ? "unexpected end of input"
-                          : jerr != json_tokener_success
-                          ? json_tokener_error_desc(jerr) : "trailing text";
-        r = vd_error_set(err, -EINVAL, "Could not parse the JSON options: "
-                         "%s", why);
-    } else if (!json_object_is_type(obj, json_type_object)) {
-        r = vd_error_set(err, -EINVAL, "Invalid JSON object given");
-    } else {
-        r = flatten_json(o, "", obj, err);
-    }
-    json_object_put(obj);
-    json_tokener_free(tok);
-    return r;
-}
-
 VD_API int vd_open(vd_node **out, const char *filename, const char *format,
                    const vd_opts *opts, unsigned flags, vd_error *err)
 {
@@ -1111,7 +1042,7 @@ VD_API int vd_open(vd_node **out, const char *filename, const char *format,
     if (!o)
         return vd_error_set(err, -ENOMEM, "Out of memory");
     if (filename && strncmp(filename, "json:", 5) == 0) {
-        int r = parse_json_filename(filename, o, err);
+        int r = vd_opts_from_json(o, filename + 5, err);
         if (r < 0) {
             vd_opts_free(&o);
             return r;

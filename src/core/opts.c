@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "core/error.h"
 #include "core/opts.h"
 
 typedef struct opt_entry {
@@ -189,7 +188,7 @@ VD_API int vd_opts_parse(vd_opts *o, const char *str, const char *implied_key,
     return 0;
 }
 
-char *vd_opts_take(vd_opts *o, const char *key)
+VD_API char *vd_opts_take(vd_opts *o, const char *key)
 {
     if (!o)
         return NULL;
@@ -203,17 +202,17 @@ char *vd_opts_take(vd_opts *o, const char *key)
     return v;
 }
 
-void vd_opts_del(vd_opts *o, const char *key)
+VD_API void vd_opts_del(vd_opts *o, const char *key)
 {
     free(vd_opts_take(o, key));
 }
 
-const char *vd_opts_first_key(const vd_opts *o)
+VD_API const char *vd_opts_first_key(const vd_opts *o)
 {
     return o && o->n ? o->v[0].key : NULL;
 }
 
-int vd_parse_bool(const char *s, bool *out)
+VD_API int vd_parse_bool(const char *s, bool *out)
 {
     static const char *const yes[] = { "on", "true", "yes", "1", NULL };
     static const char *const no[] = { "off", "false", "no", "0", NULL };
@@ -230,8 +229,8 @@ int vd_parse_bool(const char *s, bool *out)
     return -EINVAL;
 }
 
-int vd_opts_take_bool(vd_opts *o, const char *key, bool def, bool *out,
-                      vd_error *err)
+VD_API int vd_opts_take_bool(vd_opts *o, const char *key, bool def,
+                             bool *out, vd_error *err)
 {
     char *v = vd_opts_take(o, key);
     *out = def;
@@ -245,8 +244,8 @@ int vd_opts_take_bool(vd_opts *o, const char *key, bool def, bool *out,
     return r < 0 ? -EINVAL : 0;
 }
 
-int vd_opts_take_size(vd_opts *o, const char *key, uint64_t def,
-                      uint64_t *out, vd_error *err)
+VD_API int vd_opts_take_size(vd_opts *o, const char *key, uint64_t def,
+                             uint64_t *out, vd_error *err)
 {
     char *v = vd_opts_take(o, key);
     *out = def;
@@ -261,8 +260,8 @@ int vd_opts_take_size(vd_opts *o, const char *key, uint64_t def,
     return r < 0 ? -EINVAL : 0;
 }
 
-int vd_opts_take_uint(vd_opts *o, const char *key, uint64_t def,
-                      uint64_t *out, vd_error *err)
+VD_API int vd_opts_take_uint(vd_opts *o, const char *key, uint64_t def,
+                             uint64_t *out, vd_error *err)
 {
     char *v = vd_opts_take(o, key);
     *out = def;
@@ -282,8 +281,9 @@ int vd_opts_take_uint(vd_opts *o, const char *key, uint64_t def,
     return r;
 }
 
-int vd_opts_take_enum(vd_opts *o, const char *key, const char *const *choices,
-                      int def, int *out, vd_error *err)
+VD_API int vd_opts_take_enum(vd_opts *o, const char *key,
+                             const char *const *choices, int def, int *out,
+                             vd_error *err)
 {
     char *v = vd_opts_take(o, key);
     *out = def;

@@ -33,9 +33,8 @@
 #include <string.h>
 #include <sys/uio.h>
 
-#include "../core/error.h"
 #include "nbd-proto.h"
-#include "nbd-server.h"
+#include "nbd-int.h"
 #include "tls.h"
 
 /* Longest option we read and throw away (answering NBD_REP_ERR_TOO_BIG)
@@ -253,7 +252,7 @@ static hs_state opt_abort(hs *h)
 
 static hs_state opt_list(hs *h)
 {
-    nbd_server *srv = h->conn->srv;
+    vd_nbd_server *srv = h->conn->srv;
     nbd_export *exp;
 
     if (h->length != 0) {
@@ -713,7 +712,7 @@ enum nbd_hs_result nbd_handshake(nbd_conn *conn)
          : st == HS_CLOSED ? NBD_HS_CLOSED : NBD_HS_DEAD;
 }
 
-uint16_t nbd_export_tflags(nbd_server *srv, const nbd_export *exp,
+uint16_t nbd_export_tflags(vd_nbd_server *srv, const nbd_export *exp,
                            bool structured)
 {
     uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH |

@@ -2,16 +2,21 @@
  * The NBD server's frame: the export registry, listening sockets, the
  * accept loop, connection lifetime and shutdown. Protocol work lives in
  * handshake.c and transmission.c (which also runs a connection's extra
- * threads); the threading model is described in nbd-server.h.
+ * threads); the threading model is described in nbd-int.h.
  *
- * Lifetime of a connection: the accept loop (nbd_server_run, main thread)
- * accepts, links a client into its list and starts the connection's
- * first thread, which runs nbd_conn_serve() and then marks the client
- * finished and pokes the wake pipe. The accept loop joins finished
- * clients, closes their sockets and frees them. Shutdown (a signal
- * handler calling nbd_server_request_shutdown) stops accepting, shuts
- * the read side of every socket so each connection sees end of stream
- * and finishes the requests it has read, then joins every client.
+ * Lifetime of a connection: the accept loop (vd_nbd_server_run(), the
+ * caller's thread) accepts, links a client into its list and starts the
+ * connection's first thread, which runs nbd_conn_serve() and then marks
+ * the client finished and pokes the wake pipe. The accept loop joins
+ * finished clients, closes their sockets and frees them. Shutdown (a
+ * signal handler calling vd_nbd_server_request_shutdown()) stops
+ * accepting, shuts the read side of every socket so each connection sees
+ * end of stream and finishes the requests it has read, then joins every
+ * client.
+ *
+ * The functions marked VD_API are libvdisk's public NBD interface
+ * (include/vdisk/nbd-server.h); the rest is shared with the other files
+ * of src/nbd/ through nbd-int.h.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -30,9 +35,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "../core/error.h"
 #include "nbd-proto.h"
-#include "nbd-server.h"
+#include "nbd-int.h"
 #include "tls.h"
 
 #define MAX_LISTEN 8
@@ -62,7 +66,7 @@ typedef struct live_conn {
     struct live_conn *next;
 } live_conn;
 
-struct nbd_server {
+struct vd_nbd_server {
     nbd_export **exports;
     size_t nb_exports;
     pthread_mutex_t elock;   /* exports, users, live conns */
@@ -84,7 +88,7 @@ struct nbd_server {
 
     bool ever_connected;    /* accept loop only */
 
-    nbd_tls_creds *tls;     /* set before running, then read-only */
+    vd_nbd_tls_creds *tls;  /* set before running, then read-only */
 };
 
 /* ---- low-level I/O ---- */
@@ -136,7 +140,7 @@ int nbd_write_full(int fd, struct iovec *iov, int n)
 
 /* ---- exports ---- */
 
-static nbd_export *nbd_server_find_export_locked(nbd_server *srv,
+static nbd_export *nbd_server_find_export_locked(vd_nbd_server *srv,
                                                  const char *name, size_t len)
 {
     for (size_t i = 0; i < srv->nb_exports; i++) {
@@ -148,10 +152,11 @@ static nbd_export *nbd_server_find_export_locked(nbd_server *srv,
     return NULL;
 }
 
-nbd_server *nbd_server_new(unsigned nworkers, unsigned max_clients,
-                           bool persistent)
+VD_API vd_nbd_server *vd_nbd_server_new(unsigned nworkers,
+                                        unsigned max_clients,
+                                        bool persistent)
 {
-    nbd_server *srv = calloc(1, sizeof(*srv));
+    vd_nbd_server *srv = calloc(1, sizeof(*srv));
 
     if (!srv) {
         return NULL;
@@ -169,20 +174,21 @@ nbd_server *nbd_server_new(unsigned nworkers, unsigned max_clients,
     return srv;
 }
 
-void nbd_server_set_tls(nbd_server *srv, nbd_tls_creds *creds)
+VD_API void vd_nbd_server_set_tls(vd_nbd_server *srv,
+                                  vd_nbd_tls_creds *creds)
 {
-    nbd_tls_creds_unref(srv->tls);
+    vd_nbd_tls_creds_unref(srv->tls);
     srv->tls = creds;
 }
 
-nbd_tls_creds *nbd_server_tls(const nbd_server *srv)
+vd_nbd_tls_creds *nbd_server_tls(const vd_nbd_server *srv)
 {
     return srv->tls;
 }
 
-void nbd_server_free(nbd_server **psrv)
+VD_API void vd_nbd_server_free(vd_nbd_server **psrv)
 {
-    nbd_server *srv = *psrv;
+    vd_nbd_server *srv = *psrv;
 
     if (!srv) {
         return;
@@ -205,7 +211,7 @@ void nbd_server_free(nbd_server **psrv)
         free(d->pub.description);
         free(d);
     }
-    nbd_tls_creds_unref(srv->tls);
+    vd_nbd_tls_creds_unref(srv->tls);
     pthread_mutex_destroy(&srv->elock);
     pthread_cond_destroy(&srv->econd);
     close(srv->wake[0]);
@@ -254,17 +260,17 @@ static int export_take_perms(nbd_export *exp, vd_error *err)
     return r;
 }
 
-int nbd_server_add_export(nbd_server *srv, const char *name,
-                          const char *description, vd_node *node,
-                          vd_error *err)
+VD_API int vd_nbd_server_add_export(vd_nbd_server *srv, const char *name,
+                                    const char *description, vd_node *node,
+                                    vd_error *err)
 {
-    return nbd_server_add_export_ro(srv, name, description, node,
-                                    vd_node_is_read_only(node), err);
+    return vd_nbd_server_add_export_ro(srv, name, description, node,
+                                       vd_node_is_read_only(node), err);
 }
 
-int nbd_server_add_export_ro(nbd_server *srv, const char *name,
-                             const char *description, vd_node *node,
-                             bool read_only, vd_error *err)
+VD_API int vd_nbd_server_add_export_ro(vd_nbd_server *srv, const char *name,
+                                       const char *description, vd_node *node,
+                                       bool read_only, vd_error *err)
 {
     export_slot *slot;
     nbd_export *exp, **nv;
@@ -327,8 +333,8 @@ int nbd_server_add_export_ro(nbd_server *srv, const char *name,
     return 0;
 }
 
-int nbd_server_remove_export(nbd_server *srv, const char *name, bool hard,
-                             vd_error *err)
+VD_API int vd_nbd_server_remove_export(vd_nbd_server *srv, const char *name,
+                                       bool hard, vd_error *err)
 {
     export_slot *slot = NULL;
     size_t i;
@@ -377,7 +383,8 @@ int nbd_server_remove_export(nbd_server *srv, const char *name, bool hard,
     return 0;
 }
 
-void nbd_server_update_export_size(nbd_server *srv, vd_node *node)
+VD_API void vd_nbd_server_update_export_size(vd_nbd_server *srv,
+                                             vd_node *node)
 {
     int64_t size = vd_getlength(node);
 
@@ -393,7 +400,7 @@ void nbd_server_update_export_size(nbd_server *srv, vd_node *node)
     pthread_mutex_unlock(&srv->elock);
 }
 
-unsigned nbd_server_export_clients(nbd_server *srv, const char *name)
+unsigned nbd_server_export_clients(vd_nbd_server *srv, const char *name)
 {
     unsigned n = 0;
 
@@ -407,7 +414,7 @@ unsigned nbd_server_export_clients(nbd_server *srv, const char *name)
     return n;
 }
 
-nbd_export *nbd_server_find_export(nbd_server *srv, const char *name,
+nbd_export *nbd_server_find_export(vd_nbd_server *srv, const char *name,
                                    size_t len)
 {
     nbd_export *e;
@@ -418,7 +425,12 @@ nbd_export *nbd_server_find_export(nbd_server *srv, const char *name,
     return e;
 }
 
-size_t nbd_server_nb_exports(const nbd_server *srv)
+VD_API bool vd_nbd_server_has_export(vd_nbd_server *srv, const char *name)
+{
+    return nbd_server_find_export(srv, name, strlen(name)) != NULL;
+}
+
+size_t nbd_server_nb_exports(const vd_nbd_server *srv)
 {
     size_t n;
 
@@ -428,7 +440,7 @@ size_t nbd_server_nb_exports(const nbd_server *srv)
     return n;
 }
 
-nbd_export *nbd_server_export(nbd_server *srv, size_t i)
+nbd_export *nbd_server_export(vd_nbd_server *srv, size_t i)
 {
     nbd_export *e;
 
@@ -438,7 +450,7 @@ nbd_export *nbd_server_export(nbd_server *srv, size_t i)
     return e;
 }
 
-uint64_t nbd_export_size(nbd_server *srv, const nbd_export *exp)
+uint64_t nbd_export_size(vd_nbd_server *srv, const nbd_export *exp)
 {
     uint64_t size;
 
@@ -448,19 +460,20 @@ uint64_t nbd_export_size(nbd_server *srv, const nbd_export *exp)
     return size;
 }
 
-bool nbd_server_multi_conn(const nbd_server *srv)
+bool nbd_server_multi_conn(const vd_nbd_server *srv)
 {
     return srv->max_clients != 1;
 }
 
-bool nbd_server_shutting_down(const nbd_server *srv)
+bool nbd_server_shutting_down(const vd_nbd_server *srv)
 {
     return atomic_load(&srv->shutdown);
 }
 
 /* ---- listening ---- */
 
-int nbd_server_listen_unix(nbd_server *srv, const char *path, vd_error *err)
+VD_API int vd_nbd_server_listen_unix(vd_nbd_server *srv, const char *path,
+                                     vd_error *err)
 {
     struct sockaddr_un sun = { .sun_family = AF_UNIX };
     struct stat st;
@@ -496,8 +509,8 @@ int nbd_server_listen_unix(nbd_server *srv, const char *path, vd_error *err)
     return 0;
 }
 
-int nbd_server_listen_tcp(nbd_server *srv, const char *addr,
-                          const char *port, vd_error *err)
+VD_API int vd_nbd_server_listen_tcp(vd_nbd_server *srv, const char *addr,
+                                    const char *port, vd_error *err)
 {
     struct addrinfo hints = {
         .ai_family = AF_UNSPEC,
@@ -545,7 +558,7 @@ int nbd_server_listen_tcp(nbd_server *srv, const char *addr,
 
 /* ---- connections ---- */
 
-static void wake(nbd_server *srv)
+static void wake(vd_nbd_server *srv)
 {
     char b = 0;
     /* A full pipe already guarantees a wake-up. */
@@ -554,7 +567,7 @@ static void wake(nbd_server *srv)
     }
 }
 
-int nbd_conn_serve(nbd_server *srv, int in_fd, int out_fd, vd_error *err)
+int nbd_conn_serve(vd_nbd_server *srv, int in_fd, int out_fd, vd_error *err)
 {
     /* Allocated by tls.c, which keeps the TLS session beside it. */
     nbd_conn *c = nbd_conn_alloc();
@@ -626,7 +639,7 @@ int nbd_conn_serve(nbd_server *srv, int in_fd, int out_fd, vd_error *err)
 
 /* One accepted client, as the accept loop tracks it. */
 typedef struct client {
-    nbd_server *srv;
+    vd_nbd_server *srv;
     int fd;
     pthread_t thread;
     atomic_bool finished;
@@ -649,7 +662,7 @@ static void *client_main(void *opaque)
     return NULL;
 }
 
-void nbd_server_request_shutdown(nbd_server *srv)
+VD_API void vd_nbd_server_request_shutdown(vd_nbd_server *srv)
 {
     atomic_store(&srv->shutdown, true);
     wake(srv);
@@ -676,7 +689,7 @@ static unsigned reap(client **list)
 }
 
 /* Accepts a client on @lfd and starts its first thread; false if none. */
-static bool accept_one(nbd_server *srv, int lfd, client **list)
+static bool accept_one(vd_nbd_server *srv, int lfd, client **list)
 {
     int one = 1;
     client *cl;
@@ -706,7 +719,7 @@ static bool accept_one(nbd_server *srv, int lfd, client **list)
     return true;
 }
 
-int nbd_server_run(nbd_server *srv, vd_error *err)
+VD_API int vd_nbd_server_run(vd_nbd_server *srv, vd_error *err)
 {
     client *clients = NULL;
     unsigned nb = 0;

@@ -31,8 +31,6 @@
 #include <gnutls/x509.h>
 #endif
 
-#include "../core/error.h"
-#include "../core/opts.h"
 #include "tls.h"
 
 /* Writes smaller than this are gathered into one TLS record (the
@@ -165,9 +163,9 @@ typedef enum tls_kind {
     TLS_PSK,
 } tls_kind;
 
-/* One tls-creds-* object (nbd_tls_creds in tls.h); immutable once
+/* One tls-creds-* object (vd_nbd_tls_creds in tls.h); immutable once
  * added, except for @refs and the registry's @next. */
-typedef struct nbd_tls_creds {
+typedef struct vd_nbd_tls_creds {
     char *id;
     atomic_uint refs;   /* the registry's and each server's */
     tls_kind kind;
@@ -177,7 +175,7 @@ typedef struct nbd_tls_creds {
     gnutls_psk_server_credentials_t psk;
     gnutls_dh_params_t dh;
     gnutls_priority_t prio;
-    struct nbd_tls_creds *next;     /* under tls_registry_lock */
+    struct vd_nbd_tls_creds *next;  /* under tls_registry_lock */
 } tls_object;
 
 /* The registry: objects by id, newest first. */
@@ -407,7 +405,7 @@ static bool tls_id_ok(const char *id)
     return true;
 }
 
-int nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
+VD_API int vd_nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
 {
     static const char *const endpoints[] = { "client", "server", NULL };
     char *type = NULL, *id = NULL, *dir = NULL, *prio = NULL, *str = NULL;
@@ -539,7 +537,7 @@ out:
     return r;
 }
 
-int nbd_tls_del_object(const char *id, vd_error *err)
+VD_API int vd_nbd_tls_del_object(const char *id, vd_error *err)
 {
     tls_object **pp, *o = NULL;
 
@@ -556,11 +554,11 @@ int nbd_tls_del_object(const char *id, vd_error *err)
     if (!o) {
         return tls_fail(err, -ENOENT, "object '%s' not found", id);
     }
-    nbd_tls_creds_unref(o);
+    vd_nbd_tls_creds_unref(o);
     return 0;
 }
 
-nbd_tls_creds *nbd_tls_creds_get(const char *id, vd_error *err)
+VD_API vd_nbd_tls_creds *vd_nbd_tls_creds_get(const char *id, vd_error *err)
 {
     tls_object *o;
 
@@ -576,19 +574,19 @@ nbd_tls_creds *nbd_tls_creds_get(const char *id, vd_error *err)
     return o;
 }
 
-bool nbd_tls_creds_is_server(const nbd_tls_creds *creds)
+VD_API bool vd_nbd_tls_creds_is_server(const vd_nbd_tls_creds *creds)
 {
     return creds->server;
 }
 
-void nbd_tls_creds_unref(nbd_tls_creds *creds)
+VD_API void vd_nbd_tls_creds_unref(vd_nbd_tls_creds *creds)
 {
     if (creds && atomic_fetch_sub(&creds->refs, 1) == 1) {
         tls_object_free(creds);
     }
 }
 
-void nbd_tls_cleanup(void)
+VD_API void vd_nbd_tls_cleanup(void)
 {
     tls_object *list;
 
@@ -599,7 +597,7 @@ void nbd_tls_cleanup(void)
     while (list) {
         tls_object *o = list;
         list = o->next;
-        nbd_tls_creds_unref(o);
+        vd_nbd_tls_creds_unref(o);
     }
 }
 
@@ -913,36 +911,36 @@ struct tls_session {
     int unused;
 };
 
-int nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
+VD_API int vd_nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
 {
     (void)opts;
     return vd_error_set(err, -ENOTSUP, "TLS support is not compiled in");
 }
 
-int nbd_tls_del_object(const char *id, vd_error *err)
+VD_API int vd_nbd_tls_del_object(const char *id, vd_error *err)
 {
     return vd_error_set(err, -ENOENT, "object '%s' not found", id);
 }
 
-nbd_tls_creds *nbd_tls_creds_get(const char *id, vd_error *err)
+VD_API vd_nbd_tls_creds *vd_nbd_tls_creds_get(const char *id, vd_error *err)
 {
     (void)id;
     vd_error_set(err, -ENOTSUP, "TLS support is not compiled in");
     return NULL;
 }
 
-bool nbd_tls_creds_is_server(const nbd_tls_creds *creds)
+VD_API bool vd_nbd_tls_creds_is_server(const vd_nbd_tls_creds *creds)
 {
     (void)creds;
     return false;
 }
 
-void nbd_tls_creds_unref(nbd_tls_creds *creds)
+VD_API void vd_nbd_tls_creds_unref(vd_nbd_tls_creds *creds)
 {
     (void)creds;
 }
 
-void nbd_tls_cleanup(void)
+VD_API void vd_nbd_tls_cleanup(void)
 {
 }
 
@@ -990,7 +988,7 @@ static void tls_session_end(tls_session *t, nbd_conn *c)
 
 #endif /* VDISK_HAVE_GNUTLS */
 
-int nbd_tls_add_object(const char *spec, vd_error *err)
+VD_API int vd_nbd_tls_add_object(const char *spec, vd_error *err)
 {
     vd_opts *opts = vd_opts_new();
     int r;
@@ -1000,7 +998,7 @@ int nbd_tls_add_object(const char *spec, vd_error *err)
     }
     r = vd_opts_parse(opts, spec, "qom-type", err);
     if (r == 0) {
-        r = nbd_tls_add_object_opts(opts, err);
+        r = vd_nbd_tls_add_object_opts(opts, err);
     }
     vd_opts_free(&opts);
     return r;

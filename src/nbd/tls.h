@@ -6,17 +6,19 @@
  *
  * Three groups of functions:
  *
- *   objects         nbd_tls_add_object() / nbd_tls_add_object_opts() /
- *                   nbd_tls_del_object() keep the registry of qemu's
+ *   objects         vd_nbd_tls_add_object() / vd_nbd_tls_add_object_opts() /
+ *                   vd_nbd_tls_del_object() keep the registry of qemu's
  *                   `tls-creds-*` objects (from --object or QMP
  *                   object-add/object-del); a lock guards it, so they
  *                   may run while servers are running. An object is
  *                   reference-counted and immutable once added: a server
- *                   takes its own reference with nbd_tls_creds_get() and
- *                   hands it to nbd_server_set_tls(), so deleting the
- *                   object from the registry (QEMU allows that while a
- *                   server uses it) leaves the running server's
- *                   credentials intact until the server is freed.
+ *                   takes its own reference with vd_nbd_tls_creds_get()
+ *                   and hands it to vd_nbd_server_set_tls(), so deleting
+ *                   the object from the registry (QEMU allows that while
+ *                   a server uses it) leaves the running server's
+ *                   credentials intact until the server is freed. These
+ *                   are public: include/vdisk/nbd-server.h documents
+ *                   them; this header declares the other two groups.
  *   connection      nbd_conn_alloc()/nbd_conn_release() own an nbd_conn
  *                   together with its TLS session (nbd_conn has no field
  *                   for one), nbd_conn_starttls() upgrades a connection
@@ -38,57 +40,8 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-#include "nbd-server.h"
-#include "vdisk/vdisk.h"
-
-/* ---- objects ---- */
-
-/*
- * Parses one `--object` argument of qemu's form:
- *
- *   tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]
- *                 [,priority=STRING][,sanity-check=on|off]
- *   tls-creds-psk,id=ID,dir=DIR[,endpoint=server][,priority=STRING]
- *
- * and, for endpoint=server, loads the credentials from DIR at once
- * (ca-cert.pem, server-cert.pem, server-key.pem, optional ca-crl.pem and
- * dh-params.pem for X.509; keys.psk for PSK) and checks the priority
- * string, so a bad directory fails at start-up as with qemu. endpoint
- * defaults to client, as in qemu (such objects are kept but never
- * loaded: only servers use credentials here), and verify-peer to on.
- * Returns 0, -EEXIST (id in use), -EINVAL (syntax, unknown object type
- * or key, bad id), -ENOENT/-EACCES (credential files), -ENOTSUP (no
- * gnutls), with qemu's message where qemu has one.
- */
-int nbd_tls_add_object(const char *spec, vd_error *err);
-
-/* The same from already-split options (QMP object-add): "qom-type",
- * "id" and the keys above, booleans as on/off. Takes what it
- * understands from @opts. */
-int nbd_tls_add_object_opts(vd_opts *opts, vd_error *err);
-
-/* Removes object @id from the registry (QMP object-del); a server
- * holding a reference keeps using it. Returns 0 or -ENOENT ("object 'ID'
- * not found"). */
-int nbd_tls_del_object(const char *id, vd_error *err);
-
-/* Frees the registry's references to every object; servers keep theirs. */
-void nbd_tls_cleanup(void);
-
-/*
- * A new reference to object @id, for nbd_server_set_tls(), or NULL with
- * "No TLS credentials with id 'ID'" (or the no-gnutls message). The
- * caller checks the endpoint with nbd_tls_creds_is_server(), because
- * qemu-nbd and nbd-server-start word that refusal differently.
- */
-nbd_tls_creds *nbd_tls_creds_get(const char *id, vd_error *err);
-
-/* True when @creds were made with endpoint=server. */
-bool nbd_tls_creds_is_server(const nbd_tls_creds *creds);
-
-/* Drops a reference; the last one frees the credentials. Accepts NULL.
- * Never call it while a connection may still use them. */
-void nbd_tls_creds_unref(nbd_tls_creds *creds);
+#include "nbd-int.h"
+#include "vdisk/nbd-server.h"
 
 /* ---- connection ---- */
 

@@ -30,9 +30,8 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
-#include "../core/error.h"
 #include "nbd-proto.h"
-#include "nbd-server.h"
+#include "nbd-int.h"
 #include "tls.h"
 
 /* Bytes received ahead of parsing, per connection. */

@@ -19,9 +19,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "core/block_int.h"
-#include "nbd/tls.h"
-#include "qmp/qmp-int.h"
+#include "qmp-int.h"
+
 
 /* ---- helpers ---- */
 
@@ -153,45 +152,6 @@ QMP_HANDLER(qmp_cmd_quit)
 
 /* ---- nodes ---- */
 
-/* Flattens BlockdevOptions into the dotted keys vd_open() takes. */
-static int flatten(vd_opts *o, const char *prefix, json_object *obj)
-{
-    json_object_object_foreach(obj, key, val) {
-        char name[512];
-        const char *s;
-        char num[32];
-        int r = 0;
-
-        snprintf(name, sizeof(name), "%s%s", prefix, key);
-        switch (json_object_get_type(val)) {
-        case json_type_object: {
-            char sub[520];
-            snprintf(sub, sizeof(sub), "%s.", name);
-            r = flatten(o, sub, val);
-            continue;
-        }
-        case json_type_boolean:
-            s = json_object_get_boolean(val) ? "on" : "off";
-            break;
-        case json_type_null:
-            s = "null";
-            break;
-        case json_type_int:
-            snprintf(num, sizeof(num), "%" PRId64, json_object_get_int64(val));
-            s = num;
-            break;
-        default:
-            s = json_object_get_string(val);
-            break;
-        }
-        r = vd_opts_set(o, name, s);
-        if (r < 0) {
-            return r;
-        }
-    }
-    return 0;
-}
-
 QMP_HANDLER(qmp_cmd_blockdev_add)
 {
     const char *name = arg_str(args, "node-name");
@@ -206,9 +166,16 @@ QMP_HANDLER(qmp_cmd_blockdev_add)
                         "node");
     }
     o = vd_opts_new();
-    if (!o || flatten(o, "", args) < 0) {
-        vd_opts_free(&o);
+    if (!o) {
         return qmp_fail(e, NULL, "out of memory");
+    }
+    /* BlockdevOptions become the dotted keys vd_open() takes, flattened
+     * as json: filenames are. */
+    r = vd_opts_from_json(o, json_object_to_json_string_ext(
+                                 args, JSON_C_TO_STRING_PLAIN), &err);
+    if (r < 0) {
+        vd_opts_free(&o);
+        return fail_vd(e, &err, r, "Invalid options");
     }
     /* read-only is a flag here: let the children inherit it. */
     vd_opts_del(o, "read-only");
@@ -251,7 +218,7 @@ QMP_HANDLER(qmp_cmd_blockdev_del)
     if (i < 0) {
         return qmp_fail(e, NULL, "Node %s is not owned by the monitor", name);
     }
-    if (node->n_parents > 0) {
+    if (vd_node_parent_count(node) > 0) {
         return qmp_fail(e, NULL, "Block device %s is in use", name);
     }
     memmove(&d->nodes[i], &d->nodes[i + 1],
@@ -290,106 +257,26 @@ static void all_nodes(node_vec *nv)
     }
 }
 
-/* QEMU shows a dirty flag where its driver answers get_info: qcow2 and
- * file, and raw in front of either. */
-static bool shows_dirty_flag(vd_node *node)
-{
-    const char *f = vd_node_format(node);
-    vd_node *file = vd_node_child(node, "file");
-
-    if (strcmp(f, "qcow2") == 0 || strcmp(f, "file") == 0) {
-        return true;
-    }
-    return strcmp(f, "raw") == 0 && file && shows_dirty_flag(file);
-}
-
-/* The filename QEMU shows: null-co has a pseudo one. */
-static const char *shown_filename(vd_node *node)
-{
-    const char *f = vd_node_filename(node);
-    vd_node *n = node;
-
-    while ((!f || !f[0]) && n) {
-        if (strcmp(vd_node_format(n), "null-co") == 0) {
-            return "null-co://";
-        }
-        n = vd_node_child(n, "file");
-        f = n ? vd_node_filename(n) : f;
-    }
-    return f ? f : "";
-}
-
+/* QEMU's ImageInfo of @node, with its backing chain nested in
+ * "backing-image"; the members come from the library's formatter, as
+ * `vdisk info --output=json` prints them. */
 static json_object *image_info(vd_node *node, int depth)
 {
     vd_image_info *info = NULL;
     json_object *o;
     vd_node *backing;
+    char *text;
 
     if (vd_get_info(node, &info, NULL) < 0 || !info) {
         return NULL;
     }
-    o = json_object_new_object();
-    json_object_object_add(o, "virtual-size",
-                           jint((int64_t)info->virtual_size));
-    json_object_object_add(o, "filename", json_object_new_string(
-                               info->filename && info->filename[0]
-                               ? info->filename : shown_filename(node)));
-    if (info->cluster_size) {
-        json_object_object_add(o, "cluster-size",
-                               jint((int64_t)info->cluster_size));
-    }
-    json_object_object_add(o, "format", json_object_new_string(
-                               info->format ? info->format
-                                            : vd_node_format(node)));
-    if (info->actual_size >= 0) {
-        json_object_object_add(o, "actual-size", jint(info->actual_size));
-    }
-    if (info->encrypted) {
-        json_object_object_add(o, "encrypted", json_object_new_boolean(1));
-    }
-    if (info->format_specific_json) {
-        json_object *fs = json_tokener_parse(info->format_specific_json);
-        if (fs) {
-            json_object_object_add(o, "format-specific", fs);
-        }
-    }
-    if (shows_dirty_flag(node)) {
-        json_object_object_add(o, "dirty-flag",
-                               json_object_new_boolean(info->dirty_flag));
-    }
-    if (info->backing_filename) {
-        json_object_object_add(o, "backing-filename",
-                               json_object_new_string(info->backing_filename));
-    }
-    if (info->full_backing_filename) {
-        json_object_object_add(o, "full-backing-filename",
-            json_object_new_string(info->full_backing_filename));
-    }
-    if (info->backing_filename_format) {
-        json_object_object_add(o, "backing-filename-format",
-            json_object_new_string(info->backing_filename_format));
-    }
-    if (info->nb_snapshots) {
-        json_object *l = json_object_new_array();
-        for (size_t i = 0; i < info->nb_snapshots; i++) {
-            const vd_snapshot_info *sn = &info->snapshots[i];
-            json_object *s = json_object_new_object();
-            json_object_object_add(s, "id", json_object_new_string(sn->id));
-            json_object_object_add(s, "name",
-                                   json_object_new_string(sn->name));
-            json_object_object_add(s, "vm-state-size",
-                                   jint((int64_t)sn->vm_state_size));
-            json_object_object_add(s, "date-sec", jint(sn->date_sec));
-            json_object_object_add(s, "date-nsec", jint(sn->date_nsec));
-            json_object_object_add(s, "vm-clock-sec",
-                jint((int64_t)(sn->vm_clock_nsec / 1000000000u)));
-            json_object_object_add(s, "vm-clock-nsec",
-                jint((int64_t)(sn->vm_clock_nsec % 1000000000u)));
-            json_object_array_add(l, s);
-        }
-        json_object_object_add(o, "snapshots", l);
-    }
+    text = vd_image_info_to_json(info);
     vd_image_info_free(&info);
+    o = text ? json_tokener_parse(text) : NULL;
+    free(text);
+    if (!o) {
+        return NULL;
+    }
     backing = vd_node_child(node, "backing");
     if (backing && depth < 64) {
         json_object *b = image_info(backing, depth + 1);
@@ -405,8 +292,10 @@ static json_object *block_device_info(vd_node *node)
     static const char *const dz[] = { "off", "on", "unmap" };
     json_object *o = json_object_new_object();
     json_object *cache = json_object_new_object();
-    json_object *img;
+    json_object *img, *shown = NULL;
     vd_node *b = vd_node_child(node, "backing");
+    unsigned cf = vd_node_cache_flags(node);
+    const char *file;
     int depth = 0;
 
     for (vd_node *n = b; n && depth < 100000; n = vd_node_child(n, "backing")) {
@@ -414,13 +303,14 @@ static json_object *block_device_info(vd_node *node)
     }
     json_object_object_add(o, "iops_rd", jint(0));
     json_object_object_add(o, "detect_zeroes", json_object_new_string(
-                               dz[node->detect_zeroes % 3]));
+                               dz[vd_node_detect_zeroes(node) % 3]));
     img = image_info(node, 0);
     if (img) {
         json_object_object_add(o, "image", img);
     }
     json_object_object_add(o, "iops_wr", jint(0));
-    json_object_object_add(o, "ro", json_object_new_boolean(node->read_only));
+    json_object_object_add(o, "ro", json_object_new_boolean(
+                               vd_node_is_read_only(node)));
     json_object_object_add(o, "node-name",
                            json_object_new_string(vd_node_name(node)));
     json_object_object_add(o, "backing_file_depth", jint(depth));
@@ -430,21 +320,27 @@ static json_object *block_device_info(vd_node *node)
     json_object_object_add(o, "bps_wr", jint(0));
     json_object_object_add(o, "write_threshold", jint(0));
     if (b) {
+        const char *bf = vd_node_backing_file(node);
         json_object_object_add(o, "backing_file", json_object_new_string(
-            node->backing_file ? node->backing_file : vd_node_filename(b)));
+                                   bf ? bf : vd_node_filename(b)));
     }
     json_object_object_add(o, "encrypted", json_object_new_boolean(0));
     json_object_object_add(o, "bps", jint(0));
     json_object_object_add(o, "bps_rd", jint(0));
     json_object_object_add(cache, "no-flush", json_object_new_boolean(
-                               (node->flags & VD_NODE_NO_FLUSH) != 0));
+                               (cf & VD_CACHE_NO_FLUSH) != 0));
     json_object_object_add(cache, "direct", json_object_new_boolean(
-                               (node->flags & VD_NODE_NOCACHE) != 0));
-    json_object_object_add(cache, "writeback",
-                           json_object_new_boolean(!node->writethrough));
+                               (cf & VD_CACHE_DIRECT) != 0));
+    json_object_object_add(cache, "writeback", json_object_new_boolean(
+                               (cf & VD_CACHE_WRITEBACK) != 0));
     json_object_object_add(o, "cache", cache);
-    json_object_object_add(o, "file",
-                           json_object_new_string(shown_filename(node)));
+    /* The filename QEMU shows, which the image's info already holds. */
+    if (img) {
+        json_object_object_get_ex(img, "filename", &shown);
+    }
+    file = shown ? json_object_get_string(shown) : vd_node_filename(node);
+    json_object_object_add(o, "file", json_object_new_string(file ? file
+                                                                   : ""));
     return o;
 }
 
@@ -620,7 +516,7 @@ QMP_HANDLER(qmp_cmd_block_resize)
     /* Exports do not share resize, so none of them serves this node;
      * this keeps an export's advertised length true all the same. */
     if (d->nbd) {
-        nbd_server_update_export_size(d->nbd, node);
+        vd_nbd_server_update_export_size(d->nbd, node);
     }
     return json_object_new_object();
 }
@@ -632,7 +528,7 @@ static void *nbd_thread_main(void *opaque)
     qmp_daemon *d = opaque;
     vd_error err = VD_ERROR_INIT;
 
-    if (nbd_server_run(d->nbd, &err) < 0) {
+    if (vd_nbd_server_run(d->nbd, &err) < 0) {
         fprintf(stderr, "vdisk serve: %s\n", err.message);
     }
     return NULL;
@@ -644,8 +540,8 @@ QMP_HANDLER(qmp_cmd_nbd_server_start)
     const char *type;
     const char *tls_id = arg_str(args, "tls-creds");
     vd_error err = VD_ERROR_INIT;
-    nbd_server *srv;
-    nbd_tls_creds *creds = NULL;
+    vd_nbd_server *srv;
+    vd_nbd_tls_creds *creds = NULL;
     int r;
     int64_t maxc = 0;
     json_object *mc;
@@ -668,12 +564,12 @@ QMP_HANDLER(qmp_cmd_nbd_server_start)
         }
     }
     if (tls_id) {
-        creds = nbd_tls_creds_get(tls_id, &err);
+        creds = vd_nbd_tls_creds_get(tls_id, &err);
         if (!creds) {
             return fail_vd(e, &err, -ENOENT, "Cannot use TLS credentials");
         }
-        if (!nbd_tls_creds_is_server(creds)) {
-            nbd_tls_creds_unref(creds);
+        if (!vd_nbd_tls_creds_is_server(creds)) {
+            vd_nbd_tls_creds_unref(creds);
             return qmp_fail(e, NULL, "Expected TLS credentials for a server "
                             "endpoint");
         }
@@ -681,33 +577,33 @@ QMP_HANDLER(qmp_cmd_nbd_server_start)
     json_object_object_get_ex(args, "addr", &addr);
     json_object_object_get_ex(addr, "data", &data);
     type = arg_str(addr, "type");
-    srv = nbd_server_new(16, (unsigned)maxc, true);
+    srv = vd_nbd_server_new(16, (unsigned)maxc, true);
     if (!srv) {
-        nbd_tls_creds_unref(creds);
+        vd_nbd_tls_creds_unref(creds);
         return qmp_fail(e, NULL, "out of memory");
     }
     /* The server owns the reference from here: object-del may drop the
      * object while the server still runs with it, as in QEMU. */
-    nbd_server_set_tls(srv, creds);
+    vd_nbd_server_set_tls(srv, creds);
     if (strcmp(type, "unix") == 0) {
-        r = nbd_server_listen_unix(srv, arg_str(data, "path"), &err);
+        r = vd_nbd_server_listen_unix(srv, arg_str(data, "path"), &err);
     } else if (strcmp(type, "inet") == 0) {
-        r = nbd_server_listen_tcp(srv, arg_str(data, "host"),
-                                  arg_str(data, "port"), &err);
+        r = vd_nbd_server_listen_tcp(srv, arg_str(data, "host"),
+                                     arg_str(data, "port"), &err);
     } else {
-        nbd_server_free(&srv);
+        vd_nbd_server_free(&srv);
         return qmp_fail(e, NULL, "Socket address type '%s' is not supported",
                         type);
     }
     if (r < 0) {
-        nbd_server_free(&srv);
+        vd_nbd_server_free(&srv);
         return fail_vd(e, &err, r, "Failed to listen");
     }
     d->nbd = srv;
     r = pthread_create(&d->nbd_thread, NULL, nbd_thread_main, d);
     if (r != 0) {
         d->nbd = NULL;
-        nbd_server_free(&srv);
+        vd_nbd_server_free(&srv);
         return qmp_fail(e, NULL, "cannot start the NBD server thread: %s",
                         strerror(r));
     }
@@ -734,12 +630,12 @@ void qmp_daemon_stop_nbd(qmp_daemon *d)
         return;
     }
     while (d->nb_exports) {
-        nbd_server_remove_export(d->nbd, d->exports[0].name, true, NULL);
+        vd_nbd_server_remove_export(d->nbd, d->exports[0].name, true, NULL);
         export_remove_at(d, 0);
     }
-    nbd_server_request_shutdown(d->nbd);
+    vd_nbd_server_request_shutdown(d->nbd);
     pthread_join(d->nbd_thread, NULL);
-    nbd_server_free(&d->nbd);
+    vd_nbd_server_free(&d->nbd);
 }
 
 QMP_HANDLER(qmp_cmd_nbd_server_stop)
@@ -796,7 +692,7 @@ QMP_HANDLER(qmp_cmd_block_export_add)
     if (strlen(name) > 4096) {
         return qmp_fail(e, NULL, "export name '%.40s...' too long", name);
     }
-    if (nbd_server_find_export(d->nbd, name, strlen(name))) {
+    if (vd_nbd_server_has_export(d->nbd, name)) {
         return qmp_fail(e, NULL, "NBD server already has export named '%s'",
                         name);
     }
@@ -814,7 +710,8 @@ QMP_HANDLER(qmp_cmd_block_export_add)
         free(nv->name);
         return qmp_fail(e, NULL, "out of memory");
     }
-    r = nbd_server_add_export_ro(d->nbd, name, desc, node, !writable, &err);
+    r = vd_nbd_server_add_export_ro(d->nbd, name, desc, node, !writable,
+                                    &err);
     if (r < 0) {
         free(nv->id);
         free(nv->name);
@@ -836,7 +733,7 @@ QMP_HANDLER(qmp_cmd_block_export_del)
     if (!x) {
         return qmp_fail(e, NULL, "Export '%s' is not found", id);
     }
-    r = nbd_server_remove_export(d->nbd, x->name, hard, &err);
+    r = vd_nbd_server_remove_export(d->nbd, x->name, hard, &err);
     if (r == -EBUSY) {
         return qmp_fail(e, NULL, "export '%s' still in use", id);
     }
@@ -880,7 +777,7 @@ static vd_node *snapshot_node(const char *dev, qmp_error *e)
                  dev);
         return NULL;
     }
-    if (node->n_parents > 0) {
+    if (vd_node_parent_count(node) > 0) {
         qmp_fail(e, NULL, "Need a root block node");
         return NULL;
     }
@@ -1081,7 +978,7 @@ QMP_HANDLER(qmp_cmd_vdisk_snapshot_load)
     }
     if (d->nbd) {
         for (size_t i = 0; i < d->nb_exports; i++) {
-            nbd_server_update_export_size(d->nbd, d->exports[i].node);
+            vd_nbd_server_update_export_size(d->nbd, d->exports[i].node);
         }
     }
     return json_object_new_object();
@@ -1133,7 +1030,7 @@ QMP_HANDLER(qmp_cmd_object_add)
         vd_opts_free(&o);
         return qmp_fail(e, NULL, "out of memory");
     }
-    r = nbd_tls_add_object_opts(o, &err);
+    r = vd_nbd_tls_add_object_opts(o, &err);
     vd_opts_free(&o);
     if (r < 0) {
         return fail_vd(e, &err, r, "Could not add object");
@@ -1147,7 +1044,7 @@ QMP_HANDLER(qmp_cmd_object_del)
     int r;
 
     (void)d;
-    r = nbd_tls_del_object(arg_str(args, "id"), &err);
+    r = vd_nbd_tls_del_object(arg_str(args, "id"), &err);
     if (r < 0) {
         return fail_vd(e, &err, r, "Could not delete object");
     }

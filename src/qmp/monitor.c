@@ -28,9 +28,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "core/error.h"
-#include "nbd/tls.h"
-#include "qmp/qmp-int.h"
+#include "vdisk/nbd-server.h"
+#include "qmp-int.h"
 
 #define QMP_MAX_LINE (1u << 20)
 
@@ -615,7 +614,7 @@ void qmp_daemon_free(qmp_daemon **pd)
     free(d->exports);
     /* The objects (--object, object-add) are the daemon's, as QEMU's
      * /objects; its NBD server, which held a reference, is gone. */
-    nbd_tls_cleanup();
+    vd_nbd_tls_cleanup();
     close(d->wake[0]);
     close(d->wake[1]);
     pthread_mutex_destroy(&d->lock);

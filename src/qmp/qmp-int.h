@@ -17,8 +17,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "qmp/qmp.h"
-#include "nbd/nbd-server.h"
+#include "vdisk/nbd-server.h"
+#include "qmp.h"
 
 /* ---- schema (schema.c) ---- */
 
@@ -108,7 +108,7 @@ struct qmp_daemon {
     size_t nb_nodes;
     qmp_export *exports;
     size_t nb_exports;
-    nbd_server *nbd;
+    vd_nbd_server *nbd;
     pthread_t nbd_thread;
 
     pthread_mutex_t mon_lock;

@@ -50,7 +50,7 @@ void qmp_daemon_request_quit(qmp_daemon *d);
 
 /* Frees a daemon that qmp_daemon_run() has shut down or never ran (in
  * which case it also closes what it holds), and every TLS credentials
- * object of the process (nbd_tls_cleanup()). */
+ * object of the process (vd_nbd_tls_cleanup()). */
 void qmp_daemon_free(qmp_daemon **d);
 
 /*

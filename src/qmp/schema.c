@@ -23,9 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "core/error.h"
-#include "core/opts.h"
-#include "qmp/qmp-int.h"
+#include "qmp-int.h"
 
 /* ---- argument schemas ---- */
 

@@ -11,9 +11,9 @@
  * /dev/null, with no worker threads (jobs run in the reader), so a run is
  * deterministic and single-threaded.
  *
- * tests/fuzz/run.sh links targets against libvdisk.a only, so the server
- * sources are compiled in here; the reference to the null-co driver pulls
- * that driver out of the archive (the registry refers to it weakly).
+ * The server is part of libvdisk.a, which tests/fuzz/run.sh links whole;
+ * nbd_conn_serve(), the entry point for one connection, is internal (a
+ * hidden symbol of the shared library), which a static link reaches.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -24,16 +24,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "../../src/nbd/handshake.c"
-#include "../../src/nbd/server.c"
-#include "../../src/nbd/transmission.c"
-#include "../../src/nbd/tls.c"
+#include "../../src/nbd/nbd-int.h"
+#include "../../src/nbd/nbd-proto.h"
 
-struct vd_driver;
-extern const struct vd_driver vd_driver_null_co;
-const void *volatile fuzz_keep_null_driver = &vd_driver_null_co;
-
-static nbd_server *fuzz_srv;
+static vd_nbd_server *fuzz_srv;
 static int fuzz_devnull = -1;
 
 static void fuzz_init(void)
@@ -50,10 +44,10 @@ static void fuzz_init(void)
         abort();
     }
     vd_opts_free(&opts);
-    fuzz_srv = nbd_server_new(0, 0, true);
-    if (!fuzz_srv || nbd_server_add_export(fuzz_srv, "", "default", node,
-                                           &err) < 0 ||
-        nbd_server_add_export(fuzz_srv, "x", NULL, node, &err) < 0) {
+    fuzz_srv = vd_nbd_server_new(0, 0, true);
+    if (!fuzz_srv || vd_nbd_server_add_export(fuzz_srv, "", "default", node,
+                                              &err) < 0 ||
+        vd_nbd_server_add_export(fuzz_srv, "x", NULL, node, &err) < 0) {
         abort();
     }
     fuzz_devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);

@@ -22,8 +22,8 @@
  * names nbd-server-start (a listening socket). What remains reaches
  * null-co, raw and qcow2 nodes only, in an empty working directory.
  *
- * The QMP and NBD sources are not in libvdisk.a, so they are compiled in
- * here; two static names exist in both and are renamed for the NBD side.
+ * The QMP sources are not in libvdisk.a (the NBD server is), so they are
+ * compiled in here.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -33,22 +33,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#define client_main nbd_fuzz_client_main
-#define send_error nbd_fuzz_send_error
-#include "../../src/nbd/handshake.c"
-#include "../../src/nbd/server.c"
-#include "../../src/nbd/transmission.c"
-#include "../../src/nbd/tls.c"
-#undef client_main
-#undef send_error
-
 #include "../../src/qmp/commands.c"
 #include "../../src/qmp/monitor.c"
 #include "../../src/qmp/schema.c"
-
-struct vd_driver;
-extern const struct vd_driver vd_driver_null_co;
-const void *volatile fuzz_keep_null_driver = &vd_driver_null_co;
 
 #define MAX_LINES 32
 #define MAX_DEPTH 64

@@ -43,9 +43,14 @@ libs=$(pkg-config --libs zlib libzstd json-c)
 if pkg-config --exists liburing; then
     libs="$libs $(pkg-config --libs liburing)"
 fi
+# The NBD server in libvdisk.a uses gnutls when meson found it.
+if pkg-config --exists gnutls; then
+    libs="$libs $(pkg-config --libs gnutls)"
+fi
 
-# --whole-archive: the driver registry refers to drivers through weak
-# symbols, which do not pull their objects out of a static archive.
+# --whole-archive: the targets reach internal functions (the NBD
+# server's nbd_conn_serve()) that nothing else would pull out of the
+# archive.
 targets=()
 for src in "$here"/fuzz-*.c; do
     name=$(basename "$src" .c)

@@ -1,5 +1,6 @@
-// The public header must compile as C++ (extern "C", no C-only syntax)
-// and link from a C++ program.
+// The public headers must compile as C++ (extern "C", no C-only syntax)
+// and link from a C++ program against libvdisk.so.
+#include <vdisk/nbd-server.h>
 #include <vdisk/vdisk.h>
 
 #include <cstring>
@@ -11,5 +12,8 @@ int main()
     vd_opts *o = vd_opts_new();
     int r = vd_opts_set(o, "size", "1M");
     vd_opts_free(&o);
-    return r != 0 || std::strlen(vd_version()) == 0;
+    vd_nbd_server *srv = vd_nbd_server_new(1, 0, false);
+    bool none = srv && !vd_nbd_server_has_export(srv, "x");
+    vd_nbd_server_free(&srv);
+    return r != 0 || !none || std::strlen(vd_version()) == 0;
 }

@@ -1,7 +1,7 @@
 /*
- * vdisk's NBD server: the internal interface between the command-line
- * front end (tools/cmd_serve.c), the QMP monitor (src/qmp/) and the
- * parts of src/nbd/:
+ * vdisk's NBD server, internals: what the parts of src/nbd/ share beyond
+ * the public interface in include/vdisk/nbd-server.h (which the library
+ * exports, and tools/cmd_serve.c and src/qmp/ use like any embedder):
  *
  *   server.c        export registry (also changed at run time by QMP),
  *                   listening sockets, the accept loop, connection
@@ -24,8 +24,8 @@
  * thread alone, which learns of finished connections through a
  * self-pipe; the export list is guarded by the server's export lock.
  */
-#ifndef VDISK_NBD_SERVER_H
-#define VDISK_NBD_SERVER_H
+#ifndef VDISK_NBD_INT_H
+#define VDISK_NBD_INT_H
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -33,13 +33,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "vdisk/nbd-server.h"
 #include "vdisk/vdisk.h"
 
-typedef struct nbd_server nbd_server;
 typedef struct nbd_export nbd_export;
 typedef struct nbd_conn nbd_conn;
 typedef struct nbd_worker nbd_worker;
-typedef struct nbd_tls_creds nbd_tls_creds;   /* tls.h */
 
 /* One named export: a node opened by the caller, borrowed by the server. */
 struct nbd_export {
@@ -74,7 +73,7 @@ typedef struct nbd_caps {
 } nbd_caps;
 
 struct nbd_conn {
-    nbd_server *srv;
+    vd_nbd_server *srv;
     int in_fd, out_fd;   /* the same socket, except under the fuzzer */
 
     /* Negotiated in the handshake, read-only afterwards. */
@@ -123,101 +122,38 @@ struct nbd_worker {
 
 /* ---- server.c ---- */
 
-/*
- * Creates a server. Each connection uses at most @nworkers threads (0 is
- * taken as 1: the fuzzer runs everything in its own thread); at most
- * @max_clients connections are served at once (0: unlimited). Without
- * @persistent, nbd_server_run() returns when the last client of at least
- * one has gone. Returns NULL on ENOMEM.
- */
-nbd_server *nbd_server_new(unsigned nworkers, unsigned max_clients,
-                           bool persistent);
-
-/* Frees the server; it must not be running. Export nodes are borrowed:
- * close them afterwards. */
-void nbd_server_free(nbd_server **srv);
-
-/*
- * Puts the server in FORCEDTLS mode with @creds (server-endpoint
- * credentials from nbd_tls_creds_get()), taking over that reference; it
- * is dropped when the server is freed. Call before nbd_server_run():
- * the credentials are read without a lock while connections run.
- */
-void nbd_server_set_tls(nbd_server *srv, nbd_tls_creds *creds);
-
 /* The server's credentials, or NULL when it serves plain NBD. */
-nbd_tls_creds *nbd_server_tls(const nbd_server *srv);
-
-/* Adds an export of @node named @name (unique, at most 4096 bytes).
- * The export becomes a user of @node (vd_user_new) holding read, and
- * write unless read-only, and not sharing resize, as qemu-nbd's export.
- * Returns 0 or -EINVAL/-EEXIST/-ENOMEM, or the permission error
- * (-EPERM, -EBUSY) with a message. */
-int nbd_server_add_export(nbd_server *srv, const char *name,
-                          const char *description, vd_node *node,
-                          vd_error *err);
-
-/* nbd_server_add_export() with the export forced read-only when
- * @read_only (a writable node may be exported read-only). */
-int nbd_server_add_export_ro(nbd_server *srv, const char *name,
-                             const char *description, vd_node *node,
-                             bool read_only, vd_error *err);
-
-/* Unlists export @name and waits until no connection transmits on it.
- * Without @hard, fails with -EBUSY while clients use it; with @hard their
- * sockets are shut down first (they finish the requests they read).
- * -ENOENT when there is no such export. Safe while the server runs. */
-int nbd_server_remove_export(nbd_server *srv, const char *name, bool hard,
-                             vd_error *err);
-
-/* Re-reads the length of @node into the exports of it (after a resize);
- * clients connected before keep the size they negotiated. */
-void nbd_server_update_export_size(nbd_server *srv, vd_node *node);
+vd_nbd_tls_creds *nbd_server_tls(const vd_nbd_server *srv);
 
 /* Connections currently in transmission on export @name. */
-unsigned nbd_server_export_clients(nbd_server *srv, const char *name);
+unsigned nbd_server_export_clients(vd_nbd_server *srv, const char *name);
 
 /* The size of @exp, read under the export lock (a resize may change it
  * at any time). */
-uint64_t nbd_export_size(nbd_server *srv, const nbd_export *exp);
+uint64_t nbd_export_size(vd_nbd_server *srv, const nbd_export *exp);
 
 /* Finds the export called @name (@len bytes, not NUL-terminated). */
-nbd_export *nbd_server_find_export(nbd_server *srv, const char *name,
+nbd_export *nbd_server_find_export(vd_nbd_server *srv, const char *name,
                                    size_t len);
-size_t nbd_server_nb_exports(const nbd_server *srv);
+size_t nbd_server_nb_exports(const vd_nbd_server *srv);
 
 /* The @i-th export, or NULL past the end (exports may be removed while a
  * client lists them). A removed export's name and description stay
  * valid until the server is freed. */
-nbd_export *nbd_server_export(nbd_server *srv, size_t i);
+nbd_export *nbd_server_export(vd_nbd_server *srv, size_t i);
 
 /* True once the server has multi-connection semantics to offer: it may
  * have more than one client at a time. */
-bool nbd_server_multi_conn(const nbd_server *srv);
+bool nbd_server_multi_conn(const vd_nbd_server *srv);
 
 /* True once shutdown was requested. */
-bool nbd_server_shutting_down(const nbd_server *srv);
-
-/* Listening sockets; call before nbd_server_run(). A UNIX socket path is
- * unlinked when the server is freed. */
-int nbd_server_listen_unix(nbd_server *srv, const char *path, vd_error *err);
-int nbd_server_listen_tcp(nbd_server *srv, const char *addr,
-                          const char *port, vd_error *err);
-
-/* Serves connections until shutdown is requested or, without
- * persistence, the last client leaves; then lets every connection finish
- * the requests it has read and joins every thread. Call after any fork().
- * Returns 0 or a negative errno. */
-int nbd_server_run(nbd_server *srv, vd_error *err);
-
-/* Asks a running server to stop. Async-signal-safe. */
-void nbd_server_request_shutdown(nbd_server *srv);
+bool nbd_server_shutting_down(const vd_nbd_server *srv);
 
 /* Serves one connection on (@in_fd, @out_fd) in the calling thread until
  * it ends; the fds are not closed. Used by the accept loop's client
  * threads and by the fuzz target. Returns 0 for a clean end, else the
  * negative errno of the error that ended it. */
-int nbd_conn_serve(nbd_server *srv, int in_fd, int out_fd, vd_error *err);
+int nbd_conn_serve(vd_nbd_server *srv, int in_fd, int out_fd, vd_error *err);
 
 /* Reads exactly @len bytes. Returns 0, -EPIPE at end of file (the peer
  * went away) or another negative errno. */
@@ -238,7 +174,7 @@ enum nbd_hs_result {
 enum nbd_hs_result nbd_handshake(nbd_conn *conn);
 
 /* The transmission flags of @exp for a connection with @structured. */
-uint16_t nbd_export_tflags(nbd_server *srv, const nbd_export *exp,
+uint16_t nbd_export_tflags(vd_nbd_server *srv, const nbd_export *exp,
                            bool structured);
 
 /* ---- transmission.c ---- */

@@ -1,0 +1,230 @@
+/*
+ * vdisk: the NBD server, part of libvdisk's public API.
+ *
+ * A program that has opened a node (vd_open(), or a node it found with
+ * vd_find_node()) can export it over NBD to other processes or machines,
+ * exactly as `vdisk serve` (qemu-nbd, qemu-storage-daemon's
+ * nbd-server-start / block-export-add) does: fixed newstyle negotiation,
+ * structured replies, the base:allocation and qemu:allocation-depth
+ * metadata contexts, multiple connections and optional TLS.
+ * docs/nbd.md describes the protocol side.
+ *
+ * A minimal server:
+ *
+ *     signal(SIGPIPE, SIG_IGN);
+ *     vd_nbd_server *srv = vd_nbd_server_new(4, 0, true);
+ *     vd_nbd_server_add_export(srv, "disk", NULL, node, &err);
+ *     vd_nbd_server_listen_unix(srv, "/run/disk.sock", &err);
+ *     vd_nbd_server_run(srv, &err);  // returns after request_shutdown()
+ *     vd_nbd_server_free(&srv);
+ *     vd_close(&node, NULL);
+ *
+ * Threads: vd_nbd_server_run() blocks the calling thread and starts one
+ * or more threads per connection; requests reach the exported nodes from
+ * those threads, concurrently with any requests the program issues
+ * itself (nodes are thread-safe for requests, see vdisk.h). Exports may
+ * be added, removed and resized while the server runs, from any thread.
+ * vd_nbd_server_request_shutdown() may be called from any thread and from
+ * a signal handler. Everything else (listening, TLS, freeing) is set up
+ * before vd_nbd_server_run() or done after it returned.
+ *
+ * Signals: replies are written with plain write calls, so a client that
+ * disconnects mid-reply raises SIGPIPE; a program serving NBD must ignore
+ * it (the library does not change signal dispositions). The server logs
+ * the error that ends a connection abnormally on stderr.
+ *
+ * Nodes are borrowed: the server never opens or closes them. Keep each
+ * exported node open until its export is removed or the server freed.
+ *
+ * Errors follow vdisk.h: 0 or a negative errno, and a message in the
+ * optional vd_error.
+ */
+#ifndef VDISK_NBD_SERVER_H
+#define VDISK_NBD_SERVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "vdisk/vdisk.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** A server: its exports, listening sockets and connections. */
+typedef struct vd_nbd_server vd_nbd_server;
+
+/** A reference to TLS credentials (a qemu tls-creds-* object). */
+typedef struct vd_nbd_tls_creds vd_nbd_tls_creds;
+
+/* ------------------------------------------------------------------ */
+/* Servers and exports                                                */
+/* ------------------------------------------------------------------ */
+
+/**
+ * Creates a server. Each connection uses at most @nworkers threads (0 is
+ * taken as 1); at most @max_clients connections are served at once (0:
+ * unlimited; further clients wait in the listen backlog, as with qemu-nbd
+ * --shared), and clients are told multi-connection is safe unless
+ * @max_clients is 1. Without @persistent, vd_nbd_server_run() returns once
+ * the last client has gone after at least one came (qemu-nbd without
+ * --persistent). Returns NULL when out of memory or file descriptors.
+ */
+VD_API vd_nbd_server *vd_nbd_server_new(unsigned nworkers,
+                                        unsigned max_clients,
+                                        bool persistent);
+
+/**
+ * Frees the server: closes its listening sockets (unlinking a UNIX socket
+ * it created), drops its exports and its reference to TLS credentials,
+ * and sets @*srv to NULL. Accepts NULL. The server must not be running.
+ * Exported nodes are not closed.
+ */
+VD_API void vd_nbd_server_free(vd_nbd_server **srv);
+
+/**
+ * Adds an export of @node named @name (at most 4096 bytes; "" is the
+ * default export) with an optional @description (NULL for none). The
+ * export is read-only when @node is. The export is a user of @node
+ * (vd_user_new) that holds read, and write unless read-only, and lets
+ * nobody resize the node while it is served, as qemu-nbd's export; it
+ * also blocks reverting @node to a snapshot (VD_OP_SNAPSHOT_GOTO).
+ * Returns 0, or -EINVAL (name or description too long), -EEXIST (name in
+ * use), -ENOMEM, the error of reading @node's length, or the permission
+ * error (-EPERM, -EBUSY: see vd_user_new) with QEMU's message.
+ */
+VD_API int vd_nbd_server_add_export(vd_nbd_server *srv, const char *name,
+                                    const char *description, vd_node *node,
+                                    vd_error *err);
+
+/** vd_nbd_server_add_export() with the export read-only when @read_only,
+ * even over a writable node. */
+VD_API int vd_nbd_server_add_export_ro(vd_nbd_server *srv, const char *name,
+                                       const char *description,
+                                       vd_node *node, bool read_only,
+                                       vd_error *err);
+
+/** True when the server has an export named @name. */
+VD_API bool vd_nbd_server_has_export(vd_nbd_server *srv, const char *name);
+
+/**
+ * Unlists export @name and waits until no connection transmits on it;
+ * afterwards its node may be closed. Without @hard, fails with -EBUSY
+ * while clients use it; with @hard their sockets are shut down first
+ * (each finishes the requests it has already read). -ENOENT when there
+ * is no such export.
+ */
+VD_API int vd_nbd_server_remove_export(vd_nbd_server *srv, const char *name,
+                                       bool hard, vd_error *err);
+
+/** Re-reads the length of @node into every export of it, after the
+ * program resized it; clients connected before keep the size they
+ * negotiated. */
+VD_API void vd_nbd_server_update_export_size(vd_nbd_server *srv,
+                                             vd_node *node);
+
+/* ------------------------------------------------------------------ */
+/* Running                                                            */
+/* ------------------------------------------------------------------ */
+
+/**
+ * Listens on the UNIX socket @path (at most 8 sockets per server). A
+ * socket file left at @path by an earlier server is replaced; the file
+ * is unlinked when the server is freed. Returns 0 or a negative errno
+ * (-ENAMETOOLONG, the errno of socket()/bind()/listen()).
+ */
+VD_API int vd_nbd_server_listen_unix(vd_nbd_server *srv, const char *path,
+                                     vd_error *err);
+
+/**
+ * Listens on TCP @port of @addr (NULL: every local address), one socket
+ * per address family getaddrinfo() returns. Returns 0 when at least one
+ * socket listens, -EINVAL when the address does not resolve, or the
+ * errno of the last failed bind()/listen().
+ */
+VD_API int vd_nbd_server_listen_tcp(vd_nbd_server *srv, const char *addr,
+                                    const char *port, vd_error *err);
+
+/**
+ * Serves connections until vd_nbd_server_request_shutdown() or, without
+ * persistence, until the last client left; then stops accepting, lets
+ * every connection finish the requests it has read and joins all its
+ * threads. Call it once per server, after any fork(). Returns 0 or a
+ * negative errno (poll() failed).
+ */
+VD_API int vd_nbd_server_run(vd_nbd_server *srv, vd_error *err);
+
+/** Asks a running server to stop. Async-signal-safe. */
+VD_API void vd_nbd_server_request_shutdown(vd_nbd_server *srv);
+
+/* ------------------------------------------------------------------ */
+/* TLS                                                                */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Credentials are objects of a process-wide registry, as qemu's --object
+ * tls-creds-x509 / tls-creds-psk and QMP object-add make them; a lock
+ * guards the registry, so these functions may run while servers run.
+ * An object is reference-counted and immutable once added. Built without
+ * gnutls, adding an object or taking a reference fails with -ENOTSUP
+ * ("TLS support is not compiled in").
+ */
+
+/**
+ * Adds the object described by one qemu --object argument:
+ *
+ *   tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]
+ *                 [,priority=STRING][,sanity-check=on|off]
+ *   tls-creds-psk,id=ID,dir=DIR[,endpoint=server][,priority=STRING]
+ *
+ * For endpoint=server the credentials are loaded from DIR at once
+ * (ca-cert.pem, server-cert.pem, server-key.pem, optional ca-crl.pem and
+ * dh-params.pem; keys.psk for PSK) and the priority string is checked.
+ * endpoint defaults to client (kept, never loaded) and verify-peer to on.
+ * Returns 0, -EEXIST (id in use), -EINVAL (syntax, unknown type or key,
+ * bad id), -ENOENT/-EACCES (credential files), -ENOTSUP (no gnutls).
+ */
+VD_API int vd_nbd_tls_add_object(const char *spec, vd_error *err);
+
+/** vd_nbd_tls_add_object() from options already split: "qom-type", "id"
+ * and the keys above, booleans as on/off. Takes what it understands from
+ * @opts (vd_opts_take()). */
+VD_API int vd_nbd_tls_add_object_opts(vd_opts *opts, vd_error *err);
+
+/** Removes object @id from the registry; servers holding a reference
+ * keep using it. Returns 0 or -ENOENT ("object 'ID' not found"). */
+VD_API int vd_nbd_tls_del_object(const char *id, vd_error *err);
+
+/** Drops the registry's reference to every object (at program end);
+ * servers keep theirs. */
+VD_API void vd_nbd_tls_cleanup(void);
+
+/**
+ * A new reference to object @id, or NULL with "No TLS credentials with id
+ * 'ID'" (or the no-gnutls error). Check the endpoint with
+ * vd_nbd_tls_creds_is_server() before giving it to a server.
+ */
+VD_API vd_nbd_tls_creds *vd_nbd_tls_creds_get(const char *id, vd_error *err);
+
+/** True when @creds were made with endpoint=server. */
+VD_API bool vd_nbd_tls_creds_is_server(const vd_nbd_tls_creds *creds);
+
+/** Drops a reference; the last one frees the credentials. Accepts NULL.
+ * Never drop one a running server may still use. */
+VD_API void vd_nbd_tls_creds_unref(vd_nbd_tls_creds *creds);
+
+/**
+ * Makes the server require TLS (FORCEDTLS, qemu-nbd --tls-creds) with
+ * @creds, taking over the caller's reference (released when the server is
+ * freed). @creds must be server-endpoint credentials; NULL makes the
+ * server plain again. Call before vd_nbd_server_run().
+ */
+VD_API void vd_nbd_server_set_tls(vd_nbd_server *srv,
+                                  vd_nbd_tls_creds *creds);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VDISK_NBD_SERVER_H */
