@@ -166,7 +166,10 @@ struct vd_driver {
      * be short) is this format. Raw answers 1; nothing else should. */
     int (*probe)(const uint8_t *buf, size_t len, const char *filename);
 
-    /* REQUIRED. Opens the node. Format drivers find node->file already
+    /* REQUIRED, except in probe-only entries (src/drivers/probe-only.c):
+     * a driver without open names a format vdisk recognises but cannot
+     * open, and the core refuses it (vd_driver_unsupported()).
+     * Opens the node. Format drivers find node->file already
      * attached. Consume each option used from @opts with vd_opts_take*;
      * the core rejects what is left. Set node->bl and, for formats with a
      * backing file, node->backing_file/backing_format. */
@@ -263,6 +266,10 @@ struct vd_driver {
 const vd_driver *vd_find_driver(const char *name);
 /* The @i-th registered driver, or NULL past the end (for probing). */
 const vd_driver *vd_driver_at(int i);
+/* Refuses a probe-only driver (one without open): -ENOTSUP, "FILE:
+ * format 'NAME' is not supported" (without "FILE: " when NULL). */
+int vd_driver_unsupported(const vd_driver *drv, const char *filename,
+                          vd_error *err);
 /* The open node named @name, or NULL (borrowed). */
 vd_node *vd_find_node(const char *name);
 
