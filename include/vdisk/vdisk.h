@@ -24,6 +24,14 @@
  * Memory: every pointer returned through an out-parameter is owned by the
  * caller and released with the matching *_free/close function, unless the
  * documentation says "borrowed".
+ *
+ * Signals: the library never changes signal dispositions; they belong to
+ * the host program. Under a file-size limit (RLIMIT_FSIZE, `ulimit -f`) a
+ * write past the limit raises SIGXFSZ, whose default action kills the
+ * process. A program that wants such a write to fail like any other I/O
+ * error (-EFBIG, "File too large", for that request only) must ignore
+ * SIGXFSZ itself, e.g. signal(SIGXFSZ, SIG_IGN) before opening images;
+ * the vdisk tools do.
  */
 #ifndef VDISK_VDISK_H
 #define VDISK_VDISK_H
