@@ -86,20 +86,27 @@ done
 
 # ---- vdisk serve: ENOSPC to the client, the server keeps serving --------
 
-# serve_and_write SERVER-PROG ARGS...: start the server under the limit
-# (forked, so the limit stays with it), then have qemu-io write within
-# and past the limit on one connection, and read on a second one.
+# The servers are normally stopped already when the clean-up runs.
+quiet_kill() { kill "$1" 2>/dev/null || true; }
+
+# serve_and_write TAG SERVER-PROG ARGS...: start the server under the
+# limit in the background, have qemu-io write within and past the limit
+# on one connection and read on a second one, then stop the server.
 serve_and_write()
 {
-    local tag=$1
+    local tag=$1 pid i st=0
     shift
-    rm -f "$tag.sock" "$tag.pid"
+    rm -f "$tag.sock"
     $QEMU_IMG create -q -f raw "$tag.img" 4M
-    under_limit timeout 60 "$@" --fork --pid-file "$PWD/$tag.pid" \
-        -k "$PWD/$tag.sock" "$tag.img"
-    [ -s "$tag.pid" ] || fail "$tag: no pid file"
-    cleanup_fn stop_pid "$PWD/$tag.pid"
-    local url="nbd+unix:///?socket=$PWD/$tag.sock" st=0
+    under_limit "$@" -k "$PWD/$tag.sock" "$tag.img" > "$tag.srv" 2>&1 &
+    pid=$!
+    cleanup_fn quiet_kill "$pid"
+    for ((i = 0; i < 200; i++)); do
+        [ -S "$tag.sock" ] && break
+        sleep 0.1
+    done
+    [ -S "$tag.sock" ] || fail "$tag: no socket: $(cat "$tag.srv")"
+    local url="nbd+unix:///?socket=$PWD/$tag.sock"
     timeout 60 $QEMU_IO -f raw -c 'write -P 0x61 0 64k' \
         -c 'write -P 0x62 2M 64k' -c 'write -P 0x63 1M 4k' \
         -c 'read -P 0x61 0 64k' -c 'write -P 0x64 64k 4k' "$url" \
@@ -110,22 +117,12 @@ serve_and_write()
     timeout 60 $QEMU_IO -f raw -c 'read -P 0x64 64k 4k' \
         -c 'write -P 0x65 3M 4k' "$url" >> "$tag.out" 2>&1 || st=$?
     echo "status $st" >> "$tag.out"
-    kill -0 "$(cat "$tag.pid")" 2>/dev/null || fail "$tag: server died"
-    stop_pid "$PWD/$tag.pid"
-}
-
-stop_pid()
-{
-    local pid i
-    [ -s "$1" ] || return 0
-    pid=$(cat "$1")
-    kill "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    kill -9 "$pid" 2>/dev/null
-    return 1
+    kill -0 "$pid" 2>/dev/null || fail "$tag: server died: $(cat "$tag.srv")"
+    kill "$pid"
+    st=0
+    wait "$pid" || st=$?
+    # SIGTERM is how it was asked to stop; SIGXFSZ would be 128 + 25
+    [ "$st" != 153 ] || fail "$tag server died from SIGXFSZ"
 }
 
 serve_and_write q $QEMU_NBD -t -f raw
