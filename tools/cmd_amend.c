@@ -40,7 +40,9 @@ static const struct {
 static int print_amend_help(const char *fmt)
 {
     if (!vd_create_options(fmt)) {
-        cli_error("Unknown file format '%s'", fmt);
+        if (!cli_report_unsupported_format(NULL, fmt)) {
+            cli_error("Unknown file format '%s'", fmt);
+        }
         return 1;
     }
     if (strcmp(fmt, "qcow2") != 0) {

@@ -658,7 +658,9 @@ int cmd_convert(int argc, char **argv)
         goto out;
     }
     if (!vd_create_options(out_fmt)) {
-        cli_error("Unknown file format '%s'", out_fmt);
+        if (!cli_report_unsupported_format(out_name, out_fmt)) {
+            cli_error("Unknown file format '%s'", out_fmt);
+        }
         goto out;
     }
     if (out_base && s.nsrc > 1) {

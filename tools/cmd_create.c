@@ -113,7 +113,9 @@ int cli_print_create_help(const char *filename, const char *fmt)
     size_t n = 0, count = 0;
 
     if (!list) {
-        cli_error("Unknown file format '%s'", fmt);
+        if (!cli_report_unsupported_format(filename, fmt)) {
+            cli_error("Unknown file format '%s'", fmt);
+        }
         return 1;
     }
     while (list[count].name) {
@@ -382,7 +384,9 @@ int cmd_create(int argc, char **argv)
 
     list = vd_create_options(fmt);
     if (!list) {
-        cli_error("%s: Unknown file format '%s'", filename, fmt);
+        if (!cli_report_unsupported_format(filename, fmt)) {
+            cli_error("%s: Unknown file format '%s'", filename, fmt);
+        }
         goto out;
     }
     opts = vd_opts_new();

@@ -96,7 +96,9 @@ int cmd_dd(int argc, char **argv)
         return 1;
     }
     if (!vd_create_options(out_fmt)) {
-        cli_error("Unknown file format");
+        if (!cli_report_unsupported_format(out_name, out_fmt)) {
+            cli_error("Unknown file format");
+        }
         goto out;
     }
     size = vd_getlength(in);

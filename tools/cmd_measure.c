@@ -138,7 +138,9 @@ int cmd_measure(int argc, char **argv)
         goto out;
     }
     if (!vd_create_options(out_fmt)) {
-        cli_error("Unknown file format '%s'", out_fmt);
+        if (!cli_report_unsupported_format(NULL, out_fmt)) {
+            cli_error("Unknown file format '%s'", out_fmt);
+        }
         goto out;
     }
     if (options && vd_opts_parse(opts, options, NULL, &err) < 0) {

@@ -23,20 +23,6 @@ static void show_progress(double percent, void *opaque)
     cli_progress_print(opaque, percent);
 }
 
-struct known_driver {
-    const char *name;
-    bool found;
-};
-
-static void match_driver(const char *name, void *opaque)
-{
-    struct known_driver *k = opaque;
-
-    if (strcmp(name, k->name) == 0) {
-        k->found = true;
-    }
-}
-
 static bool known_cache_mode(const char *mode)
 {
     static const char *const modes[] = { "none", "writeback", "unsafe",
@@ -149,9 +135,10 @@ int cmd_rebase(int argc, char **argv)
         goto out;
     }
     if (backing_fmt) {
-        struct known_driver k = { backing_fmt, false };
-        vd_list_drivers(match_driver, &k);
-        if (!k.found) {
+        /* As qemu-img, any format name it knows passes here: -u only
+         * records the name, and a safe rebase refuses a format vdisk
+         * cannot open when it opens the new backing file. */
+        if (vd_format_check(backing_fmt, NULL, NULL) == -EINVAL) {
             cli_error("Invalid format name: '%s'", backing_fmt);
             goto out;
         }

@@ -366,6 +366,17 @@ void cli_report_vd_error(const vd_error *err, int ret, const char *fallback)
     cli_print_hint(err);
 }
 
+bool cli_report_unsupported_format(const char *filename, const char *fmt)
+{
+    vd_error err = VD_ERROR_INIT;
+
+    if (!fmt || vd_format_check(fmt, filename, &err) != -ENOTSUP) {
+        return false;
+    }
+    cli_error("%s", err.message);
+    return true;
+}
+
 const char *cli_strip_filename(const char *msg, const char *filename)
 {
     size_t n = strlen(filename);

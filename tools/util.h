@@ -73,6 +73,15 @@ void cli_qprintf(bool quiet, const char *fmt, ...)
 vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
                   const vd_opts *opts);
 
+/*
+ * For a format QEMU knows that vdisk cannot open yet (vd_format_check()
+ * says -ENOTSUP), prints "vdisk: FILE: format 'vmdk' is not supported"
+ * (without "FILE: " when @filename is NULL) and returns true; otherwise
+ * prints nothing and returns false, and the caller reports an unknown
+ * format its own way.
+ */
+bool cli_report_unsupported_format(const char *filename, const char *fmt);
+
 /* Returns @msg without a leading "FILENAME: " (for messages that qemu
  * prints with its own prefix). */
 const char *cli_strip_filename(const char *msg, const char *filename);

@@ -4,6 +4,7 @@
  * and dispatches argv[1] through the command table in util.c; each
  * subcommand lives in its own cmd_*.c file.
  */
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -20,6 +21,17 @@ static void print_version(void)
 int main(int argc, char **argv)
 {
     const cli_command *cmd;
+
+    /*
+     * Under a file-size limit (ulimit -f) a write past it raises SIGXFSZ,
+     * whose default kills the process: vdisk io would die mid-script,
+     * convert without a message, and vdisk serve with every client. As
+     * qemu-img, qemu-io and qemu-nbd, ignore it so the write fails with
+     * EFBIG ("File too large"), reported per request. The library leaves
+     * signal dispositions to its host program (see vdisk.h); the tools
+     * are that program. Set before any thread starts so all inherit it.
+     */
+    signal(SIGXFSZ, SIG_IGN);
 
     if (argc < 2) {
         cli_error_hint("Not enough arguments");

@@ -24,6 +24,14 @@
  * Memory: every pointer returned through an out-parameter is owned by the
  * caller and released with the matching *_free/close function, unless the
  * documentation says "borrowed".
+ *
+ * Signals: the library never changes signal dispositions; they belong to
+ * the host program. Under a file-size limit (RLIMIT_FSIZE, `ulimit -f`) a
+ * write past the limit raises SIGXFSZ, whose default action kills the
+ * process. A program that wants such a write to fail like any other I/O
+ * error (-EFBIG, "File too large", for that request only) must ignore
+ * SIGXFSZ itself, e.g. signal(SIGXFSZ, SIG_IGN) before opening images;
+ * the vdisk tools do.
  */
 #ifndef VDISK_VDISK_H
 #define VDISK_VDISK_H
@@ -688,11 +696,25 @@ typedef struct vd_create_option {
 /**
  * Returns the creation options of @format (its own followed by its
  * protocol's), terminated by an entry with name == NULL, or NULL for an
- * unknown format. Static data.
+ * unknown format or one vdisk cannot open (see vd_format_check()).
+ * Static data.
  */
 VD_API const vd_create_option *vd_create_options(const char *format);
 
-/** Calls @fn for each registered driver name, in a stable order. */
+/**
+ * Whether vdisk can open images of @format. 0: it can. -ENOTSUP: @format
+ * is an image format QEMU knows and vdisk recognises when probing but
+ * cannot open yet (vmdk, vdi, vhdx, vpc, qed, qcow, luks, parallels, dmg,
+ * cloop, bochs); @err gets "FILENAME: format 'vmdk' is not supported"
+ * (@filename may be NULL). vd_open(), vd_create() and vd_measure()
+ * refuse such a format, named or probed, with that error. -EINVAL: an
+ * unknown name ("Unknown driver 'foo'").
+ */
+VD_API int vd_format_check(const char *format, const char *filename,
+                           vd_error *err);
+
+/** Calls @fn for each driver vdisk can open, in a stable order (formats
+ * that vd_format_check() calls unsupported are left out). */
 VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
                             void *opaque);
 

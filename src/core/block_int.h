@@ -195,7 +195,10 @@ struct vd_driver {
      * be short) is this format. Raw answers 1; nothing else should. */
     int (*probe)(const uint8_t *buf, size_t len, const char *filename);
 
-    /* REQUIRED. Opens the node. Format drivers find node->file already
+    /* REQUIRED, except in probe-only entries (src/drivers/probe-only.c):
+     * a driver without open names a format vdisk recognises but cannot
+     * open, and the core refuses it (vd_driver_unsupported()).
+     * Opens the node. Format drivers find node->file already
      * attached. Consume each option used from @opts with vd_opts_take*;
      * the core rejects what is left. Set node->bl and, for formats with a
      * backing file, node->backing_file/backing_format. */
@@ -318,6 +321,10 @@ const vd_driver *vd_find_driver(const char *name);
 /* The @i-th registered driver, or NULL past the end (for probing). */
 const vd_driver *vd_driver_at(int i);
 /* vd_find_node() and vd_foreach_node() are public (vdisk.h). */
+/* Refuses a probe-only driver (one without open): -ENOTSUP, "FILE:
+ * format 'NAME' is not supported" (without "FILE: " when NULL). */
+int vd_driver_unsupported(const vd_driver *drv, const char *filename,
+                          vd_error *err);
 
 /* ---- node lifecycle (node.c) ---- */
 

@@ -2,7 +2,14 @@
  * The driver registry: a fixed table of the drivers built into the
  * library, in probing and listing order. The references are strong so
  * that linking the static library pulls every driver in.
+ *
+ * Some entries are probe-only (src/drivers/probe-only.c): formats QEMU
+ * probes that vdisk cannot open yet. They are found by name and asked
+ * when probing, but they have no open callback, so every path that would
+ * use one refuses with ENOTSUP (vd_driver_unsupported()) and listings of
+ * what vdisk supports leave them out.
  */
+#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +21,17 @@ extern const vd_driver vd_driver_null_co;
 extern const vd_driver vd_driver_raw;
 extern const vd_driver vd_driver_qcow2;
 extern const vd_driver vd_driver_blkdebug;
+extern const vd_driver vd_driver_vmdk;
+extern const vd_driver vd_driver_vdi;
+extern const vd_driver vd_driver_vhdx;
+extern const vd_driver vd_driver_vpc;
+extern const vd_driver vd_driver_qed;
+extern const vd_driver vd_driver_qcow;
+extern const vd_driver vd_driver_luks;
+extern const vd_driver vd_driver_parallels;
+extern const vd_driver vd_driver_dmg;
+extern const vd_driver vd_driver_cloop;
+extern const vd_driver vd_driver_bochs;
 
 static const vd_driver *const driver_table[] = {
     &vd_driver_file,
@@ -21,6 +39,18 @@ static const vd_driver *const driver_table[] = {
     &vd_driver_raw,
     &vd_driver_qcow2,
     &vd_driver_blkdebug,   /* test filter: error and crash injection */
+    /* probe-only until their drivers exist */
+    &vd_driver_vmdk,
+    &vd_driver_vdi,
+    &vd_driver_vhdx,
+    &vd_driver_vpc,
+    &vd_driver_qed,
+    &vd_driver_qcow,
+    &vd_driver_luks,
+    &vd_driver_parallels,
+    &vd_driver_dmg,
+    &vd_driver_cloop,
+    &vd_driver_bochs,
 };
 #define N_DRIVERS (sizeof(driver_table) / sizeof(driver_table[0]))
 
@@ -39,11 +69,35 @@ const vd_driver *vd_find_driver(const char *name)
     return NULL;
 }
 
+int vd_driver_unsupported(const vd_driver *drv, const char *filename,
+                          vd_error *err)
+{
+    if (filename && *filename)
+        return vd_error_set(err, -ENOTSUP, "%s: format '%s' is not "
+                            "supported", filename, drv->name);
+    return vd_error_set(err, -ENOTSUP, "format '%s' is not supported",
+                        drv->name);
+}
+
+VD_API int vd_format_check(const char *format, const char *filename,
+                           vd_error *err)
+{
+    const vd_driver *drv = vd_find_driver(format);
+
+    if (!drv)
+        return vd_error_set(err, -EINVAL, "Unknown driver '%s'",
+                            format ? format : "");
+    if (!drv->open)
+        return vd_driver_unsupported(drv, filename, err);
+    return 0;
+}
+
 VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
                             void *opaque)
 {
     for (size_t k = 0; k < N_DRIVERS; k++)
-        fn(driver_table[k]->name, opaque);
+        if (driver_table[k]->open)
+            fn(driver_table[k]->name, opaque);
 }
 
 /* Merged option lists (format's own, then its protocol's), built once. */
@@ -53,7 +107,7 @@ static vd_create_option *merged[N_DRIVERS];
 VD_API const vd_create_option *vd_create_options(const char *format)
 {
     const vd_driver *drv = vd_find_driver(format);
-    if (!drv)
+    if (!drv || !drv->open)
         return NULL;
     size_t idx = 0;
     while (driver_table[idx] != drv)

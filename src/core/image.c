@@ -51,6 +51,9 @@ VD_API int vd_measure(const char *format, const vd_opts *opts, vd_node *src,
         return vd_error_set(err, -EINVAL, "Unknown file format '%s'",
                             format ? format : "");
     }
+    if (!drv->open) {
+        return vd_driver_unsupported(drv, NULL, err);
+    }
     list = vd_create_options(format);
     if (!drv->create || !list) {
         return vd_error_set(err, -ENOTSUP, "Format driver '%s' does not "

@@ -425,18 +425,22 @@ static const vd_driver *protocol_for_filename(const char *filename)
 }
 
 /* Picks the format with the highest probe score for the child's first
- * bytes; raw (score 1) is the fallback. */
+ * bytes; raw (score 1) is the fallback. As QEMU 7.2 (find_image_format),
+ * an empty file is raw without asking, and every probe sees the full
+ * 2048 bytes, zero-padded past the end of a shorter file. The winner may
+ * be a probe-only entry: the caller refuses it, never falls back. */
 static const vd_driver *probe_format(vd_node *file, const char *filename,
                                      vd_error *err)
 {
     enum { PROBE_BYTES = 2048 };
+    if (vd_node_getlength(file) == 0)
+        return vd_find_driver("raw");
     uint8_t *buf = vd_node_blockalign(file, PROBE_BYTES);
     if (!buf) {
         vd_error_set(err, -ENOMEM, "Out of memory");
         return NULL;
     }
-    int64_t len = vd_node_getlength(file);
-    size_t n = len < 0 ? 0 : (len < PROBE_BYTES ? (size_t)len : PROBE_BYTES);
+    size_t n = PROBE_BYTES;
     memset(buf, 0, PROBE_BYTES);
     vd_iov qiov;
     vd_iov_init_buf(&qiov, buf, PROBE_BYTES);
@@ -695,6 +699,15 @@ static int node_open_one(vd_node **out, const char *filename,
                             filename ? filename : file->filename);
             }
         }
+    }
+
+    if (!drv->open) {
+        /* A format vdisk recognises but has no driver for (named or
+         * probed): refuse rather than show its metadata as data. */
+        r = vd_driver_unsupported(drv, filename ? filename
+                                  : file ? file->filename : NULL, err);
+        vd_node_unref(file);
+        goto fail_early;
     }
 
     vd_node *node = node_new(drv);
@@ -1177,6 +1190,8 @@ VD_API int vd_create(const char *filename, const char *format,
     if (!drv)
         return vd_error_set(err, -EINVAL, "%s: Unknown file format '%s'",
                             filename, format);
+    if (!drv->open)
+        return vd_driver_unsupported(drv, filename, err);
     if (!drv->create)
         return vd_error_set(err, -ENOTSUP, "%s: Format driver '%s' does not "
                             "support image creation", filename, drv->name);

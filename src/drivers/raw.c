@@ -35,128 +35,25 @@ typedef struct raw_state {
 /* Probing guard                                                    */
 /* ---------------------------------------------------------------- */
 
-static uint32_t be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-           (uint32_t)p[2] << 8 | p[3];
-}
-
-static uint32_t le32(const uint8_t *p)
-{
-    return (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 |
-           (uint32_t)p[1] << 8 | p[0];
-}
-
-static bool starts_with(const uint8_t *buf, size_t len, const char *magic,
-                        size_t mlen)
-{
-    return len >= mlen && memcmp(buf, magic, mlen) == 0;
-}
-
 /*
- * A VMDK descriptor file is text: comment lines and blank lines, then a
- * "version=1|2|3" line. That is what QEMU's vmdk probe accepts.
+ * True when QEMU's probing (whose probes see the same first sector) would
+ * take @buf for a format other than raw. Every format QEMU probes has an
+ * entry in the registry, probe-only where vdisk has no driver, so asking
+ * every registered probe is asking QEMU's: a file written through vdisk
+ * never becomes another format for a QEMU that opens it later. As QEMU's
+ * guard, no file name is given (dmg goes by name alone).
  */
-static bool looks_like_vmdk_descriptor(const uint8_t *buf, size_t len)
+static bool sector0_is_foreign(const uint8_t *buf)
 {
-    const char *p = (const char *)buf, *end = p + len;
+    const vd_driver *drv;
 
-    while (p < end) {
-        if (*p == '#') {
-            while (p < end && *p != '\n') {
-                p++;
-            }
-            p++;
-            continue;
+    for (int i = 0; (drv = vd_driver_at(i)) != NULL; i++) {
+        if (drv != &vd_driver_raw && drv->probe &&
+            drv->probe(buf, RAW_PROBE_SIZE, NULL) > 0) {
+            return true;
         }
-        if (*p == ' ') {
-            while (p < end && *p == ' ') {
-                p++;
-            }
-            if (p < end && *p == '\r') {
-                p++;
-            }
-            if (p == end || *p != '\n') {
-                return false;
-            }
-            p++;
-            continue;
-        }
-        if (end - p >= 10 && strncmp(p, "version=", 8) == 0 &&
-            p[8] >= '1' && p[8] <= '3') {
-            return p[9] == '\n' || (end - p >= 11 && p[9] == '\r' &&
-                                    p[10] == '\n');
-        }
-        return false;
     }
     return false;
-}
-
-/*
- * True when QEMU (whose probes see the same first sector) would take
- * @buf for an image format other than raw. vdisk implements few of these
- * formats, but a file written through vdisk must not become one of them
- * for a QEMU that opens it later.
- */
-static bool looks_like_other_format(const uint8_t *buf, size_t len)
-{
-    static const char cloop_magic[] =
-        "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t "
-        "iso9660 /dev/cloop $1\n";
-
-    if (len >= 8 && be32(buf) == 0x514649fb && be32(buf + 4) >= 1) {
-        return true;                            /* qcow, qcow2: "QFI\xfb" */
-    }
-    if (starts_with(buf, len, "KDMV", 4) || starts_with(buf, len, "COWD", 4) ||
-        looks_like_vmdk_descriptor(buf, len)) {
-        return true;                            /* vmdk */
-    }
-    if (starts_with(buf, len, "vhdxfile", 8) ||   /* vhdx */
-        starts_with(buf, len, "conectix", 8) ||   /* vpc */
-        starts_with(buf, len, "QED\0", 4) ||      /* qed */
-        starts_with(buf, len, "LUKS\xba\xbe", 6) ||
-        starts_with(buf, len, "WithoutFreeSpace", 16) ||  /* parallels */
-        starts_with(buf, len, "WithouFreSpacExt", 16) ||
-        starts_with(buf, len, "Bochs Virtual HD Image", 22)) {
-        return true;
-    }
-    if (len >= 0x44 && le32(buf + 0x40) == 0xbeda107f) {
-        return true;                            /* vdi signature */
-    }
-    /* cloop compares as much of its magic as the buffer holds */
-    if (len > 0 && memcmp(buf, cloop_magic,
-                          len < sizeof(cloop_magic) - 1
-                          ? len : sizeof(cloop_magic) - 1) == 0) {
-        return true;
-    }
-    return false;
-}
-
-struct probe_ctx {
-    const uint8_t *buf;
-    size_t len;
-    const char *filename;
-    bool other;
-};
-
-static void probe_one(const char *name, void *opaque)
-{
-    struct probe_ctx *ctx = opaque;
-    const vd_driver *drv = vd_find_driver(name);
-
-    if (drv && drv != &vd_driver_raw && drv->probe &&
-        drv->probe(ctx->buf, ctx->len, ctx->filename) > 0) {
-        ctx->other = true;
-    }
-}
-
-/* Asks every registered driver's probe, then QEMU's magics. */
-static bool sector0_is_foreign(const uint8_t *buf, const char *filename)
-{
-    struct probe_ctx ctx = { buf, RAW_PROBE_SIZE, filename, false };
-
-    vd_list_drivers(probe_one, &ctx);
-    return ctx.other || looks_like_other_format(buf, RAW_PROBE_SIZE);
 }
 
 /*
@@ -182,7 +79,7 @@ static int check_sector0(vd_node *node, uint64_t off, uint64_t bytes,
     }
     vd_iov_to_buf(qiov, 0, buf + off, (size_t)(end - off));
 
-    if (sector0_is_foreign(buf, node->filename)) {
+    if (sector0_is_foreign(buf)) {
         return vd_error_set(err, -EPERM,
                             "%s: write to sector 0 of an image probed as raw "
                             "would change its format; specify the format "

@@ -64,9 +64,9 @@ grep -q "loops back" err || fail "no loop message: $(cat err)"
 expect_status 1 $VDISK io -c 'read 0 4k' dir-ov.qcow2 2> err
 grep -q "regular file" err || fail "no directory message: $(cat err)"
 
-# An unknown backing format: vdisk names the driver it does not have.
+# A backing format vdisk has no driver for: it names the format.
 expect_status 1 $VDISK info --backing-chain fmt2.qcow2 2> err
-grep -q "Unknown driver 'vmdk'" err || fail "unclear message: $(cat err)"
+grep -q "format 'vmdk' is not supported" err || fail "unclear message: $(cat err)"
 
 # Wrong formats and names given to the tools.
 long=$(printf 'x%.0s' $(seq 1100))

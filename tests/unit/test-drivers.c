@@ -658,11 +658,22 @@ static void test_probed_guard(void)
         return;
     }
 
+    /* What QEMU 7.2's probes take for another format (LUKS needs its
+     * version 1, parallels its version 2, as there). */
     static const struct { const char *magic; size_t len; } foreign[] = {
         { "QFI\xfb\0\0\0\3", 8 }, { "QFI\xfb\0\0\0\1", 8 },
-        { "KDMV", 4 }, { "vhdxfile", 8 }, { "conectix", 8 },
-        { "QED\0", 4 }, { "LUKS\xba\xbe", 6 }, { "WithoutFreeSpace", 16 },
+        { "QFI\xfb\0\0\0\4", 8 },
+        { "KDMV", 4 }, { "COWD", 4 }, { "vhdxfile", 8 }, { "conectix", 8 },
+        { "QED\0", 4 }, { "LUKS\xba\xbe\0\1", 8 },
+        { "WithoutFreeSpace\2\0\0\0", 20 },
+        { "WithouFreSpacExt\2\0\0\0", 20 },
         { "# Disk DescriptorFile\nversion=1\n", 32 },
+        { "  \r\n \nversion=3\r\n", 17 },
+        { "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r "
+          "-t iso9660 /dev/cloop $1\n", 83 },
+        { "Bochs Virtual HD Image\0\0\0\0\0\0\0\0\0\0"
+          "Redolog\0\0\0\0\0\0\0\0\0Growing\0\0\0\0\0\0\0\0\0"
+          "\0\0\2\0", 68 },
     };
     for (size_t i = 0; i < sizeof(foreign) / sizeof(foreign[0]); i++) {
         memset(sec, 0, sizeof(sec));
@@ -670,6 +681,20 @@ static void test_probed_guard(void)
         vd_error_clear(&err);
         r = vd_pwrite(n, sec, sizeof(sec), 0, 0, &err);
         CHECK(r == -EPERM, "magic %zu: %d", i, r);
+    }
+    /* Near misses QEMU's probes leave to raw: LUKS2, a parallels header
+     * of another version, qcow version 0, a descriptor with text before
+     * its version line. */
+    static const struct { const char *magic; size_t len; } near[] = {
+        { "LUKS\xba\xbe\0\2", 8 }, { "WithoutFreeSpace\1\0\0\0", 20 },
+        { "QFI\xfb\0\0\0\0", 8 }, { "x\nversion=1\n", 12 },
+    };
+    for (size_t i = 0; i < sizeof(near) / sizeof(near[0]); i++) {
+        memset(sec, 0, sizeof(sec));
+        memcpy(sec, near[i].magic, near[i].len);
+        vd_error_clear(&err);
+        r = vd_pwrite(n, sec, sizeof(sec), 0, 0, &err);
+        CHECK(r == 0, "near miss %zu: %d %s", i, r, err.message);
     }
     /* a small unaligned write that would complete a qcow2 magic */
     r = vd_pwrite(n, "QFI", 3, 0, 0, NULL);

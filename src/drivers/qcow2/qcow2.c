@@ -280,12 +280,15 @@ int qcow2_update_header(qcow2_state *s, vd_error *err)
 /* Open                                                               */
 /* ------------------------------------------------------------------ */
 
+/* As QEMU: any version from 2 up is qcow2 (open then refuses versions it
+ * does not know; probing them as raw would show the header as data),
+ * version 1 is qcow (a probe-only entry). */
 static int qcow2_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     (void)filename;
     if (len >= 8 && be32toh(*(const uint32_t *)buf) == QCOW2_MAGIC) {
         uint32_t v = be32toh(*(const uint32_t *)(buf + 4));
-        if (v == 2 || v == 3) {
+        if (v >= 2) {
             return 100;
         }
     }
