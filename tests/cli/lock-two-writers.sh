@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two processes on one image: while one program holds it (vdisk io,
-# vdisk serve, qemu-io, qemu-nbd; read-write and read-only), every other
+# vdisk serve in both forms, qemu-io, qemu-nbd, qemu-storage-daemon;
+# read-write and read-only), every other
 # program (vdisk and qemu tools alike) is refused exactly when QEMU refuses
 # the same pair, with QEMU's lock message and hint, and no write is lost.
 # Regression: a second `vdisk io` wrote a qcow2 image another vdisk held,
@@ -9,7 +10,7 @@
 # vdisk was writing without -U; a writable `vdisk serve` let `vdisk io`
 # write the served image under it.
 source "$(dirname "$0")/../functions.sh"
-requires qemu-img qemu-io qemu-nbd timeout
+requires qemu-img qemu-io qemu-nbd qemu-storage-daemon timeout
 tmpdir
 
 # ---- holders: long-lived processes that keep the image open --------------
@@ -26,7 +27,17 @@ holder_do()
     fail "$3 io holder did not run '$1': $(cat holder.out)"
 }
 
-# start_holder KIND IMPL FMT IMG: KIND io|io-r|nbd|nbd-r, IMPL vdisk|qemu.
+wait_socket()
+{
+    for _ in $(seq 100); do
+        [ -S h.sock ] && return 0
+        sleep 0.05
+    done
+    fail "$1 server holder did not start: $(cat holder.out)"
+}
+
+# start_holder KIND IMPL FMT IMG: KIND io|io-r|nbd|nbd-r|qsd (the
+# qemu-storage-daemon form of vdisk serve), IMPL vdisk|qemu.
 # An io holder reads commands from a FIFO (fd 7); it first writes 0x11 to
 # [0, 64k) so that the image holds data the holder is responsible for.
 holder_pid=
@@ -51,6 +62,23 @@ start_holder()
             holder_do "read 0 512" "read 512/512" "$impl"
         fi
         ;;
+    qsd)
+        # The daemon form: a blockdev graph and a writable export.
+        rm -f h.sock
+        local args=(--blockdev "driver=file,node-name=f,filename=$img"
+                    --blockdev "driver=$fmt,node-name=d,file=f"
+                    --nbd-server "addr.type=unix,addr.path=$PWD/h.sock"
+                    --export "type=nbd,id=e,node-name=d,name=,writable=on")
+        if [ "$impl" = vdisk ]; then
+            $VDISK serve "${args[@]}" > holder.out 2>&1 &
+        else
+            qemu-storage-daemon "${args[@]}" > holder.out 2>&1 &
+        fi
+        holder_pid=$!
+        wait_socket "$impl"
+        $QEMU_IO -f raw -c "write -P 0x11 0 64k" \
+            "nbd+unix:///?socket=$PWD/h.sock" > /dev/null
+        ;;
     nbd*)
         rm -f h.sock
         if [ "$impl" = vdisk ]; then
@@ -59,11 +87,7 @@ start_holder()
             qemu-nbd -t $ro -f "$fmt" -k "$PWD/h.sock" "$img" > holder.out 2>&1 &
         fi
         holder_pid=$!
-        for _ in $(seq 100); do
-            [ -S h.sock ] && break
-            sleep 0.05
-        done
-        [ -S h.sock ] || fail "$impl nbd holder did not start: $(cat holder.out)"
+        wait_socket "$impl"
         if [ -z "$ro" ]; then
             $QEMU_IO -f raw -c "write -P 0x11 0 64k" \
                 "nbd+unix:///?socket=$PWD/h.sock" > /dev/null
@@ -80,7 +104,7 @@ stop_holder()
         exec 7>&-
         wait "$holder_pid" || fail "io holder failed: $(cat holder.out)"
         ;;
-    nbd*)
+    nbd*|qsd)
         kill "$holder_pid"
         wait "$holder_pid" 2>/dev/null || true
         ;;
@@ -190,7 +214,7 @@ pairs=0
 for fmt in qcow2 raw; do
     seconds=$qcow2_seconds
     [ "$fmt" = raw ] && seconds=$raw_seconds
-    for kind in io io-r nbd nbd-r; do
+    for kind in io io-r nbd nbd-r qsd; do
         # The referee: QEMU's holder and QEMU's seconds.
         declare -A want=() want_text=()
         fresh_image "$fmt"
@@ -231,7 +255,7 @@ for fmt in qcow2 raw; do
                 # is lost; qcow2 stays consistent.
                 if [ "$destroyed" = no ]; then
                     case $kind in
-                    io|nbd)
+                    io|nbd|qsd)
                         $QEMU_IO -f "$fmt" -c "read -P 0x11 0 64k" img > r.out ||
                             fail "$fmt: holder $holder $kind lost its write"
                         ;;
