@@ -229,7 +229,8 @@ static uint64_t max_transfer(vd_node *n)
 
 /* Before a driver's preadv/pwritev: the request is aligned, not empty,
  * no larger than the driver's max_transfer, described by a vector of
- * exactly its size, and a write goes to a writable node. */
+ * exactly its size, and a write goes to a writable node on which some
+ * edge holds the write permission (docs/permissions.md). */
 static void contract_rw(vd_node *n, bool write, uint64_t off, uint64_t bytes,
                         const vd_iov *qiov)
 {
@@ -240,10 +241,12 @@ static void contract_rw(vd_node *n, bool write, uint64_t off, uint64_t bytes,
     VD_CONTRACT(bytes > 0 && bytes <= max_transfer(n));
     VD_CONTRACT(qiov->size == bytes);
     VD_CONTRACT(!write || !n->read_only);
+    VD_CONTRACT(!write ||
+                (n->perm & (VD_PERM_WRITE | VD_PERM_WRITE_UNCHANGED)));
 }
 
 /* Before a driver's pwrite_zeroes/pdiscard: aligned, not empty, no larger
- * than max_transfer, on a writable node. */
+ * than max_transfer, on a writable node some edge holds write on. */
 static void contract_range(vd_node *n, uint64_t off, uint64_t bytes)
 {
     uint32_t a = n->bl.request_alignment;
@@ -252,6 +255,7 @@ static void contract_range(vd_node *n, uint64_t off, uint64_t bytes)
     VD_CONTRACT(off % a == 0 && bytes % a == 0);
     VD_CONTRACT(bytes > 0 && bytes <= max_transfer(n));
     VD_CONTRACT(!n->read_only);
+    VD_CONTRACT(n->perm & VD_PERM_WRITE);
 }
 
 static vd_node *filtered_child(vd_node *n)
