@@ -169,8 +169,15 @@ static int check_value(const char *filename, const vd_create_option *o,
 {
     if (strcmp(o->type, "size") == 0) {
         uint64_t v;
+        int r = vd_parse_size(value, &v);
 
-        if (vd_parse_size(value, &v) < 0) {
+        /* qemu's parser takes up to 2^64 - 1 and says this past that;
+         * vdisk's stops at 2^63, the largest image length. */
+        if (r == -ERANGE) {
+            cli_error("%s: Value '%s' is out of range for parameter '%s'",
+                      filename, value, o->name);
+            return -EINVAL;
+        } else if (r < 0) {
             cli_error("%s: Parameter '%s' expects a non-negative number "
                       "below 2^64", filename, o->name);
             fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, "

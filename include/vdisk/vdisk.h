@@ -224,7 +224,12 @@ VD_API char *vd_opts_take(vd_opts *opts, const char *key);
 VD_API int vd_opts_take_bool(vd_opts *opts, const char *key, bool def,
                              bool *out, vd_error *err);
 
-/** Takes @key as a size (vd_parse_size()'s grammar, below 2^63). */
+/**
+ * Takes @key as a size (vd_parse_size()'s grammar, below 2^63). A value
+ * of 2^63 or more is refused with qemu's "Value 'V' is out of range for
+ * parameter 'KEY'", junk with "Parameter 'KEY' expects a non-negative
+ * number below 2^63 (optional suffix: ...)".
+ */
 VD_API int vd_opts_take_size(vd_opts *opts, const char *key, uint64_t def,
                              uint64_t *out, vd_error *err);
 

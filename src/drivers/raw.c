@@ -372,7 +372,15 @@ static int raw_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
         }
         size = (uint64_t)len;
     } else {
-        if (v && vd_parse_size(v, &size) < 0) {
+        int r = v ? vd_parse_size(v, &size) : 0;
+        /* qemu's texts: junk, or past the limit (2^63 here, 2^64 in
+         * qemu's parser). */
+        if (r == -ERANGE) {
+            vd_error_set(err, -EINVAL, "Value '%s' is out of range for "
+                         "parameter 'size'", v);
+            free(v);
+            return -EINVAL;
+        } else if (r < 0) {
             free(v);
             return vd_error_set(err, -EINVAL, "Parameter 'size' expects a "
                                 "non-negative number below 2^64");
