@@ -321,6 +321,9 @@ const vd_driver *vd_find_driver(const char *name);
 /* The @i-th registered driver, or NULL past the end (for probing). */
 const vd_driver *vd_driver_at(int i);
 /* vd_find_node() and vd_foreach_node() are public (vdisk.h). */
+/* Whether @name is a value of QEMU's BlockdevDriver enum, which QAPI
+ * options naming a driver (a qcow2 image's backing-fmt) must be. */
+bool vd_qemu_driver_name(const char *name);
 /* Refuses a probe-only driver (one without open): -ENOTSUP, "FILE:
  * format 'NAME' is not supported" (without "FILE: " when NULL). */
 int vd_driver_unsupported(const vd_driver *drv, const char *filename,

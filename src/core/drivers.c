@@ -54,6 +54,28 @@ static const vd_driver *const driver_table[] = {
 };
 #define N_DRIVERS (sizeof(driver_table) / sizeof(driver_table[0]))
 
+/* QEMU 7.2's BlockdevDriver enum (../shared/specs/block-core.json) as
+ * Debian builds it: with HAVE_HOST_BLOCK_DEVICE and CONFIG_REPLICATION,
+ * without CONFIG_BLKIO (io_uring, nvme-io_uring, virtio-blk-*). */
+static const char *const qemu_driver_names[] = {
+    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop",
+    "compress", "copy-before-write", "copy-on-read", "dmg", "file",
+    "snapshot-access", "ftp", "ftps", "gluster", "host_cdrom",
+    "host_device", "http", "https", "iscsi", "luks", "nbd", "nfs",
+    "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow",
+    "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh",
+    "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat",
+};
+
+bool vd_qemu_driver_name(const char *name)
+{
+    for (size_t i = 0; i < sizeof(qemu_driver_names) /
+                           sizeof(qemu_driver_names[0]); i++)
+        if (strcmp(name, qemu_driver_names[i]) == 0)
+            return true;
+    return false;
+}
+
 const vd_driver *vd_driver_at(int i)
 {
     return i >= 0 && (size_t)i < N_DRIVERS ? driver_table[i] : NULL;

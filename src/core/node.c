@@ -1210,6 +1210,23 @@ VD_API int vd_create(const char *filename, const char *format,
             return vd_error_set(err, -EINVAL, "%s: Invalid parameter '%s'",
                                 filename, k);
     }
+    /* The backing format is a driver name: qemu turns the creation
+     * options into QAPI's BlockdevCreateOptions, whose backing-fmt is the
+     * BlockdevDriver enum, and refuses any other name before writing.
+     * A driver that must open the backing file for its size (no "size"
+     * given) needs the format to be one vdisk has, or it would probe. */
+    const char *bfmt = vd_opts_get(opts, "backing_fmt");
+    if (bfmt && option_known(drv->create_opts, "backing_fmt")) {
+        if (!vd_qemu_driver_name(bfmt))
+            return vd_error_set(err, -EINVAL, "%s: Parameter 'backing-fmt' "
+                                "does not accept value '%s'", filename,
+                                bfmt);
+        if (vd_opts_get(opts, "backing_file") && !vd_opts_get(opts, "size")
+            && !vd_find_driver(bfmt))
+            return vd_error_set(err, -EINVAL, "%s: Could not open backing "
+                                "image: Unknown driver '%s'", filename,
+                                bfmt);
+    }
     vd_opts *o = opts ? vd_opts_clone(opts) : vd_opts_new();
     if (!o)
         return vd_error_set(err, -ENOMEM, "Out of memory");

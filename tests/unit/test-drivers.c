@@ -522,6 +522,20 @@ static void test_create(void)
         CHECK(all_bytes(buf, 0, sizeof(buf)), "recreated image is zero");
     }
 
+    /* A backing format must be a driver name QEMU knows, and one vdisk
+     * has when the size comes from the backing file: qcow2's create used
+     * to probe c1.raw for "nbd" (and write the image) instead. */
+    r = create_img(path("c5.qcow2"), "qcow2", "backing_file=c1.raw,"
+                   "backing_fmt=nbd", &err);
+    CHECK(r == -EINVAL && strstr(err.message, "Unknown driver 'nbd'") &&
+          access(path("c5.qcow2"), F_OK) != 0,
+          "unknown backing driver: %d '%s'", r, err.message);
+    r = create_img(path("c5.qcow2"), "qcow2", "size=1M,backing_file=c1.raw,"
+                   "backing_fmt=vmdx", &err);
+    CHECK(r == -EINVAL && strstr(err.message, "Parameter 'backing-fmt' does "
+          "not accept value 'vmdx'") && access(path("c5.qcow2"), F_OK) != 0,
+          "backing format outside QEMU's enum: %d '%s'", r, err.message);
+
     /* the help list, as qemu-img create -f raw -o help */
     const vd_create_option *o = vd_create_options("raw");
     const char *want[] = { "size", "nocow", "preallocation",
