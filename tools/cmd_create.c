@@ -132,7 +132,8 @@ int cli_print_create_help(const char *filename, const char *fmt)
                                  list[i].help ? list[i].help : "") == 0;
 
         /* Without a filename qemu cannot know the protocol yet. */
-        if (filename || !from_proto || strcmp(fmt, "file") == 0) {
+        if (filename || !from_proto ||
+            (vd_driver_features(fmt) & VD_DRIVER_PROTOCOL)) {
             sorted[n++] = &list[i];
         }
     }

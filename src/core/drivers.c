@@ -114,6 +114,31 @@ VD_API int vd_format_check(const char *format, const char *filename,
     return 0;
 }
 
+VD_API unsigned vd_driver_features(const char *name)
+{
+    const vd_driver *d = name ? vd_find_driver(name) : NULL;
+    if (!d)
+        return 0;
+    unsigned f = 0;
+    if (d->open)
+        f |= VD_DRIVER_OPENS;
+    if (d->is_format)
+        f |= VD_DRIVER_FORMAT;
+    else if (d->is_filter)
+        f |= VD_DRIVER_FILTER;
+    else
+        f |= VD_DRIVER_PROTOCOL;
+    if (d->supports_backing)
+        f |= VD_DRIVER_BACKING;
+    if (d->supports_compressed)
+        f |= VD_DRIVER_COMPRESSED;
+    if (d->create)
+        f |= VD_DRIVER_CREATE;
+    if (d->amend)
+        f |= VD_DRIVER_AMEND;
+    return f;
+}
+
 VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
                             void *opaque)
 {

@@ -686,17 +686,18 @@ static int node_open_one(vd_node **out, const char *filename,
                 r = err && err->code ? err->code : -EINVAL;
                 goto fail_early;
             }
-            if (strcmp(drv->name, "raw") == 0) {
-                flags |= 1u << 30; /* remember: probed raw */
+            if (drv->guard_when_probed) {
+                flags |= 1u << 30; /* remember: guard what was probed */
                 /* As qemu: the warning matters only when writing. */
                 if (!(flags & VD_NODE_QUIET) && (flags & VD_NODE_RDWR))
                     vd_warn("Image format was not specified for '%s' and "
-                            "probing guessed raw.\n         Automatically "
-                            "detecting the format is dangerous for raw "
+                            "probing guessed %s.\n         Automatically "
+                            "detecting the format is dangerous for %s "
                             "images, write operations on block 0 will be "
-                            "restricted.\n         Specify the 'raw' format "
+                            "restricted.\n         Specify the '%s' format "
                             "explicitly to remove the restrictions.",
-                            filename ? filename : file->filename);
+                            filename ? filename : file->filename, drv->name,
+                            drv->name, drv->name);
             }
         }
     }

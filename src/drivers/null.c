@@ -176,6 +176,7 @@ static int64_t null_get_allocated_size(vd_node *node)
 const vd_driver vd_driver_null_co = {
     .name = "null-co",
     .instance_size = sizeof(null_state),
+    .pseudo_filename = "null-co://",
     .open = null_open,
     .preadv = null_preadv,
     .pwritev = null_pwritev,

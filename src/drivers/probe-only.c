@@ -238,21 +238,24 @@ static int bochs_probe(const uint8_t *buf, size_t len, const char *filename)
 
 /* ---- the entries: a name, a probe, and no open ---- */
 
-#define PROBE_ONLY(sym, fmt, probe_fn)  \
-    const vd_driver sym = {             \
-        .name = fmt,                    \
-        .is_format = true,              \
-        .probe = probe_fn,              \
+/* @compressed: QEMU's driver writes compressed clusters (convert -c
+ * accepts the format before finding vdisk cannot create it). */
+#define PROBE_ONLY(sym, fmt, probe_fn, compressed) \
+    const vd_driver sym = {                        \
+        .name = fmt,                               \
+        .is_format = true,                         \
+        .supports_compressed = compressed,         \
+        .probe = probe_fn,                         \
     }
 
-PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe);
-PROBE_ONLY(vd_driver_vdi, "vdi", vdi_probe);
-PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe);
-PROBE_ONLY(vd_driver_vpc, "vpc", vpc_probe);
-PROBE_ONLY(vd_driver_qed, "qed", qed_probe);
-PROBE_ONLY(vd_driver_qcow, "qcow", qcow_probe);
-PROBE_ONLY(vd_driver_luks, "luks", luks_probe);
-PROBE_ONLY(vd_driver_parallels, "parallels", parallels_probe);
-PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe);
-PROBE_ONLY(vd_driver_cloop, "cloop", cloop_probe);
-PROBE_ONLY(vd_driver_bochs, "bochs", bochs_probe);
+PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
+PROBE_ONLY(vd_driver_vdi, "vdi", vdi_probe, false);
+PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
+PROBE_ONLY(vd_driver_vpc, "vpc", vpc_probe, false);
+PROBE_ONLY(vd_driver_qed, "qed", qed_probe, false);
+PROBE_ONLY(vd_driver_qcow, "qcow", qcow_probe, true);
+PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
+PROBE_ONLY(vd_driver_parallels, "parallels", parallels_probe, false);
+PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe, false);
+PROBE_ONLY(vd_driver_cloop, "cloop", cloop_probe, false);
+PROBE_ONLY(vd_driver_bochs, "bochs", bochs_probe, false);

@@ -12,6 +12,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -742,6 +743,61 @@ static void test_probed_guard(void)
     }
 }
 
+/* ---- what drivers declare: features, driver-specific statistics ---- */
+
+static void test_driver_queries(void)
+{
+    static const struct {
+        const char *name;
+        unsigned has, lacks;
+    } want[] = {
+        { "file", VD_DRIVER_OPENS | VD_DRIVER_PROTOCOL | VD_DRIVER_CREATE,
+          VD_DRIVER_FORMAT | VD_DRIVER_BACKING },
+        { "null-co", VD_DRIVER_OPENS | VD_DRIVER_PROTOCOL,
+          VD_DRIVER_FORMAT | VD_DRIVER_CREATE },
+        { "raw", VD_DRIVER_OPENS | VD_DRIVER_FORMAT | VD_DRIVER_CREATE,
+          VD_DRIVER_BACKING | VD_DRIVER_COMPRESSED | VD_DRIVER_AMEND },
+        { "qcow2", VD_DRIVER_OPENS | VD_DRIVER_FORMAT | VD_DRIVER_BACKING |
+          VD_DRIVER_COMPRESSED | VD_DRIVER_CREATE | VD_DRIVER_AMEND,
+          VD_DRIVER_PROTOCOL },
+        { "blkdebug", VD_DRIVER_OPENS | VD_DRIVER_FILTER,
+          VD_DRIVER_PROTOCOL | VD_DRIVER_FORMAT },
+        { "vmdk", VD_DRIVER_FORMAT | VD_DRIVER_COMPRESSED,
+          VD_DRIVER_OPENS | VD_DRIVER_CREATE },
+        { "vdi", VD_DRIVER_FORMAT, VD_DRIVER_OPENS | VD_DRIVER_COMPRESSED },
+    };
+    vd_error err = VD_ERROR_INIT;
+    vd_driver_stats ds;
+    vd_node *n;
+
+    for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+        unsigned f = vd_driver_features(want[i].name);
+        CHECK((f & want[i].has) == want[i].has && !(f & want[i].lacks),
+              "features of %s: %#x", want[i].name, f);
+    }
+    CHECK(vd_driver_features("vmdx") == 0 && vd_driver_features(NULL) == 0,
+          "unknown drivers have no features");
+
+    CHECK(create_img(path("stats.raw"), "raw", "size=1M", &err) == 0,
+          "create: %s", err.message);
+    n = open_img(path("stats.raw"), "raw", "discard=unmap", VD_O_RDWR, &err);
+    CHECK(n, "open: %s", err.message);
+    if (n) {
+        vd_node *file = vd_node_child(n, "file");
+
+        CHECK(vd_discard(n, 65536, 0, &err) == 0, "discard: %s",
+              err.message);
+        CHECK(vd_get_driver_stats(n, &ds) == -ENOTSUP && !ds.driver,
+              "raw keeps no driver statistics");
+        CHECK(file && vd_get_driver_stats(file, &ds) == 0 &&
+              strcmp(ds.driver, "file") == 0 && ds.discard_nb_ok == 1 &&
+              ds.discard_bytes_ok == 65536 && ds.discard_nb_failed == 0,
+              "file's discard counts: %" PRIu64 " ok, %" PRIu64 " bytes",
+              ds.discard_nb_ok, ds.discard_bytes_ok);
+        vd_close(&n, NULL);
+    }
+}
+
 /* ---- null-co ---- */
 
 static void test_null(void)
@@ -926,6 +982,7 @@ int main(void)
     test_open_errors();
     test_direct();
     test_probed_guard();
+    test_driver_queries();
     test_null();
     test_locking();
     test_threads();
