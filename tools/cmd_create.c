@@ -9,7 +9,7 @@
  * list for the format (the format's own options, then its protocol's),
  * showing set values and the defaults QEMU declares. That order is not in
  * the library's tables (which list options alphabetically for -o help),
- * so it lives in print_order[] below.
+ * so it lives in qcow2_order[] and default_order[] below.
  */
 #include <errno.h>
 #include <inttypes.h>

@@ -1,7 +1,9 @@
 /*
  * The driver registry: a fixed table of the drivers built into the
  * library, in probing and listing order. The references are strong so
- * that linking the static library pulls every driver in.
+ * that linking the static library pulls every driver in. Also what is
+ * asked of the table by name: lookups, vd_driver_features(), creation
+ * options, and QEMU's list of driver names (its BlockdevDriver enum).
  *
  * Some entries are probe-only (src/drivers/probe-only.c): formats QEMU
  * probes that vdisk cannot open yet. They are found by name and asked

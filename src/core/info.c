@@ -1,7 +1,10 @@
 /*
- * Image information (qemu-img info's ImageInfo), consistency checks and
- * statistics. Generic fields are filled here from the node; the format
- * driver's get_info adds what only it knows.
+ * Image information (qemu-img info's ImageInfo), driver-specific
+ * statistics and consistency checks. Generic fields are filled here from
+ * the node and from what its driver declares in the vtable (a pseudo
+ * filename, whether it answers qemu's get_info); the format driver's
+ * get_info adds what only it knows. The request statistics themselves
+ * are counted in io.c.
  */
 #include <errno.h>
 #include <stdlib.h>

@@ -1,6 +1,10 @@
 /*
- * Nodes and the graph: opening (with format probing and the backing
- * chain), naming, children, reference counting, draining and closing.
+ * Nodes and the graph: the warning handler, naming, allocation and
+ * reference counting, reopening, draining, opening (with format probing
+ * and the backing chain), the public open/close and getters, and image
+ * creation with the checks every format shares (unknown options, backing
+ * files, backing-format names). Attaching children and the permissions
+ * that come with them live in perm.c; node.c calls it.
  *
  * Open order for a format node: the generic options are taken first,
  * then the protocol child is opened from "file.*" options (or the

@@ -2,12 +2,16 @@
  * The "file" protocol driver: an image stored in a host file (or a block
  * device) accessed through one file descriptor.
  *
- * Organisation: option and locking helpers first, then open/close, then
- * the request callbacks (read, write, zeroes, discard, flush, block
- * status), then size handling (getlength, truncate with preallocation)
- * and finally create. Every request runs synchronously in the calling
- * thread with positioned I/O (preadv/pwritev), so concurrent requests on
- * one node need no locking: the descriptor has no shared file position.
+ * Organisation: the lock bytes first (how the node's permissions,
+ * handed down by perm.c through check_perm/set_perm/abort_perm, become
+ * OFD locks), then open/close with the options, then the request
+ * callbacks (read, write, zeroes, discard, flush, block status), then
+ * size handling (getlength, truncate with preallocation), and finally
+ * create, the driver-specific statistics and the vtable, which also
+ * declares that qemu's file-posix answers get_info. Every request runs
+ * synchronously in the calling thread with positioned I/O
+ * (preadv/pwritev), so concurrent requests on one node need no locking:
+ * the descriptor has no shared file position.
  * Buffered writes to a regular file alone queue on a mutex (see
  * file_state.write_lock for why).
  *

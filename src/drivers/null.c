@@ -7,7 +7,8 @@
  *
  * QEMU leaves the read buffer untouched unless "read-zeroes" is on; we
  * always zero it so that results are deterministic, and keep the option
- * for what block status reports (zeros known or not).
+ * for what block status reports (zeros known or not). Its nodes open no
+ * file, so the vtable gives qemu's pseudo filename "null-co://".
  */
 #include <errno.h>
 #include <stdlib.h>

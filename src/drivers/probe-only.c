@@ -7,7 +7,8 @@
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
  * convert` would copy its header bytes as the guest's disk. Each entry
- * gives the format's name and a probe with QEMU's score; it has no open
+ * gives the format's name, a probe with QEMU's score and whether QEMU's
+ * driver stores compressed clusters (convert -c asks); it has no open
  * callback, which tells the core (node.c) that the format is recognised
  * but cannot be opened, so opening, creating or naming it refuses with
  * "FILE: format 'vmdk' is not supported" (ENOTSUP) and never falls back

@@ -2,9 +2,11 @@
  * The "raw" format driver: the guest sees the bytes of its file child
  * unchanged, optionally through a window [offset, offset+size) of it.
  *
- * Organisation: the window (options, validation, translating requests),
- * the probed-image guard for sector 0, then the callbacks, which each
- * shift the request by the window's offset and hand it to the child.
+ * Organisation: the probed-image guard for sector 0, the window
+ * (options, validation, translating requests), then the callbacks, which
+ * each shift the request by the window's offset and hand it to the
+ * child, the child permissions, measure and create. The vtable declares
+ * the guard (guard_when_probed) and that get_info is the file child's.
  *
  * The guard: when the format was guessed by probing, a guest could write
  * another format's header into sector 0 and, on the next probing open,

@@ -1,8 +1,9 @@
-/* meson: unit test, links vdisk */
 /*
  * Unit tests for the protocol and simple format drivers: file, raw and
  * null-co, driven through the public API (vd_open, vd_pread, ...) on real
- * files in a scratch directory. Where the answer is a property of QEMU
+ * files in a scratch directory; also what drivers declare to the layers
+ * above (vd_driver_features(), vd_get_driver_stats()) and vd_create()'s
+ * checks of a backing format. Where the answer is a property of QEMU
  * rather than of the filesystem (what a new image looks like on disk,
  * image locks), qemu-img is asked when it is installed.
  *
