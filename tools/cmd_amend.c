@@ -45,7 +45,7 @@ static int print_amend_help(const char *fmt)
         }
         return 1;
     }
-    if (strcmp(fmt, "qcow2") != 0) {
+    if (!(vd_driver_features(fmt) & VD_DRIVER_AMEND)) {
         cli_error("Format driver '%s' does not support option amendment",
                   fmt);
         return 1;

@@ -476,12 +476,11 @@ static int run_copy(convert_state *s, int nthreads)
     return s->ret;
 }
 
-/* Whether @fmt can store compressed clusters; the library has no query
- * for this, and qemu refuses before creating anything. */
+/* Whether @fmt can store compressed clusters (qemu refuses -c before
+ * creating anything when it cannot). */
 static bool format_compresses(const char *fmt)
 {
-    return strcmp(fmt, "qcow2") == 0 || strcmp(fmt, "qcow") == 0 ||
-           strcmp(fmt, "vmdk") == 0;
+    return (vd_driver_features(fmt) & VD_DRIVER_COMPRESSED) != 0;
 }
 
 /* -l snapshot.id=ID,snapshot.name=NAME: only those keys, as qemu-img's

@@ -9,7 +9,7 @@
  * list for the format (the format's own options, then its protocol's),
  * showing set values and the defaults QEMU declares. That order is not in
  * the library's tables (which list options alphabetically for -o help),
- * so it lives in print_order[] below.
+ * so it lives in qcow2_order[] and default_order[] below.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -132,7 +132,8 @@ int cli_print_create_help(const char *filename, const char *fmt)
                                  list[i].help ? list[i].help : "") == 0;
 
         /* Without a filename qemu cannot know the protocol yet. */
-        if (filename || !from_proto || strcmp(fmt, "file") == 0) {
+        if (filename || !from_proto ||
+            (vd_driver_features(fmt) & VD_DRIVER_PROTOCOL)) {
             sorted[n++] = &list[i];
         }
     }
@@ -169,8 +170,15 @@ static int check_value(const char *filename, const vd_create_option *o,
 {
     if (strcmp(o->type, "size") == 0) {
         uint64_t v;
+        int r = vd_parse_size(value, &v);
 
-        if (vd_parse_size(value, &v) < 0) {
+        /* qemu's parser takes up to 2^64 - 1 and says this past that;
+         * vdisk's stops at 2^63, the largest image length. */
+        if (r == -ERANGE) {
+            cli_error("%s: Value '%s' is out of range for parameter '%s'",
+                      filename, value, o->name);
+            return -EINVAL;
+        } else if (r < 0) {
             cli_error("%s: Parameter '%s' expects a non-negative number "
                       "below 2^64", filename, o->name);
             fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, "

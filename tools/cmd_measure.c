@@ -159,7 +159,9 @@ int cmd_measure(int argc, char **argv)
          * parser does, with the second line naming the format. */
         bool syntax = strncmp(err.message, "Invalid parameter '", 19) == 0 ||
                       (strncmp(err.message, "Parameter '", 11) == 0 &&
-                       strstr(err.message, "' expects "));
+                       strstr(err.message, "' expects ")) ||
+                      (strncmp(err.message, "Value '", 7) == 0 &&
+                       strstr(err.message, "' is out of range for "));
         cli_report_vd_error(&err, ret, out_fmt);
         if (syntax && strstr(err.message, "non-negative number")) {
             fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, "

@@ -1423,8 +1423,7 @@ static int info_f(int argc, char **argv)
     (void)argv;
     printf("format name: %s\n", fmt);
     /* Protocol drivers have a protocol name too, which qemu-io prints. */
-    if (!strcmp(fmt, "file") || !strcmp(fmt, "host_device") ||
-        !strncmp(fmt, "null-", 5) || !strcmp(fmt, "nbd")) {
+    if (vd_driver_features(fmt) & VD_DRIVER_PROTOCOL) {
         printf("format name: %s\n", fmt);
     }
     ret = vd_get_info(io.node, &info, &err);

@@ -1,7 +1,8 @@
 /*
  * Shared helpers of the vdisk tool (see util.h): the command table first,
  * then --help, option parsing, message printing, image opening, size
- * parsing and formatting, and the progress meter.
+ * parsing and formatting, --output parsing, the progress meter, and
+ * loading an internal snapshot for -l.
  */
 #include <errno.h>
 #include <math.h>

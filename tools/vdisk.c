@@ -1,6 +1,7 @@
 /*
  * vdisk: the command-line tool, a drop-in for qemu-img 7.2 (and, through
- * "vdisk io", for qemu-io). main() handles the global --help/--version
+ * "vdisk io", for qemu-io; through "vdisk serve", for qemu-nbd and
+ * qemu-storage-daemon). main() handles the global --help/--version
  * and dispatches argv[1] through the command table in util.c; each
  * subcommand lives in its own cmd_*.c file.
  */

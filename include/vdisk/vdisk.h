@@ -224,7 +224,12 @@ VD_API char *vd_opts_take(vd_opts *opts, const char *key);
 VD_API int vd_opts_take_bool(vd_opts *opts, const char *key, bool def,
                              bool *out, vd_error *err);
 
-/** Takes @key as a size (vd_parse_size()'s grammar, below 2^63). */
+/**
+ * Takes @key as a size (vd_parse_size()'s grammar, below 2^63). A value
+ * of 2^63 or more is refused with qemu's "Value 'V' is out of range for
+ * parameter 'KEY'", junk with "Parameter 'KEY' expects a non-negative
+ * number below 2^63 (optional suffix: ...)".
+ */
 VD_API int vd_opts_take_size(vd_opts *opts, const char *key, uint64_t def,
                              uint64_t *out, vd_error *err);
 
@@ -718,6 +723,26 @@ VD_API int vd_format_check(const char *format, const char *filename,
 VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
                             void *opaque);
 
+/* What a driver is and can do (vd_driver_features()), so that front ends
+ * ask instead of testing driver names. */
+#define VD_DRIVER_OPENS      (1u << 0) /* vdisk can open it (see
+                                          vd_format_check()) */
+#define VD_DRIVER_PROTOCOL   (1u << 1) /* opens a filename itself: file,
+                                          null-co */
+#define VD_DRIVER_FORMAT     (1u << 2) /* sits on a file child: raw, qcow2 */
+#define VD_DRIVER_FILTER     (1u << 3) /* passes requests to one child */
+#define VD_DRIVER_BACKING    (1u << 4) /* may have a backing file */
+#define VD_DRIVER_COMPRESSED (1u << 5) /* stores compressed clusters (also
+                                          said of probe-only formats that
+                                          do in QEMU: vmdk, qcow) */
+#define VD_DRIVER_CREATE     (1u << 6) /* creates images (vd_create()) */
+#define VD_DRIVER_AMEND      (1u << 7) /* changes creation options of an
+                                          existing image (vd_amend()) */
+
+/** The VD_DRIVER_* bits of the driver named @name; 0 for an unknown
+ * name. Static answers: they do not depend on any image. */
+VD_API unsigned vd_driver_features(const char *name);
+
 /** What an image of some format would need on the host (qemu-img
  * measure's BlockMeasureInfo). */
 typedef struct vd_measure_result {
@@ -828,6 +853,22 @@ typedef struct vd_stats {
 
 /** Copies the node's statistics into @out. */
 VD_API void vd_get_stats(vd_node *node, vd_stats *out);
+
+/** Statistics that only some drivers keep (qemu's BlockStatsSpecific,
+ * which query-blockstats shows as "driver-specific"). */
+typedef struct vd_driver_stats {
+    const char *driver;          /* borrowed: whose numbers these are */
+    uint64_t discard_nb_ok;      /* discards that reached the driver and */
+    uint64_t discard_nb_failed;  /* succeeded / failed */
+    uint64_t discard_bytes_ok;   /* bytes the successful ones covered */
+} vd_driver_stats;
+
+/**
+ * Fills @out with the driver-specific statistics of @node. Returns 0, or
+ * -ENOTSUP (@out zeroed) when the node's driver keeps none (today every
+ * driver but file).
+ */
+VD_API int vd_get_driver_stats(vd_node *node, vd_driver_stats *out);
 
 /* ------------------------------------------------------------------ */
 /* Backing chains                                                     */

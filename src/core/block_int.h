@@ -191,6 +191,25 @@ struct vd_driver {
     bool supports_compressed;   /* pwritev accepts VD_REQ_COMPRESSED */
     const vd_create_option *create_opts; /* NULL-terminated, or NULL */
 
+    /* What the layers above would otherwise have to guess from the name
+     * (vd_get_info(), the probing in node.c): */
+    /* The filename shown for a node that opens no file ("null-co://",
+     * as qemu names null-co nodes); NULL when nodes have a real one. */
+    const char *pseudo_filename;
+    /* Whether qemu's bdrv_get_info() answers for the driver's nodes, which
+     * is when `info` shows a dirty flag: a driver with get_info does;
+     * info_self says so for one without (file, whose qemu counterpart
+     * answers and which has nothing to add); info_from_file for one that
+     * passes the question to its file child (raw). Filters pass it to
+     * the node they filter. */
+    bool info_self;
+    bool info_from_file;
+    /* When probing chose this driver (no format named), its nodes guard
+     * what probing reads: writes that would make sector 0 look like
+     * another format are refused (node->probed_raw), and opening
+     * read-write warns (raw). */
+    bool guard_when_probed;
+
     /* Score 0..100 that @buf (the first @len bytes of the file, len may
      * be short) is this format. Raw answers 1; nothing else should. */
     int (*probe)(const uint8_t *buf, size_t len, const char *filename);
@@ -277,6 +296,11 @@ struct vd_driver {
     void (*set_perm)(vd_node *node, unsigned perm, unsigned shared);
     void (*abort_perm)(vd_node *node);
 
+    /* Statistics only the driver keeps (qemu's BlockStatsSpecific, e.g.
+     * file-posix's discard counts), for vd_get_driver_stats(). Absent:
+     * there are none. */
+    int (*get_driver_stats)(vd_node *node, vd_driver_stats *out);
+
     /* Consistency check (and repair when @fix has VD_CHECK_FIX_*). */
     int (*check)(vd_node *node, vd_check_result *res, unsigned fix,
                  vd_error *err);
@@ -321,6 +345,9 @@ const vd_driver *vd_find_driver(const char *name);
 /* The @i-th registered driver, or NULL past the end (for probing). */
 const vd_driver *vd_driver_at(int i);
 /* vd_find_node() and vd_foreach_node() are public (vdisk.h). */
+/* Whether @name is a value of QEMU's BlockdevDriver enum, which QAPI
+ * options naming a driver (a qcow2 image's backing-fmt) must be. */
+bool vd_qemu_driver_name(const char *name);
 /* Refuses a probe-only driver (one without open): -ENOTSUP, "FILE:
  * format 'NAME' is not supported" (without "FILE: " when NULL). */
 int vd_driver_unsupported(const vd_driver *drv, const char *filename,

@@ -1,7 +1,9 @@
 /*
  * The driver registry: a fixed table of the drivers built into the
  * library, in probing and listing order. The references are strong so
- * that linking the static library pulls every driver in.
+ * that linking the static library pulls every driver in. Also what is
+ * asked of the table by name: lookups, vd_driver_features(), creation
+ * options, and QEMU's list of driver names (its BlockdevDriver enum).
  *
  * Some entries are probe-only (src/drivers/probe-only.c): formats QEMU
  * probes that vdisk cannot open yet. They are found by name and asked
@@ -54,6 +56,28 @@ static const vd_driver *const driver_table[] = {
 };
 #define N_DRIVERS (sizeof(driver_table) / sizeof(driver_table[0]))
 
+/* QEMU 7.2's BlockdevDriver enum (../shared/specs/block-core.json) as
+ * Debian builds it: with HAVE_HOST_BLOCK_DEVICE and CONFIG_REPLICATION,
+ * without CONFIG_BLKIO (io_uring, nvme-io_uring, virtio-blk-*). */
+static const char *const qemu_driver_names[] = {
+    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop",
+    "compress", "copy-before-write", "copy-on-read", "dmg", "file",
+    "snapshot-access", "ftp", "ftps", "gluster", "host_cdrom",
+    "host_device", "http", "https", "iscsi", "luks", "nbd", "nfs",
+    "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow",
+    "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh",
+    "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat",
+};
+
+bool vd_qemu_driver_name(const char *name)
+{
+    for (size_t i = 0; i < sizeof(qemu_driver_names) /
+                           sizeof(qemu_driver_names[0]); i++)
+        if (strcmp(name, qemu_driver_names[i]) == 0)
+            return true;
+    return false;
+}
+
 const vd_driver *vd_driver_at(int i)
 {
     return i >= 0 && (size_t)i < N_DRIVERS ? driver_table[i] : NULL;
@@ -90,6 +114,31 @@ VD_API int vd_format_check(const char *format, const char *filename,
     if (!drv->open)
         return vd_driver_unsupported(drv, filename, err);
     return 0;
+}
+
+VD_API unsigned vd_driver_features(const char *name)
+{
+    const vd_driver *d = name ? vd_find_driver(name) : NULL;
+    if (!d)
+        return 0;
+    unsigned f = 0;
+    if (d->open)
+        f |= VD_DRIVER_OPENS;
+    if (d->is_format)
+        f |= VD_DRIVER_FORMAT;
+    else if (d->is_filter)
+        f |= VD_DRIVER_FILTER;
+    else
+        f |= VD_DRIVER_PROTOCOL;
+    if (d->supports_backing)
+        f |= VD_DRIVER_BACKING;
+    if (d->supports_compressed)
+        f |= VD_DRIVER_COMPRESSED;
+    if (d->create)
+        f |= VD_DRIVER_CREATE;
+    if (d->amend)
+        f |= VD_DRIVER_AMEND;
+    return f;
 }
 
 VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),

@@ -17,7 +17,14 @@ static int check_type(const vd_create_option *o, const char *value,
 {
     if (!strcmp(o->type, "size")) {
         uint64_t u;
-        if (vd_parse_size(value, &u) < 0) {
+        int r = vd_parse_size(value, &u);
+        /* Junk gets qemu's text; 2^63 and up, which qemu's parser takes
+         * (up to 2^64 - 1) and vdisk's does not, are out of range, in
+         * qemu's words for values past its own limit. */
+        if (r == -ERANGE) {
+            return vd_error_set(err, -EINVAL, "Value '%s' is out of range "
+                                "for parameter '%s'", value, o->name);
+        } else if (r < 0) {
             return vd_error_set(err, -EINVAL, "Parameter '%s' expects a "
                                 "non-negative number below 2^64", o->name);
         }

@@ -1,7 +1,10 @@
 /*
- * Image information (qemu-img info's ImageInfo), consistency checks and
- * statistics. Generic fields are filled here from the node; the format
- * driver's get_info adds what only it knows.
+ * Image information (qemu-img info's ImageInfo), driver-specific
+ * statistics and consistency checks. Generic fields are filled here from
+ * the node and from what its driver declares in the vtable (a pseudo
+ * filename, whether it answers qemu's get_info); the format driver's
+ * get_info adds what only it knows. The request statistics themselves
+ * are counted in io.c.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -35,30 +38,29 @@ static char *dup_or_null(const char *s)
 }
 
 /* The filename qemu shows for @node: its own, else the first one found
- * down its file children; null-co, which opens no file, has the pseudo
- * filename "null-co://". */
+ * down its file children; a driver that opens no file (null-co) names
+ * its pseudo filename. */
 static const char *shown_filename(const vd_node *node)
 {
     for (const vd_node *n = node; n; n = n->file ? n->file->node : NULL) {
         if (n->filename && n->filename[0])
             return n->filename;
-        if (strcmp(n->drv->name, "null-co") == 0)
-            return "null-co://";
+        if (n->drv->pseudo_filename)
+            return n->drv->pseudo_filename;
     }
     return "";
 }
 
 /* Whether qemu's bdrv_get_info() answers for @node, which is when qemu
- * shows a dirty flag: drivers with a get_info of their own (qcow2 here;
- * file-posix in qemu, which vdisk's file driver does not need), raw,
- * which asks its file, and filters, which ask the node they filter.
- * null-co has none. */
+ * shows a dirty flag: the driver answers itself (get_info or
+ * info_self), or passes the question down its file child
+ * (info_from_file, filters). */
 static bool answers_get_info(const vd_node *node)
 {
     for (const vd_node *n = node; n; n = n->file ? n->file->node : NULL) {
-        if (n->drv->get_info || strcmp(n->drv->name, "file") == 0)
+        if (n->drv->get_info || n->drv->info_self)
             return true;
-        if (strcmp(n->drv->name, "raw") != 0 && !n->drv->is_filter)
+        if (!n->drv->info_from_file && !n->drv->is_filter)
             return false;
     }
     return false;
@@ -114,6 +116,15 @@ VD_API void vd_image_info_free(vd_image_info **pinfo)
     free(info->snapshots);
     free(info);
     *pinfo = NULL;
+}
+
+VD_API int vd_get_driver_stats(vd_node *node, vd_driver_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!node->drv->get_driver_stats)
+        return -ENOTSUP;
+    out->driver = node->drv->name;
+    return node->drv->get_driver_stats(node, out);
 }
 
 VD_API int vd_check(vd_node *node, vd_check_result *res, unsigned fix,

@@ -12,6 +12,9 @@
  *  - supplies the fallback where the driver has no callback (filters
  *    pass to their child, write_zeroes writes zeros, discard does
  *    nothing, FUA becomes a flush after the write).
+ * Reads through a backing chain (with copy-on-read when the node asks for
+ * it), block status down a chain, length and truncate, and the request
+ * statistics (vd_get_stats()) are here too.
  * The public vd_*() entry points at the bottom add what only the top of
  * a graph needs: a range check against the image size, waiting while the
  * node is drained, detect-zeroes and write-through.

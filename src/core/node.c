@@ -1,6 +1,10 @@
 /*
- * Nodes and the graph: opening (with format probing and the backing
- * chain), naming, children, reference counting, draining and closing.
+ * Nodes and the graph: the warning handler, naming, allocation and
+ * reference counting, reopening, draining, opening (with format probing
+ * and the backing chain), the public open/close and getters, and image
+ * creation with the checks every format shares (unknown options, backing
+ * files, backing-format names). Attaching children and the permissions
+ * that come with them live in perm.c; node.c calls it.
  *
  * Open order for a format node: the generic options are taken first,
  * then the protocol child is opened from "file.*" options (or the
@@ -686,17 +690,18 @@ static int node_open_one(vd_node **out, const char *filename,
                 r = err && err->code ? err->code : -EINVAL;
                 goto fail_early;
             }
-            if (strcmp(drv->name, "raw") == 0) {
-                flags |= 1u << 30; /* remember: probed raw */
+            if (drv->guard_when_probed) {
+                flags |= 1u << 30; /* remember: guard what was probed */
                 /* As qemu: the warning matters only when writing. */
                 if (!(flags & VD_NODE_QUIET) && (flags & VD_NODE_RDWR))
                     vd_warn("Image format was not specified for '%s' and "
-                            "probing guessed raw.\n         Automatically "
-                            "detecting the format is dangerous for raw "
+                            "probing guessed %s.\n         Automatically "
+                            "detecting the format is dangerous for %s "
                             "images, write operations on block 0 will be "
-                            "restricted.\n         Specify the 'raw' format "
+                            "restricted.\n         Specify the '%s' format "
                             "explicitly to remove the restrictions.",
-                            filename ? filename : file->filename);
+                            filename ? filename : file->filename, drv->name,
+                            drv->name, drv->name);
             }
         }
     }
@@ -1209,6 +1214,23 @@ VD_API int vd_create(const char *filename, const char *format,
             !(proto && option_known(proto->create_opts, k)))
             return vd_error_set(err, -EINVAL, "%s: Invalid parameter '%s'",
                                 filename, k);
+    }
+    /* The backing format is a driver name: qemu turns the creation
+     * options into QAPI's BlockdevCreateOptions, whose backing-fmt is the
+     * BlockdevDriver enum, and refuses any other name before writing.
+     * A driver that must open the backing file for its size (no "size"
+     * given) needs the format to be one vdisk has, or it would probe. */
+    const char *bfmt = vd_opts_get(opts, "backing_fmt");
+    if (bfmt && option_known(drv->create_opts, "backing_fmt")) {
+        if (!vd_qemu_driver_name(bfmt))
+            return vd_error_set(err, -EINVAL, "%s: Parameter 'backing-fmt' "
+                                "does not accept value '%s'", filename,
+                                bfmt);
+        if (vd_opts_get(opts, "backing_file") && !vd_opts_get(opts, "size")
+            && !vd_find_driver(bfmt))
+            return vd_error_set(err, -EINVAL, "%s: Could not open backing "
+                                "image: Unknown driver '%s'", filename,
+                                bfmt);
     }
     vd_opts *o = opts ? vd_opts_clone(opts) : vd_opts_new();
     if (!o)

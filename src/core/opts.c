@@ -252,10 +252,15 @@ VD_API int vd_opts_take_size(vd_opts *o, const char *key, uint64_t def,
     if (!v)
         return 0;
     int r = vd_parse_size(v, out);
-    if (r < 0)
+    /* qemu's words for a value past its limit, though ours is 2^63 (the
+     * largest image length) where qemu's QemuOpts take up to 2^64 - 1. */
+    if (r == -ERANGE)
+        vd_error_set(err, -EINVAL, "Value '%s' is out of range for "
+                     "parameter '%s'", v, key);
+    else if (r < 0)
         vd_error_set(err, -EINVAL,
                      "Parameter '%s' expects a non-negative number below "
-                     "2^64 (optional suffix: k, M, G, T, P or E)", key);
+                     "2^63 (optional suffix: k, M, G, T, P or E)", key);
     free(v);
     return r < 0 ? -EINVAL : 0;
 }

@@ -21,6 +21,9 @@
  *      changes, not even a lock byte other processes could see.
  * Transactions are serialised by perm_lock; requests never take it.
  *
+ * Attaching and detaching children runs such a transaction, so it lives
+ * here, as do users (vd_user_*) and the opener vd_open() attaches.
+ *
  * Operation blockers are per-node lists of (operation, blocker) pairs:
  * a blocker is an object with a reason, installed and removed by whoever
  * made it (backing attach blocks most operations on the backing node).

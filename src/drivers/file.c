@@ -2,12 +2,16 @@
  * The "file" protocol driver: an image stored in a host file (or a block
  * device) accessed through one file descriptor.
  *
- * Organisation: option and locking helpers first, then open/close, then
- * the request callbacks (read, write, zeroes, discard, flush, block
- * status), then size handling (getlength, truncate with preallocation)
- * and finally create. Every request runs synchronously in the calling
- * thread with positioned I/O (preadv/pwritev), so concurrent requests on
- * one node need no locking: the descriptor has no shared file position.
+ * Organisation: the lock bytes first (how the node's permissions,
+ * handed down by perm.c through check_perm/set_perm/abort_perm, become
+ * OFD locks), then open/close with the options, then the request
+ * callbacks (read, write, zeroes, discard, flush, block status), then
+ * size handling (getlength, truncate with preallocation), and finally
+ * create, the driver-specific statistics and the vtable, which also
+ * declares that qemu's file-posix answers get_info. Every request runs
+ * synchronously in the calling thread with positioned I/O
+ * (preadv/pwritev), so concurrent requests on one node need no locking:
+ * the descriptor has no shared file position.
  * Buffered writes to a regular file alone queue on a mutex (see
  * file_state.write_lock for why).
  *
@@ -1218,10 +1222,25 @@ out:
     return ret;
 }
 
+/* file-posix's BlockStatsSpecificFile: the discards that reached the
+ * file, which are the node's own unmap counts. */
+static int file_get_driver_stats(vd_node *node, vd_driver_stats *out)
+{
+    vd_stats s;
+
+    vd_get_stats(node, &s);
+    out->discard_nb_ok = s.unmap_operations - s.failed_unmap_operations;
+    out->discard_nb_failed = s.failed_unmap_operations;
+    out->discard_bytes_ok = s.unmap_bytes;
+    return 0;
+}
+
 const vd_driver vd_driver_file = {
     .name = "file",
     .instance_size = sizeof(file_state),
     .create_opts = file_create_opts,
+    .info_self = true,      /* qemu's file-posix answers bdrv_get_info() */
+    .get_driver_stats = file_get_driver_stats,
     .open = file_open,
     .close = file_close,
     .create = file_create,

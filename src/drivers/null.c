@@ -7,7 +7,8 @@
  *
  * QEMU leaves the read buffer untouched unless "read-zeroes" is on; we
  * always zero it so that results are deterministic, and keep the option
- * for what block status reports (zeros known or not).
+ * for what block status reports (zeros known or not). Its nodes open no
+ * file, so the vtable gives qemu's pseudo filename "null-co://".
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -176,6 +177,7 @@ static int64_t null_get_allocated_size(vd_node *node)
 const vd_driver vd_driver_null_co = {
     .name = "null-co",
     .instance_size = sizeof(null_state),
+    .pseudo_filename = "null-co://",
     .open = null_open,
     .preadv = null_preadv,
     .pwritev = null_pwritev,

@@ -7,7 +7,8 @@
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
  * convert` would copy its header bytes as the guest's disk. Each entry
- * gives the format's name and a probe with QEMU's score; it has no open
+ * gives the format's name, a probe with QEMU's score and whether QEMU's
+ * driver stores compressed clusters (convert -c asks); it has no open
  * callback, which tells the core (node.c) that the format is recognised
  * but cannot be opened, so opening, creating or naming it refuses with
  * "FILE: format 'vmdk' is not supported" (ENOTSUP) and never falls back
@@ -238,21 +239,24 @@ static int bochs_probe(const uint8_t *buf, size_t len, const char *filename)
 
 /* ---- the entries: a name, a probe, and no open ---- */
 
-#define PROBE_ONLY(sym, fmt, probe_fn)  \
-    const vd_driver sym = {             \
-        .name = fmt,                    \
-        .is_format = true,              \
-        .probe = probe_fn,              \
+/* @compressed: QEMU's driver writes compressed clusters (convert -c
+ * accepts the format before finding vdisk cannot create it). */
+#define PROBE_ONLY(sym, fmt, probe_fn, compressed) \
+    const vd_driver sym = {                        \
+        .name = fmt,                               \
+        .is_format = true,                         \
+        .supports_compressed = compressed,         \
+        .probe = probe_fn,                         \
     }
 
-PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe);
-PROBE_ONLY(vd_driver_vdi, "vdi", vdi_probe);
-PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe);
-PROBE_ONLY(vd_driver_vpc, "vpc", vpc_probe);
-PROBE_ONLY(vd_driver_qed, "qed", qed_probe);
-PROBE_ONLY(vd_driver_qcow, "qcow", qcow_probe);
-PROBE_ONLY(vd_driver_luks, "luks", luks_probe);
-PROBE_ONLY(vd_driver_parallels, "parallels", parallels_probe);
-PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe);
-PROBE_ONLY(vd_driver_cloop, "cloop", cloop_probe);
-PROBE_ONLY(vd_driver_bochs, "bochs", bochs_probe);
+PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
+PROBE_ONLY(vd_driver_vdi, "vdi", vdi_probe, false);
+PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
+PROBE_ONLY(vd_driver_vpc, "vpc", vpc_probe, false);
+PROBE_ONLY(vd_driver_qed, "qed", qed_probe, false);
+PROBE_ONLY(vd_driver_qcow, "qcow", qcow_probe, true);
+PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
+PROBE_ONLY(vd_driver_parallels, "parallels", parallels_probe, false);
+PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe, false);
+PROBE_ONLY(vd_driver_cloop, "cloop", cloop_probe, false);
+PROBE_ONLY(vd_driver_bochs, "bochs", bochs_probe, false);

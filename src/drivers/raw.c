@@ -2,9 +2,11 @@
  * The "raw" format driver: the guest sees the bytes of its file child
  * unchanged, optionally through a window [offset, offset+size) of it.
  *
- * Organisation: the window (options, validation, translating requests),
- * the probed-image guard for sector 0, then the callbacks, which each
- * shift the request by the window's offset and hand it to the child.
+ * Organisation: the probed-image guard for sector 0, the window
+ * (options, validation, translating requests), then the callbacks, which
+ * each shift the request by the window's offset and hand it to the
+ * child, the child permissions, measure and create. The vtable declares
+ * the guard (guard_when_probed) and that get_info is the file child's.
  *
  * The guard: when the format was guessed by probing, a guest could write
  * another format's header into sector 0 and, on the next probing open,
@@ -372,7 +374,15 @@ static int raw_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
         }
         size = (uint64_t)len;
     } else {
-        if (v && vd_parse_size(v, &size) < 0) {
+        int r = v ? vd_parse_size(v, &size) : 0;
+        /* qemu's texts: junk, or past the limit (2^63 here, 2^64 in
+         * qemu's parser). */
+        if (r == -ERANGE) {
+            vd_error_set(err, -EINVAL, "Value '%s' is out of range for "
+                         "parameter 'size'", v);
+            free(v);
+            return -EINVAL;
+        } else if (r < 0) {
             free(v);
             return vd_error_set(err, -EINVAL, "Parameter 'size' expects a "
                                 "non-negative number below 2^64");
@@ -412,6 +422,8 @@ const vd_driver vd_driver_raw = {
     .name = "raw",
     .instance_size = sizeof(raw_state),
     .is_format = true,
+    .info_from_file = true,    /* as qemu's raw_get_info() */
+    .guard_when_probed = true, /* the probing fallback guards sector 0 */
     .create_opts = raw_create_opts,
     .probe = raw_probe,
     .open = raw_open,

@@ -1,10 +1,10 @@
 /*
  * NBD wire protocol: magic numbers, option/reply/command codes, flag bits
- * and the fixed-size messages, as in ../../../shared/specs/nbd-proto.md
+ * and the fixed-size messages, as in ../shared/specs/nbd-proto.md
  * (section numbers below refer to it) plus QEMU's metadata context from
- * nbd-qemu-extensions.rst. Everything on the wire is big-endian; the
- * packed structs hold wire order and are converted only where they are
- * read or written (handshake.c, transmission.c).
+ * ../shared/specs/nbd-qemu-extensions.rst. Everything on the wire is
+ * big-endian; the packed structs hold wire order and are converted only
+ * where they are read or written (handshake.c, transmission.c).
  *
  * Organisation: handshake constants, then transmission constants, then
  * the limits this server enforces, then the wire structs.

@@ -427,18 +427,16 @@ static json_object *block_stats(vd_node *node, int depth)
     json_object_object_add(o, "stats", stats_json(node));
     json_object_object_add(o, "node-name",
                            json_object_new_string(vd_node_name(node)));
-    if (strcmp(vd_node_format(node), "file") == 0) {
-        vd_stats s;
+    vd_driver_stats s;
+    if (vd_get_driver_stats(node, &s) == 0) {
         json_object *ds = json_object_new_object();
-        vd_get_stats(node, &s);
         json_object_object_add(ds, "discard-bytes-ok",
-                               jint((int64_t)s.unmap_bytes));
+                               jint((int64_t)s.discard_bytes_ok));
         json_object_object_add(ds, "discard-nb-ok",
-                               jint((int64_t)(s.unmap_operations -
-                                              s.failed_unmap_operations)));
-        json_object_object_add(ds, "driver", json_object_new_string("file"));
+                               jint((int64_t)s.discard_nb_ok));
+        json_object_object_add(ds, "driver", json_object_new_string(s.driver));
         json_object_object_add(ds, "discard-nb-failed",
-                               jint((int64_t)s.failed_unmap_operations));
+                               jint((int64_t)s.discard_nb_failed));
         json_object_object_add(o, "driver-specific", ds);
     }
     return o;

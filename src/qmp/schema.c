@@ -3,9 +3,10 @@
  *
  * Every command is described once, below, by its name, the schema of its
  * arguments (QEMU's names and types, from ../shared/specs/block-core.json
- * and block-export.json; object-add's from QEMU 7.2's qom.json, as
- * qemu-storage-daemon's query-qmp-schema reports it) and its handler. Dispatch, argument validation,
- * query-commands and docs/qmp.md all follow this table.
+ * and ../shared/specs/block-export.json; object-add's from QEMU 7.2's
+ * qom.json, as qemu-storage-daemon's query-qmp-schema reports it) and its
+ * handler. Dispatch, argument validation, query-commands and docs/qmp.md
+ * all follow this table.
  *
  * Validation walks the schema in order, as QEMU's input visitor does: the
  * first missing or mistyped member is reported, then any member the

@@ -1,4 +1,5 @@
-# Helpers for the tests of vdisk's qemu-img subcommands (tests/cli/cli-*.sh).
+# Helpers for the tests of vdisk's qemu-img subcommands (tests/cli/cli-*.sh
+# and the other scripts that compare a subcommand's output with qemu-img).
 # Sourced after ../functions.sh. Both programs run on the same inputs and
 # their combined stdout+stderr and exit statuses must be identical once
 # the program name is normalised ("qemu-img: " / "vdisk: ").

@@ -1,8 +1,9 @@
-/* meson: unit test, links vdisk */
 /*
  * Unit tests for the protocol and simple format drivers: file, raw and
  * null-co, driven through the public API (vd_open, vd_pread, ...) on real
- * files in a scratch directory. Where the answer is a property of QEMU
+ * files in a scratch directory; also what drivers declare to the layers
+ * above (vd_driver_features(), vd_get_driver_stats()) and vd_create()'s
+ * checks of a backing format. Where the answer is a property of QEMU
  * rather than of the filesystem (what a new image looks like on disk,
  * image locks), qemu-img is asked when it is installed.
  *
@@ -12,6 +13,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -522,6 +524,20 @@ static void test_create(void)
         CHECK(all_bytes(buf, 0, sizeof(buf)), "recreated image is zero");
     }
 
+    /* A backing format must be a driver name QEMU knows, and one vdisk
+     * has when the size comes from the backing file: qcow2's create used
+     * to probe c1.raw for "nbd" (and write the image) instead. */
+    r = create_img(path("c5.qcow2"), "qcow2", "backing_file=c1.raw,"
+                   "backing_fmt=nbd", &err);
+    CHECK(r == -EINVAL && strstr(err.message, "Unknown driver 'nbd'") &&
+          access(path("c5.qcow2"), F_OK) != 0,
+          "unknown backing driver: %d '%s'", r, err.message);
+    r = create_img(path("c5.qcow2"), "qcow2", "size=1M,backing_file=c1.raw,"
+                   "backing_fmt=vmdx", &err);
+    CHECK(r == -EINVAL && strstr(err.message, "Parameter 'backing-fmt' does "
+          "not accept value 'vmdx'") && access(path("c5.qcow2"), F_OK) != 0,
+          "backing format outside QEMU's enum: %d '%s'", r, err.message);
+
     /* the help list, as qemu-img create -f raw -o help */
     const vd_create_option *o = vd_create_options("raw");
     const char *want[] = { "size", "nocow", "preallocation",
@@ -728,6 +744,61 @@ static void test_probed_guard(void)
     }
 }
 
+/* ---- what drivers declare: features, driver-specific statistics ---- */
+
+static void test_driver_queries(void)
+{
+    static const struct {
+        const char *name;
+        unsigned has, lacks;
+    } want[] = {
+        { "file", VD_DRIVER_OPENS | VD_DRIVER_PROTOCOL | VD_DRIVER_CREATE,
+          VD_DRIVER_FORMAT | VD_DRIVER_BACKING },
+        { "null-co", VD_DRIVER_OPENS | VD_DRIVER_PROTOCOL,
+          VD_DRIVER_FORMAT | VD_DRIVER_CREATE },
+        { "raw", VD_DRIVER_OPENS | VD_DRIVER_FORMAT | VD_DRIVER_CREATE,
+          VD_DRIVER_BACKING | VD_DRIVER_COMPRESSED | VD_DRIVER_AMEND },
+        { "qcow2", VD_DRIVER_OPENS | VD_DRIVER_FORMAT | VD_DRIVER_BACKING |
+          VD_DRIVER_COMPRESSED | VD_DRIVER_CREATE | VD_DRIVER_AMEND,
+          VD_DRIVER_PROTOCOL },
+        { "blkdebug", VD_DRIVER_OPENS | VD_DRIVER_FILTER,
+          VD_DRIVER_PROTOCOL | VD_DRIVER_FORMAT },
+        { "vmdk", VD_DRIVER_FORMAT | VD_DRIVER_COMPRESSED,
+          VD_DRIVER_OPENS | VD_DRIVER_CREATE },
+        { "vdi", VD_DRIVER_FORMAT, VD_DRIVER_OPENS | VD_DRIVER_COMPRESSED },
+    };
+    vd_error err = VD_ERROR_INIT;
+    vd_driver_stats ds;
+    vd_node *n;
+
+    for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+        unsigned f = vd_driver_features(want[i].name);
+        CHECK((f & want[i].has) == want[i].has && !(f & want[i].lacks),
+              "features of %s: %#x", want[i].name, f);
+    }
+    CHECK(vd_driver_features("vmdx") == 0 && vd_driver_features(NULL) == 0,
+          "unknown drivers have no features");
+
+    CHECK(create_img(path("stats.raw"), "raw", "size=1M", &err) == 0,
+          "create: %s", err.message);
+    n = open_img(path("stats.raw"), "raw", "discard=unmap", VD_O_RDWR, &err);
+    CHECK(n, "open: %s", err.message);
+    if (n) {
+        vd_node *file = vd_node_child(n, "file");
+
+        CHECK(vd_discard(n, 65536, 0, &err) == 0, "discard: %s",
+              err.message);
+        CHECK(vd_get_driver_stats(n, &ds) == -ENOTSUP && !ds.driver,
+              "raw keeps no driver statistics");
+        CHECK(file && vd_get_driver_stats(file, &ds) == 0 &&
+              strcmp(ds.driver, "file") == 0 && ds.discard_nb_ok == 1 &&
+              ds.discard_bytes_ok == 65536 && ds.discard_nb_failed == 0,
+              "file's discard counts: %" PRIu64 " ok, %" PRIu64 " bytes",
+              ds.discard_nb_ok, ds.discard_bytes_ok);
+        vd_close(&n, NULL);
+    }
+}
+
 /* ---- null-co ---- */
 
 static void test_null(void)
@@ -912,6 +983,7 @@ int main(void)
     test_open_errors();
     test_direct();
     test_probed_guard();
+    test_driver_queries();
     test_null();
     test_locking();
     test_threads();

@@ -1,10 +1,11 @@
 /*
  * Unit test for option sets and size parsing (src/core/opts.c).
  *
- * Part one drives the public vd_opts_* calls and the internal takers of
- * core/opts.h: parsing with ",," escapes and an implied key, malformed
- * strings, replacement, cloning, prefix extraction, and the typed takers
- * with their "Parameter 'KEY' expects ..." messages.
+ * Part one drives the public vd_opts_* calls and the internal
+ * vd_opts_extract_prefix() of core/opts.h: parsing with ",," escapes and
+ * an implied key, malformed strings, replacement, cloning, prefix
+ * extraction, and the typed takers with their "Parameter 'KEY' expects
+ * ..." messages.
  *
  * Part two checks vd_parse_size twice: against a short table of what the
  * header promises (suffixes, fractions, rejection of junk, -ERANGE from
