@@ -5,7 +5,7 @@
  * header rewriting and the dirty/corrupt bits, cache sizing from the
  * options, open/close, the request callbacks (thin wrappers over
  * cluster.c), truncate, info, and finally create and the creation option
- * table. Validation follows /work/shared/specs/qcow2.txt ("Header",
+ * table. Validation follows ../shared/specs/qcow2.txt ("Header",
  * "Header extensions") and QEMU 7.2's limits; every failure names the
  * file and the offending value and writes nothing.
  */

@@ -12,10 +12,14 @@
  *               zero clusters and discard
  *   check.c     consistency check and repair        (second engineer)
  *   compress.c  compressed cluster (de)compression  (second engineer)
+ *   validate.c  validation of what a metadata change relies on, before
+ *               its first write (docs/qcow2.md "Damaged images")
+ *   bitmap.c    the bitmaps extension, validated as QEMU 7.2 loads it
+ *   overlap.c, amend.c, measure.c, snapshot.c (see each file's head)
  *
  * This header holds the on-disk structures (big endian on disk; we convert
  * only at load and store), the constants and flag bits of
- * /work/shared/specs/qcow2.txt, the driver state and the prototypes of
+ * ../shared/specs/qcow2.txt, the driver state and the prototypes of
  * the internal functions. Names here are stable: other files build on them.
  *
  * Locking: qcow2_state.lock protects every mutable field of the state

@@ -1,5 +1,5 @@
 /*
- * qcow2 internal snapshots (/work/shared/specs/qcow2.txt "Snapshots"),
+ * qcow2 internal snapshots (../shared/specs/qcow2.txt "Snapshots"),
  * with QEMU 7.2's on-disk behaviour.
  *
  * The file is organised bottom-up: parsing and validating the snapshot
