@@ -1961,6 +1961,16 @@ static bool valid_cache_mode(const char *mode)
     return false;
 }
 
+/* qemu-io opens every image with BDRV_O_UNMAP: discards and zero writes
+ * with -u may free clusters and punch holes, unless -d says otherwise. */
+static int set_default_discard(vd_opts *opts)
+{
+    if (vd_opts_get(opts, "discard")) {
+        return 0;
+    }
+    return vd_opts_set(opts, "discard", "unmap");
+}
+
 /* Opens @name into io.node; prints qemu-io's message on failure. */
 static int open_image(const char *name, const open_args *a)
 {
@@ -2024,7 +2034,10 @@ static int open_image(const char *name, const open_args *a)
             }
             vd_opts_free(&opts);
             opts = rest;
-            ret = vd_open(&io.node, copy, NULL, opts, flags, &err);
+            ret = set_default_discard(opts);
+            if (ret == 0) {
+                ret = vd_open(&io.node, copy, NULL, opts, flags, &err);
+            }
             free(copy);
             if (ret < 0) {
                 goto fail;
@@ -2032,7 +2045,10 @@ static int open_image(const char *name, const open_args *a)
             goto out;
         }
     }
-    ret = vd_open(&io.node, filename, format, opts, flags, &err);
+    ret = set_default_discard(opts);
+    if (ret == 0) {
+        ret = vd_open(&io.node, filename, format, opts, flags, &err);
+    }
     if (ret < 0) {
         goto fail;
     }

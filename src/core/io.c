@@ -649,6 +649,35 @@ static int write_zero_buffer(vd_node *n, uint64_t off, uint64_t bytes,
     return 0;
 }
 
+/*
+ * One piece of a zero write: the driver's callback where the piece keeps
+ * the request alignment (the vtable's contract), else, or when the
+ * driver answers -ENOTSUP, a zero buffer. QEMU's generic layer does the
+ * same, piece by piece.
+ */
+static int zero_piece(vd_node *n, uint64_t off, uint64_t len, unsigned flags,
+                      vd_error *err)
+{
+    uint32_t ra = n->bl.request_alignment;
+    if (n->drv->pwrite_zeroes && off % ra == 0 && len % ra == 0) {
+        contract_range(n, off, len);
+        int r = n->drv->pwrite_zeroes(n, off, len, flags & ~VD_REQ_FUA, err);
+        if (r != -ENOTSUP)
+            return r;
+    }
+    if (flags & VD_REQ_NO_FALLBACK)
+        return -ENOTSUP;
+    return write_zero_buffer(n, off, len, flags & ~VD_REQ_FUA, err);
+}
+
+/*
+ * Cut as QEMU's bdrv_co_do_pwrite_zeroes() cuts: a head up to the first
+ * boundary of the zeroing granule (pwrite_zeroes_alignment), the bulk in
+ * whole granules and at most max_transfer at a time, and a tail; a
+ * driver may thus see a piece smaller than its granule, never one that
+ * crosses a granule boundary, and decides itself what to do with it
+ * (qcow2 makes it a zero cluster when the rest already reads as zeros).
+ */
 static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
                             unsigned flags, vd_error *err)
 {
@@ -659,38 +688,26 @@ static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     uint32_t a = n->bl.request_alignment;
     if (n->bl.pwrite_zeroes_alignment > a)
         a = n->bl.pwrite_zeroes_alignment;
-    uint64_t head_end = align_up(off, a), tail_start = align_down(off + bytes, a);
-    if (!n->drv->pwrite_zeroes || head_end >= tail_start) {
-        if (flags & VD_REQ_NO_FALLBACK)
-            return -ENOTSUP;
-        return write_zero_buffer(n, off, bytes, flags, err);
-    }
-    int r = 0;
-    if (head_end > off && !(flags & VD_REQ_NO_FALLBACK))
-        r = write_zero_buffer(n, off, head_end - off, flags, err);
-    else if (head_end > off)
-        return -ENOTSUP;
-    /* Pieces of at most max_transfer, as for every callback (the vtable's
-     * contract), in whole zeroing granules. */
     uint64_t piece = align_down(max_transfer(n), a);
     if (piece == 0)
         piece = a;
-    uint64_t pos = head_end;
-    while (r == 0 && pos < tail_start) {
-        uint64_t len = tail_start - pos;
+    uint64_t end = off + bytes;
+    int r = 0;
+    while (r == 0 && off < end) {
+        uint64_t len;
+        if (off % a) {
+            len = a - off % a;
+        } else if (end - off > a && end % a) {
+            len = align_down(end, a) - off;
+        } else {
+            len = end - off;
+        }
+        if (len > end - off)
+            len = end - off;
         if (len > piece)
             len = piece;
-        contract_range(n, pos, len);
-        r = n->drv->pwrite_zeroes(n, pos, len, flags & ~VD_REQ_FUA, err);
-        if (r == -ENOTSUP && !(flags & VD_REQ_NO_FALLBACK))
-            r = write_zero_buffer(n, pos, len, flags & ~VD_REQ_FUA, err);
-        pos += len;
-    }
-    if (r == 0 && tail_start < off + bytes) {
-        if (flags & VD_REQ_NO_FALLBACK)
-            return -ENOTSUP;
-        r = write_zero_buffer(n, tail_start, off + bytes - tail_start, flags,
-                              err);
+        r = zero_piece(n, off, len, flags, err);
+        off += len;
     }
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
