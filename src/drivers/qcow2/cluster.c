@@ -1576,6 +1576,53 @@ int qcow2_co_block_status(qcow2_state *s, bool want_zero, uint64_t off,
 
 /* ---- preallocation ---- */
 
+/* Zeroes what does not read as zeros in [off, off+len) of @node: holes
+ * (block status) are skipped, data is read and only non-zero chunks are
+ * rewritten (a new file's first block holds zeros written by its
+ * creation, as QEMU's file-posix writes them). */
+static int zero_unless_zero(vd_node *node, uint64_t off, uint64_t len,
+                            vd_error *err)
+{
+    const uint64_t chunk = 1u << 20;
+    uint8_t *buf = NULL;
+    int ret = 0;
+
+    while (ret == 0 && len > 0) {
+        uint64_t n = 0, map = 0;
+        vd_node *file = NULL;
+        int st = vd_node_block_status(node, true, off, len, &n, &map, &file,
+                                      err);
+        if (st < 0) {
+            ret = st;
+            break;
+        }
+        if (n == 0 || n > len) {
+            n = len;
+        }
+        for (uint64_t pos = 0; !(st & VD_BLOCK_ZERO) && pos < n;
+             pos += chunk) {
+            uint64_t m = n - pos < chunk ? n - pos : chunk;
+            if (!buf && !(buf = malloc(chunk))) {
+                ret = vd_error_set(err, -ENOMEM, "out of memory");
+                break;
+            }
+            vd_iov v;
+            vd_iov_init_buf(&v, buf, m);
+            ret = vd_node_preadv(node, off + pos, m, &v, 0, err);
+            if (ret == 0 && !vd_buffer_is_zero(buf, m)) {
+                ret = vd_node_pwrite_zeroes(node, off + pos, m, 0, err);
+            }
+            if (ret < 0) {
+                break;
+            }
+        }
+        off += n;
+        len -= n;
+    }
+    free(buf);
+    return ret;
+}
+
 int qcow2_preallocate(qcow2_state *s, uint64_t off, uint64_t bytes,
                       vd_prealloc mode, vd_error *err)
 {
@@ -1622,16 +1669,19 @@ int qcow2_preallocate(qcow2_state *s, uint64_t off, uint64_t bytes,
             }
         }
         {
-            /* Reused clusters below the end of the file hold old data;
-             * preallocated clusters must read as zeros. */
+            /* Reused clusters below the end of the file may hold old
+             * data, and preallocated clusters must read as zeros (QEMU
+             * leaves whatever is there). Only what does not read as
+             * zeros already is zeroed: a new data file, all holes, is
+             * left unallocated, as QEMU leaves it. */
             int64_t flen = vd_node_getlength(s->data_file->node);
             uint64_t zend = (uint64_t)h + n * cs;
             if (flen > h) {
                 if ((uint64_t)flen < zend) {
                     zend = (uint64_t)flen;
                 }
-                ret = vd_node_pwrite_zeroes(s->data_file->node, (uint64_t)h,
-                                            zend - (uint64_t)h, 0, err);
+                ret = zero_unless_zero(s->data_file->node, (uint64_t)h,
+                                       zend - (uint64_t)h, err);
                 if (ret < 0) {
                     break;
                 }

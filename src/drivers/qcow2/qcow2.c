@@ -1382,6 +1382,14 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
         }
         ret = qcow2_flush_caches(s, err);
         if (ret == 0) {
+            /* Refcount blocks that count nothing any more go too (after
+             * the L2 and L1 changes above are on disk). */
+            ret = qcow2_shrink_reftable(s, err);
+        }
+        if (ret == 0) {
+            ret = qcow2_flush_caches(s, err);
+        }
+        if (ret == 0) {
             ret = write_size(s, size, err);
         }
         qcow2_process_discards(s);

@@ -631,6 +631,12 @@ int qcow2_free_any_cluster(qcow2_state *s, uint64_t l2_entry,
  * that freed them are on disk) and empties the queue. Lock held. */
 void qcow2_process_discards(qcow2_state *s);
 
+/* After a shrink (caches flushed): drops from the refcount table every
+ * refcount block that counts nothing but, possibly, itself, writes the
+ * table (synchronously) and then gives the blocks' clusters back, as
+ * QEMU's qcow2_shrink_reftable(). Lock held. */
+int qcow2_shrink_reftable(qcow2_state *s, vd_error *err);
+
 /* ------------------------------------------------------------------ */
 /* cluster.c                                                          */
 /* ------------------------------------------------------------------ */
