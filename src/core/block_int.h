@@ -144,6 +144,12 @@ struct vd_node {
     /* Cached length: set after open from drv->getlength, raised by writes
      * past the end, reset by truncate. Read with vd_node_getlength(). */
     _Atomic int64_t total_size;
+    /* Writes, zero writes, discards and truncates that reached the node,
+     * and that count when its last flush began: a protocol node with no
+     * write since its last completed flush skips the next one, as QEMU's
+     * write_gen/flushed_gen. */
+    _Atomic uint64_t write_gen;
+    _Atomic uint64_t flushed_gen;
     atomic_int refcnt;
 
     /* Draining: requests increment in_flight; vd_node_drain_begin()

@@ -605,6 +605,7 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
                     off % a || bytes % a);
     /* FUA is done generically: write, then flush this node. */
     r = do_pwritev(n, off, bytes, qiov, flags & ~VD_REQ_FUA, err);
+    atomic_fetch_add(&n->write_gen, 1);
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
     if (tracked)
@@ -731,6 +732,7 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
         track_begin(n, &req, align_down(off, n->bl.request_alignment),
                     align_up(off + bytes, n->bl.request_alignment), false);
     r = do_pwrite_zeroes(n, off, bytes, flags, err);
+    atomic_fetch_add(&n->write_gen, 1);
     if (tracked)
         track_end(n, &req);
     if (r == 0)
@@ -777,6 +779,7 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
             pos += len;
         }
     }
+    atomic_fetch_add(&n->write_gen, 1);
     if (r == -ENOTSUP || r == -EOPNOTSUPP)
         r = 0;
     account(&n->stats.unmap_operations, &n->stats.unmap_bytes,
@@ -796,8 +799,17 @@ int vd_node_flush(vd_node *n, vd_error *err)
     uint64_t t0 = now_ns();
     int r = 0;
     bool is_protocol = !n->file && !n->children;
-    if (n->drv->flush && !(is_protocol && (n->flags & VD_NODE_NO_FLUSH)))
+    /* A format writes its caches back on every flush; a protocol node
+     * that nothing reached since its last flush has nothing to make
+     * stable (QEMU skips bdrv_co_flush_to_disk() then). */
+    uint64_t gen = atomic_load(&n->write_gen);
+    bool clean = is_protocol && gen == atomic_load(&n->flushed_gen);
+    if (n->drv->flush && !clean &&
+        !(is_protocol && (n->flags & VD_NODE_NO_FLUSH))) {
         r = n->drv->flush(n, err);
+        if (r == 0 && is_protocol)
+            atomic_store(&n->flushed_gen, gen);
+    }
     for (vd_child *c = n->children; c && r == 0; c = c->next)
         r = vd_node_flush(c->node, err);
     account(&n->stats.flush_operations, NULL,
@@ -856,6 +868,7 @@ int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
                             "support resizing", n->filename, n->drv->name);
     }
     r = n->drv->truncate(n, size, exact, prealloc, err);
+    atomic_fetch_add(&n->write_gen, 1);
     if (r == 0)
         vd_node_refresh_length(n);
     return r;

@@ -518,6 +518,11 @@ static void inflight_remove(qcow2_state *s, qcow2_inflight *f)
     pthread_cond_broadcast(&s->alloc_cond);
 }
 
+/* With lazy refcounts an allocating write sets the dirty bit (once per
+ * session) before its L2 entries may reach the disk ahead of their
+ * refcounts; only allocating writes do, as QEMU's
+ * qcow2_alloc_cluster_link_l2() (zero writes, discards and compressed
+ * writes keep refcounts accurate on a clean image). */
 static int mark_dirty_if_lazy(qcow2_state *s, vd_error *err)
 {
     if (s->lazy_refcounts && !s->dirty_marked) {
@@ -972,7 +977,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         inflight_remove(s, &inflight);
         goto out_unlock;
     }
-    if (!s->lazy_refcounts) {
+    if (qcow2_need_accurate_refcounts(s)) {
         ret = qcow2_cache_set_dependency(s, s->l2_cache, s->refcount_cache,
                                          err);
         if (ret < 0) {
@@ -1122,9 +1127,6 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
         ret = qcow2_begin_change(s, err);
     }
     if (ret == 0) {
-        ret = mark_dirty_if_lazy(s, err);
-    }
-    if (ret == 0) {
         ret = qcow2_get_l2_table(s, off, true, &table, &l2_index, err);
     }
     if (ret < 0) {
@@ -1153,7 +1155,7 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
     if (ret == 0) {
         ret = qcow2_get_l2_table(s, off, true, &table, &l2_index, err);
     }
-    if (ret == 0 && !s->lazy_refcounts) {
+    if (ret == 0 && qcow2_need_accurate_refcounts(s)) {
         ret = qcow2_cache_set_dependency(s, s->l2_cache, s->refcount_cache,
                                          err);
     }
@@ -1321,7 +1323,7 @@ static int zero_or_discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
 
 /* Before zeroing or discarding guest [off, off+bytes): the structures and
  * every L2 table and cluster the range frees are validated, then the
- * change begins (deferred header, dirty bit). Lock held. */
+ * change begins (deferred header). Lock held. */
 static int begin_range_change(qcow2_state *s, uint64_t off, uint64_t bytes,
                               vd_error *err)
 {
@@ -1332,9 +1334,6 @@ static int begin_range_change(qcow2_state *s, uint64_t off, uint64_t bytes,
     }
     if (ret == 0) {
         ret = qcow2_begin_change(s, err);
-    }
-    if (ret == 0) {
-        ret = mark_dirty_if_lazy(s, err);
     }
     return ret;
 }

@@ -83,13 +83,15 @@ int qcow2_mark_dirty(qcow2_state *s, vd_error *err)
     return ret;
 }
 
+static int flush_all_caches(qcow2_state *s, vd_error *err);
+
 int qcow2_mark_clean(qcow2_state *s, vd_error *err)
 {
     int ret;
     if (!(s->incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
         return 0;
     }
-    ret = qcow2_flush_caches(s, err);
+    ret = flush_all_caches(s, err);
     if (ret == 0) {
         ret = write_incompat(s, s->incompatible_features & ~QCOW2_INCOMPAT_DIRTY,
                              err);
@@ -113,8 +115,22 @@ int qcow2_mark_corrupt(qcow2_state *s, vd_error *err)
 int qcow2_write_caches(qcow2_state *s, vd_error *err)
 {
     int ret = qcow2_cache_write(s, s->l2_cache, err);
+    if (ret == 0 && qcow2_need_accurate_refcounts(s)) {
+        ret = qcow2_cache_write(s, s->refcount_cache, err);
+    }
+    return ret;
+}
+
+/* Every cache, refcounts included even while the dirty bit is set, and
+ * a flush of the file: what close and mark_clean need on disk. */
+static int flush_all_caches(qcow2_state *s, vd_error *err)
+{
+    int ret = qcow2_cache_write(s, s->l2_cache, err);
     if (ret == 0) {
         ret = qcow2_cache_write(s, s->refcount_cache, err);
+    }
+    if (ret == 0) {
+        ret = vd_node_flush(s->file->node, err);
     }
     return ret;
 }
@@ -1170,7 +1186,7 @@ static void qcow2_close(vd_node *node)
     }
     if (!node->read_only) {
         pthread_mutex_lock(&s->lock);
-        if (qcow2_flush_caches(s, NULL) == 0 && s->dirty_marked &&
+        if (flush_all_caches(s, NULL) == 0 && s->dirty_marked &&
             !s->corrupt) {
             qcow2_mark_clean(s, NULL);
         }

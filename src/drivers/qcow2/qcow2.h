@@ -534,8 +534,18 @@ int qcow2_signal_corruption(qcow2_state *s, vd_error *err, const char *fmt,
                             ...) __attribute__((format(printf, 3, 4),
                                                 nonnull(3)));
 
+/* Whether refcounts on disk must follow every change (QEMU's
+ * qcow2_need_accurate_refcounts()): not while the dirty bit is set, when
+ * lazy refcounts let the next open repair them. Lock held. */
+static inline bool qcow2_need_accurate_refcounts(const qcow2_state *s)
+{
+    return !(s->incompatible_features & QCOW2_INCOMPAT_DIRTY);
+}
+
 /* Writes all dirty metadata (L2 cache, then refcount cache in dependency
- * order) without flushing the file. Lock held. */
+ * order) without flushing the file; while the dirty bit is set only the
+ * L2 cache (refcount blocks wait for eviction, close or mark_clean), as
+ * QEMU's qcow2_write_caches(). Lock held. */
 int qcow2_write_caches(qcow2_state *s, vd_error *err);
 /* qcow2_write_caches() + flush of the file child. Lock held. */
 int qcow2_flush_caches(qcow2_state *s, vd_error *err);
