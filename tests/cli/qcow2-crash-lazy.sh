@@ -25,22 +25,14 @@ for opts in lazy_refcounts=on,cluster_size=4k \
     crash_gen "$seed" "$CYCLES" >cmds
     crash_load_args cmds
 
-    rm -f img.qcow2
-    "$VDISK" create -q -f qcow2 -o "$opts" img.qcow2 "$CRASH_IMG_SIZE"
-    "$VDISK" io --image-opts "${ARGS[@]}" \
-        "driver=qcow2,file.driver=blkdebug,file.filename=img.qcow2,file.stats=on" \
-        >out 2>&1
-    writes=$(sed -n 's/^blkdebug: \([0-9]*\) writes.*/\1/p' out)
+    # Count the writes the workload makes to the file.
+    writes=$(crash_count_writes "$opts")
     [ -n "$writes" ] && [ "$writes" -gt 10 ] || fail "no write count from blkdebug"
 
     step=$(( (writes + 7) / 8 ))
     for ((n = 1; n <= writes; n += step)); do
         mode=${modes[n % 3]}
-        rm -f img.qcow2
-        "$VDISK" create -q -f qcow2 -o "$opts" img.qcow2 "$CRASH_IMG_SIZE"
-        "$VDISK" io --image-opts "${ARGS[@]}" \
-            "driver=qcow2,file.driver=blkdebug,file.filename=img.qcow2,file.crash-write=$n,file.crash-action=fail,file.crash-unflushed=$mode,file.crash-seed=$n" \
-            >out 2>&1 || true
+        crash_at "$opts" $n $mode
         [ "$(dirty img.qcow2)" = True ] && dirty_seen=$((dirty_seen + 1))
 
         for how in qemu-check vdisk-check vdisk-open; do
