@@ -625,6 +625,19 @@ VD_API int vd_discard(vd_node *node, uint64_t len, uint64_t offset,
 /** Writes every cache of the node and its children to stable storage. */
 VD_API int vd_flush(vd_node *node, vd_error *err);
 
+/**
+ * Copies [@src_off, +@len) of @src to @dst_off of @dst with copy
+ * offloading (qemu-img convert -C): the request goes down both graphs
+ * to the files, which copy with copy_file_range(2), and the formats on
+ * the way allocate and map as a write would. Both ranges must lie
+ * inside their nodes and @dst must be writable. Returns 0, -ENOTSUP
+ * when some node on the way cannot offload (the caller then reads and
+ * writes; nothing was written), or another negative errno on failure
+ * (part of the range may have been copied). Thread-safe.
+ */
+VD_API int vd_copy_range(vd_node *src, uint64_t src_off, vd_node *dst,
+                         uint64_t dst_off, uint64_t len, vd_error *err);
+
 /* Block status flags (the bits of vd_extent.flags). */
 #define VD_BLOCK_DATA         (1u << 0) /* reads come from stored data */
 #define VD_BLOCK_ZERO         (1u << 1) /* reads return zeros */

@@ -170,6 +170,10 @@ struct vd_node {
     vd_node *free_next;        /* in the closing thread's list (node.c) */
 };
 
+/* Internal request flag of copy offloading: the range reads as zeros
+ * in the source, so the destination gets a zero write instead. */
+#define VD_REQ_ZERO_WRITE (1u << 16)
+
 /*
  * The driver vtable. Every callback is optional unless marked REQUIRED.
  *
@@ -196,6 +200,9 @@ struct vd_driver {
     bool supports_backing;      /* may hold a backing file */
     bool supports_compressed;   /* pwritev accepts VD_REQ_COMPRESSED */
     const vd_create_option *create_opts; /* NULL-terminated, or NULL */
+    /* Another name QEMU gives the primary child's options ("image" for
+     * blkdebug): used instead of "file" when the options use it. */
+    const char *file_alias;
 
     /* What the layers above would otherwise have to guess from the name
      * (vd_get_info(), the probing in node.c): */
@@ -251,6 +258,24 @@ struct vd_driver {
     /* Writes the driver's own caches down to its children. The core then
      * flushes the children. Protocol drivers sync to disk here. */
     int (*flush)(vd_node *node, vd_error *err);
+
+    /*
+     * Copy offloading (QEMU's copy_range_from/copy_range_to): @bytes are
+     * copied from @src at @soff to @dst at @doff without passing through
+     * the caller's buffers. The core calls copy_range_from on the source
+     * (@node == @src), which passes the request down to where its data
+     * lives and ends in copy_range_to on the destination (@node ==
+     * @dst), which allocates and passes it down in turn; the protocol at
+     * the bottom copies (copy_file_range). VD_REQ_ZERO_WRITE in @flags:
+     * the source range reads as zeros, write zeros instead. -ENOTSUP:
+     * not possible here, the caller reads and writes. Absent: -ENOTSUP.
+     */
+    int (*copy_range_from)(vd_node *node, uint64_t soff, vd_node *dst,
+                           uint64_t doff, uint64_t bytes, unsigned flags,
+                           vd_error *err);
+    int (*copy_range_to)(vd_node *node, vd_node *src, uint64_t soff,
+                         uint64_t doff, uint64_t bytes, unsigned flags,
+                         vd_error *err);
 
     /* Status of [off, off+bytes): returns VD_BLOCK_* flags (>= 0) and
      * sets *pnum (1 <= *pnum <= bytes) to the length with that status.
@@ -483,6 +508,14 @@ int vd_node_block_status(vd_node *node, bool want_zero, uint64_t off,
 /* Block status looking down the backing chain from @top until @base
  * (exclusive, NULL = whole chain). *depth is the layer that holds the
  * extent (or the chain length when none does). */
+/* Copy offloading between nodes (the vtable's copy_range_from and
+ * copy_range_to): -ENOTSUP where a node on the way cannot. */
+int vd_node_copy_range_from(vd_node *src, uint64_t soff, vd_node *dst,
+                            uint64_t doff, uint64_t bytes, unsigned flags,
+                            vd_error *err);
+int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
+                          uint64_t doff, uint64_t bytes, unsigned flags,
+                          vd_error *err);
 int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
                                uint64_t off, uint64_t bytes, uint64_t *pnum,
                                uint64_t *map, vd_node **file, int *depth,

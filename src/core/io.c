@@ -789,6 +789,66 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
     return r;
 }
 
+/* ---- copy offloading ---- */
+
+/* Both ranges keep both nodes' request alignment: a protocol copies
+ * whole blocks or not at all. */
+static bool copy_aligned(vd_node *src, uint64_t soff, vd_node *dst,
+                         uint64_t doff, uint64_t bytes)
+{
+    uint32_t a = src->bl.request_alignment, b = dst->bl.request_alignment;
+    return soff % a == 0 && bytes % a == 0 && doff % b == 0 && bytes % b == 0;
+}
+
+int vd_node_copy_range_from(vd_node *src, uint64_t soff, vd_node *dst,
+                            uint64_t doff, uint64_t bytes, unsigned flags,
+                            vd_error *err)
+{
+    if (bytes == 0)
+        return 0;
+    /* QEMU writes zeros for a source range that reads as zeros before
+     * it looks at the source at all. */
+    if (flags & VD_REQ_ZERO_WRITE)
+        return vd_node_pwrite_zeroes(dst, doff, bytes, 0, err);
+    if (!src->drv->copy_range_from || !copy_aligned(src, soff, dst, doff,
+                                                    bytes))
+        return -ENOTSUP;
+    inflight_inc(src);
+    int r = src->drv->copy_range_from(src, soff, dst, doff, bytes, flags,
+                                      err);
+    inflight_dec(src);
+    return r;
+}
+
+int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
+                          uint64_t doff, uint64_t bytes, unsigned flags,
+                          vd_error *err)
+{
+    if (bytes == 0)
+        return 0;
+    if (flags & VD_REQ_ZERO_WRITE)
+        return vd_node_pwrite_zeroes(dst, doff, bytes, 0, err);
+    int r = check_writable(dst, err);
+    if (r < 0)
+        return r;
+    if (!dst->drv->copy_range_to || !copy_aligned(src, soff, dst, doff,
+                                                  bytes))
+        return -ENOTSUP;
+    inflight_inc(dst);
+    uint64_t t0 = now_ns();
+    r = dst->drv->copy_range_to(dst, src, soff, doff, bytes, flags, err);
+    if (r != -ENOTSUP) {
+        atomic_fetch_add(&dst->write_gen, 1);
+        if (r == 0)
+            raise_length(dst, doff + bytes);
+        account(&dst->stats.wr_operations, &dst->stats.wr_bytes,
+                &dst->stats.failed_wr_operations,
+                &dst->stats.wr_total_time_ns, r, bytes, t0);
+    }
+    inflight_dec(dst);
+    return r;
+}
+
 /* ---- flush ---- */
 
 int vd_node_flush(vd_node *n, vd_error *err)
@@ -1241,6 +1301,28 @@ VD_API int vd_discard(vd_node *node, uint64_t len, uint64_t offset,
     request_begin(node);
     int r = top_discard(node, len, offset, err);
     request_end(node);
+    return r;
+}
+
+VD_API int vd_copy_range(vd_node *src, uint64_t src_off, vd_node *dst,
+                         uint64_t dst_off, uint64_t len, vd_error *err)
+{
+    request_begin(src);
+    if (dst != src)
+        request_begin(dst);
+    int r = check_request(src, src_off, len, err);
+    if (r == 0)
+        r = check_request(dst, dst_off, len, err);
+    if (r == 0)
+        r = check_write_perm(dst, err);
+    if (r == 0 && (dst->detect_zeroes || dst->writethrough ||
+                   (dst->flags & VD_NODE_COPY_ON_READ)))
+        r = -ENOTSUP;   /* what the top of a graph adds to writes */
+    if (r == 0)
+        r = vd_node_copy_range_from(src, src_off, dst, dst_off, len, 0, err);
+    if (dst != src)
+        request_end(dst);
+    request_end(src);
     return r;
 }
 

@@ -615,7 +615,22 @@ static int node_open_one(vd_node **out, const char *filename,
         drv = protocol_for_filename(filename);
 
     vd_node *file = NULL;
-    char *file_ref = vd_opts_take(opts, "file");
+    /* The primary child's options: "file", or the driver's other name
+     * for it when the options use that one. */
+    const char *fkey = "file";
+    if (drv && drv->file_alias) {
+        size_t alen = strlen(drv->file_alias);
+        for (size_t i = 0; i < vd_opts_count(opts); i++) {
+            const char *k, *v;
+            vd_opts_nth(opts, i, &k, &v);
+            if (!strncmp(k, drv->file_alias, alen) &&
+                (k[alen] == 0 || k[alen] == '.'))
+                fkey = drv->file_alias;
+        }
+    }
+    char fprefix[64];
+    snprintf(fprefix, sizeof(fprefix), "%s.", fkey);
+    char *file_ref = vd_opts_take(opts, fkey);
     if (file_ref && (!drv || drv->is_format || drv->is_filter)) {
         /* "file=NODE": an existing node becomes the protocol child. */
         file = vd_find_node(file_ref);
@@ -643,7 +658,7 @@ static int node_open_one(vd_node **out, const char *filename,
     free(file_ref);
     if (!file && (!drv || drv->is_format || drv->is_filter)) {
         /* The protocol child: "file.*" options or the filename. */
-        vd_opts *fopts = vd_opts_extract_prefix(opts, "file.");
+        vd_opts *fopts = vd_opts_extract_prefix(opts, fprefix);
         if (!fopts) {
             r = vd_error_set(err, -ENOMEM, "Out of memory");
             goto fail_early;

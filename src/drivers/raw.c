@@ -416,6 +416,38 @@ static void raw_child_perm(vd_node *node, const vd_child *c, unsigned perm,
     *nperm |= perm & (VD_PERM_WRITE | VD_PERM_RESIZE);
 }
 
+/* Copy offloading passes through the window; sector 0 of a probed
+ * image is guarded, so a copy there is done by writes (-ENOTSUP). */
+static int raw_copy_range_from(vd_node *node, uint64_t soff, vd_node *dst,
+                               uint64_t doff, uint64_t bytes, unsigned flags,
+                               vd_error *err)
+{
+    int ret = raw_adjust(node, &soff, bytes, false, err);
+
+    if (ret < 0) {
+        return ret;
+    }
+    return vd_node_copy_range_from(node->file->node, soff, dst, doff, bytes,
+                                   flags, err);
+}
+
+static int raw_copy_range_to(vd_node *node, vd_node *src, uint64_t soff,
+                             uint64_t doff, uint64_t bytes, unsigned flags,
+                             vd_error *err)
+{
+    int ret;
+
+    if (node->probed_raw && doff < RAW_PROBE_SIZE) {
+        return -ENOTSUP;
+    }
+    ret = raw_adjust(node, &doff, bytes, true, err);
+    if (ret < 0) {
+        return ret;
+    }
+    return vd_node_copy_range_to(src, soff, node->file->node, doff, bytes,
+                                 flags, err);
+}
+
 const vd_driver vd_driver_raw = {
     .child_perm = raw_child_perm,
     .measure = raw_measure,
@@ -432,6 +464,8 @@ const vd_driver vd_driver_raw = {
     .pwritev = raw_pwritev,
     .pwrite_zeroes = raw_pwrite_zeroes,
     .pdiscard = raw_pdiscard,
+    .copy_range_from = raw_copy_range_from,
+    .copy_range_to = raw_copy_range_to,
     .block_status = raw_block_status,
     .getlength = raw_getlength,
     .truncate = raw_truncate,

@@ -700,8 +700,38 @@ static bool cow_reads_zero(qcow2_state *s, uint64_t a0, uint64_t a1,
  * QEMU's qcow2_alloc_host_offset() keeps a request's clusters
  * contiguous; the step leaves its own end there.
  */
+/* Where a write's guest data comes from: @qiov (from byte @qoff), or,
+ * for copy offloading, node @copy_from at @copy_off (+ the same @qoff). */
+typedef struct write_src {
+    vd_iov *qiov;
+    vd_node *copy_from;
+    uint64_t copy_off;
+} write_src;
+
+/* Writes @len bytes of the data of @src (from its byte @qoff) to host
+ * @host of the data file. */
+static int write_data(qcow2_state *s, const write_src *src, size_t qoff,
+                      uint64_t host, uint64_t len, unsigned flags,
+                      vd_error *err)
+{
+    vd_iov slice;
+    int ret;
+
+    if (src->copy_from) {
+        return vd_node_copy_range_to(src->copy_from, src->copy_off + qoff,
+                                     s->data_file->node, host, len, 0, err);
+    }
+    ret = vd_iov_init_slice(&slice, src->qiov, qoff, len);
+    if (ret == 0) {
+        ret = vd_child_pwritev(s->data_file, host, len, &slice,
+                               flags & VD_REQ_FUA, err);
+        vd_iov_destroy(&slice);
+    }
+    return ret;
+}
+
 static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
-                      vd_iov *qiov, size_t qoff, unsigned flags,
+                      const write_src *src, size_t qoff, unsigned flags,
                       uint64_t *hint, uint64_t *done, vd_error *err)
 {
     uint64_t cs = s->cluster_size;
@@ -767,12 +797,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         if (ret < 0) {
             return ret;
         }
-        ret = vd_iov_init_slice(&wv, qiov, qoff, covered);
-        if (ret == 0) {
-            ret = vd_child_pwritev(s->data_file, host, covered, &wv,
-                                   flags & VD_REQ_FUA, err);
-            vd_iov_destroy(&wv);
-        }
+        ret = write_data(s, src, qoff, host, covered, flags, err);
         *hint = ((off + covered) & (cs - 1)) ? 0 : host + covered;
         *done = covered;
         return ret;
@@ -911,7 +936,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
     /* QEMU's handle_alloc_space(): when the copy-on-write areas read as
      * zeros, the whole range is zeroed in the file efficiently (no data
      * crosses the bus) and only the guest data is written. */
-    if ((cow_start < off || cow_end > off + covered) &&
+    if (!src->copy_from && (cow_start < off || cow_end > off + covered) &&
         cow_reads_zero(s, cow_start, off, off + covered, cow_end)) {
         vd_error zerr = VD_ERROR_INIT;
         uint64_t zoff = host_base + (cow_start - (first_cluster <<
@@ -937,13 +962,28 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
             ret = vd_iov_add(&wv, head, off - cow_start);
         }
     }
-    if (ret == 0) {
+    if (ret == 0 && !src->copy_from) {
         vd_iov slice;
-        ret = vd_iov_init_slice(&slice, qiov, qoff, covered);
+        ret = vd_iov_init_slice(&slice, src->qiov, qoff, covered);
         for (int i = 0; ret == 0 && i < slice.niov; i++) {
             ret = vd_iov_add(&wv, slice.iov[i].iov_base, slice.iov[i].iov_len);
         }
         vd_iov_destroy(&slice);
+    }
+    if (ret == 0 && src->copy_from) {
+        /* The copy-on-write head first, then the offloaded copy; the
+         * tail below. */
+        uint64_t c0 = first_cluster << s->cluster_bits;
+        if (wv.size) {
+            ret = vd_child_pwritev(s->data_file, host_base + (cow_start - c0),
+                                   wv.size, &wv, 0, err);
+        }
+        if (ret == 0) {
+            ret = write_data(s, src, qoff, host_base + (off - c0), covered,
+                             flags, err);
+        }
+        vd_iov_destroy(&wv);
+        vd_iov_init(&wv);
     }
     if (ret == 0 && !skip_cow && cow_end > off + covered) {
         uint64_t tl = cow_end - (off + covered);
@@ -953,9 +993,11 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
             ret = vd_iov_add(&wv, tail, tl);
         }
     }
-    if (ret == 0) {
-        uint64_t host = host_base + ((skip_cow ? off : cow_start) -
-                                     (first_cluster << s->cluster_bits));
+    if (ret == 0 && wv.size) {
+        uint64_t c0 = first_cluster << s->cluster_bits;
+        uint64_t host = host_base +
+                        (src->copy_from ? off + covered - c0 :
+                         (skip_cow ? off : cow_start) - c0);
         ret = vd_child_pwritev(s->data_file, host, wv.size, &wv,
                                flags & VD_REQ_FUA, err);
     }
@@ -1032,6 +1074,27 @@ out_unlock:
     return ret;
 }
 
+/* A whole write, step by step (each step at most one L2 table). */
+static int write_all(qcow2_state *s, uint64_t off, uint64_t bytes,
+                     const write_src *src, unsigned flags, vd_error *err)
+{
+    uint64_t hint = 0;
+    size_t qoff = 0;
+
+    while (bytes > 0) {
+        uint64_t done = 0;
+        int ret = write_step(s, off, bytes, src, qoff, flags, &hint, &done,
+                             err);
+        if (ret < 0) {
+            return ret;
+        }
+        off += done;
+        qoff += done;
+        bytes -= done;
+    }
+    return 0;
+}
+
 int qcow2_co_pwritev(qcow2_state *s, uint64_t off, uint64_t bytes,
                      vd_iov *qiov, unsigned flags, vd_error *err)
 {
@@ -1060,17 +1123,76 @@ int qcow2_co_pwritev(qcow2_state *s, uint64_t off, uint64_t bytes,
         }
         return 0;
     }
-    uint64_t hint = 0;
+    return write_all(s, off, bytes, &(write_src){ .qiov = qiov }, flags,
+                     err);
+}
+
+int qcow2_co_copy_range_to(qcow2_state *s, vd_node *src, uint64_t soff,
+                           uint64_t doff, uint64_t bytes, vd_error *err)
+{
+    return write_all(s, doff, bytes,
+                     &(write_src){ .copy_from = src, .copy_off = soff }, 0,
+                     err);
+}
+
+/*
+ * QEMU's qcow2_co_copy_range_from(): each piece of the range goes to
+ * where its data lives (the data file, or the backing file where it is
+ * unallocated), becomes a zero write where it reads as zeros, and a
+ * compressed cluster cannot be offloaded (-ENOTSUP).
+ */
+int qcow2_co_copy_range_from(qcow2_state *s, uint64_t soff, vd_node *dst,
+                             uint64_t doff, uint64_t bytes, vd_error *err)
+{
     while (bytes > 0) {
-        uint64_t done = 0;
-        int ret = write_step(s, off, bytes, qiov, qoff, flags, &hint, &done,
-                             err);
+        uint64_t cur = bytes, host = 0, copy_off = soff;
+        qcow2_subcluster_type t;
+        vd_node *child = NULL;
+        unsigned flags = 0;
+        int ret;
+
+        pthread_mutex_lock(&s->lock);
+        ret = qcow2_get_host_offset(s, soff, &cur, &host, &t, err);
+        pthread_mutex_unlock(&s->lock);
         if (ret < 0) {
             return ret;
         }
-        off += done;
-        qoff += done;
-        bytes -= done;
+        switch (t) {
+        case QCOW2_SC_UNALLOCATED_PLAIN:
+        case QCOW2_SC_UNALLOCATED_ALLOC:
+            if (s->node->backing) {
+                int64_t blen = vd_node_getlength(s->node->backing->node);
+                if (blen >= 0 && soff >= (uint64_t)blen) {
+                    flags = VD_REQ_ZERO_WRITE;
+                } else {
+                    child = s->node->backing->node;
+                    if (blen >= 0 && cur > (uint64_t)blen - soff) {
+                        cur = (uint64_t)blen - soff;
+                    }
+                }
+            } else {
+                flags = VD_REQ_ZERO_WRITE;
+            }
+            break;
+        case QCOW2_SC_ZERO_PLAIN:
+        case QCOW2_SC_ZERO_ALLOC:
+            flags = VD_REQ_ZERO_WRITE;
+            break;
+        case QCOW2_SC_NORMAL:
+            child = s->data_file->node;
+            copy_off = host;
+            break;
+        default:
+            return -ENOTSUP;
+        }
+        ret = vd_node_copy_range_from(child, copy_off, dst, doff, cur, flags,
+                                      err);
+        if (ret < 0) {
+            return ret;
+        }
+        soff += cur;
+        doff += cur;
+        bytes -= cur;
     }
     return 0;
 }

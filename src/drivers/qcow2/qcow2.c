@@ -1242,6 +1242,29 @@ static int qcow2_pdiscard_cb(vd_node *node, uint64_t off, uint64_t bytes,
     return qcow2_co_pdiscard(s, off, bytes, err);
 }
 
+static int qcow2_copy_range_from_cb(vd_node *node, uint64_t soff,
+                                    vd_node *dst, uint64_t doff,
+                                    uint64_t bytes, unsigned flags,
+                                    vd_error *err)
+{
+    (void)flags;
+    return qcow2_co_copy_range_from(node->opaque, soff, dst, doff, bytes,
+                                    err);
+}
+
+static int qcow2_copy_range_to_cb(vd_node *node, vd_node *src, uint64_t soff,
+                                  uint64_t doff, uint64_t bytes,
+                                  unsigned flags, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    (void)flags;
+    if (s->corrupt) {
+        return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
+                            s->filename);
+    }
+    return qcow2_co_copy_range_to(s, src, soff, doff, bytes, err);
+}
+
 static int qcow2_flush_cb(vd_node *node, vd_error *err)
 {
     qcow2_state *s = node->opaque;
@@ -2134,6 +2157,8 @@ const vd_driver vd_driver_qcow2 = {
     .pwritev = qcow2_pwritev_cb,
     .pwrite_zeroes = qcow2_pwrite_zeroes_cb,
     .pdiscard = qcow2_pdiscard_cb,
+    .copy_range_from = qcow2_copy_range_from_cb,
+    .copy_range_to = qcow2_copy_range_to_cb,
     .flush = qcow2_flush_cb,
     .block_status = qcow2_block_status_cb,
     .getlength = qcow2_getlength,

@@ -679,6 +679,14 @@ int qcow2_co_preadv(qcow2_state *s, uint64_t off, uint64_t bytes,
                     vd_iov *qiov, size_t qiov_off, vd_error *err);
 int qcow2_co_pwritev(qcow2_state *s, uint64_t off, uint64_t bytes,
                      vd_iov *qiov, unsigned flags, vd_error *err);
+/* Copy offloading (QEMU's qcow2_co_copy_range_from/_to): the source
+ * side passes each piece down to where its data lives; the destination
+ * side allocates and maps as a write does and copies into the data
+ * file. -ENOTSUP where a piece cannot be offloaded. */
+int qcow2_co_copy_range_from(qcow2_state *s, uint64_t soff, vd_node *dst,
+                             uint64_t doff, uint64_t bytes, vd_error *err);
+int qcow2_co_copy_range_to(qcow2_state *s, vd_node *src, uint64_t soff,
+                           uint64_t doff, uint64_t bytes, vd_error *err);
 int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
                            unsigned flags, vd_error *err);
 int qcow2_co_pdiscard(qcow2_state *s, uint64_t off, uint64_t bytes,
