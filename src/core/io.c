@@ -800,22 +800,39 @@ static bool copy_aligned(vd_node *src, uint64_t soff, vd_node *dst,
     return soff % a == 0 && bytes % a == 0 && doff % b == 0 && bytes % b == 0;
 }
 
+/* What both directions settle first: nothing to copy, a source range
+ * that reads as zeros (QEMU writes zeros then, before it looks at the
+ * source at all), a node that cannot copy. Returns 1 to go on, else the
+ * result. */
+static int copy_start(bool to, vd_node *src, uint64_t soff, vd_node *dst,
+                      uint64_t doff, uint64_t bytes, unsigned flags,
+                      vd_error *err)
+{
+    if (bytes == 0)
+        return 0;
+    if (flags & VD_REQ_ZERO_WRITE)
+        return vd_node_pwrite_zeroes(dst, doff, bytes, 0, err);
+    if (to) {
+        int r = check_writable(dst, err);
+        if (r < 0)
+            return r;
+    }
+    if (!(to ? dst->drv->copy_range_to != NULL
+             : src->drv->copy_range_from != NULL) ||
+        !copy_aligned(src, soff, dst, doff, bytes))
+        return -ENOTSUP;
+    return 1;
+}
+
 int vd_node_copy_range_from(vd_node *src, uint64_t soff, vd_node *dst,
                             uint64_t doff, uint64_t bytes, unsigned flags,
                             vd_error *err)
 {
-    if (bytes == 0)
-        return 0;
-    /* QEMU writes zeros for a source range that reads as zeros before
-     * it looks at the source at all. */
-    if (flags & VD_REQ_ZERO_WRITE)
-        return vd_node_pwrite_zeroes(dst, doff, bytes, 0, err);
-    if (!src->drv->copy_range_from || !copy_aligned(src, soff, dst, doff,
-                                                    bytes))
-        return -ENOTSUP;
+    int r = copy_start(false, src, soff, dst, doff, bytes, flags, err);
+    if (r <= 0)
+        return r;
     inflight_inc(src);
-    int r = src->drv->copy_range_from(src, soff, dst, doff, bytes, flags,
-                                      err);
+    r = src->drv->copy_range_from(src, soff, dst, doff, bytes, flags, err);
     inflight_dec(src);
     return r;
 }
@@ -824,16 +841,9 @@ int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
                           uint64_t doff, uint64_t bytes, unsigned flags,
                           vd_error *err)
 {
-    if (bytes == 0)
-        return 0;
-    if (flags & VD_REQ_ZERO_WRITE)
-        return vd_node_pwrite_zeroes(dst, doff, bytes, 0, err);
-    int r = check_writable(dst, err);
-    if (r < 0)
+    int r = copy_start(true, src, soff, dst, doff, bytes, flags, err);
+    if (r <= 0)
         return r;
-    if (!dst->drv->copy_range_to || !copy_aligned(src, soff, dst, doff,
-                                                  bytes))
-        return -ENOTSUP;
     inflight_inc(dst);
     uint64_t t0 = now_ns();
     r = dst->drv->copy_range_to(dst, src, soff, doff, bytes, flags, err);
