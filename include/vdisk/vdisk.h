@@ -751,9 +751,13 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
 #define VD_DRIVER_CREATE     (1u << 6) /* creates images (vd_create()) */
 #define VD_DRIVER_AMEND      (1u << 7) /* changes creation options of an
                                           existing image (vd_amend()) */
+#define VD_DRIVER_QEMU_NAME  (1u << 8) /* QEMU 7.2 has a driver of that
+                                          name (host_device, nbd, ...),
+                                          whether vdisk has it or not */
 
-/** The VD_DRIVER_* bits of the driver named @name; 0 for an unknown
- * name. Static answers: they do not depend on any image. */
+/** The VD_DRIVER_* bits of the driver named @name (only
+ * VD_DRIVER_QEMU_NAME for a QEMU driver vdisk does not have); 0 for an
+ * unknown name. Static answers: they do not depend on any image. */
 VD_API unsigned vd_driver_features(const char *name);
 
 /** What an image of some format would need on the host (qemu-img

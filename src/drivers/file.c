@@ -1282,27 +1282,65 @@ static int file_get_driver_stats(vd_node *node, vd_driver_stats *out)
     return 0;
 }
 
+/* Everything but the name and open: the file driver, and host_device
+ * and host_cdrom (QEMU's names for the same code on devices). */
+#define FILE_DRIVER_COMMON \
+    .instance_size = sizeof(file_state), \
+    .create_opts = file_create_opts, \
+    .info_self = true,      /* qemu's file-posix answers bdrv_get_info() */ \
+    .get_driver_stats = file_get_driver_stats, \
+    .close = file_close, \
+    .create = file_create, \
+    .preadv = file_preadv, \
+    .pwritev = file_pwritev, \
+    .pwrite_zeroes = file_pwrite_zeroes, \
+    .pdiscard = file_pdiscard, \
+    .copy_range_from = file_copy_range_from, \
+    .copy_range_to = file_copy_range_to, \
+    .flush = file_flush, \
+    .block_status = file_block_status, \
+    .getlength = file_getlength, \
+    .get_allocated_size = file_get_allocated_size, \
+    .truncate = file_truncate, \
+    .check_perm = file_check_perm, \
+    .set_perm = file_set_perm, \
+    .abort_perm = file_abort_perm
+
 const vd_driver vd_driver_file = {
     .name = "file",
-    .instance_size = sizeof(file_state),
-    .create_opts = file_create_opts,
-    .info_self = true,      /* qemu's file-posix answers bdrv_get_info() */
-    .get_driver_stats = file_get_driver_stats,
     .open = file_open,
-    .close = file_close,
-    .create = file_create,
-    .preadv = file_preadv,
-    .pwritev = file_pwritev,
-    .pwrite_zeroes = file_pwrite_zeroes,
-    .pdiscard = file_pdiscard,
-    .copy_range_from = file_copy_range_from,
-    .copy_range_to = file_copy_range_to,
-    .flush = file_flush,
-    .block_status = file_block_status,
-    .getlength = file_getlength,
-    .get_allocated_size = file_get_allocated_size,
-    .truncate = file_truncate,
-    .check_perm = file_check_perm,
-    .set_perm = file_set_perm,
-    .abort_perm = file_abort_perm,
+    FILE_DRIVER_COMMON,
+};
+
+/* host_device and host_cdrom open only devices, with QEMU's words for
+ * anything else (a safe rebase -F host_device onto a regular file). */
+static int device_open(vd_node *node, vd_opts *opts, unsigned flags,
+                       vd_error *err)
+{
+    const char *name = node->filename;
+    struct stat st;
+
+    if (name && !strncmp(name, node->drv->name, strlen(node->drv->name)) &&
+        name[strlen(node->drv->name)] == ':') {
+        name += strlen(node->drv->name) + 1;
+    }
+    if (name && stat(name, &st) == 0 && !S_ISBLK(st.st_mode) &&
+        !S_ISCHR(st.st_mode)) {
+        return vd_error_set(err, -EINVAL, "'%s' driver requires '%s' to be "
+                            "either a character or block device",
+                            node->drv->name, node->filename);
+    }
+    return file_open(node, opts, flags, err);
+}
+
+const vd_driver vd_driver_host_device = {
+    .name = "host_device",
+    .open = device_open,
+    FILE_DRIVER_COMMON,
+};
+
+const vd_driver vd_driver_host_cdrom = {
+    .name = "host_cdrom",
+    .open = device_open,
+    FILE_DRIVER_COMMON,
 };
