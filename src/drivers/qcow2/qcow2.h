@@ -729,6 +729,10 @@ typedef struct qcow2_snapshot {
 /* Parses and validates the snapshot table named by nb_snapshots and
  * snapshots_offset (file of @file_len bytes). At open. */
 int qcow2_read_snapshots(qcow2_state *s, uint64_t file_len, vd_error *err);
+/* Writes the loaded table anew (every entry with the 24 bytes of v3
+ * extra data), points the header at it and frees the old one, as QEMU's
+ * qcow2_write_snapshots(). Lock held. */
+int qcow2_rewrite_snapshot_table(qcow2_state *s, vd_error *err);
 /* Reads the L1 table of @size entries at @offset into a new host-endian
  * array of max(@size, @alloc) entries (the rest zeroed). */
 int qcow2_read_l1_table(qcow2_state *s, uint64_t offset, uint32_t size,

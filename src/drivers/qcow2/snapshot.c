@@ -398,6 +398,16 @@ static int write_snapshots(qcow2_state *s, vd_error *err)
     return 0;
 }
 
+int qcow2_rewrite_snapshot_table(qcow2_state *s, vd_error *err)
+{
+    int ret = write_snapshots(s, err);
+
+    if (ret == 0) {
+        qcow2_overlap_snapshots_changed(s);
+    }
+    return ret;
+}
+
 /* ---- repair --------------------------------------------------------- */
 
 int qcow2_snapshot_table_repair(qcow2_state *s, uint64_t offset, uint32_t nb,
