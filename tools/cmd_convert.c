@@ -915,22 +915,17 @@ int cmd_convert(int argc, char **argv)
         if (!copts) {
             goto out;
         }
-        if (options && vd_opts_parse(copts, options, NULL, &err) < 0) {
+        /* Names and value syntax as qemu-img's QemuOpts parser checks
+         * them, with its messages (no file name). */
+        if ((options && vd_opts_parse(copts, options, NULL, &err) < 0) ||
+            vd_check_create_opts(out_fmt, copts, &err) < 0) {
             cli_error("%s", err.message);
+            if (strstr(err.message, "non-negative number")) {
+                fprintf(stderr, "Optional suffix k, M, G, T, P or E means "
+                        "kilo-, mega-, giga-, tera-, peta-\nand exabytes, "
+                        "respectively.\n");
+            }
             goto out;
-        }
-        for (size_t i = 0; i < vd_opts_count(copts); i++) {
-            const char *key, *val;
-            bool known = false;
-
-            vd_opts_nth(copts, i, &key, &val);
-            for (const vd_create_option *o = list; o->name; o++) {
-                known |= strcmp(o->name, key) == 0;
-            }
-            if (!known) {
-                cli_error("Invalid parameter '%s'", key);
-                goto out;
-            }
         }
         snprintf(size, sizeof(size), "%" PRIu64, s.total);
         vd_opts_set(copts, "size", size);

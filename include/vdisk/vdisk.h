@@ -720,6 +720,17 @@ typedef struct vd_create_option {
 VD_API const vd_create_option *vd_create_options(const char *format);
 
 /**
+ * Checks creation options as qemu-img's QemuOpts parser does before a
+ * driver sees them: every name must be one of vd_create_options(@format)
+ * ("Invalid parameter 'x'") and every value must read as its type
+ * ("Parameter 'x' expects 'on' or 'off'", "... expects a non-negative
+ * number below 2^64", "Value 'v' is out of range for parameter 'x'"
+ * past 2^64 - 1), in the order given. Returns 0 or -EINVAL.
+ */
+VD_API int vd_check_create_opts(const char *format, const vd_opts *opts,
+                                vd_error *err);
+
+/**
  * Whether vdisk can open images of @format. 0: it can. -ENOTSUP: @format
  * is an image format QEMU knows and vdisk recognises when probing but
  * cannot open yet (vmdk, vdi, vhdx, vpc, qed, qcow, luks, parallels, dmg,

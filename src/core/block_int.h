@@ -508,6 +508,17 @@ int vd_node_block_status(vd_node *node, bool want_zero, uint64_t off,
 /* Block status looking down the backing chain from @top until @base
  * (exclusive, NULL = whole chain). *depth is the layer that holds the
  * extent (or the chain length when none does). */
+/*
+ * The backing format a creation names, where a driver's QAPI options put
+ * it: qemu's backing-fmt is the BlockdevDriver enum, so any other name
+ * is refused ("Parameter 'backing-fmt' does not accept value 'x'"), and
+ * a driver that must open the backing file for its size (@has_size
+ * false) needs the format to be one vdisk has, or it would probe.
+ */
+int vd_create_check_backing_fmt(const char *filename, const char *bfile,
+                                const char *bfmt, bool has_size,
+                                vd_error *err);
+
 /* Copy offloading between nodes (the vtable's copy_range_from and
  * copy_range_to): -ENOTSUP where a node on the way cannot. */
 int vd_node_copy_range_from(vd_node *src, uint64_t soff, vd_node *dst,

@@ -374,9 +374,8 @@ static int raw_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
         }
         size = (uint64_t)len;
     } else {
-        int r = v ? vd_parse_size(v, &size) : 0;
-        /* qemu's texts: junk, or past the limit (2^63 here, 2^64 in
-         * qemu's parser). */
+        int r = v ? vd_parse_size_u64(v, &size) : 0;
+        /* qemu's texts: junk, or past 2^64 - 1 (QemuOpts' range). */
         if (r == -ERANGE) {
             vd_error_set(err, -EINVAL, "Value '%s' is out of range for "
                          "parameter 'size'", v);
@@ -388,7 +387,8 @@ static int raw_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
                                 "non-negative number below 2^64");
         }
         free(v);
-        size = (size + 511) / 512 * 512;
+        /* Rounded up in 64 bits, as QEMU's ROUND_UP() (2^64 - 1 wraps). */
+        size = (size + 511) & ~511ull;
     }
     out->required = size;
     out->fully_allocated = size;

@@ -513,9 +513,19 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
             return vd_error_set(err, -EINVAL, "Invalid parameter '%s'", k);
         }
         if (!strcmp(k, "size")) {
-            if (vd_parse_size(v, &new_size) < 0) {
+            int r = vd_parse_size_u64(v, &new_size);
+            if (r == -ERANGE) {
+                return vd_error_set(err, -EINVAL, "Value '%s' is out of "
+                                    "range for parameter 'size'", v);
+            } else if (r < 0) {
                 return vd_error_set(err, -EINVAL, "Parameter 'size' expects a "
                                     "non-negative number below 2^64");
+            }
+            if (new_size > INT64_MAX) {
+                /* qemu-img finds this when it resizes, after the other
+                 * changes; refused here before any. */
+                return vd_error_set(err, -EINVAL, "Image size cannot be "
+                                    "negative");
             }
         } else if (!strcmp(k, "lazy_refcounts") ||
                    !strcmp(k, "data_file_raw")) {
