@@ -844,6 +844,10 @@ typedef struct vd_image_info {
     char *format_specific_json;
     vd_snapshot_info *snapshots;
     size_t nb_snapshots;
+    /* Where the format keeps the VM state of a live snapshot, in the
+     * guest address space (qemu-io's "vm state offset"); 0 when it has
+     * none. Added in 0.1: only the library allocates this struct. */
+    uint64_t vm_state_offset;
 } vd_image_info;
 
 /** Fills @*out with a newly allocated description of @node. */

@@ -1547,6 +1547,8 @@ static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
     int n;
 
     info->cluster_size = s->cluster_size;
+    /* The VM state lives right after the guest-visible L1 range. */
+    info->vm_state_offset = qcow2_vm_state_offset(s);
     info->has_dirty_flag = true;
     info->dirty_flag = (s->incompatible_features & QCOW2_INCOMPAT_DIRTY) != 0;
     info->encrypted = s->crypt_method != 0;

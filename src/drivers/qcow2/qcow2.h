@@ -729,6 +729,9 @@ typedef struct qcow2_snapshot {
 /* Parses and validates the snapshot table named by nb_snapshots and
  * snapshots_offset (file of @file_len bytes). At open. */
 int qcow2_read_snapshots(qcow2_state *s, uint64_t file_len, vd_error *err);
+/* Guest offset of the VM state: the first L1 index past the disk, in
+ * bytes (QEMU's qcow2_vm_state_offset()). */
+uint64_t qcow2_vm_state_offset(const qcow2_state *s);
 /* Writes the loaded table anew (every entry with the 24 bytes of v3
  * extra data), points the header at it and frees the old one, as QEMU's
  * qcow2_write_snapshots(). Lock held. */
