@@ -708,16 +708,26 @@ typedef struct vd_create_option {
     const char *name;
     const char *type;    /* "size", "bool", "number", "string" */
     const char *help;
-    const char *def;     /* default shown by -o help, or NULL */
+    const char *def;     /* QEMU's default value, which qemu-img create's
+                            "Formatting ..." line shows for an option not
+                            given, or NULL */
 } vd_create_option;
 
 /**
  * Returns the creation options of @format (its own followed by its
- * protocol's), terminated by an entry with name == NULL, or NULL for an
+ * protocol's, in QEMU's order: that of the "Formatting ..." line of
+ * qemu-img create), terminated by an entry with name == NULL, or NULL for an
  * unknown format or one vdisk cannot open (see vd_format_check()).
  * Static data.
  */
 VD_API const vd_create_option *vd_create_options(const char *format);
+
+/**
+ * Returns the options vd_amend() takes for @format, in the driver's
+ * order, terminated by an entry with name == NULL, or NULL when the
+ * format cannot be amended. Static data.
+ */
+VD_API const vd_create_option *vd_amend_options(const char *format);
 
 /**
  * Checks creation options as qemu-img's QemuOpts parser does before a

@@ -200,6 +200,9 @@ struct vd_driver {
     bool supports_backing;      /* may hold a backing file */
     bool supports_compressed;   /* pwritev accepts VD_REQ_COMPRESSED */
     const vd_create_option *create_opts; /* NULL-terminated, or NULL */
+    /* What amend takes (qemu-img amend -o help), NULL-terminated, or
+     * NULL for a driver without amend. */
+    const vd_create_option *amend_opts;
     /* Another name QEMU gives the primary child's options ("image" for
      * blkdebug): used instead of "file" when the options use it. */
     const char *file_alias;

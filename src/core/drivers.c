@@ -153,6 +153,12 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
             fn(driver_table[k]->name, opaque);
 }
 
+VD_API const vd_create_option *vd_amend_options(const char *format)
+{
+    const vd_driver *drv = vd_find_driver(format);
+    return drv && drv->open && drv->amend ? drv->amend_opts : NULL;
+}
+
 /* Merged option lists (format's own, then its protocol's), built once. */
 static pthread_mutex_t merged_lock = PTHREAD_MUTEX_INITIALIZER;
 static vd_create_option *merged[N_DRIVERS];

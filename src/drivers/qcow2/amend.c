@@ -466,18 +466,10 @@ static int downgrade(qcow2_state *s, const qcow2_snapshot *sn, vd_error *err)
 /* Entry point                                                        */
 /* ------------------------------------------------------------------ */
 
-/* The amend options in QEMU's order (qcow2_amend_opts). */
-static const char *const amend_keys[] = {
-    "encrypt.state", "encrypt.keyslot", "encrypt.old-secret",
-    "encrypt.new-secret", "encrypt.iter-time", "size", "compat",
-    "backing_file", "backing_fmt", "data_file", "data_file_raw",
-    "lazy_refcounts", "refcount_bits", NULL,
-};
-
-static bool in_list(const char *const *list, const char *key)
+static bool is_amend_option(const char *key)
 {
-    for (; *list; list++) {
-        if (!strcmp(*list, key)) {
+    for (const vd_create_option *o = qcow2_amend_opts; o->name; o++) {
+        if (!strcmp(o->name, key)) {
             return true;
         }
     }
@@ -508,7 +500,7 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
     for (size_t i = 0; i < vd_opts_count(opts); i++) {
         const char *k, *v;
         vd_opts_nth(opts, i, &k, &v);
-        if (!in_list(amend_keys, k)) {
+        if (!is_amend_option(k)) {
             /* (create_only names get a hint from the caller) */
             return vd_error_set(err, -EINVAL, "Invalid parameter '%s'", k);
         }
@@ -544,7 +536,8 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
         }
     }
     /* Semantics, in the order QEMU walks its option list. */
-    for (const char *const *k = amend_keys; *k; k++) {
+    for (const vd_create_option *o = qcow2_amend_opts; o->name; o++) {
+        const char *const *k = &o->name;
         const char *v = vd_opts_get(opts, *k);
         if (!v) {
             continue;

@@ -1590,18 +1590,47 @@ static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
 /* Create                                                             */
 /* ------------------------------------------------------------------ */
 
+/* The options creation and amend share, in QEMU's order (its
+ * QCOW_COMMON_OPTIONS): one description for qemu-img create's listing
+ * and Formatting line and for amend's listing. */
+#define QCOW2_COMMON_OPTIONS \
+    { "size", "size", "Virtual disk size", NULL }, \
+    { "compat", "string", "Compatibility level (v2 [0.10] or v3 [1.1])", \
+      NULL }, \
+    { "backing_file", "string", "File name of a base image", NULL }, \
+    { "backing_fmt", "string", "Image format of the base image", NULL }, \
+    { "data_file", "string", "File name of an external data file", NULL }, \
+    { "data_file_raw", "bool", \
+      "The external data file must stay valid as a raw image", NULL }, \
+    { "lazy_refcounts", "bool", "Postpone refcount updates", "off" }, \
+    { "refcount_bits", "number", "Width of a reference count entry in bits", \
+      "16" }
+
+/* In the order of QEMU's qcow2_amend_opts (amend walks them in this
+ * order; qemu-img amend -o help lists them by name). */
+const vd_create_option qcow2_amend_opts[] = {
+    { "encrypt.state", "string",
+      "Select new state of affected keyslots (active/inactive)", NULL },
+    { "encrypt.keyslot", "number",
+      "Select a single keyslot to modify explicitly", NULL },
+    { "encrypt.old-secret", "string",
+      "Select all keyslots that match this password", NULL },
+    { "encrypt.new-secret", "string",
+      "New secret to set in the matching keyslots. Empty string to erase",
+      NULL },
+    { "encrypt.iter-time", "number",
+      "Time to spend in PBKDF in milliseconds", NULL },
+    QCOW2_COMMON_OPTIONS,
+    { NULL, NULL, NULL, NULL },
+};
+
+/* In the order of QEMU's qcow2_create_opts, which is the order of qemu-img
+ * create's "Formatting ..." line; @def is QEMU's def_value_str, the value
+ * that line shows for an option not given (-o help lists by name). */
 static const vd_create_option qcow2_create_opts[] = {
-    { "size", "size", "Virtual disk size", NULL },
-    { "compat", "string", "Compatibility level (v2 [0.10] or v3 [1.1])",
-      "1.1" },
-    { "backing_file", "string", "File name of a base image", NULL },
-    { "backing_fmt", "string", "Image format of the base image", NULL },
-    { "data_file", "string", "File name of an external data file", NULL },
-    { "data_file_raw", "bool",
-      "The external data file must stay valid as a raw image", "off" },
     { "encryption", "bool",
       "Encrypt the image with format 'aes'. (Deprecated in favor of "
-      "encrypt.format=aes)", "off" },
+      "encrypt.format=aes)", NULL },
     { "encrypt.format", "string",
       "Encrypt the image, format choices: 'aes', 'luks'", NULL },
     { "encrypt.key-secret", "string",
@@ -1618,15 +1647,13 @@ static const vd_create_option qcow2_create_opts[] = {
     { "encrypt.iter-time", "number",
       "Time to spend in PBKDF in milliseconds", NULL },
     { "cluster_size", "size", "qcow2 cluster size", "65536" },
+    { "extended_l2", "bool", "Extended L2 tables", "off" },
     { "preallocation", "string",
       "Preallocation mode (allowed values: off, metadata, falloc, full)",
-      "off" },
-    { "lazy_refcounts", "bool", "Postpone refcount updates", "off" },
-    { "refcount_bits", "number", "Width of a reference count entry in bits",
-      "16" },
+      NULL },
     { "compression_type", "string",
       "Compression method used for image cluster compression", "zlib" },
-    { "extended_l2", "bool", "Extended L2 tables", "off" },
+    QCOW2_COMMON_OPTIONS,
     { NULL, NULL, NULL, NULL },
 };
 
@@ -2196,6 +2223,7 @@ const vd_driver vd_driver_qcow2 = {
     .supports_backing = true,
     .supports_compressed = true,
     .create_opts = qcow2_create_opts,
+    .amend_opts = qcow2_amend_opts,
     .probe = qcow2_probe,
     .open = qcow2_open,
     .close = qcow2_close,

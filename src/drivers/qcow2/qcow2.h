@@ -512,6 +512,8 @@ void qcow2_refblock_set(const qcow2_state *s, void *block, uint64_t index,
 /* ------------------------------------------------------------------ */
 
 extern const vd_driver vd_driver_qcow2;
+/* The amend options, in QEMU's order (amend.c walks them). */
+extern const vd_create_option qcow2_amend_opts[];
 
 /* Rewrites the header cluster from the state (header fields, extensions,
  * feature table, backing file name). Lock held or node drained. */
