@@ -188,7 +188,7 @@ int cmd_amend(int argc, char **argv)
                     "mega-, giga-, tera-, peta-\nand exabytes, "
                     "respectively.\n");
         } else if (!strcmp(msg, "Cannot amend the backing file")) {
-            fprintf(stderr, "You can use 'vdisk rebase' instead.\n");
+            fprintf(stderr, "You can use '%s rebase' instead.\n", cli_prog);
         }
         goto out;
     }

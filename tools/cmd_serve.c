@@ -70,6 +70,7 @@ static const char *const daemon_opt_names[D_KINDS] = {
 
 static const struct option serve_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "version", no_argument, NULL, 'V' },
     { "socket", required_argument, NULL, 'k' },
     { "bind", required_argument, NULL, 'b' },
     { "port", required_argument, NULL, 'p' },
@@ -100,8 +101,103 @@ static const struct option serve_long[] = {
     { NULL, 0, NULL, 0 },
 };
 
+/* qemu-nbd's --help, in its layout, with the options this tool takes. */
+static void nbd_usage(void)
+{
+    printf(
+"Usage: qemu-nbd [OPTIONS] FILE\n"
+"QEMU Disk Network Block Device Utility\n"
+"\n"
+"  -h, --help                display this help and exit\n"
+"  -V, --version             output version information and exit\n"
+"\n"
+"Connection properties:\n"
+"  -p, --port=PORT           port to listen on (default `%s')\n"
+"  -b, --bind=IFACE          interface to bind to (default `0.0.0.0')\n"
+"  -k, --socket=PATH         path to the unix socket\n"
+"  -e, --shared=NUM          device can be shared by NUM clients (default '1')\n"
+"  -t, --persistent          don't exit on the last connection\n"
+"  -x, --export-name=NAME    expose export by name (default is empty string)\n"
+"  -D, --description=TEXT    export a human-readable description\n"
+"\n"
+"General purpose options:\n"
+"  --object type,id=ID,...   define an object such as 'secret' for providing\n"
+"                            passwords and/or encryption keys\n"
+"  --tls-creds=ID            use id of an earlier --object to provide TLS\n"
+"  --fork                    fork off the server process and exit the parent\n"
+"                            once the server is running\n"
+"  --pid-file=PATH           store the server's process ID in the given file\n"
+"\n"
+"Block device options:\n"
+"  -f, --format=FORMAT       set image format (raw, qcow2, ...)\n"
+"  -r, --read-only           export read-only\n"
+"  -l, --load-snapshot=SNAPSHOT_PARAM\n"
+"                            load an internal snapshot inside FILE and export it\n"
+"                            as an read-only device, SNAPSHOT_PARAM format is\n"
+"                            'snapshot.id=[ID],snapshot.name=[NAME]', or\n"
+"                            '[ID_OR_NAME]'\n"
+"  -n, --nocache             disable host cache\n"
+"      --cache=MODE          set cache mode used to access the disk image, the\n"
+"                            valid options are: 'none', 'writeback' (default),\n"
+"                            'writethrough', 'directsync' and 'unsafe'\n"
+"      --aio=MODE            set AIO mode (native, io_uring or threads)\n"
+"      --discard=MODE        set discard mode (ignore, unmap)\n"
+"      --detect-zeroes=MODE  set detect-zeroes mode (off, on, unmap)\n",
+           SERVE_DEFAULT_PORT);
+}
+
+/* qemu-storage-daemon's --help, likewise. */
+static void daemon_usage(void)
+{
+    printf(
+"Usage: qemu-storage-daemon [options]\n"
+"QEMU storage daemon\n"
+"\n"
+"  -h, --help             display this help and exit\n"
+"  -V, --version          output version information and exit\n"
+"\n"
+"  --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]\n"
+"             [,cache.direct=on|off][,cache.no-flush=on|off]\n"
+"             [,read-only=on|off][,auto-read-only=on|off]\n"
+"             [,force-share=on|off][,detect-zeroes=on|off|unmap]\n"
+"             [,driver specific parameters...]\n"
+"                         configure a block backend\n"
+"\n"
+"  --chardev socket,id=<id>,path=<path>,server=on,wait=off\n"
+"                         configure a character device backend\n"
+"\n"
+"  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]\n"
+"           [,writable=on|off]\n"
+"                         export the specified block node over NBD\n"
+"                         (requires --nbd-server)\n"
+"\n"
+"  --monitor [chardev=]name\n"
+"                         configure a QMP monitor\n"
+"\n"
+"  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>\n"
+"               [,tls-creds=<id>][,max-connections=<n>]\n"
+"  --nbd-server addr.type=unix,addr.path=<path>\n"
+"               [,tls-creds=<id>][,max-connections=<n>]\n"
+"                         start an NBD server for exporting block nodes\n"
+"\n"
+"  --object tls-creds-x509,id=<id>,endpoint=server,dir=<dir>\n"
+"           [,verify-peer=on|off]\n"
+"  --object tls-creds-psk,id=<id>,endpoint=server,dir=<dir>\n"
+"                         create a new object of the given type\n"
+"\n"
+"  --pidfile <path>       write process ID to a file after startup\n");
+}
+
 static void serve_usage(void)
 {
+    if (cli_as == CLI_QEMU_NBD) {
+        nbd_usage();
+        return;
+    }
+    if (cli_as == CLI_QEMU_STORAGE_DAEMON) {
+        daemon_usage();
+        return;
+    }
     printf(
 "Usage: vdisk serve [OPTIONS] FILE [FILE...]\n"
 "       vdisk serve --blockdev ... [--nbd-server ...] [--export ...]\n"
@@ -147,6 +243,43 @@ static void serve_usage(void)
 "  -h, --help               this help\n", SERVE_WORKERS);
 }
 
+/*
+ * The options each program takes: qemu-nbd has no daemon options,
+ * qemu-storage-daemon only those (and --object, --pidfile); `vdisk
+ * serve` takes both sets and its own --qmp and --workers.
+ */
+static bool serve_opt_allowed(int c, const char *long_name)
+{
+    bool daemon_opt = c >= SERVE_OPT_BLOCKDEV && c <= SERVE_OPT_QMP;
+    bool pidfile = long_name && strcmp(long_name, "pidfile") == 0;
+
+    switch (cli_as) {
+    case CLI_QEMU_NBD:
+        return !daemon_opt && c != SERVE_OPT_WORKERS && !pidfile;
+    case CLI_QEMU_STORAGE_DAEMON:
+        return (daemon_opt && c != SERVE_OPT_QMP) || c == 'h' || c == 'V' ||
+               c == SERVE_OPT_OBJECT || pidfile;
+    default:
+        return true;
+    }
+}
+
+/* After a bad option: the program's pointer to its --help. */
+static void serve_help_hint(void)
+{
+    switch (cli_as) {
+    case CLI_QEMU_NBD:
+        cli_error("Try `qemu-nbd --help' for more information.");
+        break;
+    case CLI_QEMU_STORAGE_DAEMON:
+        break;      /* qemu-storage-daemon says nothing more */
+    default:
+        fprintf(stderr, "Try '%s --help' for more information.\n",
+                cli_prog);
+        break;
+    }
+}
+
 static vd_nbd_server *the_server;
 
 static void on_signal(int sig)
@@ -176,14 +309,14 @@ static int write_pidfile(const char *path)
     FILE *f = fopen(path, "w");
 
     if (!f) {
-        fprintf(stderr, "vdisk serve: cannot write pid file '%s': %s\n",
-                path, strerror(errno));
+        cli_error("cannot write pid file '%s': %s",
+                  path, strerror(errno));
         return -1;
     }
     fprintf(f, "%ld\n", (long)getpid());
     if (fclose(f) != 0) {
-        fprintf(stderr, "vdisk serve: cannot write pid file '%s': %s\n",
-                path, strerror(errno));
+        cli_error("cannot write pid file '%s': %s",
+                  path, strerror(errno));
         return -1;
     }
     return 0;
@@ -203,6 +336,11 @@ static void wait_for_child(int rfd)
 
 /* ---- the daemon form ---- */
 
+static void daemon_report(const char *msg)
+{
+    cli_error("%s", msg);
+}
+
 static qmp_daemon *the_daemon;
 
 static void on_daemon_signal(int sig)
@@ -214,7 +352,8 @@ static void on_daemon_signal(int sig)
 }
 
 /* Runs QMP command @cmd with the option value @str (a JSON object or
- * key=value list). Returns 0 or -1 after printing the error. */
+ * key=value list). Returns 0 or -1 after printing the error, which names
+ * the option as qemu-storage-daemon does ("--blockdev VALUE: ..."). */
 static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
                         const char *str, json_object *(*fix)(json_object *))
 {
@@ -224,7 +363,7 @@ static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
     json_object *ret;
 
     if (!args) {
-        fprintf(stderr, "vdisk serve: %s: %s\n", opt, err.message);
+        cli_error("%s %s: %s", opt, str, err.message);
         return -1;
     }
     if (fix) {
@@ -233,7 +372,7 @@ static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
     ret = qmp_daemon_execute(d, cmd, args, str[0] != '{', &e);
     json_object_put(args);
     if (!ret) {
-        fprintf(stderr, "vdisk serve: %s: %s\n", opt, e.desc);
+        cli_error("%s %s: %s", opt, str, e.desc);
         return -1;
     }
     json_object_put(ret);
@@ -303,7 +442,7 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
         json_object *o = qmp_parse_cli_object(str, "backend", &err);
         json_object *v;
         if (!o) {
-            fprintf(stderr, "vdisk serve: --chardev: %s\n", err.message);
+            cli_error("--chardev: %s", err.message);
             goto out;
         }
         chardevs[nc++] = o;
@@ -311,8 +450,8 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
             strcmp(json_object_get_string(v), "socket") != 0 ||
             !json_object_object_get_ex(o, "path", &v) ||
             !json_object_object_get_ex(o, "id", &v)) {
-            fprintf(stderr, "vdisk serve: --chardev: only 'socket,id=ID,"
-                    "path=PATH,server=on,wait=off' is supported\n");
+            cli_error("--chardev: only 'socket,id=ID,"
+                      "path=PATH,server=on,wait=off' is supported");
             goto out;
         }
     }
@@ -322,20 +461,20 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
         json_object *v;
         const char *path;
         if (!o) {
-            fprintf(stderr, "vdisk serve: --monitor: %s\n", err.message);
+            cli_error("--monitor: %s", err.message);
             goto out;
         }
         path = json_object_object_get_ex(o, "chardev", &v)
                ? chardev_path(chardevs, nc, json_object_get_string(v)) : NULL;
         if (!path) {
-            fprintf(stderr, "vdisk serve: --monitor: chardev '%s' not "
-                    "found\n", v ? json_object_get_string(v) : "");
+            cli_error("--monitor: chardev '%s' not "
+                      "found", v ? json_object_get_string(v) : "");
             json_object_put(o);
             goto out;
         }
         vd_error_clear(&err);
         if (qmp_daemon_add_monitor(d, path, &err) < 0) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            cli_error("%s", err.message);
             json_object_put(o);
             goto out;
         }
@@ -346,20 +485,20 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
         char path[4096];
         size_t len;
         if (strncmp(str, "unix:", 5) != 0) {
-            fprintf(stderr, "vdisk serve: --qmp: only unix:PATH is "
-                    "supported\n");
+            cli_error("--qmp: only unix:PATH is "
+                      "supported");
             goto out;
         }
         len = strcspn(str + 5, ",");
         if (len == 0 || len >= sizeof(path)) {
-            fprintf(stderr, "vdisk serve: --qmp: bad socket path\n");
+            cli_error("--qmp: bad socket path");
             goto out;
         }
         memcpy(path, str + 5, len);
         path[len] = '\0';
         vd_error_clear(&err);
         if (qmp_daemon_add_monitor(d, path, &err) < 0) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            cli_error("%s", err.message);
             goto out;
         }
     }
@@ -378,8 +517,9 @@ static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
     struct sigaction sa;
     int ret = 1;
 
+    qmp_set_reporter(daemon_report);
     if (!d) {
-        fprintf(stderr, "vdisk serve: out of memory\n");
+        cli_error("out of memory");
         return 1;
     }
     for (int i = 0; i < n[D_BLOCKDEV]; i++) {
@@ -450,19 +590,47 @@ int cmd_serve(int argc, char **argv)
     struct sigaction sa;
     const char *daemon_opts[D_KINDS][SERVE_MAX_DAEMON_OPTS];
     int ndaemon[D_KINDS] = { 0 };
-    bool daemon_mode = false;
+    int longidx = -1;
+    /* qemu-storage-daemon is the daemon form even with no options. */
+    bool daemon_mode = cli_as == CLI_QEMU_STORAGE_DAEMON;
 
+    if (cli_as == CLI_VDISK) {
+        cli_set_prog("vdisk serve");
+    }
     opts = vd_opts_new();
     if (!opts) {
-        fprintf(stderr, "vdisk serve: out of memory\n");
+        cli_error("out of memory");
         return 1;
     }
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:n", serve_long,
-                            NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":hVk:b:p:e:trx:D:f:l:n", serve_long,
+                            &longidx)) != -1) {
+        if (c != ':' && c != '?' &&
+            !serve_opt_allowed(c, longidx >= 0 ? serve_long[longidx].name
+                                               : NULL)) {
+            /* Another program's option: unknown to this one. */
+            const char *bad = optarg && optarg == argv[optind - 1]
+                              ? argv[optind - 2] : argv[optind - 1];
+            if (longidx >= 0) {
+                cli_error("unrecognized option '%s'", bad);
+            } else {
+                cli_error("invalid option -- '%c'", c);
+            }
+            serve_help_hint();
+            goto out;
+        }
+        longidx = -1;
         switch (c) {
         case 'h':
             serve_usage();
+            ret = 0;
+            goto out;
+        case 'V':
+            if (cli_as == CLI_VDISK) {
+                printf("vdisk version %s\n", vd_version());
+            } else {
+                cli_print_qemu_version();
+            }
             ret = 0;
             goto out;
         case 'k':
@@ -476,8 +644,8 @@ int cmd_serve(int argc, char **argv)
             break;
         case 'e':
             if (parse_uint(optarg, 65535, &shared) < 0) {
-                fprintf(stderr, "vdisk serve: Invalid shared device number "
-                        "'%s'\n", optarg);
+                cli_error("Invalid shared device number "
+                          "'%s'", optarg);
                 goto out;
             }
             break;
@@ -489,14 +657,14 @@ int cmd_serve(int argc, char **argv)
             break;
         case 'x':
             if (nnames == SERVE_MAX_EXPORTS) {
-                fprintf(stderr, "vdisk serve: too many export names\n");
+                cli_error("too many export names");
                 goto out;
             }
             names[nnames++] = optarg;
             break;
         case 'D':
             if (ndescs == SERVE_MAX_EXPORTS) {
-                fprintf(stderr, "vdisk serve: too many descriptions\n");
+                cli_error("too many descriptions");
                 goto out;
             }
             descs[ndescs++] = optarg;
@@ -541,8 +709,8 @@ int cmd_serve(int argc, char **argv)
         case SERVE_OPT_QMP: {
             int k = c - SERVE_OPT_BLOCKDEV;
             if (ndaemon[k] == SERVE_MAX_DAEMON_OPTS) {
-                fprintf(stderr, "vdisk serve: too many %s options\n",
-                        daemon_opt_names[k]);
+                cli_error("too many %s options",
+                          daemon_opt_names[k]);
                 goto out;
             }
             daemon_opts[k][ndaemon[k]++] = optarg;
@@ -551,39 +719,31 @@ int cmd_serve(int argc, char **argv)
         }
         case SERVE_OPT_WORKERS:
             if (parse_uint(optarg, 1024, &workers) < 0 || workers == 0) {
-                fprintf(stderr, "vdisk serve: invalid worker count '%s'\n",
-                        optarg);
+                cli_error("invalid worker count '%s'",
+                          optarg);
                 goto out;
             }
             break;
         case SERVE_OPT_OBJECT:
             vd_error_clear(&err);
             if (vd_nbd_tls_add_object(optarg, &err) < 0) {
-                fprintf(stderr, "vdisk serve: %s\n", err.message);
+                cli_error("%s", err.message);
                 goto out;
             }
             break;
         case SERVE_OPT_TLS_CREDS:
             tls_creds = optarg;
             break;
-        case ':':
-            fprintf(stderr, "vdisk serve: option '%s' requires an argument\n",
-                    argv[optind - 1]);
-            fprintf(stderr, "Try 'vdisk serve --help' for more "
-                    "information.\n");
-            goto out;
-        default:
-            fprintf(stderr, "vdisk serve: unrecognized option '%s'\n",
-                    argv[optind - 1]);
-            fprintf(stderr, "Try 'vdisk serve --help' for more "
-                    "information.\n");
+        default:    /* ':' or '?' */
+            cli_getopt_error(c, argv);
+            serve_help_hint();
             goto out;
         }
     }
 
     if (daemon_mode && tls_creds) {
-        fprintf(stderr, "vdisk serve: --tls-creds is qemu-nbd's option; give "
-                "the daemon --nbd-server ...,tls-creds=ID\n");
+        cli_error("--tls-creds is qemu-nbd's option; give "
+                  "the daemon --nbd-server ...,tls-creds=ID");
         goto out;
     }
     if (tls_creds) {
@@ -591,19 +751,23 @@ int cmd_serve(int argc, char **argv)
         vd_error_clear(&err);
         creds = vd_nbd_tls_creds_get(tls_creds, &err);
         if (!creds) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            cli_error("%s", err.message);
             goto out;
         }
         if (!vd_nbd_tls_creds_is_server(creds)) {
-            fprintf(stderr, "vdisk serve: Expecting TLS credentials with a "
-                    "server endpoint\n");
+            cli_error("Expecting TLS credentials with a "
+                      "server endpoint");
             goto out;
         }
     }
     if (daemon_mode) {
+        if (cli_as == CLI_QEMU_STORAGE_DAEMON && argc - optind > 0) {
+            cli_error("%s: Unexpected argument", argv[optind]);
+            goto out;
+        }
         if (argc - optind > 0 || do_fork) {
-            fprintf(stderr, "vdisk serve: image arguments and --fork do not "
-                    "combine with the daemon options\n");
+            cli_error("image arguments and --fork do not "
+                      "combine with the daemon options");
             goto out;
         }
         ret = serve_daemon(daemon_opts, ndaemon, pidfile);
@@ -611,41 +775,46 @@ int cmd_serve(int argc, char **argv)
     }
 
     nimages = argc - optind;
+    if (cli_as == CLI_QEMU_NBD && nimages != 1) {
+        cli_error("Invalid number of arguments");
+        fprintf(stderr, "Try `qemu-nbd --help' for more information.\n");
+        goto out;
+    }
     if (nimages < 1) {
-        fprintf(stderr, "vdisk serve: Not enough arguments\n"
-                "Try 'vdisk serve --help' for more information.\n");
+        cli_error("Not enough arguments");
+        serve_help_hint();
         goto out;
     }
     if (nimages > SERVE_MAX_EXPORTS) {
-        fprintf(stderr, "vdisk serve: at most %d images\n",
-                SERVE_MAX_EXPORTS);
+        cli_error("at most %d images",
+                  SERVE_MAX_EXPORTS);
         goto out;
     }
     if (nimages > 1 && nnames != (unsigned)nimages) {
-        fprintf(stderr, "vdisk serve: give one -x NAME per image when "
-                "exporting %d images\n", nimages);
+        cli_error("give one -x NAME per image when "
+                  "exporting %d images", nimages);
         goto out;
     }
     if (nnames > (unsigned)nimages || ndescs > (unsigned)nimages) {
-        fprintf(stderr, "vdisk serve: more -x/-D options than images\n");
+        cli_error("more -x/-D options than images");
         goto out;
     }
     srv = vd_nbd_server_new(workers, shared, persistent);
     if (!srv) {
-        fprintf(stderr, "vdisk serve: out of memory\n");
+        cli_error("out of memory");
         goto out;
     }
     vd_nbd_server_set_tls(srv, creds);
     creds = NULL;
     if (sockpath &&
         vd_nbd_server_listen_unix(srv, sockpath, &err) < 0) {
-        fprintf(stderr, "vdisk serve: %s\n", err.message);
+        cli_error("%s", err.message);
         goto out;
     }
     if ((!sockpath || bind_addr || port) &&
         vd_nbd_server_listen_tcp(srv, bind_addr ? bind_addr : "0.0.0.0",
                                  port ? port : SERVE_DEFAULT_PORT, &err) < 0) {
-        fprintf(stderr, "vdisk serve: %s\n", err.message);
+        cli_error("%s", err.message);
         goto out;
     }
 
@@ -655,12 +824,12 @@ int cmd_serve(int argc, char **argv)
 
         fflush(NULL);
         if (pipe2(pfd, O_CLOEXEC) < 0) {
-            fprintf(stderr, "vdisk serve: pipe: %s\n", strerror(errno));
+            cli_error("pipe: %s", strerror(errno));
             goto out;
         }
         pid = fork();
         if (pid < 0) {
-            fprintf(stderr, "vdisk serve: fork: %s\n", strerror(errno));
+            cli_error("fork: %s", strerror(errno));
             goto out;
         }
         if (pid > 0) {
@@ -681,10 +850,10 @@ int cmd_serve(int argc, char **argv)
         r = vd_open(&nodes[i], file, fmt, opts, flags, &err);
         if (r < 0) {
             /* qemu-nbd's words, naming the file. */
-            fprintf(stderr, "vdisk serve: Failed to blk_new_open '%s': %s\n",
-                    file, err.message[0]
-                          ? cli_strip_filename(err.message, file)
-                          : strerror(-r));
+            cli_error("Failed to blk_new_open '%s': %s",
+                      file, err.message[0]
+                            ? cli_strip_filename(err.message, file)
+                            : strerror(-r));
             cli_print_hint(&err);
             goto out;
         }
@@ -695,7 +864,7 @@ int cmd_serve(int argc, char **argv)
         if (vd_nbd_server_add_export(srv, nnames > (unsigned)i ? names[i] : "",
                                      ndescs > (unsigned)i ? descs[i] : NULL,
                                      nodes[i], &err) < 0) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            cli_error("%s", err.message);
             cli_print_hint(&err);
             goto out;
         }
@@ -733,7 +902,7 @@ int cmd_serve(int argc, char **argv)
 
     vd_error_clear(&err);
     if (vd_nbd_server_run(srv, &err) < 0) {
-        fprintf(stderr, "vdisk serve: %s\n", err.message);
+        cli_error("%s", err.message);
     } else {
         ret = 0;
     }
@@ -744,7 +913,7 @@ out:
     for (int i = 0; i < nimages && i < SERVE_MAX_EXPORTS; i++) {
         vd_error_clear(&err);
         if (nodes[i] && vd_close(&nodes[i], &err) < 0) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            cli_error("%s", err.message);
             ret = 1;
         }
     }

@@ -124,7 +124,7 @@ static void report_vd_error(const vd_error *err)
 {
     if (err->code != 0 && err->message[0]) {
         fflush(stdout);
-        fprintf(stderr, "vdisk: %s\n", err->message);
+        cli_error("%s", err->message);
     }
 }
 
@@ -200,8 +200,8 @@ static int64_t cvtnum(const char *s)
         p++;
         if (hex) {
             fflush(stdout);
-            fprintf(stderr, "vdisk: warning: Using a multiplier suffix on "
-                    "hex numbers is deprecated: %s\n", s);
+            cli_warn("Using a multiplier suffix on "
+                     "hex numbers is deprecated: %s", s);
         }
     }
     if (*p) {
@@ -1273,8 +1273,8 @@ static int truncate_f(int argc, char **argv)
             }
             if (i == 4) {
                 fflush(stdout);
-                fprintf(stderr, "vdisk: Invalid preallocation mode '%s'\n",
-                        optarg);
+                cli_error("Invalid preallocation mode '%s'",
+                          optarg);
                 return -EINVAL;
             }
             prealloc = (vd_prealloc)i;
@@ -1297,8 +1297,8 @@ static int truncate_f(int argc, char **argv)
     wait_end(held);
     if (ret < 0) {
         fflush(stdout);
-        fprintf(stderr, "vdisk: %s\n",
-                err.message[0] ? err.message : strerror(-ret));
+        cli_error("%s",
+                  err.message[0] ? err.message : strerror(-ret));
         cli_print_hint(&err);
     }
     return ret;
@@ -1579,8 +1579,8 @@ static int map_f(int argc, char **argv)
     (void)argv;
     if (bytes < 0) {
         fflush(stdout);
-        fprintf(stderr, "vdisk: Failed to query image length: %s\n",
-                strerror((int)-bytes));
+        cli_error("Failed to query image length: %s",
+                  strerror((int)-bytes));
         return (int)bytes;
     }
     while (bytes) {
@@ -1589,8 +1589,8 @@ static int map_f(int argc, char **argv)
 
         if (ret < 0) {
             fflush(stdout);
-            fprintf(stderr, "vdisk: Failed to get allocation status: %s\n",
-                    strerror(-ret));
+            cli_error("Failed to get allocation status: %s",
+                      strerror(-ret));
             return ret;
         }
         /* Merge following extents with the same answer. */
@@ -1603,7 +1603,7 @@ static int map_f(int argc, char **argv)
         }
         if (!num) {
             fflush(stdout);
-            fprintf(stderr, "vdisk: Unexpected end of image\n");
+            cli_error("Unexpected end of image");
             return -EIO;
         }
         cvtstr((double)num, s1, sizeof(s1));
@@ -1994,8 +1994,8 @@ static int open_image(const char *name, const open_args *a)
     if (a->image_opts) {
         if (a->format) {
             fflush(stdout);
-            fprintf(stderr, "vdisk: --image-opts and 'format' are mutually "
-                    "exclusive\n");
+            cli_error("--image-opts and 'format' are mutually "
+                      "exclusive");
             ret = -EINVAL;
             goto out;
         }
@@ -2039,8 +2039,8 @@ static int open_image(const char *name, const open_args *a)
     goto out;
 fail:
     fflush(stdout);
-    fprintf(stderr, "vdisk: can't open device %s: %s\n", name,
-            err.message[0] ? err.message : strerror(-ret));
+    cli_error("can't open device %s: %s", name,
+              err.message[0] ? err.message : strerror(-ret));
     cli_print_hint(&err);
 out:
     vd_opts_free(&opts);
@@ -2090,7 +2090,7 @@ static int open_f(int argc, char **argv)
             }
             if ((ret = vd_opts_parse(a.opts, optarg, NULL, &err)) < 0) {
                 fflush(stdout);
-                fprintf(stderr, "vdisk: %s\n", err.message);
+                cli_error("%s", err.message);
                 vd_opts_free(&a.opts);
                 return ret;
             }
@@ -2098,7 +2098,7 @@ static int open_f(int argc, char **argv)
         case 't':
             if (!valid_cache_mode(optarg)) {
                 fflush(stdout);
-                fprintf(stderr, "vdisk: Invalid cache option: %s\n", optarg);
+                cli_error("Invalid cache option: %s", optarg);
                 vd_opts_free(&a.opts);
                 return -EINVAL;
             }
@@ -2543,7 +2543,7 @@ static int run_command(const char *line)
     }
     if ((ct->flags & CMD_WRITE) && io.node && vd_node_is_read_only(io.node)) {
         fflush(stdout);
-        fprintf(stderr, "vdisk: Block node is read-only\n");
+        cli_error("Block node is read-only");
         ret = -EPERM;
         goto out;
     }
@@ -2574,8 +2574,8 @@ static int command_loop_stdin(void)
             break;
         }
         if (n > MAX_LINE) {
-            fprintf(stderr, "vdisk: command line longer than %d bytes\n",
-                    MAX_LINE);
+            cli_error("command line longer than %d bytes",
+                      MAX_LINE);
             last_error = -EINVAL;
             continue;
         }
@@ -2609,8 +2609,8 @@ static int load_snapshot(const char *param)
             }
         }
         if (ret < 0) {
-            fprintf(stderr, "vdisk: Failed in parsing snapshot param '%s'\n",
-                    param);
+            cli_error("Failed in parsing snapshot param '%s'",
+                      param);
         } else {
             ret = vd_snapshot_load_tmp(io.node, vd_opts_get(o, "snapshot.id"),
                                        vd_opts_get(o, "snapshot.name"), &err);
@@ -2623,18 +2623,23 @@ static int load_snapshot(const char *param)
         ret = vd_snapshot_load_tmp_by_id_or_name(io.node, param, &err);
     }
     if (ret < 0) {
-        fprintf(stderr, "vdisk: Failed to load snapshot: %s\n",
-                err.message[0] ? err.message : strerror(-ret));
+        cli_error("Failed to load snapshot: %s",
+                  err.message[0] ? err.message : strerror(-ret));
     }
     return ret;
 }
 
 static void usage(void)
 {
+    bool qemu = cli_as == CLI_QEMU_IO;
+
+    /* qemu-io's layout; the options listed are the ones this tool takes. */
+    printf("Usage: %s [OPTIONS]... [-c STRING]... [file]\n"
+           "%s\n"
+           "\n", qemu ? "qemu-io" : "vdisk io",
+           qemu ? "QEMU Disk exerciser"
+                : "vdisk disk exerciser (the qemu-io command set)");
     printf(
-"Usage: vdisk io [OPTIONS]... [-c STRING]... [file]\n"
-"vdisk disk exerciser (the qemu-io command set)\n"
-"\n"
 "  --image-opts         treat file as option string\n"
 "  -c, --cmd STRING     execute command with its arguments\n"
 "                       from the given string\n"
@@ -2643,6 +2648,7 @@ static void usage(void)
 "  -l, --load-snapshot=SNAPSHOT  show internal snapshot SNAPSHOT (an id or\n"
 "                       name, or snapshot.id=ID,snapshot.name=NAME), read-only\n"
 "  -n, --nocache        disable host cache, short for -t none\n"
+"  -C, --copy-on-read   enable copy-on-read\n"
 "  -o, --options OPTS   driver options (key=value,...)\n"
 "  -i, --aio=MODE       use AIO mode (threads, native or io_uring)\n"
 "  -t, --cache=MODE     use the given cache mode for the image\n"
@@ -2651,7 +2657,8 @@ static void usage(void)
 "  -h, --help           display this help and exit\n"
 "  -V, --version        output version information and exit\n"
 "\n"
-"See 'vdisk io -c help' for information on available commands.\n");
+"See '%s -c help' for information on available commands.\n",
+           qemu ? "qemu-io" : "vdisk io");
 }
 
 int cmd_io(int argc, char **argv)
@@ -2698,6 +2705,11 @@ int cmd_io(int argc, char **argv)
             ret = 0;
             goto done;
         case 'V':
+            if (cli_as == CLI_QEMU_IO) {
+                cli_print_qemu_version();
+                ret = 0;
+                goto done;
+            }
             printf("vdisk io version %s\n", vd_version());
             ret = 0;
             goto done;
@@ -2722,7 +2734,7 @@ int cmd_io(int argc, char **argv)
             a.copy_on_read = true;
             break;
         case 's':
-            fprintf(stderr, "vdisk: option -%c is not supported\n", c);
+            cli_error("option -%c is not supported", c);
             ret = 1;
             goto done;
         case 'm':
@@ -2733,7 +2745,7 @@ int cmd_io(int argc, char **argv)
             break;
         case 't':
             if (!valid_cache_mode(optarg)) {
-                fprintf(stderr, "vdisk: Invalid cache option: %s\n", optarg);
+                cli_error("Invalid cache option: %s", optarg);
                 ret = 1;
                 goto done;
             }
@@ -2748,7 +2760,7 @@ int cmd_io(int argc, char **argv)
                 goto done;
             }
             if (vd_opts_parse(a.opts, optarg, NULL, &err) < 0) {
-                fprintf(stderr, "vdisk: %s\n", err.message);
+                cli_error("%s", err.message);
                 ret = 1;
                 goto done;
             }
@@ -2760,17 +2772,17 @@ int cmd_io(int argc, char **argv)
             a.image_opts = true;
             break;
         case ':':
-            fprintf(stderr, "vdisk: option requires an argument -- '%s'\n",
-                    argv[optind - 1]);
+            cli_error("option requires an argument -- '%s'",
+                      argv[optind - 1]);
             usage();
             ret = 1;
             goto done;
         default:
             if (optopt) {
-                fprintf(stderr, "vdisk: invalid option -- '%c'\n", optopt);
+                cli_error("invalid option -- '%c'", optopt);
             } else {
-                fprintf(stderr, "vdisk: unrecognized option '%s'\n",
-                        argv[optind - 1]);
+                cli_error("unrecognized option '%s'",
+                          argv[optind - 1]);
             }
             usage();
             ret = 1;

@@ -1,6 +1,7 @@
 /*
- * Shared helpers of the vdisk tool (see util.h): the command table first,
- * then --help, option parsing, message printing, image opening, size
+ * Shared helpers of the vdisk tool (see util.h): the program's name, the
+ * command table, then --help, option parsing, message printing, image
+ * opening, size
  * parsing and formatting, --output parsing, the progress meter, and
  * loading an internal snapshot for -l.
  */
@@ -13,6 +14,54 @@
 
 #include "commands.h"
 #include "util.h"
+
+/* ---- the program's name ---- */
+
+cli_tool cli_as = CLI_VDISK;
+const char *cli_prog = "vdisk";
+
+void cli_set_tool(const char *argv0)
+{
+    static const struct {
+        const char *name;
+        cli_tool tool;
+    } names[] = {
+        { "qemu-img", CLI_QEMU_IMG },
+        { "qemu-io", CLI_QEMU_IO },
+        { "qemu-nbd", CLI_QEMU_NBD },
+        { "qemu-storage-daemon", CLI_QEMU_STORAGE_DAEMON },
+    };
+    const char *base = argv0 ? strrchr(argv0, '/') : NULL;
+
+    base = base ? base + 1 : argv0 ? argv0 : "";
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (strcmp(base, names[i].name) == 0) {
+            cli_as = names[i].tool;
+            cli_prog = names[i].name;
+            return;
+        }
+    }
+    /* Any other name (vdisk, a renamed copy) is vdisk itself. */
+    cli_as = CLI_VDISK;
+    cli_prog = "vdisk";
+}
+
+void cli_set_prog(const char *prog)
+{
+    cli_prog = prog;
+}
+
+void cli_print_qemu_version(void)
+{
+    /* qemu-nbd alone has no "version" word. The first line is what
+     * scripts parse (major.minor.micro first); the second says what is
+     * answering, since it is not QEMU. */
+    printf("%s%s %s (vdisk %s)\n"
+           "vdisk, a re-implementation of QEMU %s's block layer and tools; "
+           "not QEMU\n",
+           cli_prog, cli_as == CLI_QEMU_NBD ? "" : " version",
+           CLI_QEMU_VERSION, vd_version(), "7.2");
+}
 
 /* ---- the command table ---- */
 
@@ -194,6 +243,11 @@ const cli_command *cli_find_command(const char *name)
     return NULL;
 }
 
+bool cli_command_is_vdisk_only(const cli_command *c)
+{
+    return c->handler == cmd_io || c->handler == cmd_serve;
+}
+
 static void print_driver(const char *name, void *opaque)
 {
     (void)opaque;
@@ -202,16 +256,28 @@ static void print_driver(const char *name, void *opaque)
 
 void cli_print_help(void)
 {
-    printf("vdisk version %s\n"
-           "usage: vdisk command [command options]\n"
-           "Disk image utility, compatible with qemu-img 7.2\n"
-           "\n"
+    bool qemu = cli_as == CLI_QEMU_IMG;
+
+    if (qemu) {
+        cli_print_qemu_version();
+        printf("usage: qemu-img [standard options] command "
+               "[command options]\n"
+               "QEMU disk image utility\n");
+    } else {
+        printf("vdisk version %s\n"
+               "usage: vdisk command [command options]\n"
+               "Disk image utility, compatible with qemu-img 7.2\n",
+               vd_version());
+    }
+    printf("\n"
            "    '-h', '--help'       display this help and exit\n"
            "    '-V', '--version'    output version information and exit\n"
            "\n"
-           "Command syntax:\n", vd_version());
+           "Command syntax:\n");
     for (const cli_command *c = cli_commands; c->name; c++) {
-        printf("  %s %s\n", c->name, c->synopsis);
+        if (!(qemu && cli_command_is_vdisk_only(c))) {
+            printf("  %s %s\n", c->name, c->synopsis);
+        }
     }
     printf("\n"
 "Command parameters:\n"
@@ -238,13 +304,13 @@ void cli_print_help(void)
 "  '-p' show progress of command (only certain commands)\n"
 "  '-q' use Quiet mode - do not print any output (except errors)\n"
 "  '-S' indicates the consecutive number of bytes (defaults to 4k) that must\n"
-"       contain only zeros for vdisk to create a sparse image during\n"
+"       contain only zeros for %s to create a sparse image during\n"
 "       conversion. If the number of bytes is 0, the source will not be scanned for\n"
 "       unallocated or zero sectors, and the destination image will always be\n"
 "       fully allocated\n"
 "  '--output' takes the format in which the output must be done (human or json)\n"
 "  '-n' skips the target volume creation (useful if the volume is created\n"
-"       prior to running vdisk)\n"
+"       prior to running %s)\n"
 "\n"
 "Parameters to check subcommand:\n"
 "  '-r' tries to repair any inconsistencies that are found during the check.\n"
@@ -279,7 +345,7 @@ void cli_print_help(void)
 "  'of=FILE' write to FILE\n"
 "  'skip=N' skip N bs-sized blocks at the start of input\n"
 "\n"
-"Supported formats:");
+"Supported formats:", cli_prog, cli_prog);
     vd_list_drivers(print_driver, NULL);
     printf("\n");
 }
@@ -305,9 +371,14 @@ int cli_getopt(const char *name, int argc, char **argv)
 
 static void vreport(const char *prefix, const char *fmt, va_list ap)
 {
-    fprintf(stderr, "vdisk: %s", prefix);
+    fprintf(stderr, "%s: %s", cli_prog, prefix);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
+}
+
+void cli_verror(const char *fmt, va_list ap)
+{
+    vreport("", fmt, ap);
 }
 
 void cli_error(const char *fmt, ...)
@@ -326,7 +397,34 @@ void cli_error_hint(const char *fmt, ...)
     va_start(ap, fmt);
     vreport("", fmt, ap);
     va_end(ap);
-    fprintf(stderr, "Try 'vdisk --help' for more information\n");
+    cli_help_hint();
+}
+
+void cli_help_hint(void)
+{
+    fprintf(stderr, "Try '%s --help' for more information\n", cli_prog);
+}
+
+void cli_getopt_error(int ch, char **argv)
+{
+    const char *arg = argv[optind - 1];
+    bool is_long = arg[0] == '-' && arg[1] == '-';
+
+    if (ch == ':') {
+        if (is_long) {
+            cli_error("option '%s' requires an argument", arg);
+        } else {
+            cli_error("option requires an argument -- '%c'", optopt);
+        }
+    } else if (is_long && optopt) {
+        /* glibc sets optopt for a known long option given a value. */
+        cli_error("option '%.*s' doesn't allow an argument",
+                  (int)strcspn(arg, "="), arg);
+    } else if (is_long) {
+        cli_error("unrecognized option '%s'", arg);
+    } else {
+        cli_error("invalid option -- '%c'", optopt);
+    }
 }
 
 void cli_warn(const char *fmt, ...)

@@ -1,6 +1,6 @@
 /*
- * Helpers shared by the vdisk subcommands: qemu-img style error
- * reporting, the command table that drives option parsing and --help,
+ * Helpers shared by the vdisk subcommands: the command table that
+ * drives option parsing and --help,
  * image opening, size parsing with qemu-img's messages, qemu's human
  * size format and the progress meter.
  *
@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "vdisk/vdisk.h"
+#include "prog.h"
 
 /* Values returned by getopt_long for long-only options. */
 enum {
@@ -45,8 +46,8 @@ extern const cli_command cli_commands[];
 /* Finds a subcommand by name, or NULL. */
 const cli_command *cli_find_command(const char *name);
 
-/* Prints the usage text (vdisk --help). */
-void cli_print_help(void);
+/* Whether @c is vdisk's own (io, serve): qemu-img has no such command. */
+bool cli_command_is_vdisk_only(const cli_command *c);
 
 /*
  * getopt_long() over the options of command @name. Returns the option
@@ -54,13 +55,6 @@ void cli_print_help(void);
  * an unknown option or a missing argument (the caller exits with 1).
  */
 int cli_getopt(const char *name, int argc, char **argv);
-
-/* "vdisk: MESSAGE\n" on stderr. */
-void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* cli_error() followed by the "Try 'vdisk --help'" hint. */
-void cli_error_hint(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* "vdisk: warning: MESSAGE\n" on stderr. */
-void cli_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* Prints to stdout unless @quiet. */
 void cli_qprintf(bool quiet, const char *fmt, ...)

@@ -24,6 +24,22 @@
 
 /* ---- helpers ---- */
 
+static void (*reporter)(const char *msg);
+
+void qmp_set_reporter(void (*fn)(const char *msg))
+{
+    reporter = fn;
+}
+
+static void report(const char *msg)
+{
+    if (reporter) {
+        reporter(msg);
+    } else {
+        fprintf(stderr, "qmp: %s\n", msg);
+    }
+}
+
 static const char *arg_str(json_object *args, const char *name)
 {
     json_object *v;
@@ -527,7 +543,7 @@ static void *nbd_thread_main(void *opaque)
     vd_error err = VD_ERROR_INIT;
 
     if (vd_nbd_server_run(d->nbd, &err) < 0) {
-        fprintf(stderr, "vdisk serve: %s\n", err.message);
+        report(err.message);
     }
     return NULL;
 }
@@ -1060,7 +1076,7 @@ int qmp_daemon_close_nodes(qmp_daemon *d)
         vd_error err = VD_ERROR_INIT;
         vd_node *n = d->nodes[--d->nb_nodes];
         if (vd_close(&n, &err) < 0) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            report(err.message);
             ret = -EIO;
         }
     }
