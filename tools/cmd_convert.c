@@ -680,8 +680,13 @@ int cmd_convert(int argc, char **argv)
         goto out;
     }
     if (src_cache) {
+        if (!cli_cache_mode(src_cache)) {
+            cli_error("Invalid source cache option: %s", src_cache);
+            goto out;
+        }
         sopts = vd_opts_new();
-        if (!sopts || vd_opts_set(sopts, "cache", src_cache) < 0) {
+        if (!sopts ||
+            vd_opts_set(sopts, "cache", cli_cache_mode(src_cache)) < 0) {
             goto out;
         }
     }
@@ -771,8 +776,13 @@ int cmd_convert(int argc, char **argv)
         }
     }
 
+    /* As qemu-img: checked once the target exists. */
+    if (!cli_cache_mode(cache)) {
+        cli_error("Invalid cache option: %s", cache);
+        goto out;
+    }
     topts = vd_opts_new();
-    if (!topts || vd_opts_set(topts, "cache", cache) < 0) {
+    if (!topts || vd_opts_set(topts, "cache", cli_cache_mode(cache)) < 0) {
         goto out;
     }
     /* As qemu-img: the target is opened as -O says (raw by default), even

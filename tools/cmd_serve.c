@@ -243,6 +243,84 @@ static void serve_usage(void)
 "  -h, --help               this help\n", SERVE_WORKERS);
 }
 
+/* Whether @mode is one of the NULL-terminated @modes. */
+static bool one_of(const char *mode, const char *const *modes)
+{
+    for (; *modes; modes++) {
+        if (strcmp(mode, *modes) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/*
+ * -n, --cache, --aio, --discard, --detect-zeroes: checked as qemu-nbd
+ * checks them, when they are parsed and in its words, then set in @opts.
+ * @seen holds the bits of the options already given. Returns 0 or -1
+ * after printing the error.
+ */
+static int block_option(vd_opts *opts, int c, const char *arg,
+                        unsigned *seen)
+{
+    static const char *const aio_modes[] = { "threads", "native",
+                                             "io_uring", NULL };
+    static const char *const zero_modes[] = { "off", "on", "unmap", NULL };
+    static const char *const discard_modes[] = { "ignore", "off", "unmap",
+                                                 "on", NULL };
+    /* -n is --cache=none: they share a bit. */
+    unsigned bit = c == 'n' ? 0 : (unsigned)(c - SERVE_OPT_CACHE);
+    const char *discard;
+
+    if (c != SERVE_OPT_DETECT_ZEROES && (*seen & (1u << bit))) {
+        cli_error("%s can only be specified once",
+                  c == SERVE_OPT_AIO ? "--aio" :
+                  c == SERVE_OPT_DISCARD ? "--discard" : "-n and --cache");
+        return -1;
+    }
+    *seen |= 1u << bit;
+    switch (c) {
+    case 'n':
+    case SERVE_OPT_CACHE:
+        arg = c == 'n' ? "none" : arg;
+        if (!cli_cache_mode(arg)) {
+            cli_error("Invalid cache mode `%s'", arg);
+            return -1;
+        }
+        return vd_opts_set(opts, "cache", cli_cache_mode(arg));
+    case SERVE_OPT_AIO:
+        if (!one_of(arg, aio_modes)) {
+            cli_error("Invalid aio mode '%s'", arg);
+            return -1;
+        }
+        return vd_opts_set(opts, "aio", arg);
+    case SERVE_OPT_DISCARD:
+        if (!one_of(arg, discard_modes)) {
+            cli_error("Invalid discard mode `%s'", arg);
+            return -1;
+        }
+        /* qemu-nbd also takes on/off for unmap/ignore. */
+        return vd_opts_set(opts, "discard",
+                           strcmp(arg, "on") == 0 ? "unmap"
+                           : strcmp(arg, "off") == 0 ? "ignore" : arg);
+    default:
+        if (!one_of(arg, zero_modes)) {
+            cli_error("Failed to parse detect_zeroes mode: invalid "
+                      "parameter value: %s", arg);
+            return -1;
+        }
+        /* As qemu-nbd, only a --discard given before counts. */
+        discard = vd_opts_get(opts, "discard");
+        if (strcmp(arg, "unmap") == 0 &&
+            !(discard && strcmp(discard, "unmap") == 0)) {
+            cli_error("setting detect-zeroes to unmap is not allowed "
+                      "without setting discard operation to unmap");
+            return -1;
+        }
+        return vd_opts_set(opts, "detect-zeroes", arg);
+    }
+}
+
 /*
  * The options each program takes: qemu-nbd has no daemon options,
  * qemu-storage-daemon only those (and --object, --pidfile); `vdisk
@@ -372,6 +450,12 @@ static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
     ret = qmp_daemon_execute(d, cmd, args, str[0] != '{', &e);
     json_object_put(args);
     if (!ret) {
+        /* The schema checked nbd_addr_to_legacy()'s form: name the
+         * member as the user wrote it ('addr.path', not 'addr.data.path'). */
+        char *legacy = fix ? strstr(e.desc, "'addr.data.") : NULL;
+        if (legacy) {
+            memmove(legacy + 6, legacy + 11, strlen(legacy + 11) + 1);
+        }
         cli_error("%s %s: %s", opt, str, e.desc);
         return -1;
     }
@@ -442,7 +526,7 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
         json_object *o = qmp_parse_cli_object(str, "backend", &err);
         json_object *v;
         if (!o) {
-            cli_error("--chardev: %s", err.message);
+            cli_error("--chardev %s: %s", str, err.message);
             goto out;
         }
         chardevs[nc++] = o;
@@ -450,8 +534,8 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
             strcmp(json_object_get_string(v), "socket") != 0 ||
             !json_object_object_get_ex(o, "path", &v) ||
             !json_object_object_get_ex(o, "id", &v)) {
-            cli_error("--chardev: only 'socket,id=ID,"
-                      "path=PATH,server=on,wait=off' is supported");
+            cli_error("--chardev %s: only 'socket,id=ID,path=PATH,"
+                      "server=on,wait=off' is supported", str);
             goto out;
         }
     }
@@ -461,14 +545,14 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
         json_object *v;
         const char *path;
         if (!o) {
-            cli_error("--monitor: %s", err.message);
+            cli_error("--monitor %s: %s", str, err.message);
             goto out;
         }
         path = json_object_object_get_ex(o, "chardev", &v)
                ? chardev_path(chardevs, nc, json_object_get_string(v)) : NULL;
         if (!path) {
-            cli_error("--monitor: chardev '%s' not "
-                      "found", v ? json_object_get_string(v) : "");
+            cli_error("--monitor %s: chardev \"%s\" not found", str,
+                      v ? json_object_get_string(v) : "");
             json_object_put(o);
             goto out;
         }
@@ -485,13 +569,12 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
         char path[4096];
         size_t len;
         if (strncmp(str, "unix:", 5) != 0) {
-            cli_error("--qmp: only unix:PATH is "
-                      "supported");
+            cli_error("--qmp %s: only unix:PATH is supported", str);
             goto out;
         }
         len = strcspn(str + 5, ",");
         if (len == 0 || len >= sizeof(path)) {
-            cli_error("--qmp: bad socket path");
+            cli_error("--qmp %s: bad socket path", str);
             goto out;
         }
         memcpy(path, str + 5, len);
@@ -591,6 +674,7 @@ int cmd_serve(int argc, char **argv)
     const char *daemon_opts[D_KINDS][SERVE_MAX_DAEMON_OPTS];
     int ndaemon[D_KINDS] = { 0 };
     int longidx = -1;
+    unsigned seen_block_opts = 0;
     /* qemu-storage-daemon is the daemon form even with no options. */
     bool daemon_mode = cli_as == CLI_QEMU_STORAGE_DAEMON;
 
@@ -609,13 +693,7 @@ int cmd_serve(int argc, char **argv)
             !serve_opt_allowed(c, longidx >= 0 ? serve_long[longidx].name
                                                : NULL)) {
             /* Another program's option: unknown to this one. */
-            const char *bad = optarg && optarg == argv[optind - 1]
-                              ? argv[optind - 2] : argv[optind - 1];
-            if (longidx >= 0) {
-                cli_error("unrecognized option '%s'", bad);
-            } else {
-                cli_error("invalid option -- '%c'", c);
-            }
+            cli_foreign_option_error(c, longidx, argv);
             serve_help_hint();
             goto out;
         }
@@ -635,6 +713,10 @@ int cmd_serve(int argc, char **argv)
             goto out;
         case 'k':
             sockpath = optarg;
+            if (cli_as == CLI_QEMU_NBD && sockpath[0] != '/') {
+                cli_error("socket path must be absolute");
+                goto out;
+            }
             break;
         case 'b':
             bind_addr = optarg;
@@ -678,22 +760,13 @@ int cmd_serve(int argc, char **argv)
             read_only = true;
             break;
         case 'n':
-            vd_opts_set(opts, "cache", "none");
-            break;
         case SERVE_OPT_CACHE:
-            vd_opts_set(opts, "cache", optarg);
-            break;
         case SERVE_OPT_AIO:
-            vd_opts_set(opts, "aio", optarg);
-            break;
         case SERVE_OPT_DISCARD:
-            /* qemu-nbd also takes on/off for unmap/ignore. */
-            vd_opts_set(opts, "discard",
-                        strcmp(optarg, "on") == 0 ? "unmap"
-                        : strcmp(optarg, "off") == 0 ? "ignore" : optarg);
-            break;
         case SERVE_OPT_DETECT_ZEROES:
-            vd_opts_set(opts, "detect-zeroes", optarg);
+            if (block_option(opts, c, optarg, &seen_block_opts) < 0) {
+                goto out;
+            }
             break;
         case SERVE_OPT_PIDFILE:
             pidfile = optarg;
@@ -751,12 +824,12 @@ int cmd_serve(int argc, char **argv)
         vd_error_clear(&err);
         creds = vd_nbd_tls_creds_get(tls_creds, &err);
         if (!creds) {
-            cli_error("%s", err.message);
+            cli_error("Failed to get TLS creds: %s", err.message);
             goto out;
         }
         if (!vd_nbd_tls_creds_is_server(creds)) {
-            cli_error("Expecting TLS credentials with a "
-                      "server endpoint");
+            cli_error("Failed to get TLS creds: Expecting TLS credentials "
+                      "with a server endpoint");
             goto out;
         }
     }

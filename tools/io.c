@@ -1994,8 +1994,7 @@ static int open_image(const char *name, const open_args *a)
     if (a->image_opts) {
         if (a->format) {
             fflush(stdout);
-            cli_error("--image-opts and 'format' are mutually "
-                      "exclusive");
+            cli_error("--image-opts and -f are mutually exclusive");
             ret = -EINVAL;
             goto out;
         }
@@ -2430,11 +2429,20 @@ static const cmdinfo cmdtab[] = {
 
 #define NCMDS (sizeof(cmdtab) / sizeof(cmdtab[0]))
 
+/* randrw is vdisk io's own: qemu-io has no such command. */
+static bool command_hidden(const cmdinfo *ct)
+{
+    return cli_as == CLI_QEMU_IO && ct->fn == randrw_f;
+}
+
 static const cmdinfo *find_command(const char *name)
 {
     size_t i;
 
     for (i = 0; i < NCMDS; i++) {
+        if (command_hidden(&cmdtab[i])) {
+            continue;
+        }
         if (!strcmp(cmdtab[i].name, name) ||
             (cmdtab[i].altname && !strcmp(cmdtab[i].altname, name))) {
             return &cmdtab[i];
@@ -2459,7 +2467,9 @@ static int help_f(int argc, char **argv)
 
     if (argc == 1) {
         for (i = 0; i < NCMDS; i++) {
-            help_oneline(cmdtab[i].name, &cmdtab[i]);
+            if (!command_hidden(&cmdtab[i])) {
+                help_oneline(cmdtab[i].name, &cmdtab[i]);
+            }
         }
         printf("\nUse 'help commandname' for extended help.\n");
         return 0;
@@ -2633,23 +2643,35 @@ static void usage(void)
 {
     bool qemu = cli_as == CLI_QEMU_IO;
 
-    /* qemu-io's layout; the options listed are the ones this tool takes. */
+    /* qemu-io's layout; the options listed are the ones this tool takes
+     * (-l and -o are vdisk io's only). */
     printf("Usage: %s [OPTIONS]... [-c STRING]... [file]\n"
            "%s\n"
-           "\n", qemu ? "qemu-io" : "vdisk io",
+           "\n"
+           "  --image-opts         treat file as option string\n"
+           "  -c, --cmd STRING     execute command with its arguments\n"
+           "                       from the given string\n"
+           "  -f, --format FMT     specifies the block driver to use\n"
+           "  -r, --read-only      export read-only\n",
+           qemu ? "qemu-io" : "vdisk io",
            qemu ? "QEMU Disk exerciser"
                 : "vdisk disk exerciser (the qemu-io command set)");
-    printf(
-"  --image-opts         treat file as option string\n"
-"  -c, --cmd STRING     execute command with its arguments\n"
-"                       from the given string\n"
-"  -f, --format FMT     specifies the block driver to use\n"
-"  -r, --read-only      export read-only\n"
+    if (!qemu) {
+        printf(
 "  -l, --load-snapshot=SNAPSHOT  show internal snapshot SNAPSHOT (an id or\n"
-"                       name, or snapshot.id=ID,snapshot.name=NAME), read-only\n"
+"                       name, or snapshot.id=ID,snapshot.name=NAME), read-only\n");
+    }
+    printf(
 "  -n, --nocache        disable host cache, short for -t none\n"
 "  -C, --copy-on-read   enable copy-on-read\n"
-"  -o, --options OPTS   driver options (key=value,...)\n"
+"  -m, --misalign       misalign allocations for O_DIRECT\n"
+"  -k, --native-aio     use kernel AIO implementation\n"
+"                       (Linux only, prefer use of -i)\n");
+    if (!qemu) {
+        printf(
+"  -o, --options OPTS   driver options (key=value,...)\n");
+    }
+    printf(
 "  -i, --aio=MODE       use AIO mode (threads, native or io_uring)\n"
 "  -t, --cache=MODE     use the given cache mode for the image\n"
 "  -d, --discard=MODE   use the given discard mode for the image\n"
@@ -2685,7 +2707,7 @@ int cmd_io(int argc, char **argv)
     };
     open_args a;
     char **cmds = NULL;
-    int ncmds = 0, c, i, last_error = 0, ret;
+    int ncmds = 0, c, i, last_error = 0, ret, longidx = -1;
     vd_error err = VD_ERROR_INIT;
     const char *sn_param = NULL;
 
@@ -2698,7 +2720,15 @@ int cmd_io(int argc, char **argv)
     opterr = 0;
     optind = 0;
     while ((c = getopt_long(argc, argv, ":hVc:d:f:rl:snCmki:t:o:U", lopts,
-                            NULL)) != -1) {
+                            &longidx)) != -1) {
+        /* -l and -o are vdisk io's: unknown to qemu-io. */
+        if (cli_as == CLI_QEMU_IO && (c == 'l' || c == 'o')) {
+            cli_foreign_option_error(c, longidx, argv);
+            usage();
+            ret = 1;
+            goto done;
+        }
+        longidx = -1;
         switch (c) {
         case 'h':
             usage();
@@ -2771,19 +2801,8 @@ int cmd_io(int argc, char **argv)
         case 'I':
             a.image_opts = true;
             break;
-        case ':':
-            cli_error("option requires an argument -- '%s'",
-                      argv[optind - 1]);
-            usage();
-            ret = 1;
-            goto done;
-        default:
-            if (optopt) {
-                cli_error("invalid option -- '%c'", optopt);
-            } else {
-                cli_error("unrecognized option '%s'",
-                          argv[optind - 1]);
-            }
+        default:    /* ':' or '?' */
+            cli_getopt_error(c, argv);
             usage();
             ret = 1;
             goto done;

@@ -59,6 +59,10 @@ void cli_help_hint(void);
  * requires an argument -- 'k'", "option '--socket' requires an
  * argument"). */
 void cli_getopt_error(int ch, char **argv);
+/* After getopt_long() returned option @ch that the program being run
+ * does not have (vdisk's own, or another QEMU tool's): what glibc says
+ * of an unknown option. @longidx is getopt_long's, -1 for a short one. */
+void cli_foreign_option_error(int ch, int longidx, char **argv);
 /* "PROG: warning: MESSAGE\n" on stderr. */
 void cli_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -427,6 +427,19 @@ void cli_getopt_error(int ch, char **argv)
     }
 }
 
+void cli_foreign_option_error(int ch, int longidx, char **argv)
+{
+    /* An option with a separate argument is the element before it. */
+    const char *arg = optarg && optarg == argv[optind - 1]
+                      ? argv[optind - 2] : argv[optind - 1];
+
+    if (longidx >= 0) {
+        cli_error("unrecognized option '%s'", arg);
+    } else {
+        cli_error("invalid option -- '%c'", ch);
+    }
+}
+
 void cli_warn(const char *fmt, ...)
 {
     va_list ap;
@@ -550,6 +563,22 @@ void cli_size_to_str(char *buf, size_t len, uint64_t val)
     }
     snprintf(buf, len, "%0.3g %sB", (double)val / (double)(1ULL << (exp * 10)),
              suffixes[exp]);
+}
+
+const char *cli_cache_mode(const char *mode)
+{
+    static const char *const modes[] = { "none", "writeback", "unsafe",
+                                         "directsync", "writethrough" };
+
+    if (strcmp(mode, "off") == 0) {
+        return "none";
+    }
+    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
+        if (strcmp(mode, modes[i]) == 0) {
+            return modes[i];
+        }
+    }
+    return NULL;
 }
 
 int cli_parse_output(const char *arg, bool *json)

@@ -90,6 +90,10 @@ int cli_cvtnum(const char *what, const char *str, uint64_t *out);
 /* qemu's size_to_str(): "1 MiB", "1.39 MiB", "516 KiB", "0 B". */
 void cli_size_to_str(char *buf, size_t len, uint64_t val);
 
+/* The cache mode @mode names as the library spells it ("off" is qemu's
+ * other name for "none"), or NULL when qemu would refuse it. */
+const char *cli_cache_mode(const char *mode);
+
 /* Parses "human" / "json" for --output; prints qemu-img's error. */
 int cli_parse_output(const char *arg, bool *json);
 

@@ -683,9 +683,7 @@ QMP_HANDLER(qmp_cmd_block_export_add)
         return qmp_fail(e, NULL, "Block export id '%s' is already in use",
                         id);
     }
-    if (!d->nbd) {
-        return qmp_fail(e, NULL, "NBD server not running");
-    }
+    /* QEMU's order: the node before the NBD server. */
     node = vd_find_node(nn);
     if (!node) {
         return qmp_fail(e, NULL, "Cannot find device='' nor node-name='%s'",
@@ -693,6 +691,9 @@ QMP_HANDLER(qmp_cmd_block_export_add)
     }
     if (writable && vd_node_is_read_only(node)) {
         return qmp_fail(e, NULL, "Cannot export read-only node as writable");
+    }
+    if (!d->nbd) {
+        return qmp_fail(e, NULL, "NBD server not running");
     }
     if (json_object_object_get_ex(args, "bitmaps", &bm) &&
         json_object_array_length(bm) > 0) {
