@@ -2038,7 +2038,9 @@ static int open_image(const char *name, const open_args *a)
     goto out;
 fail:
     fflush(stdout);
-    cli_error("can't open device %s: %s", name,
+    /* As qemu-io: an option string is no device name. */
+    cli_error("can't open%s%s: %s", a->image_opts ? "" : " device ",
+              a->image_opts ? "" : name,
               err.message[0] ? err.message : strerror(-ret));
     cli_print_hint(&err);
 out:

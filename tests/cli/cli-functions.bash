@@ -1,23 +1,18 @@
 # Helpers for the tests of vdisk's qemu-img subcommands (tests/cli/cli-*.sh
 # and the other scripts that compare a subcommand's output with qemu-img).
 # Sourced after ../functions.sh. Both programs run on the same inputs and
-# their combined stdout+stderr and exit statuses must be identical once
-# the program name is normalised ("qemu-img: " / "vdisk: ").
+# their combined stdout+stderr and exit statuses must be identical; vdisk
+# runs under qemu-img's name ($VDISK_QEMU_IMG), so its messages start
+# with "qemu-img: " as QEMU's do.
 #
-#   same ARGS...      run `qemu-img ARGS` and `vdisk ARGS` in the current
-#                     directory (for commands that only read)
+#   same ARGS...      run `qemu-img ARGS` with QEMU's and with vdisk's
+#                     qemu-img in the current directory (for commands
+#                     that only read)
 #   same_rw ARGS...   run them in ./q and ./v respectively (for commands
 #                     that write: each tool works on its own copy); call
 #                     split_dirs first to copy the current inputs there
 #   split_dirs        (re)create ./q and ./v as copies of the *.img and
 #                     *.qcow2 files in the current directory
-
-_norm()
-{
-    sed -e 's/^qemu-img: /PROG: /' -e 's/^vdisk: /PROG: /' \
-        -e "s/Try 'qemu-img --help'/Try 'PROG --help'/" \
-        -e "s/Try 'vdisk --help'/Try 'PROG --help'/"
-}
 
 _compare_runs()
 {
@@ -34,10 +29,8 @@ _compare_runs()
 same()
 {
     local qrc=0 vrc=0
-    "$QEMU_IMG" "$@" > q.raw 2>&1 || qrc=$?
-    "$VDISK" "$@" > v.raw 2>&1 || vrc=$?
-    _norm < q.raw > q.out
-    _norm < v.raw > v.out
+    "$QEMU_IMG" "$@" > q.out 2>&1 || qrc=$?
+    "$VDISK_QEMU_IMG" "$@" > v.out 2>&1 || vrc=$?
     _compare_runs "$qrc" "$vrc" "$@"
 }
 
@@ -55,9 +48,7 @@ split_dirs()
 same_rw()
 {
     local qrc=0 vrc=0
-    (cd q && "$QEMU_IMG" "$@") > q.raw 2>&1 || qrc=$?
-    (cd v && "$VDISK" "$@") > v.raw 2>&1 || vrc=$?
-    _norm < q.raw > q.out
-    _norm < v.raw > v.out
+    (cd q && "$QEMU_IMG" "$@") > q.out 2>&1 || qrc=$?
+    (cd v && "$VDISK_QEMU_IMG" "$@") > v.out 2>&1 || vrc=$?
     _compare_runs "$qrc" "$vrc" "$@"
 }
