@@ -41,6 +41,9 @@
 #define SERVE_DEFAULT_PORT "10809"
 #define SERVE_WORKERS      16
 #define SERVE_MAX_EXPORTS  64
+/* The NBD protocol's longest export name or description; qemu-nbd
+ * refuses longer ones when it parses -x and -D. */
+#define SERVE_MAX_STRING   4096
 
 enum {
     SERVE_OPT_CACHE = 300,
@@ -243,17 +246,6 @@ static void serve_usage(void)
 "  -h, --help               this help\n", SERVE_WORKERS);
 }
 
-/* Whether @mode is one of the NULL-terminated @modes. */
-static bool one_of(const char *mode, const char *const *modes)
-{
-    for (; *modes; modes++) {
-        if (strcmp(mode, *modes) == 0) {
-            return true;
-        }
-    }
-    return false;
-}
-
 /*
  * -n, --cache, --aio, --discard, --detect-zeroes: checked as qemu-nbd
  * checks them, when they are parsed and in its words, then set in @opts.
@@ -263,11 +255,7 @@ static bool one_of(const char *mode, const char *const *modes)
 static int block_option(vd_opts *opts, int c, const char *arg,
                         unsigned *seen)
 {
-    static const char *const aio_modes[] = { "threads", "native",
-                                             "io_uring", NULL };
     static const char *const zero_modes[] = { "off", "on", "unmap", NULL };
-    static const char *const discard_modes[] = { "ignore", "off", "unmap",
-                                                 "on", NULL };
     /* -n is --cache=none: they share a bit. */
     unsigned bit = c == 'n' ? 0 : (unsigned)(c - SERVE_OPT_CACHE);
     const char *discard;
@@ -289,13 +277,13 @@ static int block_option(vd_opts *opts, int c, const char *arg,
         }
         return vd_opts_set(opts, "cache", cli_cache_mode(arg));
     case SERVE_OPT_AIO:
-        if (!one_of(arg, aio_modes)) {
+        if (!cli_aio_mode_valid(arg)) {
             cli_error("Invalid aio mode '%s'", arg);
             return -1;
         }
         return vd_opts_set(opts, "aio", arg);
     case SERVE_OPT_DISCARD:
-        if (!one_of(arg, discard_modes)) {
+        if (!cli_discard_mode_valid(arg)) {
             cli_error("Invalid discard mode `%s'", arg);
             return -1;
         }
@@ -304,7 +292,7 @@ static int block_option(vd_opts *opts, int c, const char *arg,
                            strcmp(arg, "on") == 0 ? "unmap"
                            : strcmp(arg, "off") == 0 ? "ignore" : arg);
     default:
-        if (!one_of(arg, zero_modes)) {
+        if (!cli_one_of(arg, zero_modes)) {
             cli_error("Failed to parse detect_zeroes mode: invalid "
                       "parameter value: %s", arg);
             return -1;
@@ -451,10 +439,13 @@ static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
     json_object_put(args);
     if (!ret) {
         /* The schema checked nbd_addr_to_legacy()'s form: name the
-         * member as the user wrote it ('addr.path', not 'addr.data.path'). */
+         * member as qemu-storage-daemon does ('addr.path', not
+         * 'addr.data.path'; the union's tag is plain 'type'). */
         char *legacy = fix ? strstr(e.desc, "'addr.data.") : NULL;
         if (legacy) {
             memmove(legacy + 6, legacy + 11, strlen(legacy + 11) + 1);
+        } else if (fix && (legacy = strstr(e.desc, "'addr.type'"))) {
+            memmove(legacy + 1, legacy + 6, strlen(legacy + 6) + 1);
         }
         cli_error("%s %s: %s", opt, str, e.desc);
         return -1;
@@ -514,6 +505,15 @@ static const char *chardev_path(json_object *const *chardevs, int n,
     return NULL;
 }
 
+/* QEMU's character device backends: vdisk has only 'socket', and says
+ * so; another name is no backend at all. */
+static const char *const chardev_backends[] = {
+    "socket", "null", "udp", "ringbuf", "memory", "file", "pipe", "pty",
+    "stdio", "serial", "tty", "parallel", "parport", "msmouse", "wctablet",
+    "braille", "testdev", "spicevmc", "spiceport", "qemu-vdagent", "dbus",
+    "vc", NULL,
+};
+
 static int daemon_monitors(qmp_daemon *d, const char *const *opts,
                            const int *n)
 {
@@ -530,6 +530,12 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
             goto out;
         }
         chardevs[nc++] = o;
+        if (json_object_object_get_ex(o, "backend", &v) &&
+            !cli_one_of(json_object_get_string(v), chardev_backends)) {
+            cli_error("--chardev %s: '%s' is not a valid char driver name",
+                      str, json_object_get_string(v));
+            goto out;
+        }
         if (!json_object_object_get_ex(o, "backend", &v) ||
             strcmp(json_object_get_string(v), "socket") != 0 ||
             !json_object_object_get_ex(o, "path", &v) ||
@@ -546,6 +552,12 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
         const char *path;
         if (!o) {
             cli_error("--monitor %s: %s", str, err.message);
+            goto out;
+        }
+        if (json_object_object_get_ex(o, "mode", &v) &&
+            strcmp(json_object_get_string(v), "control") != 0) {
+            cli_error("--monitor %s: Only QMP is supported", str);
+            json_object_put(o);
             goto out;
         }
         path = json_object_object_get_ex(o, "chardev", &v)
@@ -742,11 +754,19 @@ int cmd_serve(int argc, char **argv)
                 cli_error("too many export names");
                 goto out;
             }
+            if (strlen(optarg) > SERVE_MAX_STRING) {
+                cli_error("export name '%s' too long", optarg);
+                goto out;
+            }
             names[nnames++] = optarg;
             break;
         case 'D':
             if (ndescs == SERVE_MAX_EXPORTS) {
                 cli_error("too many descriptions");
+                goto out;
+            }
+            if (strlen(optarg) > SERVE_MAX_STRING) {
+                cli_error("export description '%s' too long", optarg);
                 goto out;
             }
             descs[ndescs++] = optarg;

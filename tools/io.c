@@ -1961,6 +1961,18 @@ static bool valid_cache_mode(const char *mode)
     return false;
 }
 
+/* -d (discard) and -i (aio) of qemu-io and of its open command: whether
+ * the mode is one qemu takes; if not, prints qemu-io's message. */
+static bool check_mode_option(int c, const char *mode)
+{
+    if (c == 'd' ? cli_discard_mode_valid(mode) : cli_aio_mode_valid(mode)) {
+        return true;
+    }
+    fflush(stdout);
+    cli_error("Invalid %s option: %s", c == 'd' ? "discard" : "aio", mode);
+    return false;
+}
+
 /* Opens @name into io.node; prints qemu-io's message on failure. */
 static int open_image(const char *name, const open_args *a)
 {
@@ -2106,10 +2118,13 @@ static int open_f(int argc, char **argv)
             a.cache = optarg;
             break;
         case 'd':
-            a.discard = optarg;
-            break;
         case 'i':
-            a.aio = optarg;
+            /* Checked as parsed, in qemu-io's words. */
+            if (!check_mode_option(c, optarg)) {
+                vd_opts_free(&a.opts);
+                return -EINVAL;
+            }
+            *(c == 'd' ? &a.discard : &a.aio) = optarg;
             break;
         case 'U':
             a.force_share = true;
@@ -2121,7 +2136,7 @@ static int open_f(int argc, char **argv)
     }
     if (io.node) {
         fflush(stdout);
-        fprintf(stderr, "file open already, try 'help close'\n");
+        cli_error("file open already, try 'help close'");
         vd_opts_free(&a.opts);
         return -EBUSY;
     }
@@ -2773,6 +2788,10 @@ int cmd_io(int argc, char **argv)
         case 'k':
             break; /* buffers are always aligned; aio mode is the lib's */
         case 'd':
+            if (!check_mode_option(c, optarg)) {
+                ret = 1;
+                goto done;
+            }
             a.discard = optarg;
             break;
         case 't':
@@ -2784,6 +2803,10 @@ int cmd_io(int argc, char **argv)
             a.cache = optarg;
             break;
         case 'i':
+            if (!check_mode_option(c, optarg)) {
+                ret = 1;
+                goto done;
+            }
             a.aio = optarg;
             break;
         case 'o':

@@ -581,6 +581,32 @@ const char *cli_cache_mode(const char *mode)
     return NULL;
 }
 
+bool cli_one_of(const char *mode, const char *const *modes)
+{
+    for (; *modes; modes++) {
+        if (strcmp(mode, *modes) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool cli_aio_mode_valid(const char *mode)
+{
+    static const char *const modes[] = { "threads", "native", "io_uring",
+                                         NULL };
+
+    return cli_one_of(mode, modes);
+}
+
+bool cli_discard_mode_valid(const char *mode)
+{
+    static const char *const modes[] = { "ignore", "off", "unmap", "on",
+                                         NULL };
+
+    return cli_one_of(mode, modes);
+}
+
 int cli_parse_output(const char *arg, bool *json)
 {
     if (strcmp(arg, "json") == 0) {
@@ -638,6 +664,16 @@ void cli_progress_end(cli_progress *p)
     }
 }
 
+static void parse_snapshot_failed(const char *param)
+{
+    /* qemu-nbd quotes it `so', qemu-img 'so'. */
+    if (cli_as == CLI_QEMU_NBD) {
+        cli_error("Failed in parsing snapshot param `%s'", param);
+    } else {
+        cli_error("Failed in parsing snapshot param '%s'", param);
+    }
+}
+
 /* Loads snapshot @param ("snapshot.id=X,snapshot.name=Y" or a plain id or
  * name) into the read-only @node. Returns 0 or prints and returns -1. */
 int cli_load_snapshot(vd_node *node, const char *param)
@@ -650,7 +686,7 @@ int cli_load_snapshot(vd_node *node, const char *param)
         const char *bad = NULL;
         if (!o || vd_opts_parse(o, param, NULL, &err) < 0) {
             vd_opts_free(&o);
-            cli_error("Failed in parsing snapshot param '%s'", param);
+            parse_snapshot_failed(param);
             return -1;
         }
         for (size_t i = 0; i < vd_opts_count(o) && !bad; i++) {
@@ -662,7 +698,7 @@ int cli_load_snapshot(vd_node *node, const char *param)
         }
         if (bad) {
             cli_error("Invalid parameter '%s'", bad);
-            cli_error("Failed in parsing snapshot param '%s'", param);
+            parse_snapshot_failed(param);
             vd_opts_free(&o);
             return -1;
         }

@@ -94,6 +94,13 @@ void cli_size_to_str(char *buf, size_t len, uint64_t val);
  * other name for "none"), or NULL when qemu would refuse it. */
 const char *cli_cache_mode(const char *mode);
 
+/* Whether @mode is one of the NULL-terminated @modes. */
+bool cli_one_of(const char *mode, const char *const *modes);
+/* The aio and discard modes qemu's tools take (bdrv_parse_aio(),
+ * bdrv_parse_discard_flags()). */
+bool cli_aio_mode_valid(const char *mode);
+bool cli_discard_mode_valid(const char *mode);
+
 /* Parses "human" / "json" for --output; prints qemu-img's error. */
 int cli_parse_output(const char *arg, bool *json);
 

@@ -522,7 +522,7 @@ VD_API int vd_nbd_server_listen_tcp(vd_nbd_server *srv, const char *addr,
 
     r = getaddrinfo(addr, port, &hints, &res);
     if (r != 0) {
-        return vd_error_set(err, -EINVAL, "%s:%s: cannot resolve address: %s",
+        return vd_error_set(err, -EINVAL, "address resolution failed for %s:%s: %s",
                             addr ? addr : "*", port, gai_strerror(r));
     }
     for (ai = res; ai && srv->nb_listen < MAX_LISTEN; ai = ai->ai_next) {

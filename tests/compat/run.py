@@ -162,9 +162,10 @@ def read_known(path):
 def make_filter(scratch, bindirs):
     subs = [
         # qemu-io's statistics: keep bytes and ops, not time and rates.
-        (re.compile(r"^(.* bytes?, \d+ ops); [0-9:.]+ sec \(.*\)$|"
-                    r"^(.*B, \d+ ops); [0-9:.]+ sec \(.*\)$", re.M),
-         lambda m: (m.group(1) or m.group(2)) + "; TIME sec (RATE)"),
+        # (Past an hour the time has no " sec".)
+        (re.compile(r"^(.*(?: bytes?|B), \d+ ops); [0-9:.]+(?: sec)? "
+                    r"\(.*\)$", re.M),
+         r"\1; TIME sec (RATE)"),
         (re.compile(r"^(\d+),(\d+),[0-9:.]+,[0-9.]+,[0-9.]+$", re.M),
          r"\1,\2,TIME,RATE,RATE"),
         # qemu-img bench.
