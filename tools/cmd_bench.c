@@ -446,12 +446,17 @@ int cmd_bench(int argc, char **argv)
     int nworkers = 0, status = 1;
     int64_t len;
     double t1, t2;
-    int c;
+    int c, longidx = -1;
 
     optind = 0;    /* reset getopt for this argv (glibc: full reset) */
     opterr = 0;
     while ((c = getopt_long(argc, argv, ":hc:d:f:ni:o:qs:S:t:wU", long_opts,
-                            NULL)) != -1) {
+                            &longidx)) != -1) {
+        if (cli_as == CLI_QEMU_IMG && longidx >= 0 &&
+            cli_option_is_vdisk_only("bench", long_opts[longidx].name)) {
+            c = '?';
+        }
+        longidx = -1;
         switch (c) {
         case ':':
             bench_error("missing argument for option '%s'", argv[optind - 1]);

@@ -10,6 +10,7 @@
 #define VDISK_TOOLS_PROG_H
 
 #include <stdarg.h>
+#include <stdbool.h>
 
 /* Which program: main() calls cli_set_tool() with argv[0] before
  * anything is printed. */
@@ -41,6 +42,9 @@ void cli_print_qemu_version(void);
 
 /* Prints the usage text (vdisk --help, qemu-img --help). */
 void cli_print_help(void);
+/* Whether --@option of qemu-img subcommand @command is vdisk's own
+ * (unknown under qemu-img's name). */
+bool cli_option_is_vdisk_only(const char *command, const char *option);
 
 /* Every message of the tools that carries the program's name goes
  * through these, so the name is written in one place. */

@@ -254,6 +254,73 @@ static void print_driver(const char *name, void *opaque)
     printf(" %s", name);
 }
 
+/*
+ * vdisk's own options of qemu-img's subcommands: unknown options under
+ * qemu-img's name, as in QEMU (cli_getopt(), cmd_bench.c), and left out
+ * of its help.
+ */
+static const struct {
+    const char *command, *option;
+} vdisk_only_options[] = {
+    { "bench", "random" },
+    { "snapshot", "group" },
+    { "snapshot", "vmstate" },
+    { "snapshot", "vmstate-data" },
+};
+
+bool cli_option_is_vdisk_only(const char *command, const char *option)
+{
+    for (size_t i = 0;
+         i < sizeof(vdisk_only_options) / sizeof(vdisk_only_options[0]); i++) {
+        if (strcmp(vdisk_only_options[i].command, command) == 0 &&
+            strcmp(vdisk_only_options[i].option, option) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* A synopsis under qemu-img's name: its first line (the others are
+ * vdisk's own forms), without the brackets of vdisk's own options. */
+static void print_qemu_synopsis(const cli_command *c)
+{
+    const char *p = c->synopsis;
+    size_t len = strcspn(p, "\n");
+
+    printf("  %s ", c->name);
+    while (len > 0) {
+        const char *next = memchr(p, '[', len);
+        size_t n = next ? (size_t)(next - p) : len;
+        char opt[64];
+
+        fwrite(p, 1, n, stdout);
+        p += n;
+        len -= n;
+        if (!next) {
+            break;
+        }
+        /* "[--name]" or "[--name ...]": skipped when vdisk's own. */
+        if (sscanf(p, "[--%63[a-z-]", opt) == 1 &&
+            cli_option_is_vdisk_only(c->name, opt)) {
+            size_t skip = strcspn(p, "]") + 1;
+            if (skip > len) {
+                skip = len;
+            }
+            /* The separating space before it goes too. */
+            if (n > 0 && p[-1] == ' ' && skip < len && p[skip] == ' ') {
+                skip++;
+            }
+            p += skip;
+            len -= skip;
+        } else {
+            fputc('[', stdout);
+            p++;
+            len--;
+        }
+    }
+    fputc('\n', stdout);
+}
+
 void cli_print_help(void)
 {
     bool qemu = cli_as == CLI_QEMU_IMG;
@@ -275,7 +342,12 @@ void cli_print_help(void)
            "\n"
            "Command syntax:\n");
     for (const cli_command *c = cli_commands; c->name; c++) {
-        if (!(qemu && cli_command_is_vdisk_only(c))) {
+        if (qemu && cli_command_is_vdisk_only(c)) {
+            continue;
+        }
+        if (qemu) {
+            print_qemu_synopsis(c);
+        } else {
             printf("  %s %s\n", c->name, c->synopsis);
         }
     }
@@ -333,11 +405,14 @@ void cli_print_help(void)
 "  '-a' applies a snapshot (revert disk to saved state)\n"
 "  '-c' creates a snapshot\n"
 "  '-d' deletes a snapshot\n"
-"  '-l' lists all snapshots in the given image\n"
+"  '-l' lists all snapshots in the given image\n", cli_prog, cli_prog);
+    if (!qemu) {
+        printf(
 "  '--group' runs -c, -a or -d on all the given images at once (one VM's\n"
 "       disks); '--vmstate' names the image holding the VM state and\n"
-"       '--vmstate-data' a file stored as VM state (-c) or restored (-a)\n"
-"\n"
+"       '--vmstate-data' a file stored as VM state (-c) or restored (-a)\n");
+    }
+    printf("\n"
 "Parameters to dd subcommand:\n"
 "  'bs=BYTES' read and write up to BYTES bytes at a time (default: 512)\n"
 "  'count=N' copy only N input blocks\n"
@@ -345,7 +420,7 @@ void cli_print_help(void)
 "  'of=FILE' write to FILE\n"
 "  'skip=N' skip N bs-sized blocks at the start of input\n"
 "\n"
-"Supported formats:", cli_prog, cli_prog);
+"Supported formats:");
     vd_list_drivers(print_driver, NULL);
     printf("\n");
 }
@@ -355,7 +430,15 @@ int cli_getopt(const char *name, int argc, char **argv)
     const cli_command *c = cli_find_command(name);
     int ch;
 
-    ch = getopt_long(argc, argv, c->short_opts, c->long_opts, NULL);
+    int longidx = -1;
+
+    ch = getopt_long(argc, argv, c->short_opts, c->long_opts, &longidx);
+    if (cli_as == CLI_QEMU_IMG && longidx >= 0 && ch != ':' && ch != '?' &&
+        cli_option_is_vdisk_only(name, c->long_opts[longidx].name)) {
+        cli_foreign_option_error(ch, longidx, argv);
+        cli_help_hint();
+        return '?';
+    }
     if (ch == ':') {
         cli_error_hint("missing argument for option '%s'", argv[optind - 1]);
         return '?';
