@@ -2,6 +2,10 @@
  * vdisk serve: export images over NBD, with qemu-nbd's options (see
  * ../shared/specs/qemu-nbd.rst and docs/nbd.md). This file only parses
  * the command line, opens the images and drives the server in src/nbd/.
+ * Invoked as qemu-nbd it takes qemu-nbd's form only (one image), as
+ * qemu-storage-daemon the daemon form only, each with that tool's help,
+ * version and messages (docs/compat.md); `vdisk serve` takes both and
+ * vdisk's extras.
  *
  * Order matters for --fork: the listening sockets are created first, the
  * process then forks, and the child opens the images (nodes must not be

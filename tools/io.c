@@ -1,5 +1,7 @@
 /*
- * `vdisk io`: qemu-io's command set over the public vdisk API.
+ * `vdisk io`: qemu-io's command set over the public vdisk API. Invoked as
+ * qemu-io (docs/compat.md) it is that tool: qemu-io's name in messages,
+ * help and version, and without vdisk io's -l, -o and randrw.
  *
  * The output of every command is meant to be byte-for-byte what qemu-io
  * 7.2 prints (timings aside), so tests can diff the two tools. The file is
