@@ -643,7 +643,10 @@ int cmd_convert(int argc, char **argv)
     }
 
     if (options && cli_has_help_option(options)) {
-        ret = cli_print_create_help(NULL, out_fmt);
+        /* As qemu-img: the target's protocol options are listed too once
+         * a source and a target are named. */
+        ret = cli_print_create_help(argc - optind >= 2 ? argv[argc - 1]
+                                                       : NULL, out_fmt);
         goto out;
     }
     if (target_image_opts && !skip_create) {
