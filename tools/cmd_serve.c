@@ -240,18 +240,43 @@ static void on_daemon_signal(int sig)
     }
 }
 
+/* True when the key=value option @str has a bare "help" or "?" element,
+ * which qemu-storage-daemon answers for its options. */
+static bool asks_help(const char *str)
+{
+    const char *p = str;
+
+    if (str[0] == '{') {
+        return false;
+    }
+    while (*p) {
+        size_t n = 0;
+        /* An element runs to a lone comma (",," is part of a value). */
+        while (p[n] && !(p[n] == ',' && p[n + 1] != ',')) {
+            n += p[n] == ',' ? 2 : 1;
+        }
+        if ((n == 4 && strncmp(p, "help", 4) == 0) || (n == 1 && *p == '?')) {
+            return true;
+        }
+        p += n;
+        p += *p == ',';
+    }
+    return false;
+}
+
 /* Runs QMP command @cmd with the option value @str (a JSON object or
- * key=value list). Returns 0 or -1 after printing the error. */
+ * key=value list). Returns 0 or -1 after printing the error, worded as
+ * qemu-storage-daemon's ("--blockdev ARG: MESSAGE"). */
 static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
                         const char *str, json_object *(*fix)(json_object *))
 {
     vd_error err = VD_ERROR_INIT;
     qmp_error e = { 0 };
-    json_object *args = qmp_parse_cli_object(str, NULL, &err);
-    json_object *ret;
+    json_object *args, *ret;
 
+    args = qmp_parse_cli_object(str, NULL, &err);
     if (!args) {
-        fprintf(stderr, "vdisk serve: %s: %s\n", opt, err.message);
+        fprintf(stderr, "vdisk serve: %s %s: %s\n", opt, str, err.message);
         return -1;
     }
     if (fix) {
@@ -260,7 +285,7 @@ static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
     ret = qmp_daemon_execute(d, cmd, args, str[0] != '{', &e);
     json_object_put(args);
     if (!ret) {
-        fprintf(stderr, "vdisk serve: %s: %s\n", opt, e.desc);
+        fprintf(stderr, "vdisk serve: %s %s: %s\n", opt, str, e.desc);
         return -1;
     }
     json_object_put(ret);
@@ -574,6 +599,19 @@ int cmd_serve(int argc, char **argv)
         case SERVE_OPT_MONITOR:
         case SERVE_OPT_QMP: {
             int k = c - SERVE_OPT_BLOCKDEV;
+            if (asks_help(optarg)) {
+                /* qemu-storage-daemon lists chardev backends (vdisk has
+                 * one) and has no help for the others. */
+                if (k == D_CHARDEV) {
+                    printf("Available chardev backend types: \n  socket\n");
+                    ret = 0;
+                } else {
+                    fprintf(stderr, "vdisk serve: %s %s: Help is not "
+                            "available for this option\n",
+                            daemon_opt_names[k], optarg);
+                }
+                goto out;
+            }
             if (ndaemon[k] == SERVE_MAX_DAEMON_OPTS) {
                 fprintf(stderr, "vdisk serve: too many %s options\n",
                         daemon_opt_names[k]);

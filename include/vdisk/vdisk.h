@@ -1260,7 +1260,9 @@ typedef struct vd_throttle_limits {
 /**
  * Copies the limits of throttle group @id into @out; they satisfy QEMU's
  * rules (checked when the group was made or its limits set). -ENOENT
- * when there is no such object, -EINVAL when it is not a throttle group.
+ * "Throttle group 'ID' does not exist", -EINVAL when the object is not
+ * a throttle group. A node that enforces the limits holds the group so
+ * that object-del refuses it meanwhile (src/core/object.h).
  */
 VD_API int vd_throttle_group_get_limits(const char *id,
                                         vd_throttle_limits *out,

@@ -98,3 +98,23 @@ for fmt in qcow2 raw; do
     done
 done
 [ ! -e x.img ] && [ ! -e out.img ] || fail "-o help created an image"
+
+# qemu-storage-daemon's other options have no help, in its words; its
+# --chardev help lists backends (vdisk has one, which QEMU lists too).
+for a in "--blockdev help" "--blockdev driver=qcow2,help" "--export help" \
+         "--nbd-server help" "--monitor help" "--export type=nbd,?"; do
+    qs=0 vs=0
+    # shellcheck disable=SC2086
+    $T qemu-storage-daemon $a > q.txt 2> q.err || qs=$?
+    # shellcheck disable=SC2086
+    $T "$VDISK" serve $a > v.txt 2> v.err || vs=$?
+    [ "$qs" = 1 ] && [ "$vs" = 1 ] || fail "$a: exit $vs, qemu $qs"
+    diff <(sed 's/^qemu-storage-daemon: //' q.err) \
+         <(sed 's/^vdisk serve: //' v.err) || fail "$a: message differs"
+done
+$T qemu-storage-daemon --chardev help > q.txt
+$T "$VDISK" serve --chardev help > v.txt
+diff <(head -n 1 q.txt) <(head -n 1 v.txt) || fail "--chardev help header"
+tail -n +2 v.txt | while read -r b; do
+    grep -qx "  $b" q.txt || fail "--chardev help lists $b"
+done
