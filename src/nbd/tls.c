@@ -325,9 +325,9 @@ static int tls_load_x509(tls_object *o, const char *dir,
                                               GNUTLS_X509_FMT_PEM,
                                               key_password, 0);
     if (r < 0) {
-        return tls_fail(err, -EINVAL,
-                            "%s: cannot load certificate with key %s: %s",
-                            cert, key, gnutls_strerror(r));
+        /* qemu's words: a wrong passwordid secret ends up here. */
+        return tls_fail(err, -EINVAL, "Cannot load certificate '%s' & key "
+                        "'%s': %s", cert, key, gnutls_strerror(r));
     }
     return tls_load_dh(o, dir, err);
 }
