@@ -1124,10 +1124,11 @@ VD_API int vd_load_vmstate(vd_node *node, void *buf, uint64_t len,
  * Adds an object of class @type named @id with the properties @props
  * (may be NULL): key=value strings as on QEMU's command line, dotted
  * keys for nested members ("limits.bps-total=1000", "rules.0.match=bob")
- * and numbers for list indices. Values are checked against the class's
- * types with QEMU's messages ("Parameter 'x-bps-total' expects
- * integer", "Parameter 'bogus' is unexpected"), then the object is
- * completed. Nothing is added on error. Returns 0, or -EINVAL (bad
+ * and numbers for list indices. @type or @id NULL: taken from @props'
+ * "qom-type" or "id" key, as QMP's object-add carries them. Values are
+ * checked against the class's types with QEMU's messages ("Parameter
+ * 'x-bps-total' expects integer", "Parameter 'bogus' is unexpected"),
+ * then the object is completed. Nothing is added on error. Returns 0, or -EINVAL (bad
  * value, unknown type or property, malformed id: "Parameter 'id'
  * expects an identifier" with a hint), -EEXIST ("attempt to add
  * duplicate property 'ID' to object (type 'container')"), -ENOTSUP (a
