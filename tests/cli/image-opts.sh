@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # --image-opts on every command that has it in QEMU 7.2 (qemu-img's info,
 # check, map, compare, measure, convert with --target-image-opts, dd,
-# amend, commit, rebase, resize, snapshot; qemu-io; qemu-nbd): the same
+# amend, commit, rebase, resize, snapshot, bench; qemu-io; qemu-nbd): the same
 # output, messages, exit status and resulting images as QEMU's tools,
 # and the same refusals (-f with --image-opts, --target-image-opts
 # without -n, bad options).
@@ -58,6 +58,9 @@ for cmd in info check map "measure -O qcow2"; do
     same $cmd --image-opts "driver=nosuch,file.filename=img.qcow2"
 done
 same compare --image-opts -f qcow2 "$Q" "$Q2"
+same bench -c 1 --image-opts -f qcow2 "$Q"
+same bench -c 1 --image-opts "driver=qcow2,file.filename=nonexist.qcow2"
+same bench -c 1 --image-opts "$Q,foo=1"
 same convert --target-image-opts img.qcow2 "$Q2"
 same convert -n -O qcow2 --target-image-opts img.qcow2 "$Q2"
 same convert -n --target-image-opts -o cluster_size=4k img.qcow2 "$Q2"
