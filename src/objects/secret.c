@@ -70,7 +70,7 @@ static int read_file(const char *path, unsigned char **out, size_t *outlen,
         ssize_t n;
         if (len + 1 >= cap) {
             unsigned char *nb;
-            if (cap > SECRET_FILE_MAX) {
+            if (cap >= SECRET_FILE_MAX) {
                 wipe_free(buf, len);
                 close(fd);
                 return vd_error_set(err, -EFBIG, "Unable to read %s: File "
@@ -152,7 +152,7 @@ static int aes256cbc_decrypt(const unsigned char *key, const unsigned char *iv,
 static int decrypt(secret *s, unsigned char **in, size_t *len, vd_error *err)
 {
     unsigned char *key = NULL, *iv = NULL, *ct = NULL;
-    size_t keylen = 0, ivlen = 0, ctlen;
+    size_t keylen = 0, ivlen = 0, ctlen = 0;
     int r, pad;
 
     r = vd_secret_get(s->keyid, &key, &keylen, err);
