@@ -17,9 +17,12 @@
  * (src/qmp/, docs/qmp.md) that serves until `quit` or a signal. Each
  * option is turned into the QMP command it stands for (blockdev-add,
  * nbd-server-start, block-export-add) and checked by the same schema.
- * --object works in both forms: it adds to tls.c's registry of
- * credentials, which --tls-creds (qemu-nbd form) or the tls-creds of
- * --nbd-server and QMP nbd-server-start (daemon form) then name.
+ * --object works in both forms: it adds to the library's object
+ * registry (secrets, TLS credentials, ...), which --tls-creds (qemu-nbd
+ * form) or the tls-creds of --nbd-server and QMP nbd-server-start
+ * (daemon form) then name. Objects are added once the command line is
+ * read (the form decides how errors are worded), in their order, before
+ * anything else is checked or opened.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -52,6 +55,8 @@ enum {
     SERVE_OPT_WORKERS,
     SERVE_OPT_OBJECT,
     SERVE_OPT_TLS_CREDS,
+    SERVE_OPT_TLS_AUTHZ,
+    SERVE_OPT_IMAGE_OPTS,
     SERVE_OPT_BLOCKDEV,
     SERVE_OPT_NBD_SERVER,
     SERVE_OPT_EXPORT,
@@ -91,6 +96,8 @@ static const struct option serve_long[] = {
     { "workers", required_argument, NULL, SERVE_OPT_WORKERS },
     { "object", required_argument, NULL, SERVE_OPT_OBJECT },
     { "tls-creds", required_argument, NULL, SERVE_OPT_TLS_CREDS },
+    { "tls-authz", required_argument, NULL, SERVE_OPT_TLS_AUTHZ },
+    { "image-opts", no_argument, NULL, SERVE_OPT_IMAGE_OPTS },
     { "blockdev", required_argument, NULL, SERVE_OPT_BLOCKDEV },
     { "nbd-server", required_argument, NULL, SERVE_OPT_NBD_SERVER },
     { "export", required_argument, NULL, SERVE_OPT_EXPORT },
@@ -127,6 +134,7 @@ static void serve_usage(void)
 "      --detect-zeroes=MODE off, on or unmap\n"
 "      --pid-file=PATH      write the server's process id to PATH\n"
 "      --fork               run in the background once the server listens\n"
+"      --image-opts         treat FILE as a full set of image options\n"
 "      --workers=N          at most N I/O threads per connection (default %d)\n"
 "\n"
 "Daemon form (see docs/qmp.md):\n"
@@ -139,15 +147,34 @@ static void serve_usage(void)
 "      --chardev socket,id=ID,path=P,server=on,wait=off\n"
 "      --monitor chardev=ID a QMP monitor on that socket\n"
 "      --qmp unix:PATH      shorthand for the two above\n"
-"      --object=SPEC        tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off]\n"
-"                           or tls-creds-psk,id=ID,endpoint=server,dir=DIR\n"
-"                           (both forms; the daemon also has object-add)\n"
+"      --object=SPEC        define an object (both forms; the daemon also has\n"
+"                           object-add): tls-creds-x509,id=ID,endpoint=server,\n"
+"                           dir=DIR[,verify-peer=on|off], tls-creds-psk,...,\n"
+"                           secret, ...; --object help lists the types\n"
 "      --tls-creds=ID       require TLS with the credentials object ID\n"
 "                           (the daemon form: --nbd-server ...,tls-creds=ID)\n"
 "  -h, --help               this help\n", SERVE_WORKERS);
 }
 
 static vd_nbd_server *the_server;
+
+/*
+ * Adds the --object arguments @objs in order (cli_add_object()). The
+ * daemon form words an error as qemu-storage-daemon ("--object ARG:
+ * MESSAGE"), the qemu-nbd form as qemu-nbd. Returns 0 or -1.
+ */
+static int add_objects(const char *const *objs, int n, bool daemon_form)
+{
+    for (int i = 0; i < n; i++) {
+        char ctx[4200];
+
+        snprintf(ctx, sizeof(ctx), "--object %s", objs[i]);
+        if (cli_add_object(objs[i], daemon_form ? ctx : NULL) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
 
 static void on_signal(int sig)
 {
@@ -213,18 +240,43 @@ static void on_daemon_signal(int sig)
     }
 }
 
+/* True when the key=value option @str has a bare "help" or "?" element,
+ * which qemu-storage-daemon answers for its options. */
+static bool asks_help(const char *str)
+{
+    const char *p = str;
+
+    if (str[0] == '{') {
+        return false;
+    }
+    while (*p) {
+        size_t n = 0;
+        /* An element runs to a lone comma (",," is part of a value). */
+        while (p[n] && !(p[n] == ',' && p[n + 1] != ',')) {
+            n += p[n] == ',' ? 2 : 1;
+        }
+        if ((n == 4 && strncmp(p, "help", 4) == 0) || (n == 1 && *p == '?')) {
+            return true;
+        }
+        p += n;
+        p += *p == ',';
+    }
+    return false;
+}
+
 /* Runs QMP command @cmd with the option value @str (a JSON object or
- * key=value list). Returns 0 or -1 after printing the error. */
+ * key=value list). Returns 0 or -1 after printing the error, worded as
+ * qemu-storage-daemon's ("--blockdev ARG: MESSAGE"). */
 static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
                         const char *str, json_object *(*fix)(json_object *))
 {
     vd_error err = VD_ERROR_INIT;
     qmp_error e = { 0 };
-    json_object *args = qmp_parse_cli_object(str, NULL, &err);
-    json_object *ret;
+    json_object *args, *ret;
 
+    args = qmp_parse_cli_object(str, NULL, &err);
     if (!args) {
-        fprintf(stderr, "vdisk serve: %s: %s\n", opt, err.message);
+        fprintf(stderr, "vdisk serve: %s %s: %s\n", opt, str, err.message);
         return -1;
     }
     if (fix) {
@@ -233,7 +285,7 @@ static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
     ret = qmp_daemon_execute(d, cmd, args, str[0] != '{', &e);
     json_object_put(args);
     if (!ret) {
-        fprintf(stderr, "vdisk serve: %s: %s\n", opt, e.desc);
+        fprintf(stderr, "vdisk serve: %s %s: %s\n", opt, str, e.desc);
         return -1;
     }
     json_object_put(ret);
@@ -437,6 +489,10 @@ int cmd_serve(int argc, char **argv)
 
     const char *sockpath = NULL, *bind_addr = NULL, *port = NULL;
     const char *fmt = NULL, *pidfile = NULL, *tls_creds = NULL;
+    const char *tls_authz = NULL;
+    const char **objects = NULL;
+    int nobjects = 0;
+    bool image_opts = false;
     const char *names[SERVE_MAX_EXPORTS], *descs[SERVE_MAX_EXPORTS];
     unsigned nnames = 0, ndescs = 0, shared = 1, workers = SERVE_WORKERS;
     bool persistent = false, read_only = false, do_fork = false;
@@ -453,8 +509,11 @@ int cmd_serve(int argc, char **argv)
     bool daemon_mode = false;
 
     opts = vd_opts_new();
-    if (!opts) {
+    objects = calloc((size_t)argc + 1, sizeof(*objects));
+    if (!opts || !objects) {
         fprintf(stderr, "vdisk serve: out of memory\n");
+        vd_opts_free(&opts);
+        free(objects);
         return 1;
     }
     optind = 1;
@@ -540,6 +599,19 @@ int cmd_serve(int argc, char **argv)
         case SERVE_OPT_MONITOR:
         case SERVE_OPT_QMP: {
             int k = c - SERVE_OPT_BLOCKDEV;
+            if (asks_help(optarg)) {
+                /* qemu-storage-daemon lists chardev backends (vdisk has
+                 * one) and has no help for the others. */
+                if (k == D_CHARDEV) {
+                    printf("Available chardev backend types: \n  socket\n");
+                    ret = 0;
+                } else {
+                    fprintf(stderr, "vdisk serve: %s %s: Help is not "
+                            "available for this option\n",
+                            daemon_opt_names[k], optarg);
+                }
+                goto out;
+            }
             if (ndaemon[k] == SERVE_MAX_DAEMON_OPTS) {
                 fprintf(stderr, "vdisk serve: too many %s options\n",
                         daemon_opt_names[k]);
@@ -557,14 +629,16 @@ int cmd_serve(int argc, char **argv)
             }
             break;
         case SERVE_OPT_OBJECT:
-            vd_error_clear(&err);
-            if (vd_nbd_tls_add_object(optarg, &err) < 0) {
-                fprintf(stderr, "vdisk serve: %s\n", err.message);
-                goto out;
-            }
+            objects[nobjects++] = optarg;
             break;
         case SERVE_OPT_TLS_CREDS:
             tls_creds = optarg;
+            break;
+        case SERVE_OPT_TLS_AUTHZ:
+            tls_authz = optarg;
+            break;
+        case SERVE_OPT_IMAGE_OPTS:
+            image_opts = true;
             break;
         case ':':
             fprintf(stderr, "vdisk serve: option '%s' requires an argument\n",
@@ -581,6 +655,27 @@ int cmd_serve(int argc, char **argv)
         }
     }
 
+    if (add_objects(objects, nobjects, daemon_mode) < 0) {
+        goto out;
+    }
+    if (tls_authz && !tls_creds) {
+        fprintf(stderr, "vdisk serve: --tls-authz is not permitted without "
+                "--tls-creds\n");
+        goto out;
+    }
+    if (tls_authz) {
+        /* The authorization objects exist (vd_authz_is_allowed()), but
+         * the NBD server does not ask them yet: serving without the
+         * check would let in clients the caller means to keep out. */
+        fprintf(stderr, "vdisk serve: --tls-authz is not supported yet: the "
+                "NBD server cannot check client identities\n");
+        goto out;
+    }
+    if (image_opts && fmt) {
+        fprintf(stderr, "vdisk serve: --image-opts and -f are mutually "
+                "exclusive\n");
+        goto out;
+    }
     if (daemon_mode && tls_creds) {
         fprintf(stderr, "vdisk serve: --tls-creds is qemu-nbd's option; give "
                 "the daemon --nbd-server ...,tls-creds=ID\n");
@@ -678,7 +773,17 @@ int cmd_serve(int argc, char **argv)
         int r;
 
         vd_error_clear(&err);
-        r = vd_open(&nodes[i], file, fmt, opts, flags, &err);
+        if (image_opts) {
+            /* FILE is the whole set of options, as blockdev-add's. */
+            vd_opts *all = cli_parse_image_opts(file, opts);
+            if (!all) {
+                goto out;
+            }
+            r = vd_open(&nodes[i], NULL, NULL, all, flags, &err);
+            vd_opts_free(&all);
+        } else {
+            r = vd_open(&nodes[i], file, fmt, opts, flags, &err);
+        }
         if (r < 0) {
             /* qemu-nbd's words, naming the file. */
             fprintf(stderr, "vdisk serve: Failed to blk_new_open '%s': %s\n",
@@ -755,7 +860,8 @@ out:
         close(ready_fd);
     }
     vd_opts_free(&opts);
+    free(objects);
     vd_nbd_tls_creds_unref(creds);
-    vd_nbd_tls_cleanup();
+    vd_object_del_all();
     return ret;
 }

@@ -1992,45 +1992,24 @@ static int open_image(const char *name, const open_args *a)
         goto out;
     }
     if (a->image_opts) {
+        /* The whole of @name is options, as blockdev-add takes them. */
+        vd_opts *all;
         if (a->format) {
             fflush(stdout);
-            fprintf(stderr, "vdisk: --image-opts and 'format' are mutually "
+            fprintf(stderr, "vdisk: --image-opts and -f are mutually "
                     "exclusive\n");
             ret = -EINVAL;
             goto out;
         }
-        ret = vd_opts_parse(opts, name, NULL, &err);
-        if (ret < 0) {
-            goto fail;
-        }
-        filename = vd_opts_get(opts, "filename");
-        if (filename) {
-            /* vd_open() takes the filename as a parameter, not a key. */
-            vd_opts *rest = vd_opts_new();
-            size_t i;
-            char *copy = strdup(filename);
-            if (!rest || !copy) {
-                vd_opts_free(&rest);
-                free(copy);
-                ret = -ENOMEM;
-                goto out;
-            }
-            for (i = 0; i < vd_opts_count(opts); i++) {
-                const char *k, *v;
-                vd_opts_nth(opts, i, &k, &v);
-                if (strcmp(k, "filename")) {
-                    vd_opts_set(rest, k, v);
-                }
-            }
-            vd_opts_free(&opts);
-            opts = rest;
-            ret = vd_open(&io.node, copy, NULL, opts, flags, &err);
-            free(copy);
-            if (ret < 0) {
-                goto fail;
-            }
+        fflush(stdout);
+        all = cli_parse_image_opts(name, opts);
+        if (!all) {
+            ret = -EINVAL;
             goto out;
         }
+        vd_opts_free(&opts);
+        opts = all;
+        filename = NULL;
     }
     ret = vd_open(&io.node, filename, format, opts, flags, &err);
     if (ret < 0) {
@@ -2039,7 +2018,9 @@ static int open_image(const char *name, const open_args *a)
     goto out;
 fail:
     fflush(stdout);
-    fprintf(stderr, "vdisk: can't open device %s: %s\n", name,
+    /* qemu-io names the device unless it was given as options. */
+    fprintf(stderr, "vdisk: can't open%s%s: %s\n",
+            a->image_opts ? "" : " device ", a->image_opts ? "" : name,
             err.message[0] ? err.message : strerror(-ret));
     cli_print_hint(&err);
 out:
@@ -2635,6 +2616,8 @@ static void usage(void)
 "Usage: vdisk io [OPTIONS]... [-c STRING]... [file]\n"
 "vdisk disk exerciser (the qemu-io command set)\n"
 "\n"
+"  --object OBJECTDEF   define an object such as 'secret' for\n"
+"                       passwords and/or encryption keys\n"
 "  --image-opts         treat file as option string\n"
 "  -c, --cmd STRING     execute command with its arguments\n"
 "                       from the given string\n"
@@ -2674,6 +2657,7 @@ int cmd_io(int argc, char **argv)
         { "options", required_argument, NULL, 'o' },
         { "force-share", no_argument, NULL, 'U' },
         { "image-opts", no_argument, NULL, 'I' },
+        { "object", required_argument, NULL, OPT_OBJECT },
         { NULL, 0, NULL, 0 },
     };
     open_args a;
@@ -2758,6 +2742,13 @@ int cmd_io(int argc, char **argv)
             break;
         case 'I':
             a.image_opts = true;
+            break;
+        case OPT_OBJECT:
+            /* Added in command-line order, before the image opens. */
+            if (cli_add_object(optarg, NULL) < 0) {
+                ret = 1;
+                goto done;
+            }
             break;
         case ':':
             fprintf(stderr, "vdisk: option requires an argument -- '%s'\n",

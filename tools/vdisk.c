@@ -22,6 +22,7 @@ static void print_version(void)
 int main(int argc, char **argv)
 {
     const cli_command *cmd;
+    int ret;
 
     /*
      * Under a file-size limit (ulimit -f) a write past it raises SIGXFSZ,
@@ -57,6 +58,9 @@ int main(int argc, char **argv)
         cli_error_hint("Command not found: %s", argv[1]);
         return 1;
     }
-    /* Subcommands see their own name as argv[0], as getopt expects. */
-    return cmd->handler(argc - 1, argv + 1);
+    /* Subcommands see their own name as argv[0], as getopt expects.
+     * The objects their --object options made go with them. */
+    ret = cmd->handler(argc - 1, argv + 1);
+    vd_object_del_all();
+    return ret;
 }

@@ -1092,6 +1092,194 @@ VD_API int vd_load_vmstate(vd_node *node, void *buf, uint64_t len,
                            uint64_t pos, vd_error *err);
 
 /* ------------------------------------------------------------------ */
+/* Objects                                                            */
+/* ------------------------------------------------------------------ */
+
+/*
+ * QEMU's user-creatable objects (--object TYPE,id=ID,..., QMP
+ * object-add): a process-wide registry of named objects that other
+ * parts refer to by id. vdisk has these classes, with QEMU 7.2's
+ * properties and messages (docs/objects.md):
+ *
+ *   secret           data= or file=, format=raw|base64, keyid= and iv=
+ *                    for an AES-256-CBC-encrypted secret
+ *   throttle-group   limits.* (QEMU's ThrottleLimits) and x-* aliases
+ *   authz-simple     identity=
+ *   authz-list       policy=deny|allow, rules.N.match/policy/format
+ *   tls-creds-x509   TLS credentials for the NBD server
+ *   tls-creds-psk    (include/vdisk/nbd-server.h)
+ *
+ * The other types QEMU knows are refused by name ("object type 'X' is
+ * not supported by vdisk"); names QEMU does not know are refused with
+ * QEMU's "Parameter 'qom-type' does not accept value 'X'".
+ *
+ * Object ids follow QEMU's rule (a letter, then letters, digits, '-',
+ * '.', '_') and are unique in the process. An object is complete once
+ * added: a secret has read and decoded its data, credentials have been
+ * loaded. Threads: every function here may be called from any thread; a
+ * lock guards the registry. Values handed out are copies.
+ */
+
+/**
+ * Adds an object of class @type named @id with the properties @props
+ * (may be NULL): key=value strings as on QEMU's command line, dotted
+ * keys for nested members ("limits.bps-total=1000", "rules.0.match=bob")
+ * and numbers for list indices. @type or @id NULL: taken from @props'
+ * "qom-type" or "id" key, as QMP's object-add carries them. Values are
+ * checked against the class's types with QEMU's messages ("Parameter
+ * 'x-bps-total' expects integer", "Parameter 'bogus' is unexpected"),
+ * then the object is completed. Nothing is added on error. Returns 0, or -EINVAL (bad
+ * value, unknown type or property, malformed id: "Parameter 'id'
+ * expects an identifier" with a hint), -EEXIST ("attempt to add
+ * duplicate property 'ID' to object (type 'container')"), -ENOTSUP (a
+ * type vdisk does not have), or the class's error (-ENOENT/-EACCES for a
+ * secret's file, ...). @props is not modified.
+ */
+VD_API int vd_object_add(const char *type, const char *id,
+                         const vd_opts *props, vd_error *err);
+
+/**
+ * vd_object_add() from one JSON object holding "qom-type", "id" and the
+ * properties with their JSON types (QMP object-add's arguments).
+ */
+VD_API int vd_object_add_json(const char *json, vd_error *err);
+
+/**
+ * vd_object_add() from one --object argument: "TYPE,id=ID,key=value,..."
+ * (",," is a comma inside a value) or a JSON object "{...}". An argument
+ * that asks for help ("help", "?", "TYPE,help", "TYPE,id=x,?") adds
+ * nothing: *@help receives the listing QEMU prints (the classes, or the
+ * class's settable properties "  name=<type>"), which the caller prints
+ * and releases with free(). Otherwise *@help is set to NULL. @help may be
+ * NULL, and a help request is then refused with -EINVAL.
+ */
+VD_API int vd_object_add_cli(const char *arg, char **help, vd_error *err);
+
+/**
+ * The listing `--object TYPE,help` prints for @type, or the list of
+ * classes ("List of user creatable objects:") when @type is NULL or not
+ * a class of vdisk. The caller releases it with free(); NULL when out of
+ * memory.
+ */
+VD_API char *vd_object_help(const char *type);
+
+/**
+ * Removes object @id. Users that hold what it made (a running NBD server
+ * its TLS credentials) keep it; a throttle group that a node uses is
+ * refused ("object 'ID' is in use, can not be deleted", -EBUSY).
+ * -ENOENT: "object 'ID' not found".
+ */
+VD_API int vd_object_del(const char *id, vd_error *err);
+
+/** Removes every object (at program end); objects in use stay. */
+VD_API void vd_object_del_all(void);
+
+/** The class name of object @id as a new string (free()), or NULL when
+ * there is no such object (or out of memory). */
+VD_API char *vd_object_type(const char *id);
+
+/**
+ * Calls @fn for every object, oldest first, with its id and class name
+ * (borrowed for the call), on a snapshot taken under the lock (@fn may
+ * call the functions here). Stops at the first non-zero return of @fn
+ * and returns it; 0 otherwise, -ENOMEM.
+ */
+VD_API int vd_object_foreach(int (*fn)(const char *id, const char *type,
+                                       void *opaque),
+                             void *opaque);
+
+/**
+ * Calls @fn for each property of object @id as qom-list shows it: "type"
+ * ("string") first, then the class's properties with their QOM type
+ * names ("string", "bool", "int", "QCryptoSecretFormat",
+ * "ThrottleLimits", ...). Returns what vd_object_foreach() does, or
+ * -ENOENT ("Device 'ID' not found" is the caller's QMP wording).
+ */
+VD_API int vd_object_foreach_property(const char *id,
+                                      int (*fn)(const char *name,
+                                                const char *type,
+                                                void *opaque),
+                                      void *opaque, vd_error *err);
+
+/**
+ * The value of property @name of object @id as JSON text (qom-get):
+ * "\"raw\"", "true", "1000", {...}, [...]. The caller frees it. NULL with
+ * -ENOENT "Property 'CLASS.NAME' not found" in @err, or no object.
+ */
+VD_API char *vd_object_get_property(const char *id, const char *name,
+                                    vd_error *err);
+
+/**
+ * Sets property @name of object @id to the JSON text @json (qom-set),
+ * with QEMU's checks and messages ("Property 'secret.loaded' is not
+ * writable", "Property cannot be set after initialization"). Setting a
+ * property never redoes the object's work: a secret keeps the data it
+ * read, credentials stay loaded, as in QEMU. Returns 0 or a negative
+ * errno; nothing changes on error.
+ */
+VD_API int vd_object_set_property(const char *id, const char *name,
+                                  const char *json, vd_error *err);
+
+/**
+ * The data of secret @id (QEMU's qcrypto_secret_lookup()): after
+ * decryption and base64 decoding, @*len bytes in a new buffer that also
+ * has a NUL byte after them; release it with free() (wiping it first is
+ * the caller's choice). Errors are QEMU's: "No secret with id 'ID'"
+ * (-ENOENT), "Object with id 'ID' is not a secret" (-EINVAL).
+ */
+VD_API int vd_secret_get(const char *id, unsigned char **data, size_t *len,
+                         vd_error *err);
+
+/** vd_secret_get() as a NUL-terminated string that must be valid UTF-8
+ * ("Data from secret ID is not valid UTF-8", -EINVAL), as QEMU's
+ * password-secret options read it. Returns NULL on error. */
+VD_API char *vd_secret_get_utf8(const char *id, vd_error *err);
+
+/* The buckets of a throttle group, QEMU's order (BucketType). */
+enum {
+    VD_THROTTLE_BPS_TOTAL,
+    VD_THROTTLE_BPS_READ,
+    VD_THROTTLE_BPS_WRITE,
+    VD_THROTTLE_OPS_TOTAL,
+    VD_THROTTLE_OPS_READ,
+    VD_THROTTLE_OPS_WRITE,
+    VD_THROTTLE_BUCKETS
+};
+
+/** A throttle group's limits, as QEMU's ThrottleConfig holds them. */
+typedef struct vd_throttle_limits {
+    struct {
+        uint64_t avg;           /* units (bytes or operations) per second,
+                                   0 = unlimited */
+        uint64_t max;           /* burst rate, 0 = none */
+        uint32_t burst_length;  /* seconds the burst may last (>= 1) */
+    } bucket[VD_THROTTLE_BUCKETS];
+    uint64_t op_size;           /* iops-size: bytes counted as one
+                                   operation, 0 = every request is one */
+} vd_throttle_limits;
+
+/**
+ * Copies the limits of throttle group @id into @out; they satisfy QEMU's
+ * rules (checked when the group was made or its limits set). -ENOENT
+ * "Throttle group 'ID' does not exist", -EINVAL when the object is not
+ * a throttle group. A node that enforces the limits holds the group so
+ * that object-del refuses it meanwhile (src/core/object.h).
+ */
+VD_API int vd_throttle_group_get_limits(const char *id,
+                                        vd_throttle_limits *out,
+                                        vd_error *err);
+
+/**
+ * Asks authorization object @id (authz-simple or authz-list) whether
+ * @identity (an X.509 distinguished name, a PSK username) is allowed, as
+ * QEMU's qauthz_is_allowed(). Returns 1 allowed, 0 denied, or a negative
+ * errno with QEMU's messages: -ENOENT "Cannot find QAuthZ object ID ID",
+ * -EINVAL "Object 'ID' is not a QAuthZ subclass".
+ */
+VD_API int vd_authz_is_allowed(const char *id, const char *identity,
+                               vd_error *err);
+
+/* ------------------------------------------------------------------ */
 /* Warnings                                                           */
 /* ------------------------------------------------------------------ */
 

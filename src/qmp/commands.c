@@ -9,7 +9,8 @@
  *
  * Order of the file: helpers, the protocol commands, nodes
  * (blockdev-add/del, queries, resize), the NBD server and exports,
- * snapshots, objects (TLS credentials), then daemon teardown.
+ * snapshots, objects (the library's registry: object-add, object-del,
+ * qom-list, qom-get, qom-set), then daemon teardown.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -1007,29 +1008,22 @@ QMP_HANDLER(qmp_cmd_vdisk_snapshot_delete)
 QMP_HANDLER(qmp_cmd_object_add)
 {
     vd_error err = VD_ERROR_INIT;
-    vd_opts *o = vd_opts_new();
-    int r = 0;
+    int r;
 
-    (void)d;
-    if (!o) {
-        return qmp_fail(e, NULL, "out of memory");
-    }
-    /* The schema has checked the types; tls.c takes qemu's --object
-     * form, where every value is a string. */
-    json_object_object_foreach(args, key, val) {
-        const char *v = json_object_is_type(val, json_type_boolean)
-                        ? (json_object_get_boolean(val) ? "on" : "off")
-                        : json_object_get_string(val);
+    if (d->keyval) {
+        /* From a command line: strings in nested objects, which the
+         * registry takes as dotted keys and converts itself. */
+        vd_opts *o = vd_opts_new();
+        r = o ? vd_opts_from_json(o, json_object_to_json_string(args), &err)
+              : -ENOMEM;
         if (r == 0) {
-            r = vd_opts_set(o, key, v);
+            r = vd_object_add(NULL, NULL, o, &err);
         }
-    }
-    if (r < 0) {
         vd_opts_free(&o);
-        return qmp_fail(e, NULL, "out of memory");
+    } else {
+        r = vd_object_add_json(json_object_to_json_string_ext(
+                                   args, JSON_C_TO_STRING_PLAIN), &err);
     }
-    r = vd_nbd_tls_add_object_opts(o, &err);
-    vd_opts_free(&o);
     if (r < 0) {
         return fail_vd(e, &err, r, "Could not add object");
     }
@@ -1042,9 +1036,217 @@ QMP_HANDLER(qmp_cmd_object_del)
     int r;
 
     (void)d;
-    r = vd_nbd_tls_del_object(arg_str(args, "id"), &err);
+    r = vd_object_del(arg_str(args, "id"), &err);
     if (r < 0) {
         return fail_vd(e, &err, r, "Could not delete object");
+    }
+    return json_object_new_object();
+}
+
+/*
+ * QOM paths. vdisk's tree is the root, its "objects" container and the
+ * objects in it. An absolute path names them ("/", "/objects",
+ * "/objects/ID"; empty components are skipped, as QEMU does); a partial
+ * path ("ID", "objects/ID", "objects") must match exactly one of them.
+ */
+typedef enum qom_node { QOM_ROOT, QOM_OBJECTS, QOM_OBJECT } qom_node;
+
+static bool object_exists(const char *id)
+{
+    char *type = vd_object_type(id);
+
+    free(type);
+    return type != NULL;
+}
+
+/* Resolves @path; for an object, @id receives a copy of its id. */
+static int qom_resolve(const char *path, qom_node *kind, char **id,
+                       qmp_error *e)
+{
+    char *copy = strdup(path), *save = NULL, *parts[3];
+    int n = 0, matches = 0;
+
+    *id = NULL;
+    if (!copy) {
+        qmp_fail(e, NULL, "out of memory");
+        return -1;
+    }
+    for (char *t = strtok_r(copy, "/", &save); t; t = strtok_r(NULL, "/",
+                                                                &save)) {
+        if (n < 3) {
+            parts[n] = t;
+        }
+        n++;
+    }
+    if (path[0] == '/') {
+        if (n == 0) {
+            *kind = QOM_ROOT;
+            matches = 1;
+        } else if (n == 1 && strcmp(parts[0], "objects") == 0) {
+            *kind = QOM_OBJECTS;
+            matches = 1;
+        } else if (n == 2 && strcmp(parts[0], "objects") == 0 &&
+                   object_exists(parts[1])) {
+            *kind = QOM_OBJECT;
+            *id = strdup(parts[1]);
+            matches = 1;
+        }
+    } else if (path[0] == '\0') {
+        matches = 2;
+    } else {
+        if (n == 1 && strcmp(parts[0], "objects") == 0) {
+            *kind = QOM_OBJECTS;
+            matches++;
+        }
+        if (n == 1 && object_exists(parts[0])) {
+            *kind = QOM_OBJECT;
+            free(*id);
+            *id = strdup(parts[0]);
+            matches++;
+        }
+        if (n == 2 && strcmp(parts[0], "objects") == 0 &&
+            object_exists(parts[1])) {
+            *kind = QOM_OBJECT;
+            *id = strdup(parts[1]);
+            matches++;
+        }
+    }
+    free(copy);
+    if (matches == 1 && *kind == QOM_OBJECT && !*id) {
+        qmp_fail(e, NULL, "out of memory");
+        return -1;
+    }
+    if (matches == 0) {
+        qmp_fail(e, "DeviceNotFound", "Device '%s' not found", path);
+    } else if (matches > 1) {
+        free(*id);
+        *id = NULL;
+        qmp_fail(e, NULL, "Path '%s' is ambiguous", path);
+    }
+    return matches == 1 ? 0 : -1;
+}
+
+static json_object *prop_info(const char *name, const char *type)
+{
+    json_object *o = json_object_new_object();
+
+    json_object_object_add(o, "name", json_object_new_string(name));
+    json_object_object_add(o, "type", json_object_new_string(type));
+    return o;
+}
+
+static int list_prop(const char *name, const char *type, void *opaque)
+{
+    json_object_array_add(opaque, prop_info(name, type));
+    return 0;
+}
+
+static int list_child(const char *id, const char *type, void *opaque)
+{
+    char t[256];
+
+    snprintf(t, sizeof(t), "child<%s>", type);
+    json_object_array_add(opaque, prop_info(id, t));
+    return 0;
+}
+
+QMP_HANDLER(qmp_cmd_qom_list)
+{
+    vd_error err = VD_ERROR_INIT;
+    json_object *ret;
+    qom_node kind;
+    char *id;
+    int r = 0;
+
+    (void)d;
+    if (qom_resolve(arg_str(args, "path"), &kind, &id, e) < 0) {
+        return NULL;
+    }
+    ret = json_object_new_array();
+    if (kind == QOM_OBJECT) {
+        r = vd_object_foreach_property(id, list_prop, ret, &err);
+    } else {
+        json_object_array_add(ret, prop_info("type", "string"));
+        if (kind == QOM_ROOT) {
+            json_object_array_add(ret, prop_info("objects",
+                                                 "child<container>"));
+        } else {
+            r = vd_object_foreach(list_child, ret);
+        }
+    }
+    free(id);
+    if (r < 0) {
+        json_object_put(ret);
+        return fail_vd(e, &err, r, "Could not list properties");
+    }
+    return ret;
+}
+
+QMP_HANDLER(qmp_cmd_qom_get)
+{
+    const char *prop = arg_str(args, "property");
+    vd_error err = VD_ERROR_INIT;
+    json_object *ret;
+    qom_node kind;
+    char *id, *text;
+
+    (void)d;
+    if (qom_resolve(arg_str(args, "path"), &kind, &id, e) < 0) {
+        return NULL;
+    }
+    if (kind != QOM_OBJECT) {
+        /* A container has its type and its children, as link paths. */
+        if (strcmp(prop, "type") == 0) {
+            return json_object_new_string("container");
+        }
+        if (kind == QOM_ROOT && strcmp(prop, "objects") == 0) {
+            return json_object_new_string("/objects");
+        }
+        if (kind == QOM_OBJECTS && object_exists(prop)) {
+            char path[512];
+            snprintf(path, sizeof(path), "/objects/%s", prop);
+            return json_object_new_string(path);
+        }
+        return qmp_fail(e, NULL, "Property 'container.%s' not found", prop);
+    }
+    text = vd_object_get_property(id, prop, &err);
+    free(id);
+    if (!text) {
+        return fail_vd(e, &err, -EINVAL, "Could not read property");
+    }
+    ret = json_tokener_parse(text);
+    free(text);
+    return ret ? ret : qmp_fail(e, NULL, "out of memory");
+}
+
+QMP_HANDLER(qmp_cmd_qom_set)
+{
+    const char *prop = arg_str(args, "property");
+    vd_error err = VD_ERROR_INIT;
+    json_object *value = NULL;
+    qom_node kind;
+    char *id;
+    int r;
+
+    (void)d;
+    if (qom_resolve(arg_str(args, "path"), &kind, &id, e) < 0) {
+        return NULL;
+    }
+    if (kind != QOM_OBJECT) {
+        if (strcmp(prop, "type") == 0 ||
+            (kind == QOM_ROOT && strcmp(prop, "objects") == 0) ||
+            (kind == QOM_OBJECTS && object_exists(prop))) {
+            return qmp_fail(e, NULL, "Property 'container.%s' is not "
+                            "writable", prop);
+        }
+        return qmp_fail(e, NULL, "Property 'container.%s' not found", prop);
+    }
+    json_object_object_get_ex(args, "value", &value);
+    r = vd_object_set_property(id, prop, json_object_to_json_string_ext(
+                                   value, JSON_C_TO_STRING_PLAIN), &err);
+    free(id);
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not set property");
     }
     return json_object_new_object();
 }

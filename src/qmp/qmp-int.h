@@ -90,6 +90,9 @@ QMP_HANDLER(qmp_cmd_vdisk_snapshot_load);
 QMP_HANDLER(qmp_cmd_vdisk_snapshot_delete);
 QMP_HANDLER(qmp_cmd_object_add);
 QMP_HANDLER(qmp_cmd_object_del);
+QMP_HANDLER(qmp_cmd_qom_list);
+QMP_HANDLER(qmp_cmd_qom_get);
+QMP_HANDLER(qmp_cmd_qom_set);
 
 /* ---- the daemon ---- */
 
@@ -104,6 +107,8 @@ typedef struct qmp_listener qmp_listener;
 
 struct qmp_daemon {
     pthread_mutex_t lock;          /* the big lock, see above */
+    bool keyval;                   /* the running command's arguments come
+                                      from a command line (under lock) */
     vd_node **nodes;               /* monitor-owned, in creation order */
     size_t nb_nodes;
     qmp_export *exports;

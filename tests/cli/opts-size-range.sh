@@ -24,7 +24,7 @@ io_open_error()
     else
         out=$("$VDISK" io -c 'read 0 512' --image-opts "$2" 2>&1) &&
             fail "vdisk io opened $2"
-        printf '%s\n' "$out" | sed -e "s/^vdisk: can't open device [^ ]*: //"
+        printf '%s\n' "$out" | sed -e "s/^vdisk: can't open: //"
     fi
 }
 
