@@ -725,13 +725,14 @@ QMP_HANDLER(qmp_cmd_block_export_add)
         return qmp_fail(e, NULL, "Block export id '%s' is already in use",
                         id);
     }
-    if (!d->nbd) {
-        return qmp_fail(e, NULL, "NBD server not running");
-    }
+    /* QEMU finds the node before its NBD driver looks for the server. */
     node = vd_find_node(nn);
     if (!node) {
         return qmp_fail(e, NULL, "Cannot find device='' nor node-name='%s'",
                         nn);
+    }
+    if (!d->nbd) {
+        return qmp_fail(e, NULL, "NBD server not running");
     }
     if (writable && vd_node_is_read_only(node)) {
         return qmp_fail(e, NULL, "Cannot export read-only node as writable");
