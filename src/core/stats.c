@@ -170,7 +170,7 @@ VD_API int vd_stats_setup(vd_node *node, int account_invalid,
                           int account_failed, const unsigned *intervals,
                           size_t nb_intervals, vd_error *err)
 {
-    vd_acct_interval *head = NULL;
+    vd_acct_interval *head = NULL, **tail = &head;
     int64_t now = (int64_t)vd_acct_now();
 
     for (size_t i = 0; i < nb_intervals; i++) {
@@ -196,8 +196,11 @@ VD_API int vd_stats_setup(vd_node *node, int account_invalid,
         for (int t = 0; t < VD_ACCT_MAX; t++)
             timed_init(&x->lat[t], (uint64_t)intervals[i] * 1000000000ull,
                        now);
-        x->next = head;
-        head = x;
+        /* Kept in the caller's order here; each then goes to the head
+         * of the node's list below, newest first. */
+        x->next = NULL;
+        *tail = x;
+        tail = &x->next;
     }
     pthread_mutex_lock(&node->stats_lock);
     if (account_invalid >= 0)

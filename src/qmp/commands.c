@@ -1108,12 +1108,14 @@ QMP_HANDLER(qmp_cmd_block_latency_histogram_set)
     }
     json_object_object_get_ex(args, "boundaries", &all);
     for (size_t i = 0; i < sizeof(h) / sizeof(h[0]); i++) {
-        json_object *l = all;
+        json_object *l = all, *own;
         uint64_t b[4096];
         size_t n;
         int r;
 
-        json_object_object_get_ex(args, h[i].key, &l);
+        if (json_object_object_get_ex(args, h[i].key, &own)) {
+            l = own;
+        }
         if (!l) {
             continue;
         }
