@@ -74,18 +74,30 @@ typedef struct vd_acct_interval {
     struct vd_acct_interval *next;  /* newest first, as QEMU's list */
 } vd_acct_interval;
 
+/* One type's counters, one cache line: a request touches only its own
+ * line, and threads doing different operations do not share one. */
+typedef struct vd_acct_counters {
+    uint64_t bytes, ops, failed, invalid, merged, time_ns;
+} __attribute__((aligned(64))) vd_acct_counters;
+
 typedef struct vd_acct {
-    uint64_t bytes[VD_ACCT_MAX], ops[VD_ACCT_MAX], failed[VD_ACCT_MAX];
-    uint64_t invalid[VD_ACCT_MAX], merged[VD_ACCT_MAX];
-    uint64_t time_ns[VD_ACCT_MAX];
-    uint64_t zero_ops, zero_bytes;  /* zero writes, also in WRITE */
-    uint64_t last_access_ns;        /* 0: never */
-    uint64_t wr_highest_offset;
+    vd_acct_counters c[VD_ACCT_MAX];
+    /* Read on every request, written only by configuration. */
     bool account_invalid, account_failed;
     int extras;
+    /* Written on every request (last_access_ns at most every
+     * VD_ACCT_IDLE_GRAIN ns, see io.c), each on a line of its own. */
+    uint64_t last_access_ns __attribute__((aligned(64)));  /* 0: never */
+    uint64_t wr_highest_offset __attribute__((aligned(64)));
+    uint64_t zero_ops, zero_bytes;  /* zero writes, also in WRITE */
     vd_acct_interval *intervals;    /* under stats_lock */
     vd_latency_histogram hist[VD_ACCT_MAX];   /* under stats_lock */
 } vd_acct;
+
+/* The idle time's resolution: a busy node's last access time is
+ * rewritten at most this often, so that concurrent requests do not
+ * fight over its cache line. */
+#define VD_ACCT_IDLE_GRAIN 100000
 
 /* stats.c: the clock of the accounting, the part of a finished request's
  * accounting that needs the lock (called only while acct.extras is

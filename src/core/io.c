@@ -77,14 +77,18 @@ static void account(vd_node *n, vd_acct_type type, int r, uint64_t bytes,
                    __atomic_load_n(&a->account_failed, __ATOMIC_RELAXED);
 
     if (r < 0) {
-        stat_add(&a->failed[type], 1);
+        stat_add(&a->c[type].failed, 1);
     } else {
-        stat_add(&a->ops[type], 1);
-        stat_add(&a->bytes[type], bytes);
+        stat_add(&a->c[type].ops, 1);
+        stat_add(&a->c[type].bytes, bytes);
     }
     if (counted) {
-        stat_add(&a->time_ns[type], now - t0);
-        __atomic_store_n(&a->last_access_ns, now, __ATOMIC_RELAXED);
+        stat_add(&a->c[type].time_ns, now - t0);
+        /* Read first: the shared line is written only when the stored
+         * time is a grain old, not by every concurrent request. */
+        if (now - __atomic_load_n(&a->last_access_ns, __ATOMIC_RELAXED) >=
+            VD_ACCT_IDLE_GRAIN)
+            __atomic_store_n(&a->last_access_ns, now, __ATOMIC_RELAXED);
     }
     if (__atomic_load_n(&a->extras, __ATOMIC_RELAXED))
         vd_acct_extras(n, type, now - t0, counted);
@@ -423,8 +427,8 @@ static int cor_write(vd_node *top, uint64_t off, uint64_t bytes,
     int r = zero ? do_pwrite_zeroes(top, off, bytes, 0, err)
                  : do_pwritev(top, off, bytes, data, 0, err);
     if (r == 0) {
-        stat_add(&top->acct.ops[VD_ACCT_WRITE], 1);
-        stat_add(&top->acct.bytes[VD_ACCT_WRITE], bytes);
+        stat_add(&top->acct.c[VD_ACCT_WRITE].ops, 1);
+        stat_add(&top->acct.c[VD_ACCT_WRITE].bytes, bytes);
         if (zero) {
             stat_add(&top->acct.zero_ops, 1);
             stat_add(&top->acct.zero_bytes, bytes);

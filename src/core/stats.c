@@ -122,7 +122,7 @@ void vd_acct_extras(vd_node *n, vd_acct_type type, uint64_t latency_ns,
 
 void vd_acct_invalid(vd_node *n, vd_acct_type type)
 {
-    __atomic_fetch_add(&n->acct.invalid[type], 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&n->acct.c[type].invalid, 1, __ATOMIC_RELAXED);
     if (__atomic_load_n(&n->acct.account_invalid, __ATOMIC_RELAXED))
         __atomic_store_n(&n->acct.last_access_ns, vd_acct_now(),
                          __ATOMIC_RELAXED);
@@ -163,7 +163,7 @@ VD_API void vd_stats_account_merged(vd_node *node, vd_acct_type type,
                                     uint64_t n)
 {
     if (node && (unsigned)type < VD_ACCT_MAX)
-        __atomic_fetch_add(&node->acct.merged[type], n, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&node->acct.c[type].merged, n, __ATOMIC_RELAXED);
 }
 
 VD_API int vd_stats_setup(vd_node *node, int account_invalid,
@@ -283,12 +283,12 @@ VD_API int vd_get_block_stats(vd_node *node, vd_block_stats **out)
     if (!s)
         return -ENOMEM;
     for (int t = 0; t < VD_ACCT_MAX; t++) {
-        s->bytes[t] = load(&a->bytes[t]);
-        s->operations[t] = load(&a->ops[t]);
-        s->merged[t] = load(&a->merged[t]);
-        s->failed[t] = load(&a->failed[t]);
-        s->invalid[t] = load(&a->invalid[t]);
-        s->total_time_ns[t] = load(&a->time_ns[t]);
+        s->bytes[t] = load(&a->c[t].bytes);
+        s->operations[t] = load(&a->c[t].ops);
+        s->merged[t] = load(&a->c[t].merged);
+        s->failed[t] = load(&a->c[t].failed);
+        s->invalid[t] = load(&a->c[t].invalid);
+        s->total_time_ns[t] = load(&a->c[t].time_ns);
     }
     s->wr_highest_offset = load(&a->wr_highest_offset);
     last = load(&a->last_access_ns);
@@ -353,25 +353,25 @@ VD_API void vd_get_stats(vd_node *node, vd_stats *out)
     uint64_t zo = load(&a->zero_ops), zb = load(&a->zero_bytes);
 
     memset(out, 0, sizeof(*out));
-    out->rd_bytes = load(&a->bytes[VD_ACCT_READ]);
-    out->rd_operations = load(&a->ops[VD_ACCT_READ]);
-    out->failed_rd_operations = load(&a->failed[VD_ACCT_READ]);
-    out->rd_total_time_ns = load(&a->time_ns[VD_ACCT_READ]);
+    out->rd_bytes = load(&a->c[VD_ACCT_READ].bytes);
+    out->rd_operations = load(&a->c[VD_ACCT_READ].ops);
+    out->failed_rd_operations = load(&a->c[VD_ACCT_READ].failed);
+    out->rd_total_time_ns = load(&a->c[VD_ACCT_READ].time_ns);
     /* The write counters may run ahead of the zero ones by a request
      * in flight; never let the difference wrap. */
-    uint64_t wo = load(&a->ops[VD_ACCT_WRITE]);
-    uint64_t wb = load(&a->bytes[VD_ACCT_WRITE]);
+    uint64_t wo = load(&a->c[VD_ACCT_WRITE].ops);
+    uint64_t wb = load(&a->c[VD_ACCT_WRITE].bytes);
     out->wr_operations = wo > zo ? wo - zo : 0;
     out->wr_bytes = wb > zb ? wb - zb : 0;
     out->zero_operations = zo;
     out->zero_bytes = zb;
-    out->failed_wr_operations = load(&a->failed[VD_ACCT_WRITE]);
-    out->wr_total_time_ns = load(&a->time_ns[VD_ACCT_WRITE]);
-    out->flush_operations = load(&a->ops[VD_ACCT_FLUSH]);
-    out->failed_flush_operations = load(&a->failed[VD_ACCT_FLUSH]);
-    out->flush_total_time_ns = load(&a->time_ns[VD_ACCT_FLUSH]);
-    out->unmap_operations = load(&a->ops[VD_ACCT_UNMAP]);
-    out->unmap_bytes = load(&a->bytes[VD_ACCT_UNMAP]);
-    out->failed_unmap_operations = load(&a->failed[VD_ACCT_UNMAP]);
-    out->unmap_total_time_ns = load(&a->time_ns[VD_ACCT_UNMAP]);
+    out->failed_wr_operations = load(&a->c[VD_ACCT_WRITE].failed);
+    out->wr_total_time_ns = load(&a->c[VD_ACCT_WRITE].time_ns);
+    out->flush_operations = load(&a->c[VD_ACCT_FLUSH].ops);
+    out->failed_flush_operations = load(&a->c[VD_ACCT_FLUSH].failed);
+    out->flush_total_time_ns = load(&a->c[VD_ACCT_FLUSH].time_ns);
+    out->unmap_operations = load(&a->c[VD_ACCT_UNMAP].ops);
+    out->unmap_bytes = load(&a->c[VD_ACCT_UNMAP].bytes);
+    out->failed_unmap_operations = load(&a->c[VD_ACCT_UNMAP].failed);
+    out->unmap_total_time_ns = load(&a->c[VD_ACCT_UNMAP].time_ns);
 }
