@@ -40,13 +40,19 @@ class Monitor:
              "--monitor", "chardev=qmpmon"],
             stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(d, "log"), "w"))
-        for _ in range(400):
-            if os.path.exists(path) or self.proc.poll() is not None:
+        # The socket file appears at bind(), before listen(): retry a
+        # refused connection (slow under the sanitizers) for 20 s.
+        for _ in range(800):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(60)
+            try:
+                self.sock.connect(path)
                 break
-            time.sleep(0.025)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(60)
-        self.sock.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if self.proc.poll() is not None:
+                    raise SystemExit("%s exited: %s" % (argv[0], open(os.path.join(d, "log")).read()))
+                time.sleep(0.025)
         self.f = self.sock.makefile("rw")
         self.events = []
         self.greeting = json.loads(self.f.readline())
