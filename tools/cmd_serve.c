@@ -17,6 +17,14 @@
  * (src/qmp/, docs/qmp.md) that serves until `quit` or a signal. Each
  * option is turned into the QMP command it stands for (blockdev-add,
  * nbd-server-start, block-export-add) and checked by the same schema.
+ * --daemonize (daemon form) forks before anything is opened, as QEMU's
+ * os_daemonize() does: the parent waits on a pipe and exits 0 only when
+ * the daemon has its nodes, exports and monitors and wrote its pid file
+ * (locked, as qemu_write_pidfile() does), or 1 when the daemon died
+ * first, having printed its error on the stderr it still shared; the
+ * daemon then leaves the terminal (stdio on /dev/null, cwd /).
+ * -T/--trace is accepted as a QEMU built without a tracing backend
+ * accepts it: checked, and ignored.
  * --object works in both forms: it adds to the library's object
  * registry (secrets, TLS credentials, ...), which --tls-creds (qemu-nbd
  * form) or the tls-creds of --nbd-server and QMP nbd-server-start
@@ -63,6 +71,7 @@ enum {
     SERVE_OPT_CHARDEV,
     SERVE_OPT_MONITOR,
     SERVE_OPT_QMP,
+    SERVE_OPT_DAEMONIZE,
 };
 
 /* The daemon-form options, kept in command-line order per kind. */
@@ -104,6 +113,9 @@ static const struct option serve_long[] = {
     { "chardev", required_argument, NULL, SERVE_OPT_CHARDEV },
     { "monitor", required_argument, NULL, SERVE_OPT_MONITOR },
     { "qmp", required_argument, NULL, SERVE_OPT_QMP },
+    { "daemonize", no_argument, NULL, SERVE_OPT_DAEMONIZE },
+    { "trace", required_argument, NULL, 'T' },
+    { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
 };
 
@@ -153,6 +165,11 @@ static void serve_usage(void)
 "                           secret, ...; --object help lists the types\n"
 "      --tls-creds=ID       require TLS with the credentials object ID\n"
 "                           (the daemon form: --nbd-server ...,tls-creds=ID)\n"
+"      --daemonize          daemon form: run in the background once set up\n"
+"      --pidfile=PATH       daemon form: write (and lock) the pid file\n"
+"  -T, --trace [[enable=]PATTERN][,events=FILE][,file=FILE]\n"
+"                           accepted and ignored (no tracing backend)\n"
+"  -V, --version            print the version and exit\n"
 "  -h, --help               this help\n", SERVE_WORKERS);
 }
 
@@ -228,6 +245,184 @@ static void wait_for_child(int rfd)
     _exit(n == 1 && c == 'R' ? 0 : 1);
 }
 
+/* -T/--trace as QEMU built with the "nop" backend takes it: the
+ * syntax is checked, an events file must be readable (QEMU reads it and
+ * only warns), and file= is refused as such a build refuses it. */
+static int check_trace_opt(const char *arg)
+{
+    char *copy = strdup(arg), *save = NULL;
+    int ret = 0;
+
+    if (!copy) {
+        return -1;
+    }
+    for (char *tok = strtok_r(copy, ",", &save); tok && ret == 0;
+         tok = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(tok, '=');
+        /* The first item may be a bare pattern (QemuOpts' implied key). */
+        if ((!eq && tok == copy) || strncmp(tok, "enable=", 7) == 0) {
+            continue;
+        }
+        if (strncmp(tok, "events=", 7) == 0) {
+            FILE *f = fopen(eq + 1, "r");
+            if (!f) {
+                fprintf(stderr, "vdisk serve:%s: %s\n", eq + 1,
+                        strerror(errno));
+            } else {
+                fclose(f);
+            }
+            continue;
+        }
+        if (strncmp(tok, "file=", 5) == 0) {
+            fprintf(stderr, "error: --trace file=...: option not supported "
+                    "by the selected tracing backends\n");
+            ret = -1;
+            continue;
+        }
+        if (eq) {
+            *eq = '\0';
+        }
+        fprintf(stderr, "vdisk serve: --trace %s: Invalid parameter '%s'\n",
+                arg, tok);
+        ret = -1;
+    }
+    free(copy);
+    return ret;
+}
+
+static void print_serve_version(void)
+{
+    /* "version X.Y.Z" as QEMU's tools print it, for scripts that parse
+     * it: the QEMU release whose behaviour vdisk follows. */
+    printf("vdisk serve version 7.2.0 (vdisk %s)\n"
+           "Command-line compatible with qemu-storage-daemon and qemu-nbd "
+           "version 7.2\n", vd_version());
+}
+
+/* The daemon form's pid file, as qemu_write_pidfile(): created without
+ * truncation, locked with a record lock that lives as long as the
+ * process (so a second daemon given the same file is refused), checked
+ * to still be the file at @path, then truncated and written. The lock's
+ * descriptor stays open on purpose. */
+static int write_locked_pidfile(const char *path)
+{
+    char buf[32];
+    int fd;
+
+    for (;;) {
+        struct stat a, b;
+        struct flock lk = { .l_type = F_WRLCK, .l_whence = SEEK_SET };
+
+        fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+        if (fd < 0) {
+            fprintf(stderr, "vdisk serve: cannot create PID file: Could not "
+                    "create '%s': %s\n", path, strerror(errno));
+            return -1;
+        }
+        if (fstat(fd, &b) < 0) {
+            fprintf(stderr, "vdisk serve: cannot create PID file: Cannot "
+                    "stat file: %s\n", strerror(errno));
+            close(fd);
+            return -1;
+        }
+        if (fcntl(fd, F_SETLK, &lk) < 0) {
+            fprintf(stderr, "vdisk serve: cannot create PID file: Cannot "
+                    "lock pid file: %s\n", strerror(errno));
+            close(fd);
+            return -1;
+        }
+        /* Someone may have replaced the file between open and lock. */
+        if (stat(path, &a) == 0 && a.st_ino == b.st_ino &&
+            a.st_dev == b.st_dev) {
+            break;
+        }
+        close(fd);
+    }
+    snprintf(buf, sizeof(buf), "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) < 0 ||
+        write(fd, buf, strlen(buf)) != (ssize_t)strlen(buf)) {
+        fprintf(stderr, "vdisk serve: cannot create PID file: Failed to "
+                "write pid file\n");
+        unlink(path);
+        close(fd);
+        return -1;
+    }
+    return 0;
+}
+
+/* --daemonize, first half (QEMU's os_daemonize()): returns in the
+ * daemon with the write end of the parent's pipe in *@ready; the parent
+ * never returns. */
+static int daemonize_start(int *ready)
+{
+    int fds[2];
+    pid_t pid;
+
+    if (pipe2(fds, O_CLOEXEC) < 0) {
+        fprintf(stderr, "vdisk serve: pipe: %s\n", strerror(errno));
+        return -1;
+    }
+    fflush(NULL);
+    pid = fork();
+    if (pid < 0) {
+        fprintf(stderr, "vdisk serve: fork: %s\n", strerror(errno));
+        return -1;
+    }
+    if (pid > 0) {
+        unsigned char st = 1;
+        ssize_t n;
+        close(fds[1]);
+        do {
+            n = read(fds[0], &st, 1);
+        } while (n < 0 && errno == EINTR);
+        _exit(n == 1 && st == 0 ? 0 : 1);
+    }
+    close(fds[0]);
+    setsid();
+    /* A second fork, so the daemon is no session leader and can never
+     * acquire a controlling terminal. */
+    pid = fork();
+    if (pid < 0) {
+        _exit(1);
+    }
+    if (pid > 0) {
+        _exit(0);
+    }
+    umask(027);
+    signal(SIGTSTP, SIG_IGN);
+    signal(SIGTTOU, SIG_IGN);
+    signal(SIGTTIN, SIG_IGN);
+    *ready = fds[1];
+    return 0;
+}
+
+/* --daemonize, second half (QEMU's os_setup_post()): the daemon is set
+ * up; leave the terminal and release the parent with success. */
+static int daemonize_finish(int ready)
+{
+    unsigned char st = 0;
+    int fd;
+
+    if (chdir("/") < 0) {
+        fprintf(stderr, "vdisk serve: not able to chdir to /: %s\n",
+                strerror(errno));
+        return -1;
+    }
+    fd = open("/dev/null", O_RDWR);
+    if (fd < 0) {
+        return -1;
+    }
+    dup2(fd, 0);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    close(fd);
+    if (write(ready, &st, 1) != 1) {
+        return -1;
+    }
+    close(ready);
+    return 0;
+}
+
 /* ---- the daemon form ---- */
 
 static qmp_daemon *the_daemon;
@@ -285,6 +480,7 @@ static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
     ret = qmp_daemon_execute(d, cmd, args, str[0] != '{', &e);
     json_object_put(args);
     if (!ret) {
+        /* QEMU names the option with its value ("--blockdev ARG: "). */
         fprintf(stderr, "vdisk serve: %s %s: %s\n", opt, str, e.desc);
         return -1;
     }
@@ -424,11 +620,17 @@ out:
 }
 
 static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
-                        const int *n, const char *pidfile)
+                        const int *n, const char *pidfile, bool daemonize)
 {
-    qmp_daemon *d = qmp_daemon_new();
+    qmp_daemon *d;
     struct sigaction sa;
-    int ret = 1;
+    int ret = 1, ready = -1;
+
+    /* Before anything is opened: nodes must not be open across fork(). */
+    if (daemonize && daemonize_start(&ready) < 0) {
+        return 1;
+    }
+    d = qmp_daemon_new();
 
     if (!d) {
         fprintf(stderr, "vdisk serve: out of memory\n");
@@ -455,7 +657,16 @@ static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
     if (daemon_monitors(d, &opts[0][0], n) < 0) {
         goto out;
     }
-    if (pidfile && write_pidfile(pidfile) < 0) {
+    /* As qemu-storage-daemon: after the nodes, servers, exports and
+     * monitors, before any connection is accepted (the monitors' and the
+     * NBD server's threads are running but nothing was served). */
+    if (pidfile && write_locked_pidfile(pidfile) < 0) {
+        goto out;
+    }
+    if (ready >= 0 && daemonize_finish(ready) < 0) {
+        if (pidfile) {
+            unlink(pidfile);
+        }
         goto out;
     }
     the_daemon = d;
@@ -506,7 +717,7 @@ int cmd_serve(int argc, char **argv)
     struct sigaction sa;
     const char *daemon_opts[D_KINDS][SERVE_MAX_DAEMON_OPTS];
     int ndaemon[D_KINDS] = { 0 };
-    bool daemon_mode = false;
+    bool daemon_mode = false, daemonize = false;
 
     opts = vd_opts_new();
     objects = calloc((size_t)argc + 1, sizeof(*objects));
@@ -517,13 +728,27 @@ int cmd_serve(int argc, char **argv)
         return 1;
     }
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:n", serve_long,
+    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:nT:V", serve_long,
                             NULL)) != -1) {
         switch (c) {
         case 'h':
             serve_usage();
             ret = 0;
             goto out;
+        case 'V':
+            print_serve_version();
+            ret = 0;
+            goto out;
+        case 'T':
+            if (check_trace_opt(optarg) < 0) {
+                goto out;
+            }
+            break;
+        case SERVE_OPT_DAEMONIZE:
+            /* Alone it makes an idle daemon, as qemu-storage-daemon. */
+            daemonize = true;
+            daemon_mode = true;
+            break;
         case 'k':
             sockpath = optarg;
             break;
@@ -701,7 +926,7 @@ int cmd_serve(int argc, char **argv)
                     "combine with the daemon options\n");
             goto out;
         }
-        ret = serve_daemon(daemon_opts, ndaemon, pidfile);
+        ret = serve_daemon(daemon_opts, ndaemon, pidfile, daemonize);
         goto out;
     }
 
