@@ -82,7 +82,7 @@ int cmd_amend(int argc, char **argv)
 {
     const char *fmt = NULL, *filename = NULL, *cache = NULL;
     char *options = NULL;
-    bool progress = false, quiet = false, force = false;
+    bool progress = false, quiet = false, force = false, image_opts = false;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL, *open_opts = NULL;
     vd_node *node = NULL;
@@ -126,10 +126,9 @@ int cmd_amend(int argc, char **argv)
         case OPT_FORCE:
             force = true;
             break;
-        case OPT_OBJECT:
         case OPT_IMAGE_OPTS:
-            cli_error("--object and --image-opts are not supported");
-            goto out;
+            image_opts = true;
+            break;
         default:
             goto out;
         }
@@ -158,7 +157,7 @@ int cmd_amend(int argc, char **argv)
             goto out;
         }
     }
-    node = cli_open(filename, fmt, VD_O_RDWR, open_opts);
+    node = cli_open_image(filename, fmt, image_opts, VD_O_RDWR, open_opts);
     if (!node) {
         goto out;
     }

@@ -43,6 +43,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "util.h"
 #include "vdisk/vdisk.h"
 #include "prog.h"
 
@@ -56,11 +57,11 @@ int cmd_bench(int argc, char **argv);
 #define BENCH_RANDOM_SEED UINT64_C(0x766469736b62656e)
 
 enum {
-    OPT_FLUSH_INTERVAL = 256,
-    OPT_IMAGE_OPTS,
-    OPT_PATTERN,
-    OPT_NO_DRAIN,
-    OPT_RANDOM,
+    BENCH_OPT_FLUSH_INTERVAL = 256,
+    BENCH_OPT_IMAGE_OPTS,
+    BENCH_OPT_PATTERN,
+    BENCH_OPT_NO_DRAIN,
+    BENCH_OPT_RANDOM,
 };
 
 typedef struct bench {
@@ -381,20 +382,19 @@ static vd_node *bench_open(const char *filename, const char *fmt,
                            const char *aio, unsigned flags)
 {
     vd_error err = VD_ERROR_INIT;
-    vd_opts *opts = vd_opts_new();
+    vd_opts *opts;
     vd_node *node = NULL;
     int ret;
 
-    if (!opts) {
+    if (image_opts) {
+        /* The shared --image-opts parser prints its own errors. */
+        opts = cli_parse_image_opts(filename, NULL);
+        if (!opts) {
+            return NULL;
+        }
+    } else if (!(opts = vd_opts_new())) {
         bench_error("Could not open '%s': %s", filename, strerror(ENOMEM));
         return NULL;
-    }
-    if (image_opts) {
-        ret = vd_opts_parse(opts, filename, NULL, &err);
-        if (ret < 0) {
-            bench_error("%s", err.message[0] ? err.message : strerror(-ret));
-            goto out;
-        }
     }
     if ((cache && (ret = vd_opts_set(opts, "cache", cache)) < 0) ||
         (aio && (ret = vd_opts_set(opts, "aio", aio)) < 0)) {
@@ -426,12 +426,12 @@ int cmd_bench(int argc, char **argv)
 {
     static const struct option long_opts[] = {
         { "help", no_argument, NULL, 'h' },
-        { "flush-interval", required_argument, NULL, OPT_FLUSH_INTERVAL },
-        { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
-        { "pattern", required_argument, NULL, OPT_PATTERN },
-        { "no-drain", no_argument, NULL, OPT_NO_DRAIN },
+        { "flush-interval", required_argument, NULL, BENCH_OPT_FLUSH_INTERVAL },
+        { "image-opts", no_argument, NULL, BENCH_OPT_IMAGE_OPTS },
+        { "pattern", required_argument, NULL, BENCH_OPT_PATTERN },
+        { "no-drain", no_argument, NULL, BENCH_OPT_NO_DRAIN },
         { "force-share", no_argument, NULL, 'U' },
-        { "random", no_argument, NULL, OPT_RANDOM },
+        { "random", no_argument, NULL, BENCH_OPT_RANDOM },
         { NULL, 0, NULL, 0 },
     };
     const char *fmt = NULL, *cache = NULL, *aio = NULL, *filename;
@@ -526,25 +526,25 @@ int cmd_bench(int argc, char **argv)
         case 'U':
             flags |= VD_O_FORCE_SHARE;
             break;
-        case OPT_PATTERN:
+        case BENCH_OPT_PATTERN:
             if (!parse_ulong(optarg, 0xff, &pattern)) {
                 bench_error("Invalid pattern byte specified");
                 return 1;
             }
             break;
-        case OPT_FLUSH_INTERVAL:
+        case BENCH_OPT_FLUSH_INTERVAL:
             if (!parse_ulong(optarg, INT_MAX, &flush_interval)) {
                 bench_error("Invalid flush interval specified");
                 return 1;
             }
             break;
-        case OPT_NO_DRAIN:
+        case BENCH_OPT_NO_DRAIN:
             drain = false;
             break;
-        case OPT_IMAGE_OPTS:
+        case BENCH_OPT_IMAGE_OPTS:
             image_opts = true;
             break;
-        case OPT_RANDOM:
+        case BENCH_OPT_RANDOM:
             random = true;
             break;
         }

@@ -517,6 +517,7 @@ int cmd_convert(int argc, char **argv)
     char *options = NULL;
     bool progress = false, quiet = false, skip_create = false;
     bool target_is_zero = false, out_of_order = false;
+    bool image_opts = false, target_image_opts = false, out_fmt_given = false;
     unsigned src_flags = 0;
     const char *sn_name = NULL;   /* -s NAME or -l NAME: id, then name */
     vd_opts *sn_opts = NULL;      /* -l snapshot.id=...,snapshot.name=... */
@@ -537,6 +538,7 @@ int cmd_convert(int argc, char **argv)
             break;
         case 'O':
             out_fmt = optarg;
+            out_fmt_given = true;
             break;
         case 'o': {
             char *joined;
@@ -626,6 +628,12 @@ int cmd_convert(int argc, char **argv)
         case OPT_TARGET_IS_ZERO:
             target_is_zero = true;
             break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
+            break;
+        case OPT_TARGET_IMAGE_OPTS:
+            target_image_opts = true;
+            break;
         default:
             goto out;
         }
@@ -635,7 +643,14 @@ int cmd_convert(int argc, char **argv)
     }
 
     if (options && cli_has_help_option(options)) {
-        ret = cli_print_create_help(NULL, out_fmt);
+        /* As qemu-img: the target's protocol options are listed too once
+         * a source and a target are named. */
+        ret = cli_print_create_help(argc - optind >= 2 ? argv[argc - 1]
+                                                       : NULL, out_fmt);
+        goto out;
+    }
+    if (target_image_opts && !skip_create) {
+        cli_error("--target-image-opts requires use of -n flag");
         goto out;
     }
     if (skip_create && options) {
@@ -656,7 +671,9 @@ int cmd_convert(int argc, char **argv)
         cli_error("No support for concatenating multiple snapshot");
         goto out;
     }
-    if (!vd_create_options(out_fmt)) {
+    /* With --target-image-opts the options name the format (and -O is
+     * refused when the target is opened). */
+    if (!target_image_opts && !vd_create_options(out_fmt)) {
         if (!cli_report_unsupported_format(out_name, out_fmt)) {
             cli_error("Unknown file format '%s'", out_fmt);
         }
@@ -694,7 +711,8 @@ int cmd_convert(int argc, char **argv)
         int64_t len;
 
         s.src_names[i] = argv[optind + i];
-        s.src[i] = cli_open(s.src_names[i], fmt, src_flags, sopts);
+        s.src[i] = cli_open_image(s.src_names[i], fmt, image_opts, src_flags,
+                                  sopts);
         if (!s.src[i]) {
             goto out;
         }
@@ -725,7 +743,7 @@ int cmd_convert(int argc, char **argv)
         s.total += ((uint64_t)len + SECTOR - 1) / SECTOR * SECTOR;
     }
 
-    if (s.compressed && !format_compresses(out_fmt)) {
+    if (s.compressed && !target_image_opts && !format_compresses(out_fmt)) {
         cli_error("Compression not supported for this file format");
         goto out;
     }
@@ -787,13 +805,21 @@ int cmd_convert(int argc, char **argv)
     }
     /* As qemu-img: the target is opened as -O says (raw by default), even
      * with -n, so an existing target is never probed. */
-    s.target = cli_open(out_name, out_fmt,
-                        VD_O_RDWR |
-                        (skip_create || out_base ? 0 : VD_O_NO_BACKING), topts);
+    s.target = cli_open_image(out_name,
+                              target_image_opts && !out_fmt_given ? NULL
+                                                                  : out_fmt,
+                              target_image_opts,
+                              VD_O_RDWR | (skip_create || out_base
+                                           ? 0 : VD_O_NO_BACKING), topts);
     if (!s.target && skip_create) {
         goto out;
     }
     if (!s.target) {
+        goto out;
+    }
+    if (s.compressed && target_image_opts &&
+        !format_compresses(vd_node_format(s.target))) {
+        cli_error("Compression not supported for this file format");
         goto out;
     }
     if (skip_create) {

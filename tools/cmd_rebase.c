@@ -28,6 +28,7 @@ int cmd_rebase(int argc, char **argv)
     const char *fmt = NULL, *cache = "writeback", *src_cache = "writeback";
     const char *backing = NULL, *backing_fmt = NULL, *filename;
     bool quiet = false, progress = false, unsafe = false, share = false;
+    bool image_opts = false;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL, *bopts = NULL;
     vd_node *top = NULL;
@@ -67,6 +68,9 @@ int cmd_rebase(int argc, char **argv)
         case 'U':
         case OPT_FORCE_SHARE_LONG:
             share = true;
+            break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
             break;
         default:
             return 1;
@@ -118,7 +122,7 @@ int cmd_rebase(int argc, char **argv)
     }
     flags = VD_O_RDWR | (unsafe ? VD_O_NO_BACKING : 0) |
             (share ? VD_O_FORCE_SHARE : 0);
-    top = cli_open(filename, fmt, flags, opts);
+    top = cli_open_image(filename, fmt, image_opts, flags, opts);
     if (!top) {
         goto out;
     }

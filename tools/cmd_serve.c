@@ -21,9 +21,20 @@
  * (src/qmp/, docs/qmp.md) that serves until `quit` or a signal. Each
  * option is turned into the QMP command it stands for (blockdev-add,
  * nbd-server-start, block-export-add) and checked by the same schema.
- * --object works in both forms: it adds to tls.c's registry of
- * credentials, which --tls-creds (qemu-nbd form) or the tls-creds of
- * --nbd-server and QMP nbd-server-start (daemon form) then name.
+ * --daemonize (daemon form) forks before anything is opened, as QEMU's
+ * os_daemonize() does: the parent waits on a pipe and exits 0 only when
+ * the daemon has its nodes, exports and monitors and wrote its pid file
+ * (locked, as qemu_write_pidfile() does), or 1 when the daemon died
+ * first, having printed its error on the stderr it still shared; the
+ * daemon then leaves the terminal (stdio on /dev/null, cwd /).
+ * -T/--trace is accepted as a QEMU built without a tracing backend
+ * accepts it: checked, and ignored.
+ * --object works in both forms: it adds to the library's object
+ * registry (secrets, TLS credentials, ...), which --tls-creds (qemu-nbd
+ * form) or the tls-creds of --nbd-server and QMP nbd-server-start
+ * (daemon form) then name. Objects are added once the command line is
+ * read (the form decides how errors are worded), in their order, before
+ * anything else is checked or opened.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -59,12 +70,15 @@ enum {
     SERVE_OPT_WORKERS,
     SERVE_OPT_OBJECT,
     SERVE_OPT_TLS_CREDS,
+    SERVE_OPT_TLS_AUTHZ,
+    SERVE_OPT_IMAGE_OPTS,
     SERVE_OPT_BLOCKDEV,
     SERVE_OPT_NBD_SERVER,
     SERVE_OPT_EXPORT,
     SERVE_OPT_CHARDEV,
     SERVE_OPT_MONITOR,
     SERVE_OPT_QMP,
+    SERVE_OPT_DAEMONIZE,
 };
 
 /* The daemon-form options, kept in command-line order per kind. */
@@ -77,7 +91,6 @@ static const char *const daemon_opt_names[D_KINDS] = {
 
 static const struct option serve_long[] = {
     { "help", no_argument, NULL, 'h' },
-    { "version", no_argument, NULL, 'V' },
     { "socket", required_argument, NULL, 'k' },
     { "bind", required_argument, NULL, 'b' },
     { "port", required_argument, NULL, 'p' },
@@ -99,12 +112,17 @@ static const struct option serve_long[] = {
     { "workers", required_argument, NULL, SERVE_OPT_WORKERS },
     { "object", required_argument, NULL, SERVE_OPT_OBJECT },
     { "tls-creds", required_argument, NULL, SERVE_OPT_TLS_CREDS },
+    { "tls-authz", required_argument, NULL, SERVE_OPT_TLS_AUTHZ },
+    { "image-opts", no_argument, NULL, SERVE_OPT_IMAGE_OPTS },
     { "blockdev", required_argument, NULL, SERVE_OPT_BLOCKDEV },
     { "nbd-server", required_argument, NULL, SERVE_OPT_NBD_SERVER },
     { "export", required_argument, NULL, SERVE_OPT_EXPORT },
     { "chardev", required_argument, NULL, SERVE_OPT_CHARDEV },
     { "monitor", required_argument, NULL, SERVE_OPT_MONITOR },
     { "qmp", required_argument, NULL, SERVE_OPT_QMP },
+    { "daemonize", no_argument, NULL, SERVE_OPT_DAEMONIZE },
+    { "trace", required_argument, NULL, 'T' },
+    { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
 };
 
@@ -131,6 +149,8 @@ static void nbd_usage(void)
 "  --object type,id=ID,...   define an object such as 'secret' for providing\n"
 "                            passwords and/or encryption keys\n"
 "  --tls-creds=ID            use id of an earlier --object to provide TLS\n"
+"  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]\n"
+"                            specify tracing options\n"
 "  --fork                    fork off the server process and exit the parent\n"
 "                            once the server is running\n"
 "  --pid-file=PATH           store the server's process ID in the given file\n"
@@ -149,7 +169,8 @@ static void nbd_usage(void)
 "                            'writethrough', 'directsync' and 'unsafe'\n"
 "      --aio=MODE            set AIO mode (native, io_uring or threads)\n"
 "      --discard=MODE        set discard mode (ignore, unmap)\n"
-"      --detect-zeroes=MODE  set detect-zeroes mode (off, on, unmap)\n",
+"      --detect-zeroes=MODE  set detect-zeroes mode (off, on, unmap)\n"
+"      --image-opts          treat FILE as a full set of image options\n",
            SERVE_DEFAULT_PORT);
 }
 
@@ -161,6 +182,8 @@ static void daemon_usage(void)
 "QEMU storage daemon\n"
 "\n"
 "  -h, --help             display this help and exit\n"
+"  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]\n"
+"                         specify tracing options\n"
 "  -V, --version          output version information and exit\n"
 "\n"
 "  --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]\n"
@@ -173,12 +196,15 @@ static void daemon_usage(void)
 "  --chardev socket,id=<id>,path=<path>,server=on,wait=off\n"
 "                         configure a character device backend\n"
 "\n"
+"  --daemonize            daemonize the process, and have the parent exit\n"
+"                         once startup is complete\n"
+"\n"
 "  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]\n"
 "           [,writable=on|off]\n"
 "                         export the specified block node over NBD\n"
 "                         (requires --nbd-server)\n"
 "\n"
-"  --monitor [chardev=]name\n"
+"  --monitor [chardev=]name[,mode=control]\n"
 "                         configure a QMP monitor\n"
 "\n"
 "  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>\n"
@@ -187,10 +213,12 @@ static void daemon_usage(void)
 "               [,tls-creds=<id>][,max-connections=<n>]\n"
 "                         start an NBD server for exporting block nodes\n"
 "\n"
-"  --object tls-creds-x509,id=<id>,endpoint=server,dir=<dir>\n"
-"           [,verify-peer=on|off]\n"
-"  --object tls-creds-psk,id=<id>,endpoint=server,dir=<dir>\n"
-"                         create a new object of the given type\n"
+"  --object help          list object types that can be added\n"
+"  --object <type>,help   list properties for the given object type\n"
+"  --object <type>[,<property>=<value>...]\n"
+"                         create a new object of type <type>, setting\n"
+"                         properties in the order they are specified. Note\n"
+"                         that the 'id' property must be set.\n"
 "\n"
 "  --pidfile <path>       write process ID to a file after startup\n");
 }
@@ -230,6 +258,7 @@ static void serve_usage(void)
 "      --detect-zeroes=MODE off, on or unmap\n"
 "      --pid-file=PATH      write the server's process id to PATH\n"
 "      --fork               run in the background once the server listens\n"
+"      --image-opts         treat FILE as a full set of image options\n"
 "      --workers=N          at most N I/O threads per connection (default %d)\n"
 "\n"
 "Daemon form (see docs/qmp.md):\n"
@@ -242,11 +271,17 @@ static void serve_usage(void)
 "      --chardev socket,id=ID,path=P,server=on,wait=off\n"
 "      --monitor chardev=ID a QMP monitor on that socket\n"
 "      --qmp unix:PATH      shorthand for the two above\n"
-"      --object=SPEC        tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off]\n"
-"                           or tls-creds-psk,id=ID,endpoint=server,dir=DIR\n"
-"                           (both forms; the daemon also has object-add)\n"
+"      --object=SPEC        define an object (both forms; the daemon also has\n"
+"                           object-add): tls-creds-x509,id=ID,endpoint=server,\n"
+"                           dir=DIR[,verify-peer=on|off], tls-creds-psk,...,\n"
+"                           secret, ...; --object help lists the types\n"
 "      --tls-creds=ID       require TLS with the credentials object ID\n"
 "                           (the daemon form: --nbd-server ...,tls-creds=ID)\n"
+"      --daemonize          daemon form: run in the background once set up\n"
+"      --pidfile=PATH       daemon form: write (and lock) the pid file\n"
+"  -T, --trace [[enable=]PATTERN][,events=FILE][,file=FILE]\n"
+"                           accepted and ignored (no tracing backend)\n"
+"  -V, --version            print the version and exit\n"
 "  -h, --help               this help\n", SERVE_WORKERS);
 }
 
@@ -315,8 +350,8 @@ static int block_option(vd_opts *opts, int c, const char *arg,
 
 /*
  * The options each program takes: qemu-nbd has no daemon options,
- * qemu-storage-daemon only those (and --object, --pidfile); `vdisk
- * serve` takes both sets and its own --qmp and --workers.
+ * qemu-storage-daemon only those (and --object, --pidfile, --daemonize,
+ * -T); `vdisk serve` takes both sets and its own --qmp and --workers.
  */
 static bool serve_opt_allowed(int c, const char *long_name)
 {
@@ -325,10 +360,12 @@ static bool serve_opt_allowed(int c, const char *long_name)
 
     switch (cli_as) {
     case CLI_QEMU_NBD:
-        return !daemon_opt && c != SERVE_OPT_WORKERS && !pidfile;
+        return !daemon_opt && c != SERVE_OPT_WORKERS && !pidfile &&
+               c != SERVE_OPT_DAEMONIZE;
     case CLI_QEMU_STORAGE_DAEMON:
         return (daemon_opt && c != SERVE_OPT_QMP) || c == 'h' || c == 'V' ||
-               c == SERVE_OPT_OBJECT || pidfile;
+               c == 'T' || c == SERVE_OPT_OBJECT ||
+               c == SERVE_OPT_DAEMONIZE || pidfile;
     default:
         return true;
     }
@@ -351,6 +388,24 @@ static void serve_help_hint(void)
 }
 
 static vd_nbd_server *the_server;
+
+/*
+ * Adds the --object arguments @objs in order (cli_add_object()). The
+ * daemon form words an error as qemu-storage-daemon ("--object ARG:
+ * MESSAGE"), the qemu-nbd form as qemu-nbd. Returns 0 or -1.
+ */
+static int add_objects(const char *const *objs, int n, bool daemon_form)
+{
+    for (int i = 0; i < n; i++) {
+        char ctx[4200];
+
+        snprintf(ctx, sizeof(ctx), "--object %s", objs[i]);
+        if (cli_add_object(objs[i], daemon_form ? ctx : NULL) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
 
 static void on_signal(int sig)
 {
@@ -404,6 +459,185 @@ static void wait_for_child(int rfd)
     _exit(n == 1 && c == 'R' ? 0 : 1);
 }
 
+/* -T/--trace as QEMU built with the "nop" backend takes it: the
+ * syntax is checked, an events file must be readable (QEMU reads it and
+ * only warns), and file= is refused as such a build refuses it. */
+static int check_trace_opt(const char *arg)
+{
+    char *copy = strdup(arg), *save = NULL;
+    int ret = 0;
+
+    if (!copy) {
+        return -1;
+    }
+    for (char *tok = strtok_r(copy, ",", &save); tok && ret == 0;
+         tok = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(tok, '=');
+        /* The first item may be a bare pattern (QemuOpts' implied key). */
+        if ((!eq && tok == copy) || strncmp(tok, "enable=", 7) == 0) {
+            continue;
+        }
+        if (strncmp(tok, "events=", 7) == 0) {
+            FILE *f = fopen(eq + 1, "r");
+            if (!f) {
+                /* qemu-nbd's own format, without the space. */
+                fprintf(stderr, "%s:%s: %s\n", cli_prog, eq + 1,
+                        strerror(errno));
+            } else {
+                fclose(f);
+            }
+            continue;
+        }
+        if (strncmp(tok, "file=", 5) == 0) {
+            fprintf(stderr, "error: --trace file=...: option not supported "
+                    "by the selected tracing backends\n");
+            ret = -1;
+            continue;
+        }
+        if (eq) {
+            *eq = '\0';
+        }
+        cli_error("--trace %s: Invalid parameter '%s'",
+                  arg, tok);
+        ret = -1;
+    }
+    free(copy);
+    return ret;
+}
+
+static void print_serve_version(void)
+{
+    /* "version X.Y.Z" as QEMU's tools print it, for scripts that parse
+     * it: the QEMU release whose behaviour vdisk follows. */
+    printf("vdisk serve version 7.2.0 (vdisk %s)\n"
+           "Command-line compatible with qemu-storage-daemon and qemu-nbd "
+           "version 7.2\n", vd_version());
+}
+
+/* The daemon form's pid file, as qemu_write_pidfile(): created without
+ * truncation, locked with a record lock that lives as long as the
+ * process (so a second daemon given the same file is refused), checked
+ * to still be the file at @path, then truncated and written. The lock's
+ * descriptor stays open on purpose. */
+static int write_locked_pidfile(const char *path)
+{
+    char buf[32];
+    int fd;
+
+    for (;;) {
+        struct stat a, b;
+        struct flock lk = { .l_type = F_WRLCK, .l_whence = SEEK_SET };
+
+        fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+        if (fd < 0) {
+            cli_error("cannot create PID file: Could not "
+                      "create '%s': %s", path, strerror(errno));
+            return -1;
+        }
+        if (fstat(fd, &b) < 0) {
+            cli_error("cannot create PID file: Cannot "
+                      "stat file: %s", strerror(errno));
+            close(fd);
+            return -1;
+        }
+        if (fcntl(fd, F_SETLK, &lk) < 0) {
+            cli_error("cannot create PID file: Cannot "
+                      "lock pid file: %s", strerror(errno));
+            close(fd);
+            return -1;
+        }
+        /* Someone may have replaced the file between open and lock. */
+        if (stat(path, &a) == 0 && a.st_ino == b.st_ino &&
+            a.st_dev == b.st_dev) {
+            break;
+        }
+        close(fd);
+    }
+    snprintf(buf, sizeof(buf), "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) < 0 ||
+        write(fd, buf, strlen(buf)) != (ssize_t)strlen(buf)) {
+        cli_error("cannot create PID file: Failed to "
+                  "write pid file");
+        unlink(path);
+        close(fd);
+        return -1;
+    }
+    return 0;
+}
+
+/* --daemonize, first half (QEMU's os_daemonize()): returns in the
+ * daemon with the write end of the parent's pipe in *@ready; the parent
+ * never returns. */
+static int daemonize_start(int *ready)
+{
+    int fds[2];
+    pid_t pid;
+
+    if (pipe2(fds, O_CLOEXEC) < 0) {
+        cli_error("pipe: %s", strerror(errno));
+        return -1;
+    }
+    fflush(NULL);
+    pid = fork();
+    if (pid < 0) {
+        cli_error("fork: %s", strerror(errno));
+        return -1;
+    }
+    if (pid > 0) {
+        unsigned char st = 1;
+        ssize_t n;
+        close(fds[1]);
+        do {
+            n = read(fds[0], &st, 1);
+        } while (n < 0 && errno == EINTR);
+        _exit(n == 1 && st == 0 ? 0 : 1);
+    }
+    close(fds[0]);
+    setsid();
+    /* A second fork, so the daemon is no session leader and can never
+     * acquire a controlling terminal. */
+    pid = fork();
+    if (pid < 0) {
+        _exit(1);
+    }
+    if (pid > 0) {
+        _exit(0);
+    }
+    umask(027);
+    signal(SIGTSTP, SIG_IGN);
+    signal(SIGTTOU, SIG_IGN);
+    signal(SIGTTIN, SIG_IGN);
+    *ready = fds[1];
+    return 0;
+}
+
+/* --daemonize, second half (QEMU's os_setup_post()): the daemon is set
+ * up; leave the terminal and release the parent with success. */
+static int daemonize_finish(int ready)
+{
+    unsigned char st = 0;
+    int fd;
+
+    if (chdir("/") < 0) {
+        cli_error("not able to chdir to /: %s",
+                  strerror(errno));
+        return -1;
+    }
+    fd = open("/dev/null", O_RDWR);
+    if (fd < 0) {
+        return -1;
+    }
+    dup2(fd, 0);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    close(fd);
+    if (write(ready, &st, 1) != 1) {
+        return -1;
+    }
+    close(ready);
+    return 0;
+}
+
 /* ---- the daemon form ---- */
 
 static void daemon_report(const char *msg)
@@ -421,17 +655,41 @@ static void on_daemon_signal(int sig)
     }
 }
 
+/* True when the key=value option @str has a bare "help" or "?" element,
+ * which qemu-storage-daemon answers for its options. */
+static bool asks_help(const char *str)
+{
+    const char *p = str;
+
+    if (str[0] == '{') {
+        return false;
+    }
+    while (*p) {
+        size_t n = 0;
+        /* An element runs to a lone comma (",," is part of a value). */
+        while (p[n] && !(p[n] == ',' && p[n + 1] != ',')) {
+            n += p[n] == ',' ? 2 : 1;
+        }
+        if ((n == 4 && strncmp(p, "help", 4) == 0) || (n == 1 && *p == '?')) {
+            return true;
+        }
+        p += n;
+        p += *p == ',';
+    }
+    return false;
+}
+
 /* Runs QMP command @cmd with the option value @str (a JSON object or
- * key=value list). Returns 0 or -1 after printing the error, which names
- * the option as qemu-storage-daemon does ("--blockdev VALUE: ..."). */
+ * key=value list). Returns 0 or -1 after printing the error, worded as
+ * qemu-storage-daemon's ("--blockdev ARG: MESSAGE"). */
 static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
                         const char *str, json_object *(*fix)(json_object *))
 {
     vd_error err = VD_ERROR_INIT;
     qmp_error e = { 0 };
-    json_object *args = qmp_parse_cli_object(str, NULL, &err);
-    json_object *ret;
+    json_object *args, *ret;
 
+    args = qmp_parse_cli_object(str, NULL, &err);
     if (!args) {
         cli_error("%s %s: %s", opt, str, err.message);
         return -1;
@@ -442,9 +700,10 @@ static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
     ret = qmp_daemon_execute(d, cmd, args, str[0] != '{', &e);
     json_object_put(args);
     if (!ret) {
-        /* The schema checked nbd_addr_to_legacy()'s form: name the
-         * member as qemu-storage-daemon does ('addr.path', not
-         * 'addr.data.path'; the union's tag is plain 'type'). */
+        /* QEMU names the option with its value ("--blockdev ARG: "). The
+         * schema checked nbd_addr_to_legacy()'s form: name the member as
+         * qemu-storage-daemon does ('addr.path', not 'addr.data.path';
+         * the union's tag is plain 'type'). */
         char *legacy = fix ? strstr(e.desc, "'addr.data.") : NULL;
         if (legacy) {
             memmove(legacy + 6, legacy + 11, strlen(legacy + 11) + 1);
@@ -610,13 +869,19 @@ out:
 }
 
 static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
-                        const int *n, const char *pidfile)
+                        const int *n, const char *pidfile, bool daemonize)
 {
-    qmp_daemon *d = qmp_daemon_new();
+    qmp_daemon *d;
     struct sigaction sa;
-    int ret = 1;
+    int ret = 1, ready = -1;
 
+    /* Before anything is opened: nodes must not be open across fork(). */
+    if (daemonize && daemonize_start(&ready) < 0) {
+        return 1;
+    }
+    d = qmp_daemon_new();
     qmp_set_reporter(daemon_report);
+
     if (!d) {
         cli_error("out of memory");
         return 1;
@@ -642,7 +907,16 @@ static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
     if (daemon_monitors(d, &opts[0][0], n) < 0) {
         goto out;
     }
-    if (pidfile && write_pidfile(pidfile) < 0) {
+    /* As qemu-storage-daemon: after the nodes, servers, exports and
+     * monitors, before any connection is accepted (the monitors' and the
+     * NBD server's threads are running but nothing was served). */
+    if (pidfile && write_locked_pidfile(pidfile) < 0) {
+        goto out;
+    }
+    if (ready >= 0 && daemonize_finish(ready) < 0) {
+        if (pidfile) {
+            unlink(pidfile);
+        }
         goto out;
     }
     the_daemon = d;
@@ -676,6 +950,10 @@ int cmd_serve(int argc, char **argv)
 
     const char *sockpath = NULL, *bind_addr = NULL, *port = NULL;
     const char *fmt = NULL, *pidfile = NULL, *tls_creds = NULL;
+    const char *tls_authz = NULL;
+    const char **objects = NULL;
+    int nobjects = 0;
+    bool image_opts = false;
     const char *names[SERVE_MAX_EXPORTS], *descs[SERVE_MAX_EXPORTS];
     unsigned nnames = 0, ndescs = 0, shared = 1, workers = SERVE_WORKERS;
     bool persistent = false, read_only = false, do_fork = false;
@@ -692,18 +970,22 @@ int cmd_serve(int argc, char **argv)
     int longidx = -1;
     unsigned seen_block_opts = 0;
     /* qemu-storage-daemon is the daemon form even with no options. */
-    bool daemon_mode = cli_as == CLI_QEMU_STORAGE_DAEMON;
+    bool daemon_mode = cli_as == CLI_QEMU_STORAGE_DAEMON, daemonize = false;
 
     if (cli_as == CLI_VDISK) {
         cli_set_prog("vdisk serve");
     }
+
     opts = vd_opts_new();
-    if (!opts) {
+    objects = calloc((size_t)argc + 1, sizeof(*objects));
+    if (!opts || !objects) {
         cli_error("out of memory");
+        vd_opts_free(&opts);
+        free(objects);
         return 1;
     }
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":hVk:b:p:e:trx:D:f:l:n", serve_long,
+    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:nT:V", serve_long,
                             &longidx)) != -1) {
         if (c != ':' && c != '?' &&
             !serve_opt_allowed(c, longidx >= 0 ? serve_long[longidx].name
@@ -721,12 +1003,22 @@ int cmd_serve(int argc, char **argv)
             goto out;
         case 'V':
             if (cli_as == CLI_VDISK) {
-                printf("vdisk version %s\n", vd_version());
+                print_serve_version();
             } else {
                 cli_print_qemu_version();
             }
             ret = 0;
             goto out;
+        case 'T':
+            if (check_trace_opt(optarg) < 0) {
+                goto out;
+            }
+            break;
+        case SERVE_OPT_DAEMONIZE:
+            /* Alone it makes an idle daemon, as qemu-storage-daemon. */
+            daemonize = true;
+            daemon_mode = true;
+            break;
         case 'k':
             sockpath = optarg;
             if (cli_as == CLI_QEMU_NBD && sockpath[0] != '/') {
@@ -805,6 +1097,19 @@ int cmd_serve(int argc, char **argv)
         case SERVE_OPT_MONITOR:
         case SERVE_OPT_QMP: {
             int k = c - SERVE_OPT_BLOCKDEV;
+            if (asks_help(optarg)) {
+                /* qemu-storage-daemon lists chardev backends (vdisk has
+                 * one) and has no help for the others. */
+                if (k == D_CHARDEV) {
+                    printf("Available chardev backend types: \n  socket\n");
+                    ret = 0;
+                } else {
+                    cli_error("%s %s: Help is not "
+                              "available for this option",
+                              daemon_opt_names[k], optarg);
+                }
+                goto out;
+            }
             if (ndaemon[k] == SERVE_MAX_DAEMON_OPTS) {
                 cli_error("too many %s options",
                           daemon_opt_names[k]);
@@ -822,14 +1127,16 @@ int cmd_serve(int argc, char **argv)
             }
             break;
         case SERVE_OPT_OBJECT:
-            vd_error_clear(&err);
-            if (vd_nbd_tls_add_object(optarg, &err) < 0) {
-                cli_error("%s", err.message);
-                goto out;
-            }
+            objects[nobjects++] = optarg;
             break;
         case SERVE_OPT_TLS_CREDS:
             tls_creds = optarg;
+            break;
+        case SERVE_OPT_TLS_AUTHZ:
+            tls_authz = optarg;
+            break;
+        case SERVE_OPT_IMAGE_OPTS:
+            image_opts = true;
             break;
         default:    /* ':' or '?' */
             cli_getopt_error(c, argv);
@@ -838,6 +1145,27 @@ int cmd_serve(int argc, char **argv)
         }
     }
 
+    if (add_objects(objects, nobjects, daemon_mode) < 0) {
+        goto out;
+    }
+    if (tls_authz && !tls_creds) {
+        cli_error("--tls-authz is not permitted without "
+                  "--tls-creds");
+        goto out;
+    }
+    if (tls_authz) {
+        /* The authorization objects exist (vd_authz_is_allowed()), but
+         * the NBD server does not ask them yet: serving without the
+         * check would let in clients the caller means to keep out. */
+        cli_error("--tls-authz is not supported yet: the "
+                  "NBD server cannot check client identities");
+        goto out;
+    }
+    if (image_opts && fmt) {
+        cli_error("--image-opts and -f are mutually "
+                  "exclusive");
+        goto out;
+    }
     if (daemon_mode && tls_creds) {
         cli_error("--tls-creds is qemu-nbd's option; give "
                   "the daemon --nbd-server ...,tls-creds=ID");
@@ -867,7 +1195,7 @@ int cmd_serve(int argc, char **argv)
                       "combine with the daemon options");
             goto out;
         }
-        ret = serve_daemon(daemon_opts, ndaemon, pidfile);
+        ret = serve_daemon(daemon_opts, ndaemon, pidfile, daemonize);
         goto out;
     }
 
@@ -944,7 +1272,17 @@ int cmd_serve(int argc, char **argv)
         int r;
 
         vd_error_clear(&err);
-        r = vd_open(&nodes[i], file, fmt, opts, flags, &err);
+        if (image_opts) {
+            /* FILE is the whole set of options, as blockdev-add's. */
+            vd_opts *all = cli_parse_image_opts(file, opts);
+            if (!all) {
+                goto out;
+            }
+            r = vd_open(&nodes[i], NULL, NULL, all, flags, &err);
+            vd_opts_free(&all);
+        } else {
+            r = vd_open(&nodes[i], file, fmt, opts, flags, &err);
+        }
         if (r < 0) {
             /* qemu-nbd's words, naming the file. */
             cli_error("Failed to blk_new_open '%s': %s",
@@ -1021,7 +1359,8 @@ out:
         close(ready_fd);
     }
     vd_opts_free(&opts);
+    free(objects);
     vd_nbd_tls_creds_unref(creds);
-    vd_nbd_tls_cleanup();
+    vd_object_del_all();
     return ret;
 }

@@ -2006,44 +2006,23 @@ static int open_image(const char *name, const open_args *a)
         goto out;
     }
     if (a->image_opts) {
+        /* The whole of @name is options, as blockdev-add takes them. */
+        vd_opts *all;
         if (a->format) {
             fflush(stdout);
             cli_error("--image-opts and -f are mutually exclusive");
             ret = -EINVAL;
             goto out;
         }
-        ret = vd_opts_parse(opts, name, NULL, &err);
-        if (ret < 0) {
-            goto fail;
-        }
-        filename = vd_opts_get(opts, "filename");
-        if (filename) {
-            /* vd_open() takes the filename as a parameter, not a key. */
-            vd_opts *rest = vd_opts_new();
-            size_t i;
-            char *copy = strdup(filename);
-            if (!rest || !copy) {
-                vd_opts_free(&rest);
-                free(copy);
-                ret = -ENOMEM;
-                goto out;
-            }
-            for (i = 0; i < vd_opts_count(opts); i++) {
-                const char *k, *v;
-                vd_opts_nth(opts, i, &k, &v);
-                if (strcmp(k, "filename")) {
-                    vd_opts_set(rest, k, v);
-                }
-            }
-            vd_opts_free(&opts);
-            opts = rest;
-            ret = vd_open(&io.node, copy, NULL, opts, flags, &err);
-            free(copy);
-            if (ret < 0) {
-                goto fail;
-            }
+        fflush(stdout);
+        all = cli_parse_image_opts(name, opts);
+        if (!all) {
+            ret = -EINVAL;
             goto out;
         }
+        vd_opts_free(&opts);
+        opts = all;
+        filename = NULL;
     }
     ret = vd_open(&io.node, filename, format, opts, flags, &err);
     if (ret < 0) {
@@ -2667,6 +2646,8 @@ static void usage(void)
     printf("Usage: %s [OPTIONS]... [-c STRING]... [file]\n"
            "%s\n"
            "\n"
+           "  --object OBJECTDEF   define an object such as 'secret' for\n"
+           "                       passwords and/or encryption keys\n"
            "  --image-opts         treat file as option string\n"
            "  -c, --cmd STRING     execute command with its arguments\n"
            "                       from the given string\n"
@@ -2722,6 +2703,7 @@ int cmd_io(int argc, char **argv)
         { "options", required_argument, NULL, 'o' },
         { "force-share", no_argument, NULL, 'U' },
         { "image-opts", no_argument, NULL, 'I' },
+        { "object", required_argument, NULL, OPT_OBJECT },
         { NULL, 0, NULL, 0 },
     };
     open_args a;
@@ -2827,6 +2809,13 @@ int cmd_io(int argc, char **argv)
             break;
         case 'I':
             a.image_opts = true;
+            break;
+        case OPT_OBJECT:
+            /* Added in command-line order, before the image opens. */
+            if (cli_add_object(optarg, NULL) < 0) {
+                ret = 1;
+                goto done;
+            }
             break;
         default:    /* ':' or '?' */
             cli_getopt_error(c, argv);

@@ -67,6 +67,8 @@ void cli_print_qemu_version(void)
 
 static const struct option check_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "format", required_argument, NULL, 'f' },
     { "repair", required_argument, NULL, 'r' },
     { "output", required_argument, NULL, OPT_OUTPUT },
@@ -76,11 +78,14 @@ static const struct option check_long[] = {
 
 static const struct option create_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
     { NULL, 0, NULL, 0 },
 };
 
 static const struct option info_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "format", required_argument, NULL, 'f' },
     { "output", required_argument, NULL, OPT_OUTPUT },
     { "backing-chain", no_argument, NULL, OPT_BACKING_CHAIN },
@@ -90,6 +95,9 @@ static const struct option info_long[] = {
 
 static const struct option convert_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "target-image-opts", no_argument, NULL, OPT_TARGET_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
     { NULL, 0, NULL, 0 },
@@ -97,12 +105,16 @@ static const struct option convert_long[] = {
 
 static const struct option compare_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { NULL, 0, NULL, 0 },
 };
 
 static const struct option map_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "format", required_argument, NULL, 'f' },
     { "output", required_argument, NULL, OPT_OUTPUT },
     { "start-offset", required_argument, NULL, OPT_START_OFFSET },
@@ -113,21 +125,25 @@ static const struct option map_long[] = {
 
 static const struct option commit_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { NULL, 0, NULL, 0 },
 };
 
 static const struct option rebase_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { NULL, 0, NULL, 0 },
 };
 
 static const struct option measure_long[] = {
     { "help", no_argument, NULL, 'h' },
-    { "output", required_argument, NULL, OPT_OUTPUT },
-    { "size", required_argument, NULL, OPT_SIZE },
     { "object", required_argument, NULL, OPT_OBJECT },
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    { "size", required_argument, NULL, OPT_SIZE },
     { "force-share", no_argument, NULL, 'U' },
     { NULL, 0, NULL, 0 },
 };
@@ -142,6 +158,8 @@ static const struct option amend_long[] = {
 
 static const struct option snapshot_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { "group", no_argument, NULL, OPT_SNAPSHOT_GROUP },
     { "vmstate", required_argument, NULL, OPT_SNAPSHOT_VMSTATE },
@@ -151,6 +169,8 @@ static const struct option snapshot_long[] = {
 
 static const struct option resize_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "preallocation", required_argument, NULL, OPT_PREALLOCATION },
     { "shrink", no_argument, NULL, OPT_SHRINK },
     { NULL, 0, NULL, 0 },
@@ -158,6 +178,8 @@ static const struct option resize_long[] = {
 
 static const struct option dd_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { NULL, 0, NULL, 0 },
 };
@@ -173,38 +195,43 @@ const cli_command cli_commands[] = {
       "[-s buffer_size] [-S step_size] [-t cache] [-w] [-U] [--random] "
       "filename", NULL, NULL },
     { "check", cmd_check,
-      "[-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename",
+      "[--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] "
+      "[-r [leaks | all]] [-T src_cache] [-U] filename",
       ":hf:r:T:qU", check_long },
     { "commit", cmd_commit,
-      "[-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] "
-      "filename",
+      "[--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] "
+      "[-b base] [-r rate_limit] [-d] [-p] filename",
       ":hf:t:b:dpqr:", commit_long },
     { "compare", cmd_compare,
-      "[-f fmt] [-F fmt] [-q] [-s] [-U] filename1 filename2",
+      "[--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] "
+      "[-p] [-q] [-s] [-U] filename1 filename2",
       ":hf:F:T:pqsU", compare_long },
     { "convert", cmd_convert,
+      "[--object objectdef] [--image-opts] [--target-image-opts] "
       "[--target-is-zero] [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] "
       "[-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] "
       "[-o options] [-S sparse_size] [-l snapshot_param] [-m num_coroutines] [-W] filename "
       "[filename2 [...]] output_filename",
       ":hf:O:o:S:pt:T:qnm:WUcl:s:B:F:", convert_long },
     { "create", cmd_create,
-      "[-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] "
-      "filename [size]",
+      "[--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] "
+      "[-u] [-o options] filename [size]",
       ":F:b:f:ho:qu", create_long },
     { "dd", cmd_dd,
-      "[-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] "
-      "[skip=blocks] if=input of=output",
+      "[--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] "
+      "[count=blocks] [skip=blocks] if=input of=output",
       ":hf:O:U", dd_long },
     { "info", cmd_info,
-      "[-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
+      "[--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
+      "[--backing-chain] [-U] filename",
       ":f:hU", info_long },
     { "io", cmd_io,
-      "[-f fmt] [-r] [-c command]... filename (qemu-io's commands)",
+      "[--object objectdef] [--image-opts] [-f fmt] [-r] [-c command]... "
+      "filename (qemu-io's commands)",
       NULL, NULL },
     { "map", cmd_map,
-      "[-f fmt] [--start-offset=offset] [--max-length=len] "
-      "[--output=ofmt] [-U] filename",
+      "[--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] "
+      "[--max-length=len] [--output=ofmt] [-U] filename",
       ":f:hU", map_long },
     { "measure", cmd_measure,
       "[--output=ofmt] [-O output_fmt] [-o options] [--size N | "
@@ -212,12 +239,12 @@ const cli_command cli_commands[] = {
       "filename]",
       ":hf:O:o:l:U", measure_long },
     { "rebase", cmd_rebase,
-      "[-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] "
-      "-b backing_file [-F backing_fmt] filename",
+      "[--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] "
+      "[-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename",
       ":hf:F:b:upt:T:qU", rebase_long },
     { "resize", cmd_resize,
-      "[-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename "
-      "[+ | -]size",
+      "[--object objectdef] [--image-opts] [-f fmt] "
+      "[--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size",
       ":f:hq", resize_long },
     { "serve", cmd_serve,
       "[-f fmt] [-r] [-x name] [-D description] [-k socket | -b addr "
@@ -225,8 +252,8 @@ const cli_command cli_commands[] = {
       "[--aio=mode] [--discard=mode] [--detect-zeroes=mode] filename... "
       "(qemu-nbd's options)", NULL, NULL },
     { "snapshot", cmd_snapshot,
-      "[-U] [-q] [-f fmt] [-l | -a snapshot | -c snapshot | -d snapshot] "
-      "filename\n"
+      "[--object objectdef] [--image-opts] [-U] [-q] [-f fmt] "
+      "[-l | -a snapshot | -c snapshot | -d snapshot] filename\n"
       "  snapshot --group [-f fmt] [-c snapshot | -a snapshot | -d snapshot] "
       "[--vmstate filename] [--vmstate-data file] filename...",
       ":hf:qUla:c:d:", snapshot_long },
@@ -354,6 +381,10 @@ void cli_print_help(void)
     printf("\n"
 "Command parameters:\n"
 "  'filename' is a disk image filename\n"
+"  'objectdef' is a user creatable object definition (docs/objects.md): a\n"
+"    secret, a throttle-group, authz-simple, authz-list, tls-creds-x509 or\n"
+"    tls-creds-psk; '--object help' lists them, '--object TYPE,help' their\n"
+"    properties\n"
 "  'fmt' is the disk image format. It is guessed automatically in most cases\n"
 "  'cache' is the cache mode used to write the output disk image, the valid\n"
 "    options are: 'none', 'writeback' (default, except for convert), 'writethrough',\n"
@@ -430,9 +461,15 @@ int cli_getopt(const char *name, int argc, char **argv)
     const cli_command *c = cli_find_command(name);
     int ch;
 
-    int longidx = -1;
+    int longidx;
 
-    ch = getopt_long(argc, argv, c->short_opts, c->long_opts, &longidx);
+    do {
+        longidx = -1;
+        ch = getopt_long(argc, argv, c->short_opts, c->long_opts, &longidx);
+        if (ch == OPT_OBJECT && cli_add_object(optarg, NULL) < 0) {
+            exit(strcmp(name, "compare") == 0 ? 2 : 1);
+        }
+    } while (ch == OPT_OBJECT);
     if (cli_as == CLI_QEMU_IMG && longidx >= 0 && ch != ':' && ch != '?' &&
         cli_option_is_vdisk_only(name, c->long_opts[longidx].name)) {
         cli_foreign_option_error(ch, longidx, argv);
@@ -582,11 +619,39 @@ const char *cli_strip_filename(const char *msg, const char *filename)
     return msg;
 }
 
+/* ---- objects ---- */
+
+int cli_add_object(const char *arg, const char *context)
+{
+    vd_error err = VD_ERROR_INIT;
+    char *help = NULL;
+    int r = vd_object_add_cli(arg, &help, &err);
+
+    if (r < 0) {
+        if (context) {
+            vd_error_prepend(&err, "%s: ", context);
+        }
+        cli_report_vd_error(&err, r, "Could not add object");
+        return -1;
+    }
+    if (help) {
+        fputs(help, stdout);
+        free(help);
+        vd_object_del_all();
+        exit(0);
+    }
+    return 0;
+}
+
 /* ---- images ---- */
 
-vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
-                  const vd_opts *opts)
+/* cli_open() of @file (NULL: @opts say what to open) whose messages call
+ * it @name. */
+static vd_node *cli_open_named(const char *name, const char *file,
+                               const char *fmt, unsigned flags,
+                               const vd_opts *opts)
 {
+    const char *filename = name;
     vd_error err = VD_ERROR_INIT;
     vd_node *node = NULL;
     int ret;
@@ -595,7 +660,7 @@ vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
     if (!(flags & VD_O_RDWR)) {
         flags |= VD_O_QUIET;
     }
-    ret = vd_open(&node, filename, fmt, opts, flags, &err);
+    ret = vd_open(&node, file, fmt, opts, flags, &err);
     if (ret < 0) {
         if (err.message[0]) {
             /* qemu's own prefix already names the file. */
@@ -607,6 +672,52 @@ vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
         }
         return NULL;
     }
+    return node;
+}
+
+
+vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
+                  const vd_opts *opts)
+{
+    return cli_open_named(filename, filename, fmt, flags, opts);
+}
+
+vd_opts *cli_parse_image_opts(const char *str, const vd_opts *base)
+{
+    vd_error err = VD_ERROR_INIT;
+    vd_opts *o = base ? vd_opts_clone(base) : vd_opts_new();
+
+    if (!o) {
+        cli_error("out of memory");
+        return NULL;
+    }
+    /* Later keys replace earlier ones: the user's win over @base's. */
+    if (vd_opts_parse(o, str, NULL, &err) < 0) {
+        cli_report_vd_error(&err, -EINVAL, str);
+        vd_opts_free(&o);
+    }
+    return o;
+}
+
+vd_node *cli_open_image(const char *filename, const char *fmt,
+                        bool image_opts, unsigned flags, const vd_opts *opts)
+{
+    vd_opts *o;
+    vd_node *node;
+
+    if (!image_opts) {
+        return cli_open(filename, fmt, flags, opts);
+    }
+    if (fmt) {
+        cli_error("--image-opts and --format are mutually exclusive");
+        return NULL;
+    }
+    o = cli_parse_image_opts(filename, opts);
+    if (!o) {
+        return NULL;
+    }
+    node = cli_open_named(filename, NULL, NULL, flags, o);
+    vd_opts_free(&o);
     return node;
 }
 

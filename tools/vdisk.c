@@ -30,6 +30,7 @@ static void print_version(void)
 int main(int argc, char **argv)
 {
     const cli_command *cmd;
+    int ret;
 
     /*
      * Under a file-size limit (ulimit -f) a write past it raises SIGXFSZ,
@@ -45,10 +46,12 @@ int main(int argc, char **argv)
     cli_set_tool(argv[0]);
     switch (cli_as) {
     case CLI_QEMU_IO:
-        return cmd_io(argc, argv);
     case CLI_QEMU_NBD:
     case CLI_QEMU_STORAGE_DAEMON:
-        return cmd_serve(argc, argv);
+        /* The whole command line is the tool's, argv[0] included. */
+        ret = (cli_as == CLI_QEMU_IO ? cmd_io : cmd_serve)(argc, argv);
+        vd_object_del_all();
+        return ret;
     case CLI_VDISK:
     case CLI_QEMU_IMG:
         break;
@@ -78,6 +81,9 @@ int main(int argc, char **argv)
         cli_error_hint("Command not found: %s", argv[1]);
         return 1;
     }
-    /* Subcommands see their own name as argv[0], as getopt expects. */
-    return cmd->handler(argc - 1, argv + 1);
+    /* Subcommands see their own name as argv[0], as getopt expects.
+     * The objects their --object options made go with them. */
+    ret = cmd->handler(argc - 1, argv + 1);
+    vd_object_del_all();
+    return ret;
 }

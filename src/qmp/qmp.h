@@ -54,8 +54,8 @@ void qmp_set_reporter(void (*fn)(const char *msg));
 void qmp_daemon_request_quit(qmp_daemon *d);
 
 /* Frees a daemon that qmp_daemon_run() has shut down or never ran (in
- * which case it also closes what it holds), and every TLS credentials
- * object of the process (vd_nbd_tls_cleanup()). */
+ * which case it also closes what it holds), and every object of the
+ * process (vd_object_del_all()). */
 void qmp_daemon_free(qmp_daemon **d);
 
 /*

@@ -4,21 +4,10 @@
 # naming the file where qemu-img fails, agree with qemu-img check's exit
 # status and JSON, and leave the image byte-identical.
 source "$(dirname "$0")/../functions.sh"
+# patch FILE OFFSET FORMAT VALUE...: big-endian struct.pack at OFFSET.
+source "$(dirname "$0")/qcow2-damage-functions.bash"
 requires qemu-img qemu-io python3 sha256sum timeout
 tmpdir
-
-# patch FILE OFFSET FORMAT VALUE...: big-endian struct.pack at OFFSET.
-patch()
-{
-    python3 - "$@" <<'EOF'
-import struct, sys
-f, off, fmt = sys.argv[1], int(sys.argv[2], 0), sys.argv[3]
-vals = [int(v, 0) for v in sys.argv[4:]]
-with open(f, "r+b") as fh:
-    fh.seek(off)
-    fh.write(struct.pack(">" + fmt, *vals))
-EOF
-}
 
 # Base image: 4 MiB, 64 KiB clusters: header, reftable (0x10000),
 # refblock (0x20000), L1 (0x30000), L2 (0x40000), data from 0x50000.

@@ -189,41 +189,76 @@ static int expand_l2(qcow2_state *s, uint64_t l2_off, vd_error *err)
     return ret;
 }
 
-/* Runs @fn over every L2 table of the active L1 table and of every
- * snapshot's L1 table. Lock held. */
-static int for_each_l2(qcow2_state *s, const amend_snapshot *sn,
-                       int (*fn)(qcow2_state *, uint64_t, vd_error *),
-                       vd_error *err)
-{
-    int ret = 0;
+typedef int l1_fn(qcow2_state *s, const uint64_t *l1, uint32_t n,
+                  unsigned flags, void *opaque, vd_error *err);
 
-    for (uint32_t i = 0; ret == 0 && i < s->l1_size; i++) {
-        uint64_t l2 = s->l1_table[i] & QCOW2_L1E_OFFSET_MASK;
-        if (l2) {
-            ret = fn(s, l2, err);
-        }
-    }
+/* Runs @fn over the active L1 table (@flags 0) and every snapshot's
+ * (QCOW2_VALIDATE_SNAPSHOT), host endian. Lock held. */
+static int for_each_l1(qcow2_state *s, const amend_snapshot *sn, l1_fn *fn,
+                       void *opaque, vd_error *err)
+{
+    int ret = fn(s, s->l1_table, s->l1_size, 0, opaque, err);
+
     for (uint32_t k = 0; ret == 0 && k < s->nb_snapshots; k++) {
         uint64_t *l1;
         if (!sn[k].l1_size) {
             continue;
         }
-        l1 = malloc((size_t)sn[k].l1_size * 8);
-        if (!l1) {
-            return vd_error_set(err, -ENOMEM, "%s: out of memory",
-                                s->filename);
-        }
-        ret = vd_child_pread(s->file, sn[k].l1_offset, l1,
-                             (uint64_t)sn[k].l1_size * 8, err);
-        for (uint32_t i = 0; ret == 0 && i < sn[k].l1_size; i++) {
-            uint64_t l2 = be64toh(l1[i]) & QCOW2_L1E_OFFSET_MASK;
-            if (l2) {
-                ret = fn(s, l2, err);
-            }
+        ret = qcow2_read_l1_table(s, sn[k].l1_offset, sn[k].l1_size, 0, &l1,
+                                  err);
+        if (ret == 0) {
+            ret = fn(s, l1, sn[k].l1_size, QCOW2_VALIDATE_SNAPSHOT, opaque,
+                     err);
         }
         free(l1);
     }
     return ret;
+}
+
+typedef int l2_fn(qcow2_state *s, uint64_t l2_off, vd_error *err);
+typedef struct l2_walk {
+    l2_fn *fn;
+} l2_walk;
+
+static int each_l2(qcow2_state *s, const uint64_t *l1, uint32_t n,
+                   unsigned flags, void *opaque, vd_error *err)
+{
+    l2_fn *fn = ((l2_walk *)opaque)->fn;
+    int ret = 0;
+
+    (void)flags;
+    for (uint32_t i = 0; ret == 0 && i < n; i++) {
+        uint64_t l2 = l1[i] & QCOW2_L1E_OFFSET_MASK;
+        if (l2) {
+            ret = fn(s, l2, err);
+        }
+    }
+    return ret;
+}
+
+/* Runs @fn over every L2 table of the active L1 table and of every
+ * snapshot's L1 table. Lock held. */
+static int for_each_l2(qcow2_state *s, const amend_snapshot *sn, l2_fn *fn,
+                       vd_error *err)
+{
+    l2_walk w = { fn };
+    return for_each_l1(s, sn, each_l2, &w, err);
+}
+
+static int validate_tree(qcow2_state *s, const uint64_t *l1, uint32_t n,
+                         unsigned flags, void *opaque, vd_error *err)
+{
+    (void)opaque;
+    return qcow2_validate_l1_tree(s, l1, n, flags, err);
+}
+
+/* Validates every tree a downgrade rewrites: the active L1 table and
+ * each snapshot's (qcow2_validate_l1_tree()), before the first write.
+ * Lock held. */
+static int validate_trees(qcow2_state *s, const amend_snapshot *sn,
+                          vd_error *err)
+{
+    return for_each_l1(s, sn, validate_tree, NULL, err);
 }
 
 /* for_each_l2() callback: -EEXIST when the table holds a compressed
@@ -273,6 +308,10 @@ static int change_refcount_order(qcow2_state *s, int new_order, vd_error *err)
     int ret;
 
     ret = qcow2_flush_caches(s, err);
+    if (ret == 0) {
+        /* The new structure is a copy of the old one: it must be sound. */
+        ret = qcow2_begin_change(s, err);
+    }
     if (ret < 0 || flen < 0) {
         return ret < 0 ? ret : (int)flen;
     }
@@ -438,6 +477,12 @@ static int downgrade(qcow2_state *s, const amend_snapshot *sn, vd_error *err)
             return vd_error_set(err, -ENOTSUP, "Internal snapshots prevent "
                                 "downgrade of image");
         }
+    }
+    /* Zero clusters become data clusters in every tree (validated by
+     * qcow2_amend() before its first write). */
+    ret = qcow2_begin_change(s, err);
+    if (ret < 0) {
+        return ret;
     }
     if (s->incompatible_features & QCOW2_INCOMPAT_DIRTY) {
         ret = qcow2_mark_clean(s, err);
@@ -618,6 +663,24 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
     ret = qcow2_flush_caches(s, err);
     if (ret < 0) {
         goto unlock;
+    }
+    /* A new refcount width copies the refcount structure and a downgrade
+     * rewrites zero clusters in every tree: validate what they rely on
+     * before the first write (the header rewrites below included). */
+    if ((uint64_t)s->refcount_bits != refcount_bits ||
+        new_version < old_version) {
+        ret = qcow2_validate_metadata(s, err);
+        if (ret == 0 && new_version < old_version) {
+            ret = validate_trees(s, sn, err);
+        }
+        if (ret < 0) {
+            /* qemu-img amend prints the message without a leading file
+             * name: keep the file named after the context. */
+            vd_error_prepend(err, new_version < old_version ?
+                             "Failed to turn zero into data clusters: " :
+                             "Cannot change the refcount width: ");
+            goto unlock;
+        }
     }
     if (new_version > old_version) {
         ret = upgrade(s, sn, err);

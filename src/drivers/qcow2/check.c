@@ -40,16 +40,12 @@
 /* Limits from QEMU's qcow2.h (qcow2.txt leaves them to implementations). */
 #define CK_MAX_SNAPSHOT_EXTRA 1024
 #define CK_MAX_SNAPSHOTS_SIZE (1024ull * QCOW2_MAX_SNAPSHOTS)
-#define CK_MAX_BITMAP_DIR_SIZE (64ull << 20)
-#define CK_MAX_BITMAPS 65535
 /* Refuse an IMRT above this: a sparse file of many TB with tiny clusters
  * and 64-bit refcounts would otherwise ask for tens of GB. */
 #define CK_MAX_IMRT_BYTES (1ull << 32)
 
 /* Bitmap table entries ("Bitmap table"). */
 #define BME_OFFSET_MASK   0x00fffffffffffe00ull
-#define BME_RESERVED_MASK 0xff000000000001feull
-#define BME_ALL_ONES      1ull
 
 /* What the check walks the L2 tables for. */
 #define CK_FRAG_INFO 2   /* count allocated/fragmented/compressed */
@@ -683,6 +679,62 @@ static int check_refblocks(ck_state *c, vd_check_result *res, bool *rebuild)
 
 /* ---- bitmaps ------------------------------------------------------- */
 
+/*
+ * Counts the bitmap directory, the bitmap tables and their clusters, as
+ * QEMU's qcow2_check_bitmaps_refcounts(): a directory or a table that
+ * does not load (bitmap.c's readers, shared with open) is a corruption
+ * that ends the check with -EINVAL. Open validated the directory and the
+ * tables of the bitmaps not in use; the tables of bitmaps in use are
+ * first read here.
+ */
+static int check_bitmaps(ck_state *c, vd_check_result *res)
+{
+    qcow2_state *s = c->s;
+    const qcow2_bitmaps_ext *ext = &s->bitmaps_ext;
+    qcow2_bitmap_info *bm = NULL;
+    int ret;
+
+    if (!s->has_bitmaps_ext ||
+        !(s->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
+        return 0;
+    }
+    ret = inc_refs(c, res, ext->bitmap_directory_offset,
+                   ext->bitmap_directory_size);
+    if (ret < 0) {
+        return ret;
+    }
+    if (qcow2_bitmap_list_load(s, &bm, NULL) < 0) {
+        res->corruptions++;
+        return -EINVAL;
+    }
+    for (uint32_t n = 0; ret == 0 && n < ext->nb_bitmaps; n++) {
+        uint64_t *table = NULL;
+
+        ret = inc_refs(c, res, bm[n].table_offset,
+                       (uint64_t)bm[n].table_size * 8);
+        if (ret < 0) {
+            break;
+        }
+        ret = qcow2_bitmap_table_load(s, bm[n].table_offset,
+                                      bm[n].table_size, &table);
+        if (ret < 0) {
+            res->corruptions++;
+            break;
+        }
+        for (uint32_t i = 0; ret == 0 && i < bm[n].table_size; i++) {
+            uint64_t off = table[i] & BME_OFFSET_MASK;
+            if (off) {
+                ret = inc_refs(c, res, off, s->cluster_size);
+            }
+        }
+        free(table);
+    }
+    qcow2_bitmap_list_free(bm, ext->nb_bitmaps);
+    return ret;
+}
+
+/* ---- snapshots ----------------------------------------------------- */
+
 static uint32_t rd32(const uint8_t *p)
 {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
@@ -693,116 +745,6 @@ static uint64_t rd64(const uint8_t *p)
 {
     return ((uint64_t)rd32(p) << 32) | rd32(p + 4);
 }
-
-/* Counts the bitmap directory, the bitmap tables and their clusters. */
-static int check_bitmaps(ck_state *c, vd_check_result *res)
-{
-    qcow2_state *s = c->s;
-    const qcow2_bitmaps_ext *ext = &s->bitmaps_ext;
-    uint64_t dsize = ext->bitmap_directory_size;
-    uint8_t *dir = NULL;
-    uint64_t pos = 0;
-    int ret;
-
-    if (!s->has_bitmaps_ext || ext->nb_bitmaps == 0 ||
-        !(s->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
-        return 0;
-    }
-    ret = inc_refs(c, res, ext->bitmap_directory_offset, dsize);
-    if (ret < 0) {
-        return ret;
-    }
-    if (dsize > CK_MAX_BITMAP_DIR_SIZE || ext->nb_bitmaps > CK_MAX_BITMAPS ||
-        dsize == 0 ||
-        qcow2_offset_into_cluster(s, ext->bitmap_directory_offset)) {
-        res->corruptions++;
-        return -EINVAL;
-    }
-    dir = malloc(dsize);
-    if (!dir) {
-        res->check_errors++;
-        return -ENOMEM;
-    }
-    ret = vd_child_pread(s->file, ext->bitmap_directory_offset, dir, dsize,
-                         NULL);
-    if (ret < 0) {
-        res->corruptions++;
-        goto out;
-    }
-
-    for (uint32_t n = 0; n < ext->nb_bitmaps; n++) {
-        uint64_t toff, *table;
-        uint32_t tsize, name_size, extra;
-
-        if (dsize - pos < 24) {
-            res->corruptions++;
-            ret = -EINVAL;
-            goto out;
-        }
-        toff = rd64(dir + pos);
-        tsize = rd32(dir + pos + 8);
-        name_size = (uint32_t)(dir[pos + 18] << 8 | dir[pos + 19]);
-        extra = rd32(dir + pos + 20);
-        if (extra > dsize || name_size > dsize ||
-            (24 + (uint64_t)extra + name_size + 7) / 8 * 8 > dsize - pos) {
-            res->corruptions++;
-            ret = -EINVAL;
-            goto out;
-        }
-        pos += (24 + (uint64_t)extra + name_size + 7) / 8 * 8;
-
-        ret = inc_refs(c, res, toff, (uint64_t)tsize * 8);
-        if (ret < 0) {
-            goto out;
-        }
-        /* QEMU caps a bitmap table at 64 MiB of entries' worth. */
-        if (tsize > (64u << 20) / 8 || qcow2_offset_into_cluster(s, toff)) {
-            res->corruptions++;
-            ret = -EINVAL;
-            goto out;
-        }
-        if (tsize == 0) {
-            continue;
-        }
-        table = malloc((size_t)tsize * 8);
-        if (!table) {
-            res->check_errors++;
-            ret = -ENOMEM;
-            goto out;
-        }
-        ret = vd_child_pread(s->file, toff, table, (uint64_t)tsize * 8, NULL);
-        if (ret < 0) {
-            free(table);
-            res->corruptions++;
-            goto out;
-        }
-        for (uint32_t i = 0; i < tsize; i++) {
-            uint64_t e = be64toh(table[i]);
-            uint64_t off = e & BME_OFFSET_MASK;
-
-            if ((e & BME_RESERVED_MASK) ||
-                (off && ((e & BME_ALL_ONES) ||
-                         qcow2_offset_into_cluster(s, off)))) {
-                res->corruptions++;
-                continue;
-            }
-            if (off) {
-                ret = inc_refs(c, res, off, s->cluster_size);
-                if (ret < 0) {
-                    free(table);
-                    goto out;
-                }
-            }
-        }
-        free(table);
-    }
-    ret = 0;
-out:
-    free(dir);
-    return ret;
-}
-
-/* ---- snapshots ----------------------------------------------------- */
 
 static void free_snapshots(ck_state *c)
 {
@@ -930,10 +872,12 @@ static int read_snapshots(ck_state *c, vd_check_result *res)
         for (uint32_t i = 0; i < c->nb_snaps; i++) {
             if (c->snaps[i].extra_size < 16) {
                 res->corruptions++;
-                /* (Rewriting the table to repair this is not
-                 * implemented, so this never says "Repairing".) */
-                fprintf(stderr, "ERROR snapshot table entry %" PRIu32
-                        " is incomplete\n", i);
+                /* Repaired by rewriting the table after the refcount
+                 * check (fix_snapshot_table()). */
+                fprintf(stderr, "%s snapshot table entry %" PRIu32
+                        " is incomplete\n",
+                        (c->fix & VD_CHECK_FIX_ERRORS) ? "Repairing" : "ERROR",
+                        i);
             }
         }
     }
@@ -1587,6 +1531,11 @@ int qcow2_check(vd_node *node, vd_check_result *res, unsigned fix,
     }
 
     pthread_mutex_lock(&s->lock);
+    /* The repairs below fix what qcow2_validate_metadata() would refuse:
+     * they are not gated by it, and the image is validated afresh at
+     * the next change. */
+    s->repairing = true;
+    s->validated = false;
     /* Work from what is on disk: the checker reads tables directly. */
     ret = qcow2_flush_caches(s, err);
     if (ret < 0 && fix) {
@@ -1604,6 +1553,21 @@ int qcow2_check(vd_node *node, vd_check_result *res, unsigned fix,
     }
     ret = check_refcounts(&c, &rc_res, err);
     add_result(res, &rc_res, true);
+    if (ret == 0 && snap_res.corruptions && (fix & VD_CHECK_FIX_ERRORS)) {
+        /* QEMU's qcow2_check_fix_snapshot_table(): the table is written
+         * anew, every entry complete. */
+        vd_error e = VD_ERROR_INIT;
+        ret = qcow2_snapshot_table_repair(s, c.snaps_offset, c.nb_snaps, &e);
+        if (ret < 0) {
+            snap_res.check_errors++;
+            fprintf(stderr, "ERROR failed to update snapshot table: %s\n",
+                    strerror(-ret));
+            vd_error_set(err, ret, "%s", e.message);
+        } else {
+            snap_res.corruptions_fixed += snap_res.corruptions;
+            snap_res.corruptions = 0;
+        }
+    }
     add_result(res, &snap_res, false);
     if (ret < 0) {
         if (!vd_error_is_set(err)) {
@@ -1619,6 +1583,7 @@ int qcow2_check(vd_node *node, vd_check_result *res, unsigned fix,
         }
     }
 out:
+    s->repairing = false;
     pthread_mutex_unlock(&s->lock);
     free_snapshots(&c);
     free(c.imrt);

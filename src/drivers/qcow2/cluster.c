@@ -361,6 +361,18 @@ int qcow2_get_host_offset(qcow2_state *s, uint64_t offset, uint64_t *bytes,
         uint64_t bm2 = qcow2_get_l2_bitmap(s, table, idx);
         qcow2_subcluster_type t2 =
             qcow2_get_subcluster_type(s, e2, bm2, qcow2_offset_to_sc_index(s, cur));
+        if (t2 == QCOW2_SC_INVALID) {
+            /* QEMU's count_contiguous_subclusters() fails the whole
+             * lookup on a bad entry inside the range asked for. */
+            qcow2_cache_put(s->l2_cache, &table);
+            return qcow2_signal_corruption(s, err, "Invalid cluster entry "
+                                           "found  (L2 offset: %#llx, L2 "
+                                           "index: %#llx)",
+                                           (unsigned long long)
+                                           (s->l1_table[qcow2_offset_to_l1_index(s, offset)] &
+                                            QCOW2_L1E_OFFSET_MASK),
+                                           (unsigned long long)idx);
+        }
         if (t2 != t) {
             break;
         }
@@ -516,6 +528,86 @@ static int mark_dirty_if_lazy(qcow2_state *s, vd_error *err)
 
 /* ---- writes ---- */
 
+/* Whether extended L2 bitmap @bm contradicts itself or its entry (QEMU's
+ * QCOW2_SUBCLUSTER_INVALID for some subcluster). */
+static bool bitmap_invalid(const qcow2_state *s, uint64_t e, uint64_t bm)
+{
+    bool has_host = (e & QCOW2_L2E_OFFSET_MASK) ||
+                    ((e & QCOW2_OFLAG_COPIED) && has_data_file(s));
+    return s->extended_l2 && !(e & QCOW2_OFLAG_COMPRESSED) &&
+           (((bm >> 32) & bm & QCOW2_L2B_ALLOC_MASK) ||
+            (!has_host && (bm & QCOW2_L2B_ALLOC_MASK)));
+}
+
+/* Whether a write may use L2 entry @e: no contradictory bits, and a data
+ * cluster that is aligned and, in the image file, starts inside it. */
+static bool write_entry_sane(qcow2_state *s, uint64_t e, uint64_t bm)
+{
+    uint64_t host = e & QCOW2_L2E_OFFSET_MASK;
+
+    if (e & QCOW2_OFLAG_COMPRESSED) {
+        return true;
+    }
+    if (bitmap_invalid(s, e, bm) || (host & (s->cluster_size - 1))) {
+        return false;
+    }
+    return !host || has_data_file(s) ||
+           (int64_t)host < vd_node_getlength(s->file->node);
+}
+
+/*
+ * Before a write uses L2 entry @e (index @idx of the table at @l2_off)
+ * for guest offset @guest. The faults QEMU's write path reports as
+ * corruption events (contradictory subcluster bits; a data offset that
+ * is not cluster-aligned) are corruption events here, with its messages;
+ * a data cluster past the end of the file is refused without a write
+ * (writing there would grow the file out to a corrupt offset). Lock held.
+ */
+static int check_write_entry(qcow2_state *s, uint64_t e, uint64_t bm,
+                             uint64_t l2_off, uint64_t idx, uint64_t guest,
+                             vd_error *err)
+{
+    uint64_t host = e & QCOW2_L2E_OFFSET_MASK;
+    int64_t flen;
+
+    if (e & QCOW2_OFLAG_COMPRESSED) {
+        return 0;
+    }
+    if (bitmap_invalid(s, e, bm)) {
+        return qcow2_signal_corruption(s, err, "Invalid cluster entry found "
+                                       "(L2 offset: %#llx, L2 index: %#llx)",
+                                       (unsigned long long)l2_off,
+                                       (unsigned long long)idx);
+    }
+    if (host & (s->cluster_size - 1)) {
+        /* QEMU signals this for a cluster it would write in place; a
+         * cluster it would copy is only refused here. */
+        if (e & QCOW2_OFLAG_COPIED) {
+            return qcow2_signal_corruption(s, err, "Data cluster offset "
+                                           "%#llx unaligned (guest offset: "
+                                           "%#llx)", (unsigned long long)host,
+                                           (unsigned long long)guest);
+        }
+        return vd_error_set(err, -EIO, "%s: Data cluster offset %#llx "
+                            "unaligned (guest offset: %#llx)", s->filename,
+                            (unsigned long long)host,
+                            (unsigned long long)guest);
+    }
+    if (!host || has_data_file(s)) {
+        return 0;
+    }
+    flen = vd_node_getlength(s->file->node);
+    if (flen >= 0 && host >= (uint64_t)flen) {
+        return vd_error_set(err, -EIO, "%s: the data cluster at 0x%llx "
+                            "(guest offset 0x%llx) lies outside the file "
+                            "(length 0x%llx)", s->filename,
+                            (unsigned long long)host,
+                            (unsigned long long)guest,
+                            (unsigned long long)flen);
+    }
+    return 0;
+}
+
 /* Whether guest [off, off+len) (inside one cluster) can be written in
  * place: the cluster is ours alone and every touched subcluster holds
  * data. */
@@ -576,7 +668,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
     uint64_t cover = cs << s->l2_bits;
     uint64_t chunk = bytes, first_cluster, n, covered, l2_index;
     uint64_t in0 = qcow2_offset_into_cluster(s, off);
-    uint64_t e0, bm0, host_base, cow_start, cow_end;
+    uint64_t e0, bm0, host_base, cow_start, cow_end, l2_off;
     uint64_t *olds = NULL;
     bool fill = false, allocated = false;
     qcow2_inflight inflight;
@@ -600,6 +692,12 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
     e0 = qcow2_get_l2_entry(s, table, l2_index);
     bm0 = qcow2_get_l2_bitmap(s, table, l2_index);
     covered = chunk < cs - in0 ? chunk : cs - in0;
+    l2_off = s->l1_table[qcow2_offset_to_l1_index(s, off)] &
+             QCOW2_L1E_OFFSET_MASK;
+    ret = check_write_entry(s, e0, bm0, l2_off, l2_index, off, err);
+    if (ret < 0) {
+        goto out_unlock;
+    }
 
     if (can_write_in_place(s, e0, bm0, off, covered)) {
         uint64_t host = (e0 & QCOW2_L2E_OFFSET_MASK) + in0;
@@ -607,7 +705,9 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
             uint64_t e = qcow2_get_l2_entry(s, table, l2_index + n);
             uint64_t bm = qcow2_get_l2_bitmap(s, table, l2_index + n);
             uint64_t len = chunk - covered < cs ? chunk - covered : cs;
-            if (!can_write_in_place(s, e, bm, off + covered, len) ||
+            /* A bad entry ends the run; the next step reports it. */
+            if (!write_entry_sane(s, e, bm) ||
+                !can_write_in_place(s, e, bm, off + covered, len) ||
                 (e & QCOW2_L2E_OFFSET_MASK) !=
                 (e0 & QCOW2_L2E_OFFSET_MASK) + n * cs) {
                 break;
@@ -615,7 +715,14 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
             covered += len;
         }
         qcow2_cache_put(s->l2_cache, &table);
-        ret = qcow2_pre_write_overlap_check(s, 0, host, covered, true, err);
+        /* Even a write in place trusts the L1 and L2 tables that led
+         * here: the structures are validated before the first write of
+         * the session (a cached verdict afterwards). */
+        ret = qcow2_begin_change(s, err);
+        if (ret == 0) {
+            ret = qcow2_pre_write_overlap_check(s, 0, host, covered, true,
+                                                err);
+        }
         pthread_mutex_unlock(&s->lock);
         if (ret < 0) {
             return ret;
@@ -630,7 +737,8 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         return ret;
     }
 
-    ret = mark_dirty_if_lazy(s, err);
+    /* Allocating: the structures the allocation relies on first. */
+    ret = qcow2_validate_metadata(s, err);
     if (ret < 0) {
         goto out_unlock;
     }
@@ -643,12 +751,36 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
             uint64_t e = qcow2_get_l2_entry(s, table, l2_index + n);
             uint64_t bm = qcow2_get_l2_bitmap(s, table, l2_index + n);
             uint64_t len = chunk - covered < cs ? chunk - covered : cs;
-            if (can_write_in_place(s, e, bm, off + covered, len) ||
+            if (!write_entry_sane(s, e, bm) ||
+                can_write_in_place(s, e, bm, off + covered, len) ||
                 can_fill_in_place(s, e, bm)) {
                 break;
             }
             covered += len;
         }
+        /* The old clusters are read for copy-on-write and then freed:
+         * each must be what its entry says before anything is written. */
+        if (!has_data_file(s)) {
+            int64_t flen = vd_node_getlength(s->file->node);
+            for (uint64_t i = 0; ret == 0 && i < n; i++) {
+                ret = qcow2_validate_cluster_ref(
+                    s, qcow2_get_l2_entry(s, table, l2_index + i), l2_off,
+                    l2_index + i, 0, flen < 0 ? 0 : (uint64_t)flen, err);
+            }
+            if (ret < 0) {
+                goto out_unlock;
+            }
+        }
+    }
+    /* Validated: from here on the change is written. */
+    ret = qcow2_begin_change(s, err);
+    if (ret == 0) {
+        ret = mark_dirty_if_lazy(s, err);
+    }
+    if (ret < 0) {
+        goto out_unlock;
+    }
+    if (!fill) {
         if (has_data_file(s)) {
             host_base = first_cluster << s->cluster_bits;
         } else {
@@ -901,7 +1033,17 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
 
     pthread_mutex_lock(&s->lock);
     wait_inflight(s, off >> s->cluster_bits, 1);
-    ret = mark_dirty_if_lazy(s, err);
+    /* The old cluster is freed below: it must be what the entry says. */
+    ret = qcow2_validate_metadata(s, err);
+    if (ret == 0) {
+        ret = qcow2_validate_guest_range(s, off, 1, err);
+    }
+    if (ret == 0) {
+        ret = qcow2_begin_change(s, err);
+    }
+    if (ret == 0) {
+        ret = mark_dirty_if_lazy(s, err);
+    }
     if (ret == 0) {
         ret = qcow2_get_l2_table(s, off, true, &table, &l2_index, err);
     }
@@ -1072,19 +1214,16 @@ static int zero_or_discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
             uint64_t old = qcow2_get_l2_entry(s, table, idx);
             uint64_t old_bm = qcow2_get_l2_bitmap(s, table, idx);
             uint64_t ne = old, nbm = old_bm;
-            qcow2_subcluster_type t = qcow2_get_subcluster_type(s, old, old_bm, 0);
+            /* By cluster type, as QEMU's zero_in_l2_slice() and
+             * discard_in_l2_slice(): the subcluster bits do not matter
+             * to a whole-cluster change. */
+            qcow2_subcluster_type t = qcow2_get_subcluster_type(s, old, 0, 0);
             bool whole = off == c_guest && (pend == c_end || pend >= s->size);
             bool free_old = false;
             bool allocated = t == QCOW2_SC_NORMAL || t == QCOW2_SC_COMPRESSED ||
                              t == QCOW2_SC_ZERO_ALLOC ||
                              (s->extended_l2 && type_has_host(t));
 
-            if (t == QCOW2_SC_INVALID) {
-                qcow2_cache_put(s->l2_cache, &table);
-                return qcow2_signal_corruption(s, err, "Invalid cluster entry "
-                                               "found (L2 index: 0x%llx)",
-                                               (unsigned long long)idx);
-            }
             if (whole && discard) {
                 if (full_discard) {
                     ne = nbm = 0;
@@ -1127,12 +1266,48 @@ static int zero_or_discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
     return ret;
 }
 
+/* Before zeroing or discarding guest [off, off+bytes): the structures and
+ * every L2 table and cluster the range frees are validated, then the
+ * change begins (deferred header, dirty bit). Lock held. */
+static int begin_range_change(qcow2_state *s, uint64_t off, uint64_t bytes,
+                              vd_error *err)
+{
+    int ret = qcow2_validate_metadata(s, err);
+
+    if (ret == 0) {
+        ret = qcow2_validate_guest_range(s, off, bytes, err);
+    }
+    if (ret == 0) {
+        ret = qcow2_begin_change(s, err);
+    }
+    if (ret == 0) {
+        ret = mark_dirty_if_lazy(s, err);
+    }
+    return ret;
+}
+
+/* Whether the cluster holding guest @off is compressed. */
+static int is_compressed(qcow2_state *s, uint64_t off, bool *compressed,
+                         vd_error *err)
+{
+    uint64_t bytes = 1, host;
+    qcow2_subcluster_type t;
+    int ret;
+
+    pthread_mutex_lock(&s->lock);
+    ret = qcow2_get_host_offset(s, off, &bytes, &host, &t, err);
+    pthread_mutex_unlock(&s->lock);
+    *compressed = ret == 0 && t == QCOW2_SC_COMPRESSED;
+    return ret;
+}
+
 int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
                            unsigned flags, vd_error *err)
 {
-    uint64_t g = s->subcluster_size;
+    uint64_t g = s->subcluster_size, cs = s->cluster_size;
     uint64_t end = off + bytes;
     uint64_t a, b;
+    bool comp;
     int ret;
 
     if (s->version < 3 || (has_data_file(s) && s->data_file_raw)) {
@@ -1147,8 +1322,42 @@ int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
     if (ret < 0) {
         return ret;
     }
+    /* Part of a compressed cluster cannot be zeroed with subcluster bits:
+     * QEMU falls back to writing zeros there (which decompresses the
+     * cluster), and so do we. Only the first and the last cluster of
+     * the range can be partial. */
+    if (s->extended_l2 && (a & (cs - 1))) {
+        uint64_t stop = ((a + cs - 1) & ~(cs - 1)) < b ?
+                        ((a + cs - 1) & ~(cs - 1)) : b;
+        ret = is_compressed(s, a, &comp, err);
+        if (ret == 0 && comp) {
+            ret = zero_partial(s, a, stop - a, flags, err);
+            a = stop;
+        }
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (s->extended_l2 && a < b && (b & (cs - 1)) && b < s->size) {
+        uint64_t start = (b & ~(cs - 1)) > a ? (b & ~(cs - 1)) : a;
+        ret = is_compressed(s, start, &comp, err);
+        if (ret == 0 && comp) {
+            ret = zero_partial(s, start, b - start, flags, err);
+            if (ret == 0) {
+                ret = zero_partial(s, b, end - b, flags, err);
+            }
+            end = b = start;
+        }
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (a >= b) {
+        return zero_partial(s, b, end - b, flags, err);
+    }
     pthread_mutex_lock(&s->lock);
-    ret = mark_dirty_if_lazy(s, err);
+    /* Clusters are freed (unmap, compressed ones): validate first. */
+    ret = begin_range_change(s, a, b - a, err);
     if (ret == 0) {
         ret = zero_or_discard_range(s, a, b - a, false, false,
                                     (flags & VD_REQ_MAY_UNMAP) != 0, err);
@@ -1179,7 +1388,8 @@ static int discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
         return 0;   /* partial clusters are ignored, as QEMU does */
     }
     pthread_mutex_lock(&s->lock);
-    ret = mark_dirty_if_lazy(s, err);
+    /* Every cluster freed must be what its entry says. */
+    ret = begin_range_change(s, a, b - a, err);
     if (ret == 0) {
         ret = zero_or_discard_range(s, a, b - a, true, full, false, err);
     }
@@ -1193,6 +1403,12 @@ static int discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
 int qcow2_co_pdiscard(qcow2_state *s, uint64_t off, uint64_t bytes,
                       vd_error *err)
 {
+    /* v2 has no zero clusters: a discarded cluster would show the backing
+     * file's data instead of the guest's. QEMU then discards nothing (the
+     * request is advisory), and neither do we. */
+    if (s->version < 3 && s->node->backing) {
+        return -ENOTSUP;
+    }
     return discard_range(s, off, bytes, false, err);
 }
 

@@ -478,12 +478,14 @@ static void build_snap(qcow2_state *s, struct qcow2_overlap_cache *c,
 }
 
 /* Makes the sets @chk needs current; NULL (walk everything) without
- * memory for the cache itself. */
+ * memory for the cache itself. The sets kept are those of the
+ * overlap-check option plus any kind a caller asked for explicitly
+ * (qcow2_metadata_overlap_kinds(): validation before writes), so that
+ * alternating callers do not rebuild them. */
 static struct qcow2_overlap_cache *get_cache(qcow2_state *s, int chk)
 {
     struct qcow2_overlap_cache *c = s->overlap_cache;
-    int active = OL_KEPT(s) & OL_ACTIVE_KINDS;
-    int snap = OL_KEPT(s) & OL_SNAP_KINDS;
+    int active, snap;
 
     if (!c) {
         c = s->overlap_cache = calloc(1, sizeof(*c));
@@ -491,6 +493,10 @@ static struct qcow2_overlap_cache *get_cache(qcow2_state *s, int chk)
             return NULL;
         }
     }
+    active = (OL_KEPT(s) | chk | (c->active_built ? c->active_kinds : 0)) &
+             OL_ACTIVE_KINDS;
+    snap = (OL_KEPT(s) | chk | (c->snap_built ? c->snap_kinds : 0)) &
+           OL_SNAP_KINDS;
     if ((chk & OL_ACTIVE_KINDS) &&
         (!c->active_built || c->gen != s->overlap_gen ||
          c->active_kinds != active || c->l1_table != s->l1_table ||
@@ -712,6 +718,17 @@ int qcow2_check_metadata_overlap(qcow2_state *s, int ign, uint64_t offset,
     return chk ? check_overlap(s, chk, offset, size, true) : 0;
 }
 
+int qcow2_metadata_overlap_kinds(qcow2_state *s, int chk, uint64_t offset,
+                                 uint64_t size)
+{
+    return size ? check_overlap(s, chk & QCOW2_OL_ALL, offset, size, true) : 0;
+}
+
+const char *qcow2_overlap_name(int bit)
+{
+    return bit ? ol_names[__builtin_ctz((unsigned)bit)] : "nothing";
+}
+
 int qcow2_pre_write_overlap_check(qcow2_state *s, int ign, uint64_t offset,
                                   uint64_t size, bool data, vd_error *err)
 {
@@ -726,7 +743,7 @@ int qcow2_pre_write_overlap_check(qcow2_state *s, int ign, uint64_t offset,
     }
     return qcow2_signal_corruption(s, err, "Preventing invalid write on "
                                    "metadata (overlaps with %s)",
-                                   ol_names[__builtin_ctz((unsigned)bit)]);
+                                   qcow2_overlap_name(bit));
 }
 
 /* ------------------------------------------------------------------ */

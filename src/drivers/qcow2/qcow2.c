@@ -5,7 +5,7 @@
  * header rewriting and the dirty/corrupt bits, cache sizing from the
  * options, open/close, the request callbacks (thin wrappers over
  * cluster.c), truncate, info, and finally create and the creation option
- * table. Validation follows /work/shared/specs/qcow2.txt ("Header",
+ * table. Validation follows ../shared/specs/qcow2.txt ("Header",
  * "Header extensions") and QEMU 7.2's limits; every failure names the
  * file and the offending value and writes nothing.
  */
@@ -272,8 +272,16 @@ int qcow2_update_header(qcow2_state *s, vd_error *err)
     if (ret == 0) {
         ret = vd_node_flush(s->file->node, err);
     }
+    if (ret == 0) {
+        s->header_update_pending = false;
+    }
     free(buf);
     return ret;
+}
+
+int qcow2_write_deferred_header(qcow2_state *s, vd_error *err)
+{
+    return s->header_update_pending ? qcow2_update_header(s, err) : 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -384,20 +392,53 @@ static int read_extensions(qcow2_state *s, const uint8_t *buf, uint64_t start,
                        s->nb_features * sizeof(qcow2_feature_name));
             }
             break;
-        case QCOW2_EXT_BITMAPS:
+        case QCOW2_EXT_BITMAPS: {
+            /* QEMU 7.2's checks, order and wording (qcow2_read_extensions);
+             * the directory is read later, in qcow2_validate_bitmaps(). */
+            qcow2_bitmaps_ext *b = &s->bitmaps_ext;
             if (h.len != sizeof(qcow2_bitmaps_ext)) {
-                return vd_error_set(err, -EINVAL, "%s: bitmaps extension "
-                                    "has invalid length 0x%x", s->filename,
-                                    h.len);
+                return vd_error_set(err, -EINVAL, "bitmaps_ext: Invalid "
+                                    "extension length");
             }
-            memcpy(&s->bitmaps_ext, data, sizeof(s->bitmaps_ext));
-            s->bitmaps_ext.nb_bitmaps = be32toh(s->bitmaps_ext.nb_bitmaps);
-            s->bitmaps_ext.bitmap_directory_size =
-                be64toh(s->bitmaps_ext.bitmap_directory_size);
-            s->bitmaps_ext.bitmap_directory_offset =
-                be64toh(s->bitmaps_ext.bitmap_directory_offset);
+            if (!(s->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
+                /* Written by a program without bitmap support: the
+                 * bitmaps are stale and the extension is ignored. */
+                s->stale_bitmaps_ext = true;
+                break;
+            }
+            memcpy(b, data, sizeof(*b));
+            b->nb_bitmaps = be32toh(b->nb_bitmaps);
+            b->bitmap_directory_size = be64toh(b->bitmap_directory_size);
+            b->bitmap_directory_offset = be64toh(b->bitmap_directory_offset);
+            if (b->reserved != 0) {
+                return vd_error_set(err, -EINVAL, "bitmaps_ext: Reserved "
+                                    "field is not zero");
+            }
+            if (b->nb_bitmaps > QCOW2_MAX_BITMAPS) {
+                return vd_error_set(err, -EINVAL, "bitmaps_ext: Image has %u "
+                                    "bitmaps, exceeding the QEMU supported "
+                                    "maximum of %d", b->nb_bitmaps,
+                                    QCOW2_MAX_BITMAPS);
+            }
+            if (b->nb_bitmaps == 0) {
+                return vd_error_set(err, -EINVAL, "found bitmaps extension "
+                                    "with zero bitmaps");
+            }
+            if (b->bitmap_directory_offset & (s->cluster_size - 1)) {
+                return vd_error_set(err, -EINVAL, "bitmaps_ext: invalid "
+                                    "bitmap directory offset");
+            }
+            if (b->bitmap_directory_size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE) {
+                return vd_error_set(err, -EINVAL, "bitmaps_ext: bitmap "
+                                    "directory size (%llu) exceeds the "
+                                    "maximum supported size (%u)",
+                                    (unsigned long long)
+                                    b->bitmap_directory_size,
+                                    QCOW2_MAX_BITMAP_DIRECTORY_SIZE);
+            }
             s->has_bitmaps_ext = true;
             break;
+        }
         case QCOW2_EXT_CRYPTO:
             return vd_error_set(err, -ENOTSUP, "%s: Encryption is not "
                                 "supported", s->filename);
@@ -579,6 +620,12 @@ static void free_state(qcow2_state *s)
     s->l1_table = NULL;
     qcow2_free_snapshots(s);
     qcow2_overlap_free(s);
+    if (s->nb_loaded_bitmaps) {
+        atomic_fetch_sub(&s->node->dirty_bitmaps, s->nb_loaded_bitmaps);
+        s->nb_loaded_bitmaps = 0;
+    }
+    free(s->inconsistent_bitmap);
+    s->inconsistent_bitmap = NULL;
     free(s->header_extra);
     free(s->backing_file);
     free(s->backing_format);
@@ -1062,19 +1109,33 @@ static int qcow2_open(vd_node *node, vd_opts *opts, unsigned flags,
                 s->filename);
     }
 
+    /* QEMU loads the bitmaps here (after the snapshot table, before the
+     * header update and the dirty repair) on every open, and fails the
+     * open with the first fault it finds. */
+    if (s->has_bitmaps_ext) {
+        ret = qcow2_validate_bitmaps(s, err);
+        if (ret < 0) {
+            goto fail;
+        }
+    }
+
     if (rw && !(flags & VD_NODE_CHECK) && !(flags & VD_NODE_NO_IO)) {
         /* Unknown autoclear bits and the bitmaps bit (bitmaps are not
-         * maintained here, so they go stale once we write). */
+         * maintained here, so they go stale once we write); a stale
+         * bitmaps extension is dropped, as QEMU drops it. */
         uint64_t keep = s->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
-        if (s->autoclear_features != keep) {
+        if (s->autoclear_features != keep || s->stale_bitmaps_ext) {
+            /* Written before the first write (qcow2_begin_change()): an
+             * open that writes nothing changes nothing. */
             s->autoclear_features = keep;
-            ret = qcow2_update_header(s, err);
-            if (ret < 0) {
-                goto fail;
-            }
+            s->header_update_pending = true;
         }
         if (s->incompatible_features & QCOW2_INCOMPAT_DIRTY) {
             vd_check_result res;
+            ret = qcow2_write_deferred_header(s, err);
+            if (ret < 0) {
+                goto fail;
+            }
             ret = qcow2_check(node, &res,
                               VD_CHECK_FIX_ERRORS | VD_CHECK_FIX_LEAKS, err);
             if (ret == 0 && (res.corruptions || res.check_errors)) {
@@ -1262,12 +1323,40 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
     if (size == old) {
         return 0;
     }
+    if (size < old && prealloc != VD_PREALLOC_OFF) {
+        return vd_error_set(err, -ENOTSUP, "%s: Preallocation can't be used "
+                            "for shrinking an image", s->filename);
+    }
+    /* QEMU resizes consistent bitmaps with the image and refuses while
+     * one is marked in use (qcow2_truncate_bitmaps_check()). */
+    if (s->inconsistent_bitmap) {
+        return vd_error_set(err, -ENOTSUP, "Bitmap '%s' is inconsistent and "
+                            "cannot be used", s->inconsistent_bitmap);
+    }
+    /* Before the first write: the structures a resize relies on; when
+     * shrinking also every L2 table and cluster of the image (the tail
+     * is freed, and the file is cut after the last cluster with a
+     * refcount: a cluster still in use must not look free). */
+    pthread_mutex_lock(&s->lock);
+    ret = qcow2_validate_metadata(s, err);
+    if (ret == 0 && size < old) {
+        int64_t flen = vd_node_getlength(s->file->node);
+        ret = qcow2_validate_guest_range(s, 0, old, err);
+        for (uint64_t i = l1_needed; ret == 0 && i < s->l1_size; i++) {
+            ret = qcow2_validate_l2_table_ref(s, s->l1_table[i], i, 0,
+                                              flen < 0 ? 0 : (uint64_t)flen,
+                                              err);
+        }
+    }
+    if (ret == 0) {
+        ret = qcow2_begin_change(s, err);
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        return ret;
+    }
     if (size < old) {
         uint64_t from = (size + s->cluster_size - 1) & ~(s->cluster_size - 1);
-        if (prealloc != VD_PREALLOC_OFF) {
-            return vd_error_set(err, -ENOTSUP, "%s: Preallocation can't be "
-                                "used for shrinking an image", s->filename);
-        }
         if (from < old) {
             ret = qcow2_discard_full(s, from, old - from, err);
             if (ret < 0) {

@@ -12,10 +12,14 @@
  *               zero clusters and discard
  *   check.c     consistency check and repair        (second engineer)
  *   compress.c  compressed cluster (de)compression  (second engineer)
+ *   validate.c  validation of what a metadata change relies on, before
+ *               its first write (docs/qcow2.md "Damaged images")
+ *   bitmap.c    the bitmaps extension, validated as QEMU 7.2 loads it
+ *   overlap.c, amend.c, measure.c, snapshot.c (see each file's head)
  *
  * This header holds the on-disk structures (big endian on disk; we convert
  * only at load and store), the constants and flag bits of
- * /work/shared/specs/qcow2.txt, the driver state and the prototypes of
+ * ../shared/specs/qcow2.txt, the driver state and the prototypes of
  * the internal functions. Names here are stable: other files build on them.
  *
  * Locking: qcow2_state.lock protects every mutable field of the state
@@ -135,7 +139,10 @@ typedef struct __attribute__((packed)) qcow2_feature_name {
 } qcow2_feature_name;
 _Static_assert(sizeof(qcow2_feature_name) == 48, "feature name size");
 
-/* Bitmaps extension ("Bitmaps extension"): kept, not interpreted. */
+/* Bitmaps extension ("Bitmaps extension"): validated (bitmap.c), kept
+ * for header rewrites, not otherwise interpreted. QEMU's limits. */
+#define QCOW2_MAX_BITMAPS 65535
+#define QCOW2_MAX_BITMAP_DIRECTORY_SIZE (1024u * QCOW2_MAX_BITMAPS)
 typedef struct __attribute__((packed)) qcow2_bitmaps_ext {
     uint32_t nb_bitmaps;
     uint32_t reserved;
@@ -365,7 +372,13 @@ typedef struct qcow2_state {
     char *data_file_name;       /* extension, or NULL */
     qcow2_feature_name *feature_table; /* as read, or NULL */
     uint32_t nb_features;
-    bool has_bitmaps_ext;
+    bool has_bitmaps_ext;       /* present, valid, autoclear bit set */
+    bool stale_bitmaps_ext;     /* present without the autoclear bit:
+                                   ignored, dropped on a writable open */
+    int nb_loaded_bitmaps;      /* counted in node->dirty_bitmaps (QEMU
+                                   loads them: snapshot apply refuses) */
+    char *inconsistent_bitmap;  /* first bitmap marked in use: QEMU
+                                   refuses to resize (bitmap.c) */
     qcow2_bitmaps_ext bitmaps_ext;  /* host endian */
     qcow2_unknown_ext *unknown_exts;
 
@@ -377,6 +390,22 @@ typedef struct qcow2_state {
     bool snapshots_unusable;    /* opened for check with a bad table */
     /* Detected on the first block status (QEMU's heuristic). */
     int metadata_preallocation;   /* -1 unknown, 0 no, 1 yes */
+
+    /* validate.c: the structures every metadata change relies on were
+     * checked in this session (validate_ret 0), or found damaged
+     * (validate_ret < 0, the message in validate_err: every later change
+     * is refused with it). Lock held. */
+    bool validated;
+    int validate_ret;
+    vd_error validate_err;
+    /* qcow2_check() is repairing: its writes fix what validation would
+     * refuse, so they are not gated. Lock held. */
+    bool repairing;
+    /* Open cleared autoclear bits (or dropped a stale bitmaps extension)
+     * in the state; the header is rewritten before the first write of
+     * the session, so that an open followed by a refusal leaves the file
+     * as it was. Lock held. */
+    bool header_update_pending;
 } qcow2_state;
 
 /* ------------------------------------------------------------------ */
@@ -487,6 +516,9 @@ extern const vd_driver vd_driver_qcow2;
 /* Rewrites the header cluster from the state (header fields, extensions,
  * feature table, backing file name). Lock held or node drained. */
 int qcow2_update_header(qcow2_state *s, vd_error *err);
+/* Writes the header rewrite open deferred (header_update_pending), if
+ * any: before the first write of the session. Lock held. */
+int qcow2_write_deferred_header(qcow2_state *s, vd_error *err);
 
 /* Sets/clears incompatible bits in the on-disk header with one write of
  * the 8-byte field (v3 only; no-op on v2), flushing the file before and
@@ -673,6 +705,18 @@ typedef struct qcow2_snapshot {
 /* Parses and validates the snapshot table named by nb_snapshots and
  * snapshots_offset (file of @file_len bytes). At open. */
 int qcow2_read_snapshots(qcow2_state *s, uint64_t file_len, vd_error *err);
+/* Reads the L1 table of @size entries at @offset into a new host-endian
+ * array of max(@size, @alloc) entries (the rest zeroed). */
+int qcow2_read_l1_table(qcow2_state *s, uint64_t offset, uint32_t size,
+                        uint32_t alloc, uint64_t **out, vd_error *err);
+/* The check's repair of the snapshot table (QEMU's
+ * qcow2_check_fix_snapshot_table()): reads the @nb entries at @offset as
+ * QEMU's check does (bytes past the end of the file read as zeros) and
+ * writes them as a new table in which every entry is complete (the v3
+ * extra data); the header then points at it and the old table is freed
+ * (as far as its refcounts allow). Lock held. */
+int qcow2_snapshot_table_repair(qcow2_state *s, uint64_t offset, uint32_t nb,
+                                vd_error *err);
 void qcow2_free_snapshots(qcow2_state *s);
 
 /* The vtable callbacks (node drained). */
@@ -741,6 +785,12 @@ static inline void qcow2_overlap_snapshots_changed(qcow2_state *s)
     s->overlap_gen++;
     s->overlap_snap_gen++;
 }
+/* Like qcow2_check_metadata_overlap() for exactly the kinds in @chk,
+ * whatever the overlap-check option says (validation before writes). */
+int qcow2_metadata_overlap_kinds(qcow2_state *s, int chk, uint64_t offset,
+                                 uint64_t size);
+/* The structure name of one QCOW2_OL_* bit, as QEMU's messages say it. */
+const char *qcow2_overlap_name(int bit);
 /* Frees the overlap range sets (at close). */
 void qcow2_overlap_free(qcow2_state *s);
 /* Before a write to the metadata file: on overlap marks the image
@@ -752,6 +802,100 @@ int qcow2_pre_write_overlap_check(qcow2_state *s, int ign, uint64_t offset,
 /* Frees the clean, unused tables of both caches when the
  * cache-clean-interval has passed since the last time. Lock held. */
 void qcow2_cache_clean_maybe(qcow2_state *s);
+
+/* ------------------------------------------------------------------ */
+/* validate.c: what a metadata change relies on, checked before it    */
+/* ------------------------------------------------------------------ */
+
+/* Whether [offset, offset+bytes) lies inside a file of @flen bytes by
+ * QEMU check's rule: it may end at most inside the cluster that follows
+ * the last byte of the file (a cluster at the end may be partly
+ * written). */
+bool qcow2_range_in_file(const qcow2_state *s, uint64_t offset,
+                         uint64_t bytes, uint64_t flen);
+
+/* Validates, once per session and before the first write that changes
+ * metadata, the structures every change relies on: the refcount table
+ * and blocks, the header, L1, refcount and snapshot tables and the
+ * active L2 tables lie inside the file, do not overlap each other and
+ * have a nonzero refcount. A failure is remembered and refuses every
+ * later change with the same message; nothing is written. Skipped while
+ * qcow2_check() repairs. Lock held. */
+int qcow2_validate_metadata(qcow2_state *s, vd_error *err);
+
+/* The first write of a change: qcow2_validate_metadata(), then the
+ * header rewrite open deferred. Callers validate whatever else their
+ * change touches before calling it; the allocators and refcount updates
+ * call it too, so no metadata change can skip it. Lock held. */
+int qcow2_begin_change(qcow2_state *s, vd_error *err);
+
+/* What the per-operation validations below check and how they fail. */
+#define QCOW2_VALIDATE_SNAPSHOT 1u  /* the L1 table is a snapshot's */
+#define QCOW2_VALIDATE_OVERFLOW 2u  /* one more reference must fit */
+#define QCOW2_VALIDATE_SIGNAL   4u  /* an unaligned offset is a corruption
+                                       event (QEMU signals one at this
+                                       point), else a plain refusal */
+
+/* Before an operation adds or drops a reference to the L2 table named by
+ * L1 entry @l1e (index @l1_index): cluster-aligned, inside the file,
+ * clear of every other kind of metadata, refcount at least 1. Lock
+ * held. */
+int qcow2_validate_l2_table_ref(qcow2_state *s, uint64_t l1e,
+                                uint64_t l1_index, unsigned flags,
+                                uint64_t flen, vd_error *err);
+
+/* Before an operation adds or drops a reference to the host clusters of
+ * L2 entry @e (index @l2_index of the table at @l2_off): a standard
+ * cluster is cluster-aligned, a compressed one has no external data file
+ * (a corruption event); both lie inside the file, clear of every kind of
+ * metadata, with refcounts of at least 1. Entries without host clusters
+ * pass. Lock held. */
+int qcow2_validate_cluster_ref(qcow2_state *s, uint64_t e, uint64_t l2_off,
+                               uint64_t l2_index, unsigned flags,
+                               uint64_t flen, vd_error *err);
+
+/* qcow2_validate_l2_table_ref() and qcow2_validate_cluster_ref() for
+ * every L2 table and entry an L1 table of @l1_size entries (host
+ * endian) reaches. Reads L2 tables through the cache, writes nothing.
+ * Lock held. */
+int qcow2_validate_l1_tree(qcow2_state *s, const uint64_t *l1,
+                           uint32_t l1_size, unsigned flags, vd_error *err);
+
+/* The same for the L1 and L2 entries covering guest [off, off+bytes) of
+ * the active table: what discard, zeroing with unmap, shrinking and
+ * emptying are about to free. Lock held. */
+int qcow2_validate_guest_range(qcow2_state *s, uint64_t off, uint64_t bytes,
+                               vd_error *err);
+
+/* ------------------------------------------------------------------ */
+/* bitmap.c: the bitmaps extension, validated as QEMU 7.2 loads it     */
+/* ------------------------------------------------------------------ */
+
+/* Validates the bitmap directory and the bitmap tables named by the
+ * bitmaps extension exactly where and how QEMU 7.2 loads them at open
+ * (bitmap_list_load(), load_bitmap()), with its messages. Called at
+ * open when the extension is present and the autoclear bit is set. */
+int qcow2_validate_bitmaps(qcow2_state *s, vd_error *err);
+
+/* One bitmap of the directory (the fields check and open need). */
+typedef struct qcow2_bitmap_info {
+    uint64_t table_offset;
+    uint32_t table_size;
+    uint32_t flags;
+    uint8_t granularity_bits;
+    char *name;
+} qcow2_bitmap_info;
+
+/* Reads and validates the bitmap directory as QEMU's bitmap_list_load()
+ * (the message in @err); *list gets s->bitmaps_ext.nb_bitmaps entries. */
+int qcow2_bitmap_list_load(qcow2_state *s, qcow2_bitmap_info **list,
+                           vd_error *err);
+void qcow2_bitmap_list_free(qcow2_bitmap_info *list, uint32_t n);
+/* Reads a bitmap table (@n entries at @offset) and validates every entry
+ * as QEMU's bitmap_table_load() (-EINVAL on a bad entry). *table gets
+ * host-endian entries; free() it. */
+int qcow2_bitmap_table_load(qcow2_state *s, uint64_t offset, uint32_t n,
+                            uint64_t **table);
 
 /* ------------------------------------------------------------------ */
 /* check.c and compress.c (second engineer)                           */

@@ -588,9 +588,18 @@ static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
     return 0;
 }
 
-int qcow2_update_refcount(qcow2_state *s, uint64_t offset, uint64_t length,
-                          uint64_t addend, bool decrease,
-                          qcow2_discard_type type, vd_error *err)
+/*
+ * The update behind qcow2_update_refcount() and the allocators. @alloc:
+ * the range was just found free by an allocator (it may lie at or past
+ * the end of the file: that is how the file grows). Any other increase
+ * adds a reference to a cluster something already points at, which must
+ * lie inside the file or among the clusters allocated in this session:
+ * a corrupt offset far past the end would otherwise create refcount
+ * blocks (and grow the file) all the way out to it.
+ */
+static int update_refcount(qcow2_state *s, uint64_t offset, uint64_t length,
+                           uint64_t addend, bool decrease,
+                           qcow2_discard_type type, bool alloc, vd_error *err)
 {
     uint64_t first, last;
     int ret;
@@ -598,8 +607,34 @@ int qcow2_update_refcount(qcow2_state *s, uint64_t offset, uint64_t length,
     if (length == 0 || addend == 0) {
         return 0;
     }
+    /* Every metadata change passes here: the structures it relies on
+     * must have been validated before anything is written. */
+    ret = qcow2_begin_change(s, err);
+    if (ret < 0) {
+        return ret;
+    }
+    if (offset > QCOW2_MAX_HOST_OFFSET || length > QCOW2_MAX_HOST_OFFSET) {
+        return vd_error_set(err, -EIO, "%s: refcount update of an invalid "
+                            "range 0x%llx+0x%llx", s->filename,
+                            (unsigned long long)offset,
+                            (unsigned long long)length);
+    }
     first = offset >> s->cluster_bits;
     last = (offset + length - 1) >> s->cluster_bits;
+    if (!decrease && !alloc && !s->repairing) {
+        int64_t flen = vd_node_getlength(s->file->node);
+        uint64_t frontier = flen > 0 ? qcow2_size_to_clusters(s, flen) : 0;
+        if (frontier < s->alloc_end) {
+            frontier = s->alloc_end;
+        }
+        if (last >= frontier) {
+            return vd_error_set(err, -EIO, "%s: refusing to reference "
+                                "cluster 0x%llx: it lies past the end of the "
+                                "file (0x%llx clusters)", s->filename,
+                                (unsigned long long)(last << s->cluster_bits),
+                                (unsigned long long)frontier);
+        }
+    }
 
     if (decrease) {
         /* The L2 entries that dropped these clusters must reach the disk
@@ -640,17 +675,51 @@ int qcow2_update_refcount(qcow2_state *s, uint64_t offset, uint64_t length,
     return 0;
 }
 
+int qcow2_update_refcount(qcow2_state *s, uint64_t offset, uint64_t length,
+                          uint64_t addend, bool decrease,
+                          qcow2_discard_type type, vd_error *err)
+{
+    return update_refcount(s, offset, length, addend, decrease, type, false,
+                           err);
+}
+
+/*
+ * An allocation settles after a few rounds: each round that had to create
+ * refcount blocks leaves them in place, so the next finds them. Only
+ * refcounts that change under the allocator's feet (a damaged image
+ * whose "free" clusters are its own refcount structures) could make it
+ * go round for ever, writing as it goes; this bound stops that.
+ */
+#define MAX_ALLOC_ROUNDS 64
+
+static int too_many_rounds(qcow2_state *s, int *rounds, vd_error *err)
+{
+    if (++*rounds > MAX_ALLOC_ROUNDS) {
+        return vd_error_set(err, -EIO, "%s: cluster allocation does not "
+                            "settle (damaged refcounts?)", s->filename);
+    }
+    return 0;
+}
+
 int64_t qcow2_alloc_clusters(qcow2_state *s, uint64_t size, vd_error *err)
 {
     uint64_t n = qcow2_size_to_clusters(s, size);
     int64_t off;
-    int ret;
+    int rounds = 0;
+    int ret = qcow2_begin_change(s, err);
 
+    if (ret < 0) {
+        return ret;
+    }
     if (n == 0) {
         n = 1;
     }
     for (;;) {
         bool retry = false;
+        ret = too_many_rounds(s, &rounds, err);
+        if (ret < 0) {
+            return ret;
+        }
         off = find_free(s, n, err);
         if (off < 0) {
             return off;
@@ -693,8 +762,8 @@ int64_t qcow2_alloc_clusters(qcow2_state *s, uint64_t size, vd_error *err)
         return vd_error_set(err, -EFBIG, "%s: host offset limit reached",
                             s->filename);
     }
-    ret = qcow2_update_refcount(s, (uint64_t)off, n << s->cluster_bits, 1,
-                                false, QCOW2_DISCARD_NEVER, err);
+    ret = update_refcount(s, (uint64_t)off, n << s->cluster_bits, 1, false,
+                          QCOW2_DISCARD_NEVER, true, err);
     if (ret < 0) {
         return ret;
     }
@@ -706,10 +775,18 @@ int64_t qcow2_alloc_clusters_at(qcow2_state *s, uint64_t offset,
 {
     uint64_t first = offset >> s->cluster_bits;
     uint64_t i;
-    int ret;
+    int rounds = 0;
+    int ret = qcow2_begin_change(s, err);
 
+    if (ret < 0) {
+        return ret;
+    }
     for (;;) {
         bool retry = false;
+        ret = too_many_rounds(s, &rounds, err);
+        if (ret < 0) {
+            return ret;
+        }
         for (i = 0; i < nb_clusters; i++) {
             uint64_t rc;
             ret = qcow2_get_refcount(s, first + i, &rc, err);
@@ -738,8 +815,8 @@ int64_t qcow2_alloc_clusters_at(qcow2_state *s, uint64_t offset,
     if (nb_clusters == 0) {
         return 0;
     }
-    ret = qcow2_update_refcount(s, offset, nb_clusters << s->cluster_bits, 1,
-                                false, QCOW2_DISCARD_NEVER, err);
+    ret = update_refcount(s, offset, nb_clusters << s->cluster_bits, 1,
+                          false, QCOW2_DISCARD_NEVER, true, err);
     return ret < 0 ? ret : (int64_t)nb_clusters;
 }
 
@@ -747,8 +824,12 @@ int64_t qcow2_alloc_bytes(qcow2_state *s, uint64_t size, vd_error *err)
 {
     uint64_t offset = s->free_byte_offset;
     uint64_t free_in_cluster;
-    int ret;
+    int rounds = 0;
+    int ret = qcow2_begin_change(s, err);
 
+    if (ret < 0) {
+        return ret;
+    }
     if (size == 0 || size > s->cluster_size) {
         return vd_error_set(err, -EINVAL, "%s: bad compressed allocation "
                             "size %llu", s->filename,
@@ -771,6 +852,10 @@ int64_t qcow2_alloc_bytes(qcow2_state *s, uint64_t size, vd_error *err)
         int64_t next;
         for (;;) {
             bool retry = false;
+            ret = too_many_rounds(s, &rounds, err);
+            if (ret < 0) {
+                return ret;
+            }
             next = find_free(s, 1, err);
             if (next < 0) {
                 return next;
@@ -794,8 +879,8 @@ int64_t qcow2_alloc_bytes(qcow2_state *s, uint64_t size, vd_error *err)
         return vd_error_set(err, -EFBIG, "%s: compressed data beyond the "
                             "descriptor's reach", s->filename);
     }
-    ret = qcow2_update_refcount(s, offset, size, 1, false,
-                                QCOW2_DISCARD_NEVER, err);
+    ret = update_refcount(s, offset, size, 1, false, QCOW2_DISCARD_NEVER,
+                          true, err);
     if (ret < 0) {
         return ret;
     }

@@ -1,5 +1,5 @@
 /*
- * qcow2 internal snapshots (/work/shared/specs/qcow2.txt "Snapshots"),
+ * qcow2 internal snapshots (../shared/specs/qcow2.txt "Snapshots"),
  * with QEMU 7.2's on-disk behaviour.
  *
  * The file is organised bottom-up: parsing and validating the snapshot
@@ -143,7 +143,12 @@ static int check_snapshot_l1(qcow2_state *s, const qcow2_snapshot *sn,
     return 0;
 }
 
-int qcow2_read_snapshots(qcow2_state *s, uint64_t file_len, vd_error *err)
+/* The reader behind qcow2_read_snapshots() and the check's repair. With
+ * @repair the table is read as QEMU's check reads it: bytes past the end
+ * of the file as zeros (@file_len is then unbounded), and the snapshot
+ * L1 tables are not judged (they are written back as they are). */
+static int read_table(qcow2_state *s, uint64_t file_len, bool repair,
+                      vd_error *err)
 {
     tbl_reader r = { .s = s, .file_len = file_len };
     uint64_t off = s->snapshots_offset, table_len = 0;
@@ -239,7 +244,7 @@ int qcow2_read_snapshots(qcow2_state *s, uint64_t file_len, vd_error *err)
                                s->filename, i);
             goto fail;
         }
-        ret = check_snapshot_l1(s, sn, file_len, err);
+        ret = repair ? 0 : check_snapshot_l1(s, sn, file_len, err);
         if (ret < 0) {
             goto fail;
         }
@@ -252,6 +257,11 @@ fail:
     free(r.buf);
     qcow2_free_snapshots(s);
     return ret;
+}
+
+int qcow2_read_snapshots(qcow2_state *s, uint64_t file_len, vd_error *err)
+{
+    return read_table(s, file_len, false, err);
 }
 
 /* ---- writing the table ---------------------------------------------- */
@@ -345,7 +355,11 @@ static int write_snapshots(qcow2_state *s, vd_error *err)
             free(buf);
             return (int)off;
         }
-        ret = vd_child_pwrite(s->file, (uint64_t)off, buf, size, 0, err);
+        ret = qcow2_pre_write_overlap_check(s, 0, (uint64_t)off, size, false,
+                                            err);
+        if (ret == 0) {
+            ret = vd_child_pwrite(s->file, (uint64_t)off, buf, size, 0, err);
+        }
     }
     free(buf);
     if (ret == 0) {
@@ -384,6 +398,28 @@ static int write_snapshots(qcow2_state *s, vd_error *err)
     return 0;
 }
 
+/* ---- repair --------------------------------------------------------- */
+
+int qcow2_snapshot_table_repair(qcow2_state *s, uint64_t offset, uint32_t nb,
+                                vd_error *err)
+{
+    int ret;
+
+    qcow2_free_snapshots(s);
+    s->nb_snapshots = nb;
+    s->snapshots_offset = offset;
+    s->snapshots_size = 0;
+    qcow2_overlap_snapshots_changed(s);
+    ret = read_table(s, UINT64_MAX, true, err);
+    if (ret < 0) {
+        s->nb_snapshots = 0;
+        s->snapshots_unusable = true;
+        return ret;
+    }
+    s->snapshots_unusable = false;
+    return write_snapshots(s, err);
+}
+
 /* ---- the refcount walker ---------------------------------------------- */
 
 /*
@@ -395,18 +431,18 @@ static int write_snapshots(qcow2_state *s, vd_error *err)
  * @l1_write is not 0 and an entry changed, the table is written there
  * (not for addend -1: that table is about to be dropped).
  *
- * With @dry_run nothing is changed: the walk only verifies that an
- * increment would not overflow any refcount (e.g. refcount_bits=1), so
- * that create can refuse before writing anything. Lock held.
+ * Callers validate the tree first (qcow2_validate_l1_tree(): every L2
+ * table and cluster inside the file, clear of other metadata, counted,
+ * and for +1 below the refcount maximum), so a failure here is an I/O
+ * error, not a damaged image. Lock held.
  */
 static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
-                          uint64_t l1_write, int addend, bool dry_run,
-                          vd_error *err)
+                          uint64_t l1_write, int addend, vd_error *err)
 {
     bool l1_modified = false;
     int ret = 0;
 
-    if (!dry_run && addend > 0) {
+    if (addend > 0) {
         /* COPIED may only vanish from L2 once the new references are
          * on disk. */
         ret = qcow2_cache_set_dependency(s, s->l2_cache, s->refcount_cache,
@@ -441,16 +477,7 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
             if (e & QCOW2_OFLAG_COMPRESSED) {
                 uint64_t coff, clen;
                 qcow2_parse_compressed(s, e, &coff, &clen);
-                if (dry_run) {
-                    for (uint64_t c = coff >> s->cluster_bits;
-                         ret == 0 && c <= (coff + clen - 1) >> s->cluster_bits;
-                         c++) {
-                        ret = qcow2_get_refcount(s, c, &rc, err);
-                        if (ret == 0 && rc >= s->refcount_max) {
-                            ret = -ERANGE;
-                        }
-                    }
-                } else if (addend) {
+                if (addend) {
                     ret = qcow2_update_refcount(s, coff, clen, 1, addend < 0,
                                                 QCOW2_DISCARD_SNAPSHOT, err);
                 }
@@ -463,7 +490,7 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
                         "offset: 0x%" PRIx64 ", L2 index: 0x%" PRIx64 ")",
                         host, l2_off, j);
                 }
-                if (!dry_run && addend) {
+                if (addend) {
                     ret = qcow2_update_refcount(s, host, s->cluster_size, 1,
                                                 addend < 0,
                                                 QCOW2_DISCARD_SNAPSHOT, err);
@@ -472,9 +499,6 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
                     ret = qcow2_get_refcount(s, host >> s->cluster_bits, &rc,
                                              err);
                 }
-                if (ret == 0 && dry_run && rc >= s->refcount_max) {
-                    ret = -ERANGE;
-                }
             }
             if (ret < 0) {
                 break;
@@ -482,13 +506,13 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
             if (rc == 1) {
                 ne |= QCOW2_OFLAG_COPIED;
             }
-            if (ne != e && !dry_run) {
+            if (ne != e) {
                 qcow2_set_l2_entry(s, table, j, ne);
                 qcow2_cache_mark_dirty(s->l2_cache, table);
             }
         }
         qcow2_cache_put(s->l2_cache, &table);
-        if (ret == 0 && !dry_run && addend) {
+        if (ret == 0 && addend) {
             ret = qcow2_update_refcount(s, l2_off, s->cluster_size, 1,
                                         addend < 0, QCOW2_DISCARD_SNAPSHOT,
                                         err);
@@ -496,10 +520,7 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
         if (ret == 0) {
             ret = qcow2_get_refcount(s, l2_off >> s->cluster_bits, &rc, err);
         }
-        if (ret == 0 && dry_run && rc >= s->refcount_max) {
-            ret = -ERANGE;
-        }
-        if (ret == 0 && !dry_run) {
+        if (ret == 0) {
             uint64_t nl1e = l2_off | (rc == 1 ? QCOW2_OFLAG_COPIED : 0);
             if (nl1e != l1e) {
                 l1[i] = nl1e;
@@ -507,12 +528,7 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
             }
         }
     }
-    if (ret == -ERANGE) {
-        return vd_error_set(err, -EINVAL, "%s: a snapshot would overflow "
-                            "the reference count of a cluster (refcount "
-                            "width %d bits)", s->filename, s->refcount_bits);
-    }
-    if (ret < 0 || dry_run) {
+    if (ret < 0) {
         return ret;
     }
     ret = qcow2_flush_caches(s, err);
@@ -526,8 +542,16 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
         for (uint32_t i = 0; i < l1_size; i++) {
             be[i] = htobe64(l1[i]);
         }
-        ret = vd_child_pwrite(s->file, l1_write, be, (uint64_t)l1_size * 8, 0,
-                              err);
+        /* The table written is the active one or the snapshot's. */
+        ret = qcow2_pre_write_overlap_check(s, l1_write == s->l1_table_offset
+                                               ? QCOW2_OL_ACTIVE_L1
+                                               : QCOW2_OL_INACTIVE_L1,
+                                            l1_write, (uint64_t)l1_size * 8,
+                                            false, err);
+        if (ret == 0) {
+            ret = vd_child_pwrite(s->file, l1_write, be,
+                                  (uint64_t)l1_size * 8, 0, err);
+        }
         free(be);
         if (ret == 0) {
             ret = vd_node_flush(s->file->node, err);
@@ -536,28 +560,36 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
     return ret;
 }
 
+int qcow2_read_l1_table(qcow2_state *s, uint64_t offset, uint32_t size,
+                        uint32_t alloc, uint64_t **out, vd_error *err)
+{
+    uint64_t *l1 = calloc(alloc > size ? alloc : (size ? size : 1), 8);
+    int ret;
+
+    *out = NULL;
+    if (!l1) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    ret = size ? vd_child_pread(s->file, offset, l1, (uint64_t)size * 8, err)
+               : 0;
+    if (ret < 0) {
+        free(l1);
+        return ret;
+    }
+    for (uint32_t i = 0; i < size; i++) {
+        l1[i] = be64toh(l1[i]);
+    }
+    *out = l1;
+    return 0;
+}
+
 /* Reads a snapshot's L1 table into a new host-endian array of @alloc
  * entries (>= sn->l1_size; the rest zeroed). */
 static int read_snapshot_l1(qcow2_state *s, const qcow2_snapshot *sn,
                             uint32_t alloc, uint64_t **out, vd_error *err)
 {
-    uint64_t *l1 = calloc(alloc ? alloc : 1, 8);
-    int ret;
-
-    if (!l1) {
-        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
-    }
-    ret = sn->l1_size ? vd_child_pread(s->file, sn->l1_table_offset, l1,
-                                       (uint64_t)sn->l1_size * 8, err) : 0;
-    if (ret < 0) {
-        free(l1);
-        return ret;
-    }
-    for (uint32_t i = 0; i < sn->l1_size; i++) {
-        l1[i] = be64toh(l1[i]);
-    }
-    *out = l1;
-    return 0;
+    return qcow2_read_l1_table(s, sn->l1_table_offset, sn->l1_size, alloc,
+                               out, err);
 }
 
 /* ---- lookup ------------------------------------------------------------- */
@@ -645,8 +677,17 @@ int qcow2_snapshot_create(vd_node *node, const vd_snapshot_info *info,
     } else {
         new_snapshot_id(s, idbuf, sizeof(idbuf));
     }
-    /* Refuse before touching anything when a reference would overflow. */
-    ret = walk_refcounts(s, s->l1_table, s->l1_size, 0, 1, true, err);
+    /* Refuse before touching anything: damaged structures, or a tree
+     * whose references would overflow a refcount. */
+    ret = qcow2_validate_metadata(s, err);
+    if (ret == 0) {
+        ret = qcow2_validate_l1_tree(s, s->l1_table, s->l1_size,
+                                     QCOW2_VALIDATE_OVERFLOW |
+                                     QCOW2_VALIDATE_SIGNAL, err);
+    }
+    if (ret == 0) {
+        ret = qcow2_begin_change(s, err);
+    }
     if (ret < 0) {
         goto out;
     }
@@ -686,8 +727,13 @@ int qcow2_snapshot_create(vd_node *node, const vd_snapshot_info *info,
         for (uint32_t i = 0; i < s->l1_size; i++) {
             l1_be[i] = htobe64(s->l1_table[i]);
         }
-        ret = vd_child_pwrite(s->file, (uint64_t)l1_off, l1_be,
-                              (uint64_t)s->l1_size * 8, 0, err);
+        ret = qcow2_pre_write_overlap_check(s, 0, (uint64_t)l1_off,
+                                            (uint64_t)s->l1_size * 8, false,
+                                            err);
+        if (ret == 0) {
+            ret = vd_child_pwrite(s->file, (uint64_t)l1_off, l1_be,
+                                  (uint64_t)s->l1_size * 8, 0, err);
+        }
         free(l1_be);
         if (ret < 0) {
             goto fail_l1;
@@ -696,7 +742,7 @@ int qcow2_snapshot_create(vd_node *node, const vd_snapshot_info *info,
     sn.l1_table_offset = (uint64_t)l1_off;
 
     ret = walk_refcounts(s, s->l1_table, s->l1_size, s->l1_table_offset, 1,
-                         false, err);
+                         err);
     if (ret < 0) {
         /* Part of the references may be raised: they leak, as in QEMU. */
         free_one(&sn);
@@ -786,6 +832,29 @@ int qcow2_snapshot_goto(vd_node *node, const char *id, vd_error *err)
     pthread_mutex_lock(&s->lock);
     sn = &s->snapshots[idx];
     ret = check_snapshot_l1(s, sn, (uint64_t)flen, err);
+    /* Before the first write: the structures, the snapshot's tree (which
+     * gains a reference) and the active tree (which loses one). */
+    if (ret == 0) {
+        ret = qcow2_validate_metadata(s, err);
+    }
+    if (ret == 0) {
+        ret = read_snapshot_l1(s, sn, sn->l1_size, &sn_l1, err);
+    }
+    if (ret == 0) {
+        ret = qcow2_validate_l1_tree(s, sn_l1, sn->l1_size,
+                                     QCOW2_VALIDATE_SNAPSHOT |
+                                     QCOW2_VALIDATE_OVERFLOW |
+                                     QCOW2_VALIDATE_SIGNAL, err);
+        free(sn_l1);
+        sn_l1 = NULL;
+    }
+    if (ret == 0) {
+        ret = qcow2_validate_l1_tree(s, s->l1_table, s->l1_size,
+                                     QCOW2_VALIDATE_SIGNAL, err);
+    }
+    if (ret == 0) {
+        ret = qcow2_begin_change(s, err);
+    }
     if (ret < 0) {
         goto out;
     }
@@ -816,8 +885,7 @@ int qcow2_snapshot_goto(vd_node *node, const char *id, vd_error *err)
         goto out;
     }
     /* First the new references, with COPIED fixed in shared tables... */
-    ret = walk_refcounts(s, sn_l1, sn->l1_size, sn->l1_table_offset, 1, false,
-                         err);
+    ret = walk_refcounts(s, sn_l1, sn->l1_size, sn->l1_table_offset, 1, err);
     if (ret < 0) {
         goto out;
     }
@@ -830,8 +898,13 @@ int qcow2_snapshot_goto(vd_node *node, const char *id, vd_error *err)
     for (uint32_t i = 0; i < s->l1_size; i++) {
         be[i] = htobe64(sn_l1[i]);
     }
-    ret = vd_child_pwrite(s->file, s->l1_table_offset, be,
-                          (uint64_t)s->l1_size * 8, 0, err);
+    ret = qcow2_pre_write_overlap_check(s, QCOW2_OL_ACTIVE_L1,
+                                        s->l1_table_offset,
+                                        (uint64_t)s->l1_size * 8, false, err);
+    if (ret == 0) {
+        ret = vd_child_pwrite(s->file, s->l1_table_offset, be,
+                              (uint64_t)s->l1_size * 8, 0, err);
+    }
     if (ret == 0) {
         ret = vd_node_flush(s->file->node, err);
     }
@@ -840,7 +913,7 @@ int qcow2_snapshot_goto(vd_node *node, const char *id, vd_error *err)
     }
     /* ...then the old state loses its references (its L1 only lives in
      * memory now, so nothing is written back for it)... */
-    ret = walk_refcounts(s, s->l1_table, s->l1_size, 0, -1, false, err);
+    ret = walk_refcounts(s, s->l1_table, s->l1_size, 0, -1, err);
     memcpy(s->l1_table, sn_l1, (size_t)s->l1_size * 8);
     qcow2_overlap_changed(s);
     if (ret < 0) {
@@ -848,7 +921,7 @@ int qcow2_snapshot_goto(vd_node *node, const char *id, vd_error *err)
     }
     /* ...and COPIED is set where the new active state is sole owner. */
     ret = walk_refcounts(s, s->l1_table, s->l1_size, s->l1_table_offset, 0,
-                         false, err);
+                         err);
 out:
     pthread_mutex_unlock(&s->lock);
     free(sn_l1);
@@ -886,8 +959,25 @@ int qcow2_snapshot_delete(vd_node *node, const char *id, const char *name,
     pthread_mutex_lock(&s->lock);
     ret = check_snapshot_l1(s, &s->snapshots[idx], (uint64_t)flen, err);
     if (ret == 0) {
+        ret = qcow2_validate_metadata(s, err);
+    }
+    if (ret == 0) {
         ret = read_snapshot_l1(s, &s->snapshots[idx],
                                s->snapshots[idx].l1_size, &l1, err);
+    }
+    /* The snapshot's tree loses a reference: validate it first. */
+    if (ret == 0) {
+        ret = qcow2_validate_l1_tree(s, l1, s->snapshots[idx].l1_size,
+                                     QCOW2_VALIDATE_SNAPSHOT |
+                                     QCOW2_VALIDATE_SIGNAL, err);
+    }
+    /* ... and the active one, whose COPIED flags are fixed up last. */
+    if (ret == 0) {
+        ret = qcow2_validate_l1_tree(s, s->l1_table, s->l1_size,
+                                     QCOW2_VALIDATE_SIGNAL, err);
+    }
+    if (ret == 0) {
+        ret = qcow2_begin_change(s, err);
     }
     if (ret < 0) {
         goto out;
@@ -913,7 +1003,7 @@ int qcow2_snapshot_delete(vd_node *node, const char *id, const char *name,
         qcow2_overlap_snapshots_changed(s);
     }
     /* From here on a failure only leaks clusters. */
-    ret = walk_refcounts(s, l1, sn.l1_size, 0, -1, false, err);
+    ret = walk_refcounts(s, l1, sn.l1_size, 0, -1, err);
     if (ret == 0 && sn.l1_size) {
         ret = qcow2_free_clusters(s, sn.l1_table_offset,
                                   (uint64_t)sn.l1_size * 8,
@@ -921,7 +1011,7 @@ int qcow2_snapshot_delete(vd_node *node, const char *id, const char *name,
     }
     if (ret == 0) {
         ret = walk_refcounts(s, s->l1_table, s->l1_size, s->l1_table_offset,
-                             0, false, err);
+                             0, err);
     }
     free_one(&sn);
 out:
