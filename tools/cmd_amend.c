@@ -85,7 +85,7 @@ int cmd_amend(int argc, char **argv)
 {
     const char *fmt = NULL, *filename = NULL, *cache = NULL;
     char *options = NULL;
-    bool progress = false, quiet = false, force = false;
+    bool progress = false, quiet = false, force = false, image_opts = false;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL, *open_opts = NULL;
     vd_node *node = NULL;
@@ -129,10 +129,9 @@ int cmd_amend(int argc, char **argv)
         case OPT_FORCE:
             force = true;
             break;
-        case OPT_OBJECT:
         case OPT_IMAGE_OPTS:
-            cli_error("--object and --image-opts are not supported");
-            goto out;
+            image_opts = true;
+            break;
         default:
             goto out;
         }
@@ -161,7 +160,7 @@ int cmd_amend(int argc, char **argv)
             goto out;
         }
     }
-    node = cli_open(filename, fmt, VD_O_RDWR, open_opts);
+    node = cli_open_image(filename, fmt, image_opts, VD_O_RDWR, open_opts);
     if (!node) {
         goto out;
     }
@@ -191,7 +190,7 @@ int cmd_amend(int argc, char **argv)
                     "mega-, giga-, tera-, peta-\nand exabytes, "
                     "respectively.\n");
         } else if (!strcmp(msg, "Cannot amend the backing file")) {
-            fprintf(stderr, "You can use 'vdisk rebase' instead.\n");
+            fprintf(stderr, "You can use '%s rebase' instead.\n", cli_prog);
         }
         goto out;
     }

@@ -43,7 +43,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "util.h"
 #include "vdisk/vdisk.h"
+#include "prog.h"
 
 int cmd_bench(int argc, char **argv);
 
@@ -55,11 +57,11 @@ int cmd_bench(int argc, char **argv);
 #define BENCH_RANDOM_SEED UINT64_C(0x766469736b62656e)
 
 enum {
-    OPT_FLUSH_INTERVAL = 256,
-    OPT_IMAGE_OPTS,
-    OPT_PATTERN,
-    OPT_NO_DRAIN,
-    OPT_RANDOM,
+    BENCH_OPT_FLUSH_INTERVAL = 256,
+    BENCH_OPT_IMAGE_OPTS,
+    BENCH_OPT_PATTERN,
+    BENCH_OPT_NO_DRAIN,
+    BENCH_OPT_RANDOM,
 };
 
 typedef struct bench {
@@ -99,27 +101,30 @@ typedef struct worker {
     pthread_t thread;
 } worker;
 
-/* ---- messages, in qemu-img's words with vdisk's prefix ---- */
+/* ---- messages, in qemu-img's words with the program's prefix ---- */
 
 static void __attribute__((format(printf, 1, 2)))
 bench_error(const char *fmt, ...)
 {
     va_list ap;
 
-    fputs("vdisk: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    cli_verror(fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
 }
 
 static void bench_hint(void)
 {
-    fprintf(stderr, "Try 'vdisk --help' for more information\n");
+    cli_help_hint();
 }
 
 static void bench_usage(void)
 {
+    /* qemu-img's -h shows the whole help; vdisk's documents --random. */
+    if (cli_as == CLI_QEMU_IMG) {
+        cli_print_help();
+        return;
+    }
     printf("usage: vdisk bench [-c count] [-d depth] [-f fmt] "
            "[--flush-interval=flush_interval] [-i aio] [-n] [--no-drain] "
            "[-o offset] [--pattern=pattern] [-q] [-s buffer_size] "
@@ -377,20 +382,19 @@ static vd_node *bench_open(const char *filename, const char *fmt,
                            const char *aio, unsigned flags)
 {
     vd_error err = VD_ERROR_INIT;
-    vd_opts *opts = vd_opts_new();
+    vd_opts *opts;
     vd_node *node = NULL;
     int ret;
 
-    if (!opts) {
+    if (image_opts) {
+        /* The shared --image-opts parser prints its own errors. */
+        opts = cli_parse_image_opts(filename, NULL);
+        if (!opts) {
+            return NULL;
+        }
+    } else if (!(opts = vd_opts_new())) {
         bench_error("Could not open '%s': %s", filename, strerror(ENOMEM));
         return NULL;
-    }
-    if (image_opts) {
-        ret = vd_opts_parse(opts, filename, NULL, &err);
-        if (ret < 0) {
-            bench_error("%s", err.message[0] ? err.message : strerror(-ret));
-            goto out;
-        }
     }
     if ((cache && (ret = vd_opts_set(opts, "cache", cache)) < 0) ||
         (aio && (ret = vd_opts_set(opts, "aio", aio)) < 0)) {
@@ -422,12 +426,12 @@ int cmd_bench(int argc, char **argv)
 {
     static const struct option long_opts[] = {
         { "help", no_argument, NULL, 'h' },
-        { "flush-interval", required_argument, NULL, OPT_FLUSH_INTERVAL },
-        { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
-        { "pattern", required_argument, NULL, OPT_PATTERN },
-        { "no-drain", no_argument, NULL, OPT_NO_DRAIN },
+        { "flush-interval", required_argument, NULL, BENCH_OPT_FLUSH_INTERVAL },
+        { "image-opts", no_argument, NULL, BENCH_OPT_IMAGE_OPTS },
+        { "pattern", required_argument, NULL, BENCH_OPT_PATTERN },
+        { "no-drain", no_argument, NULL, BENCH_OPT_NO_DRAIN },
         { "force-share", no_argument, NULL, 'U' },
-        { "random", no_argument, NULL, OPT_RANDOM },
+        { "random", no_argument, NULL, BENCH_OPT_RANDOM },
         { NULL, 0, NULL, 0 },
     };
     const char *fmt = NULL, *cache = NULL, *aio = NULL, *filename;
@@ -442,12 +446,17 @@ int cmd_bench(int argc, char **argv)
     int nworkers = 0, status = 1;
     int64_t len;
     double t1, t2;
-    int c;
+    int c, longidx = -1;
 
     optind = 0;    /* reset getopt for this argv (glibc: full reset) */
     opterr = 0;
     while ((c = getopt_long(argc, argv, ":hc:d:f:ni:o:qs:S:t:wU", long_opts,
-                            NULL)) != -1) {
+                            &longidx)) != -1) {
+        if (cli_as == CLI_QEMU_IMG && longidx >= 0 &&
+            cli_option_is_vdisk_only("bench", long_opts[longidx].name)) {
+            c = '?';
+        }
+        longidx = -1;
         switch (c) {
         case ':':
             bench_error("missing argument for option '%s'", argv[optind - 1]);
@@ -517,25 +526,25 @@ int cmd_bench(int argc, char **argv)
         case 'U':
             flags |= VD_O_FORCE_SHARE;
             break;
-        case OPT_PATTERN:
+        case BENCH_OPT_PATTERN:
             if (!parse_ulong(optarg, 0xff, &pattern)) {
                 bench_error("Invalid pattern byte specified");
                 return 1;
             }
             break;
-        case OPT_FLUSH_INTERVAL:
+        case BENCH_OPT_FLUSH_INTERVAL:
             if (!parse_ulong(optarg, INT_MAX, &flush_interval)) {
                 bench_error("Invalid flush interval specified");
                 return 1;
             }
             break;
-        case OPT_NO_DRAIN:
+        case BENCH_OPT_NO_DRAIN:
             drain = false;
             break;
-        case OPT_IMAGE_OPTS:
+        case BENCH_OPT_IMAGE_OPTS:
             image_opts = true;
             break;
-        case OPT_RANDOM:
+        case BENCH_OPT_RANDOM:
             random = true;
             break;
         }

@@ -84,7 +84,7 @@ int cmd_check(int argc, char **argv)
 {
     const char *fmt = NULL, *filename;
     unsigned flags = VD_O_CHECK, fix = 0;
-    bool json = false, quiet = false;
+    bool json = false, quiet = false, image_opts = false;
     vd_check_result res;
     vd_error err = VD_ERROR_INIT;
     vd_node *node;
@@ -123,6 +123,9 @@ int cmd_check(int argc, char **argv)
                 return 1;
             }
             break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
+            break;
         default:
             return 1;
         }
@@ -133,7 +136,7 @@ int cmd_check(int argc, char **argv)
     }
     filename = argv[optind];
 
-    node = cli_open(filename, fmt, flags, NULL);
+    node = cli_open_image(filename, fmt, image_opts, flags, NULL);
     if (!node) {
         return 1;
     }

@@ -79,7 +79,7 @@ static void show_progress(double percent, void *opaque)
 int cmd_commit(int argc, char **argv)
 {
     const char *fmt = NULL, *cache = "writeback", *base = NULL, *filename;
-    bool quiet = false, progress = false, keep = false;
+    bool quiet = false, progress = false, keep = false, image_opts = false;
     uint64_t rate = 0;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL;
@@ -118,6 +118,9 @@ int cmd_commit(int argc, char **argv)
         case 'q':
             quiet = true;
             break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
+            break;
         default:
             return 1;
         }
@@ -137,7 +140,7 @@ int cmd_commit(int argc, char **argv)
         vd_opts_free(&opts);
         return 1;
     }
-    top = cli_open(filename, fmt, VD_O_RDWR, opts);
+    top = cli_open_image(filename, fmt, image_opts, VD_O_RDWR, opts);
     vd_opts_free(&opts);
     if (!top) {
         return 1;

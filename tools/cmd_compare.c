@@ -87,6 +87,7 @@ int cmd_compare(int argc, char **argv)
 {
     const char *fmt1 = NULL, *fmt2 = NULL, *file1, *file2;
     bool quiet = false, strict = false, progress = false;
+    bool image_opts = false;
     unsigned flags = 0;
     vd_node *n1 = NULL, *n2 = NULL;
     uint8_t *buf1 = NULL, *buf2 = NULL;
@@ -120,6 +121,9 @@ int cmd_compare(int argc, char **argv)
         case 'U':
             flags |= VD_O_FORCE_SHARE;
             break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
+            break;
         default:
             return 1;
         }
@@ -136,11 +140,11 @@ int cmd_compare(int argc, char **argv)
 
     cli_progress_init(&prog, progress, 2.0f);
     ret = 2;
-    n1 = cli_open(file1, fmt1, flags, NULL);
+    n1 = cli_open_image(file1, fmt1, image_opts, flags, NULL);
     if (!n1) {
         goto out;
     }
-    n2 = cli_open(file2, fmt2, flags, NULL);
+    n2 = cli_open_image(file2, fmt2, image_opts, flags, NULL);
     if (!n2) {
         goto out;
     }

@@ -685,6 +685,7 @@ int cmd_convert(int argc, char **argv)
     char *options = NULL;
     bool progress = false, quiet = false, skip_create = false;
     bool target_is_zero = false, out_of_order = false;
+    bool image_opts = false, target_image_opts = false, out_fmt_given = false;
     unsigned src_flags = 0;
     const char *sn_name = NULL;   /* -s NAME or -l NAME: id, then name */
     vd_opts *sn_opts = NULL;      /* -l snapshot.id=...,snapshot.name=... */
@@ -705,6 +706,7 @@ int cmd_convert(int argc, char **argv)
             break;
         case 'O':
             out_fmt = optarg;
+            out_fmt_given = true;
             break;
         case 'o': {
             char *joined;
@@ -806,6 +808,12 @@ int cmd_convert(int argc, char **argv)
         case OPT_TARGET_IS_ZERO:
             target_is_zero = true;
             break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
+            break;
+        case OPT_TARGET_IMAGE_OPTS:
+            target_image_opts = true;
+            break;
         default:
             goto out;
         }
@@ -829,6 +837,10 @@ int cmd_convert(int argc, char **argv)
         cli_error("Cannot use copy offloading in salvaging mode");
         goto out;
     }
+    if (target_image_opts && !skip_create) {
+        cli_error("--target-image-opts requires use of -n flag");
+        goto out;
+    }
     if (skip_create && options) {
         cli_error("-o has no effect when skipping image creation");
         goto out;
@@ -839,7 +851,10 @@ int cmd_convert(int argc, char **argv)
     }
     s.nsrc = argc - optind - 1;
     if (options && cli_has_help_option(options)) {
-        ret = cli_print_create_help(NULL, out_fmt);
+        /* As qemu-img: the target's protocol options are listed too once
+         * a source and a target are named. */
+        ret = cli_print_create_help(s.nsrc >= 1 ? argv[argc - 1] : NULL,
+                                    out_fmt);
         goto out;
     }
     if (s.nsrc < 1) {
@@ -856,14 +871,20 @@ int cmd_convert(int argc, char **argv)
         goto out;
     }
     if (src_cache) {
+        if (!cli_cache_mode(src_cache)) {
+            cli_error("Invalid source cache option: %s", src_cache);
+            goto out;
+        }
         sopts = vd_opts_new();
-        if (!sopts || vd_opts_set(sopts, "cache", src_cache) < 0) {
+        if (!sopts ||
+            vd_opts_set(sopts, "cache", cli_cache_mode(src_cache)) < 0) {
             goto out;
         }
     }
     for (int i = 0; i < s.nsrc; i++) {
         s.src_names[i] = argv[optind + i];
-        s.src[i] = cli_open(s.src_names[i], fmt, src_flags, sopts);
+        s.src[i] = cli_open_image(s.src_names[i], fmt, image_opts, src_flags,
+                                  sopts);
         if (!s.src[i]) {
             goto out;
         }
@@ -992,19 +1013,33 @@ int cmd_convert(int argc, char **argv)
         }
     }
 
+    /* As qemu-img: checked once the target exists. */
+    if (!cli_cache_mode(cache)) {
+        cli_error("Invalid cache option: %s", cache);
+        goto out;
+    }
     topts = vd_opts_new();
-    if (!topts || vd_opts_set(topts, "cache", cache) < 0) {
+    if (!topts || vd_opts_set(topts, "cache", cli_cache_mode(cache)) < 0) {
         goto out;
     }
     /* As qemu-img: the target is opened as -O says (raw by default), even
      * with -n, so an existing target is never probed. */
-    s.target = cli_open(out_name, out_fmt,
-                        VD_O_RDWR |
-                        (skip_create || out_base ? 0 : VD_O_NO_BACKING), topts);
+    s.target = cli_open_image(out_name,
+                              target_image_opts && !out_fmt_given ? NULL
+                                                                  : out_fmt,
+                              target_image_opts,
+                              VD_O_RDWR | (skip_create || out_base
+                                           ? 0 : VD_O_NO_BACKING), topts);
     if (!s.target && skip_create) {
         goto out;
     }
     if (!s.target) {
+        goto out;
+    }
+    /* As qemu-img: an existing target is asked once it is open. */
+    if (s.compressed && skip_create &&
+        !format_compresses(vd_node_format(s.target))) {
+        cli_error("Compression not supported for this file format");
         goto out;
     }
     if (skip_create) {

@@ -19,7 +19,7 @@ int cmd_dd(int argc, char **argv)
     const char *fmt = NULL, *out_fmt = "raw";
     const char *in_name = NULL, *out_name = NULL;
     uint64_t bs = 512, count = 0, skip = 0;
-    bool has_count = false, has_skip = false;
+    bool has_count = false, has_skip = false, image_opts = false;
     unsigned in_flags = 0;
     vd_node *in = NULL, *out = NULL;
     vd_opts *opts = NULL;
@@ -41,6 +41,9 @@ int cmd_dd(int argc, char **argv)
             break;
         case 'U':
             in_flags |= VD_O_FORCE_SHARE;
+            break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
             break;
         default:
             return 1;
@@ -91,7 +94,9 @@ int cmd_dd(int argc, char **argv)
         return 1;
     }
 
-    in = cli_open(in_name, fmt, in_flags, NULL);
+    /* --image-opts is for the input only: qemu-img creates and opens
+     * the output by name. */
+    in = cli_open_image(in_name, fmt, image_opts, in_flags, NULL);
     if (!in) {
         return 1;
     }

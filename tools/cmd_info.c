@@ -151,11 +151,11 @@ static void complete_info(vd_node *node, vd_image_info *info)
 
 /* Describes one image; NULL after printing the error. */
 static vd_image_info *collect_one(const char *filename, const char *fmt,
-                                  unsigned flags)
+                                  bool image_opts, unsigned flags)
 {
     vd_error err = VD_ERROR_INIT;
     vd_image_info *info = NULL;
-    vd_node *node = cli_open(filename, fmt, flags, NULL);
+    vd_node *node = cli_open_image(filename, fmt, image_opts, flags, NULL);
 
     if (!node) {
         return NULL;
@@ -173,7 +173,7 @@ static vd_image_info *collect_one(const char *filename, const char *fmt,
 int cmd_info(int argc, char **argv)
 {
     const char *fmt = NULL, *filename;
-    bool json = false, chain = false;
+    bool json = false, chain = false, image_opts = false;
     unsigned flags = VD_O_NO_BACKING | VD_O_NO_IO;
     vd_image_info *infos[MAX_CHAIN];
     size_t n = 0;
@@ -197,6 +197,9 @@ int cmd_info(int argc, char **argv)
             break;
         case OPT_BACKING_CHAIN:
             chain = true;
+            break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
             break;
         default:
             return 1;
@@ -222,7 +225,9 @@ int cmd_info(int argc, char **argv)
             cli_error("Backing chain of '%s' is too long", argv[optind]);
             goto out;
         }
-        info = collect_one(filename, fmt, flags);
+        /* Only the top image is an option string; its backing files
+         * are named by it. */
+        info = collect_one(filename, fmt, image_opts && n == 0, flags);
         if (!info) {
             goto out;
         }

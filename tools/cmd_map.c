@@ -109,7 +109,7 @@ static int get_entry(vd_node *node, uint64_t offset, uint64_t bytes,
 int cmd_map(int argc, char **argv)
 {
     const char *fmt = NULL, *filename;
-    bool json = false;
+    bool json = false, image_opts = false;
     unsigned flags = 0;
     uint64_t start = 0, max_length = UINT64_MAX;
     map_entry cur, next;
@@ -143,6 +143,9 @@ int cmd_map(int argc, char **argv)
                 return 1;
             }
             break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
+            break;
         default:
             return 1;
         }
@@ -153,7 +156,7 @@ int cmd_map(int argc, char **argv)
     }
     filename = argv[optind];
 
-    node = cli_open(filename, fmt, flags, NULL);
+    node = cli_open_image(filename, fmt, image_opts, flags, NULL);
     if (!node) {
         return 1;
     }

@@ -69,9 +69,6 @@ int cmd_measure(int argc, char **argv)
         case 'U':
             force_share = true;
             break;
-        case OPT_OBJECT:
-            cli_error("--object is not supported");
-            goto out;
         case OPT_IMAGE_OPTS:
             image_opts = true;
             break;
@@ -110,20 +107,8 @@ int cmd_measure(int argc, char **argv)
     }
 
     if (filename) {
-        vd_opts *oo = NULL;
-        const char *name = filename;
-        if (image_opts) {
-            oo = vd_opts_new();
-            if (!oo || vd_opts_parse(oo, filename, "file.filename", &err) < 0) {
-                cli_report_vd_error(&err, -EINVAL, filename);
-                vd_opts_free(&oo);
-                goto out;
-            }
-            name = NULL;
-        }
-        src = cli_open(name ? name : filename, fmt,
-                       force_share ? VD_O_FORCE_SHARE : 0, oo);
-        vd_opts_free(&oo);
+        src = cli_open_image(filename, fmt, image_opts,
+                             force_share ? VD_O_FORCE_SHARE : 0, NULL);
         if (!src) {
             goto out;
         }

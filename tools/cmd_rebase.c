@@ -23,24 +23,12 @@ static void show_progress(double percent, void *opaque)
     cli_progress_print(opaque, percent);
 }
 
-static bool known_cache_mode(const char *mode)
-{
-    static const char *const modes[] = { "none", "writeback", "unsafe",
-                                         "directsync", "writethrough" };
-
-    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
-        if (strcmp(mode, modes[i]) == 0) {
-            return true;
-        }
-    }
-    return false;
-}
-
 int cmd_rebase(int argc, char **argv)
 {
     const char *fmt = NULL, *cache = "writeback", *src_cache = "writeback";
     const char *backing = NULL, *backing_fmt = NULL, *filename;
     bool quiet = false, progress = false, unsafe = false, share = false;
+    bool image_opts = false;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL, *bopts = NULL;
     vd_node *top = NULL;
@@ -81,6 +69,9 @@ int cmd_rebase(int argc, char **argv)
         case OPT_FORCE_SHARE_LONG:
             share = true;
             break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
+            break;
         default:
             return 1;
         }
@@ -98,11 +89,11 @@ int cmd_rebase(int argc, char **argv)
         return 1;
     }
     filename = argv[optind];
-    if (!known_cache_mode(cache)) {
+    if (!cli_cache_mode(cache)) {
         cli_error("Invalid cache option: %s", cache);
         return 1;
     }
-    if (!known_cache_mode(src_cache)) {
+    if (!cli_cache_mode(src_cache)) {
         cli_error("Invalid source cache option: %s", src_cache);
         return 1;
     }
@@ -123,14 +114,15 @@ int cmd_rebase(int argc, char **argv)
 
     opts = vd_opts_new();
     bopts = vd_opts_new();
-    if (!opts || !bopts || vd_opts_set(opts, "cache", cache) < 0 ||
-        vd_opts_set(bopts, "cache", src_cache) < 0) {
+    if (!opts || !bopts ||
+        vd_opts_set(opts, "cache", cli_cache_mode(cache)) < 0 ||
+        vd_opts_set(bopts, "cache", cli_cache_mode(src_cache)) < 0) {
         cli_error("Out of memory");
         goto out;
     }
     flags = VD_O_RDWR | (unsafe ? VD_O_NO_BACKING : 0) |
             (share ? VD_O_FORCE_SHARE : 0);
-    top = cli_open(filename, fmt, flags, opts);
+    top = cli_open_image(filename, fmt, image_opts, flags, opts);
     if (!top) {
         goto out;
     }

@@ -28,7 +28,7 @@ static int parse_prealloc(const char *s, vd_prealloc *out)
 int cmd_resize(int argc, char **argv)
 {
     const char *fmt = NULL, *size, *filename;
-    bool quiet = false, shrink = false;
+    bool quiet = false, shrink = false, image_opts = false;
     vd_prealloc prealloc = VD_PREALLOC_OFF;
     vd_error err = VD_ERROR_INIT;
     int relative = 0, ch, ret = 1, r;
@@ -62,6 +62,9 @@ int cmd_resize(int argc, char **argv)
                 return 1;
             }
             break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
+            break;
         default:
             return 1;
         }
@@ -92,7 +95,8 @@ int cmd_resize(int argc, char **argv)
         return 1;
     }
 
-    node = cli_open(filename, fmt, VD_O_RDWR | VD_O_RESIZE, NULL);
+    node = cli_open_image(filename, fmt, image_opts,
+                          VD_O_RDWR | VD_O_RESIZE, NULL);
     if (!node) {
         return 1;
     }

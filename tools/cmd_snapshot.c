@@ -119,7 +119,7 @@ static void report_corruption(const char *msg, const char *filename)
 }
 
 static int single(int action, char *name, const char *filename,
-                  const char *fmt, bool force_share)
+                  const char *fmt, bool image_opts, bool force_share)
 {
     unsigned flags = action == ACT_LIST ? 0 : VD_O_RDWR;
     vd_error err = VD_ERROR_INIT;
@@ -135,7 +135,7 @@ static int single(int action, char *name, const char *filename,
         }
         flags |= VD_O_FORCE_SHARE;
     }
-    node = cli_open(filename, fmt, flags, NULL);
+    node = cli_open_image(filename, fmt, image_opts, flags, NULL);
     if (!node) {
         return 1;
     }
@@ -233,7 +233,7 @@ static int write_file(const char *path, const uint8_t *buf, uint64_t len)
 }
 
 static int group(int action, char *name, char **files, int nfiles,
-                 const char *fmt, const char *vmstate_file,
+                 const char *fmt, bool image_opts, const char *vmstate_file,
                  const char *vmstate_data)
 {
     vd_node **nodes = calloc((size_t)nfiles, sizeof(*nodes));
@@ -250,7 +250,8 @@ static int group(int action, char *name, char **files, int nfiles,
         goto out;
     }
     for (int i = 0; i < nfiles; i++) {
-        nodes[i] = cli_open(files[i], fmt, VD_O_RDWR, NULL);
+        nodes[i] = cli_open_image(files[i], fmt, image_opts, VD_O_RDWR,
+                                  NULL);
         if (!nodes[i]) {
             goto out;
         }
@@ -342,7 +343,7 @@ out:
 int cmd_snapshot(int argc, char **argv)
 {
     const char *fmt = NULL, *vmstate_file = NULL, *vmstate_data = NULL;
-    bool force_share = false, is_group = false;
+    bool force_share = false, is_group = false, image_opts = false;
     char *name = NULL;
     int action = ACT_NONE, ch;
 
@@ -381,6 +382,9 @@ int cmd_snapshot(int argc, char **argv)
         case OPT_SNAPSHOT_VMSTATE_DATA:
             vmstate_data = optarg;
             break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
+            break;
         default:
             return 1;
         }
@@ -399,7 +403,7 @@ int cmd_snapshot(int argc, char **argv)
             return 1;
         }
         return group(action, name, argv + optind, argc - optind, fmt,
-                     vmstate_file, vmstate_data);
+                     image_opts, vmstate_file, vmstate_data);
     }
     if (vmstate_file || vmstate_data) {
         cli_error_hint("--vmstate and --vmstate-data need --group");
@@ -412,5 +416,5 @@ int cmd_snapshot(int argc, char **argv)
     if (action == ACT_NONE) {
         return 0;
     }
-    return single(action, name, argv[optind], fmt, force_share);
+    return single(action, name, argv[optind], fmt, image_opts, force_share);
 }

@@ -1,6 +1,7 @@
 /*
- * Shared helpers of the vdisk tool (see util.h): the command table first,
- * then --help, option parsing, message printing, image opening, size
+ * Shared helpers of the vdisk tool (see util.h): the program's name, the
+ * command table, then --help, option parsing, message printing, image
+ * opening, size
  * parsing and formatting, --output parsing, the progress meter, and
  * loading an internal snapshot for -l.
  */
@@ -14,10 +15,60 @@
 #include "commands.h"
 #include "util.h"
 
+/* ---- the program's name ---- */
+
+cli_tool cli_as = CLI_VDISK;
+const char *cli_prog = "vdisk";
+
+void cli_set_tool(const char *argv0)
+{
+    static const struct {
+        const char *name;
+        cli_tool tool;
+    } names[] = {
+        { "qemu-img", CLI_QEMU_IMG },
+        { "qemu-io", CLI_QEMU_IO },
+        { "qemu-nbd", CLI_QEMU_NBD },
+        { "qemu-storage-daemon", CLI_QEMU_STORAGE_DAEMON },
+    };
+    const char *base = argv0 ? strrchr(argv0, '/') : NULL;
+
+    base = base ? base + 1 : argv0 ? argv0 : "";
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (strcmp(base, names[i].name) == 0) {
+            cli_as = names[i].tool;
+            cli_prog = names[i].name;
+            return;
+        }
+    }
+    /* Any other name (vdisk, a renamed copy) is vdisk itself. */
+    cli_as = CLI_VDISK;
+    cli_prog = "vdisk";
+}
+
+void cli_set_prog(const char *prog)
+{
+    cli_prog = prog;
+}
+
+void cli_print_qemu_version(void)
+{
+    /* qemu-nbd alone has no "version" word. The first line is what
+     * scripts parse (major.minor.micro first); the second says what is
+     * answering, since it is not QEMU. */
+    printf("%s%s %s (vdisk %s)\n"
+           "vdisk, a re-implementation of QEMU %s's block layer and tools; "
+           "not QEMU\n",
+           cli_prog, cli_as == CLI_QEMU_NBD ? "" : " version",
+           CLI_QEMU_VERSION, vd_version(), "7.2");
+}
+
 /* ---- the command table ---- */
 
 static const struct option check_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "format", required_argument, NULL, 'f' },
     { "repair", required_argument, NULL, 'r' },
     { "output", required_argument, NULL, OPT_OUTPUT },
@@ -27,11 +78,14 @@ static const struct option check_long[] = {
 
 static const struct option create_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
     { NULL, 0, NULL, 0 },
 };
 
 static const struct option info_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "format", required_argument, NULL, 'f' },
     { "output", required_argument, NULL, OPT_OUTPUT },
     { "backing-chain", no_argument, NULL, OPT_BACKING_CHAIN },
@@ -41,6 +95,9 @@ static const struct option info_long[] = {
 
 static const struct option convert_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "target-image-opts", no_argument, NULL, OPT_TARGET_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
     { "salvage", no_argument, NULL, OPT_SALVAGE },
@@ -49,12 +106,16 @@ static const struct option convert_long[] = {
 
 static const struct option compare_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { NULL, 0, NULL, 0 },
 };
 
 static const struct option map_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "format", required_argument, NULL, 'f' },
     { "output", required_argument, NULL, OPT_OUTPUT },
     { "start-offset", required_argument, NULL, OPT_START_OFFSET },
@@ -65,21 +126,25 @@ static const struct option map_long[] = {
 
 static const struct option commit_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { NULL, 0, NULL, 0 },
 };
 
 static const struct option rebase_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { NULL, 0, NULL, 0 },
 };
 
 static const struct option measure_long[] = {
     { "help", no_argument, NULL, 'h' },
-    { "output", required_argument, NULL, OPT_OUTPUT },
-    { "size", required_argument, NULL, OPT_SIZE },
     { "object", required_argument, NULL, OPT_OBJECT },
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    { "size", required_argument, NULL, OPT_SIZE },
     { "force-share", no_argument, NULL, 'U' },
     { NULL, 0, NULL, 0 },
 };
@@ -94,6 +159,8 @@ static const struct option amend_long[] = {
 
 static const struct option snapshot_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { "group", no_argument, NULL, OPT_SNAPSHOT_GROUP },
     { "vmstate", required_argument, NULL, OPT_SNAPSHOT_VMSTATE },
@@ -103,6 +170,8 @@ static const struct option snapshot_long[] = {
 
 static const struct option resize_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "preallocation", required_argument, NULL, OPT_PREALLOCATION },
     { "shrink", no_argument, NULL, OPT_SHRINK },
     { NULL, 0, NULL, 0 },
@@ -110,6 +179,8 @@ static const struct option resize_long[] = {
 
 static const struct option dd_long[] = {
     { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { NULL, 0, NULL, 0 },
 };
@@ -125,16 +196,19 @@ const cli_command cli_commands[] = {
       "[-s buffer_size] [-S step_size] [-t cache] [-w] [-U] [--random] "
       "filename", NULL, NULL },
     { "check", cmd_check,
-      "[-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename",
+      "[--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] "
+      "[-r [leaks | all]] [-T src_cache] [-U] filename",
       ":hf:r:T:qU", check_long },
     { "commit", cmd_commit,
-      "[-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] "
-      "filename",
+      "[--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] "
+      "[-b base] [-r rate_limit] [-d] [-p] filename",
       ":hf:t:b:dpqr:", commit_long },
     { "compare", cmd_compare,
-      "[-f fmt] [-F fmt] [-q] [-s] [-U] filename1 filename2",
+      "[--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] "
+      "[-p] [-q] [-s] [-U] filename1 filename2",
       ":hf:F:T:pqsU", compare_long },
     { "convert", cmd_convert,
+      "[--object objectdef] [--image-opts] [--target-image-opts] "
       "[--target-is-zero] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] "
       "[-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] "
       "[-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] "
@@ -142,22 +216,24 @@ const cli_command cli_commands[] = {
       "[filename2 [...]] output_filename",
       ":hf:O:o:S:pt:T:qnm:WUCcl:s:B:F:r:", convert_long },
     { "create", cmd_create,
-      "[-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] "
-      "filename [size]",
+      "[--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] "
+      "[-u] [-o options] filename [size]",
       ":F:b:f:ho:qu", create_long },
     { "dd", cmd_dd,
-      "[-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] "
-      "[skip=blocks] if=input of=output",
+      "[--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] "
+      "[count=blocks] [skip=blocks] if=input of=output",
       ":hf:O:U", dd_long },
     { "info", cmd_info,
-      "[-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
+      "[--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
+      "[--backing-chain] [-U] filename",
       ":f:hU", info_long },
     { "io", cmd_io,
-      "[-f fmt] [-r] [-c command]... filename (qemu-io's commands)",
+      "[--object objectdef] [--image-opts] [-f fmt] [-r] [-c command]... "
+      "filename (qemu-io's commands)",
       NULL, NULL },
     { "map", cmd_map,
-      "[-f fmt] [--start-offset=offset] [--max-length=len] "
-      "[--output=ofmt] [-U] filename",
+      "[--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] "
+      "[--max-length=len] [--output=ofmt] [-U] filename",
       ":f:hU", map_long },
     { "measure", cmd_measure,
       "[--output=ofmt] [-O output_fmt] [-o options] [--size N | "
@@ -165,12 +241,12 @@ const cli_command cli_commands[] = {
       "filename]",
       ":hf:O:o:l:U", measure_long },
     { "rebase", cmd_rebase,
-      "[-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] "
-      "-b backing_file [-F backing_fmt] filename",
+      "[--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] "
+      "[-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename",
       ":hf:F:b:upt:T:qU", rebase_long },
     { "resize", cmd_resize,
-      "[-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename "
-      "[+ | -]size",
+      "[--object objectdef] [--image-opts] [-f fmt] "
+      "[--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size",
       ":f:hq", resize_long },
     { "serve", cmd_serve,
       "[-f fmt] [-r] [-x name] [-D description] [-k socket | -b addr "
@@ -178,8 +254,8 @@ const cli_command cli_commands[] = {
       "[--aio=mode] [--discard=mode] [--detect-zeroes=mode] filename... "
       "(qemu-nbd's options)", NULL, NULL },
     { "snapshot", cmd_snapshot,
-      "[-U] [-q] [-f fmt] [-l | -a snapshot | -c snapshot | -d snapshot] "
-      "filename\n"
+      "[--object objectdef] [--image-opts] [-U] [-q] [-f fmt] "
+      "[-l | -a snapshot | -c snapshot | -d snapshot] filename\n"
       "  snapshot --group [-f fmt] [-c snapshot | -a snapshot | -d snapshot] "
       "[--vmstate filename] [--vmstate-data file] filename...",
       ":hf:qUla:c:d:", snapshot_long },
@@ -196,28 +272,121 @@ const cli_command *cli_find_command(const char *name)
     return NULL;
 }
 
+bool cli_command_is_vdisk_only(const cli_command *c)
+{
+    return c->handler == cmd_io || c->handler == cmd_serve;
+}
+
 static void print_driver(const char *name, void *opaque)
 {
     (void)opaque;
     printf(" %s", name);
 }
 
+/*
+ * vdisk's own options of qemu-img's subcommands: unknown options under
+ * qemu-img's name, as in QEMU (cli_getopt(), cmd_bench.c), and left out
+ * of its help.
+ */
+static const struct {
+    const char *command, *option;
+} vdisk_only_options[] = {
+    { "bench", "random" },
+    { "snapshot", "group" },
+    { "snapshot", "vmstate" },
+    { "snapshot", "vmstate-data" },
+};
+
+bool cli_option_is_vdisk_only(const char *command, const char *option)
+{
+    for (size_t i = 0;
+         i < sizeof(vdisk_only_options) / sizeof(vdisk_only_options[0]); i++) {
+        if (strcmp(vdisk_only_options[i].command, command) == 0 &&
+            strcmp(vdisk_only_options[i].option, option) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* A synopsis under qemu-img's name: its first line (the others are
+ * vdisk's own forms), without the brackets of vdisk's own options. */
+static void print_qemu_synopsis(const cli_command *c)
+{
+    const char *p = c->synopsis;
+    size_t len = strcspn(p, "\n");
+
+    printf("  %s ", c->name);
+    while (len > 0) {
+        const char *next = memchr(p, '[', len);
+        size_t n = next ? (size_t)(next - p) : len;
+        char opt[64];
+
+        fwrite(p, 1, n, stdout);
+        p += n;
+        len -= n;
+        if (!next) {
+            break;
+        }
+        /* "[--name]" or "[--name ...]": skipped when vdisk's own. */
+        if (sscanf(p, "[--%63[a-z-]", opt) == 1 &&
+            cli_option_is_vdisk_only(c->name, opt)) {
+            size_t skip = strcspn(p, "]") + 1;
+            if (skip > len) {
+                skip = len;
+            }
+            /* The separating space before it goes too. */
+            if (n > 0 && p[-1] == ' ' && skip < len && p[skip] == ' ') {
+                skip++;
+            }
+            p += skip;
+            len -= skip;
+        } else {
+            fputc('[', stdout);
+            p++;
+            len--;
+        }
+    }
+    fputc('\n', stdout);
+}
+
 void cli_print_help(void)
 {
-    printf("vdisk version %s\n"
-           "usage: vdisk command [command options]\n"
-           "Disk image utility, compatible with qemu-img 7.2\n"
-           "\n"
+    bool qemu = cli_as == CLI_QEMU_IMG;
+
+    if (qemu) {
+        cli_print_qemu_version();
+        printf("usage: qemu-img [standard options] command "
+               "[command options]\n"
+               "QEMU disk image utility\n");
+    } else {
+        printf("vdisk version %s\n"
+               "usage: vdisk command [command options]\n"
+               "Disk image utility, compatible with qemu-img 7.2\n",
+               vd_version());
+    }
+    printf("\n"
            "    '-h', '--help'       display this help and exit\n"
            "    '-V', '--version'    output version information and exit\n"
            "\n"
-           "Command syntax:\n", vd_version());
+           "Command syntax:\n");
     for (const cli_command *c = cli_commands; c->name; c++) {
-        printf("  %s %s\n", c->name, c->synopsis);
+        if (qemu && cli_command_is_vdisk_only(c)) {
+            continue;
+        }
+        if (qemu) {
+            print_qemu_synopsis(c);
+        } else {
+            printf("  %s %s\n", c->name, c->synopsis);
+        }
     }
     printf("\n"
 "Command parameters:\n"
 "  'filename' is a disk image filename\n"
+"  'objectdef' is a user creatable object definition (docs/objects.md): a\n"
+"    secret, a throttle-group, authz-simple, authz-list, tls-creds-x509 or\n"
+"    tls-creds-psk; '--object help' lists them, '--object TYPE,help' their\n"
+"    properties\n"
 "  'fmt' is the disk image format. It is guessed automatically in most cases\n"
 "  'cache' is the cache mode used to write the output disk image, the valid\n"
 "    options are: 'none', 'writeback' (default, except for convert), 'writethrough',\n"
@@ -240,13 +409,13 @@ void cli_print_help(void)
 "  '-p' show progress of command (only certain commands)\n"
 "  '-q' use Quiet mode - do not print any output (except errors)\n"
 "  '-S' indicates the consecutive number of bytes (defaults to 4k) that must\n"
-"       contain only zeros for vdisk to create a sparse image during\n"
+"       contain only zeros for %s to create a sparse image during\n"
 "       conversion. If the number of bytes is 0, the source will not be scanned for\n"
 "       unallocated or zero sectors, and the destination image will always be\n"
 "       fully allocated\n"
 "  '--output' takes the format in which the output must be done (human or json)\n"
 "  '-n' skips the target volume creation (useful if the volume is created\n"
-"       prior to running vdisk)\n"
+"       prior to running %s)\n"
 "\n"
 "Parameters to check subcommand:\n"
 "  '-r' tries to repair any inconsistencies that are found during the check.\n"
@@ -272,11 +441,14 @@ void cli_print_help(void)
 "  '-a' applies a snapshot (revert disk to saved state)\n"
 "  '-c' creates a snapshot\n"
 "  '-d' deletes a snapshot\n"
-"  '-l' lists all snapshots in the given image\n"
+"  '-l' lists all snapshots in the given image\n", cli_prog, cli_prog);
+    if (!qemu) {
+        printf(
 "  '--group' runs -c, -a or -d on all the given images at once (one VM's\n"
 "       disks); '--vmstate' names the image holding the VM state and\n"
-"       '--vmstate-data' a file stored as VM state (-c) or restored (-a)\n"
-"\n"
+"       '--vmstate-data' a file stored as VM state (-c) or restored (-a)\n");
+    }
+    printf("\n"
 "Parameters to dd subcommand:\n"
 "  'bs=BYTES' read and write up to BYTES bytes at a time (default: 512)\n"
 "  'count=N' copy only N input blocks\n"
@@ -294,7 +466,21 @@ int cli_getopt(const char *name, int argc, char **argv)
     const cli_command *c = cli_find_command(name);
     int ch;
 
-    ch = getopt_long(argc, argv, c->short_opts, c->long_opts, NULL);
+    int longidx;
+
+    do {
+        longidx = -1;
+        ch = getopt_long(argc, argv, c->short_opts, c->long_opts, &longidx);
+        if (ch == OPT_OBJECT && cli_add_object(optarg, NULL) < 0) {
+            exit(strcmp(name, "compare") == 0 ? 2 : 1);
+        }
+    } while (ch == OPT_OBJECT);
+    if (cli_as == CLI_QEMU_IMG && longidx >= 0 && ch != ':' && ch != '?' &&
+        cli_option_is_vdisk_only(name, c->long_opts[longidx].name)) {
+        cli_foreign_option_error(ch, longidx, argv);
+        cli_help_hint();
+        return '?';
+    }
     if (ch == ':') {
         cli_error_hint("missing argument for option '%s'", argv[optind - 1]);
         return '?';
@@ -310,9 +496,17 @@ int cli_getopt(const char *name, int argc, char **argv)
 
 static void vreport(const char *prefix, const char *fmt, va_list ap)
 {
-    fprintf(stderr, "vdisk: %s", prefix);
+    /* One line at a time: convert's workers warn concurrently. */
+    flockfile(stderr);
+    fprintf(stderr, "%s: %s", cli_prog, prefix);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
+    funlockfile(stderr);
+}
+
+void cli_verror(const char *fmt, va_list ap)
+{
+    vreport("", fmt, ap);
 }
 
 void cli_error(const char *fmt, ...)
@@ -331,7 +525,47 @@ void cli_error_hint(const char *fmt, ...)
     va_start(ap, fmt);
     vreport("", fmt, ap);
     va_end(ap);
-    fprintf(stderr, "Try 'vdisk --help' for more information\n");
+    cli_help_hint();
+}
+
+void cli_help_hint(void)
+{
+    fprintf(stderr, "Try '%s --help' for more information\n", cli_prog);
+}
+
+void cli_getopt_error(int ch, char **argv)
+{
+    const char *arg = argv[optind - 1];
+    bool is_long = arg[0] == '-' && arg[1] == '-';
+
+    if (ch == ':') {
+        if (is_long) {
+            cli_error("option '%s' requires an argument", arg);
+        } else {
+            cli_error("option requires an argument -- '%c'", optopt);
+        }
+    } else if (is_long && optopt) {
+        /* glibc sets optopt for a known long option given a value. */
+        cli_error("option '%.*s' doesn't allow an argument",
+                  (int)strcspn(arg, "="), arg);
+    } else if (is_long) {
+        cli_error("unrecognized option '%s'", arg);
+    } else {
+        cli_error("invalid option -- '%c'", optopt);
+    }
+}
+
+void cli_foreign_option_error(int ch, int longidx, char **argv)
+{
+    /* An option with a separate argument is the element before it. */
+    const char *arg = optarg && optarg == argv[optind - 1]
+                      ? argv[optind - 2] : argv[optind - 1];
+
+    if (longidx >= 0) {
+        cli_error("unrecognized option '%s'", arg);
+    } else {
+        cli_error("invalid option -- '%c'", ch);
+    }
 }
 
 void cli_warn(const char *fmt, ...)
@@ -393,11 +627,39 @@ const char *cli_strip_filename(const char *msg, const char *filename)
     return msg;
 }
 
+/* ---- objects ---- */
+
+int cli_add_object(const char *arg, const char *context)
+{
+    vd_error err = VD_ERROR_INIT;
+    char *help = NULL;
+    int r = vd_object_add_cli(arg, &help, &err);
+
+    if (r < 0) {
+        if (context) {
+            vd_error_prepend(&err, "%s: ", context);
+        }
+        cli_report_vd_error(&err, r, "Could not add object");
+        return -1;
+    }
+    if (help) {
+        fputs(help, stdout);
+        free(help);
+        vd_object_del_all();
+        exit(0);
+    }
+    return 0;
+}
+
 /* ---- images ---- */
 
-vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
-                  const vd_opts *opts)
+/* cli_open() of @file (NULL: @opts say what to open) whose messages call
+ * it @name. */
+static vd_node *cli_open_named(const char *name, const char *file,
+                               const char *fmt, unsigned flags,
+                               const vd_opts *opts)
 {
+    const char *filename = name;
     vd_error err = VD_ERROR_INIT;
     vd_node *node = NULL;
     int ret;
@@ -406,7 +668,7 @@ vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
     if (!(flags & VD_O_RDWR)) {
         flags |= VD_O_QUIET;
     }
-    ret = vd_open(&node, filename, fmt, opts, flags, &err);
+    ret = vd_open(&node, file, fmt, opts, flags, &err);
     if (ret < 0) {
         if (err.message[0]) {
             /* qemu's own prefix already names the file. */
@@ -418,6 +680,52 @@ vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
         }
         return NULL;
     }
+    return node;
+}
+
+
+vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
+                  const vd_opts *opts)
+{
+    return cli_open_named(filename, filename, fmt, flags, opts);
+}
+
+vd_opts *cli_parse_image_opts(const char *str, const vd_opts *base)
+{
+    vd_error err = VD_ERROR_INIT;
+    vd_opts *o = base ? vd_opts_clone(base) : vd_opts_new();
+
+    if (!o) {
+        cli_error("out of memory");
+        return NULL;
+    }
+    /* Later keys replace earlier ones: the user's win over @base's. */
+    if (vd_opts_parse(o, str, NULL, &err) < 0) {
+        cli_report_vd_error(&err, -EINVAL, str);
+        vd_opts_free(&o);
+    }
+    return o;
+}
+
+vd_node *cli_open_image(const char *filename, const char *fmt,
+                        bool image_opts, unsigned flags, const vd_opts *opts)
+{
+    vd_opts *o;
+    vd_node *node;
+
+    if (!image_opts) {
+        return cli_open(filename, fmt, flags, opts);
+    }
+    if (fmt) {
+        cli_error("--image-opts and --format are mutually exclusive");
+        return NULL;
+    }
+    o = cli_parse_image_opts(filename, opts);
+    if (!o) {
+        return NULL;
+    }
+    node = cli_open_named(filename, NULL, NULL, flags, o);
+    vd_opts_free(&o);
     return node;
 }
 
@@ -457,6 +765,48 @@ void cli_size_to_str(char *buf, size_t len, uint64_t val)
     }
     snprintf(buf, len, "%0.3g %sB", (double)val / (double)(1ULL << (exp * 10)),
              suffixes[exp]);
+}
+
+const char *cli_cache_mode(const char *mode)
+{
+    static const char *const modes[] = { "none", "writeback", "unsafe",
+                                         "directsync", "writethrough" };
+
+    if (strcmp(mode, "off") == 0) {
+        return "none";
+    }
+    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
+        if (strcmp(mode, modes[i]) == 0) {
+            return modes[i];
+        }
+    }
+    return NULL;
+}
+
+bool cli_one_of(const char *mode, const char *const *modes)
+{
+    for (; *modes; modes++) {
+        if (strcmp(mode, *modes) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool cli_aio_mode_valid(const char *mode)
+{
+    static const char *const modes[] = { "threads", "native", "io_uring",
+                                         NULL };
+
+    return cli_one_of(mode, modes);
+}
+
+bool cli_discard_mode_valid(const char *mode)
+{
+    static const char *const modes[] = { "ignore", "off", "unmap", "on",
+                                         NULL };
+
+    return cli_one_of(mode, modes);
 }
 
 int cli_parse_output(const char *arg, bool *json)
@@ -516,6 +866,16 @@ void cli_progress_end(cli_progress *p)
     }
 }
 
+static void parse_snapshot_failed(const char *param)
+{
+    /* qemu-nbd quotes it `so', qemu-img 'so'. */
+    if (cli_as == CLI_QEMU_NBD) {
+        cli_error("Failed in parsing snapshot param `%s'", param);
+    } else {
+        cli_error("Failed in parsing snapshot param '%s'", param);
+    }
+}
+
 /* Loads snapshot @param ("snapshot.id=X,snapshot.name=Y" or a plain id or
  * name) into the read-only @node. Returns 0 or prints and returns -1. */
 int cli_load_snapshot(vd_node *node, const char *param)
@@ -528,7 +888,7 @@ int cli_load_snapshot(vd_node *node, const char *param)
         const char *bad = NULL;
         if (!o || vd_opts_parse(o, param, NULL, &err) < 0) {
             vd_opts_free(&o);
-            cli_error("Failed in parsing snapshot param '%s'", param);
+            parse_snapshot_failed(param);
             return -1;
         }
         for (size_t i = 0; i < vd_opts_count(o) && !bad; i++) {
@@ -540,7 +900,7 @@ int cli_load_snapshot(vd_node *node, const char *param)
         }
         if (bad) {
             cli_error("Invalid parameter '%s'", bad);
-            cli_error("Failed in parsing snapshot param '%s'", param);
+            parse_snapshot_failed(param);
             vd_opts_free(&o);
             return -1;
         }

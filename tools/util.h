@@ -1,6 +1,6 @@
 /*
- * Helpers shared by the vdisk subcommands: qemu-img style error
- * reporting, the command table that drives option parsing and --help,
+ * Helpers shared by the vdisk subcommands: the command table that
+ * drives option parsing and --help,
  * image opening, size parsing with qemu-img's messages, qemu's human
  * size format and the progress meter.
  *
@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "vdisk/vdisk.h"
+#include "prog.h"
 
 /* Values returned by getopt_long for long-only options. */
 enum {
@@ -29,6 +30,7 @@ enum {
     OPT_OBJECT,
     OPT_IMAGE_OPTS,
     OPT_FORCE_SHARE_LONG,
+    OPT_TARGET_IMAGE_OPTS,
 };
 
 typedef struct cli_command {
@@ -45,22 +47,46 @@ extern const cli_command cli_commands[];
 /* Finds a subcommand by name, or NULL. */
 const cli_command *cli_find_command(const char *name);
 
-/* Prints the usage text (vdisk --help). */
-void cli_print_help(void);
+/* Whether @c is vdisk's own (io, serve): qemu-img has no such command. */
+bool cli_command_is_vdisk_only(const cli_command *c);
 
 /*
  * getopt_long() over the options of command @name. Returns the option
  * character, -1 at the end, or '?' after printing qemu-img's message for
  * an unknown option or a missing argument (the caller exits with 1).
+ * --object is handled here, in command-line order as qemu-img does
+ * (cli_add_object()): the caller never sees OPT_OBJECT, and a bad object
+ * ends the process as in qemu-img (status 1; 2 for compare, whose every
+ * error is 2).
  */
 int cli_getopt(const char *name, int argc, char **argv);
 
-/* "vdisk: MESSAGE\n" on stderr. */
-void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* cli_error() followed by the "Try 'vdisk --help'" hint. */
-void cli_error_hint(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* "vdisk: warning: MESSAGE\n" on stderr. */
-void cli_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/*
+ * --object ARG (every tool): adds the object (vd_object_add_cli()). A
+ * help request ("help", "TYPE,help") prints QEMU's listing and exits 0,
+ * as QEMU's tools do. Returns 0, or -1 after printing the error, after
+ * "@context: " when @context is not NULL (qemu-storage-daemon names the
+ * option: "--object ARG: ...").
+ */
+int cli_add_object(const char *arg, const char *context);
+
+/*
+ * --image-opts: parses @str, QEMU's key=value image options
+ * ("driver=qcow2,file.filename=a.qcow2"), into a new option set that
+ * vd_open() takes without a filename: a copy of @base (may be NULL; the
+ * options a command adds, cache=...) with @str's keys set over it.
+ * Prints the error and returns NULL on failure.
+ */
+vd_opts *cli_parse_image_opts(const char *str, const vd_opts *base);
+
+/*
+ * cli_open() for commands that have --image-opts: with @image_opts,
+ * @filename is an option string (cli_parse_image_opts(), merged over
+ * @opts) and a format is refused ("--image-opts and --format are
+ * mutually exclusive"), as qemu-img's img_open() does.
+ */
+vd_node *cli_open_image(const char *filename, const char *fmt,
+                        bool image_opts, unsigned flags, const vd_opts *opts);
 
 /* Prints to stdout unless @quiet. */
 void cli_qprintf(bool quiet, const char *fmt, ...)
@@ -75,7 +101,7 @@ vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
 
 /*
  * For a format QEMU knows that vdisk cannot open yet (vd_format_check()
- * says -ENOTSUP), prints "vdisk: FILE: format 'vmdk' is not supported"
+ * says -ENOTSUP), prints "PROG: FILE: format 'vmdk' is not supported"
  * (without "FILE: " when @filename is NULL) and returns true; otherwise
  * prints nothing and returns false, and the caller reports an unknown
  * format its own way.
@@ -95,6 +121,17 @@ int cli_cvtnum(const char *what, const char *str, uint64_t *out);
 
 /* qemu's size_to_str(): "1 MiB", "1.39 MiB", "516 KiB", "0 B". */
 void cli_size_to_str(char *buf, size_t len, uint64_t val);
+
+/* The cache mode @mode names as the library spells it ("off" is qemu's
+ * other name for "none"), or NULL when qemu would refuse it. */
+const char *cli_cache_mode(const char *mode);
+
+/* Whether @mode is one of the NULL-terminated @modes. */
+bool cli_one_of(const char *mode, const char *const *modes);
+/* The aio and discard modes qemu's tools take (bdrv_parse_aio(),
+ * bdrv_parse_discard_flags()). */
+bool cli_aio_mode_valid(const char *mode);
+bool cli_discard_mode_valid(const char *mode);
 
 /* Parses "human" / "json" for --output; prints qemu-img's error. */
 int cli_parse_output(const char *arg, bool *json);

@@ -163,47 +163,43 @@ VD_API void vd_nbd_server_request_shutdown(vd_nbd_server *srv);
 /* ------------------------------------------------------------------ */
 
 /*
- * Credentials are objects of a process-wide registry, as qemu's --object
- * tls-creds-x509 / tls-creds-psk and QMP object-add make them; a lock
- * guards the registry, so these functions may run while servers run.
- * An object is reference-counted and immutable once added. Built without
- * gnutls, adding an object or taking a reference fails with -ENOTSUP
- * ("TLS support is not compiled in").
+ * Credentials come from the library's object registry (vdisk.h,
+ * "Objects"): qemu's --object tls-creds-x509 / tls-creds-psk and QMP
+ * object-add make them, vd_object_add() and friends in a program. For
+ * endpoint=server the credentials are loaded from the object's dir when
+ * it is added (ca-cert.pem, server-cert.pem, server-key.pem, optional
+ * ca-crl.pem and dh-params.pem; keys.psk for PSK; passwordid names the
+ * secret that decrypts server-key.pem) and the priority string is
+ * checked; client credentials are kept, never loaded, and refused by a
+ * server. Credentials are reference-counted and immutable once loaded.
+ * Built without gnutls, adding such an object fails with -ENOTSUP ("TLS
+ * support is not compiled in").
+ *
+ * The four functions below predate the registry and are kept for
+ * programs written against them; they act on any object.
  */
 
-/**
- * Adds the object described by one qemu --object argument:
- *
- *   tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]
- *                 [,priority=STRING][,sanity-check=on|off]
- *   tls-creds-psk,id=ID,dir=DIR[,endpoint=server][,priority=STRING]
- *
- * For endpoint=server the credentials are loaded from DIR at once
- * (ca-cert.pem, server-cert.pem, server-key.pem, optional ca-crl.pem and
- * dh-params.pem; keys.psk for PSK) and the priority string is checked.
- * endpoint defaults to client (kept, never loaded) and verify-peer to on.
- * Returns 0, -EEXIST (id in use), -EINVAL (syntax, unknown type or key,
- * bad id), -ENOENT/-EACCES (credential files), -ENOTSUP (no gnutls).
- */
+/** vd_object_add_cli() without help: adds the object one qemu --object
+ * argument describes, e.g.
+ * "tls-creds-x509,id=ID,dir=DIR,endpoint=server,verify-peer=off". */
 VD_API int vd_nbd_tls_add_object(const char *spec, vd_error *err);
 
-/** vd_nbd_tls_add_object() from options already split: "qom-type", "id"
- * and the keys above, booleans as on/off. Takes what it understands from
- * @opts (vd_opts_take()). */
+/** vd_object_add() with the type and id in @opts ("qom-type", "id");
+ * on success every key of @opts has been taken. */
 VD_API int vd_nbd_tls_add_object_opts(vd_opts *opts, vd_error *err);
 
-/** Removes object @id from the registry; servers holding a reference
- * keep using it. Returns 0 or -ENOENT ("object 'ID' not found"). */
+/** vd_object_del(): servers holding the credentials keep using them. */
 VD_API int vd_nbd_tls_del_object(const char *id, vd_error *err);
 
-/** Drops the registry's reference to every object (at program end);
- * servers keep theirs. */
+/** vd_object_del_all() (at program end); servers keep their
+ * credentials. */
 VD_API void vd_nbd_tls_cleanup(void);
 
 /**
- * A new reference to object @id, or NULL with "No TLS credentials with id
- * 'ID'" (or the no-gnutls error). Check the endpoint with
- * vd_nbd_tls_creds_is_server() before giving it to a server.
+ * A new reference to the credentials of object @id, or NULL with QEMU's
+ * "No TLS credentials with id 'ID'" or "Object with id 'ID' is not TLS
+ * credentials". Check the endpoint with vd_nbd_tls_creds_is_server()
+ * before giving it to a server.
  */
 VD_API vd_nbd_tls_creds *vd_nbd_tls_creds_get(const char *id, vd_error *err);
 

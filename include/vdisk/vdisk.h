@@ -893,8 +893,132 @@ typedef struct vd_stats {
     uint64_t flush_total_time_ns, unmap_total_time_ns;
 } vd_stats;
 
-/** Copies the node's statistics into @out. */
+/**
+ * Copies the node's statistics into @out. Kept for compatibility: the
+ * complete set is vd_get_block_stats(). Here wr_operations and wr_bytes
+ * leave out zero writes (counted in zero_operations and zero_bytes).
+ */
 VD_API void vd_get_stats(vd_node *node, vd_stats *out);
+
+/*
+ * Complete I/O accounting, with the semantics of QEMU's BlockAcctStats
+ * (what query-blockstats shows as BlockDeviceStats). Every node counts
+ * every request that passes through it (io.c), whoever sent it: a
+ * format node's file child also counts the format's metadata I/O.
+ *
+ *  - operations, bytes: requests that succeeded, and their bytes; a zero
+ *    write counts as a write (as QEMU's devices account it);
+ *  - failed: requests that returned an error;
+ *  - invalid: requests refused before any I/O for their range (or that a
+ *    front end declared invalid with vd_stats_account_invalid());
+ *  - merged: requests a front end merged into others
+ *    (vd_stats_account_merged(); the library itself never merges);
+ *  - total_time_ns: the summed latency of the successful requests, and
+ *    of the failed ones when account_failed is set;
+ *  - idle time: since the last request that finished (a failed one only
+ *    with account_failed, an invalid one only with account_invalid);
+ *  - wr_highest_offset: the end of the highest write or zero write that
+ *    reached the node, in its request alignment (QEMU's node-level
+ *    figure, counted whatever the outcome);
+ *  - timed statistics: for each interval set with vd_stats_setup(), the
+ *    minimum, maximum and average latency and the average queue depth
+ *    over a window of about that many seconds (QEMU's TimedAverage: two
+ *    windows of 4/3 the interval, offset by half of it);
+ *  - latency histograms, per type, once set with
+ *    vd_latency_histogram_set().
+ * Counting costs a few relaxed atomic additions per request; timed
+ * statistics and histograms take a per-node lock, only when set.
+ */
+typedef enum vd_acct_type {
+    VD_ACCT_READ,
+    VD_ACCT_WRITE,
+    VD_ACCT_FLUSH,
+    VD_ACCT_UNMAP,
+    VD_ACCT_MAX
+} vd_acct_type;
+
+/** One interval's figures (QEMU's BlockDeviceTimedStats). */
+typedef struct vd_timed_stats {
+    unsigned interval_length;                /* seconds */
+    uint64_t min_latency_ns[VD_ACCT_MAX];
+    uint64_t max_latency_ns[VD_ACCT_MAX];
+    uint64_t avg_latency_ns[VD_ACCT_MAX];
+    double avg_queue_depth[VD_ACCT_MAX];
+} vd_timed_stats;
+
+/** A latency histogram: bins[i] counts latencies in [boundaries[i-1],
+ * boundaries[i]) with boundaries[-1] = 0 and boundaries[nbins-1] =
+ * infinity (QEMU's BlockLatencyHistogramInfo). nbins == 0: none set. */
+typedef struct vd_latency_histogram {
+    size_t nbins;
+    uint64_t *boundaries;                    /* nbins - 1 of them */
+    uint64_t *bins;                          /* nbins of them */
+} vd_latency_histogram;
+
+/**
+ * A snapshot of a node's accounting, allocated by the library (so later
+ * versions may append members) and released with vd_block_stats_free().
+ * The arrays are indexed by vd_acct_type.
+ */
+typedef struct vd_block_stats {
+    uint64_t bytes[VD_ACCT_MAX];
+    uint64_t operations[VD_ACCT_MAX];
+    uint64_t merged[VD_ACCT_MAX];
+    uint64_t failed[VD_ACCT_MAX];
+    uint64_t invalid[VD_ACCT_MAX];
+    uint64_t total_time_ns[VD_ACCT_MAX];
+    uint64_t wr_highest_offset;
+    bool has_idle_time;                      /* false: no request yet */
+    uint64_t idle_time_ns;
+    bool account_invalid;
+    bool account_failed;
+    size_t nb_timed_stats;                   /* in the order configured */
+    vd_timed_stats *timed_stats;
+    vd_latency_histogram histogram[VD_ACCT_MAX];
+} vd_block_stats;
+
+/**
+ * Fills @*out with a new snapshot of @node's accounting. Returns 0, or
+ * -ENOMEM (@*out NULL). Thread-safe against requests in flight (each
+ * counter is read atomically; counters of one request may be seen
+ * half-updated).
+ */
+VD_API int vd_get_block_stats(vd_node *node, vd_block_stats **out);
+
+/** Frees @*stats and sets it to NULL. Accepts NULL. */
+VD_API void vd_block_stats_free(vd_block_stats **stats);
+
+/**
+ * Configures @node's accounting as QEMU's -drive stats-account-invalid,
+ * stats-account-failed and stats-intervals options do. @account_invalid
+ * and @account_failed: 1 on, 0 off, -1 unchanged (both start off, as on
+ * qemu-storage-daemon's nodes). @intervals: @nb_intervals lengths in
+ * seconds, each > 0, each starting a timed statistic (added to those
+ * already set; nb_intervals 0 adds none). Returns 0 or -EINVAL with
+ * "Invalid interval length: N" (nothing changed).
+ */
+VD_API int vd_stats_setup(vd_node *node, int account_invalid,
+                          int account_failed, const unsigned *intervals,
+                          size_t nb_intervals, vd_error *err);
+
+/**
+ * Sets (or resets to empty) the latency histogram of @type on @node
+ * with @n boundaries in nanoseconds, strictly increasing and above 0,
+ * giving n + 1 bins; @n == 0 removes it. Returns 0 or -EINVAL (nothing
+ * changed) when the boundaries are not strictly increasing.
+ */
+VD_API int vd_latency_histogram_set(vd_node *node, vd_acct_type type,
+                                    const uint64_t *boundaries, size_t n,
+                                    vd_error *err);
+
+/** Counts a request of @type that a front end refused before sending it
+ * (QEMU's block_acct_invalid): an NBD request past the export's end. */
+VD_API void vd_stats_account_invalid(vd_node *node, vd_acct_type type);
+
+/** Counts @n requests of @type that a front end merged into others
+ * (QEMU's block_acct_merge_done). */
+VD_API void vd_stats_account_merged(vd_node *node, vd_acct_type type,
+                                    uint64_t n);
 
 /** Statistics that only some drivers keep (qemu's BlockStatsSpecific,
  * which query-blockstats shows as "driver-specific"). */
@@ -1132,6 +1256,194 @@ VD_API int vd_save_vmstate(vd_node *node, const void *buf, uint64_t len,
                            uint64_t pos, vd_error *err);
 VD_API int vd_load_vmstate(vd_node *node, void *buf, uint64_t len,
                            uint64_t pos, vd_error *err);
+
+/* ------------------------------------------------------------------ */
+/* Objects                                                            */
+/* ------------------------------------------------------------------ */
+
+/*
+ * QEMU's user-creatable objects (--object TYPE,id=ID,..., QMP
+ * object-add): a process-wide registry of named objects that other
+ * parts refer to by id. vdisk has these classes, with QEMU 7.2's
+ * properties and messages (docs/objects.md):
+ *
+ *   secret           data= or file=, format=raw|base64, keyid= and iv=
+ *                    for an AES-256-CBC-encrypted secret
+ *   throttle-group   limits.* (QEMU's ThrottleLimits) and x-* aliases
+ *   authz-simple     identity=
+ *   authz-list       policy=deny|allow, rules.N.match/policy/format
+ *   tls-creds-x509   TLS credentials for the NBD server
+ *   tls-creds-psk    (include/vdisk/nbd-server.h)
+ *
+ * The other types QEMU knows are refused by name ("object type 'X' is
+ * not supported by vdisk"); names QEMU does not know are refused with
+ * QEMU's "Parameter 'qom-type' does not accept value 'X'".
+ *
+ * Object ids follow QEMU's rule (a letter, then letters, digits, '-',
+ * '.', '_') and are unique in the process. An object is complete once
+ * added: a secret has read and decoded its data, credentials have been
+ * loaded. Threads: every function here may be called from any thread; a
+ * lock guards the registry. Values handed out are copies.
+ */
+
+/**
+ * Adds an object of class @type named @id with the properties @props
+ * (may be NULL): key=value strings as on QEMU's command line, dotted
+ * keys for nested members ("limits.bps-total=1000", "rules.0.match=bob")
+ * and numbers for list indices. @type or @id NULL: taken from @props'
+ * "qom-type" or "id" key, as QMP's object-add carries them. Values are
+ * checked against the class's types with QEMU's messages ("Parameter
+ * 'x-bps-total' expects integer", "Parameter 'bogus' is unexpected"),
+ * then the object is completed. Nothing is added on error. Returns 0, or -EINVAL (bad
+ * value, unknown type or property, malformed id: "Parameter 'id'
+ * expects an identifier" with a hint), -EEXIST ("attempt to add
+ * duplicate property 'ID' to object (type 'container')"), -ENOTSUP (a
+ * type vdisk does not have), or the class's error (-ENOENT/-EACCES for a
+ * secret's file, ...). @props is not modified.
+ */
+VD_API int vd_object_add(const char *type, const char *id,
+                         const vd_opts *props, vd_error *err);
+
+/**
+ * vd_object_add() from one JSON object holding "qom-type", "id" and the
+ * properties with their JSON types (QMP object-add's arguments).
+ */
+VD_API int vd_object_add_json(const char *json, vd_error *err);
+
+/**
+ * vd_object_add() from one --object argument: "TYPE,id=ID,key=value,..."
+ * (",," is a comma inside a value) or a JSON object "{...}". An argument
+ * that asks for help ("help", "?", "TYPE,help", "TYPE,id=x,?") adds
+ * nothing: *@help receives the listing QEMU prints (the classes, or the
+ * class's settable properties "  name=<type>"), which the caller prints
+ * and releases with free(). Otherwise *@help is set to NULL. @help may be
+ * NULL, and a help request is then refused with -EINVAL.
+ */
+VD_API int vd_object_add_cli(const char *arg, char **help, vd_error *err);
+
+/**
+ * The listing `--object TYPE,help` prints for @type, or the list of
+ * classes ("List of user creatable objects:") when @type is NULL or not
+ * a class of vdisk. The caller releases it with free(); NULL when out of
+ * memory.
+ */
+VD_API char *vd_object_help(const char *type);
+
+/**
+ * Removes object @id. Users that hold what it made (a running NBD server
+ * its TLS credentials) keep it; a throttle group that a node uses is
+ * refused ("object 'ID' is in use, can not be deleted", -EBUSY).
+ * -ENOENT: "object 'ID' not found".
+ */
+VD_API int vd_object_del(const char *id, vd_error *err);
+
+/** Removes every object (at program end); objects in use stay. */
+VD_API void vd_object_del_all(void);
+
+/** The class name of object @id as a new string (free()), or NULL when
+ * there is no such object (or out of memory). */
+VD_API char *vd_object_type(const char *id);
+
+/**
+ * Calls @fn for every object, oldest first, with its id and class name
+ * (borrowed for the call), on a snapshot taken under the lock (@fn may
+ * call the functions here). Stops at the first non-zero return of @fn
+ * and returns it; 0 otherwise, -ENOMEM.
+ */
+VD_API int vd_object_foreach(int (*fn)(const char *id, const char *type,
+                                       void *opaque),
+                             void *opaque);
+
+/**
+ * Calls @fn for each property of object @id as qom-list shows it: "type"
+ * ("string") first, then the class's properties with their QOM type
+ * names ("string", "bool", "int", "QCryptoSecretFormat",
+ * "ThrottleLimits", ...). Returns what vd_object_foreach() does, or
+ * -ENOENT ("Device 'ID' not found" is the caller's QMP wording).
+ */
+VD_API int vd_object_foreach_property(const char *id,
+                                      int (*fn)(const char *name,
+                                                const char *type,
+                                                void *opaque),
+                                      void *opaque, vd_error *err);
+
+/**
+ * The value of property @name of object @id as JSON text (qom-get):
+ * "\"raw\"", "true", "1000", {...}, [...]. The caller frees it. NULL with
+ * -ENOENT "Property 'CLASS.NAME' not found" in @err, or no object.
+ */
+VD_API char *vd_object_get_property(const char *id, const char *name,
+                                    vd_error *err);
+
+/**
+ * Sets property @name of object @id to the JSON text @json (qom-set),
+ * with QEMU's checks and messages ("Property 'secret.loaded' is not
+ * writable", "Property cannot be set after initialization"). Setting a
+ * property never redoes the object's work: a secret keeps the data it
+ * read, credentials stay loaded, as in QEMU. Returns 0 or a negative
+ * errno; nothing changes on error.
+ */
+VD_API int vd_object_set_property(const char *id, const char *name,
+                                  const char *json, vd_error *err);
+
+/**
+ * The data of secret @id (QEMU's qcrypto_secret_lookup()): after
+ * decryption and base64 decoding, @*len bytes in a new buffer that also
+ * has a NUL byte after them; release it with free() (wiping it first is
+ * the caller's choice). Errors are QEMU's: "No secret with id 'ID'"
+ * (-ENOENT), "Object with id 'ID' is not a secret" (-EINVAL).
+ */
+VD_API int vd_secret_get(const char *id, unsigned char **data, size_t *len,
+                         vd_error *err);
+
+/** vd_secret_get() as a NUL-terminated string that must be valid UTF-8
+ * ("Data from secret ID is not valid UTF-8", -EINVAL), as QEMU's
+ * password-secret options read it. Returns NULL on error. */
+VD_API char *vd_secret_get_utf8(const char *id, vd_error *err);
+
+/* The buckets of a throttle group, QEMU's order (BucketType). */
+enum {
+    VD_THROTTLE_BPS_TOTAL,
+    VD_THROTTLE_BPS_READ,
+    VD_THROTTLE_BPS_WRITE,
+    VD_THROTTLE_OPS_TOTAL,
+    VD_THROTTLE_OPS_READ,
+    VD_THROTTLE_OPS_WRITE,
+    VD_THROTTLE_BUCKETS
+};
+
+/** A throttle group's limits, as QEMU's ThrottleConfig holds them. */
+typedef struct vd_throttle_limits {
+    struct {
+        uint64_t avg;           /* units (bytes or operations) per second,
+                                   0 = unlimited */
+        uint64_t max;           /* burst rate, 0 = none */
+        uint32_t burst_length;  /* seconds the burst may last (>= 1) */
+    } bucket[VD_THROTTLE_BUCKETS];
+    uint64_t op_size;           /* iops-size: bytes counted as one
+                                   operation, 0 = every request is one */
+} vd_throttle_limits;
+
+/**
+ * Copies the limits of throttle group @id into @out; they satisfy QEMU's
+ * rules (checked when the group was made or its limits set). -ENOENT
+ * "Throttle group 'ID' does not exist", -EINVAL when the object is not
+ * a throttle group. A node that enforces the limits holds the group so
+ * that object-del refuses it meanwhile (src/core/object.h).
+ */
+VD_API int vd_throttle_group_get_limits(const char *id,
+                                        vd_throttle_limits *out,
+                                        vd_error *err);
+
+/**
+ * Asks authorization object @id (authz-simple or authz-list) whether
+ * @identity (an X.509 distinguished name, a PSK username) is allowed, as
+ * QEMU's qauthz_is_allowed(). Returns 1 allowed, 0 denied, or a negative
+ * errno with QEMU's messages: -ENOENT "Cannot find QAuthZ object ID ID",
+ * -EINVAL "Object 'ID' is not a QAuthZ subclass".
+ */
+VD_API int vd_authz_is_allowed(const char *id, const char *identity,
+                               vd_error *err);
 
 /* ------------------------------------------------------------------ */
 /* Warnings                                                           */

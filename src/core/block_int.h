@@ -51,6 +51,65 @@ typedef struct vd_driver vd_driver;
 typedef struct vd_child vd_child;
 
 /*
+ * A node's accounting, QEMU's BlockAcctStats (stats.c; the public view
+ * is vd_block_stats). The counters are updated with relaxed atomics on
+ * the request path; @extras is non-zero while timed statistics or a
+ * histogram exist, and only then does a finished request take the
+ * node's stats_lock to feed them.
+ */
+typedef struct vd_timed_window {
+    uint64_t min, max, sum, count;
+    int64_t expiration;
+} vd_timed_window;
+
+typedef struct vd_timed_avg {
+    vd_timed_window w[2];
+    uint64_t period;                /* ns: 4/3 of the interval */
+    int current;                    /* the older window */
+} vd_timed_avg;
+
+typedef struct vd_acct_interval {
+    unsigned length;                /* seconds */
+    vd_timed_avg lat[VD_ACCT_MAX];
+    struct vd_acct_interval *next;  /* newest first, as QEMU's list */
+} vd_acct_interval;
+
+/* One type's counters, one cache line: a request touches only its own
+ * line, and threads doing different operations do not share one. */
+typedef struct vd_acct_counters {
+    uint64_t bytes, ops, failed, invalid, merged, time_ns;
+} __attribute__((aligned(64))) vd_acct_counters;
+
+typedef struct vd_acct {
+    vd_acct_counters c[VD_ACCT_MAX];
+    /* Read on every request, written only by configuration. */
+    bool account_invalid, account_failed;
+    int extras;
+    /* Written on every request (last_access_ns at most every
+     * VD_ACCT_IDLE_GRAIN ns, see io.c), each on a line of its own. */
+    uint64_t last_access_ns __attribute__((aligned(64)));  /* 0: never */
+    uint64_t wr_highest_offset __attribute__((aligned(64)));
+    uint64_t zero_ops, zero_bytes;  /* zero writes, also in WRITE */
+    vd_acct_interval *intervals;    /* under stats_lock */
+    vd_latency_histogram hist[VD_ACCT_MAX];   /* under stats_lock */
+} vd_acct;
+
+/* The idle time's resolution: a busy node's last access time is
+ * rewritten at most this often, so that concurrent requests do not
+ * fight over its cache line. */
+#define VD_ACCT_IDLE_GRAIN 100000
+
+/* stats.c: the clock of the accounting, the part of a finished request's
+ * accounting that needs the lock (called only while acct.extras is
+ * set), an invalid request, and the release of what a node's accounting
+ * allocated. */
+uint64_t vd_acct_now(void);
+void vd_acct_extras(vd_node *n, vd_acct_type type, uint64_t latency_ns,
+                    bool counted);
+void vd_acct_invalid(vd_node *n, vd_acct_type type);
+void vd_acct_cleanup(vd_node *n);
+
+/*
  * An edge of the graph: a parent node's child in some role, or a *user*
  * of a node (parent == NULL: the caller of vd_open(), an NBD export, a
  * QMP command; public type vd_user). Every edge carries the permissions
@@ -163,8 +222,10 @@ struct vd_node {
     /* Serialisation of read-modify-write for nodes with alignment > 1. */
     struct vd_tracked_req *tracked;
 
+    /* Accounting (stats.c): counters by relaxed atomics; the timed
+     * statistics and histograms under stats_lock. */
     pthread_mutex_t stats_lock;
-    vd_stats stats;
+    vd_acct acct;
 
     vd_node *next_global;      /* in the global node list */
     vd_node *free_next;        /* in the closing thread's list (node.c) */

@@ -57,9 +57,7 @@
 
 static uint64_t now_ns(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    return vd_acct_now();
 }
 
 static inline void stat_add(uint64_t *field, uint64_t v)
@@ -67,19 +65,46 @@ static inline void stat_add(uint64_t *field, uint64_t v)
     __atomic_fetch_add(field, v, __ATOMIC_RELAXED);
 }
 
-/* Counts one finished request in the node's statistics: its outcome
- * (@r < 0: failed), its bytes and the time since @t0. */
-static void account(uint64_t *ops, uint64_t *bytes_field, uint64_t *failed,
-                    uint64_t *time_ns, int r, uint64_t bytes, uint64_t t0)
+/* Counts one finished request of @type in the node's accounting
+ * (stats.c has the rest, and the semantics): its outcome (@r < 0:
+ * failed), its bytes and its latency since @t0. */
+static void account(vd_node *n, vd_acct_type type, int r, uint64_t bytes,
+                    uint64_t t0)
 {
+    vd_acct *a = &n->acct;
+    uint64_t now = now_ns();
+    bool counted = r >= 0 ||
+                   __atomic_load_n(&a->account_failed, __ATOMIC_RELAXED);
+
     if (r < 0) {
-        stat_add(failed, 1);
+        stat_add(&a->c[type].failed, 1);
     } else {
-        stat_add(ops, 1);
-        if (bytes_field)
-            stat_add(bytes_field, bytes);
+        stat_add(&a->c[type].ops, 1);
+        stat_add(&a->c[type].bytes, bytes);
     }
-    stat_add(time_ns, now_ns() - t0);
+    if (counted) {
+        stat_add(&a->c[type].time_ns, now - t0);
+        /* Read first: the shared line is written only when the stored
+         * time is a grain old, not by every concurrent request. */
+        if (now - __atomic_load_n(&a->last_access_ns, __ATOMIC_RELAXED) >=
+            VD_ACCT_IDLE_GRAIN)
+            __atomic_store_n(&a->last_access_ns, now, __ATOMIC_RELAXED);
+    }
+    if (__atomic_load_n(&a->extras, __ATOMIC_RELAXED))
+        vd_acct_extras(n, type, now - t0, counted);
+}
+
+/* A write or zero write reached @n, ending at @end (QEMU's node-level
+ * wr_highest_offset, kept whatever the outcome). */
+static void account_write_end(vd_node *n, uint64_t end)
+{
+    uint64_t cur = __atomic_load_n(&n->acct.wr_highest_offset,
+                                   __ATOMIC_RELAXED);
+    while (end > cur &&
+           !__atomic_compare_exchange_n(&n->acct.wr_highest_offset, &cur,
+                                        end, true, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED))
+        ;
 }
 
 static inline uint64_t align_down(uint64_t x, uint64_t a)
@@ -402,8 +427,12 @@ static int cor_write(vd_node *top, uint64_t off, uint64_t bytes,
     int r = zero ? do_pwrite_zeroes(top, off, bytes, 0, err)
                  : do_pwritev(top, off, bytes, data, 0, err);
     if (r == 0) {
-        stat_add(&top->stats.wr_operations, 1);
-        stat_add(&top->stats.wr_bytes, bytes);
+        stat_add(&top->acct.c[VD_ACCT_WRITE].ops, 1);
+        stat_add(&top->acct.c[VD_ACCT_WRITE].bytes, bytes);
+        if (zero) {
+            stat_add(&top->acct.zero_ops, 1);
+            stat_add(&top->acct.zero_bytes, bytes);
+        }
     }
     return r;
 }
@@ -523,9 +552,7 @@ int vd_node_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
         r = chain_preadv(n, off, bytes, qiov, flags, err);
     else
         r = do_preadv(n, off, bytes, qiov, flags, err);
-    account(&n->stats.rd_operations, &n->stats.rd_bytes,
-            &n->stats.failed_rd_operations, &n->stats.rd_total_time_ns, r,
-            bytes, t0);
+    account(n, VD_ACCT_READ, r, bytes, t0);
     inflight_dec(n);
     return r;
 }
@@ -612,9 +639,8 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
         track_end(n, &req);
     if (r == 0)
         raise_length(n, off + bytes);
-    account(&n->stats.wr_operations, &n->stats.wr_bytes,
-            &n->stats.failed_wr_operations, &n->stats.wr_total_time_ns, r,
-            bytes, t0);
+    account_write_end(n, align_up(off + bytes, a));
+    account(n, VD_ACCT_WRITE, r, bytes, t0);
     inflight_dec(n);
     return r;
 }
@@ -737,9 +763,12 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
         track_end(n, &req);
     if (r == 0)
         raise_length(n, off + bytes);
-    account(&n->stats.zero_operations, &n->stats.zero_bytes,
-            &n->stats.failed_wr_operations, &n->stats.wr_total_time_ns, r,
-            bytes, t0);
+    account_write_end(n, align_up(off + bytes, n->bl.request_alignment));
+    if (r == 0) {
+        stat_add(&n->acct.zero_ops, 1);
+        stat_add(&n->acct.zero_bytes, bytes);
+    }
+    account(n, VD_ACCT_WRITE, r, bytes, t0);
     inflight_dec(n);
     return r;
 }
@@ -782,9 +811,7 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
     atomic_fetch_add(&n->write_gen, 1);
     if (r == -ENOTSUP || r == -EOPNOTSUPP)
         r = 0;
-    account(&n->stats.unmap_operations, &n->stats.unmap_bytes,
-            &n->stats.failed_unmap_operations, &n->stats.unmap_total_time_ns,
-            r, bytes, t0);
+    account(n, VD_ACCT_UNMAP, r, bytes, t0);
     inflight_dec(n);
     return r;
 }
@@ -851,9 +878,8 @@ int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
         atomic_fetch_add(&dst->write_gen, 1);
         if (r == 0)
             raise_length(dst, doff + bytes);
-        account(&dst->stats.wr_operations, &dst->stats.wr_bytes,
-                &dst->stats.failed_wr_operations,
-                &dst->stats.wr_total_time_ns, r, bytes, t0);
+        account_write_end(dst, doff + bytes);
+        account(dst, VD_ACCT_WRITE, r, bytes, t0);
     }
     inflight_dec(dst);
     return r;
@@ -882,9 +908,7 @@ int vd_node_flush(vd_node *n, vd_error *err)
     }
     for (vd_child *c = n->children; c && r == 0; c = c->next)
         r = vd_node_flush(c->node, err);
-    account(&n->stats.flush_operations, NULL,
-            &n->stats.failed_flush_operations, &n->stats.flush_total_time_ns,
-            r, 0, t0);
+    account(n, VD_ACCT_FLUSH, r, 0, t0);
     inflight_dec(n);
     return r;
 }
@@ -1153,18 +1177,24 @@ static int check_write_perm(vd_node *n, vd_error *err)
                         n->node_name);
 }
 
-static int check_request(vd_node *n, uint64_t off, uint64_t len,
-                         vd_error *err)
+/* The range check of the public entry points; a request it refuses
+ * counts as invalid (QEMU's devices account it so) under @type
+ * (VD_ACCT_MAX: not I/O, not counted). */
+static int check_request(vd_node *n, vd_acct_type type, uint64_t off,
+                         uint64_t len, vd_error *err)
 {
     int64_t size = vd_node_getlength(n);
     if (size < 0)
         return vd_error_set(err, (int)size, "%s: could not get the image "
                             "size", n->filename);
-    if (off > (uint64_t)size || len > (uint64_t)size - off)
+    if (off > (uint64_t)size || len > (uint64_t)size - off) {
+        if (type < VD_ACCT_MAX)
+            vd_acct_invalid(n, type);
         return vd_error_set(err, -EIO, "%s: request of %" PRIu64 " bytes at "
                             "offset %" PRIu64 " is beyond the end of the "
                             "image (%" PRId64 " bytes)", n->filename, len,
                             off, size);
+    }
     return 0;
 }
 
@@ -1173,7 +1203,7 @@ static int top_preadv(vd_node *node, const struct iovec *iov, int iovcnt,
 {
     vd_iov v;
     vd_iov_init_external(&v, iov, iovcnt);
-    int r = check_request(node, offset, v.size, err);
+    int r = check_request(node, VD_ACCT_READ, offset, v.size, err);
     if (r < 0)
         return r;
     return vd_node_preadv(node, offset, v.size, &v, flags, err);
@@ -1191,7 +1221,7 @@ static int top_pwritev(vd_node *node, const struct iovec *iov, int iovcnt,
 {
     vd_iov v;
     vd_iov_init_external(&v, iov, iovcnt);
-    int r = check_request(node, offset, v.size, err);
+    int r = check_request(node, VD_ACCT_WRITE, offset, v.size, err);
     if (r == 0)
         r = check_write_perm(node, err);
     if (r < 0)
@@ -1218,7 +1248,7 @@ VD_API int vd_pwrite(vd_node *node, const void *buf, uint64_t len,
 static int top_write_zeroes(vd_node *node, uint64_t len, uint64_t offset,
                             unsigned flags, vd_error *err)
 {
-    int r = check_request(node, offset, len, err);
+    int r = check_request(node, VD_ACCT_WRITE, offset, len, err);
     if (r == 0)
         r = check_write_perm(node, err);
     if (r < 0)
@@ -1231,7 +1261,7 @@ static int top_write_zeroes(vd_node *node, uint64_t len, uint64_t offset,
 static int top_discard(vd_node *node, uint64_t len, uint64_t offset,
                        vd_error *err)
 {
-    int r = check_request(node, offset, len, err);
+    int r = check_request(node, VD_ACCT_UNMAP, offset, len, err);
     if (r == 0)
         r = check_write_perm(node, err);
     if (r < 0)
@@ -1252,7 +1282,7 @@ VD_API int64_t vd_getlength(vd_node *node)
 static int top_block_status(vd_node *node, uint64_t offset, uint64_t len,
                             vd_extent *ext, vd_error *err)
 {
-    int r = check_request(node, offset, len, err);
+    int r = check_request(node, VD_ACCT_MAX, offset, len, err);
     if (r < 0)
         return r;
     if (len == 0)
@@ -1320,9 +1350,9 @@ VD_API int vd_copy_range(vd_node *src, uint64_t src_off, vd_node *dst,
     request_begin(src);
     if (dst != src)
         request_begin(dst);
-    int r = check_request(src, src_off, len, err);
+    int r = check_request(src, VD_ACCT_MAX, src_off, len, err);
     if (r == 0)
-        r = check_request(dst, dst_off, len, err);
+        r = check_request(dst, VD_ACCT_MAX, dst_off, len, err);
     if (r == 0)
         r = check_write_perm(dst, err);
     if (r == 0 && (dst->detect_zeroes || dst->writethrough ||
@@ -1379,12 +1409,4 @@ VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,
     vd_node_drain_end(node);
     vd_user_free(&tmp);
     return r;
-}
-
-VD_API void vd_get_stats(vd_node *node, vd_stats *out)
-{
-    vd_stats *s = &node->stats;
-    uint64_t *src = (uint64_t *)s, *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof(*s) / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
 }

@@ -174,6 +174,7 @@ static vd_node *node_new(const vd_driver *drv)
     atomic_init(&n->total_size, 0);
     pthread_mutex_init(&n->lock, NULL);
     pthread_cond_init(&n->cond, NULL);
+    pthread_mutex_init(&n->stats_lock, NULL);
     return n;
 }
 
@@ -187,6 +188,8 @@ static void node_free(vd_node *n)
         unregister_node(n);
     pthread_mutex_destroy(&n->lock);
     pthread_cond_destroy(&n->cond);
+    vd_acct_cleanup(n);
+    pthread_mutex_destroy(&n->stats_lock);
     free(n->node_name);
     free(n->filename);
     free(n->backing_file);

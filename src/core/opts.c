@@ -212,10 +212,10 @@ VD_API const char *vd_opts_first_key(const vd_opts *o)
     return o && o->n ? o->v[0].key : NULL;
 }
 
-VD_API int vd_parse_bool(const char *s, bool *out)
+/* @s as one of the spellings of @yes or @no (same length lists). */
+static int parse_bool_from(const char *s, const char *const *yes,
+                           const char *const *no, bool *out)
 {
-    static const char *const yes[] = { "on", "true", "yes", "1", NULL };
-    static const char *const no[] = { "off", "false", "no", "0", NULL };
     for (int i = 0; yes[i]; i++) {
         if (strcmp(s, yes[i]) == 0) {
             *out = true;
@@ -227,6 +227,22 @@ VD_API int vd_parse_bool(const char *s, bool *out)
         }
     }
     return -EINVAL;
+}
+
+VD_API int vd_parse_bool(const char *s, bool *out)
+{
+    static const char *const yes[] = { "on", "true", "yes", "1", NULL };
+    static const char *const no[] = { "off", "false", "no", "0", NULL };
+
+    return parse_bool_from(s, yes, no, out);
+}
+
+int vd_parse_keyval_bool(const char *s, bool *out)
+{
+    static const char *const yes[] = { "on", "yes", "true", "y", NULL };
+    static const char *const no[] = { "off", "no", "false", "n", NULL };
+
+    return parse_bool_from(s, yes, no, out);
 }
 
 VD_API int vd_opts_take_bool(vd_opts *o, const char *key, bool def,

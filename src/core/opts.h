@@ -17,4 +17,8 @@
  * set (possibly empty) or NULL on ENOMEM. */
 vd_opts *vd_opts_extract_prefix(vd_opts *opts, const char *prefix);
 
+/* A boolean as QEMU's keyval input (--object, qapi_bool_parse()) spells
+ * it: on/yes/true/y or off/no/false/n. 0 or -EINVAL. */
+int vd_parse_keyval_bool(const char *s, bool *out);
+
 #endif

@@ -1,21 +1,20 @@
 /*
- * TLS for the NBD server with gnutls: credential objects, the session of
- * one connection, and the connection's byte stream (see tls.h for the
- * contract and the threading rules).
+ * TLS for the NBD server with gnutls: the credentials of the tls-creds-*
+ * objects, the session of one connection, and the connection's byte
+ * stream (see tls.h for the contract and the threading rules, and
+ * tls-creds.h for how the object registry loads credentials here).
  *
  * Organisation: the connection box and the plain/TLS stream come first,
  * because they are compiled with or without gnutls; then, under
- * VDISK_HAVE_GNUTLS, the credential objects (parsing qemu's --object
- * syntax, loading files the way qemu's crypto/tlscreds*.c expect them)
- * and the session (handshake, peer check, record I/O); finally the stubs
- * for a build without gnutls.
+ * VDISK_HAVE_GNUTLS, the credentials (loading files the way qemu's
+ * crypto/tlscreds*.c expect them) and the session (handshake, peer
+ * check, record I/O); finally the stubs for a build without gnutls.
  *
  * Every static name here starts with tls_: the fuzz target compiles the
  * server's .c files as one translation unit.
  */
 #include <errno.h>
 #include <poll.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -31,6 +30,7 @@
 #include <gnutls/x509.h>
 #endif
 
+#include "tls-creds.h"
 #include "tls.h"
 
 /* Writes smaller than this are gathered into one TLS record (the
@@ -163,11 +163,10 @@ typedef enum tls_kind {
     TLS_PSK,
 } tls_kind;
 
-/* One tls-creds-* object (vd_nbd_tls_creds in tls.h); immutable once
- * added, except for @refs and the registry's @next. */
+/* The credentials of one tls-creds-* object (vd_nbd_tls_creds);
+ * immutable once loaded, except for @refs. */
 typedef struct vd_nbd_tls_creds {
-    char *id;
-    atomic_uint refs;   /* the registry's and each server's */
+    atomic_uint refs;   /* the object's and each server's */
     tls_kind kind;
     bool server;        /* endpoint=server: only those are loaded */
     bool verify_peer;   /* X.509: demand and check a client certificate */
@@ -175,12 +174,7 @@ typedef struct vd_nbd_tls_creds {
     gnutls_psk_server_credentials_t psk;
     gnutls_dh_params_t dh;
     gnutls_priority_t prio;
-    struct vd_nbd_tls_creds *next;  /* under tls_registry_lock */
 } tls_object;
-
-/* The registry: objects by id, newest first. */
-static pthread_mutex_t tls_registry_lock = PTHREAD_MUTEX_INITIALIZER;
-static tls_object *tls_objects;
 
 /* qemu's default priority plus, for PSK, the key exchanges that use a
  * pre-shared key (qemu's TLS_PRIORITY_ADDITIONAL_PSK). */
@@ -204,19 +198,7 @@ static void tls_object_free(tls_object *o)
     if (o->prio) {
         gnutls_priority_deinit(o->prio);
     }
-    free(o->id);
     free(o);
-}
-
-/* Call with tls_registry_lock held. */
-static tls_object *tls_find(const char *id)
-{
-    for (tls_object *o = tls_objects; o; o = o->next) {
-        if (strcmp(o->id, id) == 0) {
-            return o;
-        }
-    }
-    return NULL;
 }
 
 /* "DIR/NAME" in @buf, or an error when it does not fit. */
@@ -294,7 +276,8 @@ static int tls_load_dh(tls_object *o, const char *dir, vd_error *err)
     return 0;
 }
 
-static int tls_load_x509(tls_object *o, const char *dir, vd_error *err)
+static int tls_load_x509(tls_object *o, const char *dir,
+                         const char *key_password, vd_error *err)
 {
     char ca[4096], crl[4096], cert[4096], key[4096];
     int r, has_crl;
@@ -336,12 +319,15 @@ static int tls_load_x509(tls_object *o, const char *dir, vd_error *err)
                                 gnutls_strerror(r));
         }
     }
-    r = gnutls_certificate_set_x509_key_file(o->x509, cert, key,
-                                             GNUTLS_X509_FMT_PEM);
+    /* An encrypted key is opened with the password of the object's
+     * passwordid secret. */
+    r = gnutls_certificate_set_x509_key_file2(o->x509, cert, key,
+                                              GNUTLS_X509_FMT_PEM,
+                                              key_password, 0);
     if (r < 0) {
-        return tls_fail(err, -EINVAL,
-                            "%s: cannot load certificate with key %s: %s",
-                            cert, key, gnutls_strerror(r));
+        /* qemu's words: a wrong passwordid secret ends up here. */
+        return tls_fail(err, -EINVAL, "Cannot load certificate '%s' & key "
+                        "'%s': %s", cert, key, gnutls_strerror(r));
     }
     return tls_load_dh(o, dir, err);
 }
@@ -388,190 +374,46 @@ static int tls_load_priority(tls_object *o, const char *prio, vd_error *err)
     return 0;
 }
 
-/* qemu's id_wellformed(): a letter, then letters, digits, '-', '.',
- * '_'. */
-static bool tls_id_ok(const char *id)
+/* One tls-creds-* object's credentials, loaded as its configuration
+ * says (tls-creds.h). */
+int nbd_tls_creds_load(const nbd_tls_creds_config *cfg,
+                       vd_nbd_tls_creds **out, vd_error *err)
 {
-    if (!((id[0] >= 'a' && id[0] <= 'z') || (id[0] >= 'A' && id[0] <= 'Z'))) {
-        return false;
-    }
-    for (const char *p = id + 1; *p; p++) {
-        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
-              (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' ||
-              *p == '_')) {
-            return false;
-        }
-    }
-    return true;
-}
+    tls_object *o = calloc(1, sizeof(*o));
+    int r = 0;
 
-VD_API int vd_nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
-{
-    static const char *const endpoints[] = { "client", "server", NULL };
-    char *type = NULL, *id = NULL, *dir = NULL, *prio = NULL, *str = NULL;
-    tls_object *o = NULL;
-    int endpoint = 0, r;
-    bool verify_peer;
-    const char *left;
-
-    type = vd_opts_take(opts, "qom-type");
-    id = vd_opts_take(opts, "id");
-    if (!type) {
-        r = tls_fail(err, -EINVAL, "Parameter 'qom-type' is missing");
-        goto out;
-    }
-    if (strcmp(type, "tls-creds-x509") != 0 &&
-        strcmp(type, "tls-creds-psk") != 0) {
-        r = tls_fail(err, -EINVAL, "object type '%s' is not supported "
-                     "(only tls-creds-x509 and tls-creds-psk)", type);
-        goto out;
-    }
-    if (!id) {
-        r = tls_fail(err, -EINVAL, "Parameter 'id' is missing");
-        goto out;
-    }
-    if (!tls_id_ok(id)) {
-        r = tls_fail(err, -EINVAL, "Parameter 'id' expects an identifier");
-        goto out;
-    }
-    o = calloc(1, sizeof(*o));
-    if (!o || !(o->id = strdup(id))) {
-        r = tls_fail(err, -ENOMEM, "out of memory");
-        goto out;
+    *out = NULL;
+    if (!o) {
+        return tls_fail(err, -ENOMEM, "out of memory");
     }
     atomic_init(&o->refs, 1);
-    o->kind = strcmp(type, "tls-creds-x509") == 0 ? TLS_X509 : TLS_PSK;
-    if ((r = vd_opts_take_enum(opts, "endpoint", endpoints, 0, &endpoint,
-                               err)) < 0) {
-        goto out;
-    }
-    o->server = endpoint == 1;
+    o->kind = cfg->psk ? TLS_PSK : TLS_X509;
+    o->server = cfg->server;
     /* Every tls-creds class has verify-peer; only X.509 uses it. */
-    if ((r = vd_opts_take_bool(opts, "verify-peer", true, &verify_peer,
-                               err)) < 0) {
-        goto out;
-    }
-    o->verify_peer = o->kind == TLS_X509 && verify_peer;
-    if ((str = vd_opts_take(opts, "loaded"))) {
-        /* A deprecated read-only property in qemu. */
-        r = tls_fail(err, -EINVAL, "Property '%s.loaded' is not writable",
-                     type);
-        goto out;
-    }
-    if (o->kind == TLS_X509) {
-        /* qemu's extra certificate checks are what gnutls does when it
-         * loads and verifies; accept the switch. */
-        bool sanity;
-        if ((r = vd_opts_take_bool(opts, "sanity-check", true, &sanity,
-                                   err)) < 0) {
-            goto out;
-        }
-        if ((str = vd_opts_take(opts, "passwordid"))) {
-            /* Encrypted keys need a secret object, which vdisk lacks. */
-            r = tls_fail(err, -EINVAL, "No secret with id '%s'", str);
-            goto out;
-        }
-    } else if ((str = vd_opts_take(opts, "username"))) {
-        /* The client side's identity; a server never uses it. */
-        if (o->server) {
-            r = tls_fail(err, -EINVAL, "username should not be set when "
-                         "endpoint=server");
-            goto out;
-        }
-    }
-    dir = vd_opts_take(opts, "dir");
-    prio = vd_opts_take(opts, "priority");
-    left = vd_opts_first_key(opts);
-    if (left) {
-        r = tls_fail(err, -EINVAL, "Property '%s.%s' not found", type,
-                         left);
-        goto out;
-    }
-    if (!dir) {
-        r = tls_fail(err, -EINVAL, "Missing 'dir' property value");
-        goto out;
-    }
-    pthread_mutex_lock(&tls_registry_lock);
-    r = tls_find(id) ? -EEXIST : 0;
-    pthread_mutex_unlock(&tls_registry_lock);
-    if (r < 0) {
-        /* Checked again when linking; this spares loading the files. */
-        r = tls_fail(err, -EEXIST, "attempt to add duplicate property "
-                     "'%s' to object (type 'container')", id);
-        goto out;
-    }
+    o->verify_peer = o->kind == TLS_X509 && cfg->verify_peer;
     /* Only server credentials are ever used here; client ones are
      * accepted so a shared command line parses, and refused when a
      * server is given them. */
     if (o->server) {
-        r = o->kind == TLS_X509 ? tls_load_x509(o, dir, err)
-                                : tls_load_psk(o, dir, err);
-        if (r < 0) {
-            goto out;
-        }
-        if ((r = tls_load_priority(o, prio, err)) < 0) {
-            goto out;
+        r = o->kind == TLS_X509
+            ? tls_load_x509(o, cfg->dir, cfg->key_password, err)
+            : tls_load_psk(o, cfg->dir, err);
+        if (r == 0) {
+            r = tls_load_priority(o, cfg->priority, err);
         }
     }
-    pthread_mutex_lock(&tls_registry_lock);
-    if (tls_find(id)) {
-        r = -EEXIST;
-    } else {
-        o->next = tls_objects;
-        tls_objects = o;
-        o = NULL;
-        r = 0;
-    }
-    pthread_mutex_unlock(&tls_registry_lock);
     if (r < 0) {
-        r = tls_fail(err, -EEXIST, "attempt to add duplicate property "
-                     "'%s' to object (type 'container')", id);
+        tls_object_free(o);
+        return r;
     }
-out:
-    tls_object_free(o);
-    free(type);
-    free(id);
-    free(dir);
-    free(prio);
-    free(str);
-    return r;
-}
-
-VD_API int vd_nbd_tls_del_object(const char *id, vd_error *err)
-{
-    tls_object **pp, *o = NULL;
-
-    pthread_mutex_lock(&tls_registry_lock);
-    for (pp = &tls_objects; *pp; pp = &(*pp)->next) {
-        if (strcmp((*pp)->id, id) == 0) {
-            o = *pp;
-            *pp = o->next;
-            o->next = NULL;
-            break;
-        }
-    }
-    pthread_mutex_unlock(&tls_registry_lock);
-    if (!o) {
-        return tls_fail(err, -ENOENT, "object '%s' not found", id);
-    }
-    vd_nbd_tls_creds_unref(o);
+    *out = o;
     return 0;
 }
 
-VD_API vd_nbd_tls_creds *vd_nbd_tls_creds_get(const char *id, vd_error *err)
+vd_nbd_tls_creds *nbd_tls_creds_ref(vd_nbd_tls_creds *creds)
 {
-    tls_object *o;
-
-    pthread_mutex_lock(&tls_registry_lock);
-    o = tls_find(id);
-    if (o) {
-        atomic_fetch_add(&o->refs, 1);
-    }
-    pthread_mutex_unlock(&tls_registry_lock);
-    if (!o) {
-        tls_fail(err, -ENOENT, "No TLS credentials with id '%s'", id);
-    }
-    return o;
+    atomic_fetch_add(&creds->refs, 1);
+    return creds;
 }
 
 VD_API bool vd_nbd_tls_creds_is_server(const vd_nbd_tls_creds *creds)
@@ -583,21 +425,6 @@ VD_API void vd_nbd_tls_creds_unref(vd_nbd_tls_creds *creds)
 {
     if (creds && atomic_fetch_sub(&creds->refs, 1) == 1) {
         tls_object_free(creds);
-    }
-}
-
-VD_API void vd_nbd_tls_cleanup(void)
-{
-    tls_object *list;
-
-    pthread_mutex_lock(&tls_registry_lock);
-    list = tls_objects;
-    tls_objects = NULL;
-    pthread_mutex_unlock(&tls_registry_lock);
-    while (list) {
-        tls_object *o = list;
-        list = o->next;
-        vd_nbd_tls_creds_unref(o);
     }
 }
 
@@ -911,22 +738,17 @@ struct tls_session {
     int unused;
 };
 
-VD_API int vd_nbd_tls_add_object_opts(vd_opts *opts, vd_error *err)
+int nbd_tls_creds_load(const nbd_tls_creds_config *cfg,
+                       vd_nbd_tls_creds **out, vd_error *err)
 {
-    (void)opts;
+    (void)cfg;
+    *out = NULL;
     return vd_error_set(err, -ENOTSUP, "TLS support is not compiled in");
 }
 
-VD_API int vd_nbd_tls_del_object(const char *id, vd_error *err)
+vd_nbd_tls_creds *nbd_tls_creds_ref(vd_nbd_tls_creds *creds)
 {
-    return vd_error_set(err, -ENOENT, "object '%s' not found", id);
-}
-
-VD_API vd_nbd_tls_creds *vd_nbd_tls_creds_get(const char *id, vd_error *err)
-{
-    (void)id;
-    vd_error_set(err, -ENOTSUP, "TLS support is not compiled in");
-    return NULL;
+    return creds;
 }
 
 VD_API bool vd_nbd_tls_creds_is_server(const vd_nbd_tls_creds *creds)
@@ -938,10 +760,6 @@ VD_API bool vd_nbd_tls_creds_is_server(const vd_nbd_tls_creds *creds)
 VD_API void vd_nbd_tls_creds_unref(vd_nbd_tls_creds *creds)
 {
     (void)creds;
-}
-
-VD_API void vd_nbd_tls_cleanup(void)
-{
 }
 
 int nbd_conn_starttls(nbd_conn *c, vd_error *err)
@@ -987,19 +805,3 @@ static void tls_session_end(tls_session *t, nbd_conn *c)
 }
 
 #endif /* VDISK_HAVE_GNUTLS */
-
-VD_API int vd_nbd_tls_add_object(const char *spec, vd_error *err)
-{
-    vd_opts *opts = vd_opts_new();
-    int r;
-
-    if (!opts) {
-        return vd_error_set(err, -ENOMEM, "out of memory");
-    }
-    r = vd_opts_parse(opts, spec, "qom-type", err);
-    if (r == 0) {
-        r = vd_nbd_tls_add_object_opts(opts, err);
-    }
-    vd_opts_free(&opts);
-    return r;
-}

@@ -6,19 +6,17 @@
  *
  * Three groups of functions:
  *
- *   objects         vd_nbd_tls_add_object() / vd_nbd_tls_add_object_opts() /
- *                   vd_nbd_tls_del_object() keep the registry of qemu's
- *                   `tls-creds-*` objects (from --object or QMP
- *                   object-add/object-del); a lock guards it, so they
- *                   may run while servers are running. An object is
- *                   reference-counted and immutable once added: a server
- *                   takes its own reference with vd_nbd_tls_creds_get()
- *                   and hands it to vd_nbd_server_set_tls(), so deleting
- *                   the object from the registry (QEMU allows that while
- *                   a server uses it) leaves the running server's
- *                   credentials intact until the server is freed. These
- *                   are public: include/vdisk/nbd-server.h documents
- *                   them; this header declares the other two groups.
+ *   credentials     what qemu's `tls-creds-*` objects load (tls-creds.h):
+ *                   the objects themselves live in the library's object
+ *                   registry (src/objects/tls-creds.c, from --object or
+ *                   QMP object-add/object-del). Credentials are
+ *                   reference-counted and immutable once loaded: a
+ *                   server takes its own reference with
+ *                   vd_nbd_tls_creds_get() and hands it to
+ *                   vd_nbd_server_set_tls(), so deleting the object
+ *                   (QEMU allows that while a server uses it) leaves the
+ *                   running server's credentials intact until the server
+ *                   is freed. This header declares the other two groups.
  *   connection      nbd_conn_alloc()/nbd_conn_release() own an nbd_conn
  *                   together with its TLS session (nbd_conn has no field
  *                   for one), nbd_conn_starttls() upgrades a connection
@@ -29,7 +27,7 @@
  *                   one writer (the thread holding conn->send_lock) at a
  *                   time may run concurrently, which gnutls allows.
  *
- * Built without gnutls, the object functions fail with "TLS support is
+ * Built without gnutls, loading credentials fails with "TLS support is
  * not compiled in" and connections are always plain.
  */
 #ifndef VDISK_NBD_TLS_H

@@ -158,6 +158,7 @@ json_object *qmp_daemon_execute(qmp_daemon *d, const char *name,
     if (atomic_load(&d->quitting) && strcmp(name, "quit") != 0) {
         ret = qmp_fail(e, NULL, "The daemon is shutting down");
     } else {
+        d->keyval = keyval;
         ret = cmd->fn(d, own, e);
     }
     pthread_mutex_unlock(&d->lock);
@@ -614,7 +615,7 @@ void qmp_daemon_free(qmp_daemon **pd)
     free(d->exports);
     /* The objects (--object, object-add) are the daemon's, as QEMU's
      * /objects; its NBD server, which held a reference, is gone. */
-    vd_nbd_tls_cleanup();
+    vd_object_del_all();
     close(d->wake[0]);
     close(d->wake[1]);
     pthread_mutex_destroy(&d->lock);

@@ -35,6 +35,8 @@ typedef enum qtype {
     QT_BLOCKREF_NULL,/* BlockdevRefOrNull */
     QT_SOCKADDR_LEGACY, /* SocketAddressLegacy {type, data} */
     QT_OBJECT,       /* ObjectOptions: a union on "qom-type" */
+    QT_UINTLIST,     /* array of non-negative integers (uint64, uint32) */
+    QT_BLOCKDEVLIST, /* array of BlockdevOptions */
 } qtype;
 
 typedef struct qarg {
@@ -89,7 +91,16 @@ QMP_HANDLER(qmp_cmd_vdisk_snapshot_save);
 QMP_HANDLER(qmp_cmd_vdisk_snapshot_load);
 QMP_HANDLER(qmp_cmd_vdisk_snapshot_delete);
 QMP_HANDLER(qmp_cmd_object_add);
+QMP_HANDLER(qmp_cmd_query_block);
+QMP_HANDLER(qmp_cmd_nbd_server_add);
+QMP_HANDLER(qmp_cmd_nbd_server_remove);
+QMP_HANDLER(qmp_cmd_blockdev_reopen);
+QMP_HANDLER(qmp_cmd_block_latency_histogram_set);
+QMP_HANDLER(qmp_cmd_vdisk_block_stats_set);
 QMP_HANDLER(qmp_cmd_object_del);
+QMP_HANDLER(qmp_cmd_qom_list);
+QMP_HANDLER(qmp_cmd_qom_get);
+QMP_HANDLER(qmp_cmd_qom_set);
 
 /* ---- the daemon ---- */
 
@@ -104,6 +115,8 @@ typedef struct qmp_listener qmp_listener;
 
 struct qmp_daemon {
     pthread_mutex_t lock;          /* the big lock, see above */
+    bool keyval;                   /* the running command's arguments come
+                                      from a command line (under lock) */
     vd_node **nodes;               /* monitor-owned, in creation order */
     size_t nb_nodes;
     qmp_export *exports;

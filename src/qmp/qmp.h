@@ -45,12 +45,17 @@ int qmp_daemon_add_monitor(qmp_daemon *d, const char *path, vd_error *err);
  * Returns 0 or a negative errno (a node failed to flush). */
 int qmp_daemon_run(qmp_daemon *d);
 
+/* How the daemon reports what no QMP client sees (the NBD server
+ * failing, a node failing to close at shutdown): @fn prints one message
+ * with the program's name. Without it, "qmp: MESSAGE" goes to stderr. */
+void qmp_set_reporter(void (*fn)(const char *msg));
+
 /* Asks a running daemon to stop (a signal). Async-signal-safe. */
 void qmp_daemon_request_quit(qmp_daemon *d);
 
 /* Frees a daemon that qmp_daemon_run() has shut down or never ran (in
- * which case it also closes what it holds), and every TLS credentials
- * object of the process (vd_nbd_tls_cleanup()). */
+ * which case it also closes what it holds), and every object of the
+ * process (vd_object_del_all()). */
 void qmp_daemon_free(qmp_daemon **d);
 
 /*

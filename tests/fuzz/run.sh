@@ -98,7 +98,7 @@ mkdir -p "$seeds/img" "$build/artifacts"
     rm -f data.raw
 )
 # Text seeds; the first byte is the target's mode byte (see each target).
-mkdir -p "$seeds/qmp" "$seeds/json"
+mkdir -p "$seeds/qmp" "$seeds/json" "$seeds/object"
 (
     cd "$seeds/qmp"
     printf '\002{"execute": "query-version"}\n{"execute": "query-commands", "id": 1}\n' > version
@@ -118,6 +118,17 @@ mkdir -p "$seeds/qmp" "$seeds/json"
     printf '\002{"driver": "file", "filename": "missing.img", "aio": "threads", "locking": "off"}' > file
 )
 
+(
+    cd "$seeds/object"
+    printf '\001secret,id=s0,data=aGVsbG8=,format=base64' > secret
+    printf '\003secret,id=s1,format=base64,keyid=k,iv=AAAAAAAAAAAAAAAAAAAAAA==,data=AAAAAAAAAAAAAAAAAAAAAA==' > aes
+    printf '\001throttle-group,id=t,limits.bps-total=1000,limits.bps-total-max=2000,limits.bps-total-max-length=3,x-iops-size=5,x-iops-read=9' > throttle
+    printf '\001authz-list,id=l,policy=allow,rules.0.match=a*b?c,rules.0.policy=deny,rules.0.format=glob,rules.1.match=x,rules.1.policy=allow' > authz
+    printf '\000{"qom-type": "authz-list", "id": "l", "rules": [{"match": "*?*", "policy": "allow", "format": "glob"}]}' > authz-json
+    printf '\000{"qom-type": "throttle-group", "id": "t", "limits": {"iops-total": 10, "iops-total-max": 20}}' > throttle-json
+    printf '\001help' > help
+)
+
 status=0
 for t in "${targets[@]}"; do
     corpus="$build/corpus/$t"
@@ -125,6 +136,7 @@ for t in "${targets[@]}"; do
     case $t in
     fuzz-qmp) tseeds=$seeds/qmp ;;
     fuzz-json-filename) tseeds=$seeds/json ;;
+    fuzz-object) tseeds=$seeds/object ;;
     *) tseeds=$seeds/img ;;
     esac
     echo "== $t: ${secs}s"
