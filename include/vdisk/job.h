@@ -290,6 +290,23 @@ VD_API int vd_stream_start(vd_job **out, vd_node *top, vd_node *base,
                            const char *backing_file, bool mask_protocol,
                            const vd_job_options *opts, vd_error *err);
 
+/**
+ * Commits an intermediate layer (QEMU's block-commit below the active
+ * layer): copies into @base what the layers from @top down to @base's
+ * overlay hold, grows @base first if it is shorter, then makes @base the
+ * backing file of @top's overlay (header: @backing_file, or @base's file
+ * name; with @mask_protocol a protocol base is recorded as "raw") and
+ * drops the layers in between from @active's chain. @top must be below
+ * @active in its chain and @base below @top; a read-only @base is
+ * reopened read-write for the job. Errors as vd_stream_start(), and
+ * -ENOTSUP when @top is the active layer or has a writer (active commit,
+ * which mirror does, is not there yet).
+ */
+VD_API int vd_commit_start(vd_job **out, vd_node *active, vd_node *top,
+                           vd_node *base, const char *backing_file,
+                           bool mask_protocol, const vd_job_options *opts,
+                           vd_error *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -533,6 +533,11 @@ VD_API vd_node *vd_node_nth_child(const vd_node *node, size_t i,
 /** How many parent nodes use @node as a child (0 for a root node). */
 VD_API int vd_node_parent_count(const vd_node *node);
 
+/** True when neither a node nor a block job (include/vdisk/job.h) uses
+ * @node, only users such as exports or the opener: QEMU's
+ * bdrv_is_root_node(), which commands that want a top node ask. */
+VD_API bool vd_node_is_root(const vd_node *node);
+
 /* Cache mode bits (qemu's cache.writeback, cache.direct, cache.no-flush;
  * cache=none is WRITEBACK|DIRECT, cache=unsafe WRITEBACK|NO_FLUSH). */
 #define VD_CACHE_WRITEBACK (1u << 0) /* completes writes before they are

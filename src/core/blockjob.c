@@ -161,3 +161,54 @@ vd_error_action vd_block_job_error_action(vd_job *job, vd_on_error policy,
     vd_job_unlock();
     return action;
 }
+
+int vd_block_job_set_backing(vd_node *overlay, vd_node *base,
+                             const char *backing_file, bool mask_protocol,
+                             vd_error *err)
+{
+    const char *name = NULL, *fmt = NULL;
+    if (base) {
+        name = backing_file ? backing_file : vd_node_filename(base);
+        fmt = mask_protocol && !base->drv->is_format && !base->drv->is_filter
+              ? "raw" : base->drv->name;
+    }
+    int r = vd_change_backing_file(overlay, name, fmt, err);
+    if (r < 0)
+        return r;
+    vd_node_drain_begin(overlay);
+    if (overlay->backing)
+        vd_node_detach_child(overlay, overlay->backing);
+    if (base) {
+        vd_node_ref(base);
+        if (!vd_node_attach_child(overlay, base, "backing",
+                                  VD_ROLE_COW | VD_ROLE_DATA, err)) {
+            vd_node_unref(base);
+            r = err && err->code ? err->code : -ENOMEM;
+        }
+    }
+    vd_node_drain_end(overlay);
+    return r;
+}
+
+int vd_block_job_make_writable(vd_node *node, bool *reopened, vd_error *err)
+{
+    *reopened = false;
+    if (!vd_node_is_read_only(node))
+        return 0;
+    vd_node_drain_begin(node);
+    int r = vd_reopen(node, true, err);
+    vd_node_drain_end(node);
+    *reopened = r == 0;
+    return r;
+}
+
+void vd_block_job_restore_read_only(vd_node *node, bool *reopened)
+{
+    if (!*reopened)
+        return;
+    vd_error e = VD_ERROR_INIT;
+    vd_node_drain_begin(node);
+    (void)vd_reopen(node, false, &e);
+    vd_node_drain_end(node);
+    *reopened = false;
+}

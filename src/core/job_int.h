@@ -181,6 +181,19 @@ void vd_block_job_ratelimit_sleep(vd_job *job);
 vd_error_action vd_block_job_error_action(vd_job *job, vd_on_error policy,
                                           bool is_read, int errnum);
 
+/* Makes @base (NULL: none) @overlay's backing file: first in its header
+ * (@backing_file, or the base's file name; with @mask_protocol a
+ * protocol base is recorded as "raw"), then in the graph, @overlay
+ * drained. Finalizing jobs only (graph lock held). */
+int vd_block_job_set_backing(vd_node *overlay, vd_node *base,
+                             const char *backing_file, bool mask_protocol,
+                             vd_error *err);
+
+/* Reopens a read-only @node read-write for a job (*reopened says so),
+ * and back. */
+int vd_block_job_make_writable(vd_node *node, bool *reopened, vd_error *err);
+void vd_block_job_restore_read_only(vd_node *node, bool *reopened);
+
 /* Monotonic clock in nanoseconds. */
 uint64_t vd_job_now_ns(void);
 

@@ -109,27 +109,8 @@ static int stream_prepare(vd_job *job, vd_error *err)
     vd_node *top = s->top;
     if (!top->backing)
         return 0;
-    const char *name = NULL, *fmt = NULL;
-    if (s->base) {
-        name = s->backing_file ? s->backing_file : vd_node_filename(s->base);
-        fmt = s->mask_protocol && !s->base->drv->is_format &&
-              !s->base->drv->is_filter ? "raw" : s->base->drv->name;
-    }
-    int r = vd_change_backing_file(top, name, fmt, err);
-    if (r < 0)
-        return r;
-    vd_node_drain_begin(top);
-    vd_node_detach_child(top, top->backing);
-    if (s->base) {
-        vd_node_ref(s->base);
-        if (!vd_node_attach_child(top, s->base, "backing",
-                                  VD_ROLE_COW | VD_ROLE_DATA, err)) {
-            vd_node_unref(s->base);
-            r = err && err->code ? err->code : -ENOMEM;
-        }
-    }
-    vd_node_drain_end(top);
-    return r;
+    return vd_block_job_set_backing(top, s->base, s->backing_file,
+                                    s->mask_protocol, err);
 }
 
 static void stream_clean(vd_job *job)
@@ -140,13 +121,7 @@ static void stream_clean(vd_job *job)
         s->cor = false;
     }
     vd_block_job_remove_nodes(job);
-    if (s->reopened_rw) {
-        vd_error e = VD_ERROR_INIT;
-        vd_node_drain_begin(s->top);
-        (void)vd_reopen(s->top, false, &e);
-        vd_node_drain_end(s->top);
-        s->reopened_rw = false;
-    }
+    vd_block_job_restore_read_only(s->top, &s->reopened_rw);
 }
 
 static void stream_free(vd_job *job)
@@ -212,14 +187,9 @@ VD_API int vd_stream_start(vd_job **out, vd_node *top, vd_node *base,
         free(s);
         return r;
     }
-    if (vd_node_is_read_only(top)) {
-        vd_node_drain_begin(top);
-        r = vd_reopen(top, true, err);
-        vd_node_drain_end(top);
-        if (r < 0)
-            goto fail;
-        s->reopened_rw = true;
-    }
+    r = vd_block_job_make_writable(top, &s->reopened_rw, err);
+    if (r < 0)
+        goto fail;
     r = vd_block_job_add_node(job, top, VD_PERM_WRITE,
                               VD_PERM_CONSISTENT_READ | VD_PERM_WRITE |
                               VD_PERM_WRITE_UNCHANGED, err);
@@ -231,6 +201,12 @@ VD_API int vd_stream_start(vd_job **out, vd_node *top, vd_node *base,
         goto fail;
     vd_node_cor_begin(top);
     s->cor = true;
+    /* QEMU's job has set its length before the start returns (its
+     * coroutine runs until the first yield): a query right after the
+     * start shows it. */
+    int64_t len = vd_node_getlength(top);
+    if (len > 0)
+        vd_job_progress_set_remaining(job, (uint64_t)len);
     vd_job_ref(job);             /* the caller's */
     r = vd_job_start(job, err);
     if (r < 0) {

@@ -290,6 +290,25 @@ static const qarg args_block_stream[] = {
     { NULL, 0, false, NULL },
 };
 
+/* block-commit, QEMU 7.2's members in its order (backing-mask-protocol
+ * is QEMU 8.0's, taken already). */
+static const qarg args_block_commit[] = {
+    { "job-id", QT_STR, true, NULL },
+    { "device", QT_STR, false, NULL },
+    { "base-node", QT_STR, true, NULL },
+    { "base", QT_STR, true, NULL },
+    { "top-node", QT_STR, true, NULL },
+    { "top", QT_STR, true, NULL },
+    { "backing-file", QT_STR, true, NULL },
+    { "backing-mask-protocol", QT_BOOL, true, NULL },
+    { "speed", QT_INT, true, NULL },
+    { "on-error", QT_ENUM, true, on_error_enum },
+    { "filter-node-name", QT_STR, true, NULL },
+    { "auto-finalize", QT_BOOL, true, NULL },
+    { "auto-dismiss", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg args_job_id[] = {
     { "id", QT_STR, false, NULL },
     { NULL, 0, false, NULL },
@@ -355,6 +374,7 @@ const qmp_cmd qmp_commands[] = {
     { "x-vdisk-block-stats-set", args_vdisk_stats_set,
       qmp_cmd_vdisk_block_stats_set, false },
     { "block-stream", args_block_stream, qmp_cmd_block_stream, false },
+    { "block-commit", args_block_commit, qmp_cmd_block_commit, false },
     { "query-jobs", args_none, qmp_cmd_query_jobs, false },
     { "query-block-jobs", args_none, qmp_cmd_query_block_jobs, false },
     { "job-pause", args_job_id, qmp_cmd_job_pause, false },

@@ -25,56 +25,9 @@ import json, os, subprocess, sys, time
 from qmplib import *
 
 top, vdisk, qemu_img = sys.argv[1], sys.argv[2], sys.argv[3]
-failed = []
 
 def run(*a):
     subprocess.run(a, check=True, stdout=subprocess.DEVNULL)
-
-def chain(d):
-    os.makedirs(d)
-    run(qemu_img, "create", "-q", "-f", "qcow2", d + "/base.qcow2", "4M")
-    run("qemu-io", "-c", "write -P 0x11 0 2M", d + "/base.qcow2")
-    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
-        "qcow2", d + "/mid.qcow2")
-    run("qemu-io", "-c", "write -P 0x22 1M 1M", "-c",
-        "write -P 0x23 3M 512k", d + "/mid.qcow2")
-    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F",
-        "qcow2", d + "/top.qcow2")
-    run("qemu-io", "-c", "write -P 0x33 1536k 64k", d + "/top.qcow2")
-    # What the top shows before the job: it must show the same after.
-    run(qemu_img, "convert", "-O", "raw", d + "/top.qcow2", d + "/before.raw")
-
-def add_chain(m):
-    for n, b in (("base", None), ("mid", "base"), ("top", "mid")):
-        a = {"driver": "qcow2", "node-name": n,
-             "file": {"driver": "file", "filename": "@D@/%s.qcow2" % n}}
-        if b:
-            a["backing"] = b
-        m.cmd({"execute": "blockdev-add", "arguments": a})
-
-def wait_status(m, job, want, secs=60):
-    end = time.time() + secs
-    while time.time() < end:
-        r = m.cmd({"execute": "query-jobs"})["return"]
-        st = [j["status"] for j in r if j["id"] == job]
-        if (st[0] if st else None) in want:
-            return st[0] if st else None
-        time.sleep(0.02)
-    raise SystemExit("job %s never reached %s" % (job, want))
-
-def wait_progress(m, job, secs=60):
-    """Until the job has copied its first piece and sleeps (the speed
-    limit): QEMU's first piece is done before block-stream returns."""
-    end = time.time() + secs
-    while time.time() < end:
-        r = m.cmd({"execute": "query-block-jobs"})["return"]
-        if r and r[0]["offset"] > 0 and not r[0]["busy"]:
-            return
-        time.sleep(0.02)
-    raise SystemExit("job %s made no progress" % job)
-
-def events(m, d):
-    return [(e["event"], norm(e.get("data"), d)) for e in m.events]
 
 # Each scenario: f(m, d, log) appends replies to log; returns nothing.
 def refusals(m, d, log):
@@ -168,7 +121,7 @@ def cancel(m, d, log):
     add_chain(m)
     log.append(m.cmd({"execute": "block-stream", "arguments": {
         "device": "top", "job-id": "c", "bottom": "mid", "speed": 524288}}))
-    wait_progress(m, "c")
+    wait_progress(m)
     log.append(m.cmd({"execute": "block-job-cancel", "arguments": {"device": "c"}}))
     wait_status(m, "c", (None,))
 
@@ -194,59 +147,14 @@ def live(m, d, log):
 
 SCENARIOS = [refusals, verbs, whole_chain, override, cancel, live]
 
-def images(d):
-    info = subprocess.run([qemu_img, "info", "--backing-chain", "--output=json",
-                           d + "/top.qcow2"], capture_output=True, text=True).stdout
-    chain = [norm([i["filename"], i.get("backing-filename"),
-                   i.get("backing-filename-format")], d)
-             for i in json.loads(info)]
-    cmp = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "qcow2",
-                          d + "/before.raw", d + "/top.qcow2"],
-                         capture_output=True, text=True)
-    chk = subprocess.run([qemu_img, "check", d + "/top.qcow2"],
-                         capture_output=True, text=True)
-    return chain, cmp.returncode, chk.returncode
-
-for sc in SCENARIOS:
-    before = len(failed)
-    res = {}
-    for name, argv in (("qemu", ["qemu-storage-daemon"]),
-                       ("vdisk", [vdisk, "serve"])):
-        d = os.path.join(top, "%s-%s" % (sc.__name__, name))
-        chain(d)
-        m = Monitor(argv, d)
-        log = []
-        sc(m, d, log)
-        m.cmd({"execute": "quit"})
-        m.proc.wait(timeout=60)
-        m.close()
-        res[name] = ([outcome(x, d) if isinstance(x, dict) and
-                      ("error" in x or x.get("return") == {}) else norm(x, d)
-                      for x in log], events(m, d), images(d))
-    q, v = res["qemu"], res["vdisk"]
-    for i, (a, b) in enumerate(zip(q[0], v[0])):
-        dd = diff(a, b)
-        if dd:
-            failed.append("%s reply %d: %s" % (sc.__name__, i, dd))
-    if len(q[0]) != len(v[0]):
-        failed.append("%s: %d vs %d replies" % (sc.__name__, len(q[0]), len(v[0])))
-    if q[1] != v[1]:
-        failed.append("%s events:\n  qemu  %s\n  vdisk %s" % (sc.__name__, q[1], v[1]))
-    if q[2] != v[2]:
-        failed.append("%s images: qemu %s, vdisk %s" % (sc.__name__, q[2], v[2]))
-    if v[2][1] != 0 or v[2][2] != 0:
-        failed.append("%s: vdisk's top differs from before (compare %d) or "
-                      "check fails (%d)" % (sc.__name__, v[2][1], v[2][2]))
-    print("%-12s %2d replies, %2d events, chain of %d: %s" % (
-        sc.__name__, len(v[0]), len(v[1]), len(v[2][0]),
-        "same" if len(failed) == before else "DIFFERENT"))
+failed = compare_jobs(SCENARIOS, top, vdisk, qemu_img)
 
 # A stream that has completed survives kill -9: vdisk flushes what it
 # copied before the header names the new backing file (QEMU 7.2 does not,
 # and its overlay then skips the streamed layers without their data; not
 # compared, docs/jobs.md).
 d = os.path.join(top, "killed-vdisk")
-chain(d)
+make_chain(d, qemu_img)
 m = Monitor([vdisk, "serve"], d)
 add_chain(m)
 m.cmd({"execute": "block-stream", "arguments": {"device": "top", "job-id": "k", "base-node": "base"}})
@@ -256,7 +164,7 @@ for _ in range(3000):
     m.cmd({"execute": "query-jobs"})
     time.sleep(0.01)
 m.close()                     # SIGKILL
-chain_after, same, clean = images(d)
+chain_after, same, clean = chain_state(d, qemu_img)
 if same != 0 or clean != 0 or len(chain_after) != 2:
     failed.append("killed after the stream: compare %d, check %d, chain %s"
                   % (same, clean, chain_after))

@@ -7,7 +7,8 @@
  * (chain and content unchanged, BLOCK_JOB_CANCELLED); manual finalize
  * and dismiss; the verbs refused in states that do not take them, with
  * QEMU's texts; writes from other threads during the stream that must
- * all survive; and the operation blockers a job sets on its nodes.
+ * all survive; the operation blockers a job sets on its nodes; and a
+ * commit of the middle layer into the base.
  * Exit 0 pass, 1 fail.
  */
 #include <errno.h>
@@ -306,6 +307,39 @@ static void test_cancel(void)
     vd_close(&top, NULL);
 }
 
+static void test_commit(void)
+{
+    vd_error err = VD_ERROR_INIT;
+    vd_job *job = NULL;
+    make_chain();
+    vd_node *top = open_top();
+    vd_node *mid = vd_node_child(top, "backing");
+    vd_node *base = vd_node_child(mid, "backing");
+    vd_job_options o = { .id = "m" };
+    vd_error_clear(&err);
+    CHECK(vd_commit_start(&job, top, top, base, NULL, false, &o, &err) ==
+          -ENOTSUP, "active commit: %s", err.message);
+    vd_error_clear(&err);
+    CHECK(vd_commit_start(&job, top, mid, mid, NULL, false, &o, &err) < 0 &&
+          strcmp(err.message, "cannot commit an image into itself") == 0,
+          "into itself: %s", err.message);
+    vd_error_clear(&err);
+    CHECK(vd_commit_start(&job, top, mid, base, NULL, false, &o, &err) == 0,
+          "commit: %s", err.message);
+    CHECK(vd_job_wait(job, &err) == 0, "wait: %s", err.message);
+    vd_job_unref(&job);
+    CHECK(chain_length(top) == 2, "chain of %d after commit",
+          chain_length(top));
+    CHECK(vd_node_child(top, "backing") == base, "base is not the backing");
+    check_content(top, "after commit");
+    vd_close(&top, NULL);
+    top = open_top();
+    CHECK(chain_length(top) == 2, "chain of %d after reopen",
+          chain_length(top));
+    check_content(top, "reopened after commit");
+    vd_close(&top, NULL);
+}
+
 /* Writers during the stream: every write lands, none is overwritten by
  * the copy of older data from below. */
 typedef struct writer {
@@ -362,6 +396,7 @@ int main(void)
     test_stream();
     test_verbs();
     test_cancel();
+    test_commit();
     test_live_writes();
     vd_job_cancel_all_sync();
     vd_job_unlisten(on_event, NULL);
