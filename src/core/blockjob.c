@@ -212,3 +212,22 @@ void vd_block_job_restore_read_only(vd_node *node, bool *reopened)
     vd_node_drain_end(node);
     *reopened = false;
 }
+
+int vd_block_job_launch(vd_job *job, vd_node *len_of, vd_job **out,
+                        vd_error *err)
+{
+    /* QEMU's job has set its length before the start returns (its
+     * coroutine runs until the first yield): a query right after the
+     * start shows it. */
+    int64_t len = vd_node_getlength(len_of);
+    if (len > 0)
+        vd_job_progress_set_remaining(job, (uint64_t)len);
+    vd_job_ref(job);             /* the caller's */
+    int r = vd_job_start(job, err);
+    if (r < 0) {
+        vd_job_unref(&job);
+        return r;
+    }
+    *out = job;
+    return 0;
+}

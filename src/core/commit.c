@@ -235,20 +235,7 @@ VD_API int vd_commit_start(vd_job **out, vd_node *active, vd_node *top,
                         VD_PERM_WRITE_UNCHANGED, err);
     if (r < 0)
         goto fail;
-    /* QEMU's job has set its length before the start returns (its
-     * coroutine runs until the first yield): a query right after the
-     * start shows it. */
-    int64_t len = vd_node_getlength(top);
-    if (len > 0)
-        vd_job_progress_set_remaining(job, (uint64_t)len);
-    vd_job_ref(job);
-    r = vd_job_start(job, err);
-    if (r < 0) {
-        vd_job_unref(&job);
-        return r;
-    }
-    *out = job;
-    return 0;
+    return vd_block_job_launch(job, top, out, err);
 
 fail:
     vd_job_early_fail(job);

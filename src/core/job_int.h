@@ -194,6 +194,12 @@ int vd_block_job_set_backing(vd_node *overlay, vd_node *base,
 int vd_block_job_make_writable(vd_node *node, bool *reopened, vd_error *err);
 void vd_block_job_restore_read_only(vd_node *node, bool *reopened);
 
+/* Starts a set-up block job: its length from @len_of's, a reference
+ * for the caller in @*out, the thread. On failure the job has failed
+ * (and concluded) and @*out is untouched. */
+int vd_block_job_launch(vd_job *job, vd_node *len_of, vd_job **out,
+                        vd_error *err);
+
 /* Monotonic clock in nanoseconds. */
 uint64_t vd_job_now_ns(void);
 

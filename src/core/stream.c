@@ -201,20 +201,7 @@ VD_API int vd_stream_start(vd_job **out, vd_node *top, vd_node *base,
         goto fail;
     vd_node_cor_begin(top);
     s->cor = true;
-    /* QEMU's job has set its length before the start returns (its
-     * coroutine runs until the first yield): a query right after the
-     * start shows it. */
-    int64_t len = vd_node_getlength(top);
-    if (len > 0)
-        vd_job_progress_set_remaining(job, (uint64_t)len);
-    vd_job_ref(job);             /* the caller's */
-    r = vd_job_start(job, err);
-    if (r < 0) {
-        vd_job_unref(&job);
-        return r;
-    }
-    *out = job;
-    return 0;
+    return vd_block_job_launch(job, top, out, err);
 
 fail:
     vd_job_early_fail(job);
