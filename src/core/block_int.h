@@ -49,6 +49,7 @@
 
 typedef struct vd_driver vd_driver;
 typedef struct vd_child vd_child;
+typedef struct vd_dirty_tracker vd_dirty_tracker;
 
 /*
  * A node's accounting, QEMU's BlockAcctStats (stats.c; the public view
@@ -135,9 +136,13 @@ struct vd_child {
     bool tran_saved;
 };
 
-/* A user of a node: an edge without a parent node. */
+/* A user of a node: an edge without a parent node. Requests made
+ * through the user (vd_user_io_begin) are counted so that a pivot can
+ * hold them at the gate, move the edge and let them on to the new node. */
 struct vd_user {
     vd_child edge;
+    atomic_int io_in_flight;
+    atomic_bool io_gate;
 };
 
 /* I/O limits a driver sets in open() or refresh_limits(). 0 = no limit. */
@@ -192,6 +197,8 @@ struct vd_node {
     /* Active dirty bitmaps (block jobs, backup); snapshot goto refuses
      * to run while there are any. */
     atomic_int dirty_bitmaps;
+    /* Dirty trackers of jobs (dirty.c): every write marks them. */
+    _Atomic(vd_dirty_tracker *) dirty_trackers;
     /* Jobs populating the node by copy-on-read (stream): while > 0,
      * writes are tracked so that a copy never overwrites them. */
     atomic_int cor_users;
@@ -608,6 +615,35 @@ void vd_node_cor_end(vd_node *n);
 int vd_node_populate(vd_node *top, vd_node *base, uint64_t off,
                      uint64_t bytes, uint8_t *buf, uint64_t buflen,
                      uint64_t *copied, vd_error *err);
+
+/* Dirty trackers (dirty.c): a bitmap of @node's length at @granularity
+ * (rounded up to a power of two) that every write, zero write and
+ * discard of @node marks once it reached the driver. New and free drain
+ * the node. next() finds the first dirty run at or after @from (wrapping
+ * around), at most @max bytes long. */
+int vd_dirty_tracker_new(vd_dirty_tracker **out, vd_node *node,
+                         uint64_t granularity, vd_error *err);
+void vd_dirty_tracker_free(vd_dirty_tracker **t, vd_node *node);
+uint64_t vd_dirty_tracker_granularity(const vd_dirty_tracker *t);
+void vd_dirty_tracker_set(vd_dirty_tracker *t, uint64_t off, uint64_t bytes);
+void vd_dirty_tracker_clear(vd_dirty_tracker *t, uint64_t off,
+                            uint64_t bytes);
+uint64_t vd_dirty_tracker_count(const vd_dirty_tracker *t);
+bool vd_dirty_tracker_next(const vd_dirty_tracker *t, uint64_t from,
+                           uint64_t max, uint64_t *off, uint64_t *bytes);
+/* Pivots (perm.c). vd_node_gate_users() stops requests made through
+ * the users of @node (not the block jobs' edges) at their gate and waits
+ * until none is in flight; vd_node_replace() then moves every edge into
+ * @from (users and parent nodes, except block jobs' edges and edges from
+ * @to's own backing chain) to @to, checking permissions (nothing moves
+ * on failure); vd_node_ungate_users() opens the gates of the users of
+ * @node again. Graph lock held; parent nodes are drained meanwhile. */
+void vd_node_gate_users(vd_node *node);
+void vd_node_ungate_users(vd_node *node);
+int vd_node_replace(vd_node *from, vd_node *to, vd_error *err);
+
+/* io.c: marks [off, off+bytes) in every tracker of @node. */
+void vd_dirty_mark(vd_node *node, uint64_t off, uint64_t bytes);
 
 int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
                                uint64_t off, uint64_t bytes, uint64_t *pnum,

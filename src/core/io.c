@@ -705,6 +705,8 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     /* FUA is done generically: write, then flush this node. */
     r = do_pwritev(n, off, bytes, qiov, flags & ~VD_REQ_FUA, err);
     atomic_fetch_add(&n->write_gen, 1);
+    if (atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+        vd_dirty_mark(n, off, bytes);
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
     if (tracked)
@@ -831,6 +833,8 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
                     align_up(off + bytes, n->bl.request_alignment), false);
     r = do_pwrite_zeroes(n, off, bytes, flags, err);
     atomic_fetch_add(&n->write_gen, 1);
+    if (atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+        vd_dirty_mark(n, off, bytes);
     if (tracked)
         track_end(n, &req);
     if (r == 0)
@@ -881,6 +885,9 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
         }
     }
     atomic_fetch_add(&n->write_gen, 1);
+    if (start < end &&
+        atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+        vd_dirty_mark(n, start, end - start);
     if (r == -ENOTSUP || r == -EOPNOTSUPP)
         r = 0;
     account(n, VD_ACCT_UNMAP, r, bytes, t0);
@@ -948,6 +955,8 @@ int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
     r = dst->drv->copy_range_to(dst, src, soff, doff, bytes, flags, err);
     if (r != -ENOTSUP) {
         atomic_fetch_add(&dst->write_gen, 1);
+        if (atomic_load_explicit(&dst->dirty_trackers, memory_order_relaxed))
+            vd_dirty_mark(dst, doff, bytes);
         if (r == 0)
             raise_length(dst, doff + bytes);
         account_write_end(dst, doff + bytes);
