@@ -298,14 +298,54 @@ VD_API int vd_stream_start(vd_job **out, vd_node *top, vd_node *base,
  * name; with @mask_protocol a protocol base is recorded as "raw") and
  * drops the layers in between from @active's chain. @top must be below
  * @active in its chain and @base below @top; a read-only @base is
- * reopened read-write for the job. Errors as vd_stream_start(), and
- * -ENOTSUP when @top is the active layer or has a writer (active commit,
- * which mirror does, is not there yet).
+ * reopened read-write for the job. When @top is @active or something
+ * writes it, this is an active commit: a mirror of @top into @base
+ * (type "commit") that becomes READY and, on vd_job_complete(), moves
+ * every user of @top to @base (see vd_mirror_start()). Errors as
+ * vd_stream_start().
  */
 VD_API int vd_commit_start(vd_job **out, vd_node *active, vd_node *top,
                            vd_node *base, const char *backing_file,
                            bool mask_protocol, const vd_job_options *opts,
                            vd_error *err);
+
+/** What a mirror copies first (QEMU's MirrorSyncMode). */
+typedef enum vd_mirror_sync {
+    VD_MIRROR_SYNC_FULL,   /* the whole chain's content */
+    VD_MIRROR_SYNC_TOP,    /* what the source's own layer holds */
+    VD_MIRROR_SYNC_NONE,   /* only what is written from now on */
+} vd_mirror_sync;
+
+/** blockdev-mirror's options; zero-initialised: sync full, QEMU's
+ * default granularity (the target's cluster size within 4..64 KiB),
+ * 16 MiB of buffer, replace the source, unmap zeroes on the target. */
+typedef struct vd_mirror_options {
+    vd_mirror_sync sync;
+    uint64_t granularity;     /* 0 or a power of two in [512, 64 MiB] */
+    int64_t buf_size;         /* bytes copied at once, 0: 16 MiB */
+    vd_node *replaces;        /* the node the target replaces, or NULL */
+    bool no_unmap;            /* write zeroes without discarding */
+} vd_mirror_options;
+
+/**
+ * Mirrors @source into @target (QEMU's blockdev-mirror): copies what
+ * @mo's sync asks for, then keeps copying what is written to @source;
+ * the job becomes READY (event) once @target holds everything written.
+ * vd_job_complete() then makes it finish: the users of @source (or of
+ * @mo->replaces) are held at their request gates (vd_user_io_begin()),
+ * the last writes are copied and flushed, and every user and parent
+ * node moves to @target (not the opener of vd_open(): its caller holds
+ * the node itself and must switch to @target on its own, for it writes
+ * to the node directly). Cancelling a READY mirror without force
+ * finishes with the same final copy and no switch. @target must be the
+ * size of @source; nobody else may use it meanwhile (the job writes it
+ * alone). Errors (QEMU's texts): granularity out of range or not a power
+ * of two, "Can't mirror node into itself", busy nodes, permission
+ * conflicts, as vd_stream_start().
+ */
+VD_API int vd_mirror_start(vd_job **out, vd_node *source, vd_node *target,
+                           const vd_mirror_options *mo,
+                           const vd_job_options *opts, vd_error *err);
 
 #ifdef __cplusplus
 }

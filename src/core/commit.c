@@ -184,8 +184,7 @@ VD_API int vd_commit_start(vd_job **out, vd_node *active, vd_node *top,
     unsigned perm;
     vd_node_get_perm(top, &perm, NULL);
     if (top == active || (perm & VD_PERM_WRITE))
-        return vd_error_set(err, -ENOTSUP, "Active commit of '%s' is not "
-                            "supported yet", top->node_name);
+        return vd_active_commit_start(out, top, base, opts, err);
 
     commit_state *s = calloc(1, sizeof(*s));
     if (!s || (backing_file && !(s->backing_file = strdup(backing_file)))) {

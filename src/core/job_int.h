@@ -200,6 +200,11 @@ void vd_block_job_restore_read_only(vd_node *node, bool *reopened);
 int vd_block_job_launch(vd_job *job, vd_node *len_of, vd_job **out,
                         vd_error *err);
 
+/* mirror.c: active commit, a mirror of @active into @base, its backing
+ * file, of job type commit. */
+int vd_active_commit_start(vd_job **out, vd_node *active, vd_node *base,
+                           const vd_job_options *opts, vd_error *err);
+
 /* Monotonic clock in nanoseconds. */
 uint64_t vd_job_now_ns(void);
 

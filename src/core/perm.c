@@ -905,9 +905,13 @@ VD_API void vd_user_io_end(vd_user *user)
     }
 }
 
+/* The users a pivot holds and moves: not a job's own edges, and not the
+ * opener of vd_open(), whose caller holds the node itself (and issues
+ * its requests to it directly). */
 static bool gated_kind(const vd_child *c)
 {
-    return !c->parent && !c->job_edge;
+    return !c->parent && !c->job_edge &&
+           (vd_user *)c != c->node->opener;
 }
 
 void vd_node_gate_users(vd_node *node)
@@ -970,7 +974,8 @@ int vd_node_replace(vd_node *from, vd_node *to, vd_error *err)
     pthread_mutex_lock(&perm_lock);
     for (vd_child *c = from->parents; c && n < 256;) {
         vd_child *next = c->next_parent;
-        if (!c->job_edge && !from_to_chain(c, to)) {
+        if (!c->job_edge && !from_to_chain(c, to) &&
+            (c->parent || gated_kind(c))) {
             if (c->parent)
                 vd_node_drain_begin(c->parent);
             move_edge(c, from, to);

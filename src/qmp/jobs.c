@@ -257,6 +257,10 @@ QMP_HANDLER(qmp_cmd_block_commit)
                               "active layer"
                             : "'backing-file' specified, but 'top' has a "
                               "writer on it");
+        /* QEMU names an active commit after the device it was asked
+         * for when no id is given. */
+        if (!arg_s(args, "job-id"))
+            o.id = "";
     } else {
         vd_node *overlay = bs;
         while (backing_of(overlay) != top_bs)
@@ -268,6 +272,60 @@ QMP_HANDLER(qmp_cmd_block_commit)
     int r = vd_commit_start(&job, bs, top_bs, base_bs, backing_file,
                             arg_b(args, "backing-mask-protocol", false), &o,
                             &err);
+    if (r < 0)
+        return fail_err(e, &err, r);
+    vd_job_unref(&job);
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_blockdev_mirror)
+{
+    (void)d;
+    const char *device = arg_s(args, "device");
+    const char *target = arg_s(args, "target");
+    const char *replaces = arg_s(args, "replaces");
+    const char *sync = arg_s(args, "sync");
+    json_object *v;
+    vd_job_options o;
+    vd_mirror_options mo = { 0 };
+    vd_error err = VD_ERROR_INIT;
+
+    if (common_opts(args, &o, e) < 0)
+        return NULL;
+    const char *te = arg_s(args, "on-source-error");
+    if (te)
+        vd_on_error_parse(te, &o.on_error);
+    te = arg_s(args, "on-target-error");
+    if (te)
+        vd_on_error_parse(te, &o.on_target_error);
+    vd_node *bs = lookup(device, device, e);
+    if (!bs)
+        return NULL;
+    if (!vd_node_is_root(bs))
+        return qmp_fail(e, NULL, "Need a root block node");
+    vd_node *target_bs = lookup(target, target, e);
+    if (!target_bs)
+        return NULL;
+    if (strcmp(sync, "incremental") == 0 || strcmp(sync, "bitmap") == 0)
+        return qmp_fail(e, NULL, "Sync mode '%s' not supported", sync);
+    mo.sync = strcmp(sync, "full") == 0 ? VD_MIRROR_SYNC_FULL
+              : strcmp(sync, "top") == 0 ? VD_MIRROR_SYNC_TOP
+              : VD_MIRROR_SYNC_NONE;
+    if (json_object_object_get_ex(args, "granularity", &v))
+        mo.granularity = (uint64_t)json_object_get_int64(v);
+    if (json_object_object_get_ex(args, "buf-size", &v))
+        mo.buf_size = json_object_get_int64(v);
+    const char *cm = arg_s(args, "copy-mode");
+    if (cm && strcmp(cm, "write-blocking") == 0)
+        return qmp_fail(e, NULL, "copy-mode 'write-blocking' is not "
+                        "supported yet");
+    if (replaces) {
+        mo.replaces = vd_find_node(replaces);
+        if (!mo.replaces)
+            return qmp_fail(e, NULL, "Node name '%s' not found", replaces);
+    }
+    vd_job *job = NULL;
+    int r = vd_mirror_start(&job, bs, target_bs, &mo, &o, &err);
     if (r < 0)
         return fail_err(e, &err, r);
     vd_job_unref(&job);

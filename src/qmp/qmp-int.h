@@ -105,6 +105,7 @@ QMP_HANDLER(qmp_cmd_qom_set);
 /* ---- job commands (jobs.c) ---- */
 QMP_HANDLER(qmp_cmd_block_stream);
 QMP_HANDLER(qmp_cmd_block_commit);
+QMP_HANDLER(qmp_cmd_blockdev_mirror);
 QMP_HANDLER(qmp_cmd_query_jobs);
 QMP_HANDLER(qmp_cmd_query_block_jobs);
 QMP_HANDLER(qmp_cmd_job_pause);

@@ -309,6 +309,30 @@ static const qarg args_block_commit[] = {
     { NULL, 0, false, NULL },
 };
 
+static const char *const sync_enum[] = { "top", "full", "none",
+                                        "incremental", "bitmap", NULL };
+static const char *const copy_mode_enum[] = { "background",
+                                             "write-blocking", NULL };
+
+/* blockdev-mirror, QEMU 7.2's members in its order. */
+static const qarg args_blockdev_mirror[] = {
+    { "job-id", QT_STR, true, NULL },
+    { "device", QT_STR, false, NULL },
+    { "target", QT_STR, false, NULL },
+    { "replaces", QT_STR, true, NULL },
+    { "sync", QT_ENUM, false, sync_enum },
+    { "speed", QT_INT, true, NULL },
+    { "granularity", QT_INT, true, NULL },
+    { "buf-size", QT_INT, true, NULL },
+    { "on-source-error", QT_ENUM, true, on_error_enum },
+    { "on-target-error", QT_ENUM, true, on_error_enum },
+    { "filter-node-name", QT_STR, true, NULL },
+    { "copy-mode", QT_ENUM, true, copy_mode_enum },
+    { "auto-finalize", QT_BOOL, true, NULL },
+    { "auto-dismiss", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg args_job_id[] = {
     { "id", QT_STR, false, NULL },
     { NULL, 0, false, NULL },
@@ -375,6 +399,8 @@ const qmp_cmd qmp_commands[] = {
       qmp_cmd_vdisk_block_stats_set, false },
     { "block-stream", args_block_stream, qmp_cmd_block_stream, false },
     { "block-commit", args_block_commit, qmp_cmd_block_commit, false },
+    { "blockdev-mirror", args_blockdev_mirror, qmp_cmd_blockdev_mirror,
+      false },
     { "query-jobs", args_none, qmp_cmd_query_jobs, false },
     { "query-block-jobs", args_none, qmp_cmd_query_block_jobs, false },
     { "job-pause", args_job_id, qmp_cmd_job_pause, false },

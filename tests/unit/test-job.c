@@ -8,7 +8,8 @@
  * and dismiss; the verbs refused in states that do not take them, with
  * QEMU's texts; writes from other threads during the stream that must
  * all survive; the operation blockers a job sets on its nodes; and a
- * commit of the middle layer into the base.
+ * commit of the middle layer into the base; a mirror started, completed
+ * and pivoted through the API, with a user's requests following it.
  * Exit 0 pass, 1 fail.
  */
 #include <errno.h>
@@ -316,9 +317,17 @@ static void test_commit(void)
     vd_node *mid = vd_node_child(top, "backing");
     vd_node *base = vd_node_child(mid, "backing");
     vd_job_options o = { .id = "m" };
-    vd_error_clear(&err);
-    CHECK(vd_commit_start(&job, top, top, base, NULL, false, &o, &err) ==
-          -ENOTSUP, "active commit: %s", err.message);
+    vd_job_options ao = { .id = "ac" };
+    /* An active commit is a mirror into the base: READY, then cancelled
+     * by force (nothing moves). */
+    CHECK(vd_commit_start(&job, top, top, base, NULL, false, &ao, &err) == 0,
+          "active commit: %s", err.message);
+    wait_status(job, VD_JOB_STATUS_READY);
+    CHECK(vd_job_cancel(job, true, &err) == 0, "cancel: %s", err.message);
+    CHECK(vd_job_wait(job, &err) == -ECANCELED, "active commit not cancelled");
+    vd_job_unref(&job);
+    CHECK(chain_length(top) == 3, "chain of %d after the active commit",
+          chain_length(top));
     vd_error_clear(&err);
     CHECK(vd_commit_start(&job, top, mid, mid, NULL, false, &o, &err) < 0 &&
           strcmp(err.message, "cannot commit an image into itself") == 0,
@@ -338,6 +347,62 @@ static void test_commit(void)
           chain_length(top));
     check_content(top, "reopened after commit");
     vd_close(&top, NULL);
+}
+
+static void on_ready_complete(const vd_job_event *ev, void *opaque)
+{
+    /* Listeners may not call job functions: note it, complete later. */
+    if (ev->type == VD_JOB_EVENT_READY)
+        *(volatile int *)opaque = 1;
+}
+
+/* A mirror through the public API: READY, then complete; the opener's
+ * writes made through a user after the pivot land in the target. */
+static void test_mirror(void)
+{
+    char p[300];
+    vd_error err = VD_ERROR_INIT;
+    vd_job *job = NULL;
+    volatile int ready = 0;
+    make_chain();
+    vd_node *top = open_top();
+    path_of(p, "tgt.qcow2");
+    unlink(p);
+    vd_opts *o = vd_opts_new();
+    vd_opts_set(o, "size", "4M");
+    CHECK(vd_create(p, "qcow2", o, &err) == 0, "create: %s", err.message);
+    vd_opts_free(&o);
+    vd_node *tgt = NULL;
+    CHECK(vd_open(&tgt, p, "qcow2", NULL, VD_O_RDWR | VD_O_NO_USER, &err) == 0,
+          "open target: %s", err.message);
+    vd_user *dev = NULL;
+    CHECK(vd_user_new(&dev, top, "device", VD_PERM_CONSISTENT_READ |
+                      VD_PERM_WRITE, VD_PERM_ALL, &err) == 0, "user: %s",
+          err.message);
+    vd_job_listen(on_ready_complete, (void *)&ready);
+    vd_job_options jo = { .id = "mi", .done = on_done };
+    vd_mirror_options mo = { .sync = VD_MIRROR_SYNC_FULL };
+    done_calls = 0;
+    CHECK(vd_mirror_start(&job, top, tgt, &mo, &jo, &err) == 0,
+          "mirror: %s", err.message);
+    for (int i = 0; i < 3000 && !ready; i++)
+        usleep(10000);
+    CHECK(ready, "never ready");
+    CHECK(vd_job_complete(job, &err) == 0, "complete: %s", err.message);
+    CHECK(vd_job_wait(job, &err) == 0, "wait: %s", err.message);
+    CHECK(done_calls == 1 && done_ret == 0, "done");
+    vd_job_unref(&job);
+    vd_job_unlisten(on_ready_complete, (void *)&ready);
+    CHECK(vd_user_node(dev) == tgt, "the user was not moved to the target");
+    vd_node *n = vd_user_io_begin(dev);
+    CHECK(n == tgt, "requests still go to the source");
+    write_pattern(n, 65536, 4096, 0x77);
+    vd_user_io_end(dev);
+    check_content(tgt, "target after the pivot");
+    vd_user_free(&dev);
+    vd_close(&tgt, NULL);
+    vd_close(&top, NULL);
+    unlink(p);
 }
 
 /* Writers during the stream: every write lands, none is overwritten by
@@ -397,6 +462,7 @@ int main(void)
     test_verbs();
     test_cancel();
     test_commit();
+    test_mirror();
     test_live_writes();
     vd_job_cancel_all_sync();
     vd_job_unlisten(on_event, NULL);
