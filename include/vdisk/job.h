@@ -347,6 +347,23 @@ VD_API int vd_mirror_start(vd_job **out, vd_node *source, vd_node *target,
                            const vd_mirror_options *mo,
                            const vd_job_options *opts, vd_error *err);
 
+/**
+ * Backs @source up into @target (QEMU's blockdev-backup): @target
+ * becomes @source as it was when the job started, whatever is written
+ * to @source meanwhile (each write first copies the clusters it is about
+ * to change; a write whose copy fails fails too). @sync: FULL copies
+ * everything, TOP what @source's own layer holds, NONE only what writes
+ * are about to change, until the job is cancelled (fleecing). With
+ * @compress the target is written compressed. @target must have
+ * @source's size; others may read it (an export of a fleecing target)
+ * but not write or resize it. Errors (QEMU's texts): "Source and target
+ * cannot be the same", "Source and target image have different sizes",
+ * busy nodes, permission conflicts.
+ */
+VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
+                           vd_mirror_sync sync, bool compress,
+                           const vd_job_options *opts, vd_error *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -197,6 +197,9 @@ struct vd_node {
     /* Active dirty bitmaps (block jobs, backup); snapshot goto refuses
      * to run while there are any. */
     atomic_int dirty_bitmaps;
+    /* Hooks called before every write reaches the node (backup's copy
+     * before write); added and removed with the node drained. */
+    _Atomic(struct vd_write_hook *) write_hooks;
     /* Dirty trackers of jobs (dirty.c): every write marks them. */
     _Atomic(vd_dirty_tracker *) dirty_trackers;
     /* Jobs populating the node by copy-on-read (stream): while > 0,
@@ -624,6 +627,9 @@ int vd_node_populate(vd_node *top, vd_node *base, uint64_t off,
 int vd_dirty_tracker_new(vd_dirty_tracker **out, vd_node *node,
                          uint64_t granularity, vd_error *err);
 void vd_dirty_tracker_free(vd_dirty_tracker **t, vd_node *node);
+/* The same bitmap, registered nowhere (free with node NULL). */
+int vd_dirty_bitmap_new(vd_dirty_tracker **out, uint64_t len,
+                        uint64_t granularity, vd_error *err);
 uint64_t vd_dirty_tracker_granularity(const vd_dirty_tracker *t);
 void vd_dirty_tracker_set(vd_dirty_tracker *t, uint64_t off, uint64_t bytes);
 void vd_dirty_tracker_clear(vd_dirty_tracker *t, uint64_t off,
@@ -641,6 +647,18 @@ bool vd_dirty_tracker_next(const vd_dirty_tracker *t, uint64_t from,
 void vd_node_gate_users(vd_node *node);
 void vd_node_ungate_users(vd_node *node);
 int vd_node_replace(vd_node *from, vd_node *to, vd_error *err);
+
+/* A hook run before every write, zero write, discard and copy into a
+ * node reaches its driver (io.c), with the range; an error fails the
+ * write. Hooks may read the node. vd_node_add_write_hook() and
+ * vd_node_remove_write_hook() drain the node. */
+typedef struct vd_write_hook {
+    int (*fn)(void *opaque, uint64_t off, uint64_t bytes, vd_error *err);
+    void *opaque;
+    struct vd_write_hook *next;
+} vd_write_hook;
+void vd_node_add_write_hook(vd_node *node, vd_write_hook *hook);
+void vd_node_remove_write_hook(vd_node *node, vd_write_hook *hook);
 
 /* io.c: marks [off, off+bytes) in every tracker of @node. */
 void vd_dirty_mark(vd_node *node, uint64_t off, uint64_t bytes);

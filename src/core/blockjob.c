@@ -213,8 +213,8 @@ void vd_block_job_restore_read_only(vd_node *node, bool *reopened)
     *reopened = false;
 }
 
-int vd_block_job_launch(vd_job *job, vd_node *len_of, vd_job **out,
-                        vd_error *err)
+static int launch(vd_job *job, vd_node *len_of, vd_job **out, bool drained,
+                  vd_error *err)
 {
     /* QEMU's job has set its length before the start returns (its
      * coroutine runs until the first yield): a query right after the
@@ -223,11 +223,58 @@ int vd_block_job_launch(vd_job *job, vd_node *len_of, vd_job **out,
     if (len > 0)
         vd_job_progress_set_remaining(job, (uint64_t)len);
     vd_job_ref(job);             /* the caller's */
-    int r = vd_job_start(job, err);
+    int r = drained ? vd_job_start_drained(job, err) : vd_job_start(job, err);
     if (r < 0) {
         vd_job_unref(&job);
         return r;
     }
     *out = job;
+    return 0;
+}
+
+int vd_block_job_launch(vd_job *job, vd_node *len_of, vd_job **out,
+                        vd_error *err)
+{
+    return launch(job, len_of, out, false, err);
+}
+
+int vd_block_job_launch_drained(vd_job *job, vd_node *len_of, vd_job **out,
+                                vd_error *err)
+{
+    return launch(job, len_of, out, true, err);
+}
+
+int vd_block_job_copy(vd_node *src, vd_node *dst, uint64_t off, uint64_t len,
+                      uint8_t *buf, unsigned write_flags,
+                      unsigned zero_flags, bool *in_source, vd_error *err)
+{
+    for (uint64_t pos = off; pos < off + len;) {
+        uint64_t n = 0, map = 0;
+        vd_node *file = NULL;
+        int depth = 0;
+        *in_source = true;
+        int st = vd_node_block_status_above(src, NULL, false, pos,
+                                            off + len - pos, &n, &map, &file,
+                                            &depth, err);
+        if (st < 0)
+            return st;
+        int r;
+        if (!(st & VD_BLOCK_DATA)) {
+            /* Zeros, or nothing anywhere in the chain: reads as zeros. */
+            *in_source = false;
+            r = vd_node_pwrite_zeroes(dst, pos, n, zero_flags, err);
+        } else {
+            vd_iov v;
+            vd_iov_init_buf(&v, buf + (pos - off), n);
+            r = vd_node_preadv(src, pos, n, &v, 0, err);
+            if (r == 0) {
+                *in_source = false;
+                r = vd_node_pwritev(dst, pos, n, &v, write_flags, err);
+            }
+        }
+        if (r < 0)
+            return r;
+        pos += n;
+    }
     return 0;
 }

@@ -12,6 +12,10 @@
  * drained (no request in flight), under the node's mutex, so the list a
  * request walks never changes under it.
  *
+ * The same bitmap serves unregistered (vd_dirty_bitmap_new()) where a
+ * job needs a set of ranges that writes must not mark (backup's copy
+ * bitmap).
+ *
  * Issue 10's dirty bitmaps (named, persistent, exported) will replace
  * this with a hierarchical structure; the contract stays.
  */
@@ -28,6 +32,29 @@ struct vd_dirty_tracker {
     vd_dirty_tracker *next;
 };
 
+static vd_dirty_tracker *bitmap_new(uint64_t len, uint64_t granularity)
+{
+    vd_dirty_tracker *t = calloc(1, sizeof(*t));
+    if (!t)
+        return NULL;
+    while ((1ull << t->shift) < granularity)
+        t->shift++;
+    t->nbits = (len + (1ull << t->shift) - 1) >> t->shift;
+    t->words = calloc(t->nbits / 64 + 1, sizeof(uint64_t));
+    if (!t->words) {
+        free(t);
+        return NULL;
+    }
+    return t;
+}
+
+int vd_dirty_bitmap_new(vd_dirty_tracker **out, uint64_t len,
+                        uint64_t granularity, vd_error *err)
+{
+    *out = bitmap_new(len, granularity);
+    return *out ? 0 : vd_error_set(err, -ENOMEM, "Out of memory");
+}
+
 int vd_dirty_tracker_new(vd_dirty_tracker **out, vd_node *node,
                          uint64_t granularity, vd_error *err)
 {
@@ -35,19 +62,11 @@ int vd_dirty_tracker_new(vd_dirty_tracker **out, vd_node *node,
     if (len < 0)
         return vd_error_set(err, (int)len, "Could not get the length of "
                             "'%s'", node->node_name);
-    vd_dirty_tracker *t = calloc(1, sizeof(*t));
+    /* Writes past the end may raise the node's length while the
+     * tracker exists; those bits are simply never set. */
+    vd_dirty_tracker *t = bitmap_new((uint64_t)len, granularity);
     if (!t)
         return vd_error_set(err, -ENOMEM, "Out of memory");
-    while ((1ull << t->shift) < granularity)
-        t->shift++;
-    /* Room for growth by writes past the end: a node's length may rise
-     * while the tracker exists; those bits are simply never set. */
-    t->nbits = ((uint64_t)len + (1ull << t->shift) - 1) >> t->shift;
-    t->words = calloc(t->nbits / 64 + 1, sizeof(uint64_t));
-    if (!t->words) {
-        free(t);
-        return vd_error_set(err, -ENOMEM, "Out of memory");
-    }
     vd_node_drain_begin(node);
     pthread_mutex_lock(&node->lock);
     t->next = node->dirty_trackers;
@@ -63,6 +82,8 @@ void vd_dirty_tracker_free(vd_dirty_tracker **tp, vd_node *node)
     vd_dirty_tracker *t = *tp;
     if (!t)
         return;
+    if (!node)
+        goto free_it;
     vd_node_drain_begin(node);
     pthread_mutex_lock(&node->lock);
     vd_dirty_tracker *head = atomic_load(&node->dirty_trackers);
@@ -78,6 +99,7 @@ void vd_dirty_tracker_free(vd_dirty_tracker **tp, vd_node *node)
     }
     pthread_mutex_unlock(&node->lock);
     vd_node_drain_end(node);
+free_it:
     free((void *)t->words);
     free(t);
     *tp = NULL;

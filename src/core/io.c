@@ -216,6 +216,50 @@ static bool cor_active(vd_node *n)
            atomic_load(&n->cor_users) > 0;
 }
 
+/* ---- write hooks (backup's copy before write) ---- */
+
+void vd_node_add_write_hook(vd_node *node, vd_write_hook *hook)
+{
+    vd_node_drain_begin(node);
+    pthread_mutex_lock(&node->lock);
+    hook->next = atomic_load(&node->write_hooks);
+    atomic_store(&node->write_hooks, hook);
+    pthread_mutex_unlock(&node->lock);
+    vd_node_drain_end(node);
+}
+
+void vd_node_remove_write_hook(vd_node *node, vd_write_hook *hook)
+{
+    vd_node_drain_begin(node);
+    pthread_mutex_lock(&node->lock);
+    vd_write_hook *head = atomic_load(&node->write_hooks);
+    if (head == hook) {
+        atomic_store(&node->write_hooks, hook->next);
+    } else {
+        for (vd_write_hook *h = head; h && h->next; h = h->next) {
+            if (h->next == hook) {
+                h->next = hook->next;
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&node->lock);
+    vd_node_drain_end(node);
+}
+
+static int run_write_hooks(vd_node *n, uint64_t off, uint64_t bytes,
+                           vd_error *err)
+{
+    for (vd_write_hook *h = atomic_load_explicit(&n->write_hooks,
+                                                 memory_order_acquire);
+         h; h = h->next) {
+        int r = h->fn(h->opaque, off, bytes, err);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
 /* ---- helpers ---- */
 
 void *vd_node_blockalign(vd_node *node, size_t size)
@@ -699,6 +743,12 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     uint32_t a = n->bl.request_alignment;
     vd_tracked_req req;
     bool tracked = a > 1 || cor_active(n);
+    if (atomic_load_explicit(&n->write_hooks, memory_order_relaxed) &&
+        (r = run_write_hooks(n, off, bytes, err)) < 0) {
+        account(n, VD_ACCT_WRITE, r, bytes, t0);
+        inflight_dec(n);
+        return r;
+    }
     if (tracked)
         track_begin(n, &req, align_down(off, a), align_up(off + bytes, a),
                     off % a || bytes % a);
@@ -825,6 +875,11 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
         return r;
     inflight_inc(n);
     uint64_t t0 = now_ns();
+    if (atomic_load_explicit(&n->write_hooks, memory_order_relaxed) &&
+        (r = run_write_hooks(n, off, bytes, err)) < 0) {
+        inflight_dec(n);
+        return r;
+    }
     /* Copy-on-read must not overwrite zeros written meanwhile. */
     vd_tracked_req req;
     bool tracked = cor_active(n);
@@ -868,6 +923,12 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
     uint64_t start = align_up(off, a), end = align_down(off + bytes, a);
     if (off + bytes >= (uint64_t)atomic_load(&n->total_size))
         end = align_up(off + bytes, n->bl.request_alignment);
+    if (start < end &&
+        atomic_load_explicit(&n->write_hooks, memory_order_relaxed) &&
+        (r = run_write_hooks(n, start, end - start, err)) < 0) {
+        inflight_dec(n);
+        return r;
+    }
     vd_node *child = filtered_child(n);
     if (start < end && !n->drv->pdiscard && child) {
         r = vd_node_pdiscard(child, start, end - start, err);
@@ -950,6 +1011,9 @@ int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
     int r = copy_start(true, src, soff, dst, doff, bytes, flags, err);
     if (r <= 0)
         return r;
+    /* Copy offloading bypasses what a write hook needs to see first. */
+    if (atomic_load(&dst->write_hooks))
+        return -ENOTSUP;
     inflight_inc(dst);
     uint64_t t0 = now_ns();
     r = dst->drv->copy_range_to(dst, src, soff, doff, bytes, flags, err);

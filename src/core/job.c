@@ -831,6 +831,24 @@ int vd_job_start(vd_job *job, vd_error *err)
     return 0;
 }
 
+int vd_job_start_drained(vd_job *job, vd_error *err)
+{
+    vd_job_lock();
+    job->pause_count++;
+    vd_job_unlock();
+    int r = vd_job_start(job, err);
+    vd_job_lock();
+    if (r == 0) {
+        /* QEMU's job meets the drain at its first pause point. */
+        while (job->status != VD_JOB_STATUS_PAUSED && !job->run_done)
+            pthread_cond_wait(&job_cond, &job_mutex);
+    }
+    job->pause_count--;
+    vd_job_kick(job);
+    vd_job_unlock();
+    return r;
+}
+
 void vd_job_early_fail(vd_job *job)
 {
     vd_graph_lock();

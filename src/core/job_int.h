@@ -116,6 +116,11 @@ int vd_job_create(vd_job **out, const vd_job_driver *drv, void *state,
  * concluded as QEMU's job_early_fail. */
 int vd_job_start(vd_job *job, vd_error *err);
 
+/* vd_job_start() inside a drained section, as QEMU's transaction
+ * actions start their jobs: the job pauses at its first pause point
+ * (PAUSED), then the section ends and it runs (RUNNING again). */
+int vd_job_start_drained(vd_job *job, vd_error *err);
+
 /* A job that could not be set up after vd_job_create: removes it. */
 void vd_job_early_fail(vd_job *job);
 
@@ -199,6 +204,17 @@ void vd_block_job_restore_read_only(vd_node *node, bool *reopened);
  * (and concluded) and @*out is untouched. */
 int vd_block_job_launch(vd_job *job, vd_node *len_of, vd_job **out,
                         vd_error *err);
+/* The same, started as vd_job_start_drained() does. */
+int vd_block_job_launch_drained(vd_job *job, vd_node *len_of, vd_job **out,
+                                vd_error *err);
+
+/* Copies [off, off+len) of @src (through its chain) into @dst through
+ * @buf (at least @len bytes): data as data (write @write_flags), what
+ * reads as zeros as a zero write (@zero_flags). On failure *in_source
+ * says which side failed. */
+int vd_block_job_copy(vd_node *src, vd_node *dst, uint64_t off, uint64_t len,
+                      uint8_t *buf, unsigned write_flags,
+                      unsigned zero_flags, bool *in_source, vd_error *err);
 
 /* mirror.c: active commit, a mirror of @active into @base, its backing
  * file, of job type commit. */

@@ -62,36 +62,8 @@ static vd_node *backing_of(vd_node *n)
 static int copy_range(mirror_state *s, uint64_t off, uint64_t len,
                       bool *in_source, vd_error *err)
 {
-    for (uint64_t pos = off; pos < off + len;) {
-        uint64_t n = 0, map = 0;
-        vd_node *file = NULL;
-        int depth = 0;
-        *in_source = true;
-        int st = vd_node_block_status_above(s->source, NULL, false, pos,
-                                            off + len - pos, &n, &map, &file,
-                                            &depth, err);
-        if (st < 0)
-            return st;
-        int r;
-        if (!(st & VD_BLOCK_DATA)) {
-            /* Zeros, or nothing anywhere in the chain: reads as zeros. */
-            *in_source = false;
-            r = vd_node_pwrite_zeroes(s->target, pos, n,
-                                      s->unmap ? VD_REQ_MAY_UNMAP : 0, err);
-        } else {
-            vd_iov v;
-            vd_iov_init_buf(&v, s->buf, n);
-            r = vd_node_preadv(s->source, pos, n, &v, 0, err);
-            if (r == 0) {
-                *in_source = false;
-                r = vd_node_pwritev(s->target, pos, n, &v, 0, err);
-            }
-        }
-        if (r < 0)
-            return r;
-        pos += n;
-    }
-    return 0;
+    return vd_block_job_copy(s->source, s->target, off, len, s->buf, 0,
+                             s->unmap ? VD_REQ_MAY_UNMAP : 0, in_source, err);
 }
 
 /* One dirty run of at most buf_size: cleared, then copied; marked again

@@ -332,6 +332,54 @@ QMP_HANDLER(qmp_cmd_blockdev_mirror)
     return json_object_new_object();
 }
 
+QMP_HANDLER(qmp_cmd_blockdev_backup)
+{
+    (void)d;
+    const char *device = arg_s(args, "device");
+    const char *target = arg_s(args, "target");
+    const char *sync = arg_s(args, "sync");
+    vd_job_options o;
+    vd_error err = VD_ERROR_INIT;
+
+    if (common_opts(args, &o, e) < 0)
+        return NULL;
+    const char *oe = arg_s(args, "on-source-error");
+    if (oe)
+        vd_on_error_parse(oe, &o.on_error);
+    oe = arg_s(args, "on-target-error");
+    if (oe)
+        vd_on_error_parse(oe, &o.on_target_error);
+    vd_node *bs = lookup(device, device, e);
+    if (!bs)
+        return NULL;
+    vd_node *target_bs = lookup(target, target, e);
+    if (!target_bs)
+        return NULL;
+    if (strcmp(sync, "bitmap") == 0 || strcmp(sync, "incremental") == 0) {
+        if (!arg_s(args, "bitmap"))
+            return qmp_fail(e, NULL, "must provide a valid bitmap name for "
+                            "'%s' sync mode", sync);
+        return qmp_fail(e, NULL, "Bitmap '%s' could not be found",
+                        arg_s(args, "bitmap"));
+    }
+    if (arg_s(args, "bitmap"))
+        return qmp_fail(e, NULL, "Bitmap '%s' could not be found",
+                        arg_s(args, "bitmap"));
+    if (arg_s(args, "bitmap-mode"))
+        return qmp_fail(e, NULL, "Cannot specify bitmap sync mode without a "
+                        "bitmap");
+    vd_mirror_sync m = strcmp(sync, "full") == 0 ? VD_MIRROR_SYNC_FULL
+                       : strcmp(sync, "top") == 0 ? VD_MIRROR_SYNC_TOP
+                       : VD_MIRROR_SYNC_NONE;
+    vd_job *job = NULL;
+    int r = vd_backup_start(&job, bs, target_bs, m,
+                            arg_b(args, "compress", false), &o, &err);
+    if (r < 0)
+        return fail_err(e, &err, r);
+    vd_job_unref(&job);
+    return json_object_new_object();
+}
+
 /* ---- queries ---- */
 
 static void add_job_info(vd_job *job, const vd_job_info *i, void *opaque)

@@ -106,6 +106,7 @@ QMP_HANDLER(qmp_cmd_qom_set);
 QMP_HANDLER(qmp_cmd_block_stream);
 QMP_HANDLER(qmp_cmd_block_commit);
 QMP_HANDLER(qmp_cmd_blockdev_mirror);
+QMP_HANDLER(qmp_cmd_blockdev_backup);
 QMP_HANDLER(qmp_cmd_query_jobs);
 QMP_HANDLER(qmp_cmd_query_block_jobs);
 QMP_HANDLER(qmp_cmd_job_pause);

@@ -333,6 +333,28 @@ static const qarg args_blockdev_mirror[] = {
     { NULL, 0, false, NULL },
 };
 
+static const char *const bitmap_mode_enum[] = { "on-success", "never",
+                                               "always", NULL };
+
+/* blockdev-backup (BackupCommon and target), QEMU 7.2's order. */
+static const qarg args_blockdev_backup[] = {
+    { "job-id", QT_STR, true, NULL },
+    { "device", QT_STR, false, NULL },
+    { "sync", QT_ENUM, false, sync_enum },
+    { "speed", QT_INT, true, NULL },
+    { "bitmap", QT_STR, true, NULL },
+    { "bitmap-mode", QT_ENUM, true, bitmap_mode_enum },
+    { "compress", QT_BOOL, true, NULL },
+    { "on-source-error", QT_ENUM, true, on_error_enum },
+    { "on-target-error", QT_ENUM, true, on_error_enum },
+    { "auto-finalize", QT_BOOL, true, NULL },
+    { "auto-dismiss", QT_BOOL, true, NULL },
+    { "filter-node-name", QT_STR, true, NULL },
+    { "x-perf", QT_ANY, true, NULL },
+    { "target", QT_STR, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg args_job_id[] = {
     { "id", QT_STR, false, NULL },
     { NULL, 0, false, NULL },
@@ -400,6 +422,8 @@ const qmp_cmd qmp_commands[] = {
     { "block-stream", args_block_stream, qmp_cmd_block_stream, false },
     { "block-commit", args_block_commit, qmp_cmd_block_commit, false },
     { "blockdev-mirror", args_blockdev_mirror, qmp_cmd_blockdev_mirror,
+      false },
+    { "blockdev-backup", args_blockdev_backup, qmp_cmd_blockdev_backup,
       false },
     { "query-jobs", args_none, qmp_cmd_query_jobs, false },
     { "query-block-jobs", args_none, qmp_cmd_query_block_jobs, false },

@@ -37,7 +37,9 @@
 #                               the logged replies, the event sequences
 #                               and chain_state; returns the differences
 #                               (a scenario whose top shows other data
-#                               afterwards on purpose sets f.top_changes)
+#                               afterwards on purpose sets f.top_changes;
+#                               f.post(d), if set, returns more log
+#                               entries made once the daemon has exited)
 #
 # Each test prints what it compared and exits non-zero on a difference.
 
@@ -244,6 +246,8 @@ def compare_jobs(scenarios, top, vdisk, qemu_img):
             m.cmd({"execute": "quit"})
             m.proc.wait(timeout=60)
             m.close()
+            if getattr(sc, "post", None):
+                log += sc.post(d)
             res[name] = ([outcome(x, d) if isinstance(x, dict) and
                           ("error" in x or x.get("return") == {})
                           else norm(x, d) for x in log],

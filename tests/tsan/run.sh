@@ -30,7 +30,7 @@ unit_tests=(tsan-stress test-threads test-qcow2-threads test-qcow2-stress test-c
             test-drivers test-reopen test-snapshot test-qcow2-snapshot
             test-object test-job)
 cli_tests=(io-threads io-aio chain-deep nbd-basic nbd-fio nbd-snapshot
-           qmp-basic serve-daemon qmp-stream)
+           qmp-basic serve-daemon qmp-stream qmp-mirror qmp-backup)
 if [ $# -gt 0 ]; then
     selected=("$@")
 else

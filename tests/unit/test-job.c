@@ -9,11 +9,13 @@
  * QEMU's texts; writes from other threads during the stream that must
  * all survive; the operation blockers a job sets on its nodes; and a
  * commit of the middle layer into the base; a mirror started, completed
- * and pivoted through the API, with a user's requests following it.
+ * and pivoted through the API, with a user's requests following it; a
+ * backup under writes from another thread, equal to the start.
  * Exit 0 pass, 1 fail.
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -353,7 +355,7 @@ static void on_ready_complete(const vd_job_event *ev, void *opaque)
 {
     /* Listeners may not call job functions: note it, complete later. */
     if (ev->type == VD_JOB_EVENT_READY)
-        *(volatile int *)opaque = 1;
+        atomic_store((atomic_int *)opaque, 1);
 }
 
 /* A mirror through the public API: READY, then complete; the opener's
@@ -363,7 +365,7 @@ static void test_mirror(void)
     char p[300];
     vd_error err = VD_ERROR_INIT;
     vd_job *job = NULL;
-    volatile int ready = 0;
+    atomic_int ready = 0;
     make_chain();
     vd_node *top = open_top();
     path_of(p, "tgt.qcow2");
@@ -379,20 +381,20 @@ static void test_mirror(void)
     CHECK(vd_user_new(&dev, top, "device", VD_PERM_CONSISTENT_READ |
                       VD_PERM_WRITE, VD_PERM_ALL, &err) == 0, "user: %s",
           err.message);
-    vd_job_listen(on_ready_complete, (void *)&ready);
+    vd_job_listen(on_ready_complete, &ready);
     vd_job_options jo = { .id = "mi", .done = on_done };
     vd_mirror_options mo = { .sync = VD_MIRROR_SYNC_FULL };
     done_calls = 0;
     CHECK(vd_mirror_start(&job, top, tgt, &mo, &jo, &err) == 0,
           "mirror: %s", err.message);
-    for (int i = 0; i < 3000 && !ready; i++)
+    for (int i = 0; i < 3000 && !atomic_load(&ready); i++)
         usleep(10000);
-    CHECK(ready, "never ready");
+    CHECK(atomic_load(&ready), "never ready");
     CHECK(vd_job_complete(job, &err) == 0, "complete: %s", err.message);
     CHECK(vd_job_wait(job, &err) == 0, "wait: %s", err.message);
     CHECK(done_calls == 1 && done_ret == 0, "done");
     vd_job_unref(&job);
-    vd_job_unlisten(on_ready_complete, (void *)&ready);
+    vd_job_unlisten(on_ready_complete, &ready);
     CHECK(vd_user_node(dev) == tgt, "the user was not moved to the target");
     vd_node *n = vd_user_io_begin(dev);
     CHECK(n == tgt, "requests still go to the source");
@@ -400,6 +402,53 @@ static void test_mirror(void)
     vd_user_io_end(dev);
     check_content(tgt, "target after the pivot");
     vd_user_free(&dev);
+    vd_close(&tgt, NULL);
+    vd_close(&top, NULL);
+    unlink(p);
+}
+
+/* A backup through the public API while threads write the source: the
+ * target must be the source as it was at the start. */
+static uint8_t start_model[SIZE];
+
+static void *backup_writer(void *arg)
+{
+    vd_node *n = arg;
+    for (int k = 0; k < 48; k++)
+        write_pattern(n, ((uint64_t)k * 83 * 1024) % (SIZE - 8192), 8192,
+                      0x90 + (k & 15));
+    return NULL;
+}
+
+static void test_backup(void)
+{
+    char p[300];
+    vd_error err = VD_ERROR_INIT;
+    vd_job *job = NULL;
+    make_chain();
+    vd_node *top = open_top();
+    memcpy(start_model, model, SIZE);
+    path_of(p, "bak.qcow2");
+    unlink(p);
+    vd_opts *o = vd_opts_new();
+    vd_opts_set(o, "size", "4M");
+    CHECK(vd_create(p, "qcow2", o, &err) == 0, "create: %s", err.message);
+    vd_opts_free(&o);
+    vd_node *tgt = NULL;
+    CHECK(vd_open(&tgt, p, "qcow2", NULL, VD_O_RDWR | VD_O_NO_USER, &err) == 0,
+          "open target: %s", err.message);
+    vd_job_options jo = { .id = "bk", .speed = 4 << 20, .done = on_done };
+    done_calls = 0;
+    CHECK(vd_backup_start(&job, top, tgt, VD_MIRROR_SYNC_FULL, false, &jo,
+                          &err) == 0, "backup: %s", err.message);
+    pthread_t t;
+    pthread_create(&t, NULL, backup_writer, top);
+    pthread_join(t, NULL);
+    CHECK(vd_job_wait(job, &err) == 0, "wait: %s", err.message);
+    CHECK(done_calls == 1 && done_ret == 0, "done");
+    vd_job_unref(&job);
+    memcpy(model, start_model, SIZE);
+    check_content(tgt, "backup target");
     vd_close(&tgt, NULL);
     vd_close(&top, NULL);
     unlink(p);
@@ -463,6 +512,7 @@ int main(void)
     test_cancel();
     test_commit();
     test_mirror();
+    test_backup();
     test_live_writes();
     vd_job_cancel_all_sync();
     vd_job_unlisten(on_event, NULL);

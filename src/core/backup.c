@@ -1,0 +1,377 @@
+/*
+ * The backup job (QEMU's blockdev-backup): the target becomes the
+ * source as it was when the job started, however the source is written
+ * meanwhile.
+ *
+ * A copy bitmap (one bit per cluster of the backup, 64 KiB or the
+ * target's larger cluster size, as QEMU's block-copy) holds what is
+ * still to copy. The job walks it; a write hook on the source (QEMU's
+ * copy-before-write filter, without a node of its own) copies every
+ * cluster a write is about to change before the write goes on. A
+ * cluster is claimed before it is copied (its bit cleared, the cluster
+ * marked in flight), so the job and a write never copy it twice, and a
+ * write to a cluster the job is copying waits until the copy is done:
+ * the target gets every cluster exactly as it was at the start. A copy
+ * that fails puts the bit back; a write whose copy failed fails too
+ * (QEMU's on-cbw-error=break-guest-write), so the point in time is never
+ * silently lost.
+ *
+ * sync=full copies every cluster, sync=top those the source's own layer
+ * holds, sync=none nothing but what writes are about to change, until
+ * the job is cancelled (a fleecing target).
+ *
+ * Permissions: the job reads the source and lets others write it (the
+ * hook sees every write) but not resize it; the target is written by the
+ * job and shared with readers (an export of a fleecing target) but not
+ * resized, as QEMU's copy-before-write target child.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "job_int.h"
+
+#define BACKUP_CLUSTER_DEFAULT 65536u
+
+typedef struct inflight {
+    uint64_t cluster;
+    struct inflight *next;
+} inflight;
+
+typedef struct backup_state {
+    vd_node *source, *target;
+    vd_mirror_sync sync;
+    bool compress;
+    uint64_t cluster, len;
+    vd_dirty_tracker *todo;    /* clusters still to copy */
+    pthread_mutex_t lock;      /* claims: @busy, and @todo's bits */
+    pthread_cond_t cond;
+    inflight *busy;
+    vd_write_hook hook;
+    bool hooked;
+    vd_job *job;
+    vd_user *target_user;
+    vd_user *below[64];        /* the source's backing chain, unwritable */
+    int n_below;
+} backup_state;
+
+static vd_node *backing_of(vd_node *n)
+{
+    return n->backing ? n->backing->node : NULL;
+}
+
+static bool is_busy(backup_state *s, uint64_t c)
+{
+    for (inflight *i = s->busy; i; i = i->next)
+        if (i->cluster == c)
+            return true;
+    return false;
+}
+
+static bool is_todo(backup_state *s, uint64_t c)
+{
+    uint64_t off, bytes;
+    return vd_dirty_tracker_next(s->todo, c * s->cluster, s->cluster, &off,
+                                 &bytes) &&
+           off == c * s->cluster;
+}
+
+/* Takes cluster @c for copying: false when it needs no copy (any more).
+ * Waits while someone else copies it. */
+static bool claim(backup_state *s, uint64_t c, inflight *slot)
+{
+    pthread_mutex_lock(&s->lock);
+    while (is_busy(s, c))
+        pthread_cond_wait(&s->cond, &s->lock);
+    bool take = is_todo(s, c);
+    if (take) {
+        vd_dirty_tracker_clear(s->todo, c * s->cluster, s->cluster);
+        slot->cluster = c;
+        slot->next = s->busy;
+        s->busy = slot;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return take;
+}
+
+static void release(backup_state *s, inflight *slot, bool failed)
+{
+    pthread_mutex_lock(&s->lock);
+    for (inflight **p = &s->busy; *p; p = &(*p)->next) {
+        if (*p == slot) {
+            *p = slot->next;
+            break;
+        }
+    }
+    if (failed)
+        vd_dirty_tracker_set(s->todo, slot->cluster * s->cluster, s->cluster);
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* Copies one claimed cluster from the source to the target. */
+static int copy_cluster(backup_state *s, uint64_t c, uint8_t *buf,
+                        bool *in_source, vd_error *err)
+{
+    uint64_t off = c * s->cluster;
+    uint64_t len = s->len - off < s->cluster ? s->len - off : s->cluster;
+    return vd_block_job_copy(s->source, s->target, off, len, buf,
+                             s->compress ? VD_REQ_COMPRESSED : 0,
+                             VD_REQ_MAY_UNMAP, in_source, err);
+}
+
+/* The source is about to be written in [off, off+bytes): first copy
+ * what the target still needs from there. */
+static int before_write(void *opaque, uint64_t off, uint64_t bytes,
+                        vd_error *err)
+{
+    backup_state *s = opaque;
+    if (off >= s->len)
+        return 0;
+    uint64_t end = off + bytes < s->len ? off + bytes : s->len;
+    uint8_t *buf = NULL;
+    int r = 0;
+    for (uint64_t c = off / s->cluster; r == 0 && c * s->cluster < end;
+         c++) {
+        inflight slot;
+        if (!claim(s, c, &slot))
+            continue;
+        if (!buf && !(buf = vd_node_blockalign(s->source, s->cluster))) {
+            release(s, &slot, true);
+            return vd_error_set(err, -ENOMEM, "Out of memory");
+        }
+        bool in_source;
+        r = copy_cluster(s, c, buf, &in_source, err);
+        release(s, &slot, r < 0);
+        if (r == 0)
+            vd_job_progress_update(s->job, s->cluster);
+    }
+    free(buf);
+    return r;
+}
+
+static int backup_run(vd_job *job, vd_error *err)
+{
+    backup_state *s = job->state;
+    if (s->sync == VD_MIRROR_SYNC_NONE) {
+        /* Only the hook copies, until the job is cancelled. */
+        while (!vd_job_is_cancelled(job))
+            vd_job_sleep(job, 100000000ull);
+        return 0;
+    }
+    uint8_t *buf = vd_node_blockalign(s->source, s->cluster);
+    if (!buf)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    int ret = 0;
+    uint64_t cursor = 0, off, bytes;
+    while (vd_dirty_tracker_next(s->todo, cursor, s->cluster, &off,
+                                 &bytes)) {
+        vd_block_job_ratelimit_sleep(job);
+        if (vd_job_is_cancelled(job))
+            break;
+        uint64_t c = off / s->cluster;
+        inflight slot;
+        cursor = off + s->cluster;
+        if (cursor >= s->len)
+            cursor = 0;
+        if (!claim(s, c, &slot))
+            continue;
+        bool in_source;
+        vd_error e = VD_ERROR_INIT;
+        int r = copy_cluster(s, c, buf, &in_source, &e);
+        release(s, &slot, r < 0);
+        if (r < 0) {
+            vd_error_action a = vd_block_job_error_action(
+                job, in_source ? job->on_error : job->on_target_error,
+                in_source, -r);
+            if (a == VD_ERROR_ACTION_REPORT) {
+                vd_error_set(err, r, "%s", e.message);
+                ret = r;
+                break;
+            }
+            cursor = off;
+            continue;
+        }
+        vd_job_progress_update(job, s->cluster);
+        vd_block_job_ratelimit_processed(job, s->cluster);
+    }
+    free(buf);
+    if (ret == 0 && !vd_job_is_cancelled(job))
+        ret = vd_node_flush(s->target, err);
+    return ret;
+}
+
+static void drop_users(backup_state *s)
+{
+    vd_user_free(&s->target_user);
+    while (s->n_below > 0)
+        vd_user_free(&s->below[--s->n_below]);
+}
+
+static void backup_clean(vd_job *job)
+{
+    backup_state *s = job->state;
+    if (s->hooked) {
+        vd_node_remove_write_hook(s->source, &s->hook);
+        s->hooked = false;
+    }
+    drop_users(s);
+    vd_block_job_remove_nodes(job);
+}
+
+static void state_free(backup_state *s)
+{
+    vd_dirty_tracker_free(&s->todo, NULL);
+    pthread_mutex_destroy(&s->lock);
+    pthread_cond_destroy(&s->cond);
+    vd_node_unref(s->source);
+    vd_node_unref(s->target);
+    free(s);
+}
+
+static void backup_free(vd_job *job)
+{
+    state_free(job->state);
+}
+
+static const vd_job_driver backup_driver = {
+    .type = VD_JOB_TYPE_BACKUP,
+    .run = backup_run,
+    .clean = backup_clean,
+    .free = backup_free,
+};
+
+/* QEMU's block-copy cluster: 64 KiB, or the target's larger cluster. */
+static uint64_t backup_cluster(vd_node *target)
+{
+    vd_image_info *info = NULL;
+    uint64_t c = BACKUP_CLUSTER_DEFAULT;
+    if (vd_get_info(target, &info, NULL) == 0) {
+        if (info->cluster_size > 0 && (uint64_t)info->cluster_size > c)
+            c = (uint64_t)info->cluster_size;
+        vd_image_info_free(&info);
+    }
+    return c;
+}
+
+/* The clusters sync asks for. */
+static int todo_init(backup_state *s, vd_error *err)
+{
+    if (s->sync != VD_MIRROR_SYNC_TOP) {
+        vd_dirty_tracker_set(s->todo, 0, s->len);
+        return 0;
+    }
+    vd_node *base = backing_of(s->source);
+    for (uint64_t off = 0; off < s->len;) {
+        uint64_t n = 0, map = 0;
+        vd_node *file = NULL;
+        int depth = 0;
+        int st = vd_node_block_status_above(s->source, base, false, off,
+                                            s->len - off, &n, &map, &file,
+                                            &depth, err);
+        if (st < 0)
+            return st;
+        if (st & VD_BLOCK_ALLOCATED)
+            vd_dirty_tracker_set(s->todo, off, n);
+        off += n;
+    }
+    return 0;
+}
+
+VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
+                           vd_mirror_sync sync, bool compress,
+                           const vd_job_options *opts, vd_error *err)
+{
+    *out = NULL;
+    if (source == target)
+        return vd_error_set(err, -EINVAL, "Source and target cannot be the "
+                            "same");
+    if (compress && !target->drv->supports_compressed)
+        return vd_error_set(err, -ENOTSUP, "Compression is not supported "
+                            "for this drive %s", "");
+    if (vd_op_is_blocked(source, VD_OP_BACKUP_SOURCE, err) ||
+        vd_op_is_blocked(target, VD_OP_BACKUP_TARGET, err))
+        return -EBUSY;
+    int64_t len = vd_node_getlength(source);
+    if (len < 0)
+        return vd_error_set(err, (int)len, "Unable to get length for '%s'",
+                            source->node_name);
+    int64_t tlen = vd_node_getlength(target);
+    if (tlen < 0)
+        return vd_error_set(err, (int)tlen, "Unable to get length for "
+                            "'%s'", target->node_name);
+    if (tlen != len)
+        return vd_error_set(err, -EINVAL, "Source and target image have "
+                            "different sizes");
+
+    backup_state *s = calloc(1, sizeof(*s));
+    if (!s)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->cond, NULL);
+    s->source = source;
+    s->target = target;
+    s->sync = sync;
+    s->compress = compress;
+    s->len = (uint64_t)len;
+    s->cluster = backup_cluster(target);
+    vd_node_ref(source);
+    vd_node_ref(target);
+    int r = vd_dirty_bitmap_new(&s->todo, s->len, s->cluster, err);
+    if (r == 0)
+        r = todo_init(s, err);
+    if (r < 0) {
+        state_free(s);
+        return r;
+    }
+    /* QEMU's copy-before-write filter stands between the source and its
+     * writers and lets nobody write the source's backing chain (a
+     * target there would change what the source shows); vdisk has no
+     * filter node, so the job's edges on that chain say the same. The
+     * target is written by the job, read by anyone (fleecing). Both are
+     * taken before the job exists, as QEMU appends its filter first. */
+    r = vd_user_new(&s->target_user, target, "backup target", VD_PERM_WRITE,
+                    VD_PERM_ALL & ~VD_PERM_RESIZE, err);
+    if (r == 0)
+        s->target_user->edge.job_edge = true;
+    for (vd_node *n = backing_of(source); r == 0 && n && s->n_below < 64;
+         n = backing_of(n)) {
+        r = vd_user_new(&s->below[s->n_below], n, "backup source chain", 0,
+                        VD_PERM_ALL & ~VD_PERM_WRITE, err);
+        if (r == 0)
+            s->below[s->n_below++]->edge.job_edge = true;
+    }
+    if (r < 0) {
+        drop_users(s);
+        state_free(s);
+        return r;
+    }
+    vd_job *job;
+    r = vd_block_job_create(&job, &backup_driver, s, opts, err);
+    if (r < 0) {
+        drop_users(s);
+        state_free(s);
+        return r;
+    }
+    s->job = job;
+    r = vd_block_job_add_node(job, source, VD_PERM_CONSISTENT_READ,
+                              VD_PERM_ALL & ~VD_PERM_RESIZE, err);
+    if (r == 0)
+        r = vd_block_job_add_node(job, target, 0, VD_PERM_ALL, err);
+    if (r < 0) {
+        vd_job_early_fail(job);
+        return r;
+    }
+    /* From here every write to the source first copies what it changes. */
+    s->hook = (vd_write_hook){ before_write, s, NULL };
+    vd_node_add_write_hook(source, &s->hook);
+    s->hooked = true;
+    /* QEMU starts backups as transaction actions, in a drained
+     * section: the job pauses once at its start. */
+    r = vd_block_job_launch_drained(job, source, out, err);
+    if (r == 0) {
+        uint64_t todo = vd_dirty_tracker_count(s->todo);
+        vd_job_progress_set_remaining(job, todo);
+    }
+    return r;
+}
