@@ -1082,6 +1082,23 @@ VD_API int vd_change_backing_file(vd_node *node, const char *backing,
  */
 VD_API int vd_make_empty(vd_node *node, vd_error *err);
 
+/**
+ * Puts @overlay on top of @node while @node is in use (QEMU's
+ * blockdev-snapshot): @node becomes @overlay's backing node, and every
+ * user and parent of @node moves to @overlay (not the opener of
+ * vd_open(), whose caller holds the node itself). The users' requests
+ * are held at their gates meanwhile (vd_user_io_begin()): what they
+ * wrote before is flushed into @node, what they write next goes to
+ * @overlay; none is lost or lands in the wrong layer. @overlay's header
+ * is not changed (create it with @node's file as backing file).
+ * Errors (QEMU's texts): "The overlay is already in use", "The overlay
+ * already has a backing image", "The overlay does not support backing
+ * images", busy nodes, permission conflicts. Graph changes must not race
+ * (see include/vdisk/job.h, vd_graph_lock()).
+ */
+VD_API int vd_snapshot_append(vd_node *node, vd_node *overlay,
+                              vd_error *err);
+
 /* Flags for vd_commit(). */
 #define VD_COMMIT_KEEP_TOP (1u << 0) /* -d: do not empty the top image */
 

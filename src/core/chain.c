@@ -481,3 +481,52 @@ VD_API int vd_rebase(vd_node *top, const char *backing,
     vd_node_unref(new_b);
     return r;
 }
+
+/* ---- live external snapshots ---- */
+
+VD_API int vd_snapshot_append(vd_node *node, vd_node *overlay, vd_error *err)
+{
+    if (vd_op_is_blocked(node, VD_OP_EXTERNAL_SNAPSHOT, err))
+        return -EBUSY;
+    if (vd_node_has_users(overlay))
+        return vd_error_set(err, -EBUSY, "The overlay is already in use");
+    if (vd_op_is_blocked(overlay, VD_OP_EXTERNAL_SNAPSHOT, err))
+        return -EBUSY;
+    if (overlay->backing)
+        return vd_error_set(err, -EINVAL, "The overlay already has a "
+                            "backing image");
+    if (!overlay->drv->supports_backing)
+        return vd_error_set(err, -ENOTSUP, "The overlay does not support "
+                            "backing images");
+    /* Hold the node's users at their gates: what they wrote before is
+     * flushed into @node, what they write next goes to the overlay. */
+    vd_node_gate_users(node);
+    int r = 0;
+    if (!node->read_only) {
+        r = vd_node_flush(node, err);
+        if (r < 0) {
+            vd_node_ungate_users(node);
+            return vd_error_set(err, r, "I/O error");
+        }
+    }
+    vd_node_ref(node);
+    vd_node_drain_begin(overlay);
+    if (!vd_node_attach_child(overlay, node, "backing",
+                              VD_ROLE_COW | VD_ROLE_DATA, err)) {
+        vd_node_drain_end(overlay);
+        vd_node_unref(node);
+        vd_node_ungate_users(node);
+        return err && err->code ? err->code : -ENOMEM;
+    }
+    vd_node_drain_end(overlay);
+    r = vd_node_replace(node, overlay, err);
+    if (r < 0) {
+        vd_node_drain_begin(overlay);
+        vd_node_detach_child(overlay, overlay->backing);
+        vd_node_drain_end(overlay);
+        vd_node_ungate_users(node);
+        return r;
+    }
+    vd_node_ungate_users(overlay);
+    return 0;
+}

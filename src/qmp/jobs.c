@@ -12,6 +12,7 @@
  * the job, and go to every negotiated client.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -378,6 +379,79 @@ QMP_HANDLER(qmp_cmd_blockdev_backup)
         return fail_err(e, &err, r);
     vd_job_unref(&job);
     return json_object_new_object();
+}
+
+/* ---- live external snapshots ---- */
+
+QMP_HANDLER(qmp_cmd_blockdev_snapshot)
+{
+    vd_error err = VD_ERROR_INIT;
+    const char *node = arg_s(args, "node"), *overlay = arg_s(args, "overlay");
+    vd_node *old = lookup(node, node, e);
+    if (!old)
+        return NULL;
+    if (vd_op_is_blocked(old, VD_OP_EXTERNAL_SNAPSHOT, &err))
+        return fail_err(e, &err, err.code);
+    vd_node *new = lookup(overlay, overlay, e);
+    if (!new)
+        return NULL;
+    (void)d;
+    int r = vd_snapshot_append(old, new, &err);
+    return r < 0 ? fail_err(e, &err, r) : json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_blockdev_snapshot_sync)
+{
+    vd_error err = VD_ERROR_INIT;
+    const char *device = arg_s(args, "device");
+    const char *node_name = arg_s(args, "node-name");
+    const char *file = arg_s(args, "snapshot-file");
+    const char *snap_name = arg_s(args, "snapshot-node-name");
+    const char *format = arg_s(args, "format");
+    const char *mode = arg_s(args, "mode");
+    if (!format)
+        format = "qcow2";
+    /* QEMU's bdrv_lookup_bs(device, node-name): a daemon's nodes have
+     * no device names, so only node-name finds one. */
+    vd_node *old = lookup(device, node_name, e);
+    if (!old)
+        return NULL;
+    if (vd_op_is_blocked(old, VD_OP_EXTERNAL_SNAPSHOT, &err))
+        return fail_err(e, &err, err.code);
+    if (node_name && !snap_name)
+        return qmp_fail(e, NULL, "New overlay node-name missing");
+    if (snap_name && vd_find_node(snap_name))
+        return qmp_fail(e, NULL, "New overlay node-name already in use");
+    int r;
+    if (!mode || strcmp(mode, "existing") != 0) {
+        if (vd_driver_features(format) == 0)
+            return qmp_fail(e, NULL, "Unknown file format '%s'", format);
+        vd_opts *o = vd_opts_new();
+        char size[32];
+        snprintf(size, sizeof(size), "%" PRId64, vd_getlength(old));
+        vd_opts_set(o, "size", size);
+        vd_opts_set(o, "backing_file", vd_node_filename(old));
+        vd_opts_set(o, "backing_fmt", vd_node_format(old));
+        r = vd_create(file, format, o, &err);
+        vd_opts_free(&o);
+        if (r < 0)
+            return fail_err(e, &err, r);
+    }
+    vd_opts *o = vd_opts_new();
+    if (snap_name)
+        vd_opts_set(o, "node-name", snap_name);
+    vd_node *new = NULL;
+    r = vd_open(&new, file, format, o, VD_O_RDWR | VD_O_NO_BACKING |
+                VD_O_NO_USER | VD_O_QUIET, &err);
+    vd_opts_free(&o);
+    if (r < 0)
+        return fail_err(e, &err, r);
+    r = vd_snapshot_append(old, new, &err);
+    /* As QEMU: the new overlay lives on through what uses it now; used
+     * by nothing, it goes again (the monitor does not own it). */
+    vd_close(&new, NULL);
+    (void)d;
+    return r < 0 ? fail_err(e, &err, r) : json_object_new_object();
 }
 
 /* ---- queries ---- */

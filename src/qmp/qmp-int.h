@@ -107,6 +107,8 @@ QMP_HANDLER(qmp_cmd_block_stream);
 QMP_HANDLER(qmp_cmd_block_commit);
 QMP_HANDLER(qmp_cmd_blockdev_mirror);
 QMP_HANDLER(qmp_cmd_blockdev_backup);
+QMP_HANDLER(qmp_cmd_blockdev_snapshot);
+QMP_HANDLER(qmp_cmd_blockdev_snapshot_sync);
 QMP_HANDLER(qmp_cmd_query_jobs);
 QMP_HANDLER(qmp_cmd_query_block_jobs);
 QMP_HANDLER(qmp_cmd_job_pause);

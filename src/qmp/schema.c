@@ -355,6 +355,25 @@ static const qarg args_blockdev_backup[] = {
     { NULL, 0, false, NULL },
 };
 
+static const qarg args_blockdev_snapshot[] = {
+    { "node", QT_STR, false, NULL },
+    { "overlay", QT_STR, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const char *const new_image_mode_enum[] = { "existing",
+                                                  "absolute-paths", NULL };
+
+static const qarg args_blockdev_snapshot_sync[] = {
+    { "device", QT_STR, true, NULL },
+    { "node-name", QT_STR, true, NULL },
+    { "snapshot-file", QT_STR, false, NULL },
+    { "snapshot-node-name", QT_STR, true, NULL },
+    { "format", QT_STR, true, NULL },
+    { "mode", QT_ENUM, true, new_image_mode_enum },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg args_job_id[] = {
     { "id", QT_STR, false, NULL },
     { NULL, 0, false, NULL },
@@ -425,6 +444,10 @@ const qmp_cmd qmp_commands[] = {
       false },
     { "blockdev-backup", args_blockdev_backup, qmp_cmd_blockdev_backup,
       false },
+    { "blockdev-snapshot", args_blockdev_snapshot, qmp_cmd_blockdev_snapshot,
+      false },
+    { "blockdev-snapshot-sync", args_blockdev_snapshot_sync,
+      qmp_cmd_blockdev_snapshot_sync, false },
     { "query-jobs", args_none, qmp_cmd_query_jobs, false },
     { "query-block-jobs", args_none, qmp_cmd_query_block_jobs, false },
     { "job-pause", args_job_id, qmp_cmd_job_pause, false },
