@@ -132,6 +132,10 @@ typedef struct vd_job_options {
     vd_on_error on_target_error;
     bool manual_finalize;     /* auto-finalize=false */
     bool manual_dismiss;      /* auto-dismiss=false */
+    /* Create the job without starting it (a transaction's prepare):
+     * vd_job_start_deferred() starts it, vd_job_cancel() drops it. Only
+     * vd_backup_start() takes it. */
+    bool defer_start;
     /* Called once when the job finalizes, with 0 on success, -ECANCELED
      * when cancelled, or the error; from the finalizing thread, with the
      * job lock not held (it may query the job, not wait for it). */
@@ -225,6 +229,11 @@ VD_API int vd_job_set_speed(vd_job *job, int64_t speed, vd_error *err);
  * with manual_finalize must be finalized by another thread meanwhile.
  */
 VD_API int vd_job_wait(vd_job *job, vd_error *err);
+
+/** Starts a job created with defer_start, as a transaction's commit
+ * does (QEMU's jobs meet the transaction's drained section first: the
+ * job pauses once, then runs). -EPERM when it is not in CREATED. */
+VD_API int vd_job_start_deferred(vd_job *job, vd_error *err);
 
 /** Cancels every job (forced) and waits for each, as QEMU does on exit.
  * Call with no job pending a manual finalize that nobody will give. */

@@ -1099,6 +1099,12 @@ VD_API int vd_make_empty(vd_node *node, vd_error *err);
 VD_API int vd_snapshot_append(vd_node *node, vd_node *overlay,
                               vd_error *err);
 
+/** Undoes vd_snapshot_append() (a transaction that failed later): every
+ * user and parent of @overlay moves back to its backing node, with the
+ * same gates, and @overlay loses its backing node. Writes made to
+ * @overlay meanwhile stay in @overlay. */
+VD_API int vd_snapshot_unappend(vd_node *overlay, vd_error *err);
+
 /* Flags for vd_commit(). */
 #define VD_COMMIT_KEEP_TOP (1u << 0) /* -d: do not empty the top image */
 

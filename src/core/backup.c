@@ -362,16 +362,32 @@ VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
         vd_job_early_fail(job);
         return r;
     }
+    /* QEMU's backup job sits on its filter node, not on the source: the
+     * source stays open to what does not change its content behind the
+     * hook's back (snapshots on top of it, other jobs reading it). What
+     * would is still refused: reverting to an internal snapshot, and
+     * resizing and deleting, which permissions and references refuse
+     * anyway. */
+    for (int op = 0; op < VD_OP__MAX; op++)
+        if (op != VD_OP_SNAPSHOT_GOTO && op != VD_OP_RESIZE &&
+            op != VD_OP_DRIVE_DEL)
+            vd_op_unblock(source, (vd_op)op, job->blocker);
     /* From here every write to the source first copies what it changes. */
     s->hook = (vd_write_hook){ before_write, s, NULL };
     vd_node_add_write_hook(source, &s->hook);
     s->hooked = true;
+    vd_job_progress_set_remaining(job, vd_dirty_tracker_count(s->todo));
+    if (opts->defer_start) {
+        vd_job_ref(job);             /* the caller's */
+        *out = job;
+        return 0;
+    }
     /* QEMU starts backups as transaction actions, in a drained
      * section: the job pauses once at its start. */
-    r = vd_block_job_launch_drained(job, source, out, err);
-    if (r == 0) {
-        uint64_t todo = vd_dirty_tracker_count(s->todo);
-        vd_job_progress_set_remaining(job, todo);
-    }
-    return r;
+    r = vd_job_start_drained(job, err);
+    if (r < 0)
+        return r;
+    vd_job_ref(job);
+    *out = job;
+    return 0;
 }

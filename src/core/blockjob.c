@@ -213,8 +213,8 @@ void vd_block_job_restore_read_only(vd_node *node, bool *reopened)
     *reopened = false;
 }
 
-static int launch(vd_job *job, vd_node *len_of, vd_job **out, bool drained,
-                  vd_error *err)
+int vd_block_job_launch(vd_job *job, vd_node *len_of, vd_job **out,
+                        vd_error *err)
 {
     /* QEMU's job has set its length before the start returns (its
      * coroutine runs until the first yield): a query right after the
@@ -223,25 +223,13 @@ static int launch(vd_job *job, vd_node *len_of, vd_job **out, bool drained,
     if (len > 0)
         vd_job_progress_set_remaining(job, (uint64_t)len);
     vd_job_ref(job);             /* the caller's */
-    int r = drained ? vd_job_start_drained(job, err) : vd_job_start(job, err);
+    int r = vd_job_start(job, err);
     if (r < 0) {
         vd_job_unref(&job);
         return r;
     }
     *out = job;
     return 0;
-}
-
-int vd_block_job_launch(vd_job *job, vd_node *len_of, vd_job **out,
-                        vd_error *err)
-{
-    return launch(job, len_of, out, false, err);
-}
-
-int vd_block_job_launch_drained(vd_job *job, vd_node *len_of, vd_job **out,
-                                vd_error *err)
-{
-    return launch(job, len_of, out, true, err);
 }
 
 int vd_block_job_copy(vd_node *src, vd_node *dst, uint64_t off, uint64_t len,

@@ -530,3 +530,25 @@ VD_API int vd_snapshot_append(vd_node *node, vd_node *overlay, vd_error *err)
     vd_node_ungate_users(overlay);
     return 0;
 }
+
+VD_API int vd_snapshot_unappend(vd_node *overlay, vd_error *err)
+{
+    vd_node *node = overlay->backing ? overlay->backing->node : NULL;
+    if (!node)
+        return vd_error_set(err, -EINVAL, "'%s' has no backing node",
+                            overlay->node_name);
+    vd_node_ref(node);
+    vd_node_gate_users(overlay);
+    int r = vd_node_replace(overlay, node, err);
+    if (r < 0) {
+        vd_node_ungate_users(overlay);
+        vd_node_unref(node);
+        return r;
+    }
+    vd_node_drain_begin(overlay);
+    vd_node_detach_child(overlay, overlay->backing);
+    vd_node_drain_end(overlay);
+    vd_node_ungate_users(node);
+    vd_node_unref(node);
+    return 0;
+}

@@ -849,6 +849,17 @@ int vd_job_start_drained(vd_job *job, vd_error *err)
     return r;
 }
 
+VD_API int vd_job_start_deferred(vd_job *job, vd_error *err)
+{
+    vd_job_lock();
+    bool created = job->status == VD_JOB_STATUS_CREATED && !job->started;
+    vd_job_unlock();
+    if (!created)
+        return vd_error_set(err, -EPERM, "Job '%s' was started already",
+                            job->id);
+    return vd_job_start_drained(job, err);
+}
+
 void vd_job_early_fail(vd_job *job)
 {
     vd_graph_lock();

@@ -204,9 +204,6 @@ void vd_block_job_restore_read_only(vd_node *node, bool *reopened);
  * (and concluded) and @*out is untouched. */
 int vd_block_job_launch(vd_job *job, vd_node *len_of, vd_job **out,
                         vd_error *err);
-/* The same, started as vd_job_start_drained() does. */
-int vd_block_job_launch_drained(vd_job *job, vd_node *len_of, vd_job **out,
-                                vd_error *err);
 
 /* Copies [off, off+len) of @src (through its chain) into @dst through
  * @buf (at least @len bytes): data as data (write @write_flags), what

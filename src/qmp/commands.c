@@ -1223,7 +1223,8 @@ static vd_node *snapshot_node(const char *dev, qmp_error *e)
                  dev);
         return NULL;
     }
-    if (vd_node_parent_count(node) > 0) {
+    /* A node a job uses is no root either (QEMU's bdrv_is_root_node). */
+    if (!vd_node_is_root(node)) {
         qmp_fail(e, NULL, "Need a root block node");
         return NULL;
     }

@@ -335,7 +335,6 @@ QMP_HANDLER(qmp_cmd_blockdev_mirror)
 
 QMP_HANDLER(qmp_cmd_blockdev_backup)
 {
-    (void)d;
     const char *device = arg_s(args, "device");
     const char *target = arg_s(args, "target");
     const char *sync = arg_s(args, "sync");
@@ -373,11 +372,15 @@ QMP_HANDLER(qmp_cmd_blockdev_backup)
                        : strcmp(sync, "top") == 0 ? VD_MIRROR_SYNC_TOP
                        : VD_MIRROR_SYNC_NONE;
     vd_job *job = NULL;
+    o.defer_start = d->txn_defer;
     int r = vd_backup_start(&job, bs, target_bs, m,
                             arg_b(args, "compress", false), &o, &err);
     if (r < 0)
         return fail_err(e, &err, r);
-    vd_job_unref(&job);
+    if (d->txn_defer)
+        d->txn_job = job;         /* the transaction starts it */
+    else
+        vd_job_unref(&job);
     return json_object_new_object();
 }
 

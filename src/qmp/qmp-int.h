@@ -109,6 +109,7 @@ QMP_HANDLER(qmp_cmd_blockdev_mirror);
 QMP_HANDLER(qmp_cmd_blockdev_backup);
 QMP_HANDLER(qmp_cmd_blockdev_snapshot);
 QMP_HANDLER(qmp_cmd_blockdev_snapshot_sync);
+QMP_HANDLER(qmp_cmd_transaction);
 QMP_HANDLER(qmp_cmd_query_jobs);
 QMP_HANDLER(qmp_cmd_query_block_jobs);
 QMP_HANDLER(qmp_cmd_job_pause);
@@ -138,6 +139,10 @@ typedef struct qmp_listener qmp_listener;
 
 struct qmp_daemon {
     pthread_mutex_t lock;          /* the big lock, see above */
+    /* Inside a transaction's prepare (transaction.c): job commands
+     * create their job without starting it and leave it here. */
+    bool txn_defer;
+    struct vd_job *txn_job;
     bool keyval;                   /* the running command's arguments come
                                       from a command line (under lock) */
     vd_node **nodes;               /* monitor-owned, in creation order */

@@ -374,6 +374,14 @@ static const qarg args_blockdev_snapshot_sync[] = {
     { NULL, 0, false, NULL },
 };
 
+/* transaction: each action's data is checked against its command's
+ * schema by transaction.c. */
+static const qarg args_transaction[] = {
+    { "actions", QT_ANY, false, NULL },
+    { "properties", QT_ANY, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg args_job_id[] = {
     { "id", QT_STR, false, NULL },
     { NULL, 0, false, NULL },
@@ -448,6 +456,7 @@ const qmp_cmd qmp_commands[] = {
       false },
     { "blockdev-snapshot-sync", args_blockdev_snapshot_sync,
       qmp_cmd_blockdev_snapshot_sync, false },
+    { "transaction", args_transaction, qmp_cmd_transaction, false },
     { "query-jobs", args_none, qmp_cmd_query_jobs, false },
     { "query-block-jobs", args_none, qmp_cmd_query_block_jobs, false },
     { "job-pause", args_job_id, qmp_cmd_job_pause, false },

@@ -1,0 +1,150 @@
+/*
+ * QMP's transaction: several actions that happen all or not at all, as
+ * qemu-storage-daemon 7.2 runs them (../shared/specs/transaction.json).
+ * Each action is prepared in order by the command that does it alone
+ * (its arguments checked against that command's schema), a backup's job
+ * being created but not started; when one fails, the ones before it are
+ * undone in reverse order and its error is the transaction's; when all
+ * succeeded, the backups start. Undoing: an external snapshot moves its
+ * users back (vd_snapshot_unappend()), an internal snapshot is deleted,
+ * a backup job is cancelled before it ever ran.
+ *
+ * Actions vdisk does not have yet (drive-backup, the dirty bitmap ones)
+ * and completion-mode "grouped" are refused before anything happens.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vdisk/job.h"
+#include "qmp-int.h"
+
+typedef struct prepared {
+    const char *type;
+    json_object *data;
+    vd_job *job;
+} prepared;
+
+static const char *const supported[] = {
+    "abort", "blockdev-backup", "blockdev-snapshot", "blockdev-snapshot-sync",
+    "blockdev-snapshot-internal-sync", NULL,
+};
+static const char *const known[] = {
+    "abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear", "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
+    "blockdev-backup", "blockdev-snapshot", "blockdev-snapshot-internal-sync",
+    "blockdev-snapshot-sync", "drive-backup", NULL,
+};
+
+static bool in(const char *const *list, const char *s)
+{
+    for (; *list; list++)
+        if (strcmp(*list, s) == 0)
+            return true;
+    return false;
+}
+
+static const char *str(json_object *o, const char *key)
+{
+    json_object *v;
+    return json_object_object_get_ex(o, key, &v) ? json_object_get_string(v)
+                                                 : NULL;
+}
+
+static void undo(prepared *p)
+{
+    vd_error err = VD_ERROR_INIT;
+    if (strcmp(p->type, "blockdev-backup") == 0) {
+        if (p->job) {
+            vd_job_cancel(p->job, true, &err);
+            vd_job_unref(&p->job);
+        }
+    } else if (strcmp(p->type, "blockdev-snapshot") == 0 ||
+               strcmp(p->type, "blockdev-snapshot-sync") == 0) {
+        const char *ov = str(p->data, strcmp(p->type, "blockdev-snapshot") == 0
+                                      ? "overlay" : "snapshot-node-name");
+        vd_node *n = ov ? vd_find_node(ov) : NULL;
+        if (n)
+            vd_snapshot_unappend(n, &err);
+    } else if (strcmp(p->type, "blockdev-snapshot-internal-sync") == 0) {
+        vd_node *n = vd_find_node(str(p->data, "device"));
+        if (n)
+            vd_snapshot_delete(n, NULL, str(p->data, "name"), &err);
+    }
+}
+
+QMP_HANDLER(qmp_cmd_transaction)
+{
+    json_object *actions, *props;
+    json_object_object_get_ex(args, "actions", &actions);
+    if (json_object_object_get_ex(args, "properties", &props)) {
+        const char *mode = str(props, "completion-mode");
+        if (mode && strcmp(mode, "grouped") == 0)
+            return qmp_fail(e, NULL, "completion-mode 'grouped' is not "
+                            "supported yet");
+    }
+    size_t n = json_object_array_length(actions);
+    /* Everything checked first: nothing happens for a bad action. */
+    for (size_t i = 0; i < n; i++) {
+        json_object *a = json_object_array_get_idx(actions, i), *data;
+        const char *type = str(a, "type");
+        if (!json_object_is_type(a, json_type_object) || !type)
+            return qmp_fail(e, NULL, "Parameter 'actions[%zu].type' is "
+                            "missing", i);
+        if (!in(known, type))
+            return qmp_fail(e, NULL, "Parameter 'type' does not accept value "
+                            "'%s'", type);
+        if (!in(supported, type))
+            return qmp_fail(e, NULL, "Transaction action '%s' is not "
+                            "supported yet", type);
+        /* Even abort's (empty) data is required, as QEMU's union. */
+        if (!json_object_object_get_ex(a, "data", &data))
+            return qmp_fail(e, NULL, "Parameter 'actions[%zu].data' is "
+                            "missing", i);
+        if (strcmp(type, "abort") != 0) {
+            char prefix[64];
+            snprintf(prefix, sizeof(prefix), "actions[%zu].data.", i);
+            if (qmp_check_args(data, qmp_find_command(type)->args, prefix,
+                               false, e) < 0)
+                return NULL;
+        }
+    }
+    prepared *done = calloc(n ? n : 1, sizeof(*done));
+    if (!done)
+        return qmp_fail(e, NULL, "out of memory");
+    size_t k = 0;
+    for (; k < n; k++) {
+        json_object *a = json_object_array_get_idx(actions, k), *data = NULL;
+        const char *type = str(a, "type");
+        if (strcmp(type, "abort") == 0) {
+            qmp_fail(e, NULL, "Transaction aborted using Abort action");
+            break;
+        }
+        json_object_object_get_ex(a, "data", &data);
+        d->txn_defer = true;
+        d->txn_job = NULL;
+        json_object *r = qmp_find_command(type)->fn(d, data, e);
+        d->txn_defer = false;
+        if (!r)
+            break;
+        json_object_put(r);
+        done[k] = (prepared){ type, data, d->txn_job };
+        d->txn_job = NULL;
+    }
+    if (k < n) {
+        while (k-- > 0)
+            undo(&done[k]);
+        free(done);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (done[i].job) {
+            vd_error err = VD_ERROR_INIT;
+            vd_job_start_deferred(done[i].job, &err);
+            vd_job_unref(&done[i].job);
+        }
+    }
+    free(done);
+    return json_object_new_object();
+}
