@@ -74,7 +74,13 @@ static int64_t iterate(vd_job *job, mirror_state *s, uint64_t *cursor,
                        vd_error *err)
 {
     uint64_t off, len;
-    if (!vd_dirty_tracker_next(s->dirty, *cursor, s->buf_size, &off, &len))
+    /* At most QEMU's max_io_bytes a piece (a 16th of the buffer, at
+     * least 1 MiB), so that the speed limit meters small steps. */
+    uint64_t piece = s->buf_size / 16 > (1u << 20) ? s->buf_size / 16
+                                                   : (1u << 20);
+    if (piece > s->buf_size)
+        piece = s->buf_size;
+    if (!vd_dirty_tracker_next(s->dirty, *cursor, piece, &off, &len))
         return 0;
     vd_dirty_tracker_clear(s->dirty, off, len);
     *cursor = off + len;
