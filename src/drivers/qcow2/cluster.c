@@ -29,7 +29,12 @@
  * Reads and in-place writes (cluster allocated with refcount 1, the
  * COPIED flag) only look the mapping up under the lock and do their data
  * I/O without it. Guest offsets are always checked against the
- * in-flight list before metadata is changed.
+ * in-flight list before metadata is changed, and before an L2 entry is
+ * looked at to decide what to change: an allocation in flight has its
+ * data on the disk but its entry not yet linked, so its entry still
+ * says "no data" (a zero write of part of such a cluster once took that
+ * for an empty cluster and zeroed it whole, losing the other writer's
+ * data). The wait drops the lock; decide only after it.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -504,6 +509,22 @@ static void wait_inflight(qcow2_state *s, uint64_t first, uint64_t n)
 {
     while (inflight_overlaps(s, first, n)) {
         pthread_cond_wait(&s->alloc_cond, &s->lock);
+    }
+}
+
+/*
+ * Waits until no allocation in flight touches a cluster of guest
+ * [off, off+bytes). A decision taken on an L2 entry must be taken after
+ * this wait and with the lock held since: the wait drops the lock, and
+ * an allocation links its entry only when it ends. Lock held.
+ */
+static void wait_range_inflight(qcow2_state *s, uint64_t off, uint64_t bytes)
+{
+    uint64_t first = off >> s->cluster_bits;
+
+    if (bytes > 0) {
+        wait_inflight(s, first, ((off + bytes - 1) >> s->cluster_bits) -
+                                first + 1);
     }
 }
 
@@ -1574,9 +1595,14 @@ int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
             return -ENOTSUP;
         }
         pthread_mutex_lock(&s->lock);
-        /* A write may have come in since the check. */
+        /* A write may have come in since the check, and one may still be
+         * in flight: its data is on the disk but its L2 entry not yet
+         * linked, so the entry says "no data". Wait for it first and
+         * decide on the entry it leaves; no new allocation can start
+         * while the lock stays held until the subcluster is zeroed. */
         off -= head;
         bytes = sc;
+        wait_range_inflight(s, off, bytes);
         ret = qcow2_get_host_offset(s, off, &n, &host, &t, err);
         if (ret == 0 && t != QCOW2_SC_UNALLOCATED_PLAIN &&
             t != QCOW2_SC_UNALLOCATED_ALLOC && t != QCOW2_SC_ZERO_PLAIN &&
@@ -1589,6 +1615,9 @@ int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
         }
     } else {
         pthread_mutex_lock(&s->lock);
+        /* The checks below (compressed clusters, validation) look at the
+         * entries an in-flight allocation is about to replace. */
+        wait_range_inflight(s, off, bytes);
     }
     /* Clusters are freed (unmap, compressed ones): validate first. */
     ret = begin_range_change(s, off, bytes, err);
@@ -1616,7 +1645,9 @@ static int discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
         return 0;   /* partial clusters are ignored, as QEMU does */
     }
     pthread_mutex_lock(&s->lock);
-    /* Every cluster freed must be what its entry says. */
+    /* Every cluster freed must be what its entry says, as linked by any
+     * allocation still in flight. */
+    wait_range_inflight(s, a, b - a);
     ret = begin_range_change(s, a, b - a, err);
     if (ret == 0) {
         ret = zero_or_discard_range(s, a, b - a, true, full, false, err);
