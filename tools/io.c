@@ -61,6 +61,7 @@ typedef struct aio_req aio_req;
 
 static struct {
     vd_node *node;        /* NULL after close or when no file was given */
+    char *temp_overlay;   /* -s: the overlay's file, removed at close */
     bool quit;
     aio_req *aio_head;    /* outstanding aio requests, oldest first */
     aio_req *aio_tail;
@@ -522,6 +523,26 @@ static int usage_of(const char *name)
 /* read, readv, write, writev                                         */
 /* ------------------------------------------------------------------ */
 
+/*
+ * read -b / write -b: @count bytes at @offset of the image's VM state area
+ * (qcow2's, past the guest disk), through the library's vmstate calls.
+ * As qemu-io, there is no range check against the disk's length. A
+ * format without such an area fails with ENOTSUP and, as QEMU, nothing
+ * more than "read failed: Operation not supported" is said.
+ */
+static int vmstate_io(bool write, uint8_t *buf, int64_t count, int64_t offset,
+                      vd_error *err)
+{
+    int ret = write ? vd_save_vmstate(io.node, buf, (uint64_t)count,
+                                      (uint64_t)offset, err)
+                    : vd_load_vmstate(io.node, buf, (uint64_t)count,
+                                      (uint64_t)offset, err);
+    if (ret == -ENOTSUP) {
+        vd_error_clear(err);
+    }
+    return ret;
+}
+
 static int read_f(int argc, char **argv)
 {
     bool held;
@@ -615,7 +636,7 @@ static int read_f(int argc, char **argv)
     held = wait_begin();
     t1 = now();
     if (bflag) {
-        ret = -ENOTSUP; /* vdisk has no VM state area */
+        ret = vmstate_io(false, buf, count, offset, &err);
     } else {
         ret = check_range(offset, count);
         if (ret == 0) {
@@ -882,7 +903,7 @@ static int write_f(int argc, char **argv)
     held = wait_begin();
     t1 = now();
     if (bflag) {
-        ret = -ENOTSUP;
+        ret = vmstate_io(true, buf, count, offset, &err);
     } else {
         ret = check_range(offset, count);
         if (ret == 0 && zflag) {
@@ -1920,6 +1941,7 @@ typedef struct open_args {
     const char *discard;
     bool readonly, force_share, image_opts;
     bool copy_on_read;    /* -C: reads fill the top image from its backing */
+    bool snapshot;        /* -s: writes go to a temporary overlay */
     vd_opts *opts;        /* -o options, may be NULL */
 } open_args;
 
@@ -1958,6 +1980,90 @@ static bool check_mode_option(int c, const char *mode)
     fflush(stdout);
     cli_error("Invalid %s option: %s", c == 'd' ? "discard" : "aio", mode);
     return false;
+}
+
+/* The options of -s's temporary overlay itself; the others (the
+ * driver's, the file's) belong to the image under it. */
+static const char *const overlay_keys[] = {
+    "cache", "aio", "discard", "detect-zeroes", "copy-on-read", NULL,
+};
+
+/*
+ * -s, as qemu-io's BDRV_O_SNAPSHOT: the image is opened read-only and a
+ * temporary qcow2 overlay of the same length, made in $TMPDIR (else
+ * /var/tmp) as QEMU names it ("vl.XXXXXX"), is put on top with the image
+ * as its backing node, so every write lands in the overlay and is lost
+ * when the image is closed (close_image() removes the file). The image
+ * is never written. Sets io.node and io.temp_overlay.
+ */
+static int open_temp_overlay(const char *filename, const char *format,
+                             vd_opts *opts, unsigned flags, vd_error *err)
+{
+    const char *tmpdir = getenv("TMPDIR");
+    vd_opts *oopts = vd_opts_new(), *copts = vd_opts_new();
+    vd_node *base = NULL;
+    char *path = NULL, size[32];
+    int fd, ret;
+
+    if (!oopts || !copts) {
+        ret = vd_error_set(err, -ENOMEM, "Out of memory");
+        goto out;
+    }
+    for (size_t i = 0; overlay_keys[i]; i++) {
+        const char *v = vd_opts_get(opts, overlay_keys[i]);
+        if (v && (ret = vd_opts_set(oopts, overlay_keys[i], v)) < 0) {
+            goto out;
+        }
+    }
+    /* The image below is read, never written (copy-on-read fills the
+     * overlay), whatever -o read-only says. */
+    vd_opts_del(opts, "copy-on-read");
+    vd_opts_del(opts, "read-only");
+    ret = vd_open(&base, filename, format, opts, flags & ~VD_O_RDWR, err);
+    if (ret < 0) {
+        goto out;
+    }
+    if (asprintf(&path, "%s/vl.XXXXXX", tmpdir && *tmpdir ? tmpdir
+                                                         : "/var/tmp") < 0) {
+        path = NULL;
+        ret = vd_error_set(err, -ENOMEM, "Out of memory");
+        goto out;
+    }
+    fd = mkstemp(path);
+    if (fd < 0) {
+        ret = vd_error_set_errno(err, -errno, "Could not get temporary "
+                                 "filename");
+        free(path);
+        path = NULL;
+        goto out;
+    }
+    close(fd);
+    snprintf(size, sizeof(size), "%" PRId64, vd_getlength(base));
+    ret = vd_opts_set(copts, "size", size);
+    if (ret == 0) {
+        ret = vd_create(path, "qcow2", copts, err);
+    }
+    if (ret == 0) {
+        ret = vd_opts_set(oopts, "backing", vd_node_name(base));
+    }
+    if (ret == 0) {
+        ret = vd_open(&io.node, path, "qcow2", oopts,
+                      (flags & VD_O_RDWR) ? flags & ~VD_O_FORCE_SHARE : flags,
+                      err);
+    }
+    if (ret < 0) {
+        unlink(path);
+        goto out;
+    }
+    io.temp_overlay = path;
+    path = NULL;
+out:
+    /* The overlay holds the image now; this handle is no longer needed. */
+    vd_close(&base, NULL);
+    free(path);
+    vd_opts_free(&oopts);
+    vd_opts_free(&copts);
+    return ret;
 }
 
 /* Opens @name into io.node; prints qemu-io's message on failure. */
@@ -2010,7 +2116,9 @@ static int open_image(const char *name, const open_args *a)
         filename = NULL;
     }
     ret = set_default_discard(opts);
-    if (ret == 0) {
+    if (ret == 0 && a->snapshot) {
+        ret = open_temp_overlay(filename, format, opts, flags, &err);
+    } else if (ret == 0) {
         ret = vd_open(&io.node, filename, format, opts, flags, &err);
     }
     if (ret < 0) {
@@ -2020,8 +2128,8 @@ static int open_image(const char *name, const open_args *a)
 fail:
     fflush(stdout);
     /* As qemu-io: an option string is no device name. */
-    cli_error("can't open%s%s: %s", a->image_opts ? "" : " device ",
-              a->image_opts ? "" : name,
+    cli_error("can't open%s%s: %s", a->image_opts || !name ? "" : " device ",
+              a->image_opts || !name ? "" : name,
               err.message[0] ? err.message : strerror(-ret));
     cli_print_hint(&err);
 out:
@@ -2042,6 +2150,11 @@ static int close_image(void)
     if (ret < 0) {
         report_vd_error(&err);
     }
+    if (io.temp_overlay) {
+        unlink(io.temp_overlay);
+        free(io.temp_overlay);
+        io.temp_overlay = NULL;
+    }
     return ret;
 }
 
@@ -2058,8 +2171,11 @@ static int open_f(int argc, char **argv)
             a.copy_on_read = true;
             break;
         case 's':
+            a.snapshot = true;
+            break;
         case 'k':
-            break; /* snapshot/native aio: not modelled */
+            a.aio = "native";
+            break;
         case 'n':
             a.cache = "none";
             break;
@@ -2109,11 +2225,13 @@ static int open_f(int argc, char **argv)
         vd_opts_free(&a.opts);
         return -EBUSY;
     }
-    if (optind != argc - 1) {
+    /* No path: the options name the image (open -o driver=qcow2,
+     * file.filename=x), as qemu-io's open takes them. */
+    if (optind < argc - 1) {
         vd_opts_free(&a.opts);
         return usage_of("open");
     }
-    ret = open_image(argv[optind], &a);
+    ret = open_image(optind == argc - 1 ? argv[optind] : NULL, &a);
     vd_opts_free(&a.opts);
     return ret;
 }
@@ -2625,6 +2743,101 @@ static int load_snapshot(const char *param)
     return ret;
 }
 
+/*
+ * -T/--trace, as a QEMU build with no trace backend takes it:
+ * [enable=]PATTERN, events=FILE (one pattern a line, '#' comments) and
+ * file=FILE (the log file, created empty as QEMU's log backend does).
+ * vdisk has no trace events, so a name that is not a pattern ('*')
+ * draws QEMU's "does not exist" warning and a pattern matches nothing;
+ * "help" lists the (no) events and exits. Returns 0, 1 for an error
+ * (after QEMU's message) or 2 for "exit 0 now".
+ */
+static void trace_pattern(const char *pat, const char *file, int line)
+{
+    if (*pat == '-') {
+        pat++;     /* "-name" disables: the same check */
+    }
+    if (strchr(pat, '*')) {
+        return;
+    }
+    fflush(stdout);
+    if (file) {
+        fprintf(stderr, "%s:%s:%d: warning: trace event '%s' does not exist\n",
+                cli_prog, file, line, pat);
+    } else {
+        cli_warn("trace event '%s' does not exist", pat);
+    }
+}
+
+static int trace_opt(const char *arg)
+{
+    vd_opts *o = vd_opts_new();
+    vd_error err = VD_ERROR_INIT;
+    const char *enable, *events, *file;
+    int ret = 0;
+
+    if (!o) {
+        return 1;
+    }
+    if (vd_opts_parse(o, arg, "enable", &err) < 0) {
+        cli_error("%s", err.message);
+        ret = 1;
+        goto out;
+    }
+    for (size_t i = 0; i < vd_opts_count(o); i++) {
+        const char *k, *v;
+        vd_opts_nth(o, i, &k, &v);
+        if (strcmp(k, "enable") && strcmp(k, "events") && strcmp(k, "file")) {
+            cli_error("Invalid parameter '%s'", k);
+            ret = 1;
+            goto out;
+        }
+    }
+    enable = vd_opts_get(o, "enable");
+    events = vd_opts_get(o, "events");
+    file = vd_opts_get(o, "file");
+    if (enable && !strcmp(enable, "help")) {
+        ret = 2;    /* the list of trace events, empty */
+        goto out;
+    }
+    if (enable) {
+        trace_pattern(enable, NULL, 0);
+    }
+    if (events) {
+        FILE *f = fopen(events, "r");
+        char line[1024];
+        int n = 0;
+        if (!f) {
+            fflush(stdout);
+            fprintf(stderr, "%s:%s: %s\n", cli_prog, events, strerror(errno));
+            ret = 1;
+            goto out;
+        }
+        while (fgets(line, sizeof(line), f)) {
+            size_t len = strcspn(line, "\n");
+            n++;
+            line[len] = '\0';
+            if (len && line[0] != '#') {
+                trace_pattern(line, events, n);
+            }
+        }
+        fclose(f);
+    }
+    if (file) {
+        FILE *f = fopen(file, "w");
+        if (!f) {
+            fflush(stdout);
+            cli_error("Error opening logfile %s: %s", file, strerror(errno));
+            ret = 1;
+            goto out;
+        }
+        fclose(f);
+    }
+out:
+    vd_opts_free(&o);
+    return ret;
+}
+
 static void usage(void)
 {
     bool qemu = cli_as == CLI_QEMU_IO;
@@ -2644,6 +2857,7 @@ static void usage(void)
            qemu ? "qemu-io" : "vdisk io",
            qemu ? "QEMU Disk exerciser"
                 : "vdisk disk exerciser (the qemu-io command set)");
+    printf("  -s, --snapshot       use snapshot file\n");
     if (!qemu) {
         printf(
 "  -l, --load-snapshot=SNAPSHOT  show internal snapshot SNAPSHOT (an id or\n"
@@ -2663,6 +2877,9 @@ static void usage(void)
 "  -i, --aio=MODE       use AIO mode (threads, native or io_uring)\n"
 "  -t, --cache=MODE     use the given cache mode for the image\n"
 "  -d, --discard=MODE   use the given discard mode for the image\n"
+"  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]\n"
+"                       specify tracing options\n"
+"                       see qemu-img(1) man page for full description\n"
 "  -U, --force-share    force shared permissions\n"
 "  -h, --help           display this help and exit\n"
 "  -V, --version        output version information and exit\n"
@@ -2692,6 +2909,7 @@ int cmd_io(int argc, char **argv)
         { "force-share", no_argument, NULL, 'U' },
         { "image-opts", no_argument, NULL, 'I' },
         { "object", required_argument, NULL, OPT_OBJECT },
+        { "trace", required_argument, NULL, 'T' },
         { NULL, 0, NULL, 0 },
     };
     open_args a;
@@ -2708,7 +2926,7 @@ int cmd_io(int argc, char **argv)
     }
     opterr = 0;
     optind = 0;
-    while ((c = getopt_long(argc, argv, ":hVc:d:f:rl:snCmki:t:o:U", lopts,
+    while ((c = getopt_long(argc, argv, ":hVc:d:f:rl:snCmki:t:o:T:U", lopts,
                             &longidx)) != -1) {
         /* -l and -o are vdisk io's: unknown to qemu-io. */
         if (cli_as == CLI_QEMU_IO && (c == 'l' || c == 'o')) {
@@ -2753,12 +2971,20 @@ int cmd_io(int argc, char **argv)
             a.copy_on_read = true;
             break;
         case 's':
-            cli_error("option -%c is not supported", c);
-            ret = 1;
-            goto done;
+            a.snapshot = true;
+            break;
         case 'm':
+            break; /* buffers are always aligned */
         case 'k':
-            break; /* buffers are always aligned; aio mode is the lib's */
+            a.aio = "native";
+            break;
+        case 'T':
+            ret = trace_opt(optarg);
+            if (ret) {
+                ret = ret == 2 ? 0 : 1;
+                goto done;
+            }
+            break;
         case 'd':
             if (!check_mode_option(c, optarg)) {
                 ret = 1;
