@@ -61,7 +61,6 @@ typedef struct aio_req aio_req;
 
 static struct {
     vd_node *node;        /* NULL after close or when no file was given */
-    char *temp_overlay;   /* -s: the overlay's file, removed at close */
     bool quit;
     aio_req *aio_head;    /* outstanding aio requests, oldest first */
     aio_req *aio_tail;
@@ -1993,8 +1992,7 @@ static const char *const overlay_keys[] = {
  * temporary qcow2 overlay of the same length, made in $TMPDIR (else
  * /var/tmp) as QEMU names it ("vl.XXXXXX"), is put on top with the image
  * as its backing node, so every write lands in the overlay and is lost
- * when the image is closed (close_image() removes the file). The image
- * is never written. Sets io.node and io.temp_overlay.
+ * when the image is closed. The image is never written. Sets io.node.
  */
 static int open_temp_overlay(const char *filename, const char *format,
                              vd_opts *opts, unsigned flags, vd_error *err)
@@ -2051,12 +2049,10 @@ static int open_temp_overlay(const char *filename, const char *format,
                       (flags & VD_O_RDWR) ? flags & ~VD_O_FORCE_SHARE : flags,
                       err);
     }
-    if (ret < 0) {
-        unlink(path);
-        goto out;
-    }
-    io.temp_overlay = path;
-    path = NULL;
+    /* As QEMU's BDRV_O_TEMPORARY: the name goes at once, so nothing is
+     * left behind however the program ends (a reopen, which opens the
+     * file again by name, then fails as QEMU's does). */
+    unlink(path);
 out:
     /* The overlay holds the image now; this handle is no longer needed. */
     vd_close(&base, NULL);
@@ -2150,11 +2146,6 @@ static int close_image(void)
     if (ret < 0) {
         report_vd_error(&err);
     }
-    if (io.temp_overlay) {
-        unlink(io.temp_overlay);
-        free(io.temp_overlay);
-        io.temp_overlay = NULL;
-    }
     return ret;
 }
 
@@ -2233,6 +2224,102 @@ static int open_f(int argc, char **argv)
     }
     ret = open_image(optind == argc - 1 ? argv[optind] : NULL, &a);
     vd_opts_free(&a.opts);
+    return ret;
+}
+
+/*
+ * reopen, as qemu-io's: -r/-w switch the mode, -c the cache mode, -o the
+ * driver's options (the others keep their values). Going read-only, the
+ * program gives up writing first (as qemu-io drops its BlockBackend's
+ * write permission), so only another writer can keep the node writable.
+ * Going read-write takes the image's write lock, and fails with QEMU's
+ * lock message when another process has the image open.
+ */
+static int reopen_f(int argc, char **argv)
+{
+    vd_opts *o = vd_opts_new();
+    vd_error err = VD_ERROR_INIT;
+    const char *cache = NULL;
+    bool has_rw = false, rw = !vd_node_is_read_only(io.node), held;
+    unsigned perm = 0, shared = 0;
+    int c, ret = -EINVAL;
+
+    if (!o) {
+        return -ENOMEM;
+    }
+    while ((c = getopt(argc, argv, "c:o:rw")) != -1) {
+        switch (c) {
+        case 'c':
+            if (!valid_cache_mode(optarg)) {
+                fflush(stdout);
+                cli_error("Invalid cache option: %s", optarg);
+                goto out;
+            }
+            cache = strcmp(optarg, "off") ? optarg : "none";
+            break;
+        case 'o':
+            if (vd_opts_parse(o, optarg, NULL, &err) < 0) {
+                fflush(stdout);
+                cli_error("%s", err.message);
+                goto out;
+            }
+            break;
+        case 'r':
+        case 'w':
+            if (has_rw) {
+                fflush(stdout);
+                cli_error("Only one -r/-w option may be given");
+                goto out;
+            }
+            rw = c == 'w';
+            has_rw = true;
+            break;
+        default:
+            ret = usage_of("reopen");
+            goto out;
+        }
+    }
+    if (optind != argc) {
+        ret = usage_of("reopen");
+        goto out;
+    }
+    if (vd_opts_get(o, "read-only")) {
+        if (has_rw) {
+            fflush(stdout);
+            cli_error("Cannot set both -r/-w and 'read-only'");
+            goto out;
+        }
+    } else if ((ret = vd_opts_set(o, "read-only", rw ? "off" : "on")) < 0) {
+        goto out;
+    }
+    if (cache) {
+        if (vd_opts_get(o, "cache.direct") || vd_opts_get(o, "cache.no-flush")) {
+            fflush(stdout);
+            cli_error("Cannot set both -c and the cache options");
+            ret = -EINVAL;
+            goto out;
+        }
+        if ((ret = vd_opts_set(o, "cache", cache)) < 0) {
+            goto out;
+        }
+    }
+    aio_drain();
+    vd_node_get_perm(io.node, &perm, &shared);
+    if (!rw) {
+        vd_set_perm(io.node, perm & ~(VD_PERM_WRITE | VD_PERM_WRITE_UNCHANGED),
+                    shared, NULL);
+    }
+    held = wait_begin();
+    ret = vd_reopen_opts(io.node, o, &err);
+    wait_end(held);
+    if (ret < 0) {
+        /* Whatever failed, the image stays as it was, and so does what
+         * the program may do with it. */
+        vd_set_perm(io.node, perm, shared, NULL);
+        report_vd_error(&err);
+    }
+out:
+    vd_opts_free(&o);
     return ret;
 }
 
@@ -2471,6 +2558,21 @@ static const cmdinfo cmdtab[] = {
       " -P, -- use a pattern to verify read data\n"
       " -v, -- dump buffer to standard output\n"
       " -q, -- quiet mode, do not show I/O statistics\n"
+      "\n" },
+    { "reopen", NULL, reopen_f, 0, -1, 0,
+      "[(-r|-w)] [-c cache] [-o options]",
+      "reopens an image with new options",
+      "\n"
+      " Changes the open options of an already opened image\n"
+      "\n"
+      " Example:\n"
+      " 'reopen -o lazy-refcounts=on' - activates lazy refcount writeback on "
+      "a qcow2 image\n"
+      "\n"
+      " -r, -- Reopen the image read-only\n"
+      " -w, -- Reopen the image read-write\n"
+      " -c, -- Change the cache mode to the given value\n"
+      " -o, -- Changes block driver options (cf. 'open' command)\n"
       "\n" },
     { "sigraise", NULL, sigraise_f, 1, 1, CMD_NOFILE_OK, "signal",
       "raises a signal",
