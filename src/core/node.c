@@ -250,6 +250,18 @@ void vd_node_close_driver(vd_node *n)
     n->broken = true;
 }
 
+/* After a driver opened again: its limits and length, and requests
+ * may run. */
+static void driver_opened(vd_node *n)
+{
+    n->broken = false;
+    if (n->drv->refresh_limits)
+        n->drv->refresh_limits(n);
+    if (n->bl.request_alignment == 0)
+        n->bl.request_alignment = 1;
+    vd_node_refresh_length(n);
+}
+
 int vd_node_open_driver(vd_node *n, unsigned flags, vd_error *err)
 {
     vd_opts *o = vd_opts_clone(n->open_opts);
@@ -265,12 +277,7 @@ int vd_node_open_driver(vd_node *n, unsigned flags, vd_error *err)
         n->broken = true;
         return r;
     }
-    n->broken = false;
-    if (n->drv->refresh_limits)
-        n->drv->refresh_limits(n);
-    if (n->bl.request_alignment == 0)
-        n->bl.request_alignment = 1;
-    vd_node_refresh_length(n);
+    driver_opened(n);
     return 0;
 }
 
@@ -1113,12 +1120,7 @@ static int reopen_driver_opts(vd_node *n, const vd_opts *opts, vd_error *err)
         vd_opts_free(&n->open_opts);
         n->open_opts = keep;
         keep = NULL;
-        n->broken = false;
-        if (n->drv->refresh_limits)
-            n->drv->refresh_limits(n);
-        if (n->bl.request_alignment == 0)
-            n->bl.request_alignment = 1;
-        vd_node_refresh_length(n);
+        driver_opened(n);
     } else {
         if (n->drv->instance_size)
             memset(n->opaque, 0, n->drv->instance_size);
