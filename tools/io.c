@@ -2092,6 +2092,12 @@ static int open_image(const char *name, const open_args *a)
         (ret = vd_opts_set(opts, "copy-on-read", "on")) < 0) {
         goto out;
     }
+    if (name && !a->image_opts && vd_opts_get(opts, "file.filename")) {
+        /* As QEMU: the path names the protocol file too. */
+        ret = vd_error_set(&err, -EINVAL, "Can't specify 'file' and "
+                           "'filename' options at the same time");
+        goto fail;
+    }
     if (a->image_opts) {
         /* The whole of @name is options, as blockdev-add takes them. */
         vd_opts *all;
@@ -2317,6 +2323,7 @@ static int reopen_f(int argc, char **argv)
          * the program may do with it. */
         vd_set_perm(io.node, perm, shared, NULL);
         report_vd_error(&err);
+        cli_print_hint(&err);
     }
 out:
     vd_opts_free(&o);
@@ -2940,6 +2947,25 @@ out:
     return ret;
 }
 
+/*
+ * The signals QEMU's main loop takes over (SIGUSR1, SIGIO, SIGALRM,
+ * SIGBUS, read from a signalfd and dropped when nothing handles them)
+ * and SIGPIPE, which QEMU ignores: qemu-io survives "sigraise" of any
+ * of them, so vdisk io blocks or ignores them alike.
+ */
+static void block_qemu_signals(void)
+{
+    sigset_t set;
+
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    sigaddset(&set, SIGIO);
+    sigaddset(&set, SIGALRM);
+    sigaddset(&set, SIGBUS);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
 static void usage(void)
 {
     bool qemu = cli_as == CLI_QEMU_IO;
@@ -3022,6 +3048,7 @@ int cmd_io(int argc, char **argv)
 
     memset(&a, 0, sizeof(a));
     memset(&io, 0, sizeof(io));
+    block_qemu_signals();
     cmds = calloc((size_t)argc + 1, sizeof(*cmds));
     if (!cmds) {
         return 1;

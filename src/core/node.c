@@ -1179,9 +1179,20 @@ VD_API int vd_reopen_opts(vd_node *node, const vd_opts *opts, vd_error *err)
                                &b, err)) < 0)
         goto out;
     flags = b ? flags | VD_NODE_NO_FLUSH : flags & ~VD_NODE_NO_FLUSH;
-    if ((r = vd_opts_take_enum(o, "detect-zeroes", dzs, dz, &dz, err)) < 0 ||
-        (r = vd_opts_take_enum(o, "discard", dms, d, &d, err)) < 0)
+    /* QEMU's reopen words for these two, not its open's. */
+    tmp = vd_opts_get(o, "detect-zeroes") ? strdup(vd_opts_get(o,
+                                                    "detect-zeroes")) : NULL;
+    r = vd_opts_take_enum(o, "detect-zeroes", dzs, dz, &dz, NULL);
+    if (r < 0) {
+        vd_error_set(err, r, "invalid parameter value: %s", tmp ? tmp : "");
+    }
+    free(tmp);
+    if (r < 0)
         goto out;
+    if ((r = vd_opts_take_enum(o, "discard", dms, d, &d, NULL)) < 0) {
+        r = vd_error_set(err, r, "Invalid discard option");
+        goto out;
+    }
     if (dz == 2 && !(d == 1 || d == 3)) {
         r = vd_error_set(err, -EINVAL, "setting detect-zeroes to unmap is "
                          "not allowed without setting discard operation to "
