@@ -1485,7 +1485,9 @@ static int discard_f(int argc, char **argv)
     held = wait_begin();
     t1 = now();
     ret = check_range(offset, bytes);
-    if (ret == 0) {
+    /* As QEMU's bdrv_co_pdiscard(): with discard=ignore (-d, open -d,
+     * reopen -o discard=) a discard in range succeeds and does nothing. */
+    if (ret == 0 && vd_node_discard_unmap(io.node)) {
         ret = vd_discard(io.node, (uint64_t)bytes, (uint64_t)offset, &err);
     }
     t2 = now();
