@@ -38,13 +38,7 @@ io_compare -f raw -c 'write -b 0 4k' -c 'read -b 0 4k' -c 'read -P 0 0 4k' \
 cmp q/disk.raw v/disk.raw || fail "write -b on raw changed the file"
 
 # ---- copy-on-read ----
-rm -rf q v
-io_create qcow2 base.qcow2 4M
-"$QEMU_IO" -c 'write -P 0x66 0 2M' q/base.qcow2 > /dev/null
-cp q/base.qcow2 v/base.qcow2
-for d in q v; do
-    "$QEMU_IMG" create -q -f qcow2 -b base.qcow2 -F qcow2 "$d/top.qcow2"
-done
+io_backed_pair 2M
 io_compare -C -c 'read -P 0x66 0 64k' -c 'read 1M 4k' -c 'map' top.qcow2
 io_compare -c 'open -C top.qcow2' -c 'read -P 0x66 128k 192k' -c 'map'
 io_compare -r -C -c 'read 0 4k' top.qcow2

@@ -38,13 +38,7 @@ for fmt in $(io_formats); do
 done
 
 # Copy-on-read with -s fills the overlay, never the image under it.
-rm -rf q v
-io_create qcow2 base.qcow2 4M
-"$QEMU_IO" -c 'write -P 0x66 0 1M' q/base.qcow2 > /dev/null
-cp q/base.qcow2 v/base.qcow2
-for d in q v; do
-    "$QEMU_IMG" create -q -f qcow2 -b base.qcow2 -F qcow2 "$d/top.qcow2"
-done
+io_backed_pair 1M
 cp v/top.qcow2 top.orig
 io_compare -s -C -c 'read -P 0x66 0 1M' -c 'map' -c 'write -P 1 2M 4k' \
     top.qcow2
