@@ -124,6 +124,8 @@ struct vd_child {
     char *user_desc;   /* users: how messages name them ("an unnamed
                           block device"); NULL for node edges */
     unsigned role;     /* VD_ROLE_* */
+    bool job_edge;     /* users: a block job's (QEMU's child_job), which
+                          is no block backend for vd_node_has_users() */
     unsigned perm;     /* VD_PERM_* this edge holds on @node */
     unsigned shared;   /* VD_PERM_* it lets the other edges hold */
     vd_child *next;    /* in parent->children */
@@ -190,6 +192,9 @@ struct vd_node {
     /* Active dirty bitmaps (block jobs, backup); snapshot goto refuses
      * to run while there are any. */
     atomic_int dirty_bitmaps;
+    /* Jobs populating the node by copy-on-read (stream): while > 0,
+     * writes are tracked so that a copy never overwrites them. */
+    atomic_int cor_users;
     vd_child *file;            /* role "file", or NULL */
     vd_child *backing;         /* role "backing", or NULL */
 
@@ -591,6 +596,19 @@ int vd_node_copy_range_from(vd_node *src, uint64_t soff, vd_node *dst,
 int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
                           uint64_t doff, uint64_t bytes, unsigned flags,
                           vd_error *err);
+/* Copy-on-read for jobs. Between vd_node_cor_begin() and
+ * vd_node_cor_end(), writes to @n are tracked; vd_node_populate() then
+ * copies into @top what it inherits in [off, off+bytes) from the layers
+ * of its chain above @base (NULL: all), in pieces of at most @buflen
+ * bytes through @buf, serialised against writes to @top so that no write
+ * is overwritten with older data. Waits while @top is drained, as a
+ * public request. *copied: the bytes written into @top. */
+void vd_node_cor_begin(vd_node *n);
+void vd_node_cor_end(vd_node *n);
+int vd_node_populate(vd_node *top, vd_node *base, uint64_t off,
+                     uint64_t bytes, uint8_t *buf, uint64_t buflen,
+                     uint64_t *copied, vd_error *err);
+
 int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
                                uint64_t off, uint64_t bytes, uint64_t *pnum,
                                uint64_t *map, vd_node **file, int *depth,

@@ -720,7 +720,7 @@ VD_API int vd_set_perm(vd_node *node, unsigned perm, unsigned shared,
 VD_API bool vd_node_has_users(const vd_node *node)
 {
     for (const vd_child *c = node->parents; c; c = c->next_parent) {
-        if (!c->parent) {
+        if (!c->parent && !c->job_edge) {
             return true;
         }
     }

@@ -53,7 +53,11 @@ class Monitor:
                 if self.proc.poll() is not None:
                     raise SystemExit("%s exited: %s" % (argv[0], open(os.path.join(d, "log")).read()))
                 time.sleep(0.025)
-        self.f = self.sock.makefile("rw")
+        # Separate reader and writer: a text file open for both drops
+        # what it has read ahead (events that came with a reply) when it
+        # is written to next.
+        self.f = self.sock.makefile("r")
+        self.fw = self.sock.makefile("w")
         self.events = []
         self.greeting = json.loads(self.f.readline())
         self.cmd('{"execute": "qmp_capabilities"}')
@@ -61,8 +65,8 @@ class Monitor:
     def cmd(self, req):
         if not isinstance(req, str):
             req = json.dumps(req)
-        self.f.write(req.replace("@D@", self.d) + "\n")
-        self.f.flush()
+        self.fw.write(req.replace("@D@", self.d) + "\n")
+        self.fw.flush()
         while True:
             line = self.f.readline()
             if not line:
