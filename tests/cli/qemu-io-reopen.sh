@@ -81,13 +81,16 @@ for holder in "$QEMU_IO" "$VDISK_QEMU_IO"; do
             > /dev/null 2>&1 &
         eval "pid_$d=$!"
     done
-    cleanup_fn "kill $pid_q $pid_v 2>/dev/null"
-    # Give both holders time to take their locks.
-    for _ in $(seq 50); do
-        "$QEMU_IO" -c 'length' q/disk.qcow2 > /dev/null 2>&1 || break
-        sleep 0.1
+    cleanup_fn kill "$pid_q" "$pid_v"
+    # Both holders must hold their locks before the tools run: a
+    # read-write open of each copy fails from then on.
+    for d in q v; do
+        for i in $(seq 300); do
+            "$QEMU_IO" -c 'length' "$d/disk.qcow2" > /dev/null 2>&1 || break
+            [ "$i" = 300 ] && fail "the holder of $d/disk.qcow2 took no lock"
+            sleep 0.1
+        done
     done
-    sleep 0.3
     io_compare -r -c 'reopen -w' -c 'write -P 0x41 0 4k' -c 'reopen -r' \
         -c 'read -P 0 0 4k' disk.qcow2
     grep -q 'Failed to get "write" lock' v.err ||
