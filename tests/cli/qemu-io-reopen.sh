@@ -75,13 +75,20 @@ cmp q/disk.raw v/disk.raw || fail "raw window reopen: the files differ"
 # hint, the node stays read-only, and nothing is written.
 rm -rf q v
 io_create qcow2 disk.qcow2 4M
+# The holders still running (a failing check exits in the middle).
+holders=
+kill_holders()
+{
+    [ -z "$holders" ] || kill $holders 2> /dev/null
+}
+cleanup_fn kill_holders
 for holder in "$QEMU_IO" "$VDISK_QEMU_IO"; do
     for d in q v; do
         (cd $d && exec "$holder" -r -c 'sleep 30000' disk.qcow2) \
             > /dev/null 2>&1 &
         eval "pid_$d=$!"
     done
-    cleanup_fn kill "$pid_q" "$pid_v"
+    holders="$pid_q $pid_v"
     # Both holders must hold their locks before the tools run: a
     # read-write open of each copy fails from then on.
     for d in q v; do
@@ -97,8 +104,9 @@ for holder in "$QEMU_IO" "$VDISK_QEMU_IO"; do
         fail "no lock error from vdisk: $(cat v.err)"
     grep -q 'Is another process using the image \[disk.qcow2\]?' v.err ||
         fail "no lock hint from vdisk: $(cat v.err)"
-    kill "$pid_q" "$pid_v"
+    kill_holders
     wait "$pid_q" "$pid_v" 2> /dev/null || true
+    holders=
 done
 "$QEMU_IO" -c 'read -P 0 0 4k' v/disk.qcow2 | grep -q 'verification failed' &&
     fail "a refused reopen let a write through"
