@@ -522,6 +522,26 @@ static int usage_of(const char *name)
 /* read, readv, write, writev                                         */
 /* ------------------------------------------------------------------ */
 
+/*
+ * read -b / write -b: @count bytes at @offset of the image's VM state area
+ * (qcow2's, past the guest disk), through the library's vmstate calls.
+ * As qemu-io, there is no range check against the disk's length. A
+ * format without such an area fails with ENOTSUP and, as QEMU, nothing
+ * more than "read failed: Operation not supported" is said.
+ */
+static int vmstate_io(bool write, uint8_t *buf, int64_t count, int64_t offset,
+                      vd_error *err)
+{
+    int ret = write ? vd_save_vmstate(io.node, buf, (uint64_t)count,
+                                      (uint64_t)offset, err)
+                    : vd_load_vmstate(io.node, buf, (uint64_t)count,
+                                      (uint64_t)offset, err);
+    if (ret == -ENOTSUP) {
+        vd_error_clear(err);
+    }
+    return ret;
+}
+
 static int read_f(int argc, char **argv)
 {
     bool held;
@@ -615,7 +635,7 @@ static int read_f(int argc, char **argv)
     held = wait_begin();
     t1 = now();
     if (bflag) {
-        ret = -ENOTSUP; /* vdisk has no VM state area */
+        ret = vmstate_io(false, buf, count, offset, &err);
     } else {
         ret = check_range(offset, count);
         if (ret == 0) {
@@ -882,7 +902,7 @@ static int write_f(int argc, char **argv)
     held = wait_begin();
     t1 = now();
     if (bflag) {
-        ret = -ENOTSUP;
+        ret = vmstate_io(true, buf, count, offset, &err);
     } else {
         ret = check_range(offset, count);
         if (ret == 0 && zflag) {
@@ -1465,7 +1485,9 @@ static int discard_f(int argc, char **argv)
     held = wait_begin();
     t1 = now();
     ret = check_range(offset, bytes);
-    if (ret == 0) {
+    /* As QEMU's bdrv_co_pdiscard(): with discard=ignore (-d, open -d,
+     * reopen -o discard=) a discard in range succeeds and does nothing. */
+    if (ret == 0 && vd_node_discard_unmap(io.node)) {
         ret = vd_discard(io.node, (uint64_t)bytes, (uint64_t)offset, &err);
     }
     t2 = now();
@@ -1920,6 +1942,7 @@ typedef struct open_args {
     const char *discard;
     bool readonly, force_share, image_opts;
     bool copy_on_read;    /* -C: reads fill the top image from its backing */
+    bool snapshot;        /* -s: writes go to a temporary overlay */
     vd_opts *opts;        /* -o options, may be NULL */
 } open_args;
 
@@ -1960,6 +1983,87 @@ static bool check_mode_option(int c, const char *mode)
     return false;
 }
 
+/* The options of -s's temporary overlay itself; the others (the
+ * driver's, the file's) belong to the image under it. */
+static const char *const overlay_keys[] = {
+    "cache", "aio", "discard", "detect-zeroes", "copy-on-read", NULL,
+};
+
+/*
+ * -s, as qemu-io's BDRV_O_SNAPSHOT: the image is opened read-only and a
+ * temporary qcow2 overlay of the same length, made in $TMPDIR (else
+ * /var/tmp) as QEMU names it ("vl.XXXXXX"), is put on top with the image
+ * as its backing node, so every write lands in the overlay and is lost
+ * when the image is closed. The image is never written. Sets io.node.
+ */
+static int open_temp_overlay(const char *filename, const char *format,
+                             vd_opts *opts, unsigned flags, vd_error *err)
+{
+    const char *tmpdir = getenv("TMPDIR");
+    vd_opts *oopts = vd_opts_new(), *copts = vd_opts_new();
+    vd_node *base = NULL;
+    char *path = NULL, size[32];
+    int fd, ret;
+
+    if (!oopts || !copts) {
+        ret = vd_error_set(err, -ENOMEM, "Out of memory");
+        goto out;
+    }
+    for (size_t i = 0; overlay_keys[i]; i++) {
+        const char *v = vd_opts_get(opts, overlay_keys[i]);
+        if (v && (ret = vd_opts_set(oopts, overlay_keys[i], v)) < 0) {
+            goto out;
+        }
+    }
+    /* The image below is read, never written (copy-on-read fills the
+     * overlay), whatever -o read-only says. */
+    vd_opts_del(opts, "copy-on-read");
+    vd_opts_del(opts, "read-only");
+    ret = vd_open(&base, filename, format, opts, flags & ~VD_O_RDWR, err);
+    if (ret < 0) {
+        goto out;
+    }
+    if (asprintf(&path, "%s/vl.XXXXXX", tmpdir && *tmpdir ? tmpdir
+                                                         : "/var/tmp") < 0) {
+        path = NULL;
+        ret = vd_error_set(err, -ENOMEM, "Out of memory");
+        goto out;
+    }
+    fd = mkstemp(path);
+    if (fd < 0) {
+        ret = vd_error_set_errno(err, -errno, "Could not get temporary "
+                                 "filename");
+        free(path);
+        path = NULL;
+        goto out;
+    }
+    close(fd);
+    snprintf(size, sizeof(size), "%" PRId64, vd_getlength(base));
+    ret = vd_opts_set(copts, "size", size);
+    if (ret == 0) {
+        ret = vd_create(path, "qcow2", copts, err);
+    }
+    if (ret == 0) {
+        ret = vd_opts_set(oopts, "backing", vd_node_name(base));
+    }
+    if (ret == 0) {
+        ret = vd_open(&io.node, path, "qcow2", oopts,
+                      (flags & VD_O_RDWR) ? flags & ~VD_O_FORCE_SHARE : flags,
+                      err);
+    }
+    /* As QEMU's BDRV_O_TEMPORARY: the name goes at once, so nothing is
+     * left behind however the program ends (a reopen, which opens the
+     * file again by name, then fails as QEMU's does). */
+    unlink(path);
+out:
+    /* The overlay holds the image now; this handle is no longer needed. */
+    vd_close(&base, NULL);
+    free(path);
+    vd_opts_free(&oopts);
+    vd_opts_free(&copts);
+    return ret;
+}
+
 /* Opens @name into io.node; prints qemu-io's message on failure. */
 static int open_image(const char *name, const open_args *a)
 {
@@ -1990,6 +2094,12 @@ static int open_image(const char *name, const open_args *a)
         (ret = vd_opts_set(opts, "copy-on-read", "on")) < 0) {
         goto out;
     }
+    if (name && !a->image_opts && vd_opts_get(opts, "file.filename")) {
+        /* As QEMU: the path names the protocol file too. */
+        ret = vd_error_set(&err, -EINVAL, "Can't specify 'file' and "
+                           "'filename' options at the same time");
+        goto fail;
+    }
     if (a->image_opts) {
         /* The whole of @name is options, as blockdev-add takes them. */
         vd_opts *all;
@@ -2010,7 +2120,9 @@ static int open_image(const char *name, const open_args *a)
         filename = NULL;
     }
     ret = set_default_discard(opts);
-    if (ret == 0) {
+    if (ret == 0 && a->snapshot) {
+        ret = open_temp_overlay(filename, format, opts, flags, &err);
+    } else if (ret == 0) {
         ret = vd_open(&io.node, filename, format, opts, flags, &err);
     }
     if (ret < 0) {
@@ -2020,8 +2132,8 @@ static int open_image(const char *name, const open_args *a)
 fail:
     fflush(stdout);
     /* As qemu-io: an option string is no device name. */
-    cli_error("can't open%s%s: %s", a->image_opts ? "" : " device ",
-              a->image_opts ? "" : name,
+    cli_error("can't open%s%s: %s", a->image_opts || !name ? "" : " device ",
+              a->image_opts || !name ? "" : name,
               err.message[0] ? err.message : strerror(-ret));
     cli_print_hint(&err);
 out:
@@ -2058,8 +2170,11 @@ static int open_f(int argc, char **argv)
             a.copy_on_read = true;
             break;
         case 's':
+            a.snapshot = true;
+            break;
         case 'k':
-            break; /* snapshot/native aio: not modelled */
+            a.aio = "native";
+            break;
         case 'n':
             a.cache = "none";
             break;
@@ -2109,12 +2224,111 @@ static int open_f(int argc, char **argv)
         vd_opts_free(&a.opts);
         return -EBUSY;
     }
-    if (optind != argc - 1) {
+    /* No path: the options name the image (open -o driver=qcow2,
+     * file.filename=x), as qemu-io's open takes them. */
+    if (optind < argc - 1) {
         vd_opts_free(&a.opts);
         return usage_of("open");
     }
-    ret = open_image(argv[optind], &a);
+    ret = open_image(optind == argc - 1 ? argv[optind] : NULL, &a);
     vd_opts_free(&a.opts);
+    return ret;
+}
+
+/*
+ * reopen, as qemu-io's: -r/-w switch the mode, -c the cache mode, -o the
+ * driver's options (the others keep their values). Going read-only, the
+ * program gives up writing first (as qemu-io drops its BlockBackend's
+ * write permission), so only another writer can keep the node writable.
+ * Going read-write takes the image's write lock, and fails with QEMU's
+ * lock message when another process has the image open.
+ */
+static int reopen_f(int argc, char **argv)
+{
+    vd_opts *o = vd_opts_new();
+    vd_error err = VD_ERROR_INIT;
+    const char *cache = NULL;
+    bool has_rw = false, rw = !vd_node_is_read_only(io.node), held;
+    unsigned perm = 0, shared = 0;
+    int c, ret = -EINVAL;
+
+    if (!o) {
+        return -ENOMEM;
+    }
+    while ((c = getopt(argc, argv, "c:o:rw")) != -1) {
+        switch (c) {
+        case 'c':
+            if (!valid_cache_mode(optarg)) {
+                fflush(stdout);
+                cli_error("Invalid cache option: %s", optarg);
+                goto out;
+            }
+            cache = strcmp(optarg, "off") ? optarg : "none";
+            break;
+        case 'o':
+            if (vd_opts_parse(o, optarg, NULL, &err) < 0) {
+                fflush(stdout);
+                cli_error("%s", err.message);
+                goto out;
+            }
+            break;
+        case 'r':
+        case 'w':
+            if (has_rw) {
+                fflush(stdout);
+                cli_error("Only one -r/-w option may be given");
+                goto out;
+            }
+            rw = c == 'w';
+            has_rw = true;
+            break;
+        default:
+            ret = usage_of("reopen");
+            goto out;
+        }
+    }
+    if (optind != argc) {
+        ret = usage_of("reopen");
+        goto out;
+    }
+    if (vd_opts_get(o, "read-only")) {
+        if (has_rw) {
+            fflush(stdout);
+            cli_error("Cannot set both -r/-w and 'read-only'");
+            goto out;
+        }
+    } else if ((ret = vd_opts_set(o, "read-only", rw ? "off" : "on")) < 0) {
+        goto out;
+    }
+    if (cache) {
+        if (vd_opts_get(o, "cache.direct") || vd_opts_get(o, "cache.no-flush")) {
+            fflush(stdout);
+            cli_error("Cannot set both -c and the cache options");
+            ret = -EINVAL;
+            goto out;
+        }
+        if ((ret = vd_opts_set(o, "cache", cache)) < 0) {
+            goto out;
+        }
+    }
+    aio_drain();
+    vd_node_get_perm(io.node, &perm, &shared);
+    if (!rw) {
+        vd_set_perm(io.node, perm & ~(VD_PERM_WRITE | VD_PERM_WRITE_UNCHANGED),
+                    shared, NULL);
+    }
+    held = wait_begin();
+    ret = vd_reopen_opts(io.node, o, &err);
+    wait_end(held);
+    if (ret < 0) {
+        /* Whatever failed, the image stays as it was, and so does what
+         * the program may do with it. */
+        vd_set_perm(io.node, perm, shared, NULL);
+        report_vd_error(&err);
+        cli_print_hint(&err);
+    }
+out:
+    vd_opts_free(&o);
     return ret;
 }
 
@@ -2353,6 +2567,21 @@ static const cmdinfo cmdtab[] = {
       " -P, -- use a pattern to verify read data\n"
       " -v, -- dump buffer to standard output\n"
       " -q, -- quiet mode, do not show I/O statistics\n"
+      "\n" },
+    { "reopen", NULL, reopen_f, 0, -1, 0,
+      "[(-r|-w)] [-c cache] [-o options]",
+      "reopens an image with new options",
+      "\n"
+      " Changes the open options of an already opened image\n"
+      "\n"
+      " Example:\n"
+      " 'reopen -o lazy-refcounts=on' - activates lazy refcount writeback on "
+      "a qcow2 image\n"
+      "\n"
+      " -r, -- Reopen the image read-only\n"
+      " -w, -- Reopen the image read-write\n"
+      " -c, -- Change the cache mode to the given value\n"
+      " -o, -- Changes block driver options (cf. 'open' command)\n"
       "\n" },
     { "sigraise", NULL, sigraise_f, 1, 1, CMD_NOFILE_OK, "signal",
       "raises a signal",
@@ -2625,6 +2854,120 @@ static int load_snapshot(const char *param)
     return ret;
 }
 
+/*
+ * -T/--trace, as a QEMU build with no trace backend takes it:
+ * [enable=]PATTERN, events=FILE (one pattern a line, '#' comments) and
+ * file=FILE (the log file, created empty as QEMU's log backend does).
+ * vdisk has no trace events, so a name that is not a pattern ('*')
+ * draws QEMU's "does not exist" warning and a pattern matches nothing;
+ * "help" lists the (no) events and exits. Returns 0, 1 for an error
+ * (after QEMU's message) or 2 for "exit 0 now".
+ */
+static void trace_pattern(const char *pat, const char *file, int line)
+{
+    if (*pat == '-') {
+        pat++;     /* "-name" disables: the same check */
+    }
+    if (strchr(pat, '*')) {
+        return;
+    }
+    fflush(stdout);
+    if (file) {
+        fprintf(stderr, "%s:%s:%d: warning: trace event '%s' does not exist\n",
+                cli_prog, file, line, pat);
+    } else {
+        cli_warn("trace event '%s' does not exist", pat);
+    }
+}
+
+static int trace_opt(const char *arg)
+{
+    vd_opts *o = vd_opts_new();
+    vd_error err = VD_ERROR_INIT;
+    const char *enable, *events, *file;
+    int ret = 0;
+
+    if (!o) {
+        return 1;
+    }
+    if (vd_opts_parse(o, arg, "enable", &err) < 0) {
+        cli_error("%s", err.message);
+        ret = 1;
+        goto out;
+    }
+    for (size_t i = 0; i < vd_opts_count(o); i++) {
+        const char *k, *v;
+        vd_opts_nth(o, i, &k, &v);
+        if (strcmp(k, "enable") && strcmp(k, "events") && strcmp(k, "file")) {
+            cli_error("Invalid parameter '%s'", k);
+            ret = 1;
+            goto out;
+        }
+    }
+    enable = vd_opts_get(o, "enable");
+    events = vd_opts_get(o, "events");
+    file = vd_opts_get(o, "file");
+    if (enable && !strcmp(enable, "help")) {
+        ret = 2;    /* the list of trace events, empty */
+        goto out;
+    }
+    if (enable) {
+        trace_pattern(enable, NULL, 0);
+    }
+    if (events) {
+        FILE *f = fopen(events, "r");
+        char line[1024];
+        int n = 0;
+        if (!f) {
+            fflush(stdout);
+            fprintf(stderr, "%s:%s: %s\n", cli_prog, events, strerror(errno));
+            ret = 1;
+            goto out;
+        }
+        while (fgets(line, sizeof(line), f)) {
+            size_t len = strcspn(line, "\n");
+            n++;
+            line[len] = '\0';
+            if (len && line[0] != '#') {
+                trace_pattern(line, events, n);
+            }
+        }
+        fclose(f);
+    }
+    if (file) {
+        FILE *f = fopen(file, "w");
+        if (!f) {
+            fflush(stdout);
+            cli_error("Error opening logfile %s: %s", file, strerror(errno));
+            ret = 1;
+            goto out;
+        }
+        fclose(f);
+    }
+out:
+    vd_opts_free(&o);
+    return ret;
+}
+
+/*
+ * The signals QEMU's main loop takes over (SIGUSR1, SIGIO, SIGALRM,
+ * SIGBUS, read from a signalfd and dropped when nothing handles them)
+ * and SIGPIPE, which QEMU ignores: qemu-io survives "sigraise" of any
+ * of them, so vdisk io blocks or ignores them alike.
+ */
+static void block_qemu_signals(void)
+{
+    sigset_t set;
+
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    sigaddset(&set, SIGIO);
+    sigaddset(&set, SIGALRM);
+    sigaddset(&set, SIGBUS);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
 static void usage(void)
 {
     bool qemu = cli_as == CLI_QEMU_IO;
@@ -2644,6 +2987,7 @@ static void usage(void)
            qemu ? "qemu-io" : "vdisk io",
            qemu ? "QEMU Disk exerciser"
                 : "vdisk disk exerciser (the qemu-io command set)");
+    printf("  -s, --snapshot       use snapshot file\n");
     if (!qemu) {
         printf(
 "  -l, --load-snapshot=SNAPSHOT  show internal snapshot SNAPSHOT (an id or\n"
@@ -2663,6 +3007,9 @@ static void usage(void)
 "  -i, --aio=MODE       use AIO mode (threads, native or io_uring)\n"
 "  -t, --cache=MODE     use the given cache mode for the image\n"
 "  -d, --discard=MODE   use the given discard mode for the image\n"
+"  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]\n"
+"                       specify tracing options\n"
+"                       see qemu-img(1) man page for full description\n"
 "  -U, --force-share    force shared permissions\n"
 "  -h, --help           display this help and exit\n"
 "  -V, --version        output version information and exit\n"
@@ -2692,6 +3039,7 @@ int cmd_io(int argc, char **argv)
         { "force-share", no_argument, NULL, 'U' },
         { "image-opts", no_argument, NULL, 'I' },
         { "object", required_argument, NULL, OPT_OBJECT },
+        { "trace", required_argument, NULL, 'T' },
         { NULL, 0, NULL, 0 },
     };
     open_args a;
@@ -2702,13 +3050,14 @@ int cmd_io(int argc, char **argv)
 
     memset(&a, 0, sizeof(a));
     memset(&io, 0, sizeof(io));
+    block_qemu_signals();
     cmds = calloc((size_t)argc + 1, sizeof(*cmds));
     if (!cmds) {
         return 1;
     }
     opterr = 0;
     optind = 0;
-    while ((c = getopt_long(argc, argv, ":hVc:d:f:rl:snCmki:t:o:U", lopts,
+    while ((c = getopt_long(argc, argv, ":hVc:d:f:rl:snCmki:t:o:T:U", lopts,
                             &longidx)) != -1) {
         /* -l and -o are vdisk io's: unknown to qemu-io. */
         if (cli_as == CLI_QEMU_IO && (c == 'l' || c == 'o')) {
@@ -2753,12 +3102,20 @@ int cmd_io(int argc, char **argv)
             a.copy_on_read = true;
             break;
         case 's':
-            cli_error("option -%c is not supported", c);
-            ret = 1;
-            goto done;
+            a.snapshot = true;
+            break;
         case 'm':
+            break; /* buffers are always aligned */
         case 'k':
-            break; /* buffers are always aligned; aio mode is the lib's */
+            a.aio = "native";
+            break;
+        case 'T':
+            ret = trace_opt(optarg);
+            if (ret) {
+                ret = ret == 2 ? 0 : 1;
+                goto done;
+            }
+            break;
         case 'd':
             if (!check_mode_option(c, optarg)) {
                 ret = 1;

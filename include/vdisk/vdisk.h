@@ -1068,6 +1068,28 @@ VD_API int vd_get_driver_stats(vd_node *node, vd_driver_stats *out);
 VD_API int vd_reopen(vd_node *node, bool read_write, vd_error *err);
 
 /**
+ * Changes @node's open options in place, as QEMU's bdrv_reopen() with the
+ * old options kept (qemu-io's reopen): @opts holds only what changes.
+ *   read-only=on|off        the mode; going read-only is refused while a
+ *                           user still writes ("Read-only block node 'N'
+ *                           cannot support read-write users": give up
+ *                           the opener's write with vd_set_perm() first);
+ *                           going read-write gives the opener write
+ *   cache=MODE, cache.direct=, cache.no-flush=
+ *                           the cache mode (as vd_open()), on @node and
+ *                           the files below it
+ *   discard=, detect-zeroes= as vd_open()
+ *   driver=, node-name=     must name the current ones
+ *   any other key           an option of @node's driver, which is opened
+ *                           again with its options updated
+ * Options of children (file.*, ...) and options the driver does not take
+ * fail with QEMU's "Cannot change the option 'KEY'". Nothing changes when
+ * a check fails; a failing driver reopen goes back to the old options.
+ * Requests must not be in flight from the caller.
+ */
+VD_API int vd_reopen_opts(vd_node *node, const vd_opts *opts, vd_error *err);
+
+/**
  * Records @backing (NULL or "" for none) and @backing_fmt (may be NULL)
  * as @node's backing file without touching data (qemu-img rebase -u).
  * The open backing chain is not changed. -ENOTSUP for formats without

@@ -1036,6 +1036,10 @@ int vd_node_flush(vd_node *n, vd_error *err)
 {
     if (n->read_only)
         return 0;
+    /* A failed reopen left the driver closed: there is nothing of it to
+     * write back, and its callbacks must not run on its cleared state. */
+    if (n->broken)
+        return check_range(n, 0, 0, err);
     inflight_inc(n);
     uint64_t t0 = now_ns();
     int r = 0;

@@ -250,6 +250,18 @@ void vd_node_close_driver(vd_node *n)
     n->broken = true;
 }
 
+/* After a driver opened again: its limits and length, and requests
+ * may run. */
+static void driver_opened(vd_node *n)
+{
+    n->broken = false;
+    if (n->drv->refresh_limits)
+        n->drv->refresh_limits(n);
+    if (n->bl.request_alignment == 0)
+        n->bl.request_alignment = 1;
+    vd_node_refresh_length(n);
+}
+
 int vd_node_open_driver(vd_node *n, unsigned flags, vd_error *err)
 {
     vd_opts *o = vd_opts_clone(n->open_opts);
@@ -265,12 +277,7 @@ int vd_node_open_driver(vd_node *n, unsigned flags, vd_error *err)
         n->broken = true;
         return r;
     }
-    n->broken = false;
-    if (n->drv->refresh_limits)
-        n->drv->refresh_limits(n);
-    if (n->bl.request_alignment == 0)
-        n->bl.request_alignment = 1;
-    vd_node_refresh_length(n);
+    driver_opened(n);
     return 0;
 }
 
@@ -1059,6 +1066,204 @@ int vd_node_open(vd_node **out, const char *filename, const vd_driver *drv,
     vd_opts_free(&own);
     if (r == 0)
         *out = node;
+    return r;
+}
+
+/*
+ * vd_reopen_opts(): QEMU's bdrv_reopen() with the old options kept, as
+ * qemu-io's reopen command uses it. Everything is checked before the
+ * node changes; then the driver's own options, the cache mode and the
+ * read-only mode are applied in that order, each through the reopen
+ * paths above (drained node, the driver closed and opened again, the
+ * permissions checked before a switch to read-write takes its locks).
+ */
+
+/* Switches O_DIRECT and flush skipping (@cf, VD_NODE_NOCACHE and
+ * VD_NODE_NO_FLUSH) on @n and the children holding its data, bottom-up
+ * so that the files below have their new mode before @n opens again. */
+static int reopen_cache_tree(vd_node *n, unsigned cf, vd_error *err)
+{
+    for (vd_child *c = n->children; c; c = c->next) {
+        if (c->role & VD_ROLE_COW)
+            continue;
+        int r = reopen_cache_tree(c->node, cf, err);
+        if (r < 0)
+            return r;
+    }
+    unsigned f = (n->flags & ~(VD_NODE_NOCACHE | VD_NODE_NO_FLUSH)) | cf;
+    return node_reopen(n, f, false, err);
+}
+
+/* Opens @n's driver again with @opts as its options, in its mode. An
+ * option the driver leaves is one it cannot take, and QEMU's reopen
+ * says so; then, as on any failure, the driver goes back to its old
+ * options. */
+static int reopen_driver_opts(vd_node *n, const vd_opts *opts, vd_error *err)
+{
+    vd_opts *o = vd_opts_clone(opts), *keep = vd_opts_clone(opts);
+    int r;
+
+    if (!o || !keep) {
+        vd_opts_free(&o);
+        vd_opts_free(&keep);
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    }
+    vd_node_drain_begin(n);
+    vd_node_close_driver(n);
+    r = n->drv->open(n, o, n->flags, err);
+    if (r == 0 && vd_opts_first_key(o)) {
+        r = vd_error_set(err, -EINVAL, "Cannot change the option '%s'",
+                         vd_opts_first_key(o));
+        vd_node_close_driver(n);
+    }
+    if (r == 0) {
+        vd_opts_free(&n->open_opts);
+        n->open_opts = keep;
+        keep = NULL;
+        driver_opened(n);
+    } else {
+        if (n->drv->instance_size)
+            memset(n->opaque, 0, n->drv->instance_size);
+        /* The old options opened this driver before; if they no longer
+         * do, the node stays broken and every request fails. */
+        vd_node_open_driver(n, n->flags, NULL);
+    }
+    vd_node_refresh_perms(n, NULL);
+    vd_node_drain_end(n);
+    vd_opts_free(&o);
+    vd_opts_free(&keep);
+    return r;
+}
+
+VD_API int vd_reopen_opts(vd_node *node, const vd_opts *opts, vd_error *err)
+{
+    vd_opts *o = opts ? vd_opts_clone(opts) : vd_opts_new();
+    vd_opts *merged = NULL;
+    unsigned flags = node->flags;
+    bool wt = node->writethrough, ro, b;
+    int dz = node->detect_zeroes, d = node->discard_unmap ? 1 : 0, r = 0;
+    char *tmp;
+    static const char *const dzs[] = { "off", "on", "unmap", NULL };
+    static const char *const dms[] = { "ignore", "unmap", "off", "on", NULL };
+
+    if (!o)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    /* What names the node cannot change. */
+    static const char *const fixed[] = { "driver", "node-name", NULL };
+    for (int i = 0; fixed[i]; i++) {
+        const char *cur = i == 0 ? node->drv->name : node->node_name;
+        if ((tmp = vd_opts_take(o, fixed[i]))) {
+            bool same = cur && strcmp(tmp, cur) == 0;
+            free(tmp);
+            if (!same) {
+                r = vd_error_set(err, -EINVAL, "Cannot change the option "
+                                 "'%s'", fixed[i]);
+                goto out;
+            }
+        }
+    }
+    if ((r = vd_opts_take_bool(o, "read-only", node->read_only, &ro,
+                               err)) < 0)
+        goto out;
+    if ((tmp = vd_opts_take(o, "cache"))) {
+        r = parse_cache_mode(tmp, &flags, &wt, err);
+        free(tmp);
+        if (r < 0)
+            goto out;
+    }
+    if ((r = vd_opts_take_bool(o, "cache.direct", flags & VD_NODE_NOCACHE,
+                               &b, err)) < 0)
+        goto out;
+    flags = b ? flags | VD_NODE_NOCACHE : flags & ~VD_NODE_NOCACHE;
+    if ((r = vd_opts_take_bool(o, "cache.no-flush", flags & VD_NODE_NO_FLUSH,
+                               &b, err)) < 0)
+        goto out;
+    flags = b ? flags | VD_NODE_NO_FLUSH : flags & ~VD_NODE_NO_FLUSH;
+    /* QEMU's reopen words for these two, not its open's. */
+    tmp = vd_opts_get(o, "detect-zeroes") ? strdup(vd_opts_get(o,
+                                                    "detect-zeroes")) : NULL;
+    r = vd_opts_take_enum(o, "detect-zeroes", dzs, dz, &dz, NULL);
+    if (r < 0) {
+        vd_error_set(err, r, "invalid parameter value: %s", tmp ? tmp : "");
+    }
+    free(tmp);
+    if (r < 0)
+        goto out;
+    if ((r = vd_opts_take_enum(o, "discard", dms, d, &d, NULL)) < 0) {
+        r = vd_error_set(err, r, "Invalid discard option");
+        goto out;
+    }
+    if (dz == 2 && !(d == 1 || d == 3)) {
+        r = vd_error_set(err, -EINVAL, "setting detect-zeroes to unmap is "
+                         "not allowed without setting discard operation to "
+                         "unmap");
+        goto out;
+    }
+    /* Options of the children (file.*, backing.*): vdisk reopens a
+     * child only along with its parent, so they cannot change. QEMU
+     * names the child's own key. */
+    for (size_t i = 0; i < vd_opts_count(o); i++) {
+        const char *k, *v, *dot;
+        vd_opts_nth(o, i, &k, &v);
+        if ((dot = strchr(k, '.'))) {
+            r = vd_error_set(err, -EINVAL, "Cannot change the option '%s'",
+                             dot + 1);
+            goto out;
+        }
+    }
+    /* A writer above keeps the node from going read-only (the caller
+     * gives up its own writing first, as qemu-io's reopen -r does). */
+    if (ro && !node->read_only && (node->perm & VD_PERM_WRITE)) {
+        r = vd_error_set(err, -EPERM, "Read-only block node '%s' cannot "
+                         "support read-write users", node->node_name);
+        goto out;
+    }
+
+    /* The driver's own options, merged into those it was opened with. */
+    if (vd_opts_count(o)) {
+        merged = vd_opts_clone(node->open_opts);
+        for (size_t i = 0; merged && i < vd_opts_count(o); i++) {
+            const char *k, *v;
+            vd_opts_nth(o, i, &k, &v);
+            if (vd_opts_set(merged, k, v) < 0)
+                vd_opts_free(&merged);
+        }
+        if (!merged) {
+            r = vd_error_set(err, -ENOMEM, "Out of memory");
+            goto out;
+        }
+        if ((r = reopen_driver_opts(node, merged, err)) < 0)
+            goto out;
+    }
+    if ((flags ^ node->flags) & (VD_NODE_NOCACHE | VD_NODE_NO_FLUSH)) {
+        r = reopen_cache_tree(node, flags & (VD_NODE_NOCACHE |
+                                             VD_NODE_NO_FLUSH), err);
+        vd_node_refresh_perms(node, NULL);
+        if (r < 0)
+            goto out;
+    }
+    node->writethrough = wt;
+    node->detect_zeroes = dz;
+    node->discard_unmap = d == 1 || d == 3;
+    if (ro != node->read_only) {
+        unsigned perm = 0, shared = VD_PERM_ALL;
+        if (node->opener)
+            vd_user_get_perm(node->opener, &perm, &shared);
+        r = vd_node_reopen(node, ro ? node->flags & ~VD_NODE_RDWR
+                                    : node->flags | VD_NODE_RDWR, err);
+        /* The opener writes again once the node is writable, as with
+         * vd_reopen(). */
+        if (r == 0 && !ro && node->opener)
+            r = vd_user_set_perm(node->opener, perm | VD_PERM_WRITE, shared,
+                                 err);
+        if (r == -EACCES || r == -EROFS)
+            vd_error_prepend(err, "Could not reopen '%s' read-write: ",
+                             node->filename ? node->filename
+                                            : node->node_name);
+    }
+out:
+    vd_opts_free(&merged);
+    vd_opts_free(&o);
     return r;
 }
 

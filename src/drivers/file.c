@@ -407,7 +407,14 @@ static int file_open(vd_node *node, vd_opts *opts, unsigned flags,
     if (ret < 0) {
         return ret;
     }
-    (void)aio;
+    /* As QEMU's file-posix: native AIO is only asked for with O_DIRECT
+     * (it would block on the page cache otherwise), and the refusal is
+     * kept so that command lines fail here as they fail there. */
+    if (aio == 1 && !(flags & VD_NODE_NOCACHE)) {
+        return vd_error_set(err, -EINVAL, "aio=native was specified, but it "
+                            "requires cache.direct=on, which was not "
+                            "specified.");
+    }
 
     /* O_NONBLOCK so that a FIFO given as an image fails the type check
      * below instead of blocking the open until a writer appears; it is

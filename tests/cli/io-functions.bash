@@ -10,6 +10,9 @@
 #   io_formats                 the formats to test (VDISK_IO_FORMATS or
 #                              "raw qcow2")
 #   io_create FMT NAME SIZE    create q/NAME and v/NAME with qemu-img
+#   io_backed_pair LEN         fresh q/ and v/, each with base.qcow2 (4M,
+#                              pattern 0x66 over its first LEN bytes) and
+#                              top.qcow2, an empty overlay of it
 #   io_filter FILE             strip what legitimately differs: timing
 #                              lines, -C statistics lines
 #   io_compare ARGS...         run `qemu-io ARGS` in q/ with QEMU's and in
@@ -29,6 +32,17 @@ io_create()
     mkdir -p q v
     "$QEMU_IMG" create -q -f "$1" "q/$2" "$3"
     cp "q/$2" "v/$2"
+}
+
+io_backed_pair()
+{
+    rm -rf q v
+    io_create qcow2 base.qcow2 4M
+    "$QEMU_IO" -c "write -P 0x66 0 $1" q/base.qcow2 > /dev/null
+    cp q/base.qcow2 v/base.qcow2
+    for d in q v; do
+        "$QEMU_IMG" create -q -f qcow2 -b base.qcow2 -F qcow2 "$d/top.qcow2"
+    done
 }
 
 io_filter()

@@ -597,8 +597,14 @@ static void test_open_errors(void)
     host_write(path("o.raw"), 0, 0, 512);
     n = open_img(path("o.raw"), "raw", "locking=maybe", 0, &err);
     CHECK(!n && err.code == -EINVAL, "bad locking value");
-    n = open_img(path("o.raw"), "raw", "aio=native,locking=off", 0, &err);
+    n = open_img(path("o.raw"), "raw", "aio=threads,locking=off", 0, &err);
     CHECK(n, "aio/locking accepted: %s", err.message);
+    vd_close(&n, NULL);
+    /* As QEMU: native AIO only with cache.direct=on. */
+    n = open_img(path("o.raw"), "raw", "aio=native", 0, &err);
+    CHECK(!n && err.code == -EINVAL &&
+          strstr(err.message, "requires cache.direct=on"),
+          "aio=native without O_DIRECT: %d '%s'", err.code, err.message);
     vd_close(&n, NULL);
     n = open_img(path("o.raw"), "file", "aio=io_uring", 0, &err);
     CHECK(n, "aio on the file node: %s", err.message);
