@@ -334,6 +334,12 @@ typedef struct vd_mirror_options {
     int64_t buf_size;         /* bytes copied at once, 0: 16 MiB */
     vd_node *replaces;        /* the node the target replaces, or NULL */
     bool no_unmap;            /* write zeroes without discarding */
+    /* The target reads as zeros already (a new image): a full sync copies
+     * only what the source holds (QEMU's zero_target false). */
+    bool target_is_zero;
+    /* Attached as the target's backing node when the mirror completes
+     * (drive-mirror's source backing chain), or NULL. */
+    vd_node *target_backing;
 } vd_mirror_options;
 
 /**

@@ -1121,6 +1121,13 @@ VD_API int vd_make_empty(vd_node *node, vd_error *err);
 VD_API int vd_snapshot_append(vd_node *node, vd_node *overlay,
                               vd_error *err);
 
+/** Makes @backing (NULL: none) @node's backing node in the open graph
+ * only, the header untouched (QEMU's bdrv_set_backing_hd()). -ENOTSUP for
+ * drivers without backing files, -EINVAL for a cycle; permission errors
+ * as vd_user_new(). */
+VD_API int vd_node_set_backing(vd_node *node, vd_node *backing,
+                               vd_error *err);
+
 /** Undoes vd_snapshot_append() (a transaction that failed later): every
  * user and parent of @overlay moves back to its backing node, with the
  * same gates, and @overlay loses its backing node. Writes made to

@@ -552,3 +552,31 @@ VD_API int vd_snapshot_unappend(vd_node *overlay, vd_error *err)
     vd_node_unref(node);
     return 0;
 }
+
+VD_API int vd_node_set_backing(vd_node *node, vd_node *backing,
+                               vd_error *err)
+{
+    if (!node->drv->supports_backing)
+        return vd_error_set(err, -ENOTSUP, "Driver '%s' of node '%s' does "
+                            "not support backing files", node->drv->name,
+                            node->node_name);
+    for (vd_node *n = backing; n; n = n->backing ? n->backing->node : NULL)
+        if (n == node)
+            return vd_error_set(err, -EINVAL, "Making '%s' a backing file "
+                                "of '%s' would create a cycle",
+                                backing->node_name, node->node_name);
+    int r = 0;
+    vd_node_drain_begin(node);
+    if (node->backing)
+        vd_node_detach_child(node, node->backing);
+    if (backing) {
+        vd_node_ref(backing);
+        if (!vd_node_attach_child(node, backing, "backing",
+                                  VD_ROLE_COW | VD_ROLE_DATA, err)) {
+            vd_node_unref(backing);
+            r = err && err->code ? err->code : -ENOMEM;
+        }
+    }
+    vd_node_drain_end(node);
+    return r;
+}

@@ -49,6 +49,8 @@ typedef struct mirror_state {
     uint8_t *buf;
     bool should_complete;      /* [J] job-complete was given */
     bool gated;                /* the users of to_replace are held */
+    bool target_is_zero;
+    vd_node *target_backing;   /* attached to the target at completion */
     bool target_reopened_rw;
 } mirror_state;
 
@@ -119,7 +121,8 @@ static int dirty_init(mirror_state *s, vd_error *err)
     if (len < 0)
         return vd_error_set(err, (int)len, "Could not get the length of "
                             "'%s'", s->source->node_name);
-    if (s->sync == VD_MIRROR_SYNC_FULL && !s->active_commit) {
+    if (s->sync == VD_MIRROR_SYNC_FULL && !s->active_commit &&
+        !s->target_is_zero) {
         if (!vd_node_discard_unmap(s->target)) {
             vd_dirty_tracker_set(s->dirty, 0, (uint64_t)len);
             return 0;
@@ -237,6 +240,14 @@ static int mirror_prepare(vd_job *job, vd_error *err)
         /* The job's own user of the target goes first, as QEMU drops
          * the target's write permission before the replacement. */
         vd_user_free(&s->target_user);
+        if (s->target_backing && !s->target->backing) {
+            vd_node_ref(s->target_backing);
+            if (!vd_node_attach_child(s->target, s->target_backing, "backing",
+                                      VD_ROLE_COW | VD_ROLE_DATA, err)) {
+                vd_node_unref(s->target_backing);
+                return err && err->code ? err->code : -ENOMEM;
+            }
+        }
         r = vd_node_replace(s->to_replace, s->target, err);
         if (r < 0)
             return r;
@@ -264,6 +275,7 @@ static void state_free(mirror_state *s)
     vd_node_unref(s->source);
     vd_node_unref(s->target);
     vd_node_unref(s->to_replace);
+    vd_node_unref(s->target_backing);
     free(s->buf);
     free(s);
 }
@@ -337,6 +349,10 @@ static int mirror_common(vd_job **out, const vd_job_driver *drv,
     s->sync = mo->sync;
     s->unmap = !mo->no_unmap;
     s->granularity = g;
+    s->target_is_zero = mo->target_is_zero;
+    s->target_backing = mo->target_backing;
+    if (s->target_backing)
+        vd_node_ref(s->target_backing);
     s->buf_size = mo->buf_size ? (uint64_t)mo->buf_size : DEFAULT_BUF_SIZE;
     if (s->buf_size < g)
         s->buf_size = g;

@@ -384,6 +384,183 @@ QMP_HANDLER(qmp_cmd_blockdev_backup)
     return json_object_new_object();
 }
 
+/* ---- drive-backup and drive-mirror: the target image made first ---- */
+
+/* Creates @file as QEMU's bdrv_img_create() does for the drive-*
+ * commands: @size bytes of @format, over @backing (or none). */
+static int create_target(const char *file, const char *format,
+                         vd_node *backing, int64_t size, qmp_error *e)
+{
+    vd_error err = VD_ERROR_INIT;
+    if (vd_driver_features(format) == 0) {
+        qmp_fail(e, NULL, "Unknown file format '%s'", format);
+        return -EINVAL;
+    }
+    vd_opts *o = vd_opts_new();
+    char sz[32];
+    snprintf(sz, sizeof(sz), "%" PRId64, size);
+    vd_opts_set(o, "size", sz);
+    if (backing) {
+        vd_opts_set(o, "backing_file", vd_node_filename(backing));
+        vd_opts_set(o, "backing_fmt", vd_node_format(backing));
+    }
+    int r = vd_create(file, format, o, &err);
+    vd_opts_free(&o);
+    if (r < 0)
+        fail_err(e, &err, r);
+    return r;
+}
+
+/* Opens the target of a drive-* command, without its backing chain. */
+static vd_node *open_target(const char *file, const char *format,
+                            const char *node_name, bool unmap, qmp_error *e)
+{
+    vd_error err = VD_ERROR_INIT;
+    vd_opts *o = vd_opts_new();
+    if (node_name)
+        vd_opts_set(o, "node-name", node_name);
+    if (unmap) {
+        vd_opts_set(o, "discard", "unmap");
+        vd_opts_set(o, "detect-zeroes", "unmap");
+    }
+    vd_node *n = NULL;
+    int r = vd_open(&n, file, format, o, VD_O_RDWR | VD_O_NO_BACKING |
+                    VD_O_NO_USER | VD_O_QUIET, &err);
+    vd_opts_free(&o);
+    if (r < 0) {
+        fail_err(e, &err, r);
+        return NULL;
+    }
+    return n;
+}
+
+QMP_HANDLER(qmp_cmd_drive_backup)
+{
+    const char *device = arg_s(args, "device");
+    const char *file = arg_s(args, "target");
+    const char *format = arg_s(args, "format");
+    const char *mode = arg_s(args, "mode");
+    const char *sync = arg_s(args, "sync");
+    bool existing = mode && strcmp(mode, "existing") == 0;
+    vd_node *bs = lookup(device, device, e);
+    vd_error err = VD_ERROR_INIT;
+    if (!bs)
+        return NULL;
+    if (!format && !existing)
+        format = vd_node_format(bs);
+    if (vd_op_is_blocked(bs, VD_OP_BACKUP_SOURCE, &err))
+        return fail_err(e, &err, err.code);
+    vd_node *source = NULL;
+    if (strcmp(sync, "top") == 0) {
+        source = backing_of(bs);
+        if (!source)
+            sync = "full";
+    }
+    if (strcmp(sync, "none") == 0)
+        source = bs;
+    if (!existing && create_target(file, format, source, vd_getlength(bs), e) < 0)
+        return NULL;
+    vd_node *target = open_target(file, format, NULL, true, e);
+    if (!target)
+        return NULL;
+    int r = 0;
+    if (strcmp(sync, "none") == 0) {
+        /* The target reads through the source (QEMU's set_backing_hd). */
+        r = vd_node_set_backing(target, bs, &err);
+        if (r < 0) {
+            vd_close(&target, NULL);
+            return fail_err(e, &err, r);
+        }
+    }
+    /* The rest is blockdev-backup's, on the node just opened. */
+    json_object *a = json_object_new_object();
+    json_object_object_foreach(args, k, v) {
+        if (strcmp(k, "format") && strcmp(k, "mode") && strcmp(k, "target"))
+            json_object_object_add(a, k, json_object_get(v));
+    }
+    json_object_object_add(a, "target",
+                           json_object_new_string(vd_node_name(target)));
+    json_object_object_add(a, "sync", json_object_new_string(sync));
+    json_object *ret = qmp_cmd_blockdev_backup(d, a, e);
+    json_object_put(a);
+    vd_close(&target, NULL);
+    return ret;
+}
+
+QMP_HANDLER(qmp_cmd_drive_mirror)
+{
+    (void)d;
+    const char *device = arg_s(args, "device");
+    const char *file = arg_s(args, "target");
+    const char *format = arg_s(args, "format");
+    const char *mode = arg_s(args, "mode");
+    const char *sync = arg_s(args, "sync");
+    const char *node_name = arg_s(args, "node-name");
+    const char *replaces = arg_s(args, "replaces");
+    bool existing = mode && strcmp(mode, "existing") == 0;
+    vd_error err = VD_ERROR_INIT;
+    json_object *v;
+    vd_job_options o;
+    vd_mirror_options mo = { 0 };
+
+    if (common_opts(args, &o, e) < 0)
+        return NULL;
+    vd_node *bs = lookup(device, device, e);
+    if (!bs)
+        return NULL;
+    if (!vd_node_is_root(bs))
+        return qmp_fail(e, NULL, "Need a root block node");
+    if (vd_op_is_blocked(bs, VD_OP_MIRROR_SOURCE, &err))
+        return fail_err(e, &err, err.code);
+    if (!format && !existing)
+        format = vd_node_format(bs);
+    vd_node *target_backing = backing_of(bs);
+    if (!target_backing && strcmp(sync, "top") == 0)
+        sync = "full";
+    if (strcmp(sync, "none") == 0)
+        target_backing = bs;
+    if (replaces && !node_name)
+        return qmp_fail(e, NULL, "a node-name must be provided when "
+                        "replacing a named node of the graph");
+    if (!existing &&
+        create_target(file, format, strcmp(sync, "full") == 0
+                      ? NULL : target_backing, vd_getlength(bs), e) < 0)
+        return NULL;
+    vd_node *target = open_target(file, format, node_name, false, e);
+    if (!target)
+        return NULL;
+    mo.sync = strcmp(sync, "full") == 0 ? VD_MIRROR_SYNC_FULL
+              : strcmp(sync, "top") == 0 ? VD_MIRROR_SYNC_TOP
+              : VD_MIRROR_SYNC_NONE;
+    /* A new image reads as zeros: only what the source holds is copied. */
+    mo.target_is_zero = !existing;
+    /* absolute-paths: the target gets the source's backing chain. */
+    if (!existing && mo.sync != VD_MIRROR_SYNC_FULL)
+        mo.target_backing = target_backing;
+    if (json_object_object_get_ex(args, "granularity", &v))
+        mo.granularity = (uint64_t)json_object_get_int64(v);
+    if (json_object_object_get_ex(args, "buf-size", &v))
+        mo.buf_size = json_object_get_int64(v);
+    mo.no_unmap = !arg_b(args, "unmap", true);
+    const char *oe = arg_s(args, "on-source-error");
+    if (oe)
+        vd_on_error_parse(oe, &o.on_error);
+    oe = arg_s(args, "on-target-error");
+    if (oe)
+        vd_on_error_parse(oe, &o.on_target_error);
+    if (replaces && !(mo.replaces = vd_find_node(replaces))) {
+        vd_close(&target, NULL);
+        return qmp_fail(e, NULL, "Node name '%s' not found", replaces);
+    }
+    vd_job *job = NULL;
+    int r = vd_mirror_start(&job, bs, target, &mo, &o, &err);
+    vd_close(&target, NULL);
+    if (r < 0)
+        return fail_err(e, &err, r);
+    vd_job_unref(&job);
+    return json_object_new_object();
+}
+
 /* ---- live external snapshots ---- */
 
 QMP_HANDLER(qmp_cmd_blockdev_snapshot)

@@ -110,6 +110,8 @@ QMP_HANDLER(qmp_cmd_blockdev_backup);
 QMP_HANDLER(qmp_cmd_blockdev_snapshot);
 QMP_HANDLER(qmp_cmd_blockdev_snapshot_sync);
 QMP_HANDLER(qmp_cmd_transaction);
+QMP_HANDLER(qmp_cmd_drive_backup);
+QMP_HANDLER(qmp_cmd_drive_mirror);
 QMP_HANDLER(qmp_cmd_query_jobs);
 QMP_HANDLER(qmp_cmd_query_block_jobs);
 QMP_HANDLER(qmp_cmd_job_pause);

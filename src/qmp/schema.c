@@ -382,6 +382,49 @@ static const qarg args_transaction[] = {
     { NULL, 0, false, NULL },
 };
 
+/* drive-backup (BackupCommon, target, format, mode), QEMU 7.2's order. */
+static const qarg args_drive_backup[] = {
+    { "job-id", QT_STR, true, NULL },
+    { "device", QT_STR, false, NULL },
+    { "sync", QT_ENUM, false, sync_enum },
+    { "speed", QT_INT, true, NULL },
+    { "bitmap", QT_STR, true, NULL },
+    { "bitmap-mode", QT_ENUM, true, bitmap_mode_enum },
+    { "compress", QT_BOOL, true, NULL },
+    { "on-source-error", QT_ENUM, true, on_error_enum },
+    { "on-target-error", QT_ENUM, true, on_error_enum },
+    { "auto-finalize", QT_BOOL, true, NULL },
+    { "auto-dismiss", QT_BOOL, true, NULL },
+    { "filter-node-name", QT_STR, true, NULL },
+    { "x-perf", QT_ANY, true, NULL },
+    { "target", QT_STR, false, NULL },
+    { "format", QT_STR, true, NULL },
+    { "mode", QT_ENUM, true, new_image_mode_enum },
+    { NULL, 0, false, NULL },
+};
+
+/* drive-mirror, QEMU 7.2's members in its order. */
+static const qarg args_drive_mirror[] = {
+    { "job-id", QT_STR, true, NULL },
+    { "device", QT_STR, false, NULL },
+    { "target", QT_STR, false, NULL },
+    { "format", QT_STR, true, NULL },
+    { "node-name", QT_STR, true, NULL },
+    { "replaces", QT_STR, true, NULL },
+    { "sync", QT_ENUM, false, sync_enum },
+    { "mode", QT_ENUM, true, new_image_mode_enum },
+    { "speed", QT_INT, true, NULL },
+    { "granularity", QT_INT, true, NULL },
+    { "buf-size", QT_INT, true, NULL },
+    { "on-source-error", QT_ENUM, true, on_error_enum },
+    { "on-target-error", QT_ENUM, true, on_error_enum },
+    { "unmap", QT_BOOL, true, NULL },
+    { "copy-mode", QT_ENUM, true, copy_mode_enum },
+    { "auto-finalize", QT_BOOL, true, NULL },
+    { "auto-dismiss", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg args_job_id[] = {
     { "id", QT_STR, false, NULL },
     { NULL, 0, false, NULL },
@@ -456,6 +499,8 @@ const qmp_cmd qmp_commands[] = {
       false },
     { "blockdev-snapshot-sync", args_blockdev_snapshot_sync,
       qmp_cmd_blockdev_snapshot_sync, false },
+    { "drive-backup", args_drive_backup, qmp_cmd_drive_backup, false },
+    { "drive-mirror", args_drive_mirror, qmp_cmd_drive_mirror, false },
     { "transaction", args_transaction, qmp_cmd_transaction, false },
     { "query-jobs", args_none, qmp_cmd_query_jobs, false },
     { "query-block-jobs", args_none, qmp_cmd_query_block_jobs, false },

@@ -9,7 +9,7 @@
  * users back (vd_snapshot_unappend()), an internal snapshot is deleted,
  * a backup job is cancelled before it ever ran.
  *
- * Actions vdisk does not have yet (drive-backup, the dirty bitmap ones)
+ * Actions vdisk does not have yet (the dirty bitmap ones)
  * and completion-mode "grouped" are refused before anything happens.
  */
 #include <stdio.h>
@@ -27,7 +27,7 @@ typedef struct prepared {
 
 static const char *const supported[] = {
     "abort", "blockdev-backup", "blockdev-snapshot", "blockdev-snapshot-sync",
-    "blockdev-snapshot-internal-sync", NULL,
+    "blockdev-snapshot-internal-sync", "drive-backup", NULL,
 };
 static const char *const known[] = {
     "abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
@@ -55,7 +55,8 @@ static const char *str(json_object *o, const char *key)
 static void undo(prepared *p)
 {
     vd_error err = VD_ERROR_INIT;
-    if (strcmp(p->type, "blockdev-backup") == 0) {
+    if (strcmp(p->type, "blockdev-backup") == 0 ||
+        strcmp(p->type, "drive-backup") == 0) {
         if (p->job) {
             vd_job_cancel(p->job, true, &err);
             vd_job_unref(&p->job);
