@@ -39,6 +39,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <limits.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
@@ -48,6 +49,7 @@
 #include <unistd.h>
 
 #include "commands.h"
+#include "serve_client.h"
 #include "util.h"
 #include "qmp.h"
 #include "vdisk/nbd-server.h"
@@ -59,6 +61,9 @@
 /* The NBD protocol's longest export name or description; qemu-nbd
  * refuses longer ones when it parses -x and -D. */
 #define SERVE_MAX_STRING   4096
+/* qemu-nbd -c's socket when -k is not given (DEVICE: the device's base
+ * name). */
+#define SERVE_SOCKET_PATH  "/var/lock/qemu-nbd-DEVICE"
 
 enum {
     SERVE_OPT_CACHE = 300,
@@ -79,6 +84,8 @@ enum {
     SERVE_OPT_MONITOR,
     SERVE_OPT_QMP,
     SERVE_OPT_DAEMONIZE,
+    SERVE_OPT_TLS_HOSTNAME,
+    SERVE_OPT_HANDSHAKE_LIMIT,
 };
 
 /* The daemon-form options, kept in command-line order per kind. */
@@ -123,6 +130,16 @@ static const struct option serve_long[] = {
     { "daemonize", no_argument, NULL, SERVE_OPT_DAEMONIZE },
     { "trace", required_argument, NULL, 'T' },
     { "version", no_argument, NULL, 'V' },
+    { "offset", required_argument, NULL, 'o' },
+    { "allocation-depth", no_argument, NULL, 'A' },
+    { "bitmap", required_argument, NULL, 'B' },
+    { "connect", required_argument, NULL, 'c' },
+    { "disconnect", no_argument, NULL, 'd' },
+    { "list", no_argument, NULL, 'L' },
+    { "snapshot", no_argument, NULL, 's' },
+    { "verbose", no_argument, NULL, 'v' },
+    { "tls-hostname", required_argument, NULL, SERVE_OPT_TLS_HOSTNAME },
+    { "handshake-limit", required_argument, NULL, SERVE_OPT_HANDSHAKE_LIMIT },
     { NULL, 0, NULL, 0 },
 };
 
@@ -131,6 +148,7 @@ static void nbd_usage(void)
 {
     printf(
 "Usage: qemu-nbd [OPTIONS] FILE\n"
+"  or:  qemu-nbd -L [OPTIONS]\n"
 "QEMU Disk Network Block Device Utility\n"
 "\n"
 "  -h, --help                display this help and exit\n"
@@ -140,24 +158,41 @@ static void nbd_usage(void)
 "  -p, --port=PORT           port to listen on (default `%s')\n"
 "  -b, --bind=IFACE          interface to bind to (default `0.0.0.0')\n"
 "  -k, --socket=PATH         path to the unix socket\n"
+"                            (default '" SERVE_SOCKET_PATH "')\n"
 "  -e, --shared=NUM          device can be shared by NUM clients (default '1')\n"
 "  -t, --persistent          don't exit on the last connection\n"
+"  -v, --verbose             display extra debugging information\n"
 "  -x, --export-name=NAME    expose export by name (default is empty string)\n"
 "  -D, --description=TEXT    export a human-readable description\n"
 "\n"
+"Exposing part of the image:\n"
+"  -o, --offset=OFFSET       offset into the image\n"
+"  -A, --allocation-depth    expose the allocation depth\n"
+"  -B, --bitmap=NAME         expose a persistent dirty bitmap\n"
+"\n"
 "General purpose options:\n"
+"  -L, --list                list exports available from another NBD server\n"
 "  --object type,id=ID,...   define an object such as 'secret' for providing\n"
 "                            passwords and/or encryption keys\n"
 "  --tls-creds=ID            use id of an earlier --object to provide TLS\n"
+"  --tls-authz=ID            use id of an earlier --object to provide\n"
+"                            authorization\n"
 "  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]\n"
 "                            specify tracing options\n"
 "  --fork                    fork off the server process and exit the parent\n"
 "                            once the server is running\n"
 "  --pid-file=PATH           store the server's process ID in the given file\n"
 "\n"
+"Kernel NBD client support:\n"
+"  -c, --connect=DEV         connect FILE to the local NBD device DEV\n"
+"  -d, --disconnect          disconnect the specified device\n"
+"\n"
 "Block device options:\n"
 "  -f, --format=FORMAT       set image format (raw, qcow2, ...)\n"
 "  -r, --read-only           export read-only\n"
+"  -s, --snapshot            use FILE as an external snapshot, create a temporary\n"
+"                            file with backing_file=FILE, redirect the write to\n"
+"                            the temporary one\n"
 "  -l, --load-snapshot=SNAPSHOT_PARAM\n"
 "                            load an internal snapshot inside FILE and export it\n"
 "                            as an read-only device, SNAPSHOT_PARAM format is\n"
@@ -170,7 +205,8 @@ static void nbd_usage(void)
 "      --aio=MODE            set AIO mode (native, io_uring or threads)\n"
 "      --discard=MODE        set discard mode (ignore, unmap)\n"
 "      --detect-zeroes=MODE  set detect-zeroes mode (off, on, unmap)\n"
-"      --image-opts          treat FILE as a full set of image options\n",
+"      --image-opts          treat FILE as a full set of image options\n"
+"\n",
            SERVE_DEFAULT_PORT);
 }
 
@@ -407,6 +443,15 @@ static int add_objects(const char *const *objs, int n, bool daemon_form)
     return 0;
 }
 
+/* The kernel client's way to end the server (qemu-nbd -c ends when the
+ * device is disconnected). */
+static void stop_server(void)
+{
+    if (the_server) {
+        vd_nbd_server_request_shutdown(the_server);
+    }
+}
+
 static void on_signal(int sig)
 {
     (void)sig;
@@ -426,6 +471,40 @@ static int parse_uint(const char *s, unsigned max, unsigned *out)
         return -EINVAL;
     }
     *out = (unsigned)v;
+    return 0;
+}
+
+/* QEMU's qemu_strtoi() with base 0, as qemu-nbd reads -e and
+ * --handshake-limit: decimal, octal or hex, leading blanks allowed, the
+ * whole string, within int. */
+static int parse_qemu_int(const char *s, int *out)
+{
+    char *end;
+    long long v;
+
+    errno = 0;
+    v = strtoll(s, &end, 0);
+    if (errno || end == s || *end || v > INT_MAX || v < INT_MIN) {
+        return -EINVAL;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+/* QEMU's qemu_strtou64() with base 0, as qemu-nbd reads -o: like
+ * strtoull, so "-1" wraps to 2^64-1 (refused later, where the offset
+ * meets the raw layer, with the raw driver's words). */
+static int parse_qemu_u64(const char *s, uint64_t *out)
+{
+    char *end;
+    unsigned long long v;
+
+    errno = 0;
+    v = strtoull(s, &end, 0);
+    if (errno || end == s || *end) {
+        return -EINVAL;
+    }
+    *out = v;
     return 0;
 }
 
@@ -939,6 +1018,149 @@ out:
     return ret;
 }
 
+/*
+ * -s: a temporary qcow2 overlay over @base, as qemu-nbd's (a file in
+ * $TMPDIR or /var/tmp, the image as its backing node, the writes going
+ * to it). The file is unlinked as soon as it is open, so nothing is left
+ * behind whatever way the server ends. Returns 0 or -1 after an error.
+ */
+static int open_overlay(vd_node **out, vd_node *base, const vd_opts *opts,
+                        unsigned flags)
+{
+    const char *dir = getenv("TMPDIR");
+    char path[PATH_MAX], size[32];
+    vd_opts *copts = vd_opts_new(), *oopts = vd_opts_clone(opts);
+    vd_error err = VD_ERROR_INIT;
+    int64_t len = vd_getlength(base);
+    int fd, r = -1;
+
+    snprintf(path, sizeof(path), "%s/vl.XXXXXX", dir && *dir ? dir
+                                                              : "/var/tmp");
+    fd = len < 0 || !copts || !oopts ? -1 : mkstemp(path);
+    if (fd < 0) {
+        cli_error("Could not get temporary filename: %s",
+                  strerror(len < 0 ? (int)-len : errno));
+        goto out;
+    }
+    close(fd);
+    snprintf(size, sizeof(size), "%" PRId64, len);
+    if (vd_opts_set(copts, "size", size) < 0 ||
+        vd_create(path, "qcow2", copts, &err) < 0) {
+        cli_error("Could not create temporary overlay '%s': %s", path,
+                  err.message[0] ? err.message : "out of memory");
+        unlink(path);
+        goto out;
+    }
+    vd_error_clear(&err);
+    if (vd_opts_set(oopts, "backing", vd_node_name(base)) < 0 ||
+        vd_open(out, path, "qcow2", oopts, flags, &err) < 0) {
+        cli_error("Could not open temporary overlay '%s': %s", path,
+                  err.message[0] ? err.message : "out of memory");
+        unlink(path);
+        goto out;
+    }
+    unlink(path);
+    r = 0;
+out:
+    vd_opts_free(&copts);
+    vd_opts_free(&oopts);
+    return r;
+}
+
+/*
+ * Opens what one export serves, as qemu-nbd builds it: the image @file
+ * (or the option string, with --image-opts), then with @overlay (-s) a
+ * temporary overlay on it, then with @offset (-o) a raw layer starting
+ * @offset bytes in. The top node goes to @*top, the ones under it to
+ * @lower (closed after the top). Returns 0 or -1 after qemu-nbd's
+ * message.
+ */
+static int open_export_node(const char *file, const char *fmt,
+                            bool image_opts, const vd_opts *opts,
+                            bool read_only, bool overlay, uint64_t offset,
+                            vd_node **top, vd_node *lower[2])
+{
+    unsigned rw = read_only ? 0 : VD_O_RDWR;
+    /* Nodes under another are inner nodes: the export's user on the top
+     * node holds the permissions (VD_O_NO_USER), and the image under an
+     * overlay is only read, as QEMU opens a -s image's backing. */
+    unsigned flags = overlay ? VD_O_NO_USER : offset ? rw | VD_O_NO_USER : rw;
+    vd_error err = VD_ERROR_INIT;
+    vd_node *cur = NULL;
+    int r;
+
+    if (image_opts) {
+        /* FILE is the whole set of options, as blockdev-add's. */
+        vd_opts *all = cli_parse_image_opts(file, opts);
+        if (!all) {
+            return -1;
+        }
+        r = vd_open(&cur, NULL, NULL, all, flags, &err);
+        vd_opts_free(&all);
+    } else {
+        r = vd_open(&cur, file, fmt, opts, flags, &err);
+    }
+    if (r < 0) {
+        /* qemu-nbd's words, naming the file. */
+        cli_error("Failed to blk_new_open '%s': %s",
+                  file, err.message[0]
+                        ? cli_strip_filename(err.message, file)
+                        : strerror(-r));
+        cli_print_hint(&err);
+        return -1;
+    }
+    if (overlay) {
+        vd_node *ov = NULL;
+        if (open_overlay(&ov, cur, opts, offset ? rw | VD_O_NO_USER : rw)
+            < 0) {
+            vd_close(&cur, NULL);
+            return -1;
+        }
+        lower[0] = cur;
+        cur = ov;
+    }
+    if (offset) {
+        vd_opts *ro = vd_opts_new();
+        char num[32];
+        vd_node *raw = NULL;
+
+        if (offset > INT64_MAX) {
+            /* qemu-nbd hands the offset to the raw driver as a signed
+             * number, which the driver's size parser refuses so. */
+            cli_error("Parameter 'offset' expects a non-negative number "
+                      "below 2^64");
+            fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, "
+                    "mega-, giga-, tera-, peta-\nand exabytes, "
+                    "respectively.\n");
+            vd_opts_free(&ro);
+            r = -1;
+        } else {
+            snprintf(num, sizeof(num), "%" PRIu64, offset);
+            vd_error_clear(&err);
+            r = !ro || vd_opts_set(ro, "driver", "raw") < 0 ||
+                vd_opts_set(ro, "file", vd_node_name(cur)) < 0 ||
+                vd_opts_set(ro, "offset", num) < 0 ? -ENOMEM
+                : vd_open(&raw, NULL, NULL, ro, rw, &err);
+            if (r < 0) {
+                cli_error("%s", err.message[0] ? err.message
+                                               : "out of memory");
+            }
+            vd_opts_free(&ro);
+        }
+        if (r < 0) {
+            vd_close(&cur, NULL);
+            if (lower[0]) {
+                vd_close(&lower[0], NULL);
+            }
+            return -1;
+        }
+        lower[lower[0] ? 1 : 0] = cur;
+        cur = raw;
+    }
+    *top = cur;
+    return 0;
+}
+
 int cmd_serve(int argc, char **argv)
 {
     /* Request buffers above 256 KiB come from mmap and go back to the
@@ -950,13 +1172,24 @@ int cmd_serve(int argc, char **argv)
 
     const char *sockpath = NULL, *bind_addr = NULL, *port = NULL;
     const char *fmt = NULL, *pidfile = NULL, *tls_creds = NULL;
-    const char *tls_authz = NULL;
+    const char *tls_authz = NULL, *tls_hostname = NULL, *bitmap = NULL;
+    const char *device = NULL;
     const char **objects = NULL;
     int nobjects = 0;
     bool image_opts = false;
     const char *names[SERVE_MAX_EXPORTS], *descs[SERVE_MAX_EXPORTS];
     unsigned nnames = 0, ndescs = 0, shared = 1, workers = SERVE_WORKERS;
     bool persistent = false, read_only = false, do_fork = false;
+    /* qemu-nbd's -v, -A, -s, -L, -d; -o's offset (0: none) and whether
+     * a per-device option was given (list mode refuses them). */
+    bool verbose = false, alloc_depth = false, overlay = false;
+    bool list = false, disconnect = false, per_device = false;
+    uint64_t offset = 0;
+    int handshake_limit = -1;
+    /* Nodes under an export's top node (the image under -s's overlay
+     * and under -o's raw layer), closed after it. */
+    vd_node *lower[SERVE_MAX_EXPORTS][2] = { { 0 } };
+    bool kernel_client = false;
     const char *snapshot = NULL;
     vd_node *nodes[SERVE_MAX_EXPORTS] = { 0 };
     int nimages = 0, ret = 1, ready_fd = -1, c;
@@ -969,6 +1202,7 @@ int cmd_serve(int argc, char **argv)
     int ndaemon[D_KINDS] = { 0 };
     int longidx = -1;
     unsigned seen_block_opts = 0;
+    char default_sock[128];
     /* qemu-storage-daemon is the daemon form even with no options. */
     bool daemon_mode = cli_as == CLI_QEMU_STORAGE_DAEMON, daemonize = false;
 
@@ -985,7 +1219,7 @@ int cmd_serve(int argc, char **argv)
         return 1;
     }
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:nT:V", serve_long,
+    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:nT:Vo:sc:dvAB:L", serve_long,
                             &longidx)) != -1) {
         if (c != ':' && c != '?' &&
             !serve_opt_allowed(c, longidx >= 0 ? serve_long[longidx].name
@@ -1032,12 +1266,53 @@ int cmd_serve(int argc, char **argv)
         case 'p':
             port = optarg;
             break;
-        case 'e':
-            if (parse_uint(optarg, 65535, &shared) < 0) {
+        case 'e': {
+            int v;
+            if (parse_qemu_int(optarg, &v) < 0 || v < 0) {
                 cli_error("Invalid shared device number "
                           "'%s'", optarg);
                 goto out;
             }
+            shared = (unsigned)v;
+            break;
+        }
+        case SERVE_OPT_HANDSHAKE_LIMIT:
+            if (parse_qemu_int(optarg, &handshake_limit) < 0 ||
+                handshake_limit < 0) {
+                cli_error("Invalid handshake limit '%s'", optarg);
+                goto out;
+            }
+            break;
+        case 'o':
+            if (parse_qemu_u64(optarg, &offset) < 0) {
+                cli_error("Invalid offset '%s'", optarg);
+                goto out;
+            }
+            break;
+        case 'A':
+            alloc_depth = true;
+            break;
+        case 'B':
+            /* qemu-nbd checks the last one given first. */
+            bitmap = optarg;
+            break;
+        case 's':
+            overlay = true;
+            break;
+        case 'L':
+            list = true;
+            break;
+        case 'c':
+            device = optarg;
+            break;
+        case 'd':
+            disconnect = true;
+            break;
+        case 'v':
+            verbose = true;
+            break;
+        case SERVE_OPT_TLS_HOSTNAME:
+            tls_hostname = optarg;
             break;
         case 't':
             persistent = true;
@@ -1055,6 +1330,7 @@ int cmd_serve(int argc, char **argv)
                 goto out;
             }
             names[nnames++] = optarg;
+            per_device = true;
             break;
         case 'D':
             if (ndescs == SERVE_MAX_EXPORTS) {
@@ -1066,14 +1342,19 @@ int cmd_serve(int argc, char **argv)
                 goto out;
             }
             descs[ndescs++] = optarg;
+            per_device = true;
             break;
         case 'f':
             fmt = optarg;
+            per_device = true;
             break;
         case 'l':
             /* As qemu-nbd: the snapshot is exported read-only. */
             snapshot = optarg;
             read_only = true;
+            /* As qemu-nbd, only the plain ID_OR_NAME form counts as a
+             * per-device setting for -L. */
+            per_device |= strncmp(optarg, "snapshot.", 9) != 0;
             break;
         case 'n':
         case SERVE_OPT_CACHE:
@@ -1083,6 +1364,7 @@ int cmd_serve(int argc, char **argv)
             if (block_option(opts, c, optarg, &seen_block_opts) < 0) {
                 goto out;
             }
+            per_device |= c != SERVE_OPT_DETECT_ZEROES;
             break;
         case SERVE_OPT_PIDFILE:
             pidfile = optarg;
@@ -1148,42 +1430,85 @@ int cmd_serve(int argc, char **argv)
     if (add_objects(objects, nobjects, daemon_mode) < 0) {
         goto out;
     }
-    if (tls_authz && !tls_creds) {
-        cli_error("--tls-authz is not permitted without "
-                  "--tls-creds");
+    if (daemon_mode && (tls_creds || tls_authz || tls_hostname || list ||
+                        device || disconnect || offset || alloc_depth ||
+                        overlay || bitmap || verbose ||
+                        handshake_limit >= 0)) {
+        cli_error("qemu-nbd's options (--tls-creds, -L, -c, -o, -A, -s, "
+                  "...) do not combine with the daemon options; give the "
+                  "daemon --nbd-server ...,tls-creds=ID");
         goto out;
     }
-    if (tls_authz) {
-        /* The authorization objects exist (vd_authz_is_allowed()), but
-         * the NBD server does not ask them yet: serving without the
-         * check would let in clients the caller means to keep out. */
-        cli_error("--tls-authz is not supported yet: the "
-                  "NBD server cannot check client identities");
-        goto out;
-    }
-    if (image_opts && fmt) {
-        cli_error("--image-opts and -f are mutually "
-                  "exclusive");
-        goto out;
-    }
-    if (daemon_mode && tls_creds) {
-        cli_error("--tls-creds is qemu-nbd's option; give "
-                  "the daemon --nbd-server ...,tls-creds=ID");
+    /* From here on qemu-nbd's checks, in qemu-nbd's order. */
+    per_device |= offset || device || disconnect || bitmap || alloc_depth;
+    if (!daemon_mode && list) {
+        if (argc != optind) {
+            cli_error("List mode is incompatible with a file name");
+            goto out;
+        }
+        if (per_device) {
+            cli_error("List mode is incompatible with per-device settings");
+            goto out;
+        }
+        if (do_fork) {
+            cli_error("List mode is incompatible with forking");
+            goto out;
+        }
+    } else if (!daemon_mode && cli_as == CLI_QEMU_NBD &&
+               argc - optind != 1) {
+        cli_error("Invalid number of arguments");
+        fprintf(stderr, "Try `qemu-nbd --help' for more information.\n");
         goto out;
     }
     if (tls_creds) {
-        /* Checked before any image is opened, as qemu-nbd does. */
+        if (device) {
+            cli_error("TLS is not supported with a host device");
+            goto out;
+        }
+        if (tls_authz && list) {
+            cli_error("TLS authorization is incompatible with export list");
+            goto out;
+        }
+        if (tls_hostname && !list) {
+            cli_error("TLS hostname is only supported with export list");
+            goto out;
+        }
+        /* Checked before any image is opened, as qemu-nbd does; -L
+         * wants a client's credentials, the server a server's. */
         vd_error_clear(&err);
         creds = vd_nbd_tls_creds_get(tls_creds, &err);
         if (!creds) {
             cli_error("Failed to get TLS creds: %s", err.message);
             goto out;
         }
-        if (!vd_nbd_tls_creds_is_server(creds)) {
+        if (vd_nbd_tls_creds_is_server(creds) == list) {
             cli_error("Failed to get TLS creds: Expecting TLS credentials "
-                      "with a server endpoint");
+                      "with a %s endpoint", list ? "client" : "server");
             goto out;
         }
+    } else if (tls_authz) {
+        cli_error("--tls-authz is not permitted without --tls-creds");
+        goto out;
+    } else if (tls_hostname) {
+        cli_error("--tls-hostname is not permitted without --tls-creds");
+        goto out;
+    }
+    if (list) {
+        const char *host = bind_addr ? bind_addr : "0.0.0.0";
+        ret = serve_list_exports(sockpath, host,
+                                 port ? port : SERVE_DEFAULT_PORT,
+                                 tls_creds,
+                                 tls_hostname ? tls_hostname : host);
+        goto out;
+    }
+    if (disconnect) {
+        ret = serve_kernel_disconnect(argv[optind]);
+        goto out;
+    }
+    if (image_opts && fmt) {
+        cli_error("--image-opts and -f are mutually "
+                  "exclusive");
+        goto out;
     }
     if (daemon_mode) {
         if (cli_as == CLI_QEMU_STORAGE_DAEMON && argc - optind > 0) {
@@ -1200,11 +1525,6 @@ int cmd_serve(int argc, char **argv)
     }
 
     nimages = argc - optind;
-    if (cli_as == CLI_QEMU_NBD && nimages != 1) {
-        cli_error("Invalid number of arguments");
-        fprintf(stderr, "Try `qemu-nbd --help' for more information.\n");
-        goto out;
-    }
     if (nimages < 1) {
         cli_error("Not enough arguments");
         serve_help_hint();
@@ -1224,11 +1544,33 @@ int cmd_serve(int argc, char **argv)
         cli_error("more -x/-D options than images");
         goto out;
     }
+    if (device && nimages > 1) {
+        cli_error("-c binds one image to the device");
+        goto out;
+    }
+    /* qemu-nbd's defaults: discards are ignored unless --discard says
+     * otherwise; -c listens on a socket named after the device and
+     * forks unless -v keeps it in the foreground. */
+    if (!vd_opts_get(opts, "discard") &&
+        vd_opts_set(opts, "discard", "ignore") < 0) {
+        cli_error("out of memory");
+        goto out;
+    }
+    if (device && !sockpath) {
+        const char *base = strrchr(device, '/');
+        snprintf(default_sock, sizeof(default_sock), "/var/lock/qemu-nbd-%s",
+                 base ? base + 1 : device);
+        sockpath = default_sock;
+    }
+    if (device && !verbose) {
+        do_fork = true;
+    }
     srv = vd_nbd_server_new(workers, shared, persistent);
     if (!srv) {
         cli_error("out of memory");
         goto out;
     }
+    the_server = srv;
     vd_nbd_server_set_tls(srv, creds);
     creds = NULL;
     if (sockpath &&
@@ -1266,43 +1608,53 @@ int cmd_serve(int argc, char **argv)
         setsid();
     }
 
+    if (handshake_limit >= 0) {
+        vd_nbd_server_set_handshake_limit(srv, (unsigned)handshake_limit);
+    }
+    if (tls_authz && vd_nbd_server_set_tls_authz(srv, tls_authz) < 0) {
+        cli_error("out of memory");
+        goto out;
+    }
     for (int i = 0; i < nimages; i++) {
         const char *file = argv[optind + i];
-        unsigned flags = read_only ? 0 : VD_O_RDWR;
-        int r;
+        const char *name = nnames > (unsigned)i ? names[i] : "";
 
-        vd_error_clear(&err);
-        if (image_opts) {
-            /* FILE is the whole set of options, as blockdev-add's. */
-            vd_opts *all = cli_parse_image_opts(file, opts);
-            if (!all) {
-                goto out;
-            }
-            r = vd_open(&nodes[i], NULL, NULL, all, flags, &err);
-            vd_opts_free(&all);
-        } else {
-            r = vd_open(&nodes[i], file, fmt, opts, flags, &err);
-        }
-        if (r < 0) {
-            /* qemu-nbd's words, naming the file. */
-            cli_error("Failed to blk_new_open '%s': %s",
-                      file, err.message[0]
-                            ? cli_strip_filename(err.message, file)
-                            : strerror(-r));
-            cli_print_hint(&err);
+        if (open_export_node(file, fmt, image_opts, opts, read_only, overlay,
+                             offset, &nodes[i], lower[i]) < 0) {
             goto out;
         }
         if (snapshot && cli_load_snapshot(nodes[i], snapshot) < 0) {
             goto out;
         }
+        if (bitmap) {
+            /* vdisk does not serve persistent dirty bitmaps yet: every
+             * name is refused, in qemu-nbd's words for a missing one. */
+            cli_error("Bitmap '%s' is not found", bitmap);
+            goto out;
+        }
         vd_error_clear(&err);
-        if (vd_nbd_server_add_export(srv, nnames > (unsigned)i ? names[i] : "",
+        if (vd_nbd_server_add_export(srv, name,
                                      ndescs > (unsigned)i ? descs[i] : NULL,
                                      nodes[i], &err) < 0) {
             cli_error("%s", err.message);
             cli_print_hint(&err);
             goto out;
         }
+        if (alloc_depth &&
+            vd_nbd_server_set_allocation_depth(srv, name, true, &err) < 0) {
+            cli_error("%s", err.message);
+            goto out;
+        }
+    }
+    if (device) {
+        /* After the export exists and before the parent of --fork is
+         * told the server runs, so a device that cannot be opened makes
+         * the command fail, as qemu-nbd -c does. */
+        if (serve_kernel_connect_start(device, sockpath, argv[optind],
+                                       verbose, stop_server) < 0) {
+            goto out;
+        }
+        kernel_client = true;
     }
 
     if (pidfile && write_pidfile(pidfile) < 0) {
@@ -1341,6 +1693,11 @@ int cmd_serve(int argc, char **argv)
     } else {
         ret = 0;
     }
+    if (kernel_client) {
+        /* qemu-nbd -c exits with the kernel client's status. */
+        kernel_client = false;
+        ret = serve_kernel_connect_finish();
+    }
 
 out:
     the_server = NULL;
@@ -1350,6 +1707,13 @@ out:
         if (nodes[i] && vd_close(&nodes[i], &err) < 0) {
             cli_error("%s", err.message);
             ret = 1;
+        }
+        for (int j = 1; j >= 0; j--) {
+            vd_error_clear(&err);
+            if (lower[i][j] && vd_close(&lower[i][j], &err) < 0) {
+                cli_error("%s", err.message);
+                ret = 1;
+            }
         }
     }
     if (pidfile && ret == 0) {

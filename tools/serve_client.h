@@ -1,0 +1,34 @@
+/*
+ * The client sides of qemu-nbd that vdisk serve shares (serve_client.c):
+ * listing a server's exports (-L) and the kernel's NBD client (-c, -d).
+ * Messages go through cli_error() with qemu-nbd's words.
+ */
+#ifndef VDISK_TOOLS_SERVE_CLIENT_H
+#define VDISK_TOOLS_SERVE_CLIENT_H
+
+#include <stdbool.h>
+
+/* -L: connects to the UNIX socket @sockpath or TCP @host:@port, with TLS
+ * when @creds_id names client credentials (@tls_hostname: the name the
+ * server's certificate must carry), and prints the exports as qemu-nbd
+ * -L does. Returns the exit status. */
+int serve_list_exports(const char *sockpath, const char *host,
+                       const char *port, const char *creds_id,
+                       const char *tls_hostname);
+
+/* -d DEV: unbinds the kernel's NBD device @dev, prints "DEV
+ * disconnected". Returns the exit status. */
+int serve_kernel_disconnect(const char *dev);
+
+/* -c DEV: starts a thread that connects to the server on @sockpath,
+ * binds /dev/nbdN @dev to the export and serves it until the device is
+ * disconnected; then (or on failure, after qemu-nbd's message) it calls
+ * @stop, which must end the server. 0 or -1. */
+int serve_kernel_connect_start(const char *dev, const char *sockpath,
+                               const char *srcpath, bool verbose,
+                               void (*stop)(void));
+
+/* Joins that thread; the exit status of the -c client. */
+int serve_kernel_connect_finish(void);
+
+#endif
