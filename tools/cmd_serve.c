@@ -576,8 +576,12 @@ static int check_trace_opt(const char *arg)
         if (eq) {
             *eq = '\0';
         }
-        cli_error("--trace %s: Invalid parameter '%s'",
-                  arg, tok);
+        /* qemu-nbd reports the option without naming it. */
+        if (cli_as == CLI_QEMU_NBD) {
+            cli_error("Invalid parameter '%s'", tok);
+        } else {
+            cli_error("--trace %s: Invalid parameter '%s'", arg, tok);
+        }
         ret = -1;
     }
     free(copy);
@@ -1067,6 +1071,14 @@ out:
     return r;
 }
 
+/* Sets @key in @dst to its value in @src, if any. 0 or -ENOMEM. */
+static int copy_opt(vd_opts *dst, const vd_opts *src, const char *key)
+{
+    const char *v = vd_opts_get(src, key);
+
+    return v ? vd_opts_set(dst, key, v) : 0;
+}
+
 /*
  * Opens what one export serves, as qemu-nbd builds it: the image @file
  * (or the option string, with --image-opts), then with @overlay (-s) a
@@ -1139,7 +1151,9 @@ static int open_export_node(const char *file, const char *fmt,
             vd_error_clear(&err);
             r = !ro || vd_opts_set(ro, "driver", "raw") < 0 ||
                 vd_opts_set(ro, "file", vd_node_name(cur)) < 0 ||
-                vd_opts_set(ro, "offset", num) < 0 ? -ENOMEM
+                vd_opts_set(ro, "offset", num) < 0 ||
+                copy_opt(ro, opts, "discard") < 0 ||
+                copy_opt(ro, opts, "detect-zeroes") < 0 ? -ENOMEM
                 : vd_open(&raw, NULL, NULL, ro, rw, &err);
             if (r < 0) {
                 cli_error("%s", err.message[0] ? err.message
