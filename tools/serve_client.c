@@ -26,6 +26,7 @@
 #include <linux/nbd.h>
 #endif
 #ifdef VDISK_HAVE_LIBNBD
+#include <json-c/json.h>
 #include <libnbd.h>
 #endif
 
@@ -151,6 +152,25 @@ static const char *nbd_msg(void)
     return colon ? colon + 2 : m ? m : "unknown error";
 }
 
+/* Property @name of object @id as a C string (the registry hands out
+ * JSON text: a string is unquoted, anything else kept as written), or
+ * NULL when unset. The caller frees it. */
+static char *obj_prop(const char *id, const char *name)
+{
+    char *json = vd_object_get_property(id, name, NULL);
+    json_object *v = json ? json_tokener_parse(json) : NULL;
+    char *out = NULL;
+
+    if (v && json_object_is_type(v, json_type_string)) {
+        out = strdup(json_object_get_string(v));
+    } else if (json) {
+        out = strdup(json);
+    }
+    json_object_put(v);
+    free(json);
+    return out;
+}
+
 /*
  * TLS for the lister: the tls-creds-* object @creds_id (endpoint=client)
  * gives the directory of the certificates (libnbd's names are QEMU's:
@@ -162,9 +182,9 @@ static int list_setup_tls(struct nbd_handle *h, const char *creds_id,
                           const char *hostname)
 {
     char *type = vd_object_type(creds_id);
-    char *dir = vd_object_get_property(creds_id, "dir", NULL);
-    char *user = vd_object_get_property(creds_id, "username", NULL);
-    char *verify = vd_object_get_property(creds_id, "verify-peer", NULL);
+    char *dir = obj_prop(creds_id, "dir");
+    char *user = obj_prop(creds_id, "username");
+    char *verify = obj_prop(creds_id, "verify-peer");
     int r = -1;
 
     if (!type || !dir) {

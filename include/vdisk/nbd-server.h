@@ -242,9 +242,10 @@ VD_API void vd_nbd_server_set_tls(vd_nbd_server *srv,
 /**
  * Makes the server admit only TLS clients whose identity authorization
  * object @authz_id (authz-simple, authz-list, vd_authz_is_allowed())
- * allows, as qemu-nbd --tls-authz: the distinguished name of an X.509
- * client certificate (with verify-peer=on credentials) or a PSK
- * username. A refused client's connection ends after the TLS handshake.
+ * allows, as qemu-nbd --tls-authz: the distinguished name of the X.509
+ * client certificate, with verify-peer=on credentials (as in QEMU 7.2,
+ * PSK clients and X.509 without verify-peer are not checked). A refused
+ * client's connection ends after the TLS handshake.
  * NULL removes the check. The object is looked up at each connection.
  * Returns 0 or -ENOMEM. Call before vd_nbd_server_run().
  */

@@ -504,58 +504,52 @@ static void tls_free_session(tls_session *t)
 }
 
 /*
- * --tls-authz: the client's identity must pass authorization object
- * @authz, as QEMU's TLS session check does: for X.509 the distinguished
- * name of the client certificate, checked only when verify-peer is on
- * (without it there is no trusted certificate to name anyone); for PSK
- * the username the client presented. Returns 0 or -EPROTO with QEMU's
- * message ("TLS x509 authz check for DN is denied").
+ * --tls-authz: the distinguished name of the client's X.509 certificate
+ * must pass authorization object @authz, as QEMU 7.2's TLS session check
+ * does. It is checked only when verify-peer is on (without it there is
+ * no trusted certificate to name anyone) and never for PSK (QEMU 7.2
+ * admits any PSK user the key file knows). Returns 0 or -EPROTO with
+ * QEMU's message ("option negotiation failed: TLS x509 authz check for
+ * DN is denied").
  */
 static int tls_check_authz(tls_session *t, const tls_object *o,
                            const char *authz, vd_error *err)
 {
+    const gnutls_datum_t *certs;
+    unsigned n = 0;
+    gnutls_x509_crt_t crt;
+    size_t len = 0;
     char *identity = NULL;
-    const char *kind = o->kind == TLS_X509 ? "x509" : "PSK";
     vd_error aerr = VD_ERROR_INIT;
     int r;
 
-    if (o->kind == TLS_X509) {
-        const gnutls_datum_t *certs;
-        unsigned n = 0;
-        gnutls_x509_crt_t crt;
-        size_t len = 0;
-
-        if (!o->verify_peer) {
-            return 0;
-        }
-        certs = gnutls_certificate_get_peers(t->s, &n);
-        if (!certs || n == 0 || gnutls_x509_crt_init(&crt) < 0) {
-            return tls_fail(err, -EPROTO, "No certificate peer");
-        }
-        if (gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) < 0 ||
-            gnutls_x509_crt_get_dn(crt, NULL, &len) !=
-                GNUTLS_E_SHORT_MEMORY_BUFFER ||
-            !(identity = malloc(len + 1)) ||
-            gnutls_x509_crt_get_dn(crt, identity, &len) < 0) {
-            gnutls_x509_crt_deinit(crt);
-            free(identity);
-            return tls_fail(err, -EPROTO, "Cannot read the distinguished "
-                            "name of the client certificate");
-        }
-        gnutls_x509_crt_deinit(crt);
-    } else {
-        const char *user = gnutls_psk_server_get_username(t->s);
-        identity = strdup(user ? user : "");
-        if (!identity) {
-            return tls_fail(err, -ENOMEM, "out of memory");
-        }
+    if (o->kind != TLS_X509 || !o->verify_peer) {
+        return 0;
     }
+    certs = gnutls_certificate_get_peers(t->s, &n);
+    if (!certs || n == 0 || gnutls_x509_crt_init(&crt) < 0) {
+        return tls_fail(err, -EPROTO, "No certificate peer");
+    }
+    /* gnutls_x509_crt_get_dn(): the DN in the order QEMU reports it. */
+    if (gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) < 0 ||
+        gnutls_x509_crt_get_dn(crt, NULL, &len) !=
+            GNUTLS_E_SHORT_MEMORY_BUFFER ||
+        !(identity = malloc(len + 1)) ||
+        gnutls_x509_crt_get_dn(crt, identity, &len) < 0) {
+        gnutls_x509_crt_deinit(crt);
+        free(identity);
+        return tls_fail(err, -EPROTO, "Cannot read the distinguished "
+                        "name of the client certificate");
+    }
+    gnutls_x509_crt_deinit(crt);
     r = vd_authz_is_allowed(authz, identity, &aerr);
     if (r < 0) {
-        tls_fail(err, -EPROTO, "%s", aerr.message);
+        tls_fail(err, -EPROTO, "option negotiation failed: %s",
+                 aerr.message);
     } else if (r == 0) {
-        tls_fail(err, -EPROTO, "TLS %s authz check for %s is denied", kind,
-                 identity);
+        /* The server logs it so, as qemu-nbd. */
+        tls_fail(err, -EPROTO, "option negotiation failed: TLS x509 authz "
+                 "check for %s is denied", identity);
     }
     free(identity);
     return r > 0 ? 0 : -EPROTO;
