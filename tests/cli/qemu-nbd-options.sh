@@ -66,6 +66,10 @@ same -o 8388608 -k "$S" -f qcow2 top.qcow2
 same -B bm -k "$S" -f qcow2 top.qcow2
 same -B a -B b -A -k "$S" -f raw r.img
 same -B a -l nosuch -k "$S" -f qcow2 top.qcow2
+same -l s1 -k "$S" -f raw r.img
+same -o 512 -l s1 -k "$S" -f qcow2 top.qcow2
+same -o 512 -l snapshot.id=1 -k "$S" -f qcow2 top.qcow2
+same -s -l s1 -k "$S" -f qcow2 top.qcow2
 same -e junk top.qcow2
 same -e -1 top.qcow2
 same -e 0x top.qcow2
