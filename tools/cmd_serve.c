@@ -1423,6 +1423,15 @@ int cmd_serve(int argc, char **argv)
             }
             break;
         case SERVE_OPT_OBJECT:
+            /* qemu-nbd creates each object as it reads it (an error, or
+             * "help", ends the command there); the other forms wait for
+             * the whole command line, which decides how to word errors. */
+            if (cli_as == CLI_QEMU_NBD) {
+                if (cli_add_object(optarg, NULL) < 0) {
+                    goto out;
+                }
+                break;
+            }
             objects[nobjects++] = optarg;
             break;
         case SERVE_OPT_TLS_CREDS:

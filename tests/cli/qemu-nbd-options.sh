@@ -112,6 +112,11 @@ same -s -k "$S" nosuch.qcow2
 same -v -k "$S" nosuch.qcow2
 same -T nosuch=1 top.qcow2
 same --list=x
+# Objects are made as they are read, so an object error comes before a
+# later option's.
+same --object nosuchtype,id=x -o junk top.qcow2
+same --object secret,id=s,data=x --object secret,id=s,data=y -e x top.qcow2
+same -e x --object nosuchtype,id=x top.qcow2
 same --allocation-depth=1 top.qcow2
 same --snapshot=1 top.qcow2
 same --offset
