@@ -1669,17 +1669,6 @@ int cmd_serve(int argc, char **argv)
             goto out;
         }
     }
-    if (device) {
-        /* After the export exists and before the parent of --fork is
-         * told the server runs, so a device that cannot be opened makes
-         * the command fail, as qemu-nbd -c does. */
-        if (serve_kernel_connect_start(device, sockpath, argv[optind],
-                                       verbose, stop_server) < 0) {
-            goto out;
-        }
-        kernel_client = true;
-    }
-
     if (pidfile && write_pidfile(pidfile) < 0) {
         goto out;
     }
@@ -1703,11 +1692,25 @@ int cmd_serve(int argc, char **argv)
             dup2(devnull, STDOUT_FILENO);
             close(devnull);
         }
-        if (write(ready_fd, &ok, 1) != 1) {
+        /* With -c the parent is released once the device is bound. */
+        if (!device) {
+            if (write(ready_fd, &ok, 1) != 1) {
+                goto out;
+            }
+            close(ready_fd);
+            ready_fd = -1;
+        }
+    }
+    if (device) {
+        /* As qemu-nbd -c: a thread binds the device to the export; the
+         * foreground (or, with the fork, the parent) learns of failure
+         * as an error and exit status 1. */
+        if (serve_kernel_connect_start(device, sockpath, argv[optind],
+                                       verbose, stop_server, ready_fd) < 0) {
             goto out;
         }
-        close(ready_fd);
-        ready_fd = -1;
+        ready_fd = -1;      /* the thread's now */
+        kernel_client = true;
     }
 
     vd_error_clear(&err);

@@ -437,8 +437,8 @@ static int kernel_handshake(int fd, uint64_t *size, uint16_t *flags)
         memcmp(hello, magic, 8) != 0 || memcmp(hello + 8, magic + 8, 8)) {
         return -1;
     }
-    /* NBD_FLAG_C_FIXED_NEWSTYLE; keep the 124 zero bytes (simpler to
-     * skip than to negotiate away). */
+    /* NBD_FLAG_C_FIXED_NEWSTYLE only: the 124 zero bytes after the
+     * reply are simpler to skip than to negotiate away. */
     cflags = htonl(1);
     memcpy(opt, magic + 8, 8);
     opt[8] = opt[9] = opt[10] = 0;
@@ -451,18 +451,16 @@ static int kernel_handshake(int fd, uint64_t *size, uint16_t *flags)
     }
     *size = be64(reply);
     *flags = (uint16_t)(reply[8] << 8 | reply[9]);
-    if (!(hello[17] & 2)) {            /* no NBD_FLAG_NO_ZEROES */
-        unsigned char zeroes[124];
-        if (full_io(fd, zeroes, sizeof(zeroes), false) < 0) {
-            return -1;
-        }
-    }
-    return 0;
+    /* This client did not ask for NBD_FLAG_C_NO_ZEROES, so the reply
+     * ends with 124 zero bytes whatever the server offered. */
+    unsigned char zeroes[124];
+    return full_io(fd, zeroes, sizeof(zeroes), false);
 }
 
 typedef struct kernel_client {
     char *dev;
     int dev_fd;
+    int ready_fd;       /* --fork's pipe to the parent, or -1 */
     char *sockpath;
     const char *srcpath;
     bool verbose;
@@ -505,12 +503,17 @@ static void *kernel_client_main(void *opaque)
         cli_error("Failed setting flags");
         goto out;
     }
-    if (ioctl(dev, NBD_SET_TIMEOUT, 0UL) < 0) {
-        /* Not fatal, as in qemu-nbd: the kernel's default stays. */
-    }
     if (k->verbose) {
         fprintf(stderr, "NBD device %s is now connected to %s\n", k->dev,
                 k->srcpath);
+    }
+    if (k->ready_fd >= 0) {
+        char ok = 'R';
+        if (write(k->ready_fd, &ok, 1) != 1) {
+            /* The parent is gone; nothing more to tell it. */
+        }
+        close(k->ready_fd);
+        k->ready_fd = -1;
     }
     /* Serves until the device is disconnected (qemu-nbd -d). */
     if (ioctl(dev, NBD_DO_IT) < 0 && errno != EPIPE && errno != 0) {
@@ -526,6 +529,10 @@ static void *kernel_client_main(void *opaque)
     cli_error("Kernel /dev/nbdN support not available");
 #endif
 out:
+    if (k->ready_fd >= 0) {
+        close(k->ready_fd);   /* the parent of --fork exits 1 */
+        k->ready_fd = -1;
+    }
     if (dev >= 0) {
         close(dev);
     }
@@ -541,7 +548,7 @@ static pthread_t the_client_thread;
 
 int serve_kernel_connect_start(const char *dev, const char *sockpath,
                                const char *srcpath, bool verbose,
-                               void (*stop)(void))
+                               void (*stop)(void), int ready_fd)
 {
     int fd = open(dev, O_RDWR | O_CLOEXEC);
 
@@ -554,7 +561,8 @@ int serve_kernel_connect_start(const char *dev, const char *sockpath,
     the_client = (kernel_client){ .dev = strdup(dev), .dev_fd = fd,
                                   .sockpath = strdup(sockpath),
                                   .srcpath = srcpath, .verbose = verbose,
-                                  .stop = stop, .status = 1 };
+                                  .stop = stop, .status = 1,
+                                  .ready_fd = ready_fd };
     if (!the_client.dev || !the_client.sockpath) {
         cli_error("out of memory");
         close(fd);

@@ -20,13 +20,16 @@ int serve_list_exports(const char *sockpath, const char *host,
  * disconnected". Returns the exit status. */
 int serve_kernel_disconnect(const char *dev);
 
-/* -c DEV: starts a thread that connects to the server on @sockpath,
- * binds /dev/nbdN @dev to the export and serves it until the device is
- * disconnected; then (or on failure, after qemu-nbd's message) it calls
- * @stop, which must end the server. 0 or -1. */
+/* -c DEV: opens @dev (qemu-nbd's message and -1 when it cannot), then
+ * starts a thread that connects to the server on @sockpath, binds the
+ * device to the export, writes 'R' to @ready_fd (--fork's pipe; -1:
+ * none) and serves until the device is disconnected; then (or on
+ * failure, after qemu-nbd's message, @ready_fd closed unwritten) it
+ * calls @stop, which must end the server. On success the thread owns
+ * @ready_fd. 0 or -1. */
 int serve_kernel_connect_start(const char *dev, const char *sockpath,
                                const char *srcpath, bool verbose,
-                               void (*stop)(void));
+                               void (*stop)(void), int ready_fd);
 
 /* Joins that thread; the exit status of the -c client. */
 int serve_kernel_connect_finish(void);

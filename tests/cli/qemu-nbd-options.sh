@@ -108,6 +108,11 @@ same -d "$PWD/nosuch"
 same -d "$PWD/r.img"
 same -c /dev/nosuch-nbd -v -k "$S" -f raw r.img
 same -c /dev/nosuch-nbd -k "$S" -f raw nosuch.img
+# A regular file is no NBD device: the kernel client's first request
+# fails (and the file is left as it was).
+cp r.img dev.img
+same -v -c "$PWD/dev.img" -k "$S" -f raw r.img
+same -c "$PWD/dev.img" -k "$S" -f raw r.img
 same -s -k "$S" nosuch.qcow2
 same -v -k "$S" nosuch.qcow2
 same -T nosuch=1 top.qcow2
