@@ -64,6 +64,8 @@
 /* qemu-nbd -c's socket when -k is not given (DEVICE: the device's base
  * name). */
 #define SERVE_SOCKET_PATH  "/var/lock/qemu-nbd-DEVICE"
+/* sizeof(sockaddr_un.sun_path) on Linux, as qemu-nbd counts it. */
+#define SERVE_SUN_PATH_MAX 108
 
 enum {
     SERVE_OPT_CACHE = 300,
@@ -508,24 +510,6 @@ static int parse_qemu_u64(const char *s, uint64_t *out)
     return 0;
 }
 
-static int write_pidfile(const char *path)
-{
-    FILE *f = fopen(path, "w");
-
-    if (!f) {
-        cli_error("cannot write pid file '%s': %s",
-                  path, strerror(errno));
-        return -1;
-    }
-    fprintf(f, "%ld\n", (long)getpid());
-    if (fclose(f) != 0) {
-        cli_error("cannot write pid file '%s': %s",
-                  path, strerror(errno));
-        return -1;
-    }
-    return 0;
-}
-
 /* Parent side of --fork: exits with the child's verdict. */
 static void wait_for_child(int rfd)
 {
@@ -597,12 +581,14 @@ static void print_serve_version(void)
            "version 7.2\n", vd_version());
 }
 
-/* The daemon form's pid file, as qemu_write_pidfile(): created without
- * truncation, locked with a record lock that lives as long as the
- * process (so a second daemon given the same file is refused), checked
- * to still be the file at @path, then truncated and written. The lock's
- * descriptor stays open on purpose. */
-static int write_locked_pidfile(const char *path)
+/* The pid file, as qemu_write_pidfile(): created without truncation,
+ * locked with a record lock that lives as long as the process (so a
+ * second server given the same file is refused), checked to still be
+ * the file at @path, then truncated and written. The lock's descriptor
+ * stays open on purpose. @what starts the error messages:
+ * qemu-storage-daemon says "cannot create PID file: ", qemu-nbd
+ * nothing. */
+static int write_locked_pidfile(const char *path, const char *what)
 {
     char buf[32];
     int fd;
@@ -613,19 +599,17 @@ static int write_locked_pidfile(const char *path)
 
         fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
         if (fd < 0) {
-            cli_error("cannot create PID file: Could not "
-                      "create '%s': %s", path, strerror(errno));
+            cli_error("%sCould not create '%s': %s", what, path,
+                      strerror(errno));
             return -1;
         }
         if (fstat(fd, &b) < 0) {
-            cli_error("cannot create PID file: Cannot "
-                      "stat file: %s", strerror(errno));
+            cli_error("%sCannot stat file: %s", what, strerror(errno));
             close(fd);
             return -1;
         }
         if (fcntl(fd, F_SETLK, &lk) < 0) {
-            cli_error("cannot create PID file: Cannot "
-                      "lock pid file: %s", strerror(errno));
+            cli_error("%sCannot lock pid file: %s", what, strerror(errno));
             close(fd);
             return -1;
         }
@@ -639,8 +623,7 @@ static int write_locked_pidfile(const char *path)
     snprintf(buf, sizeof(buf), "%ld\n", (long)getpid());
     if (ftruncate(fd, 0) < 0 ||
         write(fd, buf, strlen(buf)) != (ssize_t)strlen(buf)) {
-        cli_error("cannot create PID file: Failed to "
-                  "write pid file");
+        cli_error("%sFailed to write pid file", what);
         unlink(path);
         close(fd);
         return -1;
@@ -993,7 +976,8 @@ static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
     /* As qemu-storage-daemon: after the nodes, servers, exports and
      * monitors, before any connection is accepted (the monitors' and the
      * NBD server's threads are running but nothing was served). */
-    if (pidfile && write_locked_pidfile(pidfile) < 0) {
+    if (pidfile && write_locked_pidfile(pidfile, "cannot create PID file: ")
+                   < 0) {
         goto out;
     }
     if (ready >= 0 && daemonize_finish(ready) < 0) {
@@ -1594,6 +1578,13 @@ int cmd_serve(int argc, char **argv)
         goto out;
     }
     the_server = srv;
+    if (sockpath && strlen(sockpath) >= SERVE_SUN_PATH_MAX) {
+        /* qemu-nbd's words (and its hint line). */
+        cli_error("UNIX socket path '%s' is too long", sockpath);
+        fprintf(stderr, "Path must be less than %d bytes\n",
+                SERVE_SUN_PATH_MAX);
+        goto out;
+    }
     vd_nbd_server_set_tls(srv, creds);
     creds = NULL;
     if (sockpath &&
@@ -1669,7 +1660,7 @@ int cmd_serve(int argc, char **argv)
             goto out;
         }
     }
-    if (pidfile && write_pidfile(pidfile) < 0) {
+    if (pidfile && write_locked_pidfile(pidfile, "") < 0) {
         goto out;
     }
 

@@ -53,6 +53,8 @@ static int client_connect(const char *sockpath, const char *host,
 
         if (strlen(sockpath) >= sizeof(sun.sun_path)) {
             cli_error("UNIX socket path '%s' is too long", sockpath);
+            fprintf(stderr, "Path must be less than %zu bytes\n",
+                    sizeof(sun.sun_path));
             return -1;
         }
         strcpy(sun.sun_path, sockpath);

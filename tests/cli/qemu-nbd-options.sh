@@ -116,6 +116,10 @@ same -c "$PWD/dev.img" -k "$S" -f raw r.img
 same -s -k "$S" nosuch.qcow2
 same -v -k "$S" nosuch.qcow2
 same -T nosuch=1 top.qcow2
+long=$PWD/$(printf 'x%.0s' {1..120}).sock
+same -k "$long" -f raw r.img
+same -L -k "$long"
+same --pid-file="$PWD/nosuch/p.pid" -k "$S" -f raw r.img
 same --list=x
 # Objects are made as they are read, so an object error comes before a
 # later option's.
