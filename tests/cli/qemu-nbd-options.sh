@@ -213,6 +213,11 @@ describe ro
 both ro-write $QEMU_IO -f raw -c 'write 0 512' "nbd+unix:///ro?socket=SOCK"
 stop_pair
 
+# A probed raw image: qemu-nbd warns, and its minimum block is 512.
+start_pair -t r.img
+describe ""
+stop_pair
+
 start_pair -t -l s1 -f qcow2 top.qcow2
 describe ""
 stop_pair
