@@ -127,10 +127,12 @@ int cmd_rebase(int argc, char **argv)
         goto out;
     }
     if (backing_fmt) {
-        /* As qemu-img, any format name it knows passes here: -u only
-         * records the name, and a safe rebase refuses a format vdisk
-         * cannot open when it opens the new backing file. */
-        if (vd_format_check(backing_fmt, NULL, NULL) == -EINVAL) {
+        /* As qemu-img, any driver name it knows passes here (formats,
+         * protocols, filters: host_device, nbd, ...): -u only records
+         * the name, and a safe rebase refuses a driver vdisk does not
+         * have when it opens the new backing file, unless that file is
+         * in the chain already. */
+        if (!(vd_driver_features(backing_fmt) & VD_DRIVER_QEMU_NAME)) {
             cli_error("Invalid format name: '%s'", backing_fmt);
             goto out;
         }

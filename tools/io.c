@@ -1394,23 +1394,6 @@ static void dump_json(int indent, json_object *o)
     }
 }
 
-/*
- * qcow2's VM state lives right after the guest-visible L1 range: the
- * first L1 index past the disk, in bytes (qcow2_vm_state_offset()).
- */
-static uint64_t qcow2_vm_state_offset(const vd_image_info *info,
-                                      bool extended_l2)
-{
-    uint64_t cs = info->cluster_size;
-    uint64_t per_l1;
-
-    if (cs < 512 || cs > (2u << 20)) {
-        return 0;
-    }
-    per_l1 = cs * (cs / (extended_l2 ? 16 : 8));
-    return (info->virtual_size + per_l1 - 1) / per_l1 * per_l1;
-}
-
 static int info_f(int argc, char **argv)
 {
     const char *fmt = vd_node_format(io.node);
@@ -1418,7 +1401,6 @@ static int info_f(int argc, char **argv)
     json_object *spec = NULL, *data = NULL;
     vd_error err = VD_ERROR_INIT;
     char s1[64], s2[64];
-    uint64_t vmstate = 0;
     int ret;
 
     (void)argc;
@@ -1439,15 +1421,8 @@ static int info_f(int argc, char **argv)
             data = NULL;
         }
     }
-    if (!strcmp(fmt, "qcow2")) {
-        json_object *ext;
-        bool extended = data && json_object_object_get_ex(data, "extended-l2",
-                                                          &ext) &&
-                        json_object_get_boolean(ext);
-        vmstate = qcow2_vm_state_offset(info, extended);
-    }
     cvtstr((double)info->cluster_size, s1, sizeof(s1));
-    cvtstr((double)vmstate, s2, sizeof(s2));
+    cvtstr((double)info->vm_state_offset, s2, sizeof(s2));
     printf("cluster size: %s\n", s1);
     printf("vm state offset: %s\n", s2);
     if (data) {
@@ -1963,6 +1938,16 @@ static bool valid_cache_mode(const char *mode)
     return false;
 }
 
+/* qemu-io opens every image with BDRV_O_UNMAP: discards and zero writes
+ * with -u may free clusters and punch holes, unless -d says otherwise. */
+static int set_default_discard(vd_opts *opts)
+{
+    if (vd_opts_get(opts, "discard")) {
+        return 0;
+    }
+    return vd_opts_set(opts, "discard", "unmap");
+}
+
 /* -d (discard) and -i (aio) of qemu-io and of its open command: whether
  * the mode is one qemu takes; if not, prints qemu-io's message. */
 static bool check_mode_option(int c, const char *mode)
@@ -2024,7 +2009,10 @@ static int open_image(const char *name, const open_args *a)
         opts = all;
         filename = NULL;
     }
-    ret = vd_open(&io.node, filename, format, opts, flags, &err);
+    ret = set_default_discard(opts);
+    if (ret == 0) {
+        ret = vd_open(&io.node, filename, format, opts, flags, &err);
+    }
     if (ret < 0) {
         goto fail;
     }

@@ -100,6 +100,7 @@ static const struct option convert_long[] = {
     { "target-image-opts", no_argument, NULL, OPT_TARGET_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
+    { "salvage", no_argument, NULL, OPT_SALVAGE },
     { NULL, 0, NULL, 0 },
 };
 
@@ -208,11 +209,12 @@ const cli_command cli_commands[] = {
       ":hf:F:T:pqsU", compare_long },
     { "convert", cmd_convert,
       "[--object objectdef] [--image-opts] [--target-image-opts] "
-      "[--target-is-zero] [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] "
+      "[--target-is-zero] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] "
       "[-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] "
-      "[-o options] [-S sparse_size] [-l snapshot_param] [-m num_coroutines] [-W] filename "
+      "[-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] "
+      "[-m num_coroutines] [-W] [--salvage] filename "
       "[filename2 [...]] output_filename",
-      ":hf:O:o:S:pt:T:qnm:WUcl:s:B:F:", convert_long },
+      ":hf:O:o:S:pt:T:qnm:WUCcl:s:B:F:r:", convert_long },
     { "create", cmd_create,
       "[--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] "
       "[-u] [-o options] filename [size]",
@@ -425,6 +427,9 @@ void cli_print_help(void)
 "  '-m' specifies how many threads work in parallel during the convert\n"
 "       process (defaults to 8)\n"
 "  '-W' allow to write to the target out of order rather than sequential\n"
+"  '-C' use copy offloading (copy_file_range) where source and target allow it\n"
+"  '-r' limits the write rate to rate_limit bytes per second\n"
+"  '--salvage' reads past read errors: unreadable sectors become zeros\n"
 "\n"
 "Parameters to compare subcommand:\n"
 "  '-f' first image format\n"
@@ -491,9 +496,12 @@ int cli_getopt(const char *name, int argc, char **argv)
 
 static void vreport(const char *prefix, const char *fmt, va_list ap)
 {
+    /* One line at a time: convert's workers warn concurrently. */
+    flockfile(stderr);
     fprintf(stderr, "%s: %s", cli_prog, prefix);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
+    funlockfile(stderr);
 }
 
 void cli_verror(const char *fmt, va_list ap)

@@ -409,6 +409,19 @@ VD_API void vd_user_get_perm(const vd_user *user, unsigned *perm,
 /** The node @user uses (borrowed). */
 VD_API vd_node *vd_user_node(const vd_user *user);
 
+/**
+ * Brackets a request made on behalf of @user (an export serving
+ * clients, a device): returns the node to issue it to, which is
+ * @user's node unless a block job has pivoted @user to another node
+ * (mirror, active commit). A pivot waits for the requests already
+ * between begin and end, holds new ones in vd_user_io_begin(), and lets
+ * them on to the new node: a program that keeps writing through its
+ * user never writes to a node that has been replaced. Any thread; cheap
+ * (two atomic operations) when no pivot runs.
+ */
+VD_API vd_node *vd_user_io_begin(vd_user *user);
+VD_API void vd_user_io_end(vd_user *user);
+
 /** Releases @*user's permissions and its node reference, sets @*user to
  * NULL. Accepts NULL. */
 VD_API void vd_user_free(vd_user **user);
@@ -533,6 +546,11 @@ VD_API vd_node *vd_node_nth_child(const vd_node *node, size_t i,
 /** How many parent nodes use @node as a child (0 for a root node). */
 VD_API int vd_node_parent_count(const vd_node *node);
 
+/** True when neither a node nor a block job (include/vdisk/job.h) uses
+ * @node, only users such as exports or the opener: QEMU's
+ * bdrv_is_root_node(), which commands that want a top node ask. */
+VD_API bool vd_node_is_root(const vd_node *node);
+
 /* Cache mode bits (qemu's cache.writeback, cache.direct, cache.no-flush;
  * cache=none is WRITEBACK|DIRECT, cache=unsafe WRITEBACK|NO_FLUSH). */
 #define VD_CACHE_WRITEBACK (1u << 0) /* completes writes before they are
@@ -631,6 +649,19 @@ VD_API int vd_discard(vd_node *node, uint64_t len, uint64_t offset,
 /** Writes every cache of the node and its children to stable storage. */
 VD_API int vd_flush(vd_node *node, vd_error *err);
 
+/**
+ * Copies [@src_off, +@len) of @src to @dst_off of @dst with copy
+ * offloading (qemu-img convert -C): the request goes down both graphs
+ * to the files, which copy with copy_file_range(2), and the formats on
+ * the way allocate and map as a write would. Both ranges must lie
+ * inside their nodes and @dst must be writable. Returns 0, -ENOTSUP
+ * when some node on the way cannot offload (the caller then reads and
+ * writes; nothing was written), or another negative errno on failure
+ * (part of the range may have been copied). Thread-safe.
+ */
+VD_API int vd_copy_range(vd_node *src, uint64_t src_off, vd_node *dst,
+                         uint64_t dst_off, uint64_t len, vd_error *err);
+
 /* Block status flags (the bits of vd_extent.flags). */
 #define VD_BLOCK_DATA         (1u << 0) /* reads come from stored data */
 #define VD_BLOCK_ZERO         (1u << 1) /* reads return zeros */
@@ -701,16 +732,37 @@ typedef struct vd_create_option {
     const char *name;
     const char *type;    /* "size", "bool", "number", "string" */
     const char *help;
-    const char *def;     /* default shown by -o help, or NULL */
+    const char *def;     /* QEMU's default value, which qemu-img create's
+                            "Formatting ..." line shows for an option not
+                            given, or NULL */
 } vd_create_option;
 
 /**
  * Returns the creation options of @format (its own followed by its
- * protocol's), terminated by an entry with name == NULL, or NULL for an
+ * protocol's, in QEMU's order: that of the "Formatting ..." line of
+ * qemu-img create), terminated by an entry with name == NULL, or NULL for an
  * unknown format or one vdisk cannot open (see vd_format_check()).
  * Static data.
  */
 VD_API const vd_create_option *vd_create_options(const char *format);
+
+/**
+ * Returns the options vd_amend() takes for @format, in the driver's
+ * order, terminated by an entry with name == NULL, or NULL when the
+ * format cannot be amended. Static data.
+ */
+VD_API const vd_create_option *vd_amend_options(const char *format);
+
+/**
+ * Checks creation options as qemu-img's QemuOpts parser does before a
+ * driver sees them: every name must be one of vd_create_options(@format)
+ * ("Invalid parameter 'x'") and every value must read as its type
+ * ("Parameter 'x' expects 'on' or 'off'", "... expects a non-negative
+ * number below 2^64", "Value 'v' is out of range for parameter 'x'"
+ * past 2^64 - 1), in the order given. Returns 0 or -EINVAL.
+ */
+VD_API int vd_check_create_opts(const char *format, const vd_opts *opts,
+                                vd_error *err);
 
 /**
  * Whether vdisk can open images of @format. 0: it can. -ENOTSUP: @format
@@ -744,9 +796,13 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
 #define VD_DRIVER_CREATE     (1u << 6) /* creates images (vd_create()) */
 #define VD_DRIVER_AMEND      (1u << 7) /* changes creation options of an
                                           existing image (vd_amend()) */
+#define VD_DRIVER_QEMU_NAME  (1u << 8) /* QEMU 7.2 has a driver of that
+                                          name (host_device, nbd, ...),
+                                          whether vdisk has it or not */
 
-/** The VD_DRIVER_* bits of the driver named @name; 0 for an unknown
- * name. Static answers: they do not depend on any image. */
+/** The VD_DRIVER_* bits of the driver named @name (only
+ * VD_DRIVER_QEMU_NAME for a QEMU driver vdisk does not have); 0 for an
+ * unknown name. Static answers: they do not depend on any image. */
 VD_API unsigned vd_driver_features(const char *name);
 
 /** What an image of some format would need on the host (qemu-img
@@ -822,6 +878,10 @@ typedef struct vd_image_info {
     char *format_specific_json;
     vd_snapshot_info *snapshots;
     size_t nb_snapshots;
+    /* Where the format keeps the VM state of a live snapshot, in the
+     * guest address space (qemu-io's "vm state offset"); 0 when it has
+     * none. Added in 0.1: only the library allocates this struct. */
+    uint64_t vm_state_offset;
 } vd_image_info;
 
 /** Fills @*out with a newly allocated description of @node. */

@@ -49,6 +49,7 @@
 
 typedef struct vd_driver vd_driver;
 typedef struct vd_child vd_child;
+typedef struct vd_dirty_tracker vd_dirty_tracker;
 
 /*
  * A node's accounting, QEMU's BlockAcctStats (stats.c; the public view
@@ -124,6 +125,8 @@ struct vd_child {
     char *user_desc;   /* users: how messages name them ("an unnamed
                           block device"); NULL for node edges */
     unsigned role;     /* VD_ROLE_* */
+    bool job_edge;     /* users: a block job's (QEMU's child_job), which
+                          is no block backend for vd_node_has_users() */
     unsigned perm;     /* VD_PERM_* this edge holds on @node */
     unsigned shared;   /* VD_PERM_* it lets the other edges hold */
     vd_child *next;    /* in parent->children */
@@ -133,9 +136,13 @@ struct vd_child {
     bool tran_saved;
 };
 
-/* A user of a node: an edge without a parent node. */
+/* A user of a node: an edge without a parent node. Requests made
+ * through the user (vd_user_io_begin) are counted so that a pivot can
+ * hold them at the gate, move the edge and let them on to the new node. */
 struct vd_user {
     vd_child edge;
+    atomic_int io_in_flight;
+    atomic_bool io_gate;
 };
 
 /* I/O limits a driver sets in open() or refresh_limits(). 0 = no limit. */
@@ -190,6 +197,11 @@ struct vd_node {
     /* Active dirty bitmaps (block jobs, backup); snapshot goto refuses
      * to run while there are any. */
     atomic_int dirty_bitmaps;
+    /* Dirty trackers of jobs (dirty.c): every write marks them. */
+    _Atomic(vd_dirty_tracker *) dirty_trackers;
+    /* Jobs populating the node by copy-on-read (stream): while > 0,
+     * writes are tracked so that a copy never overwrites them. */
+    atomic_int cor_users;
     vd_child *file;            /* role "file", or NULL */
     vd_child *backing;         /* role "backing", or NULL */
 
@@ -203,6 +215,12 @@ struct vd_node {
     /* Cached length: set after open from drv->getlength, raised by writes
      * past the end, reset by truncate. Read with vd_node_getlength(). */
     _Atomic int64_t total_size;
+    /* Writes, zero writes, discards and truncates that reached the node,
+     * and that count when its last flush began: a protocol node with no
+     * write since its last completed flush skips the next one, as QEMU's
+     * write_gen/flushed_gen. */
+    _Atomic uint64_t write_gen;
+    _Atomic uint64_t flushed_gen;
     atomic_int refcnt;
 
     /* Draining: requests increment in_flight; vd_node_drain_begin()
@@ -224,6 +242,10 @@ struct vd_node {
     vd_node *next_global;      /* in the global node list */
     vd_node *free_next;        /* in the closing thread's list (node.c) */
 };
+
+/* Internal request flag of copy offloading: the range reads as zeros
+ * in the source, so the destination gets a zero write instead. */
+#define VD_REQ_ZERO_WRITE (1u << 16)
 
 /*
  * The driver vtable. Every callback is optional unless marked REQUIRED.
@@ -251,6 +273,12 @@ struct vd_driver {
     bool supports_backing;      /* may hold a backing file */
     bool supports_compressed;   /* pwritev accepts VD_REQ_COMPRESSED */
     const vd_create_option *create_opts; /* NULL-terminated, or NULL */
+    /* What amend takes (qemu-img amend -o help), NULL-terminated, or
+     * NULL for a driver without amend. */
+    const vd_create_option *amend_opts;
+    /* Another name QEMU gives the primary child's options ("image" for
+     * blkdebug): used instead of "file" when the options use it. */
+    const char *file_alias;
 
     /* What the layers above would otherwise have to guess from the name
      * (vd_get_info(), the probing in node.c): */
@@ -306,6 +334,24 @@ struct vd_driver {
     /* Writes the driver's own caches down to its children. The core then
      * flushes the children. Protocol drivers sync to disk here. */
     int (*flush)(vd_node *node, vd_error *err);
+
+    /*
+     * Copy offloading (QEMU's copy_range_from/copy_range_to): @bytes are
+     * copied from @src at @soff to @dst at @doff without passing through
+     * the caller's buffers. The core calls copy_range_from on the source
+     * (@node == @src), which passes the request down to where its data
+     * lives and ends in copy_range_to on the destination (@node ==
+     * @dst), which allocates and passes it down in turn; the protocol at
+     * the bottom copies (copy_file_range). VD_REQ_ZERO_WRITE in @flags:
+     * the source range reads as zeros, write zeros instead. -ENOTSUP:
+     * not possible here, the caller reads and writes. Absent: -ENOTSUP.
+     */
+    int (*copy_range_from)(vd_node *node, uint64_t soff, vd_node *dst,
+                           uint64_t doff, uint64_t bytes, unsigned flags,
+                           vd_error *err);
+    int (*copy_range_to)(vd_node *node, vd_node *src, uint64_t soff,
+                         uint64_t doff, uint64_t bytes, unsigned flags,
+                         vd_error *err);
 
     /* Status of [off, off+bytes): returns VD_BLOCK_* flags (>= 0) and
      * sets *pnum (1 <= *pnum <= bytes) to the length with that status.
@@ -538,6 +584,67 @@ int vd_node_block_status(vd_node *node, bool want_zero, uint64_t off,
 /* Block status looking down the backing chain from @top until @base
  * (exclusive, NULL = whole chain). *depth is the layer that holds the
  * extent (or the chain length when none does). */
+/*
+ * The backing format a creation names, where a driver's QAPI options put
+ * it: qemu's backing-fmt is the BlockdevDriver enum, so any other name
+ * is refused ("Parameter 'backing-fmt' does not accept value 'x'"), and
+ * a driver that must open the backing file for its size (@has_size
+ * false) needs the format to be one vdisk has, or it would probe.
+ */
+int vd_create_check_backing_fmt(const char *filename, const char *bfile,
+                                const char *bfmt, bool has_size,
+                                vd_error *err);
+
+/* Copy offloading between nodes (the vtable's copy_range_from and
+ * copy_range_to): -ENOTSUP where a node on the way cannot. */
+int vd_node_copy_range_from(vd_node *src, uint64_t soff, vd_node *dst,
+                            uint64_t doff, uint64_t bytes, unsigned flags,
+                            vd_error *err);
+int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
+                          uint64_t doff, uint64_t bytes, unsigned flags,
+                          vd_error *err);
+/* Copy-on-read for jobs. Between vd_node_cor_begin() and
+ * vd_node_cor_end(), writes to @n are tracked; vd_node_populate() then
+ * copies into @top what it inherits in [off, off+bytes) from the layers
+ * of its chain above @base (NULL: all), in pieces of at most @buflen
+ * bytes through @buf, serialised against writes to @top so that no write
+ * is overwritten with older data. Waits while @top is drained, as a
+ * public request. *copied: the bytes written into @top. */
+void vd_node_cor_begin(vd_node *n);
+void vd_node_cor_end(vd_node *n);
+int vd_node_populate(vd_node *top, vd_node *base, uint64_t off,
+                     uint64_t bytes, uint8_t *buf, uint64_t buflen,
+                     uint64_t *copied, vd_error *err);
+
+/* Dirty trackers (dirty.c): a bitmap of @node's length at @granularity
+ * (rounded up to a power of two) that every write, zero write and
+ * discard of @node marks once it reached the driver. New and free drain
+ * the node. next() finds the first dirty run at or after @from (wrapping
+ * around), at most @max bytes long. */
+int vd_dirty_tracker_new(vd_dirty_tracker **out, vd_node *node,
+                         uint64_t granularity, vd_error *err);
+void vd_dirty_tracker_free(vd_dirty_tracker **t, vd_node *node);
+uint64_t vd_dirty_tracker_granularity(const vd_dirty_tracker *t);
+void vd_dirty_tracker_set(vd_dirty_tracker *t, uint64_t off, uint64_t bytes);
+void vd_dirty_tracker_clear(vd_dirty_tracker *t, uint64_t off,
+                            uint64_t bytes);
+uint64_t vd_dirty_tracker_count(const vd_dirty_tracker *t);
+bool vd_dirty_tracker_next(const vd_dirty_tracker *t, uint64_t from,
+                           uint64_t max, uint64_t *off, uint64_t *bytes);
+/* Pivots (perm.c). vd_node_gate_users() stops requests made through
+ * the users of @node (not the block jobs' edges) at their gate and waits
+ * until none is in flight; vd_node_replace() then moves every edge into
+ * @from (users and parent nodes, except block jobs' edges and edges from
+ * @to's own backing chain) to @to, checking permissions (nothing moves
+ * on failure); vd_node_ungate_users() opens the gates of the users of
+ * @node again. Graph lock held; parent nodes are drained meanwhile. */
+void vd_node_gate_users(vd_node *node);
+void vd_node_ungate_users(vd_node *node);
+int vd_node_replace(vd_node *from, vd_node *to, vd_error *err);
+
+/* io.c: marks [off, off+bytes) in every tracker of @node. */
+void vd_dirty_mark(vd_node *node, uint64_t off, uint64_t bytes);
+
 int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
                                uint64_t off, uint64_t bytes, uint64_t *pnum,
                                uint64_t *map, vd_node **file, int *depth,

@@ -19,6 +19,8 @@
 #include "core/block_int.h"
 
 extern const vd_driver vd_driver_file;
+extern const vd_driver vd_driver_host_device;
+extern const vd_driver vd_driver_host_cdrom;
 extern const vd_driver vd_driver_null_co;
 extern const vd_driver vd_driver_raw;
 extern const vd_driver vd_driver_qcow2;
@@ -37,6 +39,8 @@ extern const vd_driver vd_driver_bochs;
 
 static const vd_driver *const driver_table[] = {
     &vd_driver_file,
+    &vd_driver_host_device, /* the file driver, on devices only */
+    &vd_driver_host_cdrom,
     &vd_driver_null_co,
     &vd_driver_raw,
     &vd_driver_qcow2,
@@ -119,9 +123,9 @@ VD_API int vd_format_check(const char *format, const char *filename,
 VD_API unsigned vd_driver_features(const char *name)
 {
     const vd_driver *d = name ? vd_find_driver(name) : NULL;
+    unsigned f = name && vd_qemu_driver_name(name) ? VD_DRIVER_QEMU_NAME : 0;
     if (!d)
-        return 0;
-    unsigned f = 0;
+        return f;
     if (d->open)
         f |= VD_DRIVER_OPENS;
     if (d->is_format)
@@ -147,6 +151,12 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
     for (size_t k = 0; k < N_DRIVERS; k++)
         if (driver_table[k]->open)
             fn(driver_table[k]->name, opaque);
+}
+
+VD_API const vd_create_option *vd_amend_options(const char *format)
+{
+    const vd_driver *drv = vd_find_driver(format);
+    return drv && drv->open && drv->amend ? drv->amend_opts : NULL;
 }
 
 /* Merged option lists (format's own, then its protocol's), built once. */

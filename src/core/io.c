@@ -207,6 +207,15 @@ static void track_end(vd_node *n, vd_tracked_req *req)
     pthread_mutex_unlock(&n->lock);
 }
 
+/* Whether writes to @n must be tracked because copy-on-read may be
+ * populating it: the node's copy-on-read option, or a job
+ * (vd_node_cor_begin()). */
+static bool cor_active(vd_node *n)
+{
+    return (n->flags & VD_NODE_COPY_ON_READ) ||
+           atomic_load(&n->cor_users) > 0;
+}
+
 /* ---- helpers ---- */
 
 void *vd_node_blockalign(vd_node *node, size_t size)
@@ -540,6 +549,69 @@ static int chain_preadv(vd_node *top, uint64_t off, uint64_t bytes,
     return r;
 }
 
+void vd_node_cor_begin(vd_node *n)
+{
+    if (atomic_fetch_add(&n->cor_users, 1) == 0) {
+        /* A write already past the tracking decision would not wait for
+         * the copy: let those finish first. */
+        vd_node_drain_begin(n);
+        vd_node_drain_end(n);
+    }
+}
+
+void vd_node_cor_end(vd_node *n)
+{
+    atomic_fetch_sub(&n->cor_users, 1);
+}
+
+int vd_node_populate(vd_node *top, vd_node *base, uint64_t off,
+                     uint64_t bytes, uint8_t *buf, uint64_t buflen,
+                     uint64_t *copied, vd_error *err)
+{
+    *copied = 0;
+    request_begin(top);
+    int r = check_range(top, off, bytes, err);
+    if (r < 0 || bytes == 0) {
+        request_end(top);
+        return r;
+    }
+    uint32_t a = top->bl.request_alignment;
+    vd_tracked_req req;
+    track_begin(top, &req, align_down(off, a), align_up(off + bytes, a),
+                true);
+    for (uint64_t pos = off; pos < off + bytes && r == 0;) {
+        uint64_t want = off + bytes - pos, pnum = 0, map = 0;
+        vd_node *file = NULL;
+        int depth = 0;
+        if (want > buflen)
+            want = buflen;
+        int st = vd_node_block_status_above(top, base, false, pos, want,
+                                            &pnum, &map, &file, &depth, err);
+        if (st < 0) {
+            r = st;
+            break;
+        }
+        if ((st & VD_BLOCK_ALLOCATED) && depth > 0) {
+            vd_node *layer = top;
+            for (int i = 0; i < depth && layer->backing; i++)
+                layer = layer->backing->node;
+            vd_iov v;
+            vd_iov_init_buf(&v, buf, pnum);
+            bool zero = st & VD_BLOCK_ZERO;
+            if (!zero)
+                r = do_preadv(layer, pos, pnum, &v, 0, err);
+            if (r == 0)
+                r = cor_write(top, pos, pnum, &v, zero, err);
+            if (r == 0)
+                *copied += pnum;
+        }
+        pos += pnum;
+    }
+    track_end(top, &req);
+    request_end(top);
+    return r;
+}
+
 int vd_node_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
                    unsigned flags, vd_error *err)
 {
@@ -626,12 +698,15 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     uint64_t t0 = now_ns();
     uint32_t a = n->bl.request_alignment;
     vd_tracked_req req;
-    bool tracked = a > 1 || (n->flags & VD_NODE_COPY_ON_READ);
+    bool tracked = a > 1 || cor_active(n);
     if (tracked)
         track_begin(n, &req, align_down(off, a), align_up(off + bytes, a),
                     off % a || bytes % a);
     /* FUA is done generically: write, then flush this node. */
     r = do_pwritev(n, off, bytes, qiov, flags & ~VD_REQ_FUA, err);
+    atomic_fetch_add(&n->write_gen, 1);
+    if (atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+        vd_dirty_mark(n, off, bytes);
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
     if (tracked)
@@ -675,6 +750,35 @@ static int write_zero_buffer(vd_node *n, uint64_t off, uint64_t bytes,
     return 0;
 }
 
+/*
+ * One piece of a zero write: the driver's callback where the piece keeps
+ * the request alignment (the vtable's contract), else, or when the
+ * driver answers -ENOTSUP, a zero buffer. QEMU's generic layer does the
+ * same, piece by piece.
+ */
+static int zero_piece(vd_node *n, uint64_t off, uint64_t len, unsigned flags,
+                      vd_error *err)
+{
+    uint32_t ra = n->bl.request_alignment;
+    if (n->drv->pwrite_zeroes && off % ra == 0 && len % ra == 0) {
+        contract_range(n, off, len);
+        int r = n->drv->pwrite_zeroes(n, off, len, flags & ~VD_REQ_FUA, err);
+        if (r != -ENOTSUP)
+            return r;
+    }
+    if (flags & VD_REQ_NO_FALLBACK)
+        return -ENOTSUP;
+    return write_zero_buffer(n, off, len, flags & ~VD_REQ_FUA, err);
+}
+
+/*
+ * Cut as QEMU's bdrv_co_do_pwrite_zeroes() cuts: a head up to the first
+ * boundary of the zeroing granule (pwrite_zeroes_alignment), the bulk in
+ * whole granules and at most max_transfer at a time, and a tail; a
+ * driver may thus see a piece smaller than its granule, never one that
+ * crosses a granule boundary, and decides itself what to do with it
+ * (qcow2 makes it a zero cluster when the rest already reads as zeros).
+ */
 static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
                             unsigned flags, vd_error *err)
 {
@@ -685,38 +789,26 @@ static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     uint32_t a = n->bl.request_alignment;
     if (n->bl.pwrite_zeroes_alignment > a)
         a = n->bl.pwrite_zeroes_alignment;
-    uint64_t head_end = align_up(off, a), tail_start = align_down(off + bytes, a);
-    if (!n->drv->pwrite_zeroes || head_end >= tail_start) {
-        if (flags & VD_REQ_NO_FALLBACK)
-            return -ENOTSUP;
-        return write_zero_buffer(n, off, bytes, flags, err);
-    }
-    int r = 0;
-    if (head_end > off && !(flags & VD_REQ_NO_FALLBACK))
-        r = write_zero_buffer(n, off, head_end - off, flags, err);
-    else if (head_end > off)
-        return -ENOTSUP;
-    /* Pieces of at most max_transfer, as for every callback (the vtable's
-     * contract), in whole zeroing granules. */
     uint64_t piece = align_down(max_transfer(n), a);
     if (piece == 0)
         piece = a;
-    uint64_t pos = head_end;
-    while (r == 0 && pos < tail_start) {
-        uint64_t len = tail_start - pos;
+    uint64_t end = off + bytes;
+    int r = 0;
+    while (r == 0 && off < end) {
+        uint64_t len;
+        if (off % a) {
+            len = a - off % a;
+        } else if (end - off > a && end % a) {
+            len = align_down(end, a) - off;
+        } else {
+            len = end - off;
+        }
+        if (len > end - off)
+            len = end - off;
         if (len > piece)
             len = piece;
-        contract_range(n, pos, len);
-        r = n->drv->pwrite_zeroes(n, pos, len, flags & ~VD_REQ_FUA, err);
-        if (r == -ENOTSUP && !(flags & VD_REQ_NO_FALLBACK))
-            r = write_zero_buffer(n, pos, len, flags & ~VD_REQ_FUA, err);
-        pos += len;
-    }
-    if (r == 0 && tail_start < off + bytes) {
-        if (flags & VD_REQ_NO_FALLBACK)
-            return -ENOTSUP;
-        r = write_zero_buffer(n, tail_start, off + bytes - tail_start, flags,
-                              err);
+        r = zero_piece(n, off, len, flags, err);
+        off += len;
     }
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
@@ -735,11 +827,14 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     uint64_t t0 = now_ns();
     /* Copy-on-read must not overwrite zeros written meanwhile. */
     vd_tracked_req req;
-    bool tracked = n->flags & VD_NODE_COPY_ON_READ;
+    bool tracked = cor_active(n);
     if (tracked)
         track_begin(n, &req, align_down(off, n->bl.request_alignment),
                     align_up(off + bytes, n->bl.request_alignment), false);
     r = do_pwrite_zeroes(n, off, bytes, flags, err);
+    atomic_fetch_add(&n->write_gen, 1);
+    if (atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+        vd_dirty_mark(n, off, bytes);
     if (tracked)
         track_end(n, &req);
     if (r == 0)
@@ -789,10 +884,85 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
             pos += len;
         }
     }
+    atomic_fetch_add(&n->write_gen, 1);
+    if (start < end &&
+        atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+        vd_dirty_mark(n, start, end - start);
     if (r == -ENOTSUP || r == -EOPNOTSUPP)
         r = 0;
     account(n, VD_ACCT_UNMAP, r, bytes, t0);
     inflight_dec(n);
+    return r;
+}
+
+/* ---- copy offloading ---- */
+
+/* Both ranges keep both nodes' request alignment: a protocol copies
+ * whole blocks or not at all. */
+static bool copy_aligned(vd_node *src, uint64_t soff, vd_node *dst,
+                         uint64_t doff, uint64_t bytes)
+{
+    uint32_t a = src->bl.request_alignment, b = dst->bl.request_alignment;
+    return soff % a == 0 && bytes % a == 0 && doff % b == 0 && bytes % b == 0;
+}
+
+/* What both directions settle first: nothing to copy, a source range
+ * that reads as zeros (QEMU writes zeros then, before it looks at the
+ * source at all), a node that cannot copy. Returns 1 to go on, else the
+ * result. */
+static int copy_start(bool to, vd_node *src, uint64_t soff, vd_node *dst,
+                      uint64_t doff, uint64_t bytes, unsigned flags,
+                      vd_error *err)
+{
+    if (bytes == 0)
+        return 0;
+    if (flags & VD_REQ_ZERO_WRITE)
+        return vd_node_pwrite_zeroes(dst, doff, bytes, 0, err);
+    if (to) {
+        int r = check_writable(dst, err);
+        if (r < 0)
+            return r;
+    }
+    if (!(to ? dst->drv->copy_range_to != NULL
+             : src->drv->copy_range_from != NULL) ||
+        !copy_aligned(src, soff, dst, doff, bytes))
+        return -ENOTSUP;
+    return 1;
+}
+
+int vd_node_copy_range_from(vd_node *src, uint64_t soff, vd_node *dst,
+                            uint64_t doff, uint64_t bytes, unsigned flags,
+                            vd_error *err)
+{
+    int r = copy_start(false, src, soff, dst, doff, bytes, flags, err);
+    if (r <= 0)
+        return r;
+    inflight_inc(src);
+    r = src->drv->copy_range_from(src, soff, dst, doff, bytes, flags, err);
+    inflight_dec(src);
+    return r;
+}
+
+int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
+                          uint64_t doff, uint64_t bytes, unsigned flags,
+                          vd_error *err)
+{
+    int r = copy_start(true, src, soff, dst, doff, bytes, flags, err);
+    if (r <= 0)
+        return r;
+    inflight_inc(dst);
+    uint64_t t0 = now_ns();
+    r = dst->drv->copy_range_to(dst, src, soff, doff, bytes, flags, err);
+    if (r != -ENOTSUP) {
+        atomic_fetch_add(&dst->write_gen, 1);
+        if (atomic_load_explicit(&dst->dirty_trackers, memory_order_relaxed))
+            vd_dirty_mark(dst, doff, bytes);
+        if (r == 0)
+            raise_length(dst, doff + bytes);
+        account_write_end(dst, doff + bytes);
+        account(dst, VD_ACCT_WRITE, r, bytes, t0);
+    }
+    inflight_dec(dst);
     return r;
 }
 
@@ -806,8 +976,17 @@ int vd_node_flush(vd_node *n, vd_error *err)
     uint64_t t0 = now_ns();
     int r = 0;
     bool is_protocol = !n->file && !n->children;
-    if (n->drv->flush && !(is_protocol && (n->flags & VD_NODE_NO_FLUSH)))
+    /* A format writes its caches back on every flush; a protocol node
+     * that nothing reached since its last flush has nothing to make
+     * stable (QEMU skips bdrv_co_flush_to_disk() then). */
+    uint64_t gen = atomic_load(&n->write_gen);
+    bool clean = is_protocol && gen == atomic_load(&n->flushed_gen);
+    if (n->drv->flush && !clean &&
+        !(is_protocol && (n->flags & VD_NODE_NO_FLUSH))) {
         r = n->drv->flush(n, err);
+        if (r == 0 && is_protocol)
+            atomic_store(&n->flushed_gen, gen);
+    }
     for (vd_child *c = n->children; c && r == 0; c = c->next)
         r = vd_node_flush(c->node, err);
     account(n, VD_ACCT_FLUSH, r, 0, t0);
@@ -864,6 +1043,7 @@ int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
                             "support resizing", n->filename, n->drv->name);
     }
     r = n->drv->truncate(n, size, exact, prealloc, err);
+    atomic_fetch_add(&n->write_gen, 1);
     if (r == 0)
         vd_node_refresh_length(n);
     return r;
@@ -1242,6 +1422,28 @@ VD_API int vd_discard(vd_node *node, uint64_t len, uint64_t offset,
     request_begin(node);
     int r = top_discard(node, len, offset, err);
     request_end(node);
+    return r;
+}
+
+VD_API int vd_copy_range(vd_node *src, uint64_t src_off, vd_node *dst,
+                         uint64_t dst_off, uint64_t len, vd_error *err)
+{
+    request_begin(src);
+    if (dst != src)
+        request_begin(dst);
+    int r = check_request(src, VD_ACCT_MAX, src_off, len, err);
+    if (r == 0)
+        r = check_request(dst, VD_ACCT_MAX, dst_off, len, err);
+    if (r == 0)
+        r = check_write_perm(dst, err);
+    if (r == 0 && (dst->detect_zeroes || dst->writethrough ||
+                   cor_active(dst)))
+        r = -ENOTSUP;   /* what the top of a graph adds to writes */
+    if (r == 0)
+        r = vd_node_copy_range_from(src, src_off, dst, dst_off, len, 0, err);
+    if (dst != src)
+        request_end(dst);
+    request_end(src);
     return r;
 }
 

@@ -25,6 +25,19 @@
  *   crash-seed=S      seed for crash-unflushed=random
  *   stats=on          print "blkdebug: W writes, F flushes" to stderr
  *                     when the node closes (to size a crash-point loop)
+ *   inject-error.N.*  QEMU's error rules (BlkdebugInjectErrorOptions):
+ *                     a request of type iotype (read, write,
+ *                     write-zeroes, discard, flush, block-status;
+ *                     absent: all but block-status) that covers the
+ *                     first byte of sector S (any request without
+ *                     "sector") fails with errno E (default 5, EIO),
+ *                     every time or "once". "event" must be
+ *                     "read_aio": the rule becomes active with the first
+ *                     read (QEMU's formats send read_aio with their data
+ *                     reads), so block status and writes before it pass.
+ *                     "immediately" is accepted and ignored; "state" and
+ *                     other events are not supported.
+ *   image.*           QEMU's name for the child, accepted as file.*
  *
  * Organisation: options and open, then the write path. Dropping
  * unflushed writes needs their old contents: each write first reads what
@@ -57,6 +70,25 @@ typedef struct undo_entry {
     struct undo_entry *prev;
 } undo_entry;
 
+/* QEMU's BlkdebugIOType, in its order. */
+enum { IO_READ, IO_WRITE, IO_WRITE_ZEROES, IO_DISCARD, IO_FLUSH,
+       IO_BLOCK_STATUS };
+static const char *const iotype_names[] = {
+    "read", "write", "write-zeroes", "discard", "flush", "block-status",
+    NULL,
+};
+#define MAX_RULES 64
+
+typedef struct inject_rule {
+    unsigned iotype_mask;
+    int64_t offset;     /* first byte of the sector, -1: any request */
+    int error;          /* positive errno */
+    bool once;
+    bool used;          /* a "once" rule that fired */
+} inject_rule;
+
+/* The rules are active once a read has passed (QEMU's read_aio). */
+
 typedef struct blkdebug_state {
     pthread_mutex_t lock;
     uint64_t writes, flushes;
@@ -66,6 +98,9 @@ typedef struct blkdebug_state {
     bool stats;
     bool crashed;
     bool track_undo;          /* crash-unflushed is not "keep" */
+    inject_rule rules[MAX_RULES];
+    int nb_rules;
+    bool rules_active;
     undo_entry *undo;         /* newest first */
     uint64_t undo_bytes;
     bool undo_overflow;
@@ -87,6 +122,116 @@ static void undo_clear(blkdebug_state *s)
     }
     s->undo_bytes = 0;
     s->undo_overflow = false;
+}
+
+/* Reads inject-error.N.* into the rules. */
+static int parse_rules(blkdebug_state *s, vd_opts *opts, vd_error *err)
+{
+    for (int i = 0; i < MAX_RULES; i++) {
+        char prefix[32];
+        vd_opts *r;
+        inject_rule *rule = &s->rules[s->nb_rules];
+        uint64_t errnum, sector;
+        bool b;
+        int type, ret;
+        char *v;
+
+        snprintf(prefix, sizeof(prefix), "inject-error.%d.", i);
+        r = vd_opts_extract_prefix(opts, prefix);
+        if (!r) {
+            return vd_error_set(err, -ENOMEM, "blkdebug: out of memory");
+        }
+        if (!vd_opts_count(r)) {
+            vd_opts_free(&r);
+            break;
+        }
+        memset(rule, 0, sizeof(*rule));
+        rule->iotype_mask = (1u << IO_READ) | (1u << IO_WRITE) |
+                            (1u << IO_WRITE_ZEROES) | (1u << IO_DISCARD) |
+                            (1u << IO_FLUSH);
+        v = vd_opts_take(r, "iotype");
+        if (v) {
+            vd_opts_set(r, "iotype", v);
+            free(v);
+            if ((ret = vd_opts_take_enum(r, "iotype", iotype_names, 0, &type,
+                                         err)) < 0) {
+                vd_opts_free(&r);
+                return ret;
+            }
+            rule->iotype_mask = 1u << type;
+        }
+        if ((ret = vd_opts_take_uint(r, "errno", EIO, &errnum, err)) < 0 ||
+            (ret = vd_opts_take_uint(r, "sector", UINT64_MAX, &sector,
+                                     err)) < 0 ||
+            (ret = vd_opts_take_bool(r, "once", false, &rule->once,
+                                     err)) < 0 ||
+            (ret = vd_opts_take_bool(r, "immediately", false, &b,
+                                     err)) < 0) {
+            vd_opts_free(&r);
+            return ret;
+        }
+        v = vd_opts_take(r, "event");
+        if (!v || strcmp(v, "read_aio")) {
+            ret = vd_error_set(err, -EINVAL, "blkdebug: inject-error.%d: "
+                               "event '%s' is not supported (only "
+                               "read_aio)", i, v ? v : "");
+            free(v);
+            vd_opts_free(&r);
+            return ret;
+        }
+        free(v);
+        if (vd_opts_count(r)) {
+            const char *k, *val;
+            vd_opts_nth(r, 0, &k, &val);
+            ret = vd_error_set(err, -EINVAL, "blkdebug: inject-error "
+                               "option '%s' is not supported", k);
+            vd_opts_free(&r);
+            return ret;
+        }
+        vd_opts_free(&r);
+        if (errnum == 0 || errnum > 4095 || (sector != UINT64_MAX &&
+                                             sector > INT64_MAX / 512)) {
+            return vd_error_set(err, -EINVAL, "blkdebug: inject-error.%d "
+                                "has an invalid errno or sector", i);
+        }
+        rule->error = (int)errnum;
+        rule->offset = sector == UINT64_MAX ? -1 : (int64_t)(sector * 512);
+        s->nb_rules++;
+    }
+    return 0;
+}
+
+/* QEMU's rule_check(): the error of the first rule for @type whose
+ * sector's first byte [off, off+bytes) covers (or that has no sector),
+ * 0 when none. */
+static int rule_check(vd_node *node, int type, uint64_t off, uint64_t bytes,
+                      vd_error *err)
+{
+    blkdebug_state *s = node->opaque;
+    int error = 0;
+
+    if (!s->nb_rules) {
+        return 0;
+    }
+    pthread_mutex_lock(&s->lock);
+    if (type == IO_READ) {
+        s->rules_active = true;
+    }
+    for (int i = 0; s->rules_active && i < s->nb_rules; i++) {
+        inject_rule *r = &s->rules[i];
+        if (r->used || !(r->iotype_mask & (1u << type)) ||
+            (r->offset >= 0 && !(bytes && (uint64_t)r->offset >= off &&
+                                 (uint64_t)r->offset < off + bytes))) {
+            continue;
+        }
+        error = r->error;
+        r->used = r->once;
+        break;
+    }
+    pthread_mutex_unlock(&s->lock);
+    /* As QEMU's, the request just fails: no message of its own. */
+    (void)err;
+    return -error;
 }
 
 static int blkdebug_open(vd_node *node, vd_opts *opts, unsigned flags,
@@ -120,6 +265,9 @@ static int blkdebug_open(vd_node *node, vd_opts *opts, unsigned flags,
         (ret = vd_opts_take_enum(opts, "crash-unflushed", unflushed_names,
                                  UNFLUSHED_KEEP, &s->crash_unflushed,
                                  err)) < 0) {
+        return ret;
+    }
+    if ((ret = parse_rules(s, opts, err)) < 0) {
         return ret;
     }
     s->track_undo = s->crash_write && s->crash_unflushed != UNFLUSHED_KEEP;
@@ -258,9 +406,14 @@ static int blkdebug_preadv(vd_node *node, uint64_t off, uint64_t bytes,
 {
     blkdebug_state *s = node->opaque;
 
+    int ret;
+
     if (s->crashed && s->crash_action == CRASH_FAIL) {
         return vd_error_set(err, -EIO, "%s: blkdebug: read after the "
                             "simulated crash", node->filename);
+    }
+    if ((ret = rule_check(node, IO_READ, off, bytes, err)) < 0) {
+        return ret;
     }
     return vd_node_preadv(node->file->node, off, bytes, qiov, flags, err);
 }
@@ -269,8 +422,11 @@ static int blkdebug_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
                             vd_iov *qiov, unsigned flags, vd_error *err)
 {
     blkdebug_state *s = node->opaque;
-    int ret;
+    int ret = rule_check(node, IO_WRITE, off, bytes, err);
 
+    if (ret < 0) {
+        return ret;
+    }
     pthread_mutex_lock(&s->lock);
     ret = write_gate(node, s, off, bytes, err);
     if (ret > 0) {
@@ -287,8 +443,11 @@ static int blkdebug_pwrite_zeroes(vd_node *node, uint64_t off,
                                   vd_error *err)
 {
     blkdebug_state *s = node->opaque;
-    int ret;
+    int ret = rule_check(node, IO_WRITE_ZEROES, off, bytes, err);
 
+    if (ret < 0) {
+        return ret;
+    }
     pthread_mutex_lock(&s->lock);
     ret = write_gate(node, s, off, bytes, err);
     if (ret > 0) {
@@ -304,8 +463,11 @@ static int blkdebug_pdiscard(vd_node *node, uint64_t off, uint64_t bytes,
                              vd_error *err)
 {
     blkdebug_state *s = node->opaque;
-    int ret;
+    int ret = rule_check(node, IO_DISCARD, off, bytes, err);
 
+    if (ret < 0) {
+        return ret;
+    }
     pthread_mutex_lock(&s->lock);
     ret = write_gate(node, s, off, bytes, err);
     if (ret > 0) {
@@ -322,7 +484,11 @@ static int blkdebug_pdiscard(vd_node *node, uint64_t off, uint64_t bytes,
 static int blkdebug_flush(vd_node *node, vd_error *err)
 {
     blkdebug_state *s = node->opaque;
-    int ret = 0;
+    int ret = rule_check(node, IO_FLUSH, 0, 0, err);
+
+    if (ret < 0) {
+        return ret;
+    }
 
     pthread_mutex_lock(&s->lock);
     if (s->crashed) {
@@ -346,6 +512,19 @@ static int blkdebug_flush(vd_node *node, vd_error *err)
 out:
     pthread_mutex_unlock(&s->lock);
     return ret;
+}
+
+static int blkdebug_block_status(vd_node *node, bool want_zero, uint64_t off,
+                                 uint64_t bytes, uint64_t *pnum,
+                                 uint64_t *map, vd_node **file, vd_error *err)
+{
+    int ret = rule_check(node, IO_BLOCK_STATUS, off, bytes, err);
+
+    if (ret < 0) {
+        return ret;
+    }
+    return vd_block_status_from_file(node, want_zero, off, bytes, pnum, map,
+                                     file, err);
 }
 
 static int64_t blkdebug_getlength(vd_node *node)
@@ -373,6 +552,7 @@ const vd_driver vd_driver_blkdebug = {
     .name = "blkdebug",
     .instance_size = sizeof(blkdebug_state),
     .is_filter = true,
+    .file_alias = "image",
     .open = blkdebug_open,
     .close = blkdebug_close,
     .preadv = blkdebug_preadv,
@@ -380,6 +560,7 @@ const vd_driver vd_driver_blkdebug = {
     .pwrite_zeroes = blkdebug_pwrite_zeroes,
     .pdiscard = blkdebug_pdiscard,
     .flush = blkdebug_flush,
+    .block_status = blkdebug_block_status,
     .getlength = blkdebug_getlength,
     .truncate = blkdebug_truncate,
     .refresh_limits = blkdebug_refresh_limits,

@@ -611,6 +611,53 @@ static int file_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
     return 0;
 }
 
+/* Copy offloading: the source side only hands the request to the
+ * destination, which holds the other descriptor. */
+static int file_copy_range_from(vd_node *node, uint64_t soff, vd_node *dst,
+                                uint64_t doff, uint64_t bytes, unsigned flags,
+                                vd_error *err)
+{
+    return vd_node_copy_range_to(node, soff, dst, doff, bytes, flags, err);
+}
+
+/* copy_file_range(2) between two files, as QEMU's file-posix: no
+ * progress (the source ends early) or an error ends the offload, and
+ * the caller copies what is left itself. */
+static int file_copy_range_to(vd_node *node, vd_node *src, uint64_t soff,
+                              uint64_t doff, uint64_t bytes, unsigned flags,
+                              vd_error *err)
+{
+    file_state *s = node->opaque, *ss;
+    loff_t in = (loff_t)soff, out = (loff_t)doff;
+
+    (void)flags;
+    if (src->drv != node->drv) {
+        return -ENOTSUP;
+    }
+    ss = src->opaque;
+    while (bytes > 0) {
+        ssize_t n = copy_file_range(ss->fd, &in, s->fd, &out, bytes, 0);
+
+        if (n == 0) {
+            return -ENOTSUP;
+        }
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno == ENOSYS || errno == EXDEV || errno == EOPNOTSUPP ||
+                errno == EINVAL) {
+                return -ENOTSUP;
+            }
+            return vd_error_set_errno(err, -errno, "%s: copy of %" PRIu64
+                                      " bytes at offset %" PRIu64 " failed",
+                                      node->filename, bytes, (uint64_t)out);
+        }
+        bytes -= (uint64_t)n;
+    }
+    return 0;
+}
+
 static int do_fallocate(int fd, int mode, uint64_t off, uint64_t len)
 {
     int ret;
@@ -1235,25 +1282,65 @@ static int file_get_driver_stats(vd_node *node, vd_driver_stats *out)
     return 0;
 }
 
+/* Everything but the name and open: the file driver, and host_device
+ * and host_cdrom (QEMU's names for the same code on devices). */
+#define FILE_DRIVER_COMMON \
+    .instance_size = sizeof(file_state), \
+    .create_opts = file_create_opts, \
+    .info_self = true,      /* qemu's file-posix answers bdrv_get_info() */ \
+    .get_driver_stats = file_get_driver_stats, \
+    .close = file_close, \
+    .create = file_create, \
+    .preadv = file_preadv, \
+    .pwritev = file_pwritev, \
+    .pwrite_zeroes = file_pwrite_zeroes, \
+    .pdiscard = file_pdiscard, \
+    .copy_range_from = file_copy_range_from, \
+    .copy_range_to = file_copy_range_to, \
+    .flush = file_flush, \
+    .block_status = file_block_status, \
+    .getlength = file_getlength, \
+    .get_allocated_size = file_get_allocated_size, \
+    .truncate = file_truncate, \
+    .check_perm = file_check_perm, \
+    .set_perm = file_set_perm, \
+    .abort_perm = file_abort_perm
+
 const vd_driver vd_driver_file = {
     .name = "file",
-    .instance_size = sizeof(file_state),
-    .create_opts = file_create_opts,
-    .info_self = true,      /* qemu's file-posix answers bdrv_get_info() */
-    .get_driver_stats = file_get_driver_stats,
     .open = file_open,
-    .close = file_close,
-    .create = file_create,
-    .preadv = file_preadv,
-    .pwritev = file_pwritev,
-    .pwrite_zeroes = file_pwrite_zeroes,
-    .pdiscard = file_pdiscard,
-    .flush = file_flush,
-    .block_status = file_block_status,
-    .getlength = file_getlength,
-    .get_allocated_size = file_get_allocated_size,
-    .truncate = file_truncate,
-    .check_perm = file_check_perm,
-    .set_perm = file_set_perm,
-    .abort_perm = file_abort_perm,
+    FILE_DRIVER_COMMON,
+};
+
+/* host_device and host_cdrom open only devices, with QEMU's words for
+ * anything else (a safe rebase -F host_device onto a regular file). */
+static int device_open(vd_node *node, vd_opts *opts, unsigned flags,
+                       vd_error *err)
+{
+    const char *name = node->filename;
+    struct stat st;
+
+    if (name && !strncmp(name, node->drv->name, strlen(node->drv->name)) &&
+        name[strlen(node->drv->name)] == ':') {
+        name += strlen(node->drv->name) + 1;
+    }
+    if (name && stat(name, &st) == 0 && !S_ISBLK(st.st_mode) &&
+        !S_ISCHR(st.st_mode)) {
+        return vd_error_set(err, -EINVAL, "'%s' driver requires '%s' to be "
+                            "either a character or block device",
+                            node->drv->name, node->filename);
+    }
+    return file_open(node, opts, flags, err);
+}
+
+const vd_driver vd_driver_host_device = {
+    .name = "host_device",
+    .open = device_open,
+    FILE_DRIVER_COMMON,
+};
+
+const vd_driver vd_driver_host_cdrom = {
+    .name = "host_cdrom",
+    .open = device_open,
+    FILE_DRIVER_COMMON,
 };

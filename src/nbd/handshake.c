@@ -389,7 +389,7 @@ static hs_state opt_info_go(hs *h)
          * one that may not honour it (the library does read-modify-write
          * for any alignment, so 1 is always safe). */
         uint32_t min = h->option == NBD_OPT_INFO || want_bs
-                       ? vd_node_request_alignment(exp->node) : 1;
+                       ? vd_node_request_alignment(vd_user_node(exp->user)) : 1;
         uint32_t bs[3] = { htobe32(min), htobe32(NBD_PREFERRED_BLOCK),
                            htobe32(NBD_MAX_PAYLOAD) };
         struct iovec iov = { bs, sizeof(bs) };
