@@ -388,8 +388,9 @@ static hs_state opt_info_go(hs *h)
          * that asked for block sizes (or only looks, NBD_OPT_INFO), 1 to
          * one that may not honour it (the library does read-modify-write
          * for any alignment, so 1 is always safe). */
+        vd_node *top = vd_user_node(exp->user);
         uint32_t min = h->option == NBD_OPT_INFO || want_bs
-                       ? vd_node_request_alignment(vd_user_node(exp->user)) : 1;
+                       ? vd_node_request_alignment(top) : 1;
         uint32_t bs[3] = { htobe32(min), htobe32(NBD_PREFERRED_BLOCK),
                            htobe32(NBD_MAX_PAYLOAD) };
         struct iovec iov = { bs, sizeof(bs) };
