@@ -535,7 +535,7 @@ static hs_state opt_meta_context(hs *h)
         base = depth = true;
     }
     /* qemu:allocation-depth exists only on exports that offer it. */
-    depth = depth && exp->alloc_depth;
+    depth = depth && atomic_load(&exp->alloc_depth);
     /* LIST replies carry id 0, as the spec recommends. */
     if (base && send_ctx(h, list ? 0 : NBD_CTX_ID_BASE,
                          NBD_CTX_BASE_ALLOCATION) < 0) {

@@ -51,8 +51,10 @@ struct nbd_export {
     vd_blocker *blocker; /* no snapshot revert under the clients */
     uint64_t size;       /* under the export lock: see nbd_export_size() */
     bool read_only;
-    bool alloc_depth;    /* offers qemu:allocation-depth (qemu-nbd -A,
-                            block-export-add allocation-depth=true) */
+    atomic_bool alloc_depth; /* offers qemu:allocation-depth (qemu-nbd
+                                -A, block-export-add allocation-depth);
+                                set after the export is listed, so a
+                                handshake may read it meanwhile */
 };
 
 /* A parsed transmission request (host byte order). */

@@ -422,7 +422,7 @@ VD_API int vd_nbd_server_set_allocation_depth(vd_nbd_server *srv,
     pthread_mutex_lock(&srv->elock);
     e = nbd_server_find_export_locked(srv, name, strlen(name));
     if (e) {
-        e->alloc_depth = on;
+        atomic_store(&e->alloc_depth, on);
     }
     pthread_mutex_unlock(&srv->elock);
     return e ? 0 : vd_error_set(err, -ENOENT, "export '%s' not found", name);
