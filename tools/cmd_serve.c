@@ -39,6 +39,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <limits.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
@@ -48,6 +49,7 @@
 #include <unistd.h>
 
 #include "commands.h"
+#include "serve_client.h"
 #include "util.h"
 #include "qmp.h"
 #include "vdisk/nbd-server.h"
@@ -59,6 +61,11 @@
 /* The NBD protocol's longest export name or description; qemu-nbd
  * refuses longer ones when it parses -x and -D. */
 #define SERVE_MAX_STRING   4096
+/* qemu-nbd -c's socket when -k is not given (DEVICE: the device's base
+ * name). */
+#define SERVE_SOCKET_PATH  "/var/lock/qemu-nbd-DEVICE"
+/* sizeof(sockaddr_un.sun_path) on Linux, as qemu-nbd counts it. */
+#define SERVE_SUN_PATH_MAX 108
 
 enum {
     SERVE_OPT_CACHE = 300,
@@ -79,6 +86,8 @@ enum {
     SERVE_OPT_MONITOR,
     SERVE_OPT_QMP,
     SERVE_OPT_DAEMONIZE,
+    SERVE_OPT_TLS_HOSTNAME,
+    SERVE_OPT_HANDSHAKE_LIMIT,
 };
 
 /* The daemon-form options, kept in command-line order per kind. */
@@ -123,6 +132,16 @@ static const struct option serve_long[] = {
     { "daemonize", no_argument, NULL, SERVE_OPT_DAEMONIZE },
     { "trace", required_argument, NULL, 'T' },
     { "version", no_argument, NULL, 'V' },
+    { "offset", required_argument, NULL, 'o' },
+    { "allocation-depth", no_argument, NULL, 'A' },
+    { "bitmap", required_argument, NULL, 'B' },
+    { "connect", required_argument, NULL, 'c' },
+    { "disconnect", no_argument, NULL, 'd' },
+    { "list", no_argument, NULL, 'L' },
+    { "snapshot", no_argument, NULL, 's' },
+    { "verbose", no_argument, NULL, 'v' },
+    { "tls-hostname", required_argument, NULL, SERVE_OPT_TLS_HOSTNAME },
+    { "handshake-limit", required_argument, NULL, SERVE_OPT_HANDSHAKE_LIMIT },
     { NULL, 0, NULL, 0 },
 };
 
@@ -131,6 +150,7 @@ static void nbd_usage(void)
 {
     printf(
 "Usage: qemu-nbd [OPTIONS] FILE\n"
+"  or:  qemu-nbd -L [OPTIONS]\n"
 "QEMU Disk Network Block Device Utility\n"
 "\n"
 "  -h, --help                display this help and exit\n"
@@ -140,24 +160,41 @@ static void nbd_usage(void)
 "  -p, --port=PORT           port to listen on (default `%s')\n"
 "  -b, --bind=IFACE          interface to bind to (default `0.0.0.0')\n"
 "  -k, --socket=PATH         path to the unix socket\n"
+"                            (default '" SERVE_SOCKET_PATH "')\n"
 "  -e, --shared=NUM          device can be shared by NUM clients (default '1')\n"
 "  -t, --persistent          don't exit on the last connection\n"
+"  -v, --verbose             display extra debugging information\n"
 "  -x, --export-name=NAME    expose export by name (default is empty string)\n"
 "  -D, --description=TEXT    export a human-readable description\n"
 "\n"
+"Exposing part of the image:\n"
+"  -o, --offset=OFFSET       offset into the image\n"
+"  -A, --allocation-depth    expose the allocation depth\n"
+"  -B, --bitmap=NAME         expose a persistent dirty bitmap\n"
+"\n"
 "General purpose options:\n"
+"  -L, --list                list exports available from another NBD server\n"
 "  --object type,id=ID,...   define an object such as 'secret' for providing\n"
 "                            passwords and/or encryption keys\n"
 "  --tls-creds=ID            use id of an earlier --object to provide TLS\n"
+"  --tls-authz=ID            use id of an earlier --object to provide\n"
+"                            authorization\n"
 "  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]\n"
 "                            specify tracing options\n"
 "  --fork                    fork off the server process and exit the parent\n"
 "                            once the server is running\n"
 "  --pid-file=PATH           store the server's process ID in the given file\n"
 "\n"
+"Kernel NBD client support:\n"
+"  -c, --connect=DEV         connect FILE to the local NBD device DEV\n"
+"  -d, --disconnect          disconnect the specified device\n"
+"\n"
 "Block device options:\n"
 "  -f, --format=FORMAT       set image format (raw, qcow2, ...)\n"
 "  -r, --read-only           export read-only\n"
+"  -s, --snapshot            use FILE as an external snapshot, create a temporary\n"
+"                            file with backing_file=FILE, redirect the write to\n"
+"                            the temporary one\n"
 "  -l, --load-snapshot=SNAPSHOT_PARAM\n"
 "                            load an internal snapshot inside FILE and export it\n"
 "                            as an read-only device, SNAPSHOT_PARAM format is\n"
@@ -170,7 +207,8 @@ static void nbd_usage(void)
 "      --aio=MODE            set AIO mode (native, io_uring or threads)\n"
 "      --discard=MODE        set discard mode (ignore, unmap)\n"
 "      --detect-zeroes=MODE  set detect-zeroes mode (off, on, unmap)\n"
-"      --image-opts          treat FILE as a full set of image options\n",
+"      --image-opts          treat FILE as a full set of image options\n"
+"\n",
            SERVE_DEFAULT_PORT);
 }
 
@@ -245,7 +283,12 @@ static void serve_usage(void)
 "  -p, --port=PORT          TCP port (default 10809)\n"
 "  -e, --shared=NUM         at most NUM clients at once (default 1, 0 = any)\n"
 "  -t, --persistent         keep serving after the last client leaves\n"
+"  -v, --verbose            with -c: stay in the foreground and report\n"
 "  -r, --read-only          export read-only\n"
+"  -o, --offset=OFFSET      export the image from byte OFFSET on\n"
+"  -A, --allocation-depth   offer the qemu:allocation-depth context\n"
+"  -B, --bitmap=NAME        refused: dirty bitmaps are not served yet\n"
+"  -s, --snapshot           writes go to a temporary overlay\n"
 "  -x, --export-name=NAME   export name (default \"\"); once per FILE\n"
 "  -D, --description=DESC   export description; once per FILE\n"
 "  -f, --format=FMT         image format (default: probe)\n"
@@ -254,12 +297,19 @@ static void serve_usage(void)
 "  -n, --nocache            same as --cache=none\n"
 "      --cache=MODE         none, writeback, writethrough, directsync, unsafe\n"
 "      --aio=MODE           threads, native, io_uring\n"
-"      --discard=MODE       ignore or unmap\n"
+"      --discard=MODE       ignore (default) or unmap\n"
 "      --detect-zeroes=MODE off, on or unmap\n"
 "      --pid-file=PATH      write the server's process id to PATH\n"
 "      --fork               run in the background once the server listens\n"
 "      --image-opts         treat FILE as a full set of image options\n"
 "      --workers=N          at most N I/O threads per connection (default %d)\n"
+"      --handshake-limit=N  drop clients that take over N s to negotiate\n"
+"                           (default 10, 0 = no limit)\n"
+"      --tls-authz=ID       admit only X.509 clients authz object ID allows\n"
+"  -L, --list               list another server's exports (-k, -b, -p,\n"
+"                           --tls-creds, --tls-hostname)\n"
+"  -c, --connect=DEV        bind the kernel's NBD device DEV to FILE\n"
+"  -d, --disconnect         unbind the device given as FILE\n"
 "\n"
 "Daemon form (see docs/qmp.md):\n"
 "      --blockdev OPTS      add a node: driver=...,node-name=...,file... or\n"
@@ -407,6 +457,15 @@ static int add_objects(const char *const *objs, int n, bool daemon_form)
     return 0;
 }
 
+/* The kernel client's way to end the server (qemu-nbd -c ends when the
+ * device is disconnected). */
+static void stop_server(void)
+{
+    if (the_server) {
+        vd_nbd_server_request_shutdown(the_server);
+    }
+}
+
 static void on_signal(int sig)
 {
     (void)sig;
@@ -429,21 +488,37 @@ static int parse_uint(const char *s, unsigned max, unsigned *out)
     return 0;
 }
 
-static int write_pidfile(const char *path)
+/* QEMU's qemu_strtoi() with base 0, as qemu-nbd reads -e and
+ * --handshake-limit: decimal, octal or hex, leading blanks allowed, the
+ * whole string, within int. */
+static int parse_qemu_int(const char *s, int *out)
 {
-    FILE *f = fopen(path, "w");
+    char *end;
+    long long v;
 
-    if (!f) {
-        cli_error("cannot write pid file '%s': %s",
-                  path, strerror(errno));
-        return -1;
+    errno = 0;
+    v = strtoll(s, &end, 0);
+    if (errno || end == s || *end || v > INT_MAX || v < INT_MIN) {
+        return -EINVAL;
     }
-    fprintf(f, "%ld\n", (long)getpid());
-    if (fclose(f) != 0) {
-        cli_error("cannot write pid file '%s': %s",
-                  path, strerror(errno));
-        return -1;
+    *out = (int)v;
+    return 0;
+}
+
+/* QEMU's qemu_strtou64() with base 0, as qemu-nbd reads -o: like
+ * strtoull, so "-1" wraps to 2^64-1 (refused later, where the offset
+ * meets the raw layer, with the raw driver's words). */
+static int parse_qemu_u64(const char *s, uint64_t *out)
+{
+    char *end;
+    unsigned long long v;
+
+    errno = 0;
+    v = strtoull(s, &end, 0);
+    if (errno || end == s || *end) {
+        return -EINVAL;
     }
+    *out = v;
     return 0;
 }
 
@@ -497,8 +572,12 @@ static int check_trace_opt(const char *arg)
         if (eq) {
             *eq = '\0';
         }
-        cli_error("--trace %s: Invalid parameter '%s'",
-                  arg, tok);
+        /* qemu-nbd reports the option without naming it. */
+        if (cli_as == CLI_QEMU_NBD) {
+            cli_error("Invalid parameter '%s'", tok);
+        } else {
+            cli_error("--trace %s: Invalid parameter '%s'", arg, tok);
+        }
         ret = -1;
     }
     free(copy);
@@ -514,12 +593,14 @@ static void print_serve_version(void)
            "version 7.2\n", vd_version());
 }
 
-/* The daemon form's pid file, as qemu_write_pidfile(): created without
- * truncation, locked with a record lock that lives as long as the
- * process (so a second daemon given the same file is refused), checked
- * to still be the file at @path, then truncated and written. The lock's
- * descriptor stays open on purpose. */
-static int write_locked_pidfile(const char *path)
+/* The pid file, as qemu_write_pidfile(): created without truncation,
+ * locked with a record lock that lives as long as the process (so a
+ * second server given the same file is refused), checked to still be
+ * the file at @path, then truncated and written. The lock's descriptor
+ * stays open on purpose. @what starts the error messages:
+ * qemu-storage-daemon says "cannot create PID file: ", qemu-nbd
+ * nothing. */
+static int write_locked_pidfile(const char *path, const char *what)
 {
     char buf[32];
     int fd;
@@ -530,19 +611,17 @@ static int write_locked_pidfile(const char *path)
 
         fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
         if (fd < 0) {
-            cli_error("cannot create PID file: Could not "
-                      "create '%s': %s", path, strerror(errno));
+            cli_error("%sCould not create '%s': %s", what, path,
+                      strerror(errno));
             return -1;
         }
         if (fstat(fd, &b) < 0) {
-            cli_error("cannot create PID file: Cannot "
-                      "stat file: %s", strerror(errno));
+            cli_error("%sCannot stat file: %s", what, strerror(errno));
             close(fd);
             return -1;
         }
         if (fcntl(fd, F_SETLK, &lk) < 0) {
-            cli_error("cannot create PID file: Cannot "
-                      "lock pid file: %s", strerror(errno));
+            cli_error("%sCannot lock pid file: %s", what, strerror(errno));
             close(fd);
             return -1;
         }
@@ -556,8 +635,7 @@ static int write_locked_pidfile(const char *path)
     snprintf(buf, sizeof(buf), "%ld\n", (long)getpid());
     if (ftruncate(fd, 0) < 0 ||
         write(fd, buf, strlen(buf)) != (ssize_t)strlen(buf)) {
-        cli_error("cannot create PID file: Failed to "
-                  "write pid file");
+        cli_error("%sFailed to write pid file", what);
         unlink(path);
         close(fd);
         return -1;
@@ -910,7 +988,8 @@ static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
     /* As qemu-storage-daemon: after the nodes, servers, exports and
      * monitors, before any connection is accepted (the monitors' and the
      * NBD server's threads are running but nothing was served). */
-    if (pidfile && write_locked_pidfile(pidfile) < 0) {
+    if (pidfile && write_locked_pidfile(pidfile, "cannot create PID file: ")
+                   < 0) {
         goto out;
     }
     if (ready >= 0 && daemonize_finish(ready) < 0) {
@@ -939,6 +1018,159 @@ out:
     return ret;
 }
 
+/*
+ * -s: a temporary qcow2 overlay over @base, as qemu-nbd's (a file in
+ * $TMPDIR or /var/tmp, the image as its backing node, the writes going
+ * to it). The file is unlinked as soon as it is open, so nothing is left
+ * behind whatever way the server ends. Returns 0 or -1 after an error.
+ */
+static int open_overlay(vd_node **out, vd_node *base, const vd_opts *opts,
+                        unsigned flags)
+{
+    const char *dir = getenv("TMPDIR");
+    char path[PATH_MAX], size[32];
+    vd_opts *copts = vd_opts_new(), *oopts = vd_opts_clone(opts);
+    vd_error err = VD_ERROR_INIT;
+    int64_t len = vd_getlength(base);
+    int fd, r = -1;
+
+    snprintf(path, sizeof(path), "%s/vl.XXXXXX", dir && *dir ? dir
+                                                              : "/var/tmp");
+    fd = len < 0 || !copts || !oopts ? -1 : mkstemp(path);
+    if (fd < 0) {
+        cli_error("Could not get temporary filename: %s",
+                  strerror(len < 0 ? (int)-len : errno));
+        goto out;
+    }
+    close(fd);
+    snprintf(size, sizeof(size), "%" PRId64, len);
+    if (vd_opts_set(copts, "size", size) < 0 ||
+        vd_create(path, "qcow2", copts, &err) < 0) {
+        cli_error("Could not create temporary overlay '%s': %s", path,
+                  err.message[0] ? err.message : "out of memory");
+        unlink(path);
+        goto out;
+    }
+    vd_error_clear(&err);
+    if (vd_opts_set(oopts, "backing", vd_node_name(base)) < 0 ||
+        vd_open(out, path, "qcow2", oopts, flags, &err) < 0) {
+        cli_error("Could not open temporary overlay '%s': %s", path,
+                  err.message[0] ? err.message : "out of memory");
+        unlink(path);
+        goto out;
+    }
+    unlink(path);
+    r = 0;
+out:
+    vd_opts_free(&copts);
+    vd_opts_free(&oopts);
+    return r;
+}
+
+/* Sets @key in @dst to its value in @src, if any. 0 or -ENOMEM. */
+static int copy_opt(vd_opts *dst, const vd_opts *src, const char *key)
+{
+    const char *v = vd_opts_get(src, key);
+
+    return v ? vd_opts_set(dst, key, v) : 0;
+}
+
+/*
+ * Opens what one export serves, as qemu-nbd builds it: the image @file
+ * (or the option string, with --image-opts), then with @overlay (-s) a
+ * temporary overlay on it, then with @offset (-o) a raw layer starting
+ * @offset bytes in. The top node goes to @*top, the ones under it to
+ * @lower (closed after the top). Returns 0 or -1 after qemu-nbd's
+ * message.
+ */
+static int open_export_node(const char *file, const char *fmt,
+                            bool image_opts, const vd_opts *opts,
+                            bool read_only, bool overlay, uint64_t offset,
+                            vd_node **top, vd_node *lower[2])
+{
+    unsigned rw = read_only ? 0 : VD_O_RDWR;
+    /* Nodes under another are inner nodes: the export's user on the top
+     * node holds the permissions (VD_O_NO_USER), and the image under an
+     * overlay is only read, as QEMU opens a -s image's backing. */
+    unsigned flags = overlay ? VD_O_NO_USER : offset ? rw | VD_O_NO_USER : rw;
+    vd_error err = VD_ERROR_INIT;
+    vd_node *cur = NULL;
+    int r;
+
+    if (image_opts) {
+        /* FILE is the whole set of options, as blockdev-add's. */
+        vd_opts *all = cli_parse_image_opts(file, opts);
+        if (!all) {
+            return -1;
+        }
+        r = vd_open(&cur, NULL, NULL, all, flags, &err);
+        vd_opts_free(&all);
+    } else {
+        r = vd_open(&cur, file, fmt, opts, flags, &err);
+    }
+    if (r < 0) {
+        /* qemu-nbd's words, naming the file. */
+        cli_error("Failed to blk_new_open '%s': %s",
+                  file, err.message[0]
+                        ? cli_strip_filename(err.message, file)
+                        : strerror(-r));
+        cli_print_hint(&err);
+        return -1;
+    }
+    if (overlay) {
+        vd_node *ov = NULL;
+        if (open_overlay(&ov, cur, opts, offset ? rw | VD_O_NO_USER : rw)
+            < 0) {
+            vd_close(&cur, NULL);
+            return -1;
+        }
+        lower[0] = cur;
+        cur = ov;
+    }
+    if (offset) {
+        vd_opts *ro = vd_opts_new();
+        char num[32];
+        vd_node *raw = NULL;
+
+        if (offset > INT64_MAX) {
+            /* qemu-nbd hands the offset to the raw driver as a signed
+             * number, which the driver's size parser refuses so. */
+            cli_error("Parameter 'offset' expects a non-negative number "
+                      "below 2^64");
+            fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, "
+                    "mega-, giga-, tera-, peta-\nand exabytes, "
+                    "respectively.\n");
+            vd_opts_free(&ro);
+            r = -1;
+        } else {
+            snprintf(num, sizeof(num), "%" PRIu64, offset);
+            vd_error_clear(&err);
+            r = !ro || vd_opts_set(ro, "driver", "raw") < 0 ||
+                vd_opts_set(ro, "file", vd_node_name(cur)) < 0 ||
+                vd_opts_set(ro, "offset", num) < 0 ||
+                copy_opt(ro, opts, "discard") < 0 ||
+                copy_opt(ro, opts, "detect-zeroes") < 0 ? -ENOMEM
+                : vd_open(&raw, NULL, NULL, ro, rw, &err);
+            if (r < 0) {
+                cli_error("%s", err.message[0] ? err.message
+                                               : "out of memory");
+            }
+            vd_opts_free(&ro);
+        }
+        if (r < 0) {
+            vd_close(&cur, NULL);
+            if (lower[0]) {
+                vd_close(&lower[0], NULL);
+            }
+            return -1;
+        }
+        lower[lower[0] ? 1 : 0] = cur;
+        cur = raw;
+    }
+    *top = cur;
+    return 0;
+}
+
 int cmd_serve(int argc, char **argv)
 {
     /* Request buffers above 256 KiB come from mmap and go back to the
@@ -950,13 +1182,24 @@ int cmd_serve(int argc, char **argv)
 
     const char *sockpath = NULL, *bind_addr = NULL, *port = NULL;
     const char *fmt = NULL, *pidfile = NULL, *tls_creds = NULL;
-    const char *tls_authz = NULL;
+    const char *tls_authz = NULL, *tls_hostname = NULL, *bitmap = NULL;
+    const char *device = NULL;
     const char **objects = NULL;
     int nobjects = 0;
     bool image_opts = false;
     const char *names[SERVE_MAX_EXPORTS], *descs[SERVE_MAX_EXPORTS];
     unsigned nnames = 0, ndescs = 0, shared = 1, workers = SERVE_WORKERS;
     bool persistent = false, read_only = false, do_fork = false;
+    /* qemu-nbd's -v, -A, -s, -L, -d; -o's offset (0: none) and whether
+     * a per-device option was given (list mode refuses them). */
+    bool verbose = false, alloc_depth = false, overlay = false;
+    bool list = false, disconnect = false, per_device = false;
+    uint64_t offset = 0;
+    int handshake_limit = -1;
+    /* Nodes under an export's top node (the image under -s's overlay
+     * and under -o's raw layer), closed after it. */
+    vd_node *lower[SERVE_MAX_EXPORTS][2] = { { 0 } };
+    bool kernel_client = false;
     const char *snapshot = NULL;
     vd_node *nodes[SERVE_MAX_EXPORTS] = { 0 };
     int nimages = 0, ret = 1, ready_fd = -1, c;
@@ -969,6 +1212,7 @@ int cmd_serve(int argc, char **argv)
     int ndaemon[D_KINDS] = { 0 };
     int longidx = -1;
     unsigned seen_block_opts = 0;
+    char default_sock[128];
     /* qemu-storage-daemon is the daemon form even with no options. */
     bool daemon_mode = cli_as == CLI_QEMU_STORAGE_DAEMON, daemonize = false;
 
@@ -985,7 +1229,7 @@ int cmd_serve(int argc, char **argv)
         return 1;
     }
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:nT:V", serve_long,
+    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:nT:Vo:sc:dvAB:L", serve_long,
                             &longidx)) != -1) {
         if (c != ':' && c != '?' &&
             !serve_opt_allowed(c, longidx >= 0 ? serve_long[longidx].name
@@ -1032,12 +1276,53 @@ int cmd_serve(int argc, char **argv)
         case 'p':
             port = optarg;
             break;
-        case 'e':
-            if (parse_uint(optarg, 65535, &shared) < 0) {
+        case 'e': {
+            int v;
+            if (parse_qemu_int(optarg, &v) < 0 || v < 0) {
                 cli_error("Invalid shared device number "
                           "'%s'", optarg);
                 goto out;
             }
+            shared = (unsigned)v;
+            break;
+        }
+        case SERVE_OPT_HANDSHAKE_LIMIT:
+            if (parse_qemu_int(optarg, &handshake_limit) < 0 ||
+                handshake_limit < 0) {
+                cli_error("Invalid handshake limit '%s'", optarg);
+                goto out;
+            }
+            break;
+        case 'o':
+            if (parse_qemu_u64(optarg, &offset) < 0) {
+                cli_error("Invalid offset '%s'", optarg);
+                goto out;
+            }
+            break;
+        case 'A':
+            alloc_depth = true;
+            break;
+        case 'B':
+            /* qemu-nbd checks the last one given first. */
+            bitmap = optarg;
+            break;
+        case 's':
+            overlay = true;
+            break;
+        case 'L':
+            list = true;
+            break;
+        case 'c':
+            device = optarg;
+            break;
+        case 'd':
+            disconnect = true;
+            break;
+        case 'v':
+            verbose = true;
+            break;
+        case SERVE_OPT_TLS_HOSTNAME:
+            tls_hostname = optarg;
             break;
         case 't':
             persistent = true;
@@ -1055,6 +1340,7 @@ int cmd_serve(int argc, char **argv)
                 goto out;
             }
             names[nnames++] = optarg;
+            per_device = true;
             break;
         case 'D':
             if (ndescs == SERVE_MAX_EXPORTS) {
@@ -1066,14 +1352,19 @@ int cmd_serve(int argc, char **argv)
                 goto out;
             }
             descs[ndescs++] = optarg;
+            per_device = true;
             break;
         case 'f':
             fmt = optarg;
+            per_device = true;
             break;
         case 'l':
             /* As qemu-nbd: the snapshot is exported read-only. */
             snapshot = optarg;
             read_only = true;
+            /* As qemu-nbd, only the plain ID_OR_NAME form counts as a
+             * per-device setting for -L. */
+            per_device |= strncmp(optarg, "snapshot.", 9) != 0;
             break;
         case 'n':
         case SERVE_OPT_CACHE:
@@ -1083,6 +1374,7 @@ int cmd_serve(int argc, char **argv)
             if (block_option(opts, c, optarg, &seen_block_opts) < 0) {
                 goto out;
             }
+            per_device |= c != SERVE_OPT_DETECT_ZEROES;
             break;
         case SERVE_OPT_PIDFILE:
             pidfile = optarg;
@@ -1127,6 +1419,15 @@ int cmd_serve(int argc, char **argv)
             }
             break;
         case SERVE_OPT_OBJECT:
+            /* qemu-nbd creates each object as it reads it (an error, or
+             * "help", ends the command there); the other forms wait for
+             * the whole command line, which decides how to word errors. */
+            if (cli_as == CLI_QEMU_NBD) {
+                if (cli_add_object(optarg, NULL) < 0) {
+                    goto out;
+                }
+                break;
+            }
             objects[nobjects++] = optarg;
             break;
         case SERVE_OPT_TLS_CREDS:
@@ -1148,42 +1449,85 @@ int cmd_serve(int argc, char **argv)
     if (add_objects(objects, nobjects, daemon_mode) < 0) {
         goto out;
     }
-    if (tls_authz && !tls_creds) {
-        cli_error("--tls-authz is not permitted without "
-                  "--tls-creds");
+    if (daemon_mode && (tls_creds || tls_authz || tls_hostname || list ||
+                        device || disconnect || offset || alloc_depth ||
+                        overlay || bitmap || verbose ||
+                        handshake_limit >= 0)) {
+        cli_error("qemu-nbd's options (--tls-creds, -L, -c, -o, -A, -s, "
+                  "...) do not combine with the daemon options; give the "
+                  "daemon --nbd-server ...,tls-creds=ID");
         goto out;
     }
-    if (tls_authz) {
-        /* The authorization objects exist (vd_authz_is_allowed()), but
-         * the NBD server does not ask them yet: serving without the
-         * check would let in clients the caller means to keep out. */
-        cli_error("--tls-authz is not supported yet: the "
-                  "NBD server cannot check client identities");
-        goto out;
-    }
-    if (image_opts && fmt) {
-        cli_error("--image-opts and -f are mutually "
-                  "exclusive");
-        goto out;
-    }
-    if (daemon_mode && tls_creds) {
-        cli_error("--tls-creds is qemu-nbd's option; give "
-                  "the daemon --nbd-server ...,tls-creds=ID");
+    /* From here on qemu-nbd's checks, in qemu-nbd's order. */
+    per_device |= offset || device || disconnect || bitmap || alloc_depth;
+    if (!daemon_mode && list) {
+        if (argc != optind) {
+            cli_error("List mode is incompatible with a file name");
+            goto out;
+        }
+        if (per_device) {
+            cli_error("List mode is incompatible with per-device settings");
+            goto out;
+        }
+        if (do_fork) {
+            cli_error("List mode is incompatible with forking");
+            goto out;
+        }
+    } else if (!daemon_mode && cli_as == CLI_QEMU_NBD &&
+               argc - optind != 1) {
+        cli_error("Invalid number of arguments");
+        fprintf(stderr, "Try `qemu-nbd --help' for more information.\n");
         goto out;
     }
     if (tls_creds) {
-        /* Checked before any image is opened, as qemu-nbd does. */
+        if (device) {
+            cli_error("TLS is not supported with a host device");
+            goto out;
+        }
+        if (tls_authz && list) {
+            cli_error("TLS authorization is incompatible with export list");
+            goto out;
+        }
+        if (tls_hostname && !list) {
+            cli_error("TLS hostname is only supported with export list");
+            goto out;
+        }
+        /* Checked before any image is opened, as qemu-nbd does; -L
+         * wants a client's credentials, the server a server's. */
         vd_error_clear(&err);
         creds = vd_nbd_tls_creds_get(tls_creds, &err);
         if (!creds) {
             cli_error("Failed to get TLS creds: %s", err.message);
             goto out;
         }
-        if (!vd_nbd_tls_creds_is_server(creds)) {
+        if (vd_nbd_tls_creds_is_server(creds) == list) {
             cli_error("Failed to get TLS creds: Expecting TLS credentials "
-                      "with a server endpoint");
+                      "with a %s endpoint", list ? "client" : "server");
             goto out;
         }
+    } else if (tls_authz) {
+        cli_error("--tls-authz is not permitted without --tls-creds");
+        goto out;
+    } else if (tls_hostname) {
+        cli_error("--tls-hostname is not permitted without --tls-creds");
+        goto out;
+    }
+    if (list) {
+        const char *host = bind_addr ? bind_addr : "0.0.0.0";
+        ret = serve_list_exports(sockpath, host,
+                                 port ? port : SERVE_DEFAULT_PORT,
+                                 tls_creds,
+                                 tls_hostname ? tls_hostname : host);
+        goto out;
+    }
+    if (disconnect) {
+        ret = serve_kernel_disconnect(argv[optind]);
+        goto out;
+    }
+    if (image_opts && fmt) {
+        cli_error("--image-opts and -f are mutually "
+                  "exclusive");
+        goto out;
     }
     if (daemon_mode) {
         if (cli_as == CLI_QEMU_STORAGE_DAEMON && argc - optind > 0) {
@@ -1200,11 +1544,6 @@ int cmd_serve(int argc, char **argv)
     }
 
     nimages = argc - optind;
-    if (cli_as == CLI_QEMU_NBD && nimages != 1) {
-        cli_error("Invalid number of arguments");
-        fprintf(stderr, "Try `qemu-nbd --help' for more information.\n");
-        goto out;
-    }
     if (nimages < 1) {
         cli_error("Not enough arguments");
         serve_help_hint();
@@ -1224,9 +1563,38 @@ int cmd_serve(int argc, char **argv)
         cli_error("more -x/-D options than images");
         goto out;
     }
+    if (device && nimages > 1) {
+        cli_error("-c binds one image to the device");
+        goto out;
+    }
+    /* qemu-nbd's defaults: discards are ignored unless --discard says
+     * otherwise; -c listens on a socket named after the device and
+     * forks unless -v keeps it in the foreground. */
+    if (!vd_opts_get(opts, "discard") &&
+        vd_opts_set(opts, "discard", "ignore") < 0) {
+        cli_error("out of memory");
+        goto out;
+    }
+    if (device && !sockpath) {
+        const char *base = strrchr(device, '/');
+        snprintf(default_sock, sizeof(default_sock), "/var/lock/qemu-nbd-%s",
+                 base ? base + 1 : device);
+        sockpath = default_sock;
+    }
+    if (device && !verbose) {
+        do_fork = true;
+    }
     srv = vd_nbd_server_new(workers, shared, persistent);
     if (!srv) {
         cli_error("out of memory");
+        goto out;
+    }
+    the_server = srv;
+    if (sockpath && strlen(sockpath) >= SERVE_SUN_PATH_MAX) {
+        /* qemu-nbd's words (and its hint line). */
+        cli_error("UNIX socket path '%s' is too long", sockpath);
+        fprintf(stderr, "Path must be less than %d bytes\n",
+                SERVE_SUN_PATH_MAX);
         goto out;
     }
     vd_nbd_server_set_tls(srv, creds);
@@ -1266,46 +1634,45 @@ int cmd_serve(int argc, char **argv)
         setsid();
     }
 
+    if (handshake_limit >= 0) {
+        vd_nbd_server_set_handshake_limit(srv, (unsigned)handshake_limit);
+    }
+    if (tls_authz && vd_nbd_server_set_tls_authz(srv, tls_authz) < 0) {
+        cli_error("out of memory");
+        goto out;
+    }
     for (int i = 0; i < nimages; i++) {
         const char *file = argv[optind + i];
-        unsigned flags = read_only ? 0 : VD_O_RDWR;
-        int r;
+        const char *name = nnames > (unsigned)i ? names[i] : "";
 
-        vd_error_clear(&err);
-        if (image_opts) {
-            /* FILE is the whole set of options, as blockdev-add's. */
-            vd_opts *all = cli_parse_image_opts(file, opts);
-            if (!all) {
-                goto out;
-            }
-            r = vd_open(&nodes[i], NULL, NULL, all, flags, &err);
-            vd_opts_free(&all);
-        } else {
-            r = vd_open(&nodes[i], file, fmt, opts, flags, &err);
-        }
-        if (r < 0) {
-            /* qemu-nbd's words, naming the file. */
-            cli_error("Failed to blk_new_open '%s': %s",
-                      file, err.message[0]
-                            ? cli_strip_filename(err.message, file)
-                            : strerror(-r));
-            cli_print_hint(&err);
+        if (open_export_node(file, fmt, image_opts, opts, read_only, overlay,
+                             offset, &nodes[i], lower[i]) < 0) {
             goto out;
         }
         if (snapshot && cli_load_snapshot(nodes[i], snapshot) < 0) {
             goto out;
         }
+        if (bitmap) {
+            /* vdisk does not serve persistent dirty bitmaps yet: every
+             * name is refused, in qemu-nbd's words for a missing one. */
+            cli_error("Bitmap '%s' is not found", bitmap);
+            goto out;
+        }
         vd_error_clear(&err);
-        if (vd_nbd_server_add_export(srv, nnames > (unsigned)i ? names[i] : "",
+        if (vd_nbd_server_add_export(srv, name,
                                      ndescs > (unsigned)i ? descs[i] : NULL,
                                      nodes[i], &err) < 0) {
             cli_error("%s", err.message);
             cli_print_hint(&err);
             goto out;
         }
+        if (alloc_depth &&
+            vd_nbd_server_set_allocation_depth(srv, name, true, &err) < 0) {
+            cli_error("%s", err.message);
+            goto out;
+        }
     }
-
-    if (pidfile && write_pidfile(pidfile) < 0) {
+    if (pidfile && write_locked_pidfile(pidfile, "") < 0) {
         goto out;
     }
 
@@ -1328,11 +1695,25 @@ int cmd_serve(int argc, char **argv)
             dup2(devnull, STDOUT_FILENO);
             close(devnull);
         }
-        if (write(ready_fd, &ok, 1) != 1) {
+        /* With -c the parent is released once the device is bound. */
+        if (!device) {
+            if (write(ready_fd, &ok, 1) != 1) {
+                goto out;
+            }
+            close(ready_fd);
+            ready_fd = -1;
+        }
+    }
+    if (device) {
+        /* As qemu-nbd -c: a thread binds the device to the export; the
+         * foreground (or, with the fork, the parent) learns of failure
+         * as an error and exit status 1. */
+        if (serve_kernel_connect_start(device, sockpath, argv[optind],
+                                       verbose, stop_server, ready_fd) < 0) {
             goto out;
         }
-        close(ready_fd);
-        ready_fd = -1;
+        ready_fd = -1;      /* the thread's now */
+        kernel_client = true;
     }
 
     vd_error_clear(&err);
@@ -1340,6 +1721,11 @@ int cmd_serve(int argc, char **argv)
         cli_error("%s", err.message);
     } else {
         ret = 0;
+    }
+    if (kernel_client) {
+        /* qemu-nbd -c exits with the kernel client's status. */
+        kernel_client = false;
+        ret = serve_kernel_connect_finish();
     }
 
 out:
@@ -1350,6 +1736,13 @@ out:
         if (nodes[i] && vd_close(&nodes[i], &err) < 0) {
             cli_error("%s", err.message);
             ret = 1;
+        }
+        for (int j = 1; j >= 0; j--) {
+            vd_error_clear(&err);
+            if (lower[i][j] && vd_close(&lower[i][j], &err) < 0) {
+                cli_error("%s", err.message);
+                ret = 1;
+            }
         }
     }
     if (pidfile && ret == 0) {

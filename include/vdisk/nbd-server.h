@@ -5,8 +5,9 @@
  * vd_find_node()) can export it over NBD to other processes or machines,
  * exactly as `vdisk serve` (qemu-nbd, qemu-storage-daemon's
  * nbd-server-start / block-export-add) does: fixed newstyle negotiation,
- * structured replies, the base:allocation and qemu:allocation-depth
- * metadata contexts, multiple connections and optional TLS.
+ * structured replies, the base:allocation metadata context (and
+ * qemu:allocation-depth on exports that ask for it), multiple
+ * connections and optional TLS.
  * docs/nbd.md describes the protocol side.
  *
  * A minimal server:
@@ -105,6 +106,16 @@ VD_API int vd_nbd_server_add_export_ro(vd_nbd_server *srv, const char *name,
                                        vd_node *node, bool read_only,
                                        vd_error *err);
 
+/**
+ * Makes export @name offer the qemu:allocation-depth metadata context
+ * (@on) or not, as qemu-nbd -A and block-export-add's allocation-depth:
+ * exports do not offer it until asked, as QEMU's. Clients that already
+ * negotiated keep what they have. -ENOENT when there is no such export.
+ */
+VD_API int vd_nbd_server_set_allocation_depth(vd_nbd_server *srv,
+                                              const char *name, bool on,
+                                              vd_error *err);
+
 /** True when the server has an export named @name. */
 VD_API bool vd_nbd_server_has_export(vd_nbd_server *srv, const char *name);
 
@@ -154,6 +165,15 @@ VD_API int vd_nbd_server_listen_tcp(vd_nbd_server *srv, const char *addr,
  * negative errno (poll() failed).
  */
 VD_API int vd_nbd_server_run(vd_nbd_server *srv, vd_error *err);
+
+/**
+ * Sets how long a client may take to complete the handshake (TLS
+ * included) before it is dropped: @seconds, or no limit for 0 (qemu-nbd
+ * --handshake-limit; the default is 10). Call before
+ * vd_nbd_server_run().
+ */
+VD_API void vd_nbd_server_set_handshake_limit(vd_nbd_server *srv,
+                                              unsigned seconds);
 
 /** Asks a running server to stop. Async-signal-safe. */
 VD_API void vd_nbd_server_request_shutdown(vd_nbd_server *srv);
@@ -218,6 +238,19 @@ VD_API void vd_nbd_tls_creds_unref(vd_nbd_tls_creds *creds);
  */
 VD_API void vd_nbd_server_set_tls(vd_nbd_server *srv,
                                   vd_nbd_tls_creds *creds);
+
+/**
+ * Makes the server admit only TLS clients whose identity authorization
+ * object @authz_id (authz-simple, authz-list, vd_authz_is_allowed())
+ * allows, as qemu-nbd --tls-authz: the distinguished name of the X.509
+ * client certificate, with verify-peer=on credentials (as in QEMU 7.2,
+ * PSK clients and X.509 without verify-peer are not checked). A refused
+ * client's connection ends after the TLS handshake.
+ * NULL removes the check. The object is looked up at each connection.
+ * Returns 0 or -ENOMEM. Call before vd_nbd_server_run().
+ */
+VD_API int vd_nbd_server_set_tls_authz(vd_nbd_server *srv,
+                                       const char *authz_id);
 
 #ifdef __cplusplus
 }

@@ -575,6 +575,12 @@ VD_API vd_detect_zeroes vd_node_detect_zeroes(const vd_node *node);
  * when they are ignored (discard=ignore, the default). */
 VD_API bool vd_node_discard_unmap(const vd_node *node);
 
+/** The alignment the node's requests are best made in, in bytes (QEMU's
+ * bl.request_alignment: 512 for an image probed as raw, else what its
+ * driver needs, usually 1). Requests of any alignment still work: the
+ * library does read-modify-write. */
+VD_API uint32_t vd_node_request_alignment(const vd_node *node);
+
 /**
  * The backing file name recorded in @node's image header, exactly as
  * stored (maybe relative to the image), or NULL when there is none or

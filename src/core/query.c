@@ -71,6 +71,11 @@ VD_API bool vd_node_discard_unmap(const vd_node *node)
     return node->discard_unmap;
 }
 
+VD_API uint32_t vd_node_request_alignment(const vd_node *node)
+{
+    return node->bl.request_alignment ? node->bl.request_alignment : 1;
+}
+
 VD_API const char *vd_node_backing_file(const vd_node *node)
 {
     return node->backing_file;

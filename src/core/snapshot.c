@@ -279,16 +279,16 @@ VD_API int vd_snapshot_load_tmp(vd_node *node, const char *id,
             vd_node_refresh_length(node);
         return r;
     }
-    vd_child *fb = snapshot_fallback(node);
-    if (fb) {
-        int r = vd_snapshot_load_tmp(fb->node, id, name, err);
-        if (r == 0)
-            vd_node_refresh_length(node);
-        return r;
-    }
+    /* Unlike the other snapshot operations, QEMU 7.2's
+     * bdrv_snapshot_load_tmp() has no fallback to a child: a raw node
+     * (with or without an offset, qemu-nbd -o) refuses in its own name
+     * rather than loading the snapshot of the image below it. The
+     * device name QEMU prints is its block backend's, which the tools
+     * that load snapshots (qemu-img convert -l, qemu-io -l, qemu-nbd -l)
+     * never name: ''. */
     return vd_error_set(err, -ENOTSUP, "Block format '%s' used by device "
-                        "'%s' does not support temporarily loading internal "
-                        "snapshots", node->drv->name, node_label(node));
+                        "'' does not support temporarily loading internal "
+                        "snapshots", node->drv->name);
 }
 
 VD_API int vd_snapshot_load_tmp_by_id_or_name(vd_node *node,

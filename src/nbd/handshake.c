@@ -332,7 +332,7 @@ static hs_state opt_info_go(hs *h)
     const unsigned char *d = h->data;
     uint32_t namelen;
     uint16_t nreq;
-    bool want_name = false, want_desc = false;
+    bool want_name = false, want_desc = false, want_bs = false;
     nbd_export *exp;
     uint16_t tflags;
 
@@ -359,6 +359,8 @@ static hs_state opt_info_go(hs *h)
             want_name = true;
         } else if (t == NBD_INFO_DESCRIPTION) {
             want_desc = true;
+        } else if (t == NBD_INFO_BLOCK_SIZE) {
+            want_bs = true;
         }
         /* BLOCK_SIZE is always sent; unknown requests are ignored. */
     }
@@ -382,9 +384,14 @@ static hs_state opt_info_go(hs *h)
         }
     }
     {
-        /* The public API does read-modify-write for any alignment, so
-         * the minimum block is one byte. */
-        uint32_t bs[3] = { htobe32(1), htobe32(NBD_PREFERRED_BLOCK),
+        /* As QEMU's server: the node's request alignment to a client
+         * that asked for block sizes (or only looks, NBD_OPT_INFO), 1 to
+         * one that may not honour it (the library does read-modify-write
+         * for any alignment, so 1 is always safe). */
+        vd_node *top = vd_user_node(exp->user);
+        uint32_t min = h->option == NBD_OPT_INFO || want_bs
+                       ? vd_node_request_alignment(top) : 1;
+        uint32_t bs[3] = { htobe32(min), htobe32(NBD_PREFERRED_BLOCK),
                            htobe32(NBD_MAX_PAYLOAD) };
         struct iovec iov = { bs, sizeof(bs) };
         if (hs_info(h, NBD_INFO_BLOCK_SIZE, &iov, 1) < 0) {
@@ -527,6 +534,8 @@ static hs_state opt_meta_context(hs *h)
     if (list && nq == 0) {
         base = depth = true;
     }
+    /* qemu:allocation-depth exists only on exports that offer it. */
+    depth = depth && atomic_load(&exp->alloc_depth);
     /* LIST replies carry id 0, as the spec recommends. */
     if (base && send_ctx(h, list ? 0 : NBD_CTX_ID_BASE,
                          NBD_CTX_BASE_ALLOCATION) < 0) {

@@ -51,6 +51,10 @@ struct nbd_export {
     vd_blocker *blocker; /* no snapshot revert under the clients */
     uint64_t size;       /* under the export lock: see nbd_export_size() */
     bool read_only;
+    atomic_bool alloc_depth; /* offers qemu:allocation-depth (qemu-nbd
+                                -A, block-export-add allocation-depth);
+                                set after the export is listed, so a
+                                handshake may read it meanwhile */
 };
 
 /* A parsed transmission request (host byte order). */
@@ -125,6 +129,13 @@ struct nbd_worker {
 /* The server's credentials, or NULL when it serves plain NBD. */
 vd_nbd_tls_creds *nbd_server_tls(const vd_nbd_server *srv);
 
+/* Seconds a client gets for the whole handshake, 0 for no limit. */
+unsigned nbd_server_handshake_limit(const vd_nbd_server *srv);
+
+/* The authorization object (authz-simple, authz-list) a TLS client's
+ * identity must pass, or NULL. */
+const char *nbd_server_tls_authz(const vd_nbd_server *srv);
+
 /* Connections currently in transmission on export @name. */
 unsigned nbd_server_export_clients(vd_nbd_server *srv, const char *name);
 
@@ -154,6 +165,11 @@ bool nbd_server_shutting_down(const vd_nbd_server *srv);
  * threads and by the fuzz target. Returns 0 for a clean end, else the
  * negative errno of the error that ended it. */
 int nbd_conn_serve(vd_nbd_server *srv, int in_fd, int out_fd, vd_error *err);
+/* nbd_conn_serve(), also telling whether the client got to transmission
+ * (qemu-nbd's "negotiated": only such a client ends a server that is not
+ * persistent when it leaves; a client that only lists does not). */
+int nbd_conn_serve_ex(vd_nbd_server *srv, int in_fd, int out_fd,
+                      vd_error *err, bool *negotiated);
 
 /* Reads exactly @len bytes. Returns 0, -EPIPE at end of file (the peer
  * went away) or another negative errno. */

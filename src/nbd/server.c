@@ -86,9 +86,9 @@ struct vd_nbd_server {
 
     unsigned conn_threads;  /* per connection, at least 1 */
 
-    bool ever_connected;    /* accept loop only */
-
     vd_nbd_tls_creds *tls;  /* set before running, then read-only */
+    char *tls_authz;        /* likewise */
+    unsigned handshake_limit;   /* seconds, 0: none; likewise */
 };
 
 /* ---- low-level I/O ---- */
@@ -164,6 +164,7 @@ VD_API vd_nbd_server *vd_nbd_server_new(unsigned nworkers,
     srv->conn_threads = nworkers ? nworkers : 1;
     srv->max_clients = max_clients;
     srv->persistent = persistent;
+    srv->handshake_limit = HANDSHAKE_TIMEOUT;
     srv->wake[0] = srv->wake[1] = -1;
     if (pipe2(srv->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
         free(srv);
@@ -184,6 +185,34 @@ VD_API void vd_nbd_server_set_tls(vd_nbd_server *srv,
 vd_nbd_tls_creds *nbd_server_tls(const vd_nbd_server *srv)
 {
     return srv->tls;
+}
+
+VD_API int vd_nbd_server_set_tls_authz(vd_nbd_server *srv, const char *id)
+{
+    char *copy = id ? strdup(id) : NULL;
+
+    if (id && !copy) {
+        return -ENOMEM;
+    }
+    free(srv->tls_authz);
+    srv->tls_authz = copy;
+    return 0;
+}
+
+const char *nbd_server_tls_authz(const vd_nbd_server *srv)
+{
+    return srv->tls_authz;
+}
+
+VD_API void vd_nbd_server_set_handshake_limit(vd_nbd_server *srv,
+                                              unsigned seconds)
+{
+    srv->handshake_limit = seconds;
+}
+
+unsigned nbd_server_handshake_limit(const vd_nbd_server *srv)
+{
+    return srv->handshake_limit;
 }
 
 VD_API void vd_nbd_server_free(vd_nbd_server **psrv)
@@ -212,6 +241,7 @@ VD_API void vd_nbd_server_free(vd_nbd_server **psrv)
         free(d);
     }
     vd_nbd_tls_creds_unref(srv->tls);
+    free(srv->tls_authz);
     pthread_mutex_destroy(&srv->elock);
     pthread_cond_destroy(&srv->econd);
     close(srv->wake[0]);
@@ -381,6 +411,21 @@ VD_API int vd_nbd_server_remove_export(vd_nbd_server *srv, const char *name,
     }
     vd_user_free(&slot->pub.user);
     return 0;
+}
+
+VD_API int vd_nbd_server_set_allocation_depth(vd_nbd_server *srv,
+                                              const char *name, bool on,
+                                              vd_error *err)
+{
+    nbd_export *e;
+
+    pthread_mutex_lock(&srv->elock);
+    e = nbd_server_find_export_locked(srv, name, strlen(name));
+    if (e) {
+        atomic_store(&e->alloc_depth, on);
+    }
+    pthread_mutex_unlock(&srv->elock);
+    return e ? 0 : vd_error_set(err, -ENOENT, "export '%s' not found", name);
 }
 
 VD_API void vd_nbd_server_update_export_size(vd_nbd_server *srv,
@@ -569,9 +614,17 @@ static void wake(vd_nbd_server *srv)
 
 int nbd_conn_serve(vd_nbd_server *srv, int in_fd, int out_fd, vd_error *err)
 {
+    bool negotiated;
+
+    return nbd_conn_serve_ex(srv, in_fd, out_fd, err, &negotiated);
+}
+
+int nbd_conn_serve_ex(vd_nbd_server *srv, int in_fd, int out_fd,
+                      vd_error *err, bool *negotiated)
+{
     /* Allocated by tls.c, which keeps the TLS session beside it. */
     nbd_conn *c = nbd_conn_alloc();
-    struct timeval tv = { .tv_sec = HANDSHAKE_TIMEOUT };
+    struct timeval tv = { .tv_sec = srv->handshake_limit };
     struct timeval zero = { 0 };
     int ret = 0;
 
@@ -588,8 +641,10 @@ int nbd_conn_serve(vd_nbd_server *srv, int in_fd, int out_fd, vd_error *err)
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
 
-    /* Bound the handshake so a silent client cannot hold a slot; on a
-     * non-socket (the fuzzer's pipe) this harmlessly fails. */
+    *negotiated = false;
+    /* Bound the handshake so a silent client cannot hold a slot (a zero
+     * timeout is none: --handshake-limit=0); on a non-socket (the
+     * fuzzer's pipe) this harmlessly fails. */
     setsockopt(in_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     switch (nbd_handshake(c)) {
     case NBD_HS_TRANSMISSION: {
@@ -597,6 +652,7 @@ int nbd_conn_serve(vd_nbd_server *srv, int in_fd, int out_fd, vd_error *err)
          * can wait for it; an export removed during the handshake ends
          * the connection here. */
         live_conn lc = { .c = c, .slot = (export_slot *)c->exp };
+        *negotiated = true;
         pthread_mutex_lock(&srv->elock);
         if (lc.slot->removed) {
             pthread_mutex_unlock(&srv->elock);
@@ -643,6 +699,7 @@ typedef struct client {
     int fd;
     pthread_t thread;
     atomic_bool finished;
+    bool negotiated;         /* written before finished is set */
     struct client *next;
 } client;
 
@@ -652,7 +709,7 @@ static void *client_main(void *opaque)
     vd_error err = VD_ERROR_INIT;
     int r;
 
-    r = nbd_conn_serve(cl->srv, cl->fd, cl->fd, &err);
+    r = nbd_conn_serve_ex(cl->srv, cl->fd, cl->fd, &err, &cl->negotiated);
     /* Clients that simply hang up are not worth a message. The program's
      * name starts it, as QEMU's tools do (qemu-nbd, or the embedder's). */
     if (r < 0 && r != -EPIPE && r != -ECONNRESET && err.message[0]) {
@@ -670,8 +727,10 @@ VD_API void vd_nbd_server_request_shutdown(vd_nbd_server *srv)
     wake(srv);
 }
 
-/* Joins and frees finished clients; returns how many remain. */
-static unsigned reap(client **list)
+/* Joins and frees finished clients; returns how many remain. Sets
+ * @*negotiated_left when one of those that left had reached
+ * transmission. */
+static unsigned reap(client **list, bool *negotiated_left)
 {
     unsigned n = 0;
 
@@ -679,6 +738,7 @@ static unsigned reap(client **list)
         client *cl = *pp;
         if (atomic_load(&cl->finished)) {
             pthread_join(cl->thread, NULL);
+            *negotiated_left |= cl->negotiated;
             close(cl->fd);
             *pp = cl->next;
             free(cl);
@@ -717,7 +777,6 @@ static bool accept_one(vd_nbd_server *srv, int lfd, client **list)
     }
     cl->next = *list;
     *list = cl;
-    srv->ever_connected = true;
     return true;
 }
 
@@ -748,8 +807,13 @@ VD_API int vd_nbd_server_run(vd_nbd_server *srv, vd_error *err)
             while (read(srv->wake[0], buf, sizeof(buf)) > 0) {
             }
         }
-        nb = reap(&clients);
-        if (!srv->persistent && srv->ever_connected && nb == 0) {
+        /* As qemu-nbd: a server that is not persistent ends when the
+         * last client leaves, counting only clients that got as far as
+         * transmission (one that listed the exports and left does not
+         * end it). */
+        bool negotiated_left = false;
+        nb = reap(&clients, &negotiated_left);
+        if (!srv->persistent && negotiated_left && nb == 0) {
             break;
         }
         for (int i = 1; i < n; i++) {

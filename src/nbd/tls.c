@@ -37,8 +37,6 @@
  * largest plaintext a record carries), so a reply header and its
  * payload do not cost a record each. */
 #define TLS_STAGE_SIZE          16384
-/* Whole-handshake limit, matching the server's option-phase timeout. */
-#define TLS_HANDSHAKE_TIMEOUT_MS 10000
 /* How long the final close_notify may wait for room in the socket. */
 #define TLS_BYE_TIMEOUT_S       1
 
@@ -505,6 +503,58 @@ static void tls_free_session(tls_session *t)
     free(t);
 }
 
+/*
+ * --tls-authz: the distinguished name of the client's X.509 certificate
+ * must pass authorization object @authz, as QEMU 7.2's TLS session check
+ * does. It is checked only when verify-peer is on (without it there is
+ * no trusted certificate to name anyone) and never for PSK (QEMU 7.2
+ * admits any PSK user the key file knows). Returns 0 or -EPROTO with
+ * QEMU's message ("option negotiation failed: TLS x509 authz check for
+ * DN is denied").
+ */
+static int tls_check_authz(tls_session *t, const tls_object *o,
+                           const char *authz, vd_error *err)
+{
+    const gnutls_datum_t *certs;
+    unsigned n = 0;
+    gnutls_x509_crt_t crt;
+    size_t len = 0;
+    char *identity = NULL;
+    vd_error aerr = VD_ERROR_INIT;
+    int r;
+
+    if (o->kind != TLS_X509 || !o->verify_peer) {
+        return 0;
+    }
+    certs = gnutls_certificate_get_peers(t->s, &n);
+    if (!certs || n == 0 || gnutls_x509_crt_init(&crt) < 0) {
+        return tls_fail(err, -EPROTO, "No certificate peer");
+    }
+    /* gnutls_x509_crt_get_dn(): the DN in the order QEMU reports it. */
+    if (gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) < 0 ||
+        gnutls_x509_crt_get_dn(crt, NULL, &len) !=
+            GNUTLS_E_SHORT_MEMORY_BUFFER ||
+        !(identity = malloc(len + 1)) ||
+        gnutls_x509_crt_get_dn(crt, identity, &len) < 0) {
+        gnutls_x509_crt_deinit(crt);
+        free(identity);
+        return tls_fail(err, -EPROTO, "Cannot read the distinguished "
+                        "name of the client certificate");
+    }
+    gnutls_x509_crt_deinit(crt);
+    r = vd_authz_is_allowed(authz, identity, &aerr);
+    if (r < 0) {
+        tls_fail(err, -EPROTO, "option negotiation failed: %s",
+                 aerr.message);
+    } else if (r == 0) {
+        /* The server logs it so, as qemu-nbd. */
+        tls_fail(err, -EPROTO, "option negotiation failed: TLS x509 authz "
+                 "check for %s is denied", identity);
+    }
+    free(identity);
+    return r > 0 ? 0 : -EPROTO;
+}
+
 int nbd_conn_starttls(nbd_conn *c, vd_error *err)
 {
     tls_conn_box *box = (tls_conn_box *)(void *)c;
@@ -551,7 +601,10 @@ int nbd_conn_starttls(nbd_conn *c, vd_error *err)
                               (gnutls_transport_ptr_t)(intptr_t)c->out_fd);
     gnutls_transport_set_pull_function(t->s, tls_pull);
     gnutls_transport_set_pull_timeout_function(t->s, tls_pull_timeout);
-    gnutls_handshake_set_timeout(t->s, TLS_HANDSHAKE_TIMEOUT_MS);
+    gnutls_handshake_set_timeout(
+        t->s, nbd_server_handshake_limit(c->srv)
+              ? nbd_server_handshake_limit(c->srv) * 1000u
+              : GNUTLS_INDEFINITE_TIMEOUT);
 
     do {
         r = gnutls_handshake(t->s);
@@ -583,6 +636,11 @@ int nbd_conn_starttls(nbd_conn *c, vd_error *err)
             tls_free_session(t);
             return -EPROTO;
         }
+    }
+    if (nbd_server_tls_authz(c->srv) &&
+        tls_check_authz(t, o, nbd_server_tls_authz(c->srv), err) < 0) {
+        tls_free_session(t);
+        return -EPROTO;
     }
     box->tls = t;
     return 0;

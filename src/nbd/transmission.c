@@ -403,7 +403,10 @@ static void do_write_zeroes(nbd_conn *c, vd_node *node,
     if (req->flags & NBD_CMD_FLAG_FUA) {
         flags |= VD_REQ_FUA;
     }
-    if (!(req->flags & NBD_CMD_FLAG_NO_HOLE)) {
+    /* As QEMU's block layer: a node opened with discard=ignore (the
+     * default; qemu-nbd without --discard=unmap) never deallocates. */
+    if (!(req->flags & NBD_CMD_FLAG_NO_HOLE) &&
+        vd_node_discard_unmap(node)) {
         flags |= VD_REQ_MAY_UNMAP;
     }
     if (req->flags & NBD_CMD_FLAG_FAST_ZERO) {
@@ -425,7 +428,9 @@ static void do_trim(nbd_conn *c, vd_node *node, const nbd_request *req)
     vd_error err = VD_ERROR_INIT;
     int r = 0;
 
-    if (req->length) {
+    /* discard=ignore: the request succeeds and does nothing, as QEMU's
+     * bdrv_co_pdiscard() on a node without BDRV_O_UNMAP. */
+    if (req->length && vd_node_discard_unmap(node)) {
         r = vd_discard(node, req->length, req->offset, &err);
     }
     if (r == 0 && (req->flags & NBD_CMD_FLAG_FUA)) {

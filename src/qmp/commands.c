@@ -740,7 +740,7 @@ QMP_HANDLER(qmp_cmd_block_export_add)
     const char *name = arg_str(args, "name");
     const char *desc = arg_str(args, "description");
     bool writable = arg_bool(args, "writable", false);
-    json_object *bm;
+    json_object *bm, *ad;
     vd_error err = VD_ERROR_INIT;
     vd_node *node;
     qmp_export *nv;
@@ -802,6 +802,10 @@ QMP_HANDLER(qmp_cmd_block_export_add)
         free(nv->id);
         free(nv->name);
         return fail_vd(e, &err, r, "Could not add export");
+    }
+    if (json_object_object_get_ex(args, "allocation-depth", &ad) &&
+        json_object_get_boolean(ad)) {
+        vd_nbd_server_set_allocation_depth(d->nbd, name, true, NULL);
     }
     d->nb_exports++;
     return json_object_new_object();

@@ -45,7 +45,9 @@ $QEMU_IO -c 'write -P 0xab 1M 1M' -c 'write -z 4M 1M' \
 cp img.qcow2 orig.qcow2
 
 # ---- UNIX socket, qcow2 ----
-start_server pid1 -t -f qcow2 -k "$PWD/sock" img.qcow2
+# -A: the allocation-depth map is read below; --discard=unmap: the
+# discard below must reach the image (qemu-nbd ignores them by default).
+start_server pid1 -t -A --discard=unmap -f qcow2 -k "$PWD/sock" img.qcow2
 U="nbd+unix:///?socket=$PWD/sock"
 
 $T $QEMU_IMG info -f raw "$U" > info.out

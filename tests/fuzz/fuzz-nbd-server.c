@@ -47,7 +47,10 @@ static void fuzz_init(void)
     fuzz_srv = vd_nbd_server_new(0, 0, true);
     if (!fuzz_srv || vd_nbd_server_add_export(fuzz_srv, "", "default", node,
                                               &err) < 0 ||
-        vd_nbd_server_add_export(fuzz_srv, "x", NULL, node, &err) < 0) {
+        vd_nbd_server_add_export(fuzz_srv, "x", NULL, node, &err) < 0 ||
+        /* The default export offers both contexts, "x" only
+         * base:allocation, so both paths of the context code run. */
+        vd_nbd_server_set_allocation_depth(fuzz_srv, "", true, &err) < 0) {
         abort();
     }
     fuzz_devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
