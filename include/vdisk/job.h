@@ -46,6 +46,7 @@
 #define VDISK_JOB_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "vdisk/vdisk.h"
@@ -234,6 +235,11 @@ VD_API int vd_job_wait(vd_job *job, vd_error *err);
  * does (QEMU's jobs meet the transaction's drained section first: the
  * job pauses once, then runs). -EPERM when it is not in CREATED. */
 VD_API int vd_job_start_deferred(vd_job *job, vd_error *err);
+
+/** Makes @jobs (created with defer_start, not started) one transaction,
+ * QEMU's completion-mode "grouped": none finalizes before all have
+ * finished, and one that fails or is cancelled cancels the others. */
+VD_API int vd_job_group(vd_job *const *jobs, size_t n, vd_error *err);
 
 /** Cancels every job (forced) and waits for each, as QEMU does on exit.
  * Call with no job pending a manual finalize that nobody will give. */

@@ -849,6 +849,31 @@ int vd_job_start_drained(vd_job *job, vd_error *err)
     return r;
 }
 
+VD_API int vd_job_group(vd_job *const *jobs, size_t n, vd_error *err)
+{
+    vd_job_lock();
+    for (size_t i = 0; i < n; i++) {
+        if (jobs[i]->started || jobs[i]->status != VD_JOB_STATUS_CREATED) {
+            vd_job_unlock();
+            return vd_error_set(err, -EPERM, "Job '%s' was started already",
+                                jobs[i]->id);
+        }
+    }
+    vd_job_txn *txn = n ? jobs[0]->txn : NULL;
+    for (size_t i = 1; i < n; i++) {
+        vd_job *j = jobs[i];
+        if (j->txn == txn)
+            continue;
+        txn_del_job(j);
+        j->txn = txn;
+        j->txn_next = txn->jobs;
+        txn->jobs = j;
+        txn->refcnt++;
+    }
+    vd_job_unlock();
+    return 0;
+}
+
 VD_API int vd_job_start_deferred(vd_job *job, vd_error *err)
 {
     vd_job_lock();

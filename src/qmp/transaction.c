@@ -9,8 +9,10 @@
  * users back (vd_snapshot_unappend()), an internal snapshot is deleted,
  * a backup job is cancelled before it ever ran.
  *
- * Actions vdisk does not have yet (the dirty bitmap ones)
- * and completion-mode "grouped" are refused before anything happens.
+ * With completion-mode "grouped" the jobs become one job transaction
+ * (vd_job_group()): they finish together, and one failing cancels the
+ * others. Actions vdisk does not have yet (the dirty bitmap ones) are
+ * refused before anything happens.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,19 +80,20 @@ static void undo(prepared *p)
 QMP_HANDLER(qmp_cmd_transaction)
 {
     json_object *actions, *props;
+    bool grouped = false;
     json_object_object_get_ex(args, "actions", &actions);
-    if (json_object_object_get_ex(args, "properties", &props)) {
-        const char *mode = str(props, "completion-mode");
-        if (mode && strcmp(mode, "grouped") == 0)
-            return qmp_fail(e, NULL, "completion-mode 'grouped' is not "
-                            "supported yet");
-    }
+    if (!json_object_is_type(actions, json_type_array))
+        return qmp_fail(e, NULL, "Invalid parameter type for 'actions', "
+                        "expected: array");
     size_t n = json_object_array_length(actions);
     /* Everything checked first: nothing happens for a bad action. */
     for (size_t i = 0; i < n; i++) {
         json_object *a = json_object_array_get_idx(actions, i), *data;
+        if (!json_object_is_type(a, json_type_object))
+            return qmp_fail(e, NULL, "Invalid parameter type for "
+                            "'actions[%zu]', expected: object", i);
         const char *type = str(a, "type");
-        if (!json_object_is_type(a, json_type_object) || !type)
+        if (!type)
             return qmp_fail(e, NULL, "Parameter 'actions[%zu].type' is "
                             "missing", i);
         if (!in(known, type))
@@ -110,6 +113,15 @@ QMP_HANDLER(qmp_cmd_transaction)
                                false, e) < 0)
                 return NULL;
         }
+    }
+    /* QEMU visits the properties after the actions. */
+    if (json_object_object_get_ex(args, "properties", &props)) {
+        const char *mode = str(props, "completion-mode");
+        if (mode && strcmp(mode, "grouped") != 0 &&
+            strcmp(mode, "individual") != 0)
+            return qmp_fail(e, NULL, "Parameter 'completion-mode' does not "
+                            "accept value '%s'", mode);
+        grouped = mode && strcmp(mode, "grouped") == 0;
     }
     prepared *done = calloc(n ? n : 1, sizeof(*done));
     if (!done)
@@ -138,6 +150,16 @@ QMP_HANDLER(qmp_cmd_transaction)
             undo(&done[k]);
         free(done);
         return NULL;
+    }
+    if (grouped) {
+        /* The jobs of a grouped transaction finish together. */
+        vd_job *jobs[64];
+        size_t nj = 0;
+        for (size_t i = 0; i < n && nj < 64; i++)
+            if (done[i].job)
+                jobs[nj++] = done[i].job;
+        vd_error err = VD_ERROR_INIT;
+        vd_job_group(jobs, nj, &err);
     }
     for (size_t i = 0; i < n; i++) {
         if (done[i].job) {

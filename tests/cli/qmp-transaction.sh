@@ -66,6 +66,24 @@ def success(m, d, log):
     wait_status(m, "b", (None,))
     log.append(nodes(m))
 
+def grouped(m, d, log):
+    prepare(m, d)
+    run(qemu_img, "create", "-q", "-f", "qcow2", d + "/tgt2.qcow2", "4M")
+    m.cmd({"execute": "blockdev-add", "arguments": {"driver": "qcow2",
+           "node-name": "tgt2", "file": {"driver": "file", "filename": "@D@/tgt2.qcow2"}}})
+    log.append(m.cmd({"execute": "transaction", "arguments": {
+        "actions": [{"type": BACKUP[0], "data": BACKUP[1]},
+                    {"type": "blockdev-backup", "data": {"device": "mid",
+                     "target": "tgt2", "sync": "full", "job-id": "b2"}}],
+        "properties": {"completion-mode": "grouped"}}}))
+    wait_status(m, "b", (None,))
+    wait_status(m, "b2", (None,))
+    log.append(m.cmd({"execute": "transaction", "arguments": {
+        "actions": [INTERNAL], "properties": {"completion-mode": "odd"}}}))
+    log.append(m.cmd({"execute": "transaction", "arguments": {
+        "actions": [{"type": INTERNAL[0], "data": INTERNAL[1]}],
+        "properties": {"completion-mode": "odd"}}}))
+
 def snapshots(d):
     out = subprocess.run([qemu_img, "snapshot", "-l", d + "/top.qcow2"],
                          capture_output=True, text=True).stdout
@@ -73,8 +91,10 @@ def snapshots(d):
                           d + "/before.raw", d + "/tgt.qcow2"], capture_output=True)
     return [("s1 in top", " s1 " in out), ("backup is the start", tgt.returncode)]
 
-all_or_nothing.post = success.post = snapshots
-failed = compare_jobs([refusals, all_or_nothing, success], top, vdisk, qemu_img)
+all_or_nothing.post = success.post = grouped.post = snapshots
+grouped.events_by_job = True
+failed = compare_jobs([refusals, all_or_nothing, success, grouped], top,
+                      vdisk, qemu_img)
 for f in failed:
     print(f)
 sys.exit(1 if failed else 0)
