@@ -10,10 +10,12 @@
  * all survive; the operation blockers a job sets on its nodes; and a
  * commit of the middle layer into the base; a mirror started, completed
  * and pivoted through the API, with a user's requests following it; a
- * backup under writes from another thread, equal to the start.
+ * backup under writes from another thread, equal to the start; the error
+ * policies stop (pause, I/O status, resume retries) and report.
  * Exit 0 pass, 1 fail.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -454,6 +456,89 @@ static void test_backup(void)
     unlink(p);
 }
 
+/* The error policies: a read of the source's data fails once (blkdebug's
+ * inject-error); with on-error=stop the mirror pauses with its I/O status
+ * failed and a BLOCK_JOB_ERROR, and the resume retries the same piece;
+ * with report the job fails with the error. */
+static vd_node *open_faulty_top(void)
+{
+    char p[300], o[700];
+    vd_error err = VD_ERROR_INIT;
+    vd_node *n = NULL;
+    vd_extent ext;
+    /* Where the top keeps its own data (guest 1.5 MiB): the first read
+     * of that sector fails, not the header's. */
+    vd_node *plain = open_top();
+    CHECK(vd_block_status(plain, 3 << 19, 4096, &ext, &err) == 0 &&
+          (ext.flags & VD_BLOCK_OFFSET_VALID), "no host offset");
+    uint64_t sector = ext.offset / 512;
+    vd_close(&plain, NULL);
+    path_of(p, "top.qcow2");
+    snprintf(o, sizeof(o), "driver=qcow2,file.driver=blkdebug,"
+             "file.image.filename=%s,file.inject-error.0.iotype=read,"
+             "file.inject-error.0.event=read_aio,"
+             "file.inject-error.0.sector=%" PRIu64 ","
+             "file.inject-error.0.once=on", p, sector);
+    vd_opts *opts = vd_opts_new();
+    CHECK(vd_opts_parse(opts, o, NULL, &err) == 0, "options: %s",
+          err.message);
+    CHECK(vd_open(&n, NULL, NULL, opts, VD_O_RDWR, &err) == 0, "open: %s",
+          err.message);
+    vd_opts_free(&opts);
+    return n;
+}
+
+static void test_error_policy(void)
+{
+    char ev[4096], p[300];
+    vd_error err = VD_ERROR_INIT;
+    for (int stop = 1; stop >= 0; stop--) {
+        vd_job *job = NULL;
+        make_chain();
+        vd_node *top = open_faulty_top();
+        path_of(p, "err.qcow2");
+        unlink(p);
+        vd_opts *o = vd_opts_new();
+        vd_opts_set(o, "size", "4M");
+        vd_create(p, "qcow2", o, &err);
+        vd_opts_free(&o);
+        vd_node *tgt = NULL;
+        CHECK(vd_open(&tgt, p, "qcow2", NULL, VD_O_RDWR | VD_O_NO_USER,
+                      &err) == 0, "open target: %s", err.message);
+        vd_job_options jo = { .id = "e", .on_error = stop ? VD_ON_ERROR_STOP
+                                                          : VD_ON_ERROR_REPORT };
+        vd_mirror_options mo = { .sync = VD_MIRROR_SYNC_TOP };
+        take_events(ev, sizeof(ev));
+        CHECK(vd_mirror_start(&job, top, tgt, &mo, &jo, &err) == 0,
+              "mirror: %s", err.message);
+        if (stop) {
+            wait_status(job, VD_JOB_STATUS_PAUSED);
+            vd_job_info i;
+            vd_job_get_info(job, &i);
+            CHECK(i.io_status == VD_IO_STATUS_FAILED && i.paused,
+                  "stopped job: io-status %s", vd_io_status_name(i.io_status));
+            vd_job_info_clear(&i);
+            CHECK(vd_job_resume(job, &err) == 0, "resume: %s", err.message);
+            wait_status(job, VD_JOB_STATUS_READY);
+            CHECK(vd_job_cancel(job, false, &err) == 0, "cancel: %s",
+                  err.message);
+            CHECK(vd_job_wait(job, &err) == 0, "wait: %s", err.message);
+            take_events(ev, sizeof(ev));
+            CHECK(strstr(ev, "error paused running") != NULL,
+                  "events: %s", ev);
+        } else {
+            vd_error_clear(&err);
+            CHECK(vd_job_wait(job, &err) == -EIO, "report: %d", err.code);
+            take_events(ev, sizeof(ev));
+            CHECK(strstr(ev, "error aborting") != NULL, "events: %s", ev);
+        }
+        vd_job_unref(&job);
+        vd_close(&tgt, NULL);
+        vd_close(&top, NULL);
+        unlink(p);
+    }
+}
+
 /* Writers during the stream: every write lands, none is overwritten by
  * the copy of older data from below. */
 typedef struct writer {
@@ -513,6 +598,7 @@ int main(void)
     test_commit();
     test_mirror();
     test_backup();
+    test_error_policy();
     test_live_writes();
     vd_job_cancel_all_sync();
     vd_job_unlisten(on_event, NULL);
