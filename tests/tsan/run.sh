@@ -30,7 +30,8 @@ unit_tests=(tsan-stress test-threads test-qcow2-threads test-qcow2-stress test-c
             test-drivers test-reopen test-snapshot test-qcow2-snapshot
             test-object test-job test-qcow2-zero-race)
 cli_tests=(io-threads io-aio chain-deep nbd-basic nbd-fio nbd-snapshot
-           qmp-basic serve-daemon qmp-stream qmp-mirror qmp-backup)
+           qmp-basic serve-daemon qmp-stream qmp-mirror qmp-backup qmp-snapshot
+           qmp-transaction jobs-fio)
 if [ $# -gt 0 ]; then
     selected=("$@")
 else
