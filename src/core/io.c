@@ -323,7 +323,8 @@ static void contract_rw(vd_node *n, bool write, uint64_t off, uint64_t bytes,
     VD_CONTRACT(qiov->size == bytes);
     VD_CONTRACT(!write || !n->read_only);
     VD_CONTRACT(!write ||
-                (n->perm & (VD_PERM_WRITE | VD_PERM_WRITE_UNCHANGED)));
+                (__atomic_load_n(&n->perm, __ATOMIC_RELAXED) &
+                 (VD_PERM_WRITE | VD_PERM_WRITE_UNCHANGED)));
 }
 
 /* Before a driver's pwrite_zeroes/pdiscard: aligned, not empty, no larger
@@ -336,7 +337,7 @@ static void contract_range(vd_node *n, uint64_t off, uint64_t bytes)
     VD_CONTRACT(off % a == 0 && bytes % a == 0);
     VD_CONTRACT(bytes > 0 && bytes <= max_transfer(n));
     VD_CONTRACT(!n->read_only);
-    VD_CONTRACT(n->perm & VD_PERM_WRITE);
+    VD_CONTRACT(__atomic_load_n(&n->perm, __ATOMIC_RELAXED) & VD_PERM_WRITE);
 }
 
 static vd_node *filtered_child(vd_node *n)
@@ -1319,7 +1320,8 @@ int vd_child_pwrite(vd_child *c, uint64_t off, const void *buf,
  * -EROFS below as before. */
 static int check_write_perm(vd_node *n, vd_error *err)
 {
-    if (n->read_only || (n->perm & VD_PERM_WRITE))
+    if (n->read_only ||
+        (__atomic_load_n(&n->perm, __ATOMIC_RELAXED) & VD_PERM_WRITE))
         return 0;
     return vd_error_set(err, -EPERM, "%s: no user of node '%s' holds the "
                         "write permission", n->filename ? n->filename : "",

@@ -332,8 +332,10 @@ static void tran_commit(perm_tran *t)
 {
     for (size_t i = 0; i < t->n; i++) {
         vd_node *n = t->order[i];
-        n->perm = n->tran_perm;
-        n->shared = n->tran_shared;
+        /* Requests read perm without a lock (io.c: a write needs some
+         * edge that holds it); jobs change permissions while they run. */
+        __atomic_store_n(&n->perm, n->tran_perm, __ATOMIC_RELAXED);
+        __atomic_store_n(&n->shared, n->tran_shared, __ATOMIC_RELAXED);
         if (n->drv->set_perm) {
             n->drv->set_perm(n, n->perm, n->shared);
         }
