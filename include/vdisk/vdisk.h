@@ -677,6 +677,53 @@ VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,
                        vd_prealloc prealloc, vd_error *err);
 
 /* ------------------------------------------------------------------ */
+/* Debugging: blkdebug breakpoints                                    */
+/* ------------------------------------------------------------------ */
+
+/*
+ * What qemu-io's break, remove_break, resume and wait_break do (QEMU's
+ * bdrv_debug_*()). Each looks for the node that keeps breakpoints (a
+ * blkdebug node) from @node down its primary ("file") children, so the
+ * node of an image opened as "blkdebug::img.qcow2" or with
+ * file.driver=blkdebug finds it. Events are named as in QEMU's
+ * BlkdebugEvent ("l2_update", "write_aio", "pwritev", ...;
+ * docs/filters.md lists where vdisk raises them).
+ *
+ * A request that reaches a breakpoint's event waits in its own thread
+ * (an asynchronous request of `vdisk io`) until the breakpoint's tag is
+ * resumed; the breakpoint is used up by the hit, as in QEMU. Draining
+ * the blkdebug node (closing the image, reopening it) resumes every
+ * suspended request first, so nothing waits forever. Thread-safe.
+ */
+
+/** Sets a breakpoint named @tag on @event. -ENOENT: no such event;
+ * -ENOTSUP: no blkdebug node under @node. */
+VD_API int vd_debug_breakpoint(vd_node *node, const char *event,
+                               const char *tag);
+
+/** Removes the breakpoints named @tag and resumes the requests suspended
+ * at them. -ENOENT when there was none; -ENOTSUP as above. */
+VD_API int vd_debug_remove_breakpoint(vd_node *node, const char *tag);
+
+/** Resumes one request suspended at breakpoint @tag. -ENOENT when none
+ * is; -ENOTSUP as above. */
+VD_API int vd_debug_resume(vd_node *node, const char *tag);
+
+/** Whether a request is suspended at breakpoint @tag now (qemu-io's
+ * wait_break polls this); false without a blkdebug node. */
+VD_API bool vd_debug_is_suspended(vd_node *node, const char *tag);
+
+/**
+ * Installs @fn (NULL: none, the default) to receive QEMU's messages of
+ * suspended requests, "blkdebug: Suspended request 'TAG'" when a request
+ * stops at a breakpoint and "blkdebug: Resuming request 'TAG'" when it
+ * goes on (no newline; qemu-io prints them on stdout). @fn runs in the
+ * thread of the request, with no lock of the library held.
+ */
+VD_API void vd_debug_set_handler(void (*fn)(const char *msg, void *opaque),
+                                 void *opaque);
+
+/* ------------------------------------------------------------------ */
 /* Creating images                                                    */
 /* ------------------------------------------------------------------ */
 
@@ -728,7 +775,8 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
 #define VD_DRIVER_OPENS      (1u << 0) /* vdisk can open it (see
                                           vd_format_check()) */
 #define VD_DRIVER_PROTOCOL   (1u << 1) /* opens a filename itself: file,
-                                          null-co */
+                                          null-co, and the filters with a
+                                          prefix (blkdebug:, blkverify:) */
 #define VD_DRIVER_FORMAT     (1u << 2) /* sits on a file child: raw, qcow2 */
 #define VD_DRIVER_FILTER     (1u << 3) /* passes requests to one child */
 #define VD_DRIVER_BACKING    (1u << 4) /* may have a backing file */

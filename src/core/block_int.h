@@ -86,6 +86,9 @@ typedef struct vd_limits {
     uint32_t pdiscard_alignment;  /* preferred discard granularity */
     uint32_t pwrite_zeroes_alignment;
     uint32_t min_mem_alignment;   /* buffer alignment (O_DIRECT) */
+    uint64_t max_pwrite_zeroes;   /* largest zero write (besides
+                                     max_transfer), multiple of align */
+    uint64_t max_pdiscard;        /* largest discard, likewise */
 } vd_limits;
 
 /* Node open flags, internal superset of VD_O_*. */
@@ -160,6 +163,12 @@ struct vd_node {
     pthread_mutex_t stats_lock;
     vd_stats stats;
 
+    /* Completed writes (data, zeroes, discards, truncates) and the count
+     * the last successful flush saw, as QEMU's write_gen/flushed_gen: a
+     * flush with nothing written since raises no flush_to_disk event. */
+    atomic_uint_fast64_t write_gen;
+    atomic_uint_fast64_t flushed_gen;
+
     vd_node *next_global;      /* in the global node list */
     vd_node *free_next;        /* in the closing thread's list (node.c) */
 };
@@ -213,6 +222,19 @@ struct vd_driver {
     /* Score 0..100 that @buf (the first @len bytes of the file, len may
      * be short) is this format. Raw answers 1; nothing else should. */
     int (*probe)(const uint8_t *buf, size_t len, const char *filename);
+
+    /* Protocol drivers: the prefix of filenames that names the driver
+     * ("blkdebug" for "blkdebug:CONFIG:IMAGE", "null-co" for
+     * "null-co://"), QEMU's protocol_name; NULL for none. */
+    const char *protocol_name;
+    /* Score 0..100 that @filename is a host device this driver serves
+     * (QEMU's bdrv_probe_device: host_device, host_cdrom), asked before
+     * any protocol prefix. */
+    int (*probe_device)(const char *filename);
+    /* The driver opens its children itself (blkdebug's "image",
+     * blkverify's "raw" and "test", with vd_node_open_child()): the core
+     * opens no "file" child for it even when it is a filter. */
+    bool opens_children;
 
     /* REQUIRED, except in probe-only entries (src/drivers/probe-only.c):
      * a driver without open names a format vdisk recognises but cannot
@@ -312,6 +334,23 @@ struct vd_driver {
     int (*measure)(vd_opts *create_opts, vd_node *src,
                    vd_measure_result *out, vd_error *err);
 
+    /* Draining (vd_node_drain_begin/end): called before the core waits
+     * for the node's requests, so a driver that holds requests back
+     * (throttle's queues, blkdebug's breakpoints) lets them go. */
+    void (*drain_begin)(vd_node *node);
+    void (*drain_end)(vd_node *node);
+
+    /* blkdebug's interface (QEMU's bdrv_debug_*): an event raised on the
+     * node (VD_BLKDBG_*), and the breakpoints of qemu-io's break,
+     * remove_break, resume and wait_break (src/core/debug.c finds the
+     * node that has them). */
+    void (*debug_event)(vd_node *node, int event);
+    int (*debug_breakpoint)(vd_node *node, const char *event,
+                            const char *tag);
+    int (*debug_remove_breakpoint)(vd_node *node, const char *tag);
+    int (*debug_resume)(vd_node *node, const char *tag);
+    bool (*debug_is_suspended)(vd_node *node, const char *tag);
+
     /* Rewrites the backing file name and format recorded in the image
      * (qemu-img rebase). @backing NULL or "" removes the backing file. */
     int (*change_backing_file)(vd_node *node, const char *backing,
@@ -353,6 +392,83 @@ bool vd_qemu_driver_name(const char *name);
 int vd_driver_unsupported(const vd_driver *drv, const char *filename,
                           vd_error *err);
 
+/* ---- blkdebug events (debug.c) ---- */
+
+/* QEMU's BlkdebugEvent, in its order (../shared/specs/block-core.json). */
+enum {
+    VD_BLKDBG_L1_UPDATE,
+    VD_BLKDBG_L1_GROW_ALLOC_TABLE,
+    VD_BLKDBG_L1_GROW_WRITE_TABLE,
+    VD_BLKDBG_L1_GROW_ACTIVATE_TABLE,
+    VD_BLKDBG_L2_LOAD,
+    VD_BLKDBG_L2_UPDATE,
+    VD_BLKDBG_L2_UPDATE_COMPRESSED,
+    VD_BLKDBG_L2_ALLOC_COW_READ,
+    VD_BLKDBG_L2_ALLOC_WRITE,
+    VD_BLKDBG_READ_AIO,
+    VD_BLKDBG_READ_BACKING_AIO,
+    VD_BLKDBG_READ_COMPRESSED,
+    VD_BLKDBG_WRITE_AIO,
+    VD_BLKDBG_WRITE_COMPRESSED,
+    VD_BLKDBG_VMSTATE_LOAD,
+    VD_BLKDBG_VMSTATE_SAVE,
+    VD_BLKDBG_COW_READ,
+    VD_BLKDBG_COW_WRITE,
+    VD_BLKDBG_REFTABLE_LOAD,
+    VD_BLKDBG_REFTABLE_GROW,
+    VD_BLKDBG_REFTABLE_UPDATE,
+    VD_BLKDBG_REFBLOCK_LOAD,
+    VD_BLKDBG_REFBLOCK_UPDATE,
+    VD_BLKDBG_REFBLOCK_UPDATE_PART,
+    VD_BLKDBG_REFBLOCK_ALLOC,
+    VD_BLKDBG_REFBLOCK_ALLOC_HOOKUP,
+    VD_BLKDBG_REFBLOCK_ALLOC_WRITE,
+    VD_BLKDBG_REFBLOCK_ALLOC_WRITE_BLOCKS,
+    VD_BLKDBG_REFBLOCK_ALLOC_WRITE_TABLE,
+    VD_BLKDBG_REFBLOCK_ALLOC_SWITCH_TABLE,
+    VD_BLKDBG_CLUSTER_ALLOC,
+    VD_BLKDBG_CLUSTER_ALLOC_BYTES,
+    VD_BLKDBG_CLUSTER_FREE,
+    VD_BLKDBG_FLUSH_TO_OS,
+    VD_BLKDBG_FLUSH_TO_DISK,
+    VD_BLKDBG_PWRITEV_RMW_HEAD,
+    VD_BLKDBG_PWRITEV_RMW_AFTER_HEAD,
+    VD_BLKDBG_PWRITEV_RMW_TAIL,
+    VD_BLKDBG_PWRITEV_RMW_AFTER_TAIL,
+    VD_BLKDBG_PWRITEV,
+    VD_BLKDBG_PWRITEV_ZERO,
+    VD_BLKDBG_PWRITEV_DONE,
+    VD_BLKDBG_EMPTY_IMAGE_PREPARE,
+    VD_BLKDBG_L1_SHRINK_WRITE_TABLE,
+    VD_BLKDBG_L1_SHRINK_FREE_L2_CLUSTERS,
+    VD_BLKDBG_COR_WRITE,
+    VD_BLKDBG_CLUSTER_ALLOC_SPACE,
+    VD_BLKDBG_NONE,
+    VD_BLKDBG__MAX
+};
+
+/* The event's QAPI name ("l2_update"), or NULL out of range. */
+const char *vd_blkdebug_event_name(int event);
+/* The event named @name, or -1. */
+int vd_blkdebug_event_by_name(const char *name);
+
+/* What format drivers do where QEMU's raise BLKDBG_EVENT(bs->file, EV):
+ * raises @event on @node (the format's file child), or, when @node's
+ * driver takes no events and is a filter, on the first node down its
+ * filtered children that does (so a throttle or copy-on-read node
+ * between a format and its blkdebug node lets the events through; QEMU
+ * would drop them). NULL @node: nothing. */
+void vd_node_debug_event(vd_node *node, int event);
+/* The core's own events (flush_to_os on a node's primary child,
+ * pwritev on the node written): raised on @node alone, as QEMU's
+ * bdrv_debug_event(). */
+void vd_node_debug_event_here(vd_node *node, int event);
+
+/* Tells the program (vd_debug_set_handler()) that a request stopped at
+ * breakpoint @tag or goes on: QEMU's "blkdebug: Suspended request 'TAG'"
+ * and "blkdebug: Resuming request 'TAG'" lines. */
+void vd_debug_notify(const char *tag, bool resuming);
+
 /* ---- node lifecycle (node.c) ---- */
 
 /*
@@ -367,6 +483,23 @@ int vd_node_open(vd_node **out, const char *filename, const vd_driver *drv,
 /* Takes / drops a reference; the last unref closes the node. */
 void vd_node_ref(vd_node *node);
 void vd_node_unref(vd_node *node);
+
+/*
+ * Opens a child of @parent the way QEMU's bdrv_open_child() does, for
+ * drivers that open their own children (opens_children): the option
+ * @name as a string names an existing node; "@name.*" options describe
+ * a new one (consumed from @opts); else @filename (may be NULL) is
+ * opened. The new node inherits @parent's flags; a pure data child of a
+ * filter is format-probed (blkverify's "test"), a filtered one is not
+ * unless @parent was. Attaches it as @name with @role (with
+ * VD_ROLE_PRIMARY it becomes node->file). With @allow_none, nothing
+ * given is not an error: NULL is returned and *@err stays unset; else
+ * it fails with QEMU's 'A block device must be specified for "NAME"'.
+ * Returns the child, or NULL with @err set.
+ */
+vd_child *vd_node_open_child(vd_node *parent, vd_opts *opts,
+                             const char *name, const char *filename,
+                             unsigned role, bool allow_none, vd_error *err);
 
 /* Attaches @child_node under @parent in role @name and takes the
  * permissions @parent's driver asks for it, checking the subgraph below

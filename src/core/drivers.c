@@ -126,9 +126,11 @@ VD_API unsigned vd_driver_features(const char *name)
         f |= VD_DRIVER_OPENS;
     if (d->is_format)
         f |= VD_DRIVER_FORMAT;
-    else if (d->is_filter)
+    if (d->is_filter)
         f |= VD_DRIVER_FILTER;
-    else
+    /* A filter with a protocol prefix (blkdebug:, blkverify:) opens as a
+     * protocol too, as in QEMU. */
+    if (!d->is_format && (!d->is_filter || d->protocol_name))
         f |= VD_DRIVER_PROTOCOL;
     if (d->supports_backing)
         f |= VD_DRIVER_BACKING;

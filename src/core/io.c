@@ -399,6 +399,7 @@ static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
 static int cor_write(vd_node *top, uint64_t off, uint64_t bytes,
                      vd_iov *data, bool zero, vd_error *err)
 {
+    vd_node_debug_event_here(top, VD_BLKDBG_COR_WRITE);
     int r = zero ? do_pwrite_zeroes(top, off, bytes, 0, err)
                  : do_pwritev(top, off, bytes, data, 0, err);
     if (r == 0) {
@@ -470,6 +471,9 @@ static int chain_preadv(vd_node *top, uint64_t off, uint64_t bytes,
         vd_node *layer = top;
         for (int i = 0; i < depth && layer->backing; i++)
             layer = layer->backing->node;
+        /* Where QEMU's qcow2 reads from its backing file. */
+        if (depth > 0 && top->file)
+            vd_node_debug_event(top->file->node, VD_BLKDBG_READ_BACKING_AIO);
         /* The part of [pos, pos+pnum) that the caller asked for. */
         uint64_t from = pos > off ? pos : off;
         uint64_t to = pos + pnum < off + bytes ? pos + pnum : off + bytes;
@@ -541,13 +545,24 @@ static void raise_length(vd_node *n, uint64_t end)
         ;
 }
 
+/* An aligned write to the driver, between the events QEMU's
+ * bdrv_aligned_pwritev() raises on the node (blkdebug's pwritev). */
+static int aligned_write(vd_node *n, uint64_t off, uint64_t bytes,
+                         vd_iov *qiov, unsigned flags, vd_error *err)
+{
+    vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV);
+    int r = driver_rw(n, true, off, bytes, qiov, 0, flags, err);
+    vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_DONE);
+    return r;
+}
+
 static int do_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
                       unsigned flags, vd_error *err)
 {
     uint32_t a = n->bl.request_alignment;
     bool aligned = off % a == 0 && bytes % a == 0;
     if (aligned && iov_mem_aligned(qiov, n->bl.min_mem_alignment))
-        return driver_rw(n, true, off, bytes, qiov, 0, flags, err);
+        return aligned_write(n, off, bytes, qiov, flags, err);
 
     uint64_t chunk = (uint64_t)bounce_chunk_size(n);
     uint64_t start = align_down(off, a), end = align_up(off + bytes, a);
@@ -562,11 +577,22 @@ static int do_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
         uint64_t to = pos + len < off + bytes ? pos + len : off + bytes;
         vd_iov b;
         vd_iov_init_buf(&b, buf, len);
+        /* The read of a read-modify-write, between QEMU's events for
+         * the unaligned head and tail (one read when both are in it). */
+        bool head = from != pos && from % a, tail = to != pos + len && to % a;
+        if (head)
+            vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_RMW_HEAD);
+        if (tail)
+            vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_RMW_TAIL);
         if (from != pos || to != pos + len)
             r = aligned_read(n, pos, len, &b, 0, 0, err);
+        if (head)
+            vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_RMW_AFTER_HEAD);
+        if (tail)
+            vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_RMW_AFTER_TAIL);
         if (r == 0) {
             vd_iov_to_buf(qiov, from - off, buf + (from - pos), to - from);
-            r = driver_rw(n, true, pos, len, &b, 0, flags, err);
+            r = aligned_write(n, pos, len, &b, flags, err);
         }
         pos += len;
     }
@@ -609,8 +635,10 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
         r = vd_node_flush(n, err);
     if (tracked)
         track_end(n, &req);
-    if (r == 0)
+    if (r == 0) {
         raise_length(n, off + bytes);
+        atomic_fetch_add(&n->write_gen, 1);
+    }
     account(&n->stats.wr_operations, &n->stats.wr_bytes,
             &n->stats.failed_wr_operations, &n->stats.wr_total_time_ns, r,
             bytes, t0);
@@ -672,7 +700,10 @@ static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
         return -ENOTSUP;
     /* Pieces of at most max_transfer, as for every callback (the vtable's
      * contract), in whole zeroing granules. */
-    uint64_t piece = align_down(max_transfer(n), a);
+    uint64_t piece = max_transfer(n);
+    if (n->bl.max_pwrite_zeroes && n->bl.max_pwrite_zeroes < piece)
+        piece = n->bl.max_pwrite_zeroes;
+    piece = align_down(piece, a);
     if (piece == 0)
         piece = a;
     uint64_t pos = head_end;
@@ -713,11 +744,15 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     if (tracked)
         track_begin(n, &req, align_down(off, n->bl.request_alignment),
                     align_up(off + bytes, n->bl.request_alignment), false);
+    vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_ZERO);
     r = do_pwrite_zeroes(n, off, bytes, flags, err);
+    vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_DONE);
     if (tracked)
         track_end(n, &req);
-    if (r == 0)
+    if (r == 0) {
         raise_length(n, off + bytes);
+        atomic_fetch_add(&n->write_gen, 1);
+    }
     account(&n->stats.zero_operations, &n->stats.zero_bytes,
             &n->stats.failed_wr_operations, &n->stats.wr_total_time_ns, r,
             bytes, t0);
@@ -750,7 +785,10 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
     } else if (start < end && n->drv->pdiscard) {
         /* Pieces of at most max_transfer (the vtable's contract), in
          * whole discard granules; an advisory failure ends the loop. */
-        uint64_t piece = align_down(max_transfer(n), a);
+        uint64_t piece = max_transfer(n);
+        if (n->bl.max_pdiscard && n->bl.max_pdiscard < piece)
+            piece = n->bl.max_pdiscard;
+        piece = align_down(piece, a);
         if (piece == 0)
             piece = a;
         for (uint64_t pos = start; pos < end && r == 0;) {
@@ -762,6 +800,8 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
     }
     if (r == -ENOTSUP || r == -EOPNOTSUPP)
         r = 0;
+    if (r == 0)
+        atomic_fetch_add(&n->write_gen, 1);
     account(&n->stats.unmap_operations, &n->stats.unmap_bytes,
             &n->stats.failed_unmap_operations, &n->stats.unmap_total_time_ns,
             r, bytes, t0);
@@ -779,10 +819,25 @@ int vd_node_flush(vd_node *n, vd_error *err)
     uint64_t t0 = now_ns();
     int r = 0;
     bool is_protocol = !n->file && !n->children;
+    uint64_t gen = atomic_load(&n->write_gen);
+    /* QEMU's events on the primary child: flush_to_os always, then
+     * flush_to_disk unless nothing was written since the last flush. A
+     * format's callback writes its caches (QEMU's flush_to_os, before
+     * the second event); any other driver's syncs (flush_to_disk). */
+    vd_node *primary = n->file ? n->file->node : NULL;
+    bool to_disk = !(n->flags & VD_NODE_NO_FLUSH) &&
+                   gen != atomic_load(&n->flushed_gen);
+    vd_node_debug_event_here(primary, VD_BLKDBG_FLUSH_TO_OS);
+    if (!n->drv->is_format && to_disk)
+        vd_node_debug_event_here(primary, VD_BLKDBG_FLUSH_TO_DISK);
     if (n->drv->flush && !(is_protocol && (n->flags & VD_NODE_NO_FLUSH)))
         r = n->drv->flush(n, err);
+    if (r == 0 && n->drv->is_format && to_disk)
+        vd_node_debug_event_here(primary, VD_BLKDBG_FLUSH_TO_DISK);
     for (vd_child *c = n->children; c && r == 0; c = c->next)
         r = vd_node_flush(c->node, err);
+    if (r == 0)
+        atomic_store(&n->flushed_gen, gen);
     account(&n->stats.flush_operations, NULL,
             &n->stats.failed_flush_operations, &n->stats.flush_total_time_ns,
             r, 0, t0);
@@ -839,8 +894,10 @@ int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
                             "support resizing", n->filename, n->drv->name);
     }
     r = n->drv->truncate(n, size, exact, prealloc, err);
-    if (r == 0)
+    if (r == 0) {
         vd_node_refresh_length(n);
+        atomic_fetch_add(&n->write_gen, 1);
+    }
     return r;
 }
 

@@ -22,44 +22,64 @@
 /* Longest dotted option name a nested object may produce, NUL included. */
 #define MAX_OPT_NAME 512
 
+static int flatten(vd_opts *o, const char *prefix, json_object *obj,
+                   vd_error *err);
+
+/* Adds @val as option @name (objects and arrays as their members). */
+static int flatten_value(vd_opts *o, const char *name, json_object *val,
+                         vd_error *err)
+{
+    char sub[MAX_OPT_NAME];
+    int r;
+
+    switch (json_object_get_type(val)) {
+    case json_type_object:
+        snprintf(sub, sizeof(sub), "%s.", name);
+        return flatten(o, sub, val, err);
+    case json_type_array:
+        /* As QEMU's qdict_flatten(): element i is "NAME.i" (a list of
+         * inject-error rules becomes inject-error.0.event, ...). */
+        for (size_t i = 0; i < json_object_array_length(val); i++) {
+            int n = snprintf(sub, sizeof(sub), "%s.%zu", name, i);
+            if (n < 0 || (size_t)n >= sizeof(sub))
+                return vd_error_set(err, -EINVAL, "json: option name too "
+                                    "long");
+            r = flatten_value(o, sub, json_object_array_get_idx(val, i),
+                              err);
+            if (r < 0)
+                return r;
+        }
+        return 0;
+    case json_type_boolean:
+        r = vd_opts_set(o, name, json_object_get_boolean(val) ? "on" : "off");
+        break;
+    case json_type_null:
+        r = vd_opts_set(o, name, "null");
+        break;
+    default:
+        /* Strings as they are; numbers as json-c prints them (integers
+         * in decimal). */
+        r = vd_opts_set(o, name, json_object_get_string(val));
+        break;
+    }
+    if (r < 0)
+        return vd_error_set(err, r, "json: cannot set '%s'", name);
+    return 0;
+}
+
 /* Adds the members of @obj under @prefix ("" or "file.") to @o; an error
  * in a nested object stops the walk and is returned as it is. */
 static int flatten(vd_opts *o, const char *prefix, json_object *obj,
                    vd_error *err)
 {
     json_object_object_foreach(obj, key, val) {
-        char name[MAX_OPT_NAME];
+        char name[MAX_OPT_NAME - 32];
         int n = snprintf(name, sizeof(name), "%s%s", prefix, key);
         if (n < 0 || (size_t)n >= sizeof(name))
             return vd_error_set(err, -EINVAL, "json: option name too long");
-        int r;
-        switch (json_object_get_type(val)) {
-        case json_type_object: {
-            char sub[sizeof(name) + 1];
-            snprintf(sub, sizeof(sub), "%s.", name);
-            r = flatten(o, sub, val, err);
-            if (r < 0)
-                return r;
-            continue;
-        }
-        case json_type_boolean:
-            r = vd_opts_set(o, name, json_object_get_boolean(val) ? "on"
-                                                                  : "off");
-            break;
-        case json_type_null:
-            r = vd_opts_set(o, name, "null");
-            break;
-        case json_type_array:
-            return vd_error_set(err, -EINVAL, "json: arrays are not "
-                                "supported (option '%s')", name);
-        default:
-            /* Strings as they are; numbers as json-c prints them
-             * (integers in decimal). */
-            r = vd_opts_set(o, name, json_object_get_string(val));
-            break;
-        }
+        int r = flatten_value(o, name, val, err);
         if (r < 0)
-            return vd_error_set(err, r, "json: cannot set '%s'", name);
+            return r;
     }
     return 0;
 }

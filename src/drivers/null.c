@@ -178,6 +178,7 @@ const vd_driver vd_driver_null_co = {
     .name = "null-co",
     .instance_size = sizeof(null_state),
     .pseudo_filename = "null-co://",
+    .protocol_name = "null-co",
     .open = null_open,
     .preadv = null_preadv,
     .pwritev = null_pwritev,
