@@ -104,6 +104,7 @@ int qcow2_write_l1_entry(qcow2_state *s, uint64_t l1_index, vd_error *err)
     if (ret < 0) {
         return ret;
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_L1_UPDATE);
     ret = vd_child_pwrite(s->file, s->l1_table_offset + start * 8, buf, n * 8,
                           0, err);
     if (ret < 0) {
@@ -141,6 +142,7 @@ int qcow2_grow_l1_table(qcow2_state *s, uint64_t min_size, bool exact,
         return vd_error_set(err, -ENOMEM, "%s: cannot allocate the L1 table",
                             s->filename);
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_L1_GROW_ALLOC_TABLE);
     new_off = qcow2_alloc_clusters(s, new_size * 8, err);
     if (new_off < 0) {
         free(new_l1);
@@ -156,6 +158,7 @@ int qcow2_grow_l1_table(qcow2_state *s, uint64_t min_size, bool exact,
     ret = qcow2_pre_write_overlap_check(s, 0, (uint64_t)new_off, new_size * 8,
                                         false, err);
     if (ret == 0) {
+        vd_node_debug_event(s->file->node, VD_BLKDBG_L1_GROW_WRITE_TABLE);
         ret = vd_child_pwrite(s->file, (uint64_t)new_off, new_l1,
                               new_size * 8, 0, err);
     }
@@ -171,6 +174,7 @@ int qcow2_grow_l1_table(qcow2_state *s, uint64_t min_size, bool exact,
             uint32_t size;
             uint64_t offset;
         } hdr = { htobe32((uint32_t)new_size), htobe64((uint64_t)new_off) };
+        vd_node_debug_event(s->file->node, VD_BLKDBG_L1_GROW_ACTIVATE_TABLE);
         ret = vd_child_pwrite(s->file, offsetof(qcow2_header, l1_size), &hdr,
                               sizeof(hdr), 0, err);
         if (ret < 0) {
@@ -253,6 +257,7 @@ int qcow2_get_l2_table(qcow2_state *s, uint64_t offset, bool alloc,
         goto fail;
     }
     if (l2_off) {
+        vd_node_debug_event(s->file->node, VD_BLKDBG_L2_ALLOC_COW_READ);
         ret = qcow2_cache_get(s, s->l2_cache, l2_off, &old, err);
         if (ret < 0) {
             qcow2_cache_put(s->l2_cache, &t);
@@ -263,6 +268,7 @@ int qcow2_get_l2_table(qcow2_state *s, uint64_t offset, bool alloc,
     } else {
         memset(t, 0, s->cluster_size);
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_L2_ALLOC_WRITE);
     qcow2_cache_mark_dirty(s->l2_cache, t);
     ret = qcow2_cache_flush(s, s->l2_cache, err);
     if (ret < 0) {
@@ -413,6 +419,8 @@ int qcow2_co_preadv(qcow2_state *s, uint64_t off, uint64_t bytes,
         case QCOW2_SC_UNALLOCATED_PLAIN:
         case QCOW2_SC_UNALLOCATED_ALLOC:
             if (s->node->backing) {
+                vd_node_debug_event(s->file->node,
+                                    VD_BLKDBG_READ_BACKING_AIO);
                 ret = vd_iov_init_slice(&slice, qiov, qiov_off, cur);
                 if (ret == 0) {
                     ret = vd_child_preadv(s->node->backing, off, cur, &slice,
@@ -443,6 +451,7 @@ int qcow2_co_preadv(qcow2_state *s, uint64_t off, uint64_t bytes,
             }
             break;
         case QCOW2_SC_NORMAL:
+            vd_node_debug_event(s->file->node, VD_BLKDBG_READ_AIO);
             ret = vd_iov_init_slice(&slice, qiov, qiov_off, cur);
             if (ret == 0) {
                 ret = vd_child_preadv(s->data_file, host, cur, &slice, 0, err);
@@ -660,6 +669,26 @@ static uint64_t sc_range_bits(qcow2_state *s, uint64_t start, uint64_t end)
  * place or allocates (see the design note at the top). *done receives the
  * number of bytes handled.
  */
+/* Whether guest [from, to) is allocated in no layer of the chain
+ * (QEMU's is_unallocated(), behind is_zero_cow()): only for which
+ * blkdebug events a write raises. Lock not held. */
+static bool cow_zero(qcow2_state *s, uint64_t from, uint64_t to)
+{
+    while (from < to) {
+        uint64_t pnum = 0, map = 0;
+        vd_node *file = NULL;
+        int depth = 0;
+        int r = vd_node_block_status_above(s->node, NULL, false, from,
+                                           to - from, &pnum, &map, &file,
+                                           &depth, NULL);
+        if (r < 0 || (r & VD_BLOCK_ALLOCATED) || pnum == 0) {
+            return false;
+        }
+        from += pnum;
+    }
+    return true;
+}
+
 static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
                       vd_iov *qiov, size_t qoff, unsigned flags,
                       uint64_t *done, vd_error *err)
@@ -729,6 +758,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         }
         ret = vd_iov_init_slice(&wv, qiov, qoff, covered);
         if (ret == 0) {
+            vd_node_debug_event(s->file->node, VD_BLKDBG_WRITE_AIO);
             ret = vd_child_pwritev(s->data_file, host, covered, &wv,
                                    flags & VD_REQ_FUA, err);
             vd_iov_destroy(&wv);
@@ -847,8 +877,21 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         }
     }
 
+    /* QEMU's events for this write: the copy-on-write regions are
+     * either known to read as zeros (cluster_alloc_space: QEMU zeroes
+     * the clusters instead of copying) or read (cow_read each), then the
+     * guest data goes out (write_aio), with them (cow_write). */
+    bool has_cow = cow_start < off || cow_end > off + covered;
+    bool zero_cow = has_cow && cow_zero(s, cow_start, off) &&
+                    cow_zero(s, off + covered, cow_end);
+    if (has_cow && zero_cow) {
+        vd_node_debug_event(s->file->node, VD_BLKDBG_CLUSTER_ALLOC_SPACE);
+    }
     vd_iov_init(&wv);
     if (cow_start < off) {
+        if (!zero_cow) {
+            vd_node_debug_event(s->file->node, VD_BLKDBG_COW_READ);
+        }
         head = vd_node_blockalign(s->node, off - cow_start);
         ret = head ? read_guest(s, cow_start, head, off - cow_start, err)
                    : -ENOMEM;
@@ -866,6 +909,9 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
     }
     if (ret == 0 && cow_end > off + covered) {
         uint64_t tl = cow_end - (off + covered);
+        if (!zero_cow) {
+            vd_node_debug_event(s->file->node, VD_BLKDBG_COW_READ);
+        }
         tail = vd_node_blockalign(s->node, tl);
         ret = tail ? read_guest(s, off + covered, tail, tl, err) : -ENOMEM;
         if (ret == 0) {
@@ -874,6 +920,10 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
     }
     if (ret == 0) {
         uint64_t host = host_base + (cow_start - (first_cluster << s->cluster_bits));
+        vd_node_debug_event(s->file->node, VD_BLKDBG_WRITE_AIO);
+        if (has_cow && !zero_cow) {
+            vd_node_debug_event(s->file->node, VD_BLKDBG_COW_WRITE);
+        }
         ret = vd_child_pwritev(s->data_file, host, wv.size, &wv,
                                flags & VD_REQ_FUA, err);
     }
@@ -1059,6 +1109,7 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
         pthread_mutex_unlock(&s->lock);
         goto out;
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_L2_UPDATE_COMPRESSED);
     inflight = (qcow2_inflight){ off >> s->cluster_bits, 1, s->inflight };
     s->inflight = &inflight;
     ret = qcow2_pre_write_overlap_check(s, 0, (uint64_t)coff, out_len, false,
@@ -1066,6 +1117,7 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
     pthread_mutex_unlock(&s->lock);
 
     if (ret == 0) {
+        vd_node_debug_event(s->data_file->node, VD_BLKDBG_WRITE_COMPRESSED);
         ret = vd_child_pwrite(s->file, (uint64_t)coff, out, out_len, 0, err);
     }
 

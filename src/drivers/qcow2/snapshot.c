@@ -1126,6 +1126,7 @@ int qcow2_save_vmstate(vd_node *node, vd_iov *qiov, uint64_t pos,
     if (qiov->size == 0) {
         return 0;
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_VMSTATE_SAVE);
     return qcow2_co_pwritev(s, vm_state_offset(s) + pos, qiov->size, qiov, 0,
                             err);
 }
@@ -1142,6 +1143,7 @@ int qcow2_load_vmstate(vd_node *node, vd_iov *qiov, uint64_t pos,
     if (qiov->size == 0) {
         return 0;
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_VMSTATE_LOAD);
     return qcow2_co_preadv(s, vm_state_offset(s) + pos, qiov->size, qiov, 0,
                            err);
 }
