@@ -1318,6 +1318,20 @@ VD_API int vd_throttle_group_get_limits(const char *id,
                                         vd_error *err);
 
 /**
+ * Replaces the limits of throttle group @id by @l at run time, as QEMU's
+ * block_set_io_throttle does for a group (throttle_group_config()): the
+ * limits are checked with QEMU's rules and messages (nothing changes on
+ * error), the buckets start empty, and requests waiting in the group's
+ * nodes are looked at again under the new limits at once. (Setting the
+ * "limits" property with vd_object_set_property(), QEMU's qom-set, keeps
+ * the buckets' levels and lets waiting requests finish their waits, as
+ * in QEMU.) Errors as vd_throttle_group_get_limits(). Thread-safe.
+ */
+VD_API int vd_throttle_group_set_limits(const char *id,
+                                        const vd_throttle_limits *l,
+                                        vd_error *err);
+
+/**
  * Asks authorization object @id (authz-simple or authz-list) whether
  * @identity (an X.509 distinguished name, a PSK username) is allowed, as
  * QEMU's qauthz_is_allowed(). Returns 1 allowed, 0 denied, or a negative

@@ -630,6 +630,10 @@ int vd_block_status_from_file(vd_node *node, bool want_zero, uint64_t off,
                               uint64_t bytes, uint64_t *pnum, uint64_t *map,
                               vd_node **file, vd_error *err);
 
+/* The length of a filter: its file child's (a getlength for filters,
+ * whose cached length the core keeps like any other node's). */
+int64_t vd_filter_getlength(vd_node *node);
+
 /* Bounce buffer aligned for the node (O_DIRECT safe); free with free(). */
 void *vd_node_blockalign(vd_node *node, size_t size);
 

@@ -23,6 +23,7 @@ extern const vd_driver vd_driver_null_co;
 extern const vd_driver vd_driver_raw;
 extern const vd_driver vd_driver_qcow2;
 extern const vd_driver vd_driver_blkdebug;
+extern const vd_driver vd_driver_throttle;
 extern const vd_driver vd_driver_vmdk;
 extern const vd_driver vd_driver_vdi;
 extern const vd_driver vd_driver_vhdx;
@@ -41,6 +42,7 @@ static const vd_driver *const driver_table[] = {
     &vd_driver_raw,
     &vd_driver_qcow2,
     &vd_driver_blkdebug,   /* test filter: error and crash injection */
+    &vd_driver_throttle,
     /* probe-only until their drivers exist */
     &vd_driver_vmdk,
     &vd_driver_vdi,

@@ -856,6 +856,11 @@ int64_t vd_node_getlength(vd_node *n)
     return atomic_load(&n->total_size);
 }
 
+int64_t vd_filter_getlength(vd_node *node)
+{
+    return node->file ? vd_node_getlength(node->file->node) : -ENOMEDIUM;
+}
+
 int64_t vd_node_refresh_length(vd_node *n)
 {
     if (!n->drv->getlength)
@@ -888,8 +893,15 @@ int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
                             "maximum(%" PRIu64 ")", size, VD_MAX_LENGTH);
     vd_node *child = filtered_child(n);
     if (!n->drv->truncate) {
-        if (child)
-            return vd_node_truncate(child, size, exact, prealloc, err);
+        if (child) {
+            /* The filter's cached length follows its child's. */
+            r = vd_node_truncate(child, size, exact, prealloc, err);
+            if (r == 0) {
+                vd_node_refresh_length(n);
+                atomic_fetch_add(&n->write_gen, 1);
+            }
+            return r;
+        }
         return vd_error_set(err, -ENOTSUP, "%s: Image format '%s' does not "
                             "support resizing", n->filename, n->drv->name);
     }
