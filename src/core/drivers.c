@@ -19,7 +19,10 @@
 #include "core/block_int.h"
 
 extern const vd_driver vd_driver_file;
+extern const vd_driver vd_driver_host_device;
+extern const vd_driver vd_driver_host_cdrom;
 extern const vd_driver vd_driver_null_co;
+extern const vd_driver vd_driver_null_aio;
 extern const vd_driver vd_driver_raw;
 extern const vd_driver vd_driver_qcow2;
 extern const vd_driver vd_driver_blkdebug;
@@ -38,7 +41,12 @@ extern const vd_driver vd_driver_bochs;
 
 static const vd_driver *const driver_table[] = {
     &vd_driver_file,
+    /* host_cdrom before host_device: both claim a CD-ROM drive, and
+     * QEMU's list gives it to host_cdrom. */
+    &vd_driver_host_cdrom,
+    &vd_driver_host_device,
     &vd_driver_null_co,
+    &vd_driver_null_aio,
     &vd_driver_raw,
     &vd_driver_qcow2,
     &vd_driver_blkdebug,   /* test filter: error and crash injection */

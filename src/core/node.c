@@ -652,6 +652,7 @@ static int node_open_one(vd_node **out, const char *filename,
         flags |= VD_NODE_PROTOCOL;
 
     vd_node *file = NULL;
+    bool file_from_filename = false;
     /* Drivers that open their own children (blkdebug, blkverify) get
      * no "file" child from the core. */
     bool core_file = !drv || ((drv->is_format || drv->is_filter) &&
@@ -694,6 +695,8 @@ static int node_open_one(vd_node **out, const char *filename,
         }
         char *ffilename = vd_opts_take(fopts, "filename");
         const char *fname = ffilename ? ffilename : filename;
+        file_from_filename = !ffilename && filename &&
+                             !vd_opts_get(fopts, "driver");
         /* A child given only by its options (file.driver=null-co) needs
          * no name; the protocol driver rejects a missing one itself. */
         if (!fname && !vd_opts_get(fopts, "driver")) {
@@ -765,6 +768,11 @@ static int node_open_one(vd_node **out, const char *filename,
     node->detect_zeroes = detect_zeroes;
     node->discard_unmap = discard_unmap;
     const char *fname = filename ? filename : file ? file->filename : NULL;
+    /* A format over the protocol node its filename opened is named as
+     * that node ("file:x" and "host_device:/dev/sdb" lose the prefix, as
+     * in QEMU's refresh_filename). */
+    if (file && file_from_filename && file->filename)
+        fname = file->filename;
     if (fname && !(node->filename = strdup(fname))) {
         vd_node_unref(file);
         node_free(node);
