@@ -39,6 +39,13 @@
  * set by qcow2 for images preallocated with metadata). */
 #define VD_BLOCK_RECURSE (1u << 7)
 
+/* Internal request flag, beside the public VD_REQ_*: a read that
+ * populates the node it reaches (the first with a backing chain) from
+ * that chain, as QEMU's BDRV_REQ_COPY_ON_READ (the copy-on-read
+ * filter). Drivers pass it on to their children with the other flags;
+ * the core takes it off before calling a driver that reads data. */
+#define VD_REQ_COPY_ON_READ (1u << 16)
+
 /* Largest request the core passes in one piece to a driver that sets no
  * max_transfer (keeps bounce buffers bounded). */
 #define VD_MAX_REQUEST (1u << 30)
@@ -134,6 +141,9 @@ struct vd_node {
     /* Active dirty bitmaps (block jobs, backup); snapshot goto refuses
      * to run while there are any. */
     atomic_int dirty_bitmaps;
+    /* Copy-on-read filters whose reads may populate this node: its
+     * writes are then serialised against their copies (io.c). */
+    atomic_int cor_filters;
     vd_child *file;            /* role "file", or NULL */
     vd_child *backing;         /* role "backing", or NULL */
 

@@ -27,6 +27,10 @@ extern const vd_driver vd_driver_raw;
 extern const vd_driver vd_driver_qcow2;
 extern const vd_driver vd_driver_blkdebug;
 extern const vd_driver vd_driver_throttle;
+extern const vd_driver vd_driver_blkverify;
+extern const vd_driver vd_driver_copy_on_read;
+extern const vd_driver vd_driver_compress;
+extern const vd_driver vd_driver_preallocate;
 extern const vd_driver vd_driver_vmdk;
 extern const vd_driver vd_driver_vdi;
 extern const vd_driver vd_driver_vhdx;
@@ -50,7 +54,11 @@ static const vd_driver *const driver_table[] = {
     &vd_driver_raw,
     &vd_driver_qcow2,
     &vd_driver_blkdebug,   /* test filter: error and crash injection */
+    &vd_driver_blkverify,  /* test filter: reads compared to a raw copy */
     &vd_driver_throttle,
+    &vd_driver_copy_on_read,
+    &vd_driver_compress,
+    &vd_driver_preallocate,
     /* probe-only until their drivers exist */
     &vd_driver_vmdk,
     &vd_driver_vdi,

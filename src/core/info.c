@@ -12,12 +12,17 @@
 
 #include "core/block_int.h"
 
-/* Host bytes used by a node: the driver's answer, else the sum over the
- * children that hold its data or metadata (not the backing chain). */
+/* Host bytes used by a node: the driver's answer, else (as QEMU's
+ * bdrv_get_allocated_file_size()) unknown for a protocol driver
+ * (blkdebug, blkverify), the filtered child's for a filter, or the sum
+ * over the children that hold its data or metadata (not the backing
+ * chain). */
 static int64_t allocated_size(vd_node *n)
 {
     if (n->drv->get_allocated_size)
         return n->drv->get_allocated_size(n);
+    if (n->drv->protocol_name)
+        return -ENOTSUP;
     int64_t sum = 0;
     bool any = false;
     for (vd_child *c = n->children; c; c = c->next) {

@@ -426,7 +426,9 @@ static int cor_write(vd_node *top, uint64_t off, uint64_t bytes,
 static int chain_preadv(vd_node *top, uint64_t off, uint64_t bytes,
                         vd_iov *qiov, unsigned flags, vd_error *err)
 {
-    bool cor = (top->flags & VD_NODE_COPY_ON_READ) && !top->read_only;
+    bool cor = ((top->flags & VD_NODE_COPY_ON_READ) ||
+                (flags & VD_REQ_COPY_ON_READ)) && !top->read_only;
+    flags &= ~VD_REQ_COPY_ON_READ;
     uint8_t *cbuf = NULL;
     vd_tracked_req req;
     vd_iov wide;
@@ -525,8 +527,11 @@ int vd_node_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     uint64_t t0 = now_ns();
     if (n->backing && n->drv->supports_backing)
         r = chain_preadv(n, off, bytes, qiov, flags, err);
-    else
+    else if (n->drv->is_filter)
         r = do_preadv(n, off, bytes, qiov, flags, err);
+    else    /* nothing to copy from: the flag stops here */
+        r = do_preadv(n, off, bytes, qiov, flags & ~VD_REQ_COPY_ON_READ,
+                      err);
     account(&n->stats.rd_operations, &n->stats.rd_bytes,
             &n->stats.failed_rd_operations, &n->stats.rd_total_time_ns, r,
             bytes, t0);
@@ -625,7 +630,8 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     uint64_t t0 = now_ns();
     uint32_t a = n->bl.request_alignment;
     vd_tracked_req req;
-    bool tracked = a > 1 || (n->flags & VD_NODE_COPY_ON_READ);
+    bool tracked = a > 1 || (n->flags & VD_NODE_COPY_ON_READ) ||
+                   atomic_load(&n->cor_filters) > 0;
     if (tracked)
         track_begin(n, &req, align_down(off, a), align_up(off + bytes, a),
                     off % a || bytes % a);
@@ -740,7 +746,8 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     uint64_t t0 = now_ns();
     /* Copy-on-read must not overwrite zeros written meanwhile. */
     vd_tracked_req req;
-    bool tracked = n->flags & VD_NODE_COPY_ON_READ;
+    bool tracked = (n->flags & VD_NODE_COPY_ON_READ) ||
+                   atomic_load(&n->cor_filters) > 0;
     if (tracked)
         track_begin(n, &req, align_down(off, n->bl.request_alignment),
                     align_up(off + bytes, n->bl.request_alignment), false);

@@ -709,11 +709,18 @@ static int node_open_one(vd_node **out, const char *filename,
         }
         unsigned fflags = (flags & ~VD_NODE_PROTOCOL) | VD_NODE_PROTOCOL;
         fflags &= ~(VD_NODE_NO_BACKING | VD_NODE_COPY_ON_READ);
-        r = node_open_one(&file, fname, NULL, fopts, fflags, err);
-        if (r == 0) {
-            r = reject_leftover(file, fopts, err);
-            if (r < 0)
-                vd_node_unref(file);
+        const vd_driver *fdrv = vd_find_driver(vd_opts_get(fopts, "driver"));
+        if (fdrv && fdrv->supports_backing) {
+            /* A format named as the child (a filter's file.driver=qcow2)
+             * comes with its backing chain. */
+            r = vd_node_open(&file, fname, NULL, fopts, fflags, err);
+        } else {
+            r = node_open_one(&file, fname, NULL, fopts, fflags, err);
+            if (r == 0) {
+                r = reject_leftover(file, fopts, err);
+                if (r < 0)
+                    vd_node_unref(file);
+            }
         }
         free(ffilename);
         vd_opts_free(&fopts);
@@ -902,8 +909,16 @@ vd_child *vd_node_open_child(vd_node *parent, vd_opts *opts,
             (role & VD_ROLE_METADATA))
             flags |= VD_NODE_PROTOCOL;
         char *fopt = vd_opts_take(sub, "filename");
-        r = vd_node_open(&node, fopt ? fopt : filename, NULL, sub, flags,
-                         err);
+        if (fopt && !(flags & VD_NODE_PROTOCOL) &&
+            !vd_opts_get(sub, "driver")) {
+            /* QEMU probes a child given as options only through its
+             * "file": a bare "filename" names no protocol node. */
+            r = vd_error_set(err, -EINVAL, "Must specify either driver or "
+                             "file");
+        } else {
+            r = vd_node_open(&node, fopt ? fopt : filename, NULL, sub, flags,
+                             err);
+        }
         free(fopt);
     }
     vd_opts_free(&sub);
