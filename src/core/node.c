@@ -369,25 +369,39 @@ VD_API int vd_reopen(vd_node *node, bool read_write, vd_error *err)
 
 /* ---- draining ---- */
 
-void vd_node_drain_begin(vd_node *node)
+/* Quiesces @node and everything below and lets their drivers release
+ * the requests they hold back (throttled, stopped at a breakpoint):
+ * all of it before any waiting, because a request in flight on a node
+ * may be held by a driver further down. */
+static void drain_quiesce(vd_node *node)
 {
     /* in_flight changes without the lock (io.c), so both counters are
      * seq_cst atomics: either a starting request sees quiesce raised, or
-     * this loop sees its in_flight count (see request_begin() in io.c). */
+     * the wait below sees its in_flight count (see request_begin() in
+     * io.c). */
     pthread_mutex_lock(&node->lock);
     __atomic_add_fetch(&node->quiesce, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&node->lock);
-    /* Requests the driver holds back (throttled, stopped at a
-     * breakpoint) would keep the drain waiting: the driver lets them
-     * go. */
     if (node->drv->drain_begin)
         node->drv->drain_begin(node);
+    for (vd_child *c = node->children; c; c = c->next)
+        drain_quiesce(c->node);
+}
+
+static void drain_wait(vd_node *node)
+{
     pthread_mutex_lock(&node->lock);
     while (__atomic_load_n(&node->in_flight, __ATOMIC_SEQ_CST) > 0)
         pthread_cond_wait(&node->cond, &node->lock);
     pthread_mutex_unlock(&node->lock);
     for (vd_child *c = node->children; c; c = c->next)
-        vd_node_drain_begin(c->node);
+        drain_wait(c->node);
+}
+
+void vd_node_drain_begin(vd_node *node)
+{
+    drain_quiesce(node);
+    drain_wait(node);
 }
 
 void vd_node_drain_end(vd_node *node)

@@ -139,6 +139,7 @@ typedef struct blkdebug_state {
     rule *rules[VD_BLKDBG__MAX];
     rule *active;             /* active inject-error rules, in order */
     suspended *suspended;
+    int draining;             /* drains in progress: no suspending */
     uint64_t align, max_transfer, opt_write_zero, max_write_zero;
     uint64_t opt_discard, max_discard;
     unsigned take_perms, unshare_perms;
@@ -704,8 +705,9 @@ static int read_perm_list(vd_opts *opts, const char *name, unsigned *out,
             }
         }
         if (p < 0) {
-            vd_error_set(err, -EINVAL, "Parameter '%s[%u]' does not accept "
-                         "value '%s'", name, i, v);
+            /* sic: QEMU's visitor has no name for list elements. */
+            vd_error_set(err, -EINVAL, "Parameter 'null' does not accept "
+                         "value '%s'", v);
             free(v);
             return -EINVAL;
         }
@@ -793,6 +795,11 @@ static void blkdebug_debug_event(vd_node *node, int event)
             new_state = r->new_state;
             break;
         case ACTION_SUSPEND: {
+            /* A drain waits for every request: the breakpoint stays
+             * for later. */
+            if (s->draining) {
+                break;
+            }
             suspended *sr = calloc(1, sizeof(*sr));
             if (!sr || nmine == (int)(sizeof(mine) / sizeof(mine[0]))) {
                 free(sr);
@@ -918,13 +925,32 @@ static bool blkdebug_debug_is_suspended(vd_node *node, const char *tag)
     return found;
 }
 
-/* A drain waits for every request: none may stay at a breakpoint. */
+/* A drain waits for every request: none may stay at a breakpoint, and
+ * none stops at one until the drain ends. */
 static void blkdebug_drain_begin(vd_node *node)
 {
     blkdebug_state *s = node->opaque;
 
+    if (!s->opened) {
+        return;
+    }
     pthread_mutex_lock(&s->rule_lock);
+    s->draining++;
     resume_by_tag(s, NULL, true);
+    pthread_mutex_unlock(&s->rule_lock);
+}
+
+static void blkdebug_drain_end(vd_node *node)
+{
+    blkdebug_state *s = node->opaque;
+
+    if (!s->opened) {
+        return;
+    }
+    pthread_mutex_lock(&s->rule_lock);
+    if (s->draining > 0) {
+        s->draining--;
+    }
     pthread_mutex_unlock(&s->rule_lock);
 }
 
@@ -1359,6 +1385,7 @@ const vd_driver vd_driver_blkdebug = {
     .refresh_limits = blkdebug_refresh_limits,
     .child_perm = blkdebug_child_perm,
     .drain_begin = blkdebug_drain_begin,
+    .drain_end = blkdebug_drain_end,
     .debug_event = blkdebug_debug_event,
     .debug_breakpoint = blkdebug_debug_breakpoint,
     .debug_remove_breakpoint = blkdebug_debug_remove_breakpoint,
