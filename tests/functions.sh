@@ -14,6 +14,11 @@
 # command's stderr never captures trace lines. It defines:
 #
 #   $VDISK, $QEMU_IMG, $QEMU_IO   the programs under test and the referees
+#   $VDISK_QEMU_IMG, $VDISK_QEMU_IO, $VDISK_QEMU_NBD,
+#   $VDISK_QEMU_STORAGE_DAEMON    vdisk under QEMU's four names
+#                                 (build/tools/qemu-compat/): QEMU's
+#                                 command lines, QEMU's program names in
+#                                 messages (docs/compat.md)
 #   requires CMD...               skip (exit 77) unless every CMD is on PATH
 #   requires_run CMD ARGS...      skip unless running the command succeeds
 #   fail MSG...                   print "FAIL: MSG" to stderr and exit 1
@@ -53,6 +58,12 @@ if [ ! -x "$VDISK" ]; then
 fi
 QEMU_IMG=${QEMU_IMG:-qemu-img}
 QEMU_IO=${QEMU_IO:-qemu-io}
+# Meson sets VDISK_QEMU_COMPAT; by hand it is beside the tool.
+VDISK_QEMU_COMPAT=${VDISK_QEMU_COMPAT:-$(dirname "$VDISK")/qemu-compat}
+VDISK_QEMU_IMG=$VDISK_QEMU_COMPAT/qemu-img
+VDISK_QEMU_IO=$VDISK_QEMU_COMPAT/qemu-io
+VDISK_QEMU_NBD=$VDISK_QEMU_COMPAT/qemu-nbd
+VDISK_QEMU_STORAGE_DAEMON=$VDISK_QEMU_COMPAT/qemu-storage-daemon
 
 requires()
 {

@@ -1,7 +1,8 @@
 /*
  * vdisk amend: qemu-img amend. Checks the command line in qemu-img 7.2's
  * order, lists the amendable options for "-o help", opens the image
- * read-write and hands the options to vd_amend(); the driver's messages
+ * read-write and hands the options to vd_amend() (the listing comes
+ * from the driver's own descriptions); the driver's messages
  * are printed as qemu-img prints them, with qemu-img's hints for options
  * that only creation accepts and for backing-file changes.
  */
@@ -13,51 +14,53 @@
 #include "commands.h"
 #include "util.h"
 
-/* qcow2's amend options as qemu-img 7.2 lists them (sorted by name). */
-static const struct {
-    const char *name, *type, *help;
-} qcow2_amend_help[] = {
-    { "backing_file", "str", "File name of a base image" },
-    { "backing_fmt", "str", "Image format of the base image" },
-    { "compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])" },
-    { "data_file", "str", "File name of an external data file" },
-    { "data_file_raw", "bool (on/off)",
-      "The external data file must stay valid as a raw image" },
-    { "encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds" },
-    { "encrypt.keyslot", "num",
-      "Select a single keyslot to modify explicitly" },
-    { "encrypt.new-secret", "str",
-      "New secret to set in the matching keyslots. Empty string to erase" },
-    { "encrypt.old-secret", "str",
-      "Select all keyslots that match this password" },
-    { "encrypt.state", "str",
-      "Select new state of affected keyslots (active/inactive)" },
-    { "lazy_refcounts", "bool (on/off)", "Postpone refcount updates" },
-    { "refcount_bits", "num", "Width of a reference count entry in bits" },
-    { "size", "size", "Virtual disk size" },
-};
+static int cmp_opt_name(const void *a, const void *b)
+{
+    const vd_create_option *const *x = a, *const *y = b;
 
+    return strcmp((*x)->name, (*y)->name);
+}
+
+/* The driver's amend options, listed by name as qemu-img does. */
 static int print_amend_help(const char *fmt)
 {
+    const vd_create_option *list = vd_amend_options(fmt);
+    const vd_create_option **sorted;
+    size_t n = 0;
+
     if (!vd_create_options(fmt)) {
         if (!cli_report_unsupported_format(NULL, fmt)) {
             cli_error("Unknown file format '%s'", fmt);
         }
         return 1;
     }
-    if (!(vd_driver_features(fmt) & VD_DRIVER_AMEND)) {
+    if (!list || !(vd_driver_features(fmt) & VD_DRIVER_AMEND)) {
         cli_error("Format driver '%s' does not support option amendment",
                   fmt);
         return 1;
     }
-    printf("Amend options for '%s':\n", fmt);
-    for (size_t i = 0; i < sizeof(qcow2_amend_help) /
-                           sizeof(qcow2_amend_help[0]); i++) {
-        char head[128];
-        snprintf(head, sizeof(head), "  %s=<%s>", qcow2_amend_help[i].name,
-                 qcow2_amend_help[i].type);
-        printf("%-24s - %s\n", head, qcow2_amend_help[i].help);
+    while (list[n].name) {
+        n++;
     }
+    sorted = calloc(n + 1, sizeof(*sorted));
+    if (!sorted) {
+        return 1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        sorted[i] = &list[i];
+    }
+    qsort(sorted, n, sizeof(*sorted), cmp_opt_name);
+    printf("Amend options for '%s':\n", fmt);
+    for (size_t i = 0; i < n; i++) {
+        const char *t = sorted[i]->type;
+        char head[128];
+        snprintf(head, sizeof(head), "  %s=<%s>", sorted[i]->name,
+                 !strcmp(t, "bool") ? "bool (on/off)" :
+                 !strcmp(t, "number") ? "num" :
+                 !strcmp(t, "string") ? "str" : t);
+        printf("%-24s - %s\n", head, sorted[i]->help);
+    }
+    free(sorted);
     return 0;
 }
 
@@ -187,7 +190,7 @@ int cmd_amend(int argc, char **argv)
                     "mega-, giga-, tera-, peta-\nand exabytes, "
                     "respectively.\n");
         } else if (!strcmp(msg, "Cannot amend the backing file")) {
-            fprintf(stderr, "You can use 'vdisk rebase' instead.\n");
+            fprintf(stderr, "You can use '%s rebase' instead.\n", cli_prog);
         }
         goto out;
     }

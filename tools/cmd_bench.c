@@ -45,6 +45,7 @@
 
 #include "util.h"
 #include "vdisk/vdisk.h"
+#include "prog.h"
 
 int cmd_bench(int argc, char **argv);
 
@@ -100,27 +101,30 @@ typedef struct worker {
     pthread_t thread;
 } worker;
 
-/* ---- messages, in qemu-img's words with vdisk's prefix ---- */
+/* ---- messages, in qemu-img's words with the program's prefix ---- */
 
 static void __attribute__((format(printf, 1, 2)))
 bench_error(const char *fmt, ...)
 {
     va_list ap;
 
-    fputs("vdisk: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    cli_verror(fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
 }
 
 static void bench_hint(void)
 {
-    fprintf(stderr, "Try 'vdisk --help' for more information\n");
+    cli_help_hint();
 }
 
 static void bench_usage(void)
 {
+    /* qemu-img's -h shows the whole help; vdisk's documents --random. */
+    if (cli_as == CLI_QEMU_IMG) {
+        cli_print_help();
+        return;
+    }
     printf("usage: vdisk bench [-c count] [-d depth] [-f fmt] "
            "[--flush-interval=flush_interval] [-i aio] [-n] [--no-drain] "
            "[-o offset] [--pattern=pattern] [-q] [-s buffer_size] "
@@ -442,12 +446,17 @@ int cmd_bench(int argc, char **argv)
     int nworkers = 0, status = 1;
     int64_t len;
     double t1, t2;
-    int c;
+    int c, longidx = -1;
 
     optind = 0;    /* reset getopt for this argv (glibc: full reset) */
     opterr = 0;
     while ((c = getopt_long(argc, argv, ":hc:d:f:ni:o:qs:S:t:wU", long_opts,
-                            NULL)) != -1) {
+                            &longidx)) != -1) {
+        if (cli_as == CLI_QEMU_IMG && longidx >= 0 &&
+            cli_option_is_vdisk_only("bench", long_opts[longidx].name)) {
+            c = '?';
+        }
+        longidx = -1;
         switch (c) {
         case ':':
             bench_error("missing argument for option '%s'", argv[optind - 1]);

@@ -11,7 +11,16 @@
  * -W, write them strictly in chunk order so that an allocating target
  * such as qcow2 lays its clusters out as qemu-img would. Zero runs of at
  * least -S bytes inside data chunks are not written (qemu's
- * is_allocated_sectors_min) when the target reads as zeros already.
+ * is_allocated_sectors_min) when the target reads as zeros already; with
+ * -S 0 every chunk, zeros included, is written as data.
+ *
+ * -C copies data chunks with vd_copy_range() (copy_file_range below the
+ * formats); the first chunk that cannot be offloaded ends offloading and
+ * is copied by reading and writing, as every later one (qemu's
+ * s->copy_range = false). --salvage turns unreadable sectors into zeros
+ * and a failing block status into data, with qemu's warnings. -r limits
+ * the writes to the target with qemu's leaky bucket (bps-write: a bucket
+ * of a tenth of a second, then the average).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -20,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "commands.h"
 #include "util.h"
@@ -43,6 +53,12 @@ typedef struct convert_state {
     uint64_t min_sparse;        /* bytes, 0 = fully allocate */
     uint64_t cluster;           /* target cluster size for -c */
     bool compressed, has_zero_init, in_order;
+    bool salvage, quiet;
+    bool copy_range;            /* -C, until a chunk cannot offload */
+    uint64_t rate_limit;        /* -r: bytes per second, 0 = none */
+    pthread_mutex_t rate_lock;
+    double rate_level;          /* bytes in the leaky bucket */
+    struct timespec rate_last;  /* when it last leaked */
     /* -B: extents decided at this depth of the source chain or deeper
      * come from the target's backing file (0: no backing); zeros past
      * @backing_len read as zeros in the target anyway. */
@@ -95,13 +111,34 @@ static int next_chunk(convert_state *s, chunk *c)
     } else {
         uint64_t want = s->src_size[i] - src_off;
 
-        memset(&ext, 0, sizeof(ext));
-        r = vd_block_status(s->src[i], src_off, want, &ext, &err);
-        if (r < 0 || ext.length == 0) {
-            cli_error("error while reading block status at offset %" PRIu64
-                      ": %s", off, err.message[0] ? err.message
-                                                  : strerror(r < 0 ? -r : EIO));
-            return r < 0 ? r : -EIO;
+        for (;;) {
+            memset(&ext, 0, sizeof(ext));
+            vd_error_clear(&err);
+            r = vd_block_status(s->src[i], src_off, want, &ext, &err);
+            if (r >= 0 && ext.length) {
+                break;
+            }
+            if (r >= 0) {
+                r = -EIO;
+            }
+            if (!s->salvage) {
+                cli_error("error while reading block status at offset %"
+                          PRIu64 ": %s", src_off, strerror(-r));
+                return r;
+            }
+            if (want <= SECTOR) {
+                /* qemu reads such a sector as data, then. */
+                if (!s->quiet) {
+                    cli_warn("error while reading block status at offset %"
+                             PRIu64 ": %s", src_off, strerror(-r));
+                }
+                ext.length = want;
+                ext.flags = VD_BLOCK_DATA;
+                ext.depth = 0;
+                break;
+            }
+            /* Retry on a quarter of the range (in sectors, rounded up). */
+            want = ((want + SECTOR - 1) / SECTOR + 3) / 4 * SECTOR;
         }
         n = ext.length;
         if (src_off + n >= s->src_size[i]) {
@@ -123,7 +160,9 @@ static int next_chunk(convert_state *s, chunk *c)
             c->status = s->backing_depth ? BLK_BACKING : BLK_DATA;
         }
     }
-    if (c->status == BLK_DATA && n > BUF_SIZE) {
+    /* With -S 0 zero chunks are written as data, a buffer at a time. */
+    if ((c->status == BLK_DATA || (c->status == BLK_ZERO && !s->min_sparse))
+        && n > BUF_SIZE) {
         n = BUF_SIZE;
     }
     if (s->compressed) {
@@ -134,12 +173,31 @@ static int next_chunk(convert_state *s, chunk *c)
             n -= n % s->cluster;
         }
     }
-    /* With -S 0 the target must be fully allocated: zeros are written. */
     c->src = i;
     c->offset = off;
     c->len = n;
     c->seq = s->next_seq++;
     s->cursor = off + n;
+    return 0;
+}
+
+/* --salvage: [@off, +@len) of source @i failed to read; read it again a
+ * sector at a time, unreadable sectors as zeros with qemu's warning. */
+static int salvage_read(convert_state *s, int i, uint8_t *buf, uint64_t len,
+                        uint64_t off)
+{
+    for (uint64_t pos = 0; pos < len; pos += SECTOR) {
+        uint64_t n = len - pos < SECTOR ? len - pos : SECTOR;
+        int r = vd_pread(s->src[i], buf + pos, n, off + pos, 0, NULL);
+
+        if (r < 0) {
+            if (!s->quiet) {
+                cli_warn("error while reading offset %" PRIu64 ": %s",
+                         off + pos, strerror(-r));
+            }
+            memset(buf + pos, 0, n);
+        }
+    }
     return 0;
 }
 
@@ -167,6 +225,9 @@ static int read_chunk(convert_state *s, const chunk *c, uint8_t *buf)
                                                        : n;
             int r = vd_pread(s->src[i], buf + pos, rd, src_off, 0, NULL);
 
+            if (r < 0 && s->salvage) {
+                r = salvage_read(s, i, buf + pos, rd, src_off);
+            }
             if (r < 0) {
                 return r;
             }
@@ -268,13 +329,56 @@ static bool run_is_data_min(const uint8_t *buf, int64_t n, int64_t *pnum,
     return true;
 }
 
+/* -r: qemu's leaky bucket for bps-write without a burst setting. A
+ * write may start once the bucket holds no more than a tenth of a
+ * second's worth; it then adds its bytes. The bucket leaks at the rate. */
+static void throttle(convert_state *s, uint64_t bytes)
+{
+    struct timespec now;
+    double wait;
+
+    if (!s->rate_limit) {
+        return;
+    }
+    pthread_mutex_lock(&s->rate_lock);
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        s->rate_level -= ((double)(now.tv_sec - s->rate_last.tv_sec) +
+                          (double)(now.tv_nsec - s->rate_last.tv_nsec) / 1e9) *
+                         (double)s->rate_limit;
+        if (s->rate_level < 0) {
+            s->rate_level = 0;
+        }
+        s->rate_last = now;
+        wait = (s->rate_level - (double)s->rate_limit / 10) /
+               (double)s->rate_limit;
+        if (wait <= 0) {
+            break;
+        }
+        {
+            struct timespec ts = { (time_t)wait,
+                                   (long)((wait - (double)(time_t)wait) * 1e9) };
+            nanosleep(&ts, NULL);
+        }
+    }
+    s->rate_level += (double)bytes;
+    pthread_mutex_unlock(&s->rate_lock);
+}
+
 static int write_zero_range(convert_state *s, uint64_t off, uint64_t len)
 {
     if (s->has_zero_init) {
         return 0;
     }
-    return vd_write_zeroes(s->target, len, off,
-                           s->min_sparse ? VD_REQ_MAY_UNMAP : 0, NULL);
+    throttle(s, len);
+    return vd_write_zeroes(s->target, len, off, VD_REQ_MAY_UNMAP, NULL);
+}
+
+static int write_data(convert_state *s, const uint8_t *buf, uint64_t len,
+                      uint64_t off, unsigned flags)
+{
+    throttle(s, len);
+    return vd_pwrite(s->target, buf, len, off, flags, NULL);
 }
 
 static int write_compressed(convert_state *s, const chunk *c,
@@ -282,8 +386,8 @@ static int write_compressed(convert_state *s, const chunk *c,
 {
     for (uint64_t pos = 0; pos < c->len; pos += s->cluster) {
         uint64_t n = c->len - pos < s->cluster ? c->len - pos : s->cluster;
-        int r = vd_pwrite(s->target, buf + pos, n, c->offset + pos,
-                          VD_REQ_COMPRESSED, NULL);
+        int r = write_data(s, buf + pos, n, c->offset + pos,
+                           VD_REQ_COMPRESSED);
 
         if (r < 0) {
             return r;
@@ -309,6 +413,7 @@ static int write_chunk(convert_state *s, const chunk *c, const uint8_t *buf)
     if (c->status == BLK_ZERO) {
         return write_zero_range(s, c->offset, c->len);
     }
+    /* (With -S 0 a zero chunk arrives here as data, in a zeroed buffer.) */
     if (s->compressed) {
         /* qemu-img copies one cluster at a time when compressing, so an
          * all-zero cluster inside a data chunk is skipped, not stored. */
@@ -332,7 +437,7 @@ static int write_chunk(convert_state *s, const chunk *c, const uint8_t *buf)
         if (!s->min_sparse ||
             run_is_data_min(buf, left, &n, min, sector, align)) {
             len = (uint64_t)n * SECTOR;
-            r = vd_pwrite(s->target, buf, len, off, 0, NULL);
+            r = write_data(s, buf, len, off, 0);
         } else {
             len = (uint64_t)n * SECTOR;
             r = write_zero_range(s, off, len);
@@ -347,6 +452,34 @@ static int write_chunk(convert_state *s, const chunk *c, const uint8_t *buf)
     return 0;
 }
 
+/* -C: copies data chunk @c source by source with copy offloading.
+ * Returns 0, or < 0 when some part could not be offloaded. */
+static int copy_chunk(convert_state *s, const chunk *c)
+{
+    uint64_t pos = 0;
+
+    while (pos < c->len) {
+        uint64_t off = c->offset + pos, src_off, in_src, n;
+        int i = 0, r;
+
+        while (i < s->nsrc - 1 && off >= s->src_start[i + 1]) {
+            i++;
+        }
+        src_off = off - s->src_start[i];
+        in_src = (i + 1 < s->nsrc ? s->src_start[i + 1] : s->total) - off;
+        n = c->len - pos < in_src ? c->len - pos : in_src;
+        if (src_off + n > s->src_size[i]) {
+            return -ENOTSUP;    /* the padding past the source's end */
+        }
+        r = vd_copy_range(s->src[i], src_off, s->target, off, n, NULL);
+        if (r < 0) {
+            return r;
+        }
+        pos += n;
+    }
+    return 0;
+}
+
 /* Like qemu-img, progress counts only the chunks that carry data (and
  * zero chunks with -S 0, which are written too). */
 static bool counts_for_progress(const convert_state *s, const chunk *c)
@@ -355,7 +488,7 @@ static bool counts_for_progress(const convert_state *s, const chunk *c)
            (c->status == BLK_ZERO && !s->min_sparse);
 }
 
-/* A dry run of the chunking to learn the total for the progress meter. */
+/* A dry run of the chunking: the total for the progress meter. */
 static int count_allocated(convert_state *s)
 {
     chunk c;
@@ -392,6 +525,7 @@ static void *worker(void *opaque)
     }
     for (;;) {
         chunk c;
+        bool copy;
         int r = next_chunk(s, &c);
 
         if (r) {
@@ -400,15 +534,20 @@ static void *worker(void *opaque)
             }
             break;
         }
+        copy = s->copy_range && c.status == BLK_DATA;
         pthread_mutex_unlock(&s->lock);
 
         r = 0;
-        if (c.status == BLK_DATA) {
+        if (c.status == BLK_DATA && !copy) {
             r = read_chunk(s, &c, buf);
             if (r < 0) {
                 cli_error("error while reading at byte %" PRIu64 ": %s",
                           c.offset, strerror(-r));
             }
+        } else if (c.status == BLK_ZERO && !s->min_sparse) {
+            /* -S 0: written as data. */
+            memset(buf, 0, c.len);
+            c.status = BLK_DATA;
         }
 
         pthread_mutex_lock(&s->lock);
@@ -424,7 +563,23 @@ static void *worker(void *opaque)
         }
         pthread_mutex_unlock(&s->lock);
 
-        r = write_chunk(s, &c, buf);
+        if (copy && copy_chunk(s, &c) < 0) {
+            /* As qemu: offloading ends here, this chunk and all later
+             * ones are read and written. */
+            pthread_mutex_lock(&s->lock);
+            s->copy_range = false;
+            pthread_mutex_unlock(&s->lock);
+            copy = false;
+            r = read_chunk(s, &c, buf);
+            if (r < 0) {
+                cli_error("error while reading at byte %" PRIu64 ": %s",
+                          c.offset, strerror(-r));
+                pthread_mutex_lock(&s->lock);
+                fail(s, r);
+                break;
+            }
+        }
+        r = copy ? 0 : write_chunk(s, &c, buf);
         if (r < 0) {
             cli_error("error while writing at byte %" PRIu64 ": %s",
                       c.offset, strerror(-r));
@@ -499,6 +654,17 @@ static bool snapshot_opts_valid(const vd_opts *o)
     return true;
 }
 
+static bool create_option_known(const vd_create_option *list,
+                                const char *name)
+{
+    for (; list && list->name; list++) {
+        if (strcmp(list->name, name) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
 /* Whether two nodes read the same file (same device and inode). */
 static bool same_image(vd_node *a, vd_node *b)
 {
@@ -514,6 +680,8 @@ int cmd_convert(int argc, char **argv)
     const char *fmt = NULL, *out_fmt = "raw", *cache = "unsafe";
     const char *src_cache = NULL, *out_name = NULL;
     const char *out_base = NULL, *out_base_fmt = NULL;
+    const char *out_base_param = NULL;   /* -B or -o backing_file */
+    bool explicit_sparse = false;
     char *options = NULL;
     bool progress = false, quiet = false, skip_create = false;
     bool target_is_zero = false, out_of_order = false;
@@ -566,8 +734,20 @@ int cmd_convert(int argc, char **argv)
                           "output).", SECTOR, MAX_SPARSE);
                 goto out;
             }
+            explicit_sparse = true;
             break;
         }
+        case 'C':
+            s.copy_range = true;
+            break;
+        case 'r':
+            if (cli_cvtnum("rate limit", optarg, &s.rate_limit) < 0) {
+                goto out;
+            }
+            break;
+        case OPT_SALVAGE:
+            s.salvage = true;
+            break;
         case 'p':
             progress = true;
             break;
@@ -641,12 +821,20 @@ int cmd_convert(int argc, char **argv)
     if (quiet) {
         progress = false;
     }
+    s.quiet = quiet;
 
-    if (options && cli_has_help_option(options)) {
-        /* As qemu-img: the target's protocol options are listed too once
-         * a source and a target are named. */
-        ret = cli_print_create_help(argc - optind >= 2 ? argv[argc - 1]
-                                                       : NULL, out_fmt);
+    /* Checked in qemu-img 7.2's order, so that the first complaint is
+     * the same one. */
+    if (s.compressed && s.copy_range) {
+        cli_error("Cannot enable copy offloading when -c is used");
+        goto out;
+    }
+    if (explicit_sparse && s.copy_range) {
+        cli_error("Cannot enable copy offloading when -S is used");
+        goto out;
+    }
+    if (s.copy_range && s.salvage) {
+        cli_error("Cannot use copy offloading in salvaging mode");
         goto out;
     }
     if (target_image_opts && !skip_create) {
@@ -662,32 +850,18 @@ int cmd_convert(int argc, char **argv)
         goto out;
     }
     s.nsrc = argc - optind - 1;
+    if (options && cli_has_help_option(options)) {
+        /* As qemu-img: the target's protocol options are listed too once
+         * a source and a target are named. */
+        ret = cli_print_create_help(s.nsrc >= 1 ? argv[argc - 1] : NULL,
+                                    out_fmt);
+        goto out;
+    }
     if (s.nsrc < 1) {
         cli_error("Must specify image file name");
         goto out;
     }
     out_name = argv[argc - 1];
-    if (s.nsrc > 1 && (sn_name || sn_opts)) {
-        cli_error("No support for concatenating multiple snapshot");
-        goto out;
-    }
-    /* With --target-image-opts the options name the format (and -O is
-     * refused when the target is opened). */
-    if (!target_image_opts && !vd_create_options(out_fmt)) {
-        if (!cli_report_unsupported_format(out_name, out_fmt)) {
-            cli_error("Unknown file format '%s'", out_fmt);
-        }
-        goto out;
-    }
-    if (out_base && s.nsrc > 1) {
-        cli_error("Specifying backing image makes no sense when "
-                  "concatenating multiple input images");
-        goto out;
-    }
-    if (out_base && !out_base_fmt && !skip_create) {
-        cli_error("Use of backing file requires explicit backing format");
-        goto out;
-    }
 
     s.src = calloc((size_t)s.nsrc, sizeof(*s.src));
     s.src_names = calloc((size_t)s.nsrc, sizeof(*s.src_names));
@@ -697,37 +871,47 @@ int cmd_convert(int argc, char **argv)
         goto out;
     }
     if (src_cache) {
+        if (!cli_cache_mode(src_cache)) {
+            cli_error("Invalid source cache option: %s", src_cache);
+            goto out;
+        }
         sopts = vd_opts_new();
-        if (!sopts || vd_opts_set(sopts, "cache", src_cache) < 0) {
+        if (!sopts ||
+            vd_opts_set(sopts, "cache", cli_cache_mode(src_cache)) < 0) {
             goto out;
         }
     }
     for (int i = 0; i < s.nsrc; i++) {
-        int64_t len;
-
         s.src_names[i] = argv[optind + i];
         s.src[i] = cli_open_image(s.src_names[i], fmt, image_opts, src_flags,
                                   sopts);
         if (!s.src[i]) {
             goto out;
         }
-        /* Loaded before the size is taken: the target gets the size the
-         * disk had when the snapshot was made (qemu-img keeps the current
-         * size, which only differs after a resize). */
-        if (i == 0 && (sn_opts || sn_name)) {
-            int r = sn_opts ?
-                vd_snapshot_load_tmp(s.src[0],
-                                     vd_opts_get(sn_opts, "snapshot.id"),
-                                     vd_opts_get(sn_opts, "snapshot.name"),
-                                     &err) :
-                vd_snapshot_load_tmp_by_id_or_name(s.src[0], sn_name, &err);
-            if (r < 0) {
-                cli_error("Failed to load snapshot: %s",
-                          err.message[0] ? err.message : strerror(-r));
-                goto out;
-            }
+    }
+    if (s.nsrc > 1 && sn_name) {
+        cli_error("No support for concatenating multiple snapshot");
+        goto out;
+    }
+    /* Loaded before the sizes are taken: the target gets the size the
+     * disk had when the snapshot was made (qemu-img keeps the current
+     * size, which only differs after a resize). */
+    if (sn_opts || sn_name) {
+        int r = sn_opts ?
+            vd_snapshot_load_tmp(s.src[0],
+                                 vd_opts_get(sn_opts, "snapshot.id"),
+                                 vd_opts_get(sn_opts, "snapshot.name"),
+                                 &err) :
+            vd_snapshot_load_tmp_by_id_or_name(s.src[0], sn_name, &err);
+        if (r < 0) {
+            cli_error("Failed to load snapshot: %s",
+                      err.message[0] ? err.message : strerror(-r));
+            goto out;
         }
-        len = vd_getlength(s.src[i]);
+    }
+    for (int i = 0; i < s.nsrc; i++) {
+        int64_t len = vd_getlength(s.src[i]);
+
         if (len < 0) {
             cli_error("Could not get size of %s: %s", s.src_names[i],
                       strerror((int)-len));
@@ -738,49 +922,89 @@ int cmd_convert(int argc, char **argv)
         s.total += ((uint64_t)len + SECTOR - 1) / SECTOR * SECTOR;
     }
 
-    if (s.compressed && !target_image_opts && !format_compresses(out_fmt)) {
-        cli_error("Compression not supported for this file format");
-        goto out;
-    }
-
     if (!skip_create) {
         const vd_create_option *list = vd_create_options(out_fmt);
         char size[32];
 
+        if (!list) {
+            if (!cli_report_unsupported_format(out_name, out_fmt)) {
+                cli_error("Unknown file format '%s'", out_fmt);
+            }
+            goto out;
+        }
         copts = vd_opts_new();
         if (!copts) {
             goto out;
         }
-        if (options && vd_opts_parse(copts, options, NULL, &err) < 0) {
+        /* Names and value syntax as qemu-img's QemuOpts parser checks
+         * them, with its messages (no file name). */
+        if ((options && vd_opts_parse(copts, options, NULL, &err) < 0) ||
+            vd_check_create_opts(out_fmt, copts, &err) < 0) {
             cli_error("%s", err.message);
+            if (strstr(err.message, "non-negative number")) {
+                fprintf(stderr, "Optional suffix k, M, G, T, P or E means "
+                        "kilo-, mega-, giga-, tera-, peta-\nand exabytes, "
+                        "respectively.\n");
+            }
             goto out;
-        }
-        for (size_t i = 0; i < vd_opts_count(copts); i++) {
-            const char *key, *val;
-            bool known = false;
-
-            vd_opts_nth(copts, i, &key, &val);
-            for (const vd_create_option *o = list; o->name; o++) {
-                known |= strcmp(o->name, key) == 0;
-            }
-            if (!known) {
-                cli_error("Invalid parameter '%s'", key);
-                goto out;
-            }
         }
         snprintf(size, sizeof(size), "%" PRIu64, s.total);
         vd_opts_set(copts, "size", size);
+        /* -B and -F are the options backing_file and backing_fmt, as
+         * qemu-img's add_old_style_options(). */
+        if (out_base && !create_option_known(list, "backing_file")) {
+            cli_error("Backing file not supported for file format '%s'",
+                      out_fmt);
+            goto out;
+        }
+        if (out_base_fmt && !create_option_known(list, "backing_fmt")) {
+            cli_error("Backing file format not supported for file format "
+                      "'%s'", out_fmt);
+            goto out;
+        }
         if (out_base) {
             vd_opts_set(copts, "backing_file", out_base);
-            vd_opts_set(copts, "backing_fmt", out_base_fmt);
-        } else if (vd_opts_get(copts, "backing_file")) {
-            out_base = vd_opts_get(copts, "backing_file");
-            if (!vd_opts_get(copts, "backing_fmt")) {
-                cli_error("Use of backing file requires explicit backing "
-                          "format");
-                goto out;
-            }
         }
+        if (out_base_fmt) {
+            vd_opts_set(copts, "backing_fmt", out_base_fmt);
+        }
+        out_base_param = vd_opts_get(copts, "backing_file");
+        if (out_base_param) {
+            out_base = out_base_param;
+        }
+    }
+    if (target_is_zero && out_base) {
+        /* qemu-img 7.2 says this and then exits with 0 without having
+         * converted anything; a failure is what it is. */
+        cli_error("Cannot use --target-is-zero when the destination image "
+                  "has a backing file");
+        goto out;
+    }
+    if (s.nsrc > 1 && out_base) {
+        cli_error("Having a backing file for the target makes no sense when "
+                  "concatenating multiple input images");
+        goto out;
+    }
+    if (out_base_param && !vd_opts_get(copts, "backing_fmt")) {
+        cli_error("Use of backing file requires explicit backing format");
+        goto out;
+    }
+    if (s.compressed) {
+        const char *prealloc = copts ? vd_opts_get(copts, "preallocation")
+                                     : NULL;
+
+        if (!skip_create && !format_compresses(out_fmt)) {
+            cli_error("Compression not supported for this file format");
+            goto out;
+        }
+        if (prealloc && strcmp(prealloc, "off")) {
+            cli_error("Compression and preallocation not supported at the "
+                      "same time");
+            goto out;
+        }
+    }
+
+    if (!skip_create) {
         if (vd_create(out_name, out_fmt, copts, &err) < 0) {
             cli_error("%s: error while converting %s: %s", out_name, out_fmt,
                       cli_strip_filename(err.message, out_name));
@@ -789,8 +1013,13 @@ int cmd_convert(int argc, char **argv)
         }
     }
 
+    /* As qemu-img: checked once the target exists. */
+    if (!cli_cache_mode(cache)) {
+        cli_error("Invalid cache option: %s", cache);
+        goto out;
+    }
     topts = vd_opts_new();
-    if (!topts || vd_opts_set(topts, "cache", cache) < 0) {
+    if (!topts || vd_opts_set(topts, "cache", cli_cache_mode(cache)) < 0) {
         goto out;
     }
     /* As qemu-img: the target is opened as -O says (raw by default), even
@@ -807,7 +1036,8 @@ int cmd_convert(int argc, char **argv)
     if (!s.target) {
         goto out;
     }
-    if (s.compressed && target_image_opts &&
+    /* As qemu-img: an existing target is asked once it is open. */
+    if (s.compressed && skip_create &&
         !format_compresses(vd_node_format(s.target))) {
         cli_error("Compression not supported for this file format");
         goto out;
@@ -861,8 +1091,13 @@ int cmd_convert(int argc, char **argv)
     s.has_zero_init = min_sparse && (!skip_create || target_is_zero) &&
                       !out_base;
     s.in_order = !out_of_order;
+    pthread_mutex_init(&s.rate_lock, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &s.rate_last);
     cli_progress_init(&s.progress, progress, 1.0f);
-    if (progress && count_allocated(&s) < 0) {
+    /* As qemu-img, the whole source is walked once before the copy (for
+     * the progress total): block status errors show up before anything
+     * is written, and --salvage warns about them in both walks. */
+    if (count_allocated(&s) < 0) {
         goto out;
     }
     if (run_copy(&s, (int)nthreads) < 0) {

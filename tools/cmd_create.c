@@ -7,9 +7,8 @@
  *
  * The Formatting line lists options in the order of QEMU's merged option
  * list for the format (the format's own options, then its protocol's),
- * showing set values and the defaults QEMU declares. That order is not in
- * the library's tables (which list options alphabetically for -o help),
- * so it lives in qcow2_order[] and default_order[] below.
+ * which is the library's order, showing set values and the defaults QEMU
+ * declares (vd_create_option.def); -o help lists them by name.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -19,35 +18,6 @@
 
 #include "commands.h"
 #include "util.h"
-
-/* QEMU's option order in the Formatting line, per format. */
-static const char *const qcow2_order[] = {
-    "encryption", "encrypt.format", "encrypt.key-secret",
-    "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
-    "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time",
-    "cluster_size", "extended_l2", "preallocation", "compression_type",
-    "size", "compat", "backing_file", "backing_fmt", "data_file",
-    "data_file_raw", "lazy_refcounts", "refcount_bits",
-    "nocow", "extent_size_hint", NULL,
-};
-
-static const char *const default_order[] = {
-    "size", "backing_file", "backing_fmt", "nocow", "preallocation",
-    "extent_size_hint", NULL,
-};
-
-/* Options whose default QEMU shows even when not given, with that
- * default in case the library declares none. */
-static const struct {
-    const char *name;
-    const char *def;
-} shown_defaults[] = {
-    { "cluster_size", "65536" },
-    { "extended_l2", "off" },
-    { "compression_type", "zlib" },
-    { "lazy_refcounts", "off" },
-    { "refcount_bits", "16" },
-};
 
 static const vd_create_option *find_opt(const vd_create_option *list,
                                         const char *name)
@@ -239,69 +209,28 @@ static void print_one(const char *sep, const vd_create_option *o,
     (void)is_set;
 }
 
-/* The "Formatting 'x', fmt=..." line. */
+/* The "Formatting 'x', fmt=..." line: the options in the library's
+ * order (QEMU's merged list: the format's own, then its protocol's),
+ * each given one or, if it has one, its QEMU default. */
 static void print_formatting(const char *filename, const char *fmt,
                              const vd_create_option *list, const vd_opts *opts)
 {
-    const char *const *order = strcmp(fmt, "qcow2") == 0 ? qcow2_order
-                                                         : default_order;
     const char *sep = "";
-    size_t count = 0;
-    bool *done;
 
-    while (list[count].name) {
-        count++;
-    }
-    done = calloc(count + 1, sizeof(*done));
     printf("Formatting '%s', fmt=%s ", filename, fmt);
+    for (const vd_create_option *o = list; o->name; o++) {
+        const char *value = vd_opts_get(opts, o->name);
 
-    /* Ranked options first, then anything the table does not know, in
-     * the library's order. */
-    for (int pass = 0; pass < 2; pass++) {
-        size_t norder = 0;
-
-        while (order[norder]) {
-            norder++;
+        if (!value) {
+            value = o->def;
         }
-        for (size_t k = 0; k < (pass == 0 ? norder : count); k++) {
-            const vd_create_option *o;
-            const char *value;
-            size_t idx;
-
-            if (pass == 0) {
-                o = find_opt(list, order[k]);
-                if (!o) {
-                    continue;
-                }
-            } else {
-                o = &list[k];
-            }
-            idx = (size_t)(o - list);
-            if (done && done[idx]) {
-                continue;
-            }
-            if (done) {
-                done[idx] = true;
-            }
-            value = vd_opts_get(opts, o->name);
-            if (!value) {
-                for (size_t d = 0; d < sizeof(shown_defaults) /
-                                       sizeof(shown_defaults[0]); d++) {
-                    if (strcmp(shown_defaults[d].name, o->name) == 0) {
-                        value = o->def ? o->def : shown_defaults[d].def;
-                    }
-                }
-            }
-            if (!value) {
-                continue;
-            }
+        if (value) {
             print_one(sep, o, value, true);
             sep = " ";
         }
     }
     printf("\n");
     fflush(stdout);
-    free(done);
 }
 
 /* The backing file's name as seen from the new image's directory. */

@@ -133,6 +133,18 @@ int cmd_measure(int argc, char **argv)
         cli_error("Invalid options for file format '%s'", out_fmt);
         goto out;
     }
+    /* As qemu-img: the option string is checked as a whole before --size
+     * replaces its size. */
+    if (vd_check_create_opts(out_fmt, opts, &err) < 0) {
+        cli_report_vd_error(&err, -EINVAL, out_fmt);
+        if (strstr(err.message, "non-negative number")) {
+            fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, "
+                    "mega-, giga-, tera-, peta-\nand exabytes, "
+                    "respectively.\n");
+        }
+        cli_error("Invalid options for file format '%s'", out_fmt);
+        goto out;
+    }
     if (img_size != UINT64_MAX) {
         char buf[32];
         snprintf(buf, sizeof(buf), "%" PRIu64, img_size);

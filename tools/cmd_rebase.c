@@ -23,19 +23,6 @@ static void show_progress(double percent, void *opaque)
     cli_progress_print(opaque, percent);
 }
 
-static bool known_cache_mode(const char *mode)
-{
-    static const char *const modes[] = { "none", "writeback", "unsafe",
-                                         "directsync", "writethrough" };
-
-    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
-        if (strcmp(mode, modes[i]) == 0) {
-            return true;
-        }
-    }
-    return false;
-}
-
 int cmd_rebase(int argc, char **argv)
 {
     const char *fmt = NULL, *cache = "writeback", *src_cache = "writeback";
@@ -102,11 +89,11 @@ int cmd_rebase(int argc, char **argv)
         return 1;
     }
     filename = argv[optind];
-    if (!known_cache_mode(cache)) {
+    if (!cli_cache_mode(cache)) {
         cli_error("Invalid cache option: %s", cache);
         return 1;
     }
-    if (!known_cache_mode(src_cache)) {
+    if (!cli_cache_mode(src_cache)) {
         cli_error("Invalid source cache option: %s", src_cache);
         return 1;
     }
@@ -127,8 +114,9 @@ int cmd_rebase(int argc, char **argv)
 
     opts = vd_opts_new();
     bopts = vd_opts_new();
-    if (!opts || !bopts || vd_opts_set(opts, "cache", cache) < 0 ||
-        vd_opts_set(bopts, "cache", src_cache) < 0) {
+    if (!opts || !bopts ||
+        vd_opts_set(opts, "cache", cli_cache_mode(cache)) < 0 ||
+        vd_opts_set(bopts, "cache", cli_cache_mode(src_cache)) < 0) {
         cli_error("Out of memory");
         goto out;
     }
@@ -139,10 +127,12 @@ int cmd_rebase(int argc, char **argv)
         goto out;
     }
     if (backing_fmt) {
-        /* As qemu-img, any format name it knows passes here: -u only
-         * records the name, and a safe rebase refuses a format vdisk
-         * cannot open when it opens the new backing file. */
-        if (vd_format_check(backing_fmt, NULL, NULL) == -EINVAL) {
+        /* As qemu-img, any driver name it knows passes here (formats,
+         * protocols, filters: host_device, nbd, ...): -u only records
+         * the name, and a safe rebase refuses a driver vdisk does not
+         * have when it opens the new backing file, unless that file is
+         * in the chain already. */
+        if (!(vd_driver_features(backing_fmt) & VD_DRIVER_QEMU_NAME)) {
             cli_error("Invalid format name: '%s'", backing_fmt);
             goto out;
         }

@@ -2,6 +2,10 @@
  * vdisk serve: export images over NBD, with qemu-nbd's options (see
  * ../shared/specs/qemu-nbd.rst and docs/nbd.md). This file only parses
  * the command line, opens the images and drives the server in src/nbd/.
+ * Invoked as qemu-nbd it takes qemu-nbd's form only (one image), as
+ * qemu-storage-daemon the daemon form only, each with that tool's help,
+ * version and messages (docs/compat.md); `vdisk serve` takes both and
+ * vdisk's extras.
  *
  * Order matters for --fork: the listening sockets are created first, the
  * process then forks, and the child opens the images (nodes must not be
@@ -17,6 +21,14 @@
  * (src/qmp/, docs/qmp.md) that serves until `quit` or a signal. Each
  * option is turned into the QMP command it stands for (blockdev-add,
  * nbd-server-start, block-export-add) and checked by the same schema.
+ * --daemonize (daemon form) forks before anything is opened, as QEMU's
+ * os_daemonize() does: the parent waits on a pipe and exits 0 only when
+ * the daemon has its nodes, exports and monitors and wrote its pid file
+ * (locked, as qemu_write_pidfile() does), or 1 when the daemon died
+ * first, having printed its error on the stderr it still shared; the
+ * daemon then leaves the terminal (stdio on /dev/null, cwd /).
+ * -T/--trace is accepted as a QEMU built without a tracing backend
+ * accepts it: checked, and ignored.
  * --object works in both forms: it adds to the library's object
  * registry (secrets, TLS credentials, ...), which --tls-creds (qemu-nbd
  * form) or the tls-creds of --nbd-server and QMP nbd-server-start
@@ -44,6 +56,9 @@
 #define SERVE_DEFAULT_PORT "10809"
 #define SERVE_WORKERS      16
 #define SERVE_MAX_EXPORTS  64
+/* The NBD protocol's longest export name or description; qemu-nbd
+ * refuses longer ones when it parses -x and -D. */
+#define SERVE_MAX_STRING   4096
 
 enum {
     SERVE_OPT_CACHE = 300,
@@ -63,6 +78,7 @@ enum {
     SERVE_OPT_CHARDEV,
     SERVE_OPT_MONITOR,
     SERVE_OPT_QMP,
+    SERVE_OPT_DAEMONIZE,
 };
 
 /* The daemon-form options, kept in command-line order per kind. */
@@ -104,11 +120,119 @@ static const struct option serve_long[] = {
     { "chardev", required_argument, NULL, SERVE_OPT_CHARDEV },
     { "monitor", required_argument, NULL, SERVE_OPT_MONITOR },
     { "qmp", required_argument, NULL, SERVE_OPT_QMP },
+    { "daemonize", no_argument, NULL, SERVE_OPT_DAEMONIZE },
+    { "trace", required_argument, NULL, 'T' },
+    { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
 };
 
+/* qemu-nbd's --help, in its layout, with the options this tool takes. */
+static void nbd_usage(void)
+{
+    printf(
+"Usage: qemu-nbd [OPTIONS] FILE\n"
+"QEMU Disk Network Block Device Utility\n"
+"\n"
+"  -h, --help                display this help and exit\n"
+"  -V, --version             output version information and exit\n"
+"\n"
+"Connection properties:\n"
+"  -p, --port=PORT           port to listen on (default `%s')\n"
+"  -b, --bind=IFACE          interface to bind to (default `0.0.0.0')\n"
+"  -k, --socket=PATH         path to the unix socket\n"
+"  -e, --shared=NUM          device can be shared by NUM clients (default '1')\n"
+"  -t, --persistent          don't exit on the last connection\n"
+"  -x, --export-name=NAME    expose export by name (default is empty string)\n"
+"  -D, --description=TEXT    export a human-readable description\n"
+"\n"
+"General purpose options:\n"
+"  --object type,id=ID,...   define an object such as 'secret' for providing\n"
+"                            passwords and/or encryption keys\n"
+"  --tls-creds=ID            use id of an earlier --object to provide TLS\n"
+"  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]\n"
+"                            specify tracing options\n"
+"  --fork                    fork off the server process and exit the parent\n"
+"                            once the server is running\n"
+"  --pid-file=PATH           store the server's process ID in the given file\n"
+"\n"
+"Block device options:\n"
+"  -f, --format=FORMAT       set image format (raw, qcow2, ...)\n"
+"  -r, --read-only           export read-only\n"
+"  -l, --load-snapshot=SNAPSHOT_PARAM\n"
+"                            load an internal snapshot inside FILE and export it\n"
+"                            as an read-only device, SNAPSHOT_PARAM format is\n"
+"                            'snapshot.id=[ID],snapshot.name=[NAME]', or\n"
+"                            '[ID_OR_NAME]'\n"
+"  -n, --nocache             disable host cache\n"
+"      --cache=MODE          set cache mode used to access the disk image, the\n"
+"                            valid options are: 'none', 'writeback' (default),\n"
+"                            'writethrough', 'directsync' and 'unsafe'\n"
+"      --aio=MODE            set AIO mode (native, io_uring or threads)\n"
+"      --discard=MODE        set discard mode (ignore, unmap)\n"
+"      --detect-zeroes=MODE  set detect-zeroes mode (off, on, unmap)\n"
+"      --image-opts          treat FILE as a full set of image options\n",
+           SERVE_DEFAULT_PORT);
+}
+
+/* qemu-storage-daemon's --help, likewise. */
+static void daemon_usage(void)
+{
+    printf(
+"Usage: qemu-storage-daemon [options]\n"
+"QEMU storage daemon\n"
+"\n"
+"  -h, --help             display this help and exit\n"
+"  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]\n"
+"                         specify tracing options\n"
+"  -V, --version          output version information and exit\n"
+"\n"
+"  --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]\n"
+"             [,cache.direct=on|off][,cache.no-flush=on|off]\n"
+"             [,read-only=on|off][,auto-read-only=on|off]\n"
+"             [,force-share=on|off][,detect-zeroes=on|off|unmap]\n"
+"             [,driver specific parameters...]\n"
+"                         configure a block backend\n"
+"\n"
+"  --chardev socket,id=<id>,path=<path>,server=on,wait=off\n"
+"                         configure a character device backend\n"
+"\n"
+"  --daemonize            daemonize the process, and have the parent exit\n"
+"                         once startup is complete\n"
+"\n"
+"  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]\n"
+"           [,writable=on|off]\n"
+"                         export the specified block node over NBD\n"
+"                         (requires --nbd-server)\n"
+"\n"
+"  --monitor [chardev=]name[,mode=control]\n"
+"                         configure a QMP monitor\n"
+"\n"
+"  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>\n"
+"               [,tls-creds=<id>][,max-connections=<n>]\n"
+"  --nbd-server addr.type=unix,addr.path=<path>\n"
+"               [,tls-creds=<id>][,max-connections=<n>]\n"
+"                         start an NBD server for exporting block nodes\n"
+"\n"
+"  --object help          list object types that can be added\n"
+"  --object <type>,help   list properties for the given object type\n"
+"  --object <type>[,<property>=<value>...]\n"
+"                         create a new object of type <type>, setting\n"
+"                         properties in the order they are specified. Note\n"
+"                         that the 'id' property must be set.\n"
+"\n"
+"  --pidfile <path>       write process ID to a file after startup\n");
+}
+
 static void serve_usage(void)
 {
+    if (cli_as == CLI_QEMU_NBD) {
+        nbd_usage();
+        return;
+    }
+    if (cli_as == CLI_QEMU_STORAGE_DAEMON) {
+        daemon_usage();
+        return;
+    }
     printf(
 "Usage: vdisk serve [OPTIONS] FILE [FILE...]\n"
 "       vdisk serve --blockdev ... [--nbd-server ...] [--export ...]\n"
@@ -153,7 +277,114 @@ static void serve_usage(void)
 "                           secret, ...; --object help lists the types\n"
 "      --tls-creds=ID       require TLS with the credentials object ID\n"
 "                           (the daemon form: --nbd-server ...,tls-creds=ID)\n"
+"      --daemonize          daemon form: run in the background once set up\n"
+"      --pidfile=PATH       daemon form: write (and lock) the pid file\n"
+"  -T, --trace [[enable=]PATTERN][,events=FILE][,file=FILE]\n"
+"                           accepted and ignored (no tracing backend)\n"
+"  -V, --version            print the version and exit\n"
 "  -h, --help               this help\n", SERVE_WORKERS);
+}
+
+/*
+ * -n, --cache, --aio, --discard, --detect-zeroes: checked as qemu-nbd
+ * checks them, when they are parsed and in its words, then set in @opts.
+ * @seen holds the bits of the options already given. Returns 0 or -1
+ * after printing the error.
+ */
+static int block_option(vd_opts *opts, int c, const char *arg,
+                        unsigned *seen)
+{
+    static const char *const zero_modes[] = { "off", "on", "unmap", NULL };
+    /* -n is --cache=none: they share a bit. */
+    unsigned bit = c == 'n' ? 0 : (unsigned)(c - SERVE_OPT_CACHE);
+    const char *discard;
+
+    if (c != SERVE_OPT_DETECT_ZEROES && (*seen & (1u << bit))) {
+        cli_error("%s can only be specified once",
+                  c == SERVE_OPT_AIO ? "--aio" :
+                  c == SERVE_OPT_DISCARD ? "--discard" : "-n and --cache");
+        return -1;
+    }
+    *seen |= 1u << bit;
+    switch (c) {
+    case 'n':
+    case SERVE_OPT_CACHE:
+        arg = c == 'n' ? "none" : arg;
+        if (!cli_cache_mode(arg)) {
+            cli_error("Invalid cache mode `%s'", arg);
+            return -1;
+        }
+        return vd_opts_set(opts, "cache", cli_cache_mode(arg));
+    case SERVE_OPT_AIO:
+        if (!cli_aio_mode_valid(arg)) {
+            cli_error("Invalid aio mode '%s'", arg);
+            return -1;
+        }
+        return vd_opts_set(opts, "aio", arg);
+    case SERVE_OPT_DISCARD:
+        if (!cli_discard_mode_valid(arg)) {
+            cli_error("Invalid discard mode `%s'", arg);
+            return -1;
+        }
+        /* qemu-nbd also takes on/off for unmap/ignore. */
+        return vd_opts_set(opts, "discard",
+                           strcmp(arg, "on") == 0 ? "unmap"
+                           : strcmp(arg, "off") == 0 ? "ignore" : arg);
+    default:
+        if (!cli_one_of(arg, zero_modes)) {
+            cli_error("Failed to parse detect_zeroes mode: invalid "
+                      "parameter value: %s", arg);
+            return -1;
+        }
+        /* As qemu-nbd, only a --discard given before counts. */
+        discard = vd_opts_get(opts, "discard");
+        if (strcmp(arg, "unmap") == 0 &&
+            !(discard && strcmp(discard, "unmap") == 0)) {
+            cli_error("setting detect-zeroes to unmap is not allowed "
+                      "without setting discard operation to unmap");
+            return -1;
+        }
+        return vd_opts_set(opts, "detect-zeroes", arg);
+    }
+}
+
+/*
+ * The options each program takes: qemu-nbd has no daemon options,
+ * qemu-storage-daemon only those (and --object, --pidfile, --daemonize,
+ * -T); `vdisk serve` takes both sets and its own --qmp and --workers.
+ */
+static bool serve_opt_allowed(int c, const char *long_name)
+{
+    bool daemon_opt = c >= SERVE_OPT_BLOCKDEV && c <= SERVE_OPT_QMP;
+    bool pidfile = long_name && strcmp(long_name, "pidfile") == 0;
+
+    switch (cli_as) {
+    case CLI_QEMU_NBD:
+        return !daemon_opt && c != SERVE_OPT_WORKERS && !pidfile &&
+               c != SERVE_OPT_DAEMONIZE;
+    case CLI_QEMU_STORAGE_DAEMON:
+        return (daemon_opt && c != SERVE_OPT_QMP) || c == 'h' || c == 'V' ||
+               c == 'T' || c == SERVE_OPT_OBJECT ||
+               c == SERVE_OPT_DAEMONIZE || pidfile;
+    default:
+        return true;
+    }
+}
+
+/* After a bad option: the program's pointer to its --help. */
+static void serve_help_hint(void)
+{
+    switch (cli_as) {
+    case CLI_QEMU_NBD:
+        cli_error("Try `qemu-nbd --help' for more information.");
+        break;
+    case CLI_QEMU_STORAGE_DAEMON:
+        break;      /* qemu-storage-daemon says nothing more */
+    default:
+        fprintf(stderr, "Try '%s --help' for more information.\n",
+                cli_prog);
+        break;
+    }
 }
 
 static vd_nbd_server *the_server;
@@ -203,14 +434,14 @@ static int write_pidfile(const char *path)
     FILE *f = fopen(path, "w");
 
     if (!f) {
-        fprintf(stderr, "vdisk serve: cannot write pid file '%s': %s\n",
-                path, strerror(errno));
+        cli_error("cannot write pid file '%s': %s",
+                  path, strerror(errno));
         return -1;
     }
     fprintf(f, "%ld\n", (long)getpid());
     if (fclose(f) != 0) {
-        fprintf(stderr, "vdisk serve: cannot write pid file '%s': %s\n",
-                path, strerror(errno));
+        cli_error("cannot write pid file '%s': %s",
+                  path, strerror(errno));
         return -1;
     }
     return 0;
@@ -228,7 +459,191 @@ static void wait_for_child(int rfd)
     _exit(n == 1 && c == 'R' ? 0 : 1);
 }
 
+/* -T/--trace as QEMU built with the "nop" backend takes it: the
+ * syntax is checked, an events file must be readable (QEMU reads it and
+ * only warns), and file= is refused as such a build refuses it. */
+static int check_trace_opt(const char *arg)
+{
+    char *copy = strdup(arg), *save = NULL;
+    int ret = 0;
+
+    if (!copy) {
+        return -1;
+    }
+    for (char *tok = strtok_r(copy, ",", &save); tok && ret == 0;
+         tok = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(tok, '=');
+        /* The first item may be a bare pattern (QemuOpts' implied key). */
+        if ((!eq && tok == copy) || strncmp(tok, "enable=", 7) == 0) {
+            continue;
+        }
+        if (strncmp(tok, "events=", 7) == 0) {
+            FILE *f = fopen(eq + 1, "r");
+            if (!f) {
+                /* qemu-nbd's own format, without the space. */
+                fprintf(stderr, "%s:%s: %s\n", cli_prog, eq + 1,
+                        strerror(errno));
+            } else {
+                fclose(f);
+            }
+            continue;
+        }
+        if (strncmp(tok, "file=", 5) == 0) {
+            fprintf(stderr, "error: --trace file=...: option not supported "
+                    "by the selected tracing backends\n");
+            ret = -1;
+            continue;
+        }
+        if (eq) {
+            *eq = '\0';
+        }
+        cli_error("--trace %s: Invalid parameter '%s'",
+                  arg, tok);
+        ret = -1;
+    }
+    free(copy);
+    return ret;
+}
+
+static void print_serve_version(void)
+{
+    /* "version X.Y.Z" as QEMU's tools print it, for scripts that parse
+     * it: the QEMU release whose behaviour vdisk follows. */
+    printf("vdisk serve version 7.2.0 (vdisk %s)\n"
+           "Command-line compatible with qemu-storage-daemon and qemu-nbd "
+           "version 7.2\n", vd_version());
+}
+
+/* The daemon form's pid file, as qemu_write_pidfile(): created without
+ * truncation, locked with a record lock that lives as long as the
+ * process (so a second daemon given the same file is refused), checked
+ * to still be the file at @path, then truncated and written. The lock's
+ * descriptor stays open on purpose. */
+static int write_locked_pidfile(const char *path)
+{
+    char buf[32];
+    int fd;
+
+    for (;;) {
+        struct stat a, b;
+        struct flock lk = { .l_type = F_WRLCK, .l_whence = SEEK_SET };
+
+        fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+        if (fd < 0) {
+            cli_error("cannot create PID file: Could not "
+                      "create '%s': %s", path, strerror(errno));
+            return -1;
+        }
+        if (fstat(fd, &b) < 0) {
+            cli_error("cannot create PID file: Cannot "
+                      "stat file: %s", strerror(errno));
+            close(fd);
+            return -1;
+        }
+        if (fcntl(fd, F_SETLK, &lk) < 0) {
+            cli_error("cannot create PID file: Cannot "
+                      "lock pid file: %s", strerror(errno));
+            close(fd);
+            return -1;
+        }
+        /* Someone may have replaced the file between open and lock. */
+        if (stat(path, &a) == 0 && a.st_ino == b.st_ino &&
+            a.st_dev == b.st_dev) {
+            break;
+        }
+        close(fd);
+    }
+    snprintf(buf, sizeof(buf), "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) < 0 ||
+        write(fd, buf, strlen(buf)) != (ssize_t)strlen(buf)) {
+        cli_error("cannot create PID file: Failed to "
+                  "write pid file");
+        unlink(path);
+        close(fd);
+        return -1;
+    }
+    return 0;
+}
+
+/* --daemonize, first half (QEMU's os_daemonize()): returns in the
+ * daemon with the write end of the parent's pipe in *@ready; the parent
+ * never returns. */
+static int daemonize_start(int *ready)
+{
+    int fds[2];
+    pid_t pid;
+
+    if (pipe2(fds, O_CLOEXEC) < 0) {
+        cli_error("pipe: %s", strerror(errno));
+        return -1;
+    }
+    fflush(NULL);
+    pid = fork();
+    if (pid < 0) {
+        cli_error("fork: %s", strerror(errno));
+        return -1;
+    }
+    if (pid > 0) {
+        unsigned char st = 1;
+        ssize_t n;
+        close(fds[1]);
+        do {
+            n = read(fds[0], &st, 1);
+        } while (n < 0 && errno == EINTR);
+        _exit(n == 1 && st == 0 ? 0 : 1);
+    }
+    close(fds[0]);
+    setsid();
+    /* A second fork, so the daemon is no session leader and can never
+     * acquire a controlling terminal. */
+    pid = fork();
+    if (pid < 0) {
+        _exit(1);
+    }
+    if (pid > 0) {
+        _exit(0);
+    }
+    umask(027);
+    signal(SIGTSTP, SIG_IGN);
+    signal(SIGTTOU, SIG_IGN);
+    signal(SIGTTIN, SIG_IGN);
+    *ready = fds[1];
+    return 0;
+}
+
+/* --daemonize, second half (QEMU's os_setup_post()): the daemon is set
+ * up; leave the terminal and release the parent with success. */
+static int daemonize_finish(int ready)
+{
+    unsigned char st = 0;
+    int fd;
+
+    if (chdir("/") < 0) {
+        cli_error("not able to chdir to /: %s",
+                  strerror(errno));
+        return -1;
+    }
+    fd = open("/dev/null", O_RDWR);
+    if (fd < 0) {
+        return -1;
+    }
+    dup2(fd, 0);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    close(fd);
+    if (write(ready, &st, 1) != 1) {
+        return -1;
+    }
+    close(ready);
+    return 0;
+}
+
 /* ---- the daemon form ---- */
+
+static void daemon_report(const char *msg)
+{
+    cli_error("%s", msg);
+}
 
 static qmp_daemon *the_daemon;
 
@@ -276,7 +691,7 @@ static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
 
     args = qmp_parse_cli_object(str, NULL, &err);
     if (!args) {
-        fprintf(stderr, "vdisk serve: %s %s: %s\n", opt, str, err.message);
+        cli_error("%s %s: %s", opt, str, err.message);
         return -1;
     }
     if (fix) {
@@ -285,7 +700,17 @@ static int daemon_apply(qmp_daemon *d, const char *opt, const char *cmd,
     ret = qmp_daemon_execute(d, cmd, args, str[0] != '{', &e);
     json_object_put(args);
     if (!ret) {
-        fprintf(stderr, "vdisk serve: %s %s: %s\n", opt, str, e.desc);
+        /* QEMU names the option with its value ("--blockdev ARG: "). The
+         * schema checked nbd_addr_to_legacy()'s form: name the member as
+         * qemu-storage-daemon does ('addr.path', not 'addr.data.path';
+         * the union's tag is plain 'type'). */
+        char *legacy = fix ? strstr(e.desc, "'addr.data.") : NULL;
+        if (legacy) {
+            memmove(legacy + 6, legacy + 11, strlen(legacy + 11) + 1);
+        } else if (fix && (legacy = strstr(e.desc, "'addr.type'"))) {
+            memmove(legacy + 1, legacy + 6, strlen(legacy + 6) + 1);
+        }
+        cli_error("%s %s: %s", opt, str, e.desc);
         return -1;
     }
     json_object_put(ret);
@@ -343,6 +768,15 @@ static const char *chardev_path(json_object *const *chardevs, int n,
     return NULL;
 }
 
+/* QEMU's character device backends: vdisk has only 'socket', and says
+ * so; another name is no backend at all. */
+static const char *const chardev_backends[] = {
+    "socket", "null", "udp", "ringbuf", "memory", "file", "pipe", "pty",
+    "stdio", "serial", "tty", "parallel", "parport", "msmouse", "wctablet",
+    "braille", "testdev", "spicevmc", "spiceport", "qemu-vdagent", "dbus",
+    "vc", NULL,
+};
+
 static int daemon_monitors(qmp_daemon *d, const char *const *opts,
                            const int *n)
 {
@@ -355,16 +789,22 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
         json_object *o = qmp_parse_cli_object(str, "backend", &err);
         json_object *v;
         if (!o) {
-            fprintf(stderr, "vdisk serve: --chardev: %s\n", err.message);
+            cli_error("--chardev %s: %s", str, err.message);
             goto out;
         }
         chardevs[nc++] = o;
+        if (json_object_object_get_ex(o, "backend", &v) &&
+            !cli_one_of(json_object_get_string(v), chardev_backends)) {
+            cli_error("--chardev %s: '%s' is not a valid char driver name",
+                      str, json_object_get_string(v));
+            goto out;
+        }
         if (!json_object_object_get_ex(o, "backend", &v) ||
             strcmp(json_object_get_string(v), "socket") != 0 ||
             !json_object_object_get_ex(o, "path", &v) ||
             !json_object_object_get_ex(o, "id", &v)) {
-            fprintf(stderr, "vdisk serve: --chardev: only 'socket,id=ID,"
-                    "path=PATH,server=on,wait=off' is supported\n");
+            cli_error("--chardev %s: only 'socket,id=ID,path=PATH,"
+                      "server=on,wait=off' is supported", str);
             goto out;
         }
     }
@@ -374,20 +814,26 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
         json_object *v;
         const char *path;
         if (!o) {
-            fprintf(stderr, "vdisk serve: --monitor: %s\n", err.message);
+            cli_error("--monitor %s: %s", str, err.message);
+            goto out;
+        }
+        if (json_object_object_get_ex(o, "mode", &v) &&
+            strcmp(json_object_get_string(v), "control") != 0) {
+            cli_error("--monitor %s: Only QMP is supported", str);
+            json_object_put(o);
             goto out;
         }
         path = json_object_object_get_ex(o, "chardev", &v)
                ? chardev_path(chardevs, nc, json_object_get_string(v)) : NULL;
         if (!path) {
-            fprintf(stderr, "vdisk serve: --monitor: chardev '%s' not "
-                    "found\n", v ? json_object_get_string(v) : "");
+            cli_error("--monitor %s: chardev \"%s\" not found", str,
+                      v ? json_object_get_string(v) : "");
             json_object_put(o);
             goto out;
         }
         vd_error_clear(&err);
         if (qmp_daemon_add_monitor(d, path, &err) < 0) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            cli_error("%s", err.message);
             json_object_put(o);
             goto out;
         }
@@ -398,20 +844,19 @@ static int daemon_monitors(qmp_daemon *d, const char *const *opts,
         char path[4096];
         size_t len;
         if (strncmp(str, "unix:", 5) != 0) {
-            fprintf(stderr, "vdisk serve: --qmp: only unix:PATH is "
-                    "supported\n");
+            cli_error("--qmp %s: only unix:PATH is supported", str);
             goto out;
         }
         len = strcspn(str + 5, ",");
         if (len == 0 || len >= sizeof(path)) {
-            fprintf(stderr, "vdisk serve: --qmp: bad socket path\n");
+            cli_error("--qmp %s: bad socket path", str);
             goto out;
         }
         memcpy(path, str + 5, len);
         path[len] = '\0';
         vd_error_clear(&err);
         if (qmp_daemon_add_monitor(d, path, &err) < 0) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            cli_error("%s", err.message);
             goto out;
         }
     }
@@ -424,14 +869,21 @@ out:
 }
 
 static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
-                        const int *n, const char *pidfile)
+                        const int *n, const char *pidfile, bool daemonize)
 {
-    qmp_daemon *d = qmp_daemon_new();
+    qmp_daemon *d;
     struct sigaction sa;
-    int ret = 1;
+    int ret = 1, ready = -1;
+
+    /* Before anything is opened: nodes must not be open across fork(). */
+    if (daemonize && daemonize_start(&ready) < 0) {
+        return 1;
+    }
+    d = qmp_daemon_new();
+    qmp_set_reporter(daemon_report);
 
     if (!d) {
-        fprintf(stderr, "vdisk serve: out of memory\n");
+        cli_error("out of memory");
         return 1;
     }
     for (int i = 0; i < n[D_BLOCKDEV]; i++) {
@@ -455,7 +907,16 @@ static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
     if (daemon_monitors(d, &opts[0][0], n) < 0) {
         goto out;
     }
-    if (pidfile && write_pidfile(pidfile) < 0) {
+    /* As qemu-storage-daemon: after the nodes, servers, exports and
+     * monitors, before any connection is accepted (the monitors' and the
+     * NBD server's threads are running but nothing was served). */
+    if (pidfile && write_locked_pidfile(pidfile) < 0) {
+        goto out;
+    }
+    if (ready >= 0 && daemonize_finish(ready) < 0) {
+        if (pidfile) {
+            unlink(pidfile);
+        }
         goto out;
     }
     the_daemon = d;
@@ -506,26 +967,64 @@ int cmd_serve(int argc, char **argv)
     struct sigaction sa;
     const char *daemon_opts[D_KINDS][SERVE_MAX_DAEMON_OPTS];
     int ndaemon[D_KINDS] = { 0 };
-    bool daemon_mode = false;
+    int longidx = -1;
+    unsigned seen_block_opts = 0;
+    /* qemu-storage-daemon is the daemon form even with no options. */
+    bool daemon_mode = cli_as == CLI_QEMU_STORAGE_DAEMON, daemonize = false;
+
+    if (cli_as == CLI_VDISK) {
+        cli_set_prog("vdisk serve");
+    }
 
     opts = vd_opts_new();
     objects = calloc((size_t)argc + 1, sizeof(*objects));
     if (!opts || !objects) {
-        fprintf(stderr, "vdisk serve: out of memory\n");
+        cli_error("out of memory");
         vd_opts_free(&opts);
         free(objects);
         return 1;
     }
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:n", serve_long,
-                            NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:nT:V", serve_long,
+                            &longidx)) != -1) {
+        if (c != ':' && c != '?' &&
+            !serve_opt_allowed(c, longidx >= 0 ? serve_long[longidx].name
+                                               : NULL)) {
+            /* Another program's option: unknown to this one. */
+            cli_foreign_option_error(c, longidx, argv);
+            serve_help_hint();
+            goto out;
+        }
+        longidx = -1;
         switch (c) {
         case 'h':
             serve_usage();
             ret = 0;
             goto out;
+        case 'V':
+            if (cli_as == CLI_VDISK) {
+                print_serve_version();
+            } else {
+                cli_print_qemu_version();
+            }
+            ret = 0;
+            goto out;
+        case 'T':
+            if (check_trace_opt(optarg) < 0) {
+                goto out;
+            }
+            break;
+        case SERVE_OPT_DAEMONIZE:
+            /* Alone it makes an idle daemon, as qemu-storage-daemon. */
+            daemonize = true;
+            daemon_mode = true;
+            break;
         case 'k':
             sockpath = optarg;
+            if (cli_as == CLI_QEMU_NBD && sockpath[0] != '/') {
+                cli_error("socket path must be absolute");
+                goto out;
+            }
             break;
         case 'b':
             bind_addr = optarg;
@@ -535,8 +1034,8 @@ int cmd_serve(int argc, char **argv)
             break;
         case 'e':
             if (parse_uint(optarg, 65535, &shared) < 0) {
-                fprintf(stderr, "vdisk serve: Invalid shared device number "
-                        "'%s'\n", optarg);
+                cli_error("Invalid shared device number "
+                          "'%s'", optarg);
                 goto out;
             }
             break;
@@ -548,14 +1047,22 @@ int cmd_serve(int argc, char **argv)
             break;
         case 'x':
             if (nnames == SERVE_MAX_EXPORTS) {
-                fprintf(stderr, "vdisk serve: too many export names\n");
+                cli_error("too many export names");
+                goto out;
+            }
+            if (strlen(optarg) > SERVE_MAX_STRING) {
+                cli_error("export name '%s' too long", optarg);
                 goto out;
             }
             names[nnames++] = optarg;
             break;
         case 'D':
             if (ndescs == SERVE_MAX_EXPORTS) {
-                fprintf(stderr, "vdisk serve: too many descriptions\n");
+                cli_error("too many descriptions");
+                goto out;
+            }
+            if (strlen(optarg) > SERVE_MAX_STRING) {
+                cli_error("export description '%s' too long", optarg);
                 goto out;
             }
             descs[ndescs++] = optarg;
@@ -569,22 +1076,13 @@ int cmd_serve(int argc, char **argv)
             read_only = true;
             break;
         case 'n':
-            vd_opts_set(opts, "cache", "none");
-            break;
         case SERVE_OPT_CACHE:
-            vd_opts_set(opts, "cache", optarg);
-            break;
         case SERVE_OPT_AIO:
-            vd_opts_set(opts, "aio", optarg);
-            break;
         case SERVE_OPT_DISCARD:
-            /* qemu-nbd also takes on/off for unmap/ignore. */
-            vd_opts_set(opts, "discard",
-                        strcmp(optarg, "on") == 0 ? "unmap"
-                        : strcmp(optarg, "off") == 0 ? "ignore" : optarg);
-            break;
         case SERVE_OPT_DETECT_ZEROES:
-            vd_opts_set(opts, "detect-zeroes", optarg);
+            if (block_option(opts, c, optarg, &seen_block_opts) < 0) {
+                goto out;
+            }
             break;
         case SERVE_OPT_PIDFILE:
             pidfile = optarg;
@@ -606,15 +1104,15 @@ int cmd_serve(int argc, char **argv)
                     printf("Available chardev backend types: \n  socket\n");
                     ret = 0;
                 } else {
-                    fprintf(stderr, "vdisk serve: %s %s: Help is not "
-                            "available for this option\n",
-                            daemon_opt_names[k], optarg);
+                    cli_error("%s %s: Help is not "
+                              "available for this option",
+                              daemon_opt_names[k], optarg);
                 }
                 goto out;
             }
             if (ndaemon[k] == SERVE_MAX_DAEMON_OPTS) {
-                fprintf(stderr, "vdisk serve: too many %s options\n",
-                        daemon_opt_names[k]);
+                cli_error("too many %s options",
+                          daemon_opt_names[k]);
                 goto out;
             }
             daemon_opts[k][ndaemon[k]++] = optarg;
@@ -623,8 +1121,8 @@ int cmd_serve(int argc, char **argv)
         }
         case SERVE_OPT_WORKERS:
             if (parse_uint(optarg, 1024, &workers) < 0 || workers == 0) {
-                fprintf(stderr, "vdisk serve: invalid worker count '%s'\n",
-                        optarg);
+                cli_error("invalid worker count '%s'",
+                          optarg);
                 goto out;
             }
             break;
@@ -640,17 +1138,9 @@ int cmd_serve(int argc, char **argv)
         case SERVE_OPT_IMAGE_OPTS:
             image_opts = true;
             break;
-        case ':':
-            fprintf(stderr, "vdisk serve: option '%s' requires an argument\n",
-                    argv[optind - 1]);
-            fprintf(stderr, "Try 'vdisk serve --help' for more "
-                    "information.\n");
-            goto out;
-        default:
-            fprintf(stderr, "vdisk serve: unrecognized option '%s'\n",
-                    argv[optind - 1]);
-            fprintf(stderr, "Try 'vdisk serve --help' for more "
-                    "information.\n");
+        default:    /* ':' or '?' */
+            cli_getopt_error(c, argv);
+            serve_help_hint();
             goto out;
         }
     }
@@ -659,26 +1149,26 @@ int cmd_serve(int argc, char **argv)
         goto out;
     }
     if (tls_authz && !tls_creds) {
-        fprintf(stderr, "vdisk serve: --tls-authz is not permitted without "
-                "--tls-creds\n");
+        cli_error("--tls-authz is not permitted without "
+                  "--tls-creds");
         goto out;
     }
     if (tls_authz) {
         /* The authorization objects exist (vd_authz_is_allowed()), but
          * the NBD server does not ask them yet: serving without the
          * check would let in clients the caller means to keep out. */
-        fprintf(stderr, "vdisk serve: --tls-authz is not supported yet: the "
-                "NBD server cannot check client identities\n");
+        cli_error("--tls-authz is not supported yet: the "
+                  "NBD server cannot check client identities");
         goto out;
     }
     if (image_opts && fmt) {
-        fprintf(stderr, "vdisk serve: --image-opts and -f are mutually "
-                "exclusive\n");
+        cli_error("--image-opts and -f are mutually "
+                  "exclusive");
         goto out;
     }
     if (daemon_mode && tls_creds) {
-        fprintf(stderr, "vdisk serve: --tls-creds is qemu-nbd's option; give "
-                "the daemon --nbd-server ...,tls-creds=ID\n");
+        cli_error("--tls-creds is qemu-nbd's option; give "
+                  "the daemon --nbd-server ...,tls-creds=ID");
         goto out;
     }
     if (tls_creds) {
@@ -686,61 +1176,70 @@ int cmd_serve(int argc, char **argv)
         vd_error_clear(&err);
         creds = vd_nbd_tls_creds_get(tls_creds, &err);
         if (!creds) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            cli_error("Failed to get TLS creds: %s", err.message);
             goto out;
         }
         if (!vd_nbd_tls_creds_is_server(creds)) {
-            fprintf(stderr, "vdisk serve: Expecting TLS credentials with a "
-                    "server endpoint\n");
+            cli_error("Failed to get TLS creds: Expecting TLS credentials "
+                      "with a server endpoint");
             goto out;
         }
     }
     if (daemon_mode) {
-        if (argc - optind > 0 || do_fork) {
-            fprintf(stderr, "vdisk serve: image arguments and --fork do not "
-                    "combine with the daemon options\n");
+        if (cli_as == CLI_QEMU_STORAGE_DAEMON && argc - optind > 0) {
+            cli_error("%s: Unexpected argument", argv[optind]);
             goto out;
         }
-        ret = serve_daemon(daemon_opts, ndaemon, pidfile);
+        if (argc - optind > 0 || do_fork) {
+            cli_error("image arguments and --fork do not "
+                      "combine with the daemon options");
+            goto out;
+        }
+        ret = serve_daemon(daemon_opts, ndaemon, pidfile, daemonize);
         goto out;
     }
 
     nimages = argc - optind;
+    if (cli_as == CLI_QEMU_NBD && nimages != 1) {
+        cli_error("Invalid number of arguments");
+        fprintf(stderr, "Try `qemu-nbd --help' for more information.\n");
+        goto out;
+    }
     if (nimages < 1) {
-        fprintf(stderr, "vdisk serve: Not enough arguments\n"
-                "Try 'vdisk serve --help' for more information.\n");
+        cli_error("Not enough arguments");
+        serve_help_hint();
         goto out;
     }
     if (nimages > SERVE_MAX_EXPORTS) {
-        fprintf(stderr, "vdisk serve: at most %d images\n",
-                SERVE_MAX_EXPORTS);
+        cli_error("at most %d images",
+                  SERVE_MAX_EXPORTS);
         goto out;
     }
     if (nimages > 1 && nnames != (unsigned)nimages) {
-        fprintf(stderr, "vdisk serve: give one -x NAME per image when "
-                "exporting %d images\n", nimages);
+        cli_error("give one -x NAME per image when "
+                  "exporting %d images", nimages);
         goto out;
     }
     if (nnames > (unsigned)nimages || ndescs > (unsigned)nimages) {
-        fprintf(stderr, "vdisk serve: more -x/-D options than images\n");
+        cli_error("more -x/-D options than images");
         goto out;
     }
     srv = vd_nbd_server_new(workers, shared, persistent);
     if (!srv) {
-        fprintf(stderr, "vdisk serve: out of memory\n");
+        cli_error("out of memory");
         goto out;
     }
     vd_nbd_server_set_tls(srv, creds);
     creds = NULL;
     if (sockpath &&
         vd_nbd_server_listen_unix(srv, sockpath, &err) < 0) {
-        fprintf(stderr, "vdisk serve: %s\n", err.message);
+        cli_error("%s", err.message);
         goto out;
     }
     if ((!sockpath || bind_addr || port) &&
         vd_nbd_server_listen_tcp(srv, bind_addr ? bind_addr : "0.0.0.0",
                                  port ? port : SERVE_DEFAULT_PORT, &err) < 0) {
-        fprintf(stderr, "vdisk serve: %s\n", err.message);
+        cli_error("%s", err.message);
         goto out;
     }
 
@@ -750,12 +1249,12 @@ int cmd_serve(int argc, char **argv)
 
         fflush(NULL);
         if (pipe2(pfd, O_CLOEXEC) < 0) {
-            fprintf(stderr, "vdisk serve: pipe: %s\n", strerror(errno));
+            cli_error("pipe: %s", strerror(errno));
             goto out;
         }
         pid = fork();
         if (pid < 0) {
-            fprintf(stderr, "vdisk serve: fork: %s\n", strerror(errno));
+            cli_error("fork: %s", strerror(errno));
             goto out;
         }
         if (pid > 0) {
@@ -786,10 +1285,10 @@ int cmd_serve(int argc, char **argv)
         }
         if (r < 0) {
             /* qemu-nbd's words, naming the file. */
-            fprintf(stderr, "vdisk serve: Failed to blk_new_open '%s': %s\n",
-                    file, err.message[0]
-                          ? cli_strip_filename(err.message, file)
-                          : strerror(-r));
+            cli_error("Failed to blk_new_open '%s': %s",
+                      file, err.message[0]
+                            ? cli_strip_filename(err.message, file)
+                            : strerror(-r));
             cli_print_hint(&err);
             goto out;
         }
@@ -800,7 +1299,7 @@ int cmd_serve(int argc, char **argv)
         if (vd_nbd_server_add_export(srv, nnames > (unsigned)i ? names[i] : "",
                                      ndescs > (unsigned)i ? descs[i] : NULL,
                                      nodes[i], &err) < 0) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            cli_error("%s", err.message);
             cli_print_hint(&err);
             goto out;
         }
@@ -838,7 +1337,7 @@ int cmd_serve(int argc, char **argv)
 
     vd_error_clear(&err);
     if (vd_nbd_server_run(srv, &err) < 0) {
-        fprintf(stderr, "vdisk serve: %s\n", err.message);
+        cli_error("%s", err.message);
     } else {
         ret = 0;
     }
@@ -849,7 +1348,7 @@ out:
     for (int i = 0; i < nimages && i < SERVE_MAX_EXPORTS; i++) {
         vd_error_clear(&err);
         if (nodes[i] && vd_close(&nodes[i], &err) < 0) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            cli_error("%s", err.message);
             ret = 1;
         }
     }

@@ -1,5 +1,7 @@
 /*
- * `vdisk io`: qemu-io's command set over the public vdisk API.
+ * `vdisk io`: qemu-io's command set over the public vdisk API. Invoked as
+ * qemu-io (docs/compat.md) it is that tool: qemu-io's name in messages,
+ * help and version, and without vdisk io's -l, -o and randrw.
  *
  * The output of every command is meant to be byte-for-byte what qemu-io
  * 7.2 prints (timings aside), so tests can diff the two tools. The file is
@@ -124,7 +126,7 @@ static void report_vd_error(const vd_error *err)
 {
     if (err->code != 0 && err->message[0]) {
         fflush(stdout);
-        fprintf(stderr, "vdisk: %s\n", err->message);
+        cli_error("%s", err->message);
     }
 }
 
@@ -200,8 +202,8 @@ static int64_t cvtnum(const char *s)
         p++;
         if (hex) {
             fflush(stdout);
-            fprintf(stderr, "vdisk: warning: Using a multiplier suffix on "
-                    "hex numbers is deprecated: %s\n", s);
+            cli_warn("Using a multiplier suffix on "
+                     "hex numbers is deprecated: %s", s);
         }
     }
     if (*p) {
@@ -1273,8 +1275,8 @@ static int truncate_f(int argc, char **argv)
             }
             if (i == 4) {
                 fflush(stdout);
-                fprintf(stderr, "vdisk: Invalid preallocation mode '%s'\n",
-                        optarg);
+                cli_error("Invalid preallocation mode '%s'",
+                          optarg);
                 return -EINVAL;
             }
             prealloc = (vd_prealloc)i;
@@ -1297,8 +1299,8 @@ static int truncate_f(int argc, char **argv)
     wait_end(held);
     if (ret < 0) {
         fflush(stdout);
-        fprintf(stderr, "vdisk: %s\n",
-                err.message[0] ? err.message : strerror(-ret));
+        cli_error("%s",
+                  err.message[0] ? err.message : strerror(-ret));
         cli_print_hint(&err);
     }
     return ret;
@@ -1392,23 +1394,6 @@ static void dump_json(int indent, json_object *o)
     }
 }
 
-/*
- * qcow2's VM state lives right after the guest-visible L1 range: the
- * first L1 index past the disk, in bytes (qcow2_vm_state_offset()).
- */
-static uint64_t qcow2_vm_state_offset(const vd_image_info *info,
-                                      bool extended_l2)
-{
-    uint64_t cs = info->cluster_size;
-    uint64_t per_l1;
-
-    if (cs < 512 || cs > (2u << 20)) {
-        return 0;
-    }
-    per_l1 = cs * (cs / (extended_l2 ? 16 : 8));
-    return (info->virtual_size + per_l1 - 1) / per_l1 * per_l1;
-}
-
 static int info_f(int argc, char **argv)
 {
     const char *fmt = vd_node_format(io.node);
@@ -1416,7 +1401,6 @@ static int info_f(int argc, char **argv)
     json_object *spec = NULL, *data = NULL;
     vd_error err = VD_ERROR_INIT;
     char s1[64], s2[64];
-    uint64_t vmstate = 0;
     int ret;
 
     (void)argc;
@@ -1437,15 +1421,8 @@ static int info_f(int argc, char **argv)
             data = NULL;
         }
     }
-    if (!strcmp(fmt, "qcow2")) {
-        json_object *ext;
-        bool extended = data && json_object_object_get_ex(data, "extended-l2",
-                                                          &ext) &&
-                        json_object_get_boolean(ext);
-        vmstate = qcow2_vm_state_offset(info, extended);
-    }
     cvtstr((double)info->cluster_size, s1, sizeof(s1));
-    cvtstr((double)vmstate, s2, sizeof(s2));
+    cvtstr((double)info->vm_state_offset, s2, sizeof(s2));
     printf("cluster size: %s\n", s1);
     printf("vm state offset: %s\n", s2);
     if (data) {
@@ -1579,8 +1556,8 @@ static int map_f(int argc, char **argv)
     (void)argv;
     if (bytes < 0) {
         fflush(stdout);
-        fprintf(stderr, "vdisk: Failed to query image length: %s\n",
-                strerror((int)-bytes));
+        cli_error("Failed to query image length: %s",
+                  strerror((int)-bytes));
         return (int)bytes;
     }
     while (bytes) {
@@ -1589,8 +1566,8 @@ static int map_f(int argc, char **argv)
 
         if (ret < 0) {
             fflush(stdout);
-            fprintf(stderr, "vdisk: Failed to get allocation status: %s\n",
-                    strerror(-ret));
+            cli_error("Failed to get allocation status: %s",
+                      strerror(-ret));
             return ret;
         }
         /* Merge following extents with the same answer. */
@@ -1603,7 +1580,7 @@ static int map_f(int argc, char **argv)
         }
         if (!num) {
             fflush(stdout);
-            fprintf(stderr, "vdisk: Unexpected end of image\n");
+            cli_error("Unexpected end of image");
             return -EIO;
         }
         cvtstr((double)num, s1, sizeof(s1));
@@ -1961,6 +1938,28 @@ static bool valid_cache_mode(const char *mode)
     return false;
 }
 
+/* qemu-io opens every image with BDRV_O_UNMAP: discards and zero writes
+ * with -u may free clusters and punch holes, unless -d says otherwise. */
+static int set_default_discard(vd_opts *opts)
+{
+    if (vd_opts_get(opts, "discard")) {
+        return 0;
+    }
+    return vd_opts_set(opts, "discard", "unmap");
+}
+
+/* -d (discard) and -i (aio) of qemu-io and of its open command: whether
+ * the mode is one qemu takes; if not, prints qemu-io's message. */
+static bool check_mode_option(int c, const char *mode)
+{
+    if (c == 'd' ? cli_discard_mode_valid(mode) : cli_aio_mode_valid(mode)) {
+        return true;
+    }
+    fflush(stdout);
+    cli_error("Invalid %s option: %s", c == 'd' ? "discard" : "aio", mode);
+    return false;
+}
+
 /* Opens @name into io.node; prints qemu-io's message on failure. */
 static int open_image(const char *name, const open_args *a)
 {
@@ -1996,8 +1995,7 @@ static int open_image(const char *name, const open_args *a)
         vd_opts *all;
         if (a->format) {
             fflush(stdout);
-            fprintf(stderr, "vdisk: --image-opts and -f are mutually "
-                    "exclusive\n");
+            cli_error("--image-opts and -f are mutually exclusive");
             ret = -EINVAL;
             goto out;
         }
@@ -2011,17 +2009,20 @@ static int open_image(const char *name, const open_args *a)
         opts = all;
         filename = NULL;
     }
-    ret = vd_open(&io.node, filename, format, opts, flags, &err);
+    ret = set_default_discard(opts);
+    if (ret == 0) {
+        ret = vd_open(&io.node, filename, format, opts, flags, &err);
+    }
     if (ret < 0) {
         goto fail;
     }
     goto out;
 fail:
     fflush(stdout);
-    /* qemu-io names the device unless it was given as options. */
-    fprintf(stderr, "vdisk: can't open%s%s: %s\n",
-            a->image_opts ? "" : " device ", a->image_opts ? "" : name,
-            err.message[0] ? err.message : strerror(-ret));
+    /* As qemu-io: an option string is no device name. */
+    cli_error("can't open%s%s: %s", a->image_opts ? "" : " device ",
+              a->image_opts ? "" : name,
+              err.message[0] ? err.message : strerror(-ret));
     cli_print_hint(&err);
 out:
     vd_opts_free(&opts);
@@ -2071,7 +2072,7 @@ static int open_f(int argc, char **argv)
             }
             if ((ret = vd_opts_parse(a.opts, optarg, NULL, &err)) < 0) {
                 fflush(stdout);
-                fprintf(stderr, "vdisk: %s\n", err.message);
+                cli_error("%s", err.message);
                 vd_opts_free(&a.opts);
                 return ret;
             }
@@ -2079,17 +2080,20 @@ static int open_f(int argc, char **argv)
         case 't':
             if (!valid_cache_mode(optarg)) {
                 fflush(stdout);
-                fprintf(stderr, "vdisk: Invalid cache option: %s\n", optarg);
+                cli_error("Invalid cache option: %s", optarg);
                 vd_opts_free(&a.opts);
                 return -EINVAL;
             }
             a.cache = optarg;
             break;
         case 'd':
-            a.discard = optarg;
-            break;
         case 'i':
-            a.aio = optarg;
+            /* Checked as parsed, in qemu-io's words. */
+            if (!check_mode_option(c, optarg)) {
+                vd_opts_free(&a.opts);
+                return -EINVAL;
+            }
+            *(c == 'd' ? &a.discard : &a.aio) = optarg;
             break;
         case 'U':
             a.force_share = true;
@@ -2101,7 +2105,7 @@ static int open_f(int argc, char **argv)
     }
     if (io.node) {
         fflush(stdout);
-        fprintf(stderr, "file open already, try 'help close'\n");
+        cli_error("file open already, try 'help close'");
         vd_opts_free(&a.opts);
         return -EBUSY;
     }
@@ -2411,11 +2415,20 @@ static const cmdinfo cmdtab[] = {
 
 #define NCMDS (sizeof(cmdtab) / sizeof(cmdtab[0]))
 
+/* randrw is vdisk io's own: qemu-io has no such command. */
+static bool command_hidden(const cmdinfo *ct)
+{
+    return cli_as == CLI_QEMU_IO && ct->fn == randrw_f;
+}
+
 static const cmdinfo *find_command(const char *name)
 {
     size_t i;
 
     for (i = 0; i < NCMDS; i++) {
+        if (command_hidden(&cmdtab[i])) {
+            continue;
+        }
         if (!strcmp(cmdtab[i].name, name) ||
             (cmdtab[i].altname && !strcmp(cmdtab[i].altname, name))) {
             return &cmdtab[i];
@@ -2440,7 +2453,9 @@ static int help_f(int argc, char **argv)
 
     if (argc == 1) {
         for (i = 0; i < NCMDS; i++) {
-            help_oneline(cmdtab[i].name, &cmdtab[i]);
+            if (!command_hidden(&cmdtab[i])) {
+                help_oneline(cmdtab[i].name, &cmdtab[i]);
+            }
         }
         printf("\nUse 'help commandname' for extended help.\n");
         return 0;
@@ -2524,7 +2539,7 @@ static int run_command(const char *line)
     }
     if ((ct->flags & CMD_WRITE) && io.node && vd_node_is_read_only(io.node)) {
         fflush(stdout);
-        fprintf(stderr, "vdisk: Block node is read-only\n");
+        cli_error("Block node is read-only");
         ret = -EPERM;
         goto out;
     }
@@ -2555,8 +2570,8 @@ static int command_loop_stdin(void)
             break;
         }
         if (n > MAX_LINE) {
-            fprintf(stderr, "vdisk: command line longer than %d bytes\n",
-                    MAX_LINE);
+            cli_error("command line longer than %d bytes",
+                      MAX_LINE);
             last_error = -EINVAL;
             continue;
         }
@@ -2590,8 +2605,8 @@ static int load_snapshot(const char *param)
             }
         }
         if (ret < 0) {
-            fprintf(stderr, "vdisk: Failed in parsing snapshot param '%s'\n",
-                    param);
+            cli_error("Failed in parsing snapshot param '%s'",
+                      param);
         } else {
             ret = vd_snapshot_load_tmp(io.node, vd_opts_get(o, "snapshot.id"),
                                        vd_opts_get(o, "snapshot.name"), &err);
@@ -2604,29 +2619,47 @@ static int load_snapshot(const char *param)
         ret = vd_snapshot_load_tmp_by_id_or_name(io.node, param, &err);
     }
     if (ret < 0) {
-        fprintf(stderr, "vdisk: Failed to load snapshot: %s\n",
-                err.message[0] ? err.message : strerror(-ret));
+        cli_error("Failed to load snapshot: %s",
+                  err.message[0] ? err.message : strerror(-ret));
     }
     return ret;
 }
 
 static void usage(void)
 {
-    printf(
-"Usage: vdisk io [OPTIONS]... [-c STRING]... [file]\n"
-"vdisk disk exerciser (the qemu-io command set)\n"
-"\n"
-"  --object OBJECTDEF   define an object such as 'secret' for\n"
-"                       passwords and/or encryption keys\n"
-"  --image-opts         treat file as option string\n"
-"  -c, --cmd STRING     execute command with its arguments\n"
-"                       from the given string\n"
-"  -f, --format FMT     specifies the block driver to use\n"
-"  -r, --read-only      export read-only\n"
+    bool qemu = cli_as == CLI_QEMU_IO;
+
+    /* qemu-io's layout; the options listed are the ones this tool takes
+     * (-l and -o are vdisk io's only). */
+    printf("Usage: %s [OPTIONS]... [-c STRING]... [file]\n"
+           "%s\n"
+           "\n"
+           "  --object OBJECTDEF   define an object such as 'secret' for\n"
+           "                       passwords and/or encryption keys\n"
+           "  --image-opts         treat file as option string\n"
+           "  -c, --cmd STRING     execute command with its arguments\n"
+           "                       from the given string\n"
+           "  -f, --format FMT     specifies the block driver to use\n"
+           "  -r, --read-only      export read-only\n",
+           qemu ? "qemu-io" : "vdisk io",
+           qemu ? "QEMU Disk exerciser"
+                : "vdisk disk exerciser (the qemu-io command set)");
+    if (!qemu) {
+        printf(
 "  -l, --load-snapshot=SNAPSHOT  show internal snapshot SNAPSHOT (an id or\n"
-"                       name, or snapshot.id=ID,snapshot.name=NAME), read-only\n"
+"                       name, or snapshot.id=ID,snapshot.name=NAME), read-only\n");
+    }
+    printf(
 "  -n, --nocache        disable host cache, short for -t none\n"
-"  -o, --options OPTS   driver options (key=value,...)\n"
+"  -C, --copy-on-read   enable copy-on-read\n"
+"  -m, --misalign       misalign allocations for O_DIRECT\n"
+"  -k, --native-aio     use kernel AIO implementation\n"
+"                       (Linux only, prefer use of -i)\n");
+    if (!qemu) {
+        printf(
+"  -o, --options OPTS   driver options (key=value,...)\n");
+    }
+    printf(
 "  -i, --aio=MODE       use AIO mode (threads, native or io_uring)\n"
 "  -t, --cache=MODE     use the given cache mode for the image\n"
 "  -d, --discard=MODE   use the given discard mode for the image\n"
@@ -2634,7 +2667,8 @@ static void usage(void)
 "  -h, --help           display this help and exit\n"
 "  -V, --version        output version information and exit\n"
 "\n"
-"See 'vdisk io -c help' for information on available commands.\n");
+"See '%s -c help' for information on available commands.\n",
+           qemu ? "qemu-io" : "vdisk io");
 }
 
 int cmd_io(int argc, char **argv)
@@ -2662,7 +2696,7 @@ int cmd_io(int argc, char **argv)
     };
     open_args a;
     char **cmds = NULL;
-    int ncmds = 0, c, i, last_error = 0, ret;
+    int ncmds = 0, c, i, last_error = 0, ret, longidx = -1;
     vd_error err = VD_ERROR_INIT;
     const char *sn_param = NULL;
 
@@ -2675,13 +2709,26 @@ int cmd_io(int argc, char **argv)
     opterr = 0;
     optind = 0;
     while ((c = getopt_long(argc, argv, ":hVc:d:f:rl:snCmki:t:o:U", lopts,
-                            NULL)) != -1) {
+                            &longidx)) != -1) {
+        /* -l and -o are vdisk io's: unknown to qemu-io. */
+        if (cli_as == CLI_QEMU_IO && (c == 'l' || c == 'o')) {
+            cli_foreign_option_error(c, longidx, argv);
+            usage();
+            ret = 1;
+            goto done;
+        }
+        longidx = -1;
         switch (c) {
         case 'h':
             usage();
             ret = 0;
             goto done;
         case 'V':
+            if (cli_as == CLI_QEMU_IO) {
+                cli_print_qemu_version();
+                ret = 0;
+                goto done;
+            }
             printf("vdisk io version %s\n", vd_version());
             ret = 0;
             goto done;
@@ -2706,24 +2753,32 @@ int cmd_io(int argc, char **argv)
             a.copy_on_read = true;
             break;
         case 's':
-            fprintf(stderr, "vdisk: option -%c is not supported\n", c);
+            cli_error("option -%c is not supported", c);
             ret = 1;
             goto done;
         case 'm':
         case 'k':
             break; /* buffers are always aligned; aio mode is the lib's */
         case 'd':
+            if (!check_mode_option(c, optarg)) {
+                ret = 1;
+                goto done;
+            }
             a.discard = optarg;
             break;
         case 't':
             if (!valid_cache_mode(optarg)) {
-                fprintf(stderr, "vdisk: Invalid cache option: %s\n", optarg);
+                cli_error("Invalid cache option: %s", optarg);
                 ret = 1;
                 goto done;
             }
             a.cache = optarg;
             break;
         case 'i':
+            if (!check_mode_option(c, optarg)) {
+                ret = 1;
+                goto done;
+            }
             a.aio = optarg;
             break;
         case 'o':
@@ -2732,7 +2787,7 @@ int cmd_io(int argc, char **argv)
                 goto done;
             }
             if (vd_opts_parse(a.opts, optarg, NULL, &err) < 0) {
-                fprintf(stderr, "vdisk: %s\n", err.message);
+                cli_error("%s", err.message);
                 ret = 1;
                 goto done;
             }
@@ -2750,19 +2805,8 @@ int cmd_io(int argc, char **argv)
                 goto done;
             }
             break;
-        case ':':
-            fprintf(stderr, "vdisk: option requires an argument -- '%s'\n",
-                    argv[optind - 1]);
-            usage();
-            ret = 1;
-            goto done;
-        default:
-            if (optopt) {
-                fprintf(stderr, "vdisk: invalid option -- '%c'\n", optopt);
-            } else {
-                fprintf(stderr, "vdisk: unrecognized option '%s'\n",
-                        argv[optind - 1]);
-            }
+        default:    /* ':' or '?' */
+            cli_getopt_error(c, argv);
             usage();
             ret = 1;
             goto done;

@@ -1,6 +1,7 @@
 /*
- * Shared helpers of the vdisk tool (see util.h): the command table first,
- * then --help, option parsing, message printing, image opening, size
+ * Shared helpers of the vdisk tool (see util.h): the program's name, the
+ * command table, then --help, option parsing, message printing, image
+ * opening, size
  * parsing and formatting, --output parsing, the progress meter, and
  * loading an internal snapshot for -l.
  */
@@ -13,6 +14,54 @@
 
 #include "commands.h"
 #include "util.h"
+
+/* ---- the program's name ---- */
+
+cli_tool cli_as = CLI_VDISK;
+const char *cli_prog = "vdisk";
+
+void cli_set_tool(const char *argv0)
+{
+    static const struct {
+        const char *name;
+        cli_tool tool;
+    } names[] = {
+        { "qemu-img", CLI_QEMU_IMG },
+        { "qemu-io", CLI_QEMU_IO },
+        { "qemu-nbd", CLI_QEMU_NBD },
+        { "qemu-storage-daemon", CLI_QEMU_STORAGE_DAEMON },
+    };
+    const char *base = argv0 ? strrchr(argv0, '/') : NULL;
+
+    base = base ? base + 1 : argv0 ? argv0 : "";
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (strcmp(base, names[i].name) == 0) {
+            cli_as = names[i].tool;
+            cli_prog = names[i].name;
+            return;
+        }
+    }
+    /* Any other name (vdisk, a renamed copy) is vdisk itself. */
+    cli_as = CLI_VDISK;
+    cli_prog = "vdisk";
+}
+
+void cli_set_prog(const char *prog)
+{
+    cli_prog = prog;
+}
+
+void cli_print_qemu_version(void)
+{
+    /* qemu-nbd alone has no "version" word. The first line is what
+     * scripts parse (major.minor.micro first); the second says what is
+     * answering, since it is not QEMU. */
+    printf("%s%s %s (vdisk %s)\n"
+           "vdisk, a re-implementation of QEMU %s's block layer and tools; "
+           "not QEMU\n",
+           cli_prog, cli_as == CLI_QEMU_NBD ? "" : " version",
+           CLI_QEMU_VERSION, vd_version(), "7.2");
+}
 
 /* ---- the command table ---- */
 
@@ -51,6 +100,7 @@ static const struct option convert_long[] = {
     { "target-image-opts", no_argument, NULL, OPT_TARGET_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
     { "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
+    { "salvage", no_argument, NULL, OPT_SALVAGE },
     { NULL, 0, NULL, 0 },
 };
 
@@ -159,11 +209,12 @@ const cli_command cli_commands[] = {
       ":hf:F:T:pqsU", compare_long },
     { "convert", cmd_convert,
       "[--object objectdef] [--image-opts] [--target-image-opts] "
-      "[--target-is-zero] [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] "
+      "[--target-is-zero] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] "
       "[-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] "
-      "[-o options] [-S sparse_size] [-l snapshot_param] [-m num_coroutines] [-W] filename "
+      "[-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] "
+      "[-m num_coroutines] [-W] [--salvage] filename "
       "[filename2 [...]] output_filename",
-      ":hf:O:o:S:pt:T:qnm:WUcl:s:B:F:", convert_long },
+      ":hf:O:o:S:pt:T:qnm:WUCcl:s:B:F:r:", convert_long },
     { "create", cmd_create,
       "[--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] "
       "[-u] [-o options] filename [size]",
@@ -221,24 +272,113 @@ const cli_command *cli_find_command(const char *name)
     return NULL;
 }
 
+bool cli_command_is_vdisk_only(const cli_command *c)
+{
+    return c->handler == cmd_io || c->handler == cmd_serve;
+}
+
 static void print_driver(const char *name, void *opaque)
 {
     (void)opaque;
     printf(" %s", name);
 }
 
+/*
+ * vdisk's own options of qemu-img's subcommands: unknown options under
+ * qemu-img's name, as in QEMU (cli_getopt(), cmd_bench.c), and left out
+ * of its help.
+ */
+static const struct {
+    const char *command, *option;
+} vdisk_only_options[] = {
+    { "bench", "random" },
+    { "snapshot", "group" },
+    { "snapshot", "vmstate" },
+    { "snapshot", "vmstate-data" },
+};
+
+bool cli_option_is_vdisk_only(const char *command, const char *option)
+{
+    for (size_t i = 0;
+         i < sizeof(vdisk_only_options) / sizeof(vdisk_only_options[0]); i++) {
+        if (strcmp(vdisk_only_options[i].command, command) == 0 &&
+            strcmp(vdisk_only_options[i].option, option) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* A synopsis under qemu-img's name: its first line (the others are
+ * vdisk's own forms), without the brackets of vdisk's own options. */
+static void print_qemu_synopsis(const cli_command *c)
+{
+    const char *p = c->synopsis;
+    size_t len = strcspn(p, "\n");
+
+    printf("  %s ", c->name);
+    while (len > 0) {
+        const char *next = memchr(p, '[', len);
+        size_t n = next ? (size_t)(next - p) : len;
+        char opt[64];
+
+        fwrite(p, 1, n, stdout);
+        p += n;
+        len -= n;
+        if (!next) {
+            break;
+        }
+        /* "[--name]" or "[--name ...]": skipped when vdisk's own. */
+        if (sscanf(p, "[--%63[a-z-]", opt) == 1 &&
+            cli_option_is_vdisk_only(c->name, opt)) {
+            size_t skip = strcspn(p, "]") + 1;
+            if (skip > len) {
+                skip = len;
+            }
+            /* The separating space before it goes too. */
+            if (n > 0 && p[-1] == ' ' && skip < len && p[skip] == ' ') {
+                skip++;
+            }
+            p += skip;
+            len -= skip;
+        } else {
+            fputc('[', stdout);
+            p++;
+            len--;
+        }
+    }
+    fputc('\n', stdout);
+}
+
 void cli_print_help(void)
 {
-    printf("vdisk version %s\n"
-           "usage: vdisk command [command options]\n"
-           "Disk image utility, compatible with qemu-img 7.2\n"
-           "\n"
+    bool qemu = cli_as == CLI_QEMU_IMG;
+
+    if (qemu) {
+        cli_print_qemu_version();
+        printf("usage: qemu-img [standard options] command "
+               "[command options]\n"
+               "QEMU disk image utility\n");
+    } else {
+        printf("vdisk version %s\n"
+               "usage: vdisk command [command options]\n"
+               "Disk image utility, compatible with qemu-img 7.2\n",
+               vd_version());
+    }
+    printf("\n"
            "    '-h', '--help'       display this help and exit\n"
            "    '-V', '--version'    output version information and exit\n"
            "\n"
-           "Command syntax:\n", vd_version());
+           "Command syntax:\n");
     for (const cli_command *c = cli_commands; c->name; c++) {
-        printf("  %s %s\n", c->name, c->synopsis);
+        if (qemu && cli_command_is_vdisk_only(c)) {
+            continue;
+        }
+        if (qemu) {
+            print_qemu_synopsis(c);
+        } else {
+            printf("  %s %s\n", c->name, c->synopsis);
+        }
     }
     printf("\n"
 "Command parameters:\n"
@@ -269,13 +409,13 @@ void cli_print_help(void)
 "  '-p' show progress of command (only certain commands)\n"
 "  '-q' use Quiet mode - do not print any output (except errors)\n"
 "  '-S' indicates the consecutive number of bytes (defaults to 4k) that must\n"
-"       contain only zeros for vdisk to create a sparse image during\n"
+"       contain only zeros for %s to create a sparse image during\n"
 "       conversion. If the number of bytes is 0, the source will not be scanned for\n"
 "       unallocated or zero sectors, and the destination image will always be\n"
 "       fully allocated\n"
 "  '--output' takes the format in which the output must be done (human or json)\n"
 "  '-n' skips the target volume creation (useful if the volume is created\n"
-"       prior to running vdisk)\n"
+"       prior to running %s)\n"
 "\n"
 "Parameters to check subcommand:\n"
 "  '-r' tries to repair any inconsistencies that are found during the check.\n"
@@ -287,6 +427,9 @@ void cli_print_help(void)
 "  '-m' specifies how many threads work in parallel during the convert\n"
 "       process (defaults to 8)\n"
 "  '-W' allow to write to the target out of order rather than sequential\n"
+"  '-C' use copy offloading (copy_file_range) where source and target allow it\n"
+"  '-r' limits the write rate to rate_limit bytes per second\n"
+"  '--salvage' reads past read errors: unreadable sectors become zeros\n"
 "\n"
 "Parameters to compare subcommand:\n"
 "  '-f' first image format\n"
@@ -298,11 +441,14 @@ void cli_print_help(void)
 "  '-a' applies a snapshot (revert disk to saved state)\n"
 "  '-c' creates a snapshot\n"
 "  '-d' deletes a snapshot\n"
-"  '-l' lists all snapshots in the given image\n"
+"  '-l' lists all snapshots in the given image\n", cli_prog, cli_prog);
+    if (!qemu) {
+        printf(
 "  '--group' runs -c, -a or -d on all the given images at once (one VM's\n"
 "       disks); '--vmstate' names the image holding the VM state and\n"
-"       '--vmstate-data' a file stored as VM state (-c) or restored (-a)\n"
-"\n"
+"       '--vmstate-data' a file stored as VM state (-c) or restored (-a)\n");
+    }
+    printf("\n"
 "Parameters to dd subcommand:\n"
 "  'bs=BYTES' read and write up to BYTES bytes at a time (default: 512)\n"
 "  'count=N' copy only N input blocks\n"
@@ -320,12 +466,21 @@ int cli_getopt(const char *name, int argc, char **argv)
     const cli_command *c = cli_find_command(name);
     int ch;
 
+    int longidx;
+
     do {
-        ch = getopt_long(argc, argv, c->short_opts, c->long_opts, NULL);
+        longidx = -1;
+        ch = getopt_long(argc, argv, c->short_opts, c->long_opts, &longidx);
         if (ch == OPT_OBJECT && cli_add_object(optarg, NULL) < 0) {
             exit(strcmp(name, "compare") == 0 ? 2 : 1);
         }
     } while (ch == OPT_OBJECT);
+    if (cli_as == CLI_QEMU_IMG && longidx >= 0 && ch != ':' && ch != '?' &&
+        cli_option_is_vdisk_only(name, c->long_opts[longidx].name)) {
+        cli_foreign_option_error(ch, longidx, argv);
+        cli_help_hint();
+        return '?';
+    }
     if (ch == ':') {
         cli_error_hint("missing argument for option '%s'", argv[optind - 1]);
         return '?';
@@ -341,9 +496,17 @@ int cli_getopt(const char *name, int argc, char **argv)
 
 static void vreport(const char *prefix, const char *fmt, va_list ap)
 {
-    fprintf(stderr, "vdisk: %s", prefix);
+    /* One line at a time: convert's workers warn concurrently. */
+    flockfile(stderr);
+    fprintf(stderr, "%s: %s", cli_prog, prefix);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
+    funlockfile(stderr);
+}
+
+void cli_verror(const char *fmt, va_list ap)
+{
+    vreport("", fmt, ap);
 }
 
 void cli_error(const char *fmt, ...)
@@ -362,7 +525,47 @@ void cli_error_hint(const char *fmt, ...)
     va_start(ap, fmt);
     vreport("", fmt, ap);
     va_end(ap);
-    fprintf(stderr, "Try 'vdisk --help' for more information\n");
+    cli_help_hint();
+}
+
+void cli_help_hint(void)
+{
+    fprintf(stderr, "Try '%s --help' for more information\n", cli_prog);
+}
+
+void cli_getopt_error(int ch, char **argv)
+{
+    const char *arg = argv[optind - 1];
+    bool is_long = arg[0] == '-' && arg[1] == '-';
+
+    if (ch == ':') {
+        if (is_long) {
+            cli_error("option '%s' requires an argument", arg);
+        } else {
+            cli_error("option requires an argument -- '%c'", optopt);
+        }
+    } else if (is_long && optopt) {
+        /* glibc sets optopt for a known long option given a value. */
+        cli_error("option '%.*s' doesn't allow an argument",
+                  (int)strcspn(arg, "="), arg);
+    } else if (is_long) {
+        cli_error("unrecognized option '%s'", arg);
+    } else {
+        cli_error("invalid option -- '%c'", optopt);
+    }
+}
+
+void cli_foreign_option_error(int ch, int longidx, char **argv)
+{
+    /* An option with a separate argument is the element before it. */
+    const char *arg = optarg && optarg == argv[optind - 1]
+                      ? argv[optind - 2] : argv[optind - 1];
+
+    if (longidx >= 0) {
+        cli_error("unrecognized option '%s'", arg);
+    } else {
+        cli_error("invalid option -- '%c'", ch);
+    }
 }
 
 void cli_warn(const char *fmt, ...)
@@ -564,6 +767,48 @@ void cli_size_to_str(char *buf, size_t len, uint64_t val)
              suffixes[exp]);
 }
 
+const char *cli_cache_mode(const char *mode)
+{
+    static const char *const modes[] = { "none", "writeback", "unsafe",
+                                         "directsync", "writethrough" };
+
+    if (strcmp(mode, "off") == 0) {
+        return "none";
+    }
+    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
+        if (strcmp(mode, modes[i]) == 0) {
+            return modes[i];
+        }
+    }
+    return NULL;
+}
+
+bool cli_one_of(const char *mode, const char *const *modes)
+{
+    for (; *modes; modes++) {
+        if (strcmp(mode, *modes) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool cli_aio_mode_valid(const char *mode)
+{
+    static const char *const modes[] = { "threads", "native", "io_uring",
+                                         NULL };
+
+    return cli_one_of(mode, modes);
+}
+
+bool cli_discard_mode_valid(const char *mode)
+{
+    static const char *const modes[] = { "ignore", "off", "unmap", "on",
+                                         NULL };
+
+    return cli_one_of(mode, modes);
+}
+
 int cli_parse_output(const char *arg, bool *json)
 {
     if (strcmp(arg, "json") == 0) {
@@ -621,6 +866,16 @@ void cli_progress_end(cli_progress *p)
     }
 }
 
+static void parse_snapshot_failed(const char *param)
+{
+    /* qemu-nbd quotes it `so', qemu-img 'so'. */
+    if (cli_as == CLI_QEMU_NBD) {
+        cli_error("Failed in parsing snapshot param `%s'", param);
+    } else {
+        cli_error("Failed in parsing snapshot param '%s'", param);
+    }
+}
+
 /* Loads snapshot @param ("snapshot.id=X,snapshot.name=Y" or a plain id or
  * name) into the read-only @node. Returns 0 or prints and returns -1. */
 int cli_load_snapshot(vd_node *node, const char *param)
@@ -633,7 +888,7 @@ int cli_load_snapshot(vd_node *node, const char *param)
         const char *bad = NULL;
         if (!o || vd_opts_parse(o, param, NULL, &err) < 0) {
             vd_opts_free(&o);
-            cli_error("Failed in parsing snapshot param '%s'", param);
+            parse_snapshot_failed(param);
             return -1;
         }
         for (size_t i = 0; i < vd_opts_count(o) && !bad; i++) {
@@ -645,7 +900,7 @@ int cli_load_snapshot(vd_node *node, const char *param)
         }
         if (bad) {
             cli_error("Invalid parameter '%s'", bad);
-            cli_error("Failed in parsing snapshot param '%s'", param);
+            parse_snapshot_failed(param);
             vd_opts_free(&o);
             return -1;
         }

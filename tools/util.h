@@ -1,6 +1,6 @@
 /*
- * Helpers shared by the vdisk subcommands: qemu-img style error
- * reporting, the command table that drives option parsing and --help,
+ * Helpers shared by the vdisk subcommands: the command table that
+ * drives option parsing and --help,
  * image opening, size parsing with qemu-img's messages, qemu's human
  * size format and the progress meter.
  *
@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "vdisk/vdisk.h"
+#include "prog.h"
 
 /* Values returned by getopt_long for long-only options. */
 enum {
@@ -46,8 +47,8 @@ extern const cli_command cli_commands[];
 /* Finds a subcommand by name, or NULL. */
 const cli_command *cli_find_command(const char *name);
 
-/* Prints the usage text (vdisk --help). */
-void cli_print_help(void);
+/* Whether @c is vdisk's own (io, serve): qemu-img has no such command. */
+bool cli_command_is_vdisk_only(const cli_command *c);
 
 /*
  * getopt_long() over the options of command @name. Returns the option
@@ -87,13 +88,6 @@ vd_opts *cli_parse_image_opts(const char *str, const vd_opts *base);
 vd_node *cli_open_image(const char *filename, const char *fmt,
                         bool image_opts, unsigned flags, const vd_opts *opts);
 
-/* "vdisk: MESSAGE\n" on stderr. */
-void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* cli_error() followed by the "Try 'vdisk --help'" hint. */
-void cli_error_hint(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* "vdisk: warning: MESSAGE\n" on stderr. */
-void cli_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
 /* Prints to stdout unless @quiet. */
 void cli_qprintf(bool quiet, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
@@ -107,7 +101,7 @@ vd_node *cli_open(const char *filename, const char *fmt, unsigned flags,
 
 /*
  * For a format QEMU knows that vdisk cannot open yet (vd_format_check()
- * says -ENOTSUP), prints "vdisk: FILE: format 'vmdk' is not supported"
+ * says -ENOTSUP), prints "PROG: FILE: format 'vmdk' is not supported"
  * (without "FILE: " when @filename is NULL) and returns true; otherwise
  * prints nothing and returns false, and the caller reports an unknown
  * format its own way.
@@ -127,6 +121,17 @@ int cli_cvtnum(const char *what, const char *str, uint64_t *out);
 
 /* qemu's size_to_str(): "1 MiB", "1.39 MiB", "516 KiB", "0 B". */
 void cli_size_to_str(char *buf, size_t len, uint64_t val);
+
+/* The cache mode @mode names as the library spells it ("off" is qemu's
+ * other name for "none"), or NULL when qemu would refuse it. */
+const char *cli_cache_mode(const char *mode);
+
+/* Whether @mode is one of the NULL-terminated @modes. */
+bool cli_one_of(const char *mode, const char *const *modes);
+/* The aio and discard modes qemu's tools take (bdrv_parse_aio(),
+ * bdrv_parse_discard_flags()). */
+bool cli_aio_mode_valid(const char *mode);
+bool cli_discard_mode_valid(const char *mode);
 
 /* Parses "human" / "json" for --output; prints qemu-img's error. */
 int cli_parse_output(const char *arg, bool *json);

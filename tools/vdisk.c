@@ -1,9 +1,13 @@
 /*
  * vdisk: the command-line tool, a drop-in for qemu-img 7.2 (and, through
  * "vdisk io", for qemu-io; through "vdisk serve", for qemu-nbd and
- * qemu-storage-daemon). main() handles the global --help/--version
- * and dispatches argv[1] through the command table in util.c; each
- * subcommand lives in its own cmd_*.c file.
+ * qemu-storage-daemon). main() picks the program from argv[0]: invoked
+ * as qemu-io, qemu-nbd or qemu-storage-daemon (the symlinks of
+ * qemu-compat/, docs/compat.md) it runs `vdisk io` or `vdisk serve`
+ * with that tool's command line and name; as qemu-img or vdisk it
+ * handles the global --help/--version and dispatches argv[1] through
+ * the command table in util.c. Each subcommand lives in its own cmd_*.c
+ * file.
  */
 #include <signal.h>
 #include <stdio.h>
@@ -14,6 +18,10 @@
 
 static void print_version(void)
 {
+    if (cli_as == CLI_QEMU_IMG) {
+        cli_print_qemu_version();
+        return;
+    }
     printf("vdisk version %s\n"
            "Command-line compatible with qemu-img version 7.2\n",
            vd_version());
@@ -35,12 +43,27 @@ int main(int argc, char **argv)
      */
     signal(SIGXFSZ, SIG_IGN);
 
+    cli_set_tool(argv[0]);
+    switch (cli_as) {
+    case CLI_QEMU_IO:
+    case CLI_QEMU_NBD:
+    case CLI_QEMU_STORAGE_DAEMON:
+        /* The whole command line is the tool's, argv[0] included. */
+        ret = (cli_as == CLI_QEMU_IO ? cmd_io : cmd_serve)(argc, argv);
+        vd_object_del_all();
+        return ret;
+    case CLI_VDISK:
+    case CLI_QEMU_IMG:
+        break;
+    }
+
     if (argc < 2) {
         cli_error_hint("Not enough arguments");
         return 1;
     }
+    /* "help" is vdisk's; qemu-img calls it an unknown command. */
     if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 ||
-        strcmp(argv[1], "help") == 0) {
+        (cli_as == CLI_VDISK && strcmp(argv[1], "help") == 0)) {
         cli_print_help();
         return 0;
     }
@@ -54,7 +77,7 @@ int main(int argc, char **argv)
     }
 
     cmd = cli_find_command(argv[1]);
-    if (!cmd) {
+    if (!cmd || (cli_as == CLI_QEMU_IMG && cli_command_is_vdisk_only(cmd))) {
         cli_error_hint("Command not found: %s", argv[1]);
         return 1;
     }

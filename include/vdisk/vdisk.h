@@ -625,6 +625,19 @@ VD_API int vd_discard(vd_node *node, uint64_t len, uint64_t offset,
 /** Writes every cache of the node and its children to stable storage. */
 VD_API int vd_flush(vd_node *node, vd_error *err);
 
+/**
+ * Copies [@src_off, +@len) of @src to @dst_off of @dst with copy
+ * offloading (qemu-img convert -C): the request goes down both graphs
+ * to the files, which copy with copy_file_range(2), and the formats on
+ * the way allocate and map as a write would. Both ranges must lie
+ * inside their nodes and @dst must be writable. Returns 0, -ENOTSUP
+ * when some node on the way cannot offload (the caller then reads and
+ * writes; nothing was written), or another negative errno on failure
+ * (part of the range may have been copied). Thread-safe.
+ */
+VD_API int vd_copy_range(vd_node *src, uint64_t src_off, vd_node *dst,
+                         uint64_t dst_off, uint64_t len, vd_error *err);
+
 /* Block status flags (the bits of vd_extent.flags). */
 #define VD_BLOCK_DATA         (1u << 0) /* reads come from stored data */
 #define VD_BLOCK_ZERO         (1u << 1) /* reads return zeros */
@@ -742,16 +755,37 @@ typedef struct vd_create_option {
     const char *name;
     const char *type;    /* "size", "bool", "number", "string" */
     const char *help;
-    const char *def;     /* default shown by -o help, or NULL */
+    const char *def;     /* QEMU's default value, which qemu-img create's
+                            "Formatting ..." line shows for an option not
+                            given, or NULL */
 } vd_create_option;
 
 /**
  * Returns the creation options of @format (its own followed by its
- * protocol's), terminated by an entry with name == NULL, or NULL for an
+ * protocol's, in QEMU's order: that of the "Formatting ..." line of
+ * qemu-img create), terminated by an entry with name == NULL, or NULL for an
  * unknown format or one vdisk cannot open (see vd_format_check()).
  * Static data.
  */
 VD_API const vd_create_option *vd_create_options(const char *format);
+
+/**
+ * Returns the options vd_amend() takes for @format, in the driver's
+ * order, terminated by an entry with name == NULL, or NULL when the
+ * format cannot be amended. Static data.
+ */
+VD_API const vd_create_option *vd_amend_options(const char *format);
+
+/**
+ * Checks creation options as qemu-img's QemuOpts parser does before a
+ * driver sees them: every name must be one of vd_create_options(@format)
+ * ("Invalid parameter 'x'") and every value must read as its type
+ * ("Parameter 'x' expects 'on' or 'off'", "... expects a non-negative
+ * number below 2^64", "Value 'v' is out of range for parameter 'x'"
+ * past 2^64 - 1), in the order given. Returns 0 or -EINVAL.
+ */
+VD_API int vd_check_create_opts(const char *format, const vd_opts *opts,
+                                vd_error *err);
 
 /**
  * Whether vdisk can open images of @format. 0: it can. -ENOTSUP: @format
@@ -786,9 +820,13 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
 #define VD_DRIVER_CREATE     (1u << 6) /* creates images (vd_create()) */
 #define VD_DRIVER_AMEND      (1u << 7) /* changes creation options of an
                                           existing image (vd_amend()) */
+#define VD_DRIVER_QEMU_NAME  (1u << 8) /* QEMU 7.2 has a driver of that
+                                          name (host_device, nbd, ...),
+                                          whether vdisk has it or not */
 
-/** The VD_DRIVER_* bits of the driver named @name; 0 for an unknown
- * name. Static answers: they do not depend on any image. */
+/** The VD_DRIVER_* bits of the driver named @name (only
+ * VD_DRIVER_QEMU_NAME for a QEMU driver vdisk does not have); 0 for an
+ * unknown name. Static answers: they do not depend on any image. */
 VD_API unsigned vd_driver_features(const char *name);
 
 /** What an image of some format would need on the host (qemu-img
@@ -864,6 +902,10 @@ typedef struct vd_image_info {
     char *format_specific_json;
     vd_snapshot_info *snapshots;
     size_t nb_snapshots;
+    /* Where the format keeps the VM state of a live snapshot, in the
+     * guest address space (qemu-io's "vm state offset"); 0 when it has
+     * none. Added in 0.1: only the library allocates this struct. */
+    uint64_t vm_state_offset;
 } vd_image_info;
 
 /** Fills @*out with a newly allocated description of @node. */
@@ -899,8 +941,132 @@ typedef struct vd_stats {
     uint64_t flush_total_time_ns, unmap_total_time_ns;
 } vd_stats;
 
-/** Copies the node's statistics into @out. */
+/**
+ * Copies the node's statistics into @out. Kept for compatibility: the
+ * complete set is vd_get_block_stats(). Here wr_operations and wr_bytes
+ * leave out zero writes (counted in zero_operations and zero_bytes).
+ */
 VD_API void vd_get_stats(vd_node *node, vd_stats *out);
+
+/*
+ * Complete I/O accounting, with the semantics of QEMU's BlockAcctStats
+ * (what query-blockstats shows as BlockDeviceStats). Every node counts
+ * every request that passes through it (io.c), whoever sent it: a
+ * format node's file child also counts the format's metadata I/O.
+ *
+ *  - operations, bytes: requests that succeeded, and their bytes; a zero
+ *    write counts as a write (as QEMU's devices account it);
+ *  - failed: requests that returned an error;
+ *  - invalid: requests refused before any I/O for their range (or that a
+ *    front end declared invalid with vd_stats_account_invalid());
+ *  - merged: requests a front end merged into others
+ *    (vd_stats_account_merged(); the library itself never merges);
+ *  - total_time_ns: the summed latency of the successful requests, and
+ *    of the failed ones when account_failed is set;
+ *  - idle time: since the last request that finished (a failed one only
+ *    with account_failed, an invalid one only with account_invalid);
+ *  - wr_highest_offset: the end of the highest write or zero write that
+ *    reached the node, in its request alignment (QEMU's node-level
+ *    figure, counted whatever the outcome);
+ *  - timed statistics: for each interval set with vd_stats_setup(), the
+ *    minimum, maximum and average latency and the average queue depth
+ *    over a window of about that many seconds (QEMU's TimedAverage: two
+ *    windows of 4/3 the interval, offset by half of it);
+ *  - latency histograms, per type, once set with
+ *    vd_latency_histogram_set().
+ * Counting costs a few relaxed atomic additions per request; timed
+ * statistics and histograms take a per-node lock, only when set.
+ */
+typedef enum vd_acct_type {
+    VD_ACCT_READ,
+    VD_ACCT_WRITE,
+    VD_ACCT_FLUSH,
+    VD_ACCT_UNMAP,
+    VD_ACCT_MAX
+} vd_acct_type;
+
+/** One interval's figures (QEMU's BlockDeviceTimedStats). */
+typedef struct vd_timed_stats {
+    unsigned interval_length;                /* seconds */
+    uint64_t min_latency_ns[VD_ACCT_MAX];
+    uint64_t max_latency_ns[VD_ACCT_MAX];
+    uint64_t avg_latency_ns[VD_ACCT_MAX];
+    double avg_queue_depth[VD_ACCT_MAX];
+} vd_timed_stats;
+
+/** A latency histogram: bins[i] counts latencies in [boundaries[i-1],
+ * boundaries[i]) with boundaries[-1] = 0 and boundaries[nbins-1] =
+ * infinity (QEMU's BlockLatencyHistogramInfo). nbins == 0: none set. */
+typedef struct vd_latency_histogram {
+    size_t nbins;
+    uint64_t *boundaries;                    /* nbins - 1 of them */
+    uint64_t *bins;                          /* nbins of them */
+} vd_latency_histogram;
+
+/**
+ * A snapshot of a node's accounting, allocated by the library (so later
+ * versions may append members) and released with vd_block_stats_free().
+ * The arrays are indexed by vd_acct_type.
+ */
+typedef struct vd_block_stats {
+    uint64_t bytes[VD_ACCT_MAX];
+    uint64_t operations[VD_ACCT_MAX];
+    uint64_t merged[VD_ACCT_MAX];
+    uint64_t failed[VD_ACCT_MAX];
+    uint64_t invalid[VD_ACCT_MAX];
+    uint64_t total_time_ns[VD_ACCT_MAX];
+    uint64_t wr_highest_offset;
+    bool has_idle_time;                      /* false: no request yet */
+    uint64_t idle_time_ns;
+    bool account_invalid;
+    bool account_failed;
+    size_t nb_timed_stats;                   /* in the order configured */
+    vd_timed_stats *timed_stats;
+    vd_latency_histogram histogram[VD_ACCT_MAX];
+} vd_block_stats;
+
+/**
+ * Fills @*out with a new snapshot of @node's accounting. Returns 0, or
+ * -ENOMEM (@*out NULL). Thread-safe against requests in flight (each
+ * counter is read atomically; counters of one request may be seen
+ * half-updated).
+ */
+VD_API int vd_get_block_stats(vd_node *node, vd_block_stats **out);
+
+/** Frees @*stats and sets it to NULL. Accepts NULL. */
+VD_API void vd_block_stats_free(vd_block_stats **stats);
+
+/**
+ * Configures @node's accounting as QEMU's -drive stats-account-invalid,
+ * stats-account-failed and stats-intervals options do. @account_invalid
+ * and @account_failed: 1 on, 0 off, -1 unchanged (both start off, as on
+ * qemu-storage-daemon's nodes). @intervals: @nb_intervals lengths in
+ * seconds, each > 0, each starting a timed statistic (added to those
+ * already set; nb_intervals 0 adds none). Returns 0 or -EINVAL with
+ * "Invalid interval length: N" (nothing changed).
+ */
+VD_API int vd_stats_setup(vd_node *node, int account_invalid,
+                          int account_failed, const unsigned *intervals,
+                          size_t nb_intervals, vd_error *err);
+
+/**
+ * Sets (or resets to empty) the latency histogram of @type on @node
+ * with @n boundaries in nanoseconds, strictly increasing and above 0,
+ * giving n + 1 bins; @n == 0 removes it. Returns 0 or -EINVAL (nothing
+ * changed) when the boundaries are not strictly increasing.
+ */
+VD_API int vd_latency_histogram_set(vd_node *node, vd_acct_type type,
+                                    const uint64_t *boundaries, size_t n,
+                                    vd_error *err);
+
+/** Counts a request of @type that a front end refused before sending it
+ * (QEMU's block_acct_invalid): an NBD request past the export's end. */
+VD_API void vd_stats_account_invalid(vd_node *node, vd_acct_type type);
+
+/** Counts @n requests of @type that a front end merged into others
+ * (QEMU's block_acct_merge_done). */
+VD_API void vd_stats_account_merged(vd_node *node, vd_acct_type type,
+                                    uint64_t n);
 
 /** Statistics that only some drivers keep (qemu's BlockStatsSpecific,
  * which query-blockstats shows as "driver-specific"). */

@@ -58,6 +58,65 @@ typedef struct vd_driver vd_driver;
 typedef struct vd_child vd_child;
 
 /*
+ * A node's accounting, QEMU's BlockAcctStats (stats.c; the public view
+ * is vd_block_stats). The counters are updated with relaxed atomics on
+ * the request path; @extras is non-zero while timed statistics or a
+ * histogram exist, and only then does a finished request take the
+ * node's stats_lock to feed them.
+ */
+typedef struct vd_timed_window {
+    uint64_t min, max, sum, count;
+    int64_t expiration;
+} vd_timed_window;
+
+typedef struct vd_timed_avg {
+    vd_timed_window w[2];
+    uint64_t period;                /* ns: 4/3 of the interval */
+    int current;                    /* the older window */
+} vd_timed_avg;
+
+typedef struct vd_acct_interval {
+    unsigned length;                /* seconds */
+    vd_timed_avg lat[VD_ACCT_MAX];
+    struct vd_acct_interval *next;  /* newest first, as QEMU's list */
+} vd_acct_interval;
+
+/* One type's counters, one cache line: a request touches only its own
+ * line, and threads doing different operations do not share one. */
+typedef struct vd_acct_counters {
+    uint64_t bytes, ops, failed, invalid, merged, time_ns;
+} __attribute__((aligned(64))) vd_acct_counters;
+
+typedef struct vd_acct {
+    vd_acct_counters c[VD_ACCT_MAX];
+    /* Read on every request, written only by configuration. */
+    bool account_invalid, account_failed;
+    int extras;
+    /* Written on every request (last_access_ns at most every
+     * VD_ACCT_IDLE_GRAIN ns, see io.c), each on a line of its own. */
+    uint64_t last_access_ns __attribute__((aligned(64)));  /* 0: never */
+    uint64_t wr_highest_offset __attribute__((aligned(64)));
+    uint64_t zero_ops, zero_bytes;  /* zero writes, also in WRITE */
+    vd_acct_interval *intervals;    /* under stats_lock */
+    vd_latency_histogram hist[VD_ACCT_MAX];   /* under stats_lock */
+} vd_acct;
+
+/* The idle time's resolution: a busy node's last access time is
+ * rewritten at most this often, so that concurrent requests do not
+ * fight over its cache line. */
+#define VD_ACCT_IDLE_GRAIN 100000
+
+/* stats.c: the clock of the accounting, the part of a finished request's
+ * accounting that needs the lock (called only while acct.extras is
+ * set), an invalid request, and the release of what a node's accounting
+ * allocated. */
+uint64_t vd_acct_now(void);
+void vd_acct_extras(vd_node *n, vd_acct_type type, uint64_t latency_ns,
+                    bool counted);
+void vd_acct_invalid(vd_node *n, vd_acct_type type);
+void vd_acct_cleanup(vd_node *n);
+
+/*
  * An edge of the graph: a parent node's child in some role, or a *user*
  * of a node (parent == NULL: the caller of vd_open(), an NBD export, a
  * QMP command; public type vd_user). Every edge carries the permissions
@@ -157,6 +216,13 @@ struct vd_node {
     /* Cached length: set after open from drv->getlength, raised by writes
      * past the end, reset by truncate. Read with vd_node_getlength(). */
     _Atomic int64_t total_size;
+    /* Writes, zero writes, discards and truncates that reached the node,
+     * and that count when its last flush began: a protocol node with no
+     * write since its last completed flush skips the next one, and a
+     * flush with nothing written since raises no flush_to_disk event, as
+     * QEMU's write_gen/flushed_gen. */
+    _Atomic uint64_t write_gen;
+    _Atomic uint64_t flushed_gen;
     atomic_int refcnt;
 
     /* Draining: requests increment in_flight; vd_node_drain_begin()
@@ -170,18 +236,18 @@ struct vd_node {
     /* Serialisation of read-modify-write for nodes with alignment > 1. */
     struct vd_tracked_req *tracked;
 
+    /* Accounting (stats.c): counters by relaxed atomics; the timed
+     * statistics and histograms under stats_lock. */
     pthread_mutex_t stats_lock;
-    vd_stats stats;
-
-    /* Completed writes (data, zeroes, discards, truncates) and the count
-     * the last successful flush saw, as QEMU's write_gen/flushed_gen: a
-     * flush with nothing written since raises no flush_to_disk event. */
-    atomic_uint_fast64_t write_gen;
-    atomic_uint_fast64_t flushed_gen;
+    vd_acct acct;
 
     vd_node *next_global;      /* in the global node list */
     vd_node *free_next;        /* in the closing thread's list (node.c) */
 };
+
+/* Internal request flag of copy offloading: the range reads as zeros
+ * in the source, so the destination gets a zero write instead. */
+#define VD_REQ_ZERO_WRITE (1u << 16)
 
 /*
  * The driver vtable. Every callback is optional unless marked REQUIRED.
@@ -209,6 +275,12 @@ struct vd_driver {
     bool supports_backing;      /* may hold a backing file */
     bool supports_compressed;   /* pwritev accepts VD_REQ_COMPRESSED */
     const vd_create_option *create_opts; /* NULL-terminated, or NULL */
+    /* What amend takes (qemu-img amend -o help), NULL-terminated, or
+     * NULL for a driver without amend. */
+    const vd_create_option *amend_opts;
+    /* Another name QEMU gives the primary child's options ("image" for
+     * blkdebug): used instead of "file" when the options use it. */
+    const char *file_alias;
 
     /* What the layers above would otherwise have to guess from the name
      * (vd_get_info(), the probing in node.c): */
@@ -277,6 +349,24 @@ struct vd_driver {
     /* Writes the driver's own caches down to its children. The core then
      * flushes the children. Protocol drivers sync to disk here. */
     int (*flush)(vd_node *node, vd_error *err);
+
+    /*
+     * Copy offloading (QEMU's copy_range_from/copy_range_to): @bytes are
+     * copied from @src at @soff to @dst at @doff without passing through
+     * the caller's buffers. The core calls copy_range_from on the source
+     * (@node == @src), which passes the request down to where its data
+     * lives and ends in copy_range_to on the destination (@node ==
+     * @dst), which allocates and passes it down in turn; the protocol at
+     * the bottom copies (copy_file_range). VD_REQ_ZERO_WRITE in @flags:
+     * the source range reads as zeros, write zeros instead. -ENOTSUP:
+     * not possible here, the caller reads and writes. Absent: -ENOTSUP.
+     */
+    int (*copy_range_from)(vd_node *node, uint64_t soff, vd_node *dst,
+                           uint64_t doff, uint64_t bytes, unsigned flags,
+                           vd_error *err);
+    int (*copy_range_to)(vd_node *node, vd_node *src, uint64_t soff,
+                         uint64_t doff, uint64_t bytes, unsigned flags,
+                         vd_error *err);
 
     /* Status of [off, off+bytes): returns VD_BLOCK_* flags (>= 0) and
      * sets *pnum (1 <= *pnum <= bytes) to the length with that status.
@@ -620,6 +710,25 @@ int vd_node_block_status(vd_node *node, bool want_zero, uint64_t off,
 /* Block status looking down the backing chain from @top until @base
  * (exclusive, NULL = whole chain). *depth is the layer that holds the
  * extent (or the chain length when none does). */
+/*
+ * The backing format a creation names, where a driver's QAPI options put
+ * it: qemu's backing-fmt is the BlockdevDriver enum, so any other name
+ * is refused ("Parameter 'backing-fmt' does not accept value 'x'"), and
+ * a driver that must open the backing file for its size (@has_size
+ * false) needs the format to be one vdisk has, or it would probe.
+ */
+int vd_create_check_backing_fmt(const char *filename, const char *bfile,
+                                const char *bfmt, bool has_size,
+                                vd_error *err);
+
+/* Copy offloading between nodes (the vtable's copy_range_from and
+ * copy_range_to): -ENOTSUP where a node on the way cannot. */
+int vd_node_copy_range_from(vd_node *src, uint64_t soff, vd_node *dst,
+                            uint64_t doff, uint64_t bytes, unsigned flags,
+                            vd_error *err);
+int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
+                          uint64_t doff, uint64_t bytes, unsigned flags,
+                          vd_error *err);
 int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
                                uint64_t off, uint64_t bytes, uint64_t *pnum,
                                uint64_t *map, vd_node **file, int *depth,

@@ -8,6 +8,7 @@
  * are written as write_zeroes. They run in the caller's thread.
  */
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -349,6 +350,31 @@ static int rebase_range(vd_node *top, vd_node *old_b, vd_node *new_b,
     return 0;
 }
 
+/*
+ * QEMU's bdrv_find_backing_image() as qemu-img rebase calls it: the new
+ * backing file @path (already made relative to the image's directory) is
+ * made absolute against each image of the chain in turn and compared,
+ * canonicalised, with that image's backing file. The first match is the
+ * node below that image, which a safe rebase then uses as it is, opened
+ * with its own driver whatever -F says. (Relative paths are thereby
+ * resolved twice, as in QEMU: a match needs the image in the current
+ * directory or absolute names.)
+ */
+static vd_node *find_backing_image(vd_node *top, const char *path)
+{
+    for (vd_node *p = top; p && p->backing; p = p->backing->node) {
+        char *cand = backing_path(p, path);
+        char a[PATH_MAX], b[PATH_MAX];
+        bool match = cand && p->full_backing_filename &&
+                     realpath(cand, a) &&
+                     realpath(p->full_backing_filename, b) && !strcmp(a, b);
+        free(cand);
+        if (match)
+            return p->backing->node;
+    }
+    return NULL;
+}
+
 VD_API int vd_rebase(vd_node *top, const char *backing,
                      const char *backing_fmt, const vd_opts *backing_opts,
                      unsigned flags, vd_progress_fn progress, void *opaque,
@@ -381,23 +407,30 @@ VD_API int vd_rebase(vd_node *top, const char *backing,
             return vd_error_set(err, -EINVAL, "Backing file '%s' would be "
                                 "the image itself", backing);
         }
-        const vd_driver *drv = NULL;
-        if (backing_fmt && !(drv = vd_find_driver(backing_fmt))) {
-            free(path);
-            return vd_error_set(err, -EINVAL, "Unknown driver '%s'",
-                                backing_fmt);
-        }
-        vd_opts *o = backing_opts ? vd_opts_clone(backing_opts)
-                                  : vd_opts_new();
-        vd_error lerr = VD_ERROR_INIT;
-        r = o ? vd_node_open(&new_b, path, drv, o, VD_NODE_QUIET, &lerr)
-              : -ENOMEM;
-        vd_opts_free(&o);
-        if (r < 0) {
-            vd_error_set(err, r, "Could not open new backing file '%s': %s",
-                         path, lerr.message);
-            free(path);
-            return r;
+        new_b = find_backing_image(top, path);
+        if (new_b) {
+            vd_node_ref(new_b);
+        } else {
+            const vd_driver *drv = NULL;
+            vd_error lerr = VD_ERROR_INIT;
+            if (backing_fmt && !(drv = vd_find_driver(backing_fmt))) {
+                vd_error_set(&lerr, -EINVAL, "Unknown driver '%s'",
+                             backing_fmt);
+                r = -EINVAL;
+            } else {
+                vd_opts *o = backing_opts ? vd_opts_clone(backing_opts)
+                                          : vd_opts_new();
+                r = o ? vd_node_open(&new_b, path, drv, o, VD_NODE_QUIET,
+                                     &lerr)
+                      : -ENOMEM;
+                vd_opts_free(&o);
+            }
+            if (r < 0) {
+                vd_error_set(err, r, "Could not open new backing file "
+                             "'%s': %s", backing, lerr.message);
+                free(path);
+                return r;
+            }
         }
         free(path);
     }

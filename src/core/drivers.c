@@ -137,9 +137,9 @@ VD_API int vd_format_check(const char *format, const char *filename,
 VD_API unsigned vd_driver_features(const char *name)
 {
     const vd_driver *d = name ? vd_find_driver(name) : NULL;
+    unsigned f = name && vd_qemu_driver_name(name) ? VD_DRIVER_QEMU_NAME : 0;
     if (!d)
-        return 0;
-    unsigned f = 0;
+        return f;
     if (d->open)
         f |= VD_DRIVER_OPENS;
     if (d->is_format)
@@ -167,6 +167,12 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
     for (size_t k = 0; k < N_DRIVERS; k++)
         if (driver_table[k]->open)
             fn(driver_table[k]->name, opaque);
+}
+
+VD_API const vd_create_option *vd_amend_options(const char *format)
+{
+    const vd_driver *drv = vd_find_driver(format);
+    return drv && drv->open && drv->amend ? drv->amend_opts : NULL;
 }
 
 /* Merged option lists (format's own, then its protocol's), built once. */

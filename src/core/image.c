@@ -1,9 +1,11 @@
 /*
  * Whole-image operations that a format driver carries out for the CLI and
  * the library's users: measuring what a conversion would need (qemu-img
- * measure) and changing creation options in place (qemu-img amend). The
- * options are checked here, once for every driver; the driver's callback
- * does the format-specific work.
+ * measure) and changing creation options in place (qemu-img amend), and
+ * the check of creation options that qemu-img's QemuOpts parser makes
+ * before a driver sees them (names and value syntax). The options are
+ * checked here, once for every driver; the driver's callback does the
+ * format-specific work.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -17,10 +19,9 @@ static int check_type(const vd_create_option *o, const char *value,
 {
     if (!strcmp(o->type, "size")) {
         uint64_t u;
-        int r = vd_parse_size(value, &u);
-        /* Junk gets qemu's text; 2^63 and up, which qemu's parser takes
-         * (up to 2^64 - 1) and vdisk's does not, are out of range, in
-         * qemu's words for values past its own limit. */
+        int r = vd_parse_size_u64(value, &u);
+        /* QemuOpts' range: up to 2^64 - 1; what a size of 2^63 and more
+         * means is the driver's to say (qemu's do, each its own way). */
         if (r == -ERANGE) {
             return vd_error_set(err, -EINVAL, "Value '%s' is out of range "
                                 "for parameter '%s'", value, o->name);
@@ -40,6 +41,33 @@ static int check_type(const vd_create_option *o, const char *value,
         if (!*value || *end || errno || value[0] == '-') {
             return vd_error_set(err, -EINVAL, "Parameter '%s' expects a "
                                 "number", o->name);
+        }
+    }
+    return 0;
+}
+
+VD_API int vd_check_create_opts(const char *format, const vd_opts *opts,
+                                 vd_error *err)
+{
+    const vd_create_option *list = vd_create_options(format);
+
+    if (!list) {
+        return vd_error_set(err, -EINVAL, "Unknown file format '%s'",
+                            format ? format : "");
+    }
+    for (size_t i = 0; opts && i < vd_opts_count(opts); i++) {
+        const char *k, *v;
+        const vd_create_option *c = list;
+        vd_opts_nth(opts, i, &k, &v);
+        while (c->name && strcmp(c->name, k) != 0) {
+            c++;
+        }
+        if (!c->name) {
+            return vd_error_set(err, -EINVAL, "Invalid parameter '%s'", k);
+        }
+        int ret = check_type(c, v, err);
+        if (ret < 0) {
+            return ret;
         }
     }
     return 0;
@@ -68,20 +96,9 @@ VD_API int vd_measure(const char *format, const vd_opts *opts, vd_node *src,
     }
     /* Options are checked like qemu-img's QemuOpts before the driver
      * sees them: known names, well-formed values. */
-    for (size_t i = 0; opts && i < vd_opts_count(opts); i++) {
-        const char *k, *v;
-        const vd_create_option *c = list;
-        vd_opts_nth(opts, i, &k, &v);
-        while (c->name && strcmp(c->name, k) != 0) {
-            c++;
-        }
-        if (!c->name) {
-            return vd_error_set(err, -EINVAL, "Invalid parameter '%s'", k);
-        }
-        ret = check_type(c, v, err);
-        if (ret < 0) {
-            return ret;
-        }
+    ret = vd_check_create_opts(format, opts, err);
+    if (ret < 0) {
+        return ret;
     }
     if (!drv->measure) {
         return vd_error_set(err, -ENOTSUP, "Block driver '%s' does not "

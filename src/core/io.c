@@ -57,9 +57,7 @@
 
 static uint64_t now_ns(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    return vd_acct_now();
 }
 
 static inline void stat_add(uint64_t *field, uint64_t v)
@@ -67,19 +65,46 @@ static inline void stat_add(uint64_t *field, uint64_t v)
     __atomic_fetch_add(field, v, __ATOMIC_RELAXED);
 }
 
-/* Counts one finished request in the node's statistics: its outcome
- * (@r < 0: failed), its bytes and the time since @t0. */
-static void account(uint64_t *ops, uint64_t *bytes_field, uint64_t *failed,
-                    uint64_t *time_ns, int r, uint64_t bytes, uint64_t t0)
+/* Counts one finished request of @type in the node's accounting
+ * (stats.c has the rest, and the semantics): its outcome (@r < 0:
+ * failed), its bytes and its latency since @t0. */
+static void account(vd_node *n, vd_acct_type type, int r, uint64_t bytes,
+                    uint64_t t0)
 {
+    vd_acct *a = &n->acct;
+    uint64_t now = now_ns();
+    bool counted = r >= 0 ||
+                   __atomic_load_n(&a->account_failed, __ATOMIC_RELAXED);
+
     if (r < 0) {
-        stat_add(failed, 1);
+        stat_add(&a->c[type].failed, 1);
     } else {
-        stat_add(ops, 1);
-        if (bytes_field)
-            stat_add(bytes_field, bytes);
+        stat_add(&a->c[type].ops, 1);
+        stat_add(&a->c[type].bytes, bytes);
     }
-    stat_add(time_ns, now_ns() - t0);
+    if (counted) {
+        stat_add(&a->c[type].time_ns, now - t0);
+        /* Read first: the shared line is written only when the stored
+         * time is a grain old, not by every concurrent request. */
+        if (now - __atomic_load_n(&a->last_access_ns, __ATOMIC_RELAXED) >=
+            VD_ACCT_IDLE_GRAIN)
+            __atomic_store_n(&a->last_access_ns, now, __ATOMIC_RELAXED);
+    }
+    if (__atomic_load_n(&a->extras, __ATOMIC_RELAXED))
+        vd_acct_extras(n, type, now - t0, counted);
+}
+
+/* A write or zero write reached @n, ending at @end (QEMU's node-level
+ * wr_highest_offset, kept whatever the outcome). */
+static void account_write_end(vd_node *n, uint64_t end)
+{
+    uint64_t cur = __atomic_load_n(&n->acct.wr_highest_offset,
+                                   __ATOMIC_RELAXED);
+    while (end > cur &&
+           !__atomic_compare_exchange_n(&n->acct.wr_highest_offset, &cur,
+                                        end, true, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED))
+        ;
 }
 
 static inline uint64_t align_down(uint64_t x, uint64_t a)
@@ -403,8 +428,12 @@ static int cor_write(vd_node *top, uint64_t off, uint64_t bytes,
     int r = zero ? do_pwrite_zeroes(top, off, bytes, 0, err)
                  : do_pwritev(top, off, bytes, data, 0, err);
     if (r == 0) {
-        stat_add(&top->stats.wr_operations, 1);
-        stat_add(&top->stats.wr_bytes, bytes);
+        stat_add(&top->acct.c[VD_ACCT_WRITE].ops, 1);
+        stat_add(&top->acct.c[VD_ACCT_WRITE].bytes, bytes);
+        if (zero) {
+            stat_add(&top->acct.zero_ops, 1);
+            stat_add(&top->acct.zero_bytes, bytes);
+        }
     }
     return r;
 }
@@ -532,9 +561,7 @@ int vd_node_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     else    /* nothing to copy from: the flag stops here */
         r = do_preadv(n, off, bytes, qiov, flags & ~VD_REQ_COPY_ON_READ,
                       err);
-    account(&n->stats.rd_operations, &n->stats.rd_bytes,
-            &n->stats.failed_rd_operations, &n->stats.rd_total_time_ns, r,
-            bytes, t0);
+    account(n, VD_ACCT_READ, r, bytes, t0);
     inflight_dec(n);
     return r;
 }
@@ -637,17 +664,23 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
                     off % a || bytes % a);
     /* FUA is done generically: write, then flush this node. */
     r = do_pwritev(n, off, bytes, qiov, flags & ~VD_REQ_FUA, err);
+    /* A protocol node counts the write before its FUA flush, which must
+     * not find the node clean and skip the sync; any other node once the
+     * write is over, as QEMU does (its emulated FUA flush then raises no
+     * flush_to_disk event on the node below). */
+    bool is_protocol = !n->file && !n->children;
+    if (is_protocol)
+        atomic_fetch_add(&n->write_gen, 1);
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
+    if (!is_protocol)
+        atomic_fetch_add(&n->write_gen, 1);
     if (tracked)
         track_end(n, &req);
-    if (r == 0) {
+    if (r == 0)
         raise_length(n, off + bytes);
-        atomic_fetch_add(&n->write_gen, 1);
-    }
-    account(&n->stats.wr_operations, &n->stats.wr_bytes,
-            &n->stats.failed_wr_operations, &n->stats.wr_total_time_ns, r,
-            bytes, t0);
+    account_write_end(n, align_up(off + bytes, a));
+    account(n, VD_ACCT_WRITE, r, bytes, t0);
     inflight_dec(n);
     return r;
 }
@@ -683,6 +716,35 @@ static int write_zero_buffer(vd_node *n, uint64_t off, uint64_t bytes,
     return 0;
 }
 
+/*
+ * One piece of a zero write: the driver's callback where the piece keeps
+ * the request alignment (the vtable's contract), else, or when the
+ * driver answers -ENOTSUP, a zero buffer. QEMU's generic layer does the
+ * same, piece by piece.
+ */
+static int zero_piece(vd_node *n, uint64_t off, uint64_t len, unsigned flags,
+                      vd_error *err)
+{
+    uint32_t ra = n->bl.request_alignment;
+    if (n->drv->pwrite_zeroes && off % ra == 0 && len % ra == 0) {
+        contract_range(n, off, len);
+        int r = n->drv->pwrite_zeroes(n, off, len, flags & ~VD_REQ_FUA, err);
+        if (r != -ENOTSUP)
+            return r;
+    }
+    if (flags & VD_REQ_NO_FALLBACK)
+        return -ENOTSUP;
+    return write_zero_buffer(n, off, len, flags & ~VD_REQ_FUA, err);
+}
+
+/*
+ * Cut as QEMU's bdrv_co_do_pwrite_zeroes() cuts: a head up to the first
+ * boundary of the zeroing granule (pwrite_zeroes_alignment), the bulk in
+ * whole granules and at most max_transfer at a time, and a tail; a
+ * driver may thus see a piece smaller than its granule, never one that
+ * crosses a granule boundary, and decides itself what to do with it
+ * (qcow2 makes it a zero cluster when the rest already reads as zeros).
+ */
 static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
                             unsigned flags, vd_error *err)
 {
@@ -693,42 +755,37 @@ static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     uint32_t a = n->bl.request_alignment;
     if (n->bl.pwrite_zeroes_alignment > a)
         a = n->bl.pwrite_zeroes_alignment;
-    uint64_t head_end = align_up(off, a), tail_start = align_down(off + bytes, a);
-    if (!n->drv->pwrite_zeroes || head_end >= tail_start) {
-        if (flags & VD_REQ_NO_FALLBACK)
-            return -ENOTSUP;
-        return write_zero_buffer(n, off, bytes, flags, err);
-    }
-    int r = 0;
-    if (head_end > off && !(flags & VD_REQ_NO_FALLBACK))
-        r = write_zero_buffer(n, off, head_end - off, flags, err);
-    else if (head_end > off)
-        return -ENOTSUP;
     /* Pieces of at most max_transfer, as for every callback (the vtable's
-     * contract), in whole zeroing granules. */
+     * contract), and at most the driver's largest zero write, in whole
+     * zeroing granules. */
     uint64_t piece = max_transfer(n);
     if (n->bl.max_pwrite_zeroes && n->bl.max_pwrite_zeroes < piece)
         piece = n->bl.max_pwrite_zeroes;
     piece = align_down(piece, a);
     if (piece == 0)
         piece = a;
-    uint64_t pos = head_end;
-    while (r == 0 && pos < tail_start) {
-        uint64_t len = tail_start - pos;
+    uint64_t end = off + bytes;
+    int r = 0;
+    while (r == 0 && off < end) {
+        uint64_t len;
+        if (off % a) {
+            len = a - off % a;
+        } else if (end - off > a && end % a) {
+            len = align_down(end, a) - off;
+        } else {
+            len = end - off;
+        }
+        if (len > end - off)
+            len = end - off;
         if (len > piece)
             len = piece;
-        contract_range(n, pos, len);
-        r = n->drv->pwrite_zeroes(n, pos, len, flags & ~VD_REQ_FUA, err);
-        if (r == -ENOTSUP && !(flags & VD_REQ_NO_FALLBACK))
-            r = write_zero_buffer(n, pos, len, flags & ~VD_REQ_FUA, err);
-        pos += len;
+        r = zero_piece(n, off, len, flags, err);
+        off += len;
     }
-    if (r == 0 && tail_start < off + bytes) {
-        if (flags & VD_REQ_NO_FALLBACK)
-            return -ENOTSUP;
-        r = write_zero_buffer(n, tail_start, off + bytes - tail_start, flags,
-                              err);
-    }
+    /* Counted before the FUA flush on a protocol node (see
+     * vd_node_pwritev()), by the caller on any other. */
+    if (!n->file && !n->children)
+        atomic_fetch_add(&n->write_gen, 1);
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
     return r;
@@ -754,15 +811,18 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_ZERO);
     r = do_pwrite_zeroes(n, off, bytes, flags, err);
     vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_DONE);
+    if (n->file || n->children)
+        atomic_fetch_add(&n->write_gen, 1);
     if (tracked)
         track_end(n, &req);
-    if (r == 0) {
+    if (r == 0)
         raise_length(n, off + bytes);
-        atomic_fetch_add(&n->write_gen, 1);
+    account_write_end(n, align_up(off + bytes, n->bl.request_alignment));
+    if (r == 0) {
+        stat_add(&n->acct.zero_ops, 1);
+        stat_add(&n->acct.zero_bytes, bytes);
     }
-    account(&n->stats.zero_operations, &n->stats.zero_bytes,
-            &n->stats.failed_wr_operations, &n->stats.wr_total_time_ns, r,
-            bytes, t0);
+    account(n, VD_ACCT_WRITE, r, bytes, t0);
     inflight_dec(n);
     return r;
 }
@@ -805,14 +865,80 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
             pos += len;
         }
     }
+    atomic_fetch_add(&n->write_gen, 1);
     if (r == -ENOTSUP || r == -EOPNOTSUPP)
         r = 0;
-    if (r == 0)
-        atomic_fetch_add(&n->write_gen, 1);
-    account(&n->stats.unmap_operations, &n->stats.unmap_bytes,
-            &n->stats.failed_unmap_operations, &n->stats.unmap_total_time_ns,
-            r, bytes, t0);
+    account(n, VD_ACCT_UNMAP, r, bytes, t0);
     inflight_dec(n);
+    return r;
+}
+
+/* ---- copy offloading ---- */
+
+/* Both ranges keep both nodes' request alignment: a protocol copies
+ * whole blocks or not at all. */
+static bool copy_aligned(vd_node *src, uint64_t soff, vd_node *dst,
+                         uint64_t doff, uint64_t bytes)
+{
+    uint32_t a = src->bl.request_alignment, b = dst->bl.request_alignment;
+    return soff % a == 0 && bytes % a == 0 && doff % b == 0 && bytes % b == 0;
+}
+
+/* What both directions settle first: nothing to copy, a source range
+ * that reads as zeros (QEMU writes zeros then, before it looks at the
+ * source at all), a node that cannot copy. Returns 1 to go on, else the
+ * result. */
+static int copy_start(bool to, vd_node *src, uint64_t soff, vd_node *dst,
+                      uint64_t doff, uint64_t bytes, unsigned flags,
+                      vd_error *err)
+{
+    if (bytes == 0)
+        return 0;
+    if (flags & VD_REQ_ZERO_WRITE)
+        return vd_node_pwrite_zeroes(dst, doff, bytes, 0, err);
+    if (to) {
+        int r = check_writable(dst, err);
+        if (r < 0)
+            return r;
+    }
+    if (!(to ? dst->drv->copy_range_to != NULL
+             : src->drv->copy_range_from != NULL) ||
+        !copy_aligned(src, soff, dst, doff, bytes))
+        return -ENOTSUP;
+    return 1;
+}
+
+int vd_node_copy_range_from(vd_node *src, uint64_t soff, vd_node *dst,
+                            uint64_t doff, uint64_t bytes, unsigned flags,
+                            vd_error *err)
+{
+    int r = copy_start(false, src, soff, dst, doff, bytes, flags, err);
+    if (r <= 0)
+        return r;
+    inflight_inc(src);
+    r = src->drv->copy_range_from(src, soff, dst, doff, bytes, flags, err);
+    inflight_dec(src);
+    return r;
+}
+
+int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
+                          uint64_t doff, uint64_t bytes, unsigned flags,
+                          vd_error *err)
+{
+    int r = copy_start(true, src, soff, dst, doff, bytes, flags, err);
+    if (r <= 0)
+        return r;
+    inflight_inc(dst);
+    uint64_t t0 = now_ns();
+    r = dst->drv->copy_range_to(dst, src, soff, doff, bytes, flags, err);
+    if (r != -ENOTSUP) {
+        atomic_fetch_add(&dst->write_gen, 1);
+        if (r == 0)
+            raise_length(dst, doff + bytes);
+        account_write_end(dst, doff + bytes);
+        account(dst, VD_ACCT_WRITE, r, bytes, t0);
+    }
+    inflight_dec(dst);
     return r;
 }
 
@@ -830,24 +956,30 @@ int vd_node_flush(vd_node *n, vd_error *err)
     /* QEMU's events on the primary child: flush_to_os always, then
      * flush_to_disk unless nothing was written since the last flush. A
      * format's callback writes its caches (QEMU's flush_to_os, before
-     * the second event); any other driver's syncs (flush_to_disk). */
+     * the second event); any other driver's syncs (flush_to_disk). A
+     * format writes its caches back on every flush; a protocol node
+     * that nothing reached since its last flush has nothing to make
+     * stable (QEMU skips bdrv_co_flush_to_disk() then). */
     vd_node *primary = n->file ? n->file->node : NULL;
     bool to_disk = !(n->flags & VD_NODE_NO_FLUSH) &&
                    gen != atomic_load(&n->flushed_gen);
+    bool clean = is_protocol && gen == atomic_load(&n->flushed_gen);
+    bool synced = false;
     vd_node_debug_event_here(primary, VD_BLKDBG_FLUSH_TO_OS);
     if (!n->drv->is_format && to_disk)
         vd_node_debug_event_here(primary, VD_BLKDBG_FLUSH_TO_DISK);
-    if (n->drv->flush && !(is_protocol && (n->flags & VD_NODE_NO_FLUSH)))
+    if (n->drv->flush && !clean &&
+        !(is_protocol && (n->flags & VD_NODE_NO_FLUSH))) {
         r = n->drv->flush(n, err);
+        synced = true;
+    }
     if (r == 0 && n->drv->is_format && to_disk)
         vd_node_debug_event_here(primary, VD_BLKDBG_FLUSH_TO_DISK);
     for (vd_child *c = n->children; c && r == 0; c = c->next)
         r = vd_node_flush(c->node, err);
-    if (r == 0)
+    if (r == 0 && (synced || !is_protocol))
         atomic_store(&n->flushed_gen, gen);
-    account(&n->stats.flush_operations, NULL,
-            &n->stats.failed_flush_operations, &n->stats.flush_total_time_ns,
-            r, 0, t0);
+    account(n, VD_ACCT_FLUSH, r, 0, t0);
     inflight_dec(n);
     return r;
 }
@@ -913,10 +1045,9 @@ int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
                             "support resizing", n->filename, n->drv->name);
     }
     r = n->drv->truncate(n, size, exact, prealloc, err);
-    if (r == 0) {
+    atomic_fetch_add(&n->write_gen, 1);
+    if (r == 0)
         vd_node_refresh_length(n);
-        atomic_fetch_add(&n->write_gen, 1);
-    }
     return r;
 }
 
@@ -1129,18 +1260,24 @@ static int check_write_perm(vd_node *n, vd_error *err)
                         n->node_name);
 }
 
-static int check_request(vd_node *n, uint64_t off, uint64_t len,
-                         vd_error *err)
+/* The range check of the public entry points; a request it refuses
+ * counts as invalid (QEMU's devices account it so) under @type
+ * (VD_ACCT_MAX: not I/O, not counted). */
+static int check_request(vd_node *n, vd_acct_type type, uint64_t off,
+                         uint64_t len, vd_error *err)
 {
     int64_t size = vd_node_getlength(n);
     if (size < 0)
         return vd_error_set(err, (int)size, "%s: could not get the image "
                             "size", n->filename);
-    if (off > (uint64_t)size || len > (uint64_t)size - off)
+    if (off > (uint64_t)size || len > (uint64_t)size - off) {
+        if (type < VD_ACCT_MAX)
+            vd_acct_invalid(n, type);
         return vd_error_set(err, -EIO, "%s: request of %" PRIu64 " bytes at "
                             "offset %" PRIu64 " is beyond the end of the "
                             "image (%" PRId64 " bytes)", n->filename, len,
                             off, size);
+    }
     return 0;
 }
 
@@ -1149,7 +1286,7 @@ static int top_preadv(vd_node *node, const struct iovec *iov, int iovcnt,
 {
     vd_iov v;
     vd_iov_init_external(&v, iov, iovcnt);
-    int r = check_request(node, offset, v.size, err);
+    int r = check_request(node, VD_ACCT_READ, offset, v.size, err);
     if (r < 0)
         return r;
     return vd_node_preadv(node, offset, v.size, &v, flags, err);
@@ -1167,7 +1304,7 @@ static int top_pwritev(vd_node *node, const struct iovec *iov, int iovcnt,
 {
     vd_iov v;
     vd_iov_init_external(&v, iov, iovcnt);
-    int r = check_request(node, offset, v.size, err);
+    int r = check_request(node, VD_ACCT_WRITE, offset, v.size, err);
     if (r == 0)
         r = check_write_perm(node, err);
     if (r < 0)
@@ -1194,7 +1331,7 @@ VD_API int vd_pwrite(vd_node *node, const void *buf, uint64_t len,
 static int top_write_zeroes(vd_node *node, uint64_t len, uint64_t offset,
                             unsigned flags, vd_error *err)
 {
-    int r = check_request(node, offset, len, err);
+    int r = check_request(node, VD_ACCT_WRITE, offset, len, err);
     if (r == 0)
         r = check_write_perm(node, err);
     if (r < 0)
@@ -1207,7 +1344,7 @@ static int top_write_zeroes(vd_node *node, uint64_t len, uint64_t offset,
 static int top_discard(vd_node *node, uint64_t len, uint64_t offset,
                        vd_error *err)
 {
-    int r = check_request(node, offset, len, err);
+    int r = check_request(node, VD_ACCT_UNMAP, offset, len, err);
     if (r == 0)
         r = check_write_perm(node, err);
     if (r < 0)
@@ -1228,7 +1365,7 @@ VD_API int64_t vd_getlength(vd_node *node)
 static int top_block_status(vd_node *node, uint64_t offset, uint64_t len,
                             vd_extent *ext, vd_error *err)
 {
-    int r = check_request(node, offset, len, err);
+    int r = check_request(node, VD_ACCT_MAX, offset, len, err);
     if (r < 0)
         return r;
     if (len == 0)
@@ -1290,6 +1427,28 @@ VD_API int vd_discard(vd_node *node, uint64_t len, uint64_t offset,
     return r;
 }
 
+VD_API int vd_copy_range(vd_node *src, uint64_t src_off, vd_node *dst,
+                         uint64_t dst_off, uint64_t len, vd_error *err)
+{
+    request_begin(src);
+    if (dst != src)
+        request_begin(dst);
+    int r = check_request(src, VD_ACCT_MAX, src_off, len, err);
+    if (r == 0)
+        r = check_request(dst, VD_ACCT_MAX, dst_off, len, err);
+    if (r == 0)
+        r = check_write_perm(dst, err);
+    if (r == 0 && (dst->detect_zeroes || dst->writethrough ||
+                   (dst->flags & VD_NODE_COPY_ON_READ)))
+        r = -ENOTSUP;   /* what the top of a graph adds to writes */
+    if (r == 0)
+        r = vd_node_copy_range_from(src, src_off, dst, dst_off, len, 0, err);
+    if (dst != src)
+        request_end(dst);
+    request_end(src);
+    return r;
+}
+
 VD_API int vd_flush(vd_node *node, vd_error *err)
 {
     request_begin(node);
@@ -1333,12 +1492,4 @@ VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,
     vd_node_drain_end(node);
     vd_user_free(&tmp);
     return r;
-}
-
-VD_API void vd_get_stats(vd_node *node, vd_stats *out)
-{
-    vd_stats *s = &node->stats;
-    uint64_t *src = (uint64_t *)s, *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof(*s) / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
 }

@@ -25,11 +25,13 @@
 static int flatten(vd_opts *o, const char *prefix, json_object *obj,
                    vd_error *err);
 
-/* Adds @val as option @name (objects and arrays as their members). */
+/* Adds @val as option @name: objects and arrays nested under it with
+ * dotted names, array elements numbered from 0 as QEMU's qdict_flatten()
+ * does ("inject-error.0.sector"). */
 static int flatten_value(vd_opts *o, const char *name, json_object *val,
                          vd_error *err)
 {
-    char sub[MAX_OPT_NAME];
+    char sub[MAX_OPT_NAME + 1];
     int r;
 
     switch (json_object_get_type(val)) {
@@ -37,15 +39,12 @@ static int flatten_value(vd_opts *o, const char *name, json_object *val,
         snprintf(sub, sizeof(sub), "%s.", name);
         return flatten(o, sub, val, err);
     case json_type_array:
-        /* As QEMU's qdict_flatten(): element i is "NAME.i" (a list of
-         * inject-error rules becomes inject-error.0.event, ...). */
         for (size_t i = 0; i < json_object_array_length(val); i++) {
             int n = snprintf(sub, sizeof(sub), "%s.%zu", name, i);
-            if (n < 0 || (size_t)n >= sizeof(sub))
+            if (n < 0 || (size_t)n >= MAX_OPT_NAME)
                 return vd_error_set(err, -EINVAL, "json: option name too "
                                     "long");
-            r = flatten_value(o, sub, json_object_array_get_idx(val, i),
-                              err);
+            r = flatten_value(o, sub, json_object_array_get_idx(val, i), err);
             if (r < 0)
                 return r;
         }

@@ -174,6 +174,7 @@ static vd_node *node_new(const vd_driver *drv)
     atomic_init(&n->total_size, 0);
     pthread_mutex_init(&n->lock, NULL);
     pthread_cond_init(&n->cond, NULL);
+    pthread_mutex_init(&n->stats_lock, NULL);
     return n;
 }
 
@@ -187,6 +188,8 @@ static void node_free(vd_node *n)
         unregister_node(n);
     pthread_mutex_destroy(&n->lock);
     pthread_cond_destroy(&n->cond);
+    vd_acct_cleanup(n);
+    pthread_mutex_destroy(&n->stats_lock);
     free(n->node_name);
     free(n->filename);
     free(n->backing_file);
@@ -671,7 +674,22 @@ static int node_open_one(vd_node **out, const char *filename,
      * no "file" child from the core. */
     bool core_file = !drv || ((drv->is_format || drv->is_filter) &&
                               !drv->opens_children);
-    char *file_ref = core_file ? vd_opts_take(opts, "file") : NULL;
+    /* The primary child's options: "file", or the driver's other name
+     * for it when the options use that one. */
+    const char *fkey = "file";
+    if (core_file && drv && drv->file_alias) {
+        size_t alen = strlen(drv->file_alias);
+        for (size_t i = 0; i < vd_opts_count(opts); i++) {
+            const char *k, *v;
+            vd_opts_nth(opts, i, &k, &v);
+            if (!strncmp(k, drv->file_alias, alen) &&
+                (k[alen] == 0 || k[alen] == '.'))
+                fkey = drv->file_alias;
+        }
+    }
+    char fprefix[64];
+    snprintf(fprefix, sizeof(fprefix), "%s.", fkey);
+    char *file_ref = core_file ? vd_opts_take(opts, fkey) : NULL;
     if (file_ref) {
         /* "file=NODE": an existing node becomes the protocol child. */
         file = vd_find_node(file_ref);
@@ -694,7 +712,7 @@ static int node_open_one(vd_node **out, const char *filename,
     free(file_ref);
     if (!file && core_file) {
         /* The protocol child: "file.*" options or the filename. */
-        vd_opts *fopts = vd_opts_extract_prefix(opts, "file.");
+        vd_opts *fopts = vd_opts_extract_prefix(opts, fprefix);
         if (!fopts) {
             r = vd_error_set(err, -ENOMEM, "Out of memory");
             goto fail_early;
@@ -1331,6 +1349,21 @@ int vd_open_protocol(vd_node **out, const char *filename, unsigned flags,
     return r;
 }
 
+int vd_create_check_backing_fmt(const char *filename, const char *bfile,
+                                const char *bfmt, bool has_size,
+                                vd_error *err)
+{
+    if (!bfmt)
+        return 0;
+    if (!vd_qemu_driver_name(bfmt))
+        return vd_error_set(err, -EINVAL, "%s: Parameter 'backing-fmt' "
+                            "does not accept value '%s'", filename, bfmt);
+    if (bfile && !has_size && !vd_find_driver(bfmt))
+        return vd_error_set(err, -EINVAL, "%s: Could not open backing "
+                            "image: Unknown driver '%s'", filename, bfmt);
+    return 0;
+}
+
 VD_API int vd_create(const char *filename, const char *format,
                      const vd_opts *opts, vd_error *err)
 {
@@ -1358,22 +1391,12 @@ VD_API int vd_create(const char *filename, const char *format,
             return vd_error_set(err, -EINVAL, "%s: Invalid parameter '%s'",
                                 filename, k);
     }
-    /* The backing format is a driver name: qemu turns the creation
-     * options into QAPI's BlockdevCreateOptions, whose backing-fmt is the
-     * BlockdevDriver enum, and refuses any other name before writing.
-     * A driver that must open the backing file for its size (no "size"
-     * given) needs the format to be one vdisk has, or it would probe. */
-    const char *bfmt = vd_opts_get(opts, "backing_fmt");
-    if (bfmt && option_known(drv->create_opts, "backing_fmt")) {
-        if (!vd_qemu_driver_name(bfmt))
-            return vd_error_set(err, -EINVAL, "%s: Parameter 'backing-fmt' "
-                                "does not accept value '%s'", filename,
-                                bfmt);
-        if (vd_opts_get(opts, "backing_file") && !vd_opts_get(opts, "size")
-            && !vd_find_driver(bfmt))
-            return vd_error_set(err, -EINVAL, "%s: Could not open backing "
-                                "image: Unknown driver '%s'", filename,
-                                bfmt);
+    /* Then the value syntax, as qemu-img's QemuOpts parser checks it
+     * before any driver sees the options. */
+    int r0 = vd_check_create_opts(format ? format : "raw", opts, err);
+    if (r0 < 0) {
+        vd_error_prepend(err, "%s: ", filename);
+        return r0;
     }
     vd_opts *o = opts ? vd_opts_clone(opts) : vd_opts_new();
     if (!o)

@@ -652,6 +652,53 @@ static int file_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
     return 0;
 }
 
+/* Copy offloading: the source side only hands the request to the
+ * destination, which holds the other descriptor. */
+static int file_copy_range_from(vd_node *node, uint64_t soff, vd_node *dst,
+                                uint64_t doff, uint64_t bytes, unsigned flags,
+                                vd_error *err)
+{
+    return vd_node_copy_range_to(node, soff, dst, doff, bytes, flags, err);
+}
+
+/* copy_file_range(2) between two files, as QEMU's file-posix: no
+ * progress (the source ends early) or an error ends the offload, and
+ * the caller copies what is left itself. */
+static int file_copy_range_to(vd_node *node, vd_node *src, uint64_t soff,
+                              uint64_t doff, uint64_t bytes, unsigned flags,
+                              vd_error *err)
+{
+    file_state *s = node->opaque, *ss;
+    loff_t in = (loff_t)soff, out = (loff_t)doff;
+
+    (void)flags;
+    if (src->drv != node->drv) {
+        return -ENOTSUP;
+    }
+    ss = src->opaque;
+    while (bytes > 0) {
+        ssize_t n = copy_file_range(ss->fd, &in, s->fd, &out, bytes, 0);
+
+        if (n == 0) {
+            return -ENOTSUP;
+        }
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno == ENOSYS || errno == EXDEV || errno == EOPNOTSUPP ||
+                errno == EINVAL) {
+                return -ENOTSUP;
+            }
+            return vd_error_set_errno(err, -errno, "%s: copy of %" PRIu64
+                                      " bytes at offset %" PRIu64 " failed",
+                                      node->filename, bytes, (uint64_t)out);
+        }
+        bytes -= (uint64_t)n;
+    }
+    return 0;
+}
+
 static int do_fallocate(int fd, int mode, uint64_t off, uint64_t len)
 {
     int ret;
@@ -1400,6 +1447,8 @@ static int hdev_create(const char *filename, vd_opts *opts, vd_error *err)
     .pwritev = file_pwritev,                                              \
     .pwrite_zeroes = file_pwrite_zeroes,                                  \
     .pdiscard = file_pdiscard,                                            \
+    .copy_range_from = file_copy_range_from,                              \
+    .copy_range_to = file_copy_range_to,                                  \
     .flush = file_flush,                                                  \
     .block_status = file_block_status,                                    \
     .getlength = file_getlength,                                          \

@@ -206,6 +206,8 @@ static int raw_preadv(vd_node *node, uint64_t off, uint64_t bytes,
     if (ret < 0) {
         return ret;
     }
+    /* QEMU's raw format announces its data requests to blkdebug. */
+    vd_node_debug_event(node->file->node, VD_BLKDBG_READ_AIO);
     return vd_child_preadv(node->file, off, bytes, qiov, flags, err);
 }
 
@@ -261,6 +263,7 @@ static int raw_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
         }
     }
 
+    vd_node_debug_event(node->file->node, VD_BLKDBG_WRITE_AIO);
     ret = vd_child_pwritev(node->file, child_off, bytes,
                            use_checked ? &checked : qiov, flags, err);
     if (use_checked) {
@@ -374,9 +377,8 @@ static int raw_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
         }
         size = (uint64_t)len;
     } else {
-        int r = v ? vd_parse_size(v, &size) : 0;
-        /* qemu's texts: junk, or past the limit (2^63 here, 2^64 in
-         * qemu's parser). */
+        int r = v ? vd_parse_size_u64(v, &size) : 0;
+        /* qemu's texts: junk, or past 2^64 - 1 (QemuOpts' range). */
         if (r == -ERANGE) {
             vd_error_set(err, -EINVAL, "Value '%s' is out of range for "
                          "parameter 'size'", v);
@@ -388,7 +390,8 @@ static int raw_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
                                 "non-negative number below 2^64");
         }
         free(v);
-        size = (size + 511) / 512 * 512;
+        /* Rounded up in 64 bits, as QEMU's ROUND_UP() (2^64 - 1 wraps). */
+        size = (size + 511) & ~511ull;
     }
     out->required = size;
     out->fully_allocated = size;
@@ -416,6 +419,38 @@ static void raw_child_perm(vd_node *node, const vd_child *c, unsigned perm,
     *nperm |= perm & (VD_PERM_WRITE | VD_PERM_RESIZE);
 }
 
+/* Copy offloading passes through the window; sector 0 of a probed
+ * image is guarded, so a copy there is done by writes (-ENOTSUP). */
+static int raw_copy_range_from(vd_node *node, uint64_t soff, vd_node *dst,
+                               uint64_t doff, uint64_t bytes, unsigned flags,
+                               vd_error *err)
+{
+    int ret = raw_adjust(node, &soff, bytes, false, err);
+
+    if (ret < 0) {
+        return ret;
+    }
+    return vd_node_copy_range_from(node->file->node, soff, dst, doff, bytes,
+                                   flags, err);
+}
+
+static int raw_copy_range_to(vd_node *node, vd_node *src, uint64_t soff,
+                             uint64_t doff, uint64_t bytes, unsigned flags,
+                             vd_error *err)
+{
+    int ret;
+
+    if (node->probed_raw && doff < RAW_PROBE_SIZE) {
+        return -ENOTSUP;
+    }
+    ret = raw_adjust(node, &doff, bytes, true, err);
+    if (ret < 0) {
+        return ret;
+    }
+    return vd_node_copy_range_to(src, soff, node->file->node, doff, bytes,
+                                 flags, err);
+}
+
 const vd_driver vd_driver_raw = {
     .child_perm = raw_child_perm,
     .measure = raw_measure,
@@ -432,6 +467,8 @@ const vd_driver vd_driver_raw = {
     .pwritev = raw_pwritev,
     .pwrite_zeroes = raw_pwrite_zeroes,
     .pdiscard = raw_pdiscard,
+    .copy_range_from = raw_copy_range_from,
+    .copy_range_to = raw_copy_range_to,
     .block_status = raw_block_status,
     .getlength = raw_getlength,
     .truncate = raw_truncate,

@@ -522,7 +522,7 @@ VD_API int vd_nbd_server_listen_tcp(vd_nbd_server *srv, const char *addr,
 
     r = getaddrinfo(addr, port, &hints, &res);
     if (r != 0) {
-        return vd_error_set(err, -EINVAL, "%s:%s: cannot resolve address: %s",
+        return vd_error_set(err, -EINVAL, "address resolution failed for %s:%s: %s",
                             addr ? addr : "*", port, gai_strerror(r));
     }
     for (ai = res; ai && srv->nb_listen < MAX_LISTEN; ai = ai->ai_next) {
@@ -653,9 +653,11 @@ static void *client_main(void *opaque)
     int r;
 
     r = nbd_conn_serve(cl->srv, cl->fd, cl->fd, &err);
-    /* Clients that simply hang up are not worth a message. */
+    /* Clients that simply hang up are not worth a message. The program's
+     * name starts it, as QEMU's tools do (qemu-nbd, or the embedder's). */
     if (r < 0 && r != -EPIPE && r != -ECONNRESET && err.message[0]) {
-        fprintf(stderr, "vdisk serve: %s\n", err.message);
+        fprintf(stderr, "%s: %s\n", program_invocation_short_name,
+                err.message);
     }
     atomic_store(&cl->finished, true);
     wake(cl->srv);

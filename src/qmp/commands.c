@@ -25,6 +25,22 @@
 
 /* ---- helpers ---- */
 
+static void (*reporter)(const char *msg);
+
+void qmp_set_reporter(void (*fn)(const char *msg))
+{
+    reporter = fn;
+}
+
+static void report(const char *msg)
+{
+    if (reporter) {
+        reporter(msg);
+    } else {
+        fprintf(stderr, "qmp: %s\n", msg);
+    }
+}
+
 static const char *arg_str(json_object *args, const char *name)
 {
     json_object *v;
@@ -261,7 +277,7 @@ static void all_nodes(node_vec *nv)
 /* QEMU's ImageInfo of @node, with its backing chain nested in
  * "backing-image"; the members come from the library's formatter, as
  * `vdisk info --output=json` prints them. */
-static json_object *image_info(vd_node *node, int depth)
+static json_object *image_info(vd_node *node, int depth, bool flat)
 {
     vd_image_info *info = NULL;
     json_object *o;
@@ -278,9 +294,9 @@ static json_object *image_info(vd_node *node, int depth)
     if (!o) {
         return NULL;
     }
-    backing = vd_node_child(node, "backing");
+    backing = flat ? NULL : vd_node_child(node, "backing");
     if (backing && depth < 64) {
-        json_object *b = image_info(backing, depth + 1);
+        json_object *b = image_info(backing, depth + 1, false);
         if (b) {
             json_object_object_add(o, "backing-image", b);
         }
@@ -288,7 +304,10 @@ static json_object *image_info(vd_node *node, int depth)
     return o;
 }
 
-static json_object *block_device_info(vd_node *node)
+/* QEMU's BlockDeviceInfo of @node. With @flat (query-named-block-nodes'
+ * argument) the image has no "backing-image" and the depth stays 0, as
+ * QEMU stops walking the chain at once. */
+static json_object *block_device_info(vd_node *node, bool flat)
 {
     static const char *const dz[] = { "off", "on", "unmap" };
     json_object *o = json_object_new_object();
@@ -299,13 +318,14 @@ static json_object *block_device_info(vd_node *node)
     const char *file;
     int depth = 0;
 
-    for (vd_node *n = b; n && depth < 100000; n = vd_node_child(n, "backing")) {
+    for (vd_node *n = flat ? NULL : b; n && depth < 100000;
+         n = vd_node_child(n, "backing")) {
         depth++;
     }
     json_object_object_add(o, "iops_rd", jint(0));
     json_object_object_add(o, "detect_zeroes", json_object_new_string(
                                dz[vd_node_detect_zeroes(node) % 3]));
-    img = image_info(node, 0);
+    img = image_info(node, 0, flat);
     if (img) {
         json_object_object_add(o, "image", img);
     }
@@ -321,9 +341,11 @@ static json_object *block_device_info(vd_node *node)
     json_object_object_add(o, "bps_wr", jint(0));
     json_object_object_add(o, "write_threshold", jint(0));
     if (b) {
-        const char *bf = vd_node_backing_file(node);
+        /* QEMU shows the open backing node's filename (absolute, as it
+         * was resolved), not the name the image header holds. */
+        const char *bf = vd_node_filename(b);
         json_object_object_add(o, "backing_file", json_object_new_string(
-                                   bf ? bf : vd_node_filename(b)));
+                                   bf ? bf : vd_node_backing_file(node)));
     }
     json_object_object_add(o, "encrypted", json_object_new_boolean(0));
     json_object_object_add(o, "bps", jint(0));
@@ -351,67 +373,119 @@ QMP_HANDLER(qmp_cmd_query_named_block_nodes)
     node_vec *nv = malloc(sizeof(*nv));
 
     (void)d;
-    (void)args;
     if (!nv) {
         json_object_put(r);
         return qmp_fail(e, NULL, "out of memory");
     }
     all_nodes(nv);
     for (size_t i = 0; i < nv->n; i++) {
-        json_object_array_add(r, block_device_info(nv->v[i]));
+        json_object_array_add(r, block_device_info(
+                                  nv->v[i], arg_bool(args, "flat", false)));
     }
     free(nv);
     return r;
 }
 
+/* BlockLatencyHistogramInfo of one histogram. */
+static json_object *histogram_json(const vd_latency_histogram *h)
+{
+    json_object *o = json_object_new_object();
+    json_object *b = json_object_new_array();
+    json_object *bins = json_object_new_array();
+
+    for (size_t i = 0; i + 1 < h->nbins; i++) {
+        json_object_array_add(b, jint((int64_t)h->boundaries[i]));
+    }
+    for (size_t i = 0; i < h->nbins; i++) {
+        json_object_array_add(bins, jint((int64_t)h->bins[i]));
+    }
+    json_object_object_add(o, "boundaries", b);
+    json_object_object_add(o, "bins", bins);
+    return o;
+}
+
+/* BlockDeviceTimedStats of one interval, QEMU 7.2's members. */
+static json_object *timed_stats_json(const vd_timed_stats *t)
+{
+    static const char *const tn[] = { "rd", "wr", "flush" };
+    static const vd_acct_type tt[] = { VD_ACCT_READ, VD_ACCT_WRITE,
+                                       VD_ACCT_FLUSH };
+    json_object *o = json_object_new_object();
+    char k[64];
+
+    json_object_object_add(o, "interval_length", jint(t->interval_length));
+    for (int i = 0; i < 3; i++) {
+        snprintf(k, sizeof(k), "min_%s_latency_ns", tn[i]);
+        json_object_object_add(o, k, jint((int64_t)t->min_latency_ns[tt[i]]));
+        snprintf(k, sizeof(k), "max_%s_latency_ns", tn[i]);
+        json_object_object_add(o, k, jint((int64_t)t->max_latency_ns[tt[i]]));
+        snprintf(k, sizeof(k), "avg_%s_latency_ns", tn[i]);
+        json_object_object_add(o, k, jint((int64_t)t->avg_latency_ns[tt[i]]));
+    }
+    json_object_object_add(o, "avg_rd_queue_depth", json_object_new_double(
+                               t->avg_queue_depth[VD_ACCT_READ]));
+    json_object_object_add(o, "avg_wr_queue_depth", json_object_new_double(
+                               t->avg_queue_depth[VD_ACCT_WRITE]));
+    return o;
+}
+
+/*
+ * BlockDeviceStats of @node from the library's accounting (QEMU 7.2's
+ * members; the zone_append ones came in 8.1). qemu-storage-daemon shows
+ * only wr_highest_offset of a node, its other counters belonging to
+ * device models it does not have; vdisk counts every request of every
+ * node (docs/qmp.md).
+ */
 static json_object *stats_json(vd_node *node)
 {
-    vd_stats s;
+    static const char *const tn[VD_ACCT_MAX] = { "rd", "wr", "flush",
+                                                 "unmap" };
+    vd_block_stats *s = NULL;
     json_object *o = json_object_new_object();
-    int64_t len = vd_getlength(node);
+    json_object *ts;
+    char k[64];
 
-    vd_get_stats(node, &s);
-    json_object_object_add(o, "unmap_operations",
-                           jint((int64_t)s.unmap_operations));
-    json_object_object_add(o, "unmap_merged", jint(0));
-    json_object_object_add(o, "flush_total_time_ns",
-                           jint((int64_t)s.flush_total_time_ns));
-    /* Not tracked per request; the end of the written area is the best
-     * bound we have once anything was written. */
+    if (vd_get_block_stats(node, &s) < 0) {
+        return o;
+    }
+    for (int t = 0; t < VD_ACCT_MAX; t++) {
+        if (t != VD_ACCT_FLUSH) {
+            snprintf(k, sizeof(k), "%s_bytes", tn[t]);
+            json_object_object_add(o, k, jint((int64_t)s->bytes[t]));
+            snprintf(k, sizeof(k), "%s_merged", tn[t]);
+            json_object_object_add(o, k, jint((int64_t)s->merged[t]));
+        }
+        snprintf(k, sizeof(k), "%s_operations", tn[t]);
+        json_object_object_add(o, k, jint((int64_t)s->operations[t]));
+        snprintf(k, sizeof(k), "%s_total_time_ns", tn[t]);
+        json_object_object_add(o, k, jint((int64_t)s->total_time_ns[t]));
+        snprintf(k, sizeof(k), "failed_%s_operations", tn[t]);
+        json_object_object_add(o, k, jint((int64_t)s->failed[t]));
+        snprintf(k, sizeof(k), "invalid_%s_operations", tn[t]);
+        json_object_object_add(o, k, jint((int64_t)s->invalid[t]));
+    }
     json_object_object_add(o, "wr_highest_offset",
-                           jint(s.wr_operations && len > 0 ? len : 0));
-    json_object_object_add(o, "wr_total_time_ns",
-                           jint((int64_t)s.wr_total_time_ns));
-    json_object_object_add(o, "failed_wr_operations",
-                           jint((int64_t)s.failed_wr_operations));
-    json_object_object_add(o, "failed_rd_operations",
-                           jint((int64_t)s.failed_rd_operations));
-    json_object_object_add(o, "wr_merged", jint(0));
-    json_object_object_add(o, "wr_bytes", jint((int64_t)s.wr_bytes));
-    json_object_object_add(o, "timed_stats", json_object_new_array());
-    json_object_object_add(o, "failed_unmap_operations",
-                           jint((int64_t)s.failed_unmap_operations));
-    json_object_object_add(o, "failed_flush_operations",
-                           jint((int64_t)s.failed_flush_operations));
-    json_object_object_add(o, "account_invalid", json_object_new_boolean(0));
-    json_object_object_add(o, "rd_total_time_ns",
-                           jint((int64_t)s.rd_total_time_ns));
-    json_object_object_add(o, "invalid_unmap_operations", jint(0));
-    json_object_object_add(o, "flush_operations",
-                           jint((int64_t)s.flush_operations));
-    json_object_object_add(o, "wr_operations",
-                           jint((int64_t)s.wr_operations));
-    json_object_object_add(o, "unmap_bytes", jint((int64_t)s.unmap_bytes));
-    json_object_object_add(o, "rd_merged", jint(0));
-    json_object_object_add(o, "rd_bytes", jint((int64_t)s.rd_bytes));
-    json_object_object_add(o, "unmap_total_time_ns",
-                           jint((int64_t)s.unmap_total_time_ns));
-    json_object_object_add(o, "invalid_flush_operations", jint(0));
-    json_object_object_add(o, "account_failed", json_object_new_boolean(0));
-    json_object_object_add(o, "rd_operations",
-                           jint((int64_t)s.rd_operations));
-    json_object_object_add(o, "invalid_wr_operations", jint(0));
-    json_object_object_add(o, "invalid_rd_operations", jint(0));
+                           jint((int64_t)s->wr_highest_offset));
+    if (s->has_idle_time) {
+        json_object_object_add(o, "idle_time_ns",
+                               jint((int64_t)s->idle_time_ns));
+    }
+    json_object_object_add(o, "account_invalid",
+                           json_object_new_boolean(s->account_invalid));
+    json_object_object_add(o, "account_failed",
+                           json_object_new_boolean(s->account_failed));
+    ts = json_object_new_array();
+    for (size_t i = 0; i < s->nb_timed_stats; i++) {
+        json_object_array_add(ts, timed_stats_json(&s->timed_stats[i]));
+    }
+    json_object_object_add(o, "timed_stats", ts);
+    for (int t = 0; t < VD_ACCT_MAX; t++) {
+        if (t != VD_ACCT_UNMAP && s->histogram[t].nbins) {
+            snprintf(k, sizeof(k), "%s_latency_histogram", tn[t]);
+            json_object_object_add(o, k, histogram_json(&s->histogram[t]));
+        }
+    }
+    vd_block_stats_free(&s);
     return o;
 }
 
@@ -528,7 +602,7 @@ static void *nbd_thread_main(void *opaque)
     vd_error err = VD_ERROR_INIT;
 
     if (vd_nbd_server_run(d->nbd, &err) < 0) {
-        fprintf(stderr, "vdisk serve: %s\n", err.message);
+        report(err.message);
     }
     return NULL;
 }
@@ -668,9 +742,8 @@ QMP_HANDLER(qmp_cmd_block_export_add)
         return qmp_fail(e, NULL, "Block export id '%s' is already in use",
                         id);
     }
-    if (!d->nbd) {
-        return qmp_fail(e, NULL, "NBD server not running");
-    }
+    /* QEMU's order: the node, whether it may be written, then the NBD
+     * server (qemu-storage-daemon answers so). */
     node = vd_find_node(nn);
     if (!node) {
         return qmp_fail(e, NULL, "Cannot find device='' nor node-name='%s'",
@@ -678,6 +751,9 @@ QMP_HANDLER(qmp_cmd_block_export_add)
     }
     if (writable && vd_node_is_read_only(node)) {
         return qmp_fail(e, NULL, "Cannot export read-only node as writable");
+    }
+    if (!d->nbd) {
+        return qmp_fail(e, NULL, "NBD server not running");
     }
     if (json_object_object_get_ex(args, "bitmaps", &bm) &&
         json_object_array_length(bm) > 0) {
@@ -762,6 +838,366 @@ QMP_HANDLER(qmp_cmd_query_block_exports)
         json_object_array_add(r, o);
     }
     return r;
+}
+
+/*
+ * The legacy export commands, as QEMU implements them: nbd-server-add
+ * is block-export-add with the export name (by default the device) as
+ * the id, and a read-only node is exported read-only instead of
+ * refused; nbd-server-remove is block-export-del of that id.
+ */
+QMP_HANDLER(qmp_cmd_nbd_server_add)
+{
+    const char *dev = arg_str(args, "device");
+    const char *name = arg_str(args, "name");
+    const char *desc = arg_str(args, "description");
+    const char *bitmap = arg_str(args, "bitmap");
+    vd_node *node = vd_find_node(dev);
+    json_object *x, *r;
+
+    if (!node) {
+        return qmp_fail(e, NULL, "Cannot find device='%s' nor node-name='%s'",
+                        dev, dev);
+    }
+    x = json_object_new_object();
+    json_object_object_add(x, "type", json_object_new_string("nbd"));
+    json_object_object_add(x, "id", json_object_new_string(name ? name
+                                                                : dev));
+    json_object_object_add(x, "node-name",
+                           json_object_new_string(vd_node_name(node)));
+    json_object_object_add(x, "writable", json_object_new_boolean(
+                               arg_bool(args, "writable", false) &&
+                               !vd_node_is_read_only(node)));
+    json_object_object_add(x, "name", json_object_new_string(name ? name
+                                                                  : dev));
+    if (desc) {
+        json_object_object_add(x, "description",
+                               json_object_new_string(desc));
+    }
+    if (bitmap) {
+        json_object *l = json_object_new_array();
+        json_object_array_add(l, json_object_new_string(bitmap));
+        json_object_object_add(x, "bitmaps", l);
+    }
+    r = qmp_cmd_block_export_add(d, x, e);
+    json_object_put(x);
+    return r;
+}
+
+QMP_HANDLER(qmp_cmd_nbd_server_remove)
+{
+    json_object *x = json_object_new_object(), *r;
+    const char *mode = arg_str(args, "mode");
+
+    json_object_object_add(x, "id",
+                           json_object_new_string(arg_str(args, "name")));
+    if (mode) {
+        json_object_object_add(x, "mode", json_object_new_string(mode));
+    }
+    r = qmp_cmd_block_export_del(d, x, e);
+    json_object_put(x);
+    return r;
+}
+
+/* ---- devices, reopen, statistics ---- */
+
+/* query-block lists block backends that have a name or a device model;
+ * qemu-storage-daemon, and so vdisk serve, has neither (its exports'
+ * backends are anonymous), so the list is always empty. */
+QMP_HANDLER(qmp_cmd_query_block)
+{
+    (void)d;
+    (void)args;
+    (void)e;
+    return json_object_new_array();
+}
+
+/*
+ * blockdev-reopen, checked whole before anything changes. Every element
+ * names an existing node; its options replace the node's, so an option
+ * left out means its default (read-only: off). vdisk can change the
+ * read-only mode, through the core's reopen and its permission checks;
+ * every other option must keep the node's current value (a child given
+ * by the name of the current child, or by options that hold for it),
+ * else QEMU's "Cannot change the option" refusal names it. QEMU can
+ * also change some of those (detect-zeroes, a raw window, replacing or
+ * detaching a child); docs/qmp.md lists what vdisk refuses.
+ */
+typedef struct reopen_item {
+    vd_node *node;
+    bool ro;
+} reopen_item;
+
+typedef struct reopen_plan {
+    reopen_item v[256];
+    size_t n;
+} reopen_plan;
+
+static json_object *reopen_check(vd_node *node, json_object *o,
+                                 const char *prefix, reopen_plan *p,
+                                 qmp_error *e);
+
+/* A child option (file, backing, data-file) @val of @node in @role. */
+static json_object *reopen_child(vd_node *node, const char *role,
+                                 json_object *val, const char *prefix,
+                                 reopen_plan *p, qmp_error *e)
+{
+    vd_node *cur = vd_node_child(node, role);
+    char sub[256];
+
+    if (!val && !cur) {
+        return json_object_new_object();        /* null for no child */
+    }
+    if (json_object_is_type(val, json_type_string)) {
+        if (cur && strcmp(json_object_get_string(val),
+                          vd_node_name(cur)) == 0) {
+            return json_object_new_object();
+        }
+    } else if (json_object_is_type(val, json_type_object) && cur) {
+        const char *nn = arg_str(val, "node-name");
+        snprintf(sub, sizeof(sub), "%s%s.", prefix, role);
+        if (nn && strcmp(nn, vd_node_name(cur)) != 0) {
+            return qmp_fail(e, NULL, "Cannot change the option '%snode-name'",
+                            sub);
+        }
+        return reopen_check(cur, val, sub, p, e);
+    }
+    return qmp_fail(e, NULL, "Cannot change the option '%s%s'", prefix, role);
+}
+
+static json_object *reopen_check(vd_node *node, json_object *o,
+                                 const char *prefix, reopen_plan *p,
+                                 qmp_error *e)
+{
+    static const char *const dz[] = { "off", "on", "unmap" };
+    unsigned cf = vd_node_cache_flags(node);
+    json_object *r;
+
+    if (strcmp(arg_str(o, "driver"), vd_node_format(node)) != 0) {
+        return qmp_fail(e, NULL, "Cannot change the option '%sdriver'",
+                        prefix);
+    }
+    json_object_object_foreach(o, key, val) {
+        const char *sv = json_object_is_type(val, json_type_string)
+                         ? json_object_get_string(val) : NULL;
+        bool same;
+
+        if (!strcmp(key, "driver") || !strcmp(key, "node-name") ||
+            !strcmp(key, "read-only")) {
+            continue;
+        }
+        if (!strcmp(key, "file") || !strcmp(key, "backing") ||
+            !strcmp(key, "data-file")) {
+            r = reopen_child(node, key, val, prefix, p, e);
+            if (!r) {
+                return NULL;
+            }
+            json_object_put(r);
+            continue;
+        }
+        if (!strcmp(key, "detect-zeroes")) {
+            same = !strcmp(sv, dz[vd_node_detect_zeroes(node) % 3]);
+        } else if (!strcmp(key, "discard")) {
+            same = !strcmp(sv, vd_node_discard_unmap(node) ? "unmap"
+                                                           : "ignore");
+        } else if (!strcmp(key, "cache")) {
+            same = arg_bool(val, "direct", false) ==
+                   ((cf & VD_CACHE_DIRECT) != 0) &&
+                   arg_bool(val, "no-flush", false) ==
+                   ((cf & VD_CACHE_NO_FLUSH) != 0);
+        } else if (!strcmp(key, "auto-read-only") ||
+                   !strcmp(key, "force-share")) {
+            same = !json_object_get_boolean(val);
+        } else if (!strcmp(key, "filename")) {
+            const char *f = vd_node_filename(node);
+            same = f && !strcmp(sv, f);
+        } else {
+            same = false;
+        }
+        if (!same) {
+            return qmp_fail(e, NULL, "Cannot change the option '%s%s'",
+                            prefix, key);
+        }
+    }
+    if (vd_node_child(node, "backing") &&
+        !json_object_object_get_ex(o, "backing", NULL)) {
+        return qmp_fail(e, NULL, "backing is missing for '%s'",
+                        vd_node_name(node));
+    }
+    if (p->n >= sizeof(p->v) / sizeof(p->v[0])) {
+        return qmp_fail(e, NULL, "too many nodes to reopen");
+    }
+    p->v[p->n].node = node;
+    p->v[p->n].ro = arg_bool(o, "read-only", false);
+    p->n++;
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_blockdev_reopen)
+{
+    json_object *list, *r;
+    reopen_plan *p = calloc(1, sizeof(*p));
+    size_t n;
+
+    (void)d;
+    if (!p) {
+        return qmp_fail(e, NULL, "out of memory");
+    }
+    json_object_object_get_ex(args, "options", &list);
+    n = json_object_array_length(list);
+    for (size_t i = 0; i < n; i++) {
+        json_object *o = json_object_array_get_idx(list, i);
+        const char *nn = arg_str(o, "node-name");
+        vd_node *node;
+
+        if (!nn) {
+            free(p);
+            return qmp_fail(e, NULL, "node-name not specified");
+        }
+        node = vd_find_node(nn);
+        if (!node) {
+            free(p);
+            return qmp_fail(e, NULL, "Failed to find node with "
+                            "node-name='%s'", nn);
+        }
+        r = reopen_check(node, o, "", p, e);
+        if (!r) {
+            free(p);
+            return NULL;
+        }
+        json_object_put(r);
+    }
+    /* Writers give way first: nodes going read-only before those going
+     * read-write, each through the core's permission checks. */
+    for (int pass = 0; pass < 2; pass++) {
+        for (size_t i = 0; i < p->n; i++) {
+            vd_error err = VD_ERROR_INIT;
+            vd_node *node = p->v[i].node;
+            int rr;
+
+            if (p->v[i].ro != (pass == 0) ||
+                p->v[i].ro == vd_node_is_read_only(node)) {
+                continue;
+            }
+            if (p->v[i].ro) {
+                unsigned perm = 0;
+                /* QEMU's words: the check is its permission refresh
+                 * finding a writer on a node about to be read-only. */
+                vd_node_get_perm(node, &perm, NULL);
+                if (perm & VD_PERM_WRITE) {
+                    free(p);
+                    return qmp_fail(e, NULL, "Read-only block node '%s' "
+                                    "cannot support read-write users",
+                                    vd_node_name(node));
+                }
+            }
+            rr = vd_reopen(node, !p->v[i].ro, &err);
+            if (rr < 0) {
+                free(p);
+                return fail_vd_node(e, &err, rr, node, "Could not reopen");
+            }
+        }
+    }
+    free(p);
+    return json_object_new_object();
+}
+
+/* block-latency-histogram-set: QEMU names a device; vdisk, which has
+ * none, takes a node name in @id. Each list replaces one histogram
+ * ("boundaries" those not given their own), in QEMU's order and with
+ * its errors; no list at all removes every histogram. */
+QMP_HANDLER(qmp_cmd_block_latency_histogram_set)
+{
+    static const struct {
+        const char *key, *what;
+        vd_acct_type type;
+    } h[] = {
+        { "boundaries-read", "read", VD_ACCT_READ },
+        { "boundaries-write", "write", VD_ACCT_WRITE },
+        { "boundaries-flush", "flush", VD_ACCT_FLUSH },
+    };
+    const char *id = arg_str(args, "id");
+    vd_node *node = vd_find_node(id);
+    json_object *all = NULL;
+
+    (void)d;
+    if (!node) {
+        return qmp_fail(e, "DeviceNotFound", "Device '%s' not found", id);
+    }
+    json_object_object_get_ex(args, "boundaries", &all);
+    for (size_t i = 0; i < sizeof(h) / sizeof(h[0]); i++) {
+        json_object *l = all, *own;
+        uint64_t b[4096];
+        size_t n;
+        int r;
+
+        if (json_object_object_get_ex(args, h[i].key, &own)) {
+            l = own;
+        }
+        if (!l) {
+            continue;
+        }
+        n = json_object_array_length(l);
+        for (size_t k = 0; k < n && k < 4096; k++) {
+            b[k] = (uint64_t)json_object_get_int64(
+                       json_object_array_get_idx(l, k));
+        }
+        r = n && n <= 4096 ? vd_latency_histogram_set(node, h[i].type, b, n,
+                                                      NULL)
+                           : -EINVAL;
+        if (r < 0) {
+            return qmp_fail(e, NULL, "Device '%s' set %s boundaries fail",
+                            id, h[i].what);
+        }
+    }
+    if (!all && !json_object_object_get_ex(args, "boundaries-read", NULL) &&
+        !json_object_object_get_ex(args, "boundaries-write", NULL) &&
+        !json_object_object_get_ex(args, "boundaries-flush", NULL)) {
+        for (int t = 0; t < VD_ACCT_MAX; t++) {
+            vd_latency_histogram_set(node, (vd_acct_type)t, NULL, 0, NULL);
+        }
+    }
+    return json_object_new_object();
+}
+
+/* x-vdisk-block-stats-set: what QEMU's -drive stats-intervals,
+ * stats-account-invalid and stats-account-failed set on a drive. */
+QMP_HANDLER(qmp_cmd_vdisk_block_stats_set)
+{
+    const char *nn = arg_str(args, "node-name");
+    vd_node *node = vd_find_node(nn);
+    json_object *l = NULL, *v;
+    unsigned iv[64];
+    size_t n = 0;
+    vd_error err = VD_ERROR_INIT;
+    int inv = -1, fail = -1, r;
+
+    (void)d;
+    if (!node) {
+        return qmp_fail(e, NULL, "Cannot find device='' nor node-name='%s'",
+                        nn);
+    }
+    if (json_object_object_get_ex(args, "stats-intervals", &l)) {
+        n = json_object_array_length(l);
+        if (n > 64) {
+            return qmp_fail(e, NULL, "At most 64 stats intervals");
+        }
+        for (size_t i = 0; i < n; i++) {
+            int64_t x = json_object_get_int64(json_object_array_get_idx(l, i));
+            iv[i] = x > UINT32_MAX ? 0 : (unsigned)x;
+        }
+    }
+    if (json_object_object_get_ex(args, "stats-account-invalid", &v)) {
+        inv = json_object_get_boolean(v);
+    }
+    if (json_object_object_get_ex(args, "stats-account-failed", &v)) {
+        fail = json_object_get_boolean(v);
+    }
+    r = vd_stats_setup(node, inv, fail, iv, n, &err);
+    if (r < 0) {
+        return fail_vd(e, &err, r, "Could not set up statistics");
+    }
+    return json_object_new_object();
 }
 
 /* ---- snapshots ---- */
@@ -1262,7 +1698,7 @@ int qmp_daemon_close_nodes(qmp_daemon *d)
         vd_error err = VD_ERROR_INIT;
         vd_node *n = d->nodes[--d->nb_nodes];
         if (vd_close(&n, &err) < 0) {
-            fprintf(stderr, "vdisk serve: %s\n", err.message);
+            report(err.message);
             ret = -EIO;
         }
     }

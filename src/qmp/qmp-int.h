@@ -36,6 +36,8 @@ typedef enum qtype {
     QT_SOCKADDR_LEGACY, /* SocketAddressLegacy {type, data} */
     QT_OBJECT,       /* ObjectOptions: a union on "qom-type" */
     QT_OBJLIST,      /* array of objects; sub: their members, qarg[] */
+    QT_UINTLIST,     /* array of non-negative integers (uint64, uint32) */
+    QT_BLOCKDEVLIST, /* array of BlockdevOptions */
 } qtype;
 
 typedef struct qarg {
@@ -90,6 +92,12 @@ QMP_HANDLER(qmp_cmd_vdisk_snapshot_save);
 QMP_HANDLER(qmp_cmd_vdisk_snapshot_load);
 QMP_HANDLER(qmp_cmd_vdisk_snapshot_delete);
 QMP_HANDLER(qmp_cmd_object_add);
+QMP_HANDLER(qmp_cmd_query_block);
+QMP_HANDLER(qmp_cmd_nbd_server_add);
+QMP_HANDLER(qmp_cmd_nbd_server_remove);
+QMP_HANDLER(qmp_cmd_blockdev_reopen);
+QMP_HANDLER(qmp_cmd_block_latency_histogram_set);
+QMP_HANDLER(qmp_cmd_vdisk_block_stats_set);
 QMP_HANDLER(qmp_cmd_object_del);
 QMP_HANDLER(qmp_cmd_qom_list);
 QMP_HANDLER(qmp_cmd_qom_get);

@@ -45,6 +45,11 @@ int qmp_daemon_add_monitor(qmp_daemon *d, const char *path, vd_error *err);
  * Returns 0 or a negative errno (a node failed to flush). */
 int qmp_daemon_run(qmp_daemon *d);
 
+/* How the daemon reports what no QMP client sees (the NBD server
+ * failing, a node failing to close at shutdown): @fn prints one message
+ * with the program's name. Without it, "qmp: MESSAGE" goes to stderr. */
+void qmp_set_reporter(void (*fn)(const char *msg));
+
 /* Asks a running daemon to stop (a signal). Async-signal-safe. */
 void qmp_daemon_request_quit(qmp_daemon *d);
 

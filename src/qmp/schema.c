@@ -290,6 +290,47 @@ static const qarg args_vdisk_snapshot[] = {
     { NULL, 0, false, NULL },
 };
 
+static const qarg args_nbd_server_add[] = {
+    { "name", QT_STR, true, NULL },
+    { "description", QT_STR, true, NULL },
+    { "device", QT_STR, false, NULL },
+    { "writable", QT_BOOL, true, NULL },
+    { "bitmap", QT_STR, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_nbd_server_remove[] = {
+    { "name", QT_STR, false, NULL },
+    { "mode", QT_ENUM, true, export_mode_enum },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_blockdev_reopen[] = {
+    { "options", QT_BLOCKDEVLIST, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+/* block.json's block-latency-histogram-set (boundaries-zap, for zoned
+ * devices, came after 7.2). */
+static const qarg args_histogram_set[] = {
+    { "id", QT_STR, false, NULL },
+    { "boundaries", QT_UINTLIST, true, NULL },
+    { "boundaries-read", QT_UINTLIST, true, NULL },
+    { "boundaries-write", QT_UINTLIST, true, NULL },
+    { "boundaries-flush", QT_UINTLIST, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+/* vdisk's own: QEMU sets these with -drive's stats-* options, which a
+ * node added by blockdev-add cannot take. */
+static const qarg args_vdisk_stats_set[] = {
+    { "node-name", QT_STR, false, NULL },
+    { "stats-intervals", QT_UINTLIST, true, NULL },
+    { "stats-account-invalid", QT_BOOL, true, NULL },
+    { "stats-account-failed", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg args_none[] = {
     { NULL, 0, false, NULL },
 };
@@ -362,6 +403,16 @@ const qmp_cmd qmp_commands[] = {
     { "qom-list", args_qom_list, qmp_cmd_qom_list, false },
     { "qom-get", args_qom_get, qmp_cmd_qom_get, false },
     { "qom-set", args_qom_set, qmp_cmd_qom_set, false },
+    { "query-block", args_none, qmp_cmd_query_block, false },
+    { "nbd-server-add", args_nbd_server_add, qmp_cmd_nbd_server_add, false },
+    { "nbd-server-remove", args_nbd_server_remove, qmp_cmd_nbd_server_remove,
+      false },
+    { "blockdev-reopen", args_blockdev_reopen, qmp_cmd_blockdev_reopen,
+      false },
+    { "block-latency-histogram-set", args_histogram_set,
+      qmp_cmd_block_latency_histogram_set, false },
+    { "x-vdisk-block-stats-set", args_vdisk_stats_set,
+      qmp_cmd_vdisk_block_stats_set, false },
     { NULL, NULL, NULL, false },
 };
 
@@ -556,6 +607,37 @@ static int check_member(json_object *parent, const qarg *a, json_object *val,
             }
             snprintf(sub2, sizeof(sub2), "%s%s.", prefix, nm);
             if (qmp_check_args(it, a->sub, sub2, keyval, e) < 0) {
+                return -1;
+            }
+        }
+        return 0;
+    case QT_UINTLIST:
+        if (jt != json_type_array) {
+            return bad_type(e, prefix, a->name, "array");
+        }
+        for (size_t i = 0; i < json_object_array_length(val); i++) {
+            json_object *it = json_object_array_get_idx(val, i);
+            if (!json_object_is_type(it, json_type_int) ||
+                json_object_get_int64(it) < 0) {
+                char nm[256];
+                snprintf(nm, sizeof(nm), "%s[%zu]", a->name, i);
+                return bad_type(e, prefix, nm, "uint64");
+            }
+        }
+        return 0;
+    case QT_BLOCKDEVLIST:
+        if (jt != json_type_array) {
+            return bad_type(e, prefix, a->name, "array");
+        }
+        for (size_t i = 0; i < json_object_array_length(val); i++) {
+            json_object *it = json_object_array_get_idx(val, i);
+            char nm[256];
+            snprintf(nm, sizeof(nm), "%s%s[%zu].", prefix, a->name, i);
+            if (!json_object_is_type(it, json_type_object)) {
+                snprintf(nm, sizeof(nm), "%s[%zu]", a->name, i);
+                return bad_type(e, prefix, nm, "object");
+            }
+            if (check_blockdev(it, nm, keyval, e) < 0) {
                 return -1;
             }
         }

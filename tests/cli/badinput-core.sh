@@ -69,19 +69,15 @@ cp disk.img v.img
 for cmds in "read 1M 512" "write 2M 4k" "write -z 1020k 8k" "discard 1M 1" \
             "read -P 0x11 -1 1" "write 0 -5" "write 1E 1"; do
     qrc=0 vrc=0
-    $QEMU_IO -f raw -c "$cmds" q.img > q.raw 2>&1 || qrc=$?
-    "$VDISK" io -f raw -c "$cmds" v.img > v.raw 2>&1 || vrc=$?
-    sed -e 's/^qemu-io: /PROG: /' q.raw > q.out
-    sed -e 's/^vdisk: /PROG: /' v.raw > v.out
+    $QEMU_IO -f raw -c "$cmds" q.img > q.out 2>&1 || qrc=$?
+    "$VDISK_QEMU_IO" -f raw -c "$cmds" v.img > v.out 2>&1 || vrc=$?
     diff -u q.out v.out || fail "vdisk io differs from qemu-io for: $cmds"
     [ "$qrc" = "$vrc" ] || fail "exit status qemu-io=$qrc vdisk=$vrc for: $cmds"
     cmp v.img disk.img || fail "out-of-range '$cmds' changed the image"
 done
 qrc=0 vrc=0
-$QEMU_IO -r -f raw -c 'write 0 512' q.img > q.raw 2>&1 || qrc=$?
-"$VDISK" io -r -f raw -c 'write 0 512' v.img > v.raw 2>&1 || vrc=$?
-sed -e 's/^qemu-io: /PROG: /' q.raw > q.out
-sed -e 's/^vdisk: /PROG: /' v.raw > v.out
+$QEMU_IO -r -f raw -c 'write 0 512' q.img > q.out 2>&1 || qrc=$?
+"$VDISK_QEMU_IO" -r -f raw -c 'write 0 512' v.img > v.out 2>&1 || vrc=$?
 diff -u q.out v.out || fail "write to a read-only image differs from qemu-io"
 [ "$qrc" = "$vrc" ] || fail "read-only write: exit qemu-io=$qrc vdisk=$vrc"
 cmp v.img disk.img || fail "a write to a read-only image changed it"

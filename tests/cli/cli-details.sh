@@ -6,17 +6,16 @@ source "$(dirname "$0")/../functions.sh"
 requires qemu-img qemu-io
 tmpdir
 
-# same_output NAME CMD-ARGS...: vdisk CMD and qemu-img CMD must exit alike
-# and print the same, program name aside.
+# same_output NAME CMD-ARGS...: QEMU's qemu-img CMD and vdisk's (under
+# that name) must exit alike and print the same.
 same_output()
 {
     local name=$1 qrc=0 vrc=0
     shift
     $QEMU_IMG "$@" >q.out 2>&1 || qrc=$?
-    "$VDISK" "$@" >v.out 2>&1 || vrc=$?
+    "$VDISK_QEMU_IMG" "$@" >v.out 2>&1 || vrc=$?
     [ "$vrc" = "$qrc" ] || fail "$name: exit $vrc, qemu-img $qrc: $(cat v.out)"
-    diff <(sed 's/^qemu-img: //' q.out) <(sed 's/^vdisk: //' v.out) ||
-        fail "$name: messages differ"
+    diff q.out v.out || fail "$name: messages differ"
 }
 
 # 1. json: filenames that fail to open (and null-co opened from options).
@@ -83,8 +82,8 @@ assert_same_content top-q.qcow2 top-v.qcow2
 # Copy-on-read needs a writable image, with qemu-io's message.
 qrc=0; vrc=0
 $QEMU_IO -c 'open -r -C top-q.qcow2' >q.out 2>&1 || qrc=$?
-"$VDISK" io -c 'open -r -C top-v.qcow2' >v.out 2>&1 || vrc=$?
+"$VDISK_QEMU_IO" -c 'open -r -C top-v.qcow2' >v.out 2>&1 || vrc=$?
 [ "$vrc" = "$qrc" ] || fail "open -r -C: exit $vrc, qemu-io $qrc"
-diff <(sed -e 's/^qemu-io: //' -e 's/top-q/top-v/' q.out) \
-     <(sed 's/^vdisk: //' v.out) || fail "open -r -C: messages differ"
+diff <(sed -e 's/top-q/top-v/' q.out) v.out ||
+    fail "open -r -C: messages differ"
 exit 0

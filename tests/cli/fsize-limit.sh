@@ -72,12 +72,11 @@ for args in "-O raw src.raw out.raw" "-O qcow2 src.raw out.qcow2" \
     (cd q && under_limit timeout 60 $QEMU_IMG convert $args) \
         > q.out 2>&1 || qrc=$?
     # shellcheck disable=SC2086
-    (cd v && under_limit timeout 60 "$VDISK" convert $args) \
+    (cd v && under_limit timeout 60 "$VDISK_QEMU_IMG" convert $args) \
         > v.out 2>&1 || vrc=$?
     not_killed "$vrc" "vdisk convert $args"
     [ "$qrc" = "$vrc" ] || fail "convert $args: qemu-img $qrc, vdisk $vrc"
     [ "$qrc" = 1 ] || fail "qemu-img convert $args did not hit the limit"
-    sed -i 's/^qemu-img: /PROG: /; s/^vdisk: /PROG: /' q.out v.out
     diff -u q.out v.out || fail "convert $args: messages differ"
     for f in q/*; do
         cmp "$f" "v/${f#q/}" || fail "convert $args: ${f#q/} differs"

@@ -2,18 +2,18 @@
 # `vdisk io` behaves like qemu-io 7.2. Sourced after ../functions.sh and
 # `tmpdir`. (Named .bash so meson's cli/*.sh glob does not run it.)
 #
-# The scripts keep two copies of every image: q/NAME driven by qemu-io
-# and v/NAME driven by `vdisk io`, under the same file name so messages
-# that quote it match.
+# The scripts keep two copies of every image: q/NAME driven by QEMU's
+# qemu-io and v/NAME driven by vdisk under qemu-io's name
+# ($VDISK_QEMU_IO, whose messages say "qemu-io: " too), under the same
+# file name so messages that quote it match.
 #
 #   io_formats                 the formats to test (VDISK_IO_FORMATS or
 #                              "raw qcow2")
 #   io_create FMT NAME SIZE    create q/NAME and v/NAME with qemu-img
 #   io_filter FILE             strip what legitimately differs: timing
-#                              lines, -C statistics lines, the program
-#                              name in messages
-#   io_compare ARGS...         run `qemu-io ARGS` in q/ and `vdisk io ARGS`
-#                              in v/ (stdin from /dev/null unless
+#                              lines, -C statistics lines
+#   io_compare ARGS...         run `qemu-io ARGS` in q/ with QEMU's and in
+#                              v/ with vdisk's (stdin from /dev/null unless
 #                              IO_STDIN names a file) and fail unless the
 #                              filtered stdout, stderr and exit status match
 #   io_compare_sorted ARGS...  the same, but stdout lines are compared as
@@ -35,7 +35,6 @@ io_filter()
 {
     sed -e '/ ops; /d' \
         -e '/^[0-9]*,[0-9]*,[0-9]*:[0-9][0-9]:[0-9.]*,/d' \
-        -e 's/^qemu-io: /vdisk: /' \
         -e 's/qemu-io> /PROMPT> /g' "$1"
 }
 
@@ -44,9 +43,9 @@ _io_run_both()
     local in=${IO_STDIN:-/dev/null}
     qst=0 vst=0
     (cd q && "$QEMU_IO" "$@") < "$in" > q.out 2> q.err || qst=$?
-    (cd v && "$VDISK" io "$@") < "$in" > v.out 2> v.err || vst=$?
+    (cd v && "$VDISK_QEMU_IO" "$@") < "$in" > v.out 2> v.err || vst=$?
     if [ "$vst" = 86 ]; then
-        fail "sanitizer report from vdisk io $*"
+        fail "sanitizer report from vdisk's qemu-io $*"
     fi
     io_filter q.out > q.fout
     io_filter v.out > v.fout

@@ -4,7 +4,8 @@
 # --cflags --libs vdisk` against libvdisk.so reads and writes a qcow2 image
 # made by qemu-img (qemu-img compare and qemu-img info referee) and serves
 # it over NBD to qemu-io; the library's SONAME is libvdisk.so.0 and it
-# exports exactly the functions the installed headers declare.
+# exports exactly the functions the installed headers declare; QEMU's four
+# tool names are symlinks to vdisk in $libexecdir/vdisk/qemu-compat/.
 source "$(dirname "$0")/../functions.sh"
 requires qemu-img qemu-io meson pkg-config readelf nm python3 timeout
 cc=${CC:-cc}
@@ -30,6 +31,23 @@ so=$(find "$dest" -name libvdisk.so.0)
     fail "meson install installed no libvdisk.a"
 incdir=$(dirname "$(find "$dest" -path '*/vdisk/vdisk.h')")
 [ -f "$incdir/nbd-server.h" ] || fail "nbd-server.h is not installed"
+
+# QEMU's four names: symlinks to the installed vdisk, in a directory of
+# their own (never beside QEMU's binaries), that answer as QEMU's tools.
+vdisk_bin=$(find "$dest" -path '*/bin/vdisk')
+[ -n "$vdisk_bin" ] || fail "meson install installed no vdisk"
+compat=$(find "$dest" -type d -path '*/libexec/vdisk/qemu-compat')
+[ -n "$compat" ] || fail "no \$libexecdir/vdisk/qemu-compat/ installed"
+for t in qemu-img qemu-io qemu-nbd qemu-storage-daemon; do
+    [ -L "$compat/$t" ] || fail "$compat/$t is not a symlink"
+    [ "$(readlink -f "$compat/$t")" = "$(readlink -f "$vdisk_bin")" ] ||
+        fail "$compat/$t points to $(readlink "$compat/$t"), not vdisk"
+done
+[ "$(find "$dest" -name 'qemu-*' ! -type d | wc -l)" = 4 ] ||
+    fail "qemu-* installed elsewhere: $(find "$dest" -name 'qemu-*' ! -type d)"
+LD_LIBRARY_PATH=$(dirname "$so") "$compat/qemu-img" --version > version.txt
+grep -q '^qemu-img version 7\.2\.0 (vdisk ' version.txt ||
+    fail "installed qemu-img --version: $(cat version.txt)"
 
 readelf -d "$so" > dynamic.txt
 grep -q 'Library soname: \[libvdisk.so.0\]' dynamic.txt ||

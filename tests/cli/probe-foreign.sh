@@ -187,8 +187,7 @@ for args in "info -f nosuchfmt good.qcow2" "create -f nosuchfmt new.img 1M" \
     # shellcheck disable=SC2086
     "$QEMU_IMG" $args > q.out 2>&1 && fail "qemu-img accepted: $args"
     # shellcheck disable=SC2086
-    expect_status 1 "$VDISK" $args > v.out 2>&1
-    sed -i 's/^qemu-img: //; s/^vdisk: //' q.out v.out
+    expect_status 1 "$VDISK_QEMU_IMG" $args > v.out 2>&1
     diff -u q.out v.out || fail "unknown format message differs: $args"
 done
 

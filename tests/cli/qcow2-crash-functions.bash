@@ -10,6 +10,14 @@
 #                                     writer's merged stdout and stderr)
 #   crash_check_clean IMG             qemu-img check: leaks allowed, no
 #                                     corruption
+#   crash_count_writes OPTS           creates img.qcow2 with OPTS, runs
+#                                     the workload in ARGS through blkdebug
+#                                     into OUT=out and prints the number
+#                                     of writes it made
+#   crash_at OPTS N MODE              creates img.qcow2 with OPTS and runs
+#                                     the workload in ARGS with the power
+#                                     cut after write N (crash-unflushed
+#                                     MODE), its output in out
 #
 # A cycle is one operation on one 64 KiB slot (write, zero write with or
 # without unmap, discard of the slot), then `flush`, then `length`, whose
@@ -144,4 +152,24 @@ crash_load_args()
     while IFS= read -r line; do
         ARGS+=(-c "$line")
     done <"$1"
+}
+
+crash_count_writes()
+{
+    rm -f img.qcow2
+    "$VDISK" create -q -f qcow2 -o "$1" img.qcow2 "$CRASH_IMG_SIZE"
+    "$VDISK" io --image-opts "${ARGS[@]}" \
+        "driver=qcow2,file.driver=blkdebug,file.filename=img.qcow2,file.stats=on" \
+        >out 2>&1
+    sed -n 's/^blkdebug: \([0-9]*\) writes.*/\1/p' out
+}
+
+crash_at()
+{
+    local opts=$1 n=$2 mode=$3
+    rm -f img.qcow2
+    "$VDISK" create -q -f qcow2 -o "$opts" img.qcow2 "$CRASH_IMG_SIZE"
+    "$VDISK" io --image-opts "${ARGS[@]}" \
+        "driver=qcow2,file.driver=blkdebug,file.filename=img.qcow2,file.crash-write=$n,file.crash-action=fail,file.crash-unflushed=$mode,file.crash-seed=$n" \
+        >out 2>&1 || true
 }

@@ -24,23 +24,14 @@ for opts in cluster_size=512 cluster_size=4k,refcount_bits=1 \
     crash_load_args cmds
 
     # Count the writes the workload makes to the file.
-    rm -f img.qcow2
-    "$VDISK" create -q -f qcow2 -o "$opts" img.qcow2 "$CRASH_IMG_SIZE"
-    "$VDISK" io --image-opts "${ARGS[@]}" \
-        "driver=qcow2,file.driver=blkdebug,file.filename=img.qcow2,file.stats=on" \
-        >out 2>&1
-    writes=$(sed -n 's/^blkdebug: \([0-9]*\) writes.*/\1/p' out)
+    writes=$(crash_count_writes "$opts")
     [ -n "$writes" ] && [ "$writes" -gt 10 ] || fail "no write count from blkdebug"
     crash_verify "$seed" "$CYCLES" out img.qcow2 >/dev/null
 
     step=$(( (writes + 29) / 30 ))
     for ((n = 1; n <= writes; n += step)); do
         mode=${modes[n % 3]}
-        rm -f img.qcow2
-        "$VDISK" create -q -f qcow2 -o "$opts" img.qcow2 "$CRASH_IMG_SIZE"
-        "$VDISK" io --image-opts "${ARGS[@]}" \
-            "driver=qcow2,file.driver=blkdebug,file.filename=img.qcow2,file.crash-write=$n,file.crash-action=fail,file.crash-unflushed=$mode,file.crash-seed=$n" \
-            >out 2>&1 || true
+        crash_at "$opts" $n $mode
         crash_check_clean img.qcow2 || fail "crash after write $n ($mode, $opts)"
         crash_verify "$seed" "$CYCLES" out img.qcow2 >verify.out ||
             fail "crash after write $n ($mode, $opts): flushed data lost"

@@ -12,7 +12,9 @@
 # file another one wrote, both of which QEMU refuses.
 source "$(dirname "$0")/../functions.sh"
 requires qemu-img qemu-storage-daemon python3 timeout
+source "$(dirname "$0")/qmp-functions.bash"
 tmpdir
+qmp_lib
 
 mkdir qemu vdisk
 for d in qemu vdisk; do
@@ -24,7 +26,8 @@ for d in qemu vdisk; do
 done
 
 timeout 120 python3 - "$PWD" "$VDISK" <<'PYEOF' || fail "QMP answers differ from qemu-storage-daemon"
-import json, os, socket, subprocess, sys, time
+import os, sys
+from qmplib import Monitor, outcome
 
 top, vdisk = sys.argv[1], sys.argv[2]
 
@@ -71,46 +74,6 @@ SEQ = r'''
 {"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e10", "node-name": "f", "writable": true}}
 '''.strip().splitlines()
 
-
-class Monitor:
-    def __init__(self, argv, d):
-        self.d = d
-        path = os.path.join(d, "qmp.sock")
-        self.proc = subprocess.Popen(
-            argv + ["--chardev", "socket,id=m,path=%s,server=on,wait=off" % path,
-                    "--monitor", "chardev=m"],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
-        for _ in range(200):
-            if os.path.exists(path):
-                break
-            time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        self.f = self.sock.makefile("rw")
-        json.loads(self.f.readline())
-        self.cmd('{"execute": "qmp_capabilities"}')
-
-    def cmd(self, text):
-        self.f.write(text.replace("@D@", self.d) + "\n")
-        self.f.flush()
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise SystemExit("monitor of %s closed" % self.d)
-            msg = json.loads(line)
-            if "event" not in msg:
-                return msg
-
-    def close(self):
-        self.proc.kill()
-        self.proc.wait()
-
-
-def outcome(msg, d):
-    if "error" in msg:
-        desc = msg["error"]["desc"].replace(d, "@D@")
-        return ("error", msg["error"]["class"], desc)
-    return ("return",)
 
 
 q = Monitor(["qemu-storage-daemon"], os.path.join(top, "qemu"))

@@ -65,7 +65,8 @@ for f in files:
     if lines and lines[0].startswith("#!"):
         lines = lines[1:]
     first = lines[0] if lines else ""
-    if f.endswith((".sh", ".bash", "meson.build")):
+    if f.endswith((".sh", ".bash", "meson.build", ".py", ".cases",
+                   "known-differences")):
         ok = first.startswith("# ")
     else:
         ok = first.startswith(("/*", "// "))

@@ -123,7 +123,10 @@ expect_fail --blockdev driver=qcow2,node-name=x
 grep -q "Parameter 'file' is missing" bad.out || fail "$(cat bad.out)"
 expect_fail --blockdev driver=file,node-name=x,filename=/nonexistent/x
 expect_fail --blockdev '{"driver": "file",'
+# QEMU looks the node up before its NBD driver looks for the server.
 expect_fail --export type=nbd,id=e,node-name=x
+grep -q "Cannot find device='' nor node-name='x'" bad.out || fail "$(cat bad.out)"
+expect_fail --blockdev driver=null-co,node-name=n --export type=nbd,id=e,node-name=n
 grep -q "NBD server not running" bad.out || fail "$(cat bad.out)"
 expect_fail --blockdev driver=null-co,node-name=n,read-only=maybe
 expect_fail --monitor chardev=nope

@@ -2,10 +2,11 @@
  * qcow2 amend: changing creation options of an existing image, as QEMU
  * 7.2's qcow2_amend_options() (qemu-img amend).
  *
- * Organisation: reading the snapshot table (only the fields amend needs:
- * L1 tables, extra data, sizes), the three rewrites (expanding zero
- * clusters for a v2 downgrade, rewriting every refcount structure for a
- * new refcount width), upgrade and downgrade, and qcow2_amend() which
+ * Organisation: walks over every L1 and L2 table (the active ones and
+ * those of the snapshots loaded at open), the three rewrites (expanding
+ * zero clusters for a v2 downgrade, rewriting every refcount structure
+ * for a new refcount width), upgrade (which writes a v2 snapshot table
+ * anew in the v3 layout) and downgrade, and qcow2_amend() which
  * parses the options in QEMU's order and applies the changes in QEMU's
  * order: upgrade, refcount width, data file bits and header, backing
  * check, lazy refcounts, size, downgrade. Messages are QEMU's.
@@ -22,89 +23,6 @@
 #include <string.h>
 
 #include "drivers/qcow2/qcow2.h"
-
-/* What amend needs to know about one internal snapshot. */
-typedef struct amend_snapshot {
-    uint64_t l1_offset;
-    uint32_t l1_size;
-    uint32_t extra_size;
-    uint64_t vm_state_size;
-    uint64_t disk_size;
-    bool has_disk_size;
-} amend_snapshot;
-
-/* Reads the snapshot table ("Snapshots" in qcow2.txt) into a new array
- * of s->nb_snapshots entries. Bounds: the table offset and count were
- * validated at open; every entry is checked against the file length. */
-static int read_snapshots(qcow2_state *s, amend_snapshot **out, vd_error *err)
-{
-    int64_t flen = vd_node_getlength(s->file->node);
-    amend_snapshot *sn;
-    uint64_t pos = s->snapshots_offset;
-
-    *out = NULL;
-    if (!s->nb_snapshots) {
-        return 0;
-    }
-    if (flen < 0 || s->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
-        return vd_error_set(err, -EIO, "%s: cannot read the snapshot table",
-                            s->filename);
-    }
-    sn = calloc(s->nb_snapshots, sizeof(*sn));
-    if (!sn) {
-        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
-    }
-    for (uint32_t i = 0; i < s->nb_snapshots; i++) {
-        qcow2_snapshot_header h;
-        qcow2_snapshot_extra x;
-        uint32_t extra;
-        int ret;
-
-        if (pos + sizeof(h) > (uint64_t)flen) {
-            free(sn);
-            return vd_error_set(err, -EIO, "%s: snapshot table entry at "
-                                "0x%" PRIx64 " is past the end of the file",
-                                s->filename, pos);
-        }
-        ret = vd_child_pread(s->file, pos, &h, sizeof(h), err);
-        if (ret < 0) {
-            free(sn);
-            return ret;
-        }
-        extra = be32toh(h.extra_data_size);
-        sn[i].l1_offset = be64toh(h.l1_table_offset);
-        sn[i].l1_size = be32toh(h.l1_size);
-        sn[i].extra_size = extra;
-        sn[i].vm_state_size = be32toh(h.vm_state_size);
-        if (extra > 1024 || sn[i].l1_size > QCOW2_MAX_L1_BYTES / 8 ||
-            (sn[i].l1_offset & (s->cluster_size - 1))) {
-            free(sn);
-            return vd_error_set(err, -EIO, "%s: snapshot table entry at "
-                                "0x%" PRIx64 " is invalid", s->filename, pos);
-        }
-        memset(&x, 0, sizeof(x));
-        if (extra) {
-            ret = vd_child_pread(s->file, pos + sizeof(h), &x,
-                                 extra < sizeof(x) ? extra : sizeof(x), err);
-            if (ret < 0) {
-                free(sn);
-                return ret;
-            }
-        }
-        if (extra >= 8) {
-            sn[i].vm_state_size = be64toh(x.vm_state_size_large);
-        }
-        if (extra >= 16) {
-            sn[i].disk_size = be64toh(x.disk_size);
-            sn[i].has_disk_size = true;
-        }
-        pos += sizeof(h) + extra + be16toh(h.id_str_size) +
-               be16toh(h.name_size);
-        pos = (pos + 7) & ~7ull;
-    }
-    *out = sn;
-    return 0;
-}
 
 /* ------------------------------------------------------------------ */
 /* Expanding zero clusters (v3 -> v2)                                 */
@@ -194,7 +112,7 @@ typedef int l1_fn(qcow2_state *s, const uint64_t *l1, uint32_t n,
 
 /* Runs @fn over the active L1 table (@flags 0) and every snapshot's
  * (QCOW2_VALIDATE_SNAPSHOT), host endian. Lock held. */
-static int for_each_l1(qcow2_state *s, const amend_snapshot *sn, l1_fn *fn,
+static int for_each_l1(qcow2_state *s, const qcow2_snapshot *sn, l1_fn *fn,
                        void *opaque, vd_error *err)
 {
     int ret = fn(s, s->l1_table, s->l1_size, 0, opaque, err);
@@ -204,8 +122,8 @@ static int for_each_l1(qcow2_state *s, const amend_snapshot *sn, l1_fn *fn,
         if (!sn[k].l1_size) {
             continue;
         }
-        ret = qcow2_read_l1_table(s, sn[k].l1_offset, sn[k].l1_size, 0, &l1,
-                                  err);
+        ret = qcow2_read_l1_table(s, sn[k].l1_table_offset, sn[k].l1_size, 0,
+                                  &l1, err);
         if (ret == 0) {
             ret = fn(s, l1, sn[k].l1_size, QCOW2_VALIDATE_SNAPSHOT, opaque,
                      err);
@@ -238,7 +156,7 @@ static int each_l2(qcow2_state *s, const uint64_t *l1, uint32_t n,
 
 /* Runs @fn over every L2 table of the active L1 table and of every
  * snapshot's L1 table. Lock held. */
-static int for_each_l2(qcow2_state *s, const amend_snapshot *sn, l2_fn *fn,
+static int for_each_l2(qcow2_state *s, const qcow2_snapshot *sn, l2_fn *fn,
                        vd_error *err)
 {
     l2_walk w = { fn };
@@ -255,7 +173,7 @@ static int validate_tree(qcow2_state *s, const uint64_t *l1, uint32_t n,
 /* Validates every tree a downgrade rewrites: the active L1 table and
  * each snapshot's (qcow2_validate_l1_tree()), before the first write.
  * Lock held. */
-static int validate_trees(qcow2_state *s, const amend_snapshot *sn,
+static int validate_trees(qcow2_state *s, const qcow2_snapshot *sn,
                           vd_error *err)
 {
     return for_each_l1(s, sn, validate_tree, NULL, err);
@@ -439,14 +357,23 @@ out:
 /* Version changes                                                    */
 /* ------------------------------------------------------------------ */
 
-static int upgrade(qcow2_state *s, const amend_snapshot *sn, vd_error *err)
+/* QEMU's qcow2_upgrade(): v3 wants every snapshot to carry the 64-bit
+ * VM state size and the disk size in its extra data; a table with an
+ * entry that lacks them (v2 tables, which may have none) is written
+ * anew first, in the v3 layout, and only then does the header say v3.
+ * A crash in between leaves a v2 image with a v3-style table, which v2
+ * readers take. */
+static int upgrade(qcow2_state *s, const qcow2_snapshot *sn, vd_error *err)
 {
     for (uint32_t i = 0; i < s->nb_snapshots; i++) {
-        if (sn[i].extra_size < 16) {
-            /* QEMU rewrites the table with v3 extra data here. */
-            return vd_error_set(err, -ENOTSUP, "%s: upgrading an image whose "
-                                "snapshots lack the v3 extra data is not "
-                                "supported", s->filename);
+        if (sn[i].extra_data_size < 16) {
+            int ret = qcow2_rewrite_snapshot_table(s, err);
+            if (ret < 0) {
+                vd_error_prepend(err, "Failed to update the snapshot "
+                                 "table: ");
+                return ret;
+            }
+            break;
         }
     }
     s->version = 3;
@@ -459,7 +386,7 @@ static int upgrade(qcow2_state *s, const amend_snapshot *sn, vd_error *err)
     return qcow2_update_header(s, err);
 }
 
-static int downgrade(qcow2_state *s, const amend_snapshot *sn, vd_error *err)
+static int downgrade(qcow2_state *s, const qcow2_snapshot *sn, vd_error *err)
 {
     int ret;
 
@@ -472,8 +399,7 @@ static int downgrade(qcow2_state *s, const amend_snapshot *sn, vd_error *err)
                             "data file");
     }
     for (uint32_t i = 0; i < s->nb_snapshots; i++) {
-        if (sn[i].vm_state_size > UINT32_MAX ||
-            (sn[i].has_disk_size && sn[i].disk_size != s->size)) {
+        if (sn[i].vm_state_size > UINT32_MAX || sn[i].disk_size != s->size) {
             return vd_error_set(err, -ENOTSUP, "Internal snapshots prevent "
                                 "downgrade of image");
         }
@@ -540,18 +466,10 @@ static int downgrade(qcow2_state *s, const amend_snapshot *sn, vd_error *err)
 /* Entry point                                                        */
 /* ------------------------------------------------------------------ */
 
-/* The amend options in QEMU's order (qcow2_amend_opts). */
-static const char *const amend_keys[] = {
-    "encrypt.state", "encrypt.keyslot", "encrypt.old-secret",
-    "encrypt.new-secret", "encrypt.iter-time", "size", "compat",
-    "backing_file", "backing_fmt", "data_file", "data_file_raw",
-    "lazy_refcounts", "refcount_bits", NULL,
-};
-
-static bool in_list(const char *const *list, const char *key)
+static bool is_amend_option(const char *key)
 {
-    for (; *list; list++) {
-        if (!strcmp(*list, key)) {
+    for (const vd_create_option *o = qcow2_amend_opts; o->name; o++) {
+        if (!strcmp(o->name, key)) {
             return true;
         }
     }
@@ -574,7 +492,7 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
                           QCOW2_INCOMPAT_DATA_FILE) != 0;
     const char *backing_file = NULL, *backing_fmt = NULL, *data_file = NULL;
     uint64_t refcount_bits = (uint64_t)s->refcount_bits, new_size = 0;
-    amend_snapshot *sn = NULL;
+    const qcow2_snapshot *sn = s->snapshots;
     int ret = 0;
 
     (void)force;
@@ -582,14 +500,24 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
     for (size_t i = 0; i < vd_opts_count(opts); i++) {
         const char *k, *v;
         vd_opts_nth(opts, i, &k, &v);
-        if (!in_list(amend_keys, k)) {
+        if (!is_amend_option(k)) {
             /* (create_only names get a hint from the caller) */
             return vd_error_set(err, -EINVAL, "Invalid parameter '%s'", k);
         }
         if (!strcmp(k, "size")) {
-            if (vd_parse_size(v, &new_size) < 0) {
+            int r = vd_parse_size_u64(v, &new_size);
+            if (r == -ERANGE) {
+                return vd_error_set(err, -EINVAL, "Value '%s' is out of "
+                                    "range for parameter 'size'", v);
+            } else if (r < 0) {
                 return vd_error_set(err, -EINVAL, "Parameter 'size' expects a "
                                     "non-negative number below 2^64");
+            }
+            if (new_size > INT64_MAX) {
+                /* qemu-img finds this when it resizes, after the other
+                 * changes; refused here before any. */
+                return vd_error_set(err, -EINVAL, "Image size cannot be "
+                                    "negative");
             }
         } else if (!strcmp(k, "lazy_refcounts") ||
                    !strcmp(k, "data_file_raw")) {
@@ -608,7 +536,8 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
         }
     }
     /* Semantics, in the order QEMU walks its option list. */
-    for (const char *const *k = amend_keys; *k; k++) {
+    for (const vd_create_option *o = qcow2_amend_opts; o->name; o++) {
+        const char *const *k = &o->name;
         const char *v = vd_opts_get(opts, *k);
         if (!v) {
             continue;
@@ -656,10 +585,6 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
     }
 
     pthread_mutex_lock(&s->lock);
-    ret = read_snapshots(s, &sn, err);
-    if (ret < 0) {
-        goto unlock;
-    }
     ret = qcow2_flush_caches(s, err);
     if (ret < 0) {
         goto unlock;
@@ -761,6 +686,5 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
 unlock:
     pthread_mutex_unlock(&s->lock);
 out:
-    free(sn);
     return ret;
 }

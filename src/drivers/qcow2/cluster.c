@@ -527,6 +527,11 @@ static void inflight_remove(qcow2_state *s, qcow2_inflight *f)
     pthread_cond_broadcast(&s->alloc_cond);
 }
 
+/* With lazy refcounts an allocating write sets the dirty bit (once per
+ * session) before its L2 entries may reach the disk ahead of their
+ * refcounts; only allocating writes do, as QEMU's
+ * qcow2_alloc_cluster_link_l2() (zero writes, discards and compressed
+ * writes keep refcounts accurate on a clean image). */
 static int mark_dirty_if_lazy(qcow2_state *s, vd_error *err)
 {
     if (s->lazy_refcounts && !s->dirty_marked) {
@@ -639,14 +644,18 @@ static bool can_write_in_place(qcow2_state *s, uint64_t e, uint64_t bm,
     return true;
 }
 
-/* Extended L2: a cluster that is ours alone but has subclusters without
- * data is filled in place, subcluster by subcluster. */
+/* A cluster that is ours alone (COPIED) and has a host cluster but parts
+ * without data is filled in place, keeping its host cluster, as QEMU's
+ * handle_copied() does: with extended L2 subcluster by subcluster, and
+ * without it a preallocated zero cluster (ZERO_ALLOC). */
 static bool can_fill_in_place(qcow2_state *s, uint64_t e, uint64_t bm)
 {
     qcow2_subcluster_type t;
-    if (!s->extended_l2 || (e & QCOW2_OFLAG_COMPRESSED) ||
-        !(e & QCOW2_OFLAG_COPIED)) {
+    if ((e & QCOW2_OFLAG_COMPRESSED) || !(e & QCOW2_OFLAG_COPIED)) {
         return false;
+    }
+    if (!s->extended_l2) {
+        return qcow2_get_subcluster_type(s, e, 0, 0) == QCOW2_SC_ZERO_ALLOC;
     }
     t = qcow2_get_subcluster_type(s, e, bm, 0);
     return t != QCOW2_SC_INVALID && type_has_host(t);
@@ -665,33 +674,74 @@ static uint64_t sc_range_bits(qcow2_state *s, uint64_t start, uint64_t end)
 }
 
 /*
- * One step of a write: at most the clusters of one L2 table. Writes in
- * place or allocates (see the design note at the top). *done receives the
- * number of bytes handled.
+ * Whether the copy-on-write areas of an allocation, guest [a0, a1) and
+ * [b0, b1), read as zeros by block status alone, each as one extent
+ * (QEMU's is_zero_cow() with bdrv_co_is_zero_fast()). Lock not held.
  */
-/* Whether guest [from, to) is allocated in no layer of the chain
- * (QEMU's is_unallocated(), behind is_zero_cow()): only for which
- * blkdebug events a write raises. Lock not held. */
-static bool cow_zero(qcow2_state *s, uint64_t from, uint64_t to)
+static bool cow_reads_zero(qcow2_state *s, uint64_t a0, uint64_t a1,
+                           uint64_t b0, uint64_t b1)
 {
-    while (from < to) {
-        uint64_t pnum = 0, map = 0;
+    uint64_t r[2][2] = { { a0, a1 }, { b0, b1 } };
+
+    for (int i = 0; i < 2; i++) {
+        uint64_t n = 0, map = 0, len = r[i][1] - r[i][0];
         vd_node *file = NULL;
-        int depth = 0;
-        int r = vd_node_block_status_above(s->node, NULL, false, from,
-                                           to - from, &pnum, &map, &file,
-                                           &depth, NULL);
-        if (r < 0 || (r & VD_BLOCK_ALLOCATED) || pnum == 0) {
+        int depth = 0, st;
+
+        if (len == 0) {
+            continue;
+        }
+        st = vd_node_block_status_above(s->node, NULL, false, r[i][0], len,
+                                        &n, &map, &file, &depth, NULL);
+        if (st < 0 || !(st & VD_BLOCK_ZERO) || n != len) {
             return false;
         }
-        from += pnum;
     }
     return true;
 }
 
+/*
+ * One step of a write: at most the clusters of one L2 table. Writes in
+ * place or allocates (see the design note at the top). *done receives the
+ * number of bytes handled. *hint is the host offset right after the
+ * previous step of the same request when that step ended on a cluster
+ * boundary (0: none): an allocation tries to continue there first, as
+ * QEMU's qcow2_alloc_host_offset() keeps a request's clusters
+ * contiguous; the step leaves its own end there.
+ */
+/* Where a write's guest data comes from: @qiov (from byte @qoff), or,
+ * for copy offloading, node @copy_from at @copy_off (+ the same @qoff). */
+typedef struct write_src {
+    vd_iov *qiov;
+    vd_node *copy_from;
+    uint64_t copy_off;
+} write_src;
+
+/* Writes @len bytes of the data of @src (from its byte @qoff) to host
+ * @host of the data file. */
+static int write_data(qcow2_state *s, const write_src *src, size_t qoff,
+                      uint64_t host, uint64_t len, unsigned flags,
+                      vd_error *err)
+{
+    vd_iov slice;
+    int ret;
+
+    if (src->copy_from) {
+        return vd_node_copy_range_to(src->copy_from, src->copy_off + qoff,
+                                     s->data_file->node, host, len, 0, err);
+    }
+    ret = vd_iov_init_slice(&slice, src->qiov, qoff, len);
+    if (ret == 0) {
+        ret = vd_child_pwritev(s->data_file, host, len, &slice,
+                               flags & VD_REQ_FUA, err);
+        vd_iov_destroy(&slice);
+    }
+    return ret;
+}
+
 static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
-                      vd_iov *qiov, size_t qoff, unsigned flags,
-                      uint64_t *done, vd_error *err)
+                      const write_src *src, size_t qoff, unsigned flags,
+                      uint64_t *hint, uint64_t *done, vd_error *err)
 {
     uint64_t cs = s->cluster_size;
     uint64_t cover = cs << s->l2_bits;
@@ -699,7 +749,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
     uint64_t in0 = qcow2_offset_into_cluster(s, off);
     uint64_t e0, bm0, host_base, cow_start, cow_end, l2_off;
     uint64_t *olds = NULL;
-    bool fill = false, allocated = false;
+    bool fill = false, allocated = false, skip_cow = false;
     qcow2_inflight inflight;
     uint8_t *head = NULL, *tail = NULL;
     void *table = NULL;
@@ -756,13 +806,9 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         if (ret < 0) {
             return ret;
         }
-        ret = vd_iov_init_slice(&wv, qiov, qoff, covered);
-        if (ret == 0) {
-            vd_node_debug_event(s->file->node, VD_BLKDBG_WRITE_AIO);
-            ret = vd_child_pwritev(s->data_file, host, covered, &wv,
-                                   flags & VD_REQ_FUA, err);
-            vd_iov_destroy(&wv);
-        }
+        vd_node_debug_event(s->file->node, VD_BLKDBG_WRITE_AIO);
+        ret = write_data(s, src, qoff, host, covered, flags, err);
+        *hint = ((off + covered) & (cs - 1)) ? 0 : host + covered;
         *done = covered;
         return ret;
     }
@@ -814,7 +860,27 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         if (has_data_file(s)) {
             host_base = first_cluster << s->cluster_bits;
         } else {
-            int64_t h = qcow2_alloc_clusters(s, n * cs, err);
+            int64_t h = -1, k = 0;
+            if (*hint) {
+                k = qcow2_alloc_clusters_at(s, *hint, n, err);
+                if (k < 0) {
+                    ret = (int)k;
+                    goto out_unlock;
+                }
+            }
+            if (k > 0) {
+                /* The run continues the previous step's clusters. */
+                h = (int64_t)*hint;
+                if ((uint64_t)k < n) {
+                    n = (uint64_t)k;
+                    covered = (cs - in0) + (n - 1) * cs;
+                    if (covered > chunk) {
+                        covered = chunk;
+                    }
+                }
+            } else {
+                h = qcow2_alloc_clusters(s, n * cs, err);
+            }
             if (h < 0) {
                 ret = (int)h;
                 goto out_unlock;
@@ -877,21 +943,34 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         }
     }
 
-    /* QEMU's events for this write: the copy-on-write regions are
-     * either known to read as zeros (cluster_alloc_space: QEMU zeroes
-     * the clusters instead of copying) or read (cow_read each), then the
-     * guest data goes out (write_aio), with them (cow_write). */
+    /* QEMU's handle_alloc_space(): when the copy-on-write areas read as
+     * zeros, the whole range is zeroed in the file efficiently (no data
+     * crosses the bus) and only the guest data is written. QEMU's
+     * events: cluster_alloc_space when it tries, else (or when the file
+     * cannot zero efficiently) cow_read for each area read, then
+     * write_aio for the guest data and cow_write with it. */
     bool has_cow = cow_start < off || cow_end > off + covered;
-    bool zero_cow = has_cow && cow_zero(s, cow_start, off) &&
-                    cow_zero(s, off + covered, cow_end);
-    if (has_cow && zero_cow) {
+    if (!src->copy_from && has_cow &&
+        cow_reads_zero(s, cow_start, off, off + covered, cow_end)) {
+        vd_error zerr = VD_ERROR_INIT;
+        uint64_t zoff = host_base + (cow_start - (first_cluster <<
+                                                  s->cluster_bits));
         vd_node_debug_event(s->file->node, VD_BLKDBG_CLUSTER_ALLOC_SPACE);
-    }
-    vd_iov_init(&wv);
-    if (cow_start < off) {
-        if (!zero_cow) {
-            vd_node_debug_event(s->file->node, VD_BLKDBG_COW_READ);
+        ret = vd_node_pwrite_zeroes(s->data_file->node, zoff,
+                                    cow_end - cow_start, VD_REQ_NO_FALLBACK,
+                                    &zerr);
+        if (ret == 0) {
+            skip_cow = true;
+        } else if (ret == -ENOTSUP || ret == -EAGAIN) {
+            ret = 0;
+        } else {
+            vd_error_set(err, ret, "%s", zerr.message);
         }
+    }
+
+    vd_iov_init(&wv);
+    if (ret == 0 && !skip_cow && cow_start < off) {
+        vd_node_debug_event(s->file->node, VD_BLKDBG_COW_READ);
         head = vd_node_blockalign(s->node, off - cow_start);
         ret = head ? read_guest(s, cow_start, head, off - cow_start, err)
                    : -ENOMEM;
@@ -899,29 +978,48 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
             ret = vd_iov_add(&wv, head, off - cow_start);
         }
     }
-    if (ret == 0) {
+    if (ret == 0 && !src->copy_from) {
         vd_iov slice;
-        ret = vd_iov_init_slice(&slice, qiov, qoff, covered);
+        ret = vd_iov_init_slice(&slice, src->qiov, qoff, covered);
         for (int i = 0; ret == 0 && i < slice.niov; i++) {
             ret = vd_iov_add(&wv, slice.iov[i].iov_base, slice.iov[i].iov_len);
         }
         vd_iov_destroy(&slice);
     }
-    if (ret == 0 && cow_end > off + covered) {
-        uint64_t tl = cow_end - (off + covered);
-        if (!zero_cow) {
-            vd_node_debug_event(s->file->node, VD_BLKDBG_COW_READ);
+    if (ret == 0 && src->copy_from) {
+        /* The copy-on-write head first, then the offloaded copy; the
+         * tail below. */
+        uint64_t c0 = first_cluster << s->cluster_bits;
+        if (wv.size) {
+            ret = vd_child_pwritev(s->data_file, host_base + (cow_start - c0),
+                                   wv.size, &wv, 0, err);
         }
+        if (ret == 0) {
+            vd_node_debug_event(s->file->node, VD_BLKDBG_WRITE_AIO);
+            ret = write_data(s, src, qoff, host_base + (off - c0), covered,
+                             flags, err);
+        }
+        vd_iov_destroy(&wv);
+        vd_iov_init(&wv);
+    }
+    if (ret == 0 && !skip_cow && cow_end > off + covered) {
+        uint64_t tl = cow_end - (off + covered);
+        vd_node_debug_event(s->file->node, VD_BLKDBG_COW_READ);
         tail = vd_node_blockalign(s->node, tl);
         ret = tail ? read_guest(s, off + covered, tail, tl, err) : -ENOMEM;
         if (ret == 0) {
             ret = vd_iov_add(&wv, tail, tl);
         }
     }
-    if (ret == 0) {
-        uint64_t host = host_base + (cow_start - (first_cluster << s->cluster_bits));
-        vd_node_debug_event(s->file->node, VD_BLKDBG_WRITE_AIO);
-        if (has_cow && !zero_cow) {
+    if (ret == 0 && wv.size) {
+        uint64_t c0 = first_cluster << s->cluster_bits;
+        uint64_t host = host_base +
+                        (src->copy_from ? off + covered - c0 :
+                         (skip_cow ? off : cow_start) - c0);
+        if (!src->copy_from) {
+            vd_node_debug_event(s->file->node, VD_BLKDBG_WRITE_AIO);
+        }
+        if (has_cow && !skip_cow) {
             vd_node_debug_event(s->file->node, VD_BLKDBG_COW_WRITE);
         }
         ret = vd_child_pwritev(s->data_file, host, wv.size, &wv,
@@ -945,7 +1043,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         inflight_remove(s, &inflight);
         goto out_unlock;
     }
-    if (!s->lazy_refcounts) {
+    if (qcow2_need_accurate_refcounts(s)) {
         ret = qcow2_cache_set_dependency(s, s->l2_cache, s->refcount_cache,
                                          err);
         if (ret < 0) {
@@ -988,6 +1086,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
     if (flags & VD_REQ_FUA) {
         ret = qcow2_flush_caches(s, err);
     }
+    *hint = ((off + covered) & (cs - 1)) ? 0 : host_base + n * cs;
     *done = covered;
 
 out_unlock:
@@ -997,6 +1096,27 @@ out_unlock:
     pthread_mutex_unlock(&s->lock);
     free(olds);
     return ret;
+}
+
+/* A whole write, step by step (each step at most one L2 table). */
+static int write_all(qcow2_state *s, uint64_t off, uint64_t bytes,
+                     const write_src *src, unsigned flags, vd_error *err)
+{
+    uint64_t hint = 0;
+    size_t qoff = 0;
+
+    while (bytes > 0) {
+        uint64_t done = 0;
+        int ret = write_step(s, off, bytes, src, qoff, flags, &hint, &done,
+                             err);
+        if (ret < 0) {
+            return ret;
+        }
+        off += done;
+        qoff += done;
+        bytes -= done;
+    }
+    return 0;
 }
 
 int qcow2_co_pwritev(qcow2_state *s, uint64_t off, uint64_t bytes,
@@ -1027,15 +1147,76 @@ int qcow2_co_pwritev(qcow2_state *s, uint64_t off, uint64_t bytes,
         }
         return 0;
     }
+    return write_all(s, off, bytes, &(write_src){ .qiov = qiov }, flags,
+                     err);
+}
+
+int qcow2_co_copy_range_to(qcow2_state *s, vd_node *src, uint64_t soff,
+                           uint64_t doff, uint64_t bytes, vd_error *err)
+{
+    return write_all(s, doff, bytes,
+                     &(write_src){ .copy_from = src, .copy_off = soff }, 0,
+                     err);
+}
+
+/*
+ * QEMU's qcow2_co_copy_range_from(): each piece of the range goes to
+ * where its data lives (the data file, or the backing file where it is
+ * unallocated), becomes a zero write where it reads as zeros, and a
+ * compressed cluster cannot be offloaded (-ENOTSUP).
+ */
+int qcow2_co_copy_range_from(qcow2_state *s, uint64_t soff, vd_node *dst,
+                             uint64_t doff, uint64_t bytes, vd_error *err)
+{
     while (bytes > 0) {
-        uint64_t done = 0;
-        int ret = write_step(s, off, bytes, qiov, qoff, flags, &done, err);
+        uint64_t cur = bytes, host = 0, copy_off = soff;
+        qcow2_subcluster_type t;
+        vd_node *child = NULL;
+        unsigned flags = 0;
+        int ret;
+
+        pthread_mutex_lock(&s->lock);
+        ret = qcow2_get_host_offset(s, soff, &cur, &host, &t, err);
+        pthread_mutex_unlock(&s->lock);
         if (ret < 0) {
             return ret;
         }
-        off += done;
-        qoff += done;
-        bytes -= done;
+        switch (t) {
+        case QCOW2_SC_UNALLOCATED_PLAIN:
+        case QCOW2_SC_UNALLOCATED_ALLOC:
+            if (s->node->backing) {
+                int64_t blen = vd_node_getlength(s->node->backing->node);
+                if (blen >= 0 && soff >= (uint64_t)blen) {
+                    flags = VD_REQ_ZERO_WRITE;
+                } else {
+                    child = s->node->backing->node;
+                    if (blen >= 0 && cur > (uint64_t)blen - soff) {
+                        cur = (uint64_t)blen - soff;
+                    }
+                }
+            } else {
+                flags = VD_REQ_ZERO_WRITE;
+            }
+            break;
+        case QCOW2_SC_ZERO_PLAIN:
+        case QCOW2_SC_ZERO_ALLOC:
+            flags = VD_REQ_ZERO_WRITE;
+            break;
+        case QCOW2_SC_NORMAL:
+            child = s->data_file->node;
+            copy_off = host;
+            break;
+        default:
+            return -ENOTSUP;
+        }
+        ret = vd_node_copy_range_from(child, copy_off, dst, doff, cur, flags,
+                                      err);
+        if (ret < 0) {
+            return ret;
+        }
+        soff += cur;
+        doff += cur;
+        bytes -= cur;
     }
     return 0;
 }
@@ -1092,9 +1273,6 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
         ret = qcow2_begin_change(s, err);
     }
     if (ret == 0) {
-        ret = mark_dirty_if_lazy(s, err);
-    }
-    if (ret == 0) {
         ret = qcow2_get_l2_table(s, off, true, &table, &l2_index, err);
     }
     if (ret < 0) {
@@ -1125,7 +1303,7 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
     if (ret == 0) {
         ret = qcow2_get_l2_table(s, off, true, &table, &l2_index, err);
     }
-    if (ret == 0 && !s->lazy_refcounts) {
+    if (ret == 0 && qcow2_need_accurate_refcounts(s)) {
         ret = qcow2_cache_set_dependency(s, s->l2_cache, s->refcount_cache,
                                          err);
     }
@@ -1156,61 +1334,30 @@ out:
 
 /* ---- zeroes and discard ---- */
 
-/* True when guest [off, off+len) already reads as zeros without looking
- * at data: zero clusters, or unallocated without a backing file. */
-static int reads_as_zero(qcow2_state *s, uint64_t off, uint64_t len,
-                         bool *zero, vd_error *err)
+/* QEMU's is_zero(): guest [off, off+bytes) reads as zeros through the
+ * whole backing chain, by block status alone (no data is read); the
+ * range is clipped to the image. Lock not held (block status takes it). */
+static bool chain_reads_zero(qcow2_state *s, uint64_t off, uint64_t bytes)
 {
-    *zero = true;
-    while (len > 0) {
-        uint64_t cur = len, host;
-        qcow2_subcluster_type t;
-        int ret = qcow2_get_host_offset(s, off, &cur, &host, &t, err);
-        if (ret < 0) {
-            return ret;
+    if (off >= s->size) {
+        return true;
+    }
+    if (bytes > s->size - off) {
+        bytes = s->size - off;
+    }
+    while (bytes > 0) {
+        uint64_t n = 0, map = 0;
+        vd_node *file = NULL;
+        int depth = 0;
+        int r = vd_node_block_status_above(s->node, NULL, true, off, bytes,
+                                           &n, &map, &file, &depth, NULL);
+        if (r < 0 || !(r & VD_BLOCK_ZERO) || n == 0) {
+            return false;
         }
-        if (!(t == QCOW2_SC_ZERO_PLAIN || t == QCOW2_SC_ZERO_ALLOC ||
-              ((t == QCOW2_SC_UNALLOCATED_PLAIN ||
-                t == QCOW2_SC_UNALLOCATED_ALLOC) && !s->node->backing))) {
-            *zero = false;
-            return 0;
-        }
-        off += cur;
-        len -= cur;
+        off += n;
+        bytes -= n;
     }
-    return 0;
-}
-
-/* Zeroes a piece smaller than the zero granularity by writing zeros,
- * unless it already reads as zeros. */
-static int zero_partial(qcow2_state *s, uint64_t off, uint64_t len,
-                        unsigned flags, vd_error *err)
-{
-    bool zero;
-    uint8_t *buf;
-    vd_iov v;
-    int ret;
-
-    if (len == 0) {
-        return 0;
-    }
-    pthread_mutex_lock(&s->lock);
-    ret = reads_as_zero(s, off, len, &zero, err);
-    pthread_mutex_unlock(&s->lock);
-    if (ret < 0 || zero) {
-        return ret;
-    }
-    if (flags & VD_REQ_NO_FALLBACK) {
-        return -ENOTSUP;
-    }
-    buf = calloc(1, len);
-    if (!buf) {
-        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
-    }
-    vd_iov_init_buf(&v, buf, len);
-    ret = qcow2_co_pwritev(s, off, len, &v, flags & VD_REQ_FUA, err);
-    free(buf);
-    return ret;
+    return true;
 }
 
 /*
@@ -1226,6 +1373,7 @@ static int zero_or_discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
     uint64_t end = off + bytes;
     qcow2_discard_type dtype = full_discard ? QCOW2_DISCARD_ALWAYS
                                             : QCOW2_DISCARD_REQUEST;
+    const uint64_t range_start = off;
     int ret = 0;
 
     while (off < end) {
@@ -1240,16 +1388,19 @@ static int zero_or_discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
         }
         wait_inflight(s, off >> s->cluster_bits,
                       ((stop - 1) >> s->cluster_bits) - (off >> s->cluster_bits) + 1);
-        /* An absent L2 table only needs creating when the result must
-         * differ from "unallocated"; a table shared with a snapshot (no
-         * COPIED flag in its L1 entry) must be copied before it changes,
-         * or the discard would reach into the snapshot. */
+        /* As QEMU's get_cluster_table(): every zero write and discard
+         * works on a table of its own, creating an absent one and
+         * copying one shared with a snapshot (no COPIED flag in its L1
+         * entry) before it changes, or the change would reach into the
+         * snapshot. Shrinking (full discard) creates only the table that
+         * stays, the one its new end falls into: QEMU creates the others
+         * too and frees them again at once. */
         uint64_t l1_index = qcow2_offset_to_l1_index(s, off);
         uint64_t l1e = l1_index < s->l1_size ? s->l1_table[l1_index] : 0;
         bool shared_l2 = (l1e & QCOW2_L1E_OFFSET_MASK) &&
                          !(l1e & QCOW2_OFLAG_COPIED);
-        alloc = discard ? (shared_l2 || (!full_discard && s->node->backing))
-                        : true;
+        alloc = !full_discard || shared_l2 ||
+                (off == range_start && (off & (cover - 1)));
         ret = qcow2_get_l2_table(s, off, alloc, &table, &l2_index, err);
         if (ret < 0) {
             return ret;
@@ -1320,7 +1471,7 @@ static int zero_or_discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
 
 /* Before zeroing or discarding guest [off, off+bytes): the structures and
  * every L2 table and cluster the range frees are validated, then the
- * change begins (deferred header, dirty bit). Lock held. */
+ * change begins (deferred header). Lock held. */
 static int begin_range_change(qcow2_state *s, uint64_t off, uint64_t bytes,
                               vd_error *err)
 {
@@ -1332,99 +1483,150 @@ static int begin_range_change(qcow2_state *s, uint64_t off, uint64_t bytes,
     if (ret == 0) {
         ret = qcow2_begin_change(s, err);
     }
-    if (ret == 0) {
-        ret = mark_dirty_if_lazy(s, err);
-    }
     return ret;
 }
 
-/* Whether the cluster holding guest @off is compressed. */
+/* Whether the cluster holding guest @off is compressed. Lock held. */
 static int is_compressed(qcow2_state *s, uint64_t off, bool *compressed,
                          vd_error *err)
 {
     uint64_t bytes = 1, host;
     qcow2_subcluster_type t;
-    int ret;
+    int ret = qcow2_get_host_offset(s, off, &bytes, &host, &t, err);
 
-    pthread_mutex_lock(&s->lock);
-    ret = qcow2_get_host_offset(s, off, &bytes, &host, &t, err);
-    pthread_mutex_unlock(&s->lock);
     *compressed = ret == 0 && t == QCOW2_SC_COMPRESSED;
     return ret;
 }
 
+/*
+ * QEMU's qcow2_subcluster_zeroize(): guest [off, off+bytes), aligned to
+ * subclusters (the end may be the end of the image), is made to read as
+ * zeros in the L2 tables. v2 has no zero flag: without a backing file
+ * the range is discarded instead (it reads as zeros then), with one
+ * -ENOTSUP makes the caller write zeros. Part of a compressed cluster
+ * cannot be marked with subcluster bits: -ENOTSUP as well, found for the
+ * head before anything changes and for the tail after the rest changed,
+ * as QEMU (the caller's zero buffer then covers the whole request).
+ * Lock held, change begun.
+ */
+static int zeroize(qcow2_state *s, uint64_t off, uint64_t bytes,
+                   unsigned flags, vd_error *err)
+{
+    uint64_t cs = s->cluster_size, end = off + bytes;
+    uint64_t head, tail;
+    bool unmap = (flags & VD_REQ_MAY_UNMAP) != 0, comp;
+    int ret = 0;
+
+    if (has_data_file(s) && s->data_file_raw) {
+        /* The data file must stay a valid raw image of the disk. */
+        ret = vd_node_pwrite_zeroes(s->data_file->node, off, bytes,
+                                    flags & VD_REQ_MAY_UNMAP, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (s->version < 3) {
+        if (s->node->backing) {
+            return -ENOTSUP;
+        }
+        return zero_or_discard_range(s, off, bytes, true, false, false, err);
+    }
+    head = ((off + cs - 1) & ~(cs - 1)) < end ?
+           ((off + cs - 1) & ~(cs - 1)) - off : bytes;
+    if (end >= s->size) {
+        tail = 0;
+    } else {
+        uint64_t c = end & ~(cs - 1);
+        tail = end - (c > off + head ? c : off + head);
+    }
+    if (head) {
+        ret = is_compressed(s, off, &comp, err);
+        if (ret == 0 && comp) {
+            ret = -ENOTSUP;
+        }
+        if (ret == 0) {
+            ret = zero_or_discard_range(s, off, head, false, false, unmap,
+                                        err);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (end - tail > off + head) {
+        ret = zero_or_discard_range(s, off + head, end - tail - off - head,
+                                    false, false, unmap, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (tail) {
+        ret = is_compressed(s, end - tail, &comp, err);
+        if (ret == 0 && comp) {
+            ret = -ENOTSUP;
+        }
+        if (ret == 0) {
+            ret = zero_or_discard_range(s, end - tail, tail, false, false,
+                                        unmap, err);
+        }
+    }
+    return ret;
+}
+
+/*
+ * QEMU's qcow2_co_pwrite_zeroes(). The core hands over the bulk of a
+ * request in whole subclusters and an unaligned head or tail as a piece
+ * inside one subcluster. Such a piece becomes a zero subcluster when the
+ * rest of its subcluster reads as zeros already (through the whole
+ * chain) and the subcluster holds no data; otherwise -ENOTSUP makes the
+ * core write a zero buffer, as QEMU's generic layer does.
+ */
 int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
                            unsigned flags, vd_error *err)
 {
-    uint64_t g = s->subcluster_size, cs = s->cluster_size;
-    uint64_t end = off + bytes;
-    uint64_t a, b;
-    bool comp;
+    uint64_t sc = s->subcluster_size;
+    uint64_t head = off & (sc - 1);
+    uint64_t tail = ((off + bytes + sc - 1) & ~(sc - 1)) - (off + bytes);
     int ret;
 
-    if (s->version < 3 || (has_data_file(s) && s->data_file_raw)) {
-        return -ENOTSUP;
+    if (off + bytes == s->size) {
+        tail = 0;
     }
-    a = (off + g - 1) & ~(g - 1);
-    b = end >= s->size ? end : end & ~(g - 1);
-    if (a >= b) {
-        return zero_partial(s, off, bytes, flags, err);
-    }
-    ret = zero_partial(s, off, a - off, flags, err);
-    if (ret < 0) {
-        return ret;
-    }
-    /* Part of a compressed cluster cannot be zeroed with subcluster bits:
-     * QEMU falls back to writing zeros there (which decompresses the
-     * cluster), and so do we. Only the first and the last cluster of
-     * the range can be partial. */
-    if (s->extended_l2 && (a & (cs - 1))) {
-        uint64_t stop = ((a + cs - 1) & ~(cs - 1)) < b ?
-                        ((a + cs - 1) & ~(cs - 1)) : b;
-        ret = is_compressed(s, a, &comp, err);
-        if (ret == 0 && comp) {
-            ret = zero_partial(s, a, stop - a, flags, err);
-            a = stop;
+    if (head || tail) {
+        uint64_t n = sc, host;
+        qcow2_subcluster_type t;
+
+        if (!chain_reads_zero(s, off - head, head) ||
+            !chain_reads_zero(s, off + bytes, tail)) {
+            return -ENOTSUP;
+        }
+        pthread_mutex_lock(&s->lock);
+        /* A write may have come in since the check. */
+        off -= head;
+        bytes = sc;
+        ret = qcow2_get_host_offset(s, off, &n, &host, &t, err);
+        if (ret == 0 && t != QCOW2_SC_UNALLOCATED_PLAIN &&
+            t != QCOW2_SC_UNALLOCATED_ALLOC && t != QCOW2_SC_ZERO_PLAIN &&
+            t != QCOW2_SC_ZERO_ALLOC) {
+            ret = -ENOTSUP;
         }
         if (ret < 0) {
+            pthread_mutex_unlock(&s->lock);
             return ret;
         }
+    } else {
+        pthread_mutex_lock(&s->lock);
     }
-    if (s->extended_l2 && a < b && (b & (cs - 1)) && b < s->size) {
-        uint64_t start = (b & ~(cs - 1)) > a ? (b & ~(cs - 1)) : a;
-        ret = is_compressed(s, start, &comp, err);
-        if (ret == 0 && comp) {
-            ret = zero_partial(s, start, b - start, flags, err);
-            if (ret == 0) {
-                ret = zero_partial(s, b, end - b, flags, err);
-            }
-            end = b = start;
-        }
-        if (ret < 0) {
-            return ret;
-        }
-    }
-    if (a >= b) {
-        return zero_partial(s, b, end - b, flags, err);
-    }
-    pthread_mutex_lock(&s->lock);
     /* Clusters are freed (unmap, compressed ones): validate first. */
-    ret = begin_range_change(s, a, b - a, err);
+    ret = begin_range_change(s, off, bytes, err);
     if (ret == 0) {
-        ret = zero_or_discard_range(s, a, b - a, false, false,
-                                    (flags & VD_REQ_MAY_UNMAP) != 0, err);
+        ret = zeroize(s, off, bytes, flags, err);
     }
     if (ret == 0 && (flags & VD_REQ_FUA)) {
         ret = qcow2_flush_caches(s, err);
     }
-    if (ret == 0) {
-        qcow2_process_discards(s);
-    }
+    qcow2_process_discards(s);
     pthread_mutex_unlock(&s->lock);
-    if (ret < 0) {
-        return ret;
-    }
-    return zero_partial(s, b, end - b, flags, err);
+    return ret;
 }
 
 static int discard_range(qcow2_state *s, uint64_t off, uint64_t bytes,
@@ -1521,6 +1723,53 @@ int qcow2_co_block_status(qcow2_state *s, bool want_zero, uint64_t off,
 
 /* ---- preallocation ---- */
 
+/* Zeroes what does not read as zeros in [off, off+len) of @node: holes
+ * (block status) are skipped, data is read and only non-zero chunks are
+ * rewritten (a new file's first block holds zeros written by its
+ * creation, as QEMU's file-posix writes them). */
+static int zero_unless_zero(vd_node *node, uint64_t off, uint64_t len,
+                            vd_error *err)
+{
+    const uint64_t chunk = 1u << 20;
+    uint8_t *buf = NULL;
+    int ret = 0;
+
+    while (ret == 0 && len > 0) {
+        uint64_t n = 0, map = 0;
+        vd_node *file = NULL;
+        int st = vd_node_block_status(node, true, off, len, &n, &map, &file,
+                                      err);
+        if (st < 0) {
+            ret = st;
+            break;
+        }
+        if (n == 0 || n > len) {
+            n = len;
+        }
+        for (uint64_t pos = 0; !(st & VD_BLOCK_ZERO) && pos < n;
+             pos += chunk) {
+            uint64_t m = n - pos < chunk ? n - pos : chunk;
+            if (!buf && !(buf = malloc(chunk))) {
+                ret = vd_error_set(err, -ENOMEM, "out of memory");
+                break;
+            }
+            vd_iov v;
+            vd_iov_init_buf(&v, buf, m);
+            ret = vd_node_preadv(node, off + pos, m, &v, 0, err);
+            if (ret == 0 && !vd_buffer_is_zero(buf, m)) {
+                ret = vd_node_pwrite_zeroes(node, off + pos, m, 0, err);
+            }
+            if (ret < 0) {
+                break;
+            }
+        }
+        off += n;
+        len -= n;
+    }
+    free(buf);
+    return ret;
+}
+
 int qcow2_preallocate(qcow2_state *s, uint64_t off, uint64_t bytes,
                       vd_prealloc mode, vd_error *err)
 {
@@ -1567,16 +1816,19 @@ int qcow2_preallocate(qcow2_state *s, uint64_t off, uint64_t bytes,
             }
         }
         {
-            /* Reused clusters below the end of the file hold old data;
-             * preallocated clusters must read as zeros. */
+            /* Reused clusters below the end of the file may hold old
+             * data, and preallocated clusters must read as zeros (QEMU
+             * leaves whatever is there). Only what does not read as
+             * zeros already is zeroed: a new data file, all holes, is
+             * left unallocated, as QEMU leaves it. */
             int64_t flen = vd_node_getlength(s->data_file->node);
             uint64_t zend = (uint64_t)h + n * cs;
             if (flen > h) {
                 if ((uint64_t)flen < zend) {
                     zend = (uint64_t)flen;
                 }
-                ret = vd_node_pwrite_zeroes(s->data_file->node, (uint64_t)h,
-                                            zend - (uint64_t)h, 0, err);
+                ret = zero_unless_zero(s->data_file->node, (uint64_t)h,
+                                       zend - (uint64_t)h, err);
                 if (ret < 0) {
                     break;
                 }

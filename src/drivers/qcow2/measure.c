@@ -247,13 +247,20 @@ int qcow2_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
     v = vd_opts_take(opts, "backing_file");
     bool has_backing = v != NULL;
     free(v);
+    /* QemuOpts' range (up to 2^64 - 1): vd_measure() checked it. */
     v = vd_opts_take(opts, "size");
-    if (v && vd_parse_size(v, &size) < 0) {
-        free(v);
-        return vd_error_set(err, -EINVAL, "Parameter 'size' expects a "
-                            "non-negative number below 2^64");
+    ret = v ? vd_parse_size_u64(v, &size) : 0;
+    if (ret == -ERANGE) {
+        vd_error_set(err, -EINVAL, "Value '%s' is out of range for "
+                     "parameter 'size'", v);
+    } else if (ret < 0) {
+        vd_error_set(err, -EINVAL, "Parameter 'size' expects a "
+                     "non-negative number below 2^64");
     }
     free(v);
+    if (ret < 0) {
+        return -EINVAL;
+    }
     /* The rest (backing_fmt, compression_type, data_file, ...) does not
      * change the size; QEMU ignores it here as well. */
     for (const char *k = vd_opts_first_key(opts); k;
@@ -261,11 +268,9 @@ int qcow2_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
         vd_opts_del(opts, k);
     }
 
-    if (size > UINT64_MAX - cluster_size) {
-        return vd_error_set(err, -EINVAL, "The image size is too large "
-                            "(try using a larger cluster size)");
-    }
-    size = ROUND_UP_TO(size, cluster_size);
+    /* QEMU rounds up in 64 bits: the largest sizes wrap to a small one
+     * (and a source's size replaces it below anyway). */
+    size = (size + cluster_size - 1) & ~(cluster_size - 1);
     l2_tables = DIV_ROUND_UP(size / cluster_size,
                              cluster_size / (extended_l2 ? 16 : 8));
     if (l2_tables * 8 > QCOW2_MAX_L1_BYTES) {

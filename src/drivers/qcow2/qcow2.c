@@ -83,13 +83,15 @@ int qcow2_mark_dirty(qcow2_state *s, vd_error *err)
     return ret;
 }
 
+static int flush_all_caches(qcow2_state *s, vd_error *err);
+
 int qcow2_mark_clean(qcow2_state *s, vd_error *err)
 {
     int ret;
     if (!(s->incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
         return 0;
     }
-    ret = qcow2_flush_caches(s, err);
+    ret = flush_all_caches(s, err);
     if (ret == 0) {
         ret = write_incompat(s, s->incompatible_features & ~QCOW2_INCOMPAT_DIRTY,
                              err);
@@ -113,8 +115,22 @@ int qcow2_mark_corrupt(qcow2_state *s, vd_error *err)
 int qcow2_write_caches(qcow2_state *s, vd_error *err)
 {
     int ret = qcow2_cache_write(s, s->l2_cache, err);
+    if (ret == 0 && qcow2_need_accurate_refcounts(s)) {
+        ret = qcow2_cache_write(s, s->refcount_cache, err);
+    }
+    return ret;
+}
+
+/* Every cache, refcounts included even while the dirty bit is set, and
+ * a flush of the file: what close and mark_clean need on disk. */
+static int flush_all_caches(qcow2_state *s, vd_error *err)
+{
+    int ret = qcow2_cache_write(s, s->l2_cache, err);
     if (ret == 0) {
         ret = qcow2_cache_write(s, s->refcount_cache, err);
+    }
+    if (ret == 0) {
+        ret = vd_node_flush(s->file->node, err);
     }
     return ret;
 }
@@ -314,36 +330,34 @@ static char *dup_string(const void *p, size_t len)
 }
 
 /* Feature names for unknown incompatible bits, from the image's own
- * feature name table ("Unsupported qcow2 feature(s): ..." as QEMU). */
+ * feature name table, as QEMU's report_unsupported_feature(): the
+ * table's entries in their order up to the first without a name, then
+ * the bits nobody named as one hex mask ("Unsupported qcow2 feature(s):
+ * my feature, Unknown incompatible feature: 200"). A bit number past 63
+ * is taken modulo 64, as QEMU's shift does on x86. */
 static void report_unsupported(qcow2_state *s, uint64_t mask, vd_error *err)
 {
-    char list[512] = "";
+    char list[sizeof(err->message)] = "";
     size_t used = 0;
 
-    for (int bit = 0; bit < 64; bit++) {
-        const char *name = NULL;
-        char tmp[64];
-        if (!(mask & (1ull << bit))) {
+    for (uint32_t i = 0; i < s->nb_features && s->feature_table[i].name[0];
+         i++) {
+        const qcow2_feature_name *f = &s->feature_table[i];
+        uint64_t bit = 1ull << (f->bit & 63);
+
+        if (f->type != QCOW2_FEAT_TYPE_INCOMPAT || !(mask & bit)) {
             continue;
         }
-        for (uint32_t i = 0; i < s->nb_features; i++) {
-            if (s->feature_table[i].type == QCOW2_FEAT_TYPE_INCOMPAT &&
-                s->feature_table[i].bit == bit) {
-                snprintf(tmp, sizeof(tmp), "%.46s", s->feature_table[i].name);
-                name = tmp;
-                break;
-            }
+        mask &= ~bit;
+        if (used < sizeof(list)) {
+            used += (size_t)snprintf(list + used, sizeof(list) - used,
+                                     "%s%.46s", used ? ", " : "", f->name);
         }
-        if (!name) {
-            snprintf(tmp, sizeof(tmp), "Unknown incompatible feature: %llx",
-                     1ull << bit);
-            name = tmp;
-        }
-        used += (size_t)snprintf(list + used, sizeof(list) - used, "%s%s",
-                                 used ? ", " : "", name);
-        if (used >= sizeof(list)) {
-            break;
-        }
+    }
+    if (mask && used < sizeof(list)) {
+        snprintf(list + used, sizeof(list) - used,
+                 "%sUnknown incompatible feature: %llx", used ? ", " : "",
+                 (unsigned long long)mask);
     }
     vd_error_set(err, -ENOTSUP, "Unsupported qcow2 feature(s): %s", list);
 }
@@ -1170,7 +1184,7 @@ static void qcow2_close(vd_node *node)
     }
     if (!node->read_only) {
         pthread_mutex_lock(&s->lock);
-        if (qcow2_flush_caches(s, NULL) == 0 && s->dirty_marked &&
+        if (flush_all_caches(s, NULL) == 0 && s->dirty_marked &&
             !s->corrupt) {
             qcow2_mark_clean(s, NULL);
         }
@@ -1224,6 +1238,29 @@ static int qcow2_pdiscard_cb(vd_node *node, uint64_t off, uint64_t bytes,
                             s->filename);
     }
     return qcow2_co_pdiscard(s, off, bytes, err);
+}
+
+static int qcow2_copy_range_from_cb(vd_node *node, uint64_t soff,
+                                    vd_node *dst, uint64_t doff,
+                                    uint64_t bytes, unsigned flags,
+                                    vd_error *err)
+{
+    (void)flags;
+    return qcow2_co_copy_range_from(node->opaque, soff, dst, doff, bytes,
+                                    err);
+}
+
+static int qcow2_copy_range_to_cb(vd_node *node, vd_node *src, uint64_t soff,
+                                  uint64_t doff, uint64_t bytes,
+                                  unsigned flags, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    (void)flags;
+    if (s->corrupt) {
+        return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
+                            s->filename);
+    }
+    return qcow2_co_copy_range_to(s, src, soff, doff, bytes, err);
 }
 
 static int qcow2_flush_cb(vd_node *node, vd_error *err)
@@ -1388,6 +1425,14 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
         }
         ret = qcow2_flush_caches(s, err);
         if (ret == 0) {
+            /* Refcount blocks that count nothing any more go too (after
+             * the L2 and L1 changes above are on disk). */
+            ret = qcow2_shrink_reftable(s, err);
+        }
+        if (ret == 0) {
+            ret = qcow2_flush_caches(s, err);
+        }
+        if (ret == 0) {
             ret = write_size(s, size, err);
         }
         qcow2_process_discards(s);
@@ -1420,7 +1465,13 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
     }
 
     pthread_mutex_lock(&s->lock);
-    ret = qcow2_grow_l1_table(s, l1_needed, true, err);
+    if (l1_needed * 8 > QCOW2_MAX_L1_BYTES) {
+        /* QEMU's words (its qcow2_grow_l1_table() says only -EFBIG). */
+        ret = vd_error_set(err, -EFBIG, "Failed to grow the L1 table: %s",
+                           strerror(EFBIG));
+    } else {
+        ret = qcow2_grow_l1_table(s, l1_needed, true, err);
+    }
     if (ret == 0) {
         ret = qcow2_flush_caches(s, err);
     }
@@ -1502,6 +1553,8 @@ static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
     int n;
 
     info->cluster_size = s->cluster_size;
+    /* The VM state lives right after the guest-visible L1 range. */
+    info->vm_state_offset = qcow2_vm_state_offset(s);
     info->has_dirty_flag = true;
     info->dirty_flag = (s->incompatible_features & QCOW2_INCOMPAT_DIRTY) != 0;
     info->encrypted = s->crypt_method != 0;
@@ -1543,18 +1596,47 @@ static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
 /* Create                                                             */
 /* ------------------------------------------------------------------ */
 
+/* The options creation and amend share, in QEMU's order (its
+ * QCOW_COMMON_OPTIONS): one description for qemu-img create's listing
+ * and Formatting line and for amend's listing. */
+#define QCOW2_COMMON_OPTIONS \
+    { "size", "size", "Virtual disk size", NULL }, \
+    { "compat", "string", "Compatibility level (v2 [0.10] or v3 [1.1])", \
+      NULL }, \
+    { "backing_file", "string", "File name of a base image", NULL }, \
+    { "backing_fmt", "string", "Image format of the base image", NULL }, \
+    { "data_file", "string", "File name of an external data file", NULL }, \
+    { "data_file_raw", "bool", \
+      "The external data file must stay valid as a raw image", NULL }, \
+    { "lazy_refcounts", "bool", "Postpone refcount updates", "off" }, \
+    { "refcount_bits", "number", "Width of a reference count entry in bits", \
+      "16" }
+
+/* In the order of QEMU's qcow2_amend_opts (amend walks them in this
+ * order; qemu-img amend -o help lists them by name). */
+const vd_create_option qcow2_amend_opts[] = {
+    { "encrypt.state", "string",
+      "Select new state of affected keyslots (active/inactive)", NULL },
+    { "encrypt.keyslot", "number",
+      "Select a single keyslot to modify explicitly", NULL },
+    { "encrypt.old-secret", "string",
+      "Select all keyslots that match this password", NULL },
+    { "encrypt.new-secret", "string",
+      "New secret to set in the matching keyslots. Empty string to erase",
+      NULL },
+    { "encrypt.iter-time", "number",
+      "Time to spend in PBKDF in milliseconds", NULL },
+    QCOW2_COMMON_OPTIONS,
+    { NULL, NULL, NULL, NULL },
+};
+
+/* In the order of QEMU's qcow2_create_opts, which is the order of qemu-img
+ * create's "Formatting ..." line; @def is QEMU's def_value_str, the value
+ * that line shows for an option not given (-o help lists by name). */
 static const vd_create_option qcow2_create_opts[] = {
-    { "size", "size", "Virtual disk size", NULL },
-    { "compat", "string", "Compatibility level (v2 [0.10] or v3 [1.1])",
-      "1.1" },
-    { "backing_file", "string", "File name of a base image", NULL },
-    { "backing_fmt", "string", "Image format of the base image", NULL },
-    { "data_file", "string", "File name of an external data file", NULL },
-    { "data_file_raw", "bool",
-      "The external data file must stay valid as a raw image", "off" },
     { "encryption", "bool",
       "Encrypt the image with format 'aes'. (Deprecated in favor of "
-      "encrypt.format=aes)", "off" },
+      "encrypt.format=aes)", NULL },
     { "encrypt.format", "string",
       "Encrypt the image, format choices: 'aes', 'luks'", NULL },
     { "encrypt.key-secret", "string",
@@ -1571,15 +1653,13 @@ static const vd_create_option qcow2_create_opts[] = {
     { "encrypt.iter-time", "number",
       "Time to spend in PBKDF in milliseconds", NULL },
     { "cluster_size", "size", "qcow2 cluster size", "65536" },
+    { "extended_l2", "bool", "Extended L2 tables", "off" },
     { "preallocation", "string",
       "Preallocation mode (allowed values: off, metadata, falloc, full)",
-      "off" },
-    { "lazy_refcounts", "bool", "Postpone refcount updates", "off" },
-    { "refcount_bits", "number", "Width of a reference count entry in bits",
-      "16" },
+      NULL },
     { "compression_type", "string",
       "Compression method used for image cluster compression", "zlib" },
-    { "extended_l2", "bool", "Extended L2 tables", "off" },
+    QCOW2_COMMON_OPTIONS,
     { NULL, NULL, NULL, NULL },
 };
 
@@ -1606,52 +1686,101 @@ static void free_params(create_params *p)
     free(p->data_file);
 }
 
+/* A QAPI enum member of BlockdevCreateOptionsQcow2 given as -o @key:
+ * QEMU's visitor refuses other values as "Parameter 'qapi-name' does
+ * not accept value 'v'". @values[i] (NULL-terminated) maps to @ids[i]. */
+static int take_qapi_enum(vd_opts *opts, const char *key,
+                          const char *qapi_name, const char *const *values,
+                          const int *ids, int def, int *out,
+                          const char *filename, vd_error *err)
+{
+    char *v = vd_opts_take(opts, key);
+
+    *out = def;
+    if (!v) {
+        return 0;
+    }
+    for (int i = 0; values[i]; i++) {
+        if (!strcmp(v, values[i])) {
+            *out = ids[i];
+            free(v);
+            return 0;
+        }
+    }
+    vd_error_set(err, -EINVAL, "%s: Parameter '%s' does not accept value "
+                 "'%s'", filename, qapi_name, v);
+    free(v);
+    return -EINVAL;
+}
+
+/*
+ * The creation options, after vd_create() checked their names and value
+ * syntax: the members of QEMU's BlockdevCreateOptionsQcow2 in the order
+ * its visitor takes them (data-file-raw, extended-l2, size, version,
+ * backing-file, backing-fmt, encrypt, cluster-size, preallocation,
+ * lazy-refcounts, refcount-bits, compression-type), then the checks of
+ * qcow2_co_create() that combine them.
+ */
 static int parse_create(const char *filename, vd_opts *opts, create_params *p,
                         vd_error *err)
 {
     static const char *const prealloc_names[] = {
         "off", "metadata", "falloc", "full", NULL,
     };
+    static const int prealloc_ids[] = {
+        VD_PREALLOC_OFF, VD_PREALLOC_METADATA, VD_PREALLOC_FALLOC,
+        VD_PREALLOC_FULL,
+    };
+    static const char *const versions[] = { "0.10", "v2", "1.1", "v3", NULL };
+    static const int version_ids[] = { 2, 2, 3, 3 };
     static const char *const ctypes[] = { "zlib", "zstd", NULL };
+    static const int ctype_ids[] = { QCOW2_COMPRESSION_ZLIB,
+                                     QCOW2_COMPRESSION_ZSTD };
     char *v;
     uint64_t u;
     bool b;
     int idx, ret;
 
     memset(p, 0, sizeof(*p));
+    p->data_file = vd_opts_take(opts, "data_file");
+    ret = vd_opts_take_bool(opts, "data_file_raw", false, &p->data_file_raw,
+                            err);
+    if (ret == 0) {
+        ret = vd_opts_take_bool(opts, "extended_l2", false, &p->extended_l2,
+                                err);
+    }
+    if (ret < 0) {
+        return ret;
+    }
     v = vd_opts_take(opts, "size");
     if (v) {
-        if (vd_parse_size(v, &p->size) < 0) {
+        int r = vd_parse_size(v, &p->size);
+        if (r == -ERANGE) {
+            /* 2^63 and up: the words of src/core/opts.c and the tools. */
+            vd_error_set(err, -EINVAL, "%s: Value '%s' is out of range for "
+                         "parameter 'size'", filename, v);
+        } else if (r < 0) {
+            vd_error_set(err, -EINVAL, "%s: Parameter 'size' expects a "
+                         "non-negative number below 2^64", filename);
+        }
+        if (r < 0) {
             free(v);
-            return vd_error_set(err, -EINVAL, "%s: Parameter 'size' expects "
-                                "a non-negative number below 2^64",
-                                filename);
+            return -EINVAL;
         }
         p->has_size = true;
         free(v);
         /* QEMU rounds the virtual size up to whole sectors. */
         p->size = (p->size + 511) & ~511ull;
     }
-    p->version = 3;
-    v = vd_opts_take(opts, "compat");
-    if (v) {
-        if (!strcmp(v, "0.10") || !strcmp(v, "v2")) {
-            p->version = 2;
-        } else if (!strcmp(v, "1.1") || !strcmp(v, "v3")) {
-            p->version = 3;
-        } else {
-            vd_error_set(err, -EINVAL, "%s: Invalid parameter '%s'", filename,
-                         v);
-            free(v);
-            return -EINVAL;
-        }
-        free(v);
+    ret = take_qapi_enum(opts, "compat", "version", versions, version_ids, 3,
+                         &p->version, filename, err);
+    if (ret < 0) {
+        return ret;
     }
     p->backing_file = vd_opts_take(opts, "backing_file");
     p->backing_fmt = vd_opts_take(opts, "backing_fmt");
-    p->data_file = vd_opts_take(opts, "data_file");
-    ret = vd_opts_take_bool(opts, "data_file_raw", false, &p->data_file_raw,
-                            err);
+    ret = vd_create_check_backing_fmt(filename, p->backing_file,
+                                      p->backing_fmt, p->has_size, err);
     if (ret < 0) {
         return ret;
     }
@@ -1681,13 +1810,9 @@ static int parse_create(const char *filename, vd_opts *opts, create_params *p,
     if (ret < 0) {
         return ret;
     }
-    if (p->cluster_size < 512 || p->cluster_size > (2u << 20) ||
-        (p->cluster_size & (p->cluster_size - 1))) {
-        return vd_error_set(err, -EINVAL, "%s: Cluster size must be a power "
-                            "of two between 512 and 2048k", filename);
-    }
-    ret = vd_opts_take_enum(opts, "preallocation", prealloc_names, 0, &idx,
-                            err);
+    ret = take_qapi_enum(opts, "preallocation", "preallocation",
+                         prealloc_names, prealloc_ids, VD_PREALLOC_OFF, &idx,
+                         filename, err);
     if (ret < 0) {
         return ret;
     }
@@ -1701,58 +1826,53 @@ static int parse_create(const char *filename, vd_opts *opts, create_params *p,
     if (ret < 0) {
         return ret;
     }
+    ret = take_qapi_enum(opts, "compression_type", "compression-type", ctypes,
+                         ctype_ids, QCOW2_COMPRESSION_ZLIB,
+                         &p->compression_type, filename, err);
+    if (ret < 0) {
+        return ret;
+    }
+    /* qcow2_co_create()'s checks, in its order and words. */
+    if (p->extended_l2 && p->version < 3) {
+        return vd_error_set(err, -EINVAL, "%s: Extended L2 entries are only "
+                            "supported with compatibility level 1.1 and "
+                            "above (use version=v3 or greater)", filename);
+    }
+    if (p->cluster_size < 512 || p->cluster_size > (2u << 20) ||
+        (p->cluster_size & (p->cluster_size - 1))) {
+        return vd_error_set(err, -EINVAL, "%s: Cluster size must be a power "
+                            "of two between 512 and 2048k", filename);
+    }
+    if (p->extended_l2 && p->cluster_size < 16384) {
+        return vd_error_set(err, -EINVAL, "%s: Extended L2 entries are only "
+                            "supported with cluster sizes of at least 16384 "
+                            "bytes", filename);
+    }
+    if (p->backing_file && p->prealloc != VD_PREALLOC_OFF &&
+        !p->extended_l2) {
+        return vd_error_set(err, -EINVAL, "%s: Backing file and preallocation "
+                            "can only be used at the same time if "
+                            "extended_l2 is on", filename);
+    }
+    if (p->backing_fmt && !p->backing_file) {
+        return vd_error_set(err, -EINVAL, "%s: Backing format cannot be used "
+                            "without backing file", filename);
+    }
+    if (p->lazy_refcounts && p->version < 3) {
+        return vd_error_set(err, -EINVAL, "%s: Lazy refcounts only supported "
+                            "with compatibility level 1.1 and above (use "
+                            "version=v3 or greater)", filename);
+    }
     if (u == 0 || u > 64 || (u & (u - 1))) {
         return vd_error_set(err, -EINVAL, "%s: Refcount width must be a "
                             "power of two and may not exceed 64 bits",
                             filename);
     }
     p->refcount_order = __builtin_ctzll(u);
-    ret = vd_opts_take_enum(opts, "compression_type", ctypes, 0,
-                            &p->compression_type, err);
-    if (ret < 0) {
-        return ret;
-    }
-    ret = vd_opts_take_bool(opts, "extended_l2", false, &p->extended_l2, err);
-    if (ret < 0) {
-        return ret;
-    }
-
-    if (p->version < 3) {
-        if (p->lazy_refcounts) {
-            return vd_error_set(err, -EINVAL, "%s: Lazy refcounts only "
-                                "supported with compatibility level 1.1 and "
-                                "above (use compat=1.1 or greater)",
-                                filename);
-        }
-        if (p->refcount_order != 4) {
-            return vd_error_set(err, -EINVAL, "%s: Different refcount widths "
-                                "than 16 bits require compatibility level "
-                                "1.1 or above (use compat=1.1 or greater)",
-                                filename);
-        }
-        if (p->compression_type != QCOW2_COMPRESSION_ZLIB) {
-            return vd_error_set(err, -EINVAL, "%s: Non-zlib compression type "
-                                "is only supported with compatibility level "
-                                "1.1 and above (use compat=1.1 or greater)",
-                                filename);
-        }
-        if (p->extended_l2) {
-            return vd_error_set(err, -EINVAL, "%s: Extended L2 entries are "
-                                "only supported with compatibility level 1.1 "
-                                "and above (use compat=1.1 or greater)",
-                                filename);
-        }
-        if (p->data_file) {
-            return vd_error_set(err, -EINVAL, "%s: External data files are "
-                                "only supported with compatibility level 1.1 "
-                                "and above (use compat=1.1 or greater)",
-                                filename);
-        }
-    }
-    if (p->extended_l2 && p->cluster_size < 16384) {
-        return vd_error_set(err, -EINVAL, "%s: Extended L2 entries are only "
-                            "supported with cluster sizes of at least 16384 "
-                            "bytes", filename);
+    if (p->refcount_order != 4 && p->version < 3) {
+        return vd_error_set(err, -EINVAL, "%s: Different refcount widths than "
+                            "16 bits require compatibility level 1.1 or above "
+                            "(use version=v3 or greater)", filename);
     }
     if (p->data_file_raw && !p->data_file) {
         return vd_error_set(err, -EINVAL, "%s: data-file-raw requires "
@@ -1763,9 +1883,15 @@ static int parse_create(const char *filename, vd_opts *opts, create_params *p,
                             "data-file-raw cannot be used at the same time",
                             filename);
     }
-    if (p->backing_fmt && !p->backing_file) {
-        return vd_error_set(err, -EINVAL, "%s: Backing format cannot be used "
-                            "without backing file", filename);
+    if (p->data_file && p->version < 3) {
+        return vd_error_set(err, -EINVAL, "%s: External data files are only "
+                            "supported with compatibility level 1.1 and "
+                            "above (use version=v3 or greater)", filename);
+    }
+    if (p->compression_type != QCOW2_COMPRESSION_ZLIB && p->version < 3) {
+        return vd_error_set(err, -EINVAL, "%s: Non-zlib compression type is "
+                            "only supported with compatibility level 1.1 and "
+                            "above (use version=v3 or greater)", filename);
     }
     /* Refused before anything is written: qemu-img creates the file and
      * only then fails to store the name (qcow2.txt: at most 1023 bytes). */
@@ -1774,11 +1900,6 @@ static int parse_create(const char *filename, vd_opts *opts, create_params *p,
                             "'%s' with format '%s': Invalid argument",
                             filename, p->backing_file,
                             p->backing_fmt ? p->backing_fmt : "");
-    }
-    if (p->backing_file && p->prealloc != VD_PREALLOC_OFF) {
-        return vd_error_set(err, -EINVAL, "%s: Backing file and preallocation "
-                            "can only be used at the same time if "
-                            "extended_l2 is on", filename);
     }
     return 0;
 }
@@ -2109,6 +2230,7 @@ const vd_driver vd_driver_qcow2 = {
     .supports_backing = true,
     .supports_compressed = true,
     .create_opts = qcow2_create_opts,
+    .amend_opts = qcow2_amend_opts,
     .probe = qcow2_probe,
     .open = qcow2_open,
     .close = qcow2_close,
@@ -2117,6 +2239,8 @@ const vd_driver vd_driver_qcow2 = {
     .pwritev = qcow2_pwritev_cb,
     .pwrite_zeroes = qcow2_pwrite_zeroes_cb,
     .pdiscard = qcow2_pdiscard_cb,
+    .copy_range_from = qcow2_copy_range_from_cb,
+    .copy_range_to = qcow2_copy_range_to_cb,
     .flush = qcow2_flush_cb,
     .block_status = qcow2_block_status_cb,
     .getlength = qcow2_getlength,

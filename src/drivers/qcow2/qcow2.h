@@ -512,6 +512,8 @@ void qcow2_refblock_set(const qcow2_state *s, void *block, uint64_t index,
 /* ------------------------------------------------------------------ */
 
 extern const vd_driver vd_driver_qcow2;
+/* The amend options, in QEMU's order (amend.c walks them). */
+extern const vd_create_option qcow2_amend_opts[];
 
 /* Rewrites the header cluster from the state (header fields, extensions,
  * feature table, backing file name). Lock held or node drained. */
@@ -534,8 +536,18 @@ int qcow2_signal_corruption(qcow2_state *s, vd_error *err, const char *fmt,
                             ...) __attribute__((format(printf, 3, 4),
                                                 nonnull(3)));
 
+/* Whether refcounts on disk must follow every change (QEMU's
+ * qcow2_need_accurate_refcounts()): not while the dirty bit is set, when
+ * lazy refcounts let the next open repair them. Lock held. */
+static inline bool qcow2_need_accurate_refcounts(const qcow2_state *s)
+{
+    return !(s->incompatible_features & QCOW2_INCOMPAT_DIRTY);
+}
+
 /* Writes all dirty metadata (L2 cache, then refcount cache in dependency
- * order) without flushing the file. Lock held. */
+ * order) without flushing the file; while the dirty bit is set only the
+ * L2 cache (refcount blocks wait for eviction, close or mark_clean), as
+ * QEMU's qcow2_write_caches(). Lock held. */
 int qcow2_write_caches(qcow2_state *s, vd_error *err);
 /* qcow2_write_caches() + flush of the file child. Lock held. */
 int qcow2_flush_caches(qcow2_state *s, vd_error *err);
@@ -631,6 +643,12 @@ int qcow2_free_any_cluster(qcow2_state *s, uint64_t l2_entry,
  * that freed them are on disk) and empties the queue. Lock held. */
 void qcow2_process_discards(qcow2_state *s);
 
+/* After a shrink (caches flushed): drops from the refcount table every
+ * refcount block that counts nothing but, possibly, itself, writes the
+ * table (synchronously) and then gives the blocks' clusters back, as
+ * QEMU's qcow2_shrink_reftable(). Lock held. */
+int qcow2_shrink_reftable(qcow2_state *s, vd_error *err);
+
 /* ------------------------------------------------------------------ */
 /* cluster.c                                                          */
 /* ------------------------------------------------------------------ */
@@ -663,6 +681,14 @@ int qcow2_co_preadv(qcow2_state *s, uint64_t off, uint64_t bytes,
                     vd_iov *qiov, size_t qiov_off, vd_error *err);
 int qcow2_co_pwritev(qcow2_state *s, uint64_t off, uint64_t bytes,
                      vd_iov *qiov, unsigned flags, vd_error *err);
+/* Copy offloading (QEMU's qcow2_co_copy_range_from/_to): the source
+ * side passes each piece down to where its data lives; the destination
+ * side allocates and maps as a write does and copies into the data
+ * file. -ENOTSUP where a piece cannot be offloaded. */
+int qcow2_co_copy_range_from(qcow2_state *s, uint64_t soff, vd_node *dst,
+                             uint64_t doff, uint64_t bytes, vd_error *err);
+int qcow2_co_copy_range_to(qcow2_state *s, vd_node *src, uint64_t soff,
+                           uint64_t doff, uint64_t bytes, vd_error *err);
 int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
                            unsigned flags, vd_error *err);
 int qcow2_co_pdiscard(qcow2_state *s, uint64_t off, uint64_t bytes,
@@ -705,6 +731,13 @@ typedef struct qcow2_snapshot {
 /* Parses and validates the snapshot table named by nb_snapshots and
  * snapshots_offset (file of @file_len bytes). At open. */
 int qcow2_read_snapshots(qcow2_state *s, uint64_t file_len, vd_error *err);
+/* Guest offset of the VM state: the first L1 index past the disk, in
+ * bytes (QEMU's qcow2_vm_state_offset()). */
+uint64_t qcow2_vm_state_offset(const qcow2_state *s);
+/* Writes the loaded table anew (every entry with the 24 bytes of v3
+ * extra data), points the header at it and frees the old one, as QEMU's
+ * qcow2_write_snapshots(). Lock held. */
+int qcow2_rewrite_snapshot_table(qcow2_state *s, vd_error *err);
 /* Reads the L1 table of @size entries at @offset into a new host-endian
  * array of max(@size, @alloc) entries (the rest zeroed). */
 int qcow2_read_l1_table(qcow2_state *s, uint64_t offset, uint32_t size,

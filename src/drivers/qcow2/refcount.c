@@ -535,6 +535,30 @@ static void unqueue_discard(qcow2_state *s, uint64_t host)
     }
 }
 
+/* Queues the freed cluster at @host for a discard in the file, merged
+ * with the previous range when adjacent. Lock held. */
+static void queue_discard(qcow2_state *s, uint64_t host)
+{
+    qcow2_discard_range *last = s->discards;
+
+    while (last && last->next) {
+        last = last->next;
+    }
+    if (last && last->offset + last->bytes == host) {
+        last->bytes += s->cluster_size;
+    } else {
+        qcow2_discard_range *d = malloc(sizeof(*d));
+        if (d) {
+            *d = (qcow2_discard_range){ host, s->cluster_size, NULL };
+            if (last) {
+                last->next = d;
+            } else {
+                s->discards = d;
+            }
+        }
+    }
+}
+
 static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
                       bool decrease, qcow2_discard_type type, vd_error *err)
 {
@@ -589,23 +613,7 @@ static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
         qcow2_cache_discard(s->l2_cache, host);
         qcow2_cache_discard(s->refcount_cache, host);
         if (s->discard_passthrough[type]) {
-            qcow2_discard_range *last = s->discards;
-            while (last && last->next) {
-                last = last->next;
-            }
-            if (last && last->offset + last->bytes == host) {
-                last->bytes += s->cluster_size;
-            } else {
-                qcow2_discard_range *d = malloc(sizeof(*d));
-                if (d) {
-                    *d = (qcow2_discard_range){ host, s->cluster_size, NULL };
-                    if (last) {
-                        last->next = d;
-                    } else {
-                        s->discards = d;
-                    }
-                }
-            }
+            queue_discard(s, host);
         }
     }
     return 0;
@@ -968,6 +976,111 @@ void qcow2_process_discards(qcow2_state *s)
         vd_node_pdiscard(s->file->node, d->offset, d->bytes, NULL);
         free(d);
     }
+}
+
+/* Whether refcount block @block (at host @off, table index @rt_index)
+ * counts nothing but, where it lies in its own range, itself. */
+static bool refblock_unused(qcow2_state *s, const void *block, uint64_t off,
+                            uint64_t rt_index)
+{
+    uint64_t self = off >> s->cluster_bits;
+    uint64_t first = rt_index << s->refcount_block_bits;
+
+    for (uint64_t i = 0; i < s->refcount_block_size; i++) {
+        if (first + i != self && qcow2_refblock_get(s, block, i)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+int qcow2_shrink_reftable(qcow2_state *s, vd_error *err)
+{
+    uint32_t n = s->refcount_table_size;
+    uint64_t *table = calloc(n ? n : 1, 8);
+    bool *drop = calloc(n ? n : 1, sizeof(*drop));
+    bool any = false;
+    int ret = 0;
+
+    if (!table || !drop) {
+        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+        goto out;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        int64_t off = refblock_offset(s, i, err);
+        void *block;
+
+        if (off < 0) {
+            ret = (int)off;
+            goto out;
+        }
+        table[i] = htobe64(s->refcount_table[i]);
+        if (off == 0) {
+            continue;
+        }
+        ret = qcow2_cache_get(s, s->refcount_cache, (uint64_t)off, &block,
+                              err);
+        if (ret < 0) {
+            goto out;
+        }
+        drop[i] = refblock_unused(s, block, (uint64_t)off, i);
+        qcow2_cache_put(s->refcount_cache, &block);
+        if (drop[i]) {
+            table[i] = 0;
+            any = true;
+        }
+    }
+    if (!any) {
+        goto out;
+    }
+    /* The table without them reaches the disk first: a crash after it
+     * leaves at most the blocks' own clusters counted (leaked) in a
+     * block that stays. */
+    ret = qcow2_pre_write_overlap_check(s, QCOW2_OL_REFCOUNT_TABLE,
+                                        s->refcount_table_offset,
+                                        (uint64_t)n * 8, false, err);
+    if (ret == 0) {
+        ret = vd_child_pwrite(s->file, s->refcount_table_offset, table,
+                              (uint64_t)n * 8, 0, err);
+    }
+    if (ret == 0) {
+        ret = vd_node_flush(s->file->node, err);
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t off = s->refcount_table[i] & QCOW2_REFT_OFFSET_MASK;
+        uint64_t cluster = off >> s->cluster_bits;
+
+        if (!drop[i]) {
+            continue;
+        }
+        s->refcount_table[i] = 0;
+        qcow2_cache_discard(s->refcount_cache, off);
+        qcow2_overlap_changed(s);
+        if (ret < 0) {
+            /* The table on disk may be half written: forget the blocks
+             * in memory too (QEMU does the same), leaking at most. */
+            continue;
+        }
+        /* A block that lay in its own range took its count with it;
+         * one counted by a block that stays is given back there. */
+        if ((cluster >> s->refcount_block_bits) != i &&
+            !block_missing(s, cluster >> s->refcount_block_bits)) {
+            int r = change_one(s, cluster, 1, true, QCOW2_DISCARD_OTHER,
+                               err);
+            if (r < 0) {
+                ret = r;
+            }
+        } else if (cluster < s->free_cluster_index) {
+            s->free_cluster_index = cluster;
+        }
+        /* Given back to the file whatever the discard options say, as
+         * QEMU's qcow2_discard_refcount_block() does. */
+        queue_discard(s, off);
+    }
+out:
+    free(table);
+    free(drop);
+    return ret;
 }
 
 /*

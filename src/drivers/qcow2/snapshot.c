@@ -398,6 +398,16 @@ static int write_snapshots(qcow2_state *s, vd_error *err)
     return 0;
 }
 
+int qcow2_rewrite_snapshot_table(qcow2_state *s, vd_error *err)
+{
+    int ret = write_snapshots(s, err);
+
+    if (ret == 0) {
+        qcow2_overlap_snapshots_changed(s);
+    }
+    return ret;
+}
+
 /* ---- repair --------------------------------------------------------- */
 
 int qcow2_snapshot_table_repair(qcow2_state *s, uint64_t offset, uint32_t nb,
@@ -618,7 +628,7 @@ static int usable(qcow2_state *s, vd_error *err)
     return 0;
 }
 
-static uint64_t vm_state_offset(const qcow2_state *s)
+uint64_t qcow2_vm_state_offset(const qcow2_state *s)
 {
     uint64_t per_l1 = s->cluster_size << s->l2_bits;
     return (s->size + per_l1 - 1) / per_l1 * per_l1;
@@ -772,7 +782,7 @@ int qcow2_snapshot_create(vd_node *node, const vd_snapshot_info *info,
     if (sn.vm_state_size) {
         uint64_t len = (sn.vm_state_size + s->cluster_size - 1) &
                        ~(s->cluster_size - 1);
-        qcow2_co_pdiscard(s, vm_state_offset(s), len, NULL);
+        qcow2_co_pdiscard(s, qcow2_vm_state_offset(s), len, NULL);
     }
     return 0;
 
@@ -1127,8 +1137,8 @@ int qcow2_save_vmstate(vd_node *node, vd_iov *qiov, uint64_t pos,
         return 0;
     }
     vd_node_debug_event(s->file->node, VD_BLKDBG_VMSTATE_SAVE);
-    return qcow2_co_pwritev(s, vm_state_offset(s) + pos, qiov->size, qiov, 0,
-                            err);
+    return qcow2_co_pwritev(s, qcow2_vm_state_offset(s) + pos, qiov->size,
+                            qiov, 0, err);
 }
 
 int qcow2_load_vmstate(vd_node *node, vd_iov *qiov, uint64_t pos,
@@ -1144,6 +1154,6 @@ int qcow2_load_vmstate(vd_node *node, vd_iov *qiov, uint64_t pos,
         return 0;
     }
     vd_node_debug_event(s->file->node, VD_BLKDBG_VMSTATE_LOAD);
-    return qcow2_co_preadv(s, vm_state_offset(s) + pos, qiov->size, qiov, 0,
-                           err);
+    return qcow2_co_preadv(s, qcow2_vm_state_offset(s) + pos, qiov->size,
+                           qiov, 0, err);
 }
