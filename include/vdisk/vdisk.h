@@ -715,7 +715,9 @@ VD_API int vd_debug_breakpoint(vd_node *node, const char *event,
                                const char *tag);
 
 /** Removes the breakpoints named @tag and resumes the requests suspended
- * at them. -ENOENT when there was none; -ENOTSUP as above. */
+ * at them. -ENOENT when no breakpoint named @tag was set (a hit uses its
+ * breakpoint up: resuming its request alone still answers -ENOENT, as
+ * QEMU 7.2); -ENOTSUP as above. */
 VD_API int vd_debug_remove_breakpoint(vd_node *node, const char *tag);
 
 /** Resumes one request suspended at breakpoint @tag. -ENOENT when none
