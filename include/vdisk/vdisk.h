@@ -733,7 +733,9 @@ VD_API bool vd_debug_is_suspended(vd_node *node, const char *tag);
  * suspended requests, "blkdebug: Suspended request 'TAG'" when a request
  * stops at a breakpoint and "blkdebug: Resuming request 'TAG'" when it
  * goes on (no newline; qemu-io prints them on stdout). @fn runs in the
- * thread of the request, with no lock of the library held.
+ * thread of the request that stops, or of the call that resumes it, with
+ * the blkdebug node's lock held: it must not call the vd_debug_*()
+ * functions, nor wait for a thread that may be calling them.
  */
 VD_API void vd_debug_set_handler(void (*fn)(const char *msg, void *opaque),
                                  void *opaque);
