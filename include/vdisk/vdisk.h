@@ -409,6 +409,19 @@ VD_API void vd_user_get_perm(const vd_user *user, unsigned *perm,
 /** The node @user uses (borrowed). */
 VD_API vd_node *vd_user_node(const vd_user *user);
 
+/**
+ * Brackets a request made on behalf of @user (an export serving
+ * clients, a device): returns the node to issue it to, which is
+ * @user's node unless a block job has pivoted @user to another node
+ * (mirror, active commit). A pivot waits for the requests already
+ * between begin and end, holds new ones in vd_user_io_begin(), and lets
+ * them on to the new node: a program that keeps writing through its
+ * user never writes to a node that has been replaced. Any thread; cheap
+ * (two atomic operations) when no pivot runs.
+ */
+VD_API vd_node *vd_user_io_begin(vd_user *user);
+VD_API void vd_user_io_end(vd_user *user);
+
 /** Releases @*user's permissions and its node reference, sets @*user to
  * NULL. Accepts NULL. */
 VD_API void vd_user_free(vd_user **user);
@@ -532,6 +545,11 @@ VD_API vd_node *vd_node_nth_child(const vd_node *node, size_t i,
 
 /** How many parent nodes use @node as a child (0 for a root node). */
 VD_API int vd_node_parent_count(const vd_node *node);
+
+/** True when neither a node nor a block job (include/vdisk/job.h) uses
+ * @node, only users such as exports or the opener: QEMU's
+ * bdrv_is_root_node(), which commands that want a top node ask. */
+VD_API bool vd_node_is_root(const vd_node *node);
 
 /* Cache mode bits (qemu's cache.writeback, cache.direct, cache.no-flush;
  * cache=none is WRITEBACK|DIRECT, cache=unsafe WRITEBACK|NO_FLUSH). */

@@ -56,6 +56,7 @@
 
 typedef struct vd_driver vd_driver;
 typedef struct vd_child vd_child;
+typedef struct vd_dirty_tracker vd_dirty_tracker;
 
 /*
  * A node's accounting, QEMU's BlockAcctStats (stats.c; the public view
@@ -131,6 +132,8 @@ struct vd_child {
     char *user_desc;   /* users: how messages name them ("an unnamed
                           block device"); NULL for node edges */
     unsigned role;     /* VD_ROLE_* */
+    bool job_edge;     /* users: a block job's (QEMU's child_job), which
+                          is no block backend for vd_node_has_users() */
     unsigned perm;     /* VD_PERM_* this edge holds on @node */
     unsigned shared;   /* VD_PERM_* it lets the other edges hold */
     vd_child *next;    /* in parent->children */
@@ -140,9 +143,13 @@ struct vd_child {
     bool tran_saved;
 };
 
-/* A user of a node: an edge without a parent node. */
+/* A user of a node: an edge without a parent node. Requests made
+ * through the user (vd_user_io_begin) are counted so that a pivot can
+ * hold them at the gate, move the edge and let them on to the new node. */
 struct vd_user {
     vd_child edge;
+    atomic_int io_in_flight;
+    atomic_bool io_gate;
 };
 
 /* I/O limits a driver sets in open() or refresh_limits(). 0 = no limit. */
@@ -200,9 +207,12 @@ struct vd_node {
     /* Active dirty bitmaps (block jobs, backup); snapshot goto refuses
      * to run while there are any. */
     atomic_int dirty_bitmaps;
-    /* Copy-on-read filters whose reads may populate this node: its
-     * writes are then serialised against their copies (io.c). */
-    atomic_int cor_filters;
+    /* Dirty trackers of jobs (dirty.c): every write marks them. */
+    _Atomic(vd_dirty_tracker *) dirty_trackers;
+    /* Jobs and copy-on-read filters populating the node by copy-on-read
+     * (stream): while > 0, writes are tracked so that a copy never
+     * overwrites them. */
+    atomic_int cor_users;
     vd_child *file;            /* role "file", or NULL */
     vd_child *backing;         /* role "backing", or NULL */
 
@@ -729,6 +739,48 @@ int vd_node_copy_range_from(vd_node *src, uint64_t soff, vd_node *dst,
 int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
                           uint64_t doff, uint64_t bytes, unsigned flags,
                           vd_error *err);
+/* Copy-on-read for jobs. Between vd_node_cor_begin() and
+ * vd_node_cor_end(), writes to @n are tracked; vd_node_populate() then
+ * copies into @top what it inherits in [off, off+bytes) from the layers
+ * of its chain above @base (NULL: all), in pieces of at most @buflen
+ * bytes through @buf, serialised against writes to @top so that no write
+ * is overwritten with older data. Waits while @top is drained, as a
+ * public request. *copied: the bytes written into @top. */
+void vd_node_cor_begin(vd_node *n);
+void vd_node_cor_end(vd_node *n);
+int vd_node_populate(vd_node *top, vd_node *base, uint64_t off,
+                     uint64_t bytes, uint8_t *buf, uint64_t buflen,
+                     uint64_t *copied, vd_error *err);
+
+/* Dirty trackers (dirty.c): a bitmap of @node's length at @granularity
+ * (rounded up to a power of two) that every write, zero write and
+ * discard of @node marks once it reached the driver. New and free drain
+ * the node. next() finds the first dirty run at or after @from (wrapping
+ * around), at most @max bytes long. */
+int vd_dirty_tracker_new(vd_dirty_tracker **out, vd_node *node,
+                         uint64_t granularity, vd_error *err);
+void vd_dirty_tracker_free(vd_dirty_tracker **t, vd_node *node);
+uint64_t vd_dirty_tracker_granularity(const vd_dirty_tracker *t);
+void vd_dirty_tracker_set(vd_dirty_tracker *t, uint64_t off, uint64_t bytes);
+void vd_dirty_tracker_clear(vd_dirty_tracker *t, uint64_t off,
+                            uint64_t bytes);
+uint64_t vd_dirty_tracker_count(const vd_dirty_tracker *t);
+bool vd_dirty_tracker_next(const vd_dirty_tracker *t, uint64_t from,
+                           uint64_t max, uint64_t *off, uint64_t *bytes);
+/* Pivots (perm.c). vd_node_gate_users() stops requests made through
+ * the users of @node (not the block jobs' edges) at their gate and waits
+ * until none is in flight; vd_node_replace() then moves every edge into
+ * @from (users and parent nodes, except block jobs' edges and edges from
+ * @to's own backing chain) to @to, checking permissions (nothing moves
+ * on failure); vd_node_ungate_users() opens the gates of the users of
+ * @node again. Graph lock held; parent nodes are drained meanwhile. */
+void vd_node_gate_users(vd_node *node);
+void vd_node_ungate_users(vd_node *node);
+int vd_node_replace(vd_node *from, vd_node *to, vd_error *err);
+
+/* io.c: marks [off, off+bytes) in every tracker of @node. */
+void vd_dirty_mark(vd_node *node, uint64_t off, uint64_t bytes);
+
 int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
                                uint64_t off, uint64_t bytes, uint64_t *pnum,
                                uint64_t *map, vd_node **file, int *depth,

@@ -207,6 +207,15 @@ static void track_end(vd_node *n, vd_tracked_req *req)
     pthread_mutex_unlock(&n->lock);
 }
 
+/* Whether writes to @n must be tracked because copy-on-read may be
+ * populating it: the node's copy-on-read option, or a job
+ * (vd_node_cor_begin()). */
+static bool cor_active(vd_node *n)
+{
+    return (n->flags & VD_NODE_COPY_ON_READ) ||
+           atomic_load(&n->cor_users) > 0;
+}
+
 /* ---- helpers ---- */
 
 void *vd_node_blockalign(vd_node *node, size_t size)
@@ -546,6 +555,69 @@ static int chain_preadv(vd_node *top, uint64_t off, uint64_t bytes,
     return r;
 }
 
+void vd_node_cor_begin(vd_node *n)
+{
+    if (atomic_fetch_add(&n->cor_users, 1) == 0) {
+        /* A write already past the tracking decision would not wait for
+         * the copy: let those finish first. */
+        vd_node_drain_begin(n);
+        vd_node_drain_end(n);
+    }
+}
+
+void vd_node_cor_end(vd_node *n)
+{
+    atomic_fetch_sub(&n->cor_users, 1);
+}
+
+int vd_node_populate(vd_node *top, vd_node *base, uint64_t off,
+                     uint64_t bytes, uint8_t *buf, uint64_t buflen,
+                     uint64_t *copied, vd_error *err)
+{
+    *copied = 0;
+    request_begin(top);
+    int r = check_range(top, off, bytes, err);
+    if (r < 0 || bytes == 0) {
+        request_end(top);
+        return r;
+    }
+    uint32_t a = top->bl.request_alignment;
+    vd_tracked_req req;
+    track_begin(top, &req, align_down(off, a), align_up(off + bytes, a),
+                true);
+    for (uint64_t pos = off; pos < off + bytes && r == 0;) {
+        uint64_t want = off + bytes - pos, pnum = 0, map = 0;
+        vd_node *file = NULL;
+        int depth = 0;
+        if (want > buflen)
+            want = buflen;
+        int st = vd_node_block_status_above(top, base, false, pos, want,
+                                            &pnum, &map, &file, &depth, err);
+        if (st < 0) {
+            r = st;
+            break;
+        }
+        if ((st & VD_BLOCK_ALLOCATED) && depth > 0) {
+            vd_node *layer = top;
+            for (int i = 0; i < depth && layer->backing; i++)
+                layer = layer->backing->node;
+            vd_iov v;
+            vd_iov_init_buf(&v, buf, pnum);
+            bool zero = st & VD_BLOCK_ZERO;
+            if (!zero)
+                r = do_preadv(layer, pos, pnum, &v, 0, err);
+            if (r == 0)
+                r = cor_write(top, pos, pnum, &v, zero, err);
+            if (r == 0)
+                *copied += pnum;
+        }
+        pos += pnum;
+    }
+    track_end(top, &req);
+    request_end(top);
+    return r;
+}
+
 int vd_node_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
                    unsigned flags, vd_error *err)
 {
@@ -657,8 +729,7 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     uint64_t t0 = now_ns();
     uint32_t a = n->bl.request_alignment;
     vd_tracked_req req;
-    bool tracked = a > 1 || (n->flags & VD_NODE_COPY_ON_READ) ||
-                   atomic_load(&n->cor_filters) > 0;
+    bool tracked = a > 1 || cor_active(n);
     if (tracked)
         track_begin(n, &req, align_down(off, a), align_up(off + bytes, a),
                     off % a || bytes % a);
@@ -671,6 +742,8 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     bool is_protocol = !n->file && !n->children;
     if (is_protocol)
         atomic_fetch_add(&n->write_gen, 1);
+    if (atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+        vd_dirty_mark(n, off, bytes);
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
     if (!is_protocol)
@@ -803,8 +876,7 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     uint64_t t0 = now_ns();
     /* Copy-on-read must not overwrite zeros written meanwhile. */
     vd_tracked_req req;
-    bool tracked = (n->flags & VD_NODE_COPY_ON_READ) ||
-                   atomic_load(&n->cor_filters) > 0;
+    bool tracked = cor_active(n);
     if (tracked)
         track_begin(n, &req, align_down(off, n->bl.request_alignment),
                     align_up(off + bytes, n->bl.request_alignment), false);
@@ -813,6 +885,8 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_DONE);
     if (n->file || n->children)
         atomic_fetch_add(&n->write_gen, 1);
+    if (atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+        vd_dirty_mark(n, off, bytes);
     if (tracked)
         track_end(n, &req);
     if (r == 0)
@@ -866,6 +940,9 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
         }
     }
     atomic_fetch_add(&n->write_gen, 1);
+    if (start < end &&
+        atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+        vd_dirty_mark(n, start, end - start);
     if (r == -ENOTSUP || r == -EOPNOTSUPP)
         r = 0;
     account(n, VD_ACCT_UNMAP, r, bytes, t0);
@@ -933,6 +1010,8 @@ int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
     r = dst->drv->copy_range_to(dst, src, soff, doff, bytes, flags, err);
     if (r != -ENOTSUP) {
         atomic_fetch_add(&dst->write_gen, 1);
+        if (atomic_load_explicit(&dst->dirty_trackers, memory_order_relaxed))
+            vd_dirty_mark(dst, doff, bytes);
         if (r == 0)
             raise_length(dst, doff + bytes);
         account_write_end(dst, doff + bytes);
@@ -1439,7 +1518,7 @@ VD_API int vd_copy_range(vd_node *src, uint64_t src_off, vd_node *dst,
     if (r == 0)
         r = check_write_perm(dst, err);
     if (r == 0 && (dst->detect_zeroes || dst->writethrough ||
-                   (dst->flags & VD_NODE_COPY_ON_READ)))
+                   cor_active(dst)))
         r = -ENOTSUP;   /* what the top of a graph adds to writes */
     if (r == 0)
         r = vd_node_copy_range_from(src, src_off, dst, dst_off, len, 0, err);

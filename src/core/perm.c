@@ -720,7 +720,7 @@ VD_API int vd_set_perm(vd_node *node, unsigned perm, unsigned shared,
 VD_API bool vd_node_has_users(const vd_node *node)
 {
     for (const vd_child *c = node->parents; c; c = c->next_parent) {
-        if (!c->parent) {
+        if (!c->parent && !c->job_edge) {
             return true;
         }
     }
@@ -869,4 +869,143 @@ void vd_node_free_op_blockers(vd_node *node)
     }
     free(node->op_blockers);
     node->op_blockers = NULL;
+}
+
+/* ---- request gates and pivots ---- */
+
+static pthread_mutex_t gate_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t gate_cond = PTHREAD_COND_INITIALIZER;
+
+VD_API vd_node *vd_user_io_begin(vd_user *user)
+{
+    for (;;) {
+        atomic_fetch_add(&user->io_in_flight, 1);
+        if (!atomic_load(&user->io_gate))
+            return __atomic_load_n(&user->edge.node, __ATOMIC_ACQUIRE);
+        /* Step back out so the pivot can finish, then wait for it. */
+        if (atomic_fetch_sub(&user->io_in_flight, 1) == 1) {
+            pthread_mutex_lock(&gate_lock);
+            pthread_cond_broadcast(&gate_cond);
+            pthread_mutex_unlock(&gate_lock);
+        }
+        pthread_mutex_lock(&gate_lock);
+        while (atomic_load(&user->io_gate))
+            pthread_cond_wait(&gate_cond, &gate_lock);
+        pthread_mutex_unlock(&gate_lock);
+    }
+}
+
+VD_API void vd_user_io_end(vd_user *user)
+{
+    if (atomic_fetch_sub(&user->io_in_flight, 1) == 1 &&
+        atomic_load(&user->io_gate)) {
+        pthread_mutex_lock(&gate_lock);
+        pthread_cond_broadcast(&gate_cond);
+        pthread_mutex_unlock(&gate_lock);
+    }
+}
+
+/* The users a pivot holds and moves: not a job's own edges, and not the
+ * opener of vd_open(), whose caller holds the node itself (and issues
+ * its requests to it directly). */
+static bool gated_kind(const vd_child *c)
+{
+    return !c->parent && !c->job_edge &&
+           (vd_user *)c != c->node->opener;
+}
+
+void vd_node_gate_users(vd_node *node)
+{
+    pthread_mutex_lock(&perm_lock);
+    for (vd_child *c = node->parents; c; c = c->next_parent)
+        if (gated_kind(c))
+            atomic_store(&((vd_user *)c)->io_gate, true);
+    pthread_mutex_unlock(&perm_lock);
+    pthread_mutex_lock(&gate_lock);
+    for (;;) {
+        bool busy = false;
+        pthread_mutex_lock(&perm_lock);
+        for (vd_child *c = node->parents; c; c = c->next_parent)
+            if (gated_kind(c) && atomic_load(&((vd_user *)c)->io_in_flight))
+                busy = true;
+        pthread_mutex_unlock(&perm_lock);
+        if (!busy)
+            break;
+        pthread_cond_wait(&gate_cond, &gate_lock);
+    }
+    pthread_mutex_unlock(&gate_lock);
+}
+
+void vd_node_ungate_users(vd_node *node)
+{
+    pthread_mutex_lock(&perm_lock);
+    for (vd_child *c = node->parents; c; c = c->next_parent)
+        if (gated_kind(c))
+            atomic_store(&((vd_user *)c)->io_gate, false);
+    pthread_mutex_unlock(&perm_lock);
+    pthread_mutex_lock(&gate_lock);
+    pthread_cond_broadcast(&gate_cond);
+    pthread_mutex_unlock(&gate_lock);
+}
+
+/* Whether @c's parent is @to or in @to's backing chain: replacing there
+ * would make @to its own backing file. */
+static bool from_to_chain(const vd_child *c, vd_node *to)
+{
+    for (vd_node *n = to; n; n = n->backing ? n->backing->node : NULL)
+        if (c->parent == n)
+            return true;
+    return false;
+}
+
+static void move_edge(vd_child *c, vd_node *from, vd_node *to)
+{
+    vd_node_unlink_parent(from, c);
+    __atomic_store_n(&c->node, to, __ATOMIC_RELEASE);
+    vd_node_link_parent(to, c);
+}
+
+int vd_node_replace(vd_node *from, vd_node *to, vd_error *err)
+{
+    vd_child *moved[256];
+    size_t n = 0;
+    int r = 0;
+
+    pthread_mutex_lock(&perm_lock);
+    for (vd_child *c = from->parents; c && n < 256;) {
+        vd_child *next = c->next_parent;
+        if (!c->job_edge && !from_to_chain(c, to) &&
+            (c->parent || gated_kind(c))) {
+            if (c->parent)
+                vd_node_drain_begin(c->parent);
+            move_edge(c, from, to);
+            moved[n++] = c;
+        }
+        c = next;
+    }
+    perm_tran t = { .commit = true };
+    r = tran_run(&t, to, err);
+    if (r < 0) {
+        for (size_t i = 0; i < n; i++)
+            move_edge(moved[i], to, from);
+    }
+    perm_tran t2 = { .commit = true };
+    tran_run(&t2, r < 0 ? to : from, NULL);
+    pthread_mutex_unlock(&perm_lock);
+    for (size_t i = 0; i < n; i++) {
+        vd_child *c = moved[i];
+        if (r == 0) {
+            vd_node_ref(to);
+            if (c->parent && (c->role & VD_ROLE_COW)) {
+                unblock_backing(c->parent, from);
+                block_backing(c->parent, to);
+            }
+        }
+        if (c->parent)
+            vd_node_drain_end(c->parent);
+    }
+    if (r == 0)
+        for (size_t i = 0; i < n; i++)
+            vd_node_unref(from);
+    return r;
 }

@@ -31,6 +31,16 @@ VD_API int vd_node_parent_count(const vd_node *node)
     return node->n_parents;
 }
 
+VD_API bool vd_node_is_root(const vd_node *node)
+{
+    if (node->n_parents > 0)
+        return false;
+    for (const vd_child *c = node->parents; c; c = c->next_parent)
+        if (c->job_edge)
+            return false;
+    return true;
+}
+
 VD_API unsigned vd_node_cache_flags(const vd_node *node)
 {
     unsigned f = 0;

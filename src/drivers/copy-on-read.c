@@ -11,8 +11,9 @@
  * not a filter) only what lies in the chain down to it, inclusive, is
  * copied; the filter then splits the read by where the data is, as
  * QEMU's cor_co_preadv_part() does. While the filter exists, writes to
- * the node it populates are serialised against its copies (cor_filters),
- * so a copy never overwrites newer data with older.
+ * the node it populates are serialised against its copies (the core's
+ * vd_node_cor_begin(), as for a stream job), so a copy never overwrites
+ * newer data with older.
  *
  * Permissions as QEMU's cor_child_perm(): the parents' consistent read,
  * write and resize pass through, and the filter always takes (and
@@ -64,7 +65,7 @@ static int cor_open(vd_node *node, vd_opts *opts, unsigned flags,
     }
     s->target = skip_filters(node->file->node);
     if (s->target) {
-        atomic_fetch_add(&s->target->cor_filters, 1);
+        vd_node_cor_begin(s->target);
     }
     return 0;
 }
@@ -74,7 +75,7 @@ static void cor_close(vd_node *node)
     cor_state *s = node->opaque;
 
     if (s->target) {
-        atomic_fetch_sub(&s->target->cor_filters, 1);
+        vd_node_cor_end(s->target);
     }
     vd_node_unref(s->bottom);
     s->bottom = NULL;

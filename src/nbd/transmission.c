@@ -298,10 +298,9 @@ static int send_hole_chunk(nbd_conn *c, uint64_t cookie, bool done,
  * Each chunk is sent only after its data was read, so the DONE flag on
  * the last one never promises more than we have.
  */
-static void do_sparse_read(nbd_conn *c, const nbd_request *req,
-                           unsigned char *buf)
+static void do_sparse_read(nbd_conn *c, vd_node *node,
+                           const nbd_request *req, unsigned char *buf)
 {
-    vd_node *node = c->exp->node;
     uint64_t end = req->offset + req->length;
     uint64_t pos = req->offset, run_start = pos;
     int run_zero = -1;   /* -1: no run yet */
@@ -355,17 +354,18 @@ static void do_sparse_read(nbd_conn *c, const nbd_request *req,
 }
 
 /* @buf holds req->length bytes. */
-static void do_read(nbd_conn *c, const nbd_request *req, unsigned char *buf)
+static void do_read(nbd_conn *c, vd_node *node, const nbd_request *req,
+                    unsigned char *buf)
 {
     vd_error err = VD_ERROR_INIT;
     int r;
 
     if (c->caps.structured && req->length &&
         !(req->flags & NBD_CMD_FLAG_DF)) {
-        do_sparse_read(c, req, buf);
+        do_sparse_read(c, node, req, buf);
         return;
     }
-    r = req->length ? vd_pread(c->exp->node, buf, req->length, req->offset,
+    r = req->length ? vd_pread(node, buf, req->length, req->offset,
                                0, &err) : 0;
     if (r < 0) {
         send_result(c, req->cookie, r, &err);
@@ -379,7 +379,7 @@ static void do_read(nbd_conn *c, const nbd_request *req, unsigned char *buf)
     }
 }
 
-static void do_write(nbd_conn *c, const nbd_request *req,
+static void do_write(nbd_conn *c, vd_node *node, const nbd_request *req,
                      const unsigned char *data)
 {
     vd_error err = VD_ERROR_INIT;
@@ -387,13 +387,14 @@ static void do_write(nbd_conn *c, const nbd_request *req,
     int r = 0;
 
     if (req->length) {
-        r = vd_pwrite(c->exp->node, data, req->length, req->offset,
+        r = vd_pwrite(node, data, req->length, req->offset,
                       flags, &err);
     }
     send_result(c, req->cookie, r, &err);
 }
 
-static void do_write_zeroes(nbd_conn *c, const nbd_request *req)
+static void do_write_zeroes(nbd_conn *c, vd_node *node,
+                            const nbd_request *req)
 {
     vd_error err = VD_ERROR_INIT;
     unsigned flags = 0;
@@ -409,7 +410,7 @@ static void do_write_zeroes(nbd_conn *c, const nbd_request *req)
         flags |= VD_REQ_NO_FALLBACK;
     }
     if (req->length) {
-        r = vd_write_zeroes(c->exp->node, req->length, req->offset, flags,
+        r = vd_write_zeroes(node, req->length, req->offset, flags,
                             &err);
     }
     if (r == -ENOTSUP && !(req->flags & NBD_CMD_FLAG_FAST_ZERO)) {
@@ -419,24 +420,24 @@ static void do_write_zeroes(nbd_conn *c, const nbd_request *req)
     send_result(c, req->cookie, r, &err);
 }
 
-static void do_trim(nbd_conn *c, const nbd_request *req)
+static void do_trim(nbd_conn *c, vd_node *node, const nbd_request *req)
 {
     vd_error err = VD_ERROR_INIT;
     int r = 0;
 
     if (req->length) {
-        r = vd_discard(c->exp->node, req->length, req->offset, &err);
+        r = vd_discard(node, req->length, req->offset, &err);
     }
     if (r == 0 && (req->flags & NBD_CMD_FLAG_FUA)) {
-        r = vd_flush(c->exp->node, &err);
+        r = vd_flush(node, &err);
     }
     send_result(c, req->cookie, r, &err);
 }
 
-static void do_flush(nbd_conn *c, const nbd_request *req)
+static void do_flush(nbd_conn *c, vd_node *node, const nbd_request *req)
 {
     vd_error err = VD_ERROR_INIT;
-    int r = vd_flush(c->exp->node, &err);
+    int r = vd_flush(node, &err);
 
     send_result(c, req->cookie, r, &err);
 }
@@ -444,7 +445,7 @@ static void do_flush(nbd_conn *c, const nbd_request *req)
 /* Reads the range and drops it: the node's caches (and the host page
  * cache) then hold it, which is all CACHE promises. @buf holds @bufsz
  * bytes, at least min(length, CACHE_CHUNK). */
-static void do_cache(nbd_conn *c, const nbd_request *req,
+static void do_cache(nbd_conn *c, vd_node *node, const nbd_request *req,
                      unsigned char *buf, size_t bufsz)
 {
     vd_error err = VD_ERROR_INIT;
@@ -453,7 +454,7 @@ static void do_cache(nbd_conn *c, const nbd_request *req,
 
     while (pos < end && r == 0) {
         uint64_t n = end - pos < bufsz ? end - pos : bufsz;
-        r = vd_pread(c->exp->node, buf, n, pos, 0, &err);
+        r = vd_pread(node, buf, n, pos, 0, &err);
         pos += n;
     }
     send_result(c, req->cookie, r, &err);
@@ -502,7 +503,8 @@ static int send_extents(nbd_conn *c, uint64_t cookie, extent_list *l,
                       NBD_REPLY_TYPE_BLOCK_STATUS, iov, 2);
 }
 
-static void do_block_status(nbd_conn *c, const nbd_request *req)
+static void do_block_status(nbd_conn *c, vd_node *node,
+                            const nbd_request *req)
 {
     vd_error err = VD_ERROR_INIT;
     extent_list base = { .id = NBD_CTX_ID_BASE };
@@ -518,13 +520,13 @@ static void do_block_status(nbd_conn *c, const nbd_request *req)
         vd_extent ext;
         uint32_t n, bf, df;
 
-        r = vd_block_status(c->exp->node, pos, end - pos, &ext, &err);
+        r = vd_block_status(node, pos, end - pos, &ext, &err);
         if (r < 0) {
             break;
         }
         if (ext.length == 0) {
             r = vd_error_set(&err, -EIO, "%s: block status made no progress",
-                             vd_node_filename(c->exp->node));
+                             vd_node_filename(node));
             break;
         }
         n = (uint32_t)(ext.length < end - pos ? ext.length : end - pos);
@@ -842,21 +844,24 @@ static void run_request(nbd_worker *w, nbd_work *wk)
         send_error(c, req->cookie, (uint32_t)wk->error, wk->errmsg);
         return;
     }
+    /* Through the export's user: a pivot (mirror, active commit) sends
+     * the request to the node that replaced the exported one. */
+    vd_node *node = vd_user_io_begin(c->exp->user);
     switch (req->type) {
     case NBD_CMD_READ:
-        do_read(c, req, wk->data);
+        do_read(c, node, req, wk->data);
         break;
     case NBD_CMD_WRITE:
-        do_write(c, req, wk->data);
+        do_write(c, node, req, wk->data);
         break;
     case NBD_CMD_WRITE_ZEROES:
-        do_write_zeroes(c, req);
+        do_write_zeroes(c, node, req);
         break;
     case NBD_CMD_TRIM:
-        do_trim(c, req);
+        do_trim(c, node, req);
         break;
     case NBD_CMD_FLUSH:
-        do_flush(c, req);
+        do_flush(c, node, req);
         break;
     case NBD_CMD_CACHE:
         if (req->length) {
@@ -866,15 +871,16 @@ static void run_request(nbd_worker *w, nbd_work *wk)
                 send_error(c, req->cookie, NBD_ENOMEM, "out of memory");
                 break;
             }
-            do_cache(c, req, buf, n);
+            do_cache(c, node, req, buf, n);
         } else {
             send_result(c, req->cookie, 0, NULL);
         }
         break;
     case NBD_CMD_BLOCK_STATUS:
-        do_block_status(c, req);
+        do_block_status(c, node, req);
         break;
     }
+    vd_user_io_end(c->exp->user);
 }
 
 /* The loop every thread of a connection runs. */

@@ -159,10 +159,21 @@ QMP_HANDLER(qmp_cmd_query_commands)
     return r;
 }
 
+static void export_remove_at(qmp_daemon *d, size_t i);
+
 QMP_HANDLER(qmp_cmd_quit)
 {
     (void)args;
     (void)e;
+    /* As qemu-storage-daemon: the exports are gone, each with its
+     * BLOCK_EXPORT_DELETED, before the reply. */
+    while (d->nb_exports) {
+        if (d->nbd) {
+            vd_nbd_server_remove_export(d->nbd, d->exports[0].name, true,
+                                        NULL);
+        }
+        export_remove_at(d, 0);
+    }
     qmp_daemon_quit(d, "host-qmp-quit");
     return json_object_new_object();
 }

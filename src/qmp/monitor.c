@@ -28,6 +28,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "vdisk/job.h"
 #include "vdisk/nbd-server.h"
 #include "qmp-int.h"
 
@@ -159,7 +160,11 @@ json_object *qmp_daemon_execute(qmp_daemon *d, const char *name,
         ret = qmp_fail(e, NULL, "The daemon is shutting down");
     } else {
         d->keyval = keyval;
+        /* Jobs change the graph under the library's graph lock: no
+         * command runs while one does (include/vdisk/job.h). */
+        vd_graph_lock();
         ret = cmd->fn(d, own, e);
+        vd_graph_unlock();
     }
     pthread_mutex_unlock(&d->lock);
     json_object_put(own);
@@ -500,6 +505,14 @@ qmp_daemon *qmp_daemon_new(void)
     pthread_mutex_init(&d->lock, NULL);
     pthread_mutex_init(&d->mon_lock, NULL);
     d->quit_reason = "host-signal";
+    if (qmp_jobs_init(d) < 0) {
+        pthread_mutex_destroy(&d->lock);
+        pthread_mutex_destroy(&d->mon_lock);
+        close(d->wake[0]);
+        close(d->wake[1]);
+        free(d);
+        return NULL;
+    }
     return d;
 }
 
@@ -569,6 +582,8 @@ static int shutdown_daemon(qmp_daemon *d)
 
     atomic_store(&d->quitting, true);
     stop_monitors(d);
+    /* As qemu-storage-daemon: jobs are cancelled before the nodes go. */
+    vd_job_cancel_all_sync();
     pthread_mutex_lock(&d->lock);
     qmp_daemon_stop_nbd(d);
     r = qmp_daemon_close_nodes(d);
@@ -611,6 +626,7 @@ void qmp_daemon_free(qmp_daemon **pd)
     if (d->listeners || d->clients || d->nbd || d->nb_nodes) {
         shutdown_daemon(d);
     }
+    qmp_jobs_fini(d);
     free(d->nodes);
     free(d->exports);
     /* The objects (--object, object-add) are the daemon's, as QEMU's

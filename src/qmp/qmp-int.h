@@ -103,6 +103,26 @@ QMP_HANDLER(qmp_cmd_qom_list);
 QMP_HANDLER(qmp_cmd_qom_get);
 QMP_HANDLER(qmp_cmd_qom_set);
 
+/* ---- job commands (jobs.c) ---- */
+QMP_HANDLER(qmp_cmd_block_stream);
+QMP_HANDLER(qmp_cmd_block_commit);
+QMP_HANDLER(qmp_cmd_blockdev_mirror);
+QMP_HANDLER(qmp_cmd_query_jobs);
+QMP_HANDLER(qmp_cmd_query_block_jobs);
+QMP_HANDLER(qmp_cmd_job_pause);
+QMP_HANDLER(qmp_cmd_job_resume);
+QMP_HANDLER(qmp_cmd_job_cancel);
+QMP_HANDLER(qmp_cmd_job_complete);
+QMP_HANDLER(qmp_cmd_job_finalize);
+QMP_HANDLER(qmp_cmd_job_dismiss);
+QMP_HANDLER(qmp_cmd_block_job_pause);
+QMP_HANDLER(qmp_cmd_block_job_resume);
+QMP_HANDLER(qmp_cmd_block_job_cancel);
+QMP_HANDLER(qmp_cmd_block_job_complete);
+QMP_HANDLER(qmp_cmd_block_job_finalize);
+QMP_HANDLER(qmp_cmd_block_job_dismiss);
+QMP_HANDLER(qmp_cmd_block_job_set_speed);
+
 /* ---- the daemon ---- */
 
 typedef struct qmp_export {
@@ -143,6 +163,11 @@ void qmp_daemon_quit(qmp_daemon *d, const char *reason);
 
 /* Stops the NBD server and removes every export (commands.c). */
 void qmp_daemon_stop_nbd(qmp_daemon *d);
+
+/* Job events to the monitors from the library's listener (jobs.c):
+ * registered when the daemon is made, removed when it is freed. */
+int qmp_jobs_init(qmp_daemon *d);
+void qmp_jobs_fini(qmp_daemon *d);
 
 /* Closes every monitor-owned node, newest first (commands.c). */
 int qmp_daemon_close_nodes(qmp_daemon *d);

@@ -371,6 +371,92 @@ static const qarg args_qom_set[] = {
     { NULL, 0, false, NULL },
 };
 
+static const char *const on_error_enum[] = { "report", "ignore", "enospc",
+                                            "stop", "auto", NULL };
+
+/* block-stream, QEMU 7.2's members in its order (backing-mask-protocol
+ * is QEMU 8.0's, taken already). */
+static const qarg args_block_stream[] = {
+    { "job-id", QT_STR, true, NULL },
+    { "device", QT_STR, false, NULL },
+    { "base", QT_STR, true, NULL },
+    { "base-node", QT_STR, true, NULL },
+    { "backing-file", QT_STR, true, NULL },
+    { "backing-mask-protocol", QT_BOOL, true, NULL },
+    { "bottom", QT_STR, true, NULL },
+    { "speed", QT_INT, true, NULL },
+    { "on-error", QT_ENUM, true, on_error_enum },
+    { "filter-node-name", QT_STR, true, NULL },
+    { "auto-finalize", QT_BOOL, true, NULL },
+    { "auto-dismiss", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+/* block-commit, QEMU 7.2's members in its order (backing-mask-protocol
+ * is QEMU 8.0's, taken already). */
+static const qarg args_block_commit[] = {
+    { "job-id", QT_STR, true, NULL },
+    { "device", QT_STR, false, NULL },
+    { "base-node", QT_STR, true, NULL },
+    { "base", QT_STR, true, NULL },
+    { "top-node", QT_STR, true, NULL },
+    { "top", QT_STR, true, NULL },
+    { "backing-file", QT_STR, true, NULL },
+    { "backing-mask-protocol", QT_BOOL, true, NULL },
+    { "speed", QT_INT, true, NULL },
+    { "on-error", QT_ENUM, true, on_error_enum },
+    { "filter-node-name", QT_STR, true, NULL },
+    { "auto-finalize", QT_BOOL, true, NULL },
+    { "auto-dismiss", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const char *const sync_enum[] = { "top", "full", "none",
+                                        "incremental", "bitmap", NULL };
+static const char *const copy_mode_enum[] = { "background",
+                                             "write-blocking", NULL };
+
+/* blockdev-mirror, QEMU 7.2's members in its order. */
+static const qarg args_blockdev_mirror[] = {
+    { "job-id", QT_STR, true, NULL },
+    { "device", QT_STR, false, NULL },
+    { "target", QT_STR, false, NULL },
+    { "replaces", QT_STR, true, NULL },
+    { "sync", QT_ENUM, false, sync_enum },
+    { "speed", QT_INT, true, NULL },
+    { "granularity", QT_INT, true, NULL },
+    { "buf-size", QT_INT, true, NULL },
+    { "on-source-error", QT_ENUM, true, on_error_enum },
+    { "on-target-error", QT_ENUM, true, on_error_enum },
+    { "filter-node-name", QT_STR, true, NULL },
+    { "copy-mode", QT_ENUM, true, copy_mode_enum },
+    { "auto-finalize", QT_BOOL, true, NULL },
+    { "auto-dismiss", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_job_id[] = {
+    { "id", QT_STR, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_job_device[] = {
+    { "device", QT_STR, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_block_job_cancel[] = {
+    { "device", QT_STR, false, NULL },
+    { "force", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_block_job_set_speed[] = {
+    { "device", QT_STR, false, NULL },
+    { "speed", QT_INT, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
 /* The table. query-commands lists it in this order. */
 const qmp_cmd qmp_commands[] = {
     { "qmp_capabilities", args_capabilities, qmp_cmd_capabilities, true },
@@ -413,6 +499,28 @@ const qmp_cmd qmp_commands[] = {
       qmp_cmd_block_latency_histogram_set, false },
     { "x-vdisk-block-stats-set", args_vdisk_stats_set,
       qmp_cmd_vdisk_block_stats_set, false },
+    { "block-stream", args_block_stream, qmp_cmd_block_stream, false },
+    { "block-commit", args_block_commit, qmp_cmd_block_commit, false },
+    { "blockdev-mirror", args_blockdev_mirror, qmp_cmd_blockdev_mirror,
+      false },
+    { "query-jobs", args_none, qmp_cmd_query_jobs, false },
+    { "query-block-jobs", args_none, qmp_cmd_query_block_jobs, false },
+    { "job-pause", args_job_id, qmp_cmd_job_pause, false },
+    { "job-resume", args_job_id, qmp_cmd_job_resume, false },
+    { "job-cancel", args_job_id, qmp_cmd_job_cancel, false },
+    { "job-complete", args_job_id, qmp_cmd_job_complete, false },
+    { "job-finalize", args_job_id, qmp_cmd_job_finalize, false },
+    { "job-dismiss", args_job_id, qmp_cmd_job_dismiss, false },
+    { "block-job-pause", args_job_device, qmp_cmd_block_job_pause, false },
+    { "block-job-resume", args_job_device, qmp_cmd_block_job_resume, false },
+    { "block-job-cancel", args_block_job_cancel, qmp_cmd_block_job_cancel,
+      false },
+    { "block-job-complete", args_job_device, qmp_cmd_block_job_complete,
+      false },
+    { "block-job-finalize", args_job_id, qmp_cmd_block_job_finalize, false },
+    { "block-job-dismiss", args_job_id, qmp_cmd_block_job_dismiss, false },
+    { "block-job-set-speed", args_block_job_set_speed,
+      qmp_cmd_block_job_set_speed, false },
     { NULL, NULL, NULL, false },
 };
 

@@ -20,6 +20,25 @@
 #                               are skipped
 #   outcome(reply, d)           ("return",) or ("error", class, text)
 #
+# For the job tests (a chain base <- mid <- top of qcow2 images with data
+# in every layer, the same script against both daemons):
+#   make_chain(d, qemu_img)     creates it in d, and d/before.raw, what
+#                               the top shows before any job
+#   add_chain(m)                blockdev-add of the three as base, mid, top
+#   wait_status(m, job, want)   polls query-jobs until the job's status
+#                               is in want (None: gone)
+#   wait_progress(m)            until the (only) job has copied a piece
+#                               and sleeps for its speed limit
+#   chain_state(d, qemu_img)    the top's chain (qemu-img info), whether
+#                               it shows before.raw, whether check is clean
+#   compare_jobs(scenarios, top, vdisk, qemu_img)
+#                               runs each scenario f(m, d, log) once in
+#                               each daemon on a fresh chain and compares
+#                               the logged replies, the event sequences
+#                               and chain_state; returns the differences
+#                               (a scenario whose top shows other data
+#                               afterwards on purpose sets f.top_changes)
+#
 # Each test prints what it compared and exits non-zero on a difference.
 
 qmp_lib()
@@ -30,6 +49,7 @@ import json, os, re, socket, subprocess, time
 class Monitor:
     def __init__(self, argv, d, extra=()):
         self.d = d
+        self.argv = list(argv)
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, "qmp.sock")
         if os.path.exists(path):
@@ -53,7 +73,11 @@ class Monitor:
                 if self.proc.poll() is not None:
                     raise SystemExit("%s exited: %s" % (argv[0], open(os.path.join(d, "log")).read()))
                 time.sleep(0.025)
-        self.f = self.sock.makefile("rw")
+        # Separate reader and writer: a text file open for both drops
+        # what it has read ahead (events that came with a reply) when it
+        # is written to next.
+        self.f = self.sock.makefile("r")
+        self.fw = self.sock.makefile("w")
         self.events = []
         self.greeting = json.loads(self.f.readline())
         self.cmd('{"execute": "qmp_capabilities"}')
@@ -61,10 +85,15 @@ class Monitor:
     def cmd(self, req):
         if not isinstance(req, str):
             req = json.dumps(req)
-        self.f.write(req.replace("@D@", self.d) + "\n")
-        self.f.flush()
+        self.fw.write(req.replace("@D@", self.d) + "\n")
+        self.fw.flush()
         while True:
-            line = self.f.readline()
+            try:
+                line = self.f.readline()
+            except TimeoutError:
+                self.proc.kill()
+                raise SystemExit("%s: no answer to %s within 60 s; its log: %s"
+                                 % (self.argv[0], req[:200], open(os.path.join(self.d, "log")).read()[-2000:]))
             if not line:
                 raise SystemExit("monitor of %s closed" % self.d)
             msg = json.loads(line)
@@ -142,6 +171,102 @@ def outcome(msg, d):
     if "error" in msg:
         return ("error", msg["error"]["class"], msg["error"]["desc"].replace(d, "@D@"))
     return ("return",)
+
+def _run(*a):
+    subprocess.run(a, check=True, stdout=subprocess.DEVNULL)
+
+def make_chain(d, qemu_img):
+    os.makedirs(d)
+    _run(qemu_img, "create", "-q", "-f", "qcow2", d + "/base.qcow2", "4M")
+    _run("qemu-io", "-c", "write -P 0x11 0 2M", d + "/base.qcow2")
+    _run(qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
+         "qcow2", d + "/mid.qcow2")
+    _run("qemu-io", "-c", "write -P 0x22 1M 1M", "-c",
+         "write -P 0x23 3M 512k", d + "/mid.qcow2")
+    _run(qemu_img, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F",
+         "qcow2", d + "/top.qcow2")
+    _run("qemu-io", "-c", "write -P 0x33 1536k 64k", d + "/top.qcow2")
+    _run(qemu_img, "convert", "-O", "raw", d + "/top.qcow2", d + "/before.raw")
+
+def add_chain(m):
+    for n, b in (("base", None), ("mid", "base"), ("top", "mid")):
+        a = {"driver": "qcow2", "node-name": n,
+             "file": {"driver": "file", "filename": "@D@/%s.qcow2" % n}}
+        if b:
+            a["backing"] = b
+        m.cmd({"execute": "blockdev-add", "arguments": a})
+
+def wait_status(m, job, want, secs=60):
+    end = time.time() + secs
+    while time.time() < end:
+        r = m.cmd({"execute": "query-jobs"})["return"]
+        st = [j["status"] for j in r if j["id"] == job]
+        if (st[0] if st else None) in want:
+            return st[0] if st else None
+        time.sleep(0.02)
+    raise SystemExit("job %s never reached %s" % (job, want))
+
+def wait_progress(m, secs=60):
+    # QEMU copies its first piece before the start command returns.
+    end = time.time() + secs
+    while time.time() < end:
+        r = m.cmd({"execute": "query-block-jobs"})["return"]
+        if r and r[0]["offset"] > 0 and not r[0]["busy"]:
+            return
+        time.sleep(0.02)
+    raise SystemExit("the job made no progress")
+
+def chain_state(d, qemu_img):
+    info = subprocess.run([qemu_img, "info", "--backing-chain", "--output=json",
+                           d + "/top.qcow2"], capture_output=True, text=True).stdout
+    chain = [norm([i["filename"], i.get("backing-filename"),
+                   i.get("backing-filename-format")], d)
+             for i in json.loads(info)]
+    cmp = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "qcow2",
+                          d + "/before.raw", d + "/top.qcow2"],
+                         capture_output=True, text=True)
+    chk = subprocess.run([qemu_img, "check", d + "/top.qcow2"],
+                         capture_output=True, text=True)
+    return chain, cmp.returncode, chk.returncode
+
+def compare_jobs(scenarios, top, vdisk, qemu_img):
+    failed = []
+    for sc in scenarios:
+        before = len(failed)
+        res = {}
+        for name, argv in (("qemu", ["qemu-storage-daemon"]),
+                           ("vdisk", [vdisk, "serve"])):
+            d = os.path.join(top, "%s-%s" % (sc.__name__, name))
+            make_chain(d, qemu_img)
+            m = Monitor(argv, d)
+            log = []
+            sc(m, d, log)
+            m.cmd({"execute": "quit"})
+            m.proc.wait(timeout=60)
+            m.close()
+            res[name] = ([outcome(x, d) if isinstance(x, dict) and
+                          ("error" in x or x.get("return") == {})
+                          else norm(x, d) for x in log],
+                         [(e["event"], norm(e.get("data"), d)) for e in m.events],
+                         chain_state(d, qemu_img))
+        q, v = res["qemu"], res["vdisk"]
+        for i, (a, b) in enumerate(zip(q[0], v[0])):
+            dd = diff(a, b)
+            if dd:
+                failed.append("%s reply %d: %s" % (sc.__name__, i, dd))
+        if len(q[0]) != len(v[0]):
+            failed.append("%s: %d vs %d replies" % (sc.__name__, len(q[0]), len(v[0])))
+        if q[1] != v[1]:
+            failed.append("%s events:\n  qemu  %s\n  vdisk %s" % (sc.__name__, q[1], v[1]))
+        if q[2] != v[2]:
+            failed.append("%s images: qemu %s, vdisk %s" % (sc.__name__, q[2], v[2]))
+        if (v[2][1] != 0 and not getattr(sc, "top_changes", False)) or v[2][2] != 0:
+            failed.append("%s: vdisk's top differs from before (compare %d) or "
+                          "check fails (%d)" % (sc.__name__, v[2][1], v[2][2]))
+        print("%-12s %2d replies, %2d events, chain of %d: %s" % (
+            sc.__name__, len(v[0]), len(v[1]), len(v[2][0]),
+            "same" if len(failed) == before else "DIFFERENT"))
+    return failed
 PYEOF
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 }

@@ -4,6 +4,7 @@
  * -pedantic-errors against libvdisk.so; it runs to prove that it links
  * and that a few of the public helpers behave as their comments say.
  */
+#include <vdisk/job.h>
 #include <vdisk/nbd-server.h>
 #include <vdisk/vdisk.h>
 

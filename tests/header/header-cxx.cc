@@ -1,5 +1,6 @@
 // The public headers must compile as C++ (extern "C", no C-only syntax)
 // and link from a C++ program against libvdisk.so.
+#include <vdisk/job.h>
 #include <vdisk/nbd-server.h>
 #include <vdisk/vdisk.h>
 

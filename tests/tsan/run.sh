@@ -28,9 +28,9 @@ jobs=${JOBS:-2}
 
 unit_tests=(tsan-stress test-threads test-qcow2-threads test-qcow2-stress test-core
             test-drivers test-reopen test-snapshot test-qcow2-snapshot
-            test-object)
+            test-object test-job)
 cli_tests=(io-threads io-aio chain-deep nbd-basic nbd-fio nbd-snapshot
-           qmp-basic serve-daemon)
+           qmp-basic serve-daemon qmp-stream)
 if [ $# -gt 0 ]; then
     selected=("$@")
 else

@@ -1,0 +1,562 @@
+/*
+ * QMP's job commands on the library's jobs (include/vdisk/job.h):
+ * block-stream, query-jobs, query-block-jobs, the job-* verbs and their
+ * block-job-* forms, and the job events, each as qemu-storage-daemon
+ * 7.2 words and shapes it (../shared/specs/job.json,
+ * ../shared/specs/block-core.json).
+ *
+ * The handlers run under the daemon's big lock and the library's graph
+ * lock (monitor.c); the library does the work and checks what QEMU's
+ * job layer checks, so this file only resolves names and builds JSON.
+ * Events come from the library's listener, in whichever thread changed
+ * the job, and go to every negotiated client.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vdisk/job.h"
+#include "qmp-int.h"
+
+static const char *arg_s(json_object *args, const char *name)
+{
+    json_object *v;
+    return json_object_object_get_ex(args, name, &v) ? json_object_get_string(v)
+                                                     : NULL;
+}
+
+static bool arg_b(json_object *args, const char *name, bool dflt)
+{
+    json_object *v;
+    return json_object_object_get_ex(args, name, &v)
+           ? json_object_get_boolean(v) : dflt;
+}
+
+static json_object *fail_err(qmp_error *e, const vd_error *err, int r)
+{
+    (void)r;
+    return qmp_fail(e, NULL, "%s", err->message);
+}
+
+/* QEMU's bdrv_lookup_bs() with a device and a node name. */
+static vd_node *lookup(const char *device, const char *node_name,
+                       qmp_error *e)
+{
+    vd_node *n = node_name ? vd_find_node(node_name) : NULL;
+    if (!n)
+        qmp_fail(e, NULL, "Cannot find device='%s' nor node-name='%s'",
+                 device ? device : "", node_name ? node_name : "");
+    return n;
+}
+
+static vd_node *backing_of(vd_node *n)
+{
+    return vd_node_child(n, "backing");
+}
+
+/* QEMU's bdrv_find_backing_image(): the layer below @top that @name
+ * names, a relative name being relative to the directory of the layer
+ * above it (as a backing file name in that layer's header would be).
+ * QEMU 7.2 finds nothing in a chain given by node references (those
+ * nodes have json: file names there); vdisk compares file names all the
+ * same (docs/jobs.md). */
+static vd_node *find_backing_image(vd_node *top, const char *name)
+{
+    char want[PATH_MAX], have[PATH_MAX], joined[PATH_MAX];
+    for (vd_node *over = top, *n = backing_of(top); n;
+         over = n, n = backing_of(n)) {
+        const char *f = vd_node_filename(n);
+        const char *of = vd_node_filename(over);
+        if (!f || !of)
+            continue;
+        if (name[0] == '/' || !strchr(of, '/')) {
+            snprintf(joined, sizeof(joined), "%s", name);
+        } else {
+            int dl = (int)(strrchr(of, '/') - of);
+            snprintf(joined, sizeof(joined), "%.*s/%s", dl, of, name);
+        }
+        if (strcmp(f, joined) == 0)
+            return n;
+        if (realpath(joined, want) && realpath(f, have) &&
+            strcmp(want, have) == 0)
+            return n;
+    }
+    return NULL;
+}
+
+static bool chain_contains(vd_node *top, vd_node *n)
+{
+    for (vd_node *p = top; p; p = backing_of(p))
+        if (p == n)
+            return true;
+    return false;
+}
+
+static int common_opts(json_object *args, vd_job_options *o, qmp_error *e)
+{
+    json_object *v;
+    memset(o, 0, sizeof(*o));
+    /* QEMU falls back to the device name, which nodes of the daemon do
+     * not have: an empty id, refused as QEMU refuses it. */
+    o->id = arg_s(args, "job-id");
+    if (!o->id)
+        o->id = "";
+    if (json_object_object_get_ex(args, "speed", &v))
+        o->speed = json_object_get_int64(v);
+    const char *oe = arg_s(args, "on-error");
+    if (oe && vd_on_error_parse(oe, &o->on_error) < 0) {
+        qmp_fail(e, NULL, "Invalid parameter 'on-error'");
+        return -1;
+    }
+    o->manual_finalize = !arg_b(args, "auto-finalize", true);
+    o->manual_dismiss = !arg_b(args, "auto-dismiss", true);
+    return 0;
+}
+
+QMP_HANDLER(qmp_cmd_block_stream)
+{
+    (void)d;
+    const char *device = arg_s(args, "device");
+    const char *base = arg_s(args, "base");
+    const char *base_node = arg_s(args, "base-node");
+    const char *bottom = arg_s(args, "bottom");
+    const char *backing_file = arg_s(args, "backing-file");
+    vd_node *top, *base_bs = NULL;
+    vd_job_options o;
+    vd_error err = VD_ERROR_INIT;
+
+    if (base && base_node)
+        return qmp_fail(e, NULL, "'base' and 'base-node' cannot be specified "
+                        "at the same time");
+    if (base && bottom)
+        return qmp_fail(e, NULL, "'base' and 'bottom' cannot be specified "
+                        "at the same time");
+    if (bottom && base_node)
+        return qmp_fail(e, NULL, "'bottom' and 'base-node' cannot be "
+                        "specified at the same time");
+    if (common_opts(args, &o, e) < 0)
+        return NULL;
+    if (!(top = lookup(device, device, e)))
+        return NULL;
+    if (base && !(base_bs = find_backing_image(top, base)))
+        return qmp_fail(e, NULL, "Can't find '%s' in the backing chain",
+                        base);
+    if (base_node) {
+        if (!(base_bs = lookup(NULL, base_node, e)))
+            return NULL;
+        if (base_bs == top || !chain_contains(top, base_bs))
+            return qmp_fail(e, NULL, "Node '%s' is not a backing image of "
+                            "'%s'", base_node, device);
+    }
+    if (bottom) {
+        vd_node *b = lookup(NULL, bottom, e);
+        if (!b)
+            return NULL;
+        if (!chain_contains(top, b))
+            return qmp_fail(e, NULL, "Node '%s' is not in a chain starting "
+                            "from '%s'", bottom, device);
+        base_bs = backing_of(b);
+    }
+    for (vd_node *n = top; n && n != base_bs; n = backing_of(n))
+        if (vd_op_is_blocked(n, VD_OP_STREAM, &err))
+            return fail_err(e, &err, err.code);
+    if (!base_bs && backing_file)
+        return qmp_fail(e, NULL, "backing file specified, but streaming the "
+                        "entire chain");
+
+    vd_job *job = NULL;
+    int r = vd_stream_start(&job, top, base_bs, backing_file,
+                            arg_b(args, "backing-mask-protocol", false), &o,
+                            &err);
+    if (r < 0)
+        return fail_err(e, &err, r);
+    vd_job_unref(&job);
+    return json_object_new_object();
+}
+
+/* QEMU's qmp_get_root_bs() as block-commit words its failure. */
+static vd_node *root_node(const char *device, qmp_error *e)
+{
+    vd_node *n = device ? vd_find_node(device) : NULL;
+    if (!n) {
+        qmp_fail(e, "DeviceNotFound", "Device '%s' not found",
+                 device ? device : "");
+        return NULL;
+    }
+    if (!vd_node_is_root(n)) {
+        qmp_fail(e, NULL, "Need a root block node");
+        return NULL;
+    }
+    return n;
+}
+
+QMP_HANDLER(qmp_cmd_block_commit)
+{
+    (void)d;
+    const char *device = arg_s(args, "device");
+    const char *top = arg_s(args, "top"), *top_node = arg_s(args, "top-node");
+    const char *base = arg_s(args, "base");
+    const char *base_node = arg_s(args, "base-node");
+    const char *backing_file = arg_s(args, "backing-file");
+    vd_node *bs, *top_bs, *base_bs = NULL;
+    vd_job_options o;
+    vd_error err = VD_ERROR_INIT;
+
+    if (common_opts(args, &o, e) < 0)
+        return NULL;
+    if (!(bs = root_node(device, e)))
+        return NULL;
+    if (vd_op_is_blocked(bs, VD_OP_COMMIT_SOURCE, &err))
+        return fail_err(e, &err, err.code);
+    top_bs = bs;
+    if (top_node && top)
+        return qmp_fail(e, NULL, "'top-node' and 'top' are mutually "
+                        "exclusive");
+    if (top_node) {
+        if (!(top_bs = lookup(NULL, top_node, e)))
+            return NULL;
+        if (!chain_contains(bs, top_bs))
+            return qmp_fail(e, NULL, "'%s' is not in this backing file "
+                            "chain", top_node);
+    } else if (top && strcmp(vd_node_filename(bs), top) != 0) {
+        top_bs = find_backing_image(bs, top);
+    }
+    if (!top_bs)
+        return qmp_fail(e, NULL, "Top image file %s not found",
+                        top ? top : "NULL");
+    if (base_node && base)
+        return qmp_fail(e, NULL, "'base-node' and 'base' are mutually "
+                        "exclusive");
+    if (base_node) {
+        if (!(base_bs = lookup(NULL, base_node, e)))
+            return NULL;
+        if (!chain_contains(top_bs, base_bs))
+            return qmp_fail(e, NULL, "'%s' is not in this backing file "
+                            "chain", base_node);
+    } else if (base) {
+        if (!(base_bs = find_backing_image(top_bs, base)))
+            return qmp_fail(e, NULL, "Can't find '%s' in the backing chain",
+                            base);
+    } else {
+        for (base_bs = top_bs; backing_of(base_bs);)
+            base_bs = backing_of(base_bs);
+    }
+    for (vd_node *n = top_bs; n; n = n == base_bs ? NULL : backing_of(n))
+        if (vd_op_is_blocked(n, VD_OP_COMMIT_TARGET, &err))
+            return fail_err(e, &err, err.code);
+    if (top_bs == base_bs)
+        return qmp_fail(e, NULL, "cannot commit an image into itself");
+    unsigned perm;
+    vd_node_get_perm(top_bs, &perm, NULL);
+    if ((perm & VD_PERM_WRITE) || top_bs == bs) {
+        if (backing_file)
+            return qmp_fail(e, NULL, top_bs == bs
+                            ? "'backing-file' specified, but 'top' is the "
+                              "active layer"
+                            : "'backing-file' specified, but 'top' has a "
+                              "writer on it");
+        /* QEMU names an active commit after the device it was asked
+         * for when no id is given. */
+        if (!arg_s(args, "job-id"))
+            o.id = "";
+    } else {
+        vd_node *overlay = bs;
+        while (backing_of(overlay) != top_bs)
+            overlay = backing_of(overlay);
+        if (vd_op_is_blocked(overlay, VD_OP_COMMIT_TARGET, &err))
+            return fail_err(e, &err, err.code);
+    }
+    vd_job *job = NULL;
+    int r = vd_commit_start(&job, bs, top_bs, base_bs, backing_file,
+                            arg_b(args, "backing-mask-protocol", false), &o,
+                            &err);
+    if (r < 0)
+        return fail_err(e, &err, r);
+    vd_job_unref(&job);
+    return json_object_new_object();
+}
+
+QMP_HANDLER(qmp_cmd_blockdev_mirror)
+{
+    (void)d;
+    const char *device = arg_s(args, "device");
+    const char *target = arg_s(args, "target");
+    const char *replaces = arg_s(args, "replaces");
+    const char *sync = arg_s(args, "sync");
+    json_object *v;
+    vd_job_options o;
+    vd_mirror_options mo = { 0 };
+    vd_error err = VD_ERROR_INIT;
+
+    if (common_opts(args, &o, e) < 0)
+        return NULL;
+    const char *te = arg_s(args, "on-source-error");
+    if (te)
+        vd_on_error_parse(te, &o.on_error);
+    te = arg_s(args, "on-target-error");
+    if (te)
+        vd_on_error_parse(te, &o.on_target_error);
+    vd_node *bs = lookup(device, device, e);
+    if (!bs)
+        return NULL;
+    if (!vd_node_is_root(bs))
+        return qmp_fail(e, NULL, "Need a root block node");
+    vd_node *target_bs = lookup(target, target, e);
+    if (!target_bs)
+        return NULL;
+    if (strcmp(sync, "incremental") == 0 || strcmp(sync, "bitmap") == 0)
+        return qmp_fail(e, NULL, "Sync mode '%s' not supported", sync);
+    mo.sync = strcmp(sync, "full") == 0 ? VD_MIRROR_SYNC_FULL
+              : strcmp(sync, "top") == 0 ? VD_MIRROR_SYNC_TOP
+              : VD_MIRROR_SYNC_NONE;
+    if (json_object_object_get_ex(args, "granularity", &v))
+        mo.granularity = (uint64_t)json_object_get_int64(v);
+    if (json_object_object_get_ex(args, "buf-size", &v))
+        mo.buf_size = json_object_get_int64(v);
+    const char *cm = arg_s(args, "copy-mode");
+    if (cm && strcmp(cm, "write-blocking") == 0)
+        return qmp_fail(e, NULL, "copy-mode 'write-blocking' is not "
+                        "supported yet");
+    if (replaces) {
+        mo.replaces = vd_find_node(replaces);
+        if (!mo.replaces)
+            return qmp_fail(e, NULL, "Node name '%s' not found", replaces);
+    }
+    vd_job *job = NULL;
+    int r = vd_mirror_start(&job, bs, target_bs, &mo, &o, &err);
+    if (r < 0)
+        return fail_err(e, &err, r);
+    vd_job_unref(&job);
+    return json_object_new_object();
+}
+
+/* ---- queries ---- */
+
+static void add_job_info(vd_job *job, const vd_job_info *i, void *opaque)
+{
+    (void)job;
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "id", json_object_new_string(i->id));
+    json_object_object_add(o, "type",
+                           json_object_new_string(vd_job_type_name(i->type)));
+    json_object_object_add(o, "status", json_object_new_string(
+                               vd_job_status_name(i->status)));
+    json_object_object_add(o, "current-progress", json_object_new_int64(
+                               (int64_t)i->current_progress));
+    json_object_object_add(o, "total-progress", json_object_new_int64(
+                               (int64_t)i->total_progress));
+    if (i->error)
+        json_object_object_add(o, "error", json_object_new_string(i->error));
+    json_object_array_add(opaque, o);
+}
+
+QMP_HANDLER(qmp_cmd_query_jobs)
+{
+    (void)d;
+    (void)args;
+    (void)e;
+    json_object *list = json_object_new_array();
+    vd_foreach_job(add_job_info, list);
+    return list;
+}
+
+/* The members BlockJobInfo and the block-job events open with. */
+static void add_type_device_progress(json_object *o, const vd_job_info *i)
+{
+    json_object_object_add(o, "type",
+                           json_object_new_string(vd_job_type_name(i->type)));
+    json_object_object_add(o, "device", json_object_new_string(i->id));
+    json_object_object_add(o, "len",
+                           json_object_new_int64((int64_t)i->total_progress));
+    json_object_object_add(o, "offset", json_object_new_int64(
+                               (int64_t)i->current_progress));
+}
+
+static json_object *block_job_info(const vd_job_info *i)
+{
+    json_object *o = json_object_new_object();
+    add_type_device_progress(o, i);
+    json_object_object_add(o, "busy", json_object_new_boolean(i->busy));
+    json_object_object_add(o, "paused", json_object_new_boolean(i->paused));
+    json_object_object_add(o, "speed", json_object_new_int64(i->speed));
+    json_object_object_add(o, "io-status", json_object_new_string(
+                               vd_io_status_name(i->io_status)));
+    json_object_object_add(o, "ready", json_object_new_boolean(i->ready));
+    json_object_object_add(o, "status", json_object_new_string(
+                               vd_job_status_name(i->status)));
+    json_object_object_add(o, "auto-finalize",
+                           json_object_new_boolean(i->auto_finalize));
+    json_object_object_add(o, "auto-dismiss",
+                           json_object_new_boolean(i->auto_dismiss));
+    if (i->error)
+        json_object_object_add(o, "error", json_object_new_string(i->error));
+    return o;
+}
+
+static void add_block_job_info(vd_job *job, const vd_job_info *i,
+                               void *opaque)
+{
+    (void)job;
+    json_object_array_add(opaque, block_job_info(i));
+}
+
+QMP_HANDLER(qmp_cmd_query_block_jobs)
+{
+    (void)d;
+    (void)args;
+    (void)e;
+    json_object *list = json_object_new_array();
+    vd_foreach_job(add_block_job_info, list);
+    return list;
+}
+
+/* ---- verbs ---- */
+
+/* job-*: "Job not found" (GenericError). */
+static vd_job *find_job(json_object *args, qmp_error *e)
+{
+    vd_job *job = vd_job_find(arg_s(args, "id"));
+    if (!job)
+        qmp_fail(e, NULL, "Job not found");
+    return job;
+}
+
+/* block-job-*: "Block job 'X' not found" (DeviceNotActive). */
+static vd_job *find_block_job(const char *id, qmp_error *e)
+{
+    vd_job *job = vd_job_find(id);
+    if (!job)
+        qmp_fail(e, "DeviceNotActive", "Block job '%s' not found", id);
+    return job;
+}
+
+static json_object *verb_result(int r, const vd_error *err, qmp_error *e)
+{
+    if (r < 0)
+        return fail_err(e, err, r);
+    return json_object_new_object();
+}
+
+#define JOB_VERB(handler, lookup_expr, call)                         \
+    QMP_HANDLER(handler)                                              \
+    {                                                                 \
+        (void)d;                                                      \
+        vd_error err = VD_ERROR_INIT;                                 \
+        vd_job *job = lookup_expr;                                    \
+        if (!job)                                                     \
+            return NULL;                                              \
+        int r = call;                                                 \
+        return verb_result(r, &err, e);                               \
+    }
+
+JOB_VERB(qmp_cmd_job_pause, find_job(args, e), vd_job_pause(job, &err))
+JOB_VERB(qmp_cmd_job_resume, find_job(args, e), vd_job_resume(job, &err))
+JOB_VERB(qmp_cmd_job_cancel, find_job(args, e),
+         vd_job_cancel(job, true, &err))
+JOB_VERB(qmp_cmd_job_complete, find_job(args, e),
+         vd_job_complete(job, &err))
+JOB_VERB(qmp_cmd_job_finalize, find_job(args, e),
+         vd_job_finalize(job, &err))
+JOB_VERB(qmp_cmd_job_dismiss, find_job(args, e), vd_job_dismiss(job, &err))
+JOB_VERB(qmp_cmd_block_job_pause, find_block_job(arg_s(args, "device"), e),
+         vd_job_pause(job, &err))
+JOB_VERB(qmp_cmd_block_job_resume, find_block_job(arg_s(args, "device"), e),
+         vd_job_resume(job, &err))
+JOB_VERB(qmp_cmd_block_job_complete,
+         find_block_job(arg_s(args, "device"), e),
+         vd_job_complete(job, &err))
+JOB_VERB(qmp_cmd_block_job_finalize, find_block_job(arg_s(args, "id"), e),
+         vd_job_finalize(job, &err))
+JOB_VERB(qmp_cmd_block_job_dismiss, find_block_job(arg_s(args, "id"), e),
+         vd_job_dismiss(job, &err))
+
+QMP_HANDLER(qmp_cmd_block_job_cancel)
+{
+    (void)d;
+    vd_error err = VD_ERROR_INIT;
+    const char *device = arg_s(args, "device");
+    vd_job *job = find_block_job(device, e);
+    if (!job)
+        return NULL;
+    bool force = arg_b(args, "force", false);
+    vd_job_info i;
+    if (!force && vd_job_get_info(job, &i) == 0) {
+        bool paused = i.paused && i.status != VD_JOB_STATUS_CONCLUDED;
+        vd_job_info_clear(&i);
+        if (paused)
+            return qmp_fail(e, NULL, "The block job for device '%s' is "
+                            "currently paused", device);
+    }
+    return verb_result(vd_job_cancel(job, force, &err), &err, e);
+}
+
+QMP_HANDLER(qmp_cmd_block_job_set_speed)
+{
+    (void)d;
+    vd_error err = VD_ERROR_INIT;
+    json_object *v;
+    vd_job *job = find_block_job(arg_s(args, "device"), e);
+    if (!job)
+        return NULL;
+    json_object_object_get_ex(args, "speed", &v);
+    return verb_result(vd_job_set_speed(job, json_object_get_int64(v), &err),
+                       &err, e);
+}
+
+/* ---- events ---- */
+
+static void job_event(const vd_job_event *ev, void *opaque)
+{
+    qmp_daemon *d = opaque;
+    const vd_job_info *i = ev->info;
+    const char *type = vd_job_type_name(i->type);
+    json_object *data = json_object_new_object();
+    const char *name = NULL;
+
+    switch (ev->type) {
+    case VD_JOB_EVENT_STATUS_CHANGE:
+        name = "JOB_STATUS_CHANGE";
+        json_object_object_add(data, "id", json_object_new_string(i->id));
+        json_object_object_add(data, "status", json_object_new_string(
+                                   vd_job_status_name(i->status)));
+        break;
+    case VD_JOB_EVENT_PENDING:
+        name = "BLOCK_JOB_PENDING";
+        json_object_object_add(data, "type", json_object_new_string(type));
+        json_object_object_add(data, "id", json_object_new_string(i->id));
+        break;
+    case VD_JOB_EVENT_ERROR:
+        name = "BLOCK_JOB_ERROR";
+        json_object_object_add(data, "device", json_object_new_string(i->id));
+        json_object_object_add(data, "operation", json_object_new_string(
+                                   ev->is_read ? "read" : "write"));
+        json_object_object_add(data, "action", json_object_new_string(
+                                   vd_error_action_name(ev->action)));
+        break;
+    case VD_JOB_EVENT_READY:
+    case VD_JOB_EVENT_COMPLETED:
+    case VD_JOB_EVENT_CANCELLED:
+        name = ev->type == VD_JOB_EVENT_READY ? "BLOCK_JOB_READY"
+               : ev->type == VD_JOB_EVENT_COMPLETED ? "BLOCK_JOB_COMPLETED"
+               : "BLOCK_JOB_CANCELLED";
+        add_type_device_progress(data, i);
+        json_object_object_add(data, "speed", json_object_new_int64(i->speed));
+        if (ev->type == VD_JOB_EVENT_COMPLETED && i->error)
+            json_object_object_add(data, "error",
+                                   json_object_new_string(i->error));
+        break;
+    }
+    qmp_emit_event(d, name, data);
+}
+
+int qmp_jobs_init(qmp_daemon *d)
+{
+    return vd_job_listen(job_event, d);
+}
+
+void qmp_jobs_fini(qmp_daemon *d)
+{
+    vd_job_unlisten(job_event, d);
+}
