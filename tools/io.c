@@ -2396,6 +2396,94 @@ static int sigraise_f(int argc, char **argv)
     return 0;
 }
 
+/* ------------------------------------------------------------------ */
+/* break, remove_break, resume, wait_break (blkdebug)                 */
+/* ------------------------------------------------------------------ */
+
+/*
+ * blkdebug's lines ("blkdebug: Suspended request 'A'", "... Resuming
+ * ..."), on stdout as qemu-io prints them: from the request's worker
+ * thread when it stops, from the main thread when a command resumes it.
+ * The main thread lets go of out_lock around the library calls below, so
+ * a worker stopping at a breakpoint (holding blkdebug's lock while it
+ * prints) never waits for the main thread while the main thread waits
+ * for blkdebug's lock.
+ */
+static pthread_t main_thread;
+
+static void debug_message(const char *msg, void *opaque)
+{
+    bool mine = pthread_equal(pthread_self(), main_thread) && main_holds_out;
+
+    (void)opaque;
+    if (!mine) {
+        out_begin();
+    }
+    printf("%s\n", msg);
+    if (!mine) {
+        out_end();
+    }
+}
+
+/* qemu-io's messages: strerror() of the library's errno, on stdout. */
+static int break_f(int argc, char **argv)
+{
+    bool held = wait_begin();
+    int ret = vd_debug_breakpoint(io.node, argv[1], argv[2]);
+
+    wait_end(held);
+    (void)argc;
+    if (ret < 0) {
+        printf("Could not set breakpoint: %s\n", strerror(-ret));
+    }
+    return ret;
+}
+
+static int remove_break_f(int argc, char **argv)
+{
+    bool held = wait_begin();
+    int ret = vd_debug_remove_breakpoint(io.node, argv[1]);
+
+    wait_end(held);
+    (void)argc;
+    if (ret < 0) {
+        printf("Could not remove breakpoint %s: %s\n", argv[1],
+               strerror(-ret));
+    }
+    return ret;
+}
+
+static int resume_f(int argc, char **argv)
+{
+    bool held = wait_begin();
+    int ret = vd_debug_resume(io.node, argv[1]);
+
+    wait_end(held);
+    (void)argc;
+    if (ret < 0) {
+        printf("Could not resume request: %s\n", strerror(-ret));
+    }
+    return ret;
+}
+
+/* Until a request stops at @tag. As qemu-io, it waits for as long as
+ * that takes (forever if nothing ever gets there); the output lock is
+ * released meanwhile so that completing requests can report. */
+static int wait_break_f(int argc, char **argv)
+{
+    struct timespec ts = { 0, 1000000 };
+    bool held;
+
+    (void)argc;
+    fflush(stdout);
+    held = wait_begin();
+    while (!vd_debug_is_suspended(io.node, argv[1])) {
+        nanosleep(&ts, NULL);
+    }
+    wait_end(held);
+    return 0;
+}
+
 static int help_f(int argc, char **argv);
 
 static const cmdinfo cmdtab[] = {
@@ -2457,6 +2545,9 @@ static const cmdinfo cmdtab[] = {
       "\n" },
     { "alloc", "a", alloc_f, 1, 2, 0, "offset [count]",
       "checks if offset is allocated in the file", NULL },
+    { "break", NULL, break_f, 2, 2, 0, "event tag",
+      "sets a breakpoint on event and tags the stopped request as tag",
+      NULL },
     { "close", "c", close_f, 0, 0, 0, NULL,
       "close the current open file", NULL },
     { "discard", "d", discard_f, 2, -1, CMD_WRITE, "[-Cq] off len",
@@ -2568,6 +2659,8 @@ static const cmdinfo cmdtab[] = {
       " -v, -- dump buffer to standard output\n"
       " -q, -- quiet mode, do not show I/O statistics\n"
       "\n" },
+    { "remove_break", NULL, remove_break_f, 1, 1, 0, "tag",
+      "remove a breakpoint by tag", NULL },
     { "reopen", NULL, reopen_f, 0, -1, 0,
       "[(-r|-w)] [-c cache] [-o options]",
       "reopens an image with new options",
@@ -2583,6 +2676,8 @@ static const cmdinfo cmdtab[] = {
       " -c, -- Change the cache mode to the given value\n"
       " -o, -- Changes block driver options (cf. 'open' command)\n"
       "\n" },
+    { "resume", NULL, resume_f, 1, 1, 0, "tag",
+      "resumes the request tagged as tag", NULL },
     { "sigraise", NULL, sigraise_f, 1, 1, CMD_NOFILE_OK, "signal",
       "raises a signal",
       "\n"
@@ -2599,6 +2694,8 @@ static const cmdinfo cmdtab[] = {
       "waits for the given value in milliseconds", NULL },
     { "truncate", "t", truncate_f, 1, 3, CMD_WRITE, "[-m prealloc_mode] off",
       "truncates the current file at the given offset", NULL },
+    { "wait_break", NULL, wait_break_f, 1, 1, 0, "tag",
+      "waits for the suspension of a request", NULL },
     { "write", "w", write_f, 2, -1, CMD_WRITE,
       "[-bcCfnquz] [-P pattern | -s source_file] off len",
       "writes a number of bytes at a specified offset",
@@ -3051,6 +3148,8 @@ int cmd_io(int argc, char **argv)
     memset(&a, 0, sizeof(a));
     memset(&io, 0, sizeof(io));
     block_qemu_signals();
+    main_thread = pthread_self();
+    vd_debug_set_handler(debug_message, NULL);
     cmds = calloc((size_t)argc + 1, sizeof(*cmds));
     if (!cmds) {
         return 1;

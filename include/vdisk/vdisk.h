@@ -714,6 +714,57 @@ VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,
                        vd_prealloc prealloc, vd_error *err);
 
 /* ------------------------------------------------------------------ */
+/* Debugging: blkdebug breakpoints                                    */
+/* ------------------------------------------------------------------ */
+
+/*
+ * What qemu-io's break, remove_break, resume and wait_break do (QEMU's
+ * bdrv_debug_*()). Each looks for the node that keeps breakpoints (a
+ * blkdebug node) from @node down its primary ("file") children, so the
+ * node of an image opened as "blkdebug::img.qcow2" or with
+ * file.driver=blkdebug finds it. Events are named as in QEMU's
+ * BlkdebugEvent ("l2_update", "write_aio", "pwritev", ...;
+ * docs/filters.md lists where vdisk raises them).
+ *
+ * A request that reaches a breakpoint's event waits in its own thread
+ * (an asynchronous request of `vdisk io`) until the breakpoint's tag is
+ * resumed; the breakpoint is used up by the hit, as in QEMU. Draining
+ * the blkdebug node (closing the image, reopening it) resumes every
+ * suspended request first, so nothing waits forever. Thread-safe.
+ */
+
+/** Sets a breakpoint named @tag on @event. -ENOENT: no such event;
+ * -ENOTSUP: no blkdebug node under @node. */
+VD_API int vd_debug_breakpoint(vd_node *node, const char *event,
+                               const char *tag);
+
+/** Removes the breakpoints named @tag and resumes the requests suspended
+ * at them. -ENOENT when no breakpoint named @tag was set (a hit uses its
+ * breakpoint up: resuming its request alone still answers -ENOENT, as
+ * QEMU 7.2); -ENOTSUP as above. */
+VD_API int vd_debug_remove_breakpoint(vd_node *node, const char *tag);
+
+/** Resumes one request suspended at breakpoint @tag. -ENOENT when none
+ * is; -ENOTSUP as above. */
+VD_API int vd_debug_resume(vd_node *node, const char *tag);
+
+/** Whether a request is suspended at breakpoint @tag now (qemu-io's
+ * wait_break polls this); false without a blkdebug node. */
+VD_API bool vd_debug_is_suspended(vd_node *node, const char *tag);
+
+/**
+ * Installs @fn (NULL: none, the default) to receive QEMU's messages of
+ * suspended requests, "blkdebug: Suspended request 'TAG'" when a request
+ * stops at a breakpoint and "blkdebug: Resuming request 'TAG'" when it
+ * goes on (no newline; qemu-io prints them on stdout). @fn runs in the
+ * thread of the request that stops, or of the call that resumes it, with
+ * the blkdebug node's lock held: it must not call the vd_debug_*()
+ * functions, nor wait for a thread that may be calling them.
+ */
+VD_API void vd_debug_set_handler(void (*fn)(const char *msg, void *opaque),
+                                 void *opaque);
+
+/* ------------------------------------------------------------------ */
 /* Creating images                                                    */
 /* ------------------------------------------------------------------ */
 
@@ -786,7 +837,8 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
 #define VD_DRIVER_OPENS      (1u << 0) /* vdisk can open it (see
                                           vd_format_check()) */
 #define VD_DRIVER_PROTOCOL   (1u << 1) /* opens a filename itself: file,
-                                          null-co */
+                                          null-co, and the filters with a
+                                          prefix (blkdebug:, blkverify:) */
 #define VD_DRIVER_FORMAT     (1u << 2) /* sits on a file child: raw, qcow2 */
 #define VD_DRIVER_FILTER     (1u << 3) /* passes requests to one child */
 #define VD_DRIVER_BACKING    (1u << 4) /* may have a backing file */
@@ -1509,6 +1561,20 @@ typedef struct vd_throttle_limits {
  */
 VD_API int vd_throttle_group_get_limits(const char *id,
                                         vd_throttle_limits *out,
+                                        vd_error *err);
+
+/**
+ * Replaces the limits of throttle group @id by @l at run time, as QEMU's
+ * block_set_io_throttle does for a group (throttle_group_config()): the
+ * limits are checked with QEMU's rules and messages (nothing changes on
+ * error), the buckets start empty, and requests waiting in the group's
+ * nodes are looked at again under the new limits at once. (Setting the
+ * "limits" property with vd_object_set_property(), QEMU's qom-set, keeps
+ * the buckets' levels and lets waiting requests finish their waits, as
+ * in QEMU.) Errors as vd_throttle_group_get_limits(). Thread-safe.
+ */
+VD_API int vd_throttle_group_set_limits(const char *id,
+                                        const vd_throttle_limits *l,
                                         vd_error *err);
 
 /**

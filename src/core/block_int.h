@@ -39,6 +39,13 @@
  * set by qcow2 for images preallocated with metadata). */
 #define VD_BLOCK_RECURSE (1u << 7)
 
+/* Internal request flag, beside the public VD_REQ_*: a read that
+ * populates the node it reaches (the first with a backing chain) from
+ * that chain, as QEMU's BDRV_REQ_COPY_ON_READ (the copy-on-read
+ * filter). Drivers pass it on to their children with the other flags;
+ * the core takes it off before calling a driver that reads data. */
+#define VD_REQ_COPY_ON_READ (1u << 16)
+
 /* Largest request the core passes in one piece to a driver that sets no
  * max_transfer (keeps bounce buffers bounded). */
 #define VD_MAX_REQUEST (1u << 30)
@@ -152,6 +159,9 @@ typedef struct vd_limits {
     uint32_t pdiscard_alignment;  /* preferred discard granularity */
     uint32_t pwrite_zeroes_alignment;
     uint32_t min_mem_alignment;   /* buffer alignment (O_DIRECT) */
+    uint64_t max_pwrite_zeroes;   /* largest zero write (besides
+                                     max_transfer), multiple of align */
+    uint64_t max_pdiscard;        /* largest discard, likewise */
 } vd_limits;
 
 /* Node open flags, internal superset of VD_O_*. */
@@ -202,8 +212,9 @@ struct vd_node {
     _Atomic(struct vd_write_hook *) write_hooks;
     /* Dirty trackers of jobs (dirty.c): every write marks them. */
     _Atomic(vd_dirty_tracker *) dirty_trackers;
-    /* Jobs populating the node by copy-on-read (stream): while > 0,
-     * writes are tracked so that a copy never overwrites them. */
+    /* Jobs and copy-on-read filters populating the node by copy-on-read
+     * (stream): while > 0, writes are tracked so that a copy never
+     * overwrites them. */
     atomic_int cor_users;
     vd_child *file;            /* role "file", or NULL */
     vd_child *backing;         /* role "backing", or NULL */
@@ -220,8 +231,9 @@ struct vd_node {
     _Atomic int64_t total_size;
     /* Writes, zero writes, discards and truncates that reached the node,
      * and that count when its last flush began: a protocol node with no
-     * write since its last completed flush skips the next one, as QEMU's
-     * write_gen/flushed_gen. */
+     * write since its last completed flush skips the next one, and a
+     * flush with nothing written since raises no flush_to_disk event, as
+     * QEMU's write_gen/flushed_gen. */
     _Atomic uint64_t write_gen;
     _Atomic uint64_t flushed_gen;
     atomic_int refcnt;
@@ -305,6 +317,19 @@ struct vd_driver {
     /* Score 0..100 that @buf (the first @len bytes of the file, len may
      * be short) is this format. Raw answers 1; nothing else should. */
     int (*probe)(const uint8_t *buf, size_t len, const char *filename);
+
+    /* Protocol drivers: the prefix of filenames that names the driver
+     * ("blkdebug" for "blkdebug:CONFIG:IMAGE", "null-co" for
+     * "null-co://"), QEMU's protocol_name; NULL for none. */
+    const char *protocol_name;
+    /* Score 0..100 that @filename is a host device this driver serves
+     * (QEMU's bdrv_probe_device: host_device, host_cdrom), asked before
+     * any protocol prefix. */
+    int (*probe_device)(const char *filename);
+    /* The driver opens its children itself (blkdebug's "image",
+     * blkverify's "raw" and "test", with vd_node_open_child()): the core
+     * opens no "file" child for it even when it is a filter. */
+    bool opens_children;
 
     /* REQUIRED, except in probe-only entries (src/drivers/probe-only.c):
      * a driver without open names a format vdisk recognises but cannot
@@ -422,6 +447,23 @@ struct vd_driver {
     int (*measure)(vd_opts *create_opts, vd_node *src,
                    vd_measure_result *out, vd_error *err);
 
+    /* Draining (vd_node_drain_begin/end): called before the core waits
+     * for the node's requests, so a driver that holds requests back
+     * (throttle's queues, blkdebug's breakpoints) lets them go. */
+    void (*drain_begin)(vd_node *node);
+    void (*drain_end)(vd_node *node);
+
+    /* blkdebug's interface (QEMU's bdrv_debug_*): an event raised on the
+     * node (VD_BLKDBG_*), and the breakpoints of qemu-io's break,
+     * remove_break, resume and wait_break (src/core/debug.c finds the
+     * node that has them). */
+    void (*debug_event)(vd_node *node, int event);
+    int (*debug_breakpoint)(vd_node *node, const char *event,
+                            const char *tag);
+    int (*debug_remove_breakpoint)(vd_node *node, const char *tag);
+    int (*debug_resume)(vd_node *node, const char *tag);
+    bool (*debug_is_suspended)(vd_node *node, const char *tag);
+
     /* Rewrites the backing file name and format recorded in the image
      * (qemu-img rebase). @backing NULL or "" removes the backing file. */
     int (*change_backing_file)(vd_node *node, const char *backing,
@@ -463,6 +505,83 @@ bool vd_qemu_driver_name(const char *name);
 int vd_driver_unsupported(const vd_driver *drv, const char *filename,
                           vd_error *err);
 
+/* ---- blkdebug events (debug.c) ---- */
+
+/* QEMU's BlkdebugEvent, in its order (../shared/specs/block-core.json). */
+enum {
+    VD_BLKDBG_L1_UPDATE,
+    VD_BLKDBG_L1_GROW_ALLOC_TABLE,
+    VD_BLKDBG_L1_GROW_WRITE_TABLE,
+    VD_BLKDBG_L1_GROW_ACTIVATE_TABLE,
+    VD_BLKDBG_L2_LOAD,
+    VD_BLKDBG_L2_UPDATE,
+    VD_BLKDBG_L2_UPDATE_COMPRESSED,
+    VD_BLKDBG_L2_ALLOC_COW_READ,
+    VD_BLKDBG_L2_ALLOC_WRITE,
+    VD_BLKDBG_READ_AIO,
+    VD_BLKDBG_READ_BACKING_AIO,
+    VD_BLKDBG_READ_COMPRESSED,
+    VD_BLKDBG_WRITE_AIO,
+    VD_BLKDBG_WRITE_COMPRESSED,
+    VD_BLKDBG_VMSTATE_LOAD,
+    VD_BLKDBG_VMSTATE_SAVE,
+    VD_BLKDBG_COW_READ,
+    VD_BLKDBG_COW_WRITE,
+    VD_BLKDBG_REFTABLE_LOAD,
+    VD_BLKDBG_REFTABLE_GROW,
+    VD_BLKDBG_REFTABLE_UPDATE,
+    VD_BLKDBG_REFBLOCK_LOAD,
+    VD_BLKDBG_REFBLOCK_UPDATE,
+    VD_BLKDBG_REFBLOCK_UPDATE_PART,
+    VD_BLKDBG_REFBLOCK_ALLOC,
+    VD_BLKDBG_REFBLOCK_ALLOC_HOOKUP,
+    VD_BLKDBG_REFBLOCK_ALLOC_WRITE,
+    VD_BLKDBG_REFBLOCK_ALLOC_WRITE_BLOCKS,
+    VD_BLKDBG_REFBLOCK_ALLOC_WRITE_TABLE,
+    VD_BLKDBG_REFBLOCK_ALLOC_SWITCH_TABLE,
+    VD_BLKDBG_CLUSTER_ALLOC,
+    VD_BLKDBG_CLUSTER_ALLOC_BYTES,
+    VD_BLKDBG_CLUSTER_FREE,
+    VD_BLKDBG_FLUSH_TO_OS,
+    VD_BLKDBG_FLUSH_TO_DISK,
+    VD_BLKDBG_PWRITEV_RMW_HEAD,
+    VD_BLKDBG_PWRITEV_RMW_AFTER_HEAD,
+    VD_BLKDBG_PWRITEV_RMW_TAIL,
+    VD_BLKDBG_PWRITEV_RMW_AFTER_TAIL,
+    VD_BLKDBG_PWRITEV,
+    VD_BLKDBG_PWRITEV_ZERO,
+    VD_BLKDBG_PWRITEV_DONE,
+    VD_BLKDBG_EMPTY_IMAGE_PREPARE,
+    VD_BLKDBG_L1_SHRINK_WRITE_TABLE,
+    VD_BLKDBG_L1_SHRINK_FREE_L2_CLUSTERS,
+    VD_BLKDBG_COR_WRITE,
+    VD_BLKDBG_CLUSTER_ALLOC_SPACE,
+    VD_BLKDBG_NONE,
+    VD_BLKDBG__MAX
+};
+
+/* The event's QAPI name ("l2_update"), or NULL out of range. */
+const char *vd_blkdebug_event_name(int event);
+/* The event named @name, or -1. */
+int vd_blkdebug_event_by_name(const char *name);
+
+/* What format drivers do where QEMU's raise BLKDBG_EVENT(bs->file, EV):
+ * raises @event on @node (the format's file child), or, when @node's
+ * driver takes no events and is a filter, on the first node down its
+ * filtered children that does (so a throttle or copy-on-read node
+ * between a format and its blkdebug node lets the events through; QEMU
+ * would drop them). NULL @node: nothing. */
+void vd_node_debug_event(vd_node *node, int event);
+/* The core's own events (flush_to_os on a node's primary child,
+ * pwritev on the node written): raised on @node alone, as QEMU's
+ * bdrv_debug_event(). */
+void vd_node_debug_event_here(vd_node *node, int event);
+
+/* Tells the program (vd_debug_set_handler()) that a request stopped at
+ * breakpoint @tag or goes on: QEMU's "blkdebug: Suspended request 'TAG'"
+ * and "blkdebug: Resuming request 'TAG'" lines. */
+void vd_debug_notify(const char *tag, bool resuming);
+
 /* ---- node lifecycle (node.c) ---- */
 
 /*
@@ -477,6 +596,23 @@ int vd_node_open(vd_node **out, const char *filename, const vd_driver *drv,
 /* Takes / drops a reference; the last unref closes the node. */
 void vd_node_ref(vd_node *node);
 void vd_node_unref(vd_node *node);
+
+/*
+ * Opens a child of @parent the way QEMU's bdrv_open_child() does, for
+ * drivers that open their own children (opens_children): the option
+ * @name as a string names an existing node; "@name.*" options describe
+ * a new one (consumed from @opts); else @filename (may be NULL) is
+ * opened. The new node inherits @parent's flags; a pure data child of a
+ * filter is format-probed (blkverify's "test"), a filtered one is not
+ * unless @parent was. Attaches it as @name with @role (with
+ * VD_ROLE_PRIMARY it becomes node->file). With @allow_none, nothing
+ * given is not an error: NULL is returned and *@err stays unset; else
+ * it fails with QEMU's 'A block device must be specified for "NAME"'.
+ * Returns the child, or NULL with @err set.
+ */
+vd_child *vd_node_open_child(vd_node *parent, vd_opts *opts,
+                             const char *name, const char *filename,
+                             unsigned role, bool allow_none, vd_error *err);
 
 /* Attaches @child_node under @parent in role @name and takes the
  * permissions @parent's driver asks for it, checking the subgraph below
@@ -682,6 +818,10 @@ int vd_child_pwritev(vd_child *c, uint64_t off, uint64_t bytes, vd_iov *qiov,
 int vd_block_status_from_file(vd_node *node, bool want_zero, uint64_t off,
                               uint64_t bytes, uint64_t *pnum, uint64_t *map,
                               vd_node **file, vd_error *err);
+
+/* The length of a filter: its file child's (a getlength for filters,
+ * whose cached length the core keeps like any other node's). */
+int64_t vd_filter_getlength(vd_node *node);
 
 /* Bounce buffer aligned for the node (O_DIRECT safe); free with free(). */
 void *vd_node_blockalign(vd_node *node, size_t size);

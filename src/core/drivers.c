@@ -22,9 +22,15 @@ extern const vd_driver vd_driver_file;
 extern const vd_driver vd_driver_host_device;
 extern const vd_driver vd_driver_host_cdrom;
 extern const vd_driver vd_driver_null_co;
+extern const vd_driver vd_driver_null_aio;
 extern const vd_driver vd_driver_raw;
 extern const vd_driver vd_driver_qcow2;
 extern const vd_driver vd_driver_blkdebug;
+extern const vd_driver vd_driver_throttle;
+extern const vd_driver vd_driver_blkverify;
+extern const vd_driver vd_driver_copy_on_read;
+extern const vd_driver vd_driver_compress;
+extern const vd_driver vd_driver_preallocate;
 extern const vd_driver vd_driver_vmdk;
 extern const vd_driver vd_driver_vdi;
 extern const vd_driver vd_driver_vhdx;
@@ -39,12 +45,20 @@ extern const vd_driver vd_driver_bochs;
 
 static const vd_driver *const driver_table[] = {
     &vd_driver_file,
-    &vd_driver_host_device, /* the file driver, on devices only */
+    /* host_cdrom before host_device: both claim a CD-ROM drive, and
+     * QEMU's list gives it to host_cdrom. */
     &vd_driver_host_cdrom,
+    &vd_driver_host_device,
     &vd_driver_null_co,
+    &vd_driver_null_aio,
     &vd_driver_raw,
     &vd_driver_qcow2,
     &vd_driver_blkdebug,   /* test filter: error and crash injection */
+    &vd_driver_blkverify,  /* test filter: reads compared to a raw copy */
+    &vd_driver_throttle,
+    &vd_driver_copy_on_read,
+    &vd_driver_compress,
+    &vd_driver_preallocate,
     /* probe-only until their drivers exist */
     &vd_driver_vmdk,
     &vd_driver_vdi,
@@ -130,9 +144,11 @@ VD_API unsigned vd_driver_features(const char *name)
         f |= VD_DRIVER_OPENS;
     if (d->is_format)
         f |= VD_DRIVER_FORMAT;
-    else if (d->is_filter)
+    if (d->is_filter)
         f |= VD_DRIVER_FILTER;
-    else
+    /* A filter with a protocol prefix (blkdebug:, blkverify:) opens as a
+     * protocol too, as in QEMU. */
+    if (!d->is_format && (!d->is_filter || d->protocol_name))
         f |= VD_DRIVER_PROTOCOL;
     if (d->supports_backing)
         f |= VD_DRIVER_BACKING;

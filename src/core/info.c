@@ -12,12 +12,17 @@
 
 #include "core/block_int.h"
 
-/* Host bytes used by a node: the driver's answer, else the sum over the
- * children that hold its data or metadata (not the backing chain). */
+/* Host bytes used by a node: the driver's answer, else (as QEMU's
+ * bdrv_get_allocated_file_size()) unknown for a protocol driver
+ * (blkdebug, blkverify), the filtered child's for a filter, or the sum
+ * over the children that hold its data or metadata (not the backing
+ * chain). */
 static int64_t allocated_size(vd_node *n)
 {
     if (n->drv->get_allocated_size)
         return n->drv->get_allocated_size(n);
+    if (n->drv->protocol_name)
+        return -ENOTSUP;
     int64_t sum = 0;
     bool any = false;
     for (vd_child *c = n->children; c; c = c->next) {
@@ -84,8 +89,16 @@ VD_API int vd_get_info(vd_node *node, vd_image_info **out, vd_error *err)
     info->full_backing_filename = dup_or_null(node->full_backing_filename);
     info->backing_filename_format = dup_or_null(node->backing_format);
     int r = 0;
-    if (node->drv->get_info)
+    if (node->drv->get_info) {
         r = node->drv->get_info(node, info, err);
+    } else if (node->drv->is_filter && node->file) {
+        /* As QEMU's bdrv_get_info(): a filter answers with what the
+         * node it filters says (the cluster size). */
+        vd_image_info *below = NULL;
+        if (vd_get_info(node->file->node, &below, NULL) == 0)
+            info->cluster_size = below->cluster_size;
+        vd_image_info_free(&below);
+    }
     if (r == 0 && node->drv->snapshot_list && !info->snapshots) {
         r = node->drv->snapshot_list(node, &info->snapshots,
                                      &info->nb_snapshots, err);

@@ -478,6 +478,7 @@ static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
 static int cor_write(vd_node *top, uint64_t off, uint64_t bytes,
                      vd_iov *data, bool zero, vd_error *err)
 {
+    vd_node_debug_event_here(top, VD_BLKDBG_COR_WRITE);
     int r = zero ? do_pwrite_zeroes(top, off, bytes, 0, err)
                  : do_pwritev(top, off, bytes, data, 0, err);
     if (r == 0) {
@@ -508,7 +509,9 @@ static int cor_write(vd_node *top, uint64_t off, uint64_t bytes,
 static int chain_preadv(vd_node *top, uint64_t off, uint64_t bytes,
                         vd_iov *qiov, unsigned flags, vd_error *err)
 {
-    bool cor = (top->flags & VD_NODE_COPY_ON_READ) && !top->read_only;
+    bool cor = ((top->flags & VD_NODE_COPY_ON_READ) ||
+                (flags & VD_REQ_COPY_ON_READ)) && !top->read_only;
+    flags &= ~VD_REQ_COPY_ON_READ;
     uint8_t *cbuf = NULL;
     vd_tracked_req req;
     vd_iov wide;
@@ -553,6 +556,9 @@ static int chain_preadv(vd_node *top, uint64_t off, uint64_t bytes,
         vd_node *layer = top;
         for (int i = 0; i < depth && layer->backing; i++)
             layer = layer->backing->node;
+        /* Where QEMU's qcow2 reads from its backing file. */
+        if (depth > 0 && top->file)
+            vd_node_debug_event(top->file->node, VD_BLKDBG_READ_BACKING_AIO);
         /* The part of [pos, pos+pnum) that the caller asked for. */
         uint64_t from = pos > off ? pos : off;
         uint64_t to = pos + pnum < off + bytes ? pos + pnum : off + bytes;
@@ -667,8 +673,11 @@ int vd_node_preadv(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     uint64_t t0 = now_ns();
     if (n->backing && n->drv->supports_backing)
         r = chain_preadv(n, off, bytes, qiov, flags, err);
-    else
+    else if (n->drv->is_filter)
         r = do_preadv(n, off, bytes, qiov, flags, err);
+    else    /* nothing to copy from: the flag stops here */
+        r = do_preadv(n, off, bytes, qiov, flags & ~VD_REQ_COPY_ON_READ,
+                      err);
     account(n, VD_ACCT_READ, r, bytes, t0);
     inflight_dec(n);
     return r;
@@ -685,13 +694,24 @@ static void raise_length(vd_node *n, uint64_t end)
         ;
 }
 
+/* An aligned write to the driver, between the events QEMU's
+ * bdrv_aligned_pwritev() raises on the node (blkdebug's pwritev). */
+static int aligned_write(vd_node *n, uint64_t off, uint64_t bytes,
+                         vd_iov *qiov, unsigned flags, vd_error *err)
+{
+    vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV);
+    int r = driver_rw(n, true, off, bytes, qiov, 0, flags, err);
+    vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_DONE);
+    return r;
+}
+
 static int do_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
                       unsigned flags, vd_error *err)
 {
     uint32_t a = n->bl.request_alignment;
     bool aligned = off % a == 0 && bytes % a == 0;
     if (aligned && iov_mem_aligned(qiov, n->bl.min_mem_alignment))
-        return driver_rw(n, true, off, bytes, qiov, 0, flags, err);
+        return aligned_write(n, off, bytes, qiov, flags, err);
 
     uint64_t chunk = (uint64_t)bounce_chunk_size(n);
     uint64_t start = align_down(off, a), end = align_up(off + bytes, a);
@@ -706,11 +726,22 @@ static int do_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
         uint64_t to = pos + len < off + bytes ? pos + len : off + bytes;
         vd_iov b;
         vd_iov_init_buf(&b, buf, len);
+        /* The read of a read-modify-write, between QEMU's events for
+         * the unaligned head and tail (one read when both are in it). */
+        bool head = from != pos && from % a, tail = to != pos + len && to % a;
+        if (head)
+            vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_RMW_HEAD);
+        if (tail)
+            vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_RMW_TAIL);
         if (from != pos || to != pos + len)
             r = aligned_read(n, pos, len, &b, 0, 0, err);
+        if (head)
+            vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_RMW_AFTER_HEAD);
+        if (tail)
+            vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_RMW_AFTER_TAIL);
         if (r == 0) {
             vd_iov_to_buf(qiov, from - off, buf + (from - pos), to - from);
-            r = driver_rw(n, true, pos, len, &b, 0, flags, err);
+            r = aligned_write(n, pos, len, &b, flags, err);
         }
         pos += len;
     }
@@ -755,11 +786,19 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
                     off % a || bytes % a);
     /* FUA is done generically: write, then flush this node. */
     r = do_pwritev(n, off, bytes, qiov, flags & ~VD_REQ_FUA, err);
-    atomic_fetch_add(&n->write_gen, 1);
+    /* A protocol node counts the write before its FUA flush, which must
+     * not find the node clean and skip the sync; any other node once the
+     * write is over, as QEMU does (its emulated FUA flush then raises no
+     * flush_to_disk event on the node below). */
+    bool is_protocol = !n->file && !n->children;
+    if (is_protocol)
+        atomic_fetch_add(&n->write_gen, 1);
     if (atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
         vd_dirty_mark(n, off, bytes);
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
+    if (!is_protocol)
+        atomic_fetch_add(&n->write_gen, 1);
     if (tracked)
         track_end(n, &req);
     if (r == 0)
@@ -840,7 +879,13 @@ static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     uint32_t a = n->bl.request_alignment;
     if (n->bl.pwrite_zeroes_alignment > a)
         a = n->bl.pwrite_zeroes_alignment;
-    uint64_t piece = align_down(max_transfer(n), a);
+    /* Pieces of at most max_transfer, as for every callback (the vtable's
+     * contract), and at most the driver's largest zero write, in whole
+     * zeroing granules. */
+    uint64_t piece = max_transfer(n);
+    if (n->bl.max_pwrite_zeroes && n->bl.max_pwrite_zeroes < piece)
+        piece = n->bl.max_pwrite_zeroes;
+    piece = align_down(piece, a);
     if (piece == 0)
         piece = a;
     uint64_t end = off + bytes;
@@ -861,6 +906,10 @@ static int do_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
         r = zero_piece(n, off, len, flags, err);
         off += len;
     }
+    /* Counted before the FUA flush on a protocol node (see
+     * vd_node_pwritev()), by the caller on any other. */
+    if (!n->file && !n->children)
+        atomic_fetch_add(&n->write_gen, 1);
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
     return r;
@@ -887,8 +936,11 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     if (tracked)
         track_begin(n, &req, align_down(off, n->bl.request_alignment),
                     align_up(off + bytes, n->bl.request_alignment), false);
+    vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_ZERO);
     r = do_pwrite_zeroes(n, off, bytes, flags, err);
-    atomic_fetch_add(&n->write_gen, 1);
+    vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_DONE);
+    if (n->file || n->children)
+        atomic_fetch_add(&n->write_gen, 1);
     if (atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
         vd_dirty_mark(n, off, bytes);
     if (tracked)
@@ -936,7 +988,10 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
     } else if (start < end && n->drv->pdiscard) {
         /* Pieces of at most max_transfer (the vtable's contract), in
          * whole discard granules; an advisory failure ends the loop. */
-        uint64_t piece = align_down(max_transfer(n), a);
+        uint64_t piece = max_transfer(n);
+        if (n->bl.max_pdiscard && n->bl.max_pdiscard < piece)
+            piece = n->bl.max_pdiscard;
+        piece = align_down(piece, a);
         if (piece == 0)
             piece = a;
         for (uint64_t pos = start; pos < end && r == 0;) {
@@ -1045,19 +1100,33 @@ int vd_node_flush(vd_node *n, vd_error *err)
     uint64_t t0 = now_ns();
     int r = 0;
     bool is_protocol = !n->file && !n->children;
-    /* A format writes its caches back on every flush; a protocol node
+    uint64_t gen = atomic_load(&n->write_gen);
+    /* QEMU's events on the primary child: flush_to_os always, then
+     * flush_to_disk unless nothing was written since the last flush. A
+     * format's callback writes its caches (QEMU's flush_to_os, before
+     * the second event); any other driver's syncs (flush_to_disk). A
+     * format writes its caches back on every flush; a protocol node
      * that nothing reached since its last flush has nothing to make
      * stable (QEMU skips bdrv_co_flush_to_disk() then). */
-    uint64_t gen = atomic_load(&n->write_gen);
+    vd_node *primary = n->file ? n->file->node : NULL;
+    bool to_disk = !(n->flags & VD_NODE_NO_FLUSH) &&
+                   gen != atomic_load(&n->flushed_gen);
     bool clean = is_protocol && gen == atomic_load(&n->flushed_gen);
+    bool synced = false;
+    vd_node_debug_event_here(primary, VD_BLKDBG_FLUSH_TO_OS);
+    if (!n->drv->is_format && to_disk)
+        vd_node_debug_event_here(primary, VD_BLKDBG_FLUSH_TO_DISK);
     if (n->drv->flush && !clean &&
         !(is_protocol && (n->flags & VD_NODE_NO_FLUSH))) {
         r = n->drv->flush(n, err);
-        if (r == 0 && is_protocol)
-            atomic_store(&n->flushed_gen, gen);
+        synced = true;
     }
+    if (r == 0 && n->drv->is_format && to_disk)
+        vd_node_debug_event_here(primary, VD_BLKDBG_FLUSH_TO_DISK);
     for (vd_child *c = n->children; c && r == 0; c = c->next)
         r = vd_node_flush(c->node, err);
+    if (r == 0 && (synced || !is_protocol))
+        atomic_store(&n->flushed_gen, gen);
     account(n, VD_ACCT_FLUSH, r, 0, t0);
     inflight_dec(n);
     return r;
@@ -1072,6 +1141,11 @@ int64_t vd_node_getlength(vd_node *n)
         return child ? vd_node_getlength(child) : -ENOTSUP;
     }
     return atomic_load(&n->total_size);
+}
+
+int64_t vd_filter_getlength(vd_node *node)
+{
+    return node->file ? vd_node_getlength(node->file->node) : -ENOMEDIUM;
 }
 
 int64_t vd_node_refresh_length(vd_node *n)
@@ -1106,8 +1180,15 @@ int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
                             "maximum(%" PRIu64 ")", size, VD_MAX_LENGTH);
     vd_node *child = filtered_child(n);
     if (!n->drv->truncate) {
-        if (child)
-            return vd_node_truncate(child, size, exact, prealloc, err);
+        if (child) {
+            /* The filter's cached length follows its child's. */
+            r = vd_node_truncate(child, size, exact, prealloc, err);
+            if (r == 0) {
+                vd_node_refresh_length(n);
+                atomic_fetch_add(&n->write_gen, 1);
+            }
+            return r;
+        }
         return vd_error_set(err, -ENOTSUP, "%s: Image format '%s' does not "
                             "support resizing", n->filename, n->drv->name);
     }

@@ -72,7 +72,7 @@ static int flatten(vd_opts *o, const char *prefix, json_object *obj,
                    vd_error *err)
 {
     json_object_object_foreach(obj, key, val) {
-        char name[MAX_OPT_NAME];
+        char name[MAX_OPT_NAME - 32];
         int n = snprintf(name, sizeof(name), "%s%s", prefix, key);
         if (n < 0 || (size_t)n >= sizeof(name))
             return vd_error_set(err, -EINVAL, "json: option name too long");

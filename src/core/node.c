@@ -379,24 +379,47 @@ VD_API int vd_reopen(vd_node *node, bool read_write, vd_error *err)
 
 /* ---- draining ---- */
 
-void vd_node_drain_begin(vd_node *node)
+/* Quiesces @node and everything below and lets their drivers release
+ * the requests they hold back (throttled, stopped at a breakpoint):
+ * all of it before any waiting, because a request in flight on a node
+ * may be held by a driver further down. */
+static void drain_quiesce(vd_node *node)
 {
     /* in_flight changes without the lock (io.c), so both counters are
      * seq_cst atomics: either a starting request sees quiesce raised, or
-     * this loop sees its in_flight count (see request_begin() in io.c). */
+     * the wait below sees its in_flight count (see request_begin() in
+     * io.c). */
     pthread_mutex_lock(&node->lock);
     __atomic_add_fetch(&node->quiesce, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&node->lock);
+    if (node->drv->drain_begin)
+        node->drv->drain_begin(node);
+    for (vd_child *c = node->children; c; c = c->next)
+        drain_quiesce(c->node);
+}
+
+static void drain_wait(vd_node *node)
+{
+    pthread_mutex_lock(&node->lock);
     while (__atomic_load_n(&node->in_flight, __ATOMIC_SEQ_CST) > 0)
         pthread_cond_wait(&node->cond, &node->lock);
     pthread_mutex_unlock(&node->lock);
     for (vd_child *c = node->children; c; c = c->next)
-        vd_node_drain_begin(c->node);
+        drain_wait(c->node);
+}
+
+void vd_node_drain_begin(vd_node *node)
+{
+    drain_quiesce(node);
+    drain_wait(node);
 }
 
 void vd_node_drain_end(vd_node *node)
 {
     for (vd_child *c = node->children; c; c = c->next)
         vd_node_drain_end(c->node);
+    if (node->drv->drain_end)
+        node->drv->drain_end(node);
     pthread_mutex_lock(&node->lock);
     __atomic_sub_fetch(&node->quiesce, 1, __ATOMIC_SEQ_CST);
     pthread_cond_broadcast(&node->cond);
@@ -427,14 +450,35 @@ static int parse_cache_mode(const char *mode, unsigned *flags,
     return 0;
 }
 
-/* Maps a filename to its protocol driver by prefix ("null-co://"). */
+/* Maps a filename to its protocol driver as QEMU's bdrv_find_protocol()
+ * does: a host device a driver claims (host_device, host_cdrom) first,
+ * then a "NAME:" prefix naming a driver's protocol ("null-co://",
+ * "blkdebug:CONFIG:IMAGE"); anything else is a file. */
 static const vd_driver *protocol_for_filename(const char *filename)
 {
-    if (filename && strncmp(filename, "null-co://", 10) == 0)
-        return vd_find_driver("null-co");
-    if (filename && strncmp(filename, "nbd:", 4) == 0 &&
-        vd_find_driver("nbd"))
-        return vd_find_driver("nbd");
+    const vd_driver *best = NULL;
+    int best_score = 0;
+
+    for (int i = 0; filename && vd_driver_at(i); i++) {
+        const vd_driver *d = vd_driver_at(i);
+        int score = d->probe_device ? d->probe_device(filename) : 0;
+        if (score > best_score) {
+            best = d;
+            best_score = score;
+        }
+    }
+    if (best)
+        return best;
+    size_t n = filename ? strcspn(filename, ":/") : 0;
+    if (filename && filename[n] == ':') {
+        for (int i = 0; vd_driver_at(i); i++) {
+            const vd_driver *d = vd_driver_at(i);
+            if (d->protocol_name && d->open &&
+                strlen(d->protocol_name) == n &&
+                strncmp(d->protocol_name, filename, n) == 0)
+                return d;
+        }
+    }
     return vd_find_driver("file");
 }
 
@@ -520,7 +564,10 @@ static int reject_leftover(vd_node *node, vd_opts *opts, vd_error *err)
     const char *key = vd_opts_first_key(opts);
     if (!key)
         return 0;
-    if (node->drv->is_format || node->drv->is_filter)
+    /* QEMU words it by how the node was opened: drivers with a
+     * protocol (blkdebug, blkverify) are opened as protocols. */
+    if ((node->drv->is_format || node->drv->is_filter) &&
+        !node->drv->protocol_name)
         return vd_error_set(err, -EINVAL,
                             "Block format '%s' does not support the option "
                             "'%s'", node->drv->name, key);
@@ -623,12 +670,21 @@ static int node_open_one(vd_node **out, const char *filename,
 
     if (!drv && (flags & VD_NODE_PROTOCOL))
         drv = protocol_for_filename(filename);
+    /* A driver with a protocol is opened as one, named or not (QEMU's
+     * bdrv_fill_options()): the children it opens inherit that. */
+    if (drv && drv->protocol_name)
+        flags |= VD_NODE_PROTOCOL;
 
     vd_node *file = NULL;
+    bool file_from_filename = false;
+    /* Drivers that open their own children (blkdebug, blkverify) get
+     * no "file" child from the core. */
+    bool core_file = !drv || ((drv->is_format || drv->is_filter) &&
+                              !drv->opens_children);
     /* The primary child's options: "file", or the driver's other name
      * for it when the options use that one. */
     const char *fkey = "file";
-    if (drv && drv->file_alias) {
+    if (core_file && drv && drv->file_alias) {
         size_t alen = strlen(drv->file_alias);
         for (size_t i = 0; i < vd_opts_count(opts); i++) {
             const char *k, *v;
@@ -640,8 +696,8 @@ static int node_open_one(vd_node **out, const char *filename,
     }
     char fprefix[64];
     snprintf(fprefix, sizeof(fprefix), "%s.", fkey);
-    char *file_ref = vd_opts_take(opts, fkey);
-    if (file_ref && (!drv || drv->is_format || drv->is_filter)) {
+    char *file_ref = core_file ? vd_opts_take(opts, fkey) : NULL;
+    if (file_ref) {
         /* "file=NODE": an existing node becomes the protocol child. */
         file = vd_find_node(file_ref);
         if (!file) {
@@ -659,14 +715,9 @@ static int node_open_one(vd_node **out, const char *filename,
             free(file_ref);
             goto fail_early;
         }
-    } else if (file_ref) {
-        r = vd_error_set(err, -EINVAL, "Block protocol '%s' doesn't support "
-                         "the option 'file'", drv->name);
-        free(file_ref);
-        goto fail_early;
     }
     free(file_ref);
-    if (!file && (!drv || drv->is_format || drv->is_filter)) {
+    if (!file && core_file) {
         /* The protocol child: "file.*" options or the filename. */
         vd_opts *fopts = vd_opts_extract_prefix(opts, fprefix);
         if (!fopts) {
@@ -683,6 +734,8 @@ static int node_open_one(vd_node **out, const char *filename,
         }
         char *ffilename = vd_opts_take(fopts, "filename");
         const char *fname = ffilename ? ffilename : filename;
+        file_from_filename = !ffilename && filename &&
+                             !vd_opts_get(fopts, "driver");
         /* A child given only by its options (file.driver=null-co) needs
          * no name; the protocol driver rejects a missing one itself. */
         if (!fname && !vd_opts_get(fopts, "driver")) {
@@ -695,11 +748,18 @@ static int node_open_one(vd_node **out, const char *filename,
         }
         unsigned fflags = (flags & ~VD_NODE_PROTOCOL) | VD_NODE_PROTOCOL;
         fflags &= ~(VD_NODE_NO_BACKING | VD_NODE_COPY_ON_READ);
-        r = node_open_one(&file, fname, NULL, fopts, fflags, err);
-        if (r == 0) {
-            r = reject_leftover(file, fopts, err);
-            if (r < 0)
-                vd_node_unref(file);
+        const vd_driver *fdrv = vd_find_driver(vd_opts_get(fopts, "driver"));
+        if (fdrv && fdrv->supports_backing) {
+            /* A format named as the child (a filter's file.driver=qcow2)
+             * comes with its backing chain. */
+            r = vd_node_open(&file, fname, NULL, fopts, fflags, err);
+        } else {
+            r = node_open_one(&file, fname, NULL, fopts, fflags, err);
+            if (r == 0) {
+                r = reject_leftover(file, fopts, err);
+                if (r < 0)
+                    vd_node_unref(file);
+            }
         }
         free(ffilename);
         vd_opts_free(&fopts);
@@ -754,6 +814,11 @@ static int node_open_one(vd_node **out, const char *filename,
     node->detect_zeroes = detect_zeroes;
     node->discard_unmap = discard_unmap;
     const char *fname = filename ? filename : file ? file->filename : NULL;
+    /* A format over the protocol node its filename opened is named as
+     * that node ("file:x" and "host_device:/dev/sdb" lose the prefix, as
+     * in QEMU's refresh_filename). */
+    if (file && file_from_filename && file->filename)
+        fname = file->filename;
     if (fname && !(node->filename = strdup(fname))) {
         vd_node_unref(file);
         node_free(node);
@@ -829,6 +894,84 @@ fail_early:
     free(node_name);
     free(driver);
     return r;
+}
+
+vd_child *vd_node_open_child(vd_node *parent, vd_opts *opts,
+                             const char *name, const char *filename,
+                             unsigned role, bool allow_none, vd_error *err)
+{
+    char prefix[128];
+    char *ref = vd_opts_take(opts, name);
+    vd_node *node = NULL;
+    vd_child *c = NULL;
+    int r = 0;
+
+    snprintf(prefix, sizeof(prefix), "%s.", name);
+    vd_opts *sub = vd_opts_extract_prefix(opts, prefix);
+    if (!sub) {
+        free(ref);
+        vd_error_set(err, -ENOMEM, "Out of memory");
+        return NULL;
+    }
+    if (ref && vd_opts_count(sub)) {
+        r = vd_error_set(err, -EINVAL, "Cannot reference an existing block "
+                         "device with additional options or a new filename");
+    } else if (ref) {
+        /* A BlockdevRef string: an existing node. */
+        node = vd_find_node(ref);
+        if (!node) {
+            r = vd_error_set(err, -ENOENT, "Cannot find device='%s' nor "
+                             "node-name='%s'", ref, ref);
+        } else if ((parent->flags & VD_NODE_RDWR) && node->read_only) {
+            r = vd_error_set(err, -EROFS, "Node '%s' is read-only", ref);
+            node = NULL;
+        } else {
+            vd_node_ref(node);
+        }
+    } else if (!filename && !vd_opts_count(sub)) {
+        vd_opts_free(&sub);
+        if (allow_none)
+            return NULL;
+        vd_error_set(err, -EINVAL, "A block device must be specified for "
+                     "\"%s\"", name);
+        return NULL;
+    } else {
+        /* A new node with the parent's mode. As QEMU's
+         * bdrv_inherited_options(): a pure data child of a node that is
+         * no format is probed; filtered children keep the parent's
+         * protocol flag. */
+        unsigned flags = parent->flags & ~VD_NODE_COPY_ON_READ;
+        if (!parent->drv->is_format && (role & VD_ROLE_DATA) &&
+            !(role & (VD_ROLE_METADATA | VD_ROLE_FILTERED)))
+            flags &= ~VD_NODE_PROTOCOL;
+        if ((parent->drv->is_format && !(role & VD_ROLE_COW)) ||
+            (role & VD_ROLE_METADATA))
+            flags |= VD_NODE_PROTOCOL;
+        char *fopt = vd_opts_take(sub, "filename");
+        if (fopt && !(flags & VD_NODE_PROTOCOL) &&
+            !vd_opts_get(sub, "driver")) {
+            /* QEMU probes a child given as options only through its
+             * "file": a bare "filename" names no protocol node. */
+            r = vd_error_set(err, -EINVAL, "Must specify either driver or "
+                             "file");
+        } else {
+            r = vd_node_open(&node, fopt ? fopt : filename, NULL, sub, flags,
+                             err);
+        }
+        free(fopt);
+    }
+    vd_opts_free(&sub);
+    free(ref);
+    if (r < 0)
+        return NULL;
+    c = vd_node_attach_child(parent, node, name, role, err);
+    if (!c) {
+        vd_node_unref(node);
+        return NULL;
+    }
+    if ((role & VD_ROLE_PRIMARY) && !parent->file)
+        parent->file = c;
+    return c;
 }
 
 /* Identity of the protocol file under a node, for loop detection. */

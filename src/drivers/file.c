@@ -1,6 +1,9 @@
 /*
- * The "file" protocol driver: an image stored in a host file (or a block
- * device) accessed through one file descriptor.
+ * The "file" protocol driver: an image stored in a host file accessed
+ * through one file descriptor; and the same code as "host_device" and
+ * "host_cdrom" for block and character devices (QEMU 7.2's names and
+ * checks: "file" refuses a device, they refuse a regular file; a
+ * filename that is a device is theirs when no driver is named).
  *
  * Organisation: the lock bytes first (how the node's permissions,
  * handed down by perm.c through check_perm/set_perm/abort_perm, become
@@ -37,6 +40,12 @@
 #include <unistd.h>
 
 #include "core/block_int.h"
+
+#include <linux/cdrom.h>
+
+extern const vd_driver vd_driver_file;
+extern const vd_driver vd_driver_host_device;
+extern const vd_driver vd_driver_host_cdrom;
 
 /* The largest logical block size O_DIRECT may need (QEMU's MAX_BLOCKSIZE). */
 #define FILE_MAX_BLOCKSIZE 4096
@@ -367,6 +376,23 @@ static int file_probe_alignment(vd_node *node, file_state *s, vd_error *err)
     return 0;
 }
 
+/* The filename without the driver's optional prefix ("file:",
+ * "host_device:", "host_cdrom:"), as QEMU's parse_filename. */
+static const char *strip_prefix(const vd_driver *drv, const char *filename)
+{
+    size_t n = strlen(drv->protocol_name);
+
+    if (strncmp(filename, drv->protocol_name, n) == 0 && filename[n] == ':') {
+        return filename + n + 1;
+    }
+    return filename;
+}
+
+static bool is_device_driver(const vd_driver *drv)
+{
+    return drv != &vd_driver_file;
+}
+
 static int file_open(vd_node *node, vd_opts *opts, unsigned flags,
                      vd_error *err)
 {
@@ -391,9 +417,16 @@ static int file_open(vd_node *node, vd_opts *opts, unsigned flags,
         return vd_error_set(err, -EINVAL,
                             "The 'file' block driver requires a file name");
     }
-    filename = node->filename;
-    if (strncmp(filename, "file:", 5) == 0) {
-        filename += 5;
+    filename = strip_prefix(node->drv, node->filename);
+    if (filename != node->filename) {
+        /* QEMU names the node without the prefix. */
+        char *bare = strdup(filename);
+        if (!bare) {
+            return vd_error_set(err, -ENOMEM, "Out of memory");
+        }
+        free(node->filename);
+        node->filename = bare;
+        filename = bare;
     }
 
     ret = vd_opts_take_enum(opts, "locking", locking_choices, LOCKING_AUTO,
@@ -447,12 +480,20 @@ static int file_open(vd_node *node, vd_opts *opts, unsigned flags,
                                  filename);
         goto fail;
     }
-    if (S_ISBLK(st.st_mode)) {
+    /* As QEMU's raw_open_common(): "file" takes regular files only,
+     * host_device and host_cdrom devices only. */
+    if (is_device_driver(node->drv)) {
+        if (!S_ISBLK(st.st_mode) && !S_ISCHR(st.st_mode)) {
+            ret = vd_error_set(err, -EINVAL, "'%s' driver requires '%s' to "
+                               "be either a character or block device",
+                               node->drv->name, node->filename);
+            goto fail;
+        }
         s->is_blockdev = true;
     } else if (!S_ISREG(st.st_mode)) {
         ret = vd_error_set(err, -EINVAL,
                            "'file' driver requires '%s' to be a regular file",
-                           filename);
+                           node->filename);
         goto fail;
     }
     s->serialize_writes = !s->is_blockdev && !s->direct;
@@ -1183,9 +1224,7 @@ static int file_create(const char *filename, vd_opts *opts, vd_error *err)
     bool nocow, hint_given;
     int prealloc, fd, ret;
 
-    if (strncmp(filename, "file:", 5) == 0) {
-        filename += 5;
-    }
+    filename = strip_prefix(&vd_driver_file, filename);
     if (!vd_opts_get(opts, "size")) {
         return vd_error_set(err, -EINVAL, "%s: Parameter 'size' is required",
                             filename);
@@ -1289,65 +1328,165 @@ static int file_get_driver_stats(vd_node *node, vd_driver_stats *out)
     return 0;
 }
 
-/* Everything but the name and open: the file driver, and host_device
- * and host_cdrom (QEMU's names for the same code on devices). */
-#define FILE_DRIVER_COMMON \
-    .instance_size = sizeof(file_state), \
-    .create_opts = file_create_opts, \
-    .info_self = true,      /* qemu's file-posix answers bdrv_get_info() */ \
-    .get_driver_stats = file_get_driver_stats, \
-    .close = file_close, \
-    .create = file_create, \
-    .preadv = file_preadv, \
-    .pwritev = file_pwritev, \
-    .pwrite_zeroes = file_pwrite_zeroes, \
-    .pdiscard = file_pdiscard, \
-    .copy_range_from = file_copy_range_from, \
-    .copy_range_to = file_copy_range_to, \
-    .flush = file_flush, \
-    .block_status = file_block_status, \
-    .getlength = file_getlength, \
-    .get_allocated_size = file_get_allocated_size, \
-    .truncate = file_truncate, \
-    .check_perm = file_check_perm, \
-    .set_perm = file_set_perm, \
+/* ---------------------------------------------------------------- */
+/* Host devices                                                     */
+/* ---------------------------------------------------------------- */
+
+/* QEMU's hdev_probe_device(): devices are host_device's, and a name
+ * under /dev/cdrom goes half-way towards it (host_cdrom may claim it). */
+static int hdev_probe_device(const char *filename)
+{
+    struct stat st;
+
+    filename = strip_prefix(&vd_driver_host_device, filename);
+    if (strncmp(filename, "/dev/cdrom", 10) == 0) {
+        return 50;
+    }
+    if (stat(filename, &st) == 0 &&
+        (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode))) {
+        return 100;
+    }
+    return 0;
+}
+
+/* QEMU's cdrom_probe_device(): a device that answers the CD-ROM drive
+ * status request. */
+static int cdrom_probe_device(const char *filename)
+{
+    struct stat st;
+    int fd, ret = 0;
+
+    filename = strip_prefix(&vd_driver_host_cdrom, filename);
+    if (stat(filename, &st) < 0 || !S_ISBLK(st.st_mode)) {
+        return 0;
+    }
+    fd = open(filename, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        return 0;
+    }
+    if (ioctl(fd, CDROM_DRIVE_STATUS, CDSL_CURRENT) >= 0) {
+        ret = 100;
+    }
+    close(fd);
+    return ret;
+}
+
+/*
+ * "Creating" an image on a device, as QEMU's bdrv_co_create_opts_simple()
+ * does for host_device: no preallocation, the device must be at least
+ * as large as asked (it cannot grow), and its first sector is zeroed so
+ * that nothing probes as a format that was there before.
+ */
+static int hdev_create(const char *filename, vd_opts *opts, vd_error *err)
+{
+    uint64_t size;
+    struct stat st;
+    off_t end;
+    int fd, ret, prealloc;
+
+    filename = strip_prefix(&vd_driver_host_device, filename);
+    ret = vd_opts_take_size(opts, "size", 0, &size, err);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = vd_opts_take_enum(opts, "preallocation", prealloc_choices,
+                            VD_PREALLOC_OFF, &prealloc, err);
+    if (ret < 0) {
+        return ret;
+    }
+    if (prealloc != VD_PREALLOC_OFF) {
+        return vd_error_set(err, -ENOTSUP, "Unsupported preallocation mode "
+                            "'%s'", prealloc_choices[prealloc]);
+    }
+    /* What the regular file's creation takes means nothing here. */
+    vd_opts_del(opts, "nocow");
+    vd_opts_del(opts, "extent_size_hint");
+    do {
+        fd = open(filename, O_RDWR | O_CLOEXEC);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0) {
+        return vd_error_set_errno(err, -errno, "Protocol driver "
+                                  "'host_device' does not support image "
+                                  "creation, and opening the image failed: "
+                                  "Could not open '%s'", filename);
+    }
+    if (fstat(fd, &st) < 0 || (!S_ISBLK(st.st_mode) &&
+                               !S_ISCHR(st.st_mode))) {
+        ret = vd_error_set(err, -EINVAL, "Protocol driver 'host_device' "
+                           "does not support image creation, and opening "
+                           "the image failed: 'host_device' driver requires "
+                           "'%s' to be either a character or block device",
+                           filename);
+    } else if ((end = lseek(fd, 0, SEEK_END)) < 0) {
+        ret = vd_error_set_errno(err, -errno, "Failed to inquire the new "
+                                 "image file's length");
+    } else if ((uint64_t)end < size) {
+        ret = vd_error_set(err, -EINVAL, "Cannot grow device files");
+    } else if (end > 0) {
+        static const uint8_t zero[512];
+        size_t len = end < 512 ? (size_t)end : 512;
+        ssize_t n;
+        do {
+            n = pwrite(fd, zero, len, 0);
+        } while (n < 0 && errno == EINTR);
+        if (n != (ssize_t)len) {
+            ret = vd_error_set_errno(err, n < 0 ? -errno : -EIO,
+                                     "Failed to clear the new image's first "
+                                     "sector");
+        } else if (fdatasync(fd) < 0) {
+            ret = vd_error_set_errno(err, -errno, "Failed to clear the new "
+                                     "image's first sector");
+        }
+    }
+    close(fd);
+    return ret;
+}
+
+/* What the file and device drivers share: everything but the name,
+ * the prefix, device probing and creation. */
+#define POSIX_DRIVER_COMMON                                               \
+    .instance_size = sizeof(file_state),                                  \
+    .info_self = true,  /* qemu's file-posix answers bdrv_get_info() */   \
+    .get_driver_stats = file_get_driver_stats,                            \
+    .open = file_open,                                                    \
+    .close = file_close,                                                  \
+    .preadv = file_preadv,                                                \
+    .pwritev = file_pwritev,                                              \
+    .pwrite_zeroes = file_pwrite_zeroes,                                  \
+    .pdiscard = file_pdiscard,                                            \
+    .copy_range_from = file_copy_range_from,                              \
+    .copy_range_to = file_copy_range_to,                                  \
+    .flush = file_flush,                                                  \
+    .block_status = file_block_status,                                    \
+    .getlength = file_getlength,                                          \
+    .get_allocated_size = file_get_allocated_size,                        \
+    .truncate = file_truncate,                                            \
+    .check_perm = file_check_perm,                                        \
+    .set_perm = file_set_perm,                                            \
     .abort_perm = file_abort_perm
 
 const vd_driver vd_driver_file = {
     .name = "file",
-    .open = file_open,
-    FILE_DRIVER_COMMON,
+    .protocol_name = "file",
+    .create_opts = file_create_opts,
+    .create = file_create,
+    POSIX_DRIVER_COMMON,
 };
 
-/* host_device and host_cdrom open only devices, with QEMU's words for
- * anything else (a safe rebase -F host_device onto a regular file). */
-static int device_open(vd_node *node, vd_opts *opts, unsigned flags,
-                       vd_error *err)
-{
-    const char *name = node->filename;
-    struct stat st;
-
-    if (name && !strncmp(name, node->drv->name, strlen(node->drv->name)) &&
-        name[strlen(node->drv->name)] == ':') {
-        name += strlen(node->drv->name) + 1;
-    }
-    if (name && stat(name, &st) == 0 && !S_ISBLK(st.st_mode) &&
-        !S_ISCHR(st.st_mode)) {
-        return vd_error_set(err, -EINVAL, "'%s' driver requires '%s' to be "
-                            "either a character or block device",
-                            node->drv->name, node->filename);
-    }
-    return file_open(node, opts, flags, err);
-}
-
+/* The same driver under QEMU's names for devices: host_device for
+ * block (and character) devices, host_cdrom for CD-ROM drives. */
 const vd_driver vd_driver_host_device = {
     .name = "host_device",
-    .open = device_open,
-    FILE_DRIVER_COMMON,
+    .protocol_name = "host_device",
+    .probe_device = hdev_probe_device,
+    .create_opts = file_create_opts,
+    .create = hdev_create,
+    POSIX_DRIVER_COMMON,
 };
 
 const vd_driver vd_driver_host_cdrom = {
     .name = "host_cdrom",
-    .open = device_open,
-    FILE_DRIVER_COMMON,
+    .protocol_name = "host_cdrom",
+    .probe_device = cdrom_probe_device,
+    POSIX_DRIVER_COMMON,
 };

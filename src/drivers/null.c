@@ -1,14 +1,15 @@
 /*
- * The "null-co" protocol driver: a device of a given size that stores
- * nothing. Writes vanish; reads return zeros. It exists for benchmarks
- * and tests of the layers above, so every callback is as cheap as it
- * can be, apart from the optional per-request delay ("latency-ns") that
- * simulates a slow device.
+ * The "null-co" and "null-aio" protocol drivers: a device of a given
+ * size that stores nothing. Writes vanish; reads return zeros. It exists
+ * for benchmarks and tests of the layers above, so every callback is as
+ * cheap as it can be, apart from the optional per-request delay
+ * ("latency-ns") that simulates a slow device.
  *
  * QEMU leaves the read buffer untouched unless "read-zeroes" is on; we
  * always zero it so that results are deterministic, and keep the option
  * for what block status reports (zeros known or not). Its nodes open no
- * file, so the vtable gives qemu's pseudo filename "null-co://".
+ * file, so the vtable gives qemu's pseudo filename "null-co://"
+ * ("null-aio://").
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -44,27 +45,29 @@ static int null_open(vd_node *node, vd_opts *opts, unsigned flags,
                      vd_error *err)
 {
     null_state *s = node->opaque;
+    /* "null-co://" or "null-aio://": the driver's own name. */
+    const char *only = node->drv->pseudo_filename;
     char *fname;
     int ret;
 
     (void)flags;
     /* The only name QEMU accepts; an option copy of it is fine too. */
     fname = vd_opts_take(opts, "filename");
-    if (fname && fname[0] && strcmp(fname, "null-co://") != 0) {
+    if (fname && fname[0] && strcmp(fname, only) != 0) {
         free(fname);
         return vd_error_set(err, -EINVAL, "The only allowed filename for "
-                            "this driver is 'null-co://'");
+                            "this driver is '%s'", only);
     }
     free(fname);
     if (node->filename && node->filename[0] &&
-        strcmp(node->filename, "null-co://") != 0 &&
+        strcmp(node->filename, only) != 0 &&
         strncmp(node->filename, "json:", 5) != 0) {
         return vd_error_set(err, -EINVAL, "The only allowed filename for "
-                            "this driver is 'null-co://'");
+                            "this driver is '%s'", only);
     }
     /* Opened from options alone (json:{"driver":"null-co"}): name it as
      * qemu does, since info and map print the name. */
-    if (!node->filename && !(node->filename = strdup("null-co://"))) {
+    if (!node->filename && !(node->filename = strdup(only))) {
         return vd_error_set(err, -ENOMEM, "Out of memory");
     }
 
@@ -174,17 +177,31 @@ static int64_t null_get_allocated_size(vd_node *node)
     return 0;
 }
 
+/* What null-co and null-aio share. */
+#define NULL_DRIVER_COMMON                                                \
+    .instance_size = sizeof(null_state),                                  \
+    .open = null_open,                                                    \
+    .preadv = null_preadv,                                                \
+    .pwritev = null_pwritev,                                              \
+    .pwrite_zeroes = null_pwrite_zeroes,                                  \
+    .pdiscard = null_pdiscard,                                            \
+    .flush = null_flush,                                                  \
+    .block_status = null_block_status,                                    \
+    .getlength = null_getlength,                                          \
+    .get_allocated_size = null_get_allocated_size
+
 const vd_driver vd_driver_null_co = {
     .name = "null-co",
-    .instance_size = sizeof(null_state),
     .pseudo_filename = "null-co://",
-    .open = null_open,
-    .preadv = null_preadv,
-    .pwritev = null_pwritev,
-    .pwrite_zeroes = null_pwrite_zeroes,
-    .pdiscard = null_pdiscard,
-    .flush = null_flush,
-    .block_status = null_block_status,
-    .getlength = null_getlength,
-    .get_allocated_size = null_get_allocated_size,
+    .protocol_name = "null-co",
+    NULL_DRIVER_COMMON,
+};
+
+/* QEMU's null-aio: the same device through its AIO interface, which a
+ * thread-per-request block layer has no need to tell apart. */
+const vd_driver vd_driver_null_aio = {
+    .name = "null-aio",
+    .pseudo_filename = "null-aio://",
+    .protocol_name = "null-aio",
+    NULL_DRIVER_COMMON,
 };

@@ -206,6 +206,8 @@ static int raw_preadv(vd_node *node, uint64_t off, uint64_t bytes,
     if (ret < 0) {
         return ret;
     }
+    /* QEMU's raw format announces its data requests to blkdebug. */
+    vd_node_debug_event(node->file->node, VD_BLKDBG_READ_AIO);
     return vd_child_preadv(node->file, off, bytes, qiov, flags, err);
 }
 
@@ -261,6 +263,7 @@ static int raw_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
         }
     }
 
+    vd_node_debug_event(node->file->node, VD_BLKDBG_WRITE_AIO);
     ret = vd_child_pwritev(node->file, child_off, bytes,
                            use_checked ? &checked : qiov, flags, err);
     if (use_checked) {

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "core/object.h"
+#include "core/throttle.h"
 
 /* What a limit is of its bucket. */
 enum { CAT_AVG, CAT_MAX, CAT_LENGTH, CAT_SIZE };
@@ -63,6 +64,10 @@ static const struct field {
 typedef struct tgroup {
     vd_object obj;
     vd_throttle_limits cfg;
+    /* The run-time side (src/core/throttle.c): buckets and queues,
+     * made when the first node uses the group, kept until the object
+     * goes (the registry lock guards the pointer). */
+    vd_throttle_group *rt;
 } tgroup;
 
 /* ---- the limits ---- */
@@ -183,6 +188,11 @@ static int set_limits(vd_object *obj, const obj_prop *prop, json_object *val,
         return r;
     }
     g->cfg = l;
+    /* As QEMU's setter: the nodes use the new limits from their next
+     * request on; the buckets keep their levels. */
+    if (g->rt) {
+        vd_throttle_group_update(g->rt, &l, false);
+    }
     return 0;
 }
 
@@ -268,32 +278,110 @@ static void tgroup_init(vd_object *obj)
     }
 }
 
+static void tgroup_finalize(vd_object *obj)
+{
+    tgroup *g = (tgroup *)obj;
+
+    vd_throttle_group_free(g->rt);
+    g->rt = NULL;
+}
+
 const obj_class obj_class_throttle_group = {
     .name = "throttle-group",
     .size = sizeof(tgroup),
     .props = tgroup_props,
     .init = tgroup_init,
     .complete = tgroup_complete,
+    .finalize = tgroup_finalize,
     .busy_blocks_delete = true,
 };
+
+/* The throttle group @id, or NULL with the public functions' errors.
+ * Registry lock held. */
+static tgroup *find_group_locked(const char *id, vd_error *err)
+{
+    vd_object *obj = obj_find_locked(id);
+
+    if (!obj) {
+        vd_error_set(err, -ENOENT, "Throttle group '%s' does not exist", id);
+        return NULL;
+    }
+    if (obj->cls != &obj_class_throttle_group) {
+        vd_error_set(err, -EINVAL, "Object with id '%s' is not a "
+                     "throttle-group", id);
+        return NULL;
+    }
+    return (tgroup *)obj;
+}
 
 VD_API int vd_throttle_group_get_limits(const char *id,
                                         vd_throttle_limits *out,
                                         vd_error *err)
 {
-    vd_object *obj;
-    int r = 0;
+    vd_error e = VD_ERROR_INIT;
+    tgroup *g;
 
     obj_lock();
+    g = find_group_locked(id, &e);
+    if (g) {
+        *out = g->cfg;
+    }
+    obj_unlock();
+    return g ? 0 : vd_error_set(err, e.code, "%s", e.message);
+}
+
+vd_throttle_group *vd_throttle_group_acquire(const char *id, void **holder,
+                                             vd_error *err)
+{
+    vd_object *obj;
+    tgroup *g;
+
+    *holder = NULL;
+    obj_lock();
     obj = obj_find_locked(id);
-    if (!obj) {
-        r = vd_error_set(err, -ENOENT, "Throttle group '%s' does not exist",
-                         id);
-    } else if (obj->cls != &obj_class_throttle_group) {
-        r = vd_error_set(err, -EINVAL, "Object with id '%s' is not a "
-                         "throttle-group", id);
-    } else {
-        *out = ((tgroup *)obj)->cfg;
+    if (!obj || obj->cls != &obj_class_throttle_group) {
+        obj_unlock();
+        vd_error_set(err, -ENOENT, "Throttle group '%s' does not exist", id);
+        return NULL;
+    }
+    g = (tgroup *)obj;
+    if (!g->rt && !(g->rt = vd_throttle_group_new(&g->cfg))) {
+        obj_unlock();
+        vd_error_set(err, -ENOMEM, "Out of memory");
+        return NULL;
+    }
+    /* A use, as vd_object_find_use() takes one: object-del refuses the
+     * group while a node throttles through it. */
+    obj->users++;
+    obj_unlock();
+    *holder = obj;
+    return g->rt;
+}
+
+void vd_throttle_group_release(void *holder)
+{
+    vd_object_put_use(holder);
+}
+
+VD_API int vd_throttle_group_set_limits(const char *id,
+                                        const vd_throttle_limits *l,
+                                        vd_error *err)
+{
+    vd_error e = VD_ERROR_INIT;
+    tgroup *g;
+    int r;
+
+    obj_lock();
+    g = find_group_locked(id, &e);
+    if (!g) {
+        r = vd_error_set(err, e.code, "%s", e.message);
+    } else if ((r = limits_check(l, err)) == 0) {
+        g->cfg = *l;
+        /* As QEMU's throttle_group_config(): fresh buckets, and the
+         * waiting requests are looked at again under the new limits. */
+        if (g->rt) {
+            vd_throttle_group_update(g->rt, l, true);
+        }
     }
     obj_unlock();
     return r;

@@ -35,6 +35,7 @@ typedef enum qtype {
     QT_BLOCKREF_NULL,/* BlockdevRefOrNull */
     QT_SOCKADDR_LEGACY, /* SocketAddressLegacy {type, data} */
     QT_OBJECT,       /* ObjectOptions: a union on "qom-type" */
+    QT_OBJLIST,      /* array of objects; sub: their members, qarg[] */
     QT_UINTLIST,     /* array of non-negative integers (uint64, uint32) */
     QT_BLOCKDEVLIST, /* array of BlockdevOptions */
 } qtype;

@@ -33,10 +33,38 @@ static const char *const dz_enum[] = { "off", "on", "unmap", NULL };
 static const char *const locking_enum[] = { "auto", "on", "off", NULL };
 static const char *const aio_enum[] = { "threads", "native", "io_uring",
                                         NULL };
-/* The drivers vdisk has; QEMU's enum is longer, but an unknown value is
- * refused the same way. */
-static const char *const driver_enum[] = { "file", "null-co", "qcow2", "raw",
-                                           NULL };
+/* The drivers vdisk has, in QEMU's order; QEMU's enum is longer, but an
+ * unknown value is refused the same way. */
+static const char *const driver_enum[] = {
+    "blkdebug", "blkverify", "compress", "copy-on-read", "file",
+    "host_cdrom", "host_device", "null-aio", "null-co", "preallocate",
+    "qcow2", "raw", "throttle", NULL
+};
+/* QEMU's BlkdebugEvent, BlkdebugIOType and BlockPermission. */
+static const char *const blkdebug_event_enum[] = {
+    "l1_update", "l1_grow_alloc_table", "l1_grow_write_table",
+    "l1_grow_activate_table", "l2_load", "l2_update", "l2_update_compressed",
+    "l2_alloc_cow_read", "l2_alloc_write", "read_aio", "read_backing_aio",
+    "read_compressed", "write_aio", "write_compressed", "vmstate_load",
+    "vmstate_save", "cow_read", "cow_write", "reftable_load",
+    "reftable_grow", "reftable_update", "refblock_load", "refblock_update",
+    "refblock_update_part", "refblock_alloc", "refblock_alloc_hookup",
+    "refblock_alloc_write", "refblock_alloc_write_blocks",
+    "refblock_alloc_write_table", "refblock_alloc_switch_table",
+    "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os",
+    "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head",
+    "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev",
+    "pwritev_zero", "pwritev_done", "empty_image_prepare",
+    "l1_shrink_write_table", "l1_shrink_free_l2_clusters", "cor_write",
+    "cluster_alloc_space", "none", NULL
+};
+static const char *const blkdebug_iotype_enum[] = {
+    "read", "write", "write-zeroes", "discard", "flush", "block-status",
+    NULL
+};
+static const char *const perm_enum[] = {
+    "consistent-read", "write", "write-unchanged", "resize", NULL
+};
 static const char *const export_type_enum[] = { "nbd", "vhost-user-blk",
                                                 "fuse", "vduse-blk", NULL };
 static const char *const export_mode_enum[] = { "safe", "hard", NULL };
@@ -102,14 +130,88 @@ static const qarg blockdev_qcow2[] = {
     { NULL, 0, false, NULL },
 };
 
+static const qarg blkdebug_inject_error[] = {
+    { "event", QT_ENUM, false, blkdebug_event_enum },
+    { "state", QT_INT, true, NULL },
+    { "iotype", QT_ENUM, true, blkdebug_iotype_enum },
+    { "errno", QT_INT, true, NULL },
+    { "sector", QT_INT, true, NULL },
+    { "once", QT_BOOL, true, NULL },
+    { "immediately", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg blkdebug_set_state[] = {
+    { "event", QT_ENUM, false, blkdebug_event_enum },
+    { "state", QT_INT, true, NULL },
+    { "new_state", QT_INT, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg blockdev_blkdebug[] = {
+    { "image", QT_BLOCKREF, false, NULL },
+    { "config", QT_STR, true, NULL },
+    { "align", QT_INT, true, NULL },
+    { "max-transfer", QT_INT, true, NULL },
+    { "opt-write-zero", QT_INT, true, NULL },
+    { "max-write-zero", QT_INT, true, NULL },
+    { "opt-discard", QT_INT, true, NULL },
+    { "max-discard", QT_INT, true, NULL },
+    { "inject-error", QT_OBJLIST, true, blkdebug_inject_error },
+    { "set-state", QT_OBJLIST, true, blkdebug_set_state },
+    { "take-child-perms", QT_STRLIST, true, perm_enum },
+    { "unshare-child-perms", QT_STRLIST, true, perm_enum },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg blockdev_blkverify[] = {
+    { "test", QT_BLOCKREF, false, NULL },
+    { "raw", QT_BLOCKREF, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+/* BlockdevOptionsGenericFormat: compress. */
+static const qarg blockdev_generic[] = {
+    { "file", QT_BLOCKREF, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg blockdev_cor[] = {
+    { "file", QT_BLOCKREF, false, NULL },
+    { "bottom", QT_STR, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg blockdev_preallocate[] = {
+    { "file", QT_BLOCKREF, false, NULL },
+    { "prealloc-align", QT_INT, true, NULL },
+    { "prealloc-size", QT_INT, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg blockdev_throttle[] = {
+    { "throttle-group", QT_STR, false, NULL },
+    { "file", QT_BLOCKREF, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
 static const struct {
     const char *driver;
     const qarg *args;
 } blockdev_variants[] = {
+    { "blkdebug", blockdev_blkdebug },
+    { "blkverify", blockdev_blkverify },
+    { "compress", blockdev_generic },
+    { "copy-on-read", blockdev_cor },
     { "file", blockdev_file },
+    { "host_cdrom", blockdev_file },
+    { "host_device", blockdev_file },
+    { "null-aio", blockdev_null },
     { "null-co", blockdev_null },
+    { "preallocate", blockdev_preallocate },
     { "raw", blockdev_raw },
     { "qcow2", blockdev_qcow2 },
+    { "throttle", blockdev_throttle },
 };
 
 static const qarg args_capabilities[] = {
@@ -605,6 +707,41 @@ static bool in_list(const char *const *list, const char *s)
     return false;
 }
 
+/* A list member: JSON has an array; a command line (keyval) has an
+ * object whose keys are the indices from 0, which becomes the array in
+ * @parent (*@val then points at it). */
+static int list_items(json_object *parent, const qarg *a, json_object **val,
+                      const char *prefix, bool keyval, qmp_error *e)
+{
+    if (keyval && json_object_is_type(*val, json_type_object)) {
+        size_t n = (size_t)json_object_object_length(*val);
+        json_object *arr = json_object_new_array();
+        for (size_t i = 0; arr && i < n; i++) {
+            char key[24];
+            json_object *it;
+            snprintf(key, sizeof(key), "%zu", i);
+            if (!json_object_object_get_ex(*val, key, &it)) {
+                json_object_put(arr);
+                qmp_fail(e, NULL, "Parameter '%s%s.%zu' missing", prefix,
+                         a->name, i);
+                return -1;
+            }
+            json_object_array_add(arr, json_object_get(it));
+        }
+        if (!arr) {
+            qmp_fail(e, NULL, "out of memory");
+            return -1;
+        }
+        json_object_object_add(parent, a->name, arr);
+        *val = arr;
+        return 0;
+    }
+    if (!json_object_is_type(*val, json_type_array)) {
+        return bad_type(e, prefix, a->name, "array");
+    }
+    return 0;
+}
+
 /* Checks one member @val of @parent against @a. */
 static int check_member(json_object *parent, const qarg *a, json_object *val,
                         const char *prefix, bool keyval, qmp_error *e)
@@ -634,8 +771,9 @@ static int check_member(json_object *parent, const qarg *a, json_object *val,
             return bad_type(e, prefix, a->name, "string");
         }
         if (!in_list(a->sub, json_object_get_string(val))) {
-            qmp_fail(e, NULL, "Parameter '%s%s' does not accept value '%s'",
-                     prefix, a->name, json_object_get_string(val));
+            /* QEMU's visitor names the member alone, even nested. */
+            qmp_fail(e, NULL, "Parameter '%s' does not accept value '%s'",
+                     a->name, json_object_get_string(val));
             return -1;
         }
         return 0;
@@ -645,20 +783,39 @@ static int check_member(json_object *parent, const qarg *a, json_object *val,
         }
         return qmp_check_args(val, a->sub, sub, keyval, e);
     case QT_STRLIST:
-        if (jt != json_type_array) {
-            return bad_type(e, prefix, a->name, "array");
+        if (list_items(parent, a, &val, prefix, keyval, e) < 0) {
+            return -1;
         }
         for (size_t i = 0; i < json_object_array_length(val); i++) {
             json_object *it = json_object_array_get_idx(val, i);
             if (!json_object_is_type(it, json_type_string)) {
                 char nm[256];
-                snprintf(nm, sizeof(nm), "%s[%zu]", a->name, i);
+                snprintf(nm, sizeof(nm), keyval ? "%s.%zu" : "%s[%zu]",
+                         a->name, i);
                 return bad_type(e, prefix, nm, "string");
             }
             if (a->sub && !in_list(a->sub, json_object_get_string(it))) {
-                qmp_fail(e, NULL, "Parameter '%s%s[%zu]' does not accept "
-                         "value '%s'", prefix, a->name, i,
-                         json_object_get_string(it));
+                /* sic: QEMU's visitor has no name for list elements. */
+                qmp_fail(e, NULL, "Parameter 'null' does not accept value "
+                         "'%s'", json_object_get_string(it));
+                return -1;
+            }
+        }
+        return 0;
+    case QT_OBJLIST:
+        if (list_items(parent, a, &val, prefix, keyval, e) < 0) {
+            return -1;
+        }
+        for (size_t i = 0; i < json_object_array_length(val); i++) {
+            json_object *it = json_object_array_get_idx(val, i);
+            char nm[256], sub2[512];
+            snprintf(nm, sizeof(nm), keyval ? "%s.%zu" : "%s[%zu]", a->name,
+                     i);
+            if (!json_object_is_type(it, json_type_object)) {
+                return bad_type(e, prefix, nm, "object");
+            }
+            snprintf(sub2, sizeof(sub2), "%s%s.", prefix, nm);
+            if (qmp_check_args(it, a->sub, sub2, keyval, e) < 0) {
                 return -1;
             }
         }

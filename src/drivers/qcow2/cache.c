@@ -95,6 +95,8 @@ static int write_slot(qcow2_state *s, qcow2_cache *c, int i, vd_error *err)
     if (ret < 0) {
         return ret;
     }
+    vd_node_debug_event(s->file->node, c == s->l2_cache
+                        ? VD_BLKDBG_L2_UPDATE : VD_BLKDBG_REFBLOCK_UPDATE_PART);
     ret = vd_child_pwrite(s->file, e->offset, slot_table(c, i), c->table_size,
                           0, err);
     if (ret < 0) {
@@ -193,6 +195,9 @@ static int lookup(qcow2_state *s, qcow2_cache *c, uint64_t offset,
     }
     c->entries[victim].offset = 0;
     if (read) {
+        if (c == s->l2_cache) {
+            vd_node_debug_event(s->file->node, VD_BLKDBG_L2_LOAD);
+        }
         ret = vd_child_pread(s->file, offset, slot_table(c, victim),
                              c->table_size, err);
         if (ret < 0) {

@@ -109,6 +109,7 @@ int qcow2_write_l1_entry(qcow2_state *s, uint64_t l1_index, vd_error *err)
     if (ret < 0) {
         return ret;
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_L1_UPDATE);
     ret = vd_child_pwrite(s->file, s->l1_table_offset + start * 8, buf, n * 8,
                           0, err);
     if (ret < 0) {
@@ -146,6 +147,7 @@ int qcow2_grow_l1_table(qcow2_state *s, uint64_t min_size, bool exact,
         return vd_error_set(err, -ENOMEM, "%s: cannot allocate the L1 table",
                             s->filename);
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_L1_GROW_ALLOC_TABLE);
     new_off = qcow2_alloc_clusters(s, new_size * 8, err);
     if (new_off < 0) {
         free(new_l1);
@@ -161,6 +163,7 @@ int qcow2_grow_l1_table(qcow2_state *s, uint64_t min_size, bool exact,
     ret = qcow2_pre_write_overlap_check(s, 0, (uint64_t)new_off, new_size * 8,
                                         false, err);
     if (ret == 0) {
+        vd_node_debug_event(s->file->node, VD_BLKDBG_L1_GROW_WRITE_TABLE);
         ret = vd_child_pwrite(s->file, (uint64_t)new_off, new_l1,
                               new_size * 8, 0, err);
     }
@@ -176,6 +179,7 @@ int qcow2_grow_l1_table(qcow2_state *s, uint64_t min_size, bool exact,
             uint32_t size;
             uint64_t offset;
         } hdr = { htobe32((uint32_t)new_size), htobe64((uint64_t)new_off) };
+        vd_node_debug_event(s->file->node, VD_BLKDBG_L1_GROW_ACTIVATE_TABLE);
         ret = vd_child_pwrite(s->file, offsetof(qcow2_header, l1_size), &hdr,
                               sizeof(hdr), 0, err);
         if (ret < 0) {
@@ -258,6 +262,7 @@ int qcow2_get_l2_table(qcow2_state *s, uint64_t offset, bool alloc,
         goto fail;
     }
     if (l2_off) {
+        vd_node_debug_event(s->file->node, VD_BLKDBG_L2_ALLOC_COW_READ);
         ret = qcow2_cache_get(s, s->l2_cache, l2_off, &old, err);
         if (ret < 0) {
             qcow2_cache_put(s->l2_cache, &t);
@@ -268,6 +273,7 @@ int qcow2_get_l2_table(qcow2_state *s, uint64_t offset, bool alloc,
     } else {
         memset(t, 0, s->cluster_size);
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_L2_ALLOC_WRITE);
     qcow2_cache_mark_dirty(s->l2_cache, t);
     ret = qcow2_cache_flush(s, s->l2_cache, err);
     if (ret < 0) {
@@ -418,6 +424,8 @@ int qcow2_co_preadv(qcow2_state *s, uint64_t off, uint64_t bytes,
         case QCOW2_SC_UNALLOCATED_PLAIN:
         case QCOW2_SC_UNALLOCATED_ALLOC:
             if (s->node->backing) {
+                vd_node_debug_event(s->file->node,
+                                    VD_BLKDBG_READ_BACKING_AIO);
                 ret = vd_iov_init_slice(&slice, qiov, qiov_off, cur);
                 if (ret == 0) {
                     ret = vd_child_preadv(s->node->backing, off, cur, &slice,
@@ -448,6 +456,7 @@ int qcow2_co_preadv(qcow2_state *s, uint64_t off, uint64_t bytes,
             }
             break;
         case QCOW2_SC_NORMAL:
+            vd_node_debug_event(s->file->node, VD_BLKDBG_READ_AIO);
             ret = vd_iov_init_slice(&slice, qiov, qiov_off, cur);
             if (ret == 0) {
                 ret = vd_child_preadv(s->data_file, host, cur, &slice, 0, err);
@@ -818,6 +827,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         if (ret < 0) {
             return ret;
         }
+        vd_node_debug_event(s->file->node, VD_BLKDBG_WRITE_AIO);
         ret = write_data(s, src, qoff, host, covered, flags, err);
         *hint = ((off + covered) & (cs - 1)) ? 0 : host + covered;
         *done = covered;
@@ -956,12 +966,17 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
 
     /* QEMU's handle_alloc_space(): when the copy-on-write areas read as
      * zeros, the whole range is zeroed in the file efficiently (no data
-     * crosses the bus) and only the guest data is written. */
-    if (!src->copy_from && (cow_start < off || cow_end > off + covered) &&
+     * crosses the bus) and only the guest data is written. QEMU's
+     * events: cluster_alloc_space when it tries, else (or when the file
+     * cannot zero efficiently) cow_read for each area read, then
+     * write_aio for the guest data and cow_write with it. */
+    bool has_cow = cow_start < off || cow_end > off + covered;
+    if (!src->copy_from && has_cow &&
         cow_reads_zero(s, cow_start, off, off + covered, cow_end)) {
         vd_error zerr = VD_ERROR_INIT;
         uint64_t zoff = host_base + (cow_start - (first_cluster <<
                                                   s->cluster_bits));
+        vd_node_debug_event(s->file->node, VD_BLKDBG_CLUSTER_ALLOC_SPACE);
         ret = vd_node_pwrite_zeroes(s->data_file->node, zoff,
                                     cow_end - cow_start, VD_REQ_NO_FALLBACK,
                                     &zerr);
@@ -976,6 +991,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
 
     vd_iov_init(&wv);
     if (ret == 0 && !skip_cow && cow_start < off) {
+        vd_node_debug_event(s->file->node, VD_BLKDBG_COW_READ);
         head = vd_node_blockalign(s->node, off - cow_start);
         ret = head ? read_guest(s, cow_start, head, off - cow_start, err)
                    : -ENOMEM;
@@ -1000,6 +1016,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
                                    wv.size, &wv, 0, err);
         }
         if (ret == 0) {
+            vd_node_debug_event(s->file->node, VD_BLKDBG_WRITE_AIO);
             ret = write_data(s, src, qoff, host_base + (off - c0), covered,
                              flags, err);
         }
@@ -1008,6 +1025,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
     }
     if (ret == 0 && !skip_cow && cow_end > off + covered) {
         uint64_t tl = cow_end - (off + covered);
+        vd_node_debug_event(s->file->node, VD_BLKDBG_COW_READ);
         tail = vd_node_blockalign(s->node, tl);
         ret = tail ? read_guest(s, off + covered, tail, tl, err) : -ENOMEM;
         if (ret == 0) {
@@ -1019,6 +1037,12 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         uint64_t host = host_base +
                         (src->copy_from ? off + covered - c0 :
                          (skip_cow ? off : cow_start) - c0);
+        if (!src->copy_from) {
+            vd_node_debug_event(s->file->node, VD_BLKDBG_WRITE_AIO);
+        }
+        if (has_cow && !skip_cow) {
+            vd_node_debug_event(s->file->node, VD_BLKDBG_COW_WRITE);
+        }
         ret = vd_child_pwritev(s->data_file, host, wv.size, &wv,
                                flags & VD_REQ_FUA, err);
     }
@@ -1284,6 +1308,7 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
         pthread_mutex_unlock(&s->lock);
         goto out;
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_L2_UPDATE_COMPRESSED);
     inflight = (qcow2_inflight){ off >> s->cluster_bits, 1, s->inflight };
     s->inflight = &inflight;
     ret = qcow2_pre_write_overlap_check(s, 0, (uint64_t)coff, out_len, false,
@@ -1291,6 +1316,7 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
     pthread_mutex_unlock(&s->lock);
 
     if (ret == 0) {
+        vd_node_debug_event(s->data_file->node, VD_BLKDBG_WRITE_COMPRESSED);
         ret = vd_child_pwrite(s->file, (uint64_t)coff, out, out_len, 0, err);
     }
 

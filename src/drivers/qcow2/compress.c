@@ -250,6 +250,7 @@ int qcow2_decompress_cluster(qcow2_state *s, uint64_t l2_entry,
         return vd_error_set(err, -ENOMEM, "%s: out of memory reading a "
                             "compressed cluster", s->filename);
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_READ_COMPRESSED);
     ret = vd_child_pread(s->file, host_off, in, nb_bytes, err);
     if (ret < 0) {
         free(in);

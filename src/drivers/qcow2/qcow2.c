@@ -1402,6 +1402,10 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
         }
         pthread_mutex_lock(&s->lock);
         /* L2 tables wholly past the end are dropped from L1. */
+        if (l1_needed < s->l1_size) {
+            vd_node_debug_event(s->file->node,
+                                VD_BLKDBG_L1_SHRINK_WRITE_TABLE);
+        }
         for (uint64_t i = l1_needed; i < s->l1_size; i++) {
             uint64_t l2 = s->l1_table[i] & QCOW2_L1E_OFFSET_MASK;
             if (!l2) {
@@ -1414,6 +1418,8 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
                 pthread_mutex_unlock(&s->lock);
                 return ret;
             }
+            vd_node_debug_event(s->file->node,
+                                VD_BLKDBG_L1_SHRINK_FREE_L2_CLUSTERS);
             qcow2_free_clusters(s, l2, s->cluster_size, QCOW2_DISCARD_ALWAYS,
                                 NULL);
         }
@@ -2207,6 +2213,7 @@ static int qcow2_make_empty(vd_node *node, vd_error *err)
         return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
                             s->filename);
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_EMPTY_IMAGE_PREPARE);
     ret = qcow2_discard_full(s, 0, s->size, err);
     if (ret == 0) {
         pthread_mutex_lock(&s->lock);

@@ -91,6 +91,7 @@ int qcow2_refcount_init(qcow2_state *s, vd_error *err)
                             "table", s->filename);
     }
     if (bytes) {
+        vd_node_debug_event(s->file->node, VD_BLKDBG_REFTABLE_LOAD);
         ret = vd_child_pread(s->file, s->refcount_table_offset,
                              s->refcount_table, bytes, err);
         if (ret < 0) {
@@ -169,6 +170,8 @@ static int64_t find_free(qcow2_state *s, uint64_t n, vd_error *err)
 
     while (i - start < n) {
         uint64_t rc;
+        /* QEMU's allocators load the block (blkdebug's refblock_load). */
+        vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_LOAD);
         int ret = qcow2_get_refcount(s, i, &rc, err);
         if (ret < 0) {
             return ret;
@@ -281,6 +284,7 @@ static int populate_area(qcow2_state *s, uint64_t first, uint64_t end,
     if (nb_blocks == 0 && !grow) {
         return 0;
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_ALLOC);
 
     rts = calloc(nb_blocks ? nb_blocks : 1, sizeof(*rts));
     new_table = calloc(entries, 8);
@@ -300,6 +304,10 @@ static int populate_area(qcow2_state *s, uint64_t first, uint64_t end,
                 rts[i++] = r;
             }
         }
+    }
+    if (nb_blocks) {
+        vd_node_debug_event(s->file->node,
+                            VD_BLKDBG_REFBLOCK_ALLOC_WRITE_BLOCKS);
     }
     for (uint64_t b = 0; b < nb_blocks; b++) {
         uint64_t base = rts[b] << s->refcount_block_bits;
@@ -333,6 +341,8 @@ static int populate_area(qcow2_state *s, uint64_t first, uint64_t end,
         for (uint64_t i = 0; i < entries; i++) {
             new_table[i] = htobe64(new_table[i]);
         }
+        vd_node_debug_event(s->file->node,
+                            VD_BLKDBG_REFBLOCK_ALLOC_WRITE_TABLE);
         ret = vd_child_pwrite(s->file, toff, new_table,
                               table_clusters * s->cluster_size, 0, err);
         if (ret == 0) {
@@ -340,6 +350,8 @@ static int populate_area(qcow2_state *s, uint64_t first, uint64_t end,
             ret = qcow2_cache_flush(s, s->refcount_cache, err);
         }
         if (ret == 0) {
+            vd_node_debug_event(s->file->node,
+                                VD_BLKDBG_REFBLOCK_ALLOC_SWITCH_TABLE);
             ret = vd_child_pwrite(s->file,
                                   offsetof(qcow2_header, refcount_table_offset),
                                   &hdr, sizeof(hdr), 0, err);
@@ -366,6 +378,10 @@ static int populate_area(qcow2_state *s, uint64_t first, uint64_t end,
         }
     } else {
         ret = qcow2_cache_flush(s, s->refcount_cache, err);
+        if (ret == 0) {
+            vd_node_debug_event(s->file->node,
+                                VD_BLKDBG_REFBLOCK_ALLOC_HOOKUP);
+        }
         for (uint64_t b = 0; ret == 0 && b < nb_blocks; b++) {
             s->refcount_table[rts[b]] = new_table[rts[b]];
             qcow2_overlap_changed(s);
@@ -407,6 +423,7 @@ static int ensure_refblock(qcow2_state *s, uint64_t cluster_index,
         return 0;
     }
 
+    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_ALLOC);
     new_block = find_free(s, 1, err);
     if (new_block < 0) {
         return (int)new_block;
@@ -459,12 +476,14 @@ static int ensure_refblock(qcow2_state *s, uint64_t cluster_index,
         qcow2_cache_put(s->refcount_cache, &block);
     }
     /* The block must be on disk before the table entry points at it. */
+    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_ALLOC_WRITE);
     ret = qcow2_cache_flush(s, s->refcount_cache, err);
     if (ret < 0) {
         return ret;
     }
     s->refcount_table[rt_index] = (uint64_t)new_block;
     qcow2_overlap_changed(s);
+    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_ALLOC_HOOKUP);
     ret = write_reftable_entry(s, rt_index, err);
     if (ret < 0) {
         s->refcount_table[rt_index] = 0;
@@ -558,6 +577,10 @@ static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
                             "0x%llx", s->filename,
                             (unsigned long long)cluster_index);
     }
+    /* QEMU's update_refcount() asks alloc_refcount_block() for every
+     * cluster, which raises both events even when the block exists. */
+    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_ALLOC);
+    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_LOAD);
     ret = qcow2_cache_get(s, s->refcount_cache, (uint64_t)off, &block, err);
     if (ret < 0) {
         return ret;
@@ -714,11 +737,16 @@ int64_t qcow2_alloc_clusters(qcow2_state *s, uint64_t size, vd_error *err)
     uint64_t n = qcow2_size_to_clusters(s, size);
     int64_t off;
     int rounds = 0;
-    int ret = qcow2_begin_change(s, err);
+    int ret;
+
+    ret = qcow2_begin_change(s, err);
 
     if (ret < 0) {
         return ret;
     }
+    /* After vdisk's own validation reads, which QEMU does not have: the
+     * allocation's first I/O is what follows QEMU's event. */
+    vd_node_debug_event(s->file->node, VD_BLKDBG_CLUSTER_ALLOC);
     if (n == 0) {
         n = 1;
     }
@@ -797,6 +825,8 @@ int64_t qcow2_alloc_clusters_at(qcow2_state *s, uint64_t offset,
         }
         for (i = 0; i < nb_clusters; i++) {
             uint64_t rc;
+            /* QEMU's allocators load the block (blkdebug's refblock_load). */
+            vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_LOAD);
             ret = qcow2_get_refcount(s, first + i, &rc, err);
             if (ret < 0) {
                 return ret;
@@ -833,11 +863,16 @@ int64_t qcow2_alloc_bytes(qcow2_state *s, uint64_t size, vd_error *err)
     uint64_t offset = s->free_byte_offset;
     uint64_t free_in_cluster;
     int rounds = 0;
-    int ret = qcow2_begin_change(s, err);
+    int ret;
+
+    ret = qcow2_begin_change(s, err);
 
     if (ret < 0) {
         return ret;
     }
+    /* After vdisk's own validation reads, which QEMU does not have: the
+     * allocation's first I/O is what follows QEMU's event. */
+    vd_node_debug_event(s->file->node, VD_BLKDBG_CLUSTER_ALLOC_BYTES);
     if (size == 0 || size > s->cluster_size) {
         return vd_error_set(err, -EINVAL, "%s: bad compressed allocation "
                             "size %llu", s->filename,
@@ -845,6 +880,8 @@ int64_t qcow2_alloc_bytes(qcow2_state *s, uint64_t size, vd_error *err)
     }
     if (offset) {
         uint64_t rc;
+        /* QEMU's allocators load the block (blkdebug's refblock_load). */
+        vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_LOAD);
         ret = qcow2_get_refcount(s, offset >> s->cluster_bits, &rc, err);
         if (ret < 0) {
             return ret;
@@ -902,6 +939,7 @@ int64_t qcow2_alloc_bytes(qcow2_state *s, uint64_t size, vd_error *err)
 int qcow2_free_clusters(qcow2_state *s, uint64_t offset, uint64_t size,
                         qcow2_discard_type type, vd_error *err)
 {
+    vd_node_debug_event(s->file->node, VD_BLKDBG_CLUSTER_FREE);
     return qcow2_update_refcount(s, offset, size, 1, true, type, err);
 }
 

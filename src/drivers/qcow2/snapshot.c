@@ -1136,6 +1136,7 @@ int qcow2_save_vmstate(vd_node *node, vd_iov *qiov, uint64_t pos,
     if (qiov->size == 0) {
         return 0;
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_VMSTATE_SAVE);
     return qcow2_co_pwritev(s, qcow2_vm_state_offset(s) + pos, qiov->size,
                             qiov, 0, err);
 }
@@ -1152,6 +1153,7 @@ int qcow2_load_vmstate(vd_node *node, vd_iov *qiov, uint64_t pos,
     if (qiov->size == 0) {
         return 0;
     }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_VMSTATE_LOAD);
     return qcow2_co_preadv(s, qcow2_vm_state_offset(s) + pos, qiov->size,
                            qiov, 0, err);
 }
