@@ -217,6 +217,10 @@ static void backup_clean(vd_job *job)
     }
     drop_users(s);
     vd_block_job_remove_nodes(job);
+    /* The nodes go now, not when the last reference to the job does. */
+    vd_node_unref(s->source);
+    vd_node_unref(s->target);
+    s->source = s->target = NULL;
 }
 
 static void state_free(backup_state *s)

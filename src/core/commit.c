@@ -136,6 +136,12 @@ static void commit_clean(vd_job *job)
     vd_user_free(&s->base_writer);
     vd_block_job_remove_nodes(job);
     vd_block_job_restore_read_only(s->base, &s->base_reopened_rw);
+    /* The nodes go now, not when the last reference to the job does:
+     * a caller that waited for the job may close and reopen them. */
+    vd_node_unref(s->active);
+    vd_node_unref(s->top);
+    vd_node_unref(s->base);
+    s->active = s->top = s->base = NULL;
 }
 
 static void state_free(commit_state *s)

@@ -268,6 +268,13 @@ static void mirror_clean(vd_job *job)
     vd_user_free(&s->target_user);
     vd_block_job_remove_nodes(job);
     vd_block_job_restore_read_only(s->target, &s->target_reopened_rw);
+    /* The nodes go now, not when the last reference to the job does:
+     * a caller that waited for the job may close and reopen them. */
+    vd_node_unref(s->source);
+    vd_node_unref(s->target);
+    vd_node_unref(s->to_replace);
+    vd_node_unref(s->target_backing);
+    s->source = s->target = s->to_replace = s->target_backing = NULL;
 }
 
 static void state_free(mirror_state *s)

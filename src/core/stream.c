@@ -122,6 +122,10 @@ static void stream_clean(vd_job *job)
     }
     vd_block_job_remove_nodes(job);
     vd_block_job_restore_read_only(s->top, &s->reopened_rw);
+    /* The nodes go now, not when the last reference to the job does. */
+    vd_node_unref(s->base);
+    vd_node_unref(s->top);
+    s->base = s->top = NULL;
 }
 
 static void stream_free(vd_job *job)
