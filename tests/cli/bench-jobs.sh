@@ -15,7 +15,7 @@ st=0
 BENCH_SMOKE=1 BENCH_DIR=$PWD VDISK=$VDISK timeout 300 "$bench" >out 2>&1 || st=$?
 cat out
 [ "$st" = 0 ] || fail "bench/jobs.sh exited with status $st"
-for w in "mirror " "backup " "commit " "mirror + fio" "backup + fio" "commit + fio"; do
+for w in mirror backup commit "mirror \+ fio" "backup \+ fio" "commit \+ fio"; do
     # name, two times, their ratio, and the RSS columns: a row of figures.
     grep -qE "^$w +[0-9.]+ +[0-9.]+ +[0-9.]+ .* [0-9]+M +[0-9]+M +[0-9.]+" out ||
         fail "no figures for '$w'"
