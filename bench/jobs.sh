@@ -28,8 +28,11 @@
 # BLOCK_JOB_COMPLETED event (for mirror and commit including the
 # job-complete sent as soon as READY is seen; the monitor polls every
 # 10 ms, in both daemons). IOPS: fio's per-100-ms IOPS log (in Unix
-# time) averaged over the job's span, each interval by its overlap. RSS: VmHWM of the daemon when the
-# job is over; the table shows the largest of the runs. The first run of
+# time) averaged over the job's span, each interval by its overlap.
+# RSS: VmHWM of the daemon when the job is over; the table shows the
+# largest of the runs. On ext4 the target's flush before READY (a disk
+# write of the whole copy) dominates; BENCH_DIR=/dev/shm measures the
+# daemons rather than the disk (docs/jobs.md, "Performance"). The first run of
 # each daemon without load is checked: the target (mirror, backup) or
 # the base (commit) must show what the source showed (qemu-img compare),
 # so a fast but wrong job cannot score. Needs qemu-utils,
