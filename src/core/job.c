@@ -642,10 +642,10 @@ static void finalize_single(vd_job *job)
 
 static void exit_job(vd_job *job);
 
-/* Waits until @job's run() returned and processes its exit here. */
+/* Waits until @job's run() returned and processes its exit here. The
+ * caller holds a reference to @job. */
 static void finish_sync(vd_job *job)
 {
-    job->refcnt++;
     while (!is_completed(job)) {
         if (job->run_done && !job->exited) {
             exit_job(job);
@@ -661,7 +661,6 @@ static void finish_sync(vd_job *job)
         }
         pthread_cond_wait(&job_cond, &job_mutex);
     }
-    unref_locked(job);
 }
 
 static void txn_abort(vd_job *job)

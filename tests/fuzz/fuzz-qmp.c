@@ -36,6 +36,8 @@
 #include "../../src/qmp/commands.c"
 #include "../../src/qmp/monitor.c"
 #include "../../src/qmp/schema.c"
+#include "../../src/qmp/jobs.c"
+#include "../../src/qmp/transaction.c"
 
 #define MAX_LINES 32
 #define MAX_DEPTH 64
