@@ -106,11 +106,19 @@ static int common_opts(json_object *args, vd_job_options *o, qmp_error *e)
         o->id = "";
     if (json_object_object_get_ex(args, "speed", &v))
         o->speed = json_object_get_int64(v);
+    /* on-error (stream, commit) or on-source-error/on-target-error
+     * (mirror, backup): the schema has checked the values already. */
     const char *oe = arg_s(args, "on-error");
     if (oe && vd_on_error_parse(oe, &o->on_error) < 0) {
         qmp_fail(e, NULL, "Invalid parameter 'on-error'");
         return -1;
     }
+    oe = arg_s(args, "on-source-error");
+    if (oe)
+        vd_on_error_parse(oe, &o->on_error);
+    oe = arg_s(args, "on-target-error");
+    if (oe)
+        vd_on_error_parse(oe, &o->on_target_error);
     o->manual_finalize = !arg_b(args, "auto-finalize", true);
     o->manual_dismiss = !arg_b(args, "auto-dismiss", true);
     return 0;
@@ -293,12 +301,6 @@ QMP_HANDLER(qmp_cmd_blockdev_mirror)
 
     if (common_opts(args, &o, e) < 0)
         return NULL;
-    const char *te = arg_s(args, "on-source-error");
-    if (te)
-        vd_on_error_parse(te, &o.on_error);
-    te = arg_s(args, "on-target-error");
-    if (te)
-        vd_on_error_parse(te, &o.on_target_error);
     vd_node *bs = lookup(device, device, e);
     if (!bs)
         return NULL;
@@ -343,12 +345,6 @@ QMP_HANDLER(qmp_cmd_blockdev_backup)
 
     if (common_opts(args, &o, e) < 0)
         return NULL;
-    const char *oe = arg_s(args, "on-source-error");
-    if (oe)
-        vd_on_error_parse(oe, &o.on_error);
-    oe = arg_s(args, "on-target-error");
-    if (oe)
-        vd_on_error_parse(oe, &o.on_target_error);
     vd_node *bs = lookup(device, device, e);
     if (!bs)
         return NULL;
@@ -542,12 +538,6 @@ QMP_HANDLER(qmp_cmd_drive_mirror)
     if (json_object_object_get_ex(args, "buf-size", &v))
         mo.buf_size = json_object_get_int64(v);
     mo.no_unmap = !arg_b(args, "unmap", true);
-    const char *oe = arg_s(args, "on-source-error");
-    if (oe)
-        vd_on_error_parse(oe, &o.on_error);
-    oe = arg_s(args, "on-target-error");
-    if (oe)
-        vd_on_error_parse(oe, &o.on_target_error);
     if (replaces && !(mo.replaces = vd_find_node(replaces))) {
         vd_close(&target, NULL);
         return qmp_fail(e, NULL, "Node name '%s' not found", replaces);
