@@ -58,6 +58,21 @@ typedef struct vd_driver vd_driver;
 typedef struct vd_child vd_child;
 typedef struct vd_dirty_tracker vd_dirty_tracker;
 
+/* One persistent dirty bitmap as a driver stores it (bitmaps_load /
+ * bitmaps_store of struct vd_driver): bit i covers bytes
+ * [i * granularity, (i + 1) * granularity) of the node, bit i is bit
+ * (i % 8) of byte i / 8 (the on-disk order of ../shared/specs/
+ * bitmaps.rst); nbits = ceil(disk_size / granularity). */
+typedef struct vd_bitmap_image {
+    char *name;
+    uint64_t granularity;       /* a power of two, 512 .. 2 GiB */
+    bool enabled;               /* recording (QEMU's BME_FLAG_AUTO) */
+    bool in_use;                /* inconsistent: bits not usable */
+    uint64_t disk_size;         /* bytes the bits cover */
+    uint8_t *bits;              /* ceil(nbits / 8) bytes; NULL if in_use */
+} vd_bitmap_image;
+void vd_bitmap_images_free(vd_bitmap_image *list, size_t count);
+
 /*
  * A node's accounting, QEMU's BlockAcctStats (stats.c; the public view
  * is vd_block_stats). The counters are updated with relaxed atomics on
@@ -487,6 +502,43 @@ struct vd_driver {
                         vd_error *err);
     int (*load_vmstate)(vd_node *node, vd_iov *qiov, uint64_t pos,
                         vd_error *err);
+
+    /*
+     * Persistent dirty bitmaps (QEMU's qcow2 bitmaps extension,
+     * ../shared/specs/bitmaps.rst). All optional: a driver without
+     * bitmaps_load has no persistent bitmaps and refuses persistent=true.
+     *
+     * bitmaps_load: called by the core once after open (and after a
+     * reopen read-only -> read-write). Returns every bitmap the image
+     * stores in *@list (*@count entries; malloc'd array and strings, the
+     * caller frees with vd_bitmap_images_free()). Bits are filled for
+     * bitmaps not marked in use; in_use ones come back with bits NULL and
+     * are inconsistent. When the node is writable the driver marks the
+     * loaded bitmaps in use in the image before returning (so a crash
+     * leaves them inconsistent, as QEMU does), and from then on owns the
+     * duty to store them.
+     *
+     * bitmaps_store: called by the core on flush-before-close and on
+     * inactivation/reopen to read-only (never on a read-only node) with
+     * the full set of persistent bitmaps of the node: the driver replaces
+     * the stored set with @list (bitmaps not in @list are removed from the
+     * image, in_use cleared on those stored), writes bits, and sets the
+     * autoclear bit. Metadata ordering: bitmap data and tables first,
+     * then the directory, then the header extension.
+     *
+     * bitmap_can_store: whether a new persistent bitmap @name of
+     * @granularity bytes fits (name length, count limits, granularity
+     * range); QEMU's error texts.
+     * bitmap_remove: removes @name from the image now (QEMU removes a
+     * persistent bitmap from the image at block-dirty-bitmap-remove).
+     */
+    int (*bitmaps_load)(vd_node *node, vd_bitmap_image **list,
+                        size_t *count, vd_error *err);
+    int (*bitmaps_store)(vd_node *node, const vd_bitmap_image *list,
+                         size_t count, vd_error *err);
+    int (*bitmap_can_store)(vd_node *node, const char *name,
+                            uint64_t granularity, vd_error *err);
+    int (*bitmap_remove)(vd_node *node, const char *name, vd_error *err);
 };
 
 

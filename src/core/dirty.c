@@ -188,3 +188,14 @@ bool vd_dirty_tracker_next(const vd_dirty_tracker *t, uint64_t from,
     }
     return false;
 }
+
+void vd_bitmap_images_free(vd_bitmap_image *list, size_t count)
+{
+    if (!list)
+        return;
+    for (size_t i = 0; i < count; i++) {
+        free(list[i].name);
+        free(list[i].bits);
+    }
+    free(list);
+}
