@@ -57,6 +57,7 @@
 typedef struct vd_driver vd_driver;
 typedef struct vd_child vd_child;
 typedef struct vd_dirty_tracker vd_dirty_tracker;
+typedef struct vd_node_bitmaps vd_node_bitmaps;
 
 /* One persistent dirty bitmap as a driver stores it (bitmaps_load /
  * bitmaps_store of struct vd_driver): bit i covers bytes
@@ -227,6 +228,8 @@ struct vd_node {
     _Atomic(struct vd_write_hook *) write_hooks;
     /* Dirty trackers of jobs (dirty.c): every write marks them. */
     _Atomic(vd_dirty_tracker *) dirty_trackers;
+    /* Named dirty bitmaps (bitmap.c), NULL until the first one. */
+    _Atomic(vd_node_bitmaps *) named_bitmaps;
     /* Jobs and copy-on-read filters populating the node by copy-on-read
      * (stream): while > 0, writes are tracked so that a copy never
      * overwrites them. */
@@ -848,8 +851,26 @@ typedef struct vd_write_hook {
 void vd_node_add_write_hook(vd_node *node, vd_write_hook *hook);
 void vd_node_remove_write_hook(vd_node *node, vd_write_hook *hook);
 
-/* io.c: marks [off, off+bytes) in every tracker of @node. */
+/* io.c: marks [off, off+bytes) in every tracker and every enabled
+ * named bitmap of @node; io.c calls it when vd_node_tracks_dirty(). */
 void vd_dirty_mark(vd_node *node, uint64_t off, uint64_t bytes);
+static inline bool vd_node_tracks_dirty(vd_node *n)
+{
+    return atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed) ||
+           atomic_load_explicit(&n->named_bitmaps, memory_order_relaxed);
+}
+
+/* Named dirty bitmaps, the core's side (bitmap.c, docs/bitmaps.md):
+ * marking, the driver's persistent bitmaps after open (and a reopen
+ * read-write: bitmaps already known become writable) and before close
+ * (and a reopen read-only: @readonly_after), the length after a resize,
+ * freeing with the node. close stores and drops every bitmap. */
+void vd_bitmaps_mark(vd_node *node, uint64_t off, uint64_t bytes);
+int vd_bitmaps_load(vd_node *node, vd_error *err);
+int vd_bitmaps_store(vd_node *node, bool readonly_after, vd_error *err);
+void vd_bitmaps_close(vd_node *node);
+void vd_bitmaps_truncate(vd_node *node);
+void vd_bitmaps_free(vd_node *node);
 
 int vd_node_block_status_above(vd_node *top, vd_node *base, bool want_zero,
                                uint64_t off, uint64_t bytes, uint64_t *pnum,

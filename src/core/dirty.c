@@ -7,8 +7,8 @@
  * cleared before reading it is marked again by any write that lands
  * during or after the read.
  *
- * Bits are set and cleared with atomic word operations, so requests and
- * the job never lock. Trackers are added and removed with the node
+ * The bits live in a hierarchical bitmap (hbitmap.c), set and cleared
+ * with atomic word operations, so requests and the job never lock. Trackers are added and removed with the node
  * drained (no request in flight), under the node's mutex, so the list a
  * request walks never changes under it.
  *
@@ -16,32 +16,31 @@
  * job needs a set of ranges that writes must not mark (backup's copy
  * bitmap).
  *
- * Issue 10's dirty bitmaps (named, persistent, exported) will replace
- * this with a hierarchical structure; the contract stays.
+ * vd_dirty_mark() also marks the node's enabled named bitmaps
+ * (bitmap.c), which sit on a list of their own.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "block_int.h"
+#include "hbitmap.h"
 
 struct vd_dirty_tracker {
-    unsigned shift;                 /* log2 of the granularity */
-    uint64_t nbits;
-    _Atomic uint64_t *words;
+    vd_hbitmap *hb;
     vd_dirty_tracker *next;
 };
 
 static vd_dirty_tracker *bitmap_new(uint64_t len, uint64_t granularity)
 {
+    unsigned shift = 0;
+    while ((1ull << shift) < granularity && shift < 40)
+        shift++;
     vd_dirty_tracker *t = calloc(1, sizeof(*t));
     if (!t)
         return NULL;
-    while ((1ull << t->shift) < granularity)
-        t->shift++;
-    t->nbits = (len + (1ull << t->shift) - 1) >> t->shift;
-    t->words = calloc(t->nbits / 64 + 1, sizeof(uint64_t));
-    if (!t->words) {
+    t->hb = vd_hbitmap_new(len, shift);
+    if (!t->hb) {
         free(t);
         return NULL;
     }
@@ -100,93 +99,70 @@ void vd_dirty_tracker_free(vd_dirty_tracker **tp, vd_node *node)
     pthread_mutex_unlock(&node->lock);
     vd_node_drain_end(node);
 free_it:
-    free((void *)t->words);
+    vd_hbitmap_free(t->hb);
     free(t);
     *tp = NULL;
 }
 
 uint64_t vd_dirty_tracker_granularity(const vd_dirty_tracker *t)
 {
-    return 1ull << t->shift;
-}
-
-static void change(vd_dirty_tracker *t, uint64_t off, uint64_t bytes,
-                   bool set)
-{
-    if (bytes == 0)
-        return;
-    uint64_t first = off >> t->shift;
-    uint64_t last = (off + bytes - 1) >> t->shift;
-    if (first >= t->nbits)
-        return;
-    if (last >= t->nbits)
-        last = t->nbits - 1;
-    for (uint64_t w = first / 64; w <= last / 64; w++) {
-        uint64_t lo = w * 64 > first ? 0 : first % 64;
-        uint64_t hi = w * 64 + 63 < last ? 63 : last % 64;
-        uint64_t mask = (hi == 63 ? ~0ull : ((1ull << (hi + 1)) - 1)) &
-                        ~((1ull << lo) - 1);
-        if (set)
-            atomic_fetch_or(&t->words[w], mask);
-        else
-            atomic_fetch_and(&t->words[w], ~mask);
-    }
+    return 1ull << vd_hbitmap_shift(t->hb);
 }
 
 void vd_dirty_tracker_set(vd_dirty_tracker *t, uint64_t off, uint64_t bytes)
 {
-    change(t, off, bytes, true);
+    vd_hbitmap_set(t->hb, off, bytes);
 }
 
 void vd_dirty_tracker_clear(vd_dirty_tracker *t, uint64_t off,
                             uint64_t bytes)
 {
-    change(t, off, bytes, false);
+    vd_hbitmap_reset(t->hb, off, bytes);
 }
 
 void vd_dirty_mark(vd_node *node, uint64_t off, uint64_t bytes)
 {
     for (vd_dirty_tracker *t = atomic_load(&node->dirty_trackers); t;
          t = t->next)
-        change(t, off, bytes, true);
+        vd_hbitmap_set(t->hb, off, bytes);
+    vd_bitmaps_mark(node, off, bytes);
+}
+
+vd_hbitmap *vd_dirty_tracker_hbitmap(vd_dirty_tracker *t)
+{
+    return t->hb;
 }
 
 uint64_t vd_dirty_tracker_count(const vd_dirty_tracker *t)
 {
-    uint64_t n = 0;
-    for (uint64_t w = 0; w <= t->nbits / 64; w++)
-        n += (uint64_t)__builtin_popcountll(atomic_load(&t->words[w]));
-    return n << t->shift;
+    return vd_hbitmap_count(t->hb);
 }
 
 bool vd_dirty_tracker_next(const vd_dirty_tracker *t, uint64_t from,
                            uint64_t max, uint64_t *off, uint64_t *bytes)
 {
-    uint64_t b = from >> t->shift;
+    const vd_hbitmap *hb = t->hb;
+    unsigned shift = vd_hbitmap_shift(hb);
+    uint64_t len = vd_hbitmap_len(hb);
+    uint64_t nbits = vd_hbitmap_nbits(hb);
     /* The first dirty bit at or after @from, wrapping around once. */
-    for (uint64_t pass = 0; pass < 2; pass++) {
-        while (b < t->nbits) {
-            uint64_t word = atomic_load(&t->words[b / 64]) >> (b % 64);
-            if (word == 0) {
-                b = (b / 64 + 1) * 64;
-                continue;
-            }
-            b += (uint64_t)__builtin_ctzll(word);
-            if (b >= t->nbits)
-                break;
-            uint64_t e = b;
-            while (e < t->nbits && ((e - b + 1) << t->shift) <= max &&
-                   (atomic_load(&t->words[e / 64]) >> (e % 64)) & 1)
-                e++;
-            if (e == b)
-                e = b + 1;
-            *off = b << t->shift;
-            *bytes = (e - b) << t->shift;
-            return true;
-        }
-        b = 0;
-    }
-    return false;
+    int64_t d = from < len ? vd_hbitmap_next_dirty(hb, from, len - from)
+                           : -1;
+    if (d < 0)
+        d = vd_hbitmap_next_dirty(hb, 0, len);
+    if (d < 0)
+        return false;
+    uint64_t b = (uint64_t)d >> shift;
+    int64_t c = vd_hbitmap_next_clean(hb, b << shift, len - (b << shift));
+    uint64_t e = c < 0 ? nbits : (uint64_t)c >> shift;
+    uint64_t maxbits = max >> shift;
+    if (e - b > maxbits)
+        e = b + maxbits;
+    if (e == b)
+        e = b + 1;
+    *off = b << shift;
+    *bytes = (e - b) << shift;
+    return true;
 }
 
 void vd_bitmap_images_free(vd_bitmap_image *list, size_t count)

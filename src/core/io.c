@@ -793,7 +793,7 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     bool is_protocol = !n->file && !n->children;
     if (is_protocol)
         atomic_fetch_add(&n->write_gen, 1);
-    if (atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+    if (vd_node_tracks_dirty(n))
         vd_dirty_mark(n, off, bytes);
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
@@ -941,7 +941,7 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
     vd_node_debug_event_here(n, VD_BLKDBG_PWRITEV_DONE);
     if (n->file || n->children)
         atomic_fetch_add(&n->write_gen, 1);
-    if (atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+    if (vd_node_tracks_dirty(n))
         vd_dirty_mark(n, off, bytes);
     if (tracked)
         track_end(n, &req);
@@ -1002,8 +1002,7 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
         }
     }
     atomic_fetch_add(&n->write_gen, 1);
-    if (start < end &&
-        atomic_load_explicit(&n->dirty_trackers, memory_order_relaxed))
+    if (start < end && vd_node_tracks_dirty(n))
         vd_dirty_mark(n, start, end - start);
     if (r == -ENOTSUP || r == -EOPNOTSUPP)
         r = 0;
@@ -1075,7 +1074,7 @@ int vd_node_copy_range_to(vd_node *src, uint64_t soff, vd_node *dst,
     r = dst->drv->copy_range_to(dst, src, soff, doff, bytes, flags, err);
     if (r != -ENOTSUP) {
         atomic_fetch_add(&dst->write_gen, 1);
-        if (atomic_load_explicit(&dst->dirty_trackers, memory_order_relaxed))
+        if (vd_node_tracks_dirty(dst))
             vd_dirty_mark(dst, doff, bytes);
         if (r == 0)
             raise_length(dst, doff + bytes);
@@ -1185,6 +1184,7 @@ int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
             r = vd_node_truncate(child, size, exact, prealloc, err);
             if (r == 0) {
                 vd_node_refresh_length(n);
+                vd_bitmaps_truncate(n);
                 atomic_fetch_add(&n->write_gen, 1);
             }
             return r;
@@ -1194,8 +1194,10 @@ int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
     }
     r = n->drv->truncate(n, size, exact, prealloc, err);
     atomic_fetch_add(&n->write_gen, 1);
-    if (r == 0)
+    if (r == 0) {
         vd_node_refresh_length(n);
+        vd_bitmaps_truncate(n);
+    }
     return r;
 }
 

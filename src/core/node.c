@@ -184,6 +184,7 @@ static void node_free(vd_node *n)
     while (n->children)
         vd_node_detach_child(n, n->children);
     vd_node_free_op_blockers(n);
+    vd_bitmaps_free(n);
     if (n->node_name)
         unregister_node(n);
     pthread_mutex_destroy(&n->lock);
@@ -225,7 +226,9 @@ void vd_node_unref(vd_node *node)
         vd_node *n = closing_list;
         closing_list = n->free_next;
         /* A parent closes before its children: detaching them in
-         * node_free() queues those that lose their last reference. */
+         * node_free() queues those that lose their last reference. The
+         * persistent bitmaps are stored while the driver is open. */
+        vd_bitmaps_close(n);
         if (n->drv->close)
             n->drv->close(n);
         node_free(n);
@@ -330,12 +333,20 @@ static int node_reopen(vd_node *n, unsigned flags, bool top, vd_error *err)
      * the children still accept writes. */
     if (to_rw)
         r = reopen_children(n, true, err);
+    /* Going read-only, the persistent bitmaps are stored first (and
+     * become read-only); a failure to store them refuses the reopen. */
+    if (r == 0 && to_ro)
+        r = vd_bitmaps_store(n, true, err);
     if (r == 0) {
         vd_node_close_driver(n);
         if (!to_rw && !(flags & VD_NODE_RDWR))
             r = reopen_children(n, false, err);
         if (r == 0)
             r = vd_node_open_driver(n, flags, err);
+        /* Read-write again: the driver marks its bitmaps in use and
+         * ours become writable. */
+        if (r == 0 && to_rw)
+            r = vd_bitmaps_load(n, err);
     }
     if (r < 0 && !n->broken) {
         /* Nothing was closed yet: the old mode still stands. */
@@ -884,6 +895,13 @@ static int node_open_one(vd_node **out, const char *filename,
                                    "image size", fname ? fname : "");
             goto fail_early;
         }
+    }
+    /* The image's persistent dirty bitmaps (QEMU loads them in the
+     * format's open; a failure fails the open as there). */
+    r = vd_bitmaps_load(node, err);
+    if (r < 0) {
+        vd_node_unref(node);
+        goto fail_early;
     }
     *out = node;
     free(node_name);

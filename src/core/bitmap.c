@@ -1,0 +1,796 @@
+/*
+ * Named dirty bitmaps on nodes (include/vdisk/bitmap.h, docs/bitmaps.md):
+ * QEMU 7.2's BdrvDirtyBitmap with its states (recording, busy,
+ * persistent, inconsistent, read-only), its checks and its messages, on
+ * the hierarchical bitmap of hbitmap.c; and the core side of persistence
+ * (the driver's bitmaps_load / bitmaps_store / bitmap_can_store /
+ * bitmap_remove, whose contract is in block_int.h): load after open and
+ * after a reopen read-write, store before close and before a reopen
+ * read-only, can_store when a persistent bitmap is added, remove when
+ * one is removed.
+ *
+ * Locking. A node's bitmaps hang off one vd_node_bitmaps, made the first
+ * time the node gets a bitmap and freed with the node. Its rwlock is
+ * taken for reading by every write that marks (vd_bitmaps_mark(), from
+ * io.c's choke point through vd_dirty_mark()) and by the readers of this
+ * API; for writing by what changes the list, a bitmap's state or its
+ * length (add, remove, enable, disable, busy, clear, merge, load, store,
+ * truncate). The bits themselves are lock-free (hbitmap.c), so marking
+ * writers never wait for each other, only for those rare changes; the
+ * lock prefers writers, so a stream of requests cannot starve a QMP
+ * command. A node without bitmaps costs the request path one relaxed
+ * load (vd_node_tracks_dirty()).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "block_int.h"
+#include "hbitmap.h"
+#include "vdisk/bitmap.h"
+
+/* QEMU's BDRV_BITMAP_MAX_NAME_SIZE. */
+#define MAX_NAME 1023
+#define MAX_GRANULARITY (1ull << 31)
+
+typedef struct bdm {
+    char *name;
+    vd_hbitmap *hb;
+    atomic_bool enabled;
+    bool busy;
+    bool persistent;
+    bool inconsistent;
+    bool readonly;
+    struct bdm *next;
+} bdm;
+
+struct vd_node_bitmaps {
+    pthread_rwlock_t lock;
+    bdm *head;                  /* newest first, as QEMU lists them */
+    atomic_int count;
+    /* Whether the image may hold bitmaps we must store at close: some
+     * were loaded, or a persistent one was added. */
+    bool store_needed;
+};
+
+/* Check flags, QEMU's BDRV_BITMAP_*. */
+enum { CK_BUSY = 1, CK_RO = 2, CK_INCONSISTENT = 4 };
+#define CK_DEFAULT (CK_BUSY | CK_RO | CK_INCONSISTENT)
+#define CK_ALLOW_RO (CK_BUSY | CK_INCONSISTENT)
+
+static vd_node_bitmaps *get_set(vd_node *node, bool create)
+{
+    vd_node_bitmaps *s = atomic_load(&node->named_bitmaps);
+    if (s || !create)
+        return s;
+    s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    pthread_rwlockattr_t a;
+    pthread_rwlockattr_init(&a);
+    pthread_rwlockattr_setkind_np(&a,
+        PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&s->lock, &a);
+    pthread_rwlockattr_destroy(&a);
+    vd_node_bitmaps *expected = NULL;
+    if (!atomic_compare_exchange_strong(&node->named_bitmaps, &expected, s)) {
+        pthread_rwlock_destroy(&s->lock);
+        free(s);
+        return expected;
+    }
+    return s;
+}
+
+static bdm *find(vd_node_bitmaps *s, const char *name)
+{
+    for (bdm *b = s ? s->head : NULL; b; b = b->next)
+        if (strcmp(b->name, name) == 0)
+            return b;
+    return NULL;
+}
+
+static int not_found(vd_error *err, const char *name)
+{
+    return vd_error_set(err, -ENOENT, "Dirty bitmap '%s' not found", name);
+}
+
+static int err_code(vd_error *err, int dflt)
+{
+    return err && err->code ? err->code : dflt;
+}
+
+/* QEMU's bdrv_dirty_bitmap_check(). */
+static int check(const bdm *b, unsigned flags, vd_error *err)
+{
+    if ((flags & CK_BUSY) && b->busy)
+        return vd_error_set(err, -EBUSY, "Bitmap '%s' is currently in use "
+                            "by another operation and cannot be used",
+                            b->name);
+    if ((flags & CK_RO) && b->readonly)
+        return vd_error_set(err, -EPERM, "Bitmap '%s' is readonly and "
+                            "cannot be modified", b->name);
+    if ((flags & CK_INCONSISTENT) && b->inconsistent) {
+        int r = vd_error_set(err, -EINVAL, "Bitmap '%s' is inconsistent "
+                             "and cannot be used", b->name);
+        if (err)
+            snprintf(err->hint, sizeof(err->hint), "Try "
+                     "block-dirty-bitmap-remove to delete this bitmap "
+                     "from disk");
+        return r;
+    }
+    return 0;
+}
+
+static void bdm_free(bdm *b)
+{
+    if (!b)
+        return;
+    vd_hbitmap_free(b->hb);
+    free(b->name);
+    free(b);
+}
+
+static bdm *bdm_new(const char *name, uint64_t len, uint64_t granularity)
+{
+    bdm *b = calloc(1, sizeof(*b));
+    if (!b)
+        return NULL;
+    b->name = strdup(name);
+    b->hb = vd_hbitmap_new(len, (unsigned)__builtin_ctzll(granularity));
+    if (!b->name || !b->hb) {
+        bdm_free(b);
+        return NULL;
+    }
+    atomic_store(&b->enabled, true);
+    return b;
+}
+
+/* Links @b in (write lock held). */
+static void link_in(vd_node *node, vd_node_bitmaps *s, bdm *b)
+{
+    b->next = s->head;
+    s->head = b;
+    atomic_fetch_add(&s->count, 1);
+    atomic_fetch_add(&node->dirty_bitmaps, 1);
+}
+
+static void unlink_out(vd_node *node, vd_node_bitmaps *s, bdm *b)
+{
+    for (bdm **p = &s->head; *p; p = &(*p)->next) {
+        if (*p == b) {
+            *p = b->next;
+            atomic_fetch_sub(&s->count, 1);
+            atomic_fetch_sub(&node->dirty_bitmaps, 1);
+            return;
+        }
+    }
+}
+
+void vd_bitmaps_mark(vd_node *node, uint64_t off, uint64_t bytes)
+{
+    vd_node_bitmaps *s = atomic_load(&node->named_bitmaps);
+    if (!s || atomic_load_explicit(&s->count, memory_order_relaxed) == 0)
+        return;
+    pthread_rwlock_rdlock(&s->lock);
+    for (bdm *b = s->head; b; b = b->next)
+        if (atomic_load_explicit(&b->enabled, memory_order_relaxed))
+            vd_hbitmap_set(b->hb, off, bytes);
+    pthread_rwlock_unlock(&s->lock);
+}
+
+static const char *node_label(vd_node *node)
+{
+    return node->node_name ? node->node_name : "";
+}
+
+VD_API uint64_t vd_bitmap_default_granularity(vd_node *node)
+{
+    uint64_t cluster = 0;
+    /* QEMU's bdrv_get_info(): the driver's, or a filter's child's. */
+    vd_node *n = node;
+    while (n && !n->drv->get_info && n->drv->is_filter && n->file)
+        n = n->file->node;
+    if (n && n->drv->get_info) {
+        vd_image_info *info = calloc(1, sizeof(*info));
+        if (info && n->drv->get_info(n, info, NULL) == 0)
+            cluster = info->cluster_size;
+        vd_image_info_free(&info);
+    }
+    if (cluster == 0)
+        return 65536;
+    if (cluster < 4096)
+        return 4096;
+    return cluster > 65536 ? 65536 : cluster;
+}
+
+static bool granularity_ok(uint64_t g)
+{
+    return g >= 512 && g <= MAX_GRANULARITY && (g & (g - 1)) == 0;
+}
+
+VD_API int vd_bitmap_add(vd_node *node, const char *name,
+                         uint64_t granularity, unsigned flags,
+                         vd_error *err)
+{
+    if (!name || !*name)
+        return vd_error_set(err, -EINVAL, "Bitmap name cannot be empty");
+    if (granularity == 0)
+        granularity = vd_bitmap_default_granularity(node);
+    else if (!granularity_ok(granularity))
+        return vd_error_set(err, -EINVAL, "Granularity must be power of 2 "
+                            "and at least 512");
+    bool persistent = flags & VD_BITMAP_PERSISTENT;
+    /* QEMU asks the driver before it looks at the name. */
+    if (persistent) {
+        if (!node->drv->bitmap_can_store)
+            return vd_error_set_errno(err, -ENOTSUP, "Can't store "
+                                      "persistent bitmaps to %s",
+                                      node_label(node));
+        int r = node->drv->bitmap_can_store(node, name, granularity, err);
+        if (r < 0)
+            return r;
+    }
+    vd_node_bitmaps *s = get_set(node, true);
+    if (!s)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    int64_t len = vd_node_getlength(node);
+    if (len < 0)
+        return vd_error_set_errno(err, (int)len, "could not get length of "
+                                  "device");
+    bdm *b = bdm_new(name, (uint64_t)len, granularity);
+    if (!b)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    b->persistent = persistent;
+    atomic_store(&b->enabled, !(flags & VD_BITMAP_DISABLED));
+    int r = 0;
+    pthread_rwlock_wrlock(&s->lock);
+    if (find(s, name)) {
+        r = vd_error_set(err, -EEXIST, "Bitmap already exists: %s", name);
+    } else if (strlen(name) > MAX_NAME) {
+        r = vd_error_set(err, -EINVAL, "Bitmap name too long: %s", name);
+    } else {
+        link_in(node, s, b);
+        if (persistent)
+            s->store_needed = true;
+        b = NULL;
+    }
+    pthread_rwlock_unlock(&s->lock);
+    bdm_free(b);
+    return r;
+}
+
+VD_API int vd_bitmap_remove(vd_node *node, const char *name, vd_error *err)
+{
+    vd_node_bitmaps *s = get_set(node, false);
+    if (!s)
+        return not_found(err, name);
+    pthread_rwlock_wrlock(&s->lock);
+    bdm *b = find(s, name);
+    int r = b ? check(b, CK_BUSY | CK_RO, err) : not_found(err, name);
+    if (r == 0 && b->persistent && node->drv->bitmap_remove)
+        r = node->drv->bitmap_remove(node, name, err);
+    if (r == 0)
+        unlink_out(node, s, b);
+    pthread_rwlock_unlock(&s->lock);
+    if (r == 0)
+        bdm_free(b);
+    return r;
+}
+
+/* Looks @name up under the write lock and checks @flags; on success the
+ * lock stays held and the bitmap is returned. */
+static bdm *lock_checked(vd_node *node, const char *name, unsigned flags,
+                         vd_node_bitmaps **sp, vd_error *err)
+{
+    vd_node_bitmaps *s = get_set(node, false);
+    if (!s) {
+        not_found(err, name);
+        return NULL;
+    }
+    pthread_rwlock_wrlock(&s->lock);
+    bdm *b = find(s, name);
+    if (!b)
+        not_found(err, name);
+    else if (check(b, flags, err) < 0)
+        b = NULL;
+    if (!b) {
+        pthread_rwlock_unlock(&s->lock);
+        return NULL;
+    }
+    *sp = s;
+    return b;
+}
+
+VD_API int vd_bitmap_clear(vd_node *node, const char *name, vd_error *err)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_checked(node, name, CK_DEFAULT, &s, err);
+    if (!b)
+        return err_code(err, -EINVAL);
+    vd_hbitmap_clear_all(b->hb);
+    pthread_rwlock_unlock(&s->lock);
+    return 0;
+}
+
+static int set_enabled(vd_node *node, const char *name, bool on,
+                       vd_error *err)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_checked(node, name, CK_ALLOW_RO, &s, err);
+    if (!b)
+        return err_code(err, -EINVAL);
+    atomic_store(&b->enabled, on);
+    pthread_rwlock_unlock(&s->lock);
+    return 0;
+}
+
+VD_API int vd_bitmap_enable(vd_node *node, const char *name, vd_error *err)
+{
+    return set_enabled(node, name, true, err);
+}
+
+VD_API int vd_bitmap_disable(vd_node *node, const char *name, vd_error *err)
+{
+    return set_enabled(node, name, false, err);
+}
+
+VD_API int vd_bitmap_set_busy(vd_node *node, const char *name, bool busy,
+                              vd_error *err)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_checked(node, name, busy ? CK_DEFAULT & ~CK_RO : 0, &s,
+                          err);
+    if (!b)
+        return err_code(err, -EINVAL);
+    b->busy = busy;
+    pthread_rwlock_unlock(&s->lock);
+    return 0;
+}
+
+/* Looks @name up with the read lock; on success the lock stays held. */
+static bdm *lock_read(vd_node *node, const char *name, vd_node_bitmaps **sp,
+                      vd_error *err)
+{
+    vd_node_bitmaps *s = get_set(node, false);
+    bdm *b = NULL;
+    if (s) {
+        pthread_rwlock_rdlock(&s->lock);
+        b = find(s, name);
+        if (!b)
+            pthread_rwlock_unlock(&s->lock);
+    }
+    if (!b)
+        not_found(err, name);
+    *sp = s;
+    return b;
+}
+
+/* ORs bitmap @name of @node into @acc (QEMU checks each source for
+ * consistency and size as it merges it). */
+static int merge_source(vd_hbitmap *acc, vd_node *node, const char *name,
+                        vd_error *err)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_read(node, name, &s, err);
+    if (!b)
+        return err_code(err, -ENOENT);
+    int r = check(b, CK_INCONSISTENT, err);
+    if (r == 0 && vd_hbitmap_len(b->hb) != vd_hbitmap_len(acc))
+        r = vd_error_set(err, -EINVAL, "Bitmaps are of different sizes "
+                         "(destination size is %" PRIu64 ", source size is "
+                         "%" PRIu64 ") and can't be merged",
+                         vd_hbitmap_len(acc), vd_hbitmap_len(b->hb));
+    if (r == 0)
+        vd_hbitmap_merge(acc, b->hb);
+    pthread_rwlock_unlock(&s->lock);
+    return r;
+}
+
+VD_API int vd_bitmap_merge(vd_node *node, const char *target,
+                           const vd_bitmap_ref *src, size_t n,
+                           vd_error *err)
+{
+    vd_node_bitmaps *s = get_set(node, false);
+    uint64_t len = 0;
+    unsigned shift = 0;
+    if (s) {
+        pthread_rwlock_rdlock(&s->lock);
+        bdm *t = find(s, target);
+        if (t) {
+            len = vd_hbitmap_len(t->hb);
+            shift = vd_hbitmap_shift(t->hb);
+        }
+        pthread_rwlock_unlock(&s->lock);
+        if (!t)
+            s = NULL;
+    }
+    if (!s)
+        return not_found(err, target);
+    /* As QEMU: the sources go into an anonymous bitmap first, so that
+     * the target is unchanged when one of them fails. */
+    vd_hbitmap *acc = vd_hbitmap_new(len, shift);
+    if (!acc)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    int r = 0;
+    for (size_t i = 0; i < n && r == 0; i++)
+        r = merge_source(acc, src[i].node ? src[i].node : node, src[i].name,
+                         err);
+    if (r == 0) {
+        bdm *t = lock_checked(node, target, CK_DEFAULT, &s, err);
+        if (!t) {
+            r = err_code(err, -EINVAL);
+        } else {
+            if (vd_hbitmap_len(t->hb) != len)
+                r = vd_error_set(err, -EINVAL, "Bitmaps are of different "
+                                 "sizes (destination size is %" PRIu64
+                                 ", source size is %" PRIu64 ") and can't "
+                                 "be merged", vd_hbitmap_len(t->hb), len);
+            else
+                vd_hbitmap_merge(t->hb, acc);
+            pthread_rwlock_unlock(&s->lock);
+        }
+    }
+    vd_hbitmap_free(acc);
+    return r;
+}
+
+static int fill_info(const bdm *b, vd_bitmap_info *i)
+{
+    memset(i, 0, sizeof(*i));
+    i->name = strdup(b->name);
+    if (!i->name)
+        return -ENOMEM;
+    i->granularity = 1ull << vd_hbitmap_shift(b->hb);
+    i->count = vd_hbitmap_count(b->hb);
+    i->recording = atomic_load(&b->enabled) && !b->inconsistent;
+    i->busy = b->busy;
+    i->persistent = b->persistent;
+    i->inconsistent = b->inconsistent;
+    i->readonly = b->readonly;
+    return 0;
+}
+
+VD_API void vd_bitmap_list_free(vd_bitmap_info *list, size_t count)
+{
+    if (!list)
+        return;
+    for (size_t i = 0; i < count; i++)
+        free(list[i].name);
+    free(list);
+}
+
+VD_API int vd_bitmap_list(vd_node *node, vd_bitmap_info **list,
+                          size_t *count, vd_error *err)
+{
+    *list = NULL;
+    *count = 0;
+    vd_node_bitmaps *s = get_set(node, false);
+    if (!s)
+        return 0;
+    pthread_rwlock_rdlock(&s->lock);
+    size_t n = 0;
+    for (bdm *b = s->head; b; b = b->next)
+        n++;
+    vd_bitmap_info *l = n ? calloc(n, sizeof(*l)) : NULL;
+    int r = n && !l ? -ENOMEM : 0;
+    size_t i = 0;
+    for (bdm *b = s->head; b && r == 0; b = b->next, i++)
+        r = fill_info(b, &l[i]);
+    pthread_rwlock_unlock(&s->lock);
+    if (r < 0) {
+        vd_bitmap_list_free(l, n);
+        return vd_error_set(err, r, "Out of memory");
+    }
+    *list = l;
+    *count = n;
+    return 0;
+}
+
+VD_API int vd_bitmap_get_info(vd_node *node, const char *name,
+                              vd_bitmap_info *info, vd_error *err)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_read(node, name, &s, err);
+    if (!b)
+        return err_code(err, -ENOENT);
+    int r = fill_info(b, info);
+    pthread_rwlock_unlock(&s->lock);
+    if (r == -ENOMEM)
+        vd_error_set(err, r, "Out of memory");
+    return r;
+}
+
+VD_API int vd_bitmap_next_dirty(vd_node *node, const char *name,
+                                uint64_t off, uint64_t *start,
+                                uint64_t *bytes, vd_error *err)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_read(node, name, &s, err);
+    if (!b)
+        return err_code(err, -ENOENT);
+    int r = check(b, CK_INCONSISTENT, err);
+    if (r == 0)
+        r = vd_hbitmap_next_dirty_area(b->hb, off, vd_hbitmap_len(b->hb),
+                                       UINT64_MAX, start, bytes);
+    pthread_rwlock_unlock(&s->lock);
+    return r;
+}
+
+VD_API int vd_bitmap_sha256(vd_node *node, const char *name, char out[65],
+                            vd_error *err)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_read(node, name, &s, err);
+    if (!b)
+        return err_code(err, -ENOENT);
+    int r = vd_hbitmap_sha256(b->hb, out);
+    pthread_rwlock_unlock(&s->lock);
+    if (r < 0)
+        vd_error_set_errno(err, r, "Could not compute the SHA-256 of "
+                           "bitmap '%s'", name);
+    return r;
+}
+
+/* ---- undo (the QMP transaction's abort) ---- */
+
+struct vd_bitmap_saved {
+    vd_node *node;
+    char *name;
+    uint64_t granularity;
+    bool enabled;
+    bool persistent;
+    vd_hbitmap *bits;
+    /* What the node's writes mark from the save on: a restore of a
+     * recording bitmap keeps them. */
+    vd_dirty_tracker *shadow;
+};
+
+VD_API void vd_bitmap_saved_free(vd_bitmap_saved *sv)
+{
+    if (!sv)
+        return;
+    vd_dirty_tracker_free(&sv->shadow, sv->node);
+    vd_hbitmap_free(sv->bits);
+    vd_node_unref(sv->node);
+    free(sv->name);
+    free(sv);
+}
+
+VD_API int vd_bitmap_save(vd_node *node, const char *name,
+                          vd_bitmap_saved **out, vd_error *err)
+{
+    vd_bitmap_saved *sv = calloc(1, sizeof(*sv));
+    if (!sv)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    vd_node_ref(node);
+    sv->node = node;
+    sv->name = strdup(name);
+    if (!sv->name) {
+        vd_bitmap_saved_free(sv);
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    }
+    /* The shadow first: no write falls between it and the copy. */
+    vd_node_bitmaps *s = get_set(node, false);
+    bdm *b = NULL;
+    int r = 0;
+    if (s) {
+        pthread_rwlock_rdlock(&s->lock);
+        b = find(s, name);
+        if (b)
+            sv->granularity = 1ull << vd_hbitmap_shift(b->hb);
+        pthread_rwlock_unlock(&s->lock);
+    }
+    if (!b)
+        r = not_found(err, name);
+    if (r == 0)
+        r = vd_dirty_tracker_new(&sv->shadow, node, sv->granularity, err);
+    if (r == 0) {
+        pthread_rwlock_rdlock(&s->lock);
+        b = find(s, name);
+        if (!b) {
+            r = not_found(err, name);
+        } else {
+            sv->enabled = atomic_load(&b->enabled);
+            sv->persistent = b->persistent;
+            sv->bits = vd_hbitmap_copy(b->hb);
+            if (!sv->bits)
+                r = vd_error_set(err, -ENOMEM, "Out of memory");
+        }
+        pthread_rwlock_unlock(&s->lock);
+    }
+    if (r < 0) {
+        vd_bitmap_saved_free(sv);
+        return r;
+    }
+    *out = sv;
+    return 0;
+}
+
+VD_API int vd_bitmap_restore(vd_bitmap_saved *sv, vd_error *err)
+{
+    vd_node *node = sv->node;
+    vd_node_bitmaps *s = get_set(node, true);
+    if (!s) {
+        vd_bitmap_saved_free(sv);
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    }
+    int r = 0;
+    pthread_rwlock_wrlock(&s->lock);
+    bdm *b = find(s, sv->name);
+    if (!b) {
+        b = bdm_new(sv->name, vd_hbitmap_len(sv->bits), sv->granularity);
+        if (b) {
+            b->persistent = sv->persistent;
+            link_in(node, s, b);
+        } else {
+            r = vd_error_set(err, -ENOMEM, "Out of memory");
+        }
+    }
+    if (b) {
+        vd_hbitmap_clear_all(b->hb);
+        vd_hbitmap_merge(b->hb, sv->bits);
+        if (sv->enabled)
+            vd_hbitmap_merge(b->hb, vd_dirty_tracker_hbitmap(sv->shadow));
+        atomic_store(&b->enabled, sv->enabled);
+    }
+    pthread_rwlock_unlock(&s->lock);
+    vd_bitmap_saved_free(sv);
+    return r;
+}
+
+/* ---- the core's hooks ---- */
+
+/* Adds or updates the loaded bitmap @img (write lock held). */
+static void load_one(vd_node *node, vd_node_bitmaps *s,
+                     const vd_bitmap_image *img, uint64_t len)
+{
+    bdm *b = find(s, img->name);
+    if (b) {
+        /* Reopened read-write: the bitmap we had becomes writable. */
+        b->readonly = node->read_only;
+        return;
+    }
+    if (!granularity_ok(img->granularity)) {
+        vd_warn("%s: bitmap '%s' has an invalid granularity %" PRIu64
+                ": not loaded", node->filename, img->name,
+                img->granularity);
+        return;
+    }
+    b = bdm_new(img->name, len, img->granularity);
+    if (!b) {
+        vd_warn("%s: out of memory loading bitmap '%s'", node->filename,
+                img->name);
+        return;
+    }
+    b->persistent = true;
+    b->readonly = node->read_only;
+    b->inconsistent = img->in_use || !img->bits || img->disk_size != len;
+    atomic_store(&b->enabled, img->enabled && !b->inconsistent);
+    if (!b->inconsistent)
+        vd_hbitmap_deserialize(b->hb, img->bits);
+    link_in(node, s, b);
+}
+
+int vd_bitmaps_load(vd_node *node, vd_error *err)
+{
+    if (!node->drv->bitmaps_load)
+        return 0;
+    vd_bitmap_image *list = NULL;
+    size_t count = 0;
+    int r = node->drv->bitmaps_load(node, &list, &count, err);
+    if (r < 0)
+        return r;
+    if (count == 0) {
+        vd_bitmap_images_free(list, count);
+        return 0;
+    }
+    vd_node_bitmaps *s = get_set(node, true);
+    int64_t len = vd_node_getlength(node);
+    if (!s || len < 0) {
+        vd_bitmap_images_free(list, count);
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    }
+    pthread_rwlock_wrlock(&s->lock);
+    s->store_needed = true;
+    /* In the image's order; QEMU lists the last loaded first. */
+    for (size_t i = 0; i < count; i++)
+        load_one(node, s, &list[i], (uint64_t)len);
+    pthread_rwlock_unlock(&s->lock);
+    vd_bitmap_images_free(list, count);
+    return 0;
+}
+
+int vd_bitmaps_store(vd_node *node, bool readonly_after, vd_error *err)
+{
+    vd_node_bitmaps *s = get_set(node, false);
+    if (!s || !node->drv->bitmaps_store || node->read_only)
+        return 0;
+    pthread_rwlock_wrlock(&s->lock);
+    int r = 0;
+    if (s->store_needed) {
+        size_t n = 0;
+        for (bdm *b = s->head; b; b = b->next)
+            n += b->persistent;
+        vd_bitmap_image *list = n ? calloc(n, sizeof(*list)) : NULL;
+        if (n && !list)
+            r = vd_error_set(err, -ENOMEM, "Out of memory");
+        /* Oldest first: the image keeps the order they were made in. */
+        size_t i = n;
+        for (bdm *b = s->head; b && r == 0; b = b->next) {
+            if (!b->persistent)
+                continue;
+            vd_bitmap_image *img = &list[--i];
+            img->name = strdup(b->name);
+            img->granularity = 1ull << vd_hbitmap_shift(b->hb);
+            img->enabled = atomic_load(&b->enabled);
+            img->in_use = b->inconsistent;
+            img->disk_size = vd_hbitmap_len(b->hb);
+            if (!b->inconsistent) {
+                img->bits = malloc(vd_hbitmap_serial_size(b->hb) + 1);
+                if (img->bits)
+                    vd_hbitmap_serialize(b->hb, img->bits);
+            }
+            if (!img->name || (!b->inconsistent && !img->bits))
+                r = vd_error_set(err, -ENOMEM, "Out of memory");
+        }
+        if (r == 0)
+            r = node->drv->bitmaps_store(node, list, n, err);
+        vd_bitmap_images_free(list, n);
+    }
+    if (r == 0 && readonly_after)
+        for (bdm *b = s->head; b; b = b->next)
+            if (b->persistent)
+                b->readonly = true;
+    pthread_rwlock_unlock(&s->lock);
+    return r;
+}
+
+void vd_bitmaps_close(vd_node *node)
+{
+    vd_node_bitmaps *s = get_set(node, false);
+    if (!s)
+        return;
+    vd_error err = VD_ERROR_INIT;
+    if (vd_bitmaps_store(node, false, &err) < 0)
+        vd_warn("Failed to store persistent dirty bitmaps of '%s': %s",
+                node_label(node), err.message);
+    pthread_rwlock_wrlock(&s->lock);
+    while (s->head) {
+        bdm *b = s->head;
+        unlink_out(node, s, b);
+        bdm_free(b);
+    }
+    pthread_rwlock_unlock(&s->lock);
+}
+
+void vd_bitmaps_truncate(vd_node *node)
+{
+    vd_node_bitmaps *s = get_set(node, false);
+    if (!s || atomic_load(&s->count) == 0)
+        return;
+    int64_t len = vd_node_getlength(node);
+    if (len < 0)
+        return;
+    pthread_rwlock_wrlock(&s->lock);
+    for (bdm *b = s->head; b; b = b->next)
+        if (vd_hbitmap_truncate(b->hb, (uint64_t)len) < 0)
+            vd_warn("Out of memory resizing dirty bitmap '%s'", b->name);
+    pthread_rwlock_unlock(&s->lock);
+}
+
+void vd_bitmaps_free(vd_node *node)
+{
+    vd_node_bitmaps *s = atomic_load(&node->named_bitmaps);
+    if (!s)
+        return;
+    while (s->head) {
+        bdm *b = s->head;
+        unlink_out(node, s, b);
+        bdm_free(b);
+    }
+    pthread_rwlock_destroy(&s->lock);
+    free(s);
+    node->named_bitmaps = NULL;
+}
