@@ -340,8 +340,7 @@ VD_API int vd_bitmap_set_busy(vd_node *node, const char *name, bool busy,
                               vd_error *err)
 {
     vd_node_bitmaps *s;
-    bdm *b = lock_checked(node, name, busy ? CK_DEFAULT & ~CK_RO : 0, &s,
-                          err);
+    bdm *b = lock_checked(node, name, busy ? CK_BUSY : 0, &s, err);
     if (!b)
         return err_code(err, -EINVAL);
     b->busy = busy;

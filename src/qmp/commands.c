@@ -351,6 +351,10 @@ static json_object *block_device_info(vd_node *node, bool flat)
     json_object_object_add(o, "iops", jint(0));
     json_object_object_add(o, "bps_wr", jint(0));
     json_object_object_add(o, "write_threshold", jint(0));
+    json_object *bitmaps = qmp_dirty_bitmaps_json(node);
+    if (bitmaps) {
+        json_object_object_add(o, "dirty-bitmaps", bitmaps);
+    }
     if (b) {
         /* QEMU shows the open backing node's filename (absolute, as it
          * was resolved), not the name the image header holds. */

@@ -38,6 +38,7 @@ typedef enum qtype {
     QT_OBJLIST,      /* array of objects; sub: their members, qarg[] */
     QT_UINTLIST,     /* array of non-negative integers (uint64, uint32) */
     QT_BLOCKDEVLIST, /* array of BlockdevOptions */
+    QT_ARRAY,        /* an array, its elements checked by the command */
 } qtype;
 
 typedef struct qarg {
@@ -128,6 +129,21 @@ QMP_HANDLER(qmp_cmd_block_job_complete);
 QMP_HANDLER(qmp_cmd_block_job_finalize);
 QMP_HANDLER(qmp_cmd_block_job_dismiss);
 QMP_HANDLER(qmp_cmd_block_job_set_speed);
+
+/* ---- dirty bitmaps (bitmaps.c) ---- */
+QMP_HANDLER(qmp_cmd_block_dirty_bitmap_add);
+QMP_HANDLER(qmp_cmd_block_dirty_bitmap_remove);
+QMP_HANDLER(qmp_cmd_block_dirty_bitmap_clear);
+QMP_HANDLER(qmp_cmd_block_dirty_bitmap_enable);
+QMP_HANDLER(qmp_cmd_block_dirty_bitmap_disable);
+QMP_HANDLER(qmp_cmd_block_dirty_bitmap_merge);
+QMP_HANDLER(qmp_cmd_x_debug_block_dirty_bitmap_sha256);
+/* The node named by the string member @key of @args, or NULL with QEMU's
+ * "Node 'X' not found" in @e. */
+struct vd_node *qmp_bitmap_node(json_object *args, const char *key,
+                                qmp_error *e);
+/* BlockDirtyInfo of every bitmap of @node, or NULL when it has none. */
+json_object *qmp_dirty_bitmaps_json(struct vd_node *node);
 
 /* ---- the daemon ---- */
 

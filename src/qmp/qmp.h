@@ -23,7 +23,9 @@ typedef struct qmp_daemon qmp_daemon;
 /* A command's failure: QMP error class and message. */
 typedef struct qmp_error {
     const char *cls;        /* "GenericError", "CommandNotFound", ... */
-    char desc[1024];
+    /* Room for QEMU's longest texts ("Bitmap name too long: " and a
+     * name of 1024 bytes or more, cut as the reply would be). */
+    char desc[2048];
 } qmp_error;
 
 qmp_daemon *qmp_daemon_new(void);

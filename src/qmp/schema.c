@@ -549,6 +549,31 @@ static const qarg args_block_job_set_speed[] = {
     { NULL, 0, false, NULL },
 };
 
+/* The dirty bitmap commands (BlockDirtyBitmap, BlockDirtyBitmapAdd,
+ * BlockDirtyBitmapMerge); bitmaps.c checks the granularity's range and
+ * the str-or-object elements of a merge as QAPI does. */
+static const qarg args_bitmap[] = {
+    { "node", QT_STR, false, NULL },
+    { "name", QT_STR, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_bitmap_add[] = {
+    { "node", QT_STR, false, NULL },
+    { "name", QT_STR, false, NULL },
+    { "granularity", QT_INT, true, NULL },
+    { "persistent", QT_BOOL, true, NULL },
+    { "disabled", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg args_bitmap_merge[] = {
+    { "node", QT_STR, false, NULL },
+    { "target", QT_STR, false, NULL },
+    { "bitmaps", QT_ARRAY, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
 /* The table. query-commands lists it in this order. */
 const qmp_cmd qmp_commands[] = {
     { "qmp_capabilities", args_capabilities, qmp_cmd_capabilities, true },
@@ -622,6 +647,20 @@ const qmp_cmd qmp_commands[] = {
     { "block-job-dismiss", args_job_id, qmp_cmd_block_job_dismiss, false },
     { "block-job-set-speed", args_block_job_set_speed,
       qmp_cmd_block_job_set_speed, false },
+    { "block-dirty-bitmap-add", args_bitmap_add,
+      qmp_cmd_block_dirty_bitmap_add, false },
+    { "block-dirty-bitmap-remove", args_bitmap,
+      qmp_cmd_block_dirty_bitmap_remove, false },
+    { "block-dirty-bitmap-clear", args_bitmap,
+      qmp_cmd_block_dirty_bitmap_clear, false },
+    { "block-dirty-bitmap-enable", args_bitmap,
+      qmp_cmd_block_dirty_bitmap_enable, false },
+    { "block-dirty-bitmap-disable", args_bitmap,
+      qmp_cmd_block_dirty_bitmap_disable, false },
+    { "block-dirty-bitmap-merge", args_bitmap_merge,
+      qmp_cmd_block_dirty_bitmap_merge, false },
+    { "x-debug-block-dirty-bitmap-sha256", args_bitmap,
+      qmp_cmd_x_debug_block_dirty_bitmap_sha256, false },
     { NULL, NULL, NULL, false },
 };
 
@@ -853,6 +892,9 @@ static int check_member(json_object *parent, const qarg *a, json_object *val,
         return 0;
     case QT_ANY:
         return 0;
+    case QT_ARRAY:
+        return jt == json_type_array ? 0 : bad_type(e, prefix, a->name,
+                                                    "array");
     case QT_BLOCKDEV:
         if (jt != json_type_object) {
             return bad_type(e, prefix, a->name, "object");

@@ -11,13 +11,20 @@
  *
  * With completion-mode "grouped" the jobs become one job transaction
  * (vd_job_group()): they finish together, and one failing cancels the
- * others. Actions vdisk does not have yet (the dirty bitmap ones) are
- * refused before anything happens.
+ * others.
+ *
+ * Dirty bitmap actions (bitmaps.c's commands): clear, merge, enable and
+ * disable keep the bitmap's state aside first (vd_bitmap_save()) and put
+ * it back on abort, with whatever the node's writes marked meanwhile; an
+ * added bitmap is removed again; a removed one is, as in QEMU, only
+ * marked busy while the transaction runs (so a later action of the same
+ * transaction cannot use it) and goes away when everything succeeded.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "vdisk/bitmap.h"
 #include "vdisk/job.h"
 #include "qmp-int.h"
 
@@ -25,10 +32,14 @@ typedef struct prepared {
     const char *type;
     json_object *data;
     vd_job *job;
+    vd_bitmap_saved *saved;     /* a bitmap's state before the action */
 } prepared;
 
 static const char *const supported[] = {
-    "abort", "blockdev-backup", "blockdev-snapshot", "blockdev-snapshot-sync",
+    "abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear", "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
+    "blockdev-backup", "blockdev-snapshot", "blockdev-snapshot-sync",
     "blockdev-snapshot-internal-sync", "drive-backup", NULL,
 };
 static const char *const known[] = {
@@ -54,10 +65,75 @@ static const char *str(json_object *o, const char *key)
                                                  : NULL;
 }
 
+/* The remove action's prepare: QEMU's checks (busy, then read-only),
+ * and the bitmap busy until the end of the transaction. */
+static json_object *bitmap_remove_prepare(json_object *data, qmp_error *e)
+{
+    vd_node *node = qmp_bitmap_node(data, "node", e);
+    if (!node)
+        return NULL;
+    const char *name = str(data, "name");
+    vd_error err = VD_ERROR_INIT;
+    vd_bitmap_info info;
+    if (vd_bitmap_get_info(node, name, &info, &err) < 0 ||
+        vd_bitmap_set_busy(node, name, true, &err) < 0) {
+        return qmp_fail(e, NULL, "%s", err.message);
+    }
+    free(info.name);
+    if (info.readonly) {
+        vd_bitmap_set_busy(node, name, false, NULL);
+        return qmp_fail(e, NULL, "Bitmap '%s' is readonly and cannot be "
+                        "modified", name);
+    }
+    return json_object_new_object();
+}
+
+/* The end of a remove action: done (@commit) or undone. */
+static void bitmap_remove_finish(prepared *p, bool commit)
+{
+    vd_node *node = vd_find_node(str(p->data, "node"));
+    const char *name = str(p->data, "name");
+    vd_error err = VD_ERROR_INIT;
+    if (!node)
+        return;
+    vd_bitmap_set_busy(node, name, false, NULL);
+    if (commit && vd_bitmap_remove(node, name, &err) < 0)
+        fprintf(stderr, "vdisk: transaction: %s\n", err.message);
+}
+
+/* Before a bitmap action that changes bits or state: its state, kept for
+ * an abort (nothing when the bitmap is not there: the action fails). */
+static vd_bitmap_saved *bitmap_save(const char *type, json_object *data)
+{
+    static const char *const changing[] = {
+        "block-dirty-bitmap-clear", "block-dirty-bitmap-enable",
+        "block-dirty-bitmap-disable", "block-dirty-bitmap-merge", NULL,
+    };
+    if (!in(changing, type))
+        return NULL;
+    const char *nn = str(data, "node");
+    const char *name = str(data, strcmp(type, "block-dirty-bitmap-merge")
+                                 == 0 ? "target" : "name");
+    vd_node *node = nn ? vd_find_node(nn) : NULL;
+    vd_bitmap_saved *sv = NULL;
+    if (node && name)
+        vd_bitmap_save(node, name, &sv, NULL);
+    return sv;
+}
+
 static void undo(prepared *p)
 {
     vd_error err = VD_ERROR_INIT;
-    if (strcmp(p->type, "blockdev-backup") == 0 ||
+    if (p->saved) {
+        vd_bitmap_restore(p->saved, &err);
+        p->saved = NULL;
+    } else if (strcmp(p->type, "block-dirty-bitmap-add") == 0) {
+        vd_node *n = vd_find_node(str(p->data, "node"));
+        if (n)
+            vd_bitmap_remove(n, str(p->data, "name"), &err);
+    } else if (strcmp(p->type, "block-dirty-bitmap-remove") == 0) {
+        bitmap_remove_finish(p, false);
+    } else if (strcmp(p->type, "blockdev-backup") == 0 ||
         strcmp(p->type, "drive-backup") == 0) {
         if (p->job) {
             vd_job_cancel(p->job, true, &err);
@@ -135,14 +211,19 @@ QMP_HANDLER(qmp_cmd_transaction)
             break;
         }
         json_object_object_get_ex(a, "data", &data);
+        vd_bitmap_saved *saved = bitmap_save(type, data);
         d->txn_defer = true;
         d->txn_job = NULL;
-        json_object *r = qmp_find_command(type)->fn(d, data, e);
+        json_object *r = strcmp(type, "block-dirty-bitmap-remove") == 0
+                         ? bitmap_remove_prepare(data, e)
+                         : qmp_find_command(type)->fn(d, data, e);
         d->txn_defer = false;
-        if (!r)
+        if (!r) {
+            vd_bitmap_saved_free(saved);
             break;
+        }
         json_object_put(r);
-        done[k] = (prepared){ type, data, d->txn_job };
+        done[k] = (prepared){ type, data, d->txn_job, saved };
         d->txn_job = NULL;
     }
     if (k < n) {
@@ -162,6 +243,9 @@ QMP_HANDLER(qmp_cmd_transaction)
         vd_job_group(jobs, nj, &err);
     }
     for (size_t i = 0; i < n; i++) {
+        vd_bitmap_saved_free(done[i].saved);
+        if (strcmp(done[i].type, "block-dirty-bitmap-remove") == 0)
+            bitmap_remove_finish(&done[i], true);
         if (done[i].job) {
             vd_error err = VD_ERROR_INIT;
             vd_job_start_deferred(done[i].job, &err);

@@ -38,6 +38,7 @@
 #include "../../src/qmp/schema.c"
 #include "../../src/qmp/jobs.c"
 #include "../../src/qmp/transaction.c"
+#include "../../src/qmp/bitmaps.c"
 
 #define MAX_LINES 32
 #define MAX_DEPTH 64
