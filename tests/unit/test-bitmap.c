@@ -606,6 +606,8 @@ static void test_named(void)
 
     /* Snapshot goto refuses while there are bitmaps (QEMU). */
     CHECK(atomic_load(&n->dirty_bitmaps) == 2, "counted");
+    expect_err(vd_snapshot_goto(n, "s1", &err), &err,
+               "Device has active dirty bitmaps");
     CHECK(vd_bitmap_remove(n, "a", &err) == 0 &&
           vd_bitmap_remove(n, "d", &err) == 0, "remove");
     CHECK(atomic_load(&n->dirty_bitmaps) == 0, "none counted");
