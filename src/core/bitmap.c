@@ -704,7 +704,9 @@ int vd_bitmaps_load(vd_node *node, vd_error *err)
 int vd_bitmaps_store(vd_node *node, bool readonly_after, vd_error *err)
 {
     vd_node_bitmaps *s = get_set(node, false);
-    if (!s || !node->drv->bitmaps_store || node->read_only)
+    /* A broken node (a reopen failed) has no driver state to store
+     * into; its image keeps the bitmaps in use, i.e. inconsistent. */
+    if (!s || !node->drv->bitmaps_store || node->read_only || node->broken)
         return 0;
     pthread_rwlock_wrlock(&s->lock);
     int r = 0;

@@ -93,6 +93,13 @@ def basics(m, d, log):
     C(m, log, B + "remove", node="top", name="huge")
     C(m, log, B + "remove", node="mid", name="m")
     state(m, log)
+    # A resize keeps the bits below the new end; a grown end is clean.
+    C(m, log, "block_resize", node_name="r", size=8 << 20)
+    state(m, log)
+    C(m, log, "block_resize", node_name="r", size=1 << 20)
+    state(m, log)
+    C(m, log, B + "merge", node="top", target="dflt",
+      bitmaps=[{"node": "r", "name": "rb"}])
 basics.top_changes = True
 
 def errors(m, d, log):

@@ -28,10 +28,10 @@ jobs=${JOBS:-2}
 
 unit_tests=(tsan-stress test-threads test-qcow2-threads test-qcow2-stress test-core
             test-drivers test-reopen test-snapshot test-qcow2-snapshot
-            test-object test-job test-qcow2-zero-race)
+            test-object test-job test-qcow2-zero-race test-bitmap)
 cli_tests=(io-threads io-aio chain-deep nbd-basic nbd-fio nbd-snapshot
            qmp-basic serve-daemon qmp-stream qmp-mirror qmp-backup qmp-snapshot
-           qmp-transaction jobs-fio)
+           qmp-transaction jobs-fio qmp-bitmaps)
 if [ $# -gt 0 ]; then
     selected=("$@")
 else

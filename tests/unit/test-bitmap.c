@@ -617,6 +617,73 @@ static void test_named(void)
     vd_node_unref(n);
 }
 
+/* Request threads writing while the bitmaps of the node change: every
+ * write must be in the bitmap that records throughout, and nothing may
+ * deadlock or race (the sanitizers watch). */
+#define W_THREADS 4
+#define W_WRITES 3000
+
+typedef struct w_arg {
+    vd_node *node;
+    uint64_t seed;
+    uint64_t offs[W_WRITES];
+} w_arg;
+
+static void *writer_fn(void *p)
+{
+    w_arg *a = p;
+    for (int i = 0; i < W_WRITES; i++) {
+        a->seed = a->seed * 6364136223846793005ull + 1442695040888963407ull;
+        a->offs[i] = (a->seed >> 20) % (DISK / 512) * 512;
+        write_at(a->node, a->offs[i], 512);
+    }
+    return NULL;
+}
+
+static void test_named_threads(void)
+{
+    vd_error err = VD_ERROR_INIT;
+    vd_node *n = open_mem(&mem_drv, "t", true);
+    vd_user *u = writer(n);
+    CHECK(vd_bitmap_add(n, "all", 4096, 0, &err) == 0, "add all");
+    CHECK(vd_bitmap_add(n, "churn", 512, 0, &err) == 0, "add churn");
+    static w_arg args[W_THREADS];
+    pthread_t t[W_THREADS];
+    for (int i = 0; i < W_THREADS; i++) {
+        args[i] = (w_arg){ .node = n, .seed = (uint64_t)i + 1 };
+        pthread_create(&t[i], NULL, writer_fn, &args[i]);
+    }
+    vd_bitmap_ref src[] = { { NULL, "all" } };
+    for (int i = 0; i < 200; i++) {
+        vd_bitmap_add(n, "tmp", 65536, i % 2 ? VD_BITMAP_DISABLED : 0, &err);
+        vd_bitmap_clear(n, "churn", &err);
+        vd_bitmap_merge(n, "tmp", src, 1, &err);
+        if (i % 3 == 0)
+            vd_bitmap_disable(n, "churn", &err);
+        else
+            vd_bitmap_enable(n, "churn", &err);
+        vd_bitmap_remove(n, "tmp", &err);
+        vd_error_clear(&err);
+    }
+    for (int i = 0; i < W_THREADS; i++)
+        pthread_join(t[i], NULL);
+    bool all_marked = true;
+    vd_bitmap_info info;
+    for (int i = 0; i < W_THREADS; i++) {
+        for (int k = 0; k < W_WRITES; k++) {
+            uint64_t s, b;
+            if (vd_bitmap_next_dirty(n, "all", args[i].offs[k], &s, &b,
+                                     &err) != 1 || s > args[i].offs[k])
+                all_marked = false;
+        }
+    }
+    CHECK(all_marked, "a write is missing from the recording bitmap");
+    CHECK(vd_bitmap_get_info(n, "all", &info, &err) == 0, "info");
+    free(info.name);
+    vd_user_free(&u);
+    vd_node_unref(n);
+}
+
 static void test_persistent(void)
 {
     vd_error err = VD_ERROR_INIT;
@@ -695,6 +762,7 @@ int main(void)
     test_tib();
     test_threads();
     test_named();
+    test_named_threads();
     test_persistent();
     TEST_EXIT("test-bitmap");
 }
