@@ -61,7 +61,8 @@ fi
 # directly (it is not a meson test: it is only useful under TSan).
 if ! cc -std=gnu11 -Wall -Wextra -g -O1 -fsanitize=thread -D_GNU_SOURCE \
         -I"$root/include" -I"$root/src" "$here/tsan-stress.c" \
-        "$build/libvdisk.a" $(pkg-config --libs zlib libzstd json-c) -lm \
+        "$build/libvdisk.a" $(pkg-config --libs zlib libzstd json-c) \
+        $(pkg-config --libs gnutls 2>/dev/null) -lm \
         -lpthread -o "$build/tests/tsan-stress" >"$build.stress.log" 2>&1; then
     tail -20 "$build.stress.log"
     echo "0 passed, 1 failed"
