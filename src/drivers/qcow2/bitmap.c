@@ -650,6 +650,8 @@ typedef struct free_list {
     uint64_t *off;
     uint64_t *len;
     size_t n, cap;
+    qcow2_discard_type type;    /* bitmap data: ALWAYS (QEMU discards it
+                                   at once), metadata: OTHER */
 } free_list;
 
 static int free_list_add(free_list *f, uint64_t off, uint64_t len)
@@ -680,8 +682,7 @@ static void free_list_release(qcow2_state *s, free_list *f)
 {
     for (size_t i = 0; i < f->n; i++) {
         /* Errors only leak clusters, which check -r repairs. */
-        qcow2_free_clusters(s, f->off[i], f->len[i], QCOW2_DISCARD_OTHER,
-                            NULL);
+        qcow2_free_clusters(s, f->off[i], f->len[i], f->type, NULL);
     }
     f->n = 0;
 }
@@ -697,7 +698,7 @@ static void free_list_destroy(free_list *f)
  * are left alone: a leak is safe, freeing what something else uses is
  * not. */
 static int queue_old_bitmap(qcow2_state *s, const qcow2_bitmap_info *bm,
-                            free_list *f)
+                            free_list *f, free_list *data_f)
 {
     uint64_t tbytes = (uint64_t)bm->table_size * 8;
     uint64_t *table = NULL;
@@ -712,7 +713,7 @@ static int queue_old_bitmap(qcow2_state *s, const qcow2_bitmap_info *bm,
     for (uint32_t i = 0; ret == 0 && i < bm->table_size; i++) {
         uint64_t data = table[i] & BME_ENTRY_OFFSET_MASK;
         if (data && !hits_metadata(s, data, s->cluster_size)) {
-            ret = free_list_add(f, data, s->cluster_size);
+            ret = free_list_add(data_f, data, s->cluster_size);
         }
     }
     if (ret == 0) {
@@ -982,7 +983,9 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
     uint32_t nold = s->has_bitmaps_ext ? s->bitmaps_ext.nb_bitmaps : 0;
     qcow2_bitmap_info *old = NULL, *nw = NULL;
     const vd_bitmap_image **src = NULL;   /* per new entry: to write */
-    free_list fresh = { 0 }, gone = { 0 };
+    free_list fresh = { .type = QCOW2_DISCARD_OTHER };
+    free_list gone = { .type = QCOW2_DISCARD_OTHER };
+    free_list gone_data = { .type = QCOW2_DISCARD_ALWAYS };
     uint64_t dir_size = 0;
     uint32_t n = 0;
     bool any_write = false;
@@ -1035,14 +1038,14 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
         }
         if (find_entry(old, i, old[i].name) >= 0) {
             /* A duplicate in use that open skipped: it goes. */
-            ret = queue_old_bitmap(s, &old[i], &gone);
+            ret = queue_old_bitmap(s, &old[i], &gone, &gone_data);
             if (ret < 0) {
                 goto nomem;
             }
             continue;
         }
         if (k < 0 && (old[i].flags & BME_FLAG_IN_USE)) {
-            ret = queue_old_bitmap(s, &old[i], &gone);
+            ret = queue_old_bitmap(s, &old[i], &gone, &gone_data);
             if (ret < 0) {
                 goto nomem;
             }
@@ -1054,7 +1057,7 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
                                    "in the image", old[i].name);
                 goto out;
             }
-            ret = queue_old_bitmap(s, &old[i], &gone);
+            ret = queue_old_bitmap(s, &old[i], &gone, &gone_data);
             if (ret < 0) {
                 goto nomem;
             }
@@ -1093,7 +1096,7 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
         ret = vd_error_set(err, -EINVAL, "Bitmap directory is too large");
         goto out;
     }
-    if (!any_write && n == nold && gone.n == 0) {
+    if (!any_write && n == nold && gone.n == 0 && gone_data.n == 0) {
         ret = 0;        /* nothing changes on disk */
         goto out;
     }
@@ -1119,6 +1122,7 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
     note_inconsistent(s, nw, n);
     /* The header no longer names the old structures: give them back. */
     free_list_release(s, &gone);
+    free_list_release(s, &gone_data);
     ret = 0;
     goto out;
 
@@ -1131,6 +1135,7 @@ rollback:
 out:
     free_list_destroy(&fresh);
     free_list_destroy(&gone);
+    free_list_destroy(&gone_data);
     free(nw);
     free(src);
     qcow2_bitmap_list_free(old, nold);
@@ -1154,7 +1159,9 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
     qcow2_state *s = node->opaque;
     uint32_t nold = s->bitmaps_ext.nb_bitmaps, n = 0;
     qcow2_bitmap_info *old = NULL, *nw = NULL;
-    free_list fresh = { 0 }, gone = { 0 };
+    free_list fresh = { .type = QCOW2_DISCARD_OTHER };
+    free_list gone = { .type = QCOW2_DISCARD_OTHER };
+    free_list gone_data = { .type = QCOW2_DISCARD_ALWAYS };
     int idx, ret;
 
     pthread_mutex_lock(&s->lock);
@@ -1187,7 +1194,7 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
     }
     ret = qcow2_begin_change(s, err);
     if (ret == 0) {
-        ret = queue_old_bitmap(s, &old[idx], &gone);
+        ret = queue_old_bitmap(s, &old[idx], &gone, &gone_data);
         if (ret < 0) {
             ret = vd_error_set(err, ret, "%s: out of memory", s->filename);
         }
@@ -1202,11 +1209,13 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
     if (ret == 0) {
         note_inconsistent(s, nw, n);
         free_list_release(s, &gone);
+        free_list_release(s, &gone_data);
     }
 out:
     pthread_mutex_unlock(&s->lock);
     free_list_destroy(&fresh);
     free_list_destroy(&gone);
+    free_list_destroy(&gone_data);
     free(nw);
     qcow2_bitmap_list_free(old, nold);
     return ret;
