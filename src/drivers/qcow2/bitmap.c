@@ -630,8 +630,9 @@ int qcow2_bitmaps_load(vd_node *node, vd_bitmap_image **list, size_t *count,
             if (ret < 0) {
                 goto out;
             }
+            /* s->inconsistent_bitmap stays: the bitmaps in use now are
+             * this session's, the inconsistent ones were so at open. */
             s->header_update_pending = false;
-            note_inconsistent(s, bm, nb);
         }
     }
     *list = img;
@@ -1207,7 +1208,12 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
         }
     }
     if (ret == 0) {
-        note_inconsistent(s, nw, n);
+        /* In use on disk are this session's loaded bitmaps too: only
+         * the removed one stops being the inconsistent one. */
+        if (s->inconsistent_bitmap && !strcmp(s->inconsistent_bitmap, name)) {
+            free(s->inconsistent_bitmap);
+            s->inconsistent_bitmap = NULL;
+        }
         free_list_release(s, &gone);
         free_list_release(s, &gone_data);
     }
