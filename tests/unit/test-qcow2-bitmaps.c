@@ -25,7 +25,14 @@
  *    bitmaps keep their flag and data; remove; can_store's messages;
  *  - the autoclear bit: a writer that does not load the bitmaps leaves
  *    them stale, one that loads keeps them; a stale extension loads no
- *    bitmap.
+ *    bitmap;
+ *  - a crash at every write of a load and a store (the file driver
+ *    fails every write after the Nth, the process exits without close)
+ *    leaves an image qemu-img check finds no error in, with the old
+ *    bitmaps, bitmaps in use, stale ones, or the new ones with the new
+ *    contents: never a consistent bitmap with wrong contents.
+ * Runs twice: 64 KiB clusters, and 512-byte clusters where bitmaps span
+ * several clusters.
  * Exit 0 pass, 1 fail, 77 without qemu-img, qemu-io or
  * qemu-storage-daemon.
  */
@@ -806,6 +813,199 @@ static void test_all_ones(const char *basep)
     free(p);
 }
 
+
+/* ---- crash at every write of a load and a store ----------------------- */
+
+/* The file node's driver, wrapped: after @writes_left writes (and zero
+ * writes, discards) every further one fails, and the process then exits
+ * without closing: the file holds exactly what a machine that crashed
+ * at that point would keep if every write before reached the disk. */
+static const vd_driver *real_file;
+static vd_driver crashing_file;
+static int writes_left;
+
+static int crash_pwritev(vd_node *n, uint64_t off, uint64_t bytes,
+                         vd_iov *qiov, unsigned flags, vd_error *err)
+{
+    if (writes_left-- <= 0) {
+        return vd_error_set(err, -EIO, "crashed");
+    }
+    return real_file->pwritev(n, off, bytes, qiov, flags, err);
+}
+
+static int crash_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
+                               unsigned flags, vd_error *err)
+{
+    if (writes_left-- <= 0) {
+        return vd_error_set(err, -EIO, "crashed");
+    }
+    return real_file->pwrite_zeroes ?
+           real_file->pwrite_zeroes(n, off, bytes, flags, err) : -ENOTSUP;
+}
+
+static int crash_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
+                          vd_error *err)
+{
+    if (writes_left-- <= 0) {
+        return vd_error_set(err, -EIO, "crashed");
+    }
+    return real_file->pdiscard ? real_file->pdiscard(n, off, bytes, err)
+                               : 0;
+}
+
+static int count_of(const char *s, const char *what)
+{
+    int n = 0;
+    for (const char *p = strstr(s, what); p; p = strstr(p + 1, what)) {
+        n++;
+    }
+    return n;
+}
+
+/* The child: load, change the set as test_store() does (b1 gains a
+ * range, b3 goes, b5 is new), store, then exit at once. Status 0 when
+ * the store succeeded. */
+static void crash_child(const char *p, int budget)
+{
+    vd_node *node = NULL;
+    vd_bitmap_image *l = NULL;
+    size_t n = 0;
+    int ok;
+
+    if (vd_open(&node, p, "qcow2", NULL, VD_O_RDWR | VD_O_NO_BACKING |
+                VD_O_QUIET, NULL) < 0) {
+        _exit(2);
+    }
+    real_file = node->file->node->drv;
+    crashing_file = *real_file;
+    crashing_file.pwritev = crash_pwritev;
+    crashing_file.pwrite_zeroes = crash_pwrite_zeroes;
+    crashing_file.pdiscard = crash_pdiscard;
+    node->file->node->drv = &crashing_file;
+    writes_left = budget;
+    ok = node->drv->bitmaps_load(node, &l, &n, NULL) == 0;
+    for (size_t i = 0; ok && i < n; i++) {
+        if (!strcmp(l[i].name, "b1")) {
+            set_range(l[i].bits, l[i].granularity, 2 << 20, 200000);
+        } else if (!strcmp(l[i].name, "b3")) {
+            l[i] = l[--n];
+            i--;
+        }
+    }
+    if (ok) {
+        vd_bitmap_image *nl = realloc(l, (n + 1) * sizeof(*l));
+        ok = nl != NULL;
+        if (ok) {
+            l = nl;
+            memset(&l[n], 0, sizeof(l[n]));
+            l[n].name = strdup("b5");
+            l[n].granularity = 131072;
+            l[n].disk_size = DISK;
+            l[n].bits = calloc(1, nbytes_of(DISK, 131072));
+            set_range(l[n].bits, 131072, 0, 1);
+            n++;
+        }
+    }
+    ok = ok && node->drv->bitmaps_store(node, l, n, NULL) == 0;
+    _exit(ok && writes_left >= 0 ? 0 : 1);
+}
+
+static void test_crash_points(const char *basep)
+{
+    char *p = path_of("points.qcow2");
+    char *old_info = info_bitmaps(basep, false), *new_info = NULL;
+    const char *names[] = { "b1", "b2", "b3", "b4", "b5" };
+    char *old_sha[5] = { 0 }, *new_sha[5] = { 0 };
+    int budget, seen_new = 0, seen_old = 0, seen_other = 0;
+
+    for (int i = 0; i < 4; i++) {
+        old_sha[i] = qemu_sha(basep, names[i]);
+    }
+    for (budget = 0; budget < 400; budget++) {
+        pid_t pid;
+        int st = 0, rc;
+        char *info, *out;
+
+        sh("cp '%s' '%s'", basep, p);
+        fflush(NULL);
+        pid = fork();
+        if (pid == 0) {
+            crash_child(p, budget);
+        }
+        waitpid(pid, &st, 0);
+        CHECK(WIFEXITED(st) && WEXITSTATUS(st) <= 1, "budget %d: child "
+              "status %d", budget, st);
+        /* Never corrupt: leaks (exit 3) are what a crash may leave. */
+        out = sh_out("qemu-img check '%s' >/dev/null 2>&1; echo $?", p);
+        rc = atoi(out);
+        free(out);
+        CHECK(rc == 0 || rc == 3, "budget %d: qemu-img check exit %d",
+              budget, rc);
+        /* The bitmaps are the old ones, marked in use, stale, or the new
+         * ones with the new contents: never consistent and wrong. */
+        info = info_bitmaps(p, false);
+        if (WEXITSTATUS(st) == 0 && !new_info) {
+            new_info = strdup(info);
+            for (int i = 0; i < 5; i++) {
+                new_sha[i] = i == 2 ? strdup("") : qemu_sha(p, names[i]);
+            }
+        }
+        if (!strcmp(info, old_info)) {
+            seen_old++;
+            for (int i = 0; i < 4; i++) {
+                char *q = qemu_sha(p, names[i]);
+                CHECK(!strcmp(q, old_sha[i]), "budget %d: %s consistent "
+                      "with other contents", budget, names[i]);
+                free(q);
+            }
+        } else if (new_info && !strcmp(info, new_info)) {
+            seen_new++;
+        } else {
+            seen_other++;
+            CHECK(count_of(info, "\"name\"") ==
+                  count_of(info, "\"in-use\""), "budget %d: a "
+                  "consistent bitmap in a state that is neither the old "
+                  "nor the new: %s", budget, info);
+        }
+        free(info);
+        if (WEXITSTATUS(st) == 0) {
+            break;
+        }
+    }
+    CHECK(new_info != NULL, "the store never completed");
+    if (new_info) {
+        /* The new contents: what the requests and the changes imply. */
+        const uint64_t gran[5] = { default_gran, 4096, 0, 512, 131072 };
+        for (int i = 0; i < 5; i++) {
+            uint8_t *want;
+            char *v;
+            if (i == 2) {
+                continue;
+            }
+            want = expected(DISK, gran[i], i != 4);
+            if (i == 0) {
+                set_range(want, gran[i], 2 << 20, 200000);
+            } else if (i == 4) {
+                set_range(want, gran[i], 0, 1);
+            }
+            v = bits_sha(want, nbytes_of(DISK, gran[i]));
+            CHECK(!strcmp(v, new_sha[i]), "stored %s: QEMU's sha256 %s, "
+                  "expected %s", names[i], new_sha[i], v);
+            free(v);
+            free(want);
+        }
+    }
+    printf("crash points: %d, old state %d, in use or stale %d, new %d\n",
+           budget + 1, seen_old, seen_other, seen_new);
+    for (int i = 0; i < 5; i++) {
+        free(old_sha[i]);
+        free(new_sha[i]);
+    }
+    free(old_info);
+    free(new_info);
+    free(p);
+}
+
 int main(void)
 {
     char *basep = NULL;
@@ -838,6 +1038,7 @@ int main(void)
             test_remove_can_store(basep);
             test_autoclear(basep);
             test_all_ones(basep);
+            test_crash_points(basep);
         }
     }
     if (!failures) {
