@@ -95,6 +95,16 @@ mkdir -p "$seeds/img" "$build/artifacts"
         overlay.qcow2
     q create -f qcow2 -o cluster_size=512 bitmap.qcow2 1M
     q bitmap --add bitmap.qcow2 b0
+    # Bitmaps with data over several clusters, one disabled, one in use
+    # (a writer killed after loading it): the bitmap target's material.
+    q create -f qcow2 -o cluster_size=512 bmdata.qcow2 2M
+    q bitmap --add -g 512 bmdata.qcow2 fine
+    q bitmap --add --disable bmdata.qcow2 off
+    qio -c 'write 0 4k' -c 'write -z 1M 64k' -c 'discard 1536k 8k' \
+        bmdata.qcow2
+    cp bmdata.qcow2 bminuse.qcow2
+    qemu-io -c 'write 8k 1k' -c 'sigraise 9' bminuse.qcow2 \
+        >/dev/null 2>&1 || true
     rm -f data.raw
 )
 # Text seeds; the first byte is the target's mode byte (see each target).

@@ -1134,10 +1134,16 @@ static int qcow2_open(vd_node *node, vd_opts *opts, unsigned flags,
     }
 
     if (rw && !(flags & VD_NODE_CHECK) && !(flags & VD_NODE_NO_IO)) {
-        /* Unknown autoclear bits and the bitmaps bit (bitmaps are not
-         * maintained here, so they go stale once we write); a stale
-         * bitmaps extension is dropped, as QEMU drops it. */
-        uint64_t keep = s->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+        /* Unknown autoclear bits go, and a stale bitmaps extension is
+         * dropped, as QEMU drops them. The bitmaps bit stays, as in
+         * QEMU, but only if bitmaps_load (bitmap.c) marks the bitmaps in
+         * use: until then it is taken away, so that a session that
+         * writes without maintaining the bitmaps leaves them stale. */
+        uint64_t keep = s->autoclear_features & QCOW2_AUTOCLEAR_MASK;
+        if (s->has_bitmaps_ext) {
+            keep &= ~QCOW2_AUTOCLEAR_BITMAPS;
+            s->bitmaps_autoclear_deferred = true;
+        }
         if (s->autoclear_features != keep || s->stale_bitmaps_ext) {
             /* Written before the first write (qcow2_begin_change()): an
              * open that writes nothing changes nothing. */
@@ -1544,6 +1550,49 @@ static char *json_escape(const char *in)
     return out;
 }
 
+/* The "bitmaps" member of the format-specific data, as QEMU's
+ * qcow2_get_bitmap_info_list() reads it from the directory on disk
+ * (flags "in-use" then "auto"); "" without bitmaps. NULL on error. */
+static char *bitmaps_json(qcow2_state *s, vd_error *err)
+{
+    uint32_t n = s->has_bitmaps_ext ? s->bitmaps_ext.nb_bitmaps : 0;
+    qcow2_bitmap_info *bm = NULL;
+    char *out = NULL;
+    size_t len = 0;
+    FILE *f;
+
+    if (n == 0) {
+        return strdup("");
+    }
+    pthread_mutex_lock(&s->lock);
+    if (qcow2_bitmap_list_load(s, &bm, err) < 0) {
+        pthread_mutex_unlock(&s->lock);
+        return NULL;
+    }
+    pthread_mutex_unlock(&s->lock);
+    f = open_memstream(&out, &len);
+    if (f) {
+        fputs("\"bitmaps\": [", f);
+        for (uint32_t i = 0; i < n; i++) {
+            char *esc = json_escape(bm[i].name);
+            fprintf(f, "%s{\"flags\": [%s%s%s], \"name\": \"%s\", "
+                    "\"granularity\": %llu}", i ? ", " : "",
+                    (bm[i].flags & 1) ? "\"in-use\"" : "",
+                    (bm[i].flags & 3) == 3 ? ", " : "",
+                    (bm[i].flags & 2) ? "\"auto\"" : "",
+                    esc ? esc : "", 1ULL << bm[i].granularity_bits);
+            free(esc);
+        }
+        fputs("], ", f);
+        fclose(f);
+    }
+    qcow2_bitmap_list_free(bm, n);
+    if (!out) {
+        vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    return out;
+}
+
 static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
 {
     qcow2_state *s = node->opaque;
@@ -1563,7 +1612,10 @@ static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
                      "\"0.10\", \"compression-type\": \"%s\", "
                      "\"refcount-bits\": %d}}", ctype, s->refcount_bits);
     } else {
-        char *df = NULL;
+        char *df = NULL, *bm = bitmaps_json(s, err);
+        if (!bm) {
+            return -EINVAL;
+        }
         if (s->data_file_name || s->data_file != s->file) {
             char *esc = json_escape(s->data_file_name ? s->data_file_name
                                     : vd_node_filename(s->data_file->node));
@@ -1576,13 +1628,14 @@ static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
         }
         n = asprintf(&json, "{\"type\": \"qcow2\", \"data\": {\"compat\": "
                      "\"1.1\", \"compression-type\": \"%s\", "
-                     "\"lazy-refcounts\": %s, \"refcount-bits\": %d, "
+                     "\"lazy-refcounts\": %s, %s\"refcount-bits\": %d, "
                      "%s\"corrupt\": %s, \"extended-l2\": %s}}", ctype,
                      (s->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS) ?
-                     "true" : "false", s->refcount_bits, df ? df : "",
+                     "true" : "false", bm, s->refcount_bits, df ? df : "",
                      (s->incompatible_features & QCOW2_INCOMPAT_CORRUPT) ?
                      "true" : "false", s->extended_l2 ? "true" : "false");
         free(df);
+        free(bm);
     }
     if (n < 0) {
         return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
@@ -2258,4 +2311,8 @@ const vd_driver vd_driver_qcow2 = {
     .amend = qcow2_amend,
     .change_backing_file = qcow2_change_backing_file,
     .make_empty = qcow2_make_empty,
+    .bitmaps_load = qcow2_bitmaps_load,
+    .bitmaps_store = qcow2_bitmaps_store,
+    .bitmap_can_store = qcow2_bitmap_can_store,
+    .bitmap_remove = qcow2_bitmap_remove,
 };

@@ -379,6 +379,10 @@ typedef struct qcow2_state {
                                    loads them: snapshot apply refuses) */
     char *inconsistent_bitmap;  /* first bitmap marked in use: QEMU
                                    refuses to resize (bitmap.c) */
+    bool bitmaps_autoclear_deferred; /* a writable open took the bitmaps
+                                   autoclear bit away (cleared before the
+                                   first write) until bitmaps_load marks
+                                   the bitmaps in use and gives it back */
     qcow2_bitmaps_ext bitmaps_ext;  /* host endian */
     qcow2_unknown_ext *unknown_exts;
 
@@ -929,6 +933,17 @@ void qcow2_bitmap_list_free(qcow2_bitmap_info *list, uint32_t n);
  * host-endian entries; free() it. */
 int qcow2_bitmap_table_load(qcow2_state *s, uint64_t offset, uint32_t n,
                             uint64_t **table);
+
+/* The driver's persistent bitmap callbacks (struct vd_driver's
+ * bitmaps_load, bitmaps_store, bitmap_can_store, bitmap_remove; their
+ * contract is in src/core/block_int.h). */
+int qcow2_bitmaps_load(vd_node *node, vd_bitmap_image **list, size_t *count,
+                       vd_error *err);
+int qcow2_bitmaps_store(vd_node *node, const vd_bitmap_image *list,
+                        size_t count, vd_error *err);
+int qcow2_bitmap_can_store(vd_node *node, const char *name,
+                           uint64_t granularity, vd_error *err);
+int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err);
 
 /* ------------------------------------------------------------------ */
 /* check.c and compress.c (second engineer)                           */
