@@ -287,7 +287,7 @@ static void serve_usage(void)
 "  -r, --read-only          export read-only\n"
 "  -o, --offset=OFFSET      export the image from byte OFFSET on\n"
 "  -A, --allocation-depth   offer the qemu:allocation-depth context\n"
-"  -B, --bitmap=NAME        refused: dirty bitmaps are not served yet\n"
+"  -B, --bitmap=NAME        offer qemu:dirty-bitmap:NAME (repeatable)\n"
 "  -s, --snapshot           writes go to a temporary overlay\n"
 "  -x, --export-name=NAME   export name (default \"\"); once per FILE\n"
 "  -D, --description=DESC   export description; once per FILE\n"
@@ -1183,6 +1183,8 @@ int cmd_serve(int argc, char **argv)
     const char *sockpath = NULL, *bind_addr = NULL, *port = NULL;
     const char *fmt = NULL, *pidfile = NULL, *tls_creds = NULL;
     const char *tls_authz = NULL, *tls_hostname = NULL, *bitmap = NULL;
+    vd_bitmap_ref *bitmaps = NULL;
+    size_t nbitmaps = 0;
     const char *device = NULL;
     const char **objects = NULL;
     int nobjects = 0;
@@ -1302,10 +1304,22 @@ int cmd_serve(int argc, char **argv)
         case 'A':
             alloc_depth = true;
             break;
-        case 'B':
-            /* qemu-nbd checks the last one given first. */
+        case 'B': {
+            /* qemu-nbd prepends each to its list: the last one given is
+             * checked and listed first. */
+            vd_bitmap_ref *nb = realloc(bitmaps,
+                                        (nbitmaps + 1) * sizeof(*nb));
+            if (!nb) {
+                cli_error("out of memory");
+                goto out;
+            }
+            bitmaps = nb;
+            memmove(&bitmaps[1], &bitmaps[0], nbitmaps * sizeof(*nb));
+            bitmaps[0] = (vd_bitmap_ref){ .node = NULL, .name = optarg };
+            nbitmaps++;
             bitmap = optarg;
             break;
+        }
         case 's':
             overlay = true;
             break;
@@ -1652,23 +1666,19 @@ int cmd_serve(int argc, char **argv)
         if (snapshot && cli_load_snapshot(nodes[i], snapshot) < 0) {
             goto out;
         }
-        if (bitmap) {
-            /* vdisk does not serve persistent dirty bitmaps yet: every
-             * name is refused, in qemu-nbd's words for a missing one. */
-            cli_error("Bitmap '%s' is not found", bitmap);
-            goto out;
-        }
         vd_error_clear(&err);
-        if (vd_nbd_server_add_export(srv, name,
-                                     ndescs > (unsigned)i ? descs[i] : NULL,
-                                     nodes[i], &err) < 0) {
+        vd_nbd_export_opts eo = {
+            .name = name,
+            .description = ndescs > (unsigned)i ? descs[i] : NULL,
+            .node = nodes[i],
+            .read_only = vd_node_is_read_only(nodes[i]),
+            .allocation_depth = alloc_depth,
+            .bitmaps = bitmaps,
+            .nb_bitmaps = nbitmaps,
+        };
+        if (vd_nbd_server_add_export_opts(srv, &eo, &err) < 0) {
             cli_error("%s", err.message);
             cli_print_hint(&err);
-            goto out;
-        }
-        if (alloc_depth &&
-            vd_nbd_server_set_allocation_depth(srv, name, true, &err) < 0) {
-            cli_error("%s", err.message);
             goto out;
         }
     }
@@ -1753,6 +1763,7 @@ out:
     }
     vd_opts_free(&opts);
     free(objects);
+    free(bitmaps);
     vd_nbd_tls_creds_unref(creds);
     vd_object_del_all();
     return ret;

@@ -141,6 +141,14 @@ VD_API int vd_bitmap_next_dirty(vd_node *node, const char *name,
                                 uint64_t *bytes, vd_error *err);
 
 /**
+ * The node at or below @node that holds a bitmap named @name, searching
+ * as QEMU does for an export's bitmaps: @node, then the node a filter
+ * filters or a format's backing node, down the chain. NULL when none
+ * has it. The node is borrowed (it lives as long as @node's chain).
+ */
+VD_API vd_node *vd_bitmap_find(vd_node *node, const char *name);
+
+/**
  * The SHA-256 of the bitmap's contents as QEMU's
  * x-debug-block-dirty-bitmap-sha256 computes it (the same bits give the
  * same digest in both): 64 lower-case hex digits and a NUL in @out.

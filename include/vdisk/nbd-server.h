@@ -6,7 +6,8 @@
  * exactly as `vdisk serve` (qemu-nbd, qemu-storage-daemon's
  * nbd-server-start / block-export-add) does: fixed newstyle negotiation,
  * structured replies, the base:allocation metadata context (and
- * qemu:allocation-depth on exports that ask for it), multiple
+ * qemu:allocation-depth and qemu:dirty-bitmap:NAME on exports that ask
+ * for them), multiple
  * connections and optional TLS.
  * docs/nbd.md describes the protocol side.
  *
@@ -47,6 +48,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "vdisk/bitmap.h"
 #include "vdisk/vdisk.h"
 
 #ifdef __cplusplus
@@ -105,6 +107,37 @@ VD_API int vd_nbd_server_add_export_ro(vd_nbd_server *srv, const char *name,
                                        const char *description,
                                        vd_node *node, bool read_only,
                                        vd_error *err);
+
+/** Everything an export can be given, for vd_nbd_server_add_export_opts()
+ * (block-export-add's BlockExportOptionsNbd, qemu-nbd's options). */
+typedef struct vd_nbd_export_opts {
+    const char *name;           /* may be "" (the default export) */
+    const char *description;    /* NULL: none */
+    vd_node *node;              /* borrowed, see above */
+    bool read_only;             /* read-only even over a writable node */
+    bool allocation_depth;      /* offer qemu:allocation-depth */
+    /* Dirty bitmaps offered as qemu:dirty-bitmap:NAME contexts (at most
+     * 64). A reference without a node is searched for from @node down
+     * with vd_bitmap_find(), as QEMU's bitmap names; one with a node
+     * names that node's bitmap. */
+    const vd_bitmap_ref *bitmaps;
+    size_t nb_bitmaps;
+} vd_nbd_export_opts;
+
+/**
+ * Adds an export described by @o, as vd_nbd_server_add_export_ro() does,
+ * with the optional contexts. Each exported bitmap is marked busy (see
+ * vd_bitmap_set_busy()) until the export is removed: it goes on recording
+ * writes, but cannot be changed or removed meanwhile. Errors as
+ * vd_nbd_server_add_export_ro(), and QEMU's for bitmaps: "Bitmap 'b' is
+ * not found" (-ENOENT), a busy or inconsistent bitmap (-EINVAL, the
+ * message of vd_bitmap_set_busy()), "Enabled bitmap 'b' incompatible
+ * with readonly export" (-EINVAL) for a recording bitmap on a read-only
+ * export of a writable node. Nothing is added on error.
+ */
+VD_API int vd_nbd_server_add_export_opts(vd_nbd_server *srv,
+                                         const vd_nbd_export_opts *o,
+                                         vd_error *err);
 
 /**
  * Makes export @name offer the qemu:allocation-depth metadata context

@@ -795,3 +795,23 @@ void vd_bitmaps_free(vd_node *node)
     free(s);
     node->named_bitmaps = NULL;
 }
+
+VD_API vd_node *vd_bitmap_find(vd_node *node, const char *name)
+{
+    /* QEMU's walk in nbd_export_create(): the node, then what it filters
+     * or its backing node (bdrv_filter_or_cow_bs()), down the chain. */
+    for (vd_node *n = node; n;) {
+        vd_node_bitmaps *s = get_set(n, false);
+        bool hit = false;
+        if (s) {
+            pthread_rwlock_rdlock(&s->lock);
+            hit = find(s, name) != NULL;
+            pthread_rwlock_unlock(&s->lock);
+        }
+        if (hit)
+            return n;
+        vd_child *next = n->drv->is_filter ? n->file : n->backing;
+        n = next ? next->node : NULL;
+    }
+    return NULL;
+}

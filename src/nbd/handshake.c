@@ -206,6 +206,7 @@ static void hs_choose_export(hs *h, nbd_export *exp)
 
     c->exp = exp;
     if (c->ctx_export != exp) {
+        c->caps.ctx_bitmaps = 0;
         c->caps.ctx_base = c->caps.ctx_depth = false;
     }
     c->caps.size = nbd_export_size(c->srv, exp);
@@ -438,25 +439,45 @@ static hs_state opt_structured_reply(hs *h)
 
 /* The contexts a query names. For LIST, "NAMESPACE:" is a wildcard; SET
  * selects only exact names (the spec: an empty leaf SHOULD NOT select). */
-static void ctx_match(const unsigned char *q, uint32_t len, bool list,
-                      bool *base, bool *depth)
-{
-    static const struct {
-        const char *name;
-        size_t ns_len;   /* length of "namespace:" */
-        int which;
-    } ctxs[] = {
-        { NBD_CTX_BASE_ALLOCATION, 5, 0 },
-        { NBD_CTX_ALLOCATION_DEPTH, 5, 1 },
-    };
+/* The contexts a meta-context option selects. */
+typedef struct ctx_sel {
+    bool base, depth;
+    uint64_t bitmaps;   /* bit i: the export's bitmap i */
+} ctx_sel;
 
-    for (size_t i = 0; i < sizeof(ctxs) / sizeof(ctxs[0]); i++) {
-        bool hit = (len == strlen(ctxs[i].name) &&
-                    memcmp(q, ctxs[i].name, len) == 0) ||
-                   (list && len == ctxs[i].ns_len &&
-                    memcmp(q, ctxs[i].name, len) == 0);
-        if (hit) {
-            *(ctxs[i].which ? depth : base) = true;
+static bool ctx_is(const unsigned char *q, uint32_t len, const char *name)
+{
+    return len == strlen(name) && memcmp(q, name, len) == 0;
+}
+
+/*
+ * Adds what query @q selects on @exp to @sel: an exact context name, and
+ * for LIST also the namespace queries of the NBD spec and
+ * ../shared/specs/nbd-qemu-extensions.rst ("base:", "qemu:" for every
+ * qemu context, "qemu:dirty-bitmap:" for every bitmap).
+ */
+static void ctx_match(const unsigned char *q, uint32_t len, bool list,
+                      const nbd_export *exp, ctx_sel *sel)
+{
+    size_t blen = strlen(NBD_CTX_DIRTY_BITMAP);
+    bool all_qemu = list && ctx_is(q, len, "qemu:");
+
+    if (ctx_is(q, len, NBD_CTX_BASE_ALLOCATION) ||
+        (list && ctx_is(q, len, "base:"))) {
+        sel->base = true;
+    }
+    if (ctx_is(q, len, NBD_CTX_ALLOCATION_DEPTH) || all_qemu) {
+        sel->depth = true;
+    }
+    if (len < blen || memcmp(q, NBD_CTX_DIRTY_BITMAP, blen) != 0) {
+        if (all_qemu) {
+            sel->bitmaps = ~0ull;
+        }
+        return;
+    }
+    for (size_t i = 0; i < exp->nb_bitmaps; i++) {
+        if ((list && len == blen) || ctx_is(q, len, exp->bitmaps[i].ctx)) {
+            sel->bitmaps |= 1ull << i;
         }
     }
 }
@@ -475,13 +496,14 @@ static hs_state opt_meta_context(hs *h)
     nbd_conn *c = h->conn;
     const unsigned char *d = h->data;
     bool list = h->option == NBD_OPT_LIST_META_CONTEXT;
-    uint32_t namelen, nq, pos;
-    bool base = false, depth = false;
+    uint32_t namelen, nq, pos, qpos;
+    ctx_sel sel = { 0 };
     nbd_export *exp;
 
     if (!list) {
         /* SET replaces the old selection even when it fails. */
         c->caps.ctx_base = c->caps.ctx_depth = false;
+        c->caps.ctx_bitmaps = 0;
         c->ctx_export = NULL;
     }
     if (!c->caps.structured) {
@@ -502,6 +524,7 @@ static hs_state opt_meta_context(hs *h)
     pos = 4 + namelen;
     nq = get_be32(d + pos);
     pos += 4;
+    qpos = pos;
     /* Check every query before answering any (each needs 4 bytes at
      * least, so the count is bounded by the payload already). */
     for (uint32_t i = 0; i < nq; i++) {
@@ -519,7 +542,6 @@ static hs_state opt_meta_context(hs *h)
         if (qlen > NBD_MAX_STRING) {
             return hs_error(h, NBD_REP_ERR_TOO_BIG, "query %u too long", i);
         }
-        ctx_match(d + pos, qlen, list, &base, &depth);
         pos += qlen;
     }
     if (pos != h->length) {
@@ -531,23 +553,41 @@ static hs_state opt_meta_context(hs *h)
         return hs_error(h, NBD_REP_ERR_UNKNOWN, "export '%.*s' not present",
                         (int)namelen, (const char *)d + 4);
     }
+    /* The queries were checked above; now match them on the export. */
+    for (uint32_t i = 0; i < nq; i++) {
+        uint32_t qlen = get_be32(d + qpos);
+        ctx_match(d + qpos + 4, qlen, list, exp, &sel);
+        qpos += 4 + qlen;
+    }
     if (list && nq == 0) {
-        base = depth = true;
+        sel.base = sel.depth = true;
+        sel.bitmaps = ~0ull;
     }
     /* qemu:allocation-depth exists only on exports that offer it. */
-    depth = depth && atomic_load(&exp->alloc_depth);
+    sel.depth = sel.depth && atomic_load(&exp->alloc_depth);
+    if (exp->nb_bitmaps < 64) {
+        sel.bitmaps &= (1ull << exp->nb_bitmaps) - 1;
+    }
     /* LIST replies carry id 0, as the spec recommends. */
-    if (base && send_ctx(h, list ? 0 : NBD_CTX_ID_BASE,
-                         NBD_CTX_BASE_ALLOCATION) < 0) {
+    if (sel.base && send_ctx(h, list ? 0 : NBD_CTX_ID_BASE,
+                             NBD_CTX_BASE_ALLOCATION) < 0) {
         return HS_DEAD;
     }
-    if (depth && send_ctx(h, list ? 0 : NBD_CTX_ID_DEPTH,
-                          NBD_CTX_ALLOCATION_DEPTH) < 0) {
+    if (sel.depth && send_ctx(h, list ? 0 : NBD_CTX_ID_DEPTH,
+                              NBD_CTX_ALLOCATION_DEPTH) < 0) {
         return HS_DEAD;
+    }
+    for (size_t i = 0; i < exp->nb_bitmaps; i++) {
+        if ((sel.bitmaps >> i & 1) &&
+            send_ctx(h, list ? 0 : NBD_CTX_ID_BITMAP0 + (uint32_t)i,
+                     exp->bitmaps[i].ctx) < 0) {
+            return HS_DEAD;
+        }
     }
     if (!list) {
-        c->caps.ctx_base = base;
-        c->caps.ctx_depth = depth;
+        c->caps.ctx_base = sel.base;
+        c->caps.ctx_depth = sel.depth;
+        c->caps.ctx_bitmaps = sel.bitmaps;
         c->ctx_export = exp;
     }
     return hs_ack(h) < 0 ? HS_DEAD : HS_RECV_OPT_HDR;

@@ -55,7 +55,21 @@ struct nbd_export {
                                 -A, block-export-add allocation-depth);
                                 set after the export is listed, so a
                                 handshake may read it meanwhile */
+    /* Dirty bitmaps offered as contexts: fixed before the export is
+     * listed, marked busy until it is removed (the names stay with the
+     * slot, for handshakes that still hold it). */
+    struct nbd_export_bitmap {
+        vd_node *node;   /* where the bitmap lives (@node or below) */
+        char *name;      /* the bitmap's name */
+        char *ctx;       /* "qemu:dirty-bitmap:NAME" */
+    } *bitmaps;
+    size_t nb_bitmaps;
+    bool bitmaps_busy;   /* still marked busy: not removed yet */
 };
+
+/* At most this many bitmaps per export: a connection's selection is a
+ * 64-bit mask. */
+#define NBD_MAX_EXPORT_BITMAPS 64
 
 /* A parsed transmission request (host byte order). */
 typedef struct nbd_request {
@@ -74,6 +88,7 @@ typedef struct nbd_caps {
     bool structured;     /* NBD_OPT_STRUCTURED_REPLY acknowledged */
     bool ctx_base;       /* base:allocation selected */
     bool ctx_depth;      /* qemu:allocation-depth selected */
+    uint64_t ctx_bitmaps; /* bit i: the export's bitmap i selected */
 } nbd_caps;
 
 struct nbd_conn {

@@ -139,6 +139,12 @@
 #define NBD_CTX_ALLOCATION_DEPTH  "qemu:allocation-depth"
 #define NBD_CTX_ID_BASE           1u
 #define NBD_CTX_ID_DEPTH          2u
+/* qemu:dirty-bitmap:NAME of an export's bitmap i has id NBD_CTX_ID_BITMAP0
+ * + i; its extents carry NBD_STATE_DIRTY (../shared/specs/
+ * nbd-qemu-extensions.rst). */
+#define NBD_CTX_DIRTY_BITMAP      "qemu:dirty-bitmap:"
+#define NBD_CTX_ID_BITMAP0        3u
+#define NBD_STATE_DIRTY           (1u << 0)
 
 /* ---- Wire structs (big-endian fields) ---- */
 

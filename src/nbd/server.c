@@ -58,6 +58,8 @@ typedef struct export_slot {
 /* Releases what an export holds on its node and frees its slot (pub is
  * the slot's first member). */
 static void export_free(nbd_export *exp);
+/* Unmarks (if still marked) and forgets an export's bitmaps. */
+static void export_free_bitmaps(nbd_export *exp);
 
 /* A connection as removal sees it: which export it transmits on. */
 typedef struct live_conn {
@@ -236,6 +238,7 @@ VD_API void vd_nbd_server_free(vd_nbd_server **psrv)
     while (srv->graveyard) {
         export_slot *d = srv->graveyard;
         srv->graveyard = d->next_dead;
+        export_free_bitmaps(&d->pub);
         free(d->pub.name);
         free(d->pub.description);
         free(d);
@@ -250,8 +253,34 @@ VD_API void vd_nbd_server_free(vd_nbd_server **psrv)
     *psrv = NULL;
 }
 
+/* Lets go of the busy marks on the export's bitmaps (once). */
+static void export_release_bitmaps(nbd_export *exp)
+{
+    if (!exp->bitmaps_busy) {
+        return;
+    }
+    for (size_t i = 0; i < exp->nb_bitmaps; i++) {
+        vd_bitmap_set_busy(exp->bitmaps[i].node, exp->bitmaps[i].name, false,
+                           NULL);
+    }
+    exp->bitmaps_busy = false;
+}
+
+static void export_free_bitmaps(nbd_export *exp)
+{
+    export_release_bitmaps(exp);
+    for (size_t i = 0; i < exp->nb_bitmaps; i++) {
+        free(exp->bitmaps[i].name);
+        free(exp->bitmaps[i].ctx);
+    }
+    free(exp->bitmaps);
+    exp->bitmaps = NULL;
+    exp->nb_bitmaps = 0;
+}
+
 static void export_free(nbd_export *exp)
 {
+    export_free_bitmaps(exp);
     if (exp->blocker) {
         vd_op_unblock(exp->node, VD_OP_SNAPSHOT_GOTO, exp->blocker);
         vd_blocker_free(&exp->blocker);
@@ -290,6 +319,88 @@ static int export_take_perms(nbd_export *exp, vd_error *err)
     return r;
 }
 
+/*
+ * Finds, checks and marks busy the bitmaps @o offers, as QEMU's
+ * nbd_export_create(): every bitmap is found and checked before any is
+ * marked, so a refusal leaves them all as they were.
+ */
+static int export_bind_bitmaps(nbd_export *exp, const vd_nbd_export_opts *o,
+                               vd_error *err)
+{
+    size_t n = o->nb_bitmaps, i;
+    int r = 0;
+
+    if (n == 0) {
+        return 0;
+    }
+    if (n > NBD_MAX_EXPORT_BITMAPS) {
+        return vd_error_set(err, -EINVAL, "export '%s': at most %d dirty "
+                            "bitmaps can be exported", exp->name,
+                            NBD_MAX_EXPORT_BITMAPS);
+    }
+    exp->bitmaps = calloc(n, sizeof(*exp->bitmaps));
+    if (!exp->bitmaps) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    exp->nb_bitmaps = n;
+    for (i = 0; i < n && r == 0; i++) {
+        const vd_bitmap_ref *ref = &o->bitmaps[i];
+        struct nbd_export_bitmap *b = &exp->bitmaps[i];
+        vd_bitmap_info info;
+
+        b->node = ref->node ? ref->node : vd_bitmap_find(exp->node, ref->name);
+        if (!b->node) {
+            r = vd_error_set(err, -ENOENT, "Bitmap '%s' is not found",
+                             ref->name);
+            break;
+        }
+        r = vd_bitmap_get_info(b->node, ref->name, &info, err);
+        if (r < 0) {
+            break;
+        }
+        free(info.name);
+        if (info.busy) {
+            r = vd_error_set(err, -EINVAL, "Bitmap '%s' is currently in use "
+                             "by another operation and cannot be used",
+                             ref->name);
+        } else if (info.inconsistent) {
+            r = vd_error_set(err, -EINVAL, "Bitmap '%s' is inconsistent and "
+                             "cannot be used", ref->name);
+            if (err) {
+                snprintf(err->hint, sizeof(err->hint), "Try "
+                         "block-dirty-bitmap-remove to delete this bitmap "
+                         "from disk");
+            }
+        } else if (exp->read_only && !vd_node_is_read_only(exp->node) &&
+                   info.recording) {
+            r = vd_error_set(err, -EINVAL, "Enabled bitmap '%s' "
+                             "incompatible with readonly export", ref->name);
+        } else {
+            b->name = strdup(ref->name);
+            if (!b->name || asprintf(&b->ctx, "%s%s", NBD_CTX_DIRTY_BITMAP,
+                                     ref->name) < 0) {
+                b->ctx = NULL;
+                r = vd_error_set(err, -ENOMEM, "out of memory");
+            }
+        }
+    }
+    /* Busy only once all passed; set_busy fails only for what was
+     * checked above, which the graph lock of the caller keeps true. */
+    for (i = 0; i < n && r == 0; i++) {
+        r = vd_bitmap_set_busy(exp->bitmaps[i].node, exp->bitmaps[i].name,
+                               true, err);
+        if (r < 0) {
+            while (i-- > 0) {
+                vd_bitmap_set_busy(exp->bitmaps[i].node,
+                                   exp->bitmaps[i].name, false, NULL);
+            }
+            break;
+        }
+    }
+    exp->bitmaps_busy = r == 0;
+    return r;
+}
+
 VD_API int vd_nbd_server_add_export(vd_nbd_server *srv, const char *name,
                                     const char *description, vd_node *node,
                                     vd_error *err)
@@ -302,6 +413,20 @@ VD_API int vd_nbd_server_add_export_ro(vd_nbd_server *srv, const char *name,
                                        const char *description, vd_node *node,
                                        bool read_only, vd_error *err)
 {
+    vd_nbd_export_opts o = {
+        .name = name, .description = description, .node = node,
+        .read_only = read_only,
+    };
+
+    return vd_nbd_server_add_export_opts(srv, &o, err);
+}
+
+VD_API int vd_nbd_server_add_export_opts(vd_nbd_server *srv,
+                                         const vd_nbd_export_opts *o,
+                                         vd_error *err)
+{
+    const char *name = o->name, *description = o->description;
+    vd_node *node = o->node;
     export_slot *slot;
     nbd_export *exp, **nv;
     int64_t size;
@@ -334,7 +459,8 @@ VD_API int vd_nbd_server_add_export_ro(vd_nbd_server *srv, const char *name,
     }
     exp->node = node;
     exp->size = (uint64_t)size;
-    exp->read_only = read_only || vd_node_is_read_only(node);
+    exp->read_only = o->read_only || vd_node_is_read_only(node);
+    atomic_init(&exp->alloc_depth, o->allocation_depth);
 
     /* A duplicate name is reported before a permission conflict, as
      * qemu-storage-daemon does; exports change only on the caller's
@@ -345,6 +471,9 @@ VD_API int vd_nbd_server_add_export_ro(vd_nbd_server *srv, const char *name,
     int r = dup ? vd_error_set(err, -EEXIST, "export name '%s' is used "
                                "twice", name)
                 : export_take_perms(exp, err);
+    if (r == 0) {
+        r = export_bind_bitmaps(exp, o, err);
+    }
     if (r < 0) {
         export_free(exp);
         return r;
@@ -410,6 +539,7 @@ VD_API int vd_nbd_server_remove_export(vd_nbd_server *srv, const char *name,
         vd_blocker_free(&slot->pub.blocker);
     }
     vd_user_free(&slot->pub.user);
+    export_release_bitmaps(&slot->pub);
     return 0;
 }
 

@@ -134,7 +134,8 @@ int nbd_request_check(const nbd_request *req, const nbd_caps *caps,
     }
 
     if (req->type == NBD_CMD_BLOCK_STATUS) {
-        if (!caps->structured || (!caps->ctx_base && !caps->ctx_depth)) {
+        if (!caps->structured || (!caps->ctx_base && !caps->ctx_depth &&
+                                 !caps->ctx_bitmaps)) {
             *msg = "no metadata context negotiated";
             return NBD_EINVAL;
         }
@@ -508,6 +509,83 @@ static int send_extents(nbd_conn *c, uint64_t cookie, extent_list *l,
                       NBD_REPLY_TYPE_BLOCK_STATUS, iov, 2);
 }
 
+/*
+ * The extents of bitmap @b over [@pos, @end) into @l, dirty ones with
+ * NBD_STATE_DIRTY, at most @max descriptors (QEMU's bitmap_to_extents()).
+ */
+static int bitmap_extents(const struct nbd_export_bitmap *b, uint64_t pos,
+                          uint64_t end, size_t max, extent_list *l,
+                          vd_error *err)
+{
+    while (pos < end) {
+        uint64_t start, bytes;
+        int r = vd_bitmap_next_dirty(b->node, b->name, pos, &start, &bytes,
+                                     err);
+        if (r < 0) {
+            return r;
+        }
+        if (r == 0 || start >= end) {
+            start = end;
+            bytes = 0;
+        }
+        if (start > pos) {
+            if (l->n == max && l->last_flags != 0) {
+                break;
+            }
+            if ((r = extent_add(l, (uint32_t)(start - pos), 0)) < 0) {
+                return r;
+            }
+            pos = start;
+        }
+        if (bytes) {
+            uint64_t n = start + bytes < end ? bytes : end - start;
+            if (l->n == max && l->last_flags != NBD_STATE_DIRTY) {
+                break;
+            }
+            if ((r = extent_add(l, (uint32_t)n, NBD_STATE_DIRTY)) < 0) {
+                return r;
+            }
+            pos += n;
+        }
+    }
+    return 0;
+}
+
+/* The chunks of the selected bitmaps, one per context, after those of
+ * base:allocation and qemu:allocation-depth (which then carry no DONE
+ * flag); the last chunk carries it. */
+static void send_bitmap_status(nbd_conn *c, const nbd_request *req,
+                               size_t max)
+{
+    const nbd_export *exp = c->exp;
+    uint64_t sel = c->caps.ctx_bitmaps;
+
+    for (size_t i = 0; i < exp->nb_bitmaps; i++) {
+        vd_error err = VD_ERROR_INIT;
+        extent_list l = { .id = NBD_CTX_ID_BITMAP0 + (uint32_t)i };
+        bool last;
+        int r;
+
+        if (!(sel >> i & 1)) {
+            continue;
+        }
+        last = (sel >> i >> 1) == 0;
+        r = bitmap_extents(&exp->bitmaps[i], req->offset,
+                           req->offset + req->length, max, &l, &err);
+        if (r < 0) {
+            /* An error chunk ends the reply. */
+            send_result(c, req->cookie, r, &err);
+            free(l.d);
+            return;
+        }
+        r = send_extents(c, req->cookie, &l, last);
+        free(l.d);
+        if (r < 0) {
+            return;
+        }
+    }
+}
+
 static void do_block_status(nbd_conn *c, vd_node *node,
                             const nbd_request *req)
 {
@@ -519,6 +597,12 @@ static void do_block_status(nbd_conn *c, vd_node *node,
     size_t max = one ? 1 : NBD_MAX_EXTENTS;
     int r = 0;
 
+    bool more = c->caps.ctx_bitmaps != 0;
+
+    if (!c->caps.ctx_base && !c->caps.ctx_depth) {
+        send_bitmap_status(c, req, max);
+        return;
+    }
     /* One pass over the range serves both contexts; a list that is full
      * stops the walk (the client asks again from where we stopped). */
     while (pos < end && base.n <= max && depth.n <= max) {
@@ -564,12 +648,18 @@ static void do_block_status(nbd_conn *c, vd_node *node,
     } else {
         /* On a late error we still answer with the prefix we know. */
         if (c->caps.ctx_base) {
-            if (send_extents(c, req->cookie, &base, !c->caps.ctx_depth) < 0) {
+            if (send_extents(c, req->cookie, &base,
+                             !c->caps.ctx_depth && !more) < 0) {
                 goto out;
             }
         }
         if (c->caps.ctx_depth) {
-            send_extents(c, req->cookie, &depth, true);
+            if (send_extents(c, req->cookie, &depth, !more) < 0) {
+                goto out;
+            }
+        }
+        if (more) {
+            send_bitmap_status(c, req, max);
         }
     }
 out:

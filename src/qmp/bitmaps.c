@@ -123,43 +123,47 @@ QMP_HANDLER(qmp_cmd_block_dirty_bitmap_disable)
     return on_bitmap(args, e, vd_bitmap_disable);
 }
 
-QMP_HANDLER(qmp_cmd_block_dirty_bitmap_merge)
+bool qmp_bitmap_list_check(json_object *list, const char *key,
+                           qmp_error *e)
 {
-    (void)d;
-    vd_node *node = qmp_bitmap_node(args, "node", e);
-    if (!node)
-        return NULL;
-    json_object *list = NULL;
-    json_object_object_get_ex(args, "bitmaps", &list);
     size_t n = json_object_array_length(list);
-    /* QEMU checks the elements' types while it parses the arguments,
-     * and looks up the target before the sources. */
+
     for (size_t i = 0; i < n; i++) {
         json_object *it = json_object_array_get_idx(list, i), *v;
         if (json_object_is_type(it, json_type_string))
             continue;
-        if (!json_object_is_type(it, json_type_object))
-            return qmp_fail(e, NULL, "Invalid parameter type for 'null', "
-                            "expected: BlockDirtyBitmapOrStr");
+        if (!json_object_is_type(it, json_type_object)) {
+            qmp_fail(e, NULL, "Invalid parameter type for 'null', "
+                     "expected: BlockDirtyBitmapOrStr");
+            return false;
+        }
         static const char *const keys[] = { "node", "name" };
         for (int k = 0; k < 2; k++) {
-            if (!json_object_object_get_ex(it, keys[k], &v))
-                return qmp_fail(e, NULL, "Parameter 'bitmaps[%zu].%s' is "
-                                "missing", i, keys[k]);
-            if (!json_object_is_type(v, json_type_string))
-                return qmp_fail(e, NULL, "Invalid parameter type for "
-                                "'bitmaps[%zu].%s', expected: string", i,
-                                keys[k]);
+            if (!json_object_object_get_ex(it, keys[k], &v)) {
+                qmp_fail(e, NULL, "Parameter '%s[%zu].%s' is missing", key,
+                         i, keys[k]);
+                return false;
+            }
+            if (!json_object_is_type(v, json_type_string)) {
+                qmp_fail(e, NULL, "Invalid parameter type for '%s[%zu].%s', "
+                         "expected: string", key, i, keys[k]);
+                return false;
+            }
         }
     }
-    vd_error err = VD_ERROR_INIT;
-    vd_bitmap_info info;
-    if (vd_bitmap_get_info(node, bitmap_arg(args, "target"), &info, &err) < 0)
-        return bitmap_fail(e, &err);
-    free(info.name);
+    return true;
+}
+
+vd_bitmap_ref *qmp_bitmap_list_refs(json_object *list, vd_node *node,
+                                    qmp_error *e)
+{
+    size_t n = json_object_array_length(list);
     vd_bitmap_ref *refs = calloc(n ? n : 1, sizeof(*refs));
-    if (!refs)
-        return qmp_fail(e, NULL, "out of memory");
+
+    if (!refs) {
+        qmp_fail(e, NULL, "out of memory");
+        return NULL;
+    }
     for (size_t i = 0; i < n; i++) {
         json_object *it = json_object_array_get_idx(list, i);
         if (json_object_is_type(it, json_type_string)) {
@@ -173,6 +177,30 @@ QMP_HANDLER(qmp_cmd_block_dirty_bitmap_merge)
         }
         refs[i] = (vd_bitmap_ref){ src, bitmap_arg(it, "name") };
     }
+    return refs;
+}
+
+QMP_HANDLER(qmp_cmd_block_dirty_bitmap_merge)
+{
+    (void)d;
+    vd_node *node = qmp_bitmap_node(args, "node", e);
+    if (!node)
+        return NULL;
+    json_object *list = NULL;
+    json_object_object_get_ex(args, "bitmaps", &list);
+    size_t n = json_object_array_length(list);
+    /* QEMU checks the elements' types while it parses the arguments,
+     * and looks up the target before the sources. */
+    if (!qmp_bitmap_list_check(list, "bitmaps", e))
+        return NULL;
+    vd_error err = VD_ERROR_INIT;
+    vd_bitmap_info info;
+    if (vd_bitmap_get_info(node, bitmap_arg(args, "target"), &info, &err) < 0)
+        return bitmap_fail(e, &err);
+    free(info.name);
+    vd_bitmap_ref *refs = qmp_bitmap_list_refs(list, node, e);
+    if (!refs)
+        return NULL;
     int r = vd_bitmap_merge(node, bitmap_arg(args, "target"), refs, n, &err);
     free(refs);
     if (r < 0)

@@ -770,11 +770,11 @@ QMP_HANDLER(qmp_cmd_block_export_add)
     if (!d->nbd) {
         return qmp_fail(e, NULL, "NBD server not running");
     }
-    if (json_object_object_get_ex(args, "bitmaps", &bm) &&
-        json_object_array_length(bm) > 0) {
-        return qmp_fail(e, NULL, "Bitmap '%s' is not found",
-                        json_object_get_string(
-                            json_object_array_get_idx(bm, 0)));
+    if (!json_object_object_get_ex(args, "bitmaps", &bm)) {
+        bm = NULL;
+    }
+    if (bm && !qmp_bitmap_list_check(bm, "bitmaps", e)) {
+        return NULL;
     }
     if (!name) {
         name = nn;
@@ -800,16 +800,30 @@ QMP_HANDLER(qmp_cmd_block_export_add)
         free(nv->name);
         return qmp_fail(e, NULL, "out of memory");
     }
-    r = vd_nbd_server_add_export_ro(d->nbd, name, desc, node, !writable,
-                                    &err);
+    vd_nbd_export_opts eo = {
+        .name = name, .description = desc, .node = node,
+        .read_only = !writable,
+        .allocation_depth =
+            json_object_object_get_ex(args, "allocation-depth", &ad) &&
+            json_object_get_boolean(ad),
+        .nb_bitmaps = bm ? json_object_array_length(bm) : 0,
+    };
+    vd_bitmap_ref *refs = NULL;
+    if (eo.nb_bitmaps) {
+        refs = qmp_bitmap_list_refs(bm, NULL, e);
+        if (!refs) {
+            free(nv->id);
+            free(nv->name);
+            return NULL;
+        }
+        eo.bitmaps = refs;
+    }
+    r = vd_nbd_server_add_export_opts(d->nbd, &eo, &err);
+    free(refs);
     if (r < 0) {
         free(nv->id);
         free(nv->name);
         return fail_vd(e, &err, r, "Could not add export");
-    }
-    if (json_object_object_get_ex(args, "allocation-depth", &ad) &&
-        json_object_get_boolean(ad)) {
-        vd_nbd_server_set_allocation_depth(d->nbd, name, true, NULL);
     }
     d->nb_exports++;
     return json_object_new_object();

@@ -142,6 +142,16 @@ QMP_HANDLER(qmp_cmd_x_debug_block_dirty_bitmap_sha256);
  * "Node 'X' not found" in @e. */
 struct vd_node *qmp_bitmap_node(json_object *args, const char *key,
                                 qmp_error *e);
+/* Checks the elements of a list of BlockDirtyBitmapOrStr (argument @key)
+ * as QAPI does; false with QAPI's message in @e. */
+bool qmp_bitmap_list_check(json_object *list, const char *key,
+                           qmp_error *e);
+/* The references the checked @list names: a string names a bitmap of
+ * @node (NULL: searched for by the callee), an object {node, name} the
+ * named node's. malloc'd (free it), or NULL with "Node 'X' not found" or
+ * an out-of-memory error in @e. */
+vd_bitmap_ref *qmp_bitmap_list_refs(json_object *list, struct vd_node *node,
+                                    qmp_error *e);
 /* BlockDirtyInfo of every bitmap of @node, or NULL when it has none. */
 json_object *qmp_dirty_bitmaps_json(struct vd_node *node);
 

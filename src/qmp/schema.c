@@ -259,7 +259,7 @@ static const qarg args_export_add[] = {
     { "writethrough", QT_BOOL, true, NULL },
     { "name", QT_STR, true, NULL },
     { "description", QT_STR, true, NULL },
-    { "bitmaps", QT_STRLIST, true, NULL },
+    { "bitmaps", QT_ARRAY, true, NULL },
     { "allocation-depth", QT_BOOL, true, NULL },
     { NULL, 0, false, NULL },
 };
