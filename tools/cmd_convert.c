@@ -31,6 +31,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "vdisk/bitmap.h"
 #include "commands.h"
 #include "util.h"
 
@@ -665,6 +666,81 @@ static bool create_option_known(const vd_create_option *list,
     return false;
 }
 
+/*
+ * --bitmaps, before anything is created: the source can hold persistent
+ * bitmaps and none of them is inconsistent (unless --skip-broken-bitmaps
+ * leaves those out), as qemu-img's convert_check_bitmaps().
+ */
+static int check_bitmaps(vd_node *src, bool skip_broken)
+{
+    vd_bitmap_info *list = NULL;
+    size_t n = 0;
+    vd_error err = VD_ERROR_INIT;
+    int r = 0;
+
+    if (!vd_bitmap_supports_persistent(src)) {
+        cli_error("Source lacks bitmap support");
+        return -1;
+    }
+    if (vd_bitmap_list(src, &list, &n, &err) < 0) {
+        cli_error("%s", err.message);
+        return -1;
+    }
+    for (size_t i = 0; i < n && r == 0; i++) {
+        if (list[i].persistent && list[i].inconsistent && !skip_broken) {
+            cli_error("Cannot copy inconsistent bitmap '%s'", list[i].name);
+            fprintf(stderr, "Try --skip-broken-bitmaps, or use 'qemu-img "
+                    "bitmap --remove' to delete it\n");
+            r = -1;
+        }
+    }
+    vd_bitmap_list_free(list, n);
+    return r;
+}
+
+/* --bitmaps, after the copy: each persistent bitmap of @src re-created on
+ * @dst with its granularity and recording state, and its bits merged in
+ * (qemu-img's convert_copy_bitmaps(), in the same order and words). */
+static int copy_bitmaps(vd_node *src, vd_node *dst, bool skip_broken)
+{
+    vd_bitmap_info *list = NULL;
+    size_t n = 0;
+    vd_error err = VD_ERROR_INIT;
+    int r = 0;
+
+    if (vd_bitmap_list(src, &list, &n, &err) < 0) {
+        cli_error("%s", err.message);
+        return -1;
+    }
+    for (size_t i = 0; i < n && r == 0; i++) {
+        const vd_bitmap_info *b = &list[i];
+        vd_bitmap_ref ref = { src, b->name };
+
+        if (!b->persistent) {
+            continue;
+        }
+        if (skip_broken && b->inconsistent) {
+            cli_warn("Skipping inconsistent bitmap '%s'", b->name);
+            continue;
+        }
+        vd_error_clear(&err);
+        if (vd_bitmap_add(dst, b->name, b->granularity,
+                          VD_BITMAP_PERSISTENT |
+                          (b->recording ? 0 : VD_BITMAP_DISABLED),
+                          &err) < 0) {
+            cli_error("Failed to create bitmap %s: %s", b->name, err.message);
+            r = -1;
+        } else if (vd_bitmap_merge(dst, b->name, &ref, 1, &err) < 0) {
+            cli_error("Failed to populate bitmap %s: %s", b->name,
+                      err.message);
+            vd_bitmap_remove(dst, b->name, NULL);
+            r = -1;
+        }
+    }
+    vd_bitmap_list_free(list, n);
+    return r;
+}
+
 /* Whether two nodes read the same file (same device and inode). */
 static bool same_image(vd_node *a, vd_node *b)
 {
@@ -686,6 +762,7 @@ int cmd_convert(int argc, char **argv)
     bool progress = false, quiet = false, skip_create = false;
     bool target_is_zero = false, out_of_order = false;
     bool image_opts = false, target_image_opts = false, out_fmt_given = false;
+    bool bitmaps = false, skip_broken = false;
     unsigned src_flags = 0;
     const char *sn_name = NULL;   /* -s NAME or -l NAME: id, then name */
     vd_opts *sn_opts = NULL;      /* -l snapshot.id=...,snapshot.name=... */
@@ -747,6 +824,12 @@ int cmd_convert(int argc, char **argv)
             break;
         case OPT_SALVAGE:
             s.salvage = true;
+            break;
+        case OPT_BITMAPS:
+            bitmaps = true;
+            break;
+        case OPT_SKIP_BROKEN_BITMAPS:
+            skip_broken = true;
             break;
         case 'p':
             progress = true;
@@ -849,6 +932,10 @@ int cmd_convert(int argc, char **argv)
         cli_error("--target-is-zero requires use of -n flag");
         goto out;
     }
+    if (skip_broken && !bitmaps) {
+        cli_error("Use of --skip-broken-bitmaps requires --bitmaps");
+        goto out;
+    }
     s.nsrc = argc - optind - 1;
     if (options && cli_has_help_option(options)) {
         /* As qemu-img: the target's protocol options are listed too once
@@ -906,6 +993,15 @@ int cmd_convert(int argc, char **argv)
         if (r < 0) {
             cli_error("Failed to load snapshot: %s",
                       err.message[0] ? err.message : strerror(-r));
+            goto out;
+        }
+    }
+    if (bitmaps) {
+        if (s.nsrc > 1) {
+            cli_error("Copying bitmaps only possible with single source");
+            goto out;
+        }
+        if (check_bitmaps(s.src[0], skip_broken) < 0) {
             goto out;
         }
     }
@@ -1036,6 +1132,11 @@ int cmd_convert(int argc, char **argv)
     if (!s.target) {
         goto out;
     }
+    if (bitmaps && !vd_bitmap_supports_persistent(s.target)) {
+        cli_error("Format driver '%s' does not support bitmaps",
+                  vd_node_format(s.target));
+        goto out;
+    }
     /* As qemu-img: an existing target is asked once it is open. */
     if (s.compressed && skip_create &&
         !format_compresses(vd_node_format(s.target))) {
@@ -1105,6 +1206,9 @@ int cmd_convert(int argc, char **argv)
     }
     cli_progress_print(&s.progress, 100);
     cli_progress_end(&s.progress);
+    if (bitmaps && copy_bitmaps(s.src[0], s.target, skip_broken) < 0) {
+        goto out;
+    }
     if (vd_flush(s.target, &err) < 0) {
         cli_report_vd_error(&err, -EIO, out_name);
         goto out;

@@ -9,7 +9,7 @@
 int cmd_create(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 /* Long-only options of convert (beyond util.h's range). */
-enum { OPT_SALVAGE = 0x260 };
+enum { OPT_SALVAGE = 0x260, OPT_BITMAPS, OPT_SKIP_BROKEN_BITMAPS };
 int cmd_convert(int argc, char **argv);
 int cmd_compare(int argc, char **argv);
 int cmd_map(int argc, char **argv);

@@ -101,6 +101,8 @@ static const struct option convert_long[] = {
     { "force-share", no_argument, NULL, 'U' },
     { "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
     { "salvage", no_argument, NULL, OPT_SALVAGE },
+    { "bitmaps", no_argument, NULL, OPT_BITMAPS },
+    { "skip-broken-bitmaps", no_argument, NULL, OPT_SKIP_BROKEN_BITMAPS },
     { NULL, 0, NULL, 0 },
 };
 
@@ -209,7 +211,8 @@ const cli_command cli_commands[] = {
       ":hf:F:T:pqsU", compare_long },
     { "convert", cmd_convert,
       "[--object objectdef] [--image-opts] [--target-image-opts] "
-      "[--target-is-zero] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] "
+      "[--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] [-U] [-C] [-c] "
+      "[-p] [-q] [-n] [-f fmt] [-t cache] "
       "[-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] "
       "[-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] "
       "[-m num_coroutines] [-W] [--salvage] filename "
@@ -430,6 +433,8 @@ void cli_print_help(void)
 "  '-C' use copy offloading (copy_file_range) where source and target allow it\n"
 "  '-r' limits the write rate to rate_limit bytes per second\n"
 "  '--salvage' reads past read errors: unreadable sectors become zeros\n"
+"  '--bitmaps' copies the source's persistent dirty bitmaps to the target\n"
+"       (qcow2 to qcow2); '--skip-broken-bitmaps' leaves out inconsistent ones\n"
 "\n"
 "Parameters to compare subcommand:\n"
 "  '-f' first image format\n"

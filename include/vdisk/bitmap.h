@@ -140,6 +140,10 @@ VD_API int vd_bitmap_next_dirty(vd_node *node, const char *name,
                                 uint64_t off, uint64_t *start,
                                 uint64_t *bytes, vd_error *err);
 
+/** Whether @node (or the node a filter filters) can store persistent
+ * bitmaps (qcow2 can). */
+VD_API bool vd_bitmap_supports_persistent(vd_node *node);
+
 /**
  * The node at or below @node that holds a bitmap named @name, searching
  * as QEMU does for an export's bitmaps: @node, then the node a filter

@@ -43,6 +43,11 @@ typedef struct bdm {
     bool persistent;
     bool inconsistent;
     bool readonly;
+    /* Where the image's bitmap directory has it (0 first), or -1 while it
+     * is not stored: stores keep the directory's order and add new
+     * bitmaps after it, newest first, as QEMU's
+     * qcow2_store_persistent_dirty_bitmaps(). */
+    long image_pos;
     struct bdm *next;
 } bdm;
 
@@ -144,6 +149,7 @@ static bdm *bdm_new(const char *name, uint64_t len, uint64_t granularity)
         return NULL;
     }
     atomic_store(&b->enabled, true);
+    b->image_pos = -1;
     return b;
 }
 
@@ -643,12 +649,13 @@ VD_API int vd_bitmap_restore(vd_bitmap_saved *sv, vd_error *err)
 
 /* Adds or updates the loaded bitmap @img (write lock held). */
 static void load_one(vd_node *node, vd_node_bitmaps *s,
-                     const vd_bitmap_image *img, uint64_t len)
+                     const vd_bitmap_image *img, uint64_t len, long pos)
 {
     bdm *b = find(s, img->name);
     if (b) {
         /* Reopened read-write: the bitmap we had becomes writable. */
         b->readonly = node->read_only;
+        b->image_pos = pos;
         return;
     }
     if (!granularity_ok(img->granularity)) {
@@ -664,6 +671,7 @@ static void load_one(vd_node *node, vd_node_bitmaps *s,
         return;
     }
     b->persistent = true;
+    b->image_pos = pos;
     b->readonly = node->read_only;
     b->inconsistent = img->in_use || !img->bits || img->disk_size != len;
     atomic_store(&b->enabled, img->enabled && !b->inconsistent);
@@ -695,7 +703,7 @@ int vd_bitmaps_load(vd_node *node, vd_error *err)
     s->store_needed = true;
     /* In the image's order; QEMU lists the last loaded first. */
     for (size_t i = 0; i < count; i++)
-        load_one(node, s, &list[i], (uint64_t)len);
+        load_one(node, s, &list[i], (uint64_t)len, (long)i);
     pthread_rwlock_unlock(&s->lock);
     vd_bitmap_images_free(list, count);
     return 0;
@@ -715,14 +723,28 @@ int vd_bitmaps_store(vd_node *node, bool readonly_after, vd_error *err)
         for (bdm *b = s->head; b; b = b->next)
             n += b->persistent;
         vd_bitmap_image *list = n ? calloc(n, sizeof(*list)) : NULL;
-        if (n && !list)
+        bdm **order = n ? calloc(n, sizeof(*order)) : NULL;
+        if (n && (!list || !order))
             r = vd_error_set(err, -ENOMEM, "Out of memory");
-        /* Oldest first: the image keeps the order they were made in. */
-        size_t i = n;
-        for (bdm *b = s->head; b && r == 0; b = b->next) {
-            if (!b->persistent)
-                continue;
-            vd_bitmap_image *img = &list[--i];
+        /* Those the image has, in its order, then the new ones newest
+         * first (see image_pos). */
+        size_t k = 0;
+        for (bdm *b = s->head; b && r == 0; b = b->next)
+            if (b->persistent && b->image_pos >= 0)
+                order[k++] = b;
+        for (size_t x = 1; x < k; x++)
+            for (size_t y = x; y > 0 &&
+                 order[y - 1]->image_pos > order[y]->image_pos; y--) {
+                bdm *t = order[y];
+                order[y] = order[y - 1];
+                order[y - 1] = t;
+            }
+        for (bdm *b = s->head; b && r == 0; b = b->next)
+            if (b->persistent && b->image_pos < 0)
+                order[k++] = b;
+        for (size_t i = 0; i < n && r == 0; i++) {
+            bdm *b = order[i];
+            vd_bitmap_image *img = &list[i];
             img->name = strdup(b->name);
             img->granularity = 1ull << vd_hbitmap_shift(b->hb);
             img->enabled = atomic_load(&b->enabled);
@@ -738,7 +760,10 @@ int vd_bitmaps_store(vd_node *node, bool readonly_after, vd_error *err)
         }
         if (r == 0)
             r = node->drv->bitmaps_store(node, list, n, err);
+        for (size_t i = 0; i < n && r == 0; i++)
+            order[i]->image_pos = (long)i;
         vd_bitmap_images_free(list, n);
+        free(order);
     }
     if (r == 0 && readonly_after)
         for (bdm *b = s->head; b; b = b->next)
@@ -814,4 +839,14 @@ VD_API vd_node *vd_bitmap_find(vd_node *node, const char *name)
         n = next ? next->node : NULL;
     }
     return NULL;
+}
+
+VD_API bool vd_bitmap_supports_persistent(vd_node *node)
+{
+    /* QEMU's bdrv_supports_persistent_dirty_bitmap(): the format's answer,
+     * through filters. */
+    vd_node *n = node;
+    while (n && !n->drv->bitmaps_load && n->drv->is_filter && n->file)
+        n = n->file->node;
+    return n && n->drv->bitmaps_load;
 }

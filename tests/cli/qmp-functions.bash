@@ -233,6 +233,25 @@ def chain_state(d, qemu_img):
                          capture_output=True, text=True)
     return chain, cmp.returncode, chk.returncode
 
+def bitmap_digests(img):
+    """{name: sha256} of every bitmap of qcow2 image @img as
+    qemu-storage-daemon computes them (x-debug-block-dirty-bitmap-sha256),
+    and their BlockDirtyInfo without the digests."""
+    m = Monitor(["qemu-storage-daemon", "--blockdev",
+                 "qcow2,node-name=n,read-only=on,file.driver=file,"
+                 "file.filename=" + img], img + ".qsd")
+    r = m.cmd({"execute": "query-named-block-nodes", "arguments": {"flat": True}})
+    infos = [x.get("dirty-bitmaps", []) for x in r["return"] if x["node-name"] == "n"][0]
+    out = {}
+    for bm in infos:
+        h = m.cmd({"execute": "x-debug-block-dirty-bitmap-sha256",
+                   "arguments": {"node": "n", "name": bm["name"]}})
+        out[bm["name"]] = h.get("return", h.get("error"))
+    m.cmd({"execute": "quit"})
+    m.proc.wait(timeout=30)
+    m.close()
+    return out, infos
+
 def compare_jobs(scenarios, top, vdisk, qemu_img):
     failed = []
     for sc in scenarios:
