@@ -28,6 +28,10 @@ enum { OPT_SIZE = 0x200, OPT_FORCE };
 int cmd_measure(int argc, char **argv);
 int cmd_amend(int argc, char **argv);
 int cmd_commit(int argc, char **argv);
+/* tools/cmd_bitmap.c: qemu-img bitmap; its long-only actions. */
+enum { OPT_BITMAP_ADD = 0x280, OPT_BITMAP_REMOVE, OPT_BITMAP_CLEAR,
+       OPT_BITMAP_ENABLE, OPT_BITMAP_DISABLE, OPT_BITMAP_MERGE };
+int cmd_bitmap(int argc, char **argv);
 int cmd_rebase(int argc, char **argv);
 
 #endif

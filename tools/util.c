@@ -179,6 +179,19 @@ static const struct option resize_long[] = {
     { NULL, 0, NULL, 0 },
 };
 
+static const struct option bitmap_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "add", no_argument, NULL, OPT_BITMAP_ADD },
+    { "remove", no_argument, NULL, OPT_BITMAP_REMOVE },
+    { "clear", no_argument, NULL, OPT_BITMAP_CLEAR },
+    { "enable", no_argument, NULL, OPT_BITMAP_ENABLE },
+    { "disable", no_argument, NULL, OPT_BITMAP_DISABLE },
+    { "merge", required_argument, NULL, OPT_BITMAP_MERGE },
+    { NULL, 0, NULL, 0 },
+};
+
 static const struct option dd_long[] = {
     { "help", no_argument, NULL, 'h' },
     { "object", required_argument, NULL, OPT_OBJECT },
@@ -197,6 +210,11 @@ const cli_command cli_commands[] = {
       "[-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] "
       "[-s buffer_size] [-S step_size] [-t cache] [-w] [-U] [--random] "
       "filename", NULL, NULL },
+    { "bitmap", cmd_bitmap,
+      "(--merge SOURCE | --add | --remove | --clear | --enable | "
+      "--disable)... [-b source_file [-F source_fmt]] [-g granularity] "
+      "[--object objectdef] [--image-opts | -f fmt] filename bitmap",
+      ":b:f:F:g:h", bitmap_long },
     { "check", cmd_check,
       "[--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] "
       "[-r [leaks | all]] [-T src_cache] [-U] filename",
