@@ -110,7 +110,7 @@ VD_API int vd_bitmap_disable(vd_node *node, const char *name, vd_error *err);
  * unchanged. Sources must cover the same length as the target; their
  * granularities may differ (a dirty source granule marks every target
  * granule it overlaps). Refused for a busy, read-only or inconsistent
- * target and for inconsistent sources.
+ * target and for busy or inconsistent sources.
  */
 VD_API int vd_bitmap_merge(vd_node *node, const char *target,
                            const vd_bitmap_ref *src, size_t n,

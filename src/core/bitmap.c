@@ -381,7 +381,9 @@ static int merge_source(vd_hbitmap *acc, vd_node *node, const char *name,
     bdm *b = lock_read(node, name, &s, err);
     if (!b)
         return err_code(err, -ENOENT);
-    int r = check(b, CK_INCONSISTENT, err);
+    /* QEMU's bdrv_merge_dirty_bitmap(): a busy source (a job's, an
+     * export's) is refused too. */
+    int r = check(b, CK_ALLOW_RO, err);
     if (r == 0 && vd_hbitmap_len(b->hb) != vd_hbitmap_len(acc))
         r = vd_error_set(err, -EINVAL, "Bitmaps are of different sizes "
                          "(destination size is %" PRIu64 ", source size is "

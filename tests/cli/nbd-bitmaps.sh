@@ -176,6 +176,11 @@ def exports(m, d, log):
     # Busy while exported.
     C(m, log, "block-dirty-bitmap-remove", node="top", name="t1")
     C(m, log, "block-dirty-bitmap-clear", node="mid", name="m1")
+    C(m, log, "block-dirty-bitmap-add", node="top", name="spare")
+    C(m, log, "block-dirty-bitmap-merge", node="top", target="spare",
+      bitmaps=["t1"])
+    C(m, log, "block-dirty-bitmap-merge", node="mid", target="m1",
+      bitmaps=[{"node": "top", "name": "spare"}])
     C(m, log, "block-export-add", type="nbd", id="e2", **{"node-name": "top"},
       name="again", writable=True, bitmaps=["t1"])
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 5 64k 4k",

@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Dirty bitmaps side by side: qemu-storage-daemon and `vdisk serve`, the
+# same QMP set-up in each, alternately:
+#  1. the cost of recording: fio (nbd engine) 4 KiB random writes at QD32
+#     for BENCH_SECS seconds into a raw image of 1 GiB in BENCH_DIR,
+#     exported by the daemon with 0, 1 and 8 enabled bitmaps on its node
+#     (64 KiB granularity); prints the median IOPS, each daemon's loss
+#     against its own 0-bitmap figure (issue 14's target: under 3% at 8)
+#     and the ratio vdisk/QEMU;
+#  2. a 1 TiB sparse disk (null-co) with BENCH_EXTENTS dirty extents
+#     spread over it (written through the export): the time of
+#     block-dirty-bitmap-merge of that bitmap into an empty one, and the
+#     time nbdinfo takes to read the whole qemu:dirty-bitmap map
+#     (--map over 1 TiB), the fastest of 5 tries per run; medians over
+#     the runs and ratios.
+#
+#   bench/bitmaps.sh
+#
+# Environment: BENCH_RUNS (default 3), BENCH_SECS (default 10),
+# BENCH_EXTENTS (default 2000), BENCH_DIR (default /dev/shm), VDISK (the
+# vdisk binary; default build*/tools/vdisk here), BENCH_SMOKE=1 (one
+# short run of each on a 64 MiB image, for tests/cli/bench-bitmaps.sh: checks the script
+# and that every figure was measured, not the speed). Needs
+# qemu-storage-daemon, qemu-io, fio with the nbd engine, nbdinfo, python3.
+set -u -o pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+srcdir=$(dirname "$here")
+if [ -z "${VDISK:-}" ]; then
+    for c in "$srcdir"/build/tools/vdisk "$srcdir"/build*/tools/vdisk; do
+        if [ -x "$c" ]; then VDISK=$c; break; fi
+    done
+fi
+[ -n "${VDISK:-}" ] && [ -x "$VDISK" ] ||
+    { echo "$0: set VDISK to the vdisk binary" >&2; exit 2; }
+for c in qemu-io qemu-storage-daemon python3 fio nbdinfo; do
+    command -v "$c" >/dev/null || { echo "$0: $c is required" >&2; exit 2; }
+done
+fio --enghelp=nbd >/dev/null 2>&1 || { echo "$0: fio has no nbd engine" >&2; exit 2; }
+
+if [ "${BENCH_SMOKE:-0}" = 1 ]; then
+    runs=1 secs=2 extents=50 disk=64M
+else
+    runs=${BENCH_RUNS:-3} secs=${BENCH_SECS:-10} extents=${BENCH_EXTENTS:-2000}
+    disk=1G
+fi
+# In memory by default: the daemons' flush at exit would otherwise wait
+# for the disk to take fio's writes, and the figure is the bitmaps' cost,
+# not the disk's.
+dflt=/var/tmp
+[ -d /dev/shm ] && [ -w /dev/shm ] && dflt=/dev/shm
+work=$(mktemp -d "${BENCH_DIR:-$dflt}/vdisk-bitmaps-bench.XXXXXX") || exit 2
+trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
+
+# shellcheck source=../tests/cli/qmp-functions.bash
+source "$srcdir/tests/cli/qmp-functions.bash"
+cd "$work" && qmp_lib
+
+echo "dirty bitmaps: qemu-storage-daemon vs $VDISK serve, $runs run(s)," \
+    "fio ${secs} s, $extents extents over 1 TiB"
+python3 - "$work" "$VDISK" "$runs" "$secs" "$extents" "$disk" <<'PYEOF'
+import json, os, statistics, subprocess, sys, time
+from qmplib import Monitor
+
+work, vdisk = sys.argv[1:3]
+runs, secs, extents = (int(x) for x in sys.argv[3:6])
+disk = sys.argv[6]
+daemons = {"qemu": ["qemu-storage-daemon"], "vdisk": [vdisk, "serve"]}
+
+def cmd(m, execute, **args):
+    r = m.cmd({"execute": execute, "arguments": args})
+    if "error" in r:
+        raise SystemExit("%s %s: %s" % (m.argv[0], execute, r["error"]["desc"]))
+    return r["return"]
+
+def serve(m, node, bitmaps=(), start=True):
+    if start:
+        cmd(m, "nbd-server-start", addr={"type": "unix", "data": {"path": "@D@/nbd.sock"}})
+    cmd(m, "block-export-add", type="nbd", id="e", **{"node-name": node},
+        name="disk", writable=True, bitmaps=list(bitmaps))
+
+def fio_iops(d):
+    out = subprocess.run(
+        ["fio", "--name=w", "--ioengine=nbd", "--uri=nbd+unix:///disk?socket=%s/nbd.sock" % d,
+         "--rw=randwrite", "--bs=4k", "--iodepth=32", "--time_based",
+         "--runtime=%d" % secs, "--size=" + disk, "--output-format=json"],
+        capture_output=True, text=True, check=True).stdout
+    # fio may print notes before its JSON.
+    return json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+
+def recording(daemon, nb):
+    d = os.path.join(work, "rec")
+    subprocess.run(["rm", "-rf", d], check=True)
+    os.makedirs(d)
+    subprocess.run(["truncate", "-s", disk, d + "/disk.raw"], check=True)
+    m = Monitor(daemons[daemon], d)
+    try:
+        cmd(m, "blockdev-add", driver="raw", **{"node-name": "n"},
+            file={"driver": "file", "filename": "@D@/disk.raw"})
+        for i in range(nb):
+            cmd(m, "block-dirty-bitmap-add", node="n", name="b%d" % i,
+                granularity=65536)
+        serve(m, "n")
+        iops = fio_iops(d)
+        if nb:
+            info = cmd(m, "query-named-block-nodes", flat=True)
+            counts = [b["count"] for x in info if x["node-name"] == "n"
+                      for b in x.get("dirty-bitmaps", [])]
+            if len(counts) != nb or min(counts) == 0:
+                raise SystemExit("%s: a bitmap recorded nothing" % daemon)
+        return iops
+    finally:
+        cmd(m, "quit")
+        m.proc.wait(timeout=60)
+        m.close()
+
+def big(daemon):
+    d = os.path.join(work, "big")
+    subprocess.run(["rm", "-rf", d], check=True)
+    m = Monitor(daemons[daemon], d)
+    try:
+        cmd(m, "blockdev-add", driver="null-co", **{"node-name": "n"}, size=1 << 40)
+        cmd(m, "block-dirty-bitmap-add", node="n", name="src", granularity=65536)
+        cmd(m, "block-dirty-bitmap-add", node="n", name="dst", granularity=65536)
+        serve(m, "n")
+        step = (1 << 40) // extents
+        io = []
+        for i in range(extents):
+            io += ["-c", "write %d 4k" % (i * step + (i % 7) * 65536)]
+        for k in range(0, len(io), 1000):
+            subprocess.run(["qemu-io", "-f", "raw", *io[k:k + 1000],
+                            "nbd+unix:///disk?socket=%s/nbd.sock" % d],
+                           check=True, stdout=subprocess.DEVNULL)
+        # Each figure is the fastest of 5 tries: the machine is shared,
+        # and a try is short enough for one scheduling hiccup to double it.
+        merge = []
+        for _ in range(5):
+            cmd(m, "block-dirty-bitmap-clear", node="n", name="dst")
+            t0 = time.perf_counter()
+            cmd(m, "block-dirty-bitmap-merge", node="n", target="dst", bitmaps=["src"])
+            merge.append(time.perf_counter() - t0)
+        merge = min(merge)
+        # An exported bitmap is busy, so it cannot be merged from: the
+        # map is read through a second export made afterwards.
+        cmd(m, "block-export-del", id="e")
+        while cmd(m, "query-block-exports"):
+            time.sleep(0.01)
+        serve(m, "n", ["src"], start=False)
+        export = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            out = subprocess.run(["nbdinfo", "--map=qemu:dirty-bitmap:src",
+                                  "nbd+unix:///disk?socket=%s/nbd.sock" % d],
+                                 capture_output=True, text=True, check=True).stdout
+            export.append(time.perf_counter() - t0)
+        export = min(export)
+        dirty = sum(1 for l in out.splitlines() if l.split()[-1] == "dirty")
+        if dirty != extents:
+            raise SystemExit("%s: %d dirty extents in the map, want %d" % (daemon, dirty, extents))
+        return merge, export
+    finally:
+        cmd(m, "quit")
+        m.proc.wait(timeout=60)
+        m.close()
+
+med = statistics.median
+res = {}
+for nb in (0, 1, 8):
+    for daemon in ("qemu", "vdisk"):
+        res[(daemon, nb)] = []
+    for _ in range(runs):
+        for daemon in ("qemu", "vdisk"):
+            res[(daemon, nb)].append(recording(daemon, nb))
+print("\n4 KiB random writes at QD32 over NBD, median IOPS (loss vs 0 bitmaps)")
+print("%-10s %14s %14s %8s" % ("bitmaps", "qemu", "vdisk", "v/q"))
+for nb in (0, 1, 8):
+    q, v = med(res[("qemu", nb)]), med(res[("vdisk", nb)])
+    q0, v0 = med(res[("qemu", 0)]), med(res[("vdisk", 0)])
+    print("%-10d %7.0f (%+4.1f%%) %7.0f (%+4.1f%%) %8.2f" % (
+        nb, q, 100 * (q / q0 - 1), v, 100 * (v / v0 - 1), v / q))
+bg = {"qemu": [], "vdisk": []}
+for _ in range(runs):
+    for daemon in ("qemu", "vdisk"):
+        bg[daemon].append(big(daemon))
+print("\n1 TiB disk, %d dirty extents, medians in ms" % extents)
+for i, what in enumerate(("block-dirty-bitmap-merge", "nbdinfo --map of the bitmap")):
+    q = med(x[i] for x in bg["qemu"]) * 1000
+    v = med(x[i] for x in bg["vdisk"]) * 1000
+    print("%-30s qemu %8.1f  vdisk %8.1f  v/q %5.2f" % (what, q, v, v / q))
+PYEOF
