@@ -38,6 +38,7 @@ typedef enum qtype {
     QT_OBJLIST,      /* array of objects; sub: their members, qarg[] */
     QT_UINTLIST,     /* array of non-negative integers (uint64, uint32) */
     QT_BLOCKDEVLIST, /* array of BlockdevOptions */
+    QT_UINT32,       /* an integer in [0, 2^32) */
 } qtype;
 
 typedef struct qarg {
