@@ -70,17 +70,33 @@ typedef struct cbw_state {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     bool lock_init;
-    vd_dirty_tracker *todo, *done, *access;
+    uint64_t nclusters;
+    uint64_t *todo, *done, *access;  /* a bit per cluster */
     cbw_range *copying;        /* clusters claimed by a write */
     cbw_range *frozen;         /* snapshot reads of the source */
     int snapshot_error;        /* < 0: the snapshot is broken */
 } cbw_state;
 
-/* Whether cluster-aligned @off is set in @t. */
-static bool bit(const vd_dirty_tracker *t, uint64_t off, uint64_t cluster)
+/* The bitmaps: flat, a bit per cluster, so that a request tests its
+ * clusters in constant time each. */
+static bool bit(const uint64_t *m, uint64_t c)
 {
-    uint64_t o, n;
-    return vd_dirty_tracker_next(t, off, cluster, &o, &n) && o == off;
+    return m[c / 64] >> (c % 64) & 1;
+}
+
+static void put_bits(uint64_t *m, uint64_t from, uint64_t to, bool on)
+{
+    for (uint64_t c = from; c < to; c++) {
+        if (on)
+            m[c / 64] |= 1ull << (c % 64);
+        else
+            m[c / 64] &= ~(1ull << (c % 64));
+    }
+}
+
+static uint64_t *bits_new(uint64_t n)
+{
+    return calloc(n / 64 + 1, sizeof(uint64_t));
 }
 
 static bool overlaps(const cbw_range *list, uint64_t off, uint64_t end)
@@ -167,17 +183,17 @@ static int cbw_open(vd_node *node, vd_opts *opts, unsigned flags,
     }
     s->len = (uint64_t)len;
     s->cluster = copy_cluster_size(s->target->node);
-    r = vd_dirty_bitmap_new(&s->todo, s->len, s->cluster, err);
-    if (r == 0)
-        r = vd_dirty_bitmap_new(&s->done, s->len, s->cluster, err);
-    if (r == 0)
-        r = vd_dirty_bitmap_new(&s->access, s->len, s->cluster, err);
-    if (r < 0) {
-        vd_error_prepend(err, "Cannot create block-copy-state: ");
+    s->nclusters = (s->len + s->cluster - 1) / s->cluster;
+    s->todo = bits_new(s->nclusters);
+    s->done = bits_new(s->nclusters);
+    s->access = bits_new(s->nclusters);
+    if (!s->todo || !s->done || !s->access) {
+        r = vd_error_set(err, -ENOMEM, "Cannot create block-copy-state: "
+                         "Out of memory");
         goto out;
     }
-    vd_dirty_tracker_set(s->todo, 0, s->len);
-    vd_dirty_tracker_set(s->access, 0, s->len);
+    put_bits(s->todo, 0, s->nclusters, true);
+    put_bits(s->access, 0, s->nclusters, true);
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
     s->lock_init = true;
@@ -186,9 +202,10 @@ out:
     free(bm_name);
     if (r < 0) {
         /* The core does not call close after a failed open. */
-        vd_dirty_tracker_free(&s->todo, NULL);
-        vd_dirty_tracker_free(&s->done, NULL);
-        vd_dirty_tracker_free(&s->access, NULL);
+        free(s->todo);
+        free(s->done);
+        free(s->access);
+        s->todo = s->done = s->access = NULL;
     }
     return r;
 }
@@ -197,9 +214,10 @@ static void cbw_close(vd_node *node)
 {
     cbw_state *s = node->opaque;
 
-    vd_dirty_tracker_free(&s->todo, NULL);
-    vd_dirty_tracker_free(&s->done, NULL);
-    vd_dirty_tracker_free(&s->access, NULL);
+    free(s->todo);
+    free(s->done);
+    free(s->access);
+    s->todo = s->done = s->access = NULL;
     if (s->lock_init) {
         pthread_mutex_destroy(&s->lock);
         pthread_cond_destroy(&s->cond);
@@ -251,9 +269,9 @@ static int before_write(vd_node *node, uint64_t off, uint64_t bytes,
         pthread_mutex_lock(&s->lock);
         while (overlaps(s->copying, slot.off, slot.end))
             pthread_cond_wait(&s->cond, &s->lock);
-        bool take = bit(s->todo, slot.off, s->cluster);
+        bool take = bit(s->todo, c);
         if (take) {
-            vd_dirty_tracker_clear(s->todo, slot.off, s->cluster);
+            put_bits(s->todo, c, c + 1, false);
             slot.next = s->copying;
             s->copying = &slot;
         }
@@ -269,11 +287,11 @@ static int before_write(vd_node *node, uint64_t off, uint64_t bytes,
         pthread_mutex_lock(&s->lock);
         unlink_range(&s->copying, &slot);
         if (r == 0) {
-            vd_dirty_tracker_set(s->done, slot.off, s->cluster);
+            put_bits(s->done, c, c + 1, true);
         } else {
             /* Still to copy: a later write tries again (and a broken
              * snapshot no longer asks for it anyway). */
-            vd_dirty_tracker_set(s->todo, slot.off, s->cluster);
+            put_bits(s->todo, c, c + 1, true);
             if (s->on_error == BREAK_SNAPSHOT && s->snapshot_error == 0)
                 s->snapshot_error = r;
         }
@@ -333,13 +351,13 @@ static int read_lock(cbw_state *s, vd_node *node, uint64_t off,
     if (s->snapshot_error < 0)
         r = -EACCES;
     for (uint64_t c = first; r == 0 && c * s->cluster < end; c++)
-        if (!bit(s->access, c * s->cluster, s->cluster))
+        if (!bit(s->access, c))
             r = -EACCES;
     if (r == 0) {
-        bool done = bit(s->done, first * s->cluster, s->cluster);
+        bool done = bit(s->done, first);
         uint64_t c = first + 1;
         while (c * s->cluster < end &&
-               bit(s->done, c * s->cluster, s->cluster) == done)
+               bit(s->done, c) == done)
             c++;
         uint64_t run_end = c * s->cluster < end ? c * s->cluster : end;
         *pnum = run_end - off;
@@ -450,8 +468,8 @@ static int cbw_pdiscard_snapshot(vd_node *node, uint64_t off,
     if (aend <= aoff)
         return 0;
     pthread_mutex_lock(&s->lock);
-    vd_dirty_tracker_clear(s->access, aoff, aend - aoff);
-    vd_dirty_tracker_clear(s->todo, aoff, aend - aoff);
+    put_bits(s->access, aoff / s->cluster, aend / s->cluster, false);
+    put_bits(s->todo, aoff / s->cluster, aend / s->cluster, false);
     pthread_mutex_unlock(&s->lock);
     return vd_node_pdiscard(s->target->node, aoff, aend - aoff, err);
 }
