@@ -137,24 +137,56 @@ static uint64_t copy_cluster_size(vd_node *target)
     return c;
 }
 
+/* Whether some option of @opts starts with @prefix. */
+static bool has_prefix(const vd_opts *opts, const char *prefix)
+{
+    for (size_t i = 0; i < vd_opts_count(opts); i++) {
+        const char *k, *v;
+        vd_opts_nth(opts, i, &k, &v);
+        if (strncmp(k, prefix, strlen(prefix)) == 0)
+            return true;
+    }
+    return false;
+}
+
 static int cbw_open(vd_node *node, vd_opts *opts, unsigned flags,
                     vd_error *err)
 {
     cbw_state *s = node->opaque;
-    int r;
+    int r = 0;
 
     (void)flags;
     char *bm_node = vd_opts_take(opts, "bitmap.node");
     char *bm_name = vd_opts_take(opts, "bitmap.name");
+    char *on_error_s = vd_opts_take(opts, "on-cbw-error");
+    char *timeout_s = vd_opts_take(opts, "cbw-timeout");
     int on_error = BREAK_GUEST_WRITE;
     uint64_t timeout = 0;
-    r = vd_opts_take_enum(opts, "on-cbw-error", on_cbw_error_names,
-                          BREAK_GUEST_WRITE, &on_error, err);
-    if (r == 0)
-        r = vd_opts_take_uint(opts, "cbw-timeout", 0, &timeout, err);
-    if (r == 0 && timeout > UINT32_MAX)
-        r = vd_error_set(err, -EINVAL, "Parameter 'cbw-timeout' expects "
-                         "uint32_t");
+    /* QEMU parses these with its QAPI visitor (messages as QMP's schema
+     * gives them, for json: file names and command lines). */
+    if (!vd_opts_get(opts, "target") && !has_prefix(opts, "target.")) {
+        r = vd_error_set(err, -EINVAL, "Parameter 'target' is missing");
+    } else if (on_error_s) {
+        for (on_error = 0; on_cbw_error_names[on_error] &&
+             strcmp(on_cbw_error_names[on_error], on_error_s); on_error++) {
+        }
+        if (!on_cbw_error_names[on_error])
+            r = vd_error_set(err, -EINVAL, "Parameter 'on-cbw-error' does "
+                             "not accept value '%s'", on_error_s);
+    }
+    if (r == 0 && timeout_s) {
+        char *end;
+        errno = 0;
+        timeout = strtoull(timeout_s, &end, 0);
+        if (errno || end == timeout_s || *end)
+            r = vd_error_set(err, -EINVAL, "Parameter 'cbw-timeout' expects "
+                             "integer");
+        else if (timeout > UINT32_MAX)
+            r = vd_error_set(err, -EINVAL, "Parameter 'cbw-timeout' expects "
+                             "uint32_t");
+    }
+    free(on_error_s);
+    free(timeout_s);
     if (r < 0)
         goto out;
     s->on_error = on_error;

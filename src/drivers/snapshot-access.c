@@ -20,7 +20,9 @@ static int sa_open(vd_node *node, vd_opts *opts, unsigned flags,
                    vd_error *err)
 {
     (void)flags;
-    if (!vd_node_open_child(node, opts, "file", NULL,
+    /* A file name given to the node names its file, as for any format
+     * (qemu-img info -f snapshot-access FILE). */
+    if (!vd_node_open_child(node, opts, "file", node->filename,
                             VD_ROLE_DATA | VD_ROLE_PRIMARY, false, err))
         return err && err->code ? err->code : -EINVAL;
     return 0;

@@ -13,8 +13,8 @@
 # snapshot-access node over a node without the snapshot API,
 # on-cbw-error's two policies against a target whose writes fail
 # (blkdebug), a discard through a writable snapshot export, a backup job
-# reading the snapshot (push backup), and --blockdev key=value on the
-# command line.
+# reading the snapshot (push backup), --blockdev key=value on the
+# command line, and the image tools opening the drivers.
 source "$(dirname "$0")/../functions.sh"
 requires qemu-img qemu-io qemu-storage-daemon python3 timeout
 source "$(dirname "$0")/qmp-functions.bash"
@@ -415,6 +415,33 @@ half = len(outs) // 2
 print("command line:", outs[half:])
 if outs[:half] != outs[half:]:
     failed.append("command line: qemu %s, vdisk %s" % (outs[:half], outs[half:]))
+
+# The drivers opened by the image tools (a file name, json: options):
+# the same messages as qemu-img's.
+d = os.path.join(top, "tools")
+os.makedirs(d)
+subprocess.run([qemu_img, "create", "-q", "-f", "raw", d + "/r.img", "1M"],
+               check=True)
+J = ('json:{"driver": "copy-before-write", "file": {"driver": "file", '
+     '"filename": "%s/r.img"}, "target": {"driver": "null-co"}' % d)
+cases = [["info", "-f", "snapshot-access", d + "/r.img"],
+         ["convert", "-f", "snapshot-access", d + "/r.img", "-O", "raw",
+          d + "/o.img"],
+         ["info", "-f", "copy-before-write", d + "/r.img"],
+         ["info", J + ', "on-cbw-error": "x"}'],
+         ["info", J + ', "cbw-timeout": "x"}'],
+         ["info", J + ', "cbw-timeout": -1}'],
+         ["info", J + ', "bitmap": {"node": "x", "name": "b"}}'],
+         ["info", 'json:{"driver": "snapshot-access", "file": %s}}' % J[5:]]]
+for c in cases:
+    out = []
+    for tool in (qemu_img, vdisk):
+        p = run(tool, *c)
+        out.append((p.returncode, [l.split(": ", 1)[-1] for l in
+                                   p.stdout.replace(d, "@D@").splitlines()]))
+    print("tools:", c[0], c[-1][-40:].replace(d, "@D@"), out[1])
+    if out[0] != out[1]:
+        failed.append("%s: qemu-img %s, vdisk %s" % (c, out[0], out[1]))
 
 for f in failed:
     print(f)
