@@ -406,12 +406,19 @@ static int read_lock(cbw_state *s, vd_node *node, uint64_t off,
     return r;
 }
 
-static void read_unlock(cbw_state *s, cbw_range *slot)
+/* Ends a read that read_lock() started (@slot: its frozen range, when it
+ * read the source). Returns -EACCES when the snapshot broke meanwhile:
+ * writes no longer wait for readers then, so what was read may be new. */
+static int read_unlock(cbw_state *s, cbw_range *slot, bool frozen)
 {
     pthread_mutex_lock(&s->lock);
-    unlink_range(&s->frozen, slot);
-    pthread_cond_broadcast(&s->cond);
+    if (frozen) {
+        unlink_range(&s->frozen, slot);
+        pthread_cond_broadcast(&s->cond);
+    }
+    int r = s->snapshot_error < 0 ? -EACCES : 0;
     pthread_mutex_unlock(&s->lock);
+    return r;
 }
 
 static int snapshot_refused(vd_error *err)
@@ -442,10 +449,11 @@ static int cbw_preadv_snapshot(vd_node *node, uint64_t off, uint64_t bytes,
         } else {
             vd_error_set(err, r, "Out of memory");
         }
-        if (from == node->file->node)
-            read_unlock(s, &slot);
+        int u = read_unlock(s, &slot, from == node->file->node);
         if (r < 0)
             return r;
+        if (u < 0)
+            return snapshot_refused(err);
         off += n;
         qoff += n;
         bytes -= n;
@@ -471,8 +479,8 @@ static int cbw_snapshot_block_status(vd_node *node, bool want_zero,
      * where nothing was copied, which the run excludes. */
     int r = vd_node_block_status_above(from, NULL, want_zero, off, n, pnum,
                                        map, file, &depth, err);
-    if (from == node->file->node)
-        read_unlock(s, &slot);
+    if (read_unlock(s, &slot, from == node->file->node) < 0 && r >= 0)
+        r = snapshot_refused(err);
     if (r >= 0) {
         /* Nothing anywhere in the chain reads as zeros. The snapshot's
          * data is its own (ALLOCATED) and is read through this node,
