@@ -12,9 +12,11 @@
 # wrong order, query-named-block-nodes of the nodes involved, a
 # snapshot-access node over a node without the snapshot API,
 # on-cbw-error's two policies against a target whose writes fail
-# (blkdebug), a discard through a writable snapshot export, a backup job
+# (blkdebug) and against one too slow for cbw-timeout (null-co's
+# latency), a discard through a writable snapshot export, a backup job
 # reading the snapshot (push backup), --blockdev key=value on the
-# command line, and the image tools opening the drivers.
+# command line, and the image tools opening the drivers. QEMU's own
+# snapshot content is printed, not required (docs/jobs.md, Fleecing).
 source "$(dirname "$0")/../functions.sh"
 requires qemu-img qemu-io qemu-storage-daemon python3 timeout
 source "$(dirname "$0")/qmp-functions.bash"
@@ -271,6 +273,33 @@ def failing_target(m, d, policy):
                 same(d, "before.raw", "src.raw")))
     return log
 
+def slow_target(m, d, policy):
+    """A target whose every request takes 2 s, and cbw-timeout 1 s."""
+    log = []
+    start(m, d, log)
+    add(m, log, driver="null-co", **{"node-name": "tmp"}, size=SIZE,
+        **{"latency-ns": 2000000000})
+    add(m, log, driver="copy-before-write", **{"node-name": "cbw"},
+        file="src", target="tmp", **{"on-cbw-error": policy, "cbw-timeout": 1})
+    del_export(m, log, "guest")
+    add(m, log, driver="snapshot-access", **{"node-name": "fl"}, file="cbw")
+    C(m, log, "block-export-add", type="nbd", id="guest", **{"node-name": "cbw"},
+      writable=True, name="src")
+    C(m, log, "block-export-add", type="nbd", id="fleece", **{"node-name": "fl"},
+      name="fleece")
+    log.append(("guest write fails", io(d, "src", ["write -P 0x77 0 64k"])))
+    log.append(("snapshot read", convert(d, "fleece", "fleece.raw") == 0 and
+                same(d, "before.raw", "fleece.raw")))
+    log.append(("source changed", convert(d, "src", "src.raw") == 0 and
+                same(d, "before.raw", "src.raw")))
+    return log
+
+def timeout_guest_write(m, d, log):
+    log += slow_target(m, d, "break-guest-write")
+
+def timeout_snapshot(m, d, log):
+    log += slow_target(m, d, "break-snapshot")
+
 # What each policy must do, whatever QEMU does: the write fails and the
 # snapshot and the source stay as they were; or the write goes through
 # and the snapshot can no longer be read.
@@ -280,6 +309,8 @@ EXPECT = {
     "break_snapshot": [("guest write fails", False), ("snapshot read", False),
                        ("source changed", 1)],
 }
+EXPECT["timeout_guest_write"] = EXPECT["break_guest_write"]
+EXPECT["timeout_snapshot"] = EXPECT["break_snapshot"]
 
 def break_guest_write(m, d, log):
     log += failing_target(m, d, "break-guest-write")
@@ -367,7 +398,8 @@ def compare_all(scenarios):
     return failed
 
 failed = compare_all([workflow, plain_target, refusals, break_guest_write,
-                      break_snapshot, snapshot_discard, push_backup])
+                      break_snapshot, timeout_guest_write, timeout_snapshot,
+                      snapshot_discard, push_backup])
 # The push backup holds the point in time, in both (compared once the
 # daemons have exited: QEMU keeps a target's last metadata until then).
 for side in ("qemu", "vdisk"):
