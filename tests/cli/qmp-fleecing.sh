@@ -249,17 +249,14 @@ def refusals(m, d, log):
     del_export(m, log, "e")
     C(m, log, "blockdev-del", **{"node-name": "s"})
 
-def failing_target(m, d, policy):
+def policy_run(m, d, target, **cbw_opts):
+    """The fleecing graph over the node @target (blockdev-add arguments)
+    whose copies fail, one guest write, and what became of it."""
     log = []
     start(m, d, log)
-    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", d + "/tmp.qcow2",
-                    str(SIZE)], check=True)
-    # The target's data writes fail once the filter copies into it.
-    add(m, log, driver="qcow2", **{"node-name": "tmp"}, file={
-        "driver": "blkdebug", "inject-error": [{"event": "write_aio", "errno": 5}],
-        "image": {"driver": "file", "filename": d + "/tmp.qcow2"}})
+    add(m, log, **{"node-name": "tmp"}, **target)
     add(m, log, driver="copy-before-write", **{"node-name": "cbw"},
-        file="src", target="tmp", **{"on-cbw-error": policy})
+        file="src", target="tmp", **cbw_opts)
     del_export(m, log, "guest")
     add(m, log, driver="snapshot-access", **{"node-name": "fl"}, file="cbw")
     C(m, log, "block-export-add", type="nbd", id="guest", **{"node-name": "cbw"},
@@ -273,26 +270,20 @@ def failing_target(m, d, policy):
                 same(d, "before.raw", "src.raw")))
     return log
 
+def failing_target(m, d, policy):
+    """A target whose data writes fail once the filter copies into it."""
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", d + "/tmp.qcow2",
+                    str(SIZE)], check=True)
+    return policy_run(m, d, {"driver": "qcow2", "file": {
+        "driver": "blkdebug", "inject-error": [{"event": "write_aio", "errno": 5}],
+        "image": {"driver": "file", "filename": d + "/tmp.qcow2"}}},
+        **{"on-cbw-error": policy})
+
 def slow_target(m, d, policy):
     """A target whose every request takes 2 s, and cbw-timeout 1 s."""
-    log = []
-    start(m, d, log)
-    add(m, log, driver="null-co", **{"node-name": "tmp"}, size=SIZE,
-        **{"latency-ns": 2000000000})
-    add(m, log, driver="copy-before-write", **{"node-name": "cbw"},
-        file="src", target="tmp", **{"on-cbw-error": policy, "cbw-timeout": 1})
-    del_export(m, log, "guest")
-    add(m, log, driver="snapshot-access", **{"node-name": "fl"}, file="cbw")
-    C(m, log, "block-export-add", type="nbd", id="guest", **{"node-name": "cbw"},
-      writable=True, name="src")
-    C(m, log, "block-export-add", type="nbd", id="fleece", **{"node-name": "fl"},
-      name="fleece")
-    log.append(("guest write fails", io(d, "src", ["write -P 0x77 0 64k"])))
-    log.append(("snapshot read", convert(d, "fleece", "fleece.raw") == 0 and
-                same(d, "before.raw", "fleece.raw")))
-    log.append(("source changed", convert(d, "src", "src.raw") == 0 and
-                same(d, "before.raw", "src.raw")))
-    return log
+    return policy_run(m, d, {"driver": "null-co", "size": SIZE,
+                             "latency-ns": 2000000000},
+                      **{"on-cbw-error": policy, "cbw-timeout": 1})
 
 def timeout_guest_write(m, d, log):
     log += slow_target(m, d, "break-guest-write")
