@@ -380,6 +380,10 @@ struct vd_driver {
     /* Writes the driver's own caches down to its children. The core then
      * flushes the children. Protocol drivers sync to disk here. */
     int (*flush)(vd_node *node, vd_error *err);
+    /* The core flushes only the primary child (copy-before-write: a
+     * flush of the guest's disk does not wait for, nor fail with, the
+     * fleecing target, as QEMU's cbw_co_flush()). */
+    bool flush_primary_only;
 
     /*
      * Copy offloading (QEMU's copy_range_from/copy_range_to): @bytes are
@@ -542,6 +546,19 @@ struct vd_driver {
     int (*bitmap_can_store)(vd_node *node, const char *name,
                             uint64_t granularity, vd_error *err);
     int (*bitmap_remove)(vd_node *node, const char *name, vd_error *err);
+
+    /* QEMU's snapshot-access API, which a copy-before-write filter offers
+     * the snapshot-access node above it: reads, block status and
+     * discards of the image as it was when the filter was inserted
+     * (block_status's contract). Absent: -ENOTSUP. */
+    int (*preadv_snapshot)(vd_node *node, uint64_t off, uint64_t bytes,
+                           vd_iov *qiov, vd_error *err);
+    int (*snapshot_block_status)(vd_node *node, bool want_zero,
+                                 uint64_t off, uint64_t bytes,
+                                 uint64_t *pnum, uint64_t *map,
+                                 vd_node **file, vd_error *err);
+    int (*pdiscard_snapshot)(vd_node *node, uint64_t off, uint64_t bytes,
+                             vd_error *err);
 };
 
 

@@ -29,6 +29,8 @@ extern const vd_driver vd_driver_blkdebug;
 extern const vd_driver vd_driver_throttle;
 extern const vd_driver vd_driver_blkverify;
 extern const vd_driver vd_driver_copy_on_read;
+extern const vd_driver vd_driver_copy_before_write;
+extern const vd_driver vd_driver_snapshot_access;
 extern const vd_driver vd_driver_compress;
 extern const vd_driver vd_driver_preallocate;
 extern const vd_driver vd_driver_vmdk;
@@ -57,6 +59,8 @@ static const vd_driver *const driver_table[] = {
     &vd_driver_blkverify,  /* test filter: reads compared to a raw copy */
     &vd_driver_throttle,
     &vd_driver_copy_on_read,
+    &vd_driver_copy_before_write,  /* fleecing: with snapshot-access */
+    &vd_driver_snapshot_access,
     &vd_driver_compress,
     &vd_driver_preallocate,
     /* probe-only until their drivers exist */

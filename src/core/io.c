@@ -1123,7 +1123,8 @@ int vd_node_flush(vd_node *n, vd_error *err)
     if (r == 0 && n->drv->is_format && to_disk)
         vd_node_debug_event_here(primary, VD_BLKDBG_FLUSH_TO_DISK);
     for (vd_child *c = n->children; c && r == 0; c = c->next)
-        r = vd_node_flush(c->node, err);
+        if (!n->drv->flush_primary_only || c == n->file)
+            r = vd_node_flush(c->node, err);
     if (r == 0 && (synced || !is_protocol))
         atomic_store(&n->flushed_gen, gen);
     account(n, VD_ACCT_FLUSH, r, 0, t0);

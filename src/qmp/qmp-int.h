@@ -39,6 +39,7 @@ typedef enum qtype {
     QT_UINTLIST,     /* array of non-negative integers (uint64, uint32) */
     QT_BLOCKDEVLIST, /* array of BlockdevOptions */
     QT_ARRAY,        /* an array, its elements checked by the command */
+    QT_UINT32,       /* an integer in [0, 2^32) */
 } qtype;
 
 typedef struct qarg {

@@ -36,9 +36,9 @@ static const char *const aio_enum[] = { "threads", "native", "io_uring",
 /* The drivers vdisk has, in QEMU's order; QEMU's enum is longer, but an
  * unknown value is refused the same way. */
 static const char *const driver_enum[] = {
-    "blkdebug", "blkverify", "compress", "copy-on-read", "file",
-    "host_cdrom", "host_device", "null-aio", "null-co", "preallocate",
-    "qcow2", "raw", "throttle", NULL
+    "blkdebug", "blkverify", "compress", "copy-before-write",
+    "copy-on-read", "file", "snapshot-access", "host_cdrom", "host_device",
+    "null-aio", "null-co", "preallocate", "qcow2", "raw", "throttle", NULL
 };
 /* QEMU's BlkdebugEvent, BlkdebugIOType and BlockPermission. */
 static const char *const blkdebug_event_enum[] = {
@@ -182,6 +182,25 @@ static const qarg blockdev_cor[] = {
     { NULL, 0, false, NULL },
 };
 
+/* QEMU 7.2's OnCbwError, BlockDirtyBitmap and BlockdevOptionsCbw
+ * (min-cluster-size came in 9.2: refused as QEMU 7.2 does). */
+static const char *const on_cbw_error_enum[] = { "break-guest-write",
+                                                 "break-snapshot", NULL };
+static const qarg dirty_bitmap_ref[] = {
+    { "node", QT_STR, false, NULL },
+    { "name", QT_STR, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+static const qarg blockdev_cbw[] = {
+    { "file", QT_BLOCKREF, false, NULL },
+    { "target", QT_BLOCKREF, false, NULL },
+    { "bitmap", QT_OBJ, true, dirty_bitmap_ref },
+    { "on-cbw-error", QT_ENUM, true, on_cbw_error_enum },
+    { "cbw-timeout", QT_UINT32, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg blockdev_preallocate[] = {
     { "file", QT_BLOCKREF, false, NULL },
     { "prealloc-align", QT_INT, true, NULL },
@@ -202,6 +221,7 @@ static const struct {
     { "blkdebug", blockdev_blkdebug },
     { "blkverify", blockdev_blkverify },
     { "compress", blockdev_generic },
+    { "copy-before-write", blockdev_cbw },
     { "copy-on-read", blockdev_cor },
     { "file", blockdev_file },
     { "host_cdrom", blockdev_file },
@@ -211,6 +231,7 @@ static const struct {
     { "preallocate", blockdev_preallocate },
     { "raw", blockdev_raw },
     { "qcow2", blockdev_qcow2 },
+    { "snapshot-access", blockdev_generic },
     { "throttle", blockdev_throttle },
 };
 
@@ -805,6 +826,43 @@ static int check_member(json_object *parent, const qarg *a, json_object *val,
         }
         return jt == json_type_int ? 0
                : bad_type(e, prefix, a->name, "integer");
+    case QT_UINT32:
+        /* QEMU's visit_type_uint32(): anything but a number is no
+         * uint64 for it; a number out of range, no uint32_t. On the
+         * command line, strtoull's wrap-around makes "-1" a large
+         * number too. */
+        if (keyval && jt == json_type_string) {
+            const char *s = json_object_get_string(val);
+            char *end;
+            unsigned long long v;
+            errno = 0;
+            v = strtoull(s, &end, 0);
+            if (errno || end == s || *end) {
+                qmp_fail(e, NULL, "Parameter '%s%s' expects integer", prefix,
+                         a->name);
+                return -1;
+            }
+            if (v > UINT32_MAX) {
+                qmp_fail(e, NULL, "Parameter '%s%s' expects uint32_t",
+                         prefix, a->name);
+                return -1;
+            }
+            json_object_object_add(parent, a->name,
+                                   json_object_new_int64((int64_t)v));
+            return 0;
+        }
+        if (jt != json_type_int) {
+            qmp_fail(e, NULL, "Parameter '%s%s' expects uint64", prefix,
+                     a->name);
+            return -1;
+        }
+        if (json_object_get_int64(val) < 0 ||
+            json_object_get_int64(val) > (int64_t)UINT32_MAX) {
+            qmp_fail(e, NULL, "Parameter '%s%s' expects uint32_t", prefix,
+                     a->name);
+            return -1;
+        }
+        return 0;
     case QT_ENUM:
         if (jt != json_type_string) {
             return bad_type(e, prefix, a->name, "string");
