@@ -27,11 +27,13 @@
  * be used", ...).
  *
  * Threads: every function may be called from any thread while requests
- * run on the node; functions that change the set of bitmaps or their
- * state drain the node (wait for the requests in flight) so that the
- * change falls between requests. A program that changes the graph from
- * several threads holds vd_graph_lock() around these calls too, as
- * `vdisk serve` does around every QMP command.
+ * run on the node. A request marks the bitmaps once its driver is done
+ * and before it completes; a change (add, remove, clear, merge, enable,
+ * disable) falls between two markings, never inside one, so a request
+ * that completes after the change returns is in the changed bitmap
+ * (docs/concurrency.md). A program that changes the graph from several
+ * threads holds vd_graph_lock() around these calls too, as `vdisk serve`
+ * does around every QMP command.
  */
 #ifndef VDISK_BITMAP_H
 #define VDISK_BITMAP_H
@@ -164,7 +166,8 @@ VD_API int vd_bitmap_sha256(vd_node *node, const char *name, char out[65],
 /**
  * Marks bitmap @name busy (in use by a job or an export: it cannot be
  * changed through this API meanwhile) or not busy. Refused (-EBUSY) to
- * mark a bitmap busy twice, and for inconsistent bitmaps.
+ * mark a bitmap busy twice. A user that reads the bits checks first that
+ * the bitmap is not inconsistent (vd_bitmap_get_info()).
  */
 VD_API int vd_bitmap_set_busy(vd_node *node, const char *name, bool busy,
                               vd_error *err);
@@ -175,9 +178,11 @@ VD_API int vd_bitmap_set_busy(vd_node *node, const char *name, bool busy,
  * @node; vd_bitmap_restore() puts the bits and the recording state back
  * (re-creating the bitmap when it was removed meanwhile, with its
  * granularity and persistence) and frees @saved;
- * vd_bitmap_saved_free() frees it unused. A restore of bits ORs in
- * nothing that was written meanwhile only when the node was drained
- * in between (the caller's business, as QEMU drains a transaction).
+ * vd_bitmap_saved_free() frees it unused. Writes to the node between
+ * the save and the restore are kept in the restored bitmap when it was
+ * recording at the save (the saved object tracks them), so an undo never
+ * loses a write a backup would need. The saved object holds a reference
+ * to @node. Errors: -ENOENT (no such bitmap), -ENOMEM.
  */
 typedef struct vd_bitmap_saved vd_bitmap_saved;
 VD_API int vd_bitmap_save(vd_node *node, const char *name,

@@ -649,29 +649,27 @@ VD_API int vd_bitmap_restore(vd_bitmap_saved *sv, vd_error *err)
 
 /* ---- the core's hooks ---- */
 
-/* Adds or updates the loaded bitmap @img (write lock held). */
-static void load_one(vd_node *node, vd_node_bitmaps *s,
-                     const vd_bitmap_image *img, uint64_t len, long pos)
+/* Adds or updates the loaded bitmap @img (write lock held), the
+ * image's @pos'th. A bitmap we cannot represent fails the load (and the
+ * open): dropping it would remove it from the image at the next store. */
+static int load_one(vd_node *node, vd_node_bitmaps *s,
+                    const vd_bitmap_image *img, uint64_t len, long pos,
+                    vd_error *err)
 {
     bdm *b = find(s, img->name);
     if (b) {
         /* Reopened read-write: the bitmap we had becomes writable. */
         b->readonly = node->read_only;
         b->image_pos = pos;
-        return;
+        return 0;
     }
-    if (!granularity_ok(img->granularity)) {
-        vd_warn("%s: bitmap '%s' has an invalid granularity %" PRIu64
-                ": not loaded", node->filename, img->name,
-                img->granularity);
-        return;
-    }
+    if (!granularity_ok(img->granularity))
+        return vd_error_set(err, -EINVAL, "%s: bitmap '%s' has an invalid "
+                            "granularity %" PRIu64, node->filename,
+                            img->name, img->granularity);
     b = bdm_new(img->name, len, img->granularity);
-    if (!b) {
-        vd_warn("%s: out of memory loading bitmap '%s'", node->filename,
-                img->name);
-        return;
-    }
+    if (!b)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
     b->persistent = true;
     b->image_pos = pos;
     b->readonly = node->read_only;
@@ -680,6 +678,7 @@ static void load_one(vd_node *node, vd_node_bitmaps *s,
     if (!b->inconsistent)
         vd_hbitmap_deserialize(b->hb, img->bits);
     link_in(node, s, b);
+    return 0;
 }
 
 int vd_bitmaps_load(vd_node *node, vd_error *err)
@@ -702,13 +701,27 @@ int vd_bitmaps_load(vd_node *node, vd_error *err)
         return vd_error_set(err, -ENOMEM, "Out of memory");
     }
     pthread_rwlock_wrlock(&s->lock);
-    s->store_needed = true;
     /* In the image's order; QEMU lists the last loaded first. */
-    for (size_t i = 0; i < count; i++)
-        load_one(node, s, &list[i], (uint64_t)len, (long)i);
+    r = 0;
+    bdm *before = s->head;
+    bool had_store = s->store_needed;
+    for (size_t i = 0; i < count && r == 0; i++)
+        r = load_one(node, s, &list[i], (uint64_t)len, (long)i, err);
+    if (r == 0) {
+        s->store_needed = true;
+    } else {
+        /* Nothing of a failed load stays (new bitmaps are linked in
+         * before the ones we had). */
+        s->store_needed = had_store;
+        while (s->head != before) {
+            bdm *b = s->head;
+            unlink_out(node, s, b);
+            bdm_free(b);
+        }
+    }
     pthread_rwlock_unlock(&s->lock);
     vd_bitmap_images_free(list, count);
-    return 0;
+    return r;
 }
 
 int vd_bitmaps_store(vd_node *node, bool readonly_after, vd_error *err)

@@ -144,6 +144,14 @@ static void clear_up(vd_hbitmap *hb, unsigned k, uint64_t i)
 
 static void set_word(vd_hbitmap *hb, uint64_t w, uint64_t mask)
 {
+    /* Bits already set (the common case of rewrites): a plain load, no
+     * read-modify-write that would take the cache line from the other
+     * request threads. A reset that clears them after this load comes
+     * after the write that is marking them, as if it came after the
+     * fetch_or. */
+    if ((atomic_load_explicit(&hb->lv[0][w], memory_order_acquire) & mask) ==
+        mask)
+        return;
     uint64_t old = atomic_fetch_or(&hb->lv[0][w], mask);
     uint64_t added = mask & ~old;
     if (added) {
@@ -195,8 +203,17 @@ void vd_hbitmap_set(vd_hbitmap *hb, uint64_t off, uint64_t bytes)
     uint64_t first, last;
     if (!bit_range(hb, off, bytes, &first, &last))
         return;
-    for (uint64_t w = first / 64; w <= last / 64; w++)
-        set_word(hb, w, word_mask(w, first, last));
+    uint64_t fw = first / 64, lw = last / 64;
+    uint64_t head = ~0ull << (first % 64), tail = ~0ull >> (63 - last % 64);
+    /* Most requests touch one word: the path of every write. */
+    if (fw == lw) {
+        set_word(hb, fw, head & tail);
+        return;
+    }
+    set_word(hb, fw, head);
+    for (uint64_t w = fw + 1; w < lw; w++)
+        set_word(hb, w, ~0ull);
+    set_word(hb, lw, tail);
 }
 
 /* The first set bit of level 0 at or after @b, or -1. Walks up while

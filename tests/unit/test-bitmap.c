@@ -754,6 +754,30 @@ static void test_persistent(void)
     }
     CHECK(good_ok, "good stored with the writes");
     vd_bitmap_images_free(stored, nstored);
+
+    /* A bitmap the core cannot take fails the open; nothing is stored
+     * back (dropping it would have removed it from the image). */
+    stored = calloc(2, sizeof(*stored));
+    nstored = 2;
+    stored[0] = (vd_bitmap_image){ strdup("fine"), 65536, true, false,
+                                   DISK, calloc(DISK / 65536 / 8, 1) };
+    stored[1] = (vd_bitmap_image){ strdup("odd"), 3000, true, false,
+                                   DISK, calloc(DISK / 3000 / 8 + 1, 1) };
+    int before = stores;
+    vd_opts *o = vd_opts_new();
+    vd_node *bad = NULL;
+    vd_opts_set(o, "node-name", "bad");
+    int r = vd_node_open(&bad, "mem", &store_drv, o,
+                         VD_NODE_PROTOCOL | VD_NODE_RDWR, &err);
+    vd_opts_free(&o);
+    CHECK(r == -EINVAL && strstr(err.message, "bitmap 'odd' has an invalid "
+                                 "granularity 3000"), "bad load: %d %s", r,
+          err.message);
+    CHECK(stores == before && nstored == 2, "nothing stored after a failed "
+          "load");
+    if (bad)
+        vd_node_unref(bad);
+    vd_bitmap_images_free(stored, nstored);
 }
 
 int main(void)
