@@ -560,9 +560,10 @@ int qcow2_bitmaps_load(vd_node *node, vd_bitmap_image **list, size_t *count,
     *list = NULL;
     *count = 0;
     pthread_mutex_lock(&s->lock);
-    if (!s->has_bitmaps_ext) {
-        /* No bitmaps (or stale ones, which open drops): nothing to mark;
-         * the core's new bitmaps are stored with the autoclear bit set. */
+    if (!qcow2_bitmaps_valid(s)) {
+        /* No bitmaps, or stale ones (open drops those; or this session
+         * wrote before loading): nothing to mark; the core's new bitmaps
+         * are stored with the autoclear bit set. */
         pthread_mutex_unlock(&s->lock);
         return 0;
     }
@@ -832,12 +833,32 @@ out:
  * goes and the autoclear bit is cleared. New clusters are added to
  * @fresh. On success the old directory is queued in @old. Lock held.
  */
+/* What the store or remove found before its first write: whether the
+ * directory on disk was valid (a stale one's clusters are left alone,
+ * leaked as QEMU leaves them: nothing vouches for its contents), and
+ * whether the open's deferral of the autoclear bit was still pending
+ * (bitmaps never loaded, nothing written: it stays deferred). */
+typedef struct dir_state {
+    bool valid;
+    bool redefer;
+} dir_state;
+
+static dir_state dir_state_now(const qcow2_state *s)
+{
+    dir_state d = {
+        qcow2_bitmaps_valid(s),
+        s->bitmaps_autoclear_deferred && s->header_update_pending,
+    };
+    return d;
+}
+
 static int commit_directory(qcow2_state *s, const qcow2_bitmap_info *bm,
-                            uint32_t n, free_list *fresh, free_list *old,
-                            vd_error *err)
+                            uint32_t n, dir_state ds, free_list *fresh,
+                            free_list *old, vd_error *err)
 {
     qcow2_bitmaps_ext saved = s->bitmaps_ext;
     bool had_ext = s->has_bitmaps_ext;
+    bool free_old = ds.valid && had_ext;
     uint64_t saved_autoclear = s->autoclear_features;
     uint64_t size = 0;
     uint8_t *dir = NULL;
@@ -875,7 +896,7 @@ static int commit_directory(qcow2_state *s, const qcow2_bitmap_info *bm,
     if (ret < 0) {
         return ret;
     }
-    if (had_ext) {
+    if (free_old) {
         ret = free_list_add(old, saved.bitmap_directory_offset,
                             saved.bitmap_directory_size);
         if (ret < 0) {
@@ -899,7 +920,7 @@ static int commit_directory(qcow2_state *s, const qcow2_bitmap_info *bm,
         s->has_bitmaps_ext = had_ext;
         s->autoclear_features = saved_autoclear;
         fresh->n = 0;
-        if (had_ext) {
+        if (free_old) {
             old->n--;
         }
         return ret;
@@ -937,6 +958,21 @@ static int constraints(qcow2_state *s, const char *name, uint64_t g,
                             "characters)", BME_MAX_NAME_SIZE);
     }
     return 0;
+}
+
+/* After a store or remove and the frees that follow it (their refcount
+ * updates would write a deferred header): the bitmaps bit is set on disk
+ * now. If the bitmaps were never loaded and nothing else was written,
+ * the first write of the session still takes it away, as open arranged;
+ * otherwise the bit stays. */
+static void finish_deferral(qcow2_state *s, dir_state ds)
+{
+    if (ds.redefer && s->has_bitmaps_ext) {
+        s->autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS;
+        s->header_update_pending = true;
+    } else {
+        s->bitmaps_autoclear_deferred = false;
+    }
 }
 
 /* Checks one image of the core's set before anything is written. */
@@ -981,7 +1017,8 @@ static int find_entry(const qcow2_bitmap_info *bm, uint32_t n,
 static int do_store(qcow2_state *s, const vd_bitmap_image *list,
                     size_t count, vd_error *err)
 {
-    uint32_t nold = s->has_bitmaps_ext ? s->bitmaps_ext.nb_bitmaps : 0;
+    dir_state ds = dir_state_now(s);
+    uint32_t nold = ds.valid ? s->bitmaps_ext.nb_bitmaps : 0;
     qcow2_bitmap_info *old = NULL, *nw = NULL;
     const vd_bitmap_image **src = NULL;   /* per new entry: to write */
     free_list fresh = { .type = QCOW2_DISCARD_OTHER };
@@ -1116,7 +1153,7 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
             goto rollback;
         }
     }
-    ret = commit_directory(s, nw, n, &fresh, &gone, err);
+    ret = commit_directory(s, nw, n, ds, &fresh, &gone, err);
     if (ret < 0) {
         goto rollback;
     }
@@ -1124,6 +1161,7 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
     /* The header no longer names the old structures: give them back. */
     free_list_release(s, &gone);
     free_list_release(s, &gone_data);
+    finish_deferral(s, ds);
     ret = 0;
     goto out;
 
@@ -1163,10 +1201,12 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
     free_list fresh = { .type = QCOW2_DISCARD_OTHER };
     free_list gone = { .type = QCOW2_DISCARD_OTHER };
     free_list gone_data = { .type = QCOW2_DISCARD_ALWAYS };
+    dir_state ds;
     int idx, ret;
 
     pthread_mutex_lock(&s->lock);
-    if (!s->has_bitmaps_ext) {
+    ds = dir_state_now(s);
+    if (!ds.valid) {
         /* Absent is not an error (QEMU's remove). */
         pthread_mutex_unlock(&s->lock);
         return 0;
@@ -1201,7 +1241,7 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
         }
     }
     if (ret == 0) {
-        ret = commit_directory(s, nw, n, &fresh, &gone, err);
+        ret = commit_directory(s, nw, n, ds, &fresh, &gone, err);
         if (ret < 0) {
             vd_error_prepend(err, "Failed to update bitmap extension: ");
             free_list_release(s, &fresh);
@@ -1216,6 +1256,7 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
         }
         free_list_release(s, &gone);
         free_list_release(s, &gone_data);
+        finish_deferral(s, ds);
     }
 out:
     pthread_mutex_unlock(&s->lock);
@@ -1231,7 +1272,7 @@ int qcow2_bitmap_can_store(vd_node *node, const char *name,
                            uint64_t granularity, vd_error *err)
 {
     qcow2_state *s = node->opaque;
-    uint32_t nold = s->has_bitmaps_ext ? s->bitmaps_ext.nb_bitmaps : 0;
+    uint32_t nold = qcow2_bitmaps_valid(s) ? s->bitmaps_ext.nb_bitmaps : 0;
     qcow2_bitmap_info *old = NULL;
     uint64_t dir_size;
     const char *who = node->node_name ? node->node_name : "";
@@ -1255,7 +1296,7 @@ int qcow2_bitmap_can_store(vd_node *node, const char *name,
     if (ret < 0) {
         goto prefix;
     }
-    dir_size = s->has_bitmaps_ext ? s->bitmaps_ext.bitmap_directory_size : 0;
+    dir_size = nold ? s->bitmaps_ext.bitmap_directory_size : 0;
     dir_size += dir_entry_bytes(strlen(name));
     if (nold + 1 > QCOW2_MAX_BITMAPS) {
         ret = vd_error_set(err, -EINVAL, "Maximum number of persistent "
