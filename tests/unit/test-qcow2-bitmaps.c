@@ -876,6 +876,30 @@ static void test_dirty_repair(const char *basep)
     free(p);
 }
 
+/* Three bitmaps of QEMU's largest size (512 MiB each: 2 TiB at 512-byte
+ * granules) need more memory than load allows itself: refused with a
+ * message, nothing allocated past the limit; qemu-img info still works. */
+static void test_mem_limit(void)
+{
+    char *p = path_of("big.qcow2");
+    vd_bitmap_image *l = NULL;
+    size_t n = 0;
+    vd_node *node;
+
+    CHECK(sh("qemu-img create -q -f qcow2 '%s' 2T && for b in x y z; do "
+             "qemu-img bitmap --add -g 512 '%s' $b || exit 1; done", p,
+             p) == 0, "could not make the 2 TiB image");
+    node = open_img(p, false);
+    if (node) {
+        vd_error err = VD_ERROR_INIT;
+        CHECK(node->drv->bitmaps_load(node, &l, &n, &err) == -ENOMEM &&
+              strstr(err.message, "MiB of memory to load") && !l && !n,
+              "load of 1.5 GiB of bitmaps: '%s'", err.message);
+    }
+    close_img(&node);
+    free(p);
+}
+
 /* ---- crash at every write of a load and a store ----------------------- */
 
 /* The file node's driver, wrapped: after @writes_left writes (and zero
@@ -1103,6 +1127,9 @@ int main(void)
             test_crash_points(basep);
             test_dirty_repair(basep);
         }
+    }
+    if (!failures) {
+        test_mem_limit();
     }
     if (!failures) {
         sh("rm -rf '%s'", dir);

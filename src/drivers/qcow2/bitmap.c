@@ -310,6 +310,10 @@ int qcow2_validate_bitmaps(qcow2_state *s, vd_error *err)
 /* ------------------------------------------------------------------ */
 
 #define BME_FLAG_AUTO (1u << 1)
+/* What load allocates for bits at most, all bitmaps together: one bitmap
+ * may take QEMU's 512 MiB (BME_MAX_PHYS_SIZE), but a crafted image of
+ * 65535 such bitmaps must not exhaust memory. */
+#define BITMAPS_MEM_LIMIT (1ull << 30)
 
 static void wr32(uint8_t *p, uint32_t v)
 {
@@ -554,6 +558,7 @@ int qcow2_bitmaps_load(vd_node *node, vd_bitmap_image **list, size_t *count,
     vd_bitmap_image *img = NULL;
     bool writable = !node->read_only;
     bool need_update = false;
+    uint64_t mem = 0;
     size_t n = 0;
     int ret;
 
@@ -604,6 +609,13 @@ int qcow2_bitmaps_load(vd_node *node, vd_bitmap_image **list, size_t *count,
         if (img[n - 1].in_use) {
             continue;
         }
+        mem += image_bytes(s->size, bm[i].granularity_bits);
+        if (mem > BITMAPS_MEM_LIMIT) {
+            ret = vd_error_set(err, -ENOMEM, "%s: the bitmaps need more than "
+                               "%llu MiB of memory to load", s->filename,
+                               BITMAPS_MEM_LIMIT >> 20);
+            goto out;
+        }
         ret = read_bitmap_bits(s, &bm[i], &img[n - 1].bits, err);
         if (ret < 0) {
             goto out;
@@ -622,7 +634,7 @@ int qcow2_bitmaps_load(vd_node *node, vd_bitmap_image **list, size_t *count,
          * bitmaps come back as they are and nothing is written (every
          * later write is refused anyway). */
         vd_error verr = VD_ERROR_INIT;
-        if (qcow2_validate_metadata(s, &verr) < 0) {
+        if (s->corrupt || qcow2_validate_metadata(s, &verr) < 0) {
             vd_error_clear(&verr);
             s->autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS;
             s->bitmaps_autoclear_deferred = true;
@@ -1033,6 +1045,10 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
         return vd_error_set(err, -EACCES, "%s: No write access",
                             s->filename);
     }
+    if (s->corrupt) {
+        return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
+                            s->filename);
+    }
     for (size_t i = 0; i < count; i++) {
         ret = check_image(s, &list[i], err);
         if (ret < 0) {
@@ -1221,6 +1237,11 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
     }
     if (s->node->read_only) {
         ret = vd_error_set(err, -EACCES, "%s: No write access", s->filename);
+        goto out;
+    }
+    if (s->corrupt) {
+        ret = vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
+                           s->filename);
         goto out;
     }
     nw = calloc(nold, sizeof(*nw));
