@@ -1134,6 +1134,13 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
         if (src[i]) {
             uint8_t g = (uint8_t)ctz64(src[i]->granularity);
             uint64_t t = expected_table_size(s, g);
+            if (t == 0) {
+                /* An empty disk: the format has no empty bitmap table. */
+                ret = vd_error_set(err, -EINVAL, "Bitmap '%s' doesn't "
+                                   "satisfy the constraints: the image is "
+                                   "empty", nw[i].name);
+                goto out;
+            }
             if (t > BME_MAX_TABLE_SIZE ||
                 t * s->cluster_size > BME_MAX_PHYS_SIZE) {
                 ret = vd_error_set(err, -EINVAL, "Bitmap '%s' is too big",
