@@ -743,6 +743,23 @@ static void test_autoclear(const char *basep)
     }
     close_img(&node);
     vd_bitmap_images_free(l, n);
+
+    /* A remove without a load, then a write: the bitmaps nobody loaded
+     * did not see the write, so they must end up stale all the same. */
+    sh("cp '%s' '%s'", basep, p);
+    node = open_img(p, true);
+    if (node) {
+        vd_error err = VD_ERROR_INIT;
+        CHECK(node->drv->bitmap_remove(node, "b2", &err) == 0, "remove: %s",
+              err.message);
+        CHECK(vd_pwrite(node, "y", 1, 0, 0, NULL) == 0, "write");
+    }
+    close_img(&node);
+    info = info_bitmaps(p, false);
+    CHECK(!strcmp(info, ""), "a write after a remove without load left "
+          "bitmaps: %s", info);
+    free(info);
+
     free(p);
 }
 
@@ -813,6 +830,75 @@ static void test_all_ones(const char *basep)
     free(p);
 }
 
+
+/* Regression: the repair of a dirty image at open ran with the bitmaps
+ * autoclear bit already taken away, so it freed the bitmaps' clusters as
+ * leaks, and the load and store that followed wrote into freed clusters
+ * and freed them twice. */
+static void test_dirty_repair(const char *basep)
+{
+    char *p = path_of("dirty.qcow2");
+    vd_bitmap_image *l = NULL;
+    size_t n = 0;
+    vd_node *node;
+    char *info;
+
+    /* Set the dirty bit (incompatible features, bit 0 at byte 79). */
+    sh("cp '%s' '%s' && printf '\\001' | dd of='%s' bs=1 seek=79 "
+       "conv=notrunc status=none", basep, p, p);
+    node = open_img(p, true);
+    if (node && load(node, &l, &n) == 0) {
+        vd_error err = VD_ERROR_INIT;
+        CHECK(n == NBASE, "loaded %zu bitmaps after the repair", n);
+        for (size_t i = 0; i < n; i++) {
+            CHECK(!l[i].in_use && l[i].bits, "%s unusable after the repair",
+                  l[i].name);
+        }
+        CHECK(node->drv->bitmaps_store(node, l, n, &err) == 0, "store: %s",
+              err.message);
+    }
+    close_img(&node);
+    qemu_check_clean(p, "after the repair, load and store");
+    info = info_bitmaps(p, false);
+    CHECK(strstr(info, "{\"flags\":[\"auto\"],\"name\":\"b1\"") &&
+          !strstr(info, "in-use"), "after the repair: %s", info);
+    free(info);
+    for (size_t i = 0; i < n; i++) {
+        if (l[i].bits) {
+            uint8_t *want = expected(DISK, l[i].granularity, l[i].enabled);
+            CHECK(!memcmp(l[i].bits, want, nbytes_of(DISK, l[i].granularity)),
+                  "%s: bits after the repair", l[i].name);
+            compare_loaded(&l[i], p, want, "repaired");
+            free(want);
+        }
+    }
+    vd_bitmap_images_free(l, n);
+    free(p);
+}
+
+/* Three bitmaps of QEMU's largest size (512 MiB each: 2 TiB at 512-byte
+ * granules) need more memory than load allows itself: refused with a
+ * message, nothing allocated past the limit; qemu-img info still works. */
+static void test_mem_limit(void)
+{
+    char *p = path_of("big.qcow2");
+    vd_bitmap_image *l = NULL;
+    size_t n = 0;
+    vd_node *node;
+
+    CHECK(sh("qemu-img create -q -f qcow2 '%s' 2T && for b in x y z; do "
+             "qemu-img bitmap --add -g 512 '%s' $b || exit 1; done", p,
+             p) == 0, "could not make the 2 TiB image");
+    node = open_img(p, false);
+    if (node) {
+        vd_error err = VD_ERROR_INIT;
+        CHECK(node->drv->bitmaps_load(node, &l, &n, &err) == -ENOMEM &&
+              strstr(err.message, "MiB of memory to load") && !l && !n,
+              "load of 1.5 GiB of bitmaps: '%s'", err.message);
+    }
+    close_img(&node);
+    free(p);
+}
 
 /* ---- crash at every write of a load and a store ----------------------- */
 
@@ -1039,7 +1125,11 @@ int main(void)
             test_autoclear(basep);
             test_all_ones(basep);
             test_crash_points(basep);
+            test_dirty_repair(basep);
         }
+    }
+    if (!failures) {
+        test_mem_limit();
     }
     if (!failures) {
         sh("rm -rf '%s'", dir);

@@ -310,6 +310,10 @@ int qcow2_validate_bitmaps(qcow2_state *s, vd_error *err)
 /* ------------------------------------------------------------------ */
 
 #define BME_FLAG_AUTO (1u << 1)
+/* What load allocates for bits at most, all bitmaps together: one bitmap
+ * may take QEMU's 512 MiB (BME_MAX_PHYS_SIZE), but a crafted image of
+ * 65535 such bitmaps must not exhaust memory. */
+#define BITMAPS_MEM_LIMIT (1ull << 30)
 
 static void wr32(uint8_t *p, uint32_t v)
 {
@@ -554,15 +558,17 @@ int qcow2_bitmaps_load(vd_node *node, vd_bitmap_image **list, size_t *count,
     vd_bitmap_image *img = NULL;
     bool writable = !node->read_only;
     bool need_update = false;
+    uint64_t mem = 0;
     size_t n = 0;
     int ret;
 
     *list = NULL;
     *count = 0;
     pthread_mutex_lock(&s->lock);
-    if (!s->has_bitmaps_ext) {
-        /* No bitmaps (or stale ones, which open drops): nothing to mark;
-         * the core's new bitmaps are stored with the autoclear bit set. */
+    if (!qcow2_bitmaps_valid(s)) {
+        /* No bitmaps, or stale ones (open drops those; or this session
+         * wrote before loading): nothing to mark; the core's new bitmaps
+         * are stored with the autoclear bit set. */
         pthread_mutex_unlock(&s->lock);
         return 0;
     }
@@ -603,6 +609,13 @@ int qcow2_bitmaps_load(vd_node *node, vd_bitmap_image **list, size_t *count,
         if (img[n - 1].in_use) {
             continue;
         }
+        mem += image_bytes(s->size, bm[i].granularity_bits);
+        if (mem > BITMAPS_MEM_LIMIT) {
+            ret = vd_error_set(err, -ENOMEM, "%s: the bitmaps need more than "
+                               "%llu MiB of memory to load", s->filename,
+                               BITMAPS_MEM_LIMIT >> 20);
+            goto out;
+        }
         ret = read_bitmap_bits(s, &bm[i], &img[n - 1].bits, err);
         if (ret < 0) {
             goto out;
@@ -621,7 +634,7 @@ int qcow2_bitmaps_load(vd_node *node, vd_bitmap_image **list, size_t *count,
          * bitmaps come back as they are and nothing is written (every
          * later write is refused anyway). */
         vd_error verr = VD_ERROR_INIT;
-        if (qcow2_validate_metadata(s, &verr) < 0) {
+        if (s->corrupt || qcow2_validate_metadata(s, &verr) < 0) {
             vd_error_clear(&verr);
             s->autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS;
             s->bitmaps_autoclear_deferred = true;
@@ -832,12 +845,32 @@ out:
  * goes and the autoclear bit is cleared. New clusters are added to
  * @fresh. On success the old directory is queued in @old. Lock held.
  */
+/* What the store or remove found before its first write: whether the
+ * directory on disk was valid (a stale one's clusters are left alone,
+ * leaked as QEMU leaves them: nothing vouches for its contents), and
+ * whether the open's deferral of the autoclear bit was still pending
+ * (bitmaps never loaded, nothing written: it stays deferred). */
+typedef struct dir_state {
+    bool valid;
+    bool redefer;
+} dir_state;
+
+static dir_state dir_state_now(const qcow2_state *s)
+{
+    dir_state d = {
+        qcow2_bitmaps_valid(s),
+        s->bitmaps_autoclear_deferred && s->header_update_pending,
+    };
+    return d;
+}
+
 static int commit_directory(qcow2_state *s, const qcow2_bitmap_info *bm,
-                            uint32_t n, free_list *fresh, free_list *old,
-                            vd_error *err)
+                            uint32_t n, dir_state ds, free_list *fresh,
+                            free_list *old, vd_error *err)
 {
     qcow2_bitmaps_ext saved = s->bitmaps_ext;
     bool had_ext = s->has_bitmaps_ext;
+    bool free_old = ds.valid && had_ext;
     uint64_t saved_autoclear = s->autoclear_features;
     uint64_t size = 0;
     uint8_t *dir = NULL;
@@ -875,7 +908,7 @@ static int commit_directory(qcow2_state *s, const qcow2_bitmap_info *bm,
     if (ret < 0) {
         return ret;
     }
-    if (had_ext) {
+    if (free_old) {
         ret = free_list_add(old, saved.bitmap_directory_offset,
                             saved.bitmap_directory_size);
         if (ret < 0) {
@@ -899,7 +932,7 @@ static int commit_directory(qcow2_state *s, const qcow2_bitmap_info *bm,
         s->has_bitmaps_ext = had_ext;
         s->autoclear_features = saved_autoclear;
         fresh->n = 0;
-        if (had_ext) {
+        if (free_old) {
             old->n--;
         }
         return ret;
@@ -937,6 +970,21 @@ static int constraints(qcow2_state *s, const char *name, uint64_t g,
                             "characters)", BME_MAX_NAME_SIZE);
     }
     return 0;
+}
+
+/* After a store or remove and the frees that follow it (their refcount
+ * updates would write a deferred header): the bitmaps bit is set on disk
+ * now. If the bitmaps were never loaded and nothing else was written,
+ * the first write of the session still takes it away, as open arranged;
+ * otherwise the bit stays. */
+static void finish_deferral(qcow2_state *s, dir_state ds)
+{
+    if (ds.redefer && s->has_bitmaps_ext) {
+        s->autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS;
+        s->header_update_pending = true;
+    } else {
+        s->bitmaps_autoclear_deferred = false;
+    }
 }
 
 /* Checks one image of the core's set before anything is written. */
@@ -981,7 +1029,8 @@ static int find_entry(const qcow2_bitmap_info *bm, uint32_t n,
 static int do_store(qcow2_state *s, const vd_bitmap_image *list,
                     size_t count, vd_error *err)
 {
-    uint32_t nold = s->has_bitmaps_ext ? s->bitmaps_ext.nb_bitmaps : 0;
+    dir_state ds = dir_state_now(s);
+    uint32_t nold = ds.valid ? s->bitmaps_ext.nb_bitmaps : 0;
     qcow2_bitmap_info *old = NULL, *nw = NULL;
     const vd_bitmap_image **src = NULL;   /* per new entry: to write */
     free_list fresh = { .type = QCOW2_DISCARD_OTHER };
@@ -994,6 +1043,10 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
 
     if (s->node->read_only) {
         return vd_error_set(err, -EACCES, "%s: No write access",
+                            s->filename);
+    }
+    if (s->corrupt) {
+        return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
                             s->filename);
     }
     for (size_t i = 0; i < count; i++) {
@@ -1081,6 +1134,13 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
         if (src[i]) {
             uint8_t g = (uint8_t)ctz64(src[i]->granularity);
             uint64_t t = expected_table_size(s, g);
+            if (t == 0) {
+                /* An empty disk: the format has no empty bitmap table. */
+                ret = vd_error_set(err, -EINVAL, "Bitmap '%s' doesn't "
+                                   "satisfy the constraints: the image is "
+                                   "empty", nw[i].name);
+                goto out;
+            }
             if (t > BME_MAX_TABLE_SIZE ||
                 t * s->cluster_size > BME_MAX_PHYS_SIZE) {
                 ret = vd_error_set(err, -EINVAL, "Bitmap '%s' is too big",
@@ -1116,7 +1176,7 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
             goto rollback;
         }
     }
-    ret = commit_directory(s, nw, n, &fresh, &gone, err);
+    ret = commit_directory(s, nw, n, ds, &fresh, &gone, err);
     if (ret < 0) {
         goto rollback;
     }
@@ -1124,6 +1184,7 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
     /* The header no longer names the old structures: give them back. */
     free_list_release(s, &gone);
     free_list_release(s, &gone_data);
+    finish_deferral(s, ds);
     ret = 0;
     goto out;
 
@@ -1163,10 +1224,12 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
     free_list fresh = { .type = QCOW2_DISCARD_OTHER };
     free_list gone = { .type = QCOW2_DISCARD_OTHER };
     free_list gone_data = { .type = QCOW2_DISCARD_ALWAYS };
+    dir_state ds;
     int idx, ret;
 
     pthread_mutex_lock(&s->lock);
-    if (!s->has_bitmaps_ext) {
+    ds = dir_state_now(s);
+    if (!ds.valid) {
         /* Absent is not an error (QEMU's remove). */
         pthread_mutex_unlock(&s->lock);
         return 0;
@@ -1181,6 +1244,11 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
     }
     if (s->node->read_only) {
         ret = vd_error_set(err, -EACCES, "%s: No write access", s->filename);
+        goto out;
+    }
+    if (s->corrupt) {
+        ret = vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
+                           s->filename);
         goto out;
     }
     nw = calloc(nold, sizeof(*nw));
@@ -1201,7 +1269,7 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
         }
     }
     if (ret == 0) {
-        ret = commit_directory(s, nw, n, &fresh, &gone, err);
+        ret = commit_directory(s, nw, n, ds, &fresh, &gone, err);
         if (ret < 0) {
             vd_error_prepend(err, "Failed to update bitmap extension: ");
             free_list_release(s, &fresh);
@@ -1216,6 +1284,7 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err)
         }
         free_list_release(s, &gone);
         free_list_release(s, &gone_data);
+        finish_deferral(s, ds);
     }
 out:
     pthread_mutex_unlock(&s->lock);
@@ -1231,7 +1300,7 @@ int qcow2_bitmap_can_store(vd_node *node, const char *name,
                            uint64_t granularity, vd_error *err)
 {
     qcow2_state *s = node->opaque;
-    uint32_t nold = s->has_bitmaps_ext ? s->bitmaps_ext.nb_bitmaps : 0;
+    uint32_t nold = qcow2_bitmaps_valid(s) ? s->bitmaps_ext.nb_bitmaps : 0;
     qcow2_bitmap_info *old = NULL;
     uint64_t dir_size;
     const char *who = node->node_name ? node->node_name : "";
@@ -1255,7 +1324,7 @@ int qcow2_bitmap_can_store(vd_node *node, const char *name,
     if (ret < 0) {
         goto prefix;
     }
-    dir_size = s->has_bitmaps_ext ? s->bitmaps_ext.bitmap_directory_size : 0;
+    dir_size = nold ? s->bitmaps_ext.bitmap_directory_size : 0;
     dir_size += dir_entry_bytes(strlen(name));
     if (nold + 1 > QCOW2_MAX_BITMAPS) {
         ret = vd_error_set(err, -EINVAL, "Maximum number of persistent "

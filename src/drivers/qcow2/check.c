@@ -694,8 +694,7 @@ static int check_bitmaps(ck_state *c, vd_check_result *res)
     qcow2_bitmap_info *bm = NULL;
     int ret;
 
-    if (!s->has_bitmaps_ext ||
-        !(s->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
+    if (!qcow2_bitmaps_valid(s)) {
         return 0;
     }
     ret = inc_refs(c, res, ext->bitmap_directory_offset,

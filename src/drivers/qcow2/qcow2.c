@@ -1135,15 +1135,8 @@ static int qcow2_open(vd_node *node, vd_opts *opts, unsigned flags,
 
     if (rw && !(flags & VD_NODE_CHECK) && !(flags & VD_NODE_NO_IO)) {
         /* Unknown autoclear bits go, and a stale bitmaps extension is
-         * dropped, as QEMU drops them. The bitmaps bit stays, as in
-         * QEMU, but only if bitmaps_load (bitmap.c) marks the bitmaps in
-         * use: until then it is taken away, so that a session that
-         * writes without maintaining the bitmaps leaves them stale. */
+         * dropped, as QEMU drops them. */
         uint64_t keep = s->autoclear_features & QCOW2_AUTOCLEAR_MASK;
-        if (s->has_bitmaps_ext) {
-            keep &= ~QCOW2_AUTOCLEAR_BITMAPS;
-            s->bitmaps_autoclear_deferred = true;
-        }
         if (s->autoclear_features != keep || s->stale_bitmaps_ext) {
             /* Written before the first write (qcow2_begin_change()): an
              * open that writes nothing changes nothing. */
@@ -1170,6 +1163,17 @@ static int qcow2_open(vd_node *node, vd_opts *opts, unsigned flags,
             if (ret < 0) {
                 goto fail;
             }
+        }
+        /* The bitmaps bit stays, as in QEMU, but only if bitmaps_load
+         * (bitmap.c) marks the bitmaps in use: until then it is taken
+         * away before the first write, so that a session that writes
+         * without maintaining the bitmaps leaves them stale. Not before
+         * the repair above: QEMU repairs with its bitmaps loaded, and
+         * their clusters must be counted, not freed as leaks. */
+        if (s->has_bitmaps_ext) {
+            s->autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS;
+            s->bitmaps_autoclear_deferred = true;
+            s->header_update_pending = true;
         }
     }
     free(hbuf);
@@ -1555,7 +1559,7 @@ static char *json_escape(const char *in)
  * (flags "in-use" then "auto"); "" without bitmaps. NULL on error. */
 static char *bitmaps_json(qcow2_state *s, vd_error *err)
 {
-    uint32_t n = s->has_bitmaps_ext ? s->bitmaps_ext.nb_bitmaps : 0;
+    uint32_t n = qcow2_bitmaps_valid(s) ? s->bitmaps_ext.nb_bitmaps : 0;
     qcow2_bitmap_info *bm = NULL;
     char *out = NULL;
     size_t len = 0;

@@ -914,6 +914,17 @@ int qcow2_validate_guest_range(qcow2_state *s, uint64_t off, uint64_t bytes,
  * open when the extension is present and the autoclear bit is set. */
 int qcow2_validate_bitmaps(qcow2_state *s, vd_error *err);
 
+/* Whether the bitmap directory on disk is valid now: the extension with
+ * the autoclear bit, or a writable open's deferral of the bit (taken
+ * away in memory, not yet on disk: nothing was written yet). Once the
+ * cleared bit is written the bitmaps are stale for this session too. */
+static inline bool qcow2_bitmaps_valid(const qcow2_state *s)
+{
+    return s->has_bitmaps_ext &&
+           ((s->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS) ||
+            (s->bitmaps_autoclear_deferred && s->header_update_pending));
+}
+
 /* One bitmap of the directory (the fields check and open need). */
 typedef struct qcow2_bitmap_info {
     uint64_t table_offset;
