@@ -683,7 +683,7 @@ static int load_one(vd_node *node, vd_node_bitmaps *s,
 
 int vd_bitmaps_load(vd_node *node, vd_error *err)
 {
-    if (!node->drv->bitmaps_load)
+    if (!node->drv->bitmaps_load || (node->flags & VD_NODE_NO_BITMAPS))
         return 0;
     vd_bitmap_image *list = NULL;
     size_t count = 0;

@@ -192,6 +192,10 @@ typedef struct vd_limits {
 #define VD_NODE_PROTOCOL    (1u << 18) /* open as a protocol (no probing) */
 #define VD_NODE_COPY_ON_READ (1u << 24) /* copy-on-read=on: reads of the
                                            backing chain populate the node */
+/* The core neither loads nor stores the node's persistent bitmaps: for
+ * tests that drive a format's bitmaps_load/bitmaps_store themselves
+ * (tests/unit/test-qcow2-bitmaps.c); vd_open() passes it through. */
+#define VD_NODE_NO_BITMAPS  (1u << 25)
 
 struct vd_node {
     const vd_driver *drv;

@@ -1464,7 +1464,8 @@ VD_API int vd_open(vd_node **out, const char *filename, const char *format,
         }
     }
     unsigned f = flags & (VD_O_RDWR | VD_O_NO_BACKING | VD_O_CHECK |
-                          VD_O_FORCE_SHARE | VD_O_NO_IO | VD_O_QUIET);
+                          VD_O_FORCE_SHARE | VD_O_NO_IO | VD_O_QUIET |
+                          VD_NODE_NO_BITMAPS);
     int r = vd_node_open(out, filename, drv, o, f, err);
     vd_opts_free(&o);
     if (r < 0 || (flags & VD_O_NO_USER))

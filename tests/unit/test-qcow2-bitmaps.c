@@ -175,7 +175,8 @@ static vd_node *open_img(const char *path, bool rw)
     vd_node *n = NULL;
 
     if (vd_open(&n, path, "qcow2", NULL,
-                (rw ? VD_O_RDWR : 0) | VD_O_NO_BACKING | VD_O_QUIET,
+                (rw ? VD_O_RDWR : 0) | VD_O_NO_BACKING | VD_O_QUIET |
+                VD_NODE_NO_BITMAPS,
                 &err) < 0) {
         CHECK(0, "open %s: %s", path, err.message);
         return NULL;
@@ -611,7 +612,8 @@ static void test_crash(const char *basep)
         vd_node *c = NULL;
         vd_bitmap_image *cl = NULL;
         size_t cn = 0;
-        if (vd_open(&c, p, "qcow2", NULL, VD_O_RDWR | VD_O_QUIET, NULL) ==
+        if (vd_open(&c, p, "qcow2", NULL, VD_O_RDWR | VD_O_QUIET |
+                    VD_NODE_NO_BITMAPS, NULL) ==
             0 && c->drv->bitmaps_load(c, &cl, &cn, NULL) == 0) {
             vd_pwrite(c, "x", 1, 0, 0, NULL);
             kill(getpid(), SIGKILL);
@@ -959,7 +961,7 @@ static void crash_child(const char *p, int budget)
     int ok;
 
     if (vd_open(&node, p, "qcow2", NULL, VD_O_RDWR | VD_O_NO_BACKING |
-                VD_O_QUIET, NULL) < 0) {
+                VD_O_QUIET | VD_NODE_NO_BITMAPS, NULL) < 0) {
         _exit(2);
     }
     real_file = node->file->node->drv;

@@ -244,7 +244,6 @@ int qcow2_validate_bitmaps(qcow2_state *s, vd_error *err)
 {
     uint32_t nb = s->bitmaps_ext.nb_bitmaps;
     qcow2_bitmap_info *bm;
-    int loaded = 0;
     int ret = qcow2_bitmap_list_load(s, &bm, err);
 
     if (ret < 0) {
@@ -268,7 +267,6 @@ int qcow2_validate_bitmaps(qcow2_state *s, vd_error *err)
                                bm[i].name);
             break;
         }
-        loaded++;
         if (bm[i].flags & BME_FLAG_IN_USE) {
             /* Its data is unusable: QEMU reads nothing, and refuses to
              * resize the image while it exists. */
@@ -295,12 +293,9 @@ int qcow2_validate_bitmaps(qcow2_state *s, vd_error *err)
         }
     }
     qcow2_bitmap_list_free(bm, nb);
-    if (ret == 0) {
-        /* The node has these dirty bitmaps for QEMU: snapshot apply
-         * refuses ("Device has active dirty bitmaps"). */
-        s->nb_loaded_bitmaps = loaded;
-        atomic_fetch_add(&s->node->dirty_bitmaps, loaded);
-    }
+    /* The bitmaps themselves (and node->dirty_bitmaps, which makes
+     * snapshot apply refuse as QEMU) come with the core's load
+     * (bitmaps_load below). */
     return ret;
 }
 

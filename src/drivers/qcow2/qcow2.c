@@ -634,10 +634,6 @@ static void free_state(qcow2_state *s)
     s->l1_table = NULL;
     qcow2_free_snapshots(s);
     qcow2_overlap_free(s);
-    if (s->nb_loaded_bitmaps) {
-        atomic_fetch_sub(&s->node->dirty_bitmaps, s->nb_loaded_bitmaps);
-        s->nb_loaded_bitmaps = 0;
-    }
     free(s->inconsistent_bitmap);
     s->inconsistent_bitmap = NULL;
     free(s->header_extra);

@@ -375,8 +375,6 @@ typedef struct qcow2_state {
     bool has_bitmaps_ext;       /* present, valid, autoclear bit set */
     bool stale_bitmaps_ext;     /* present without the autoclear bit:
                                    ignored, dropped on a writable open */
-    int nb_loaded_bitmaps;      /* counted in node->dirty_bitmaps (QEMU
-                                   loads them: snapshot apply refuses) */
     char *inconsistent_bitmap;  /* first bitmap marked in use: QEMU
                                    refuses to resize (bitmap.c) */
     bool bitmaps_autoclear_deferred; /* a writable open took the bitmaps
