@@ -101,7 +101,8 @@ static int64_t iterate(vd_job *job, mirror_state *s, uint64_t *cursor,
             job, in_source ? job->on_error : job->on_target_error, in_source,
             -r);
         if (a == VD_ERROR_ACTION_REPORT) {
-            vd_error_set(err, r, "%s", e.message);
+            /* QEMU's job ends with the errno's text alone. */
+            vd_error_set(err, r, "%s", strerror(-r));
             return r;
         }
         return -EAGAIN;
