@@ -1336,6 +1336,11 @@ static int status_above(vd_node *top, vd_node *base, bool want_zero,
         bool top_eof = p == top && (r & VD_BLOCK_EOF) &&
                        off >= (uint64_t)vd_node_getlength(p);
         vd_node *next = p->backing ? p->backing->node : NULL;
+        /* A filter shows its child's chain: go on down it (QEMU's
+         * bdrv_filter_or_cow_bs()), or a mirror of a filter would take
+         * what lies below the child's own layer for unallocated. */
+        if (!next && p->drv->is_filter && p->file)
+            next = p->file->node;
         if ((r & VD_BLOCK_ALLOCATED) || !next || next == base || top_eof ||
             (stop_at_zero && (r & VD_BLOCK_ZERO))) {
             /* Decided here, or nothing below: the last layer's answer
