@@ -81,14 +81,15 @@ def status(m):
 
 def settle(m, secs=60):
     # Until the job stands still: stopped by an error, ready, concluded.
+    # One query for both status and io-status: a backup pauses once as
+    # it starts, and that pause is no stop.
     end = time.time() + secs
     while time.time() < end:
-        st = status(m)
-        if st == "paused":
-            b = m.cmd({"execute": "query-block-jobs"})["return"]
-            if b and b[0]["io-status"] != "ok":
-                return st
-        elif st in ("ready", "concluded", None):
+        b = m.cmd({"execute": "query-block-jobs"})["return"]
+        st = b[0]["status"] if b else status(m)
+        if st == "paused" and b[0]["io-status"] != "ok":
+            return st
+        if st in ("ready", "concluded", None):
             return st
         time.sleep(0.01)
     raise SystemExit("the job never stood still (%s)" % st)
