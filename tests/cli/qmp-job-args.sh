@@ -192,6 +192,23 @@ def replaces(m, d, log):
         "replaces": "other", "node-name": "tn", "job-id": "j"}}))
     log.append(m.cmd({"execute": "query-jobs"}))
 
+def started(m, d, log):
+    # A job the command started is running when the answer comes (vdisk's
+    # backup showed the pause it makes at its start to a query right
+    # after).
+    setup(m, d)
+    seen = set()
+    for i in range(10):
+        jid = "b%d" % i
+        log.append(m.cmd({"execute": "blockdev-backup", "arguments": {
+            "device": "top", "target": "tgt", "sync": "full", "speed": 1,
+            "job-id": jid}}))
+        seen.add(m.cmd({"execute": "query-jobs"})["return"][0]["status"])
+        m.cmd({"execute": "job-cancel", "arguments": {"id": jid}})
+        wait_status(m, jid, (None,))
+    log.append(sorted(seen))
+    m.events.clear()    # cancelled at 1 byte/s: where is timing
+
 def filtered(m, d):
     # top under a filter node: the filter is what users would see.
     add_chain(m)
@@ -241,7 +258,8 @@ def target_is_top(d):
 
 replaces.post = unchanged
 replace_child.post = target_is_top
-failed = compare_jobs([refusals, replaces, replace_child, replace_filter], top, vdisk, qemu_img)
+failed = compare_jobs([refusals, replaces, started, replace_child, replace_filter],
+                      top, vdisk, qemu_img)
 failed += bad
 for f in failed:
     print(f)
