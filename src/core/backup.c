@@ -185,7 +185,8 @@ static int backup_run(vd_job *job, vd_error *err)
                 job, in_source ? job->on_error : job->on_target_error,
                 in_source, -r);
             if (a == VD_ERROR_ACTION_REPORT) {
-                vd_error_set(err, r, "%s", e.message);
+                /* QEMU's job ends with the errno's text alone. */
+                vd_error_set(err, r, "%s", strerror(-r));
                 ret = r;
                 break;
             }

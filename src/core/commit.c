@@ -97,7 +97,8 @@ static int commit_run(vd_job *job, vd_error *err)
             vd_error_action a = vd_block_job_error_action(job, job->on_error,
                                                           in_source, -r);
             if (a == VD_ERROR_ACTION_REPORT) {
-                vd_error_set(err, r, "%s", e.message);
+                /* QEMU's job ends with the errno's text alone. */
+                vd_error_set(err, r, "%s", strerror(-r));
                 ret = r;
                 break;
             }
@@ -189,8 +190,13 @@ VD_API int vd_commit_start(vd_job **out, vd_node *active, vd_node *top,
                             "itself");
     unsigned perm;
     vd_node_get_perm(top, &perm, NULL);
-    if (top == active || (perm & VD_PERM_WRITE))
-        return vd_active_commit_start(out, top, base, opts, err);
+    if (top == active || (perm & VD_PERM_WRITE)) {
+        /* on-error covers the base's writes too (QEMU's
+         * commit_active_start() passes it as both policies). */
+        vd_job_options o = *opts;
+        o.on_target_error = o.on_error;
+        return vd_active_commit_start(out, top, base, &o, err);
+    }
 
     commit_state *s = calloc(1, sizeof(*s));
     if (!s || (backing_file && !(s->backing_file = strdup(backing_file)))) {

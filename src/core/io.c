@@ -1320,7 +1320,7 @@ static int status_above(vd_node *top, vd_node *base, bool want_zero,
                         int *depth, vd_error *err)
 {
     int d = 0;
-    for (vd_node *p = top;; d++) {
+    for (vd_node *p = top;;) {
         uint64_t n = 0;
         int r = vd_node_block_status(p, want_zero, off, bytes, &n, map, file,
                                      err);
@@ -1339,6 +1339,15 @@ static int status_above(vd_node *top, vd_node *base, bool want_zero,
         bool top_eof = p == top && (r & VD_BLOCK_EOF) &&
                        off >= (uint64_t)vd_node_getlength(p);
         vd_node *next = p->backing ? p->backing->node : NULL;
+        /* A filter shows its child's chain: go on down it (QEMU's
+         * bdrv_filter_or_cow_bs()), or a mirror of a filter would take
+         * what lies below the child's own layer for unallocated. The
+         * step is no layer of the depth (qemu-img map skips filters). */
+        bool into_filtered = false;
+        if (!next && p->drv->is_filter && p->file) {
+            next = p->file->node;
+            into_filtered = true;
+        }
         if ((r & VD_BLOCK_ALLOCATED) || !next || next == base || top_eof ||
             (stop_at_zero && (r & VD_BLOCK_ZERO))) {
             /* Decided here, or nothing below: the last layer's answer
@@ -1353,6 +1362,8 @@ static int status_above(vd_node *top, vd_node *base, bool want_zero,
         /* Unallocated here: the next layer decides this prefix. */
         bytes = n;
         p = next;
+        if (!into_filtered)
+            d++;
     }
 }
 

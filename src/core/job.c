@@ -844,6 +844,11 @@ int vd_job_start_drained(vd_job *job, vd_error *err)
     }
     job->pause_count--;
     vd_job_kick(job);
+    /* ... and is running again when the command that started it
+     * answers: a query right after shows it running, as QEMU's. */
+    while (r == 0 && job->status == VD_JOB_STATUS_PAUSED &&
+           job->pause_count == 0 && !job->run_done)
+        pthread_cond_wait(&job_cond, &job_mutex);
     vd_job_unlock();
     return r;
 }

@@ -101,7 +101,8 @@ static int64_t iterate(vd_job *job, mirror_state *s, uint64_t *cursor,
             job, in_source ? job->on_error : job->on_target_error, in_source,
             -r);
         if (a == VD_ERROR_ACTION_REPORT) {
-            vd_error_set(err, r, "%s", e.message);
+            /* QEMU's job ends with the errno's text alone. */
+            vd_error_set(err, r, "%s", strerror(-r));
             return r;
         }
         return -EAGAIN;
@@ -152,9 +153,9 @@ static int mirror_run(vd_job *job, vd_error *err)
 {
     mirror_state *s = job->state;
     int r;
+    int64_t len = vd_node_getlength(s->source);
+    int64_t blen = vd_node_getlength(s->target);
     if (s->active_commit) {
-        int64_t len = vd_node_getlength(s->source);
-        int64_t blen = vd_node_getlength(s->target);
         if (len >= 0 && blen >= 0 && blen < len) {
             vd_node_drain_begin(s->target);
             r = vd_node_truncate(s->target, (uint64_t)len, false,
@@ -163,6 +164,13 @@ static int mirror_run(vd_job *job, vd_error *err)
             if (r < 0)
                 return r;
         }
+    } else if (len >= 0 && blen >= 0 && len != blen) {
+        /* A shorter target would lose the tail at the pivot, a longer
+         * one show more than the source. QEMU checks when the job runs,
+         * before it has a length. */
+        vd_job_progress_set_remaining(job, 0);
+        return vd_error_set(err, -EINVAL, "Source and target image have "
+                            "different sizes");
     }
     r = dirty_init(s, err);
     if (r < 0)
@@ -440,6 +448,30 @@ VD_API int vd_mirror_start(vd_job **out, vd_node *source, vd_node *target,
     if (m.sync == VD_MIRROR_SYNC_TOP && !backing_of(source))
         m.sync = VD_MIRROR_SYNC_FULL;
     if (m.replaces) {
+        /* QEMU's check_to_replace_node(): a node in use by something
+         * that forbids it, or one whose content the source does not
+         * show (anything but the source and the nodes down its filters'
+         * children), would change under its users at the pivot. */
+        if (vd_op_is_blocked(m.replaces, VD_OP_REPLACE, err))
+            return -EBUSY;
+        vd_node *n = source;
+        while (n && n != m.replaces) {
+            vd_node *below = NULL;
+            for (vd_child *c = n->drv->is_filter ? n->children : NULL; c;
+                 c = c->next) {
+                if (c->role & VD_ROLE_FILTERED) {
+                    below = c->node;
+                    break;
+                }
+            }
+            n = below;
+        }
+        if (!n)
+            return vd_error_set(err, -EINVAL, "Cannot replace '%s' by a node "
+                                "mirrored from '%s', because it cannot be "
+                                "guaranteed that doing so would not lead to "
+                                "an abrupt change of visible data",
+                                m.replaces->node_name, source->node_name);
         int64_t a = vd_node_getlength(source);
         int64_t b = vd_node_getlength(m.replaces);
         if (a != b)

@@ -78,7 +78,8 @@ static int stream_run(vd_job *job, vd_error *err)
                 continue;           /* the same piece after the resume */
             if (error == 0) {
                 error = r;
-                vd_error_set(err, r, "%s", e.message);
+                /* QEMU's job ends with the errno's text alone. */
+                vd_error_set(err, r, "%s", strerror(-r));
             }
             if (a == VD_ERROR_ACTION_REPORT)
                 break;

@@ -325,7 +325,8 @@ QMP_HANDLER(qmp_cmd_blockdev_mirror)
     if (replaces) {
         mo.replaces = vd_find_node(replaces);
         if (!mo.replaces)
-            return qmp_fail(e, NULL, "Node name '%s' not found", replaces);
+            return qmp_fail(e, NULL, "Failed to find node with "
+                            "node-name='%s'", replaces);
     }
     vd_job *job = NULL;
     int r = vd_mirror_start(&job, bs, target_bs, &mo, &o, &err);
@@ -407,9 +408,11 @@ static int create_target(const char *file, const char *format,
     return r;
 }
 
-/* Opens the target of a drive-* command, without its backing chain. */
+/* Opens the target of a drive-* command, without its backing chain
+ * unless @with_backing. */
 static vd_node *open_target(const char *file, const char *format,
-                            const char *node_name, bool unmap, qmp_error *e)
+                            const char *node_name, bool unmap,
+                            bool with_backing, qmp_error *e)
 {
     vd_error err = VD_ERROR_INIT;
     vd_opts *o = vd_opts_new();
@@ -420,8 +423,8 @@ static vd_node *open_target(const char *file, const char *format,
         vd_opts_set(o, "detect-zeroes", "unmap");
     }
     vd_node *n = NULL;
-    int r = vd_open(&n, file, format, o, VD_O_RDWR | VD_O_NO_BACKING |
-                    VD_O_NO_USER | VD_O_QUIET, &err);
+    int r = vd_open(&n, file, format, o, VD_O_RDWR | VD_O_NO_USER |
+                    VD_O_QUIET | (with_backing ? 0 : VD_O_NO_BACKING), &err);
     vd_opts_free(&o);
     if (r < 0) {
         fail_err(e, &err, r);
@@ -456,7 +459,7 @@ QMP_HANDLER(qmp_cmd_drive_backup)
         source = bs;
     if (!existing && create_target(file, format, source, vd_getlength(bs), e) < 0)
         return NULL;
-    vd_node *target = open_target(file, format, NULL, true, e);
+    vd_node *target = open_target(file, format, NULL, true, false, e);
     if (!target)
         return NULL;
     int r = 0;
@@ -522,7 +525,11 @@ QMP_HANDLER(qmp_cmd_drive_mirror)
         create_target(file, format, strcmp(sync, "full") == 0
                       ? NULL : target_backing, vd_getlength(bs), e) < 0)
         return NULL;
-    vd_node *target = open_target(file, format, node_name, false, e);
+    /* mode=existing: the target keeps the backing chain its header names
+     * (QEMU opens it at job-complete; a target of a sync=top mirror
+     * would otherwise lose what lies below the source's own layer). */
+    vd_node *target = open_target(file, format, node_name, false, existing,
+                                  e);
     if (!target)
         return NULL;
     mo.sync = strcmp(sync, "full") == 0 ? VD_MIRROR_SYNC_FULL
@@ -540,7 +547,8 @@ QMP_HANDLER(qmp_cmd_drive_mirror)
     mo.no_unmap = !arg_b(args, "unmap", true);
     if (replaces && !(mo.replaces = vd_find_node(replaces))) {
         vd_close(&target, NULL);
-        return qmp_fail(e, NULL, "Node name '%s' not found", replaces);
+        return qmp_fail(e, NULL, "Failed to find node with "
+                            "node-name='%s'", replaces);
     }
     vd_job *job = NULL;
     int r = vd_mirror_start(&job, bs, target, &mo, &o, &err);

@@ -38,3 +38,12 @@ same map --output=json --max-length=0 raw.img
 same map --output=xml raw.img
 same map missing.img
 same map
+# A filter over a chain shows the whole chain, depths counted without
+# the filter (vdisk stopped at the filter and called everything below
+# the top's own layer unallocated; a mirror of such a filter copied
+# zeros for it).
+for f in '{"driver":"blkdebug","image":{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2"}}}' \
+         '{"driver":"qcow2","file":{"driver":"blkdebug","image":{"driver":"file","filename":"top.qcow2"}}}'; do
+    same map --output=json "json:$f"
+    same map "json:$f"
+done
