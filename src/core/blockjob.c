@@ -272,6 +272,7 @@ int vd_block_job_copy(vd_node *src, vd_node *dst, uint64_t off, uint64_t len,
 typedef struct copy_worker {
     vd_copy_pool *pool;
     pthread_t thread;
+    pthread_cond_t wake;       /* a range was handed to it, or quit */
     uint8_t *buf;
     bool busy;                 /* a range was handed to it */
     vd_copy_span range;       /* in p->inflight while busy */
@@ -279,10 +280,13 @@ typedef struct copy_worker {
 
 struct vd_copy_pool {
     pthread_mutex_t lock;
-    pthread_cond_t cond;       /* any change: a worker idle, a range gone */
+    pthread_cond_t cond;       /* a worker idle, a range gone (the job's
+                                * thread and range lockers wait here; each
+                                * worker waits on its own) */
     vd_copy_fn fn;
     void *opaque;
     unsigned n;                /* workers started */
+    unsigned n_cond;           /* workers whose wake was initialised */
     unsigned busy;             /* workers with a range */
     bool quit;
     vd_copy_span *inflight;   /* the workers' ranges and the locked ones */
@@ -317,7 +321,7 @@ static void *copy_worker_main(void *arg)
     pthread_mutex_lock(&p->lock);
     for (;;) {
         while (!w->busy && !p->quit)
-            pthread_cond_wait(&p->cond, &p->lock);
+            pthread_cond_wait(&w->wake, &p->lock);
         if (!w->busy)
             break;
         uint64_t off = w->range.off, len = w->range.end - w->range.off;
@@ -363,6 +367,8 @@ int vd_copy_pool_new(vd_copy_pool **out, vd_node *align_node,
     *out = p;
     for (unsigned i = 0; i < workers; i++) {
         w[i].pool = p;
+        pthread_cond_init(&w[i].wake, NULL);
+        p->n_cond = i + 1;
         w[i].buf = vd_node_blockalign(align_node, max_len);
         if (!w[i].buf ||
             pthread_create(&w[i].thread, NULL, copy_worker_main, &w[i])) {
@@ -390,12 +396,16 @@ void vd_copy_pool_free(vd_copy_pool **pp)
     while (p->busy > 0)
         pthread_cond_wait(&p->cond, &p->lock);
     p->quit = true;
-    pthread_cond_broadcast(&p->cond);
+    for (unsigned i = 0; i < p->n; i++)
+        pthread_cond_signal(&p->w[i].wake);
     pthread_mutex_unlock(&p->lock);
     for (unsigned i = 0; i < p->n; i++) {
         pthread_join(p->w[i].thread, NULL);
         free(p->w[i].buf);
     }
+    /* Every worker's, started or not (calloc'd, initialised in new). */
+    for (unsigned i = 0; p->w && i < p->n_cond; i++)
+        pthread_cond_destroy(&p->w[i].wake);
     vd_error_clear(&p->err);
     pthread_mutex_destroy(&p->lock);
     pthread_cond_destroy(&p->cond);
@@ -418,7 +428,7 @@ void vd_copy_pool_submit(vd_copy_pool *p, uint64_t off, uint64_t len)
     w->range.next = p->inflight;
     p->inflight = &w->range;
     p->busy++;
-    pthread_cond_broadcast(&p->cond);
+    pthread_cond_signal(&w->wake);
     pthread_mutex_unlock(&p->lock);
 }
 
