@@ -346,6 +346,9 @@ typedef struct vd_mirror_options {
     /* Attached as the target's backing node when the mirror completes
      * (drive-mirror's source backing chain), or NULL. */
     vd_node *target_backing;
+    /* copy-mode=write-blocking: once the job runs, every write to
+     * @source is also written to @target before it completes. */
+    bool write_blocking;
 } vd_mirror_options;
 
 /**

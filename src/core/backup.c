@@ -32,9 +32,14 @@
 #include "job_int.h"
 
 #define BACKUP_CLUSTER_DEFAULT 65536u
+/* QEMU's block-copy: a task copies at most 1 MiB (BLOCK_COPY_MAX_BUFFER)
+ * of contiguous clusters, several tasks at once. */
+#define BACKUP_CHUNK (1u << 20)
+#define BACKUP_WORKERS 8
 
+/* Clusters [cluster, cluster + n) being copied. */
 typedef struct inflight {
-    uint64_t cluster;
+    uint64_t cluster, n;
     struct inflight *next;
 } inflight;
 
@@ -53,6 +58,8 @@ typedef struct backup_state {
     vd_user *target_user;
     vd_user *below[64];        /* the source's backing chain, unwritable */
     int n_below;
+    vd_copy_pool *pool;        /* the job's copies in flight */
+    uint64_t chunk;            /* clusters a job's copy takes at most */
 } backup_state;
 
 static vd_node *backing_of(vd_node *n)
@@ -63,7 +70,7 @@ static vd_node *backing_of(vd_node *n)
 static bool is_busy(backup_state *s, uint64_t c)
 {
     for (inflight *i = s->busy; i; i = i->next)
-        if (i->cluster == c)
+        if (c >= i->cluster && c < i->cluster + i->n)
             return true;
     return false;
 }
@@ -76,22 +83,28 @@ static bool is_todo(backup_state *s, uint64_t c)
            off == c * s->cluster;
 }
 
-/* Takes cluster @c for copying: false when it needs no copy (any more).
- * Waits while someone else copies it. */
-static bool claim(backup_state *s, uint64_t c, inflight *slot)
+/* Takes cluster @c and the clusters after it that still need a copy and
+ * nobody copies, at most @max in all, for copying: returns how many (0
+ * when @c needs no copy any more). Waits while someone else copies @c. */
+static uint64_t claim(backup_state *s, uint64_t c, uint64_t max,
+                      inflight *slot)
 {
     pthread_mutex_lock(&s->lock);
     while (is_busy(s, c))
         pthread_cond_wait(&s->cond, &s->lock);
-    bool take = is_todo(s, c);
-    if (take) {
-        vd_dirty_tracker_clear(s->todo, c * s->cluster, s->cluster);
+    uint64_t n = 0;
+    while (n < max && (c + n) * s->cluster < s->len &&
+           (n == 0 || !is_busy(s, c + n)) && is_todo(s, c + n))
+        n++;
+    if (n > 0) {
+        vd_dirty_tracker_clear(s->todo, c * s->cluster, n * s->cluster);
         slot->cluster = c;
+        slot->n = n;
         slot->next = s->busy;
         s->busy = slot;
     }
     pthread_mutex_unlock(&s->lock);
-    return take;
+    return n;
 }
 
 static void release(backup_state *s, inflight *slot, bool failed)
@@ -104,17 +117,19 @@ static void release(backup_state *s, inflight *slot, bool failed)
         }
     }
     if (failed)
-        vd_dirty_tracker_set(s->todo, slot->cluster * s->cluster, s->cluster);
+        vd_dirty_tracker_set(s->todo, slot->cluster * s->cluster,
+                             slot->n * s->cluster);
     pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);
 }
 
-/* Copies one claimed cluster from the source to the target. */
-static int copy_cluster(backup_state *s, uint64_t c, uint8_t *buf,
-                        bool *in_source, vd_error *err)
+/* Copies the claimed clusters [c, c+n) from the source to the target. */
+static int copy_clusters(backup_state *s, uint64_t c, uint64_t n,
+                         uint8_t *buf, bool *in_source, vd_error *err)
 {
     uint64_t off = c * s->cluster;
-    uint64_t len = s->len - off < s->cluster ? s->len - off : s->cluster;
+    uint64_t len = s->len - off < n * s->cluster ? s->len - off
+                                                  : n * s->cluster;
     return vd_block_job_copy(s->source, s->target, off, len, buf,
                              s->compress ? VD_REQ_COMPRESSED : 0,
                              VD_REQ_MAY_UNMAP, in_source, err);
@@ -131,23 +146,97 @@ static int before_write(void *opaque, uint64_t off, uint64_t bytes,
     uint64_t end = off + bytes < s->len ? off + bytes : s->len;
     uint8_t *buf = NULL;
     int r = 0;
-    for (uint64_t c = off / s->cluster; r == 0 && c * s->cluster < end;
-         c++) {
+    uint64_t last = (end - 1) / s->cluster;
+    for (uint64_t c = off / s->cluster; r == 0 && c <= last;) {
         inflight slot;
-        if (!claim(s, c, &slot))
+        uint64_t max = last - c + 1 < s->chunk ? last - c + 1 : s->chunk;
+        uint64_t n = claim(s, c, max, &slot);
+        if (n == 0) {
+            c++;
             continue;
-        if (!buf && !(buf = vd_node_blockalign(s->source, s->cluster))) {
+        }
+        if (!buf && !(buf = vd_node_blockalign(s->source,
+                                               s->chunk * s->cluster))) {
             release(s, &slot, true);
             return vd_error_set(err, -ENOMEM, "Out of memory");
         }
         bool in_source;
-        r = copy_cluster(s, c, buf, &in_source, err);
+        r = copy_clusters(s, c, n, buf, &in_source, err);
         release(s, &slot, r < 0);
         if (r == 0)
-            vd_job_progress_update(s->job, s->cluster);
+            vd_job_progress_update(s->job, n * s->cluster);
+        c += n;
     }
     free(buf);
     return r;
+}
+
+/* A worker's copy of the clusters the job's thread claimed for it: the
+ * claim is in s->busy, the first cluster names it. */
+static int copy_claimed(void *opaque, uint64_t off, uint64_t len,
+                        uint8_t *buf, bool *in_source, vd_error *err)
+{
+    backup_state *s = opaque;
+    uint64_t c = off / s->cluster;
+    uint64_t n = (len + s->cluster - 1) / s->cluster;
+    int r = copy_clusters(s, c, n, buf, in_source, err);
+    pthread_mutex_lock(&s->lock);
+    inflight *slot = s->busy;
+    while (slot && slot->cluster != c)
+        slot = slot->next;
+    pthread_mutex_unlock(&s->lock);
+    release(s, slot, r < 0);
+    free(slot);
+    if (r == 0)
+        vd_job_progress_update(s->job, n * s->cluster);
+    return r;
+}
+
+/* Hands the clusters still to copy to the workers, a claimed run of at
+ * most a chunk each, until none is left and none is in flight. */
+static int backup_loop(vd_job *job, backup_state *s, vd_error *err)
+{
+    uint64_t cursor = 0, off, bytes;
+    for (;;) {
+        if (!vd_dirty_tracker_next(s->todo, cursor, s->cluster, &off,
+                                   &bytes)) {
+            /* A failed copy puts its clusters back: look again once
+             * nothing is in flight. */
+            int r = vd_copy_pool_settle(job, s->pool, err);
+            if (r < 0)
+                return r;
+            if (vd_job_is_cancelled(job) ||
+                !vd_dirty_tracker_next(s->todo, 0, s->cluster, &off, &bytes))
+                return 0;
+            cursor = 0;
+            continue;
+        }
+        vd_block_job_ratelimit_sleep(job);
+        if (vd_job_is_cancelled(job))
+            return 0;
+        uint64_t c = off / s->cluster;
+        cursor = off + s->cluster;
+        if (cursor >= s->len)
+            cursor = 0;
+        inflight *slot = malloc(sizeof(*slot));
+        if (!slot)
+            return vd_error_set(err, -ENOMEM, "Out of memory");
+        uint64_t n = claim(s, c, s->chunk, slot);
+        if (n == 0) {
+            free(slot);
+            continue;
+        }
+        cursor = (c + n) * s->cluster < s->len ? (c + n) * s->cluster : 0;
+        uint64_t len = s->len - c * s->cluster < n * s->cluster
+                       ? s->len - c * s->cluster : n * s->cluster;
+        vd_copy_pool_submit(s->pool, c * s->cluster, len);
+        vd_block_job_ratelimit_processed(job, n * s->cluster);
+        if (vd_copy_pool_failed(s->pool)) {
+            int r = vd_copy_pool_settle(job, s->pool, err);
+            if (r < 0)
+                return r;
+        }
+    }
 }
 
 static int backup_run(vd_job *job, vd_error *err)
@@ -159,47 +248,26 @@ static int backup_run(vd_job *job, vd_error *err)
             vd_job_sleep(job, 100000000ull);
         return 0;
     }
-    uint8_t *buf = vd_node_blockalign(s->source, s->cluster);
-    if (!buf)
-        return vd_error_set(err, -ENOMEM, "Out of memory");
-    int ret = 0;
-    uint64_t cursor = 0, off, bytes;
-    while (vd_dirty_tracker_next(s->todo, cursor, s->cluster, &off,
-                                 &bytes)) {
-        vd_block_job_ratelimit_sleep(job);
-        if (vd_job_is_cancelled(job))
-            break;
-        uint64_t c = off / s->cluster;
-        inflight slot;
-        cursor = off + s->cluster;
-        if (cursor >= s->len)
-            cursor = 0;
-        if (!claim(s, c, &slot))
-            continue;
-        bool in_source;
-        vd_error e = VD_ERROR_INIT;
-        int r = copy_cluster(s, c, buf, &in_source, &e);
-        release(s, &slot, r < 0);
-        if (r < 0) {
-            vd_error_action a = vd_block_job_error_action(
-                job, in_source ? job->on_error : job->on_target_error,
-                in_source, -r);
-            if (a == VD_ERROR_ACTION_REPORT) {
-                /* QEMU's job ends with the errno's text alone. */
-                vd_error_set(err, r, "%s", strerror(-r));
-                ret = r;
-                break;
-            }
-            cursor = off;
-            continue;
-        }
-        vd_job_progress_update(job, s->cluster);
-        vd_block_job_ratelimit_processed(job, s->cluster);
+    int ret = backup_loop(job, s, err);
+    /* No worker touches the nodes once run() returned. */
+    vd_error e = VD_ERROR_INIT;
+    int r2 = vd_copy_pool_drain(s->pool, NULL, &e);
+    if (ret == 0 && r2 < 0 && !vd_job_is_cancelled(job)) {
+        /* QEMU's job ends with the errno's text alone. */
+        vd_error_set(err, r2, "%s", strerror(-r2));
+        ret = r2;
     }
-    free(buf);
     if (ret == 0 && !vd_job_is_cancelled(job))
         ret = vd_node_flush(s->target, err);
     return ret;
+}
+
+/* (thread) A pause waits for the copies in flight. */
+static void backup_pause(vd_job *job)
+{
+    backup_state *s = job->state;
+    if (s->pool)
+        vd_copy_pool_drain(s->pool, NULL, NULL);
 }
 
 static void drop_users(backup_state *s)
@@ -216,6 +284,7 @@ static void backup_clean(vd_job *job)
         vd_node_remove_write_hook(s->source, &s->hook);
         s->hooked = false;
     }
+    vd_copy_pool_free(&s->pool);
     drop_users(s);
     vd_block_job_remove_nodes(job);
     /* The nodes go now, not when the last reference to the job does. */
@@ -226,6 +295,7 @@ static void backup_clean(vd_job *job)
 
 static void state_free(backup_state *s)
 {
+    vd_copy_pool_free(&s->pool);
     vd_dirty_tracker_free(&s->todo, NULL);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
@@ -242,6 +312,7 @@ static void backup_free(vd_job *job)
 static const vd_job_driver backup_driver = {
     .type = VD_JOB_TYPE_BACKUP,
     .run = backup_run,
+    .pause = backup_pause,
     .clean = backup_clean,
     .free = backup_free,
 };
@@ -322,7 +393,11 @@ VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
     s->cluster = backup_cluster(target);
     vd_node_ref(source);
     vd_node_ref(target);
+    s->chunk = BACKUP_CHUNK > s->cluster ? BACKUP_CHUNK / s->cluster : 1;
     int r = vd_dirty_bitmap_new(&s->todo, s->len, s->cluster, err);
+    if (r == 0 && sync != VD_MIRROR_SYNC_NONE)
+        r = vd_copy_pool_new(&s->pool, source, BACKUP_WORKERS,
+                             s->chunk * s->cluster, copy_claimed, s, err);
     if (r == 0)
         r = todo_init(s, err);
     if (r < 0) {
@@ -378,7 +453,7 @@ VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
             op != VD_OP_DRIVE_DEL)
             vd_op_unblock(source, (vd_op)op, job->blocker);
     /* From here every write to the source first copies what it changes. */
-    s->hook = (vd_write_hook){ before_write, s, NULL };
+    s->hook = (vd_write_hook){ .fn = before_write, .opaque = s };
     vd_node_add_write_hook(source, &s->hook);
     s->hooked = true;
     vd_job_progress_set_remaining(job, vd_dirty_tracker_count(s->todo));

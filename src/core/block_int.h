@@ -863,11 +863,18 @@ int vd_node_replace(vd_node *from, vd_node *to, vd_error *err);
 /* A hook run before every write, zero write, discard and copy into a
  * node reaches its driver (io.c), with the range; an error fails the
  * write. Hooks may read the node. vd_node_add_write_hook() and
- * vd_node_remove_write_hook() drain the node. */
+ * vd_node_remove_write_hook() drain the node. Copy offloading into a
+ * hooked node is refused (-ENOTSUP: the caller copies by hand).
+ * @after, optional, runs once the request is over (also when it or a
+ * later hook's @fn failed: @ret), on the same thread, for every request
+ * whose @fn succeeded: @qiov holds a write's data; NULL for a zero write
+ * (@flags has VD_REQ_ZERO_WRITE) or a discard. */
 typedef struct vd_write_hook {
     int (*fn)(void *opaque, uint64_t off, uint64_t bytes, vd_error *err);
     void *opaque;
     struct vd_write_hook *next;
+    void (*after)(void *opaque, uint64_t off, uint64_t bytes,
+                  vd_iov *qiov, unsigned flags, int ret);
 } vd_write_hook;
 void vd_node_add_write_hook(vd_node *node, vd_write_hook *hook);
 void vd_node_remove_write_hook(vd_node *node, vd_write_hook *hook);

@@ -266,3 +266,245 @@ int vd_block_job_copy(vd_node *src, vd_node *dst, uint64_t off, uint64_t len,
     }
     return 0;
 }
+
+/* ---- copy workers ---- */
+
+typedef struct copy_worker {
+    vd_copy_pool *pool;
+    pthread_t thread;
+    pthread_cond_t wake;       /* a range was handed to it, or quit */
+    uint8_t *buf;
+    bool busy;                 /* a range was handed to it */
+    vd_copy_span range;       /* in p->inflight while busy */
+} copy_worker;
+
+struct vd_copy_pool {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;       /* a worker idle, a range gone (the job's
+                                * thread and range lockers wait here; each
+                                * worker waits on its own) */
+    vd_copy_fn fn;
+    void *opaque;
+    unsigned n;                /* workers started */
+    unsigned n_cond;           /* workers whose wake was initialised */
+    unsigned busy;             /* workers with a range */
+    bool quit;
+    vd_copy_span *inflight;   /* the workers' ranges and the locked ones */
+    int err_code;              /* the first failure since the last drain */
+    bool err_in_source;
+    vd_error err;
+    copy_worker *w;
+};
+
+static bool overlaps(vd_copy_pool *p, uint64_t off, uint64_t end)
+{
+    for (vd_copy_span *r = p->inflight; r; r = r->next)
+        if (r->off < end && off < r->end)
+            return true;
+    return false;
+}
+
+static void range_remove(vd_copy_pool *p, vd_copy_span *x)
+{
+    for (vd_copy_span **q = &p->inflight; *q; q = &(*q)->next) {
+        if (*q == x) {
+            *q = x->next;
+            return;
+        }
+    }
+}
+
+static void *copy_worker_main(void *arg)
+{
+    copy_worker *w = arg;
+    vd_copy_pool *p = w->pool;
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        while (!w->busy && !p->quit)
+            pthread_cond_wait(&w->wake, &p->lock);
+        if (!w->busy)
+            break;
+        uint64_t off = w->range.off, len = w->range.end - w->range.off;
+        pthread_mutex_unlock(&p->lock);
+        bool in_source = true;
+        vd_error e = VD_ERROR_INIT;
+        int r = p->fn(p->opaque, off, len, w->buf, &in_source, &e);
+        pthread_mutex_lock(&p->lock);
+        if (r < 0 && p->err_code == 0) {
+            p->err_code = r;
+            p->err_in_source = in_source;
+            vd_error_set(&p->err, r, "%s", e.message);
+        }
+        vd_error_clear(&e);
+        range_remove(p, &w->range);
+        w->busy = false;
+        p->busy--;
+        pthread_cond_broadcast(&p->cond);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+int vd_copy_pool_new(vd_copy_pool **out, vd_node *align_node,
+                     unsigned workers, uint64_t max_len, vd_copy_fn fn,
+                     void *opaque, vd_error *err)
+{
+    *out = NULL;
+    if (workers == 0)
+        workers = 1;
+    vd_copy_pool *p = calloc(1, sizeof(*p));
+    copy_worker *w = calloc(workers, sizeof(*w));
+    if (!p || !w) {
+        free(p);
+        free(w);
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    }
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->cond, NULL);
+    p->fn = fn;
+    p->opaque = opaque;
+    p->w = w;
+    *out = p;
+    for (unsigned i = 0; i < workers; i++) {
+        w[i].pool = p;
+        pthread_cond_init(&w[i].wake, NULL);
+        p->n_cond = i + 1;
+        w[i].buf = vd_node_blockalign(align_node, max_len);
+        if (!w[i].buf ||
+            pthread_create(&w[i].thread, NULL, copy_worker_main, &w[i])) {
+            free(w[i].buf);
+            w[i].buf = NULL;
+            if (i == 0) {
+                vd_copy_pool_free(out);
+                return vd_error_set(err, -ENOMEM, "Could not start the copy "
+                                    "workers");
+            }
+            break;      /* fewer workers will do */
+        }
+        p->n = i + 1;
+    }
+    return 0;
+}
+
+void vd_copy_pool_free(vd_copy_pool **pp)
+{
+    vd_copy_pool *p = *pp;
+    if (!p)
+        return;
+    *pp = NULL;
+    pthread_mutex_lock(&p->lock);
+    while (p->busy > 0)
+        pthread_cond_wait(&p->cond, &p->lock);
+    p->quit = true;
+    for (unsigned i = 0; i < p->n; i++)
+        pthread_cond_signal(&p->w[i].wake);
+    pthread_mutex_unlock(&p->lock);
+    for (unsigned i = 0; i < p->n; i++) {
+        pthread_join(p->w[i].thread, NULL);
+        free(p->w[i].buf);
+    }
+    /* Every worker's, started or not (calloc'd, initialised in new). */
+    for (unsigned i = 0; p->w && i < p->n_cond; i++)
+        pthread_cond_destroy(&p->w[i].wake);
+    vd_error_clear(&p->err);
+    pthread_mutex_destroy(&p->lock);
+    pthread_cond_destroy(&p->cond);
+    free(p->w);
+    free(p);
+}
+
+void vd_copy_pool_submit(vd_copy_pool *p, uint64_t off, uint64_t len)
+{
+    pthread_mutex_lock(&p->lock);
+    while (p->busy == p->n || overlaps(p, off, off + len))
+        pthread_cond_wait(&p->cond, &p->lock);
+    copy_worker *w = NULL;
+    for (unsigned i = 0; i < p->n && !w; i++)
+        if (!p->w[i].busy)
+            w = &p->w[i];
+    w->busy = true;
+    w->range.off = off;
+    w->range.end = off + len;
+    w->range.next = p->inflight;
+    p->inflight = &w->range;
+    p->busy++;
+    pthread_cond_signal(&w->wake);
+    pthread_mutex_unlock(&p->lock);
+}
+
+int vd_copy_pool_drain(vd_copy_pool *p, bool *in_source, vd_error *err)
+{
+    pthread_mutex_lock(&p->lock);
+    while (p->busy > 0)
+        pthread_cond_wait(&p->cond, &p->lock);
+    int r = p->err_code;
+    if (r < 0 && err) {
+        if (in_source)
+            *in_source = p->err_in_source;
+        vd_error_set(err, r, "%s", p->err.message);
+        vd_error_clear(&p->err);
+        p->err_code = 0;
+    }
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}
+
+bool vd_copy_pool_failed(vd_copy_pool *p)
+{
+    pthread_mutex_lock(&p->lock);
+    bool f = p->err_code < 0;
+    pthread_mutex_unlock(&p->lock);
+    return f;
+}
+
+bool vd_copy_pool_idle(vd_copy_pool *p)
+{
+    pthread_mutex_lock(&p->lock);
+    bool idle = p->busy == 0;
+    pthread_mutex_unlock(&p->lock);
+    return idle;
+}
+
+void vd_copy_pool_lock_range(vd_copy_pool *p, vd_copy_span *r, uint64_t off,
+                             uint64_t len)
+{
+    pthread_mutex_lock(&p->lock);
+    while (overlaps(p, off, off + len))
+        pthread_cond_wait(&p->cond, &p->lock);
+    r->off = off;
+    r->end = off + len;
+    r->next = p->inflight;
+    p->inflight = r;
+    pthread_mutex_unlock(&p->lock);
+}
+
+void vd_copy_pool_unlock_range(vd_copy_pool *p, vd_copy_span *r)
+{
+    pthread_mutex_lock(&p->lock);
+    range_remove(p, r);
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+}
+
+int vd_block_job_copy_failed(vd_job *job, int r, bool in_source,
+                             const vd_error *e, vd_error *err)
+{
+    vd_error_action a = vd_block_job_error_action(
+        job, in_source ? job->on_error : job->on_target_error, in_source, -r);
+    if (a == VD_ERROR_ACTION_REPORT) {
+        /* QEMU's job ends with the errno's text alone. */
+        (void)e;
+        vd_error_set(err, r, "%s", strerror(-r));
+        return r;
+    }
+    vd_job_pause_point(job);
+    return 0;
+}
+
+int vd_copy_pool_settle(vd_job *job, vd_copy_pool *p, vd_error *err)
+{
+    bool in_source = true;
+    vd_error e = VD_ERROR_INIT;
+    int r = vd_copy_pool_drain(p, &in_source, &e);
+    return r < 0 ? vd_block_job_copy_failed(job, r, in_source, &e, err) : 0;
+}

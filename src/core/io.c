@@ -247,15 +247,31 @@ void vd_node_remove_write_hook(vd_node *node, vd_write_hook *hook)
     vd_node_drain_end(node);
 }
 
+/* The hooks' @after for the request that ran them (up to @stop, the
+ * hook whose fn failed). The list cannot change meanwhile: the request
+ * is in flight, and hooks come and go with the node drained. */
+static void run_after_hooks(vd_node *n, vd_write_hook *stop, uint64_t off,
+                            uint64_t bytes, vd_iov *qiov, unsigned flags,
+                            int ret)
+{
+    for (vd_write_hook *h = atomic_load_explicit(&n->write_hooks,
+                                                 memory_order_acquire);
+         h && h != stop; h = h->next)
+        if (h->after)
+            h->after(h->opaque, off, bytes, qiov, flags, ret);
+}
+
 static int run_write_hooks(vd_node *n, uint64_t off, uint64_t bytes,
-                           vd_error *err)
+                           unsigned flags, vd_error *err)
 {
     for (vd_write_hook *h = atomic_load_explicit(&n->write_hooks,
                                                  memory_order_acquire);
          h; h = h->next) {
         int r = h->fn(h->opaque, off, bytes, err);
-        if (r < 0)
+        if (r < 0) {
+            run_after_hooks(n, h, off, bytes, NULL, flags, r);
             return r;
+        }
     }
     return 0;
 }
@@ -775,8 +791,8 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
     uint32_t a = n->bl.request_alignment;
     vd_tracked_req req;
     bool tracked = a > 1 || cor_active(n);
-    if (atomic_load_explicit(&n->write_hooks, memory_order_relaxed) &&
-        (r = run_write_hooks(n, off, bytes, err)) < 0) {
+    bool hooked = atomic_load_explicit(&n->write_hooks, memory_order_relaxed);
+    if (hooked && (r = run_write_hooks(n, off, bytes, 0, err)) < 0) {
         account(n, VD_ACCT_WRITE, r, bytes, t0);
         inflight_dec(n);
         return r;
@@ -795,6 +811,8 @@ int vd_node_pwritev(vd_node *n, uint64_t off, uint64_t bytes, vd_iov *qiov,
         atomic_fetch_add(&n->write_gen, 1);
     if (vd_node_tracks_dirty(n))
         vd_dirty_mark(n, off, bytes);
+    if (hooked)
+        run_after_hooks(n, NULL, off, bytes, qiov, flags, r);
     if (r == 0 && (flags & VD_REQ_FUA))
         r = vd_node_flush(n, err);
     if (!is_protocol)
@@ -925,8 +943,9 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
         return r;
     inflight_inc(n);
     uint64_t t0 = now_ns();
-    if (atomic_load_explicit(&n->write_hooks, memory_order_relaxed) &&
-        (r = run_write_hooks(n, off, bytes, err)) < 0) {
+    bool hooked = atomic_load_explicit(&n->write_hooks, memory_order_relaxed);
+    if (hooked && (r = run_write_hooks(n, off, bytes,
+                                       flags | VD_REQ_ZERO_WRITE, err)) < 0) {
         inflight_dec(n);
         return r;
     }
@@ -943,6 +962,9 @@ int vd_node_pwrite_zeroes(vd_node *n, uint64_t off, uint64_t bytes,
         atomic_fetch_add(&n->write_gen, 1);
     if (vd_node_tracks_dirty(n))
         vd_dirty_mark(n, off, bytes);
+    if (hooked)
+        run_after_hooks(n, NULL, off, bytes, NULL,
+                        flags | VD_REQ_ZERO_WRITE, r);
     if (tracked)
         track_end(n, &req);
     if (r == 0)
@@ -976,9 +998,9 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
     uint64_t start = align_up(off, a), end = align_down(off + bytes, a);
     if (off + bytes >= (uint64_t)atomic_load(&n->total_size))
         end = align_up(off + bytes, n->bl.request_alignment);
-    if (start < end &&
-        atomic_load_explicit(&n->write_hooks, memory_order_relaxed) &&
-        (r = run_write_hooks(n, start, end - start, err)) < 0) {
+    bool hooked = start < end &&
+                  atomic_load_explicit(&n->write_hooks, memory_order_relaxed);
+    if (hooked && (r = run_write_hooks(n, start, end - start, 0, err)) < 0) {
         inflight_dec(n);
         return r;
     }
@@ -1006,6 +1028,8 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
         vd_dirty_mark(n, start, end - start);
     if (r == -ENOTSUP || r == -EOPNOTSUPP)
         r = 0;
+    if (hooked)
+        run_after_hooks(n, NULL, start, end - start, NULL, 0, r);
     account(n, VD_ACCT_UNMAP, r, bytes, t0);
     inflight_dec(n);
     return r;

@@ -507,6 +507,15 @@ static void pause_point_locked(vd_job *job)
 {
     if (job->pause_count == 0 || job->force_cancel)
         return;
+    if (job->drv->pause) {
+        /* The work the thread handed out ends first (QEMU's driver
+         * pause): a paused job does no I/O. */
+        vd_job_unlock();
+        job->drv->pause(job);
+        vd_job_lock();
+        if (job->pause_count == 0 || job->force_cancel)
+            return;
+    }
     vd_job_status was = job->status;
     transition(job, was == VD_JOB_STATUS_READY ? VD_JOB_STATUS_STANDBY
                                                : VD_JOB_STATUS_PAUSED);

@@ -39,6 +39,10 @@ typedef struct vd_job_driver {
      * mirror turns a soft cancel into completion). Job lock held.
      * Absent: every cancel is forced. */
     bool (*cancel)(vd_job *job, bool force);
+    /* (thread) At a pause point, before the job pauses: waits for the
+     * copies the thread handed to workers (vd_copy_pool), so that a
+     * paused job does no I/O. Optional. */
+    void (*pause)(vd_job *job);
     /* Before the graph changes of a transaction: may still fail, which
      * aborts every job of the transaction. */
     int (*prepare)(vd_job *job, vd_error *err);
@@ -212,6 +216,62 @@ int vd_block_job_launch(vd_job *job, vd_node *len_of, vd_job **out,
 int vd_block_job_copy(vd_node *src, vd_node *dst, uint64_t off, uint64_t len,
                       uint8_t *buf, unsigned write_flags,
                       unsigned zero_flags, bool *in_source, vd_error *err);
+
+/*
+ * A job's copy workers (blockjob.c): a few threads that each copy one
+ * range at a time through a buffer of their own, so that several copies
+ * are in flight (QEMU's mirror operations, its block-copy tasks). The
+ * job's thread hands out ranges; the pool keeps a list of the ranges in
+ * flight, and a range is handed out, or locked from outside (a mirror's
+ * write-blocking guest write), only once nothing in flight overlaps it:
+ * overlapping copies happen one after the other, in the order they were
+ * asked for, so an older read never overwrites a newer copy.
+ */
+typedef struct vd_copy_pool vd_copy_pool;
+
+/* A worker's copy of [off, off+len) through @buf. Returns 0 or a
+ * negative errno, *in_source saying which side failed. */
+typedef int (*vd_copy_fn)(void *opaque, uint64_t off, uint64_t len,
+                          uint8_t *buf, bool *in_source, vd_error *err);
+
+/* A range in flight: a worker's, or one locked from outside. */
+typedef struct vd_copy_span {
+    uint64_t off, end;
+    struct vd_copy_span *next;
+} vd_copy_span;
+
+/* @workers threads with a buffer of @max_len bytes each, aligned for
+ * @align_node. */
+int vd_copy_pool_new(vd_copy_pool **out, vd_node *align_node,
+                     unsigned workers, uint64_t max_len, vd_copy_fn fn,
+                     void *opaque, vd_error *err);
+/* Joins the workers (after waiting for them) and frees the pool. */
+void vd_copy_pool_free(vd_copy_pool **p);
+/* Waits for an idle worker and for no overlap, then hands it the copy
+ * of [off, off+len) (len <= max_len). */
+void vd_copy_pool_submit(vd_copy_pool *p, uint64_t off, uint64_t len);
+/* Waits until every worker is idle. Returns the first error since the
+ * last call (0 if none): negative errno, *in_source, @err; with @err
+ * NULL the error stays pending for a later call. */
+int vd_copy_pool_drain(vd_copy_pool *p, bool *in_source, vd_error *err);
+/* Whether a worker failed since the last vd_copy_pool_drain(). */
+bool vd_copy_pool_failed(vd_copy_pool *p);
+/* Whether nothing is in flight. */
+bool vd_copy_pool_idle(vd_copy_pool *p);
+/* Locks [off, off+len) against every copy in flight (waiting for the
+ * overlapping ones), and unlocks it. */
+void vd_copy_pool_lock_range(vd_copy_pool *p, vd_copy_span *r, uint64_t off,
+                             uint64_t len);
+void vd_copy_pool_unlock_range(vd_copy_pool *p, vd_copy_span *r);
+
+/* (thread) A copy of the job failed with @r (@e): the job's error
+ * policy, as the side says. Returns @r (with @err) to fail the job, or
+ * 0 to go on, after the pause that on-error=stop asked for. */
+int vd_block_job_copy_failed(vd_job *job, int r, bool in_source,
+                             const vd_error *e, vd_error *err);
+/* (thread) Waits for the copies in flight, then applies the policy to
+ * a failure among them (every worker idle): as above. */
+int vd_copy_pool_settle(vd_job *job, vd_copy_pool *p, vd_error *err);
 
 /* mirror.c: active commit, a mirror of @active into @base, its backing
  * file, of job type commit. */

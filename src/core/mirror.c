@@ -28,6 +28,7 @@
  * layer and the base are kept unwritten and un-resized.
  */
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -46,7 +47,18 @@ typedef struct mirror_state {
     uint64_t granularity, buf_size;
     vd_dirty_tracker *dirty;
     vd_user *target_user;      /* QEMU's s->target block backend */
-    uint8_t *buf;
+    uint64_t piece;            /* the most one copy takes */
+    vd_copy_pool *pool;        /* the copies in flight */
+    _Atomic uint64_t in_flight; /* bytes handed to workers, not done */
+    vd_job *job;
+    /* copy-mode=write-blocking (QEMU's active mirror): a write hook on
+     * the source, and a bitmap that only the hook and the job mark. */
+    bool write_blocking;
+    vd_write_hook hook;
+    bool hooked;
+    uint64_t len;              /* the source's */
+    _Atomic bool copy_writes;  /* the hook writes guest writes through */
+    _Atomic int hook_err;      /* a target write of the hook failed */
     bool should_complete;      /* [J] job-complete was given */
     bool gated;                /* the users of to_replace are held */
     bool target_is_zero;
@@ -59,30 +71,50 @@ static vd_node *backing_of(vd_node *n)
     return n->backing ? n->backing->node : NULL;
 }
 
-/* Copies [off, off+len) of the source to the target. Returns 0, or a
- * negative errno with *in_source telling which side failed. */
-static int copy_range(mirror_state *s, uint64_t off, uint64_t len,
+/* A worker's copy of [off, off+len) from the source to the target;
+ * the range is marked again when it fails. The pool keeps overlapping
+ * copies apart, so this copy's read and write happen with no other copy
+ * of these bytes in between. */
+static int copy_piece(void *opaque, uint64_t off, uint64_t len, uint8_t *buf,
                       bool *in_source, vd_error *err)
 {
-    return vd_block_job_copy(s->source, s->target, off, len, s->buf, 0,
-                             s->unmap ? VD_REQ_MAY_UNMAP : 0, in_source, err);
+    mirror_state *s = opaque;
+    int r = vd_block_job_copy(s->source, s->target, off, len, buf, 0,
+                              s->unmap ? VD_REQ_MAY_UNMAP : 0, in_source,
+                              err);
+    if (r < 0)
+        vd_dirty_tracker_set(s->dirty, off, len);
+    else
+        vd_job_progress_update(s->job, len);
+    atomic_fetch_sub(&s->in_flight, len);
+    return r;
 }
 
-/* One dirty run of at most buf_size: cleared, then copied; marked again
- * when the copy fails. Returns the bytes done, 0 when nothing is dirty,
- * or a negative errno after the error policy was applied (-EAGAIN: go
- * on). */
-static int64_t iterate(vd_job *job, mirror_state *s, uint64_t *cursor,
-                       vd_error *err)
+/* Waits for the copies in flight; a failure among them, or of a guest
+ * write's write-through, gets the error policy now, with every worker
+ * idle (on-error=stop pauses here). Returns 0 (go on) or the negative
+ * errno to fail the job with. */
+static int settle(vd_job *job, mirror_state *s, vd_error *err)
+{
+    int r = vd_copy_pool_settle(job, s->pool, err);
+    if (r < 0)
+        return r;
+    if ((r = atomic_exchange(&s->hook_err, 0)) < 0) {
+        vd_error e = VD_ERROR_INIT;
+        vd_error_set(&e, r, "Could not write to the mirror target: %s",
+                     strerror(-r));
+        return vd_block_job_copy_failed(job, r, false, &e, err);
+    }
+    return 0;
+}
+
+/* Hands one dirty run of at most a piece to a worker, cleared first: a
+ * write landing during or after the worker's read marks it again.
+ * Returns the bytes handed out, 0 when nothing was. */
+static uint64_t iterate(mirror_state *s, uint64_t *cursor)
 {
     uint64_t off, len;
-    /* At most QEMU's max_io_bytes a piece (a 16th of the buffer, at
-     * least 1 MiB), so that the speed limit meters small steps. */
-    uint64_t piece = s->buf_size / 16 > (1u << 20) ? s->buf_size / 16
-                                                   : (1u << 20);
-    if (piece > s->buf_size)
-        piece = s->buf_size;
-    if (!vd_dirty_tracker_next(s->dirty, *cursor, piece, &off, &len))
+    if (!vd_dirty_tracker_next(s->dirty, *cursor, s->piece, &off, &len))
         return 0;
     vd_dirty_tracker_clear(s->dirty, off, len);
     *cursor = off + len;
@@ -91,23 +123,131 @@ static int64_t iterate(vd_job *job, mirror_state *s, uint64_t *cursor,
     if (size >= 0 && off + len > (uint64_t)size)
         len = (uint64_t)size > off ? (uint64_t)size - off : 0;
     if (len == 0)
-        return -EAGAIN;
-    bool in_source = true;
-    vd_error e = VD_ERROR_INIT;
-    int r = copy_range(s, off, len, &in_source, &e);
-    if (r < 0) {
-        vd_dirty_tracker_set(s->dirty, off, len);
-        vd_error_action a = vd_block_job_error_action(
-            job, in_source ? job->on_error : job->on_target_error, in_source,
-            -r);
-        if (a == VD_ERROR_ACTION_REPORT) {
-            /* QEMU's job ends with the errno's text alone. */
-            vd_error_set(err, r, "%s", strerror(-r));
-            return r;
-        }
-        return -EAGAIN;
+        return 0;
+    atomic_fetch_add(&s->in_flight, len);
+    vd_copy_pool_submit(s->pool, off, len);
+    return len;
+}
+
+/*
+ * copy-mode=write-blocking, as QEMU's active mirror: every write to the
+ * source is written to the target too before it completes, so the job
+ * converges under any write load. The bitmap is then the job's own (not
+ * marked by the request path): the hook marks what it did not write
+ * through. Before the write reaches the source the hook locks its range
+ * in the copy pool, which waits for overlapping copies of the workers
+ * and of other guest writes; after it, with the lock still held, it
+ * writes the same bytes to the target: source and target see
+ * overlapping writes in the same order, and a worker's older read never
+ * lands after them. As QEMU's do_sync_target_write(), a head or tail
+ * granule that is dirty is left to the workers (its other bytes may
+ * differ on the target), granules the write covers whole are clean
+ * afterwards, and a failed target write marks the range again and goes
+ * to the job's on-target-error policy. Before the job's first dirty
+ * marks are set (and once it stops), writes are only marked.
+ */
+typedef struct active_op {
+    mirror_state *s;
+    uint64_t off, bytes;
+    vd_copy_span span;
+    struct active_op *next;
+} active_op;
+
+/* The hooked writes of this thread whose after-hook is still due. */
+static __thread active_op *thread_ops;
+
+static int before_write(void *opaque, uint64_t off, uint64_t bytes,
+                        vd_error *err)
+{
+    mirror_state *s = opaque;
+    if (off >= s->len)
+        return 0;
+    active_op *op = malloc(sizeof(*op));
+    if (!op)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    op->s = s;
+    op->off = off;
+    op->bytes = bytes;
+    uint64_t end = off + bytes < s->len ? off + bytes : s->len;
+    vd_copy_pool_lock_range(s->pool, &op->span, off, end - off);
+    op->next = thread_ops;
+    thread_ops = op;
+    return 0;
+}
+
+static bool granule_dirty(mirror_state *s, uint64_t pos)
+{
+    uint64_t g = s->granularity, start = pos / g * g, o, b;
+    return vd_dirty_tracker_next(s->dirty, start, g, &o, &b) && o == start;
+}
+
+/* QEMU's do_sync_target_write(). */
+static void write_through(mirror_state *s, uint64_t off, uint64_t n,
+                          vd_iov *qiov)
+{
+    uint64_t g = s->granularity, skip = 0;
+    if (off % g && granule_dirty(s, off)) {
+        skip = (off / g + 1) * g - off;
+        if (n <= skip)
+            return;
+        off += skip;
+        n -= skip;
     }
-    return (int64_t)len;
+    if ((off + n) % g && granule_dirty(s, off + n - 1)) {
+        uint64_t tail = (off + n) % g;
+        if (n <= tail)
+            return;
+        n -= tail;
+    }
+    uint64_t cs = (off + g - 1) / g * g, ce = (off + n) / g * g;
+    if (cs < ce)
+        vd_dirty_tracker_clear(s->dirty, cs, ce - cs);
+    vd_error e = VD_ERROR_INIT;
+    int r;
+    if (qiov) {
+        vd_iov part;
+        r = vd_iov_init_slice(&part, qiov, skip, n);
+        if (r == 0) {
+            r = vd_node_pwritev(s->target, off, n, &part, 0, &e);
+            vd_iov_destroy(&part);
+        }
+    } else {
+        r = vd_node_pwrite_zeroes(s->target, off, n,
+                                  s->unmap ? VD_REQ_MAY_UNMAP : 0, &e);
+    }
+    if (r < 0) {
+        vd_dirty_tracker_set(s->dirty, off, n);
+        int none = 0;
+        atomic_compare_exchange_strong(&s->hook_err, &none, r);
+        vd_job_lock();
+        vd_job_kick(s->job);
+        vd_job_unlock();
+    } else {
+        vd_job_progress_update(s->job, n);
+    }
+}
+
+static void after_write(void *opaque, uint64_t off, uint64_t bytes,
+                        vd_iov *qiov, unsigned flags, int ret)
+{
+    mirror_state *s = opaque;
+    active_op **pp = &thread_ops;
+    while (*pp && !((*pp)->s == s && (*pp)->off == off &&
+                    (*pp)->bytes == bytes))
+        pp = &(*pp)->next;
+    active_op *op = *pp;
+    if (!op)
+        return;         /* past the end: nothing was locked */
+    *pp = op->next;
+    uint64_t n = op->span.end - op->span.off;
+    /* A discard leaves the source reading what it likes: copied later. */
+    if (ret < 0 || !atomic_load(&s->copy_writes) ||
+        (!qiov && !(flags & VD_REQ_ZERO_WRITE)))
+        vd_dirty_tracker_set(s->dirty, off, n);
+    else
+        write_through(s, off, n, qiov);
+    vd_copy_pool_unlock_range(s->pool, &op->span);
+    free(op);
 }
 
 /* The first dirty marks: what sync asks to copy. A full sync makes the
@@ -149,7 +289,7 @@ static int dirty_init(mirror_state *s, vd_error *err)
     return 0;
 }
 
-static int mirror_run(vd_job *job, vd_error *err)
+static int mirror_loop(vd_job *job, vd_error *err)
 {
     mirror_state *s = job->state;
     int r;
@@ -175,20 +315,33 @@ static int mirror_run(vd_job *job, vd_error *err)
     r = dirty_init(s, err);
     if (r < 0)
         return r;
+    /* From here on the target holds or will get every byte: guest
+     * writes may go through. */
+    if (s->write_blocking)
+        atomic_store(&s->copy_writes, true);
     uint64_t cursor = 0;
     for (;;) {
         uint64_t cnt = vd_dirty_tracker_count(s->dirty);
-        vd_job_progress_set_remaining(job, cnt);
+        /* What is in flight is still to do, as QEMU counts it. */
+        vd_job_progress_set_remaining(job, cnt + atomic_load(&s->in_flight));
         if (cnt > 0) {
-            int64_t n = iterate(job, s, &cursor, err);
-            if (n < 0 && n != -EAGAIN)
-                return (int)n;
-            if (n > 0) {
-                vd_job_progress_update(job, (uint64_t)n);
-                vd_block_job_ratelimit_processed(job, (uint64_t)n);
-            }
+            uint64_t n = iterate(s, &cursor);
+            if (n > 0)
+                vd_block_job_ratelimit_processed(job, n);
+            if ((vd_copy_pool_failed(s->pool) ||
+                 atomic_load(&s->hook_err) < 0) &&
+                (r = settle(job, s, err)) < 0)
+                return r;
             vd_block_job_ratelimit_sleep(job);
         } else {
+            /* Nothing dirty: once the copies in flight are done (or
+             * failed, marking their ranges again) look once more. */
+            r = settle(job, s, err);
+            if (r < 0)
+                return r;
+            if (vd_dirty_tracker_count(s->dirty) > 0)
+                continue;
+            vd_job_progress_set_remaining(job, 0);
             vd_job_lock();
             bool ready = job->status == VD_JOB_STATUS_READY ||
                          job->status == VD_JOB_STATUS_STANDBY;
@@ -219,6 +372,31 @@ static int mirror_run(vd_job *job, vd_error *err)
     return 0;
 }
 
+/* The loop, then the wait for the copies still in flight (a cancel
+ * returns only once no worker touches the nodes). */
+static int mirror_run(vd_job *job, vd_error *err)
+{
+    mirror_state *s = job->state;
+    int r = mirror_loop(job, err);
+    /* Writes are only marked now: the final copy takes them. */
+    atomic_store(&s->copy_writes, false);
+    vd_error e = VD_ERROR_INIT;
+    int r2 = vd_copy_pool_drain(s->pool, NULL, &e);
+    if (r == 0 && r2 < 0 && !vd_job_is_cancelled(job)) {
+        /* QEMU's job ends with the errno's text alone. */
+        vd_error_set(err, r2, "%s", strerror(-r2));
+        r = r2;
+    }
+    return r;
+}
+
+/* (thread) A pause waits for the copies in flight. */
+static void mirror_pause(vd_job *job)
+{
+    mirror_state *s = job->state;
+    vd_copy_pool_drain(s->pool, NULL, NULL);
+}
+
 /* The final copy with the users held, and the pivot when completing. */
 static int mirror_prepare(vd_job *job, vd_error *err)
 {
@@ -229,15 +407,17 @@ static int mirror_prepare(vd_job *job, vd_error *err)
     int r = 0;
     while (vd_dirty_tracker_count(s->dirty) > 0) {
         uint64_t off, len;
-        if (!vd_dirty_tracker_next(s->dirty, cursor, s->buf_size, &off, &len))
+        if (!vd_dirty_tracker_next(s->dirty, cursor, s->piece, &off, &len))
             break;
         vd_dirty_tracker_clear(s->dirty, off, len);
-        bool in_source;
-        r = copy_range(s, off, len, &in_source, err);
-        if (r < 0)
-            return r;
+        atomic_fetch_add(&s->in_flight, len);
+        vd_copy_pool_submit(s->pool, off, len);
         cursor = off + len;
+        if (vd_copy_pool_failed(s->pool))
+            break;          /* the range is dirty again: no retry here */
     }
+    if ((r = vd_copy_pool_drain(s->pool, NULL, err)) < 0)
+        return r;
     r = vd_node_flush(s->target, err);
     if (r < 0)
         return r;
@@ -272,7 +452,12 @@ static void mirror_clean(vd_job *job)
         vd_node_ungate_users(s->to_replace);
         s->gated = false;
     }
-    vd_dirty_tracker_free(&s->dirty, s->source);
+    if (s->hooked) {
+        vd_node_remove_write_hook(s->source, &s->hook);
+        s->hooked = false;
+    }
+    vd_copy_pool_free(&s->pool);
+    vd_dirty_tracker_free(&s->dirty, s->write_blocking ? NULL : s->source);
     vd_user_free(&s->target_user);
     vd_block_job_remove_nodes(job);
     vd_block_job_restore_read_only(s->target, &s->target_reopened_rw);
@@ -287,11 +472,11 @@ static void mirror_clean(vd_job *job)
 
 static void state_free(mirror_state *s)
 {
+    vd_copy_pool_free(&s->pool);
     vd_node_unref(s->source);
     vd_node_unref(s->target);
     vd_node_unref(s->to_replace);
     vd_node_unref(s->target_backing);
-    free(s->buf);
     free(s);
 }
 
@@ -318,6 +503,7 @@ static bool mirror_cancel(vd_job *job, bool force)
     {                                                                     \
         .type = job_type, .run = mirror_run, .complete = mirror_complete, \
         .cancel = mirror_cancel, .prepare = mirror_prepare,               \
+        .pause = mirror_pause,                                            \
         .clean = mirror_clean, .free = mirror_free,                       \
     }
 
@@ -364,6 +550,7 @@ static int mirror_common(vd_job **out, const vd_job_driver *drv,
     s->sync = mo->sync;
     s->unmap = !mo->no_unmap;
     s->granularity = g;
+    s->write_blocking = mo->write_blocking;
     s->target_is_zero = mo->target_is_zero;
     s->target_backing = mo->target_backing;
     if (s->target_backing)
@@ -374,17 +561,29 @@ static int mirror_common(vd_job **out, const vd_job_driver *drv,
     vd_node_ref(source);
     vd_node_ref(target);
     vd_node_ref(s->to_replace);
-    s->buf = vd_node_blockalign(source, s->buf_size);
-    if (!s->buf) {
-        state_free(s);
-        return vd_error_set(err, -ENOMEM, "Out of memory");
-    }
-    vd_job *job;
-    int r = vd_block_job_create(&job, drv, s, opts, err);
+    /* QEMU's mirror: at most max_io_bytes a copy (a 16th of the
+     * buffer, at least 1 MiB: the speed limit meters small steps), and
+     * as many copies in flight as the buffer holds, at most
+     * MAX_IN_FLIGHT (16). Each worker has a piece of the buffer. */
+    s->piece = s->buf_size / 16 > (1u << 20) ? s->buf_size / 16 : (1u << 20);
+    if (s->piece > s->buf_size)
+        s->piece = s->buf_size;
+    uint64_t workers = s->buf_size / s->piece;
+    if (workers > 16)
+        workers = 16;
+    int r = vd_copy_pool_new(&s->pool, source, (unsigned)workers, s->piece,
+                             copy_piece, s, err);
     if (r < 0) {
         state_free(s);
         return r;
     }
+    vd_job *job;
+    r = vd_block_job_create(&job, drv, s, opts, err);
+    if (r < 0) {
+        state_free(s);
+        return r;
+    }
+    s->job = job;
     /* The job's edge on the source: reads and writes by others go on. */
     r = vd_block_job_add_node(job, source, 0, VD_PERM_CONSISTENT_READ |
                               VD_PERM_WRITE | VD_PERM_WRITE_UNCHANGED, err);
@@ -418,8 +617,21 @@ static int mirror_common(vd_job **out, const vd_job_driver *drv,
         }
         r = vd_user_new(&s->target_user, target, NULL, perm, shared, err);
     }
-    if (r == 0)
+    if (r == 0 && s->write_blocking) {
+        int64_t sl = vd_node_getlength(source);
+        r = sl < 0 ? vd_error_set(err, (int)sl, "Could not get the length "
+                                  "of '%s'", source->node_name)
+                   : vd_dirty_bitmap_new(&s->dirty, (uint64_t)sl, g, err);
+        if (r == 0) {
+            s->len = (uint64_t)sl;
+            s->hook = (vd_write_hook){ .fn = before_write, .opaque = s,
+                                       .after = after_write };
+            vd_node_add_write_hook(source, &s->hook);
+            s->hooked = true;
+        }
+    } else if (r == 0) {
         r = vd_dirty_tracker_new(&s->dirty, source, g, err);
+    }
     if (r < 0) {
         vd_job_early_fail(job);
         return r;

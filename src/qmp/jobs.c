@@ -319,9 +319,7 @@ QMP_HANDLER(qmp_cmd_blockdev_mirror)
     if (json_object_object_get_ex(args, "buf-size", &v))
         mo.buf_size = json_object_get_int64(v);
     const char *cm = arg_s(args, "copy-mode");
-    if (cm && strcmp(cm, "write-blocking") == 0)
-        return qmp_fail(e, NULL, "copy-mode 'write-blocking' is not "
-                        "supported yet");
+    mo.write_blocking = cm && strcmp(cm, "write-blocking") == 0;
     if (replaces) {
         mo.replaces = vd_find_node(replaces);
         if (!mo.replaces)
@@ -545,6 +543,8 @@ QMP_HANDLER(qmp_cmd_drive_mirror)
     if (json_object_object_get_ex(args, "buf-size", &v))
         mo.buf_size = json_object_get_int64(v);
     mo.no_unmap = !arg_b(args, "unmap", true);
+    const char *cm = arg_s(args, "copy-mode");
+    mo.write_blocking = cm && strcmp(cm, "write-blocking") == 0;
     if (replaces && !(mo.replaces = vd_find_node(replaces))) {
         vd_close(&target, NULL);
         return qmp_fail(e, NULL, "Failed to find node with "
