@@ -8,8 +8,9 @@
 #    each generation, restored (qemu-img convert of the overlay chain),
 #    equals the guest disk as it was when its backup started (pulled
 #    through the export then, with the guest quiet);
-#  - pull mode: a transaction disables the bitmap, adds the next one and
-#    starts a fleecing job (sync=none into an overlay of the live disk);
+#  - pull mode: a transaction adds the next bitmap, starts a fleecing
+#    job (sync=none into an overlay of the live disk) and disables the
+#    bitmap;
 #    the fleecing node is exported with the bitmap, the guest writes on,
 #    and only the extents `nbdinfo --map=qemu:dirty-bitmap:NAME` reports
 #    are read from the export and applied to the previous restore, which
@@ -158,14 +159,16 @@ class Flow:
         self.ok({"execute": "blockdev-add", "arguments": {
             "driver": "qcow2", "node-name": "fleece", "backing": "disk",
             "file": {"driver": "file", "filename": self.p("fleece.qcow2")}}})
+        # In this order, a write between two actions is in the view's
+        # bitmap or below the view, and always in the next bitmap.
         self.ok({"execute": "transaction", "arguments": {"actions": [
-            {"type": "block-dirty-bitmap-disable",
-             "data": {"node": "disk", "name": bitmap}},
             {"type": "block-dirty-bitmap-add",
              "data": {"node": "disk", "name": nxt, "persistent": True}},
             {"type": "blockdev-backup",
              "data": {"job-id": "fl", "device": "disk", "target": "fleece",
-                      "sync": "none"}}]}})
+                      "sync": "none"}},
+            {"type": "block-dirty-bitmap-disable",
+             "data": {"node": "disk", "name": bitmap}}]}})
         self.ok({"execute": "block-export-add", "arguments": {
             "type": "nbd", "id": "fleece", "node-name": "fleece",
             "name": "fleece", "bitmaps": [bitmap]}})
