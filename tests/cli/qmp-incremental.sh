@@ -65,12 +65,14 @@ def guest_writes(d, base=0x40, n=6, step=337):
         cmds += ["-c", "write -P 0x%02x %d 65536" % (base + i, off)]
     run("qemu-io", "-f", "raw", *cmds, "nbd+unix:///top?socket=" + d + "/nbd.sock")
 
-def setup(m, d, log, name="b0"):
+def setup(m, d, log, name="b0", granularity=None):
     """The chain, its export, a bitmap b0 on top and guest writes."""
     add_chain(m)
     export(m, log)
-    log.append(m.cmd({"execute": "block-dirty-bitmap-add",
-                      "arguments": {"node": "top", "name": name}}))
+    a = {"node": "top", "name": name}
+    if granularity:
+        a["granularity"] = granularity
+    log.append(m.cmd({"execute": "block-dirty-bitmap-add", "arguments": a}))
     guest_writes(d)
     bitmaps(m, log)
 
@@ -95,9 +97,9 @@ def targets_post(*names):
 
 # ---- the modes, succeeding and failing ----
 
-def mode_case(sync, mode, failing):
+def mode_case(sync, mode, failing, granularity=None):
     def sc(m, d, log):
-        setup(m, d, log)
+        setup(m, d, log, granularity=granularity)
         log.append(target(m, d, failing=failing))
         if failing and sync in ("full", "top"):
             # Every cluster holds data, so every copy fails: QEMU's
@@ -111,7 +113,8 @@ def mode_case(sync, mode, failing):
             args["bitmap-mode"] = mode
         B(m, log, **args)
         finish(m, log, "j")
-    sc.__name__ = "%s_%s_%s" % (sync, mode or "dflt", "fail" if failing else "ok")
+    sc.__name__ = "%s_%s_%s%s" % (sync, mode or "dflt", "fail" if failing else "ok",
+                                  "_g%d" % granularity if granularity else "")
     sc.post = targets_post("tgt")
     return sc
 
@@ -121,6 +124,9 @@ cases += [mode_case("incremental", None, f) for f in (False, True)]
 cases += [mode_case("full", mo, f) for mo in ("on-success", "always")
           for f in (False, True)]
 cases += [mode_case("top", "on-success", False)]
+# Bitmaps finer and coarser than the backup's 64 KiB clusters.
+cases += [mode_case("bitmap", "always", True, granularity=4096),
+          mode_case("bitmap", "on-success", False, granularity=1 << 20)]
 
 # ---- frozen during the job: busy, recording into the successor ----
 
