@@ -367,6 +367,7 @@ static int backup_start(vd_job **out, vd_node *source, vd_node *target,
     s->by_bitmap = bo->sync == VD_BACKUP_SYNC_BITMAP;
     s->bm_mode = bo->bitmap_mode;
     if (bo->bitmap && !(s->bm_name = strdup(bo->bitmap))) {
+        s->source = s->target = NULL;      /* not referenced yet */
         state_free(s);
         return vd_error_set(err, -ENOMEM, "Out of memory");
     }
