@@ -43,6 +43,11 @@ typedef struct backup_state {
     vd_node *source, *target;
     vd_mirror_sync sync;
     bool compress;
+    /* The bitmap of the source given to the job (bitmap_int.h), or NULL;
+     * @frozen while it has a successor. sync=bitmap: @by_bitmap. */
+    char *bm_name;
+    vd_bitmap_sync_mode bm_mode;
+    bool frozen, by_bitmap;
     uint64_t cluster, len;
     vd_dirty_tracker *todo;    /* clusters still to copy */
     pthread_mutex_t lock;      /* claims: @busy, and @todo's bits */
@@ -54,16 +59,39 @@ typedef struct backup_state {
     vd_user *target_user;
     vd_user *below[64];        /* the source's backing chain, unwritable */
     int n_below;
-    /* The bitmap of the source given to the job (bitmap_int.h), or NULL;
-     * @frozen while it has a successor. sync=bitmap: @by_bitmap. */
-    char *bm_name;
-    vd_bitmap_sync_mode bm_mode;
-    bool frozen, by_bitmap;
 } backup_state;
 
 static vd_node *backing_of(vd_node *n)
 {
     return n->backing ? n->backing->node : NULL;
+}
+
+/* The job's end for its bitmap (QEMU's backup_cleanup_sync_bitmap()):
+ * the bitmap takes the successor's place when the job succeeded or the
+ * mode is always (not never), else it takes the successor's bits back;
+ * a failure with always keeps what was not copied. */
+static void bitmap_end(backup_state *s, bool success)
+{
+    if (!s->frozen)
+        return;
+    bool sync = (success || s->bm_mode == VD_BITMAP_SYNC_ALWAYS) &&
+                s->bm_mode != VD_BITMAP_SYNC_NEVER;
+    const vd_hbitmap *left = !success && s->bm_mode == VD_BITMAP_SYNC_ALWAYS
+                             ? vd_dirty_tracker_hbitmap(s->todo) : NULL;
+    vd_error e = VD_ERROR_INIT;
+    if (vd_bitmap_unfreeze(s->source, s->bm_name, sync, left, &e) < 0)
+        vd_warn("backup: bitmap '%s': %s", s->bm_name, e.message);
+    s->frozen = false;
+}
+
+static void backup_commit(vd_job *job)
+{
+    bitmap_end(job->state, true);
+}
+
+static void backup_abort(vd_job *job)
+{
+    bitmap_end(job->state, false);
 }
 
 static bool is_busy(backup_state *s, uint64_t c)
@@ -205,34 +233,6 @@ static int backup_run(vd_job *job, vd_error *err)
     if (ret == 0 && !vd_job_is_cancelled(job))
         ret = vd_node_flush(s->target, err);
     return ret;
-}
-
-/* The job's end for its bitmap (QEMU's backup_cleanup_sync_bitmap()):
- * the bitmap takes the successor's place when the job succeeded or the
- * mode is always (not never), else it takes the successor's bits back;
- * a failure with always keeps what was not copied. */
-static void bitmap_end(backup_state *s, bool success)
-{
-    if (!s->frozen)
-        return;
-    bool sync = (success || s->bm_mode == VD_BITMAP_SYNC_ALWAYS) &&
-                s->bm_mode != VD_BITMAP_SYNC_NEVER;
-    const vd_hbitmap *left = !success && s->bm_mode == VD_BITMAP_SYNC_ALWAYS
-                             ? vd_dirty_tracker_hbitmap(s->todo) : NULL;
-    vd_error e = VD_ERROR_INIT;
-    if (vd_bitmap_unfreeze(s->source, s->bm_name, sync, left, &e) < 0)
-        vd_warn("backup: bitmap '%s': %s", s->bm_name, e.message);
-    s->frozen = false;
-}
-
-static void backup_commit(vd_job *job)
-{
-    bitmap_end(job->state, true);
-}
-
-static void backup_abort(vd_job *job)
-{
-    bitmap_end(job->state, false);
 }
 
 static void drop_users(backup_state *s)
