@@ -388,6 +388,67 @@ VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
                            vd_mirror_sync sync, bool compress,
                            const vd_job_options *opts, vd_error *err);
 
+/** What a backup copies (QEMU's MirrorSyncMode as backup takes it): the
+ * first three are vd_mirror_sync's; INCREMENTAL is BITMAP with bitmap
+ * mode on-success; BITMAP copies what the bitmap marks. */
+typedef enum vd_backup_sync {
+    VD_BACKUP_SYNC_FULL = VD_MIRROR_SYNC_FULL,
+    VD_BACKUP_SYNC_TOP = VD_MIRROR_SYNC_TOP,
+    VD_BACKUP_SYNC_NONE = VD_MIRROR_SYNC_NONE,
+    VD_BACKUP_SYNC_INCREMENTAL,
+    VD_BACKUP_SYNC_BITMAP,
+} vd_backup_sync;
+
+/** What a backup does to its bitmap when it ends (QEMU's BitmapSyncMode);
+ * UNSET: not given (QEMU's has_bitmap_mode false). */
+typedef enum vd_bitmap_sync_mode {
+    VD_BITMAP_SYNC_UNSET,
+    VD_BITMAP_SYNC_ON_SUCCESS,  /* cleared of what was copied on success */
+    VD_BITMAP_SYNC_NEVER,       /* left as it was (sync=bitmap only) */
+    VD_BITMAP_SYNC_ALWAYS,      /* cleared of what was copied, even on
+                                 * failure or cancel */
+} vd_bitmap_sync_mode;
+
+/** QEMU's names ("bitmap", "on-success", ...); NULL when out of range. */
+VD_API const char *vd_backup_sync_name(vd_backup_sync sync);
+VD_API const char *vd_bitmap_sync_mode_name(vd_bitmap_sync_mode mode);
+
+/** blockdev-backup's options; zero-initialised: sync full, no
+ * compression, no bitmap. */
+typedef struct vd_backup_options {
+    vd_backup_sync sync;
+    bool compress;
+    /* A dirty bitmap of the source node itself (not of its chain), or
+     * NULL. With sync BITMAP (or INCREMENTAL) only the clusters it marks
+     * are copied. During the job the bitmap is frozen: busy, its bits
+     * kept, while a successor records the source's writes. At the end,
+     * unless @bitmap_mode is NEVER, on success (or always with ALWAYS)
+     * the bitmap becomes the successor: it marks what was written since
+     * the job started; otherwise the successor's bits are ORed back in;
+     * a job that failed with ALWAYS also keeps the clusters it did not
+     * copy. */
+    const char *bitmap;
+    vd_bitmap_sync_mode bitmap_mode;
+} vd_backup_options;
+
+/**
+ * vd_backup_start() with a bitmap (QEMU's blockdev-backup with bitmap and
+ * bitmap-mode). Checks first, in QEMU's order and words: "must provide a
+ * valid bitmap name for 'bitmap' sync mode", "Bitmap sync mode must be
+ * 'on-success' when using sync mode 'incremental'", "Bitmap 'X' could
+ * not be found", "Bitmap sync mode must be given when providing a
+ * bitmap", the bitmap busy or inconsistent, "sync mode 'none' does not
+ * produce meaningful bitmap outputs", "Bitmap sync mode 'never' has no
+ * meaningful effect when combined with sync mode 'full'", "Cannot
+ * specify bitmap sync mode without a bitmap"; then vd_backup_start()'s,
+ * a read-only bitmap being refused unless the mode is NEVER. Progress
+ * counts the bytes the job has to copy (the bitmap's dirty clusters for
+ * sync BITMAP).
+ */
+VD_API int vd_backup_start_opts(vd_job **out, vd_node *source,
+                                vd_node *target, const vd_backup_options *bo,
+                                const vd_job_options *opts, vd_error *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bitmap_int.h"
 #include "job_int.h"
 
 #define BACKUP_CLUSTER_DEFAULT 65536u
@@ -47,6 +48,11 @@ typedef struct backup_state {
     vd_node *source, *target;
     vd_mirror_sync sync;
     bool compress;
+    /* The bitmap of the source given to the job (bitmap_int.h), or NULL;
+     * @frozen while it has a successor. sync=bitmap: @by_bitmap. */
+    char *bm_name;
+    vd_bitmap_sync_mode bm_mode;
+    bool frozen, by_bitmap;
     uint64_t cluster, len;
     vd_dirty_tracker *todo;    /* clusters still to copy */
     pthread_mutex_t lock;      /* claims: @busy, and @todo's bits */
@@ -65,6 +71,34 @@ typedef struct backup_state {
 static vd_node *backing_of(vd_node *n)
 {
     return n->backing ? n->backing->node : NULL;
+}
+
+/* The job's end for its bitmap (QEMU's backup_cleanup_sync_bitmap()):
+ * the bitmap takes the successor's place when the job succeeded or the
+ * mode is always (not never), else it takes the successor's bits back;
+ * a failure with always keeps what was not copied. */
+static void bitmap_end(backup_state *s, bool success)
+{
+    if (!s->frozen)
+        return;
+    bool sync = (success || s->bm_mode == VD_BITMAP_SYNC_ALWAYS) &&
+                s->bm_mode != VD_BITMAP_SYNC_NEVER;
+    const vd_hbitmap *left = !success && s->bm_mode == VD_BITMAP_SYNC_ALWAYS
+                             ? vd_dirty_tracker_hbitmap(s->todo) : NULL;
+    vd_error e = VD_ERROR_INIT;
+    if (vd_bitmap_unfreeze(s->source, s->bm_name, sync, left, &e) < 0)
+        vd_warn("backup: bitmap '%s': %s", s->bm_name, e.message);
+    s->frozen = false;
+}
+
+static void backup_commit(vd_job *job)
+{
+    bitmap_end(job->state, true);
+}
+
+static void backup_abort(vd_job *job)
+{
+    bitmap_end(job->state, false);
 }
 
 static bool is_busy(backup_state *s, uint64_t c)
@@ -280,6 +314,7 @@ static void drop_users(backup_state *s)
 static void backup_clean(vd_job *job)
 {
     backup_state *s = job->state;
+    bitmap_end(s, false);
     if (s->hooked) {
         vd_node_remove_write_hook(s->source, &s->hook);
         s->hooked = false;
@@ -301,6 +336,7 @@ static void state_free(backup_state *s)
     pthread_cond_destroy(&s->cond);
     vd_node_unref(s->source);
     vd_node_unref(s->target);
+    free(s->bm_name);
     free(s);
 }
 
@@ -315,6 +351,8 @@ static const vd_job_driver backup_driver = {
     .pause = backup_pause,
     .clean = backup_clean,
     .free = backup_free,
+    .commit = backup_commit,
+    .abort = backup_abort,
 };
 
 /* QEMU's block-copy cluster: 64 KiB, or the target's larger cluster. */
@@ -333,6 +371,8 @@ static uint64_t backup_cluster(vd_node *target)
 /* The clusters sync asks for. */
 static int todo_init(backup_state *s, vd_error *err)
 {
+    if (s->by_bitmap)
+        return 0;                /* the bitmap's, once it is frozen */
     if (s->sync != VD_MIRROR_SYNC_TOP) {
         vd_dirty_tracker_set(s->todo, 0, s->len);
         return 0;
@@ -354,9 +394,10 @@ static int todo_init(backup_state *s, vd_error *err)
     return 0;
 }
 
-VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
-                           vd_mirror_sync sync, bool compress,
-                           const vd_job_options *opts, vd_error *err)
+static int backup_start(vd_job **out, vd_node *source, vd_node *target,
+                        vd_mirror_sync sync, bool compress,
+                        const vd_backup_options *bo,
+                        const vd_job_options *opts, vd_error *err)
 {
     *out = NULL;
     if (source == target)
@@ -368,6 +409,12 @@ VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
     if (vd_op_is_blocked(source, VD_OP_BACKUP_SOURCE, err) ||
         vd_op_is_blocked(target, VD_OP_BACKUP_TARGET, err))
         return -EBUSY;
+    /* A bitmap the job will write must be writable (QEMU checks here). */
+    if (bo->bitmap && bo->bitmap_mode != VD_BITMAP_SYNC_NEVER) {
+        int r = vd_bitmap_check(source, bo->bitmap, false, err);
+        if (r < 0)
+            return r;
+    }
     int64_t len = vd_node_getlength(source);
     if (len < 0)
         return vd_error_set(err, (int)len, "Unable to get length for '%s'",
@@ -389,6 +436,14 @@ VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
     s->target = target;
     s->sync = sync;
     s->compress = compress;
+    s->by_bitmap = bo->sync == VD_BACKUP_SYNC_BITMAP;
+    s->bm_mode = bo->bitmap_mode;
+    if (bo->bitmap && !(s->bm_name = strdup(bo->bitmap))) {
+        s->source = s->target = NULL;      /* not referenced yet */
+        state_free(s);
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    }
+
     s->len = (uint64_t)len;
     s->cluster = backup_cluster(target);
     vd_node_ref(source);
@@ -452,10 +507,30 @@ VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
         if (op != VD_OP_SNAPSHOT_GOTO && op != VD_OP_RESIZE &&
             op != VD_OP_DRIVE_DEL)
             vd_op_unblock(source, (vd_op)op, job->blocker);
+    /* The bitmap is frozen, and sync=bitmap takes its bits, in the same
+     * drained section that installs the hook: every write after the
+     * point in time is in the successor. */
+    vd_node_drain_begin(source);
+    if (s->bm_name) {
+        r = vd_bitmap_freeze(source, s->bm_name, err);
+        if (r == 0) {
+            s->frozen = true;
+            if (s->by_bitmap)
+                vd_bitmap_frozen_merge_into(source, s->bm_name,
+                                            vd_dirty_tracker_hbitmap(s->todo));
+        }
+        if (r < 0) {
+            vd_node_drain_end(source);
+            vd_job_early_fail(job);
+            return r;
+        }
+    }
+
     /* From here every write to the source first copies what it changes. */
     s->hook = (vd_write_hook){ .fn = before_write, .opaque = s };
     vd_node_add_write_hook(source, &s->hook);
     s->hooked = true;
+    vd_node_drain_end(source);
     vd_job_progress_set_remaining(job, vd_dirty_tracker_count(s->todo));
     if (opts->defer_start) {
         vd_job_ref(job);             /* the caller's */
@@ -470,4 +545,92 @@ VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
     vd_job_ref(job);
     *out = job;
     return 0;
+}
+
+VD_API int vd_backup_start(vd_job **out, vd_node *source, vd_node *target,
+                           vd_mirror_sync sync, bool compress,
+                           const vd_job_options *opts, vd_error *err)
+{
+    vd_backup_options bo = { .sync = (vd_backup_sync)sync,
+                             .compress = compress };
+    return backup_start(out, source, target, sync, compress, &bo, opts, err);
+}
+
+VD_API const char *vd_backup_sync_name(vd_backup_sync sync)
+{
+    switch (sync) {
+    case VD_BACKUP_SYNC_FULL: return "full";
+    case VD_BACKUP_SYNC_TOP: return "top";
+    case VD_BACKUP_SYNC_NONE: return "none";
+    case VD_BACKUP_SYNC_INCREMENTAL: return "incremental";
+    case VD_BACKUP_SYNC_BITMAP: return "bitmap";
+    }
+    return NULL;
+}
+
+VD_API const char *vd_bitmap_sync_mode_name(vd_bitmap_sync_mode mode)
+{
+    switch (mode) {
+    case VD_BITMAP_SYNC_ON_SUCCESS: return "on-success";
+    case VD_BITMAP_SYNC_NEVER: return "never";
+    case VD_BITMAP_SYNC_ALWAYS: return "always";
+    case VD_BITMAP_SYNC_UNSET: break;
+    }
+    return NULL;
+}
+
+/* QEMU's do_backup_common(): the bitmap arguments, checked in its order
+ * with its messages; incremental becomes bitmap with on-success. */
+VD_API int vd_backup_start_opts(vd_job **out, vd_node *source,
+                                vd_node *target, const vd_backup_options *bo,
+                                const vd_job_options *opts, vd_error *err)
+{
+    *out = NULL;
+    vd_backup_options o = *bo;
+    if (!vd_backup_sync_name(o.sync) ||
+        (o.bitmap_mode != VD_BITMAP_SYNC_UNSET &&
+         !vd_bitmap_sync_mode_name(o.bitmap_mode)))
+        return vd_error_set(err, -EINVAL, "Invalid parameter 'sync'");
+    if ((o.sync == VD_BACKUP_SYNC_BITMAP ||
+         o.sync == VD_BACKUP_SYNC_INCREMENTAL) && !o.bitmap)
+        return vd_error_set(err, -EINVAL, "must provide a valid bitmap name "
+                            "for '%s' sync mode", vd_backup_sync_name(o.sync));
+    if (o.sync == VD_BACKUP_SYNC_INCREMENTAL) {
+        if (o.bitmap_mode != VD_BITMAP_SYNC_UNSET &&
+            o.bitmap_mode != VD_BITMAP_SYNC_ON_SUCCESS)
+            return vd_error_set(err, -EINVAL, "Bitmap sync mode must be '%s' "
+                                "when using sync mode '%s'",
+                                "on-success", "incremental");
+        o.sync = VD_BACKUP_SYNC_BITMAP;
+        o.bitmap_mode = VD_BITMAP_SYNC_ON_SUCCESS;
+    }
+    if (o.bitmap) {
+        if (!vd_bitmap_exists(source, o.bitmap))
+            return vd_error_set(err, -ENOENT, "Bitmap '%s' could not be "
+                                "found", o.bitmap);
+        if (o.bitmap_mode == VD_BITMAP_SYNC_UNSET)
+            return vd_error_set(err, -EINVAL, "Bitmap sync mode must be "
+                                "given when providing a bitmap");
+        int r = vd_bitmap_check(source, o.bitmap, true, err);
+        if (r < 0)
+            return r;
+        if (o.sync == VD_BACKUP_SYNC_NONE)
+            return vd_error_set(err, -EINVAL, "sync mode '%s' does not "
+                                "produce meaningful bitmap outputs",
+                                vd_backup_sync_name(o.sync));
+        if (o.bitmap_mode == VD_BITMAP_SYNC_NEVER &&
+            o.sync != VD_BACKUP_SYNC_BITMAP)
+            return vd_error_set(err, -EINVAL, "Bitmap sync mode '%s' has no "
+                                "meaningful effect when combined with sync "
+                                "mode '%s'",
+                                vd_bitmap_sync_mode_name(o.bitmap_mode),
+                                vd_backup_sync_name(o.sync));
+    }
+    if (!o.bitmap && o.bitmap_mode != VD_BITMAP_SYNC_UNSET)
+        return vd_error_set(err, -EINVAL, "Cannot specify bitmap sync mode "
+                            "without a bitmap");
+    /* sync=bitmap copies as full does, from the bitmap's clusters. */
+    vd_mirror_sync m = o.sync == VD_BACKUP_SYNC_BITMAP
+                       ? VD_MIRROR_SYNC_FULL : (vd_mirror_sync)o.sync;
+    return backup_start(out, source, target, m, o.compress, &o, opts, err);
 }

@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bitmap_int.h"
 #include "block_int.h"
 #include "hbitmap.h"
 #include "vdisk/bitmap.h"
@@ -48,6 +49,10 @@ typedef struct bdm {
      * bitmaps after it, newest first, as QEMU's
      * qcow2_store_persistent_dirty_bitmaps(). */
     long image_pos;
+    /* Frozen by a job (bitmap_int.h): the anonymous successor that
+     * records meanwhile, and whether it does. */
+    vd_hbitmap *successor;
+    bool succ_enabled;
     struct bdm *next;
 } bdm;
 
@@ -133,6 +138,7 @@ static void bdm_free(bdm *b)
     if (!b)
         return;
     vd_hbitmap_free(b->hb);
+    vd_hbitmap_free(b->successor);
     free(b->name);
     free(b);
 }
@@ -183,6 +189,8 @@ void vd_bitmaps_mark(vd_node *node, uint64_t off, uint64_t bytes)
     for (bdm *b = s->head; b; b = b->next)
         if (atomic_load_explicit(&b->enabled, memory_order_relaxed))
             vd_hbitmap_set(b->hb, off, bytes);
+        else if (b->successor && b->succ_enabled)
+            vd_hbitmap_set(b->successor, off, bytes);
     pthread_rwlock_unlock(&s->lock);
 }
 
@@ -451,7 +459,8 @@ static int fill_info(const bdm *b, vd_bitmap_info *i)
         return -ENOMEM;
     i->granularity = 1ull << vd_hbitmap_shift(b->hb);
     i->count = vd_hbitmap_count(b->hb);
-    i->recording = atomic_load(&b->enabled) && !b->inconsistent;
+    i->recording = (atomic_load(&b->enabled) ||
+                    (b->successor && b->succ_enabled)) && !b->inconsistent;
     i->busy = b->busy;
     i->persistent = b->persistent;
     i->inconsistent = b->inconsistent;
@@ -762,7 +771,8 @@ int vd_bitmaps_store(vd_node *node, bool readonly_after, vd_error *err)
             vd_bitmap_image *img = &list[i];
             img->name = strdup(b->name);
             img->granularity = 1ull << vd_hbitmap_shift(b->hb);
-            img->enabled = atomic_load(&b->enabled);
+            img->enabled = atomic_load(&b->enabled) ||
+                           (b->successor && b->succ_enabled);
             img->in_use = b->inconsistent;
             img->disk_size = vd_hbitmap_len(b->hb);
             if (!b->inconsistent) {
@@ -816,7 +826,9 @@ void vd_bitmaps_truncate(vd_node *node)
         return;
     pthread_rwlock_wrlock(&s->lock);
     for (bdm *b = s->head; b; b = b->next)
-        if (vd_hbitmap_truncate(b->hb, (uint64_t)len) < 0)
+        if (vd_hbitmap_truncate(b->hb, (uint64_t)len) < 0 ||
+            (b->successor &&
+             vd_hbitmap_truncate(b->successor, (uint64_t)len) < 0))
             vd_warn("Out of memory resizing dirty bitmap '%s'", b->name);
     pthread_rwlock_unlock(&s->lock);
 }
@@ -864,4 +876,96 @@ VD_API bool vd_bitmap_supports_persistent(vd_node *node)
     while (n && !n->drv->bitmaps_load && n->drv->is_filter && n->file)
         n = n->file->node;
     return n && n->drv->bitmaps_load;
+}
+
+/* ---- jobs: freezing a bitmap (bitmap_int.h) ---- */
+
+bool vd_bitmap_exists(vd_node *node, const char *name)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_read(node, name, &s, NULL);
+    if (b)
+        pthread_rwlock_unlock(&s->lock);
+    return b != NULL;
+}
+
+int vd_bitmap_check(vd_node *node, const char *name, bool allow_ro,
+                    vd_error *err)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_read(node, name, &s, err);
+    if (!b)
+        return err_code(err, -ENOENT);
+    int r = check(b, allow_ro ? CK_ALLOW_RO : CK_DEFAULT, err);
+    pthread_rwlock_unlock(&s->lock);
+    return r;
+}
+
+int vd_bitmap_freeze(vd_node *node, const char *name, vd_error *err)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_checked(node, name, 0, &s, err);
+    if (!b)
+        return err_code(err, -ENOENT);
+    int r = 0;
+    if (b->busy)
+        r = vd_error_set(err, -EBUSY, "Cannot create a successor for a "
+                         "bitmap that is in-use by an operation");
+    else if (b->successor)
+        r = vd_error_set(err, -EBUSY, "Cannot create a successor for a "
+                         "bitmap that already has one");
+    else if (!(b->successor = vd_hbitmap_new(vd_hbitmap_len(b->hb),
+                                             vd_hbitmap_shift(b->hb))))
+        r = vd_error_set(err, -ENOMEM, "Out of memory");
+    if (r == 0) {
+        /* Under the write lock no write is marking: each one marks
+         * either the bitmap before this or the successor after it. */
+        b->succ_enabled = atomic_load(&b->enabled);
+        atomic_store(&b->enabled, false);
+        b->busy = true;
+    }
+    pthread_rwlock_unlock(&s->lock);
+    return r;
+}
+
+int vd_bitmap_frozen_merge_into(vd_node *node, const char *name,
+                                vd_hbitmap *dst)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_read(node, name, &s, NULL);
+    if (!b)
+        return -ENOENT;
+    int r = b->successor ? vd_hbitmap_merge(dst, b->hb) : -EINVAL;
+    pthread_rwlock_unlock(&s->lock);
+    return r;
+}
+
+int vd_bitmap_unfreeze(vd_node *node, const char *name, bool abdicate,
+                       const vd_hbitmap *also, vd_error *err)
+{
+    vd_node_bitmaps *s;
+    bdm *b = lock_checked(node, name, 0, &s, err);
+    if (!b)
+        return err_code(err, -ENOENT);
+    if (!b->successor) {
+        pthread_rwlock_unlock(&s->lock);
+        return vd_error_set(err, -EINVAL, "Cannot reclaim a successor when "
+                            "none is present");
+    }
+    if (abdicate) {
+        vd_hbitmap *old = b->hb;
+        b->hb = b->successor;
+        vd_hbitmap_free(old);
+    } else {
+        vd_hbitmap_merge(b->hb, b->successor);
+        vd_hbitmap_free(b->successor);
+    }
+    b->successor = NULL;
+    if (also)
+        vd_hbitmap_merge(b->hb, also);
+    atomic_store(&b->enabled, b->succ_enabled);
+    b->succ_enabled = false;
+    b->busy = false;
+    pthread_rwlock_unlock(&s->lock);
+    return 0;
 }

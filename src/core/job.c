@@ -605,8 +605,12 @@ static void update_rc(vd_job *job)
     if (job->ret == 0 && job->force_cancel)
         job->ret = -ECANCELED;
     if (job->ret < 0) {
-        if (!job->err.code)
+        /* An I/O error that came without words (an injected one) is
+         * reported as QEMU reports every job error: strerror. */
+        if (!job->err.code || !job->err.message[0]) {
+            job->err.code = 0;
             vd_error_set(&job->err, job->ret, "%s", strerror(-job->ret));
+        }
         transition(job, VD_JOB_STATUS_ABORTING);
     }
 }

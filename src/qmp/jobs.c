@@ -350,26 +350,26 @@ QMP_HANDLER(qmp_cmd_blockdev_backup)
     vd_node *target_bs = lookup(target, target, e);
     if (!target_bs)
         return NULL;
-    if (strcmp(sync, "bitmap") == 0 || strcmp(sync, "incremental") == 0) {
-        if (!arg_s(args, "bitmap"))
-            return qmp_fail(e, NULL, "must provide a valid bitmap name for "
-                            "'%s' sync mode", sync);
-        return qmp_fail(e, NULL, "Bitmap '%s' could not be found",
-                        arg_s(args, "bitmap"));
-    }
-    if (arg_s(args, "bitmap"))
-        return qmp_fail(e, NULL, "Bitmap '%s' could not be found",
-                        arg_s(args, "bitmap"));
-    if (arg_s(args, "bitmap-mode"))
-        return qmp_fail(e, NULL, "Cannot specify bitmap sync mode without a "
-                        "bitmap");
-    vd_mirror_sync m = strcmp(sync, "full") == 0 ? VD_MIRROR_SYNC_FULL
-                       : strcmp(sync, "top") == 0 ? VD_MIRROR_SYNC_TOP
-                       : VD_MIRROR_SYNC_NONE;
+    /* The schema has checked sync's and bitmap-mode's values. */
+    static const char *const syncs[] = {
+        [VD_BACKUP_SYNC_FULL] = "full", [VD_BACKUP_SYNC_TOP] = "top",
+        [VD_BACKUP_SYNC_NONE] = "none",
+        [VD_BACKUP_SYNC_INCREMENTAL] = "incremental",
+        [VD_BACKUP_SYNC_BITMAP] = "bitmap",
+    };
+    vd_backup_options bo = { .compress = arg_b(args, "compress", false),
+                             .bitmap = arg_s(args, "bitmap") };
+    for (size_t i = 0; i < sizeof(syncs) / sizeof(syncs[0]); i++)
+        if (strcmp(sync, syncs[i]) == 0)
+            bo.sync = (vd_backup_sync)i;
+    const char *bm = arg_s(args, "bitmap-mode");
+    if (bm)
+        bo.bitmap_mode = strcmp(bm, "always") == 0 ? VD_BITMAP_SYNC_ALWAYS
+                         : strcmp(bm, "never") == 0 ? VD_BITMAP_SYNC_NEVER
+                         : VD_BITMAP_SYNC_ON_SUCCESS;
     vd_job *job = NULL;
     o.defer_start = d->txn_defer;
-    int r = vd_backup_start(&job, bs, target_bs, m,
-                            arg_b(args, "compress", false), &o, &err);
+    int r = vd_backup_start_opts(&job, bs, target_bs, &bo, &o, &err);
     if (r < 0)
         return fail_err(e, &err, r);
     if (d->txn_defer)

@@ -11,7 +11,10 @@
  * commit of the middle layer into the base; a mirror started, completed
  * and pivoted through the API, with a user's requests following it; a
  * backup under writes from another thread, equal to the start; the error
- * policies stop (pause, I/O status, resume retries) and report.
+ * policies stop (pause, I/O status, resume retries) and report; a
+ * full backup with a bitmap under writes (the bitmap then marks every
+ * write made during the job) and an incremental backup by it into the
+ * same target, which then equals the source; the bitmap refusals.
  * Exit 0 pass, 1 fail.
  */
 #include <errno.h>
@@ -23,6 +26,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "vdisk/bitmap.h"
 #include "vdisk/job.h"
 #include "vdisk/vdisk.h"
 
@@ -456,6 +460,90 @@ static void test_backup(void)
     unlink(p);
 }
 
+/* Whether [off, off+len) is dirty in bitmap @name of @n. */
+static bool range_dirty(vd_node *n, const char *name, uint64_t off,
+                        uint64_t len)
+{
+    uint64_t start, bytes;
+    return vd_bitmap_next_dirty(n, name, off, &start, &bytes, NULL) == 1 &&
+           start <= off && start + bytes >= off + len;
+}
+
+static void test_backup_bitmap(void)
+{
+    char p[300];
+    vd_error err = VD_ERROR_INIT;
+    vd_job *job = NULL;
+    make_chain();
+    vd_node *top = open_top();
+    path_of(p, "inc.qcow2");
+    unlink(p);
+    vd_opts *o = vd_opts_new();
+    vd_opts_set(o, "size", "4M");
+    CHECK(vd_create(p, "qcow2", o, &err) == 0, "create: %s", err.message);
+    vd_opts_free(&o);
+    vd_node *tgt = NULL;
+    CHECK(vd_open(&tgt, p, "qcow2", NULL, VD_O_RDWR | VD_O_NO_USER, &err) == 0,
+          "open target: %s", err.message);
+    CHECK(vd_bitmap_add(top, "b", 0, 0, &err) == 0, "add: %s", err.message);
+
+    /* Refusals before anything happens. */
+    vd_backup_options bo = { .sync = VD_BACKUP_SYNC_BITMAP };
+    vd_job_options jo = { .id = "ib" };
+    CHECK(vd_backup_start_opts(&job, top, tgt, &bo, &jo, &err) < 0 &&
+          !strcmp(err.message, "must provide a valid bitmap name for "
+                  "'bitmap' sync mode"), "no bitmap: %s", err.message);
+    bo = (vd_backup_options){ .sync = VD_BACKUP_SYNC_FULL, .bitmap = "b" };
+    err = (vd_error)VD_ERROR_INIT;
+    CHECK(vd_backup_start_opts(&job, top, tgt, &bo, &jo, &err) < 0 &&
+          !strcmp(err.message, "Bitmap sync mode must be given when "
+                  "providing a bitmap"), "no mode: %s", err.message);
+
+    /* Full, the bitmap receiving what is written meanwhile. */
+    memcpy(start_model, model, SIZE);
+    bo.bitmap_mode = VD_BITMAP_SYNC_ON_SUCCESS;
+    jo.speed = 4 << 20;
+    err = (vd_error)VD_ERROR_INIT;
+    CHECK(vd_backup_start_opts(&job, top, tgt, &bo, &jo, &err) == 0,
+          "full backup: %s", err.message);
+    vd_bitmap_info info;
+    CHECK(vd_bitmap_get_info(top, "b", &info, NULL) == 0 && info.busy &&
+          info.recording, "the bitmap is frozen during the job");
+    free(info.name);
+    pthread_t t;
+    pthread_create(&t, NULL, backup_writer, top);
+    pthread_join(t, NULL);
+    CHECK(vd_job_wait(job, &err) == 0, "wait: %s", err.message);
+    vd_job_unref(&job);
+    for (int k = 0; k < 48; k++)
+        CHECK(range_dirty(top, "b", ((uint64_t)k * 83 * 1024) % (SIZE - 8192),
+                          8192), "write %d made during the job is not in the "
+              "bitmap", k);
+    uint8_t now[SIZE];
+    memcpy(now, model, SIZE);
+    memcpy(model, start_model, SIZE);
+    check_content(tgt, "full backup");
+    memcpy(model, now, SIZE);
+
+    /* Incremental into the same target: it becomes the source now. */
+    bo = (vd_backup_options){ .sync = VD_BACKUP_SYNC_INCREMENTAL,
+                              .bitmap = "b" };
+    jo = (vd_job_options){ .id = "ib2" };
+    CHECK(vd_backup_start_opts(&job, top, tgt, &bo, &jo, &err) == 0,
+          "incremental: %s", err.message);
+    CHECK(vd_job_wait(job, &err) == 0, "wait: %s", err.message);
+    vd_job_unref(&job);
+    check_content(tgt, "incremental backup");
+    CHECK(vd_bitmap_get_info(top, "b", &info, NULL) == 0 && !info.busy &&
+          info.recording && info.count == 0, "bitmap after the incremental: "
+          "busy %d recording %d count %" PRIu64, info.busy, info.recording,
+          info.count);
+    free(info.name);
+    vd_close(&tgt, NULL);
+    vd_close(&top, NULL);
+    unlink(p);
+}
+
 /* The error policies: a read of the source's data fails once (blkdebug's
  * inject-error); with on-error=stop the mirror pauses with its I/O status
  * failed and a BLOCK_JOB_ERROR, and the resume retries the same piece;
@@ -598,6 +686,7 @@ int main(void)
     test_commit();
     test_mirror();
     test_backup();
+    test_backup_bitmap();
     test_error_policy();
     test_live_writes();
     vd_job_cancel_all_sync();
