@@ -200,10 +200,10 @@ QMP_HANDLER(qmp_cmd_transaction)
         grouped = mode && strcmp(mode, "grouped") == 0;
     }
     prepared *done = calloc(n ? n : 1, sizeof(*done));
-    size_t *order = calloc(n ? n : 1, sizeof(*order));
-    if (!done || !order) {
+    bool *ran = calloc(n ? n : 1, sizeof(*ran));
+    if (!done || !ran) {
         free(done);
-        free(order);
+        free(ran);
         return qmp_fail(e, NULL, "out of memory");
     }
     /*
@@ -211,33 +211,37 @@ QMP_HANDLER(qmp_cmd_transaction)
      * effect at one point in time. vdisk does not drain the whole set
      * (docs/jobs.md), so a guest write between a backup's start and a
      * later block-dirty-bitmap-add would be in neither, and the next
-     * incremental backup would silently miss it. The adds on nodes that
-     * exist already therefore run first: a write between them and a
-     * backup is then in the bitmap (and perhaps in the backup too, which
-     * is harmless). An add on a node that an earlier action creates (a
-     * snapshot's overlay) keeps its place.
+     * incremental backup would silently miss it. The additions on nodes
+     * that exist already are therefore made first: a write between them
+     * and a backup is then in the bitmap (and perhaps in the backup too,
+     * which is harmless). One that fails is made again at its place, so
+     * the transaction fails where and as QEMU's does. An addition on a
+     * node an earlier action creates (a snapshot's overlay) keeps its
+     * place.
      */
-    size_t no = 0;
-    for (size_t i = 0; i < n; i++) {
-        json_object *a = json_object_array_get_idx(actions, i), *data = NULL;
-        json_object_object_get_ex(a, "data", &data);
-        const char *nn = data ? str(data, "node") : NULL;
-        if (strcmp(str(a, "type"), "block-dirty-bitmap-add") == 0 && nn &&
-            vd_find_node(nn))
-            order[no++] = i;
-    }
-    for (size_t i = 0; i < n; i++) {
-        json_object *a = json_object_array_get_idx(actions, i), *data = NULL;
-        json_object_object_get_ex(a, "data", &data);
-        const char *nn = data ? str(data, "node") : NULL;
-        if (!(strcmp(str(a, "type"), "block-dirty-bitmap-add") == 0 && nn &&
-              vd_find_node(nn)))
-            order[no++] = i;
-    }
     size_t k = 0;
-    for (; k < n; k++) {
-        json_object *a = json_object_array_get_idx(actions, order[k]);
-        json_object *data = NULL;
+    for (size_t i = 0; i < n; i++) {
+        json_object *a = json_object_array_get_idx(actions, i), *data = NULL;
+        json_object_object_get_ex(a, "data", &data);
+        const char *nn = data ? str(data, "node") : NULL;
+        if (strcmp(str(a, "type"), "block-dirty-bitmap-add") != 0 || !nn ||
+            !vd_find_node(nn))
+            continue;
+        qmp_error early = { 0 };
+        json_object *r = qmp_find_command("block-dirty-bitmap-add")->fn(
+            d, data, &early);
+        if (r) {
+            json_object_put(r);
+            done[k++] = (prepared){ "block-dirty-bitmap-add", data, NULL,
+                                    NULL };
+            ran[i] = true;
+        }
+    }
+    size_t i = 0;
+    for (; i < n; i++) {
+        if (ran[i])
+            continue;
+        json_object *a = json_object_array_get_idx(actions, i), *data = NULL;
         const char *type = str(a, "type");
         if (strcmp(type, "abort") == 0) {
             qmp_fail(e, NULL, "Transaction aborted using Abort action");
@@ -256,11 +260,11 @@ QMP_HANDLER(qmp_cmd_transaction)
             break;
         }
         json_object_put(r);
-        done[k] = (prepared){ type, data, d->txn_job, saved };
+        done[k++] = (prepared){ type, data, d->txn_job, saved };
         d->txn_job = NULL;
     }
-    free(order);
-    if (k < n) {
+    free(ran);
+    if (i < n) {
         while (k-- > 0)
             undo(&done[k]);
         free(done);

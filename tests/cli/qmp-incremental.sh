@@ -197,6 +197,40 @@ def transaction(m, d, log):
 transaction.post = targets_post("full", "inc1", "inc2", "drive")
 transaction.top_changes = True
 
+def reversed_order(m, d, log):
+    """[blockdev-backup, block-dirty-bitmap-add]: the order in which a
+    write between the two actions would be in neither the backup nor the
+    bitmap unless the transaction is one point in time (vdisk runs the
+    addition first, docs/jobs.md). Then an addition that fails (the name
+    exists) after a backup: nothing is left of the transaction."""
+    add_chain(m)
+    export(m, log)
+    log.append(target(m, d, name="full"))
+    log.append(m.cmd({"execute": "transaction", "arguments": {"actions": [
+        {"type": "blockdev-backup",
+         "data": {"job-id": "j0", "device": "top", "target": "full",
+                  "sync": "full"}},
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": "top", "name": "inc", "persistent": True}}]}}))
+    finish(m, log, "j0")
+    guest_writes(d, base=0x30, n=4, step=500)
+    bitmaps(m, log)
+    log.append(target(m, d, name="inc1"))
+    B(m, log, device="top", target="inc1", sync="incremental", bitmap="inc",
+      **{"job-id": "j1"})
+    finish(m, log, "j1")
+    log.append(target(m, d, name="x"))
+    log.append(m.cmd({"execute": "transaction", "arguments": {"actions": [
+        {"type": "blockdev-backup",
+         "data": {"job-id": "jx", "device": "top", "target": "x",
+                  "sync": "full"}},
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": "top", "name": "inc"}}]}}))
+    log.append(m.cmd({"execute": "query-jobs"}))
+    bitmaps(m, log)
+reversed_order.post = targets_post("full", "inc1")
+reversed_order.top_changes = True
+
 # ---- the refusals ----
 
 def refusals(m, d, log):
@@ -267,7 +301,7 @@ def refusals(m, d, log):
 for sc in cases + [frozen, cancelled]:
     sc.top_changes = True
 refusals.top_changes = True
-scs = cases + [frozen, cancelled, transaction, refusals]
+scs = cases + [frozen, cancelled, transaction, reversed_order, refusals]
 if os.environ.get("ONLY"):    # by hand: ONLY=name,name
     scs = [sc for sc in scs if sc.__name__ in os.environ["ONLY"].split(",")]
 failed = compare_jobs(scs, top, vdisk, qemu_img)
