@@ -487,13 +487,12 @@ void vd_copy_pool_unlock_range(vd_copy_pool *p, vd_copy_span *r)
 }
 
 int vd_block_job_copy_failed(vd_job *job, int r, bool in_source,
-                             const vd_error *e, vd_error *err)
+                             vd_error *err)
 {
     vd_error_action a = vd_block_job_error_action(
         job, in_source ? job->on_error : job->on_target_error, in_source, -r);
     if (a == VD_ERROR_ACTION_REPORT) {
         /* QEMU's job ends with the errno's text alone. */
-        (void)e;
         vd_error_set(err, r, "%s", strerror(-r));
         return r;
     }
@@ -506,5 +505,5 @@ int vd_copy_pool_settle(vd_job *job, vd_copy_pool *p, vd_error *err)
     bool in_source = true;
     vd_error e = VD_ERROR_INIT;
     int r = vd_copy_pool_drain(p, &in_source, &e);
-    return r < 0 ? vd_block_job_copy_failed(job, r, in_source, &e, err) : 0;
+    return r < 0 ? vd_block_job_copy_failed(job, r, in_source, err) : 0;
 }

@@ -264,11 +264,12 @@ void vd_copy_pool_lock_range(vd_copy_pool *p, vd_copy_span *r, uint64_t off,
                              uint64_t len);
 void vd_copy_pool_unlock_range(vd_copy_pool *p, vd_copy_span *r);
 
-/* (thread) A copy of the job failed with @r (@e): the job's error
- * policy, as the side says. Returns @r (with @err) to fail the job, or
- * 0 to go on, after the pause that on-error=stop asked for. */
+/* (thread) A copy of the job failed with @r: the job's error policy, as
+ * the side says. Returns @r (with @err: the errno's text alone, as QEMU's
+ * job ends) to fail the job, or 0 to go on, after the pause that
+ * on-error=stop asked for. */
 int vd_block_job_copy_failed(vd_job *job, int r, bool in_source,
-                             const vd_error *e, vd_error *err);
+                             vd_error *err);
 /* (thread) Waits for the copies in flight, then applies the policy to
  * a failure among them (every worker idle): as above. */
 int vd_copy_pool_settle(vd_job *job, vd_copy_pool *p, vd_error *err);

@@ -99,12 +99,8 @@ static int settle(vd_job *job, mirror_state *s, vd_error *err)
     int r = vd_copy_pool_settle(job, s->pool, err);
     if (r < 0)
         return r;
-    if ((r = atomic_exchange(&s->hook_err, 0)) < 0) {
-        vd_error e = VD_ERROR_INIT;
-        vd_error_set(&e, r, "Could not write to the mirror target: %s",
-                     strerror(-r));
-        return vd_block_job_copy_failed(job, r, false, &e, err);
-    }
+    if ((r = atomic_exchange(&s->hook_err, 0)) < 0)
+        return vd_block_job_copy_failed(job, r, false, err);
     return 0;
 }
 
