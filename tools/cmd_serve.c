@@ -964,6 +964,18 @@ static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
         cli_error("out of memory");
         return 1;
     }
+    /* Before any socket exists: a client that sees the monitor's socket
+     * may send SIGTERM at once, which must be a quit, not a kill (the
+     * request waits in the daemon's wake-up pipe until it runs). */
+    the_daemon = d;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_daemon_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
     for (int i = 0; i < n[D_BLOCKDEV]; i++) {
         if (daemon_apply(d, "--blockdev", "blockdev-add",
                          opts[D_BLOCKDEV][i], NULL) < 0) {
@@ -998,16 +1010,6 @@ static int serve_daemon(const char *opts[D_KINDS][SERVE_MAX_DAEMON_OPTS],
         }
         goto out;
     }
-    the_daemon = d;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_daemon_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGHUP, &sa, NULL);
-    sa.sa_handler = SIG_IGN;
-    sigaction(SIGPIPE, &sa, NULL);
-
     ret = qmp_daemon_run(d) < 0 ? 1 : 0;
     if (pidfile) {
         unlink(pidfile);

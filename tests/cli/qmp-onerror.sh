@@ -78,9 +78,13 @@ def add_target(m, d, r):
         "driver": "raw", "node-name": "tgt", "file": f}})
 
 def block_jobs(m):
+    # busy is compared for a paused job only (it must be false then): a
+    # running or READY job is busy or not as its copies happen to be at
+    # the moment of the query, in either daemon.
     r = m.cmd({"execute": "query-block-jobs"})["return"]
     return [{k: j.get(k) for k in ("device", "type", "io-status", "paused",
-                                   "busy", "ready")} for j in r]
+                                   "ready") + (("busy",) if j.get("paused")
+                                               else ())} for j in r]
 
 def status(m):
     q = m.cmd({"execute": "query-jobs"})["return"]
