@@ -89,11 +89,16 @@ for holder in "$QEMU_IO" "$VDISK_QEMU_IO"; do
         eval "pid_$d=$!"
     done
     holders="$pid_q $pid_v"
-    # Both holders must hold their locks before the tools run: a
-    # read-write open of each copy fails from then on.
+    # Both holders must hold their locks before the tools run. Watched in
+    # /proc/locks, not by opening the image read-write: such a probe holds
+    # the write lock for a moment, and a holder starting in that moment
+    # fails its own open and exits, leaving no lock at all.
     for d in q v; do
+        inode=$(stat -c %i "$d/disk.qcow2")
         for i in $(seq 300); do
-            "$QEMU_IO" -c 'length' "$d/disk.qcow2" > /dev/null 2>&1 || break
+            grep -q ":$inode " /proc/locks && break
+            eval "kill -0 \$pid_$d" 2> /dev/null ||
+                fail "the holder of $d/disk.qcow2 exited"
             [ "$i" = 300 ] && fail "the holder of $d/disk.qcow2 took no lock"
             sleep 0.1
         done
