@@ -34,7 +34,13 @@ tail_lines=${VDISK_LOG_TAIL:-40}
 packages=(build-essential binutils meson ninja-build pkg-config zlib1g-dev
           libzstd-dev libjson-c-dev liburing-dev libnbd-dev libgnutls28-dev
           qemu-utils qemu-system-common libnbd-bin nbdkit fio python3 clang
-          gnutls-bin libclang-rt-14-dev)
+          gnutls-bin libclang-rt-14-dev
+          # remote protocols (docs/remote.md): the libraries and the real
+          # servers and peers their tests start
+          libcurl4-gnutls-dev libssh-dev libiscsi-dev librbd-dev
+          librados-dev qemu-block-extra nginx-light openssh-server
+          openssh-client tgt libiscsi-bin ceph-mon ceph-mgr ceph-osd
+          ceph-common)
 
 install_missing()
 {

@@ -33,6 +33,23 @@ extern const vd_driver vd_driver_copy_before_write;
 extern const vd_driver vd_driver_snapshot_access;
 extern const vd_driver vd_driver_compress;
 extern const vd_driver vd_driver_preallocate;
+/* Remote protocols (docs/remote.md), each present when the library it
+ * is built on was found. */
+#ifdef VDISK_HAVE_NBD_CLIENT
+#endif
+
+#ifdef VDISK_HAVE_CURL
+#endif
+
+#ifdef VDISK_HAVE_LIBSSH
+#endif
+
+#ifdef VDISK_HAVE_LIBISCSI
+#endif
+
+#ifdef VDISK_HAVE_RBD
+#endif
+
 extern const vd_driver vd_driver_vmdk;
 extern const vd_driver vd_driver_vdi;
 extern const vd_driver vd_driver_vhdx;
@@ -63,6 +80,22 @@ static const vd_driver *const driver_table[] = {
     &vd_driver_snapshot_access,
     &vd_driver_compress,
     &vd_driver_preallocate,
+    /* remote protocols */
+#ifdef VDISK_HAVE_NBD_CLIENT
+#endif
+
+#ifdef VDISK_HAVE_CURL
+#endif
+
+#ifdef VDISK_HAVE_LIBSSH
+#endif
+
+#ifdef VDISK_HAVE_LIBISCSI
+#endif
+
+#ifdef VDISK_HAVE_RBD
+#endif
+
     /* probe-only until their drivers exist */
     &vd_driver_vmdk,
     &vd_driver_vdi,
