@@ -769,8 +769,15 @@ void vd_node_drop_opener(vd_node *node);
 /* Drops every blocker of @node's operation table (node.c at free). */
 void vd_node_free_op_blockers(vd_node *node);
 
-/* Emits a warning through the warning handler (unless VD_NODE_QUIET). */
+/* Emits a warning through the warning handler (unless VD_NODE_QUIET).
+ * Without a handler it goes to stderr as "WARNING: MSG" (the form of
+ * QEMU's few old-style warnings, such as the probing one). */
 void vd_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* The same for a warning QEMU emits with warn_report(): without a
+ * handler it goes to stderr as "PROG: warning: MSG", PROG being the
+ * program's name as invoked (qemu-img, vdisk, ...). A handler gets MSG. */
+void vd_warn_report(const char *fmt, ...)
+    __attribute__((format(printf, 1, 2)));
 
 /* ---- the request path (io.c) ---- */
 

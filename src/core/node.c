@@ -43,17 +43,33 @@ VD_API void vd_set_warning_handler(void (*fn)(const char *, void *),
     warn_opaque = opaque;
 }
 
-void vd_warn(const char *fmt, ...)
+static void warn_v(bool report, const char *fmt, va_list ap)
 {
     char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
     if (warn_fn)
         warn_fn(msg, warn_opaque);
+    else if (report)
+        fprintf(stderr, "%s: warning: %s\n", program_invocation_short_name,
+                msg);
     else
         fprintf(stderr, "WARNING: %s\n", msg);
+}
+
+void vd_warn(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    warn_v(false, fmt, ap);
+    va_end(ap);
+}
+
+void vd_warn_report(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    warn_v(true, fmt, ap);
+    va_end(ap);
 }
 
 VD_API const char *vd_version(void)

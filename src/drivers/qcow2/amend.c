@@ -437,6 +437,7 @@ static int downgrade(qcow2_state *s, const qcow2_snapshot *sn, vd_error *err)
     }
     s->compatible_features = 0;
     s->lazy_refcounts = false;
+    s->bitmaps_kept_in_v2 = qcow2_bitmaps_valid(s);
     s->autoclear_features = 0;
     s->data_file_raw = false;
     ret = for_each_l2(s, sn, expand_l2, err);

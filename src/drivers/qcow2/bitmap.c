@@ -853,7 +853,7 @@ typedef struct dir_state {
 static dir_state dir_state_now(const qcow2_state *s)
 {
     dir_state d = {
-        qcow2_bitmaps_valid(s),
+        qcow2_bitmaps_valid(s) || s->bitmaps_kept_in_v2,
         s->bitmaps_autoclear_deferred && s->header_update_pending,
     };
     return d;
@@ -1056,10 +1056,6 @@ static int do_store(qcow2_state *s, const vd_bitmap_image *list,
             }
         }
         any_write |= !list[i].in_use;
-    }
-    if (any_write && s->version < 3) {
-        return vd_error_set(err, -ENOTSUP, "Cannot store dirty bitmaps in "
-                            "qcow2 v2 files");
     }
     if (nold) {
         ret = qcow2_bitmap_list_load(s, &old, err);

@@ -416,8 +416,20 @@ static int read_extensions(qcow2_state *s, const uint8_t *buf, uint64_t start,
             }
             if (!(s->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
                 /* Written by a program without bitmap support: the
-                 * bitmaps are stale and the extension is ignored. */
+                 * bitmaps are stale and the extension is ignored. QEMU
+                 * ends its hint without a newline (error_printf); vdisk
+                 * ends the line (docs/compat.md). */
                 s->stale_bitmaps_ext = true;
+                vd_warn_report("%s\nSome clusters may be leaked, run "
+                               "'qemu-img check -r' on the image file to "
+                               "fix.", s->version < 3
+                               ? "This qcow2 v2 image contains bitmaps, but "
+                                 "they may have been modified by a program "
+                                 "without persistent bitmap support; so now "
+                                 "they must all be considered inconsistent"
+                               : "a program lacking bitmap support modified "
+                                 "this file, so all bitmaps are now "
+                                 "considered inconsistent");
                 break;
             }
             memcpy(b, data, sizeof(*b));

@@ -377,6 +377,11 @@ typedef struct qcow2_state {
                                    ignored, dropped on a writable open */
     char *inconsistent_bitmap;  /* first bitmap marked in use: QEMU
                                    refuses to resize (bitmap.c) */
+    bool bitmaps_kept_in_v2;    /* a downgrade to v2 dropped the autoclear
+                                   bit of a valid bitmaps extension: the
+                                   close's store still knows the old
+                                   directory and frees it, as QEMU (whose
+                                   nb_bitmaps outlives the downgrade) */
     bool bitmaps_autoclear_deferred; /* a writable open took the bitmaps
                                    autoclear bit away (cleared before the
                                    first write) until bitmaps_load marks
