@@ -422,6 +422,22 @@ VD_API vd_node *vd_user_node(const vd_user *user);
 VD_API vd_node *vd_user_io_begin(vd_user *user);
 VD_API void vd_user_io_end(vd_user *user);
 
+/**
+ * Makes what follows one point in time for every user (QEMU's drained
+ * section around a QMP transaction): vd_graph_quiesce_begin() closes the
+ * gate of every user of every node, so requests arriving in
+ * vd_user_io_begin() wait, and returns once no request made through a
+ * user is in flight; vd_graph_quiesce_end() opens the gates again.
+ * Calls nest. Graph changes that gate users themselves (snapshots,
+ * pivots) work inside, and users moved meanwhile stay held. Block jobs'
+ * own requests and the opener handle of vd_open() (whose caller issues
+ * its requests itself) are not held. Any thread but one that is inside
+ * vd_user_io_begin()/end() itself, which would wait for itself; keep the
+ * section short, every export waits.
+ */
+VD_API void vd_graph_quiesce_begin(void);
+VD_API void vd_graph_quiesce_end(void);
+
 /** Releases @*user's permissions and its node reference, sets @*user to
  * NULL. Accepts NULL. */
 VD_API void vd_user_free(vd_user **user);

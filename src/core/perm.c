@@ -28,11 +28,13 @@
  * a blocker is an object with a reason, installed and removed by whoever
  * made it (backing attach blocks most operations on the backing node).
  */
+#include <assert.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/block_int.h"
 
@@ -877,12 +879,23 @@ void vd_node_free_op_blockers(vd_node *node)
 
 static pthread_mutex_t gate_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t gate_cond = PTHREAD_COND_INITIALIZER;
+/* Nesting depth of vd_graph_quiesce_begin(): while above 0 every user's
+ * gate is closed, whatever the pivots open and close meanwhile. */
+static atomic_int quiesce_depth;
+
+static bool gate_closed(const vd_user *user)
+{
+    return atomic_load(&user->io_gate) || atomic_load(&quiesce_depth) > 0;
+}
 
 VD_API vd_node *vd_user_io_begin(vd_user *user)
 {
     for (;;) {
+        /* In flight first, then the gate; the gate keepers close the
+         * gate first, then count (both sequentially consistent), so
+         * either the request sees the gate or the keeper sees it. */
         atomic_fetch_add(&user->io_in_flight, 1);
-        if (!atomic_load(&user->io_gate))
+        if (!gate_closed(user))
             return __atomic_load_n(&user->edge.node, __ATOMIC_ACQUIRE);
         /* Step back out so the pivot can finish, then wait for it. */
         if (atomic_fetch_sub(&user->io_in_flight, 1) == 1) {
@@ -891,7 +904,7 @@ VD_API vd_node *vd_user_io_begin(vd_user *user)
             pthread_mutex_unlock(&gate_lock);
         }
         pthread_mutex_lock(&gate_lock);
-        while (atomic_load(&user->io_gate))
+        while (gate_closed(user))
             pthread_cond_wait(&gate_cond, &gate_lock);
         pthread_mutex_unlock(&gate_lock);
     }
@@ -900,7 +913,7 @@ VD_API vd_node *vd_user_io_begin(vd_user *user)
 VD_API void vd_user_io_end(vd_user *user)
 {
     if (atomic_fetch_sub(&user->io_in_flight, 1) == 1 &&
-        atomic_load(&user->io_gate)) {
+        gate_closed(user)) {
         pthread_mutex_lock(&gate_lock);
         pthread_cond_broadcast(&gate_cond);
         pthread_mutex_unlock(&gate_lock);
@@ -935,6 +948,50 @@ void vd_node_gate_users(vd_node *node)
             break;
         pthread_cond_wait(&gate_cond, &gate_lock);
     }
+    pthread_mutex_unlock(&gate_lock);
+}
+
+static void user_requests_in_flight(vd_node *node, void *opaque)
+{
+    bool *busy = opaque;
+    pthread_mutex_lock(&perm_lock);
+    for (vd_child *c = node->parents; c; c = c->next_parent)
+        if (gated_kind(c) && atomic_load(&((vd_user *)c)->io_in_flight))
+            *busy = true;
+    pthread_mutex_unlock(&perm_lock);
+}
+
+VD_API void vd_graph_quiesce_begin(void)
+{
+    atomic_fetch_add(&quiesce_depth, 1);
+    for (;;) {
+        bool busy = false;
+        /* Counted without gate_lock: pivots take it under the graph lock
+         * that vd_foreach_node() takes. A wake-up missed between the
+         * count and the wait costs one timeout, never a hang. */
+        vd_foreach_node(user_requests_in_flight, &busy);
+        if (!busy)
+            return;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 10 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&gate_lock);
+        pthread_cond_timedwait(&gate_cond, &gate_lock, &ts);
+        pthread_mutex_unlock(&gate_lock);
+    }
+}
+
+VD_API void vd_graph_quiesce_end(void)
+{
+    int before = atomic_fetch_sub(&quiesce_depth, 1);
+    assert(before > 0);
+    (void)before;
+    pthread_mutex_lock(&gate_lock);
+    pthread_cond_broadcast(&gate_cond);
     pthread_mutex_unlock(&gate_lock);
 }
 

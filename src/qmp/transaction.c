@@ -200,47 +200,21 @@ QMP_HANDLER(qmp_cmd_transaction)
         grouped = mode && strcmp(mode, "grouped") == 0;
     }
     prepared *done = calloc(n ? n : 1, sizeof(*done));
-    bool *ran = calloc(n ? n : 1, sizeof(*ran));
-    if (!done || !ran) {
-        free(done);
-        free(ran);
+    if (!done)
         return qmp_fail(e, NULL, "out of memory");
-    }
     /*
-     * QEMU runs the actions inside one drained section, so they all take
-     * effect at one point in time. vdisk does not drain the whole set
-     * (docs/jobs.md), so a guest write between a backup's start and a
-     * later block-dirty-bitmap-add would be in neither, and the next
-     * incremental backup would silently miss it. The additions on nodes
-     * that exist already are therefore made first: a write between them
-     * and a backup is then in the bitmap (and perhaps in the backup too,
-     * which is harmless). One that fails is made again at its place, so
-     * the transaction fails where and as QEMU's does. An addition on a
-     * node an earlier action creates (a snapshot's overlay) keeps its
-     * place.
+     * One point in time, as QEMU's drained section: every user's
+     * requests wait at their gates until the last action is done, so a
+     * guest write lands either before all of them (in every backup, in
+     * no new bitmap) or after all of them (in every new bitmap and
+     * overlay), whatever the order of the actions. A user's gate, not a
+     * drain of the nodes: a snapshot action gates the users of its node
+     * itself and would wait for a request held inside the node.
      */
     size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        json_object *a = json_object_array_get_idx(actions, i), *data = NULL;
-        json_object_object_get_ex(a, "data", &data);
-        const char *nn = data ? str(data, "node") : NULL;
-        if (strcmp(str(a, "type"), "block-dirty-bitmap-add") != 0 || !nn ||
-            !vd_find_node(nn))
-            continue;
-        qmp_error early = { 0 };
-        json_object *r = qmp_find_command("block-dirty-bitmap-add")->fn(
-            d, data, &early);
-        if (r) {
-            json_object_put(r);
-            done[k++] = (prepared){ "block-dirty-bitmap-add", data, NULL,
-                                    NULL };
-            ran[i] = true;
-        }
-    }
+    vd_graph_quiesce_begin();
     size_t i = 0;
     for (; i < n; i++) {
-        if (ran[i])
-            continue;
         json_object *a = json_object_array_get_idx(actions, i), *data = NULL;
         const char *type = str(a, "type");
         if (strcmp(type, "abort") == 0) {
@@ -263,10 +237,10 @@ QMP_HANDLER(qmp_cmd_transaction)
         done[k++] = (prepared){ type, data, d->txn_job, saved };
         d->txn_job = NULL;
     }
-    free(ran);
     if (i < n) {
         while (k-- > 0)
             undo(&done[k]);
+        vd_graph_quiesce_end();
         free(done);
         return NULL;
     }
@@ -290,6 +264,7 @@ QMP_HANDLER(qmp_cmd_transaction)
             vd_job_unref(&done[i].job);
         }
     }
+    vd_graph_quiesce_end();
     free(done);
     return json_object_new_object();
 }
