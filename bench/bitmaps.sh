@@ -12,11 +12,16 @@
 #     block-dirty-bitmap-merge of that bitmap into an empty one, and the
 #     time nbdinfo takes to read the whole qemu:dirty-bitmap map
 #     (--map over 1 TiB), the fastest of 5 tries per run; medians over
-#     the runs and ratios.
+#     the runs and ratios;
+#  3. when valgrind is there (not in BENCH_SMOKE): the user-space
+#     instructions per write of each daemon under callgrind with 0 and 8
+#     bitmaps, BENCH_IOS (default 20000) fio writes with a fixed seed,
+#     which the machine's noise does not move (the kernel's share is not
+#     counted).
 #
 #   bench/bitmaps.sh
 #
-# Environment: BENCH_RUNS (default 3), BENCH_SECS (default 10),
+# Environment: BENCH_RUNS (default 3), BENCH_SECS (default 10), BENCH_IOS,
 # BENCH_EXTENTS (default 2000), BENCH_DIR (default /dev/shm), VDISK (the
 # vdisk binary; default build*/tools/vdisk here), BENCH_SMOKE=1 (one
 # short run of each on a 64 MiB image, for tests/cli/bench-bitmaps.sh: checks the script
@@ -188,4 +193,59 @@ for i, what in enumerate(("block-dirty-bitmap-merge", "nbdinfo --map of the bitm
     q = med(x[i] for x in bg["qemu"]) * 1000
     v = med(x[i] for x in bg["vdisk"]) * 1000
     print("%-30s qemu %8.1f  vdisk %8.1f  v/q %5.2f" % (what, q, v, v / q))
+
+# 3. The recording cost in instructions, which the machine's noise does
+# not move: each daemon under callgrind serves fio's 4 KiB random writes
+# (a fixed seed) twice, N and 2N writes, with 0 and 8 bitmaps; the
+# difference of the totals is the user-space instructions of N writes,
+# start-up and shut-down cancelled out. The kernel's share of a write
+# (socket, file) is not counted, so the fraction is an upper bound of
+# the bitmaps' share of the CPU time.
+import shutil
+if shutil.which("valgrind") and os.environ.get("BENCH_SMOKE", "0") != "1":
+    n_ios = int(os.environ.get("BENCH_IOS", "20000"))
+    def instructions(daemon, nb, ios):
+        d = os.path.join(work, "cg")
+        subprocess.run(["rm", "-rf", d], check=True)
+        os.makedirs(d)
+        subprocess.run(["truncate", "-s", "256M", d + "/disk.raw"], check=True)
+        out = os.path.join(d, "cg.out")
+        m = Monitor(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out,
+                     *daemons[daemon]], d)
+        try:
+            cmd(m, "blockdev-add", driver="raw", **{"node-name": "n"},
+                file={"driver": "file", "filename": "@D@/disk.raw"})
+            for i in range(nb):
+                cmd(m, "block-dirty-bitmap-add", node="n", name="b%d" % i,
+                    granularity=65536)
+            serve(m, "n")
+            subprocess.run(
+                ["fio", "--name=w", "--ioengine=nbd",
+                 "--uri=nbd+unix:///disk?socket=%s/nbd.sock" % d,
+                 "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=256M",
+                 "--randrepeat=1", "--randseed=42", "--number_ios=%d" % ios,
+                 "--output-format=json"],
+                capture_output=True, text=True, check=True)
+        finally:
+            cmd(m, "quit")
+            m.proc.wait(timeout=300)
+            m.close()
+        total = 0
+        for name in os.listdir(d):
+            if name.startswith("cg.out"):
+                for line in open(os.path.join(d, name)):
+                    if line.startswith("summary:") or line.startswith("totals:"):
+                        total = max(total, int(line.split()[1]))
+        if not total:
+            raise SystemExit("%s: no callgrind totals" % daemon)
+        return total
+    print("\nuser-space instructions per 4 KiB write over NBD (callgrind, %d writes)" % n_ios)
+    print("%-8s %12s %12s %10s" % ("daemon", "0 bitmaps", "8 bitmaps", "cost"))
+    for daemon in ("qemu", "vdisk"):
+        per = {}
+        for nb in (0, 8):
+            per[nb] = (instructions(daemon, nb, 2 * n_ios) -
+                       instructions(daemon, nb, n_ios)) / n_ios
+        print("%-8s %12.0f %12.0f %+9.1f%%" % (daemon, per[0], per[8],
+                                              100 * (per[8] / per[0] - 1)))
 PYEOF

@@ -185,12 +185,26 @@ void vd_bitmaps_mark(vd_node *node, uint64_t off, uint64_t bytes)
     vd_node_bitmaps *s = atomic_load(&node->named_bitmaps);
     if (!s || atomic_load_explicit(&s->count, memory_order_relaxed) == 0)
         return;
+    /* The range's bits are worked out once per geometry: the bitmaps
+     * of a node mostly share one granularity. */
+    vd_hbitmap_range r;
+    bool have_range = false, any_bit = false;
     pthread_rwlock_rdlock(&s->lock);
-    for (bdm *b = s->head; b; b = b->next)
-        if (atomic_load_explicit(&b->enabled, memory_order_relaxed))
-            vd_hbitmap_set(b->hb, off, bytes);
-        else if (b->successor && b->succ_enabled)
-            vd_hbitmap_set(b->successor, off, bytes);
+    for (bdm *b = s->head; b; b = b->next) {
+        vd_hbitmap *hb =
+            atomic_load_explicit(&b->enabled, memory_order_relaxed)
+            ? b->hb : b->successor && b->succ_enabled ? b->successor : NULL;
+        if (!hb)
+            continue;
+        if (!have_range || !vd_hbitmap_same_geometry(hb, &r)) {
+            any_bit = vd_hbitmap_range_of(hb, off, bytes, &r);
+            have_range = true;
+            if (!any_bit)
+                r = (vd_hbitmap_range){ 0 };   /* matches no bitmap */
+        }
+        if (any_bit)
+            vd_hbitmap_set_range(hb, &r);
+    }
     pthread_rwlock_unlock(&s->lock);
 }
 

@@ -142,7 +142,7 @@ static void clear_up(vd_hbitmap *hb, unsigned k, uint64_t i)
     }
 }
 
-static void set_word(vd_hbitmap *hb, uint64_t w, uint64_t mask)
+static inline void set_word(vd_hbitmap *hb, uint64_t w, uint64_t mask)
 {
     /* Bits already set (the common case of rewrites): a plain load, no
      * read-modify-write that would take the cache line from the other
@@ -198,22 +198,44 @@ static bool bit_range(const vd_hbitmap *hb, uint64_t off, uint64_t bytes,
     return true;
 }
 
-void vd_hbitmap_set(vd_hbitmap *hb, uint64_t off, uint64_t bytes)
+bool vd_hbitmap_range_of(const vd_hbitmap *hb, uint64_t off, uint64_t bytes,
+                         vd_hbitmap_range *r)
 {
     uint64_t first, last;
     if (!bit_range(hb, off, bytes, &first, &last))
-        return;
-    uint64_t fw = first / 64, lw = last / 64;
-    uint64_t head = ~0ull << (first % 64), tail = ~0ull >> (63 - last % 64);
+        return false;
+    r->shift = hb->shift;
+    r->nbits = hb->nbits;
+    r->fw = first / 64;
+    r->lw = last / 64;
+    r->head = ~0ull << (first % 64);
+    r->tail = ~0ull >> (63 - last % 64);
+    return true;
+}
+
+bool vd_hbitmap_same_geometry(const vd_hbitmap *hb, const vd_hbitmap_range *r)
+{
+    return hb->shift == r->shift && hb->nbits == r->nbits;
+}
+
+void vd_hbitmap_set_range(vd_hbitmap *hb, const vd_hbitmap_range *r)
+{
     /* Most requests touch one word: the path of every write. */
-    if (fw == lw) {
-        set_word(hb, fw, head & tail);
+    if (r->fw == r->lw) {
+        set_word(hb, r->fw, r->head & r->tail);
         return;
     }
-    set_word(hb, fw, head);
-    for (uint64_t w = fw + 1; w < lw; w++)
+    set_word(hb, r->fw, r->head);
+    for (uint64_t w = r->fw + 1; w < r->lw; w++)
         set_word(hb, w, ~0ull);
-    set_word(hb, lw, tail);
+    set_word(hb, r->lw, r->tail);
+}
+
+void vd_hbitmap_set(vd_hbitmap *hb, uint64_t off, uint64_t bytes)
+{
+    vd_hbitmap_range r;
+    if (vd_hbitmap_range_of(hb, off, bytes, &r))
+        vd_hbitmap_set_range(hb, &r);
 }
 
 /* The first set bit of level 0 at or after @b, or -1. Walks up while

@@ -40,6 +40,22 @@ unsigned vd_hbitmap_shift(const vd_hbitmap *hb);
 uint64_t vd_hbitmap_nbits(const vd_hbitmap *hb);
 
 void vd_hbitmap_set(vd_hbitmap *hb, uint64_t off, uint64_t bytes);
+/* The bits of a byte range, worked out once for several bitmaps of the
+ * same geometry (granularity and length): a write marks every recording
+ * bitmap of its node, and most have the same granularity.
+ * vd_hbitmap_range_of() fills @r for @hb (false: no bit, nothing to
+ * set); vd_hbitmap_set_range() sets them in @hb, which must have the
+ * geometry of the bitmap @r was made for (vd_hbitmap_same_geometry()). */
+typedef struct vd_hbitmap_range {
+    unsigned shift;
+    uint64_t nbits;
+    uint64_t fw, lw;          /* first and last word of level 0 */
+    uint64_t head, tail;      /* the masks of those words */
+} vd_hbitmap_range;
+bool vd_hbitmap_range_of(const vd_hbitmap *hb, uint64_t off, uint64_t bytes,
+                         vd_hbitmap_range *r);
+bool vd_hbitmap_same_geometry(const vd_hbitmap *hb, const vd_hbitmap_range *r);
+void vd_hbitmap_set_range(vd_hbitmap *hb, const vd_hbitmap_range *r);
 void vd_hbitmap_reset(vd_hbitmap *hb, uint64_t off, uint64_t bytes);
 void vd_hbitmap_clear_all(vd_hbitmap *hb);
 bool vd_hbitmap_get(const vd_hbitmap *hb, uint64_t off);
