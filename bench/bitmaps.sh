@@ -85,6 +85,15 @@ def serve(m, node, bitmaps=(), start=True):
     cmd(m, "block-export-add", type="nbd", id="e", **{"node-name": node},
         name="disk", writable=True, bitmaps=list(bitmaps))
 
+def export_raw(m, nb):
+    """disk.raw as node n with @nb recording bitmaps, exported."""
+    cmd(m, "blockdev-add", driver="raw", **{"node-name": "n"},
+        file={"driver": "file", "filename": "@D@/disk.raw"})
+    for i in range(nb):
+        cmd(m, "block-dirty-bitmap-add", node="n", name="b%d" % i,
+            granularity=65536)
+    serve(m, "n")
+
 def fio_iops(d):
     out = subprocess.run(
         ["fio", "--name=w", "--ioengine=nbd", "--uri=nbd+unix:///disk?socket=%s/nbd.sock" % d,
@@ -101,12 +110,7 @@ def recording(daemon, nb):
     subprocess.run(["truncate", "-s", disk, d + "/disk.raw"], check=True)
     m = Monitor(daemons[daemon], d)
     try:
-        cmd(m, "blockdev-add", driver="raw", **{"node-name": "n"},
-            file={"driver": "file", "filename": "@D@/disk.raw"})
-        for i in range(nb):
-            cmd(m, "block-dirty-bitmap-add", node="n", name="b%d" % i,
-                granularity=65536)
-        serve(m, "n")
+        export_raw(m, nb)
         iops = fio_iops(d)
         if nb:
             info = cmd(m, "query-named-block-nodes", flat=True)
@@ -213,12 +217,7 @@ if shutil.which("valgrind") and os.environ.get("BENCH_SMOKE", "0") != "1":
         m = Monitor(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out,
                      *daemons[daemon]], d)
         try:
-            cmd(m, "blockdev-add", driver="raw", **{"node-name": "n"},
-                file={"driver": "file", "filename": "@D@/disk.raw"})
-            for i in range(nb):
-                cmd(m, "block-dirty-bitmap-add", node="n", name="b%d" % i,
-                    granularity=65536)
-            serve(m, "n")
+            export_raw(m, nb)
             subprocess.run(
                 ["fio", "--name=w", "--ioengine=nbd",
                  "--uri=nbd+unix:///disk?socket=%s/nbd.sock" % d,
