@@ -1219,10 +1219,9 @@ static int iscsi_create(const char *filename, vd_opts *opts, vd_error *err)
         r = vd_error_set(err, -ENODEV, "%s: iSCSI: the LUN is not a disk",
                          s->uri);
     } else if (size > s->num_blocks * s->block_size) {
-        r = vd_error_set(err, -ENOSPC, "%s: iSCSI: the LUN (%" PRIu64
-                         " bytes) is smaller than the %" PRIu64 " bytes "
-                         "asked for", s->uri, s->num_blocks * s->block_size,
-                         size);
+        /* QEMU's words (its raw create then fails to truncate). */
+        r = vd_error_set(err, -EINVAL, "%s: Cannot grow iSCSI devices",
+                         filename);
     }
     vd_node_unref(node);
     return r;
