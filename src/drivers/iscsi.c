@@ -171,6 +171,20 @@ static int wait_for(struct iscsi_context *ctx, iscsi_wait *w,
     return WAIT_OK;
 }
 
+/* libiscsi's last error text without the newline it may end with. */
+static const char *lib_error(struct iscsi_context *ctx)
+{
+    static __thread char buf[512];
+    size_t n;
+
+    snprintf(buf, sizeof(buf), "%s", iscsi_get_error(ctx));
+    n = strlen(buf);
+    while (n && (buf[n - 1] == '\n' || buf[n - 1] == ' ')) {
+        buf[--n] = '\0';
+    }
+    return buf;
+}
+
 /* Ends a session: a logout with a short deadline when it is still
  * healthy, then the context (whose pending commands are cancelled). */
 static void session_drop(struct iscsi_context *ctx, bool logout)
@@ -224,7 +238,7 @@ static int session_connect(iscsi_state *s, struct iscsi_context **out,
 
     if (iscsi_full_connect_async(ctx, s->portal, s->lun, wait_cb, &w)) {
         r = vd_error_set(err, -EIO, "%s: iSCSI: Failed to connect to LUN : "
-                         "%s", s->uri, iscsi_get_error(ctx));
+                         "%s", s->uri, lib_error(ctx));
         goto fail;
     }
     r = wait_for(ctx, &w, deadline_ms(s));
@@ -236,7 +250,7 @@ static int session_connect(iscsi_state *s, struct iscsi_context **out,
     }
     if (r != WAIT_OK || w.status != SCSI_STATUS_GOOD) {
         r = vd_error_set(err, -EIO, "%s: iSCSI: Failed to connect to LUN : "
-                         "%s", s->uri, iscsi_get_error(ctx));
+                         "%s", s->uri, lib_error(ctx));
         goto fail;
     }
     *out = ctx;
@@ -295,20 +309,30 @@ static int session_get(iscsi_state *s, vd_error *err)
 }
 
 /* Gives a session back; @broken: its connection is unusable, drop it so
- * that the next user logs in again. */
+ * that the next user logs in again. The idle sessions go with it: they
+ * reach the same target, which has most likely gone or restarted, and a
+ * retry must not land on one of them. */
 static void session_put(iscsi_state *s, int idx, bool broken)
 {
-    struct iscsi_context *old = NULL;
+    struct iscsi_context *old[ISCSI_POOL] = { NULL };
 
-    if (broken) {
-        old = s->sessions[idx].ctx;
-        s->sessions[idx].ctx = NULL;
-    }
-    session_drop(old, false);
     pthread_mutex_lock(&s->lock);
+    if (broken) {
+        old[idx] = s->sessions[idx].ctx;
+        s->sessions[idx].ctx = NULL;
+        for (int i = 0; i < ISCSI_POOL; i++) {
+            if (i != idx && !s->sessions[i].busy) {
+                old[i] = s->sessions[i].ctx;
+                s->sessions[i].ctx = NULL;
+            }
+        }
+    }
     s->sessions[idx].busy = false;
     pthread_cond_signal(&s->cond);
     pthread_mutex_unlock(&s->lock);
+    for (int i = 0; i < ISCSI_POOL; i++) {
+        session_drop(old[i], false);
+    }
 }
 
 /* ---------------------------------------------------------------- */
@@ -476,7 +500,7 @@ static int run_cmd(iscsi_state *s, const iscsi_cmd *c,
         task = submit(s, ctx, c, &w);
         if (!task) {
             r = vd_error_set(err, -ENOMEM, "%s: %s failed: %s", s->uri,
-                             op_name(s, c->op), iscsi_get_error(ctx));
+                             op_name(s, c->op), lib_error(ctx));
             session_put(s, idx, true);
             return r;
         }
@@ -487,17 +511,21 @@ static int run_cmd(iscsi_state *s, const iscsi_cmd *c,
              * dropping the session makes sure it never lands late. */
             session_put(s, idx, true);
             scsi_free_scsi_task(task);
-            return vd_error_set(err, -ETIMEDOUT, "%s: %s timed out after "
-                                "%u seconds", s->uri, op_name(s, c->op),
-                                s->timeout ? s->timeout
-                                           : ISCSI_DEFAULT_TIMEOUT);
+            r = vd_error_set(err, -ETIMEDOUT, "%s: %s timed out after %u "
+                             "seconds", s->uri, op_name(s, c->op),
+                             s->timeout ? s->timeout : ISCSI_DEFAULT_TIMEOUT);
+            /* Tools that print only the errno's text (convert, as
+             * qemu-img) still tell which server failed. */
+            vd_warn("%s", err ? err->message : "iSCSI: timeout");
+            return r;
         }
         if (r == WAIT_LOST || w.status == SCSI_STATUS_CANCELLED ||
             w.status == SCSI_STATUS_ERROR) {
-            char msg[256];
-            snprintf(msg, sizeof(msg), "%s", iscsi_get_error(ctx));
+            /* libiscsi's error text is often an older one here. */
             session_put(s, idx, true);
             scsi_free_scsi_task(task);
+            vd_warn("%s: iSCSI: connection lost during %s%s", s->uri,
+                    op_name(s, c->op), relogged ? "" : "; logging in again");
             if (!relogged) {
                 /* Every command here may be repeated: a read, a write
                  * of the same data, a flush, an unmap. */
@@ -505,7 +533,7 @@ static int run_cmd(iscsi_state *s, const iscsi_cmd *c,
                 continue;
             }
             return vd_error_set(err, -EIO, "%s: %s failed: connection "
-                                "lost: %s", s->uri, op_name(s, c->op), msg);
+                                "lost", s->uri, op_name(s, c->op));
         }
         if (w.status == SCSI_STATUS_GOOD) {
             session_put(s, idx, false);
@@ -534,14 +562,14 @@ static int run_cmd(iscsi_state *s, const iscsi_cmd *c,
                 *sense = task->sense;
             }
             vd_error_set(err, e, "%s: %s failed: %s", s->uri,
-                         op_name(s, c->op), iscsi_get_error(ctx));
+                         op_name(s, c->op), lib_error(ctx));
             session_put(s, idx, false);
             scsi_free_scsi_task(task);
             return e;
         }
         r = vd_error_set(err, -EIO, "%s: %s failed with SCSI status 0x%x: "
                          "%s", s->uri, op_name(s, c->op), w.status,
-                         iscsi_get_error(ctx));
+                         lib_error(ctx));
         session_put(s, idx, false);
         scsi_free_scsi_task(task);
         return r;

@@ -2,8 +2,10 @@
 # tests, sourced after ../functions.sh by tests/cli/iscsi-*.sh and
 # bench/remote-iscsi.sh.
 #
-#   iscsi_target_start       start tgtd in the foreground on 127.0.0.1 on a
-#                            free port, with a control port of its own (so
+#   iscsi_target_start [PORT]
+#                            start tgtd in the foreground on 127.0.0.1 on a
+#                            free port (or PORT, to restart a target where
+#                            it was), with a control port of its own (so
 #                            that it never talks to another tgtd), in
 #                            $PWD; sets ISCSI_PORT, ISCSI_CTL, ISCSI_PID
 #                            and registers its stop with cleanup_fn.
@@ -50,9 +52,9 @@ iscsi_target_start()
         echo "SKIP: $ISCSI_TGTD or $ISCSI_TGTADM is missing (Debian's tgt)" >&2
         exit 77
     fi
-    local try
+    local try fixed=${1:-}
     for try in 1 2 3 4 5 6 7 8; do
-        ISCSI_PORT=$(( 20000 + (RANDOM % 20000) ))
+        ISCSI_PORT=${fixed:-$(( 20000 + (RANDOM % 20000) ))}
         ISCSI_CTL=$(( 1000 + ISCSI_PORT % 30000 ))
         if [ -e "/var/run/tgtd/socket.$ISCSI_CTL.lock" ] &&
            fuser "/var/run/tgtd/socket.$ISCSI_CTL.lock" >/dev/null 2>&1; then
@@ -69,7 +71,7 @@ iscsi_target_start()
             # Up once it answers on its control socket and listens.
             if iscsi_tgtadm --mode target --op show >/dev/null 2>&1 &&
                (exec 3<>"/dev/tcp/127.0.0.1/$ISCSI_PORT") 2>/dev/null; then
-                cleanup_fn iscsi_target_kill
+                [ -n "$fixed" ] || cleanup_fn iscsi_target_kill
                 return 0
             fi
             sleep 0.05
