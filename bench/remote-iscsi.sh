@@ -13,10 +13,9 @@
 # release build). Needs root (tgtd), qemu-img with the iscsi driver
 # (Debian's qemu-block-extra) and GNU time. Prints the median wall time,
 # the ratio vdisk speed / qemu-img speed (above 1: vdisk is faster) and
-# each tool's median peak RSS. Both tools run with their default
-# parallelism (qemu-img: 8 coroutines; vdisk: its convert default) and
-# -t none -T none on the local side, so the page cache of the local
-# image does not decide.
+# each tool's median peak RSS. Both tools run with their defaults
+# (8 requests in flight: qemu-img's coroutines on one session, vdisk's
+# threads on its pool of sessions; convert's default cache modes).
 set -e -o pipefail
 
 runs=${1:-3}
@@ -52,8 +51,8 @@ run()
     [ "$1" = vdisk ] && prog=$VDISK
     rm -f out.qcow2
     case $2 in
-        read)  args=(convert -T none -t none -O qcow2 "$URI" out.qcow2) ;;
-        write) args=(convert -T none -n -O raw src.raw "$URI") ;;
+        read)  args=(convert -O qcow2 "$URI" out.qcow2) ;;
+        write) args=(convert -n -O raw src.raw "$URI") ;;
     esac
     sync
     /usr/bin/time -f "%e %M" -o t.out "$prog" "${args[@]}" >/dev/null

@@ -507,8 +507,10 @@ static int run_cmd(iscsi_state *s, const iscsi_cmd *c,
         r = wait_for(ctx, &w, deadline_ms(s));
         if (r == WAIT_TIMEOUT || (r == WAIT_OK &&
                                   w.status == SCSI_STATUS_TIMEOUT)) {
-            /* The command may still be queued on the target: only
-             * dropping the session makes sure it never lands late. */
+            /* The command may still be queued on the target: closing
+             * its connection makes the target abort the session's
+             * tasks, the most an initiator can do against a late
+             * landing. */
             session_put(s, idx, true);
             scsi_free_scsi_task(task);
             r = vd_error_set(err, -ETIMEDOUT, "%s: %s timed out after %u "

@@ -83,7 +83,8 @@ grep -q 'Pattern verification failed' out && fail "zeroed ranges"
 # convert both ways, checked by qemu-img compare.
 dd if=/dev/urandom of=src.raw bs=1M count=8 status=none
 truncate -s 64M src.raw
-$T "$VDISK" convert -n -O raw src.raw "$THIN"
+# -W -m 8: eight writes at once, over the driver's pool of sessions.
+$T "$VDISK" convert -W -m 8 -n -O raw src.raw "$THIN"
 $T $QEMU_IMG compare -f raw -F raw src.raw "$THIN"
 $T "$VDISK" convert -O qcow2 "$THIN" back.qcow2
 $T $QEMU_IMG compare -f qcow2 -F raw back.qcow2 "$THIN"
