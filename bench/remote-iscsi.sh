@@ -22,8 +22,12 @@ runs=${1:-3}
 size=${BENCH_SIZE:-1G}
 dir=${BENCH_DIR:-/var/tmp}
 here=$(cd "$(dirname "$0")/.." && pwd)
-VDISK=${VDISK:-$(ls "$here"/build/tools/vdisk "$here"/build*/tools/vdisk \
-                 2>/dev/null | head -1)}
+# The release build first: ls sorts build-asan before build.
+if [ -z "${VDISK:-}" ] && [ -x "$here/build/tools/vdisk" ]; then
+    VDISK=$here/build/tools/vdisk
+fi
+VDISK=${VDISK:-$(ls "$here"/build*/tools/vdisk 2>/dev/null | head -1)}
+echo "vdisk: $VDISK" >&2
 [ -x "$VDISK" ] || { echo "set VDISK=path/to/vdisk" >&2; exit 1; }
 command -v qemu-img >/dev/null || { echo "needs qemu-img" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "needs GNU time" >&2; exit 1; }
