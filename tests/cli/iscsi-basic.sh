@@ -124,6 +124,33 @@ json+=",\"lun\":1,\"transport\":\"tcp\"}}"
 $T "$VDISK" io -c 'read -P 0xab 512 1k' "$json" > out
 grep -q 'Pattern verification failed' out && fail "json: filename"
 
+# CHAP: a target with an account; the password from the URI or from a
+# secret object (password-secret), as QEMU takes them.
+truncate -s 16M chap.img
+CHAP=$(iscsi_target_lun 3 chap chap.img)
+iscsi_tgtadm --mode account --op new --user vduser --password vdsecret12
+iscsi_tgtadm --mode account --op bind --tid 3 --user vduser
+CHAPU="iscsi://vduser%vdsecret12@$PORTAL/iqn.2026-12.org.vdisk:chap/1"
+$T "$VDISK" info "$CHAPU" | grep -v '^image:' > v.info
+$T $QEMU_IMG info "$CHAPU" | grep -v '^image:' > q.info
+diff -u q.info v.info || fail "info with CHAP"
+copts="driver=iscsi,transport=tcp,portal=$PORTAL,lun=1"
+copts+=",target=iqn.2026-12.org.vdisk:chap,user=vduser,password-secret=pw"
+$T "$VDISK" io --object secret,id=pw,data=vdsecret12 \
+    -c 'write -P 0x31 0 64k' --image-opts "$copts" >/dev/null
+$T $QEMU_IO --object secret,id=pw,data=vdsecret12 \
+    -c 'read -P 0x31 0 64k' --image-opts "$copts" > out
+grep -q 'Pattern verification failed' out && fail "CHAP write"
+expect_status 1 $T "$VDISK" info "$CHAP" 2> err
+grep -q "iSCSI: Failed to connect to LUN" err || fail "CHAP target without CHAP"
+expect_status 1 $T "$VDISK" info \
+    "iscsi://vduser%wrong@$PORTAL/iqn.2026-12.org.vdisk:chap/1" 2> err
+grep -q "iSCSI: Failed to connect to LUN" err || fail "wrong CHAP password"
+expect_status 1 $T "$VDISK" info --object secret,id=pw,data=x --image-opts \
+    "$copts,password=y" 2> err
+grep -q "'password' and 'password-secret' options are mutually exclusive" \
+    err || fail "password and password-secret"
+
 # Refusals, with QEMU's messages where it has one.
 expect_status 1 $T "$VDISK" info "iscsi://$PORTAL/no-lun" 2> err
 grep -q "Failed to parse URL : iscsi://$PORTAL/no-lun" err || fail "bad URL"
