@@ -124,6 +124,19 @@ json+=",\"lun\":1,\"transport\":\"tcp\"}}"
 $T "$VDISK" io -c 'read -P 0xab 512 1k' "$json" > out
 grep -q 'Pattern verification failed' out && fail "json: filename"
 
+# A LUN exported over NBD by vdisk serve (a blockdev-add of the iscsi
+# driver, qemu-storage-daemon's syntax), read by qemu-img.
+"$VDISK" serve \
+    --blockdev "driver=iscsi,node-name=lun,${opts#driver=iscsi,}" \
+    --nbd-server "addr.type=unix,addr.path=$PWD/nbd.sock" \
+    --export type=nbd,id=exp,node-name=lun,name=lun > serve.log 2>&1 &
+spid=$!
+cleanup_fn kill "$spid"
+for i in $(seq 100); do [ -S nbd.sock ] && break; sleep 0.1; done
+[ -S nbd.sock ] || { cat serve.log; fail "vdisk serve did not start"; }
+$T $QEMU_IMG compare -f raw -F raw "nbd+unix:///lun?socket=$PWD/nbd.sock" \
+    thick.img
+
 # CHAP: a target with an account; the password from the URI or from a
 # secret object (password-secret), as QEMU takes them.
 truncate -s 16M chap.img
