@@ -611,12 +611,17 @@ static int inquiry(iscsi_state *s, int page, struct scsi_task **task,
 }
 
 /* READ CAPACITY(16) for disks (LBPME, LBPRZ, and LUNs past 2^32
- * blocks), READ CAPACITY(10) for CD-ROMs and targets without (16). */
+ * blocks), READ CAPACITY(10) for CD-ROMs and targets without (16). The
+ * node's values change only once the answer passed the checks (a
+ * truncate asks again on an open node). */
 static int read_capacity(iscsi_state *s, vd_error *err)
 {
     struct scsi_task *task;
     struct scsi_sense sense = { 0 };
     iscsi_cmd c = { .op = OP_CAPACITY16 };
+    uint32_t bsize;
+    uint64_t blocks;
+    bool lbpme = false, lbprz = false, use16 = false;
     int r;
 
     if (s->type == SCSI_INQUIRY_PERIPHERAL_DEVICE_TYPE_DIRECT_ACCESS) {
@@ -629,11 +634,11 @@ static int read_capacity(iscsi_state *s, vd_error *err)
                                     "unmarshall readcapacity16 data.",
                                     s->uri);
             }
-            s->block_size = rc->block_length;
-            s->num_blocks = rc->returned_lba + 1;
-            s->lbpme = rc->lbpme;
-            s->lbprz = rc->lbprz;
-            s->use16 = rc->returned_lba > 0xffffffffull;
+            bsize = rc->block_length;
+            blocks = rc->returned_lba + 1;
+            lbpme = rc->lbpme;
+            lbprz = rc->lbprz;
+            use16 = rc->returned_lba > 0xffffffffull;
             scsi_free_scsi_task(task);
             goto check;
         }
@@ -653,23 +658,32 @@ static int read_capacity(iscsi_state *s, vd_error *err)
         return vd_error_set(err, -EIO, "%s: iSCSI: failed to unmarshall "
                             "readcapacity10 data.", s->uri);
     }
-    s->block_size = rc10->block_size;
-    s->num_blocks = rc10->lba ? (uint64_t)rc10->lba + 1 : 0;
+    bsize = rc10->block_size;
+    blocks = rc10->lba ? (uint64_t)rc10->lba + 1 : 0;
     scsi_free_scsi_task(task);
 
 check:
     /* Bounds the target's answer before any arithmetic uses it. */
-    if (s->block_size < 512 || s->block_size > 65536 ||
-        (s->block_size & (s->block_size - 1))) {
+    if (bsize < 512 || bsize > 65536 || (bsize & (bsize - 1))) {
         return vd_error_set(err, -EINVAL, "%s: iSCSI: the LUN's block size "
-                            "%" PRIu32 " is not supported", s->uri,
-                            s->block_size);
+                            "%" PRIu32 " is not supported", s->uri, bsize);
     }
-    if (s->num_blocks > VD_MAX_LENGTH / s->block_size) {
+    if (blocks > VD_MAX_LENGTH / bsize) {
         return vd_error_set(err, -EFBIG, "%s: iSCSI: the LUN's capacity of "
                             "%" PRIu64 " blocks is too large", s->uri,
-                            s->num_blocks);
+                            blocks);
     }
+    if (s->block_size && bsize != s->block_size) {
+        /* Buffers and limits were sized for the old one. */
+        return vd_error_set(err, -EIO, "%s: iSCSI: the LUN's block size "
+                            "changed from %" PRIu32 " to %" PRIu32, s->uri,
+                            s->block_size, bsize);
+    }
+    s->block_size = bsize;
+    s->num_blocks = blocks;
+    s->lbpme = lbpme;
+    s->lbprz = lbprz;
+    s->use16 = use16;
     return 0;
 }
 
