@@ -45,6 +45,7 @@ extern const vd_driver vd_driver_preallocate;
 #endif
 
 #ifdef VDISK_HAVE_LIBISCSI
+extern const vd_driver vd_driver_iscsi;
 #endif
 
 #ifdef VDISK_HAVE_RBD
@@ -91,6 +92,7 @@ static const vd_driver *const driver_table[] = {
 #endif
 
 #ifdef VDISK_HAVE_LIBISCSI
+    &vd_driver_iscsi,
 #endif
 
 #ifdef VDISK_HAVE_RBD
