@@ -593,7 +593,7 @@ static int parse_uri(nbd_state *s, const char *name, vd_error *err)
     } else if (slen == 8 && strncmp(name, "nbd+unix", 8) == 0) {
         is_unix = true;
     } else {
-        return vd_error_set(err, -EINVAL, "invalid URI '%s'", name);
+        return vd_error_set(err, -EINVAL, "No valid URL specified");
     }
     pathp = auth + strcspn(auth, "/?");
     query = strchr(pathp, '?');
@@ -613,22 +613,20 @@ static int parse_uri(nbd_state *s, const char *name, vd_error *err)
     }
     if (is_unix) {
         if (pathp != auth)
-            return vd_error_set(err, -EINVAL, "invalid URI '%s': a UNIX "
-                                "socket URI has no server", name);
+            return vd_error_set(err, -EINVAL, "No valid URL specified");
         if (!query || strncmp(query + 1, "socket=", 7) != 0 ||
             strchr(query + 8, '&'))
-            return vd_error_set(err, -EINVAL, "invalid URI '%s': "
-                                "expected ?socket=PATH", name);
+            return vd_error_set(err, -EINVAL, "No valid URL specified");
         s->path = uri_decode(query + 8, strlen(query + 8));
         return s->path ? 0 : oom(err);
     }
     if (query)
-        return vd_error_set(err, -EINVAL, "invalid URI '%s': no query "
-                            "parameters allowed", name);
+        return vd_error_set(err, -EINVAL, "No valid URL specified");
     if (pathp == auth)
-        return vd_error_set(err, -EINVAL, "invalid URI '%s': no server",
-                            name);
-    return parse_inet(s, auth, (size_t)(pathp - auth), false, err);
+        return vd_error_set(err, -EINVAL, "No valid URL specified");
+    if (parse_inet(s, auth, (size_t)(pathp - auth), false, NULL) < 0)
+        return vd_error_set(err, -EINVAL, "No valid URL specified");
+    return 0;
 }
 
 /* QEMU's legacy nbd:unix:PATH[:exportname=E] / nbd:HOST:PORT[:...]. */
@@ -853,8 +851,11 @@ static int cl_open(vd_node *node, vd_opts *opts, unsigned flags,
 
     r = conn_open_retry(node, s->open_timeout, &s->conn, err);
     if (r < 0) {
-        vd_error_prepend(err, "Failed to connect to '%s': ",
-                         s->path ? s->path : s->host);
+        if (s->path)
+            vd_error_prepend(err, "Failed to connect to '%s': ", s->path);
+        else
+            vd_error_prepend(err, "Failed to connect to '%s:%s': ", s->host,
+                             s->port);
         goto fail;
     }
     h = s->conn->h;

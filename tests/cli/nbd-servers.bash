@@ -1,0 +1,160 @@
+# NBD servers for the nbd client tests (tests/cli/nbd-client*.sh and
+# bench/remote-nbd.sh): qemu-nbd, nbdkit and vdisk serve started on
+# 127.0.0.1 at a free port (retried on a clash) or on a UNIX socket in the
+# current directory, each stopped by its own PID in a cleanup function;
+# and X.509 credentials made with certtool for the run. Source after
+# ../functions.sh (tests) or on its own (bench: define cleanup_fn).
+
+# A port nobody listens on now (the server may still lose a race for it:
+# the starters retry).
+nbds_free_port()
+{
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# nbds_stop PIDFILE: SIGTERM, then SIGKILL after 5 s; waits until gone.
+nbds_stop()
+{
+    local pid i
+    [ -s "$1" ] || return 0
+    pid=$(cat "$1")
+    rm -f "$1"
+    kill "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null
+    return 0
+}
+
+# nbds_kill PIDFILE: SIGKILL (a server dying), waits until gone.
+nbds_kill()
+{
+    local pid i
+    [ -s "$1" ] || return 0
+    pid=$(cat "$1")
+    rm -f "$1"
+    kill -9 "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+}
+
+# _nbds_start NAME PIDFILE PORT-OR-EMPTY CMD...: runs a daemonising CMD
+# (it forks once listening and writes PIDFILE), registers the stop.
+# With PORT-OR-EMPTY "-": CMD takes a port as "@PORT@" and a free one is
+# tried up to 5 times; the port is left in NBDS_PORT.
+_nbds_start()
+{
+    local name=$1 pidfile=$2 want=$3 try port args a
+    shift 3
+    for ((try = 0; try < 5; try++)); do
+        port=
+        args=()
+        if [ "$want" = - ]; then
+            port=$(nbds_free_port)
+        elif [ -n "$want" ]; then
+            port=$want
+        fi
+        for a in "$@"; do
+            args+=("${a//@PORT@/$port}")
+        done
+        rm -f "$pidfile"
+        if timeout 30 "${args[@]}" 2>> "$name.log" && [ -s "$pidfile" ]; then
+            NBDS_PORT=$port
+            cleanup_fn nbds_stop "$pidfile"
+            return 0
+        fi
+        [ "$want" = - ] || break
+    done
+    echo "could not start $name: $(tail -3 "$name.log")" >&2
+    return 1
+}
+
+# nbds_qemu_nbd PIDFILE PORT|-|'' ARGS...: qemu-nbd --fork (-t: several
+# clients one after the other; port '' for -k SOCKET in ARGS).
+nbds_qemu_nbd()
+{
+    local pidfile=$1 port=$2
+    shift 2
+    if [ -n "$port" ]; then
+        _nbds_start qemu-nbd "$pidfile" "$port" qemu-nbd --fork -t \
+            --pid-file="$PWD/$pidfile" -b 127.0.0.1 -p @PORT@ "$@"
+    else
+        _nbds_start qemu-nbd "$pidfile" "" qemu-nbd --fork -t \
+            --pid-file="$PWD/$pidfile" "$@"
+    fi
+}
+
+# nbds_nbdkit PIDFILE PORT|- ARGS...: nbdkit on 127.0.0.1 (it forks once
+# listening).
+nbds_nbdkit()
+{
+    local pidfile=$1 port=$2
+    shift 2
+    _nbds_start nbdkit "$pidfile" "$port" nbdkit -P "$PWD/$pidfile" \
+        -i 127.0.0.1 -p @PORT@ "$@"
+}
+
+# nbds_vdisk_serve PIDFILE PORT|- ARGS...: vdisk serve --fork on
+# 127.0.0.1.
+nbds_vdisk_serve()
+{
+    local pidfile=$1 port=$2
+    shift 2
+    _nbds_start vdisk-serve "$pidfile" "$port" "$VDISK" serve --fork \
+        --pid-file "$PWD/$pidfile" -t -b 127.0.0.1 -p @PORT@ "$@"
+}
+
+# nbds_make_certs: X.509 credentials for this run in ./srv (ca-cert,
+# server-cert, server-key: a server for 127.0.0.1 / localhost), ./cli
+# (ca-cert, client-cert, client-key) and ./rogue (a CA that signed
+# nothing here, for "wrong certificate").
+nbds_make_certs()
+{
+    local g
+    mkdir -p srv cli rogue
+    cat > ca.info <<'EOF'
+cn = vdisk nbd client test CA
+ca
+cert_signing_key
+expiration_days = 2
+EOF
+    cat > server.info <<'EOF'
+organization = vdisk test
+cn = localhost
+dns_name = localhost
+ip_address = 127.0.0.1
+tls_www_server
+encryption_key
+signing_key
+expiration_days = 2
+EOF
+    cat > client.info <<'EOF'
+organization = vdisk test
+cn = client
+tls_www_client
+encryption_key
+signing_key
+expiration_days = 2
+EOF
+    g() { certtool "$@" >/dev/null 2>&1 || { echo "certtool $* failed" >&2; return 1; }; }
+    g --generate-privkey --outfile ca-key.pem &&
+    g --generate-self-signed --load-privkey ca-key.pem --template ca.info \
+        --outfile srv/ca-cert.pem &&
+    g --generate-privkey --outfile srv/server-key.pem &&
+    g --generate-certificate --load-ca-certificate srv/ca-cert.pem \
+        --load-ca-privkey ca-key.pem --load-privkey srv/server-key.pem \
+        --template server.info --outfile srv/server-cert.pem &&
+    cp srv/ca-cert.pem cli/ &&
+    g --generate-privkey --outfile cli/client-key.pem &&
+    g --generate-certificate --load-ca-certificate srv/ca-cert.pem \
+        --load-ca-privkey ca-key.pem --load-privkey cli/client-key.pem \
+        --template client.info --outfile cli/client-cert.pem &&
+    g --generate-privkey --outfile rogue-ca-key.pem &&
+    g --generate-self-signed --load-privkey rogue-ca-key.pem \
+        --template ca.info --outfile rogue/ca-cert.pem &&
+    cp cli/client-cert.pem cli/client-key.pem rogue/
+}
