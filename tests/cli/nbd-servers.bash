@@ -1,9 +1,9 @@
 # NBD servers for the nbd client tests (tests/cli/nbd-client*.sh and
 # bench/remote-nbd.sh): qemu-nbd, nbdkit and vdisk serve started on
 # 127.0.0.1 at a free port (retried on a clash) or on a UNIX socket in the
-# current directory, each stopped by its own PID in a cleanup function;
-# and X.509 credentials made with certtool for the run. Source after
-# ../functions.sh (tests) or on its own (bench: define cleanup_fn).
+# current directory, each stopped by its own PID in a cleanup function
+# (TLS credentials: tls-functions.bash). Source after ../functions.sh
+# (tests) or on its own (bench: define cleanup_fn).
 
 # A port nobody listens on now (the server may still lose a race for it:
 # the starters retry).
@@ -106,55 +106,4 @@ nbds_vdisk_serve()
     shift 2
     _nbds_start vdisk-serve "$pidfile" "$port" "$VDISK" serve --fork \
         --pid-file "$PWD/$pidfile" -t -b 127.0.0.1 -p @PORT@ "$@"
-}
-
-# nbds_make_certs: X.509 credentials for this run in ./srv (ca-cert,
-# server-cert, server-key: a server for 127.0.0.1 / localhost), ./cli
-# (ca-cert, client-cert, client-key) and ./rogue (a CA that signed
-# nothing here, for "wrong certificate").
-nbds_make_certs()
-{
-    local g
-    mkdir -p srv cli rogue
-    cat > ca.info <<'EOF'
-cn = vdisk nbd client test CA
-ca
-cert_signing_key
-expiration_days = 2
-EOF
-    cat > server.info <<'EOF'
-organization = vdisk test
-cn = localhost
-dns_name = localhost
-ip_address = 127.0.0.1
-tls_www_server
-encryption_key
-signing_key
-expiration_days = 2
-EOF
-    cat > client.info <<'EOF'
-organization = vdisk test
-cn = client
-tls_www_client
-encryption_key
-signing_key
-expiration_days = 2
-EOF
-    g() { certtool "$@" >/dev/null 2>&1 || { echo "certtool $* failed" >&2; return 1; }; }
-    g --generate-privkey --outfile ca-key.pem &&
-    g --generate-self-signed --load-privkey ca-key.pem --template ca.info \
-        --outfile srv/ca-cert.pem &&
-    g --generate-privkey --outfile srv/server-key.pem &&
-    g --generate-certificate --load-ca-certificate srv/ca-cert.pem \
-        --load-ca-privkey ca-key.pem --load-privkey srv/server-key.pem \
-        --template server.info --outfile srv/server-cert.pem &&
-    cp srv/ca-cert.pem cli/ &&
-    g --generate-privkey --outfile cli/client-key.pem &&
-    g --generate-certificate --load-ca-certificate srv/ca-cert.pem \
-        --load-ca-privkey ca-key.pem --load-privkey cli/client-key.pem \
-        --template client.info --outfile cli/client-cert.pem &&
-    g --generate-privkey --outfile rogue-ca-key.pem &&
-    g --generate-self-signed --load-privkey rogue-ca-key.pem \
-        --template ca.info --outfile rogue/ca-cert.pem &&
-    cp cli/client-cert.pem cli/client-key.pem rogue/
 }
