@@ -220,7 +220,7 @@ int nbd_tls_client_creds_get(const char *id, nbd_tls_client_creds *out,
         r = vd_error_set(err, -EINVAL, "Object with id '%s' is not TLS "
                          "credentials", id);
     } else if (t->endpoint != ENDPOINT_CLIENT) {
-        r = vd_error_set(err, -EINVAL, "Expecting TLS credentials with a "
+        r = vd_error_set(err, -EINVAL, "Expected TLS credentials for a "
                          "client endpoint");
     } else {
         out->psk = obj->cls == &obj_class_tls_creds_psk;
