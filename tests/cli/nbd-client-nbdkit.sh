@@ -13,11 +13,7 @@ requires qemu-img qemu-io nbdkit certtool python3 timeout
 tmpdir
 
 T="timeout 60"
-"$VDISK" --help > help.out
-if ! grep -qw nbd help.out; then
-    echo "$0: test skipped because vdisk was built without libnbd"
-    exit 77
-fi
+nbds_requires_client
 
 # write_and_check URI OPTS...: vdisk writes a pattern, zeros and a
 # discard; qemu-io checks them; qemu-io writes, vdisk reads; map and

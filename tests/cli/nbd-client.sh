@@ -12,11 +12,7 @@ requires qemu-img qemu-io qemu-nbd python3 timeout
 tmpdir
 
 T="timeout 60"
-"$VDISK" --help > help.out
-if ! grep -qw nbd help.out; then
-    echo "$0: test skipped because vdisk was built without libnbd"
-    exit 77
-fi
+nbds_requires_client
 
 $QEMU_IMG create -q -f qcow2 img.qcow2 64M
 $QEMU_IO -c 'write -P 0xab 1M 2M' -c 'write -z 8M 1M' \

@@ -107,3 +107,13 @@ nbds_vdisk_serve()
     _nbds_start vdisk-serve "$pidfile" "$port" "$VDISK" serve --fork \
         --pid-file "$PWD/$pidfile" -t -b 127.0.0.1 -p @PORT@ "$@"
 }
+
+# Skips (77) a test when vdisk was built without libnbd (no nbd driver).
+nbds_requires_client()
+{
+    "$VDISK" --help > help.out
+    if ! grep -qw nbd help.out; then
+        echo "$0: test skipped because vdisk was built without libnbd"
+        exit 77
+    fi
+}
