@@ -21,13 +21,11 @@ set -u -o pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 srcdir=$(dirname "$here")
-if [ -z "${VDISK:-}" ]; then
-    for c in "$srcdir"/build/tools/vdisk "$srcdir"/build*/tools/vdisk; do
-        if [ -x "$c" ]; then VDISK=$c; break; fi
-    done
+VDISK=${VDISK:-$(ls -d "$srcdir"/build/tools/vdisk "$srcdir"/build*/tools/vdisk 2>/dev/null | head -1)}
+if [ ! -x "$VDISK" ]; then
+    echo "$0: set VDISK to the vdisk binary" >&2
+    exit 2
 fi
-[ -n "${VDISK:-}" ] && [ -x "$VDISK" ] ||
-    { echo "$0: set VDISK to the vdisk binary" >&2; exit 2; }
 for c in qemu-img qemu-nbd nbdkit python3 /usr/bin/time; do
     command -v "$c" >/dev/null || { echo "$0: $c is required" >&2; exit 2; }
 done
