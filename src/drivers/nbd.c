@@ -688,6 +688,13 @@ static int cl_parse_opts(vd_node *node, vd_opts *opts, vd_error *err)
         (r = vd_opts_take_uint(opts, "open-timeout", 0, &s->open_timeout,
                                err)) < 0)
         goto out;
+    /* Both are uint32 in QEMU's schema. */
+    if (s->reconnect_delay > UINT32_MAX || s->open_timeout > UINT32_MAX) {
+        r = vd_error_set(err, -EINVAL, "Parameter '%s' expects uint32_t",
+                         s->reconnect_delay > UINT32_MAX ? "reconnect-delay"
+                                                         : "open-timeout");
+        goto out;
+    }
 
     if (host || port || path || type) {
         /* Options win over a filename the core kept from an earlier

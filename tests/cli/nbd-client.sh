@@ -50,6 +50,29 @@ $T "$VDISK" info "json:{\"driver\":\"raw\",\"file\":{\"driver\":\"nbd\",\"server
     > j.info || fail "info json: with server.path"
 grep -q 'virtual size: 64 MiB' j.info || fail "json: open: $(cat j.info)"
 
+# x-dirty-bitmap: another meta context read as base:allocation (dirty
+# shows as "data": false), as QEMU does; a missing one is refused.
+$QEMU_IMG create -q -f qcow2 bm.qcow2 16M
+$QEMU_IMG bitmap --add bm.qcow2 b0
+$QEMU_IO -c 'write -P 1 1M 64k' -c 'write -P 2 5M 1M' bm.qcow2 >/dev/null
+nbds_qemu_nbd pid5 - -r -A -B b0 -f qcow2 -x bm bm.qcow2 || fail "qemu-nbd -B"
+for ctx in qemu:dirty-bitmap:b0 qemu:allocation-depth; do
+    O="driver=nbd,server.type=inet,server.host=127.0.0.1"
+    O="$O,server.port=$NBDS_PORT,export=bm,x-dirty-bitmap=$ctx"
+    $T "$VDISK" map --output=json --image-opts "$O" > xv.map ||
+        fail "map with x-dirty-bitmap=$ctx"
+    $T $QEMU_IMG map --output=json --image-opts "$O" > xq.map
+    diff -u xq.map xv.map || fail "map with x-dirty-bitmap=$ctx differs"
+done
+grep -q '"data": false' xv.map || fail "x-dirty-bitmap not used"
+expect_status 1 $T "$VDISK" info --image-opts "${O%,x-*},x-dirty-bitmap=qemu:dirty-bitmap:nosuch" \
+    2> xn.err
+# (QEMU 7.2 loses its own message here: "Could not open image: Invalid
+# argument"; vdisk says which context is missing.)
+grep -q 'requested x-dirty-bitmap qemu:dirty-bitmap:nosuch not found' xn.err ||
+    fail "missing x-dirty-bitmap: $(cat xn.err)"
+nbds_stop pid5
+
 # convert and compare skip what block status says is zero.
 $T "$VDISK" convert -O qcow2 "nbd://127.0.0.1:$P/exp" v.qcow2 ||
     fail "vdisk convert from nbd"
