@@ -28,8 +28,8 @@
  * while the others wait, and every failed request is issued again on
  * the new connection, so none is lost; past the delay they fail with a
  * message naming the server. Without it the first failure is final.
- * A dead connection's I/O thread is stopped and its handle kept until
- * close, since a request may still be looking at it.
+ * A replaced connection keeps its I/O thread and handle until close,
+ * since a request may still be in flight on it.
  *
  * Block status asks the server's base:allocation context (or the one
  * x-dirty-bitmap names, read with base:allocation's meaning as QEMU
@@ -398,9 +398,13 @@ static int conn_do(nbd_conn *c, int op, uint64_t off, uint64_t len,
     return r->error;
 }
 
-static bool conn_dead(nbd_conn *c)
+/* Whether error @e of a request on @c means the connection is gone
+ * (rather than the server's answer): libnbd's handle is dead, or the
+ * error is one the socket gives before libnbd has noticed. */
+static bool conn_lost(nbd_conn *c, int e)
 {
-    return nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h);
+    return nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h) ||
+           e == ENOTCONN || e == EPIPE || e == ECONNRESET || e == ESHUTDOWN;
 }
 
 /* Replaces the dead connection of generation @gen (lock held; dropped
@@ -420,8 +424,8 @@ static void reconnect(vd_node *node, unsigned gen)
     r = conn_open_retry(node, s->reconnect_delay, &fresh, &e);
     pthread_mutex_lock(&s->lock);
     if (r == 0) {
-        /* Keep the old one until close: a request may still look at it. */
-        conn_stop(s->conn);
+        /* Keep the old one, and its thread, until close: a request may
+         * still be in flight on it (to fail when its socket does). */
         s->conn->next = s->dead;
         s->dead = s->conn;
         s->conn = fresh;
@@ -492,7 +496,7 @@ static int cl_request(vd_node *node, int op, uint64_t off, uint64_t len,
             }
             return 0;
         }
-        if (!conn_dead(c)) {
+        if (!conn_lost(c, e)) {
             /* The server's answer to this request: final. */
             return vd_error_set_errno(err, -e, "%s", server_name(node));
         }

@@ -12,8 +12,8 @@ tmpdir
 T="timeout 60"
 nbds_requires_client
 
-head -c $((48 << 20)) /dev/urandom > src.raw
-truncate -s 64M src.raw
+head -c $((24 << 20)) /dev/urandom > src.raw
+truncate -s 32M src.raw
 P=$(nbds_free_port)
 start() { nbds_qemu_nbd pid "$P" -f raw "$@" || fail "qemu-nbd on $P"; }
 opts() {
@@ -47,18 +47,18 @@ run_killed()
 # Reading: killed and back within reconnect-delay.
 IMG=src.raw
 start "$IMG"
-RESTART_AFTER=1.5
-run_killed "read" $T "$VDISK" convert -r 24M -O raw --image-opts \
+RESTART_AFTER=1
+run_killed "read" $T "$VDISK" convert -r 12M -O raw --image-opts \
     "$(opts ,file.reconnect-delay=10)" out.raw
 [ "$ST" = 0 ] || fail "convert across a server restart: exit $ST: $(cat run.out)"
 cmp src.raw out.raw || fail "convert across a server restart: data differs"
 
 # Writing: every write lands, also those in flight when the server died.
-truncate -s 64M dst.raw
+truncate -s 32M dst.raw
 nbds_stop pid
 IMG=dst.raw
 start "$IMG"
-run_killed "write" $T "$VDISK" convert -n -r 24M src.raw \
+run_killed "write" $T "$VDISK" convert -n -r 12M src.raw \
     --target-image-opts "$(opts ,file.reconnect-delay=10)"
 [ "$ST" = 0 ] || fail "write across a server restart: exit $ST: $(cat run.out)"
 nbds_stop pid
@@ -68,7 +68,7 @@ cmp src.raw dst.raw || fail "write across a server restart: data lost"
 start src.raw
 RESTART_AFTER=
 rm -f out.raw
-run_killed "no delay" $T "$VDISK" convert -r 24M -O raw --image-opts \
+run_killed "no delay" $T "$VDISK" convert -r 12M -O raw --image-opts \
     "$(opts)" out.raw
 [ "$ST" = 1 ] || fail "server killed, no reconnect-delay: exit $ST: $(cat run.out)"
 grep -q 'error while reading' run.out || fail "no delay: $(cat run.out)"
@@ -76,7 +76,7 @@ grep -q 'error while reading' run.out || fail "no delay: $(cat run.out)"
 # A delay that runs out: fails after it, not before, not never.
 start src.raw
 SECONDS=0
-run_killed "delay runs out" $T "$VDISK" convert -r 24M -O raw --image-opts \
+run_killed "delay runs out" $T "$VDISK" convert -r 12M -O raw --image-opts \
     "$(opts ,file.reconnect-delay=2)" out.raw
 [ "$ST" = 1 ] || fail "reconnect-delay ran out: exit $ST: $(cat run.out)"
 [ "$SECONDS" -ge 2 ] || fail "gave up before reconnect-delay passed"
@@ -94,6 +94,6 @@ starter=$!
 $T "$VDISK" info --image-opts "$(opts ,file.open-timeout=10)" > late.out ||
     fail "open-timeout: $(cat late.out)"
 wait $starter
-grep -q '64 MiB' late.out || fail "open-timeout: $(cat late.out)"
+grep -q '32 MiB' late.out || fail "open-timeout: $(cat late.out)"
 nbds_stop pid
 exit 0

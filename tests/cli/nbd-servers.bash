@@ -48,7 +48,7 @@ nbds_kill()
 # tried up to 5 times; the port is left in NBDS_PORT.
 _nbds_start()
 {
-    local name=$1 pidfile=$2 want=$3 try port args a
+    local name=$1 pidfile=$2 want=$3 try port args a i
     shift 3
     for ((try = 0; try < 5; try++)); do
         port=
@@ -62,10 +62,16 @@ _nbds_start()
             args+=("${a//@PORT@/$port}")
         done
         rm -f "$pidfile"
-        if timeout 30 "${args[@]}" 2>> "$name.log" && [ -s "$pidfile" ]; then
+        if timeout 30 "${args[@]}" 2>> "$name.log"; then
+            # The daemon may write its PID file after its parent exits.
+            for ((i = 0; i < 50; i++)); do
+                [ -s "$pidfile" ] && break
+                sleep 0.1
+            done
             NBDS_PORT=$port
             cleanup_fn nbds_stop "$pidfile"
-            return 0
+            [ -s "$pidfile" ] && return 0
+            break
         fi
         [ "$want" = - ] || break
     done
