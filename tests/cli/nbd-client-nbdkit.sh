@@ -61,7 +61,12 @@ grep -qi 'fail\|mismatch' f.out && fail "file plugin: data not in the file"
 # ---- TLS ----
 tls_make_x509 srv cli
 # A CA of its own for the client: the server's certificate is foreign.
-(mkdir other && cd other && tls_make_x509 srv cli)
+mkdir -p other/cli
+cp cli/client-*.pem other/cli/
+certtool --generate-privkey --outfile other/ca-key.pem 2>/dev/null
+certtool --generate-self-signed --load-privkey other/ca-key.pem \
+    --template ca.info --outfile other/cli/ca-cert.pem >/dev/null 2>&1 ||
+    fail "certtool: another CA"
 nbds_nbdkit pid3 - --tls=require --tls-certificates="$PWD/srv" memory 64M ||
     fail "nbdkit --tls=require"
 P=$NBDS_PORT
@@ -83,10 +88,9 @@ grep -qi "127.0.0.1:$P" wrong.err && grep -qi 'certificate\|verif\|TLS' wrong.er
 expect_status 1 $T "$VDISK" info \
     --object "tls-creds-x509,id=tls0,dir=$PWD/srv,endpoint=server" \
     --image-opts "$N" 2> ep.err
-$T $QEMU_IMG info \
-    --object "tls-creds-x509,id=tls0,dir=$PWD/srv,endpoint=server" \
-    --image-opts "$N" 2>&1 | sed 's/^qemu-img:/vdisk:/' > qep.err || true
-diff -u qep.err ep.err || fail "server-endpoint credentials: message differs"
+# (QEMU 7.2's words; qemu-img takes seconds to say them.)
+grep -q 'Expected TLS credentials for a client endpoint' ep.err ||
+    fail "server-endpoint credentials: $(cat ep.err)"
 expect_status 1 $T "$VDISK" info --image-opts "$N" 2> none.err
 grep -q "No TLS credentials with id 'tls0'" none.err ||
     fail "missing object: $(cat none.err)"

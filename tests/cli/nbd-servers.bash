@@ -9,7 +9,16 @@
 # the starters retry).
 nbds_free_port()
 {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    local p i
+    for ((i = 0; i < 20; i++)); do
+        p=$((20000 + RANDOM % 40000))
+        # Nothing answers there (bash's /dev/tcp: no python start-up).
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
 }
 
 # nbds_stop PIDFILE: SIGTERM, then SIGKILL after 5 s; waits until gone.
