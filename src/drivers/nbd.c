@@ -390,7 +390,12 @@ static int conn_do(nbd_conn *c, int op, uint64_t off, uint64_t len,
         int e = nbd_get_errno();
         return e > 0 ? e : EIO;
     }
-    conn_wake(c);
+    /* The I/O thread polls for replies already; it needs waking only
+     * when libnbd could not send all of the request at once and now
+     * waits for the socket to take more (a wake-up per request would
+     * cost a context switch each). */
+    if (nbd_aio_get_direction(c->h) & LIBNBD_AIO_DIRECTION_WRITE)
+        conn_wake(c);
     pthread_mutex_lock(&r->m);
     while (!r->done)
         pthread_cond_wait(&r->cond, &r->m);
