@@ -415,7 +415,7 @@ static bool conn_lost(nbd_conn *c, int e)
 /* Replaces the dead connection of generation @gen (lock held; dropped
  * while connecting). Called by the first request that saw it die; the
  * others wait in cl_request() meanwhile. */
-static void reconnect(vd_node *node, unsigned gen)
+static void reconnect(vd_node *node, unsigned gen, uint64_t seconds)
 {
     nbd_state *s = node->opaque;
     nbd_conn *fresh = NULL;
@@ -426,7 +426,7 @@ static void reconnect(vd_node *node, unsigned gen)
         return;
     s->cstate = CONN_RECONNECTING;
     pthread_mutex_unlock(&s->lock);
-    r = conn_open_retry(node, s->reconnect_delay, &fresh, &e);
+    r = conn_open_retry(node, seconds, &fresh, &e);
     pthread_mutex_lock(&s->lock);
     if (r == 0) {
         /* Keep the old one, and its thread, until close: a request may
@@ -477,10 +477,7 @@ static int cl_request(vd_node *node, int op, uint64_t off, uint64_t len,
             }
             tried_failed = true;
             s->cstate = CONN_UP;   /* let reconnect() run once more */
-            uint64_t delay = s->reconnect_delay;
-            s->reconnect_delay = 0;
-            reconnect(node, s->generation);
-            s->reconnect_delay = delay;
+            reconnect(node, s->generation, 0);
             pthread_mutex_unlock(&s->lock);
             continue;
         }
@@ -515,7 +512,7 @@ static int cl_request(vd_node *node, int op, uint64_t off, uint64_t len,
             pthread_mutex_unlock(&s->lock);
             return e;
         }
-        reconnect(node, gen);
+        reconnect(node, gen, s->reconnect_delay);
         pthread_mutex_unlock(&s->lock);
     }
 }
