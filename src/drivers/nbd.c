@@ -20,7 +20,10 @@
  * while queueing) and its thread sleeps on a condition variable; one
  * I/O thread per connection polls the socket and lets libnbd send and
  * receive, which runs the completion callbacks. So any number of
- * requests are in flight on one connection.
+ * requests are in flight on one connection. Where the server offers
+ * multi-conn, up to NBD_MAX_CONNS connections take the requests in
+ * turn (a threaded server such as nbdkit then answers in parallel;
+ * QEMU 7.2's client uses one). A reconnection replaces them all.
  *
  * Reconnection. When the connection dies, every request in flight fails
  * inside libnbd with the handle dead. With reconnect-delay > 0 the first
@@ -57,6 +60,12 @@
 #define NBD_MAX_BUFFER (32u << 20)
 /* How long a handshake (TCP connect, options, TLS) may take. */
 #define NBD_HANDSHAKE_TIMEOUT_MS 30000
+/* Connections opened when the server offers multi-conn (each one a
+ * socket and an I/O thread; requests go round robin). */
+#define NBD_MAX_CONNS 4
+/* ... each within this: a server that offers multi-conn but takes
+ * fewer connections than that may leave one hanging. */
+#define NBD_EXTRA_CONN_TIMEOUT_MS 2000
 /* NBD state flags of base:allocation (../shared/specs/nbd proto). */
 #define NBD_STATE_HOLE 1u
 #define NBD_STATE_ZERO 2u
@@ -89,7 +98,9 @@ typedef struct nbd_state {
 
     pthread_mutex_t lock;       /* guards what follows */
     pthread_cond_t cond;        /* the state changed */
-    nbd_conn *conn;             /* current connection */
+    nbd_conn *conn[NBD_MAX_CONNS];  /* current connections */
+    int nconn;                  /* how many: 1, or more with multi-conn */
+    atomic_uint next_conn;      /* round robin over them */
     nbd_conn *dead;             /* connections given up */
     int cstate;                 /* CONN_* */
     unsigned generation;        /* bumped by every new connection */
@@ -197,9 +208,9 @@ static const char *server_name(vd_node *node)
     return node->filename ? node->filename : "nbd";
 }
 
-/* Makes one connection and runs the handshake, within
- * NBD_HANDSHAKE_TIMEOUT_MS. */
-static int conn_open(vd_node *node, nbd_conn **out, vd_error *err)
+/* Makes one connection and runs the handshake, within @timeout_ms. */
+static int conn_open(vd_node *node, nbd_conn **out, int64_t timeout_ms,
+                     vd_error *err)
 {
     nbd_state *s = node->opaque;
     nbd_conn *c = calloc(1, sizeof(*c));
@@ -251,7 +262,7 @@ static int conn_open(vd_node *node, nbd_conn **out, vd_error *err)
         r = nbd_aio_connect_tcp(h, s->host, s->port);
     if (r < 0)
         goto nbd_fail;
-    deadline = now_ms() + NBD_HANDSHAKE_TIMEOUT_MS;
+    deadline = now_ms() + timeout_ms;
     while (!nbd_aio_is_ready(h)) {
         int64_t left = deadline - now_ms();
         if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h))
@@ -296,7 +307,7 @@ static int conn_open_retry(vd_node *node, uint64_t seconds, nbd_conn **out,
 
     for (;;) {
         vd_error e = VD_ERROR_INIT;
-        int r = conn_open(node, out, &e);
+        int r = conn_open(node, out, NBD_HANDSHAKE_TIMEOUT_MS, &e);
         if (r == 0 || now_ms() >= deadline ||
             r == -ENOMEM || r == -ENOTSUP) {
             if (r < 0)
@@ -418,22 +429,33 @@ static bool conn_lost(nbd_conn *c, int e)
 static void reconnect(vd_node *node, unsigned gen, uint64_t seconds)
 {
     nbd_state *s = node->opaque;
-    nbd_conn *fresh = NULL;
+    nbd_conn *fresh[NBD_MAX_CONNS] = { NULL };
     vd_error e = VD_ERROR_INIT;
-    int r;
+    int r, n = 1;
 
     if (s->generation != gen || s->cstate == CONN_RECONNECTING)
         return;
     s->cstate = CONN_RECONNECTING;
     pthread_mutex_unlock(&s->lock);
-    r = conn_open_retry(node, seconds, &fresh, &e);
+    /* The first within the delay; the others (multi-conn) once each: a
+     * server that takes fewer now leaves us fewer. */
+    r = conn_open_retry(node, seconds, &fresh[0], &e);
+    while (r == 0 && n < s->nconn) {
+        vd_error e2 = VD_ERROR_INIT;
+        if (conn_open(node, &fresh[n], NBD_EXTRA_CONN_TIMEOUT_MS, &e2) < 0)
+            break;
+        n++;
+    }
     pthread_mutex_lock(&s->lock);
     if (r == 0) {
-        /* Keep the old one, and its thread, until close: a request may
-         * still be in flight on it (to fail when its socket does). */
-        s->conn->next = s->dead;
-        s->dead = s->conn;
-        s->conn = fresh;
+        /* Keep the old ones, and their threads, until close: a request
+         * may still be in flight on one (to fail when its socket does). */
+        for (int i = 0; i < s->nconn; i++) {
+            s->conn[i]->next = s->dead;
+            s->dead = s->conn[i];
+            s->conn[i] = fresh[i];
+        }
+        s->nconn = n;
         s->generation++;
         s->cstate = CONN_UP;
     } else {
@@ -481,7 +503,9 @@ static int cl_request(vd_node *node, int op, uint64_t off, uint64_t len,
             pthread_mutex_unlock(&s->lock);
             continue;
         }
-        c = s->conn;
+        c = s->conn[atomic_fetch_add_explicit(&s->next_conn, 1,
+                                              memory_order_relaxed) %
+                     (unsigned)s->nconn];
         gen = s->generation;
         pthread_mutex_unlock(&s->lock);
 
@@ -803,8 +827,11 @@ static int set_filename(vd_node *node, vd_error *err)
 
 static void cl_free_state(nbd_state *s)
 {
-    conn_free(s->conn);
-    s->conn = NULL;
+    for (int i = 0; i < s->nconn; i++) {
+        conn_free(s->conn[i]);
+        s->conn[i] = NULL;
+    }
+    s->nconn = 0;
     while (s->dead) {
         nbd_conn *c = s->dead;
         s->dead = c->next;
@@ -862,7 +889,9 @@ static int cl_open(vd_node *node, vd_opts *opts, unsigned flags,
     if ((r = set_filename(node, err)) < 0)
         goto fail;
 
-    r = conn_open_retry(node, s->open_timeout, &s->conn, err);
+    r = conn_open_retry(node, s->open_timeout, &s->conn[0], err);
+    if (r == 0)
+        s->nconn = 1;
     if (r < 0) {
         if (s->path)
             vd_error_prepend(err, "Failed to connect to '%s': ", s->path);
@@ -871,7 +900,7 @@ static int cl_open(vd_node *node, vd_opts *opts, unsigned flags,
                              s->port);
         goto fail;
     }
-    h = s->conn->h;
+    h = s->conn[0]->h;
     s->size = nbd_get_size(h);
     if (s->size < 0) {
         r = vd_error_set(err, -EIO, "%s", nbd_get_error());
@@ -891,6 +920,20 @@ static int cl_open(vd_node *node, vd_opts *opts, unsigned flags,
     if (rdwr && s->read_only) {
         r = vd_error_set(err, -EACCES, "NBD export is read-only");
         goto fail;
+    }
+
+    /* Multi-conn: the server promises that what one connection flushes
+     * covers every connection's writes (NBD_FLAG_CAN_MULTI_CONN), so
+     * requests may be spread over several; a server with a connection
+     * limit just leaves us fewer. */
+    if (nbd_can_multi_conn(h) == 1) {
+        while (s->nconn < NBD_MAX_CONNS) {
+            vd_error e = VD_ERROR_INIT;
+            if (conn_open(node, &s->conn[s->nconn],
+                          NBD_EXTRA_CONN_TIMEOUT_MS, &e) < 0)
+                break;
+            s->nconn++;
+        }
     }
 
     /* The server's block sizes (QEMU's nbd_refresh_limits()). */
