@@ -668,8 +668,8 @@ static int parse_filename(nbd_state *s, const char *name, vd_error *err)
     if (strstr(name, "://"))
         return parse_uri(s, name, err);
     if (strncmp(name, "nbd:", 4) != 0)
-        return vd_error_set(err, -EINVAL, "File name string must start "
-                            "with 'nbd:'");
+        return vd_error_set(err, -EINVAL, "File name string for NBD must "
+                            "start with 'nbd:'");
     rest = name + 4;
     ex = strstr(rest, ":exportname=");
     len = ex ? (size_t)(ex - rest) : strlen(rest);
