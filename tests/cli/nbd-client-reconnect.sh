@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The nbd client when its server dies: with reconnect-delay, a convert
 # reading from (and one writing to) a qemu-nbd that is killed and
-# restarted mid-copy finishes with every byte right, no request lost;
+# restarted mid-copy (and an nbdkit, which offers multi-conn) finishes
+# with every byte right, no request lost;
 # past the delay, or without one, the copy fails with an error and exit
 # status 1, never a hang.
 source "$(dirname "$0")/../functions.sh"
@@ -63,6 +64,20 @@ run_killed "write" $T "$VDISK" convert -n -r 12M src.raw \
 [ "$ST" = 0 ] || fail "write across a server restart: exit $ST: $(cat run.out)"
 nbds_stop pid
 cmp src.raw dst.raw || fail "write across a server restart: data lost"
+
+# nbdkit offers multi-conn: every connection is replaced.
+if command -v nbdkit >/dev/null; then
+    start() { nbds_nbdkit pid "$P" --readonly file "$IMG" || fail "nbdkit on $P"; }
+    IMG=src.raw
+    start
+    rm -f out.raw
+    run_killed "multi-conn" $T "$VDISK" convert -r 12M -O raw --image-opts \
+        "$(opts ,file.reconnect-delay=10)" out.raw
+    [ "$ST" = 0 ] || fail "multi-conn restart: exit $ST: $(cat run.out)"
+    cmp src.raw out.raw || fail "multi-conn restart: data differs"
+    nbds_stop pid
+    start() { nbds_qemu_nbd pid "$P" -f raw "$@" || fail "qemu-nbd on $P"; }
+fi
 
 # No reconnect-delay: the first loss is final, exit 1 with a message.
 start src.raw
