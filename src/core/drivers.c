@@ -36,6 +36,9 @@ extern const vd_driver vd_driver_preallocate;
 /* Remote protocols (docs/remote.md), each present when the library it
  * is built on was found. */
 #ifdef VDISK_HAVE_NBD_CLIENT
+extern const vd_driver vd_driver_nbd;
+extern const vd_driver vd_driver_nbd_tcp;
+extern const vd_driver vd_driver_nbd_unix;
 #endif
 
 #ifdef VDISK_HAVE_CURL
@@ -83,6 +86,9 @@ static const vd_driver *const driver_table[] = {
     &vd_driver_preallocate,
     /* remote protocols */
 #ifdef VDISK_HAVE_NBD_CLIENT
+    &vd_driver_nbd,
+    &vd_driver_nbd_tcp,
+    &vd_driver_nbd_unix,
 #endif
 
 #ifdef VDISK_HAVE_CURL
@@ -203,9 +209,13 @@ VD_API unsigned vd_driver_features(const char *name)
 VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
                             void *opaque)
 {
-    for (size_t k = 0; k < N_DRIVERS; k++)
-        if (driver_table[k]->open)
-            fn(driver_table[k]->name, opaque);
+    for (size_t k = 0; k < N_DRIVERS; k++) {
+        /* One name per driver: nbd has an entry per URI prefix. */
+        if (!driver_table[k]->open ||
+            vd_find_driver(driver_table[k]->name) != driver_table[k])
+            continue;
+        fn(driver_table[k]->name, opaque);
+    }
 }
 
 VD_API const vd_create_option *vd_amend_options(const char *format)

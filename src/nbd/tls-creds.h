@@ -41,4 +41,18 @@ int nbd_tls_creds_load(const nbd_tls_creds_config *cfg,
 /* Another reference to @creds (released with vd_nbd_tls_creds_unref()). */
 vd_nbd_tls_creds *nbd_tls_creds_ref(vd_nbd_tls_creds *creds);
 
+/* What the NBD client (src/drivers/nbd.c) needs of the tls-creds-*
+ * object @id to hand to libnbd: its directory, kind, PSK username and
+ * verify-peer; the strings are the caller's to free. Refused, with
+ * QEMU's messages, when there is no such object, it is no TLS
+ * credentials, or its endpoint is not "client". */
+typedef struct nbd_tls_client_creds {
+    bool psk;
+    bool verify_peer;
+    char *dir;
+    char *username;             /* PSK: NULL when not set */
+} nbd_tls_client_creds;
+int nbd_tls_client_creds_get(const char *id, nbd_tls_client_creds *out,
+                             vd_error *err);
+
 #endif

@@ -6,7 +6,8 @@
  * with the password of the passwordid secret for an encrypted X.509 key.
  * Also here: the NBD header's TLS object functions, which predate the
  * registry and now go through it, and vd_nbd_tls_creds_get(), the
- * server's lookup by id.
+ * server's lookup by id, and nbd_tls_client_creds_get(), the NBD
+ * client's.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -198,4 +199,41 @@ VD_API int vd_nbd_tls_del_object(const char *id, vd_error *err)
 VD_API void vd_nbd_tls_cleanup(void)
 {
     vd_object_del_all();
+}
+
+int nbd_tls_client_creds_get(const char *id, nbd_tls_client_creds *out,
+                             vd_error *err)
+{
+    vd_object *obj;
+    tls_creds *t;
+    int r = 0;
+
+    memset(out, 0, sizeof(*out));
+    obj_lock();
+    obj = obj_find_locked(id);
+    t = (tls_creds *)obj;
+    if (!obj) {
+        r = vd_error_set(err, -ENOENT, "No TLS credentials with id '%s'",
+                         id);
+    } else if (obj->cls != &obj_class_tls_creds_x509 &&
+               obj->cls != &obj_class_tls_creds_psk) {
+        r = vd_error_set(err, -EINVAL, "Object with id '%s' is not TLS "
+                         "credentials", id);
+    } else if (t->endpoint != ENDPOINT_CLIENT) {
+        r = vd_error_set(err, -EINVAL, "Expected TLS credentials for a "
+                         "client endpoint");
+    } else {
+        out->psk = obj->cls == &obj_class_tls_creds_psk;
+        out->verify_peer = t->verify_peer;
+        out->dir = t->dir ? strdup(t->dir) : NULL;
+        out->username = t->username ? strdup(t->username) : NULL;
+        if ((t->dir && !out->dir) || (t->username && !out->username)) {
+            free(out->dir);
+            free(out->username);
+            out->dir = out->username = NULL;
+            r = vd_error_set(err, -ENOMEM, "Out of memory");
+        }
+    }
+    obj_unlock();
+    return r;
 }
