@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# The rbd driver against a real single-node Ceph cluster (tests/ceph-
+# cluster.sh): images written by vdisk read by qemu-img/qemu-io (QEMU's
+# rbd driver) and `rbd export`, and the other way round (`rbd import`,
+# qemu-io writes); info, map and snapshot listings equal to QEMU's;
+# `rbd snap ls` shows vdisk's snapshots, goto rolls back, @snap opens
+# read-only; qcow2 on rbd; resize, discard, write zeroes; `vdisk serve`
+# exporting an RBD image with fio writing and verifying through NBD; the
+# errors (no pool, no image, bad user, bad option, cluster down) as
+# QEMU's, never a hang.
+source "$(dirname "$0")/../functions.sh"
+requires qemu-img qemu-io ceph-mon ceph-mgr ceph-osd ceph rbd timeout cmp
+"$VDISK" --help | grep -qw rbd || { echo "vdisk built without librbd"; exit 77; }
+source "$(dirname "$0")/../ceph-cluster.sh"
+tmpdir
+mkdir ceph
+cleanup_fn ceph_cluster_stop "$PWD/ceph"
+rc=0
+ceph_cluster_start "$PWD/ceph" || rc=$?
+[ $rc = 77 ] && exit 77
+[ $rc = 0 ] || fail "the Ceph cluster did not come up (see above)"
+
+# Messages without the program's name, to compare vdisk's with QEMU's.
+msg() { sed -e 's/^[a-z-]*: //' "$1"; }
+
+# ---- vdisk creates and writes; QEMU and the rbd CLI read ----
+"$VDISK" create -f raw rbd:rbd/a 16M > create.out
+rbd info rbd/a --format json > a.json
+python3 -c 'import json,sys; assert json.load(open(sys.argv[1]))["size"] == 16 << 20' a.json ||
+    fail "rbd info does not show the 16 MiB vdisk created"
+head -c 3M /dev/urandom > r3
+"$VDISK" io -f raw -c 'write -P 0x5a 4M 1M' -c 'write -z 8M 4M' \
+    -c 'write -P 0x33 13M 512' rbd:rbd/a > /dev/null
+"$VDISK" convert -n -f raw -O raw r3 rbd:rbd/a
+"$QEMU_IO" -f raw -c 'read -P 0x5a 4M 1M' -c 'read -P 0 8M 4M' \
+    -c 'read -P 0x33 13M 512' rbd:rbd/a > qio.out || fail "qemu-io reads other bytes"
+grep -q 'Pattern verification failed' qio.out && fail "qemu-io: pattern mismatch"
+rbd export rbd/a exported.raw > /dev/null 2>&1
+cmp -n $((3 << 20)) exported.raw r3 || fail "rbd export differs from what vdisk wrote"
+"$QEMU_IMG" convert -f raw -O raw rbd:rbd/a q.raw
+"$VDISK" convert -f raw -O raw rbd:rbd/a v.raw
+cmp exported.raw q.raw || fail "rbd export and qemu-img convert differ"
+cmp v.raw q.raw || fail "vdisk convert and qemu-img convert of rbd:rbd/a differ"
+
+# ---- the other way: rbd import and qemu-io write; vdisk reads ----
+head -c 5M /dev/urandom > r5
+rbd import r5 rbd/b > /dev/null 2>&1
+"$VDISK" convert -f raw -O raw rbd:rbd/b b.raw
+cmp b.raw r5 || fail "vdisk reads other bytes than rbd import wrote"
+"$QEMU_IO" -f raw -c 'write -P 0x77 1M 64k' rbd:rbd/b > /dev/null
+"$VDISK" io -f raw -c 'read -P 0x77 1M 64k' rbd:rbd/b > vio.out
+grep -q 'Pattern verification failed' vio.out && fail "vdisk io: pattern mismatch"
+"$VDISK" compare -f raw -F raw rbd:rbd/b b.raw > /dev/null &&
+    fail "compare calls the changed image equal to the old copy"
+
+# ---- info and map as QEMU's (QEMU names the node with a json: filename
+# built from its options; vdisk keeps the rbd: filename) ----
+"$VDISK" info -f raw rbd:rbd/a | grep -v '^image:' > info.v
+"$QEMU_IMG" info -f raw rbd:rbd/a | grep -v '^image:' > info.q
+diff -u info.q info.v || fail "info differs from qemu-img info"
+"$VDISK" info -f raw --output=json rbd:rbd/a > info.vj
+"$QEMU_IMG" info -f raw --output=json rbd:rbd/a > info.qj
+json_equal_filtered info.qj info.vj filename || fail "info --output=json differs"
+"$VDISK" io -f raw -c 'discard 4M 4M' rbd:rbd/a > /dev/null
+"$VDISK" map -f raw --output=json rbd:rbd/a > map.v
+"$QEMU_IMG" map -f raw --output=json rbd:rbd/a > map.q
+diff -u map.q map.v || fail "map differs from qemu-img map"
+grep -q '"zero": true' map.v || fail "map found no hole (fast-diff unused?)"
+
+# ---- resize ----
+"$VDISK" resize -f raw rbd:rbd/a 20M > /dev/null
+rbd info rbd/a --format json > a.json
+python3 -c 'import json,sys; assert json.load(open(sys.argv[1]))["size"] == 20 << 20' a.json ||
+    fail "rbd info does not show the resized size"
+
+# ---- snapshots: RBD snapshots ----
+"$QEMU_IMG" convert -f raw -O raw rbd:rbd/b b1.raw
+"$VDISK" snapshot -c s1 rbd:rbd/b 2> /dev/null
+"$VDISK" snapshot -c s2 rbd:rbd/b 2> /dev/null
+rbd snap ls rbd/b --format json > snaps.json
+python3 -c 'import json,sys; n=[s["name"] for s in json.load(open(sys.argv[1]))]; assert n == ["s1","s2"], n' snaps.json ||
+    fail "rbd snap ls does not show the snapshots vdisk made"
+"$VDISK" snapshot -l rbd:rbd/b > snl.v 2> /dev/null
+"$QEMU_IMG" snapshot -l rbd:rbd/b > snl.q 2> /dev/null
+diff -u snl.q snl.v || fail "snapshot -l differs from qemu-img's"
+"$QEMU_IO" -f raw -c 'write -P 0x99 0 1M' rbd:rbd/b > /dev/null
+# @snap opens read-only, reads the snapshot, refuses writes as QEMU
+"$VDISK" convert -f raw -O raw rbd:rbd/b@s1 s1.v.raw
+cmp s1.v.raw b1.raw || fail "rbd:rbd/b@s1 does not read the snapshot"
+expect_status 1 "$VDISK" io -f raw -c 'write 0 512' rbd:rbd/b@s1 2> ro.v
+"$QEMU_IO" -f raw -c 'write 0 512' rbd:rbd/b@s1 2> ro.q && fail "qemu-io wrote a snapshot"
+grep -q 'rbd snapshots are read-only' ro.v || fail "no read-only message: $(cat ro.v)"
+# goto = rollback
+"$VDISK" snapshot -a s1 rbd:rbd/b 2> /dev/null
+"$VDISK" convert -f raw -O raw rbd:rbd/b rolled.raw
+cmp rolled.raw b1.raw || fail "snapshot -a did not roll the image back"
+# delete, and the errors as qemu-img's
+"$VDISK" snapshot -d s2 rbd:rbd/b 2> /dev/null
+rbd snap ls rbd/b --format json > snaps.json
+python3 -c 'import json,sys; n=[s["name"] for s in json.load(open(sys.argv[1]))]; assert n == ["s1"], n' snaps.json ||
+    fail "snapshot -d did not remove the RBD snapshot"
+# (QEMU's rbd driver prints "failed to create snap: File exists" on a
+# line of its own first: only the last line is compared.)
+for args in "-a nosuch" "-d nosuch" "-c s1"; do
+    expect_status 1 "$VDISK" snapshot $args rbd:rbd/b 2> e.v
+    "$QEMU_IMG" snapshot $args rbd:rbd/b 2> e.q && fail "qemu-img snapshot $args succeeded"
+    [ "$(msg e.v | grep -v '^ \|WARNING' | tail -n 1)" = \
+      "$(msg e.q | grep -v '^ \|WARNING' | tail -n 1)" ] ||
+        fail "snapshot $args: vdisk says '$(msg e.v)', qemu-img '$(msg e.q)'"
+done
+
+# ---- qcow2 on rbd ----
+"$VDISK" create -f qcow2 rbd:rbd/q 32M > /dev/null
+"$VDISK" io -c 'write -P 0x44 1M 2M' -c 'write -z 8M 1M' rbd:rbd/q > /dev/null
+"$QEMU_IMG" check rbd:rbd/q > /dev/null || fail "qemu-img check: the qcow2 on rbd is damaged"
+"$QEMU_IO" -c 'read -P 0x44 1M 2M' rbd:rbd/q > qq.out
+grep -q 'Pattern verification failed' qq.out && fail "qemu-io reads other bytes from the qcow2 on rbd"
+"$VDISK" map --output=json rbd:rbd/q > qmap.v
+"$QEMU_IMG" map --output=json rbd:rbd/q > qmap.q
+diff -u qmap.q qmap.v || fail "map of the qcow2 on rbd differs"
+"$QEMU_IMG" create -q -f qcow2 rbd:rbd/q2 16M
+"$QEMU_IO" -c 'write -P 0x21 0 1M' rbd:rbd/q2 > /dev/null
+"$VDISK" check rbd:rbd/q2 > /dev/null || fail "vdisk check of qemu's qcow2 on rbd"
+"$VDISK" io -c 'read -P 0x21 0 1M' rbd:rbd/q2 > vq.out
+grep -q 'Pattern verification failed' vq.out && fail "vdisk reads other bytes from qemu's qcow2 on rbd"
+
+# ---- blockdev options ----
+"$VDISK" info --image-opts driver=raw,file.driver=rbd,file.pool=rbd,file.image=a,file.user=admin > io.v
+grep -q 'virtual size: 20 MiB' io.v || fail "--image-opts with the rbd options"
+expect_status 1 "$VDISK" info --image-opts driver=rbd,pool=rbd,image=a,encrypt.format=luks 2> enc.v
+grep -q 'encryption' enc.v || fail "encryption not refused clearly: $(cat enc.v)"
+
+# ---- vdisk serve exports the RBD image; fio writes and verifies ----
+if command -v fio > /dev/null && fio --enghelp 2>/dev/null | grep -qw nbd; then
+    "$VDISK" create -f raw rbd:rbd/s 32M > /dev/null
+    "$VDISK" serve -t -f raw -k "$PWD/nbd.sock" rbd:rbd/s 2> serve.err &
+    spid=$!
+    stop_serve() { kill "$spid" 2> /dev/null || true; }
+    cleanup_fn stop_serve
+    for i in $(seq 100); do [ -S nbd.sock ] && break; sleep 0.1; done
+    timeout 120 fio --name=w --ioengine=nbd --uri="nbd+unix:///?socket=$PWD/nbd.sock" \
+        --rw=randwrite --bs=64k --iodepth=8 --size=16M --verify=crc32c \
+        --verify_fatal=1 --do_verify=1 > fio.out 2>&1 || { cat fio.out; fail "fio over vdisk serve of rbd:rbd/s failed"; }
+    kill "$spid"
+    wait "$spid" || true
+    # What fio wrote is in the RBD image: the exported bytes equal QEMU's
+    "$QEMU_IMG" convert -f raw -O raw rbd:rbd/s s.q.raw
+    rbd export rbd/s s.rbd.raw > /dev/null 2>&1
+    cmp s.q.raw s.rbd.raw || fail "after fio: qemu-img and rbd export differ"
+    cmp -n $((16 << 20)) s.q.raw /dev/zero > /dev/null && fail "fio's writes did not reach the RBD image"
+else
+    echo "note: fio without an nbd engine: the serve check is skipped"
+fi
+
+# ---- errors as QEMU's ----
+for f in rbd:nopool/x rbd:rbd/nosuch 'rbd:rbd/a:id=nobody' 'rbd:rbd/a:conf=/nonexistent' \
+         rbd:rbd 'rbd:rbd/a:foo' 'rbd:rbd/a:foo=bar'; do
+    expect_status 1 timeout 60 "$VDISK" info -f raw "$f" 2> e.v
+    "$QEMU_IMG" info -f raw "$f" 2> e.q && fail "qemu-img opened $f"
+    [ "$(msg e.v)" = "$(msg e.q)" ] || fail "$f: vdisk says '$(msg e.v)', qemu-img '$(msg e.q)'"
+done
+expect_status 1 "$VDISK" create -f raw rbd:rbd/a 1M 2> e.v
+grep -q 'error rbd create: File exists' e.v || fail "create over an image: $(cat e.v)"
+
+# ---- the cluster goes away: a clear error within the timeout ----
+ceph_cluster_stop "$PWD/ceph"
+start=$SECONDS
+expect_status 1 timeout 60 "$VDISK" info -f raw 'rbd:rbd/a:client_mount_timeout=3' 2> down.v
+[ $((SECONDS - start)) -lt 30 ] || fail "a cluster that is down took $((SECONDS - start)) s to report"
+grep -q 'error connecting' down.v || fail "cluster down: $(cat down.v)"
+exit 0
