@@ -130,7 +130,7 @@ mgr initial modules =
 osd data = $d/osd
 keyring = $d/osd/keyring
 osd objectstore = memstore
-memstore device bytes = 2147483648
+memstore device bytes = 4294967296
 osd max object name len = 256
 osd max object namespace len = 64
 EOF
