@@ -97,7 +97,6 @@ auth cluster required = cephx
 auth service required = cephx
 auth client required = cephx
 run dir = $d/run
-admin socket = $d/run/\$name.asok
 log file = $d/log/\$name.log
 log to stderr = false
 err to stderr = false
@@ -119,14 +118,20 @@ rados osd op timeout = 15
 client mount timeout = 15
 [client]
 keyring = $d/keyring
+# Clients run side by side (the tests' tools at once): no admin socket,
+# whose one name they would fight over.
+admin socket =
 [mon]
+admin socket = $d/run/\$name.asok
 mon data = $d/mon
 keyring = $d/mon.keyring
 [mgr]
+admin socket = $d/run/\$name.asok
 mgr data = $d/mgr
 keyring = $d/mgr/keyring
 mgr initial modules =
 [osd]
+admin socket = $d/run/\$name.asok
 osd data = $d/osd
 keyring = $d/osd/keyring
 osd objectstore = memstore

@@ -130,6 +130,53 @@ grep -q 'virtual size: 20 MiB' io.v || fail "--image-opts with the rbd options"
 expect_status 1 "$VDISK" info --image-opts driver=rbd,pool=rbd,image=a,encrypt.format=luks 2> enc.v
 grep -q 'encryption' enc.v || fail "encryption not refused clearly: $(cat enc.v)"
 
+# ---- namespaces, escaped names, cephx keys by secret object ----
+rbd namespace create rbd/ns1
+"$VDISK" create -f raw rbd:rbd/ns1/img 4M > /dev/null
+[ "$(rbd ls rbd/ns1)" = img ] || fail "the image is not in namespace ns1"
+"$QEMU_IMG" info -f raw rbd:rbd/ns1/img | grep -q 'virtual size: 4 MiB' ||
+    fail "qemu-img does not find vdisk's image in namespace ns1"
+rbd create -s 1M 'rbd/c:d'
+"$VDISK" info -f raw 'rbd:rbd/c\:d' | grep -q 'virtual size: 1 MiB' ||
+    fail "the escaped image name 'c\:d' was not found"
+key=$(ceph auth get-key client.admin)
+"$VDISK" info --object "secret,id=k,data=$key,format=base64" \
+    --image-opts "driver=raw,file.driver=rbd,file.pool=rbd,file.image=a,file.user=admin,file.key-secret=k,file.auth-client-required.0=cephx,file.conf=$CEPH_CONF" \
+    | grep -q 'virtual size: 20 MiB' || fail "open with key-secret failed"
+bad=AQBAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==
+for o in "key-secret=k" "auth-client-required.0=none"; do
+    expect_status 1 timeout 60 "$VDISK" info --object "secret,id=k,data=$bad,format=base64" \
+        --image-opts "driver=rbd,pool=rbd,image=a,$o" 2> e.v
+    "$QEMU_IMG" info --object "secret,id=k,data=$bad,format=base64" \
+        --image-opts "driver=rbd,pool=rbd,image=a,$o" 2> e.q && fail "qemu-img opened with $o"
+    [ "$(msg e.v)" = "$(msg e.q)" ] || fail "$o: vdisk says '$(msg e.v)', qemu-img '$(msg e.q)'"
+done
+
+# ---- the image deleted while open: the client is fenced (blocklisted,
+# as Ceph does before removing an image that is in use) and the image
+# removed; the open vdisk io fails its next requests clearly ----
+rbd create -s 8M rbd/del
+mkfifo cmds
+timeout 60 "$VDISK" io -f raw rbd:rbd/del < cmds > del.out 2>&1 &
+iopid=$!
+exec 7> cmds
+echo "write -P 1 0 1M" >&7
+for i in $(seq 100); do
+    addr=$(rbd status rbd/del --format json | python3 -c 'import json,sys; w=json.load(sys.stdin)["watchers"]; print(w[0]["address"] if w else "")')
+    [ -n "$addr" ] && break
+    sleep 0.1
+done
+[ -n "$addr" ] || fail "vdisk io does not watch rbd/del"
+ceph osd blocklist add "$addr" > /dev/null 2>&1
+rbd rm rbd/del > /dev/null 2>&1 || fail "rbd rm of the fenced image failed"
+echo "read -P 1 0 1M" >&7
+exec 7>&-
+st=0
+wait "$iopid" || st=$?
+[ "$st" = 1 ] || { cat del.out; fail "vdisk io exited with $st after the image went away"; }
+grep -q 'vdisk: rbd:rbd/del: read failed' del.out || { cat del.out; fail "no clear error after the image went away"; }
+ceph osd blocklist rm "$addr" > /dev/null 2>&1 || true
+
 # ---- vdisk serve exports the RBD image; fio writes and verifies ----
 if command -v fio > /dev/null && fio --enghelp 2>/dev/null | grep -qw nbd; then
     "$VDISK" create -f raw rbd:rbd/s 32M > /dev/null
