@@ -317,6 +317,52 @@ static int vrbd_take_auth_client(vd_opts *opts, char **out, vd_error *err)
     return 0;
 }
 
+/* "server" (server.N.host, server.N.port: QEMU's list of monitors) as
+ * librados' mon_host, "host:port;[v6host]:port", QEMU's
+ * qemu_rbd_mon_host(). *@out NULL: none given. */
+static int vrbd_take_servers(vd_opts *opts, char **out, vd_error *err)
+{
+    char key[64];
+    char *list = NULL;
+    size_t len = 0;
+
+    *out = NULL;
+    for (int i = 0;; i++) {
+        char *host, *port, *n;
+        int w;
+        snprintf(key, sizeof(key), "server.%d.host", i);
+        host = vd_opts_take(opts, key);
+        snprintf(key, sizeof(key), "server.%d.port", i);
+        port = vd_opts_take(opts, key);
+        if (!host && !port) {
+            break;
+        }
+        if (!host || !port) {
+            vd_error_set(err, -EINVAL, "Parameter 'server.%d.%s' is "
+                         "missing", i, host ? "port" : "host");
+            free(host);
+            free(port);
+            free(list);
+            return -EINVAL;
+        }
+        n = realloc(list, len + strlen(host) + strlen(port) + 5);
+        if (!n) {
+            free(host);
+            free(port);
+            free(list);
+            return vd_error_set(err, -ENOMEM, "Out of memory");
+        }
+        list = n;
+        w = sprintf(list + len, strchr(host, ':') ? "%s[%s]:%s" : "%s%s:%s",
+                    len ? ";" : "", host, port);
+        len += (size_t)w;
+        free(host);
+        free(port);
+    }
+    *out = list;
+    return 0;
+}
+
 /* Sets @key to RBD_DEFAULT_TIMEOUT unless the configuration gave it a
  * value other than librados' own default @libdef. */
 static void vrbd_default_timeout(rados_t c, const rbd_loc *l,
@@ -339,7 +385,8 @@ static void vrbd_default_timeout(rados_t c, const rbd_loc *l,
 /* Connects to the cluster and opens the pool (and namespace) of @l, as
  * QEMU's qemu_rbd_connect(), with its messages. */
 static int vrbd_connect(const rbd_loc *l, const char *key_secret,
-                       const char *auth_client, bool nocache,
+                       const char *auth_client, const char *mon_host,
+                       bool nocache,
                        rados_t *cluster, rados_ioctx_t *ioctx, vd_error *err)
 {
     rados_t c = NULL;
@@ -360,6 +407,13 @@ static int vrbd_connect(const rbd_loc *l, const char *key_secret,
     } else {
         /* The default places ($CEPH_CONF, /etc/ceph/...); none is fine. */
         (void)rados_conf_read_file(c, NULL);
+    }
+    if (mon_host) {
+        r = rados_conf_set(c, "mon_host", mon_host);
+        if (r < 0) {
+            vd_error_set(err, r, "Could not set 'mon_host'");
+            goto fail;
+        }
     }
     for (size_t i = 0; i < l->nkv; i++) {
         r = rados_conf_set(c, l->kv[2 * i], l->kv[2 * i + 1]);
@@ -496,7 +550,7 @@ static int vrbd_open_node(vd_node *node, vd_opts *opts, unsigned flags,
     rbd_state *s = node->opaque;
     char *fname = vd_opts_take(opts, "filename");
     const char *name = fname ? fname : node->filename;
-    char *key_secret = NULL, *auth = NULL;
+    char *key_secret = NULL, *auth = NULL, *mon_host = NULL;
     rbd_image_info_t info;
     int r;
 
@@ -508,7 +562,8 @@ static int vrbd_open_node(vd_node *node, vd_opts *opts, unsigned flags,
     }
     if ((r = vrbd_take_loc_opts(opts, &s->loc, err)) < 0 ||
         (r = vrbd_refuse_encrypt(opts, "open", err)) < 0 ||
-        (r = vrbd_take_auth_client(opts, &auth, err)) < 0) {
+        (r = vrbd_take_auth_client(opts, &auth, err)) < 0 ||
+        (r = vrbd_take_servers(opts, &mon_host, err)) < 0) {
         goto out;
     }
     key_secret = vd_opts_take(opts, "key-secret");
@@ -525,7 +580,7 @@ static int vrbd_open_node(vd_node *node, vd_opts *opts, unsigned flags,
         r = vd_error_set(err, -ENOMEM, "Out of memory");
         goto out;
     }
-    r = vrbd_connect(&s->loc, key_secret, auth,
+    r = vrbd_connect(&s->loc, key_secret, auth, mon_host,
                     (flags & VD_NODE_NOCACHE) != 0, &s->cluster, &s->ioctx,
                     err);
     if (r < 0) {
@@ -554,6 +609,7 @@ out:
     free(fname);
     free(key_secret);
     free(auth);
+    free(mon_host);
     if (r < 0) {
         vrbd_close(node);
     }
@@ -995,7 +1051,8 @@ static int vrbd_create_image(const char *filename, vd_opts *opts,
         order = __builtin_ctzll(osize);
     }
     secret = vd_opts_take(opts, "password-secret");
-    r = vrbd_connect(&loc, secret, NULL, false, &cluster, &ioctx, err);
+    r = vrbd_connect(&loc, secret, NULL, NULL, false, &cluster, &ioctx,
+                     err);
     if (r < 0) {
         goto out;
     }

@@ -198,6 +198,27 @@ if command -v fio > /dev/null && fio --enghelp 2>/dev/null | grep -qw nbd; then
 else
     echo "note: fio without an nbd engine: the serve check is skipped"
 fi
+# The qemu-storage-daemon form: a --blockdev with the monitors as
+# "server" and the key as a secret object, no configuration file at all.
+mon=$(sed -n 's/^mon host = .*v1:127\.0\.0\.1:\([0-9]*\)\].*/\1/p' "$CEPH_CONF")
+[ -n "$mon" ] || fail "no monitor port in $CEPH_CONF"
+env -u CEPH_CONF "$VDISK" serve --object "secret,id=k,data=$key,format=base64" \
+    --blockdev "{\"driver\": \"rbd\", \"node-name\": \"r\", \"pool\": \"rbd\",
+                \"image\": \"b\", \"user\": \"admin\", \"key-secret\": \"k\",
+                \"server\": [{\"host\": \"127.0.0.1\", \"port\": \"$mon\"}]}" \
+    --nbd-server "addr.type=unix,addr.path=$PWD/qsd.sock" \
+    --export type=nbd,id=e,node-name=r,name=b 2> qsd.err &
+qpid=$!
+stop_qsd() { kill "$qpid" 2> /dev/null || true; }
+cleanup_fn stop_qsd
+for i in $(seq 100); do [ -S qsd.sock ] && break; sleep 0.1; done
+[ -S qsd.sock ] || { cat qsd.err; fail "vdisk serve --blockdev driver=rbd did not start"; }
+"$QEMU_IMG" compare -f raw -F raw "nbd+unix:///b?socket=$PWD/qsd.sock" rbd:rbd/b ||
+    fail "the --blockdev rbd export differs from the image"
+"$QEMU_IMG" map -f raw --output=json "nbd+unix:///b?socket=$PWD/qsd.sock" > nmap.v
+"$QEMU_IMG" map -f raw --output=json rbd:rbd/b > nmap.q
+diff -u nmap.q nmap.v || fail "the export's block status differs from QEMU's map of the image"
+stop_qsd
 
 # ---- errors as QEMU's ----
 for f in rbd:nopool/x rbd:rbd/nosuch 'rbd:rbd/a:id=nobody' 'rbd:rbd/a:conf=/nonexistent' \
