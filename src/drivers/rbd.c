@@ -1027,11 +1027,7 @@ static int vrbd_create_image(const char *filename, vd_opts *opts,
     if ((r = vrbd_parse_filename(filename, &loc, err)) < 0) {
         goto out;
     }
-    if (loc.snap) {
-        r = vd_error_set(err, -EINVAL, "Can't use snapshot name for image "
-                         "creation");
-        goto out;
-    }
+    /* A snapshot name is ignored: QEMU creates the image it belongs to. */
     if ((r = vrbd_refuse_encrypt(opts, "create", err)) < 0) {
         goto out;
     }
