@@ -67,6 +67,19 @@ json_equal_filtered info.qj info.vj filename || fail "info --output=json differs
 diff -u map.q map.v || fail "map differs from qemu-img map"
 grep -q '"zero": true' map.v || fail "map found no hole (fast-diff unused?)"
 
+# ---- the protocol's creation options (with -f rbd, as qemu-img) ----
+"$VDISK" create -f rbd -o cluster_size=8M rbd:rbd/o1 4M > co.v
+"$QEMU_IMG" create -f rbd -o cluster_size=8M rbd:rbd/o2 4M > co.q
+diff -u <(sed 's/o2/o1/' co.q) co.v || fail "create -f rbd prints other than qemu-img"
+[ "$(rbd info rbd/o1 --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["order"])')" = \
+  "$(rbd info rbd/o2 --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["order"])')" ] ||
+    fail "cluster_size did not set the object size as QEMU"
+for o in cluster_size=1000 cluster_size=2048; do
+    expect_status 1 "$VDISK" create -f rbd -o $o rbd:rbd/o3 4M > /dev/null 2> e.v
+    "$QEMU_IMG" create -f rbd -o $o rbd:rbd/o3 4M > /dev/null 2> e.q && fail "qemu-img created with $o"
+    [ "$(msg e.v)" = "$(msg e.q)" ] || fail "$o: vdisk says '$(msg e.v)', qemu-img '$(msg e.q)'"
+done
+
 # ---- resize ----
 "$VDISK" resize -f raw rbd:rbd/a 20M > /dev/null
 rbd info rbd/a --format json > a.json
