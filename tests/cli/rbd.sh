@@ -9,7 +9,7 @@
 # errors (no pool, no image, bad user, bad option, cluster down) as
 # QEMU's, never a hang.
 source "$(dirname "$0")/../functions.sh"
-requires qemu-img qemu-io ceph-mon ceph-mgr ceph-osd ceph rbd timeout cmp
+requires qemu-img qemu-io ceph-mon ceph-mgr ceph-osd ceph rbd timeout cmp python3
 "$VDISK" --help | grep -qw rbd || { echo "vdisk built without librbd"; exit 77; }
 source "$(dirname "$0")/../ceph-cluster.sh"
 tmpdir
