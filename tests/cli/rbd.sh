@@ -243,6 +243,25 @@ done
 expect_status 1 "$VDISK" create -f raw rbd:rbd/a 1M 2> e.v
 grep -q 'error rbd create: File exists' e.v || fail "create over an image: $(cat e.v)"
 
+# ---- the OSD dies under an open image: the next request fails within
+# rados_osd_op_timeout, naming the image ----
+mkfifo cmds2
+timeout 60 "$VDISK" io -f raw 'rbd:rbd/a:rados_osd_op_timeout=3' < cmds2 > osd.out 2>&1 &
+iopid=$!
+exec 7> cmds2
+echo "read 0 64k" >&7
+for i in $(seq 100); do grep -q 'read 65536/65536' osd.out && break; sleep 0.1; done
+grep -q 'read 65536/65536' osd.out || { cat osd.out; fail "vdisk io did not read before the OSD stopped"; }
+ceph_cluster_kill "$PWD/ceph/pids/osd.pid"
+start=$SECONDS
+echo "read 8M 64k" >&7
+exec 7>&-
+st=0
+wait "$iopid" || st=$?
+[ "$st" = 1 ] || { cat osd.out; fail "vdisk io exited with $st after the OSD died"; }
+[ $((SECONDS - start)) -lt 30 ] || fail "the OSD's death took $((SECONDS - start)) s to report"
+grep -q 'vdisk: rbd:rbd/a: read failed: Connection timed out' osd.out || { cat osd.out; fail "no clear error after the OSD died"; }
+
 # ---- the cluster goes away: a clear error within the timeout ----
 ceph_cluster_stop "$PWD/ceph"
 start=$SECONDS
