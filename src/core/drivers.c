@@ -52,6 +52,7 @@ extern const vd_driver vd_driver_iscsi;
 #endif
 
 #ifdef VDISK_HAVE_RBD
+extern const vd_driver vd_driver_rbd;
 #endif
 
 extern const vd_driver vd_driver_vmdk;
@@ -102,6 +103,7 @@ static const vd_driver *const driver_table[] = {
 #endif
 
 #ifdef VDISK_HAVE_RBD
+    &vd_driver_rbd,
 #endif
 
     /* probe-only until their drivers exist */

@@ -91,9 +91,11 @@ VD_API int vd_get_info(vd_node *node, vd_image_info **out, vd_error *err)
     int r = 0;
     if (node->drv->get_info) {
         r = node->drv->get_info(node, info, err);
-    } else if (node->drv->is_filter && node->file) {
+    } else if ((node->drv->is_filter || node->drv->info_from_file) &&
+               node->file) {
         /* As QEMU's bdrv_get_info(): a filter answers with what the
-         * node it filters says (the cluster size). */
+         * node it filters says (the cluster size), and so does raw
+         * (raw_get_info(): an rbd image's object size). */
         vd_image_info *below = NULL;
         if (vd_get_info(node->file->node, &below, NULL) == 0)
             info->cluster_size = below->cluster_size;

@@ -37,9 +37,10 @@ static const char *const aio_enum[] = { "threads", "native", "io_uring",
  * unknown value is refused the same way. */
 static const char *const driver_enum[] = {
     "blkdebug", "blkverify", "compress", "copy-before-write",
-    "copy-on-read", "file", "snapshot-access", "host_cdrom", "host_device",
-    "iscsi",
-    "null-aio", "null-co", "preallocate", "qcow2", "raw", "throttle", NULL
+    "copy-on-read", "file", "snapshot-access", "ftp", "ftps", "host_cdrom",
+    "host_device", "http", "https", "iscsi", "nbd",
+    "null-aio", "null-co", "preallocate", "qcow2", "raw", "rbd", "ssh",
+    "throttle", NULL
 };
 /* QEMU's BlkdebugEvent, BlkdebugIOType and BlockPermission. */
 static const char *const blkdebug_event_enum[] = {
@@ -209,6 +210,27 @@ static const qarg blockdev_preallocate[] = {
     { NULL, 0, false, NULL },
 };
 
+/* QEMU's BlockdevOptionsRbd (the driver refuses encrypt). */
+static const char *const rbd_auth_enum[] = { "cephx", "none", NULL };
+static const qarg rbd_server[] = {
+    { "host", QT_STR, false, NULL },
+    { "port", QT_STR, false, NULL },
+    { NULL, 0, false, NULL },
+};
+static const qarg blockdev_rbd[] = {
+    { "pool", QT_STR, false, NULL },
+    { "namespace", QT_STR, true, NULL },
+    { "image", QT_STR, false, NULL },
+    { "conf", QT_STR, true, NULL },
+    { "snapshot", QT_STR, true, NULL },
+    { "encrypt", QT_ANY, true, NULL },
+    { "user", QT_STR, true, NULL },
+    { "auth-client-required", QT_STRLIST, true, rbd_auth_enum },
+    { "key-secret", QT_STR, true, NULL },
+    { "server", QT_OBJLIST, true, rbd_server },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg blockdev_throttle[] = {
     { "throttle-group", QT_STR, false, NULL },
     { "file", QT_BLOCKREF, false, NULL },
@@ -252,6 +274,7 @@ static const struct {
     { "preallocate", blockdev_preallocate },
     { "raw", blockdev_raw },
     { "qcow2", blockdev_qcow2 },
+    { "rbd", blockdev_rbd },
     { "snapshot-access", blockdev_generic },
     { "throttle", blockdev_throttle },
 };
