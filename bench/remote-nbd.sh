@@ -5,8 +5,8 @@
 #     data in 4 MiB runs, 1/4 holes) read into a local qcow2, from
 #     qemu-nbd (one connection: requests in flight over it) and from
 #     nbdkit's file plugin (threaded, offers multi-conn);
-#  2. local -> remote: the same raw file written into the export (convert
-#     -n onto a qemu-nbd export of a raw file).
+#  2. local -> remote: the same raw file written into an export (convert
+#     -n onto a raw file exported by qemu-nbd, then by nbdkit).
 # Prints the median seconds, the ratio (QEMU's time / vdisk's: above 1
 # means vdisk is faster; issue 15's target is 1.5) and the peak RSS of
 # each tool (/usr/bin/time %M, the largest of the runs). Each vdisk copy
@@ -133,3 +133,14 @@ done
 report "local raw -> qemu-nbd"
 nbds_stop qw.pid
 cmp -s src.raw dst.raw || echo "local -> qemu-nbd: the export differs" >&2
+
+cp --sparse=always src.raw dst2.raw
+nbds_nbdkit nw.pid - file dst2.raw || exit 1
+uri="nbd://127.0.0.1:$NBDS_PORT"
+for ((i = 0; i < runs; i++)); do
+    timed qemu qemu-img convert -n -f raw -O raw src.raw "$uri"
+    timed vdisk "$VDISK" convert -n -f raw -O raw src.raw "$uri"
+done
+report "local raw -> nbdkit file"
+nbds_stop nw.pid
+cmp -s src.raw dst2.raw || echo "local -> nbdkit: the export differs" >&2

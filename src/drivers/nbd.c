@@ -66,7 +66,7 @@
 /* ... each within this: a server that offers multi-conn but takes
  * fewer connections than that may leave one hanging. */
 #define NBD_EXTRA_CONN_TIMEOUT_MS 2000
-/* NBD state flags of base:allocation (../shared/specs/nbd proto). */
+/* NBD state flags of base:allocation (../shared/specs/nbd-proto.md). */
 #define NBD_STATE_HOLE 1u
 #define NBD_STATE_ZERO 2u
 
@@ -425,7 +425,7 @@ static bool conn_lost(nbd_conn *c, int e)
 
 /* Replaces the dead connection of generation @gen (lock held; dropped
  * while connecting). Called by the first request that saw it die; the
- * others wait in cl_request() meanwhile. */
+ * others wait in nbdc_request() meanwhile. */
 static void reconnect(vd_node *node, unsigned gen, uint64_t seconds)
 {
     nbd_state *s = node->opaque;
@@ -470,9 +470,9 @@ static void reconnect(vd_node *node, unsigned gen, uint64_t seconds)
 /* Runs one request, reissuing it on a new connection when the old one
  * died and reconnect-delay allows. Returns 0 or a negative errno with
  * @err set. @r (may be NULL) receives a block status's extent. */
-static int cl_request(vd_node *node, int op, uint64_t off, uint64_t len,
-                       void *buf, uint32_t nflags, nbd_req *out,
-                       vd_error *err)
+static int nbdc_request(vd_node *node, int op, uint64_t off, uint64_t len,
+                        void *buf, uint32_t nflags, nbd_req *out,
+                        vd_error *err)
 {
     nbd_state *s = node->opaque;
     bool tried_failed = false;
@@ -695,7 +695,7 @@ static int take_str(vd_opts *opts, const char *key, char **out)
 
 /* The options: a filename, or server.* (QEMU's SocketAddress), or the
  * legacy host/port/path; the other BlockdevOptionsNbd members. */
-static int cl_parse_opts(vd_node *node, vd_opts *opts, vd_error *err)
+static int nbdc_parse_opts(vd_node *node, vd_opts *opts, vd_error *err)
 {
     nbd_state *s = node->opaque;
     char *fname = vd_opts_take(opts, "filename");
@@ -825,7 +825,7 @@ static int set_filename(vd_node *node, vd_error *err)
 
 /* ---- the driver ---- */
 
-static void cl_free_state(nbd_state *s)
+static void nbdc_free_state(nbd_state *s)
 {
     for (int i = 0; i < s->nconn; i++) {
         conn_free(s->conn[i]);
@@ -849,8 +849,8 @@ static void cl_free_state(nbd_state *s)
     free(s->last_error);
 }
 
-static int cl_open(vd_node *node, vd_opts *opts, unsigned flags,
-                    vd_error *err)
+static int nbdc_open(vd_node *node, vd_opts *opts, unsigned flags,
+                     vd_error *err)
 {
     nbd_state *s = node->opaque;
     bool rdwr = (flags & VD_NODE_RDWR) && !node->read_only;
@@ -861,7 +861,7 @@ static int cl_open(vd_node *node, vd_opts *opts, unsigned flags,
 
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
-    if ((r = cl_parse_opts(node, opts, err)) < 0)
+    if ((r = nbdc_parse_opts(node, opts, err)) < 0)
         goto fail;
     if (s->tls_creds) {
         if ((r = nbd_tls_client_creds_get(s->tls_creds, &s->tls, err)) < 0)
@@ -952,26 +952,26 @@ static int cl_open(vd_node *node, vd_opts *opts, unsigned flags,
     return 0;
 
 fail:
-    cl_free_state(s);
+    nbdc_free_state(s);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
     memset(s, 0, sizeof(*s));
     return r;
 }
 
-static void cl_close_node(vd_node *node)
+static void nbdc_close_node(vd_node *node)
 {
     nbd_state *s = node->opaque;
 
-    cl_free_state(s);
+    nbdc_free_state(s);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
 }
 
 /* libnbd wants one flat buffer; a scattered vector goes through a
  * bounce buffer. */
-static int cl_preadv(vd_node *node, uint64_t off, uint64_t bytes,
-                      vd_iov *qiov, unsigned flags, vd_error *err)
+static int nbdc_preadv(vd_node *node, uint64_t off, uint64_t bytes,
+                       vd_iov *qiov, unsigned flags, vd_error *err)
 {
     void *buf = qiov->niov == 1 ? qiov->iov[0].iov_base : malloc(bytes);
     int r;
@@ -979,7 +979,7 @@ static int cl_preadv(vd_node *node, uint64_t off, uint64_t bytes,
     (void)flags;
     if (!buf)
         return oom(err);
-    r = cl_request(node, OP_READ, off, bytes, buf, 0, NULL, err);
+    r = nbdc_request(node, OP_READ, off, bytes, buf, 0, NULL, err);
     if (buf != qiov->iov[0].iov_base) {
         if (r == 0)
             vd_iov_from_buf(qiov, 0, buf, bytes);
@@ -988,8 +988,8 @@ static int cl_preadv(vd_node *node, uint64_t off, uint64_t bytes,
     return r;
 }
 
-static int cl_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
-                       vd_iov *qiov, unsigned flags, vd_error *err)
+static int nbdc_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
+                        vd_iov *qiov, unsigned flags, vd_error *err)
 {
     void *buf = qiov->niov == 1 ? qiov->iov[0].iov_base : malloc(bytes);
     int r;
@@ -999,7 +999,7 @@ static int cl_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
         return oom(err);
     if (buf != qiov->iov[0].iov_base)
         vd_iov_to_buf(qiov, 0, buf, bytes);
-    r = cl_request(node, OP_WRITE, off, bytes, buf, 0, NULL, err);
+    r = nbdc_request(node, OP_WRITE, off, bytes, buf, 0, NULL, err);
     if (buf != qiov->iov[0].iov_base)
         free(buf);
     return r;
@@ -1008,8 +1008,8 @@ static int cl_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
 /* Without VD_REQ_MAY_UNMAP the zeros must stay allocated (NO_HOLE);
  * VD_REQ_NO_FALLBACK asks for a fast zero, which only a server that
  * offers it can promise. */
-static int cl_pwrite_zeroes(vd_node *node, uint64_t off, uint64_t bytes,
-                             unsigned flags, vd_error *err)
+static int nbdc_pwrite_zeroes(vd_node *node, uint64_t off, uint64_t bytes,
+                              unsigned flags, vd_error *err)
 {
     nbd_state *s = node->opaque;
     uint32_t nflags = 0;
@@ -1023,34 +1023,34 @@ static int cl_pwrite_zeroes(vd_node *node, uint64_t off, uint64_t bytes,
             return -ENOTSUP;
         nflags |= LIBNBD_CMD_FLAG_FAST_ZERO;
     }
-    return cl_request(node, OP_ZERO, off, bytes, NULL, nflags, NULL, err);
+    return nbdc_request(node, OP_ZERO, off, bytes, NULL, nflags, NULL, err);
 }
 
-static int cl_pdiscard(vd_node *node, uint64_t off, uint64_t bytes,
-                        vd_error *err)
+static int nbdc_pdiscard(vd_node *node, uint64_t off, uint64_t bytes,
+                         vd_error *err)
 {
     nbd_state *s = node->opaque;
 
     if (!s->can_trim)
         return 0;
-    return cl_request(node, OP_TRIM, off, bytes, NULL, 0, NULL, err);
+    return nbdc_request(node, OP_TRIM, off, bytes, NULL, 0, NULL, err);
 }
 
-static int cl_flush(vd_node *node, vd_error *err)
+static int nbdc_flush(vd_node *node, vd_error *err)
 {
     nbd_state *s = node->opaque;
 
     if (!s->can_flush)
         return 0;
-    return cl_request(node, OP_FLUSH, 0, 0, NULL, 0, NULL, err);
+    return nbdc_request(node, OP_FLUSH, 0, 0, NULL, 0, NULL, err);
 }
 
 /* QEMU's nbd_client_co_block_status(): the first extent of the context,
  * HOLE meaning no data and ZERO zeros, at the same offset of this node;
  * all data when the server has no such context. */
-static int cl_block_status(vd_node *node, bool want_zero, uint64_t off,
-                            uint64_t bytes, uint64_t *pnum, uint64_t *map,
-                            vd_node **file, vd_error *err)
+static int nbdc_block_status(vd_node *node, bool want_zero, uint64_t off,
+                             uint64_t bytes, uint64_t *pnum, uint64_t *map,
+                             vd_node **file, vd_error *err)
 {
     nbd_state *s = node->opaque;
     uint32_t align = node->bl.request_alignment;
@@ -1065,7 +1065,7 @@ static int cl_block_status(vd_node *node, bool want_zero, uint64_t off,
         *pnum = bytes;
         return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
     }
-    ret = cl_request(node, OP_STATUS, off, len, NULL, 0, &r, err);
+    ret = nbdc_request(node, OP_STATUS, off, len, NULL, 0, &r, err);
     if (ret < 0)
         return ret;
     if (!r.got_extent || r.ext_len == 0)
@@ -1081,7 +1081,7 @@ static int cl_block_status(vd_node *node, bool want_zero, uint64_t off,
            VD_BLOCK_OFFSET_VALID;
 }
 
-static int64_t cl_getlength(vd_node *node)
+static int64_t nbdc_getlength(vd_node *node)
 {
     nbd_state *s = node->opaque;
 
@@ -1092,15 +1092,15 @@ static int64_t cl_getlength(vd_node *node)
 #define NBD_DRIVER_COMMON                                                 \
     .name = "nbd",                                                        \
     .instance_size = sizeof(nbd_state),                                   \
-    .open = cl_open,                                                     \
-    .close = cl_close_node,                                              \
-    .preadv = cl_preadv,                                                 \
-    .pwritev = cl_pwritev,                                               \
-    .pwrite_zeroes = cl_pwrite_zeroes,                                   \
-    .pdiscard = cl_pdiscard,                                             \
-    .flush = cl_flush,                                                   \
-    .block_status = cl_block_status,                                     \
-    .getlength = cl_getlength
+    .open = nbdc_open,                                                     \
+    .close = nbdc_close_node,                                              \
+    .preadv = nbdc_preadv,                                                 \
+    .pwritev = nbdc_pwritev,                                               \
+    .pwrite_zeroes = nbdc_pwrite_zeroes,                                   \
+    .pdiscard = nbdc_pdiscard,                                             \
+    .flush = nbdc_flush,                                                   \
+    .block_status = nbdc_block_status,                                     \
+    .getlength = nbdc_getlength
 
 const vd_driver vd_driver_nbd = {
     NBD_DRIVER_COMMON,

@@ -144,6 +144,15 @@ expect_status 1 $T "$VDISK" info "nbd://127.0.0.1:$NBDS_PORT/nosuch" \
 grep -q "nbd://127.0.0.1:$NBDS_PORT/nosuch\|127.0.0.1" nx.err ||
     fail "unknown export: $(cat nx.err)"
 
+# vdisk serve exporting an nbd node (qemu-nbd's export, again).
+nbds_vdisk_serve pid6 - -r -f raw -x relay "nbd://127.0.0.1:$P/exp" ||
+    fail "vdisk serve of an nbd:// image"
+# (qemu-nbd takes one client at a time: compare with what vdisk copied
+# into its export above.)
+$T $QEMU_IMG compare -f raw -F raw local.raw \
+    "nbd://127.0.0.1:$NBDS_PORT/relay" || fail "relayed export differs"
+nbds_stop pid6
+
 # Bad filenames are refused with a message, never a crash.
 for bad in "nbd://" "nbd+unix:///x" "nbd+unix:///x?sock=a" \
     "nbd://h:notaport/x" "nbd://h/x?socket=a" "nbd:onlyhost" \
