@@ -231,6 +231,39 @@ static const qarg blockdev_rbd[] = {
     { NULL, 0, false, NULL },
 };
 
+/* BlockdevOptionsNbd (src/drivers/nbd.c). The server is QEMU's flat
+ * SocketAddress union, checked here as one object of all its members;
+ * the driver refuses the types it has no transport for (vsock, fd). */
+static const char *const socket_type_enum[] = { "inet", "unix", "vsock",
+                                                "fd", NULL };
+static const qarg socket_address[] = {
+    { "type", QT_ENUM, false, socket_type_enum },
+    { "host", QT_STR, true, NULL },
+    { "port", QT_STR, true, NULL },
+    { "numeric", QT_BOOL, true, NULL },
+    { "to", QT_INT, true, NULL },
+    { "ipv4", QT_BOOL, true, NULL },
+    { "ipv6", QT_BOOL, true, NULL },
+    { "keep-alive", QT_BOOL, true, NULL },
+    { "mptcp", QT_BOOL, true, NULL },
+    { "path", QT_STR, true, NULL },
+    { "abstract", QT_BOOL, true, NULL },
+    { "tight", QT_BOOL, true, NULL },
+    { "cid", QT_STR, true, NULL },
+    { "str", QT_STR, true, NULL },
+    { NULL, 0, false, NULL },
+};
+static const qarg blockdev_nbd[] = {
+    { "server", QT_OBJ, false, socket_address },
+    { "export", QT_STR, true, NULL },
+    { "tls-creds", QT_STR, true, NULL },
+    { "tls-hostname", QT_STR, true, NULL },
+    { "x-dirty-bitmap", QT_STR, true, NULL },
+    { "reconnect-delay", QT_UINT32, true, NULL },
+    { "open-timeout", QT_UINT32, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg blockdev_throttle[] = {
     { "throttle-group", QT_STR, false, NULL },
     { "file", QT_BLOCKREF, false, NULL },
@@ -269,6 +302,7 @@ static const struct {
     { "host_cdrom", blockdev_file },
     { "host_device", blockdev_file },
     { "iscsi", blockdev_iscsi },
+    { "nbd", blockdev_nbd },
     { "null-aio", blockdev_null },
     { "null-co", blockdev_null },
     { "preallocate", blockdev_preallocate },
