@@ -1,7 +1,7 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vdi, vhdx, vpc, qed, qcow (version 1), luks,
+ * has no driver yet: vmdk, vdi, vhdx, vpc, qcow (version 1), luks,
  * parallels, dmg, cloop and bochs.
  *
  * Why they exist: without them, probing falls back to raw for all of
@@ -132,14 +132,6 @@ static int vpc_probe(const uint8_t *buf, size_t len, const char *filename)
     return has_magic(buf, len, "conectix", 8) ? 100 : 0;
 }
 
-/* ---- qed: magic "QED\0" in a 64-byte header ---- */
-
-static int qed_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    (void)filename;
-    return len >= 64 && has_magic(buf, len, "QED\0", 4) ? 100 : 0;
-}
-
 /* ---- qcow: "QFI\xfb" version 1, 48-byte header (qcow2 takes >= 2) ---- */
 
 static int qcow_probe(const uint8_t *buf, size_t len, const char *filename)
@@ -253,7 +245,6 @@ PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
 PROBE_ONLY(vd_driver_vdi, "vdi", vdi_probe, false);
 PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
 PROBE_ONLY(vd_driver_vpc, "vpc", vpc_probe, false);
-PROBE_ONLY(vd_driver_qed, "qed", qed_probe, false);
 PROBE_ONLY(vd_driver_qcow, "qcow", qcow_probe, true);
 PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
 PROBE_ONLY(vd_driver_parallels, "parallels", parallels_probe, false);
