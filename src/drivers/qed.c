@@ -38,6 +38,7 @@
 #include <string.h>
 
 #include "core/block_int.h"
+#include "table-cache.h"
 
 #define QED_MAGIC 0x00444551u           /* "QED\0" little-endian */
 #define QED_HEADER_BYTES 64
@@ -54,7 +55,6 @@
 #define QED_ZERO_CLUSTER 1ull
 /* QEMU reads the backing file name into a PATH_MAX buffer. */
 #define QED_MAX_BACKING_NAME 4096u
-#define QED_L2_CACHE 16
 
 typedef struct qed_header {
     uint32_t magic, cluster_size, table_size, header_size;
@@ -62,12 +62,6 @@ typedef struct qed_header {
     uint64_t l1_table_offset, image_size;
     uint32_t backing_filename_offset, backing_filename_size;
 } qed_header;
-
-typedef struct qed_l2 {
-    uint64_t offset;        /* 0: slot free */
-    uint64_t *table;
-    uint64_t used;          /* LRU stamp */
-} qed_l2;
 
 typedef struct qed_state {
     vd_node *node;
@@ -78,8 +72,7 @@ typedef struct qed_state {
     unsigned l2_shift, l1_shift;
     uint64_t table_bytes;
     uint64_t *l1;
-    qed_l2 cache[QED_L2_CACHE];
-    uint64_t stamp;
+    vd_table_cache l2_cache;
     bool writable;
     pthread_mutex_t lock, alloc_lock;
 } qed_state;
@@ -258,64 +251,27 @@ static int read_table(qed_state *s, uint64_t off, uint64_t *t, vd_error *err)
     return 0;
 }
 
-/* The least recently used cache slot, with its table allocated and
- * marked free. Under s->lock. */
-static qed_l2 *cache_slot(qed_state *s, vd_error *err)
-{
-    qed_l2 *victim = &s->cache[0];
-
-    for (int i = 1; i < QED_L2_CACHE; i++) {
-        if (s->cache[i].used < victim->used) {
-            victim = &s->cache[i];
-        }
-    }
-    if (!victim->table) {
-        victim->table = malloc(s->table_bytes);
-        if (!victim->table) {
-            vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
-            return NULL;
-        }
-    }
-    victim->offset = 0;
-    return victim;
-}
-
 /* The cached L2 table at @off, read on a miss. Under s->lock. */
 static int get_l2(qed_state *s, uint64_t off, uint64_t **out, vd_error *err)
 {
-    qed_l2 *victim;
+    vd_table_slot *v;
     int ret;
 
-    for (int i = 0; i < QED_L2_CACHE; i++) {
-        qed_l2 *e = &s->cache[i];
-        if (e->offset == off) {
-            e->used = ++s->stamp;
-            *out = e->table;
-            return 0;
-        }
+    *out = vd_table_cache_find(&s->l2_cache, off);
+    if (*out) {
+        return 0;
     }
-    victim = cache_slot(s, err);
-    if (!victim) {
-        return -ENOMEM;
+    v = vd_table_cache_victim(&s->l2_cache, s->table_bytes);
+    if (!v) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
     }
-    ret = read_table(s, off, victim->table, err);
+    ret = read_table(s, off, v->table, err);
     if (ret < 0) {
         return ret;
     }
-    victim->offset = off;
-    victim->used = ++s->stamp;
-    *out = victim->table;
+    vd_table_cache_commit(&s->l2_cache, v, off);
+    *out = v->table;
     return 0;
-}
-
-static void drop_l2_cache(qed_state *s)
-{
-    for (int i = 0; i < QED_L2_CACHE; i++) {
-        free(s->cache[i].table);
-        s->cache[i].table = NULL;
-        s->cache[i].offset = 0;
-        s->cache[i].used = 0;
-    }
 }
 
 /*
@@ -515,7 +471,7 @@ static int run_check(qed_state *s, vd_check_result *res, bool fix,
             last_error = ret;
         }
     }
-    drop_l2_cache(s);
+    vd_table_cache_free(&s->l2_cache);
     if (last_error == 0) {
         /* Leaks are counted only when the whole image was scanned. */
         for (uint64_t cl = s->h.header_size; cl < c.nclusters; cl++) {
@@ -598,7 +554,7 @@ out:
 
 static void free_state(qed_state *s)
 {
-    drop_l2_cache(s);
+    vd_table_cache_free(&s->l2_cache);
     free(s->l1);
     s->l1 = NULL;
 }
@@ -760,7 +716,6 @@ static int qed_preadv(vd_node *node, uint64_t off, uint64_t bytes,
     (void)flags;
     while (done < bytes) {
         uint64_t n, host, pos = off + done;
-        vd_iov slice;
         int kind;
 
         pthread_mutex_lock(&s->lock);
@@ -772,22 +727,17 @@ static int qed_preadv(vd_node *node, uint64_t off, uint64_t bytes,
         if (kind == QED_ZERO || (kind != QED_FOUND && !node->backing)) {
             vd_iov_memset(qiov, done, 0, n);
         } else {
-            ret = vd_iov_init_slice(&slice, qiov, done, n);
-            if (ret < 0) {
-                return vd_error_set(err, ret, "%s: out of memory",
-                                    s->filename);
-            }
             if (kind == QED_FOUND) {
                 vd_node_debug_event(node->file->node, VD_BLKDBG_READ_AIO);
-                ret = vd_child_preadv(node->file,
-                                      host + (pos & (s->h.cluster_size - 1)),
-                                      n, &slice, 0, err);
+                ret = vd_child_preadv_part(node->file, host +
+                                           (pos & (s->h.cluster_size - 1)),
+                                           n, qiov, done, err);
             } else {
                 vd_node_debug_event(node->file->node,
                                     VD_BLKDBG_READ_BACKING_AIO);
-                ret = vd_child_preadv(node->backing, pos, n, &slice, 0, err);
+                ret = vd_child_preadv_part(node->backing, pos, n, qiov, done,
+                                           err);
             }
-            vd_iov_destroy(&slice);
             if (ret < 0) {
                 return ret;
             }
@@ -865,9 +815,11 @@ static int update_l2(qed_state *s, uint64_t pos, uint64_t nclusters,
     int ret;
 
     if (fresh) {
-        qed_l2 *slot = cache_slot(s, err);
+        vd_table_slot *slot = vd_table_cache_victim(&s->l2_cache,
+                                                    s->table_bytes);
         if (!slot) {
-            return -ENOMEM;
+            return vd_error_set(err, -ENOMEM, "%s: out of memory",
+                                s->filename);
         }
         memset(slot->table, 0, s->table_bytes);
         l2_off = s->file_size;
@@ -879,8 +831,7 @@ static int update_l2(qed_state *s, uint64_t pos, uint64_t nclusters,
         if (ret < 0) {
             return ret;
         }
-        slot->offset = l2_off;
-        slot->used = ++s->stamp;
+        vd_table_cache_commit(&s->l2_cache, slot, l2_off);
         s->l1[l1i] = l2_off;
         vd_node_debug_event(s->node->file->node, VD_BLKDBG_L1_UPDATE);
         ret = write_table(s, s->h.l1_table_offset, s->l1, l1i, 1, err);
@@ -899,12 +850,7 @@ static int update_l2(qed_state *s, uint64_t pos, uint64_t nclusters,
     vd_node_debug_event(s->node->file->node, VD_BLKDBG_L2_UPDATE);
     ret = write_table(s, l2_off, l2, l2i, nclusters, err);
     if (ret < 0) {
-        /* Forget the cached table: it no longer says what the disk does. */
-        for (int i = 0; i < QED_L2_CACHE; i++) {
-            if (s->cache[i].offset == l2_off) {
-                s->cache[i].offset = 0;
-            }
-        }
+        vd_table_cache_drop(&s->l2_cache, l2_off);
     }
     return ret;
 }

@@ -67,7 +67,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
     if (vd_open(&node, path, "qed", NULL,
-                VD_O_RDWR | VD_O_NO_BACKING | VD_O_FORCE_SHARE | VD_O_QUIET,
+                VD_O_RDWR | VD_O_NO_BACKING | VD_O_QUIET,
                 NULL) == 0) {
         exercise(node);
         vd_close(&node, NULL);

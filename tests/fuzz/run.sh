@@ -113,6 +113,11 @@ mkdir -p "$seeds/img" "$build/artifacts"
     cp qed-small.qed qed-dirty.qed
     qemu-io -c 'write 2M 4k' -c 'sigraise 9' qed-dirty.qed \
         >/dev/null 2>&1 || true
+    # qcow (v1): plain and compressed clusters, a backing name
+    q create -f qcow qcow-plain.qcow 2M
+    qio -c 'write -P 0x12 0 5k' -c 'write -P 0x34 1M 4k' qcow-plain.qcow
+    q convert -c -f raw -O qcow data.raw qcow-zlib.qcow
+    q create -f qcow -b data.qcow2 -F qcow2 qcow-back.qcow
     rm -f data.raw
 )
 # Text seeds; the first byte is the target's mode byte (see each target).
