@@ -8,6 +8,7 @@
 # the file left unchanged.
 source "$(dirname "$0")/../functions.sh"
 source "$(dirname "$0")/cli-functions.bash"
+source "$(dirname "$0")/fmt-functions.bash"
 requires qemu-img qemu-io python3 sha256sum
 tmpdir
 
@@ -235,21 +236,7 @@ for img in bad-*.img; do
     cp "$img" pristine.img
     # reading must fail cleanly or read what qemu reads (some corruptions
     # only touch clusters no read of this size meets)
-    qrc=0
-    vrc=0
-    "$QEMU_IMG" convert -O raw "$img" q.raw 2> q.err || qrc=$?
-    "$VDISK" convert -O raw "$img" v.raw 2> v.err || vrc=$?
-    [ "$vrc" -lt 2 ] || fail "$img: convert exit $vrc: $(cat v.err)"
-    if [ "$vrc" = 1 ]; then
-        # named, or in qemu-img's own words (convert's block status error)
-        sed 's/^qemu-img:/vdisk:/' q.err > q2.err
-        grep -qF "$img" v.err || cmp -s q2.err v.err ||
-            fail "$img: the error names no file: $(cat v.err)"
-        [ "$qrc" != 0 ] || fail "$img: qemu-img reads it, vdisk does not"
-    else
-        [ "$qrc" = 0 ] || fail "$img: vdisk reads what qemu-img refuses"
-        cmp q.raw v.raw || fail "$img: read differs from qemu-img's"
-    fi
+    read_like_qemu "$img"
     # a write must be refused or land where qemu's would, never on a table
     vrc=0
     "$VDISK" io -c 'write -P 9 0 4k' -c 'write -P 9 2M 4k' "$img" \

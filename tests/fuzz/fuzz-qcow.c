@@ -40,20 +40,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 VD_O_NO_BACKING | VD_O_FORCE_SHARE | VD_O_QUIET, NULL) == 0) {
         int64_t len = vd_getlength(node);
         uint64_t at[3] = { 0, (uint64_t)len / 2, (uint64_t)len - PIECE };
-        uint64_t off = 0;
 
         for (int i = 0; i < 3 && len >= PIECE; i++) {
             vd_pread(node, buf, PIECE, at[i] & ~511ull, 0, NULL);
         }
-        for (int i = 0; i < MAX_EXTENTS && len > 0 && off < (uint64_t)len;
-             i++) {
-            vd_extent ext;
-            if (vd_block_status(node, off, (uint64_t)len - off, &ext,
-                                NULL) < 0 || ext.length == 0) {
-                break;
-            }
-            off += ext.length;
-        }
+        fuzz_walk_extents(node, len, MAX_EXTENTS);
         vd_close(&node, NULL);
     }
     close(fd);

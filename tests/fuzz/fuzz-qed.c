@@ -32,7 +32,6 @@ static void exercise(vd_node *node)
 {
     static uint8_t buf[CHUNK];
     int64_t len = vd_getlength(node);
-    uint64_t off = 0;
     vd_check_result res;
 
     if (len < CHUNK) {
@@ -40,14 +39,7 @@ static void exercise(vd_node *node)
     }
     vd_pread(node, buf, CHUNK, 0, 0, NULL);
     vd_pread(node, buf, CHUNK, (uint64_t)(len - CHUNK) & ~511ull, 0, NULL);
-    for (int i = 0; i < MAX_EXTENTS && off < (uint64_t)len; i++) {
-        vd_extent ext;
-        if (vd_block_status(node, off, (uint64_t)len - off, &ext, NULL) < 0 ||
-            ext.length == 0) {
-            break;
-        }
-        off += ext.length;
-    }
+    fuzz_walk_extents(node, len, MAX_EXTENTS);
     memset(buf, 0x5a, sizeof(buf));
     vd_pwrite(node, buf, CHUNK, ((uint64_t)len / 2) & ~511ull, 0, NULL);
     vd_write_zeroes(node, CHUNK, 0, 0, NULL);
