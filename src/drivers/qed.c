@@ -1208,6 +1208,9 @@ static int qed_create(const char *filename, vd_opts *opts, vd_error *err)
             return vd_error_set(err, -EINVAL, "%s: Parameter 'size' expects "
                                 "a non-negative number below 2^64", filename);
         }
+        /* QEMU rounds the virtual size up to whole sectors (a size this
+         * close to 2^64 is refused below as too large). */
+        size = size > UINT64_MAX - 511 ? UINT64_MAX : (size + 511) & ~511ull;
     }
     bfile = vd_opts_take(opts, "backing_file");
     bfmt = vd_opts_take(opts, "backing_fmt");

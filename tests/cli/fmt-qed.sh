@@ -32,6 +32,7 @@ for combo in "" "cluster_size=4k" "cluster_size=4k,table_size=2" \
              "table_size=1"; do
     check_create "$combo" 8M
 done
+check_create "" 1000        # rounded up to a sector, as QEMU does
 
 # info, human and JSON, on images of every option qemu-img can open
 "$QEMU_IMG" create -q -f raw base.raw 8M
