@@ -1306,9 +1306,6 @@ static int qed_create(const char *filename, vd_opts *opts, vd_error *err)
         vd_iov_init_buf(&iov, buf, cs + l1_bytes);
         ret = vd_node_pwritev(file, 0, cs + l1_bytes, &iov, 0, err);
     }
-    if (ret == 0) {
-        ret = vd_node_flush(file, err);
-    }
     if (ret < 0) {
         vd_error_prepend(err, "%s: ", filename);
     }
