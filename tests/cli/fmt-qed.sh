@@ -99,6 +99,16 @@ for b in "" "base.raw raw" "base.qcow2 qcow2"; do
     cmp q.qed v.qed || fail "vdisk's writes laid out unlike QEMU's ($b)"
 done
 
+# A partial write into a zero cluster over a backing file: the rest of
+# the cluster stays zero (QEMU 7.2 copies the backing file's data there,
+# so the zeros the guest wrote turn back into old data; vdisk does not).
+rm -f zc.qed
+"$VDISK" create -q -f qed -b base.raw -F raw zc.qed
+"$VDISK" io -c 'write -z 0 64k' -c 'write -P 1 0 4k' zc.qed > /dev/null
+"$QEMU_IO" -r -c 'read -P 1 0 4k' -c 'read -P 0 4k 60k' zc.qed > out
+grep -q "Pattern verification failed" out && fail "zero cluster lost: $(cat out)"
+"$QEMU_IMG" check zc.qed > /dev/null || fail "zc.qed does not check clean"
+
 # ---- convert -O qed with its options ----------------------------------
 
 "$QEMU_IMG" create -q -f raw src.raw 12M
