@@ -1,8 +1,8 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vdi, vhdx, vpc, qed, qcow (version 1), luks,
- * parallels, dmg, cloop and bochs.
+ * has no driver yet: vmdk, vdi, vhdx, vpc, luks, parallels, dmg, cloop
+ * and bochs.
  *
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
@@ -33,12 +33,6 @@
 #include <string.h>
 
 #include "core/block_int.h"
-
-static uint32_t rd_be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-           (uint32_t)p[2] << 8 | p[3];
-}
 
 static uint32_t rd_le32(const uint8_t *p)
 {
@@ -130,23 +124,6 @@ static int vpc_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     (void)filename;
     return has_magic(buf, len, "conectix", 8) ? 100 : 0;
-}
-
-/* ---- qed: magic "QED\0" in a 64-byte header ---- */
-
-static int qed_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    (void)filename;
-    return len >= 64 && has_magic(buf, len, "QED\0", 4) ? 100 : 0;
-}
-
-/* ---- qcow: "QFI\xfb" version 1, 48-byte header (qcow2 takes >= 2) ---- */
-
-static int qcow_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    (void)filename;
-    return len >= 48 && rd_be32(buf) == 0x514649fb &&
-           rd_be32(buf + 4) == 1 ? 100 : 0;
 }
 
 /* ---- luks: "LUKS\xba\xbe" and version 1 (BE16); LUKS2 is not probed ---- */
@@ -253,8 +230,6 @@ PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
 PROBE_ONLY(vd_driver_vdi, "vdi", vdi_probe, false);
 PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
 PROBE_ONLY(vd_driver_vpc, "vpc", vpc_probe, false);
-PROBE_ONLY(vd_driver_qed, "qed", qed_probe, false);
-PROBE_ONLY(vd_driver_qcow, "qcow", qcow_probe, true);
 PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
 PROBE_ONLY(vd_driver_parallels, "parallels", parallels_probe, false);
 PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe, false);

@@ -11,6 +11,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "vdisk/vdisk.h"
+
 /* Returns the descriptor (close it when done) and fills @path, or -1
  * (also for inputs over @max bytes, which the target skips). */
 static inline int fuzz_memfd(const char *name, const uint8_t *data,
@@ -28,6 +30,22 @@ static inline int fuzz_memfd(const char *name, const uint8_t *data,
     }
     snprintf(path, path_size, "/proc/self/fd/%d", fd);
     return fd;
+}
+
+/* Walks block status from the start of @node's @len bytes for at most
+ * @max extents (the lookups of a format's tables without reading data). */
+static inline void fuzz_walk_extents(vd_node *node, int64_t len, int max)
+{
+    uint64_t off = 0;
+
+    for (int i = 0; i < max && len > 0 && off < (uint64_t)len; i++) {
+        vd_extent ext;
+        if (vd_block_status(node, off, (uint64_t)len - off, &ext, NULL) < 0 ||
+            ext.length == 0) {
+            break;
+        }
+        off += ext.length;
+    }
 }
 
 #endif

@@ -105,6 +105,19 @@ mkdir -p "$seeds/img" "$build/artifacts"
     cp bmdata.qcow2 bminuse.qcow2
     qemu-io -c 'write 8k 1k' -c 'sigraise 9' bminuse.qcow2 \
         >/dev/null 2>&1 || true
+    # qed: two cluster and table sizes, data, zero clusters, a backing
+    # name, and the need-check flag left by a killed writer
+    q create -f qed -o cluster_size=4k,table_size=2 qed-small.qed 4M
+    qio -c 'write -P 0x77 0 6k' -c 'write -z 1M 8k' qed-small.qed
+    q create -f qed -o cluster_size=4k -b data.qcow2 -F qcow2 qed-back.qed
+    cp qed-small.qed qed-dirty.qed
+    qemu-io -c 'write 2M 4k' -c 'sigraise 9' qed-dirty.qed \
+        >/dev/null 2>&1 || true
+    # qcow (v1): plain and compressed clusters, a backing name
+    q create -f qcow qcow-plain.qcow 2M
+    qio -c 'write -P 0x12 0 5k' -c 'write -P 0x34 1M 4k' qcow-plain.qcow
+    q convert -c -f raw -O qcow data.raw qcow-zlib.qcow
+    q create -f qcow -b data.qcow2 -F qcow2 qcow-back.qcow
     rm -f data.raw
 )
 # Text seeds; the first byte is the target's mode byte (see each target).
