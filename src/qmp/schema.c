@@ -39,8 +39,8 @@ static const char *const driver_enum[] = {
     "blkdebug", "blkverify", "compress", "copy-before-write",
     "copy-on-read", "file", "snapshot-access", "ftp", "ftps", "host_cdrom",
     "host_device", "http", "https", "iscsi", "nbd",
-    "null-aio", "null-co", "preallocate", "qcow2", "raw", "rbd", "ssh",
-    "throttle", NULL
+    "null-aio", "null-co", "preallocate", "qcow", "qcow2", "qed", "raw",
+    "rbd", "ssh", "throttle", NULL
 };
 /* QEMU's BlkdebugEvent, BlkdebugIOType and BlockPermission. */
 static const char *const blkdebug_event_enum[] = {
@@ -178,6 +178,20 @@ static const qarg blockdev_generic[] = {
     { NULL, 0, false, NULL },
 };
 
+/* BlockdevOptionsGenericCOWFormat (qed) and BlockdevOptionsQcow (the
+ * driver refuses encrypted images). */
+static const qarg blockdev_generic_cow[] = {
+    { "file", QT_BLOCKREF, false, NULL },
+    { "backing", QT_BLOCKREF_NULL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+static const qarg blockdev_qcow[] = {
+    { "file", QT_BLOCKREF, false, NULL },
+    { "backing", QT_BLOCKREF_NULL, true, NULL },
+    { "encrypt", QT_ANY, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg blockdev_cor[] = {
     { "file", QT_BLOCKREF, false, NULL },
     { "bottom", QT_STR, true, NULL },
@@ -307,7 +321,9 @@ static const struct {
     { "null-co", blockdev_null },
     { "preallocate", blockdev_preallocate },
     { "raw", blockdev_raw },
+    { "qcow", blockdev_qcow },
     { "qcow2", blockdev_qcow2 },
+    { "qed", blockdev_generic_cow },
     { "rbd", blockdev_rbd },
     { "snapshot-access", blockdev_generic },
     { "throttle", blockdev_throttle },
