@@ -13,6 +13,7 @@
 # Locations (all serving DOCROOT):
 #   /NAME            plain files, byte ranges allowed
 #   /norange/NAME    max_ranges 0: the server ignores Range headers
+#   /slow/NAME       at most 2 MB/s per connection
 #   /redirect/NAME   a 302 to /NAME
 #   /auth/NAME       HTTP basic auth, user "vdisk", password "s3cret"
 #   /cookie/NAME     403 unless the request has the cookie "key=v4lue"
@@ -72,6 +73,7 @@ http {
         ssl_certificate_key $d/key.pem;
         root $root;
         location /norange/ { alias $root/; max_ranges 0; }
+        location /slow/ { alias $root/; limit_rate 2m; }
         location /redirect/ { rewrite ^/redirect/(.*)\$ /\$1 redirect; }
         location /auth/ {
             alias $root/;
