@@ -13,7 +13,8 @@
 # Locations (all serving DOCROOT):
 #   /NAME            plain files, byte ranges allowed
 #   /norange/NAME    max_ranges 0: the server ignores Range headers
-#   /slow/NAME       at most 2 MB/s per connection
+#   /slow/NAME       at most 256 KiB/s per request (after the first
+#                    second's 256 KiB)
 #   /redirect/NAME   a 302 to /NAME
 #   /auth/NAME       HTTP basic auth, user "vdisk", password "s3cret"
 #   /cookie/NAME     403 unless the request has the cookie "key=v4lue"
@@ -73,7 +74,7 @@ http {
         ssl_certificate_key $d/key.pem;
         root $root;
         location /norange/ { alias $root/; max_ranges 0; }
-        location /slow/ { alias $root/; limit_rate 2m; }
+        location /slow/ { alias $root/; limit_rate 256k; }
         location /redirect/ { rewrite ^/redirect/(.*)\$ /\$1 redirect; }
         location /auth/ {
             alias $root/;
