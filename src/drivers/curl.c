@@ -223,6 +223,12 @@ static int curl_setup_handle(curl_state *s, CURL *h, char *errbuf)
     SET(CURLOPT_URL, s->url);
     SET(CURLOPT_SSL_VERIFYPEER, (long)s->sslverify);
     SET(CURLOPT_SSL_VERIFYHOST, s->sslverify ? 2L : 0L);
+    if (!s->sslverify) {
+        /* Nothing to verify against: spare every handle the parsing of
+         * the system's CA bundle (megabytes of memory each). */
+        SET(CURLOPT_CAINFO, NULL);
+        SET(CURLOPT_CAPATH, NULL);
+    }
     if (s->cookie) {
         SET(CURLOPT_COOKIE, s->cookie);
     }
