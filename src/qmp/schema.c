@@ -37,8 +37,9 @@ static const char *const aio_enum[] = { "threads", "native", "io_uring",
  * unknown value is refused the same way. */
 static const char *const driver_enum[] = {
     "blkdebug", "blkverify", "compress", "copy-before-write",
-    "copy-on-read", "file", "snapshot-access", "host_cdrom", "host_device",
-    "null-aio", "null-co", "preallocate", "qcow2", "raw", "throttle", NULL
+    "copy-on-read", "file", "ftp", "ftps", "snapshot-access", "host_cdrom",
+    "host_device", "http", "https", "null-aio", "null-co", "preallocate",
+    "qcow2", "raw", "throttle", NULL
 };
 /* QEMU's BlkdebugEvent, BlkdebugIOType and BlockPermission. */
 static const char *const blkdebug_event_enum[] = {
@@ -104,6 +105,38 @@ static const qarg blockdev_null[] = {
     { "size", QT_INT, true, NULL },
     { "latency-ns", QT_INT, true, NULL },
     { "read-zeroes", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
+/* BlockdevOptionsCurlFtp, -Ftps, -Http, -Https (src/drivers/curl.c). */
+#define CURL_BASE_ARGS                                                    \
+    { "url", QT_STR, false, NULL },                                       \
+    { "readahead", QT_INT, true, NULL },                                  \
+    { "timeout", QT_INT, true, NULL },                                    \
+    { "username", QT_STR, true, NULL },                                   \
+    { "password-secret", QT_STR, true, NULL },                            \
+    { "proxy-username", QT_STR, true, NULL },                             \
+    { "proxy-password-secret", QT_STR, true, NULL }
+static const qarg blockdev_curl_ftp[] = {
+    CURL_BASE_ARGS,
+    { NULL, 0, false, NULL },
+};
+static const qarg blockdev_curl_ftps[] = {
+    CURL_BASE_ARGS,
+    { "sslverify", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+static const qarg blockdev_curl_http[] = {
+    CURL_BASE_ARGS,
+    { "cookie", QT_STR, true, NULL },
+    { "cookie-secret", QT_STR, true, NULL },
+    { NULL, 0, false, NULL },
+};
+static const qarg blockdev_curl_https[] = {
+    CURL_BASE_ARGS,
+    { "cookie", QT_STR, true, NULL },
+    { "sslverify", QT_BOOL, true, NULL },
+    { "cookie-secret", QT_STR, true, NULL },
     { NULL, 0, false, NULL },
 };
 
@@ -224,8 +257,12 @@ static const struct {
     { "copy-before-write", blockdev_cbw },
     { "copy-on-read", blockdev_cor },
     { "file", blockdev_file },
+    { "ftp", blockdev_curl_ftp },
+    { "ftps", blockdev_curl_ftps },
     { "host_cdrom", blockdev_file },
     { "host_device", blockdev_file },
+    { "http", blockdev_curl_http },
+    { "https", blockdev_curl_https },
     { "null-aio", blockdev_null },
     { "null-co", blockdev_null },
     { "preallocate", blockdev_preallocate },

@@ -2,11 +2,12 @@
 # The http and https drivers against a real nginx: info, map, compare,
 # convert and qemu-io reads of raw and qcow2 images give what QEMU's curl
 # driver gives on the same URLs (redirects, basic auth with a secret,
-# cookies, read-ahead on small reads, several threads).
+# cookies, read-ahead on small reads, several threads), and an NBD export
+# of an http node by vdisk serve.
 source "$(dirname "$0")/../functions.sh"
 source "$(dirname "$0")/cli-functions.bash"
 source "$(dirname "$0")/http-server.bash"
-requires qemu-img qemu-io
+requires qemu-img qemu-io qemu-storage-daemon timeout
 requires_run qemu-img --help
 tmpdir
 "$VDISK" --help | grep -qw https || { echo "$0: vdisk built without libcurl"; exit 77; }
@@ -88,4 +89,19 @@ for tool in "$QEMU_IMG" "$VDISK_QEMU_IMG"; do
 done
 same info --object secret,id=pw,data=wrong --image-opts "$auth"
 same info --image-opts "driver=http,url=$H/cookie/disk.raw"
+
+# blockdev-add of vdisk serve (qemu-storage-daemon's --blockdev): read-only
+# is required as in QEMU, and the export serves the image's bytes.
+bd="driver=http,node-name=h,url=$H/disk.raw"
+timeout 10 qemu-storage-daemon --blockdev "$bd" > q.out 2>&1 || true
+timeout 10 "$VDISK_QEMU_STORAGE_DAEMON" --blockdev "$bd" > v.out 2>&1 || true
+diff -u q.out v.out
+"$VDISK" serve --blockdev "$bd,read-only=on" \
+    --nbd-server "addr.type=unix,addr.path=$PWD/nbd.sock" \
+    --export type=nbd,id=e,node-name=h,name=x > serve.log 2>&1 &
+serve_pid=$!
+cleanup_fn kill "$serve_pid"
+for i in $(seq 100); do [ -S nbd.sock ] && break; sleep 0.1; done
+$QEMU_IMG compare -f raw -F raw "nbd+unix:///x?socket=$PWD/nbd.sock" \
+    www/disk.raw
 echo OK
