@@ -42,6 +42,10 @@ extern const vd_driver vd_driver_nbd_unix;
 #endif
 
 #ifdef VDISK_HAVE_CURL
+extern const vd_driver vd_driver_http;
+extern const vd_driver vd_driver_https;
+extern const vd_driver vd_driver_ftp;
+extern const vd_driver vd_driver_ftps;
 #endif
 
 #ifdef VDISK_HAVE_LIBSSH
@@ -93,6 +97,10 @@ static const vd_driver *const driver_table[] = {
 #endif
 
 #ifdef VDISK_HAVE_CURL
+    &vd_driver_http,
+    &vd_driver_https,
+    &vd_driver_ftp,
+    &vd_driver_ftps,
 #endif
 
 #ifdef VDISK_HAVE_LIBSSH

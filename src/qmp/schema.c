@@ -109,6 +109,38 @@ static const qarg blockdev_null[] = {
     { NULL, 0, false, NULL },
 };
 
+/* BlockdevOptionsCurlFtp, -Ftps, -Http, -Https (src/drivers/curl.c). */
+#define CURL_BASE_ARGS                                                    \
+    { "url", QT_STR, false, NULL },                                       \
+    { "readahead", QT_INT, true, NULL },                                  \
+    { "timeout", QT_INT, true, NULL },                                    \
+    { "username", QT_STR, true, NULL },                                   \
+    { "password-secret", QT_STR, true, NULL },                            \
+    { "proxy-username", QT_STR, true, NULL },                             \
+    { "proxy-password-secret", QT_STR, true, NULL }
+static const qarg blockdev_curl_ftp[] = {
+    CURL_BASE_ARGS,
+    { NULL, 0, false, NULL },
+};
+static const qarg blockdev_curl_ftps[] = {
+    CURL_BASE_ARGS,
+    { "sslverify", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+static const qarg blockdev_curl_http[] = {
+    CURL_BASE_ARGS,
+    { "cookie", QT_STR, true, NULL },
+    { "cookie-secret", QT_STR, true, NULL },
+    { NULL, 0, false, NULL },
+};
+static const qarg blockdev_curl_https[] = {
+    CURL_BASE_ARGS,
+    { "cookie", QT_STR, true, NULL },
+    { "sslverify", QT_BOOL, true, NULL },
+    { "cookie-secret", QT_STR, true, NULL },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg blockdev_raw[] = {
     { "file", QT_BLOCKREF, false, NULL },
     { "offset", QT_INT, true, NULL },
@@ -313,8 +345,12 @@ static const struct {
     { "copy-before-write", blockdev_cbw },
     { "copy-on-read", blockdev_cor },
     { "file", blockdev_file },
+    { "ftp", blockdev_curl_ftp },
+    { "ftps", blockdev_curl_ftps },
     { "host_cdrom", blockdev_file },
     { "host_device", blockdev_file },
+    { "http", blockdev_curl_http },
+    { "https", blockdev_curl_https },
     { "iscsi", blockdev_iscsi },
     { "nbd", blockdev_nbd },
     { "null-aio", blockdev_null },
