@@ -42,6 +42,7 @@ extern const vd_driver vd_driver_preallocate;
 #endif
 
 #ifdef VDISK_HAVE_LIBSSH
+extern const vd_driver vd_driver_ssh;
 #endif
 
 #ifdef VDISK_HAVE_LIBISCSI
@@ -88,6 +89,7 @@ static const vd_driver *const driver_table[] = {
 #endif
 
 #ifdef VDISK_HAVE_LIBSSH
+    &vd_driver_ssh,
 #endif
 
 #ifdef VDISK_HAVE_LIBISCSI
