@@ -68,7 +68,6 @@ typedef struct ssh_state {
     uint64_t size;              /* the remote file's length, kept up to
                                    date as writes extend it */
     char *host, *port, *user, *path;
-    bool regular;
     bool flush_warned;
     bool broken;                /* the watchdog cut the connection, or
                                    the server went away */
@@ -913,31 +912,25 @@ static int ssh_connect_open(ssh_state *s, const ssh_conf *c, int oflags,
         goto fail;
     }
     s->size = a->size;
-    s->regular = a->type == SSH_FILEXFER_TYPE_REGULAR;
     sftp_attributes_free(a);
     s->fsync_ok = sftp_extension_supported(s->sftp, "fsync@openssh.com",
                                            "1");
-    if (ssh_disarm(s)) {
-        ret = vd_error_set(err, -ETIMEDOUT, "ssh server %s:%s did not "
-                           "answer within %u s", s->host, s->port,
-                           s->timeout);
-        s->broken = true;
-        ssh_disconnect_all(s);
-        return ret;
-    }
-    return 0;
+    ret = 0;
 
 fail:
     fired = ssh_disarm(s);
     if (fired) {
-        /* Whatever libssh said, the cause is the silence. */
+        /* Whatever libssh said (or even if the last call made it), the
+         * cause is the silence. */
         vd_error_clear(err);
         ret = vd_error_set(err, -ETIMEDOUT, "ssh server %s:%s did not "
                            "answer within %u s", s->host, s->port,
                            s->timeout);
         s->broken = true;
     }
-    ssh_disconnect_all(s);
+    if (ret < 0) {
+        ssh_disconnect_all(s);
+    }
     return ret;
 }
 

@@ -81,6 +81,17 @@ grep -q "did not answer a read request within 3 s" err2.txt ||
     fail "a silent server did not time out"
 [ $((SECONDS - start)) -lt 15 ] || fail "the timeout took too long"
 
+# A server that accepts the connection but never speaks (sshd stopped):
+# the open times out too.
+start=$SECONDS
+kill -STOP "$SSHD_PID"
+expect_status 1 "$VDISK" info "$U/a.raw$NO" 2>err3.txt
+kill -CONT "$SSHD_PID"
+cat err3.txt
+grep -q "ssh server 127.0.0.1:$SSH_PORT did not answer within 3 s" err3.txt ||
+    fail "a silent server did not time out at open"
+[ $((SECONDS - start)) -lt 10 ] || fail "the open's timeout took too long"
+
 # A session whose server went away mid-session: every later request of
 # the same open fails at once (the first one read, then the kill).
 "$VDISK" io -f raw -c 'read 0 64k' -c 'sleep 3000' -c 'read 0 64k' \
