@@ -18,9 +18,9 @@
  * Threads: a libssh session is not thread-safe, so every request takes
  * the node's mutex and requests on one node run one at a time on its one
  * session (QEMU's CoMutex does the same). Reads are pipelined within a
- * request (several SFTP read requests in flight); writes go in QEMU's
- * 128 KiB pieces, each answered before the next (libssh 0.10 has no
- * asynchronous write).
+ * request (several SFTP read requests in flight); writes go in pieces
+ * of at most 128 KiB as QEMU's (255 KiB to OpenSSH), each answered
+ * before the next (libssh 0.10 has no asynchronous write).
  *
  * Never a hang: libssh's own timeout (SSH_OPTIONS_TIMEOUT) bounds each
  * wait, and a watchdog thread of the node shuts the socket down when one
@@ -51,9 +51,15 @@
 
 #include "core/block_int.h"
 
-/* Largest write sent in one SFTP request (QEMU's: libssh 0.10 sends a
- * write as one packet and OpenSSH's server takes at most 256 KiB). */
+/* Largest write sent in one SFTP request: libssh 0.10 sends a write as
+ * one packet, each answered before the next, and servers limit packets.
+ * QEMU's 128 KiB by default; OpenSSH's sftp-server (an OpenSSH banner
+ * and its limits@openssh.com extension, 8.6 and later) takes 255 KiB of
+ * data (its SFTP_MAX_MSG_LENGTH of 256 KiB less 1 KiB of headroom, the
+ * max-write-length it reports), and half the round trips make pushing
+ * an image faster. */
 #define SSH_WRITE_CHUNK (128u * 1024)
+#define SSH_WRITE_CHUNK_OPENSSH (255u * 1024)
 /* Reads: pieces of this size, this many in flight at once. */
 #define SSH_READ_CHUNK (64u * 1024)
 #define SSH_READ_DEPTH 16
@@ -72,6 +78,7 @@ typedef struct ssh_state {
     bool broken;                /* the watchdog cut the connection, or
                                    the server went away */
     bool fsync_ok;
+    size_t write_chunk;
 
     /* The watchdog: while a request runs, @deadline is set; when it
      * passes, the socket is shut down. */
@@ -915,6 +922,10 @@ static int ssh_connect_open(ssh_state *s, const ssh_conf *c, int oflags,
     sftp_attributes_free(a);
     s->fsync_ok = sftp_extension_supported(s->sftp, "fsync@openssh.com",
                                            "1");
+    s->write_chunk = ssh_get_openssh_version(s->session) > 0 &&
+                     sftp_extension_supported(s->sftp, "limits@openssh.com",
+                                              "1") ?
+                     SSH_WRITE_CHUNK_OPENSSH : SSH_WRITE_CHUNK;
     ret = 0;
 
 fail:
@@ -1176,8 +1187,8 @@ static int ssh_do_write(ssh_state *s, ssh_req *r)
         return -EIO;
     }
     for (size_t done = 0; done < r->len;) {
-        size_t n = r->len - done < SSH_WRITE_CHUNK ? r->len - done
-                                                   : SSH_WRITE_CHUNK;
+        size_t n = r->len - done < s->write_chunk ? r->len - done
+                                                  : s->write_chunk;
         ssize_t w = sftp_write(s->file, r->buf + done, n);
         if (w <= 0) {
             return -EIO;
@@ -1196,26 +1207,33 @@ static int ssh_do_fsync(ssh_state *s, ssh_req *r)
     return sftp_fsync(s->file) < 0 ? -EIO : 0;
 }
 
-/* Reads or writes through a bounce buffer: libssh takes flat ones. */
+/* Reads or writes a flat buffer, as libssh takes: the request's own
+ * when it is one piece (convert's chunks), else a bounce buffer. */
 static int ssh_rw(vd_node *node, uint64_t off, uint64_t bytes, vd_iov *qiov,
                   bool write, vd_error *err)
 {
     ssh_req r = { .off = off, .len = (size_t)bytes };
+    bool flat = qiov->niov == 1 && qiov->iov[0].iov_len == bytes;
     int ret;
 
-    if (!(r.buf = malloc(bytes))) {
+    r.buf = flat ? qiov->iov[0].iov_base : malloc(bytes);
+    if (!r.buf) {
         return vd_error_set(err, -ENOMEM, "Out of memory");
     }
     if (write) {
-        vd_iov_to_buf(qiov, 0, r.buf, r.len);
+        if (!flat) {
+            vd_iov_to_buf(qiov, 0, r.buf, r.len);
+        }
         ret = ssh_run(node->opaque, "write", ssh_do_write, &r, err);
     } else {
         ret = ssh_run(node->opaque, "read", ssh_do_read, &r, err);
-        if (ret == 0) {
+        if (ret == 0 && !flat) {
             vd_iov_from_buf(qiov, 0, r.buf, r.len);
         }
     }
-    free(r.buf);
+    if (!flat) {
+        free(r.buf);
+    }
     return ret;
 }
 
