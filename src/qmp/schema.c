@@ -38,7 +38,8 @@ static const char *const aio_enum[] = { "threads", "native", "io_uring",
 static const char *const driver_enum[] = {
     "blkdebug", "blkverify", "compress", "copy-before-write",
     "copy-on-read", "file", "snapshot-access", "host_cdrom", "host_device",
-    "null-aio", "null-co", "preallocate", "qcow2", "raw", "throttle", NULL
+    "null-aio", "null-co", "preallocate", "qcow2", "raw", "ssh", "throttle",
+    NULL
 };
 /* QEMU's BlkdebugEvent, BlkdebugIOType and BlockPermission. */
 static const char *const blkdebug_event_enum[] = {
@@ -208,6 +209,37 @@ static const qarg blockdev_preallocate[] = {
     { NULL, 0, false, NULL },
 };
 
+/* BlockdevOptionsSsh: InetSocketAddress, and SshHostKeyCheck's union
+ * as one object (the driver refuses type and hash outside mode=hash, as
+ * QEMU's visitor does). */
+static const char *const ssh_hkc_mode_enum[] = { "none", "hash",
+                                                 "known_hosts", NULL };
+static const char *const ssh_hkc_type_enum[] = { "md5", "sha1", "sha256",
+                                                 NULL };
+static const qarg inet_address[] = {
+    { "host", QT_STR, false, NULL },
+    { "port", QT_STR, false, NULL },
+    { "numeric", QT_BOOL, true, NULL },
+    { "to", QT_INT, true, NULL },
+    { "ipv4", QT_BOOL, true, NULL },
+    { "ipv6", QT_BOOL, true, NULL },
+    { "keep-alive", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+static const qarg ssh_host_key_check[] = {
+    { "mode", QT_ENUM, false, ssh_hkc_mode_enum },
+    { "type", QT_ENUM, true, ssh_hkc_type_enum },
+    { "hash", QT_STR, true, NULL },
+    { NULL, 0, false, NULL },
+};
+static const qarg blockdev_ssh[] = {
+    { "server", QT_OBJ, false, inet_address },
+    { "path", QT_STR, false, NULL },
+    { "user", QT_STR, true, NULL },
+    { "host-key-check", QT_OBJ, true, ssh_host_key_check },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg blockdev_throttle[] = {
     { "throttle-group", QT_STR, false, NULL },
     { "file", QT_BLOCKREF, false, NULL },
@@ -232,6 +264,7 @@ static const struct {
     { "raw", blockdev_raw },
     { "qcow2", blockdev_qcow2 },
     { "snapshot-access", blockdev_generic },
+    { "ssh", blockdev_ssh },
     { "throttle", blockdev_throttle },
 };
 

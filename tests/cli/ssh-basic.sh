@@ -69,10 +69,31 @@ same resize "$U/v.qcow2$NO" 16M
 
 # Blockdev options: json: (server, path, user, host-key-check) and the
 # legacy keys of --image-opts; the node's name is QEMU's.
-J="{\"driver\":\"raw\",\"file\":{\"driver\":\"ssh\",\"server\":{\"host\":\"127.0.0.1\",\"port\":\"$SSH_PORT\"},\"path\":\"$D/q.raw\",\"host-key-check\":{\"mode\":\"none\"}}}"
+S="\"driver\":\"ssh\",\"server\":{\"host\":\"127.0.0.1\",\"port\":\"$SSH_PORT\"},\"path\":\"$D/q.raw\",\"host-key-check\":{\"mode\":\"none\"}"
+J="{\"driver\":\"raw\",\"file\":{$S}}"
 same info --output=json "json:$J"
 same info --image-opts "driver=raw,file.driver=ssh,file.host=127.0.0.1,file.port=$SSH_PORT,file.path=$D/q.raw,file.host_key_check=no,file.user=root"
 same info --image-opts "driver=raw,file.driver=ssh,file.server.host=127.0.0.1,file.server.port=$SSH_PORT,file.path=$D/q.raw,file.host-key-check.mode=none"
+# blockdev-add of the storage daemon: an ssh node exported over NBD,
+# written through the export by qemu-io and read back over ssh by QEMU.
+"$VDISK" serve --blockdev "{$S,\"node-name\":\"s\"}" \
+    --nbd-server "addr.type=unix,addr.path=$PWD/nbd.sock" \
+    --export type=nbd,id=e,node-name=s,writable=on &
+serve=$!
+cleanup_fn kill "$serve"
+for i in $(seq 100); do
+    [ -S nbd.sock ] && break
+    sleep 0.1
+done
+$QEMU_IO -f raw -c 'write -P 0x44 4M 64k' "nbd+unix:///s?socket=$PWD/nbd.sock" \
+    >/dev/null
+$QEMU_IMG compare -f raw -F raw "nbd+unix:///s?socket=$PWD/nbd.sock" \
+    "$U/q.raw$NO" >/dev/null || fail "the NBD export of the ssh node differs"
+$QEMU_IO -f raw -c 'read -P 0x44 4M 64k' "$U/q.raw$NO" >/dev/null ||
+    fail "a write through the NBD export did not reach the ssh image"
+kill "$serve"
+wait "$serve" || true
+
 # A URI without host or path, a missing file. (A file name inside the
 # options, file.filename=ssh://..., is opened by vdisk where QEMU 7.2
 # ignores it and asks for 'server': docs/remote.md.)
