@@ -972,30 +972,43 @@ static char *ssh_make_filename(const ssh_conf *c)
     return out;
 }
 
-/* Options from a filename or from the blockdev options; QEMU refuses
- * both at once. */
+/* The first option of @opts that says where the image is (QEMU's
+ * strong runtime options), or NULL. */
+static const char *ssh_location_option(const vd_opts *opts)
+{
+    static const char *const keys[] = { "host", "port", "path", "user",
+                                        "host_key_check", NULL };
+
+    for (size_t i = 0; opts && i < vd_opts_count(opts); i++) {
+        const char *k, *v;
+        vd_opts_nth(opts, i, &k, &v);
+        if (strncmp(k, "server.", 7) == 0) {
+            return k;
+        }
+        for (int j = 0; keys[j]; j++) {
+            if (strcmp(k, keys[j]) == 0) {
+                return k;
+            }
+        }
+    }
+    return NULL;
+}
+
+/* Options from a filename (@opts may be NULL, or must not say where the
+ * image is: QEMU refuses both at once) or, without one, from @opts. */
 static int ssh_conf_from(vd_opts *opts, const char *filename, ssh_conf *c,
                          vd_error *err)
 {
-    static const char *const strong[] = { "host", "port", "path", "user",
-                                          "host_key_check", NULL };
+    const char *clash = ssh_location_option(opts);
     vd_opts *o;
     int ret;
 
     if (!filename) {
         return ssh_take_conf(opts, c, err);
     }
-    for (size_t i = 0; opts && i < vd_opts_count(opts); i++) {
-        const char *k, *v;
-        vd_opts_nth(opts, i, &k, &v);
-        bool clash = strncmp(k, "server.", 7) == 0;
-        for (int j = 0; strong[j]; j++) {
-            clash |= strcmp(k, strong[j]) == 0;
-        }
-        if (clash) {
-            return vd_error_set(err, -EINVAL, "Option '%s' cannot be used "
-                                "with a file name", k);
-        }
+    if (clash) {
+        return vd_error_set(err, -EINVAL, "Option '%s' cannot be used with "
+                            "a file name", clash);
     }
     if (!(o = vd_opts_new())) {
         return vd_error_set(err, -ENOMEM, "Out of memory");
@@ -1022,14 +1035,24 @@ static int ssh_open(vd_node *node, vd_opts *opts, unsigned flags,
 
     s->sock = -1;
     pthread_mutex_init(&s->lock, NULL);
-    name = node->filename && node->filename[0] &&
-           strncmp(node->filename, "json:", 5) != 0 ? node->filename : fname;
+    /* A filename option with location options is QEMU's conflict; the
+     * node's own name (the filename the user opened, or the one this
+     * function made from the options, which a reopen finds again beside
+     * them) gives way to location options. */
+    if (fname || ssh_location_option(opts)) {
+        name = fname;
+    } else {
+        name = node->filename && node->filename[0] &&
+               strncmp(node->filename, "json:", 5) != 0 ? node->filename
+                                                         : NULL;
+    }
     ret = ssh_conf_from(opts, name, &c, err);
     if (ret < 0) {
         free(fname);
         return ret;
     }
-    if (!name) {
+    if (!name && (!node->filename || !node->filename[0] ||
+                  strncmp(node->filename, "json:", 5) == 0)) {
         char *n = ssh_make_filename(&c);
         if (!n) {
             free(fname);

@@ -74,6 +74,13 @@ J="{\"driver\":\"raw\",\"file\":{$S}}"
 same info --output=json "json:$J"
 same info --image-opts "driver=raw,file.driver=ssh,file.host=127.0.0.1,file.port=$SSH_PORT,file.path=$D/q.raw,file.host_key_check=no,file.user=root"
 same info --image-opts "driver=raw,file.driver=ssh,file.server.host=127.0.0.1,file.server.port=$SSH_PORT,file.path=$D/q.raw,file.host-key-check.mode=none"
+# A reopen (read-only, then read-write) of a node opened from options
+# reconnects from those options. (QEMU's ssh driver refuses reopening.)
+"$VDISK" io -c 'reopen -r' -c 'reopen -w' -c 'write -P 0x45 4M 4k' \
+    "json:$J" >/dev/null
+$QEMU_IO -f raw -c 'read -P 0x45 4M 4k' "$U/q.raw$NO" >/dev/null ||
+    fail "a write after reopening was lost"
+
 # blockdev-add of the storage daemon: an ssh node exported over NBD,
 # written through the export by qemu-io and read back over ssh by QEMU.
 "$VDISK" serve --blockdev "{$S,\"node-name\":\"s\"}" \
