@@ -144,6 +144,18 @@ static bool ssh_disarm(ssh_state *s)
     return fired;
 }
 
+/* The socket changes under the watchdog's lock, which reads it. */
+static void ssh_set_sock(ssh_state *s, int fd)
+{
+    if (s->watchdog_running) {
+        pthread_mutex_lock(&s->wd_lock);
+        s->sock = fd;
+        pthread_mutex_unlock(&s->wd_lock);
+    } else {
+        s->sock = fd;
+    }
+}
+
 static int ssh_watchdog_start(ssh_state *s, vd_error *err)
 {
     const char *env = getenv("VDISK_SSH_TIMEOUT");
@@ -652,7 +664,7 @@ static int ssh_tcp_connect(ssh_state *s, vd_error *err)
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         freeaddrinfo(res);
-        s->sock = fd;
+        ssh_set_sock(s, fd);
         return 0;
     }
     freeaddrinfo(res);
@@ -818,11 +830,11 @@ static void ssh_disconnect_all(ssh_state *s)
         }
         ssh_free(s->session);       /* closes s->sock */
         s->session = NULL;
-        s->sock = -1;
+        ssh_set_sock(s, -1);
     }
     if (s->sock >= 0) {
         close(s->sock);
-        s->sock = -1;
+        ssh_set_sock(s, -1);
     }
 }
 
