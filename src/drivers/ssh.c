@@ -461,6 +461,17 @@ static void ssh_conf_free(ssh_conf *c)
     memset(c, 0, sizeof(*c));
 }
 
+/* The index of @v in @choices (NULL-terminated), or -1. */
+static int ssh_enum(const char *const *choices, const char *v)
+{
+    for (int i = 0; choices[i]; i++) {
+        if (strcmp(v, choices[i]) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
 /* Takes the options from @o into @c: the legacy ones translated first
  * as QEMU's ssh_process_legacy_options(). */
 static int ssh_take_conf(vd_opts *o, ssh_conf *c, vd_error *err)
@@ -475,7 +486,7 @@ static int ssh_take_conf(vd_opts *o, ssh_conf *c, vd_error *err)
     int ret = 0;
 
     memset(c, 0, sizeof(*c));
-    c->mode = HKC_KNOWN_HOSTS;
+    c->mode = -1;
     if (!lhost && lport) {
         ret = vd_error_set(err, -EINVAL, "port may not be used without "
                            "host");
@@ -500,10 +511,17 @@ static int ssh_take_conf(vd_opts *o, ssh_conf *c, vd_error *err)
     c->path = vd_opts_take(o, "path");
     c->user = vd_opts_take(o, "user");
 
-    ret = vd_opts_take_enum(o, "host-key-check.mode", modes, HKC_KNOWN_HOSTS,
-                            &c->mode, err);
-    if (ret < 0) {
+    /* QEMU's visitor names an enum member alone ('mode', 'type'). */
+    tmp = vd_opts_take(o, "host-key-check.mode");
+    if (tmp && (c->mode = ssh_enum(modes, tmp)) < 0) {
+        ret = vd_error_set(err, -EINVAL, "Parameter 'mode' does not accept "
+                           "value '%s'", tmp);
+        free(tmp);
         goto out;
+    }
+    free(tmp);
+    if (c->mode < 0) {
+        c->mode = HKC_KNOWN_HOSTS;
     }
     tmp = vd_opts_take(o, "host-key-check.type");
     c->hash = vd_opts_take(o, "host-key-check.hash");
@@ -513,19 +531,13 @@ static int ssh_take_conf(vd_opts *o, ssh_conf *c, vd_error *err)
                                "'host-key-check.type' is missing");
             goto out;
         }
-        c->type = -1;
-        for (int i = 0; types[i]; i++) {
-            if (strcmp(tmp, types[i]) == 0) {
-                c->type = i;
-            }
-        }
-        free(tmp);
-        if (c->type < 0) {
-            ret = vd_error_set(err, -EINVAL, "Parameter "
-                               "'host-key-check.type' does not accept "
-                               "value");
+        if ((c->type = ssh_enum(types, tmp)) < 0) {
+            ret = vd_error_set(err, -EINVAL, "Parameter 'type' does not "
+                               "accept value '%s'", tmp);
+            free(tmp);
             goto out;
         }
+        free(tmp);
         if (!c->hash) {
             ret = vd_error_set(err, -EINVAL, "Parameter "
                                "'host-key-check.hash' is missing");

@@ -36,6 +36,20 @@ hkc()
 same info "$(hkc "{\"mode\":\"hash\",\"type\":\"sha256\",\"hash\":\"$SSH_SHA256\"}")"
 same info "$(hkc "{\"mode\":\"hash\",\"type\":\"sha1\",\"hash\":\"$(wrong "$SSH_SHA1")\"}")"
 
+# Malformed options are refused before connecting, with QEMU's words.
+for opt in '"host-key-check":{"mode":"bogus"}' \
+           '"host-key-check":{"mode":"hash","type":"sha512","hash":"ab"}' \
+           '"host-key-check":{"mode":"hash","type":"md5"}' \
+           '"host-key-check":{"mode":"hash","hash":"ab"}' \
+           '"host-key-check":{"mode":"none","type":"md5"}'; do
+    same info "json:{\"driver\":\"ssh\",\"server\":{\"host\":\"127.0.0.1\",\"port\":\"$SSH_PORT\"},\"path\":\"$D/a.raw\",$opt}"
+done
+for loc in '"path":"/x"' '"server":{"host":"127.0.0.1","port":"1"}' \
+           '"server":{"host":"127.0.0.1","port":"ab"},"path":"/x"' \
+           '"server":{"host":"127.0.0.1"},"path":"/x"'; do
+    same info "json:{\"driver\":\"ssh\",$loc}"
+done
+
 # known_hosts: the user's ~/.ssh/known_hosts, which libssh finds through
 # the password database; a private mount namespace puts ours there.
 in_home_requires
