@@ -144,6 +144,16 @@ EOF
 ssh_test_begin()
 {
     ssh_server_requires
+    # The referee needs QEMU's ssh driver (Debian's qemu-block-extra),
+    # the tool its own (built only with libssh).
+    if ! "$QEMU_IMG" --help | grep -q '^Supported formats:.* ssh\b'; then
+        echo "$0: qemu-img has no ssh driver (qemu-block-extra)" >&2
+        exit 77
+    fi
+    if ! "$VDISK" --help | grep -q '^Supported formats:.* ssh\b'; then
+        echo "$0: vdisk was built without libssh" >&2
+        exit 77
+    fi
     tmpdir
     ssh_server_start
     D=$SSH_DIR
