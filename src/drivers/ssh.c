@@ -1152,12 +1152,15 @@ static int ssh_read_locked(ssh_state *s, uint64_t off, uint8_t *buf,
         int r = sftp_async_read(s->file, buf + q[tail % SSH_READ_DEPTH].pos,
                                 q[tail % SSH_READ_DEPTH].len,
                                 (uint32_t)q[tail % SSH_READ_DEPTH].id);
-        if (r == SSH_ERROR) {
+        if (r == SSH_EOF) {
+            r = 0;          /* nothing there: short by all of it */
+        }
+        if (r < 0) {
             ret = -1;
             if (!ssh_is_connected(s->session)) {
                 break;      /* nothing more will come */
             }
-        } else if (r >= 0 && (uint32_t)r < q[tail % SSH_READ_DEPTH].len) {
+        } else if ((uint32_t)r < q[tail % SSH_READ_DEPTH].len) {
             size_t end = q[tail % SSH_READ_DEPTH].pos + (size_t)r;
             if (end < short_at) {
                 short_at = end;
@@ -1180,10 +1183,10 @@ static int ssh_read_locked(ssh_state *s, uint64_t off, uint8_t *buf,
             size_t n = len - pos < SSH_READ_CHUNK ? len - pos
                                                   : SSH_READ_CHUNK;
             ssize_t r = sftp_read(s->file, buf + pos, n);
-            if (r < 0) {
+            if (r < 0 && r != SSH_EOF) {
                 return -EIO;
             }
-            if (r == 0) {
+            if (r <= 0) {
                 memset(buf + pos, 0, len - pos);
                 break;
             }

@@ -41,6 +41,13 @@ $QEMU_IMG compare back-q.qcow2 back-v.qcow2 >/dev/null ||
 $QEMU_IMG compare -f raw src.raw back-v.qcow2 >/dev/null ||
     fail "vdisk convert from ssh lost data"
 
+# A file whose end is not a sector boundary: the last sector reads as
+# the tail and zeros, as QEMU reads it.
+head -c 1000 /dev/urandom >"$D/odd.raw"
+$QEMU_IMG convert -f raw -O raw "$U/odd.raw$NO" odd-q.raw
+"$VDISK" convert -f raw -O raw "$U/odd.raw$NO" odd-v.raw
+cmp odd-q.raw odd-v.raw || fail "the tail of a 1000-byte file reads wrong"
+
 # qcow2 on ssh, made by vdisk: QEMU checks and reads it; the other way.
 "$VDISK" create -q -f qcow2 "$U/v.qcow2$NO" 8M
 "$VDISK" io -c 'write -P 0x77 64k 1M' -c 'write -P 0x78 7M 512' \
@@ -87,7 +94,7 @@ $QEMU_IO -f raw -c 'read -P 0x45 4M 4k' "$U/q.raw$NO" >/dev/null ||
     --nbd-server "addr.type=unix,addr.path=$PWD/nbd.sock" \
     --export type=nbd,id=e,node-name=s,writable=on &
 serve=$!
-cleanup_fn kill "$serve"
+cleanup_fn gone "$serve"
 for i in $(seq 100); do
     [ -S nbd.sock ] && break
     sleep 0.1

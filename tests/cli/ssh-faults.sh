@@ -22,12 +22,6 @@ SSH_AUTH_SOCK=$PWD/empty-agent.sock same info "$U/a.raw$NO"
 grep -q 'failed to authenticate' v.out || fail "empty agent: not refused"
 same info "ssh://nobody@127.0.0.1:$SSH_PORT$D/a.raw$NO"
 
-# Clean-ups of processes that may be gone already.
-gone()
-{
-    kill -9 "$@" 2>/dev/null || true
-}
-
 # Waits (at most 20 s) until FILE has data (allocated blocks: convert
 # creates its target at full size first): the request stream is under
 # way, past the open.

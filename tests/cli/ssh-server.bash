@@ -29,6 +29,8 @@
 #                      connections (its descendants: the per-connection
 #                      sshd processes and their sftp-server), so that a
 #                      test can kill or stop a connection by PID
+#   gone PID...        kill -9 the processes, quietly: a clean-up for
+#                      processes that may have ended already
 #   in_home CMD...     run CMD in a private mount namespace where the
 #                      user's home directory from the password database
 #                      is $HOME: libssh (and OpenSSH) find ~/.ssh there,
@@ -190,6 +192,11 @@ ssh_session_pids()
             done
         done
     done
+}
+
+gone()
+{
+    kill -9 "$@" 2>/dev/null || true
 }
 
 in_home()
