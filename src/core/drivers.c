@@ -49,6 +49,7 @@ extern const vd_driver vd_driver_ftps;
 #endif
 
 #ifdef VDISK_HAVE_LIBSSH
+extern const vd_driver vd_driver_ssh;
 #endif
 
 #ifdef VDISK_HAVE_LIBISCSI
@@ -104,6 +105,7 @@ static const vd_driver *const driver_table[] = {
 #endif
 
 #ifdef VDISK_HAVE_LIBSSH
+    &vd_driver_ssh,
 #endif
 
 #ifdef VDISK_HAVE_LIBISCSI

@@ -310,6 +310,37 @@ static const qarg blockdev_nbd[] = {
     { NULL, 0, false, NULL },
 };
 
+/* BlockdevOptionsSsh: InetSocketAddress, and SshHostKeyCheck's union
+ * as one object (the driver refuses type and hash outside mode=hash, as
+ * QEMU's visitor does). */
+static const char *const ssh_hkc_mode_enum[] = { "none", "hash",
+                                                 "known_hosts", NULL };
+static const char *const ssh_hkc_type_enum[] = { "md5", "sha1", "sha256",
+                                                 NULL };
+static const qarg inet_address[] = {
+    { "host", QT_STR, false, NULL },
+    { "port", QT_STR, false, NULL },
+    { "numeric", QT_BOOL, true, NULL },
+    { "to", QT_INT, true, NULL },
+    { "ipv4", QT_BOOL, true, NULL },
+    { "ipv6", QT_BOOL, true, NULL },
+    { "keep-alive", QT_BOOL, true, NULL },
+    { NULL, 0, false, NULL },
+};
+static const qarg ssh_host_key_check[] = {
+    { "mode", QT_ENUM, false, ssh_hkc_mode_enum },
+    { "type", QT_ENUM, true, ssh_hkc_type_enum },
+    { "hash", QT_STR, true, NULL },
+    { NULL, 0, false, NULL },
+};
+static const qarg blockdev_ssh[] = {
+    { "server", QT_OBJ, false, inet_address },
+    { "path", QT_STR, false, NULL },
+    { "user", QT_STR, true, NULL },
+    { "host-key-check", QT_OBJ, true, ssh_host_key_check },
+    { NULL, 0, false, NULL },
+};
+
 static const qarg blockdev_throttle[] = {
     { "throttle-group", QT_STR, false, NULL },
     { "file", QT_BLOCKREF, false, NULL },
@@ -362,6 +393,7 @@ static const struct {
     { "qed", blockdev_generic_cow },
     { "rbd", blockdev_rbd },
     { "snapshot-access", blockdev_generic },
+    { "ssh", blockdev_ssh },
     { "throttle", blockdev_throttle },
 };
 
