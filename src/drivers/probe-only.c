@@ -1,7 +1,7 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vdi, vhdx, vpc, qed, qcow (version 1), luks,
+ * has no driver yet: vmdk, vhdx, vpc, qed, qcow (version 1), luks,
  * parallels, dmg, cloop and bochs.
  *
  * Why they exist: without them, probing falls back to raw for all of
@@ -26,7 +26,7 @@
  * 100 for a magic number, 2 for the weak guesses (dmg's suffix, cloop's
  * shell-script header), so that they beat raw's 1 and nothing else.
  * Layouts: ../shared/specs/qed_spec.rst and ../shared/specs/parallels.rst;
- * the others from QEMU's drivers (block/vmdk.c, vdi.c, vhdx.c, vpc.c,
+ * the others from QEMU's drivers (block/vmdk.c, vhdx.c, vpc.c,
  * qcow.c, crypto/block-luks.c, dmg.c, cloop.c, bochs.c).
  */
 #include <stdint.h>
@@ -104,15 +104,6 @@ static int vmdk_probe(const uint8_t *buf, size_t len, const char *filename)
         return 100;
     }
     return vmdk_descriptor(buf, len) ? 100 : 0;
-}
-
-/* ---- vdi: signature 0xbeda107f (LE) after the 64-byte text, in a
- * 512-byte header ---- */
-
-static int vdi_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    (void)filename;
-    return len >= 512 && rd_le32(buf + 0x40) == 0xbeda107f ? 100 : 0;
 }
 
 /* ---- vhdx: file type identifier "vhdxfile" ---- */
@@ -250,7 +241,6 @@ static int bochs_probe(const uint8_t *buf, size_t len, const char *filename)
     }
 
 PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
-PROBE_ONLY(vd_driver_vdi, "vdi", vdi_probe, false);
 PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
 PROBE_ONLY(vd_driver_vpc, "vpc", vpc_probe, false);
 PROBE_ONLY(vd_driver_qed, "qed", qed_probe, false);

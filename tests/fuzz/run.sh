@@ -105,6 +105,11 @@ mkdir -p "$seeds/img" "$build/artifacts"
     cp bmdata.qcow2 bminuse.qcow2
     qemu-io -c 'write 8k 1k' -c 'sigraise 9' bminuse.qcow2 \
         >/dev/null 2>&1 || true
+    # vdi: dynamic with data in two blocks, static, empty.
+    q create -f vdi dyn.vdi 4M
+    qio -f vdi -c 'write -P 0x77 0 4k' -c 'write -P 0x78 2M 1k' dyn.vdi
+    q create -f vdi -o static=on static.vdi 2M
+    q create -f vdi empty.vdi 0
     rm -f data.raw
 )
 # Text seeds; the first byte is the target's mode byte (see each target).
