@@ -1,8 +1,8 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vhdx, vpc, qed, qcow (version 1), luks,
- * parallels, dmg, cloop and bochs.
+ * has no driver yet: vmdk, vhdx, vpc, qed, qcow (version 1), luks, dmg,
+ * cloop and bochs.
  *
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
@@ -25,7 +25,7 @@
  * recognises only by its ".dmg" suffix, never blocks a write). Scores:
  * 100 for a magic number, 2 for the weak guesses (dmg's suffix, cloop's
  * shell-script header), so that they beat raw's 1 and nothing else.
- * Layouts: ../shared/specs/qed_spec.rst and ../shared/specs/parallels.rst;
+ * Layouts: ../shared/specs/qed_spec.rst;
  * the others from QEMU's drivers (block/vmdk.c, vhdx.c, vpc.c,
  * qcow.c, crypto/block-luks.c, dmg.c, cloop.c, bochs.c).
  */
@@ -149,23 +149,6 @@ static int luks_probe(const uint8_t *buf, size_t len, const char *filename)
            buf[6] == 0 && buf[7] == 1 ? 100 : 0;
 }
 
-/* ---- parallels: either magic, version 2 (LE32 at 16), 64-byte header ---- */
-
-static int parallels_probe(const uint8_t *buf, size_t len,
-                           const char *filename)
-{
-    (void)filename;
-    if (len < 64) {
-        return 0;
-    }
-    if ((memcmp(buf, "WithoutFreeSpace", 16) == 0 ||
-         memcmp(buf, "WithouFreSpacExt", 16) == 0) &&
-        rd_le32(buf + 16) == 2) {
-        return 100;
-    }
-    return 0;
-}
-
 /* ---- dmg: the UDIF trailer is at the end of the file, so QEMU goes by
  * the name alone: anything called *.dmg that nothing else claims ---- */
 
@@ -246,7 +229,6 @@ PROBE_ONLY(vd_driver_vpc, "vpc", vpc_probe, false);
 PROBE_ONLY(vd_driver_qed, "qed", qed_probe, false);
 PROBE_ONLY(vd_driver_qcow, "qcow", qcow_probe, true);
 PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
-PROBE_ONLY(vd_driver_parallels, "parallels", parallels_probe, false);
 PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe, false);
 PROBE_ONLY(vd_driver_cloop, "cloop", cloop_probe, false);
 PROBE_ONLY(vd_driver_bochs, "bochs", bochs_probe, false);

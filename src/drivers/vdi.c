@@ -36,7 +36,7 @@
 #include <string.h>
 #include <sys/random.h>
 
-#include "core/block_int.h"
+#include "simple-fmt.h"
 
 #define VDI_SECTOR 512u
 #define VDI_BLOCK_SIZE 1048576u
@@ -80,31 +80,6 @@ typedef struct vdi_state {
     pthread_rwlock_t lock;
 } vdi_state;
 
-static uint32_t rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-           (uint32_t)p[3] << 24;
-}
-
-static uint64_t rd64(const uint8_t *p)
-{
-    return (uint64_t)rd32(p) | (uint64_t)rd32(p + 4) << 32;
-}
-
-static void wr32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-    p[2] = (uint8_t)(v >> 16);
-    p[3] = (uint8_t)(v >> 24);
-}
-
-static void wr64(uint8_t *p, uint64_t v)
-{
-    wr32(p, (uint32_t)v);
-    wr32(p + 4, (uint32_t)(v >> 32));
-}
-
 static bool is_null16(const uint8_t *p)
 {
     for (int i = 0; i < 16; i++) {
@@ -118,17 +93,17 @@ static bool is_null16(const uint8_t *p)
 static int vdi_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     (void)filename;
-    return len >= VDI_SECTOR && rd32(buf + H_SIGNATURE) == VDI_SIGNATURE ?
+    return len >= VDI_SECTOR && fmt_rd32(buf + H_SIGNATURE) == VDI_SIGNATURE ?
            100 : 0;
 }
 
 /* The header checks of QEMU's vdi_open, in its order and with its texts. */
 static int check_header(const uint8_t *h, vd_error *err)
 {
-    uint64_t disk_size = rd64(h + H_DISK_SIZE);
-    uint32_t version = rd32(h + H_VERSION);
-    uint32_t blocks = rd32(h + H_BLOCKS_IN_IMAGE);
-    uint32_t bsize = rd32(h + H_BLOCK_SIZE);
+    uint64_t disk_size = fmt_rd64(h + H_DISK_SIZE);
+    uint32_t version = fmt_rd32(h + H_VERSION);
+    uint32_t blocks = fmt_rd32(h + H_BLOCKS_IN_IMAGE);
+    uint32_t bsize = fmt_rd32(h + H_BLOCK_SIZE);
 
     if (disk_size > VDI_DISK_SIZE_MAX) {
         return vd_error_set(err, -ENOTSUP, "Unsupported VDI image size (size "
@@ -137,29 +112,29 @@ static int check_header(const uint8_t *h, vd_error *err)
     }
     /* Odd sizes (VBoxManage convertfromraw) are rounded up to a sector. */
     disk_size = (disk_size + VDI_SECTOR - 1) & ~(uint64_t)(VDI_SECTOR - 1);
-    if (rd32(h + H_SIGNATURE) != VDI_SIGNATURE) {
+    if (fmt_rd32(h + H_SIGNATURE) != VDI_SIGNATURE) {
         return vd_error_set(err, -EINVAL, "Image not in VDI format (bad "
-                            "signature %08" PRIx32 ")", rd32(h + H_SIGNATURE));
+                            "signature %08" PRIx32 ")", fmt_rd32(h + H_SIGNATURE));
     }
     if (version != VDI_VERSION_1_1) {
         return vd_error_set(err, -ENOTSUP, "unsupported VDI image (version %"
                             PRIu32 ".%" PRIu32 ")", version >> 16,
                             version & 0xffff);
     }
-    if (rd32(h + H_OFFSET_BMAP) % VDI_SECTOR) {
+    if (fmt_rd32(h + H_OFFSET_BMAP) % VDI_SECTOR) {
         return vd_error_set(err, -ENOTSUP, "unsupported VDI image (unaligned "
                             "block map offset 0x%" PRIx32 ")",
-                            rd32(h + H_OFFSET_BMAP));
+                            fmt_rd32(h + H_OFFSET_BMAP));
     }
-    if (rd32(h + H_OFFSET_DATA) % VDI_SECTOR) {
+    if (fmt_rd32(h + H_OFFSET_DATA) % VDI_SECTOR) {
         return vd_error_set(err, -ENOTSUP, "unsupported VDI image (unaligned "
                             "data offset 0x%" PRIx32 ")",
-                            rd32(h + H_OFFSET_DATA));
+                            fmt_rd32(h + H_OFFSET_DATA));
     }
-    if (rd32(h + H_SECTOR_SIZE) != VDI_SECTOR) {
+    if (fmt_rd32(h + H_SECTOR_SIZE) != VDI_SECTOR) {
         return vd_error_set(err, -ENOTSUP, "unsupported VDI image (sector "
                             "size %" PRIu32 " is not %u)",
-                            rd32(h + H_SECTOR_SIZE), VDI_SECTOR);
+                            fmt_rd32(h + H_SECTOR_SIZE), VDI_SECTOR);
     }
     if (bsize != VDI_BLOCK_SIZE) {
         return vd_error_set(err, -ENOTSUP, "unsupported VDI image (block "
@@ -217,7 +192,7 @@ static char *bmap_fault(vdi_state *s, int *oom)
         return msg;
     }
     for (uint32_t i = 0; i < s->blocks_in_image && !msg; i++) {
-        uint32_t e = rd32(s->bmap + (size_t)i * 4);
+        uint32_t e = fmt_rd32(s->bmap + (size_t)i * 4);
         int r = 0;
 
         if (!VDI_IS_ALLOCATED(e)) {
@@ -268,29 +243,22 @@ static int vdi_open(vd_node *node, vd_opts *opts, unsigned flags,
     s->filename = node->filename ? node->filename : "vdi";
     pthread_rwlock_init(&s->lock, NULL);
 
-    flen = vd_node_getlength(s->file->node);
-    if (flen < 0) {
-        ret = vd_error_set(err, (int)flen, "%s: cannot get the file length",
-                           s->filename);
-        goto fail;
-    }
     /* A short file reads as zeros past its end, as in QEMU. */
-    ret = vd_child_pread(s->file, 0, s->header,
-                         (uint64_t)flen < VDI_SECTOR ? (uint64_t)flen
-                                                     : VDI_SECTOR, err);
-    if (ret < 0) {
+    flen = fmt_read_head(s->file, s->header, VDI_SECTOR, s->filename, err);
+    if (flen < 0) {
+        ret = (int)flen;
         goto fail;
     }
     ret = check_header(s->header, err);
     if (ret < 0) {
         goto fail;
     }
-    s->image_type = rd32(s->header + H_IMAGE_TYPE);
-    s->offset_bmap = rd32(s->header + H_OFFSET_BMAP);
-    s->offset_data = rd32(s->header + H_OFFSET_DATA);
-    s->blocks_in_image = rd32(s->header + H_BLOCKS_IN_IMAGE);
-    s->blocks_allocated = rd32(s->header + H_BLOCKS_ALLOCATED);
-    s->disk_size = (rd64(s->header + H_DISK_SIZE) + VDI_SECTOR - 1) &
+    s->image_type = fmt_rd32(s->header + H_IMAGE_TYPE);
+    s->offset_bmap = fmt_rd32(s->header + H_OFFSET_BMAP);
+    s->offset_data = fmt_rd32(s->header + H_OFFSET_DATA);
+    s->blocks_in_image = fmt_rd32(s->header + H_BLOCKS_IN_IMAGE);
+    s->blocks_allocated = fmt_rd32(s->header + H_BLOCKS_ALLOCATED);
+    s->disk_size = (fmt_rd64(s->header + H_DISK_SIZE) + VDI_SECTOR - 1) &
                    ~(uint64_t)(VDI_SECTOR - 1);
     s->bmap_bytes = ((size_t)s->blocks_in_image * 4 + VDI_SECTOR - 1) &
                     ~(size_t)(VDI_SECTOR - 1);
@@ -361,7 +329,7 @@ static int64_t vdi_getlength(vd_node *node)
 
 static uint32_t entry_at(vdi_state *s, uint64_t block)
 {
-    return rd32(s->bmap + block * 4);
+    return fmt_rd32(s->bmap + block * 4);
 }
 
 /* The piece of a request at @pos (@left bytes to go) inside one block:
@@ -376,22 +344,6 @@ static uint64_t block_piece(uint64_t pos, uint64_t left, uint64_t *block,
     *in = pos % VDI_BLOCK_SIZE;
     n = VDI_BLOCK_SIZE - *in;
     return n < left ? n : left;
-}
-
-/* @n bytes of @qiov from @qoff to or from the file at @foff. */
-static int file_io(vdi_state *s, bool write, uint64_t foff, vd_iov *qiov,
-                   uint64_t qoff, uint64_t n, vd_error *err)
-{
-    vd_iov sub;
-    int ret = vd_iov_init_slice(&sub, qiov, qoff, n);
-
-    if (ret < 0) {
-        return vd_error_set(err, ret, "%s: out of memory", s->filename);
-    }
-    ret = write ? vd_child_pwritev(s->file, foff, n, &sub, 0, err)
-                : vd_child_preadv(s->file, foff, n, &sub, 0, err);
-    vd_iov_destroy(&sub);
-    return ret;
 }
 
 static uint64_t block_offset(vdi_state *s, uint32_t e, uint64_t in)
@@ -419,7 +371,8 @@ static int vdi_preadv(vd_node *node, uint64_t off, uint64_t bytes,
             vd_iov_memset(qiov, done, 0, n);
             continue;
         }
-        ret = file_io(s, false, block_offset(s, e, in), qiov, done, n, err);
+        ret = fmt_file_io(s->file, false, block_offset(s, e, in), qiov,
+                          done, n, s->filename, err);
         if (ret < 0) {
             return ret;
         }
@@ -460,20 +413,20 @@ static int allocate_block(vdi_state *s, uint64_t block, uint64_t in,
     /* The count first: a crash before the map is written leaks a block,
      * never maps one twice. */
     memcpy(hdr, s->header, VDI_SECTOR);
-    wr32(hdr + H_BLOCKS_ALLOCATED, idx + 1);
+    fmt_wr32(hdr + H_BLOCKS_ALLOCATED, idx + 1);
     ret = vd_child_pwrite(s->file, 0, hdr, VDI_SECTOR, 0, err);
     if (ret < 0) {
         return ret;
     }
-    wr32(s->header + H_BLOCKS_ALLOCATED, idx + 1);
+    fmt_wr32(s->header + H_BLOCKS_ALLOCATED, idx + 1);
     s->blocks_allocated = idx + 1;
-    wr32(s->bmap + block * 4, idx);
+    fmt_wr32(s->bmap + block * 4, idx);
     ret = vd_child_pwrite(s->file, s->offset_bmap + sec, s->bmap + sec,
                           VDI_SECTOR, 0, err);
     if (ret < 0) {
         /* The map on disk may be stale: refuse further writes rather than
          * hand the block out again. */
-        wr32(s->bmap + block * 4, VDI_UNALLOCATED);
+        fmt_wr32(s->bmap + block * 4, VDI_UNALLOCATED);
         if (!s->no_write) {
             s->no_write = strdup("a block map update failed");
         }
@@ -520,7 +473,8 @@ static int vdi_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
                 continue;
             }
         }
-        ret = file_io(s, true, block_offset(s, e, in), qiov, done, n, err);
+        ret = fmt_file_io(s->file, true, block_offset(s, e, in), qiov,
+                          done, n, s->filename, err);
         if (ret < 0) {
             return ret;
         }
@@ -663,7 +617,6 @@ static int vdi_create(const char *filename, vd_opts *opts, vd_error *err)
 {
     uint64_t size = 0, blocks, bmap_bytes;
     bool is_static = false;
-    vd_opts *popts = NULL;
     vd_node *file = NULL;
     uint8_t *buf = NULL;
     int ret;
@@ -679,17 +632,7 @@ static int vdi_create(const char *filename, vd_opts *opts, vd_error *err)
     size = (size + VDI_SECTOR - 1) & ~(uint64_t)(VDI_SECTOR - 1);
     /* The rest (preallocation, nocow, ...) is the protocol's, which QEMU
      * creates empty: the vdi options, size included, are gone by then. */
-    popts = vd_opts_clone(opts);
-    if (!popts) {
-        return vd_error_set(err, -ENOMEM, "%s: out of memory", filename);
-    }
-    for (const char *k = vd_opts_first_key(opts); k;
-         k = vd_opts_first_key(opts)) {
-        vd_opts_del(opts, k);
-    }
-    vd_opts_set(popts, "size", "0");
-    ret = vd_create_protocol(filename, popts, err);
-    vd_opts_free(&popts);
+    ret = fmt_create_file(filename, opts, err);
     if (ret < 0) {
         return ret;
     }
@@ -711,17 +654,17 @@ static int vdi_create(const char *filename, vd_opts *opts, vd_error *err)
         goto out;
     }
     memcpy(buf, VDI_TEXT, sizeof(VDI_TEXT) - 1);
-    wr32(buf + H_SIGNATURE, VDI_SIGNATURE);
-    wr32(buf + H_VERSION, VDI_VERSION_1_1);
-    wr32(buf + H_HEADER_SIZE, 0x180);
-    wr32(buf + H_IMAGE_TYPE, is_static ? VDI_TYPE_STATIC : VDI_TYPE_DYNAMIC);
-    wr32(buf + H_OFFSET_BMAP, VDI_SECTOR);
-    wr32(buf + H_OFFSET_DATA, (uint32_t)(VDI_SECTOR + bmap_bytes));
-    wr32(buf + H_SECTOR_SIZE, VDI_SECTOR);
-    wr64(buf + H_DISK_SIZE, size);
-    wr32(buf + H_BLOCK_SIZE, VDI_BLOCK_SIZE);
-    wr32(buf + H_BLOCKS_IN_IMAGE, (uint32_t)blocks);
-    wr32(buf + H_BLOCKS_ALLOCATED, is_static ? (uint32_t)blocks : 0);
+    fmt_wr32(buf + H_SIGNATURE, VDI_SIGNATURE);
+    fmt_wr32(buf + H_VERSION, VDI_VERSION_1_1);
+    fmt_wr32(buf + H_HEADER_SIZE, 0x180);
+    fmt_wr32(buf + H_IMAGE_TYPE, is_static ? VDI_TYPE_STATIC : VDI_TYPE_DYNAMIC);
+    fmt_wr32(buf + H_OFFSET_BMAP, VDI_SECTOR);
+    fmt_wr32(buf + H_OFFSET_DATA, (uint32_t)(VDI_SECTOR + bmap_bytes));
+    fmt_wr32(buf + H_SECTOR_SIZE, VDI_SECTOR);
+    fmt_wr64(buf + H_DISK_SIZE, size);
+    fmt_wr32(buf + H_BLOCK_SIZE, VDI_BLOCK_SIZE);
+    fmt_wr32(buf + H_BLOCKS_IN_IMAGE, (uint32_t)blocks);
+    fmt_wr32(buf + H_BLOCKS_ALLOCATED, is_static ? (uint32_t)blocks : 0);
     ret = random_uuid(buf + H_UUID_IMAGE, filename, err);
     if (ret == 0) {
         ret = random_uuid(buf + H_UUID_LAST_SNAP, filename, err);
@@ -730,7 +673,7 @@ static int vdi_create(const char *filename, vd_opts *opts, vd_error *err)
         goto out;
     }
     for (uint64_t i = 0; i < blocks; i++) {
-        wr32(buf + VDI_SECTOR + i * 4,
+        fmt_wr32(buf + VDI_SECTOR + i * 4,
              is_static ? (uint32_t)i : VDI_UNALLOCATED);
     }
     {

@@ -7,20 +7,9 @@
 # qemu-img prints; a corruption corpus fails cleanly and changes nothing.
 source "$(dirname "$0")/../functions.sh"
 source "$(dirname "$0")/cli-functions.bash"
+source "$(dirname "$0")/fmt-functions.bash"
 requires qemu-img qemu-io python3
 tmpdir
-
-# Writes the little-endian integer VAL of WIDTH bytes at OFF into FILE.
-poke()
-{
-    python3 - "$@" <<'EOF'
-import struct, sys
-f, off, width, val = sys.argv[1], int(sys.argv[2], 0), int(sys.argv[3]), int(sys.argv[4], 0)
-with open(f, "r+b") as fh:
-    fh.seek(off)
-    fh.write(val.to_bytes(width, "little"))
-EOF
-}
 
 # The file without its UUIDs (0x188..0x1c8), which qemu draws at random.
 no_uuid()
@@ -106,6 +95,7 @@ same create -f vdi -o bogus=1 bog.vdi 3M
 same create -f vdi -o static=maybe sm.vdi 3M
 same create -f vdi huge.vdi 1P
 same measure -O vdi --size 1G
+same resize dyn.img 20M
 same amend -o static=on dyn.img
 same check -r all dyn.img
 rm -f ./*.vdi
@@ -127,29 +117,10 @@ qemu_cases=(
     "parent 0x1b8 4 1"
     "manyblocks 0x180 4 0x40000000"
 )
-for c in "${qemu_cases[@]}"; do
-    set -- $c
-    cp base.img "$1.img"
-    poke "$1.img" "$2" "$3" "$4"
-    cp "$1.img" "$1.orig"
-    same info -f vdi "$1.img"
-    expect_status 1 $VDISK_QEMU_IO -f vdi -c 'write 0 512' "$1.img"
-    cmp "$1.img" "$1.orig" || fail "$1: file changed"
-done
+same_header_faults base.img vdi "${qemu_cases[@]}"
 # vdisk's own checks: tables beyond the file, overlapping the header or
 # each other (qemu reads through them), an inconsistent map under a
 # writer. Each error names the file and the fault; nothing is written.
-check_refused()
-{
-    local name=$1 pattern=$2 st=0
-    shift 2
-    cp "$name.img" "$name.orig"
-    $VDISK "$@" "$name.img" > out 2>&1 || st=$?
-    [ "$st" = 1 ] || { cat out; fail "$name: exit status $st"; }
-    grep -q "$name.img" out || { cat out; fail "$name: file not named"; }
-    grep -q "$pattern" out || { cat out; fail "$name: fault not named"; }
-    cmp "$name.img" "$name.orig" || fail "$name: file changed"
-}
 cp base.img bmapeof.img; poke bmapeof.img 0x154 4 0x10000000
 check_refused bmapeof "beyond the end of the file" info -f vdi
 cp base.img bigmap.img; poke bigmap.img 0x180 4 0x1fffff00
