@@ -118,3 +118,22 @@ for name in inhdr shared beyond; do
 done
 head -c 40 base.img > short.img
 same info -f parallels short.img
+
+# A backing file given at open (QEMU's driver takes one): unallocated
+# clusters read from it and a new cluster starts as its copy.
+$QEMU_IMG create -f raw bk.raw 4M >/dev/null
+$QEMU_IO -f raw -c 'write -P 0x66 0 4M' bk.raw >/dev/null
+$QEMU_IMG create -f parallels -o cluster_size=64k qo.hds 4M >/dev/null
+cp qo.hds vo.hds
+cow=(-c 'write -P 0x77 70k 1k' -c 'read -P 0x66 64k 6k'
+     -c 'read -P 0x77 70k 1k' -c 'read -P 0x66 71k 57k'
+     -c 'read -P 0x66 1M 64k')
+json() {
+    echo "json:{\"driver\": \"parallels\", \"file\": {\"driver\": \"file\"," \
+         "\"filename\": \"$1\"}, \"backing\": {\"driver\": \"raw\"," \
+         "\"file\": {\"driver\": \"file\", \"filename\": \"bk.raw\"}}}"
+}
+$QEMU_IO "${cow[@]}" "$(json qo.hds)" >/dev/null
+$VDISK_QEMU_IO "${cow[@]}" "$(json vo.hds)" > out
+grep -q "Pattern verification failed" out && fail "backing reads differ"
+cmp qo.hds vo.hds || fail "copy from the backing file differs"
