@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # vdi and parallels: convert a 2 GiB sparse raw image (256 MiB of data in
 # 64 pieces spread over the disk) to the format and back, qemu-img 7.2
-# and vdisk side by side.
+# and vdisk side by side. The vdisk binary should be a release build
+# (meson setup build-rel -Dbuildtype=release).
 #
 #   bench/fmt-vdi-parallels.sh [RUNS] [FORMAT...]  (default 3; vdi parallels)
 #
@@ -42,8 +43,9 @@ run() {
     local t0 t1 rss
     sync
     t0=$(date +%s.%N)
-    rss=$( { /usr/bin/time -f %M "$@" >/dev/null 2>/dev/null; } 2>&1 | tail -1)
+    /usr/bin/time -f %M -o rss.txt "$@" >/dev/null
     t1=$(date +%s.%N)
+    rss=$(tail -1 rss.txt)
     echo "$(echo "$t1 - $t0" | bc) $rss"
 }
 

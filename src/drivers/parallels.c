@@ -16,9 +16,9 @@
  * check, which reports it; a new cluster goes at the end of the data
  * (zeros where the request does not cover it); created images are
  * "WithouFreSpacExt" with the BAT padded to a whole number of clusters.
- * QEMU grows the file 128 MiB ahead of the clusters it hands out and cuts
- * it back at close; vdisk lets the file grow by the writes themselves,
- * which leaves the same file. The format extension (dirty bitmaps) is
+ * As QEMU, the file grows by zero writes 128 MiB (prealloc-size) ahead of
+ * the clusters handed out and is cut back at close. The format
+ * extension (dirty bitmaps) is
  * ignored, with QEMU's warning to writers.
  *
  * Beyond QEMU, tables are validated before use: a BAT reaching past the
@@ -66,6 +66,9 @@ typedef struct prl_state {
     uint64_t total_sectors;
     uint64_t data_start;        /* sectors */
     uint64_t data_end;          /* sectors, under @lock */
+    uint64_t prealloc_sectors;  /* the file grows by this much more */
+    uint64_t zero_end;          /* sectors: [data_end, zero_end) written
+                                   as zeros by this node, under @lock */
     bool unclean;               /* found in use at open */
     bool writable;
     char *no_write;             /* why writes are refused, or NULL */
@@ -195,8 +198,9 @@ static void parallels_close(vd_node *node)
     free_state(s);
 }
 
-/* prealloc-mode and prealloc-size: QEMU's runtime options, taken and
- * checked; vdisk grows the file by its writes (see the top). */
+/* prealloc-mode and prealloc-size: QEMU's runtime options. Both modes
+ * grow the file with zero writes (QEMU's truncate mode needs a file that
+ * reads zeros when grown, and falls back to them otherwise). */
 static int take_runtime_opts(prl_state *s, vd_opts *opts, vd_error *err)
 {
     static const char *const modes[] = { "falloc", "truncate", NULL };
@@ -204,6 +208,8 @@ static int take_runtime_opts(prl_state *s, vd_opts *opts, vd_error *err)
     int mode, ret;
 
     ret = vd_opts_take_size(opts, "prealloc-size", 128 << 20, &size, err);
+    s->prealloc_sectors = size / PRL_SECTOR > s->tracks ? size / PRL_SECTOR
+                                                          : s->tracks;
     if (ret == 0) {
         char *v = vd_opts_take(opts, "prealloc-mode");
         if (v) {
@@ -423,9 +429,9 @@ static int parallels_preadv(vd_node *node, uint64_t off, uint64_t bytes,
     return 0;
 }
 
-/* Gives cluster @idx a place at the end of the data (zeroed when the
- * file already has bytes there) and records it in memory; the caller
- * writes the data, then the BAT entry. Lock held. */
+/* Gives cluster @idx a place at the end of the data, in zeros (or the
+ * backing file's data), and records it in memory; the caller writes the
+ * data, then the BAT entry. Lock held. */
 static int allocate_cluster(prl_state *s, uint32_t idx, vd_error *err)
 {
     uint64_t host = s->data_end;
@@ -440,7 +446,21 @@ static int allocate_cluster(prl_state *s, uint32_t idx, vd_error *err)
         return vd_error_set(err, (int)flen, "%s: cannot get the file length",
                             s->filename);
     }
-    if (s->node->backing) {
+    if ((host + s->tracks) * PRL_SECTOR > (uint64_t)flen) {
+        /* As QEMU's prealloc-mode=falloc: the file grows by the cluster
+         * and prealloc-size more, in zeros (close cuts what is left). */
+        uint64_t grow = s->tracks + s->prealloc_sectors;
+        ret = vd_node_pwrite_zeroes(s->file->node, host * PRL_SECTOR,
+                                    grow * PRL_SECTOR, 0, err);
+        s->zero_end = ret == 0 ? host + grow : 0;
+    } else if (host + s->tracks > s->zero_end) {
+        /* Bytes of the file past the data (a crash's leftovers). */
+        ret = vd_node_pwrite_zeroes(s->file->node, host * PRL_SECTOR,
+                                    s->cluster_size, 0, err);
+    } else {
+        ret = 0;    /* inside what this node wrote as zeros */
+    }
+    if (ret == 0 && s->node->backing) {
         /* The cluster starts as the backing file's (QEMU's copy). */
         uint8_t *buf = malloc(s->cluster_size);
         if (!buf) {
@@ -454,11 +474,6 @@ static int allocate_cluster(prl_state *s, uint32_t idx, vd_error *err)
                                   s->cluster_size, 0, err);
         }
         free(buf);
-    } else if (host * PRL_SECTOR < (uint64_t)flen) {
-        ret = vd_node_pwrite_zeroes(s->file->node, host * PRL_SECTOR,
-                                    s->cluster_size, 0, err);
-    } else {
-        ret = 0;
     }
     if (ret < 0) {
         return ret;
