@@ -174,13 +174,13 @@ static void free_state(prl_state *s)
 {
     free(s->hdr);
     free(s->no_write);
-    s->hdr = NULL;
-    s->no_write = NULL;
     pthread_mutex_destroy(&s->lock);
+    memset(s, 0, sizeof(*s));
 }
 
 /* As QEMU's close: the in-use mark cleared and the file cut after the
- * last cluster (errors ignored, as there). */
+ * last cluster (errors ignored, as there). Also called on a node whose
+ * open failed (the core closes a broken node): the state is zero then. */
 static void parallels_close(vd_node *node)
 {
     prl_state *s = node->opaque;

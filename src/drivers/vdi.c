@@ -218,15 +218,23 @@ static char *bmap_fault(vdi_state *s, int *oom)
     return msg;
 }
 
+static void free_state(vdi_state *s)
+{
+    free(s->bmap);
+    free(s->no_write);
+    pthread_rwlock_destroy(&s->lock);
+    memset(s, 0, sizeof(*s));
+}
+
+/* Also called on a node whose open failed (the core closes a broken
+ * node): the state is zero then. */
 static void vdi_close(vd_node *node)
 {
     vdi_state *s = node->opaque;
 
-    free(s->bmap);
-    free(s->no_write);
-    s->bmap = NULL;
-    s->no_write = NULL;
-    pthread_rwlock_destroy(&s->lock);
+    if (s->bmap) {
+        free_state(s);
+    }
 }
 
 static int vdi_open(vd_node *node, vd_opts *opts, unsigned flags,
@@ -317,7 +325,7 @@ static int vdi_open(vd_node *node, vd_opts *opts, unsigned flags,
     return 0;
 
 fail:
-    vdi_close(node);
+    free_state(s);
     return ret;
 }
 
