@@ -834,8 +834,8 @@ VD_API int vd_check_create_opts(const char *format, const vd_opts *opts,
 /**
  * Whether vdisk can open images of @format. 0: it can. -ENOTSUP: @format
  * is an image format QEMU knows and vdisk recognises when probing but
- * cannot open yet (vmdk, vdi, vhdx, vpc, qed, qcow, luks, parallels, dmg,
- * cloop, bochs); @err gets "FILENAME: format 'vmdk' is not supported"
+ * cannot open yet (vmdk, vhdx, vpc, qed, qcow, luks, dmg, cloop,
+ * bochs); @err gets "FILENAME: format 'vmdk' is not supported"
  * (@filename may be NULL). vd_open(), vd_create() and vd_measure()
  * refuse such a format, named or probed, with that error. -EINVAL: an
  * unknown name ("Unknown driver 'foo'").

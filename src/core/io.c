@@ -1214,8 +1214,9 @@ int vd_node_truncate(vd_node *n, uint64_t size, bool exact,
             }
             return r;
         }
-        return vd_error_set(err, -ENOTSUP, "%s: Image format '%s' does not "
-                            "support resizing", n->filename, n->drv->name);
+        /* qemu's bdrv_co_truncate() text, without a file name. */
+        return vd_error_set(err, -ENOTSUP, "Image format driver does not "
+                            "support resize");
     }
     r = n->drv->truncate(n, size, exact, prealloc, err);
     atomic_fetch_add(&n->write_gen, 1);

@@ -1621,7 +1621,10 @@ VD_API int vd_create(const char *filename, const char *format,
     for (size_t i = 0; i < vd_opts_count(opts); i++) {
         const char *k, *v;
         vd_opts_nth(opts, i, &k, &v);
-        if (!drv->supports_backing &&
+        /* QEMU's test is whether the format's creation options name a
+         * backing file (parallels may have one, but not create one). */
+        if ((!drv->supports_backing ||
+             !option_known(drv->create_opts, "backing_file")) &&
             (strcmp(k, "backing_file") == 0 || strcmp(k, "backing_fmt") == 0))
             return vd_error_set(err, -EINVAL, "%s: Backing file not "
                                 "supported for file format '%s'", filename,

@@ -1,8 +1,7 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vdi, vhdx, vpc, luks, parallels, dmg, cloop
- * and bochs.
+ * has no driver yet: vmdk, vhdx, vpc, luks, dmg, cloop and bochs.
  *
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
@@ -25,8 +24,8 @@
  * recognises only by its ".dmg" suffix, never blocks a write). Scores:
  * 100 for a magic number, 2 for the weak guesses (dmg's suffix, cloop's
  * shell-script header), so that they beat raw's 1 and nothing else.
- * Layouts: ../shared/specs/qed_spec.rst and ../shared/specs/parallels.rst;
- * the others from QEMU's drivers (block/vmdk.c, vdi.c, vhdx.c, vpc.c,
+ * Layouts: ../shared/specs/qed_spec.rst;
+ * the others from QEMU's drivers (block/vmdk.c, vhdx.c, vpc.c,
  * qcow.c, crypto/block-luks.c, dmg.c, cloop.c, bochs.c).
  */
 #include <stdint.h>
@@ -100,15 +99,6 @@ static int vmdk_probe(const uint8_t *buf, size_t len, const char *filename)
     return vmdk_descriptor(buf, len) ? 100 : 0;
 }
 
-/* ---- vdi: signature 0xbeda107f (LE) after the 64-byte text, in a
- * 512-byte header ---- */
-
-static int vdi_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    (void)filename;
-    return len >= 512 && rd_le32(buf + 0x40) == 0xbeda107f ? 100 : 0;
-}
-
 /* ---- vhdx: file type identifier "vhdxfile" ---- */
 
 static int vhdx_probe(const uint8_t *buf, size_t len, const char *filename)
@@ -133,23 +123,6 @@ static int luks_probe(const uint8_t *buf, size_t len, const char *filename)
     (void)filename;
     return len >= 8 && has_magic(buf, len, "LUKS\xba\xbe", 6) &&
            buf[6] == 0 && buf[7] == 1 ? 100 : 0;
-}
-
-/* ---- parallels: either magic, version 2 (LE32 at 16), 64-byte header ---- */
-
-static int parallels_probe(const uint8_t *buf, size_t len,
-                           const char *filename)
-{
-    (void)filename;
-    if (len < 64) {
-        return 0;
-    }
-    if ((memcmp(buf, "WithoutFreeSpace", 16) == 0 ||
-         memcmp(buf, "WithouFreSpacExt", 16) == 0) &&
-        rd_le32(buf + 16) == 2) {
-        return 100;
-    }
-    return 0;
 }
 
 /* ---- dmg: the UDIF trailer is at the end of the file, so QEMU goes by
@@ -227,11 +200,9 @@ static int bochs_probe(const uint8_t *buf, size_t len, const char *filename)
     }
 
 PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
-PROBE_ONLY(vd_driver_vdi, "vdi", vdi_probe, false);
 PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
 PROBE_ONLY(vd_driver_vpc, "vpc", vpc_probe, false);
 PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
-PROBE_ONLY(vd_driver_parallels, "parallels", parallels_probe, false);
 PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe, false);
 PROBE_ONLY(vd_driver_cloop, "cloop", cloop_probe, false);
 PROBE_ONLY(vd_driver_bochs, "bochs", bochs_probe, false);

@@ -118,6 +118,20 @@ mkdir -p "$seeds/img" "$build/artifacts"
     qio -c 'write -P 0x12 0 5k' -c 'write -P 0x34 1M 4k' qcow-plain.qcow
     q convert -c -f raw -O qcow data.raw qcow-zlib.qcow
     q create -f qcow -b data.qcow2 -F qcow2 qcow-back.qcow
+    # vdi: dynamic with data in two blocks, static, empty.
+    q create -f vdi dyn.vdi 4M
+    qio -f vdi -c 'write -P 0x77 0 4k' -c 'write -P 0x78 2M 1k' dyn.vdi
+    q create -f vdi -o static=on static.vdi 2M
+    q create -f vdi empty.vdi 0
+    # parallels: 64 KiB and odd (1 KiB) clusters with data, one left in use.
+    q create -f parallels -o cluster_size=64k p64.hds 1M
+    qio -f parallels -c 'write -P 0x79 0 70k' -c 'write -P 0x7a 512k 1k' \
+        p64.hds
+    q create -f parallels -o cluster_size=1000 podd.hds 256k
+    qio -f parallels -c 'write -P 0x7b 3k 5k' podd.hds
+    cp p64.hds pinuse.hds
+    qemu-io -f parallels -c 'write 8k 1k' -c 'sigraise 9' pinuse.hds \
+        >/dev/null 2>&1 || true
     rm -f data.raw
 )
 # Text seeds; the first byte is the target's mode byte (see each target).

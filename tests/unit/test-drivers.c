@@ -772,7 +772,8 @@ static void test_driver_queries(void)
           VD_DRIVER_PROTOCOL, VD_DRIVER_FORMAT },
         { "vmdk", VD_DRIVER_FORMAT | VD_DRIVER_COMPRESSED,
           VD_DRIVER_OPENS | VD_DRIVER_CREATE },
-        { "vdi", VD_DRIVER_FORMAT, VD_DRIVER_OPENS | VD_DRIVER_COMPRESSED },
+        { "vdi", VD_DRIVER_OPENS | VD_DRIVER_FORMAT | VD_DRIVER_CREATE,
+          VD_DRIVER_BACKING | VD_DRIVER_COMPRESSED | VD_DRIVER_AMEND },
     };
     vd_error err = VD_ERROR_INIT;
     vd_driver_stats ds;
