@@ -39,8 +39,8 @@ static const char *const driver_enum[] = {
     "blkdebug", "blkverify", "compress", "copy-before-write",
     "copy-on-read", "file", "snapshot-access", "ftp", "ftps", "host_cdrom",
     "host_device", "http", "https", "iscsi", "nbd",
-    "null-aio", "null-co", "preallocate", "qcow", "qcow2", "qed", "raw",
-    "rbd", "ssh", "throttle", NULL
+    "null-aio", "null-co", "parallels", "preallocate", "qcow", "qcow2", "qed",
+    "raw", "rbd", "ssh", "throttle", "vdi", NULL
 };
 /* QEMU's BlkdebugEvent, BlkdebugIOType and BlockPermission. */
 static const char *const blkdebug_event_enum[] = {
@@ -386,6 +386,7 @@ static const struct {
     { "nbd", blockdev_nbd },
     { "null-aio", blockdev_null },
     { "null-co", blockdev_null },
+    { "parallels", blockdev_generic },
     { "preallocate", blockdev_preallocate },
     { "raw", blockdev_raw },
     { "qcow", blockdev_qcow },
@@ -395,6 +396,7 @@ static const struct {
     { "snapshot-access", blockdev_generic },
     { "ssh", blockdev_ssh },
     { "throttle", blockdev_throttle },
+    { "vdi", blockdev_generic },
 };
 
 static const qarg args_capabilities[] = {
