@@ -1,7 +1,7 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vdi, vhdx, vpc, qed, qcow (version 1), luks,
+ * has no driver yet: vmdk, vdi, vhdx, qed, qcow (version 1), luks,
  * parallels, dmg, cloop and bochs.
  *
  * Why they exist: without them, probing falls back to raw for all of
@@ -26,7 +26,7 @@
  * 100 for a magic number, 2 for the weak guesses (dmg's suffix, cloop's
  * shell-script header), so that they beat raw's 1 and nothing else.
  * Layouts: ../shared/specs/qed_spec.rst and ../shared/specs/parallels.rst;
- * the others from QEMU's drivers (block/vmdk.c, vdi.c, vhdx.c, vpc.c,
+ * the others from QEMU's drivers (block/vmdk.c, vdi.c, vhdx.c,
  * qcow.c, crypto/block-luks.c, dmg.c, cloop.c, bochs.c).
  */
 #include <stdint.h>
@@ -121,15 +121,6 @@ static int vhdx_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     (void)filename;
     return has_magic(buf, len, "vhdxfile", 8) ? 100 : 0;
-}
-
-/* ---- vpc (VHD): the footer copy at offset 0 of dynamic images. A fixed
- * VHD keeps its footer only at the end, and QEMU probes it as raw. ---- */
-
-static int vpc_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    (void)filename;
-    return has_magic(buf, len, "conectix", 8) ? 100 : 0;
 }
 
 /* ---- qed: magic "QED\0" in a 64-byte header ---- */
@@ -252,7 +243,6 @@ static int bochs_probe(const uint8_t *buf, size_t len, const char *filename)
 PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
 PROBE_ONLY(vd_driver_vdi, "vdi", vdi_probe, false);
 PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
-PROBE_ONLY(vd_driver_vpc, "vpc", vpc_probe, false);
 PROBE_ONLY(vd_driver_qed, "qed", qed_probe, false);
 PROBE_ONLY(vd_driver_qcow, "qcow", qcow_probe, true);
 PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
