@@ -30,8 +30,7 @@
  * - create: fixed or dynamic (2 MiB blocks), the size rounded up to the
  *   CHS grid unless force_size=on (creator "qem2" then, else "qemu").
  *
- * What vdisk adds for safety, where QEMU would damage the file: the BAT
- * must lie inside the file (which bounds its allocation); on a writable
+ * What vdisk adds for safety, where QEMU would damage the file: on a writable
  * open every allocated block must lie after the dynamic header and the
  * BAT and no two blocks may overlap; a write that would reach a fixed
  * disk's footer is refused.
@@ -224,9 +223,9 @@ static int vpc_read_footer(vd_node *node, vpc_state *s, int64_t flen,
     memset(s->footer, 0, sizeof(s->footer));
     ret = vd_child_pread(node->file, 0, s->footer,
                          flen < VPC_FOOTER_SIZE ? (uint64_t)flen & ~511ull
-                                                : VPC_FOOTER_SIZE, err);
+                                                : VPC_FOOTER_SIZE, NULL);
     if (ret < 0) {
-        return vd_error_set_errno(err, ret, "Unable to read VHD header");
+        return vd_error_set(err, ret, "Unable to read VHD header");
     }
     if (memcmp(s->footer, "conectix", 8) == 0) {
         s->has_bat = true;
@@ -237,9 +236,9 @@ static int vpc_read_footer(vd_node *node, vpc_state *s, int64_t flen,
     }
     /* A fixed disk keeps its footer only at the end. */
     ret = vd_child_pread(node->file, (uint64_t)flen - VPC_FOOTER_SIZE,
-                         s->footer, VPC_FOOTER_SIZE, err);
+                         s->footer, VPC_FOOTER_SIZE, NULL);
     if (ret < 0) {
-        return vd_error_set_errno(err, ret, "Unable to read VHD header");
+        return vd_error_set(err, ret, "Unable to read VHD header");
     }
     if (memcmp(s->footer, "conectix", 8) != 0) {
         return vd_error_set(err, -EINVAL, "invalid VPC image");
@@ -344,16 +343,15 @@ static int vpc_open_dynamic(vd_node *node, vpc_state *s, int64_t flen,
     memset(hdr, 0, sizeof(hdr));
     /* Past the end of the file the header reads as zeros (as QEMU's
      * file driver answers), so it has no magic. */
-    if (hdr_off > (uint64_t)INT64_MAX - VPC_DYNHDR_SIZE) {
-        return vd_error_set(err, -EINVAL, "Error reading dynamic VHD header");
+    if (hdr_off > VD_MAX_LENGTH - VPC_DYNHDR_SIZE) {
+        return vd_error_set(err, -EIO, "Error reading dynamic VHD header");
     }
     if (hdr_off < (uint64_t)flen) {
         uint64_t n = (uint64_t)flen - hdr_off;
         ret = vd_child_pread(node->file, hdr_off, hdr,
-                             n < sizeof(hdr) ? n : sizeof(hdr), err);
+                             n < sizeof(hdr) ? n : sizeof(hdr), NULL);
         if (ret < 0) {
-            return vd_error_set_errno(err, ret, "Error reading dynamic VHD "
-                                      "header");
+            return vd_error_set(err, ret, "Error reading dynamic VHD header");
         }
     }
     if (memcmp(hdr, "cxsparse", 8) != 0) {
@@ -378,13 +376,19 @@ static int vpc_open_dynamic(vd_node *node, vpc_state *s, int64_t flen,
     }
     bat_bytes = (uint64_t)s->entries * 4;
     s->bat_offset = be64(hdr + H_TABLE_OFFSET);
-    /* vdisk's bound: the table must be in the file (QEMU would read
-     * zeros past its end), so its allocation is no larger than it. */
+    /* A table reaching past the end of the file is refused before it
+     * is read, which bounds its allocation by the file's size. QEMU
+     * reads it (zeros past the end) and then refuses it the same way:
+     * the first free offset is at least the table's end. */
+    if (s->bat_offset > VD_MAX_LENGTH - bat_bytes) {
+        return vd_error_set(err, -EIO, "Error reading pagetable");
+    }
     if (s->bat_offset > (uint64_t)flen ||
-        bat_bytes > (uint64_t)flen - s->bat_offset) {
-        return vd_error_set(err, -EINVAL, "%s: BAT at 0x%" PRIx64 " (%" PRIu32
-                            " entries) extends beyond the end of the file",
-                            node->filename, s->bat_offset, s->entries);
+        bat_bytes > (uint64_t)flen - s->bat_offset ||
+        ((s->bat_offset + bat_bytes + 511) & ~511ull) > (uint64_t)flen) {
+        return vd_error_set(err, -EINVAL, "block-vpc: free_data_block_offset "
+                            "points after the end of file. The image has "
+                            "been truncated.");
     }
     raw = malloc(bat_bytes ? bat_bytes : 1);
     s->bat = malloc(bat_bytes ? bat_bytes : 1);
@@ -394,10 +398,11 @@ static int vpc_open_dynamic(vd_node *node, vpc_state *s, int64_t flen,
                             "page table");
     }
     if (bat_bytes) {
-        ret = vd_child_pread(node->file, s->bat_offset, raw, bat_bytes, err);
+        ret = vd_child_pread(node->file, s->bat_offset, raw, bat_bytes,
+                             NULL);
         if (ret < 0) {
             free(raw);
-            return vd_error_set_errno(err, ret, "Error reading pagetable");
+            return vd_error_set(err, ret, "Error reading pagetable");
         }
     }
     end = (s->bat_offset + bat_bytes + 511) & ~511ull;
@@ -472,7 +477,9 @@ static int vpc_open(vd_node *node, vd_opts *opts, unsigned flags,
         sectors = be64(s->footer + F_CUR_SIZE) / 512;
     }
     if (sectors > VPC_MAX_SECTORS) {
-        return vd_error_set(err, -EFBIG, "%s", "");
+        /* QEMU sets no message: its block layer says what failed. */
+        return vd_error_set(err, -EFBIG, "Could not open '%s': %s",
+                            node->filename, strerror(EFBIG));
     }
     s->total_bytes = sectors * 512;
     s->fixed_io = be32(s->footer + F_TYPE) == VPC_TYPE_FIXED;
@@ -695,7 +702,7 @@ static int vpc_block_status(vd_node *node, bool want_zero, uint64_t off,
         *pnum = bytes;
         *map = off;
         *file = node->file->node;
-        return VD_BLOCK_RAW | VD_BLOCK_OFFSET_VALID;
+        return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID | VD_BLOCK_RECURSE;
     }
     if (!s->block_size) {
         *pnum = bytes;
@@ -733,6 +740,19 @@ static int vpc_get_info(vd_node *node, vd_image_info *info, vd_error *err)
     info->has_dirty_flag = true;
     info->dirty_flag = false;
     return 0;
+}
+
+/* QEMU's vpc has no truncate: qemu-img resize refuses with the block
+ * layer's words. */
+static int vpc_truncate(vd_node *node, uint64_t size, bool exact,
+                        vd_prealloc prealloc, vd_error *err)
+{
+    (void)node;
+    (void)size;
+    (void)exact;
+    (void)prealloc;
+    return vd_error_set(err, -ENOTSUP, "Image format driver does not "
+                        "support resize");
 }
 
 /* ---- create ---- */
@@ -941,4 +961,5 @@ const vd_driver vd_driver_vpc = {
     .block_status = vpc_block_status,
     .getlength = vpc_getlength,
     .get_info = vpc_get_info,
+    .truncate = vpc_truncate,
 };
