@@ -14,8 +14,9 @@
  *
  * What QEMU does, and so vdisk:
  * - The footer at offset 0 makes a dynamic disk; else the footer at the
- *   end must say "conectix" (a fixed disk). Reads and writes follow the
- *   footer's type field: type 2 (fixed) maps the disk 1:1 onto the file.
+ *   end must say "conectix" and type 2 (a fixed disk). Reads and writes
+ *   follow the footer's type field: type 2 (fixed) maps the disk 1:1
+ *   onto the file, also for a footer copy at offset 0 that says so.
  * - A bad footer checksum refuses the image ("Incorrect header
  *   checksum"); the dynamic header's checksum is not checked.
  * - The virtual size is cylinders x heads x sectors of the footer's CHS
@@ -240,7 +241,8 @@ static int vpc_read_footer(vd_node *node, vpc_state *s, int64_t flen,
     if (ret < 0) {
         return vd_error_set(err, ret, "Unable to read VHD header");
     }
-    if (memcmp(s->footer, "conectix", 8) != 0) {
+    if (memcmp(s->footer, "conectix", 8) != 0 ||
+        be32(s->footer + F_TYPE) != VPC_TYPE_FIXED) {
         return vd_error_set(err, -EINVAL, "invalid VPC image");
     }
     s->has_bat = false;
@@ -545,7 +547,11 @@ static int vpc_preadv(vd_node *node, uint64_t off, uint64_t bytes,
         if (n > bytes - done) {
             n = bytes - done;
         }
+        /* The table changes under the lock (allocations): a block
+         * allocated after the lookup was zeros before it. */
+        pthread_mutex_lock(&s->lock);
         host = s->block_size ? vpc_map(s, o) : UINT64_MAX;
+        pthread_mutex_unlock(&s->lock);
         if (host == UINT64_MAX) {
             vd_iov_memset(qiov, done, 0, n);
         } else {
@@ -635,11 +641,6 @@ static int vpc_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
                                 node->filename, off);
         }
         return vd_child_pwritev(node->file, off, bytes, qiov, flags, err);
-    }
-    if (!s->has_bat) {
-        return vd_error_set(err, -EIO, "%s: the footer says type %" PRIu32
-                            " but the image has no block table",
-                            node->filename, be32(s->footer + F_TYPE));
     }
     pthread_mutex_lock(&s->lock);
     while (done < bytes) {

@@ -255,6 +255,7 @@ bad entbig.vhd good.vhd hdr 28 I 0x10000000
 bad hdroff.vhd good.vhd foot0 16 Q 0x7fffffffffff0000
 bad hdroff2.vhd good.vhd foot0 16 Q 0xfffffffffffffff0
 bad cyls.vhd good.vhd foot0 56 H 0xffff
+bad type3.vhd goodf.vhd footend 60 I 3
 bad batoff.vhd good.vhd hdr 16 Q 0x100000000
 bad cursz.vhd goodf.vhd footend 48 Q 0xffffffffffff0000
 bad appsz.vhd goodf.vhd footend 28 raw "win "
@@ -270,7 +271,7 @@ b[1536:1540] = struct.pack('>I', 0x00ffffff)     # block past EOF
 open(p, 'wb').write(b)
 EOF
 for f in ck ckf magic bs0 bs3 bshuge ent0 enthuge entbig hdroff hdroff2 cyls \
-         cursz appsz tiny trunc batpast batoff; do
+         cursz appsz tiny trunc batpast batoff type3; do
     cp $f.vhd $f.orig
     same info -f vpc $f.vhd
     cmp $f.vhd $f.orig || fail "$f.vhd changed"
@@ -314,3 +315,16 @@ expect_status 1 "$VDISK_QEMU_IO" -f vpc -c "write 15M 512" appsz2.vhd 2> err
 grep -q "would overwrite the VHD metadata" err || fail "appsz2: $(cat err)"
 cmp appsz2.vhd appsz2.orig
 "$VDISK_QEMU_IO" -f vpc -c "write -P 1 0 512" appsz2.vhd >/dev/null
+# A footer copy at offset 0 that says "fixed": both tools read the file
+# 1:1 from its first byte (footer and header included); vdisk refuses to
+# write there, QEMU would overwrite its own metadata.
+bad fix0.vhd good.vhd foot0 60 I 2
+cp fix0.vhd fix0.orig
+same info fix0.vhd
+same map --output=json fix0.vhd
+"$QEMU_IMG" convert -O raw fix0.vhd q.raw
+"$VDISK_QEMU_IMG" convert -O raw fix0.vhd v.raw
+cmp q.raw v.raw || fail "fix0: read differently"
+expect_status 1 "$VDISK_QEMU_IO" -f vpc -c "write 0 512" fix0.vhd 2> err
+grep -q "would overwrite the VHD metadata" err || fail "fix0: $(cat err)"
+cmp fix0.vhd fix0.orig
