@@ -1,7 +1,7 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vhdx, vpc, luks, dmg, cloop and bochs.
+ * has no driver yet: vmdk, vhdx, luks, dmg, cloop and bochs.
  *
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
@@ -24,9 +24,8 @@
  * recognises only by its ".dmg" suffix, never blocks a write). Scores:
  * 100 for a magic number, 2 for the weak guesses (dmg's suffix, cloop's
  * shell-script header), so that they beat raw's 1 and nothing else.
- * Layouts: ../shared/specs/qed_spec.rst;
- * the others from QEMU's drivers (block/vmdk.c, vhdx.c, vpc.c,
- * qcow.c, crypto/block-luks.c, dmg.c, cloop.c, bochs.c).
+ * Layouts: from QEMU's drivers (block/vmdk.c, vhdx.c, crypto/block-luks.c,
+ * dmg.c, cloop.c, bochs.c).
  */
 #include <stdint.h>
 #include <string.h>
@@ -105,15 +104,6 @@ static int vhdx_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     (void)filename;
     return has_magic(buf, len, "vhdxfile", 8) ? 100 : 0;
-}
-
-/* ---- vpc (VHD): the footer copy at offset 0 of dynamic images. A fixed
- * VHD keeps its footer only at the end, and QEMU probes it as raw. ---- */
-
-static int vpc_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    (void)filename;
-    return has_magic(buf, len, "conectix", 8) ? 100 : 0;
 }
 
 /* ---- luks: "LUKS\xba\xbe" and version 1 (BE16); LUKS2 is not probed ---- */
@@ -201,7 +191,6 @@ static int bochs_probe(const uint8_t *buf, size_t len, const char *filename)
 
 PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
 PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
-PROBE_ONLY(vd_driver_vpc, "vpc", vpc_probe, false);
 PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
 PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe, false);
 PROBE_ONLY(vd_driver_cloop, "cloop", cloop_probe, false);

@@ -132,6 +132,11 @@ mkdir -p "$seeds/img" "$build/artifacts"
     cp p64.hds pinuse.hds
     qemu-io -f parallels -c 'write 8k 1k' -c 'sigraise 9' pinuse.hds \
         >/dev/null 2>&1 || true
+    # vpc: dynamic with data, fixed, force_size (current_size sizing).
+    q create -f vpc vpc-dyn.vhd 5M
+    qio -f vpc -c 'write -P 0x77 0 4k' -c 'write -P 0x78 2M 1k' vpc-dyn.vhd
+    q create -f vpc -o subformat=fixed vpc-fixed.vhd 64k
+    q create -f vpc -o force_size=on vpc-qem2.vhd 3M
     rm -f data.raw
 )
 # Text seeds; the first byte is the target's mode byte (see each target).
