@@ -826,10 +826,10 @@ static int ssh_authenticate(ssh_state *s, vd_error *err)
 static void ssh_disconnect_all(ssh_state *s)
 {
     if (s->file) {
-        /* A broken session cannot close the handle politely. */
-        if (!s->broken) {
-            sftp_close(s->file);
-        }
+        /* Also on a broken session: sftp_close() frees the handle, and
+         * its close request fails at once on a dead or shut-down
+         * socket. */
+        sftp_close(s->file);
         s->file = NULL;
     }
     if (s->sftp) {
