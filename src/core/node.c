@@ -481,7 +481,8 @@ static int parse_cache_mode(const char *mode, unsigned *flags,
  * does: a host device a driver claims (host_device, host_cdrom) first,
  * then a "NAME:" prefix naming a driver's protocol ("null-co://",
  * "blkdebug:CONFIG:IMAGE"); anything else is a file. */
-static const vd_driver *protocol_for_filename(const char *filename)
+static const vd_driver *protocol_for_filename(const char *filename,
+                                              vd_error *err)
 {
     const vd_driver *best = NULL;
     int best_score = 0;
@@ -505,6 +506,22 @@ static const vd_driver *protocol_for_filename(const char *filename)
                 strncmp(d->protocol_name, filename, n) == 0)
                 return d;
         }
+        /* A protocol QEMU has and this build has not (a remote driver
+         * whose library was missing at build time, or one vdisk lacks):
+         * QEMU's message, not a file of that name. Other prefixes stay
+         * file names, which is more lenient than QEMU. */
+        static const char *const qemu_protocols[] = {
+            "nbd", "nbd+tcp", "nbd+unix", "http", "https", "ftp", "ftps",
+            "ssh", "iscsi", "rbd", "gluster", "gluster+tcp", "gluster+unix",
+            "gluster+rdma", "nfs", "vvfat", "nvme", NULL,
+        };
+        for (int i = 0; qemu_protocols[i]; i++)
+            if (strlen(qemu_protocols[i]) == n &&
+                strncmp(qemu_protocols[i], filename, n) == 0) {
+                vd_error_set(err, -ENOENT, "Unknown protocol '%.*s'",
+                             (int)n, filename);
+                return NULL;
+            }
     }
     return vd_find_driver("file");
 }
@@ -695,8 +712,13 @@ static int node_open_one(vd_node **out, const char *filename,
         goto fail_early;
     }
 
-    if (!drv && (flags & VD_NODE_PROTOCOL))
-        drv = protocol_for_filename(filename);
+    if (!drv && (flags & VD_NODE_PROTOCOL)) {
+        drv = protocol_for_filename(filename, err);
+        if (!drv) {
+            r = err && err->code ? err->code : -ENOENT;
+            goto fail_early;
+        }
+    }
     /* A driver with a protocol is opened as one, named or not (QEMU's
      * bdrv_fill_options()): the children it opens inherit that. */
     if (drv && drv->protocol_name)
@@ -1557,8 +1579,10 @@ static bool option_known(const vd_create_option *list, const char *key)
 
 int vd_create_protocol(const char *filename, vd_opts *opts, vd_error *err)
 {
-    const vd_driver *proto = protocol_for_filename(filename);
-    if (!proto || !proto->create)
+    const vd_driver *proto = protocol_for_filename(filename, err);
+    if (!proto)
+        return err && err->code ? err->code : -ENOENT;
+    if (!proto->create)
         return vd_error_set(err, -ENOTSUP, "%s: Protocol driver '%s' does "
                             "not support image creation", filename,
                             proto ? proto->name : "?");
@@ -1617,7 +1641,7 @@ VD_API int vd_create(const char *filename, const char *format,
         return vd_error_set(err, -ENOTSUP, "%s: Format driver '%s' does not "
                             "support image creation", filename, drv->name);
     const vd_driver *proto = drv->is_format
-        ? protocol_for_filename(filename) : NULL;
+        ? protocol_for_filename(filename, NULL) : NULL;
     for (size_t i = 0; i < vd_opts_count(opts); i++) {
         const char *k, *v;
         vd_opts_nth(opts, i, &k, &v);
