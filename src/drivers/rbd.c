@@ -28,6 +28,7 @@
  * dies mid-request gives an error instead of a hang. (QEMU leaves them at
  * librados' defaults: none, none and 300 s.)
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -40,6 +41,95 @@
 #include <rbd/librbd.h>
 
 #include "core/block_int.h"
+
+/*
+ * librbd and librados are loaded when the first rbd node is opened or
+ * created (dlopen), not linked into libvdisk: their static initialisers
+ * (libceph-common) cost every vdisk process about 20 MB and a deep stack
+ * before main(), rbd used or not. QEMU loads block-rbd.so as a module
+ * for the same reason. LIB(f) calls librbd's or librados' f through the
+ * pointer resolved then, with the prototype of the library's header.
+ */
+#define VRBD_LIB_FUNCS(X)                                                   \
+    X(rados_conf_get) \
+    X(rados_conf_read_file) \
+    X(rados_conf_set) \
+    X(rados_connect) \
+    X(rados_create) \
+    X(rados_ioctx_create) \
+    X(rados_ioctx_destroy) \
+    X(rados_ioctx_set_namespace) \
+    X(rados_shutdown) \
+    X(rbd_aio_create_completion) \
+    X(rbd_aio_discard) \
+    X(rbd_aio_flush) \
+    X(rbd_aio_get_return_value) \
+    X(rbd_aio_readv) \
+    X(rbd_aio_release) \
+    X(rbd_aio_wait_for_complete) \
+    X(rbd_aio_write_zeroes) \
+    X(rbd_aio_writev) \
+    X(rbd_close) \
+    X(rbd_create) \
+    X(rbd_diff_iterate2) \
+    X(rbd_get_features) \
+    X(rbd_get_flags) \
+    X(rbd_get_parent_info) \
+    X(rbd_get_size) \
+    X(rbd_namespace_exists) \
+    X(rbd_open) \
+    X(rbd_resize) \
+    X(rbd_snap_create) \
+    X(rbd_snap_list) \
+    X(rbd_snap_list_end) \
+    X(rbd_snap_remove) \
+    X(rbd_snap_rollback) \
+    X(rbd_stat)
+
+#define VRBD_LIB_DECLARE(f) static __typeof__(f) *vrbd_lib_##f;
+/* rbd_get_parent_info is deprecated in librbd 16 (QEMU 7.2 still calls
+ * it; see vrbd_block_status). */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+VRBD_LIB_FUNCS(VRBD_LIB_DECLARE)
+#pragma GCC diagnostic pop
+#define LIB(f) (*vrbd_lib_##f)
+
+static pthread_once_t vrbd_lib_once = PTHREAD_ONCE_INIT;
+static char vrbd_lib_error[256];
+
+static void vrbd_lib_load_once(void)
+{
+    /* The handles stay open for the life of the process. */
+    void *rados = dlopen("librados.so.2", RTLD_NOW | RTLD_LOCAL);
+    void *rbd = rados ? dlopen("librbd.so.1", RTLD_NOW | RTLD_LOCAL) : NULL;
+    if (!rados || !rbd) {
+        snprintf(vrbd_lib_error, sizeof(vrbd_lib_error), "%s", dlerror());
+        return;
+    }
+#define VRBD_LIB_RESOLVE(f)                                                 \
+    if (!vrbd_lib_error[0]) {                                               \
+        void *sym = dlsym(strncmp(#f, "rbd_", 4) == 0 ? rbd : rados, #f);   \
+        if (!sym) {                                                         \
+            snprintf(vrbd_lib_error, sizeof(vrbd_lib_error), "%s",          \
+                     dlerror());                                            \
+        }                                                                   \
+        memcpy(&vrbd_lib_##f, &sym, sizeof(sym));                           \
+    }
+    VRBD_LIB_FUNCS(VRBD_LIB_RESOLVE)
+#undef VRBD_LIB_RESOLVE
+}
+
+/* Loads librbd and librados once; an error names what failed. */
+static int vrbd_lib_load(vd_error *err)
+{
+    pthread_once(&vrbd_lib_once, vrbd_lib_load_once);
+    if (vrbd_lib_error[0]) {
+        return vd_error_set(err, -ENOTSUP, "rbd: cannot load librbd: %s",
+                            vrbd_lib_error);
+    }
+    return 0;
+}
 
 #define RBD_DEFAULT_TIMEOUT "30"
 /* What rbd_diff_iterate2's callback returns to stop the iteration (any
@@ -375,11 +465,11 @@ static void vrbd_default_timeout(rados_t c, const rbd_loc *l,
             return;
         }
     }
-    if (rados_conf_get(c, key, buf, sizeof(buf)) == 0 &&
+    if (LIB(rados_conf_get)(c, key, buf, sizeof(buf)) == 0 &&
         strtod(buf, NULL) != libdef) {
         return;
     }
-    (void)rados_conf_set(c, key, RBD_DEFAULT_TIMEOUT);
+    (void)LIB(rados_conf_set)(c, key, RBD_DEFAULT_TIMEOUT);
 }
 
 /* Connects to the cluster and opens the pool (and namespace) of @l, as
@@ -393,12 +483,16 @@ static int vrbd_connect(const rbd_loc *l, const char *key_secret,
     rados_ioctx_t io = NULL;
     int r;
 
-    r = rados_create(&c, l->user);
+    r = vrbd_lib_load(err);
+    if (r < 0) {
+        return r;
+    }
+    r = LIB(rados_create)(&c, l->user);
     if (r < 0) {
         return vd_error_set(err, r, "error initializing: %s", strerror(-r));
     }
     if (l->conf) {
-        r = rados_conf_read_file(c, l->conf);
+        r = LIB(rados_conf_read_file)(c, l->conf);
         if (r < 0) {
             vd_error_set(err, r, "error reading conf file %s: %s", l->conf,
                          strerror(-r));
@@ -406,17 +500,17 @@ static int vrbd_connect(const rbd_loc *l, const char *key_secret,
         }
     } else {
         /* The default places ($CEPH_CONF, /etc/ceph/...); none is fine. */
-        (void)rados_conf_read_file(c, NULL);
+        (void)LIB(rados_conf_read_file)(c, NULL);
     }
     if (mon_host) {
-        r = rados_conf_set(c, "mon_host", mon_host);
+        r = LIB(rados_conf_set)(c, "mon_host", mon_host);
         if (r < 0) {
             vd_error_set(err, r, "Could not set 'mon_host'");
             goto fail;
         }
     }
     for (size_t i = 0; i < l->nkv; i++) {
-        r = rados_conf_set(c, l->kv[2 * i], l->kv[2 * i + 1]);
+        r = LIB(rados_conf_set)(c, l->kv[2 * i], l->kv[2 * i + 1]);
         if (r < 0) {
             vd_error_set(err, r, "invalid conf option %s: %s", l->kv[2 * i],
                          strerror(-r));
@@ -426,7 +520,7 @@ static int vrbd_connect(const rbd_loc *l, const char *key_secret,
     vrbd_default_timeout(c, l, "rados_mon_op_timeout", 0);
     vrbd_default_timeout(c, l, "rados_osd_op_timeout", 0);
     vrbd_default_timeout(c, l, "client_mount_timeout", 300);
-    (void)rados_conf_set(c, "rbd_cache", nocache ? "false" : "true");
+    (void)LIB(rados_conf_set)(c, "rbd_cache", nocache ? "false" : "true");
     if (key_secret) {
         unsigned char *data = NULL;
         size_t len = 0;
@@ -441,7 +535,7 @@ static int vrbd_connect(const rbd_loc *l, const char *key_secret,
             r = vd_error_set(err, -ENOMEM, "Out of memory");
             goto fail;
         }
-        r = rados_conf_set(c, "key", b64);
+        r = LIB(rados_conf_set)(c, "key", b64);
         free(b64);
         if (r < 0) {
             vd_error_set(err, r, "Could not set 'key'");
@@ -449,18 +543,18 @@ static int vrbd_connect(const rbd_loc *l, const char *key_secret,
         }
     }
     if (auth_client) {
-        r = rados_conf_set(c, "auth_client_required", auth_client);
+        r = LIB(rados_conf_set)(c, "auth_client_required", auth_client);
         if (r < 0) {
             vd_error_set(err, r, "Could not set 'auth_client_required'");
             goto fail;
         }
     }
-    r = rados_connect(c);
+    r = LIB(rados_connect)(c);
     if (r < 0) {
         vd_error_set(err, r, "error connecting: %s", strerror(-r));
         goto fail;
     }
-    r = rados_ioctx_create(c, l->pool, &io);
+    r = LIB(rados_ioctx_create)(c, l->pool, &io);
     if (r < 0) {
         vd_error_set(err, r, "error opening pool %s: %s", l->pool,
                      strerror(-r));
@@ -468,7 +562,7 @@ static int vrbd_connect(const rbd_loc *l, const char *key_secret,
     }
     if (l->ns && l->ns[0]) {
         bool exists = false;
-        r = rbd_namespace_exists(io, l->ns, &exists);
+        r = LIB(rbd_namespace_exists)(io, l->ns, &exists);
         if (r < 0) {
             vd_error_set(err, r, "error checking namespace: %s",
                          strerror(-r));
@@ -480,16 +574,16 @@ static int vrbd_connect(const rbd_loc *l, const char *key_secret,
             goto fail;
         }
     }
-    rados_ioctx_set_namespace(io, l->ns ? l->ns : "");
+    LIB(rados_ioctx_set_namespace)(io, l->ns ? l->ns : "");
     *cluster = c;
     *ioctx = io;
     return 0;
 
 fail:
     if (io) {
-        rados_ioctx_destroy(io);
+        LIB(rados_ioctx_destroy)(io);
     }
-    rados_shutdown(c);
+    LIB(rados_shutdown)(c);
     return r;
 }
 
@@ -528,13 +622,13 @@ static void vrbd_close(vd_node *node)
     rbd_state *s = node->opaque;
 
     if (s->image) {
-        rbd_close(s->image);
+        LIB(rbd_close)(s->image);
     }
     if (s->ioctx) {
-        rados_ioctx_destroy(s->ioctx);
+        LIB(rados_ioctx_destroy)(s->ioctx);
     }
     if (s->cluster) {
-        rados_shutdown(s->cluster);
+        LIB(rados_shutdown)(s->cluster);
     }
     if (s->lock_init) {
         pthread_mutex_destroy(&s->resize_lock);
@@ -586,14 +680,14 @@ static int vrbd_open_node(vd_node *node, vd_opts *opts, unsigned flags,
     if (r < 0) {
         goto out;
     }
-    r = rbd_open(s->ioctx, s->loc.image, &s->image, s->loc.snap);
+    r = LIB(rbd_open)(s->ioctx, s->loc.image, &s->image, s->loc.snap);
     if (r < 0) {
         s->image = NULL;
         vd_error_set(err, r, "error reading header from %s: %s",
                      s->loc.image, strerror(-r));
         goto out;
     }
-    r = rbd_stat(s->image, &info, sizeof(info));
+    r = LIB(rbd_stat)(s->image, &info, sizeof(info));
     if (r < 0) {
         vd_error_set(err, r, "error getting image info from %s: %s",
                      s->loc.image, strerror(-r));
@@ -636,7 +730,7 @@ static int vrbd_request(vd_node *node, int op, uint64_t off, uint64_t bytes,
         off + bytes > atomic_load(&s->image_size)) {
         pthread_mutex_lock(&s->resize_lock);
         if (off + bytes > atomic_load(&s->image_size)) {
-            r = rbd_resize(s->image, off + bytes);
+            r = LIB(rbd_resize)(s->image, off + bytes);
             if (r < 0) {
                 pthread_mutex_unlock(&s->resize_lock);
                 return vd_error_set(err, r, "%s: failed to grow the image "
@@ -648,35 +742,35 @@ static int vrbd_request(vd_node *node, int op, uint64_t off, uint64_t bytes,
         pthread_mutex_unlock(&s->resize_lock);
     }
 
-    r = rbd_aio_create_completion(NULL, NULL, &c);
+    r = LIB(rbd_aio_create_completion)(NULL, NULL, &c);
     if (r < 0) {
         return vd_error_set(err, r, "%s: %s", s->label, strerror(-r));
     }
     switch (op) {
     case RBD_READ:
-        r = rbd_aio_readv(s->image, qiov->iov, qiov->niov, off, c);
+        r = LIB(rbd_aio_readv)(s->image, qiov->iov, qiov->niov, off, c);
         break;
     case RBD_WRITE:
-        r = rbd_aio_writev(s->image, qiov->iov, qiov->niov, off, c);
+        r = LIB(rbd_aio_writev)(s->image, qiov->iov, qiov->niov, off, c);
         break;
     case RBD_ZERO:
-        r = rbd_aio_write_zeroes(s->image, off, bytes, c, zflags, 0);
+        r = LIB(rbd_aio_write_zeroes)(s->image, off, bytes, c, zflags, 0);
         break;
     case RBD_DISCARD:
-        r = rbd_aio_discard(s->image, off, bytes, c);
+        r = LIB(rbd_aio_discard)(s->image, off, bytes, c);
         break;
     default:
-        r = rbd_aio_flush(s->image, c);
+        r = LIB(rbd_aio_flush)(s->image, c);
         break;
     }
     if (r < 0) {
-        rbd_aio_release(c);
+        LIB(rbd_aio_release)(c);
         return vd_error_set(err, r, "%s: %s failed: %s", s->label, what[op],
                             strerror(-r));
     }
-    rbd_aio_wait_for_complete(c);
-    ret = rbd_aio_get_return_value(c);
-    rbd_aio_release(c);
+    LIB(rbd_aio_wait_for_complete)(c);
+    ret = LIB(rbd_aio_get_return_value)(c);
+    LIB(rbd_aio_release)(c);
     if (ret < 0) {
         return vd_error_set(err, (int)ret, "%s: %s failed: %s", s->label,
                             what[op], strerror((int)-ret));
@@ -763,7 +857,7 @@ static int vrbd_diff_cb(uint64_t offs, size_t len, int exists, void *opaque)
 
 /*
  * QEMU 7.2's qemu_rbd_co_block_status: everything is data unless the
- * image has a valid fast-diff object map, which rbd_diff_iterate2 (with
+ * image has a valid fast-diff object map, which LIB(rbd_diff_iterate2)(with
  * whole_object) then asks; unallocated objects read as zeros. librbd
  * before 1.17 reports wrong offsets for an offset not aligned to an
  * object (https://tracker.ceph.com/issues/53784), so there the
@@ -784,9 +878,9 @@ static int vrbd_block_status(vd_node *node, bool want_zero, uint64_t off,
     *pnum = bytes;
     *map = off;
     *file = node;
-    if (rbd_get_features(s->image, &features) < 0 ||
+    if (LIB(rbd_get_features)(s->image, &features) < 0 ||
         !(features & RBD_FEATURE_FAST_DIFF) ||
-        rbd_get_flags(s->image, &iflags) < 0 ||
+        LIB(rbd_get_flags)(s->image, &iflags) < 0 ||
         (iflags & RBD_FLAG_FAST_DIFF_INVALID)) {
         return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
     }
@@ -800,7 +894,7 @@ static int vrbd_block_status(vd_node *node, bool want_zero, uint64_t off,
          * so in every librbd version this branch serves.) */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-        r = rbd_get_parent_info(s->image, pool, 0, img, 0, snap, 0);
+        r = LIB(rbd_get_parent_info)(s->image, pool, 0, img, 0, snap, 0);
 #pragma GCC diagnostic pop
         if (r != -ENOENT) {
             return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
@@ -812,7 +906,7 @@ static int vrbd_block_status(vd_node *node, bool want_zero, uint64_t off,
         bytes += head;
     }
 #endif
-    r = rbd_diff_iterate2(s->image, NULL, d.offs, bytes, 1, 1, vrbd_diff_cb,
+    r = LIB(rbd_diff_iterate2)(s->image, NULL, d.offs, bytes, 1, 1, vrbd_diff_cb,
                           &d);
     if (r < 0 && r != RBD_STOP_ITERATE) {
         return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
@@ -842,7 +936,7 @@ static int64_t vrbd_getlength(vd_node *node)
 {
     rbd_state *s = node->opaque;
     uint64_t size;
-    int r = rbd_get_size(s->image, &size);
+    int r = LIB(rbd_get_size)(s->image, &size);
 
     if (r < 0) {
         return r;
@@ -874,7 +968,7 @@ static int vrbd_truncate(vd_node *node, uint64_t size, bool exact,
                             "'%s'", vrbd_prealloc_names[prealloc]);
     }
     pthread_mutex_lock(&s->resize_lock);
-    r = rbd_resize(s->image, size);
+    r = LIB(rbd_resize)(s->image, size);
     if (r == 0) {
         atomic_store(&s->image_size, size);
     }
@@ -920,7 +1014,7 @@ static int vrbd_snapshot_create(vd_node *node, const vd_snapshot_info *sn,
      * exists)", QEMU's last line (it also reports "failed to create
      * snap: ..." on a line of its own first). */
     (void)err;
-    return rbd_snap_create(s->image, sn->name);
+    return LIB(rbd_snap_create)(s->image, sn->name);
 }
 
 static int vrbd_snapshot_goto(vd_node *node, const char *id, vd_error *err)
@@ -929,7 +1023,7 @@ static int vrbd_snapshot_goto(vd_node *node, const char *id, vd_error *err)
     /* The errno alone: the core says "Failed to load snapshot: ENOENT's
      * text", as QEMU. */
     (void)err;
-    return rbd_snap_rollback(s->image, id);
+    return LIB(rbd_snap_rollback)(s->image, id);
 }
 
 static int vrbd_snapshot_delete(vd_node *node, const char *id,
@@ -938,7 +1032,7 @@ static int vrbd_snapshot_delete(vd_node *node, const char *id,
     rbd_state *s = node->opaque;
     /* The name is the ID: either names the snapshot. */
     const char *which = name ? name : id;
-    int r = rbd_snap_remove(s->image, which);
+    int r = LIB(rbd_snap_remove)(s->image, which);
 
     if (r < 0) {
         return vd_error_set(err, r, "Failed to remove the snapshot: %s",
@@ -960,7 +1054,7 @@ static int vrbd_snapshot_list(vd_node *node, vd_snapshot_info **list,
         if (!snaps) {
             return vd_error_set(err, -ENOMEM, "Out of memory");
         }
-        n = rbd_snap_list(s->image, snaps, &max);
+        n = LIB(rbd_snap_list)(s->image, snaps, &max);
         if (n != -ERANGE) {
             break;
         }
@@ -973,7 +1067,7 @@ static int vrbd_snapshot_list(vd_node *node, vd_snapshot_info **list,
     }
     out = calloc(n ? (size_t)n : 1, sizeof(*out));
     if (!out) {
-        rbd_snap_list_end(snaps);
+        LIB(rbd_snap_list_end)(snaps);
         free(snaps);
         return vd_error_set(err, -ENOMEM, "Out of memory");
     }
@@ -985,12 +1079,12 @@ static int vrbd_snapshot_list(vd_node *node, vd_snapshot_info **list,
         out[i].icount = 0;
         if (!out[i].id || !out[i].name) {
             vd_snapshot_list_free(&out, (size_t)n);
-            rbd_snap_list_end(snaps);
+            LIB(rbd_snap_list_end)(snaps);
             free(snaps);
             return vd_error_set(err, -ENOMEM, "Out of memory");
         }
     }
-    rbd_snap_list_end(snaps);
+    LIB(rbd_snap_list_end)(snaps);
     free(snaps);
     *list = out;
     *count = (size_t)n;
@@ -1011,7 +1105,7 @@ static const vd_create_option vrbd_create_opts[] = {
     { NULL, NULL, NULL, NULL },
 };
 
-/* rbd_create() with librbd's default features; "cluster_size" is the
+/* LIB(rbd_create)() with librbd's default features; "cluster_size" is the
  * object size (a power of two, at least 4 KiB), QEMU's checks and
  * messages. */
 static int vrbd_create_image(const char *filename, vd_opts *opts,
@@ -1052,16 +1146,16 @@ static int vrbd_create_image(const char *filename, vd_opts *opts,
     if (r < 0) {
         goto out;
     }
-    r = rbd_create(ioctx, loc.image, size, &order);
+    r = LIB(rbd_create)(ioctx, loc.image, size, &order);
     if (r < 0) {
         vd_error_set(err, r, "error rbd create: %s", strerror(-r));
     }
 out:
     if (ioctx) {
-        rados_ioctx_destroy(ioctx);
+        LIB(rados_ioctx_destroy)(ioctx);
     }
     if (cluster) {
-        rados_shutdown(cluster);
+        LIB(rados_shutdown)(cluster);
     }
     free(secret);
     vrbd_loc_free(&loc);

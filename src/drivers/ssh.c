@@ -1054,7 +1054,7 @@ static int ssh_open(vd_node *node, vd_opts *opts, unsigned flags,
     bool rdwr = (flags & VD_NODE_RDWR) && !node->read_only;
     char *fname = vd_opts_take(opts, "filename");
     const char *name;
-    ssh_conf c;
+    ssh_conf c = { 0 };
     int ret;
 
     s->sock = -1;
@@ -1386,7 +1386,7 @@ static const vd_create_option ssh_create_opts[] = {
 static int ssh_create(const char *filename, vd_opts *opts, vd_error *err)
 {
     ssh_state st;
-    ssh_conf c;
+    ssh_conf c = { 0 };
     uint64_t size;
     int ret;
 
