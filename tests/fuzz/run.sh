@@ -43,10 +43,15 @@ libs=$(pkg-config --libs zlib libzstd json-c)
 if pkg-config --exists liburing; then
     libs="$libs $(pkg-config --libs liburing)"
 fi
-# The NBD server in libvdisk.a uses gnutls when meson found it.
-if pkg-config --exists gnutls; then
-    libs="$libs $(pkg-config --libs gnutls)"
-fi
+# The NBD server in libvdisk.a uses gnutls when meson found it; the
+# remote protocol drivers their libraries, each built when meson found it
+# (the same pkg-config names; rbd loads librbd with dlopen).
+for pc in gnutls libnbd libcurl libssh libiscsi; do
+    if pkg-config --exists $pc; then
+        libs="$libs $(pkg-config --libs $pc)"
+    fi
+done
+libs="$libs -ldl"
 
 # --whole-archive: the targets reach internal functions (the NBD
 # server's nbd_conn_serve()) that nothing else would pull out of the
