@@ -1,5 +1,5 @@
 /*
- * For the libFuzzer targets of the simple image formats (vdi,
+ * For the libFuzzer targets of the simple image formats (vdi, vpc,
  * parallels): the input opened as an image of one format, read-only
  * first (reads at the start, middle and end of the virtual disk, a
  * bounded block-status walk and the consistency check), then read-write
