@@ -1028,6 +1028,13 @@ int cmd_convert(int argc, char **argv)
             }
             goto out;
         }
+        /* The target's protocol merges its options in (rbd's
+         * cluster_size), or refuses before anything is read. */
+        list = vd_create_options_for(out_fmt, out_name, &err);
+        if (!list) {
+            cli_error("%s", err.message);
+            goto out;
+        }
         copts = vd_opts_new();
         if (!copts) {
             goto out;
@@ -1035,7 +1042,7 @@ int cmd_convert(int argc, char **argv)
         /* Names and value syntax as qemu-img's QemuOpts parser checks
          * them, with its messages (no file name). */
         if ((options && vd_opts_parse(copts, options, NULL, &err) < 0) ||
-            vd_check_create_opts(out_fmt, copts, &err) < 0) {
+            vd_check_create_opts_for(out_fmt, out_name, copts, &err) < 0) {
             cli_error("%s", err.message);
             if (strstr(err.message, "non-negative number")) {
                 fprintf(stderr, "Optional suffix k, M, G, T, P or E means "

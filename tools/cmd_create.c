@@ -80,6 +80,7 @@ int cli_print_create_help(const char *filename, const char *fmt)
     const vd_create_option *list = vd_create_options(fmt);
     const vd_create_option *proto = vd_create_options("file");
     const vd_create_option **sorted;
+    vd_error err = VD_ERROR_INIT;
     size_t n = 0, count = 0;
 
     if (!list) {
@@ -87,6 +88,15 @@ int cli_print_create_help(const char *filename, const char *fmt)
             cli_error("Unknown file format '%s'", fmt);
         }
         return 1;
+    }
+    /* With a filename, its protocol's options (rbd's cluster_size, none of
+     * the file protocol's), or qemu-img's refusal of the protocol. */
+    if (filename) {
+        list = vd_create_options_for(fmt, filename, &err);
+        if (!list) {
+            cli_error("%s", err.message);
+            return 1;
+        }
     }
     while (list[count].name) {
         count++;
@@ -319,11 +329,18 @@ int cmd_create(int argc, char **argv)
         goto out;
     }
 
-    list = vd_create_options(fmt);
-    if (!list) {
+    if (!vd_create_options(fmt)) {
         if (!cli_report_unsupported_format(filename, fmt)) {
             cli_error("%s: Unknown file format '%s'", filename, fmt);
         }
+        goto out;
+    }
+    /* The protocol is checked before anything is formatted, as qemu-img
+     * does: "Unknown protocol 'P'", "Protocol driver 'http' does not
+     * support image creation". */
+    list = vd_create_options_for(fmt, filename, &err);
+    if (!list) {
+        cli_error("%s: %s", filename, err.message);
         goto out;
     }
     opts = vd_opts_new();

@@ -814,6 +814,21 @@ typedef struct vd_create_option {
 VD_API const vd_create_option *vd_create_options(const char *format);
 
 /**
+ * The creation options of @format for an image at @filename: the format's
+ * own followed by those of the protocol @filename names (rbd's
+ * cluster_size for "rbd:pool/img", none of the file protocol's), as
+ * qemu-img create and convert merge them. @filename NULL (or a @format
+ * that is a protocol itself) gives vd_create_options(@format). NULL with
+ * @err set, as qemu-img refuses before it formats anything: "Unknown file
+ * format 'F'", "Unknown protocol 'P'", "Format driver 'F' does not
+ * support image creation", "Protocol driver 'P' does not support image
+ * creation" (http, for one). Static data; thread-safe.
+ */
+VD_API const vd_create_option *vd_create_options_for(const char *format,
+                                                     const char *filename,
+                                                     vd_error *err);
+
+/**
  * Returns the options vd_amend() takes for @format, in the driver's
  * order, terminated by an entry with name == NULL, or NULL when the
  * format cannot be amended. Static data.
@@ -830,6 +845,12 @@ VD_API const vd_create_option *vd_amend_options(const char *format);
  */
 VD_API int vd_check_create_opts(const char *format, const vd_opts *opts,
                                 vd_error *err);
+
+/** vd_check_create_opts() against vd_create_options_for(@format,
+ * @filename): the options of the protocol @filename names are valid too.
+ * Its errors as well as vd_create_options_for()'s. */
+VD_API int vd_check_create_opts_for(const char *format, const char *filename,
+                                    const vd_opts *opts, vd_error *err);
 
 /**
  * Whether vdisk can open images of @format. 0: it can. -ENOTSUP: @format

@@ -701,9 +701,28 @@ vd_child *vd_node_attach_child(vd_node *parent, vd_node *child_node,
 /* Detaches and unrefs a child; the permissions it held are released. */
 void vd_node_detach_child(vd_node *parent, vd_child *child);
 
-/* Creates a protocol file (the "file" driver's create) for format
- * drivers: @opts may hold size and preallocation. */
+/* Maps a filename to its protocol driver as QEMU's bdrv_find_protocol()
+ * does: a host device a driver claims (host_device, host_cdrom) first,
+ * then a "NAME:" prefix naming a driver's protocol ("null-co://",
+ * "blkdebug:CONFIG:IMAGE"); anything else is a file. NULL with
+ * "Unknown protocol 'NAME'" in @err for a protocol QEMU has and this build
+ * lacks. */
+const vd_driver *vd_protocol_for_filename(const char *filename,
+                                          vd_error *err);
+
+/* Creates the protocol file of @filename (with the driver
+ * vd_protocol_for_filename() finds) for format drivers: @opts may hold
+ * size and the protocol's own options. */
 int vd_create_protocol(const char *filename, vd_opts *opts, vd_error *err);
+
+/* QEMU's bdrv_co_create_opts_simple(), the create callback (with
+ * vd_create_opts_simple as create_opts: size, preallocation=off) of
+ * protocols that cannot make an image but reach an existing one (nbd,
+ * iscsi): "creating" opens it read-write, shrinks it where the driver can
+ * (a size larger than it has is the driver's refusal) and zeroes its first
+ * sector, so no stale header is probed in what was written before. */
+extern const vd_create_option vd_create_opts_simple[];
+int vd_create_simple(const char *filename, vd_opts *opts, vd_error *err);
 
 /* Opens @filename with the protocol driver as a standalone node, for
  * format create() functions that write their headers. With

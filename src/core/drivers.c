@@ -236,45 +236,98 @@ VD_API const vd_create_option *vd_amend_options(const char *format)
     return drv && drv->open && drv->amend ? drv->amend_opts : NULL;
 }
 
-/* Merged option lists (format's own, then its protocol's), built once. */
+/* Merged option lists (a format's own, then its protocol's), built once
+ * for each pair of format and protocol that is asked for. */
 static pthread_mutex_t merged_lock = PTHREAD_MUTEX_INITIALIZER;
-static vd_create_option *merged[N_DRIVERS];
+static vd_create_option *merged[N_DRIVERS][N_DRIVERS];
+
+static size_t driver_index(const vd_driver *drv)
+{
+    size_t idx = 0;
+    while (driver_table[idx] != drv)
+        idx++;
+    return idx;
+}
+
+static size_t count_opts(const vd_create_option *o)
+{
+    size_t n = 0;
+    while (o && o[n].name)
+        n++;
+    return n;
+}
+
+/* QEMU's qemu_opts_append(): @drv's options, then those of @proto whose
+ * names @drv does not have. */
+static const vd_create_option *merged_options(const vd_driver *drv,
+                                              const vd_driver *proto)
+{
+    size_t i = driver_index(drv), j = proto ? driver_index(proto) : i;
+    pthread_mutex_lock(&merged_lock);
+    if (!merged[i][j]) {
+        size_t n = count_opts(drv->create_opts);
+        size_t m = proto ? count_opts(proto->create_opts) : 0;
+        vd_create_option *list = calloc(n + m + 1, sizeof(*list));
+        if (list) {
+            size_t k = 0;
+            for (size_t a = 0; a < n; a++)
+                list[k++] = drv->create_opts[a];
+            for (size_t b = 0; b < m; b++) {
+                bool dup = false;
+                for (size_t a = 0; a < n; a++)
+                    if (strcmp(drv->create_opts[a].name,
+                               proto->create_opts[b].name) == 0)
+                        dup = true;
+                if (!dup)
+                    list[k++] = proto->create_opts[b];
+            }
+            merged[i][j] = list;
+        }
+    }
+    const vd_create_option *r = merged[i][j];
+    pthread_mutex_unlock(&merged_lock);
+    return r;
+}
 
 VD_API const vd_create_option *vd_create_options(const char *format)
 {
     const vd_driver *drv = vd_find_driver(format);
     if (!drv || !drv->open)
         return NULL;
-    size_t idx = 0;
-    while (driver_table[idx] != drv)
-        idx++;
-    const vd_driver *proto = drv->is_format ? vd_find_driver("file") : NULL;
-    pthread_mutex_lock(&merged_lock);
-    if (!merged[idx]) {
-        size_t n = 0, m = 0;
-        for (const vd_create_option *o = drv->create_opts; o && o->name; o++)
-            n++;
-        for (const vd_create_option *o = proto ? proto->create_opts : NULL;
-             o && o->name; o++)
-            m++;
-        vd_create_option *list = calloc(n + m + 1, sizeof(*list));
-        if (list) {
-            size_t k = 0;
-            for (size_t i = 0; i < n; i++)
-                list[k++] = drv->create_opts[i];
-            for (size_t i = 0; i < m; i++) {
-                bool dup = false;
-                for (size_t j = 0; j < n; j++)
-                    if (strcmp(drv->create_opts[j].name,
-                               proto->create_opts[i].name) == 0)
-                        dup = true;
-                if (!dup)
-                    list[k++] = proto->create_opts[i];
-            }
-            merged[idx] = list;
-        }
+    return merged_options(drv, drv->is_format ? vd_find_driver("file")
+                                              : NULL);
+}
+
+VD_API const vd_create_option *vd_create_options_for(const char *format,
+                                                     const char *filename,
+                                                     vd_error *err)
+{
+    const vd_driver *drv = vd_find_driver(format);
+    if (!drv) {
+        vd_error_set(err, -EINVAL, "Unknown file format '%s'",
+                     format ? format : "");
+        return NULL;
     }
-    const vd_create_option *r = merged[idx];
-    pthread_mutex_unlock(&merged_lock);
-    return r;
+    if (!drv->open) {
+        vd_driver_unsupported(drv, NULL, err);
+        return NULL;
+    }
+    if (!filename || !drv->is_format)
+        return vd_create_options(format);
+    /* As qemu-img create and convert: the protocol is found, then each
+     * driver must be able to create, before any option is parsed. */
+    const vd_driver *proto = vd_protocol_for_filename(filename, err);
+    if (!proto)
+        return NULL;
+    if (!drv->create || !drv->create_opts) {
+        vd_error_set(err, -ENOTSUP, "Format driver '%s' does not support "
+                     "image creation", drv->name);
+        return NULL;
+    }
+    if (!proto->create || !proto->create_opts) {
+        vd_error_set(err, -ENOTSUP, "Protocol driver '%s' does not support "
+                     "image creation", proto->name);
+        return NULL;
+    }
+    return merged_options(drv, proto);
 }

@@ -49,9 +49,18 @@ static int check_type(const vd_create_option *o, const char *value,
 VD_API int vd_check_create_opts(const char *format, const vd_opts *opts,
                                  vd_error *err)
 {
-    const vd_create_option *list = vd_create_options(format);
+    return vd_check_create_opts_for(format, NULL, opts, err);
+}
+
+VD_API int vd_check_create_opts_for(const char *format, const char *filename,
+                                    const vd_opts *opts, vd_error *err)
+{
+    const vd_create_option *list = vd_create_options_for(format, filename,
+                                                         err);
 
     if (!list) {
+        if (err && err->code)
+            return err->code;
         return vd_error_set(err, -EINVAL, "Unknown file format '%s'",
                             format ? format : "");
     }

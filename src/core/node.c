@@ -477,12 +477,8 @@ static int parse_cache_mode(const char *mode, unsigned *flags,
     return 0;
 }
 
-/* Maps a filename to its protocol driver as QEMU's bdrv_find_protocol()
- * does: a host device a driver claims (host_device, host_cdrom) first,
- * then a "NAME:" prefix naming a driver's protocol ("null-co://",
- * "blkdebug:CONFIG:IMAGE"); anything else is a file. */
-static const vd_driver *protocol_for_filename(const char *filename,
-                                              vd_error *err)
+const vd_driver *vd_protocol_for_filename(const char *filename,
+                                          vd_error *err)
 {
     const vd_driver *best = NULL;
     int best_score = 0;
@@ -713,7 +709,7 @@ static int node_open_one(vd_node **out, const char *filename,
     }
 
     if (!drv && (flags & VD_NODE_PROTOCOL)) {
-        drv = protocol_for_filename(filename, err);
+        drv = vd_protocol_for_filename(filename, err);
         if (!drv) {
             r = err && err->code ? err->code : -ENOENT;
             goto fail_early;
@@ -1579,7 +1575,7 @@ static bool option_known(const vd_create_option *list, const char *key)
 
 int vd_create_protocol(const char *filename, vd_opts *opts, vd_error *err)
 {
-    const vd_driver *proto = protocol_for_filename(filename, err);
+    const vd_driver *proto = vd_protocol_for_filename(filename, err);
     if (!proto)
         return err && err->code ? err->code : -ENOENT;
     if (!proto->create)
@@ -1587,6 +1583,79 @@ int vd_create_protocol(const char *filename, vd_opts *opts, vd_error *err)
                             "not support image creation", filename,
                             proto ? proto->name : "?");
     return proto->create(filename, opts, err);
+}
+
+const vd_create_option vd_create_opts_simple[] = {
+    { "size", "size", "Virtual disk size", NULL },
+    { "preallocation", "string", "Preallocation mode (allowed values: off)",
+      NULL },
+    { NULL, NULL, NULL, NULL },
+};
+
+int vd_create_simple(const char *filename, vd_opts *opts, vd_error *err)
+{
+    static const char *const modes[] = { "off", "metadata", "falloc",
+                                         "full", NULL };
+    const vd_driver *proto = vd_protocol_for_filename(filename, err);
+    vd_node *node = NULL;
+    uint64_t size;
+    char *mode;
+    int r;
+
+    if (!proto)
+        return err && err->code ? err->code : -ENOENT;
+    r = vd_opts_take_size(opts, "size", 0, &size, err);
+    if (r < 0)
+        return r;
+    mode = vd_opts_take(opts, "preallocation");
+    if (mode) {
+        size_t k = 0;
+        while (modes[k] && strcmp(modes[k], mode) != 0)
+            k++;
+        if (!modes[k])
+            r = vd_error_set(err, -EINVAL, "%s: invalid parameter value: %s",
+                             filename, mode);
+        else if (k != 0)
+            r = vd_error_set(err, -ENOTSUP, "%s: Unsupported preallocation "
+                             "mode '%s'", filename, mode);
+        free(mode);
+        if (r < 0)
+            return r;
+    }
+    r = vd_open_protocol(&node, filename, VD_NODE_RDWR, err);
+    if (r < 0) {
+        vd_error_prepend(err, "Protocol driver '%s' does not support image "
+                         "creation, and opening the image failed: ",
+                         proto->name);
+        vd_error_prepend(err, "%s: ", filename);
+        return -EINVAL;
+    }
+    /* Shrinking is the driver's to refuse or ignore (nbd and iscsi ignore
+     * it); a size larger than the export or LUN is an error. */
+    vd_error terr = VD_ERROR_INIT;
+    r = vd_node_truncate(node, size, false, VD_PREALLOC_OFF, &terr);
+    int64_t len = vd_node_getlength(node);
+    if (r < 0 && r != -ENOTSUP) {
+        r = vd_error_set(err, r, "%s: %s", filename, terr.message);
+    } else if (len < 0) {
+        r = vd_error_set(err, (int)len, "%s: Failed to inquire the new image "
+                         "file's length: %s", filename, strerror((int)-len));
+    } else if ((uint64_t)len < size) {
+        r = vd_error_set(err, r < 0 ? r : -ENOTSUP, "%s: %s", filename,
+                         r < 0 ? terr.message : "Cannot grow the image");
+    } else {
+        r = 0;
+    }
+    if (r == 0 && len > 0) {
+        r = vd_node_pwrite_zeroes(node, 0, len < 512 ? (uint64_t)len : 512,
+                                  VD_REQ_MAY_UNMAP, &terr);
+        if (r < 0)
+            vd_error_set(err, r, "%s: Failed to clear the new image's first "
+                         "sector: %s", filename, strerror(-r));
+    }
+    vd_error_clear(&terr);
+    vd_node_unref(node);
+    return r;
 }
 
 int vd_open_protocol(vd_node **out, const char *filename, unsigned flags,
@@ -1640,8 +1709,16 @@ VD_API int vd_create(const char *filename, const char *format,
     if (!drv->create)
         return vd_error_set(err, -ENOTSUP, "%s: Format driver '%s' does not "
                             "support image creation", filename, drv->name);
-    const vd_driver *proto = drv->is_format
-        ? protocol_for_filename(filename, NULL) : NULL;
+    /* The protocol first (unknown, or unable to create: http), then the
+     * option names and value syntax against the format's and the
+     * protocol's lists, as qemu-img checks them before any driver sees
+     * the options. */
+    const vd_create_option *list = vd_create_options_for(drv->name, filename,
+                                                         err);
+    if (!list) {
+        vd_error_prepend(err, "%s: ", filename);
+        return err && err->code ? err->code : -EINVAL;
+    }
     for (size_t i = 0; i < vd_opts_count(opts); i++) {
         const char *k, *v;
         vd_opts_nth(opts, i, &k, &v);
@@ -1653,14 +1730,8 @@ VD_API int vd_create(const char *filename, const char *format,
             return vd_error_set(err, -EINVAL, "%s: Backing file not "
                                 "supported for file format '%s'", filename,
                                 drv->name);
-        if (!option_known(drv->create_opts, k) &&
-            !(proto && option_known(proto->create_opts, k)))
-            return vd_error_set(err, -EINVAL, "%s: Invalid parameter '%s'",
-                                filename, k);
     }
-    /* Then the value syntax, as qemu-img's QemuOpts parser checks it
-     * before any driver sees the options. */
-    int r0 = vd_check_create_opts(format ? format : "raw", opts, err);
+    int r0 = vd_check_create_opts_for(drv->name, filename, opts, err);
     if (r0 < 0) {
         vd_error_prepend(err, "%s: ", filename);
         return r0;

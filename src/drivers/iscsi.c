@@ -1242,49 +1242,16 @@ static int iscsi_truncate(vd_node *node, uint64_t size, bool exact,
     return 0;
 }
 
-/* QEMU's iscsi_co_create_opts(): nothing is created; the LUN must be a
- * disk at least as large as asked. */
-static int iscsi_create(const char *filename, vd_opts *opts, vd_error *err)
-{
-    vd_node *node = NULL;
-    uint64_t size;
-    int r;
-
-    r = vd_opts_take_size(opts, "size", 0, &size, err);
-    if (r < 0) {
-        return r;
-    }
-    r = vd_open_protocol(&node, filename, VD_NODE_RDWR, err);
-    if (r < 0) {
-        return r;
-    }
-    iscsi_state *s = node->opaque;
-    if (s->type != SCSI_INQUIRY_PERIPHERAL_DEVICE_TYPE_DIRECT_ACCESS) {
-        r = vd_error_set(err, -ENODEV, "%s: iSCSI: the LUN is not a disk",
-                         s->uri);
-    } else if (size > s->num_blocks * s->block_size) {
-        /* QEMU's words (its raw create then fails to truncate). */
-        r = vd_error_set(err, -EINVAL, "%s: Cannot grow iSCSI devices",
-                         filename);
-    }
-    vd_node_unref(node);
-    return r;
-}
-
-static const vd_create_option iscsi_create_opts[] = {
-    { "size", "size", "Virtual disk size", NULL },
-    { NULL, NULL, NULL, NULL },
-};
-
 const vd_driver vd_driver_iscsi = {
     .name = "iscsi",
     .protocol_name = "iscsi",
     .instance_size = sizeof(iscsi_state),
-    .create_opts = iscsi_create_opts,
+    /* As QEMU 7.2: "creating" formats the LUN that exists. */
+    .create_opts = vd_create_opts_simple,
     .info_self = true,
     .open = iscsi_open,
     .close = iscsi_close,
-    .create = iscsi_create,
+    .create = vd_create_simple,
     .preadv = iscsi_preadv,
     .pwritev = iscsi_pwritev,
     .pwrite_zeroes = iscsi_pwrite_zeroes,

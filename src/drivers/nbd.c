@@ -1088,7 +1088,27 @@ static int64_t nbdc_getlength(vd_node *node)
     return s->size;
 }
 
-/* QEMU's nbd, nbd+tcp and nbd+unix: one driver under three prefixes. */
+/* An export's size is the server's: as QEMU's nbd_co_truncate(), only
+ * the size it has is accepted, or (not exact) a smaller one, which
+ * changes nothing. */
+static int nbdc_truncate(vd_node *node, uint64_t size, bool exact,
+                         vd_prealloc prealloc, vd_error *err)
+{
+    nbd_state *s = node->opaque;
+
+    (void)prealloc;
+    if (size != (uint64_t)s->size && exact) {
+        return vd_error_set(err, -ENOTSUP, "Cannot resize NBD nodes");
+    }
+    if (size > (uint64_t)s->size) {
+        return vd_error_set(err, -EINVAL, "Cannot grow NBD nodes");
+    }
+    return 0;
+}
+
+/* QEMU's nbd, nbd+tcp and nbd+unix: one driver under three prefixes.
+ * Creating an image on an export formats what the server has, as
+ * qemu-img does (vd_create_simple()). */
 #define NBD_DRIVER_COMMON                                                 \
     .name = "nbd",                                                        \
     .instance_size = sizeof(nbd_state),                                   \
@@ -1100,6 +1120,9 @@ static int64_t nbdc_getlength(vd_node *node)
     .pdiscard = nbdc_pdiscard,                                             \
     .flush = nbdc_flush,                                                   \
     .block_status = nbdc_block_status,                                     \
+    .truncate = nbdc_truncate,                                             \
+    .create_opts = vd_create_opts_simple,                                  \
+    .create = vd_create_simple,                                            \
     .getlength = nbdc_getlength
 
 const vd_driver vd_driver_nbd = {

@@ -74,6 +74,13 @@ diff -u <(sed 's/o2/o1/' co.q) co.v || fail "create -f rbd prints other than qem
 [ "$(rbd info rbd/o1 --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["order"])')" = \
   "$(rbd info rbd/o2 --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["order"])')" ] ||
     fail "cluster_size did not set the object size as QEMU"
+# The same with -f raw (the usual way): the rbd protocol's options merge
+# with raw's, as qemu-img merges them.
+"$VDISK" create -f raw -o cluster_size=8M rbd:rbd/o4 4M > co.v
+"$QEMU_IMG" create -f raw -o cluster_size=8M rbd:rbd/o5 4M > co.q
+diff -u <(sed 's/o5/o4/' co.q) co.v || fail "create -f raw -o cluster_size"
+[ "$(rbd info rbd/o4 --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["order"])')" = 23 ] ||
+    fail "-f raw -o cluster_size=8M did not make 8 MiB objects"
 for o in cluster_size=1000 cluster_size=2048; do
     expect_status 1 "$VDISK" create -f rbd -o $o rbd:rbd/o3 4M > /dev/null 2> e.v
     "$QEMU_IMG" create -f rbd -o $o rbd:rbd/o3 4M > /dev/null 2> e.q && fail "qemu-img created with $o"
