@@ -148,8 +148,8 @@ int cmd_compare(int argc, char **argv)
     if (!n2) {
         goto out;
     }
-    buf1 = malloc(IO_BUF_SIZE);
-    buf2 = malloc(IO_BUF_SIZE);
+    buf1 = cli_io_buffer(IO_BUF_SIZE);
+    buf2 = cli_io_buffer(IO_BUF_SIZE);
     if (!buf1 || !buf2) {
         goto out;
     }

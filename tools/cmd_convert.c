@@ -518,7 +518,8 @@ static void fail(convert_state *s, int ret)
 static void *worker(void *opaque)
 {
     convert_state *s = opaque;
-    uint8_t *buf = malloc(BUF_SIZE > s->cluster ? BUF_SIZE : s->cluster);
+    uint8_t *buf = cli_io_buffer(BUF_SIZE > s->cluster ? BUF_SIZE
+                                                     : s->cluster);
 
     pthread_mutex_lock(&s->lock);
     if (!buf) {

@@ -142,7 +142,7 @@ int cmd_dd(int argc, char **argv)
         in_pos = (int64_t)(skip * bs);
     }
 
-    buf = malloc(bs);
+    buf = cli_io_buffer(bs);
     if (!buf) {
         cli_error("Out of memory");
         goto out;

@@ -400,10 +400,9 @@ static int check_range(int64_t offset, int64_t bytes)
 
 static uint8_t *alloc_buf(size_t len, int fill)
 {
-    /* Page alignment keeps O_DIRECT (cache=none) images working. */
-    void *p = NULL;
+    void *p = cli_io_buffer(len);
 
-    if (posix_memalign(&p, 4096, len ? len : 1) != 0) {
+    if (!p) {
         return NULL;
     }
     memset(p, fill, len);

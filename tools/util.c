@@ -640,6 +640,16 @@ bool cli_report_unsupported_format(const char *filename, const char *fmt)
     return true;
 }
 
+void *cli_io_buffer(size_t size)
+{
+    void *p = NULL;
+
+    if (posix_memalign(&p, 4096, size ? size : 1) != 0) {
+        return NULL;
+    }
+    return p;
+}
+
 const char *cli_strip_filename(const char *msg, const char *filename)
 {
     size_t n = strlen(filename);

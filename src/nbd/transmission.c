@@ -698,6 +698,16 @@ static void budget_give(nbd_conn *c, uint64_t bytes)
     pthread_mutex_unlock(&c->lock);
 }
 
+/* Request payloads live in page-aligned buffers: the kernel copies to
+ * and from a buffer that is not 64-byte aligned (malloc's) several times
+ * slower on some CPUs, on both the socket and the image side. */
+static unsigned char *payload_alloc(size_t len)
+{
+    void *p = NULL;
+
+    return posix_memalign(&p, 4096, len) == 0 ? p : NULL;
+}
+
 /* A buffer of @len (non-zero) bytes for @wk: the thread's own, grown as
  * needed up to BUF_KEEP, or a one-off one. NULL on ENOMEM. */
 static unsigned char *work_buffer(nbd_worker *w, nbd_work *wk, size_t len)
@@ -717,7 +727,7 @@ static unsigned char *work_buffer(nbd_worker *w, nbd_work *wk, size_t len)
             }
             free(w->buf);
             w->bufsize = 0;
-            w->buf = malloc(n);
+            w->buf = payload_alloc(n);
             if (!w->buf) {
                 return NULL;
             }
@@ -725,7 +735,7 @@ static unsigned char *work_buffer(nbd_worker *w, nbd_work *wk, size_t len)
         }
         return w->buf;
     }
-    p = malloc(len);
+    p = payload_alloc(len);
     wk->own = p != NULL;
     return p;
 }
@@ -1010,7 +1020,7 @@ int nbd_transmission(nbd_conn *c)
     nbd_worker first = { .conn = c };
     nbd_worker *ws;
 
-    c->ibuf = malloc(IBUF_SIZE);
+    c->ibuf = payload_alloc(IBUF_SIZE);
     if (!c->ibuf) {
         return vd_error_set(&c->err, -ENOMEM, "nbd: out of memory");
     }

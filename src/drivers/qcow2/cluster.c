@@ -442,7 +442,7 @@ int qcow2_co_preadv(qcow2_state *s, uint64_t off, uint64_t bytes,
             break;
         case QCOW2_SC_COMPRESSED:
             if (!cbuf) {
-                cbuf = malloc(s->cluster_size);
+                cbuf = vd_node_blockalign(s->node, s->cluster_size);
                 if (!cbuf) {
                     ret = vd_error_set(err, -ENOMEM, "%s: out of memory",
                                        s->filename);
@@ -1780,7 +1780,7 @@ static int zero_unless_zero(vd_node *node, uint64_t off, uint64_t len,
         for (uint64_t pos = 0; !(st & VD_BLOCK_ZERO) && pos < n;
              pos += chunk) {
             uint64_t m = n - pos < chunk ? n - pos : chunk;
-            if (!buf && !(buf = malloc(chunk))) {
+            if (!buf && !(buf = vd_node_blockalign(node, chunk))) {
                 ret = vd_error_set(err, -ENOMEM, "out of memory");
                 break;
             }

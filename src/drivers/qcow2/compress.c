@@ -245,7 +245,9 @@ int qcow2_decompress_cluster(qcow2_state *s, uint64_t l2_entry,
         nb_bytes = (uint64_t)file_len - host_off;
     }
 
-    in = malloc(nb_bytes);
+    /* Aligned: the kernel copies into a buffer that is not 32-byte
+     * aligned up to four times slower on some CPUs. */
+    in = vd_node_blockalign(s->file->node, nb_bytes);
     if (!in) {
         return vd_error_set(err, -ENOMEM, "%s: out of memory reading a "
                             "compressed cluster", s->filename);
