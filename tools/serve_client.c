@@ -28,6 +28,8 @@
 #ifdef VDISK_HAVE_LIBNBD
 #include <json-c/json.h>
 #include <libnbd.h>
+
+#include "dlib.h"
 #endif
 
 #include "serve_client.h"
@@ -99,6 +101,39 @@ static int client_connect(const char *sockpath, const char *host,
 
 #ifdef VDISK_HAVE_LIBNBD
 
+/* The library's functions this driver calls (dlib.h: loaded at the
+ * first listing, not linked into every vdisk process). */
+#define NBD_LIB_FUNCS(X) \
+    X(nbd_can_cache) \
+    X(nbd_can_df) \
+    X(nbd_can_fast_zero) \
+    X(nbd_can_flush) \
+    X(nbd_can_fua) \
+    X(nbd_can_multi_conn) \
+    X(nbd_can_trim) \
+    X(nbd_can_zero) \
+    X(nbd_close) \
+    X(nbd_connect_socket) \
+    X(nbd_create) \
+    X(nbd_get_block_size) \
+    X(nbd_get_error) \
+    X(nbd_get_size) \
+    X(nbd_is_read_only) \
+    X(nbd_is_rotational) \
+    X(nbd_opt_abort) \
+    X(nbd_opt_info) \
+    X(nbd_opt_list) \
+    X(nbd_opt_list_meta_context) \
+    X(nbd_set_export_name) \
+    X(nbd_set_full_info) \
+    X(nbd_set_opt_mode) \
+    X(nbd_set_tls) \
+    X(nbd_set_tls_certificates) \
+    X(nbd_set_tls_psk_file) \
+    X(nbd_set_tls_username) \
+    X(nbd_set_tls_verify_peer)
+VD_DLIB_DEFINE(nbd_lib, VDISK_LIBNBD_SONAME, NBD_LIB_FUNCS);
+
 /* The exports NBD_OPT_LIST returned. */
 typedef struct list_entry {
     char *name;
@@ -148,7 +183,7 @@ static int ctx_cb(void *opaque, const char *name)
 /* libnbd's last error without its "nbd_opt_list: " prefix. */
 static const char *nbd_msg(void)
 {
-    const char *m = nbd_get_error();
+    const char *m = LIB(nbd_get_error)();
     const char *colon = m ? strstr(m, ": ") : NULL;
 
     return colon ? colon + 2 : m ? m : "unknown error";
@@ -203,8 +238,9 @@ static int list_setup_tls(struct nbd_handle *h, const char *creds_id,
      * a connected socket; --tls-hostname has nothing to set. */
     (void)hostname;
 #endif
-    if (nbd_set_tls(h, LIBNBD_TLS_REQUIRE) < 0 ||
-        nbd_set_tls_verify_peer(h, !verify || strcmp(verify, "false") != 0)
+    if (LIB(nbd_set_tls)(h, LIBNBD_TLS_REQUIRE) < 0 ||
+        LIB(nbd_set_tls_verify_peer)(h, !verify ||
+                                        strcmp(verify, "false") != 0)
             < 0) {
         cli_error("%s", nbd_msg());
         goto out;
@@ -213,12 +249,12 @@ static int list_setup_tls(struct nbd_handle *h, const char *creds_id,
         char path[4200];
 
         snprintf(path, sizeof(path), "%s/keys.psk", dir);
-        if (nbd_set_tls_psk_file(h, path) < 0 ||
-            nbd_set_tls_username(h, user && *user ? user : "qemu") < 0) {
+        if (LIB(nbd_set_tls_psk_file)(h, path) < 0 ||
+            LIB(nbd_set_tls_username)(h, user && *user ? user : "qemu") < 0) {
             cli_error("%s", nbd_msg());
             goto out;
         }
-    } else if (nbd_set_tls_certificates(h, dir) < 0) {
+    } else if (LIB(nbd_set_tls_certificates)(h, dir) < 0) {
         cli_error("%s", nbd_msg());
         goto out;
     }
@@ -237,16 +273,16 @@ static unsigned list_flags(struct nbd_handle *h)
 {
     unsigned f = 1;   /* NBD_FLAG_HAS_FLAGS */
 
-    f |= nbd_is_read_only(h) == 1 ? 1u << 1 : 0;
-    f |= nbd_can_flush(h) == 1 ? 1u << 2 : 0;
-    f |= nbd_can_fua(h) == 1 ? 1u << 3 : 0;
-    f |= nbd_is_rotational(h) == 1 ? 1u << 4 : 0;
-    f |= nbd_can_trim(h) == 1 ? 1u << 5 : 0;
-    f |= nbd_can_zero(h) == 1 ? 1u << 6 : 0;
-    f |= nbd_can_df(h) == 1 ? 1u << 7 : 0;
-    f |= nbd_can_multi_conn(h) == 1 ? 1u << 8 : 0;
-    f |= nbd_can_cache(h) == 1 ? 1u << 10 : 0;
-    f |= nbd_can_fast_zero(h) == 1 ? 1u << 11 : 0;
+    f |= LIB(nbd_is_read_only)(h) == 1 ? 1u << 1 : 0;
+    f |= LIB(nbd_can_flush)(h) == 1 ? 1u << 2 : 0;
+    f |= LIB(nbd_can_fua)(h) == 1 ? 1u << 3 : 0;
+    f |= LIB(nbd_is_rotational)(h) == 1 ? 1u << 4 : 0;
+    f |= LIB(nbd_can_trim)(h) == 1 ? 1u << 5 : 0;
+    f |= LIB(nbd_can_zero)(h) == 1 ? 1u << 6 : 0;
+    f |= LIB(nbd_can_df)(h) == 1 ? 1u << 7 : 0;
+    f |= LIB(nbd_can_multi_conn)(h) == 1 ? 1u << 8 : 0;
+    f |= LIB(nbd_can_cache)(h) == 1 ? 1u << 10 : 0;
+    f |= LIB(nbd_can_fast_zero)(h) == 1 ? 1u << 11 : 0;
     return f;
 }
 
@@ -262,17 +298,23 @@ int serve_list_exports(const char *sockpath, const char *host,
     list_result l = { 0 };
     int fd, ret = 1;
 
+    vd_error err = VD_ERROR_INIT;
+    if (vd_dlib_load(&nbd_lib, &err) < 0) {
+        cli_error("%s", err.message);
+        return 1;
+    }
     fd = client_connect(sockpath, host, port);
     if (fd < 0) {
         return 1;
     }
-    h = nbd_create();
+    h = LIB(nbd_create)();
     if (!h) {
         close(fd);
         cli_error("%s", nbd_msg());
         return 1;
     }
-    if (nbd_set_opt_mode(h, true) < 0 || nbd_set_full_info(h, true) < 0 ||
+    if (LIB(nbd_set_opt_mode)(h, true) < 0 ||
+        LIB(nbd_set_full_info)(h, true) < 0 ||
         (creds_id && list_setup_tls(h, creds_id, tls_hostname) < 0)) {
         if (!creds_id) {
             cli_error("%s", nbd_msg());
@@ -281,11 +323,11 @@ int serve_list_exports(const char *sockpath, const char *host,
         goto out;
     }
     /* libnbd owns the descriptor from here. */
-    if (nbd_connect_socket(h, fd) < 0) {
+    if (LIB(nbd_connect_socket)(h, fd) < 0) {
         cli_error("%s", nbd_msg());
         goto out;
     }
-    if (nbd_opt_list(h, (nbd_list_callback){ .callback = list_cb,
+    if (LIB(nbd_opt_list)(h, (nbd_list_callback){ .callback = list_cb,
                                              .user_data = &l }) < 0) {
         cli_error("%s", nbd_msg());
         goto out;
@@ -303,12 +345,13 @@ int serve_list_exports(const char *sockpath, const char *host,
         if (l.v[i].description && *l.v[i].description) {
             printf("  description: %s\n", l.v[i].description);
         }
-        if (nbd_set_export_name(h, l.v[i].name) < 0 || nbd_opt_info(h) < 0) {
+        if (LIB(nbd_set_export_name)(h, l.v[i].name) < 0 ||
+            LIB(nbd_opt_info)(h) < 0) {
             /* An export that vanished between LIST and INFO: qemu-nbd
              * prints its name and nothing more. */
             continue;
         }
-        size = nbd_get_size(h);
+        size = LIB(nbd_get_size)(h);
         if (size >= 0) {
             unsigned f = list_flags(h);
 
@@ -322,16 +365,16 @@ int serve_list_exports(const char *sockpath, const char *host,
             }
             printf(" )\n");
         }
-        if (nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM) > 0) {
+        if (LIB(nbd_get_block_size)(h, LIBNBD_SIZE_MINIMUM) > 0) {
             printf("  min block: %" PRId64 "\n",
-                   nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM));
+                   LIB(nbd_get_block_size)(h, LIBNBD_SIZE_MINIMUM));
             printf("  opt block: %" PRId64 "\n",
-                   nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED));
+                   LIB(nbd_get_block_size)(h, LIBNBD_SIZE_PREFERRED));
             printf("  max block: %" PRId64 "\n",
-                   nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM));
+                   LIB(nbd_get_block_size)(h, LIBNBD_SIZE_MAXIMUM));
         }
         /* No query: the server lists every context of the export. */
-        if (nbd_opt_list_meta_context(
+        if (LIB(nbd_opt_list_meta_context)(
                 h, (nbd_context_callback){ .callback = ctx_cb,
                                            .user_data = &ctx }) >= 0 &&
             ctx.n) {
@@ -345,7 +388,7 @@ int serve_list_exports(const char *sockpath, const char *host,
         }
         free(ctx.v);
     }
-    nbd_opt_abort(h);
+    LIB(nbd_opt_abort)(h);
     ret = 0;
 out:
     for (size_t i = 0; i < l.n; i++) {
@@ -353,7 +396,7 @@ out:
         free(l.v[i].description);
     }
     free(l.v);
-    nbd_close(h);
+    LIB(nbd_close)(h);
     return ret;
 }
 

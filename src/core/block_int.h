@@ -55,6 +55,7 @@
 #define VD_MAX_LENGTH ((uint64_t)INT64_MAX & ~(((uint64_t)1 << 30) - 1))
 
 typedef struct vd_driver vd_driver;
+typedef struct vd_dlib vd_dlib;
 typedef struct vd_child vd_child;
 typedef struct vd_dirty_tracker vd_dirty_tracker;
 typedef struct vd_node_bitmaps vd_node_bitmaps;
@@ -348,6 +349,11 @@ struct vd_driver {
      * (QEMU's bdrv_probe_device: host_device, host_cdrom), asked before
      * any protocol prefix. */
     int (*probe_device)(const char *filename);
+    /* The library the driver is built on when it is loaded at first use
+     * instead of linked (common/dlib.h): the core loads it before the
+     * driver's open or create is called, and fails the open or create
+     * with "cannot load SONAME" when it cannot. NULL for none. */
+    vd_dlib *library;
     /* The driver opens its children itself (blkdebug's "image",
      * blkverify's "raw" and "test", with vd_node_open_child()): the core
      * opens no "file" child for it even when it is a filter. */

@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "core/block_int.h"
+#include "common/dlib.h"
 
 static pthread_mutex_t graph_lock = PTHREAD_MUTEX_INITIALIZER;
 static vd_node *all_nodes;
@@ -902,7 +903,9 @@ static int node_open_one(vd_node **out, const char *filename,
         r = vd_error_set(err, -ENOMEM, "Out of memory");
         goto fail_early;
     }
-    r = drv->open(node, opts, flags, err);
+    r = drv->library ? vd_dlib_load(drv->library, err) : 0;
+    if (r == 0)
+        r = drv->open(node, opts, flags, err);
     if (r < 0) {
         /* The driver's state may be partial: close is not called. */
         node_free(node);
@@ -1582,6 +1585,11 @@ int vd_create_protocol(const char *filename, vd_opts *opts, vd_error *err)
         return vd_error_set(err, -ENOTSUP, "%s: Protocol driver '%s' does "
                             "not support image creation", filename,
                             proto ? proto->name : "?");
+    if (proto->library) {
+        int r = vd_dlib_load(proto->library, err);
+        if (r < 0)
+            return r;
+    }
     return proto->create(filename, opts, err);
 }
 
@@ -1739,7 +1747,9 @@ VD_API int vd_create(const char *filename, const char *format,
     vd_opts *o = opts ? vd_opts_clone(opts) : vd_opts_new();
     if (!o)
         return vd_error_set(err, -ENOMEM, "Out of memory");
-    int r = drv->create(filename, o, err);
+    int r = drv->library ? vd_dlib_load(drv->library, err) : 0;
+    if (r == 0)
+        r = drv->create(filename, o, err);
     vd_opts_free(&o);
     return r;
 }

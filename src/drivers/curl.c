@@ -40,6 +40,19 @@
 #include <curl/curl.h>
 
 #include "core/block_int.h"
+#include "common/dlib.h"
+
+/* The library's functions this driver calls (common/dlib.h: loaded at
+ * the first open or create, not linked). */
+#define CURL_LIB_FUNCS(X) \
+    X(curl_easy_cleanup) \
+    X(curl_easy_getinfo) \
+    X(curl_easy_init) \
+    X(curl_easy_perform) \
+    X(curl_easy_setopt) \
+    X(curl_easy_strerror) \
+    X(curl_global_init)
+VD_DLIB_DEFINE(curl_lib, VDISK_LIBCURL_SONAME, CURL_LIB_FUNCS);
 
 /* Transfers in flight per node (QEMU's CURL_NUM_STATES). */
 #define CURL_SLOTS 8
@@ -106,7 +119,7 @@ static CURLcode curl_init_result;
 /* curl_global_init() is not thread-safe; run it once for the process. */
 static void curl_global_once(void)
 {
-    curl_init_result = curl_global_init(CURL_GLOBAL_ALL);
+    curl_init_result = LIB(curl_global_init)(CURL_GLOBAL_ALL);
 }
 
 static void wipe_free(char *p)
@@ -177,7 +190,7 @@ static size_t curl_write_cb(char *ptr, size_t size, size_t nmemb,
     if (!x->checked) {
         long code = 0;
         x->checked = true;
-        curl_easy_getinfo(x->slot->h, CURLINFO_RESPONSE_CODE, &code);
+        LIB(curl_easy_getinfo)(x->slot->h, CURLINFO_RESPONSE_CODE, &code);
         /* A 200 to a range request carries the whole file from byte 0:
          * the wrong bytes unless that is what we asked for. */
         if (s->is_http && code != 206 &&
@@ -217,7 +230,7 @@ static int curl_setup_handle(curl_state *s, CURL *h, char *errbuf)
 #define SET(opt, val)                                                     \
     do {                                                                  \
         if (rc == CURLE_OK) {                                             \
-            rc = curl_easy_setopt(h, opt, val);                           \
+            rc = LIB(curl_easy_setopt)(h, opt, val);                        \
         }                                                                 \
     } while (0)
     SET(CURLOPT_URL, s->url);
@@ -280,7 +293,7 @@ static void curl_free_state(curl_state *s)
 {
     for (int i = 0; i < CURL_SLOTS; i++) {
         if (s->slots[i].h) {
-            curl_easy_cleanup(s->slots[i].h);
+            LIB(curl_easy_cleanup)(s->slots[i].h);
         }
         free(s->slots[i].buf);
     }
@@ -320,24 +333,24 @@ static int curl_probe(curl_state *s, vd_error *err)
     curl_off_t d = -1;
     CURLcode rc;
 
-    slot->h = curl_easy_init();
+    slot->h = LIB(curl_easy_init)();
     if (!slot->h || curl_setup_handle(s, slot->h, slot->errbuf) < 0) {
         return vd_error_set(err, -EIO, "CURL: Error opening file: "
                             "cannot set up a curl handle");
     }
-    curl_easy_setopt(slot->h, CURLOPT_NOBODY, 1L);
-    curl_easy_setopt(slot->h, CURLOPT_HEADERFUNCTION, curl_header_cb);
-    curl_easy_setopt(slot->h, CURLOPT_HEADERDATA, &x);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_NOBODY, 1L);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_HEADERFUNCTION, curl_header_cb);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_HEADERDATA, &x);
     /* The HEAD is bounded as a whole, as QEMU's timeout. */
-    curl_easy_setopt(slot->h, CURLOPT_TIMEOUT, (long)s->timeout);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_TIMEOUT, (long)s->timeout);
     slot->errbuf[0] = 0;
-    rc = curl_easy_perform(slot->h);
+    rc = LIB(curl_easy_perform)(slot->h);
     if (rc != CURLE_OK) {
         return vd_error_set(err, -EIO, "CURL: Error opening file: %s",
                             slot->errbuf[0] ? slot->errbuf
-                                            : curl_easy_strerror(rc));
+                                            : LIB(curl_easy_strerror)(rc));
     }
-    if (curl_easy_getinfo(slot->h, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &d)
+    if (LIB(curl_easy_getinfo)(slot->h, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &d)
         != CURLE_OK || d < 0) {
         return vd_error_set(err, -EIO, "CURL: Error opening file: Server "
                             "didn't report file size.");
@@ -348,9 +361,9 @@ static int curl_probe(curl_state *s, vd_error *err)
                             "does not support 'range' (byte ranges).");
     }
     /* Back to plain GETs for the reads, on the same connection. */
-    curl_easy_setopt(slot->h, CURLOPT_NOBODY, 0L);
-    curl_easy_setopt(slot->h, CURLOPT_HTTPGET, 1L);
-    curl_easy_setopt(slot->h, CURLOPT_TIMEOUT, 0L);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_NOBODY, 0L);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_HTTPGET, 1L);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_TIMEOUT, 0L);
     return 0;
 }
 
@@ -519,7 +532,7 @@ static int curl_fetch(curl_state *s, curl_xfer *x, vd_error *err)
     CURLcode rc;
 
     if (!slot->h) {
-        slot->h = curl_easy_init();
+        slot->h = LIB(curl_easy_init)();
         if (!slot->h || curl_setup_handle(s, slot->h, slot->errbuf) < 0) {
             return vd_error_set(err, -EIO, "curl: %s: cannot set up a curl "
                                 "handle", s->url);
@@ -527,13 +540,13 @@ static int curl_fetch(curl_state *s, curl_xfer *x, vd_error *err)
     }
     snprintf(range, sizeof(range), "%" PRIu64 "-%" PRIu64, x->start,
              x->start + x->want - 1);
-    curl_easy_setopt(slot->h, CURLOPT_RANGE, range);
-    curl_easy_setopt(slot->h, CURLOPT_WRITEFUNCTION, curl_write_cb);
-    curl_easy_setopt(slot->h, CURLOPT_WRITEDATA, x);
-    curl_easy_setopt(slot->h, CURLOPT_HEADERFUNCTION, curl_header_cb);
-    curl_easy_setopt(slot->h, CURLOPT_HEADERDATA, x);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_RANGE, range);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_WRITEFUNCTION, curl_write_cb);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_WRITEDATA, x);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_HEADERFUNCTION, curl_header_cb);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_HEADERDATA, x);
     slot->errbuf[0] = 0;
-    rc = curl_easy_perform(slot->h);
+    rc = LIB(curl_easy_perform)(slot->h);
     if (x->why[0]) {
         vd_warn("curl: %s", x->why);
         return vd_error_set(err, -EIO, "curl: %s", x->why);
@@ -541,7 +554,7 @@ static int curl_fetch(curl_state *s, curl_xfer *x, vd_error *err)
     if (rc != CURLE_OK) {
         /* As QEMU, curl's own words, which name the host; and the URL. */
         const char *msg = slot->errbuf[0] ? slot->errbuf
-                                          : curl_easy_strerror(rc);
+                                          : LIB(curl_easy_strerror)(rc);
         vd_warn("curl: %s: %s", s->url, msg);
         return vd_error_set(err, -EIO, "curl: %s: %s", s->url, msg);
     }
@@ -693,6 +706,7 @@ static int curl_preadv(vd_node *node, uint64_t off, uint64_t bytes,
         .close = curl_close,                                              \
         .preadv = curl_preadv,                                            \
         .getlength = curl_getlength,                                      \
+        .library = &curl_lib,                                             \
     }
 
 const vd_driver vd_driver_http = CURL_DRIVER("http");

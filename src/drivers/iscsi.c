@@ -49,6 +49,42 @@
 #include <iscsi/scsi-lowlevel.h>
 
 #include "core/block_int.h"
+#include "common/dlib.h"
+
+/* The library's functions this driver calls (common/dlib.h: loaded at
+ * the first open or create, not linked). */
+#define ISCSI_LIB_FUNCS(X) \
+    X(iscsi_create_context) \
+    X(iscsi_destroy_context) \
+    X(iscsi_destroy_url) \
+    X(iscsi_full_connect_async) \
+    X(iscsi_get_error) \
+    X(iscsi_get_fd) \
+    X(iscsi_get_lba_status_task) \
+    X(iscsi_inquiry_task) \
+    X(iscsi_is_logged_in) \
+    X(iscsi_logout_async) \
+    X(iscsi_parse_full_url) \
+    X(iscsi_read10_iov_task) \
+    X(iscsi_read16_iov_task) \
+    X(iscsi_readcapacity10_task) \
+    X(iscsi_readcapacity16_task) \
+    X(iscsi_service) \
+    X(iscsi_set_header_digest) \
+    X(iscsi_set_initiator_username_pwd) \
+    X(iscsi_set_noautoreconnect) \
+    X(iscsi_set_session_type) \
+    X(iscsi_set_targetname) \
+    X(iscsi_set_timeout) \
+    X(iscsi_synchronizecache10_task) \
+    X(iscsi_unmap_task) \
+    X(iscsi_which_events) \
+    X(iscsi_write10_iov_task) \
+    X(iscsi_write16_iov_task) \
+    X(iscsi_writesame16_task) \
+    X(scsi_datain_unmarshall) \
+    X(scsi_free_scsi_task)
+VD_DLIB_DEFINE(iscsi_lib, VDISK_LIBISCSI_SONAME, ISCSI_LIB_FUNCS);
 
 #define ISCSI_POOL 4
 #define ISCSI_DEFAULT_TIMEOUT 60          /* seconds, when timeout=0 */
@@ -151,8 +187,8 @@ static int wait_for(struct iscsi_context *ctx, iscsi_wait *w,
         if (left <= 0) {
             return WAIT_TIMEOUT;
         }
-        pfd.fd = iscsi_get_fd(ctx);
-        pfd.events = (short)iscsi_which_events(ctx);
+        pfd.fd = LIB(iscsi_get_fd)(ctx);
+        pfd.events = (short)LIB(iscsi_which_events)(ctx);
         pfd.revents = 0;
         if (pfd.fd < 0) {
             return WAIT_LOST;
@@ -164,7 +200,7 @@ static int wait_for(struct iscsi_context *ctx, iscsi_wait *w,
             }
             return WAIT_LOST;
         }
-        if (iscsi_service(ctx, r > 0 ? pfd.revents : 0) < 0) {
+        if (LIB(iscsi_service)(ctx, r > 0 ? pfd.revents : 0) < 0) {
             return WAIT_LOST;
         }
     }
@@ -177,7 +213,7 @@ static const char *lib_error(struct iscsi_context *ctx)
     static __thread char buf[512];
     size_t n;
 
-    snprintf(buf, sizeof(buf), "%s", iscsi_get_error(ctx));
+    snprintf(buf, sizeof(buf), "%s", LIB(iscsi_get_error)(ctx));
     n = strlen(buf);
     while (n && (buf[n - 1] == '\n' || buf[n - 1] == ' ')) {
         buf[--n] = '\0';
@@ -192,13 +228,13 @@ static void session_drop(struct iscsi_context *ctx, bool logout)
     if (!ctx) {
         return;
     }
-    if (logout && iscsi_is_logged_in(ctx)) {
+    if (logout && LIB(iscsi_is_logged_in)(ctx)) {
         iscsi_wait w = { 0 };
-        if (iscsi_logout_async(ctx, wait_cb, &w) == 0) {
+        if (LIB(iscsi_logout_async)(ctx, wait_cb, &w) == 0) {
             wait_for(ctx, &w, now_ms() + ISCSI_LOGOUT_TIMEOUT_MS);
         }
     }
-    iscsi_destroy_context(ctx);
+    LIB(iscsi_destroy_context)(ctx);
 }
 
 /* Logs in to the LUN: a new context in *@out, or an error naming the
@@ -211,32 +247,32 @@ static int session_connect(iscsi_state *s, struct iscsi_context **out,
     int r;
 
     *out = NULL;
-    ctx = iscsi_create_context(s->initiator);
+    ctx = LIB(iscsi_create_context)(s->initiator);
     if (!ctx) {
         return vd_error_set(err, -ENOMEM,
                             "iSCSI: Failed to create iSCSI context.");
     }
-    if (iscsi_set_targetname(ctx, s->target)) {
+    if (LIB(iscsi_set_targetname)(ctx, s->target)) {
         r = vd_error_set(err, -EINVAL, "iSCSI: Failed to set target name.");
         goto fail;
     }
     if (s->user &&
-        iscsi_set_initiator_username_pwd(ctx, s->user, s->password)) {
+        LIB(iscsi_set_initiator_username_pwd)(ctx, s->user, s->password)) {
         r = vd_error_set(err, -EINVAL, "Failed to set initiator username "
                          "and password");
         goto fail;
     }
-    if (iscsi_set_session_type(ctx, ISCSI_SESSION_NORMAL) ||
-        iscsi_set_header_digest(ctx, s->digest)) {
+    if (LIB(iscsi_set_session_type)(ctx, ISCSI_SESSION_NORMAL) ||
+        LIB(iscsi_set_header_digest)(ctx, s->digest)) {
         r = vd_error_set(err, -EINVAL, "iSCSI: Failed to set session "
                          "parameters.");
         goto fail;
     }
-    iscsi_set_timeout(ctx, (int)s->timeout);
+    LIB(iscsi_set_timeout)(ctx, (int)s->timeout);
     /* We retry on a new login ourselves, with a deadline. */
-    iscsi_set_noautoreconnect(ctx, 1);
+    LIB(iscsi_set_noautoreconnect)(ctx, 1);
 
-    if (iscsi_full_connect_async(ctx, s->portal, s->lun, wait_cb, &w)) {
+    if (LIB(iscsi_full_connect_async)(ctx, s->portal, s->lun, wait_cb, &w)) {
         r = vd_error_set(err, -EIO, "%s: iSCSI: Failed to connect to LUN : "
                          "%s", s->uri, lib_error(ctx));
         goto fail;
@@ -257,7 +293,7 @@ static int session_connect(iscsi_state *s, struct iscsi_context **out,
     return 0;
 
 fail:
-    iscsi_destroy_context(ctx);
+    LIB(iscsi_destroy_context)(ctx);
     return r;
 }
 
@@ -393,47 +429,48 @@ static struct scsi_task *submit(iscsi_state *s, struct iscsi_context *ctx,
     switch (c->op) {
     case OP_READ:
         if (s->use16) {
-            return iscsi_read16_iov_task(ctx, s->lun, c->lba, len,
-                                         (int)s->block_size, 0, 0, 0, 0, 0,
-                                         task_cb, w, iov, niov);
+            return LIB(iscsi_read16_iov_task)(ctx, s->lun, c->lba, len,
+                                              (int)s->block_size, 0, 0, 0, 0,
+                                              0, task_cb, w, iov, niov);
         }
-        return iscsi_read10_iov_task(ctx, s->lun, (uint32_t)c->lba, len,
-                                     (int)s->block_size, 0, 0, 0, 0, 0,
-                                     task_cb, w, iov, niov);
-    case OP_WRITE:
-        if (s->use16) {
-            return iscsi_write16_iov_task(ctx, s->lun, c->lba, NULL, len,
+        return LIB(iscsi_read10_iov_task)(ctx, s->lun, (uint32_t)c->lba, len,
                                           (int)s->block_size, 0, 0, 0, 0, 0,
                                           task_cb, w, iov, niov);
+    case OP_WRITE:
+        if (s->use16) {
+            return LIB(iscsi_write16_iov_task)(ctx, s->lun, c->lba, NULL,
+                                               len, (int)s->block_size, 0, 0,
+                                               0, 0, 0, task_cb, w, iov,
+                                               niov);
         }
-        return iscsi_write10_iov_task(ctx, s->lun, (uint32_t)c->lba, NULL,
-                                      len, (int)s->block_size, 0, 0, 0, 0, 0,
-                                      task_cb, w, iov, niov);
+        return LIB(iscsi_write10_iov_task)(ctx, s->lun, (uint32_t)c->lba,
+                                           NULL, len, (int)s->block_size, 0,
+                                           0, 0, 0, 0, task_cb, w, iov, niov);
     case OP_SYNC:
         /* LBA 0, 0 blocks: the whole LUN, as QEMU's flush. */
-        return iscsi_synchronizecache10_task(ctx, s->lun, 0, 0, 0, 0,
-                                             task_cb, w);
+        return LIB(iscsi_synchronizecache10_task)(ctx, s->lun, 0, 0, 0, 0,
+                                                  task_cb, w);
     case OP_UNMAP:
         ul.lba = c->lba;
         ul.num = c->blocks;
-        return iscsi_unmap_task(ctx, s->lun, 0, 0, &ul, 1, task_cb, w);
+        return LIB(iscsi_unmap_task)(ctx, s->lun, 0, 0, &ul, 1, task_cb, w);
     case OP_WRITE_SAME:
-        return iscsi_writesame16_task(ctx, s->lun, c->lba, s->zero_block,
-                                      s->block_size, c->blocks, 0,
-                                      c->unmap, 0, 0, task_cb, w);
+        return LIB(iscsi_writesame16_task)(ctx, s->lun, c->lba, s->zero_block,
+                                           s->block_size, c->blocks, 0,
+                                           c->unmap, 0, 0, task_cb, w);
     case OP_LBA_STATUS:
         /* Room for the 8-byte header and one 16-byte descriptor: we
          * ask about one extent at a time. */
-        return iscsi_get_lba_status_task(ctx, s->lun, c->lba, 8 + 16,
-                                         task_cb, w);
+        return LIB(iscsi_get_lba_status_task)(ctx, s->lun, c->lba, 8 + 16,
+                                              task_cb, w);
     case OP_INQUIRY:
-        return iscsi_inquiry_task(ctx, s->lun, c->page >= 0,
-                                  c->page >= 0 ? c->page : 0, 255, task_cb,
-                                  w);
+        return LIB(iscsi_inquiry_task)(ctx, s->lun, c->page >= 0,
+                                       c->page >= 0 ? c->page : 0, 255,
+                                       task_cb, w);
     case OP_CAPACITY16:
-        return iscsi_readcapacity16_task(ctx, s->lun, task_cb, w);
+        return LIB(iscsi_readcapacity16_task)(ctx, s->lun, task_cb, w);
     case OP_CAPACITY10:
-        return iscsi_readcapacity10_task(ctx, s->lun, 0, 0, task_cb, w);
+        return LIB(iscsi_readcapacity10_task)(ctx, s->lun, 0, 0, task_cb, w);
     }
     return NULL;
 }
@@ -512,7 +549,7 @@ static int run_cmd(iscsi_state *s, const iscsi_cmd *c,
              * tasks, the most an initiator can do against a late
              * landing. */
             session_put(s, idx, true);
-            scsi_free_scsi_task(task);
+            LIB(scsi_free_scsi_task)(task);
             r = vd_error_set(err, -ETIMEDOUT, "%s: %s timed out after %u "
                              "seconds", s->uri, op_name(s, c->op),
                              s->timeout ? s->timeout : ISCSI_DEFAULT_TIMEOUT);
@@ -525,7 +562,7 @@ static int run_cmd(iscsi_state *s, const iscsi_cmd *c,
             w.status == SCSI_STATUS_ERROR) {
             /* libiscsi's error text is often an older one here. */
             session_put(s, idx, true);
-            scsi_free_scsi_task(task);
+            LIB(scsi_free_scsi_task)(task);
             vd_warn("%s: iSCSI: connection lost during %s%s", s->uri,
                     op_name(s, c->op), relogged ? "" : "; logging in again");
             if (!relogged) {
@@ -542,7 +579,7 @@ static int run_cmd(iscsi_state *s, const iscsi_cmd *c,
             if (task_out) {
                 *task_out = task;
             } else {
-                scsi_free_scsi_task(task);
+                LIB(scsi_free_scsi_task)(task);
             }
             return 0;
         }
@@ -552,7 +589,7 @@ static int run_cmd(iscsi_state *s, const iscsi_cmd *c,
               task->sense.key == SCSI_SENSE_UNIT_ATTENTION)) &&
             attempt < ISCSI_RETRIES) {
             session_put(s, idx, false);
-            scsi_free_scsi_task(task);
+            LIB(scsi_free_scsi_task)(task);
             if (w.status != SCSI_STATUS_CHECK_CONDITION) {
                 usleep(10000u << attempt);
             }
@@ -566,14 +603,14 @@ static int run_cmd(iscsi_state *s, const iscsi_cmd *c,
             vd_error_set(err, e, "%s: %s failed: %s", s->uri,
                          op_name(s, c->op), lib_error(ctx));
             session_put(s, idx, false);
-            scsi_free_scsi_task(task);
+            LIB(scsi_free_scsi_task)(task);
             return e;
         }
         r = vd_error_set(err, -EIO, "%s: %s failed with SCSI status 0x%x: "
                          "%s", s->uri, op_name(s, c->op), w.status,
                          lib_error(ctx));
         session_put(s, idx, false);
-        scsi_free_scsi_task(task);
+        LIB(scsi_free_scsi_task)(task);
         return r;
     }
 }
@@ -600,9 +637,9 @@ static int inquiry(iscsi_state *s, int page, struct scsi_task **task,
     if (r < 0) {
         return r;
     }
-    *data = scsi_datain_unmarshall(*task);
+    *data = LIB(scsi_datain_unmarshall)(*task);
     if (!*data) {
-        scsi_free_scsi_task(*task);
+        LIB(scsi_free_scsi_task)(*task);
         *task = NULL;
         return vd_error_set(err, -EIO, "%s: iSCSI: failed to unmarshall "
                             "inquiry data.", s->uri);
@@ -627,9 +664,9 @@ static int read_capacity(iscsi_state *s, vd_error *err)
     if (s->type == SCSI_INQUIRY_PERIPHERAL_DEVICE_TYPE_DIRECT_ACCESS) {
         r = run_cmd(s, &c, &task, &sense, err);
         if (r == 0) {
-            struct scsi_readcapacity16 *rc = scsi_datain_unmarshall(task);
+            struct scsi_readcapacity16 *rc = LIB(scsi_datain_unmarshall)(task);
             if (!rc) {
-                scsi_free_scsi_task(task);
+                LIB(scsi_free_scsi_task)(task);
                 return vd_error_set(err, -EIO, "%s: iSCSI: failed to "
                                     "unmarshall readcapacity16 data.",
                                     s->uri);
@@ -639,7 +676,7 @@ static int read_capacity(iscsi_state *s, vd_error *err)
             lbpme = rc->lbpme;
             lbprz = rc->lbprz;
             use16 = rc->returned_lba > 0xffffffffull;
-            scsi_free_scsi_task(task);
+            LIB(scsi_free_scsi_task)(task);
             goto check;
         }
         if (!sense_unsupported(&sense)) {
@@ -652,15 +689,15 @@ static int read_capacity(iscsi_state *s, vd_error *err)
     if (r < 0) {
         return r;
     }
-    struct scsi_readcapacity10 *rc10 = scsi_datain_unmarshall(task);
+    struct scsi_readcapacity10 *rc10 = LIB(scsi_datain_unmarshall)(task);
     if (!rc10) {
-        scsi_free_scsi_task(task);
+        LIB(scsi_free_scsi_task)(task);
         return vd_error_set(err, -EIO, "%s: iSCSI: failed to unmarshall "
                             "readcapacity10 data.", s->uri);
     }
     bsize = rc10->block_size;
     blocks = rc10->lba ? (uint64_t)rc10->lba + 1 : 0;
-    scsi_free_scsi_task(task);
+    LIB(scsi_free_scsi_task)(task);
 
 check:
     /* Bounds the target's answer before any arithmetic uses it. */
@@ -708,7 +745,7 @@ static int read_vpd(iscsi_state *s, vd_error *err)
             }
             s->lbpu = lbp->lbpu;
             s->lbpws = lbp->lbpws;
-            scsi_free_scsi_task(ptask);
+            LIB(scsi_free_scsi_task)(ptask);
         } else if (pages->pages[i] == SCSI_INQUIRY_PAGECODE_BLOCK_LIMITS) {
             struct scsi_inquiry_block_limits *bl;
             r = inquiry(s, pages->pages[i], &ptask, (void **)&bl, err);
@@ -719,10 +756,10 @@ static int read_vpd(iscsi_state *s, vd_error *err)
             s->opt_unmap_gran = bl->opt_unmap_gran;
             s->max_unmap = bl->max_unmap;
             s->max_ws_len = bl->max_ws_len;
-            scsi_free_scsi_task(ptask);
+            LIB(scsi_free_scsi_task)(ptask);
         }
     }
-    scsi_free_scsi_task(task);
+    LIB(scsi_free_scsi_task)(task);
     return r;
 }
 
@@ -809,7 +846,7 @@ static int parse_options(vd_node *node, vd_opts *opts, vd_error *err)
         }
     }
     if (fname) {
-        url = iscsi_parse_full_url(NULL, fname);
+        url = LIB(iscsi_parse_full_url)(NULL, fname);
         if (!url) {
             r = vd_error_set(err, -EINVAL, "Failed to parse URL : %s", fname);
             free(fname);
@@ -936,7 +973,7 @@ out:
     free(secret);
     free(digest);
     if (url) {
-        iscsi_destroy_url(url);
+        LIB(iscsi_destroy_url)(url);
     }
     return r;
 }
@@ -993,7 +1030,7 @@ static int iscsi_open(vd_node *node, vd_opts *opts, unsigned flags,
         goto fail;
     }
     s->type = inq->device_type;
-    scsi_free_scsi_task(task);
+    LIB(scsi_free_scsi_task)(task);
     if (s->type != SCSI_INQUIRY_PERIPHERAL_DEVICE_TYPE_DIRECT_ACCESS &&
         s->type != SCSI_INQUIRY_PERIPHERAL_DEVICE_TYPE_MMC) {
         /* QEMU passes other devices through as SCSI generic, which a
@@ -1177,12 +1214,12 @@ static int iscsi_block_status(vd_node *node, bool want_zero, uint64_t off,
         }
         return r;
     }
-    st = scsi_datain_unmarshall(task);
+    st = LIB(scsi_datain_unmarshall)(task);
     if (!st || st->num_descriptors < 1 ||
         st->descriptors[0].lba != c.lba ||
         st->descriptors[0].num_blocks == 0) {
         /* An answer about another extent says nothing about ours. */
-        scsi_free_scsi_task(task);
+        LIB(scsi_free_scsi_task)(task);
         return ret;
     }
     uint64_t len = (uint64_t)st->descriptors[0].num_blocks * s->block_size;
@@ -1197,7 +1234,7 @@ static int iscsi_block_status(vd_node *node, bool want_zero, uint64_t off,
             ret |= VD_BLOCK_ZERO;
         }
     }
-    scsi_free_scsi_task(task);
+    LIB(scsi_free_scsi_task)(task);
     return ret;
 }
 
@@ -1243,6 +1280,7 @@ static int iscsi_truncate(vd_node *node, uint64_t size, bool exact,
 }
 
 const vd_driver vd_driver_iscsi = {
+    .library = &iscsi_lib,
     .name = "iscsi",
     .protocol_name = "iscsi",
     .instance_size = sizeof(iscsi_state),

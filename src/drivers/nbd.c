@@ -54,6 +54,51 @@
 
 #include "core/block_int.h"
 #include "nbd/tls-creds.h"
+#include "common/dlib.h"
+
+/* The library's functions this driver calls (common/dlib.h: loaded at
+ * the first open or create, not linked). */
+#define NBD_LIB_FUNCS(X) \
+    X(nbd_add_meta_context) \
+    X(nbd_aio_block_status) \
+    X(nbd_aio_connect_tcp) \
+    X(nbd_aio_connect_unix) \
+    X(nbd_aio_disconnect) \
+    X(nbd_aio_flush) \
+    X(nbd_aio_get_direction) \
+    X(nbd_aio_get_fd) \
+    X(nbd_aio_is_closed) \
+    X(nbd_aio_is_dead) \
+    X(nbd_aio_is_ready) \
+    X(nbd_aio_notify_read) \
+    X(nbd_aio_notify_write) \
+    X(nbd_aio_pread) \
+    X(nbd_aio_pwrite) \
+    X(nbd_aio_trim) \
+    X(nbd_aio_zero) \
+    X(nbd_can_fast_zero) \
+    X(nbd_can_flush) \
+    X(nbd_can_meta_context) \
+    X(nbd_can_multi_conn) \
+    X(nbd_can_trim) \
+    X(nbd_can_zero) \
+    X(nbd_close) \
+    X(nbd_create) \
+    X(nbd_get_block_size) \
+    X(nbd_get_errno) \
+    X(nbd_get_error) \
+    X(nbd_get_size) \
+    X(nbd_is_read_only) \
+    X(nbd_poll) \
+    X(nbd_set_export_name) \
+    X(nbd_set_pread_initialize) \
+    X(nbd_set_tls) \
+    X(nbd_set_tls_certificates) \
+    X(nbd_set_tls_psk_file) \
+    X(nbd_set_tls_username) \
+    X(nbd_set_tls_verify_peer) \
+    X(nbd_supports_tls)
+VD_DLIB_DEFINE(nbd_lib, VDISK_LIBNBD_SONAME, NBD_LIB_FUNCS);
 
 #define NBD_DEFAULT_PORT "10809"
 /* QEMU's NBD_MAX_BUFFER_SIZE: the largest read or write sent at once. */
@@ -138,10 +183,10 @@ static void *conn_thread(void *opaque)
         int n = 1;
         int fd = -1;
 
-        if (!nbd_aio_is_dead(c->h) && !nbd_aio_is_closed(c->h))
-            fd = nbd_aio_get_fd(c->h);
+        if (!LIB(nbd_aio_is_dead)(c->h) && !LIB(nbd_aio_is_closed)(c->h))
+            fd = LIB(nbd_aio_get_fd)(c->h);
         if (fd >= 0) {
-            unsigned dir = nbd_aio_get_direction(c->h);
+            unsigned dir = LIB(nbd_aio_get_direction)(c->h);
             p[1].fd = fd;
             p[1].events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
                           ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
@@ -158,9 +203,9 @@ static void *conn_thread(void *opaque)
         if (n == 2) {
             /* A hang-up or error is read: libnbd then sees the end. */
             if (p[1].revents & (POLLIN | POLLHUP | POLLERR))
-                nbd_aio_notify_read(c->h);
+                LIB(nbd_aio_notify_read)(c->h);
             else if (p[1].revents & POLLOUT)
-                nbd_aio_notify_write(c->h);
+                LIB(nbd_aio_notify_write)(c->h);
         }
     }
     return NULL;
@@ -193,9 +238,9 @@ static void conn_free(nbd_conn *c)
     if (c->h) {
         /* A polite NBD_CMD_DISC when the connection still stands; the
          * close below does not wait for the server. */
-        if (nbd_aio_is_ready(c->h))
-            nbd_aio_disconnect(c->h, 0);
-        nbd_close(c->h);
+        if (LIB(nbd_aio_is_ready)(c->h))
+            LIB(nbd_aio_disconnect)(c->h, 0);
+        LIB(nbd_close)(c->h);
     }
     if (c->wake_fd >= 0)
         close(c->wake_fd);
@@ -221,25 +266,25 @@ static int conn_open(vd_node *node, nbd_conn **out, int64_t timeout_ms,
     if (!c)
         return vd_error_set(err, -ENOMEM, "Out of memory");
     c->wake_fd = -1;
-    h = c->h = nbd_create();
+    h = c->h = LIB(nbd_create)();
     if (!h) {
-        r = vd_error_set(err, -ENOMEM, "%s", nbd_get_error());
+        r = vd_error_set(err, -ENOMEM, "%s", LIB(nbd_get_error)());
         goto fail;
     }
     /* Reads either fill the buffer or fail: libnbd need not clear it. */
-    if (nbd_set_pread_initialize(h, false) < 0 ||
-        nbd_set_export_name(h, s->export ? s->export : "") < 0 ||
-        nbd_add_meta_context(h, s->context) < 0)
+    if (LIB(nbd_set_pread_initialize)(h, false) < 0 ||
+        LIB(nbd_set_export_name)(h, s->export ? s->export : "") < 0 ||
+        LIB(nbd_add_meta_context)(h, s->context) < 0)
         goto nbd_fail;
     if (s->tls_creds) {
         char *file = NULL;
-        if (!nbd_supports_tls(h)) {
+        if (!LIB(nbd_supports_tls)(h)) {
             r = vd_error_set(err, -ENOTSUP, "TLS is not supported by "
                              "this build of libnbd");
             goto fail;
         }
-        if (nbd_set_tls(h, LIBNBD_TLS_REQUIRE) < 0 ||
-            nbd_set_tls_verify_peer(h, s->tls.verify_peer) < 0)
+        if (LIB(nbd_set_tls)(h, LIBNBD_TLS_REQUIRE) < 0 ||
+            LIB(nbd_set_tls_verify_peer)(h, s->tls.verify_peer) < 0)
             goto nbd_fail;
         if (s->tls.psk) {
             /* QEMU's default PSK identity is "qemu". */
@@ -247,32 +292,32 @@ static int conn_open(vd_node *node, nbd_conn **out, int64_t timeout_ms,
                 r = vd_error_set(err, -ENOMEM, "Out of memory");
                 goto fail;
             }
-            r = nbd_set_tls_psk_file(h, file);
+            r = LIB(nbd_set_tls_psk_file)(h, file);
             free(file);
-            if (r < 0 || nbd_set_tls_username(h, s->tls.username ?
-                                              s->tls.username : "qemu") < 0)
+            const char *user = s->tls.username ? s->tls.username : "qemu";
+            if (r < 0 || LIB(nbd_set_tls_username)(h, user) < 0)
                 goto nbd_fail;
-        } else if (nbd_set_tls_certificates(h, s->tls.dir) < 0) {
+        } else if (LIB(nbd_set_tls_certificates)(h, s->tls.dir) < 0) {
             goto nbd_fail;
         }
     }
     if (s->path)
-        r = nbd_aio_connect_unix(h, s->path);
+        r = LIB(nbd_aio_connect_unix)(h, s->path);
     else
-        r = nbd_aio_connect_tcp(h, s->host, s->port);
+        r = LIB(nbd_aio_connect_tcp)(h, s->host, s->port);
     if (r < 0)
         goto nbd_fail;
     deadline = now_ms() + timeout_ms;
-    while (!nbd_aio_is_ready(h)) {
+    while (!LIB(nbd_aio_is_ready)(h)) {
         int64_t left = deadline - now_ms();
-        if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h))
+        if (LIB(nbd_aio_is_dead)(h) || LIB(nbd_aio_is_closed)(h))
             goto nbd_fail;
         if (left <= 0) {
             r = vd_error_set(err, -ETIMEDOUT, "Timed out connecting to "
                              "the NBD server");
             goto fail;
         }
-        if (nbd_poll(h, (int)(left < 1000 ? left : 1000)) < 0)
+        if (LIB(nbd_poll)(h, (int)(left < 1000 ? left : 1000)) < 0)
             goto nbd_fail;
     }
     c->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -289,9 +334,10 @@ static int conn_open(vd_node *node, nbd_conn **out, int64_t timeout_ms,
     return 0;
 
 nbd_fail:
-    r = vd_error_set(err, nbd_get_errno() > 0 ? -nbd_get_errno() : -EIO,
-                     "%s", nbd_get_error() ? nbd_get_error()
-                                           : "NBD handshake failed");
+    r = LIB(nbd_get_errno)();
+    r = vd_error_set(err, r > 0 ? -r : -EIO, "%s",
+                     LIB(nbd_get_error)() ? LIB(nbd_get_error)()
+                                          : "NBD handshake failed");
 fail:
     conn_free(c);
     return r;
@@ -376,36 +422,36 @@ static int conn_do(nbd_conn *c, int op, uint64_t off, uint64_t len,
 
     switch (op) {
     case OP_READ:
-        cookie = nbd_aio_pread(c->h, buf, len, off, done, 0);
+        cookie = LIB(nbd_aio_pread)(c->h, buf, len, off, done, 0);
         break;
     case OP_WRITE:
-        cookie = nbd_aio_pwrite(c->h, buf, len, off, done, nflags);
+        cookie = LIB(nbd_aio_pwrite)(c->h, buf, len, off, done, nflags);
         break;
     case OP_ZERO:
-        cookie = nbd_aio_zero(c->h, len, off, done, nflags);
+        cookie = LIB(nbd_aio_zero)(c->h, len, off, done, nflags);
         break;
     case OP_TRIM:
-        cookie = nbd_aio_trim(c->h, len, off, done, 0);
+        cookie = LIB(nbd_aio_trim)(c->h, len, off, done, 0);
         break;
     case OP_FLUSH:
-        cookie = nbd_aio_flush(c->h, done, 0);
+        cookie = LIB(nbd_aio_flush)(c->h, done, 0);
         break;
     default: {
         nbd_extent_callback ext = { .callback = req_extent, .user_data = r };
-        cookie = nbd_aio_block_status(c->h, len, off, ext, done,
-                                      LIBNBD_CMD_FLAG_REQ_ONE);
+        cookie = LIB(nbd_aio_block_status)(c->h, len, off, ext, done,
+                                           LIBNBD_CMD_FLAG_REQ_ONE);
         break;
     }
     }
     if (cookie < 0) {
-        int e = nbd_get_errno();
+        int e = LIB(nbd_get_errno)();
         return e > 0 ? e : EIO;
     }
     /* The I/O thread polls for replies already; it needs waking only
      * when libnbd could not send all of the request at once and now
      * waits for the socket to take more (a wake-up per request would
      * cost a context switch each). */
-    if (nbd_aio_get_direction(c->h) & LIBNBD_AIO_DIRECTION_WRITE)
+    if (LIB(nbd_aio_get_direction)(c->h) & LIBNBD_AIO_DIRECTION_WRITE)
         conn_wake(c);
     pthread_mutex_lock(&r->m);
     while (!r->done)
@@ -419,7 +465,7 @@ static int conn_do(nbd_conn *c, int op, uint64_t off, uint64_t len,
  * error is one the socket gives before libnbd has noticed. */
 static bool conn_lost(nbd_conn *c, int e)
 {
-    return nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h) ||
+    return LIB(nbd_aio_is_dead)(c->h) || LIB(nbd_aio_is_closed)(c->h) ||
            e == ENOTCONN || e == EPIPE || e == ECONNRESET || e == ESHUTDOWN;
 }
 
@@ -901,17 +947,17 @@ static int nbdc_open(vd_node *node, vd_opts *opts, unsigned flags,
         goto fail;
     }
     h = s->conn[0]->h;
-    s->size = nbd_get_size(h);
+    s->size = LIB(nbd_get_size)(h);
     if (s->size < 0) {
-        r = vd_error_set(err, -EIO, "%s", nbd_get_error());
+        r = vd_error_set(err, -EIO, "%s", LIB(nbd_get_error)());
         goto fail;
     }
-    s->read_only = nbd_is_read_only(h) == 1;
-    s->can_flush = nbd_can_flush(h) == 1;
-    s->can_trim = nbd_can_trim(h) == 1;
-    s->can_zero = nbd_can_zero(h) == 1;
-    s->can_fast_zero = nbd_can_fast_zero(h) == 1;
-    s->has_context = nbd_can_meta_context(h, s->context) == 1;
+    s->read_only = LIB(nbd_is_read_only)(h) == 1;
+    s->can_flush = LIB(nbd_can_flush)(h) == 1;
+    s->can_trim = LIB(nbd_can_trim)(h) == 1;
+    s->can_zero = LIB(nbd_can_zero)(h) == 1;
+    s->can_fast_zero = LIB(nbd_can_fast_zero)(h) == 1;
+    s->has_context = LIB(nbd_can_meta_context)(h, s->context) == 1;
     if (s->x_dirty_bitmap && !s->has_context) {
         r = vd_error_set(err, -EINVAL, "requested x-dirty-bitmap %s not "
                          "found", s->x_dirty_bitmap);
@@ -926,7 +972,7 @@ static int nbdc_open(vd_node *node, vd_opts *opts, unsigned flags,
      * covers every connection's writes (NBD_FLAG_CAN_MULTI_CONN), so
      * requests may be spread over several; a server with a connection
      * limit just leaves us fewer. */
-    if (nbd_can_multi_conn(h) == 1) {
+    if (LIB(nbd_can_multi_conn)(h) == 1) {
         while (s->nconn < NBD_MAX_CONNS) {
             vd_error e = VD_ERROR_INIT;
             if (conn_open(node, &s->conn[s->nconn],
@@ -937,8 +983,8 @@ static int nbdc_open(vd_node *node, vd_opts *opts, unsigned flags,
     }
 
     /* The server's block sizes (QEMU's nbd_refresh_limits()). */
-    minb = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
-    maxb = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+    minb = LIB(nbd_get_block_size)(h, LIBNBD_SIZE_MINIMUM);
+    maxb = LIB(nbd_get_block_size)(h, LIBNBD_SIZE_MAXIMUM);
     align = minb > 0 && minb <= 65536 ? (uint32_t)minb : 1;
     node->bl.request_alignment = align;
     node->bl.max_transfer = NBD_MAX_BUFFER;
@@ -1123,7 +1169,8 @@ static int nbdc_truncate(vd_node *node, uint64_t size, bool exact,
     .truncate = nbdc_truncate,                                             \
     .create_opts = vd_create_opts_simple,                                  \
     .create = vd_create_simple,                                            \
-    .getlength = nbdc_getlength
+    .getlength = nbdc_getlength,                                           \
+    .library = &nbd_lib
 
 const vd_driver vd_driver_nbd = {
     NBD_DRIVER_COMMON,

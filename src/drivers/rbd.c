@@ -28,7 +28,6 @@
  * dies mid-request gives an error instead of a hang. (QEMU leaves them at
  * librados' defaults: none, none and 300 s.)
  */
-#include <dlfcn.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -41,14 +40,15 @@
 #include <rbd/librbd.h>
 
 #include "core/block_int.h"
+#include "common/dlib.h"
 
 /*
- * librbd and librados are loaded when the first rbd node is opened or
- * created (dlopen), not linked into libvdisk: their static initialisers
- * (libceph-common) cost every vdisk process about 20 MB and a deep stack
- * before main(), rbd used or not. QEMU loads block-rbd.so as a module
- * for the same reason. LIB(f) calls librbd's or librados' f through the
- * pointer resolved then, with the prototype of the library's header.
+ * librbd (and through it librados) is loaded when the first rbd node is
+ * opened or created (common/dlib.h), not linked into libvdisk: their
+ * static initialisers (libceph-common) cost every vdisk process about
+ * 20 MB and a deep stack before main(), rbd used or not. QEMU loads
+ * block-rbd.so as a module for the same reason. dlsym() on librbd's
+ * handle finds librados' functions too (its dependency).
  */
 #define VRBD_LIB_FUNCS(X)                                                   \
     X(rados_conf_get) \
@@ -86,50 +86,12 @@
     X(rbd_snap_rollback) \
     X(rbd_stat)
 
-#define VRBD_LIB_DECLARE(f) static __typeof__(f) *vrbd_lib_##f;
 /* rbd_get_parent_info is deprecated in librbd 16 (QEMU 7.2 still calls
  * it; see vrbd_block_status). */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-VRBD_LIB_FUNCS(VRBD_LIB_DECLARE)
+VD_DLIB_DEFINE(rbd_lib, VDISK_LIBRBD_SONAME, VRBD_LIB_FUNCS);
 #pragma GCC diagnostic pop
-#define LIB(f) (*vrbd_lib_##f)
-
-static pthread_once_t vrbd_lib_once = PTHREAD_ONCE_INIT;
-static char vrbd_lib_error[256];
-
-static void vrbd_lib_load_once(void)
-{
-    /* The handles stay open for the life of the process. */
-    void *rados = dlopen("librados.so.2", RTLD_NOW | RTLD_LOCAL);
-    void *rbd = rados ? dlopen("librbd.so.1", RTLD_NOW | RTLD_LOCAL) : NULL;
-    if (!rados || !rbd) {
-        snprintf(vrbd_lib_error, sizeof(vrbd_lib_error), "%s", dlerror());
-        return;
-    }
-#define VRBD_LIB_RESOLVE(f)                                                 \
-    if (!vrbd_lib_error[0]) {                                               \
-        void *sym = dlsym(strncmp(#f, "rbd_", 4) == 0 ? rbd : rados, #f);   \
-        if (!sym) {                                                         \
-            snprintf(vrbd_lib_error, sizeof(vrbd_lib_error), "%s",          \
-                     dlerror());                                            \
-        }                                                                   \
-        memcpy(&vrbd_lib_##f, &sym, sizeof(sym));                           \
-    }
-    VRBD_LIB_FUNCS(VRBD_LIB_RESOLVE)
-#undef VRBD_LIB_RESOLVE
-}
-
-/* Loads librbd and librados once; an error names what failed. */
-static int vrbd_lib_load(vd_error *err)
-{
-    pthread_once(&vrbd_lib_once, vrbd_lib_load_once);
-    if (vrbd_lib_error[0]) {
-        return vd_error_set(err, -ENOTSUP, "rbd: cannot load librbd: %s",
-                            vrbd_lib_error);
-    }
-    return 0;
-}
 
 #define RBD_DEFAULT_TIMEOUT "30"
 /* What rbd_diff_iterate2's callback returns to stop the iteration (any
@@ -483,10 +445,6 @@ static int vrbd_connect(const rbd_loc *l, const char *key_secret,
     rados_ioctx_t io = NULL;
     int r;
 
-    r = vrbd_lib_load(err);
-    if (r < 0) {
-        return r;
-    }
     r = LIB(rados_create)(&c, l->user);
     if (r < 0) {
         return vd_error_set(err, r, "error initializing: %s", strerror(-r));
@@ -906,8 +864,8 @@ static int vrbd_block_status(vd_node *node, bool want_zero, uint64_t off,
         bytes += head;
     }
 #endif
-    r = LIB(rbd_diff_iterate2)(s->image, NULL, d.offs, bytes, 1, 1, vrbd_diff_cb,
-                          &d);
+    r = LIB(rbd_diff_iterate2)(s->image, NULL, d.offs, bytes, 1, 1,
+                               vrbd_diff_cb, &d);
     if (r < 0 && r != RBD_STOP_ITERATE) {
         return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
     }
@@ -1163,6 +1121,7 @@ out:
 }
 
 const vd_driver vd_driver_rbd = {
+    .library = &rbd_lib,
     .name = "rbd",
     .protocol_name = "rbd",
     .instance_size = sizeof(rbd_state),

@@ -50,6 +50,51 @@
 #include <libssh/sftp.h>
 
 #include "core/block_int.h"
+#include "common/dlib.h"
+
+/* The library's functions this driver calls (common/dlib.h: loaded at
+ * the first open or create, not linked). */
+#define SSH_LIB_FUNCS(X) \
+    X(sftp_async_read) \
+    X(sftp_async_read_begin) \
+    X(sftp_attributes_free) \
+    X(sftp_close) \
+    X(sftp_extension_supported) \
+    X(sftp_file_set_blocking) \
+    X(sftp_free) \
+    X(sftp_fstat) \
+    X(sftp_fsync) \
+    X(sftp_get_error) \
+    X(sftp_init) \
+    X(sftp_new) \
+    X(sftp_open) \
+    X(sftp_read) \
+    X(sftp_seek64) \
+    X(sftp_write) \
+    X(ssh_clean_pubkey_hash) \
+    X(ssh_connect) \
+    X(ssh_disconnect) \
+    X(ssh_free) \
+    X(ssh_get_error) \
+    X(ssh_get_error_code) \
+    X(ssh_get_fingerprint_hash) \
+    X(ssh_get_openssh_version) \
+    X(ssh_get_publickey_hash) \
+    X(ssh_get_server_publickey) \
+    X(ssh_is_connected) \
+    X(ssh_key_free) \
+    X(ssh_key_type) \
+    X(ssh_key_type_to_char) \
+    X(ssh_new) \
+    X(ssh_options_parse_config) \
+    X(ssh_options_set) \
+    X(ssh_session_is_known_server) \
+    X(ssh_set_blocking) \
+    X(ssh_string_free_char) \
+    X(ssh_userauth_list) \
+    X(ssh_userauth_none) \
+    X(ssh_userauth_publickey_auto)
+VD_DLIB_DEFINE(ssh_lib, VDISK_LIBSSH_SONAME, SSH_LIB_FUNCS);
 
 /* Largest write sent in one SFTP request: libssh 0.10 sends a write as
  * one packet, each answered before the next, and servers limit packets.
@@ -207,8 +252,8 @@ static int ssh_session_error(ssh_state *s, vd_error *err, int code,
 {
     if (s->session) {
         return vd_error_set(err, code, "%s: %s (libssh error code: %d)",
-                            what, ssh_get_error(s->session),
-                            ssh_get_error_code(s->session));
+                            what, LIB(ssh_get_error)(s->session),
+                            LIB(ssh_get_error_code)(s->session));
     }
     return vd_error_set(err, code, "%s", what);
 }
@@ -220,9 +265,9 @@ static int ssh_sftp_error(ssh_state *s, vd_error *err, int code,
     if (s->sftp) {
         return vd_error_set(err, code, "%s: %s (libssh error code: %d, "
                             "sftp error code: %d)", what,
-                            ssh_get_error(s->session),
-                            ssh_get_error_code(s->session),
-                            sftp_get_error(s->sftp));
+                            LIB(ssh_get_error)(s->session),
+                            LIB(ssh_get_error_code)(s->session),
+                            LIB(sftp_get_error)(s->sftp));
     }
     return vd_error_set(err, code, "%s", what);
 }
@@ -258,10 +303,10 @@ static int ssh_io_error(ssh_state *s, bool fired, vd_error *err,
         return ssh_broken(s, err, -ETIMEDOUT, "ssh server %s:%s did not "
                           "answer a %s request within %s", op, tmo);
     }
-    if (!ssh_is_connected(s->session)) {
+    if (!LIB(ssh_is_connected)(s->session)) {
         return ssh_broken(s, err, -EIO, "ssh server %s:%s closed the "
                           "connection during a %s request: %s", op,
-                          ssh_get_error(s->session));
+                          LIB(ssh_get_error)(s->session));
     }
     char what[160];
     snprintf(what, sizeof(what), "%s of '%s' on ssh server %s:%s failed",
@@ -722,13 +767,13 @@ static int ssh_check_host_key(ssh_state *s, const ssh_conf *c,
         char hex[2 * 64 + 1];
         enum ssh_keytypes_e kt;
 
-        if (ssh_get_server_publickey(s->session, &key) != SSH_OK) {
+        if (LIB(ssh_get_server_publickey)(s->session, &key) != SSH_OK) {
             return ssh_session_error(s, err, -EINVAL,
                                      "failed to read remote host key");
         }
-        kt = ssh_key_type(key);
-        int r = ssh_get_publickey_hash(key, ttype[c->type], &h, &hlen);
-        ssh_key_free(key);
+        kt = LIB(ssh_key_type)(key);
+        int r = LIB(ssh_get_publickey_hash)(key, ttype[c->type], &h, &hlen);
+        LIB(ssh_key_free)(key);
         if (r != 0) {
             return ssh_session_error(s, err, -EINVAL, "failed reading the "
                                      "hash of the server SSH key");
@@ -738,18 +783,18 @@ static int ssh_check_host_key(ssh_state *s, const ssh_conf *c,
         for (size_t i = 0; i < hlen && i < 64; i++) {
             snprintf(hex + 2 * i, 3, "%02x", h[i]);
         }
-        ssh_clean_pubkey_hash(&h);
+        LIB(ssh_clean_pubkey_hash)(&h);
         if (!ok) {
             return vd_error_set(err, -EPERM, "remote host %s key fingerprint "
                                 "'%s:%s' does not match host_key_check "
-                                "'%s:%s'", ssh_key_type_to_char(kt),
+                                "'%s:%s'", LIB(ssh_key_type_to_char)(kt),
                                 tname[c->type], hex, tname[c->type],
                                 c->hash);
         }
         return 0;
     }
 
-    switch (ssh_session_is_known_server(s->session)) {
+    switch (LIB(ssh_session_is_known_server)(s->session)) {
     case SSH_KNOWN_HOSTS_OK:
         return 0;
     case SSH_KNOWN_HOSTS_CHANGED: {
@@ -758,22 +803,23 @@ static int ssh_check_host_key(ssh_state *s, const ssh_conf *c,
         size_t hlen = 0;
         char *fp = NULL;
         enum ssh_keytypes_e kt = SSH_KEYTYPE_UNKNOWN;
-        if (ssh_get_server_publickey(s->session, &key) == SSH_OK) {
-            kt = ssh_key_type(key);
-            if (ssh_get_publickey_hash(key, SSH_PUBLICKEY_HASH_SHA256, &h,
-                                       &hlen) == 0) {
-                fp = ssh_get_fingerprint_hash(SSH_PUBLICKEY_HASH_SHA256, h,
-                                              hlen);
-                ssh_clean_pubkey_hash(&h);
+        if (LIB(ssh_get_server_publickey)(s->session, &key) == SSH_OK) {
+            kt = LIB(ssh_key_type)(key);
+            if (LIB(ssh_get_publickey_hash)(key, SSH_PUBLICKEY_HASH_SHA256, &h,
+                                            &hlen) == 0) {
+                fp = LIB(ssh_get_fingerprint_hash)(SSH_PUBLICKEY_HASH_SHA256,
+                                                   h,
+                                                   hlen);
+                LIB(ssh_clean_pubkey_hash)(&h);
             }
-            ssh_key_free(key);
+            LIB(ssh_key_free)(key);
         }
         if (fp) {
             vd_error_set(err, -EINVAL, "host key (%s key with fingerprint "
                          "%s) does not match the one in known_hosts; this "
                          "may be a possible attack",
-                         ssh_key_type_to_char(kt), fp);
-            ssh_string_free_char(fp);
+                         LIB(ssh_key_type_to_char)(kt), fp);
+            LIB(ssh_string_free_char)(fp);
             return -EINVAL;
         }
         return vd_error_set(err, -EINVAL, "host key does not match the one "
@@ -797,7 +843,7 @@ static int ssh_check_host_key(ssh_state *s, const ssh_conf *c,
  * identities). */
 static int ssh_authenticate(ssh_state *s, vd_error *err)
 {
-    int r = ssh_userauth_none(s->session, NULL);
+    int r = LIB(ssh_userauth_none)(s->session, NULL);
 
     if (r == SSH_AUTH_ERROR) {
         return ssh_session_error(s, err, -EPERM, "failed to authenticate "
@@ -806,8 +852,8 @@ static int ssh_authenticate(ssh_state *s, vd_error *err)
     if (r == SSH_AUTH_SUCCESS) {
         return 0;
     }
-    if (ssh_userauth_list(s->session, NULL) & SSH_AUTH_METHOD_PUBLICKEY) {
-        r = ssh_userauth_publickey_auto(s->session, NULL, NULL);
+    if (LIB(ssh_userauth_list)(s->session, NULL) & SSH_AUTH_METHOD_PUBLICKEY) {
+        r = LIB(ssh_userauth_publickey_auto)(s->session, NULL, NULL);
         if (r == SSH_AUTH_ERROR) {
             return ssh_session_error(s, err, -EINVAL, "failed to "
                                      "authenticate using publickey "
@@ -829,18 +875,18 @@ static void ssh_disconnect_all(ssh_state *s)
         /* Also on a broken session: sftp_close() frees the handle, and
          * its close request fails at once on a dead or shut-down
          * socket. */
-        sftp_close(s->file);
+        LIB(sftp_close)(s->file);
         s->file = NULL;
     }
     if (s->sftp) {
-        sftp_free(s->sftp);
+        LIB(sftp_free)(s->sftp);
         s->sftp = NULL;
     }
     if (s->session) {
         if (!s->broken) {
-            ssh_disconnect(s->session);
+            LIB(ssh_disconnect)(s->session);
         }
-        ssh_free(s->session);       /* closes s->sock */
+        LIB(ssh_free)(s->session);       /* closes s->sock */
         s->session = NULL;
         ssh_set_sock(s, -1);
     }
@@ -877,34 +923,35 @@ static int ssh_connect_open(ssh_state *s, const ssh_conf *c, int oflags,
         ssh_disarm(s);
         return ret;
     }
-    s->session = ssh_new();
+    s->session = LIB(ssh_new)();
     if (!s->session) {
         ret = vd_error_set(err, -ENOMEM, "failed to initialize libssh "
                            "session");
         goto fail;
     }
-    ssh_set_blocking(s->session, 1);
-    if (ssh_options_set(s->session, SSH_OPTIONS_USER, s->user) < 0 ||
-        ssh_options_set(s->session, SSH_OPTIONS_HOST, s->host) < 0 ||
-        ssh_options_set(s->session, SSH_OPTIONS_PORT, &port) < 0 ||
-        ssh_options_set(s->session, SSH_OPTIONS_COMPRESSION, "none") < 0) {
+    LIB(ssh_set_blocking)(s->session, 1);
+    if (LIB(ssh_options_set)(s->session, SSH_OPTIONS_USER, s->user) < 0 ||
+        LIB(ssh_options_set)(s->session, SSH_OPTIONS_HOST, s->host) < 0 ||
+        LIB(ssh_options_set)(s->session, SSH_OPTIONS_PORT, &port) < 0 ||
+        LIB(ssh_options_set)(s->session, SSH_OPTIONS_COMPRESSION,
+                             "none") < 0) {
         ret = ssh_session_error(s, err, -EINVAL, "failed to set the options "
                                 "of the libssh session");
         goto fail;
     }
     /* ~/.ssh/config, as QEMU. */
-    if (ssh_options_parse_config(s->session, NULL) < 0) {
+    if (LIB(ssh_options_parse_config)(s->session, NULL) < 0) {
         ret = ssh_session_error(s, err, -EINVAL, "failed to parse "
                                 "~/.ssh/config");
         goto fail;
     }
-    if (ssh_options_set(s->session, SSH_OPTIONS_TIMEOUT, &tmo) < 0 ||
-        ssh_options_set(s->session, SSH_OPTIONS_FD, &s->sock) < 0) {
+    if (LIB(ssh_options_set)(s->session, SSH_OPTIONS_TIMEOUT, &tmo) < 0 ||
+        LIB(ssh_options_set)(s->session, SSH_OPTIONS_FD, &s->sock) < 0) {
         ret = ssh_session_error(s, err, -EINVAL, "failed to set the socket "
                                 "in the libssh session");
         goto fail;
     }
-    if (ssh_connect(s->session) != SSH_OK) {
+    if (LIB(ssh_connect)(s->session) != SSH_OK) {
         ret = ssh_session_error(s, err, -EINVAL, "failed to establish SSH "
                                 "session");
         goto fail;
@@ -913,21 +960,21 @@ static int ssh_connect_open(ssh_state *s, const ssh_conf *c, int oflags,
         (ret = ssh_authenticate(s, err)) < 0) {
         goto fail;
     }
-    s->sftp = sftp_new(s->session);
+    s->sftp = LIB(sftp_new)(s->session);
     if (!s->sftp) {
         ret = ssh_session_error(s, err, -EINVAL, "failed to create sftp "
                                 "handle");
         goto fail;
     }
-    if (sftp_init(s->sftp) < 0) {
+    if (LIB(sftp_init)(s->sftp) < 0) {
         ret = ssh_sftp_error(s, err, -EINVAL, "failed to initialize sftp "
                              "handle");
         goto fail;
     }
-    s->file = sftp_open(s->sftp, s->path, oflags, (mode_t)mode);
+    s->file = LIB(sftp_open)(s->sftp, s->path, oflags, (mode_t)mode);
     if (!s->file) {
         char what[4200];
-        int se = sftp_get_error(s->sftp);
+        int se = LIB(sftp_get_error)(s->sftp);
         snprintf(what, sizeof(what), "failed to open remote file '%s'",
                  s->path);
         ret = ssh_sftp_error(s, err, se == SSH_FX_NO_SUCH_FILE ? -ENOENT :
@@ -935,20 +982,21 @@ static int ssh_connect_open(ssh_state *s, const ssh_conf *c, int oflags,
                              -EINVAL, what);
         goto fail;
     }
-    sftp_file_set_blocking(s->file);
-    sftp_attributes a = sftp_fstat(s->file);
+    LIB(sftp_file_set_blocking)(s->file);
+    sftp_attributes a = LIB(sftp_fstat)(s->file);
     if (!a) {
         ret = ssh_sftp_error(s, err, -EINVAL, "failed to read file "
                              "attributes");
         goto fail;
     }
     s->size = a->size;
-    sftp_attributes_free(a);
-    s->fsync_ok = sftp_extension_supported(s->sftp, "fsync@openssh.com",
-                                           "1");
-    s->write_chunk = ssh_get_openssh_version(s->session) > 0 &&
-                     sftp_extension_supported(s->sftp, "limits@openssh.com",
-                                              "1") ?
+    LIB(sftp_attributes_free)(a);
+    s->fsync_ok = LIB(sftp_extension_supported)(s->sftp, "fsync@openssh.com",
+                                                "1");
+    s->write_chunk = LIB(ssh_get_openssh_version)(s->session) > 0 &&
+                     LIB(sftp_extension_supported)(s->sftp,
+                                                   "limits@openssh.com",
+                                                   "1") ?
                      SSH_WRITE_CHUNK_OPENSSH : SSH_WRITE_CHUNK;
     ret = 0;
 
@@ -1121,7 +1169,7 @@ static int ssh_read_locked(ssh_state *s, uint64_t off, uint8_t *buf,
     size_t short_at = (size_t)-1;   /* first short piece's end, if any */
     int ret = 0;
 
-    if (sftp_seek64(s->file, off) < 0) {
+    if (LIB(sftp_seek64)(s->file, off) < 0) {
         return -EIO;
     }
     while (tail < head || issued < len) {
@@ -1133,7 +1181,7 @@ static int ssh_read_locked(ssh_state *s, uint64_t off, uint8_t *buf,
                short_at == (size_t)-1) {
             uint32_t n = (uint32_t)(len - issued < SSH_READ_CHUNK ?
                                     len - issued : SSH_READ_CHUNK);
-            int id = sftp_async_read_begin(s->file, n);
+            int id = LIB(sftp_async_read_begin)(s->file, n);
             if (id < 0) {
                 ret = -1;
                 break;
@@ -1149,15 +1197,16 @@ static int ssh_read_locked(ssh_state *s, uint64_t off, uint8_t *buf,
         }
         /* Collect the oldest answer (every one is collected, even after
          * an error, so that libssh frees its requests). */
-        int r = sftp_async_read(s->file, buf + q[tail % SSH_READ_DEPTH].pos,
-                                q[tail % SSH_READ_DEPTH].len,
-                                (uint32_t)q[tail % SSH_READ_DEPTH].id);
+        int r = LIB(sftp_async_read)(s->file,
+                                     buf + q[tail % SSH_READ_DEPTH].pos,
+                                     q[tail % SSH_READ_DEPTH].len,
+                                     (uint32_t)q[tail % SSH_READ_DEPTH].id);
         if (r == SSH_EOF) {
             r = 0;          /* nothing there: short by all of it */
         }
         if (r < 0) {
             ret = -1;
-            if (!ssh_is_connected(s->session)) {
+            if (!LIB(ssh_is_connected)(s->session)) {
                 break;      /* nothing more will come */
             }
         } else if ((uint32_t)r < q[tail % SSH_READ_DEPTH].len) {
@@ -1176,13 +1225,13 @@ static int ssh_read_locked(ssh_state *s, uint64_t off, uint8_t *buf,
          * answers less than asked. Read the rest in order, until a
          * read returns nothing (end of file); zeros from there. */
         size_t pos = short_at;
-        if (sftp_seek64(s->file, off + pos) < 0) {
+        if (LIB(sftp_seek64)(s->file, off + pos) < 0) {
             return -EIO;
         }
         while (pos < len) {
             size_t n = len - pos < SSH_READ_CHUNK ? len - pos
                                                   : SSH_READ_CHUNK;
-            ssize_t r = sftp_read(s->file, buf + pos, n);
+            ssize_t r = LIB(sftp_read)(s->file, buf + pos, n);
             if (r < 0 && r != SSH_EOF) {
                 return -EIO;
             }
@@ -1233,13 +1282,13 @@ static int ssh_do_read(ssh_state *s, ssh_req *r)
 /* Writes the request's bytes in QEMU's pieces. */
 static int ssh_do_write(ssh_state *s, ssh_req *r)
 {
-    if (sftp_seek64(s->file, r->off) < 0) {
+    if (LIB(sftp_seek64)(s->file, r->off) < 0) {
         return -EIO;
     }
     for (size_t done = 0; done < r->len;) {
         size_t n = r->len - done < s->write_chunk ? r->len - done
                                                   : s->write_chunk;
-        ssize_t w = sftp_write(s->file, r->buf + done, n);
+        ssize_t w = LIB(sftp_write)(s->file, r->buf + done, n);
         if (w <= 0) {
             return -EIO;
         }
@@ -1254,7 +1303,7 @@ static int ssh_do_write(ssh_state *s, ssh_req *r)
 static int ssh_do_fsync(ssh_state *s, ssh_req *r)
 {
     (void)r;
-    return sftp_fsync(s->file) < 0 ? -EIO : 0;
+    return LIB(sftp_fsync)(s->file) < 0 ? -EIO : 0;
 }
 
 /* Reads or writes a flat buffer, as libssh takes: the request's own
@@ -1417,6 +1466,7 @@ static int ssh_create(const char *filename, vd_opts *opts, vd_error *err)
 }
 
 const vd_driver vd_driver_ssh = {
+    .library = &ssh_lib,
     .name = "ssh",
     .protocol_name = "ssh",
     .instance_size = sizeof(ssh_state),
