@@ -40,7 +40,7 @@ packages=(build-essential binutils meson ninja-build pkg-config zlib1g-dev
           libcurl4-gnutls-dev libssh-dev libiscsi-dev librbd-dev
           librados-dev qemu-block-extra nginx-light openssh-server
           openssh-client tgt libiscsi-bin ceph-mon ceph-mgr ceph-osd
-          ceph-common)
+          ceph-common vsftpd tinyproxy)
 
 install_missing()
 {

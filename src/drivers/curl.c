@@ -325,6 +325,17 @@ static char *take_secret(vd_opts *opts, const char *key, int *ret,
     return val;
 }
 
+/* What the HEAD "returns" as a body is dropped: libcurl hands an FTP
+ * server's size as "Content-Length: N" text to the write callback, whose
+ * default is fwrite() to stdout (into `vdisk info`'s output). */
+static size_t curl_discard_cb(char *ptr, size_t size, size_t nmemb,
+                              void *opaque)
+{
+    (void)ptr;
+    (void)opaque;
+    return size * nmemb;
+}
+
 /* The size and range support, with one HEAD request (QEMU's curl_open). */
 static int curl_probe(curl_state *s, vd_error *err)
 {
@@ -339,6 +350,7 @@ static int curl_probe(curl_state *s, vd_error *err)
                             "cannot set up a curl handle");
     }
     LIB(curl_easy_setopt)(slot->h, CURLOPT_NOBODY, 1L);
+    LIB(curl_easy_setopt)(slot->h, CURLOPT_WRITEFUNCTION, curl_discard_cb);
     LIB(curl_easy_setopt)(slot->h, CURLOPT_HEADERFUNCTION, curl_header_cb);
     LIB(curl_easy_setopt)(slot->h, CURLOPT_HEADERDATA, &x);
     /* The HEAD is bounded as a whole, as QEMU's timeout. */
