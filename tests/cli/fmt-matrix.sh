@@ -8,7 +8,8 @@
 # same source: vdisk's copy reads back the source's bytes (qemu-img
 # compare against the raw original) and passes `qemu-img check` where the
 # format has one (qemu-img checks its own copy), and `qemu-img info`
-# shows the same virtual size and format for both copies. `measure -O B` of each source prints what qemu-img prints.
+# shows the same virtual size and format for both copies. `measure -O B`
+# of each source prints what qemu-img prints.
 source "$(dirname "$0")/../functions.sh"
 source "$(dirname "$0")/cli-functions.bash"
 requires qemu-img qemu-io
