@@ -382,19 +382,12 @@ static int write_data(convert_state *s, const uint8_t *buf, uint64_t len,
     return vd_pwrite(s->target, buf, len, off, flags, NULL);
 }
 
+/* The chunk's whole clusters in one request: the driver compresses
+ * them in parallel (VD_REQ_COMPRESSED takes several clusters). */
 static int write_compressed(convert_state *s, const chunk *c,
                             const uint8_t *buf)
 {
-    for (uint64_t pos = 0; pos < c->len; pos += s->cluster) {
-        uint64_t n = c->len - pos < s->cluster ? c->len - pos : s->cluster;
-        int r = write_data(s, buf + pos, n, c->offset + pos,
-                           VD_REQ_COMPRESSED);
-
-        if (r < 0) {
-            return r;
-        }
-    }
-    return 0;
+    return write_data(s, buf, c->len, c->offset, VD_REQ_COMPRESSED);
 }
 
 static int write_chunk(convert_state *s, const chunk *c, const uint8_t *buf)

@@ -37,8 +37,11 @@
  * data). The wait drops the lock; decide only after it.
  */
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "drivers/qcow2/qcow2.h"
 
@@ -1143,30 +1146,8 @@ static int write_all(qcow2_state *s, uint64_t off, uint64_t bytes,
 int qcow2_co_pwritev(qcow2_state *s, uint64_t off, uint64_t bytes,
                      vd_iov *qiov, unsigned flags, vd_error *err)
 {
-    size_t qoff = 0;
-
     if (flags & VD_REQ_COMPRESSED) {
-        while (bytes > 0) {
-            uint64_t len = s->cluster_size - qcow2_offset_into_cluster(s, off);
-            vd_iov slice;
-            int ret;
-            if (len > bytes) {
-                len = bytes;
-            }
-            ret = vd_iov_init_slice(&slice, qiov, qoff, len);
-            if (ret < 0) {
-                return ret;
-            }
-            ret = qcow2_co_pwritev_compressed(s, off, len, &slice, err);
-            vd_iov_destroy(&slice);
-            if (ret < 0) {
-                return ret;
-            }
-            off += len;
-            qoff += len;
-            bytes -= len;
-        }
-        return 0;
+        return qcow2_co_pwritev_compressed(s, off, bytes, qiov, err);
     }
     return write_all(s, off, bytes, &(write_src){ .qiov = qiov }, flags,
                      err);
@@ -1242,46 +1223,74 @@ int qcow2_co_copy_range_from(qcow2_state *s, uint64_t soff, vd_node *dst,
     return 0;
 }
 
-int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
-                                uint64_t bytes, vd_iov *qiov, vd_error *err)
+/* One cluster of a compressed write: the guest bytes (the last cluster
+ * of the image may be short; the rest of @in is zeros), and what the
+ * codec made of them (ret -ENOSPC: incompressible). */
+typedef struct compressed_cluster {
+    uint64_t off, bytes;
+    uint8_t *in, *out;
+    size_t out_len;
+    int ret;
+} compressed_cluster;
+
+typedef struct compress_batch {
+    qcow2_state *s;
+    compressed_cluster *c;
+    size_t n;
+    atomic_size_t next;
+} compress_batch;
+
+static void *compress_worker(void *opaque)
 {
-    uint64_t cs = s->cluster_size;
-    uint8_t *in = NULL, *out = NULL;
-    size_t out_len = 0;
+    compress_batch *b = opaque;
+    size_t i;
+
+    while ((i = atomic_fetch_add(&b->next, 1)) < b->n) {
+        compressed_cluster *c = &b->c[i];
+        c->ret = qcow2_compress_cluster(b->s, c->in, c->out,
+                                        b->s->cluster_size, &c->out_len);
+    }
+    return NULL;
+}
+
+/* Compresses the clusters of @b on up to @threads threads (this one
+ * included): the codec is the CPU cost of a compressed write, and the
+ * clusters are independent, as QEMU's task pool compresses them. */
+static void compress_clusters(compress_batch *b, size_t threads)
+{
+    pthread_t tid[QCOW2_COMPRESS_THREADS];
+    size_t started = 0;
+
+    atomic_init(&b->next, 0);
+    if (threads > b->n) {
+        threads = b->n;
+    }
+    if (threads > QCOW2_COMPRESS_THREADS) {
+        threads = QCOW2_COMPRESS_THREADS;
+    }
+    while (started + 1 < threads &&
+           pthread_create(&tid[started], NULL, compress_worker, b) == 0) {
+        started++;
+    }
+    compress_worker(b);
+    for (size_t i = 0; i < started; i++) {
+        pthread_join(tid[i], NULL);
+    }
+}
+
+/* Stores one compressed cluster: a byte range allocated for its data,
+ * the data written, then the L2 entry (refcounts before L2, as QEMU). */
+static int store_compressed(qcow2_state *s, const compressed_cluster *c,
+                            vd_error *err)
+{
+    const uint8_t *out = c->out;
+    size_t out_len = c->out_len;
+    uint64_t off = c->off;
     uint64_t l2_index, old, entry;
     int64_t coff = -1;
     qcow2_inflight inflight;
     void *table = NULL;
     int ret;
-
-    if (has_data_file(s)) {
-        return vd_error_set(err, -ENOTSUP, "%s: compression is not supported "
-                            "with an external data file", s->filename);
-    }
-    if (qcow2_offset_into_cluster(s, off) ||
-        (bytes != cs && off + bytes != s->size)) {
-        return vd_error_set(err, -EINVAL, "%s: compressed writes must cover "
-                            "whole clusters", s->filename);
-    }
-    in = calloc(1, cs);
-    out = malloc(cs);
-    if (!in || !out) {
-        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
-        goto out;
-    }
-    vd_iov_to_buf(qiov, 0, in, bytes);
-    ret = qcow2_compress_cluster(s, in, out, cs, &out_len);
-    if (ret == -ENOSPC) {
-        /* Incompressible: store it as a normal cluster, as QEMU does. */
-        vd_iov v;
-        vd_iov_init_buf(&v, in, bytes);
-        ret = qcow2_co_pwritev(s, off, bytes, &v, 0, err);
-        goto out;
-    }
-    if (ret < 0) {
-        vd_error_set(err, ret, "%s: compression failed", s->filename);
-        goto out;
-    }
 
     pthread_mutex_lock(&s->lock);
     wait_inflight(s, off >> s->cluster_bits, 1);
@@ -1298,7 +1307,7 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
     }
     if (ret < 0) {
         pthread_mutex_unlock(&s->lock);
-        goto out;
+        return ret;
     }
     old = qcow2_get_l2_entry(s, table, l2_index);
     qcow2_cache_put(s->l2_cache, &table);
@@ -1306,7 +1315,7 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
     if (coff < 0) {
         ret = (int)coff;
         pthread_mutex_unlock(&s->lock);
-        goto out;
+        return ret;
     }
     vd_node_debug_event(s->file->node, VD_BLKDBG_L2_UPDATE_COMPRESSED);
     inflight = (qcow2_inflight){ off >> s->cluster_bits, 1, s->inflight };
@@ -1347,9 +1356,82 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
     }
     inflight_remove(s, &inflight);
     pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
+                                uint64_t bytes, vd_iov *qiov, vd_error *err)
+{
+    uint64_t cs = s->cluster_size;
+    compressed_cluster c[QCOW2_COMPRESS_BATCH];
+    compress_batch b = { .s = s, .c = c };
+    static atomic_long ncpu;
+    size_t qoff = 0;
+    int ret = 0;
+
+    if (has_data_file(s)) {
+        return vd_error_set(err, -ENOTSUP, "%s: compression is not supported "
+                            "with an external data file", s->filename);
+    }
+    /* Whole clusters, the last one of the image possibly short. */
+    if (qcow2_offset_into_cluster(s, off) ||
+        (bytes % cs != 0 && off + bytes != s->size)) {
+        return vd_error_set(err, -EINVAL, "%s: compressed writes must cover "
+                            "whole clusters", s->filename);
+    }
+    if (!atomic_load_explicit(&ncpu, memory_order_relaxed)) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        atomic_store_explicit(&ncpu, n > 0 ? n : 1, memory_order_relaxed);
+    }
+    memset(c, 0, sizeof(c));
+    for (size_t i = 0; i < QCOW2_COMPRESS_BATCH; i++) {
+        c[i].in = vd_node_blockalign(s->node, cs);
+        c[i].out = vd_node_blockalign(s->node, cs);
+        if (!c[i].in || !c[i].out) {
+            ret = vd_error_set(err, -ENOMEM, "%s: out of memory",
+                               s->filename);
+            goto out;
+        }
+        /* Only the batch's first cluster when the request has one. */
+        if ((uint64_t)(i + 1) * cs >= bytes) {
+            break;
+        }
+    }
+    while (ret == 0 && bytes > 0) {
+        /* A batch: compressed in parallel, then stored in order, so the
+         * image's layout is that of one cluster after the other. */
+        b.n = 0;
+        while (b.n < QCOW2_COMPRESS_BATCH && bytes > 0) {
+            compressed_cluster *cc = &c[b.n++];
+            cc->off = off;
+            cc->bytes = bytes < cs ? bytes : cs;
+            memset(cc->in + cc->bytes, 0, cs - cc->bytes);
+            vd_iov_to_buf(qiov, qoff, cc->in, cc->bytes);
+            off += cc->bytes;
+            qoff += cc->bytes;
+            bytes -= cc->bytes;
+        }
+        compress_clusters(&b, (size_t)atomic_load_explicit(
+                                  &ncpu, memory_order_relaxed));
+        for (size_t i = 0; ret == 0 && i < b.n; i++) {
+            if (c[i].ret == -ENOSPC) {
+                /* Incompressible: a normal cluster, as QEMU stores it. */
+                vd_iov v;
+                vd_iov_init_buf(&v, c[i].in, c[i].bytes);
+                ret = qcow2_co_pwritev(s, c[i].off, c[i].bytes, &v, 0, err);
+            } else if (c[i].ret < 0) {
+                ret = vd_error_set(err, c[i].ret, "%s: compression failed",
+                                   s->filename);
+            } else {
+                ret = store_compressed(s, &c[i], err);
+            }
+        }
+    }
 out:
-    free(in);
-    free(out);
+    for (size_t i = 0; i < QCOW2_COMPRESS_BATCH; i++) {
+        free(c[i].in);
+        free(c[i].out);
+    }
     return ret;
 }
 

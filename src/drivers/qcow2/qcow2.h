@@ -700,8 +700,13 @@ int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
                            unsigned flags, vd_error *err);
 int qcow2_co_pdiscard(qcow2_state *s, uint64_t off, uint64_t bytes,
                       vd_error *err);
-/* Writes one compressed cluster at cluster-aligned guest @off (@bytes is
- * the cluster size, or less for the last cluster of the image). */
+/* Writes whole clusters compressed at cluster-aligned guest @off (@bytes
+ * a multiple of the cluster size, or ending at the end of the image). Up
+ * to QCOW2_COMPRESS_BATCH clusters at a time are compressed on up to
+ * QCOW2_COMPRESS_THREADS threads (no lock held), then stored one after
+ * the other; an incompressible cluster is stored as a normal one. */
+#define QCOW2_COMPRESS_BATCH 8
+#define QCOW2_COMPRESS_THREADS 8
 int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
                                 uint64_t bytes, vd_iov *qiov,
                                 vd_error *err);
