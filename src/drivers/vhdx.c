@@ -277,8 +277,7 @@ static int vhdx_read_headers(vd_node *node, vhdx_state *s, vd_error *err)
                                            : VHDX_HEADER1_OFF,
                              s->hdr[i], VHDX_HEADER_SIZE, NULL);
         if (ret < 0) {
-            return vd_error_set(err, ret, "%s: cannot read the VHDX headers",
-                                s->filename);
+            return vd_error_set(err, ret, "cannot read the VHDX headers");
         }
         valid[i] = memcmp(s->hdr[i], "head", 4) == 0 &&
                    csum_ok(s->hdr[i], VHDX_HEADER_SIZE, H_CHECKSUM) &&
@@ -289,10 +288,9 @@ static int vhdx_read_headers(vd_node *node, vhdx_state *s, vd_error *err)
         if (seq[0] == seq[1]) {
             /* Disk2VHD writes two identical headers: not corrupt. */
             if (memcmp(s->hdr[0], s->hdr[1], 80) != 0) {
-                return vd_error_set(err, -EINVAL, "%s: No valid VHDX header "
+                return vd_error_set(err, -EINVAL, "No valid VHDX header "
                                     "found (both headers have sequence "
-                                    "number %" PRIu64 ")", s->filename,
-                                    seq[0]);
+                                    "number %" PRIu64 ")", seq[0]);
             }
             s->cur = 0;
         } else {
@@ -301,9 +299,8 @@ static int vhdx_read_headers(vd_node *node, vhdx_state *s, vd_error *err)
     } else if (valid[0] || valid[1]) {
         s->cur = valid[1];
     } else {
-        return vd_error_set(err, -EINVAL, "%s: No valid VHDX header found "
-                            "(bad signature, version or checksum)",
-                            s->filename);
+        return vd_error_set(err, -EINVAL, "No valid VHDX header found "
+                            "(bad signature, version or checksum)");
     }
     return 0;
 }
@@ -362,29 +359,27 @@ static int vhdx_read_regions(vd_node *node, vhdx_state *s, int64_t flen,
     int ret = 0;
 
     if (!rt) {
-        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+        return vd_error_set(err, -ENOMEM, "out of memory");
     }
     ret = vd_child_pread(node->file, VHDX_RT1_OFF, rt, VHDX_TABLE_SIZE,
                          NULL);
     if (ret < 0) {
-        vd_error_set(err, ret, "%s: cannot read the region table",
-                     s->filename);
+        vd_error_set(err, ret, "cannot read the region table");
         goto out;
     }
     if (memcmp(rt, "regi", 4) != 0) {
-        ret = vd_error_set(err, -EINVAL, "%s: bad region table signature",
-                           s->filename);
+        ret = vd_error_set(err, -EINVAL, "bad region table signature");
         goto out;
     }
     if (!csum_ok(rt, VHDX_TABLE_SIZE, 4)) {
-        ret = vd_error_set(err, -EINVAL, "%s: region table checksum "
-                           "mismatch", s->filename);
+        ret = vd_error_set(err, -EINVAL, "region table checksum "
+                           "mismatch");
         goto out;
     }
     count = fmt_rd32(rt + 8);
     if (count > VHDX_MAX_ENTRIES) {
-        ret = vd_error_set(err, -EINVAL, "%s: region table has %" PRIu32
-                           " entries (at most 2047)", s->filename, count);
+        ret = vd_error_set(err, -EINVAL, "region table has %" PRIu32
+                           " entries (at most 2047)", count);
         goto out;
     }
     for (uint32_t i = 0; i < count; i++) {
@@ -398,29 +393,29 @@ static int vhdx_read_regions(vd_node *node, vhdx_state *s, int64_t flen,
         const vhdx_region *o;
 
         if (off % MIB || len % MIB || len == 0) {
-            ret = vd_error_set(err, -EINVAL, "%s: %s at 0x%" PRIx64 " (length"
+            ret = vd_error_set(err, -EINVAL, "%s at 0x%" PRIx64 " (length"
                                " 0x%" PRIx64 ") is not 1 MiB aligned",
-                               s->filename, what, off, len);
+                               what, off, len);
             goto out;
         }
         if (off > (uint64_t)flen || len > (uint64_t)flen - off) {
-            ret = vd_error_set(err, -EINVAL, "%s: %s at 0x%" PRIx64 " (length"
+            ret = vd_error_set(err, -EINVAL, "%s at 0x%" PRIx64 " (length"
                                " 0x%" PRIx64 ") is past the end of the file",
-                               s->filename, what, off, len);
+                               what, off, len);
             goto out;
         }
         o = region_overlap(s, off, len);
         if (o) {
-            ret = vd_error_set(err, -EINVAL, "%s: %s at 0x%" PRIx64
-                               " overlaps the %s", s->filename, what, off,
+            ret = vd_error_set(err, -EINVAL, "%s at 0x%" PRIx64
+                               " overlaps the %s", what, off,
                                o->what);
             goto out;
         }
         region_add(s, off, len, what);
         if (is_bat || is_meta) {
             if ((is_bat && have_bat) || (is_meta && have_meta)) {
-                ret = vd_error_set(err, -EINVAL, "%s: the region table has "
-                                   "two %s entries", s->filename, what);
+                ret = vd_error_set(err, -EINVAL, "the region table has "
+                                   "two %s entries", what);
                 goto out;
             }
             if (is_bat) {
@@ -433,14 +428,13 @@ static int vhdx_read_regions(vd_node *node, vhdx_state *s, int64_t flen,
                 s->meta_length = len;
             }
         } else if (bits & 1) {
-            ret = vd_error_set(err, -ENOTSUP, "%s: unsupported required "
-                               "region in the region table", s->filename);
+            ret = vd_error_set(err, -ENOTSUP, "unsupported required "
+                               "region in the region table");
             goto out;
         }
     }
     if (!have_bat || !have_meta) {
-        ret = vd_error_set(err, -EINVAL, "%s: the region table has no %s",
-                           s->filename, have_bat ? "metadata region" : "BAT");
+        ret = vd_error_set(err, -EINVAL, "the region table has no %s", have_bat ? "metadata region" : "BAT");
     }
 out:
     free(rt);
@@ -598,36 +592,35 @@ static int vhdx_parse_log(vd_node *node, vhdx_state *s, int64_t flen,
     int ret = 0;
 
     if (off < MIB || off % MIB) {
-        return vd_error_set(err, -EINVAL, "%s: log offset 0x%" PRIx64 " is "
+        return vd_error_set(err, -EINVAL, "log offset 0x%" PRIx64 " is "
                             "not a multiple of 1 MiB past the header section",
-                            s->filename, off);
+                            off);
     }
     if (fmt_rd32(h + H_LOG_VERSION) & 0xffff) {
-        return vd_error_set(err, -EINVAL, "%s: unsupported log version %"
-                            PRIu32, s->filename,
-                            fmt_rd32(h + H_LOG_VERSION) & 0xffff);
+        return vd_error_set(err, -EINVAL, "unsupported log version %"
+                            PRIu32, fmt_rd32(h + H_LOG_VERSION) & 0xffff);
     }
     if (len % MIB || off > VD_MAX_LENGTH - len) {
-        return vd_error_set(err, -EINVAL, "%s: log length 0x%" PRIx64 " is "
-                            "not a multiple of 1 MiB", s->filename, len);
+        return vd_error_set(err, -EINVAL, "log length 0x%" PRIx64 " is "
+                            "not a multiple of 1 MiB", len);
     }
     region_add(s, off, len, "log");
     if (guid_zero(h + H_LOG_GUID) || len == 0) {
         return 0;
     }
     if (off + len > (uint64_t)flen) {
-        return vd_error_set(err, -EINVAL, "%s: the log (0x%" PRIx64 ", length"
+        return vd_error_set(err, -EINVAL, "the log (0x%" PRIx64 ", length"
                             " 0x%" PRIx64 ") is past the end of the file",
-                            s->filename, off, len);
+                            off, len);
     }
     if (len > VHDX_LOG_MAX) {
-        return vd_error_set(err, -EFBIG, "%s: the log is too large to "
-                            "replay (%" PRIu64 " bytes)", s->filename, len);
+        return vd_error_set(err, -EFBIG, "the log is too large to "
+                            "replay (%" PRIu64 " bytes)", len);
     }
     l.buf = malloc(len);
     chain = malloc(len / VHDX_LOG_SECTOR * sizeof(*chain));
     if (!l.buf || !chain) {
-        ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+        ret = vd_error_set(err, -ENOMEM, "out of memory");
         goto out;
     }
     ret = vd_child_pread(node->file, off, l.buf, len, err);
@@ -648,9 +641,9 @@ static int vhdx_parse_log(vd_node *node, vhdx_state *s, int64_t flen,
     }
     if (best == UINT64_MAX) {
         if (first_bad) {
-            ret = vd_error_set(err, -EINVAL, "%s: the log needs replaying "
+            ret = vd_error_set(err, -EINVAL, "the log needs replaying "
                                "but its entry at 0x%" PRIx64 " is invalid "
-                               "(%s)", s->filename, off + first_bad_pos,
+                               "(%s)", off + first_bad_pos,
                                first_bad);
         }
         /* No entry of this log at all: nothing was journalled. */
@@ -665,9 +658,9 @@ static int vhdx_parse_log(vd_node *node, vhdx_state *s, int64_t flen,
                   log_entry_valid(&l, pos, (uint64_t)flen, &elen, &seq, &bad);
         if (!ok || (n > 0 && seq != want) || seq > best_seq ||
             (seq == best_seq && pos != best)) {
-            ret = vd_error_set(err, -EINVAL, "%s: the log's active sequence "
+            ret = vd_error_set(err, -EINVAL, "the log's active sequence "
                                "is broken at 0x%" PRIx64 " (%s)",
-                               s->filename, off + pos,
+                               off + pos,
                                bad ? bad : "missing or out-of-order entry");
             goto out;
         }
@@ -709,7 +702,7 @@ static int vhdx_parse_log(vd_node *node, vhdx_state *s, int64_t flen,
         ret = vhdx_update_headers(node, s, false, zero_guid, err);
     }
     if (ret < 0) {
-        vd_error_prepend(err, "%s: replaying the log: ", s->filename);
+        vd_error_prepend(err, "replaying the log: ");
         goto out;
     }
     s->log_replayed = true;
@@ -728,21 +721,20 @@ static int vhdx_read_metadata(vd_node *node, vhdx_state *s, vd_error *err)
     int ret;
 
     if (!t) {
-        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+        return vd_error_set(err, -ENOMEM, "out of memory");
     }
     ret = vd_child_pread(node->file, s->meta_offset, t, VHDX_TABLE_SIZE, err);
     if (ret < 0) {
         goto out;
     }
     if (memcmp(t, "metadata", 8) != 0) {
-        ret = vd_error_set(err, -EINVAL, "%s: bad metadata table signature",
-                           s->filename);
+        ret = vd_error_set(err, -EINVAL, "bad metadata table signature");
         goto out;
     }
     count = fmt_rd32(t + 8) >> 16;
     if (count > VHDX_MAX_ENTRIES) {
-        ret = vd_error_set(err, -EINVAL, "%s: metadata table has %" PRIu32
-                           " entries (at most 2047)", s->filename, count);
+        ret = vd_error_set(err, -EINVAL, "metadata table has %" PRIu32
+                           " entries (at most 2047)", count);
         goto out;
     }
     for (uint32_t i = 0; i < count; i++) {
@@ -754,24 +746,22 @@ static int vhdx_read_metadata(vd_node *node, vhdx_state *s, vd_error *err)
         }
         if (m == M_N) {
             if (bits & 4) {
-                ret = vd_error_set(err, -ENOTSUP, "%s: unsupported required "
-                                   "metadata item", s->filename);
+                ret = vd_error_set(err, -ENOTSUP, "unsupported required "
+                                   "metadata item");
                 goto out;
             }
             continue;
         }
         if (present & (1u << m)) {
-            ret = vd_error_set(err, -EINVAL, "%s: two %s metadata items",
-                               s->filename, meta_names[m]);
+            ret = vd_error_set(err, -EINVAL, "two %s metadata items", meta_names[m]);
             goto out;
         }
         if (off < VHDX_TABLE_SIZE || off > s->meta_length ||
             len > s->meta_length - off ||
             (meta_len[m] && len < meta_len[m]) || (m == M_PARENT && len < 20)) {
-            ret = vd_error_set(err, -EINVAL, "%s: %s metadata item (offset "
+            ret = vd_error_set(err, -EINVAL, "%s metadata item (offset "
                                "0x%" PRIx32 ", length %" PRIu32 ") is outside"
-                               " the metadata region", s->filename,
-                               meta_names[m], off, len);
+                               " the metadata region", meta_names[m], off, len);
             goto out;
         }
         present |= 1u << m;
@@ -780,8 +770,8 @@ static int vhdx_read_metadata(vd_node *node, vhdx_state *s, vd_error *err)
     }
     for (int m = 0; m < M_PARENT; m++) {
         if (!(present & (1u << m))) {
-            ret = vd_error_set(err, -ENOTSUP, "%s: the %s metadata item is "
-                               "missing", s->filename, meta_names[m]);
+            ret = vd_error_set(err, -ENOTSUP, "the %s metadata item is "
+                               "missing", meta_names[m]);
             goto out;
         }
     }
@@ -814,27 +804,26 @@ static int vhdx_read_metadata(vd_node *node, vhdx_state *s, vd_error *err)
     if (s->param_bits & 2) {
         /* QEMU 7.2 refuses differencing images the same way. */
         ret = present & (1u << M_PARENT)
-              ? vd_error_set(err, -ENOTSUP, "%s: differencing VHDX images "
-                             "are not supported", s->filename)
-              : vd_error_set(err, -EINVAL, "%s: has-parent is set but there "
-                             "is no parent locator", s->filename);
+              ? vd_error_set(err, -ENOTSUP, "differencing VHDX images "
+                             "are not supported")
+              : vd_error_set(err, -EINVAL, "has-parent is set but there "
+                             "is no parent locator");
         goto out;
     }
     if (s->block_size < VHDX_BLOCK_MIN || s->block_size > VHDX_BLOCK_MAX ||
         !is_pow2(s->block_size)) {
-        ret = vd_error_set(err, -EINVAL, "%s: invalid block size %" PRIu32,
-                           s->filename, s->block_size);
+        ret = vd_error_set(err, -EINVAL, "invalid block size %" PRIu32,
+                           s->block_size);
         goto out;
     }
     if (s->logical_sector != 512 && s->logical_sector != 4096) {
-        ret = vd_error_set(err, -EINVAL, "%s: invalid logical sector size %"
-                           PRIu32, s->filename, s->logical_sector);
+        ret = vd_error_set(err, -EINVAL, "invalid logical sector size %"
+                           PRIu32, s->logical_sector);
         goto out;
     }
     if (s->virtual_size > VHDX_MAX_SIZE) {
-        ret = vd_error_set(err, -EINVAL, "%s: virtual disk size %" PRIu64
-                           " is larger than 64 TiB", s->filename,
-                           s->virtual_size);
+        ret = vd_error_set(err, -EINVAL, "virtual disk size %" PRIu64
+                           " is larger than 64 TiB", s->virtual_size);
         goto out;
     }
     /* QEMU takes whole logical sectors. */
@@ -877,13 +866,13 @@ static int vhdx_check_bat(vd_node *node, vhdx_state *s, int64_t flen,
 
     (void)node;
     if (!r) {
-        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+        return vd_error_set(err, -ENOMEM, "out of memory");
     }
 #define BAT_FAULT(...)                                                    \
     do {                                                                  \
         snprintf(msg, sizeof(msg), __VA_ARGS__);                          \
         if (!res) {                                                       \
-            ret = vd_error_set(err, -EINVAL, "%s: %s", s->filename, msg); \
+            ret = vd_error_set(err, -EINVAL, "%s", msg); \
             goto out;                                                     \
         }                                                                 \
         fprintf(stderr, "ERROR: %s\n", msg);                              \
@@ -970,16 +959,15 @@ static int vhdx_read_bat(vd_node *node, vhdx_state *s, int64_t flen,
                      (s->data_blocks - 1) / s->chunk_ratio : 0;
     bytes = s->bat_entries * 8;
     if (bytes > s->bat_rt_length) {
-        return vd_error_set(err, -EINVAL, "%s: the BAT region (%" PRIu64
+        return vd_error_set(err, -EINVAL, "the BAT region (%" PRIu64
                             " bytes) is too small for %" PRIu64 " entries",
-                            s->filename, s->bat_rt_length, s->bat_entries);
+                            s->bat_rt_length, s->bat_entries);
     }
     raw = malloc(bytes ? bytes : 1);
     s->bat = malloc(bytes ? bytes : 1);
     if (!raw || !s->bat) {
         free(raw);
-        return vd_error_set(err, -ENOMEM, "%s: out of memory for the BAT",
-                            s->filename);
+        return vd_error_set(err, -ENOMEM, "out of memory for the BAT");
     }
     if (bytes) {
         ret = vd_child_pread(node->file, s->bat_offset, raw, bytes, err);
@@ -1011,14 +999,13 @@ static int vhdx_open(vd_node *node, vd_opts *opts, unsigned flags,
     pthread_mutex_init(&s->lock, NULL);
     flen = vd_node_getlength(node->file->node);
     if (flen < 0) {
-        return vd_error_set_errno(err, (int)flen, "%s: cannot get the file "
-                                  "length", s->filename);
+        return vd_error_set_errno(err, (int)flen, "cannot get the file "
+                                  "length");
     }
     if (flen < (int64_t)VHDX_SECTION_END) {
         ret = vd_child_pread(node->file, 0, sig, flen < 8 ? (uint64_t)flen : 8,
                              NULL);
-        return vd_error_set(err, -EINVAL, "%s: %s", s->filename,
-                            ret == 0 && !memcmp(sig, "vhdxfile", 8)
+        return vd_error_set(err, -EINVAL, "%s", ret == 0 && !memcmp(sig, "vhdxfile", 8)
                             ? "the file is shorter than the VHDX header "
                               "section" : "Not a VHDX image");
     }
@@ -1027,7 +1014,7 @@ static int vhdx_open(vd_node *node, vd_opts *opts, unsigned flags,
         return ret;
     }
     if (memcmp(sig, "vhdxfile", 8) != 0) {
-        return vd_error_set(err, -EINVAL, "%s: Not a VHDX image", s->filename);
+        return vd_error_set(err, -EINVAL, "Not a VHDX image");
     }
     guid_generate(s->session_guid);
     region_add(s, 0, VHDX_SECTION_END, "header section");
@@ -1041,8 +1028,8 @@ static int vhdx_open(vd_node *node, vd_opts *opts, unsigned flags,
     if (ret == 0 && s->log_replayed) {
         flen = vd_node_getlength(node->file->node);
         if (flen < 0) {
-            ret = vd_error_set(err, (int)flen, "%s: cannot get the file "
-                               "length", s->filename);
+            ret = vd_error_set(err, (int)flen, "cannot get the file "
+                               "length");
         }
     }
     if (ret == 0) {
