@@ -245,7 +245,8 @@ static int vhdx_probe(const uint8_t *buf, size_t len, const char *filename)
 static const vhdx_region *region_overlap(vhdx_state *s, uint64_t start,
                                          uint64_t len)
 {
-    for (int i = 0; i < s->nregions; i++) {
+    /* Newest first, as QEMU's list (its messages name the same one). */
+    for (int i = s->nregions - 1; i >= 0; i--) {
         if (start < s->regions[i].end && start + len > s->regions[i].start) {
             return &s->regions[i];
         }
@@ -852,11 +853,11 @@ static int cmp_range(const void *a, const void *b)
 
 /* Every entry's state, and where a present block lies: past the header
  * section, inside the file (a short last block allowed, as QEMU created
- * such), clear of the regions and of each other. @report: count them
- * into @res as check does (printing each) instead of failing at the
- * first. */
-static int vhdx_check_bat(vd_node *node, vhdx_state *s, int64_t flen,
-                          vd_check_result *res, vd_error *err)
+ * such), clear of the regions and of each other. With @res (check),
+ * each fault is printed in QEMU's words and counted as a corruption;
+ * without, the first one fails. */
+static int vhdx_check_bat(vhdx_state *s, int64_t flen, vd_check_result *res,
+                          vd_error *err)
 {
     bat_range *r = malloc((s->bat_entries ? s->bat_entries : 1) *
                           sizeof(*r));
@@ -864,27 +865,28 @@ static int vhdx_check_bat(vd_node *node, vhdx_state *s, int64_t flen,
     char msg[256];
     int ret = 0;
 
-    (void)node;
     if (!r) {
-        return vd_error_set(err, -ENOMEM, "out of memory");
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
     }
 #define BAT_FAULT(...)                                                    \
     do {                                                                  \
         snprintf(msg, sizeof(msg), __VA_ARGS__);                          \
         if (!res) {                                                       \
-            ret = vd_error_set(err, -EINVAL, "%s", msg); \
+            ret = vd_error_set(err, -EINVAL, "%s", msg);                  \
             goto out;                                                     \
         }                                                                 \
-        fprintf(stderr, "ERROR: %s\n", msg);                              \
+        fprintf(stderr, "%s: %s\n", program_invocation_short_name, msg);  \
         res->corruptions++;                                               \
+        bad = true;                                                       \
     } while (0)
     for (uint64_t i = 0; i < s->bat_entries; i++) {
         uint64_t e = s->bat[i], st = e & BAT_STATE_MASK, off = e & BAT_OFF_MASK;
         uint64_t blen = s->block_size;
         const vhdx_region *o;
+        bool bad = false;
         if (bat_is_bitmap(s, i)) {
             if (st != SB_NOT_PRESENT && st != SB_PRESENT) {
-                BAT_FAULT("BAT entry %" PRIu64 " (sector bitmap) has an "
+                BAT_FAULT("VHDX BAT entry %" PRIu64 " (sector bitmap) has an "
                           "invalid state %" PRIu64, i, st);
                 continue;
             }
@@ -895,48 +897,50 @@ static int vhdx_check_bat(vd_node *node, vhdx_state *s, int64_t flen,
         } else {
             uint64_t blk = i - i / (s->chunk_ratio + 1);
             if (st == 4 || st == PAYLOAD_PARTIALLY_PRESENT) {
-                BAT_FAULT("BAT entry %" PRIu64 " has an invalid state %"
+                BAT_FAULT("VHDX BAT entry %" PRIu64 " has an invalid state %"
                           PRIu64 "%s", i, st,
                           st == 4 ? "" : " (partially present without a "
                                          "parent)");
                 continue;
             }
-            if (st != PAYLOAD_FULLY_PRESENT) {
-                continue;
-            }
-            if (blk >= s->data_blocks) {
+            if (st != PAYLOAD_FULLY_PRESENT || blk >= s->data_blocks) {
                 continue;
             }
             if (s->virtual_size - blk * s->block_size < blen) {
                 blen = s->virtual_size - blk * s->block_size;
             }
         }
-        if (off < VHDX_SECTION_END) {
-            BAT_FAULT("BAT entry %" PRIu64 " offset 0x%" PRIx64 " is inside "
-                      "the header section", i, off);
-            continue;
+        if (off >= (uint64_t)flen) {
+            BAT_FAULT("VHDX BAT entry %" PRIu64 " start offset %" PRIu64
+                      " points after end of file (%" PRId64 "). Image has "
+                      "probably been truncated.", i, off, flen);
+        } else if (blen > (uint64_t)flen - off) {
+            BAT_FAULT("VHDX BAT entry %" PRIu64 " end offset %" PRIu64
+                      " points after end of file (%" PRId64 "). Image has "
+                      "probably been truncated.", i, off + blen - 1, flen);
         }
-        if (off >= (uint64_t)flen || blen > (uint64_t)flen - off) {
-            BAT_FAULT("BAT entry %" PRIu64 " offset 0x%" PRIx64 " points "
-                      "after end of file (%" PRId64 "). Image has probably "
-                      "been truncated.", i, off, flen);
-            continue;
-        }
-        o = region_overlap(s, off, blen);
+        /* QEMU checks a whole block against the regions. */
+        o = region_overlap(s, off, bat_is_bitmap(s, i) ? MIB : s->block_size);
         if (o) {
-            BAT_FAULT("BAT entry %" PRIu64 " offset 0x%" PRIx64 " overlaps "
-                      "the %s", i, off, o->what);
-            continue;
+            uint64_t end = off + (bat_is_bitmap(s, i) ? (uint64_t)MIB
+                                                      : s->block_size);
+            BAT_FAULT("VHDX region %" PRIu64 "-%" PRIu64 " overlaps with "
+                      "region %" PRIu64 "-%" PRIu64, off, end, o->start,
+                      o->end);
         }
-        r[n++] = (bat_range){ off, off + blen, i };
+        if (!bad) {
+            r[n++] = (bat_range){ off, off + blen, i };
+        }
     }
     qsort(r, n, sizeof(*r), cmp_range);
     for (uint64_t k = 1; k < n; k++) {
         if (r[k].start < r[k - 1].end) {
-            BAT_FAULT("BAT entries %" PRIu64 " and %" PRIu64 " overlap "
-                      "(offsets 0x%" PRIx64 " and 0x%" PRIx64 ")",
+            bool bad;
+            BAT_FAULT("VHDX BAT entries %" PRIu64 " and %" PRIu64 " overlap "
+                      "(offsets %" PRIu64 " and %" PRIu64 ")",
                       r[k - 1].index, r[k].index, r[k - 1].start,
                       r[k].start);
+            (void)bad;
         }
     }
 #undef BAT_FAULT
@@ -1042,9 +1046,9 @@ static int vhdx_open(vd_node *node, vd_opts *opts, unsigned flags,
         if (flags & VD_NODE_CHECK) {
             /* check reports what is wrong (as QEMU, which skips this
              * at a check open); no write goes near a bad BAT. */
-            s->corrupt = vhdx_check_bat(node, s, flen, NULL, NULL) < 0;
+            s->corrupt = vhdx_check_bat(s, flen, NULL, NULL) < 0;
         } else {
-            ret = vhdx_check_bat(node, s, flen, NULL, err);
+            ret = vhdx_check_bat(s, flen, NULL, err);
         }
     }
     if (ret < 0) {
@@ -1283,7 +1287,7 @@ static int vhdx_check(vd_node *node, vd_check_result *res, unsigned fix,
         res->corruptions_fixed++;
     }
     pthread_mutex_lock(&s->lock);
-    vhdx_check_bat(node, s, flen, res, err);
+    vhdx_check_bat(s, flen, res, err);
     pthread_mutex_unlock(&s->lock);
     return 0;
 }
