@@ -1334,7 +1334,9 @@ static int vhdx_write_new(vd_node *file, uint64_t size, uint64_t log_size,
 {
     uint64_t chunk = VHDX_MAX_SECTORS_PER_BLOCK * 512 / block_size;
     uint64_t blocks = (size + block_size - 1) / block_size;
-    uint64_t entries = blocks ? blocks + (blocks - 1) / chunk : 0;
+    /* QEMU counts in 32 bits: an empty disk gets (2^32 - 1) / chunk
+     * entries (a 64 MiB BAT for 8 MiB blocks), and so does vdisk's. */
+    uint64_t entries = blocks + (uint32_t)(blocks - 1) / chunk;
     uint64_t bat_off = (VHDX_SECTION_END + log_size + MIB - 1) & ~(MIB - 1);
     uint64_t bat_len = (entries * 8 + MIB - 1) & ~(MIB - 1);
     uint64_t meta_off = bat_off + bat_len, data_off = bat_off + bat_len +
