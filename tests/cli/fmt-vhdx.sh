@@ -24,6 +24,7 @@ tmpdir
 # vhdx_log_write lays them holds its 4 KiB sector as it was (and, with
 # ZERO_OFF, zeroes 4 KiB of the file there); the headers get the log's
 # GUID. badsum damages the entry after its checksum was computed.
+# vhdx.py tail FILE VALUE: the tail field of the log's first entry.
 cat > vhdx.py <<'EOF'
 import struct, sys, uuid
 T = []
@@ -90,6 +91,13 @@ elif cmd == 'meta':
         int(sys.argv[5], 0))
 elif cmd == 'bat':
     put(b, layout(b)[0] + 8 * int(sys.argv[3]), 'Q', int(sys.argv[4], 0))
+elif cmd == 'tail':
+    # the tail of the entry at the log's start, its checksum fixed
+    lo = struct.unpack_from('<Q', b, cur(b) + 72)[0]
+    put(b, lo + 12, 'I', int(sys.argv[3], 0))
+    n = struct.unpack_from('<I', b, lo + 8)[0]
+    put(b, lo + 4, 'I', 0)
+    put(b, lo + 4, 'I', crc(bytes(b[lo:lo + n])))
 elif cmd == 'dirty':
     eo = layout(b)[0] + 8 * int(sys.argv[3])
     zoff = int(sys.argv[4], 0) if len(sys.argv) > 4 and \
@@ -256,28 +264,7 @@ check_refused logsum "log.*invalid (bad checksum)" check -r all
 # A sequence whose tail names an entry that is not there: no partial
 # replay either.
 cp dirty.vhdx logtail.img
-python3 - logtail.img <<'EOF'
-import struct, sys
-p = sys.argv[1]
-b = bytearray(open(p, 'rb').read())
-# the entry's tail (offset 12) points at 0x1000, where no entry is
-T = []
-for i in range(256):
-    c = i
-    for _ in range(8):
-        c = (c >> 1) ^ 0x82f63b78 if c & 1 else c >> 1
-    T.append(c)
-def crc(d):
-    c = 0xffffffff
-    for x in d:
-        c = T[(c ^ x) & 0xff] ^ (c >> 8)
-    return c ^ 0xffffffff
-lo = 1024 * 1024
-struct.pack_into('<I', b, lo + 12, 8192)
-struct.pack_into('<I', b, lo + 4, 0)
-struct.pack_into('<I', b, lo + 4, crc(bytes(b[lo:lo + 8192])))
-open(p, 'wb').write(b)
-EOF
+python3 vhdx.py tail logtail.img 8192
 check_refused logtail "active sequence is broken" check -r all
 
 # ---- corruption corpus ----
