@@ -446,7 +446,7 @@ out:
 
 typedef struct vhdx_log {
     uint8_t *buf;           /* the whole log */
-    uint64_t len;
+    uint64_t off, len;      /* where it is in the file */
     const uint8_t *guid;
 } vhdx_log;
 
@@ -495,7 +495,10 @@ static bool log_entry_valid(const vhdx_log *l, uint64_t pos, uint64_t flen,
         return false;
     }
     dsec = (64 + 32 * (uint64_t)ndesc + VHDX_LOG_SECTOR - 1) / VHDX_LOG_SECTOR;
-    if (dsec * VHDX_LOG_SECTOR > elen || last % MIB || last > VD_MAX_LENGTH) {
+    /* A replay may grow the file to the size the entry saw (QEMU does),
+     * but by no more than one largest block. */
+    if (dsec * VHDX_LOG_SECTOR > elen || last % MIB ||
+        last > flen + VHDX_BLOCK_MAX) {
         *bad = "bad descriptor count or file size";
         return false;
     }
@@ -537,7 +540,8 @@ static bool log_entry_valid(const vhdx_log *l, uint64_t pos, uint64_t flen,
          * itself, inside the file or the size the entry gives it. */
         if (foff % VHDX_LOG_SECTOR || foff < VHDX_SECTION_END ||
             foff > VD_MAX_LENGTH || n > VD_MAX_LENGTH - foff ||
-            foff + n > (last > flen ? last : flen)) {
+            foff + n > (last > flen ? last : flen) ||
+            (foff < l->off + l->len && foff + n > l->off)) {
             *bad = "descriptor writes outside the file's data";
             return false;
         }
@@ -580,17 +584,12 @@ static int log_replay_entry(vd_node *node, vhdx_state *s, const vhdx_log *l,
     return ret;
 }
 
-static int vhdx_parse_log(vd_node *node, vhdx_state *s, int64_t flen,
-                          bool writable, vd_error *err)
+/* The log's place (QEMU's checks), registered as a region before the
+ * region table is read so that no region may overlap it. */
+static int vhdx_log_region(vhdx_state *s, vd_error *err)
 {
     const uint8_t *h = cur_hdr(s);
     uint64_t off = fmt_rd64(h + H_LOG_OFFSET), len = fmt_rd32(h + H_LOG_LENGTH);
-    uint64_t best = UINT64_MAX, best_seq = 0, pos, elen, seq, last_file = 0;
-    uint64_t *chain = NULL, n = 0, want = 0;
-    const char *bad, *first_bad = NULL;
-    uint64_t first_bad_pos = 0;
-    vhdx_log l = { NULL, len, h + H_LOG_GUID };
-    int ret = 0;
 
     if (off < MIB || off % MIB) {
         return vd_error_set(err, -EINVAL, "log offset 0x%" PRIx64 " is "
@@ -601,11 +600,28 @@ static int vhdx_parse_log(vd_node *node, vhdx_state *s, int64_t flen,
         return vd_error_set(err, -EINVAL, "unsupported log version %"
                             PRIu32, fmt_rd32(h + H_LOG_VERSION) & 0xffff);
     }
-    if (len % MIB || off > VD_MAX_LENGTH - len) {
+    /* QEMU wants whole MiB only of a log it replays (vhdx_parse_log). */
+    if (off > VD_MAX_LENGTH - len ||
+        (len % MIB && !guid_zero(h + H_LOG_GUID))) {
         return vd_error_set(err, -EINVAL, "log length 0x%" PRIx64 " is "
                             "not a multiple of 1 MiB", len);
     }
     region_add(s, off, len, "log");
+    return 0;
+}
+
+static int vhdx_parse_log(vd_node *node, vhdx_state *s, int64_t flen,
+                          bool writable, vd_error *err)
+{
+    const uint8_t *h = cur_hdr(s);
+    uint64_t off = fmt_rd64(h + H_LOG_OFFSET), len = fmt_rd32(h + H_LOG_LENGTH);
+    uint64_t best = UINT64_MAX, best_seq = 0, pos, elen, seq, last_file = 0;
+    uint64_t *chain = NULL, n = 0, want = 0;
+    const char *bad, *first_bad = NULL;
+    uint64_t first_bad_pos = 0;
+    vhdx_log l = { NULL, off, len, h + H_LOG_GUID };
+    int ret = 0;
+
     if (guid_zero(h + H_LOG_GUID) || len == 0) {
         return 0;
     }
@@ -1024,6 +1040,9 @@ static int vhdx_open(vd_node *node, vd_opts *opts, unsigned flags,
     region_add(s, 0, VHDX_SECTION_END, "header section");
     ret = vhdx_read_headers(node, s, err);
     if (ret == 0) {
+        ret = vhdx_log_region(s, err);
+    }
+    if (ret == 0) {
         ret = vhdx_read_regions(node, s, flen, err);
     }
     if (ret == 0) {
@@ -1097,6 +1116,10 @@ static int vhdx_preadv(vd_node *node, uint64_t off, uint64_t bytes,
         uint64_t o = off + done, e, n = s->block_size - o % s->block_size;
         if (n > bytes - done) {
             n = bytes - done;
+        }
+        if (bat_index(s, o) >= s->bat_entries) {
+            return vd_error_set(err, -EIO, "%s: read at 0x%" PRIx64 " is "
+                                "past the BAT", s->filename, o);
         }
         pthread_mutex_lock(&s->lock);
         e = s->bat[bat_index(s, o)];
@@ -1180,43 +1203,44 @@ static int vhdx_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
         return vd_error_set(err, -EIO, "%s: refusing to write: the BAT is "
                             "corrupt", s->filename);
     }
-    pthread_mutex_lock(&s->lock);
-    if (!s->first_write_done) {
-        ret = vhdx_update_headers(node, s, true, NULL, err);
-        if (ret < 0) {
-            goto out;
-        }
-        s->first_write_done = true;
-    }
     while (done < bytes) {
         uint64_t o = off + done, e, n = s->block_size - o % s->block_size;
         if (n > bytes - done) {
             n = bytes - done;
         }
+        if (bat_index(s, o) >= s->bat_entries) {
+            return vd_error_set(err, -EIO, "%s: write at 0x%" PRIx64 " is "
+                                "past the BAT", s->filename, o);
+        }
+        /* The metadata changes under the lock; data into a present
+         * block goes without it (QEMU drops its lock there too), so
+         * that convert's parallel writes overlap. */
+        pthread_mutex_lock(&s->lock);
+        if (!s->first_write_done) {
+            ret = vhdx_update_headers(node, s, true, NULL, err);
+            s->first_write_done = ret == 0;
+        }
         e = s->bat[bat_index(s, o)];
-        switch (e & BAT_STATE_MASK) {
-        case PAYLOAD_FULLY_PRESENT:
+        if (ret == 0 && (e & BAT_STATE_MASK) == PAYLOAD_PARTIALLY_PRESENT) {
+            ret = vd_error_set(err, -EIO, "%s: block at 0x%" PRIx64 " has an "
+                               "unwritable state", s->filename, o);
+        } else if (ret == 0 && (e & BAT_STATE_MASK) != PAYLOAD_FULLY_PRESENT) {
+            /* Every other state reads as zeros (4 is refused at open). */
+            ret = vhdx_alloc(node, s, o, qiov, done, n, err);
+            e = 0;
+        }
+        pthread_mutex_unlock(&s->lock);
+        if (ret == 0 && e) {
             ret = fmt_file_io(node->file, true, (e & BAT_OFF_MASK) +
                               o % s->block_size, qiov, done, n, s->filename,
                               err);
-            break;
-        case PAYLOAD_PARTIALLY_PRESENT:
-        case 4:
-            ret = vd_error_set(err, -EIO, "%s: block at 0x%" PRIx64 " has an "
-                               "unwritable state", s->filename, o);
-            break;
-        default:
-            ret = vhdx_alloc(node, s, o, qiov, done, n, err);
-            break;
         }
         if (ret < 0) {
-            break;
+            return ret;
         }
         done += n;
     }
-out:
-    pthread_mutex_unlock(&s->lock);
-    return ret;
+    return 0;
 }
 
 static int vhdx_block_status(vd_node *node, bool want_zero, uint64_t off,

@@ -295,6 +295,7 @@ bad logoff.vhdx hdr cur 72 Q 0x12345
 bad rtsum.vhdx rt 16 B 0x55 nofix
 bad rtcount.vhdx rt 8 I 5000
 bad rtmetaovl.vhdx rt 64 Q 0x200000
+bad rtlog.vhdx rt 32 Q 0x100000
 bad metasig.vhdx meta 0 B 0x4e
 bad metacount.vhdx meta 10 H 3000
 bad metaoff.vhdx meta 48 I 0x7fff0000
@@ -307,7 +308,7 @@ bad batend.vhdx bat 2 0x1600006
 bad batovl.vhdx bat 0 0x200006
 bad batstate.vhdx bat 1 0x4
 bad batpartial.vhdx bat 1 0x1000007
-for f in hboth hver logoff rtsum rtcount rtmetaovl metasig \
+for f in hboth hver logoff rtsum rtcount rtmetaovl rtlog metasig \
          metacount metaoff bsize lsector vsize hasparent batpast batend \
          batovl batstate batpartial; do
     cp $f.vhdx $f.orig
