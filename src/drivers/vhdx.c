@@ -40,8 +40,12 @@
  * What vdisk refuses where QEMU would go on (docs/formats.md): regions
  * not 1 MiB aligned or past the end of the file, BAT entries that
  * overlap each other or any region, invalid block states, a dirty log
- * with no valid entry or with a broken active sequence, differencing
- * images (QEMU 7.2 refuses them too).
+ * with no valid entry or with a broken active sequence.
+ *
+ * What vdisk adds: differencing images (which QEMU 7.2 refuses) are
+ * read, the parent locator's path opened as the backing file and
+ * partially present blocks read sector by sector through their chunk's
+ * sector bitmap; writing to them is refused.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -145,6 +149,7 @@ typedef struct vhdx_state {
     bool first_write_done;
     bool log_replayed;
     bool corrupt;               /* BAT problems (only a check open goes on) */
+    bool has_parent;            /* differencing: reads fall through */
     vhdx_region regions[4 + VHDX_MAX_ENTRIES];
     int nregions;
     uint64_t bat_offset, bat_rt_length, meta_offset, meta_length;
@@ -729,6 +734,129 @@ out:
     return ret;
 }
 
+/* ---- differencing images: the parent locator ---- */
+
+static const uint8_t parent_vhdx_guid[16] =
+    GUID(0xb04aefb7, 0xd19e, 0x4a81, 0xb7, 0x89, 0x25, 0xb8, 0xe9, 0x44,
+         0x59, 0x13);
+
+/* @len bytes of UTF-16LE at @p as UTF-8 (NUL-terminated), backslashes
+ * turned into slashes; NULL when not representable. */
+static char *utf16_path(const uint8_t *p, size_t len)
+{
+    char *out = malloc(len / 2 * 3 + 1), *o = out;
+
+    if (!out) {
+        return NULL;
+    }
+    for (size_t i = 0; i + 1 < len; i += 2) {
+        unsigned c = p[i] | p[i + 1] << 8;
+        if (c == 0 || (c >= 0xd800 && c < 0xe000)) {
+            free(out);
+            return NULL;
+        }
+        if (c == '\\') {
+            c = '/';
+        }
+        if (c < 0x80) {
+            *o++ = (char)c;
+        } else if (c < 0x800) {
+            *o++ = (char)(0xc0 | c >> 6);
+            *o++ = (char)(0x80 | (c & 0x3f));
+        } else {
+            *o++ = (char)(0xe0 | c >> 12);
+            *o++ = (char)(0x80 | ((c >> 6) & 0x3f));
+            *o++ = (char)(0x80 | (c & 0x3f));
+        }
+    }
+    *o = 0;
+    return out;
+}
+
+/* The parent locator item (@len bytes at @off): its type must be VHDX's;
+ * the parent is its relative_path, else its absolute_win32_path (with
+ * "/" for "\\"; a Windows drive letter then names no file here), else
+ * its volume_path, opened as a vhdx backing file. */
+static int vhdx_parent_locator(vd_node *node, vhdx_state *s, uint64_t off,
+                               uint32_t len, vd_error *err)
+{
+    static const char *const keys[] = { "relative_path",
+                                         "absolute_win32_path",
+                                         "volume_path" };
+    uint8_t *loc;
+    uint32_t count;
+    char *path = NULL;
+    int best = 3, ret;
+
+    if (len > 64 * KIB) {
+        return vd_error_set(err, -EINVAL, "parent locator too large (%"
+                            PRIu32 " bytes)", len);
+    }
+    loc = malloc(len);
+    if (!loc) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    ret = vd_child_pread(node->file, off, loc, len, err);
+    if (ret < 0) {
+        goto out;
+    }
+    if (memcmp(loc, parent_vhdx_guid, 16) != 0) {
+        ret = vd_error_set(err, -ENOTSUP, "unsupported parent locator type");
+        goto out;
+    }
+    count = fmt_rd32(loc + 16) >> 16;
+    if (20 + 12 * (uint64_t)count > len) {
+        ret = vd_error_set(err, -EINVAL, "parent locator has %" PRIu32
+                           " entries, more than its %" PRIu32 " bytes hold",
+                           count, len);
+        goto out;
+    }
+    for (uint32_t i = 0; i < count; i++) {
+        const uint8_t *e = loc + 20 + 12 * (size_t)i;
+        uint32_t ko = fmt_rd32(e), vo = fmt_rd32(e + 4);
+        uint32_t kl = e[8] | e[9] << 8, vl = e[10] | e[11] << 8;
+        char *key;
+        if (ko > len || kl > len - ko || vo > len || vl > len - vo ||
+            kl % 2 || vl % 2) {
+            ret = vd_error_set(err, -EINVAL, "parent locator entry %" PRIu32
+                               " lies outside the locator", i);
+            goto out;
+        }
+        key = utf16_path(loc + ko, kl);
+        for (int k = 0; key && k < best; k++) {
+            if (!strcmp(key, keys[k])) {
+                char *v = utf16_path(loc + vo, vl);
+                if (v && v[0]) {
+                    free(path);
+                    path = v;
+                    best = k;
+                } else {
+                    free(v);
+                }
+                break;
+            }
+        }
+        free(key);
+    }
+    if (!path) {
+        ret = vd_error_set(err, -EINVAL, "parent locator names no parent "
+                           "path");
+        goto out;
+    }
+    /* A relative path starts ".\\" on Windows. */
+    if (!strncmp(path, "./", 2)) {
+        memmove(path, path + 2, strlen(path + 2) + 1);
+    }
+    free(node->backing_file);
+    node->backing_file = path;
+    free(node->backing_format);
+    node->backing_format = strdup("vhdx");
+    s->has_parent = true;
+out:
+    free(loc);
+    return ret;
+}
+
 /* ---- metadata ---- */
 
 static int vhdx_read_metadata(vd_node *node, vhdx_state *s, vd_error *err)
@@ -817,15 +945,17 @@ static int vhdx_read_metadata(vd_node *node, vhdx_state *s, vd_error *err)
             break;
         }
     }
-    (void)mlen;
     if (s->param_bits & 2) {
-        /* QEMU 7.2 refuses differencing images the same way. */
-        ret = present & (1u << M_PARENT)
-              ? vd_error_set(err, -ENOTSUP, "differencing VHDX images "
-                             "are not supported")
-              : vd_error_set(err, -EINVAL, "has-parent is set but there "
-                             "is no parent locator");
-        goto out;
+        if (!(present & (1u << M_PARENT))) {
+            ret = vd_error_set(err, -EINVAL, "has-parent is set but there "
+                               "is no parent locator");
+            goto out;
+        }
+        ret = vhdx_parent_locator(node, s, s->meta_offset + moff[M_PARENT],
+                                  mlen[M_PARENT], err);
+        if (ret < 0) {
+            goto out;
+        }
     }
     if (s->block_size < VHDX_BLOCK_MIN || s->block_size > VHDX_BLOCK_MAX ||
         !is_pow2(s->block_size)) {
@@ -912,14 +1042,20 @@ static int vhdx_check_bat(vhdx_state *s, int64_t flen, vd_check_result *res,
             }
         } else {
             uint64_t blk = i - i / (s->chunk_ratio + 1);
-            if (st == 4 || st == PAYLOAD_PARTIALLY_PRESENT) {
+            uint64_t sb = i / (s->chunk_ratio + 1) * (s->chunk_ratio + 1) +
+                          s->chunk_ratio;
+            if (st == 4 || (st == PAYLOAD_PARTIALLY_PRESENT &&
+                            (!s->has_parent || sb >= s->bat_entries ||
+                             (s->bat[sb] & BAT_STATE_MASK) != SB_PRESENT))) {
                 BAT_FAULT("VHDX BAT entry %" PRIu64 " has an invalid state %"
                           PRIu64 "%s", i, st,
-                          st == 4 ? "" : " (partially present without a "
-                                         "parent)");
+                          st == 4 ? "" : s->has_parent
+                          ? " (partially present without a sector bitmap)"
+                          : " (partially present without a parent)");
                 continue;
             }
-            if (st != PAYLOAD_FULLY_PRESENT || blk >= s->data_blocks) {
+            if ((st != PAYLOAD_FULLY_PRESENT &&
+                 st != PAYLOAD_PARTIALLY_PRESENT) || blk >= s->data_blocks) {
                 continue;
             }
             if (s->virtual_size - blk * s->block_size < blen) {
@@ -975,8 +1111,14 @@ static int vhdx_read_bat(vd_node *node, vhdx_state *s, int64_t flen,
     s->chunk_ratio = VHDX_MAX_SECTORS_PER_BLOCK * s->logical_sector /
                      s->block_size;
     s->data_blocks = (s->virtual_size + s->block_size - 1) / s->block_size;
-    s->bat_entries = s->data_blocks ? s->data_blocks +
-                     (s->data_blocks - 1) / s->chunk_ratio : 0;
+    if (s->has_parent) {
+        /* A sector bitmap entry after every chunk, the last one too. */
+        s->bat_entries = (s->data_blocks + s->chunk_ratio - 1) /
+                         s->chunk_ratio * (s->chunk_ratio + 1);
+    } else {
+        s->bat_entries = s->data_blocks ? s->data_blocks +
+                         (s->data_blocks - 1) / s->chunk_ratio : 0;
+    }
     bytes = s->bat_entries * 8;
     if (bytes > s->bat_rt_length) {
         return vd_error_set(err, -EINVAL, "the BAT region (%" PRIu64
@@ -1104,12 +1246,69 @@ static uint64_t bat_index(const vhdx_state *s, uint64_t off)
     return blk + blk / s->chunk_ratio;
 }
 
+/* The sector bitmap bits of the @n bytes at guest offset @o (inside one
+ * partially present block): *@run gets how many bytes from @o share the
+ * first one's bit, which is returned (1: in this file), or an errno. */
+static int vhdx_bitmap_run(vd_node *node, vhdx_state *s, uint64_t o,
+                           uint64_t n, uint64_t *run, vd_error *err)
+{
+    uint64_t blk = o / s->block_size, chunk = blk / s->chunk_ratio;
+    uint64_t sb = s->bat[chunk * (s->chunk_ratio + 1) + s->chunk_ratio];
+    uint64_t first = (o - chunk * s->chunk_ratio * s->block_size) /
+                     s->logical_sector, count = n / s->logical_sector;
+    uint8_t bits[512];
+    int bit = -1, ret;
+
+    if (count == 0) {
+        count = 1;
+    }
+    *run = 0;
+    for (uint64_t k = 0; k < count;) {
+        uint64_t byte0 = (first + k) / 8, nb = (count - k + 7) / 8 + 1;
+        if (nb > sizeof(bits)) {
+            nb = sizeof(bits);
+        }
+        if (byte0 + nb > MIB) {
+            nb = MIB - byte0;
+        }
+        ret = vd_child_pread(node->file, (sb & BAT_OFF_MASK) + byte0, bits,
+                             nb, err);
+        if (ret < 0) {
+            return ret;
+        }
+        for (; k < count && (first + k) / 8 - byte0 < nb; k++) {
+            int b = bits[(first + k) / 8 - byte0] >> ((first + k) % 8) & 1;
+            if (bit < 0) {
+                bit = b;
+            } else if (b != bit) {
+                *run = k * s->logical_sector;
+                return bit;
+            }
+        }
+    }
+    *run = n;
+    return bit;
+}
+
+/* @n bytes at guest @o into @qiov at @qoff from the parent (zeros when
+ * none was opened). */
+static int vhdx_read_parent(vd_node *node, uint64_t o, vd_iov *qiov,
+                            uint64_t qoff, uint64_t n, vd_error *err)
+{
+    if (!node->backing) {
+        vd_iov_memset(qiov, qoff, 0, n);
+        return 0;
+    }
+    return fmt_file_io(node->backing, false, o, qiov, qoff, n,
+                       node->filename, err);
+}
+
 static int vhdx_preadv(vd_node *node, uint64_t off, uint64_t bytes,
                        vd_iov *qiov, unsigned flags, vd_error *err)
 {
     vhdx_state *s = node->opaque;
     uint64_t done = 0;
-    int ret;
+    int ret = 0;
 
     (void)flags;
     while (done < bytes) {
@@ -1129,17 +1328,36 @@ static int vhdx_preadv(vd_node *node, uint64_t off, uint64_t bytes,
             ret = fmt_file_io(node->file, false, (e & BAT_OFF_MASK) +
                               o % s->block_size, qiov, done, n, s->filename,
                               err);
-            if (ret < 0) {
-                return ret;
-            }
             break;
         case PAYLOAD_PARTIALLY_PRESENT:
+            /* Checked at open: only in a differencing image, with its
+             * chunk's sector bitmap present. */
+            ret = vhdx_bitmap_run(node, s, o, n, &n, err);
+            if (ret == 1) {
+                ret = fmt_file_io(node->file, false, (e & BAT_OFF_MASK) +
+                                  o % s->block_size, qiov, done, n,
+                                  s->filename, err);
+            } else if (ret == 0) {
+                ret = vhdx_read_parent(node, o, qiov, done, n, err);
+            }
+            break;
         case 4:
             return vd_error_set(err, -EIO, "%s: block at 0x%" PRIx64 " has "
                                 "an unreadable state", s->filename, o);
-        default:
+        case PAYLOAD_ZERO:
             vd_iov_memset(qiov, done, 0, n);
             break;
+        default:
+            /* Not present: the parent's data, or zeros without one. */
+            if (s->has_parent) {
+                ret = vhdx_read_parent(node, o, qiov, done, n, err);
+            } else {
+                vd_iov_memset(qiov, done, 0, n);
+            }
+            break;
+        }
+        if (ret < 0) {
+            return ret;
         }
         done += n;
     }
@@ -1203,6 +1421,10 @@ static int vhdx_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
         return vd_error_set(err, -EIO, "%s: refusing to write: the BAT is "
                             "corrupt", s->filename);
     }
+    if (s->has_parent) {
+        return vd_error_set(err, -ENOTSUP, "%s: writing to a differencing "
+                            "VHDX image is not supported", s->filename);
+    }
     while (done < bytes) {
         uint64_t o = off + done, e, n = s->block_size - o % s->block_size;
         if (n > bytes - done) {
@@ -1252,32 +1474,46 @@ static int vhdx_block_status(vd_node *node, bool want_zero, uint64_t off,
     int ret;
 
     (void)want_zero;
-    (void)err;
     pthread_mutex_lock(&s->lock);
     e = s->bat[bat_index(s, off)];
+    pthread_mutex_unlock(&s->lock);
     st = e & BAT_STATE_MASK;
-    if (st == PAYLOAD_FULLY_PRESENT) {
-        n = s->block_size - off % s->block_size;
-        *map = (e & BAT_OFF_MASK) + off % s->block_size;
-        *file = node->file->node;
+    n = s->block_size - off % s->block_size;
+    if (n > bytes) {
+        n = bytes;
+    }
+    if (st == PAYLOAD_PARTIALLY_PRESENT && s->has_parent) {
+        /* Sectors in this file, or the parent's (unallocated here). */
+        ret = vhdx_bitmap_run(node, s, off, n, &n, err);
+        if (ret < 0) {
+            return ret;
+        }
+        ret = ret ? VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID |
+                    VD_BLOCK_ALLOCATED : 0;
+    } else if (st == PAYLOAD_FULLY_PRESENT || st == PAYLOAD_PARTIALLY_PRESENT) {
         ret = VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID | VD_BLOCK_ALLOCATED;
     } else {
-        /* Blocks in a row that read as zeros. */
-        ret = VD_BLOCK_ZERO | (st == PAYLOAD_ZERO ? VD_BLOCK_ALLOCATED : 0);
+        /* Blocks in a row that read as zeros (ZERO, or not present
+         * without a parent) or from the parent (not present). */
+        bool zero = st == PAYLOAD_ZERO;
+        ret = zero ? VD_BLOCK_ZERO | VD_BLOCK_ALLOCATED
+                   : s->has_parent ? 0 : VD_BLOCK_ZERO;
+        pthread_mutex_lock(&s->lock);
         while (n < bytes) {
             uint64_t e2 = s->bat[bat_index(s, off + n)] & BAT_STATE_MASK;
             if (e2 == PAYLOAD_FULLY_PRESENT || e2 == 4 ||
                 e2 == PAYLOAD_PARTIALLY_PRESENT ||
-                (e2 == PAYLOAD_ZERO) != (st == PAYLOAD_ZERO)) {
+                (e2 == PAYLOAD_ZERO) != zero) {
                 break;
             }
             n += s->block_size - (off + n) % s->block_size;
         }
-        if (n == 0) {
-            n = s->block_size - off % s->block_size;
-        }
+        pthread_mutex_unlock(&s->lock);
     }
-    pthread_mutex_unlock(&s->lock);
+    if (ret & VD_BLOCK_OFFSET_VALID) {
+        *map = (e & BAT_OFF_MASK) + off % s->block_size;
+        *file = node->file->node;
+    }
     *pnum = n < bytes ? n : bytes;
     return ret;
 }
@@ -1574,6 +1810,7 @@ const vd_driver vd_driver_vhdx = {
     .name = "vhdx",
     .instance_size = sizeof(vhdx_state),
     .is_format = true,
+    .supports_backing = true,
     .create_opts = vhdx_create_opts,
     .probe = vhdx_probe,
     .open = vhdx_open,

@@ -25,6 +25,7 @@ tmpdir
 # ZERO_OFF, zeroes 4 KiB of the file there); the headers get the log's
 # GUID. badsum damages the entry after its checksum was computed.
 # vhdx.py tail FILE VALUE: the tail field of the log's first entry.
+# vhdx.py diff FILE PARENT: makes FILE a differencing image of PARENT.
 cat > vhdx.py <<'EOF'
 import struct, sys, uuid
 T = []
@@ -98,6 +99,44 @@ elif cmd == 'tail':
     n = struct.unpack_from('<I', b, lo + 8)[0]
     put(b, lo + 4, 'I', 0)
     put(b, lo + 4, 'I', crc(bytes(b[lo:lo + n])))
+elif cmd == 'diff':
+    # diff FILE PARENT: a differencing image made of a dynamic one (8 MiB
+    # blocks, block_state_zero=off): has-parent set, a VHDX parent
+    # locator naming PARENT (relative_path, Windows style), block 1
+    # PARTIALLY_PRESENT with a sector bitmap (at the end of the file)
+    # that keeps only the sectors whose index has bit 3 set
+    bat, meta = layout(b)
+    put(b, meta + 64 * K + 4, 'I', 2)
+    e = meta + 32 + 32 * 5
+    put(b, meta + 10, 'H', 6)
+    kv = [('parent_linkage', '{%s}' % uuid.uuid4()),
+          ('relative_path', '.\\' + sys.argv[3]),
+          ('absolute_win32_path', 'C:\\nowhere\\' + sys.argv[3])]
+    loc = bytearray(uuid.UUID('b04aefb7-d19e-4a81-b789-25b8e9445913').bytes_le)
+    loc += struct.pack('<HH', 0, len(kv))
+    strs = bytearray()
+    base = 20 + 12 * len(kv)
+    for k, v in kv:
+        k, v = k.encode('utf-16-le'), v.encode('utf-16-le')
+        loc += struct.pack('<IIHH', base + len(strs), base + len(strs) + len(k),
+                           len(k), len(v))
+        strs += k + v
+    loc += strs
+    struct.pack_into('<16sIII', b, e,
+                     uuid.UUID('a8d35f2d-b30b-454d-abf7-d3d84834ab0c').bytes_le,
+                     0x10100, len(loc), 4)
+    b[meta + 0x10100:meta + 0x10100 + len(loc)] = loc
+    # chunk ratio 2^23 * 512 / 8 MiB = 512: entry 512 is the bitmap's
+    sbm = (len(b) + 0xfffff) & ~0xfffff
+    b += bytes(sbm - len(b))
+    bm = bytearray(1024 * 1024)
+    for sector in range(16384, 32768):
+        if sector & 8:
+            bm[sector // 8] |= 1 << (sector % 8)
+    b += bm
+    put(b, bat + 8 * 512, 'Q', sbm | 6)
+    ent = struct.unpack_from('<Q', b, bat + 8)[0]
+    put(b, bat + 8, 'Q', (ent & ~7) | 7)
 elif cmd == 'dirty':
     eo = layout(b)[0] + 8 * int(sys.argv[3])
     zoff = int(sys.argv[4], 0) if len(sys.argv) > 4 and \
@@ -266,6 +305,39 @@ check_refused logsum "log.*invalid (bad checksum)" check -r all
 cp dirty.vhdx logtail.img
 python3 vhdx.py tail logtail.img 8192
 check_refused logtail "active sequence is broken" check -r all
+
+# ---- differencing images ----
+# QEMU 7.2 refuses them (ENOTSUP); vdisk reads them over their parent
+# (relative_path of the parent locator), block by block and, in a
+# partially present block, sector by sector as its bitmap says.
+"$QEMU_IMG" create -q -f vhdx par.vhdx 20M
+"$QEMU_IO" -c "write -P 0x51 0 20M" par.vhdx >/dev/null
+"$QEMU_IMG" create -q -f vhdx -o block_state_zero=off,block_size=8M \
+    child.vhdx 20M
+"$QEMU_IO" -c "write -P 0x62 1M 2M" -c "write -P 0x63 8M 8M" \
+    child.vhdx >/dev/null
+"$QEMU_IMG" convert -O raw par.vhdx par.raw
+"$QEMU_IMG" convert -O raw child.vhdx child.raw
+python3 vhdx.py diff child.vhdx par.vhdx
+expect_status 1 "$QEMU_IMG" info child.vhdx
+"$VDISK_QEMU_IMG" info child.vhdx > out
+grep -q "^backing file: par.vhdx" out || fail "no backing file: $(cat out)"
+grep -q "^backing file format: vhdx" out || fail "no backing format"
+"$VDISK_QEMU_IMG" convert -O raw child.vhdx diff.raw
+python3 - <<'EOF'
+p, c, d = (open(f, 'rb').read() for f in ('par.raw', 'child.raw', 'diff.raw'))
+M = 1 << 20
+want = bytearray(c[:8 * M])                  # block 0: fully present
+for s in range(16384, 32768):                # block 1: by the bitmap
+    src = c if s & 8 else p
+    want += src[s * 512:(s + 1) * 512]
+want += p[16 * M:]                           # block 2: not present
+assert len(want) == len(d), (len(want), len(d))
+assert want == d, 'differencing image read wrongly'
+EOF
+"$VDISK_QEMU_IMG" map --output=json child.vhdx > out
+grep -q '"depth": 1' out || fail "map: nothing from the parent"
+expect_status 1 "$VDISK_QEMU_IO" -c "write 0 512" child.vhdx
 
 # ---- corruption corpus ----
 "$QEMU_IMG" create -q -f vhdx good.vhdx 24M
