@@ -440,7 +440,8 @@ static int vhdx_read_regions(vd_node *node, vhdx_state *s, int64_t flen,
         }
     }
     if (!have_bat || !have_meta) {
-        ret = vd_error_set(err, -EINVAL, "the region table has no %s", have_bat ? "metadata region" : "BAT");
+        ret = vd_error_set(err, -EINVAL, "the region table has no %s",
+                           have_bat ? "metadata region" : "BAT");
     }
 out:
     free(rt);
@@ -594,7 +595,8 @@ static int log_replay_entry(vd_node *node, vhdx_state *s, const vhdx_log *l,
 static int vhdx_log_region(vhdx_state *s, vd_error *err)
 {
     const uint8_t *h = cur_hdr(s);
-    uint64_t off = fmt_rd64(h + H_LOG_OFFSET), len = fmt_rd32(h + H_LOG_LENGTH);
+    uint64_t off = fmt_rd64(h + H_LOG_OFFSET);
+    uint64_t len = fmt_rd32(h + H_LOG_LENGTH);
 
     if (off < MIB || off % MIB) {
         return vd_error_set(err, -EINVAL, "log offset 0x%" PRIx64 " is "
@@ -619,7 +621,8 @@ static int vhdx_parse_log(vd_node *node, vhdx_state *s, int64_t flen,
                           bool writable, vd_error *err)
 {
     const uint8_t *h = cur_hdr(s);
-    uint64_t off = fmt_rd64(h + H_LOG_OFFSET), len = fmt_rd32(h + H_LOG_LENGTH);
+    uint64_t off = fmt_rd64(h + H_LOG_OFFSET);
+    uint64_t len = fmt_rd32(h + H_LOG_LENGTH);
     uint64_t best = UINT64_MAX, best_seq = 0, pos, elen, seq, last_file = 0;
     uint64_t *chain = NULL, n = 0, want = 0;
     const char *bad, *first_bad = NULL;
@@ -697,10 +700,10 @@ static int vhdx_parse_log(vd_node *node, vhdx_state *s, int64_t flen,
         ret = vd_error_set(err, -EPERM, "VHDX image file '%s' opened "
                            "read-only, but contains a log that needs to be "
                            "replayed", s->filename);
-        snprintf(err ? err->hint : (char[1]){ 0 }, err ? sizeof(err->hint)
-                                                       : 1,
-                 "To replay the log, run:\nqemu-img check -r all '%s'",
-                 s->filename);
+        if (err && err->code == -EPERM && !err->hint[0]) {
+            snprintf(err->hint, sizeof(err->hint), "To replay the log, "
+                     "run:\nqemu-img check -r all '%s'", s->filename);
+        }
         goto out;
     }
     for (uint64_t i = 0; i < n; i++) {
@@ -898,15 +901,18 @@ static int vhdx_read_metadata(vd_node *node, vhdx_state *s, vd_error *err)
             continue;
         }
         if (present & (1u << m)) {
-            ret = vd_error_set(err, -EINVAL, "two %s metadata items", meta_names[m]);
+            ret = vd_error_set(err, -EINVAL, "two %s metadata items",
+                               meta_names[m]);
             goto out;
         }
         if (off < VHDX_TABLE_SIZE || off > s->meta_length ||
             len > s->meta_length - off ||
-            (meta_len[m] && len < meta_len[m]) || (m == M_PARENT && len < 20)) {
+            (meta_len[m] && len < meta_len[m]) ||
+            (m == M_PARENT && len < 20)) {
             ret = vd_error_set(err, -EINVAL, "%s metadata item (offset "
                                "0x%" PRIx32 ", length %" PRIu32 ") is outside"
-                               " the metadata region", meta_names[m], off, len);
+                               " the metadata region", meta_names[m], off,
+                               len);
             goto out;
         }
         present |= 1u << m;
@@ -1026,7 +1032,8 @@ static int vhdx_check_bat(vhdx_state *s, int64_t flen, vd_check_result *res,
         bad = true;                                                       \
     } while (0)
     for (uint64_t i = 0; i < s->bat_entries; i++) {
-        uint64_t e = s->bat[i], st = e & BAT_STATE_MASK, off = e & BAT_OFF_MASK;
+        uint64_t e = s->bat[i], st = e & BAT_STATE_MASK;
+        uint64_t off = e & BAT_OFF_MASK;
         uint64_t blen = s->block_size;
         const vhdx_region *o;
         bool bad = false;
@@ -1158,7 +1165,6 @@ static int vhdx_open(vd_node *node, vd_opts *opts, unsigned flags,
 
     (void)opts;
     s->filename = node->filename;
-    pthread_mutex_init(&s->lock, NULL);
     flen = vd_node_getlength(node->file->node);
     if (flen < 0) {
         return vd_error_set_errno(err, (int)flen, "cannot get the file "
@@ -1167,7 +1173,8 @@ static int vhdx_open(vd_node *node, vd_opts *opts, unsigned flags,
     if (flen < (int64_t)VHDX_SECTION_END) {
         ret = vd_child_pread(node->file, 0, sig, flen < 8 ? (uint64_t)flen : 8,
                              NULL);
-        return vd_error_set(err, -EINVAL, "%s", ret == 0 && !memcmp(sig, "vhdxfile", 8)
+        return vd_error_set(err, -EINVAL, "%s",
+                            ret == 0 && !memcmp(sig, "vhdxfile", 8)
                             ? "the file is shorter than the VHDX header "
                               "section" : "Not a VHDX image");
     }
@@ -1178,6 +1185,7 @@ static int vhdx_open(vd_node *node, vd_opts *opts, unsigned flags,
     if (memcmp(sig, "vhdxfile", 8) != 0) {
         return vd_error_set(err, -EINVAL, "Not a VHDX image");
     }
+    pthread_mutex_init(&s->lock, NULL);
     guid_generate(s->session_guid);
     region_add(s, 0, VHDX_SECTION_END, "header section");
     ret = vhdx_read_headers(node, s, err);
@@ -1379,8 +1387,8 @@ static int vhdx_alloc(vd_node *node, vhdx_state *s, uint64_t o,
                             s->filename);
     }
     start = ((uint64_t)flen + MIB - 1) & ~(MIB - 1);
-    if (start > VD_MAX_LENGTH - s->block_size || region_overlap(s, start,
-                                                                s->block_size)) {
+    if (start > VD_MAX_LENGTH - s->block_size ||
+        region_overlap(s, start, s->block_size)) {
         return vd_error_set(err, -EFBIG, "%s: no room for a new block at 0x%"
                             PRIx64, s->filename, start);
     }
@@ -1490,7 +1498,8 @@ static int vhdx_block_status(vd_node *node, bool want_zero, uint64_t off,
         }
         ret = ret ? VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID |
                     VD_BLOCK_ALLOCATED : 0;
-    } else if (st == PAYLOAD_FULLY_PRESENT || st == PAYLOAD_PARTIALLY_PRESENT) {
+    } else if (st == PAYLOAD_FULLY_PRESENT ||
+               st == PAYLOAD_PARTIALLY_PRESENT) {
         ret = VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID | VD_BLOCK_ALLOCATED;
     } else {
         /* Blocks in a row that read as zeros (ZERO, or not present
