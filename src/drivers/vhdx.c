@@ -1262,14 +1262,12 @@ static int vhdx_bitmap_run(vd_node *node, vhdx_state *s, uint64_t o,
 {
     uint64_t blk = o / s->block_size, chunk = blk / s->chunk_ratio;
     uint64_t sb = s->bat[chunk * (s->chunk_ratio + 1) + s->chunk_ratio];
-    uint64_t first = (o - chunk * s->chunk_ratio * s->block_size) /
-                     s->logical_sector, count = n / s->logical_sector;
+    uint64_t rel = o - chunk * s->chunk_ratio * s->block_size;
+    uint64_t first = rel / s->logical_sector;
+    uint64_t count = (rel + n - 1) / s->logical_sector - first + 1;
     uint8_t bits[512];
     int bit = -1, ret;
 
-    if (count == 0) {
-        count = 1;
-    }
     *run = 0;
     for (uint64_t k = 0; k < count;) {
         uint64_t byte0 = (first + k) / 8, nb = (count - k + 7) / 8 + 1;
@@ -1289,7 +1287,9 @@ static int vhdx_bitmap_run(vd_node *node, vhdx_state *s, uint64_t o,
             if (bit < 0) {
                 bit = b;
             } else if (b != bit) {
-                *run = k * s->logical_sector;
+                /* Up to the first sector with the other bit (a request
+                 * may start inside a 4 KiB sector). */
+                *run = (first + k) * s->logical_sector - rel;
                 return bit;
             }
         }
@@ -1339,7 +1339,13 @@ static int vhdx_preadv(vd_node *node, uint64_t off, uint64_t bytes,
             break;
         case PAYLOAD_PARTIALLY_PRESENT:
             /* Checked at open: only in a differencing image, with its
-             * chunk's sector bitmap present. */
+             * chunk's sector bitmap present (a check open goes on with
+             * a bad BAT: no bitmap to look up then). */
+            if (!s->has_parent || s->corrupt) {
+                return vd_error_set(err, -EIO, "%s: block at 0x%" PRIx64
+                                    " has an unreadable state",
+                                    s->filename, o);
+            }
             ret = vhdx_bitmap_run(node, s, o, n, &n, err);
             if (ret == 1) {
                 ret = fmt_file_io(node->file, false, (e & BAT_OFF_MASK) +
@@ -1490,7 +1496,7 @@ static int vhdx_block_status(vd_node *node, bool want_zero, uint64_t off,
     if (n > bytes) {
         n = bytes;
     }
-    if (st == PAYLOAD_PARTIALLY_PRESENT && s->has_parent) {
+    if (st == PAYLOAD_PARTIALLY_PRESENT && s->has_parent && !s->corrupt) {
         /* Sectors in this file, or the parent's (unallocated here). */
         ret = vhdx_bitmap_run(node, s, off, n, &n, err);
         if (ret < 0) {
