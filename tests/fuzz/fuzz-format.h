@@ -58,19 +58,14 @@ static void fuzz_format_write(vd_node *node, int64_t len, uint8_t *buf)
     vd_pwrite(node, buf, 512, (uint64_t)(len / 2) & ~(uint64_t)511, 0, NULL);
 }
 
-/* The whole run for one input of format @fmt. */
-static int fuzz_format_run(const char *fmt, const uint8_t *data, size_t size)
+/* The two passes (read-only, then read-write) over the image at @path
+ * of format @fmt. */
+static void fuzz_format_passes(const char *fmt, const char *path)
 {
     static uint8_t buf[FUZZ_FORMAT_READ];
     const unsigned base = VD_O_NO_BACKING | VD_O_QUIET;
-    char path[64];
-    int fd;
 
     vd_set_warning_handler(fuzz_format_quiet, NULL);
-    fd = fuzz_memfd(fmt, data, size, 1u << 20, path, sizeof(path));
-    if (fd < 0) {
-        return 0;
-    }
     for (int pass = 0; pass < 2; pass++) {
         vd_node *node = NULL;
         int64_t len;
@@ -86,6 +81,18 @@ static int fuzz_format_run(const char *fmt, const uint8_t *data, size_t size)
         }
         vd_close(&node, NULL);
     }
+}
+
+/* The whole run for one input of format @fmt. */
+static int fuzz_format_run(const char *fmt, const uint8_t *data, size_t size)
+{
+    char path[64];
+    int fd = fuzz_memfd(fmt, data, size, 1u << 20, path, sizeof(path));
+
+    if (fd < 0) {
+        return 0;
+    }
+    fuzz_format_passes(fmt, path);
     close(fd);
     return 0;
 }

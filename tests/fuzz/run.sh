@@ -142,6 +142,29 @@ mkdir -p "$seeds/img" "$build/artifacts"
     qio -f vpc -c 'write -P 0x77 0 4k' -c 'write -P 0x78 2M 1k' vpc-dyn.vhd
     q create -f vpc -o subformat=fixed vpc-fixed.vhd 64k
     q create -f vpc -o force_size=on vpc-qem2.vhd 3M
+    # vhdx: dynamic with data, fixed, and a dirty log (a writer killed
+    # after journalling a BAT update is hard to time: the seed's log is
+    # whatever qemu-io left). fuzz-vhdx takes patches of a sparse file,
+    # so each image becomes its non-zero 4 KiB pages (fuzz-vhdx.c).
+    q create -f vhdx vhdx-dyn.vhdx 20M
+    qio -f vhdx -c 'write -P 0x77 0 4k' -c 'write -P 0x78 9M 1k' vhdx-dyn.vhdx
+    q create -f vhdx -o subformat=fixed,block_size=1M vhdx-fixed.vhdx 2M
+    if command -v python3 >/dev/null; then
+        for f in vhdx-*.vhdx; do
+            python3 - "$f" <<'PYEOF'
+import struct, sys
+b = open(sys.argv[1], 'rb').read()
+out = bytearray()
+for o in range(0, len(b), 4096):
+    page = b[o:o + 4096].rstrip(b'\0')
+    if page:
+        out += struct.pack('<I', o // 512)[:3] + struct.pack('<H', len(page))
+        out += page
+open(sys.argv[1] + '.patches', 'wb').write(out)
+PYEOF
+        done
+    fi
+    rm -f vhdx-*.vhdx
     rm -f data.raw
 )
 # Text seeds; the first byte is the target's mode byte (see each target).
