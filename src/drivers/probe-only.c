@@ -1,7 +1,7 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vhdx, luks, dmg, cloop and bochs.
+ * has no driver yet: vmdk, vhdx, luks, dmg and cloop.
  *
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
@@ -31,12 +31,6 @@
 #include <string.h>
 
 #include "core/block_int.h"
-
-static uint32_t rd_le32(const uint8_t *p)
-{
-    return (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 |
-           (uint32_t)p[1] << 8 | p[0];
-}
 
 static bool has_magic(const uint8_t *buf, size_t len, const char *magic,
                       size_t mlen)
@@ -149,34 +143,6 @@ static int cloop_probe(const uint8_t *buf, size_t len, const char *filename)
     return memcmp(buf, magic, n) == 0 ? 2 : 0;
 }
 
-/* ---- bochs: NUL-terminated strings in fixed fields (magic[32],
- * type[16], subtype[16]) of a growing redolog, version 1 or 2 ---- */
-
-static bool field_is(const uint8_t *field, size_t size, const char *s)
-{
-    size_t n = strlen(s);
-
-    return n < size && memcmp(field, s, n + 1) == 0;
-}
-
-static int bochs_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    uint32_t version;
-
-    (void)filename;
-    if (len < 512) {
-        return 0;
-    }
-    version = rd_le32(buf + 64);
-    if (field_is(buf, 32, "Bochs Virtual HD Image") &&
-        field_is(buf + 32, 16, "Redolog") &&
-        field_is(buf + 48, 16, "Growing") &&
-        (version == 0x00020000 || version == 0x00010000)) {
-        return 100;
-    }
-    return 0;
-}
-
 /* ---- the entries: a name, a probe, and no open ---- */
 
 /* @compressed: QEMU's driver writes compressed clusters (convert -c
@@ -194,4 +160,3 @@ PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
 PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
 PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe, false);
 PROBE_ONLY(vd_driver_cloop, "cloop", cloop_probe, false);
-PROBE_ONLY(vd_driver_bochs, "bochs", bochs_probe, false);

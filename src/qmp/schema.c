@@ -36,7 +36,7 @@ static const char *const aio_enum[] = { "threads", "native", "io_uring",
 /* The drivers vdisk has, in QEMU's order; QEMU's enum is longer, but an
  * unknown value is refused the same way. */
 static const char *const driver_enum[] = {
-    "blkdebug", "blkverify", "compress", "copy-before-write",
+    "blkdebug", "blkverify", "bochs", "compress", "copy-before-write",
     "copy-on-read", "file", "snapshot-access", "ftp", "ftps", "host_cdrom",
     "host_device", "http", "https", "iscsi", "nbd",
     "null-aio", "null-co", "parallels", "preallocate", "qcow", "qcow2", "qed",
@@ -372,6 +372,7 @@ static const struct {
 } blockdev_variants[] = {
     { "blkdebug", blockdev_blkdebug },
     { "blkverify", blockdev_blkverify },
+    { "bochs", blockdev_generic },
     { "compress", blockdev_generic },
     { "copy-before-write", blockdev_cbw },
     { "copy-on-read", blockdev_cor },
