@@ -239,21 +239,6 @@ static int bochs_preadv(vd_node *node, uint64_t off, uint64_t bytes,
     return 0;
 }
 
-/* QEMU's answer for a format without block status: all data. */
-static int bochs_block_status(vd_node *node, bool want_zero, uint64_t off,
-                              uint64_t bytes, uint64_t *pnum, uint64_t *map,
-                              vd_node **file, vd_error *err)
-{
-    (void)node;
-    (void)want_zero;
-    (void)off;
-    (void)map;
-    (void)file;
-    (void)err;
-    *pnum = bytes;
-    return VD_BLOCK_DATA | VD_BLOCK_ALLOCATED;
-}
-
 static int64_t bochs_getlength(vd_node *node)
 {
     bochs_state *s = node->opaque;
@@ -269,6 +254,6 @@ const vd_driver vd_driver_bochs = {
     .open = bochs_open,
     .close = bochs_close,
     .preadv = bochs_preadv,
-    .block_status = bochs_block_status,
+    .block_status = fmt_block_status_all_data,
     .getlength = bochs_getlength,
 };

@@ -1,7 +1,7 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vhdx, luks, dmg and cloop.
+ * has no driver yet: vmdk, vhdx, luks and dmg.
  *
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
@@ -125,24 +125,6 @@ static int dmg_probe(const uint8_t *buf, size_t len, const char *filename)
     return n > 4 && strcmp(filename + n - 4, ".dmg") == 0 ? 2 : 0;
 }
 
-/* ---- cloop: the V2.0 shell-script header; QEMU compares as much of it
- * as the buffer holds ---- */
-
-static int cloop_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    static const char magic[] =
-        "#!/bin/sh\n"
-        "#V2.0 Format\n"
-        "modprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
-    size_t n = sizeof(magic) - 1;
-
-    (void)filename;
-    if (n > len) {
-        n = len;
-    }
-    return memcmp(buf, magic, n) == 0 ? 2 : 0;
-}
-
 /* ---- the entries: a name, a probe, and no open ---- */
 
 /* @compressed: QEMU's driver writes compressed clusters (convert -c
@@ -159,4 +141,3 @@ PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
 PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
 PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
 PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe, false);
-PROBE_ONLY(vd_driver_cloop, "cloop", cloop_probe, false);

@@ -95,4 +95,21 @@ static inline int fmt_create_file(const char *filename, vd_opts *opts,
     return ret;
 }
 
+/* QEMU's answer for a format without block status of its own (bochs,
+ * cloop, dmg): all of it data, allocated, at no offset. */
+static inline int fmt_block_status_all_data(vd_node *node, bool want_zero,
+                                            uint64_t off, uint64_t bytes,
+                                            uint64_t *pnum, uint64_t *map,
+                                            vd_node **file, vd_error *err)
+{
+    (void)node;
+    (void)want_zero;
+    (void)off;
+    (void)map;
+    (void)file;
+    (void)err;
+    *pnum = bytes;
+    return VD_BLOCK_DATA | VD_BLOCK_ALLOCATED;
+}
+
 #endif

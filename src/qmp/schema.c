@@ -36,7 +36,8 @@ static const char *const aio_enum[] = { "threads", "native", "io_uring",
 /* The drivers vdisk has, in QEMU's order; QEMU's enum is longer, but an
  * unknown value is refused the same way. */
 static const char *const driver_enum[] = {
-    "blkdebug", "blkverify", "bochs", "compress", "copy-before-write",
+    "blkdebug", "blkverify", "bochs", "cloop", "compress",
+    "copy-before-write",
     "copy-on-read", "file", "snapshot-access", "ftp", "ftps", "host_cdrom",
     "host_device", "http", "https", "iscsi", "nbd",
     "null-aio", "null-co", "parallels", "preallocate", "qcow", "qcow2", "qed",
@@ -373,6 +374,7 @@ static const struct {
     { "blkdebug", blockdev_blkdebug },
     { "blkverify", blockdev_blkverify },
     { "bochs", blockdev_generic },
+    { "cloop", blockdev_generic },
     { "compress", blockdev_generic },
     { "copy-before-write", blockdev_cbw },
     { "copy-on-read", blockdev_cor },

@@ -37,19 +37,7 @@ grep -q "^read 512/512" out || fail "io read: $(cat out)"
 
 # ---- refusals, in qemu-img's words ------------------------------------
 
-cp plain.img plain.orig
-same check plain.img
-# (qemu-img prints its "Formatting" line first; vdisk only the error)
-expect_status 1 "$VDISK" create -f bochs new.img 1M 2> err
-grep -qx "vdisk: new.img: Format driver 'bochs' does not support image creation" err ||
-    fail "create: $(cat err)"
-[ ! -e new.img ] || fail "create made new.img"
-same convert -O bochs plain.img new.img
-same resize plain.img 16M
-same amend -o size=16M plain.img
-expect_status 1 "$VDISK" io -c 'write 0 512' plain.img > /dev/null 2> err
-grep -qF "plain.img" err && grep -q "read-only" err || fail "io: $(cat err)"
-cmp plain.img plain.orig || fail "plain.img was modified"
+refused_like_qemu bochs plain.img
 
 # ---- bad input ---------------------------------------------------------
 

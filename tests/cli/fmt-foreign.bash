@@ -8,14 +8,21 @@
 #              module: pat(B, N) (N bytes, each 512-byte sector's bytes
 #              B, B+1, ...), bochs(PATH, DISK_BYTES, extent=, version=,
 #              fill=[(SECTOR, BYTES)...], catalog=, bitmap=, header=);
+#              cloop(PATH, BLOCK_SIZE, DATA, magic=, level=) (DATA, padded
+#              to whole blocks, each block a zlib stream);
 #              for corruption corpora, corrupt(SRC, NAME, FN) (a copy of
 #              SRC as bad-NAME.img with FN applied to its bytearray) and
 #              put(FMT, OFF, V) (a FN packing V at OFF)
 #   reads_like_qemu IMG...   each IMG read by both tools to raw (equal
 #                            bytes), info (human, JSON) and map output
 #                            as qemu-img's
+#   refused_like_qemu FMT IMG  a read-only format's refusals as
+#                            qemu-img's (check, create, convert -O,
+#                            resize, amend, a qemu-io write), IMG unchanged
 #   corpus_like_qemu IMG...  each IMG (a corrupt one): info as qemu-img
-#                            and read_like_qemu, the file unchanged
+#                            and read as fmt-functions.bash's
+#                            read_like_qemu (convert's errors in any
+#                            order), the file unchanged
 
 fmtgen()
 {
@@ -58,6 +65,21 @@ def bochs(path, disk, extent=32768, version=2, fill=(), catalog=None,
 
 
 
+CLOOP_V2 = (b'#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && '
+            b'mount -r -t iso9660 /dev/cloop $1\n')
+
+def cloop(path, block, data, magic=CLOOP_V2, level=9):
+    data = data + bytes(-len(data) % block)
+    n = len(data) // block
+    blobs = [zlib.compress(data[i * block:(i + 1) * block], level)
+             for i in range(n)]
+    offs = [128 + 8 + 8 * (n + 1)]
+    for b in blobs:
+        offs.append(offs[-1] + len(b))
+    out = magic.ljust(128, b'\0') + struct.pack('>II', block, n)
+    out += struct.pack('>%dQ' % (n + 1), *offs) + b''.join(blobs)
+    open(path, 'wb').write(out)
+
 def corrupt(src, name, fn):
     d = bytearray(open(src, 'rb').read())
     fn(d)
@@ -82,13 +104,47 @@ reads_like_qemu()
     done
 }
 
+refused_like_qemu()
+{
+    local fmt=$1 img=$2
+    cp "$img" refused.orig
+    same check "$img"
+    # (qemu-img prints its "Formatting" line first; vdisk only the error)
+    expect_status 1 "$VDISK" create -f "$fmt" new.img 1M 2> err
+    grep -qx "vdisk: new.img: Format driver '$fmt' does not support image creation" err ||
+        fail "create: $(cat err)"
+    [ ! -e new.img ] || fail "create made new.img"
+    same convert -O "$fmt" "$img" new.img
+    same resize "$img" 16M
+    same amend -o size=16M "$img"
+    expect_status 1 "$VDISK" io -c 'write 0 512' "$img" > /dev/null 2> err
+    grep -qF "$img" err && grep -q "read-only" err || fail "io: $(cat err)"
+    cmp "$img" refused.orig || fail "$img was modified"
+}
+
 corpus_like_qemu()
 {
-    local img
+    local img qrc vrc
     for img in "$@"; do
         cp "$img" corpus.orig
         same info "$img"
-        read_like_qemu "$img"
+        # read_like_qemu, but convert's read errors (in qemu-img's words,
+        # without a file name) may come in another order: vdisk's
+        # convert reads in several threads
+        qrc=0 vrc=0
+        "$QEMU_IMG" convert -O raw "$img" q.raw 2> q.err || qrc=$?
+        "$VDISK" convert -O raw "$img" v.raw 2> v.err || vrc=$?
+        if [ "$qrc" = 0 ]; then
+            [ "$vrc" = 0 ] || fail "$img: qemu-img reads it, vdisk: $(cat v.err)"
+            cmp q.raw v.raw || fail "$img: read differs from qemu-img's"
+        else
+            [ "$vrc" = 1 ] || fail "$img: vdisk exit $vrc: $(cat v.err)"
+            grep -qF "$img" v.err ||
+                [ "$(sed 's/^qemu-img:/vdisk:/' q.err | sort)" = \
+                  "$(sort v.err)" ] ||
+                fail "$img: the error names no file: $(cat v.err)"
+        fi
+        rm -f q.raw v.raw
         cmp -s "$img" corpus.orig || fail "$img was modified"
     done
 }
