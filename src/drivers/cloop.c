@@ -53,17 +53,6 @@ typedef struct cloop_state {
     pthread_mutex_t lock;
 } cloop_state;
 
-static uint32_t be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-           (uint32_t)p[2] << 8 | p[3];
-}
-
-static uint64_t be64(const uint8_t *p)
-{
-    return (uint64_t)be32(p) << 32 | be32(p + 4);
-}
-
 static int cloop_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     static const char magic[] =
@@ -117,8 +106,8 @@ static int cloop_open(vd_node *node, vd_opts *opts, unsigned flags,
     if (ret < 0) {
         return ret;
     }
-    s->block_size = be32(h);
-    s->n_blocks = be32(h + 4);
+    s->block_size = fmt_rd_be32(h);
+    s->n_blocks = fmt_rd_be32(h + 4);
     if (s->block_size % 512) {
         return vd_error_set(err, -EINVAL, "block_size %" PRIu32 " must be a "
                             "multiple of 512", s->block_size);
@@ -157,7 +146,7 @@ static int cloop_open(vd_node *node, vd_opts *opts, unsigned flags,
         goto fail;
     }
     for (uint64_t i = 0; i < s->n_offsets; i++) {
-        s->offsets[i] = be64((const uint8_t *)&s->offsets[i]);
+        s->offsets[i] = fmt_rd_be64((const uint8_t *)&s->offsets[i]);
     }
     /* The entries past the file are zeros: checking up to the first of
      * them covers them all. */

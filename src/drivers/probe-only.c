@@ -1,7 +1,7 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vhdx, luks and dmg.
+ * has no driver yet: vmdk, vhdx and luks.
  *
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
@@ -20,12 +20,9 @@
  *
  * The probes follow QEMU 7.2 exactly, including its quirks: @buf is the
  * first 2048 bytes of the file, zero-padded (512 bytes for the raw guard),
- * and @filename may be NULL (the raw guard passes none, so dmg, which QEMU
- * recognises only by its ".dmg" suffix, never blocks a write). Scores:
- * 100 for a magic number, 2 for the weak guesses (dmg's suffix, cloop's
- * shell-script header), so that they beat raw's 1 and nothing else.
- * Layouts: from QEMU's drivers (block/vmdk.c, vhdx.c, crypto/block-luks.c,
- * dmg.c, cloop.c, bochs.c).
+ * and @filename may be NULL (the raw guard passes none). Scores: 100 for
+ * a magic number, which beats raw's 1. Layouts: from QEMU's drivers
+ * (block/vmdk.c, vhdx.c, crypto/block-luks.c).
  */
 #include <stdint.h>
 #include <string.h>
@@ -109,22 +106,6 @@ static int luks_probe(const uint8_t *buf, size_t len, const char *filename)
            buf[6] == 0 && buf[7] == 1 ? 100 : 0;
 }
 
-/* ---- dmg: the UDIF trailer is at the end of the file, so QEMU goes by
- * the name alone: anything called *.dmg that nothing else claims ---- */
-
-static int dmg_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    size_t n;
-
-    (void)buf;
-    (void)len;
-    if (!filename) {
-        return 0;
-    }
-    n = strlen(filename);
-    return n > 4 && strcmp(filename + n - 4, ".dmg") == 0 ? 2 : 0;
-}
-
 /* ---- the entries: a name, a probe, and no open ---- */
 
 /* @compressed: QEMU's driver writes compressed clusters (convert -c
@@ -140,4 +121,3 @@ static int dmg_probe(const uint8_t *buf, size_t len, const char *filename)
 PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
 PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
 PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
-PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe, false);

@@ -37,8 +37,7 @@ static const char *const aio_enum[] = { "threads", "native", "io_uring",
  * unknown value is refused the same way. */
 static const char *const driver_enum[] = {
     "blkdebug", "blkverify", "bochs", "cloop", "compress",
-    "copy-before-write",
-    "copy-on-read", "file", "snapshot-access", "ftp", "ftps", "host_cdrom",
+    "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps", "host_cdrom",
     "host_device", "http", "https", "iscsi", "nbd",
     "null-aio", "null-co", "parallels", "preallocate", "qcow", "qcow2", "qed",
     "raw", "rbd", "ssh", "throttle", "vdi", "vpc", NULL
@@ -378,6 +377,7 @@ static const struct {
     { "compress", blockdev_generic },
     { "copy-before-write", blockdev_cbw },
     { "copy-on-read", blockdev_cor },
+    { "dmg", blockdev_generic },
     { "file", blockdev_file },
     { "ftp", blockdev_curl_ftp },
     { "ftps", blockdev_curl_ftps },
