@@ -681,11 +681,12 @@ static int load_chunk(vd_node *node, uint64_t sector, vd_error *err)
         if (ret == 0) {
             ret = c->type == UDZO ? inflate_chunk(s, c) : bunzip_chunk(s, c);
             if (ret < 0) {
-                return vd_error_set(err, -EIO, "%s: %s chunk %" PRIu32 " (%" PRIu64
-                             " bytes at 0x%" PRIx64 ") does not decompress "
-                             "to its %" PRIu64 " sectors", s->filename,
-                             c->type == UDZO ? "zlib" : "bzip2", i,
-                             c->length, c->offset, c->count);
+                return vd_error_set(err, -EIO, "%s: %s chunk %" PRIu32
+                                    " (%" PRIu64 " bytes at 0x%" PRIx64
+                                    ") does not decompress to its %" PRIu64
+                                    " sectors", s->filename,
+                                    c->type == UDZO ? "zlib" : "bzip2", i,
+                                    c->length, c->offset, c->count);
             }
         }
     }
