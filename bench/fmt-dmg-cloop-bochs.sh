@@ -44,7 +44,7 @@ def data(off, n):
         for k in range(0, 1 << 16, 4096):
             b[k:k + 2048] = bytes([(o >> 16) & 0xff]) * 2048
         out += b
-    return bytes(out)
+    return bytes(out[:n])
 def has_data(off, n):
     return any(o < off + n and off < o + ln for o, ln in REGIONS)
 
