@@ -16,6 +16,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 packages=(build-essential meson ninja-build pkg-config zlib1g-dev
+          libbz2-dev
           libzstd-dev libjson-c-dev liburing-dev libnbd-dev libgnutls28-dev)
 
 missing=()

@@ -32,6 +32,7 @@ tail_lines=${VDISK_LOG_TAIL:-40}
 # binutils: readelf and nm, which tests/cli/lib-install.sh reads the
 # installed library with.
 packages=(build-essential binutils meson ninja-build pkg-config zlib1g-dev
+          libbz2-dev
           libzstd-dev libjson-c-dev liburing-dev libnbd-dev libgnutls28-dev
           qemu-utils qemu-system-common libnbd-bin nbdkit fio python3 clang
           gnutls-bin libclang-rt-14-dev

@@ -1103,8 +1103,18 @@ int cmd_convert(int argc, char **argv)
 
     if (!skip_create) {
         if (vd_create(out_name, out_fmt, copts, &err) < 0) {
+            const char *msg = cli_strip_filename(err.message, out_name);
+
+            /* qemu-img checks that the format creates before anything
+             * else and says so without a file name. */
+            if (err.code == -ENOTSUP &&
+                strncmp(msg, "Format driver '", 15) == 0 &&
+                strstr(msg, "does not support image creation")) {
+                cli_error("%s", msg);
+                goto out;
+            }
             cli_error("%s: error while converting %s: %s", out_name, out_fmt,
-                      cli_strip_filename(err.message, out_name));
+                      msg);
             cli_print_hint(&err);
             goto out;
         }

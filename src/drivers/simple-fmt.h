@@ -1,12 +1,13 @@
 /*
  * Helpers shared by the drivers of the simple image formats (vdi.c,
- * parallels.c): a header plus one flat table mapping guest blocks to
- * host blocks. Little-endian fields, the guest request's piece passed to
- * the file, the header read, and creation's protocol file, which QEMU
- * makes empty with the options the format did not take (its create
- * converts its own options to QAPI and deletes them from the list
- * before bdrv_co_create_file, so "preallocation" reaches the protocol
- * with size 0).
+ * parallels.c, and the read-only bochs.c, cloop.c, dmg.c): a header plus
+ * tables mapping guest blocks to host blocks. Little- and big-endian
+ * fields, the guest request's piece passed to the file, the header
+ * read, creation's protocol file, which QEMU makes empty with the options
+ * the format did not take (its create converts its own options to QAPI
+ * and deletes them from the list before bdrv_co_create_file, so
+ * "preallocation" reaches the protocol with size 0), and QEMU's block
+ * status for a format without one.
  */
 #ifndef VDISK_DRIVERS_SIMPLE_FMT_H
 #define VDISK_DRIVERS_SIMPLE_FMT_H
@@ -25,6 +26,18 @@ static inline uint32_t fmt_rd32(const uint8_t *p)
 static inline uint64_t fmt_rd64(const uint8_t *p)
 {
     return (uint64_t)fmt_rd32(p) | (uint64_t)fmt_rd32(p + 4) << 32;
+}
+
+/* Big-endian fields (cloop, dmg). */
+static inline uint32_t fmt_rd_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+           (uint32_t)p[2] << 8 | p[3];
+}
+
+static inline uint64_t fmt_rd_be64(const uint8_t *p)
+{
+    return (uint64_t)fmt_rd_be32(p) << 32 | fmt_rd_be32(p + 4);
 }
 
 static inline void fmt_wr32(uint8_t *p, uint32_t v)
@@ -93,6 +106,23 @@ static inline int fmt_create_file(const char *filename, vd_opts *opts,
     ret = vd_create_protocol(filename, popts, err);
     vd_opts_free(&popts);
     return ret;
+}
+
+/* QEMU's answer for a format without block status of its own (bochs,
+ * cloop, dmg): all of it data, allocated, at no offset. */
+static inline int fmt_block_status_all_data(vd_node *node, bool want_zero,
+                                            uint64_t off, uint64_t bytes,
+                                            uint64_t *pnum, uint64_t *map,
+                                            vd_node **file, vd_error *err)
+{
+    (void)node;
+    (void)want_zero;
+    (void)off;
+    (void)map;
+    (void)file;
+    (void)err;
+    *pnum = bytes;
+    return VD_BLOCK_DATA | VD_BLOCK_ALLOCATED;
 }
 
 #endif

@@ -36,8 +36,8 @@ static const char *const aio_enum[] = { "threads", "native", "io_uring",
 /* The drivers vdisk has, in QEMU's order; QEMU's enum is longer, but an
  * unknown value is refused the same way. */
 static const char *const driver_enum[] = {
-    "blkdebug", "blkverify", "compress", "copy-before-write",
-    "copy-on-read", "file", "snapshot-access", "ftp", "ftps", "host_cdrom",
+    "blkdebug", "blkverify", "bochs", "cloop", "compress",
+    "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps", "host_cdrom",
     "host_device", "http", "https", "iscsi", "nbd",
     "null-aio", "null-co", "parallels", "preallocate", "qcow", "qcow2", "qed",
     "raw", "rbd", "ssh", "throttle", "vdi", "vhdx", "vpc", NULL
@@ -372,9 +372,12 @@ static const struct {
 } blockdev_variants[] = {
     { "blkdebug", blockdev_blkdebug },
     { "blkverify", blockdev_blkverify },
+    { "bochs", blockdev_generic },
+    { "cloop", blockdev_generic },
     { "compress", blockdev_generic },
     { "copy-before-write", blockdev_cbw },
     { "copy-on-read", blockdev_cor },
+    { "dmg", blockdev_generic },
     { "file", blockdev_file },
     { "ftp", blockdev_curl_ftp },
     { "ftps", blockdev_curl_ftps },

@@ -11,7 +11,8 @@
 # The library is built by meson into build-fuzz/ (or $FUZZ_BUILD_DIR) with
 # -fsanitize=fuzzer-no-link; each tests/fuzz/fuzz-*.c is then linked
 # against it with -fsanitize=fuzzer. Seed images are made at run time with
-# qemu-img, and text seeds (QMP lines, option strings) with printf:
+# qemu-img (and, for the formats it cannot write, the cli tests'
+# generator), and text seeds (QMP lines, option strings) with printf:
 # nothing binary is committed. New corpus entries accumulate in
 # build-fuzz/corpus/TARGET and crashes land in build-fuzz/artifacts/.
 # Exit status: 0 when no target failed, 1 when one crashed, 77 (skip) when
@@ -52,6 +53,10 @@ for pc in gnutls libnbd libcurl libssh libiscsi; do
     fi
 done
 libs="$libs -ldl"
+# dmg's bzip2 chunks: libbz2 when meson found it (no pkg-config file).
+if grep -q VDISK_HAVE_BZIP2 "$build/build.ninja"; then
+    libs="$libs -lbz2"
+fi
 
 # --whole-archive: the targets reach internal functions (the NBD
 # server's nbd_conn_serve()) that nothing else would pull out of the
@@ -165,6 +170,20 @@ PYEOF
         done
     fi
     rm -f vhdx-*.vhdx
+    # bochs, cloop, dmg: qemu-img cannot write them; the cli tests'
+    # generator does (tests/cli/fmt-foreign.bash).
+    # shellcheck source=../cli/fmt-foreign.bash
+    source "$here/../cli/fmt-foreign.bash"
+    fmtgen
+    python3 - <<'PYEOF' || true
+from fmtgen import *
+bochs('redolog.bochs', 1 << 20, extent=4096, fill=[(0, pat(1, 2048)), (300, pat(2, 512))])
+cloop('small.cloop', 4096, pat(3, 20000))
+dmg('plist.dmg', [('zlib', pat(4, 4096)), ('zero', 9), ('raw', pat(5, 1024)),
+                  ('bzip2', pat(6, 2048))], blocks=2)
+dmg('rsrc.dmg', [('raw', pat(7, 1024)), ('zlib', pat(8, 4096))], form='rsrc')
+PYEOF
+    rm -f fmtgen.py
     rm -f data.raw
 )
 # Text seeds; the first byte is the target's mode byte (see each target).
