@@ -1,7 +1,7 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vhdx, luks, dmg, cloop and bochs.
+ * has no driver yet: vmdk, vhdx, dmg, cloop and bochs.
  *
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
@@ -24,8 +24,8 @@
  * recognises only by its ".dmg" suffix, never blocks a write). Scores:
  * 100 for a magic number, 2 for the weak guesses (dmg's suffix, cloop's
  * shell-script header), so that they beat raw's 1 and nothing else.
- * Layouts: from QEMU's drivers (block/vmdk.c, vhdx.c, crypto/block-luks.c,
- * dmg.c, cloop.c, bochs.c).
+ * Layouts: from QEMU's drivers (block/vmdk.c, vhdx.c, dmg.c, cloop.c,
+ * bochs.c).
  */
 #include <stdint.h>
 #include <string.h>
@@ -106,15 +106,6 @@ static int vhdx_probe(const uint8_t *buf, size_t len, const char *filename)
     return has_magic(buf, len, "vhdxfile", 8) ? 100 : 0;
 }
 
-/* ---- luks: "LUKS\xba\xbe" and version 1 (BE16); LUKS2 is not probed ---- */
-
-static int luks_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    (void)filename;
-    return len >= 8 && has_magic(buf, len, "LUKS\xba\xbe", 6) &&
-           buf[6] == 0 && buf[7] == 1 ? 100 : 0;
-}
-
 /* ---- dmg: the UDIF trailer is at the end of the file, so QEMU goes by
  * the name alone: anything called *.dmg that nothing else claims ---- */
 
@@ -191,7 +182,6 @@ static int bochs_probe(const uint8_t *buf, size_t len, const char *filename)
 
 PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
 PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
-PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
 PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe, false);
 PROBE_ONLY(vd_driver_cloop, "cloop", cloop_probe, false);
 PROBE_ONLY(vd_driver_bochs, "bochs", bochs_probe, false);
