@@ -849,6 +849,18 @@ int vd_luks_create(vd_luks *l, const vd_luks_create_opts *o,
     }
     l->key_bytes = (uint32_t)vd_cipher_key_len(l->alg) *
                    (l->mode == VD_MODE_XTS ? 2 : 1);
+    /* QEMU 7.2 asserts (and aborts) on key material that does not fill
+     * whole sectors (24-byte keys outside XTS): refused, since no QEMU
+     * could open the image. */
+    if ((uint64_t)l->key_bytes * STRIPES % VD_LUKS_SECTOR) {
+        ret = vd_error_set(err, -ENOTSUP, "Cipher %s in mode %s is not "
+                           "supported: its key material (%u bytes) is not a "
+                           "multiple of the %d-byte sector, which QEMU 7.2 "
+                           "cannot open", vd_cipher_alg_name(l->alg),
+                           vd_cipher_mode_name(l->mode),
+                           l->key_bytes * STRIPES, VD_LUKS_SECTOR);
+        goto out;
+    }
     ret = vd_random_bytes(l->mk_salt, sizeof(l->mk_salt), err);
     mk = malloc(l->key_bytes);
     if (ret == 0 && !mk) {
