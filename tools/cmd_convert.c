@@ -1100,6 +1100,24 @@ int cmd_convert(int argc, char **argv)
         }
     }
 
+    /* As qemu-img (img_add_key_secrets): the options naming a key
+     * secret (key-secret, encrypt.key-secret) are kept for opening the
+     * new target, which needs them to write. */
+    topts = vd_opts_new();
+    if (!topts) {
+        goto out;
+    }
+    for (size_t i = 0; !skip_create && copts && i < vd_opts_count(copts);
+         i++) {
+        const char *k, *v;
+        size_t kl;
+        vd_opts_nth(copts, i, &k, &v);
+        kl = strlen(k);
+        if (kl >= 10 && strcmp(k + kl - 10, "key-secret") == 0 &&
+            vd_opts_set(topts, k, v) < 0) {
+            goto out;
+        }
+    }
     if (!skip_create) {
         if (vd_create(out_name, out_fmt, copts, &err) < 0) {
             cli_error("%s: error while converting %s: %s", out_name, out_fmt,
@@ -1114,8 +1132,7 @@ int cmd_convert(int argc, char **argv)
         cli_error("Invalid cache option: %s", cache);
         goto out;
     }
-    topts = vd_opts_new();
-    if (!topts || vd_opts_set(topts, "cache", cli_cache_mode(cache)) < 0) {
+    if (vd_opts_set(topts, "cache", cli_cache_mode(cache)) < 0) {
         goto out;
     }
     /* As qemu-img: the target is opened as -O says (raw by default), even
