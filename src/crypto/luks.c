@@ -92,9 +92,12 @@ static int check_header(const vd_luks *l, vd_error *err)
         const vd_luks_slot *s1 = &l->slots[i];
         uint64_t len1 = split_sectors(l->key_bytes, s1->stripes);
 
-        if (s1->stripes == 0) {
+        /* QEMU 7.2 takes cryptsetup's 4000 stripes only, which also
+         * bounds the key material read for a slot. */
+        if (s1->stripes != STRIPES) {
             return vd_error_set(err, -EINVAL, "Keyslot %d is corrupted "
-                                "(stripes == 0)", i);
+                                "(stripes %d != %d)", i, (int)s1->stripes,
+                                STRIPES);
         }
         if (s1->active != SLOT_DISABLED && s1->active != SLOT_ENABLED) {
             return vd_error_set(err, -EINVAL, "Keyslot %d state "
@@ -183,7 +186,7 @@ static int cipher_from_name(const char *name, vd_cipher_mode mode,
             }
         }
     }
-    return vd_error_set(err, -ENOTSUP, "Algorithm %s with key size %d bytes "
+    return vd_error_set(err, -ENOTSUP, "Algorithm '%s' with key size %d bytes "
                         "not supported", name, (int)key_bytes);
 }
 
@@ -203,7 +206,7 @@ static int parse_names(vd_luks *l, vd_error *err)
     ivname = strchr(mode, '-');
     if (!ivname) {
         return vd_error_set(err, -EINVAL, "Unexpected cipher mode string "
-                            "format %s", l->cipher_mode);
+                            "format '%s'", l->cipher_mode);
     }
     *ivname++ = '\0';
     ivhash = strchr(ivname, ':');
@@ -213,14 +216,14 @@ static int parse_names(vd_luks *l, vd_error *err)
         *ivhash++ = '\0';
         v = vd_hash_lookup(ivhash);
         if (v < 0) {
-            return vd_error_set(err, -ENOTSUP, "Hash algorithm %s not "
+            return vd_error_set(err, -ENOTSUP, "Hash algorithm '%s' not "
                                 "supported", ivhash);
         }
         l->ivhash = v;
     }
     v = vd_cipher_mode_lookup(mode);
     if (v < 0) {
-        return vd_error_set(err, -ENOTSUP, "Cipher mode %s not supported",
+        return vd_error_set(err, -ENOTSUP, "Cipher mode '%s' not supported",
                             mode);
     }
     l->mode = v;
@@ -231,13 +234,13 @@ static int parse_names(vd_luks *l, vd_error *err)
     l->alg = v;
     v = vd_hash_lookup(l->hash_spec);
     if (v < 0) {
-        return vd_error_set(err, -ENOTSUP, "Hash algorithm %s not supported",
+        return vd_error_set(err, -ENOTSUP, "Hash algorithm '%s' not supported",
                             l->hash_spec);
     }
     l->hash = v;
     v = vd_ivgen_lookup(ivname);
     if (v < 0) {
-        return vd_error_set(err, -ENOTSUP, "IV generator %s not supported",
+        return vd_error_set(err, -ENOTSUP, "IV generator '%s' not supported",
                             ivname);
     }
     l->ivgen = v;

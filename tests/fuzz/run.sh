@@ -39,7 +39,7 @@ if [ ! -f "$build/build.ninja" ]; then
 fi
 ninja -C "$build" libvdisk.a >/dev/null
 
-libs=$(pkg-config --libs zlib libzstd json-c)
+libs=$(pkg-config --libs zlib libzstd json-c nettle)
 if pkg-config --exists liburing; then
     libs="$libs $(pkg-config --libs liburing)"
 fi
@@ -142,7 +142,16 @@ mkdir -p "$seeds/img" "$build/artifacts"
     qio -f vpc -c 'write -P 0x77 0 4k' -c 'write -P 0x78 2M 1k' vpc-dyn.vhd
     q create -f vpc -o subformat=fixed vpc-fixed.vhd 64k
     q create -f vpc -o force_size=on vpc-qem2.vhd 3M
-    rm -f data.raw
+    # luks: LUKS1 with the default cipher (a truncated copy: the key
+    # material and payload of one slot) and aes-128-cbc-essiv/sha1,
+    # passphrase "fuzz", QEMU's minimum of 1000 iterations
+    q create -f luks --object secret,id=s,data=fuzz \
+        -o key-secret=s,iter-time=1,cipher-alg=aes-128,cipher-mode=cbc \
+        -o ivgen-alg=essiv,hash-alg=sha1 luks-cbc.luks 64k
+    q create -f luks --object secret,id=s,data=fuzz \
+        -o key-secret=s,iter-time=1 luks-xts.img 64k
+    head -c 262144 luks-xts.img > luks-xts.luks
+    rm -f data.raw luks-xts.img
 )
 # Text seeds; the first byte is the target's mode byte (see each target).
 mkdir -p "$seeds/qmp" "$seeds/json" "$seeds/object"
