@@ -722,7 +722,7 @@ static int store_key(vd_luks *l, int idx, const char *password,
     vd_luks_slot *s = &l->slots[idx];
     size_t klen = l->key_bytes, splen = klen * s->stripes;
     uint8_t *split = NULL, *skey = NULL, *tmp = NULL;
-    uint32_t iters;
+    uint32_t iters = 0;
     vd_cipher c;
     vd_ivgen g;
     int ret;
@@ -798,7 +798,7 @@ int vd_luks_create(vd_luks *l, const vd_luks_create_opts *o,
 {
     uint8_t *mk = NULL, rnd[16];
     char *password = NULL;
-    uint32_t iters;
+    uint32_t iters = 0;
     uint64_t sks;
     int ret, v;
 
