@@ -1206,8 +1206,13 @@ int cmd_convert(int argc, char **argv)
         }
     }
     s.min_sparse = min_sparse;
-    s.has_zero_init = min_sparse && (!skip_create || target_is_zero) &&
-                      !out_base;
+    /* As qemu-img: a target whose new image does not read as zeros
+     * (luks) gets the source's zeros written. */
+    s.has_zero_init = min_sparse && !out_base &&
+                      (target_is_zero ||
+                       (!skip_create &&
+                        !(vd_driver_features(vd_node_format(s.target)) &
+                          VD_DRIVER_NO_ZERO_INIT)));
     s.in_order = !out_of_order;
     pthread_mutex_init(&s.rate_lock, NULL);
     clock_gettime(CLOCK_MONOTONIC, &s.rate_last);

@@ -309,6 +309,7 @@ const vd_driver vd_driver_luks = {
     .name = "luks",
     .instance_size = sizeof(luks_state),
     .is_format = true,
+    .no_zero_init = true,
     .create_opts = luks_create_opts,
     .amend_opts = luks_amend_opts,
     .probe = luks_probe,

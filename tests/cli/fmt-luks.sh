@@ -106,8 +106,12 @@ for i in "${!combos[@]}"; do
     fi
 done
 
-# convert raw -> luks -> raw, and resize
-head -c 3M /dev/urandom > src.raw
+# convert raw -> luks -> raw, and resize.
+# Regression (data loss): convert skipped the source's zeros, taking the
+# new luks image for zero-initialised, so holes read as the decryption
+# of nothing; a sparse source now comes back intact.
+truncate -s 3M src.raw
+head -c 64k /dev/urandom | dd of=src.raw bs=64k seek=5 conv=notrunc status=none
 $VDISK convert -f raw "${SEC[@]}" -O luks -o key-secret=sec0,iter-time=10 \
     src.raw c.img
 $QEMU_IMG compare "${SEC[@]}" --image-opts driver=raw,file.filename=src.raw "$(iopts c.img)" \

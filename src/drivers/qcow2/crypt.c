@@ -58,8 +58,8 @@ static int open_luks(qcow2_state *s, qcow2_crypt *c, const char *secret,
     int ret;
 
     if (!s->has_crypto_ext) {
-        return vd_error_set(err, -EINVAL, "%s: LUKS encryption without the "
-                            "CRYPTO header extension", s->filename);
+        return vd_error_set(err, -EINVAL, "Missing CRYPTO header for crypt "
+                            "method 2");
     }
     c->hdr_off = s->crypto_ext_offset;
     c->hdr_len = s->crypto_ext_length;
