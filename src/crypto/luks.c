@@ -791,15 +791,11 @@ static void uuid_gen(char *out, const uint8_t *r)
              u[15]);
 }
 
-int vd_luks_create(vd_luks *l, const vd_luks_create_opts *o,
-                   const char *optprefix,
-                   int (*init)(void *opaque, uint64_t payload, vd_error *err),
-                   vd_luks_io_fn io, void *opaque, vd_error *err)
+/* The header's names and sizes from the options, with QEMU's refusals. */
+static int create_params(vd_luks *l, const vd_luks_create_opts *o,
+                         vd_error *err)
 {
-    uint8_t *mk = NULL, rnd[16];
-    char *password = NULL;
-    uint32_t iters = 0;
-    uint64_t sks;
+    uint8_t rnd[16];
     int ret, v;
 
     memset(l, 0, sizeof(*l));
@@ -809,24 +805,18 @@ int vd_luks_create(vd_luks *l, const vd_luks_create_opts *o,
     l->ivhash = o->ivgen_hash_alg;
     l->has_ivhash = o->has_ivgen_hash;
     l->hash = o->hash_alg;
-    password = get_password(o->key_secret, optprefix, err);
-    if (!password) {
-        return -EINVAL;
-    }
     if (o->cipher_alg >= VD_CIPHER__MAX) {
-        ret = vd_error_set(err, -ENOTSUP, "Algorithm '%s' not supported",
-                           vd_cipher_alg_name(o->cipher_alg));
-        goto out;
+        return vd_error_set(err, -ENOTSUP, "Algorithm '%s' not supported",
+                            vd_cipher_alg_name(o->cipher_alg));
     }
     if (o->cipher_mode == VD_MODE_XTS &&
         vd_cipher_block_len(o->cipher_alg) != 16) {
-        ret = vd_error_set(err, -ENOTSUP, "Unsupported cipher mode xts");
-        goto out;
+        return vd_error_set(err, -ENOTSUP, "Unsupported cipher mode xts");
     }
     l->version = 1;
     ret = vd_random_bytes(rnd, sizeof(rnd), err);
     if (ret < 0) {
-        goto out;
+        return ret;
     }
     uuid_gen(l->uuid, rnd);
     snprintf(l->cipher_name, sizeof(l->cipher_name), "%s",
@@ -844,7 +834,7 @@ int vd_luks_create(vd_luks *l, const vd_luks_create_opts *o,
     if (l->ivgen == VD_IVGEN_ESSIV) {
         ret = essiv_cipher(l->alg, l->ivhash, &v, err);
         if (ret < 0) {
-            goto out;
+            return ret;
         }
         l->ivcipher = v;
     } else {
@@ -862,6 +852,45 @@ int vd_luks_create(vd_luks *l, const vd_luks_create_opts *o,
                            "cannot open", vd_cipher_alg_name(l->alg),
                            vd_cipher_mode_name(l->mode),
                            l->key_bytes * STRIPES, VD_LUKS_SECTOR);
+        return ret;
+    }
+    return 0;
+}
+
+int vd_luks_create_check(const vd_luks_create_opts *o, const char *optprefix,
+                         vd_error *err)
+{
+    char *password = get_password(o->key_secret, optprefix, err);
+    vd_luks l;
+    int ret;
+
+    if (!password) {
+        return -EINVAL;
+    }
+    wipe_str(password);
+    ret = create_params(&l, o, err);
+    explicit_bzero(&l, sizeof(l));
+    return ret;
+}
+
+int vd_luks_create(vd_luks *l, const vd_luks_create_opts *o,
+                   const char *optprefix,
+                   int (*init)(void *opaque, uint64_t payload, vd_error *err),
+                   vd_luks_io_fn io, void *opaque, vd_error *err)
+{
+    uint8_t *mk = NULL;
+    char *password = NULL;
+    uint32_t iters = 0;
+    uint64_t sks;
+    int ret;
+
+    memset(l, 0, sizeof(*l));
+    password = get_password(o->key_secret, optprefix, err);
+    if (!password) {
+        return -EINVAL;
+    }
+    ret = create_params(l, o, err);
+    if (ret < 0) {
         goto out;
     }
     ret = vd_random_bytes(l->mk_salt, sizeof(l->mk_salt), err);

@@ -120,6 +120,10 @@ int vd_luks_create_opts_take(vd_opts *opts, const char *prefix,
                              vd_luks_create_opts *o, vd_error *err);
 void vd_luks_create_opts_free(vd_luks_create_opts *o);
 
+/* What vd_luks_create() would refuse before writing anything (the
+ * secret, the cipher choices), for checking before the file exists. */
+int vd_luks_create_check(const vd_luks_create_opts *o, const char *optprefix,
+                         vd_error *err);
 /* Creates a LUKS1 header as qemu-img does: random master key, key slot
  * 0 holding it for the key-secret's passphrase, PBKDF2 iterations
  * measured for iter-time. @init is called with the payload offset in

@@ -113,6 +113,12 @@ static int luks_rw(vd_node *node, uint64_t off, uint64_t bytes, vd_iov *qiov,
     uint64_t done = 0;
     int ret = 0;
 
+    if (!s->l.unlocked) {
+        /* opened without I/O (info): no key to en- or decrypt with */
+        free(buf);
+        return vd_error_set(err, -EIO, "%s: the image was opened without "
+                            "its key", s->filename);
+    }
     if (!buf) {
         return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
     }
@@ -258,7 +264,11 @@ static int luks_create(const char *filename, vd_opts *opts, vd_error *err)
     if (ret < 0) {
         return ret;
     }
-    ret = fmt_create_file(filename, opts, err);
+    /* Refusals before the file exists (QEMU deletes it after them). */
+    ret = vd_luks_create_check(&o, NULL, err);
+    if (ret == 0) {
+        ret = fmt_create_file(filename, opts, err);
+    }
     if (ret == 0) {
         ret = vd_open_protocol(&c.file, filename, VD_NODE_RDWR, err);
     }
