@@ -51,10 +51,9 @@ run()
 {
     local tool=$1 out=$2
     shift 2
-    local n
     # qemu-img 7.2's PBKDF2 timing fails now and then on a busy machine
     # ("Unable to get accurate CPU usage"): that run is made again.
-    for n in 1 2 3 4 5; do
+    for _ in 1 2 3 4 5; do
         rm -f "$out"
         if /usr/bin/time -f '%e %M' -o t.out "$tool" "$@" > /dev/null \
                 2> err.out; then
@@ -80,7 +79,7 @@ for case in to-luks to-raw; do
         rss[$case.$tool]=0
     done
 done
-for n in 1 2 3 4 5; do
+for _ in 1 2 3 4 5; do
     "$QEMU_IMG" convert "${SEC[@]}" -O luks -o "$LOPTS" src.raw ref.luks &&
         break
 done

@@ -12,6 +12,7 @@ source "$(dirname "$0")/cli-functions.bash"
 requires qemu-img qemu-io python3
 tmpdir
 
+# shellcheck disable=SC2054  # the commas are --object's
 SEC=(--object secret,id=sec0,data=QcowPass --object secret,id=sec1,data=x)
 iopts() { echo "driver=qcow2,encrypt.key-secret=${2:-sec0},file.filename=$1"; }
 
@@ -19,8 +20,7 @@ iopts() { echo "driver=qcow2,encrypt.key-secret=${2:-sec0},file.filename=$1"; }
 # ("Unable to get accurate CPU usage").
 qcreate()
 {
-    local n
-    for n in 1 2 3 4 5; do
+    for _ in 1 2 3 4 5; do
         "$QEMU_IMG" create -q "$@" 2> qc.err && return 0
         grep -q "Unable to get accurate CPU usage" qc.err || break
     done

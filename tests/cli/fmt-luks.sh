@@ -12,6 +12,7 @@ source "$(dirname "$0")/cli-functions.bash"
 requires qemu-img qemu-io python3
 tmpdir
 
+# shellcheck disable=SC2054  # the commas are --object's
 SEC=(--object secret,id=sec0,data=LuksTestPass --object secret,id=sec1,data=other)
 # --image-opts of @1 with the secret @2 (sec0 by default)
 iopts() { echo "driver=luks,key-secret=${2:-sec0},file.filename=$1"; }
@@ -20,8 +21,7 @@ iopts() { echo "driver=luks,key-secret=${2:-sec0},file.filename=$1"; }
 # ("Unable to get accurate CPU usage": a run measured as 0 ms).
 qcreate()
 {
-    local n
-    for n in 1 2 3 4 5; do
+    for _ in 1 2 3 4 5; do
         "$QEMU_IMG" create "$@" > qc.out 2> qc.err && { cat qc.out; return 0; }
         grep -q "Unable to get accurate CPU usage" qc.err || break
     done
@@ -134,8 +134,11 @@ for args in \
     "create -f luks ${SEC[*]} -o key-secret=sec0,ivgen-alg=essiv,ivgen-hash-alg=sha1 x.img 1M" \
     "create -f luks ${SEC[*]} -o key-secret=sec0,cipher-alg=cast5-128 x.img 1M" \
     "create -f luks -o iter-time=10 x.img 1M"; do
+    rm -f x.img
     # shellcheck disable=SC2086
     same $args
+    # a refused creation leaves no file, as qemu-img's
+    case $args in create*) [ ! -e x.img ] || fail "left x.img: $args" ;; esac
     rm -f x.img x.raw
 done
 cmp r.img r.orig || fail "a refusal changed r.img"
