@@ -1101,6 +1101,24 @@ int cmd_convert(int argc, char **argv)
         }
     }
 
+    /* As qemu-img (img_add_key_secrets): the options naming a key
+     * secret (key-secret, encrypt.key-secret) are kept for opening the
+     * new target, which needs them to write. */
+    topts = vd_opts_new();
+    if (!topts) {
+        goto out;
+    }
+    for (size_t i = 0; !skip_create && copts && i < vd_opts_count(copts);
+         i++) {
+        const char *k, *v;
+        size_t kl;
+        vd_opts_nth(copts, i, &k, &v);
+        kl = strlen(k);
+        if (kl >= 10 && strcmp(k + kl - 10, "key-secret") == 0 &&
+            vd_opts_set(topts, k, v) < 0) {
+            goto out;
+        }
+    }
     if (!skip_create) {
         if (vd_create(out_name, out_fmt, copts, &err) < 0) {
             const char *msg = cli_strip_filename(err.message, out_name);
@@ -1125,8 +1143,7 @@ int cmd_convert(int argc, char **argv)
         cli_error("Invalid cache option: %s", cache);
         goto out;
     }
-    topts = vd_opts_new();
-    if (!topts || vd_opts_set(topts, "cache", cli_cache_mode(cache)) < 0) {
+    if (vd_opts_set(topts, "cache", cli_cache_mode(cache)) < 0) {
         goto out;
     }
     /* As qemu-img: the target is opened as -O says (raw by default), even
@@ -1200,8 +1217,13 @@ int cmd_convert(int argc, char **argv)
         }
     }
     s.min_sparse = min_sparse;
-    s.has_zero_init = min_sparse && (!skip_create || target_is_zero) &&
-                      !out_base;
+    /* As qemu-img: a target whose new image does not read as zeros
+     * (luks) gets the source's zeros written. */
+    s.has_zero_init = min_sparse && !out_base &&
+                      (target_is_zero ||
+                       (!skip_create &&
+                        !(vd_driver_features(vd_node_format(s.target)) &
+                          VD_DRIVER_NO_ZERO_INIT)));
     s.in_order = !out_of_order;
     pthread_mutex_init(&s.rate_lock, NULL);
     clock_gettime(CLOCK_MONOTONIC, &s.rate_last);

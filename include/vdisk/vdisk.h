@@ -888,6 +888,11 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
 #define VD_DRIVER_QEMU_NAME  (1u << 8) /* QEMU 7.2 has a driver of that
                                           name (host_device, nbd, ...),
                                           whether vdisk has it or not */
+#define VD_DRIVER_NO_ZERO_INIT (1u << 9) /* a new image does not read as
+                                          zeros (luks: its payload is the
+                                          decryption of nothing), so a
+                                          copy into one writes zeros too
+                                          (QEMU's bdrv_has_zero_init() 0) */
 
 /** The VD_DRIVER_* bits of the driver named @name (only
  * VD_DRIVER_QEMU_NAME for a QEMU driver vdisk does not have); 0 for an

@@ -310,6 +310,7 @@ struct vd_driver {
     bool is_filter;             /* passes everything to its primary child */
     bool supports_backing;      /* may hold a backing file */
     bool supports_compressed;   /* pwritev accepts VD_REQ_COMPRESSED */
+    bool no_zero_init;          /* a new image does not read as zeros */
     const vd_create_option *create_opts; /* NULL-terminated, or NULL */
     /* What amend takes (qemu-img amend -o help), NULL-terminated, or
      * NULL for a driver without amend. */

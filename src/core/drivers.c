@@ -215,6 +215,8 @@ VD_API unsigned vd_driver_features(const char *name)
         f |= VD_DRIVER_CREATE;
     if (d->amend)
         f |= VD_DRIVER_AMEND;
+    if (d->no_zero_init)
+        f |= VD_DRIVER_NO_ZERO_INIT;
     return f;
 }
 

@@ -1,7 +1,7 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk and luks.
+ * has no driver yet: vmdk.
  *
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
@@ -22,7 +22,7 @@
  * first 2048 bytes of the file, zero-padded (512 bytes for the raw guard),
  * and @filename may be NULL (the raw guard passes none). Scores: 100 for
  * a magic number, which beats raw's 1. Layouts: from QEMU's drivers
- * (block/vmdk.c, crypto/block-luks.c).
+ * (block/vmdk.c).
  */
 #include <stdint.h>
 #include <string.h>
@@ -89,13 +89,6 @@ static int vmdk_probe(const uint8_t *buf, size_t len, const char *filename)
     return vmdk_descriptor(buf, len) ? 100 : 0;
 }
 
-/* ---- luks: "LUKS\xba\xbe" and version 1 (BE16); LUKS2 is not probed ---- */
-
-static int luks_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    (void)filename;
-    return len >= 8 && has_magic(buf, len, "LUKS\xba\xbe", 6) &&
-           buf[6] == 0 && buf[7] == 1 ? 100 : 0;
 }
 
 /* ---- the entries: a name, a probe, and no open ---- */
@@ -111,4 +104,3 @@ static int luks_probe(const uint8_t *buf, size_t len, const char *filename)
     }
 
 PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
-PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);

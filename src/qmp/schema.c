@@ -37,8 +37,9 @@ static const char *const aio_enum[] = { "threads", "native", "io_uring",
  * unknown value is refused the same way. */
 static const char *const driver_enum[] = {
     "blkdebug", "blkverify", "bochs", "cloop", "compress",
-    "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps", "host_cdrom",
-    "host_device", "http", "https", "iscsi", "nbd",
+    "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access",
+    "ftp", "ftps", "host_cdrom", "host_device", "http", "https", "iscsi",
+    "luks", "nbd",
     "null-aio", "null-co", "parallels", "preallocate", "qcow", "qcow2", "qed",
     "raw", "rbd", "ssh", "throttle", "vdi", "vhdx", "vpc", NULL
 };
@@ -207,6 +208,13 @@ static const qarg blockdev_blkverify[] = {
 /* BlockdevOptionsGenericFormat: compress. */
 static const qarg blockdev_generic[] = {
     { "file", QT_BLOCKREF, false, NULL },
+    { NULL, 0, false, NULL },
+};
+
+/* BlockdevOptionsLUKS (7.2: no detached header). */
+static const qarg blockdev_luks[] = {
+    { "file", QT_BLOCKREF, false, NULL },
+    { "key-secret", QT_STR, true, NULL },
     { NULL, 0, false, NULL },
 };
 
@@ -386,6 +394,7 @@ static const struct {
     { "http", blockdev_curl_http },
     { "https", blockdev_curl_https },
     { "iscsi", blockdev_iscsi },
+    { "luks", blockdev_luks },
     { "nbd", blockdev_nbd },
     { "null-aio", blockdev_null },
     { "null-co", blockdev_null },

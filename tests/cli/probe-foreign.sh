@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Formats QEMU 7.2 probes but vdisk cannot open yet (vmdk, luks)
+# Formats QEMU 7.2 probes but vdisk cannot open yet (vmdk)
 # are named and refused by
 # every command, probed or given with -f, never read as raw; creating
 # them is refused without leaving a file; the raw sector-0 guard and the
@@ -159,7 +159,7 @@ for img in "${images[@]}"; do
 done
 
 # Every format the test could make was met (the peer named it).
-for fmt in vmdk luks; do
+for fmt in vmdk; do
     case " ${refused[*]} " in
     *" $fmt "*) ;;
     *) if "$QEMU_IMG" --help | grep -q "^Supported formats:.* $fmt\b"; then
@@ -170,7 +170,7 @@ done
 
 # ---- naming them to create, convert, measure, -o help --------------------
 
-for fmt in vmdk luks; do
+for fmt in vmdk; do
     expect_status 1 "$VDISK" create -f "$fmt" new.img 1M 2> err
     grep -qF "new.img: format '$fmt' is not supported" err ||
         fail "create -f $fmt: $(cat err)"
@@ -199,7 +199,7 @@ done
 # The list of supported formats holds only what vdisk can open.
 formats=$("$VDISK" --help | sed -n 's/^Supported formats://p')
 [ -n "$formats" ] || fail "no format list in --help"
-for fmt in vmdk luks; do
+for fmt in vmdk; do
     case " $formats " in *" $fmt "*) fail "--help lists $fmt" ;; esac
 done
 

@@ -40,14 +40,14 @@ if [ ! -f "$build/build.ninja" ]; then
 fi
 ninja -C "$build" libvdisk.a >/dev/null
 
-libs=$(pkg-config --libs zlib libzstd json-c)
+libs=$(pkg-config --libs zlib libzstd json-c nettle)
 if pkg-config --exists liburing; then
     libs="$libs $(pkg-config --libs liburing)"
 fi
-# The NBD server in libvdisk.a uses gnutls when meson found it; the
-# remote protocol drivers their libraries, each built when meson found it
-# (the same pkg-config names; rbd loads librbd with dlopen).
-for pc in gnutls libnbd libcurl libssh libiscsi; do
+# The NBD server and luks in libvdisk.a use gnutls when meson found it;
+# the remote protocol drivers load their libraries with dlopen()
+# (src/common/dlib.h).
+for pc in gnutls; do
     if pkg-config --exists $pc; then
         libs="$libs $(pkg-config --libs $pc)"
     fi
@@ -185,6 +185,16 @@ dmg('rsrc.dmg', [('raw', pat(7, 1024)), ('zlib', pat(8, 4096))], form='rsrc')
 PYEOF
     rm -f fmtgen.py
     rm -f data.raw
+    # luks: LUKS1 with the default cipher (a truncated copy: the key
+    # material and payload of one slot) and aes-128-cbc-essiv/sha1,
+    # passphrase "fuzz", QEMU's minimum of 1000 iterations
+    q create -f luks --object secret,id=s,data=fuzz \
+        -o key-secret=s,iter-time=1,cipher-alg=aes-128,cipher-mode=cbc \
+        -o ivgen-alg=essiv,hash-alg=sha1 luks-cbc.luks 64k
+    q create -f luks --object secret,id=s,data=fuzz \
+        -o key-secret=s,iter-time=1 luks-xts.img 64k
+    head -c 262144 luks-xts.img > luks-xts.luks
+    rm -f data.raw luks-xts.img
 )
 # Text seeds; the first byte is the target's mode byte (see each target).
 mkdir -p "$seeds/qmp" "$seeds/json" "$seeds/object"

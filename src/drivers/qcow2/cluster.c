@@ -460,6 +460,11 @@ int qcow2_co_preadv(qcow2_state *s, uint64_t off, uint64_t bytes,
             break;
         case QCOW2_SC_NORMAL:
             vd_node_debug_event(s->file->node, VD_BLKDBG_READ_AIO);
+            if (s->crypt) {
+                ret = qcow2_crypt_read(s, host, off, cur, qiov, qiov_off,
+                                       err);
+                break;
+            }
             ret = vd_iov_init_slice(&slice, qiov, qiov_off, cur);
             if (ret == 0) {
                 ret = vd_child_preadv(s->data_file, host, cur, &slice, 0, err);
@@ -1205,6 +1210,9 @@ int qcow2_co_copy_range_from(qcow2_state *s, uint64_t soff, vd_node *dst,
             flags = VD_REQ_ZERO_WRITE;
             break;
         case QCOW2_SC_NORMAL:
+            if (s->crypt) {
+                return -ENOTSUP;        /* ciphertext in the file */
+            }
             child = s->data_file->node;
             copy_off = host;
             break;
@@ -1814,8 +1822,9 @@ int qcow2_co_block_status(qcow2_state *s, bool want_zero, uint64_t off,
         return ret;
     }
     *pnum = cur;
-    if (t == QCOW2_SC_NORMAL || t == QCOW2_SC_ZERO_ALLOC ||
-        t == QCOW2_SC_UNALLOCATED_ALLOC) {
+    /* Not for encrypted images: the file holds ciphertext (QEMU). */
+    if ((t == QCOW2_SC_NORMAL || t == QCOW2_SC_ZERO_ALLOC ||
+         t == QCOW2_SC_UNALLOCATED_ALLOC) && !s->crypt) {
         *map = host;
         *file = s->data_file->node;
         status |= VD_BLOCK_OFFSET_VALID;
@@ -1828,7 +1837,7 @@ int qcow2_co_block_status(qcow2_state *s, bool want_zero, uint64_t off,
     if (t == QCOW2_SC_COMPRESSED) {
         status |= VD_BLOCK_COMPRESSED;
     }
-    if (prealloc > 0 && t == QCOW2_SC_NORMAL) {
+    if (prealloc > 0 && t == QCOW2_SC_NORMAL && !s->crypt) {
         status |= VD_BLOCK_RECURSE;
     }
     return status;

@@ -465,9 +465,19 @@ static int read_extensions(qcow2_state *s, const uint8_t *buf, uint64_t start,
             s->has_bitmaps_ext = true;
             break;
         }
-        case QCOW2_EXT_CRYPTO:
-            return vd_error_set(err, -ENOTSUP, "%s: Encryption is not "
-                                "supported", s->filename);
+        case QCOW2_EXT_CRYPTO: {
+            qcow2_crypto_ext e;
+            if (h.len != sizeof(e)) {
+                return vd_error_set(err, -EINVAL, "CRYPTO header extension "
+                                    "size %u, but expected size %zu", h.len,
+                                    sizeof(e));
+            }
+            memcpy(&e, data, sizeof(e));
+            s->has_crypto_ext = true;
+            s->crypto_ext_offset = be64toh(e.offset);
+            s->crypto_ext_length = be64toh(e.length);
+            break;
+        }
         case QCOW2_EXT_DATA_FILE:
             free(s->data_file_name);
             s->data_file_name = dup_string(data, h.len);
@@ -638,6 +648,7 @@ static int tables_for(qcow2_state *s, uint64_t bytes, int min)
 
 static void free_state(qcow2_state *s)
 {
+    qcow2_crypt_close(s);
     qcow2_cache_destroy(s->l2_cache);
     qcow2_cache_destroy(s->refcount_cache);
     s->l2_cache = s->refcount_cache = NULL;
@@ -912,10 +923,11 @@ static int qcow2_open(vd_node *node, vd_opts *opts, unsigned flags,
                            "%u", s->filename, s->crypt_method);
         goto fail;
     }
-    if (s->crypt_method) {
-        ret = vd_error_set(err, -ENOTSUP, "%s: Encryption is not supported",
-                           s->filename);
-        goto fail;
+    if (s->crypt_method || s->has_crypto_ext) {
+        ret = qcow2_crypt_open(s, opts, flags, err);
+        if (ret < 0) {
+            goto fail;
+        }
     }
     s->compression_type = h.compression_type;
     if (s->compression_type > QCOW2_COMPRESSION_ZSTD) {
@@ -1122,7 +1134,8 @@ static int qcow2_open(vd_node *node, vd_opts *opts, unsigned flags,
                                                  : NULL;
     }
 
-    node->bl.request_alignment = 1;
+    /* Encrypted data is decrypted by whole 512-byte sectors. */
+    node->bl.request_alignment = s->crypt ? 512 : 1;
     node->bl.pdiscard_alignment = (uint32_t)s->cluster_size;
     node->bl.pwrite_zeroes_alignment = (uint32_t)s->subcluster_size;
 
@@ -1610,7 +1623,7 @@ static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
     qcow2_state *s = node->opaque;
     const char *ctype = s->compression_type == QCOW2_COMPRESSION_ZSTD ?
                         "zstd" : "zlib";
-    char *json = NULL;
+    char *json = NULL, *enc = NULL;
     int n;
 
     info->cluster_size = s->cluster_size;
@@ -1619,10 +1632,22 @@ static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
     info->has_dirty_flag = true;
     info->dirty_flag = (s->incompatible_features & QCOW2_INCOMPAT_DIRTY) != 0;
     info->encrypted = s->crypt_method != 0;
+    if (s->crypt) {
+        /* "encrypt" goes in front of the other members (the tools print
+         * them in QEMU's QDict order anyway). */
+        char *c = qcow2_crypt_info_json(s);
+        n = c ? asprintf(&enc, "\"encrypt\": %s, ", c) : -1;
+        free(c);
+        if (n < 0) {
+            return vd_error_set(err, -ENOMEM, "%s: out of memory",
+                                s->filename);
+        }
+    }
     if (s->version == 2) {
-        n = asprintf(&json, "{\"type\": \"qcow2\", \"data\": {\"compat\": "
+        n = asprintf(&json, "{\"type\": \"qcow2\", \"data\": {%s\"compat\": "
                      "\"0.10\", \"compression-type\": \"%s\", "
-                     "\"refcount-bits\": %d}}", ctype, s->refcount_bits);
+                     "\"refcount-bits\": %d}}", enc ? enc : "", ctype,
+                     s->refcount_bits);
     } else {
         char *df = NULL, *bm = bitmaps_json(s, err);
         if (!bm) {
@@ -1638,10 +1663,11 @@ static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
             }
             free(esc);
         }
-        n = asprintf(&json, "{\"type\": \"qcow2\", \"data\": {\"compat\": "
+        n = asprintf(&json, "{\"type\": \"qcow2\", \"data\": {%s\"compat\": "
                      "\"1.1\", \"compression-type\": \"%s\", "
                      "\"lazy-refcounts\": %s, %s\"refcount-bits\": %d, "
-                     "%s\"corrupt\": %s, \"extended-l2\": %s}}", ctype,
+                     "%s\"corrupt\": %s, \"extended-l2\": %s}}",
+                     enc ? enc : "", ctype,
                      (s->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS) ?
                      "true" : "false", bm, s->refcount_bits, df ? df : "",
                      (s->incompatible_features & QCOW2_INCOMPAT_CORRUPT) ?
@@ -1649,6 +1675,7 @@ static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
         free(df);
         free(bm);
     }
+    free(enc);
     if (n < 0) {
         return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
     }

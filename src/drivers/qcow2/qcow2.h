@@ -151,7 +151,7 @@ typedef struct __attribute__((packed)) qcow2_bitmaps_ext {
 } qcow2_bitmaps_ext;
 _Static_assert(sizeof(qcow2_bitmaps_ext) == 24, "bitmaps ext size");
 
-/* Full disk encryption header pointer (refused). */
+/* Full disk encryption header pointer (crypt.c). */
 typedef struct __attribute__((packed)) qcow2_crypto_ext {
     uint64_t offset;
     uint64_t length;
@@ -367,6 +367,11 @@ typedef struct qcow2_state {
     uint8_t *header_extra;      /* bytes 112..header_length (v3), kept */
     uint32_t header_extra_len;
     uint32_t crypt_method;
+    /* Encryption (crypt.c): the CRYPTO extension as read, and the open
+     * ciphers, or NULL for an unencrypted image. */
+    bool has_crypto_ext;
+    uint64_t crypto_ext_offset, crypto_ext_length;
+    struct qcow2_crypt *crypt;
     char *backing_file;         /* as stored, or NULL */
     char *backing_format;       /* extension, or NULL */
     char *data_file_name;       /* extension, or NULL */
@@ -980,5 +985,21 @@ int qcow2_decompress_cluster(qcow2_state *s, uint64_t l2_entry,
  * when the result would not be smaller than @out_cap. */
 int qcow2_compress_cluster(qcow2_state *s, const uint8_t *in, uint8_t *out,
                            size_t out_cap, size_t *out_len);
+
+/* ---- crypt.c: encrypted images (read-only) ---- */
+
+typedef struct qcow2_crypt qcow2_crypt;
+/* Sets up s->crypt for crypt_method 1 or 2 (options encrypt.format and
+ * encrypt.key-secret); refuses a writable open. */
+int qcow2_crypt_open(qcow2_state *s, vd_opts *opts, unsigned flags,
+                     vd_error *err);
+void qcow2_crypt_close(qcow2_state *s);
+/* Reads @bytes of a data cluster at @host (guest offset @guest) into
+ * @qiov at @qiov_off, decrypted. All three are multiples of 512. */
+int qcow2_crypt_read(qcow2_state *s, uint64_t host, uint64_t guest,
+                     uint64_t bytes, vd_iov *qiov, size_t qiov_off,
+                     vd_error *err);
+/* The "encrypt" member of the format-specific information. */
+char *qcow2_crypt_info_json(const qcow2_state *s);
 
 #endif
