@@ -89,8 +89,6 @@ static int vmdk_probe(const uint8_t *buf, size_t len, const char *filename)
     return vmdk_descriptor(buf, len) ? 100 : 0;
 }
 
-}
-
 /* ---- the entries: a name, a probe, and no open ---- */
 
 /* @compressed: QEMU's driver writes compressed clusters (convert -c
