@@ -382,12 +382,13 @@ static int write_data(convert_state *s, const uint8_t *buf, uint64_t len,
     return vd_pwrite(s->target, buf, len, off, flags, NULL);
 }
 
-/* The chunk's whole clusters in one request: the driver compresses
- * them in parallel (VD_REQ_COMPRESSED takes several clusters). */
-static int write_compressed(convert_state *s, const chunk *c,
-                            const uint8_t *buf)
+/* [@pos, +@len) of chunk @c, whole clusters, in one request: the driver
+ * compresses them in parallel (VD_REQ_COMPRESSED takes several). */
+static int write_compressed_part(convert_state *s, const chunk *c,
+                                 const uint8_t *buf, uint64_t pos,
+                                 uint64_t len)
 {
-    return write_data(s, buf, c->len, c->offset, VD_REQ_COMPRESSED);
+    return write_data(s, buf + pos, len, c->offset + pos, VD_REQ_COMPRESSED);
 }
 
 static int write_chunk(convert_state *s, const chunk *c, const uint8_t *buf)
@@ -410,19 +411,30 @@ static int write_chunk(convert_state *s, const chunk *c, const uint8_t *buf)
     /* (With -S 0 a zero chunk arrives here as data, in a zeroed buffer.) */
     if (s->compressed) {
         /* qemu-img copies one cluster at a time when compressing, so an
-         * all-zero cluster inside a data chunk is skipped, not stored. */
-        for (uint64_t pos = 0; pos < c->len; pos += s->cluster) {
-            chunk one = *c;
-            one.offset = c->offset + pos;
-            one.len = c->len - pos < s->cluster ? c->len - pos : s->cluster;
-            if (!s->min_sparse || !buffer_is_zero(buf + pos, one.len))
-                r = write_compressed(s, &one, buf + pos);
-            else
-                r = write_zero_range(s, one.offset, one.len);
-            if (r < 0)
-                return r;
+         * all-zero cluster inside a data chunk is skipped, not stored.
+         * The clusters between zero ones go down in one request, whose
+         * clusters the driver compresses in parallel. */
+        uint64_t run = 0, pos = 0;   /* run: the pending data clusters */
+        while (pos < c->len) {
+            uint64_t len = c->len - pos < s->cluster ? c->len - pos
+                                                     : s->cluster;
+            if (s->min_sparse && buffer_is_zero(buf + pos, len)) {
+                if (run < pos) {
+                    r = write_compressed_part(s, c, buf, run, pos - run);
+                    if (r < 0)
+                        return r;
+                }
+                r = write_zero_range(s, c->offset + pos, len);
+                if (r < 0)
+                    return r;
+                run = pos + len;
+            }
+            pos += len;
         }
-        return 0;
+        if (run < c->len) {
+            r = write_compressed_part(s, c, buf, run, c->len - run);
+        }
+        return r;
     }
     while (left > 0) {
         int64_t n = left;
@@ -761,6 +773,7 @@ int cmd_convert(int argc, char **argv)
     const char *sn_name = NULL;   /* -s NAME or -l NAME: id, then name */
     vd_opts *sn_opts = NULL;      /* -l snapshot.id=...,snapshot.name=... */
     uint64_t min_sparse = 8 * SECTOR, nthreads = 8;
+    bool nthreads_given = false;
     convert_state s;
     vd_opts *copts = NULL, *topts = NULL, *sopts = NULL;
     vd_error err = VD_ERROR_INIT;
@@ -844,6 +857,7 @@ int cmd_convert(int argc, char **argv)
             char *end;
 
             nthreads = strtoull(optarg, &end, 10);
+            nthreads_given = true;
             if (*end || !*optarg || nthreads < 1 || nthreads > MAX_THREADS) {
                 cli_error("Invalid number of coroutines. Allowed number of "
                           "coroutines is between 1 and %d", MAX_THREADS);
@@ -1233,6 +1247,14 @@ int cmd_convert(int argc, char **argv)
      * is written, and --salvage warns about them in both walks. */
     if (count_allocated(&s) < 0) {
         goto out;
+    }
+    /* Compressed writes go one after the other (in order, as qemu-img
+     * requires) and the driver compresses each request's clusters on
+     * every CPU: more copy threads only read ahead, and compete with the
+     * compression for the CPUs and memory (256 MiB of text: 5.3 s and
+     * 14 MB with one, 7.5 s and 67 MB with eight). */
+    if (s.compressed && !nthreads_given) {
+        nthreads = 1;
     }
     if (run_copy(&s, (int)nthreads) < 0) {
         goto out;

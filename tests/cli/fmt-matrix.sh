@@ -9,7 +9,7 @@
 # convert to raw, then compare with the raw original) and passes `qemu-img check` where the
 # format has one (qemu-img checks its own copy), and `qemu-img info`
 # shows the same virtual size and format for both copies. `measure -O B`
-# of each source prints what qemu-img prints.
+# of a raw and a qcow2 source prints what qemu-img prints.
 source "$(dirname "$0")/../functions.sh"
 source "$(dirname "$0")/cli-functions.bash"
 requires qemu-img qemu-io
@@ -96,7 +96,10 @@ for a in "${formats[@]}"; do
         done
         diff -u q.info v.info || fail "$a -> $b: info differs"
     done
-    # measure (where qemu-img measures a format: else the same refusal).
+    # measure (where qemu-img measures a format: else the same refusal),
+    # from a raw and a qcow2 source (the source's format only changes
+    # what block status says, which those two cover).
+    case $a in raw|qcow2) ;; *) continue ;; esac
     for b in "${formats[@]}"; do
         [ "$b" = luks ] && continue
         # shellcheck disable=SC2046
