@@ -1,7 +1,7 @@
 /*
  * Probe-only format entries: the image formats QEMU 7.2 recognises by
  * their first bytes (block/ *.c, each driver's bdrv_probe) for which vdisk
- * has no driver yet: vmdk, vhdx, luks, dmg, cloop and bochs.
+ * has no driver yet: vhdx, luks, dmg, cloop and bochs.
  *
  * Why they exist: without them, probing falls back to raw for all of
  * these, so `vdisk info disk.vmdk` would call a VMDK "raw" and `vdisk
@@ -24,7 +24,7 @@
  * recognises only by its ".dmg" suffix, never blocks a write). Scores:
  * 100 for a magic number, 2 for the weak guesses (dmg's suffix, cloop's
  * shell-script header), so that they beat raw's 1 and nothing else.
- * Layouts: from QEMU's drivers (block/vmdk.c, vhdx.c, crypto/block-luks.c,
+ * Layouts: from QEMU's drivers (block/vhdx.c, crypto/block-luks.c,
  * dmg.c, cloop.c, bochs.c).
  */
 #include <stdint.h>
@@ -42,60 +42,6 @@ static bool has_magic(const uint8_t *buf, size_t len, const char *magic,
                       size_t mlen)
 {
     return len >= mlen && memcmp(buf, magic, mlen) == 0;
-}
-
-/* ---- vmdk: "KDMV" (VMDK4 sparse), "COWD" (VMDK3), or a descriptor ---- */
-
-/* A descriptor file is text: comment lines ('#'), lines of blanks, then
- * "version=1", "version=2" or "version=3" ending in LF or CRLF. Any other
- * line before it means not a descriptor. */
-static bool vmdk_descriptor(const uint8_t *buf, size_t len)
-{
-    const char *p = (const char *)buf, *end = p + len;
-
-    while (p < end) {
-        if (*p == '#') {
-            while (p < end && *p != '\n') {
-                p++;
-            }
-            if (p < end) {
-                p++;
-            }
-            continue;
-        }
-        if (*p == ' ') {
-            while (p < end && *p == ' ') {
-                p++;
-            }
-            if (p < end && *p == '\r') {
-                p++;
-            }
-            if (p == end || *p != '\n') {
-                return false;
-            }
-            p++;
-            continue;
-        }
-        if (end - p >= 10 && memcmp(p, "version=", 8) == 0 &&
-            p[8] >= '1' && p[8] <= '3') {
-            return p[9] == '\n' ||
-                   (end - p >= 11 && p[9] == '\r' && p[10] == '\n');
-        }
-        return false;
-    }
-    return false;
-}
-
-static int vmdk_probe(const uint8_t *buf, size_t len, const char *filename)
-{
-    (void)filename;
-    if (len < 4) {
-        return 0;
-    }
-    if (has_magic(buf, len, "KDMV", 4) || has_magic(buf, len, "COWD", 4)) {
-        return 100;
-    }
-    return vmdk_descriptor(buf, len) ? 100 : 0;
 }
 
 /* ---- vhdx: file type identifier "vhdxfile" ---- */
@@ -189,7 +135,6 @@ static int bochs_probe(const uint8_t *buf, size_t len, const char *filename)
         .probe = probe_fn,                         \
     }
 
-PROBE_ONLY(vd_driver_vmdk, "vmdk", vmdk_probe, true);
 PROBE_ONLY(vd_driver_vhdx, "vhdx", vhdx_probe, false);
 PROBE_ONLY(vd_driver_luks, "luks", luks_probe, false);
 PROBE_ONLY(vd_driver_dmg, "dmg", dmg_probe, false);
