@@ -826,7 +826,7 @@ static int check_layout(vmdk_state *s, vmdk_extent *e, vd_error *err)
     if (e->flat) {
         return 0;
     }
-    cap = 3 + 2 * (uint64_t)e->l1_size;
+    cap = 4 + 2 * (uint64_t)e->l1_size;
     e->meta = malloc(cap * sizeof(*e->meta));
     if (!e->meta) {
         return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
@@ -1286,8 +1286,19 @@ static int write_cid(vmdk_state *s, uint32_t cid, vd_error *err)
         used = strlen(desc);
         snprintf(desc + used, sizeof(desc) - used, "%s", tail);
     }
-    ret = vd_child_pwrite(s->node->file, s->desc_offset, desc, sizeof(desc),
-                          0, err);
+    /* QEMU's write stops at the file's end rounded up to a sector (a
+     * descriptor file of 356 bytes becomes 512 bytes long). */
+    {
+        uint64_t end = len > 0 ? ((uint64_t)len + SECTOR - 1) / SECTOR * SECTOR
+                               : 0, n = sizeof(desc);
+        if (end <= s->desc_offset) {
+            return 0;
+        }
+        if (n > end - s->desc_offset) {
+            n = end - s->desc_offset;
+        }
+        ret = vd_child_pwrite(s->node->file, s->desc_offset, desc, n, 0, err);
+    }
     if (ret == 0) {
         ret = vd_node_flush(s->node->file->node, err);
     }
@@ -1689,13 +1700,415 @@ static int vmdk_truncate(vd_node *node, uint64_t size, bool exact,
                         "support resize");
 }
 
+/* ---- create (QEMU's vmdk_co_do_create and vmdk_init_extent) ---- */
+
+static const vd_create_option vmdk_create_opts[] = {
+    { "size", "size", "Virtual disk size", NULL },
+    { "adapter_type", "string", "Virtual adapter type, can be one of ide "
+      "(default), lsilogic, buslogic or legacyESX", NULL },
+    { "backing_file", "string", "File name of a base image", NULL },
+    { "backing_fmt", "string", "Must be 'vmdk' if present", NULL },
+    { "compat6", "bool", "VMDK version 6 image", "off" },
+    { "hwversion", "string", "VMDK hardware version", "undefined" },
+    { "toolsversion", "string", "VMware guest tools version", NULL },
+    { "subformat", "string", "VMDK flat extent format, can be one of "
+      "{monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse "
+      "| twoGbMaxExtentFlat | streamOptimized} ", NULL },
+    { "zeroed_grain", "bool", "Enable efficient zero writes using the "
+      "zeroed-grain GTE feature", NULL },
+    { NULL, NULL, NULL, NULL },
+};
+
+static const char *const vmdk_subformats[] = {
+    "monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat", "streamOptimized", NULL,
+};
+static const char *const vmdk_adapters[] = {
+    "ide", "buslogic", "lsilogic", "legacyESX", NULL,
+};
+
+/* The header, GDs and (sparse, zero) GTs of a new hosted sparse extent
+ * of @size bytes in @file, or a flat extent's length. */
+static int init_extent(vd_node *file, uint64_t size, bool flat,
+                       bool compress, bool zeroed_grain, vd_error *err)
+{
+    uint8_t hdr[512];
+    uint64_t grains, gt_sectors = 4, gt_count, gd_sectors, rgd, gd, gofs;
+    uint8_t *gdb;
+    vd_iov v;
+    int ret;
+
+    if (flat) {
+        return vd_node_truncate(file, size, false, VD_PREALLOC_OFF, err);
+    }
+    grains = (size / SECTOR + 127) / 128;
+    gt_count = (grains + 511) / 512;
+    gd_sectors = (gt_count * 4 + SECTOR - 1) / SECTOR;
+    rgd = 1 + 20;
+    gd = rgd + gd_sectors + gt_sectors * gt_count;
+    gofs = (gd + gd_sectors + gt_sectors * gt_count + 127) / 128 * 128;
+    if (gofs + gt_count > VMDK_EXTENT_MAX_SECTORS) {
+        return vd_error_set(err, -EFBIG, "extent of %" PRIu64 " bytes is "
+                            "too large", size);
+    }
+    memset(hdr, 0, sizeof(hdr));
+    memcpy(hdr, "KDMV", 4);
+    put_le32(hdr + 4, compress ? 3 : zeroed_grain ? 2 : 1);
+    put_le32(hdr + 8, VMDK4_FLAG_RGD | VMDK4_FLAG_NL_DETECT |
+             (compress ? VMDK4_FLAG_COMPRESS | VMDK4_FLAG_MARKER : 0) |
+             (zeroed_grain ? VMDK4_FLAG_ZERO_GRAIN : 0));
+    put_le64(hdr + 12, size / SECTOR);
+    put_le64(hdr + 20, 128);
+    put_le64(hdr + 28, 1);
+    put_le64(hdr + 36, 20);
+    put_le32(hdr + 44, 512);
+    put_le64(hdr + 48, rgd);
+    put_le64(hdr + 56, gd);
+    put_le64(hdr + 64, gofs);
+    memcpy(hdr + 73, "\n \r\n", 4);
+    put_le16(hdr + 77, compress ? 1 : 0);
+    vd_iov_init_buf(&v, hdr, 79);
+    ret = vd_node_pwritev(file, 0, 79, &v, 0, err);
+    if (ret == 0) {
+        ret = vd_node_truncate(file, gofs * SECTOR, false, VD_PREALLOC_OFF,
+                               err);
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    gdb = calloc(1, gd_sectors * SECTOR);
+    if (!gdb) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    for (int pass = 0; pass < 2 && ret == 0; pass++) {
+        uint64_t at = pass ? gd : rgd;
+        for (uint64_t i = 0; i < gt_count; i++) {
+            put_le32(gdb + 4 * i, (uint32_t)(at + gd_sectors +
+                                             i * gt_sectors));
+        }
+        vd_iov_init_buf(&v, gdb, gd_sectors * SECTOR);
+        ret = vd_node_pwritev(file, at * SECTOR, gd_sectors * SECTOR, &v, 0,
+                              err);
+    }
+    free(gdb);
+    return ret;
+}
+
+/* Creates extent file @path (protocol options @popts) and its content. */
+static int create_extent(const char *path, vd_opts *popts, uint64_t size,
+                         bool flat, bool compress, bool zeroed_grain,
+                         vd_node **keep, vd_error *err)
+{
+    vd_opts *o = vd_opts_clone(popts);
+    vd_node *file = NULL;
+    int ret;
+
+    if (!o) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    vd_opts_set(o, "size", "0");
+    ret = vd_create_protocol(path, o, err);
+    vd_opts_free(&o);
+    if (ret == 0) {
+        ret = vd_open_protocol(&file, path, VD_NODE_RDWR, err);
+    }
+    if (ret == 0) {
+        ret = init_extent(file, size, flat, compress, zeroed_grain, err);
+    }
+    if (ret == 0 && keep) {
+        *keep = file;
+    } else if (file) {
+        vd_node_unref(file);
+    }
+    return ret;
+}
+
+static int backing_cid(const char *filename, const char *bfile,
+                       uint32_t *cid, vd_error *err)
+{
+    const char *slash = strrchr(filename, '/');
+    char *full;
+    vd_node *b = NULL;
+    int ret;
+
+    if (bfile[0] == '/' || !slash) {
+        full = strdup(bfile);
+    } else if (asprintf(&full, "%.*s%s", (int)(slash - filename + 1),
+                        filename, bfile) < 0) {
+        full = NULL;
+    }
+    if (!full) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    ret = vd_node_open(&b, full, NULL, NULL, VD_NODE_NO_BACKING, err);
+    free(full);
+    if (ret < 0) {
+        return ret;
+    }
+    if (b->drv != &vd_driver_vmdk) {
+        ret = vd_error_set(err, -EINVAL, "%s: Invalid backing file format: "
+                           "%s. Must be vmdk.", filename, b->drv->name);
+    } else {
+        *cid = ((vmdk_state *)b->opaque)->cid;
+    }
+    vd_node_unref(b);
+    return ret;
+}
+
+static int vmdk_create(const char *filename, vd_opts *opts, vd_error *err)
+{
+    uint64_t size = 0, extent_size, created;
+    char *v, *bfile = NULL, *bfmt = NULL, *hw = NULL, *tools = NULL;
+    char *path = NULL, *prefix = NULL, *postfix = NULL, *desc = NULL;
+    char *lines = NULL, parent_line[4200] = "";
+    size_t lines_len = 0;
+    FILE *lf = NULL;
+    bool compat6 = false, zeroed = false, flat, split, compress;
+    int sub = 0, adapter = 0, idx, ret;
+    uint32_t parent_cid = 0xffffffff;
+    vd_node *blk = NULL;
+    vd_opts *popts = NULL;
+
+    v = vd_opts_take(opts, "size");
+    if (v) {
+        ret = vd_parse_size(v, &size);
+        free(v);
+        if (ret < 0) {
+            return vd_error_set(err, -EINVAL, "%s: Parameter 'size' expects "
+                                "a non-negative number below 2^64", filename);
+        }
+        if (size > VD_MAX_LENGTH) {
+            return vd_error_set(err, -EFBIG, "%s: Image size is too large",
+                                filename);
+        }
+        size = (size + SECTOR - 1) / SECTOR * SECTOR;
+    }
+    bfile = vd_opts_take(opts, "backing_file");
+    bfmt = vd_opts_take(opts, "backing_fmt");
+    hw = vd_opts_take(opts, "hwversion");
+    tools = vd_opts_take(opts, "toolsversion");
+    ret = vd_opts_take_bool(opts, "compat6", false, &compat6, err);
+    if (ret == 0) {
+        ret = vd_opts_take_bool(opts, "zeroed_grain", false, &zeroed, err);
+    }
+    if (ret < 0) {
+        goto out;
+    }
+    v = vd_opts_take(opts, "adapter_type");
+    if (v) {
+        for (adapter = 0; vmdk_adapters[adapter]; adapter++) {
+            if (!strcmp(v, vmdk_adapters[adapter])) {
+                break;
+            }
+        }
+        if (!vmdk_adapters[adapter]) {
+            ret = vd_error_set(err, -EINVAL, "%s: invalid parameter value: "
+                               "%s", filename, v);
+            free(v);
+            goto out;
+        }
+        free(v);
+    }
+    v = vd_opts_take(opts, "subformat");
+    if (v) {
+        for (sub = 0; vmdk_subformats[sub]; sub++) {
+            if (!strcmp(v, vmdk_subformats[sub])) {
+                break;
+            }
+        }
+        if (!vmdk_subformats[sub]) {
+            ret = vd_error_set(err, -EINVAL, "%s: invalid parameter value: "
+                               "%s", filename, v);
+            free(v);
+            goto out;
+        }
+        free(v);
+    }
+    if (compat6) {
+        if (hw && strcmp(hw, "undefined")) {
+            ret = vd_error_set(err, -EINVAL, "%s: compat6 cannot be enabled "
+                               "with hwversion set", filename);
+            goto out;
+        }
+        free(hw);
+        hw = strdup("6");
+    }
+    if (hw && !strcmp(hw, "undefined")) {
+        free(hw);
+        hw = NULL;
+    }
+    if (bfmt && strcmp(bfmt, "vmdk")) {
+        ret = vd_error_set(err, -EINVAL, "%s: backing_file must be a vmdk "
+                           "image", filename);
+        goto out;
+    }
+    flat = sub == 1 || sub == 3;
+    split = sub == 2 || sub == 3;
+    compress = sub == 4;
+    if (flat && bfile) {
+        ret = vd_error_set(err, -ENOTSUP, "%s: Flat image can't have backing "
+                           "file", filename);
+        goto out;
+    }
+    if (flat && zeroed) {
+        ret = vd_error_set(err, -ENOTSUP, "%s: Flat image can't enable "
+                           "zeroed grain", filename);
+        goto out;
+    }
+    if (bfile) {
+        ret = backing_cid(filename, bfile, &parent_cid, err);
+        if (ret < 0) {
+            goto out;
+        }
+        snprintf(parent_line, sizeof(parent_line),
+                 "parentFileNameHint=\"%s\"\n", bfile);
+    }
+
+    /* The file names: DIR/PREFIX-s001.POSTFIX (QEMU's filename_decompose). */
+    {
+        const char *base = strrchr(filename, '/'), *dot;
+        base = base ? base + 1 : filename;
+        dot = strrchr(base, '.');
+        path = strndup(filename, (size_t)(base - filename));
+        prefix = strndup(base, dot ? (size_t)(dot - base) : strlen(base));
+        postfix = strdup(dot ? dot : "");
+        lf = open_memstream(&lines, &lines_len);
+        popts = vd_opts_clone(opts);
+        if (!path || !prefix || !postfix || !lf || !popts) {
+            ret = vd_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        for (const char *k = vd_opts_first_key(opts); k;
+             k = vd_opts_first_key(opts)) {
+            vd_opts_del(opts, k);
+        }
+    }
+    extent_size = split ? 2ull << 30 : size;
+    created = !split && !flat ? extent_size : 0;
+    /* The image file: the sparse extent itself, or (empty) the file the
+     * descriptor goes into. */
+    ret = create_extent(filename, popts, created, split || flat, compress,
+                        zeroed, &blk, err);
+    if (ret < 0) {
+        goto out;
+    }
+    if (!split && !flat) {
+        fprintf(lf, "RW %" PRIu64 " SPARSE \"%s%s\"\n", created / SECTOR,
+                prefix, postfix);
+    }
+    for (idx = 1; created < size; idx++) {
+        uint64_t cur = size - created < extent_size ? size - created
+                                                     : extent_size;
+        char *ext, *name;
+        if (split) {
+            ret = asprintf(&name, "%s-%c%03d%s", prefix, flat ? 'f' : 's',
+                           idx, postfix);
+        } else {
+            ret = asprintf(&name, "%s-flat%s", prefix, postfix);
+        }
+        if (ret < 0 || asprintf(&ext, "%s%s", path, name) < 0) {
+            if (ret >= 0) {
+                free(name);
+            }
+            ret = vd_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        ret = create_extent(ext, popts, cur, flat, compress, zeroed, NULL,
+                            err);
+        free(ext);
+        if (ret < 0) {
+            free(name);
+            goto out;
+        }
+        fprintf(lf, flat ? "RW %" PRIu64 " FLAT \"%s\" 0\n"
+                         : "RW %" PRIu64 " SPARSE \"%s\"\n",
+                cur / SECTOR, name);
+        free(name);
+        created += cur;
+    }
+    fclose(lf);
+    lf = NULL;
+    {
+        uint32_t heads = adapter == 0 ? 16 : 255;
+        ret = asprintf(&desc,
+                       "# Disk DescriptorFile\n"
+                       "version=1\n"
+                       "CID=%" PRIx32 "\n"
+                       "parentCID=%" PRIx32 "\n"
+                       "createType=\"%s\"\n"
+                       "%s"
+                       "\n"
+                       "# Extent description\n"
+                       "%s"
+                       "\n"
+                       "# The Disk Data Base\n"
+                       "#DDB\n"
+                       "\n"
+                       "ddb.virtualHWVersion = \"%s\"\n"
+                       "ddb.geometry.cylinders = \"%" PRIu64 "\"\n"
+                       "ddb.geometry.heads = \"%" PRIu32 "\"\n"
+                       "ddb.geometry.sectors = \"63\"\n"
+                       "ddb.adapterType = \"%s\"\n"
+                       "ddb.toolsVersion = \"%s\"\n",
+                       random32(), parent_cid, vmdk_subformats[sub],
+                       parent_line, lines, hw ? hw : "4",
+                       size / ((uint64_t)63 * heads * SECTOR), heads,
+                       vmdk_adapters[adapter], tools ? tools : "2147483647");
+        if (ret < 0) {
+            desc = NULL;
+            ret = vd_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+    }
+    {
+        size_t dlen = strlen(desc);
+        uint64_t doff = !split && !flat ? 0x200 : 0;
+        if (doff && dlen > VMDK_DESC_SIZE) {
+            ret = vd_error_set(err, -EINVAL, "%s: the descriptor is too long "
+                               "(%zu bytes)", filename, dlen);
+            goto out;
+        }
+        vd_iov dv;
+        vd_iov_init_buf(&dv, desc, dlen);
+        ret = vd_node_pwritev(blk, doff, dlen, &dv, 0, err);
+        if (ret < 0) {
+            vd_error_prepend(err, "%s: Could not write description: ",
+                             filename);
+            goto out;
+        }
+        if (doff == 0) {
+            ret = vd_node_truncate(blk, dlen, false, VD_PREALLOC_OFF, err);
+        }
+    }
+out:
+    if (lf) {
+        fclose(lf);
+    }
+    if (blk) {
+        vd_node_unref(blk);
+    }
+    vd_opts_free(&popts);
+    free(lines);
+    free(desc);
+    free(path);
+    free(prefix);
+    free(postfix);
+    free(bfile);
+    free(bfmt);
+    free(hw);
+    free(tools);
+    return ret;
+}
+
 const vd_driver vd_driver_vmdk = {
     .name = "vmdk",
     .instance_size = sizeof(vmdk_state),
     .is_format = true,
     .supports_backing = true,
     .supports_compressed = true,
+    .create_opts = vmdk_create_opts,
     .probe = vmdk_probe,
+    .create = vmdk_create,
     .open = vmdk_open,
     .close = vmdk_close,
     .preadv = vmdk_preadv,
