@@ -1727,6 +1727,31 @@ static const char *const vmdk_adapters[] = {
     "ide", "buslogic", "lsilogic", "legacyESX", NULL,
 };
 
+/* An enum option: the index of its value in @list (0 when not given),
+ * or QEMU's qapi_enum_parse error. */
+static int take_choice(vd_opts *opts, const char *key,
+                       const char *const *list, const char *filename,
+                       int *out, vd_error *err)
+{
+    char *v = vd_opts_take(opts, key);
+    int i = 0;
+
+    if (v) {
+        while (list[i] && strcmp(v, list[i])) {
+            i++;
+        }
+        if (!list[i]) {
+            vd_error_set(err, -EINVAL, "%s: invalid parameter value: %s",
+                         filename, v);
+            free(v);
+            return -EINVAL;
+        }
+        free(v);
+    }
+    *out = i;
+    return 0;
+}
+
 /* The header, GDs and (sparse, zero) GTs of a new hosted sparse extent
  * of @size bytes in @file, or a flat extent's length. */
 static int init_extent(vd_node *file, uint64_t size, bool flat,
@@ -1894,35 +1919,14 @@ static int vmdk_create(const char *filename, vd_opts *opts, vd_error *err)
     if (ret < 0) {
         goto out;
     }
-    v = vd_opts_take(opts, "adapter_type");
-    if (v) {
-        for (adapter = 0; vmdk_adapters[adapter]; adapter++) {
-            if (!strcmp(v, vmdk_adapters[adapter])) {
-                break;
-            }
-        }
-        if (!vmdk_adapters[adapter]) {
-            ret = vd_error_set(err, -EINVAL, "%s: invalid parameter value: "
-                               "%s", filename, v);
-            free(v);
-            goto out;
-        }
-        free(v);
+    ret = take_choice(opts, "adapter_type", vmdk_adapters, filename,
+                      &adapter, err);
+    if (ret == 0) {
+        ret = take_choice(opts, "subformat", vmdk_subformats, filename, &sub,
+                          err);
     }
-    v = vd_opts_take(opts, "subformat");
-    if (v) {
-        for (sub = 0; vmdk_subformats[sub]; sub++) {
-            if (!strcmp(v, vmdk_subformats[sub])) {
-                break;
-            }
-        }
-        if (!vmdk_subformats[sub]) {
-            ret = vd_error_set(err, -EINVAL, "%s: invalid parameter value: "
-                               "%s", filename, v);
-            free(v);
-            goto out;
-        }
-        free(v);
+    if (ret < 0) {
+        goto out;
     }
     if (compat6) {
         if (hw && strcmp(hw, "undefined")) {
