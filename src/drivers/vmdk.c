@@ -1375,8 +1375,8 @@ static int fill_grain(vmdk_state *s, vmdk_extent *e, uint64_t host,
 }
 
 /* One compressed grain behind its marker, padded to a sector, appended
- * at the extent's end (QEMU's vmdk_write_extent for compressed extents;
- * QEMU leaves the padding to a final truncate: the bytes are the same). */
+ * at the extent's end (QEMU's vmdk_write_extent for compressed
+ * extents). */
 static int write_compressed(vmdk_state *s, vmdk_extent *e, uint64_t off,
                             vd_iov *qiov, uint64_t qoff, uint64_t n,
                             uint64_t *host, vd_error *err)
@@ -1406,7 +1406,11 @@ static int write_compressed(vmdk_state *s, vmdk_extent *e, uint64_t off,
     put_le32(dst + 8, (uint32_t)clen);
     total = (VMDK_MARKER_BYTES + clen + SECTOR - 1) / SECTOR * SECTOR;
     *host = e->next_sector * SECTOR;
-    ret = vd_child_pwrite(e->file, *host, dst, total, 0, err);
+    /* QEMU allocates a whole grain of zeros first, then writes the
+     * compressed data over its start: the zeros past the data stay at
+     * the end of the file (the next grain overwrites them). */
+    ret = vd_child_pwrite(e->file, *host, dst, total > cb ? total : cb, 0,
+                          err);
     free(src);
     free(dst);
     if (ret == 0) {
@@ -1648,6 +1652,7 @@ static int vmdk_get_info(vd_node *node, vd_image_info *info, vd_error *err)
     }
     info->has_dirty_flag = true;
     info->dirty_flag = false;
+    info->needs_compressed_writes = s->n_extents && s->extents[0].compressed;
     f = open_memstream(&json, &len);
     if (!f || !ct) {
         free(ct);
