@@ -1694,6 +1694,62 @@ static int vmdk_get_info(vd_node *node, vd_image_info *info, vd_error *err)
     return 0;
 }
 
+/* QEMU's vmdk_co_check: every grain of every extent lies before the end
+ * of its file; the first fault stops the check (one corruption, and the
+ * check fails, as qemu-img reports it). No repairs. */
+static int vmdk_check(vd_node *node, vd_check_result *res, unsigned fix,
+                      vd_error *err)
+{
+    vmdk_state *s = node->opaque;
+    uint64_t sector = 0;
+    int ret = 0;
+
+    (void)err;
+    if (fix) {
+        return -ENOTSUP;
+    }
+    pthread_mutex_lock(&s->lock);
+    while (sector < s->total_sectors) {
+        vmdk_extent *e = find_extent(s, sector);
+        uint64_t host = 0;
+        int r = e ? get_cluster(s, e, sector * SECTOR, &host, NULL, NULL)
+                  : -EINVAL;
+        if (!e) {
+            fprintf(stderr, "ERROR: could not find extent for sector %"
+                    PRIu64 "\n", sector);
+            ret = -EINVAL;
+            break;
+        }
+        if (r < 0) {
+            fprintf(stderr, "ERROR: could not get cluster_offset for sector %"
+                    PRIu64 "\n", sector);
+            ret = -EIO;
+            break;
+        }
+        if (r == VMDK_OK) {
+            int64_t len = vd_node_getlength(e->file->node);
+            if (len < 0) {
+                fprintf(stderr, "ERROR: could not get extent file length for "
+                        "sector %" PRIu64 "\n", sector);
+                ret = (int)len;
+                break;
+            }
+            if (host >= (uint64_t)len) {
+                fprintf(stderr, "ERROR: cluster offset for sector %" PRIu64
+                        " points after EOF\n", sector);
+                ret = -EINVAL;
+                break;
+            }
+        }
+        sector += e->grain_sectors;
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        res->corruptions++;
+    }
+    return ret;
+}
+
 static int vmdk_truncate(vd_node *node, uint64_t size, bool exact,
                          vd_prealloc prealloc, vd_error *err)
 {
@@ -2127,4 +2183,5 @@ const vd_driver vd_driver_vmdk = {
     .getlength = vmdk_getlength,
     .get_info = vmdk_get_info,
     .truncate = vmdk_truncate,
+    .check = vmdk_check,
 };
