@@ -537,13 +537,11 @@ static int open_sparse(vmdk_state *s, vd_node *node, vd_child *file,
     }
     cap = le64(h + 12);
     grain = le64(h + 20);
-    if (grain > VMDK_MAX_GRAIN_SECTORS) {
-        return vd_error_set(err, -EFBIG, "Invalid granularity, image may be "
-                            "corrupt");
-    }
-    l1_entry = ngt * grain;
+    /* QEMU keeps the product in 32 bits; the granularity itself is
+     * bounded by add_extent() below. */
+    l1_entry = (uint32_t)(ngt * grain);
     if (l1_entry == 0) {
-        return vd_error_set(err, -EINVAL, "L2 table size too small");
+        return vd_error_set(err, -EINVAL, "L1 entry size is invalid");
     }
     l1_size = cap / l1_entry + (cap % l1_entry != 0);
     if (flags & VMDK4_FLAG_RGD) {
@@ -1647,12 +1645,22 @@ static int vmdk_get_info(vd_node *node, vd_image_info *info, vd_error *err)
     size_t len = 0;
     FILE *f;
 
-    if (s->n_extents && !s->extents[0].flat) {
+    /* QEMU's vmdk_get_info answers only when the extents are alike
+     * (qemu-img then shows neither a cluster size nor a dirty flag). */
+    bool alike = s->n_extents > 0;
+    for (int i = 1; i < s->n_extents; i++) {
+        const vmdk_extent *a = &s->extents[0], *b = &s->extents[i];
+        if (a->flat != b->flat || a->compressed != b->compressed ||
+            (!a->flat && a->grain_sectors != b->grain_sectors)) {
+            alike = false;
+        }
+    }
+    if (alike && !s->extents[0].flat) {
         info->cluster_size = s->extents[0].grain_sectors * SECTOR;
     }
-    info->has_dirty_flag = true;
+    info->has_dirty_flag = alike;
     info->dirty_flag = false;
-    info->needs_compressed_writes = s->n_extents && s->extents[0].compressed;
+    info->needs_compressed_writes = alike && s->extents[0].compressed;
     f = open_memstream(&json, &len);
     if (!f || !ct) {
         free(ct);
@@ -2026,7 +2034,7 @@ static int vmdk_create(const char *filename, vd_opts *opts, vd_error *err)
             goto out;
         }
         snprintf(parent_line, sizeof(parent_line),
-                 "parentFileNameHint=\"%s\"\n", bfile);
+                 "parentFileNameHint=\"%s\"", bfile);
     }
 
     /* The file names: DIR/PREFIX-s001.POSTFIX (QEMU's filename_decompose). */
