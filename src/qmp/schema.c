@@ -40,7 +40,7 @@ static const char *const driver_enum[] = {
     "copy-on-read", "file", "snapshot-access", "ftp", "ftps", "host_cdrom",
     "host_device", "http", "https", "iscsi", "nbd",
     "null-aio", "null-co", "parallels", "preallocate", "qcow", "qcow2", "qed",
-    "raw", "rbd", "ssh", "throttle", "vdi", "vpc", NULL
+    "raw", "rbd", "ssh", "throttle", "vdi", "vmdk", "vpc", NULL
 };
 /* QEMU's BlkdebugEvent, BlkdebugIOType and BlockPermission. */
 static const char *const blkdebug_event_enum[] = {
@@ -397,6 +397,7 @@ static const struct {
     { "ssh", blockdev_ssh },
     { "throttle", blockdev_throttle },
     { "vdi", blockdev_generic },
+    { "vmdk", blockdev_generic_cow },
     { "vpc", blockdev_generic },
 };
 

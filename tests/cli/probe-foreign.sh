@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Formats QEMU 7.2 probes but vdisk cannot open yet (vmdk, vhdx, luks,
+# Formats QEMU 7.2 probes but vdisk cannot open yet (vhdx, luks,
 # dmg, cloop, bochs) are named and refused by
 # every command, probed or given with -f, never read as raw; creating
 # them is refused without leaving a file; the raw sector-0 guard and the

@@ -142,6 +142,12 @@ mkdir -p "$seeds/img" "$build/artifacts"
     qio -f vpc -c 'write -P 0x77 0 4k' -c 'write -P 0x78 2M 1k' vpc-dyn.vhd
     q create -f vpc -o subformat=fixed vpc-fixed.vhd 64k
     q create -f vpc -o force_size=on vpc-qem2.vhd 3M
+    # vmdk: hosted sparse with data and a zeroed grain, streamOptimized
+    # (compressed grains with markers).
+    q create -f vmdk -o zeroed_grain=on vmdk-sparse.vmdk 4M
+    qio -f vmdk -c 'write -P 0x7c 0 5k' -c 'write -z 1M 64k' vmdk-sparse.vmdk
+    q convert -O vmdk -o subformat=streamOptimized vmdk-sparse.vmdk \
+        vmdk-stream.vmdk
     rm -f data.raw
 )
 # Text seeds; the first byte is the target's mode byte (see each target).
