@@ -67,7 +67,7 @@
 #define VMDK_DESC_MAX ((1u << 20) - 1)
 #define VMDK_MAX_GRAIN_SECTORS 0x200000ull
 #define VMDK_MAX_L1 (32u * 1024 * 1024)
-#define VMDK_MAX_EXTENTS 65536
+#define VMDK_MAX_EXTENTS 4096
 #define VMDK_GT_CACHE 16
 #define VMDK_EXTENT_MAX_SECTORS (1ull << 32)
 #define VMDK_MARKER_BYTES 12
@@ -423,13 +423,6 @@ static int init_tables(vmdk_state *s, vmdk_extent *e, vd_error *err)
                          err);
         if (!e->rgd) {
             return err && err->code ? err->code : -EINVAL;
-        }
-    }
-    for (int i = 0; i < VMDK_GT_CACHE; i++) {
-        e->cache[i].gt = malloc((size_t)e->l2_size * 4);
-        if (!e->cache[i].gt) {
-            return vd_error_set(err, -ENOMEM, "%s: out of memory",
-                                s->filename);
         }
     }
     return 0;
@@ -1009,6 +1002,15 @@ static int load_gt(vmdk_state *s, vmdk_extent *e, uint32_t gt,
             victim = &e->cache[i];
         }
     }
+    /* The cache's tables are allocated at their first use: a descriptor
+     * may name thousands of extents that are never read. */
+    if (!victim->gt) {
+        victim->gt = malloc(bytes);
+        if (!victim->gt) {
+            return vd_error_set(err, -ENOMEM, "%s: out of memory",
+                                s->filename);
+        }
+    }
     raw = malloc(bytes);
     if (!raw) {
         return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
@@ -1053,7 +1055,7 @@ static int get_cluster(vmdk_state *s, vmdk_extent *e, uint64_t off,
                        uint64_t *host, vmdk_loc *loc, vd_error *err)
 {
     uint64_t rel, l1;
-    uint32_t *gt, v;
+    uint32_t *gt = NULL, v;
     int ret;
 
     if (loc) {
@@ -1372,19 +1374,17 @@ static int fill_grain(vmdk_state *s, vmdk_extent *e, uint64_t host,
     return ret;
 }
 
-/* One compressed grain behind its marker, padded to a sector, appended
- * at the extent's end (QEMU's vmdk_write_extent for compressed
- * extents). */
-static int write_compressed(vmdk_state *s, vmdk_extent *e, uint64_t off,
-                            vd_iov *qiov, uint64_t qoff, uint64_t n,
-                            uint64_t *host, vd_error *err)
+/* One grain deflated behind its marker (guest byte @off), padded to a
+ * sector: *@out (malloc'd, at least a grain long, zeros after the data)
+ * and its length *@total. Needs no lock: pwritev deflates before it
+ * takes the lock, so that convert's workers compress in parallel. */
+static int deflate_grain(vmdk_state *s, uint64_t cb, uint64_t off,
+                         vd_iov *qiov, uint64_t qoff, uint64_t n,
+                         uint8_t **out, uint64_t *total, vd_error *err)
 {
-    uint64_t cb = e->grain_sectors * SECTOR, rel;
     uLongf clen = (uLongf)(2 * cb);
     uint8_t *src = malloc(n ? n : 1);
     uint8_t *dst = calloc(1, 2 * cb + VMDK_MARKER_BYTES + SECTOR);
-    uint64_t total;
-    int ret;
 
     if (!src || !dst) {
         free(src);
@@ -1399,29 +1399,41 @@ static int write_compressed(vmdk_state *s, vmdk_extent *e, uint64_t off,
         return vd_error_set(err, -EINVAL, "%s: compressing a grain failed",
                             s->filename);
     }
-    rel = off / SECTOR;
-    put_le64(dst, rel);
+    free(src);
+    put_le64(dst, off / SECTOR);
     put_le32(dst + 8, (uint32_t)clen);
-    total = (VMDK_MARKER_BYTES + clen + SECTOR - 1) / SECTOR * SECTOR;
+    *total = (VMDK_MARKER_BYTES + clen + SECTOR - 1) / SECTOR * SECTOR;
+    *out = dst;
+    return 0;
+}
+
+/* Appends a deflated grain at the extent's end (QEMU's vmdk_write_extent
+ * for compressed extents). Lock held. */
+static int append_grain(vmdk_extent *e, const uint8_t *buf, uint64_t total,
+                        uint64_t *host, vd_error *err)
+{
+    uint64_t cb = e->grain_sectors * SECTOR;
+    int ret;
+
     *host = e->next_sector * SECTOR;
     /* QEMU allocates a whole grain of zeros first, then writes the
      * compressed data over its start: the zeros past the data stay at
      * the end of the file (the next grain overwrites them). */
-    ret = vd_child_pwrite(e->file, *host, dst, total > cb ? total : cb, 0,
+    ret = vd_child_pwrite(e->file, *host, buf, total > cb ? total : cb, 0,
                           err);
-    free(src);
-    free(dst);
     if (ret == 0) {
         e->next_sector += total / SECTOR;
     }
     return ret;
 }
 
-/* @data NULL: a zero write (only whole grains of a zeroed-grain extent;
+/* @zero: a zero write (only whole grains of a zeroed-grain extent;
  * -ENOTSUP otherwise, so the core writes zeros instead). @dry: only
- * check that it would work. Lock held. */
+ * check that it would work. @pre: the request (one grain of a
+ * compressed extent) already deflated, @pre_total bytes. Lock held. */
 static int do_write(vmdk_state *s, uint64_t off, uint64_t bytes,
-                    vd_iov *qiov, bool zero, bool dry, vd_error *err)
+                    vd_iov *qiov, bool zero, bool dry, const uint8_t *pre,
+                    uint64_t pre_total, vd_error *err)
 {
     uint64_t done = 0;
     int ret;
@@ -1494,7 +1506,18 @@ static int do_write(vmdk_state *s, uint64_t off, uint64_t bytes,
                 return vd_error_set(err, -EFBIG, "%s: the extent is full",
                                     s->filename);
             }
-            ret = write_compressed(s, e, o, qiov, done, n, &host, err);
+            if (pre && done == 0 && n == bytes) {
+                ret = append_grain(e, pre, pre_total, &host, err);
+            } else {
+                uint8_t *buf = NULL;
+                uint64_t total = 0;
+                ret = deflate_grain(s, cb, o, qiov, done, n, &buf, &total,
+                                    err);
+                if (ret == 0) {
+                    ret = append_grain(e, buf, total, &host, err);
+                }
+                free(buf);
+            }
             if (ret == 0) {
                 ret = update_gte(s, e, &loc, (uint32_t)(host / SECTOR), err);
             }
@@ -1549,12 +1572,24 @@ static int vmdk_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
                         vd_iov *qiov, unsigned flags, vd_error *err)
 {
     vmdk_state *s = node->opaque;
+    vmdk_extent *e = find_extent(s, off / SECTOR);
+    uint8_t *pre = NULL;
+    uint64_t pre_total = 0;
     int ret;
 
     (void)flags;
+    if (e && e->compressed && offset_in_cluster(e, off) == 0 &&
+        bytes <= e->grain_sectors * SECTOR) {
+        ret = deflate_grain(s, e->grain_sectors * SECTOR, off, qiov, 0,
+                            bytes, &pre, &pre_total, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
     pthread_mutex_lock(&s->lock);
-    ret = do_write(s, off, bytes, qiov, false, false, err);
+    ret = do_write(s, off, bytes, qiov, false, false, pre, pre_total, err);
     pthread_mutex_unlock(&s->lock);
+    free(pre);
     return ret;
 }
 
@@ -1566,9 +1601,9 @@ static int vmdk_pwrite_zeroes(vd_node *node, uint64_t off, uint64_t bytes,
 
     (void)flags;
     pthread_mutex_lock(&s->lock);
-    ret = do_write(s, off, bytes, NULL, true, true, err);
+    ret = do_write(s, off, bytes, NULL, true, true, NULL, 0, err);
     if (ret == 0) {
-        ret = do_write(s, off, bytes, NULL, true, false, err);
+        ret = do_write(s, off, bytes, NULL, true, false, NULL, 0, err);
     }
     pthread_mutex_unlock(&s->lock);
     return ret;
@@ -1590,12 +1625,27 @@ static int vmdk_block_status(vd_node *node, bool want_zero, uint64_t off,
     }
     pthread_mutex_lock(&s->lock);
     r = get_cluster(s, e, off, &host, NULL, err);
+    in_cl = offset_in_cluster(e, off);
+    n = e->grain_sectors * SECTOR - in_cl;
+    /* Following grains of the same kind (data at the following host
+     * offsets) in the same extent join the answer: one call per run
+     * rather than per grain. */
+    while (r >= 0 && !e->flat && !e->compressed && n < bytes &&
+           off + n < e->end_sector * SECTOR) {
+        uint64_t h2 = 0;
+        int r2 = get_cluster(s, e, off + n, &h2, NULL, NULL);
+        if (r2 != r || (r == VMDK_OK && h2 != host + in_cl + n)) {
+            break;
+        }
+        n += e->grain_sectors * SECTOR;
+    }
     pthread_mutex_unlock(&s->lock);
     if (r < 0) {
         return r;
     }
-    in_cl = offset_in_cluster(e, off);
-    n = e->grain_sectors * SECTOR - in_cl;
+    if (n > e->end_sector * SECTOR - off) {
+        n = e->end_sector * SECTOR - off;
+    }
     *pnum = n < bytes ? n : bytes;
     switch (r) {
     case VMDK_UNALLOC:
