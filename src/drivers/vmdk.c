@@ -1196,12 +1196,25 @@ static int vmdk_preadv(vd_node *node, uint64_t off, uint64_t bytes,
         }
         pthread_mutex_lock(&s->lock);
         r = get_cluster(s, e, o, &host, NULL, err);
+        in_cl = offset_in_cluster(e, o);
+        n = e->grain_sectors * SECTOR - in_cl;
+        /* Grains that follow each other in the file are read at once. */
+        while (r == VMDK_OK && !e->flat && !e->compressed &&
+               n < bytes - done && o + n < e->end_sector * SECTOR) {
+            uint64_t h2 = 0;
+            if (get_cluster(s, e, o + n, &h2, NULL, NULL) != VMDK_OK ||
+                h2 != host + in_cl + n) {
+                break;
+            }
+            n += e->grain_sectors * SECTOR;
+        }
         pthread_mutex_unlock(&s->lock);
         if (r < 0) {
             return r;
         }
-        in_cl = offset_in_cluster(e, o);
-        n = e->grain_sectors * SECTOR - in_cl;
+        if (n > e->end_sector * SECTOR - o) {
+            n = e->end_sector * SECTOR - o;
+        }
         if (n > bytes - done) {
             n = bytes - done;
         }
