@@ -135,6 +135,19 @@ assert_same_content -f raw s.raw v/s.vmdk
 cmp qi.json vi.json || fail "qemu-img info of vdisk's streamOptimized image"
 (cd q && read_like_qemu s.vmdk && same info s.vmdk && same check s.vmdk &&
  same map --output=json s.vmdk)
+# VMware's own stream layout: the grain directory at the end, found
+# through the footer (built from qemu-img's image).
+python3 - q/s.vmdk <<'EOF'
+import struct, sys
+d = bytearray(open(sys.argv[1], 'rb').read())
+hdr = bytes(d[:512])
+d[56:64] = struct.pack('<Q', 0xffffffffffffffff)
+d += bytes(-len(d) % 512)
+d += struct.pack('<QII', 1, 0, 3).ljust(512, b'\0') + hdr + bytes(512)
+open('vmw.vmdk', 'wb').write(d)
+EOF
+read_like_qemu vmw.vmdk
+same info vmw.vmdk
 # A written grain cannot be rewritten; a new one is appended.
 cp q/s.vmdk qs.vmdk
 split_dirs
