@@ -1198,6 +1198,17 @@ int cmd_convert(int argc, char **argv)
             goto out;
         }
     }
+    if (!s.compressed) {
+        /* A target that takes compressed writes only (a streamOptimized
+         * vmdk) is written as with -c, as qemu-img does. */
+        vd_image_info *info = NULL;
+
+        if (vd_get_info(s.target, &info, NULL) == 0 &&
+            info->needs_compressed_writes) {
+            s.compressed = true;
+        }
+        vd_image_info_free(&info);
+    }
     if (s.compressed) {
         vd_image_info *info = NULL;
 

@@ -976,6 +976,9 @@ typedef struct vd_image_info {
      * guest address space (qemu-io's "vm state offset"); 0 when it has
      * none. Added in 0.1: only the library allocates this struct. */
     uint64_t vm_state_offset;
+    /* Writes must be whole compressed clusters (a streamOptimized vmdk;
+     * QEMU's needs_compressed_writes): convert writes as with -c. */
+    bool needs_compressed_writes;
 } vd_image_info;
 
 /** Fills @*out with a newly allocated description of @node. */

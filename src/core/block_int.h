@@ -360,7 +360,7 @@ struct vd_driver {
      * opens no "file" child for it even when it is a filter. */
     bool opens_children;
 
-    /* REQUIRED, except in probe-only entries (src/drivers/probe-only.c):
+    /* REQUIRED, except in probe-only entries (src/core/drivers.c):
      * a driver without open names a format vdisk recognises but cannot
      * open, and the core refuses it (vd_driver_unsupported()).
      * Opens the node. Format drivers find node->file already

@@ -5,11 +5,12 @@
  * asked of the table by name: lookups, vd_driver_features(), creation
  * options, and QEMU's list of driver names (its BlockdevDriver enum).
  *
- * Some entries are probe-only (src/drivers/probe-only.c): formats QEMU
- * probes that vdisk cannot open yet. They are found by name and asked
- * when probing, but they have no open callback, so every path that would
- * use one refuses with ENOTSUP (vd_driver_unsupported()) and listings of
- * what vdisk supports leave them out.
+ * An entry may be probe-only: a format QEMU probes that vdisk cannot
+ * open, found by name and asked when probing but without an open
+ * callback, so that every path that would use it refuses with ENOTSUP
+ * (vd_driver_unsupported()) and listings of what vdisk supports leave it
+ * out. Every format QEMU 7.2 probes has a driver now, so none is left;
+ * the rule stays for a format added to QEMU's list before vdisk's.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -116,7 +117,7 @@ static const vd_driver *const driver_table[] = {
     &vd_driver_rbd,
 #endif
 
-    /* probe-only until their drivers exist */
+    /* the other image formats */
     &vd_driver_vmdk,
     &vd_driver_vdi,
     &vd_driver_vhdx,

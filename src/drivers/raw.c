@@ -40,7 +40,7 @@ typedef struct raw_state {
 /*
  * True when QEMU's probing (whose probes see the same first sector) would
  * take @buf for a format other than raw. Every format QEMU probes has an
- * entry in the registry, probe-only where vdisk has no driver, so asking
+ * entry in the registry (a driver), so asking
  * every registered probe is asking QEMU's: a file written through vdisk
  * never becomes another format for a QEMU that opens it later. As QEMU's
  * guard, no file name is given (dmg goes by name alone).

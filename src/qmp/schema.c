@@ -41,7 +41,7 @@ static const char *const driver_enum[] = {
     "ftp", "ftps", "host_cdrom", "host_device", "http", "https", "iscsi",
     "luks", "nbd",
     "null-aio", "null-co", "parallels", "preallocate", "qcow", "qcow2", "qed",
-    "raw", "rbd", "ssh", "throttle", "vdi", "vhdx", "vpc", NULL
+    "raw", "rbd", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", NULL
 };
 /* QEMU's BlkdebugEvent, BlkdebugIOType and BlockPermission. */
 static const char *const blkdebug_event_enum[] = {
@@ -410,6 +410,7 @@ static const struct {
     { "throttle", blockdev_throttle },
     { "vdi", blockdev_generic },
     { "vhdx", blockdev_generic },
+    { "vmdk", blockdev_generic_cow },
     { "vpc", blockdev_generic },
 };
 

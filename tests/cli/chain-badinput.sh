@@ -64,9 +64,11 @@ grep -q "loops back" err || fail "no loop message: $(cat err)"
 expect_status 1 $VDISK io -c 'read 0 4k' dir-ov.qcow2 2> err
 grep -q "regular file" err || fail "no directory message: $(cat err)"
 
-# A backing format vdisk has no driver for: it names the format.
+# A backing format the backing file is not (vmdk, for a qcow2 file): the
+# vmdk driver's words, as qemu-img's.
 expect_status 1 $VDISK info --backing-chain fmt2.qcow2 2> err
-grep -q "format 'vmdk' is not supported" err || fail "unclear message: $(cat err)"
+grep -q "good.qcow2': invalid VMDK image descriptor" err ||
+    fail "unclear message: $(cat err)"
 
 # Wrong formats and names given to the tools.
 long=$(printf 'x%.0s' $(seq 1100))

@@ -184,6 +184,12 @@ dmg('plist.dmg', [('zlib', pat(4, 4096)), ('zero', 9), ('raw', pat(5, 1024)),
 dmg('rsrc.dmg', [('raw', pat(7, 1024)), ('zlib', pat(8, 4096))], form='rsrc')
 PYEOF
     rm -f fmtgen.py
+    # vmdk: hosted sparse with data and a zeroed grain, streamOptimized
+    # (compressed grains with markers).
+    q create -f vmdk -o zeroed_grain=on vmdk-sparse.vmdk 4M
+    qio -f vmdk -c 'write -P 0x7c 0 5k' -c 'write -z 1M 64k' vmdk-sparse.vmdk
+    q convert -O vmdk -o subformat=streamOptimized vmdk-sparse.vmdk \
+        vmdk-stream.vmdk
     rm -f data.raw
     # luks: LUKS1 with the default cipher (a truncated copy: the key
     # material and payload of one slot) and aes-128-cbc-essiv/sha1,

@@ -306,7 +306,7 @@ int qcow2_write_deferred_header(qcow2_state *s, vd_error *err)
 
 /* As QEMU: any version from 2 up is qcow2 (open then refuses versions it
  * does not know; probing them as raw would show the header as data),
- * version 1 is qcow (a probe-only entry). */
+ * version 1 is qcow (its own driver). */
 static int qcow2_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     (void)filename;
