@@ -13,6 +13,12 @@
 #                                  must refuse alike (info), and which a
 #                                  writer (qemu-io under vdisk) refuses
 #                                  with exit 1 and leaves unchanged
+#   qemu_img_pbkdf ARGS...        qemu-img ARGS, made again (up to 5
+#                                  times) when QEMU 7.2's PBKDF2 timing
+#                                  fails at random on a busy machine
+#                                  ("Unable to get accurate CPU usage");
+#                                  stdout to qemu.out, stderr to qemu.err,
+#                                  qemu-img's exit status
 #   check_refused NAME PATTERN VDISK-ARGS...
 #                                  vdisk ARGS NAME.img must exit 1 with a
 #                                  message naming NAME.img and matching
@@ -74,4 +80,16 @@ check_refused()
     grep -q "$name.img" out || { cat out; fail "$name: file not named"; }
     grep -q "$pattern" out || { cat out; fail "$name: fault not named"; }
     cmp "$name.img" "$name.orig" || fail "$name: file changed"
+}
+
+qemu_img_pbkdf()
+{
+    local rc
+    for _ in 1 2 3 4 5; do
+        rc=0
+        "$QEMU_IMG" "$@" > qemu.out 2> qemu.err || rc=$?
+        [ "$rc" != 0 ] && grep -q "Unable to get accurate CPU usage" \
+            qemu.err || break
+    done
+    return "$rc"
 }

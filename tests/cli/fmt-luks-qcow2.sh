@@ -9,6 +9,7 @@
 # unchanged.
 source "$(dirname "$0")/../functions.sh"
 source "$(dirname "$0")/cli-functions.bash"
+source "$(dirname "$0")/fmt-functions.bash"
 requires qemu-img qemu-io python3
 tmpdir
 
@@ -20,11 +21,8 @@ iopts() { echo "driver=qcow2,encrypt.key-secret=${2:-sec0},file.filename=$1"; }
 # ("Unable to get accurate CPU usage").
 qcreate()
 {
-    for _ in 1 2 3 4 5; do
-        "$QEMU_IMG" create -q "$@" 2> qc.err && return 0
-        grep -q "Unable to get accurate CPU usage" qc.err || break
-    done
-    cat qc.err
+    qemu_img_pbkdf create -q "$@" && return 0
+    cat qemu.err
     fail "qemu-img create $*"
 }
 

@@ -9,6 +9,7 @@
 # refused with qemu-img's words, the file unchanged.
 source "$(dirname "$0")/../functions.sh"
 source "$(dirname "$0")/cli-functions.bash"
+source "$(dirname "$0")/fmt-functions.bash"
 requires qemu-img qemu-io python3
 tmpdir
 
@@ -21,11 +22,8 @@ iopts() { echo "driver=luks,key-secret=${2:-sec0},file.filename=$1"; }
 # ("Unable to get accurate CPU usage": a run measured as 0 ms).
 qcreate()
 {
-    for _ in 1 2 3 4 5; do
-        "$QEMU_IMG" create "$@" > qc.out 2> qc.err && { cat qc.out; return 0; }
-        grep -q "Unable to get accurate CPU usage" qc.err || break
-    done
-    cat qc.err
+    qemu_img_pbkdf create "$@" && { cat qemu.out; return 0; }
+    cat qemu.err
     fail "qemu-img create $*"
 }
 

@@ -12,13 +12,16 @@
 # of a raw and a qcow2 source prints what qemu-img prints.
 source "$(dirname "$0")/../functions.sh"
 source "$(dirname "$0")/cli-functions.bash"
+source "$(dirname "$0")/fmt-functions.bash"
 requires qemu-img qemu-io
 tmpdir
 
 T="timeout 120"
 
 # luks needs a secret; every command gets the object (harmless for the
-# other formats).
+# other formats). qemu-img's luks creations go through qemu_img_pbkdf
+# (fmt-functions.bash), which makes a creation again when QEMU's PBKDF2
+# timing fails at random on a busy machine.
 printf 'matrix-pw' > pw
 obj=(--object secret,id=sec0,file=pw)
 create_opts() # FMT: the options a target needs
@@ -39,8 +42,8 @@ src_opts() # FMT: how to open a source of FMT
 formats=()
 for f in raw qcow2 qed vdi vpc parallels vmdk vhdx luks; do
     # shellcheck disable=SC2046
-    if $QEMU_IMG create -q "${obj[@]}" -f $f $(create_opts $f) probe.q 1M \
-            2> /dev/null &&
+    if qemu_img_pbkdf create -q "${obj[@]}" -f $f $(create_opts $f) \
+            probe.q 1M &&
         "$VDISK" create -q "${obj[@]}" -f $f $(create_opts $f) probe.v 1M \
             2> /dev/null; then
         formats+=("$f")
@@ -59,17 +62,17 @@ $QEMU_IO -f raw -c 'write -P 0x5a 0 1M' -c 'write -P 0xa5 3M 64k' \
 
 for a in "${formats[@]}"; do
     # shellcheck disable=SC2046
-    $T $QEMU_IMG convert "${obj[@]}" -f raw -O $a $(create_opts $a) \
-        want.raw src.$a || fail "qemu-img convert raw -> $a"
+    qemu_img_pbkdf convert "${obj[@]}" -f raw -O $a $(create_opts $a) \
+        want.raw src.$a || fail "qemu-img convert raw -> $a: $(cat qemu.err)"
     $T $QEMU_IO "${obj[@]}" $(src_opts $a)src.$a -c 'write -z 6M 64k' \
         > /dev/null 2>&1 || fail "qemu-io write -z on $a"
     $T $QEMU_IO -f raw -c 'write -z 6M 64k' want.raw > /dev/null
     for b in "${formats[@]}"; do
         rm -f q.$b v.$b
         # shellcheck disable=SC2046
-        $T $QEMU_IMG convert "${obj[@]}" $(src_opts $a)src.$a -O $b \
-            $(create_opts $b) q.$b 2> q.err ||
-            fail "qemu-img convert $a -> $b: $(cat q.err)"
+        qemu_img_pbkdf convert "${obj[@]}" $(src_opts $a)src.$a -O $b \
+            $(create_opts $b) q.$b ||
+            fail "qemu-img convert $a -> $b: $(cat qemu.err)"
         # shellcheck disable=SC2046
         $T "$VDISK" convert "${obj[@]}" $(src_opts $a)src.$a -O $b \
             $(create_opts $b) v.$b 2> v.err ||
