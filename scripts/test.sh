@@ -85,7 +85,9 @@ fi
 # machine forbids that, run with ASAN_OPTIONS=detect_leaks=0.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:halt_on_error=1:exitcode=86:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1:exitcode=86}
-export LSAN_OPTIONS=${LSAN_OPTIONS:-exitcode=86}
+# tests/lsan.supp: leaks inside libraries vdisk does not own (each one
+# explained there).
+export LSAN_OPTIONS=${LSAN_OPTIONS:-exitcode=86:suppressions=$root/tests/lsan.supp}
 
 # ---- build --------------------------------------------------------------
 

@@ -33,6 +33,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "nbd-proto.h"
@@ -492,6 +493,26 @@ VD_API int vd_nbd_server_add_export_opts(vd_nbd_server *srv,
     return 0;
 }
 
+/* Whether some connection on @slot has a client that is still there:
+ * its socket is open and idle, as opposed to one whose client has closed
+ * it (end of stream) or has sent what may be its last request (a
+ * disconnect), which the connection's thread is about to finish. Peeking
+ * takes nothing from the socket. Called with elock held. */
+static bool slot_has_live_client(vd_nbd_server *srv, export_slot *slot)
+{
+    for (live_conn *l = srv->live; l; l = l->next) {
+        char b;
+        if (l->slot != slot) {
+            continue;
+        }
+        ssize_t n = recv(l->c->in_fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 VD_API int vd_nbd_server_remove_export(vd_nbd_server *srv, const char *name,
                                        bool hard, vd_error *err)
 {
@@ -509,9 +530,26 @@ VD_API int vd_nbd_server_remove_export(vd_nbd_server *srv, const char *name,
         pthread_mutex_unlock(&srv->elock);
         return vd_error_set(err, -ENOENT, "export '%s' not found", name);
     }
-    if (slot->users && !hard) {
-        pthread_mutex_unlock(&srv->elock);
-        return vd_error_set(err, -EBUSY, "export '%s' still in use", name);
+    /* A client that has just disconnected (qemu-io, qemu-img at exit)
+     * may still count as a user for the moment its connection's thread
+     * takes to finish; QEMU's event loop has seen the disconnection by
+     * the time it reads the next QMP command. So safe mode waits (at most
+     * 5 s) for connections whose client is gone, and refuses at once
+     * when a client is still there. */
+    for (int waited = 0; slot->users && !hard; waited += 50) {
+        if (slot_has_live_client(srv, slot) || waited >= 5000) {
+            pthread_mutex_unlock(&srv->elock);
+            return vd_error_set(err, -EBUSY, "export '%s' still in use",
+                                name);
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 50 * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&srv->econd, &srv->elock, &ts);
     }
     /* Unlisted first, so no new client can pick it while we wait. */
     memmove(&srv->exports[i], &srv->exports[i + 1],
