@@ -15,8 +15,9 @@ source "$(dirname "$0")/../functions.sh"
 source "$(dirname "$0")/nbd-servers.bash"
 source "$(dirname "$0")/http-server.bash"
 requires qemu-img qemu-io vsftpd tinyproxy timeout certtool
-"$VDISK" --help | grep -qw ftp || { echo "no curl driver"; exit 77; }
 tmpdir
+"$VDISK" --help > help.out
+grep -qw ftp help.out || { echo "no curl driver"; exit 77; }
 
 T="timeout 60"
 unset no_proxy NO_PROXY http_proxy https_proxy HTTP_PROXY HTTPS_PROXY

@@ -79,7 +79,10 @@ fi
 # Memory: a vdisk process that touches no remote storage is no larger
 # than qemu-img's for the same work (qemu-img links gnutls as vdisk does).
 # (Not under ASan, whose shadow memory makes every process larger.)
-if [ -x /usr/bin/time ] && ! ldd "$VDISK" | grep -q libasan; then
+# (ldd's output kept in a file: grep -q ending the pipe early fails it
+# under pipefail.)
+ldd "$VDISK" > ldd.out 2>&1 || true
+if [ -x /usr/bin/time ] && ! grep -q libasan ldd.out; then
     /usr/bin/time -f %M "$VDISK" info a.qcow2 > /dev/null 2> v.rss
     /usr/bin/time -f %M "$QEMU_IMG" info a.qcow2 > /dev/null 2> q.rss
     [ "$(tail -1 v.rss)" -le "$(tail -1 q.rss)" ] ||

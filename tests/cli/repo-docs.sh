@@ -66,7 +66,7 @@ for f in files:
         lines = lines[1:]
     first = lines[0] if lines else ""
     if f.endswith((".sh", ".bash", "meson.build", ".py", ".cases",
-                   "known-differences")):
+                   "known-differences", ".supp")):
         ok = first.startswith("# ")
     else:
         ok = first.startswith(("/*", "// "))
