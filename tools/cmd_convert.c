@@ -76,6 +76,13 @@ typedef struct convert_state {
     uint64_t next_seq, write_seq;
     uint64_t done;              /* bytes of data chunks written */
     uint64_t allocated;         /* bytes of data chunks in all */
+    /* The last block status answer, [status_start, status_end) of source
+     * status_src: a data extent longer than one buffer is split into many
+     * chunks, and asking again for each would cost a round trip per chunk
+     * on a remote source (QEMU's convert keeps sector_next_status so). */
+    int status_src;
+    uint64_t status_start, status_end;
+    vd_extent status_ext;
     int ret;                    /* first error, 0 while fine */
     cli_progress progress;
 } convert_state;
@@ -112,6 +119,16 @@ static int next_chunk(convert_state *s, chunk *c)
     } else {
         uint64_t want = s->src_size[i] - src_off;
 
+        if (s->status_src == i && src_off >= s->status_start &&
+            src_off < s->status_end) {
+            ext = s->status_ext;
+            ext.start = src_off;
+            ext.length = s->status_end - src_off;
+            if (ext.flags & VD_BLOCK_OFFSET_VALID) {
+                ext.offset += src_off - s->status_start;
+            }
+            goto decided;
+        }
         for (;;) {
             memset(&ext, 0, sizeof(ext));
             vd_error_clear(&err);
@@ -141,6 +158,11 @@ static int next_chunk(convert_state *s, chunk *c)
             /* Retry on a quarter of the range (in sectors, rounded up). */
             want = ((want + SECTOR - 1) / SECTOR + 3) / 4 * SECTOR;
         }
+        s->status_src = i;
+        s->status_start = src_off;
+        s->status_end = src_off + ext.length;
+        s->status_ext = ext;
+decided:
         n = ext.length;
         if (src_off + n >= s->src_size[i]) {
             n = src_left;   /* include the padding up to the sector */
