@@ -109,6 +109,13 @@ typedef struct file_state {
     bool lock_auto;
     unsigned locked_perm;
     unsigned locked_unshared;
+    /* The bytes this descriptor holds at this moment (a check holds the
+     * union of old and new until the commit): only bytes whose state
+     * changes cost a fcntl(). Opening a chain of 1000 overlays
+     * re-checks every node's permissions once per node added, and a
+     * fcntl() per byte each time made 7 million calls. */
+    unsigned held_perm;
+    unsigned held_unshared;
 } file_state;
 
 /* ---------------------------------------------------------------- */
@@ -136,24 +143,37 @@ static int lock_byte(int fd, int cmd, short type, off_t byte, short *held)
 /*
  * Holds the bytes of @perm and of @unshared; with @unlock also releases
  * the others (a commit), else only adds (a check keeps the old and the
- * new ones until the graph decides). Returns 0, or -errno with the
- * failing byte in *@failed.
+ * new ones until the graph decides). @held_perm and @held_unshared say
+ * which bytes @fd holds now and are kept true: bytes already in the
+ * wanted state are not touched (QEMU's raw_apply_lock_bytes() likewise).
+ * Returns 0, or -errno with the failing byte in *@failed.
  */
-static int apply_lock_bytes(int fd, unsigned perm, unsigned unshared,
-                            bool unlock, int *failed)
+static int apply_lock_bytes(int fd, unsigned *held_perm,
+                            unsigned *held_unshared, unsigned perm,
+                            unsigned unshared, bool unlock, int *failed)
 {
     for (int i = 0; i < PERM_COUNT; i++) {
         static const int base[2] = { LOCK_PERM_BASE, LOCK_SHARED_BASE };
         const unsigned want[2] = { perm, unshared };
+        unsigned *held[2] = { held_perm, held_unshared };
+        const unsigned bit = 1u << i;
 
         for (int k = 0; k < 2; k++) {
             int byte = base[k] + i;
-            int ret = 0;
+            int ret;
 
-            if (want[k] & (1u << i)) {
+            if ((want[k] & bit) && !(*held[k] & bit)) {
                 ret = lock_byte(fd, F_OFD_SETLK, F_RDLCK, byte, NULL);
-            } else if (unlock) {
+                if (ret == 0) {
+                    *held[k] |= bit;
+                }
+            } else if (unlock && !(want[k] & bit) && (*held[k] & bit)) {
                 ret = lock_byte(fd, F_OFD_SETLK, F_UNLCK, byte, NULL);
+                if (ret == 0) {
+                    *held[k] &= ~bit;
+                }
+            } else {
+                continue;
             }
             if (ret < 0) {
                 *failed = byte;
@@ -225,11 +245,22 @@ static int lock_perms(vd_node *node, file_state *s, unsigned perm,
                       unsigned shared, vd_error *err)
 {
     const char *filename = node->filename;
+    const unsigned unshared = ~shared & VD_PERM_ALL;
     int failed = 0, ret;
 
-    ret = apply_lock_bytes(s->fd, s->locked_perm | perm,
-                           s->locked_unshared | (~shared & VD_PERM_ALL),
-                           false, &failed);
+    /* Nothing more than the committed bytes, which were checked when
+     * taken and held since: no other process can have taken a
+     * conflicting byte meanwhile (its own check would have failed), so
+     * there is nothing to lock or test (QEMU's raw_check_perm() skips
+     * the same way). */
+    if (!(perm & ~s->locked_perm) && !(unshared & ~s->locked_unshared) &&
+        s->held_perm == s->locked_perm &&
+        s->held_unshared == s->locked_unshared) {
+        return 0;
+    }
+    ret = apply_lock_bytes(s->fd, &s->held_perm, &s->held_unshared,
+                           s->locked_perm | perm,
+                           s->locked_unshared | unshared, false, &failed);
     if (ret == -EAGAIN || ret == -EACCES) {
         /* A write lock on a byte QEMU only locks shared. */
         ret = vd_error_set(err, -EBUSY, "Failed to lock byte %d", failed);
@@ -251,8 +282,8 @@ static int lock_perms(vd_node *node, file_state *s, unsigned perm,
         }
     }
     if (ret < 0) {
-        apply_lock_bytes(s->fd, s->locked_perm, s->locked_unshared, true,
-                         &failed);
+        apply_lock_bytes(s->fd, &s->held_perm, &s->held_unshared,
+                         s->locked_perm, s->locked_unshared, true, &failed);
     }
     return ret;
 }
@@ -279,8 +310,8 @@ static void file_set_perm(vd_node *node, unsigned perm, unsigned shared)
     }
     s->locked_perm = perm;
     s->locked_unshared = ~shared & VD_PERM_ALL;
-    apply_lock_bytes(s->fd, s->locked_perm, s->locked_unshared, true,
-                     &failed);
+    apply_lock_bytes(s->fd, &s->held_perm, &s->held_unshared,
+                     s->locked_perm, s->locked_unshared, true, &failed);
 }
 
 static void file_abort_perm(vd_node *node)
@@ -291,8 +322,8 @@ static void file_abort_perm(vd_node *node)
     if (!s->use_lock || s->fd < 0) {
         return;
     }
-    apply_lock_bytes(s->fd, s->locked_perm, s->locked_unshared, true,
-                     &failed);
+    apply_lock_bytes(s->fd, &s->held_perm, &s->held_unshared,
+                     s->locked_perm, s->locked_unshared, true, &failed);
 }
 
 /* ---------------------------------------------------------------- */
@@ -404,6 +435,10 @@ static int file_open(vd_node *node, vd_opts *opts, unsigned flags,
     struct stat st;
 
     s->fd = -1;
+    /* A new descriptor holds no lock byte (a reopen's old one keeps its
+     * own until closed). */
+    s->locked_perm = s->locked_unshared = 0;
+    s->held_perm = s->held_unshared = 0;
 
     /* The core normally sets node->filename; blockdev-style opens may
      * still carry the name as an option. */
@@ -543,6 +578,7 @@ static void file_close(vd_node *node)
         pthread_mutex_destroy(&s->write_lock);
         close(s->fd);   /* also drops the OFD locks */
         s->fd = -1;
+        s->held_perm = s->held_unshared = 0;
     }
 }
 
@@ -1274,10 +1310,11 @@ static int file_create(const char *filename, vd_opts *opts, vd_error *err)
     {
         const unsigned perm = VD_PERM_WRITE | VD_PERM_RESIZE;
         const unsigned shared = VD_PERM_ALL & ~VD_PERM_RESIZE;
+        unsigned held_perm = 0, held_unshared = 0;
         int failed;
 
-        ret = apply_lock_bytes(fd, perm, ~shared & VD_PERM_ALL, false,
-                               &failed);
+        ret = apply_lock_bytes(fd, &held_perm, &held_unshared, perm,
+                               ~shared & VD_PERM_ALL, false, &failed);
         if (ret == -EAGAIN || ret == -EACCES) {
             ret = vd_error_set(err, -EBUSY, "Failed to lock byte %d",
                                failed);
