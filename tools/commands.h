@@ -33,5 +33,8 @@ enum { OPT_BITMAP_ADD = 0x280, OPT_BITMAP_REMOVE, OPT_BITMAP_CLEAR,
        OPT_BITMAP_ENABLE, OPT_BITMAP_DISABLE, OPT_BITMAP_MERGE };
 int cmd_bitmap(int argc, char **argv);
 int cmd_rebase(int argc, char **argv);
+/* tools/cmd_diff.c: what changed between snapshots, layers, a bitmap. */
+enum { OPT_DIFF_EXACT = 0x2a0, OPT_DIFF_BITMAP };
+int cmd_diff(int argc, char **argv);
 
 #endif

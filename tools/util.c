@@ -126,6 +126,18 @@ static const struct option map_long[] = {
     { NULL, 0, NULL, 0 },
 };
 
+static const struct option diff_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "format", required_argument, NULL, 'f' },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    { "force-share", no_argument, NULL, 'U' },
+    { "exact", no_argument, NULL, OPT_DIFF_EXACT },
+    { "bitmap", required_argument, NULL, OPT_DIFF_BITMAP },
+    { NULL, 0, NULL, 0 },
+};
+
 static const struct option commit_long[] = {
     { "help", no_argument, NULL, 'h' },
     { "object", required_argument, NULL, OPT_OBJECT },
@@ -240,6 +252,14 @@ const cli_command cli_commands[] = {
       "[--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] "
       "[-u] [-o options] filename [size]",
       ":F:b:f:ho:qu", create_long },
+    { "diff", cmd_diff,
+      "[--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [-U] "
+      "[--exact] filename snapshot_a [snapshot_b]\n"
+      "  diff [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
+      "[-U] [--exact] top_filename base_filename\n"
+      "  diff [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
+      "[-U] --bitmap name filename",
+      ":f:hU", diff_long },
     { "dd", cmd_dd,
       "[--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] "
       "[count=blocks] [skip=blocks] if=input of=output",
@@ -295,7 +315,8 @@ const cli_command *cli_find_command(const char *name)
 
 bool cli_command_is_vdisk_only(const cli_command *c)
 {
-    return c->handler == cmd_io || c->handler == cmd_serve;
+    return c->handler == cmd_io || c->handler == cmd_serve ||
+           c->handler == cmd_diff;
 }
 
 static void print_driver(const char *name, void *opaque)
