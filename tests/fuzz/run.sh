@@ -5,6 +5,7 @@
 #   bash tests/fuzz/run.sh [SECONDS]      (default 60 per target)
 #
 # Environment: FUZZ_TARGETS (space-separated names, default all),
+# FUZZ_JOBS (targets built and run at once, default one per CPU),
 # FUZZ_TIMEOUT (per-input seconds before libFuzzer calls it a hang,
 # default 20), FUZZ_BUILD_DIR.
 #
@@ -61,19 +62,48 @@ fi
 # --whole-archive: the targets reach internal functions (the NBD
 # server's nbd_conn_serve()) that nothing else would pull out of the
 # archive.
+# Targets are built and run FUZZ_JOBS at a time (default: one per CPU):
+# each is one process, so the CPUs of a CI machine all work.
+jobs=${FUZZ_JOBS:-$(nproc 2>/dev/null || echo 1)}
+# wait_slot: waits until fewer than $jobs background jobs run; returns
+# 1 if one that ended failed.
+wait_slot()
+{
+    local rc=0
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
+        wait -n || rc=1
+    done
+    return $rc
+}
+# wait_all: waits for every background job; returns 1 if one failed.
+wait_all()
+{
+    local rc=0
+    while [ "$(jobs -rp | wc -l)" -gt 0 ]; do
+        wait -n || rc=1
+    done
+    return $rc
+}
+
 targets=()
+build_status=0
 for src in "$here"/fuzz-*.c; do
     name=$(basename "$src" .c)
     if [ -n "${FUZZ_TARGETS:-}" ] && [[ " $FUZZ_TARGETS " != *" $name "* ]]; then
         continue
     fi
-    # shellcheck disable=SC2086
+    wait_slot || build_status=1
     clang -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer $san \
         -I"$root/include" -I"$root/src" -o "$build/$name" "$src" \
         -Wl,--whole-archive "$build/libvdisk.a" -Wl,--no-whole-archive \
-        $libs -lpthread -lm
+        $libs -lpthread -lm &
     targets+=("$name")
 done
+wait_all || build_status=1
+if [ "$build_status" != 0 ]; then
+    echo "run.sh: a fuzz target failed to build" >&2
+    exit 1
+fi
 
 # Seeds: small images covering the features the parser must handle.
 seeds="$build/seeds"
@@ -234,9 +264,12 @@ mkdir -p "$seeds/qmp" "$seeds/json" "$seeds/object"
     printf '\001help' > help
 )
 
-status=0
-for t in "${targets[@]}"; do
-    corpus="$build/corpus/$t"
+# fuzz_one TARGET: runs it for $secs into its log; on failure prints the
+# log's end and says where the artifact is.
+fuzz_one()
+{
+    local t=$1 corpus="$build/corpus/$1" tseeds log="$build/$1.log"
+
     mkdir -p "$corpus"
     case $t in
     fuzz-qmp) tseeds=$seeds/qmp ;;
@@ -244,13 +277,21 @@ for t in "${targets[@]}"; do
     fuzz-object) tseeds=$seeds/object ;;
     *) tseeds=$seeds/img ;;
     esac
-    echo "== $t: ${secs}s"
     if ! "$build/$t" "$corpus" "$tseeds" -max_total_time="$secs" \
             -max_len=262144 -timeout="${FUZZ_TIMEOUT:-20}" -rss_limit_mb=2048 \
             -close_fd_mask=3 -print_final_stats=1 \
-            -artifact_prefix="$build/artifacts/$t-"; then
-        echo "run.sh: $t failed; see $build/artifacts/" >&2
-        status=1
+            -artifact_prefix="$build/artifacts/$t-" > "$log" 2>&1; then
+        tail -n 40 "$log"
+        echo "run.sh: $t failed; see $build/artifacts/ and $log" >&2
+        return 1
     fi
+    echo "== $t: ${secs}s, passed ($(grep -c . "$log") log lines in $log)"
+}
+
+status=0
+for t in "${targets[@]}"; do
+    wait_slot || status=1
+    fuzz_one "$t" &
 done
+wait_all || status=1
 exit $status
