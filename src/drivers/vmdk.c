@@ -451,22 +451,28 @@ static int init_tables(vmdk_state *s, vmdk_extent *e, vd_error *err)
     return 0;
 }
 
+/* A VMDK3 ("COWD", ESX's vmfsSparse) extent, QEMU's
+ * vmdk_open_vmfs_sparse: the header after the magic holds the disk's
+ * sectors, the granularity, and the GD's sector and entry count; each GT
+ * has 4096 entries. */
 static int open_vmdk3(vmdk_state *s, vd_child *file, const uint8_t *h,
                       vd_error *err)
 {
     vmdk_extent *e;
     uint64_t grain = le32(h + 16);
 
+    /* QEMU divides by the GT's coverage (4096 grains) on every lookup:
+     * a granularity of 0 would crash it there. */
+    if (!grain) {
+        return vd_error_set(err, -EINVAL, "%s: VMDK3 granularity 0 is "
+                            "invalid", vd_node_filename(file->node));
+    }
     e = add_extent(s, file, false, le32(h + 12), (uint64_t)le32(h + 20) *
-                   SECTOR, 0, 1 << 6, 1 << 9, grain, err);
+                   SECTOR, 0, le32(h + 24), 4096, grain, err);
     if (!e) {
         return err && err->code ? err->code : -EINVAL;
     }
-    if (!grain || e->l1_entry_sectors * 64 < e->sectors) {
-        return vd_error_set(err, -EINVAL, "%s: VMDK3 grain size %" PRIu64
-                            " does not cover the disk", s->filename, grain);
-    }
-    e->grain_offset = e->gd_offset + 64 * 4;
+    e->grain_offset = e->gd_offset + (uint64_t)e->l1_size * 4;
     return init_tables(s, e, err);
 }
 
@@ -489,7 +495,10 @@ static int open_sparse(vmdk_state *s, vd_node *node, vd_child *file,
     int ret;
 
     if (!memcmp(buf, "COWD", 4)) {
-        memcpy(h, buf, 44);
+        /* (@buf holds the file's bytes only: a short file reads zeros,
+         * as in QEMU) */
+        memset(h, 0, sizeof(h));
+        memcpy(h, buf, flen < 28 ? (size_t)(flen < 0 ? 0 : flen) : 28);
         return open_vmdk3(s, file, h, err);
     }
     if (memcmp(buf, "KDMV", 4)) {
@@ -2011,6 +2020,7 @@ static int vmdk_block_status(vd_node *node, bool want_zero, uint64_t off,
     vmdk_state *s = node->opaque;
     vmdk_extent *e = find_extent(s, off / SECTOR);
     uint64_t host = 0, in_cl, n;
+    bool stale;
     int r;
 
     (void)want_zero;
@@ -2034,6 +2044,11 @@ static int vmdk_block_status(vd_node *node, bool want_zero, uint64_t off,
         }
         n += e->grain_sectors * SECTOR;
     }
+    /* The core reads unallocated ranges from the backing file itself,
+     * without this driver: while the backing file's CID is not the
+     * image's parentCID, they are answered as the image's own data, so
+     * that their reads come here and fail as QEMU's do (vmdk_preadv). */
+    stale = r == VMDK_UNALLOC && node->backing && !cid_valid(s);
     pthread_mutex_unlock(&s->lock);
     if (r < 0) {
         return r;
@@ -2044,7 +2059,7 @@ static int vmdk_block_status(vd_node *node, bool want_zero, uint64_t off,
     *pnum = n < bytes ? n : bytes;
     switch (r) {
     case VMDK_UNALLOC:
-        return 0;
+        return stale ? VD_BLOCK_DATA | VD_BLOCK_ALLOCATED : 0;
     case VMDK_ZEROED:
         return VD_BLOCK_ZERO | VD_BLOCK_ALLOCATED;
     default:
