@@ -57,6 +57,8 @@ for img in esx packed snap; do
     same compare -f vmdk -F raw "$img.vmdk" "$img.raw"
 done
 same compare esx.vmdk packed.vmdk
+same measure -O qcow2 esx.vmdk
+same measure -O qcow2 snap.vmdk
 same map snap.vmdk
 "$VDISK" io -r -c 'read -P 7 12k 4k' -c 'read -P 0 8k 4k' \
     -c 'read -P 0 20M 4k' -c 'read -P 8 20979712 4k' snap.vmdk > out ||
