@@ -32,6 +32,20 @@
  * extent file, the grain written before its GT entries (GT, then the
  * redundant GT).
  *
+ * seSparse (ESXi's space-efficient sparse, SESPARSE extents of a
+ * descriptor, read only as in QEMU): a 512-byte const header at sector 0
+ * (64-bit fields: magic 0xcafebabe, version 2.1, grain size 8 sectors,
+ * grain tables of 64 sectors, the offsets and sizes in sectors of the
+ * volatile header, journal, grain directory, grain tables, free bitmap,
+ * backmap and grains) and a volatile header (magic 0xcafecafe, the
+ * replay-journal flag). The GD and GTs hold 64-bit entries: a GD entry
+ * is 0 or 0x10000000 in its top half over the index of its GT in the
+ * grain tables area; a GT entry's top nibble is its kind (0 unallocated,
+ * the whole entry 0; 1 unmapped and 2 zeroed, both read as zeros; 3
+ * allocated, the grain's index in the grains area split as its low 12
+ * bits in bits 48..59 and the rest in bits 0..47). Only QEMU's strict
+ * values are accepted (its "format not officially documented" checks).
+ *
  * What vdisk adds for safety, where QEMU reads zeros or damages the
  * file: a GD or GT reaching past the end of its file is refused at open
  * (which also bounds the tables' allocation by the file's size); before
@@ -71,18 +85,24 @@
 #define VMDK_GT_CACHE 16
 #define VMDK_EXTENT_MAX_SECTORS (1ull << 32)
 #define VMDK_MARKER_BYTES 12
+#define SESPARSE_CONST_MAGIC 0xcafebabeull
+#define SESPARSE_VOLATILE_MAGIC 0xcafecafeull
+#define SESPARSE_VERSION 0x0000000200000001ull
+#define SESPARSE_GRAIN_SECTORS 8
+#define SESPARSE_GT_SECTORS 64
 
 extern const vd_driver vd_driver_vmdk;
 
 typedef struct vmdk_gt_cache {
     uint64_t off;              /* GT's byte offset, 0 = empty slot */
     uint32_t *gt;              /* host-endian entries */
+    uint64_t *gt64;            /* seSparse: host-endian 64-bit entries */
     uint32_t uses;
 } vmdk_gt_cache;
 
 typedef struct vmdk_extent {
     vd_child *file;
-    bool flat, compressed, has_marker, has_zero_grain;
+    bool flat, compressed, has_marker, has_zero_grain, sesparse;
     char *type;                /* descriptor's type word, NULL for the
                                   image's own sparse extent */
     uint32_t version;
@@ -95,6 +115,9 @@ typedef struct vmdk_extent {
     uint32_t l1_size, l2_size;
     uint64_t grain_sectors, l1_entry_sectors;
     uint32_t *gd, *rgd;
+    uint64_t *gd64;            /* seSparse: the GD's 64-bit entries */
+    uint64_t se_gt_sector;     /* seSparse: the grain tables area */
+    uint64_t se_grain_sector;  /* seSparse: the grains area */
     uint64_t next_sector;      /* where the next grain goes */
     vmdk_gt_cache cache[VMDK_GT_CACHE];
     /* Writable opens: sorted metadata ranges of the extent's file. */
@@ -428,22 +451,28 @@ static int init_tables(vmdk_state *s, vmdk_extent *e, vd_error *err)
     return 0;
 }
 
+/* A VMDK3 ("COWD", ESX's vmfsSparse) extent, QEMU's
+ * vmdk_open_vmfs_sparse: the header after the magic holds the disk's
+ * sectors, the granularity, and the GD's sector and entry count; each GT
+ * has 4096 entries. */
 static int open_vmdk3(vmdk_state *s, vd_child *file, const uint8_t *h,
                       vd_error *err)
 {
     vmdk_extent *e;
     uint64_t grain = le32(h + 16);
 
+    /* QEMU divides by the GT's coverage (4096 grains) on every lookup:
+     * a granularity of 0 would crash it there. */
+    if (!grain) {
+        return vd_error_set(err, -EINVAL, "%s: VMDK3 granularity 0 is "
+                            "invalid", vd_node_filename(file->node));
+    }
     e = add_extent(s, file, false, le32(h + 12), (uint64_t)le32(h + 20) *
-                   SECTOR, 0, 1 << 6, 1 << 9, grain, err);
+                   SECTOR, 0, le32(h + 24), 4096, grain, err);
     if (!e) {
         return err && err->code ? err->code : -EINVAL;
     }
-    if (!grain || e->l1_entry_sectors * 64 < e->sectors) {
-        return vd_error_set(err, -EINVAL, "%s: VMDK3 grain size %" PRIu64
-                            " does not cover the disk", s->filename, grain);
-    }
-    e->grain_offset = e->gd_offset + 64 * 4;
+    e->grain_offset = e->gd_offset + (uint64_t)e->l1_size * 4;
     return init_tables(s, e, err);
 }
 
@@ -466,7 +495,10 @@ static int open_sparse(vmdk_state *s, vd_node *node, vd_child *file,
     int ret;
 
     if (!memcmp(buf, "COWD", 4)) {
-        memcpy(h, buf, 44);
+        /* (@buf holds the file's bytes only: a short file reads zeros,
+         * as in QEMU) */
+        memset(h, 0, sizeof(h));
+        memcpy(h, buf, flen < 28 ? (size_t)(flen < 0 ? 0 : flen) : 28);
         return open_vmdk3(s, file, h, err);
     }
     if (memcmp(buf, "KDMV", 4)) {
@@ -576,6 +608,216 @@ static int open_sparse(vmdk_state *s, vd_node *node, vd_child *file,
     return init_tables(s, e, err);
 }
 
+/* @n bytes of @c at @off into @buf, zeros past the end of the file (as
+ * QEMU's reads past EOF give). */
+static int pread_padded(vd_child *c, uint64_t off, void *buf, uint64_t n)
+{
+    int64_t len = vd_node_getlength(c->node);
+
+    memset(buf, 0, n);
+    if (len < 0) {
+        return (int)len;
+    }
+    if (off >= (uint64_t)len) {
+        return 0;
+    }
+    if (n > (uint64_t)len - off) {
+        n = (uint64_t)len - off;
+    }
+    return vd_child_pread(c, off, buf, n, NULL);
+}
+
+static bool all_zero(const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (p[i]) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* QEMU's strict checks of the seSparse const header (the format is not
+ * documented, so anything but the values seen in VMware's files is
+ * refused), in its order and words. */
+static int check_se_const(const uint8_t *h, vd_error *err)
+{
+    uint64_t v;
+
+    if ((v = le64(h)) != SESPARSE_CONST_MAGIC) {
+        return vd_error_set(err, -EINVAL, "Bad const header magic: 0x%016"
+                            PRIx64, v);
+    }
+    if ((v = le64(h + 8)) != SESPARSE_VERSION) {
+        return vd_error_set(err, -ENOTSUP, "Unsupported version: 0x%016"
+                            PRIx64, v);
+    }
+    if ((v = le64(h + 24)) != SESPARSE_GRAIN_SECTORS) {
+        return vd_error_set(err, -ENOTSUP, "Unsupported grain size: %"
+                            PRIu64, v);
+    }
+    if ((v = le64(h + 32)) != SESPARSE_GT_SECTORS) {
+        return vd_error_set(err, -ENOTSUP, "Unsupported grain table size: %"
+                            PRIu64, v);
+    }
+    if ((v = le64(h + 40)) != 0) {
+        return vd_error_set(err, -ENOTSUP, "Unsupported flags: 0x%016"
+                            PRIx64, v);
+    }
+    if (!all_zero(h + 48, 32)) {
+        return vd_error_set(err, -ENOTSUP, "Unsupported reserved bits: "
+                            "0x%016" PRIx64 " 0x%016" PRIx64 " 0x%016" PRIx64
+                            " 0x%016" PRIx64, le64(h + 48), le64(h + 56),
+                            le64(h + 64), le64(h + 72));
+    }
+    if (!all_zero(h + 208, 304)) {
+        return vd_error_set(err, -ENOTSUP, "Unsupported non-zero const "
+                            "header padding");
+    }
+    return 0;
+}
+
+static int check_se_volatile(const uint8_t *h, vd_error *err)
+{
+    uint64_t v = le64(h);
+
+    if (v != SESPARSE_VOLATILE_MAGIC) {
+        return vd_error_set(err, -EINVAL, "Bad volatile header magic: "
+                            "0x%016" PRIx64, v);
+    }
+    if (le64(h + 24)) {
+        return vd_error_set(err, -ENOTSUP, "Image is dirty, Replaying "
+                            "journal not supported");
+    }
+    if (!all_zero(h + 32, 480)) {
+        return vd_error_set(err, -ENOTSUP, "Unsupported non-zero volatile "
+                            "header padding");
+    }
+    return 0;
+}
+
+/* The sector of the GT that seSparse GD entry @v names, or UINT64_MAX
+ * when the entry is not one QEMU takes (its top half must be 0x10000000:
+ * the GT index fits 32 bits for the largest 64 TiB disk) or the GT lies
+ * beyond QEMU's 32-bit sector numbers. */
+static uint64_t se_gt_sector(const vmdk_extent *e, uint64_t v)
+{
+    uint64_t gt;
+
+    if (v >> 32 != 0x10000000) {
+        return UINT64_MAX;
+    }
+    if (e->se_gt_sector > 0xffffffffull) {
+        return UINT64_MAX;
+    }
+    gt = e->se_gt_sector + (v & 0xffffffffull) * SESPARSE_GT_SECTORS;
+    return gt > 0xffffffffull ? UINT64_MAX : gt;
+}
+
+/* An seSparse extent in @file (QEMU's vmdk_open_se_sparse): read only,
+ * the two headers checked, the GD read and each GT it names found
+ * inside the file. */
+static int open_sesparse(vmdk_state *s, vd_node *node, vd_child *file,
+                         vd_error *err)
+{
+    const char *fname = vd_node_filename(file->node);
+    int64_t flen = vd_node_getlength(file->node);
+    uint8_t ch[512], vh[512], *raw;
+    uint64_t voff, gd, gd_size, bytes;
+    vmdk_extent *e;
+    int ret;
+
+    if (!node->read_only) {
+        return vd_error_set(err, -EACCES, "No write support for seSparse "
+                            "images available");
+    }
+    if (flen < 0) {
+        return vd_error_set(err, (int)flen, "%s: cannot get the extent's "
+                            "length", fname);
+    }
+    ret = pread_padded(file, 0, ch, sizeof(ch));
+    if (ret < 0) {
+        return vd_error_set(err, ret, "Could not read const header from "
+                            "file '%s'", fname);
+    }
+    ret = check_se_const(ch, err);
+    if (ret < 0) {
+        return ret;
+    }
+    voff = le64(ch + 80);
+    if (voff > VD_MAX_LENGTH / SECTOR) {
+        return vd_error_set(err, -EINVAL, "%s: volatile header offset %"
+                            PRIu64 " is out of range", fname, voff);
+    }
+    ret = pread_padded(file, voff * SECTOR, vh, sizeof(vh));
+    if (ret < 0) {
+        return vd_error_set(err, ret, "Could not read volatile header from "
+                            "file '%s'", fname);
+    }
+    ret = check_se_volatile(vh, err);
+    if (ret < 0) {
+        return ret;
+    }
+    gd = le64(ch + 128);
+    gd_size = le64(ch + 136);
+    /* QEMU truncates the entry count to 32 bits before its 32M limit;
+     * vdisk refuses every count over the limit. */
+    if (gd_size > VMDK_MAX_L1 / (SECTOR / 8)) {
+        return vd_error_set(err, -EFBIG, "L1 size too big");
+    }
+    if (gd > VD_MAX_LENGTH / SECTOR) {
+        return vd_error_set(err, -EINVAL, "%s: grain directory offset %"
+                            PRIu64 " is out of range", fname, gd);
+    }
+    e = add_extent(s, file, false, le64(ch + 16), gd * SECTOR, 0,
+                   gd_size * (SECTOR / 8),
+                   SESPARSE_GT_SECTORS * (uint32_t)(SECTOR / 8),
+                   SESPARSE_GRAIN_SECTORS, err);
+    if (!e) {
+        return err && err->code ? err->code : -EINVAL;
+    }
+    e->sesparse = true;
+    e->se_gt_sector = le64(ch + 144);
+    e->se_grain_sector = le64(ch + 192);
+    bytes = (uint64_t)e->l1_size * 8;
+    if (e->gd_offset > (uint64_t)flen || bytes > (uint64_t)flen -
+        e->gd_offset) {
+        return vd_error_set(err, -EINVAL, "%s: grain directory at 0x%"
+                            PRIx64 " (%" PRIu32 " entries) is past the end "
+                            "of the file", fname, e->gd_offset, e->l1_size);
+    }
+    raw = malloc(bytes ? bytes : 1);
+    e->gd64 = malloc(bytes ? bytes : 1);
+    if (!raw || !e->gd64) {
+        free(raw);
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    ret = bytes ? vd_child_pread(file, e->gd_offset, raw, bytes, NULL) : 0;
+    if (ret < 0) {
+        free(raw);
+        return vd_error_set(err, ret, "Could not read l1 table from extent "
+                            "'%s'", fname);
+    }
+    for (uint32_t i = 0; i < e->l1_size; i++) {
+        uint64_t v = le64(raw + 8 * (uint64_t)i), gt = se_gt_sector(e, v);
+        /* Entries QEMU cannot follow fail the reads that reach them, as
+         * in QEMU; a GT it would read past the end of the file (zeros)
+         * is refused here, as for hosted sparse extents. */
+        if (v && gt != UINT64_MAX && gt != 0 &&
+            (gt * SECTOR > (uint64_t)flen ||
+             SESPARSE_GT_SECTORS * SECTOR > (uint64_t)flen - gt * SECTOR)) {
+            free(raw);
+            return vd_error_set(err, -EINVAL, "%s: grain table %" PRIu32
+                                " of the grain directory at 0x%" PRIx64
+                                " is past the end of the file", fname, i,
+                                gt * SECTOR);
+        }
+        e->gd64[i] = v;
+    }
+    free(raw);
+    return 0;
+}
+
 /* The directory part of @path with its slash ("" when there is none),
  * QEMU's bdrv_dirname for files. */
 static char *dir_of(const char *path)
@@ -667,11 +909,6 @@ static int parse_extents(vmdk_state *s, vd_node *node, const char *desc,
              strcmp(type, "SESPARSE"))) {
             continue;
         }
-        if (!strcmp(type, "SESPARSE")) {
-            ret = vd_error_set(err, -ENOTSUP, "%s: seSparse extents are not "
-                               "supported", s->filename);
-            goto out;
-        }
         flat = !strcmp(type, "FLAT") || !strcmp(type, "VMFS");
         if (flat && (uint64_t)flat_off > VD_MAX_LENGTH / SECTOR) {
             goto invalid;
@@ -710,6 +947,11 @@ static int parse_extents(vmdk_state *s, vd_node *node, const char *desc,
                 goto out;
             }
             e->flat_start = (uint64_t)flat_off * SECTOR;
+        } else if (!strcmp(type, "SESPARSE")) {
+            ret = open_sesparse(s, node, c, err);
+            if (ret < 0) {
+                goto out;
+            }
         } else {
             char *buf = read_desc(c, 0, err);
             if (!buf) {
@@ -885,10 +1127,12 @@ static void vmdk_close(vd_node *node)
         vmdk_extent *e = &s->extents[i];
         free(e->gd);
         free(e->rgd);
+        free(e->gd64);
         free(e->type);
         free(e->meta);
         for (int k = 0; k < VMDK_GT_CACHE; k++) {
             free(e->cache[k].gt);
+            free(e->cache[k].gt64);
         }
     }
     free(s->extents);
@@ -983,41 +1227,71 @@ static vmdk_extent *find_extent(vmdk_state *s, uint64_t sector)
     return lo < s->n_extents ? &s->extents[lo] : NULL;
 }
 
-/* The GT at @gt (sector) of @e, from the cache or the file. Lock held. */
-static int load_gt(vmdk_state *s, vmdk_extent *e, uint32_t gt,
-                   uint32_t **out, vd_error *err)
+/* The cache slot holding the GT at byte @off of @e (*@hit), else the
+ * least recently used slot. Lock held. */
+static vmdk_gt_cache *gt_slot(vmdk_state *s, vmdk_extent *e, uint64_t off,
+                              bool *hit)
 {
-    uint64_t off = (uint64_t)gt * SECTOR, bytes = (uint64_t)e->l2_size * 4;
     vmdk_gt_cache *victim = &e->cache[0];
-    uint8_t *raw;
-    int ret;
 
     for (int i = 0; i < VMDK_GT_CACHE; i++) {
         if (e->cache[i].off == off) {
             e->cache[i].uses = ++s->cache_clock;
-            *out = e->cache[i].gt;
-            return 0;
+            *hit = true;
+            return &e->cache[i];
         }
         if (e->cache[i].uses < victim->uses) {
             victim = &e->cache[i];
         }
     }
-    /* The cache's tables are allocated at their first use: a descriptor
-     * may name thousands of extents that are never read. */
-    if (!victim->gt) {
-        victim->gt = malloc(bytes);
-        if (!victim->gt) {
+    *hit = false;
+    return victim;
+}
+
+/* The raw bytes of the GT at byte @off (*@raw, malloc'd) for a cache
+ * slot whose table *@table (@bytes long) is allocated at its first use:
+ * a descriptor may name thousands of extents that are never read. */
+static int read_gt(vmdk_state *s, vmdk_extent *e, void **table,
+                   uint64_t off, uint64_t bytes, uint8_t **raw,
+                   vd_error *err)
+{
+    int ret;
+
+    if (!*table) {
+        *table = malloc(bytes);
+        if (!*table) {
             return vd_error_set(err, -ENOMEM, "%s: out of memory",
                                 s->filename);
         }
     }
-    raw = malloc(bytes);
-    if (!raw) {
+    *raw = malloc(bytes);
+    if (!*raw) {
         return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
     }
-    ret = vd_child_pread(e->file, off, raw, bytes, err);
+    ret = vd_child_pread(e->file, off, *raw, bytes, err);
     if (ret < 0) {
-        free(raw);
+        free(*raw);
+        *raw = NULL;
+    }
+    return ret;
+}
+
+/* The GT at @gt (sector) of @e, from the cache or the file. Lock held. */
+static int load_gt(vmdk_state *s, vmdk_extent *e, uint32_t gt,
+                   uint32_t **out, vd_error *err)
+{
+    uint64_t off = (uint64_t)gt * SECTOR, bytes = (uint64_t)e->l2_size * 4;
+    bool hit;
+    vmdk_gt_cache *victim = gt_slot(s, e, off, &hit);
+    uint8_t *raw;
+    int ret;
+
+    if (hit) {
+        *out = victim->gt;
+        return 0;
+    }
+    ret = read_gt(s, e, (void **)&victim->gt, off, bytes, &raw, err);
+    if (ret < 0) {
         return ret;
     }
     for (uint32_t i = 0; i < e->l2_size; i++) {
@@ -1041,6 +1315,94 @@ static int load_gt(vmdk_state *s, vmdk_extent *e, uint32_t gt,
     victim->uses = ++s->cache_clock;
     *out = victim->gt;
     return 0;
+}
+
+/* The seSparse GT at sector @gt of @e (64-bit entries), from the cache
+ * or the file. Lock held. */
+static int load_gt64(vmdk_state *s, vmdk_extent *e, uint64_t gt,
+                     uint64_t **out, vd_error *err)
+{
+    uint64_t off = gt * SECTOR, bytes = (uint64_t)e->l2_size * 8;
+    bool hit;
+    vmdk_gt_cache *slot = gt_slot(s, e, off, &hit);
+    uint8_t *raw;
+    int ret;
+
+    if (hit) {
+        *out = slot->gt64;
+        return 0;
+    }
+    ret = read_gt(s, e, (void **)&slot->gt64, off, bytes, &raw, err);
+    if (ret < 0) {
+        return ret;
+    }
+    for (uint32_t i = 0; i < e->l2_size; i++) {
+        slot->gt64[i] = le64(raw + 8 * (uint64_t)i);
+    }
+    free(raw);
+    slot->off = off;
+    slot->uses = ++s->cache_clock;
+    *out = slot->gt64;
+    return 0;
+}
+
+/* get_cluster() for an seSparse extent, QEMU's decoding: faults it
+ * reports as errors (VMDK_ERROR) are errors here too, naming the entry;
+ * a grain number that would take the offset past vdisk's limit is one
+ * more. */
+static int se_get_cluster(vmdk_state *s, vmdk_extent *e, uint64_t rel,
+                          uint64_t *host, vd_error *err)
+{
+    const char *fname = vd_node_filename(e->file->node);
+    uint64_t l1 = rel / e->l1_entry_sectors, v, gt, *t, idx;
+    uint32_t l2 = (uint32_t)((rel / e->grain_sectors) % e->l2_size);
+    int ret;
+
+    v = e->gd64[l1];
+    if (!v) {
+        return VMDK_UNALLOC;
+    }
+    gt = se_gt_sector(e, v);
+    if (gt == UINT64_MAX) {
+        return vd_error_set(err, -EIO, "%s: grain directory entry %" PRIu64
+                            " (0x%016" PRIx64 ") names no grain table",
+                            fname, l1, v);
+    }
+    if (gt == 0) {
+        /* QEMU takes a GT at sector 0 (grain tables area at 0, GT 0) for
+         * none: the grains it covers are unallocated. */
+        return VMDK_UNALLOC;
+    }
+    ret = load_gt64(s, e, gt, &t, err);
+    if (ret < 0) {
+        return ret;
+    }
+    v = t[l2];
+    switch (v >> 60) {
+    case 0:
+        if (v) {
+            break;
+        }
+        return VMDK_UNALLOC;
+    case 1:                    /* unmapped (SCSI UNMAP): reads zeros */
+    case 2:                    /* zeroed */
+        return VMDK_ZEROED;
+    case 3:
+        idx = (v >> 48 & 0xfff) | (v & 0xffffffffffffull) << 12;
+        if (e->se_grain_sector > VD_MAX_LENGTH / SECTOR ||
+            idx > (VD_MAX_LENGTH / SECTOR - e->se_grain_sector) /
+                  e->grain_sectors) {
+            return vd_error_set(err, -EIO, "%s: grain table at 0x%" PRIx64
+                                " entry %" PRIu32 ": grain %" PRIu64
+                                " is out of range", fname, gt * SECTOR, l2,
+                                idx);
+        }
+        *host = (e->se_grain_sector + idx * e->grain_sectors) * SECTOR;
+        return VMDK_OK;
+    }
+    return vd_error_set(err, -EIO, "%s: grain table at 0x%" PRIx64 " entry %"
+                        PRIu32 " (0x%016" PRIx64 ") is of no known kind",
+                        fname, gt * SECTOR, l2, v);
 }
 
 typedef struct vmdk_loc {
@@ -1071,6 +1433,9 @@ static int get_cluster(vmdk_state *s, vmdk_extent *e, uint64_t off,
         return vd_error_set(err, -EIO, "%s: sector %" PRIu64 " is past the "
                             "grain directory", vd_node_filename(e->file->node),
                             off / SECTOR);
+    }
+    if (e->sesparse) {
+        return se_get_cluster(s, e, rel, host, err);
     }
     if (!e->gd[l1]) {
         return VMDK_UNALLOC;
@@ -1178,6 +1543,25 @@ out:
     return ret;
 }
 
+/* seSparse data at [@host, +@n) for guest byte @off must lie inside the
+ * extent's file: a grain number past it is a fault (QEMU reads zeros). */
+static int grain_past_eof(vmdk_extent *e, uint64_t host, uint64_t n,
+                          uint64_t off, vd_error *err)
+{
+    int64_t flen = vd_node_getlength(e->file->node);
+    uint64_t skip;
+
+    if (flen >= 0 && host <= (uint64_t)flen && n <= (uint64_t)flen - host) {
+        return 0;
+    }
+    /* The first byte past the end. */
+    skip = flen > 0 && (uint64_t)flen > host ? (uint64_t)flen - host : 0;
+    return vd_error_set(err, -EIO, "%s: grain data at 0x%" PRIx64 " (guest "
+                        "offset 0x%" PRIx64 ") is past the end of the file",
+                        vd_node_filename(e->file->node), host + skip,
+                        off + skip);
+}
+
 static int vmdk_preadv(vd_node *node, uint64_t off, uint64_t bytes,
                        vd_iov *qiov, unsigned flags, vd_error *err)
 {
@@ -1242,6 +1626,9 @@ static int vmdk_preadv(vd_node *node, uint64_t off, uint64_t bytes,
             } else {
                 vd_iov_memset(qiov, done, 0, n);
             }
+        } else if (e->sesparse &&
+                   grain_past_eof(e, host + in_cl, n, o, err) < 0) {
+            return -EIO;
         } else if (e->compressed) {
             r = read_compressed(s, e, host, in_cl, qiov, done, n, err);
             if (r < 0) {
@@ -1466,6 +1853,10 @@ static int do_write(vmdk_state *s, uint64_t off, uint64_t bytes,
             return vd_error_set(err, -EIO, "%s: offset 0x%" PRIx64 " is in "
                                 "no extent", s->filename, o);
         }
+        if (e->sesparse) {
+            /* Never reached: seSparse extents are opened read only. */
+            return -ENOTSUP;
+        }
         cb = e->grain_sectors * SECTOR;
         in_cl = offset_in_cluster(e, o);
         n = cb - in_cl;
@@ -1629,6 +2020,7 @@ static int vmdk_block_status(vd_node *node, bool want_zero, uint64_t off,
     vmdk_state *s = node->opaque;
     vmdk_extent *e = find_extent(s, off / SECTOR);
     uint64_t host = 0, in_cl, n;
+    bool stale;
     int r;
 
     (void)want_zero;
@@ -1652,6 +2044,11 @@ static int vmdk_block_status(vd_node *node, bool want_zero, uint64_t off,
         }
         n += e->grain_sectors * SECTOR;
     }
+    /* The core reads unallocated ranges from the backing file itself,
+     * without this driver: while the backing file's CID is not the
+     * image's parentCID, they are answered as the image's own data, so
+     * that their reads come here and fail as QEMU's do (vmdk_preadv). */
+    stale = r == VMDK_UNALLOC && node->backing && !cid_valid(s);
     pthread_mutex_unlock(&s->lock);
     if (r < 0) {
         return r;
@@ -1662,7 +2059,7 @@ static int vmdk_block_status(vd_node *node, bool want_zero, uint64_t off,
     *pnum = n < bytes ? n : bytes;
     switch (r) {
     case VMDK_UNALLOC:
-        return 0;
+        return stale ? VD_BLOCK_DATA | VD_BLOCK_ALLOCATED : 0;
     case VMDK_ZEROED:
         return VD_BLOCK_ZERO | VD_BLOCK_ALLOCATED;
     default:
@@ -1794,7 +2191,9 @@ static int vmdk_check(vd_node *node, vd_check_result *res, unsigned fix,
         if (r < 0) {
             fprintf(stderr, "ERROR: could not get cluster_offset for sector %"
                     PRIu64 "\n", sector);
-            ret = -EIO;
+            /* QEMU returns its VMDK_ERROR (-1) here: qemu-img says
+             * "Check failed: Operation not permitted". */
+            ret = -EPERM;
             break;
         }
         if (r == VMDK_OK) {

@@ -220,6 +220,18 @@ PYEOF
     qio -f vmdk -c 'write -P 0x7c 0 5k' -c 'write -z 1M 64k' vmdk-sparse.vmdk
     q convert -O vmdk -o subformat=streamOptimized vmdk-sparse.vmdk \
         vmdk-stream.vmdk
+    # vmdk seSparse: an extent file alone (fuzz-vmdk.c opens it through a
+    # descriptor of its own) with data, zeroed and unmapped grains over
+    # two grain tables, written by the cli tests' generator.
+    # shellcheck source=../cli/fmt-functions.bash
+    source "$here/../cli/fmt-functions.bash"
+    sesparsegen
+    python3 - <<'PYEOF' || true
+from sesparse import *
+sesparse('se', 65536, data={0: grain_bytes(1), 4097: grain_bytes(2)},
+         zero=[1], unmapped=[4098], layout='compact')
+PYEOF
+    rm -f sesparse.py se.vmdk
     rm -f data.raw
     # luks: LUKS1 with the default cipher (a truncated copy: the key
     # material and payload of one slot) and aes-128-cbc-essiv/sha1,
