@@ -13,7 +13,8 @@
  * create, the driver-specific statistics and the vtable, which also
  * declares that qemu's file-posix answers get_info. Every request runs
  * synchronously in the calling thread with positioned I/O
- * (preadv/pwritev), so concurrent requests on one node need no locking:
+ * (preadv/pwritev, or under aio=io_uring the thread's own ring: see
+ * uring_get()), so concurrent requests on one node need no locking:
  * the descriptor has no shared file position.
  * Buffered writes to a regular file alone queue on a mutex (see
  * file_state.write_lock for why).
