@@ -124,14 +124,22 @@ static void inflight_inc(vd_node *n)
     __atomic_add_fetch(&n->in_flight, 1, __ATOMIC_SEQ_CST);
 }
 
-static void inflight_dec(vd_node *n)
+/* Decrements *@count and, when it reaches 0 while *@waiters says
+ * someone waits for that (under the node's lock), wakes them: the
+ * broadcast is taken under the lock, so the wake-up cannot be missed. */
+static void dec_and_wake(vd_node *n, int *count, int *waiters)
 {
-    if (__atomic_sub_fetch(&n->in_flight, 1, __ATOMIC_SEQ_CST) == 0 &&
-        __atomic_load_n(&n->quiesce, __ATOMIC_SEQ_CST) > 0) {
+    if (__atomic_sub_fetch(count, 1, __ATOMIC_SEQ_CST) == 0 &&
+        __atomic_load_n(waiters, __ATOMIC_SEQ_CST) > 0) {
         pthread_mutex_lock(&n->lock);
         pthread_cond_broadcast(&n->cond);
         pthread_mutex_unlock(&n->lock);
     }
+}
+
+static void inflight_dec(vd_node *n)
+{
+    dec_and_wake(n, &n->in_flight, &n->quiesce);
 }
 
 /* Starts a request from outside the graph: counts it in flight, waiting
@@ -180,16 +188,10 @@ static bool tracked_conflict(vd_node *n, const vd_tracked_req *me)
 }
 
 /* A plain write that skipped the list is over: the last one wakes a
- * serialising request waiting for them (it looks under the lock, and
- * the broadcast is taken under it, so the wake-up cannot be missed). */
+ * serialising request waiting for them. */
 static void track_plain_end(vd_node *n)
 {
-    if (__atomic_sub_fetch(&n->track_plain, 1, __ATOMIC_SEQ_CST) == 0 &&
-        __atomic_load_n(&n->track_serialising, __ATOMIC_SEQ_CST) > 0) {
-        pthread_mutex_lock(&n->lock);
-        pthread_cond_broadcast(&n->cond);
-        pthread_mutex_unlock(&n->lock);
-    }
+    dec_and_wake(n, &n->track_plain, &n->track_serialising);
 }
 
 /*
