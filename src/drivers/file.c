@@ -604,6 +604,15 @@ static void uring_slot_free(void *p)
     free(u);
 }
 
+/* The key's destructor, in the exiting thread: a later destructor that
+ * does I/O must not find the freed ring (nor make one to leak). */
+static void uring_thread_exit(void *p)
+{
+    uring_mine = NULL;
+    uring_failed = true;
+    uring_slot_free(p);
+}
+
 static void uring_after_fork(void)
 {
     atomic_fetch_add(&uring_gen, 1);
@@ -611,7 +620,7 @@ static void uring_after_fork(void)
 
 static void uring_init_once(void)
 {
-    uring_key_ok = pthread_key_create(&uring_key, uring_slot_free) == 0;
+    uring_key_ok = pthread_key_create(&uring_key, uring_thread_exit) == 0;
     pthread_atfork(NULL, NULL, uring_after_fork);
 }
 
