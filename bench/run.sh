@@ -14,6 +14,10 @@
 #               qemu-img bench; "none" measures the device more than the
 #               software)
 #   BENCH_KEEP=1  keep the scratch directory
+#   BENCH_CASES an extended regular expression: only the cases whose
+#               name matches run (default: all)
+#   FIO         fio, for the raw-file figures beside the O_DIRECT cases
+#               (default: fio on PATH; without it they are left out)
 #
 # Organisation: helpers (timing, medians, table), image preparation, one
 # function per kind of case, then the case list. Each case runs QEMU and
@@ -128,6 +132,12 @@ add_row()
     printf '  %-34s %s\n' "$1" "done"
 }
 
+# case_wanted NAME: whether BENCH_CASES selects the case.
+case_wanted()
+{
+    [[ $1 =~ ${BENCH_CASES:-.} ]]
+}
+
 fail_row()
 {
     results+=("$1|$2|${3:-FAILED}|FAILED|-|${4:--}|-")
@@ -148,14 +158,17 @@ $QEMU_IMG create -q -f raw -o preallocation=full "$work/base.raw" "$size" ||
     exit 1
 $QEMU_IMG create -q -f qcow2 -o preallocation=full "$work/base.qcow2" "$size" ||
     exit 1
+# --sparse=never: cp would otherwise leave holes where the file holds
+# zeros, and writes there would allocate blocks of the host file.
 for tool in qemu vdisk; do
-    cp "$work/base.raw" "$work/$tool.raw"
-    cp "$work/base.qcow2" "$work/$tool.qcow2"
+    cp --sparse=never "$work/base.raw" "$work/$tool.raw"
+    cp --sparse=never "$work/base.qcow2" "$work/$tool.qcow2"
 done
 rm -f "$work/base.raw" "$work/base.qcow2"
 
 # 2 GiB, half data half holes: 4 MiB of incompressible data at every other
 # 4 MiB, so convert meets 256 data extents and 256 holes.
+if case_wanted convert; then
 chunk=$((4 * 1024 * 1024))
 head -c "$chunk" /dev/urandom >"$work/chunk"
 truncate -s $((2 * size)) "$work/conv-src.raw"
@@ -166,6 +179,7 @@ done
 rm -f "$work/chunk"
 $QEMU_IMG convert -f raw -O qcow2 "$work/conv-src.raw" "$work/conv-src.qcow2" ||
     exit 1
+fi
 sync
 
 # ---- cases ----
@@ -181,6 +195,7 @@ bench_case()
     local -a qv=() vv=() qr=() vr=()
     local why=""
 
+    case_wanted "$name" || return 0
     for ((r = 0; r < reps; r++)); do
         for t in qemu vdisk; do
             local prog=$QEMU_IMG
@@ -218,9 +233,17 @@ bench_case()
         fail_row "$name" "$unit" "${qm:-FAILED}" "${qrm:--}" "$why"
         return
     fi
+    # A write case through qcow2 leaves vdisk's image consistent.
+    if [ "$fmt" = qcow2 ] &&
+        ! $QEMU_IMG check -q "$work/vdisk.qcow2" >>"$log" 2>&1; then
+        fail_row "$name" "$unit" "$(median "${qv[@]}")" "$(maxof "${qr[@]}")" \
+            "vdisk: qemu-img check failed"
+        return
+    fi
     local qm vm
     qm=$(median "${qv[@]}")
     vm=$(median "${vv[@]}")
+    last_vdisk=$vm
     add_row "$name" "$unit" "$qm" "$vm" \
         "$(awk -v q="$qm" -v v="$vm" 'BEGIN { printf "%.2f", v / q }')" \
         "$(maxof "${qr[@]}")" "$(maxof "${vr[@]}")"
@@ -235,6 +258,7 @@ convert_case()
     local -a qv=() vv=() qr=() vr=()
     local why="" dst=$work/conv-dst.$dfmt
 
+    case_wanted "$name" || return 0
     for ((r = 0; r < reps; r++)); do
         for t in qemu vdisk; do
             local prog=$QEMU_IMG
@@ -299,14 +323,66 @@ for fmt in raw qcow2; do
     bench_case "$fmt 64k seq write QD32" MiB/s "$fmt" "$seq_count" 65536 \
         -d 32 -s 64k -w
 done
+# fio_raw_row NAME ARGS...: the hardware's figure beside the case just
+# run: fio with ARGS writing 4 KiB blocks with O_DIRECT at random
+# offsets of a fully allocated 1 GiB raw file in the same directory, as
+# many requests as the bench cases, median IOPS of N runs. The ratio
+# column is the last vdisk median over it (vdisk / raw file).
+fio_raw_row()
+{
+    local name=$1 r v
+    local -a fv=()
+    shift
+    [ -n "$fio" ] && [ -n "${last_vdisk:-}" ] || return 0
+    [ -e "$work/fio.raw" ] ||
+        $QEMU_IMG create -q -f raw -o preallocation=full "$work/fio.raw" \
+            "$size" || return 0
+    for ((r = 0; r < reps; r++)); do
+        v=$("$fio" --name=raw --filename="$work/fio.raw" --direct=1 \
+                --rw=randwrite --bs=4k --size="$size" \
+                --io_size=$((rand_count * 4096)) --output-format=json "$@" \
+                2>>"$log" |
+            python3 -c 'import json, sys
+t = sys.stdin.read()
+print("%.0f" % sum(j["write"]["iops"] for j in
+                   json.loads(t[t.index("{"):])["jobs"]))') || v=
+        [ -n "$v" ] && fv+=("$v")
+    done
+    if [ ${#fv[@]} = 0 ]; then
+        fail_row "$name" IOPS - - "fio failed"
+        return
+    fi
+    local fm
+    fm=$(median "${fv[@]}")
+    add_row "$name" IOPS - "$fm" \
+        "$(awk -v f="$fm" -v v="$last_vdisk" 'BEGIN { printf "v/raw %.2f", v / f }')" \
+        - -
+}
+
+# The O_DIRECT write case of the performance issue, whatever BENCH_CACHE
+# says, with the raw file's figure beside it: fio at the same depth from
+# one thread (io_uring), and from 32 threads (pvsync2, how vdisk keeps
+# its 32 requests in flight). Then both tools with aio=io_uring.
+fio=${FIO:-$(command -v fio || true)}
+odirect=(-d 32 -s 4k -S "$rstep" -w)
+last_vdisk=
+cache=none bench_case "qcow2 4k randwrite QD32 none" IOPS qcow2 \
+    "$rand_count" 4096 "${odirect[@]}"
+fio_raw_row "  raw file: fio io_uring QD32" --ioengine=io_uring --iodepth=32
+fio_raw_row "  raw file: fio pvsync2 32 jobs" --ioengine=pvsync2 \
+    --numjobs=32 --io_size=$((rand_count * 4096 / 32))
+last_vdisk=
+cache=none bench_case "qcow2 4k randwrite QD32 none uring" IOPS \
+    qcow2 "$rand_count" 4096 "${odirect[@]}" -i io_uring
 convert_case "convert 2G half-sparse raw->qcow2" "$work/conv-src.raw" raw qcow2
 convert_case "convert 2G half-sparse qcow2->raw" "$work/conv-src.qcow2" qcow2 raw
 
 # ---- table ----
 
 echo
-echo "Medians of $reps runs (cache=$cache for bench cases). ratio = vdisk/qemu"
-echo "performance: > 1 means vdisk is faster. RSS = peak resident KiB."
+echo "Medians of $reps runs (cache=$cache for bench cases unless named). ratio ="
+echo "vdisk/qemu performance: > 1 means vdisk is faster (v/raw: vdisk over"
+echo "the raw file's fio figure). RSS = peak resident KiB."
 printf '%-34s %-6s %12s %12s %7s %10s %10s\n' \
     case unit qemu vdisk ratio "qemu RSS" "vdisk RSS"
 printf '%.0s-' {1..97}

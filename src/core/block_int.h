@@ -269,8 +269,12 @@ struct vd_node {
     int in_flight;
     int quiesce;
 
-    /* Serialisation of read-modify-write for nodes with alignment > 1. */
+    /* Serialisation of read-modify-write for nodes with alignment > 1:
+     * the list under lock, and (io.c, track_begin) the plain writes in
+     * flight that skipped it while no serialising request was about. */
     struct vd_tracked_req *tracked;
+    int track_plain;
+    int track_serialising;
 
     /* Accounting (stats.c): counters by relaxed atomics; the timed
      * statistics and histograms under stats_lock. */

@@ -13,7 +13,8 @@
  * create, the driver-specific statistics and the vtable, which also
  * declares that qemu's file-posix answers get_info. Every request runs
  * synchronously in the calling thread with positioned I/O
- * (preadv/pwritev), so concurrent requests on one node need no locking:
+ * (preadv/pwritev, or under aio=io_uring the thread's own ring: see
+ * uring_get()), so concurrent requests on one node need no locking:
  * the descriptor has no shared file position.
  * Buffered writes to a regular file alone queue on a mutex (see
  * file_state.write_lock for why).
@@ -38,6 +39,9 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#ifdef VDISK_HAVE_LIBURING
+#include <liburing.h>
+#endif
 
 #include "core/block_int.h"
 
@@ -71,6 +75,7 @@ static const char *const perm_names[PERM_COUNT] = {
 };
 
 enum { LOCKING_AUTO, LOCKING_ON, LOCKING_OFF };
+enum { AIO_THREADS, AIO_NATIVE, AIO_IO_URING };   /* aio_choices' order */
 static const char *const locking_choices[] = { "auto", "on", "off", NULL };
 static const char *const aio_choices[] = {
     "threads", "native", "io_uring", NULL,
@@ -83,6 +88,7 @@ typedef struct file_state {
     int fd;
     bool is_blockdev;
     bool direct;                    /* opened with O_DIRECT */
+    bool use_uring;                 /* aio=io_uring: see uring_rw() */
     /* Cleared when the filesystem turns out not to support an fallocate
      * mode, so later requests go straight to the fallback. */
     atomic_bool has_zero_range;
@@ -469,16 +475,18 @@ static int file_open(vd_node *node, vd_opts *opts, unsigned flags,
     if (ret < 0) {
         return ret;
     }
-    /* Every aio mode is served by synchronous calls in the caller's
-     * thread; the option is accepted for command-line compatibility. */
-    ret = vd_opts_take_enum(opts, "aio", aio_choices, 0, &aio, err);
+    /* Every aio mode is synchronous for the caller: aio=io_uring issues
+     * each request through the calling thread's own ring (uring_rw()),
+     * the others as preadv/pwritev in that thread. */
+    ret = vd_opts_take_enum(opts, "aio", aio_choices, AIO_THREADS, &aio,
+                            err);
     if (ret < 0) {
         return ret;
     }
     /* As QEMU's file-posix: native AIO is only asked for with O_DIRECT
      * (it would block on the page cache otherwise), and the refusal is
      * kept so that command lines fail here as they fail there. */
-    if (aio == 1 && !(flags & VD_NODE_NOCACHE)) {
+    if (aio == AIO_NATIVE && !(flags & VD_NODE_NOCACHE)) {
         return vd_error_set(err, -EINVAL, "aio=native was specified, but it "
                             "requires cache.direct=on, which was not "
                             "specified.");
@@ -532,6 +540,7 @@ static int file_open(vd_node *node, vd_opts *opts, unsigned flags,
         goto fail;
     }
     s->serialize_writes = !s->is_blockdev && !s->direct;
+    s->use_uring = aio == AIO_IO_URING;
     if (fcntl(s->fd, F_SETFL, fcntl(s->fd, F_GETFL) & ~O_NONBLOCK) < 0) {
         ret = vd_error_set_errno(err, -errno, "Could not open '%s'",
                                  filename);
@@ -587,6 +596,207 @@ static void file_close(vd_node *node)
 /* ---------------------------------------------------------------- */
 
 /*
+ * aio=io_uring. The request path stays synchronous (docs/concurrency.md):
+ * each thread that issues a request owns a small ring, made on its
+ * first request and closed when the thread exits, and waits in it for
+ * that request alone. So there is no completion thread and no lock:
+ * a ring is only ever touched by its thread, which is what
+ * IORING_SETUP_SINGLE_ISSUER promises the kernel, and with
+ * IORING_SETUP_DEFER_TASKRUN the completion work runs in that thread's
+ * wait rather than interrupting it. One ring serves every file node the
+ * thread uses.
+ *
+ * Whenever a ring cannot be had - liburing missing at build time,
+ * io_uring_setup refused at run time (a seccomp filter, a kernel
+ * without io_uring, kernel.io_uring_disabled) - the request goes
+ * through preadv/pwritev instead, which moves the same bytes; a refusal
+ * with ENOSYS, EPERM or EACCES is remembered for the whole process.
+ */
+#ifdef VDISK_HAVE_LIBURING
+
+/* Entries per ring: one request at a time, a few to spare. */
+#define URING_ENTRIES 4
+
+typedef struct uring_slot {
+    struct io_uring ring;
+    unsigned gen;           /* uring_gen when made */
+} uring_slot;
+
+static pthread_once_t uring_once = PTHREAD_ONCE_INIT;
+static pthread_key_t uring_key;
+static bool uring_key_ok;
+static atomic_bool uring_refused;
+/* Bumped in a child after fork(): a ring made before it is the
+ * parent's too (same mapped queues), so the child makes its own. */
+static atomic_uint uring_gen;
+static __thread uring_slot *uring_mine;
+static __thread bool uring_failed;    /* this thread's setup failed */
+
+static void uring_slot_free(void *p)
+{
+    uring_slot *u = p;
+
+    io_uring_queue_exit(&u->ring);
+    free(u);
+}
+
+/* The key's destructor, in the exiting thread: a later destructor that
+ * does I/O must not find the freed ring (nor make one to leak). */
+static void uring_thread_exit(void *p)
+{
+    uring_mine = NULL;
+    uring_failed = true;
+    uring_slot_free(p);
+}
+
+static void uring_after_fork(void)
+{
+    atomic_fetch_add(&uring_gen, 1);
+}
+
+static void uring_init_once(void)
+{
+    uring_key_ok = pthread_key_create(&uring_key, uring_thread_exit) == 0;
+    pthread_atfork(NULL, NULL, uring_after_fork);
+}
+
+/* Closes the calling thread's ring; its later requests use the system
+ * calls. */
+static void uring_drop(void)
+{
+    if (uring_mine) {
+        pthread_setspecific(uring_key, NULL);
+        uring_slot_free(uring_mine);
+        uring_mine = NULL;
+    }
+    uring_failed = true;
+}
+
+/* The calling thread's ring, or NULL when requests must use the system
+ * calls instead. */
+static struct io_uring *uring_get(void)
+{
+    uring_slot *u = uring_mine;
+    int ret;
+
+    if (u && u->gen == atomic_load_explicit(&uring_gen,
+                                            memory_order_relaxed)) {
+        return &u->ring;
+    }
+    if (u) {
+        /* Made before a fork: unmapping it here leaves the parent's. */
+        pthread_setspecific(uring_key, NULL);
+        uring_slot_free(u);
+        uring_mine = NULL;
+    }
+    if (uring_failed || atomic_load_explicit(&uring_refused,
+                                             memory_order_relaxed)) {
+        return NULL;
+    }
+    pthread_once(&uring_once, uring_init_once);
+    u = uring_key_ok ? calloc(1, sizeof(*u)) : NULL;
+    if (!u) {
+        uring_failed = true;
+        return NULL;
+    }
+    ret = io_uring_queue_init(URING_ENTRIES, &u->ring,
+                              IORING_SETUP_SINGLE_ISSUER |
+                              IORING_SETUP_DEFER_TASKRUN);
+    if (ret == -EINVAL) {
+        /* A kernel before 6.1 has neither flag. */
+        ret = io_uring_queue_init(URING_ENTRIES, &u->ring, 0);
+    }
+    if (ret < 0) {
+        free(u);
+        uring_failed = true;
+        if (ret == -ENOSYS || ret == -EPERM || ret == -EACCES) {
+            atomic_store(&uring_refused, true);
+        }
+        return NULL;
+    }
+    u->gen = atomic_load(&uring_gen);
+    if (pthread_setspecific(uring_key, u) != 0) {
+        uring_slot_free(u);
+        uring_failed = true;
+        return NULL;
+    }
+    uring_mine = u;
+    return &u->ring;
+}
+
+/*
+ * One preadv/pwritev through @ring: the bytes moved or a negative errno,
+ * as the system call would return them (the caller loops on short
+ * transfers and EINTR). -ENOTSUP when the ring cannot take it, so the
+ * caller uses the system call.
+ */
+static ssize_t uring_rw(struct io_uring *ring, int fd, bool write,
+                        const struct iovec *iov, int niov, off_t off)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+    struct io_uring_cqe *cqe;
+    ssize_t res;
+    int ret;
+
+    if (!sqe) {
+        return -ENOTSUP;        /* cannot happen: one request at a time */
+    }
+    if (write) {
+        io_uring_prep_writev(sqe, fd, iov, (unsigned)niov, (uint64_t)off);
+    } else {
+        io_uring_prep_readv(sqe, fd, iov, (unsigned)niov, (uint64_t)off);
+    }
+    for (;;) {
+        ret = io_uring_submit_and_wait(ring, 1);
+        if (ret >= 0 || io_uring_sq_ready(ring) == 0) {
+            break;              /* submitted, maybe not yet complete */
+        }
+        if (ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+            /* Never sent: this thread gives its ring up and the request
+             * (and the thread's later ones) go to the system call. */
+            uring_drop();
+            return -ENOTSUP;
+        }
+    }
+    do {
+        ret = io_uring_wait_cqe(ring, &cqe);
+    } while (ret == -EINTR || ret == -EAGAIN);
+    if (ret < 0) {
+        /* Sent, and its completion cannot be waited for (no known
+         * cause but a signal, handled above): an I/O error. */
+        return ret;
+    }
+    res = cqe->res;
+    io_uring_cqe_seen(ring, cqe);
+    return res;
+}
+
+#endif /* VDISK_HAVE_LIBURING */
+
+/* One positioned transfer of the request path, through the thread's
+ * ring under aio=io_uring when it has one, else a system call. */
+static ssize_t file_sys_rw(file_state *s, bool write, const struct iovec *iov,
+                           int niov, off_t off)
+{
+    ssize_t n;
+
+#ifdef VDISK_HAVE_LIBURING
+    if (s->use_uring) {
+        struct io_uring *ring = uring_get();
+
+        if (ring) {
+            n = uring_rw(ring, s->fd, write, iov, niov, off);
+            if (n != -ENOTSUP) {
+                return n;
+            }
+        }
+    }
+#endif
+    n = write ? pwritev(s->fd, iov, niov, off) : preadv(s->fd, iov, niov, off);
+    return n < 0 ? -errno : n;
+}
+
+/*
  * Transfers [off, off+bytes) between the file and @qiov, retrying on
  * EINTR and short transfers. Returns the bytes moved (less than @bytes
  * only when a read hits the end of the file) or a negative errno.
@@ -612,14 +822,7 @@ static int64_t file_rw(file_state *s, bool write, vd_iov *qiov,
         if (niov > IOV_MAX) {
             niov = IOV_MAX;
         }
-        if (write) {
-            n = pwritev(s->fd, iov, niov, (off_t)(off + done));
-        } else {
-            n = preadv(s->fd, iov, niov, (off_t)(off + done));
-        }
-        if (n < 0) {
-            n = -errno;
-        }
+        n = file_sys_rw(s, write, iov, niov, (off_t)(off + done));
         if (done > 0) {
             vd_iov_destroy(&rest);
         }
