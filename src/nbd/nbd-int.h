@@ -127,6 +127,15 @@ struct nbd_conn {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     uint64_t big_bytes;
+    /* Buffers of finished large requests, kept for the next ones (a
+     * fresh one costs a page fault per 4 KiB); under lock, together
+     * with big_bytes at most the budget. */
+    struct nbd_big_buf *big_free;
+    uint64_t big_free_bytes;
+
+    /* Average time of the recent quick requests (transmission.c,
+     * batches); updated without a lock, an estimate. */
+    atomic_uint quick_ns;
 };
 
 /* One of a connection's threads; its buffer carries a request's payload
@@ -136,6 +145,7 @@ struct nbd_worker {
     pthread_t thread;
     unsigned char *buf;
     size_t bufsize;
+    unsigned char *cork;  /* replies of a batch (transmission.c) */
     nbd_worker *next;
 };
 
