@@ -18,7 +18,9 @@
  * under which one of them reads the next request whole (header and
  * payload) into its own buffer, and then, with the mutex released,
  * performs the request and sends the reply under the send mutex, so
- * replies leave out of order, matched by cookie. No request is handed
+ * replies leave out of order, matched by cookie. While small requests
+ * are fast, the thread takes those already received behind its own as
+ * one batch and sends their replies in one write. No request is handed
  * from one thread to another. The first thread joins the others before
  * the connection ends. The list of clients belongs to the accept loop's
  * thread alone, which learns of finished connections through a

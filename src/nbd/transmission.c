@@ -9,9 +9,11 @@
  * nbd_request_check() validates it against the negotiated capabilities
  * and says how many payload bytes follow (a WRITE's data is read even
  * when the request will fail, so the stream stays in step), and the
- * payload goes into the thread's own buffer. If no other thread is free
- * to read the next request and there is reason to expect one, it starts
- * one (up to the connection's limit). It then releases the read mutex,
+ * payload goes into the thread's own buffer; small requests already
+ * received behind it may join it as a batch (see BATCH_MAX). If no other
+ * thread is free to read the next request and there is reason to expect
+ * one, it starts one (up to the connection's limit). It then releases
+ * the read mutex,
  * performs the I/O with the public vdisk API and sends a simple reply,
  * or structured chunks when they were negotiated: reads as
  * OFFSET_DATA/OFFSET_HOLE runs from block status, errors as one ERROR
