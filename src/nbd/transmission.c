@@ -13,12 +13,11 @@
  * received behind it may join it as a batch (see BATCH_MAX). If no other
  * thread is free to read the next request and there is reason to expect
  * one, it starts one (up to the connection's limit). It then releases
- * the read mutex,
- * performs the I/O with the public vdisk API and sends a simple reply,
- * or structured chunks when they were negotiated: reads as
- * OFFSET_DATA/OFFSET_HOLE runs from block status, errors as one ERROR
+ * the read mutex, performs the I/O with the public vdisk API and sends
+ * a simple reply, or structured chunks when they were negotiated: reads
+ * as OFFSET_DATA/OFFSET_HOLE runs from block status, errors as one ERROR
  * chunk with a message. Each reply or chunk leaves in one write under
- * the connection's send mutex. The stream is read and written through
+ * the connection's send mutex (a batch's replies together). The stream is read and written through
  * nbd_conn_read_some()/nbd_conn_write() (tls.h), plain or TLS as the
  * handshake left it.
  */
@@ -62,12 +61,12 @@
  * Batches: a thread that reads a quick request (above) while the receive
  * buffer already holds more quick requests, complete with their data,
  * takes up to BATCH_MAX of them at once, performs them one after the
- * other and sends their replies in one write (the "cork"). Handing each
- * small request to a thread of its own cost two futex calls and a
- * context switch per request (the read mutex passing from thread to
- * thread: 9 in 10 of the server's futex calls under 4 KiB random reads
- * at queue depth 32), more than the request itself when the data is in
- * the page cache. Only while requests are fast: when the recent quick
+ * other and sends their replies in one write (the "cork"). Answered one
+ * by one, each small request costs a write and a wake-up of the client,
+ * more than the request itself when the data is in the page cache; in
+ * a batch that is paid once for up to BATCH_MAX of them (4 KiB random
+ * reads at queue depth 32: about twice the IOPS, docs/nbd.md). Only
+ * while requests are fast: when the recent quick
  * requests took more than BATCH_FAST_NS on average (a disk behind the
  * image), each again gets a thread, so slow I/O still overlaps.
  */
