@@ -4,13 +4,19 @@
 # drives each in turn with the same jobs. Prints, per case, the median
 # IOPS and MiB/s of each server over N runs, the ratio vdisk/qemu-nbd
 # (above 1: vdisk is faster), the lowest and highest ratio of one run
-# pair (the servers alternate, so a pair shares the machine's load) and
-# each server's peak resident memory over the runs.
+# pair (the servers alternate, so a pair shares the machine's load),
+# each server's peak resident memory over the runs, and the same fio job
+# on a raw file (io_uring, same queue depth, same page-cache state: what
+# the machine gives without NBD or qcow2) with vdisk's share of it.
+# After every run `qemu-img check` must find the image clean.
 #
 #   bench/nbd.sh [quick|full] [CASE...]
 #
 # quick: 3 runs x 5 s, full: 5 runs x 15 s. A CASE is "RW BS QD" as in
-# the first column ("randwrite 4k 32"); by default all six run.
+# the first column ("randwrite 4k 32"), or "RW BS QD compress": both
+# servers export a new empty qcow2 image through QEMU's compress filter
+# (every write stored compressed; fio writes 60% compressible data; no
+# raw figure); by default all run.
 # VDISK names the binary (default: build/tools/vdisk), BENCH_DIR the
 # scratch directory (default /var/tmp), BENCH_FOLIOS=small caches the
 # image in 4 KiB folios instead of the large ones a sequential fill
@@ -29,7 +35,8 @@ if [ $# -gt 0 ]; then
     cases=("$@")
 else
     cases=("randread 4k 1" "randread 4k 32" "randwrite 4k 1"
-           "randwrite 4k 32" "read 1m 8" "write 1m 8")
+           "randwrite 4k 32" "read 1m 4" "read 1m 8" "write 1m 8"
+           "write 1m 4 compress")
 fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 VDISK=${VDISK:-$root/build/tools/vdisk}
@@ -52,6 +59,12 @@ img=$dir/img.qcow2
 qemu-img create -q -f qcow2 -o preallocation=metadata "$img" 1G
 # Fully allocated, so reads hit data clusters, not holes.
 qemu-io -f qcow2 -c 'write -P 0x5a 0 1G' "$img" >/dev/null
+# The raw file of the raw-file figure, filled the same way.
+raw=$dir/raw.img
+qemu-img create -q -f raw "$raw" 1G
+qemu-io -f raw -c 'write -P 0x5a 0 1G' "$raw" >/dev/null
+# The compress cases write to a new image each run.
+cimg=$dir/compress.qcow2
 sock=$dir/sock
 
 # Every run starts from the same page-cache state: the whole image cached
@@ -60,7 +73,14 @@ sock=$dir/sock
 # same server on the same work differ by 4x.
 settle()
 {
-    sync "$img"
+    sync "$img" "$raw"
+    # Other processes' memory may have pushed parts of the images out of
+    # the cache (which is then a disk benchmark, the raw file first):
+    # read back what is missing (large folios; BENCH_FOLIOS=small keeps
+    # its own state instead).
+    if [ "${BENCH_FOLIOS:-large}" != small ]; then
+        cat "$img" "$raw" > /dev/null
+    fi
     # Writeback of other files on the disk competes for the same device.
     for _ in $(seq 50); do
         dirty=$(awk '/^Dirty:/ {print $2}' /proc/meminfo)
@@ -69,28 +89,40 @@ settle()
     done
 }
 if [ "${BENCH_FOLIOS:-large}" = small ]; then
-    # Drop the image from the cache and read it back 4 KiB at a time
-    # without readahead, so it is cached in 4 KiB folios (bench/README.md).
-    sync "$img"
-    python3 - "$img" <<'EOF'
+    # Drop the images from the cache and read them back 4 KiB at a time
+    # without readahead, so they are cached in 4 KiB folios
+    # (bench/README.md).
+    sync "$img" "$raw"
+    python3 - "$img" "$raw" <<'EOF'
 import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-for off in range(0, os.fstat(fd).st_size, 4096):
-    os.pread(fd, 4096, off)
+for name in sys.argv[1:]:
+    fd = os.open(name, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    for off in range(0, os.fstat(fd).st_size, 4096):
+        os.pread(fd, 4096, off)
+    os.close(fd)
 EOF
 else
-    cat "$img" > /dev/null
+    cat "$img" "$raw" > /dev/null
 fi
 
+# start_server TOOL [compress]
 start_server()
 {
+    local opts=(-f qcow2 -t -e 8 --cache=writeback -k "$sock")
+    local what=$img
     rm -f "$sock"
+    if [ "${2:-}" = compress ]; then
+        rm -f "$cimg"
+        qemu-img create -q -f qcow2 "$cimg" 1G
+        opts=(--image-opts -t -e 8 --cache=writeback -k "$sock")
+        what=driver=compress,file.driver=qcow2,file.file.filename=$cimg
+    fi
     if [ "$1" = qemu ]; then
-        qemu-nbd -f qcow2 -t -e 8 --cache=writeback -k "$sock" "$img" &
+        qemu-nbd "${opts[@]}" "$what" &
     else
-        "$VDISK" serve -f qcow2 -t -e 8 --cache=writeback -k "$sock" "$img" &
+        "$VDISK" serve "${opts[@]}" "$what" &
     fi
     server_pid=$!
     for _ in $(seq 100); do
@@ -110,10 +142,16 @@ stop_server()
     server_pid=
 }
 
-# fio job: $1 rw, $2 bs, $3 iodepth; prints "IOPS MiBps".
+# fio job: $1 rw, $2 bs, $3 iodepth, $4 "compress" or empty, $5 "raw" for
+# the raw file instead of the NBD server; prints "IOPS MiBps".
 run_fio()
 {
-    fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+    local target=(--ioengine=nbd --uri="nbd+unix:///?socket=$sock")
+    local data=()
+    [ "${5:-}" = raw ] && target=(--ioengine=io_uring --filename="$raw")
+    [ "${4:-}" = compress ] &&
+        data=(--buffer_compress_percentage=60 --refill_buffers)
+    fio --name=b "${target[@]}" "${data[@]}" \
         --rw="$1" --bs="$2" --iodepth="$3" --size=1G --time_based \
         --runtime="$secs" --ramp_time=1 --numjobs=1 --group_reporting \
         --output-format=json 2>/dev/null |
@@ -128,23 +166,41 @@ print("%.0f %.1f" % (iops, bw))'
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-printf '%-22s %12s %12s %10s %10s %8s %11s %10s %10s\n' case qemu-IOPS \
-    vdisk-IOPS qemu-MiB/s vdisk-MiB/s ratio spread qemu-RSS vdisk-RSS
+printf '%-22s %10s %10s %10s %10s %7s %10s %8s %8s %10s %9s\n' case \
+    qemu-IOPS vdisk-IOPS qemu-MiB/s vdisk-MiB/s ratio spread qemu-RSS \
+    vdisk-RSS raw-IOPS vdisk/raw
 for spec in "${cases[@]}"; do
     set -- $spec
-    : > "$dir/qemu.iops"; : > "$dir/vdisk.iops"
+    kind=${4:-}
+    : > "$dir/qemu.iops"; : > "$dir/vdisk.iops"; : > "$dir/raw.iops"
     : > "$dir/qemu.bw"; : > "$dir/vdisk.bw"; : > "$dir/pair.ratio"
-    qrss=0 vrss=0
+    qrss=0 vrss=0 bad=
+    tools="qemu vdisk raw"
+    [ "$kind" = compress ] && tools="qemu vdisk"
     for _ in $(seq "$runs"); do
-        for tool in qemu vdisk; do
+        for tool in $tools; do
             settle
-            start_server $tool
-            read -r iops bw < <(run_fio "$1" "$2" "$3")
+            if [ $tool = raw ]; then
+                read -r iops bw < <(run_fio "$1" "$2" "$3" "$kind" raw)
+                echo "$iops" >> "$dir/raw.iops"
+                printf '  raw file %s %s qd%s: %s IOPS\n' "$1" "$2" "$3" \
+                    "$iops" >&2
+                continue
+            fi
+            start_server $tool "$kind"
+            read -r iops bw < <(run_fio "$1" "$2" "$3" "$kind")
             stop_server
+            # The image each server leaves must be consistent.
+            checked=$img
+            [ "$kind" = compress ] && checked=$cimg
+            if ! qemu-img check -q "$checked" >/dev/null 2>&1; then
+                echo "  $tool $spec: qemu-img check FAILED" >&2
+                bad=1
+            fi
             echo "$iops" >> "$dir/$tool.iops"
             # Every run, on stderr: the medians hide how runs scatter.
-            printf '  %s %s %s qd%s: %s IOPS\n' "$tool" "$1" "$2" "$3" \
-                "$iops" >&2
+            printf '  %s %s %s qd%s%s: %s IOPS\n' "$tool" "$1" "$2" "$3" \
+                "${kind:+ $kind}" "$iops" >&2
             echo "$bw" >> "$dir/$tool.bw"
             if [ $tool = qemu ]; then
                 [ "$rss" -gt "$qrss" ] && qrss=$rss
@@ -162,6 +218,13 @@ for spec in "${cases[@]}"; do
     qi=$(median < "$dir/qemu.iops"); vi=$(median < "$dir/vdisk.iops")
     qb=$(median < "$dir/qemu.bw"); vb=$(median < "$dir/vdisk.bw")
     ratio=$(awk -v a="$vi" -v b="$qi" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-    printf '%-22s %12s %12s %10s %10s %8s %11s %9sK %9sK\n' "$1 $2 qd$3" \
-        "$qi" "$vi" "$qb" "$vb" "$ratio" "$spread" "$qrss" "$vrss"
+    [ -n "$bad" ] && ratio=FAILED
+    ri=- vr=-
+    if [ -s "$dir/raw.iops" ]; then
+        ri=$(median < "$dir/raw.iops")
+        vr=$(awk -v a="$vi" -v b="$ri" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+    fi
+    printf '%-22s %10s %10s %10s %10s %7s %10s %7sK %7sK %10s %9s\n' \
+        "$1 $2 qd$3${kind:+ $kind}" "$qi" "$vi" "$qb" "$vb" "$ratio" \
+        "$spread" "$qrss" "$vrss" "$ri" "$vr"
 done

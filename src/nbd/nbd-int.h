@@ -18,7 +18,9 @@
  * under which one of them reads the next request whole (header and
  * payload) into its own buffer, and then, with the mutex released,
  * performs the request and sends the reply under the send mutex, so
- * replies leave out of order, matched by cookie. No request is handed
+ * replies leave out of order, matched by cookie. While small requests
+ * are fast, the thread takes those already received behind its own as
+ * one batch and sends their replies in one write. No request is handed
  * from one thread to another. The first thread joins the others before
  * the connection ends. The list of clients belongs to the accept loop's
  * thread alone, which learns of finished connections through a
@@ -127,6 +129,15 @@ struct nbd_conn {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     uint64_t big_bytes;
+    /* Buffers of finished large requests, kept for the next ones (a
+     * fresh one costs a page fault per 4 KiB); under lock, together
+     * with big_bytes at most the budget. */
+    struct nbd_big_buf *big_free;
+    uint64_t big_free_bytes;
+
+    /* Average time of the recent quick requests (transmission.c,
+     * batches); updated without a lock, an estimate. */
+    atomic_uint quick_ns;
 };
 
 /* One of a connection's threads; its buffer carries a request's payload
@@ -136,6 +147,7 @@ struct nbd_worker {
     pthread_t thread;
     unsigned char *buf;
     size_t bufsize;
+    unsigned char *cork;  /* replies of a batch (transmission.c) */
     nbd_worker *next;
 };
 

@@ -43,6 +43,8 @@
 #define MAX_LISTEN 8
 /* Seconds a client gets to finish the handshake (qemu-nbd's default). */
 #define HANDSHAKE_TIMEOUT 10
+/* SO_SNDBUF of a UNIX socket client (set_unix_sndbuf()). */
+#define NBD_UNIX_SNDBUF (1024 * 1024)
 
 /* An export as the server keeps it: the public part first, so the
  * pointers handed out are the slots themselves. Exports added or removed
@@ -918,6 +920,28 @@ static unsigned reap(client **list, bool *negotiated_left)
     return n;
 }
 
+/*
+ * A UNIX socket's send buffer bounds the bytes waiting in the client's
+ * receive queue (about 208 KiB by default): a 1 MiB read reply then
+ * leaves in five pieces, each a wake-up of the client and of the
+ * sending thread. With room for a whole reply the client reads it in
+ * one go and spends about a third less CPU per MiB (fio, 1 MiB reads at
+ * queue depth 4, docs/nbd.md). TCP sockets keep the kernel's automatic
+ * sizing, which a fixed size would turn off.
+ */
+static void set_unix_sndbuf(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    int size = NBD_UNIX_SNDBUF;
+
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0 &&
+        ss.ss_family == AF_UNIX) {
+        /* The kernel doubles it, within net.core.wmem_max. */
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+    }
+}
+
 /* Accepts a client on @lfd and starts its first thread; false if none. */
 static bool accept_one(vd_nbd_server *srv, int lfd, client **list)
 {
@@ -931,6 +955,7 @@ static bool accept_one(vd_nbd_server *srv, int lfd, client **list)
     /* Replies are written whole; Nagle would only delay them. Fails
      * harmlessly on UNIX sockets. */
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    set_unix_sndbuf(fd);
     cl = calloc(1, sizeof(*cl));
     if (!cl) {
         close(fd);

@@ -337,6 +337,25 @@ $T $QEMU_IO --object \
     --image-opts "$N" -c 'read 0 4k' > baduser.out 2>&1 || st=$?
 [ "$st" = 1 ] || fail "unknown PSK user: status $st"
 
+# Many small requests in flight at once: the server takes those it has
+# already received in batches and answers each batch in one TLS write.
+aio=() plain=()
+for i in $(seq 0 47); do
+    aio+=(-c "aio_write -P $((i + 1)) $((48 * 1024 + i * 12))k 4k")
+    plain+=(-c "write -P $((i + 1)) $((48 * 1024 + i * 12))k 4k")
+done
+aio+=(-c aio_flush)
+for i in $(seq 0 47); do
+    aio+=(-c "aio_read -P $((i + 1)) $((48 * 1024 + i * 12))k 4k")
+done
+aio+=(-c aio_flush)
+# shellcheck disable=SC2086
+$T $QEMU_IO $PSK --image-opts "$N" "${aio[@]}" > aio.out 2>&1
+grep -qi 'fail\|error' aio.out && fail "pipelined TLS I/O: $(cat aio.out)"
+[ "$(grep -c '^read 4096/4096' aio.out)" = 48 ] ||
+    fail "pipelined TLS reads: $(cat aio.out)"
+$QEMU_IO "${plain[@]}" orig.qcow2 >/dev/null
+
 # libnbd's nbds:// URIs.
 if command -v nbdinfo >/dev/null; then
     U="nbds://qemu@127.0.0.1:$port/?tls-psk-file=$PWD/psk/keys.psk"
