@@ -1108,6 +1108,13 @@ int cmd_convert(int argc, char **argv)
             cli_error("Compression not supported for this file format");
             goto out;
         }
+        if (copts && (vd_opts_get(copts, "encrypt.format") ||
+                      (vd_opts_get(copts, "encryption") &&
+                       strcmp(vd_opts_get(copts, "encryption"), "off")))) {
+            cli_error("Compression and encryption not supported at the same "
+                      "time");
+            goto out;
+        }
         if (prealloc && strcmp(prealloc, "off")) {
             cli_error("Compression and preallocation not supported at the "
                       "same time");
