@@ -1224,6 +1224,14 @@ int cmd_convert(int argc, char **argv)
             cli_error("Compression not supported for this file format");
             goto out;
         }
+        /* Beyond qemu-img, which writes such clusters unencrypted into
+         * an existing encrypted target (-n). */
+        if (info->encrypted) {
+            vd_image_info_free(&info);
+            cli_error("Compression and encryption not supported at the "
+                      "same time");
+            goto out;
+        }
         s.cluster = info->cluster_size;
         vd_image_info_free(&info);
     }
