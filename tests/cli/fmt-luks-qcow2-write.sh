@@ -254,6 +254,26 @@ grep -q "No errors were found" out || fail "check: $(cat out)"
 $QEMU_IMG convert "${SEC[@]}" --image-opts "$(iopts dg.qcow2)" -O raw x.raw
 cmp dg.raw x.raw || fail "check -r changed the data"
 
+# A damaged L2 entry pointing a data cluster into the LUKS header: the
+# write is refused (QEMU's overlap checks do not cover the header and it
+# would overwrite the key material), the file unchanged.
+"$VDISK" create -q -f qcow2 "${SEC[@]}" -o "$E" ov.qcow2 1M
+"$VDISK" io "${SEC[@]}" --image-opts "$(iopts ov.qcow2)" \
+    -c 'write -P 0x5a 0 64k' > /dev/null
+read -r hoff _ < <(crypto_ext ov.qcow2)
+python3 - "$hoff" <<'EOF2'
+import struct, sys
+f = open("ov.qcow2", "r+b")
+f.seek(40); l1 = struct.unpack(">Q", f.read(8))[0]
+f.seek(l1); l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+f.seek(l2); f.write(struct.pack(">Q", int(sys.argv[1]) | 1 << 63))
+EOF2
+cp ov.qcow2 ov.orig
+expect_status 1 "$VDISK" io "${SEC[@]}" --image-opts "$(iopts ov.qcow2)" \
+    -c 'write -P 0x5a 0 4k' > err 2>&1
+grep -q "overlap the encryption header" err || fail "overlap: $(cat err)"
+cmp ov.qcow2 ov.orig || fail "a refused write into the header changed the file"
+
 # Wrong and missing secrets: qemu-img's messages, the file unchanged.
 cp v1.qcow2 v1.orig
 same convert --object secret,id=sec0,data=wrong \

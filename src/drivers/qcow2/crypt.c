@@ -289,6 +289,14 @@ int qcow2_crypt_pwritev(qcow2_state *s, uint64_t host, uint64_t bytes,
     if (bytes == 0) {
         return 0;
     }
+    /* Beyond QEMU, whose overlap checks do not know the LUKS header: a
+     * damaged L2 entry pointing into it would destroy the key material. */
+    if (s->data_file == s->file && host < c->hdr_off + c->hdr_len &&
+        c->hdr_off < host + bytes) {
+        return vd_error_set(err, -EIO, "%s: a write at 0x%" PRIx64 " would "
+                            "overlap the encryption header at 0x%" PRIx64
+                            "; refused", s->filename, host, c->hdr_off);
+    }
     buf = vd_node_blockalign(s->data_file->node, cap);
     if (!buf) {
         return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
