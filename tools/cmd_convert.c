@@ -1130,6 +1130,13 @@ int cmd_convert(int argc, char **argv)
             cli_error("Compression not supported for this file format");
             goto out;
         }
+        if (copts && (vd_opts_get(copts, "encrypt.format") ||
+                      (vd_opts_get(copts, "encryption") &&
+                       strcmp(vd_opts_get(copts, "encryption"), "off")))) {
+            cli_error("Compression and encryption not supported at the same "
+                      "time");
+            goto out;
+        }
         if (prealloc && strcmp(prealloc, "off")) {
             cli_error("Compression and preallocation not supported at the "
                       "same time");
@@ -1237,6 +1244,14 @@ int cmd_convert(int argc, char **argv)
         if (vd_get_info(s.target, &info, NULL) < 0 || !info->cluster_size) {
             vd_image_info_free(&info);
             cli_error("Compression not supported for this file format");
+            goto out;
+        }
+        /* Beyond qemu-img, which writes such clusters unencrypted into
+         * an existing encrypted target (-n). */
+        if (info->encrypted) {
+            vd_image_info_free(&info);
+            cli_error("Compression and encryption not supported at the "
+                      "same time");
             goto out;
         }
         s.cluster = info->cluster_size;

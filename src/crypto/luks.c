@@ -857,8 +857,9 @@ static int create_params(vd_luks *l, const vd_luks_create_opts *o,
     return 0;
 }
 
-int vd_luks_create_check(const vd_luks_create_opts *o, const char *optprefix,
-                         vd_error *err)
+int vd_luks_create_payload(const vd_luks_create_opts *o,
+                           const char *optprefix, uint64_t *payload,
+                           vd_error *err)
 {
     char *password = get_password(o->key_secret, optprefix, err);
     vd_luks l;
@@ -869,8 +870,19 @@ int vd_luks_create_check(const vd_luks_create_opts *o, const char *optprefix,
     }
     wipe_str(password);
     ret = create_params(&l, o, err);
+    if (ret == 0 && payload) {
+        /* vd_luks_create()'s layout: header, then 8 slots of material. */
+        *payload = KEY_SLOT_OFFSET + VD_LUKS_SLOTS *
+                   split_sectors(l.key_bytes, STRIPES) * VD_LUKS_SECTOR;
+    }
     explicit_bzero(&l, sizeof(l));
     return ret;
+}
+
+int vd_luks_create_check(const vd_luks_create_opts *o, const char *optprefix,
+                         vd_error *err)
+{
+    return vd_luks_create_payload(o, optprefix, NULL, err);
 }
 
 int vd_luks_create(vd_luks *l, const vd_luks_create_opts *o,

@@ -124,6 +124,12 @@ void vd_luks_create_opts_free(vd_luks_create_opts *o);
  * secret, the cipher choices), for checking before the file exists. */
 int vd_luks_create_check(const vd_luks_create_opts *o, const char *optprefix,
                          vd_error *err);
+/* The same checks, and the payload offset in bytes (header and key
+ * material) of the header vd_luks_create() would make: QEMU's
+ * qcrypto_block_calculate_payload_offset(), for qcow2's measure. */
+int vd_luks_create_payload(const vd_luks_create_opts *o,
+                           const char *optprefix, uint64_t *payload,
+                           vd_error *err);
 /* Creates a LUKS1 header as qemu-img does: random master key, key slot
  * 0 holding it for the key-secret's passphrase, PBKDF2 iterations
  * measured for iter-time. @init is called with the payload offset in

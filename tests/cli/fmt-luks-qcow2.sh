@@ -5,8 +5,7 @@
 # qemu-img's info (human, JSON) and map; wrong and missing secrets and a
 # mismatched encrypt.format refused in qemu-img's words; a damaged LUKS
 # header inside the qcow2 refused alike; and what vdisk does not do
-# (writing an encrypted image, creating one) refused with the file
-# unchanged.
+# (writing and creating the legacy AES) refused with the file unchanged.
 source "$(dirname "$0")/../functions.sh"
 source "$(dirname "$0")/cli-functions.bash"
 source "$(dirname "$0")/fmt-functions.bash"
@@ -58,22 +57,27 @@ for img in luks.qcow2 cbc.qcow2 aes.qcow2; do
         --image-opts "$(iopts $img),encrypt.format=$([ $img = aes.qcow2 ] &&
                         echo luks || echo aes)" -O raw x.raw
     rm -f x.raw
-    # vdisk reads encrypted qcow2 only: a write is refused, nothing changes
-    cp "$img" orig
-    expect_status 1 "$VDISK" io "${SEC[@]}" --image-opts "$(iopts $img)" \
-        -c 'write -P 0x11 0 4k' > /dev/null 2> err
-    grep -q "encrypted qcow2 images only" err || fail "$img write: $(cat err)"
-    cmp "$img" orig || fail "$img changed by a refused write"
 done
+
+# vdisk does not write the legacy AES: the write is refused, nothing
+# changes (LUKS writes: fmt-luks-qcow2-write.sh).
+cp aes.qcow2 orig
+expect_status 1 "$VDISK" io "${SEC[@]}" --image-opts "$(iopts aes.qcow2)" \
+    -c 'write -P 0x11 0 4k' > /dev/null 2> err
+grep -q "does not write qcow2 images with the legacy AES" err ||
+    fail "aes.qcow2 write: $(cat err)"
+cmp aes.qcow2 orig || fail "aes.qcow2 changed by a refused write"
 
 # Plaintext written by qemu-io is not in the files (the test's premise).
 python3 -c 'import sys; d=open(sys.argv[1],"rb").read(); sys.exit(b"\x5a"*64 in d)' \
     luks.qcow2 || fail "plaintext in luks.qcow2"
 
-# Creating is refused (not implemented), no file left.
+# Creating the legacy AES is refused, no file left.
 expect_status 1 "$VDISK" create -q -f qcow2 "${SEC[@]}" \
-    -o encrypt.format=luks,encrypt.key-secret=sec0 new.qcow2 1M 2> err
-grep -q "Encryption is not supported" err || fail "create: $(cat err)"
+    -o encrypt.format=aes,encrypt.key-secret=sec0 new.qcow2 1M 2> err
+grep -q "does not create qcow2 images with the legacy AES" err ||
+    fail "create: $(cat err)"
+[ ! -e new.qcow2 ] || fail "a refused create left new.qcow2"
 
 # A damaged LUKS header inside the qcow2 (slot 0's stripes, big endian at
 # 252 of the header, whose offset the CRYPTO extension gives): refused as

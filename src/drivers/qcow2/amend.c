@@ -8,8 +8,9 @@
  * for a new refcount width), upgrade (which writes a v2 snapshot table
  * anew in the v3 layout) and downgrade, and qcow2_amend() which
  * parses the options in QEMU's order and applies the changes in QEMU's
- * order: upgrade, refcount width, data file bits and header, backing
- * check, lazy refcounts, size, downgrade. Messages are QEMU's.
+ * order: upgrade, key slots (encrypt.*), refcount width, data file bits
+ * and header, backing check, lazy refcounts, size, downgrade. Messages
+ * are QEMU's.
  *
  * Everything runs with the node drained (vd_amend() drains) and, except
  * for the resize, with qcow2_state.lock held.
@@ -27,6 +28,31 @@
 /* ------------------------------------------------------------------ */
 /* Expanding zero clusters (v3 -> v2)                                 */
 /* ------------------------------------------------------------------ */
+
+
+/* The zeros of a cluster that was a zero cluster. Encrypted, they are
+ * written as the encryption of zeros: zeros in the file would read as
+ * garbage (QEMU 7.2 writes plain zeros there and its downgraded image
+ * reads garbage where the guest had zeros). */
+static int expand_write_zeros(qcow2_state *s, uint64_t off, vd_error *err)
+{
+    uint8_t *zeros;
+    vd_iov v;
+    int ret;
+
+    if (!s->crypt) {
+        return vd_node_pwrite_zeroes(s->data_file->node, off,
+                                     s->cluster_size, 0, err);
+    }
+    zeros = calloc(1, s->cluster_size);
+    if (!zeros) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    vd_iov_init_buf(&v, zeros, s->cluster_size);
+    ret = qcow2_crypt_pwritev(s, off, s->cluster_size, &v, 0, 0, err);
+    free(zeros);
+    return ret;
+}
 
 /* Turns the zero clusters referenced by L2 table @l2_off into data
  * clusters of zeros (or, without a backing file, into unallocated ones:
@@ -92,8 +118,7 @@ static int expand_l2(qcow2_state *s, uint64_t l2_off, vd_error *err)
                 break;
             }
         }
-        ret = vd_node_pwrite_zeroes(s->data_file->node, off, s->cluster_size,
-                                    0, err);
+        ret = expand_write_zeros(s, off, err);
         if (ret < 0) {
             break;
         }
@@ -494,9 +519,9 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
     const char *backing_file = NULL, *backing_fmt = NULL, *data_file = NULL;
     uint64_t refcount_bits = (uint64_t)s->refcount_bits, new_size = 0;
     const qcow2_snapshot *sn = s->snapshots;
+    bool encryption_update = false;
     int ret = 0;
 
-    (void)force;
     /* Syntax first, like QemuOpts: unknown names and malformed values. */
     for (size_t i = 0; i < vd_opts_count(opts); i++) {
         const char *k, *v;
@@ -544,8 +569,15 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
             continue;
         }
         if (!strncmp(*k, "encrypt.", 8)) {
-            return vd_error_set(err, -EINVAL, "Can't amend encryption options "
-                                "- encryption not present");
+            if (!s->crypt) {
+                return vd_error_set(err, -EINVAL, "Can't amend encryption "
+                                    "options - encryption not present");
+            }
+            if (s->crypt_method != QCOW2_CRYPT_LUKS) {
+                return vd_error_set(err, -ENOTSUP, "Only LUKS encryption "
+                                    "options can be amended");
+            }
+            encryption_update = true;
         } else if (!strcmp(*k, "compat")) {
             if (!strcmp(v, "0.10") || !strcmp(v, "v2")) {
                 new_version = 2;
@@ -610,6 +642,14 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
     }
     if (new_version > old_version) {
         ret = upgrade(s, sn, err);
+        if (ret < 0) {
+            goto unlock;
+        }
+    }
+    /* The key slots, where QEMU changes them: after an upgrade, before
+     * the refcount width. */
+    if (encryption_update) {
+        ret = qcow2_crypt_amend(s, opts, force, err);
         if (ret < 0) {
             goto unlock;
         }

@@ -945,6 +945,14 @@ static int calculate_refcounts(ck_state *c, vd_check_result *res,
     if (ret < 0) {
         return ret;
     }
+    /* The LUKS header of an encrypted image (QEMU counts it here too:
+     * without it, repair would free the key material). */
+    if (s->has_crypto_ext) {
+        ret = inc_refs(c, res, s->crypto_ext_offset, s->crypto_ext_length);
+        if (ret < 0) {
+            return ret;
+        }
+    }
     ret = check_bitmaps(c, res);
     if (ret < 0) {
         return ret;

@@ -759,6 +759,10 @@ static int write_data(qcow2_state *s, const write_src *src, size_t qoff,
         return vd_node_copy_range_to(src->copy_from, src->copy_off + qoff,
                                      s->data_file->node, host, len, 0, err);
     }
+    if (s->crypt) {
+        return qcow2_crypt_pwritev(s, host, len, src->qiov, qoff, flags,
+                                   err);
+    }
     ret = vd_iov_init_slice(&slice, src->qiov, qoff, len);
     if (ret == 0) {
         ret = vd_child_pwritev(s->data_file, host, len, &slice,
@@ -979,7 +983,9 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
      * cannot zero efficiently) cow_read for each area read, then
      * write_aio for the guest data and cow_write with it. */
     bool has_cow = cow_start < off || cow_end > off + covered;
-    if (!src->copy_from && has_cow &&
+    /* Not when encrypted: zeros in the file read as garbage (QEMU skips
+     * this for encrypted images too). */
+    if (!src->copy_from && has_cow && !s->crypt &&
         cow_reads_zero(s, cow_start, off, off + covered, cow_end)) {
         vd_error zerr = VD_ERROR_INIT;
         uint64_t zoff = host_base + (cow_start - (first_cluster <<
@@ -1051,8 +1057,12 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         if (has_cow && !skip_cow) {
             vd_node_debug_event(s->file->node, VD_BLKDBG_COW_WRITE);
         }
-        ret = vd_child_pwritev(s->data_file, host, wv.size, &wv,
-                               flags & VD_REQ_FUA, err);
+        /* Encrypted: the copy-on-write areas, read (decrypted) from
+         * the old place, are encrypted for this host offset. */
+        ret = s->crypt ? qcow2_crypt_pwritev(s, host, wv.size, &wv, 0,
+                                             flags, err)
+                       : vd_child_pwritev(s->data_file, host, wv.size, &wv,
+                                          flags & VD_REQ_FUA, err);
     }
     vd_iov_destroy(&wv);
     free(head);
@@ -1161,6 +1171,9 @@ int qcow2_co_pwritev(qcow2_state *s, uint64_t off, uint64_t bytes,
 int qcow2_co_copy_range_to(qcow2_state *s, vd_node *src, uint64_t soff,
                            uint64_t doff, uint64_t bytes, vd_error *err)
 {
+    if (s->crypt) {
+        return -ENOTSUP;        /* the data must be encrypted on the way */
+    }
     return write_all(s, doff, bytes,
                      &(write_src){ .copy_from = src, .copy_off = soff }, 0,
                      err);
@@ -1380,6 +1393,13 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
     if (has_data_file(s)) {
         return vd_error_set(err, -ENOTSUP, "%s: compression is not supported "
                             "with an external data file", s->filename);
+    }
+    /* Beyond QEMU, whose driver stores such clusters unencrypted (only
+     * qemu-img convert refuses, in these words): the plaintext would
+     * reach the file. */
+    if (s->crypt_method) {
+        return vd_error_set(err, -ENOTSUP, "%s: Compression and encryption "
+                            "not supported at the same time", s->filename);
     }
     /* Whole clusters, the last one of the image possibly short. */
     if (qcow2_offset_into_cluster(s, off) ||

@@ -13,8 +13,17 @@
  * Block status never points into the file (the data there is
  * ciphertext) and copy offloading is refused, as in QEMU.
  *
- * vdisk opens such images read-only: writing them (and creating them)
- * is refused with a message saying so, not half done.
+ * LUKS images are also written and created: every write of guest data
+ * to a data cluster goes through qcow2_crypt_pwritev() (a bounce buffer
+ * encrypted for the host offset it lands at, so copy-on-write data read
+ * from the old cluster is encrypted again for the new one), and
+ * qcow2_crypt_create() puts a new LUKS1 header into clusters of its own
+ * as qemu-img does (QEMU's qcow2_set_up_encryption). Nothing that writes
+ * to the file may write plaintext or raw zeros meant to read as zeros:
+ * cluster.c skips its zero-the-COW-area shortcut, compressed writes,
+ * copy offloading and preallocation are refused for encrypted images.
+ * The legacy AES format is read only: writing it is refused, and it is
+ * never created.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -33,22 +42,25 @@ struct qcow2_crypt {
     vd_ivgen ivg;
     uint64_t hdr_off, hdr_len;  /* LUKS header in the file */
     vd_child *file;
+    qcow2_state *s;             /* for the header allocation of create */
 };
 
-/* QEMU's qcow2_crypto_hdr_read_func: reads inside the extension only. */
+/* Bounce buffer size of the write path. */
+#define CRYPT_MAX_IO (1u << 20)
+
+/* QEMU's qcow2_crypto_hdr_{read,write}_func: inside the extension only. */
 static int hdr_io(void *opaque, bool write, uint64_t off, uint8_t *buf,
                   size_t len, vd_error *err)
 {
     qcow2_crypt *c = opaque;
 
-    if (write) {
-        return -EROFS;
-    }
     if (off > c->hdr_len || len > c->hdr_len - off) {
         return vd_error_set(err, -EINVAL, "Request for data outside of "
                             "extension header");
     }
-    return vd_child_pread(c->file, c->hdr_off + off, buf, len, err);
+    return write ? vd_child_pwrite(c->file, c->hdr_off + off, buf, len, 0,
+                                   err)
+                 : vd_child_pread(c->file, c->hdr_off + off, buf, len, err);
 }
 
 static int open_luks(qcow2_state *s, qcow2_crypt *c, const char *secret,
@@ -159,6 +171,7 @@ int qcow2_crypt_open(qcow2_state *s, vd_opts *opts, unsigned flags,
     }
     c->method = s->crypt_method;
     c->file = s->file;
+    c->s = s;
     ret = c->method == QCOW2_CRYPT_LUKS
           ? open_luks(s, c, secret, no_io, flen, err)
           : open_aes(c, secret, no_io, err);
@@ -167,10 +180,13 @@ int qcow2_crypt_open(qcow2_state *s, vd_opts *opts, unsigned flags,
         goto out;
     }
     s->crypt = c;
-    if (!s->node->read_only && !no_io) {
+    if (c->method == QCOW2_CRYPT_AES && !s->node->read_only && !no_io) {
         qcow2_crypt_close(s);
-        ret = vd_error_set(err, -ENOTSUP, "%s: vdisk reads encrypted qcow2 "
-                           "images only; open it read-only", s->filename);
+        ret = vd_error_set(err, -ENOTSUP, "%s: vdisk does not write qcow2 "
+                           "images with the legacy AES encryption "
+                           "(encrypt.format=aes, which QEMU no longer opens "
+                           "in system emulators); open it read-only, or "
+                           "convert it to encrypt.format=luks", s->filename);
     }
 out:
     free(format);
@@ -248,4 +264,126 @@ char *qcow2_crypt_info_json(const qcow2_state *s)
     }
     free(luks);
     return out;
+}
+
+int qcow2_crypt_pwritev(qcow2_state *s, uint64_t host, uint64_t bytes,
+                        vd_iov *qiov, size_t qiov_off, unsigned flags,
+                        vd_error *err)
+{
+    qcow2_crypt *c = s->crypt;
+    size_t cap = bytes < CRYPT_MAX_IO ? bytes : CRYPT_MAX_IO;
+    uint8_t *buf;
+    uint64_t done = 0;
+    int ret = 0;
+
+    /* Open refuses a writable AES image; without the key (no I/O) there
+     * is nothing to encrypt with. */
+    if (!c->keyed || c->method != QCOW2_CRYPT_LUKS) {
+        return vd_error_set(err, -EIO, "%s: the image was opened without "
+                            "its key", s->filename);
+    }
+    if (host % VD_LUKS_SECTOR || bytes % VD_LUKS_SECTOR) {
+        return vd_error_set(err, -EIO, "%s: unaligned encrypted write",
+                            s->filename);
+    }
+    if (bytes == 0) {
+        return 0;
+    }
+    /* Beyond QEMU, whose overlap checks do not know the LUKS header: a
+     * damaged L2 entry pointing into it would destroy the key material. */
+    if (s->data_file == s->file && host < c->hdr_off + c->hdr_len &&
+        c->hdr_off < host + bytes) {
+        return vd_error_set(err, -EIO, "%s: a write at 0x%" PRIx64 " would "
+                            "overlap the encryption header at 0x%" PRIx64
+                            "; refused", s->filename, host, c->hdr_off);
+    }
+    buf = vd_node_blockalign(s->data_file->node, cap);
+    if (!buf) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    /* The guest's buffers are never encrypted in place. */
+    while (ret == 0 && done < bytes) {
+        size_t n = bytes - done < cap ? (size_t)(bytes - done) : cap;
+        vd_iov_to_buf(qiov, qiov_off + done, buf, n);
+        vd_luks_crypt(&c->luks, (host + done) / VD_LUKS_SECTOR, buf, n, true);
+        ret = vd_child_pwrite(s->data_file, host + done, buf, n,
+                              flags & VD_REQ_FUA, err);
+        done += n;
+    }
+    explicit_bzero(buf, cap);
+    free(buf);
+    return ret;
+}
+
+/* QEMU's qcow2_crypto_hdr_init_func: the header's clusters, zero-filled
+ * so that the parts LUKS leaves unwritten have a known content. */
+static int create_init(void *opaque, uint64_t payload, vd_error *err)
+{
+    qcow2_crypt *c = opaque;
+    qcow2_state *s = c->s;
+    uint64_t len = (payload + s->cluster_size - 1) & ~(s->cluster_size - 1);
+    int64_t off;
+
+    off = qcow2_alloc_clusters(s, payload, err);
+    if (off < 0) {
+        return (int)off;
+    }
+    c->hdr_off = (uint64_t)off;
+    c->hdr_len = payload;
+    return vd_node_pwrite_zeroes(s->file->node, c->hdr_off, len, 0, err);
+}
+
+int qcow2_crypt_create(qcow2_state *s, const struct vd_luks_create_opts *o,
+                       vd_error *err)
+{
+    qcow2_crypt *c = calloc(1, sizeof(*c));
+    int ret;
+
+    if (!c) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    c->method = QCOW2_CRYPT_LUKS;
+    c->file = s->file;
+    c->s = s;
+    pthread_mutex_lock(&s->lock);
+    ret = vd_luks_create(&c->luks, o, "encrypt.", create_init, hdr_io, c,
+                         err);
+    if (ret == 0) {
+        /* The refcounts of the header's clusters reach the disk before
+         * the header that names them. */
+        ret = qcow2_flush_caches(s, err);
+        if (ret < 0) {
+            vd_luks_free(&c->luks);
+        }
+    }
+    if (ret == 0) {
+        c->keyed = true;
+        s->crypt = c;
+        s->crypt_method = QCOW2_CRYPT_LUKS;
+        s->has_crypto_ext = true;
+        s->crypto_ext_offset = c->hdr_off;
+        s->crypto_ext_length = c->hdr_len;
+        ret = qcow2_update_header(s, err);
+    } else {
+        free(c);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+int qcow2_crypt_amend(qcow2_state *s, vd_opts *opts, bool force,
+                      vd_error *err)
+{
+    qcow2_crypt *c = s->crypt;
+
+    /* QEMU's qcow2_amend_options() and its words. */
+    if (!c) {
+        return vd_error_set(err, -EINVAL, "Can't amend encryption options "
+                            "- encryption not present");
+    }
+    if (c->method != QCOW2_CRYPT_LUKS) {
+        return vd_error_set(err, -EINVAL, "Only LUKS encryption options can "
+                            "be amended");
+    }
+    return vd_luks_amend(&c->luks, opts, "encrypt.", force, hdr_io, c, err);
 }

@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "crypto/luks.h"
 #include "drivers/qcow2/qcow2.h"
 
 #define DIV_ROUND_UP(a, b) (((a) + (b) - 1) / (b))
@@ -182,6 +183,7 @@ int qcow2_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
     };
     bool extended_l2 = false;
     uint64_t cluster_size, refcount_bits, size = 0, required = 0, l2_tables;
+    uint64_t luks_size = 0;
     int version = 3, prealloc = 0, ret;
     char *v;
 
@@ -244,6 +246,26 @@ int qcow2_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
         }
         free(v);
     }
+    /* A LUKS header takes whole clusters (QEMU counts the payload
+     * offset of the header it would create; "aes" has none, and other
+     * names are ignored as QEMU ignores them). */
+    v = vd_opts_take(opts, "encrypt.format");
+    if (v && !strcmp(v, "luks")) {
+        vd_luks_create_opts lo;
+        uint64_t hdr = 0;
+
+        ret = vd_luks_create_opts_take(opts, "encrypt.", &lo, err);
+        if (ret == 0) {
+            ret = vd_luks_create_payload(&lo, "encrypt.", &hdr, err);
+            vd_luks_create_opts_free(&lo);
+        }
+        if (ret < 0) {
+            free(v);
+            return ret;
+        }
+        luks_size = ROUND_UP_TO(hdr, cluster_size);
+    }
+    free(v);
     v = vd_opts_take(opts, "backing_file");
     bool has_backing = v != NULL;
     free(v);
@@ -300,7 +322,8 @@ int qcow2_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
         required = size;
     }
 
-    out->fully_allocated = prealloc_size(size, cluster_size,
+    out->fully_allocated = luks_size +
+                           prealloc_size(size, cluster_size,
                                          __builtin_ctzll(refcount_bits),
                                          extended_l2);
     out->required = out->fully_allocated - size + required;

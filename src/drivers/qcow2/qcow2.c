@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "crypto/luks.h"
 #include "drivers/qcow2/qcow2.h"
 
 #define DEFAULT_L2_CACHE_MAX (32ull << 20)
@@ -227,6 +228,12 @@ static int build_header(qcow2_state *s, uint8_t *buf, vd_error *err)
     if (ret == 0 && s->data_file_name) {
         ret = put_ext(buf, cap, &pos, QCOW2_EXT_DATA_FILE, s->data_file_name,
                       (uint32_t)strlen(s->data_file_name));
+    }
+    /* The full disk encryption header pointer, where QEMU puts it. */
+    if (ret == 0 && s->has_crypto_ext) {
+        qcow2_crypto_ext e = { htobe64(s->crypto_ext_offset),
+                               htobe64(s->crypto_ext_length) };
+        ret = put_ext(buf, cap, &pos, QCOW2_EXT_CRYPTO, &e, sizeof(e));
     }
     /* QEMU 7.2 leaves the table out of small header clusters. */
     if (ret == 0 && s->version >= 3 && s->cluster_size > 4096) {
@@ -1395,6 +1402,13 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
         return vd_error_set(err, -ENOTSUP, "%s: Preallocation can't be used "
                             "for shrinking an image", s->filename);
     }
+    /* Beyond QEMU (whose preallocated clusters of an encrypted image read
+     * as the decryption of zeros, i.e. garbage): refused. */
+    if (s->crypt_method && prealloc != VD_PREALLOC_OFF) {
+        return vd_error_set(err, -ENOTSUP, "%s: Preallocation is not "
+                            "supported with encryption: the preallocated "
+                            "clusters would read as garbage", s->filename);
+    }
     /* QEMU resizes consistent bitmaps with the image and refuses while
      * one is marked in use (qcow2_truncate_bitmaps_check()). */
     if (s->inconsistent_bitmap) {
@@ -1769,10 +1783,13 @@ typedef struct create_params {
     char *backing_file;
     char *backing_fmt;
     char *data_file;
+    bool encrypt;               /* encrypt.format=luks */
+    vd_luks_create_opts luks;
 } create_params;
 
 static void free_params(create_params *p)
 {
+    vd_luks_create_opts_free(&p->luks);
     free(p->backing_file);
     free(p->backing_fmt);
     free(p->data_file);
@@ -1806,6 +1823,67 @@ static int take_qapi_enum(vd_opts *opts, const char *key,
 }
 
 /*
+ * The encryption options of BlockdevCreateOptionsQcow2 (its "encrypt"
+ * member), as qcow2_co_create_opts() and QEMU's visitor take them:
+ * "encryption" is the deprecated alias of encrypt.format=aes. LUKS is
+ * created (crypt.c); the legacy AES is refused, as vdisk never creates
+ * it (qemu-img 7.2 still does: its sector IVs and single passphrase-
+ * derived key are QEMU's deprecated format, refused by its system
+ * emulators).
+ */
+static int take_encrypt(const char *filename, vd_opts *opts,
+                        create_params *p, vd_error *err)
+{
+    bool alias = vd_opts_get(opts, "encryption") != NULL, on = false;
+    char *fmt;
+    int ret;
+
+    ret = vd_opts_take_bool(opts, "encryption", false, &on, err);
+    if (ret < 0) {
+        return ret;
+    }
+    fmt = vd_opts_take(opts, "encrypt.format");
+    if (alias && fmt) {
+        free(fmt);
+        return vd_error_set(err, -EINVAL, "%s: 'encrypt.format' and its "
+                            "alias 'encryption' can't be used at the same "
+                            "time", filename);
+    }
+    if (on || (fmt && !strcmp(fmt, "aes"))) {
+        free(fmt);
+        return vd_error_set(err, -ENOTSUP, "%s: vdisk does not create qcow2 "
+                            "images with the legacy AES encryption "
+                            "(encrypt.format=aes, which QEMU no longer opens "
+                            "in system emulators): use encrypt.format=luks",
+                            filename);
+    }
+    if (fmt && strcmp(fmt, "luks") != 0) {
+        vd_error_set(err, -EINVAL, "%s: Parameter 'format' does not accept "
+                     "value '%s'", filename, fmt);
+        free(fmt);
+        return -EINVAL;
+    }
+    if (!fmt) {
+        for (size_t i = 0; i < vd_opts_count(opts); i++) {
+            const char *k, *v;
+            vd_opts_nth(opts, i, &k, &v);
+            if (!strncmp(k, "encrypt.", 8)) {
+                return vd_error_set(err, -EINVAL, "%s: Parameter "
+                                    "'encrypt.format' is missing", filename);
+            }
+        }
+        return 0;
+    }
+    free(fmt);
+    p->encrypt = true;
+    ret = vd_luks_create_opts_take(opts, "encrypt.", &p->luks, err);
+    if (ret < 0) {
+        vd_error_prepend(err, "%s: ", filename);
+    }
+    return ret;
+}
+
+/*
  * The creation options, after vd_create() checked their names and value
  * syntax: the members of QEMU's BlockdevCreateOptionsQcow2 in the order
  * its visitor takes them (data-file-raw, extended-l2, size, version,
@@ -1830,7 +1908,6 @@ static int parse_create(const char *filename, vd_opts *opts, create_params *p,
                                      QCOW2_COMPRESSION_ZSTD };
     char *v;
     uint64_t u;
-    bool b;
     int idx, ret;
 
     memset(p, 0, sizeof(*p));
@@ -1876,26 +1953,9 @@ static int parse_create(const char *filename, vd_opts *opts, create_params *p,
     if (ret < 0) {
         return ret;
     }
-    ret = vd_opts_take_bool(opts, "encryption", false, &b, err);
+    ret = take_encrypt(filename, opts, p, err);
     if (ret < 0) {
         return ret;
-    }
-    v = vd_opts_take(opts, "encrypt.format");
-    if (b || v) {
-        free(v);
-        return vd_error_set(err, -ENOTSUP, "%s: Encryption is not supported",
-                            filename);
-    }
-    for (const char *const *k = (const char *const[]){
-             "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
-             "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg",
-             "encrypt.iter-time", NULL }; *k; k++) {
-        v = vd_opts_take(opts, *k);
-        if (v) {
-            free(v);
-            return vd_error_set(err, -ENOTSUP, "%s: Encryption is not "
-                                "supported", filename);
-        }
     }
     ret = vd_opts_take_size(opts, "cluster_size", 65536, &p->cluster_size,
                             err);
@@ -1984,6 +2044,23 @@ static int parse_create(const char *filename, vd_opts *opts, create_params *p,
         return vd_error_set(err, -EINVAL, "%s: Non-zlib compression type is "
                             "only supported with compatibility level 1.1 and "
                             "above (use version=v3 or greater)", filename);
+    }
+    /* Beyond QEMU, which preallocates before it sets up encryption: the
+     * preallocated clusters would read as the decryption of zeros. */
+    if (p->encrypt && p->prealloc != VD_PREALLOC_OFF) {
+        return vd_error_set(err, -ENOTSUP, "%s: Preallocation is not "
+                            "supported with encryption: the preallocated "
+                            "clusters would read as garbage (qemu-img 7.2 "
+                            "makes such images)", filename);
+    }
+    /* The secret and the cipher choices, before the file exists (QEMU
+     * finds them after it made the image). */
+    if (p->encrypt) {
+        ret = vd_luks_create_check(&p->luks, "encrypt.", err);
+        if (ret < 0) {
+            vd_error_prepend(err, "%s: ", filename);
+            return ret;
+        }
     }
     /* Refused before anything is written: qemu-img creates the file and
      * only then fails to store the name (qcow2.txt: at most 1023 bytes). */
@@ -2226,6 +2303,14 @@ static int qcow2_create(const char *filename, vd_opts *opts, vd_error *err)
         pthread_mutex_unlock(&s->lock);
         if (ret == 0) {
             ret = do_truncate(s, p.size, p.prealloc, err);
+        }
+        /* After the size, as qcow2_co_create(): the LUKS header goes
+         * after the L1 table. */
+        if (ret == 0 && p.encrypt) {
+            ret = qcow2_crypt_create(s, &p.luks, err);
+            if (ret < 0) {
+                vd_error_prepend(err, "%s: ", filename);
+            }
         }
     }
     if (ret == 0) {

@@ -986,11 +986,12 @@ int qcow2_decompress_cluster(qcow2_state *s, uint64_t l2_entry,
 int qcow2_compress_cluster(qcow2_state *s, const uint8_t *in, uint8_t *out,
                            size_t out_cap, size_t *out_len);
 
-/* ---- crypt.c: encrypted images (read-only) ---- */
+/* ---- crypt.c: encrypted images ---- */
 
 typedef struct qcow2_crypt qcow2_crypt;
+struct vd_luks_create_opts;
 /* Sets up s->crypt for crypt_method 1 or 2 (options encrypt.format and
- * encrypt.key-secret); refuses a writable open. */
+ * encrypt.key-secret); refuses a writable open of the legacy AES. */
 int qcow2_crypt_open(qcow2_state *s, vd_opts *opts, unsigned flags,
                      vd_error *err);
 void qcow2_crypt_close(qcow2_state *s);
@@ -999,6 +1000,19 @@ void qcow2_crypt_close(qcow2_state *s);
 int qcow2_crypt_read(qcow2_state *s, uint64_t host, uint64_t guest,
                      uint64_t bytes, vd_iov *qiov, size_t qiov_off,
                      vd_error *err);
+/* Writes @bytes of @qiov (from @qiov_off) encrypted for host offset
+ * @host of the data file (LUKS: IVs by host sector). @host and @bytes
+ * are multiples of 512. */
+int qcow2_crypt_pwritev(qcow2_state *s, uint64_t host, uint64_t bytes,
+                        vd_iov *qiov, size_t qiov_off, unsigned flags,
+                        vd_error *err);
+/* Gives the new image @s (no encryption yet) a LUKS header made with @o
+ * in clusters of its own, the CRYPTO extension and crypt_method 2. */
+int qcow2_crypt_create(qcow2_state *s, const struct vd_luks_create_opts *o,
+                       vd_error *err);
+/* qemu-img amend's encrypt.* key slot changes. Lock held. */
+int qcow2_crypt_amend(qcow2_state *s, vd_opts *opts, bool force,
+                      vd_error *err);
 /* The "encrypt" member of the format-specific information. */
 char *qcow2_crypt_info_json(const qcow2_state *s);
 

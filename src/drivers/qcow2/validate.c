@@ -105,6 +105,7 @@ static int overflow_error(qcow2_state *s, vd_error *err)
 
 enum vkind {
     VK_HEADER, VK_L1, VK_REFTABLE, VK_SNTABLE, VK_SNL1, VK_REFBLOCK, VK_L2,
+    VK_CRYPTO,
 };
 
 typedef struct vrange {
@@ -136,6 +137,9 @@ static void describe(qcow2_state *s, const vrange *r, char *buf, size_t len)
     case VK_REFBLOCK:
         snprintf(buf, len, "refcount block (refcount table index 0x%" PRIx64
                  ")", r->index);
+        break;
+    case VK_CRYPTO:
+        snprintf(buf, len, "encryption header");
         break;
     default:
         snprintf(buf, len, "L2 table (active L1 index 0x%" PRIx64 ")",
@@ -289,6 +293,12 @@ static int validate_all(qcow2_state *s, vd_error *err)
     if (ret == 0) {
         ret = table_in_file(s, &l, VK_REFTABLE, 0, s->refcount_table_offset,
                             (uint64_t)s->refcount_table_size * 8, flen, err);
+    }
+    /* The LUKS header: a table or data cluster over it would destroy
+     * the key material. */
+    if (ret == 0 && s->has_crypto_ext) {
+        ret = table_in_file(s, &l, VK_CRYPTO, 0, s->crypto_ext_offset,
+                            s->crypto_ext_length, flen, err);
     }
     if (ret == 0 && s->nb_snapshots && s->snapshots) {
         ret = table_in_file(s, &l, VK_SNTABLE, 0, s->snapshots_offset,
