@@ -168,7 +168,8 @@ rm -f "$work/base.raw" "$work/base.qcow2"
 
 # 2 GiB, half data half holes: 4 MiB of incompressible data at every other
 # 4 MiB, so convert meets 256 data extents and 256 holes.
-if case_wanted convert; then
+if case_wanted "convert 2G half-sparse raw->qcow2" ||
+    case_wanted "convert 2G half-sparse qcow2->raw"; then
 chunk=$((4 * 1024 * 1024))
 head -c "$chunk" /dev/urandom >"$work/chunk"
 truncate -s $((2 * size)) "$work/conv-src.raw"
