@@ -194,15 +194,26 @@ bench_case()
     local name=$1 unit=$2 fmt=$3 count=$4 reqbytes=$5 r t s
     shift 5
     local -a qv=() vv=() qr=() vr=()
-    local why=""
+    local why="" fresh=${fresh:-}
 
     case_wanted "$name" || return 0
     for ((r = 0; r < reps; r++)); do
         for t in qemu vdisk; do
             local prog=$QEMU_IMG
             [ $t = vdisk ] && prog=$VDISK
+            local img=$work/$t.$fmt
+            if [ -n "$fresh" ]; then
+                # A new empty image for every run (first-write cases).
+                img=$work/fresh-$t.$fmt
+                rm -f "$img"
+                if [ "$fmt" = raw ]; then
+                    truncate -s "$size" "$img"
+                else
+                    $QEMU_IMG create -q -f "$fmt" "$img" "$size" >>"$log" 2>&1
+                fi
+            fi
             if ! timed "$work/out" "$prog" bench -f "$fmt" -t "$cache" \
-                -c "$count" "$@" "$work/$t.$fmt"; then
+                -c "$count" "$@" "$img"; then
                 why="$t: $(tail -n 1 "$work/out")"
                 break 2
             fi
@@ -226,6 +237,11 @@ bench_case()
             fi
         done
     done
+    if [ -z "$why" ] && [ -n "$fresh" ] && [ "$fmt" = qcow2 ] &&
+        ! $QEMU_IMG check -q -f qcow2 "$work/fresh-vdisk.qcow2" >>"$log" 2>&1; then
+        why="vdisk: qemu-img check of its image failed"
+    fi
+    rm -f "$work/fresh-qemu.$fmt" "$work/fresh-vdisk.$fmt"
     if [ -n "$why" ]; then
         local qm="" qrm=""
         if [ ${#qv[@]} -gt 0 ]; then
@@ -248,6 +264,13 @@ bench_case()
     add_row "$name" "$unit" "$qm" "$vm" \
         "$(awk -v q="$qm" -v v="$vm" 'BEGIN { printf "%.2f", v / q }')" \
         "$(maxof "${qr[@]}")" "$(maxof "${vr[@]}")"
+}
+
+# fresh_case ARGS...: bench_case on a new empty image for every run.
+fresh_case()
+{
+    local fresh=1
+    bench_case "$@"
 }
 
 # convert_case NAME SRC SRCFMT DSTFMT: qemu-img convert vs vdisk convert,
@@ -375,6 +398,17 @@ fio_raw_row "  raw file: fio pvsync2 32 jobs" --ioengine=pvsync2 \
 last_vdisk=
 cache=none bench_case "qcow2 4k randwrite QD32 none uring" IOPS \
     qcow2 "$rand_count" 4096 "${odirect[@]}" -i io_uring
+# First-write allocation: on a new empty image, request k goes to
+# cluster k * 6425 mod 16384 of the 1 GiB image (6425 is odd: every
+# 64 KiB cluster once), so every request is the first write to its
+# cluster and allocates it; the raw row is the same bench on a new
+# sparse raw file (the file system allocates a block instead).
+astep=$((6425 * 65536))
+acount=$((size / 65536))
+fresh_case "raw 4k first-write QD32" IOPS raw "$acount" 4096 \
+    -d 32 -s 4k -S "$astep" -w
+fresh_case "qcow2 4k first-write QD32" IOPS qcow2 "$acount" 4096 \
+    -d 32 -s 4k -S "$astep" -w
 convert_case "convert 2G half-sparse raw->qcow2" "$work/conv-src.raw" raw qcow2
 convert_case "convert 2G half-sparse qcow2->raw" "$work/conv-src.qcow2" qcow2 raw
 
@@ -384,14 +418,27 @@ echo
 echo "Medians of $reps runs (cache=$cache for bench cases unless named). ratio ="
 echo "vdisk/qemu performance: > 1 means vdisk is faster (v/raw: vdisk over"
 echo "the raw file's fio figure). RSS = peak resident KiB."
-printf '%-34s %-6s %12s %12s %7s %10s %10s\n' \
-    case unit qemu vdisk ratio "qemu RSS" "vdisk RSS"
-printf '%.0s-' {1..97}
+echo "vs raw = vdisk's qcow2 figure / vdisk's figure of the same case on raw."
+printf '%-34s %-6s %12s %12s %7s %7s %10s %10s\n' \
+    case unit qemu vdisk ratio "vs raw" "qemu RSS" "vdisk RSS"
+printf '%.0s-' {1..105}
 echo
+declare -A vmed=()
 for row in "${results[@]}"; do
     IFS='|' read -r n u q v ra qr vr <<<"$row"
-    printf '%-34s %-6s %12s %12s %7s %10s %10s\n' "$n" "$u" "$q" "$v" "$ra" \
-        "$qr" "$vr"
+    vmed[$n]=$v
+done
+for row in "${results[@]}"; do
+    IFS='|' read -r n u q v ra qr vr <<<"$row"
+    vr_raw=-
+    rawcase=${n/#qcow2 /raw }
+    if [ "$rawcase" != "$n" ] && [ "$u" != s ] &&
+        [[ "${vmed[$rawcase]:-}" =~ ^[0-9.]+$ ]] && [[ "$v" =~ ^[0-9.]+$ ]]; then
+        vr_raw=$(awk -v a="$v" -v b="${vmed[$rawcase]}" \
+            'BEGIN { printf "%.2f", a / b }')
+    fi
+    printf '%-34s %-6s %12s %12s %7s %7s %10s %10s\n' "$n" "$u" "$q" "$v" \
+        "$ra" "$vr_raw" "$qr" "$vr"
 done
 if [ "${BENCH_KEEP:-0}" = 1 ]; then
     echo "command log: $log"

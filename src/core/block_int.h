@@ -315,6 +315,10 @@ struct vd_driver {
     bool supports_backing;      /* may hold a backing file */
     bool supports_compressed;   /* pwritev accepts VD_REQ_COMPRESSED */
     bool no_zero_init;          /* a new image does not read as zeros */
+    /* A format may grow this node ahead of its allocation with a zero
+     * write past the end (which then reads as zeros) and cut it back at
+     * close: cheap and exact on a regular file (qcow2's grow_ahead()). */
+    bool grows_ahead;
     const vd_create_option *create_opts; /* NULL-terminated, or NULL */
     /* What amend takes (qemu-img amend -o help), NULL-terminated, or
      * NULL for a driver without amend. */

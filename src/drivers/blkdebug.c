@@ -1371,6 +1371,8 @@ const vd_driver vd_driver_blkdebug = {
     .protocol_name = "blkdebug",
     .instance_size = sizeof(blkdebug_state),
     .is_filter = true,
+    /* As its file does, so that the crash tests reach that path. */
+    .grows_ahead = true,
     .opens_children = true,
     .open = blkdebug_open,
     .close = blkdebug_close,

@@ -1707,6 +1707,7 @@ static int hdev_create(const char *filename, vd_opts *opts, vd_error *err)
 
 const vd_driver vd_driver_file = {
     .name = "file",
+    .grows_ahead = true,
     .protocol_name = "file",
     .create_opts = file_create_opts,
     .create = file_create,

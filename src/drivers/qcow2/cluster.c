@@ -13,7 +13,10 @@
  *      in the refcount cache; register the guest cluster range as
  *      in-flight (other writers to it wait on alloc_cond).
  *   2. Without the lock: write the guest data together with the
- *      copy-on-write head and tail to the new clusters.
+ *      copy-on-write head and tail to the new clusters (only the guest
+ *      data where the rest reads as zeros and the new clusters lie in
+ *      the tail grown ahead, past everything the file held:
+ *      file_zero_from(), grow_ahead()).
  *   3. Under the lock: point the L2 entries at the new clusters in the L2
  *      cache, which is made to depend on the refcount cache: before any
  *      L2 table is written, the refcount cache is written and the file
@@ -569,6 +572,103 @@ static int mark_dirty_if_lazy(qcow2_state *s, vd_error *err)
     return 0;
 }
 
+/* ---- the file's zero tail ---- */
+
+/*
+ * Where the image file reads as zeros from, as far as this session
+ * knows: everything written to it since the open lies in a cluster
+ * given a refcount in the session (below alloc_end) or made the file
+ * longer; the tail grow_ahead() added holds nothing. A new data cluster
+ * at or past this offset need not be zeroed around its guest data
+ * (UINT64_MAX: unknown, zero everything). Lock held.
+ */
+static uint64_t file_zero_from(qcow2_state *s)
+{
+    int64_t flen = vd_node_getlength(s->file->node);
+    uint64_t z = s->alloc_end << s->cluster_bits, f;
+
+    if (flen < 0 || has_data_file(s)) {
+        return UINT64_MAX;
+    }
+    f = (uint64_t)flen;
+    if (s->grown_to && f == s->grown_to) {
+        f = s->grown_from;
+    }
+    return f > z ? f : z;
+}
+
+/* How far ahead of the allocation the file is grown at a time, and
+ * after how many clusters allocated past its end in the session: a
+ * session that allocates a few clusters leaves the file (also after a
+ * crash) as QEMU's would be, byte for byte. */
+#define GROW_STEP (32ull << 20)
+#define GROW_AFTER 64
+
+/*
+ * Makes the file at least @end long, growing it ahead by GROW_STEP with
+ * a zero write that may not fall back to writing buffers (fallocate: the
+ * file system allocates the tail in large extents that read as zeros,
+ * as QEMU's preallocate filter does), so that guest data written to new
+ * clusters past its end does not make the file system extend the file
+ * on every write, and the rest of such a cluster is allocated as in
+ * QEMU's image (where it is zeroed): qemu-img map shows it as data.
+ * @zero_from is file_zero_from() before the allocation that reaches
+ * @end. The new length is past every cluster given a refcount, so no
+ * write in flight can lie beyond it and be cut. A failure only costs the
+ * speed. qcow2_trim_grown() gives the tail back at close. Only a file
+ * node whose driver says it grows so (grows_ahead: the file driver, and
+ * blkdebug over it) is grown. Lock held.
+ */
+static void grow_ahead(qcow2_state *s, uint64_t zero_from, uint64_t end)
+{
+    int64_t flen = vd_node_getlength(s->file->node);
+    uint64_t target;
+
+    if (flen < 0 || end <= (uint64_t)flen ||
+        !s->file->node->drv->grows_ahead) {
+        return;
+    }
+    if ((s->alloc_end << s->cluster_bits) > end) {
+        end = s->alloc_end << s->cluster_bits;
+    }
+    target = (end + GROW_STEP - 1) & ~(GROW_STEP - 1);
+    if (target > QCOW2_MAX_HOST_OFFSET) {
+        return;
+    }
+    if (!s->grown_to || (uint64_t)flen != s->grown_to) {
+        s->grown_from = zero_from;
+    }
+    if (vd_node_pwrite_zeroes(s->file->node, (uint64_t)flen,
+                              target - (uint64_t)flen, VD_REQ_NO_FALLBACK,
+                              NULL) == 0 &&
+        vd_node_getlength(s->file->node) == (int64_t)target) {
+        s->grown_to = target;
+    } else {
+        s->grown_to = 0;
+    }
+}
+
+/* At close: cuts the tail grow_ahead() added back to the end of the
+ * last cluster (or of what the file held before), as QEMU's image
+ * would end. Requests are over (no lock needed). */
+void qcow2_trim_grown(qcow2_state *s)
+{
+    int64_t flen = vd_node_getlength(s->file->node);
+    uint64_t keep = s->alloc_end << s->cluster_bits;
+
+    if (!s->grown_to || flen < 0 || (uint64_t)flen != s->grown_to) {
+        return;
+    }
+    if (s->grown_from > keep) {
+        keep = s->grown_from;
+    }
+    if (keep < (uint64_t)flen) {
+        (void)vd_node_truncate(s->file->node, keep, false, VD_PREALLOC_OFF,
+                               NULL);
+    }
+    s->grown_to = 0;
+}
+
 /* ---- writes ---- */
 
 /* Whether extended L2 bitmap @bm contradicts itself or its entry (QEMU's
@@ -782,7 +882,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
     uint64_t in0 = qcow2_offset_into_cluster(s, off);
     uint64_t e0, bm0, host_base, cow_start, cow_end, l2_off;
     uint64_t *olds = NULL;
-    bool fill = false, allocated = false, skip_cow = false;
+    bool fill = false, allocated = false, skip_cow = false, fresh = false;
     qcow2_inflight inflight;
     uint8_t *head = NULL, *tail = NULL;
     void *table = NULL;
@@ -894,6 +994,7 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
             host_base = first_cluster << s->cluster_bits;
         } else {
             int64_t h = -1, k = 0;
+            uint64_t zero_from = file_zero_from(s);
             if (*hint) {
                 k = qcow2_alloc_clusters_at(s, *hint, n, err);
                 if (k < 0) {
@@ -920,6 +1021,17 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
             }
             host_base = (uint64_t)h;
             allocated = true;
+            /* Inside the tail grown ahead and past everything the file
+             * held: it reads as zeros, only the guest data is written. */
+            if (host_base >= zero_from) {
+                s->fresh_clusters += n;
+                if (s->fresh_clusters > GROW_AFTER) {
+                    grow_ahead(s, zero_from, host_base + n * cs);
+                }
+                fresh = s->grown_to && host_base + n * cs <= s->grown_to &&
+                        vd_node_getlength(s->file->node) ==
+                        (int64_t)s->grown_to;
+            }
         }
     }
     /* A corrupt L2 entry or refcount may point the data at metadata. */
@@ -991,9 +1103,12 @@ static int write_step(qcow2_state *s, uint64_t off, uint64_t bytes,
         uint64_t zoff = host_base + (cow_start - (first_cluster <<
                                                   s->cluster_bits));
         vd_node_debug_event(s->file->node, VD_BLKDBG_CLUSTER_ALLOC_SPACE);
-        ret = vd_node_pwrite_zeroes(s->data_file->node, zoff,
-                                    cow_end - cow_start, VD_REQ_NO_FALLBACK,
-                                    &zerr);
+        /* New clusters in the tail grown ahead read as zeros already:
+         * only the guest data is written (no fallocate per cluster,
+         * which on ext4 costs more than the data write). */
+        ret = fresh ? 0 : vd_node_pwrite_zeroes(s->data_file->node, zoff,
+                                                cow_end - cow_start,
+                                                VD_REQ_NO_FALLBACK, &zerr);
         if (ret == 0) {
             skip_cow = true;
         } else if (ret == -ENOTSUP || ret == -EAGAIN) {

@@ -1229,6 +1229,9 @@ static void qcow2_close(vd_node *node)
         qcow2_process_discards(s);
         pthread_mutex_unlock(&s->lock);
     }
+    /* Also when the node was made read-only since it grew the file: the
+     * file may still be writable (a failure leaves a sparse tail). */
+    qcow2_trim_grown(s);
     free_state(s);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->alloc_cond);

@@ -334,6 +334,11 @@ typedef struct qcow2_state {
     uint64_t free_byte_offset;    /* compressed: next free byte, or 0 */
     uint64_t alloc_end;         /* cluster index past every cluster given
                                    a refcount in this session */
+    /* The image file grown ahead of allocation (cluster.c,
+     * qcow2_grow_ahead()): the length it was given (0: never), and the
+     * offset below which it held anything when it was first grown. */
+    uint64_t grown_to, grown_from;
+    uint64_t fresh_clusters;    /* allocated past the file's end */
 
     qcow2_cache *l2_cache;
     qcow2_cache *refcount_cache;
@@ -691,6 +696,7 @@ int qcow2_grow_l1_table(qcow2_state *s, uint64_t min_size, bool exact,
 /* The guest-visible operations (entry points from the vtable). */
 int qcow2_co_preadv(qcow2_state *s, uint64_t off, uint64_t bytes,
                     vd_iov *qiov, size_t qiov_off, vd_error *err);
+void qcow2_trim_grown(qcow2_state *s);
 int qcow2_co_pwritev(qcow2_state *s, uint64_t off, uint64_t bytes,
                      vd_iov *qiov, unsigned flags, vd_error *err);
 /* Copy offloading (QEMU's qcow2_co_copy_range_from/_to): the source
