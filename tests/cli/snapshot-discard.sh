@@ -8,18 +8,24 @@ source "$(dirname "$0")/../functions.sh"
 requires qemu-img qemu-io strace python3
 tmpdir
 
-# A 64 MiB image with 32 MiB of data, a snapshot, then 64 clusters
-# rewritten in a shuffled order (fixed seed): their new host clusters
-# lie side by side in the file, their guest offsets are scattered.
+# A 64 MiB image with 32 MiB of data written cluster by cluster in a
+# shuffled order, a snapshot, then the clusters of 4 MiB rewritten in a
+# shuffled order (fixed seeds): the host clusters freed by an apply (the
+# new ones) or a delete (the old ones) lie side by side in the file, in
+# an order unrelated to their guest offsets.
 $QEMU_IMG create -f qcow2 base.qcow2 64M >/dev/null
-$QEMU_IO -c 'write -P 1 0 32M' base.qcow2 >/dev/null
+shuffled() # SEED PATTERN FIRST_CLUSTER COUNT
+{
+    python3 -c '
+import random, sys
+seed, pattern, first, count = map(int, sys.argv[1:])
+random.seed(seed)
+for c in random.sample(range(first, first + count), count):
+    print("write -P %d %d 64k" % (pattern, c * 65536))' "$@"
+}
+shuffled 1 1 0 512 | $QEMU_IO base.qcow2 >/dev/null
 $QEMU_IMG snapshot -c snap base.qcow2
-python3 -c '
-import random
-random.seed(7)
-for c in random.sample(range(512), 64):
-    print("write -P 2 %d 64k" % (c * 65536))' >cmds
-$QEMU_IO base.qcow2 <cmds >/dev/null
+shuffled 2 2 100 64 | $QEMU_IO base.qcow2 >/dev/null
 
 # punches TOOL ARGS...: the number of hole punches "TOOL ARGS" makes.
 # (LeakSanitizer cannot run under ptrace; the other tests cover leaks.)
