@@ -1148,12 +1148,23 @@ typedef struct vd_driver_stats {
     uint64_t discard_nb_ok;      /* discards that reached the driver and */
     uint64_t discard_nb_failed;  /* succeeded / failed */
     uint64_t discard_bytes_ok;   /* bytes the successful ones covered */
+    /* qcow2 (has_cache set, the discard counts then unused): its
+     * metadata caches, sized automatically to cover the whole image up
+     * to a cap (docs/qcow2.md, "Metadata caches"). A hit is a lookup
+     * that found the table cached, a miss a table read from the file. */
+    bool has_cache;
+    uint64_t l2_cache_bytes;
+    uint64_t l2_cache_hits;
+    uint64_t l2_cache_misses;
+    uint64_t refcount_cache_bytes;
+    uint64_t refcount_cache_hits;
+    uint64_t refcount_cache_misses;
 } vd_driver_stats;
 
 /**
  * Fills @out with the driver-specific statistics of @node. Returns 0, or
  * -ENOTSUP (@out zeroed) when the node's driver keeps none (today every
- * driver but file).
+ * driver but file and qcow2).
  */
 VD_API int vd_get_driver_stats(vd_node *node, vd_driver_stats *out);
 

@@ -520,13 +520,31 @@ static json_object *block_stats(vd_node *node, int depth)
     vd_driver_stats s;
     if (vd_get_driver_stats(node, &s) == 0) {
         json_object *ds = json_object_new_object();
-        json_object_object_add(ds, "discard-bytes-ok",
-                               jint((int64_t)s.discard_bytes_ok));
-        json_object_object_add(ds, "discard-nb-ok",
-                               jint((int64_t)s.discard_nb_ok));
         json_object_object_add(ds, "driver", json_object_new_string(s.driver));
-        json_object_object_add(ds, "discard-nb-failed",
-                               jint((int64_t)s.discard_nb_failed));
+        if (s.has_cache) {
+            /* QEMU's union has no qcow2 branch: only the discriminator
+             * and vdisk's experimental (x-) members, which a QEMU client
+             * that does not know them ignores. */
+            json_object_object_add(ds, "x-vdisk-l2-cache-size",
+                                   jint((int64_t)s.l2_cache_bytes));
+            json_object_object_add(ds, "x-vdisk-l2-cache-hits",
+                                   jint((int64_t)s.l2_cache_hits));
+            json_object_object_add(ds, "x-vdisk-l2-cache-misses",
+                                   jint((int64_t)s.l2_cache_misses));
+            json_object_object_add(ds, "x-vdisk-refcount-cache-size",
+                                   jint((int64_t)s.refcount_cache_bytes));
+            json_object_object_add(ds, "x-vdisk-refcount-cache-hits",
+                                   jint((int64_t)s.refcount_cache_hits));
+            json_object_object_add(ds, "x-vdisk-refcount-cache-misses",
+                                   jint((int64_t)s.refcount_cache_misses));
+        } else {
+            json_object_object_add(ds, "discard-bytes-ok",
+                                   jint((int64_t)s.discard_bytes_ok));
+            json_object_object_add(ds, "discard-nb-ok",
+                                   jint((int64_t)s.discard_nb_ok));
+            json_object_object_add(ds, "discard-nb-failed",
+                                   jint((int64_t)s.discard_nb_failed));
+        }
         json_object_object_add(o, "driver-specific", ds);
     }
     return o;

@@ -169,7 +169,13 @@ IGNORE = ("idle_time_ns",)
 
 def strip(x):
     if isinstance(x, dict):
-        return {k: strip(v) for k, v in x.items() if k not in IGNORE}
+        # vdisk's documented extensions (x-vdisk- members, docs/qmp.md);
+        # a qcow2 node's driver-specific holds nothing else.
+        out = {k: strip(v) for k, v in x.items()
+               if k not in IGNORE and not k.startswith("x-vdisk-")}
+        if set(out.get("driver-specific", {"-": 0})) == {"driver"}:
+            del out["driver-specific"]
+        return out
     if isinstance(x, list):
         return [strip(v) for v in x]
     return x

@@ -173,6 +173,7 @@ static int lookup(qcow2_state *s, qcow2_cache *c, uint64_t offset,
     for (int i = 0; i < c->size; i++) {
         qcow2_cache_entry *e = &c->entries[i];
         if (e->offset == offset) {
+            c->hits++;
             e->ref++;
             e->lru = ++c->lru_counter;
             *table = slot_table(c, i);
@@ -195,6 +196,7 @@ static int lookup(qcow2_state *s, qcow2_cache *c, uint64_t offset,
     }
     c->entries[victim].offset = 0;
     if (read) {
+        c->misses++;
         if (c == s->l2_cache) {
             vd_node_debug_event(s->file->node, VD_BLKDBG_L2_LOAD);
         }

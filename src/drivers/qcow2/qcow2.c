@@ -1635,6 +1635,30 @@ static char *bitmaps_json(qcow2_state *s, vd_error *err)
     return out;
 }
 
+/* The metadata caches' size and hit counts, which QEMU does not report:
+ * query-blockstats shows them as x-vdisk members of driver-specific. */
+static int qcow2_get_driver_stats(vd_node *node, vd_driver_stats *out)
+{
+    qcow2_state *s = node->opaque;
+
+    pthread_mutex_lock(&s->lock);
+    out->has_cache = true;
+    if (s->l2_cache) {
+        out->l2_cache_bytes = (uint64_t)s->l2_cache->size *
+                              s->l2_cache->table_size;
+        out->l2_cache_hits = s->l2_cache->hits;
+        out->l2_cache_misses = s->l2_cache->misses;
+    }
+    if (s->refcount_cache) {
+        out->refcount_cache_bytes = (uint64_t)s->refcount_cache->size *
+                                    s->refcount_cache->table_size;
+        out->refcount_cache_hits = s->refcount_cache->hits;
+        out->refcount_cache_misses = s->refcount_cache->misses;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
 static int qcow2_get_info(vd_node *node, vd_image_info *info, vd_error *err)
 {
     qcow2_state *s = node->opaque;
@@ -2426,6 +2450,7 @@ const vd_driver vd_driver_qcow2 = {
     .getlength = qcow2_getlength,
     .truncate = qcow2_truncate_cb,
     .get_info = qcow2_get_info,
+    .get_driver_stats = qcow2_get_driver_stats,
     .check = qcow2_check_cb,
     .snapshot_create = qcow2_snapshot_create,
     .snapshot_goto = qcow2_snapshot_goto,

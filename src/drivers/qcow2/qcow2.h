@@ -266,6 +266,10 @@ typedef struct qcow2_cache {
     /* Before writing any dirty table, flush the file (data written
      * before this metadata must be stable first). */
     bool depends_on_flush;
+    /* Lookups that found the table in a slot, and tables read from the
+     * file into one (query-blockstats' x-vdisk cache members). */
+    uint64_t hits;
+    uint64_t misses;
 } qcow2_cache;
 
 /* ------------------------------------------------------------------ */

@@ -535,26 +535,25 @@ static void unqueue_discard(qcow2_state *s, uint64_t host)
     }
 }
 
-/* Queues the freed cluster at @host for a discard in the file, merged
- * with the previous range when adjacent. Lock held. */
+/* Queues the freed cluster at @host for a discard in the file. Clusters
+ * are freed in guest order, which is rarely host order (a diverged
+ * active layer was allocated in the order the guest wrote), so the queue
+ * is only merged where it is cheap (with the range at its head) and is
+ * sorted and coalesced when it is processed. O(1). Lock held. */
 static void queue_discard(qcow2_state *s, uint64_t host)
 {
-    qcow2_discard_range *last = s->discards;
+    qcow2_discard_range *head = s->discards;
 
-    while (last && last->next) {
-        last = last->next;
-    }
-    if (last && last->offset + last->bytes == host) {
-        last->bytes += s->cluster_size;
+    if (head && head->offset + head->bytes == host) {
+        head->bytes += s->cluster_size;
+    } else if (head && host + s->cluster_size == head->offset) {
+        head->offset = host;
+        head->bytes += s->cluster_size;
     } else {
         qcow2_discard_range *d = malloc(sizeof(*d));
         if (d) {
-            *d = (qcow2_discard_range){ host, s->cluster_size, NULL };
-            if (last) {
-                last->next = d;
-            } else {
-                s->discards = d;
-            }
+            *d = (qcow2_discard_range){ host, s->cluster_size, head };
+            s->discards = d;
         }
     }
 }
@@ -967,12 +966,60 @@ int qcow2_free_any_cluster(qcow2_state *s, uint64_t l2_entry,
     return qcow2_free_clusters(s, host, s->cluster_size, type, err);
 }
 
+static int cmp_range(const void *a, const void *b)
+{
+    const qcow2_discard_range *x = *(qcow2_discard_range *const *)a;
+    const qcow2_discard_range *y = *(qcow2_discard_range *const *)b;
+
+    return x->offset < y->offset ? -1 : x->offset > y->offset;
+}
+
+/*
+ * One discard per run of adjacent freed clusters, in file order, as
+ * QEMU's merging queue ends up with: on a file system that discards the
+ * device synchronously (ext4 -o discard) every call costs milliseconds,
+ * and a snapshot apply frees thousands of clusters that were allocated
+ * side by side but are reached one by one in guest order. The ranges are
+ * all free on disk already (the caller flushed the refcounts), so their
+ * order does not matter for safety.
+ */
 void qcow2_process_discards(qcow2_state *s)
 {
+    qcow2_discard_range **v;
+    size_t n = 0, i = 0;
+
+    for (qcow2_discard_range *d = s->discards; d; d = d->next) {
+        n++;
+    }
+    v = n > 1 ? malloc(n * sizeof(*v)) : NULL;
+    if (v) {
+        for (qcow2_discard_range *d = s->discards; d; d = d->next) {
+            v[i++] = d;
+        }
+        qsort(v, n, sizeof(*v), cmp_range);
+        for (i = 0; i < n;) {
+            uint64_t off = v[i]->offset, end = off + v[i]->bytes;
+            size_t j = i + 1;
+            while (j < n && v[j]->offset <= end) {
+                if (v[j]->offset + v[j]->bytes > end) {
+                    end = v[j]->offset + v[j]->bytes;
+                }
+                j++;
+            }
+            /* Advisory: a failed discard only costs space. */
+            vd_node_pdiscard(s->file->node, off, end - off, NULL);
+            while (i < j) {
+                free(v[i++]);
+            }
+        }
+        free(v);
+        s->discards = NULL;
+        return;
+    }
+    /* One range, or no memory to sort: in queue order. */
     while (s->discards) {
         qcow2_discard_range *d = s->discards;
         s->discards = d->next;
-        /* Advisory: a failed discard only costs space. */
         vd_node_pdiscard(s->file->node, d->offset, d->bytes, NULL);
         free(d);
     }
