@@ -622,7 +622,7 @@ static uint64_t file_zero_from(qcow2_state *s)
 static void grow_ahead(qcow2_state *s, uint64_t zero_from, uint64_t end)
 {
     int64_t flen = vd_node_getlength(s->file->node);
-    uint64_t target;
+    uint64_t target, start;
 
     if (flen < 0 || end <= (uint64_t)flen ||
         !s->file->node->drv->grows_ahead) {
@@ -632,15 +632,24 @@ static void grow_ahead(qcow2_state *s, uint64_t zero_from, uint64_t end)
         end = s->alloc_end << s->cluster_bits;
     }
     target = (end + GROW_STEP - 1) & ~(GROW_STEP - 1);
-    if (target > QCOW2_MAX_HOST_OFFSET) {
+    /* The zero write starts past every cluster given a refcount, not at
+     * the file's end: a cluster allocated before (past the end then)
+     * may have its data write in flight, outside the lock, and zeroing
+     * from the end wiped it when it landed first (an active commit lost
+     * a 1 MiB piece so). Between the two the file stays a hole until
+     * those writes land: zeros too. */
+    start = s->alloc_end << s->cluster_bits;
+    if (start < (uint64_t)flen) {
+        start = (uint64_t)flen;
+    }
+    if (target > QCOW2_MAX_HOST_OFFSET || start >= target) {
         return;
     }
     if (!s->grown_to || (uint64_t)flen != s->grown_to) {
         s->grown_from = zero_from;
     }
-    if (vd_node_pwrite_zeroes(s->file->node, (uint64_t)flen,
-                              target - (uint64_t)flen, VD_REQ_NO_FALLBACK,
-                              NULL) == 0 &&
+    if (vd_node_pwrite_zeroes(s->file->node, start, target - start,
+                              VD_REQ_NO_FALLBACK, NULL) == 0 &&
         vd_node_getlength(s->file->node) == (int64_t)target) {
         s->grown_to = target;
     } else {
