@@ -3,7 +3,7 @@
 # blocks at random at 500 IOPS each, each in its own half of the disk,
 # with crc32c
 # headers verified as it goes, verify_backlog) writes the exported top of
-# a chain for 10 s (VDISK_JOBS_FIO_SECS) while `vdisk serve` streams, commits, mirrors or backs
+# a chain for 7 s (VDISK_JOBS_FIO_SECS) while `vdisk serve` streams, commits, mirrors or backs
 # it up. Mirror and active commit must reach READY during the writes and
 # are completed while fio still writes, so the pivot happens under load.
 # fio must finish without a verify error (every block it reads back is the
@@ -21,7 +21,7 @@ import os, subprocess, sys, time
 from qmplib import *
 
 top, vdisk, qemu_img = sys.argv[1], sys.argv[2], sys.argv[3]
-SECS = int(os.environ.get("VDISK_JOBS_FIO_SECS", "10"))
+SECS = int(os.environ.get("VDISK_JOBS_FIO_SECS", "7"))
 
 def run(*a):
     subprocess.run(a, check=True, stdout=subprocess.DEVNULL)

@@ -4,7 +4,7 @@
 # clusters, the whole disk compared after every step with a model that
 # keeps one copy of the content per snapshot; qemu-img check must find no
 # error and no leak at the end. SNAPSHOT_RANDOM_SEED replays a run,
-# SNAPSHOT_RANDOM_STEPS (140) sets its length.
+# SNAPSHOT_RANDOM_STEPS (100) sets its length.
 source "$(dirname "$0")/../functions.sh"
 requires qemu-img python3
 tmpdir
@@ -15,7 +15,7 @@ import os, random, subprocess, sys
 vdisk, qemu_img, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 # Steps per cluster size (a new seed each run: coverage adds up across
 # runs; SNAPSHOT_RANDOM_STEPS for a longer one by hand).
-STEPS = int(os.environ.get("SNAPSHOT_RANDOM_STEPS", "140"))
+STEPS = int(os.environ.get("SNAPSHOT_RANDOM_STEPS", "100"))
 print("seed", seed)
 rng = random.Random(seed)
 
