@@ -339,6 +339,7 @@ static int change_refcount_order(qcow2_state *s, int new_order, vd_error *err)
     s->refcount_table = new_table;
     new_table = NULL;
     s->refcount_table_offset = (end + blocks) * cs;
+    qcow2_reftable_forget_pending(s);
     s->refcount_table_size = (uint32_t)(table * cs / 8);
     qcow2_overlap_changed(s);
     s->refcount_order = new_order;

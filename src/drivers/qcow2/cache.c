@@ -118,6 +118,10 @@ int qcow2_cache_write(qcow2_state *s, qcow2_cache *c, vd_error *err)
             result = ret;
         }
     }
+    /* New blocks' table entries follow the blocks (see refcount.c). */
+    if (result == 0 && c == s->refcount_cache) {
+        result = qcow2_reftable_write_pending(s, err);
+    }
     return result;
 }
 

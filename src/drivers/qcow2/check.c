@@ -1235,6 +1235,7 @@ static int rebuild_refcount_structure(ck_state *c, vd_check_result *res,
     free(s->refcount_table);
     s->refcount_table = rt;
     s->refcount_table_offset = (uint64_t)rt_off;
+    qcow2_reftable_forget_pending(s);
     s->refcount_table_size = rt_entries;
     qcow2_overlap_changed(s);
     s->free_cluster_index = 0;

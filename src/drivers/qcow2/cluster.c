@@ -28,6 +28,10 @@
  *   4. New L2 tables are written (after the refcounts, with a flush)
  *      before the L1 entry pointing at them; a new L1 table is written
  *      and flushed before the header points at it.
+ *   5. A new refcount block's table entry reaches the disk when the
+ *      refcount cache is next written, behind a flush (refcount.c,
+ *      qcow2_reftable_write_pending()), so before any reference that
+ *      step 3 or 4 orders after the refcount cache.
  *
  * Reads and in-place writes (cluster allocated with refcount 1, the
  * COPIED flag) only look the mapping up under the lock and do their data

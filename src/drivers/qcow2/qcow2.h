@@ -50,6 +50,9 @@
 #define QCOW2_MAX_BACKING_NAME 1023        /* backing_file_size limit */
 #define QCOW2_MAX_L1_BYTES (32u << 20)     /* QEMU: 32 MB L1 table */
 #define QCOW2_MAX_REFTABLE_BYTES (8u << 20) /* QEMU: 8 MB refcount table */
+/* New refcount blocks whose table entry may wait for the next write of
+ * the refcount cache; one more is hooked up at once, as QEMU does. */
+#define QCOW2_REFTABLE_PENDING_MAX 16
 #define QCOW2_MAX_SNAPSHOTS 65536
 #define QCOW2_V2_HEADER_LEN 72
 #define QCOW2_V3_MIN_HEADER_LEN 104
@@ -334,6 +337,12 @@ typedef struct qcow2_state {
     uint64_t *refcount_table;   /* host endian */
     uint64_t refcount_table_offset;
     uint32_t refcount_table_size; /* entries */
+    /* Entries of refcount_table set in memory for new refcount blocks
+     * but not yet on disk: written, after a flush that makes the blocks
+     * stable, whenever the refcount cache is written (see
+     * qcow2_reftable_write_pending()). */
+    uint32_t reftable_pending[QCOW2_REFTABLE_PENDING_MAX];
+    unsigned n_reftable_pending;
     uint64_t free_cluster_index;  /* search start for free clusters */
     uint64_t free_byte_offset;    /* compressed: next free byte, or 0 */
     uint64_t alloc_end;         /* cluster index past every cluster given
@@ -669,6 +678,20 @@ void qcow2_process_discards(qcow2_state *s);
  * table (synchronously) and then gives the blocks' clusters back, as
  * QEMU's qcow2_shrink_reftable(). Lock held. */
 int qcow2_shrink_reftable(qcow2_state *s, vd_error *err);
+
+/*
+ * Writes the refcount table entries of new refcount blocks that are so
+ * far only in memory, after a flush of the file so that the blocks they
+ * point at are stable first. Called by qcow2_cache_write() after it has
+ * written the refcount cache, so whatever orders a reference after the
+ * refcount cache (the L2 cache's dependency, an explicit cache flush)
+ * also orders it after the entry. Lock held. Returns 0 or -errno (the
+ * entries stay pending).
+ */
+int qcow2_reftable_write_pending(qcow2_state *s, vd_error *err);
+
+/* Forgets pending entries: the refcount table was replaced as a whole. */
+void qcow2_reftable_forget_pending(qcow2_state *s);
 
 /* ------------------------------------------------------------------ */
 /* cluster.c                                                          */

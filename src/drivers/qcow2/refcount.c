@@ -84,6 +84,7 @@ int qcow2_refcount_init(qcow2_state *s, vd_error *err)
     uint64_t bytes = (uint64_t)s->refcount_table_size * 8;
     int ret;
 
+    s->n_reftable_pending = 0;
     s->refcount_table = calloc(s->refcount_table_size ? s->refcount_table_size
                                                       : 1, 8);
     if (!s->refcount_table) {
@@ -399,6 +400,40 @@ out:
     return ret;
 }
 
+int qcow2_reftable_write_pending(qcow2_state *s, vd_error *err)
+{
+    int ret;
+
+    if (s->n_reftable_pending == 0) {
+        return 0;
+    }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_ALLOC_WRITE);
+    ret = vd_node_flush(s->file->node, err);
+    if (ret < 0) {
+        return ret;
+    }
+    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_ALLOC_HOOKUP);
+    while (s->n_reftable_pending > 0) {
+        uint32_t rt_index = s->reftable_pending[s->n_reftable_pending - 1];
+
+        /* Still ours: the table may have been rebuilt or shrunk. */
+        if (rt_index < s->refcount_table_size &&
+            (s->refcount_table[rt_index] & QCOW2_REFT_OFFSET_MASK)) {
+            ret = write_reftable_entry(s, rt_index, err);
+            if (ret < 0) {
+                return ret;
+            }
+        }
+        s->n_reftable_pending--;
+    }
+    return 0;
+}
+
+void qcow2_reftable_forget_pending(qcow2_state *s)
+{
+    s->n_reftable_pending = 0;
+}
+
 /*
  * Makes sure the refcount block covering @cluster_index exists. Returns 0
  * when it already did, 1 when a block was created (the caller's view of
@@ -475,7 +510,23 @@ static int ensure_refblock(qcow2_state *s, uint64_t cluster_index,
         qcow2_cache_mark_dirty(s->refcount_cache, block);
         qcow2_cache_put(s->refcount_cache, &block);
     }
-    /* The block must be on disk before the table entry points at it. */
+    /*
+     * The block must be on disk before the table entry points at it.
+     * QEMU flushes right here, which writes back every dirty byte of the
+     * file while all writers wait (seconds on a large first write). The
+     * entry is needed on disk only before a reference to a cluster the
+     * block counts is: such references are written after the refcount
+     * cache, and writing the refcount cache writes the pending entries
+     * behind a flush (qcow2_reftable_write_pending()). Until then a
+     * crash leaves the block unreachable (a leak at most: its own
+     * refcount, when another block holds it) and nothing that uses it.
+     */
+    if (s->n_reftable_pending < QCOW2_REFTABLE_PENDING_MAX) {
+        s->refcount_table[rt_index] = (uint64_t)new_block;
+        s->reftable_pending[s->n_reftable_pending++] = (uint32_t)rt_index;
+        qcow2_overlap_changed(s);
+        return 1;
+    }
     vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_ALLOC_WRITE);
     ret = qcow2_cache_flush(s, s->refcount_cache, err);
     if (ret < 0) {
@@ -1051,6 +1102,12 @@ int qcow2_shrink_reftable(qcow2_state *s, vd_error *err)
 
     if (!table || !drop) {
         ret = vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+        goto out;
+    }
+    /* The whole table is rewritten from memory below: entries of new
+     * blocks may go to disk only after the blocks. */
+    ret = qcow2_cache_write(s, s->refcount_cache, err);
+    if (ret < 0) {
         goto out;
     }
     for (uint32_t i = 0; i < n; i++) {
