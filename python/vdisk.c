@@ -278,6 +278,28 @@ static void node_leave(NodeObject *self)
     root_of(self)->inflight--;
 }
 
+/* Runs CALL, an int expression that may use `n` (the node of SELF),
+ * with the GIL released and the call counted on the node (node_enter());
+ * the enclosing function returns NULL when the node is closed. */
+#define NODE_NOGIL(self, ret, call)                                        \
+    do {                                                                   \
+        vd_node *n = node_enter(self);                                     \
+        if (!n)                                                            \
+            return NULL;                                                   \
+        Py_BEGIN_ALLOW_THREADS                                             \
+        ret = (call);                                                      \
+        Py_END_ALLOW_THREADS                                               \
+        node_leave(self);                                                  \
+    } while (0)
+
+/* None, or vdisk.Error for a failed call. */
+static PyObject *none_or_raise(int ret, const vd_error *err)
+{
+    if (ret < 0)
+        return raise_error(ret, err);
+    Py_RETURN_NONE;
+}
+
 /* A Node for @n, borrowed from @owner's graph; None when @n is NULL. */
 static PyObject *node_borrowed(NodeObject *owner, vd_node *n)
 {
@@ -427,6 +449,27 @@ static PyObject *Node_read(NodeObject *self, PyObject *args, PyObject *kw)
     return b;
 }
 
+/* A read into (or write from) the buffer @buf at @off without the GIL;
+ * releases @buf. */
+static PyObject *node_buf_io(NodeObject *self, Py_buffer *buf, uint64_t off,
+                             bool write, unsigned flags)
+{
+    vd_error err = VD_ERROR_INIT;
+    int ret = 0;
+    vd_node *n = node_enter(self);
+    if (n) {
+        Py_BEGIN_ALLOW_THREADS
+        ret = write ? vd_pwrite(n, buf->buf, (uint64_t)buf->len, off, flags,
+                                &err)
+                    : vd_pread(n, buf->buf, (uint64_t)buf->len, off, flags,
+                               &err);
+        Py_END_ALLOW_THREADS
+        node_leave(self);
+    }
+    PyBuffer_Release(buf);
+    return n ? none_or_raise(ret, &err) : NULL;
+}
+
 /* pread_into(buf, offset): fills the writable buffer @buf, no copy. */
 static PyObject *Node_pread_into(NodeObject *self, PyObject *args,
                                  PyObject *kw)
@@ -437,21 +480,7 @@ static PyObject *Node_pread_into(NodeObject *self, PyObject *args,
     if (!PyArg_ParseTupleAndKeywords(args, kw, "w*O&:pread_into", kwl, &buf,
                                      conv_u64, &off))
         return NULL;
-    vd_node *n = node_enter(self);
-    if (!n) {
-        PyBuffer_Release(&buf);
-        return NULL;
-    }
-    vd_error err = VD_ERROR_INIT;
-    int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_pread(n, buf.buf, (uint64_t)buf.len, off, 0, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
-    PyBuffer_Release(&buf);
-    if (ret < 0)
-        return raise_error(ret, &err);
-    Py_RETURN_NONE;
+    return node_buf_io(self, &buf, off, false, 0);
 }
 
 /* write(buf, offset, fua=False) */
@@ -464,22 +493,7 @@ static PyObject *Node_write(NodeObject *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "y*O&|p:write", kwl, &buf,
                                      conv_u64, &off, &fua))
         return NULL;
-    vd_node *n = node_enter(self);
-    if (!n) {
-        PyBuffer_Release(&buf);
-        return NULL;
-    }
-    vd_error err = VD_ERROR_INIT;
-    int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_pwrite(n, buf.buf, (uint64_t)buf.len, off,
-                    fua ? VD_REQ_FUA : 0, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
-    PyBuffer_Release(&buf);
-    if (ret < 0)
-        return raise_error(ret, &err);
-    Py_RETURN_NONE;
+    return node_buf_io(self, &buf, off, true, fua ? VD_REQ_FUA : 0);
 }
 
 /* zero(offset, length, may_unmap=False, no_fallback=False, fua=False) */
@@ -496,18 +510,10 @@ static PyObject *Node_zero(NodeObject *self, PyObject *args, PyObject *kw)
     unsigned flags = (may_unmap ? VD_REQ_MAY_UNMAP : 0) |
                      (no_fallback ? VD_REQ_NO_FALLBACK : 0) |
                      (fua ? VD_REQ_FUA : 0);
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_write_zeroes(n, len, off, flags, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
-    if (ret < 0)
-        return raise_error(ret, &err);
-    Py_RETURN_NONE;
+    NODE_NOGIL(self, ret, vd_write_zeroes(n, len, off, flags, &err));
+    return none_or_raise(ret, &err);
 }
 
 /* discard(offset, length) */
@@ -518,35 +524,19 @@ static PyObject *Node_discard(NodeObject *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O&:discard", kwl, conv_u64,
                                      &off, conv_u64, &len))
         return NULL;
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_discard(n, len, off, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
-    if (ret < 0)
-        return raise_error(ret, &err);
-    Py_RETURN_NONE;
+    NODE_NOGIL(self, ret, vd_discard(n, len, off, &err));
+    return none_or_raise(ret, &err);
 }
 
 static PyObject *Node_flush(NodeObject *self, PyObject *unused)
 {
     (void)unused;
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_flush(n, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
-    if (ret < 0)
-        return raise_error(ret, &err);
-    Py_RETURN_NONE;
+    NODE_NOGIL(self, ret, vd_flush(n, &err));
+    return none_or_raise(ret, &err);
 }
 
 static const char *const prealloc_names[] = { "off", "metadata", "falloc",
@@ -571,34 +561,38 @@ static PyObject *Node_truncate(NodeObject *self, PyObject *args, PyObject *kw)
                      "metadata, falloc, full, not '%s'", pre);
         return NULL;
     }
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     int ret;
+    NODE_NOGIL(self, ret, vd_truncate(n, size, shrink, (vd_prealloc)mode, &err));
+    return none_or_raise(ret, &err);
+}
+
+/* The node's length (vd_getlength() without the GIL) in @*out; -1 with
+ * an exception. */
+static int node_size(NodeObject *self, uint64_t *out)
+{
+    int64_t len;
+    vd_node *n = node_enter(self);
+    if (!n)
+        return -1;
     Py_BEGIN_ALLOW_THREADS
-    ret = vd_truncate(n, size, shrink, (vd_prealloc)mode, &err);
+    len = vd_getlength(n);
     Py_END_ALLOW_THREADS
     node_leave(self);
-    if (ret < 0)
-        return raise_error(ret, &err);
-    Py_RETURN_NONE;
+    if (len < 0) {
+        raise_error((int)len, NULL);
+        return -1;
+    }
+    *out = (uint64_t)len;
+    return 0;
 }
 
 static PyObject *Node_get_size(NodeObject *self, void *closure)
 {
     (void)closure;
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
-    int64_t len;
-    Py_BEGIN_ALLOW_THREADS
-    len = vd_getlength(n);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
-    if (len < 0)
-        return raise_error((int)len, NULL);
-    return PyLong_FromLongLong(len);
+    uint64_t size;
+    return node_size(self, &size) < 0 ? NULL
+                                      : PyLong_FromUnsignedLongLong(size);
 }
 
 static PyObject *Node_get_name(NodeObject *self, void *closure)
@@ -658,25 +652,26 @@ static PyObject *Node_child(NodeObject *self, PyObject *args)
     return n ? node_borrowed(self, vd_node_child(n, role)) : NULL;
 }
 
+/* vd_get_info() as JSON text in @*json (NULL when out of memory). */
+static int info_json(vd_node *n, char **json, vd_error *err)
+{
+    vd_image_info *info = NULL;
+    int ret = vd_get_info(n, &info, err);
+    if (ret == 0) {
+        *json = vd_image_info_to_json(info);
+        vd_image_info_free(&info);
+    }
+    return ret;
+}
+
 /* info() -> dict: vd_get_info() as qemu-img info --output=json has it */
 static PyObject *Node_info(NodeObject *self, PyObject *unused)
 {
     (void)unused;
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
-    vd_image_info *info = NULL;
     char *json = NULL;
     int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_get_info(n, &info, &err);
-    if (ret == 0) {
-        json = vd_image_info_to_json(info);
-        vd_image_info_free(&info);
-    }
-    Py_END_ALLOW_THREADS
-    node_leave(self);
+    NODE_NOGIL(self, ret, info_json(n, &json, &err));
     if (ret < 0)
         return raise_error(ret, &err);
     if (!json)
@@ -778,21 +773,14 @@ static PyObject *Node_block_status(NodeObject *self, PyObject *args,
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O&O:block_status", kwl,
                                      conv_u64, &off, &len_o))
         return NULL;
-    vd_node *n = node_enter(self);
-    if (!n)
+    uint64_t size;
+    if (node_size(self, &size) < 0)
         return NULL;
-    int64_t size;
-    Py_BEGIN_ALLOW_THREADS
-    size = vd_getlength(n);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
-    if (size < 0)
-        return raise_error((int)size, NULL);
     if (len_o == Py_None)
-        len = off < (uint64_t)size ? (uint64_t)size - off : 0;
+        len = off < size ? size - off : 0;
     else if (!conv_u64(len_o, &len))
         return NULL;
-    if (off > (uint64_t)size || len > (uint64_t)size - off)
+    if (off > size || len > size - off)
         return raise_msg(EINVAL, "block status range is past the end of the "
                          "node");
     BlockStatusIter *it = PyObject_New(BlockStatusIter, &BlockStatusIterType);
@@ -820,6 +808,22 @@ static PyObject *snapshot_dict(const vd_snapshot_info *s)
         "disk_size", (unsigned long long)s->disk_size);
 }
 
+/* A snapshot stamped now: vd_snapshot_create_simple(), or with an id
+ * given vd_snapshot_create(). */
+static int snapshot_create_now(vd_node *n, const char *name, const char *id,
+                               vd_error *err)
+{
+    if (!id || !*id)
+        return vd_snapshot_create_simple(n, name, err);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    vd_snapshot_info sn = { .id = (char *)id, .name = (char *)name,
+                            .date_sec = (uint32_t)ts.tv_sec,
+                            .date_nsec = (uint32_t)ts.tv_nsec,
+                            .icount = UINT64_MAX };
+    return vd_snapshot_create(n, &sn, err);
+}
+
 /* snapshot_create(name, id=None) */
 static PyObject *Node_snapshot_create(NodeObject *self, PyObject *args,
                                       PyObject *kw)
@@ -829,44 +833,20 @@ static PyObject *Node_snapshot_create(NodeObject *self, PyObject *args,
     if (!PyArg_ParseTupleAndKeywords(args, kw, "s|z:snapshot_create", kwl,
                                      &name, &id))
         return NULL;
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     int ret;
-    Py_BEGIN_ALLOW_THREADS
-    if (id && *id) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        vd_snapshot_info sn = { .id = (char *)id, .name = (char *)name,
-                                .date_sec = (uint32_t)ts.tv_sec,
-                                .date_nsec = (uint32_t)ts.tv_nsec,
-                                .icount = UINT64_MAX };
-        ret = vd_snapshot_create(n, &sn, &err);
-    } else {
-        ret = vd_snapshot_create_simple(n, name, &err);
-    }
-    Py_END_ALLOW_THREADS
-    node_leave(self);
-    if (ret < 0)
-        return raise_error(ret, &err);
-    Py_RETURN_NONE;
+    NODE_NOGIL(self, ret, snapshot_create_now(n, name, id, &err));
+    return none_or_raise(ret, &err);
 }
 
 static PyObject *Node_snapshot_list(NodeObject *self, PyObject *unused)
 {
     (void)unused;
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     vd_snapshot_info *list = NULL;
     size_t count = 0;
     int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_snapshot_list(n, &list, &count, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
+    NODE_NOGIL(self, ret, vd_snapshot_list(n, &list, &count, &err));
     if (ret < 0)
         return raise_error(ret, &err);
     PyObject *res = PyList_New(0);
@@ -893,17 +873,11 @@ static PyObject *Node_snapshot_find(NodeObject *self, PyObject *args,
         PyErr_SetString(PyExc_TypeError, "snapshot_find() needs id or name");
         return NULL;
     }
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     vd_snapshot_info sn;
     int ret;
     memset(&sn, 0, sizeof(sn));
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_snapshot_find(n, id, name, &sn, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
+    NODE_NOGIL(self, ret, vd_snapshot_find(n, id, name, &sn, &err));
     if (ret < 0)
         return raise_error(ret, &err);
     if (ret == 0)
@@ -927,18 +901,10 @@ static PyObject *Node_snapshot_delete(NodeObject *self, PyObject *args,
                         "snapshot_delete() needs id or name");
         return NULL;
     }
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_snapshot_delete(n, id, name, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
-    if (ret < 0)
-        return raise_error(ret, &err);
-    Py_RETURN_NONE;
+    NODE_NOGIL(self, ret, vd_snapshot_delete(n, id, name, &err));
+    return none_or_raise(ret, &err);
 }
 
 /* One-string snapshot calls: goto, load_tmp. */
@@ -949,18 +915,10 @@ static PyObject *snapshot_by(NodeObject *self, PyObject *args,
     const char *s;
     if (!PyArg_ParseTuple(args, fmt, &s))
         return NULL;
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = fn(n, s, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
-    if (ret < 0)
-        return raise_error(ret, &err);
-    Py_RETURN_NONE;
+    NODE_NOGIL(self, ret, fn(n, s, &err));
+    return none_or_raise(ret, &err);
 }
 
 static PyObject *Node_snapshot_goto(NodeObject *self, PyObject *args)
@@ -1002,17 +960,11 @@ static PyObject *Node_bitmap_add(NodeObject *self, PyObject *args,
                                      &name, conv_u64, &gran, &persistent,
                                      &disabled))
         return NULL;
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     int ret;
     unsigned flags = (persistent ? VD_BITMAP_PERSISTENT : 0) |
                      (disabled ? VD_BITMAP_DISABLED : 0);
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_bitmap_add(n, name, gran, flags, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
+    NODE_NOGIL(self, ret, vd_bitmap_add(n, name, gran, flags, &err));
     if (ret < 0)
         return raise_error(ret, &err);
     Py_RETURN_NONE;
@@ -1122,17 +1074,11 @@ out:
 static PyObject *Node_bitmap_list(NodeObject *self, PyObject *unused)
 {
     (void)unused;
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     vd_bitmap_info *list = NULL;
     size_t count = 0;
     int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_bitmap_list(n, &list, &count, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
+    NODE_NOGIL(self, ret, vd_bitmap_list(n, &list, &count, &err));
     if (ret < 0)
         return raise_error(ret, &err);
     PyObject *res = PyList_New(0);
@@ -1152,17 +1098,11 @@ static PyObject *Node_bitmap_info(NodeObject *self, PyObject *args)
     const char *name;
     if (!PyArg_ParseTuple(args, "s:bitmap_info", &name))
         return NULL;
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     vd_bitmap_info info;
     int ret;
     memset(&info, 0, sizeof(info));
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_bitmap_get_info(n, name, &info, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
+    NODE_NOGIL(self, ret, vd_bitmap_get_info(n, name, &info, &err));
     if (ret < 0)
         return raise_error(ret, &err);
     PyObject *d = bitmap_dict(&info);
@@ -1222,16 +1162,10 @@ static PyObject *Node_bitmap_sha256(NodeObject *self, PyObject *args)
     const char *name;
     if (!PyArg_ParseTuple(args, "s:bitmap_sha256", &name))
         return NULL;
-    vd_node *n = node_enter(self);
-    if (!n)
-        return NULL;
     vd_error err = VD_ERROR_INIT;
     char out[65];
     int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = vd_bitmap_sha256(n, name, out, &err);
-    Py_END_ALLOW_THREADS
-    node_leave(self);
+    NODE_NOGIL(self, ret, vd_bitmap_sha256(n, name, out, &err));
     if (ret < 0)
         return raise_error(ret, &err);
     return PyUnicode_FromString(out);
