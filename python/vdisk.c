@@ -1336,8 +1336,23 @@ static void job_forget_nodes(JobObject *j)
     j->nnodes = 0;
 }
 
+/* The progress callback may refer to its Job (a closure, a bound method
+ * of an object holding the Job): the collector sees that edge. */
+static int Job_traverse(JobObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->progress);
+    return 0;
+}
+
+static int Job_clear(JobObject *self)
+{
+    Py_CLEAR(self->progress);
+    return 0;
+}
+
 static void Job_dealloc(JobObject *self)
 {
+    PyObject_GC_UnTrack(self);
     if (self->job && !job_is_over(self)) {
         /* Nobody can reach the job any more: end it rather than leave a
          * thread working on nodes Python is about to close. */
@@ -1351,14 +1366,14 @@ static void Job_dealloc(JobObject *self)
     if (self->job)
         vd_job_unref(&self->job);
     Py_XDECREF(self->progress);
-    PyObject_Free(self);
+    PyObject_GC_Del(self);
 }
 
 /* A Job for the job just started in @job, holding @nodes. */
 static PyObject *job_new(vd_job *job, NodeObject **nodes, int n,
                          PyObject *progress)
 {
-    JobObject *j = PyObject_New(JobObject, &JobType);
+    JobObject *j = PyObject_GC_New(JobObject, &JobType);
     if (!j) {
         vd_job_cancel(job, true, NULL);
         vd_job_wait(job, NULL);
@@ -1383,6 +1398,7 @@ static PyObject *job_new(vd_job *job, NodeObject **nodes, int n,
         root->jobs[root->njobs++] = j;
         j->nodes[j->nnodes++] = (NodeObject *)Py_NewRef((PyObject *)nodes[i]);
     }
+    PyObject_GC_Track(j);
     return (PyObject *)j;
 }
 
@@ -1677,7 +1693,9 @@ static PyTypeObject JobType = {
     .tp_name = "vdisk.Job",
     .tp_basicsize = sizeof(JobObject),
     .tp_dealloc = (destructor)Job_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Job_traverse,
+    .tp_clear = (inquiry)Job_clear,
     .tp_doc = "A block job started by vdisk.stream/commit/mirror/backup().",
     .tp_methods = Job_methods,
     .tp_getset = Job_getset,

@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import sys
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -222,12 +223,58 @@ class JobTest(helpers.TmpDirCase):
         helpers.run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2",
                     self.top, tp)
 
+    def test_error_policy(self):
+        """test-job.c's error policies: the first read of the top's own
+        data fails (blkdebug); with on_error="stop" the mirror pauses
+        with its I/O status failed and the resume retries; with "report"
+        the job fails with EIO."""
+        with vdisk.open(self.top) as plain:
+            ext = next(plain.block_status(1536 * KiB, 4096))
+            self.assertIsNotNone(ext.host_offset)
+            sector = ext.host_offset // 512
+        for policy in ("stop", "report"):
+            tp, tgt = self.new_target("err-%s.qcow2" % policy)
+            opts = {"driver": "qcow2",
+                    "file": {"driver": "blkdebug",
+                             "image": {"filename": self.top},
+                             "inject-error": {"0": {
+                                 "iotype": "read", "event": "read_aio",
+                                 "sector": sector, "once": True}}}}
+            with vdisk.open(None, options=opts, read_only=False) as top:
+                job = vdisk.mirror("e", top, tgt, sync="top",
+                                   on_error=policy)
+                if policy == "stop":
+                    for _ in range(3000):
+                        if job.status == "paused":
+                            break
+                        time.sleep(0.01)
+                    info = job.info()
+                    self.assertEqual((info["status"], info["io_status"]),
+                                     ("paused", "failed"))
+                    job.resume()
+                    job.wait_ready(timeout=120)
+                    job.cancel()
+                    job.wait()
+                else:
+                    self.assertVdiskError(errno.EIO, "", job.wait)
+            tgt.close()
+
     def test_dropped_job_is_cancelled(self):
         with vdisk.open(self.top, read_only=False) as top:
             vdisk.stream("d", top, speed=64 * KiB)
             gc.collect()
             # The Job was dropped at once: cancelled and waited for, so
             # the node can be closed and the chain is unchanged.
+            self.assertEqual(self.chain_length(top), 3)
+        self.assertEqual(self.backing_of(self.top), self.mid)
+        # A Job in a reference cycle through its progress callback is
+        # found by the collector, and cancelled as well.
+        with vdisk.open(self.top, read_only=False) as top:
+            holder = {}
+            holder["job"] = vdisk.stream("cyc", top, speed=64 * KiB,
+                                         progress=lambda c, t: holder)
+            del holder
+            gc.collect()
             self.assertEqual(self.chain_length(top), 3)
         self.assertEqual(self.backing_of(self.top), self.mid)
 
