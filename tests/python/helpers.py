@@ -1,9 +1,8 @@
-"""Shared pieces of the Python binding tests (tests/python/test_*.py).
-
-Each test file imports `vdisk` from the build tree (meson sets
-PYTHONPATH) and compares what the bindings do with what QEMU's own tools
-(qemu-img, qemu-io) see in the same image at test time.
-"""
+# Shared pieces of the Python binding tests (tests/python/test_*.py).
+#
+# Each test file imports `vdisk` from the build tree (meson sets
+# PYTHONPATH) and compares what the bindings do with what QEMU's own tools
+# (qemu-img, qemu-io) see in the same image at test time.
 import json
 import os
 import shutil

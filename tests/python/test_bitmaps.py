@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""vdisk's Python bindings: named dirty bitmaps (tests/unit/
-test-bitmap.c's named cases: add with the default and a given
-granularity, the refusals with QEMU's messages, writes, zero writes and
-discards marking the enabled bitmaps only, the dirty extents, merge from
-this and another node, all or nothing, clear, enable and disable, the
-list newest first), and a persistent bitmap that qemu-img info then
-lists in the image."""
+# vdisk's Python bindings: named dirty bitmaps (tests/unit/
+# test-bitmap.c's named cases: add with the default and a given
+# granularity, the refusals with QEMU's messages, writes, zero writes and
+# discards marking the enabled bitmaps only, the dirty extents, merge from
+# this and another node, all or nothing, clear, enable and disable, the
+# list newest first), and a persistent bitmap that qemu-img info then
+# lists in the image.
 import errno
 import json
 import os

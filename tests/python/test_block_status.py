@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""vdisk's Python bindings: block_status() walks a range as extents
-(offset, length, flags) with depth and host offset, and over a backing
-chain, merged as qemu-img map merges, equals qemu-img map --output=json
-on the same image (tests/unit/test-core.c's block status cases, with
-QEMU as the referee)."""
+# vdisk's Python bindings: block_status() walks a range as extents
+# (offset, length, flags) with depth and host offset, and over a backing
+# chain, merged as qemu-img map merges, equals qemu-img map --output=json
+# on the same image (tests/unit/test-core.c's block status cases, with
+# QEMU as the referee).
 import os
 import sys
 import unittest

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""vdisk's Python bindings: opening, reading, writing, zeroing,
-discarding, flushing, resizing and closing, the C API's cases
-(tests/unit/test-core.c: unaligned read-modify-write, range and
-read-only refusals, zero writes with and without unmap, FUA, node names)
-through the module, and errors carrying the errno and the library's
-message. What Python wrote is read back by qemu-io (read -P) and the
-images compared by qemu-img."""
+# vdisk's Python bindings: opening, reading, writing, zeroing,
+# discarding, flushing, resizing and closing, the C API's cases
+# (tests/unit/test-core.c: unaligned read-modify-write, range and
+# read-only refusals, zero writes with and without unmap, FUA, node names)
+# through the module, and errors carrying the errno and the library's
+# message. What Python wrote is read back by qemu-io (read -P) and the
+# images compared by qemu-img.
 import errno
 import os
 import sys

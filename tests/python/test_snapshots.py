@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""vdisk's Python bindings: internal snapshots (tests/unit/
-test-snapshot.c's single-node rules: create, list, find by id and by
-name, goto, load_tmp only on a read-only node, delete by id or name,
-the refusals with their errno and message), checked against qemu-img
-snapshot -l and qemu-io on the same image."""
+# vdisk's Python bindings: internal snapshots (tests/unit/
+# test-snapshot.c's single-node rules: create, list, find by id and by
+# name, goto, load_tmp only on a read-only node, delete by id or name,
+# the refusals with their errno and message), checked against qemu-img
+# snapshot -l and qemu-io on the same image.
 import errno
 import os
 import sys
