@@ -20,11 +20,17 @@ def need(*tools):
             raise unittest.SkipTest("%s is not installed" % t)
 
 
+# QEMU's tools run without the sanitizer runtime that the ASan tree
+# preloads into this interpreter (python/meson.build): preloaded into
+# them it only adds warnings to their output.
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 def run(*cmd, check=True):
-    """Runs a command; returns its stdout (text). Fails the test with
-    the command's output when it exits non-zero and check is set."""
+    """Runs a command; returns its stdout and stderr (text). Fails the
+    test with that output when it exits non-zero and check is set."""
     p = subprocess.run(list(cmd), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
+                       stderr=subprocess.STDOUT, text=True, env=CHILD_ENV)
     if check and p.returncode != 0:
         raise AssertionError("%s exited %d:\n%s" % (" ".join(cmd),
                                                     p.returncode, p.stdout))
