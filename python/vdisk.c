@@ -233,6 +233,7 @@ typedef struct NodeObject {
     struct NodeObject *owner;   /* borrowed: the opened Node */
     char *name;                 /* borrowed: the node's name */
     int inflight;               /* opened: calls running without the GIL */
+    int exclusive;              /* opened: one of them must run alone */
     JobObject **jobs;           /* opened: the Jobs that use it */
     size_t njobs;
 } NodeObject;
@@ -263,27 +264,50 @@ static vd_node *node_get(NodeObject *self)
     return n;
 }
 
-/* node_get() for a call that will release the GIL: counts it on the
- * owner until node_leave(). */
+/*
+ * node_get() for a call that will release the GIL: counts it on the
+ * owner until node_leave(). An @exclusive call (truncate, snapshot
+ * create, revert, delete: the C API wants no request of the caller's
+ * own racing them) starts only when no other call runs on the node's
+ * graph, and no other starts until it is over; either refusal is
+ * vdisk.Error EBUSY, never a wait (the GIL is held here).
+ */
+static vd_node *node_enter_mode(NodeObject *self, bool exclusive)
+{
+    NodeObject *root = root_of(self);
+    vd_node *n = node_get(self);
+    if (!n)
+        return NULL;
+    if (root->exclusive || (exclusive && root->inflight)) {
+        raise_msg(EBUSY, root->exclusive
+                  ? "the node is being truncated or snapshotted in another "
+                    "thread"
+                  : "the node has requests in flight in other threads");
+        return NULL;
+    }
+    root->inflight++;
+    root->exclusive = exclusive;
+    return n;
+}
+
 static vd_node *node_enter(NodeObject *self)
 {
-    vd_node *n = node_get(self);
-    if (n)
-        root_of(self)->inflight++;
-    return n;
+    return node_enter_mode(self, false);
 }
 
 static void node_leave(NodeObject *self)
 {
-    root_of(self)->inflight--;
+    NodeObject *root = root_of(self);
+    root->inflight--;
+    root->exclusive = 0;
 }
 
 /* Runs CALL, an int expression that may use `n` (the node of SELF),
  * with the GIL released and the call counted on the node (node_enter());
  * the enclosing function returns NULL when the node is closed. */
-#define NODE_NOGIL(self, ret, call)                                        \
+#define NODE_NOGIL_MODE(self, ret, call, excl)                             \
     do {                                                                   \
-        vd_node *n = node_enter(self);                                     \
+        vd_node *n = node_enter_mode(self, excl);                          \
         if (!n)                                                            \
             return NULL;                                                   \
         Py_BEGIN_ALLOW_THREADS                                             \
@@ -291,6 +315,8 @@ static void node_leave(NodeObject *self)
         Py_END_ALLOW_THREADS                                               \
         node_leave(self);                                                  \
     } while (0)
+#define NODE_NOGIL(self, ret, call) NODE_NOGIL_MODE(self, ret, call, false)
+#define NODE_NOGIL_EXCL(self, ret, call) NODE_NOGIL_MODE(self, ret, call, true)
 
 /* None, or vdisk.Error for a failed call. */
 static PyObject *none_or_raise(int ret, const vd_error *err)
@@ -315,6 +341,7 @@ static PyObject *node_borrowed(NodeObject *owner, vd_node *n)
     b->owner = (NodeObject *)Py_NewRef((PyObject *)owner);
     b->name = strdup(vd_node_name(n));
     b->inflight = 0;
+    b->exclusive = 0;
     b->jobs = NULL;
     b->njobs = 0;
     if (!b->name) {
@@ -563,7 +590,8 @@ static PyObject *Node_truncate(NodeObject *self, PyObject *args, PyObject *kw)
     }
     vd_error err = VD_ERROR_INIT;
     int ret;
-    NODE_NOGIL(self, ret, vd_truncate(n, size, shrink, (vd_prealloc)mode, &err));
+    NODE_NOGIL_EXCL(self, ret, vd_truncate(n, size, shrink,
+                                           (vd_prealloc)mode, &err));
     return none_or_raise(ret, &err);
 }
 
@@ -835,7 +863,7 @@ static PyObject *Node_snapshot_create(NodeObject *self, PyObject *args,
         return NULL;
     vd_error err = VD_ERROR_INIT;
     int ret;
-    NODE_NOGIL(self, ret, snapshot_create_now(n, name, id, &err));
+    NODE_NOGIL_EXCL(self, ret, snapshot_create_now(n, name, id, &err));
     return none_or_raise(ret, &err);
 }
 
@@ -903,33 +931,35 @@ static PyObject *Node_snapshot_delete(NodeObject *self, PyObject *args,
     }
     vd_error err = VD_ERROR_INIT;
     int ret;
-    NODE_NOGIL(self, ret, vd_snapshot_delete(n, id, name, &err));
+    NODE_NOGIL_EXCL(self, ret, vd_snapshot_delete(n, id, name, &err));
     return none_or_raise(ret, &err);
 }
 
-/* One-string snapshot calls: goto, load_tmp. */
-static PyObject *snapshot_by(NodeObject *self, PyObject *args,
-                             const char *fmt,
-                             int (*fn)(vd_node *, const char *, vd_error *))
+/* The calls that take one string: snapshot goto and load_tmp
+ * (@exclusive, see node_enter_mode()), the bitmap verbs. */
+static PyObject *call_by_name(NodeObject *self, PyObject *args,
+                              const char *fmt, bool exclusive,
+                              int (*fn)(vd_node *, const char *, vd_error *))
 {
     const char *s;
     if (!PyArg_ParseTuple(args, fmt, &s))
         return NULL;
     vd_error err = VD_ERROR_INIT;
     int ret;
-    NODE_NOGIL(self, ret, fn(n, s, &err));
+    NODE_NOGIL_MODE(self, ret, fn(n, s, &err), exclusive);
     return none_or_raise(ret, &err);
 }
 
 static PyObject *Node_snapshot_goto(NodeObject *self, PyObject *args)
 {
-    return snapshot_by(self, args, "s:snapshot_goto", vd_snapshot_goto);
+    return call_by_name(self, args, "s:snapshot_goto", true,
+                        vd_snapshot_goto);
 }
 
 static PyObject *Node_snapshot_load_tmp(NodeObject *self, PyObject *args)
 {
-    return snapshot_by(self, args, "s:snapshot_load_tmp",
-                       vd_snapshot_load_tmp_by_id_or_name);
+    return call_by_name(self, args, "s:snapshot_load_tmp", true,
+                        vd_snapshot_load_tmp_by_id_or_name);
 }
 
 /* ---- bitmaps --------------------------------------------------------- */
@@ -970,31 +1000,28 @@ static PyObject *Node_bitmap_add(NodeObject *self, PyObject *args,
     Py_RETURN_NONE;
 }
 
-/* The calls that take a bitmap name only. */
-static PyObject *bitmap_by(NodeObject *self, PyObject *args, const char *fmt,
-                           int (*fn)(vd_node *, const char *, vd_error *))
-{
-    return snapshot_by(self, args, fmt, fn);
-}
-
 static PyObject *Node_bitmap_remove(NodeObject *self, PyObject *args)
 {
-    return bitmap_by(self, args, "s:bitmap_remove", vd_bitmap_remove);
+    return call_by_name(self, args, "s:bitmap_remove", false,
+                        vd_bitmap_remove);
 }
 
 static PyObject *Node_bitmap_clear(NodeObject *self, PyObject *args)
 {
-    return bitmap_by(self, args, "s:bitmap_clear", vd_bitmap_clear);
+    return call_by_name(self, args, "s:bitmap_clear", false,
+                        vd_bitmap_clear);
 }
 
 static PyObject *Node_bitmap_enable(NodeObject *self, PyObject *args)
 {
-    return bitmap_by(self, args, "s:bitmap_enable", vd_bitmap_enable);
+    return call_by_name(self, args, "s:bitmap_enable", false,
+                        vd_bitmap_enable);
 }
 
 static PyObject *Node_bitmap_disable(NodeObject *self, PyObject *args)
 {
-    return bitmap_by(self, args, "s:bitmap_disable", vd_bitmap_disable);
+    return call_by_name(self, args, "s:bitmap_disable", false,
+                        vd_bitmap_disable);
 }
 
 /* bitmap_merge(target, sources): each source a name of this node's
@@ -1995,6 +2022,7 @@ static PyObject *mod_open(PyObject *m, PyObject *args, PyObject *kw)
     self->owner = NULL;
     self->name = NULL;
     self->inflight = 0;
+    self->exclusive = 0;
     self->jobs = NULL;
     self->njobs = 0;
     return (PyObject *)self;

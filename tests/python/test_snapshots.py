@@ -7,6 +7,8 @@
 import errno
 import os
 import sys
+import threading
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +95,46 @@ class SnapshotTest(helpers.TmpDirCase):
                                   n.snapshot_goto, "s1")
             n.bitmap_remove("b")
             n.snapshot_goto("s1")
+
+    def test_exclusive_against_other_threads(self):
+        """A snapshot (like a truncate) must not race the caller's own
+        requests (include/vdisk/vdisk.h): while another Python thread
+        has a read in flight it is refused with EBUSY, and while it runs
+        that thread's reads are refused, never run alongside."""
+        with vdisk.open(self.img, read_only=False) as n:
+            n.write(b"\x01" * MiB, 0)
+            stop = threading.Event()
+            errors, busy = [], []
+
+            def reader():
+                while not stop.is_set():
+                    try:
+                        self.assertEqual(n.read(0, MiB)[:1], b"\x01")
+                    except vdisk.Error as e:
+                        busy.append(e.errno)
+                    except Exception as e:  # noqa: BLE001
+                        errors.append(e)
+
+            t = threading.Thread(target=reader)
+            t.start()
+            refused = []
+            try:
+                for k in range(5):
+                    while True:
+                        try:
+                            n.snapshot_create("t%d" % k)
+                            break
+                        except vdisk.Error as e:
+                            refused.append(e.errno)
+                            time.sleep(0.0005)
+            finally:
+                stop.set()
+                t.join()
+            self.assertEqual(errors, [])
+            self.assertTrue(all(e == errno.EBUSY for e in refused + busy))
+            self.assertEqual(len(n.snapshot_list()), 5)
+        out = helpers.run("qemu-img", "check", self.img)
+        self.assertIn("No errors", out)
 
     def test_raw_has_no_snapshots(self):
         p = self.path("r.raw")
