@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import sys
+import threading
 import time
 import unittest
 
@@ -182,6 +183,27 @@ class JobTest(helpers.TmpDirCase):
                     self.top, tp)
         helpers.qemu_io(tp, "qcow2", "read -P 0x55 0 4k",
                         "read -P 0x44 3M 64k", "read -P 0x11 4k 1020k")
+
+    def test_backup_under_writes(self):
+        """test-job.c's backup under writes from another thread: the
+        target is the source as it was when the job started."""
+        tp, tgt = self.new_target("live.qcow2")
+        with vdisk.open(self.top, read_only=False) as top:
+            start = top.read(0, SIZE)
+            job = vdisk.backup("bk", top, tgt, speed=4 * MiB)
+
+            def writer():
+                for k in range(48):
+                    top.write(bytes([0x90 + (k & 15)]) * 8192,
+                              (k * 83 * KiB) % (SIZE - 8192))
+
+            t = threading.Thread(target=writer)
+            t.start()
+            t.join()
+            job.wait()
+            self.assertEqual(tgt.read(0, SIZE), start)
+            self.assertNotEqual(top.read(0, SIZE), start)
+        tgt.close()
 
     def test_cancel_and_verbs(self):
         with vdisk.open(self.top, read_only=False) as top:
