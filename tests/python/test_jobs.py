@@ -3,11 +3,12 @@
 # stream of a three-layer qcow2 chain with a progress callback, a stream
 # down to a base, commit of the middle layer, an active commit made READY
 # and cancelled, a mirror made READY and completed, a full backup and an
-# incremental one by a bitmap, a cancel, the verbs refused in states that
-# do not take them with QEMU's texts, close() refused while a job uses a
-# node, and a job that keeps its nodes alive when Python drops them. The
-# results are checked with qemu-img (info, compare) and qemu-io
-# (read -P).
+# incremental one by a bitmap, a backup while a Python thread writes the
+# source, the error policies stop and report, a cancel, the verbs refused
+# in states that do not take them with QEMU's texts, close() refused
+# while a job uses a node, a job that keeps its nodes alive when Python
+# drops them, and a dropped job that is cancelled. The results are
+# checked with qemu-img (info, compare) and qemu-io (read -P).
 import errno
 import gc
 import json
