@@ -36,6 +36,9 @@ packages=(build-essential binutils meson ninja-build pkg-config zlib1g-dev
           libzstd-dev libjson-c-dev liburing-dev libnbd-dev libgnutls28-dev
           qemu-utils qemu-system-common libnbd-bin nbdkit fio python3 clang
           gnutls-bin libclang-rt-14-dev
+          # the Python module (python/, docs/python.md): Debian's
+          # python3's headers
+          python3-dev
           # remote protocols (docs/remote.md): the libraries and the real
           # servers and peers their tests start
           libcurl4-gnutls-dev libssh-dev libiscsi-dev librbd-dev
