@@ -98,7 +98,10 @@ static const char *const daemon_opt_names[D_KINDS] = {
     "--qmp",
 };
 
-static const struct option serve_long[] = {
+/* The options of both forms (util.c's cli_commands[] points here too);
+ * serve_opt_allowed() says which ones each program takes. */
+const char cmd_serve_short_opts[] = ":hk:b:p:e:trx:D:f:l:nT:Vo:sc:dvAB:L";
+const struct option cmd_serve_long_opts[] = {
     { "help", no_argument, NULL, 'h' },
     { "socket", required_argument, NULL, 'k' },
     { "bind", required_argument, NULL, 'b' },
@@ -1233,11 +1236,12 @@ int cmd_serve(int argc, char **argv)
         return 1;
     }
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:nT:Vo:sc:dvAB:L", serve_long,
-                            &longidx)) != -1) {
+    while ((c = getopt_long(argc, argv, cmd_serve_short_opts,
+                            cmd_serve_long_opts, &longidx)) != -1) {
         if (c != ':' && c != '?' &&
-            !serve_opt_allowed(c, longidx >= 0 ? serve_long[longidx].name
-                                               : NULL)) {
+            !serve_opt_allowed(c, longidx >= 0
+                                  ? cmd_serve_long_opts[longidx].name
+                                  : NULL)) {
             /* Another program's option: unknown to this one. */
             cli_foreign_option_error(c, longidx, argv);
             serve_help_hint();
