@@ -36,6 +36,9 @@ packages=(build-essential binutils meson ninja-build pkg-config zlib1g-dev
           libzstd-dev libjson-c-dev liburing-dev libnbd-dev libgnutls28-dev
           qemu-utils qemu-system-common libnbd-bin nbdkit fio python3 clang
           gnutls-bin libclang-rt-14-dev
+          # the manual pages (docs/man/): scdoc builds them, man-db's
+          # man renders them in tests/cli/man.sh
+          scdoc man-db
           # remote protocols (docs/remote.md): the libraries and the real
           # servers and peers their tests start
           libcurl4-gnutls-dev libssh-dev libiscsi-dev librbd-dev

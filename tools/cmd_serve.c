@@ -309,6 +309,8 @@ static void serve_usage(void)
 "      --handshake-limit=N  drop clients that take over N s to negotiate\n"
 "                           (default 10, 0 = no limit)\n"
 "      --tls-authz=ID       admit only X.509 clients authz object ID allows\n"
+"      --tls-hostname=NAME  with -L: the name the server's certificate must\n"
+"                           carry (default: the -b address)\n"
 "  -L, --list               list another server's exports (-k, -b, -p,\n"
 "                           --tls-creds, --tls-hostname)\n"
 "  -c, --connect=DEV        bind the kernel's NBD device DEV to FILE\n"
