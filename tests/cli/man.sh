@@ -7,8 +7,9 @@
 # options the man page documents (vdisk(1), and vdisk-serve(1) for
 # serve, which must give every spelling: -f and --format); the synopsis
 # in `vdisk --help` must name every option but --help (issue 18: it left
-# out compare -p/-T and check -T). Then each page renders with
-# `man -l` at 80 columns without a warning.
+# out compare -p/-T and check -T). Each page renders with `man -l` at 80
+# columns without a warning, and `meson install` installs the pages and
+# the bash completion.
 source "$(dirname "$0")/../functions.sh"
 requires python3
 tmpdir
@@ -172,6 +173,24 @@ for p in problems:
     print("FAIL: " + p, file=sys.stderr)
 sys.exit(1 if problems else 0)
 PY
+
+# `meson install` puts the pages under share/man/man1 and man3, and the
+# bash completion (contrib/vdisk.bash, tests/cli/completion.sh) where
+# bash-completion looks for it.
+if [ $have_pages = 1 ] && command -v meson >/dev/null 2>&1; then
+    dest=$PWD/root
+    meson install -C "$builddir" --no-rebuild --destdir "$dest" \
+        > install.log 2>&1 || { cat install.log; fail "meson install failed"; }
+    for p in man1/vdisk.1 man1/vdisk-serve.1 man3/libvdisk.3; do
+        f=$(find "$dest" -path "*/share/man/$p")
+        [ -n "$f" ] || fail "meson install did not install share/man/$p"
+        cmp "$f" "$mandir/${p#*/}" || fail "installed $p differs from the built one"
+    done
+    f=$(find "$dest" -path '*/share/bash-completion/completions/vdisk')
+    [ -n "$f" ] || fail "meson install did not install the bash completion"
+    cmp "$f" "${VDISK_SRCDIR:-$(dirname "$0")/../..}/contrib/vdisk.bash" ||
+        fail "the installed bash completion differs from contrib/vdisk.bash"
+fi
 
 if [ $have_pages = 0 ]; then
     echo "$0: man page checks skipped: the pages were not built (scdoc" \
