@@ -66,7 +66,7 @@ static void foreach_option(const cli_command *c,
 }
 
 /* The argument's name as the synopsis writes it ("-f fmt",
- * "--output=ofmt", "--size N"), or "ARG". */
+ * "--output=ofmt", "--size N", "-r [leaks | all]"), or "ARG". */
 static void arg_name(const cli_command *c, const char *spelling,
                      char *buf, size_t len)
 {
@@ -83,6 +83,21 @@ static void arg_name(const cli_command *c, const char *spelling,
             continue;
         }
         q++;
+        /* "-r [leaks | all]": the choices, without the spaces. */
+        if (*q == '[') {
+            size_t o = 0;
+            for (q++; *q && *q != ']' && o + 1 < len; q++) {
+                if (*q != ' ') {
+                    buf[o++] = *q;
+                }
+            }
+            buf[o] = 0;
+            if (*q == ']' && o > 0) {
+                return;
+            }
+            snprintf(buf, len, "ARG");
+            continue;
+        }
         size_t w = 0;
         while (q[w] && (isalnum((unsigned char)q[w]) || q[w] == '_')) {
             w++;

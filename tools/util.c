@@ -455,7 +455,7 @@ void cli_print_help(void)
 "  '-c' indicates that target image must be compressed (qcow format only)\n"
 "  '-u' allows unsafe backing chains. For image creation, allow creating\n"
 "       without attempting to open the backing file.\n"
-"  '-h' with or without a command shows this help and lists the supported formats\n"
+"%s"
 "  '-p' show progress of command (only certain commands)\n"
 "  '-q' use Quiet mode - do not print any output (except errors)\n"
 "  '-S' indicates the consecutive number of bytes (defaults to 4k) that must\n"
@@ -493,7 +493,14 @@ void cli_print_help(void)
 "  '-a' applies a snapshot (revert disk to saved state)\n"
 "  '-c' creates a snapshot\n"
 "  '-d' deletes a snapshot\n"
-"  '-l' lists all snapshots in the given image\n", cli_prog, cli_prog);
+"  '-l' lists all snapshots in the given image\n",
+           /* vdisk's CMD -h is that command's own help (tools/help.c) */
+           qemu ? "  '-h' with or without a command shows this help and lists "
+                  "the supported formats\n"
+                : "  '-h' shows this help and lists the supported formats;\n"
+                  "       'vdisk CMD -h' and 'vdisk help CMD' show one "
+                  "command's options\n",
+           cli_prog, cli_prog);
     if (!qemu) {
         printf(
 "  '--group' runs -c, -a or -d on all the given images at once (one VM's\n"
