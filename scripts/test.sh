@@ -39,6 +39,9 @@ packages=(build-essential binutils meson ninja-build pkg-config zlib1g-dev
           # the Python module (python/, docs/python.md): Debian's
           # python3's headers
           python3-dev
+          # the manual pages (docs/man/): scdoc builds them, man-db's
+          # man renders them in tests/cli/man.sh
+          scdoc man-db
           # remote protocols (docs/remote.md): the libraries and the real
           # servers and peers their tests start
           libcurl4-gnutls-dev libssh-dev libiscsi-dev librbd-dev

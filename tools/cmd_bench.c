@@ -43,6 +43,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "commands.h"
 #include "util.h"
 #include "vdisk/vdisk.h"
 #include "prog.h"
@@ -125,11 +126,8 @@ static void bench_usage(void)
         cli_print_help();
         return;
     }
-    printf("usage: vdisk bench [-c count] [-d depth] [-f fmt] "
-           "[--flush-interval=flush_interval] [-i aio] [-n] [--no-drain] "
-           "[-o offset] [--pattern=pattern] [-q] [-s buffer_size] "
-           "[-S step_size] [-t cache] [-w] [-U] [--random] filename\n"
-           "\n"
+    cli_print_command_help(cli_find_command("bench"));
+    printf("\n"
            "Runs COUNT requests (default 75000) of BUFFER_SIZE bytes "
            "(default 4k) with DEPTH\n"
            "(default 64) in flight, starting at OFFSET and advancing by "
@@ -422,18 +420,21 @@ out:
     return node;
 }
 
+/* bench's options (util.c's cli_commands[] points here too). */
+const char cmd_bench_short_opts[] = ":hc:d:f:ni:o:qs:S:t:wU";
+const struct option cmd_bench_long_opts[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "flush-interval", required_argument, NULL, BENCH_OPT_FLUSH_INTERVAL },
+    { "image-opts", no_argument, NULL, BENCH_OPT_IMAGE_OPTS },
+    { "pattern", required_argument, NULL, BENCH_OPT_PATTERN },
+    { "no-drain", no_argument, NULL, BENCH_OPT_NO_DRAIN },
+    { "force-share", no_argument, NULL, 'U' },
+    { "random", no_argument, NULL, BENCH_OPT_RANDOM },
+    { NULL, 0, NULL, 0 },
+};
+
 int cmd_bench(int argc, char **argv)
 {
-    static const struct option long_opts[] = {
-        { "help", no_argument, NULL, 'h' },
-        { "flush-interval", required_argument, NULL, BENCH_OPT_FLUSH_INTERVAL },
-        { "image-opts", no_argument, NULL, BENCH_OPT_IMAGE_OPTS },
-        { "pattern", required_argument, NULL, BENCH_OPT_PATTERN },
-        { "no-drain", no_argument, NULL, BENCH_OPT_NO_DRAIN },
-        { "force-share", no_argument, NULL, 'U' },
-        { "random", no_argument, NULL, BENCH_OPT_RANDOM },
-        { NULL, 0, NULL, 0 },
-    };
     const char *fmt = NULL, *cache = NULL, *aio = NULL, *filename;
     unsigned long count = 75000, depth = 64, pattern = 0, flush_interval = 0;
     uint64_t offset = 0, bufsize = 4096, step = 0;
@@ -450,10 +451,11 @@ int cmd_bench(int argc, char **argv)
 
     optind = 0;    /* reset getopt for this argv (glibc: full reset) */
     opterr = 0;
-    while ((c = getopt_long(argc, argv, ":hc:d:f:ni:o:qs:S:t:wU", long_opts,
-                            &longidx)) != -1) {
+    while ((c = getopt_long(argc, argv, cmd_bench_short_opts,
+                            cmd_bench_long_opts, &longidx)) != -1) {
         if (cli_as == CLI_QEMU_IMG && longidx >= 0 &&
-            cli_option_is_vdisk_only("bench", long_opts[longidx].name)) {
+            cli_option_is_vdisk_only("bench",
+                                     cmd_bench_long_opts[longidx].name)) {
             c = '?';
         }
         longidx = -1;

@@ -36,6 +36,13 @@ int cmd_resize(int argc, char **argv)
     int64_t current, total;
     vd_node *node;
 
+    /* qemu-img counts the arguments before it reads an option (its
+     * `resize --help` is "Not enough arguments"); vdisk's help works. */
+    if (argc == 2 && cli_as == CLI_VDISK &&
+        (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0)) {
+        cli_print_command_help(cli_find_command("resize"));
+        return 0;
+    }
     if (argc < 3) {
         cli_error_hint("Not enough arguments");
         return 1;

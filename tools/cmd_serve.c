@@ -98,7 +98,10 @@ static const char *const daemon_opt_names[D_KINDS] = {
     "--qmp",
 };
 
-static const struct option serve_long[] = {
+/* The options of both forms (util.c's cli_commands[] points here too);
+ * serve_opt_allowed() says which ones each program takes. */
+const char cmd_serve_short_opts[] = ":hk:b:p:e:trx:D:f:l:nT:Vo:sc:dvAB:L";
+const struct option cmd_serve_long_opts[] = {
     { "help", no_argument, NULL, 'h' },
     { "socket", required_argument, NULL, 'k' },
     { "bind", required_argument, NULL, 'b' },
@@ -306,6 +309,8 @@ static void serve_usage(void)
 "      --handshake-limit=N  drop clients that take over N s to negotiate\n"
 "                           (default 10, 0 = no limit)\n"
 "      --tls-authz=ID       admit only X.509 clients authz object ID allows\n"
+"      --tls-hostname=NAME  with -L: the name the server's certificate must\n"
+"                           carry (default: the -b address)\n"
 "  -L, --list               list another server's exports (-k, -b, -p,\n"
 "                           --tls-creds, --tls-hostname)\n"
 "  -c, --connect=DEV        bind the kernel's NBD device DEV to FILE\n"
@@ -1233,11 +1238,12 @@ int cmd_serve(int argc, char **argv)
         return 1;
     }
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":hk:b:p:e:trx:D:f:l:nT:Vo:sc:dvAB:L", serve_long,
-                            &longidx)) != -1) {
+    while ((c = getopt_long(argc, argv, cmd_serve_short_opts,
+                            cmd_serve_long_opts, &longidx)) != -1) {
         if (c != ':' && c != '?' &&
-            !serve_opt_allowed(c, longidx >= 0 ? serve_long[longidx].name
-                                               : NULL)) {
+            !serve_opt_allowed(c, longidx >= 0
+                                  ? cmd_serve_long_opts[longidx].name
+                                  : NULL)) {
             /* Another program's option: unknown to this one. */
             cli_foreign_option_error(c, longidx, argv);
             serve_help_hint();

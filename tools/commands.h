@@ -6,6 +6,17 @@
 #ifndef VDISK_TOOLS_COMMANDS_H
 #define VDISK_TOOLS_COMMANDS_H
 
+#include <getopt.h>
+
+/* The getopt tables of the commands that parse without cli_getopt()
+ * (bench, io, serve: each its own messages); util.c's cli_commands[]
+ * points at them, so help and `vdisk --list-options` read the tables
+ * the parser uses. */
+extern const char cmd_bench_short_opts[], cmd_io_short_opts[],
+    cmd_serve_short_opts[];
+extern const struct option cmd_bench_long_opts[], cmd_io_long_opts[],
+    cmd_serve_long_opts[];
+
 int cmd_create(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 /* Long-only options of convert (beyond util.h's range). */

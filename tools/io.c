@@ -3114,30 +3114,33 @@ static void usage(void)
            qemu ? "qemu-io" : "vdisk io");
 }
 
+/* The command line's options (util.c's cli_commands[] points here too). */
+const char cmd_io_short_opts[] = ":hVc:d:f:rl:snCmki:t:o:T:U";
+const struct option cmd_io_long_opts[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "version", no_argument, NULL, 'V' },
+    { "cmd", required_argument, NULL, 'c' },
+    { "format", required_argument, NULL, 'f' },
+    { "read-only", no_argument, NULL, 'r' },
+    { "load-snapshot", required_argument, NULL, 'l' },
+    { "snapshot", no_argument, NULL, 's' },
+    { "nocache", no_argument, NULL, 'n' },
+    { "copy-on-read", no_argument, NULL, 'C' },
+    { "misalign", no_argument, NULL, 'm' },
+    { "native-aio", no_argument, NULL, 'k' },
+    { "discard", required_argument, NULL, 'd' },
+    { "cache", required_argument, NULL, 't' },
+    { "aio", required_argument, NULL, 'i' },
+    { "options", required_argument, NULL, 'o' },
+    { "force-share", no_argument, NULL, 'U' },
+    { "image-opts", no_argument, NULL, 'I' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "trace", required_argument, NULL, 'T' },
+    { NULL, 0, NULL, 0 },
+};
+
 int cmd_io(int argc, char **argv)
 {
-    static const struct option lopts[] = {
-        { "help", no_argument, NULL, 'h' },
-        { "version", no_argument, NULL, 'V' },
-        { "cmd", required_argument, NULL, 'c' },
-        { "format", required_argument, NULL, 'f' },
-        { "read-only", no_argument, NULL, 'r' },
-        { "load-snapshot", required_argument, NULL, 'l' },
-        { "snapshot", no_argument, NULL, 's' },
-        { "nocache", no_argument, NULL, 'n' },
-        { "copy-on-read", no_argument, NULL, 'C' },
-        { "misalign", no_argument, NULL, 'm' },
-        { "native-aio", no_argument, NULL, 'k' },
-        { "discard", required_argument, NULL, 'd' },
-        { "cache", required_argument, NULL, 't' },
-        { "aio", required_argument, NULL, 'i' },
-        { "options", required_argument, NULL, 'o' },
-        { "force-share", no_argument, NULL, 'U' },
-        { "image-opts", no_argument, NULL, 'I' },
-        { "object", required_argument, NULL, OPT_OBJECT },
-        { "trace", required_argument, NULL, 'T' },
-        { NULL, 0, NULL, 0 },
-    };
     open_args a;
     char **cmds = NULL;
     int ncmds = 0, c, i, last_error = 0, ret, longidx = -1;
@@ -3155,7 +3158,7 @@ int cmd_io(int argc, char **argv)
     }
     opterr = 0;
     optind = 0;
-    while ((c = getopt_long(argc, argv, ":hVc:d:f:rl:snCmki:t:o:T:U", lopts,
+    while ((c = getopt_long(argc, argv, cmd_io_short_opts, cmd_io_long_opts,
                             &longidx)) != -1) {
         /* -l and -o are vdisk io's: unknown to qemu-io. */
         if (cli_as == CLI_QEMU_IO && (c == 'l' || c == 'o')) {

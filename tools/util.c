@@ -218,10 +218,11 @@ const cli_command cli_commands[] = {
       "[--force] -o options filename",
       ":ho:f:t:pq", amend_long },
     { "bench", cmd_bench,
-      "[-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] "
+      "[-c count] [-d depth] [-f fmt] [--image-opts] "
+      "[--flush-interval=flush_interval] "
       "[-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] "
       "[-s buffer_size] [-S step_size] [-t cache] [-w] [-U] [--random] "
-      "filename", NULL, NULL },
+      "filename", cmd_bench_short_opts, cmd_bench_long_opts },
     { "bitmap", cmd_bitmap,
       "(--merge SOURCE | --add | --remove | --clear | --enable | "
       "--disable)... [-b source_file [-F source_fmt]] [-g granularity] "
@@ -244,7 +245,8 @@ const cli_command cli_commands[] = {
       "[--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] [-U] [-C] [-c] "
       "[-p] [-q] [-n] [-f fmt] [-t cache] "
       "[-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] "
-      "[-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] "
+      "[-o options] [-l snapshot_param] [-s snapshot_id] [-S sparse_size] "
+      "[-r rate_limit] "
       "[-m num_coroutines] [-W] [--salvage] filename "
       "[filename2 [...]] output_filename",
       ":hf:O:o:S:pt:T:qnm:WUCcl:s:B:F:r:", convert_long },
@@ -261,7 +263,8 @@ const cli_command cli_commands[] = {
       "[-U] --bitmap name filename",
       ":f:hU", diff_long },
     { "dd", cmd_dd,
-      "[--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] "
+      "[--object objectdef] [--image-opts] [-U] [-f fmt] [-O output_fmt] "
+      "[bs=block_size] "
       "[count=blocks] [skip=blocks] if=input of=output",
       ":hf:O:U", dd_long },
     { "info", cmd_info,
@@ -269,9 +272,11 @@ const cli_command cli_commands[] = {
       "[--backing-chain] [-U] filename",
       ":f:hU", info_long },
     { "io", cmd_io,
-      "[--object objectdef] [--image-opts] [-f fmt] [-r] [-c command]... "
-      "filename (qemu-io's commands)",
-      NULL, NULL },
+      "[--object objectdef] [--image-opts] [-f fmt] [-r] [-s] "
+      "[-l snapshot_param] [-n] [-t cache] [-i aio] [-k] [-d discard] [-C] "
+      "[-m] [-o options] [-T trace] [-U] [-c command]... filename "
+      "(qemu-io's commands)",
+      cmd_io_short_opts, cmd_io_long_opts },
     { "map", cmd_map,
       "[--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] "
       "[--max-length=len] [--output=ofmt] [-U] filename",
@@ -279,7 +284,7 @@ const cli_command cli_commands[] = {
     { "measure", cmd_measure,
       "[--output=ofmt] [-O output_fmt] [-o options] [--size N | "
       "[--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] "
-      "filename]",
+      "[-U] filename]",
       ":hf:O:o:l:U", measure_long },
     { "rebase", cmd_rebase,
       "[--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] "
@@ -292,8 +297,11 @@ const cli_command cli_commands[] = {
     { "serve", cmd_serve,
       "[-f fmt] [-r] [-x name] [-D description] [-k socket | -b addr "
       "-p port] [-e shared] [-t] [--fork] [--pid-file=file] [--cache=mode] "
-      "[--aio=mode] [--discard=mode] [--detect-zeroes=mode] filename... "
-      "(qemu-nbd's options)", NULL, NULL },
+      "[--aio=mode] [--discard=mode] [--detect-zeroes=mode] filename...\n"
+      "  serve --blockdev options [--nbd-server options] [--export options] "
+      "[--chardev options --monitor options | --qmp unix:path] "
+      "(every option of qemu-nbd's and qemu-storage-daemon's forms: "
+      "vdisk serve --help)", cmd_serve_short_opts, cmd_serve_long_opts },
     { "snapshot", cmd_snapshot,
       "[--object objectdef] [--image-opts] [-U] [-q] [-f fmt] "
       "[-l | -a snapshot | -c snapshot | -d snapshot] filename\n"
@@ -447,7 +455,7 @@ void cli_print_help(void)
 "  '-c' indicates that target image must be compressed (qcow format only)\n"
 "  '-u' allows unsafe backing chains. For image creation, allow creating\n"
 "       without attempting to open the backing file.\n"
-"  '-h' with or without a command shows this help and lists the supported formats\n"
+"%s"
 "  '-p' show progress of command (only certain commands)\n"
 "  '-q' use Quiet mode - do not print any output (except errors)\n"
 "  '-S' indicates the consecutive number of bytes (defaults to 4k) that must\n"
@@ -485,7 +493,14 @@ void cli_print_help(void)
 "  '-a' applies a snapshot (revert disk to saved state)\n"
 "  '-c' creates a snapshot\n"
 "  '-d' deletes a snapshot\n"
-"  '-l' lists all snapshots in the given image\n", cli_prog, cli_prog);
+"  '-l' lists all snapshots in the given image\n",
+           /* vdisk's CMD -h is that command's own help (tools/help.c) */
+           qemu ? "  '-h' with or without a command shows this help and lists "
+                  "the supported formats\n"
+                : "  '-h' shows this help and lists the supported formats;\n"
+                  "       'vdisk CMD -h' and 'vdisk help CMD' show one "
+                  "command's options\n",
+           cli_prog, cli_prog);
     if (!qemu) {
         printf(
 "  '--group' runs -c, -a or -d on all the given images at once (one VM's\n"
@@ -524,6 +539,13 @@ int cli_getopt(const char *name, int argc, char **argv)
         cli_foreign_option_error(ch, longidx, argv);
         cli_help_hint();
         return '?';
+    }
+    /* vdisk's -h is the command's own help; qemu-img's (and so the
+     * command's 'h' case) the whole of it. */
+    if (ch == 'h' && cli_as == CLI_VDISK) {
+        cli_print_command_help(c);
+        vd_object_del_all();
+        exit(0);
     }
     if (ch == ':') {
         cli_error_hint("missing argument for option '%s'", argv[optind - 1]);

@@ -47,6 +47,16 @@ extern const cli_command cli_commands[];
 /* Finds a subcommand by name, or NULL. */
 const cli_command *cli_find_command(const char *name);
 
+/* `vdisk CMD --help` and `vdisk help CMD` of a command that parses with
+ * cli_getopt() (tools/help.c): its synopsis and every option with all
+ * its spellings, from the tables the parser uses. */
+void cli_print_command_help(const cli_command *c);
+
+/* The hidden `vdisk --list-options CMD` (tools/help.c): one line per
+ * option of @name, its spellings separated by spaces ("-f --format"),
+ * a tab, and "arg", "optarg" or "noarg". Returns the exit status. */
+int cli_list_options(const char *name);
+
 /* Whether @c is vdisk's own (io, serve): qemu-img has no such command. */
 bool cli_command_is_vdisk_only(const cli_command *c);
 

@@ -61,7 +61,25 @@ int main(int argc, char **argv)
         cli_error_hint("Not enough arguments");
         return 1;
     }
-    /* "help" is vdisk's; qemu-img calls it an unknown command. */
+    /* "help" is vdisk's; qemu-img calls it an unknown command.
+     * `vdisk help CMD` is `vdisk CMD --help`. */
+    if (cli_as == CLI_VDISK && strcmp(argv[1], "help") == 0 && argc > 2) {
+        char *help_argv[] = { argv[2], (char *)"--help", NULL };
+
+        cmd = cli_find_command(argv[2]);
+        if (!cmd) {
+            cli_error_hint("Command not found: %s", argv[2]);
+            return 1;
+        }
+        ret = cmd->handler(2, help_argv);
+        vd_object_del_all();
+        return ret;
+    }
+    /* The hidden machine-readable dump of a command's getopt tables
+     * (tools/help.c): tests/cli/man.sh and contrib/vdisk.bash read it. */
+    if (cli_as == CLI_VDISK && strcmp(argv[1], "--list-options") == 0) {
+        return cli_list_options(argc > 2 ? argv[2] : NULL);
+    }
     if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 ||
         (cli_as == CLI_VDISK && strcmp(argv[1], "help") == 0)) {
         cli_print_help();
