@@ -431,6 +431,16 @@ out:
     return node;
 }
 
+/* A measured figure with the digits it deserves, as a JSON number. */
+static void add_figure(json_object *o, const char *key, const char *fmt,
+                       double v)
+{
+    char text[64];
+
+    snprintf(text, sizeof(text), fmt, v);
+    json_object_object_add(o, key, json_object_new_double_s(v, text));
+}
+
 int cmd_bench(int argc, char **argv)
 {
     static const struct option long_opts[] = {
@@ -717,12 +727,10 @@ int cmd_bench(int argc, char **argv)
                                                     : b.step)));
         json_object_object_add(o, "flush-interval", json_object_new_int64(
                                    (int64_t)flush_interval));
-        json_object_object_add(o, "seconds", json_object_new_double(secs));
-        json_object_object_add(o, "iops", json_object_new_double(
-                                   secs > 0 ? (double)count / secs : 0));
-        json_object_object_add(o, "bytes-per-second", json_object_new_double(
-                                   secs > 0 ? (double)count * (double)bufsize /
-                                              secs : 0));
+        add_figure(o, "seconds", "%.6f", secs);
+        add_figure(o, "iops", "%.1f", secs > 0 ? (double)count / secs : 0);
+        add_figure(o, "bytes-per-second", "%.0f",
+                   secs > 0 ? (double)count * (double)bufsize / secs : 0);
         cli_print_json(o);
     } else {
         printf("Run completed in %3.3f seconds.\n", t2 - t1);

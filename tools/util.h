@@ -150,7 +150,8 @@ struct json_object;
 void cli_print_json(struct json_object *obj);
 
 /*
- * Progress meter. Human form (-p, --progress=human): qemu-img's
+ * Progress meter. Human form (-p; --progress=human only names this
+ * default form, undoing an earlier --progress=json): qemu-img's
  * "    (12.34/100%)\r" on stdout. --progress=json: one JSON object per
  * line on stderr, {"command":"convert","progress":12.5,"bytes":N,
  * "total":N,"elapsed":0.42} ("bytes"/"total" only when the command
