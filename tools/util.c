@@ -984,10 +984,23 @@ int cli_parse_progress_arg(int opt, const char *arg)
         cli_error("--progress-fd: '%s' is not a file descriptor number", arg);
         return -1;
     }
-    /* Refused now, not at the first line: the command has not started. */
-    if (fcntl((int)fd, F_GETFL) < 0) {
+    /* Refused now, not at the first line: the command has not started.
+     * Standard output carries the command's result, never progress. */
+    int fl = fcntl((int)fd, F_GETFL);
+
+    if (fl < 0) {
         cli_error("--progress-fd: file descriptor %ld is not open: %s", fd,
                   strerror(errno));
+        return -1;
+    }
+    if ((fl & O_ACCMODE) == O_RDONLY) {
+        cli_error("--progress-fd: file descriptor %ld is not open for "
+                  "writing", fd);
+        return -1;
+    }
+    if (fd == STDOUT_FILENO) {
+        cli_error("--progress-fd: progress never goes to standard output "
+                  "(1), where the result goes");
         return -1;
     }
     progress_fd = (int)fd;

@@ -133,6 +133,14 @@ grep -q 'file descriptor 97 is not open' err.txt ||
     fail "--progress-fd=97: $(cat err.txt)"
 expect_status 1 "$VDISK" convert --progress-fd=x -O raw img.qcow2 bad.raw \
     2>/dev/null
+expect_status 1 "$VDISK" convert --progress-fd=1 -O raw img.qcow2 bad.raw \
+    2>err.txt
+grep -q 'never goes to standard output' err.txt || fail "fd 1: $(cat err.txt)"
+exec 7<img.qcow2
+expect_status 1 "$VDISK" convert --progress-fd=7 -O raw img.qcow2 bad.raw \
+    2>err.txt
+exec 7<&-
+grep -q 'not open for writing' err.txt || fail "read-only fd: $(cat err.txt)"
 [ ! -e bad.raw ] || fail "a refused convert wrote its target"
 sum=$(sha256sum img.qcow2)
 expect_status 1 "$VDISK" commit --progress=bogus img.qcow2 2>/dev/null
