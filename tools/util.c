@@ -10,6 +10,8 @@
 #include <inttypes.h>
 #include <json-c/json.h>
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1020,21 +1022,38 @@ static double progress_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* write() all of @buf to @fd; a consumer that went away (EPIPE, a
- * closed fd) does not stop the command. */
-static void progress_write(int fd, const char *buf, size_t len)
+/* write() all of @buf to @p's fd. A consumer that went away does not
+ * stop the command: SIGPIPE is held off around the write (and a pending
+ * one taken back), and after a failed write the meter goes quiet. */
+static void progress_write(cli_progress *p, const char *buf, size_t len)
 {
+    sigset_t pipe_set, old;
+    bool broken = false;
+
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_set, &old);
     while (len > 0) {
-        ssize_t n = write(fd, buf, len);
+        ssize_t n = write(p->fd, buf, len);
 
         if (n < 0 && errno == EINTR) {
             continue;
         }
         if (n <= 0) {
-            return;
+            broken = true;
+            break;
         }
         buf += n;
         len -= (size_t)n;
+    }
+    if (broken && errno == EPIPE && !sigismember(&old, SIGPIPE)) {
+        const struct timespec now = { 0, 0 };
+
+        sigtimedwait(&pipe_set, NULL, &now);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (broken) {
+        p->enabled = false;
     }
 }
 
@@ -1050,7 +1069,7 @@ static void progress_show(cli_progress *p, float v)
 
         if (n != p->last_int) {
             p->last_int = n;
-            progress_write(p->fd, line,
+            progress_write(p, line,
                            (size_t)snprintf(line, sizeof(line), "%d/100\n",
                                             n));
         }
@@ -1068,7 +1087,7 @@ static void progress_show(cli_progress *p, float v)
         }
         len += snprintf(line + len, sizeof(line) - (size_t)len,
                         ", \"elapsed\": %.3f}\n", progress_now() - p->start);
-        progress_write(p->fd, line, (size_t)len);
+        progress_write(p, line, (size_t)len);
     }
     p->last = v;
 }

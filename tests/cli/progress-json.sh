@@ -115,6 +115,18 @@ check_json compare fd.txt || fail "--progress=json --progress-fd lines"
 [ ! -s err.txt ] || fail "--progress-fd: stderr has $(cat err.txt)"
 grep -qx 'Images are identical.' out.txt || fail "compare with fd"
 
+# ---- a reader that goes away does not stop the command (no SIGPIPE) ----
+exec 7> >(head -c 1 >/dev/null)
+sleep 0.2
+"$VDISK" convert --progress-fd=7 -O raw img.qcow2 gone.raw
+exec 7>&-
+cmp gone.raw fd.raw || fail "convert with a gone progress reader"
+st=0
+"$VDISK" convert --progress=json -O raw img.qcow2 gone2.raw 2>&1 >/dev/null |
+    head -c 1 >/dev/null || st=$?
+[ "$st" = 0 ] || fail "convert with a gone stderr reader: status $st"
+cmp gone2.raw fd.raw || fail "convert with a gone stderr reader"
+
 # ---- -p: qemu-img's meter, unchanged ----
 $QEMU_IMG convert -p -O raw img.qcow2 q.raw >q.txt
 "$VDISK" convert -p -O raw img.qcow2 v.raw >v.txt
