@@ -240,7 +240,8 @@ static const struct option dd_long[] = {
 const cli_command cli_commands[] = {
     { "amend", cmd_amend,
       "[--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] "
-      "[--force] [--output=ofmt] [--progress=pfmt] [--progress-fd=N] -o options filename",
+      "[--force] [--output=ofmt] [--progress=pfmt] [--progress-fd=N] "
+      "-o options filename",
       ":ho:f:t:pq", amend_long },
     { "bench", cmd_bench,
       "[-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] "
@@ -255,15 +256,18 @@ const cli_command cli_commands[] = {
       ":b:f:F:g:h", bitmap_long },
     { "check", cmd_check,
       "[--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] "
-      "[-r [leaks | all]] [-T src_cache] [-U] [--progress=pfmt] [--progress-fd=N] filename",
+      "[-r [leaks | all]] [-T src_cache] [-U] [--progress=pfmt] "
+      "[--progress-fd=N] filename",
       ":hf:r:T:qU", check_long },
     { "commit", cmd_commit,
       "[--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] "
-      "[-b base] [-r rate_limit] [-d] [-p] [--output=ofmt] [--progress=pfmt] [--progress-fd=N] filename",
+      "[-b base] [-r rate_limit] [-d] [-p] [--output=ofmt] "
+      "[--progress=pfmt] [--progress-fd=N] filename",
       ":hf:t:b:dpqr:", commit_long },
     { "compare", cmd_compare,
       "[--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] "
-      "[-p] [-q] [-s] [-U] [--output=ofmt] [--progress=pfmt] [--progress-fd=N] filename1 filename2",
+      "[-p] [-q] [-s] [-U] [--output=ofmt] [--progress=pfmt] "
+      "[--progress-fd=N] filename1 filename2",
       ":hf:F:T:pqsU", compare_long },
     { "convert", cmd_convert,
       "[--object objectdef] [--image-opts] [--target-image-opts] "
@@ -271,7 +275,8 @@ const cli_command cli_commands[] = {
       "[-p] [-q] [-n] [-f fmt] [-t cache] "
       "[-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] "
       "[-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] "
-      "[-m num_coroutines] [-W] [--salvage] [--output=ofmt] [--progress=pfmt] [--progress-fd=N] filename "
+      "[-m num_coroutines] [-W] [--salvage] [--output=ofmt] "
+      "[--progress=pfmt] [--progress-fd=N] filename "
       "[filename2 [...]] output_filename",
       ":hf:O:o:S:pt:T:qnm:WUCcl:s:B:F:r:", convert_long },
     { "create", cmd_create,
@@ -280,7 +285,8 @@ const cli_command cli_commands[] = {
       ":F:b:f:ho:qu", create_long },
     { "diff", cmd_diff,
       "[--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [-U] "
-      "[--exact] [--progress=pfmt] [--progress-fd=N] filename snapshot_a [snapshot_b]\n"
+      "[--exact] [--progress=pfmt] [--progress-fd=N] filename snapshot_a "
+      "[snapshot_b]\n"
       "  diff [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
       "[-U] [--exact] top_filename base_filename\n"
       "  diff [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
@@ -288,7 +294,8 @@ const cli_command cli_commands[] = {
       ":f:hU", diff_long },
     { "dd", cmd_dd,
       "[--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] "
-      "[count=blocks] [skip=blocks] [--output=ofmt] [--progress=pfmt] [--progress-fd=N] if=input "
+      "[count=blocks] [skip=blocks] [--output=ofmt] [--progress=pfmt] "
+      "[--progress-fd=N] if=input "
       "of=output",
       ":hf:O:U", dd_long },
     { "info", cmd_info,
@@ -310,7 +317,8 @@ const cli_command cli_commands[] = {
       ":hf:O:o:l:U", measure_long },
     { "rebase", cmd_rebase,
       "[--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] "
-      "[-T src_cache] [-p] [-u] [--output=ofmt] [--progress=pfmt] [--progress-fd=N] -b backing_file "
+      "[-T src_cache] [-p] [-u] [--output=ofmt] [--progress=pfmt] "
+      "[--progress-fd=N] -b backing_file "
       "[-F backing_fmt] filename",
       ":hf:F:b:upt:T:qU", rebase_long },
     { "resize", cmd_resize,
