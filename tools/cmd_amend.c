@@ -5,11 +5,14 @@
  * from the driver's own descriptions); the driver's messages
  * are printed as qemu-img prints them, with qemu-img's hints for options
  * that only creation accepts and for backing-file changes.
+ * --output=json (vdisk's own, docs/json.md) reports what was applied.
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <json-c/json.h>
 
 #include "commands.h"
 #include "util.h"
@@ -86,10 +89,11 @@ int cmd_amend(int argc, char **argv)
     const char *fmt = NULL, *filename = NULL, *cache = NULL;
     char *options = NULL;
     bool progress = false, quiet = false, force = false, image_opts = false;
+    bool json = false;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL, *open_opts = NULL;
     vd_node *node = NULL;
-    cli_progress prog = { false, 0, 0 };
+    cli_progress prog = { 0 };
     int ch, ret = 1;
 
     while ((ch = cli_getopt("amend", argc, argv)) != -1) {
@@ -131,6 +135,11 @@ int cmd_amend(int argc, char **argv)
             break;
         case OPT_IMAGE_OPTS:
             image_opts = true;
+            break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                goto out;
+            }
             break;
         default:
             goto out;
@@ -193,6 +202,29 @@ int cmd_amend(int argc, char **argv)
             fprintf(stderr, "You can use '%s rebase' instead.\n", cli_prog);
         }
         goto out;
+    }
+    if (cli_progress_machine()) {
+        cli_progress_print(&prog, 100);
+    }
+    if (json && !quiet) {
+        /* What was asked and applied, as given (docs/json.md). */
+        json_object *o = json_object_new_object();
+        json_object *set = json_object_new_object();
+
+        json_object_object_add(o, "image", json_object_new_string(filename));
+        json_object_object_add(o, "format", json_object_new_string(fmt));
+        for (size_t i = 0; i < vd_opts_count(opts); i++) {
+            const char *k, *v;
+
+            vd_opts_nth(opts, i, &k, &v);
+            json_object_object_add(set, k, json_object_new_string(v));
+        }
+        json_object_object_add(o, "options", set);
+        json_object_object_add(o, "force", json_object_new_boolean(force));
+        ret = 0;
+        cli_progress_end(&prog);
+        prog.enabled = false;
+        cli_print_json(o);
     }
     ret = 0;
 out:

@@ -25,6 +25,9 @@
  * own request, while the other workers' requests stay in flight. The
  * final flush is left to close, as qemu-img leaves it outside its timing.
  *
+ * --output=json (vdisk's own, docs/json.md) replaces the two sentences
+ * with one object carrying the same figures.
+ *
  * Layout: option parsing (qemu-img's messages), the offset functions, the
  * worker pool, then cmd_bench() which opens the image and times the run.
  * Only the public API (vdisk/vdisk.h) is used.
@@ -44,6 +47,8 @@
 #include <time.h>
 
 #include "commands.h"
+#include <json-c/json.h>
+
 #include "util.h"
 #include "vdisk/vdisk.h"
 #include "prog.h"
@@ -63,6 +68,7 @@ enum {
     BENCH_OPT_PATTERN,
     BENCH_OPT_NO_DRAIN,
     BENCH_OPT_RANDOM,
+    BENCH_OPT_OUTPUT,
 };
 
 typedef struct bench {
@@ -134,7 +140,9 @@ static void bench_usage(void)
            "STEP_SIZE, as\n"
            "qemu-img bench does. --random (vdisk only) sends each request "
            "to a pseudo-random\n"
-           "multiple of STEP_SIZE drawn with a fixed seed.\n");
+           "multiple of STEP_SIZE drawn with a fixed seed. --output=json "
+           "(vdisk only)\n"
+           "prints the figures as one object (docs/json.md).\n");
 }
 
 /* qemu_strtoul(str, NULL, 0, ...) with an upper bound: the whole string
@@ -430,8 +438,19 @@ const struct option cmd_bench_long_opts[] = {
     { "no-drain", no_argument, NULL, BENCH_OPT_NO_DRAIN },
     { "force-share", no_argument, NULL, 'U' },
     { "random", no_argument, NULL, BENCH_OPT_RANDOM },
+    { "output", required_argument, NULL, BENCH_OPT_OUTPUT },
     { NULL, 0, NULL, 0 },
 };
+
+/* A measured figure with the digits it deserves, as a JSON number. */
+static void add_figure(json_object *o, const char *key, const char *fmt,
+                       double v)
+{
+    char text[64];
+
+    snprintf(text, sizeof(text), fmt, v);
+    json_object_object_add(o, key, json_object_new_double_s(v, text));
+}
 
 int cmd_bench(int argc, char **argv)
 {
@@ -439,7 +458,7 @@ int cmd_bench(int argc, char **argv)
     unsigned long count = 75000, depth = 64, pattern = 0, flush_interval = 0;
     uint64_t offset = 0, bufsize = 4096, step = 0;
     bool image_opts = false, is_write = false, drain = true, random = false;
-    bool native = false;
+    bool native = false, json = false;
     unsigned flags = 0;
     bench b;
     worker *workers = NULL;
@@ -549,6 +568,11 @@ int cmd_bench(int argc, char **argv)
         case BENCH_OPT_RANDOM:
             random = true;
             break;
+        case BENCH_OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                return 1;
+            }
+            break;
         }
     }
     if (optind != argc - 1) {
@@ -611,6 +635,10 @@ int cmd_bench(int argc, char **argv)
             b.random_slots = (b.image_size - offset - bufsize) /
                              b.random_align + 1;
         }
+    }
+    if (json) {
+        /* The object at the end says it all. */
+    } else if (random) {
         printf("Sending %lu random %s requests, %d bytes each, %lu in "
                "parallel (offsets from %" PRIu64 ", aligned to %d)\n",
                count, is_write ? "write" : "read", (int)bufsize, depth,
@@ -621,7 +649,7 @@ int cmd_bench(int argc, char **argv)
                count, is_write ? "write" : "read", (int)bufsize, depth,
                offset, (int)b.step);
     }
-    if (flush_interval) {
+    if (flush_interval && !json) {
         printf("Sending flush every %lu requests\n", flush_interval);
     }
     fflush(stdout);
@@ -678,7 +706,36 @@ int cmd_bench(int argc, char **argv)
         }
         goto out;
     }
-    printf("Run completed in %3.3f seconds.\n", t2 - t1);
+    if (json) {
+        json_object *o = json_object_new_object();
+        double secs = t2 - t1;
+
+        json_object_object_add(o, "filename", json_object_new_string(
+                                   filename));
+        json_object_object_add(o, "mode", json_object_new_string(
+                                   is_write ? "write" : "read"));
+        json_object_object_add(o, "random", json_object_new_boolean(random));
+        json_object_object_add(o, "count", json_object_new_int64(
+                                   (int64_t)count));
+        json_object_object_add(o, "buffer-size", json_object_new_int64(
+                                   (int64_t)bufsize));
+        json_object_object_add(o, "depth", json_object_new_int64(
+                                   (int64_t)depth));
+        json_object_object_add(o, "offset", json_object_new_int64(
+                                   (int64_t)offset));
+        json_object_object_add(o, "step", json_object_new_int64(
+                                   (int64_t)(random ? b.random_align
+                                                    : b.step)));
+        json_object_object_add(o, "flush-interval", json_object_new_int64(
+                                   (int64_t)flush_interval));
+        add_figure(o, "seconds", "%.6f", secs);
+        add_figure(o, "iops", "%.1f", secs > 0 ? (double)count / secs : 0);
+        add_figure(o, "bytes-per-second", "%.0f",
+                   secs > 0 ? (double)count * (double)bufsize / secs : 0);
+        cli_print_json(o);
+    } else {
+        printf("Run completed in %3.3f seconds.\n", t2 - t1);
+    }
     status = 0;
 
 out:

@@ -9,12 +9,15 @@
  * through include/vdisk/bitmap.h. Checks, order and messages are
  * qemu-img 7.2's img_bitmap(): an action that fails stops the command
  * ("Operation add on bitmap b failed: ...") and the actions before it
- * stay done, as in qemu-img.
+ * stay done, as in qemu-img. qemu-img bitmap prints nothing;
+ * --output=json (vdisk's own, docs/json.md) lists the actions done.
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <json-c/json.h>
 
 #include "vdisk/bitmap.h"
 #include "commands.h"
@@ -59,7 +62,7 @@ static int run_action(const bitmap_act *a, vd_node *node, vd_node *src,
 int cmd_bitmap(int argc, char **argv)
 {
     const char *fmt = NULL, *src_file = NULL, *src_fmt = NULL;
-    bool image_opts = false, add = false, merge = false;
+    bool image_opts = false, add = false, merge = false, json = false;
     uint64_t granularity = 0;
     bitmap_act *acts = NULL;
     size_t nacts = 0;
@@ -90,6 +93,11 @@ int cmd_bitmap(int argc, char **argv)
             continue;
         case OPT_IMAGE_OPTS:
             image_opts = true;
+            continue;
+        case OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                goto out;
+            }
             continue;
         case OPT_BITMAP_ADD:
             a.kind = ACT_ADD;
@@ -180,6 +188,36 @@ out:
             cli_error("%s", err.message);
             ret = 1;
         }
+    }
+    if (ret == 0 && json) {
+        json_object *o = json_object_new_object();
+        json_object *list = json_object_new_array();
+
+        json_object_object_add(o, "image", json_object_new_string(
+                                   argv[optind]));
+        json_object_object_add(o, "bitmap", json_object_new_string(
+                                   argv[optind + 1]));
+        for (size_t i = 0; i < nacts; i++) {
+            json_object *a = json_object_new_object();
+
+            json_object_object_add(a, "action", json_object_new_string(
+                                       act_names[acts[i].kind]));
+            if (acts[i].kind == ACT_ADD && granularity) {
+                json_object_object_add(a, "granularity",
+                                       json_object_new_int64(
+                                           (int64_t)granularity));
+            }
+            if (acts[i].kind == ACT_MERGE) {
+                json_object_object_add(a, "source", json_object_new_string(
+                                           acts[i].src));
+                json_object_object_add(a, "source-file", src_file
+                                       ? json_object_new_string(src_file)
+                                       : NULL);
+            }
+            json_object_array_add(list, a);
+        }
+        json_object_object_add(o, "actions", list);
+        cli_print_json(o);
     }
     free(acts);
     return ret;

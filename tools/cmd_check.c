@@ -88,6 +88,7 @@ int cmd_check(int argc, char **argv)
     vd_check_result res;
     vd_error err = VD_ERROR_INIT;
     vd_node *node;
+    cli_progress prog;
     int ch, ret;
 
     while ((ch = cli_getopt("check", argc, argv)) != -1) {
@@ -141,6 +142,10 @@ int cmd_check(int argc, char **argv)
         return 1;
     }
     memset(&res, 0, sizeof(res));
+    /* Only the machine forms (qemu-img check has no meter), and coarse:
+     * the library's check has no progress hook, so 0, 50 between the
+     * check and the double check of a repair, and 100 (docs/json.md). */
+    cli_progress_init(&prog, false, 1.0f);
     ret = vd_check(node, &res, fix, &err);
     if (ret == -ENOTSUP) {
         cli_error("This image format does not support checks");
@@ -157,10 +162,15 @@ int cmd_check(int argc, char **argv)
                         "image now...\n", lf, cf);
         }
         memset(&res, 0, sizeof(res));
+        cli_progress_print(&prog, 50);
         ret = vd_check(node, &res, 0, &err);
         res.corruptions_fixed = cf;
         res.leaks_fixed = lf;
     }
+    if (ret == 0) {
+        cli_progress_print(&prog, 100);
+    }
+    cli_progress_end(&prog);
     if (ret == 0) {
         if (json) {
             dump_json(filename, vd_node_format(node), &res, quiet);

@@ -5,13 +5,16 @@
  * allocated range above the base into it and empty the top. The base is
  * looked up the way QEMU's bdrv_find_backing_image() does: by the name
  * stored in the overlay, else by the file it resolves to (relative names
- * are relative to the overlay's directory).
+ * are relative to the overlay's directory). --output=json (vdisk's
+ * own, docs/json.md) replaces "Image committed." with an object.
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+
+#include <json-c/json.h>
 
 #include "commands.h"
 #include "util.h"
@@ -80,6 +83,8 @@ int cmd_commit(int argc, char **argv)
 {
     const char *fmt = NULL, *cache = "writeback", *base = NULL, *filename;
     bool quiet = false, progress = false, keep = false, image_opts = false;
+    bool json = false;
+    char *base_name = NULL;
     uint64_t rate = 0;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL;
@@ -120,6 +125,11 @@ int cmd_commit(int argc, char **argv)
             break;
         case OPT_IMAGE_OPTS:
             image_opts = true;
+            break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                return 1;
+            }
             break;
         default:
             return 1;
@@ -163,9 +173,16 @@ int cmd_commit(int argc, char **argv)
             goto out;
         }
     }
+    if (vd_node_filename(base_node)) {
+        base_name = strdup(vd_node_filename(base_node));
+    }
     r = vd_commit(top, base_node, keep ? VD_COMMIT_KEEP_TOP : 0, rate,
                   show_progress, &prog, &err);
-    cli_progress_print(&prog, 100);
+    /* qemu-img draws 100 even after a failure; the machine forms keep
+     * 100 for success. */
+    if (r == 0 || !cli_progress_machine()) {
+        cli_progress_print(&prog, 100);
+    }
     cli_progress_end(&prog);
     if (r < 0) {
         cli_report_vd_error(&err, r, filename);
@@ -177,8 +194,20 @@ out:
         cli_report_vd_error(&err, -EIO, filename);
         ret = 1;
     }
-    if (ret == 0) {
+    if (ret == 0 && json && !quiet) {
+        json_object *o = json_object_new_object();
+
+        json_object_object_add(o, "image", json_object_new_string(filename));
+        json_object_object_add(o, "base", base_name
+                               ? json_object_new_string(base_name) : NULL);
+        json_object_object_add(o, "top-emptied",
+                               json_object_new_boolean(!keep));
+        json_object_object_add(o, "rate-limit", json_object_new_int64(
+                                   (int64_t)rate));
+        cli_print_json(o);
+    } else if (ret == 0) {
         cli_qprintf(quiet, "Image committed.\n");
     }
+    free(base_name);
     return ret;
 }

@@ -4,6 +4,8 @@
  * difference at 512-byte granularity as qemu does. When the sizes differ,
  * the longer image's tail must read as zeros. Exit status: 0 identical,
  * 1 different, 2 open error, 3 block status error, 4 read error.
+ * --output=json (vdisk's own, docs/json.md) prints the verdict as one
+ * object instead of the sentences.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -11,11 +13,29 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <json-c/json.h>
+
 #include "commands.h"
 #include "util.h"
 
 #define IO_BUF_SIZE (2 * 1024 * 1024)
 #define SECTOR 512
+
+/* The verdict, printed at the end as sentences or as JSON. */
+typedef struct verdict {
+    bool json, quiet;
+    const char *result;         /* "identical", "content-mismatch", ... */
+    int64_t offset;             /* the first difference, or -1 */
+    bool size_mismatch;         /* the sizes differ (a warning unless -s) */
+} verdict;
+
+static void mismatch_at(verdict *v, uint64_t offset)
+{
+    v->result = "content-mismatch";
+    v->offset = (int64_t)offset;
+    cli_qprintf(v->quiet || v->json, "Content mismatch at offset %" PRIu64
+                "!\n", offset);
+}
 
 /* Offset of the first non-zero 512-byte sector in @buf, or -1. */
 static int64_t find_nonzero(const uint8_t *buf, uint64_t n)
@@ -35,7 +55,7 @@ static int64_t find_nonzero(const uint8_t *buf, uint64_t n)
 /* Reads [@offset, +@bytes) of @node and checks it is all zeros. Returns
  * 0, 1 (mismatch, reported) or 4 (read error). */
 static int check_empty(vd_node *node, uint64_t offset, uint64_t bytes,
-                       const char *filename, uint8_t *buf, bool quiet)
+                       const char *filename, uint8_t *buf, verdict *v)
 {
     int64_t idx;
     int r = vd_pread(node, buf, bytes, offset, 0, NULL);
@@ -47,8 +67,7 @@ static int check_empty(vd_node *node, uint64_t offset, uint64_t bytes,
     }
     idx = find_nonzero(buf, bytes);
     if (idx >= 0) {
-        cli_qprintf(quiet, "Content mismatch at offset %" PRIu64 "!\n",
-                    offset + (uint64_t)idx);
+        mismatch_at(v, offset + (uint64_t)idx);
         return 1;
     }
     return 0;
@@ -87,11 +106,11 @@ int cmd_compare(int argc, char **argv)
 {
     const char *fmt1 = NULL, *fmt2 = NULL, *file1, *file2;
     bool quiet = false, strict = false, progress = false;
-    bool image_opts = false;
+    bool image_opts = false, json = false;
     unsigned flags = 0;
     vd_node *n1 = NULL, *n2 = NULL;
     uint8_t *buf1 = NULL, *buf2 = NULL;
-    int64_t size1, size2;
+    int64_t size1 = -1, size2 = -1;
     uint64_t total, offset;
     cli_progress prog;
     int ch, ret;
@@ -124,6 +143,11 @@ int cmd_compare(int argc, char **argv)
         case OPT_IMAGE_OPTS:
             image_opts = true;
             break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                return 2;
+            }
+            break;
         default:
             return 1;
         }
@@ -137,6 +161,7 @@ int cmd_compare(int argc, char **argv)
     }
     file1 = argv[optind];
     file2 = argv[optind + 1];
+    verdict v = { json, quiet, NULL, -1, false };
 
     cli_progress_init(&prog, progress, 2.0f);
     ret = 2;
@@ -167,7 +192,9 @@ int cmd_compare(int argc, char **argv)
     total = (uint64_t)(size1 < size2 ? size1 : size2);
     if (strict && size1 != size2) {
         ret = 1;
-        cli_qprintf(quiet, "Strict mode: Image size mismatch!\n");
+        v.result = "size-mismatch";
+        v.size_mismatch = true;
+        cli_qprintf(quiet || json, "Strict mode: Image size mismatch!\n");
         goto out;
     }
 
@@ -191,7 +218,9 @@ int cmd_compare(int argc, char **argv)
         }
         if (strict && e1.flags != e2.flags) {
             ret = 1;
-            cli_qprintf(quiet, "Strict mode: Offset %" PRIu64
+            v.result = "block-status-mismatch";
+            v.offset = (int64_t)offset;
+            cli_qprintf(quiet || json, "Strict mode: Offset %" PRIu64
                         " block status mismatch!\n", offset);
             goto out;
         }
@@ -220,8 +249,7 @@ int cmd_compare(int argc, char **argv)
                 }
                 same = equal_prefix(buf1, buf2, chunk);
                 if (same != chunk) {
-                    cli_qprintf(quiet, "Content mismatch at offset %" PRIu64
-                                "!\n", offset + same);
+                    mismatch_at(&v, offset + same);
                     ret = 1;
                     goto out;
                 }
@@ -230,14 +258,14 @@ int cmd_compare(int argc, char **argv)
             if (chunk > IO_BUF_SIZE) {
                 chunk = IO_BUF_SIZE;
             }
-            ret = alloc1 ? check_empty(n1, offset, chunk, file1, buf1, quiet)
-                         : check_empty(n2, offset, chunk, file2, buf1, quiet);
+            ret = alloc1 ? check_empty(n1, offset, chunk, file1, buf1, &v)
+                         : check_empty(n2, offset, chunk, file2, buf1, &v);
             if (ret) {
                 goto out;
             }
         }
         offset += chunk;
-        cli_progress_print(&prog, (double)offset * 100.0 / (double)total);
+        cli_progress_print_bytes(&prog, offset, total);
     }
 
     if (size1 != size2) {
@@ -245,7 +273,8 @@ int cmd_compare(int argc, char **argv)
         const char *over_name = size1 > size2 ? file1 : file2;
         uint64_t over_size = (uint64_t)(size1 > size2 ? size1 : size2);
 
-        cli_qprintf(quiet, "Warning: Image size mismatch!\n");
+        v.size_mismatch = true;
+        cli_qprintf(quiet || json, "Warning: Image size mismatch!\n");
         for (offset = total; offset < over_size;) {
             vd_extent e;
             uint64_t chunk;
@@ -260,7 +289,7 @@ int cmd_compare(int argc, char **argv)
                 if (chunk > IO_BUF_SIZE) {
                     chunk = IO_BUF_SIZE;
                 }
-                ret = check_empty(over, offset, chunk, over_name, buf1, quiet);
+                ret = check_empty(over, offset, chunk, over_name, buf1, &v);
                 if (ret) {
                     goto out;
                 }
@@ -268,10 +297,30 @@ int cmd_compare(int argc, char **argv)
             offset += chunk;
         }
     }
-    cli_qprintf(quiet, "Images are identical.\n");
+    cli_qprintf(quiet || json, "Images are identical.\n");
+    v.result = "identical";
     ret = 0;
+    if (cli_progress_machine()) {
+        /* qemu-img's meter stops where the walk did; the machine forms
+         * promise 100 on success. */
+        cli_progress_print(&prog, 100);
+    }
 out:
     cli_progress_end(&prog);
+    if (json && !quiet && v.result) {
+        json_object *o = json_object_new_object();
+
+        json_object_object_add(o, "identical",
+                               json_object_new_boolean(ret == 0));
+        json_object_object_add(o, "result", json_object_new_string(v.result));
+        json_object_object_add(o, "offset", v.offset >= 0
+                               ? json_object_new_int64(v.offset) : NULL);
+        json_object_object_add(o, "size-mismatch",
+                               json_object_new_boolean(v.size_mismatch));
+        json_object_object_add(o, "size1", json_object_new_int64(size1));
+        json_object_object_add(o, "size2", json_object_new_int64(size2));
+        cli_print_json(o);
+    }
     free(buf1);
     free(buf2);
     vd_close(&n1, NULL);

@@ -20,7 +20,9 @@
  * s->copy_range = false). --salvage turns unreadable sectors into zeros
  * and a failing block status into data, with qemu's warnings. -r limits
  * the writes to the target with qemu's leaky bucket (bps-write: a bucket
- * of a tenth of a second, then the average).
+ * of a tenth of a second, then the average). qemu-img convert prints
+ * nothing; --output=json (vdisk's own, docs/json.md) prints a summary
+ * object at the end.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -30,6 +32,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+
+#include <json-c/json.h>
 
 #include "vdisk/bitmap.h"
 #include "commands.h"
@@ -622,8 +626,7 @@ static void *worker(void *opaque)
         s->write_seq++;
         if (counts_for_progress(s, &c) && s->allocated) {
             s->done += c.len;
-            cli_progress_print(&s->progress,
-                               (double)s->done * 100.0 / (double)s->allocated);
+            cli_progress_print_bytes(&s->progress, s->done, s->allocated);
         }
         pthread_cond_signal(&s->turn[s->write_seq % MAX_THREADS]);
     }
@@ -779,6 +782,32 @@ static bool same_image(vd_node *a, vd_node *b)
            sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
+/* --output=json: what was copied where (docs/json.md). */
+static void print_summary(const convert_state *s, const char *out_name,
+                          const char *out_fmt, bool skip_create, bool bitmaps)
+{
+    json_object *o = json_object_new_object();
+    json_object *srcs = json_object_new_array();
+
+    for (int i = 0; i < s->nsrc; i++) {
+        json_object_array_add(srcs, json_object_new_string(s->src_names[i]));
+    }
+    json_object_object_add(o, "sources", srcs);
+    json_object_object_add(o, "target", json_object_new_string(out_name));
+    json_object_object_add(o, "target-format",
+                           json_object_new_string(out_fmt));
+    json_object_object_add(o, "created", json_object_new_boolean(
+                               !skip_create));
+    json_object_object_add(o, "virtual-size",
+                           json_object_new_int64((int64_t)s->total));
+    json_object_object_add(o, "data-bytes",
+                           json_object_new_int64((int64_t)s->allocated));
+    json_object_object_add(o, "compressed",
+                           json_object_new_boolean(s->compressed));
+    json_object_object_add(o, "bitmaps", json_object_new_boolean(bitmaps));
+    cli_print_json(o);
+}
+
 int cmd_convert(int argc, char **argv)
 {
     const char *fmt = NULL, *out_fmt = "raw", *cache = "unsafe";
@@ -790,7 +819,7 @@ int cmd_convert(int argc, char **argv)
     bool progress = false, quiet = false, skip_create = false;
     bool target_is_zero = false, out_of_order = false;
     bool image_opts = false, target_image_opts = false, out_fmt_given = false;
-    bool bitmaps = false, skip_broken = false;
+    bool bitmaps = false, skip_broken = false, json = false;
     unsigned src_flags = 0;
     const char *sn_name = NULL;   /* -s NAME or -l NAME: id, then name */
     vd_opts *sn_opts = NULL;      /* -l snapshot.id=...,snapshot.name=... */
@@ -868,6 +897,11 @@ int cmd_convert(int argc, char **argv)
             break;
         case 'T':
             src_cache = optarg;
+            break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                goto out;
+            }
             break;
         case 'q':
             quiet = true;
@@ -1324,6 +1358,9 @@ out:
             cli_report_vd_error(&err, -EIO, out_name);
             ret = 1;
         }
+    }
+    if (ret == 0 && json && !quiet) {
+        print_summary(&s, out_name, out_fmt, skip_create, bitmaps);
     }
     for (int i = 0; s.src && i < s.nsrc; i++) {
         vd_close(&s.src[i], NULL);

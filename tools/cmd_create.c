@@ -9,12 +9,16 @@
  * list for the format (the format's own options, then its protocol's),
  * which is the library's order, showing set values and the defaults QEMU
  * declares (vd_create_option.def); -o help lists them by name.
+ * --output=json (vdisk's own, docs/json.md) prints the same options as
+ * one object once the image exists, instead of the Formatting line.
  */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <json-c/json.h>
 
 #include "commands.h"
 #include "util.h"
@@ -243,6 +247,45 @@ static void print_formatting(const char *filename, const char *fmt,
     fflush(stdout);
 }
 
+/* The Formatting line's options as JSON: sizes and numbers as integers,
+ * booleans as booleans, the rest as strings. */
+static json_object *formatting_json(const char *filename, const char *fmt,
+                                    const vd_create_option *list,
+                                    const vd_opts *opts)
+{
+    json_object *o = json_object_new_object();
+    json_object *set = json_object_new_object();
+
+    json_object_object_add(o, "filename", json_object_new_string(filename));
+    json_object_object_add(o, "format", json_object_new_string(fmt));
+    for (const vd_create_option *c = list; c->name; c++) {
+        const char *value = vd_opts_get(opts, c->name);
+        json_object *v;
+        uint64_t n;
+
+        if (!value) {
+            value = c->def;
+        }
+        if (!value) {
+            continue;
+        }
+        if (strcmp(c->type, "size") == 0 && vd_parse_size(value, &n) == 0) {
+            v = json_object_new_int64((int64_t)n);
+        } else if (strcmp(c->type, "number") == 0) {
+            v = json_object_new_int64((int64_t)strtoull(value, NULL, 0));
+        } else if (strcmp(c->type, "bool") == 0) {
+            v = json_object_new_boolean(!strcmp(value, "on") ||
+                                        !strcmp(value, "true") ||
+                                        !strcmp(value, "yes"));
+        } else {
+            v = json_object_new_string(value);
+        }
+        json_object_object_add(set, c->name, v);
+    }
+    json_object_object_add(o, "options", set);
+    return o;
+}
+
 /* The backing file's name as seen from the new image's directory. */
 static char *full_backing_name(const char *filename, const char *backing)
 {
@@ -263,7 +306,7 @@ int cmd_create(int argc, char **argv)
 {
     const char *fmt = "raw", *base = NULL, *base_fmt = NULL;
     char *options = NULL;
-    bool quiet = false, unsafe = false;
+    bool quiet = false, unsafe = false, json = false;
     const char *filename;
     uint64_t img_size = UINT64_MAX;
     const vd_create_option *list;
@@ -304,6 +347,11 @@ int cmd_create(int argc, char **argv)
             break;
         case 'u':
             unsafe = true;
+            break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                goto out;
+            }
             break;
         default:
             goto out;
@@ -446,7 +494,7 @@ int cmd_create(int argc, char **argv)
         goto out;
     }
 
-    if (!quiet) {
+    if (!quiet && !json) {
         print_formatting(filename, fmt, list, opts);
     }
     vd_error_clear(&err);
@@ -466,6 +514,9 @@ int cmd_create(int argc, char **argv)
         }
         ret = 1;
         goto out;
+    }
+    if (json && !quiet) {
+        cli_print_json(formatting_json(filename, fmt, list, opts));
     }
     ret = 0;
 out:

@@ -2,7 +2,8 @@
  * vdisk dd: qemu-img dd. Operands are parsed like dd(1) (bs=, count=,
  * skip=, if=, of=); the output image is created and then written block by
  * block. Sizes follow qemu-img exactly, including its quirk that count
- * limits the input size before skip is subtracted.
+ * limits the input size before skip is subtracted. vdisk's own
+ * --output=json and --progress forms are in docs/json.md.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -10,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <json-c/json.h>
 
 #include "commands.h"
 #include "util.h"
@@ -20,12 +23,15 @@ int cmd_dd(int argc, char **argv)
     const char *in_name = NULL, *out_name = NULL;
     uint64_t bs = 512, count = 0, skip = 0;
     bool has_count = false, has_skip = false, image_opts = false;
+    bool json = false;
+    cli_progress prog = { 0 };
+    int64_t start_pos;
     unsigned in_flags = 0;
     vd_node *in = NULL, *out = NULL;
     vd_opts *opts = NULL;
     vd_error err = VD_ERROR_INIT;
     uint8_t *buf = NULL;
-    int64_t size, in_pos, out_pos;
+    int64_t size, in_pos, out_pos = 0;
     int ch, ret = 1;
 
     while ((ch = cli_getopt("dd", argc, argv)) != -1) {
@@ -44,6 +50,11 @@ int cmd_dd(int argc, char **argv)
             break;
         case OPT_IMAGE_OPTS:
             image_opts = true;
+            break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                return 1;
+            }
             break;
         default:
             return 1;
@@ -147,6 +158,9 @@ int cmd_dd(int argc, char **argv)
         cli_error("Out of memory");
         goto out;
     }
+    /* Only the machine forms: qemu-img dd has no meter. */
+    start_pos = in_pos;
+    cli_progress_init(&prog, false, 1.0f);
     for (out_pos = 0; in_pos < size;) {
         uint64_t bytes = (uint64_t)(in_pos + (int64_t)bs > size ? size - in_pos
                                                                 : (int64_t)bs);
@@ -166,7 +180,12 @@ int cmd_dd(int argc, char **argv)
             goto out;
         }
         out_pos += (int64_t)bytes;
+        cli_progress_print_bytes(&prog, (uint64_t)out_pos,
+                                 (uint64_t)(size - start_pos));
     }
+    cli_progress_print_bytes(&prog, (uint64_t)out_pos,
+                             (uint64_t)(size - start_pos));
+    cli_progress_end(&prog);
     ret = 0;
 out:
     free(buf);
@@ -178,6 +197,22 @@ out:
             cli_report_vd_error(&err, -EIO, out_name);
             ret = 1;
         }
+    }
+    if (ret == 0 && json) {
+        json_object *o = json_object_new_object();
+
+        json_object_object_add(o, "input", json_object_new_string(in_name));
+        json_object_object_add(o, "output", json_object_new_string(out_name));
+        json_object_object_add(o, "output-format",
+                               json_object_new_string(out_fmt));
+        json_object_object_add(o, "block-size",
+                               json_object_new_int64((int64_t)bs));
+        json_object_object_add(o, "skip", has_skip ? json_object_new_int64(
+                                   (int64_t)skip) : NULL);
+        json_object_object_add(o, "count", has_count ? json_object_new_int64(
+                                   (int64_t)count) : NULL);
+        json_object_object_add(o, "bytes", json_object_new_int64(out_pos));
+        cli_print_json(o);
     }
     return ret;
 }

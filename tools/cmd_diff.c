@@ -40,6 +40,7 @@ typedef struct diff_out {
     bool any;                   /* an extent printed already */
     uint64_t start, length;     /* the pending extent (length 0: none) */
     uint64_t total;             /* bytes reported */
+    cli_progress prog;          /* --progress=json, --progress-fd only */
 } diff_out;
 
 static void out_flush(diff_out *o)
@@ -217,6 +218,7 @@ static int diff_views(vd_node *a, vd_node *b, bool exact, diff_out *o)
             out_add(o, off, n);
         }
         off += n;
+        cli_progress_print_bytes(&o->prog, off, size);
     }
 out:
     free(buf_a);
@@ -229,12 +231,16 @@ static int diff_bitmap(vd_node *node, const char *name, diff_out *o)
 {
     vd_error err = VD_ERROR_INIT;
     uint64_t off = 0, start, bytes;
+    int64_t size = vd_getlength(node);
     int r;
 
     while ((r = vd_bitmap_next_dirty(node, name, off, &start, &bytes,
                                      &err)) == 1) {
         out_add(o, start, bytes);
         off = start + bytes;
+        if (size > 0) {
+            cli_progress_print_bytes(&o->prog, off, (uint64_t)size);
+        }
     }
     if (r < 0) {
         cli_error("%s", err.message[0] ? err.message : strerror(-r));
@@ -359,6 +365,7 @@ int cmd_diff(int argc, char **argv)
         }
     }
 walk:
+    cli_progress_init(&o.prog, false, 1.0f);
     if (json) {
         putchar('[');
     } else {
@@ -372,6 +379,8 @@ walk:
     if (json) {
         puts("]");
     }
+    cli_progress_print(&o.prog, 100);
+    cli_progress_end(&o.prog);
     ret = 0;
 out:
     fflush(stdout);

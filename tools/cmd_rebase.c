@@ -5,12 +5,16 @@
  * without its chain and only rewrites the header. Everything that can be
  * refused (missing -b, unknown -F, a backing name without a format, a name
  * that does not fit) is refused before the image is touched, unlike
- * qemu-img, which finds some of these only after copying.
+ * qemu-img, which finds some of these only after copying. qemu-img
+ * rebase prints nothing; --output=json (vdisk's own, docs/json.md)
+ * prints what the header now says.
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <json-c/json.h>
 
 #include "commands.h"
 #include "util.h"
@@ -28,7 +32,7 @@ int cmd_rebase(int argc, char **argv)
     const char *fmt = NULL, *cache = "writeback", *src_cache = "writeback";
     const char *backing = NULL, *backing_fmt = NULL, *filename;
     bool quiet = false, progress = false, unsafe = false, share = false;
-    bool image_opts = false;
+    bool image_opts = false, json = false;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL, *bopts = NULL;
     vd_node *top = NULL;
@@ -71,6 +75,11 @@ int cmd_rebase(int argc, char **argv)
             break;
         case OPT_IMAGE_OPTS:
             image_opts = true;
+            break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                return 1;
+            }
             break;
         default:
             return 1;
@@ -141,7 +150,11 @@ int cmd_rebase(int argc, char **argv)
     cli_progress_init(&prog, progress, 2.0f);
     r = vd_rebase(top, backing, backing_fmt, bopts,
                   unsafe ? VD_REBASE_UNSAFE : 0, show_progress, &prog, &err);
-    cli_progress_print(&prog, 100);
+    /* qemu-img draws 100 even after a failure; the machine forms keep
+     * 100 for success. */
+    if (r == 0 || !cli_progress_machine()) {
+        cli_progress_print(&prog, 100);
+    }
     cli_progress_end(&prog);
     if (r < 0) {
         cli_report_vd_error(&err, r, filename);
@@ -152,6 +165,17 @@ out:
     if (top && vd_close(&top, &err) < 0 && ret == 0) {
         cli_report_vd_error(&err, -EIO, filename);
         ret = 1;
+    }
+    if (ret == 0 && json && !quiet) {
+        json_object *o = json_object_new_object();
+
+        json_object_object_add(o, "image", json_object_new_string(filename));
+        json_object_object_add(o, "backing-file", backing
+                               ? json_object_new_string(backing) : NULL);
+        json_object_object_add(o, "backing-fmt", backing && backing_fmt
+                               ? json_object_new_string(backing_fmt) : NULL);
+        json_object_object_add(o, "unsafe", json_object_new_boolean(unsafe));
+        cli_print_json(o);
     }
     vd_opts_free(&opts);
     vd_opts_free(&bopts);

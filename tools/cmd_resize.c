@@ -2,11 +2,15 @@
  * vdisk resize: qemu-img resize. The size is taken off the end of argv
  * before option parsing so that "-10M" is not mistaken for an option, as
  * qemu-img does; "+N" and "-N" are relative to the current size.
+ * --output=json (vdisk's own, docs/json.md) replaces "Image resized."
+ * with the old and new sizes.
  */
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+
+#include <json-c/json.h>
 
 #include "commands.h"
 #include "util.h"
@@ -28,12 +32,12 @@ static int parse_prealloc(const char *s, vd_prealloc *out)
 int cmd_resize(int argc, char **argv)
 {
     const char *fmt = NULL, *size, *filename;
-    bool quiet = false, shrink = false, image_opts = false;
+    bool quiet = false, shrink = false, image_opts = false, json = false;
     vd_prealloc prealloc = VD_PREALLOC_OFF;
     vd_error err = VD_ERROR_INIT;
     int relative = 0, ch, ret = 1, r;
     uint64_t n;
-    int64_t current, total;
+    int64_t current = -1, total = -1;
     vd_node *node;
 
     /* qemu-img counts the arguments before it reads an option (its
@@ -71,6 +75,11 @@ int cmd_resize(int argc, char **argv)
             break;
         case OPT_IMAGE_OPTS:
             image_opts = true;
+            break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                return 1;
+            }
             break;
         default:
             return 1;
@@ -147,7 +156,18 @@ out:
         cli_report_vd_error(&err, -EIO, filename);
         ret = 1;
     }
-    if (ret == 0) {
+    if (ret == 0 && json && !quiet) {
+        static const char *const names[] = { "off", "metadata", "falloc",
+                                             "full" };
+        json_object *o = json_object_new_object();
+
+        json_object_object_add(o, "image", json_object_new_string(filename));
+        json_object_object_add(o, "old-size", json_object_new_int64(current));
+        json_object_object_add(o, "new-size", json_object_new_int64(total));
+        json_object_object_add(o, "preallocation",
+                               json_object_new_string(names[prealloc]));
+        cli_print_json(o);
+    } else if (ret == 0) {
         cli_qprintf(quiet, "Image resized.\n");
     }
     return ret;

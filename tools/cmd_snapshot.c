@@ -11,6 +11,10 @@
  * that can); --vmstate-data stores FILE's bytes as the VM state on -c and
  * writes the snapshot's VM state back to FILE on -a.
  *
+ * --output=json (vdisk's own, docs/json.md): -l prints the list as the
+ * "snapshots" member of qemu-img info --output=json (QAPI SnapshotInfo,
+ * printed the same way); -a, -c and -d print what they did.
+ *
  * The single-image path first, then the group path, then the entry point
  * that parses the options shared by both.
  */
@@ -22,7 +26,10 @@
 #include <sys/time.h>
 #include <time.h>
 
+#include <json-c/json.h>
+
 #include "commands.h"
+#include "json_out.h"
 #include "util.h"
 
 enum { ACT_NONE, ACT_LIST, ACT_APPLY, ACT_CREATE, ACT_DELETE };
@@ -54,14 +61,53 @@ static void dump_row(const vd_snapshot_info *sn)
            clock, icount);
 }
 
+/* The list as qemu-img info's "snapshots": QAPI SnapshotInfo. */
+static void list_json(const vd_snapshot_info *list, size_t n)
+{
+    json_object *a = json_object_new_array();
+
+    for (size_t i = 0; i < n; i++) {
+        const vd_snapshot_info *sn = &list[i];
+        json_object *o = json_object_new_object();
+
+        json_object_object_add(o, "id", json_object_new_string(sn->id));
+        json_object_object_add(o, "name", json_object_new_string(sn->name));
+        json_object_object_add(o, "vm-state-size", json_object_new_int64(
+                                   (int64_t)sn->vm_state_size));
+        json_object_object_add(o, "date-sec",
+                               json_object_new_int64(sn->date_sec));
+        json_object_object_add(o, "date-nsec",
+                               json_object_new_int64(sn->date_nsec));
+        json_object_object_add(o, "vm-clock-sec", json_object_new_int64(
+                                   (int64_t)(sn->vm_clock_nsec / 1000000000)));
+        json_object_object_add(o, "vm-clock-nsec", json_object_new_int64(
+                                   (int64_t)(sn->vm_clock_nsec % 1000000000)));
+        if (sn->icount != UINT64_MAX) {
+            json_object_object_add(o, "icount", json_object_new_int64(
+                                       (int64_t)sn->icount));
+        }
+        json_object_array_add(a, o);
+    }
+    json_qemu_print(stdout, a);
+    json_object_put(a);
+}
+
 /* qemu-img's dump_snapshots(): nothing at all when there are none or the
- * format has no snapshots. */
-static void list_snapshots(vd_node *node)
+ * format has no snapshots. With @json, an array (empty then). */
+static void list_snapshots(vd_node *node, bool json)
 {
     vd_snapshot_info *list = NULL;
     size_t n = 0;
 
-    if (vd_snapshot_list(node, &list, &n, NULL) < 0 || n == 0) {
+    if (vd_snapshot_list(node, &list, &n, NULL) < 0) {
+        n = 0;
+    }
+    if (json) {
+        list_json(list, n);
+        vd_snapshot_list_free(&list, n);
+        return;
+    }
+    if (n == 0) {
         vd_snapshot_list_free(&list, n);
         return;
     }
@@ -119,7 +165,8 @@ static void report_corruption(const char *msg, const char *filename)
 }
 
 static int single(int action, char *name, const char *filename,
-                  const char *fmt, bool image_opts, bool force_share)
+                  const char *fmt, bool image_opts, bool force_share,
+                  bool json)
 {
     unsigned flags = action == ACT_LIST ? 0 : VD_O_RDWR;
     vd_error err = VD_ERROR_INIT;
@@ -141,7 +188,7 @@ static int single(int action, char *name, const char *filename,
     }
     switch (action) {
     case ACT_LIST:
-        list_snapshots(node);
+        list_snapshots(node, json);
         break;
     case ACT_CREATE:
         fill_new(&sn, name);
@@ -187,6 +234,17 @@ static int single(int action, char *name, const char *filename,
     if (vd_close(&node, &err) < 0 && ret == 0) {
         cli_report_vd_error(&err, -EIO, filename);
         ret = 1;
+    }
+    if (ret == 0 && json && action != ACT_LIST) {
+        static const char *const names[] = { "", "list", "apply", "create",
+                                             "delete" };
+        json_object *o = json_object_new_object();
+
+        json_object_object_add(o, "image", json_object_new_string(filename));
+        json_object_object_add(o, "action",
+                               json_object_new_string(names[action]));
+        json_object_object_add(o, "snapshot", json_object_new_string(name));
+        cli_print_json(o);
     }
     return ret;
 }
@@ -344,6 +402,7 @@ int cmd_snapshot(int argc, char **argv)
 {
     const char *fmt = NULL, *vmstate_file = NULL, *vmstate_data = NULL;
     bool force_share = false, is_group = false, image_opts = false;
+    bool json = false;
     char *name = NULL;
     int action = ACT_NONE, ch;
 
@@ -385,6 +444,11 @@ int cmd_snapshot(int argc, char **argv)
         case OPT_IMAGE_OPTS:
             image_opts = true;
             break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(optarg, &json) < 0) {
+                return 1;
+            }
+            break;
         default:
             return 1;
         }
@@ -398,6 +462,10 @@ int cmd_snapshot(int argc, char **argv)
         }
     }
     if (is_group) {
+        if (json) {
+            cli_error_hint("--output=json does not apply to --group");
+            return 1;
+        }
         if (optind >= argc) {
             cli_error_hint("At least one device is required for snapshot");
             return 1;
@@ -416,5 +484,6 @@ int cmd_snapshot(int argc, char **argv)
     if (action == ACT_NONE) {
         return 0;
     }
-    return single(action, name, argv[optind], fmt, image_opts, force_share);
+    return single(action, name, argv[optind], fmt, image_opts, force_share,
+                  json);
 }

@@ -6,11 +6,18 @@
  * loading an internal snapshot for -l.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <json-c/json.h>
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "commands.h"
 #include "util.h"
@@ -73,12 +80,14 @@ static const struct option check_long[] = {
     { "repair", required_argument, NULL, 'r' },
     { "output", required_argument, NULL, OPT_OUTPUT },
     { "force-share", no_argument, NULL, 'U' },
+    CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
 };
 
 static const struct option create_long[] = {
     { "help", no_argument, NULL, 'h' },
     { "object", required_argument, NULL, OPT_OBJECT },
+    { "output", required_argument, NULL, OPT_OUTPUT },
     { NULL, 0, NULL, 0 },
 };
 
@@ -103,6 +112,8 @@ static const struct option convert_long[] = {
     { "salvage", no_argument, NULL, OPT_SALVAGE },
     { "bitmaps", no_argument, NULL, OPT_BITMAPS },
     { "skip-broken-bitmaps", no_argument, NULL, OPT_SKIP_BROKEN_BITMAPS },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
 };
 
@@ -111,6 +122,8 @@ static const struct option compare_long[] = {
     { "object", required_argument, NULL, OPT_OBJECT },
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
 };
 
@@ -135,6 +148,7 @@ static const struct option diff_long[] = {
     { "force-share", no_argument, NULL, 'U' },
     { "exact", no_argument, NULL, OPT_DIFF_EXACT },
     { "bitmap", required_argument, NULL, OPT_DIFF_BITMAP },
+    CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
 };
 
@@ -142,6 +156,8 @@ static const struct option commit_long[] = {
     { "help", no_argument, NULL, 'h' },
     { "object", required_argument, NULL, OPT_OBJECT },
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
 };
 
@@ -150,6 +166,8 @@ static const struct option rebase_long[] = {
     { "object", required_argument, NULL, OPT_OBJECT },
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
 };
 
@@ -168,6 +186,8 @@ static const struct option amend_long[] = {
     { "object", required_argument, NULL, OPT_OBJECT },
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force", no_argument, NULL, OPT_FORCE },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
 };
 
@@ -179,6 +199,7 @@ static const struct option snapshot_long[] = {
     { "group", no_argument, NULL, OPT_SNAPSHOT_GROUP },
     { "vmstate", required_argument, NULL, OPT_SNAPSHOT_VMSTATE },
     { "vmstate-data", required_argument, NULL, OPT_SNAPSHOT_VMSTATE_DATA },
+    { "output", required_argument, NULL, OPT_OUTPUT },
     { NULL, 0, NULL, 0 },
 };
 
@@ -188,6 +209,7 @@ static const struct option resize_long[] = {
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "preallocation", required_argument, NULL, OPT_PREALLOCATION },
     { "shrink", no_argument, NULL, OPT_SHRINK },
+    { "output", required_argument, NULL, OPT_OUTPUT },
     { NULL, 0, NULL, 0 },
 };
 
@@ -201,6 +223,7 @@ static const struct option bitmap_long[] = {
     { "enable", no_argument, NULL, OPT_BITMAP_ENABLE },
     { "disable", no_argument, NULL, OPT_BITMAP_DISABLE },
     { "merge", required_argument, NULL, OPT_BITMAP_MERGE },
+    { "output", required_argument, NULL, OPT_OUTPUT },
     { NULL, 0, NULL, 0 },
 };
 
@@ -209,36 +232,43 @@ static const struct option dd_long[] = {
     { "object", required_argument, NULL, OPT_OBJECT },
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
 };
 
 const cli_command cli_commands[] = {
     { "amend", cmd_amend,
       "[--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] "
-      "[--force] -o options filename",
+      "[--force] [--output=ofmt] [--progress=pfmt] [--progress-fd=N] "
+      "-o options filename",
       ":ho:f:t:pq", amend_long },
     { "bench", cmd_bench,
       "[-c count] [-d depth] [-f fmt] [--image-opts] "
       "[--flush-interval=flush_interval] "
       "[-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] "
       "[-s buffer_size] [-S step_size] [-t cache] [-w] [-U] [--random] "
-      "filename", cmd_bench_short_opts, cmd_bench_long_opts },
+      "[--output=ofmt] filename", cmd_bench_short_opts, cmd_bench_long_opts },
     { "bitmap", cmd_bitmap,
       "(--merge SOURCE | --add | --remove | --clear | --enable | "
       "--disable)... [-b source_file [-F source_fmt]] [-g granularity] "
-      "[--object objectdef] [--image-opts | -f fmt] filename bitmap",
+      "[--object objectdef] [--image-opts | -f fmt] [--output=ofmt] "
+      "filename bitmap",
       ":b:f:F:g:h", bitmap_long },
     { "check", cmd_check,
       "[--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] "
-      "[-r [leaks | all]] [-T src_cache] [-U] filename",
+      "[-r [leaks | all]] [-T src_cache] [-U] [--progress=pfmt] "
+      "[--progress-fd=N] filename",
       ":hf:r:T:qU", check_long },
     { "commit", cmd_commit,
       "[--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] "
-      "[-b base] [-r rate_limit] [-d] [-p] filename",
+      "[-b base] [-r rate_limit] [-d] [-p] [--output=ofmt] "
+      "[--progress=pfmt] [--progress-fd=N] filename",
       ":hf:t:b:dpqr:", commit_long },
     { "compare", cmd_compare,
       "[--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] "
-      "[-p] [-q] [-s] [-U] filename1 filename2",
+      "[-p] [-q] [-s] [-U] [--output=ofmt] [--progress=pfmt] "
+      "[--progress-fd=N] filename1 filename2",
       ":hf:F:T:pqsU", compare_long },
     { "convert", cmd_convert,
       "[--object objectdef] [--image-opts] [--target-image-opts] "
@@ -247,16 +277,18 @@ const cli_command cli_commands[] = {
       "[-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] "
       "[-o options] [-l snapshot_param] [-s snapshot_id] [-S sparse_size] "
       "[-r rate_limit] "
-      "[-m num_coroutines] [-W] [--salvage] filename "
+      "[-m num_coroutines] [-W] [--salvage] [--output=ofmt] "
+      "[--progress=pfmt] [--progress-fd=N] filename "
       "[filename2 [...]] output_filename",
       ":hf:O:o:S:pt:T:qnm:WUCcl:s:B:F:r:", convert_long },
     { "create", cmd_create,
       "[--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] "
-      "[-u] [-o options] filename [size]",
+      "[-u] [-o options] [--output=ofmt] filename [size]",
       ":F:b:f:ho:qu", create_long },
     { "diff", cmd_diff,
       "[--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [-U] "
-      "[--exact] filename snapshot_a [snapshot_b]\n"
+      "[--exact] [--progress=pfmt] [--progress-fd=N] filename snapshot_a "
+      "[snapshot_b]\n"
       "  diff [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
       "[-U] [--exact] top_filename base_filename\n"
       "  diff [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
@@ -265,7 +297,8 @@ const cli_command cli_commands[] = {
     { "dd", cmd_dd,
       "[--object objectdef] [--image-opts] [-U] [-f fmt] [-O output_fmt] "
       "[bs=block_size] "
-      "[count=blocks] [skip=blocks] if=input of=output",
+      "[count=blocks] [skip=blocks] [--output=ofmt] [--progress=pfmt] "
+      "[--progress-fd=N] if=input of=output",
       ":hf:O:U", dd_long },
     { "info", cmd_info,
       "[--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
@@ -288,11 +321,14 @@ const cli_command cli_commands[] = {
       ":hf:O:o:l:U", measure_long },
     { "rebase", cmd_rebase,
       "[--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] "
-      "[-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename",
+      "[-T src_cache] [-p] [-u] [--output=ofmt] [--progress=pfmt] "
+      "[--progress-fd=N] -b backing_file "
+      "[-F backing_fmt] filename",
       ":hf:F:b:upt:T:qU", rebase_long },
     { "resize", cmd_resize,
       "[--object objectdef] [--image-opts] [-f fmt] "
-      "[--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size",
+      "[--preallocation=prealloc] [-q] [--shrink] [--output=ofmt] "
+      "filename [+ | -]size",
       ":f:hq", resize_long },
     { "serve", cmd_serve,
       "[-f fmt] [-r] [-x name] [-D description] [-k socket | -b addr "
@@ -304,7 +340,8 @@ const cli_command cli_commands[] = {
       "vdisk serve --help)", cmd_serve_short_opts, cmd_serve_long_opts },
     { "snapshot", cmd_snapshot,
       "[--object objectdef] [--image-opts] [-U] [-q] [-f fmt] "
-      "[-l | -a snapshot | -c snapshot | -d snapshot] filename\n"
+      "[--output=ofmt] [-l | -a snapshot | -c snapshot | -d snapshot] "
+      "filename\n"
       "  snapshot --group [-f fmt] [-c snapshot | -a snapshot | -d snapshot] "
       "[--vmstate filename] [--vmstate-data file] filename...",
       ":hf:qUla:c:d:", snapshot_long },
@@ -347,8 +384,21 @@ static const struct {
     { "snapshot", "vmstate-data" },
 };
 
+/* qemu-img's commands that have --output (all others: vdisk's own). */
+static const char *const qemu_output_commands[] = { "check", "info", "map",
+                                                     "measure", NULL };
+
 bool cli_option_is_vdisk_only(const char *command, const char *option)
 {
+    /* The machine-readable forms: vdisk's own where qemu-img lacks them
+     * (docs/json.md). */
+    if (strcmp(option, "progress") == 0 ||
+        strcmp(option, "progress-fd") == 0) {
+        return true;
+    }
+    if (strcmp(option, "output") == 0) {
+        return !cli_one_of(command, qemu_output_commands);
+    }
     for (size_t i = 0;
          i < sizeof(vdisk_only_options) / sizeof(vdisk_only_options[0]); i++) {
         if (strcmp(vdisk_only_options[i].command, command) == 0 &&
@@ -386,7 +436,8 @@ static void print_qemu_synopsis(const cli_command *c)
                 skip = len;
             }
             /* The separating space before it goes too. */
-            if (n > 0 && p[-1] == ' ' && skip < len && p[skip] == ' ') {
+            if (p > c->synopsis && p[-1] == ' ' && skip < len &&
+                p[skip] == ' ') {
                 skip++;
             }
             p += skip;
@@ -514,11 +565,26 @@ void cli_print_help(void)
 "  'if=FILE' read from FILE\n"
 "  'of=FILE' write to FILE\n"
 "  'skip=N' skip N bs-sized blocks at the start of input\n"
-"\n"
-"Supported formats:");
+"\n");
+    if (!qemu) {
+        printf(
+"Machine-readable forms (docs/json.md):\n"
+"  '--output=json' prints a command's result as JSON (every command that\n"
+"       prints something)\n"
+"  '--progress=json' writes progress as one JSON object per line on stderr\n"
+"       (convert, commit, rebase, compare, dd, check, diff, amend)\n"
+"  '--progress-fd=N' writes progress to file descriptor N: nbdcopy's\n"
+"       \"N/100\" lines, or the JSON lines with '--progress=json'\n"
+"\n");
+    }
+    printf("Supported formats:");
     vd_list_drivers(print_driver, NULL);
     printf("\n");
 }
+
+/* The command whose options cli_getopt() parsed last: its progress
+ * lines name it. */
+static const char *progress_command = "vdisk";
 
 int cli_getopt(const char *name, int argc, char **argv)
 {
@@ -527,18 +593,28 @@ int cli_getopt(const char *name, int argc, char **argv)
 
     int longidx;
 
-    do {
+    progress_command = name;
+    for (;;) {
         longidx = -1;
         ch = getopt_long(argc, argv, c->short_opts, c->long_opts, &longidx);
-        if (ch == OPT_OBJECT && cli_add_object(optarg, NULL) < 0) {
-            exit(strcmp(name, "compare") == 0 ? 2 : 1);
+        if (cli_as == CLI_QEMU_IMG && longidx >= 0 && ch != ':' &&
+            ch != '?' &&
+            cli_option_is_vdisk_only(name, c->long_opts[longidx].name)) {
+            cli_foreign_option_error(ch, longidx, argv);
+            cli_help_hint();
+            return '?';
         }
-    } while (ch == OPT_OBJECT);
-    if (cli_as == CLI_QEMU_IMG && longidx >= 0 && ch != ':' && ch != '?' &&
-        cli_option_is_vdisk_only(name, c->long_opts[longidx].name)) {
-        cli_foreign_option_error(ch, longidx, argv);
-        cli_help_hint();
-        return '?';
+        if (ch == OPT_OBJECT) {
+            if (cli_add_object(optarg, NULL) < 0) {
+                exit(strcmp(name, "compare") == 0 ? 2 : 1);
+            }
+        } else if (ch == OPT_PROGRESS || ch == OPT_PROGRESS_FD) {
+            if (cli_parse_progress_arg(ch, optarg) < 0) {
+                return '?';
+            }
+        } else {
+            break;
+        }
     }
     /* vdisk's -h is the command's own help; qemu-img's (and so the
      * command's 'h' case) the whole of it. */
@@ -898,21 +974,167 @@ int cli_parse_output(const char *arg, bool *json)
     return 0;
 }
 
+void cli_print_json(json_object *obj)
+{
+    fputs(json_object_to_json_string_ext(obj, JSON_C_TO_STRING_PRETTY |
+                                              JSON_C_TO_STRING_SPACED |
+                                              JSON_C_TO_STRING_NOSLASHESCAPE),
+          stdout);
+    fputc('\n', stdout);
+    fflush(stdout);
+    json_object_put(obj);
+}
+
 /* ---- progress ---- */
+
+/* The process-wide choice of --progress and --progress-fd. */
+enum { PROGRESS_HUMAN, PROGRESS_JSON, PROGRESS_FD_PERCENT };
+static bool progress_json;
+static int progress_fd = -1;
+
+int cli_parse_progress_arg(int opt, const char *arg)
+{
+    if (opt == OPT_PROGRESS) {
+        if (strcmp(arg, "json") == 0) {
+            progress_json = true;
+        } else if (strcmp(arg, "human") == 0) {
+            progress_json = false;
+        } else {
+            cli_error("--progress must be used with human or json as "
+                      "argument.");
+            return -1;
+        }
+        return 0;
+    }
+    char *end;
+    long fd;
+
+    errno = 0;
+    fd = strtol(arg, &end, 10);
+    if (!*arg || *end || errno || fd < 0 || fd > INT32_MAX) {
+        cli_error("--progress-fd: '%s' is not a file descriptor number", arg);
+        return -1;
+    }
+    /* Refused now, not at the first line: the command has not started.
+     * Standard output carries the command's result, never progress. */
+    int fl = fcntl((int)fd, F_GETFL);
+
+    if (fl < 0) {
+        cli_error("--progress-fd: file descriptor %ld is not open: %s", fd,
+                  strerror(errno));
+        return -1;
+    }
+    if ((fl & O_ACCMODE) == O_RDONLY) {
+        cli_error("--progress-fd: file descriptor %ld is not open for "
+                  "writing", fd);
+        return -1;
+    }
+    if (fd == STDOUT_FILENO) {
+        cli_error("--progress-fd: progress never goes to standard output "
+                  "(1), where the result goes");
+        return -1;
+    }
+    progress_fd = (int)fd;
+    return 0;
+}
+
+bool cli_progress_machine(void)
+{
+    return progress_json || progress_fd >= 0;
+}
+
+static double progress_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* write() all of @buf to @p's fd. A consumer that went away does not
+ * stop the command: SIGPIPE is held off around the write (and a pending
+ * one taken back), and after a failed write the meter goes quiet. */
+static void progress_write(cli_progress *p, const char *buf, size_t len)
+{
+    sigset_t pipe_set, old;
+    bool broken = false;
+
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_set, &old);
+    while (len > 0) {
+        ssize_t n = write(p->fd, buf, len);
+
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            broken = true;
+            break;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    if (broken && errno == EPIPE && !sigismember(&old, SIGPIPE)) {
+        const struct timespec now = { 0, 0 };
+
+        sigtimedwait(&pipe_set, NULL, &now);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (broken) {
+        p->enabled = false;
+    }
+}
 
 static void progress_show(cli_progress *p, float v)
 {
-    printf("    (%3.2f/100%%)\r", v);
-    fflush(stdout);
+    if (p->mode == PROGRESS_HUMAN) {
+        printf("    (%3.2f/100%%)\r", v);
+        fflush(stdout);
+    } else if (p->mode == PROGRESS_FD_PERCENT) {
+        /* nbdcopy --progress=FD: an integer, each value once. */
+        int n = (int)v;
+        char line[16];
+
+        if (n != p->last_int) {
+            p->last_int = n;
+            progress_write(p, line,
+                           (size_t)snprintf(line, sizeof(line), "%d/100\n",
+                                            n));
+        }
+    } else {
+        char line[256];
+        int len;
+
+        len = snprintf(line, sizeof(line),
+                       "{\"command\": \"%s\", \"progress\": %.2f", p->command,
+                       v);
+        if (p->have_bytes) {
+            len += snprintf(line + len, sizeof(line) - (size_t)len,
+                            ", \"bytes\": %" PRIu64 ", \"total\": %" PRIu64,
+                            p->bytes, p->total);
+        }
+        len += snprintf(line + len, sizeof(line) - (size_t)len,
+                        ", \"elapsed\": %.3f}\n", progress_now() - p->start);
+        progress_write(p, line, (size_t)len);
+    }
     p->last = v;
 }
 
 void cli_progress_init(cli_progress *p, bool enabled, float min_skip)
 {
-    p->enabled = enabled;
+    p->enabled = enabled || cli_progress_machine();
     p->last = 0;
     p->min_skip = min_skip;
-    if (enabled) {
+    p->last_int = -1;
+    p->have_bytes = false;
+    p->bytes = p->total = 0;
+    p->start = progress_now();
+    p->command = progress_command;
+    p->fd = progress_fd >= 0 ? progress_fd : STDERR_FILENO;
+    p->mode = progress_json ? PROGRESS_JSON
+            : progress_fd >= 0 ? PROGRESS_FD_PERCENT : PROGRESS_HUMAN;
+    if (p->enabled) {
         progress_show(p, 0);
     }
 }
@@ -928,15 +1150,37 @@ void cli_progress_print(cli_progress *p, double percent)
     /* Like qemu: redraw once the value moved by min_skip, and at 100.
      * Single precision, as qemu computes it. */
     float cur = (float)percent;
+    if (p->mode != PROGRESS_HUMAN) {
+        /* The machine forms promise a value that never goes back, and
+         * 100 once. */
+        if (cur < p->last || (cur == 100 && p->last == 100)) {
+            return;
+        }
+        if (cur > p->last + p->min_skip || cur == 100) {
+            progress_show(p, cur);
+        }
+        return;
+    }
     if (cur > p->last + p->min_skip || cur < p->last - p->min_skip ||
         cur == 100) {
         progress_show(p, cur);
     }
 }
 
+void cli_progress_print_bytes(cli_progress *p, uint64_t done, uint64_t total)
+{
+    if (!p->enabled) {
+        return;
+    }
+    p->have_bytes = true;
+    p->bytes = done;
+    p->total = total;
+    cli_progress_print(p, total ? (double)done * 100.0 / (double)total : 100);
+}
+
 void cli_progress_end(cli_progress *p)
 {
-    if (p->enabled) {
+    if (p->enabled && p->mode == PROGRESS_HUMAN) {
         printf("\n");
         fflush(stdout);
     }

@@ -153,16 +153,73 @@ bool cli_discard_mode_valid(const char *mode);
 /* Parses "human" / "json" for --output; prints qemu-img's error. */
 int cli_parse_output(const char *arg, bool *json);
 
-/* Progress meter ("    (12.34/100%)\r"), shown only when enabled. */
+struct json_object;
+/* Prints a vdisk-only --output=json object (docs/json.md): compact json-c
+ * text on one line of stdout, keys in the order they were added. Frees
+ * @obj. */
+void cli_print_json(struct json_object *obj);
+
+/*
+ * Progress meter. Human form (-p; --progress=human only names this
+ * default form, undoing an earlier --progress=json): qemu-img's
+ * "    (12.34/100%)\r" on stdout. --progress=json: one JSON object per
+ * line on stderr, {"command":"convert","progress":12.5,"bytes":N,
+ * "total":N,"elapsed":0.42} ("bytes"/"total" only when the command
+ * reported them through cli_progress_print_bytes()). --progress-fd=N:
+ * nbdcopy's "N/100\n" lines (an integer percentage) written to fd N, or
+ * the JSON lines there with --progress=json too. The machine forms never
+ * go to stdout, never go backwards, and are not silenced by -q (they
+ * were asked for explicitly); docs/json.md documents them.
+ *
+ * How a command opts in (a long command of its own):
+ *   1. add CLI_PROGRESS_LONG_OPTS to its long-option table: cli_getopt()
+ *      then parses --progress=FMT and --progress-fd=N itself (through
+ *      cli_parse_progress_arg(), the caller never sees them) and refuses
+ *      them under qemu-img's name, as qemu-img has neither;
+ *   2. cli_progress_init(&p, want_human_meter, min_skip) once the work is
+ *      about to start: the machine forms switch the meter on by
+ *      themselves (cli_progress_machine() says whether one was asked);
+ *   3. cli_progress_print(&p, percent) or cli_progress_print_bytes(&p,
+ *      done, total) as the work goes (callers serialise calls);
+ *   4. on success cli_progress_print(&p, 100), then cli_progress_end(&p)
+ *      on every path (the machine forms print nothing there, so a failed
+ *      command never claims 100).
+ * A command with its own getopt loop calls cli_parse_progress_arg() for
+ * OPT_PROGRESS and OPT_PROGRESS_FD itself.
+ */
 typedef struct cli_progress {
     bool enabled;
     float last;
     float min_skip;   /* redraw after this many percent (qemu: per command) */
+    int mode;         /* 0 human, 1 json, 2 nbdcopy's N/100 (internal) */
+    int fd;           /* where the machine forms go */
+    int last_int;     /* last N/100 written */
+    bool have_bytes;
+    uint64_t bytes, total;
+    double start;     /* CLOCK_MONOTONIC seconds at init */
+    const char *command;
 } cli_progress;
+
+/* Long-only options of the progress forms (0x300 range). */
+enum { OPT_PROGRESS = 0x300, OPT_PROGRESS_FD };
+#define CLI_PROGRESS_LONG_OPTS \
+    { "progress", required_argument, NULL, OPT_PROGRESS }, \
+    { "progress-fd", required_argument, NULL, OPT_PROGRESS_FD }
+
+/* Parses --progress=human|json (@opt OPT_PROGRESS) or --progress-fd=N
+ * (OPT_PROGRESS_FD: an open file descriptor) into the process-wide
+ * progress settings that cli_progress_init() reads. Returns 0, or prints
+ * the error and returns -1. */
+int cli_parse_progress_arg(int opt, const char *arg);
+/* Whether --progress=json or --progress-fd was given. */
+bool cli_progress_machine(void);
 
 /* @min_skip as qemu-img's commands use: 2.0 for compare, 1.0 for convert. */
 void cli_progress_init(cli_progress *p, bool enabled, float min_skip);
 void cli_progress_print(cli_progress *p, double percent);
+/* cli_progress_print() of @done * 100 / @total that also reports both
+ * counts in the JSON form. */
+void cli_progress_print_bytes(cli_progress *p, uint64_t done, uint64_t total);
 void cli_progress_end(cli_progress *p);
 
 /* "-o help" support shared by create and convert (cmd_create.c):
