@@ -315,6 +315,8 @@ int cmd_export_diff(int argc, char **argv)
     }
 
     if (strcmp(path, "-") == 0) {
+        /* The meter writes to stdout, which carries the stream. */
+        progress = false;
         o.fd = STDOUT_FILENO;
     } else {
         o.fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
