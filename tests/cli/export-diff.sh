@@ -4,7 +4,7 @@
 # A plus the stream A..B is B and has snapshot B, B plus B..(active) is
 # the active layer, a full stream up to A rebuilds A; raw to qcow2 and
 # back, through files and pipes. Referees: qemu-img convert -l of each
-# state (sha256), qemu-img snapshot -l and check. Bad streams (thirteen
+# state (sha256), qemu-img snapshot -l and check. Bad streams (fourteen
 # faults, on stdin too) and bad exports: a clear error naming the stream
 # and the fault, exit 1, the image byte-identical. The rbd CLI's side is
 # export-diff-rbd.sh.
@@ -106,6 +106,9 @@ i = 12 + 9 + 5 + 9 + 5 + 9 + 1 + 9 + 8
 assert v2[i] in b'wz', v2[i]
 ln = struct.unpack('<Q', v2[i + 1:i + 9])[0]
 w('v2-len', v2[:i + 1] + struct.pack('<Q', ln + 1) + v2[i + 9:])
+w('nosize-past', b'rbd diff v1\n' + b'z' + struct.pack('<QQ', 8 << 20, 512) + b'e')
+# an unknown v2 record is skipped by its length, as rbd does
+w('v2-unknown', v2[:12] + b'X' + struct.pack('<Q', 5) + b'hello' + v2[12:])
 w('v2-size-len', v2[:12 + 9 + 5 + 9 + 5 + 9 + 1] + b's' + struct.pack('<QQ', 4, 1 << 20) + v2[i:])
 EOF
 bad trunc-end "truncated stream"
@@ -120,10 +123,14 @@ bad longname "longer than 4096"
 bad nosnap "start snapshot 'Z'"
 bad exists "end snapshot 'A'"
 bad v2-len "v2 length"
+bad nosize-past "past the image size 8388608"
 bad v2-size-len "v2 length"
 expect_status 1 $VDISK import-diff - t.qcow2 < trunc-data 2> err
 grep -q "(stdin): truncated stream" err || fail "stdin: $(cat err)"
 [ "$(sum t.qcow2)" = "$t_sum" ] || fail "stdin: the target changed"
+cp t.qcow2 u.qcow2
+$VDISK import-diff v2-unknown u.qcow2 || fail "an unknown v2 record was not skipped"
+[ "$(state u.qcow2)" = "$sum_b" ] || fail "v2 with an unknown record: not B"
 # a stream ending at a snapshot, onto an image that cannot take one
 truncate -s 8M t.raw
 raw_sum=$(sum t.raw)
