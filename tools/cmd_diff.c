@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "commands.h"
+#include "diff_view.h"
 #include "util.h"
 #include "vdisk/bitmap.h"
 
@@ -70,60 +71,6 @@ static void out_add(diff_out *o, uint64_t start, uint64_t length)
     out_flush(o);
     o->start = start;
     o->length = length;
-}
-
-/* Where @node's byte @off comes from, for up to @bytes. */
-typedef struct view_ext {
-    uint64_t length;
-    bool zero;                  /* reads as zeros */
-    bool mapped;                /* file/offset say where the bytes are */
-    const char *file;
-    uint64_t offset;
-} view_ext;
-
-static int view_status(vd_node *node, uint64_t size, uint64_t off,
-                       uint64_t bytes, view_ext *v, vd_error *err)
-{
-    vd_extent ext;
-    int r;
-
-    memset(v, 0, sizeof(*v));
-    if (off >= size) {
-        /* Past a shorter view's end: reads as zeros (as compare does). */
-        v->length = bytes;
-        v->zero = true;
-        return 0;
-    }
-    if (bytes > size - off) {
-        bytes = size - off;
-    }
-    memset(&ext, 0, sizeof(ext));
-    r = vd_block_status(node, off, bytes, &ext, err);
-    if (r < 0) {
-        return r;
-    }
-    if (ext.length == 0 || ext.length > bytes) {
-        return vd_error_set(err, -EIO, "block status out of range at "
-                            "offset %" PRIu64, off);
-    }
-    v->length = ext.length;
-    v->zero = ext.flags & VD_BLOCK_ZERO;
-    if ((ext.flags & VD_BLOCK_DATA) && (ext.flags & VD_BLOCK_OFFSET_VALID) &&
-        ext.file) {
-        v->mapped = true;
-        v->file = vd_node_filename(ext.file);
-        v->offset = ext.offset;
-    }
-    return 0;
-}
-
-static bool same_by_metadata(const view_ext *a, const view_ext *b)
-{
-    if (a->zero && b->zero) {
-        return true;
-    }
-    return a->mapped && b->mapped && a->file && b->file &&
-           strcmp(a->file, b->file) == 0 && a->offset == b->offset;
 }
 
 /* Reads [off, off + n) of a view of @size bytes: zeros past its end. */
@@ -191,12 +138,14 @@ static int diff_views(vd_node *a, vd_node *b, bool exact, diff_out *o)
         }
     }
     while (off < size) {
-        view_ext va, vb;
+        diff_view_ext va, vb;
         uint64_t n;
 
-        r = view_status(a, (uint64_t)size_a, off, size - off, &va, &err);
+        r = diff_view_status(a, (uint64_t)size_a, off, size - off, &va,
+                             &err);
         if (r >= 0) {
-            r = view_status(b, (uint64_t)size_b, off, size - off, &vb, &err);
+            r = diff_view_status(b, (uint64_t)size_b, off, size - off,
+                                 &vb, &err);
         }
         if (r < 0) {
             cli_error("Could not read file metadata: %s", err.message[0] ?
@@ -204,7 +153,7 @@ static int diff_views(vd_node *a, vd_node *b, bool exact, diff_out *o)
             goto out;
         }
         n = va.length < vb.length ? va.length : vb.length;
-        if (same_by_metadata(&va, &vb)) {
+        if (diff_view_same(&va, &vb)) {
             /* nothing changed here */
         } else if (exact) {
             r = compare_range(a, (uint64_t)size_a, b, (uint64_t)size_b,
@@ -247,24 +196,6 @@ static int diff_bitmap(vd_node *node, const char *name, diff_out *o)
     }
     vd_error_clear(&err);
     return r;
-}
-
-/* Whether @name is a snapshot of @node. */
-static bool has_snapshot(vd_node *node, const char *name)
-{
-    vd_snapshot_info *list = NULL;
-    size_t count = 0;
-    bool found = false;
-
-    if (vd_snapshot_list(node, &list, &count, NULL) < 0) {
-        return false;
-    }
-    for (size_t i = 0; i < count && !found; i++) {
-        found = (list[i].id && strcmp(list[i].id, name) == 0) ||
-                (list[i].name && strcmp(list[i].name, name) == 0);
-    }
-    vd_snapshot_list_free(&list, count);
-    return found;
 }
 
 static int load_snapshot(vd_node *node, const char *name)
@@ -343,7 +274,7 @@ int cmd_diff(int argc, char **argv)
         }
         goto walk;
     }
-    if (nargs == 3 || has_snapshot(a, argv[optind + 1])) {
+    if (nargs == 3 || diff_view_has_snapshot(a, argv[optind + 1])) {
         /* IMAGE SNAP_A [SNAP_B]: the same image opened again, read-only
          * as a snapshot view must be. */
         b = cli_open_image(argv[optind], fmt, image_opts, flags, NULL);

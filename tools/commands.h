@@ -47,5 +47,10 @@ int cmd_rebase(int argc, char **argv);
 /* tools/cmd_diff.c: what changed between snapshots, layers, a bitmap. */
 enum { OPT_DIFF_EXACT = 0x2a0, OPT_DIFF_BITMAP };
 int cmd_diff(int argc, char **argv);
+/* tools/cmd_export_diff.c: change sets as RBD diff streams. */
+enum { OPT_XDIFF_FROM_SNAP = 0x2e0, OPT_XDIFF_SNAPSHOT, OPT_XDIFF_WHOLE_OBJECT,
+       OPT_XDIFF_EXPORT_FORMAT };
+int cmd_export_diff(int argc, char **argv);
+int cmd_import_diff(int argc, char **argv);
 
 #endif

@@ -152,6 +152,27 @@ static const struct option diff_long[] = {
     { NULL, 0, NULL, 0 },
 };
 
+static const struct option export_diff_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "format", required_argument, NULL, 'f' },
+    { "force-share", no_argument, NULL, 'U' },
+    { "from-snap", required_argument, NULL, OPT_XDIFF_FROM_SNAP },
+    { "snapshot", required_argument, NULL, OPT_XDIFF_SNAPSHOT },
+    { "whole-object", no_argument, NULL, OPT_XDIFF_WHOLE_OBJECT },
+    { "export-format", required_argument, NULL, OPT_XDIFF_EXPORT_FORMAT },
+    { NULL, 0, NULL, 0 },
+};
+
+static const struct option import_diff_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "format", required_argument, NULL, 'f' },
+    { NULL, 0, NULL, 0 },
+};
+
 static const struct option commit_long[] = {
     { "help", no_argument, NULL, 'h' },
     { "object", required_argument, NULL, OPT_OBJECT },
@@ -300,6 +321,14 @@ const cli_command cli_commands[] = {
       "[count=blocks] [skip=blocks] [--output=ofmt] [--progress=pfmt] "
       "[--progress-fd=N] if=input of=output",
       ":hf:O:U", dd_long },
+    { "export-diff", cmd_export_diff,
+      "[--object objectdef] [--image-opts] [-f fmt] [-U] [-p] "
+      "[--from-snap snapshot] [--snapshot snapshot | -l snapshot] "
+      "[--whole-object] [--export-format 1|2] filename path",
+      ":f:hl:pU", export_diff_long },
+    { "import-diff", cmd_import_diff,
+      "[--object objectdef] [--image-opts] [-f fmt] [-p] path filename",
+      ":f:hp", import_diff_long },
     { "info", cmd_info,
       "[--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
       "[--backing-chain] [-U] filename",
@@ -361,7 +390,8 @@ const cli_command *cli_find_command(const char *name)
 bool cli_command_is_vdisk_only(const cli_command *c)
 {
     return c->handler == cmd_io || c->handler == cmd_serve ||
-           c->handler == cmd_diff;
+           c->handler == cmd_diff || c->handler == cmd_export_diff ||
+           c->handler == cmd_import_diff;
 }
 
 static void print_driver(const char *name, void *opaque)

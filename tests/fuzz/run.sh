@@ -276,6 +276,32 @@ mkdir -p "$seeds/qmp" "$seeds/json" "$seeds/object"
     printf '\001help' > help
 )
 
+# RBD diff streams (fuzz-rbd-diff.c; the first byte is its mode byte):
+# v1 and v2 with every record kind, written here byte by byte.
+mkdir -p "$seeds/rbd-diff"
+python3 - "$seeds/rbd-diff" <<'PYEOF' || true
+import os, struct, sys
+d = sys.argv[1]
+def rec(v, tag, payload):
+    return tag + (struct.pack('<Q', len(payload)) if v == 2 and tag != b'e' else b'') + payload
+def name(s):
+    return struct.pack('<I', len(s)) + s
+for v in (1, 2):
+    body = b'rbd diff v%d\n' % v
+    body += rec(v, b'f', name(b'A')) + rec(v, b't', name(b'B'))
+    if v == 2:
+        body += rec(v, b'p', b'\0')
+    body += rec(v, b's', struct.pack('<Q', 1 << 20))
+    body += rec(v, b'w', struct.pack('<QQ', 4096, 16) + b'x' * 16)
+    body += rec(v, b'z', struct.pack('<QQ', 65536, 8192)) + b'e'
+    open(os.path.join(d, 'v%d' % v), 'wb').write(b'\1' + body)
+    open(os.path.join(d, 'v%d-off' % v), 'wb').write(b'\x81' + body)
+    full = b'rbd diff v%d\n' % v + rec(v, b'w', struct.pack('<QQ', 0, 8) + b'12345678') + b'e'
+    open(os.path.join(d, 'v%d-full' % v), 'wb').write(b'\x28' + full)
+# a v2 record of an unknown tag, and pacific's 8-byte 'p' length
+open(os.path.join(d, 'v2-skip'), 'wb').write(b'\1rbd diff v2\nX' + struct.pack('<Q', 3) + b'abc' + b'p' + struct.pack('<Q', 8) + b'\0e')
+PYEOF
+
 # fuzz_one TARGET: runs it for $secs into its log; on failure prints the
 # log's end and says where the artifact is.
 fuzz_one()
@@ -287,6 +313,7 @@ fuzz_one()
     fuzz-qmp) tseeds=$seeds/qmp ;;
     fuzz-json-filename) tseeds=$seeds/json ;;
     fuzz-object) tseeds=$seeds/object ;;
+    fuzz-rbd-diff) tseeds=$seeds/rbd-diff ;;
     *) tseeds=$seeds/img ;;
     esac
     if ! "$build/$t" "$corpus" "$tseeds" -max_total_time="$secs" \

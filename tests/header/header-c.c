@@ -6,6 +6,7 @@
  */
 #include <vdisk/job.h>
 #include <vdisk/nbd-server.h>
+#include <vdisk/rbd-diff.h>
 #include <vdisk/vdisk.h>
 
 #include <errno.h>

@@ -2,6 +2,7 @@
 // and link from a C++ program against libvdisk.so.
 #include <vdisk/job.h>
 #include <vdisk/nbd-server.h>
+#include <vdisk/rbd-diff.h>
 #include <vdisk/vdisk.h>
 
 #include <cstring>
