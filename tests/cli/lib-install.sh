@@ -12,6 +12,7 @@ requires qemu-img qemu-io meson pkg-config readelf nm python3 timeout
 cc=${CC:-cc}
 requires "$cc"
 tmpdir
+source "$(dirname "$0")/install.bash"
 
 [ -n "${VDISK_BUILDDIR:-}" ] || fail "VDISK_BUILDDIR is not set"
 [ -n "${VDISK_TESTS_SRCDIR:-}" ] || fail "VDISK_TESTS_SRCDIR is not set"
@@ -19,16 +20,7 @@ tmpdir
 
 # ---- install ----
 
-dest=$PWD/root
-if ! meson install -C "$VDISK_BUILDDIR" --no-rebuild --destdir "$dest" \
-        > install.log 2>&1; then
-    cat install.log
-    fail "meson install failed"
-fi
-pc=$(find "$dest" -name vdisk.pc)
-[ -n "$pc" ] || fail "meson install installed no vdisk.pc"
-so=$(find "$dest" -name libvdisk.so.0)
-[ -n "$so" ] || fail "meson install installed no libvdisk.so.0"
+install_staged "$PWD/root"
 [ -n "$(find "$dest" -name libvdisk.a)" ] ||
     fail "meson install installed no libvdisk.a"
 incdir=$(dirname "$(find "$dest" -path '*/vdisk/vdisk.h')")
@@ -142,25 +134,15 @@ EOF
 
 # ---- a program built outside the tree ----
 
-export PKG_CONFIG_PATH=$(dirname "$pc")
-export PKG_CONFIG_SYSROOT_DIR=$dest
+staged_build_env
 cflags=$(pkg-config --cflags vdisk)
 libs=$(pkg-config --libs vdisk)
-# A sanitizer build's library needs the sanitizer runtime in the program.
-san=$(meson introspect "$VDISK_BUILDDIR" --buildoptions | python3 -c '
-import json, sys
-print(next(o["value"] for o in json.load(sys.stdin) if o["name"] == "b_sanitize"))')
-sanflags=()
-if [ "$san" != none ]; then
-    sanflags=(-fsanitize="$san")
-fi
 cp "$VDISK_TESTS_SRCDIR/install/embed.c" .
 # shellcheck disable=SC2086
 "$cc" -std=c99 -Wall -Wextra -Werror "${sanflags[@]}" $cflags -o embed \
     embed.c $libs
 readelf -d embed | grep -q 'Shared library: \[libvdisk.so.0\]' ||
     fail "embed is not linked against libvdisk.so.0"
-export LD_LIBRARY_PATH=$(dirname "$so")
 
 $QEMU_IMG create -q -f qcow2 img.qcow2 4M
 $QEMU_IO -c 'write -q -P 0xab 0 64k' img.qcow2
