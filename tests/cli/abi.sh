@@ -28,6 +28,18 @@ bash "$VDISK_SRCDIR/scripts/abi-update.sh" "$VDISK_BUILDDIR" current.abi ||
 sed "/<enumerator name='VD_[A-Z0-9_]*__MAX'/d" "$baseline" > old.abi
 sed "/<enumerator name='VD_[A-Z0-9_]*__MAX'/d" current.abi > new.abi
 
+# The baseline comes from Debian 12's gcc (docs/library.md); another
+# compiler's DWARF may describe the same types differently.
+producer=$(readelf --debug-dump=info "$VDISK_BUILDDIR/libvdisk.so.0" \
+    2>/dev/null | grep -m1 DW_AT_producer |
+    sed 's/.*DW_AT_producer *: *//; s/^(indirect string[^)]*): //') || true
+echo "compiled by: ${producer:-unknown}"
+note=
+case $producer in
+"GNU C"*) ;;
+*) note=" (the baseline is gcc's; compare a gcc build before blaming the change)" ;;
+esac
+
 # The verdict leaves additions out: abidiff's status is non-zero for any
 # other change it reports (bit 4: an ABI change, bit 8: an incompatible
 # one; bits 1 and 2: abidiff itself failed).
@@ -37,7 +49,7 @@ if [ "$st" != 0 ]; then
     cat verdict.txt
     fail "abidiff reports an ABI change against abi/libvdisk.abi" \
          "(status $st): keep the old symbols and types, or bump the" \
-         "SONAME and run scripts/abi-update.sh (docs/library.md)"
+         "SONAME and run scripts/abi-update.sh (docs/library.md)$note"
 fi
 
 # Version nodes: a function the baseline exports keeps its node, and an
