@@ -32,7 +32,7 @@ sed "/<enumerator name='VD_[A-Z0-9_]*__MAX'/d" current.abi > new.abi
 # compiler's DWARF may describe the same types differently.
 producer=$(readelf --debug-dump=info "$VDISK_BUILDDIR/libvdisk.so.0" \
     2>/dev/null | grep -m1 DW_AT_producer |
-    sed 's/.*DW_AT_producer *: *//; s/^(indirect string[^)]*): //') || true
+    sed 's/.*DW_AT_producer *: *//; s/^([^)]*): //') || true
 echo "compiled by: ${producer:-unknown}"
 note=
 case $producer in
