@@ -48,6 +48,9 @@ packages=(build-essential binutils meson ninja-build pkg-config zlib1g-dev
           librados-dev qemu-block-extra nginx-light openssh-server
           openssh-client tgt libiscsi-bin ceph-mon ceph-mgr ceph-osd
           ceph-common vsftpd tinyproxy)
+# abidw and abidiff: the ABI check against abi/libvdisk.abi
+# (tests/cli/abi.sh, docs/library.md).
+packages+=(abigail-tools)
 
 install_missing()
 {

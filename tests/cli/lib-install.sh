@@ -4,29 +4,23 @@
 # --cflags --libs vdisk` against libvdisk.so reads and writes a qcow2 image
 # made by qemu-img (qemu-img compare and qemu-img info referee) and serves
 # it over NBD to qemu-io; the library's SONAME is libvdisk.so.0 and it
-# exports exactly the functions the installed headers declare; QEMU's four
+# exports exactly the functions the installed headers declare, each in the
+# version node src/libvdisk.map lists it in; QEMU's four
 # tool names are symlinks to vdisk in $libexecdir/vdisk/qemu-compat/.
 source "$(dirname "$0")/../functions.sh"
 requires qemu-img qemu-io meson pkg-config readelf nm python3 timeout
 cc=${CC:-cc}
 requires "$cc"
 tmpdir
+source "$(dirname "$0")/install.bash"
 
 [ -n "${VDISK_BUILDDIR:-}" ] || fail "VDISK_BUILDDIR is not set"
 [ -n "${VDISK_TESTS_SRCDIR:-}" ] || fail "VDISK_TESTS_SRCDIR is not set"
+[ -n "${VDISK_SRCDIR:-}" ] || fail "VDISK_SRCDIR is not set"
 
 # ---- install ----
 
-dest=$PWD/root
-if ! meson install -C "$VDISK_BUILDDIR" --no-rebuild --destdir "$dest" \
-        > install.log 2>&1; then
-    cat install.log
-    fail "meson install failed"
-fi
-pc=$(find "$dest" -name vdisk.pc)
-[ -n "$pc" ] || fail "meson install installed no vdisk.pc"
-so=$(find "$dest" -name libvdisk.so.0)
-[ -n "$so" ] || fail "meson install installed no libvdisk.so.0"
+install_staged "$PWD/root"
 [ -n "$(find "$dest" -name libvdisk.a)" ] ||
     fail "meson install installed no libvdisk.a"
 incdir=$(dirname "$(find "$dest" -path '*/vdisk/vdisk.h')")
@@ -56,10 +50,11 @@ grep -q 'Library soname: \[libvdisk.so.0\]' dynamic.txt ||
 # ---- exported symbols == the headers' declarations ----
 
 nm -D --defined-only "$so" > exported.txt
-python3 - "$incdir" exported.txt <<'EOF'
+python3 - "$incdir" exported.txt "$VDISK_SRCDIR/src/libvdisk.map" <<'EOF'
 import os, re, sys
 
-incdir, nm_out = sys.argv[1], sys.argv[2]
+incdir, nm_out, map_path = sys.argv[1:4]
+problems = []
 
 # Every function the installed headers declare with VD_API, read at test
 # time: comments and preprocessor lines removed, then each VD_API
@@ -78,51 +73,76 @@ for name in sorted(os.listdir(incdir)):
         sys.exit("%s declares no VD_API function" % name)
     declared.update(found)
 
-exported, problems = set(), []
+# The version script's nodes in order, `NAME { global: f; ... } PARENT;`:
+# each node after the first inherits the one before it, the names inside
+# a node are sorted (branches that add functions merge cleanly) and a
+# name is in one node only (docs/library.md, "Library ABI").
+with open(map_path) as f:
+    script = re.sub(r"/\*.*?\*/", " ", f.read(), flags=re.S)
+nodes, node_of = [], {}
+for m in re.finditer(r"([\w.]+)\s*\{(.*?)\}\s*([\w.]*)\s*;", script, re.S):
+    node, body, parent = m.groups()
+    if nodes and parent != nodes[-1]:
+        problems.append("map: node %s inherits %r, not the node before it "
+                        "(%s)" % (node, parent, nodes[-1]))
+    if not nodes and parent:
+        problems.append("map: the first node %s inherits %s" % (node, parent))
+    nodes.append(node)
+    body = re.split(r"\blocal\s*:", body)[0]
+    body = re.sub(r"\bglobal\s*:", " ", body)
+    names = [s.strip() for s in body.split(";") if s.strip()]
+    if names != sorted(names):
+        problems.append("map: the names in node %s are not sorted" % node)
+    for s in names:
+        if s in node_of:
+            problems.append("map: %s is in %s and %s" % (s, node_of[s], node))
+        node_of[s] = node
+if not nodes:
+    sys.exit("%s: no version node found" % map_path)
+
+exported, version_defs = set(), set()
 with open(nm_out) as f:
     for line in f:
         parts = line.split()
         if len(parts) < 3:
             continue
         kind, sym = parts[1], parts[2]
-        if kind == "A" and sym in ("VDISK_0.1", "VDISK_0.2"):
-            continue                      # the version nodes themselves
+        if kind == "A":
+            version_defs.add(sym)         # a version node itself
+            continue
         name, _, version = sym.partition("@@")
-        if version not in ("VDISK_0.1", "VDISK_0.2"):
-            problems.append("%s is not in version node VDISK_0.1 or "
-                            "VDISK_0.2" % sym)
+        want = node_of.get(name)
+        if want is not None and version != want:
+            problems.append("%s is exported in %s, the map puts it in %s"
+                            % (name, version or "no version node", want))
         exported.add(name)
 
+if version_defs != set(nodes):
+    problems.append("the library defines version nodes %s, the map %s"
+                    % (" ".join(sorted(version_defs)), " ".join(nodes)))
+for s in sorted(set(node_of) - exported):
+    problems.append("listed in the map but not exported: %s" % s)
 for s in sorted(exported - declared):
     problems.append("exported but not declared in the headers: %s" % s)
 for s in sorted(declared - exported):
     problems.append("declared VD_API but not exported: %s" % s)
 if problems:
     sys.exit("\n".join(problems))
-print("%d exported functions, all declared in %s" % (len(exported), incdir))
+print("%d exported functions in nodes %s, all declared in %s"
+      % (len(exported), " ".join(nodes), incdir))
 EOF
 
 # ---- a program built outside the tree ----
 
-export PKG_CONFIG_PATH=$(dirname "$pc")
-export PKG_CONFIG_SYSROOT_DIR=$dest
+staged_build_env
 cflags=$(pkg-config --cflags vdisk)
 libs=$(pkg-config --libs vdisk)
-# A sanitizer build's library needs the sanitizer runtime in the program.
-san=$(meson introspect "$VDISK_BUILDDIR" --buildoptions | python3 -c '
-import json, sys
-print(next(o["value"] for o in json.load(sys.stdin) if o["name"] == "b_sanitize"))')
-sanflags=()
-if [ "$san" != none ]; then
-    sanflags=(-fsanitize="$san")
-fi
 cp "$VDISK_TESTS_SRCDIR/install/embed.c" .
 # shellcheck disable=SC2086
 "$cc" -std=c99 -Wall -Wextra -Werror "${sanflags[@]}" $cflags -o embed \
     embed.c $libs
 readelf -d embed | grep -q 'Shared library: \[libvdisk.so.0\]' ||
     fail "embed is not linked against libvdisk.so.0"
-export LD_LIBRARY_PATH=$(dirname "$so")
 
 $QEMU_IMG create -q -f qcow2 img.qcow2 4M
 $QEMU_IO -c 'write -q -P 0xab 0 64k' img.qcow2
