@@ -162,6 +162,7 @@ static const struct option export_diff_long[] = {
     { "snapshot", required_argument, NULL, OPT_XDIFF_SNAPSHOT },
     { "whole-object", no_argument, NULL, OPT_XDIFF_WHOLE_OBJECT },
     { "export-format", required_argument, NULL, OPT_XDIFF_EXPORT_FORMAT },
+    CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
 };
 
@@ -170,6 +171,7 @@ static const struct option import_diff_long[] = {
     { "object", required_argument, NULL, OPT_OBJECT },
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "format", required_argument, NULL, 'f' },
+    CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
 };
 
@@ -324,10 +326,12 @@ const cli_command cli_commands[] = {
     { "export-diff", cmd_export_diff,
       "[--object objectdef] [--image-opts] [-f fmt] [-U] [-p] "
       "[--from-snap snapshot] [--snapshot snapshot | -l snapshot] "
-      "[--whole-object] [--export-format 1|2] filename path",
+      "[--whole-object] [--export-format 1|2] [--progress=pfmt] "
+      "[--progress-fd=N] filename path",
       ":f:hl:pU", export_diff_long },
     { "import-diff", cmd_import_diff,
-      "[--object objectdef] [--image-opts] [-f fmt] [-p] path filename",
+      "[--object objectdef] [--image-opts] [-f fmt] [-p] [--progress=pfmt] "
+      "[--progress-fd=N] path filename",
       ":f:hp", import_diff_long },
     { "info", cmd_info,
       "[--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
