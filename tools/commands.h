@@ -36,5 +36,8 @@ int cmd_rebase(int argc, char **argv);
 /* tools/cmd_diff.c: what changed between snapshots, layers, a bitmap. */
 enum { OPT_DIFF_EXACT = 0x2a0, OPT_DIFF_BITMAP };
 int cmd_diff(int argc, char **argv);
+/* tools/cmd_compact.c: in-place compaction of a qcow2 image. */
+enum { OPT_COMPACT_DRY_RUN = 0x2c0 };
+int cmd_compact(int argc, char **argv);
 
 #endif
