@@ -298,7 +298,13 @@ static int cp_add_l1(cp_ctx *c, uint64_t off, uint32_t size, int snap)
     for (uint32_t i = 0; i < size; i++) {
         uint64_t l2 = t->e[i] & QCOW2_L1E_OFFSET_MASK;
         if (l2) {
+            /* A table shared by several L1 tables (snapshots) adds a
+             * reference to each of its clusters per L1 table, as the
+             * refcounts count them (qemu-img check's rule). */
             ret = cp_load_l2(c, l2);
+            if (ret == 0) {
+                ret = cp_count_l2(c, &c->l2[c->l2of[l2 >> c->cb]]);
+            }
             if (ret < 0) {
                 return ret;
             }
@@ -486,9 +492,6 @@ static int cp_count(cp_ctx *c)
     for (uint32_t i = 0; i < s->nb_snapshots && ret == 0; i++) {
         ret = cp_add_l1(c, s->snapshots[i].l1_table_offset,
                         s->snapshots[i].l1_size, (int)i);
-    }
-    for (size_t i = 0; i < c->nl2 && ret == 0; i++) {
-        ret = cp_count_l2(c, &c->l2[i]);
     }
     if (ret == 0) {
         ret = cp_load_bitmaps(c);
