@@ -2,30 +2,30 @@
 # vdisk compact killed (SIGKILL) at chosen steps: the test hook
 # VDISK_COMPACT_KILL_AT=N stops the process before its N-th write, flush
 # or truncate (=count prints how many there are), so the kill points are
-# deterministic. The image (512-byte clusters, so that refcount blocks,
-# the grown refcount table, L1 and L2 tables, the snapshot table and the
+# deterministic. The image (512-byte clusters and 64-bit refcounts, so
+# that refcount blocks, the grown refcount table, L1 and L2 tables, the snapshot table and the
 # bitmap directory and tables all lie above big holes and move) has two
 # snapshots taken, one deleted, and a persistent bitmap. After each kill:
 # qemu-img check finds no corruption (leaks only), the active layer and
 # every snapshot read as before, the bitmap is listed as before and holds
 # the same extents; a rerun of vdisk compact completes and check is then
-# clean. COMPACT_CRASH_ALL=1 tries every step (slow); the default is 14
+# clean. COMPACT_CRASH_ALL=1 tries every step (slow); the default is 8
 # steps spread over the run, the first and the last included.
 source "$(dirname "$0")/../functions.sh"
 requires qemu-img qemu-io
 source "$(dirname "$0")/compact-functions.bash"
 tmpdir
 
-$QEMU_IMG create -q -f qcow2 base.qcow2 4M
-qio base.qcow2 "write -P 200 0 4M"
+$QEMU_IMG create -q -f qcow2 base.qcow2 2M
+qio base.qcow2 "write -P 200 0 2M"
 $QEMU_IMG create -q -f qcow2 -b "$PWD/base.qcow2" -F qcow2 \
-    -o cluster_size=512 img.qcow2 4M
+    -o cluster_size=512,refcount_bits=64 img.qcow2 2M
 $QEMU_IMG bitmap --add -g 4096 img.qcow2 bm0
-qio img.qcow2 "write -P 1 0 4M"
+qio img.qcow2 "write -P 1 0 2M"
 $QEMU_IMG snapshot -c s1 img.qcow2
-qio img.qcow2 "write -P 2 0 3M" "write -P 3 3M 512k"
+qio img.qcow2 "write -P 2 0 1536k" "write -P 3 1536k 256k"
 $QEMU_IMG snapshot -c s2 img.qcow2
-qio img.qcow2 "write -P 4 1M 256k" "discard 2M 256k" "write -z 3M 64k"
+qio img.qcow2 "write -P 4 512k 128k" "discard 1M 128k" "write -z 1536k 64k"
 $QEMU_IMG snapshot -d s1 img.qcow2
 check_clean img.qcow2 leaks-ok
 save_views img.qcow2 before
@@ -42,7 +42,7 @@ echo "$steps steps; $(size_of img.qcow2) -> $(size_of w.qcow2) bytes"
 if [ "${COMPACT_CRASH_ALL:-0}" = 1 ]; then
     points=$(seq 1 "$steps")
 else
-    points=$(python3 -c "n=$steps; print(*sorted({1, 2, n} | {1 + (n - 1) * i // 13 for i in range(14)}))")
+    points=$(python3 -c "n=$steps; print(*sorted({1, 2, n} | {1 + (n - 1) * i // 7 for i in range(8)}))")
 fi
 for k in $points; do
     cp img.qcow2 w.qcow2

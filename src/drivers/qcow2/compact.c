@@ -92,6 +92,8 @@ typedef struct cp_ctx {
     uint8_t *lvl;           /* LV_* per cluster */
     uint8_t *link;          /* moves together with the next cluster */
     uint8_t *enc;           /* encrypted guest data (IVs by host offset) */
+    uint8_t *nocopy;        /* named by an L2 or L1 entry without COPIED */
+    uint8_t *force;         /* must move to fix its COPIED flag (below) */
     uint64_t *dest;         /* new cluster index, 0 = stays */
     int32_t *l2of;          /* index into l2[] of the table at a cluster */
     /* refcount blocks by refcount table index (NULL: none) */
@@ -265,6 +267,9 @@ static int cp_count_l2(cp_ctx *c, const cp_l2 *t)
         if (ret == 0 && s->crypt_method == QCOW2_CRYPT_LUKS) {
             c->enc[off >> c->cb] = 1;
         }
+        if (!(e & QCOW2_OFLAG_COPIED)) {
+            c->nocopy[off >> c->cb] = 1;
+        }
     }
     return ret;
 }
@@ -302,6 +307,9 @@ static int cp_add_l1(cp_ctx *c, uint64_t off, uint32_t size, int snap)
              * reference to each of its clusters per L1 table, as the
              * refcounts count them (qemu-img check's rule). */
             ret = cp_load_l2(c, l2);
+            if (!(t->e[i] & QCOW2_OFLAG_COPIED)) {
+                c->nocopy[l2 >> c->cb] = 1;
+            }
             if (ret == 0) {
                 ret = cp_count_l2(c, &c->l2[c->l2of[l2 >> c->cb]]);
             }
@@ -556,6 +564,12 @@ static int cp_commit_refs(cp_ctx *c)
 
 #define CP_CURSORS 8
 
+static int cp_cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 /* Finds @len free clusters in a row below @limit from *cursor on. */
 static uint64_t cp_find(cp_ctx *c, const uint8_t *isfree, uint64_t *cursor,
                         uint64_t len, uint64_t limit)
@@ -594,6 +608,20 @@ static int cp_plan(cp_ctx *c)
     for (int i = 0; i <= CP_CURSORS; i++) {
         cur[i] = 1;
     }
+    /* Forced moves first, to any hole (even one above them). */
+    uint64_t fcur = 1;
+    for (uint64_t i = 1; i < c->nclu; i++) {
+        if (c->force[i]) {
+            uint64_t d = cp_find(c, isfree, &fcur, 1, c->nclu);
+            if (d) {
+                c->dest[i] = d;
+                isfree[d] = 0;
+                c->moved++;
+            } else {
+                c->force[i] = 0;   /* stays a leak; a later run moves it */
+            }
+        }
+    }
     for (uint64_t end = c->nclu; end > 1;) {
         uint64_t last = end - 1, start = last;
         if (c->refs[last] == 0) {
@@ -605,7 +633,8 @@ static int cp_plan(cp_ctx *c)
         }
         end = start;
         uint64_t len = last - start + 1;
-        if (c->lvl[start] == LV_FIXED || c->lvl[start] == LV_NONE) {
+        if (c->lvl[start] == LV_FIXED || c->lvl[start] == LV_NONE ||
+            c->dest[start]) {
             continue;
         }
         uint64_t scratch = cur[1];
@@ -621,6 +650,35 @@ static int cp_plan(cp_ctx *c)
         c->moved += len;
     }
     free(isfree);
+
+    /* The greedy pass pairs the highest cluster with the lowest hole, so
+     * a run of clusters would land in reverse order: the single-cluster
+     * units get the same holes again in ascending order, so that runs
+     * stay runs (one read and one write each, and the guest's
+     * sequential data stays sequential). */
+    if (c->moved == 0) {
+        return 0;
+    }
+    uint64_t *src = malloc(c->moved * sizeof(*src));
+    uint64_t *dst = malloc(c->moved * sizeof(*dst));
+    uint64_t n = 0;
+    if (!src || !dst) {
+        free(src);
+        free(dst);
+        return vd_error_set(c->err, -ENOMEM, "out of memory");
+    }
+    for (uint64_t i = 1; i < c->nclu; i++) {
+        if (c->dest[i] && !c->link[i] && !c->link[i - 1]) {
+            src[n] = i;
+            dst[n++] = c->dest[i];
+        }
+    }
+    qsort(dst, n, sizeof(*dst), cp_cmp_u64);
+    for (uint64_t j = 0; j < n; j++) {
+        c->dest[src[j]] = dst[j];
+    }
+    free(src);
+    free(dst);
     return 0;
 }
 
@@ -711,6 +769,9 @@ static void cp_rewrite(cp_ctx *c, int lv)
                 } else if (c->data_in_file && (e & QCOW2_L2E_OFFSET_MASK)) {
                     uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
                     ne = (e & ~QCOW2_L2E_OFFSET_MASK) | cp_new(c, off);
+                    if (ne != e && c->force[off >> c->cb]) {
+                        ne |= QCOW2_OFLAG_COPIED;
+                    }
                 }
                 if (ne != e) {
                     qcow2_set_l2_entry(s, c->l2[t].buf, i, ne);
@@ -741,6 +802,9 @@ static void cp_rewrite(cp_ctx *c, int lv)
                 if (off && cp_new(c, off) != off) {
                     c->l1[t].e[i] = (e & ~QCOW2_L1E_OFFSET_MASK) |
                                     cp_new(c, off);
+                    if (c->force[off >> c->cb]) {
+                        c->l1[t].e[i] |= QCOW2_OFLAG_COPIED;
+                    }
                     c->l1[t].dirty = true;
                 }
             }
@@ -987,6 +1051,8 @@ static void cp_free(cp_ctx *c)
     free(c->lvl);
     free(c->link);
     free(c->enc);
+    free(c->nocopy);
+    free(c->force);
     free(c->dest);
     free(c->l2of);
     if (c->rb) {
@@ -1121,9 +1187,12 @@ int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,
     c.lvl = calloc(c.nclu, 1);
     c.link = calloc(c.nclu, 1);
     c.enc = calloc(c.nclu, 1);
+    c.nocopy = calloc(c.nclu, 1);
+    c.force = calloc(c.nclu, 1);
     c.dest = calloc(c.nclu, sizeof(*c.dest));
     c.l2of = malloc(c.nclu * sizeof(*c.l2of));
-    if (!c.refs || !c.lvl || !c.link || !c.enc || !c.dest || !c.l2of) {
+    if (!c.refs || !c.lvl || !c.link || !c.enc || !c.dest || !c.l2of ||
+        !c.nocopy || !c.force) {
         ret = vd_error_set(err, -ENOMEM, "out of memory");
         goto out;
     }
@@ -1143,6 +1212,18 @@ int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,
                                c.refs[i]);
             goto out;
         }
+    }
+    /* A killed run can leave a cluster that several tables shared (no
+     * COPIED flag in their entries) named by one entry only, with its
+     * refcount above 1 (a leak). Lowering the refcount to 1 would make
+     * the entry's missing COPIED flag an error for qemu-img check, and
+     * no order of two writes avoids that; such a cluster moves instead,
+     * to a cluster given refcount 1, and the entry that names the new
+     * place has the flag. */
+    for (uint64_t i = 1; i < c.nclu; i++) {
+        c.force[i] = c.refs[i] == 1 && c.nocopy[i] &&
+                     (c.lvl[i] == LV_DATA || c.lvl[i] == LV_TABLE) &&
+                     cp_get_ref(&c, i) > 1;
     }
     ret = cp_plan(&c);
     if (ret < 0) {
@@ -1176,6 +1257,9 @@ int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,
         for (uint64_t j = 0; j < s->refcount_block_size && ret == 0; j++) {
             uint64_t ci = ((uint64_t)i << s->refcount_block_bits) + j;
             uint64_t want = ci < c.nclu ? c.refs[ci] : 0;
+            if (ci < c.nclu && c.force[ci]) {
+                continue;       /* given back when it has moved */
+            }
             if (qcow2_refblock_get(s, c.rb[i], j) > want) {
                 ret = cp_set_ref(&c, ci, want);
             }
