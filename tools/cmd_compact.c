@@ -21,6 +21,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "commands.h"
 #include "util.h"
@@ -50,6 +51,26 @@ static void report(const vd_compact_result *r, bool json, bool dry_run,
                 dry_run ? "Would move" : "Moved", r->moved_clusters,
                 r->cluster_size, a, b, g,
                 dry_run ? "; nothing was written" : "");
+}
+
+/* The library reports the file's length rounded up to 512 bytes, as the
+ * block layer sees it; a plain file name gives the exact one. */
+static void exact_sizes(const char *filename, bool image_opts,
+                        vd_compact_result *r, bool after)
+{
+    struct stat st;
+
+    if (image_opts || stat(filename, &st) < 0 || !S_ISREG(st.st_mode)) {
+        return;
+    }
+    if (after) {
+        r->new_size = (uint64_t)st.st_size;
+    } else {
+        if (r->new_size >= r->original_size) {
+            r->new_size = (uint64_t)st.st_size;
+        }
+        r->original_size = (uint64_t)st.st_size;
+    }
 }
 
 static void compact_error(const char *filename, const vd_error *err)
@@ -115,6 +136,7 @@ int cmd_compact(int argc, char **argv)
         compact_error(filename, &err);
         goto out;
     }
+    exact_sizes(filename, image_opts, &res, false);
     if (dry_run) {
         report(&res, json, true, quiet);
         ret = 0;
@@ -128,6 +150,7 @@ int cmd_compact(int argc, char **argv)
     if (!node) {
         return 1;
     }
+    uint64_t original = res.original_size;
     opts.dry_run = false;
     cli_progress_init(&prog, progress && !quiet, 1.0);
     ret = vd_compact(node, &opts, progress_cb, &prog, &res, &err);
@@ -142,6 +165,9 @@ int cmd_compact(int argc, char **argv)
         ret = 1;
         goto out;
     }
+    exact_sizes(filename, image_opts, &res, false);
+    res.original_size = original;
+    exact_sizes(filename, image_opts, &res, true);
     report(&res, json, false, quiet);
     ret = 0;
 out:
