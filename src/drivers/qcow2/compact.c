@@ -133,6 +133,19 @@ static void cp_step(cp_ctx *c)
     }
 }
 
+/* With VDISK_COMPACT_KILL_AT=count: where each phase starts (the steps
+ * done before it), so that a test can kill inside any phase. */
+static void cp_phase(cp_ctx *c, const char *what, int lv)
+{
+    static const char *const names[] = {
+        "", "data", "tables", "top", "snaptable", "refblocks", "reftable",
+    };
+    if (c->count_steps) {
+        fprintf(stderr, "compact: phase %s%s%s at step %llu\n",
+                lv ? names[lv] : "", lv ? "-" : "", what, c->steps);
+    }
+}
+
 static int cp_write(cp_ctx *c, uint64_t off, const void *buf, uint64_t len)
 {
     cp_step(c);
@@ -919,10 +932,12 @@ static int cp_move_level(cp_ctx *c, int lv)
     if (!any) {
         return 0;
     }
+    cp_phase(c, "copy", lv);
     ret = cp_copy(c, lv);
     if (ret == 0) {
         ret = cp_flush(c);
     }
+    cp_phase(c, "count", lv);
     for (uint64_t i = 1; i < c->nclu && ret == 0; i++) {
         if (c->dest[i] && c->lvl[i] == lv) {
             ret = cp_set_ref(c, c->dest[i], c->refs[i]);
@@ -931,10 +946,12 @@ static int cp_move_level(cp_ctx *c, int lv)
     if (ret == 0) {
         ret = cp_commit_refs(c);
     }
+    cp_phase(c, "rewrite", lv);
     if (ret == 0) {
         cp_rewrite(c, lv);
         ret = cp_write_refs(c);
     }
+    cp_phase(c, "release", lv);
     for (uint64_t i = 1; i < c->nclu && ret == 0; i++) {
         if (c->dest[i] && c->lvl[i] == lv) {
             ret = cp_set_ref(c, i, 0);
@@ -961,6 +978,7 @@ static int cp_move_refblocks(cp_ctx *c)
             continue;
         }
         uint64_t d = c->dest[ci];
+        cp_phase(c, "move", LV_REFBLOCK);
         ret = cp_set_ref(c, d, 1);
         if (ret == 0) {
             ret = cp_commit_refs(c);
@@ -1005,6 +1023,7 @@ static int cp_move_reftable(cp_ctx *c)
     if (!d) {
         return 0;
     }
+    cp_phase(c, "move", LV_REFTABLE);
     for (uint64_t k = 0; k < n && ret == 0; k++) {
         ret = cp_set_ref(c, d + k, 1);
     }
@@ -1248,6 +1267,7 @@ int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,
         progress(0.0, opaque);
     }
 
+    cp_phase(&c, "leaks", 0);
     /* Leaks first (a killed run leaves some): a refcount above the
      * references drops to them, which changes no reference. */
     for (uint32_t i = 0; i < s->refcount_table_size && ret == 0; i++) {
@@ -1278,6 +1298,7 @@ int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,
         ret = cp_move_reftable(&c);
     }
     if (ret == 0 && res->new_size < c.flen) {
+        cp_phase(&c, "truncate", 0);
         cp_step(&c);
         ret = vd_node_truncate(s->file->node, res->new_size, true,
                                VD_PREALLOC_OFF, err);
