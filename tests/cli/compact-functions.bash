@@ -5,9 +5,6 @@
 # backing file, every snapshot with qemu-img convert -l, the bitmaps as
 # qemu-img info lists them and the extents they hold).
 
-# rand N: a number in [0, N).
-rand() { echo $((RANDOM % $1)); }
-
 # qio IMG CMD...: qemu-io commands on IMG (output dropped).
 qio()
 {
@@ -25,15 +22,15 @@ random_ops()
     local img=$1 cs=$2 n=$3 cmds=() i off len
     local nclu=$((16 * 1024 * 1024 / cs))
     for ((i = 0; i < n; i++)); do
-        off=$(( $(rand $nclu) * cs ))
-        len=$(( ($(rand 8) + 1) * cs ))
+        off=$((RANDOM % nclu * cs))
+        len=$(((RANDOM % 8 + 1) * cs))
         if ((off + len > 16 * 1024 * 1024)); then len=$((16 * 1024 * 1024 - off)); fi
-        case $(rand 5) in
-        0|1) cmds+=("write -P $(( $(rand 250) + 1 )) $off $len") ;;
-        2) cmds+=("write -P $(( $(rand 250) + 1 )) $((off + 512)) 1024") ;;
+        case $((RANDOM % 5)) in
+        0|1) cmds+=("write -P $((RANDOM % 250 + 1)) $off $len") ;;
+        2) cmds+=("write -P $((RANDOM % 250 + 1)) $((off + 512)) 1024") ;;
         3) cmds+=("discard $off $len") ;;
         4) if [ "${COMPRESS:-0}" = 1 ]; then
-               cmds+=("discard $off $cs" "write -c -P $(( $(rand 250) + 1 )) $off $cs")
+               cmds+=("discard $off $cs" "write -c -P $((RANDOM % 250 + 1)) $off $cs")
            else
                cmds+=("write -z $off $cs")
            fi ;;
