@@ -73,9 +73,12 @@ static void exact_sizes(const char *filename, bool image_opts,
     }
 }
 
-static void compact_error(const char *filename, const vd_error *err)
+/* "vdisk: FILE: message", FILE the image's file name (not the option
+ * string of --image-opts), once. */
+static void compact_error(vd_node *node, const vd_error *err)
 {
-    cli_error("%s: %s", filename, cli_strip_filename(err->message, filename));
+    const char *name = vd_node_filename(node);
+    cli_error("%s: %s", name, cli_strip_filename(err->message, name));
 }
 
 int cmd_compact(int argc, char **argv)
@@ -133,7 +136,7 @@ int cmd_compact(int argc, char **argv)
     }
     opts.dry_run = true;
     if (vd_compact(node, &opts, NULL, NULL, &res, &err) < 0) {
-        compact_error(filename, &err);
+        compact_error(node, &err);
         goto out;
     }
     exact_sizes(filename, image_opts, &res, false);
@@ -156,12 +159,13 @@ int cmd_compact(int argc, char **argv)
     ret = vd_compact(node, &opts, progress_cb, &prog, &res, &err);
     cli_progress_end(&prog);
     if (ret < 0) {
-        compact_error(filename, &err);
+        compact_error(node, &err);
         ret = 1;
         goto out;
     }
     if (vd_close(&node, &err) < 0) {
-        compact_error(filename, &err);
+        /* The node is gone; the message names its file. */
+        cli_error("%s", err.message);
         ret = 1;
         goto out;
     }
