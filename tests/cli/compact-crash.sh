@@ -90,6 +90,23 @@ crash_points a.qcow2 data-copy:2 data-count:2 data-rewrite:2 \
     data-release:2 tables-rewrite:2 top-rewrite:2 snaptable-rewrite:2 \
     snaptable-release:1 truncate:1
 
+# Regression (found in review, before it shipped): a run killed between
+# the writes of two L2 tables that share a cluster leaves each copy named
+# by one entry without the COPIED flag; a rerun that merely dropped the
+# leaked refcounts to 1 would have left qemu-img check reporting
+# OFLAG_COPIED corruptions. The rerun must move such clusters instead.
+start=$(sed -n 's/^compact: phase data-rewrite at step \([0-9]*\)$/\1/p' count.out)
+cp a.qcow2 w.qcow2
+st=0
+VDISK_COMPACT_KILL_AT=$((start + 2)) $VDISK compact w.qcow2 > /dev/null 2>&1 || st=$?
+[ "$st" = 137 ] || fail "split: expected SIGKILL, got $st"
+check_clean w.qcow2 leaks-ok
+VDISK_COMPACT_KILL_AT=count $VDISK compact w.qcow2 > /dev/null 2> rerun.out
+forced=$(sed -n 's/^compact: \([0-9]*\) clusters move for their COPIED flag$/\1/p' rerun.out)
+[ "${forced:-0}" -gt 0 ] || fail "split: no cluster moved for its COPIED flag: $(cat rerun.out)"
+check_clean w.qcow2
+views_equal w.qcow2 a.qcow2.before
+
 # ---- B: refcount blocks and the refcount table ----
 $QEMU_IMG create -q -f qcow2 base.qcow2 2M
 qio base.qcow2 "write -P 200 0 2M"

@@ -1248,6 +1248,14 @@ int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,
     if (ret < 0) {
         goto out;
     }
+    if (c.count_steps) {
+        uint64_t nf = 0;
+        for (uint64_t i = 1; i < c.nclu; i++) {
+            nf += c.force[i] && c.dest[i];
+        }
+        fprintf(stderr, "compact: %" PRIu64 " clusters move for their "
+                "COPIED flag\n", nf);
+    }
     uint64_t new_end = 1;
     for (uint64_t i = 0; i < c.nclu; i++) {
         if (c.refs[i]) {
