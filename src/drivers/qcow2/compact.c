@@ -1125,8 +1125,9 @@ static int cp_precheck(qcow2_state *s, vd_node *node, bool dry_run,
     return 0;
 }
 
-int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,
-                  void *opaque, vd_compact_result *res, vd_error *err)
+static int compact_once(vd_node *node, bool dry_run, vd_progress_fn progress,
+                        void *opaque, vd_compact_result *res,
+                        uint64_t *forced, vd_error *err)
 {
     qcow2_state *s = node->opaque;
     vd_check_result chk;
@@ -1248,13 +1249,12 @@ int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,
     if (ret < 0) {
         goto out;
     }
+    for (uint64_t i = 1; i < c.nclu; i++) {
+        *forced += c.force[i] && c.dest[i];
+    }
     if (c.count_steps) {
-        uint64_t nf = 0;
-        for (uint64_t i = 1; i < c.nclu; i++) {
-            nf += c.force[i] && c.dest[i];
-        }
         fprintf(stderr, "compact: %" PRIu64 " clusters move for their "
-                "COPIED flag\n", nf);
+                "COPIED flag\n", *forced);
     }
     uint64_t new_end = 1;
     for (uint64_t i = 0; i < c.nclu; i++) {
@@ -1337,5 +1337,28 @@ int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,
 out:
     pthread_mutex_unlock(&s->lock);
     cp_free(&c);
+    return ret;
+}
+
+int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,
+                  void *opaque, vd_compact_result *res, vd_error *err)
+{
+    uint64_t forced = 0;
+    int ret = compact_once(node, dry_run, progress, opaque, res, &forced,
+                           err);
+
+    /* Clusters moved for their COPIED flag (after a killed run) went to
+     * the lowest holes before the plan of the rest: a second pass packs
+     * what that left (it has no such cluster left to move). */
+    if (ret == 0 && !dry_run && forced) {
+        vd_compact_result again;
+        forced = 0;
+        ret = compact_once(node, false, progress, opaque, &again, &forced,
+                           err);
+        if (ret == 0) {
+            res->new_size = again.new_size;
+            res->moved_clusters += again.moved_clusters;
+        }
+    }
     return ret;
 }
