@@ -175,6 +175,17 @@ static const struct option import_diff_long[] = {
     { NULL, 0, NULL, 0 },
 };
 
+static const struct option compact_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "format", required_argument, NULL, 'f' },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    { "dry-run", no_argument, NULL, OPT_COMPACT_DRY_RUN },
+    CLI_PROGRESS_LONG_OPTS,
+    { NULL, 0, NULL, 0 },
+};
+
 static const struct option commit_long[] = {
     { "help", no_argument, NULL, 'h' },
     { "object", required_argument, NULL, OPT_OBJECT },
@@ -288,6 +299,10 @@ const cli_command cli_commands[] = {
       "[-b base] [-r rate_limit] [-d] [-p] [--output=ofmt] "
       "[--progress=pfmt] [--progress-fd=N] filename",
       ":hf:t:b:dpqr:", commit_long },
+    { "compact", cmd_compact,
+      "[--object objectdef] [--image-opts] [-f fmt] [-q] [-p] [--dry-run] "
+      "[--output=ofmt] [--progress=pfmt] [--progress-fd=N] filename",
+      ":f:hqp", compact_long },
     { "compare", cmd_compare,
       "[--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] "
       "[-p] [-q] [-s] [-U] [--output=ofmt] [--progress=pfmt] "
@@ -395,7 +410,7 @@ bool cli_command_is_vdisk_only(const cli_command *c)
 {
     return c->handler == cmd_io || c->handler == cmd_serve ||
            c->handler == cmd_diff || c->handler == cmd_export_diff ||
-           c->handler == cmd_import_diff;
+           c->handler == cmd_import_diff || c->handler == cmd_compact;
 }
 
 static void print_driver(const char *name, void *opaque)

@@ -287,6 +287,10 @@ typedef struct vd_node vd_node;
                                       what its children need, as a node
                                       made by QMP blockdev-add; add users
                                       with vd_user_new() */
+#define VD_O_NO_BITMAPS  (1u << 25) /* leave the persistent dirty bitmaps
+                                      on disk as they are: neither loaded
+                                      (nor marked in use) nor stored at
+                                      close (vd_compact()) */
 
 /**
  * Opens @filename as an image and returns its top node in @*out.
@@ -935,6 +939,38 @@ VD_API int vd_measure(const char *format, const vd_opts *opts, vd_node *src,
  */
 VD_API int vd_amend(vd_node *node, const vd_opts *opts, bool force,
                     vd_progress_fn progress, void *opaque, vd_error *err);
+
+/** What vd_compact() does. */
+typedef struct vd_compact_opts {
+    bool dry_run;             /* plan only: report, write nothing */
+} vd_compact_opts;
+
+/** What vd_compact() gave back (or would, with dry_run). */
+typedef struct vd_compact_result {
+    uint64_t original_size;   /* bytes of the image file before */
+    uint64_t new_size;        /* bytes after (planned, with dry_run) */
+    uint64_t moved_clusters;  /* clusters moved down */
+    uint64_t cluster_size;
+} vd_compact_result;
+
+/**
+ * Compacts the image of @node in place (vdisk compact): clusters in use
+ * at the end of the file move down into free ones, every reference to
+ * them is rewritten (internal snapshots, persistent bitmaps, the LUKS
+ * header included) and the file is truncated. Crash-safe: a process
+ * killed at any point leaves an image whose every snapshot reads the
+ * same, with at most leaked clusters, which a new call gives back. An
+ * image that the format's check finds corrupt is refused before
+ * anything is written. @opts may be NULL (no dry run). @progress (may
+ * be NULL) gets the percentage done. Fills @res (may not be NULL).
+ * The node must have no request in flight and, unless dry_run, be
+ * writable and opened with VD_O_NO_BITMAPS when the image has
+ * persistent bitmaps. Errors: -ENOTSUP ("Format 'X' does not support
+ * compaction"), -EROFS, -EBUSY, -EIO (corrupt image, I/O error).
+ */
+VD_API int vd_compact(vd_node *node, const vd_compact_opts *opts,
+                      vd_progress_fn progress, void *opaque,
+                      vd_compact_result *res, vd_error *err);
 
 /* ------------------------------------------------------------------ */
 /* Information                                                        */

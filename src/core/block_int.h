@@ -196,7 +196,7 @@ typedef struct vd_limits {
 /* The core neither loads nor stores the node's persistent bitmaps: for
  * tests that drive a format's bitmaps_load/bitmaps_store themselves
  * (tests/unit/test-qcow2-bitmaps.c); vd_open() passes it through. */
-#define VD_NODE_NO_BITMAPS  (1u << 25)
+#define VD_NODE_NO_BITMAPS  VD_O_NO_BITMAPS
 
 struct vd_node {
     const vd_driver *drv;
@@ -482,6 +482,10 @@ struct vd_driver {
                  vd_error *err);
     /* Changes creation options of an open image (qemu-img amend). */
     int (*amend)(vd_node *node, vd_opts *opts, bool force, vd_error *err);
+    /* In-place compaction (vd_compact()). Node drained. Absent: the
+     * format cannot compact. */
+    int (*compact)(vd_node *node, bool dry_run, vd_progress_fn progress,
+                   void *opaque, vd_compact_result *res, vd_error *err);
     /* Host size an image created with @create_opts (size in "size"
      * unless @src is given) and filled from @src (may be NULL) would
      * need, as qemu-img measure. Consume the options used. */

@@ -154,3 +154,33 @@ VD_API int vd_amend(vd_node *node, const vd_opts *opts, bool force,
     vd_opts_free(&o);
     return ret;
 }
+
+VD_API int vd_compact(vd_node *node, const vd_compact_opts *opts,
+                      vd_progress_fn progress, void *opaque,
+                      vd_compact_result *res, vd_error *err)
+{
+    bool dry_run = opts && opts->dry_run;
+    int ret;
+
+    memset(res, 0, sizeof(*res));
+    if (!node->drv->compact) {
+        return vd_error_set(err, -ENOTSUP, "Format '%s' does not support "
+                            "compaction", node->drv->name);
+    }
+    if (!dry_run && node->read_only) {
+        return vd_error_set(err, -EROFS, "%s: image is read-only",
+                            node->filename);
+    }
+    /* Bitmaps loaded in memory would be stored again at close, into new
+     * clusters past the compacted end; the caller opens without them. */
+    if (!dry_run && atomic_load(&node->named_bitmaps)) {
+        return vd_error_set(err, -EBUSY, "%s: the node has dirty bitmaps in "
+                            "memory; open it with VD_O_NO_BITMAPS to compact",
+                            node->filename);
+    }
+    vd_node_drain_begin(node);
+    ret = node->drv->compact(node, dry_run, progress, opaque, res, err);
+    vd_node_drain_end(node);
+    vd_node_refresh_length(node);
+    return ret;
+}

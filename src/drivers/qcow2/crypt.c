@@ -387,3 +387,34 @@ int qcow2_crypt_amend(qcow2_state *s, vd_opts *opts, bool force,
     }
     return vd_luks_amend(&c->luks, opts, "encrypt.", force, hdr_io, c, err);
 }
+
+/* Compaction (compact.c) moves encrypted clusters: LUKS derives each
+ * sector's IV from its host offset, so the bytes are decrypted with the
+ * old place's IVs and encrypted with the new place's. */
+int qcow2_crypt_rehost(qcow2_state *s, uint8_t *buf, uint64_t bytes,
+                       uint64_t old_host, uint64_t new_host, vd_error *err)
+{
+    qcow2_crypt *c = s->crypt;
+
+    if (!c || !c->keyed || c->method != QCOW2_CRYPT_LUKS) {
+        return vd_error_set(err, -ENOTSUP, "%s: moving encrypted clusters "
+                            "needs the image's LUKS key (encrypt.key-secret)",
+                            s->filename);
+    }
+    if (old_host % VD_LUKS_SECTOR || new_host % VD_LUKS_SECTOR ||
+        bytes % VD_LUKS_SECTOR) {
+        return vd_error_set(err, -EIO, "%s: unaligned encrypted move",
+                            s->filename);
+    }
+    vd_luks_crypt(&c->luks, old_host / VD_LUKS_SECTOR, buf, bytes, false);
+    vd_luks_crypt(&c->luks, new_host / VD_LUKS_SECTOR, buf, bytes, true);
+    return 0;
+}
+
+/* The LUKS header was moved by compaction to @off. */
+void qcow2_crypt_header_moved(qcow2_state *s, uint64_t off)
+{
+    if (s->crypt) {
+        s->crypt->hdr_off = off;
+    }
+}

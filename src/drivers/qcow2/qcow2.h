@@ -831,6 +831,10 @@ int qcow2_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
 /* The vtable's amend callback (qemu-img amend). Node drained. */
 int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err);
 
+/* The vtable's compact callback (compact.c, vd_compact()). */
+int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,
+                  void *opaque, vd_compact_result *res, vd_error *err);
+
 /* Metadata structures for the overlap checks (QEMU's QCOW2_OL_*). */
 #define QCOW2_OL_MAIN_HEADER      (1 << 0)
 #define QCOW2_OL_ACTIVE_L1        (1 << 1)
@@ -1046,6 +1050,12 @@ int qcow2_crypt_create(qcow2_state *s, const struct vd_luks_create_opts *o,
 /* qemu-img amend's encrypt.* key slot changes. Lock held. */
 int qcow2_crypt_amend(qcow2_state *s, vd_opts *opts, bool force,
                       vd_error *err);
+/* Re-encrypts @bytes of @buf read at host @old_host for host @new_host
+ * (LUKS IVs by host sector; compaction). -ENOTSUP without the key. */
+int qcow2_crypt_rehost(qcow2_state *s, uint8_t *buf, uint64_t bytes,
+                       uint64_t old_host, uint64_t new_host, vd_error *err);
+/* The LUKS header moved to @off (compaction). */
+void qcow2_crypt_header_moved(qcow2_state *s, uint64_t off);
 /* The "encrypt" member of the format-specific information. */
 char *qcow2_crypt_info_json(const qcow2_state *s);
 
