@@ -211,9 +211,11 @@ int cmd_du(int argc, char **argv)
         return 1;
     }
     /* Without --backing-chain the backing files are not needed (nor
-     * opened: a missing one does not stop the accounting of this file). */
+     * opened: a missing one does not stop the accounting of this file).
+     * Metadata only, as info: an encrypted image needs no key. */
     top = cli_open_image(argv[optind], fmt, image_opts,
-                         flags | (chain ? 0 : VD_O_NO_BACKING), NULL);
+                         flags | VD_O_NO_IO |
+                         (chain ? 0 : VD_O_NO_BACKING), NULL);
     if (!top) {
         return 1;
     }

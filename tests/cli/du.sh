@@ -253,6 +253,15 @@ test "$(jget du.json 'j["leaked"]')" = "$want" || fail "leaked: $(cat du.json)"
 test "$(jget du.json '[r["exclusive"] for r in j["rows"] if r["type"] == "leaked"]')" = \
     "[$want]" || fail "leaked row: $(cat du.json)"
 
+# ---- an encrypted image: the LUKS header is metadata; no key needed ----
+$QEMU_IMG create -q --object secret,id=k,data=pw -f qcow2 \
+    -o encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10 enc.qcow2 4M
+$QEMU_IO --object secret,id=k,data=pw --image-opts -c 'write 0 256k' \
+    driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=k > /dev/null
+$VDISK du --output=json enc.qcow2 > du.json
+test "$(jget du.json 'j["allocated"]')" = "$(used_bytes enc.qcow2)" ||
+    fail "encrypted: $(cat du.json)"
+
 # ---- raw: one row, the file's allocation and block status ----
 $QEMU_IMG create -q -f raw r.raw 8M
 $QEMU_IO -f raw -c 'write 1M 300k' -c 'write 6M 64k' r.raw > /dev/null
