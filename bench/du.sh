@@ -68,5 +68,5 @@ printf '%-44s %8s\n' "vdisk du --output=json ($snaps snapshots)" "$d"
 printf '%-44s %8s\n' "vdisk du (human)" "$(median < human.t)"
 printf '%-44s %8s\n' "qemu-img check --output=json" "$c"
 printf '%-44s %8s\n' "ratio du / check" \
-    "$(awk -v a="$d" -v b="$c" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')"
+    "$(awk -v a="$d" -v b="$c" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
 exit 0

@@ -40,6 +40,9 @@
 #include "drivers/qcow2/qcow2.h"
 
 #define DU_MULTI UINT32_MAX        /* owner[]: more than one owner */
+/* Two 4-byte words per cluster of the file: at most 4 GiB of them (a
+ * sparse file of many TB with small clusters, as check's limit). */
+#define DU_MAX_CLUSTERS (1ull << 29)
 #define BME_OFFSET_MASK 0x00fffffffffffe00ull
 #define BM_DIR_ENTRY_FIXED 24      /* bitmap directory entry's fixed part */
 
@@ -325,6 +328,12 @@ int qcow2_space_usage(vd_node *node, vd_du_result *res, vd_error *err)
     /* A structure may end inside the cluster after the last byte (the
      * last cluster may be partly written, as qemu-img check allows). */
     d.nb = qcow2_size_to_clusters(s, (uint64_t)flen) + 1;
+    if (d.nb > DU_MAX_CLUSTERS) {
+        ret = vd_error_set(err, -EFBIG, "%s: %" PRIu64 " clusters are too "
+                           "many to account (at most %llu)", s->filename,
+                           d.nb, (unsigned long long)DU_MAX_CLUSTERS);
+        goto out;
+    }
     if (qcow2_bitmaps_valid(s) && s->bitmaps_ext.nb_bitmaps) {
         ret = qcow2_bitmap_list_load(s, &bm, err);
         if (ret < 0) {
