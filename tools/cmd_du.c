@@ -76,6 +76,7 @@ static json_object *result_to_json(const vd_du_result *r)
           add_u64(o, "allocated", r->allocated) < 0 ||
           add_u64(o, "shared", r->shared) < 0 ||
           add_u64(o, "leaked", r->leaked) < 0 ||
+          add_u64(o, "unused", r->unused) < 0 ||
           add_u64(o, "file-length", r->file_length) < 0 ||
           (r->disk_usage >= 0 &&
            add_u64(o, "disk-usage", (uint64_t)r->disk_usage) < 0);
@@ -122,7 +123,7 @@ static void print_row(const char *name, uint64_t prov, uint64_t used,
 static void print_human(const vd_du_result *r)
 {
     uint64_t excl = 0, shared = r->shared;
-    char name[1024];
+    char name[1024], len[32], unused[32], blocks[32];
 
     printf("%-32s %11s %11s %11s %11s\n", "NAME", "PROVISIONED", "USED",
            "EXCLUSIVE", "SHARED");
@@ -151,6 +152,18 @@ static void print_human(const vd_du_result *r)
         excl += w->exclusive;
     }
     print_row("<TOTAL>", r->virtual_size, excl + shared, &excl, &shared);
+    /* What the table does not add up: the file's own figures. */
+    cli_size_to_str(len, sizeof(len), r->file_length);
+    cli_size_to_str(unused, sizeof(unused), r->unused);
+    if (r->disk_usage >= 0) {
+        cli_size_to_str(blocks, sizeof(blocks), (uint64_t)r->disk_usage);
+    }
+    printf("file length %s, ", len);
+    if (r->cluster_size) {
+        printf("%s unused clusters inside it, ", unused);
+    }
+    printf("on disk %s (st_blocks)\n", r->disk_usage >= 0 ? blocks
+                                                         : "unknown");
 }
 
 /* The last table of --backing-chain: one row per layer, each layer's

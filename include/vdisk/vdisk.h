@@ -1364,6 +1364,9 @@ typedef struct vd_du_result {
     uint64_t shared;          /* bytes referenced by more than one row,
                                  each counted once */
     uint64_t leaked;          /* bytes with a refcount and no reference */
+    uint64_t unused;          /* bytes of whole clusters inside the file
+                                 that nothing references and no refcount
+                                 claims (space freed inside the file) */
     uint64_t file_length;     /* the file's length */
     int64_t disk_usage;       /* the file's st_blocks * 512 (qemu-img
                                  info's actual-size), -1 unknown */

@@ -4,7 +4,8 @@
 #  - the clusters in use: refcounts read straight from the file by the
 #    parser below (header, refcount table, refcount blocks: qcow2.txt),
 #    with qemu-img check confirming there are no leaks or corruptions,
-#    so that "refcount > 0" is exactly "referenced";
+#    so that "refcount > 0" is exactly "referenced" (and the clusters of
+#    the file with refcount 0 are the unused ones);
 #  - a snapshot's exclusive bytes: what `qemu-img snapshot -d` of it
 #    gives back on a copy (clusters in use before minus after); a
 #    bitmap's: what `qemu-img bitmap --remove` gives back;
@@ -20,8 +21,9 @@ seed=${DU_SEED:-$RANDOM}
 echo "du.sh: seed $seed"
 RANDOM=$seed
 
-# used_bytes IMG: bytes of the clusters whose refcount is not 0.
-used_bytes()
+# refcounts IMG: bytes of the clusters whose refcount is not 0, then
+# bytes of the clusters inside the file whose refcount is 0.
+refcounts()
 {
     python3 - "$1" <<'EOF'
 import struct, sys
@@ -34,8 +36,11 @@ order = struct.unpack(">I", h[96:100])[0] if ver >= 3 else 4
 cs, bits = 1 << cbits, 1 << order
 f.seek(rto)
 raw = f.read(rtc * cs).ljust(rtc * cs, b"\0")
-n = 0
-for e in struct.unpack(">%dQ" % (rtc * cs // 8), raw):
+f.seek(0, 2)
+fc = (f.tell() + cs - 1) // cs
+n = inside = 0
+per_block = cs * 8 // bits
+for b, e in enumerate(struct.unpack(">%dQ" % (rtc * cs // 8), raw)):
     off = e & ~0x1ff
     if not off:
         continue
@@ -43,14 +48,17 @@ for e in struct.unpack(">%dQ" % (rtc * cs // 8), raw):
     blk = f.read(cs).ljust(cs, b"\0")
     if bits >= 8:
         w = bits // 8
-        n += sum(1 for i in range(0, cs, w) if any(blk[i:i + w]))
+        used = [i // w for i in range(0, cs, w) if any(blk[i:i + w])]
     else:
         v = int.from_bytes(blk, "little")
-        n += sum(1 for i in range(cs * 8 // bits) if (v >> (i * bits)) &
-                 ((1 << bits) - 1))
-print(n * cs)
+        used = [i for i in range(per_block) if (v >> (i * bits)) &
+                ((1 << bits) - 1)]
+    n += len(used)
+    inside += sum(1 for i in used if b * per_block + i < fc)
+print(n * cs, (fc - inside) * cs)
 EOF
 }
+used_bytes() { refcounts "$1" | cut -d' ' -f1; }
 
 # jq-less JSON access: field EXPR of the JSON file (python expression
 # over j, the parsed file).
@@ -62,16 +70,16 @@ jget()
 # check_sums DU.json IMG: the rows add up to the clusters in use.
 check_sums()
 {
-    local du=$1 img=$2 used check
-    used=$(used_bytes "$img")
+    local du=$1 img=$2 used free
+    read -r used free < <(refcounts "$img")
     $QEMU_IMG check --output=json "$img" > check.json ||
         fail "qemu-img check of $img: $(cat check.json)"
     test "$(jget check.json 'j.get("leaks", 0) + j.get("corruptions", 0)')" = 0 ||
         fail "$img is not clean: $(cat check.json)"
-    python3 - "$du" "$used" check.json <<'EOF' || fail "sums of $img"
+    python3 - "$du" "$used" check.json "$free" <<'EOF' || fail "sums of $img"
 import json, sys
 d = json.load(open(sys.argv[1])); used = int(sys.argv[2])
-c = json.load(open(sys.argv[3]))
+c = json.load(open(sys.argv[3])); free = int(sys.argv[4])
 cs = d["cluster-size"]
 excl = sum(r["exclusive"] for r in d["rows"])
 if excl + d["shared"] != d["allocated"] + d["leaked"]:
@@ -79,6 +87,9 @@ if excl + d["shared"] != d["allocated"] + d["leaked"]:
              (excl, d["shared"], d["allocated"]))
 if d["allocated"] != used:
     sys.exit("allocated %d, clusters with a refcount %d" % (d["allocated"], used))
+if d["unused"] != free:
+    sys.exit("unused %d, clusters in the file without a refcount %d" %
+             (d["unused"], free))
 for r in d["rows"]:
     if r["used"] != r["exclusive"] + r["shared"]:
         sys.exit("row %r: used != exclusive + shared" % r)

@@ -28,8 +28,10 @@
  * The walk holds the driver lock and reads L2 tables and refcount
  * blocks through the caches (a writable node's unwritten tables count
  * as they are in memory); snapshot L1 tables, the bitmap directory and
- * bitmap tables are read from the file. Damaged metadata (a table past
- * the end of the file or not aligned) fails with a message naming it.
+ * bitmap tables are read from the file. Clusters inside the file that
+ * nothing references and no refcount claims are reported as unused.
+ * Damaged metadata (a table past the end of the file or not aligned)
+ * fails with a message naming it.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -200,12 +202,14 @@ static int du_refcount_structure(du_state *d, uint32_t o)
     return ret;
 }
 
-/* Clusters with an on-disk refcount that no owner references. */
-static int du_leaks(du_state *d, uint64_t *leaked)
+/* Clusters with an on-disk refcount that no owner references; those of
+ * them inside the file's first @fc clusters also go to *@leaked_in. */
+static int du_leaks(du_state *d, uint64_t fc, uint64_t *leaked,
+                    uint64_t *leaked_in)
 {
     qcow2_state *s = d->s;
 
-    *leaked = 0;
+    *leaked = *leaked_in = 0;
     for (uint32_t i = 0; i < s->refcount_table_size; i++) {
         uint64_t off = s->refcount_table[i] & QCOW2_REFT_OFFSET_MASK;
         uint64_t base = (uint64_t)i << s->refcount_block_bits;
@@ -225,6 +229,7 @@ static int du_leaks(du_state *d, uint64_t *leaked)
             if ((k >= d->nb || d->owner[k] == 0) &&
                 qcow2_refblock_get(s, blk, j) > 0) {
                 *leaked += s->cluster_size;
+                *leaked_in += k < fc ? s->cluster_size : 0;
             }
         }
         qcow2_cache_put(s->refcount_cache, &blk);
@@ -306,6 +311,7 @@ int qcow2_space_usage(vd_node *node, vd_du_result *res, vd_error *err)
     qcow2_bitmap_info *bm = NULL;
     uint32_t nb_bm = 0, o_meta, o_active, o_snap, o_bm;
     uint64_t *entry_bytes = NULL, leaked = 0, shared = 0;
+    uint64_t fc, leaked_in = 0, unowned_in = 0;
     int64_t flen;
     size_t nrows;
     int ret;
@@ -327,7 +333,8 @@ int qcow2_space_usage(vd_node *node, vd_du_result *res, vd_error *err)
     }
     /* A structure may end inside the cluster after the last byte (the
      * last cluster may be partly written, as qemu-img check allows). */
-    d.nb = qcow2_size_to_clusters(s, (uint64_t)flen) + 1;
+    fc = qcow2_size_to_clusters(s, (uint64_t)flen);
+    d.nb = fc + 1;
     if (d.nb > DU_MAX_CLUSTERS) {
         ret = vd_error_set(err, -EFBIG, "%s: %" PRIu64 " clusters are too "
                            "many to account (at most %llu)", s->filename,
@@ -409,7 +416,7 @@ int qcow2_space_usage(vd_node *node, vd_du_result *res, vd_error *err)
         ret = du_bitmaps(&d, o_bm, bm, nb_bm, entry_bytes);
     }
     if (ret == 0) {
-        ret = du_leaks(&d, &leaked);
+        ret = du_leaks(&d, fc, &leaked, &leaked_in);
     }
     if (ret < 0) {
         goto out;
@@ -420,6 +427,8 @@ int qcow2_space_usage(vd_node *node, vd_du_result *res, vd_error *err)
             shared += s->cluster_size;
         } else if (d.owner[k]) {
             d.own[d.owner[k] - 1].exclusive += s->cluster_size;
+        } else if (k < fc) {
+            unowned_in += s->cluster_size;
         }
     }
     /* A bitmap's directory entry moves from the metadata row to it (when
@@ -445,6 +454,7 @@ int qcow2_space_usage(vd_node *node, vd_du_result *res, vd_error *err)
     res->cluster_size = s->cluster_size;
     res->shared = shared;
     res->leaked = leaked;
+    res->unused = unowned_in - leaked_in;
     res->allocated = shared;
     for (uint32_t o = 0; o < d.nb_own; o++) {
         res->allocated += d.own[o].exclusive;
