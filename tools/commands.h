@@ -55,5 +55,7 @@ int cmd_import_diff(int argc, char **argv);
 /* tools/cmd_compact.c: in-place compaction of a qcow2 image. */
 enum { OPT_COMPACT_DRY_RUN = 0x2c0 };
 int cmd_compact(int argc, char **argv);
+/* tools/cmd_du.c: space per snapshot, layer, bitmap, metadata. */
+int cmd_du(int argc, char **argv);
 
 #endif

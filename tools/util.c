@@ -186,6 +186,17 @@ static const struct option compact_long[] = {
     { NULL, 0, NULL, 0 },
 };
 
+static const struct option du_long[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "format", required_argument, NULL, 'f' },
+    { "output", required_argument, NULL, OPT_OUTPUT },
+    { "backing-chain", no_argument, NULL, OPT_BACKING_CHAIN },
+    { "force-share", no_argument, NULL, 'U' },
+    { NULL, 0, NULL, 0 },
+};
+
 static const struct option commit_long[] = {
     { "help", no_argument, NULL, 'h' },
     { "object", required_argument, NULL, OPT_OBJECT },
@@ -332,6 +343,10 @@ const cli_command cli_commands[] = {
       "  diff [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
       "[-U] --bitmap name filename",
       ":f:hU", diff_long },
+    { "du", cmd_du,
+      "[--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
+      "[--backing-chain] [-U] filename",
+      ":f:hU", du_long },
     { "dd", cmd_dd,
       "[--object objectdef] [--image-opts] [-U] [-f fmt] [-O output_fmt] "
       "[bs=block_size] "
@@ -410,7 +425,8 @@ bool cli_command_is_vdisk_only(const cli_command *c)
 {
     return c->handler == cmd_io || c->handler == cmd_serve ||
            c->handler == cmd_diff || c->handler == cmd_export_diff ||
-           c->handler == cmd_import_diff || c->handler == cmd_compact;
+           c->handler == cmd_import_diff || c->handler == cmd_compact ||
+           c->handler == cmd_du;
 }
 
 static void print_driver(const char *name, void *opaque)

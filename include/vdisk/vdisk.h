@@ -1344,6 +1344,95 @@ VD_API int vd_check(vd_node *node, vd_check_result *res, unsigned fix,
                     vd_error *err);
 
 /* ------------------------------------------------------------------ */
+/* Space accounting (vdisk du; docs/snapshots.md, Space per snapshot)  */
+/* ------------------------------------------------------------------ */
+
+/** What a row of a space report accounts for. */
+typedef enum vd_du_kind {
+    VD_DU_IMAGE,        /* the whole image (formats without accounting) */
+    VD_DU_ACTIVE,       /* the current state: its L1/L2 tables and data */
+    VD_DU_SNAPSHOT,     /* an internal snapshot: its L1/L2 tables, data */
+    VD_DU_BITMAP,       /* a persistent dirty bitmap: table, bits and its
+                           directory entry's bytes */
+    VD_DU_METADATA,     /* header, extensions, refcount table and blocks,
+                           snapshot table, bitmap directory (but for the
+                           entries), LUKS header */
+    VD_DU_LEAKED,       /* clusters with a refcount nothing references */
+} vd_du_kind;
+
+/** One row of a space report. Bytes are host bytes of the image file,
+ * whole clusters (a compressed cluster's row counts every host cluster
+ * its bytes touch), but for a bitmap's directory entry. */
+typedef struct vd_du_row {
+    vd_du_kind kind;
+    char *id;                 /* snapshot id, or NULL */
+    char *name;               /* snapshot or bitmap name, or NULL */
+    uint64_t provisioned;     /* guest bytes it describes (the snapshot's
+                                 or image's virtual size; a bitmap's
+                                 covered size); 0 for metadata, leaks */
+    uint64_t used;            /* bytes it references */
+    uint64_t exclusive;       /* of those, referenced by no other row:
+                                 what deleting it would give back */
+    uint64_t shared;          /* used - exclusive */
+    uint64_t tables;          /* of used: its own tables (L1/L2, bitmap
+                                 table, directory entry) */
+    uint64_t mapped;          /* guest bytes it maps to host storage:
+                                 whole guest clusters (for the active
+                                 layer qemu-img check's allocated-clusters
+                                 times the cluster size); an IMAGE row:
+                                 the bytes block status finds allocated;
+                                 0 for bitmaps, metadata, leaks */
+} vd_du_row;
+
+/** A space report (vd_du()), allocated by the library (later versions
+ * may append members), released with vd_du_result_free(). */
+typedef struct vd_du_result {
+    char *filename;           /* the image's file */
+    char *format;             /* its driver */
+    uint64_t virtual_size;
+    uint64_t cluster_size;    /* the accounting's unit; 0 for formats
+                                 without accounting (bytes) */
+    /* Bytes in use: every row's exclusive bytes plus the shared ones
+     * counted once; for qcow2, the clusters the metadata references
+     * (refcounts rebuilt from the tables, as qemu-img check does) times
+     * the cluster size, leaks left out. */
+    uint64_t allocated;
+    uint64_t shared;          /* bytes referenced by more than one row,
+                                 each counted once */
+    uint64_t leaked;          /* bytes with a refcount and no reference */
+    uint64_t unused;          /* bytes of whole clusters inside the file
+                                 that nothing references and no refcount
+                                 claims (space freed inside the file) */
+    uint64_t file_length;     /* the file's length */
+    int64_t disk_usage;       /* the file's st_blocks * 512 (qemu-img
+                                 info's actual-size), -1 unknown */
+    size_t nb_rows;
+    vd_du_row *rows;          /* active, snapshots in table order,
+                                 bitmaps, metadata, leaked (when any) */
+} vd_du_result;
+
+/**
+ * Accounts for the space @node's image takes in its file: per internal
+ * snapshot, for the current state, per persistent bitmap and for the
+ * metadata, split into exclusive and shared bytes (`vdisk du`). Computed
+ * from the metadata alone (L1/L2 tables, refcount blocks, bitmap
+ * tables), never from guest data. A format without its own accounting
+ * gets one VD_DU_IMAGE row whose used bytes are the file's allocation
+ * (st_blocks) and whose mapped bytes are the extents block status
+ * finds allocated. Only @node is accounted, not its backing
+ * chain (call it on each layer). Fills @*out with a new report (free it
+ * with vd_du_result_free()). Returns 0, -ENOMEM, or -EIO / -EINVAL with
+ * a message naming the file and the fault when the metadata is damaged
+ * (a table outside the file, misaligned, or a refcount block that cannot
+ * be read). Reads only; holds the format's lock while it walks the
+ * tables (requests to the node wait). Thread-safe.
+ */
+VD_API int vd_du(vd_node *node, vd_du_result **out, vd_error *err);
+
+/** Frees @*res and sets it to NULL. Accepts NULL. */
+VD_API void vd_du_result_free(vd_du_result **res);
+
+/* ------------------------------------------------------------------ */
 /* Internal snapshots                                                 */
 /* ------------------------------------------------------------------ */
 

@@ -477,6 +477,10 @@ struct vd_driver {
      * there are none. */
     int (*get_driver_stats)(vd_node *node, vd_driver_stats *out);
 
+    /* Space accounting (vd_du()): fills @res's cluster_size, allocated,
+     * shared, leaked and rows from metadata; the core has filled the
+     * rest. Reads only. Absent: one VD_DU_IMAGE row (info.c). */
+    int (*space_usage)(vd_node *node, vd_du_result *res, vd_error *err);
     /* Consistency check (and repair when @fix has VD_CHECK_FIX_*). */
     int (*check)(vd_node *node, vd_check_result *res, unsigned fix,
                  vd_error *err);

@@ -1,12 +1,15 @@
 /*
  * Image information (qemu-img info's ImageInfo), driver-specific
- * statistics and consistency checks. Generic fields are filled here from
+ * statistics, consistency checks and space accounting (vd_du(); the
+ * qcow2 driver's space_usage does the real work for its images).
+ * Generic fields are filled here from
  * the node and from what its driver declares in the vtable (a pseudo
  * filename, whether it answers qemu's get_info); the format driver's
  * get_info adds what only it knows. The request statistics themselves
  * are counted in io.c.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -157,4 +160,101 @@ VD_API int vd_check(vd_node *node, vd_check_result *res, unsigned fix,
     int r = node->drv->check(node, res, fix, err);
     vd_node_drain_end(node);
     return r;
+}
+
+/* ---- space accounting (vd_du, `vdisk du`) ---- */
+
+/* A format without accounting of its own: one row, the file's
+ * allocation as used, what block status finds allocated as mapped. */
+static int du_generic(vd_node *n, vd_du_result *res, vd_error *err)
+{
+    int64_t len = vd_node_getlength(n);
+    uint64_t mapped = 0;
+    vd_du_row *row;
+
+    if (len < 0)
+        return vd_error_set(err, (int)len, "%s: cannot get the image size",
+                            n->filename);
+    for (uint64_t off = 0; off < (uint64_t)len;) {
+        uint64_t pnum = 0, map = 0;
+        vd_node *file = NULL;
+        int st = vd_node_block_status(n, true, off, (uint64_t)len - off,
+                                      &pnum, &map, &file, err);
+        if (st < 0)
+            return st;
+        if (pnum == 0)
+            return vd_error_set(err, -EIO, "%s: block status made no "
+                                "progress at offset %" PRIu64, n->filename,
+                                off);
+        if (st & VD_BLOCK_DATA)
+            mapped += pnum;
+        off += pnum;
+    }
+    row = calloc(1, sizeof(*row));
+    if (!row)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    row->kind = VD_DU_IMAGE;
+    row->provisioned = (uint64_t)len;
+    row->used = res->disk_usage >= 0 ? (uint64_t)res->disk_usage
+                                     : res->file_length;
+    row->exclusive = row->used;
+    row->mapped = mapped;
+    res->rows = row;
+    res->nb_rows = 1;
+    res->allocated = row->used;
+    return 0;
+}
+
+VD_API int vd_du(vd_node *node, vd_du_result **out, vd_error *err)
+{
+    vd_node *n = node;
+    vd_du_result *res;
+    int64_t len;
+    int r;
+
+    *out = NULL;
+    /* A filter's image is the one it filters. */
+    while (!n->drv->space_usage && n->drv->is_filter && n->file)
+        n = n->file->node;
+    res = calloc(1, sizeof(*res));
+    if (!res)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    res->filename = strdup(n->filename ? n->filename : "");
+    res->format = strdup(n->drv->name);
+    if (!res->filename || !res->format) {
+        vd_du_result_free(&res);
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    }
+    len = vd_node_getlength(n);
+    res->virtual_size = len > 0 ? (uint64_t)len : 0;
+    len = n->file ? vd_node_getlength(n->file->node) : len;
+    res->file_length = len > 0 ? (uint64_t)len : 0;
+    res->disk_usage = allocated_size(n);
+    if (res->disk_usage < 0)
+        res->disk_usage = -1;
+    r = n->drv->space_usage ? n->drv->space_usage(n, res, err)
+                            : du_generic(n, res, err);
+    if (r < 0) {
+        vd_du_result_free(&res);
+        return r;
+    }
+    *out = res;
+    return 0;
+}
+
+VD_API void vd_du_result_free(vd_du_result **pres)
+{
+    vd_du_result *res = pres ? *pres : NULL;
+
+    if (!res)
+        return;
+    for (size_t i = 0; i < res->nb_rows; i++) {
+        free(res->rows[i].id);
+        free(res->rows[i].name);
+    }
+    free(res->rows);
+    free(res->filename);
+    free(res->format);
+    free(res);
+    *pres = NULL;
 }

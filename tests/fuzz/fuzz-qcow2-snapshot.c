@@ -3,7 +3,8 @@
  * string opened as a qcow2 image.
  *
  * The input is written to an anonymous memory file. Read-only: the
- * snapshot table is listed and each of the first few snapshots is loaded
+ * snapshot table is listed, the space is accounted (vd_du(), which walks
+ * every snapshot's tables) and each of the first few snapshots is loaded
  * with vd_snapshot_load_tmp() on a fresh read-only node, which is then
  * read and walked with block status (this parses the snapshot's own L1
  * table). Read-write, on the same memory file (a private copy of the
@@ -116,10 +117,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
 
     if (open_image(&node, path, 0) == 0) {
+        vd_du_result *du = NULL;
+
         if (vd_snapshot_list(node, &list, &count, NULL) == 0) {
             if (count && list[0].id) {
                 first_id = strdup(list[0].id);
             }
+        }
+        /* Space accounting walks every snapshot's tree, the refcount
+         * blocks and the bitmaps over the fuzzed metadata. */
+        if (vd_du(node, &du, NULL) == 0) {
+            vd_du_result_free(&du);
         }
         vd_close(&node, NULL);
         load_each(path, list, count);

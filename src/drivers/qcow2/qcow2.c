@@ -2452,6 +2452,7 @@ const vd_driver vd_driver_qcow2 = {
     .get_info = qcow2_get_info,
     .get_driver_stats = qcow2_get_driver_stats,
     .check = qcow2_check_cb,
+    .space_usage = qcow2_space_usage,
     .snapshot_create = qcow2_snapshot_create,
     .snapshot_goto = qcow2_snapshot_goto,
     .snapshot_delete = qcow2_snapshot_delete,

@@ -15,7 +15,7 @@
  *   validate.c  validation of what a metadata change relies on, before
  *               its first write (docs/qcow2.md "Damaged images")
  *   bitmap.c    the bitmaps extension, validated as QEMU 7.2 loads it
- *   overlap.c, amend.c, measure.c, snapshot.c (see each file's head)
+ *   overlap.c, amend.c, measure.c, snapshot.c, du.c (see each file's head)
  *
  * This header holds the on-disk structures (big endian on disk; we convert
  * only at load and store), the constants and flag bits of
@@ -1012,6 +1012,9 @@ int qcow2_bitmap_remove(vd_node *node, const char *name, vd_error *err);
 
 int qcow2_check(vd_node *node, vd_check_result *res, unsigned fix,
                 vd_error *err);
+
+/* du.c: the vtable's space_usage (vd_du(), `vdisk du`). */
+int qcow2_space_usage(vd_node *node, vd_du_result *res, vd_error *err);
 
 /* Reads the compressed descriptor's bytes from the file child and
  * inflates one cluster into @out (cluster_size bytes). */
