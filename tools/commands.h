@@ -36,5 +36,7 @@ int cmd_rebase(int argc, char **argv);
 /* tools/cmd_diff.c: what changed between snapshots, layers, a bitmap. */
 enum { OPT_DIFF_EXACT = 0x2a0, OPT_DIFF_BITMAP };
 int cmd_diff(int argc, char **argv);
+/* --dry-run of commit, rebase, amend, resize, snapshot (tools/dry_run.h). */
+enum { OPT_DRY_RUN = 0x310 };
 
 #endif

@@ -523,6 +523,13 @@ struct vd_driver {
                          size_t *count, vd_error *err);
     int (*snapshot_load_tmp)(vd_node *node, const char *id,
                              const char *name, vd_error *err);
+    /* What snapshot_delete (@apply false: @id and/or @name as there) or
+     * snapshot_goto (@apply true: @id is the id or name, as there) would
+     * change, from metadata, writing nothing (vd_snapshot_delete_plan());
+     * the snapshot is looked up and the structures are validated as the
+     * real operation does, with its errors; -ENOENT when none matches. */
+    int (*snapshot_plan)(vd_node *node, const char *id, const char *name,
+                         bool apply, vd_snapshot_plan *out, vd_error *err);
     /* VM state save area (for snapshots with VM state). */
     int (*save_vmstate)(vd_node *node, vd_iov *qiov, uint64_t pos,
                         vd_error *err);

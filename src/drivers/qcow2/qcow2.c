@@ -2455,6 +2455,7 @@ const vd_driver vd_driver_qcow2 = {
     .snapshot_create = qcow2_snapshot_create,
     .snapshot_goto = qcow2_snapshot_goto,
     .snapshot_delete = qcow2_snapshot_delete,
+    .snapshot_plan = qcow2_snapshot_plan,
     .snapshot_list = qcow2_snapshot_list,
     .snapshot_load_tmp = qcow2_snapshot_load_tmp,
     .save_vmstate = qcow2_save_vmstate,

@@ -783,6 +783,8 @@ void qcow2_free_snapshots(qcow2_state *s);
 int qcow2_snapshot_create(vd_node *node, const vd_snapshot_info *sn,
                           vd_error *err);
 int qcow2_snapshot_goto(vd_node *node, const char *id, vd_error *err);
+int qcow2_snapshot_plan(vd_node *node, const char *id, const char *name,
+                        bool apply, vd_snapshot_plan *out, vd_error *err);
 int qcow2_snapshot_delete(vd_node *node, const char *id, const char *name,
                           vd_error *err);
 int qcow2_snapshot_list(vd_node *node, vd_snapshot_info **list,
