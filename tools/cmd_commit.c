@@ -9,7 +9,7 @@
  *
  * --dry-run opens the chain read-only and prints what vd_commit_plan()
  * says the commit would copy into the base, whether the base would grow,
- * and what would become of the top (docs/backing-chains.md, "Dry runs").
+ * and what would become of the top (docs/snapshots.md, "Dry runs").
  */
 #include <errno.h>
 #include <stdio.h>

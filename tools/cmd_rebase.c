@@ -10,7 +10,7 @@
  * --dry-run opens the image (and the new backing file) read-only and
  * prints the header change and, in safe mode, the ranges that
  * vd_rebase_plan() says would be copied into the overlay
- * (docs/backing-chains.md, "Dry runs").
+ * (docs/snapshots.md, "Dry runs").
  */
 #include <errno.h>
 #include <stdio.h>

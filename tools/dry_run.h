@@ -1,6 +1,6 @@
 /*
  * What the --dry-run of commit, rebase, amend, resize and snapshot -a/-d
- * share (docs/backing-chains.md and docs/snapshots.md, "Dry runs"): the
+ * share (docs/snapshots.md, "Dry runs"): the
  * ranges a library dry run reports, collected and merged, and the two
  * ways of printing a result (human lines on stdout, or one JSON object
  * with --output=json). A dry run opens every image read-only and writes

@@ -936,6 +936,23 @@ VD_API int vd_measure(const char *format, const vd_opts *opts, vd_node *src,
 VD_API int vd_amend(vd_node *node, const vd_opts *opts, bool force,
                     vd_progress_fn progress, void *opaque, vd_error *err);
 
+/** One option an amend would change (vd_amend_plan()): its name, the
+ * current and the new value as amend's -o spells them (strings valid
+ * during the call; key-slot options have "" as old value). */
+typedef void (*vd_amend_change_fn)(const char *option, const char *old_value,
+                                   const char *new_value, void *opaque);
+
+/**
+ * The dry run of vd_amend() (`vdisk amend --dry-run`): the same checks
+ * and refusals, in the same order and with the same errors, as far as
+ * they do not need the change itself (key-slot changes of encrypted
+ * images are not checked); nothing is written and @node may be
+ * read-only. @fn (may be NULL) gets each option that would change.
+ * -ENOTSUP when the format cannot amend or cannot tell.
+ */
+VD_API int vd_amend_plan(vd_node *node, const vd_opts *opts, bool force,
+                         vd_amend_change_fn fn, void *opaque, vd_error *err);
+
 /* ------------------------------------------------------------------ */
 /* Information                                                        */
 /* ------------------------------------------------------------------ */
@@ -1283,7 +1300,7 @@ VD_API int vd_rebase(vd_node *top, const char *backing,
                      vd_error *err);
 
 /*
- * Dry runs (`--dry-run` of commit and rebase, docs/backing-chains.md "Dry
+ * Dry runs (`--dry-run` of commit and rebase, docs/snapshots.md "Dry
  * runs"): what vd_commit() and vd_rebase() would write, computed by the
  * same code, nothing written. @top may be read-only; every refusal the
  * real operation makes before its first write is made here too (a base

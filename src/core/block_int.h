@@ -482,6 +482,11 @@ struct vd_driver {
                  vd_error *err);
     /* Changes creation options of an open image (qemu-img amend). */
     int (*amend)(vd_node *node, vd_opts *opts, bool force, vd_error *err);
+    /* What amend would change (vd_amend_plan()): the same checks and
+     * refusals, in the same order, nothing written; @fn gets each option
+     * that would change. */
+    int (*amend_plan)(vd_node *node, vd_opts *opts, bool force,
+                      vd_amend_change_fn fn, void *opaque, vd_error *err);
     /* Host size an image created with @create_opts (size in "size"
      * unless @src is given) and filled from @src (may be NULL) would
      * need, as qemu-img measure. Consume the options used. */

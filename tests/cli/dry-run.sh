@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# --dry-run of commit, rebase (safe and -u), resize and snapshot -d/-a:
+# --dry-run of commit, rebase (safe and -u), amend, resize, snapshot -d/-a:
 # the figures a dry run prints agree with what the real run then does,
 # measured by QEMU's tools (qemu-img map, info, and the refcounts of the
 # file after qemu-img's own snapshot -d/-a), and a dry run leaves every
 # file of the chain byte-identical. Bad input fails as the real command
 # fails, writing nothing; under qemu-img's name --dry-run is unknown.
+# (amend: the options that change equal qemu-img info's before/after.)
 # Images get randomized content (cluster-aligned writes of random
 # patterns at random offsets; the seed is printed).
 source "$(dirname "$0")/../functions.sh"
@@ -109,6 +110,18 @@ scribble()
     $QEMU_IO "${args[@]}" "$f" >/dev/null
 }
 
+# make_chain BASE MID TOP N1 N2 N3: a 64 MiB qcow2 chain, each layer
+# scribbled on N times with patterns of its own.
+make_chain()
+{
+    $QEMU_IMG create -q -f qcow2 "$1" 64M
+    scribble "$1" "$4" 1 60 >/dev/null
+    $QEMU_IMG create -q -f qcow2 -b "$1" -F qcow2 "$2"
+    scribble "$2" "$5" 61 120 >/dev/null
+    $QEMU_IMG create -q -f qcow2 -b "$2" -F qcow2 "$3"
+    scribble "$3" "$6" 121 180 >/dev/null
+}
+
 # same_error NAME VDISK-ARGS -- QEMU-ARGS: both fail with status 1 and the
 # same message (program names aside).
 same_error()
@@ -121,17 +134,12 @@ same_error()
     q=("$@")
     expect_status 1 $VDISK "${v[@]}" 2>"$name.v" >/dev/null
     expect_status 1 $QEMU_IMG "${q[@]}" 2>"$name.q" >/dev/null
-    sed -i 's/^vdisk: /qemu-img: /' "$name.v"
+    sed -i "s/^vdisk: /qemu-img: /; s/'vdisk /'qemu-img /" "$name.v"
     diff -u "$name.q" "$name.v" || fail "$name: messages differ"
 }
 
 # ---- commit ----
-$QEMU_IMG create -q -f qcow2 base.qcow2 64M
-scribble base.qcow2 20 1 60 >/dev/null
-$QEMU_IMG create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2
-scribble mid.qcow2 15 61 120 >/dev/null
-$QEMU_IMG create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2
-scribble top.qcow2 15 121 180 >/dev/null
+make_chain base.qcow2 mid.qcow2 top.qcow2 20 15 15
 $QEMU_IO -c "write -z $(((RANDOM % 1000) * CL)) $CL" top.qcow2 >/dev/null
 chain=(base.qcow2 mid.qcow2 top.qcow2)
 before=$(sums "${chain[@]}")
@@ -186,12 +194,7 @@ $QEMU_IMG commit -q big.qcow2
     fail "commit: base-new-size $(jget c4.json base-new-size) != $(vsize mid.qcow2)"
 
 # ---- rebase ----
-$QEMU_IMG create -q -f qcow2 rb.qcow2 64M
-scribble rb.qcow2 20 1 60 >/dev/null
-$QEMU_IMG create -q -f qcow2 -b rb.qcow2 -F qcow2 rm.qcow2
-scribble rm.qcow2 20 61 120 >/dev/null
-$QEMU_IMG create -q -f qcow2 -b rm.qcow2 -F qcow2 rt.qcow2
-scribble rt.qcow2 10 121 180 >/dev/null
+make_chain rb.qcow2 rm.qcow2 rt.qcow2 20 20 10
 chain=(rb.qcow2 rm.qcow2 rt.qcow2)
 before=$(sums "${chain[@]}")
 $VDISK rebase --dry-run --output=json -b rb.qcow2 -F qcow2 rt.qcow2 >r1.json
@@ -256,6 +259,44 @@ $VDISK resize --dry-run --output=json rs.qcow2 +1G >z2.json
 unchanged "$before" rs.qcow2
 $QEMU_IMG resize -q rs2.qcow2 $((new + 1073741824))
 [ "$(jget z2.json new-size)" = $((67108864 + 1073741824)) ] || fail "resize: grow"
+
+# ---- amend ----
+$QEMU_IMG create -q -f qcow2 -o compat=1.1,lazy_refcounts=on am.qcow2 64M
+scribble am.qcow2 10 1 200 >/dev/null
+before=$(sums am.qcow2)
+# info_opts FILE: compat, lazy_refcounts, refcount_bits and size as
+# qemu-img info reports them, one "name=value" a line.
+info_opts()
+{
+    $QEMU_IMG info --output=json "$1" | python3 -c 'import json,sys
+i = json.load(sys.stdin); d = i["format-specific"]["data"]
+print("compat=%s" % d["compat"])
+print("lazy_refcounts=%s" % ("on" if d.get("lazy-refcounts") else "off"))
+print("refcount_bits=%d" % d["refcount-bits"])
+print("size=%d" % i["virtual-size"])'
+}
+for o in "compat=0.10,lazy_refcounts=off" "refcount_bits=64,size=128M" \
+        "lazy_refcounts=off,refcount_bits=1" "compat=1.1"; do
+    $VDISK amend --dry-run --output=json -o "$o" am.qcow2 >am.json
+    unchanged "$before" am.qcow2
+    cp am.qcow2 am2.qcow2
+    info_opts am2.qcow2 >info-before
+    $QEMU_IMG amend -o "$o" am2.qcow2
+    info_opts am2.qcow2 >info-after
+    # What qemu-img changed, as "name: old -> new".
+    join -t= info-before info-after | awk -F= '$2 != $3 { print $1 ": " $2 " -> " $3 }' >expect
+    python3 -c 'import json,sys
+for c in json.load(open(sys.argv[1]))["changes"]:
+    print("%s: %s -> %s" % (c["option"], c["old"], c["new"]))' am.json | sort >got
+    sort expect | diff -u - got || fail "amend -o $o: changes differ from qemu-img's"
+done
+# Refusals: qemu-img's messages, nothing written.
+same_error am1 amend --dry-run -o backing_file=x am.qcow2 -- amend -o backing_file=x am.qcow2
+same_error am2 amend --dry-run -o compat=0.10,refcount_bits=8 am.qcow2 -- \
+    amend -o compat=0.10,refcount_bits=8 am.qcow2
+same_error am3 amend --dry-run -o nosuch=1 am.qcow2 -- amend -o nosuch=1 am.qcow2
+same_error am4 amend --dry-run -o compat=0.9 am.qcow2 -- amend -o compat=0.9 am.qcow2
+unchanged "$before" am.qcow2
 
 # ---- snapshots ----
 $QEMU_IMG create -q -f qcow2 sn.qcow2 64M

@@ -2462,6 +2462,7 @@ const vd_driver vd_driver_qcow2 = {
     .load_vmstate = qcow2_load_vmstate,
     .measure = qcow2_measure,
     .amend = qcow2_amend,
+    .amend_plan = qcow2_amend_plan,
     .change_backing_file = qcow2_change_backing_file,
     .make_empty = qcow2_make_empty,
     .bitmaps_load = qcow2_bitmaps_load,

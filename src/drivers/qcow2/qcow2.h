@@ -809,6 +809,8 @@ int qcow2_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
                   vd_error *err);
 /* The vtable's amend callback (qemu-img amend). Node drained. */
 int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err);
+int qcow2_amend_plan(vd_node *node, vd_opts *opts, bool force,
+                     vd_amend_change_fn fn, void *opaque, vd_error *err);
 
 /* Metadata structures for the overlap checks (QEMU's QCOW2_OL_*). */
 #define QCOW2_OL_MAIN_HEADER      (1 << 0)
