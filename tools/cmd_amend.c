@@ -227,7 +227,7 @@ int cmd_amend(int argc, char **argv)
         cli_error_hint("Must specify options (-o)");
         goto out;
     }
-    if (quiet) {
+    if (quiet || dry) {
         progress = false;
     }
     cli_progress_init(&prog, progress, 1.0f);
@@ -264,7 +264,6 @@ int cmd_amend(int argc, char **argv)
         goto out;
     }
     if (dry) {
-        prog.enabled = false;
         ret = dry_run(node, opts, force, filename, json);
         goto out;
     }

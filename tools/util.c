@@ -402,7 +402,8 @@ static void print_qemu_synopsis(const cli_command *c)
                 skip = len;
             }
             /* The separating space before it goes too. */
-            if (n > 0 && p[-1] == ' ' && skip < len && p[skip] == ' ') {
+            if (p > c->synopsis && p[-1] == ' ' && skip < len &&
+                p[skip] == ' ') {
                 skip++;
             }
             p += skip;
