@@ -4,7 +4,8 @@
  * qemu-img does; "+N" and "-N" are relative to the current size.
  *
  * --dry-run opens the image read-only, makes the command line's refusals
- * (a shrink needs --shrink, as in qemu-img) and prints old and new size
+ * (a shrink needs --shrink, as in qemu-img) and the library's and
+ * driver's (vd_truncate_plan()), and prints old and new size
  * and, when shrinking, the bytes of data stored past the new end
  * (docs/snapshots.md, "Dry runs").
  */
@@ -56,12 +57,18 @@ static int data_beyond(vd_node *node, uint64_t from, uint64_t to,
 }
 
 static int dry_run(vd_node *node, const char *filename, int64_t current,
-                   int64_t total, bool json)
+                   int64_t total, bool shrink, vd_prealloc prealloc,
+                   bool json)
 {
     vd_error err = VD_ERROR_INIT;
     uint64_t beyond = 0;
     char a[64], b[64];
+    int r = vd_truncate_plan(node, (uint64_t)total, shrink, prealloc, &err);
 
+    if (r < 0) {
+        cli_report_vd_error(&err, r, filename);
+        return 1;
+    }
     if (total < current &&
         data_beyond(node, (uint64_t)total, (uint64_t)current, &beyond,
                     &err) < 0) {
@@ -207,7 +214,8 @@ int cmd_resize(int argc, char **argv)
         goto out;
     }
     if (dry) {
-        ret = dry_run(node, filename, current, total, json);
+        ret = dry_run(node, filename, current, total, shrink, prealloc,
+                      json);
         vd_close(&node, NULL);
         return ret;
     }

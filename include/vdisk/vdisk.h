@@ -729,6 +729,18 @@ typedef enum vd_prealloc {
 VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,
                        vd_prealloc prealloc, vd_error *err);
 
+/**
+ * The dry run of vd_truncate() (`vdisk resize --dry-run`): the refusals
+ * vd_truncate() and the node's driver make before their first write, and
+ * the validations they run (qcow2: a size not a multiple of 512, a v2
+ * image with snapshots, preallocation when shrinking, the metadata a
+ * shrink frees), with the same errors; nothing is written and @node may
+ * be read-only. A driver that cannot tell passes (0). Returns 0 or a
+ * negative errno.
+ */
+VD_API int vd_truncate_plan(vd_node *node, uint64_t size, bool allow_shrink,
+                            vd_prealloc prealloc, vd_error *err);
+
 /* ------------------------------------------------------------------ */
 /* Debugging: blkdebug breakpoints                                    */
 /* ------------------------------------------------------------------ */

@@ -441,6 +441,10 @@ struct vd_driver {
      * node asked non-exactly may leave a larger file. */
     int (*truncate)(vd_node *node, uint64_t size, bool exact,
                     vd_prealloc prealloc, vd_error *err);
+    /* The refusals truncate would make before its first write, and the
+     * validations it would run, writing nothing (vd_truncate_plan()). */
+    int (*truncate_check)(vd_node *node, uint64_t size, vd_prealloc prealloc,
+                          vd_error *err);
     /* Fills format-specific fields of @info (cluster_size, dirty flag,
      * format_specific_json, snapshots). Generic fields are done. */
     int (*get_info)(vd_node *node, vd_image_info *info, vd_error *err);

@@ -252,6 +252,12 @@ unchanged "$before" rs.qcow2
 # Without --shrink: qemu-img's refusal, nothing written.
 same_error shrink resize --dry-run rs.qcow2 $new -- resize rs.qcow2 $new
 unchanged "$before" rs.qcow2
+# The driver's refusals: qemu-img's messages.
+same_error odd resize --dry-run rs.qcow2 1000 -- resize rs.qcow2 1000
+$QEMU_IMG create -q -f qcow2 -o compat=0.10 v2.qcow2 1M
+$QEMU_IMG snapshot -c s v2.qcow2
+same_error v2 resize --dry-run v2.qcow2 2M -- resize v2.qcow2 2M
+unchanged "$before" rs.qcow2
 cp rs.qcow2 rs2.qcow2
 $QEMU_IMG resize -q --shrink rs2.qcow2 $new
 [ "$(jget z1.json new-size)" = "$(vsize rs2.qcow2)" ] || fail "resize: new-size"
