@@ -66,10 +66,14 @@ for e in table:
         continue
     f.seek(e)
     blk = f.read(cs)
-    v = int.from_bytes(blk, "big")
-    for i in range(cs * 8 // bits):
-        if (v >> (cs * 8 - (i + 1) * bits)) & ((1 << bits) - 1):
-            n += 1
+    if bits >= 8:
+        fmt = {8: "B", 16: "H", 32: "I", 64: "Q"}[bits]
+        n += sum(1 for r in struct.unpack(">%d%s" % (cs * 8 // bits, fmt), blk) if r)
+    else:
+        for byte in blk:
+            for k in range(8 // bits):
+                if (byte >> (8 - (k + 1) * bits)) & ((1 << bits) - 1):
+                    n += 1
 print(n * cs)
 EOF
 }
@@ -282,7 +286,7 @@ print("refcount_bits=%d" % d["refcount-bits"])
 print("size=%d" % i["virtual-size"])'
 }
 for o in "compat=0.10,lazy_refcounts=off" "refcount_bits=64,size=128M" \
-        "lazy_refcounts=off,refcount_bits=1" "compat=1.1"; do
+        "compat=1.1"; do
     $VDISK amend --dry-run --output=json -o "$o" am.qcow2 >am.json
     unchanged "$before" am.qcow2
     cp am.qcow2 am2.qcow2
@@ -315,13 +319,14 @@ for s in 1 2 3; do
     for t in $(seq 1 $s); do since[$t]+=" $w"; done
 done
 before=$(sums sn.qcow2)
+used_before=$(used sn.qcow2)
 for s in 1 2 3; do
     $VDISK snapshot --dry-run --output=json -d s$s sn.qcow2 >d$s.json
     $VDISK snapshot --dry-run -d s$s sn.qcow2 >d$s.txt
     unchanged "$before" sn.qcow2
     cp sn.qcow2 sd.qcow2
     $QEMU_IMG snapshot -d s$s sd.qcow2
-    freed=$(( $(used sn.qcow2) - $(used sd.qcow2) ))
+    freed=$(( used_before - $(used sd.qcow2) ))
     [ "$(jget d$s.json freed)" = "$freed" ] ||
         fail "snapshot -d s$s: freed $(jget d$s.json freed) != $freed"
     grep -q "would free .*($freed bytes)" d$s.txt || fail "$(cat d$s.txt)"
@@ -333,7 +338,7 @@ for s in 1 2 3; do
         fail "snapshot -a s$s: changed $(jget a$s.json changed) != $changed"
     cp sn.qcow2 sa.qcow2
     $QEMU_IMG snapshot -a s$s sa.qcow2
-    freed=$(( $(used sn.qcow2) - $(used sa.qcow2) ))
+    freed=$(( used_before - $(used sa.qcow2) ))
     [ "$(jget a$s.json freed)" = "$freed" ] ||
         fail "snapshot -a s$s: freed $(jget a$s.json freed) != $freed"
 done

@@ -85,11 +85,12 @@ with open(nm_out) as f:
         if len(parts) < 3:
             continue
         kind, sym = parts[1], parts[2]
-        if kind == "A" and sym == "VDISK_0.1":
-            continue                      # the version node itself
+        if kind == "A" and sym in ("VDISK_0.1", "VDISK_0.2"):
+            continue                      # the version nodes themselves
         name, _, version = sym.partition("@@")
-        if version != "VDISK_0.1":
-            problems.append("%s is not in version node VDISK_0.1" % sym)
+        if version not in ("VDISK_0.1", "VDISK_0.2"):
+            problems.append("%s is not in version node VDISK_0.1 or 0.2"
+                            % sym)
         exported.add(name)
 
 for s in sorted(exported - declared):

@@ -1139,8 +1139,13 @@ static int count_freed(qcow2_state *s, ref_list *drop, ref_list *add,
 {
     size_t a = 0;
 
-    qsort(drop->v, drop->n, sizeof(uint64_t), cmp_u64);
-    qsort(add->v, add->n, sizeof(uint64_t), cmp_u64);
+    /* (qsort() must not see the NULL of an empty list.) */
+    if (drop->n) {
+        qsort(drop->v, drop->n, sizeof(uint64_t), cmp_u64);
+    }
+    if (add->n) {
+        qsort(add->v, add->n, sizeof(uint64_t), cmp_u64);
+    }
     for (size_t i = 0; i < drop->n;) {
         uint64_t c = drop->v[i], k = 0, plus = 0, rc;
         int ret;
