@@ -6,6 +6,11 @@
  * are printed as qemu-img prints them, with qemu-img's hints for options
  * that only creation accepts and for backing-file changes.
  * --output=json (vdisk's own, docs/json.md) reports what was applied.
+ *
+ * --dry-run opens the image read-only and prints each option that would
+ * change (old -> new) as vd_amend_plan() finds it, or the refusal the
+ * real amend would make, worded the same (docs/snapshots.md, "Dry
+ * runs").
  */
 #include <errno.h>
 #include <stdio.h>
@@ -15,6 +20,7 @@
 #include <json-c/json.h>
 
 #include "commands.h"
+#include "dry_run.h"
 #include "util.h"
 
 static int cmp_opt_name(const void *a, const void *b)
@@ -84,12 +90,84 @@ static bool is_create_option(const char *fmt, const char *key)
     return false;
 }
 
+/* Prints a failed amend's message and qemu-img's hints. */
+static void report_amend_error(const vd_error *err, const char *filename,
+                               const char *fmt)
+{
+    const char *msg = cli_strip_filename(err->message, filename);
+
+    cli_error("%s", msg[0] ? msg : strerror(-err->code));
+    if (!strncmp(msg, "Invalid parameter '", 19)) {
+        char key[256];
+        if (sscanf(msg + 19, "%255[^']", key) == 1 &&
+            is_create_option(fmt, key)) {
+            fprintf(stderr, "This option is only supported for image "
+                    "creation\n");
+        }
+    } else if (strstr(msg, "expects a non-negative number")) {
+        fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, "
+                "mega-, giga-, tera-, peta-\nand exabytes, "
+                "respectively.\n");
+    } else if (!strcmp(msg, "Cannot amend the backing file")) {
+        fprintf(stderr, "You can use '%s rebase' instead.\n", cli_prog);
+    }
+}
+
+/* A dry run's change, kept as JSON until the dry run has succeeded. */
+static void on_change(const char *option, const char *old_value,
+                      const char *new_value, void *opaque)
+{
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "option", json_object_new_string(option));
+    json_object_object_add(o, "old", json_object_new_string(old_value));
+    json_object_object_add(o, "new", json_object_new_string(new_value));
+    json_object_array_add(opaque, o);
+}
+
+static int dry_run(vd_node *node, const vd_opts *opts, bool force,
+                   const char *filename, bool json)
+{
+    json_object *list = json_object_new_array();
+    vd_error err = VD_ERROR_INIT;
+    size_t n;
+
+    if (vd_amend_plan(node, opts, force, on_change, list, &err) < 0) {
+        report_amend_error(&err, filename, vd_node_format(node));
+        json_object_put(list);
+        return 1;
+    }
+    if (json) {
+        json_object *o = dry_json_new("amend", filename);
+        json_object_object_add(o, "changes", list);
+        dry_json_print(o);
+        return 0;
+    }
+    printf("Dry run: nothing was written.\n");
+    n = json_object_array_length(list);
+    for (size_t i = 0; i < n; i++) {
+        json_object *c = json_object_array_get_idx(list, i), *v;
+        const char *val[3];
+        const char *const keys[3] = { "option", "old", "new" };
+        for (int k = 0; k < 3; k++) {
+            json_object_object_get_ex(c, keys[k], &v);
+            val[k] = json_object_get_string(v);
+        }
+        printf("%s: %s -> %s\n", val[0], val[1][0] ? val[1] : "(none)",
+               val[2][0] ? val[2] : "(none)");
+    }
+    if (!n) {
+        printf("Nothing would change\n");
+    }
+    json_object_put(list);
+    return 0;
+}
+
 int cmd_amend(int argc, char **argv)
 {
     const char *fmt = NULL, *filename = NULL, *cache = NULL;
     char *options = NULL;
     bool progress = false, quiet = false, force = false, image_opts = false;
-    bool json = false;
+    bool dry = false, json = false;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL, *open_opts = NULL;
     vd_node *node = NULL;
@@ -136,6 +214,9 @@ int cmd_amend(int argc, char **argv)
         case OPT_IMAGE_OPTS:
             image_opts = true;
             break;
+        case OPT_DRY_RUN:
+            dry = true;
+            break;
         case OPT_OUTPUT:
             if (cli_parse_output(optarg, &json) < 0) {
                 goto out;
@@ -149,7 +230,7 @@ int cmd_amend(int argc, char **argv)
         cli_error_hint("Must specify options (-o)");
         goto out;
     }
-    if (quiet) {
+    if (quiet || dry) {
         progress = false;
     }
     cli_progress_init(&prog, progress, 1.0f);
@@ -169,7 +250,9 @@ int cmd_amend(int argc, char **argv)
             goto out;
         }
     }
-    node = cli_open_image(filename, fmt, image_opts, VD_O_RDWR, open_opts);
+    /* A dry run opens read-only: no lock upgrade, no dirty bit. */
+    node = cli_open_image(filename, fmt, image_opts, dry ? 0 : VD_O_RDWR,
+                          open_opts);
     if (!node) {
         goto out;
     }
@@ -183,24 +266,13 @@ int cmd_amend(int argc, char **argv)
         cli_report_vd_error(&err, -EINVAL, filename);
         goto out;
     }
+    if (dry) {
+        ret = dry_run(node, opts, force, filename, json);
+        goto out;
+    }
     if (vd_amend(node, opts, force, prog.enabled ? on_progress : NULL, &prog,
                  &err) < 0) {
-        const char *msg = cli_strip_filename(err.message, filename);
-        cli_error("%s", msg[0] ? msg : strerror(-err.code));
-        if (!strncmp(msg, "Invalid parameter '", 19)) {
-            char key[256];
-            if (sscanf(msg + 19, "%255[^']", key) == 1 &&
-                is_create_option(fmt, key)) {
-                fprintf(stderr, "This option is only supported for image "
-                        "creation\n");
-            }
-        } else if (strstr(msg, "expects a non-negative number")) {
-            fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, "
-                    "mega-, giga-, tera-, peta-\nand exabytes, "
-                    "respectively.\n");
-        } else if (!strcmp(msg, "Cannot amend the backing file")) {
-            fprintf(stderr, "You can use '%s rebase' instead.\n", cli_prog);
-        }
+        report_amend_error(&err, filename, fmt);
         goto out;
     }
     if (cli_progress_machine()) {

@@ -7,6 +7,10 @@
  * stored in the overlay, else by the file it resolves to (relative names
  * are relative to the overlay's directory). --output=json (vdisk's
  * own, docs/json.md) replaces "Image committed." with an object.
+ *
+ * --dry-run opens the chain read-only and prints what vd_commit_plan()
+ * says the commit would copy into the base, whether the base would grow,
+ * and what would become of the top (docs/snapshots.md, "Dry runs").
  */
 #include <errno.h>
 #include <stdio.h>
@@ -17,6 +21,7 @@
 #include <json-c/json.h>
 
 #include "commands.h"
+#include "dry_run.h"
 #include "util.h"
 
 static bool same_file(const char *a, const char *b)
@@ -79,11 +84,84 @@ static void show_progress(double percent, void *opaque)
     cli_progress_print(opaque, percent);
 }
 
+/* The dry run: what vd_commit() would do to @base and @top. */
+static int dry_run(vd_node *top, vd_node *base, const char *filename,
+                   bool keep, bool json, cli_progress *prog)
+{
+    vd_error err = VD_ERROR_INIT;
+    dry_ranges rg = { 0 };
+    int64_t top_len = vd_getlength(top), base_len = vd_getlength(base);
+    bool immediate = base == vd_node_child(top, "backing");
+    const char *base_name = vd_node_filename(base);
+    char a[64], b[64];
+    int r;
+
+    r = vd_commit_plan(top, base, dry_ranges_add, &rg, show_progress, prog,
+                       &err);
+    cli_progress_print(prog, 100);
+    cli_progress_end(prog);
+    if (r == 0 && (top_len < 0 || base_len < 0)) {
+        r = vd_error_set(&err, -EIO, "Could not get the image sizes");
+    }
+    if (r == 0 && rg.oom) {
+        r = vd_error_set(&err, -ENOMEM, "Out of memory");
+    }
+    if (r < 0) {
+        cli_report_vd_error(&err, r, filename);
+        dry_ranges_free(&rg);
+        return 1;
+    }
+    /* The top is emptied only when it reads through to the base. */
+    bool emptied = !keep && immediate;
+    uint64_t new_len = base_len < top_len ? (uint64_t)top_len
+                                          : (uint64_t)base_len;
+    if (json) {
+        json_object *o = dry_json_new("commit", filename);
+        json_object_object_add(o, "base",
+                               json_object_new_string(base_name ? base_name
+                                                                : ""));
+        json_object_object_add(o, "bytes",
+                               json_object_new_int64((int64_t)rg.bytes));
+        json_object_object_add(o, "extent-count",
+                               json_object_new_int64((int64_t)rg.n));
+        json_object_object_add(o, "extents", dry_json_ranges(&rg));
+        json_object_object_add(o, "base-size",
+                               json_object_new_int64(base_len));
+        json_object_object_add(o, "base-new-size",
+                               json_object_new_int64((int64_t)new_len));
+        json_object_object_add(o, "base-grows",
+                               json_object_new_boolean(base_len < top_len));
+        json_object_object_add(o, "top-emptied",
+                               json_object_new_boolean(emptied));
+        dry_json_print(o);
+    } else {
+        printf("Dry run: nothing was written.\n");
+        printf("Base: %s\n", base_name ? base_name : "");
+        printf("Would copy: %s in %zu extent%s\n",
+               dry_size(a, sizeof(a), rg.bytes), rg.n, rg.n == 1 ? "" : "s");
+        if (base_len < top_len) {
+            cli_size_to_str(a, sizeof(a), (uint64_t)base_len);
+            cli_size_to_str(b, sizeof(b), (uint64_t)top_len);
+            printf("Base would grow: %s -> %s\n", a, b);
+        } else {
+            cli_size_to_str(a, sizeof(a), (uint64_t)base_len);
+            printf("Base would not grow (%s)\n", a);
+        }
+        printf("Top: %s\n", emptied ? "would be emptied" :
+               immediate ? "would be kept as it is (-d)" :
+               "would be kept as it is (-b: the layers in between would no "
+               "longer read correctly through it)");
+        dry_print_ranges(&rg);
+    }
+    dry_ranges_free(&rg);
+    return 0;
+}
+
 int cmd_commit(int argc, char **argv)
 {
     const char *fmt = NULL, *cache = "writeback", *base = NULL, *filename;
     bool quiet = false, progress = false, keep = false, image_opts = false;
-    bool json = false;
+    bool dry = false, json = false;
     char *base_name = NULL;
     uint64_t rate = 0;
     vd_error err = VD_ERROR_INIT;
@@ -126,6 +204,9 @@ int cmd_commit(int argc, char **argv)
         case OPT_IMAGE_OPTS:
             image_opts = true;
             break;
+        case OPT_DRY_RUN:
+            dry = true;
+            break;
         case OPT_OUTPUT:
             if (cli_parse_output(optarg, &json) < 0) {
                 return 1;
@@ -150,7 +231,10 @@ int cmd_commit(int argc, char **argv)
         vd_opts_free(&opts);
         return 1;
     }
-    top = cli_open_image(filename, fmt, image_opts, VD_O_RDWR, opts);
+    /* A dry run opens everything read-only: no lock upgrade, no dirty
+     * bit, no header rewrite. */
+    top = cli_open_image(filename, fmt, image_opts, dry ? 0 : VD_O_RDWR,
+                         opts);
     vd_opts_free(&opts);
     if (!top) {
         return 1;
@@ -172,6 +256,11 @@ int cmd_commit(int argc, char **argv)
             cli_error("Image does not have a backing file");
             goto out;
         }
+    }
+    if (dry) {
+        ret = dry_run(top, base_node, filename, keep, json, &prog);
+        vd_close(&top, NULL);
+        return ret;
     }
     if (vd_node_filename(base_node)) {
         base_name = strdup(vd_node_filename(base_node));

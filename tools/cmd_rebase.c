@@ -8,6 +8,11 @@
  * qemu-img, which finds some of these only after copying. qemu-img
  * rebase prints nothing; --output=json (vdisk's own, docs/json.md)
  * prints what the header now says.
+ *
+ * --dry-run opens the image (and the new backing file) read-only and
+ * prints the header change and, in safe mode, the ranges that
+ * vd_rebase_plan() says would be copied into the overlay
+ * (docs/snapshots.md, "Dry runs").
  */
 #include <errno.h>
 #include <stdio.h>
@@ -17,6 +22,7 @@
 #include <json-c/json.h>
 
 #include "commands.h"
+#include "dry_run.h"
 #include "util.h"
 
 /* qcow2.txt: backing_file_size is at most 1023. */
@@ -27,12 +33,84 @@ static void show_progress(double percent, void *opaque)
     cli_progress_print(opaque, percent);
 }
 
+static json_object *json_backing(const char *file, const char *fmt)
+{
+    json_object *o = json_object_new_object();
+
+    json_object_object_add(o, "filename",
+                           file ? json_object_new_string(file) : NULL);
+    json_object_object_add(o, "format",
+                           fmt ? json_object_new_string(fmt) : NULL);
+    return o;
+}
+
+/* The dry run: the header change, and what a safe rebase would copy. */
+static int dry_run(vd_node *top, const char *filename, const char *backing,
+                   const char *backing_fmt, const vd_opts *bopts,
+                   bool unsafe, bool json, cli_progress *prog)
+{
+    const char *old = vd_node_backing_file(top);
+    const char *old_fmt = old ? vd_node_backing_format(top) : NULL;
+    vd_error err = VD_ERROR_INIT;
+    dry_ranges rg = { 0 };
+    char a[64];
+    int r;
+
+    r = vd_rebase_plan(top, backing, backing_fmt, bopts,
+                       unsafe ? VD_REBASE_UNSAFE : 0, dry_ranges_add, &rg,
+                       show_progress, prog, &err);
+    cli_progress_print(prog, 100);
+    cli_progress_end(prog);
+    if (r == 0 && rg.oom) {
+        r = vd_error_set(&err, -ENOMEM, "Out of memory");
+    }
+    if (r < 0) {
+        cli_report_vd_error(&err, r, filename);
+        dry_ranges_free(&rg);
+        return 1;
+    }
+    if (!backing) {
+        backing_fmt = NULL;
+    }
+    if (json) {
+        json_object *o = dry_json_new("rebase", filename);
+        json_object_object_add(o, "mode", json_object_new_string(
+                                   unsafe ? "unsafe" : "safe"));
+        json_object_object_add(o, "old-backing", json_backing(old, old_fmt));
+        json_object_object_add(o, "new-backing",
+                               json_backing(backing, backing_fmt));
+        json_object_object_add(o, "bytes",
+                               json_object_new_int64((int64_t)rg.bytes));
+        json_object_object_add(o, "extent-count",
+                               json_object_new_int64((int64_t)rg.n));
+        json_object_object_add(o, "extents", dry_json_ranges(&rg));
+        dry_json_print(o);
+    } else {
+        printf("Dry run: nothing was written.\n");
+        printf("Backing file: %s%s%s%s -> %s%s%s%s\n",
+               old ? old : "(none)", old_fmt ? " (" : "",
+               old_fmt ? old_fmt : "", old_fmt ? ")" : "",
+               backing ? backing : "(none)", backing_fmt ? " (" : "",
+               backing_fmt ? backing_fmt : "", backing_fmt ? ")" : "");
+        if (unsafe) {
+            printf("Unsafe mode: only the header would change\n");
+        } else {
+            printf("Would copy into the overlay: %s in %zu extent%s\n",
+                   dry_size(a, sizeof(a), rg.bytes), rg.n,
+                   rg.n == 1 ? "" : "s");
+            dry_print_ranges(&rg);
+        }
+    }
+    dry_ranges_free(&rg);
+    return 0;
+}
+
 int cmd_rebase(int argc, char **argv)
 {
     const char *fmt = NULL, *cache = "writeback", *src_cache = "writeback";
     const char *backing = NULL, *backing_fmt = NULL, *filename;
     bool quiet = false, progress = false, unsafe = false, share = false;
-    bool image_opts = false, json = false;
+    bool image_opts = false, dry = false, json = false;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL, *bopts = NULL;
     vd_node *top = NULL;
@@ -75,6 +153,9 @@ int cmd_rebase(int argc, char **argv)
             break;
         case OPT_IMAGE_OPTS:
             image_opts = true;
+            break;
+        case OPT_DRY_RUN:
+            dry = true;
             break;
         case OPT_OUTPUT:
             if (cli_parse_output(optarg, &json) < 0) {
@@ -129,7 +210,8 @@ int cmd_rebase(int argc, char **argv)
         cli_error("Out of memory");
         goto out;
     }
-    flags = VD_O_RDWR | (unsafe ? VD_O_NO_BACKING : 0) |
+    /* A dry run opens read-only: no lock upgrade, no header rewrite. */
+    flags = (dry ? 0 : VD_O_RDWR) | (unsafe ? VD_O_NO_BACKING : 0) |
             (share ? VD_O_FORCE_SHARE : 0);
     top = cli_open_image(filename, fmt, image_opts, flags, opts);
     if (!top) {
@@ -148,6 +230,11 @@ int cmd_rebase(int argc, char **argv)
     }
 
     cli_progress_init(&prog, progress, 2.0f);
+    if (dry) {
+        ret = dry_run(top, filename, backing, backing_fmt, bopts, unsafe,
+                      json, &prog);
+        goto out;
+    }
     r = vd_rebase(top, backing, backing_fmt, bopts,
                   unsafe ? VD_REBASE_UNSAFE : 0, show_progress, &prog, &err);
     /* qemu-img draws 100 even after a failure; the machine forms keep

@@ -4,8 +4,15 @@
  * qemu-img does; "+N" and "-N" are relative to the current size.
  * --output=json (vdisk's own, docs/json.md) replaces "Image resized."
  * with the old and new sizes.
+ *
+ * --dry-run opens the image read-only, makes the command line's refusals
+ * (a shrink needs --shrink, as in qemu-img) and the library's and
+ * driver's (vd_truncate_plan()), and prints old and new size
+ * and, when shrinking, the bytes of data stored past the new end
+ * (docs/snapshots.md, "Dry runs").
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -13,6 +20,7 @@
 #include <json-c/json.h>
 
 #include "commands.h"
+#include "dry_run.h"
 #include "util.h"
 
 static int parse_prealloc(const char *s, vd_prealloc *out)
@@ -29,10 +37,77 @@ static int parse_prealloc(const char *s, vd_prealloc *out)
     return -EINVAL;
 }
 
+/* Bytes of [from, to) that @node stores data for itself (qemu-img map:
+ * "data": true at depth 0), or a negative errno. */
+static int data_beyond(vd_node *node, uint64_t from, uint64_t to,
+                       uint64_t *out, vd_error *err)
+{
+    *out = 0;
+    while (from < to) {
+        vd_extent ext;
+        int r = vd_block_status(node, from, to - from, &ext, err);
+        if (r < 0) {
+            return r;
+        }
+        if (ext.length == 0) {
+            return vd_error_set(err, -EIO, "block status made no progress");
+        }
+        if ((ext.flags & VD_BLOCK_DATA) && ext.depth == 0) {
+            *out += ext.length;
+        }
+        from += ext.length;
+    }
+    return 0;
+}
+
+static int dry_run(vd_node *node, const char *filename, int64_t current,
+                   int64_t total, bool shrink, vd_prealloc prealloc,
+                   bool json)
+{
+    vd_error err = VD_ERROR_INIT;
+    uint64_t beyond = 0;
+    char a[64], b[64];
+    int r = vd_truncate_plan(node, (uint64_t)total, shrink, prealloc, &err);
+
+    if (r < 0) {
+        cli_report_vd_error(&err, r, filename);
+        return 1;
+    }
+    if (total < current &&
+        data_beyond(node, (uint64_t)total, (uint64_t)current, &beyond,
+                    &err) < 0) {
+        cli_report_vd_error(&err, -EIO, filename);
+        return 1;
+    }
+    if (json) {
+        json_object *o = dry_json_new("resize", filename);
+        json_object_object_add(o, "old-size", json_object_new_int64(current));
+        json_object_object_add(o, "new-size", json_object_new_int64(total));
+        json_object_object_add(o, "shrink",
+                               json_object_new_boolean(total < current));
+        json_object_object_add(o, "data-beyond-end",
+                               json_object_new_int64((int64_t)beyond));
+        dry_json_print(o);
+        return 0;
+    }
+    cli_size_to_str(a, sizeof(a), (uint64_t)current);
+    cli_size_to_str(b, sizeof(b), (uint64_t)total);
+    printf("Dry run: nothing was written.\n");
+    printf("Size: %s -> %s (%" PRId64 " -> %" PRId64 " bytes)%s\n", a, b,
+           current, total, total < current ? ", shrink" :
+           total > current ? ", grow" : ", unchanged");
+    if (total < current) {
+        printf("Data beyond the new end (would be lost): %s\n",
+               dry_size(a, sizeof(a), beyond));
+    }
+    return 0;
+}
+
 int cmd_resize(int argc, char **argv)
 {
     const char *fmt = NULL, *size, *filename;
-    bool quiet = false, shrink = false, image_opts = false, json = false;
+    bool quiet = false, shrink = false, image_opts = false;
+    bool dry = false, json = false;
     vd_prealloc prealloc = VD_PREALLOC_OFF;
     vd_error err = VD_ERROR_INIT;
     int relative = 0, ch, ret = 1, r;
@@ -76,6 +151,9 @@ int cmd_resize(int argc, char **argv)
         case OPT_IMAGE_OPTS:
             image_opts = true;
             break;
+        case OPT_DRY_RUN:
+            dry = true;
+            break;
         case OPT_OUTPUT:
             if (cli_parse_output(optarg, &json) < 0) {
                 return 1;
@@ -111,8 +189,9 @@ int cmd_resize(int argc, char **argv)
         return 1;
     }
 
+    /* A dry run opens read-only: no lock upgrade, no dirty bit. */
     node = cli_open_image(filename, fmt, image_opts,
-                          VD_O_RDWR | VD_O_RESIZE, NULL);
+                          dry ? 0 : VD_O_RDWR | VD_O_RESIZE, NULL);
     if (!node) {
         return 1;
     }
@@ -144,6 +223,12 @@ int cmd_resize(int argc, char **argv)
                  "shrunken image's end. Before performing such an "
                  "operation, make sure there is no important data there.");
         goto out;
+    }
+    if (dry) {
+        ret = dry_run(node, filename, current, total, shrink, prealloc,
+                      json);
+        vd_close(&node, NULL);
+        return ret;
     }
     r = vd_truncate(node, (uint64_t)total, shrink, prealloc, &err);
     if (r < 0) {

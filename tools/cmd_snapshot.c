@@ -14,6 +14,10 @@
  * --output=json (vdisk's own, docs/json.md): -l prints the list as the
  * "snapshots" member of qemu-img info --output=json (QAPI SnapshotInfo,
  * printed the same way); -a, -c and -d print what they did.
+ * --dry-run with -d or -a opens the image read-only and prints what
+ * vd_snapshot_delete_plan() / vd_snapshot_goto_plan() compute from
+ * metadata: the bytes deleting would free, the bytes of the active layer
+ * applying would discard (docs/snapshots.md, "Dry runs").
  *
  * The single-image path first, then the group path, then the entry point
  * that parses the options shared by both.
@@ -30,6 +34,7 @@
 
 #include "commands.h"
 #include "json_out.h"
+#include "dry_run.h"
 #include "util.h"
 
 enum { ACT_NONE, ACT_LIST, ACT_APPLY, ACT_CREATE, ACT_DELETE };
@@ -164,11 +169,81 @@ static void report_corruption(const char *msg, const char *filename)
             "corruption events will be suppressed\n", (int)len, what);
 }
 
+/* The dry run of -d (@sn found as the real delete finds it) or -a. */
+static int dry_run(vd_node *node, int action, const char *name,
+                   const vd_snapshot_info *sn, const char *filename,
+                   bool json)
+{
+    vd_error err = VD_ERROR_INIT;
+    vd_snapshot_plan plan;
+    bool unknown = false;
+    char a[64], b[64];
+    int r;
+
+    if (action == ACT_DELETE) {
+        r = vd_snapshot_delete_plan(node, sn->id, sn->name, &plan, &err);
+    } else {
+        r = vd_snapshot_goto_plan(node, name, &plan, &err);
+    }
+    if (r == -ENOTSUP) {
+        unknown = true;
+    } else if (r < 0) {
+        cli_error("Could not %s snapshot '%s': %s",
+                  action == ACT_DELETE ? "delete" : "apply", name,
+                  err.message[0] ? err.message : strerror(-r));
+        return 1;
+    }
+    if (json) {
+        json_object *o = dry_json_new("snapshot", filename);
+        json_object_object_add(o, "action", json_object_new_string(
+                                   action == ACT_DELETE ? "delete"
+                                                        : "apply"));
+        json_object_object_add(o, "snapshot", json_object_new_string(name));
+        json_object_object_add(o, "known", json_object_new_boolean(!unknown));
+        if (!unknown) {
+            json_object_object_add(o, "freed",
+                                   json_object_new_int64((int64_t)plan.freed));
+        }
+        if (!unknown && action == ACT_APPLY) {
+            json_object_object_add(o, "changed", json_object_new_int64(
+                                       (int64_t)plan.changed));
+            json_object_object_add(o, "old-size", json_object_new_int64(
+                                       (int64_t)plan.old_size));
+            json_object_object_add(o, "new-size", json_object_new_int64(
+                                       (int64_t)plan.new_size));
+        }
+        dry_json_print(o);
+        return 0;
+    }
+    printf("Dry run: nothing was written.\n");
+    if (unknown) {
+        printf("What %s snapshot '%s' would change is unknown for format "
+               "'%s': %s\n", action == ACT_DELETE ? "deleting" : "applying",
+               name, vd_node_format(node), err.message);
+        return 0;
+    }
+    if (action == ACT_DELETE) {
+        printf("Deleting snapshot '%s' would free %s\n", name,
+               dry_size(a, sizeof(a), plan.freed));
+        return 0;
+    }
+    printf("Applying snapshot '%s' would discard or change %s of the "
+           "active layer\n", name, dry_size(a, sizeof(a), plan.changed));
+    printf("It would free %s\n", dry_size(a, sizeof(a), plan.freed));
+    if (plan.old_size != plan.new_size) {
+        cli_size_to_str(a, sizeof(a), plan.old_size);
+        cli_size_to_str(b, sizeof(b), plan.new_size);
+        printf("Size: %s -> %s\n", a, b);
+    }
+    return 0;
+}
+
 static int single(int action, char *name, const char *filename,
                   const char *fmt, bool image_opts, bool force_share,
-                  bool json)
+                  bool dry, bool json)
 {
-    unsigned flags = action == ACT_LIST ? 0 : VD_O_RDWR;
+    /* A dry run opens read-only: no lock upgrade, no dirty bit. */
+    unsigned flags = action == ACT_LIST || dry ? 0 : VD_O_RDWR;
     vd_error err = VD_ERROR_INIT;
     vd_snapshot_info sn;
     vd_node *node;
@@ -206,6 +281,10 @@ static int single(int action, char *name, const char *filename,
         }
         break;
     case ACT_APPLY:
+        if (dry) {
+            ret = dry_run(node, action, name, NULL, filename, json);
+            break;
+        }
         r = vd_snapshot_goto(node, name, &err);
         if (r < 0) {
             cli_error("Could not apply snapshot '%s': %s", name,
@@ -219,6 +298,11 @@ static int single(int action, char *name, const char *filename,
             cli_error("Could not delete snapshot '%s': snapshot not found",
                       name);
             ret = 1;
+            break;
+        }
+        if (dry) {
+            ret = dry_run(node, action, name, &sn, filename, json);
+            vd_snapshot_info_clear(&sn);
             break;
         }
         r = vd_snapshot_delete(node, sn.id, sn.name, &err);
@@ -402,7 +486,7 @@ int cmd_snapshot(int argc, char **argv)
 {
     const char *fmt = NULL, *vmstate_file = NULL, *vmstate_data = NULL;
     bool force_share = false, is_group = false, image_opts = false;
-    bool json = false;
+    bool dry = false, json = false;
     char *name = NULL;
     int action = ACT_NONE, ch;
 
@@ -444,6 +528,9 @@ int cmd_snapshot(int argc, char **argv)
         case OPT_IMAGE_OPTS:
             image_opts = true;
             break;
+        case OPT_DRY_RUN:
+            dry = true;
+            break;
         case OPT_OUTPUT:
             if (cli_parse_output(optarg, &json) < 0) {
                 return 1;
@@ -460,6 +547,10 @@ int cmd_snapshot(int argc, char **argv)
             action = act;
             name = act == ACT_LIST ? NULL : optarg;
         }
+    }
+    if (dry && (is_group || (action != ACT_APPLY && action != ACT_DELETE))) {
+        cli_error_hint("--dry-run works with -a or -d on one image");
+        return 1;
     }
     if (is_group) {
         if (json) {
@@ -485,5 +576,5 @@ int cmd_snapshot(int argc, char **argv)
         return 0;
     }
     return single(action, name, argv[optind], fmt, image_opts, force_share,
-                  json);
+                  dry, json);
 }

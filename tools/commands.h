@@ -57,5 +57,7 @@ enum { OPT_COMPACT_DRY_RUN = 0x2c0 };
 int cmd_compact(int argc, char **argv);
 /* tools/cmd_du.c: space per snapshot, layer, bitmap, metadata. */
 int cmd_du(int argc, char **argv);
+/* --dry-run of commit, rebase, amend, resize, snapshot (tools/dry_run.h). */
+enum { OPT_DRY_RUN = 0x310 };
 
 #endif

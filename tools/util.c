@@ -201,6 +201,7 @@ static const struct option commit_long[] = {
     { "help", no_argument, NULL, 'h' },
     { "object", required_argument, NULL, OPT_OBJECT },
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+    { "dry-run", no_argument, NULL, OPT_DRY_RUN },
     { "output", required_argument, NULL, OPT_OUTPUT },
     CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
@@ -211,6 +212,7 @@ static const struct option rebase_long[] = {
     { "object", required_argument, NULL, OPT_OBJECT },
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force-share", no_argument, NULL, 'U' },
+    { "dry-run", no_argument, NULL, OPT_DRY_RUN },
     { "output", required_argument, NULL, OPT_OUTPUT },
     CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
@@ -231,6 +233,7 @@ static const struct option amend_long[] = {
     { "object", required_argument, NULL, OPT_OBJECT },
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "force", no_argument, NULL, OPT_FORCE },
+    { "dry-run", no_argument, NULL, OPT_DRY_RUN },
     { "output", required_argument, NULL, OPT_OUTPUT },
     CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
@@ -244,6 +247,7 @@ static const struct option snapshot_long[] = {
     { "group", no_argument, NULL, OPT_SNAPSHOT_GROUP },
     { "vmstate", required_argument, NULL, OPT_SNAPSHOT_VMSTATE },
     { "vmstate-data", required_argument, NULL, OPT_SNAPSHOT_VMSTATE_DATA },
+    { "dry-run", no_argument, NULL, OPT_DRY_RUN },
     { "output", required_argument, NULL, OPT_OUTPUT },
     { NULL, 0, NULL, 0 },
 };
@@ -254,6 +258,7 @@ static const struct option resize_long[] = {
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "preallocation", required_argument, NULL, OPT_PREALLOCATION },
     { "shrink", no_argument, NULL, OPT_SHRINK },
+    { "dry-run", no_argument, NULL, OPT_DRY_RUN },
     { "output", required_argument, NULL, OPT_OUTPUT },
     { NULL, 0, NULL, 0 },
 };
@@ -285,8 +290,8 @@ static const struct option dd_long[] = {
 const cli_command cli_commands[] = {
     { "amend", cmd_amend,
       "[--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] "
-      "[--force] [--output=ofmt] [--progress=pfmt] [--progress-fd=N] "
-      "-o options filename",
+      "[--force] [--dry-run] [--output=ofmt] [--progress=pfmt] "
+      "[--progress-fd=N] -o options filename",
       ":ho:f:t:pq", amend_long },
     { "bench", cmd_bench,
       "[-c count] [-d depth] [-f fmt] [--image-opts] "
@@ -307,7 +312,7 @@ const cli_command cli_commands[] = {
       ":hf:r:T:qU", check_long },
     { "commit", cmd_commit,
       "[--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] "
-      "[-b base] [-r rate_limit] [-d] [-p] [--output=ofmt] "
+      "[-b base] [-r rate_limit] [-d] [-p] [--dry-run] [--output=ofmt] "
       "[--progress=pfmt] [--progress-fd=N] filename",
       ":hf:t:b:dpqr:", commit_long },
     { "compact", cmd_compact,
@@ -384,14 +389,14 @@ const cli_command cli_commands[] = {
       ":hf:O:o:l:U", measure_long },
     { "rebase", cmd_rebase,
       "[--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] "
-      "[-T src_cache] [-p] [-u] [--output=ofmt] [--progress=pfmt] "
+      "[-T src_cache] [-p] [-u] [--dry-run] [--output=ofmt] [--progress=pfmt] "
       "[--progress-fd=N] -b backing_file "
       "[-F backing_fmt] filename",
       ":hf:F:b:upt:T:qU", rebase_long },
     { "resize", cmd_resize,
       "[--object objectdef] [--image-opts] [-f fmt] "
-      "[--preallocation=prealloc] [-q] [--shrink] [--output=ofmt] "
-      "filename [+ | -]size",
+      "[--preallocation=prealloc] [-q] [--shrink] [--dry-run] "
+      "[--output=ofmt] filename [+ | -]size",
       ":f:hq", resize_long },
     { "serve", cmd_serve,
       "[-f fmt] [-r] [-x name] [-D description] [-k socket | -b addr "
@@ -404,7 +409,7 @@ const cli_command cli_commands[] = {
     { "snapshot", cmd_snapshot,
       "[--object objectdef] [--image-opts] [-U] [-q] [-f fmt] "
       "[--output=ofmt] [-l | -a snapshot | -c snapshot | -d snapshot] "
-      "filename\n"
+      "[--dry-run] filename\n"
       "  snapshot --group [-f fmt] [-c snapshot | -a snapshot | -d snapshot] "
       "[--vmstate filename] [--vmstate-data file] filename...",
       ":hf:qUla:c:d:", snapshot_long },
@@ -444,9 +449,19 @@ static const struct {
     const char *command, *option;
 } vdisk_only_options[] = {
     { "bench", "random" },
+    { "amend", "dry-run" },
+    { "amend", "output" },
+    { "commit", "dry-run" },
+    { "commit", "output" },
+    { "rebase", "dry-run" },
+    { "rebase", "output" },
+    { "resize", "dry-run" },
+    { "resize", "output" },
+    { "snapshot", "dry-run" },
     { "snapshot", "group" },
     { "snapshot", "vmstate" },
     { "snapshot", "vmstate-data" },
+    { "snapshot", "output" },
 };
 
 /* qemu-img's commands that have --output (all others: vdisk's own). */
@@ -621,7 +636,11 @@ void cli_print_help(void)
         printf(
 "  '--group' runs -c, -a or -d on all the given images at once (one VM's\n"
 "       disks); '--vmstate' names the image holding the VM state and\n"
-"       '--vmstate-data' a file stored as VM state (-c) or restored (-a)\n");
+"       '--vmstate-data' a file stored as VM state (-c) or restored (-a)\n"
+"\n"
+"Dry runs (commit, rebase, amend, resize, snapshot -a/-d):\n"
+"  '--dry-run' prints what the command would change and writes nothing;\n"
+"       '--output=json' prints it as one JSON object\n");
     }
     printf("\n"
 "Parameters to dd subcommand:\n"

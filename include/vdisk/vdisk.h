@@ -733,6 +733,18 @@ typedef enum vd_prealloc {
 VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,
                        vd_prealloc prealloc, vd_error *err);
 
+/**
+ * The dry run of vd_truncate() (`vdisk resize --dry-run`): the refusals
+ * vd_truncate() and the node's driver make before their first write, and
+ * the validations they run (qcow2: a size not a multiple of 512, a v2
+ * image with snapshots, preallocation when shrinking, the metadata a
+ * shrink frees), with the same errors; nothing is written and @node may
+ * be read-only. A driver that cannot tell passes (0). Returns 0 or a
+ * negative errno.
+ */
+VD_API int vd_truncate_plan(vd_node *node, uint64_t size, bool allow_shrink,
+                            vd_prealloc prealloc, vd_error *err);
+
 /* ------------------------------------------------------------------ */
 /* Debugging: blkdebug breakpoints                                    */
 /* ------------------------------------------------------------------ */
@@ -971,6 +983,22 @@ typedef struct vd_compact_result {
 VD_API int vd_compact(vd_node *node, const vd_compact_opts *opts,
                       vd_progress_fn progress, void *opaque,
                       vd_compact_result *res, vd_error *err);
+/** One option an amend would change (vd_amend_plan()): its name, the
+ * current and the new value as amend's -o spells them (strings valid
+ * during the call; key-slot options have "" as old value). */
+typedef void (*vd_amend_change_fn)(const char *option, const char *old_value,
+                                   const char *new_value, void *opaque);
+
+/**
+ * The dry run of vd_amend() (`vdisk amend --dry-run`): the same checks
+ * and refusals, in the same order and with the same errors, as far as
+ * they do not need the change itself (key-slot changes of encrypted
+ * images are not checked); nothing is written and @node may be
+ * read-only. @fn (may be NULL) gets each option that would change.
+ * -ENOTSUP when the format cannot amend or cannot tell.
+ */
+VD_API int vd_amend_plan(vd_node *node, const vd_opts *opts, bool force,
+                         vd_amend_change_fn fn, void *opaque, vd_error *err);
 
 /* ------------------------------------------------------------------ */
 /* Information                                                        */
@@ -1318,6 +1346,32 @@ VD_API int vd_rebase(vd_node *top, const char *backing,
                      unsigned flags, vd_progress_fn progress, void *opaque,
                      vd_error *err);
 
+/*
+ * Dry runs (`--dry-run` of commit and rebase, docs/snapshots.md "Dry
+ * runs"): what vd_commit() and vd_rebase() would write, computed by the
+ * same code, nothing written. @top may be read-only; every refusal the
+ * real operation makes before its first write is made here too (a base
+ * outside the chain, a format that cannot change its backing file, a new
+ * backing file that cannot be opened). @fn (may be NULL) is called with
+ * each range, in ascending order, that the real run would write (commit:
+ * into @base; rebase: into @top); @progress as for the real calls.
+ * Returns 0 or a negative errno. Thread-safety as vd_commit().
+ */
+typedef void (*vd_range_fn)(uint64_t offset, uint64_t length, void *opaque);
+
+VD_API int vd_commit_plan(vd_node *top, vd_node *base, vd_range_fn fn,
+                          void *opaque, vd_progress_fn progress,
+                          void *popaque, vd_error *err);
+
+/* vd_rebase_plan() with VD_REBASE_UNSAFE makes the refusals only (an
+ * unsafe rebase writes no data). */
+VD_API int vd_rebase_plan(vd_node *top, const char *backing,
+                          const char *backing_fmt,
+                          const vd_opts *backing_opts, unsigned flags,
+                          vd_range_fn fn, void *opaque,
+                          vd_progress_fn progress, void *popaque,
+                          vd_error *err);
+
 /* ------------------------------------------------------------------ */
 /* Consistency check                                                  */
 /* ------------------------------------------------------------------ */
@@ -1499,6 +1553,34 @@ VD_API int vd_snapshot_goto(vd_node *node, const char *id_or_name,
  */
 VD_API int vd_snapshot_delete(vd_node *node, const char *id,
                               const char *name, vd_error *err);
+
+/** What deleting or applying an internal snapshot would change
+ * (vd_snapshot_delete_plan(), vd_snapshot_goto_plan()). */
+typedef struct vd_snapshot_plan {
+    uint64_t freed;     /* host bytes whose refcount would drop to 0
+                           (clusters given back to the image) */
+    uint64_t changed;   /* goto: guest bytes of the active layer whose
+                           mapping differs from the snapshot's (what
+                           applying discards or changes); delete: 0 */
+    uint64_t old_size;  /* goto: virtual size now and after (the */
+    uint64_t new_size;  /* snapshot's); delete: both the current size */
+} vd_snapshot_plan;
+
+/**
+ * What vd_snapshot_delete(@node, @id, @name) and vd_snapshot_goto(@node,
+ * @id_or_name) would change, computed from metadata only (qcow2: the L1
+ * and L2 tables and refcounts; no guest data is read); nothing is
+ * written, and @node may be read-only. The snapshot is looked up as the
+ * real call looks it up; the structures the real call validates before
+ * its first write are validated here, with the same errors. Returns 0
+ * and fills @out; -ENOENT when no snapshot matches; -ENOTSUP when the
+ * format cannot compute it (it may still delete/apply snapshots).
+ */
+VD_API int vd_snapshot_delete_plan(vd_node *node, const char *id,
+                                   const char *name, vd_snapshot_plan *out,
+                                   vd_error *err);
+VD_API int vd_snapshot_goto_plan(vd_node *node, const char *id_or_name,
+                                 vd_snapshot_plan *out, vd_error *err);
 
 /**
  * Makes the read-only @node show the snapshot's content instead of the

@@ -441,6 +441,10 @@ struct vd_driver {
      * node asked non-exactly may leave a larger file. */
     int (*truncate)(vd_node *node, uint64_t size, bool exact,
                     vd_prealloc prealloc, vd_error *err);
+    /* The refusals truncate would make before its first write, and the
+     * validations it would run, writing nothing (vd_truncate_plan()). */
+    int (*truncate_check)(vd_node *node, uint64_t size, vd_prealloc prealloc,
+                          vd_error *err);
     /* Fills format-specific fields of @info (cluster_size, dirty flag,
      * format_specific_json, snapshots). Generic fields are done. */
     int (*get_info)(vd_node *node, vd_image_info *info, vd_error *err);
@@ -490,6 +494,11 @@ struct vd_driver {
      * format cannot compact. */
     int (*compact)(vd_node *node, bool dry_run, vd_progress_fn progress,
                    void *opaque, vd_compact_result *res, vd_error *err);
+    /* What amend would change (vd_amend_plan()): the same checks and
+     * refusals, in the same order, nothing written; @fn gets each option
+     * that would change. */
+    int (*amend_plan)(vd_node *node, vd_opts *opts, bool force,
+                      vd_amend_change_fn fn, void *opaque, vd_error *err);
     /* Host size an image created with @create_opts (size in "size"
      * unless @src is given) and filled from @src (may be NULL) would
      * need, as qemu-img measure. Consume the options used. */
@@ -531,6 +540,13 @@ struct vd_driver {
                          size_t *count, vd_error *err);
     int (*snapshot_load_tmp)(vd_node *node, const char *id,
                              const char *name, vd_error *err);
+    /* What snapshot_delete (@apply false: @id and/or @name as there) or
+     * snapshot_goto (@apply true: @id is the id or name, as there) would
+     * change, from metadata, writing nothing (vd_snapshot_delete_plan());
+     * the snapshot is looked up and the structures are validated as the
+     * real operation does, with its errors; -ENOENT when none matches. */
+    int (*snapshot_plan)(vd_node *node, const char *id, const char *name,
+                         bool apply, vd_snapshot_plan *out, vd_error *err);
     /* VM state save area (for snapshots with VM state). */
     int (*save_vmstate)(vd_node *node, vd_iov *qiov, uint64_t pos,
                         vd_error *err);

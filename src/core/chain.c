@@ -5,7 +5,10 @@
  *
  * Both copy operations work in chunks of COPY_CHUNK bytes, driven by
  * block status, so that only allocated data is read and written; zeros
- * are written as write_zeroes. They run in the caller's thread.
+ * are written as write_zeroes. They run in the caller's thread. Their dry
+ * runs (vd_commit_plan(), vd_rebase_plan()) are the same loops with a
+ * range callback where the write would be, so what a dry run reports is
+ * what the real run writes.
  */
 #include <errno.h>
 #include <limits.h>
@@ -97,6 +100,14 @@ static void rate_wait(uint64_t rate, uint64_t done, struct timespec *start)
         usleep((useconds_t)((due - elapsed) * 1e6));
 }
 
+/* A dry run's callback when its caller wants only the refusals. */
+static void plan_nothing(uint64_t offset, uint64_t length, void *opaque)
+{
+    (void)offset;
+    (void)length;
+    (void)opaque;
+}
+
 /* The depth of @base below @top, or -1 when it is not in the chain. */
 static int chain_depth(vd_node *top, vd_node *base)
 {
@@ -159,12 +170,13 @@ static int commit_range(vd_node *top, vd_node *base, uint64_t off,
     return 0;
 }
 
+/* With @plan, the ranges are handed to it instead of being copied. */
 static int commit_copy(vd_node *top, vd_node *base, uint64_t len,
                        uint64_t rate, vd_progress_fn progress, void *opaque,
-                       vd_error *err)
+                       vd_range_fn plan, void *plan_opaque, vd_error *err)
 {
-    uint8_t *buf = vd_node_blockalign(base, COPY_CHUNK);
-    if (!buf)
+    uint8_t *buf = plan ? NULL : vd_node_blockalign(base, COPY_CHUNK);
+    if (!plan && !buf)
         return vd_error_set(err, -ENOMEM, "Out of memory");
     uint64_t g = commit_granularity(base);
     struct timespec start;
@@ -190,7 +202,10 @@ static int commit_copy(vd_node *top, vd_node *base, uint64_t len,
                 to = len;
             if (from < done)
                 from = done;
-            if (from < to) {
+            if (from < to && plan) {
+                plan(from, to - from, plan_opaque);
+                done = to;
+            } else if (from < to) {
                 r = commit_range(top, base, from, to - from, buf, err);
                 copied += to - from;
                 done = to;
@@ -205,29 +220,56 @@ static int commit_copy(vd_node *top, vd_node *base, uint64_t len,
     return r;
 }
 
-VD_API int vd_commit(vd_node *top, vd_node *base, unsigned flags,
-                     uint64_t rate_limit, vd_progress_fn progress,
-                     void *opaque, vd_error *err)
+/* The refusals of a commit before anything is written (the base that
+ * @*base resolves to must be in @top's chain). */
+static int commit_check(vd_node *top, vd_node **base, int64_t *top_len,
+                        int64_t *base_len, vd_error *err)
 {
     vd_node *immediate = top->backing ? top->backing->node : NULL;
     if (!immediate)
         return vd_error_set(err, -EINVAL, "Image does not have a backing "
                             "file");
-    if (!base)
-        base = immediate;
-    if (base == top || chain_depth(top, base) < 0)
+    if (!*base)
+        *base = immediate;
+    if (*base == top || chain_depth(top, *base) < 0)
         return vd_error_set(err, -EINVAL, "'%s' is not in the backing chain "
-                            "of '%s'", label(base), label(top));
+                            "of '%s'", label(*base), label(top));
+    *top_len = vd_node_getlength(top);
+    *base_len = vd_node_getlength(*base);
+    if (*top_len < 0 || *base_len < 0)
+        return vd_error_set(err, -EIO, "Could not get the image sizes");
+    return 0;
+}
+
+VD_API int vd_commit_plan(vd_node *top, vd_node *base, vd_range_fn fn,
+                          void *opaque, vd_progress_fn progress,
+                          void *popaque, vd_error *err)
+{
+    int64_t top_len, base_len;
+    int r = commit_check(top, &base, &top_len, &base_len, err);
+    if (r < 0)
+        return r;
+    vd_node_drain_begin(top);
+    r = commit_copy(top, base, (uint64_t)top_len, 0, progress, popaque,
+                    fn ? fn : plan_nothing, opaque, err);
+    vd_node_drain_end(top);
+    return r;
+}
+
+VD_API int vd_commit(vd_node *top, vd_node *base, unsigned flags,
+                     uint64_t rate_limit, vd_progress_fn progress,
+                     void *opaque, vd_error *err)
+{
+    int64_t top_len, base_len;
+    int r = commit_check(top, &base, &top_len, &base_len, err);
+    if (r < 0)
+        return r;
+    vd_node *immediate = top->backing->node;
     if (top->read_only && !(flags & VD_COMMIT_KEEP_TOP) && base == immediate)
         return vd_error_set(err, -EROFS, "%s: Block node is read-only",
                             label(top));
-    int64_t top_len = vd_node_getlength(top);
-    int64_t base_len = vd_node_getlength(base);
-    if (top_len < 0 || base_len < 0)
-        return vd_error_set(err, -EIO, "Could not get the image sizes");
 
     bool was_ro = base->read_only;
-    int r = 0;
     if (was_ro) {
         r = vd_node_reopen(base, base->flags | VD_NODE_RDWR, err);
         if (r < 0) {
@@ -255,7 +297,7 @@ VD_API int vd_commit(vd_node *top, vd_node *base, unsigned flags,
                              err);
     if (r == 0)
         r = commit_copy(top, base, (uint64_t)top_len, rate_limit, progress,
-                        opaque, err);
+                        opaque, NULL, NULL, err);
     if (r == 0)
         r = vd_node_flush(base, err);
     vd_node_drain_end(top);
@@ -314,10 +356,10 @@ static int read_or_zero(vd_node *n, uint64_t off, uint64_t len, uint8_t *buf,
 }
 
 /* Copies into @top every 512-byte sector of [off, off+len) where the old
- * and the new backing read differently. */
+ * and the new backing read differently (with @plan: hands it the runs). */
 static int rebase_range(vd_node *top, vd_node *old_b, vd_node *new_b,
                         uint64_t off, uint64_t len, uint8_t *a, uint8_t *b,
-                        vd_error *err)
+                        vd_range_fn plan, void *plan_opaque, vd_error *err)
 {
     int r = read_or_zero(old_b, off, len, a, err);
     if (r == 0)
@@ -340,11 +382,15 @@ static int rebase_range(vd_node *top, vd_node *old_b, vd_node *new_b,
                 break;
             end += m;
         }
-        vd_iov v;
-        vd_iov_init_buf(&v, a + pos, end - pos);
-        r = vd_node_pwritev(top, off + pos, end - pos, &v, 0, err);
-        if (r < 0)
-            return r;
+        if (plan) {
+            plan(off + pos, end - pos, plan_opaque);
+        } else {
+            vd_iov v;
+            vd_iov_init_buf(&v, a + pos, end - pos);
+            r = vd_node_pwritev(top, off + pos, end - pos, &v, 0, err);
+            if (r < 0)
+                return r;
+        }
         pos = end;
     }
     return 0;
@@ -375,66 +421,71 @@ static vd_node *find_backing_image(vd_node *top, const char *path)
     return NULL;
 }
 
-VD_API int vd_rebase(vd_node *top, const char *backing,
-                     const char *backing_fmt, const vd_opts *backing_opts,
-                     unsigned flags, vd_progress_fn progress, void *opaque,
-                     vd_error *err)
+/* The refusals of every rebase before anything is written. */
+static int rebase_check(vd_node *top, vd_error *err)
 {
     if (!top->drv->supports_backing || !top->drv->change_backing_file)
         return vd_error_set(err, -ENOTSUP, "%s: Image format '%s' does not "
                             "support changing the backing file", label(top),
                             top->drv->name);
-    if (top->read_only)
-        return vd_error_set(err, -EROFS, "%s: Block node is read-only",
-                            label(top));
-    if (backing && !*backing)
-        backing = NULL;
-    if (flags & VD_REBASE_UNSAFE)
-        return vd_change_backing_file(top, backing, backing_fmt, err);
+    return 0;
+}
 
-    vd_node *old_b = top->backing ? top->backing->node : NULL;
-    if (!old_b && top->backing_file)
+/* A safe rebase's nodes: the old backing node (borrowed, NULL for none)
+ * and the new one (@*new_b: a reference the caller drops; NULL for
+ * none), with the refusals made before anything is copied. */
+static int rebase_open(vd_node *top, const char *backing,
+                       const char *backing_fmt, const vd_opts *backing_opts,
+                       vd_node **old_b, vd_node **new_b, vd_error *err)
+{
+    *old_b = top->backing ? top->backing->node : NULL;
+    *new_b = NULL;
+    if (!*old_b && top->backing_file)
         return vd_error_set(err, -ENOENT, "Could not open old backing file "
                             "'%s'", top->backing_file);
-    vd_node *new_b = NULL;
-    int r = 0;
-    if (backing) {
-        char *path = backing_path(top, backing);
-        if (!path)
-            return vd_error_set(err, -ENOMEM, "Out of memory");
-        if (same_file(path, top->filename)) {
-            free(path);
-            return vd_error_set(err, -EINVAL, "Backing file '%s' would be "
-                                "the image itself", backing);
-        }
-        new_b = find_backing_image(top, path);
-        if (new_b) {
-            vd_node_ref(new_b);
-        } else {
-            const vd_driver *drv = NULL;
-            vd_error lerr = VD_ERROR_INIT;
-            if (backing_fmt && !(drv = vd_find_driver(backing_fmt))) {
-                vd_error_set(&lerr, -EINVAL, "Unknown driver '%s'",
-                             backing_fmt);
-                r = -EINVAL;
-            } else {
-                vd_opts *o = backing_opts ? vd_opts_clone(backing_opts)
-                                          : vd_opts_new();
-                r = o ? vd_node_open(&new_b, path, drv, o, VD_NODE_QUIET,
-                                     &lerr)
-                      : -ENOMEM;
-                vd_opts_free(&o);
-            }
-            if (r < 0) {
-                vd_error_set(err, r, "Could not open new backing file "
-                             "'%s': %s", backing, lerr.message);
-                free(path);
-                return r;
-            }
-        }
+    if (!backing)
+        return 0;
+    char *path = backing_path(top, backing);
+    if (!path)
+        return vd_error_set(err, -ENOMEM, "Out of memory");
+    if (same_file(path, top->filename)) {
         free(path);
+        return vd_error_set(err, -EINVAL, "Backing file '%s' would be "
+                            "the image itself", backing);
     }
+    int r = 0;
+    *new_b = find_backing_image(top, path);
+    if (*new_b) {
+        vd_node_ref(*new_b);
+    } else {
+        const vd_driver *drv = NULL;
+        vd_error lerr = VD_ERROR_INIT;
+        if (backing_fmt && !(drv = vd_find_driver(backing_fmt))) {
+            vd_error_set(&lerr, -EINVAL, "Unknown driver '%s'", backing_fmt);
+            r = -EINVAL;
+        } else {
+            vd_opts *o = backing_opts ? vd_opts_clone(backing_opts)
+                                      : vd_opts_new();
+            r = o ? vd_node_open(new_b, path, drv, o, VD_NODE_QUIET, &lerr)
+                  : -ENOMEM;
+            vd_opts_free(&o);
+        }
+        if (r < 0)
+            vd_error_set(err, r, "Could not open new backing file '%s': %s",
+                         backing, lerr.message);
+    }
+    free(path);
+    return r;
+}
 
+/* Copies into @top what reads differently through @new_b than through
+ * @old_b where @top does not hold the data itself (with @plan: hands it
+ * the ranges instead). */
+static int rebase_copy(vd_node *top, vd_node *old_b, vd_node *new_b,
+                       vd_range_fn plan, void *plan_opaque,
+                       vd_progress_fn progress, void *opaque, vd_error *err)
+{
+    int r = 0;
     int64_t len = vd_node_getlength(top);
     uint8_t *a = vd_node_blockalign(top, COPY_CHUNK);
     uint8_t *b = vd_node_blockalign(top, COPY_CHUNK);
@@ -454,16 +505,66 @@ VD_API int vd_rebase(vd_node *top, const char *backing,
         r = 0;
         /* What the top holds itself stays visible whatever lies below. */
         if (!(st & VD_BLOCK_ALLOCATED))
-            r = rebase_range(top, old_b, new_b, off, pnum, a, b, err);
+            r = rebase_range(top, old_b, new_b, off, pnum, a, b, plan,
+                             plan_opaque, err);
         off += pnum;
         if (progress)
             progress((double)off * 100.0 / (double)len, opaque);
     }
-    if (r == 0)
+    if (r == 0 && !plan)
         r = vd_node_flush(top, err);
     vd_node_drain_end(top);
     free(a);
     free(b);
+    return r;
+}
+
+VD_API int vd_rebase_plan(vd_node *top, const char *backing,
+                          const char *backing_fmt,
+                          const vd_opts *backing_opts, unsigned flags,
+                          vd_range_fn fn, void *opaque,
+                          vd_progress_fn progress, void *popaque,
+                          vd_error *err)
+{
+    vd_node *old_b, *new_b;
+    int r = rebase_check(top, err);
+    if (backing && !*backing)
+        backing = NULL;
+    if (r == 0 && (flags & VD_REBASE_UNSAFE))
+        return 0;
+    if (r == 0)
+        r = rebase_open(top, backing, backing_fmt, backing_opts, &old_b,
+                        &new_b, err);
+    if (r < 0)
+        return r;
+    r = rebase_copy(top, old_b, new_b, fn ? fn : plan_nothing, opaque,
+                    progress, popaque, err);
+    vd_node_unref(new_b);
+    return r;
+}
+
+VD_API int vd_rebase(vd_node *top, const char *backing,
+                     const char *backing_fmt, const vd_opts *backing_opts,
+                     unsigned flags, vd_progress_fn progress, void *opaque,
+                     vd_error *err)
+{
+    int r = rebase_check(top, err);
+    if (r < 0)
+        return r;
+    if (top->read_only)
+        return vd_error_set(err, -EROFS, "%s: Block node is read-only",
+                            label(top));
+    if (backing && !*backing)
+        backing = NULL;
+    if (flags & VD_REBASE_UNSAFE)
+        return vd_change_backing_file(top, backing, backing_fmt, err);
+
+    vd_node *old_b, *new_b;
+    r = rebase_open(top, backing, backing_fmt, backing_opts, &old_b, &new_b,
+                    err);
+    if (r < 0)
+        return r;
+    r = rebase_copy(top, old_b, new_b, NULL, NULL, progress, opaque, err);
     if (r == 0)
         r = vd_change_backing_file(top, backing, backing_fmt, err);
     if (r == 0) {

@@ -184,3 +184,28 @@ VD_API int vd_compact(vd_node *node, const vd_compact_opts *opts,
     vd_node_refresh_length(node);
     return ret;
 }
+
+VD_API int vd_amend_plan(vd_node *node, const vd_opts *opts, bool force,
+                         vd_amend_change_fn fn, void *opaque, vd_error *err)
+{
+    vd_opts *o;
+    int ret;
+
+    if (!node->drv->amend) {
+        return vd_error_set(err, -ENOTSUP, "Format driver '%s' does not "
+                            "support option amendment", node->drv->name);
+    }
+    if (!node->drv->amend_plan) {
+        return vd_error_set(err, -ENOTSUP, "Format driver '%s' cannot tell "
+                            "what amending would change", node->drv->name);
+    }
+    o = opts ? vd_opts_clone(opts) : vd_opts_new();
+    if (!o) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
+    }
+    vd_node_drain_begin(node);
+    ret = node->drv->amend_plan(node, o, force, fn, opaque, err);
+    vd_node_drain_end(node);
+    vd_opts_free(&o);
+    return ret;
+}

@@ -1705,6 +1705,35 @@ VD_API int vd_block_status(vd_node *node, uint64_t offset, uint64_t len,
     return r;
 }
 
+VD_API int vd_truncate_plan(vd_node *node, uint64_t size, bool allow_shrink,
+                            vd_prealloc prealloc, vd_error *err)
+{
+    int64_t cur = vd_node_getlength(node);
+    if (cur >= 0 && size < (uint64_t)cur && !allow_shrink)
+        return vd_error_set(err, -EINVAL, "Use the --shrink option to "
+                            "perform a shrink operation.");
+    /* vd_node_truncate()'s refusals, down the filters to the driver that
+     * resizes, then that driver's own. */
+    for (vd_node *n = node; n; n = filtered_child(n)) {
+        if (size > INT64_MAX)
+            return vd_error_set(err, -EINVAL, "Image size cannot be "
+                                "negative");
+        if (size > VD_MAX_LENGTH)
+            return vd_error_set(err, -EIO, "offset(%" PRIu64 ") exceeds "
+                                "maximum(%" PRIu64 ")", size, VD_MAX_LENGTH);
+        if (n->drv->truncate) {
+            if (!n->drv->truncate_check)
+                return 0;
+            vd_node_drain_begin(node);
+            int r = n->drv->truncate_check(n, size, prealloc, err);
+            vd_node_drain_end(node);
+            return r;
+        }
+    }
+    return vd_error_set(err, -ENOTSUP, "Image format driver does not "
+                        "support resize");
+}
+
 VD_API int vd_truncate(vd_node *node, uint64_t size, bool allow_shrink,
                        vd_prealloc prealloc, vd_error *err)
 {

@@ -259,6 +259,65 @@ VD_API int vd_snapshot_delete(vd_node *node, const char *id,
     return r;
 }
 
+/* The node whose driver plans snapshot operations for @node (falling
+ * back to the primary child as the real operations do), or NULL. */
+static vd_node *snapshot_plan_node(vd_node *node, bool apply)
+{
+    while (node && !(apply ? node->drv->snapshot_goto != NULL
+                           : node->drv->snapshot_delete != NULL)) {
+        vd_child *fb = snapshot_fallback(node);
+        node = fb ? fb->node : NULL;
+    }
+    return node;
+}
+
+static int snapshot_plan(vd_node *node, const char *id, const char *name,
+                         bool apply, vd_snapshot_plan *out, vd_error *err)
+{
+    memset(out, 0, sizeof(*out));
+    if (!node)
+        return vd_error_set(err, -ENOMEDIUM, "Device has no medium");
+    if (!apply && !id && !name)
+        return vd_error_set(err, -EINVAL, "snapshot_id and name are both "
+                            "NULL");
+    vd_node *n = snapshot_plan_node(node, apply);
+    if (!n)
+        return vd_error_set(err, -ENOTSUP, "Block format '%s' used by "
+                            "device '%s' does not support internal snapshots",
+                            node->drv->name, node_label(node));
+    if (!n->drv->snapshot_plan)
+        return vd_error_set(err, -ENOTSUP, "Block format '%s' cannot tell "
+                            "what the snapshot operation would change",
+                            n->drv->name);
+    vd_node_drain_begin(node);
+    vd_error lerr = VD_ERROR_INIT;
+    int r = n->drv->snapshot_plan(n, id, name, apply, out, &lerr);
+    vd_node_drain_end(node);
+    /* Worded as snapshot_goto_node() and the drivers' delete word it. */
+    if (r < 0 && apply && lerr.code)
+        vd_error_set(err, r, "Failed to load snapshot: %s", lerr.message);
+    else if (r < 0 && apply)
+        vd_error_set_errno(err, r, "Failed to load snapshot");
+    else if (r < 0)
+        vd_error_set(err, r, "%s", lerr.message);
+    return r;
+}
+
+VD_API int vd_snapshot_delete_plan(vd_node *node, const char *id,
+                                   const char *name, vd_snapshot_plan *out,
+                                   vd_error *err)
+{
+    return snapshot_plan(node, id, name, false, out, err);
+}
+
+VD_API int vd_snapshot_goto_plan(vd_node *node, const char *id_or_name,
+                                 vd_snapshot_plan *out, vd_error *err)
+{
+    if (node && atomic_load(&node->dirty_bitmaps) > 0)
+        return vd_error_set(err, -EBUSY, "Device has active dirty bitmaps");
+    return snapshot_plan(node, id_or_name, NULL, true, out, err);
+}
+
 VD_API int vd_snapshot_load_tmp(vd_node *node, const char *id,
                                 const char *name, vd_error *err)
 {

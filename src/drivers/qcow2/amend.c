@@ -20,6 +20,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -508,20 +509,27 @@ static int str_differs(const char *a, const char *b)
     return (a == NULL) != (b == NULL) || (a && strcmp(a, b) != 0);
 }
 
-int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
+/* What an amend asks for, parsed and checked as QEMU's QemuOpts and
+ * qcow2_amend_options() check it before the first write. */
+typedef struct amend_req {
+    int new_version;
+    bool lazy, data_file_raw, encryption_update;
+    const char *backing_file, *backing_fmt, *data_file;
+    uint64_t refcount_bits, new_size;
+} amend_req;
+
+static int amend_parse(qcow2_state *s, vd_opts *opts, amend_req *q,
+                       vd_error *err)
 {
-    qcow2_state *s = node->opaque;
-    int old_version = s->version, new_version = old_version;
-    bool lazy = s->lazy_refcounts;
-    bool data_file_raw = (s->autoclear_features &
-                          QCOW2_AUTOCLEAR_DATA_FILE_RAW) != 0;
     bool has_data_file = (s->incompatible_features &
                           QCOW2_INCOMPAT_DATA_FILE) != 0;
-    const char *backing_file = NULL, *backing_fmt = NULL, *data_file = NULL;
-    uint64_t refcount_bits = (uint64_t)s->refcount_bits, new_size = 0;
-    const qcow2_snapshot *sn = s->snapshots;
-    bool encryption_update = false;
-    int ret = 0;
+
+    memset(q, 0, sizeof(*q));
+    q->new_version = s->version;
+    q->lazy = s->lazy_refcounts;
+    q->data_file_raw = (s->autoclear_features &
+                        QCOW2_AUTOCLEAR_DATA_FILE_RAW) != 0;
+    q->refcount_bits = (uint64_t)s->refcount_bits;
 
     /* Syntax first, like QemuOpts: unknown names and malformed values. */
     for (size_t i = 0; i < vd_opts_count(opts); i++) {
@@ -532,7 +540,7 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
             return vd_error_set(err, -EINVAL, "Invalid parameter '%s'", k);
         }
         if (!strcmp(k, "size")) {
-            int r = vd_parse_size_u64(v, &new_size);
+            int r = vd_parse_size_u64(v, &q->new_size);
             if (r == -ERANGE) {
                 return vd_error_set(err, -EINVAL, "Value '%s' is out of "
                                     "range for parameter 'size'", v);
@@ -540,7 +548,7 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
                 return vd_error_set(err, -EINVAL, "Parameter 'size' expects a "
                                     "non-negative number below 2^64");
             }
-            if (new_size > INT64_MAX) {
+            if (q->new_size > INT64_MAX) {
                 /* qemu-img finds this when it resizes, after the other
                  * changes; refused here before any. */
                 return vd_error_set(err, -EINVAL, "Image size cannot be "
@@ -555,7 +563,7 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
         } else if (!strcmp(k, "refcount_bits")) {
             char *end;
             errno = 0;
-            refcount_bits = strtoull(v, &end, 0);
+            q->refcount_bits = strtoull(v, &end, 0);
             if (!*v || *end || errno || v[0] == '-') {
                 return vd_error_set(err, -EINVAL, "Parameter 'refcount_bits' "
                                     "expects a number");
@@ -578,31 +586,31 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
                 return vd_error_set(err, -ENOTSUP, "Only LUKS encryption "
                                     "options can be amended");
             }
-            encryption_update = true;
+            q->encryption_update = true;
         } else if (!strcmp(*k, "compat")) {
             if (!strcmp(v, "0.10") || !strcmp(v, "v2")) {
-                new_version = 2;
+                q->new_version = 2;
             } else if (!strcmp(v, "1.1") || !strcmp(v, "v3")) {
-                new_version = 3;
+                q->new_version = 3;
             } else {
                 return vd_error_set(err, -EINVAL, "Unknown compatibility "
                                     "level %s", v);
             }
         } else if (!strcmp(*k, "backing_file")) {
-            backing_file = v;
+            q->backing_file = v;
         } else if (!strcmp(*k, "backing_fmt")) {
-            backing_fmt = v;
+            q->backing_fmt = v;
         } else if (!strcmp(*k, "lazy_refcounts")) {
-            lazy = !strcmp(v, "on");
+            q->lazy = !strcmp(v, "on");
         } else if (!strcmp(*k, "refcount_bits")) {
-            if (refcount_bits == 0 || refcount_bits > 64 ||
-                (refcount_bits & (refcount_bits - 1))) {
+            if (q->refcount_bits == 0 || q->refcount_bits > 64 ||
+                (q->refcount_bits & (q->refcount_bits - 1))) {
                 return vd_error_set(err, -EINVAL, "Refcount width must be a "
                                     "power of two and may not exceed 64 "
                                     "bits");
             }
         } else if (!strcmp(*k, "data_file")) {
-            data_file = v;
+            q->data_file = v;
             if (!has_data_file) {
                 return vd_error_set(err, -EINVAL, "data-file can only be set "
                                     "for images that use an external data "
@@ -610,14 +618,33 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
             }
         } else if (!strcmp(*k, "data_file_raw")) {
             bool on = !strcmp(v, "on");
-            if (on && !data_file_raw) {
+            if (on && !q->data_file_raw) {
                 return vd_error_set(err, -EINVAL, "data-file-raw cannot be "
                                     "set on existing images");
             }
-            data_file_raw = on;
+            q->data_file_raw = on;
         }
     }
+    return 0;
+}
 
+int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    int old_version = s->version;
+    const qcow2_snapshot *sn = s->snapshots;
+    amend_req q;
+    int ret = amend_parse(s, opts, &q, err);
+    int new_version = q.new_version;
+    bool lazy = q.lazy, data_file_raw = q.data_file_raw;
+    bool encryption_update = q.encryption_update;
+    const char *backing_file = q.backing_file, *backing_fmt = q.backing_fmt;
+    const char *data_file = q.data_file;
+    uint64_t refcount_bits = q.refcount_bits, new_size = q.new_size;
+
+    if (ret < 0) {
+        return ret;
+    }
     pthread_mutex_lock(&s->lock);
     ret = qcow2_flush_caches(s, err);
     if (ret < 0) {
@@ -728,5 +755,132 @@ int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err)
 unlock:
     pthread_mutex_unlock(&s->lock);
 out:
+    return ret;
+}
+
+/* ---- the dry run (vd_amend_plan()) ---- */
+
+static const char *on_off(bool b)
+{
+    return b ? "on" : "off";
+}
+
+int qcow2_amend_plan(vd_node *node, vd_opts *opts, bool force,
+                     vd_amend_change_fn fn, void *opaque, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    int old_version = s->version;
+    bool old_raw = (s->autoclear_features &
+                    QCOW2_AUTOCLEAR_DATA_FILE_RAW) != 0;
+    amend_req q;
+    char a[32], b[32];
+    int ret = amend_parse(s, opts, &q, err);
+
+    (void)force;
+    if (ret < 0) {
+        return ret;
+    }
+    /* The refusals qcow2_amend() makes on its way, in its order, without
+     * the writes between them. */
+    pthread_mutex_lock(&s->lock);
+    if ((uint64_t)s->refcount_bits != q.refcount_bits ||
+        q.new_version < old_version) {
+        ret = qcow2_validate_metadata(s, err);
+        if (ret == 0 && q.new_version < old_version) {
+            ret = validate_trees(s, s->snapshots, err);
+        }
+        if (ret < 0) {
+            vd_error_prepend(err, q.new_version < old_version ?
+                             "Failed to turn zero into data clusters: " :
+                             "Cannot change the refcount width: ");
+        }
+    }
+    if (ret == 0 && (uint64_t)s->refcount_bits != q.refcount_bits &&
+        q.new_version < 3 && q.refcount_bits != 16) {
+        ret = vd_error_set(err, -EINVAL, "Refcount widths other than 16 "
+                           "bits require compatibility level 1.1 or above "
+                           "(use compat=1.1 or greater)");
+    }
+    if (ret == 0 && (q.backing_file || q.backing_fmt) &&
+        (str_differs(q.backing_file, s->backing_file) ||
+         str_differs(q.backing_fmt, s->backing_format))) {
+        ret = vd_error_set(err, -EINVAL, "Cannot amend the backing file");
+    }
+    if (ret == 0 && q.lazy && !s->lazy_refcounts && q.new_version < 3) {
+        ret = vd_error_set(err, -EINVAL, "Lazy refcounts only supported "
+                           "with compatibility level 1.1 and above (use "
+                           "compat=1.1 or greater)");
+    }
+    uint64_t size_after = q.new_size ? q.new_size : s->size;
+    if (ret == 0 && q.new_size && q.new_size != s->size) {
+        /* do_truncate()'s refusals, after an upgrade. */
+        int v = q.new_version > old_version ? q.new_version : old_version;
+        if (q.new_size & 511) {
+            ret = vd_error_set(err, -EINVAL, "The new size must be a "
+                               "multiple of 512");
+        } else if (s->nb_snapshots && v < 3) {
+            ret = vd_error_set(err, -ENOTSUP, "Can't resize a v2 image "
+                               "which has snapshots");
+        } else if (s->inconsistent_bitmap) {
+            ret = vd_error_set(err, -ENOTSUP, "Bitmap '%s' is inconsistent "
+                               "and cannot be used", s->inconsistent_bitmap);
+        }
+    }
+    if (ret == 0 && q.new_version < old_version) {
+        /* downgrade()'s refusals, after the other changes. */
+        if (q.refcount_bits != 16) {
+            ret = vd_error_set(err, -ENOTSUP, "compat=0.10 requires "
+                               "refcount_bits=16");
+        } else if (s->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
+            ret = vd_error_set(err, -ENOTSUP, "Cannot downgrade an image "
+                               "with a data file");
+        }
+        for (uint32_t i = 0; ret == 0 && i < s->nb_snapshots; i++) {
+            if (s->snapshots[i].vm_state_size > UINT32_MAX ||
+                s->snapshots[i].disk_size != size_after) {
+                ret = vd_error_set(err, -ENOTSUP, "Internal snapshots "
+                                   "prevent downgrade of image");
+            }
+        }
+    }
+    if (ret == 0 && fn) {
+        if (q.new_version != old_version) {
+            fn("compat", old_version < 3 ? "0.10" : "1.1",
+               q.new_version < 3 ? "0.10" : "1.1", opaque);
+        }
+        if (q.lazy != s->lazy_refcounts) {
+            fn("lazy_refcounts", on_off(s->lazy_refcounts), on_off(q.lazy),
+               opaque);
+        }
+        if (q.refcount_bits != (uint64_t)s->refcount_bits) {
+            snprintf(a, sizeof(a), "%d", s->refcount_bits);
+            snprintf(b, sizeof(b), "%" PRIu64, q.refcount_bits);
+            fn("refcount_bits", a, b, opaque);
+        }
+        if (q.data_file && str_differs(*q.data_file ? q.data_file : NULL,
+                                       s->data_file_name)) {
+            fn("data_file", s->data_file_name ? s->data_file_name : "",
+               q.data_file, opaque);
+        }
+        if (q.data_file_raw != old_raw) {
+            fn("data_file_raw", on_off(old_raw), on_off(q.data_file_raw),
+               opaque);
+        }
+        if (size_after != s->size) {
+            snprintf(a, sizeof(a), "%" PRIu64, s->size);
+            snprintf(b, sizeof(b), "%" PRIu64, size_after);
+            fn("size", a, b, opaque);
+        }
+        /* Key slots: what changes is decided with the secrets, which a
+         * dry run does not check. */
+        for (size_t i = 0; i < vd_opts_count(opts); i++) {
+            const char *k, *v;
+            vd_opts_nth(opts, i, &k, &v);
+            if (!strncmp(k, "encrypt.", 8)) {
+                fn(k, "", v, opaque);
+            }
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
     return ret;
 }

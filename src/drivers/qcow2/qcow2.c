@@ -1381,13 +1381,12 @@ static int zero_range(qcow2_state *s, uint64_t off, uint64_t len,
     return ret;
 }
 
-static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
-                       vd_error *err)
+/* The refusals of a resize to @size before its first write (also the
+ * dry run's, qcow2_truncate_check()); nothing written. */
+static int truncate_refusals(qcow2_state *s, uint64_t size,
+                             vd_prealloc prealloc, vd_error *err)
 {
     uint64_t old = s->size;
-    uint64_t per_l1 = s->cluster_size << s->l2_bits;
-    uint64_t l1_needed = size / per_l1 + (size % per_l1 != 0);
-    int ret;
 
     if (size & 511) {
         return vd_error_set(err, -EINVAL, "The new size must be a multiple "
@@ -1418,12 +1417,21 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
         return vd_error_set(err, -ENOTSUP, "Bitmap '%s' is inconsistent and "
                             "cannot be used", s->inconsistent_bitmap);
     }
-    /* Before the first write: the structures a resize relies on; when
-     * shrinking also every L2 table and cluster of the image (the tail
-     * is freed, and the file is cut after the last cluster with a
-     * refcount: a cluster still in use must not look free). */
-    pthread_mutex_lock(&s->lock);
-    ret = qcow2_validate_metadata(s, err);
+    return 0;
+}
+
+/* Before the first write of a resize from the current size to @size: the
+ * structures it relies on; when shrinking also every L2 table and
+ * cluster of the image (the tail is freed, and the file is cut after the
+ * last cluster with a refcount: a cluster still in use must not look
+ * free). Lock held; nothing written. */
+static int truncate_validate(qcow2_state *s, uint64_t size, vd_error *err)
+{
+    uint64_t old = s->size;
+    uint64_t per_l1 = s->cluster_size << s->l2_bits;
+    uint64_t l1_needed = size / per_l1 + (size % per_l1 != 0);
+    int ret = qcow2_validate_metadata(s, err);
+
     if (ret == 0 && size < old) {
         int64_t flen = vd_node_getlength(s->file->node);
         ret = qcow2_validate_guest_range(s, 0, old, err);
@@ -1433,6 +1441,37 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
                                               err);
         }
     }
+    return ret;
+}
+
+static int qcow2_truncate_check(vd_node *node, uint64_t size,
+                                vd_prealloc prealloc, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    int ret = truncate_refusals(s, size, prealloc, err);
+
+    if (ret < 0 || size == s->size) {
+        return ret;
+    }
+    pthread_mutex_lock(&s->lock);
+    ret = truncate_validate(s, size, err);
+    pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
+                       vd_error *err)
+{
+    uint64_t old = s->size;
+    uint64_t per_l1 = s->cluster_size << s->l2_bits;
+    uint64_t l1_needed = size / per_l1 + (size % per_l1 != 0);
+    int ret = truncate_refusals(s, size, prealloc, err);
+
+    if (ret < 0 || size == old) {
+        return ret;
+    }
+    pthread_mutex_lock(&s->lock);
+    ret = truncate_validate(s, size, err);
     if (ret == 0) {
         ret = qcow2_begin_change(s, err);
     }
@@ -2449,6 +2488,7 @@ const vd_driver vd_driver_qcow2 = {
     .block_status = qcow2_block_status_cb,
     .getlength = qcow2_getlength,
     .truncate = qcow2_truncate_cb,
+    .truncate_check = qcow2_truncate_check,
     .get_info = qcow2_get_info,
     .get_driver_stats = qcow2_get_driver_stats,
     .check = qcow2_check_cb,
@@ -2456,6 +2496,7 @@ const vd_driver vd_driver_qcow2 = {
     .snapshot_create = qcow2_snapshot_create,
     .snapshot_goto = qcow2_snapshot_goto,
     .snapshot_delete = qcow2_snapshot_delete,
+    .snapshot_plan = qcow2_snapshot_plan,
     .snapshot_list = qcow2_snapshot_list,
     .snapshot_load_tmp = qcow2_snapshot_load_tmp,
     .save_vmstate = qcow2_save_vmstate,
@@ -2463,6 +2504,7 @@ const vd_driver vd_driver_qcow2 = {
     .measure = qcow2_measure,
     .amend = qcow2_amend,
     .compact = qcow2_compact,
+    .amend_plan = qcow2_amend_plan,
     .change_backing_file = qcow2_change_backing_file,
     .make_empty = qcow2_make_empty,
     .bitmaps_load = qcow2_bitmaps_load,

@@ -806,6 +806,8 @@ void qcow2_free_snapshots(qcow2_state *s);
 int qcow2_snapshot_create(vd_node *node, const vd_snapshot_info *sn,
                           vd_error *err);
 int qcow2_snapshot_goto(vd_node *node, const char *id, vd_error *err);
+int qcow2_snapshot_plan(vd_node *node, const char *id, const char *name,
+                        bool apply, vd_snapshot_plan *out, vd_error *err);
 int qcow2_snapshot_delete(vd_node *node, const char *id, const char *name,
                           vd_error *err);
 int qcow2_snapshot_list(vd_node *node, vd_snapshot_info **list,
@@ -830,6 +832,8 @@ int qcow2_measure(vd_opts *opts, vd_node *src, vd_measure_result *out,
                   vd_error *err);
 /* The vtable's amend callback (qemu-img amend). Node drained. */
 int qcow2_amend(vd_node *node, vd_opts *opts, bool force, vd_error *err);
+int qcow2_amend_plan(vd_node *node, vd_opts *opts, bool force,
+                     vd_amend_change_fn fn, void *opaque, vd_error *err);
 
 /* The vtable's compact callback (compact.c, vd_compact()). */
 int qcow2_compact(vd_node *node, bool dry_run, vd_progress_fn progress,

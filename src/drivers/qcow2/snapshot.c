@@ -267,23 +267,41 @@ int qcow2_read_snapshots(qcow2_state *s, uint64_t file_len, vd_error *err)
 /* ---- writing the table ---------------------------------------------- */
 
 /* Serialises the in-memory table into a new buffer (*out, *len). */
-static int build_table(qcow2_state *s, uint8_t **out, uint64_t *len,
+/* The bytes of the snapshot table as build_table() writes it, without
+ * entry @skip (-1: all entries). */
+static int table_bytes(qcow2_state *s, int64_t skip, uint64_t *out,
                        vd_error *err)
 {
-    uint64_t size = 0, pos = 0;
-    uint8_t *buf;
+    uint64_t size = 0;
 
     for (uint32_t i = 0; i < s->nb_snapshots; i++) {
         const qcow2_snapshot *sn = &s->snapshots[i];
         uint32_t extra = sn->extra_data_size > sizeof(qcow2_snapshot_extra) ?
                          sn->extra_data_size :
                          (uint32_t)sizeof(qcow2_snapshot_extra);
+        if ((int64_t)i == skip) {
+            continue;
+        }
         size = round_up8(size) + sizeof(qcow2_snapshot_header) + extra +
                strlen(sn->id_str) + strlen(sn->name);
         if (size > MAX_SNAPSHOTS_SIZE) {
             return vd_error_set(err, -EFBIG, "%s: the snapshot table would "
                                 "exceed 64 MiB", s->filename);
         }
+    }
+    *out = size;
+    return 0;
+}
+
+static int build_table(qcow2_state *s, uint8_t **out, uint64_t *len,
+                       vd_error *err)
+{
+    uint64_t size = 0, pos = 0;
+    uint8_t *buf;
+    int ret = table_bytes(s, -1, &size, err);
+
+    if (ret < 0) {
+        return ret;
     }
     buf = calloc(1, size ? size : 1);
     if (!buf) {
@@ -634,6 +652,24 @@ uint64_t qcow2_vm_state_offset(const qcow2_state *s)
     return (s->size + per_l1 - 1) / per_l1 * per_l1;
 }
 
+/* The file's length before goto and delete (and their dry runs) change
+ * anything, or a negative errno: a corrupt image is refused. */
+static int64_t changeable_file_length(qcow2_state *s, vd_error *err)
+{
+    int64_t flen;
+
+    if (s->corrupt) {
+        return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
+                            s->filename);
+    }
+    flen = vd_node_getlength(s->file->node);
+    if (flen < 0) {
+        return vd_error_set_errno(err, (int)flen, "%s: cannot get the file "
+                                  "length", s->filename);
+    }
+    return flen;
+}
+
 /* ---- create ------------------------------------------------------------ */
 
 /* QEMU's find_new_snapshot_id(): one more than the largest numeric id. */
@@ -830,14 +866,9 @@ int qcow2_snapshot_goto(vd_node *node, const char *id, vd_error *err)
         /* No message: the caller words "not found" as qemu-img does. */
         return -ENOENT;
     }
-    if (s->corrupt) {
-        return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
-                            s->filename);
-    }
-    flen = vd_node_getlength(s->file->node);
+    flen = changeable_file_length(s, err);
     if (flen < 0) {
-        return vd_error_set_errno(err, (int)flen, "%s: cannot get the file "
-                                  "length", s->filename);
+        return (int)flen;
     }
     pthread_mutex_lock(&s->lock);
     sn = &s->snapshots[idx];
@@ -957,14 +988,9 @@ int qcow2_snapshot_delete(vd_node *node, const char *id, const char *name,
     if (idx < 0) {
         return vd_error_set(err, -ENOENT, "Can't find the snapshot");
     }
-    if (s->corrupt) {
-        return vd_error_set(err, -EIO, "%s: image is corrupt; writes refused",
-                            s->filename);
-    }
-    flen = vd_node_getlength(s->file->node);
+    flen = changeable_file_length(s, err);
     if (flen < 0) {
-        return vd_error_set_errno(err, (int)flen, "%s: cannot get the file "
-                                  "length", s->filename);
+        return (int)flen;
     }
     pthread_mutex_lock(&s->lock);
     ret = check_snapshot_l1(s, &s->snapshots[idx], (uint64_t)flen, err);
@@ -1027,6 +1053,280 @@ int qcow2_snapshot_delete(vd_node *node, const char *id, const char *name,
 out:
     pthread_mutex_unlock(&s->lock);
     free(l1);
+    return ret;
+}
+
+/* ---- dry runs (vd_snapshot_delete_plan(), vd_snapshot_goto_plan()) ----- */
+
+/* Host cluster indexes, one per reference: a cluster that a tree
+ * references twice is there twice, as walk_refcounts() would count it. */
+typedef struct ref_list {
+    uint64_t *v;
+    size_t n, cap;
+} ref_list;
+
+/* One reference to every cluster touching [offset, offset + bytes). */
+static int ref_add(qcow2_state *s, ref_list *l, uint64_t offset,
+                   uint64_t bytes, vd_error *err)
+{
+    uint64_t first = offset >> s->cluster_bits;
+    uint64_t last = (offset + bytes - 1) >> s->cluster_bits;
+
+    for (uint64_t c = first; c <= last; c++) {
+        if (l->n == l->cap) {
+            size_t cap = l->cap ? l->cap * 2 : 4096;
+            uint64_t *v = realloc(l->v, cap * sizeof(*v));
+            if (!v) {
+                return vd_error_set(err, -ENOMEM, "%s: out of memory",
+                                    s->filename);
+            }
+            l->v = v;
+            l->cap = cap;
+        }
+        l->v[l->n++] = c;
+    }
+    return 0;
+}
+
+/* The references the tree of @l1 holds (what walk_refcounts() adds or
+ * drops): its L2 tables and the host clusters of their entries. */
+static int collect_refs(qcow2_state *s, const uint64_t *l1, uint32_t l1_size,
+                        ref_list *l, vd_error *err)
+{
+    int ret = 0;
+
+    for (uint32_t i = 0; i < l1_size && ret == 0; i++) {
+        uint64_t l2_off = l1[i] & QCOW2_L1E_OFFSET_MASK;
+        void *table;
+
+        if (!l2_off) {
+            continue;
+        }
+        ret = qcow2_cache_get(s, s->l2_cache, l2_off, &table, err);
+        if (ret < 0) {
+            return ret;
+        }
+        for (uint64_t j = 0; j < s->l2_size && ret == 0; j++) {
+            uint64_t e = qcow2_get_l2_entry(s, table, j);
+            uint64_t host = e & QCOW2_L2E_OFFSET_MASK;
+
+            if (e & QCOW2_OFLAG_COMPRESSED) {
+                uint64_t coff, clen;
+                qcow2_parse_compressed(s, e, &coff, &clen);
+                ret = ref_add(s, l, coff, clen, err);
+            } else if (host && s->data_file == s->file) {
+                ret = ref_add(s, l, host, s->cluster_size, err);
+            }
+        }
+        qcow2_cache_put(s->l2_cache, &table);
+        if (ret == 0) {
+            ret = ref_add(s, l, l2_off, s->cluster_size, err);
+        }
+    }
+    return ret;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Bytes of the clusters whose refcount reaches 0 once every reference in
+ * @drop is gone and every one in @add is there (both get sorted). */
+static int count_freed(qcow2_state *s, ref_list *drop, ref_list *add,
+                       uint64_t *freed, vd_error *err)
+{
+    size_t a = 0;
+
+    /* (qsort() must not see the NULL of an empty list.) */
+    if (drop->n) {
+        qsort(drop->v, drop->n, sizeof(uint64_t), cmp_u64);
+    }
+    if (add->n) {
+        qsort(add->v, add->n, sizeof(uint64_t), cmp_u64);
+    }
+    for (size_t i = 0; i < drop->n;) {
+        uint64_t c = drop->v[i], k = 0, plus = 0, rc;
+        int ret;
+
+        while (i < drop->n && drop->v[i] == c) {
+            i++;
+            k++;
+        }
+        while (a < add->n && add->v[a] < c) {
+            a++;
+        }
+        while (a < add->n && add->v[a] == c) {
+            a++;
+            plus++;
+        }
+        ret = qcow2_get_refcount(s, c, &rc, err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (rc + plus <= k) {
+            *freed += s->cluster_size;
+        }
+    }
+    return 0;
+}
+
+/* Guest bytes below @limit whose L2 entries (without COPIED) differ
+ * between the trees of @a and @b. */
+static int count_changed(qcow2_state *s, const uint64_t *a, uint32_t na,
+                         const uint64_t *b, uint32_t nb, uint64_t limit,
+                         uint64_t *changed, vd_error *err)
+{
+    uint64_t per_l2 = s->cluster_size << s->l2_bits;
+    uint8_t *copy = malloc(s->cluster_size);
+    int ret = 0;
+
+    if (!copy) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    for (uint32_t i = 0; i < (na > nb ? na : nb) && ret == 0; i++) {
+        uint64_t ea = i < na ? a[i] & QCOW2_L1E_OFFSET_MASK : 0;
+        uint64_t eb = i < nb ? b[i] & QCOW2_L1E_OFFSET_MASK : 0;
+        uint64_t base = (uint64_t)i * per_l2;
+        void *tb = NULL, *t;
+
+        if (base >= limit) {
+            break;
+        }
+        if (ea == eb) {
+            continue;           /* the same L2 table, or none in both */
+        }
+        memset(copy, 0, s->cluster_size);
+        if (ea) {
+            ret = qcow2_cache_get(s, s->l2_cache, ea, &t, err);
+            if (ret < 0) {
+                break;
+            }
+            memcpy(copy, t, s->cluster_size);
+            qcow2_cache_put(s->l2_cache, &t);
+        }
+        if (eb) {
+            ret = qcow2_cache_get(s, s->l2_cache, eb, &tb, err);
+            if (ret < 0) {
+                break;
+            }
+        }
+        for (uint64_t j = 0; j < s->l2_size; j++) {
+            uint64_t g = base + j * s->cluster_size;
+            uint64_t xa = qcow2_get_l2_entry(s, copy, j);
+            uint64_t xb = tb ? qcow2_get_l2_entry(s, tb, j) : 0;
+            uint64_t ba = qcow2_get_l2_bitmap(s, copy, j);
+            uint64_t bb = tb ? qcow2_get_l2_bitmap(s, tb, j) : 0;
+
+            if (g >= limit) {
+                break;
+            }
+            if ((xa & ~QCOW2_OFLAG_COPIED) != (xb & ~QCOW2_OFLAG_COPIED) ||
+                ba != bb) {
+                *changed += limit - g < s->cluster_size ? limit - g
+                                                        : s->cluster_size;
+            }
+        }
+        if (tb) {
+            qcow2_cache_put(s->l2_cache, &tb);
+        }
+    }
+    free(copy);
+    return ret;
+}
+
+int qcow2_snapshot_plan(vd_node *node, const char *id, const char *name,
+                        bool apply, vd_snapshot_plan *out, vd_error *err)
+{
+    qcow2_state *s = node->opaque;
+    ref_list drop = { 0 }, add = { 0 };
+    const qcow2_snapshot *sn;
+    uint64_t *l1 = NULL;
+    int64_t flen;
+    int idx, ret = usable(s, err);
+
+    if (ret < 0) {
+        return ret;
+    }
+    /* Looked up as goto and delete look it up, refused as they refuse
+     * (their validations, without marking anything corrupt). */
+    idx = apply ? find_snapshot(s, id, NULL) : find_snapshot(s, id, name);
+    if (apply && idx < 0) {
+        idx = find_snapshot(s, NULL, id);
+    }
+    if (idx < 0) {
+        return apply ? -ENOENT
+                     : vd_error_set(err, -ENOENT, "Can't find the snapshot");
+    }
+    flen = changeable_file_length(s, err);
+    if (flen < 0) {
+        return (int)flen;
+    }
+    pthread_mutex_lock(&s->lock);
+    sn = &s->snapshots[idx];
+    out->old_size = out->new_size = s->size;
+    ret = check_snapshot_l1(s, sn, (uint64_t)flen, err);
+    if (ret == 0) {
+        ret = qcow2_validate_metadata(s, err);
+    }
+    if (ret == 0) {
+        ret = read_snapshot_l1(s, sn, sn->l1_size, &l1, err);
+    }
+    if (ret == 0) {
+        ret = qcow2_validate_l1_tree(s, l1, sn->l1_size,
+                                     QCOW2_VALIDATE_SNAPSHOT |
+                                     (apply ? QCOW2_VALIDATE_OVERFLOW : 0),
+                                     err);
+    }
+    if (ret == 0) {
+        ret = qcow2_validate_l1_tree(s, s->l1_table, s->l1_size, 0, err);
+    }
+    if (ret == 0 && apply && sn->disk_size != s->size &&
+        (sn->disk_size > (1ull << 62) ||
+         (sn->disk_size + (s->cluster_size << s->l2_bits) - 1) /
+         (s->cluster_size << s->l2_bits) * 8 > QCOW2_MAX_L1_BYTES)) {
+        ret = vd_error_set(err, -EFBIG, "%s: snapshot '%s' has an invalid "
+                           "disk size 0x%" PRIx64, s->filename, sn->name,
+                           sn->disk_size);
+    }
+    if (ret < 0) {
+        goto out;
+    }
+    ret = collect_refs(s, l1, sn->l1_size, apply ? &add : &drop, err);
+    if (ret == 0 && apply) {
+        /* The active tree loses its references, the snapshot's gains
+         * one each; what the active layer maps differently changes. */
+        out->new_size = sn->disk_size;
+        ret = collect_refs(s, s->l1_table, s->l1_size, &drop, err);
+        if (ret == 0) {
+            ret = count_changed(s, s->l1_table, s->l1_size, l1, sn->l1_size,
+                                s->size > sn->disk_size ? s->size
+                                                        : sn->disk_size,
+                                &out->changed, err);
+        }
+    } else if (ret == 0 && sn->l1_size) {
+        /* Deleting also frees the snapshot's L1 table... */
+        ret = ref_add(s, &drop, sn->l1_table_offset,
+                      (uint64_t)sn->l1_size * 8, err);
+    }
+    if (ret == 0) {
+        ret = count_freed(s, &drop, &add, &out->freed, err);
+    }
+    if (ret == 0 && !apply) {
+        /* ...and rewrites the snapshot table without the entry. */
+        uint64_t now = qcow2_size_to_clusters(s, s->snapshots_size), later;
+        ret = table_bytes(s, idx, &later, err);
+        later = qcow2_size_to_clusters(s, later);
+        if (ret == 0 && now > later) {
+            out->freed += (now - later) << s->cluster_bits;
+        }
+    }
+out:
+    pthread_mutex_unlock(&s->lock);
+    free(l1);
+    free(drop.v);
+    free(add.v);
     return ret;
 }
 
