@@ -253,7 +253,7 @@ out:
         cli_report_vd_error(&err, -EIO, filename);
         ret = 1;
     }
-    if (ret == 0 && json && !quiet) {
+    if (ret == 0 && json && !quiet && !dry) {
         json_object *o = json_object_new_object();
 
         json_object_object_add(o, "image", json_object_new_string(filename));

@@ -319,7 +319,7 @@ static int single(int action, char *name, const char *filename,
         cli_report_vd_error(&err, -EIO, filename);
         ret = 1;
     }
-    if (ret == 0 && json && action != ACT_LIST) {
+    if (ret == 0 && json && action != ACT_LIST && !dry) {
         static const char *const names[] = { "", "list", "apply", "create",
                                              "delete" };
         json_object *o = json_object_new_object();

@@ -33,8 +33,12 @@ expect()
     [ "$got" = "$want" ] || fail "completing '$*': got '$got', want '$want'"
 }
 
-# Subcommands by prefix; "help" is one too.
-expect "commit compare convert" "$VDISK" co
+# Subcommands by prefix ("help" is one too), against the commands
+# `vdisk --help` lists.
+co=$("$VDISK" --help | sed -n '/^Command syntax:/,/^$/s/^  \(co[a-z-]*\) .*/\1/p' |
+     sort -u | paste -sd' ')
+case " $co " in *" commit "*" convert "*) ;; *) fail "no co* commands in vdisk --help: '$co'" ;; esac
+expect "$co" "$VDISK" co
 expect "diff" "$VDISK" dif
 expect "help" "$VDISK" hel
 expect "--help --version" "$VDISK" --
