@@ -75,12 +75,15 @@ int cli_getopt(const char *name, int argc, char **argv);
  * The options many commands share, described once: each means the same
  * wherever it appears, so cli_getopt_common() parses it and the
  * command's switch keeps only its own options. A command takes only the
- * options of its cli_commands[] row; the others here stay at their zero
- * value. An option whose handling differs in some command is left to that
- * command through @skip: compare's bad --output exits 2 (every other bad
- * option 1), so compare keeps its --output case. -h here is qemu-img's
+ * options of its cli_commands[] row; a field keeps the command's initial
+ * value (create's "raw", info's open flags) until an option sets it, and
+ * -U ORs into the flags. An option whose handling differs in some command
+ * is left to that command through @skip: compare's bad --output exits 2
+ * (every other bad option 1), so compare keeps its --output case.
+ * -h here is qemu-img's
  * whole help (vdisk's command help is cli_getopt()'s), -q and -p just set
- * their flag (what quiet or progress means is the command's).
+ * their flag (what quiet or progress means is the command's). bench, io
+ * and serve keep their own loops: their messages and -h are their own.
  */
 enum {
     CLI_COMMON_OUTPUT = 1u << 0,    /* --output=human|json */
