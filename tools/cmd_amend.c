@@ -164,22 +164,19 @@ static int dry_run(vd_node *node, const vd_opts *opts, bool force,
 
 int cmd_amend(int argc, char **argv)
 {
-    const char *fmt = NULL, *filename = NULL, *cache = NULL;
+    cli_common co = { 0 };
+    const char *filename = NULL, *cache = NULL;
     char *options = NULL;
-    bool progress = false, quiet = false, force = false, image_opts = false;
-    bool dry = false, json = false;
+    bool force = false;
+    bool dry = false;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL, *open_opts = NULL;
     vd_node *node = NULL;
     cli_progress prog = { 0 };
     int ch, ret = 1;
 
-    while ((ch = cli_getopt("amend", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("amend", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            free(options);
-            return 0;
         case 'o':
             if (!options) {
                 options = strdup(optarg);
@@ -196,31 +193,14 @@ int cmd_amend(int argc, char **argv)
                 return 1;
             }
             break;
-        case 'f':
-            fmt = optarg;
-            break;
         case 't':
             cache = optarg;
-            break;
-        case 'p':
-            progress = true;
-            break;
-        case 'q':
-            quiet = true;
             break;
         case OPT_FORCE:
             force = true;
             break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         case OPT_DRY_RUN:
             dry = true;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                goto out;
-            }
             break;
         default:
             goto out;
@@ -230,13 +210,13 @@ int cmd_amend(int argc, char **argv)
         cli_error_hint("Must specify options (-o)");
         goto out;
     }
-    if (quiet || dry) {
-        progress = false;
+    if (co.quiet || dry) {
+        co.progress = false;
     }
-    cli_progress_init(&prog, progress, 1.0f);
+    cli_progress_init(&prog, co.progress, 1.0f);
     filename = optind == argc - 1 ? argv[argc - 1] : NULL;
-    if (fmt && cli_has_help_option(options)) {
-        ret = print_amend_help(fmt);
+    if (co.fmt && cli_has_help_option(options)) {
+        ret = print_amend_help(co.fmt);
         goto out;
     }
     if (optind != argc - 1) {
@@ -251,14 +231,14 @@ int cmd_amend(int argc, char **argv)
         }
     }
     /* A dry run opens read-only: no lock upgrade, no dirty bit. */
-    node = cli_open_image(filename, fmt, image_opts, dry ? 0 : VD_O_RDWR,
+    node = cli_open_image(filename, co.fmt, co.image_opts, dry ? 0 : VD_O_RDWR,
                           open_opts);
     if (!node) {
         goto out;
     }
-    fmt = vd_node_format(node);
+    co.fmt = vd_node_format(node);
     if (cli_has_help_option(options)) {
-        ret = print_amend_help(fmt);
+        ret = print_amend_help(co.fmt);
         goto out;
     }
     opts = vd_opts_new();
@@ -267,24 +247,24 @@ int cmd_amend(int argc, char **argv)
         goto out;
     }
     if (dry) {
-        ret = dry_run(node, opts, force, filename, json);
+        ret = dry_run(node, opts, force, filename, co.json);
         goto out;
     }
     if (vd_amend(node, opts, force, prog.enabled ? on_progress : NULL, &prog,
                  &err) < 0) {
-        report_amend_error(&err, filename, fmt);
+        report_amend_error(&err, filename, co.fmt);
         goto out;
     }
     if (cli_progress_machine()) {
         cli_progress_print(&prog, 100);
     }
-    if (json && !quiet) {
+    if (co.json && !co.quiet) {
         /* What was asked and applied, as given (docs/json.md). */
         json_object *o = json_object_new_object();
         json_object *set = json_object_new_object();
 
         json_object_object_add(o, "image", json_object_new_string(filename));
-        json_object_object_add(o, "format", json_object_new_string(fmt));
+        json_object_object_add(o, "format", json_object_new_string(co.fmt));
         for (size_t i = 0; i < vd_opts_count(opts); i++) {
             const char *k, *v;
 

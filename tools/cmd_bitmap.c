@@ -61,8 +61,9 @@ static int run_action(const bitmap_act *a, vd_node *node, vd_node *src,
 
 int cmd_bitmap(int argc, char **argv)
 {
-    const char *fmt = NULL, *src_file = NULL, *src_fmt = NULL;
-    bool image_opts = false, add = false, merge = false, json = false;
+    cli_common co = { 0 };
+    const char *src_file = NULL, *src_fmt = NULL;
+    bool add = false, merge = false;
     uint64_t granularity = 0;
     bitmap_act *acts = NULL;
     size_t nacts = 0;
@@ -70,32 +71,17 @@ int cmd_bitmap(int argc, char **argv)
     vd_error err = VD_ERROR_INIT;
     int ch, ret = 1;
 
-    while ((ch = cli_getopt("bitmap", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("bitmap", argc, argv, &co)) != -1) {
         bitmap_act a = { 0, NULL };
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            free(acts);
-            return 0;
         case 'b':
             src_file = optarg;
-            continue;
-        case 'f':
-            fmt = optarg;
             continue;
         case 'F':
             src_fmt = optarg;
             continue;
         case 'g':
             if (cli_cvtnum("granularity", optarg, &granularity) < 0) {
-                goto out;
-            }
-            continue;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            continue;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
                 goto out;
             }
             continue;
@@ -155,7 +141,7 @@ int cmd_bitmap(int argc, char **argv)
     }
 
     /* The bitmaps are the image's own: no backing chain is needed. */
-    node = cli_open_image(argv[optind], fmt, image_opts,
+    node = cli_open_image(argv[optind], co.fmt, co.image_opts,
                           VD_O_RDWR | VD_O_NO_BACKING, NULL);
     if (!node) {
         goto out;
@@ -189,7 +175,7 @@ out:
             ret = 1;
         }
     }
-    if (ret == 0 && json) {
+    if (ret == 0 && co.json) {
         json_object *o = json_object_new_object();
         json_object *list = json_object_new_array();
 

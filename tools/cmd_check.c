@@ -82,25 +82,19 @@ static void dump_human(const vd_check_result *r, bool quiet)
 
 int cmd_check(int argc, char **argv)
 {
-    const char *fmt = NULL, *filename;
-    unsigned flags = VD_O_CHECK, fix = 0;
-    bool json = false, quiet = false, image_opts = false;
+    cli_common co = { .flags = VD_O_CHECK };
+    const char *filename;
+    unsigned fix = 0;
     vd_check_result res;
     vd_error err = VD_ERROR_INIT;
     vd_node *node;
     cli_progress prog;
     int ch, ret;
 
-    while ((ch = cli_getopt("check", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("check", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
         case 'r':
-            flags |= VD_O_RDWR;
+            co.flags |= VD_O_RDWR;
             if (strcmp(optarg, "leaks") == 0) {
                 fix = VD_CHECK_FIX_LEAKS;
             } else if (strcmp(optarg, "all") == 0) {
@@ -113,20 +107,6 @@ int cmd_check(int argc, char **argv)
             break;
         case 'T':
             break;
-        case 'q':
-            quiet = true;
-            break;
-        case 'U':
-            flags |= VD_O_FORCE_SHARE;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                return 1;
-            }
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         default:
             return 1;
         }
@@ -137,7 +117,7 @@ int cmd_check(int argc, char **argv)
     }
     filename = argv[optind];
 
-    node = cli_open_image(filename, fmt, image_opts, flags, NULL);
+    node = cli_open_image(filename, co.fmt, co.image_opts, co.flags, NULL);
     if (!node) {
         return 1;
     }
@@ -155,11 +135,11 @@ int cmd_check(int argc, char **argv)
     if (ret == 0 && (res.corruptions_fixed || res.leaks_fixed)) {
         int64_t cf = res.corruptions_fixed, lf = res.leaks_fixed;
 
-        if (!json) {
-            cli_qprintf(quiet, "The following inconsistencies were found and "
-                        "repaired:\n\n    %" PRId64 " leaked clusters\n    %"
-                        PRId64 " corruptions\n\nDouble checking the fixed "
-                        "image now...\n", lf, cf);
+        if (!co.json) {
+            cli_qprintf(co.quiet, "The following inconsistencies were found "
+                        "and repaired:\n\n    %" PRId64 " leaked clusters\n"
+                        "    %" PRId64 " corruptions\n\nDouble checking the "
+                        "fixed image now...\n", lf, cf);
         }
         memset(&res, 0, sizeof(res));
         cli_progress_print(&prog, 50);
@@ -172,10 +152,10 @@ int cmd_check(int argc, char **argv)
     }
     cli_progress_end(&prog);
     if (ret == 0) {
-        if (json) {
-            dump_json(filename, vd_node_format(node), &res, quiet);
+        if (co.json) {
+            dump_json(filename, vd_node_format(node), &res, co.quiet);
         } else {
-            dump_human(&res, quiet);
+            dump_human(&res, co.quiet);
         }
     }
     if (ret < 0 || res.check_errors) {

@@ -159,9 +159,9 @@ static int dry_run(vd_node *top, vd_node *base, const char *filename,
 
 int cmd_commit(int argc, char **argv)
 {
-    const char *fmt = NULL, *cache = "writeback", *base = NULL, *filename;
-    bool quiet = false, progress = false, keep = false, image_opts = false;
-    bool dry = false, json = false;
+    cli_common co = { 0 };
+    const char *cache = "writeback", *base = NULL, *filename;
+    bool keep = false, dry = false;
     char *base_name = NULL;
     uint64_t rate = 0;
     vd_error err = VD_ERROR_INIT;
@@ -170,14 +170,8 @@ int cmd_commit(int argc, char **argv)
     cli_progress prog;
     int ch, ret = 1, r;
 
-    while ((ch = cli_getopt("commit", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("commit", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
         case 't':
             cache = optarg;
             break;
@@ -195,29 +189,15 @@ int cmd_commit(int argc, char **argv)
                 return 1;
             }
             break;
-        case 'p':
-            progress = true;
-            break;
-        case 'q':
-            quiet = true;
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         case OPT_DRY_RUN:
             dry = true;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                return 1;
-            }
             break;
         default:
             return 1;
         }
     }
-    if (quiet) {
-        progress = false;
+    if (co.quiet) {
+        co.progress = false;
     }
     if (optind != argc - 1) {
         cli_error_hint("Expecting one image file name");
@@ -233,14 +213,14 @@ int cmd_commit(int argc, char **argv)
     }
     /* A dry run opens everything read-only: no lock upgrade, no dirty
      * bit, no header rewrite. */
-    top = cli_open_image(filename, fmt, image_opts, dry ? 0 : VD_O_RDWR,
+    top = cli_open_image(filename, co.fmt, co.image_opts, dry ? 0 : VD_O_RDWR,
                          opts);
     vd_opts_free(&opts);
     if (!top) {
         return 1;
     }
 
-    cli_progress_init(&prog, progress, 1.0f);
+    cli_progress_init(&prog, co.progress, 1.0f);
     if (base) {
         base_node = find_backing_image(top, base);
         if (!base_node) {
@@ -258,7 +238,7 @@ int cmd_commit(int argc, char **argv)
         }
     }
     if (dry) {
-        ret = dry_run(top, base_node, filename, keep, json, &prog);
+        ret = dry_run(top, base_node, filename, keep, co.json, &prog);
         vd_close(&top, NULL);
         return ret;
     }
@@ -283,7 +263,7 @@ out:
         cli_report_vd_error(&err, -EIO, filename);
         ret = 1;
     }
-    if (ret == 0 && json && !quiet) {
+    if (ret == 0 && co.json && !co.quiet) {
         json_object *o = json_object_new_object();
 
         json_object_object_add(o, "image", json_object_new_string(filename));
@@ -295,7 +275,7 @@ out:
                                    (int64_t)rate));
         cli_print_json(o);
     } else if (ret == 0) {
-        cli_qprintf(quiet, "Image committed.\n");
+        cli_qprintf(co.quiet, "Image committed.\n");
     }
     free(base_name);
     return ret;

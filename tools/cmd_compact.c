@@ -83,8 +83,8 @@ static void compact_error(vd_node *node, const vd_error *err)
 
 int cmd_compact(int argc, char **argv)
 {
-    const char *fmt = NULL, *filename;
-    bool json = false, image_opts = false, quiet = false, progress = false;
+    cli_common co = { 0 };
+    const char *filename;
     bool dry_run = false;
     vd_compact_opts opts = { 0 };
     vd_compact_result res;
@@ -93,28 +93,8 @@ int cmd_compact(int argc, char **argv)
     vd_node *node;
     int ch, ret = 1;
 
-    while ((ch = cli_getopt("compact", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("compact", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'q':
-            quiet = true;
-            break;
-        case 'p':
-            progress = true;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                return 1;
-            }
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         case OPT_COMPACT_DRY_RUN:
             dry_run = true;
             break;
@@ -129,7 +109,7 @@ int cmd_compact(int argc, char **argv)
     filename = argv[optind];
 
     /* The plan, read-only: nothing is written when it refuses. */
-    node = cli_open_image(filename, fmt, image_opts,
+    node = cli_open_image(filename, co.fmt, co.image_opts,
                           VD_O_NO_BACKING | VD_O_NO_BITMAPS, NULL);
     if (!node) {
         return 1;
@@ -139,15 +119,15 @@ int cmd_compact(int argc, char **argv)
         compact_error(node, &err);
         goto out;
     }
-    exact_sizes(filename, image_opts, &res, false);
+    exact_sizes(filename, co.image_opts, &res, false);
     if (dry_run) {
-        report(&res, json, true, quiet);
+        report(&res, co.json, true, co.quiet);
         ret = 0;
         goto out;
     }
     vd_close(&node, NULL);
 
-    node = cli_open_image(filename, fmt, image_opts,
+    node = cli_open_image(filename, co.fmt, co.image_opts,
                           VD_O_RDWR | VD_O_NO_BACKING | VD_O_NO_BITMAPS,
                           NULL);
     if (!node) {
@@ -155,7 +135,7 @@ int cmd_compact(int argc, char **argv)
     }
     uint64_t original = res.original_size;
     opts.dry_run = false;
-    cli_progress_init(&prog, progress && !quiet, 1.0);
+    cli_progress_init(&prog, co.progress && !co.quiet, 1.0);
     ret = vd_compact(node, &opts, progress_cb, &prog, &res, &err);
     cli_progress_end(&prog);
     if (ret < 0) {
@@ -169,10 +149,10 @@ int cmd_compact(int argc, char **argv)
         ret = 1;
         goto out;
     }
-    exact_sizes(filename, image_opts, &res, false);
+    exact_sizes(filename, co.image_opts, &res, false);
     res.original_size = original;
-    exact_sizes(filename, image_opts, &res, true);
-    report(&res, json, false, quiet);
+    exact_sizes(filename, co.image_opts, &res, true);
+    report(&res, co.json, false, co.quiet);
     ret = 0;
 out:
     fflush(stdout);

@@ -104,10 +104,9 @@ static int block_status(vd_node *node, uint64_t offset, uint64_t len,
 
 int cmd_compare(int argc, char **argv)
 {
-    const char *fmt1 = NULL, *fmt2 = NULL, *file1, *file2;
-    bool quiet = false, strict = false, progress = false;
-    bool image_opts = false, json = false;
-    unsigned flags = 0;
+    cli_common co = { .skip = CLI_COMMON_OUTPUT };
+    const char *fmt2 = NULL, *file1, *file2;
+    bool strict = false, json = false;
     vd_node *n1 = NULL, *n2 = NULL;
     uint8_t *buf1 = NULL, *buf2 = NULL;
     int64_t size1 = -1, size2 = -1;
@@ -115,33 +114,15 @@ int cmd_compare(int argc, char **argv)
     cli_progress prog;
     int ch, ret;
 
-    while ((ch = cli_getopt("compare", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("compare", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt1 = optarg;
-            break;
         case 'F':
             fmt2 = optarg;
             break;
         case 'T':
             break;
-        case 'p':
-            progress = true;
-            break;
-        case 'q':
-            quiet = true;
-            break;
         case 's':
             strict = true;
-            break;
-        case 'U':
-            flags |= VD_O_FORCE_SHARE;
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
             break;
         case OPT_OUTPUT:
             if (cli_parse_output(optarg, &json) < 0) {
@@ -152,8 +133,8 @@ int cmd_compare(int argc, char **argv)
             return 1;
         }
     }
-    if (quiet) {
-        progress = false;
+    if (co.quiet) {
+        co.progress = false;
     }
     if (optind != argc - 2) {
         cli_error_hint("Expecting two image file names");
@@ -161,15 +142,15 @@ int cmd_compare(int argc, char **argv)
     }
     file1 = argv[optind];
     file2 = argv[optind + 1];
-    verdict v = { json, quiet, NULL, -1, false };
+    verdict v = { json, co.quiet, NULL, -1, false };
 
-    cli_progress_init(&prog, progress, 2.0f);
+    cli_progress_init(&prog, co.progress, 2.0f);
     ret = 2;
-    n1 = cli_open_image(file1, fmt1, image_opts, flags, NULL);
+    n1 = cli_open_image(file1, co.fmt, co.image_opts, co.flags, NULL);
     if (!n1) {
         goto out;
     }
-    n2 = cli_open_image(file2, fmt2, image_opts, flags, NULL);
+    n2 = cli_open_image(file2, fmt2, co.image_opts, co.flags, NULL);
     if (!n2) {
         goto out;
     }
@@ -194,7 +175,7 @@ int cmd_compare(int argc, char **argv)
         ret = 1;
         v.result = "size-mismatch";
         v.size_mismatch = true;
-        cli_qprintf(quiet || json, "Strict mode: Image size mismatch!\n");
+        cli_qprintf(co.quiet || json, "Strict mode: Image size mismatch!\n");
         goto out;
     }
 
@@ -220,7 +201,7 @@ int cmd_compare(int argc, char **argv)
             ret = 1;
             v.result = "block-status-mismatch";
             v.offset = (int64_t)offset;
-            cli_qprintf(quiet || json, "Strict mode: Offset %" PRIu64
+            cli_qprintf(co.quiet || json, "Strict mode: Offset %" PRIu64
                         " block status mismatch!\n", offset);
             goto out;
         }
@@ -274,7 +255,7 @@ int cmd_compare(int argc, char **argv)
         uint64_t over_size = (uint64_t)(size1 > size2 ? size1 : size2);
 
         v.size_mismatch = true;
-        cli_qprintf(quiet || json, "Warning: Image size mismatch!\n");
+        cli_qprintf(co.quiet || json, "Warning: Image size mismatch!\n");
         for (offset = total; offset < over_size;) {
             vd_extent e;
             uint64_t chunk;
@@ -297,7 +278,7 @@ int cmd_compare(int argc, char **argv)
             offset += chunk;
         }
     }
-    cli_qprintf(quiet || json, "Images are identical.\n");
+    cli_qprintf(co.quiet || json, "Images are identical.\n");
     v.result = "identical";
     ret = 0;
     if (cli_progress_machine()) {
@@ -307,7 +288,7 @@ int cmd_compare(int argc, char **argv)
     }
 out:
     cli_progress_end(&prog);
-    if (json && !quiet && v.result) {
+    if (json && !co.quiet && v.result) {
         json_object *o = json_object_new_object();
 
         json_object_object_add(o, "identical",

@@ -810,17 +810,17 @@ static void print_summary(const convert_state *s, const char *out_name,
 
 int cmd_convert(int argc, char **argv)
 {
-    const char *fmt = NULL, *out_fmt = "raw", *cache = "unsafe";
+    cli_common co = { 0 };
+    const char *out_fmt = "raw", *cache = "unsafe";
     const char *src_cache = NULL, *out_name = NULL;
     const char *out_base = NULL, *out_base_fmt = NULL;
     const char *out_base_param = NULL;   /* -B or -o backing_file */
     bool explicit_sparse = false;
     char *options = NULL;
-    bool progress = false, quiet = false, skip_create = false;
+    bool skip_create = false;
     bool target_is_zero = false, out_of_order = false;
-    bool image_opts = false, target_image_opts = false, out_fmt_given = false;
-    bool bitmaps = false, skip_broken = false, json = false;
-    unsigned src_flags = 0;
+    bool target_image_opts = false, out_fmt_given = false;
+    bool bitmaps = false, skip_broken = false;
     const char *sn_name = NULL;   /* -s NAME or -l NAME: id, then name */
     vd_opts *sn_opts = NULL;      /* -l snapshot.id=...,snapshot.name=... */
     uint64_t min_sparse = 8 * SECTOR, nthreads = 8;
@@ -831,14 +831,8 @@ int cmd_convert(int argc, char **argv)
     int ch, ret = 1;
 
     memset(&s, 0, sizeof(s));
-    while ((ch = cli_getopt("convert", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("convert", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
         case 'O':
             out_fmt = optarg;
             out_fmt_given = true;
@@ -889,22 +883,11 @@ int cmd_convert(int argc, char **argv)
         case OPT_SKIP_BROKEN_BITMAPS:
             skip_broken = true;
             break;
-        case 'p':
-            progress = true;
-            break;
         case 't':
             cache = optarg;
             break;
         case 'T':
             src_cache = optarg;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                goto out;
-            }
-            break;
-        case 'q':
-            quiet = true;
             break;
         case 'n':
             skip_create = true;
@@ -923,9 +906,6 @@ int cmd_convert(int argc, char **argv)
         }
         case 'W':
             out_of_order = true;
-            break;
-        case 'U':
-            src_flags |= VD_O_FORCE_SHARE;
             break;
         case 'c':
             s.compressed = true;
@@ -955,9 +935,6 @@ int cmd_convert(int argc, char **argv)
         case OPT_TARGET_IS_ZERO:
             target_is_zero = true;
             break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         case OPT_TARGET_IMAGE_OPTS:
             target_image_opts = true;
             break;
@@ -965,10 +942,10 @@ int cmd_convert(int argc, char **argv)
             goto out;
         }
     }
-    if (quiet) {
-        progress = false;
+    if (co.quiet) {
+        co.progress = false;
     }
-    s.quiet = quiet;
+    s.quiet = co.quiet;
 
     /* Checked in qemu-img 7.2's order, so that the first complaint is
      * the same one. */
@@ -1034,8 +1011,8 @@ int cmd_convert(int argc, char **argv)
     }
     for (int i = 0; i < s.nsrc; i++) {
         s.src_names[i] = argv[optind + i];
-        s.src[i] = cli_open_image(s.src_names[i], fmt, image_opts, src_flags,
-                                  sopts);
+        s.src[i] = cli_open_image(s.src_names[i], co.fmt, co.image_opts,
+                                  co.flags, sopts);
         if (!s.src[i]) {
             goto out;
         }
@@ -1323,7 +1300,7 @@ int cmd_convert(int argc, char **argv)
     s.in_order = !out_of_order;
     pthread_mutex_init(&s.rate_lock, NULL);
     clock_gettime(CLOCK_MONOTONIC, &s.rate_last);
-    cli_progress_init(&s.progress, progress, 1.0f);
+    cli_progress_init(&s.progress, co.progress, 1.0f);
     /* As qemu-img, the whole source is walked once before the copy (for
      * the progress total): block status errors show up before anything
      * is written, and --salvage warns about them in both walks. */
@@ -1359,7 +1336,7 @@ out:
             ret = 1;
         }
     }
-    if (ret == 0 && json && !quiet) {
+    if (ret == 0 && co.json && !co.quiet) {
         print_summary(&s, out_name, out_fmt, skip_create, bitmaps);
     }
     for (int i = 0; s.src && i < s.nsrc; i++) {

@@ -304,9 +304,10 @@ static char *full_backing_name(const char *filename, const char *backing)
 
 int cmd_create(int argc, char **argv)
 {
-    const char *fmt = "raw", *base = NULL, *base_fmt = NULL;
+    cli_common co = { .fmt = "raw" };
+    const char *base = NULL, *base_fmt = NULL;
     char *options = NULL;
-    bool quiet = false, unsafe = false, json = false;
+    bool unsafe = false;
     const char *filename;
     uint64_t img_size = UINT64_MAX;
     const vd_create_option *list;
@@ -314,19 +315,13 @@ int cmd_create(int argc, char **argv)
     vd_error err = VD_ERROR_INIT;
     int ch, ret = 1;
 
-    while ((ch = cli_getopt("create", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("create", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
         case 'F':
             base_fmt = optarg;
             break;
         case 'b':
             base = optarg;
-            break;
-        case 'f':
-            fmt = optarg;
             break;
         case 'o': {
             char *joined;
@@ -342,16 +337,8 @@ int cmd_create(int argc, char **argv)
             }
             break;
         }
-        case 'q':
-            quiet = true;
-            break;
         case 'u':
             unsafe = true;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                goto out;
-            }
             break;
         default:
             goto out;
@@ -359,7 +346,8 @@ int cmd_create(int argc, char **argv)
     }
 
     if (options && cli_has_help_option(options)) {
-        ret = cli_print_create_help(optind < argc ? argv[optind] : NULL, fmt);
+        ret = cli_print_create_help(optind < argc ? argv[optind] : NULL,
+                                    co.fmt);
         goto out;
     }
     if (optind >= argc) {
@@ -377,16 +365,16 @@ int cmd_create(int argc, char **argv)
         goto out;
     }
 
-    if (!vd_create_options(fmt)) {
-        if (!cli_report_unsupported_format(filename, fmt)) {
-            cli_error("%s: Unknown file format '%s'", filename, fmt);
+    if (!vd_create_options(co.fmt)) {
+        if (!cli_report_unsupported_format(filename, co.fmt)) {
+            cli_error("%s: Unknown file format '%s'", filename, co.fmt);
         }
         goto out;
     }
     /* The protocol is checked before anything is formatted, as qemu-img
      * does: "Unknown protocol 'P'", "Protocol driver 'http' does not
      * support image creation". */
-    list = vd_create_options_for(fmt, filename, &err);
+    list = vd_create_options_for(co.fmt, filename, &err);
     if (!list) {
         cli_error("%s: %s", filename, err.message);
         goto out;
@@ -428,7 +416,7 @@ int cmd_create(int argc, char **argv)
     if (base) {
         if (!find_opt(list, "backing_file")) {
             cli_error("%s: Backing file not supported for file format '%s'",
-                      filename, fmt);
+                      filename, co.fmt);
             goto out;
         }
         vd_opts_set(opts, "backing_file", base);
@@ -436,7 +424,7 @@ int cmd_create(int argc, char **argv)
     if (base_fmt) {
         if (!find_opt(list, "backing_fmt")) {
             cli_error("%s: Backing file format not supported for file "
-                      "format '%s'", filename, fmt);
+                      "format '%s'", filename, co.fmt);
             goto out;
         }
         vd_opts_set(opts, "backing_fmt", base_fmt);
@@ -494,18 +482,18 @@ int cmd_create(int argc, char **argv)
         goto out;
     }
 
-    if (!quiet && !json) {
-        print_formatting(filename, fmt, list, opts);
+    if (!co.quiet && !co.json) {
+        print_formatting(filename, co.fmt, list, opts);
     }
     vd_error_clear(&err);
-    ret = vd_create(filename, fmt, opts, &err);
+    ret = vd_create(filename, co.fmt, opts, &err);
     if (ret < 0) {
         const char *msg = err.message[0] ? err.message : strerror(-ret);
 
         if (ret == -EFBIG) {
             /* qemu-img's bdrv_img_create() words every EFBIG this way. */
             cli_error("%s: The image size is too large for file format "
-                      "'%s'%s", filename, fmt,
+                      "'%s'%s", filename, co.fmt,
                       find_opt(list, "cluster_size")
                       ? " (try using a larger cluster size)" : "");
         } else {
@@ -515,8 +503,8 @@ int cmd_create(int argc, char **argv)
         ret = 1;
         goto out;
     }
-    if (json && !quiet) {
-        cli_print_json(formatting_json(filename, fmt, list, opts));
+    if (co.json && !co.quiet) {
+        cli_print_json(formatting_json(filename, co.fmt, list, opts));
     }
     ret = 0;
 out:

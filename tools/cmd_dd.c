@@ -19,14 +19,13 @@
 
 int cmd_dd(int argc, char **argv)
 {
-    const char *fmt = NULL, *out_fmt = "raw";
+    cli_common co = { 0 };
+    const char *out_fmt = "raw";
     const char *in_name = NULL, *out_name = NULL;
     uint64_t bs = 512, count = 0, skip = 0;
-    bool has_count = false, has_skip = false, image_opts = false;
-    bool json = false;
+    bool has_count = false, has_skip = false;
     cli_progress prog = { 0 };
     int64_t start_pos;
-    unsigned in_flags = 0;
     vd_node *in = NULL, *out = NULL;
     vd_opts *opts = NULL;
     vd_error err = VD_ERROR_INIT;
@@ -34,27 +33,10 @@ int cmd_dd(int argc, char **argv)
     int64_t size, in_pos, out_pos = 0;
     int ch, ret = 1;
 
-    while ((ch = cli_getopt("dd", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("dd", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
         case 'O':
             out_fmt = optarg;
-            break;
-        case 'U':
-            in_flags |= VD_O_FORCE_SHARE;
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                return 1;
-            }
             break;
         default:
             return 1;
@@ -107,7 +89,7 @@ int cmd_dd(int argc, char **argv)
 
     /* --image-opts is for the input only: qemu-img creates and opens
      * the output by name. */
-    in = cli_open_image(in_name, fmt, image_opts, in_flags, NULL);
+    in = cli_open_image(in_name, co.fmt, co.image_opts, co.flags, NULL);
     if (!in) {
         return 1;
     }
@@ -198,7 +180,7 @@ out:
             ret = 1;
         }
     }
-    if (ret == 0 && json) {
+    if (ret == 0 && co.json) {
         json_object *o = json_object_new_object();
 
         json_object_object_add(o, "input", json_object_new_string(in_name));

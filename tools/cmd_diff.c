@@ -213,32 +213,15 @@ static int load_snapshot(vd_node *node, const char *name)
 
 int cmd_diff(int argc, char **argv)
 {
-    const char *fmt = NULL, *bitmap = NULL;
-    bool json = false, image_opts = false, exact = false;
-    unsigned flags = 0;
+    cli_common co = { 0 };
+    const char *bitmap = NULL;
+    bool exact = false;
     vd_node *a = NULL, *b = NULL;
     diff_out o;
     int ch, nargs, ret = 1;
 
-    while ((ch = cli_getopt("diff", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("diff", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'U':
-            flags |= VD_O_FORCE_SHARE;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                return 1;
-            }
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         case OPT_DIFF_EXACT:
             exact = true;
             break;
@@ -261,12 +244,12 @@ int cmd_diff(int argc, char **argv)
         return 1;
     }
 
-    a = cli_open_image(argv[optind], fmt, image_opts, flags, NULL);
+    a = cli_open_image(argv[optind], co.fmt, co.image_opts, co.flags, NULL);
     if (!a) {
         return 1;
     }
     memset(&o, 0, sizeof(o));
-    o.json = json;
+    o.json = co.json;
     if (bitmap) {
         if (!vd_bitmap_find(a, bitmap)) {
             cli_error("Dirty bitmap '%s' not found", bitmap);
@@ -277,7 +260,8 @@ int cmd_diff(int argc, char **argv)
     if (nargs == 3 || diff_view_has_snapshot(a, argv[optind + 1])) {
         /* IMAGE SNAP_A [SNAP_B]: the same image opened again, read-only
          * as a snapshot view must be. */
-        b = cli_open_image(argv[optind], fmt, image_opts, flags, NULL);
+        b = cli_open_image(argv[optind], co.fmt, co.image_opts, co.flags,
+                           NULL);
         if (!b || load_snapshot(a, argv[optind + 1]) < 0 ||
             (nargs == 3 && load_snapshot(b, argv[optind + 2]) < 0)) {
             goto out;
@@ -285,19 +269,20 @@ int cmd_diff(int argc, char **argv)
     } else {
         /* TOP BASE: BASE's format is probed; TOP's view is its whole
          * chain. A name that is neither says so, not "Could not open". */
-        if (!image_opts && access(argv[optind + 1], F_OK) != 0) {
+        if (!co.image_opts && access(argv[optind + 1], F_OK) != 0) {
             cli_error("'%s' is neither a snapshot of '%s' nor an image",
                       argv[optind + 1], argv[optind]);
             goto out;
         }
-        b = cli_open_image(argv[optind + 1], NULL, image_opts, flags, NULL);
+        b = cli_open_image(argv[optind + 1], NULL, co.image_opts, co.flags,
+                           NULL);
         if (!b) {
             goto out;
         }
     }
 walk:
     cli_progress_init(&o.prog, false, 1.0f);
-    if (json) {
+    if (co.json) {
         putchar('[');
     } else {
         printf("%-16s%s\n", "Offset", "Length");
@@ -307,7 +292,7 @@ walk:
         goto out;
     }
     out_flush(&o);
-    if (json) {
+    if (co.json) {
         puts("]");
     }
     cli_progress_print(&o.prog, 100);

@@ -185,33 +185,15 @@ static void print_chain(vd_du_result **res, size_t n)
 
 int cmd_du(int argc, char **argv)
 {
-    const char *fmt = NULL;
-    bool json = false, image_opts = false, chain = false;
-    unsigned flags = 0;
+    cli_common co = { 0 };
+    bool chain = false;
     vd_du_result **res = NULL;
     size_t n = 0;
     vd_node *top = NULL;
     int ch, ret = 1;
 
-    while ((ch = cli_getopt("du", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("du", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'U':
-            flags |= VD_O_FORCE_SHARE;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                return 1;
-            }
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         case OPT_BACKING_CHAIN:
             chain = true;
             break;
@@ -226,8 +208,8 @@ int cmd_du(int argc, char **argv)
     /* Without --backing-chain the backing files are not needed (nor
      * opened: a missing one does not stop the accounting of this file).
      * Metadata only, as info: an encrypted image needs no key. */
-    top = cli_open_image(argv[optind], fmt, image_opts,
-                         flags | VD_O_NO_IO |
+    top = cli_open_image(argv[optind], co.fmt, co.image_opts,
+                         co.flags | VD_O_NO_IO |
                          (chain ? 0 : VD_O_NO_BACKING), NULL);
     if (!top) {
         return 1;
@@ -257,7 +239,7 @@ int cmd_du(int argc, char **argv)
         }
     }
 
-    if (json) {
+    if (co.json) {
         json_object *o = chain ? json_object_new_array() : NULL;
 
         for (size_t i = 0; i < n; i++) {

@@ -231,10 +231,10 @@ static int export_walk(vd_node *from, vd_node *to, uint64_t size, xd_out *o,
 
 int cmd_export_diff(int argc, char **argv)
 {
-    const char *fmt = NULL, *from_arg = NULL, *snap_arg = NULL, *path;
+    cli_common co = { 0 };
+    const char *from_arg = NULL, *snap_arg = NULL, *path;
     char *from_name = NULL, *to_name = NULL;
-    bool image_opts = false, progress = false, created = false;
-    unsigned flags = 0;
+    bool created = false;
     vd_node *from = NULL, *to = NULL;
     vd_error err = VD_ERROR_INIT;
     xd_out o = { .fd = -1, .version = 1 };
@@ -242,20 +242,8 @@ int cmd_export_diff(int argc, char **argv)
     int ch, r, ret = 1;
     uint8_t b[8];
 
-    while ((ch = cli_getopt("export-diff", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("export-diff", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'U':
-            flags |= VD_O_FORCE_SHARE;
-            break;
-        case 'p':
-            progress = true;
-            break;
         case 'l':
         case OPT_XDIFF_SNAPSHOT:
             snap_arg = optarg;
@@ -273,9 +261,6 @@ int cmd_export_diff(int argc, char **argv)
             }
             o.version = optarg[0] - '0';
             break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         default:
             return 1;
         }
@@ -287,7 +272,7 @@ int cmd_export_diff(int argc, char **argv)
     }
     path = argv[optind + 1];
 
-    to = cli_open_image(argv[optind], fmt, image_opts, flags, NULL);
+    to = cli_open_image(argv[optind], co.fmt, co.image_opts, co.flags, NULL);
     if (!to) {
         return 1;
     }
@@ -298,7 +283,8 @@ int cmd_export_diff(int argc, char **argv)
         }
     }
     if (from_arg) {
-        from = cli_open_image(argv[optind], fmt, image_opts, flags, NULL);
+        from = cli_open_image(argv[optind], co.fmt, co.image_opts, co.flags,
+                              NULL);
         if (!from) {
             goto out;
         }
@@ -316,7 +302,7 @@ int cmd_export_diff(int argc, char **argv)
 
     if (strcmp(path, "-") == 0) {
         /* The meter writes to stdout, which carries the stream. */
-        progress = false;
+        co.progress = false;
         o.fd = STDOUT_FILENO;
     } else {
         o.fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
@@ -353,7 +339,7 @@ int cmd_export_diff(int argc, char **argv)
         cli_error("%s: write error: %s", path, strerror(-r));
         goto out;
     }
-    r = export_walk(from, to, (uint64_t)size, &o, progress, &err);
+    r = export_walk(from, to, (uint64_t)size, &o, co.progress, &err);
     if (r < 0) {
         cli_error("%s: %s", strstr(err.message, "write error") ? path :
                   argv[optind], err.message[0] ? err.message : strerror(-r));
@@ -503,8 +489,8 @@ fail:
 
 int cmd_import_diff(int argc, char **argv)
 {
-    const char *fmt = NULL, *path, *image, *label;
-    bool image_opts = false, progress = false;
+    cli_common co = { 0 };
+    const char *path, *image, *label;
     vd_node *node = NULL;
     vd_error err = VD_ERROR_INIT;
     vd_rbd_diff_info info = { 0 };
@@ -513,20 +499,8 @@ int cmd_import_diff(int argc, char **argv)
     int64_t size;
     int ch, r, ret = 1;
 
-    while ((ch = cli_getopt("import-diff", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("import-diff", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'p':
-            progress = true;
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         default:
             return 1;
         }
@@ -544,8 +518,8 @@ int cmd_import_diff(int argc, char **argv)
     if (in.fd < 0) {
         return 1;
     }
-    node = cli_open_image(image, fmt, image_opts, VD_O_RDWR | VD_O_RESIZE,
-                          NULL);
+    node = cli_open_image(image, co.fmt, co.image_opts,
+                          VD_O_RDWR | VD_O_RESIZE, NULL);
     if (!node) {
         goto out;
     }
@@ -599,7 +573,7 @@ int cmd_import_diff(int argc, char **argv)
         cli_error("Out of memory");
         goto out;
     }
-    cli_progress_init(&in.prog, progress, 1.0);
+    cli_progress_init(&in.prog, co.progress, 1.0);
     cli_progress_print(&in.prog, 0);
     vd_rbd_diff_info_clear(&info);
     r = vd_rbd_diff_scan(in.fd, 0, in.stream_size, (uint64_t)size, &info,

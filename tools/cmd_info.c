@@ -172,34 +172,17 @@ static vd_image_info *collect_one(const char *filename, const char *fmt,
 
 int cmd_info(int argc, char **argv)
 {
-    const char *fmt = NULL, *filename;
-    bool json = false, chain = false, image_opts = false;
-    unsigned flags = VD_O_NO_BACKING | VD_O_NO_IO;
+    cli_common co = { .flags = VD_O_NO_BACKING | VD_O_NO_IO };
+    const char *filename;
+    bool chain = false;
     vd_image_info *infos[MAX_CHAIN];
     size_t n = 0;
     int ch, ret = 1;
 
-    while ((ch = cli_getopt("info", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("info", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'U':
-            flags |= VD_O_FORCE_SHARE;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                return 1;
-            }
-            break;
         case OPT_BACKING_CHAIN:
             chain = true;
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
             break;
         default:
             return 1;
@@ -227,7 +210,8 @@ int cmd_info(int argc, char **argv)
         }
         /* Only the top image is an option string; its backing files
          * are named by it. */
-        info = collect_one(filename, fmt, image_opts && n == 0, flags);
+        info = collect_one(filename, co.fmt, co.image_opts && n == 0,
+                           co.flags);
         if (!info) {
             goto out;
         }
@@ -236,7 +220,7 @@ int cmd_info(int argc, char **argv)
             break;
         }
         filename = info->full_backing_filename;
-        fmt = info->backing_filename_format;
+        co.fmt = info->backing_filename_format;
         if (!filename && info->backing_filename) {
             cli_error("Could not determine absolute backing filename, but "
                       "backing filename '%s' present", info->backing_filename);
@@ -244,7 +228,7 @@ int cmd_info(int argc, char **argv)
         }
     }
 
-    if (json) {
+    if (co.json) {
         json_object *top;
 
         if (chain) {

@@ -108,31 +108,16 @@ static int get_entry(vd_node *node, uint64_t offset, uint64_t bytes,
 
 int cmd_map(int argc, char **argv)
 {
-    const char *fmt = NULL, *filename;
-    bool json = false, image_opts = false;
-    unsigned flags = 0;
+    cli_common co = { 0 };
+    const char *filename;
     uint64_t start = 0, max_length = UINT64_MAX;
     map_entry cur, next;
     int64_t length;
     vd_node *node;
     int ch, ret = 1;
 
-    while ((ch = cli_getopt("map", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("map", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'U':
-            flags |= VD_O_FORCE_SHARE;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                return 1;
-            }
-            break;
         case OPT_START_OFFSET:
             if (cli_cvtnum("start offset", optarg, &start) < 0) {
                 return 1;
@@ -142,9 +127,6 @@ int cmd_map(int argc, char **argv)
             if (cli_cvtnum("max length", optarg, &max_length) < 0) {
                 return 1;
             }
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
             break;
         default:
             return 1;
@@ -156,11 +138,11 @@ int cmd_map(int argc, char **argv)
     }
     filename = argv[optind];
 
-    node = cli_open_image(filename, fmt, image_opts, flags, NULL);
+    node = cli_open_image(filename, co.fmt, co.image_opts, co.flags, NULL);
     if (!node) {
         return 1;
     }
-    if (json) {
+    if (co.json) {
         putchar('[');
     } else {
         printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
@@ -188,15 +170,15 @@ int cmd_map(int argc, char **argv)
             cur.length += next.length;
             continue;
         }
-        if (cur.length > 0 && dump_entry(json, &cur, &next) < 0) {
+        if (cur.length > 0 && dump_entry(co.json, &cur, &next) < 0) {
             goto out;
         }
         cur = next;
     }
-    if (dump_entry(json, &cur, NULL) < 0) {
+    if (dump_entry(co.json, &cur, NULL) < 0) {
         goto out;
     }
-    if (json) {
+    if (co.json) {
         puts("]");
     }
     ret = 0;

@@ -33,10 +33,10 @@ static char *accumulate(char *acc, const char *arg)
 
 int cmd_measure(int argc, char **argv)
 {
-    const char *fmt = NULL, *out_fmt = "raw", *filename = NULL;
+    cli_common co = { 0 };
+    const char *out_fmt = "raw", *filename = NULL;
     const char *snapshot = NULL;
     char *options = NULL;
-    bool json = false, force_share = false, image_opts = false;
     uint64_t img_size = UINT64_MAX;
     vd_opts *opts = NULL;
     vd_node *src = NULL;
@@ -44,15 +44,8 @@ int cmd_measure(int argc, char **argv)
     vd_measure_result res;
     int ch, ret = 1;
 
-    while ((ch = cli_getopt("measure", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("measure", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            free(options);
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
         case 'O':
             out_fmt = optarg;
             break;
@@ -65,17 +58,6 @@ int cmd_measure(int argc, char **argv)
             break;
         case 'l':
             snapshot = optarg;
-            break;
-        case 'U':
-            force_share = true;
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                goto out;
-            }
             break;
         case OPT_SIZE:
             if (cli_cvtnum("image size", optarg, &img_size) < 0) {
@@ -93,7 +75,7 @@ int cmd_measure(int argc, char **argv)
     } else if (argc - optind == 1) {
         filename = argv[optind];
     }
-    if (!filename && (image_opts || fmt || snapshot)) {
+    if (!filename && (co.image_opts || co.fmt || snapshot)) {
         cli_error("--image-opts, -f, and -l require a filename argument.");
         goto out;
     }
@@ -107,8 +89,8 @@ int cmd_measure(int argc, char **argv)
     }
 
     if (filename) {
-        src = cli_open_image(filename, fmt, image_opts,
-                             force_share ? VD_O_FORCE_SHARE : 0, NULL);
+        src = cli_open_image(filename, co.fmt, co.image_opts,
+                             co.flags, NULL);
         if (!src) {
             goto out;
         }
@@ -172,7 +154,7 @@ int cmd_measure(int argc, char **argv)
         goto out;
     }
 
-    if (json) {
+    if (co.json) {
         json_object *o = json_object_new_object();
         json_object_object_add(o, "required",
                                json_object_new_int64((int64_t)res.required));

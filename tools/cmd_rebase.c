@@ -107,10 +107,10 @@ static int dry_run(vd_node *top, const char *filename, const char *backing,
 
 int cmd_rebase(int argc, char **argv)
 {
-    const char *fmt = NULL, *cache = "writeback", *src_cache = "writeback";
+    cli_common co = { 0 };
+    const char *cache = "writeback", *src_cache = "writeback";
     const char *backing = NULL, *backing_fmt = NULL, *filename;
-    bool quiet = false, progress = false, unsafe = false, share = false;
-    bool image_opts = false, dry = false, json = false;
+    bool unsafe = false, dry = false;
     vd_error err = VD_ERROR_INIT;
     vd_opts *opts = NULL, *bopts = NULL;
     vd_node *top = NULL;
@@ -118,14 +118,8 @@ int cmd_rebase(int argc, char **argv)
     unsigned flags;
     int ch, ret = 1, r;
 
-    while ((ch = cli_getopt("rebase", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("rebase", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
         case 'F':
             backing_fmt = optarg;
             break;
@@ -135,39 +129,21 @@ int cmd_rebase(int argc, char **argv)
         case 'u':
             unsafe = true;
             break;
-        case 'p':
-            progress = true;
-            break;
         case 't':
             cache = optarg;
             break;
         case 'T':
             src_cache = optarg;
             break;
-        case 'q':
-            quiet = true;
-            break;
-        case 'U':
-        case OPT_FORCE_SHARE_LONG:
-            share = true;
-            break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         case OPT_DRY_RUN:
             dry = true;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                return 1;
-            }
             break;
         default:
             return 1;
         }
     }
-    if (quiet) {
-        progress = false;
+    if (co.quiet) {
+        co.progress = false;
     }
     if (optind != argc - 1) {
         cli_error_hint("Expecting one image file name");
@@ -212,8 +188,8 @@ int cmd_rebase(int argc, char **argv)
     }
     /* A dry run opens read-only: no lock upgrade, no header rewrite. */
     flags = (dry ? 0 : VD_O_RDWR) | (unsafe ? VD_O_NO_BACKING : 0) |
-            (share ? VD_O_FORCE_SHARE : 0);
-    top = cli_open_image(filename, fmt, image_opts, flags, opts);
+            co.flags;
+    top = cli_open_image(filename, co.fmt, co.image_opts, flags, opts);
     if (!top) {
         goto out;
     }
@@ -229,10 +205,10 @@ int cmd_rebase(int argc, char **argv)
         }
     }
 
-    cli_progress_init(&prog, progress, 2.0f);
+    cli_progress_init(&prog, co.progress, 2.0f);
     if (dry) {
         ret = dry_run(top, filename, backing, backing_fmt, bopts, unsafe,
-                      json, &prog);
+                      co.json, &prog);
         goto out;
     }
     r = vd_rebase(top, backing, backing_fmt, bopts,
@@ -253,7 +229,7 @@ out:
         cli_report_vd_error(&err, -EIO, filename);
         ret = 1;
     }
-    if (ret == 0 && json && !quiet && !dry) {
+    if (ret == 0 && co.json && !co.quiet && !dry) {
         json_object *o = json_object_new_object();
 
         json_object_object_add(o, "image", json_object_new_string(filename));

@@ -105,9 +105,9 @@ static int dry_run(vd_node *node, const char *filename, int64_t current,
 
 int cmd_resize(int argc, char **argv)
 {
-    const char *fmt = NULL, *size, *filename;
-    bool quiet = false, shrink = false, image_opts = false;
-    bool dry = false, json = false;
+    cli_common co = { 0 };
+    const char *size, *filename;
+    bool shrink = false, dry = false;
     vd_prealloc prealloc = VD_PREALLOC_OFF;
     vd_error err = VD_ERROR_INIT;
     int relative = 0, ch, ret = 1, r;
@@ -128,17 +128,8 @@ int cmd_resize(int argc, char **argv)
     }
     size = argv[--argc];
 
-    while ((ch = cli_getopt("resize", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("resize", argc, argv, &co)) != -1) {
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'q':
-            quiet = true;
-            break;
         case OPT_SHRINK:
             shrink = true;
             break;
@@ -148,16 +139,8 @@ int cmd_resize(int argc, char **argv)
                 return 1;
             }
             break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         case OPT_DRY_RUN:
             dry = true;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                return 1;
-            }
             break;
         default:
             return 1;
@@ -190,7 +173,7 @@ int cmd_resize(int argc, char **argv)
     }
 
     /* A dry run opens read-only: no lock upgrade, no dirty bit. */
-    node = cli_open_image(filename, fmt, image_opts,
+    node = cli_open_image(filename, co.fmt, co.image_opts,
                           dry ? 0 : VD_O_RDWR | VD_O_RESIZE, NULL);
     if (!node) {
         return 1;
@@ -226,7 +209,7 @@ int cmd_resize(int argc, char **argv)
     }
     if (dry) {
         ret = dry_run(node, filename, current, total, shrink, prealloc,
-                      json);
+                      co.json);
         vd_close(&node, NULL);
         return ret;
     }
@@ -241,7 +224,7 @@ out:
         cli_report_vd_error(&err, -EIO, filename);
         ret = 1;
     }
-    if (ret == 0 && json && !quiet) {
+    if (ret == 0 && co.json && !co.quiet) {
         static const char *const names[] = { "off", "metadata", "falloc",
                                              "full" };
         json_object *o = json_object_new_object();
@@ -253,7 +236,7 @@ out:
                                json_object_new_string(names[prealloc]));
         cli_print_json(o);
     } else if (ret == 0) {
-        cli_qprintf(quiet, "Image resized.\n");
+        cli_qprintf(co.quiet, "Image resized.\n");
     }
     return ret;
 }

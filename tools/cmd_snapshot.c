@@ -484,26 +484,15 @@ out:
 
 int cmd_snapshot(int argc, char **argv)
 {
-    const char *fmt = NULL, *vmstate_file = NULL, *vmstate_data = NULL;
-    bool force_share = false, is_group = false, image_opts = false;
-    bool dry = false, json = false;
+    cli_common co = { 0 };
+    const char *vmstate_file = NULL, *vmstate_data = NULL;
+    bool is_group = false, dry = false;
     char *name = NULL;
     int action = ACT_NONE, ch;
 
-    while ((ch = cli_getopt("snapshot", argc, argv)) != -1) {
+    while ((ch = cli_getopt_common("snapshot", argc, argv, &co)) != -1) {
         int act = ACT_NONE;
         switch (ch) {
-        case 'h':
-            cli_print_help();
-            return 0;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'q':
-            break;
-        case 'U':
-            force_share = true;
-            break;
         case 'l':
             act = ACT_LIST;
             break;
@@ -525,16 +514,8 @@ int cmd_snapshot(int argc, char **argv)
         case OPT_SNAPSHOT_VMSTATE_DATA:
             vmstate_data = optarg;
             break;
-        case OPT_IMAGE_OPTS:
-            image_opts = true;
-            break;
         case OPT_DRY_RUN:
             dry = true;
-            break;
-        case OPT_OUTPUT:
-            if (cli_parse_output(optarg, &json) < 0) {
-                return 1;
-            }
             break;
         default:
             return 1;
@@ -553,7 +534,7 @@ int cmd_snapshot(int argc, char **argv)
         return 1;
     }
     if (is_group) {
-        if (json) {
+        if (co.json) {
             cli_error_hint("--output=json does not apply to --group");
             return 1;
         }
@@ -561,8 +542,8 @@ int cmd_snapshot(int argc, char **argv)
             cli_error_hint("At least one device is required for snapshot");
             return 1;
         }
-        return group(action, name, argv + optind, argc - optind, fmt,
-                     image_opts, vmstate_file, vmstate_data);
+        return group(action, name, argv + optind, argc - optind, co.fmt,
+                     co.image_opts, vmstate_file, vmstate_data);
     }
     if (vmstate_file || vmstate_data) {
         cli_error_hint("--vmstate and --vmstate-data need --group");
@@ -575,6 +556,6 @@ int cmd_snapshot(int argc, char **argv)
     if (action == ACT_NONE) {
         return 0;
     }
-    return single(action, name, argv[optind], fmt, image_opts, force_share,
-                  dry, json);
+    return single(action, name, argv[optind], co.fmt, co.image_opts,
+                  co.flags & VD_O_FORCE_SHARE, dry, co.json);
 }

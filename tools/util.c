@@ -718,6 +718,48 @@ int cli_getopt(const char *name, int argc, char **argv)
     return ch;
 }
 
+int cli_getopt_common(const char *name, int argc, char **argv,
+                      cli_common *co)
+{
+    int ch;
+
+    while ((ch = cli_getopt(name, argc, argv)) != -1) {
+        switch (ch) {
+        case 'h':
+            /* Only under qemu-img's name: cli_getopt() took vdisk's. */
+            cli_print_help();
+            vd_object_del_all();
+            exit(0);
+        case 'f':
+            co->fmt = optarg;
+            continue;
+        case 'U':
+        case OPT_FORCE_SHARE_LONG:
+            co->flags |= VD_O_FORCE_SHARE;
+            continue;
+        case OPT_IMAGE_OPTS:
+            co->image_opts = true;
+            continue;
+        case 'q':
+            co->quiet = true;
+            continue;
+        case 'p':
+            co->progress = true;
+            continue;
+        case OPT_OUTPUT:
+            if (co->skip & CLI_COMMON_OUTPUT) {
+                return ch;
+            }
+            if (cli_parse_output(optarg, &co->json) < 0) {
+                return '?';
+            }
+            continue;
+        }
+        return ch;
+    }
+    return -1;
+}
+
 /* ---- messages ---- */
 
 static void vreport(const char *prefix, const char *fmt, va_list ap)

@@ -72,6 +72,43 @@ bool cli_command_is_vdisk_only(const cli_command *c);
 int cli_getopt(const char *name, int argc, char **argv);
 
 /*
+ * The options many commands share, described once: each means the same
+ * wherever it appears, so cli_getopt_common() parses it and the
+ * command's switch keeps only its own options. A command takes only the
+ * options of its cli_commands[] row; a field keeps the command's initial
+ * value (create's "raw", info's open flags) until an option sets it, and
+ * -U ORs into the flags. An option whose handling differs in some command
+ * is left to that command through @skip: compare's bad --output exits 2
+ * (every other bad option 1), so compare keeps its --output case.
+ * -h here is qemu-img's
+ * whole help (vdisk's command help is cli_getopt()'s), -q and -p just set
+ * their flag (what quiet or progress means is the command's). bench, io
+ * and serve keep their own loops: their messages and -h are their own.
+ */
+enum {
+    CLI_COMMON_OUTPUT = 1u << 0,    /* --output=human|json */
+};
+
+typedef struct cli_common {
+    unsigned skip;          /* CLI_COMMON_* the command parses itself */
+    const char *fmt;        /* -f FMT */
+    bool image_opts;        /* --image-opts */
+    unsigned flags;         /* |= VD_O_FORCE_SHARE for -U, --force-share */
+    bool json;              /* --output=json */
+    bool quiet;             /* -q */
+    bool progress;          /* -p */
+} cli_common;
+
+/*
+ * cli_getopt() that consumes the shared options into @co: returns only
+ * the command's own options, -1 at the end, or '?' after printing the
+ * error of a bad option or a bad shared value (the caller exits with its
+ * usual status). -h under qemu-img's name prints its help and exits 0.
+ */
+int cli_getopt_common(const char *name, int argc, char **argv,
+                      cli_common *co);
+
+/*
  * --object ARG (every tool): adds the object (vd_object_add_cli()). A
  * help request ("help", "TYPE,help") prints QEMU's listing and exits 0,
  * as QEMU's tools do. Returns 0, or -1 after printing the error, after
