@@ -16,16 +16,7 @@
 # of BENCH_RUNS (3).
 set -u -o pipefail
 
-here=$(cd "$(dirname "$0")" && pwd)
-srcdir=$(dirname "$here")
-if [ -z "${VDISK:-}" ]; then
-    # The release build first (ls would sort build-asan before it).
-    for VDISK in "$srcdir"/build-release/tools/vdisk \
-                 "$srcdir"/build*/tools/vdisk; do
-        [ -x "$VDISK" ] && break
-    done
-fi
-[ -x "$VDISK" ] || { echo "set VDISK=path/to/vdisk" >&2; exit 2; }
+source "$(dirname "$0")/functions.bash"
 runs=${BENCH_RUNS:-3}
 vsize=${BENCH_VSIZE:-100G}
 nruns=${BENCH_DATA_RUNS:-2560}
