@@ -245,7 +245,7 @@ VD_API int vd_commit_plan(vd_node *top, vd_node *base, vd_range_fn fn,
                           void *opaque, vd_progress_fn progress,
                           void *popaque, vd_error *err)
 {
-    int64_t top_len, base_len;
+    int64_t top_len = 0, base_len = 0;
     int r = commit_check(top, &base, &top_len, &base_len, err);
     if (r < 0)
         return r;
@@ -260,7 +260,7 @@ VD_API int vd_commit(vd_node *top, vd_node *base, unsigned flags,
                      uint64_t rate_limit, vd_progress_fn progress,
                      void *opaque, vd_error *err)
 {
-    int64_t top_len, base_len;
+    int64_t top_len = 0, base_len = 0;
     int r = commit_check(top, &base, &top_len, &base_len, err);
     if (r < 0)
         return r;
@@ -526,7 +526,7 @@ VD_API int vd_rebase_plan(vd_node *top, const char *backing,
                           vd_progress_fn progress, void *popaque,
                           vd_error *err)
 {
-    vd_node *old_b, *new_b;
+    vd_node *old_b = NULL, *new_b = NULL;
     int r = rebase_check(top, err);
     if (backing && !*backing)
         backing = NULL;
@@ -559,7 +559,7 @@ VD_API int vd_rebase(vd_node *top, const char *backing,
     if (flags & VD_REBASE_UNSAFE)
         return vd_change_backing_file(top, backing, backing_fmt, err);
 
-    vd_node *old_b, *new_b;
+    vd_node *old_b = NULL, *new_b = NULL;
     r = rebase_open(top, backing, backing_fmt, backing_opts, &old_b, &new_b,
                     err);
     if (r < 0)

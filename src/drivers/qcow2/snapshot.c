@@ -1315,7 +1315,7 @@ int qcow2_snapshot_plan(vd_node *node, const char *id, const char *name,
     }
     if (ret == 0 && !apply) {
         /* ...and rewrites the snapshot table without the entry. */
-        uint64_t now = qcow2_size_to_clusters(s, s->snapshots_size), later;
+        uint64_t now = qcow2_size_to_clusters(s, s->snapshots_size), later = 0;
         ret = table_bytes(s, idx, &later, err);
         later = qcow2_size_to_clusters(s, later);
         if (ret == 0 && now > later) {
