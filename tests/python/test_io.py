@@ -199,14 +199,18 @@ class IOTest(helpers.TmpDirCase):
     def test_close_refused_while_a_thread_reads(self):
         """close() while another thread is inside a request is refused
         (EBUSY) rather than freeing the node under it."""
+        # Bounded: trying close() until it slips between two reads could
+        # spin for minutes on a loaded machine (the reader takes the GIL
+        # back between its calls), so the reader stops after a while and
+        # close() must succeed then.
         p = self.make("c.raw", "raw", size=64 * MiB)
         n = vdisk.open(p, fmt="raw")
-        started = threading.Event()
+        started, stop = threading.Event(), threading.Event()
         errors = []
 
         def reader():
             try:
-                while True:
+                while not stop.is_set():
                     started.set()
                     n.read(0, 16 * MiB)
             except ValueError:
@@ -217,14 +221,18 @@ class IOTest(helpers.TmpDirCase):
         t = threading.Thread(target=reader)
         t.start()
         started.wait()
-        refused = 0
-        while not n.closed:
+        for _ in range(200):
+            if n.closed:
+                break
             try:
                 n.close()
             except vdisk.Error as e:
                 self.assertEqual(e.errno, errno.EBUSY)
-                refused += 1
+        stop.set()
         t.join()
+        if not n.closed:
+            n.close()
+        self.assertTrue(n.closed)
         self.assertEqual(errors, [])
 
 

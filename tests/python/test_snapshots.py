@@ -103,11 +103,21 @@ class SnapshotTest(helpers.TmpDirCase):
         that thread's reads are refused, never run alongside."""
         with vdisk.open(self.img, read_only=False) as n:
             n.write(b"\x01" * MiB, 0)
-            stop = threading.Event()
+            # Each snapshot is tried a bounded number of times while the
+            # reader runs; then the reader is paused between two calls
+            # and the snapshot must go through. Retrying until it slips
+            # between two reads could spin for minutes on a loaded
+            # machine.
+            stop, pause, paused = (threading.Event(), threading.Event(),
+                                   threading.Event())
             errors, busy = [], []
 
             def reader():
                 while not stop.is_set():
+                    if pause.is_set():
+                        paused.set()        # outside any call
+                        time.sleep(0.001)
+                        continue
                     try:
                         self.assertEqual(n.read(0, MiB)[:1], b"\x01")
                     except vdisk.Error as e:
@@ -120,13 +130,21 @@ class SnapshotTest(helpers.TmpDirCase):
             refused = []
             try:
                 for k in range(5):
-                    while True:
+                    done = False
+                    for _ in range(20):
                         try:
                             n.snapshot_create("t%d" % k)
+                            done = True
                             break
                         except vdisk.Error as e:
                             refused.append(e.errno)
                             time.sleep(0.0005)
+                    if not done:
+                        paused.clear()
+                        pause.set()
+                        self.assertTrue(paused.wait(30))
+                        n.snapshot_create("t%d" % k)
+                        pause.clear()
             finally:
                 stop.set()
                 t.join()
