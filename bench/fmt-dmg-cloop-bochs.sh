@@ -18,9 +18,9 @@ set -e -o pipefail
 
 runs=${1:-3}
 dir=${BENCH_DIR:-/var/tmp}
-here=$(cd "$(dirname "$0")/.." && pwd)
-VDISK=${VDISK:-$(ls "$here"/build*/tools/vdisk 2>/dev/null | head -1)}
-[ -x "$VDISK" ] || { echo "set VDISK=path/to/vdisk" >&2; exit 1; }
+# The release build, not the first build* that ls finds (build-asan).
+source "$(dirname "$0")/functions.bash"
+here=$srcdir
 command -v qemu-img >/dev/null || { echo "needs qemu-img" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "needs python3" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "needs GNU time (/usr/bin/time)" >&2; exit 1; }
