@@ -95,7 +95,7 @@ int cmd_compact(int argc, char **argv)
 
     while ((ch = cli_getopt_common("compact", argc, argv, &co)) != -1) {
         switch (ch) {
-        case OPT_COMPACT_DRY_RUN:
+        case OPT_DRY_RUN:
             dry_run = true;
             break;
         default:

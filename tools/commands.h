@@ -53,11 +53,11 @@ enum { OPT_XDIFF_FROM_SNAP = 0x2e0, OPT_XDIFF_SNAPSHOT, OPT_XDIFF_WHOLE_OBJECT,
 int cmd_export_diff(int argc, char **argv);
 int cmd_import_diff(int argc, char **argv);
 /* tools/cmd_compact.c: in-place compaction of a qcow2 image. */
-enum { OPT_COMPACT_DRY_RUN = 0x2c0 };
 int cmd_compact(int argc, char **argv);
 /* tools/cmd_du.c: space per snapshot, layer, bitmap, metadata. */
 int cmd_du(int argc, char **argv);
-/* --dry-run of commit, rebase, amend, resize, snapshot (tools/dry_run.h). */
+/* --dry-run of commit, rebase, amend, resize, snapshot (tools/dry_run.h)
+ * and compact. */
 enum { OPT_DRY_RUN = 0x310 };
 
 #endif

@@ -181,7 +181,7 @@ static const struct option compact_long[] = {
     { "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
     { "format", required_argument, NULL, 'f' },
     { "output", required_argument, NULL, OPT_OUTPUT },
-    { "dry-run", no_argument, NULL, OPT_COMPACT_DRY_RUN },
+    { "dry-run", no_argument, NULL, OPT_DRY_RUN },
     CLI_PROGRESS_LONG_OPTS,
     { NULL, 0, NULL, 0 },
 };
