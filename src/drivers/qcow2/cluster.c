@@ -43,6 +43,7 @@
  * for an empty cluster and zeroed it whole, losing the other writer's
  * data). The wait drops the lock; decide only after it.
  */
+#include <assert.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -1853,6 +1854,10 @@ int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
     if (head || tail) {
         uint64_t n = sc, host;
         qcow2_subcluster_type t;
+
+        /* The contract: an unaligned request lies inside one subcluster
+         * (only that subcluster is zeroed below). */
+        assert(off - head + sc >= off + bytes);
 
         if (!chain_reads_zero(s, off - head, head) ||
             !chain_reads_zero(s, off + bytes, tail)) {

@@ -1356,28 +1356,52 @@ static int write_size(qcow2_state *s, uint64_t size, vd_error *err)
 
 /* Makes guest [off, off+len) read as zeros, with zero clusters where the
  * version allows and zero buffers elsewhere. */
+/* Makes guest [off, off+len) read as zeros, for a grown image.
+ * qcow2_co_pwrite_zeroes() takes what the core hands it: whole
+ * subclusters, or a piece inside one subcluster. The range is cut the
+ * same way here (the old size need not be subcluster-aligned); a piece
+ * the driver cannot mark as zeros gets a zero buffer written. */
 static int zero_range(qcow2_state *s, uint64_t off, uint64_t len,
                       vd_error *err)
 {
-    int ret = qcow2_co_pwrite_zeroes(s, off, len, VD_REQ_MAY_UNMAP, err);
-    if (ret == -ENOTSUP) {
-        uint64_t chunk = 1u << 20;
-        uint8_t *buf = calloc(1, chunk);
-        if (!buf) {
-            return vd_error_set(err, -ENOMEM, "%s: out of memory",
-                                s->filename);
+    uint64_t sc = s->subcluster_size;
+    uint8_t *buf = NULL;
+    int ret = 0;
+
+    while (ret == 0 && len > 0) {
+        uint64_t n = len;
+        if (off & (sc - 1)) {
+            n = sc - (off & (sc - 1));
+            if (n > len) {
+                n = len;
+            }
+        } else if (len >= sc && off + len != s->size) {
+            n = len & ~(sc - 1);
         }
-        ret = 0;
-        while (ret == 0 && len > 0) {
-            uint64_t n = len < chunk ? len : chunk;
-            vd_iov v;
-            vd_iov_init_buf(&v, buf, n);
-            ret = qcow2_co_pwritev(s, off, n, &v, 0, err);
-            off += n;
-            len -= n;
+        ret = qcow2_co_pwrite_zeroes(s, off, n, VD_REQ_MAY_UNMAP, err);
+        if (ret == -ENOTSUP) {
+            uint64_t chunk = 1u << 20, done = 0;
+            if (!buf) {
+                buf = calloc(1, chunk);
+            }
+            if (!buf) {
+                ret = vd_error_set(err, -ENOMEM, "%s: out of memory",
+                                   s->filename);
+                break;
+            }
+            ret = 0;
+            while (ret == 0 && done < n) {
+                uint64_t m = n - done < chunk ? n - done : chunk;
+                vd_iov v;
+                vd_iov_init_buf(&v, buf, m);
+                ret = qcow2_co_pwritev(s, off + done, m, &v, 0, err);
+                done += m;
+            }
         }
-        free(buf);
+        off += n;
+        len -= n;
     }
+    free(buf);
     return ret;
 }
 
