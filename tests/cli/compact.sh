@@ -9,7 +9,7 @@
 # is printed beside qemu-img convert -O qcow2's. --dry-run and bad input
 # write nothing (sha256).
 source "$(dirname "$0")/../functions.sh"
-requires qemu-img qemu-io qemu-nbd python3
+requires qemu-img qemu-io qemu-nbd nbdinfo python3
 source "$(dirname "$0")/compact-functions.bash"
 tmpdir
 
@@ -135,10 +135,15 @@ grep -q "read-only" err || fail "read-only: $(cat err)"
 
 # An image in use: another process holds the write lock.
 sock=$PWD/nbd.sock
-qemu-nbd -f qcow2 -k "$sock" bad.qcow2 &
+qemu-nbd -t -f qcow2 -k "$sock" bad.qcow2 &
 nbd_pid=$!
 cleanup_fn kill "$nbd_pid"
-for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
+# qemu-nbd listens before it opens (and locks) the image: wait until a
+# client gets through the handshake, which it serves only once open.
+for _ in $(seq 100); do
+    nbdinfo --size "nbd+unix:///?socket=$sock" >/dev/null 2>&1 && break
+    sleep 0.1
+done
 expect_status 1 $VDISK compact bad.qcow2 2> err
 grep -qi "lock" err || fail "locked image: $(cat err)"
 kill $nbd_pid; wait $nbd_pid || true
