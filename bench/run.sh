@@ -201,7 +201,7 @@ bench_case()
         for t in qemu vdisk; do
             local prog=$QEMU_IMG
             [ $t = vdisk ] && prog=$VDISK
-            local img=$work/$t.$fmt
+            local img=$work/$t.${image:-$fmt}
             if [ -n "$fresh" ]; then
                 # A new empty image for every run (first-write cases).
                 img=$work/fresh-$t.$fmt
@@ -252,7 +252,7 @@ bench_case()
     fi
     # A write case through qcow2 leaves vdisk's image consistent.
     if [ "$fmt" = qcow2 ] &&
-        ! $QEMU_IMG check -q "$work/vdisk.qcow2" >>"$log" 2>&1; then
+        ! $QEMU_IMG check -q "$work/vdisk.${image:-$fmt}" >>"$log" 2>&1; then
         fail_row "$name" "$unit" "$(median "${qv[@]}")" "$(maxof "${qr[@]}")" \
             "vdisk: qemu-img check failed"
         return
@@ -347,6 +347,22 @@ for fmt in raw qcow2; do
     bench_case "$fmt 64k seq write QD32" MiB/s "$fmt" "$seq_count" 65536 \
         -d 32 -s 64k -w
 done
+# Many L2 tables: a 16 GiB qcow2 with 4 KiB clusters and one cluster
+# written in every 2 MiB, i.e. 8192 L2 tables in use (as many as the L2
+# cache holds at its cap), read 4 KiB at each written cluster in turn:
+# the cost of finding a table among many cached ones (QEMU's default
+# cache is smaller and reads tables again from the page cache).
+if case_wanted "qcow2 4k-cluster 8192 L2 tables read"; then
+    $QEMU_IMG create -q -f qcow2 -o cluster_size=4096 "$work/c4k.qcow2" 16G
+    for ((i = 0; i < 8192; i++)); do
+        echo "write -q $((i * 2097152)) 4k"
+    done | qemu-io "$work/c4k.qcow2" >>"$log" 2>&1
+    cp "$work/c4k.qcow2" "$work/qemu.c4k.qcow2"
+    mv "$work/c4k.qcow2" "$work/vdisk.c4k.qcow2"
+    image=c4k.qcow2 bench_case "qcow2 4k-cluster 8192 L2 tables read" IOPS \
+        qcow2 "$rand_count" 4096 -d 32 -s 4k -S 2M
+    rm -f "$work/qemu.c4k.qcow2" "$work/vdisk.c4k.qcow2"
+fi
 # fio_raw_row NAME ARGS...: the hardware's figure beside the case just
 # run: fio with ARGS writing 4 KiB blocks with O_DIRECT at random
 # offsets of a fully allocated 1 GiB raw file in the same directory, as

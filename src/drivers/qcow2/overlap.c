@@ -26,7 +26,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -757,26 +756,6 @@ static uint64_t now_sec(void)
     return (uint64_t)ts.tv_sec;
 }
 
-/* Drops the clean tables nobody used since the last clean and gives
- * their memory back (whole pages only). */
-static void clean_unused(qcow2_cache *c, uint64_t *last_lru)
-{
-    long page = sysconf(_SC_PAGESIZE);
-
-    for (int i = 0; i < c->size; i++) {
-        qcow2_cache_entry *e = &c->entries[i];
-        if (!e->offset || e->ref || e->dirty || e->lru > *last_lru) {
-            continue;
-        }
-        e->offset = 0;
-        if (page > 0 && c->table_size % (size_t)page == 0) {
-            madvise(c->tables + (size_t)i * c->table_size, c->table_size,
-                    MADV_DONTNEED);
-        }
-    }
-    *last_lru = c->lru_counter;
-}
-
 void qcow2_cache_clean_maybe(qcow2_state *s)
 {
     uint64_t now;
@@ -794,9 +773,9 @@ void qcow2_cache_clean_maybe(qcow2_state *s)
     }
     s->cache_clean_last = now;
     if (s->l2_cache) {
-        clean_unused(s->l2_cache, &s->cache_clean_lru[0]);
+        qcow2_cache_clean_unused(s->l2_cache, &s->cache_clean_lru[0]);
     }
     if (s->refcount_cache) {
-        clean_unused(s->refcount_cache, &s->cache_clean_lru[1]);
+        qcow2_cache_clean_unused(s->refcount_cache, &s->cache_clean_lru[1]);
     }
 }

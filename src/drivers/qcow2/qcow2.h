@@ -254,6 +254,9 @@ typedef struct qcow2_cache_entry {
     uint64_t lru;       /* last use tick (higher = more recent) */
     int ref;            /* users holding the table (never evicted) */
     bool dirty;
+    int hash_next;      /* next slot in the same hash bucket, -1 = none */
+    int lru_prev;       /* neighbours in the use order (-1 = none) */
+    int lru_next;
 } qcow2_cache_entry;
 
 typedef struct qcow2_cache {
@@ -266,6 +269,14 @@ typedef struct qcow2_cache {
     /* Before writing any dirty table, flush this cache (and the file):
      * e.g. L2 depends on refcount when new clusters were allocated. */
     struct qcow2_cache *depends;
+    /* Slots by host offset: bucket heads (-1 = empty), a power of two
+     * at least the number of slots, chained through hash_next. */
+    int *buckets;
+    unsigned bucket_mask;
+    /* Slots in order of last use, most recent first; empty slots are
+     * kept at the tail, so eviction takes the first unpinned slot from
+     * the tail. */
+    int lru_head, lru_tail;
     /* Before writing any dirty table, flush the file (data written
      * before this metadata must be stable first). */
     bool depends_on_flush;
@@ -621,6 +632,10 @@ void qcow2_cache_depends_on_flush(qcow2_cache *c);
 void qcow2_cache_discard(qcow2_cache *c, uint64_t offset);
 /* Drops every (clean) table; returns -EBUSY if one is dirty or in use. */
 int qcow2_cache_empty(qcow2_cache *c);
+/* cache-clean-interval: drops the clean, unpinned tables nobody used
+ * since the tick in *@last_lru and gives their memory back (whole pages
+ * only); sets *@last_lru to the current tick. */
+void qcow2_cache_clean_unused(qcow2_cache *c, uint64_t *last_lru);
 
 /* ------------------------------------------------------------------ */
 /* refcount.c                                                         */
