@@ -40,7 +40,19 @@
 #include "util.h"
 
 #define SECTOR 512
+/* qemu-img's data chunk: each coroutine reads up to IO_BUF_SIZE (2 MiB)
+ * into a buffer of its own. */
 #define BUF_SIZE (2 * 1024 * 1024)
+/* What the workers' buffers hold in all: each reads data chunks of up to
+ * its share, so the peak memory of a copy does not grow with -m.
+ * qemu-img touches all of its 8 x 2 MiB wherever block status answers in
+ * large extents (curl, qcow2...), and stays lower only where it reads in
+ * small pieces (vmdk: a grain per block status answer, 4 KiB on
+ * seSparse). Eight workers of 256 KiB copy a local image as fast as
+ * eight of 2 MiB: a request of that size costs far more than its
+ * overhead, and the smaller working set stays in the CPU's caches. */
+#define BUF_BUDGET BUF_SIZE
+#define CHUNK_ALIGN (64 * 1024)
 #define MAX_THREADS 16
 #define MAX_SPARSE (16 * 1024 * 1024)
 
@@ -57,6 +69,7 @@ typedef struct convert_state {
     uint64_t total;             /* bytes, a multiple of SECTOR */
     uint64_t min_sparse;        /* bytes, 0 = fully allocate */
     uint64_t cluster;           /* target cluster size for -c */
+    uint64_t chunk_max;         /* bytes of a data chunk, at most */
     bool compressed, has_zero_init, in_order;
     bool salvage, quiet;
     bool copy_range;            /* -C, until a chunk cannot offload */
@@ -97,6 +110,25 @@ typedef struct chunk {
     int status;
     uint64_t seq;
 } chunk;
+
+/* The largest data chunk each of @nthreads workers reads at once: their
+ * share of BUF_BUDGET, in whole CHUNK_ALIGN units (which keeps chunks
+ * on the target's cluster boundaries up to 64 KiB clusters). qemu-img's
+ * own chunks where they show: -C offloads whole chunks without touching
+ * the buffers (one copy_file_range() per chunk, as qemu-img), and
+ * --salvage re-reads a failed chunk sector by sector, so which transient
+ * errors it meets and warns about follows the chunks. */
+static uint64_t chunk_bytes(const convert_state *s, int nthreads)
+{
+    uint64_t n = BUF_BUDGET / (uint64_t)nthreads;
+
+    if (s->copy_range || s->salvage) {
+        return BUF_SIZE;
+    }
+
+    n -= n % CHUNK_ALIGN;
+    return n ? n : CHUNK_ALIGN;
+}
 
 /* Decides the next chunk. Called with the lock held. Returns 0, 1 at the
  * end, or a negative errno (reported). */
@@ -189,8 +221,8 @@ decided:
     }
     /* With -S 0 zero chunks are written as data, a buffer at a time. */
     if ((c->status == BLK_DATA || (c->status == BLK_ZERO && !s->min_sparse))
-        && n > BUF_SIZE) {
-        n = BUF_SIZE;
+        && n > s->chunk_max) {
+        n = s->chunk_max;
     }
     if (s->compressed) {
         if (n < s->cluster) {
@@ -549,8 +581,8 @@ static void fail(convert_state *s, int ret)
 static void *worker(void *opaque)
 {
     convert_state *s = opaque;
-    uint8_t *buf = cli_io_buffer(BUF_SIZE > s->cluster ? BUF_SIZE
-                                                     : s->cluster);
+    uint8_t *buf = cli_io_buffer(s->chunk_max > s->cluster ? s->chunk_max
+                                                           : s->cluster);
 
     pthread_mutex_lock(&s->lock);
     if (!buf) {
@@ -1301,12 +1333,6 @@ int cmd_convert(int argc, char **argv)
     pthread_mutex_init(&s.rate_lock, NULL);
     clock_gettime(CLOCK_MONOTONIC, &s.rate_last);
     cli_progress_init(&s.progress, co.progress, 1.0f);
-    /* As qemu-img, the whole source is walked once before the copy (for
-     * the progress total): block status errors show up before anything
-     * is written, and --salvage warns about them in both walks. */
-    if (count_allocated(&s) < 0) {
-        goto out;
-    }
     /* Compressed writes go one after the other (in order, as qemu-img
      * requires) and the driver compresses each request's clusters on
      * every CPU: more copy threads only read ahead, and compete with the
@@ -1314,6 +1340,13 @@ int cmd_convert(int argc, char **argv)
      * 14 MB with one, 7.5 s and 67 MB with eight). */
     if (s.compressed && !nthreads_given) {
         nthreads = 1;
+    }
+    s.chunk_max = chunk_bytes(&s, (int)nthreads);
+    /* As qemu-img, the whole source is walked once before the copy (for
+     * the progress total): block status errors show up before anything
+     * is written, and --salvage warns about them in both walks. */
+    if (count_allocated(&s) < 0) {
+        goto out;
     }
     if (run_copy(&s, (int)nthreads) < 0) {
         goto out;
