@@ -40,7 +40,21 @@
 #include "util.h"
 
 #define SECTOR 512
+/* qemu-img's data chunk: each coroutine reads up to IO_BUF_SIZE (2 MiB)
+ * into a buffer of its own. Chunks are cut as qemu-img cuts them, so
+ * that what shows of them is the same: the offsets in error messages,
+ * the progress steps, one copy_file_range() per chunk with -C. */
 #define BUF_SIZE (2 * 1024 * 1024)
+/* What the workers' buffers hold in all: a chunk is read and written in
+ * pieces of up to a worker's share, so the peak memory of a copy does not
+ * grow with -m. qemu-img touches all of its 8 x 2 MiB wherever block
+ * status answers in large extents (curl, qcow2...), and stays lower only
+ * where it reads in small pieces (vmdk: a grain per block status answer,
+ * 4 KiB on seSparse). Eight workers of 256 KiB copy a local image as fast
+ * as eight of 2 MiB: a request of that size costs far more than its
+ * overhead, and the smaller working set stays in the CPU's caches. */
+#define BUF_BUDGET BUF_SIZE
+#define CHUNK_ALIGN (64 * 1024)
 #define MAX_THREADS 16
 #define MAX_SPARSE (16 * 1024 * 1024)
 
@@ -57,6 +71,7 @@ typedef struct convert_state {
     uint64_t total;             /* bytes, a multiple of SECTOR */
     uint64_t min_sparse;        /* bytes, 0 = fully allocate */
     uint64_t cluster;           /* target cluster size for -c */
+    uint64_t piece_max;         /* bytes of a data piece, at most */
     bool compressed, has_zero_init, in_order;
     bool salvage, quiet;
     bool copy_range;            /* -C, until a chunk cannot offload */
@@ -87,19 +102,67 @@ typedef struct convert_state {
     int status_src;
     uint64_t status_start, status_end;
     vd_extent status_ext;
+    /* The chunk being handed out in pieces: [chunk_start, chunk_end) of
+     * source chunk_src, of status chunk_status. */
+    int chunk_src, chunk_status;
+    uint64_t chunk_start, chunk_end;
     int ret;                    /* first error, 0 while fine */
     cli_progress progress;
 } convert_state;
 
+/* One piece of a chunk: what a worker reads and writes at once. */
 typedef struct chunk {
     int src;
     uint64_t offset, len;       /* in the concatenated disk */
+    uint64_t chunk_start;       /* of its whole chunk, for messages */
+    bool chunk_done;            /* the chunk's last piece */
     int status;
     uint64_t seq;
 } chunk;
 
-/* Decides the next chunk. Called with the lock held. Returns 0, 1 at the
- * end, or a negative errno (reported). */
+/* The largest piece of a data chunk each of @nthreads workers reads at
+ * once: their share of BUF_BUDGET, in whole CHUNK_ALIGN units (which keeps
+ * pieces on the target's cluster boundaries up to 64 KiB clusters). Whole
+ * chunks where the pieces would show: -C offloads a chunk without the
+ * buffers, --salvage re-reads a failed chunk sector by sector (so which
+ * transient errors it meets follows the chunks), and -c compresses the
+ * clusters of one request in parallel. */
+static uint64_t piece_bytes(const convert_state *s, int nthreads)
+{
+    uint64_t n = BUF_BUDGET / (uint64_t)nthreads;
+
+    if (s->copy_range || s->salvage || s->compressed) {
+        return BUF_SIZE;
+    }
+    n -= n % CHUNK_ALIGN;
+    return n ? n : CHUNK_ALIGN;
+}
+
+/* Hands out the next piece of the current chunk, cut from @s->cursor to
+ * at most @s->piece_max bytes of data. Lock held. */
+static void next_piece(convert_state *s, chunk *c)
+{
+    uint64_t off = s->cursor, n = s->chunk_end - off;
+
+    /* (With -S 0 zero chunks are written as data, from the buffer.) */
+    if ((s->chunk_status == BLK_DATA ||
+         (s->chunk_status == BLK_ZERO && !s->min_sparse)) &&
+        n > s->piece_max) {
+        n = s->piece_max;
+    }
+    c->src = s->chunk_src;
+    c->offset = off;
+    c->len = n;
+    c->chunk_start = s->chunk_start;
+    c->chunk_done = off + n == s->chunk_end;
+    c->status = s->chunk_status;
+    c->seq = s->next_seq++;
+    s->cursor = off + n;
+}
+
+/* Decides the next piece, and the next chunk when the last one is all
+ * handed out. Called with the lock held. Returns 0, 1 at the end, or a
+ * negative errno (reported). */
 static int next_chunk(convert_state *s, chunk *c)
 {
     vd_extent ext;
@@ -109,6 +172,10 @@ static int next_chunk(convert_state *s, chunk *c)
 
     if (off >= s->total || s->ret) {
         return 1;
+    }
+    if (off >= s->chunk_start && off < s->chunk_end) {
+        next_piece(s, c);
+        return 0;
     }
     while (i < s->nsrc - 1 && off >= s->src_start[i + 1]) {
         i++;
@@ -200,11 +267,11 @@ decided:
             n -= n % s->cluster;
         }
     }
-    c->src = i;
-    c->offset = off;
-    c->len = n;
-    c->seq = s->next_seq++;
-    s->cursor = off + n;
+    s->chunk_src = i;
+    s->chunk_status = c->status;
+    s->chunk_start = off;
+    s->chunk_end = off + n;
+    next_piece(s, c);
     return 0;
 }
 
@@ -532,6 +599,7 @@ static int count_allocated(convert_state *s)
         }
     }
     s->cursor = 0;
+    s->chunk_start = s->chunk_end = 0;
     s->next_seq = 0;
     return r < 0 ? r : 0;
 }
@@ -549,8 +617,8 @@ static void fail(convert_state *s, int ret)
 static void *worker(void *opaque)
 {
     convert_state *s = opaque;
-    uint8_t *buf = cli_io_buffer(BUF_SIZE > s->cluster ? BUF_SIZE
-                                                     : s->cluster);
+    uint8_t *buf = cli_io_buffer(s->piece_max > s->cluster ? s->piece_max
+                                                           : s->cluster);
 
     pthread_mutex_lock(&s->lock);
     if (!buf) {
@@ -575,7 +643,7 @@ static void *worker(void *opaque)
             r = read_chunk(s, &c, buf);
             if (r < 0) {
                 cli_error("error while reading at byte %" PRIu64 ": %s",
-                          c.offset, strerror(-r));
+                          c.chunk_start, strerror(-r));
             }
         } else if (c.status == BLK_ZERO && !s->min_sparse) {
             /* -S 0: written as data. */
@@ -606,7 +674,7 @@ static void *worker(void *opaque)
             r = read_chunk(s, &c, buf);
             if (r < 0) {
                 cli_error("error while reading at byte %" PRIu64 ": %s",
-                          c.offset, strerror(-r));
+                          c.chunk_start, strerror(-r));
                 pthread_mutex_lock(&s->lock);
                 fail(s, r);
                 break;
@@ -615,7 +683,7 @@ static void *worker(void *opaque)
         r = copy ? 0 : write_chunk(s, &c, buf);
         if (r < 0) {
             cli_error("error while writing at byte %" PRIu64 ": %s",
-                      c.offset, strerror(-r));
+                      c.chunk_start, strerror(-r));
         }
 
         pthread_mutex_lock(&s->lock);
@@ -626,7 +694,11 @@ static void *worker(void *opaque)
         s->write_seq++;
         if (counts_for_progress(s, &c) && s->allocated) {
             s->done += c.len;
-            cli_progress_print_bytes(&s->progress, s->done, s->allocated);
+            /* Once per chunk, as qemu-img steps. */
+            if (c.chunk_done) {
+                cli_progress_print_bytes(&s->progress, s->done,
+                                         s->allocated);
+            }
         }
         pthread_cond_signal(&s->turn[s->write_seq % MAX_THREADS]);
     }
@@ -1301,12 +1373,6 @@ int cmd_convert(int argc, char **argv)
     pthread_mutex_init(&s.rate_lock, NULL);
     clock_gettime(CLOCK_MONOTONIC, &s.rate_last);
     cli_progress_init(&s.progress, co.progress, 1.0f);
-    /* As qemu-img, the whole source is walked once before the copy (for
-     * the progress total): block status errors show up before anything
-     * is written, and --salvage warns about them in both walks. */
-    if (count_allocated(&s) < 0) {
-        goto out;
-    }
     /* Compressed writes go one after the other (in order, as qemu-img
      * requires) and the driver compresses each request's clusters on
      * every CPU: more copy threads only read ahead, and compete with the
@@ -1314,6 +1380,13 @@ int cmd_convert(int argc, char **argv)
      * 14 MB with one, 7.5 s and 67 MB with eight). */
     if (s.compressed && !nthreads_given) {
         nthreads = 1;
+    }
+    s.piece_max = piece_bytes(&s, (int)nthreads);
+    /* As qemu-img, the whole source is walked once before the copy (for
+     * the progress total): block status errors show up before anything
+     * is written, and --salvage warns about them in both walks. */
+    if (count_allocated(&s) < 0) {
+        goto out;
     }
     if (run_copy(&s, (int)nthreads) < 0) {
         goto out;

@@ -658,7 +658,7 @@ static int curl_preadv(vd_node *node, uint64_t off, uint64_t bytes,
         }
 
         curl_xfer x = { .s = s, .slot = slot, .start = at };
-        bool buffered = s->readahead && left <= s->readahead;
+        bool buffered = left < s->readahead;
         if (buffered) {
             uint64_t want = left + s->readahead;
             if (want > s->len - at) {

@@ -715,15 +715,15 @@ static uint64_t se_gt_sector(const vmdk_extent *e, uint64_t v)
 }
 
 /* An seSparse extent in @file (QEMU's vmdk_open_se_sparse): read only,
- * the two headers checked, the GD read and each GT it names found
- * inside the file. */
+ * the two headers checked, the GD entries that cover the disk read and
+ * each GT they name found inside the file. */
 static int open_sesparse(vmdk_state *s, vd_node *node, vd_child *file,
                          vd_error *err)
 {
     const char *fname = vd_node_filename(file->node);
     int64_t flen = vd_node_getlength(file->node);
     uint8_t ch[512], vh[512], *raw;
-    uint64_t voff, gd, gd_size, bytes;
+    uint64_t voff, gd, gd_size, bytes, reach;
     vmdk_extent *e;
     int ret;
 
@@ -779,6 +779,15 @@ static int open_sesparse(vmdk_state *s, vd_node *node, vd_child *file,
     e->sesparse = true;
     e->se_gt_sector = le64(ch + 144);
     e->se_grain_sector = le64(ch + 192);
+    /* Only the GD entries that cover the disk are ever looked up: read
+     * and keep those alone. ESXi's layout reserves 2048 sectors of GD
+     * whatever the capacity (1 MiB, where a 2 GiB disk uses 1 KiB of
+     * it), which QEMU reads and keeps whole. */
+    reach = e->sectors / e->l1_entry_sectors +
+            (e->sectors % e->l1_entry_sectors != 0);
+    if (e->l1_size > reach) {
+        e->l1_size = (uint32_t)reach;
+    }
     bytes = (uint64_t)e->l1_size * 8;
     if (e->gd_offset > (uint64_t)flen || bytes > (uint64_t)flen -
         e->gd_offset) {

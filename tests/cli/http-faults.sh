@@ -51,15 +51,17 @@ check_last info --image-opts "driver=http,url=$H/disk.raw,password-secret=nosuch
     | grep -q 'virtual size: 4.77 MiB'
 
 # A server that stops answering mid-copy: every read fails within the
-# timeout (2 s without a byte), and the copy ends with exit 1.
+# timeout (2 s without a byte), and the copy ends with exit 1. Two
+# workers read 1 MiB each, about 3 s at the slow rate: at the stop both
+# are mid-transfer (eight would read 256 KiB each, sent at once).
 master=$HTTP_PID
 workers=$(ps -o pid= --ppid "$master")
 slowurl="driver=raw,file.driver=http,file.url=$H/slow/big.raw,file.timeout=2"
 (sleep 1; kill -STOP $workers) &
 bg=$!
 start=$SECONDS
-expect_status 1 timeout 30 "$VDISK" convert -O raw --image-opts "$slowurl" \
-    out.raw 2> err.out
+expect_status 1 timeout 30 "$VDISK" convert -m 2 -O raw --image-opts \
+    "$slowurl" out.raw 2> err.out
 wait "$bg"
 kill -CONT $workers
 cat err.out
@@ -85,12 +87,13 @@ for f in shrink:6000000 grow:13000000; do
     grep -q "read failed: Input/output error" err.out
 done
 
-# The server killed mid-copy: errors at once, no hang.
+# The server killed mid-copy (as above, two workers): errors at once, no
+# hang.
 (sleep 1; kill -9 $master $workers) &
 bg=$!
 start=$SECONDS
-expect_status 1 timeout 30 "$VDISK" convert -O raw --image-opts "$slowurl" \
-    out.raw 2> err.out
+expect_status 1 timeout 30 "$VDISK" convert -m 2 -O raw --image-opts \
+    "$slowurl" out.raw 2> err.out
 wait "$bg"
 HTTP_PID=
 cat err.out
