@@ -403,6 +403,17 @@ struct vd_driver {
      * flush of the guest's disk does not wait for, nor fail with, the
      * fleecing target, as QEMU's cbw_co_flush()). */
     bool flush_primary_only;
+    /*
+     * Starts writing [off, off+bytes) of what was written to the node
+     * towards stable storage and returns without waiting for it
+     * (Linux's sync_file_range(SYNC_FILE_RANGE_WRITE)): a hint, so that
+     * the device works while the caller goes on writing and the next
+     * flush finds less left to do. It makes nothing durable and orders
+     * nothing (only flush does); it may do nothing and cannot fail.
+     * Absent: filters pass it to the node they filter, other nodes do
+     * nothing.
+     */
+    void (*start_writeback)(vd_node *node, uint64_t off, uint64_t bytes);
 
     /*
      * Copy offloading (QEMU's copy_range_from/copy_range_to): @bytes are
@@ -848,6 +859,8 @@ int vd_node_pwrite_zeroes(vd_node *node, uint64_t off, uint64_t bytes,
 int vd_node_pdiscard(vd_node *node, uint64_t off, uint64_t bytes,
                      vd_error *err);
 int vd_node_flush(vd_node *node, vd_error *err);
+/* The vtable's start_writeback: a hint, nothing to check afterwards. */
+void vd_node_start_writeback(vd_node *node, uint64_t off, uint64_t bytes);
 int64_t vd_node_getlength(vd_node *node);
 /* Asks the driver for the length again and caches it, rounded up to 512
  * bytes as QEMU does (a 1000-byte raw file is a 1024-byte disk). Returns

@@ -1086,6 +1086,21 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
     return r;
 }
 
+/* ---- writeback hint ---- */
+
+void vd_node_start_writeback(vd_node *n, uint64_t off, uint64_t bytes)
+{
+    /* Filters pass it down; a node with neither the callback nor a
+     * filtered child has nothing to start (the hint may do nothing). */
+    while (n && !n->drv->start_writeback)
+        n = filtered_child(n);
+    if (!n || n->read_only || n->broken || bytes == 0)
+        return;
+    inflight_inc(n);
+    n->drv->start_writeback(n, off, bytes);
+    inflight_dec(n);
+}
+
 /* ---- copy offloading ---- */
 
 /* Both ranges keep both nodes' request alignment: a protocol copies

@@ -1130,6 +1130,21 @@ static int file_flush(vd_node *node, vd_error *err)
     return 0;
 }
 
+/* Queues the range's dirty pages for writing and returns: the flush that
+ * must come (fdatasync) then mostly waits for writes already under way.
+ * Under cache=unsafe nothing is pushed, as nothing is flushed. A failure
+ * is not an error: the flush writes whatever this did not. */
+static void file_start_writeback(vd_node *node, uint64_t off, uint64_t bytes)
+{
+    file_state *s = node->opaque;
+
+    if (node->flags & VD_NODE_NO_FLUSH) {
+        return;
+    }
+    (void)sync_file_range(s->fd, (off64_t)off, (off64_t)bytes,
+                          SYNC_FILE_RANGE_WRITE);
+}
+
 /*
  * Finds the extent around @start with SEEK_DATA/SEEK_HOLE: on success
  * either *data == start (data up to *hole) or *hole == start (a hole up
@@ -1697,6 +1712,7 @@ static int hdev_create(const char *filename, vd_opts *opts, vd_error *err)
     .copy_range_from = file_copy_range_from,                              \
     .copy_range_to = file_copy_range_to,                                  \
     .flush = file_flush,                                                  \
+    .start_writeback = file_start_writeback,                              \
     .block_status = file_block_status,                                    \
     .getlength = file_getlength,                                          \
     .get_allocated_size = file_get_allocated_size,                        \
