@@ -1086,18 +1086,21 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
     return r;
 }
 
-/* ---- writeback hint ---- */
+/* ---- hints ---- */
 
-void vd_node_start_writeback(vd_node *n, uint64_t off, uint64_t bytes)
+void vd_node_advise(vd_node *n, uint64_t off, uint64_t bytes,
+                    vd_advice advice)
 {
     /* Filters pass it down; a node with neither the callback nor a
-     * filtered child has nothing to start (the hint may do nothing). */
-    while (n && !n->drv->start_writeback)
+     * filtered child has nothing to do (a hint may do nothing). */
+    while (n && !n->drv->advise)
         n = filtered_child(n);
-    if (!n || n->read_only || n->broken || bytes == 0)
+    if (!n || n->broken || bytes == 0)
+        return;
+    if (advice == VD_ADVISE_WRITEBACK && n->read_only)
         return;
     inflight_inc(n);
-    n->drv->start_writeback(n, off, bytes);
+    n->drv->advise(n, off, bytes, advice);
     inflight_dec(n);
 }
 
