@@ -57,7 +57,7 @@ timed() {
     t0=$(now)
     "$@" || return 1
     t1=$(now)
-    echo "$t1 - $t0" | bc
+    printf '%.3f\n' "$(echo "$t1 - $t0" | bc)"
 }
 
 tc=() tq=() tw=()
