@@ -289,6 +289,16 @@ struct vd_node {
  * in the source, so the destination gets a zero write instead. */
 #define VD_REQ_ZERO_WRITE (1u << 16)
 
+/* Hints a caller gives a node about a range (the vtable's advise). */
+typedef enum vd_advice {
+    /* Written data will be flushed soon: start writing it back now,
+     * without waiting. */
+    VD_ADVISE_WRITEBACK,
+    /* The range will not be read again soon: what is cached of it may
+     * go. */
+    VD_ADVISE_DONTNEED,
+} vd_advice;
+
 /*
  * The driver vtable. Every callback is optional unless marked REQUIRED.
  *
@@ -403,6 +413,15 @@ struct vd_driver {
      * flush of the guest's disk does not wait for, nor fail with, the
      * fleecing target, as QEMU's cbw_co_flush()). */
     bool flush_primary_only;
+    /*
+     * Hints about [off, off+bytes) of the node (vd_advice): they make
+     * nothing durable and order nothing (only flush does), change no
+     * byte that reads return, may do nothing and cannot fail.
+     * Absent: filters pass them to the node they filter, other nodes do
+     * nothing.
+     */
+    void (*advise)(vd_node *node, uint64_t off, uint64_t bytes,
+                   vd_advice advice);
 
     /*
      * Copy offloading (QEMU's copy_range_from/copy_range_to): @bytes are
@@ -848,6 +867,9 @@ int vd_node_pwrite_zeroes(vd_node *node, uint64_t off, uint64_t bytes,
 int vd_node_pdiscard(vd_node *node, uint64_t off, uint64_t bytes,
                      vd_error *err);
 int vd_node_flush(vd_node *node, vd_error *err);
+/* The vtable's advise: a hint, nothing to check afterwards. */
+void vd_node_advise(vd_node *node, uint64_t off, uint64_t bytes,
+                    vd_advice advice);
 int64_t vd_node_getlength(vd_node *node);
 /* Asks the driver for the length again and caches it, rounded up to 512
  * bytes as QEMU does (a 1000-byte raw file is a 1024-byte disk). Returns

@@ -1086,6 +1086,24 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
     return r;
 }
 
+/* ---- hints ---- */
+
+void vd_node_advise(vd_node *n, uint64_t off, uint64_t bytes,
+                    vd_advice advice)
+{
+    /* Filters pass it down; a node with neither the callback nor a
+     * filtered child has nothing to do (a hint may do nothing). */
+    while (n && !n->drv->advise)
+        n = filtered_child(n);
+    if (!n || n->broken || bytes == 0)
+        return;
+    if (advice == VD_ADVISE_WRITEBACK && n->read_only)
+        return;
+    inflight_inc(n);
+    n->drv->advise(n, off, bytes, advice);
+    inflight_dec(n);
+}
+
 /* ---- copy offloading ---- */
 
 /* Both ranges keep both nodes' request alignment: a protocol copies

@@ -1130,6 +1130,32 @@ static int file_flush(vd_node *node, vd_error *err)
     return 0;
 }
 
+/* WRITEBACK queues the range's dirty pages for writing and returns: the
+ * flush that must come (fdatasync) then mostly waits for writes already
+ * under way; under cache=unsafe nothing is pushed, as nothing is
+ * flushed. DONTNEED drops the range's clean pages from the page cache
+ * (dirty ones only start their writeback), so that memory goes back to
+ * the pages being written instead of growing the cache. A failure is no
+ * error: nothing depends on either. */
+static void file_advise(vd_node *node, uint64_t off, uint64_t bytes,
+                        vd_advice advice)
+{
+    file_state *s = node->opaque;
+
+    switch (advice) {
+    case VD_ADVISE_WRITEBACK:
+        if (!(node->flags & VD_NODE_NO_FLUSH)) {
+            (void)sync_file_range(s->fd, (off64_t)off, (off64_t)bytes,
+                                  SYNC_FILE_RANGE_WRITE);
+        }
+        break;
+    case VD_ADVISE_DONTNEED:
+        (void)posix_fadvise(s->fd, (off_t)off, (off_t)bytes,
+                            POSIX_FADV_DONTNEED);
+        break;
+    }
+}
+
 /*
  * Finds the extent around @start with SEEK_DATA/SEEK_HOLE: on success
  * either *data == start (data up to *hole) or *hole == start (a hole up
@@ -1697,6 +1723,7 @@ static int hdev_create(const char *filename, vd_opts *opts, vd_error *err)
     .copy_range_from = file_copy_range_from,                              \
     .copy_range_to = file_copy_range_to,                                  \
     .flush = file_flush,                                                  \
+    .advise = file_advise,                                                \
     .block_status = file_block_status,                                    \
     .getlength = file_getlength,                                          \
     .get_allocated_size = file_get_allocated_size,                        \
