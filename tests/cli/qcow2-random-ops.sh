@@ -1,0 +1,338 @@
+#!/usr/bin/env bash
+# Randomized qcow2 operations on twins: qemu-io and qemu-img work on q/,
+# vdisk io and vdisk on v/. Each image gets a random geometry (cluster
+# size 512 B to 2 MiB, extended L2, compat 0.10 or 1.1, refcount width,
+# lazy refcounts, no backing file or a qcow2 or raw one longer or
+# shorter than the image) and a random sequence of writes (aligned,
+# unaligned, from a pattern file), zero writes with and without unmap,
+# compressed writes, discards, resizes (grow, --shrink, to sizes that
+# are 512-multiples but not cluster-aligned) and internal snapshots
+# (create, apply, delete). After every step both twins must succeed or
+# fail together, have the same size and snapshot list and read the same
+# (qemu-img compare), and qemu-img check must find v/ clean; at the end of
+# each image every snapshot reads the same in both twins and each tool's
+# map of each twin is the other tool's. Only what QEMU promises is
+# compared: contents, not allocation. VDISK_RANDOM_SEED reproduces a run;
+# runtime is bounded (~30 s).
+source "$(dirname "$0")/../functions.sh"
+requires qemu-img qemu-io python3
+tmpdir
+
+python3 - "$VDISK" "$QEMU_IMG" "$QEMU_IO" "${VDISK_RANDOM_SEED:-}" <<'EOF'
+import json, os, random, shutil, subprocess, sys, time
+
+vdisk, qimg, qio, seed = sys.argv[1:5]
+seed = int(seed) if seed else random.randrange(1 << 30)
+print("seed", seed, flush=True)
+rng = random.Random(seed)
+deadline = time.time() + 30
+K, M = 1024, 1024 * 1024
+log = []            # the steps of the current image, printed on failure
+
+
+def fail(msg):
+    sys.exit("FAIL (seed %d): %s\nsteps of this image:\n  %s" % (
+        seed, msg, "\n  ".join(log)))
+
+
+def run(*args, ok=(0,)):
+    p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if p.returncode not in ok:
+        fail("%s -> %d\n%s%s" % (" ".join(args), p.returncode,
+                                 p.stdout.decode(), p.stderr.decode()))
+    return p
+
+
+def info(path):
+    return json.loads(run(qimg, "info", "-U", "--output=json",
+                          path).stdout)
+
+
+def snapshots(image_info):
+    return [(s["id"], s["name"], s["vm-state-size"])
+            for s in image_info.get("snapshots", [])]
+
+
+def merged_map(tool, path, offsets=True):
+    """The image's map as @tool prints it, adjacent extents that say the
+    same merged (without host offsets unless @offsets)."""
+    out = []
+    for e in json.loads(run(tool, "map", "-U", "--output=json",
+                            path).stdout):
+        if not offsets:
+            e.pop("offset", None)
+        if e["data"]:
+            # Holes of the host file under data clusters (fallocated,
+            # never written): ext4 reports an unwritten extent as a hole
+            # or as data depending on what the page cache holds, so
+            # this changes from one map to the next.
+            e.pop("zero")
+        if out:
+            last = out[-1]
+            same = all(last.get(k) == e.get(k) for k in
+                       ("depth", "present", "zero", "data", "compressed"))
+            if same and "offset" in e and "offset" in last:
+                same = last["offset"] + last["length"] == e["offset"]
+            if same and last["start"] + last["length"] == e["start"]:
+                last["length"] += e["length"]
+                continue
+        out.append(e)
+    return out
+
+
+def check_twins(what):
+    qi, vi = info("q/img.qcow2"), info("v/img.qcow2")
+    qs, vs = qi["virtual-size"], vi["virtual-size"]
+    if qs != vs:
+        fail("after %s: size %d (qemu) vs %d (vdisk)" % (what, qs, vs))
+    p = run(qimg, "compare", "-U", "q/img.qcow2", "v/img.qcow2", ok=(0, 1))
+    if p.returncode:
+        fail("after %s: the twins differ\n%s" % (what, p.stdout.decode()))
+    if snapshots(qi) != snapshots(vi):
+        fail("after %s: snapshots %s (qemu) vs %s (vdisk)" % (
+            what, snapshots(qi), snapshots(vi)))
+    p = run(qimg, "check", "v/img.qcow2", ok=(0, 1, 2, 3))
+    if p.returncode:
+        fail("after %s: qemu-img check v/img.qcow2 -> %d\n%s%s" % (
+            what, p.returncode, p.stdout.decode(), p.stderr.decode()))
+    return qs
+
+
+def twin(qargs, vargs, what, known=None):
+    """Run one step on both twins; they must succeed or fail together,
+    unless known(qemu_result, vdisk_result) accepts the difference (and
+    may bring the twins back in step)."""
+    log.append(what)
+    pq = subprocess.run(qargs, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE)
+    pv = subprocess.run(vargs, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE)
+    if pv.returncode not in (0, 1):
+        fail("%s: vdisk exited %d\n%s" % (what, pv.returncode,
+                                          pv.stderr.decode()))
+    if (pq.returncode == 0) != (pv.returncode == 0) and \
+            not (known and known(pq, pv)):
+        fail("%s: qemu -> %d, vdisk -> %d\nqemu: %s%s\nvdisk: %s%s" % (
+            what, pq.returncode, pv.returncode, pq.stdout.decode(),
+            pq.stderr.decode(), pv.stdout.decode(), pv.stderr.decode()))
+    return pq.returncode == 0 and pv.returncode == 0
+
+
+def io(cmd, known=None):
+    return twin([qio, "-c", cmd, "q/img.qcow2"],
+                [vdisk, "io", "-c", cmd, "v/img.qcow2"], "io " + cmd, known)
+
+
+def img(args, known=None):
+    return twin([qimg] + args + ["q/img.qcow2"],
+                [vdisk] + args + ["v/img.qcow2"], " ".join(args), known)
+
+
+def geometry():
+    cs = rng.choice([512, 1 * K, 2 * K, 4 * K, 4 * K, 8 * K, 16 * K, 32 * K,
+                     64 * K, 64 * K, 64 * K, 128 * K, 256 * K, 512 * K, M,
+                     2 * M])
+    opts = ["cluster_size=%d" % cs]
+    if rng.random() < 0.25:
+        opts.append("compat=0.10")
+    else:
+        if cs >= 16 * K and rng.random() < 0.4:
+            opts.append("extended_l2=on")
+        if rng.random() < 0.4:
+            opts.append("refcount_bits=%d" % rng.choice([1, 2, 4, 8, 32,
+                                                         64]))
+        if rng.random() < 0.3:
+            opts.append("lazy_refcounts=on")
+    return cs, ",".join(opts)
+
+
+def unaligned_size(cs, top):
+    """A 512-multiple up to @top, cluster-aligned only by chance."""
+    if rng.random() < 0.3:
+        n = rng.randint(1, max(1, top // cs)) * cs
+        return max(512, n + rng.choice([0, 512, -512]))
+    return rng.randint(1, top // 512) * 512
+
+
+def make_backing(size):
+    kind = rng.choice(["qcow2", "qcow2", "raw"])
+    name = "base." + kind
+    opts = "cluster_size=%d" % rng.choice([4 * K, 64 * K]) \
+        if kind == "qcow2" else "preallocation=off"
+    # Data everywhere but in a few holes, so that whatever shows through
+    # where it should not is seen.
+    cmds = []
+    off = 0
+    while off < size:
+        ln = min(size - off, rng.choice([4 * K, 64 * K, 300 * K, M]))
+        if rng.random() < 0.8:
+            cmds += ["-c", "write -q -P %d %d %d" % (rng.randrange(1, 256),
+                                                    off, ln)]
+        off += ln
+    # Made twice the same way rather than copied, which would fill the
+    # holes of a raw file (and so change its map).
+    for d in ("q", "v"):
+        run(qimg, "create", "-q", "-f", kind, "-o", opts, d + "/" + name,
+            str(size))
+        if cmds:
+            run(qio, "-f", kind, *cmds, d + "/" + name)
+    return name, kind
+
+
+with open("pattern.bin", "wb") as f:
+    # Repeated by qemu-io to fill the buffer; an odd period, half
+    # compressible, so that data moved to a wrong offset is seen.
+    f.write(bytes(rng.randrange(256) for _ in range(1531)) + bytes(1000))
+
+
+def random_range(size, cs):
+    a = rng.random()
+    if a < 0.3:
+        off = rng.randrange(0, size)
+    elif a < 0.7:
+        off = rng.randrange(0, size) & ~511
+    else:
+        off = rng.randrange(0, (size + cs - 1) // cs) * cs
+        off = min(off, (size - 1) & ~511)
+    b = rng.random()
+    if b < 0.3:
+        ln = rng.randint(1, 8 * K)
+    elif b < 0.6:
+        ln = rng.randint(1, 4) * cs + rng.choice([0, 0, 512, -512, 1, -1])
+    else:
+        ln = rng.randint(1, 512 * K)
+    if a >= 0.3 and b >= 0.3 and rng.random() < 0.7:
+        ln = max(512, ln & ~511)
+    return off, max(1, min(ln, size - off))
+
+
+images = steps = 0
+while time.time() < deadline and images < 100:
+    images += 1
+    log = []
+    for d in ("q", "v"):
+        shutil.rmtree(d, ignore_errors=True)
+        os.mkdir(d)
+    cs, opts = geometry()
+    size = unaligned_size(cs, max(4 * M, 3 * cs))
+    v2 = "compat=0.10" in opts
+    backing = None
+    if rng.random() < 0.6:
+        bsize = max(512, size + rng.choice([-1, 1]) * rng.randint(1, 64) *
+                    rng.choice([512, 4 * K, cs]))
+        backing = make_backing(bsize)
+        log.append("backing %s, %d bytes" % (backing[1], bsize))
+    qargs = ["create", "-q", "-f", "qcow2", "-o", opts]
+    if backing:
+        qargs += ["-b", backing[0], "-F", backing[1]]
+    log.append("create %s %d" % (" ".join(qargs[3:]), size))
+    run(qimg, *qargs, "q/img.qcow2", str(size))
+    run(vdisk, *qargs, "v/img.qcow2", str(size))
+    check_twins("create")
+    counter = 0
+    tainted = False
+    for _ in range(rng.randint(8, 30)):
+        if time.time() > deadline:
+            break
+        steps += 1
+        op = rng.choice(["write"] * 6 + ["zero"] * 3 + ["compress"] * 2 +
+                        ["discard"] * 2 + ["resize"] * 2 + ["snapshot"])
+        if op == "write":
+            off, ln = random_range(size, cs)
+            if rng.random() < 0.4:
+                io("write -q -s pattern.bin %d %d" % (off, ln))
+            else:
+                io("write -q -P %d %d %d" % (rng.randrange(256), off, ln))
+        elif op == "zero":
+            off, ln = random_range(size, cs)
+            io("write -q -z%s %d %d" % (rng.choice(["", " -u"]), off, ln))
+        elif op == "discard":
+            off, ln = random_range(size, cs)
+            io("discard -q %d %d" % (off, ln))
+        elif op == "compress":
+            # Whole clusters, or the partial one at the end (QEMU refuses
+            # anything else, as vdisk does).
+            first = rng.randrange(0, (size + cs - 1) // cs)
+            n = rng.randint(1, 3)
+            off = first * cs
+            ln = min(n * cs, size - off)
+            src = rng.choice(["-s pattern.bin", "-P %d" % rng.randrange(256)])
+            cmd = "write -q -c %s %d %d" % (src, off, ln)
+
+            def over_allocated(pq, pv, cmd=cmd, src=src, off=off, ln=ln):
+                # Kept on purpose (docs/qcow2.md): QEMU fails a compressed
+                # write over an allocated cluster with EIO, vdisk
+                # compresses. The same data written plainly on q/.
+                if pv.returncode or b"Input/output error" not in \
+                        pq.stdout + pq.stderr:
+                    return False
+                run(qio, "-c", "write -q %s %d %d" % (src, off, ln),
+                    "q/img.qcow2")
+                global tainted
+                tainted = True
+                return True
+            io(cmd, over_allocated)
+        elif op == "resize":
+            if rng.random() < 0.5:
+                new = size + unaligned_size(cs, max(2 * M, 2 * cs))
+            else:
+                new = unaligned_size(cs, size)
+            if new > size and v2 and backing and bsize > size:
+                # QEMU 7.2 cannot zero the new range of a v2 image (no
+                # zero flag) and refuses; vdisk writes zeros.
+                continue
+            args = ["resize", "-q"]
+            if new < size or rng.random() < 0.1:
+                args.append("--shrink")
+            if twin([qimg] + args + ["q/img.qcow2", str(new)],
+                    [vdisk] + args + ["v/img.qcow2", str(new)],
+                    " ".join(args) + " " + str(new)) and new > size:
+                # Kept on purpose (tests/cli/qcow2-resize.sh): QEMU 7.2
+                # leaves what a shrink cut off in the last partial
+                # cluster, and a grow shows it again; vdisk zeroes the
+                # rest of that cluster. Zeroed on q/ likewise.
+                end = min(new, (size + cs - 1) // cs * cs)
+                if end > size:
+                    tainted = True
+                    run(qio, "-c", "write -q -z %d %d" % (size, end - size),
+                        "q/img.qcow2")
+        elif op == "snapshot":
+            names = [s[1] for s in snapshots(info("q/img.qcow2"))]
+            a = rng.random()
+            if a < 0.5 or not names:
+                counter += 1
+                img(["snapshot", "-c", "s%d" % counter])
+            elif a < 0.75:
+                img(["snapshot", "-a", rng.choice(names)])
+            else:
+                img(["snapshot", "-d", rng.choice(names)])
+        size = check_twins(log[-1] if log else op)
+
+    # The end of an image: snapshots read the same, and both tools map
+    # each twin alike.
+    for _, name, _ in snapshots(info("q/img.qcow2")):
+        for d in ("q", "v"):
+            run(qimg, "convert", "-U", "-O", "raw", "-l", name,
+                d + "/img.qcow2", d + "/snap.raw")
+        if run(qimg, "compare", "-U", "-f", "raw", "-F", "raw", "q/snap.raw",
+               "v/snap.raw", ok=(0, 1)).returncode:
+            fail("snapshot %s differs" % name)
+    for d in ("q", "v"):
+        qm = merged_map(qimg, d + "/img.qcow2")
+        vm = merged_map(vdisk, d + "/img.qcow2")
+        if qm != vm:
+            fail("%s/img.qcow2: vdisk map differs from qemu-img map:\n%s" % (
+                d, "\n".join("%s\n  vs %s" % (a, b) for a, b in
+                             zip(qm + [None] * len(vm), vm + [None] * len(qm))
+                             if a != b)))
+    if not tainted:
+        qm = merged_map(qimg, "q/img.qcow2", False)
+        vm = merged_map(qimg, "v/img.qcow2", False)
+        if qm != vm:
+            print("NOTE: twins map differently: image %d %s\n  %s\n  %s" % (images, log, [x for x in qm if x not in vm][:3], [x for x in vm if x not in qm][:3]), flush=True)
+    p = run(vdisk, "compare", "-U", "q/img.qcow2", "v/img.qcow2", ok=(0, 1))
+    if p.returncode:
+        fail("vdisk compare finds the twins differ\n%s" % p.stdout.decode())
+
+print("ok: %d images, %d steps" % (images, steps))
+EOF
