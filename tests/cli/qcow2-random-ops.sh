@@ -93,6 +93,15 @@ def check_twins(what):
             what, snapshots(qi), snapshots(vi)))
     p = run(qimg, "check", "v/img.qcow2", ok=(0, 1, 2, 3))
     if p.returncode:
+        # Allowed only where QEMU leaves the very same: a snapshot that
+        # fails on a refcount overflow (2-bit refcounts) leaks what it
+        # had counted already and leaves an L2 table COPIED with a
+        # refcount of 2, in both. The image ends there.
+        pq = run(qimg, "check", "q/img.qcow2", ok=(0, 1, 2, 3))
+        if pq.returncode == p.returncode and pq.stdout == p.stdout:
+            global damaged
+            damaged = True
+            return qs
         fail("after %s: qemu-img check v/img.qcow2 -> %d\n%s%s" % (
             what, p.returncode, p.stdout.decode(), p.stderr.decode()))
     return qs
@@ -215,7 +224,6 @@ while time.time() < deadline and images < 100:
         os.mkdir(d)
     cs, opts = geometry()
     size = unaligned_size(cs, max(4 * M, 3 * cs))
-    v2 = "compat=0.10" in opts
     backing = None
     if rng.random() < 0.6:
         bsize = max(512, size + rng.choice([-1, 1]) * rng.randint(1, 64) *
@@ -230,9 +238,9 @@ while time.time() < deadline and images < 100:
     run(vdisk, *qargs, "v/img.qcow2", str(size))
     check_twins("create")
     counter = 0
-    tainted = False
+    tainted = damaged = False
     for _ in range(rng.randint(8, 30)):
-        if time.time() > deadline:
+        if time.time() > deadline or damaged:
             break
         steps += 1
         op = rng.choice(["write"] * 6 + ["zero"] * 3 + ["compress"] * 2 +
@@ -277,16 +285,30 @@ while time.time() < deadline and images < 100:
                 new = size + unaligned_size(cs, max(2 * M, 2 * cs))
             else:
                 new = unaligned_size(cs, size)
-            if new > size and v2 and backing and bsize > size:
-                # QEMU 7.2 cannot zero the new range of a v2 image (no
-                # zero flag) and refuses; vdisk writes zeros.
-                continue
             args = ["resize", "-q"]
             if new < size or rng.random() < 0.1:
                 args.append("--shrink")
+
+            def cannot_zero(pq, pv, old=size, new=new):
+                # Where a longer backing file would show through, QEMU
+                # 7.2 refuses to grow an image it cannot zero with zero
+                # flags (v2 has none; nor can it zero part of a
+                # compressed cluster); vdisk writes zeros. Its new range
+                # must read as zeros; then it is shrunk back.
+                if pv.returncode or b"Failed to zero out new clusters" \
+                        not in pq.stderr:
+                    return False
+                run(qio, "-r", "-c", "read -q -P 0 %d %d" % (old, new - old),
+                    "v/img.qcow2")
+                run(vdisk, "resize", "-q", "--shrink", "v/img.qcow2",
+                    str(old))
+                global tainted
+                tainted = True
+                return True
             if twin([qimg] + args + ["q/img.qcow2", str(new)],
                     [vdisk] + args + ["v/img.qcow2", str(new)],
-                    " ".join(args) + " " + str(new)) and new > size:
+                    " ".join(args) + " " + str(new), cannot_zero) \
+                    and new > size:
                 # Kept on purpose (tests/cli/qcow2-resize.sh): QEMU 7.2
                 # leaves what a shrink cut off in the last partial
                 # cluster, and a grow shows it again; vdisk zeroes the
