@@ -264,6 +264,7 @@ while time.time() < deadline and images < 100:
     run(vdisk, *qargs, "v/img.qcow2", str(size))
     check_twins("create")
     counter = 0
+    snap_size = {}
     tainted = damaged = False
     for _ in range(rng.randint(8, 30)):
         if time.time() > deadline or damaged:
@@ -364,7 +365,8 @@ while time.time() < deadline and images < 100:
             a = rng.random()
             if a < 0.5 or not names:
                 counter += 1
-                img(["snapshot", "-c", "s%d" % counter])
+                if img(["snapshot", "-c", "s%d" % counter]):
+                    snap_size["s%d" % counter] = size
             elif a < 0.75:
                 img(["snapshot", "-a", rng.choice(names)])
             else:
@@ -374,11 +376,17 @@ while time.time() < deadline and images < 100:
     # The end of an image: snapshots read the same, and both tools map
     # each twin alike.
     for _, name, _ in snapshots(info("q/img.qcow2")):
+        views = []
         for d in ("q", "v"):
             run(qimg, "convert", "-U", "-O", "raw", "-l", name,
                 d + "/img.qcow2", d + "/snap.raw")
-        if run(qimg, "compare", "-U", "-f", "raw", "-F", "raw", "q/snap.raw",
-               "v/snap.raw", ok=(0, 1)).returncode:
+            with open(d + "/snap.raw", "rb") as f:
+                # qemu-img reads a snapshot at the image's current size;
+                # past the snapshot's own it shows whatever its last
+                # cluster holds past the old end (QEMU's copy on write
+                # fills it from a longer backing file, vdisk's with zeros).
+                views.append(f.read()[:snap_size[name]])
+        if views[0] != views[1]:
             fail("snapshot %s differs" % name)
     for d in ("q", "v"):
         qm = merged_map(qimg, d + "/img.qcow2")
