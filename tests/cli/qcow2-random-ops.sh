@@ -359,10 +359,21 @@ while time.time() < deadline and images < 100:
         elif op == "session":
             # Several commands in one open image: its caches (L2 tables,
             # refcount blocks) live across them.
-            io([simple_command(rng.choice(["write", "write", "zero",
-                                           "discard"]),
-                               *random_range(size, cs))
-                for _ in range(rng.randint(2, 12))])
+            cmds, cur = [], size
+            for _ in range(rng.randint(2, 12)):
+                if rng.random() < 0.15 and cur % cs == 0 and \
+                        not backing and not over_nbd and \
+                        not snapshots(info("q/img.qcow2")):
+                    # The image resized while open (qemu-io's truncate,
+                    # which may shrink): from and to cluster-aligned
+                    # sizes, where QEMU's grow shows no stale bytes.
+                    cur = rng.randint(1, max(2, 2 * cur // cs)) * cs
+                    cmds.append("truncate %d" % cur)
+                else:
+                    cmds.append(simple_command(
+                        rng.choice(["write", "write", "zero", "discard"]),
+                        *random_range(cur, cs)))
+            io(cmds)
         elif op == "aio":
             # Requests in flight together on disjoint ranges (sharing
             # clusters and L2 tables), then a flush.
