@@ -1602,7 +1602,10 @@ static int do_truncate(qcow2_state *s, uint64_t size, vd_prealloc prealloc,
     if (ret == 0 && prealloc == VD_PREALLOC_OFF) {
         /* The new range must read as zeros: neither stale bytes of a
          * partial last cluster nor a longer backing file may show
-         * through (QEMU zeroes it the same way). */
+         * through. QEMU 7.2 zeroes it only for a longer backing file,
+         * refuses where its zero flags cannot (v2, part of a compressed
+         * cluster), and lets what a shrink cut off show again: both
+         * differences are kept on purpose (docs/qcow2.md, Findings). */
         vd_node *b = s->node->backing ? s->node->backing->node : NULL;
         bool shows = b && vd_node_getlength(b) > (int64_t)old;
         uint64_t zend = shows ? size

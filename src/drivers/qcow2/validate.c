@@ -618,6 +618,78 @@ static int l2_entries(qcow2_state *s, uint64_t l1e, uint64_t first,
     return ret;
 }
 
+/*
+ * Compressed clusters share host clusters, and a new reference to the
+ * tree adds one to a shared host cluster for each compressed cluster in
+ * it: "one more reference fits" per entry does not tell whether they
+ * all fit. Each host cluster's refcount plus the number of compressed
+ * entries of the tree in it must. Run for refcounts narrower than 16
+ * bits, where a few compressed clusters overflow them (the tree's
+ * entries were validated already).
+ */
+static int compressed_refs_fit(qcow2_state *s, const uint64_t *l1,
+                               uint32_t l1_size, vd_error *err)
+{
+    uint64_t *hosts = NULL;
+    size_t n = 0, cap = 0;
+    int ret = 0;
+
+    for (uint32_t i = 0; ret == 0 && i < l1_size; i++) {
+        uint64_t l2_off = l1[i] & QCOW2_L1E_OFFSET_MASK;
+        void *table = NULL;
+
+        if (!l2_off) {
+            continue;
+        }
+        ret = qcow2_cache_get(s, s->l2_cache, l2_off, &table, err);
+        for (uint64_t j = 0; ret == 0 && j < s->l2_size; j++) {
+            uint64_t e = qcow2_get_l2_entry(s, table, j), off, bytes;
+
+            if (!(e & QCOW2_OFLAG_COMPRESSED)) {
+                continue;
+            }
+            qcow2_parse_compressed(s, e, &off, &bytes);
+            for (uint64_t c = off >> s->cluster_bits;
+                 c <= (off + (bytes ? bytes : 1) - 1) >> s->cluster_bits;
+                 c++) {
+                if (n == cap) {
+                    size_t ncap = cap ? 2 * cap : 256;
+                    uint64_t *p = realloc(hosts, ncap * sizeof(*p));
+                    if (!p) {
+                        ret = vd_error_set(err, -ENOMEM, "%s: out of memory",
+                                           s->filename);
+                        break;
+                    }
+                    hosts = p;
+                    cap = ncap;
+                }
+                hosts[n++] = c;
+            }
+        }
+        if (table) {
+            qcow2_cache_put(s->l2_cache, &table);
+        }
+    }
+    if (ret == 0 && n > 1) {
+        qsort(hosts, n, sizeof(*hosts), cmp_u64);
+    }
+    for (size_t i = 0, k; ret == 0 && i < n; i += k) {
+        uint64_t rc;
+
+        for (k = 1; i + k < n && hosts[i + k] == hosts[i]; k++) {
+        }
+        if (k == 1) {
+            continue;
+        }
+        ret = qcow2_get_refcount(s, hosts[i], &rc, err);
+        if (ret == 0 && rc + k > s->refcount_max) {
+            ret = overflow_error(s, err);
+        }
+    }
+    free(hosts);
+    return ret;
+}
+
 int qcow2_validate_l1_tree(qcow2_state *s, const uint64_t *l1,
                            uint32_t l1_size, unsigned flags, vd_error *err)
 {
@@ -632,6 +704,10 @@ int qcow2_validate_l1_tree(qcow2_state *s, const uint64_t *l1,
         if (ret == 0) {
             ret = l2_entries(s, l1[i], 0, s->l2_size, flags, flen, err);
         }
+    }
+    if (ret == 0 && (flags & QCOW2_VALIDATE_OVERFLOW) &&
+        s->refcount_bits < 16) {
+        ret = compressed_refs_fit(s, l1, l1_size, err);
     }
     return ret;
 }
