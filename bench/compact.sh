@@ -21,14 +21,19 @@
 # Needs qemu-img, qemu-io and about 9 GiB free in BENCH_DIR (default
 # /var/tmp).
 #
-#   bench/compact.sh        # BENCH_SIZE (4G), BENCH_RUNS (3)
+#   bench/compact.sh        # BENCH_SIZE (4G), BENCH_RUNS (3), BENCH_KEEP=1
+#                           # keeps the scratch directory
 set -u -o pipefail
 
 source "$(dirname "$0")/functions.bash"
 runs=${BENCH_RUNS:-3}
 size=${BENCH_SIZE:-4G}
 work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/vdisk-compact-bench.XXXXXX") || exit 2
-trap 'rm -rf "$work"' EXIT
+if [ "${BENCH_KEEP:-0}" = 1 ]; then
+    echo "keeping $work" >&2
+else
+    trap 'rm -rf "$work"' EXIT
+fi
 cd "$work" || exit 2
 
 bytes=$(numfmt --from=iec "$size")
@@ -36,8 +41,11 @@ mib=$((bytes >> 20))
 echo "preparing a $size image, every other MiB discarded..." >&2
 qemu-img create -q -f qcow2 img.qcow2 "$size" || exit 1
 cmds=()
+# Written in pieces of up to 256 MiB (fewer qemu-io commands), the last
+# one cut to the image's end.
 for ((i = 0; i < mib; i += 256)); do
-    cmds+=(-c "write -P $((i / 256 % 250 + 1)) ${i}M 256M")
+    piece=$((mib - i < 256 ? mib - i : 256))
+    cmds+=(-c "write -P $((i / 256 % 250 + 1)) ${i}M ${piece}M")
 done
 qemu-io "${cmds[@]}" img.qcow2 >/dev/null || exit 1
 cmds=()
