@@ -404,13 +404,23 @@ static int load_key(vd_luks *l, int idx, const char *password, uint8_t *mk,
     if (s->active != SLOT_ENABLED) {
         return 0;
     }
+    /* PBKDF2 is undefined for 0 iterations (nettle asserts): a damaged
+     * header, refused before the key is derived. */
+    if (s->iters == 0) {
+        return vd_error_set(err, -EINVAL, "Keyslot %d iteration count is "
+                            "zero", idx);
+    }
+    if (l->mk_iters == 0) {
+        return vd_error_set(err, -EINVAL, "Master key digest iteration "
+                            "count is zero");
+    }
     if (s->iters > vd_luks_max_iters || l->mk_iters > vd_luks_max_iters) {
         *skipped = true;
         return 0;
     }
-    if (s->stripes > VD_LUKS_MAX_STRIPES) {
+    if (s->stripes == 0 || s->stripes > VD_LUKS_MAX_STRIPES) {
         return vd_error_set(err, -EINVAL, "Keyslot %d has %" PRIu32
-                            " anti-forensic stripes, more than %u", idx,
+                            " anti-forensic stripes, not 1 to %u", idx,
                             s->stripes, VD_LUKS_MAX_STRIPES);
     }
     splen = klen * s->stripes;
