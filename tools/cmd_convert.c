@@ -614,6 +614,19 @@ static void fail(convert_state *s, int ret)
     }
 }
 
+/* With s->lock held.  A chunk is read in pieces by several workers, so
+ * the same failure can come back more than once: only the first error
+ * of the conversion is reported, as qemu-img reports one. */
+static void fail_once(convert_state *s, int ret, const char *what,
+                      uint64_t chunk_start)
+{
+    if (!s->ret) {
+        cli_error("error while %s at byte %" PRIu64 ": %s", what,
+                  chunk_start, strerror(-ret));
+    }
+    fail(s, ret);
+}
+
 static void *worker(void *opaque)
 {
     convert_state *s = opaque;
@@ -641,10 +654,6 @@ static void *worker(void *opaque)
         r = 0;
         if (c.status == BLK_DATA && !copy) {
             r = read_chunk(s, &c, buf);
-            if (r < 0) {
-                cli_error("error while reading at byte %" PRIu64 ": %s",
-                          c.chunk_start, strerror(-r));
-            }
         } else if (c.status == BLK_ZERO && !s->min_sparse) {
             /* -S 0: written as data. */
             memset(buf, 0, c.len);
@@ -653,7 +662,7 @@ static void *worker(void *opaque)
 
         pthread_mutex_lock(&s->lock);
         if (r < 0) {
-            fail(s, r);
+            fail_once(s, r, "reading", c.chunk_start);
             break;
         }
         while (s->in_order && s->write_seq != c.seq && !s->ret) {
@@ -673,22 +682,16 @@ static void *worker(void *opaque)
             copy = false;
             r = read_chunk(s, &c, buf);
             if (r < 0) {
-                cli_error("error while reading at byte %" PRIu64 ": %s",
-                          c.chunk_start, strerror(-r));
                 pthread_mutex_lock(&s->lock);
-                fail(s, r);
+                fail_once(s, r, "reading", c.chunk_start);
                 break;
             }
         }
         r = copy ? 0 : write_chunk(s, &c, buf);
-        if (r < 0) {
-            cli_error("error while writing at byte %" PRIu64 ": %s",
-                      c.chunk_start, strerror(-r));
-        }
 
         pthread_mutex_lock(&s->lock);
         if (r < 0) {
-            fail(s, r);
+            fail_once(s, r, "writing", c.chunk_start);
             break;
         }
         s->write_seq++;
