@@ -71,9 +71,11 @@ static int file_length(qcow2_state *s, uint64_t *flen, vd_error *err)
 
 /* The refcount of every cluster of [offset, offset+bytes) is at least 1
  * and, with @overflow, below the maximum. *@bad gets the first cluster
- * that fails (-ERANGE: overflow, -ENOENT: refcount 0). */
+ * that fails (-ERANGE: overflow, -ENOENT: refcount 0); *@highest (when
+ * not NULL) the highest refcount in the range. */
 static int check_refs(qcow2_state *s, uint64_t offset, uint64_t bytes,
-                      bool overflow, uint64_t *bad, vd_error *err)
+                      bool overflow, uint64_t *bad, uint64_t *highest,
+                      vd_error *err)
 {
     uint64_t first = offset >> s->cluster_bits;
     uint64_t last = (offset + (bytes ? bytes : 1) - 1) >> s->cluster_bits;
@@ -87,6 +89,9 @@ static int check_refs(qcow2_state *s, uint64_t offset, uint64_t bytes,
         if (rc == 0 || (overflow && rc >= s->refcount_max)) {
             *bad = c << s->cluster_bits;
             return rc ? -ERANGE : -ENOENT;
+        }
+        if (highest && rc > *highest) {
+            *highest = rc;
         }
     }
     return 0;
@@ -411,12 +416,12 @@ static int validate_all(qcow2_state *s, vd_error *err)
     /* Each of their clusters must count as used. */
     for (size_t i = 0; ret == 0 && i < l.n; i++) {
         ret = check_refs(s, l.v[i].start, l.v[i].end - l.v[i].start, false,
-                         &bad, err);
+                         &bad, NULL, err);
         ret = ret < 0 ? refs_error(s, &l.v[i], ret, bad, err) : 0;
     }
     for (size_t i = 0; ret == 0 && i < ncl; i++) {
         ret = check_refs(s, cl[i] & ~TAG_REFBLOCK, s->cluster_size, false,
-                         &bad, err);
+                         &bad, NULL, err);
         if (ret < 0) {
             vrange x = single(s, cl[i], UINT64_MAX);
             ret = refs_error(s, &x, ret, bad, err);
@@ -515,7 +520,7 @@ static int l2_table_ref(qcow2_state *s, uint64_t l1e, uint64_t l1_index,
                             s->filename, off, which, l1_index,
                             qcow2_overlap_name(bit));
     }
-    ret = check_refs(s, off, s->cluster_size, overflow, &bad, err);
+    ret = check_refs(s, off, s->cluster_size, overflow, &bad, NULL, err);
     if (ret == -ENOENT) {
         return vd_error_set(err, -EIO, "%s: the L2 table at 0x%" PRIx64
                             " (%s L1 index 0x%" PRIx64 ") has refcount 0",
@@ -534,11 +539,15 @@ int qcow2_validate_l2_table_ref(qcow2_state *s, uint64_t l1e,
     return l2_table_ref(s, l1e, l1_index, flags, flen, err);
 }
 
+/* With QCOW2_VALIDATE_OVERFLOW, *@near_max (when not NULL) is set when
+ * the host cluster of a compressed entry has a refcount so high that
+ * the other compressed entries sharing it might not fit
+ * (compressed_refs_fit() must then count them). */
 static int cluster_ref(qcow2_state *s, uint64_t e, uint64_t l2_off,
                        uint64_t l2_index, unsigned flags, uint64_t flen,
-                       vd_error *err)
+                       bool *near_max, vd_error *err)
 {
-    uint64_t off, bytes, bad = 0;
+    uint64_t off, bytes, bad = 0, highest = 0;
     bool overflow = flags & QCOW2_VALIDATE_OVERFLOW;
     const char *what;
     int bit, ret;
@@ -579,7 +588,20 @@ static int cluster_ref(qcow2_state *s, uint64_t e, uint64_t l2_off,
                             "overlaps the %s", s->filename, what, off, l2_off,
                             l2_index, qcow2_overlap_name(bit));
     }
-    ret = check_refs(s, off, bytes, overflow, &bad, err);
+    ret = check_refs(s, off, bytes, overflow, &bad, &highest, err);
+    if (ret == 0 && overflow && near_max && (e & QCOW2_OFLAG_COMPRESSED)) {
+        /* The entries sharing a host cluster are at most its refcount
+         * (each is a reference) and, unless some overlap, one per
+         * 512-byte sector of it plus one straddling in. */
+        uint64_t sharing = (s->cluster_size >> 9) + 1;
+        if (highest > sharing) {
+            sharing = highest;
+        }
+        if (sharing >= s->refcount_max ||
+            highest > s->refcount_max - sharing) {
+            *near_max = true;
+        }
+    }
     if (ret == -ENOENT) {
         return vd_error_set(err, -EIO, "%s: the %s at 0x%" PRIx64 " (L2 "
                             "table 0x%" PRIx64 ", index 0x%" PRIx64 ") has "
@@ -596,13 +618,13 @@ int qcow2_validate_cluster_ref(qcow2_state *s, uint64_t e, uint64_t l2_off,
                                uint64_t l2_index, unsigned flags,
                                uint64_t flen, vd_error *err)
 {
-    return cluster_ref(s, e, l2_off, l2_index, flags, flen, err);
+    return cluster_ref(s, e, l2_off, l2_index, flags, flen, NULL, err);
 }
 
 /* Entries [first, end) of the L2 table named by @l1e. */
 static int l2_entries(qcow2_state *s, uint64_t l1e, uint64_t first,
                       uint64_t end, unsigned flags, uint64_t flen,
-                      vd_error *err)
+                      bool *near_max, vd_error *err)
 {
     uint64_t l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
     void *table = NULL;
@@ -610,7 +632,7 @@ static int l2_entries(qcow2_state *s, uint64_t l1e, uint64_t first,
 
     for (uint64_t j = first; ret == 0 && j < end; j++) {
         ret = cluster_ref(s, qcow2_get_l2_entry(s, table, j), l2_off, j,
-                          flags, flen, err);
+                          flags, flen, near_max, err);
     }
     if (table) {
         qcow2_cache_put(s->l2_cache, &table);
@@ -623,9 +645,11 @@ static int l2_entries(qcow2_state *s, uint64_t l1e, uint64_t first,
  * tree adds one to a shared host cluster for each compressed cluster in
  * it: "one more reference fits" per entry does not tell whether they
  * all fit. Each host cluster's refcount plus the number of compressed
- * entries of the tree in it must. Run for refcounts narrower than 16
- * bits, where a few compressed clusters overflow them (the tree's
- * entries were validated already).
+ * entries of the tree in it must. Run where cluster_ref() found a host
+ * cluster near the maximum: with refcounts narrower than 16 bits, any
+ * (a few compressed clusters overflow them); wider, one already shared
+ * about as often as the maximum allows (the tree's entries were
+ * validated already).
  */
 static int compressed_refs_fit(qcow2_state *s, const uint64_t *l1,
                                uint32_t l1_size, vd_error *err)
@@ -694,6 +718,7 @@ int qcow2_validate_l1_tree(qcow2_state *s, const uint64_t *l1,
                            uint32_t l1_size, unsigned flags, vd_error *err)
 {
     uint64_t flen = 0;
+    bool near_max = false;
     int ret = file_length(s, &flen, err);
 
     for (uint32_t i = 0; ret == 0 && i < l1_size; i++) {
@@ -702,11 +727,14 @@ int qcow2_validate_l1_tree(qcow2_state *s, const uint64_t *l1,
         }
         ret = l2_table_ref(s, l1[i], i, flags, flen, err);
         if (ret == 0) {
-            ret = l2_entries(s, l1[i], 0, s->l2_size, flags, flen, err);
+            ret = l2_entries(s, l1[i], 0, s->l2_size, flags, flen,
+                             &near_max, err);
         }
     }
-    if (ret == 0 && (flags & QCOW2_VALIDATE_OVERFLOW) &&
-        s->refcount_bits < 16) {
+    /* Counting the sharing entries costs a sort of them all: done only
+     * where one could overflow, which with 16 bits and more takes a
+     * host cluster already near the maximum. */
+    if (ret == 0 && (flags & QCOW2_VALIDATE_OVERFLOW) && near_max) {
         ret = compressed_refs_fit(s, l1, l1_size, err);
     }
     return ret;
@@ -732,7 +760,7 @@ int qcow2_validate_guest_range(qcow2_state *s, uint64_t off, uint64_t bytes,
             if (ret == 0) {
                 ret = l2_entries(s, l1e, qcow2_offset_to_l2_index(s, off),
                                  qcow2_offset_to_l2_index(s, stop - 1) + 1,
-                                 0, flen, err);
+                                 0, flen, NULL, err);
             }
         }
         off = stop;
