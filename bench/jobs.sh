@@ -23,6 +23,8 @@
 #   BENCH_DIR      where the scratch directory goes (default /var/tmp;
 #                  the full size needs about 4 GiB there)
 #   BENCH_KEEP=1   keep the scratch directory
+#   BENCH_JOBS     the jobs to run (default "mirror backup commit")
+#   BENCH_LOADS    "idle", "fio" or both (default "idle fio")
 #
 # Job time: from the command that starts the job to the timestamp of its
 # BLOCK_JOB_COMPLETED event (for mirror and commit including the
@@ -260,8 +262,10 @@ def med(v):
     return statistics.median(v) if v else None
 
 rows = []
-for load in (False, True):
-    for job in ("mirror", "backup", "commit"):
+jobs = os.environ.get("BENCH_JOBS", "mirror backup commit").split()
+loads = [l == "fio" for l in os.environ.get("BENCH_LOADS", "idle fio").split()]
+for load in loads:
+    for job in jobs:
         name = job + (" + fio" if load else "")
         res = {"qemu": [], "vdisk": []}
         why = None

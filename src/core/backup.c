@@ -221,8 +221,12 @@ static int copy_claimed(void *opaque, uint64_t off, uint64_t len,
     pthread_mutex_unlock(&s->lock);
     release(s, slot, r < 0);
     free(slot);
-    if (r == 0)
+    if (r == 0) {
         vd_job_progress_update(s->job, n * s->cluster);
+        /* The target is flushed at the end: its disk writes the copies
+         * while the job goes on. */
+        vd_node_advise(s->target, off, len, VD_ADVISE_WRITEBACK);
+    }
     return r;
 }
 

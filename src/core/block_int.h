@@ -417,8 +417,10 @@ struct vd_driver {
      * Hints about [off, off+bytes) of the node (vd_advice): they make
      * nothing durable and order nothing (only flush does), change no
      * byte that reads return, may do nothing and cannot fail.
-     * Absent: filters pass them to the node they filter, other nodes do
-     * nothing.
+     * @bytes may reach past the node's end (UINT64_MAX: all of it).
+     * Absent: filters pass them to the node they filter; other nodes
+     * pass VD_ADVISE_WRITEBACK for the whole of each non-backing child
+     * (they cannot map the range) and drop VD_ADVISE_DONTNEED.
      */
     void (*advise)(vd_node *node, uint64_t off, uint64_t bytes,
                    vd_advice advice);

@@ -1091,12 +1091,24 @@ int vd_node_pdiscard(vd_node *n, uint64_t off, uint64_t bytes,
 void vd_node_advise(vd_node *n, uint64_t off, uint64_t bytes,
                     vd_advice advice)
 {
-    /* Filters pass it down; a node with neither the callback nor a
-     * filtered child has nothing to do (a hint may do nothing). */
-    while (n && !n->drv->advise)
+    /* Filters pass it down. */
+    while (n && !n->drv->advise && filtered_child(n))
         n = filtered_child(n);
     if (!n || n->broken || bytes == 0)
         return;
+    if (!n->drv->advise) {
+        /* A format node: where the range lies in its files only the
+         * driver knows. Starting the writeback of all they hold is
+         * still what "flushed soon" asks (more than asked, and a hint);
+         * dropping cache is not, as it could drop what is read next.
+         * Backing files are only read. */
+        if (advice != VD_ADVISE_WRITEBACK || n->read_only)
+            return;
+        for (vd_child *c = n->children; c; c = c->next)
+            if (!(c->role & VD_ROLE_COW))
+                vd_node_advise(c->node, 0, UINT64_MAX, advice);
+        return;
+    }
     if (advice == VD_ADVISE_WRITEBACK && n->read_only)
         return;
     inflight_inc(n);

@@ -82,10 +82,14 @@ static int copy_piece(void *opaque, uint64_t off, uint64_t len, uint8_t *buf,
     int r = vd_block_job_copy(s->source, s->target, off, len, buf, 0,
                               s->unmap ? VD_REQ_MAY_UNMAP : 0, in_source,
                               err);
-    if (r < 0)
+    if (r < 0) {
         vd_dirty_tracker_set(s->dirty, off, len);
-    else
+    } else {
         vd_job_progress_update(s->job, len);
+        /* The target is flushed before READY: its disk writes the copies
+         * while the job goes on, instead of all of them then. */
+        vd_node_advise(s->target, off, len, VD_ADVISE_WRITEBACK);
+    }
     atomic_fetch_sub(&s->in_flight, len);
     return r;
 }

@@ -1141,16 +1141,23 @@ static void file_advise(vd_node *node, uint64_t off, uint64_t bytes,
                         vd_advice advice)
 {
     file_state *s = node->opaque;
+    /* Both calls take 0 for "to the end of the file". */
+    off64_t len = off > (uint64_t)INT64_MAX ? -1
+                  : bytes > (uint64_t)INT64_MAX - off ? 0
+                  : (off64_t)bytes;
 
+    if (len < 0) {
+        return;
+    }
     switch (advice) {
     case VD_ADVISE_WRITEBACK:
         if (!(node->flags & VD_NODE_NO_FLUSH)) {
-            (void)sync_file_range(s->fd, (off64_t)off, (off64_t)bytes,
+            (void)sync_file_range(s->fd, (off64_t)off, len,
                                   SYNC_FILE_RANGE_WRITE);
         }
         break;
     case VD_ADVISE_DONTNEED:
-        (void)posix_fadvise(s->fd, (off_t)off, (off_t)bytes,
+        (void)posix_fadvise(s->fd, (off_t)off, (off_t)len,
                             POSIX_FADV_DONTNEED);
         break;
     }
