@@ -164,6 +164,8 @@ static int commit_range(vd_node *top, vd_node *base, uint64_t off,
         }
         if (r < 0)
             return r;
+        /* The base is flushed at the end: its disk writes meanwhile. */
+        vd_node_advise(base, off, pnum, VD_ADVISE_WRITEBACK);
         off += pnum;
         bytes -= pnum;
     }
@@ -390,6 +392,8 @@ static int rebase_range(vd_node *top, vd_node *old_b, vd_node *new_b,
             r = vd_node_pwritev(top, off + pos, end - pos, &v, 0, err);
             if (r < 0)
                 return r;
+            /* The image is flushed at the end: its disk writes meanwhile. */
+            vd_node_advise(top, off + pos, end - pos, VD_ADVISE_WRITEBACK);
         }
         pos = end;
     }

@@ -105,8 +105,11 @@ static int commit_run(vd_job *job, vd_error *err)
             continue;       /* stopped or ignored: the same piece again */
         }
         vd_job_progress_update(job, n);
-        if (copy)
+        if (copy) {
             vd_block_job_ratelimit_processed(job, n);
+            /* The base is flushed at the end: its disk writes meanwhile. */
+            vd_node_advise(s->base, off, n, VD_ADVISE_WRITEBACK);
+        }
         off += n;
     }
     free(buf);

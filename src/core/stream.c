@@ -86,8 +86,12 @@ static int stream_run(vd_job *job, vd_error *err)
             n = n ? n : want;
         }
         vd_job_progress_update(job, n);
-        if (copied)
+        if (copied) {
             vd_block_job_ratelimit_processed(job, copied);
+            /* The overlay is flushed at the end: its disk writes
+             * meanwhile. */
+            vd_node_advise(s->top, off, n, VD_ADVISE_WRITEBACK);
+        }
         off += n;
     }
     free(buf);
