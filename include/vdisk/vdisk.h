@@ -909,6 +909,13 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
                                           decryption of nothing), so a
                                           copy into one writes zeros too
                                           (QEMU's bdrv_has_zero_init() 0) */
+#define VD_DRIVER_NETWORK    (1u << 10) /* a protocol whose storage is
+                                          behind a server (nbd, iscsi, rbd,
+                                          ssh, http...): each request
+                                          waits for a round trip, requests
+                                          may complete in any order, and
+                                          only requests in flight hide the
+                                          wait */
 
 /** The VD_DRIVER_* bits of the driver named @name (only
  * VD_DRIVER_QEMU_NAME for a QEMU driver vdisk does not have); 0 for an

@@ -325,6 +325,10 @@ struct vd_driver {
     bool supports_backing;      /* may hold a backing file */
     bool supports_compressed;   /* pwritev accepts VD_REQ_COMPRESSED */
     bool no_zero_init;          /* a new image does not read as zeros */
+    /* Its storage is behind a server: each request waits for a round
+     * trip, the server may complete requests in any order, and only
+     * requests in flight hide the wait (VD_DRIVER_NETWORK). */
+    bool network;
     /* A format may grow this node ahead of its allocation with a zero
      * write past the end (which then reads as zeros) and cut it back at
      * close: cheap and exact on a regular file (qcow2's grow_ahead()). */

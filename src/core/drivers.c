@@ -218,6 +218,8 @@ VD_API unsigned vd_driver_features(const char *name)
         f |= VD_DRIVER_AMEND;
     if (d->no_zero_init)
         f |= VD_DRIVER_NO_ZERO_INIT;
+    if (d->network)
+        f |= VD_DRIVER_NETWORK;
     return f;
 }
 

@@ -713,6 +713,7 @@ static int curl_preadv(vd_node *node, uint64_t off, uint64_t bytes,
     {                                                                     \
         .name = NAME,                                                     \
         .protocol_name = NAME,                                            \
+        .network = true,                                                  \
         .instance_size = sizeof(curl_state),                              \
         .open = curl_open,                                                \
         .close = curl_close,                                              \

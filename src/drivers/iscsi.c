@@ -1283,6 +1283,7 @@ const vd_driver vd_driver_iscsi = {
     .library = &iscsi_lib,
     .name = "iscsi",
     .protocol_name = "iscsi",
+    .network = true,
     .instance_size = sizeof(iscsi_state),
     /* As QEMU 7.2: "creating" formats the LUN that exists. */
     .create_opts = vd_create_opts_simple,

@@ -1161,6 +1161,7 @@ static int nbdc_truncate(vd_node *node, uint64_t size, bool exact,
  * qemu-img does (vd_create_simple()). */
 #define NBD_DRIVER_COMMON                                                 \
     .name = "nbd",                                                        \
+    .network = true,                                                      \
     .instance_size = sizeof(nbd_state),                                   \
     .open = nbdc_open,                                                     \
     .close = nbdc_close_node,                                              \

@@ -1124,6 +1124,7 @@ const vd_driver vd_driver_rbd = {
     .library = &rbd_lib,
     .name = "rbd",
     .protocol_name = "rbd",
+    .network = true,
     .instance_size = sizeof(rbd_state),
     .create_opts = vrbd_create_opts,
     .open = vrbd_open_node,

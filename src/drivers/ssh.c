@@ -1469,6 +1469,7 @@ const vd_driver vd_driver_ssh = {
     .library = &ssh_lib,
     .name = "ssh",
     .protocol_name = "ssh",
+    .network = true,
     .instance_size = sizeof(ssh_state),
     .create_opts = ssh_create_opts,
     .open = ssh_open,
