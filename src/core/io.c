@@ -1104,9 +1104,12 @@ void vd_node_advise(vd_node *n, uint64_t off, uint64_t bytes,
          * Backing files are only read. */
         if (advice != VD_ADVISE_WRITEBACK || n->read_only)
             return;
+        /* In flight, as a flush walks them: the children stay. */
+        inflight_inc(n);
         for (vd_child *c = n->children; c; c = c->next)
             if (!(c->role & VD_ROLE_COW))
                 vd_node_advise(c->node, 0, UINT64_MAX, advice);
+        inflight_dec(n);
         return;
     }
     if (advice == VD_ADVISE_WRITEBACK && n->read_only)
