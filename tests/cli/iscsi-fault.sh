@@ -11,6 +11,23 @@ requires qemu-img timeout
     { echo "SKIP: vdisk built without libiscsi" >&2; exit 77; }
 tmpdir
 
+# libiscsi loses small allocations of a command in flight when its
+# connection dies under it: now and then (seen in full sanitizer runs,
+# not in six runs of this test alone), 3 objects of 24 bytes from
+# libiscsi's own allocator (libiscsi.so.7 with no symbol, called from
+# run_cmd()'s submission), while every task and context vdisk holds is
+# freed. Here alone, where
+# connections are killed on purpose, leaks inside libiscsi are not
+# counted; the other iscsi tests keep libiscsi under the leak check.
+if [ -n "${LSAN_OPTIONS:-}" ]; then
+    sup=$PWD/lsan-iscsi-fault.supp
+    base=$(printf '%s\n' "$LSAN_OPTIONS" | tr ':' '\n' | sed -n 's/^suppressions=//p')
+    { [ -z "$base" ] || cat "$base"; echo 'leak:libiscsi.so.7'; } >"$sup"
+    LSAN_OPTIONS=$(printf '%s\n' "$LSAN_OPTIONS" | tr ':' '\n' |
+                   grep -v '^suppressions=' | tr '\n' ':')suppressions=$sup
+    export LSAN_OPTIONS
+fi
+
 # Starts a target with one 64 MiB LUN on lun.img; sets URI.
 start()
 {
