@@ -9,10 +9,11 @@
  * -m N threads take chunks in order from a shared cursor (under one
  * mutex, which also covers block status), read them in parallel and, unless
  * -W, write them strictly in chunk order so that an allocating target
- * such as qcow2 lays its clusters out as qemu-img would. Zero runs of at
- * least -S bytes inside data chunks are not written (qemu's
- * is_allocated_sectors_min) when the target reads as zeros already; with
- * -S 0 every chunk, zeros included, is written as data.
+ * such as qcow2 lays its clusters out as qemu-img would (a raw image on
+ * nbd, iscsi or rbd only starts them in order: issue_order_only()).
+ * Zero runs of at least -S bytes inside data chunks are not written
+ * (qemu's is_allocated_sectors_min) when the target reads as zeros
+ * already; with -S 0 every chunk, zeros included, is written as data.
  *
  * -C copies data chunks with vd_copy_range() (copy_file_range below the
  * formats); the first chunk that cannot be offloaded ends offloading and
@@ -73,6 +74,9 @@ typedef struct convert_state {
     uint64_t cluster;           /* target cluster size for -c */
     uint64_t piece_max;         /* bytes of a data piece, at most */
     bool compressed, has_zero_init, in_order;
+    /* In order, but a write hands the turn on as it starts rather than
+     * when it ends, so several are in flight (see issue_order_only()). */
+    bool issue_in_order;
     bool salvage, quiet;
     bool copy_range;            /* -C, until a chunk cannot offload */
     uint64_t rate_limit;        /* -r: bytes per second, 0 = none */
@@ -671,6 +675,10 @@ static void *worker(void *opaque)
         if (s->ret) {
             break;
         }
+        if (s->in_order && s->issue_in_order) {
+            s->write_seq++;
+            pthread_cond_signal(&s->turn[s->write_seq % MAX_THREADS]);
+        }
         pthread_mutex_unlock(&s->lock);
 
         if (copy && copy_chunk(s, &c) < 0) {
@@ -694,7 +702,9 @@ static void *worker(void *opaque)
             fail_once(s, r, "writing", c.chunk_start);
             break;
         }
-        s->write_seq++;
+        if (!s->in_order || !s->issue_in_order) {
+            s->write_seq++;
+        }
         if (counts_for_progress(s, &c) && s->allocated) {
             s->done += c.len;
             /* Once per chunk, as qemu-img steps. */
@@ -703,11 +713,42 @@ static void *worker(void *opaque)
                                          s->allocated);
             }
         }
-        pthread_cond_signal(&s->turn[s->write_seq % MAX_THREADS]);
+        if (s->in_order && !s->issue_in_order) {
+            pthread_cond_signal(&s->turn[s->write_seq % MAX_THREADS]);
+        }
     }
     pthread_mutex_unlock(&s->lock);
     free(buf);
     return NULL;
+}
+
+/* Whether the target's layout cannot follow the order in which its
+ * writes complete, so that convert's in-order rule only needs them to
+ * start in order: a raw image (its format allocates nothing) straight on
+ * a network block device. Its storage is the server's, which sees the
+ * requests in the order they were sent but may complete them in any
+ * order (qemu-nbd and tgtd run them in parallel anyway), as QEMU's
+ * manual says of -W for "raw block devices". Waiting for each write to
+ * come back before the next starts kept one request at a time on the
+ * wire: one network round trip per piece (issue 15). */
+static bool issue_order_only(vd_node *target)
+{
+    static const char *const remote[] = { "nbd", "iscsi", "rbd" };
+    const char *fmt = vd_node_format(target);
+
+    if (strcmp(fmt, "raw") == 0) {
+        target = vd_node_child(target, "file");
+        if (!target) {
+            return false;
+        }
+        fmt = vd_node_format(target);
+    }
+    for (size_t i = 0; i < sizeof(remote) / sizeof(remote[0]); i++) {
+        if (strcmp(fmt, remote[i]) == 0) {
+            return true;
+        }
+    }
+    return false;
 }
 
 static int run_copy(convert_state *s, int nthreads)
@@ -1373,6 +1414,7 @@ int cmd_convert(int argc, char **argv)
                         !(vd_driver_features(vd_node_format(s.target)) &
                           VD_DRIVER_NO_ZERO_INIT)));
     s.in_order = !out_of_order;
+    s.issue_in_order = !s.compressed && issue_order_only(s.target);
     pthread_mutex_init(&s.rate_lock, NULL);
     clock_gettime(CLOCK_MONOTONIC, &s.rate_last);
     cli_progress_init(&s.progress, co.progress, 1.0f);
