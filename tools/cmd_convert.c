@@ -55,6 +55,12 @@
  * as eight of 2 MiB: a request of that size costs far more than its
  * overhead, and the smaller working set stays in the CPU's caches. */
 #define BUF_BUDGET BUF_SIZE
+/* ... but where a side of the copy is on a network protocol each request
+ * is a round trip and a dispatch on the server: eight workers of 1 MiB
+ * (qemu-img's buffers are 16 MiB) took 10-15 % less CPU and time than of
+ * 256 KiB writing 512 MiB into nbdkit and qemu-nbd exports, 6 % less CPU
+ * reading from them (issue 15). */
+#define REMOTE_BUF_BUDGET (4 * BUF_SIZE)
 #define CHUNK_ALIGN (64 * 1024)
 #define MAX_THREADS 16
 #define MAX_SPARSE (16 * 1024 * 1024)
@@ -74,6 +80,7 @@ typedef struct convert_state {
     uint64_t cluster;           /* target cluster size for -c */
     uint64_t piece_max;         /* bytes of a data piece, at most */
     bool compressed, has_zero_init, in_order;
+    bool remote;                /* a source or the target is remote */
     /* In order, but a write hands the turn on as it starts rather than
      * when it ends, so several are in flight (see issue_order_only()). */
     bool issue_in_order;
@@ -133,9 +140,10 @@ typedef struct chunk {
  * clusters of one request in parallel. */
 static uint64_t piece_bytes(const convert_state *s, int nthreads)
 {
-    uint64_t n = BUF_BUDGET / (uint64_t)nthreads;
+    uint64_t n = (s->remote ? REMOTE_BUF_BUDGET : BUF_BUDGET) /
+                 (uint64_t)nthreads;
 
-    if (s->copy_range || s->salvage || s->compressed) {
+    if (s->copy_range || s->salvage || s->compressed || n > BUF_SIZE) {
         return BUF_SIZE;
     }
     n -= n % CHUNK_ALIGN;
@@ -743,7 +751,7 @@ static void *worker(void *opaque)
  * wire: one network round trip per piece (issue 15). */
 static bool issue_order_only(vd_node *target)
 {
-    static const char *const remote[] = { "nbd", "iscsi", "rbd" };
+    static const char *const block_devices[] = { "nbd", "iscsi", "rbd" };
     const char *fmt = vd_node_format(target);
 
     if (strcmp(fmt, "raw") == 0) {
@@ -753,8 +761,31 @@ static bool issue_order_only(vd_node *target)
         }
         fmt = vd_node_format(target);
     }
+    for (size_t i = 0; i < sizeof(block_devices) / sizeof(*block_devices);
+         i++) {
+        if (strcmp(fmt, block_devices[i]) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Whether @node's data comes over the network: the protocol node at the
+ * bottom of its file children is one of the remote drivers. */
+static bool is_remote(vd_node *node)
+{
+    static const char *const remote[] = {
+        "nbd", "iscsi", "rbd", "ssh", "http", "https", "ftp", "ftps",
+    };
+    vd_node *file;
+    const char *proto;
+
+    while ((file = vd_node_child(node, "file")) != NULL) {
+        node = file;
+    }
+    proto = vd_node_format(node);
     for (size_t i = 0; i < sizeof(remote) / sizeof(remote[0]); i++) {
-        if (strcmp(fmt, remote[i]) == 0) {
+        if (strcmp(proto, remote[i]) == 0) {
             return true;
         }
     }
@@ -1425,6 +1456,10 @@ int cmd_convert(int argc, char **argv)
                           VD_DRIVER_NO_ZERO_INIT)));
     s.in_order = !out_of_order;
     s.issue_in_order = !s.compressed && issue_order_only(s.target);
+    s.remote = is_remote(s.target);
+    for (int i = 0; i < s.nsrc; i++) {
+        s.remote = s.remote || is_remote(s.src[i]);
+    }
     pthread_mutex_init(&s.rate_lock, NULL);
     clock_gettime(CLOCK_MONOTONIC, &s.rate_last);
     cli_progress_init(&s.progress, co.progress, 1.0f);
