@@ -10,7 +10,7 @@
  * mutex, which also covers block status), read them in parallel and, unless
  * -W, write them strictly in chunk order so that an allocating target
  * such as qcow2 lays its clusters out as qemu-img would (a raw image on
- * nbd, iscsi or rbd only starts them in order: issue_order_only()).
+ * a network protocol only starts them in order: issue_order_only()).
  * Zero runs of at least -S bytes inside data chunks are not written
  * (qemu's is_allocated_sectors_min) when the target reads as zeros
  * already; with -S 0 every chunk, zeros included, is written as data.
@@ -745,31 +745,22 @@ static void *worker(void *opaque)
 /* Whether the target's layout cannot follow the order in which its
  * writes complete, so that convert's in-order rule only needs them to
  * start in order: a raw image (its format allocates nothing) straight on
- * a network block device. Its storage is the server's, which sees the
- * requests in the order they were sent but may complete them in any
- * order (qemu-nbd and tgtd run them in parallel anyway), as QEMU's
- * manual says of -W for "raw block devices". Waiting for each write to
- * come back before the next starts kept one request at a time on the
- * wire: one network round trip per piece (issue 15). */
+ * a network protocol (VD_DRIVER_NETWORK). Its storage is the server's,
+ * which sees the requests in the order they were sent but may complete
+ * them in any order (qemu-nbd and tgtd run them in parallel anyway), as
+ * QEMU's manual says of -W for "raw block devices". Waiting for each
+ * write to come back before the next starts kept one request at a time
+ * on the wire: one network round trip per piece (issue 15). */
 static bool issue_order_only(vd_node *target)
 {
-    static const char *const block_devices[] = { "nbd", "iscsi", "rbd" };
-    const char *fmt = vd_node_format(target);
-
-    if (strcmp(fmt, "raw") == 0) {
+    if (strcmp(vd_node_format(target), "raw") == 0) {
         target = vd_node_child(target, "file");
         if (!target) {
             return false;
         }
-        fmt = vd_node_format(target);
     }
-    for (size_t i = 0; i < sizeof(block_devices) / sizeof(*block_devices);
-         i++) {
-        if (strcmp(fmt, block_devices[i]) == 0) {
-            return true;
-        }
-    }
-    return false;
+    return (vd_driver_features(vd_node_format(target)) &
+            VD_DRIVER_NETWORK) != 0;
 }
 
 /* Whether the protocol node at the bottom of @node's file children is
