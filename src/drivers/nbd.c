@@ -17,7 +17,7 @@
  * and libnbd's synchronous calls hold the handle's lock for the whole
  * round trip, so they would serialise them. Instead each request is
  * issued with libnbd's aio calls (which take the handle's lock only
- * while queueing) and its thread sleeps on a condition variable; one
+ * while queueing) and its thread sleeps on a semaphore; one
  * I/O thread per connection polls the socket and lets libnbd send and
  * receive, which runs the completion callbacks. So any number of
  * requests are in flight on one connection. Where the server offers
