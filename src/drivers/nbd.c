@@ -17,7 +17,7 @@
  * and libnbd's synchronous calls hold the handle's lock for the whole
  * round trip, so they would serialise them. Instead each request is
  * issued with libnbd's aio calls (which take the handle's lock only
- * while queueing) and its thread sleeps on a condition variable; one
+ * while queueing) and its thread sleeps on a semaphore; one
  * I/O thread per connection polls the socket and lets libnbd send and
  * receive, which runs the completion callbacks. So any number of
  * requests are in flight on one connection. Where the server offers
@@ -42,6 +42,7 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -376,11 +377,13 @@ static int conn_open_retry(vd_node *node, uint64_t seconds, nbd_conn **out,
 
 enum { OP_READ, OP_WRITE, OP_ZERO, OP_TRIM, OP_FLUSH, OP_STATUS };
 
-/* One request on its way: the issuing thread waits on @cond. */
+/* One request on its way: the issuing thread waits on @done, posted by
+ * the completion. A semaphore rather than a mutex and a condition
+ * variable: the I/O thread signalled with the mutex held, so the woken
+ * thread first blocked again on that mutex (a context switch more per
+ * request); a waiter may destroy it as soon as its wait returns. */
 typedef struct nbd_req {
-    pthread_mutex_t m;
-    pthread_cond_t cond;
-    bool done;
+    sem_t done;
     int error;
     /* block status: the first extent of our context */
     const char *context;
@@ -392,11 +395,8 @@ static int req_done(void *opaque, int *error)
 {
     nbd_req *r = opaque;
 
-    pthread_mutex_lock(&r->m);
     r->error = *error;
-    r->done = true;
-    pthread_cond_signal(&r->cond);
-    pthread_mutex_unlock(&r->m);
+    sem_post(&r->done);
     return 1;   /* retire the command */
 }
 
@@ -457,10 +457,9 @@ static int conn_do(nbd_conn *c, int op, uint64_t off, uint64_t len,
      * cost a context switch each). */
     if (LIB(nbd_aio_get_direction)(c->h) & LIBNBD_AIO_DIRECTION_WRITE)
         conn_wake(c);
-    pthread_mutex_lock(&r->m);
-    while (!r->done)
-        pthread_cond_wait(&r->cond, &r->m);
-    pthread_mutex_unlock(&r->m);
+    while (sem_wait(&r->done) < 0) {
+        /* EINTR: a signal handler ran; the reply is still to come. */
+    }
     return r->error;
 }
 
@@ -559,11 +558,9 @@ static int nbdc_request(vd_node *node, int op, uint64_t off, uint64_t len,
         gen = s->generation;
         pthread_mutex_unlock(&s->lock);
 
-        pthread_mutex_init(&r.m, NULL);
-        pthread_cond_init(&r.cond, NULL);
+        sem_init(&r.done, 0, 0);
         e = conn_do(c, op, off, len, buf, nflags, &r);
-        pthread_mutex_destroy(&r.m);
-        pthread_cond_destroy(&r.cond);
+        sem_destroy(&r.done);
         if (e == 0) {
             if (out) {
                 out->got_extent = r.got_extent;

@@ -58,6 +58,31 @@ $QEMU_IO -f raw -c 'read -P 0x5a 1M 1M' -c 'read -P 0x7c 60M 64k' disk.raw \
     > f.out
 grep -qi 'fail\|mismatch' f.out && fail "file plugin: data not in the file"
 
+# convert -n into an export: a raw target on nbd takes its writes in
+# flight, started in order (tools/cmd_convert.c); over both of nbdkit's
+# connections the export ends up holding the source, as qemu-img's copy.
+head -c 24M /dev/urandom > src.raw
+truncate -s 32M src.raw
+nbds_nbdkit pid4 - memory 64M || fail "nbdkit memory"
+for m in 8 16; do
+    $T "$VDISK" convert -n -m $m -f raw -O raw src.raw \
+        "nbd://127.0.0.1:$NBDS_PORT" || fail "convert -n -m $m into nbdkit"
+    $T $QEMU_IMG compare -f raw -F raw src.raw "nbd://127.0.0.1:$NBDS_PORT" \
+        > cmp.out || fail "convert -n -m $m: $(cat cmp.out)"
+done
+nbds_stop pid4
+# Every write refused: both tools stop at the first chunk with the same
+# words, several of vdisk's writes having been in flight when they failed.
+nbds_nbdkit pid5 - --filter=error memory 64M error-pwrite=EIO \
+    error-pwrite-rate=100% || fail "nbdkit error filter"
+expect_status 1 $T $QEMU_IMG convert -n -f raw -O raw src.raw \
+    "nbd://127.0.0.1:$NBDS_PORT" 2> q.err
+expect_status 1 $T "$VDISK" convert -n -f raw -O raw src.raw \
+    "nbd://127.0.0.1:$NBDS_PORT" 2> v.err
+diff <(sed 's/^qemu-img: //' q.err) <(sed 's/^vdisk: //' v.err) ||
+    fail "write errors reported unlike qemu-img"
+nbds_stop pid5
+
 # ---- TLS ----
 tls_make_x509 srv cli
 # A CA of its own for the client: the server's certificate is foreign.
