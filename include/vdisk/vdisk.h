@@ -916,6 +916,18 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
                                           may complete in any order, and
                                           only requests in flight hide the
                                           wait */
+#define VD_DRIVER_BIG_REQUESTS (1u << 11) /* a network protocol whose
+                                          server takes large requests
+                                          whole (nbd): fewer, larger
+                                          requests (1 MiB) save round
+                                          trips; the others ask for a
+                                          write's data in bursts (iSCSI:
+                                          256 KiB) */
+#define VD_DRIVER_FLAT       (1u << 12) /* a format whose guest bytes sit
+                                          at fixed places of its file
+                                          (raw): writes allocate nothing,
+                                          so the order in which they
+                                          complete does not shape it */
 
 /** The VD_DRIVER_* bits of the driver named @name (only
  * VD_DRIVER_QEMU_NAME for a QEMU driver vdisk does not have); 0 for an

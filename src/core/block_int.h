@@ -329,6 +329,8 @@ struct vd_driver {
      * trip, the server may complete requests in any order, and only
      * requests in flight hide the wait (VD_DRIVER_NETWORK). */
     bool network;
+    bool big_requests;          /* VD_DRIVER_BIG_REQUESTS */
+    bool flat;                  /* VD_DRIVER_FLAT */
     /* A format may grow this node ahead of its allocation with a zero
      * write past the end (which then reads as zeros) and cut it back at
      * close: cheap and exact on a regular file (qcow2's grow_ahead()). */

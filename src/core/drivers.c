@@ -220,6 +220,10 @@ VD_API unsigned vd_driver_features(const char *name)
         f |= VD_DRIVER_NO_ZERO_INIT;
     if (d->network)
         f |= VD_DRIVER_NETWORK;
+    if (d->big_requests)
+        f |= VD_DRIVER_BIG_REQUESTS;
+    if (d->flat)
+        f |= VD_DRIVER_FLAT;
     return f;
 }
 

@@ -1159,6 +1159,7 @@ static int nbdc_truncate(vd_node *node, uint64_t size, bool exact,
 #define NBD_DRIVER_COMMON                                                 \
     .name = "nbd",                                                        \
     .network = true,                                                      \
+    .big_requests = true,                                                 \
     .instance_size = sizeof(nbd_state),                                   \
     .open = nbdc_open,                                                     \
     .close = nbdc_close_node,                                              \

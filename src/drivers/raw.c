@@ -457,6 +457,7 @@ const vd_driver vd_driver_raw = {
     .name = "raw",
     .instance_size = sizeof(raw_state),
     .is_format = true,
+    .flat = true,
     .info_from_file = true,    /* as qemu's raw_get_info() */
     .guard_when_probed = true, /* the probing fallback guards sector 0 */
     .create_opts = raw_create_opts,
