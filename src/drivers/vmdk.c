@@ -1499,53 +1499,132 @@ static bool cid_valid(vmdk_state *s)
 
 /* ---- read ---- */
 
+/* What is read of a compressed grain first: its marker and the whole
+ * data of any grain deflated to less than this, which is most of them;
+ * a longer grain is read on. Reading the largest possible grain (two
+ * grains' worth, as QEMU) cost more in copying than the inflating of
+ * well-compressed data. */
+#define VMDK_GRAIN_PEEK (16 * 1024)
+
+/* zlib's uncompress() in one inflate(Z_FINISH) call: the output is made
+ * at once, so zlib neither allocates nor fills its 32 KiB window (as
+ * uncompress, which inflates with Z_NO_FLUSH, does for every grain).
+ * Returns the bytes made, or -1 for a stream that is damaged, ends
+ * early, or does not fit in @olen. */
+static int64_t inflate_grain(uint8_t *out, uint64_t olen, const uint8_t *in,
+                             uint64_t ilen)
+{
+    z_stream z;
+    int r;
+    int64_t made;
+
+    memset(&z, 0, sizeof(z));
+    if (olen > UINT32_MAX || ilen > UINT32_MAX || inflateInit(&z) != Z_OK) {
+        return -1;
+    }
+    z.next_in = (Bytef *)in;
+    z.avail_in = (uInt)ilen;
+    z.next_out = out;
+    z.avail_out = (uInt)olen;
+    r = inflate(&z, Z_FINISH);
+    made = (int64_t)z.total_out;
+    inflateEnd(&z);
+    return r == Z_STREAM_END ? made : -1;
+}
+
+/* The flat buffer at [@off, +@len) of @v when one iovec holds all of it. */
+static uint8_t *iov_flat(const vd_iov *v, uint64_t off, uint64_t len)
+{
+    for (int i = 0; i < v->niov; i++) {
+        if (off < v->iov[i].iov_len) {
+            return len <= v->iov[i].iov_len - off
+                   ? (uint8_t *)v->iov[i].iov_base + off : NULL;
+        }
+        off -= v->iov[i].iov_len;
+    }
+    return NULL;
+}
+
 static int read_compressed(vmdk_state *s, vmdk_extent *e, uint64_t host,
                            uint64_t in_cl, vd_iov *qiov, uint64_t qoff,
                            uint64_t n, vd_error *err)
 {
-    uint64_t cb = e->grain_sectors * SECTOR, bufb = 2 * cb, dlen;
-    int64_t flen = vd_node_getlength(e->file->node);
-    uint8_t *buf = malloc(bufb), *out = malloc(cb), *data = buf;
-    uLongf olen = (uLongf)cb;
+    uint64_t cb = e->grain_sectors * SECTOR, bufb = 2 * cb, dlen, head;
+    uint64_t avail = 0, got, need;
+    int64_t flen = vd_node_getlength(e->file->node), olen;
+    uint8_t *buf = malloc(bufb), *out = NULL, *direct, *data = buf;
     const char *fname = vd_node_filename(e->file->node);
     int ret = 0;
 
     (void)s;
-    if (!buf || !out) {
-        ret = vd_error_set(err, -ENOMEM, "out of memory");
-        goto out;
+    if (!buf) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
     }
-    memset(buf, 0, bufb);
+    /* Past the end of the file the grain reads as zeros (a bad size or
+     * a stream that does not inflate, below). */
     if (flen > 0 && host < (uint64_t)flen) {
-        uint64_t avail = (uint64_t)flen - host;
-        ret = vd_child_pread(e->file, host, buf, avail < bufb ? avail : bufb,
-                             err);
+        avail = (uint64_t)flen - host < bufb ? (uint64_t)flen - host : bufb;
+    }
+    got = avail < VMDK_GRAIN_PEEK ? avail : VMDK_GRAIN_PEEK;
+    if (got) {
+        ret = vd_child_pread(e->file, host, buf, got, err);
         if (ret < 0) {
             goto out;
         }
+    }
+    head = e->has_marker ? VMDK_MARKER_BYTES : 0;
+    if (got < head) {
+        memset(buf + got, 0, head - got);
     }
     dlen = cb;
     if (e->has_marker) {
         data = buf + VMDK_MARKER_BYTES;
         dlen = le32(buf + 8);
     }
-    if (!dlen || dlen > bufb - (uint64_t)(data - buf)) {
+    if (!dlen || dlen > bufb - head) {
         ret = vd_error_set(err, -EINVAL, "%s: compressed grain at 0x%" PRIx64
                            " has a bad size (%" PRIu64 ")", fname, host,
                            dlen);
         goto out;
     }
-    if (uncompress(out, &olen, data, (uLong)dlen) != Z_OK) {
+    need = head + dlen;
+    if (need > got) {
+        uint64_t more = (avail < need ? avail : need) - got;
+        if (avail > got) {
+            ret = vd_child_pread(e->file, host + got, buf + got, more, err);
+            if (ret < 0) {
+                goto out;
+            }
+            got += more;
+        }
+        if (need > got) {
+            memset(buf + got, 0, need - got);
+        }
+    }
+    /* A whole grain into one flat buffer of the caller is inflated in
+     * place, without the copy through a grain buffer. */
+    direct = in_cl == 0 && n == cb ? iov_flat(qiov, qoff, n) : NULL;
+    if (!direct) {
+        out = malloc(cb);
+        if (!out) {
+            ret = vd_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+    }
+    olen = inflate_grain(direct ? direct : out, cb, data, dlen);
+    if (olen < 0) {
         ret = vd_error_set(err, -EINVAL, "%s: compressed grain at 0x%" PRIx64
                            " cannot be inflated", fname, host);
         goto out;
     }
-    if (in_cl + n > olen) {
+    if (in_cl + n > (uint64_t)olen) {
         ret = vd_error_set(err, -EINVAL, "%s: compressed grain at 0x%" PRIx64
                            " is too short", fname, host);
         goto out;
     }
-    vd_iov_from_buf(qiov, qoff, out + in_cl, n);
+    if (!direct) {
+        vd_iov_from_buf(qiov, qoff, out + in_cl, n);
+    }
 out:
     free(buf);
     free(out);
@@ -2043,8 +2122,12 @@ static int vmdk_block_status(vd_node *node, bool want_zero, uint64_t off,
     n = e->grain_sectors * SECTOR - in_cl;
     /* Following grains of the same kind (data at the following host
      * offsets) in the same extent join the answer: one call per run
-     * rather than per grain. */
-    while (r >= 0 && !e->flat && !e->compressed && n < bytes &&
+     * rather than per grain. In a compressed extent only runs without
+     * data join (a deflated grain's host offset says nothing of the
+     * next one's), so that a streamOptimized image's holes and zeroed
+     * grains are one answer each, not one per 64 KiB. */
+    while (r >= 0 && !e->flat && (!e->compressed || r != VMDK_OK) &&
+           n < bytes &&
            off + n < e->end_sector * SECTOR) {
         uint64_t h2 = 0;
         int r2 = get_cluster(s, e, off + n, &h2, NULL, NULL);
