@@ -57,10 +57,12 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include "core/block_int.h"
@@ -1865,32 +1867,66 @@ static int fill_grain(vmdk_state *s, vmdk_extent *e, uint64_t host,
 /* One grain deflated behind its marker (guest byte @off), padded to a
  * sector: *@out (malloc'd, at least a grain long, zeros after the data)
  * and its length *@total. Needs no lock: pwritev deflates before it
- * takes the lock, so that convert's workers compress in parallel. */
-static int deflate_grain(vmdk_state *s, uint64_t cb, uint64_t off,
-                         vd_iov *qiov, uint64_t qoff, uint64_t n,
-                         uint8_t **out, uint64_t *total, vd_error *err)
+ * takes the lock, so that convert's workers compress in parallel. @z: a
+ * stream from deflateInit at the default level, as zlib's compress()
+ * makes one for each call; kept across grains (deflateReset makes the
+ * same output as a new stream) it spares the 256 KiB of state that each
+ * compress() allocates and clears. NULL: one for this grain. */
+static int deflate_grain(vmdk_state *s, z_stream *z, uint64_t cb,
+                         uint64_t off, vd_iov *qiov, uint64_t qoff,
+                         uint64_t n, uint8_t **out, uint64_t *total,
+                         vd_error *err)
 {
-    uLongf clen = (uLongf)(2 * cb);
-    uint8_t *src = malloc(n ? n : 1);
-    uint8_t *dst = calloc(1, 2 * cb + VMDK_MARKER_BYTES + SECTOR);
+    uint64_t cap = 2 * cb, clen, keep;
+    uint8_t *flat = iov_flat(qiov, qoff, n);
+    uint8_t *src = flat ? flat : malloc(n ? n : 1);
+    uint8_t *dst = malloc(cap + VMDK_MARKER_BYTES + SECTOR);
+    z_stream own;
+    int r;
 
     if (!src || !dst) {
-        free(src);
+        if (!flat) {
+            free(src);
+        }
         free(dst);
         return vd_error_set(err, -ENOMEM, "out of memory");
     }
-    vd_iov_to_buf(qiov, qoff, src, n);
-    if (compress(dst + VMDK_MARKER_BYTES, &clen, src, (uLong)n) != Z_OK ||
-        clen == 0) {
+    if (!flat) {
+        vd_iov_to_buf(qiov, qoff, src, n);
+    }
+    if (!z) {
+        memset(&own, 0, sizeof(own));
+        z = deflateInit(&own, Z_DEFAULT_COMPRESSION) == Z_OK ? &own : NULL;
+    } else if (deflateReset(z) != Z_OK) {
+        z = NULL;
+    }
+    r = Z_STREAM_ERROR;
+    if (z && n <= UINT32_MAX && cap <= UINT32_MAX) {
+        z->next_in = src;
+        z->avail_in = (uInt)n;
+        z->next_out = dst + VMDK_MARKER_BYTES;
+        z->avail_out = (uInt)cap;
+        r = deflate(z, Z_FINISH);
+    }
+    clen = z ? z->total_out : 0;
+    if (z == &own) {
+        deflateEnd(&own);
+    }
+    if (!flat) {
         free(src);
+    }
+    if (r != Z_STREAM_END || clen == 0) {
         free(dst);
         return vd_error_set(err, -EINVAL, "%s: compressing a grain failed",
                             s->filename);
     }
-    free(src);
     put_le64(dst, off / SECTOR);
     put_le32(dst + 8, (uint32_t)clen);
     *total = (VMDK_MARKER_BYTES + clen + SECTOR - 1) / SECTOR * SECTOR;
+    /* append_grain writes at least a grain: zeros after the data. */
+    keep = *total > cb ? *total : cb;
+    memset(dst + VMDK_MARKER_BYTES + clen, 0,
+           keep - VMDK_MARKER_BYTES - clen);
     *out = dst;
     return 0;
 }
@@ -2003,8 +2039,8 @@ static int do_write(vmdk_state *s, uint64_t off, uint64_t bytes,
             } else {
                 uint8_t *buf = NULL;
                 uint64_t total = 0;
-                ret = deflate_grain(s, cb, o, qiov, done, n, &buf, &total,
-                                    err);
+                ret = deflate_grain(s, NULL, cb, o, qiov, done, n, &buf,
+                                    &total, err);
                 if (ret == 0) {
                     ret = append_grain(e, buf, total, &host, err);
                 }
@@ -2060,6 +2096,120 @@ static int do_write(vmdk_state *s, uint64_t off, uint64_t bytes,
     return 0;
 }
 
+/* The threads that deflate the grains of one write to a compressed
+ * extent (the CPU count, at most). */
+#define VMDK_DEFLATE_THREADS 8
+
+/* A write of several grains to a compressed extent: each thread takes the
+ * next grain, deflates it with no lock held, then appends it when its
+ * turn comes (grain order, the layout QEMU writes one grain after the
+ * other); a thread holds one grain at a time, so the memory grows with
+ * the threads, not with the request. */
+typedef struct deflate_batch {
+    vmdk_state *s;
+    vd_iov *qiov;
+    uint64_t off, bytes, cb;
+    size_t ngrains;
+    atomic_size_t next;         /* the next grain to deflate */
+    size_t turn;                /* the next grain to append; s->lock */
+    pthread_cond_t turn_cond;
+    int ret;                    /* the first failure; s->lock */
+    vd_error *err;
+} deflate_batch;
+
+static void *deflate_worker(void *opaque)
+{
+    deflate_batch *b = opaque;
+    vmdk_state *s = b->s;
+    z_stream z;
+    bool have_z;
+    size_t i;
+
+    memset(&z, 0, sizeof(z));
+    have_z = deflateInit(&z, Z_DEFAULT_COMPRESSION) == Z_OK;
+    while ((i = atomic_fetch_add(&b->next, 1)) < b->ngrains) {
+        uint64_t done = i * b->cb;
+        uint64_t n = b->bytes - done < b->cb ? b->bytes - done : b->cb;
+        uint8_t *buf = NULL;
+        uint64_t total = 0;
+        int r = have_z ? deflate_grain(s, &z, b->cb, b->off + done, b->qiov,
+                                       done, n, &buf, &total, NULL)
+                       : -ENOMEM;
+
+        pthread_mutex_lock(&s->lock);
+        while (b->turn != i && !b->ret) {
+            pthread_cond_wait(&b->turn_cond, &s->lock);
+        }
+        if (!b->ret) {
+            if (r == -ENOMEM) {
+                vd_error_set(b->err, r, "out of memory");
+            } else if (r < 0) {
+                vd_error_set(b->err, r, "%s: compressing a grain failed",
+                             s->filename);
+            } else {
+                r = do_write(s, b->off + done, n, b->qiov, false, false, buf,
+                             total, b->err);
+            }
+            if (r < 0) {
+                b->ret = r;
+            } else {
+                b->turn++;
+            }
+            pthread_cond_broadcast(&b->turn_cond);
+        }
+        pthread_mutex_unlock(&s->lock);
+        free(buf);
+        if (r < 0) {
+            break;
+        }
+    }
+    if (have_z) {
+        deflateEnd(&z);
+    }
+    return NULL;
+}
+
+/* [@off, +@bytes): whole grains of compressed extent @e (the last one may
+ * end with the extent), deflated on up to the CPU count of threads, this
+ * one included. Grains before a failing one stay written, as when the
+ * grains go one by one. */
+static int write_grains_parallel(vmdk_state *s, vmdk_extent *e, uint64_t off,
+                                 uint64_t bytes, vd_iov *qiov, vd_error *err)
+{
+    static atomic_long ncpu;
+    pthread_t tid[VMDK_DEFLATE_THREADS];
+    deflate_batch b = {
+        .s = s, .qiov = qiov, .off = off, .bytes = bytes,
+        .cb = e->grain_sectors * SECTOR, .err = err,
+    };
+    size_t threads, started = 0;
+    long cpus = atomic_load(&ncpu);
+
+    if (!cpus) {
+        cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        cpus = cpus > 0 ? cpus : 1;
+        atomic_store(&ncpu, cpus);
+    }
+    b.ngrains = (bytes + b.cb - 1) / b.cb;
+    atomic_init(&b.next, 0);
+    pthread_cond_init(&b.turn_cond, NULL);
+    threads = (size_t)cpus < b.ngrains ? (size_t)cpus : b.ngrains;
+    if (threads > VMDK_DEFLATE_THREADS) {
+        threads = VMDK_DEFLATE_THREADS;
+    }
+    /* A thread that cannot be started leaves its grains to the others. */
+    while (started + 1 < threads &&
+           pthread_create(&tid[started], NULL, deflate_worker, &b) == 0) {
+        started++;
+    }
+    deflate_worker(&b);
+    for (size_t i = 0; i < started; i++) {
+        pthread_join(tid[i], NULL);
+    }
+    pthread_cond_destroy(&b.turn_cond);
+    return b.ret;
+}
+
 static int vmdk_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
                         vd_iov *qiov, unsigned flags, vd_error *err)
 {
@@ -2071,9 +2221,14 @@ static int vmdk_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
 
     (void)flags;
     if (e && e->compressed && offset_in_cluster(e, off) == 0 &&
+        bytes > e->grain_sectors * SECTOR &&
+        bytes <= e->end_sector * SECTOR - off) {
+        return write_grains_parallel(s, e, off, bytes, qiov, err);
+    }
+    if (e && e->compressed && offset_in_cluster(e, off) == 0 &&
         bytes <= e->grain_sectors * SECTOR) {
-        ret = deflate_grain(s, e->grain_sectors * SECTOR, off, qiov, 0,
-                            bytes, &pre, &pre_total, err);
+        ret = deflate_grain(s, NULL, e->grain_sectors * SECTOR, off, qiov,
+                            0, bytes, &pre, &pre_total, err);
         if (ret < 0) {
             return ret;
         }
