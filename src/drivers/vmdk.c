@@ -2277,16 +2277,16 @@ static int vmdk_block_status(vd_node *node, bool want_zero, uint64_t off,
     n = e->grain_sectors * SECTOR - in_cl;
     /* Following grains of the same kind (data at the following host
      * offsets) in the same extent join the answer: one call per run
-     * rather than per grain. In a compressed extent only runs without
-     * data join (a deflated grain's host offset says nothing of the
-     * next one's), so that a streamOptimized image's holes and zeroed
-     * grains are one answer each, not one per 64 KiB. */
-    while (r >= 0 && !e->flat && (!e->compressed || r != VMDK_OK) &&
-           n < bytes &&
+     * rather than per grain. In a compressed extent deflated grains
+     * join whatever their host offsets (the answer has none), so that a
+     * streamOptimized image is read in runs of grains, not a grain per
+     * answer (convert: one chunk, one hand-off between its workers). */
+    while (r >= 0 && !e->flat && n < bytes &&
            off + n < e->end_sector * SECTOR) {
         uint64_t h2 = 0;
         int r2 = get_cluster(s, e, off + n, &h2, NULL, NULL);
-        if (r2 != r || (r == VMDK_OK && h2 != host + in_cl + n)) {
+        if (r2 != r || (r == VMDK_OK && !e->compressed &&
+                        h2 != host + in_cl + n)) {
             break;
         }
         n += e->grain_sectors * SECTOR;
