@@ -2100,22 +2100,69 @@ static int do_write(vmdk_state *s, uint64_t off, uint64_t bytes,
  * extent (the CPU count, at most). */
 #define VMDK_DEFLATE_THREADS 8
 
+/* Grains deflated ahead of the one to append next, at most (per
+ * thread: two). */
+#define VMDK_DEFLATE_WINDOW (2 * VMDK_DEFLATE_THREADS)
+
+typedef struct deflated_grain {
+    uint8_t *buf;
+    uint64_t total;
+    int ret;
+    bool ready;
+} deflated_grain;
+
 /* A write of several grains to a compressed extent: each thread takes the
- * next grain, deflates it with no lock held, then appends it when its
- * turn comes (grain order, the layout QEMU writes one grain after the
- * other); a thread holds one grain at a time, so the memory grows with
- * the threads, not with the request. */
+ * next grain, deflates it with no lock held and leaves it in its slot;
+ * whichever thread finds the grain next in order ready appends it and
+ * those after it (grain order, the layout QEMU writes one grain after
+ * the other). No thread waits for its own grain's turn, which on a busy
+ * host cost a wake-up per grain: only for a free slot, the window
+ * bounding the memory by the threads, not by the request. */
 typedef struct deflate_batch {
     vmdk_state *s;
     vd_iov *qiov;
     uint64_t off, bytes, cb;
-    size_t ngrains;
-    atomic_size_t next;         /* the next grain to deflate */
+    size_t ngrains, window;
+    size_t next;                /* the next grain to deflate; s->lock */
     size_t turn;                /* the next grain to append; s->lock */
-    pthread_cond_t turn_cond;
+    deflated_grain slot[VMDK_DEFLATE_WINDOW];   /* grain i: i % window */
+    pthread_cond_t room;        /* turn moved on, or a failure */
     int ret;                    /* the first failure; s->lock */
     vd_error *err;
 } deflate_batch;
+
+/* Appends the ready grains that come next. s->lock held. */
+static void append_ready(deflate_batch *b)
+{
+    vmdk_state *s = b->s;
+
+    while (!b->ret && b->turn < b->ngrains &&
+           b->slot[b->turn % b->window].ready) {
+        deflated_grain *g = &b->slot[b->turn % b->window];
+        uint64_t done = b->turn * b->cb;
+        uint64_t n = b->bytes - done < b->cb ? b->bytes - done : b->cb;
+        int r = g->ret;
+
+        if (r == -ENOMEM) {
+            vd_error_set(b->err, r, "out of memory");
+        } else if (r < 0) {
+            vd_error_set(b->err, r, "%s: compressing a grain failed",
+                         s->filename);
+        } else {
+            r = do_write(s, b->off + done, n, b->qiov, false, false, g->buf,
+                         g->total, b->err);
+        }
+        free(g->buf);
+        g->buf = NULL;
+        g->ready = false;
+        if (r < 0) {
+            b->ret = r;
+        } else {
+            b->turn++;
+        }
+        pthread_cond_broadcast(&b->room);
+    }
+}
 
 static void *deflate_worker(void *opaque)
 {
@@ -2123,46 +2170,41 @@ static void *deflate_worker(void *opaque)
     vmdk_state *s = b->s;
     z_stream z;
     bool have_z;
-    size_t i;
 
     memset(&z, 0, sizeof(z));
     have_z = deflateInit(&z, Z_DEFAULT_COMPRESSION) == Z_OK;
-    while ((i = atomic_fetch_add(&b->next, 1)) < b->ngrains) {
-        uint64_t done = i * b->cb;
-        uint64_t n = b->bytes - done < b->cb ? b->bytes - done : b->cb;
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        uint64_t done, n, total = 0;
         uint8_t *buf = NULL;
-        uint64_t total = 0;
-        int r = have_z ? deflate_grain(s, &z, b->cb, b->off + done, b->qiov,
-                                       done, n, &buf, &total, NULL)
-                       : -ENOMEM;
+        size_t i;
+        int r;
 
-        pthread_mutex_lock(&s->lock);
-        while (b->turn != i && !b->ret) {
-            pthread_cond_wait(&b->turn_cond, &s->lock);
+        while (!b->ret && b->next < b->ngrains &&
+               b->next >= b->turn + b->window) {
+            pthread_cond_wait(&b->room, &s->lock);
         }
-        if (!b->ret) {
-            if (r == -ENOMEM) {
-                vd_error_set(b->err, r, "out of memory");
-            } else if (r < 0) {
-                vd_error_set(b->err, r, "%s: compressing a grain failed",
-                             s->filename);
-            } else {
-                r = do_write(s, b->off + done, n, b->qiov, false, false, buf,
-                             total, b->err);
-            }
-            if (r < 0) {
-                b->ret = r;
-            } else {
-                b->turn++;
-            }
-            pthread_cond_broadcast(&b->turn_cond);
-        }
-        pthread_mutex_unlock(&s->lock);
-        free(buf);
-        if (r < 0) {
+        if (b->ret || b->next >= b->ngrains) {
             break;
         }
+        i = b->next++;
+        pthread_mutex_unlock(&s->lock);
+
+        done = i * b->cb;
+        n = b->bytes - done < b->cb ? b->bytes - done : b->cb;
+        r = have_z ? deflate_grain(s, &z, b->cb, b->off + done, b->qiov, done,
+                                   n, &buf, &total, NULL)
+                   : -ENOMEM;
+
+        pthread_mutex_lock(&s->lock);
+        if (b->ret) {
+            free(buf);
+            break;
+        }
+        b->slot[i % b->window] = (deflated_grain){ buf, total, r, true };
+        append_ready(b);
     }
+    pthread_mutex_unlock(&s->lock);
     if (have_z) {
         deflateEnd(&z);
     }
@@ -2191,12 +2233,12 @@ static int write_grains_parallel(vmdk_state *s, vmdk_extent *e, uint64_t off,
         atomic_store(&ncpu, cpus);
     }
     b.ngrains = (bytes + b.cb - 1) / b.cb;
-    atomic_init(&b.next, 0);
-    pthread_cond_init(&b.turn_cond, NULL);
+    pthread_cond_init(&b.room, NULL);
     threads = (size_t)cpus < b.ngrains ? (size_t)cpus : b.ngrains;
     if (threads > VMDK_DEFLATE_THREADS) {
         threads = VMDK_DEFLATE_THREADS;
     }
+    b.window = 2 * threads;
     /* A thread that cannot be started leaves its grains to the others. */
     while (started + 1 < threads &&
            pthread_create(&tid[started], NULL, deflate_worker, &b) == 0) {
@@ -2206,7 +2248,11 @@ static int write_grains_parallel(vmdk_state *s, vmdk_extent *e, uint64_t off,
     for (size_t i = 0; i < started; i++) {
         pthread_join(tid[i], NULL);
     }
-    pthread_cond_destroy(&b.turn_cond);
+    /* After a failure: grains deflated but not appended. */
+    for (size_t i = 0; i < b.window; i++) {
+        free(b.slot[i].buf);
+    }
+    pthread_cond_destroy(&b.room);
     return b.ret;
 }
 
