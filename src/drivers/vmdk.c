@@ -57,10 +57,12 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include "core/block_int.h"
@@ -1499,53 +1501,132 @@ static bool cid_valid(vmdk_state *s)
 
 /* ---- read ---- */
 
+/* What is read of a compressed grain first: its marker and the whole
+ * data of any grain deflated to less than this, which is most of them;
+ * a longer grain is read on. Reading the largest possible grain (two
+ * grains' worth, as QEMU) cost more in copying than the inflating of
+ * well-compressed data. */
+#define VMDK_GRAIN_PEEK (16 * 1024)
+
+/* zlib's uncompress() in one inflate(Z_FINISH) call: the output is made
+ * at once, so zlib neither allocates nor fills its 32 KiB window (as
+ * uncompress, which inflates with Z_NO_FLUSH, does for every grain).
+ * Returns the bytes made, or -1 for a stream that is damaged, ends
+ * early, or does not fit in @olen. */
+static int64_t inflate_grain(uint8_t *out, uint64_t olen, const uint8_t *in,
+                             uint64_t ilen)
+{
+    z_stream z;
+    int r;
+    int64_t made;
+
+    memset(&z, 0, sizeof(z));
+    if (olen > UINT32_MAX || ilen > UINT32_MAX || inflateInit(&z) != Z_OK) {
+        return -1;
+    }
+    z.next_in = (Bytef *)in;
+    z.avail_in = (uInt)ilen;
+    z.next_out = out;
+    z.avail_out = (uInt)olen;
+    r = inflate(&z, Z_FINISH);
+    made = (int64_t)z.total_out;
+    inflateEnd(&z);
+    return r == Z_STREAM_END ? made : -1;
+}
+
+/* The flat buffer at [@off, +@len) of @v when one iovec holds all of it. */
+static uint8_t *iov_flat(const vd_iov *v, uint64_t off, uint64_t len)
+{
+    for (int i = 0; i < v->niov; i++) {
+        if (off < v->iov[i].iov_len) {
+            return len <= v->iov[i].iov_len - off
+                   ? (uint8_t *)v->iov[i].iov_base + off : NULL;
+        }
+        off -= v->iov[i].iov_len;
+    }
+    return NULL;
+}
+
 static int read_compressed(vmdk_state *s, vmdk_extent *e, uint64_t host,
                            uint64_t in_cl, vd_iov *qiov, uint64_t qoff,
                            uint64_t n, vd_error *err)
 {
-    uint64_t cb = e->grain_sectors * SECTOR, bufb = 2 * cb, dlen;
-    int64_t flen = vd_node_getlength(e->file->node);
-    uint8_t *buf = malloc(bufb), *out = malloc(cb), *data = buf;
-    uLongf olen = (uLongf)cb;
+    uint64_t cb = e->grain_sectors * SECTOR, bufb = 2 * cb, dlen, head;
+    uint64_t avail = 0, got, need;
+    int64_t flen = vd_node_getlength(e->file->node), olen;
+    uint8_t *buf = malloc(bufb), *out = NULL, *direct, *data = buf;
     const char *fname = vd_node_filename(e->file->node);
     int ret = 0;
 
     (void)s;
-    if (!buf || !out) {
-        ret = vd_error_set(err, -ENOMEM, "out of memory");
-        goto out;
+    if (!buf) {
+        return vd_error_set(err, -ENOMEM, "out of memory");
     }
-    memset(buf, 0, bufb);
+    /* Past the end of the file the grain reads as zeros (a bad size or
+     * a stream that does not inflate, below). */
     if (flen > 0 && host < (uint64_t)flen) {
-        uint64_t avail = (uint64_t)flen - host;
-        ret = vd_child_pread(e->file, host, buf, avail < bufb ? avail : bufb,
-                             err);
+        avail = (uint64_t)flen - host < bufb ? (uint64_t)flen - host : bufb;
+    }
+    got = avail < VMDK_GRAIN_PEEK ? avail : VMDK_GRAIN_PEEK;
+    if (got) {
+        ret = vd_child_pread(e->file, host, buf, got, err);
         if (ret < 0) {
             goto out;
         }
+    }
+    head = e->has_marker ? VMDK_MARKER_BYTES : 0;
+    if (got < head) {
+        memset(buf + got, 0, head - got);
     }
     dlen = cb;
     if (e->has_marker) {
         data = buf + VMDK_MARKER_BYTES;
         dlen = le32(buf + 8);
     }
-    if (!dlen || dlen > bufb - (uint64_t)(data - buf)) {
+    if (!dlen || dlen > bufb - head) {
         ret = vd_error_set(err, -EINVAL, "%s: compressed grain at 0x%" PRIx64
                            " has a bad size (%" PRIu64 ")", fname, host,
                            dlen);
         goto out;
     }
-    if (uncompress(out, &olen, data, (uLong)dlen) != Z_OK) {
+    need = head + dlen;
+    if (need > got) {
+        uint64_t more = (avail < need ? avail : need) - got;
+        if (avail > got) {
+            ret = vd_child_pread(e->file, host + got, buf + got, more, err);
+            if (ret < 0) {
+                goto out;
+            }
+            got += more;
+        }
+        if (need > got) {
+            memset(buf + got, 0, need - got);
+        }
+    }
+    /* A whole grain into one flat buffer of the caller is inflated in
+     * place, without the copy through a grain buffer. */
+    direct = in_cl == 0 && n == cb ? iov_flat(qiov, qoff, n) : NULL;
+    if (!direct) {
+        out = malloc(cb);
+        if (!out) {
+            ret = vd_error_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+    }
+    olen = inflate_grain(direct ? direct : out, cb, data, dlen);
+    if (olen < 0) {
         ret = vd_error_set(err, -EINVAL, "%s: compressed grain at 0x%" PRIx64
                            " cannot be inflated", fname, host);
         goto out;
     }
-    if (in_cl + n > olen) {
+    if (in_cl + n > (uint64_t)olen) {
         ret = vd_error_set(err, -EINVAL, "%s: compressed grain at 0x%" PRIx64
                            " is too short", fname, host);
         goto out;
     }
-    vd_iov_from_buf(qiov, qoff, out + in_cl, n);
+    if (!direct) {
+        vd_iov_from_buf(qiov, qoff, out + in_cl, n);
+    }
 out:
     free(buf);
     free(out);
@@ -1786,32 +1867,66 @@ static int fill_grain(vmdk_state *s, vmdk_extent *e, uint64_t host,
 /* One grain deflated behind its marker (guest byte @off), padded to a
  * sector: *@out (malloc'd, at least a grain long, zeros after the data)
  * and its length *@total. Needs no lock: pwritev deflates before it
- * takes the lock, so that convert's workers compress in parallel. */
-static int deflate_grain(vmdk_state *s, uint64_t cb, uint64_t off,
-                         vd_iov *qiov, uint64_t qoff, uint64_t n,
-                         uint8_t **out, uint64_t *total, vd_error *err)
+ * takes the lock, so that convert's workers compress in parallel. @z: a
+ * stream from deflateInit at the default level, as zlib's compress()
+ * makes one for each call; kept across grains (deflateReset makes the
+ * same output as a new stream) it spares the 256 KiB of state that each
+ * compress() allocates and clears. NULL: one for this grain. */
+static int deflate_grain(vmdk_state *s, z_stream *z, uint64_t cb,
+                         uint64_t off, vd_iov *qiov, uint64_t qoff,
+                         uint64_t n, uint8_t **out, uint64_t *total,
+                         vd_error *err)
 {
-    uLongf clen = (uLongf)(2 * cb);
-    uint8_t *src = malloc(n ? n : 1);
-    uint8_t *dst = calloc(1, 2 * cb + VMDK_MARKER_BYTES + SECTOR);
+    uint64_t cap = 2 * cb, clen, keep;
+    uint8_t *flat = iov_flat(qiov, qoff, n);
+    uint8_t *src = flat ? flat : malloc(n ? n : 1);
+    uint8_t *dst = malloc(cap + VMDK_MARKER_BYTES + SECTOR);
+    z_stream own;
+    int r;
 
     if (!src || !dst) {
-        free(src);
+        if (!flat) {
+            free(src);
+        }
         free(dst);
         return vd_error_set(err, -ENOMEM, "out of memory");
     }
-    vd_iov_to_buf(qiov, qoff, src, n);
-    if (compress(dst + VMDK_MARKER_BYTES, &clen, src, (uLong)n) != Z_OK ||
-        clen == 0) {
+    if (!flat) {
+        vd_iov_to_buf(qiov, qoff, src, n);
+    }
+    if (!z) {
+        memset(&own, 0, sizeof(own));
+        z = deflateInit(&own, Z_DEFAULT_COMPRESSION) == Z_OK ? &own : NULL;
+    } else if (deflateReset(z) != Z_OK) {
+        z = NULL;
+    }
+    r = Z_STREAM_ERROR;
+    if (z && n <= UINT32_MAX && cap <= UINT32_MAX) {
+        z->next_in = src;
+        z->avail_in = (uInt)n;
+        z->next_out = dst + VMDK_MARKER_BYTES;
+        z->avail_out = (uInt)cap;
+        r = deflate(z, Z_FINISH);
+    }
+    clen = z ? z->total_out : 0;
+    if (z == &own) {
+        deflateEnd(&own);
+    }
+    if (!flat) {
         free(src);
+    }
+    if (r != Z_STREAM_END || clen == 0) {
         free(dst);
         return vd_error_set(err, -EINVAL, "%s: compressing a grain failed",
                             s->filename);
     }
-    free(src);
     put_le64(dst, off / SECTOR);
     put_le32(dst + 8, (uint32_t)clen);
     *total = (VMDK_MARKER_BYTES + clen + SECTOR - 1) / SECTOR * SECTOR;
+    /* append_grain writes at least a grain: zeros after the data. */
+    keep = *total > cb ? *total : cb;
+    memset(dst + VMDK_MARKER_BYTES + clen, 0,
+           keep - VMDK_MARKER_BYTES - clen);
     *out = dst;
     return 0;
 }
@@ -1924,8 +2039,8 @@ static int do_write(vmdk_state *s, uint64_t off, uint64_t bytes,
             } else {
                 uint8_t *buf = NULL;
                 uint64_t total = 0;
-                ret = deflate_grain(s, cb, o, qiov, done, n, &buf, &total,
-                                    err);
+                ret = deflate_grain(s, NULL, cb, o, qiov, done, n, &buf,
+                                    &total, err);
                 if (ret == 0) {
                     ret = append_grain(e, buf, total, &host, err);
                 }
@@ -1981,6 +2096,166 @@ static int do_write(vmdk_state *s, uint64_t off, uint64_t bytes,
     return 0;
 }
 
+/* The threads that deflate the grains of one write to a compressed
+ * extent (the CPU count, at most). */
+#define VMDK_DEFLATE_THREADS 8
+
+/* Grains deflated ahead of the one to append next, at most (per
+ * thread: two). */
+#define VMDK_DEFLATE_WINDOW (2 * VMDK_DEFLATE_THREADS)
+
+typedef struct deflated_grain {
+    uint8_t *buf;
+    uint64_t total;
+    int ret;
+    bool ready;
+} deflated_grain;
+
+/* A write of several grains to a compressed extent: each thread takes the
+ * next grain, deflates it with no lock held and leaves it in its slot;
+ * whichever thread finds the grain next in order ready appends it and
+ * those after it (grain order, the layout QEMU writes one grain after
+ * the other). No thread waits for its own grain's turn, which on a busy
+ * host cost a wake-up per grain: only for a free slot, the window
+ * bounding the memory by the threads, not by the request. */
+typedef struct deflate_batch {
+    vmdk_state *s;
+    vd_iov *qiov;
+    uint64_t off, bytes, cb;
+    size_t ngrains, window;
+    size_t next;                /* the next grain to deflate; s->lock */
+    size_t turn;                /* the next grain to append; s->lock */
+    deflated_grain slot[VMDK_DEFLATE_WINDOW];   /* grain i: i % window */
+    pthread_cond_t room;        /* turn moved on, or a failure */
+    int ret;                    /* the first failure; s->lock */
+    vd_error *err;
+} deflate_batch;
+
+/* Appends the ready grains that come next. s->lock held. */
+static void append_ready(deflate_batch *b)
+{
+    vmdk_state *s = b->s;
+
+    while (!b->ret && b->turn < b->ngrains &&
+           b->slot[b->turn % b->window].ready) {
+        deflated_grain *g = &b->slot[b->turn % b->window];
+        uint64_t done = b->turn * b->cb;
+        uint64_t n = b->bytes - done < b->cb ? b->bytes - done : b->cb;
+        int r = g->ret;
+
+        if (r == -ENOMEM) {
+            vd_error_set(b->err, r, "out of memory");
+        } else if (r < 0) {
+            vd_error_set(b->err, r, "%s: compressing a grain failed",
+                         s->filename);
+        } else {
+            r = do_write(s, b->off + done, n, b->qiov, false, false, g->buf,
+                         g->total, b->err);
+        }
+        free(g->buf);
+        g->buf = NULL;
+        g->ready = false;
+        if (r < 0) {
+            b->ret = r;
+        } else {
+            b->turn++;
+        }
+        pthread_cond_broadcast(&b->room);
+    }
+}
+
+static void *deflate_worker(void *opaque)
+{
+    deflate_batch *b = opaque;
+    vmdk_state *s = b->s;
+    z_stream z;
+    bool have_z;
+
+    memset(&z, 0, sizeof(z));
+    have_z = deflateInit(&z, Z_DEFAULT_COMPRESSION) == Z_OK;
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        uint64_t done, n, total = 0;
+        uint8_t *buf = NULL;
+        size_t i;
+        int r;
+
+        while (!b->ret && b->next < b->ngrains &&
+               b->next >= b->turn + b->window) {
+            pthread_cond_wait(&b->room, &s->lock);
+        }
+        if (b->ret || b->next >= b->ngrains) {
+            break;
+        }
+        i = b->next++;
+        pthread_mutex_unlock(&s->lock);
+
+        done = i * b->cb;
+        n = b->bytes - done < b->cb ? b->bytes - done : b->cb;
+        r = have_z ? deflate_grain(s, &z, b->cb, b->off + done, b->qiov, done,
+                                   n, &buf, &total, NULL)
+                   : -ENOMEM;
+
+        pthread_mutex_lock(&s->lock);
+        if (b->ret) {
+            free(buf);
+            break;
+        }
+        b->slot[i % b->window] = (deflated_grain){ buf, total, r, true };
+        append_ready(b);
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (have_z) {
+        deflateEnd(&z);
+    }
+    return NULL;
+}
+
+/* [@off, +@bytes): whole grains of compressed extent @e (the last one may
+ * end with the extent), deflated on up to the CPU count of threads, this
+ * one included. Grains before a failing one stay written, as when the
+ * grains go one by one. */
+static int write_grains_parallel(vmdk_state *s, vmdk_extent *e, uint64_t off,
+                                 uint64_t bytes, vd_iov *qiov, vd_error *err)
+{
+    static atomic_long ncpu;
+    pthread_t tid[VMDK_DEFLATE_THREADS];
+    deflate_batch b = {
+        .s = s, .qiov = qiov, .off = off, .bytes = bytes,
+        .cb = e->grain_sectors * SECTOR, .err = err,
+    };
+    size_t threads, started = 0;
+    long cpus = atomic_load(&ncpu);
+
+    if (!cpus) {
+        cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        cpus = cpus > 0 ? cpus : 1;
+        atomic_store(&ncpu, cpus);
+    }
+    b.ngrains = (bytes + b.cb - 1) / b.cb;
+    pthread_cond_init(&b.room, NULL);
+    threads = (size_t)cpus < b.ngrains ? (size_t)cpus : b.ngrains;
+    if (threads > VMDK_DEFLATE_THREADS) {
+        threads = VMDK_DEFLATE_THREADS;
+    }
+    b.window = 2 * threads;
+    /* A thread that cannot be started leaves its grains to the others. */
+    while (started + 1 < threads &&
+           pthread_create(&tid[started], NULL, deflate_worker, &b) == 0) {
+        started++;
+    }
+    deflate_worker(&b);
+    for (size_t i = 0; i < started; i++) {
+        pthread_join(tid[i], NULL);
+    }
+    /* After a failure: grains deflated but not appended. */
+    for (size_t i = 0; i < b.window; i++) {
+        free(b.slot[i].buf);
+    }
+    pthread_cond_destroy(&b.room);
+    return b.ret;
+}
+
 static int vmdk_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
                         vd_iov *qiov, unsigned flags, vd_error *err)
 {
@@ -1992,9 +2267,14 @@ static int vmdk_pwritev(vd_node *node, uint64_t off, uint64_t bytes,
 
     (void)flags;
     if (e && e->compressed && offset_in_cluster(e, off) == 0 &&
+        bytes > e->grain_sectors * SECTOR &&
+        bytes <= e->end_sector * SECTOR - off) {
+        return write_grains_parallel(s, e, off, bytes, qiov, err);
+    }
+    if (e && e->compressed && offset_in_cluster(e, off) == 0 &&
         bytes <= e->grain_sectors * SECTOR) {
-        ret = deflate_grain(s, e->grain_sectors * SECTOR, off, qiov, 0,
-                            bytes, &pre, &pre_total, err);
+        ret = deflate_grain(s, NULL, e->grain_sectors * SECTOR, off, qiov,
+                            0, bytes, &pre, &pre_total, err);
         if (ret < 0) {
             return ret;
         }
@@ -2043,12 +2323,16 @@ static int vmdk_block_status(vd_node *node, bool want_zero, uint64_t off,
     n = e->grain_sectors * SECTOR - in_cl;
     /* Following grains of the same kind (data at the following host
      * offsets) in the same extent join the answer: one call per run
-     * rather than per grain. */
-    while (r >= 0 && !e->flat && !e->compressed && n < bytes &&
+     * rather than per grain. In a compressed extent deflated grains
+     * join whatever their host offsets (the answer has none), so that a
+     * streamOptimized image is read in runs of grains, not a grain per
+     * answer (convert: one chunk, one hand-off between its workers). */
+    while (r >= 0 && !e->flat && n < bytes &&
            off + n < e->end_sector * SECTOR) {
         uint64_t h2 = 0;
         int r2 = get_cluster(s, e, off + n, &h2, NULL, NULL);
-        if (r2 != r || (r == VMDK_OK && h2 != host + in_cl + n)) {
+        if (r2 != r || (r == VMDK_OK && !e->compressed &&
+                        h2 != host + in_cl + n)) {
             break;
         }
         n += e->grain_sectors * SECTOR;

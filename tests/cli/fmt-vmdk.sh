@@ -165,6 +165,45 @@ grep -q "Could not write to allocated cluster for streamOptimized" out ||
 "$VDISK_QEMU_IMG" convert -O vmdk -o subformat=twoGbMaxExtentSparse w.qcow2 \
     rt.vmdk
 assert_same_content v/w.vmdk rt.vmdk
+# Damaged deflated grains (a grain is read 16 KiB first, then the rest
+# of a longer one): a huge size, a stream that does not inflate, the
+# file cut inside an incompressible grain, and zeros over such a grain's
+# data fail or read as qemu-io's reads do.
+"$QEMU_IMG" create -q -f raw g.raw 4M
+"$QEMU_IO" -f raw -c "write -P 0x33 0 64k" g.raw >/dev/null
+head -c 200000 /dev/urandom | dd of=g.raw bs=1 seek=1M conv=notrunc \
+    2>/dev/null
+"$QEMU_IMG" convert -O vmdk -o subformat=streamOptimized g.raw g.vmdk
+python3 - g.vmdk <<'EOF'
+import struct, sys
+d = open(sys.argv[1], 'rb').read()
+# The grains of guest sectors 0 (well compressed) and 2048 (random).
+grain = {}
+for off in range(0, len(d) - 12, 512):
+    lba, size = struct.unpack_from('<QI', d, off)
+    if lba in (0, 2048) and 0 < size < 70000 and d[off + 12] == 0x78:
+        grain.setdefault(lba, off)
+small, big = grain[0], grain[2048]
+def put(name, data):
+    open(name, 'wb').write(bytes(data))
+b = bytearray(d); b[small + 8:small + 12] = struct.pack('<I', 0x7fffffff)
+put('g-size.vmdk', b)
+b = bytearray(d); b[small + 20:small + 40] = b'\xff' * 20
+put('g-data.vmdk', b)
+put('g-cut.vmdk', d[:big + 5000])
+b = bytearray(d); b[big + 112:big + 152] = bytes(40)
+put('g-hole.vmdk', b)
+EOF
+for f in g-size g-data g-cut g-hole; do
+    for off in 0 1M; do
+        q=ok v=ok
+        "$QEMU_IO" -f vmdk -c "read $off 64k" $f.vmdk 2>&1 |
+            grep -q 'read failed' && q=failed
+        "$VDISK_QEMU_IO" -f vmdk -c "read $off 64k" $f.vmdk 2>&1 |
+            grep -q 'read failed' && v=failed
+        [ $q = $v ] || fail "$f.vmdk at $off: qemu-io $q, vdisk $v"
+    done
+done
 
 # ---- backing files (parentFileNameHint, parentCID) ----
 rm -f ./*.vmdk
