@@ -5,8 +5,11 @@
 #     for BENCH_SECS seconds into a raw image of 1 GiB in BENCH_DIR,
 #     exported by the daemon with 0, 1 and 8 enabled bitmaps on its node
 #     (64 KiB granularity); prints the median IOPS, each daemon's loss
-#     against its own 0-bitmap figure (issue 14's target: under 3% at 8)
-#     and the ratio vdisk/QEMU;
+#     against its own 0-bitmap figure and the ratio vdisk/QEMU; and,
+#     less noisy, each daemon's CPU time per write (user + system from
+#     /proc/PID/stat over fio's run, the kernel's socket and file work
+#     included) and the bitmaps' cost by that measure (issue 14's
+#     target: under 3% at 8);
 #  2. a 1 TiB sparse disk (null-co) with BENCH_EXTENTS dirty extents
 #     spread over it (written through the export): the time of
 #     block-dirty-bitmap-merge of that bitmap into an empty one, and the
@@ -21,7 +24,9 @@
 #
 #   bench/bitmaps.sh
 #
-# Environment: BENCH_RUNS (default 3), BENCH_SECS (default 10), BENCH_IOS,
+# Environment: BENCH_PARTS (default 123: which parts to run), BENCH_CG
+# (default "qemu vdisk": the daemons part 3 counts),
+# BENCH_RUNS (default 3), BENCH_SECS (default 10), BENCH_IOS,
 # BENCH_EXTENTS (default 2000), BENCH_DIR (default /dev/shm), VDISK (the
 # vdisk binary; default build*/tools/vdisk here), BENCH_SMOKE=1 (one
 # short run of each on a 64 MiB image, for tests/cli/bench-bitmaps.sh: checks the script
@@ -94,14 +99,27 @@ def export_raw(m, nb):
             granularity=65536)
     serve(m, "n")
 
-def fio_iops(d):
+def cpu_seconds(pid):
+    """User + system CPU time of process @pid so far, all its threads."""
+    with open("/proc/%d/stat" % pid) as f:
+        # The fields after the command name, which may hold spaces.
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+def fio_write(d, pid):
+    """fio's IOPS, and the daemon's CPU time per write in microseconds."""
+    cpu0 = cpu_seconds(pid)
     out = subprocess.run(
         ["fio", "--name=w", "--ioengine=nbd", "--uri=nbd+unix:///disk?socket=%s/nbd.sock" % d,
          "--rw=randwrite", "--bs=4k", "--iodepth=32", "--time_based",
          "--runtime=%d" % secs, "--size=" + disk, "--output-format=json"],
         capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pid) - cpu0
     # fio may print notes before its JSON.
-    return json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+    w = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    if not w["total_ios"]:
+        raise SystemExit("fio wrote nothing")
+    return w["iops"], 1e6 * cpu / w["total_ios"]
 
 def recording(daemon, nb):
     d = os.path.join(work, "rec")
@@ -111,14 +129,14 @@ def recording(daemon, nb):
     m = Monitor(daemons[daemon], d)
     try:
         export_raw(m, nb)
-        iops = fio_iops(d)
+        iops, cpu = fio_write(d, m.proc.pid)
         if nb:
             info = cmd(m, "query-named-block-nodes", flat=True)
             counts = [b["count"] for x in info if x["node-name"] == "n"
                       for b in x.get("dirty-bitmaps", [])]
             if len(counts) != nb or min(counts) == 0:
                 raise SystemExit("%s: a bitmap recorded nothing" % daemon)
-        return iops
+        return iops, cpu
     finally:
         cmd(m, "quit")
         m.proc.wait(timeout=60)
@@ -174,29 +192,45 @@ def big(daemon):
         m.close()
 
 med = statistics.median
-res = {}
-for nb in (0, 1, 8):
-    for daemon in ("qemu", "vdisk"):
-        res[(daemon, nb)] = []
+parts = os.environ.get("BENCH_PARTS", "123")
+if "1" in parts:
+    res = {}
+    for nb in (0, 1, 8):
+        for daemon in ("qemu", "vdisk"):
+            res[(daemon, nb)] = []
+        for _ in range(runs):
+            for daemon in ("qemu", "vdisk"):
+                res[(daemon, nb)].append(recording(daemon, nb))
+    def fig(daemon, nb, i):
+        return med(x[i] for x in res[(daemon, nb)])
+    print("\n4 KiB random writes at QD32 over NBD, median IOPS (loss vs 0 bitmaps)")
+    print("%-10s %14s %14s %8s" % ("bitmaps", "qemu", "vdisk", "v/q"))
+    for nb in (0, 1, 8):
+        q, v = fig("qemu", nb, 0), fig("vdisk", nb, 0)
+        q0, v0 = fig("qemu", 0, 0), fig("vdisk", 0, 0)
+        print("%-10d %7.0f (%+4.1f%%) %7.0f (%+4.1f%%) %8.2f" % (
+            nb, q, 100 * (q / q0 - 1), v, 100 * (v / v0 - 1), v / q))
+    # The daemon's CPU time per write moves much less with the other
+    # load on a shared machine than IOPS do: it counts only the work
+    # done, not the waits.
+    print("\nthe same runs, median daemon CPU time per write in us (user+system;"
+          " cost vs 0 bitmaps)")
+    print("%-10s %14s %14s %8s" % ("bitmaps", "qemu", "vdisk", "v/q"))
+    for nb in (0, 1, 8):
+        q, v = fig("qemu", nb, 1), fig("vdisk", nb, 1)
+        q0, v0 = fig("qemu", 0, 1), fig("vdisk", 0, 1)
+        print("%-10d %7.2f (%+4.1f%%) %7.2f (%+4.1f%%) %8.2f" % (
+            nb, q, 100 * (q / q0 - 1), v, 100 * (v / v0 - 1), v / q))
+if "2" in parts:
+    bg = {"qemu": [], "vdisk": []}
     for _ in range(runs):
         for daemon in ("qemu", "vdisk"):
-            res[(daemon, nb)].append(recording(daemon, nb))
-print("\n4 KiB random writes at QD32 over NBD, median IOPS (loss vs 0 bitmaps)")
-print("%-10s %14s %14s %8s" % ("bitmaps", "qemu", "vdisk", "v/q"))
-for nb in (0, 1, 8):
-    q, v = med(res[("qemu", nb)]), med(res[("vdisk", nb)])
-    q0, v0 = med(res[("qemu", 0)]), med(res[("vdisk", 0)])
-    print("%-10d %7.0f (%+4.1f%%) %7.0f (%+4.1f%%) %8.2f" % (
-        nb, q, 100 * (q / q0 - 1), v, 100 * (v / v0 - 1), v / q))
-bg = {"qemu": [], "vdisk": []}
-for _ in range(runs):
-    for daemon in ("qemu", "vdisk"):
-        bg[daemon].append(big(daemon))
-print("\n1 TiB disk, %d dirty extents, medians in ms" % extents)
-for i, what in enumerate(("block-dirty-bitmap-merge", "nbdinfo --map of the bitmap")):
-    q = med(x[i] for x in bg["qemu"]) * 1000
-    v = med(x[i] for x in bg["vdisk"]) * 1000
-    print("%-30s qemu %8.1f  vdisk %8.1f  v/q %5.2f" % (what, q, v, v / q))
+            bg[daemon].append(big(daemon))
+    print("\n1 TiB disk, %d dirty extents, medians in ms" % extents)
+    for i, what in enumerate(("block-dirty-bitmap-merge", "nbdinfo --map of the bitmap")):
+        q = med(x[i] for x in bg["qemu"]) * 1000
+        v = med(x[i] for x in bg["vdisk"]) * 1000
+        print("%-30s qemu %8.1f  vdisk %8.1f  v/q %5.2f" % (what, q, v, v / q))
 
 # 3. The recording cost in instructions, which the machine's noise does
 # not move: each daemon under callgrind serves fio's 4 KiB random writes
@@ -206,7 +240,8 @@ for i, what in enumerate(("block-dirty-bitmap-merge", "nbdinfo --map of the bitm
 # (socket, file) is not counted, so the fraction is an upper bound of
 # the bitmaps' share of the CPU time.
 import shutil
-if shutil.which("valgrind") and os.environ.get("BENCH_SMOKE", "0") != "1":
+if ("3" in parts and shutil.which("valgrind") and
+        os.environ.get("BENCH_SMOKE", "0") != "1"):
     n_ios = int(os.environ.get("BENCH_IOS", "20000"))
     def instructions(daemon, nb, ios):
         d = os.path.join(work, "cg")
@@ -240,7 +275,7 @@ if shutil.which("valgrind") and os.environ.get("BENCH_SMOKE", "0") != "1":
         return total
     print("\nuser-space instructions per 4 KiB write over NBD (callgrind, %d writes)" % n_ios)
     print("%-8s %12s %12s %10s" % ("daemon", "0 bitmaps", "8 bitmaps", "cost"))
-    for daemon in ("qemu", "vdisk"):
+    for daemon in os.environ.get("BENCH_CG", "qemu vdisk").split():
         per = {}
         for nb in (0, 8):
             per[nb] = (instructions(daemon, nb, 2 * n_ios) -
