@@ -231,6 +231,24 @@ void vd_hbitmap_set_range(vd_hbitmap *hb, const vd_hbitmap_range *r)
     set_word(hb, r->lw, r->tail);
 }
 
+static inline bool word_has(const vd_hbitmap *hb, uint64_t w, uint64_t mask)
+{
+    return (atomic_load_explicit(&hb->lv[0][w], memory_order_acquire) &
+            mask) == mask;
+}
+
+bool vd_hbitmap_range_is_set(const vd_hbitmap *hb, const vd_hbitmap_range *r)
+{
+    if (r->fw == r->lw)
+        return word_has(hb, r->fw, r->head & r->tail);
+    if (!word_has(hb, r->fw, r->head) || !word_has(hb, r->lw, r->tail))
+        return false;
+    for (uint64_t w = r->fw + 1; w < r->lw; w++)
+        if (!word_has(hb, w, ~0ull))
+            return false;
+    return true;
+}
+
 void vd_hbitmap_set(vd_hbitmap *hb, uint64_t off, uint64_t bytes)
 {
     vd_hbitmap_range r;
