@@ -11,15 +11,20 @@
  *
  * Locking. A node's bitmaps hang off one vd_node_bitmaps, made the first
  * time the node gets a bitmap and freed with the node. Its rwlock is
- * taken for reading by every write that marks (vd_bitmaps_mark(), from
- * io.c's choke point through vd_dirty_mark()) and by the readers of this
- * API; for writing by what changes the list, a bitmap's state or its
- * length (add, remove, enable, disable, busy, clear, merge, load, store,
- * truncate). The bits themselves are lock-free (hbitmap.c), so marking
- * writers never wait for each other, only for those rare changes; the
- * lock prefers writers, so a stream of requests cannot starve a QMP
- * command. A node without bitmaps costs the request path one relaxed
- * load (vd_node_tracks_dirty()).
+ * taken for reading by the readers of this API; for writing (write_lock())
+ * by what changes the list, a bitmap's state, bits other than by marking,
+ * or its length (add, remove, enable, disable, busy, clear, merge,
+ * freeze, load, store, truncate). A write that marks (vd_bitmaps_mark(),
+ * from io.c's choke point through vd_dirty_mark()) does not take the
+ * rwlock but passes a gate of two atomics that the write lock shuts
+ * (falling back to the read side while it is shut), and sets bits from
+ * an array of the recording bitmaps and an intersection bitmap that
+ * every holder of the write lock remakes on its way out. The bits
+ * themselves are lock-free (hbitmap.c), so marking writers never wait
+ * for each other, only for those rare changes; the lock prefers writers,
+ * so a stream of requests cannot starve a QMP command. A node without
+ * bitmaps costs the request path one relaxed load
+ * (vd_node_tracks_dirty()).
  */
 #include <errno.h>
 #include <inttypes.h>
