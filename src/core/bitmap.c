@@ -295,9 +295,7 @@ static void mark_in(vd_node_bitmaps *s, uint64_t off, uint64_t bytes)
     }
     if (s->nrec == 0)
         return;
-    vd_hbitmap_range all_r;
-    bool in_all = s->all && vd_hbitmap_range_of(s->all, off, bytes, &all_r);
-    if (in_all && vd_hbitmap_range_is_set(s->all, &all_r))
+    if (s->all && vd_hbitmap_is_set(s->all, off, bytes))
         return;
     bool any_bit = vd_hbitmap_range_of(s->rec[0], off, bytes, &r);
     for (size_t i = 0; i < s->nrec; i++) {
@@ -311,8 +309,8 @@ static void mark_in(vd_node_bitmaps *s, uint64_t off, uint64_t bytes)
             vd_hbitmap_set_range(hb, &r);
     }
     /* Only now: a set bit of @all promises the bitmaps' bits. */
-    if (in_all)
-        vd_hbitmap_set_range(s->all, &all_r);
+    if (s->all)
+        vd_hbitmap_set(s->all, off, bytes);
 }
 
 void vd_bitmaps_mark(vd_node *node, uint64_t off, uint64_t bytes)

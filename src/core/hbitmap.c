@@ -237,7 +237,7 @@ static inline bool word_has(const vd_hbitmap *hb, uint64_t w, uint64_t mask)
             mask) == mask;
 }
 
-bool vd_hbitmap_range_is_set(const vd_hbitmap *hb, const vd_hbitmap_range *r)
+static bool range_is_set(const vd_hbitmap *hb, const vd_hbitmap_range *r)
 {
     if (r->fw == r->lw)
         return word_has(hb, r->fw, r->head & r->tail);
@@ -247,6 +247,20 @@ bool vd_hbitmap_range_is_set(const vd_hbitmap *hb, const vd_hbitmap_range *r)
         if (!word_has(hb, w, ~0ull))
             return false;
     return true;
+}
+
+bool vd_hbitmap_is_set(const vd_hbitmap *hb, uint64_t off, uint64_t bytes)
+{
+    uint64_t first = off >> hb->shift;
+    uint64_t last = (off + bytes - 1) >> hb->shift;
+    /* Inside the bitmap and one word: the rewrite of a dirty granule,
+     * which is most writes, without vd_hbitmap_range_of()'s generality. */
+    if (bytes && off + bytes > off && last < hb->nbits &&
+        first / 64 == last / 64)
+        return word_has(hb, first / 64, (~0ull << (first % 64)) &
+                                        (~0ull >> (63 - last % 64)));
+    vd_hbitmap_range r;
+    return vd_hbitmap_range_of(hb, off, bytes, &r) && range_is_set(hb, &r);
 }
 
 void vd_hbitmap_set(vd_hbitmap *hb, uint64_t off, uint64_t bytes)

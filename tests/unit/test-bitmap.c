@@ -89,6 +89,22 @@ static void test_random_vs_array(void)
         CHECK(vd_hbitmap_get(hb, b << shift) == ref[b], "get %llu",
               (unsigned long long)b);
     }
+    /* is_set: every granule overlapping the range (clipped at the end)
+     * set, and at least one; ranges short and long, mostly in runs. */
+    for (int i = 0; i < 20000; i++) {
+        uint64_t o = rnd() % (len + 2000);
+        uint64_t bytes = i % 8 == 0 ? rnd() % 300000 : rnd() % 5000;
+        bool want = bytes && o < len;
+        if (want) {
+            uint64_t last = (o + bytes - 1) >> shift;
+            if (last >= nbits)
+                last = nbits - 1;
+            for (uint64_t b = o >> shift; b <= last && want; b++)
+                want = ref[b];
+        }
+        CHECK(vd_hbitmap_is_set(hb, o, bytes) == want, "is_set %llu+%llu",
+              (unsigned long long)o, (unsigned long long)bytes);
+    }
     /* The dirty areas tile exactly the set bits. */
     uint64_t off = 0, s, n, seen = 0;
     while (vd_hbitmap_next_dirty_area(hb, off, len, UINT64_MAX, &s, &n)) {
