@@ -10,8 +10,10 @@
 #     process's CPU clock over fio's run, the kernel's socket and file
 #     work included) and the bitmaps' cost by that measure (issue 14's
 #     target: under 3% at 8); the same again over BENCH_QD1_IOS
-#     (default 30000) writes at QD1 right after, which the load moves
-#     least;
+#     (default 30000) writes at QD1 right after; and the same QD1
+#     figure with 0 and 8 bitmaps in turn in one daemon (bitmaps added
+#     and removed), BENCH_RUNS rounds, as a median ratio: what the
+#     load moves least;
 #  2. a 1 TiB sparse disk (null-co) with BENCH_EXTENTS dirty extents
 #     spread over it (written through the export): the time of
 #     block-dirty-bitmap-merge of that bitmap into an empty one, and the
@@ -162,6 +164,45 @@ def recording(daemon, nb):
         m.proc.wait(timeout=60)
         m.close()
 
+def paired(daemon):
+    """The daemon's CPU time per QD1 write with no bitmap and with 8,
+    in one process, round after round (the order swapped every round):
+    the medians of each, and the median of the rounds' ratios, which a
+    change of the machine's load between two processes cannot move."""
+    d = os.path.join(work, "pair")
+    subprocess.run(["rm", "-rf", d], check=True)
+    os.makedirs(d)
+    subprocess.run(["truncate", "-s", disk, d + "/disk.raw"], check=True)
+    m = Monitor(daemons[daemon], d)
+    def phase(nb):
+        for i in range(nb):
+            cmd(m, "block-dirty-bitmap-add", node="n", name="b%d" % i,
+                granularity=65536)
+        # Every granule dirty first, as after a while of writes: the
+        # figure is the steady cost of recording.
+        subprocess.run(
+            ["fio", "--name=w", "--ioengine=nbd",
+             "--uri=nbd+unix:///disk?socket=%s/nbd.sock" % d,
+             "--rw=write", "--bs=64k", "--iodepth=8", "--size=" + disk],
+            capture_output=True, check=True)
+        cpu = fio_write(d, m.proc.pid, qd1_ios)[1]
+        for i in range(nb):
+            cmd(m, "block-dirty-bitmap-remove", node="n", name="b%d" % i)
+        return cpu
+    try:
+        export_raw(m, 0)
+        per = {0: [], 8: []}
+        ratios = []
+        for r in range(runs):
+            for nb in ((0, 8) if r % 2 == 0 else (8, 0)):
+                per[nb].append(phase(nb))
+            ratios.append(per[8][-1] / per[0][-1])
+        return med(per[0]), med(per[8]), med(ratios)
+    finally:
+        cmd(m, "quit")
+        m.proc.wait(timeout=60)
+        m.close()
+
 def big(daemon):
     d = os.path.join(work, "big")
     subprocess.run(["rm", "-rf", d], check=True)
@@ -243,6 +284,13 @@ if "1" in parts:
             q0, v0 = fig("qemu", 0, i), fig("vdisk", 0, i)
             print("%-10d %7.2f (%+4.1f%%) %7.2f (%+4.1f%%) %8.2f" % (
                 nb, q, 100 * (q / q0 - 1), v, 100 * (v / v0 - 1), v / q))
+    print("\n%d writes at QD1 with 0 and with 8 bitmaps in turn in one daemon,"
+          " %d rounds:\nmedian CPU time per write in us and median ratio of"
+          " each round's two" % (qd1_ios, runs))
+    print("%-8s %10s %10s %8s" % ("daemon", "0 bitmaps", "8 bitmaps", "cost"))
+    for daemon in ("qemu", "vdisk"):
+        c0, c8, ratio = paired(daemon)
+        print("%-8s %10.2f %10.2f %+7.1f%%" % (daemon, c0, c8, 100 * (ratio - 1)))
 if "2" in parts:
     bg = {"qemu": [], "vdisk": []}
     for _ in range(runs):
