@@ -298,6 +298,8 @@ static void mark_in(vd_node_bitmaps *s, uint64_t off, uint64_t bytes)
     if (s->all && vd_hbitmap_is_set(s->all, off, bytes))
         return;
     bool any_bit = vd_hbitmap_range_of(s->rec[0], off, bytes, &r);
+    if (!any_bit)
+        r = (vd_hbitmap_range){ 0 };               /* matches no bitmap */
     for (size_t i = 0; i < s->nrec; i++) {
         vd_hbitmap *hb = s->rec[i];
         if (i > 0 && !vd_hbitmap_same_geometry(hb, &r)) {
