@@ -11,18 +11,24 @@
  *
  * Locking. A node's bitmaps hang off one vd_node_bitmaps, made the first
  * time the node gets a bitmap and freed with the node. Its rwlock is
- * taken for reading by every write that marks (vd_bitmaps_mark(), from
- * io.c's choke point through vd_dirty_mark()) and by the readers of this
- * API; for writing by what changes the list, a bitmap's state or its
- * length (add, remove, enable, disable, busy, clear, merge, load, store,
- * truncate). The bits themselves are lock-free (hbitmap.c), so marking
- * writers never wait for each other, only for those rare changes; the
- * lock prefers writers, so a stream of requests cannot starve a QMP
- * command. A node without bitmaps costs the request path one relaxed
- * load (vd_node_tracks_dirty()).
+ * taken for reading by the readers of this API; for writing (write_lock())
+ * by what changes the list, a bitmap's state, bits other than by marking,
+ * or its length (add, remove, enable, disable, busy, clear, merge,
+ * freeze, load, store, truncate). A write that marks (vd_bitmaps_mark(),
+ * from io.c's choke point through vd_dirty_mark()) does not take the
+ * rwlock but passes a gate of two atomics that the write lock shuts
+ * (falling back to the read side while it is shut), and sets bits from
+ * an array of the recording bitmaps and an intersection bitmap that
+ * every holder of the write lock remakes on its way out. The bits
+ * themselves are lock-free (hbitmap.c), so marking writers never wait
+ * for each other, only for those rare changes; the lock prefers writers,
+ * so a stream of requests cannot starve a QMP command. A node without
+ * bitmaps costs the request path one relaxed load
+ * (vd_node_tracks_dirty()).
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,6 +66,28 @@ struct vd_node_bitmaps {
     pthread_rwlock_t lock;
     bdm *head;                  /* newest first, as QEMU lists them */
     atomic_int count;
+    /* The marking writes' gate (vd_bitmaps_mark()): how many are
+     * marking without the lock, and whether a holder of the write lock
+     * is waiting for them or working. */
+    atomic_int markers;
+    atomic_bool changing;
+    /* What a write marks, remade by every holder of the write lock on
+     * its way out (remake_recording()): the recording bitmaps' bits (a
+     * bitmap's own, or its successor's while a job has it frozen), so a
+     * write does not walk the list and test each bitmap's state; or,
+     * when that array could not be allocated, rec_valid false and the
+     * list is walked. */
+    vd_hbitmap **rec;
+    size_t nrec;
+    bool rec_valid;
+    /* With two or more recording bitmaps of one length: a bit of @all
+     * (at their finest granularity) set means the granule is set in
+     * every one of them, so a write to granules already dirty, the
+     * common case, is one test instead of one per bitmap. Bits are only
+     * added to it after the bitmaps' own, by marking writes; anything
+     * else (clear, enable, add, freeze, truncate, load...) holds the
+     * write lock, and leaving it starts @all afresh. NULL otherwise. */
+    vd_hbitmap *all;
     /* Whether the image may hold bitmaps we must store at close: some
      * were loaded, or a persistent one was added. */
     bool store_needed;
@@ -83,6 +111,7 @@ static vd_node_bitmaps *get_set(vd_node *node, bool create)
     pthread_rwlockattr_setkind_np(&a,
         PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
     pthread_rwlock_init(&s->lock, &a);
+    s->rec_valid = true;                /* no bitmap, none recording */
     pthread_rwlockattr_destroy(&a);
     vd_node_bitmaps *expected = NULL;
     if (!atomic_compare_exchange_strong(&node->named_bitmaps, &expected, s)) {
@@ -159,6 +188,66 @@ static bdm *bdm_new(const char *name, uint64_t len, uint64_t granularity)
     return b;
 }
 
+/* The recording bitmap of @b (its own, or its successor's while a job
+ * has it frozen), or NULL. */
+static vd_hbitmap *recording_hb(const bdm *b)
+{
+    if (atomic_load_explicit(&b->enabled, memory_order_relaxed))
+        return b->hb;
+    return b->successor && b->succ_enabled ? b->successor : NULL;
+}
+
+/* Remakes s->rec and s->all from the list (write lock held, no marker
+ * running). */
+static void remake_recording(vd_node_bitmaps *s)
+{
+    vd_hbitmap_free(s->all);
+    s->all = NULL;
+    free(s->rec);
+    s->rec = NULL;
+    s->nrec = 0;
+    size_t n = 0;
+    for (bdm *b = s->head; b; b = b->next)
+        n += recording_hb(b) != NULL;
+    s->rec = n ? malloc(n * sizeof(*s->rec)) : NULL;
+    s->rec_valid = !n || s->rec;
+    if (!s->rec_valid)
+        return;
+    bool one_len = true;
+    unsigned shift = 63;
+    for (bdm *b = s->head; b; b = b->next) {
+        vd_hbitmap *hb = recording_hb(b);
+        if (!hb)
+            continue;
+        s->rec[s->nrec++] = hb;
+        one_len &= vd_hbitmap_len(hb) == vd_hbitmap_len(s->rec[0]);
+        if (vd_hbitmap_shift(hb) < shift)
+            shift = vd_hbitmap_shift(hb);
+    }
+    /* Without it (one bitmap, lengths that differ, no memory) every
+     * write sets the bitmaps' bits itself. */
+    if (n >= 2 && one_len)
+        s->all = vd_hbitmap_new(vd_hbitmap_len(s->rec[0]), shift);
+}
+
+/* The write lock: the rwlock against the API's readers, then the gate
+ * shut and the marking writes already in it waited for (they last a few
+ * hundred nanoseconds; the rest wait on the rwlock's read side). */
+static void write_lock(vd_node_bitmaps *s)
+{
+    pthread_rwlock_wrlock(&s->lock);
+    atomic_store(&s->changing, true);
+    while (atomic_load(&s->markers) != 0)
+        sched_yield();
+}
+
+static void write_unlock(vd_node_bitmaps *s)
+{
+    remake_recording(s);
+    atomic_store(&s->changing, false);
+    pthread_rwlock_unlock(&s->lock);
+}
+
 /* Links @b in (write lock held). */
 static void link_in(vd_node *node, vd_node_bitmaps *s, bdm *b)
 {
@@ -180,31 +269,71 @@ static void unlink_out(vd_node *node, vd_node_bitmaps *s, bdm *b)
     }
 }
 
+/* Marks [off, off + bytes) in every recording bitmap of @s, which the
+ * caller keeps from changing (the gate or the read lock). */
+static void mark_in(vd_node_bitmaps *s, uint64_t off, uint64_t bytes)
+{
+    vd_hbitmap_range r;
+    if (!s->rec_valid) {
+        /* The range's bits are worked out once per geometry: the
+         * bitmaps of a node mostly share one granularity. */
+        bool have_range = false, any_bit = false;
+        for (bdm *b = s->head; b; b = b->next) {
+            vd_hbitmap *hb = recording_hb(b);
+            if (!hb)
+                continue;
+            if (!have_range || !vd_hbitmap_same_geometry(hb, &r)) {
+                any_bit = vd_hbitmap_range_of(hb, off, bytes, &r);
+                have_range = true;
+                if (!any_bit)
+                    r = (vd_hbitmap_range){ 0 };   /* matches no bitmap */
+            }
+            if (any_bit)
+                vd_hbitmap_set_range(hb, &r);
+        }
+        return;
+    }
+    if (s->nrec == 0)
+        return;
+    if (s->all && vd_hbitmap_is_set(s->all, off, bytes))
+        return;
+    bool any_bit = vd_hbitmap_range_of(s->rec[0], off, bytes, &r);
+    if (!any_bit)
+        r = (vd_hbitmap_range){ 0 };               /* matches no bitmap */
+    for (size_t i = 0; i < s->nrec; i++) {
+        vd_hbitmap *hb = s->rec[i];
+        if (i > 0 && !vd_hbitmap_same_geometry(hb, &r)) {
+            any_bit = vd_hbitmap_range_of(hb, off, bytes, &r);
+            if (!any_bit)
+                r = (vd_hbitmap_range){ 0 };       /* matches no bitmap */
+        }
+        if (any_bit)
+            vd_hbitmap_set_range(hb, &r);
+    }
+    /* Only now: a set bit of @all promises the bitmaps' bits. */
+    if (s->all)
+        vd_hbitmap_set(s->all, off, bytes);
+}
+
 void vd_bitmaps_mark(vd_node *node, uint64_t off, uint64_t bytes)
 {
     vd_node_bitmaps *s = atomic_load(&node->named_bitmaps);
     if (!s || atomic_load_explicit(&s->count, memory_order_relaxed) == 0)
         return;
-    /* The range's bits are worked out once per geometry: the bitmaps
-     * of a node mostly share one granularity. */
-    vd_hbitmap_range r;
-    bool have_range = false, any_bit = false;
-    pthread_rwlock_rdlock(&s->lock);
-    for (bdm *b = s->head; b; b = b->next) {
-        vd_hbitmap *hb =
-            atomic_load_explicit(&b->enabled, memory_order_relaxed)
-            ? b->hb : b->successor && b->succ_enabled ? b->successor : NULL;
-        if (!hb)
-            continue;
-        if (!have_range || !vd_hbitmap_same_geometry(hb, &r)) {
-            any_bit = vd_hbitmap_range_of(hb, off, bytes, &r);
-            have_range = true;
-            if (!any_bit)
-                r = (vd_hbitmap_range){ 0 };   /* matches no bitmap */
-        }
-        if (any_bit)
-            vd_hbitmap_set_range(hb, &r);
+    /* In through the gate (two uncontended atomics, where the rwlock's
+     * read side costs a few times more): a holder of the write lock
+     * sets @changing before it reads @markers, we add to @markers
+     * before we read @changing (both sequentially consistent), so
+     * either it waits for us or we see it and queue on the rwlock. */
+    atomic_fetch_add(&s->markers, 1);
+    if (!atomic_load(&s->changing)) {
+        mark_in(s, off, bytes);
+        atomic_fetch_sub_explicit(&s->markers, 1, memory_order_release);
+        return;
     }
+    atomic_fetch_sub(&s->markers, 1);
+    pthread_rwlock_rdlock(&s->lock);
+    mark_in(s, off, bytes);
     pthread_rwlock_unlock(&s->lock);
 }
 
@@ -273,7 +402,7 @@ VD_API int vd_bitmap_add(vd_node *node, const char *name,
     b->persistent = persistent;
     atomic_store(&b->enabled, !(flags & VD_BITMAP_DISABLED));
     int r = 0;
-    pthread_rwlock_wrlock(&s->lock);
+    write_lock(s);
     if (find(s, name)) {
         r = vd_error_set(err, -EEXIST, "Bitmap already exists: %s", name);
     } else if (strlen(name) > MAX_NAME) {
@@ -284,7 +413,7 @@ VD_API int vd_bitmap_add(vd_node *node, const char *name,
             s->store_needed = true;
         b = NULL;
     }
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
     bdm_free(b);
     return r;
 }
@@ -294,14 +423,14 @@ VD_API int vd_bitmap_remove(vd_node *node, const char *name, vd_error *err)
     vd_node_bitmaps *s = get_set(node, false);
     if (!s)
         return not_found(err, name);
-    pthread_rwlock_wrlock(&s->lock);
+    write_lock(s);
     bdm *b = find(s, name);
     int r = b ? check(b, CK_BUSY | CK_RO, err) : not_found(err, name);
     if (r == 0 && b->persistent && node->drv->bitmap_remove)
         r = node->drv->bitmap_remove(node, name, err);
     if (r == 0)
         unlink_out(node, s, b);
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
     if (r == 0)
         bdm_free(b);
     return r;
@@ -317,14 +446,14 @@ static bdm *lock_checked(vd_node *node, const char *name, unsigned flags,
         not_found(err, name);
         return NULL;
     }
-    pthread_rwlock_wrlock(&s->lock);
+    write_lock(s);
     bdm *b = find(s, name);
     if (!b)
         not_found(err, name);
     else if (check(b, flags, err) < 0)
         b = NULL;
     if (!b) {
-        pthread_rwlock_unlock(&s->lock);
+        write_unlock(s);
         return NULL;
     }
     *sp = s;
@@ -338,7 +467,7 @@ VD_API int vd_bitmap_clear(vd_node *node, const char *name, vd_error *err)
     if (!b)
         return err_code(err, -EINVAL);
     vd_hbitmap_clear_all(b->hb);
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
     return 0;
 }
 
@@ -350,7 +479,7 @@ static int set_enabled(vd_node *node, const char *name, bool on,
     if (!b)
         return err_code(err, -EINVAL);
     atomic_store(&b->enabled, on);
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
     return 0;
 }
 
@@ -372,7 +501,7 @@ VD_API int vd_bitmap_set_busy(vd_node *node, const char *name, bool busy,
     if (!b)
         return err_code(err, -EINVAL);
     b->busy = busy;
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
     return 0;
 }
 
@@ -458,7 +587,7 @@ VD_API int vd_bitmap_merge(vd_node *node, const char *target,
                                  "be merged", vd_hbitmap_len(t->hb), len);
             else
                 vd_hbitmap_merge(t->hb, acc);
-            pthread_rwlock_unlock(&s->lock);
+            write_unlock(s);
         }
     }
     vd_hbitmap_free(acc);
@@ -647,7 +776,7 @@ VD_API int vd_bitmap_restore(vd_bitmap_saved *sv, vd_error *err)
         return vd_error_set(err, -ENOMEM, "Out of memory");
     }
     int r = 0;
-    pthread_rwlock_wrlock(&s->lock);
+    write_lock(s);
     bdm *b = find(s, sv->name);
     if (!b) {
         b = bdm_new(sv->name, vd_hbitmap_len(sv->bits), sv->granularity);
@@ -665,7 +794,7 @@ VD_API int vd_bitmap_restore(vd_bitmap_saved *sv, vd_error *err)
             vd_hbitmap_merge(b->hb, vd_dirty_tracker_hbitmap(sv->shadow));
         atomic_store(&b->enabled, sv->enabled);
     }
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
     vd_bitmap_saved_free(sv);
     return r;
 }
@@ -723,7 +852,7 @@ int vd_bitmaps_load(vd_node *node, vd_error *err)
         vd_bitmap_images_free(list, count);
         return vd_error_set(err, -ENOMEM, "Out of memory");
     }
-    pthread_rwlock_wrlock(&s->lock);
+    write_lock(s);
     /* In the image's order; QEMU lists the last loaded first. */
     r = 0;
     bdm *before = s->head;
@@ -742,7 +871,7 @@ int vd_bitmaps_load(vd_node *node, vd_error *err)
             bdm_free(b);
         }
     }
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
     vd_bitmap_images_free(list, count);
     return r;
 }
@@ -754,7 +883,7 @@ int vd_bitmaps_store(vd_node *node, bool readonly_after, vd_error *err)
      * into; its image keeps the bitmaps in use, i.e. inconsistent. */
     if (!s || !node->drv->bitmaps_store || node->read_only || node->broken)
         return 0;
-    pthread_rwlock_wrlock(&s->lock);
+    write_lock(s);
     int r = 0;
     if (s->store_needed) {
         size_t n = 0;
@@ -808,7 +937,7 @@ int vd_bitmaps_store(vd_node *node, bool readonly_after, vd_error *err)
         for (bdm *b = s->head; b; b = b->next)
             if (b->persistent)
                 b->readonly = true;
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
     return r;
 }
 
@@ -821,13 +950,13 @@ void vd_bitmaps_close(vd_node *node)
     if (vd_bitmaps_store(node, false, &err) < 0)
         vd_warn("Failed to store persistent dirty bitmaps of '%s': %s",
                 node_label(node), err.message);
-    pthread_rwlock_wrlock(&s->lock);
+    write_lock(s);
     while (s->head) {
         bdm *b = s->head;
         unlink_out(node, s, b);
         bdm_free(b);
     }
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
 }
 
 void vd_bitmaps_truncate(vd_node *node)
@@ -838,13 +967,13 @@ void vd_bitmaps_truncate(vd_node *node)
     int64_t len = vd_node_getlength(node);
     if (len < 0)
         return;
-    pthread_rwlock_wrlock(&s->lock);
+    write_lock(s);
     for (bdm *b = s->head; b; b = b->next)
         if (vd_hbitmap_truncate(b->hb, (uint64_t)len) < 0 ||
             (b->successor &&
              vd_hbitmap_truncate(b->successor, (uint64_t)len) < 0))
             vd_warn("Out of memory resizing dirty bitmap '%s'", b->name);
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
 }
 
 void vd_bitmaps_free(vd_node *node)
@@ -857,6 +986,8 @@ void vd_bitmaps_free(vd_node *node)
         unlink_out(node, s, b);
         bdm_free(b);
     }
+    vd_hbitmap_free(s->all);
+    free(s->rec);
     pthread_rwlock_destroy(&s->lock);
     free(s);
     node->named_bitmaps = NULL;
@@ -938,7 +1069,7 @@ int vd_bitmap_freeze(vd_node *node, const char *name, vd_error *err)
         atomic_store(&b->enabled, false);
         b->busy = true;
     }
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
     return r;
 }
 
@@ -962,7 +1093,7 @@ int vd_bitmap_unfreeze(vd_node *node, const char *name, bool abdicate,
     if (!b)
         return err_code(err, -ENOENT);
     if (!b->successor) {
-        pthread_rwlock_unlock(&s->lock);
+        write_unlock(s);
         return vd_error_set(err, -EINVAL, "Cannot reclaim a successor when "
                             "none is present");
     }
@@ -980,6 +1111,6 @@ int vd_bitmap_unfreeze(vd_node *node, const char *name, bool abdicate,
     atomic_store(&b->enabled, b->succ_enabled);
     b->succ_enabled = false;
     b->busy = false;
-    pthread_rwlock_unlock(&s->lock);
+    write_unlock(s);
     return 0;
 }

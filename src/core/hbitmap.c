@@ -231,6 +231,38 @@ void vd_hbitmap_set_range(vd_hbitmap *hb, const vd_hbitmap_range *r)
     set_word(hb, r->lw, r->tail);
 }
 
+static inline bool word_has(const vd_hbitmap *hb, uint64_t w, uint64_t mask)
+{
+    return (atomic_load_explicit(&hb->lv[0][w], memory_order_acquire) &
+            mask) == mask;
+}
+
+static bool range_is_set(const vd_hbitmap *hb, const vd_hbitmap_range *r)
+{
+    if (r->fw == r->lw)
+        return word_has(hb, r->fw, r->head & r->tail);
+    if (!word_has(hb, r->fw, r->head) || !word_has(hb, r->lw, r->tail))
+        return false;
+    for (uint64_t w = r->fw + 1; w < r->lw; w++)
+        if (!word_has(hb, w, ~0ull))
+            return false;
+    return true;
+}
+
+bool vd_hbitmap_is_set(const vd_hbitmap *hb, uint64_t off, uint64_t bytes)
+{
+    uint64_t first = off >> hb->shift;
+    uint64_t last = (off + bytes - 1) >> hb->shift;
+    /* Inside the bitmap and one word: the rewrite of a dirty granule,
+     * which is most writes, without vd_hbitmap_range_of()'s generality. */
+    if (bytes && off + bytes > off && last < hb->nbits &&
+        first / 64 == last / 64)
+        return word_has(hb, first / 64, (~0ull << (first % 64)) &
+                                        (~0ull >> (63 - last % 64)));
+    vd_hbitmap_range r;
+    return vd_hbitmap_range_of(hb, off, bytes, &r) && range_is_set(hb, &r);
+}
+
 void vd_hbitmap_set(vd_hbitmap *hb, uint64_t off, uint64_t bytes)
 {
     vd_hbitmap_range r;

@@ -56,6 +56,10 @@ bool vd_hbitmap_range_of(const vd_hbitmap *hb, uint64_t off, uint64_t bytes,
                          vd_hbitmap_range *r);
 bool vd_hbitmap_same_geometry(const vd_hbitmap *hb, const vd_hbitmap_range *r);
 void vd_hbitmap_set_range(vd_hbitmap *hb, const vd_hbitmap_range *r);
+/* Whether every granule overlapping [off, off + bytes) is set (false
+ * when there is none): plain loads, a bit set concurrently may or may
+ * not be seen. */
+bool vd_hbitmap_is_set(const vd_hbitmap *hb, uint64_t off, uint64_t bytes);
 void vd_hbitmap_reset(vd_hbitmap *hb, uint64_t off, uint64_t bytes);
 void vd_hbitmap_clear_all(vd_hbitmap *hb);
 bool vd_hbitmap_get(const vd_hbitmap *hb, uint64_t off);

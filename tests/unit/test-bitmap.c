@@ -18,6 +18,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/bitmap_int.h"
 #include "core/block_int.h"
 #include "core/hbitmap.h"
 #include "vdisk/bitmap.h"
@@ -87,6 +88,22 @@ static void test_random_vs_array(void)
               "next_clean from bit %llu", (unsigned long long)b);
         CHECK(vd_hbitmap_get(hb, b << shift) == ref[b], "get %llu",
               (unsigned long long)b);
+    }
+    /* is_set: every granule overlapping the range (clipped at the end)
+     * set, and at least one; ranges short and long, mostly in runs. */
+    for (int i = 0; i < 20000; i++) {
+        uint64_t o = rnd() % (len + 2000);
+        uint64_t bytes = i % 8 == 0 ? rnd() % 300000 : rnd() % 5000;
+        bool want = bytes && o < len;
+        if (want) {
+            uint64_t last = (o + bytes - 1) >> shift;
+            if (last >= nbits)
+                last = nbits - 1;
+            for (uint64_t b = o >> shift; b <= last && want; b++)
+                want = ref[b];
+        }
+        CHECK(vd_hbitmap_is_set(hb, o, bytes) == want, "is_set %llu+%llu",
+              (unsigned long long)o, (unsigned long long)bytes);
     }
     /* The dirty areas tile exactly the set bits. */
     uint64_t off = 0, s, n, seen = 0;
@@ -617,6 +634,69 @@ static void test_named(void)
     vd_node_unref(n);
 }
 
+/* A rewrite of granules every bitmap has is one test of the node's
+ * intersection bitmap: whatever takes bits from one bitmap or makes a
+ * new one record (clear, disable+enable, a job's freeze, add) must make
+ * the next rewrite mark it again. */
+static void test_rewrites(void)
+{
+    vd_error err = VD_ERROR_INIT;
+    vd_node *n = open_mem(&mem_drv, "r", true);
+    vd_user *u = writer(n);
+    const char *names[] = { "g4k", "g64k", "g512" };
+    const uint64_t gran[] = { 4096, 65536, 512 };
+    for (int i = 0; i < 3; i++)
+        CHECK(vd_bitmap_add(n, names[i], gran[i], 0, &err) == 0, "add %s",
+              names[i]);
+    /* Two writes inside one 64 KiB granule, 5000 bytes apart: each
+     * bitmap's count is its granules overlapping them. */
+    const uint64_t w1 = 70000, w2 = 75000, wl = 1000;
+    uint64_t want[3];
+    for (int i = 0; i < 3; i++) {
+        uint64_t g = gran[i], c = 0;
+        for (uint64_t x = 0; x < DISK; x += g)
+            c += (x < w1 + wl && x + g > w1) || (x < w2 + wl && x + g > w2);
+        want[i] = c * g;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        write_at(n, w1, wl);
+        write_at(n, w2, wl);
+    }
+    for (int i = 0; i < 3; i++)
+        CHECK(count_of(n, names[i]) == want[i], "%s counts %llu, want %llu",
+              names[i], (unsigned long long)count_of(n, names[i]),
+              (unsigned long long)want[i]);
+    CHECK(vd_bitmap_clear(n, "g4k", &err) == 0, "clear");
+    write_at(n, w1, wl);
+    write_at(n, w2, wl);
+    CHECK(count_of(n, "g4k") == want[0], "rewrite after a clear: %llu",
+          (unsigned long long)count_of(n, "g4k"));
+    CHECK(vd_bitmap_disable(n, "g512", &err) == 0 &&
+          vd_bitmap_clear(n, "g512", &err) == 0, "disable, clear");
+    write_at(n, w1, wl);
+    CHECK(count_of(n, "g512") == 0, "disabled records nothing");
+    CHECK(vd_bitmap_enable(n, "g512", &err) == 0, "enable");
+    write_at(n, w1, wl);
+    write_at(n, w2, wl);
+    CHECK(count_of(n, "g512") == want[2], "rewrite after an enable: %llu",
+          (unsigned long long)count_of(n, "g512"));
+    CHECK(vd_bitmap_add(n, "new", 4096, 0, &err) == 0, "add new");
+    write_at(n, w1, wl);
+    write_at(n, w2, wl);
+    CHECK(count_of(n, "new") == want[0], "rewrite into a new bitmap: %llu",
+          (unsigned long long)count_of(n, "new"));
+    /* Frozen: the empty successor records the rewrite, which an
+     * abdicating unfreeze makes the bitmap's bits. */
+    CHECK(vd_bitmap_freeze(n, "g64k", &err) == 0, "freeze: %s",
+          err.message);
+    write_at(n, w2, wl);
+    CHECK(vd_bitmap_unfreeze(n, "g64k", true, NULL, &err) == 0, "unfreeze");
+    CHECK(count_of(n, "g64k") == 65536, "the successor recorded: %llu",
+          (unsigned long long)count_of(n, "g64k"));
+    vd_user_free(&u);
+    vd_node_unref(n);
+}
+
 /* Request threads writing while the bitmaps of the node change: every
  * write must be in the bitmap that records throughout, and nothing may
  * deadlock or race (the sanitizers watch). */
@@ -786,6 +866,7 @@ int main(void)
     test_tib();
     test_threads();
     test_named();
+    test_rewrites();
     test_named_threads();
     test_persistent();
     TEST_EXIT("test-bitmap");
