@@ -47,7 +47,14 @@
  * it, and the buffers by QEMU's 64 MiB limits, allocated at the first
  * read.
  *
- * Locking: s->lock guards the chunk cache and its buffers.
+ * Locking: the chunk table is fixed at open. s->lock guards the cache
+ * (the last decompressed chunk, s->current, s->data, s->compressed) and
+ * the spare buffers. A read that misses the cache decompresses without
+ * the lock into buffers of its own (a spare pair, or new ones), then
+ * makes them the cache: readers on several threads inflate on several
+ * cores, as QEMU's coroutines cannot. Where a chunk may be large
+ * (DMG_PARALLEL_MAX) every read decompresses under the lock instead,
+ * so that memory stays one pair of buffers as before.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -87,8 +94,14 @@ typedef struct dmg_state {
     uint64_t max_compressed, max_sectors;
     uint8_t *compressed, *data;
     uint32_t current;          /* the chunk in s->data, n_chunks: none */
+    uint8_t *spare_compressed, *spare_data;  /* a pair for the next miss */
     pthread_mutex_t lock;
 } dmg_state;
+
+/* Buffers of one chunk's size at most this (compressed plus data) are
+ * taken per reader; the largest chunks QEMU allows (64 MiB each way)
+ * would make that a pair of 128 MiB per thread. */
+#define DMG_PARALLEL_MAX (8u << 20)
 
 /* What dmg_open's table parsing keeps between mish blocks. */
 typedef struct dmg_parse {
@@ -462,8 +475,11 @@ static void free_state(dmg_state *s)
     free(s->chunks);
     free(s->compressed);
     free(s->data);
+    free(s->spare_compressed);
+    free(s->spare_data);
     s->chunks = NULL;
     s->compressed = s->data = NULL;
+    s->spare_compressed = s->spare_data = NULL;
     s->n_chunks = s->cap = 0;
 }
 
@@ -578,17 +594,17 @@ static uint32_t search_chunk(const dmg_state *s, uint64_t sector)
     return s->n_chunks;
 }
 
-/* Decompresses chunk @c from s->compressed into s->data: 0, or -EIO
- * when it does not make exactly its sectors. */
-static int inflate_chunk(dmg_state *s, const dmg_chunk *c)
+/* Decompresses chunk @c from @in into @out: 0, or -EIO when it does not
+ * make exactly its sectors. */
+static int inflate_chunk(const uint8_t *in, uint8_t *out, const dmg_chunk *c)
 {
     z_stream zs;
     int zr;
 
     memset(&zs, 0, sizeof(zs));
-    zs.next_in = s->compressed;
+    zs.next_in = (Bytef *)in;
     zs.avail_in = (uInt)c->length;
-    zs.next_out = s->data;
+    zs.next_out = out;
     zs.avail_out = (uInt)(c->count * 512);
     if (inflateInit(&zs) != Z_OK) {
         return -EIO;
@@ -601,45 +617,40 @@ static int inflate_chunk(dmg_state *s, const dmg_chunk *c)
     return 0;
 }
 
-static int bunzip_chunk(dmg_state *s, const dmg_chunk *c)
+static int bunzip_chunk(const uint8_t *in, uint8_t *out, const dmg_chunk *c)
 {
 #ifdef VDISK_HAVE_BZIP2
     bz_stream bz;
-    uint64_t out;
+    uint64_t made;
     int r;
 
     memset(&bz, 0, sizeof(bz));
     if (BZ2_bzDecompressInit(&bz, 0, 0) != BZ_OK) {
         return -EIO;
     }
-    bz.next_in = (char *)s->compressed;
+    bz.next_in = (char *)in;
     bz.avail_in = (unsigned)c->length;
-    bz.next_out = (char *)s->data;
+    bz.next_out = (char *)out;
     bz.avail_out = (unsigned)(c->count * 512);
     r = BZ2_bzDecompress(&bz);
-    out = (uint64_t)bz.total_out_hi32 << 32 | bz.total_out_lo32;
+    made = (uint64_t)bz.total_out_hi32 << 32 | bz.total_out_lo32;
     BZ2_bzDecompressEnd(&bz);
-    return r == BZ_STREAM_END && out == c->count * 512 ? 0 : -EIO;
+    return r == BZ_STREAM_END && made == c->count * 512 ? 0 : -EIO;
 #else
-    (void)s;
+    (void)in;
+    (void)out;
     (void)c;
     return -EIO;
 #endif
 }
 
-/* Makes the chunk holding @sector current (decompressed into s->data
- * unless it is zeros). Under s->lock. */
-static int load_chunk(vd_node *node, uint64_t sector, vd_error *err)
+/* The chunk holding @sector: its index in *@out, or the error naming
+ * what is missing. */
+static int find_chunk(const dmg_state *s, uint64_t sector, uint32_t *out,
+                      vd_error *err)
 {
-    dmg_state *s = node->opaque;
-    const dmg_chunk *c;
-    uint32_t i;
-    int ret = 0;
+    uint32_t i = search_chunk(s, sector);
 
-    if (in_chunk(s, s->current, sector)) {
-        return 0;
-    }
-    i = search_chunk(s, sector);
     if (i >= s->n_chunks) {
         return vd_error_set(err, -EIO, "%s: no chunk maps sector %" PRIu64
                             "%s", s->filename, sector,
@@ -650,49 +661,128 @@ static int load_chunk(vd_node *node, uint64_t sector, vd_error *err)
                             : s->n_unknown_dropped ? " (the image has chunks "
                             "of unknown types)" : "");
     }
-    s->current = s->n_chunks;
-    c = &s->chunks[i];
-    if (c->type == UDZE || c->type == UDIG) {
-        s->current = i;
-        return 0;
-    }
-    if (!s->data) {
-        s->compressed = malloc(s->max_compressed + 1);
-        s->data = malloc(s->max_sectors * 512);
-        if (!s->compressed || !s->data) {
-            free(s->compressed);
-            free(s->data);
-            s->compressed = s->data = NULL;
-            return vd_error_set(err, -ENOMEM, "%s: out of memory",
-                                s->filename);
-        }
-    }
+    *out = i;
+    return 0;
+}
+
+/* Reads data chunk @i (raw, zlib or bzip2) into @data, through
+ * @compressed; both of the largest chunk's size. Needs no lock. */
+static int decode_chunk(vd_node *node, uint32_t i, uint8_t *compressed,
+                        uint8_t *data, vd_error *err)
+{
+    dmg_state *s = node->opaque;
+    const dmg_chunk *c = &s->chunks[i];
+    int ret;
+
     if (c->offset > (uint64_t)INT64_MAX - c->length) {
         return vd_error_set(err, -EIO, "%s: chunk %" PRIu32 " at 0x%" PRIx64
                             " is out of range", s->filename, i, c->offset);
     }
     if (c->type == UDRW) {
-        memset(s->data + c->length, 0, c->count * 512 > c->length
-                                       ? c->count * 512 - c->length : 0);
-        ret = vd_child_pread(node->file, c->offset, s->data, c->length, err);
-    } else {
-        ret = vd_child_pread(node->file, c->offset, s->compressed, c->length,
-                             err);
-        if (ret == 0) {
-            ret = c->type == UDZO ? inflate_chunk(s, c) : bunzip_chunk(s, c);
-            if (ret < 0) {
-                return vd_error_set(err, -EIO, "%s: %s chunk %" PRIu32
-                                    " (%" PRIu64 " bytes at 0x%" PRIx64
-                                    ") does not decompress to its %" PRIu64
-                                    " sectors", s->filename,
-                                    c->type == UDZO ? "zlib" : "bzip2", i,
-                                    c->length, c->offset, c->count);
-            }
-        }
+        memset(data + c->length, 0, c->count * 512 > c->length
+                                    ? c->count * 512 - c->length : 0);
+        return vd_child_pread(node->file, c->offset, data, c->length, err);
     }
+    ret = vd_child_pread(node->file, c->offset, compressed, c->length, err);
     if (ret < 0) {
         return ret;
     }
+    ret = c->type == UDZO ? inflate_chunk(compressed, data, c)
+                          : bunzip_chunk(compressed, data, c);
+    if (ret < 0) {
+        return vd_error_set(err, -EIO, "%s: %s chunk %" PRIu32 " (%" PRIu64
+                            " bytes at 0x%" PRIx64 ") does not decompress "
+                            "to its %" PRIu64 " sectors", s->filename,
+                            c->type == UDZO ? "zlib" : "bzip2", i, c->length,
+                            c->offset, c->count);
+    }
+    return 0;
+}
+
+/* A pair of buffers of the largest chunk's size: the spare pair, or new
+ * ones. Under s->lock. */
+static int take_buffers(dmg_state *s, uint8_t **compressed, uint8_t **data,
+                        vd_error *err)
+{
+    if (s->spare_data) {
+        *compressed = s->spare_compressed;
+        *data = s->spare_data;
+        s->spare_compressed = s->spare_data = NULL;
+        return 0;
+    }
+    *compressed = malloc(s->max_compressed + 1);
+    *data = malloc(s->max_sectors * 512);
+    if (!*compressed || !*data) {
+        free(*compressed);
+        free(*data);
+        *compressed = *data = NULL;
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    return 0;
+}
+
+/* Keeps a pair as the spare one, or frees it. Under s->lock. */
+static void give_buffers(dmg_state *s, uint8_t *compressed, uint8_t *data)
+{
+    if (!s->spare_data && data) {
+        s->spare_compressed = compressed;
+        s->spare_data = data;
+        return;
+    }
+    free(compressed);
+    free(data);
+}
+
+/* Makes chunk @i current (decompressed into s->data unless it is
+ * zeros). Under s->lock, which it drops while it decompresses into the
+ * caller's pair @mine_c, @mine_d (taken when NULL) where that is
+ * allowed (@parallel); the decompressed pair becomes the cache and the
+ * cache's old pair comes back in the caller's. */
+static int load_chunk(vd_node *node, uint32_t i, bool parallel,
+                      uint8_t **mine_c, uint8_t **mine_d, vd_error *err)
+{
+    dmg_state *s = node->opaque;
+    const dmg_chunk *c = &s->chunks[i];
+    uint8_t *swap;
+    int ret;
+
+    if (c->type == UDZE || c->type == UDIG) {
+        s->current = i;
+        return 0;
+    }
+    if (!parallel) {
+        /* One pair, the cache's own, as before the parallel reads. */
+        if (!s->data) {
+            ret = take_buffers(s, &s->compressed, &s->data, err);
+            if (ret < 0) {
+                return ret;
+            }
+        }
+        s->current = s->n_chunks;
+        ret = decode_chunk(node, i, s->compressed, s->data, err);
+        if (ret == 0) {
+            s->current = i;
+        }
+        return ret;
+    }
+    if (!*mine_d) {
+        ret = take_buffers(s, mine_c, mine_d, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    ret = decode_chunk(node, i, *mine_c, *mine_d, err);
+    pthread_mutex_lock(&s->lock);
+    if (ret < 0) {
+        return ret;
+    }
+    swap = s->compressed;
+    s->compressed = *mine_c;
+    *mine_c = swap;
+    swap = s->data;
+    s->data = *mine_d;
+    *mine_d = swap;
     s->current = i;
     return 0;
 }
@@ -701,6 +791,9 @@ static int dmg_preadv(vd_node *node, uint64_t off, uint64_t bytes,
                       vd_iov *qiov, unsigned flags, vd_error *err)
 {
     dmg_state *s = node->opaque;
+    bool parallel = s->max_compressed + 1 + s->max_sectors * 512 <=
+                    DMG_PARALLEL_MAX;
+    uint8_t *mine_c = NULL, *mine_d = NULL;
     uint64_t done = 0;
     int ret = 0;
 
@@ -710,10 +803,16 @@ static int dmg_preadv(vd_node *node, uint64_t off, uint64_t bytes,
     while (done < bytes) {
         uint64_t sector = (off + done) / 512, n;
         const dmg_chunk *c;
+        uint32_t i = 0;
 
-        ret = load_chunk(node, sector, err);
-        if (ret < 0) {
-            break;
+        if (!in_chunk(s, s->current, sector)) {
+            ret = find_chunk(s, sector, &i, err);
+            if (ret == 0) {
+                ret = load_chunk(node, i, parallel, &mine_c, &mine_d, err);
+            }
+            if (ret < 0) {
+                break;
+            }
         }
         c = &s->chunks[s->current];
         /* sectors left in the chunk (a zero chunk's count is unbounded) */
@@ -727,6 +826,7 @@ static int dmg_preadv(vd_node *node, uint64_t off, uint64_t bytes,
         }
         done += n;
     }
+    give_buffers(s, mine_c, mine_d);
     pthread_mutex_unlock(&s->lock);
     return ret;
 }
