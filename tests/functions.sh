@@ -68,9 +68,11 @@ VDISK_QEMU_STORAGE_DAEMON=$VDISK_QEMU_COMPAT/qemu-storage-daemon
 # QEMU 7.2 times PBKDF2 when it makes a LUKS key slot and fails at random
 # on a busy machine ("Unable to get accurate CPU usage": its thread's CPU
 # time read as 0 ms), before it writes anything that matters. A test's
-# qemu-img call that names a secret is therefore made again, up to 5
+# qemu-img call that names a secret is therefore made again, up to 20
 # times, when it fails that way (its output is held back until the last
-# try); every other call runs as it is. A function, so that both
+# try; with a fast hash such as sha1 its first timing batch often ends
+# within one tick of the CPU clock, and five tries in a row failed in
+# one clean-clone run); every other call runs as it is. A function, so that both
 # "qemu-img" and "$QEMU_IMG" (qemu-img by default) reach it.
 qemu-img()
 {
@@ -80,7 +82,7 @@ qemu-img()
     esac
     local out err rc _
     out=$(mktemp) err=$(mktemp)
-    for _ in 1 2 3 4 5; do
+    for _ in $(seq 20); do
         rc=0
         command qemu-img "$@" > "$out" 2> "$err" || rc=$?
         [ "$rc" != 0 ] && grep -q "Unable to get accurate CPU usage" "$err" ||

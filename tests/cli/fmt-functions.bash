@@ -13,7 +13,7 @@
 #                                  must refuse alike (info), and which a
 #                                  writer (qemu-io under vdisk) refuses
 #                                  with exit 1 and leaves unchanged
-#   qemu_img_pbkdf ARGS...        qemu-img ARGS, made again (up to 5
+#   qemu_img_pbkdf ARGS...        qemu-img ARGS, made again (up to 20
 #                                  times) when QEMU 7.2's PBKDF2 timing
 #                                  fails at random on a busy machine
 #                                  ("Unable to get accurate CPU usage");
@@ -102,7 +102,7 @@ check_refused()
 qemu_img_pbkdf()
 {
     local rc
-    for _ in 1 2 3 4 5; do
+    for _ in $(seq 20); do
         rc=0
         "$QEMU_IMG" "$@" > qemu.out 2> qemu.err || rc=$?
         [ "$rc" != 0 ] && grep -q "Unable to get accurate CPU usage" \

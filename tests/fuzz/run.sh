@@ -111,13 +111,13 @@ rm -rf "$seeds"
 mkdir -p "$seeds/img" "$build/artifacts"
 (
     cd "$seeds/img"
-    # qemu-img, again (up to 5 times) when QEMU 7.2's PBKDF2 timing fails
+    # qemu-img, again (up to 20 times) when QEMU 7.2's PBKDF2 timing fails
     # at random on a busy machine ("Unable to get accurate CPU usage");
     # a seed it cannot make is left out, never fatal.
     q()
     {
         local _
-        for _ in 1 2 3 4 5; do
+        for _ in $(seq 20); do
             qemu-img "$@" >/dev/null 2>q.err && break
             grep -q "Unable to get accurate CPU usage" q.err || break
         done
