@@ -760,14 +760,17 @@ static void test_driver_queries(void)
         unsigned has, lacks;
     } want[] = {
         { "file", VD_DRIVER_OPENS | VD_DRIVER_PROTOCOL | VD_DRIVER_CREATE,
-          VD_DRIVER_FORMAT | VD_DRIVER_BACKING },
+          VD_DRIVER_FORMAT | VD_DRIVER_BACKING | VD_DRIVER_NETWORK |
+          VD_DRIVER_BIG_REQUESTS | VD_DRIVER_FLAT },
         { "null-co", VD_DRIVER_OPENS | VD_DRIVER_PROTOCOL,
-          VD_DRIVER_FORMAT | VD_DRIVER_CREATE },
-        { "raw", VD_DRIVER_OPENS | VD_DRIVER_FORMAT | VD_DRIVER_CREATE,
-          VD_DRIVER_BACKING | VD_DRIVER_COMPRESSED | VD_DRIVER_AMEND },
+          VD_DRIVER_FORMAT | VD_DRIVER_CREATE | VD_DRIVER_NETWORK },
+        { "raw", VD_DRIVER_OPENS | VD_DRIVER_FORMAT | VD_DRIVER_CREATE |
+          VD_DRIVER_FLAT,
+          VD_DRIVER_BACKING | VD_DRIVER_COMPRESSED | VD_DRIVER_AMEND |
+          VD_DRIVER_NETWORK },
         { "qcow2", VD_DRIVER_OPENS | VD_DRIVER_FORMAT | VD_DRIVER_BACKING |
           VD_DRIVER_COMPRESSED | VD_DRIVER_CREATE | VD_DRIVER_AMEND,
-          VD_DRIVER_PROTOCOL },
+          VD_DRIVER_PROTOCOL | VD_DRIVER_FLAT | VD_DRIVER_NETWORK },
         { "blkdebug", VD_DRIVER_OPENS | VD_DRIVER_FILTER |
           VD_DRIVER_PROTOCOL, VD_DRIVER_FORMAT },
         { "vmdk", VD_DRIVER_OPENS | VD_DRIVER_FORMAT | VD_DRIVER_BACKING |
@@ -786,6 +789,19 @@ static void test_driver_queries(void)
     }
     CHECK(vd_driver_features("vmdx") == 0 && vd_driver_features(NULL) == 0,
           "unknown drivers have no features");
+    /* The network protocols are optional at build time: checked where
+     * they are built in. */
+    if (vd_driver_features("nbd") & VD_DRIVER_OPENS) {
+        unsigned f = vd_driver_features("nbd");
+        CHECK((f & (VD_DRIVER_NETWORK | VD_DRIVER_BIG_REQUESTS)) ==
+              (VD_DRIVER_NETWORK | VD_DRIVER_BIG_REQUESTS),
+              "features of nbd: %#x", f);
+    }
+    if (vd_driver_features("iscsi") & VD_DRIVER_OPENS) {
+        unsigned f = vd_driver_features("iscsi");
+        CHECK((f & VD_DRIVER_NETWORK) && !(f & VD_DRIVER_BIG_REQUESTS),
+              "features of iscsi: %#x", f);
+    }
 
     CHECK(create_img(path("stats.raw"), "raw", "size=1M", &err) == 0,
           "create: %s", err.message);
