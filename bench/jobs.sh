@@ -29,7 +29,8 @@
 # Job time: from the command that starts the job to the timestamp of its
 # BLOCK_JOB_COMPLETED event (for mirror and commit including the
 # job-complete sent as soon as READY is seen; the monitor polls every
-# 10 ms, in both daemons). IOPS: fio's per-100-ms IOPS log (in Unix
+# 10 ms, in both daemons; each run's line on stderr also gives the time
+# of BLOCK_JOB_READY, to tell a slow convergence from a slow pivot). IOPS: fio's per-100-ms IOPS log (in Unix
 # time) averaged over the job's span, each interval by its overlap.
 # RSS: VmHWM of the daemon when the job is over; the table shows the
 # largest of the runs. On ext4 the target's flush before READY (a disk
@@ -226,8 +227,10 @@ def one_run(daemon, job, load, check):
         if "error" in r:
             raise RuntimeError("%s: %s" % (start["execute"], r["error"]["desc"]))
         t_end = t0 + JOB_SECS
+        t_ready = None
         if job != "backup":
-            wait_event(m, "BLOCK_JOB_READY", t_end)
+            e = wait_event(m, "BLOCK_JOB_READY", t_end)
+            t_ready = e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
             r = m.cmd({"execute": "job-complete", "arguments": {"id": "j"}})
             if "error" in r:
                 raise RuntimeError("job-complete: " + r["error"]["desc"])
@@ -256,7 +259,7 @@ def one_run(daemon, job, load, check):
         c = subprocess.run([qemu_img, "compare", "-q", a, b])
         if c.returncode != 0:
             raise RuntimeError("%s's result differs from the source" % job)
-    return t1 - t0, iops, rss
+    return t1 - t0, iops, rss, (t_ready - t0 if t_ready else None)
 
 def med(v):
     return statistics.median(v) if v else None
@@ -276,9 +279,10 @@ for load in loads:
                 except (RuntimeError, subprocess.SubprocessError, OSError, SystemExit) as ex:
                     why = "%s: %s" % (daemon, ex)
                     break
-                s, i, k = res[daemon][-1]
-                print("  %-14s %-5s %7.2f s %s %6d MiB" % (
-                    name, daemon, s, "%8.0f IOPS" % i if i else "", k // 1024),
+                s, i, k, rd = res[daemon][-1]
+                print("  %-14s %-5s %7.2f s %s %6d MiB%s" % (
+                    name, daemon, s, "%8.0f IOPS" % i if i else "", k // 1024,
+                    "  (READY at %.2f s)" % rd if rd is not None else ""),
                     file=sys.stderr, flush=True)
             if why:
                 break

@@ -58,11 +58,23 @@ if ! ninja -C "$build" -j "$jobs" >"$build.build.log" 2>&1; then
 fi
 
 # The workload of tests/tsan/tsan-stress.c links the TSan library
-# directly (it is not a meson test: it is only useful under TSan).
+# directly (it is not a meson test: it is only useful under TSan). It
+# uses internal symbols, so it links the static library, with the
+# libraries the build's uninstalled pkg-config file lists as its own
+# (whatever optional protocols this build found). Not `--static`: that
+# would ask for the static dependencies of gnutls and libcurl too.
+pc=$build/meson-uninstalled/vdisk-uninstalled.pc
+if ! mods=$(PKG_CONFIG_PATH="$build/meson-uninstalled" \
+            pkg-config --print-requires-private vdisk 2>"$build.stress.log") ||
+   ! deps=$(pkg-config --libs $(awk '{print $1}' <<<"$mods") 2>>"$build.stress.log"); then
+    tail -20 "$build.stress.log"
+    echo "0 passed, 1 failed"
+    exit 1
+fi
+deps="$deps $(sed -n 's/^Libs.private: //p' "$pc")"
 if ! cc -std=gnu11 -Wall -Wextra -g -O1 -fsanitize=thread -D_GNU_SOURCE \
         -I"$root/include" -I"$root/src" "$here/tsan-stress.c" \
-        "$build/libvdisk.a" $(pkg-config --libs zlib libzstd json-c) \
-        $(pkg-config --libs gnutls 2>/dev/null) -lm \
+        "$build/libvdisk.a" $deps \
         -lpthread -o "$build/tests/tsan-stress" >"$build.stress.log" 2>&1; then
     tail -20 "$build.stress.log"
     echo "0 passed, 1 failed"
