@@ -181,10 +181,13 @@ static bool granule_dirty(mirror_state *s, uint64_t pos)
     return vd_dirty_tracker_next(s->dirty, start, g, &o, &b) && o == start;
 }
 
-/* QEMU's do_sync_target_write(). */
+/* QEMU's do_sync_target_write(). A guest write with FUA is written
+ * with FUA to the target too: once the job has pivoted, the target is
+ * the disk the guest was promised that write on. */
 static void write_through(mirror_state *s, uint64_t off, uint64_t n,
-                          vd_iov *qiov)
+                          vd_iov *qiov, unsigned flags)
 {
+    unsigned fua = flags & VD_REQ_FUA;
     uint64_t g = s->granularity, skip = 0;
     if (off % g && granule_dirty(s, off)) {
         skip = (off / g + 1) * g - off;
@@ -208,12 +211,13 @@ static void write_through(mirror_state *s, uint64_t off, uint64_t n,
         vd_iov part;
         r = vd_iov_init_slice(&part, qiov, skip, n);
         if (r == 0) {
-            r = vd_node_pwritev(s->target, off, n, &part, 0, &e);
+            r = vd_node_pwritev(s->target, off, n, &part, fua, &e);
             vd_iov_destroy(&part);
         }
     } else {
         r = vd_node_pwrite_zeroes(s->target, off, n,
-                                  s->unmap ? VD_REQ_MAY_UNMAP : 0, &e);
+                                  (s->unmap ? VD_REQ_MAY_UNMAP : 0) | fua,
+                                  &e);
     }
     if (r < 0) {
         vd_dirty_tracker_set(s->dirty, off, n);
@@ -245,7 +249,7 @@ static void after_write(void *opaque, uint64_t off, uint64_t bytes,
         (!qiov && !(flags & VD_REQ_ZERO_WRITE)))
         vd_dirty_tracker_set(s->dirty, off, n);
     else
-        write_through(s, off, n, qiov);
+        write_through(s, off, n, qiov, flags);
     vd_copy_pool_unlock_range(s->pool, &op->span);
     free(op);
 }

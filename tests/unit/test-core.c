@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "core/block_int.h"
+#include "vdisk/job.h"
 
 #include "check.h"
 
@@ -144,16 +145,18 @@ static const vd_driver mem_driver = {
     .getlength = mem_getlength,
 };
 
-static vd_node *open_mem(mem_state *cfg, unsigned flags)
+/* A user, as vd_open() attaches: public writes need one with write
+ * (a mirror's target gets one that asks for nothing: the job alone
+ * reads and writes it). */
+static vd_node *open_mem_as(mem_state *cfg, unsigned flags, bool writer)
 {
     cfg_next = cfg;
     vd_node *n = NULL;
     vd_error err = VD_ERROR_INIT;
     int r = vd_node_open(&n, "mem", &mem_driver, NULL,
                          flags | VD_NODE_PROTOCOL, &err);
-    /* A user, as vd_open() attaches: public writes need one with write. */
     if (r == 0)
-        r = vd_node_attach_opener(n, VD_PERM_CONSISTENT_READ |
+        r = vd_node_attach_opener(n, !writer ? 0 : VD_PERM_CONSISTENT_READ |
                                   (n->read_only ? 0 : VD_PERM_WRITE),
                                   VD_PERM_ALL, &err);
     if (r < 0) {
@@ -161,6 +164,11 @@ static vd_node *open_mem(mem_state *cfg, unsigned flags)
         exit(1);
     }
     return n;
+}
+
+static vd_node *open_mem(mem_state *cfg, unsigned flags)
+{
+    return open_mem_as(cfg, flags, true);
 }
 
 static void fill_pattern(uint8_t *buf, size_t len, unsigned seed)
@@ -464,6 +472,57 @@ static void test_block_status_default(void)
     vd_close(&n, NULL);
 }
 
+static void on_ready(const vd_job_event *ev, void *opaque)
+{
+    if (ev->type == VD_JOB_EVENT_READY)
+        __atomic_store_n((int *)opaque, 1, __ATOMIC_SEQ_CST);
+}
+
+/* A FUA write to the source of a write-blocking mirror was written
+ * through to the target without FUA: after the pivot the target is the
+ * disk, and it had the write only in its cache. The target must see a
+ * flush (the mem driver has no FUA of its own) for a FUA write, and
+ * none for a plain one. */
+static void test_mirror_write_blocking_fua(void)
+{
+    mem_state scfg = { .size = 1 << 20, .align = 512, .has_zeroes = true };
+    mem_state tcfg = { .size = 1 << 20, .align = 512, .has_zeroes = true };
+    vd_node *src = open_mem(&scfg, VD_NODE_RDWR);
+    vd_node *tgt = open_mem_as(&tcfg, VD_NODE_RDWR, false);
+    mem_state *ts = tgt->opaque;        /* the live counters */
+    vd_error err = VD_ERROR_INIT;
+    uint8_t buf[4096];
+    fill_pattern(buf, sizeof(buf), 5);
+    int ready = 0;
+    vd_job *job = NULL;
+    vd_job_listen(on_ready, &ready);
+    vd_job_options jo = { .id = "wb" };
+    vd_mirror_options mo = { .sync = VD_MIRROR_SYNC_FULL,
+                             .write_blocking = true };
+    CHECK(vd_mirror_start(&job, src, tgt, &mo, &jo, &err) == 0,
+          "mirror: %s", err.message);
+    for (int i = 0; i < 3000 && !__atomic_load_n(&ready, __ATOMIC_SEQ_CST); i++)
+        usleep(10000);
+    CHECK(ready, "the mirror never became ready");
+    int before = __atomic_load_n(&ts->flushes, __ATOMIC_SEQ_CST);
+    CHECK(vd_pwrite(src, buf, sizeof(buf), 65536, 0, &err) == 0, "%s",
+          err.message);
+    int plain = __atomic_load_n(&ts->flushes, __ATOMIC_SEQ_CST) - before;
+    CHECK(vd_pwrite(src, buf, sizeof(buf), 131072, VD_REQ_FUA, &err) == 0,
+          "%s", err.message);
+    int fua = __atomic_load_n(&ts->flushes, __ATOMIC_SEQ_CST) - before - plain;
+    CHECK(plain == 0 && fua >= 1, "target flushes: %d for a plain write, "
+          "%d for a FUA write", plain, fua);
+    CHECK(memcmp(ts->data + 131072, buf, sizeof(buf)) == 0,
+          "the FUA write did not reach the target");
+    CHECK(vd_job_cancel(job, true, &err) == 0, "cancel: %s", err.message);
+    vd_job_wait(job, NULL);
+    vd_job_unref(&job);
+    vd_job_unlisten(on_ready, &ready);
+    vd_close(&tgt, NULL);
+    vd_close(&src, NULL);
+}
+
 int main(void)
 {
     test_unaligned_rmw();
@@ -474,6 +533,7 @@ int main(void)
     test_drain();
     test_node_names();
     test_block_status_default();
+    test_mirror_write_blocking_fua();
     if (failures) {
         fprintf(stderr, "test-core: %d failure(s)\n", failures);
         return 1;
