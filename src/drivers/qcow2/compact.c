@@ -1350,6 +1350,16 @@ static int compact_once(vd_node *node, bool dry_run, vd_progress_fn progress,
     if (ret == 0) {
         ret = cp_move_reftable(&c);
     }
+    /* Nothing names the tail any more, and that is on disk (the flushes
+     * above): a crash before the truncation reaches the disk leaves a
+     * longer file whose tail no reference names, with refcount 0, which
+     * qemu-img check finds clean. The flush after it only makes the new
+     * size durable before the command returns (a fraction of a
+     * millisecond). The truncation waits for the file system to free the
+     * tail (ext4 mounted with -o discard and without a journal sends one
+     * discard per freed extent and waits for each); it cannot overlap
+     * the copies, which write under the same inode lock (docs/qcow2.md,
+     * "Performance"). */
     if (ret == 0 && res->new_size < c.flen) {
         cp_phase(&c, "truncate", 0);
         cp_step(&c);
