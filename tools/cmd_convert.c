@@ -121,6 +121,10 @@ typedef struct convert_state {
     int chunk_src, chunk_status;
     uint64_t chunk_start, chunk_end;
     int ret;                    /* first error, 0 while fine */
+    /* The read or write failure to report (see fail_once()). */
+    const char *err_what;
+    uint64_t err_at;
+    int err_ret;
     cli_progress progress;
 } convert_state;
 
@@ -631,15 +635,19 @@ static void fail(convert_state *s, int ret)
     }
 }
 
-/* With s->lock held.  A chunk is read in pieces by several workers, so
- * the same failure can come back more than once: only the first error
- * of the conversion is reported, as qemu-img reports one. */
+/* With s->lock held.  A chunk is read in pieces by several workers and
+ * writes may be in flight together, so failures come back more than
+ * once and in any order. qemu-img goes chunk by chunk and reports one:
+ * the failure at the lowest offset. That is the one kept here, among
+ * the failures of the pieces that were under way when the conversion
+ * failed; run_copy() prints it once the workers are done. */
 static void fail_once(convert_state *s, int ret, const char *what,
                       uint64_t chunk_start)
 {
-    if (!s->ret) {
-        cli_error("error while %s at byte %" PRIu64 ": %s", what,
-                  chunk_start, strerror(-ret));
+    if (!s->ret || (s->err_what && chunk_start < s->err_at)) {
+        s->err_what = what;
+        s->err_at = chunk_start;
+        s->err_ret = ret;
     }
     fail(s, ret);
 }
@@ -882,6 +890,11 @@ static int run_copy(convert_state *s, int nthreads)
     }
     for (int i = 0; i < started; i++) {
         pthread_join(tids[i], NULL);
+    }
+    if (s->err_what) {
+        cli_error("error while %s at byte %" PRIu64 ": %s", s->err_what,
+                  s->err_at, strerror(-s->err_ret));
+        s->err_what = NULL;
     }
     for (int i = 0; i < MAX_THREADS; i++) {
         pthread_cond_destroy(&s->turn[i]);
