@@ -216,7 +216,8 @@ static void sleep_ms(int64_t ms)
  * leaves Nagle's algorithm on (qemu-nbd 7.2 does not set TCP_NODELAY)
  * holds a small reply while an earlier one is unacknowledged: each block
  * status or small read answered behind another waited for that timer
- * (a convert of 3000 4 KiB extents from qemu-nbd: 74 s). */
+ * (a convert of 3000 4 KiB extents from qemu-nbd: 11.4 s without this,
+ * 0.6 s with it). */
 static void ack_now(int fd)
 {
     int one = 1;
@@ -259,9 +260,9 @@ static void *conn_thread(void *opaque)
                 LIB(nbd_aio_notify_read)(c->h);
                 if (c->quickack)
                     ack_now(fd);
-            }
-            else if (p[1].revents & POLLOUT)
+            } else if (p[1].revents & POLLOUT) {
                 LIB(nbd_aio_notify_write)(c->h);
+            }
         }
     }
     return NULL;
