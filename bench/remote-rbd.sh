@@ -6,7 +6,10 @@
 #   rbd->qcow2   convert -O qcow2 rbd:rbd/src local.qcow2
 #   raw->rbd     convert -O raw local.raw rbd:rbd/dst (creates the image)
 #
-# The source holds BENCH_RBD_MIB MiB (default 256) of random data. Runs
+# The source holds BENCH_RBD_MIB MiB (default 256) of random data; with
+# BENCH_RBD_HOLES=1 every fourth 4 MiB of it is a hole instead (as in
+# bench/remote-nbd.sh: a source with extents, so that block status is
+# asked once per extent). Runs
 # alternate QEMU, vdisk, QEMU, ... (BENCH_RUNS each, default 3); the
 # table shows the medians, the ratio (QEMU's time / vdisk's time: above 1
 # means vdisk is faster) and the peak RSS of each tool (largest of its
@@ -31,6 +34,12 @@ ceph_cluster_start "$work/ceph"
 cd "$work"
 
 head -c $((MIB << 20)) /dev/urandom > src.raw
+if [ "${BENCH_RBD_HOLES:-0}" = 1 ]; then
+    for ((o = 3 * 4; o < MIB; o += 16)); do
+        fallocate -p -o $((o << 20)) -l $((4 << 20)) src.raw
+    done
+fi
+# rbd import leaves zeroed objects out (--sparse-size), so holes stay holes.
 rbd import src.raw rbd/src > /dev/null 2>&1
 
 # run TOOL CASE: one timed convert; prints "seconds rss_kib".
@@ -70,4 +79,6 @@ for case in rbd-qcow2 raw-rbd; do
         "$(awk -v q="$qt" -v v="$vt" 'BEGIN { printf "%.2f", (v > 0 ? q / v : 0) }')" \
         $((qm / 1024)) $((vm / 1024))
 done
-echo "($MIB MiB of random data, median of $RUNS runs, ratio = QEMU time / vdisk time)"
+holes=""
+[ "${BENCH_RBD_HOLES:-0}" = 1 ] && holes=", every fourth 4 MiB a hole"
+echo "($MIB MiB of random data$holes, median of $RUNS runs, ratio = QEMU time / vdisk time)"
