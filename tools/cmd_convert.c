@@ -60,7 +60,9 @@
  * round trip and a dispatch on the server: eight workers of 1 MiB
  * (qemu-img's buffers are 16 MiB) took 10-15 % less CPU and time than of
  * 256 KiB writing 512 MiB into nbdkit and qemu-nbd exports, about 10 %
- * less CPU reading from qemu-nbd (issue 15). Not into an iSCSI LUN: tgtd
+ * less CPU reading from qemu-nbd (issue 15). On RBD likewise (librbd
+ * sends a request's objects at once): 1 GiB into an image 1.8x faster,
+ * read 1.6x faster. Not into an iSCSI LUN: tgtd
  * takes a write's data in bursts of 256 KiB, each asked for in a round
  * trip, so 1 MiB writes were slower (1.3x the time). */
 #define NBD_BUF_BUDGET (4 * BUF_SIZE)

@@ -918,7 +918,7 @@ VD_API void vd_list_drivers(void (*fn)(const char *name, void *opaque),
                                           wait */
 #define VD_DRIVER_BIG_REQUESTS (1u << 11) /* a network protocol whose
                                           server takes large requests
-                                          whole (nbd): fewer, larger
+                                          whole (nbd, rbd): fewer, larger
                                           requests (1 MiB) save round
                                           trips; the others ask for a
                                           write's data in bursts (iSCSI:

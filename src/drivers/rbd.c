@@ -1125,6 +1125,10 @@ const vd_driver vd_driver_rbd = {
     .name = "rbd",
     .protocol_name = "rbd",
     .network = true,
+    /* librbd splits a request by object itself and sends the pieces at
+     * once: 1 MiB pieces made a 1 GiB convert into RBD 1.8x faster and
+     * reading one 1.6x, with fewer messages and context switches. */
+    .big_requests = true,
     .instance_size = sizeof(rbd_state),
     .create_opts = vrbd_create_opts,
     .open = vrbd_open_node,

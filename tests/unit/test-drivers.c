@@ -791,11 +791,14 @@ static void test_driver_queries(void)
           "unknown drivers have no features");
     /* The network protocols are optional at build time: checked where
      * they are built in. */
-    if (vd_driver_features("nbd") & VD_DRIVER_OPENS) {
-        unsigned f = vd_driver_features("nbd");
+    static const char *const big[] = { "nbd", "rbd" };
+    for (size_t i = 0; i < sizeof(big) / sizeof(big[0]); i++) {
+        unsigned f = vd_driver_features(big[i]);
+        if (!(f & VD_DRIVER_OPENS))
+            continue;
         CHECK((f & (VD_DRIVER_NETWORK | VD_DRIVER_BIG_REQUESTS)) ==
               (VD_DRIVER_NETWORK | VD_DRIVER_BIG_REQUESTS),
-              "features of nbd: %#x", f);
+              "features of %s: %#x", big[i], f);
     }
     if (vd_driver_features("iscsi") & VD_DRIVER_OPENS) {
         unsigned f = vd_driver_features("iscsi");
