@@ -245,6 +245,20 @@ sys.exit(0 if ok else 1)' "$json" 2>/dev/null; then
     return 0
 }
 
+# For the tests (tests/functions.sh loaded, in the test's directory):
+# starts a cluster in ./ceph, stopped when the test ends; a test without
+# the Ceph daemons is skipped (77), one whose cluster does not come up
+# fails saying so.
+ceph_cluster_for_test()
+{
+    local rc=0
+    mkdir ceph || fail "mkdir ceph"
+    cleanup_fn ceph_cluster_stop "$PWD/ceph"
+    ceph_cluster_start "$PWD/ceph" || rc=$?
+    [ $rc = 77 ] && exit 77
+    [ $rc = 0 ] || fail "the Ceph cluster did not come up (see above)"
+}
+
 # Run as a program: start / stop / env DIR.
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     case "${1:-}" in

@@ -59,6 +59,7 @@
 #include <libnbd.h>
 
 #include "core/block_int.h"
+#include "core/status_keep.h"
 #include "nbd/tls-creds.h"
 #include "common/dlib.h"
 
@@ -126,17 +127,8 @@ VD_DLIB_DEFINE(nbd_lib, VDISK_LIBNBD_SONAME, NBD_LIB_FUNCS);
 #define NBD_STATE_ZERO 2u
 /* Block status (nbdc_block_status()): each question asks about up to
  * NBD_STATUS_SPAN from its offset on (the length is 32 bits on the
- * wire), and the first NBD_STATUS_KEEP extents of the answer are kept
- * for the questions that follow, for at most NBD_STATUS_KEEP_MS. */
+ * wire), and the answer is kept (core/status_keep.h). */
 #define NBD_STATUS_SPAN (1u << 30)
-#define NBD_STATUS_KEEP 1024
-#define NBD_STATUS_KEEP_MS 1000
-
-/* One extent of a block status answer: where it ends, its flags. */
-typedef struct status_extent {
-    uint64_t end;
-    uint32_t flags;
-} status_extent;
 
 /* One connection: a libnbd handle and the thread that drives it. */
 typedef struct nbd_conn {
@@ -175,20 +167,9 @@ typedef struct nbd_state {
     unsigned generation;        /* bumped by every new connection */
     char *last_error;           /* why the last reconnection failed */
 
-    /* The last block status answer kept, [status_start,
-     * status_ext[status_n - 1].end), asked at status_time (now_ms())
-     * when @changes was status_changes; guarded by status_lock. */
-    pthread_mutex_t status_lock;
-    status_extent *status_ext;  /* NBD_STATUS_KEEP of them, or NULL */
-    uint32_t status_n;
-    uint64_t status_start;
-    int64_t status_time;
-    unsigned status_changes;
-    /* Bumped as each write, zero or trim starts and as it ends, and by a
-     * reconnection; with the count of those in flight, it tells whether
-     * a kept answer may predate a change (status_usable()). */
-    atomic_uint changes;
-    atomic_uint changes_in_flight;
+    /* The last block status answer: writes, zeroes and trims are its
+     * changes, a reconnection drops it. */
+    vd_status_keep status;
 } nbd_state;
 
 /* ---- connections ---- */
@@ -442,7 +423,7 @@ typedef struct nbd_req {
      * offset on (at most ext_cap of them, in @ext) */
     const char *context;
     bool got_extents;
-    status_extent *ext;
+    vd_kept_extent *ext;
     uint32_t ext_cap, next;
 } nbd_req;
 
@@ -474,7 +455,9 @@ static int req_extent(void *opaque, const char *context, uint64_t offset,
             break;
         end += entries[i];
         r->ext[r->next].end = end;
-        r->ext[r->next].flags = entries[i + 1];
+        r->ext[r->next].status =
+            (entries[i + 1] & NBD_STATE_HOLE ? 0 : VD_BLOCK_DATA) |
+            (entries[i + 1] & NBD_STATE_ZERO ? VD_BLOCK_ZERO : 0);
         r->next++;
     }
     return 0;
@@ -572,7 +555,7 @@ static void reconnect(vd_node *node, unsigned gen, uint64_t seconds)
         s->nconn = n;
         s->generation++;
         /* Maybe another server now: what it said before is not kept. */
-        atomic_fetch_add(&s->changes, 1);
+        vd_status_keep_drop(&s->status);
         s->cstate = CONN_UP;
     } else {
         free(s->last_error);
@@ -665,11 +648,9 @@ static int nbdc_change(vd_node *node, int op, uint64_t off, uint64_t len,
     nbd_state *s = node->opaque;
     int r;
 
-    atomic_fetch_add(&s->changes_in_flight, 1);
-    atomic_fetch_add(&s->changes, 1);
+    vd_status_keep_change_begin(&s->status);
     r = nbdc_request(node, op, off, len, buf, nflags, NULL, err);
-    atomic_fetch_add(&s->changes, 1);
-    atomic_fetch_sub(&s->changes_in_flight, 1);
+    vd_status_keep_change_end(&s->status);
     return r;
 }
 
@@ -979,7 +960,6 @@ static void nbdc_free_state(nbd_state *s)
     free(s->tls.dir);
     free(s->tls.username);
     free(s->last_error);
-    free(s->status_ext);
 }
 
 static int nbdc_open(vd_node *node, vd_opts *opts, unsigned flags,
@@ -994,7 +974,7 @@ static int nbdc_open(vd_node *node, vd_opts *opts, unsigned flags,
 
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
-    pthread_mutex_init(&s->status_lock, NULL);
+    vd_status_keep_init(&s->status);
     if ((r = nbdc_parse_opts(node, opts, err)) < 0)
         goto fail;
     if (s->tls_creds) {
@@ -1089,7 +1069,7 @@ fail:
     nbdc_free_state(s);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
-    pthread_mutex_destroy(&s->status_lock);
+    vd_status_keep_destroy(&s->status);
     memset(s, 0, sizeof(*s));
     return r;
 }
@@ -1101,7 +1081,7 @@ static void nbdc_close_node(vd_node *node)
     nbdc_free_state(s);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
-    pthread_mutex_destroy(&s->status_lock);
+    vd_status_keep_destroy(&s->status);
 }
 
 /* libnbd wants one flat buffer; a scattered vector goes through a
@@ -1181,45 +1161,6 @@ static int nbdc_flush(vd_node *node, vd_error *err)
     return nbdc_request(node, OP_FLUSH, 0, 0, NULL, 0, NULL, err);
 }
 
-/* The answer for [@off, +@bytes) from @n extents whose last one ends
- * past @off: the extent holding @off, from @off on. */
-static int status_answer(const status_extent *ext, uint32_t n, uint64_t off,
-                         uint64_t bytes, uint32_t align, uint64_t *pnum)
-{
-    uint32_t lo = 0, hi = n;
-    uint64_t len;
-
-    while (lo < hi) {
-        uint32_t mid = lo + (hi - lo) / 2;
-        if (ext[mid].end > off)
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
-    len = ext[lo].end - off;
-    *pnum = len < bytes ? len : bytes;
-    /* A server honouring its minimum block size sends aligned extents;
-     * never report less than one block. */
-    if (*pnum > align)
-        *pnum -= *pnum % align;
-    return (ext[lo].flags & NBD_STATE_HOLE ? 0 : VD_BLOCK_DATA) |
-           (ext[lo].flags & NBD_STATE_ZERO ? VD_BLOCK_ZERO : 0) |
-           VD_BLOCK_OFFSET_VALID;
-}
-
-/* Whether the kept answer covers @off and may still be used: no write,
- * zero or trim of ours began since it was asked (nor is one in flight),
- * no reconnection, and it is younger than NBD_STATUS_KEEP_MS (another
- * client's change to the export shows after that). status_lock held. */
-static bool status_usable(nbd_state *s, uint64_t off)
-{
-    return s->status_n && off >= s->status_start &&
-           off < s->status_ext[s->status_n - 1].end &&
-           atomic_load(&s->changes) == s->status_changes &&
-           atomic_load(&s->changes_in_flight) == 0 &&
-           now_ms() - s->status_time <= NBD_STATUS_KEEP_MS;
-}
-
 /* As QEMU's nbd_client_co_block_status(): the extent of the context at
  * @off, HOLE meaning no data and ZERO zeros, at the same offset of this
  * node; all data when the server has no such context. But where QEMU
@@ -1237,10 +1178,8 @@ static int nbdc_block_status(vd_node *node, bool want_zero, uint64_t off,
     uint32_t align = node->bl.request_alignment;
     uint64_t len, end;
     nbd_req r = { 0 };
-    status_extent *ext;
-    unsigned changes;
-    bool stable;
-    int64_t asked;
+    vd_kept_extent *ext;
+    vd_status_ask ask;
     int ret;
 
     (void)want_zero;
@@ -1250,28 +1189,19 @@ static int nbdc_block_status(vd_node *node, bool want_zero, uint64_t off,
         *pnum = bytes;
         return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
     }
-    pthread_mutex_lock(&s->status_lock);
-    if (status_usable(s, off)) {
-        ret = status_answer(s->status_ext, s->status_n, off, bytes, align,
-                            pnum);
-        pthread_mutex_unlock(&s->status_lock);
-        return ret;
-    }
-    pthread_mutex_unlock(&s->status_lock);
+    ret = vd_status_keep_lookup(&s->status, off, bytes, align, pnum);
+    if (ret >= 0)
+        return ret | VD_BLOCK_OFFSET_VALID;
 
-    ext = malloc(NBD_STATUS_KEEP * sizeof(*ext));
+    ext = malloc(VD_STATUS_KEEP_EXTENTS * sizeof(*ext));
     if (!ext)
         return oom(err);
     len = (uint64_t)s->size - off;
     if (len > NBD_STATUS_SPAN)
         len = NBD_STATUS_SPAN;
-    /* Read before asking: a change in flight or begun meanwhile may or
-     * may not show in the answer, which is then used once only. */
-    stable = atomic_load(&s->changes_in_flight) == 0;
-    changes = atomic_load(&s->changes);
-    asked = now_ms();
+    vd_status_keep_ask(&s->status, &ask);
     r.ext = ext;
-    r.ext_cap = NBD_STATUS_KEEP;
+    r.ext_cap = VD_STATUS_KEEP_EXTENTS;
     ret = nbdc_request(node, OP_STATUS, off, len, NULL, 0, &r, err);
     if (ret < 0)
         goto out;
@@ -1289,19 +1219,9 @@ static int nbdc_block_status(vd_node *node, bool want_zero, uint64_t off,
             break;
         }
     }
-    ret = status_answer(ext, r.next, off, bytes, align, pnum);
-    pthread_mutex_lock(&s->status_lock);
-    if (stable && atomic_load(&s->changes_in_flight) == 0 &&
-        atomic_load(&s->changes) == changes) {
-        status_extent *old = s->status_ext;
-        s->status_ext = ext;
-        s->status_n = r.next;
-        s->status_start = off;
-        s->status_time = asked;
-        s->status_changes = changes;
-        ext = old;
-    }
-    pthread_mutex_unlock(&s->status_lock);
+    ret = vd_status_keep_answer(ext, r.next, off, bytes, align, pnum) |
+          VD_BLOCK_OFFSET_VALID;
+    vd_status_keep_store(&s->status, &ask, off, &ext, r.next);
 out:
     free(ext);
     return ret;

@@ -40,6 +40,7 @@
 #include <rbd/librbd.h>
 
 #include "core/block_int.h"
+#include "core/status_keep.h"
 #include "common/dlib.h"
 
 /*
@@ -115,7 +116,10 @@ typedef struct rbd_state {
     uint64_t object_size;
     _Atomic uint64_t image_size;
     pthread_mutex_t resize_lock;
-    bool lock_init;
+    bool lock_init;             /* resize_lock and status set up */
+    /* The last block status answer (vrbd_block_status()): writes,
+     * zeroes, discards, resizes and rollbacks are its changes. */
+    vd_status_keep status;
 } rbd_state;
 
 static void vrbd_loc_free(rbd_loc *l)
@@ -590,6 +594,7 @@ static void vrbd_close(vd_node *node)
     }
     if (s->lock_init) {
         pthread_mutex_destroy(&s->resize_lock);
+        vd_status_keep_destroy(&s->status);
     }
     vrbd_loc_free(&s->loc);
     free(s->label);
@@ -654,6 +659,7 @@ static int vrbd_open_node(vd_node *node, vd_opts *opts, unsigned flags,
     s->object_size = info.obj_size;
     atomic_store(&s->image_size, info.size);
     pthread_mutex_init(&s->resize_lock, NULL);
+    vd_status_keep_init(&s->status);
     s->lock_init = true;
     node->bl.request_alignment = 1;
     r = 0;
@@ -672,8 +678,8 @@ enum { RBD_READ, RBD_WRITE, RBD_ZERO, RBD_DISCARD, RBD_FLUSH };
 
 /* One librbd request and its completion, waited for here. Reads shorter
  * than asked (past the end) are completed with zeros. */
-static int vrbd_request(vd_node *node, int op, uint64_t off, uint64_t bytes,
-                       vd_iov *qiov, int zflags, vd_error *err)
+static int vrbd_do(vd_node *node, int op, uint64_t off, uint64_t bytes,
+                   vd_iov *qiov, int zflags, vd_error *err)
 {
     static const char *const what[] = { "read", "write", "write zeroes",
                                         "discard", "flush" };
@@ -739,6 +745,24 @@ static int vrbd_request(vd_node *node, int op, uint64_t off, uint64_t bytes,
     return 0;
 }
 
+/* vrbd_do(), writes, write-zeroes and discards marked as changes for
+ * the kept block status. */
+static int vrbd_request(vd_node *node, int op, uint64_t off, uint64_t bytes,
+                       vd_iov *qiov, int zflags, vd_error *err)
+{
+    rbd_state *s = node->opaque;
+    bool change = op == RBD_WRITE || op == RBD_ZERO || op == RBD_DISCARD;
+    int r;
+
+    if (!change) {
+        return vrbd_do(node, op, off, bytes, qiov, zflags, err);
+    }
+    vd_status_keep_change_begin(&s->status);
+    r = vrbd_do(node, op, off, bytes, qiov, zflags, err);
+    vd_status_keep_change_end(&s->status);
+    return r;
+}
+
 static int vrbd_preadv(vd_node *node, uint64_t off, uint64_t bytes,
                       vd_iov *qiov, unsigned flags, vd_error *err)
 {
@@ -784,33 +808,46 @@ static int vrbd_flush(vd_node *node, vd_error *err)
     return vrbd_request(node, RBD_FLUSH, 0, 0, NULL, 0, err);
 }
 
-/* What the diff iteration found from the asked offset on: whether the
- * first extent is allocated, and how long the run of that state is. */
+/* Block status asks about up to this much from an object boundary. */
+#define RBD_STATUS_SPAN (1ull << 30)
+
+/* The extents rbd_diff_iterate2 reported so far, from @pos on: data
+ * where an object exists, a hole in every gap. */
 typedef struct rbd_diff {
-    uint64_t offs, bytes;
-    bool exists;
+    vd_kept_extent *ext;
+    uint32_t n;
+    uint64_t pos;           /* where the extents end */
 } rbd_diff;
+
+/* Adds [d->pos, @end) with @status, merged with the last extent when it
+ * has the same status. False when the array is full. */
+static bool vrbd_diff_add(rbd_diff *d, uint64_t end, int status)
+{
+    if (d->n && d->ext[d->n - 1].status == status) {
+        d->ext[d->n - 1].end = end;
+    } else if (d->n < VD_STATUS_KEEP_EXTENTS) {
+        d->ext[d->n++] = (vd_kept_extent){ end, status };
+    } else {
+        return false;
+    }
+    d->pos = end;
+    return true;
+}
 
 static int vrbd_diff_cb(uint64_t offs, size_t len, int exists, void *opaque)
 {
     rbd_diff *d = opaque;
+    uint64_t end = offs + len;
 
-    /* A hole reported by the iteration counts as unallocated. */
-    if (!exists) {
+    /* A hole reported by the iteration counts as unallocated: the gap
+     * before the next object makes it one. Nothing goes backwards. */
+    if (!exists || end <= d->pos) {
         return 0;
     }
-    if (!d->exists && offs > d->offs) {
-        /* Started in a hole: it ends here. */
-        d->bytes = offs - d->offs;
+    if (offs > d->pos && !vrbd_diff_add(d, offs, VD_BLOCK_ZERO)) {
         return RBD_STOP_ITERATE;
     }
-    if (d->exists && offs > d->offs + d->bytes) {
-        /* Started in data and jumped over a hole: the data ends. */
-        return RBD_STOP_ITERATE;
-    }
-    d->bytes = offs + len - d->offs;
-    d->exists = true;
-    return 0;
+    return vrbd_diff_add(d, end, VD_BLOCK_DATA) ? 0 : RBD_STOP_ITERATE;
 }
 
 /*
@@ -821,18 +858,24 @@ static int vrbd_diff_cb(uint64_t offs, size_t len, int exists, void *opaque)
  * object (https://tracker.ceph.com/issues/53784), so there the
  * iteration starts at the object's beginning, which is right only for
  * images with default striping and no parent (else: all data).
+ *
+ * Where QEMU iterates once per question, stopping at the first change
+ * of state, this walks up to RBD_STATUS_SPAN and keeps the extents
+ * (core/status_keep.h): a copy or a map asks about every extent in
+ * order, and each iteration is a wait on librbd under convert's lock
+ * (1 GiB with 128 extents: 256 iterations, 0.25 s of a 0.8 s copy).
  */
 static int vrbd_block_status(vd_node *node, bool want_zero, uint64_t off,
                             uint64_t bytes, uint64_t *pnum, uint64_t *map,
                             vd_node **file, vd_error *err)
 {
     rbd_state *s = node->opaque;
-    rbd_diff d = { .offs = off };
-    uint64_t features, iflags, head = 0;
+    rbd_diff d = { 0 };
+    uint64_t features, iflags, start = off, span, size;
+    vd_status_ask ask;
     int r;
 
     (void)want_zero;
-    (void)err;
     *pnum = bytes;
     *map = off;
     *file = node;
@@ -858,36 +901,54 @@ static int vrbd_block_status(vd_node *node, bool want_zero, uint64_t off,
             return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
         }
         if (s->object_size) {
-            head = off & (s->object_size - 1);
+            start -= off & (s->object_size - 1);
         }
-        d.offs -= head;
-        bytes += head;
     }
 #endif
-    r = LIB(rbd_diff_iterate2)(s->image, NULL, d.offs, bytes, 1, 1,
+    r = vd_status_keep_lookup(&s->status, off, bytes, 0, pnum);
+    if (r >= 0) {
+        return r | VD_BLOCK_OFFSET_VALID;
+    }
+
+    size = atomic_load(&s->image_size);
+    if (off >= size) {
+        return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
+    }
+    span = size - start < RBD_STATUS_SPAN ? size - start : RBD_STATUS_SPAN;
+    d.ext = malloc(VD_STATUS_KEEP_EXTENTS * sizeof(*d.ext));
+    if (!d.ext) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->label);
+    }
+    d.pos = start;
+    vd_status_keep_ask(&s->status, &ask);
+    r = LIB(rbd_diff_iterate2)(s->image, NULL, start, span, 1, 1,
                                vrbd_diff_cb, &d);
     if (r < 0 && r != RBD_STOP_ITERATE) {
+        free(d.ext);
         return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
     }
-    if (d.bytes > bytes) {
-        d.bytes = bytes;
+    /* Iterated to the end: the rest of the span is a hole. */
+    if (r == 0 && d.pos < start + span) {
+        (void)vrbd_diff_add(&d, start + span, VD_BLOCK_ZERO);
     }
-    if (!d.exists) {
-        if (r == 0) {
-            /* No callback at all: the whole range is a hole. */
-            d.bytes = bytes;
+    /* Nothing past the span (whole objects may reach beyond it). */
+    for (uint32_t i = 0; i < d.n; i++) {
+        if (d.ext[i].end >= start + span) {
+            d.ext[i].end = start + span;
+            d.n = i + 1;
+            break;
         }
-        if (d.bytes <= head) {
-            return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
-        }
-        *pnum = d.bytes - head;
-        return VD_BLOCK_ZERO | VD_BLOCK_OFFSET_VALID;
     }
-    if (d.bytes <= head) {
+    if (!d.n || d.ext[d.n - 1].end <= off) {
+        /* Stopped before @off (a full array): not known. */
+        free(d.ext);
         return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
     }
-    *pnum = d.bytes - head;
-    return VD_BLOCK_DATA | VD_BLOCK_OFFSET_VALID;
+    r = vd_status_keep_answer(d.ext, d.n, off, bytes, 0, pnum) |
+        VD_BLOCK_OFFSET_VALID;
+    vd_status_keep_store(&s->status, &ask, start, &d.ext, d.n);
+    free(d.ext);
+    return r;
 }
 
 static int64_t vrbd_getlength(vd_node *node)
@@ -925,12 +986,14 @@ static int vrbd_truncate(vd_node *node, uint64_t size, bool exact,
         return vd_error_set(err, -ENOTSUP, "Unsupported preallocation mode "
                             "'%s'", vrbd_prealloc_names[prealloc]);
     }
+    vd_status_keep_change_begin(&s->status);
     pthread_mutex_lock(&s->resize_lock);
     r = LIB(rbd_resize)(s->image, size);
     if (r == 0) {
         atomic_store(&s->image_size, size);
     }
     pthread_mutex_unlock(&s->resize_lock);
+    vd_status_keep_change_end(&s->status);
     if (r < 0) {
         return vd_error_set(err, r, "Failed to resize file: %s",
                             strerror(-r));
@@ -980,8 +1043,13 @@ static int vrbd_snapshot_goto(vd_node *node, const char *id, vd_error *err)
     rbd_state *s = node->opaque;
     /* The errno alone: the core says "Failed to load snapshot: ENOENT's
      * text", as QEMU. */
+    int r;
+
     (void)err;
-    return LIB(rbd_snap_rollback)(s->image, id);
+    vd_status_keep_change_begin(&s->status);
+    r = LIB(rbd_snap_rollback)(s->image, id);
+    vd_status_keep_change_end(&s->status);
+    return r;
 }
 
 static int vrbd_snapshot_delete(vd_node *node, const char *id,

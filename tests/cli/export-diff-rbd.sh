@@ -28,12 +28,7 @@ sum_cur=$(state img.qcow2)
 
 # ---- the cluster ----
 source "$(dirname "$0")/../ceph-cluster.sh"
-mkdir ceph
-cleanup_fn ceph_cluster_stop "$PWD/ceph"
-rc=0
-ceph_cluster_start "$PWD/ceph" || rc=$?
-[ $rc = 77 ] && exit 77
-[ $rc = 0 ] || fail "the Ceph cluster did not come up (see above)"
+ceph_cluster_for_test
 # rsum IMAGE[@SNAP] [SIZE]: sha256 of rbd export, padded with zeros to
 # SIZE (qemu-img convert -l reads a snapshot at the image's current size).
 rsum()

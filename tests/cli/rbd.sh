@@ -13,12 +13,7 @@ requires qemu-img qemu-io ceph-mon ceph-mgr ceph-osd ceph rbd timeout cmp python
 "$VDISK" --help | grep -qw rbd || { echo "vdisk built without librbd"; exit 77; }
 source "$(dirname "$0")/../ceph-cluster.sh"
 tmpdir
-mkdir ceph
-cleanup_fn ceph_cluster_stop "$PWD/ceph"
-rc=0
-ceph_cluster_start "$PWD/ceph" || rc=$?
-[ $rc = 77 ] && exit 77
-[ $rc = 0 ] || fail "the Ceph cluster did not come up (see above)"
+ceph_cluster_for_test
 
 # Messages without the program's name, to compare vdisk's with QEMU's.
 msg() { sed -e 's/^[a-z-]*: //' "$1"; }

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import unittest
 
 import vdisk
@@ -120,3 +121,52 @@ class TmpDirCase(unittest.TestCase):
         self.assertIn(fragment, e.message)
         self.assertEqual(e.strerror, e.message)
         return e
+
+
+class KeptStatusChecks:
+    """The checks of a driver that keeps a block status answer for the
+    questions that follow (src/core/status_keep.h): in one open session
+    the map after each of our own changes equals qemu-img map of the
+    image at that moment, and another client's write shows once the kept
+    answer is older than its limit (a second). Mixed into a TmpDirCase
+    that sets self.uri (an 8 MiB raw image whose first 6 MiB qemu-io may
+    write) and self.library (the driver's library, named when the test
+    is skipped because vdisk was built without it)."""
+
+    def open(self):
+        try:
+            return vdisk.open(self.uri, read_only=False, fmt="raw")
+        except vdisk.Error as e:
+            if "Unknown protocol" in e.message:
+                raise unittest.SkipTest("vdisk was built without " +
+                                        self.library)
+            raise
+
+    def assertMapIsQemus(self, node, when):
+        self.assertEqual(merged_map(node), qemu_map_comparable(self.uri, "raw"),
+                         when)
+
+    def test_own_changes_show_at_once(self):
+        KiB, MiB = 1 << 10, 1 << 20
+        with self.open() as n:
+            self.assertMapIsQemus(n, "at first")
+            n.write(b"\x33" * (64 * KiB), 4 * MiB)
+            self.assertMapIsQemus(n, "after a write into a hole")
+            n.zero(1 * MiB, 64 * KiB, may_unmap=True)
+            self.assertMapIsQemus(n, "after a zero write that may unmap")
+            n.zero(5 * MiB, 64 * KiB)
+            self.assertMapIsQemus(n, "after a zero write")
+            n.discard(3 * MiB, 128 * KiB)
+            self.assertMapIsQemus(n, "after a discard")
+            n.write(b"\x44" * MiB, 7 * MiB)
+            self.assertMapIsQemus(n, "after a write at the end")
+
+    def test_another_clients_write_shows_later(self):
+        with self.open() as n:
+            before = merged_map(n)
+            run("qemu-io", "-f", "raw", "-c", "write -q -P 0x55 2M 1M",
+                self.uri)
+            time.sleep(1.2)
+            after = merged_map(n)
+            self.assertNotEqual(before, after)
+            self.assertMapIsQemus(n, "a second after another client wrote")

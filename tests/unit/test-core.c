@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "core/block_int.h"
+#include "core/status_keep.h"
 #include "vdisk/job.h"
 
 #include "check.h"
@@ -523,6 +524,85 @@ static void test_mirror_write_blocking_fua(void)
     vd_close(&src, NULL);
 }
 
+/* A kept block status answer (core/status_keep.h): answers inside it,
+ * not outside; not used once a change began or while one is in flight;
+ * an answer asked while a change was in flight, or one that began while
+ * it was asked, is not kept; a drop forgets it. */
+static vd_kept_extent *kept_extents(void)
+{
+    vd_kept_extent *e = malloc(VD_STATUS_KEEP_EXTENTS * sizeof(*e));
+
+    /* [1000, 5000) data, [5000, 9000) zero, [9000, 10000) data */
+    e[0] = (vd_kept_extent){ 5000, VD_BLOCK_DATA };
+    e[1] = (vd_kept_extent){ 9000, VD_BLOCK_ZERO };
+    e[2] = (vd_kept_extent){ 10000, VD_BLOCK_DATA };
+    return e;
+}
+
+static void test_status_keep(void)
+{
+    vd_status_keep k;
+    vd_status_ask ask;
+    vd_kept_extent *e;
+    uint64_t pnum = 0;
+
+    vd_status_keep_init(&k);
+    CHECK(vd_status_keep_lookup(&k, 0, 10, 0, &pnum) == -ENOENT,
+          "an empty keep answered");
+
+    vd_status_keep_ask(&k, &ask);
+    e = kept_extents();
+    vd_status_keep_store(&k, &ask, 1000, &e, 3);
+    CHECK(e == NULL, "the first answer did not take the array");
+    free(e);
+    CHECK(vd_status_keep_lookup(&k, 1000, 100000, 0, &pnum) ==
+          VD_BLOCK_DATA && pnum == 4000, "at the start: pnum %llu",
+          (unsigned long long)pnum);
+    CHECK(vd_status_keep_lookup(&k, 6000, 100000, 512, &pnum) ==
+          VD_BLOCK_ZERO && pnum == 2560, "inside, aligned: pnum %llu",
+          (unsigned long long)pnum);
+    CHECK(vd_status_keep_lookup(&k, 9500, 100, 0, &pnum) == VD_BLOCK_DATA &&
+          pnum == 100, "clipped to bytes: pnum %llu",
+          (unsigned long long)pnum);
+    CHECK(vd_status_keep_lookup(&k, 999, 10, 0, &pnum) == -ENOENT,
+          "answered before the start");
+    CHECK(vd_status_keep_lookup(&k, 10000, 10, 0, &pnum) == -ENOENT,
+          "answered past the end");
+
+    vd_status_keep_change_begin(&k);
+    CHECK(vd_status_keep_lookup(&k, 1000, 10, 0, &pnum) == -ENOENT,
+          "used while a change is in flight");
+    /* Asked while the change is in flight: not kept. */
+    vd_status_keep_ask(&k, &ask);
+    vd_status_keep_change_end(&k);
+    e = kept_extents();
+    vd_status_keep_store(&k, &ask, 1000, &e, 3);
+    CHECK(e != NULL, "an answer asked during a change was kept");
+    free(e);
+    CHECK(vd_status_keep_lookup(&k, 1000, 10, 0, &pnum) == -ENOENT,
+          "the answer from before the change is still used");
+
+    /* A change that begins and ends while the question is out. */
+    vd_status_keep_ask(&k, &ask);
+    vd_status_keep_change_begin(&k);
+    vd_status_keep_change_end(&k);
+    e = kept_extents();
+    vd_status_keep_store(&k, &ask, 1000, &e, 3);
+    CHECK(e != NULL, "an answer that may predate a change was kept");
+    free(e);
+
+    vd_status_keep_ask(&k, &ask);
+    e = kept_extents();
+    vd_status_keep_store(&k, &ask, 1000, &e, 3);
+    free(e);
+    CHECK(vd_status_keep_lookup(&k, 1000, 10, 0, &pnum) == VD_BLOCK_DATA,
+          "a clean answer was not kept");
+    vd_status_keep_drop(&k);
+    CHECK(vd_status_keep_lookup(&k, 1000, 10, 0, &pnum) == -ENOENT,
+          "used after a drop");
+    vd_status_keep_destroy(&k);
+}
+
 int main(void)
 {
     test_unaligned_rmw();
@@ -534,6 +614,7 @@ int main(void)
     test_node_names();
     test_block_status_default();
     test_mirror_write_blocking_fua();
+    test_status_keep();
     if (failures) {
         fprintf(stderr, "test-core: %d failure(s)\n", failures);
         return 1;
