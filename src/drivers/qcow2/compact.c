@@ -1195,6 +1195,27 @@ static int compact_once(vd_node *node, bool dry_run, vd_progress_fn progress,
         c.kill_at = c.count_steps ? 0 : atoll(k);
     }
 
+    /* Marked dirty by this session's own writes (lazy refcounts): the
+     * open repaired what an earlier one left, and every refcount since
+     * is in the caches, so writing them out makes the image clean, as
+     * close would. A dirty mark from elsewhere is refused below. */
+    if (!dry_run && s->dirty_marked && !s->corrupt &&
+        (s->incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
+        pthread_mutex_lock(&s->lock);
+        ret = qcow2_mark_clean(s, err);
+        pthread_mutex_unlock(&s->lock);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    /* A dirty or corrupt mark is named as such, not as what the check
+     * would find behind it (refcounts a crash left behind). */
+    pthread_mutex_lock(&s->lock);
+    ret = cp_precheck(s, node, dry_run, err);
+    pthread_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        return ret;
+    }
     /* What qemu-img check finds corrupt is refused before anything is
      * written; leaks are given back by the run. */
     ret = qcow2_check(node, &chk, 0, err);
