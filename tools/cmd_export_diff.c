@@ -119,29 +119,54 @@ static bool all_zero(const uint8_t *p, size_t len)
     return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
 }
 
-/* The name of the snapshot @node knows as id or name @want (malloc'd),
- * or NULL after saying it is not there. */
+/* The name of the snapshot @node knows by @want (malloc'd): an id or a
+ * name, or qemu-img's snapshot.id=ID,snapshot.name=NAME form (both
+ * must match where both are given); NULL after saying it is not there
+ * (a malformed form: cli_load_snapshot()'s qemu-img messages). */
 static char *snapshot_name(vd_node *node, const char *image,
                            const char *want)
 {
     vd_snapshot_info *list = NULL;
+    vd_opts *o = NULL;
+    const char *id = NULL, *nm = NULL;
     size_t count = 0;
     char *name = NULL;
 
+    if (strncmp(want, "snapshot.", 9) == 0) {
+        o = vd_opts_new();
+        if (o && vd_opts_parse(o, want, NULL, NULL) == 0) {
+            id = vd_opts_get(o, "snapshot.id");
+            nm = vd_opts_get(o, "snapshot.name");
+        }
+        if (!id && !nm) {
+            vd_opts_free(&o);
+            if (cli_load_snapshot(node, want) == 0) {
+                cli_error("%s: snapshot '%s' not found", image, want);
+            }
+            return NULL;
+        }
+    }
     if (vd_snapshot_list(node, &list, &count, NULL) < 0) {
         count = 0;
     }
-    for (size_t i = 0; i < count && !name; i++) {
+    for (size_t i = 0; i < count && !name && o; i++) {
+        if (list[i].name && (!id || (list[i].id && !strcmp(list[i].id, id))) &&
+            (!nm || !strcmp(list[i].name, nm))) {
+            name = strdup(list[i].name);
+        }
+    }
+    for (size_t i = 0; i < count && !name && !o; i++) {
         if (list[i].name && strcmp(list[i].name, want) == 0) {
             name = strdup(want);
         }
     }
-    for (size_t i = 0; i < count && !name; i++) {
+    for (size_t i = 0; i < count && !name && !o; i++) {
         if (list[i].id && list[i].name && strcmp(list[i].id, want) == 0) {
             name = strdup(list[i].name);
         }
     }
     vd_snapshot_list_free(&list, count);
+    vd_opts_free(&o);
     if (!name) {
         cli_error("%s: snapshot '%s' not found", image, want);
     }

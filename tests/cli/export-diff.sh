@@ -146,5 +146,19 @@ grep -q "snapshot 'nosuch' not found" err || fail "unknown snapshot: $(cat err)"
 expect_status 1 $VDISK export-diff img.qcow2 ab.1 2> err
 grep -q "ab.1: File exists" err || fail "existing output: $(cat err)"
 expect_status 1 $VDISK export-diff --export-format 3 img.qcow2 x.1 2> err
+# qemu-img's -l forms name the same snapshots (ids from qemu-img's list);
+# a mismatched pair is no snapshot, an unknown key qemu-img's error.
+id_a=$($QEMU_IMG snapshot -l img.qcow2 | awk '$2 == "A" { print $1 }')
+$VDISK export-diff --from-snap "snapshot.id=$id_a" -l snapshot.name=B \
+    img.qcow2 forms.1 || fail "the snapshot.id=/snapshot.name= forms"
+cmp forms.1 ab.1 || fail "the -l forms export another diff than the names"
+expect_status 1 $VDISK export-diff -l "snapshot.id=$id_a,snapshot.name=B" \
+    img.qcow2 x.1 2> err
+grep -q "not found" err || fail "a mismatched id and name: $(cat err)"
+expect_status 1 $VDISK export-diff -l snapshot.foo=1 img.qcow2 x.1 2> err
+expect_status 1 $QEMU_IMG convert -l snapshot.foo=1 img.qcow2 x.raw 2> qerr
+diff -u <(sed 's/^[a-z-]*: //' qerr) <(sed 's/^[a-z-]*: //' err) ||
+    fail "an unknown -l key: not qemu-img's messages"
+[ ! -e x.1 ] || fail "a failed export-diff left its output file"
 [ "$(sum img.qcow2)" = "$img_sum" ] || fail "the bad exports changed the image"
 exit 0
