@@ -179,6 +179,10 @@ typedef struct vd_limits {
     uint64_t max_pwrite_zeroes;   /* largest zero write (besides
                                      max_transfer), multiple of align */
     uint64_t max_pdiscard;        /* largest discard, likewise */
+    /* The storage is memory (tmpfs): allocating ahead of the writes
+     * gains no larger extents there, it only moves the page allocation
+     * earlier, into one long call (qcow2's grow_ahead() skips it). */
+    bool memory_backed;
 } vd_limits;
 
 /* Node open flags, internal superset of VD_O_*. */

@@ -33,10 +33,12 @@
 #include <limits.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #ifdef VDISK_HAVE_LIBURING
@@ -355,6 +357,15 @@ static bool io_aligned(int fd, void *buf, size_t len)
     return n >= 0 || errno != EINVAL;
 }
 
+/* Whether @fd's file system keeps its files in memory (tmpfs, ramfs). */
+static bool file_is_in_memory(int fd)
+{
+    struct statfs st;
+
+    return fstatfs(fd, &st) == 0 &&
+           (st.f_type == TMPFS_MAGIC || st.f_type == RAMFS_MAGIC);
+}
+
 /*
  * Finds the request and buffer alignment O_DIRECT needs. Block devices
  * report their logical block size; for files we try reads of growing
@@ -567,6 +578,7 @@ static int file_open(vd_node *node, vd_opts *opts, unsigned flags,
         goto fail;
     }
     node->bl.max_transfer = 0;
+    node->bl.memory_backed = file_is_in_memory(s->fd);
     atomic_init(&s->has_zero_range, !s->is_blockdev);
     atomic_init(&s->has_punch_hole, !s->is_blockdev);
     atomic_init(&s->has_fallocate, !s->is_blockdev);
