@@ -988,6 +988,46 @@ static void test_threads(void)
     vd_close(&n, NULL);
 }
 
+/* ---- file: memory-backed storage (tmpfs) is told apart ---- */
+
+static void test_memory_backed(void)
+{
+    static const struct { const char *dir; const char *what; } where[] = {
+        { "/dev/shm", "tmpfs" }, { NULL, "the test directory" },
+    };
+    vd_error err = VD_ERROR_INIT;
+    char f[400], cmd[500];
+
+    for (size_t i = 0; i < 2; i++) {
+        vd_node *n, *file;
+        bool tmpfs;
+        if (where[i].dir) {
+            snprintf(f, sizeof(f), "%s/vdisk-test-mem.%d.raw", where[i].dir,
+                     (int)getpid());
+        } else {
+            snprintf(f, sizeof(f), "%s", path("mem.raw"));
+        }
+        /* The referee: what stat(1) calls the file system. */
+        snprintf(cmd, sizeof(cmd), "stat -f -c %%T '%s' | grep -qx tmpfs",
+                 where[i].dir ? where[i].dir : dir);
+        tmpfs = run("%s", cmd) == 0;
+        if (create_img(f, "raw", "size=1M", &err) < 0) {
+            fprintf(stderr, "test_memory_backed: no file in %s, skipped\n",
+                    where[i].what);
+            vd_error_clear(&err);
+            continue;
+        }
+        n = open_img(f, "raw", NULL, 0, &err);
+        CHECK(n, "open %s: %s", f, err.message);
+        file = n ? vd_node_child(n, "file") : NULL;
+        CHECK(file && file->bl.memory_backed == tmpfs,
+              "%s: memory_backed %d, stat says tmpfs %d", where[i].what,
+              file ? file->bl.memory_backed : -1, tmpfs);
+        vd_close(&n, NULL);
+        unlink(f);
+    }
+}
+
 int main(void)
 {
     const char *tmp = getenv("TMPDIR");
@@ -1009,6 +1049,7 @@ int main(void)
     test_create();
     test_open_errors();
     test_direct();
+    test_memory_backed();
     test_probed_guard();
     test_driver_queries();
     test_null();
