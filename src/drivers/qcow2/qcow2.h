@@ -754,11 +754,11 @@ int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
 int qcow2_co_pdiscard(qcow2_state *s, uint64_t off, uint64_t bytes,
                       vd_error *err);
 /* Writes whole clusters compressed at cluster-aligned guest @off (@bytes
- * a multiple of the cluster size, or ending at the end of the image). Up
- * to QCOW2_COMPRESS_BATCH clusters at a time are compressed on up to
- * QCOW2_COMPRESS_THREADS threads (no lock held), then stored one after
- * the other; an incompressible cluster is stored as a normal one. */
-#define QCOW2_COMPRESS_BATCH 8
+ * a multiple of the cluster size, or ending at the end of the image). The
+ * clusters are compressed on up to QCOW2_COMPRESS_THREADS threads (the
+ * caller's and short-lived helpers, no lock held), at most two per thread
+ * ahead of the one being stored, and stored in guest order by the caller
+ * as they are ready; an incompressible cluster is stored as a normal one. */
 #define QCOW2_COMPRESS_THREADS 8
 int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
                                 uint64_t bytes, vd_iov *qiov,
