@@ -1407,9 +1407,9 @@ typedef struct compress_job {
     pthread_cond_t ready_cond;  /* the next cluster to store is ready */
 } compress_job;
 
-/* Cluster @i of @job into its slot (job lock not held: the slot is this
- * thread's until it is marked ready). */
-static void compress_one(compress_job *job, size_t i)
+/* Cluster @i of @job into its slot with this thread's @cz (job lock not
+ * held: the slot is this thread's until it is marked ready). */
+static void compress_one(compress_job *job, size_t i, qcow2_compressor *cz)
 {
     uint64_t cs = job->s->cluster_size, pos = (uint64_t)i * cs;
     compressed_cluster *c = &job->c[i % job->nslots];
@@ -1418,7 +1418,8 @@ static void compress_one(compress_job *job, size_t i)
     c->bytes = job->bytes - pos < cs ? job->bytes - pos : cs;
     memset(c->in + c->bytes, 0, cs - c->bytes);
     vd_iov_to_buf(job->qiov, pos, c->in, c->bytes);
-    c->ret = qcow2_compress_cluster(job->s, c->in, c->out, cs, &c->out_len);
+    c->ret = qcow2_compress_cluster(job->s, cz, c->in, c->out, cs,
+                                    &c->out_len);
 }
 
 /* Whether a cluster can be handed out to compress. Job lock held. */
@@ -1429,12 +1430,12 @@ static bool compress_claimable(const compress_job *job)
 }
 
 /* Job lock held, dropped while compressing. */
-static void compress_claimed(compress_job *job)
+static void compress_claimed(compress_job *job, qcow2_compressor *cz)
 {
     size_t i = job->claimed++;
 
     pthread_mutex_unlock(&job->lock);
-    compress_one(job, i);
+    compress_one(job, i, cz);
     pthread_mutex_lock(&job->lock);
     job->c[i % job->nslots].ready = true;
     if (i == job->stored) {
@@ -1445,16 +1446,18 @@ static void compress_claimed(compress_job *job)
 static void *compress_helper(void *opaque)
 {
     compress_job *job = opaque;
+    qcow2_compressor *cz = qcow2_compressor_new();
 
     pthread_mutex_lock(&job->lock);
     while (!job->stop && job->claimed < job->n) {
         if (compress_claimable(job)) {
-            compress_claimed(job);
+            compress_claimed(job, cz);
         } else {
             pthread_cond_wait(&job->stored_cond, &job->lock);
         }
     }
     pthread_mutex_unlock(&job->lock);
+    qcow2_compressor_free(cz);
     return NULL;
 }
 
@@ -1546,6 +1549,7 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
     compress_job job = { .s = s, .qiov = qiov, .off = off, .bytes = bytes };
     pthread_t tid[QCOW2_COMPRESS_THREADS];
     size_t threads, started = 0;
+    qcow2_compressor *cz = NULL;
     static atomic_long ncpu;
     int ret = 0;
 
@@ -1610,7 +1614,10 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
 
         if (!c->ready) {
             if (compress_claimable(&job)) {
-                compress_claimed(&job);
+                if (!cz) {
+                    cz = qcow2_compressor_new();
+                }
+                compress_claimed(&job, cz);
             } else {
                 pthread_cond_wait(&job.ready_cond, &job.lock);
             }
@@ -1645,6 +1652,7 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
     pthread_cond_destroy(&job.ready_cond);
     pthread_cond_destroy(&job.stored_cond);
     pthread_mutex_destroy(&job.lock);
+    qcow2_compressor_free(cz);
 out:
     for (size_t i = 0; i < job.nslots; i++) {
         free(job.c[i].in);
