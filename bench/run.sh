@@ -130,7 +130,7 @@ bench_seconds()
 add_row()
 {
     results+=("$1|$2|$3|$4|$5|$6|$7")
-    printf '  %-34s %s\n' "$1" "done"
+    printf '  %-40s %s\n' "$1" "done"
 }
 
 # case_wanted NAME: whether BENCH_CASES selects the case.
@@ -142,7 +142,7 @@ case_wanted()
 fail_row()
 {
     results+=("$1|$2|${3:-FAILED}|FAILED|-|${4:--}|-")
-    printf '  %-34s FAILED (%s)\n' "$1" "$5"
+    printf '  %-40s FAILED (%s)\n' "$1" "$5"
 }
 
 # ---- images ----
@@ -154,18 +154,24 @@ echo "vdisk: $VDISK"
 echo "preparing images..."
 
 # Fully allocated 1 GiB images, one copy per tool so that a tool's writes
-# never change what the other tool reads or allocates.
-$QEMU_IMG create -q -f raw -o preallocation=full "$work/base.raw" "$size" ||
-    exit 1
-$QEMU_IMG create -q -f qcow2 -o preallocation=full "$work/base.qcow2" "$size" ||
-    exit 1
-# --sparse=never: cp would otherwise leave holes where the file holds
-# zeros, and writes there would allocate blocks of the host file.
-for tool in qemu vdisk; do
-    cp --sparse=never "$work/base.raw" "$work/$tool.raw"
-    cp --sparse=never "$work/base.qcow2" "$work/$tool.qcow2"
-done
-rm -f "$work/base.raw" "$work/base.qcow2"
+# never change what the other tool reads or allocates; made before the
+# first case that uses them (BENCH_CASES may select none).
+base_images()
+{
+    [ -e "$work/vdisk.qcow2" ] && return 0
+    $QEMU_IMG create -q -f raw -o preallocation=full "$work/base.raw" \
+        "$size" || exit 1
+    $QEMU_IMG create -q -f qcow2 -o preallocation=full "$work/base.qcow2" \
+        "$size" || exit 1
+    # --sparse=never: cp would otherwise leave holes where the file holds
+    # zeros, and writes there would allocate blocks of the host file.
+    for tool in qemu vdisk; do
+        cp --sparse=never "$work/base.raw" "$work/$tool.raw"
+        cp --sparse=never "$work/base.qcow2" "$work/$tool.qcow2"
+    done
+    rm -f "$work/base.raw" "$work/base.qcow2"
+    sync
+}
 
 # 2 GiB, half data half holes: 4 MiB of incompressible data at every other
 # 4 MiB, so convert meets 256 data extents and 256 holes.
@@ -198,6 +204,7 @@ bench_case()
     local why="" fresh=${fresh:-}
 
     case_wanted "$name" || return 0
+    [ -n "$fresh" ] || [ -n "${image:-}" ] || base_images
     for ((r = 0; r < reps; r++)); do
         for t in qemu vdisk; do
             local prog=$QEMU_IMG
@@ -339,7 +346,7 @@ convert_case()
     add_row "$name" s "$qm" "$vm" \
         "$(awk -v q="$qm" -v v="$vm" 'BEGIN { printf "%.2f", q / v }')" \
         "$(maxof "${qr[@]}")" "$(maxof "${vr[@]}")"
-    sizes+=("$(printf '%-34s %12s %12s %7s' "$name" "${qs[0]}" "${vs[0]}" \
+    sizes+=("$(printf '%-40s %12s %12s %7s' "$name" "${qs[0]}" "${vs[0]}" \
         "$(awk -v q="${qs[0]}" -v v="${vs[0]}" \
             'BEGIN { printf "%.3f", v / q }')")")
 }
@@ -477,9 +484,9 @@ echo "Medians of $reps runs (cache=$cache for bench cases unless named). ratio =
 echo "vdisk/qemu performance: > 1 means vdisk is faster (v/raw: vdisk over"
 echo "the raw file's fio figure). RSS = peak resident KiB."
 echo "vs raw = vdisk's qcow2 figure / vdisk's figure of the same case on raw."
-printf '%-34s %-6s %12s %12s %7s %7s %10s %10s\n' \
+printf '%-40s %-6s %12s %12s %7s %7s %10s %10s\n' \
     case unit qemu vdisk ratio "vs raw" "qemu RSS" "vdisk RSS"
-printf '%.0s-' {1..105}
+printf '%.0s-' {1..111}
 echo
 declare -A vmed=()
 for row in "${results[@]}"; do
@@ -495,13 +502,13 @@ for row in "${results[@]}"; do
         vr_raw=$(awk -v a="$v" -v b="${vmed[$rawcase]}" \
             'BEGIN { printf "%.2f", a / b }')
     fi
-    printf '%-34s %-6s %12s %12s %7s %7s %10s %10s\n' "$n" "$u" "$q" "$v" \
+    printf '%-40s %-6s %12s %12s %7s %7s %10s %10s\n' "$n" "$u" "$q" "$v" \
         "$ra" "$vr_raw" "$qr" "$vr"
 done
 if [ ${#sizes[@]} -gt 0 ]; then
     echo
     echo "Output sizes of the first run of each convert case, bytes:"
-    printf '%-34s %12s %12s %7s\n' case qemu vdisk "v/q"
+    printf '%-40s %12s %12s %7s\n' case qemu vdisk "v/q"
     printf '%s\n' "${sizes[@]}"
 fi
 if [ "${BENCH_KEEP:-0}" = 1 ]; then
