@@ -463,7 +463,8 @@ rm -f "$work/conv-src.raw" "$work/conv-src.qcow2"
 ctext="convert -c 256M compressible raw->qcow2"
 csparse="convert -c 8G sparse 1G data raw->qcow2"
 if case_wanted "$ctext" || case_wanted "$csparse"; then
-    if ! python3 "$here/text-image.py" text $((256 << 20)) "$work/text.raw"; then
+    if ! python3 "$here/text-image.py" text $((256 << 20)) \
+        "$work/text.raw"; then
         case_wanted "$ctext" && fail_row "$ctext" s - - "python3 needed"
         case_wanted "$csparse" && fail_row "$csparse" s - - "python3 needed"
     else
