@@ -75,6 +75,7 @@ trap 'exit 130' INT TERM
 log=$work/log
 : >"$log"
 results=()   # one line per case: name|unit|qemu|vdisk|ratio|qrss|vrss
+sizes=()     # one line per convert case: output sizes of both tools
 
 # ---- helpers ----
 
@@ -129,7 +130,7 @@ bench_seconds()
 add_row()
 {
     results+=("$1|$2|$3|$4|$5|$6|$7")
-    printf '  %-34s %s\n' "$1" "done"
+    printf '  %-40s %s\n' "$1" "done"
 }
 
 # case_wanted NAME: whether BENCH_CASES selects the case.
@@ -141,7 +142,7 @@ case_wanted()
 fail_row()
 {
     results+=("$1|$2|${3:-FAILED}|FAILED|-|${4:--}|-")
-    printf '  %-34s FAILED (%s)\n' "$1" "$5"
+    printf '  %-40s FAILED (%s)\n' "$1" "$5"
 }
 
 # ---- images ----
@@ -153,18 +154,24 @@ echo "vdisk: $VDISK"
 echo "preparing images..."
 
 # Fully allocated 1 GiB images, one copy per tool so that a tool's writes
-# never change what the other tool reads or allocates.
-$QEMU_IMG create -q -f raw -o preallocation=full "$work/base.raw" "$size" ||
-    exit 1
-$QEMU_IMG create -q -f qcow2 -o preallocation=full "$work/base.qcow2" "$size" ||
-    exit 1
-# --sparse=never: cp would otherwise leave holes where the file holds
-# zeros, and writes there would allocate blocks of the host file.
-for tool in qemu vdisk; do
-    cp --sparse=never "$work/base.raw" "$work/$tool.raw"
-    cp --sparse=never "$work/base.qcow2" "$work/$tool.qcow2"
-done
-rm -f "$work/base.raw" "$work/base.qcow2"
+# never change what the other tool reads or allocates; made before the
+# first case that uses them (BENCH_CASES may select none).
+base_images()
+{
+    [ -e "$work/vdisk.qcow2" ] && return 0
+    $QEMU_IMG create -q -f raw -o preallocation=full "$work/base.raw" \
+        "$size" || exit 1
+    $QEMU_IMG create -q -f qcow2 -o preallocation=full "$work/base.qcow2" \
+        "$size" || exit 1
+    # --sparse=never: cp would otherwise leave holes where the file holds
+    # zeros, and writes there would allocate blocks of the host file.
+    for tool in qemu vdisk; do
+        cp --sparse=never "$work/base.raw" "$work/$tool.raw"
+        cp --sparse=never "$work/base.qcow2" "$work/$tool.qcow2"
+    done
+    rm -f "$work/base.raw" "$work/base.qcow2"
+    sync
+}
 
 # 2 GiB, half data half holes: 4 MiB of incompressible data at every other
 # 4 MiB, so convert meets 256 data extents and 256 holes.
@@ -197,6 +204,7 @@ bench_case()
     local why="" fresh=${fresh:-}
 
     case_wanted "$name" || return 0
+    [ -n "$fresh" ] || [ -n "${image:-}" ] || base_images
     for ((r = 0; r < reps; r++)); do
         for t in qemu vdisk; do
             local prog=$QEMU_IMG
@@ -273,13 +281,17 @@ fresh_case()
     bench_case "$@"
 }
 
-# convert_case NAME SRC SRCFMT DSTFMT: qemu-img convert vs vdisk convert,
-# wall time of the whole command. The first vdisk output is checked with
-# qemu-img compare, so a fast but wrong convert cannot score.
+# convert_case NAME SRC SRCFMT DSTFMT [OPTION...]: qemu-img convert vs
+# vdisk convert with the same OPTIONs, wall time of the whole command. The
+# first vdisk output is checked with qemu-img compare (and a qcow2 one with
+# qemu-img check), so a fast but wrong convert cannot score. The sizes of
+# the first outputs go below the table (what -c saves matters as much as
+# how fast it goes).
 convert_case()
 {
     local name=$1 src=$2 sfmt=$3 dfmt=$4 r t
-    local -a qv=() vv=() qr=() vr=()
+    shift 4
+    local -a qv=() vv=() qr=() vr=() qs=() vs=()
     local why="" dst=$work/conv-dst.$dfmt
 
     case_wanted "$name" || return 0
@@ -288,15 +300,27 @@ convert_case()
             local prog=$QEMU_IMG
             [ $t = vdisk ] && prog=$VDISK
             rm -f "$dst"
-            if ! timed "$work/out" "$prog" convert -f "$sfmt" -O "$dfmt" \
-                "$src" "$dst"; then
+            if ! timed "$work/out" "$prog" convert "$@" -f "$sfmt" \
+                -O "$dfmt" "$src" "$dst"; then
                 why="$t: $(tail -n 1 "$work/out")"
                 break 2
+            fi
+            if [ "$r" = 0 ]; then
+                if [ $t = qemu ]; then
+                    qs=("$(stat -c %s "$dst")")
+                else
+                    vs=("$(stat -c %s "$dst")")
+                fi
             fi
             if [ $t = vdisk ] && [ "$r" = 0 ] &&
                 ! $QEMU_IMG compare -q -f "$sfmt" -F "$dfmt" "$src" "$dst" \
                     >>"$log" 2>&1; then
                 why="vdisk: output differs from the source"
+                break 2
+            fi
+            if [ $t = vdisk ] && [ "$r" = 0 ] && [ "$dfmt" = qcow2 ] &&
+                ! $QEMU_IMG check -q -f qcow2 "$dst" >>"$log" 2>&1; then
+                why="vdisk: qemu-img check of its output failed"
                 break 2
             fi
             if [ $t = qemu ]; then
@@ -322,6 +346,9 @@ convert_case()
     add_row "$name" s "$qm" "$vm" \
         "$(awk -v q="$qm" -v v="$vm" 'BEGIN { printf "%.2f", q / v }')" \
         "$(maxof "${qr[@]}")" "$(maxof "${vr[@]}")"
+    sizes+=("$(printf '%-40s %12s %12s %7s' "$name" "${qs[0]}" "${vs[0]}" \
+        "$(awk -v q="${qs[0]}" -v v="${vs[0]}" \
+            'BEGIN { printf "%.3f", v / q }')")")
 }
 
 # 4 KiB "random" requests: both tools walk the same scattered sequence.
@@ -427,6 +454,29 @@ fresh_case "qcow2 4k first-write QD32" IOPS qcow2 "$acount" 4096 \
     -d 32 -s 4k -S "$astep" -w
 convert_case "convert 2G half-sparse raw->qcow2" "$work/conv-src.raw" raw qcow2
 convert_case "convert 2G half-sparse qcow2->raw" "$work/conv-src.qcow2" qcow2 raw
+rm -f "$work/conv-src.raw" "$work/conv-src.qcow2"
+# Compressed convert (issue 17): text-like data (bench/text-image.py; about
+# 45% of its size once deflated), 256 MiB of it as one raw image, and 1 GiB
+# of it spread in runs over an 8 GiB sparse raw image (the 256 MiB four
+# times: each cluster is compressed on its own, so the repeat is not seen).
+# Both tools with their defaults: convert -c -O qcow2 SRC DST.
+ctext="convert -c 256M compressible raw->qcow2"
+csparse="convert -c 8G sparse 1G data raw->qcow2"
+if case_wanted "$ctext" || case_wanted "$csparse"; then
+    if ! python3 "$here/text-image.py" text $((256 << 20)) \
+        "$work/text.raw"; then
+        case_wanted "$ctext" && fail_row "$ctext" s - - "python3 needed"
+        case_wanted "$csparse" && fail_row "$csparse" s - - "python3 needed"
+    else
+        convert_case "$ctext" "$work/text.raw" raw qcow2 -c
+        if case_wanted "$csparse"; then
+            python3 "$here/text-image.py" sparse "$work/text.raw" \
+                "$work/text-sparse.raw" $((8 << 30)) $((1 << 30)) &&
+                convert_case "$csparse" "$work/text-sparse.raw" raw qcow2 -c
+        fi
+    fi
+    rm -f "$work/text.raw" "$work/text-sparse.raw"
+fi
 
 # ---- table ----
 
@@ -435,9 +485,9 @@ echo "Medians of $reps runs (cache=$cache for bench cases unless named). ratio =
 echo "vdisk/qemu performance: > 1 means vdisk is faster (v/raw: vdisk over"
 echo "the raw file's fio figure). RSS = peak resident KiB."
 echo "vs raw = vdisk's qcow2 figure / vdisk's figure of the same case on raw."
-printf '%-34s %-6s %12s %12s %7s %7s %10s %10s\n' \
+printf '%-40s %-6s %12s %12s %7s %7s %10s %10s\n' \
     case unit qemu vdisk ratio "vs raw" "qemu RSS" "vdisk RSS"
-printf '%.0s-' {1..105}
+printf '%.0s-' {1..111}
 echo
 declare -A vmed=()
 for row in "${results[@]}"; do
@@ -453,9 +503,15 @@ for row in "${results[@]}"; do
         vr_raw=$(awk -v a="$v" -v b="${vmed[$rawcase]}" \
             'BEGIN { printf "%.2f", a / b }')
     fi
-    printf '%-34s %-6s %12s %12s %7s %7s %10s %10s\n' "$n" "$u" "$q" "$v" \
+    printf '%-40s %-6s %12s %12s %7s %7s %10s %10s\n' "$n" "$u" "$q" "$v" \
         "$ra" "$vr_raw" "$qr" "$vr"
 done
+if [ ${#sizes[@]} -gt 0 ]; then
+    echo
+    echo "Output sizes of the first run of each convert case, bytes:"
+    printf '%-40s %12s %12s %7s\n' case qemu vdisk "v/q"
+    printf '%s\n' "${sizes[@]}"
+fi
 if [ "${BENCH_KEEP:-0}" = 1 ]; then
     echo "command log: $log"
 fi

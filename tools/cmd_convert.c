@@ -181,23 +181,19 @@ static void next_piece(convert_state *s, chunk *c)
     s->cursor = off + n;
 }
 
-/* Decides the next piece, and the next chunk when the last one is all
- * handed out. Called with the lock held. Returns 0, 1 at the end, or a
- * negative errno (reported). */
-static int next_chunk(convert_state *s, chunk *c)
+/* The chunk at @off (below s->total): its source @src, status and length
+ * @len, as qemu-img's convert_iteration_sectors() decides them. With
+ * @peek, a block status error is returned without a word (the chunk is
+ * decided again, and the error reported, when the copy gets there).
+ * Called with the lock held. Returns 0 or a negative errno. */
+static int decide_chunk(convert_state *s, uint64_t off, bool peek, int *src,
+                        int *status, uint64_t *len)
 {
     vd_extent ext;
     vd_error err = VD_ERROR_INIT;
-    uint64_t off = s->cursor, src_off, src_left, n;
-    int i = 0, r;
+    uint64_t src_off, src_left, n;
+    int i = 0, r, st;
 
-    if (off >= s->total || s->ret) {
-        return 1;
-    }
-    if (off >= s->chunk_start && off < s->chunk_end) {
-        next_piece(s, c);
-        return 0;
-    }
     while (i < s->nsrc - 1 && off >= s->src_start[i + 1]) {
         i++;
     }
@@ -207,7 +203,7 @@ static int next_chunk(convert_state *s, chunk *c)
 
     if (src_off >= s->src_size[i]) {
         n = src_left;
-        c->status = BLK_ZERO;
+        st = BLK_ZERO;
     } else {
         uint64_t want = s->src_size[i] - src_off;
 
@@ -230,6 +226,9 @@ static int next_chunk(convert_state *s, chunk *c)
             }
             if (r >= 0) {
                 r = -EIO;
+            }
+            if (peek) {
+                return r;
             }
             if (!s->salvage) {
                 cli_error("error while reading block status at offset %"
@@ -265,31 +264,82 @@ decided:
             ext.flags = VD_BLOCK_DATA;
         }
         if (s->backing_depth && ext.depth >= s->backing_depth) {
-            c->status = BLK_BACKING;
+            st = BLK_BACKING;
         } else if (ext.flags & VD_BLOCK_ZERO) {
-            c->status = s->backing_depth && off >= s->backing_len
-                        ? BLK_BACKING : BLK_ZERO;
+            st = s->backing_depth && off >= s->backing_len ? BLK_BACKING
+                                                            : BLK_ZERO;
         } else if (ext.flags & VD_BLOCK_DATA) {
-            c->status = BLK_DATA;
+            st = BLK_DATA;
         } else {
-            c->status = s->backing_depth ? BLK_BACKING : BLK_DATA;
+            st = s->backing_depth ? BLK_BACKING : BLK_DATA;
         }
     }
     /* With -S 0 zero chunks are written as data, a buffer at a time. */
-    if ((c->status == BLK_DATA || (c->status == BLK_ZERO && !s->min_sparse))
+    if ((st == BLK_DATA || (st == BLK_ZERO && !s->min_sparse))
         && n > BUF_SIZE) {
         n = BUF_SIZE;
     }
     if (s->compressed) {
         if (n < s->cluster) {
             n = s->cluster < s->total - off ? s->cluster : s->total - off;
-            c->status = BLK_DATA;
+            st = BLK_DATA;
         } else {
             n -= n % s->cluster;
         }
     }
+    *src = i;
+    *status = st;
+    *len = n;
+    return 0;
+}
+
+/* Decides the next piece, and the next chunk when the last one is all
+ * handed out. Called with the lock held. Returns 0, 1 at the end, or a
+ * negative errno (reported). */
+static int next_chunk(convert_state *s, chunk *c)
+{
+    uint64_t off = s->cursor, n;
+    int i, status, r;
+
+    if (off >= s->total || s->ret) {
+        return 1;
+    }
+    if (off >= s->chunk_start && off < s->chunk_end) {
+        next_piece(s, c);
+        return 0;
+    }
+    r = decide_chunk(s, off, false, &i, &status, &n);
+    if (r < 0) {
+        return r;
+    }
+    /* -c: data chunks that follow one another go in one chunk, up to a
+     * buffer. A data extent that does not start or end on a cluster
+     * boundary makes qemu-img's chunks of one cluster at each end (the
+     * cluster it shares with a hole); written alone, such a cluster is
+     * compressed on one CPU while the others wait. The clusters, their
+     * order and the all-zero ones skipped are the same. */
+    while (s->compressed && status == BLK_DATA && !s->salvage &&
+           off + n < s->total && n < BUF_SIZE) {
+        uint64_t more;
+        int more_src, more_status;
+
+        if (decide_chunk(s, off + n, true, &more_src, &more_status,
+                         &more) < 0 ||
+            more_src != i || more_status != BLK_DATA) {
+            break;
+        }
+        if (more > BUF_SIZE - n) {
+            more = BUF_SIZE - n;
+            more -= more % s->cluster;
+            if (!more) {
+                break;
+            }
+        }
+        n += more;
+    }
+    c->status = status;
     s->chunk_src = i;
-    s->chunk_status = c->status;
+    s->chunk_status = status;
     s->chunk_start = off;
     s->chunk_end = off + n;
     next_piece(s, c);

@@ -1385,51 +1385,84 @@ typedef struct compressed_cluster {
     uint8_t *in, *out;
     size_t out_len;
     int ret;
+    bool ready;                 /* compressed, not stored yet */
 } compressed_cluster;
 
-typedef struct compress_batch {
+/*
+ * A compressed write of @n clusters as a stream: every thread (helpers
+ * and the caller) takes the next cluster and compresses it into a slot,
+ * and the caller stores the clusters in guest order as their slots
+ * become ready, compressing one itself when the next to store is not
+ * ready yet. Cluster i uses slot i % nslots, so at most nslots clusters
+ * are compressed ahead of the one being stored; no thread waits for the
+ * slowest cluster of a batch, and storing overlaps compressing.
+ */
+typedef struct compress_job {
     qcow2_state *s;
+    vd_iov *qiov;
+    uint64_t off, bytes;        /* the request */
     compressed_cluster *c;
-    size_t n;
-    atomic_size_t next;
-} compress_batch;
+    size_t nslots, n;
+    size_t claimed;             /* clusters handed out to compress */
+    size_t stored;              /* clusters stored (in order) */
+    bool stop;                  /* the write failed: compress no more */
+    pthread_mutex_t lock;
+    pthread_cond_t stored_cond; /* a slot came free, or stop */
+    pthread_cond_t ready_cond;  /* the next cluster to store is ready */
+} compress_job;
 
-static void *compress_worker(void *opaque)
+/* Cluster @i of @job into its slot with this thread's @cz (job lock not
+ * held: the slot is this thread's until it is marked ready). */
+static void compress_one(compress_job *job, size_t i, qcow2_compressor *cz)
 {
-    compress_batch *b = opaque;
-    size_t i;
+    uint64_t cs = job->s->cluster_size, pos = (uint64_t)i * cs;
+    compressed_cluster *c = &job->c[i % job->nslots];
 
-    while ((i = atomic_fetch_add(&b->next, 1)) < b->n) {
-        compressed_cluster *c = &b->c[i];
-        c->ret = qcow2_compress_cluster(b->s, c->in, c->out,
-                                        b->s->cluster_size, &c->out_len);
-    }
-    return NULL;
+    c->off = job->off + pos;
+    c->bytes = job->bytes - pos < cs ? job->bytes - pos : cs;
+    memset(c->in + c->bytes, 0, cs - c->bytes);
+    vd_iov_to_buf(job->qiov, pos, c->in, c->bytes);
+    c->ret = qcow2_compress_cluster(job->s, cz, c->in, c->out, cs,
+                                    &c->out_len);
 }
 
-/* Compresses the clusters of @b on up to @threads threads (this one
- * included): the codec is the CPU cost of a compressed write, and the
- * clusters are independent, as QEMU's task pool compresses them. */
-static void compress_clusters(compress_batch *b, size_t threads)
+/* Whether a cluster can be handed out to compress. Job lock held. */
+static bool compress_claimable(const compress_job *job)
 {
-    pthread_t tid[QCOW2_COMPRESS_THREADS];
-    size_t started = 0;
+    return !job->stop && job->claimed < job->n &&
+           job->claimed < job->stored + job->nslots;
+}
 
-    atomic_init(&b->next, 0);
-    if (threads > b->n) {
-        threads = b->n;
+/* Job lock held, dropped while compressing. */
+static void compress_claimed(compress_job *job, qcow2_compressor *cz)
+{
+    size_t i = job->claimed++;
+
+    pthread_mutex_unlock(&job->lock);
+    compress_one(job, i, cz);
+    pthread_mutex_lock(&job->lock);
+    job->c[i % job->nslots].ready = true;
+    if (i == job->stored) {
+        pthread_cond_signal(&job->ready_cond);
     }
-    if (threads > QCOW2_COMPRESS_THREADS) {
-        threads = QCOW2_COMPRESS_THREADS;
+}
+
+static void *compress_helper(void *opaque)
+{
+    compress_job *job = opaque;
+    qcow2_compressor *cz = qcow2_compressor_new();
+
+    pthread_mutex_lock(&job->lock);
+    while (!job->stop && job->claimed < job->n) {
+        if (compress_claimable(job)) {
+            compress_claimed(job, cz);
+        } else {
+            pthread_cond_wait(&job->stored_cond, &job->lock);
+        }
     }
-    while (started + 1 < threads &&
-           pthread_create(&tid[started], NULL, compress_worker, b) == 0) {
-        started++;
-    }
-    compress_worker(b);
-    for (size_t i = 0; i < started; i++) {
-        pthread_join(tid[i], NULL);
-    }
+    pthread_mutex_unlock(&job->lock);
+    qcow2_compressor_free(cz);
+    return NULL;
 }
 
 /* Stores one compressed cluster: a byte range allocated for its data,
@@ -1517,10 +1550,11 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
                                 uint64_t bytes, vd_iov *qiov, vd_error *err)
 {
     uint64_t cs = s->cluster_size;
-    compressed_cluster c[QCOW2_COMPRESS_BATCH];
-    compress_batch b = { .s = s, .c = c };
+    compress_job job = { .s = s, .qiov = qiov, .off = off, .bytes = bytes };
+    pthread_t tid[QCOW2_COMPRESS_THREADS];
+    size_t threads, started = 0;
+    qcow2_compressor *cz = NULL;
     static atomic_long ncpu;
-    size_t qoff = 0;
     int ret = 0;
 
     if (has_data_file(s)) {
@@ -1540,59 +1574,95 @@ int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
         return vd_error_set(err, -EINVAL, "%s: compressed writes must cover "
                             "whole clusters", s->filename);
     }
+    if (bytes == 0) {
+        return 0;
+    }
     if (!atomic_load_explicit(&ncpu, memory_order_relaxed)) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         atomic_store_explicit(&ncpu, n > 0 ? n : 1, memory_order_relaxed);
     }
-    memset(c, 0, sizeof(c));
-    for (size_t i = 0; i < QCOW2_COMPRESS_BATCH; i++) {
-        c[i].in = vd_node_blockalign(s->node, cs);
-        c[i].out = vd_node_blockalign(s->node, cs);
-        if (!c[i].in || !c[i].out) {
+    job.n = (size_t)((bytes + cs - 1) / cs);
+    threads = (size_t)atomic_load_explicit(&ncpu, memory_order_relaxed);
+    if (threads > QCOW2_COMPRESS_THREADS) {
+        threads = QCOW2_COMPRESS_THREADS;
+    }
+    if (threads > job.n) {
+        threads = job.n;
+    }
+    /* Two slots a thread: one being compressed, one ready to store. */
+    job.nslots = job.n < 2 * threads ? job.n : 2 * threads;
+    job.c = calloc(job.nslots, sizeof(*job.c));
+    if (!job.c) {
+        return vd_error_set(err, -ENOMEM, "%s: out of memory", s->filename);
+    }
+    for (size_t i = 0; i < job.nslots; i++) {
+        job.c[i].in = vd_node_blockalign(s->node, cs);
+        job.c[i].out = vd_node_blockalign(s->node, cs);
+        if (!job.c[i].in || !job.c[i].out) {
             ret = vd_error_set(err, -ENOMEM, "%s: out of memory",
                                s->filename);
             goto out;
         }
-        /* Only the batch's first cluster when the request has one. */
-        if ((uint64_t)(i + 1) * cs >= bytes) {
-            break;
-        }
     }
-    while (ret == 0 && bytes > 0) {
-        /* A batch: compressed in parallel, then stored in order, so the
-         * image's layout is that of one cluster after the other. */
-        b.n = 0;
-        while (b.n < QCOW2_COMPRESS_BATCH && bytes > 0) {
-            compressed_cluster *cc = &c[b.n++];
-            cc->off = off;
-            cc->bytes = bytes < cs ? bytes : cs;
-            memset(cc->in + cc->bytes, 0, cs - cc->bytes);
-            vd_iov_to_buf(qiov, qoff, cc->in, cc->bytes);
-            off += cc->bytes;
-            qoff += cc->bytes;
-            bytes -= cc->bytes;
-        }
-        compress_clusters(&b, (size_t)atomic_load_explicit(
-                                  &ncpu, memory_order_relaxed));
-        for (size_t i = 0; ret == 0 && i < b.n; i++) {
-            if (c[i].ret == -ENOSPC) {
-                /* Incompressible: a normal cluster, as QEMU stores it. */
-                vd_iov v;
-                vd_iov_init_buf(&v, c[i].in, c[i].bytes);
-                ret = qcow2_co_pwritev(s, c[i].off, c[i].bytes, &v, 0, err);
-            } else if (c[i].ret < 0) {
-                ret = vd_error_set(err, c[i].ret, "%s: compression failed",
-                                   s->filename);
+    pthread_mutex_init(&job.lock, NULL);
+    pthread_cond_init(&job.stored_cond, NULL);
+    pthread_cond_init(&job.ready_cond, NULL);
+    while (started + 1 < threads &&
+           pthread_create(&tid[started], NULL, compress_helper, &job) == 0) {
+        started++;
+    }
+
+    pthread_mutex_lock(&job.lock);
+    while (ret == 0 && job.stored < job.n) {
+        compressed_cluster *c = &job.c[job.stored % job.nslots];
+
+        if (!c->ready) {
+            if (compress_claimable(&job)) {
+                if (!cz) {
+                    cz = qcow2_compressor_new();
+                }
+                compress_claimed(&job, cz);
             } else {
-                ret = store_compressed(s, &c[i], err);
+                pthread_cond_wait(&job.ready_cond, &job.lock);
             }
+            continue;
         }
+        pthread_mutex_unlock(&job.lock);
+        /* In guest order, so the image's layout is that of one cluster
+         * after the other. */
+        if (c->ret == -ENOSPC) {
+            /* Incompressible: a normal cluster, as QEMU stores it. */
+            vd_iov v;
+            vd_iov_init_buf(&v, c->in, c->bytes);
+            ret = qcow2_co_pwritev(s, c->off, c->bytes, &v, 0, err);
+        } else if (c->ret < 0) {
+            ret = vd_error_set(err, c->ret, "%s: compression failed",
+                               s->filename);
+        } else {
+            ret = store_compressed(s, c, err);
+        }
+        pthread_mutex_lock(&job.lock);
+        c->ready = false;
+        job.stored++;
+        if (ret < 0) {
+            job.stop = true;
+        }
+        pthread_cond_broadcast(&job.stored_cond);
     }
+    pthread_mutex_unlock(&job.lock);
+    for (size_t i = 0; i < started; i++) {
+        pthread_join(tid[i], NULL);
+    }
+    pthread_cond_destroy(&job.ready_cond);
+    pthread_cond_destroy(&job.stored_cond);
+    pthread_mutex_destroy(&job.lock);
+    qcow2_compressor_free(cz);
 out:
-    for (size_t i = 0; i < QCOW2_COMPRESS_BATCH; i++) {
-        free(c[i].in);
-        free(c[i].out);
+    for (size_t i = 0; i < job.nslots; i++) {
+        free(job.c[i].in);
+        free(job.c[i].out);
     }
+    free(job.c);
     return ret;
 }
 

@@ -23,6 +23,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,40 +36,79 @@
 #include "core/error.h"
 #include "drivers/qcow2/qcow2.h"
 
-ssize_t qcow2_compress_buf(int type, void *dst, size_t dst_size,
-                           const void *src, size_t src_size);
+ssize_t qcow2_compress_buf(int type, qcow2_compressor *cz, void *dst,
+                           size_t dst_size, const void *src, size_t src_size);
 int qcow2_decompress_buf(int type, void *dst, size_t dst_size,
                          const void *src, size_t src_size);
 
 /* ---- zlib ---------------------------------------------------------- */
 
-static ssize_t zlib_compress(void *dst, size_t dst_size, const void *src,
+/* A thread's codec state, kept from one cluster to the next:
+ * deflateInit2() allocates and clears some 270 KiB for every stream (and
+ * QEMU pays that per cluster), deflateReset() makes the same stream
+ * start again, with the same output, without it; the same for a zstd
+ * context. */
+struct qcow2_compressor {
+    z_stream zs;
+    bool zs_live;
+    ZSTD_CCtx *cctx;
+};
+
+qcow2_compressor *qcow2_compressor_new(void)
+{
+    return calloc(1, sizeof(qcow2_compressor));
+}
+
+void qcow2_compressor_free(qcow2_compressor *cz)
+{
+    if (cz) {
+        if (cz->zs_live) {
+            deflateEnd(&cz->zs);
+        }
+        ZSTD_freeCCtx(cz->cctx);
+        free(cz);
+    }
+}
+
+static ssize_t zlib_compress(qcow2_compressor *cz, void *dst,
+                             size_t dst_size, const void *src,
                              size_t src_size)
 {
-    z_stream zs;
+    z_stream one, *zs = cz ? &cz->zs : &one;
     ssize_t ret;
     int zr;
 
-    memset(&zs, 0, sizeof(zs));
-    /* -12: raw deflate with a 4 KiB window, what QEMU has always written;
-     * readers rely on the missing zlib header. */
-    if (deflateInit2(&zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
-                     Z_DEFAULT_STRATEGY) != Z_OK) {
-        return -EIO;
+    if (cz && cz->zs_live) {
+        if (deflateReset(zs) != Z_OK) {
+            return -EIO;
+        }
+    } else {
+        memset(zs, 0, sizeof(*zs));
+        /* -12: raw deflate with a 4 KiB window, what QEMU has always
+         * written; readers rely on the missing zlib header. */
+        if (deflateInit2(zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                         Z_DEFAULT_STRATEGY) != Z_OK) {
+            return -EIO;
+        }
+        if (cz) {
+            cz->zs_live = true;
+        }
     }
-    zs.next_in = (Bytef *)src;
-    zs.avail_in = (uInt)src_size;
-    zs.next_out = dst;
-    zs.avail_out = (uInt)dst_size;
-    zr = deflate(&zs, Z_FINISH);
+    zs->next_in = (Bytef *)src;
+    zs->avail_in = (uInt)src_size;
+    zs->next_out = dst;
+    zs->avail_out = (uInt)dst_size;
+    zr = deflate(zs, Z_FINISH);
     if (zr == Z_STREAM_END) {
-        ret = (ssize_t)(dst_size - zs.avail_out);
+        ret = (ssize_t)(dst_size - zs->avail_out);
     } else if (zr == Z_OK || zr == Z_BUF_ERROR) {
         ret = -ENOSPC;      /* did not fit: the caller stores it plainly */
     } else {
         ret = -EIO;
     }
-    deflateEnd(&zs);
+    if (!cz) {
+        deflateEnd(zs);
+    }
     return ret;
 }
 
@@ -101,17 +141,28 @@ static int zlib_decompress(void *dst, size_t dst_size, const void *src,
 
 /* ---- zstd ---------------------------------------------------------- */
 
-static ssize_t zstd_compress(void *dst, size_t dst_size, const void *src,
+static ssize_t zstd_compress(qcow2_compressor *cz, void *dst,
+                             size_t dst_size, const void *src,
                              size_t src_size)
 {
-    ZSTD_CCtx *cctx = ZSTD_createCCtx();
+    ZSTD_CCtx *cctx = cz ? cz->cctx : NULL;
     ZSTD_outBuffer out = { dst, dst_size, 0 };
     ZSTD_inBuffer in = { src, src_size, 0 };
     size_t zr;
     ssize_t ret;
 
-    if (!cctx) {
-        return -ENOMEM;
+    if (cctx) {
+        /* A frame the last cluster left unfinished (-ENOSPC) is dropped;
+         * the parameters stay the defaults. */
+        ZSTD_CCtx_reset(cctx, ZSTD_reset_session_only);
+    } else {
+        cctx = ZSTD_createCCtx();
+        if (!cctx) {
+            return -ENOMEM;
+        }
+        if (cz) {
+            cz->cctx = cctx;
+        }
     }
     /* One call with ZSTD_e_end: either the whole frame fits in @dst (zr
      * == 0) or it does not, and then we give up rather than loop, because
@@ -125,7 +176,9 @@ static ssize_t zstd_compress(void *dst, size_t dst_size, const void *src,
     } else {
         ret = (ssize_t)out.pos;
     }
-    ZSTD_freeCCtx(cctx);
+    if (!cz) {
+        ZSTD_freeCCtx(cctx);
+    }
     return ret;
 }
 
@@ -167,14 +220,14 @@ static int zstd_decompress(void *dst, size_t dst_size, const void *src,
 
 /* ---- dispatch ------------------------------------------------------ */
 
-ssize_t qcow2_compress_buf(int type, void *dst, size_t dst_size,
-                           const void *src, size_t src_size)
+ssize_t qcow2_compress_buf(int type, qcow2_compressor *cz, void *dst,
+                           size_t dst_size, const void *src, size_t src_size)
 {
     switch (type) {
     case QCOW2_COMPRESSION_ZLIB:
-        return zlib_compress(dst, dst_size, src, src_size);
+        return zlib_compress(cz, dst, dst_size, src, src_size);
     case QCOW2_COMPRESSION_ZSTD:
-        return zstd_compress(dst, dst_size, src, src_size);
+        return zstd_compress(cz, dst, dst_size, src, src_size);
     default:
         return -ENOTSUP;
     }
@@ -195,8 +248,9 @@ int qcow2_decompress_buf(int type, void *dst, size_t dst_size,
 
 /* ---- clusters ------------------------------------------------------ */
 
-int qcow2_compress_cluster(qcow2_state *s, const uint8_t *in, uint8_t *out,
-                           size_t out_cap, size_t *out_len)
+int qcow2_compress_cluster(qcow2_state *s, qcow2_compressor *cz,
+                           const uint8_t *in, uint8_t *out, size_t out_cap,
+                           size_t *out_len)
 {
     ssize_t n;
 
@@ -205,7 +259,7 @@ int qcow2_compress_cluster(qcow2_state *s, const uint8_t *in, uint8_t *out,
     }
     /* QEMU only stores a cluster compressed when that saves at least one
      * byte, so the codec gets one byte less than the caller's buffer. */
-    n = qcow2_compress_buf(s->compression_type, out, out_cap - 1, in,
+    n = qcow2_compress_buf(s->compression_type, cz, out, out_cap - 1, in,
                            s->cluster_size);
     if (n < 0) {
         return (int)n;

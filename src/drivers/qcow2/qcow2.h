@@ -754,11 +754,11 @@ int qcow2_co_pwrite_zeroes(qcow2_state *s, uint64_t off, uint64_t bytes,
 int qcow2_co_pdiscard(qcow2_state *s, uint64_t off, uint64_t bytes,
                       vd_error *err);
 /* Writes whole clusters compressed at cluster-aligned guest @off (@bytes
- * a multiple of the cluster size, or ending at the end of the image). Up
- * to QCOW2_COMPRESS_BATCH clusters at a time are compressed on up to
- * QCOW2_COMPRESS_THREADS threads (no lock held), then stored one after
- * the other; an incompressible cluster is stored as a normal one. */
-#define QCOW2_COMPRESS_BATCH 8
+ * a multiple of the cluster size, or ending at the end of the image). The
+ * clusters are compressed on up to QCOW2_COMPRESS_THREADS threads (the
+ * caller's and short-lived helpers, no lock held), at most two per thread
+ * ahead of the one being stored, and stored in guest order by the caller
+ * as they are ready; an incompressible cluster is stored as a normal one. */
 #define QCOW2_COMPRESS_THREADS 8
 int qcow2_co_pwritev_compressed(qcow2_state *s, uint64_t off,
                                 uint64_t bytes, vd_iov *qiov,
@@ -1040,10 +1040,18 @@ int qcow2_space_usage(vd_node *node, vd_du_result *res, vd_error *err);
 int qcow2_decompress_cluster(qcow2_state *s, uint64_t l2_entry,
                              uint8_t *out, vd_error *err);
 
-/* Compresses one cluster (@in, cluster_size bytes) into @out; -ENOSPC
- * when the result would not be smaller than @out_cap. */
-int qcow2_compress_cluster(qcow2_state *s, const uint8_t *in, uint8_t *out,
-                           size_t out_cap, size_t *out_len);
+/* A thread's compression state, reused from one cluster to the next
+ * (NULL where none: each cluster then sets one up and frees it). */
+typedef struct qcow2_compressor qcow2_compressor;
+qcow2_compressor *qcow2_compressor_new(void);
+void qcow2_compressor_free(qcow2_compressor *cz);
+
+/* Compresses one cluster (@in, cluster_size bytes) into @out with @cz
+ * (may be NULL); -ENOSPC when the result would not be smaller than
+ * @out_cap. */
+int qcow2_compress_cluster(qcow2_state *s, qcow2_compressor *cz,
+                           const uint8_t *in, uint8_t *out, size_t out_cap,
+                           size_t *out_len);
 
 /* ---- crypt.c: encrypted images ---- */
 
