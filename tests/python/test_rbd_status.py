@@ -49,6 +49,17 @@ class RbdStatusTest(helpers.KeptStatusChecks, helpers.TmpDirCase):
             cls._ctmp.cleanup()
             raise AssertionError("the Ceph cluster did not come up:\n" +
                                  p.stdout)
+        # Stopped by tearDownClass, or, should this interpreter die
+        # without it (an abort), by a watchdog that outlives it: the
+        # daemons are stopped by the PIDs in the cluster's directory.
+        subprocess.Popen(["bash", "-c", 'while kill -0 "$0" 2>/dev/null; '
+                          'do sleep 1; done; bash "$1" stop "$2"; '
+                          'rm -rf "$3"',
+                          str(os.getpid()), CLUSTER_SH, cls.ceph,
+                          cls._ctmp.name],
+                         env=helpers.CHILD_ENV, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
         conf = os.path.join(cls.ceph, "ceph.conf")
         # librados in this process (the vdisk module) and in QEMU's tools.
         os.environ["CEPH_CONF"] = conf
