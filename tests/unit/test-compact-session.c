@@ -22,6 +22,7 @@
 #include "vdisk/vdisk.h"
 
 #include "check.h"
+#include "open.h"
 
 #define MiB (1024 * 1024)
 #define SIZE (16 * MiB)
@@ -38,12 +39,7 @@ static int64_t file_size(void)
 
 static vd_node *open_img(unsigned flags)
 {
-    vd_error err = VD_ERROR_INIT;
-    vd_node *n = NULL;
-    int r = vd_open(&n, path, "qcow2", NULL, flags | VD_O_QUIET, &err);
-
-    CHECK(r == 0, "open %s: %s", path, err.message);
-    return r == 0 ? n : NULL;
+    return open_checked(path, "qcow2", flags);
 }
 
 static bool same_content(vd_node *n, const uint8_t *want, const char *when)

@@ -33,6 +33,7 @@
 #include "vdisk/vdisk.h"
 
 #include "check.h"
+#include "open.h"
 
 #define NTHREADS 4
 #define ROUNDS 12
@@ -140,12 +141,7 @@ static bool matches_model(vd_node *n, uint64_t size, const char *what)
 
 static vd_node *open_img(unsigned flags)
 {
-    vd_error err = VD_ERROR_INIT;
-    vd_node *n = NULL;
-    int r = vd_open(&n, path, "qcow2", NULL, flags | VD_O_QUIET, &err);
-
-    CHECK(r == 0, "open %s: %s", path, err.message);
-    return r == 0 ? n : NULL;
+    return open_checked(path, "qcow2", flags);
 }
 
 static void run_scenario(const scenario *sc)
