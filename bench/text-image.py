@@ -1,4 +1,6 @@
 #!/usr/bin/env python3
+# Writes the compressible, deterministic sources of bench/run.sh's
+# convert -c cases (usage below).
 """Compressible, deterministic source images for the convert -c cases.
 
     text-image.py text SIZE OUT
