@@ -42,6 +42,8 @@ packages=(build-essential binutils meson ninja-build pkg-config zlib1g-dev
           # the manual pages (docs/man/): scdoc builds them, man-db's
           # man renders them in tests/cli/man.sh
           scdoc man-db
+          # tests/cli/qcow2-grow-ahead-memory.sh counts system calls
+          strace
           # remote protocols (docs/remote.md): the libraries and the real
           # servers and peers their tests start
           libcurl4-gnutls-dev libssh-dev libiscsi-dev librbd-dev
