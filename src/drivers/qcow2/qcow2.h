@@ -659,6 +659,38 @@ int qcow2_update_refcount(qcow2_state *s, uint64_t offset, uint64_t length,
                           uint64_t addend, bool decrease,
                           qcow2_discard_type type, vd_error *err);
 
+/* A refcount block kept pinned in the refcount cache across consecutive
+ * questions and changes: the clusters of one L2 table mostly share a
+ * refcount block, so a walk over them looks the block up once instead
+ * of once per cluster (snapshot create, apply and delete, the check of a
+ * tree before them). Start zeroed; release it before anything may
+ * flush or empty the refcount cache and before calling
+ * qcow2_update_refcount() or an allocator (they may create refcount
+ * blocks or grow the table). Lock held throughout. */
+typedef struct qcow2_refblock_hold {
+    void *block;            /* the cached block; NULL: nothing held */
+    uint64_t rt_index;      /* its refcount table index */
+} qcow2_refblock_hold;
+
+/* Drops what @h holds (nothing when it holds nothing). */
+void qcow2_refblock_release(qcow2_state *s, qcow2_refblock_hold *h);
+
+/* qcow2_get_refcount() through @h. */
+int qcow2_held_get_refcount(qcow2_state *s, qcow2_refblock_hold *h,
+                            uint64_t cluster_index, uint64_t *refcount,
+                            vd_error *err);
+
+/* qcow2_update_refcount() of the one host cluster @cluster_index by 1
+ * (down with @decrease) through @h, with the same checks, events and
+ * effects, and its new refcount in @refcount. A decrease needs the
+ * dependency qcow2_update_refcount() sets (the refcount cache after the
+ * L2 cache) set by the caller before its first one. A cluster without a
+ * refcount block takes the general path. */
+int qcow2_held_update_refcount(qcow2_state *s, qcow2_refblock_hold *h,
+                               uint64_t cluster_index, bool decrease,
+                               qcow2_discard_type type, uint64_t *refcount,
+                               vd_error *err);
+
 /* Allocates @size bytes (rounded up to clusters) of contiguous host
  * clusters with refcount 1 and returns the offset (>= 0) or -errno.
  * Reuses free clusters before growing the file. Lock held. */

@@ -609,35 +609,23 @@ static void queue_discard(qcow2_state *s, uint64_t host)
     }
 }
 
-static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
-                      bool decrease, qcow2_discard_type type, vd_error *err)
+/*
+ * Adds @addend to (or with @decrease subtracts it from) the refcount of
+ * host cluster @cluster_index in @block, the cached refcount block that
+ * covers it (held by the caller), and does what follows from the new
+ * value: the allocation frontier, the free-cluster hint, and for a freed
+ * cluster the tables cached at it and its queued discard. Refuses an
+ * overflow or underflow before changing anything. Lock held.
+ */
+static int change_in_block(qcow2_state *s, void *block,
+                           uint64_t cluster_index, uint64_t addend,
+                           bool decrease, qcow2_discard_type type,
+                           uint64_t *refcount, vd_error *err)
 {
-    uint64_t rt_index = cluster_index >> s->refcount_block_bits;
-    int64_t off = refblock_offset(s, rt_index, err);
     uint64_t idx = cluster_index & (s->refcount_block_size - 1);
-    uint64_t rc;
-    void *block;
-    int ret;
+    uint64_t rc = qcow2_refblock_get(s, block, idx);
 
-    if (off < 0) {
-        return (int)off;
-    }
-    if (off == 0) {
-        return vd_error_set(err, -EIO, "%s: no refcount block for cluster "
-                            "0x%llx", s->filename,
-                            (unsigned long long)cluster_index);
-    }
-    /* QEMU's update_refcount() asks alloc_refcount_block() for every
-     * cluster, which raises both events even when the block exists. */
-    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_ALLOC);
-    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_LOAD);
-    ret = qcow2_cache_get(s, s->refcount_cache, (uint64_t)off, &block, err);
-    if (ret < 0) {
-        return ret;
-    }
-    rc = qcow2_refblock_get(s, block, idx);
     if (decrease ? rc < addend : s->refcount_max - rc < addend) {
-        qcow2_cache_put(s->refcount_cache, &block);
         return vd_error_set(err, -EINVAL, "%s: refcount of cluster 0x%llx "
                             "would %s", s->filename,
                             (unsigned long long)cluster_index,
@@ -652,7 +640,6 @@ static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
     }
     qcow2_refblock_set(s, block, idx, rc);
     qcow2_cache_mark_dirty(s->refcount_cache, block);
-    qcow2_cache_put(s->refcount_cache, &block);
 
     if (rc == 0) {
         uint64_t host = cluster_index << s->cluster_bits;
@@ -666,7 +653,152 @@ static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
             queue_discard(s, host);
         }
     }
+    if (refcount) {
+        *refcount = rc;
+    }
     return 0;
+}
+
+/* QEMU's update_refcount() asks alloc_refcount_block() for every
+ * cluster, which raises both events even when the block exists; blkdebug
+ * rules armed by them must see them before the block is read. */
+static void refblock_events(qcow2_state *s)
+{
+    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_ALLOC);
+    vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_LOAD);
+}
+
+static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
+                      bool decrease, qcow2_discard_type type, vd_error *err)
+{
+    uint64_t rt_index = cluster_index >> s->refcount_block_bits;
+    int64_t off = refblock_offset(s, rt_index, err);
+    void *block;
+    int ret;
+
+    if (off < 0) {
+        return (int)off;
+    }
+    if (off == 0) {
+        return vd_error_set(err, -EIO, "%s: no refcount block for cluster "
+                            "0x%llx", s->filename,
+                            (unsigned long long)cluster_index);
+    }
+    refblock_events(s);
+    ret = qcow2_cache_get(s, s->refcount_cache, (uint64_t)off, &block, err);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = change_in_block(s, block, cluster_index, addend, decrease, type,
+                          NULL, err);
+    qcow2_cache_put(s->refcount_cache, &block);
+    return ret;
+}
+
+/* ---- a refcount block held across a walk ------------------------------ */
+
+void qcow2_refblock_release(qcow2_state *s, qcow2_refblock_hold *h)
+{
+    if (h->block) {
+        qcow2_cache_put(s->refcount_cache, &h->block);
+    }
+}
+
+/* Makes @h hold the refcount block of @cluster_index: 1 when it does, 0
+ * when the cluster has no block (nothing held), < 0 on error. */
+static int hold_block(qcow2_state *s, qcow2_refblock_hold *h,
+                      uint64_t cluster_index, vd_error *err)
+{
+    uint64_t rt_index = cluster_index >> s->refcount_block_bits;
+    int64_t off;
+    int ret;
+
+    if (h->block && h->rt_index == rt_index) {
+        return 1;
+    }
+    qcow2_refblock_release(s, h);
+    off = refblock_offset(s, rt_index, err);
+    if (off <= 0) {
+        return (int)off;
+    }
+    ret = qcow2_cache_get(s, s->refcount_cache, (uint64_t)off, &h->block,
+                          err);
+    if (ret < 0) {
+        return ret;
+    }
+    h->rt_index = rt_index;
+    return 1;
+}
+
+int qcow2_held_get_refcount(qcow2_state *s, qcow2_refblock_hold *h,
+                            uint64_t cluster_index, uint64_t *refcount,
+                            vd_error *err)
+{
+    int ret = hold_block(s, h, cluster_index, err);
+
+    *refcount = 0;
+    if (ret <= 0) {
+        return ret;
+    }
+    *refcount = qcow2_refblock_get(s, h->block, cluster_index &
+                                   (s->refcount_block_size - 1));
+    return 0;
+}
+
+int qcow2_held_update_refcount(qcow2_state *s, qcow2_refblock_hold *h,
+                               uint64_t cluster_index, bool decrease,
+                               qcow2_discard_type type, uint64_t *refcount,
+                               vd_error *err)
+{
+    uint64_t rt_index = cluster_index >> s->refcount_block_bits;
+    int ret;
+
+    /* The same guards as update_refcount() where they are cheap: what a
+     * change relies on was validated, and nothing gains a reference past
+     * the clusters the file or this session holds. */
+    if (!(h->block && h->rt_index == rt_index)) {
+        ret = qcow2_begin_change(s, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (!decrease && !s->repairing) {
+        int64_t flen = vd_node_getlength(s->file->node);
+        uint64_t frontier = flen > 0 ? qcow2_size_to_clusters(s, flen) : 0;
+        if (frontier < s->alloc_end) {
+            frontier = s->alloc_end;
+        }
+        if (cluster_index >= frontier) {
+            return vd_error_set(err, -EIO, "%s: refusing to reference "
+                                "cluster 0x%llx: it lies past the end of the "
+                                "file (0x%llx clusters)", s->filename,
+                                (unsigned long long)(cluster_index <<
+                                                     s->cluster_bits),
+                                (unsigned long long)frontier);
+        }
+    }
+    if (!(h->block && h->rt_index == rt_index)) {
+        int64_t off = refblock_offset(s, rt_index, err);
+        if (off < 0) {
+            return (int)off;
+        }
+        if (off == 0) {
+            /* No block yet: the general path creates it. */
+            qcow2_refblock_release(s, h);
+            ret = qcow2_update_refcount(s, cluster_index << s->cluster_bits,
+                                        s->cluster_size, 1, decrease, type,
+                                        err);
+            return ret < 0 ? ret : qcow2_get_refcount(s, cluster_index,
+                                                      refcount, err);
+        }
+    }
+    refblock_events(s);
+    ret = hold_block(s, h, cluster_index, err);
+    if (ret <= 0) {
+        return ret < 0 ? ret : -EIO;
+    }
+    return change_in_block(s, h->block, cluster_index, 1, decrease, type,
+                           refcount, err);
 }
 
 /*

@@ -467,6 +467,7 @@ int qcow2_snapshot_table_repair(qcow2_state *s, uint64_t offset, uint32_t nb,
 static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
                           uint64_t l1_write, int addend, vd_error *err)
 {
+    qcow2_refblock_hold hold = { 0 };
     bool l1_modified = false;
     int ret = 0;
 
@@ -475,9 +476,15 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
          * on disk. */
         ret = qcow2_cache_set_dependency(s, s->l2_cache, s->refcount_cache,
                                          err);
-        if (ret < 0) {
-            return ret;
-        }
+    } else if (addend < 0) {
+        /* The L2 entries that drop clusters reach the disk before the
+         * refcounts that let the clusters be reused (what
+         * qcow2_update_refcount() sets for each decrease). */
+        ret = qcow2_cache_set_dependency(s, s->refcount_cache, s->l2_cache,
+                                         err);
+    }
+    if (ret < 0) {
+        return ret;
     }
     for (uint32_t i = 0; i < l1_size && ret == 0; i++) {
         uint64_t l1e = l1[i], l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
@@ -488,13 +495,14 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
             continue;
         }
         if (l2_off & (s->cluster_size - 1)) {
+            qcow2_refblock_release(s, &hold);
             return qcow2_signal_corruption(s, err, "L2 table offset %#" PRIx64
                                            " unaligned (L1 index: %#" PRIx32
                                            ")", l2_off, i);
         }
         ret = qcow2_cache_get(s, s->l2_cache, l2_off, &table, err);
         if (ret < 0) {
-            return ret;
+            break;
         }
         for (uint64_t j = 0; j < s->l2_size; j++) {
             uint64_t e = qcow2_get_l2_entry(s, table, j), ne;
@@ -506,6 +514,9 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
                 uint64_t coff, clen;
                 qcow2_parse_compressed(s, e, &coff, &clen);
                 if (addend) {
+                    /* A span over one or two clusters: the general path,
+                     * which may look other blocks up. */
+                    qcow2_refblock_release(s, &hold);
                     ret = qcow2_update_refcount(s, coff, clen, 1, addend < 0,
                                                 QCOW2_DISCARD_SNAPSHOT, err);
                 }
@@ -513,19 +524,22 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
             } else if (host && s->data_file == s->file) {
                 if (host & (s->cluster_size - 1)) {
                     qcow2_cache_put(s->l2_cache, &table);
+                    qcow2_refblock_release(s, &hold);
                     return qcow2_signal_corruption(s, err, "Cluster "
                         "allocation offset 0x%" PRIx64 " unaligned (L2 "
                         "offset: 0x%" PRIx64 ", L2 index: 0x%" PRIx64 ")",
                         host, l2_off, j);
                 }
                 if (addend) {
-                    ret = qcow2_update_refcount(s, host, s->cluster_size, 1,
-                                                addend < 0,
-                                                QCOW2_DISCARD_SNAPSHOT, err);
-                }
-                if (ret == 0) {
-                    ret = qcow2_get_refcount(s, host >> s->cluster_bits, &rc,
-                                             err);
+                    ret = qcow2_held_update_refcount(s, &hold,
+                                                     host >> s->cluster_bits,
+                                                     addend < 0,
+                                                     QCOW2_DISCARD_SNAPSHOT,
+                                                     &rc, err);
+                } else {
+                    ret = qcow2_held_get_refcount(s, &hold,
+                                                  host >> s->cluster_bits,
+                                                  &rc, err);
                 }
             }
             if (ret < 0) {
@@ -541,12 +555,13 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
         }
         qcow2_cache_put(s->l2_cache, &table);
         if (ret == 0 && addend) {
-            ret = qcow2_update_refcount(s, l2_off, s->cluster_size, 1,
-                                        addend < 0, QCOW2_DISCARD_SNAPSHOT,
-                                        err);
-        }
-        if (ret == 0) {
-            ret = qcow2_get_refcount(s, l2_off >> s->cluster_bits, &rc, err);
+            ret = qcow2_held_update_refcount(s, &hold,
+                                             l2_off >> s->cluster_bits,
+                                             addend < 0,
+                                             QCOW2_DISCARD_SNAPSHOT, &rc, err);
+        } else if (ret == 0) {
+            ret = qcow2_held_get_refcount(s, &hold, l2_off >> s->cluster_bits,
+                                          &rc, err);
         }
         if (ret == 0) {
             uint64_t nl1e = l2_off | (rc == 1 ? QCOW2_OFLAG_COPIED : 0);
@@ -556,6 +571,7 @@ static int walk_refcounts(qcow2_state *s, uint64_t *l1, uint32_t l1_size,
             }
         }
     }
+    qcow2_refblock_release(s, &hold);
     if (ret < 0) {
         return ret;
     }

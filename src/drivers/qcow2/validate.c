@@ -75,14 +75,15 @@ static int file_length(qcow2_state *s, uint64_t *flen, vd_error *err)
  * not NULL) the highest refcount in the range. */
 static int check_refs(qcow2_state *s, uint64_t offset, uint64_t bytes,
                       bool overflow, uint64_t *bad, uint64_t *highest,
-                      vd_error *err)
+                      qcow2_refblock_hold *hold, vd_error *err)
 {
     uint64_t first = offset >> s->cluster_bits;
     uint64_t last = (offset + (bytes ? bytes : 1) - 1) >> s->cluster_bits;
 
     for (uint64_t c = first; c <= last; c++) {
         uint64_t rc;
-        int ret = qcow2_get_refcount(s, c, &rc, err);
+        int ret = hold ? qcow2_held_get_refcount(s, hold, c, &rc, err)
+                       : qcow2_get_refcount(s, c, &rc, err);
         if (ret < 0) {
             return ret;
         }
@@ -416,12 +417,12 @@ static int validate_all(qcow2_state *s, vd_error *err)
     /* Each of their clusters must count as used. */
     for (size_t i = 0; ret == 0 && i < l.n; i++) {
         ret = check_refs(s, l.v[i].start, l.v[i].end - l.v[i].start, false,
-                         &bad, NULL, err);
+                         &bad, NULL, NULL, err);
         ret = ret < 0 ? refs_error(s, &l.v[i], ret, bad, err) : 0;
     }
     for (size_t i = 0; ret == 0 && i < ncl; i++) {
         ret = check_refs(s, cl[i] & ~TAG_REFBLOCK, s->cluster_size, false,
-                         &bad, NULL, err);
+                         &bad, NULL, NULL, err);
         if (ret < 0) {
             vrange x = single(s, cl[i], UINT64_MAX);
             ret = refs_error(s, &x, ret, bad, err);
@@ -520,7 +521,8 @@ static int l2_table_ref(qcow2_state *s, uint64_t l1e, uint64_t l1_index,
                             s->filename, off, which, l1_index,
                             qcow2_overlap_name(bit));
     }
-    ret = check_refs(s, off, s->cluster_size, overflow, &bad, NULL, err);
+    ret = check_refs(s, off, s->cluster_size, overflow, &bad, NULL, NULL,
+                     err);
     if (ret == -ENOENT) {
         return vd_error_set(err, -EIO, "%s: the L2 table at 0x%" PRIx64
                             " (%s L1 index 0x%" PRIx64 ") has refcount 0",
@@ -545,7 +547,8 @@ int qcow2_validate_l2_table_ref(qcow2_state *s, uint64_t l1e,
  * (compressed_refs_fit() must then count them). */
 static int cluster_ref(qcow2_state *s, uint64_t e, uint64_t l2_off,
                        uint64_t l2_index, unsigned flags, uint64_t flen,
-                       bool *near_max, vd_error *err)
+                       bool *near_max, qcow2_refblock_hold *hold,
+                       vd_error *err)
 {
     uint64_t off, bytes, bad = 0, highest = 0;
     bool overflow = flags & QCOW2_VALIDATE_OVERFLOW;
@@ -588,7 +591,7 @@ static int cluster_ref(qcow2_state *s, uint64_t e, uint64_t l2_off,
                             "overlaps the %s", s->filename, what, off, l2_off,
                             l2_index, qcow2_overlap_name(bit));
     }
-    ret = check_refs(s, off, bytes, overflow, &bad, &highest, err);
+    ret = check_refs(s, off, bytes, overflow, &bad, &highest, hold, err);
     if (ret == 0 && overflow && near_max && (e & QCOW2_OFLAG_COMPRESSED)) {
         /* The entries sharing a host cluster are at most its refcount
          * (each is a reference) and, unless some overlap, one per
@@ -618,7 +621,7 @@ int qcow2_validate_cluster_ref(qcow2_state *s, uint64_t e, uint64_t l2_off,
                                uint64_t l2_index, unsigned flags,
                                uint64_t flen, vd_error *err)
 {
-    return cluster_ref(s, e, l2_off, l2_index, flags, flen, NULL, err);
+    return cluster_ref(s, e, l2_off, l2_index, flags, flen, NULL, NULL, err);
 }
 
 /* Entries [first, end) of the L2 table named by @l1e. */
@@ -627,13 +630,15 @@ static int l2_entries(qcow2_state *s, uint64_t l1e, uint64_t first,
                       bool *near_max, vd_error *err)
 {
     uint64_t l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
+    qcow2_refblock_hold hold = { 0 };
     void *table = NULL;
     int ret = qcow2_cache_get(s, s->l2_cache, l2_off, &table, err);
 
     for (uint64_t j = first; ret == 0 && j < end; j++) {
         ret = cluster_ref(s, qcow2_get_l2_entry(s, table, j), l2_off, j,
-                          flags, flen, near_max, err);
+                          flags, flen, near_max, &hold, err);
     }
+    qcow2_refblock_release(s, &hold);
     if (table) {
         qcow2_cache_put(s->l2_cache, &table);
     }
