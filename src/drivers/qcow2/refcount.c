@@ -695,6 +695,30 @@ static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
     return ret;
 }
 
+/* A new reference to an existing cluster (not an allocation) must point
+ * inside the file or among the clusters this session allocated: a
+ * corrupt offset far past the end would otherwise create refcount blocks
+ * (and grow the file) all the way out to it. */
+static int check_reference_frontier(qcow2_state *s, uint64_t cluster_index,
+                                    vd_error *err)
+{
+    int64_t flen = vd_node_getlength(s->file->node);
+    uint64_t frontier = flen > 0 ? qcow2_size_to_clusters(s, flen) : 0;
+
+    if (frontier < s->alloc_end) {
+        frontier = s->alloc_end;
+    }
+    if (cluster_index >= frontier) {
+        return vd_error_set(err, -EIO, "%s: refusing to reference cluster "
+                            "0x%llx: it lies past the end of the file (0x%llx "
+                            "clusters)", s->filename,
+                            (unsigned long long)(cluster_index <<
+                                                 s->cluster_bits),
+                            (unsigned long long)frontier);
+    }
+    return 0;
+}
+
 /* ---- a refcount block held across a walk ------------------------------ */
 
 void qcow2_refblock_release(qcow2_state *s, qcow2_refblock_hold *h)
@@ -763,18 +787,9 @@ int qcow2_held_update_refcount(qcow2_state *s, qcow2_refblock_hold *h,
         }
     }
     if (!decrease && !s->repairing) {
-        int64_t flen = vd_node_getlength(s->file->node);
-        uint64_t frontier = flen > 0 ? qcow2_size_to_clusters(s, flen) : 0;
-        if (frontier < s->alloc_end) {
-            frontier = s->alloc_end;
-        }
-        if (cluster_index >= frontier) {
-            return vd_error_set(err, -EIO, "%s: refusing to reference "
-                                "cluster 0x%llx: it lies past the end of the "
-                                "file (0x%llx clusters)", s->filename,
-                                (unsigned long long)(cluster_index <<
-                                                     s->cluster_bits),
-                                (unsigned long long)frontier);
+        ret = check_reference_frontier(s, cluster_index, err);
+        if (ret < 0) {
+            return ret;
         }
     }
     if (!(h->block && h->rt_index == rt_index)) {
@@ -835,17 +850,9 @@ static int update_refcount(qcow2_state *s, uint64_t offset, uint64_t length,
     first = offset >> s->cluster_bits;
     last = (offset + length - 1) >> s->cluster_bits;
     if (!decrease && !alloc && !s->repairing) {
-        int64_t flen = vd_node_getlength(s->file->node);
-        uint64_t frontier = flen > 0 ? qcow2_size_to_clusters(s, flen) : 0;
-        if (frontier < s->alloc_end) {
-            frontier = s->alloc_end;
-        }
-        if (last >= frontier) {
-            return vd_error_set(err, -EIO, "%s: refusing to reference "
-                                "cluster 0x%llx: it lies past the end of the "
-                                "file (0x%llx clusters)", s->filename,
-                                (unsigned long long)(last << s->cluster_bits),
-                                (unsigned long long)frontier);
+        ret = check_reference_frontier(s, last, err);
+        if (ret < 0) {
+            return ret;
         }
     }
 
