@@ -962,6 +962,79 @@ static PyObject *Node_snapshot_load_tmp(NodeObject *self, PyObject *args)
                         vd_snapshot_load_tmp_by_id_or_name);
 }
 
+/* ---- compact --------------------------------------------------------- */
+
+/* vd_compact()'s progress, called without the GIL from the compacting
+ * thread: the callable gets the percentage. The first exception it
+ * raises is kept and raised when compact returns (a compaction is
+ * crash-safe but not cancellable, so it runs to its end); an error of
+ * the compaction itself is raised instead. */
+typedef struct {
+    PyObject *callable;
+    /* The first exception raised (type NULL: none), as PyErr_Fetch()
+     * gives it (Debian 12's Python 3.11 has no PyErr_GetRaisedException). */
+    PyObject *exc_type, *exc_value, *exc_tb;
+} compact_progress;
+
+static void compact_progress_cb(double percent, void *opaque)
+{
+    compact_progress *p = opaque;
+    PyGILState_STATE g = PyGILState_Ensure();
+
+    if (!p->exc_type) {
+        PyObject *r = PyObject_CallFunction(p->callable, "d", percent);
+        if (r)
+            Py_DECREF(r);
+        else
+            PyErr_Fetch(&p->exc_type, &p->exc_value, &p->exc_tb);
+    }
+    PyGILState_Release(g);
+}
+
+/* compact(dry_run=False, progress=None) -> dict */
+static PyObject *Node_compact(NodeObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwl[] = { "dry_run", "progress", NULL };
+    int dry_run = 0;
+    PyObject *progress = Py_None;
+    compact_progress p = { NULL, NULL, NULL, NULL };
+    vd_compact_opts opts = { 0 };
+    vd_compact_result res = { 0 };
+    vd_error err = VD_ERROR_INIT;
+    int ret;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|pO:compact", kwl, &dry_run,
+                                     &progress))
+        return NULL;
+    if (progress != Py_None && !PyCallable_Check(progress)) {
+        PyErr_SetString(PyExc_TypeError, "progress must be callable");
+        return NULL;
+    }
+    p.callable = progress;
+    opts.dry_run = dry_run;
+    NODE_NOGIL_EXCL(self, ret,
+                    vd_compact(n, &opts,
+                               progress != Py_None ? compact_progress_cb
+                                                   : NULL,
+                               &p, &res, &err));
+    if (ret < 0) {
+        /* The compaction's own error says more than the callback's. */
+        Py_XDECREF(p.exc_type);
+        Py_XDECREF(p.exc_value);
+        Py_XDECREF(p.exc_tb);
+        return raise_error(ret, &err);
+    }
+    if (p.exc_type) {
+        PyErr_Restore(p.exc_type, p.exc_value, p.exc_tb);
+        return NULL;
+    }
+    return Py_BuildValue("{s:K,s:K,s:K,s:K}",
+        "original_size", (unsigned long long)res.original_size,
+        "new_size", (unsigned long long)res.new_size,
+        "moved_clusters", (unsigned long long)res.moved_clusters,
+        "cluster_size", (unsigned long long)res.cluster_size);
+}
+
 /* ---- bitmaps --------------------------------------------------------- */
 
 static PyObject *bitmap_dict(const vd_bitmap_info *b)
@@ -1263,6 +1336,11 @@ static PyMethodDef Node_methods[] = {
       "snapshot_goto(id_or_name) (vd_snapshot_goto)." },
     { "snapshot_load_tmp", (PyCFunction)Node_snapshot_load_tmp, METH_VARARGS,
       "snapshot_load_tmp(id_or_name): show a snapshot on a read-only node." },
+    { "compact", (PyCFunction)(void (*)(void))Node_compact,
+      METH_VARARGS | METH_KEYWORDS,
+      "compact(dry_run=False, progress=None) -> dict: compact the image in "
+      "place (vd_compact); progress(percent) is called as it goes. "
+      "Returns original_size, new_size, moved_clusters, cluster_size." },
     { "bitmap_add", (PyCFunction)(void (*)(void))Node_bitmap_add,
       METH_VARARGS | METH_KEYWORDS,
       "bitmap_add(name, granularity=0, persistent=False, disabled=False)." },
@@ -1975,22 +2053,23 @@ static PyObject *mod_backup(PyObject *m, PyObject *args, PyObject *kw)
 /* ---- module functions ------------------------------------------------ */
 
 /* open(filename, options=None, read_only=True, fmt=None, *,
- *      no_backing=False, force_share=False, no_user=False, resize=False)
- * -> Node */
+ *      no_backing=False, force_share=False, no_user=False, resize=False,
+ *      no_bitmaps=False) -> Node */
 static PyObject *mod_open(PyObject *m, PyObject *args, PyObject *kw)
 {
     (void)m;
     static char *kwl[] = { "filename", "options", "read_only", "fmt",
                            "no_backing", "force_share", "no_user", "resize",
-                           NULL };
+                           "no_bitmaps", NULL };
     PyObject *fname = NULL, *options = Py_None;
     int read_only = 1, no_backing = 0, force_share = 0, no_user = 0;
-    int resize = 0;
+    int resize = 0, no_bitmaps = 0;
     const char *fmt = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|Opz$pppp:open", kwl,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|Opz$ppppp:open", kwl,
                                      conv_opt_path, &fname, &options,
                                      &read_only, &fmt, &no_backing,
-                                     &force_share, &no_user, &resize))
+                                     &force_share, &no_user, &resize,
+                                     &no_bitmaps))
         return NULL;
     vd_opts *o = opts_from(options);
     if (!o) {
@@ -2001,7 +2080,8 @@ static PyObject *mod_open(PyObject *m, PyObject *args, PyObject *kw)
                      (no_backing ? VD_O_NO_BACKING : 0) |
                      (force_share ? VD_O_FORCE_SHARE : 0) |
                      (no_user ? VD_O_NO_USER : 0) |
-                     (resize ? VD_O_RESIZE : 0);
+                     (resize ? VD_O_RESIZE : 0) |
+                     (no_bitmaps ? VD_O_NO_BITMAPS : 0);
     vd_error err = VD_ERROR_INIT;
     vd_node *n = NULL;
     int ret;
@@ -2083,8 +2163,9 @@ static PyMethodDef mod_methods[] = {
     { "open", (PyCFunction)(void (*)(void))mod_open,
       METH_VARARGS | METH_KEYWORDS,
       "open(filename, options=None, read_only=True, fmt=None, *, "
-      "no_backing=False, force_share=False, no_user=False, resize=False) "
-      "-> Node" },
+      "no_backing=False, force_share=False, no_user=False, resize=False, "
+      "no_bitmaps=False) -> Node (no_bitmaps: leave persistent dirty "
+      "bitmaps on disk, as compact needs)" },
     { "create", (PyCFunction)(void (*)(void))mod_create,
       METH_VARARGS | METH_KEYWORDS,
       "create(filename, fmt, size=None, options=None) (vd_create)" },
