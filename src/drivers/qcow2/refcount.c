@@ -809,8 +809,14 @@ int qcow2_held_update_refcount(qcow2_state *s, qcow2_refblock_hold *h,
     }
     refblock_events(s);
     ret = hold_block(s, h, cluster_index, err);
-    if (ret <= 0) {
-        return ret < 0 ? ret : -EIO;
+    if (ret == 0) {
+        /* Checked above; only a table changed under our feet gets here. */
+        return vd_error_set(err, -EIO, "%s: no refcount block for cluster "
+                            "0x%llx", s->filename,
+                            (unsigned long long)cluster_index);
+    }
+    if (ret < 0) {
+        return ret;
     }
     return change_in_block(s, h->block, cluster_index, 1, decrease, type,
                            refcount, err);
