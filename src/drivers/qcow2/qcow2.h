@@ -682,10 +682,12 @@ int qcow2_held_get_refcount(qcow2_state *s, qcow2_refblock_hold *h,
 
 /* qcow2_update_refcount() of the one host cluster @cluster_index by 1
  * (down with @decrease) through @h, with the same checks, events and
- * effects, and its new refcount in @refcount. A decrease needs the
- * dependency qcow2_update_refcount() sets (the refcount cache after the
- * L2 cache) set by the caller before its first one. A cluster without a
- * refcount block takes the general path. */
+ * effects, and its new refcount in @refcount. For clusters already
+ * referenced and validated (a snapshot tree after
+ * qcow2_validate_l1_tree()): a cluster without a refcount block fails
+ * with -EIO instead of creating one. A decrease needs the dependency
+ * qcow2_update_refcount() sets (the refcount cache after the L2 cache)
+ * set by the caller before its first one. */
 int qcow2_held_update_refcount(qcow2_state *s, qcow2_refblock_hold *h,
                                uint64_t cluster_index, bool decrease,
                                qcow2_discard_type type, uint64_t *refcount,

@@ -143,23 +143,11 @@ static int64_t refblock_offset(qcow2_state *s, uint64_t rt_index,
 int qcow2_get_refcount(qcow2_state *s, uint64_t cluster_index,
                        uint64_t *refcount, vd_error *err)
 {
-    uint64_t rt_index = cluster_index >> s->refcount_block_bits;
-    int64_t off = refblock_offset(s, rt_index, err);
-    void *block;
-    int ret;
+    qcow2_refblock_hold h = { 0 };
+    int ret = qcow2_held_get_refcount(s, &h, cluster_index, refcount, err);
 
-    if (off <= 0) {
-        *refcount = 0;
-        return (int)off;
-    }
-    ret = qcow2_cache_get(s, s->refcount_cache, (uint64_t)off, &block, err);
-    if (ret < 0) {
-        return ret;
-    }
-    *refcount = qcow2_refblock_get(s, block, cluster_index &
-                                   (s->refcount_block_size - 1));
-    qcow2_cache_put(s->refcount_cache, &block);
-    return 0;
+    qcow2_refblock_release(s, &h);
+    return ret;
 }
 
 /* First run of @n clusters with refcount 0 from free_cluster_index on.
@@ -668,33 +656,6 @@ static void refblock_events(qcow2_state *s)
     vd_node_debug_event(s->file->node, VD_BLKDBG_REFBLOCK_LOAD);
 }
 
-static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
-                      bool decrease, qcow2_discard_type type, vd_error *err)
-{
-    uint64_t rt_index = cluster_index >> s->refcount_block_bits;
-    int64_t off = refblock_offset(s, rt_index, err);
-    void *block;
-    int ret;
-
-    if (off < 0) {
-        return (int)off;
-    }
-    if (off == 0) {
-        return vd_error_set(err, -EIO, "%s: no refcount block for cluster "
-                            "0x%llx", s->filename,
-                            (unsigned long long)cluster_index);
-    }
-    refblock_events(s);
-    ret = qcow2_cache_get(s, s->refcount_cache, (uint64_t)off, &block, err);
-    if (ret < 0) {
-        return ret;
-    }
-    ret = change_in_block(s, block, cluster_index, addend, decrease, type,
-                          NULL, err);
-    qcow2_cache_put(s->refcount_cache, &block);
-    return ret;
-}
-
 /* A new reference to an existing cluster (not an allocation) must point
  * inside the file or among the clusters this session allocated: a
  * corrupt offset far past the end would otherwise create refcount blocks
@@ -769,18 +730,55 @@ int qcow2_held_get_refcount(qcow2_state *s, qcow2_refblock_hold *h,
     return 0;
 }
 
+/* One refcount change through @h: the events, the block held, the
+ * change. A cluster without a refcount block is an error here: the
+ * callers create blocks (update_refcount()) or validated the references
+ * (the walks) first. */
+static int change_held(qcow2_state *s, qcow2_refblock_hold *h,
+                       uint64_t cluster_index, uint64_t addend, bool decrease,
+                       qcow2_discard_type type, uint64_t *refcount,
+                       vd_error *err)
+{
+    int ret;
+
+    refblock_events(s);
+    ret = hold_block(s, h, cluster_index, err);
+    if (ret < 0) {
+        return ret;
+    }
+    if (ret == 0) {
+        return vd_error_set(err, -EIO, "%s: no refcount block for cluster "
+                            "0x%llx", s->filename,
+                            (unsigned long long)cluster_index);
+    }
+    return change_in_block(s, h->block, cluster_index, addend, decrease, type,
+                           refcount, err);
+}
+
+static int change_one(qcow2_state *s, uint64_t cluster_index, uint64_t addend,
+                      bool decrease, qcow2_discard_type type, vd_error *err)
+{
+    qcow2_refblock_hold h = { 0 };
+    int ret = change_held(s, &h, cluster_index, addend, decrease, type, NULL,
+                          err);
+
+    qcow2_refblock_release(s, &h);
+    return ret;
+}
+
 int qcow2_held_update_refcount(qcow2_state *s, qcow2_refblock_hold *h,
                                uint64_t cluster_index, bool decrease,
                                qcow2_discard_type type, uint64_t *refcount,
                                vd_error *err)
 {
-    uint64_t rt_index = cluster_index >> s->refcount_block_bits;
     int ret;
 
     /* The same guards as update_refcount() where they are cheap: what a
-     * change relies on was validated, and nothing gains a reference past
-     * the clusters the file or this session holds. */
-    if (!(h->block && h->rt_index == rt_index)) {
+     * change relies on was validated (checked again when the walk moves
+     * to another block), and nothing gains a reference past the clusters
+     * the file or this session holds. */
+    if (!(h->block &&
+          h->rt_index == cluster_index >> s->refcount_block_bits)) {
         ret = qcow2_begin_change(s, err);
         if (ret < 0) {
             return ret;
@@ -792,34 +790,7 @@ int qcow2_held_update_refcount(qcow2_state *s, qcow2_refblock_hold *h,
             return ret;
         }
     }
-    if (!(h->block && h->rt_index == rt_index)) {
-        int64_t off = refblock_offset(s, rt_index, err);
-        if (off < 0) {
-            return (int)off;
-        }
-        if (off == 0) {
-            /* No block yet: the general path creates it. */
-            qcow2_refblock_release(s, h);
-            ret = qcow2_update_refcount(s, cluster_index << s->cluster_bits,
-                                        s->cluster_size, 1, decrease, type,
-                                        err);
-            return ret < 0 ? ret : qcow2_get_refcount(s, cluster_index,
-                                                      refcount, err);
-        }
-    }
-    refblock_events(s);
-    ret = hold_block(s, h, cluster_index, err);
-    if (ret == 0) {
-        /* Checked above; only a table changed under our feet gets here. */
-        return vd_error_set(err, -EIO, "%s: no refcount block for cluster "
-                            "0x%llx", s->filename,
-                            (unsigned long long)cluster_index);
-    }
-    if (ret < 0) {
-        return ret;
-    }
-    return change_in_block(s, h->block, cluster_index, 1, decrease, type,
-                           refcount, err);
+    return change_held(s, h, cluster_index, 1, decrease, type, refcount, err);
 }
 
 /*

@@ -72,30 +72,30 @@ static int file_length(qcow2_state *s, uint64_t *flen, vd_error *err)
 /* The refcount of every cluster of [offset, offset+bytes) is at least 1
  * and, with @overflow, below the maximum. *@bad gets the first cluster
  * that fails (-ERANGE: overflow, -ENOENT: refcount 0); *@highest (when
- * not NULL) the highest refcount in the range. */
+ * not NULL) the highest refcount in the range. Through @hold when not
+ * NULL (a walk over a table's entries keeps its refcount block). */
 static int check_refs(qcow2_state *s, uint64_t offset, uint64_t bytes,
                       bool overflow, uint64_t *bad, uint64_t *highest,
                       qcow2_refblock_hold *hold, vd_error *err)
 {
     uint64_t first = offset >> s->cluster_bits;
     uint64_t last = (offset + (bytes ? bytes : 1) - 1) >> s->cluster_bits;
+    qcow2_refblock_hold local = { 0 };
+    qcow2_refblock_hold *h = hold ? hold : &local;
+    int ret = 0;
 
-    for (uint64_t c = first; c <= last; c++) {
+    for (uint64_t c = first; ret == 0 && c <= last; c++) {
         uint64_t rc;
-        int ret = hold ? qcow2_held_get_refcount(s, hold, c, &rc, err)
-                       : qcow2_get_refcount(s, c, &rc, err);
-        if (ret < 0) {
-            return ret;
-        }
-        if (rc == 0 || (overflow && rc >= s->refcount_max)) {
+        ret = qcow2_held_get_refcount(s, h, c, &rc, err);
+        if (ret == 0 && (rc == 0 || (overflow && rc >= s->refcount_max))) {
             *bad = c << s->cluster_bits;
-            return rc ? -ERANGE : -ENOENT;
-        }
-        if (highest && rc > *highest) {
+            ret = rc ? -ERANGE : -ENOENT;
+        } else if (ret == 0 && highest && rc > *highest) {
             *highest = rc;
         }
     }
-    return 0;
+    qcow2_refblock_release(s, &local);
+    return ret;
 }
 
 static int overflow_error(qcow2_state *s, vd_error *err)
