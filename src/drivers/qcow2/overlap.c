@@ -723,6 +723,128 @@ int qcow2_metadata_overlap_kinds(qcow2_state *s, int chk, uint64_t offset,
     return size ? check_overlap(s, chk & QCOW2_OL_ALL, offset, size, true) : 0;
 }
 
+/* ------------------------------------------------------------------ */
+/* Clear runs: where the next structure starts                         */
+/* ------------------------------------------------------------------ */
+
+/* The first cluster start >= @from at which a structure whose cluster
+ * starts are in @st begins (UINT64_MAX: none). */
+static uint64_t starts_next(const qcow2_state *s, const ol_starts *st,
+                            uint64_t from)
+{
+    size_t lo = 0, hi = st->n;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (st->v[mid] < from) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo < st->n ? qcow2_start_of_cluster(s, st->v[lo]) : UINT64_MAX;
+}
+
+static uint64_t inactive_l1_next(const qcow2_state *s,
+                                 const struct qcow2_overlap_cache *c,
+                                 uint64_t from)
+{
+    size_t lo = 0, hi = c->nb_inactive_l1;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (c->inactive_l1[mid].start < from) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo < c->nb_inactive_l1 ?
+           qcow2_start_of_cluster(s, c->inactive_l1[lo].start) : UINT64_MAX;
+}
+
+/* The cluster where a fixed structure [start, start+len) begins, if it
+ * begins at or after @from; UINT64_MAX otherwise (one that began before
+ * and reaches @from overlaps @from's cluster, which the caller's check
+ * has already ruled out). */
+static uint64_t fixed_next(const qcow2_state *s, uint64_t from,
+                           uint64_t start, uint64_t len)
+{
+    return len && start >= from ? qcow2_start_of_cluster(s, start)
+                                : UINT64_MAX;
+}
+
+static uint64_t min_u64(uint64_t a, uint64_t b)
+{
+    return a < b ? a : b;
+}
+
+/*
+ * The end of the run of clusters from @from (a cluster start whose
+ * range check found nothing) that meets no structure of @chk: the
+ * nearest start of such a structure at or after it. The kinds and their
+ * conditions are check_overlap()'s, one for one; a kind answered by its
+ * walk (no set) ends the run after one cluster.
+ */
+static uint64_t clear_end(qcow2_state *s, int chk, uint64_t from)
+{
+    uint64_t cs = s->cluster_size, end = UINT64_MAX;
+    const struct qcow2_overlap_cache *c = NULL;
+
+    /* The header is cluster 0, before every @from that passed. */
+    if ((chk & QCOW2_OL_ACTIVE_L1) && s->l1_size) {
+        end = min_u64(end, fixed_next(s, from, s->l1_table_offset,
+                                      (uint64_t)s->l1_size * 8));
+    }
+    if (chk & QCOW2_OL_REFCOUNT_TABLE) {
+        end = min_u64(end, fixed_next(s, from, s->refcount_table_offset,
+                                      (uint64_t)s->refcount_table_size * 8));
+    }
+    if ((chk & QCOW2_OL_SNAPSHOT_TABLE) && s->nb_snapshots) {
+        end = min_u64(end, fixed_next(s, from, s->snapshots_offset,
+                                      s->snapshots_size));
+    }
+    if ((chk & QCOW2_OL_BITMAP_DIRECTORY) && s->has_bitmaps_ext &&
+        (s->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
+        end = min_u64(end, fixed_next(s, from,
+                                      s->bitmaps_ext.bitmap_directory_offset,
+                                      s->bitmaps_ext.bitmap_directory_size));
+    }
+    if (chk & (OL_ACTIVE_KINDS | OL_SNAP_KINDS)) {
+        c = get_cache(s, chk);
+    }
+    if ((chk & QCOW2_OL_INACTIVE_L1) && s->snapshots) {
+        end = min_u64(end, !c || (c->slow & QCOW2_OL_INACTIVE_L1) ?
+                      from + cs : inactive_l1_next(s, c, from));
+    }
+    if ((chk & QCOW2_OL_ACTIVE_L2) && s->l1_table) {
+        end = min_u64(end, !c || (c->slow & QCOW2_OL_ACTIVE_L2) ?
+                      from + cs : starts_next(s, &c->active_l2, from));
+    }
+    if ((chk & QCOW2_OL_REFCOUNT_BLOCK) && s->refcount_table) {
+        end = min_u64(end, !c || (c->slow & QCOW2_OL_REFCOUNT_BLOCK) ?
+                      from + cs : starts_next(s, &c->refblocks, from));
+    }
+    if ((chk & QCOW2_OL_INACTIVE_L2) && s->snapshots) {
+        end = min_u64(end, !c || (c->slow & QCOW2_OL_INACTIVE_L2) ?
+                      from + cs : starts_next(s, &c->inactive_l2, from));
+    }
+    return end;
+}
+
+int qcow2_metadata_overlap_window(qcow2_state *s, int chk, uint64_t offset,
+                                  uint64_t size, uint64_t *clear_until)
+{
+    int bit;
+
+    chk &= QCOW2_OL_ALL;
+    bit = size ? check_overlap(s, chk, offset, size, true) : 0;
+    if (bit == 0) {
+        *clear_until = clear_end(s, chk, qcow2_start_of_cluster(s, offset));
+    }
+    return bit;
+}
+
 const char *qcow2_overlap_name(int bit)
 {
     return bit ? ol_names[__builtin_ctz((unsigned)bit)] : "nothing";

@@ -929,6 +929,14 @@ static inline void qcow2_overlap_snapshots_changed(qcow2_state *s)
  * whatever the overlap-check option says (validation before writes). */
 int qcow2_metadata_overlap_kinds(qcow2_state *s, int chk, uint64_t offset,
                                  uint64_t size);
+/* qcow2_metadata_overlap_kinds(), and where it finds nothing, also
+ * *@clear_until: the end of the run of clusters from @offset's cluster
+ * on that meets no structure of @chk (the next one's cluster start;
+ * UINT64_MAX when none follows). A walk over data clusters that mostly
+ * lie side by side then checks once per run, not once per cluster (the
+ * runs hold while no metadata moves: within one read-only pass). */
+int qcow2_metadata_overlap_window(qcow2_state *s, int chk, uint64_t offset,
+                                  uint64_t size, uint64_t *clear_until);
 /* The structure name of one QCOW2_OL_* bit, as QEMU's messages say it. */
 const char *qcow2_overlap_name(int bit);
 /* Frees the overlap range sets (at close). */

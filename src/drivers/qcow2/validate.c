@@ -541,14 +541,22 @@ int qcow2_validate_l2_table_ref(qcow2_state *s, uint64_t l1e,
     return l2_table_ref(s, l1e, l1_index, flags, flen, err);
 }
 
+/* A run of host clusters [lo, hi) found to meet no metadata structure:
+ * a walk over a table's entries checks each run once instead of each
+ * cluster (data clusters mostly lie side by side). Empty when lo >= hi. */
+typedef struct clear_run {
+    uint64_t lo, hi;
+} clear_run;
+
 /* With QCOW2_VALIDATE_OVERFLOW, *@near_max (when not NULL) is set when
  * the host cluster of a compressed entry has a refcount so high that
  * the other compressed entries sharing it might not fit
- * (compressed_refs_fit() must then count them). */
+ * (compressed_refs_fit() must then count them). @run (may be NULL) is
+ * the walk's clear run, used and updated. */
 static int cluster_ref(qcow2_state *s, uint64_t e, uint64_t l2_off,
                        uint64_t l2_index, unsigned flags, uint64_t flen,
                        bool *near_max, qcow2_refblock_hold *hold,
-                       vd_error *err)
+                       clear_run *run, vd_error *err)
 {
     uint64_t off, bytes, bad = 0, highest = 0;
     bool overflow = flags & QCOW2_VALIDATE_OVERFLOW;
@@ -584,7 +592,19 @@ static int cluster_ref(qcow2_state *s, uint64_t e, uint64_t l2_off,
                             "outside the file (length 0x%" PRIx64 ")",
                             s->filename, what, off, l2_off, l2_index, flen);
     }
-    bit = qcow2_metadata_overlap_kinds(s, QCOW2_OL_ALL, off, bytes);
+    if (run && qcow2_start_of_cluster(s, off) >= run->lo &&
+        off + bytes <= run->hi) {
+        bit = 0;    /* inside a run already found clear */
+    } else if (run) {
+        uint64_t until = 0;
+        bit = qcow2_metadata_overlap_window(s, QCOW2_OL_ALL, off, bytes,
+                                            &until);
+        if (!bit) {
+            *run = (clear_run){ qcow2_start_of_cluster(s, off), until };
+        }
+    } else {
+        bit = qcow2_metadata_overlap_kinds(s, QCOW2_OL_ALL, off, bytes);
+    }
     if (bit) {
         return vd_error_set(err, -EIO, "%s: the %s at 0x%" PRIx64 " (L2 "
                             "table 0x%" PRIx64 ", index 0x%" PRIx64 ") "
@@ -621,7 +641,8 @@ int qcow2_validate_cluster_ref(qcow2_state *s, uint64_t e, uint64_t l2_off,
                                uint64_t l2_index, unsigned flags,
                                uint64_t flen, vd_error *err)
 {
-    return cluster_ref(s, e, l2_off, l2_index, flags, flen, NULL, NULL, err);
+    return cluster_ref(s, e, l2_off, l2_index, flags, flen, NULL, NULL, NULL,
+                       err);
 }
 
 /* Entries [first, end) of the L2 table named by @l1e. */
@@ -631,12 +652,15 @@ static int l2_entries(qcow2_state *s, uint64_t l1e, uint64_t first,
 {
     uint64_t l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
     qcow2_refblock_hold hold = { 0 };
+    clear_run run = { 1, 0 };
     void *table = NULL;
     int ret = qcow2_cache_get(s, s->l2_cache, l2_off, &table, err);
 
+    /* Nothing moves metadata during this pass: the hold and the clear
+     * run stay true from entry to entry. */
     for (uint64_t j = first; ret == 0 && j < end; j++) {
         ret = cluster_ref(s, qcow2_get_l2_entry(s, table, j), l2_off, j,
-                          flags, flen, near_max, &hold, err);
+                          flags, flen, near_max, &hold, &run, err);
     }
     qcow2_refblock_release(s, &hold);
     if (table) {
