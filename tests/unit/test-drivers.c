@@ -25,6 +25,7 @@
 #include "core/block_int.h"
 
 #include "check.h"
+#include "sh.h"
 
 static char dir[256];
 static bool have_qemu_img;
@@ -125,20 +126,6 @@ static int create_img(const char *file, const char *format, const char *str,
     r = vd_create(file, format, o, err);
     vd_opts_free(&o);
     return r;
-}
-
-static int run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int run(const char *fmt, ...)
-{
-    char cmd[2048];
-    va_list ap;
-    int st;
-
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    st = system(cmd);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 /* One extent of vd_block_status, returning flags (or -errno). */
@@ -306,7 +293,7 @@ static void test_block_status(void)
 
     /* cross-check against qemu-img on the same file */
     if (have_qemu_img) {
-        CHECK(run("qemu-img map -f raw --output=json '%s' | grep -c "
+        CHECK(sh("qemu-img map -f raw --output=json '%s' | grep -c "
                   "'\"start\"' | grep -qx 4", f) == 0,
               "qemu-img map sees 4 extents too");
     }
@@ -561,11 +548,11 @@ static void test_create(void)
                      modes[i]);
             r = create_img(path("v.raw"), "raw", opts, &err);
             CHECK(r == 0, "create %s: %s", modes[i], err.message);
-            r = run("qemu-img create -q -f raw -o preallocation=%s '%s' 1M",
+            r = sh("qemu-img create -q -f raw -o preallocation=%s '%s' 1M",
                     modes[i], path("q.raw"));
             CHECK(r == 0, "qemu-img create");
             /* system() runs sh, which lacks <( ) */
-            r = run("bash -c \"cmp -s <(qemu-img map -f raw --output=json "
+            r = sh("bash -c \"cmp -s <(qemu-img map -f raw --output=json "
                     "'%s') <(qemu-img map -f raw --output=json '%s')\"",
                     path("v.raw"), path("q.raw"));
             CHECK(r == 0, "preallocation=%s: qemu-img map differs", modes[i]);
@@ -896,27 +883,27 @@ static void test_locking(void)
         return;
     }
     /* A tool's opener shares everything on raw, as qemu-io does ... */
-    CHECK(run("qemu-img resize -q -f raw '%s' 2M", f) == 0,
+    CHECK(sh("qemu-img resize -q -f raw '%s' 2M", f) == 0,
           "qemu-img resize of a raw image a tool writes");
     /* ... and like a running QEMU (an export) unsharing resize, we keep
      * others from resizing it */
     CHECK(vd_set_perm(n, VD_PERM_CONSISTENT_READ | VD_PERM_WRITE,
                       VD_PERM_ALL & ~VD_PERM_RESIZE, &err) == 0,
           "unshare resize: %s", err.message);
-    CHECK(run("qemu-img resize -q -f raw '%s' 1M 2>/dev/null", f) != 0,
+    CHECK(sh("qemu-img resize -q -f raw '%s' 1M 2>/dev/null", f) != 0,
           "qemu-img resize must fail while we hold the image");
-    CHECK(run("qemu-img info -f raw '%s' >/dev/null 2>&1", f) == 0,
+    CHECK(sh("qemu-img info -f raw '%s' >/dev/null 2>&1", f) == 0,
           "qemu-img info may still read it");
     /* and qemu-img create (which truncates) conflicts with us too */
-    CHECK(run("qemu-img create -q -f raw '%s' 1M 2>/dev/null", f) != 0,
+    CHECK(sh("qemu-img create -q -f raw '%s' 1M 2>/dev/null", f) != 0,
           "qemu-img create over an image in use must fail");
     vd_close(&n, NULL);
-    CHECK(run("qemu-img resize -q -f raw '%s' 2M", f) == 0,
+    CHECK(sh("qemu-img resize -q -f raw '%s' 2M", f) == 0,
           "resize after close");
 
     n = open_img(f, "raw", "locking=off", VD_O_RDWR, &err);
     CHECK(n, "open locking=off: %s", err.message);
-    CHECK(run("qemu-img resize -q -f raw '%s' 3M", f) == 0,
+    CHECK(sh("qemu-img resize -q -f raw '%s' 3M", f) == 0,
           "resize with locking=off");
     vd_close(&n, NULL);
 
@@ -1010,7 +997,7 @@ static void test_memory_backed(void)
         /* The referee: what stat(1) calls the file system. */
         snprintf(cmd, sizeof(cmd), "stat -f -c %%T '%s' | grep -qx tmpfs",
                  where[i].dir ? where[i].dir : dir);
-        tmpfs = run("%s", cmd) == 0;
+        tmpfs = sh("%s", cmd) == 0;
         if (create_img(f, "raw", "size=1M", &err) < 0) {
             fprintf(stderr, "test_memory_backed: no file in %s, skipped\n",
                     where[i].what);
@@ -1038,7 +1025,7 @@ int main(void)
         perror("mkdtemp");
         return 77;
     }
-    have_qemu_img = run("qemu-img --version >/dev/null 2>&1") == 0;
+    have_qemu_img = sh("qemu-img --version >/dev/null 2>&1") == 0;
 
     test_roundtrip();
     test_read_past_eof();
@@ -1056,7 +1043,7 @@ int main(void)
     test_locking();
     test_threads();
 
-    run("rm -rf '%s'", dir);
+    sh("rm -rf '%s'", dir);
     if (failures) {
         fprintf(stderr, "test-drivers: %d check(s) failed\n", failures);
         return 1;

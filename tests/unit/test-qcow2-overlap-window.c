@@ -26,20 +26,9 @@
 #include "drivers/qcow2/qcow2.h"
 
 #include "check.h"
+#include "sh.h"
 
 static char dir[] = "/tmp/vdisk-olwin-XXXXXX";
-
-static int run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int run(const char *fmt, ...)
-{
-    char cmd[2048];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    return system(cmd);
-}
 
 /* Builds @name with QEMU's tools: data spread over the disk so that L2
  * tables and refcount blocks land between data clusters, two snapshots
@@ -54,7 +43,7 @@ static void make_image(const char *name, bool bitmap)
         len += (size_t)snprintf(cmds + len, sizeof(cmds) - len,
                                 " -c 'write -P %d %dM 96k'", i + 1, i * 3);
     }
-    CHECK(run("cd %s && qemu-img create -q -f qcow2 -o cluster_size=4k,"
+    CHECK(sh("cd %s && qemu-img create -q -f qcow2 -o cluster_size=4k,"
               "refcount_bits=16 %s 80M && qemu-io%s %s >/dev/null &&"
               " qemu-img snapshot -c s1 %s &&"
               " qemu-io -c 'write -P 90 1M 64k' -c 'write -P 91 40M 200k' %s"
@@ -63,7 +52,7 @@ static void make_image(const char *name, bool bitmap)
               " >/dev/null", dir, name, cmds, name, name, name, name,
               name) == 0, "building %s", name);
     if (bitmap) {
-        CHECK(run("cd %s && qemu-img bitmap --add %s b0 &&"
+        CHECK(sh("cd %s && qemu-img bitmap --add %s b0 &&"
                   " qemu-io -c 'write -P 94 9M 64k' %s >/dev/null", dir,
                   name, name) == 0, "adding a bitmap to %s", name);
     }
@@ -169,6 +158,6 @@ int main(void)
     }
     check_image("plain.qcow2", false);
     check_image("bitmap.qcow2", true);
-    run("rm -rf %s", dir);
+    sh("rm -rf %s", dir);
     TEST_EXIT("test-qcow2-overlap-window");
 }

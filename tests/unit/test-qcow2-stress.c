@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "vdisk/vdisk.h"
+#include "sh.h"
 
 #define NTHREADS 4
 #define REGIONS 64
@@ -228,17 +229,6 @@ out:
     free(a);
     free(b);
     return NULL;
-}
-
-static int sh(const char *fmt, ...)
-{
-    char cmd[1024];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    return system(cmd);
 }
 
 static int run_config(const config *c)

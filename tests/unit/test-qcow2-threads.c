@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "vdisk/vdisk.h"
+#include "sh.h"
 
 #define NTHREADS 12
 #define BLOCK 1536            /* deliberately not a power of two */
@@ -132,16 +133,6 @@ static void *run_worker(void *opaque)
         }
     }
     return NULL;
-}
-
-static int sh(const char *fmt, ...)
-{
-    char cmd[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    return system(cmd);
 }
 
 static int run_config(const config *c)

@@ -299,21 +299,30 @@ static void starts_reset(ol_starts *st)
     *st = (ol_starts){ 0 };
 }
 
-static bool inactive_l1_hit(const struct qcow2_overlap_cache *c,
-                            uint64_t off, uint64_t end)
+/* The number of snapshot L1 tables (sorted by start) starting before
+ * @x. */
+static size_t inactive_l1_before(const struct qcow2_overlap_cache *c,
+                                 uint64_t x)
 {
     size_t lo = 0, hi = c->nb_inactive_l1;
 
-    /* Number of tables starting before end. */
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        if (c->inactive_l1[mid].start < end) {
+        if (c->inactive_l1[mid].start < x) {
             lo = mid + 1;
         } else {
             hi = mid;
         }
     }
-    return lo && c->inactive_l1_maxend[lo - 1] > off;
+    return lo;
+}
+
+static bool inactive_l1_hit(const struct qcow2_overlap_cache *c,
+                            uint64_t off, uint64_t end)
+{
+    size_t before = inactive_l1_before(c, end);
+
+    return before && c->inactive_l1_maxend[before - 1] > off;
 }
 
 static void free_active(struct qcow2_overlap_cache *c)
@@ -749,18 +758,11 @@ static uint64_t inactive_l1_next(const qcow2_state *s,
                                  const struct qcow2_overlap_cache *c,
                                  uint64_t from)
 {
-    size_t lo = 0, hi = c->nb_inactive_l1;
+    size_t first = inactive_l1_before(c, from);
 
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (c->inactive_l1[mid].start < from) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    return lo < c->nb_inactive_l1 ?
-           qcow2_start_of_cluster(s, c->inactive_l1[lo].start) : UINT64_MAX;
+    return first < c->nb_inactive_l1 ?
+           qcow2_start_of_cluster(s, c->inactive_l1[first].start) :
+           UINT64_MAX;
 }
 
 /* The cluster where a fixed structure [start, start+len) begins, if it
