@@ -1004,16 +1004,20 @@ VD_API int vd_compact(vd_node *node, const vd_compact_opts *opts,
                       vd_compact_result *res, vd_error *err);
 /** One option an amend would change (vd_amend_plan()): its name, the
  * current and the new value as amend's -o spells them (strings valid
- * during the call; key-slot options have "" as old value). */
+ * during the call). A key slot of an encrypted image is named as
+ * `qemu-img info` names it, "encrypt.slots[N].active" (qcow2) or
+ * "slots[N].active" (luks), with "true"/"false". */
 typedef void (*vd_amend_change_fn)(const char *option, const char *old_value,
                                    const char *new_value, void *opaque);
 
 /**
  * The dry run of vd_amend() (`vdisk amend --dry-run`): the same checks
  * and refusals, in the same order and with the same errors, as far as
- * they do not need the change itself (key-slot changes of encrypted
- * images are not checked); nothing is written and @node may be
- * read-only. @fn (may be NULL) gets each option that would change.
+ * they do not need the change itself; key-slot changes of an encrypted
+ * image are checked with their secrets (trying a password takes its
+ * slot's PBKDF time, as in the real amend). Nothing is written and @node
+ * may be read-only. @fn (may be NULL) gets each option that would
+ * change, only once every check has passed.
  * -ENOTSUP when the format cannot amend or cannot tell.
  */
 VD_API int vd_amend_plan(vd_node *node, const vd_opts *opts, bool force,

@@ -1018,8 +1018,17 @@ typedef struct amend_opts {
     char *old_secret, *new_secret;
 } amend_opts;
 
+/* The key slots an amend turns active and inactive (bit i: slot i),
+ * when it only plans (vd_luks_amend_plan()). */
+typedef struct amend_plan {
+    unsigned activate, erase;
+} amend_plan;
+
+/* With @plan, every check (the passwords tried included) and no write:
+ * the slot that would be written goes into @plan. */
 static int amend_add(vd_luks *l, amend_opts *a, bool force,
-                     vd_luks_io_fn io, void *opaque, vd_error *err)
+                     vd_luks_io_fn io, void *opaque, amend_plan *plan,
+                     vd_error *err)
 {
     char *oldpw = NULL, *newpw = NULL;
     uint8_t *mk = NULL;
@@ -1073,6 +1082,8 @@ static int amend_add(vd_luks *l, amend_opts *a, bool force,
         if (l->slots[slot].stripes == 0 ||
             l->slots[slot].stripes > VD_LUKS_MAX_STRIPES) {
             ret = vd_error_set(err, -EINVAL, "Keyslot %d is corrupted", slot);
+        } else if (plan) {
+            plan->activate |= 1u << slot;
         } else {
             ret = store_key(l, slot, newpw, mk,
                             a->has_iter_time ? a->iter_time
@@ -1087,8 +1098,10 @@ out:
     return ret;
 }
 
+/* With @plan as amend_add(): the slots that would be erased go there. */
 static int amend_erase(vd_luks *l, amend_opts *a, bool force,
-                       vd_luks_io_fn io, void *opaque, vd_error *err)
+                       vd_luks_io_fn io, void *opaque, amend_plan *plan,
+                       vd_error *err)
 {
     char *oldpw = NULL;
     uint8_t *tmp = NULL;
@@ -1147,7 +1160,11 @@ static int amend_erase(vd_luks *l, amend_opts *a, bool force,
                                "operation", slot);
             goto out;
         }
-        ret = erase_key(l, slot, io, opaque, err);
+        if (plan) {
+            plan->erase |= 1u << slot;
+        } else {
+            ret = erase_key(l, slot, io, opaque, err);
+        }
     } else if (oldpw) {
         unsigned mask = 0;
         int n = 0;
@@ -1176,7 +1193,10 @@ static int amend_erase(vd_luks *l, amend_opts *a, bool force,
                                "image irreversibly - refusing operation");
             goto out;
         }
-        for (int i = 0; i < VD_LUKS_SLOTS && ret == 0; i++) {
+        if (plan) {
+            plan->erase |= mask;
+        }
+        for (int i = 0; !plan && i < VD_LUKS_SLOTS && ret == 0; i++) {
             if (mask & (1u << i)) {
                 ret = erase_key(l, i, io, opaque, err);
             }
@@ -1194,8 +1214,9 @@ out:
     return ret;
 }
 
-int vd_luks_amend(vd_luks *l, vd_opts *opts, const char *prefix, bool force,
-                  vd_luks_io_fn io, void *opaque, vd_error *err)
+static int amend(vd_luks *l, vd_opts *opts, const char *prefix, bool force,
+                 vd_luks_io_fn io, void *opaque, amend_plan *plan,
+                 vd_error *err)
 {
     static const char *const states[] = { "active", "inactive", NULL };
     amend_opts a;
@@ -1223,10 +1244,53 @@ int vd_luks_amend(vd_luks *l, vd_opts *opts, const char *prefix, bool force,
     snprintf(key, sizeof(key), "%snew-secret", prefix);
     a.new_secret = vd_opts_take(opts, key);
     if (ret == 0) {
-        ret = a.state == 0 ? amend_add(l, &a, force, io, opaque, err)
-                           : amend_erase(l, &a, force, io, opaque, err);
+        ret = a.state == 0 ? amend_add(l, &a, force, io, opaque, plan, err)
+                           : amend_erase(l, &a, force, io, opaque, plan,
+                                         err);
     }
     free(a.old_secret);
     free(a.new_secret);
     return ret;
+}
+
+int vd_luks_amend(vd_luks *l, vd_opts *opts, const char *prefix, bool force,
+                  vd_luks_io_fn io, void *opaque, vd_error *err)
+{
+    return amend(l, opts, prefix, force, io, opaque, NULL, err);
+}
+
+int vd_luks_amend_plan(vd_luks *l, vd_opts *opts, const char *prefix,
+                       bool force, vd_luks_io_fn io, void *opaque,
+                       unsigned *active, unsigned *activate,
+                       unsigned *erase, vd_error *err)
+{
+    amend_plan plan = { 0, 0 };
+    int ret = amend(l, opts, prefix, force, io, opaque, &plan, err);
+
+    *active = 0;
+    for (int i = 0; i < VD_LUKS_SLOTS; i++) {
+        if (l->slots[i].active == SLOT_ENABLED) {
+            *active |= 1u << i;
+        }
+    }
+    *activate = ret == 0 ? plan.activate : 0;
+    *erase = ret == 0 ? plan.erase : 0;
+    return ret;
+}
+
+void vd_luks_plan_report(const char *prefix, unsigned active,
+                         unsigned activate, unsigned erase,
+                         vd_amend_change_fn fn, void *opaque)
+{
+    for (int i = 0; i < VD_LUKS_SLOTS; i++) {
+        unsigned bit = 1u << i;
+        char name[64];
+
+        if (!((activate | erase) & bit)) {
+            continue;
+        }
+        snprintf(name, sizeof(name), "%sslots[%d].active", prefix, i);
+        fn(name, (active & bit) ? "true" : "false",
+           (activate & bit) ? "true" : "false", opaque);
+    }
 }

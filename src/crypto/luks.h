@@ -29,6 +29,7 @@
 
 #include "crypto/cipher.h"
 #include "core/opts.h"
+#include "vdisk/vdisk.h"
 
 #define VD_LUKS_HDR_SIZE 592
 #define VD_LUKS_SECTOR 512
@@ -146,5 +147,22 @@ int vd_luks_create(vd_luks *l, const vd_luks_create_opts *o,
 int vd_luks_amend(vd_luks *l, vd_opts *opts, const char *prefix,
                   bool force, vd_luks_io_fn io, void *opaque,
                   vd_error *err);
+/* vd_luks_amend() as a dry run: the same checks and messages, the
+ * passwords tried on the key slots included (each costs that slot's
+ * PBKDF time, as in the real amend), and no write. *@active gets the
+ * key slots active now (bit i: slot i); on success *@activate and
+ * *@erase the slots the amend would write a key into and erase. Reads
+ * through @io only. */
+int vd_luks_amend_plan(vd_luks *l, vd_opts *opts, const char *prefix,
+                       bool force, vd_luks_io_fn io, void *opaque,
+                       unsigned *active, unsigned *activate,
+                       unsigned *erase, vd_error *err);
+/* Reports a plan of vd_luks_amend_plan() to @fn, one call per key slot
+ * that changes, named as qemu-img info names it ("PREFIXslots[N].active",
+ * old and new "true"/"false"; a slot given a new key while active, with
+ * force, shows true -> true). */
+void vd_luks_plan_report(const char *prefix, unsigned active,
+                         unsigned activate, unsigned erase,
+                         vd_amend_change_fn fn, void *opaque);
 
 #endif

@@ -212,6 +212,22 @@ static int luks_amend(vd_node *node, vd_opts *opts, bool force,
     return vd_luks_amend(&s->l, opts, "", force, file_io, s->file, err);
 }
 
+/* The dry run of luks_amend(): its checks, secrets included, and the key
+ * slots that would change. */
+static int luks_amend_plan(vd_node *node, vd_opts *opts, bool force,
+                           vd_amend_change_fn fn, void *opaque, vd_error *err)
+{
+    luks_state *s = node->opaque;
+    unsigned active, activate, erase;
+    int ret = vd_luks_amend_plan(&s->l, opts, "", force, file_io, s->file,
+                                 &active, &activate, &erase, err);
+
+    if (ret == 0 && fn) {
+        vd_luks_plan_report("", active, activate, erase, fn, opaque);
+    }
+    return ret;
+}
+
 typedef struct create_ctx {
     vd_node *file;
     vd_child fake;
@@ -333,4 +349,5 @@ const vd_driver vd_driver_luks = {
     .truncate = luks_truncate,
     .get_info = luks_get_info,
     .amend = luks_amend,
+    .amend_plan = luks_amend_plan,
 };

@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "crypto/luks.h"
 #include "drivers/qcow2/qcow2.h"
 
 /* ------------------------------------------------------------------ */
@@ -776,7 +777,6 @@ int qcow2_amend_plan(vd_node *node, vd_opts *opts, bool force,
     char a[32], b[32];
     int ret = amend_parse(s, opts, &q, err);
 
-    (void)force;
     if (ret < 0) {
         return ret;
     }
@@ -794,6 +794,13 @@ int qcow2_amend_plan(vd_node *node, vd_opts *opts, bool force,
                              "Failed to turn zero into data clusters: " :
                              "Cannot change the refcount width: ");
         }
+    }
+    /* The key slots, where the real amend changes them (after an
+     * upgrade, which refuses nothing), with their secrets. */
+    unsigned active = 0, activate = 0, erase = 0;
+    if (ret == 0 && q.encryption_update) {
+        ret = qcow2_crypt_amend_plan(s, opts, force, &active, &activate,
+                                     &erase, err);
     }
     if (ret == 0 && (uint64_t)s->refcount_bits != q.refcount_bits &&
         q.new_version < 3 && q.refcount_bits != 16) {
@@ -871,15 +878,7 @@ int qcow2_amend_plan(vd_node *node, vd_opts *opts, bool force,
             snprintf(b, sizeof(b), "%" PRIu64, size_after);
             fn("size", a, b, opaque);
         }
-        /* Key slots: what changes is decided with the secrets, which a
-         * dry run does not check. */
-        for (size_t i = 0; i < vd_opts_count(opts); i++) {
-            const char *k, *v;
-            vd_opts_nth(opts, i, &k, &v);
-            if (!strncmp(k, "encrypt.", 8)) {
-                fn(k, "", v, opaque);
-            }
-        }
+        vd_luks_plan_report("encrypt.", active, activate, erase, fn, opaque);
     }
     pthread_mutex_unlock(&s->lock);
     return ret;

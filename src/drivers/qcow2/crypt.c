@@ -371,21 +371,39 @@ int qcow2_crypt_create(qcow2_state *s, const struct vd_luks_create_opts *o,
     return ret;
 }
 
-int qcow2_crypt_amend(qcow2_state *s, vd_opts *opts, bool force,
-                      vd_error *err)
+/* QEMU's qcow2_amend_options() refusals and its words. */
+static int crypt_amendable(qcow2_state *s, vd_error *err)
 {
-    qcow2_crypt *c = s->crypt;
-
-    /* QEMU's qcow2_amend_options() and its words. */
-    if (!c) {
+    if (!s->crypt) {
         return vd_error_set(err, -EINVAL, "Can't amend encryption options "
                             "- encryption not present");
     }
-    if (c->method != QCOW2_CRYPT_LUKS) {
+    if (s->crypt->method != QCOW2_CRYPT_LUKS) {
         return vd_error_set(err, -EINVAL, "Only LUKS encryption options can "
                             "be amended");
     }
-    return vd_luks_amend(&c->luks, opts, "encrypt.", force, hdr_io, c, err);
+    return 0;
+}
+
+int qcow2_crypt_amend(qcow2_state *s, vd_opts *opts, bool force,
+                      vd_error *err)
+{
+    int ret = crypt_amendable(s, err);
+
+    return ret < 0 ? ret : vd_luks_amend(&s->crypt->luks, opts, "encrypt.",
+                                         force, hdr_io, s->crypt, err);
+}
+
+int qcow2_crypt_amend_plan(qcow2_state *s, vd_opts *opts, bool force,
+                           unsigned *active, unsigned *activate,
+                           unsigned *erase, vd_error *err)
+{
+    int ret = crypt_amendable(s, err);
+
+    return ret < 0 ? ret : vd_luks_amend_plan(&s->crypt->luks, opts,
+                                              "encrypt.", force, hdr_io,
+                                              s->crypt, active, activate, erase,
+                                              err);
 }
 
 /* Compaction (compact.c) moves encrypted clusters: LUKS derives each

@@ -1122,6 +1122,13 @@ int qcow2_crypt_create(qcow2_state *s, const struct vd_luks_create_opts *o,
 /* qemu-img amend's encrypt.* key slot changes. Lock held. */
 int qcow2_crypt_amend(qcow2_state *s, vd_opts *opts, bool force,
                       vd_error *err);
+/* qcow2_crypt_amend() as a dry run (vd_luks_amend_plan()): the same
+ * checks, the secrets tried, nothing written; the key slots active now
+ * in *@active, those it would write a key into and erase in *@activate
+ * and *@erase. Lock held. */
+int qcow2_crypt_amend_plan(qcow2_state *s, vd_opts *opts, bool force,
+                           unsigned *active, unsigned *activate,
+                           unsigned *erase, vd_error *err);
 /* Re-encrypts @bytes of @buf read at host @old_host for host @new_host
  * (LUKS IVs by host sector; compaction). -ENOTSUP without the key. */
 int qcow2_crypt_rehost(qcow2_state *s, uint8_t *buf, uint64_t bytes,
