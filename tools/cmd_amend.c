@@ -111,6 +111,7 @@ static void report_amend_error(const vd_error *err, const char *filename,
     } else if (!strcmp(msg, "Cannot amend the backing file")) {
         fprintf(stderr, "You can use '%s rebase' instead.\n", cli_prog);
     }
+    cli_print_hint(err);
 }
 
 /* A dry run's change, kept as JSON until the dry run has succeeded. */

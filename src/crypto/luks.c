@@ -723,6 +723,19 @@ static int scale_iters(uint64_t per_sec, uint64_t iter_time, unsigned div,
     return 0;
 }
 
+/* The PBKDF iterations a key slot gets for @password to take @iter_time
+ * ms (measured here, as QEMU does): the refusals of a key-slot write
+ * that come before its first write, which a dry run makes too. */
+static int slot_iters(vd_luks *l, const char *password, const uint8_t *salt,
+                      uint64_t iter_time, uint32_t *iters, vd_error *err)
+{
+    return scale_iters(vd_pbkdf2_count_iters(l->hash,
+                                             (const uint8_t *)password,
+                                             strlen(password), salt, 32,
+                                             l->key_bytes),
+                       iter_time, 1, iters, err);
+}
+
 /* Puts @mk into slot @idx for @password (QEMU's store_key), and writes
  * the material then the header. */
 static int store_key(vd_luks *l, int idx, const char *password,
@@ -741,11 +754,7 @@ static int store_key(vd_luks *l, int idx, const char *password,
     if (ret < 0) {
         return ret;
     }
-    ret = scale_iters(vd_pbkdf2_count_iters(l->hash,
-                                            (const uint8_t *)password,
-                                            strlen(password), s->salt, 32,
-                                            klen),
-                      iter_time, 1, &iters, err);
+    ret = slot_iters(l, password, s->salt, iter_time, &iters, err);
     if (ret < 0) {
         return ret;
     }
@@ -1078,17 +1087,26 @@ static int amend_add(vd_luks *l, amend_opts *a, bool force,
         newpw = vd_secret_get_utf8(a->new_secret, err);
         ret = newpw ? 0 : -EINVAL;
     }
-    if (ret == 0) {
-        if (l->slots[slot].stripes == 0 ||
-            l->slots[slot].stripes > VD_LUKS_MAX_STRIPES) {
-            ret = vd_error_set(err, -EINVAL, "Keyslot %d is corrupted", slot);
-        } else if (plan) {
-            plan->activate |= 1u << slot;
+    if (ret == 0 && (l->slots[slot].stripes == 0 ||
+                     l->slots[slot].stripes > VD_LUKS_MAX_STRIPES)) {
+        ret = vd_error_set(err, -EINVAL, "Keyslot %d is corrupted", slot);
+    } else if (ret == 0) {
+        uint64_t iter_time = a->has_iter_time ? a->iter_time
+                                              : DEFAULT_ITER_TIME;
+        if (plan) {
+            uint8_t salt[32] = { 0 };   /* the speed does not depend on it */
+            uint32_t iters;
+            ret = slot_iters(l, newpw, salt, iter_time, &iters, err);
+            if (ret == 0) {
+                plan->activate |= 1u << slot;
+            }
         } else {
-            ret = store_key(l, slot, newpw, mk,
-                            a->has_iter_time ? a->iter_time
-                                             : DEFAULT_ITER_TIME,
-                            io, opaque, err);
+            ret = store_key(l, slot, newpw, mk, iter_time, io, opaque, err);
+        }
+        /* QEMU's hint after a failed key-slot write. */
+        if (ret < 0 && err && !err->hint[0]) {
+            snprintf(err->hint, sizeof(err->hint), "Failed to write to "
+                     "keyslot %d", slot);
         }
     }
 out:
@@ -1195,10 +1213,11 @@ static int amend_erase(vd_luks *l, amend_opts *a, bool force,
         }
         if (plan) {
             plan->erase |= mask;
-        }
-        for (int i = 0; !plan && i < VD_LUKS_SLOTS && ret == 0; i++) {
-            if (mask & (1u << i)) {
-                ret = erase_key(l, i, io, opaque, err);
+        } else {
+            for (int i = 0; i < VD_LUKS_SLOTS && ret == 0; i++) {
+                if (mask & (1u << i)) {
+                    ret = erase_key(l, i, io, opaque, err);
+                }
             }
         }
     } else {

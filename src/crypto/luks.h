@@ -149,7 +149,8 @@ int vd_luks_amend(vd_luks *l, vd_opts *opts, const char *prefix,
                   vd_error *err);
 /* vd_luks_amend() as a dry run: the same checks and messages, the
  * passwords tried on the key slots included (each costs that slot's
- * PBKDF time, as in the real amend), and no write. *@active gets the
+ * PBKDF time, as in the real amend) and a new key's iteration count
+ * measured (100-200 ms), and no write. *@active gets the
  * key slots active now (bit i: slot i); on success *@activate and
  * *@erase the slots the amend would write a key into and erase. Reads
  * through @io only. */
